@@ -1,0 +1,1 @@
+"""Domain logic of the CCAT Data Transfer System: plain Python, no Dagster import."""

@@ -1,0 +1,48 @@
+"""The canonical checksum: xxh3-128, streamed, so that no file is ever read whole into memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO
+
+import xxhash
+
+ALGORITHM = "xxh3_128"
+CHUNK_SIZE = 8 * 1024 * 1024
+
+
+class ChecksumMismatch(Exception):
+    """Bytes on disk differ from what OpsDB recorded."""
+
+    def __init__(self, path: Path | str, expected: str, actual: str) -> None:
+        super().__init__(f"checksum mismatch for {path}: expected {ALGORITHM} {expected}, got {actual}")
+        self.path = str(path)
+        self.expected = expected
+        self.actual = actual
+
+
+def new_hasher() -> xxhash.xxh3_128:
+    return xxhash.xxh3_128()
+
+
+def hash_stream(stream: BinaryIO) -> tuple[str, int]:
+    """Checksum and byte count of everything left in `stream`."""
+    hasher = new_hasher()
+    size = 0
+    while chunk := stream.read(CHUNK_SIZE):
+        hasher.update(chunk)
+        size += len(chunk)
+    return hasher.hexdigest(), size
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    with open(path, "rb") as stream:
+        return hash_stream(stream)
+
+
+def verify_file(path: Path, expected: str) -> int:
+    """Re-read `path`; raise ChecksumMismatch unless it matches. Returns its size."""
+    actual, size = hash_file(path)
+    if actual != expected:
+        raise ChecksumMismatch(path, expected, actual)
+    return size

@@ -1,0 +1,218 @@
+"""One YAML file describes sites, locations, routes and policies; it is validated at load.
+
+Relative paths (location roots, the OpsDB file) are resolved against the file's directory, so a
+data root can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ccat_dt.opsdb.models import LocationType, StorageType
+
+CONFIG_ENV = "CCAT_DT_CONFIG"
+NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable or invalid; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocationConfig(_Strict):
+    name: str
+    type: LocationType
+    storage: StorageType = StorageType.DISK
+    priority: int = 0
+    root: str
+    host: str | None = None
+    retention_hours: float = Field(default=0.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError("must be lower-case letters, digits and '_' (it names queues)")
+        return value
+
+
+class SiteConfig(_Strict):
+    short_name: str
+    name: str
+    description: str = ""
+    locations: list[LocationConfig]
+
+    @field_validator("short_name")
+    @classmethod
+    def _short_name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError("must be lower-case letters, digits and '_' (it names queues)")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_locations(self) -> SiteConfig:
+        names = [location.name for location in self.locations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate location name(s) {duplicates}")
+        return self
+
+    def locations_of(self, kind: LocationType) -> list[LocationConfig]:
+        return sorted((loc for loc in self.locations if loc.type == kind),
+                      key=lambda loc: (-loc.priority, loc.name))
+
+    @property
+    def is_archive(self) -> bool:
+        return bool(self.locations_of(LocationType.LONG_TERM_ARCHIVE))
+
+
+class RouteConfig(_Strict):
+    origin: str
+    destination: str
+    transport: Literal["local"] = "local"
+    cost: int = Field(default=1, ge=0)
+
+
+class PolicyConfig(_Strict):
+    package_max_bytes: int = Field(default=50 * 10**9, gt=0)
+    required_lta_copies: int | None = Field(default=None, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class InstrumentConfig(_Strict):
+    name: str
+    modules: list[str] = Field(min_length=1)
+
+
+class Settings(_Strict):
+    """The validated configuration of one deployment."""
+
+    opsdb_url: str = "sqlite:///opsdb.sqlite"
+    observatory: str
+    sites: list[SiteConfig] = Field(min_length=1)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    policies: PolicyConfig = PolicyConfig()
+    instruments: list[InstrumentConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _topology(self) -> Settings:
+        names = [site.short_name for site in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate site short_name in {names}")
+        observatory = self.site(self.observatory)
+        if not observatory.locations_of(LocationType.SOURCE):
+            raise ValueError(f"observatory site '{self.observatory}' has no source location")
+        if not observatory.locations_of(LocationType.BUFFER):
+            raise ValueError(f"observatory site '{self.observatory}' has no buffer location")
+        archives = self.archive_sites
+        if not archives:
+            raise ValueError("no site has a long_term_archive location")
+        for site in archives:
+            if not site.locations_of(LocationType.BUFFER):
+                raise ValueError(f"archive site '{site.short_name}' has no buffer location")
+        for route in self.routes:
+            for end in (route.origin, route.destination):
+                if end not in names:
+                    raise ValueError(f"route {route.origin}->{route.destination}: "
+                                     f"unknown site '{end}'")
+        needed = [(self.observatory, a.short_name) for a in archives]
+        needed += [(a.short_name, b.short_name) for a in archives for b in archives if a != b]
+        missing = [f"{o}->{d}" for o, d in needed if self.route(o, d) is None]
+        if missing:
+            raise ValueError(f"routes missing for {missing}")
+        required = self.policies.required_lta_copies
+        if required is not None and required > len(archives):
+            raise ValueError(f"policies.required_lta_copies={required} but only "
+                             f"{len(archives)} archive site(s) exist")
+        return self
+
+    def site(self, short_name: str) -> SiteConfig:
+        for site in self.sites:
+            if site.short_name == short_name:
+                return site
+        raise ValueError(f"unknown site '{short_name}'")
+
+    def route(self, origin: str, destination: str) -> RouteConfig | None:
+        return next((r for r in self.routes
+                     if (r.origin, r.destination) == (origin, destination)), None)
+
+    @property
+    def archive_sites(self) -> list[SiteConfig]:
+        return [site for site in self.sites if site.is_archive]
+
+    @property
+    def required_lta_copies(self) -> int:
+        return self.policies.required_lta_copies or len(self.archive_sites)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings plus where they came from (relative paths resolve against `directory`)."""
+
+    settings: Settings
+    path: Path
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    @property
+    def opsdb_url(self) -> str:
+        url = os.environ.get("CCAT_DT_OPSDB_URL") or self.settings.opsdb_url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/"):
+            return prefix + str(self.directory / url[len(prefix):])
+        return url
+
+    def resolve_root(self, root: str) -> Path:
+        path = Path(root)
+        return path if path.is_absolute() else self.directory / path
+
+    def retention(self, site: str, location: str) -> timedelta:
+        for loc in self.settings.site(site).locations:
+            if loc.name == location:
+                return timedelta(hours=loc.retention_hours)
+        raise ValueError(f"unknown location {site}/{location}")
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Load and validate; every error names the file and the offending key."""
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        if not env:
+            raise ConfigError(f"no configuration file given and ${CONFIG_ENV} is not set; "
+                              "run `ccat-dt init DIR` and pass --config DIR/ccat-dt.yaml")
+        path = env
+    path = Path(path).expanduser().absolute()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid configuration:\n" + _describe(exc)) from None
+    return Config(settings=settings, path=path)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"])
+        lines.append(f"  {key.lstrip('.') or '(top level)'}: {error['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""The Operations Database: where every byte is, what happened to it, and why.
+
+Names follow the original ops-db (DOMAIN.md §2). Only portable SQL types are used so the same
+models run on SQLite (embedded default) and PostgreSQL (production).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid as uuidlib
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_uuid() -> str:
+    return str(uuidlib.uuid4())
+
+
+class LocationType(enum.StrEnum):
+    SOURCE = "source"
+    BUFFER = "buffer"
+    LONG_TERM_ARCHIVE = "long_term_archive"
+    PROCESSING = "processing"
+
+
+class StorageType(enum.StrEnum):
+    DISK = "disk"
+    S3 = "s3"
+    TAPE = "tape"
+
+
+class ObservationStatus(enum.StrEnum):
+    OPEN = "open"
+    FINISHED = "finished"
+
+
+class PackageState(enum.StrEnum):
+    PLANNED = "planned"  # files assigned, tar not yet built
+    WAITING = "waiting"  # built, only at the observatory buffer
+    TRANSFERRING = "transferring"  # left the observatory, not yet in enough archives
+    ARCHIVED = "archived"  # in the required number of verified LTA copies
+    FAILED = "failed"
+
+
+class CopyStatus(enum.StrEnum):
+    PRESENT = "present"
+    STAGED = "staged"
+    CORRUPT = "corrupt"  # an integrity check found the bytes differ from the checksum
+    DELETION_IN_PROGRESS = "deletion_in_progress"
+    DELETED = "deleted"
+    DELETION_FAILED = "deletion_failed"
+
+
+class OperationType(enum.StrEnum):
+    PACKAGING = "packaging"
+    TRANSFER = "transfer"
+    ARCHIVE = "archive"
+    VERIFICATION = "verification"
+    DELETION = "deletion"
+
+
+class OperationStatus(enum.StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+def _enum(kind: type[enum.StrEnum]) -> Enum:
+    # Stored as plain strings (no native/CHECK enum) so adding a value needs no table rewrite.
+    return Enum(kind, native_enum=False, create_constraint=False, length=32,
+                values_callable=lambda e: [m.value for m in e])
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class Site(Base):
+    __tablename__ = "sites"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    short_name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    locations: Mapped[list[DataLocation]] = relationship(back_populates="site")
+
+
+class DataLocation(Base):
+    __tablename__ = "data_locations"
+    __table_args__ = (UniqueConstraint("site_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    location_type: Mapped[LocationType] = mapped_column(_enum(LocationType))
+    storage_type: Mapped[StorageType] = mapped_column(_enum(StorageType))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    root: Mapped[str] = mapped_column(Text)
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    site: Mapped[Site] = relationship(back_populates="locations")
+
+    @property
+    def label(self) -> str:
+        return f"{self.site.short_name}/{self.name}"
+
+
+class InstrumentModule(Base):
+    __tablename__ = "instrument_modules"
+    __table_args__ = (UniqueConstraint("instrument", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instrument: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+
+    @property
+    def label(self) -> str:
+        return f"{self.instrument}/{self.name}"
+
+
+class ExecutedObsUnit(Base):
+    """One observation actually carried out; instruments file raw files against it."""
+
+    __tablename__ = "executed_obs_units"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    status: Mapped[ObservationStatus] = mapped_column(
+        _enum(ObservationStatus), default=ObservationStatus.OPEN)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class RawDataPackage(Base):
+    """A tar of the raw files of one observation x module (split when over the size limit)."""
+
+    __tablename__ = "raw_data_packages"
+    __table_args__ = (UniqueConstraint("observation_id", "module_id", "part"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # the Dagster partition key
+    observation_id: Mapped[int] = mapped_column(ForeignKey("executed_obs_units.id"))
+    module_id: Mapped[int] = mapped_column(ForeignKey("instrument_modules.id"))
+    part: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[PackageState] = mapped_column(_enum(PackageState), default=PackageState.PLANNED)
+    primary_site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    checksum_algorithm: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    checksum: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    adler32: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    built_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    archived_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    observation: Mapped[ExecutedObsUnit] = relationship()
+    module: Mapped[InstrumentModule] = relationship()
+    primary_site: Mapped[Site] = relationship()
+    files: Mapped[list[RawDataFile]] = relationship(back_populates="package",
+                                                    order_by="RawDataFile.relative_path")
+    copies: Mapped[list[PackageCopy]] = relationship(back_populates="package",
+                                                     order_by="PackageCopy.id")
+
+
+class RawDataFile(Base):
+    __tablename__ = "raw_data_files"
+    __table_args__ = (UniqueConstraint("source_location_id", "relative_path"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    source_location_id: Mapped[int] = mapped_column(ForeignKey("data_locations.id"))
+    relative_path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    checksum_algorithm: Mapped[str] = mapped_column(String(16))
+    checksum: Mapped[str] = mapped_column(String(64))
+    observation_id: Mapped[int] = mapped_column(ForeignKey("executed_obs_units.id"))
+    module_id: Mapped[int] = mapped_column(ForeignKey("instrument_modules.id"))
+    package_id: Mapped[int | None] = mapped_column(ForeignKey("raw_data_packages.id"),
+                                                   nullable=True, index=True)
+    filed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    source_location: Mapped[DataLocation] = relationship()
+    observation: Mapped[ExecutedObsUnit] = relationship()
+    module: Mapped[InstrumentModule] = relationship()
+    package: Mapped[RawDataPackage | None] = relationship(back_populates="files")
+    copies: Mapped[list[RawDataFileCopy]] = relationship(back_populates="raw_data_file")
+
+
+class PhysicalCopy(Base):
+    """One copy of a file or package at one location. Nothing is deleted without these."""
+
+    __tablename__ = "physical_copies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    location_id: Mapped[int] = mapped_column(ForeignKey("data_locations.id"))
+    relative_path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[CopyStatus] = mapped_column(_enum(CopyStatus), default=CopyStatus.PRESENT)
+    checksum: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    verified_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    package_id: Mapped[int | None] = mapped_column(ForeignKey("raw_data_packages.id"),
+                                                   nullable=True, index=True)
+    raw_data_file_id: Mapped[int | None] = mapped_column(ForeignKey("raw_data_files.id"),
+                                                         nullable=True, index=True)
+    location: Mapped[DataLocation] = relationship()
+
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "copy"}
+
+    @property
+    def is_verified(self) -> bool:
+        """Present and checked by checksum after it was written."""
+        return (self.status == CopyStatus.PRESENT and self.verified_at is not None
+                and _aware(self.verified_at) >= _aware(self.created_at))
+
+
+class PackageCopy(PhysicalCopy):
+    package: Mapped[RawDataPackage] = relationship(back_populates="copies")
+    __mapper_args__ = {"polymorphic_identity": "package"}
+
+
+class RawDataFileCopy(PhysicalCopy):
+    raw_data_file: Mapped[RawDataFile] = relationship(back_populates="copies")
+    __mapper_args__ = {"polymorphic_identity": "raw_file"}
+
+
+class Operation(Base):
+    """Packaging, transfer, archive, verification and deletion, with their outcome."""
+
+    __tablename__ = "operations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operation_type: Mapped[OperationType] = mapped_column(_enum(OperationType))
+    status: Mapped[OperationStatus] = mapped_column(_enum(OperationStatus),
+                                                    default=OperationStatus.IN_PROGRESS)
+    package_id: Mapped[int | None] = mapped_column(ForeignKey("raw_data_packages.id"),
+                                                   nullable=True, index=True)
+    copy_id: Mapped[int | None] = mapped_column(ForeignKey("physical_copies.id"), nullable=True)
+    source_location_id: Mapped[int | None] = mapped_column(ForeignKey("data_locations.id"),
+                                                           nullable=True)
+    destination_location_id: Mapped[int | None] = mapped_column(ForeignKey("data_locations.id"),
+                                                                nullable=True)
+    transport: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    evidence: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    package: Mapped[RawDataPackage | None] = relationship()
+    copy: Mapped[PhysicalCopy | None] = relationship()
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite returns naive datetimes even for timezone-aware columns; all we store is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

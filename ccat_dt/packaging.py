@@ -1,0 +1,308 @@
+"""Tar packaging of raw files for the archives, with a manifest of xxh3-128 checksums.
+
+Each source file is read exactly once: the per-file checksum and the checksums of the
+tar stream itself are computed while the tar is written, so packaging many terabytes
+costs one pass over the disks, not three.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import tarfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from ccat_dt.checksums import ALGORITHM, CHUNK_SIZE, ChecksumMismatch, hash_file, new_hasher
+
+MANIFEST_NAME = "MANIFEST.json"
+
+
+@dataclass(frozen=True)
+class PackageMember:
+    """One raw file to put in a package, with the size and checksum filed in OpsDB."""
+
+    source: Path
+    arcname: str
+    size: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    path: str
+    size: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class BuiltPackage:
+    """A finished tar; checksum/adler32 cover the whole file so it can be verified in flight."""
+
+    path: Path
+    size: int
+    checksum: str
+    adler32: str
+    manifest: list[ManifestEntry]
+
+
+class PackagingError(Exception):
+    """A package cannot be built or restored; the message names the file and the problem."""
+
+
+class _HashingWriter:
+    """Forwards tar output to the real file, checksumming the bytes as they pass."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._hasher = new_hasher()
+        self._adler = zlib.adler32(b"")
+        self.size = 0
+
+    def write(self, data: bytes, /) -> int:
+        self._raw.write(data)
+        self._hasher.update(data)
+        self._adler = zlib.adler32(data, self._adler)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def read(self, size: int, /) -> bytes:
+        raise OSError("write-only stream")
+
+    def checksum(self) -> str:
+        return self._hasher.hexdigest()
+
+    def adler32(self) -> str:
+        return f"{self._adler:08x}"
+
+
+class _HashingReader:
+    """Checksums what tarfile reads from a source, and notices if the source shrank."""
+
+    def __init__(self, raw: BinaryIO, path: Path, expected_size: int) -> None:
+        self._raw = raw
+        self._path = path
+        self._expected = expected_size
+        self._hasher = new_hasher()
+        self.size = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._raw.read(size)
+        self._hasher.update(data)
+        self.size += len(data)
+        if size > 0 and len(data) < size and self.size < self._expected:
+            raise PackagingError(
+                f"{self._path}: file shrank while packaging, "
+                f"read {self.size} of {self._expected} bytes"
+            )
+        return data
+
+    def checksum(self) -> str:
+        return self._hasher.hexdigest()
+
+
+def _check_arcname(arcname: str) -> None:
+    """Only canonical relative posix paths, so that manifest paths and tar names agree."""
+    path = PurePosixPath(arcname)
+    if (
+        not arcname
+        or path.is_absolute()
+        or ".." in path.parts
+        or str(path) != arcname
+        or "\\" in arcname
+        or "\x00" in arcname
+    ):
+        raise PackagingError(f"unsafe or non-canonical arcname {arcname!r}")
+    if arcname == MANIFEST_NAME:
+        raise PackagingError(f"arcname {arcname!r} is reserved for the package manifest")
+
+
+def _stat_source(member: PackageMember) -> os.stat_result:
+    try:
+        st = os.stat(member.source)
+    except FileNotFoundError:
+        raise PackagingError(f"{member.source}: source file does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PackagingError(f"{member.source}: not a regular file")
+    if st.st_size != member.size:
+        raise PackagingError(
+            f"{member.source}: size on disk {st.st_size} != size filed in OpsDB {member.size}"
+        )
+    return st
+
+
+def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def manifest_json(package_name: str, manifest: Sequence[ManifestEntry]) -> bytes:
+    """Deterministic manifest bytes, so equal packages carry byte-identical manifests."""
+    files = [
+        {"path": e.path, "size": e.size, "checksum": e.checksum}
+        for e in sorted(manifest, key=lambda e: e.path)
+    ]
+    doc = {"package": package_name, "algorithm": ALGORITHM, "files": files}
+    return (json.dumps(doc, indent=1) + "\n").encode("utf-8")
+
+
+def build_package(
+    members: Sequence[PackageMember], destination: Path, *, package_name: str
+) -> BuiltPackage:
+    """Write a verified tar at `destination` atomically; nothing is left behind on failure."""
+    if not members:
+        raise PackagingError(f"{destination}: refusing to build an empty package")
+    ordered = sorted(members, key=lambda m: m.arcname)
+    seen: set[str] = set()
+    for member in ordered:
+        _check_arcname(member.arcname)
+        if member.arcname in seen:
+            raise PackagingError(f"duplicate arcname {member.arcname!r} ({member.source})")
+        seen.add(member.arcname)
+    stats = [_stat_source(m) for m in ordered]  # fail before writing anything
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    part = destination.with_name(f".{destination.name}.part")
+    manifest: list[ManifestEntry] = []
+    try:
+        with open(part, "wb") as raw:
+            writer = _HashingWriter(raw)
+            with tarfile.open(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                tar.copybufsize = CHUNK_SIZE
+                for member, st in zip(ordered, stats, strict=True):
+                    manifest.append(_add_member(tar, member, int(st.st_mtime)))
+                body = manifest_json(package_name, manifest)
+                newest = max(int(st.st_mtime) for st in stats)
+                tar.addfile(_tarinfo(MANIFEST_NAME, len(body), newest), io.BytesIO(body))
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(part, destination)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    _fsync_dir(destination.parent)
+    return BuiltPackage(
+        path=destination,
+        size=writer.size,
+        checksum=writer.checksum(),
+        adler32=writer.adler32(),
+        manifest=manifest,
+    )
+
+
+def _add_member(tar: tarfile.TarFile, member: PackageMember, mtime: int) -> ManifestEntry:
+    with open(member.source, "rb") as raw:
+        reader = _HashingReader(raw, member.source, member.size)
+        tar.addfile(_tarinfo(member.arcname, member.size, mtime), reader)
+        if raw.read(1):
+            raise PackagingError(f"{member.source}: file grew beyond {member.size} bytes")
+    actual = reader.checksum()
+    if actual != member.checksum:
+        raise ChecksumMismatch(member.source, member.checksum, actual)
+    return ManifestEntry(path=member.arcname, size=member.size, checksum=actual)
+
+
+def _parse_manifest(tar_path: Path, tar: tarfile.TarFile) -> list[ManifestEntry]:
+    try:
+        stream = tar.extractfile(MANIFEST_NAME)
+    except KeyError:
+        raise PackagingError(f"{tar_path}: no {MANIFEST_NAME} in package") from None
+    if stream is None:
+        raise PackagingError(f"{tar_path}: {MANIFEST_NAME} is not a regular file")
+    try:
+        doc: Any = json.loads(stream.read())
+        if doc["algorithm"] != ALGORITHM:
+            raise ValueError(f"unsupported algorithm {doc['algorithm']!r}")
+        entries = [ManifestEntry(f["path"], f["size"], f["checksum"]) for f in doc["files"]]
+        for e in entries:
+            if not (isinstance(e.path, str) and type(e.size) is int and isinstance(e.checksum, str)):
+                raise ValueError(f"bad entry {e!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PackagingError(f"{tar_path}: invalid {MANIFEST_NAME}: {exc}") from exc
+    return entries
+
+
+def _open_tar(tar_path: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(tar_path, mode="r:")
+    except (OSError, tarfile.TarError) as exc:
+        raise PackagingError(f"{tar_path}: cannot open as tar: {exc}") from exc
+
+
+def read_manifest(tar_path: Path) -> list[ManifestEntry]:
+    """The manifest stored in a package, without extracting the data."""
+    with _open_tar(tar_path) as tar:
+        return _parse_manifest(tar_path, tar)
+
+
+def extract_package(tar_path: Path, destination_dir: Path) -> list[ManifestEntry]:
+    """Safely extract a package and prove every file matches its manifest checksum."""
+    with _open_tar(tar_path) as tar:
+        manifest = _parse_manifest(tar_path, tar)
+        listed = {e.path for e in manifest}
+        data_members = [m for m in tar.getmembers() if m.name != MANIFEST_NAME]
+        names = [m.name for m in data_members]
+        odd = [m.name for m in data_members if not m.isreg()]
+        if odd:
+            raise PackagingError(f"{tar_path}: members that are not regular files: {odd}")
+        if len(set(names)) != len(names) or len(listed) != len(manifest):
+            raise PackagingError(f"{tar_path}: duplicate member or manifest paths")
+        extra = sorted(set(names) - listed)
+        if extra:
+            raise PackagingError(f"{tar_path}: members not listed in {MANIFEST_NAME}: {extra}")
+        destination_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            tar.extractall(destination_dir, members=data_members, filter="data")
+        except tarfile.FilterError as exc:
+            raise PackagingError(f"{tar_path}: unsafe member: {exc}") from exc
+    for entry in manifest:
+        target = destination_dir / entry.path
+        if not target.is_file():
+            raise PackagingError(f"{target}: listed in {tar_path} manifest but not extracted")
+        actual, size = hash_file(target)
+        if actual != entry.checksum:
+            raise ChecksumMismatch(target, entry.checksum, actual)
+        if size != entry.size:
+            raise PackagingError(f"{target}: extracted size {size} != manifest size {entry.size}")
+    return manifest
+
+
+def split_into_packages(
+    members: Sequence[PackageMember], max_bytes: int
+) -> list[list[PackageMember]]:
+    """Greedy grouping by arcname order; max_bytes bounds member data, not tar overhead."""
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    groups: list[list[PackageMember]] = []
+    current: list[PackageMember] = []
+    total = 0
+    for member in sorted(members, key=lambda m: m.arcname):
+        if current and total + member.size > max_bytes:
+            groups.append(current)
+            current, total = [], 0
+        current.append(member)
+        total += member.size
+    if current:
+        groups.append(current)
+    return groups

@@ -1,0 +1,70 @@
+"""Sites, locations and instrument modules: the configuration mirrored into OpsDB."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import DataLocation, InstrumentModule, LocationType, Site
+
+
+class UnknownLocation(LookupError):
+    """A site or location name that OpsDB does not know."""
+
+
+def sync_topology(session: Session, config: Config) -> None:
+    """Insert or update sites, locations and modules so OpsDB matches the configuration."""
+    settings = config.settings
+    for site_cfg in settings.sites:
+        site = session.scalar(select(Site).where(Site.short_name == site_cfg.short_name))
+        if site is None:
+            site = Site(short_name=site_cfg.short_name)
+            session.add(site)
+        site.name, site.description = site_cfg.name, site_cfg.description
+        session.flush()
+        for loc_cfg in site_cfg.locations:
+            location = session.scalar(select(DataLocation).where(
+                DataLocation.site_id == site.id, DataLocation.name == loc_cfg.name))
+            if location is None:
+                location = DataLocation(site=site, name=loc_cfg.name)
+                session.add(location)
+            location.location_type = loc_cfg.type
+            location.storage_type = loc_cfg.storage
+            location.priority = loc_cfg.priority
+            location.root = str(config.resolve_root(loc_cfg.root))
+            location.host = loc_cfg.host
+    for instrument in settings.instruments:
+        for module_name in instrument.modules:
+            exists = session.scalar(select(InstrumentModule).where(
+                InstrumentModule.instrument == instrument.name,
+                InstrumentModule.name == module_name))
+            if exists is None:
+                session.add(InstrumentModule(instrument=instrument.name, name=module_name))
+    session.flush()
+
+
+def get_location(session: Session, site: str, name: str) -> DataLocation:
+    location = session.scalar(select(DataLocation).join(Site).where(
+        Site.short_name == site, DataLocation.name == name))
+    if location is None:
+        raise UnknownLocation(f"unknown location '{site}/{name}'")
+    return location
+
+
+def primary_location(session: Session, site: str, kind: LocationType) -> DataLocation:
+    """The highest-priority location of a kind at a site (buffer failover goes by priority)."""
+    location = session.scalars(
+        select(DataLocation).join(Site)
+        .where(Site.short_name == site, DataLocation.location_type == kind)
+        .order_by(DataLocation.priority.desc(), DataLocation.name)).first()
+    if location is None:
+        raise UnknownLocation(f"site '{site}' has no {kind.value} location")
+    return location
+
+
+def get_site(session: Session, short_name: str) -> Site:
+    site = session.scalar(select(Site).where(Site.short_name == short_name))
+    if site is None:
+        raise UnknownLocation(f"unknown site '{short_name}'")
+    return site
