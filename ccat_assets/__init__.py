@@ -1,0 +1,1 @@
+"""The Dagster layer: assets, checks, partitions and jobs of the package lifecycle."""

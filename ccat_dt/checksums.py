@@ -15,7 +15,8 @@ class ChecksumMismatch(Exception):
     """Bytes on disk differ from what OpsDB recorded."""
 
     def __init__(self, path: Path | str, expected: str, actual: str) -> None:
-        super().__init__(f"checksum mismatch for {path}: expected {ALGORITHM} {expected}, got {actual}")
+        super().__init__(
+            f"checksum mismatch for {path}: expected {ALGORITHM} {expected}, got {actual}")
         self.path = str(path)
         self.expected = expected
         self.actual = actual

@@ -77,6 +77,12 @@ class _HashingWriter:
     def read(self, size: int, /) -> bytes:
         raise OSError("write-only stream")
 
+    def seek(self, pos: int, /) -> int:
+        raise OSError("unseekable stream: the checksums must see every byte once")
+
+    def close(self) -> None:
+        """The real file is closed (after fsync) by build_package, not by tarfile."""
+
     def checksum(self) -> str:
         return self._hasher.hexdigest()
 
@@ -188,8 +194,10 @@ def build_package(
     try:
         with open(part, "wb") as raw:
             writer = _HashingWriter(raw)
-            with tarfile.open(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                tar.copybufsize = CHUNK_SIZE
+            # What tarfile.open(mode="w") builds, plus big copy buffers for multi-GB files.
+            with tarfile.TarFile(
+                mode="w", fileobj=writer, format=tarfile.PAX_FORMAT, copybufsize=CHUNK_SIZE
+            ) as tar:
                 for member, st in zip(ordered, stats, strict=True):
                     manifest.append(_add_member(tar, member, int(st.st_mtime)))
                 body = manifest_json(package_name, manifest)
@@ -236,7 +244,9 @@ def _parse_manifest(tar_path: Path, tar: tarfile.TarFile) -> list[ManifestEntry]
             raise ValueError(f"unsupported algorithm {doc['algorithm']!r}")
         entries = [ManifestEntry(f["path"], f["size"], f["checksum"]) for f in doc["files"]]
         for e in entries:
-            if not (isinstance(e.path, str) and type(e.size) is int and isinstance(e.checksum, str)):
+            if not (
+                isinstance(e.path, str) and type(e.size) is int and isinstance(e.checksum, str)
+            ):
                 raise ValueError(f"bad entry {e!r}")
     except (ValueError, KeyError, TypeError) as exc:
         raise PackagingError(f"{tar_path}: invalid {MANIFEST_NAME}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Sensors that watch OpsDB and turn new facts into partitions and runs."""

@@ -1,0 +1,90 @@
+"""The package lifecycle as software-defined assets; each body is one sentence of the pipeline."""
+
+from __future__ import annotations
+
+from dagster import (
+    AssetDep,
+    AssetExecutionContext,
+    AssetsDefinition,
+    Backoff,
+    Failure,
+    RetryPolicy,
+    asset,
+)
+
+from ccat_assets.partitions import by_package, package_partitions, package_site_partitions, split_key
+from ccat_dt import packages as packaging_stage
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import LocationType
+from ccat_dt.packages import FiledFiles, PackageBuildFailed
+from ccat_dt.reaper import PurgeReport, purge_package
+from ccat_dt.references import CopyRef, Placement
+from ccat_dt.replicas import plan_placement
+from resources.opsdb import Deployment
+
+GROUP = "lifecycle"
+
+
+def transient_retries(config: Config) -> RetryPolicy:
+    return RetryPolicy(max_retries=config.settings.policies.max_attempts - 1, delay=2,
+                       backoff=Backoff.EXPONENTIAL)
+
+
+def build_assets(config: Config) -> list[AssetsDefinition]:
+    per_site = package_site_partitions(config)
+    retries = transient_retries(config)
+
+    @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"})
+    def raw_files(context: AssetExecutionContext, deployment: Deployment) -> FiledFiles:
+        """The package's raw files, as filed by the instruments at the observatory source."""
+        filed = packaging_stage.filed_files(deployment.opsdb, context.partition_key)
+        context.add_output_metadata({"files": filed.count, "bytes": filed.bytes,
+                                     "locations": ", ".join(filed.locations)})
+        return filed
+
+    @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"tar"},
+           retry_policy=retries)
+    def packages(context: AssetExecutionContext, deployment: Deployment,
+                 raw_files: FiledFiles) -> CopyRef:
+        """Tar + manifest of the raw files, built in one read pass at the observatory buffer."""
+        try:
+            built = packaging_stage.build(deployment.opsdb, deployment.config,
+                                          context.partition_key, run_id=context.run_id)
+        except PackageBuildFailed as exc:
+            raise Failure(str(exc), allow_retries=False) from exc
+        context.add_output_metadata({"path": built.path, "size": built.size,
+                                     "checksum": built.checksum, "files": raw_files.count})
+        return built
+
+    @asset(partitions_def=per_site, group_name=GROUP, kinds={"transfer"},
+           deps=[AssetDep(packages, partition_mapping=by_package)],
+           io_manager_key="site_copy_io_manager", retry_policy=retries)
+    def site_copies(context: AssetExecutionContext, deployment: Deployment) -> Placement:
+        """The package in the site's buffer: out of the observatory once, then archive to
+        archive; the IO manager moves and verifies it."""
+        package, site = split_key(context.partition_key)
+        return plan_placement(deployment.opsdb, deployment.config, package, site,
+                              LocationType.BUFFER)
+
+    @asset(partitions_def=per_site, group_name=GROUP, kinds={"archive"},
+           io_manager_key="lta_io_manager", retry_policy=retries)
+    def lta_copies(context: AssetExecutionContext, site_copies: CopyRef) -> Placement:
+        """The package archived in the site's long-term archive from its buffer copy."""
+        return Placement(package=site_copies.package, site=site_copies.site, source=site_copies)
+
+    @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"},
+           deps=[AssetDep(lta_copies, partition_mapping=by_package)])
+    def purge_status(context: AssetExecutionContext, deployment: Deployment) -> PurgeReport:
+        """Source files and buffer copies deleted where the retention policy allows, each
+        deletion resting on a certificate of verified LTA copies."""
+        report = purge_package(deployment.opsdb, deployment.config, context.partition_key,
+                               run_id=context.run_id)
+        context.add_output_metadata({
+            "deleted": report.deleted, "deleted_bytes": report.deleted_bytes,
+            "kept": "\n".join(f"{d.site}/{d.location} {d.path}: {d.reason}"
+                              for d in report.kept) or "nothing"})
+        if report.failures:
+            raise Failure("deletions failed:\n" + "\n".join(report.failures))
+        return report
+
+    return [raw_files, packages, site_copies, lta_copies, purge_status]

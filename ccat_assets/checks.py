@@ -1,0 +1,71 @@
+"""Integrity reports per partition; a failed check marks the copy CORRUPT in OpsDB, which the
+purge planner honours, so purge is gated on checks across runs, not just within one."""
+
+from __future__ import annotations
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetsDefinition,
+    asset_check,
+)
+
+from ccat_assets.partitions import package_partitions, package_site_partitions, split_key
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import LocationType
+from ccat_dt.packages import source_problems
+from ccat_dt.reaper import certificate_problems
+from ccat_dt.replicas import Verification, verify
+from resources.opsdb import Deployment
+
+
+def _result(verification: Verification) -> AssetCheckResult:
+    return AssetCheckResult(passed=verification.passed, description=verification.description,
+                            metadata={"path": verification.path or "",
+                                      "copy_id": verification.copy_id or 0})
+
+
+def build_checks(config: Config, assets: dict[str, AssetsDefinition]) -> list[AssetChecksDefinition]:
+    per_site = package_site_partitions(config)
+    observatory = config.settings.observatory
+
+    @asset_check(asset=assets["raw_files"], partitions_def=package_partitions, blocking=True)
+    def raw_files_present(context: AssetCheckExecutionContext,
+                          deployment: Deployment) -> AssetCheckResult:
+        """Every raw file of the package is at the source with its filed size."""
+        problems = source_problems(deployment.opsdb, context.partition_key)
+        return AssetCheckResult(passed=not problems, description="\n".join(problems) or "all present")
+
+    @asset_check(asset=assets["packages"], partitions_def=package_partitions, blocking=True)
+    def package_checksum(context: AssetCheckExecutionContext,
+                         deployment: Deployment) -> AssetCheckResult:
+        """The tar at the observatory buffer re-reads to the recorded package checksum."""
+        return _result(verify(deployment.opsdb, context.partition_key, observatory,
+                              LocationType.BUFFER))
+
+    @asset_check(asset=assets["site_copies"], partitions_def=per_site, blocking=True)
+    def site_copy_checksum(context: AssetCheckExecutionContext,
+                           deployment: Deployment) -> AssetCheckResult:
+        """The copy in the site's buffer re-reads to the package checksum."""
+        package, site = split_key(context.partition_key)
+        return _result(verify(deployment.opsdb, package, site, LocationType.BUFFER))
+
+    @asset_check(asset=assets["lta_copies"], partitions_def=per_site, blocking=True)
+    def lta_copy_checksum(context: AssetCheckExecutionContext,
+                          deployment: Deployment) -> AssetCheckResult:
+        """The copy in the site's long-term archive re-reads to the package checksum."""
+        package, site = split_key(context.partition_key)
+        return _result(verify(deployment.opsdb, package, site, LocationType.LONG_TERM_ARCHIVE))
+
+    @asset_check(asset=assets["purge_status"], partitions_def=package_partitions)
+    def deletion_certificates(context: AssetCheckExecutionContext,
+                              deployment: Deployment) -> AssetCheckResult:
+        """Every deleted copy rests on a certificate of verified LTA copies made before it."""
+        problems = certificate_problems(deployment.opsdb, deployment.config,
+                                        context.partition_key)
+        return AssetCheckResult(passed=not problems,
+                                description="\n".join(problems) or "every deletion certified")
+
+    return [raw_files_present, package_checksum, site_copy_checksum, lta_copy_checksum,
+            deletion_certificates]

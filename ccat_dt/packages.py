@@ -1,0 +1,198 @@
+"""Raw data packages: which files go together (planning) and building the tar at the buffer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from collections import defaultdict
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dt.checksums import ALGORITHM, ChecksumMismatch
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    ExecutedObsUnit,
+    LocationType,
+    ObservationStatus,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    PackageState,
+    RawDataFile,
+    RawDataPackage,
+    utcnow,
+)
+from ccat_dt.packaging import (
+    BuiltPackage,
+    PackageMember,
+    PackagingError,
+    build_package,
+    split_into_packages,
+)
+from ccat_dt.references import CopyRef
+from ccat_dt.routing import copies_at, next_primary_site
+from ccat_dt.topology import primary_location
+
+
+class PackageBuildFailed(Exception):
+    """The package cannot be built from what is on disk; retrying will not help."""
+
+
+def package_name(observation: str, instrument: str, module: str, part: int) -> str:
+    return f"{observation}_{instrument}-{module}_p{part:02d}"
+
+
+def plan_packages(session: Session, config: Config) -> list[RawDataPackage]:
+    """Group the unpackaged files of finished observations into packages (one observation x
+    module, split at the configured size) and pick each package's primary archive site."""
+    files = session.scalars(
+        select(RawDataFile).join(ExecutedObsUnit)
+        .where(RawDataFile.package_id.is_(None),
+               ExecutedObsUnit.status == ObservationStatus.FINISHED)
+        .order_by(RawDataFile.observation_id, RawDataFile.module_id, RawDataFile.relative_path))
+    groups: dict[tuple[int, int], list[RawDataFile]] = defaultdict(list)
+    for raw_file in files:
+        groups[(raw_file.observation_id, raw_file.module_id)].append(raw_file)
+    planned = []
+    for (observation_id, module_id), group in groups.items():
+        by_path = {f.relative_path: f for f in group}
+        members = [PackageMember(Path(f.relative_path), f.relative_path, f.size, f.checksum)
+                   for f in group]
+        parts = session.scalars(select(RawDataPackage.part).where(
+            RawDataPackage.observation_id == observation_id,
+            RawDataPackage.module_id == module_id)).all()
+        next_part = max(parts, default=-1) + 1
+        for offset, chunk in enumerate(split_into_packages(members,
+                                                           config.settings.policies.package_max_bytes)):
+            first = by_path[chunk[0].arcname]
+            package = RawDataPackage(
+                name=package_name(first.observation.name, first.module.instrument,
+                                  first.module.name, next_part + offset),
+                observation_id=observation_id, module_id=module_id, part=next_part + offset,
+                primary_site=next_primary_site(session, config))
+            session.add(package)
+            session.flush()
+            for member in chunk:
+                by_path[member.arcname].package = package
+            session.flush()
+            planned.append(package)
+    return planned
+
+
+def package_path(package: RawDataPackage) -> str:
+    """Where the tar lives relative to any location root (the same at every hop)."""
+    return str(PurePosixPath(package.observation.name) / f"{package.name}.tar")
+
+
+def built_copy(session: Session, config: Config, package: RawDataPackage) -> PackageCopy | None:
+    copies = copies_at(session, package, LocationType.BUFFER, config.settings.observatory)
+    return next((c for c in copies if c.is_verified), None)
+
+
+def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None) -> CopyRef:
+    """Build the package's tar at the observatory buffer, reading each raw file once.
+
+    Idempotent: a package already built and verified is returned as it is.
+    """
+    with opsdb.session() as session:
+        package = get_package(session, name)
+        existing = built_copy(session, config, package)
+        if existing is not None:
+            return CopyRef.of(existing)
+        buffer = primary_location(session, config.settings.observatory, LocationType.BUFFER)
+        members = [PackageMember(Path(f.source_location.root) / f.relative_path,
+                                 f.relative_path, f.size, f.checksum) for f in package.files]
+        destination = Path(buffer.root) / package_path(package)
+        operation = Operation(operation_type=OperationType.PACKAGING, package=package,
+                              destination_location_id=buffer.id, run_id=run_id)
+        session.add(operation)
+    started = time.monotonic()
+    try:
+        built = build_package(members, destination, package_name=name)
+    except (PackagingError, ChecksumMismatch) as exc:
+        _fail(opsdb, operation.id, package_id=package.id, error=str(exc))
+        raise PackageBuildFailed(f"package {name}: {exc}") from exc
+    except OSError as exc:
+        _fail(opsdb, operation.id, package_id=None, error=str(exc))
+        raise
+    with opsdb.session() as session:
+        return CopyRef.of(_record_built(session, name, built, buffer.id, operation.id,
+                                        time.monotonic() - started))
+
+
+def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: int,
+                  operation_id: int, seconds: float) -> PackageCopy:
+    package = get_package(session, name)
+    now = utcnow()
+    package.size, package.checksum, package.adler32 = built.size, built.checksum, built.adler32
+    package.checksum_algorithm = ALGORITHM
+    package.manifest = {"files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
+                                  for e in built.manifest]}
+    package.state, package.built_at = PackageState.WAITING, now
+    copy = PackageCopy(package=package, location_id=buffer_id, relative_path=package_path(package),
+                       size=built.size, checksum=built.checksum, status=CopyStatus.PRESENT,
+                       created_at=now, verified_at=now)
+    session.add(copy)
+    operation = session.get_one(Operation, operation_id)
+    operation.status, operation.finished_at = OperationStatus.COMPLETED, now
+    operation.bytes, operation.duration_s = built.size, seconds
+    session.flush()
+    return copy
+
+
+def _fail(opsdb: OpsDB, operation_id: int, *, package_id: int | None, error: str) -> None:
+    with opsdb.session() as session:
+        operation = session.get_one(Operation, operation_id)
+        operation.status, operation.error, operation.finished_at = (
+            OperationStatus.FAILED, error, utcnow())
+        if package_id is not None:
+            session.get_one(RawDataPackage, package_id).state = PackageState.FAILED
+
+
+def get_package(session: Session, name: str) -> RawDataPackage:
+    package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
+    if package is None:
+        raise LookupError(f"unknown package '{name}'")
+    return package
+
+
+@dataclass(frozen=True)
+class FiledFiles:
+    """The raw files of one package as OpsDB records them at the source."""
+
+    package: str
+    count: int
+    bytes: int
+    locations: tuple[str, ...]
+
+
+def filed_files(opsdb: OpsDB, name: str) -> FiledFiles:
+    with opsdb.session() as session:
+        files = get_package(session, name).files
+        return FiledFiles(package=name, count=len(files), bytes=sum(f.size for f in files),
+                          locations=tuple(sorted({f.source_location.label for f in files})))
+
+
+def source_problems(opsdb: OpsDB, name: str) -> list[str]:
+    """Raw files of the package that are missing at the source or differ in size from their
+    filing (checksums are re-checked in the packaging pass, which reads every byte anyway)."""
+    problems = []
+    with opsdb.session() as session:
+        for raw_file in get_package(session, name).files:
+            if not any(c.status == CopyStatus.PRESENT for c in raw_file.copies):
+                continue  # already purged after archiving: not a problem of the source
+            path = Path(raw_file.source_location.root) / raw_file.relative_path
+            try:
+                size = path.stat().st_size
+            except OSError as exc:
+                problems.append(f"{raw_file.relative_path}: {exc.strerror}")
+                continue
+            if size != raw_file.size:
+                problems.append(f"{raw_file.relative_path}: {size} bytes on disk, "
+                                f"{raw_file.size} filed")
+    return problems

@@ -1,0 +1,234 @@
+"""Carries out deletion decisions: certificate committed first, then the unlink, then the record.
+
+Each deletion re-reads OpsDB in its own transaction and re-runs the plan for that one copy, so a
+plan that went stale (an LTA copy found corrupt since) deletes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataPackage,
+    _aware,
+    utcnow,
+)
+from ccat_dt.retention import Action, Decision, decide_copy, plan_deletions
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    package: str
+    deleted: int
+    deleted_bytes: int
+    kept: list[Decision]
+    failures: list[str]
+
+
+@dataclass(frozen=True)
+class _Claim:
+    copy_id: int
+    operation_id: int
+    path: Path
+    root: Path
+    prune_dirs: bool
+
+
+def _package(session: Session, name: str) -> RawDataPackage:
+    package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
+    if package is None:
+        raise LookupError(f"unknown package '{name}'")
+    return package
+
+
+def _requirement(config: Config, site: str, location_type: LocationType) -> tuple[int, str | None]:
+    """LTA copies (distinct sites) a deletion must rely on, and a site that must be among them."""
+    if location_type == LocationType.BUFFER and site != config.settings.observatory:
+        return 1, site  # an archive site's buffer copy goes once that site's own LTA copy is in
+    return config.settings.required_lta_copies, None
+
+
+def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now: datetime,
+           run_id: str | None) -> _Claim | Decision:
+    """Re-decide from fresh reads; if still DELETE, commit the certificate and mark the copy."""
+    with opsdb.session() as session:
+        package = session.get_one(RawDataPackage, package_id)
+        copy = session.get(PhysicalCopy, planned.copy_id)
+        if copy is None:
+            return replace(planned, action=Action.KEEP, reason="copy no longer in OpsDB")
+        decision, lta = decide_copy(session, config, package, copy, now)
+        if decision.action != Action.DELETE:
+            return decision
+        required, own_site = _requirement(config, decision.site, decision.location_type)
+        relied = [c for c in lta if own_site in (None, c.location.site.short_name)]
+        result = session.execute(update(PhysicalCopy).where(
+            PhysicalCopy.id == copy.id, PhysicalCopy.status == copy.status)
+            .values(status=CopyStatus.DELETION_IN_PROGRESS))
+        if not isinstance(result, CursorResult) or result.rowcount != 1:
+            return replace(decision, action=Action.KEEP, reason="claimed by another deletion")
+        started = utcnow()
+        certificate: dict[str, Any] = {"required": required, "decided_at": started.isoformat(),
+                                       "copies": [_certified(c) for c in relied]}
+        operation = Operation(operation_type=OperationType.DELETION,
+                              status=OperationStatus.IN_PROGRESS, package_id=package_id,
+                              copy_id=copy.id, source_location_id=copy.location_id,
+                              reason=decision.reason, run_id=run_id, evidence=certificate,
+                              started_at=started)
+        session.add(operation)
+        session.flush()
+        prune = copy.kind == "raw_file" and decision.location_type == LocationType.SOURCE
+        return _Claim(copy.id, operation.id, Path(decision.path), Path(copy.location.root), prune)
+
+
+def _certified(copy: PackageCopy) -> dict[str, Any]:
+    assert copy.verified_at is not None
+    return {"copy_id": copy.id, "site": copy.location.site.short_name,
+            "location": copy.location.name,
+            "path": str(Path(copy.location.root) / copy.relative_path),
+            "checksum": copy.checksum, "verified_at": _aware(copy.verified_at).isoformat()}
+
+
+def _inside(path: Path, root: Path) -> bool:
+    path, root = Path(os.path.normpath(path)), Path(os.path.normpath(root))
+    return path != root and path.is_relative_to(root)
+
+
+def _prune_empty_dirs(path: Path, root: Path) -> None:
+    """Remove now-empty parent directories of `path`, up to but never including `root`."""
+    parent = Path(os.path.normpath(path.parent))
+    while _inside(parent, root):
+        try:
+            parent.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # not empty (or not ours to remove): stop climbing
+        parent = parent.parent
+
+
+def _execute(opsdb: OpsDB, claim: _Claim) -> tuple[int, str | None]:
+    """Unlink the claimed file and record the outcome; returns (bytes freed, failure or None)."""
+    clock, note, size = time.monotonic(), None, 0
+    try:
+        if not _inside(claim.path, claim.root):
+            raise OSError(f"refusing to delete {claim.path}: outside location root {claim.root}")
+        try:
+            size = claim.path.lstat().st_size
+            claim.path.unlink()
+        except FileNotFoundError:
+            note = f"file already missing at deletion time: {claim.path}; treated as deleted"
+    except OSError as exc:
+        with opsdb.session() as session:
+            operation = session.get_one(Operation, claim.operation_id)
+            session.get_one(PhysicalCopy, claim.copy_id).status = CopyStatus.DELETION_FAILED
+            operation.status, operation.error = OperationStatus.FAILED, str(exc)
+            operation.finished_at = utcnow()
+            operation.duration_s = time.monotonic() - clock
+        return 0, f"{claim.path}: {exc} (operation {claim.operation_id})"
+    with opsdb.session() as session:
+        finished = utcnow()
+        copy = session.get_one(PhysicalCopy, claim.copy_id)
+        copy.status, copy.deleted_at = CopyStatus.DELETED, finished
+        operation = session.get_one(Operation, claim.operation_id)
+        operation.status, operation.error = OperationStatus.COMPLETED, note
+        operation.bytes, operation.finished_at = size, finished
+        operation.duration_s = time.monotonic() - clock
+    if claim.prune_dirs:
+        _prune_empty_dirs(claim.path, claim.root)
+    return size, None
+
+
+def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
+                  now: datetime | None = None, run_id: str | None = None) -> PurgeReport:
+    """Delete every copy of the package the planner allows, one certified transaction each."""
+    now = now or utcnow()
+    with opsdb.session() as session:
+        package = _package(session, package_name)
+        package_id = package.id
+        plan = plan_deletions(session, config, package, now)
+    kept = [d for d in plan if d.action == Action.KEEP]
+    deleted = deleted_bytes = 0
+    failures: list[str] = []
+    for planned in plan:
+        if planned.action != Action.DELETE:
+            continue
+        claim = _claim(opsdb, config, package_id, planned, now, run_id)
+        if isinstance(claim, Decision):
+            kept.append(claim)
+            continue
+        size, failure = _execute(opsdb, claim)
+        if failure is None:
+            deleted, deleted_bytes = deleted + 1, deleted_bytes + size
+        else:
+            failures.append(failure)
+    return PurgeReport(package_name, deleted, deleted_bytes, kept, failures)
+
+
+def certificate_problems(opsdb: OpsDB, config: Config, package_name: str) -> list[str]:
+    """One message per DELETED copy of the package whose deletion is not properly certified."""
+    problems: list[str] = []
+    with opsdb.session() as session:
+        package = _package(session, package_name)
+        files = select(RawDataFile.id).where(RawDataFile.package_id == package.id)
+        deleted = session.scalars(select(PhysicalCopy).where(
+            PhysicalCopy.status == CopyStatus.DELETED,
+            or_(PhysicalCopy.package_id == package.id, PhysicalCopy.raw_data_file_id.in_(files)))
+            .order_by(PhysicalCopy.id)).all()
+        for copy in deleted:
+            operations = session.scalars(select(Operation).where(
+                Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION,
+                Operation.status == OperationStatus.COMPLETED).order_by(Operation.id)).all()
+            found = [_operation_problem(session, config, package, copy, op) for op in operations]
+            if not operations:
+                problems.append(f"{copy.location.label} copy {copy.id} ({copy.relative_path}) is "
+                                "DELETED without a completed deletion operation")
+            elif None not in found:
+                problems.append(f"{copy.location.label} copy {copy.id} ({copy.relative_path}): "
+                                f"{found[-1]}")
+    return problems
+
+
+def _operation_problem(session: Session, config: Config, package: RawDataPackage,
+                       copy: PhysicalCopy, operation: Operation) -> str | None:
+    evidence = operation.evidence
+    if not isinstance(evidence, dict) or not isinstance(evidence.get("copies"), list):
+        return f"operation {operation.id} has no deletion certificate"
+    location = copy.location
+    required, own_site = _requirement(config, location.site.short_name, location.location_type)
+    started, sites = _aware(operation.started_at), set()
+    for entry in evidence["copies"]:
+        lta = session.get(PhysicalCopy, entry.get("copy_id")) if isinstance(entry, dict) else None
+        if (not isinstance(lta, PackageCopy) or lta.package_id != package.id
+                or lta.location.location_type != LocationType.LONG_TERM_ARCHIVE
+                or lta.location.site.short_name != entry.get("site")):
+            continue
+        try:
+            verified_at = _aware(datetime.fromisoformat(entry["verified_at"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if verified_at <= started:
+            sites.add(lta.location.site.short_name)
+    if len(sites) < required or (own_site is not None and own_site not in sites):
+        need = f"{required} required" + (f", including {own_site}" if own_site else "")
+        return (f"operation {operation.id} certifies verified LTA copies at "
+                f"{len(sites)} site(s) ({', '.join(sorted(sites)) or 'none'}); {need}")
+    return None
+

@@ -1,0 +1,189 @@
+"""The deletion planner: which copies of a package may go, and why (pure reads, no side effects).
+
+Every copy that is not DELETED gets exactly one Decision. Long-term archive copies are never
+deleted; a CORRUPT copy anywhere freezes the whole package; observatory copies go only once the
+required number of archive sites hold a verified LTA copy; an archive site's buffer copy goes once
+that site's own LTA copy is verified. Location retention and a last-verified-copy check come
+on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import Select, or_, select
+from sqlalchemy.orm import Session, joinedload
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    Operation,
+    OperationType,
+    PackageCopy,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataFileCopy,
+    RawDataPackage,
+    _aware,
+)
+
+UNFINISHED = (CopyStatus.DELETION_IN_PROGRESS, CopyStatus.DELETION_FAILED)
+C = TypeVar("C", bound=PhysicalCopy)
+
+
+class Action(StrEnum):
+    KEEP = "keep"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class Decision:
+    copy_id: int
+    kind: str  # "package" or "raw_file"
+    site: str
+    location: str
+    location_type: LocationType
+    path: str  # absolute
+    size: int
+    action: Action
+    reason: str
+
+
+def _fresh(query: Select[tuple[C]]) -> Select[tuple[C]]:
+    # populate_existing: rows already in the session's identity map are overwritten from the
+    # database, so a long-lived session never decides on stale statuses.
+    return query.options(joinedload(PhysicalCopy.location).joinedload(DataLocation.site)) \
+        .execution_options(populate_existing=True)
+
+
+def verified_lta_copies(session: Session, package: RawDataPackage) -> list[PackageCopy]:
+    """Verified LTA copies of `package`, at most one per archive site, read fresh from OpsDB."""
+    rows = session.scalars(_fresh(
+        select(PackageCopy).join(DataLocation, PackageCopy.location_id == DataLocation.id)
+        .where(PackageCopy.package_id == package.id,
+               DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+               PackageCopy.status == CopyStatus.PRESENT, PackageCopy.verified_at.is_not(None))
+        .order_by(PackageCopy.verified_at, PackageCopy.id))).unique().all()
+    by_site: dict[str, PackageCopy] = {}
+    for copy in rows:
+        if copy.is_verified and (package.checksum is None or copy.checksum == package.checksum):
+            by_site.setdefault(copy.location.site.short_name, copy)
+    return list(by_site.values())
+
+
+def live_copies(session: Session, package: RawDataPackage) -> list[PhysicalCopy]:
+    """Package copies then raw-file copies of the package's files, excluding DELETED ones."""
+    packages = session.scalars(_fresh(select(PackageCopy).where(
+        PackageCopy.package_id == package.id, PackageCopy.status != CopyStatus.DELETED)
+        .order_by(PackageCopy.id))).unique().all()
+    raw = session.scalars(_fresh(select(RawDataFileCopy)
+        .join(RawDataFile, RawDataFileCopy.raw_data_file_id == RawDataFile.id)
+        .where(RawDataFile.package_id == package.id, RawDataFileCopy.status != CopyStatus.DELETED)
+        .order_by(RawDataFileCopy.id))).unique().all()
+    return [*packages, *raw]
+
+
+def _corrupt_copies(session: Session, package: RawDataPackage) -> list[PhysicalCopy]:
+    files = select(RawDataFile.id).where(RawDataFile.package_id == package.id)
+    return list(session.scalars(_fresh(select(PhysicalCopy).where(
+        PhysicalCopy.status == CopyStatus.CORRUPT,
+        or_(PhysicalCopy.package_id == package.id, PhysicalCopy.raw_data_file_id.in_(files)))
+        .order_by(PhysicalCopy.id))).unique().all())
+
+
+def _sites(copies: list[PackageCopy]) -> str:
+    return ", ".join(sorted(c.location.site.short_name for c in copies)) or "none"
+
+
+def _other_verified_package_copy(session: Session, copy: PhysicalCopy) -> bool:
+    others = session.scalars(_fresh(select(PackageCopy).where(
+        PackageCopy.package_id == copy.package_id, PackageCopy.id != copy.id,
+        PackageCopy.status == CopyStatus.PRESENT, PackageCopy.checksum == copy.checksum))).unique()
+    return any(other.is_verified for other in others)
+
+
+class _Planner:
+    """The facts shared by every decision for one package, read once per transaction."""
+
+    def __init__(self, session: Session, config: Config, package: RawDataPackage, now: datetime):
+        self.session, self.config, self.package, self.now = session, config, package, _aware(now)
+        self.required = config.settings.required_lta_copies
+        self.lta = verified_lta_copies(session, package)
+        self.corrupt = _corrupt_copies(session, package)
+
+    def decide(self, copy: PhysicalCopy) -> Decision:
+        location = copy.location
+        action, reason = self._rule(copy)
+        return Decision(copy_id=copy.id, kind=copy.kind, site=location.site.short_name,
+                        location=location.name, location_type=location.location_type,
+                        path=str(Path(location.root) / copy.relative_path), size=copy.size,
+                        action=action, reason=reason)
+
+    def _rule(self, copy: PhysicalCopy) -> tuple[Action, str]:
+        location, site = copy.location, copy.location.site.short_name
+        kind = location.location_type
+        if copy.status == CopyStatus.DELETED:
+            return Action.KEEP, "already deleted"
+        if kind == LocationType.LONG_TERM_ARCHIVE:
+            return Action.KEEP, "long-term archive copies are never deleted automatically"
+        if self.corrupt:
+            names = ", ".join(f"{c.location.label}" for c in self.corrupt)
+            return Action.KEEP, (f"integrity check failed for {names} copy; "
+                                 "nothing is purged until it is repaired")
+        if copy.status in UNFINISHED:
+            operation = self.session.scalar(select(Operation.id).where(
+                Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
+                .order_by(Operation.id.desc()).limit(1))
+            return Action.KEEP, f"previous deletion did not finish; see operation {operation}"
+        if kind == LocationType.PROCESSING:
+            return Action.KEEP, "staging is handled elsewhere"
+        observatory = site == self.config.settings.observatory
+        blockers: list[str] = []
+        if (kind == LocationType.SOURCE and copy.kind == "raw_file") or (
+                kind == LocationType.BUFFER and observatory and copy.kind == "package"):
+            have = len(self.lta)
+            grounds = f"{have} of {self.required} required verified LTA copies ({_sites(self.lta)})"
+            if have < self.required:
+                blockers.append(grounds)
+        elif kind == LocationType.BUFFER and copy.kind == "package":
+            own = [c for c in self.lta if c.location.site.short_name == site]
+            grounds = f"verified LTA copy at {site} ({_sites(own)})"
+            if not own:
+                blockers.append(f"no verified LTA copy at {site} yet")
+        else:
+            return Action.KEEP, f"no deletion rule for {copy.kind} copies at {location.label}"
+        try:
+            retention = self.config.retention(site, location.name)
+        except ValueError:
+            return Action.KEEP, f"location {location.label} is not in the configuration"
+        hours = f"{retention.total_seconds() / 3600:g}h"
+        deletable_after = _aware(copy.created_at) + retention
+        if self.now < deletable_after:
+            blockers.append(f"retention {hours} not reached: deletable after "
+                            f"{deletable_after.isoformat()}")
+        if blockers:
+            return Action.KEEP, "; ".join(blockers)
+        if (copy.kind == "raw_file" and not self.lta) or (
+                copy.kind == "package" and not _other_verified_package_copy(self.session, copy)):
+            return Action.KEEP, "last verified copy"
+        return Action.DELETE, f"{grounds}; retention {hours} passed"
+
+
+def plan_deletions(session: Session, config: Config, package: RawDataPackage,
+                   now: datetime) -> list[Decision]:
+    """One Decision for every copy of `package` (and of its raw files) that is not DELETED."""
+    planner = _Planner(session, config, package, now)
+    return [planner.decide(copy) for copy in live_copies(session, package)]
+
+
+def decide_copy(session: Session, config: Config, package: RawDataPackage, copy: PhysicalCopy,
+                now: datetime) -> tuple[Decision, list[PackageCopy]]:
+    """Re-run the plan for one copy from fresh reads; also the LTA copies the decision relied on."""
+    planner = _Planner(session, config, package, now)
+    return planner.decide(copy), planner.lta

@@ -1,0 +1,53 @@
+"""Copying between directories on one machine: the embedded default's transport."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+from ccat_dt.checksums import CHUNK_SIZE, ChecksumMismatch, new_hasher
+from ccat_dt.transports.base import TransferError, TransferResult, fsync_directory, temporary_name
+
+_PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
+
+
+class LocalTransport:
+    """Streams the file once, hashing the bytes as they are written."""
+
+    name = "local"
+
+    def copy(self, source: Path, destination: Path, expected_checksum: str) -> TransferResult:
+        started = time.monotonic()
+        partial = temporary_name(destination)
+        hasher = new_hasher()
+        size = 0
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as reader, open(partial, "wb") as writer:
+                while chunk := reader.read(CHUNK_SIZE):
+                    writer.write(chunk)
+                    hasher.update(chunk)
+                    size += len(chunk)
+                writer.flush()
+                os.fsync(writer.fileno())
+            if hasher.hexdigest() != expected_checksum:
+                raise ChecksumMismatch(source, expected_checksum, hasher.hexdigest())
+            os.replace(partial, destination)
+            fsync_directory(destination.parent)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise TransferError(f"local copy {source} -> {destination} failed: {exc}",
+                                retryable=exc.errno not in _PERMANENT) from exc
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return TransferResult(bytes=size, seconds=time.monotonic() - started,
+                              checksum=hasher.hexdigest())
+
+
+def transport_for(name: str) -> LocalTransport:
+    if name == "local":
+        return LocalTransport()
+    raise ValueError(f"unknown transport '{name}'")

@@ -1,0 +1,78 @@
+"""One sensor per stage. Cursors are monotonic OpsDB ids; run keys are deterministic
+(`stage:package:site`), so a replayed tick launches nothing twice."""
+
+from __future__ import annotations
+
+from dagster import (
+    DefaultSensorStatus,
+    RunRequest,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from ccat_assets.partitions import package_partitions, package_site_key
+from ccat_dt.packages import plan_packages
+from ccat_dt.pending import lta_copies_due, new_packages, purges_due, site_copies_due
+from resources.opsdb import Deployment
+
+INTERVAL = 15
+RUNNING = DefaultSensorStatus.RUNNING
+
+
+@sensor(job_name="package_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
+    """Finished observations become packages: a partition and a packaging run each."""
+    with deployment.opsdb.session() as session:
+        planned = plan_packages(session, deployment.config)
+    if planned:
+        context.log.info(f"planned {len(planned)} package(s)")
+    with deployment.opsdb.session() as session:
+        page = new_packages(session, int(context.cursor or 0))
+    names = [name for name, _ in page.items]
+    return SensorResult(
+        run_requests=[RunRequest(partition_key=n, run_key=f"package:{n}") for n in names],
+        dynamic_partitions_requests=[package_partitions.build_add_request(names)] if names else [],
+        cursor=str(page.cursor))
+
+
+@sensor(job_name="site_copy_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
+    """A verified copy somewhere makes the next site copy possible (observatory -> primary
+    archive once, then archive -> archive)."""
+    with deployment.opsdb.session() as session:
+        page = site_copies_due(session, deployment.config, int(context.cursor or 0))
+    return SensorResult(
+        run_requests=[RunRequest(partition_key=package_site_key(p, s),
+                                 run_key=f"site_copy:{p}:{s}") for p, s in page.items],
+        cursor=str(page.cursor))
+
+
+@sensor(job_name="lta_copy_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
+    """A verified copy in an archive site's buffer is archived into that site's LTA."""
+    with deployment.opsdb.session() as session:
+        page = lta_copies_due(session, deployment.config, int(context.cursor or 0))
+    return SensorResult(
+        run_requests=[RunRequest(partition_key=package_site_key(p, s),
+                                 run_key=f"lta_copy:{p}:{s}") for p, s in page.items],
+        cursor=str(page.cursor))
+
+
+@sensor(job_name="purge_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+def purge_sensor(context: SensorEvaluationContext,
+                 deployment: Deployment) -> SensorResult | SkipReason:
+    """Archived packages that still hold source or buffer copies get a purge run; the run key
+    counts the copies left, so progress (not replay) makes a new run."""
+    with deployment.opsdb.session() as session:
+        due = purges_due(session)
+    if not due:
+        return SkipReason("no archived package holds copies outside the LTA")
+    return SensorResult(run_requests=[RunRequest(partition_key=p, run_key=f"purge:{p}:{left}")
+                                      for p, left in due])
+
+
+def lifecycle_sensors() -> list[SensorDefinition]:
+    return [package_sensor, site_copy_sensor, lta_copy_sensor, purge_sensor]
