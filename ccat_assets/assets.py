@@ -1,6 +1,5 @@
 """The package lifecycle as software-defined assets; each body is one sentence of the pipeline."""
 
-from __future__ import annotations
 
 from dagster import (
     AssetDep,

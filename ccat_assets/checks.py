@@ -1,7 +1,6 @@
 """Integrity reports per partition; a failed check marks the copy CORRUPT in OpsDB, which the
 purge planner honours, so purge is gated on checks across runs, not just within one."""
 
-from __future__ import annotations
 
 from dagster import (
     AssetCheckExecutionContext,

@@ -31,7 +31,7 @@ from ccat_dt.opsdb.models import (
     _aware,
     utcnow,
 )
-from ccat_dt.retention import Action, Decision, decide_copy, plan_deletions
+from ccat_dt.retention import Action, Decision, decide_copy, lta_requirement, plan_deletions
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,6 @@ def _package(session: Session, name: str) -> RawDataPackage:
     return package
 
 
-def _requirement(config: Config, site: str, location_type: LocationType) -> tuple[int, str | None]:
-    """LTA copies (distinct sites) a deletion must rely on, and a site that must be among them."""
-    if location_type == LocationType.BUFFER and site != config.settings.observatory:
-        return 1, site  # an archive site's buffer copy goes once that site's own LTA copy is in
-    return config.settings.required_lta_copies, None
-
-
 def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now: datetime,
            run_id: str | None) -> _Claim | Decision:
     """Re-decide from fresh reads; if still DELETE, commit the certificate and mark the copy."""
@@ -77,7 +70,7 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
         decision, lta = decide_copy(session, config, package, copy, now)
         if decision.action != Action.DELETE:
             return decision
-        required, own_site = _requirement(config, decision.site, decision.location_type)
+        required, own_site = lta_requirement(config, decision.site, decision.location_type)
         relied = [c for c in lta if own_site in (None, c.location.site.short_name)]
         result = session.execute(update(PhysicalCopy).where(
             PhysicalCopy.id == copy.id, PhysicalCopy.status == copy.status)
@@ -212,10 +205,11 @@ def _operation_problem(session: Session, config: Config, package: RawDataPackage
     if not isinstance(evidence, dict) or not isinstance(evidence.get("copies"), list):
         return f"operation {operation.id} has no deletion certificate"
     location = copy.location
-    required, own_site = _requirement(config, location.site.short_name, location.location_type)
+    required, own_site = lta_requirement(config, location.site.short_name, location.location_type)
     started, sites = _aware(operation.started_at), set()
     for entry in evidence["copies"]:
-        lta = session.get(PhysicalCopy, entry.get("copy_id")) if isinstance(entry, dict) else None
+        copy_id = entry.get("copy_id") if isinstance(entry, dict) else None
+        lta = session.get(PhysicalCopy, copy_id) if isinstance(copy_id, int) else None
         if (not isinstance(lta, PackageCopy) or lta.package_id != package.id
                 or lta.location.location_type != LocationType.LONG_TERM_ARCHIVE
                 or lta.location.site.short_name != entry.get("site")):

@@ -97,6 +97,14 @@ def _corrupt_copies(session: Session, package: RawDataPackage) -> list[PhysicalC
         .order_by(PhysicalCopy.id))).unique().all())
 
 
+def lta_requirement(config: Config, site: str,
+                    location_type: LocationType) -> tuple[int, str | None]:
+    """Verified LTA copies (distinct sites) deleting a copy here relies on, and a must-have site."""
+    if location_type == LocationType.BUFFER and site != config.settings.observatory:
+        return 1, site  # an archive site's buffer copy goes once that site's own LTA copy is in
+    return config.settings.required_lta_copies, None
+
+
 def _sites(copies: list[PackageCopy]) -> str:
     return ", ".join(sorted(c.location.site.short_name for c in copies)) or "none"
 

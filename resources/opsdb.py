@@ -1,6 +1,5 @@
 """The deployment (configuration file + the OpsDB it names) as a Dagster resource."""
 
-from __future__ import annotations
 
 from functools import cached_property
 

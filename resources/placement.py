@@ -1,6 +1,5 @@
 """IO managers that own physical placement: handing a Placement to them moves the package."""
 
-from __future__ import annotations
 
 import time
 

@@ -1,7 +1,6 @@
 """One sensor per stage. Cursors are monotonic OpsDB ids; run keys are deterministic
 (`stage:package:site`), so a replayed tick launches nothing twice."""
 
-from __future__ import annotations
 
 from dagster import (
     DefaultSensorStatus,

@@ -353,3 +353,8 @@ def test_finish(opsdb: OpsDB) -> None:
              call=lambda db, **_: start_observation(db, OBS))
     rejected(opsdb, r"observation 'nope' is unknown; nothing to finish",
              call=lambda db, **_: finish_observation(db, "nope"))
+
+
+def test_missing_source_root(opsdb: OpsDB, config: Config, obs: str) -> None:
+    rejected(opsdb, r"root .*instruments of source location ccat/instruments is missing",
+             files=[FileSpec("a.dat")])

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine (Python 3.11 + make): `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_ROOT ?= demo-data
+export DAGSTER_HOME := $(abspath $(DEMO_ROOT))/dagster_home
+export CCAT_DT_CONFIG := $(abspath $(DEMO_ROOT))/ccat-dt.yaml
+
+.PHONY: demo test ui lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed  ## simulate an observing night and drive it through the whole lifecycle
+	$(BIN)/ccat-dt demo --root $(DEMO_ROOT)
+
+test: $(BIN)/.installed  ## the whole test suite, as CI runs it
+	$(BIN)/pytest -q
+
+ui: $(BIN)/.installed  ## Dagster UI on the demo's instance: lineage, partitions, checks
+	@test -f $(CCAT_DT_CONFIG) || { echo "run 'make demo' first"; exit 1; }
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy ccat_dt ccat_assets sensors resources
+
+clean:
+	rm -rf $(VENV) $(DEMO_ROOT)

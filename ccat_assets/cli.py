@@ -1,0 +1,185 @@
+"""`ccat-dt`: set up a deployment, file raw data, run the lifecycle, look at the result."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from dagster import BetaWarning, PreviewWarning
+
+from ccat_dt.config import ConfigError, load_config
+from ccat_dt.defaults import CONFIG_NAME, write_default_config
+from ccat_dt.filing import (
+    FilingError,
+    file_directory,
+    file_raw_files,
+    finish_observation,
+    read_manifest_file,
+    start_observation,
+)
+from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate, migrate
+from ccat_dt.topology import sync_topology
+
+TEMPLATE_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
+
+
+class UsageError(Exception):
+    """A command line that cannot be acted on; nothing was changed."""
+
+
+def init(directory: Path) -> Path:
+    """Write the embedded default under `directory` (keeping an existing config), migrate the
+    OpsDB, mirror the topology into it and prepare the Dagster home."""
+    path = directory / CONFIG_NAME
+    if not path.exists():
+        write_default_config(directory)
+    config = load_config(path)
+    migrate(config.opsdb_url)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    opsdb.dispose()
+    for site in config.settings.sites:
+        for location in site.locations:
+            config.resolve_root(location.root).mkdir(parents=True, exist_ok=True)
+    home = directory / "dagster_home"
+    home.mkdir(exist_ok=True)
+    if not (home / "dagster.yaml").exists() and TEMPLATE_DAGSTER_YAML.exists():
+        shutil.copy(TEMPLATE_DAGSTER_YAML, home / "dagster.yaml")
+    return path
+
+
+def _opsdb(args: argparse.Namespace) -> OpsDB:
+    return OpsDB(load_config(args.config).opsdb_url)
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    path = init(Path(args.directory).absolute())
+    print(f"initialised {path.parent}\n  config: {path}\n"
+          f"  export CCAT_DT_CONFIG={path} DAGSTER_HOME={path.parent / 'dagster_home'}")
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    migrate(config.opsdb_url)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    print(f"OpsDB at {config.opsdb_url} is up to date")
+
+
+def cmd_observation(args: argparse.Namespace) -> None:
+    opsdb = _opsdb(args)
+    if args.action == "start":
+        print(start_observation(opsdb, args.name))
+    else:
+        finish_observation(opsdb, args.name)
+        print(f"observation {args.name} finished")
+
+
+def cmd_file(args: argparse.Namespace) -> None:
+    opsdb = _opsdb(args)
+    where = {"observation": args.observation, "module": args.module, "site": args.site,
+             "location": args.location}
+    if args.manifest:
+        if args.paths:
+            raise UsageError("give either --manifest or paths, not both")
+        result = file_raw_files(opsdb, files=read_manifest_file(Path(args.manifest)), **where)
+    elif args.directory:
+        result = file_directory(opsdb, directory=args.directory, **where)
+    elif args.paths:
+        from ccat_dt.filing import FileSpec
+        result = file_raw_files(opsdb, files=[FileSpec(p) for p in args.paths], **where)
+    else:
+        raise UsageError("nothing to file: give paths, --directory or --manifest")
+    print(f"filed {result.filed} file(s), {result.bytes} bytes; {result.unchanged} unchanged")
+
+
+def cmd_drive(args: argparse.Namespace) -> None:
+    from ccat_assets.definitions import build_definitions
+    from ccat_assets.driver import drive, open_instance
+
+    config = load_config(args.config)
+    report = drive(build_definitions(config), open_instance(config), log=print)
+    print(f"{len(report.launched)} run(s) in {report.rounds} round(s), "
+          f"{len(report.failed)} failed")
+    if report.failed:
+        raise SystemExit(1)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ccat_assets.demo import run_demo
+
+    ok = run_demo(Path(args.root).absolute(), observations=args.observations,
+                  files_per_module=args.files, file_bytes=int(args.file_mb * 1e6))
+    raise SystemExit(0 if ok else 1)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from ccat_assets.demo import print_summary
+
+    print_summary(_opsdb(args))
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="ccat-dt", description=__doc__)
+    top.add_argument("--config", help="configuration file (default: $CCAT_DT_CONFIG)")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("init", help="write the embedded default and create the OpsDB")
+    p.add_argument("directory", nargs="?", default="ccat-data")
+    p.set_defaults(run=cmd_init)
+
+    p = commands.add_parser("migrate", help="apply OpsDB migrations and sync the topology")
+    p.set_defaults(run=cmd_migrate)
+
+    p = commands.add_parser("observation", help="start or finish an executed observation")
+    p.add_argument("action", choices=["start", "finish"])
+    p.add_argument("name")
+    p.set_defaults(run=cmd_observation)
+
+    p = commands.add_parser("file", help="register raw files written at a source location")
+    p.add_argument("--observation", required=True)
+    p.add_argument("--module", required=True, help="instrument/module, e.g. primecam/f280")
+    p.add_argument("--site", help="default: the observatory")
+    p.add_argument("--location", help="default: the site's highest-priority source location")
+    p.add_argument("--directory", help="file every file under this directory (relative to "
+                   "the source root)")
+    p.add_argument("--manifest", help="JSON lines or list of {path, size?, checksum?}")
+    p.add_argument("paths", nargs="*", help="paths relative to the source root")
+    p.set_defaults(run=cmd_file)
+
+    p = commands.add_parser("drive", help="tick the sensors and run what they request, "
+                            "until nothing is left to do")
+    p.set_defaults(run=cmd_drive)
+
+    p = commands.add_parser("status", help="packages, copies and bytes per location")
+    p.set_defaults(run=cmd_status)
+
+    p = commands.add_parser("demo", help="simulate an observing night and run it to the end")
+    p.add_argument("--root", default="demo-data", help="scratch data root (wiped first)")
+    p.add_argument("--observations", type=int, default=3)
+    p.add_argument("--files", type=int, default=20, help="files per observation x module")
+    p.add_argument("--file-mb", type=float, default=2.0)
+    p.set_defaults(run=cmd_demo)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    # Partitioned asset checks are a Dagster preview feature we rely on knowingly.
+    warnings.filterwarnings("ignore", category=PreviewWarning)
+    warnings.filterwarnings("ignore", category=BetaWarning)
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ConfigError, FilingError, SchemaOutOfDate, UsageError, FileExistsError) as exc:
+        print(f"ccat-dt: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

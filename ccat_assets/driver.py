@@ -1,0 +1,81 @@
+"""Evaluate the real sensors and execute the runs they request, in this process, until idle.
+
+This is what the Dagster daemon does (tick sensors, skip run keys already launched, launch
+runs) minus the scheduling loop, so that the embedded default and the tests need no daemon.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dagster import (
+    DagsterInstance,
+    Definitions,
+    RunsFilter,
+    build_sensor_context,
+)
+from dagster._core.definitions.dynamic_partitions_request import AddDynamicPartitionsRequest
+
+from ccat_dt.config import Config
+
+RUN_KEY = "dagster/run_key"
+SENSOR = "dagster/sensor_name"
+
+
+@dataclass
+class DriveReport:
+    launched: list[str] = field(default_factory=list)  # run keys, in launch order
+    failed: list[str] = field(default_factory=list)  # run keys whose run failed
+    rounds: int = 0
+
+
+def instance_home(config: Config) -> Path:
+    return Path(os.environ.get("DAGSTER_HOME") or config.directory / "dagster_home")
+
+
+def open_instance(config: Config) -> DagsterInstance:
+    home = instance_home(config)
+    home.mkdir(parents=True, exist_ok=True)
+    return DagsterInstance.from_config(str(home))
+
+
+def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
+          log: Callable[[str], None] = lambda _: None) -> DriveReport:
+    """Tick every sensor, run what it asks for; repeat until a round launches nothing."""
+    repository = defs.get_repository_def()
+    cursors: dict[str, str | None] = {}
+    report = DriveReport()
+    for _ in range(max_rounds):
+        report.rounds += 1
+        launched_before = len(report.launched)
+        for sensor_def in repository.sensor_defs:
+            name = sensor_def.name
+            with build_sensor_context(instance_ref=instance.get_ref(), cursor=cursors.get(name),
+                                      repository_def=repository, resources=defs.resources,
+                                      sensor_name=name) as context:
+                tick = sensor_def.evaluate_tick(context)
+            for request in tick.dynamic_partitions_requests or []:
+                if isinstance(request, AddDynamicPartitionsRequest):
+                    instance.add_dynamic_partitions(request.partitions_def_name,
+                                                    list(request.partition_keys))
+            if tick.cursor is not None:
+                cursors[name] = tick.cursor
+            for run in tick.run_requests or []:
+                if run.run_key and instance.get_runs(
+                        RunsFilter(tags={RUN_KEY: run.run_key, SENSOR: name}), limit=1):
+                    continue  # a replayed tick: this run was launched before
+                job = repository.get_job(run.job_name or sensor_def.job_name)
+                result = job.execute_in_process(
+                    instance=instance, partition_key=run.partition_key, raise_on_error=False,
+                    tags={**run.tags, RUN_KEY: run.run_key or "", SENSOR: name})
+                key = run.run_key or job.name
+                report.launched.append(key)
+                log(f"{'ok    ' if result.success else 'FAILED'} {key}")
+                if not result.success:
+                    report.failed.append(key)
+        if len(report.launched) == launched_before:
+            break
+    return report

@@ -1,0 +1,104 @@
+"""What an operator asks first: where is everything, and does OpsDB agree with the disks?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataPackage,
+    Site,
+)
+
+
+@dataclass(frozen=True)
+class LocationLine:
+    location: str  # site/location
+    kind: str
+    present: int
+    present_bytes: int
+    deleted: int
+    corrupt: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    files: int
+    file_bytes: int
+    packages: dict[str, int]  # by state
+    package_bytes: int
+    locations: list[LocationLine]
+    deletions: int
+    deleted_bytes: int
+    failed_operations: int
+
+
+def summarize(opsdb: OpsDB) -> Summary:
+    with opsdb.session() as s:
+        files, file_bytes = s.execute(select(func.count(), func.coalesce(
+            func.sum(RawDataFile.size), 0))).one()
+        states = dict(s.execute(select(RawDataPackage.state, func.count())
+                                .group_by(RawDataPackage.state)).tuples().all())
+        package_bytes = s.scalar(select(func.coalesce(func.sum(RawDataPackage.size), 0)))
+        counts = s.execute(
+            select(Site.short_name, DataLocation.name, DataLocation.location_type,
+                   PhysicalCopy.status, func.count(), func.coalesce(func.sum(PhysicalCopy.size), 0))
+            .select_from(PhysicalCopy).join(DataLocation).join(Site)
+            .group_by(Site.short_name, DataLocation.name, DataLocation.location_type,
+                      PhysicalCopy.status)
+            .order_by(Site.short_name, DataLocation.name)).all()
+        deletions, deleted_bytes = s.execute(
+            select(func.count(), func.coalesce(func.sum(Operation.bytes), 0))
+            .where(Operation.operation_type == OperationType.DELETION,
+                   Operation.status == OperationStatus.COMPLETED)).one()
+        failed = s.scalar(select(func.count()).where(
+            Operation.status == OperationStatus.FAILED)) or 0
+    lines: dict[str, LocationLine] = {}
+    for site, name, kind, status, count, size in counts:
+        key = f"{site}/{name}"
+        line = lines.get(key) or LocationLine(key, kind.value, 0, 0, 0, 0)
+        if status == CopyStatus.PRESENT:
+            line = replace(line, present=count, present_bytes=size)
+        elif status == CopyStatus.DELETED:
+            line = replace(line, deleted=count)
+        elif status == CopyStatus.CORRUPT:
+            line = replace(line, corrupt=count)
+        lines[key] = line
+    return Summary(
+        files=files, file_bytes=file_bytes,
+        packages={state.value: n for state, n in states.items()}, package_bytes=package_bytes,
+        locations=list(lines.values()),
+        deletions=deletions, deleted_bytes=deleted_bytes, failed_operations=failed)
+
+
+def disagreements(opsdb: OpsDB) -> list[str]:
+    """Copies whose OpsDB status the disk contradicts: PRESENT but missing or of another size,
+    DELETED but still there."""
+    problems = []
+    with opsdb.session() as s:
+        rows = s.execute(select(PhysicalCopy.id, PhysicalCopy.status, PhysicalCopy.size,
+                                DataLocation.root, PhysicalCopy.relative_path)
+                         .join(DataLocation)).all()
+    present = {(root, relative) for _, status, _, root, relative in rows
+               if status == CopyStatus.PRESENT}
+    for copy_id, status, size, root, relative in rows:
+        path = Path(root) / relative
+        if status == CopyStatus.PRESENT:
+            if not path.is_file():
+                problems.append(f"copy {copy_id}: {path} recorded present, missing on disk")
+            elif path.stat().st_size != size:
+                problems.append(f"copy {copy_id}: {path} is {path.stat().st_size} bytes, "
+                                f"recorded {size}")
+        elif status == CopyStatus.DELETED and path.exists() and (root, relative) not in present:
+            problems.append(f"copy {copy_id}: {path} recorded deleted, still on disk")
+    return problems
