@@ -11,7 +11,12 @@ from dagster import (
     asset,
 )
 
-from ccat_assets.partitions import by_package, package_partitions, package_site_partitions, split_key
+from ccat_assets.partitions import (
+    by_package,
+    package_partitions,
+    package_site_partitions,
+    split_key,
+)
 from ccat_dt import packages as packaging_stage
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
@@ -48,7 +53,7 @@ def build_assets(config: Config) -> list[AssetsDefinition]:
         """Tar + manifest of the raw files, built in one read pass at the observatory buffer."""
         try:
             built = packaging_stage.build(deployment.opsdb, deployment.config,
-                                          context.partition_key, run_id=context.run_id)
+                                          context.partition_key, run_id=context.run.run_id)
         except PackageBuildFailed as exc:
             raise Failure(str(exc), allow_retries=False) from exc
         context.add_output_metadata({"path": built.path, "size": built.size,
@@ -77,7 +82,7 @@ def build_assets(config: Config) -> list[AssetsDefinition]:
         """Source files and buffer copies deleted where the retention policy allows, each
         deletion resting on a certificate of verified LTA copies."""
         report = purge_package(deployment.opsdb, deployment.config, context.partition_key,
-                               run_id=context.run_id)
+                               run_id=context.run.run_id)
         context.add_output_metadata({
             "deleted": report.deleted, "deleted_bytes": report.deleted_bytes,
             "kept": "\n".join(f"{d.site}/{d.location} {d.path}: {d.reason}"

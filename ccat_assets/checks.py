@@ -25,7 +25,8 @@ def _result(verification: Verification) -> AssetCheckResult:
                                       "copy_id": verification.copy_id or 0})
 
 
-def build_checks(config: Config, assets: dict[str, AssetsDefinition]) -> list[AssetChecksDefinition]:
+def build_checks(config: Config,
+                 assets: dict[str, AssetsDefinition]) -> list[AssetChecksDefinition]:
     per_site = package_site_partitions(config)
     observatory = config.settings.observatory
 
@@ -34,7 +35,8 @@ def build_checks(config: Config, assets: dict[str, AssetsDefinition]) -> list[As
                           deployment: Deployment) -> AssetCheckResult:
         """Every raw file of the package is at the source with its filed size."""
         problems = source_problems(deployment.opsdb, context.partition_key)
-        return AssetCheckResult(passed=not problems, description="\n".join(problems) or "all present")
+        return AssetCheckResult(passed=not problems,
+                                description="\n".join(problems) or "all present")
 
     @asset_check(asset=assets["packages"], partitions_def=package_partitions, blocking=True)
     def package_checksum(context: AssetCheckExecutionContext,

@@ -9,10 +9,12 @@ from dagster import (
     define_asset_job,
     definitions,
 )
+from dagster._core.definitions.unresolved_asset_job_definition import (
+    UnresolvedAssetJobDefinition,
+)
 
 from ccat_assets.assets import build_assets
 from ccat_assets.checks import build_checks
-from ccat_assets.partitions import package_partitions, package_site_partitions
 from ccat_dt.config import Config, load_config
 from ccat_dt.opsdb.models import LocationType
 from resources.opsdb import Deployment
@@ -23,20 +25,16 @@ from sensors.lifecycle import lifecycle_sensors
 def build_definitions(config: Config) -> Definitions:
     assets = build_assets(config)
     by_name = {a.key.to_user_string(): a for a in assets}
-    per_site = package_site_partitions(config)
     deployment = Deployment(config_path=str(config.path))
 
-    def job(name: str, asset_names: list[str], partitions: object) -> object:
-        return define_asset_job(name, selection=AssetSelection.assets(*asset_names),
-                                partitions_def=partitions)  # type: ignore[arg-type]
+    def job(name: str, *asset_names: str) -> UnresolvedAssetJobDefinition:
+        return define_asset_job(name, selection=AssetSelection.assets(*asset_names))
 
     return Definitions(
         assets=assets,
         asset_checks=build_checks(config, by_name),
-        jobs=[job("package_job", ["raw_files", "packages"], package_partitions),
-              job("site_copy_job", ["site_copies"], per_site),
-              job("lta_copy_job", ["lta_copies"], per_site),
-              job("purge_job", ["purge_status"], package_partitions)],
+        jobs=[job("package_job", "raw_files", "packages"), job("site_copy_job", "site_copies"),
+              job("lta_copy_job", "lta_copies"), job("purge_job", "purge_status")],
         sensors=lifecycle_sensors(),
         resources={
             "deployment": deployment,

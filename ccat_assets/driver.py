@@ -67,7 +67,7 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
                 if run.run_key and instance.get_runs(
                         RunsFilter(tags={RUN_KEY: run.run_key, SENSOR: name}), limit=1):
                     continue  # a replayed tick: this run was launched before
-                job = repository.get_job(run.job_name or sensor_def.job_name)
+                job = repository.get_job(run.job_name or sensor_def.job_name or "")
                 result = job.execute_in_process(
                     instance=instance, partition_key=run.partition_key, raise_on_error=False,
                     tags={**run.tags, RUN_KEY: run.run_key or "", SENSOR: name})

@@ -49,7 +49,7 @@ def summarize(opsdb: OpsDB) -> Summary:
             func.sum(RawDataFile.size), 0))).one()
         states = dict(s.execute(select(RawDataPackage.state, func.count())
                                 .group_by(RawDataPackage.state)).tuples().all())
-        package_bytes = s.scalar(select(func.coalesce(func.sum(RawDataPackage.size), 0)))
+        package_bytes = s.scalar(select(func.coalesce(func.sum(RawDataPackage.size), 0))) or 0
         counts = s.execute(
             select(Site.short_name, DataLocation.name, DataLocation.location_type,
                    PhysicalCopy.status, func.count(), func.coalesce(func.sum(PhysicalCopy.size), 0))

@@ -1,0 +1,207 @@
+"""Configuration: the embedded default loads; every bad file is rejected naming the file and key."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ccat_dt.config import ConfigError, load_config
+from ccat_dt.defaults import CONFIG_NAME, EMBEDDED_DEFAULT, write_default_config
+
+
+def default() -> dict[str, Any]:
+    return copy.deepcopy(EMBEDDED_DEFAULT)
+
+
+def write_config(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / CONFIG_NAME
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def rejected(path: Path, *keys: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    for key in keys:
+        assert key in message
+    return message
+
+
+# --- the embedded default ---------------------------------------------------------------------
+
+
+def test_embedded_default_loads(tmp_path: Path) -> None:
+    config = load_config(write_default_config(tmp_path))
+    settings = config.settings
+    assert settings.observatory == "ccat"
+    assert [s.short_name for s in settings.sites] == ["ccat", "cologne", "us", "ramses"]
+    assert [s.short_name for s in settings.archive_sites] == ["cologne", "us"]
+    assert config.path == tmp_path / CONFIG_NAME
+
+
+def test_required_lta_copies_defaults_to_number_of_archive_sites(tmp_path: Path) -> None:
+    config = load_config(write_default_config(tmp_path))
+    assert config.settings.policies.required_lta_copies is None
+    assert config.settings.required_lta_copies == 2
+
+
+def test_explicit_required_lta_copies_is_kept(tmp_path: Path) -> None:
+    data = default()
+    data["policies"]["required_lta_copies"] = 1
+    assert load_config(write_config(tmp_path, data)).settings.required_lta_copies == 1
+
+
+def test_relative_roots_resolve_against_config_directory(tmp_path: Path, monkeypatch:
+                                                         pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory must not matter
+    config = load_config(write_default_config(tmp_path / "deploy"))
+    assert config.resolve_root("sites/ccat/instruments") == \
+        tmp_path / "deploy" / "sites" / "ccat" / "instruments"
+    assert config.resolve_root("/abs/root") == Path("/abs/root")
+
+
+def test_relative_config_path_is_made_absolute(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    write_default_config(tmp_path / "deploy")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("deploy") / CONFIG_NAME)
+    assert config.directory == tmp_path / "deploy"
+    assert config.resolve_root("sites/us/lta") == tmp_path / "deploy" / "sites" / "us" / "lta"
+
+
+def test_sqlite_relative_opsdb_url_resolves_against_config_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CCAT_DT_OPSDB_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(write_default_config(tmp_path / "deploy"))
+    assert config.opsdb_url == f"sqlite:///{tmp_path / 'deploy' / 'opsdb.sqlite'}"
+
+
+def test_absolute_sqlite_and_other_urls_are_kept(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CCAT_DT_OPSDB_URL", raising=False)
+    data = default()
+    data["opsdb_url"] = "sqlite:////var/lib/ccat/opsdb.sqlite"
+    assert load_config(write_config(tmp_path, data)).opsdb_url == \
+        "sqlite:////var/lib/ccat/opsdb.sqlite"
+    data["opsdb_url"] = "postgresql://ccat@db/opsdb"
+    assert load_config(write_config(tmp_path, data)).opsdb_url == "postgresql://ccat@db/opsdb"
+
+
+def test_env_overrides_opsdb_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config(write_default_config(tmp_path))
+    monkeypatch.setenv("CCAT_DT_OPSDB_URL", "postgresql://ccat@db/opsdb")
+    assert config.opsdb_url == "postgresql://ccat@db/opsdb"
+    monkeypatch.setenv("CCAT_DT_OPSDB_URL", "sqlite:///other.sqlite")
+    assert config.opsdb_url == f"sqlite:///{tmp_path / 'other.sqlite'}"
+
+
+def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_default_config(tmp_path)
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(path))
+    assert load_config().path == path
+
+
+def test_no_config_and_no_env_says_how_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CCAT_DT_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="CCAT_DT_CONFIG.*ccat-dt init"):
+        load_config()
+
+
+def test_write_default_config_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = write_default_config(tmp_path)
+    path.write_text(path.read_text() + "# edited\n")
+    with pytest.raises(FileExistsError):
+        write_default_config(tmp_path)
+    assert path.read_text().endswith("# edited\n")
+
+
+# --- invalid files: each names the file and the offending key -----------------------------------
+
+
+def _typo_top_level(data: dict[str, Any]) -> None:
+    data["polices"] = data.pop("policies")
+
+
+def _bad_location_type(data: dict[str, Any]) -> None:
+    data["sites"][0]["locations"][1]["type"] = "bufer"
+
+
+def _bad_location_name(data: dict[str, Any]) -> None:
+    data["sites"][1]["locations"][0]["name"] = "Big Buffer"
+
+
+def _duplicate_site(data: dict[str, Any]) -> None:
+    data["sites"][2]["short_name"] = "cologne"
+
+
+def _route_to_unknown_site(data: dict[str, Any]) -> None:
+    data["routes"].append({"origin": "ccat", "destination": "mars"})
+
+
+def _missing_route(data: dict[str, Any]) -> None:
+    data["routes"] = [r for r in data["routes"]
+                      if (r["origin"], r["destination"]) != ("ccat", "us")]
+
+
+def _too_many_lta_copies(data: dict[str, Any]) -> None:
+    data["policies"]["required_lta_copies"] = 3
+
+
+def _no_source(data: dict[str, Any]) -> None:
+    data["sites"][0]["locations"] = [loc for loc in data["sites"][0]["locations"]
+                                     if loc["type"] != "source"]
+
+
+@pytest.mark.parametrize(("edit", "keys"), [
+    (_typo_top_level, ["polices", "Extra inputs are not permitted"]),
+    (_bad_location_type, ["sites[0].locations[1].type", "'buffer'"]),
+    (_bad_location_name, ["sites[1].locations[0].name", "lower-case"]),
+    (_duplicate_site, ["duplicate site short_name", "cologne"]),
+    (_route_to_unknown_site, ["ccat->mars", "unknown site 'mars'"]),
+    (_missing_route, ["routes missing", "ccat->us"]),
+    (_too_many_lta_copies, ["policies.required_lta_copies=3", "2 archive site(s)"]),
+    (_no_source, ["observatory site 'ccat' has no source location"]),
+], ids=["unknown-top-level-key", "location-type", "location-name", "duplicate-site",
+        "route-unknown-site", "missing-route", "too-many-lta-copies", "no-source"])
+def test_invalid_config_names_file_and_key(tmp_path: Path, edit: Callable[[dict[str, Any]], None],
+                                           keys: list[str]) -> None:
+    data = default()
+    edit(data)
+    rejected(write_config(tmp_path, data), *keys)
+
+
+def test_edits_do_not_leak_into_embedded_default(tmp_path: Path) -> None:
+    # guards the tests above: they must edit a copy, and the default must stay valid
+    for edit in (_typo_top_level, _bad_location_type, _missing_route):
+        edit(default())
+    load_config(write_config(tmp_path, EMBEDDED_DEFAULT))
+
+
+def test_not_yaml(tmp_path: Path) -> None:
+    path = tmp_path / CONFIG_NAME
+    path.write_text("sites: [unclosed\n  observatory: : :\n")
+    rejected(path, "not valid YAML")
+
+
+def test_top_level_list(tmp_path: Path) -> None:
+    rejected(write_config(tmp_path, [default()]), "expected a mapping at the top level")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / CONFIG_NAME
+    path.write_text("")
+    rejected(path, "expected a mapping at the top level")
+
+
+def test_file_not_found(tmp_path: Path) -> None:
+    rejected(tmp_path / "missing.yaml", "not found")
