@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,7 @@ from ccat_dt.packages import get_package, package_path
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, replication_source
 from ccat_dt.topology import primary_location
-from ccat_dt.transports.base import TransferError
+from ccat_dt.transports.base import Endpoint, TransferError
 from ccat_dt.transports.local import transport_for
 
 
@@ -77,7 +77,8 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         relative = package_path(package)
         target = Path(destination.root) / relative
     try:
-        result = transport.copy(Path(source.path), target, source.checksum)
+        result = transport.copy(Endpoint(PurePosixPath(source.path)),
+                                Endpoint(PurePosixPath(target)), source.checksum)
         if kind == LocationType.LONG_TERM_ARCHIVE:
             actual, _ = hash_file(target)
             if actual != source.checksum:

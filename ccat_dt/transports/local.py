@@ -5,10 +5,16 @@ from __future__ import annotations
 import errno
 import os
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ccat_dt.checksums import CHUNK_SIZE, ChecksumMismatch, new_hasher
-from ccat_dt.transports.base import TransferError, TransferResult, fsync_directory, temporary_name
+from ccat_dt.transports.base import (
+    Endpoint,
+    TransferError,
+    TransferResult,
+    fsync_directory,
+    temporary_name,
+)
 
 _PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
 
@@ -18,9 +24,16 @@ class LocalTransport:
 
     name = "local"
 
-    def copy(self, source: Path, destination: Path, expected_checksum: str) -> TransferResult:
+    def copy(self, source: Endpoint, destination: Endpoint,
+             expected_checksum: str) -> TransferResult:
+        if source.host or destination.host:
+            raise TransferError(f"local transport cannot reach {source} -> {destination}; "
+                                "configure an rsync or bbcp route", retryable=False)
+        return self.copy_file(Path(source.path), Path(destination.path), expected_checksum)
+
+    def copy_file(self, source: Path, destination: Path, expected_checksum: str) -> TransferResult:
         started = time.monotonic()
-        partial = temporary_name(destination)
+        partial = Path(temporary_name(PurePosixPath(destination)))
         hasher = new_hasher()
         size = 0
         try:
