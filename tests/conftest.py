@@ -29,3 +29,6 @@ def opsdb(config: Config) -> Iterator[OpsDB]:
     db = OpsDB(config.opsdb_url)
     yield db
     db.dispose()
+
+
+pytest_plugins = ["tests.services"]
