@@ -1,6 +1,7 @@
 """The package lifecycle as software-defined assets; each body is one sentence of the pipeline."""
 
 
+import dagster
 from dagster import (
     AssetDep,
     AssetExecutionContext,
@@ -27,6 +28,14 @@ from ccat_dt.replicas import plan_placement
 from resources.opsdb import Deployment
 
 GROUP = "lifecycle"
+
+
+class PurgeCycle(dagster.Config):
+    """Set by the purge sensor from its cycle plan; empty when materialised by hand (then the
+    package's own plan applies, with no early deletions)."""
+
+    copy_ids: list[int] | None = None
+    early_ids: list[int] = []
 
 
 def transient_retries(config: Config) -> RetryPolicy:
@@ -78,11 +87,13 @@ def build_assets(config: Config) -> list[AssetsDefinition]:
 
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"},
            deps=[AssetDep(lta_copies, partition_mapping=by_package)])
-    def purge_status(context: AssetExecutionContext, deployment: Deployment) -> PurgeReport:
+    def purge_status(context: AssetExecutionContext, deployment: Deployment,
+                     config: PurgeCycle) -> PurgeReport:
         """Source files and buffer copies deleted where the retention policy allows, each
         deletion resting on a certificate of verified LTA copies."""
         report = purge_package(deployment.opsdb, deployment.config, context.partition_key,
-                               run_id=context.run.run_id)
+                               run_id=context.run.run_id, copy_ids=config.copy_ids,
+                               early_ids=config.early_ids)
         context.add_output_metadata({
             "deleted": report.deleted, "deleted_bytes": report.deleted_bytes,
             "kept": "\n".join(f"{d.site}/{d.location} {d.path}: {d.reason}"

@@ -125,6 +125,34 @@ def cmd_status(args: argparse.Namespace) -> None:
     print_summary(_opsdb(args))
 
 
+def cmd_purge(args: argparse.Namespace) -> None:
+    from ccat_dt.opsdb.models import utcnow
+    from ccat_dt.purge_cycle import plan_cycle
+    from ccat_dt.reaper import purge_package
+
+    config = load_config(args.config)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        plan = plan_cycle(session, config, utcnow())
+    shown = [(p, d) for p, d in plan.deletions + plan.kept
+             if args.package in (None, p)]
+    print(f"purge cycle: {len(plan.deletions)} deletion(s), {plan.bytes / 1e6:.1f} MB "
+          f"(budget {plan.budget_bytes / 1e6:.0f} MB)")
+    for pressure in plan.pressure:
+        print(f"disk pressure at {pressure.location}: {pressure.before_pct:.1f}% used -> "
+              f"{pressure.after_pct:.1f}% (high {pressure.high_pct:g}%, low {pressure.low_pct:g}%)")
+    for package, decision in shown:
+        verb = "DELETE" if decision.action == "delete" else "keep  "
+        print(f"{verb} {package:<32} {decision.site}/{decision.location:<14} "
+              f"{decision.size / 1e6:>9.1f} MB  {decision.path}\n         why: {decision.reason}")
+    if args.plan:
+        return
+    for package, (copy_ids, early_ids) in plan.by_package().items():
+        report = purge_package(opsdb, config, package, copy_ids=copy_ids, early_ids=early_ids)
+        print(f"{package}: deleted {report.deleted} copies ({report.deleted_bytes / 1e6:.1f} MB)"
+              + "".join(f"\n  FAILED {f}" for f in report.failures))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="ccat-dt", description=__doc__)
     top.add_argument("--config", help="configuration file (default: $CCAT_DT_CONFIG)")
@@ -156,6 +184,12 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("drive", help="tick the sensors and run what they request, "
                             "until nothing is left to do")
     p.set_defaults(run=cmd_drive)
+
+    p = commands.add_parser("purge", help="run one purge cycle (with --plan: only show it)")
+    p.add_argument("--plan", action="store_true",
+                   help="dry run: what would be deleted, where, how many bytes, and why")
+    p.add_argument("--package", help="show only this package's copies")
+    p.set_defaults(run=cmd_purge)
 
     p = commands.add_parser("status", help="packages, copies and bytes per location")
     p.set_defaults(run=cmd_status)

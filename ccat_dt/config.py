@@ -38,6 +38,8 @@ class LocationConfig(_Strict):
     root: str
     host: str | None = None
     retention_hours: float = Field(default=0.0, ge=0)
+    high_watermark_pct: float | None = Field(default=None, gt=0, le=100)
+    low_watermark_pct: float | None = Field(default=None, ge=0, lt=100)
 
     @field_validator("name")
     @classmethod
@@ -45,6 +47,15 @@ class LocationConfig(_Strict):
         if not NAME.match(value):
             raise ValueError("must be lower-case letters, digits and '_' (it names queues)")
         return value
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> LocationConfig:
+        high, low = self.high_watermark_pct, self.low_watermark_pct
+        if (high is None) != (low is None):
+            raise ValueError("set both high_watermark_pct and low_watermark_pct, or neither")
+        if high is not None and low is not None and low >= high:
+            raise ValueError(f"low_watermark_pct ({low}) must be below high_watermark_pct ({high})")
+        return self
 
 
 class SiteConfig(_Strict):
@@ -88,6 +99,7 @@ class PolicyConfig(_Strict):
     package_max_bytes: int = Field(default=50 * 10**9, gt=0)
     required_lta_copies: int | None = Field(default=None, ge=1)
     max_attempts: int = Field(default=3, ge=1)
+    purge_budget_bytes: int = Field(default=10 * 10**12, gt=0)  # per purge cycle
 
 
 class InstrumentConfig(_Strict):
@@ -179,11 +191,14 @@ class Config:
         path = Path(root)
         return path if path.is_absolute() else self.directory / path
 
-    def retention(self, site: str, location: str) -> timedelta:
+    def location(self, site: str, location: str) -> LocationConfig:
         for loc in self.settings.site(site).locations:
             if loc.name == location:
-                return timedelta(hours=loc.retention_hours)
+                return loc
         raise ValueError(f"unknown location {site}/{location}")
+
+    def retention(self, site: str, location: str) -> timedelta:
+        return timedelta(hours=self.location(site, location).retention_hours)
 
 
 def load_config(path: Path | str | None = None) -> Config:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, union_all
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
@@ -17,9 +17,6 @@ from ccat_dt.opsdb.models import (
     DataLocation,
     LocationType,
     PackageCopy,
-    PackageState,
-    PhysicalCopy,
-    RawDataFile,
     RawDataPackage,
 )
 from ccat_dt.routing import copies_at
@@ -78,27 +75,6 @@ def lta_copies_due(session: Session, config: Config, after_id: int, limit: int =
     due = [(c.package.name, c.location.site.short_name) for c in copies
            if c.is_verified and c.location.site.short_name != config.settings.observatory]
     return Page(due, copies[-1].id if copies else after_id)
-
-
-def purges_due(session: Session, limit: int = PAGE) -> list[tuple[str, int]]:
-    """Archived packages still holding copies outside the LTA, with how many are left."""
-    package_copies = (
-        select(PhysicalCopy.package_id.label("package_id"))
-        .join(DataLocation, PhysicalCopy.location_id == DataLocation.id)
-        .where(PhysicalCopy.package_id.is_not(None), PhysicalCopy.status == CopyStatus.PRESENT,
-               DataLocation.location_type != LocationType.LONG_TERM_ARCHIVE))
-    file_copies = (
-        select(RawDataFile.package_id.label("package_id"))
-        .join(PhysicalCopy, PhysicalCopy.raw_data_file_id == RawDataFile.id)
-        .where(PhysicalCopy.status == CopyStatus.PRESENT))
-    present = union_all(package_copies, file_copies).subquery()
-    rows = session.execute(
-        select(RawDataPackage.name, func.count())
-        .join(present, present.c.package_id == RawDataPackage.id)
-        .where(RawDataPackage.state == PackageState.ARCHIVED)
-        .group_by(RawDataPackage.id, RawDataPackage.name)
-        .order_by(RawDataPackage.id).limit(limit)).all()
-    return [(name, count) for name, count in rows]
 
 
 def _held_at(session: Session, package: RawDataPackage, site: str) -> bool:

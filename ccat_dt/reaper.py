@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -60,14 +61,14 @@ def _package(session: Session, name: str) -> RawDataPackage:
 
 
 def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now: datetime,
-           run_id: str | None) -> _Claim | Decision:
+           run_id: str | None, early_ids: Collection[int]) -> _Claim | Decision:
     """Re-decide from fresh reads; if still DELETE, commit the certificate and mark the copy."""
     with opsdb.session() as session:
         package = session.get_one(RawDataPackage, package_id)
         copy = session.get(PhysicalCopy, planned.copy_id)
         if copy is None:
             return replace(planned, action=Action.KEEP, reason="copy no longer in OpsDB")
-        decision, lta = decide_copy(session, config, package, copy, now)
+        decision, lta = decide_copy(session, config, package, copy, now, early_ids)
         if decision.action != Action.DELETE:
             return decision
         required, own_site = lta_requirement(config, decision.site, decision.location_type)
@@ -150,20 +151,30 @@ def _execute(opsdb: OpsDB, claim: _Claim) -> tuple[int, str | None]:
 
 
 def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
-                  now: datetime | None = None, run_id: str | None = None) -> PurgeReport:
-    """Delete every copy of the package the planner allows, one certified transaction each."""
+                  now: datetime | None = None, run_id: str | None = None,
+                  copy_ids: Collection[int] | None = None,
+                  early_ids: Collection[int] = ()) -> PurgeReport:
+    """Delete the copies of the package the planner allows, one certified transaction each.
+
+    `copy_ids` limits the deletions to those a purge cycle planned (its byte budget holds);
+    `early_ids` are the ones disk pressure lets go before their retention age. Each is
+    re-decided from fresh reads just before it is deleted."""
     now = now or utcnow()
     with opsdb.session() as session:
         package = _package(session, package_name)
         package_id = package.id
-        plan = plan_deletions(session, config, package, now)
+        plan = plan_deletions(session, config, package, now, early_ids)
+    if copy_ids is not None:
+        plan = [d if d.copy_id in copy_ids or d.action == Action.KEEP
+                else replace(d, action=Action.KEEP, reason="not in this purge cycle's budget")
+                for d in plan]
     kept = [d for d in plan if d.action == Action.KEEP]
     deleted = deleted_bytes = 0
     failures: list[str] = []
     for planned in plan:
         if planned.action != Action.DELETE:
             continue
-        claim = _claim(opsdb, config, package_id, planned, now, run_id)
+        claim = _claim(opsdb, config, package_id, planned, now, run_id, early_ids)
         if isinstance(claim, Decision):
             kept.append(claim)
             continue

@@ -9,6 +9,7 @@ on top.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -53,6 +54,8 @@ class Decision:
     size: int
     action: Action
     reason: str
+    created_at: datetime
+    early: bool = False  # kept only by retention age: disk pressure may delete it early
 
 
 def _fresh(query: Select[tuple[C]]) -> Select[tuple[C]]:
@@ -119,38 +122,43 @@ def _other_verified_package_copy(session: Session, copy: PhysicalCopy) -> bool:
 class _Planner:
     """The facts shared by every decision for one package, read once per transaction."""
 
-    def __init__(self, session: Session, config: Config, package: RawDataPackage, now: datetime):
+    def __init__(self, session: Session, config: Config, package: RawDataPackage, now: datetime,
+                 early_ids: Collection[int] = ()):
         self.session, self.config, self.package, self.now = session, config, package, _aware(now)
+        self.early_ids = early_ids
         self.required = config.settings.required_lta_copies
         self.lta = verified_lta_copies(session, package)
         self.corrupt = _corrupt_copies(session, package)
 
     def decide(self, copy: PhysicalCopy) -> Decision:
         location = copy.location
-        action, reason = self._rule(copy)
+        action, reason, early = self._rule(copy)
         return Decision(copy_id=copy.id, kind=copy.kind, site=location.site.short_name,
                         location=location.name, location_type=location.location_type,
                         path=str(Path(location.root) / copy.relative_path), size=copy.size,
-                        action=action, reason=reason)
+                        action=action, reason=reason, created_at=_aware(copy.created_at),
+                        early=early)
 
-    def _rule(self, copy: PhysicalCopy) -> tuple[Action, str]:
+    def _rule(self, copy: PhysicalCopy) -> tuple[Action, str, bool]:
         location, site = copy.location, copy.location.site.short_name
         kind = location.location_type
         if copy.status == CopyStatus.DELETED:
-            return Action.KEEP, "already deleted"
+            return Action.KEEP, "already deleted", False
         if kind == LocationType.LONG_TERM_ARCHIVE:
-            return Action.KEEP, "long-term archive copies are never deleted automatically"
+            return (Action.KEEP, "long-term archive copies are never deleted automatically",
+                    False)
         if self.corrupt:
             names = ", ".join(f"{c.location.label}" for c in self.corrupt)
             return Action.KEEP, (f"integrity check failed for {names} copy; "
-                                 "nothing is purged until it is repaired")
+                                 "nothing is purged until it is repaired"), False
         if copy.status in UNFINISHED:
             operation = self.session.scalar(select(Operation.id).where(
                 Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
                 .order_by(Operation.id.desc()).limit(1))
-            return Action.KEEP, f"previous deletion did not finish; see operation {operation}"
+            return (Action.KEEP, f"previous deletion did not finish; see operation {operation}",
+                    False)
         if kind == LocationType.PROCESSING:
-            return Action.KEEP, "staging is handled elsewhere"
+            return Action.KEEP, "staging is handled elsewhere", False
         observatory = site == self.config.settings.observatory
         blockers: list[str] = []
         if (kind == LocationType.SOURCE and copy.kind == "raw_file") or (
@@ -165,33 +173,46 @@ class _Planner:
             if not own:
                 blockers.append(f"no verified LTA copy at {site} yet")
         else:
-            return Action.KEEP, f"no deletion rule for {copy.kind} copies at {location.label}"
+            return (Action.KEEP, f"no deletion rule for {copy.kind} copies at {location.label}",
+                    False)
         try:
             retention = self.config.retention(site, location.name)
         except ValueError:
-            return Action.KEEP, f"location {location.label} is not in the configuration"
+            return (Action.KEEP, f"location {location.label} is not in the configuration",
+                    False)
         hours = f"{retention.total_seconds() / 3600:g}h"
         deletable_after = _aware(copy.created_at) + retention
-        if self.now < deletable_after:
-            blockers.append(f"retention {hours} not reached: deletable after "
-                            f"{deletable_after.isoformat()}")
+        too_young = self.now < deletable_after
         if blockers:
-            return Action.KEEP, "; ".join(blockers)
+            if too_young:
+                blockers.append(f"retention {hours} not reached: deletable after "
+                                f"{deletable_after.isoformat()}")
+            return Action.KEEP, "; ".join(blockers), False
         if (copy.kind == "raw_file" and not self.lta) or (
                 copy.kind == "package" and not _other_verified_package_copy(self.session, copy)):
-            return Action.KEEP, "last verified copy"
-        return Action.DELETE, f"{grounds}; retention {hours} passed"
+            return Action.KEEP, "last verified copy", False
+        if too_young:
+            if copy.id in self.early_ids:
+                return Action.DELETE, (f"{grounds}; retention {hours} not reached, "
+                                       "deleted early under disk pressure"), True
+            return Action.KEEP, (f"retention {hours} not reached: deletable after "
+                                 f"{deletable_after.isoformat()}"), True
+        return Action.DELETE, f"{grounds}; retention {hours} passed", False
 
 
 def plan_deletions(session: Session, config: Config, package: RawDataPackage,
-                   now: datetime) -> list[Decision]:
-    """One Decision for every copy of `package` (and of its raw files) that is not DELETED."""
-    planner = _Planner(session, config, package, now)
+                   now: datetime, early_ids: Collection[int] = ()) -> list[Decision]:
+    """One Decision for every copy of `package` (and of its raw files) that is not DELETED.
+
+    `early_ids` are copies that disk pressure lets go before their retention age; pressure
+    never overrides any other rule."""
+    planner = _Planner(session, config, package, now, early_ids)
     return [planner.decide(copy) for copy in live_copies(session, package)]
 
 
 def decide_copy(session: Session, config: Config, package: RawDataPackage, copy: PhysicalCopy,
-                now: datetime) -> tuple[Decision, list[PackageCopy]]:
+                now: datetime, early_ids: Collection[int] = ()
+                ) -> tuple[Decision, list[PackageCopy]]:
     """Re-run the plan for one copy from fresh reads; also the LTA copies the decision relied on."""
-    planner = _Planner(session, config, package, now)
+    planner = _Planner(session, config, package, now, early_ids)
     return planner.decide(copy), planner.lta

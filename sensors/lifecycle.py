@@ -2,6 +2,8 @@
 (`stage:package:site`), so a replayed tick launches nothing twice."""
 
 
+import hashlib
+
 from dagster import (
     DefaultSensorStatus,
     RunRequest,
@@ -13,8 +15,10 @@ from dagster import (
 )
 
 from ccat_assets.partitions import package_partitions, package_site_key
+from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import plan_packages
-from ccat_dt.pending import lta_copies_due, new_packages, purges_due, site_copies_due
+from ccat_dt.pending import lta_copies_due, new_packages, site_copies_due
+from ccat_dt.purge_cycle import plan_cycle
 from resources.opsdb import Deployment
 
 INTERVAL = 15
@@ -63,14 +67,21 @@ def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
 @sensor(job_name="purge_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def purge_sensor(context: SensorEvaluationContext,
                  deployment: Deployment) -> SensorResult | SkipReason:
-    """Archived packages that still hold source or buffer copies get a purge run; the run key
-    counts the copies left, so progress (not replay) makes a new run."""
+    """One purge cycle: the planner picks what may go now (within the byte budget, early where
+    a disk is under pressure); each package with deletions gets a run told exactly which
+    copies. The run key names those copies, so a replayed tick launches nothing twice."""
     with deployment.opsdb.session() as session:
-        due = purges_due(session)
-    if not due:
-        return SkipReason("no archived package holds copies outside the LTA")
-    return SensorResult(run_requests=[RunRequest(partition_key=p, run_key=f"purge:{p}:{left}")
-                                      for p, left in due])
+        plan = plan_cycle(session, deployment.config, utcnow())
+    if not plan.deletions:
+        return SkipReason("nothing may be deleted now")
+    requests = []
+    for package, (copy_ids, early_ids) in plan.by_package().items():
+        digest = hashlib.sha1(",".join(map(str, sorted(copy_ids))).encode()).hexdigest()[:12]
+        requests.append(RunRequest(
+            partition_key=package, run_key=f"purge:{package}:{digest}",
+            run_config={"ops": {"purge_status": {"config": {
+                "copy_ids": copy_ids, "early_ids": early_ids}}}}))
+    return SensorResult(run_requests=requests)
 
 
 def lifecycle_sensors() -> list[SensorDefinition]:

@@ -1,0 +1,142 @@
+"""A purge cycle: what may be deleted now across all packages, oldest first, within the cycle's
+byte budget; where a disk is above its high watermark, copies held back only by their
+retention age go early until the low watermark is reached. Pressure never overrides any other
+rule (the verified copies a deletion rests on are exactly as for a normal deletion)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataPackage,
+)
+from ccat_dt.retention import Action, Decision, plan_deletions
+from ccat_dt.topology import get_location
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    total: int
+    used: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.used / self.total if self.total else 0.0
+
+
+def measure(location: DataLocation) -> DiskUsage | None:
+    try:
+        usage = shutil.disk_usage(location.root)
+    except OSError:
+        return None
+    return DiskUsage(total=usage.total, used=usage.used)
+
+
+@dataclass(frozen=True)
+class Pressure:
+    location: str
+    before_pct: float
+    after_pct: float
+    high_pct: float
+    low_pct: float
+
+
+@dataclass
+class CyclePlan:
+    deletions: list[tuple[str, Decision]] = field(default_factory=list)  # execution order
+    kept: list[tuple[str, Decision]] = field(default_factory=list)
+    pressure: list[Pressure] = field(default_factory=list)
+    budget_bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(d.size for _, d in self.deletions)
+
+    def by_package(self) -> dict[str, tuple[list[int], list[int]]]:
+        """package -> (copy ids to delete, of which early under pressure)."""
+        out: dict[str, tuple[list[int], list[int]]] = {}
+        for package, decision in self.deletions:
+            ids, early = out.setdefault(package, ([], []))
+            ids.append(decision.copy_id)
+            if decision.early:
+                early.append(decision.copy_id)
+        return out
+
+
+def packages_with_purgeable_copies(session: Session, limit: int) -> list[RawDataPackage]:
+    """Packages holding present copies outside the LTA; only they can have anything to purge."""
+    outside_lta = (select(PhysicalCopy.package_id)
+                   .join(DataLocation, PhysicalCopy.location_id == DataLocation.id)
+                   .where(PhysicalCopy.status == CopyStatus.PRESENT,
+                          DataLocation.location_type != LocationType.LONG_TERM_ARCHIVE))
+    at_source = (select(RawDataFile.package_id)
+                 .join(PhysicalCopy, PhysicalCopy.raw_data_file_id == RawDataFile.id)
+                 .where(PhysicalCopy.status == CopyStatus.PRESENT))
+    return list(session.scalars(
+        select(RawDataPackage)
+        .where(RawDataPackage.id.in_(outside_lta) | RawDataPackage.id.in_(at_source),
+               RawDataPackage.checksum.is_not(None))
+        .order_by(RawDataPackage.id).limit(limit)))
+
+
+def plan_cycle(session: Session, config: Config, now: datetime, *,
+               usage: Callable[[DataLocation], DiskUsage | None] = measure,
+               limit: int = 2000) -> CyclePlan:
+    budget = config.settings.policies.purge_budget_bytes
+    plan = CyclePlan(budget_bytes=budget)
+    decided: list[tuple[str, Decision]] = []
+    for candidate in packages_with_purgeable_copies(session, limit):
+        decided += [(candidate.name, d) for d in plan_deletions(session, config, candidate, now)]
+    decided.sort(key=lambda item: (item[1].created_at, item[1].copy_id))
+    spent = 0
+    chosen: set[int] = set()
+    for package, decision in decided:
+        if decision.action == Action.DELETE and spent + decision.size <= budget:
+            plan.deletions.append((package, decision))
+            chosen.add(decision.copy_id)
+            spent += decision.size
+    locations = {(d.site, d.location) for _, d in decided}
+    for site, name in sorted(locations):
+        settings = config.location(site, name)
+        high, low = settings.high_watermark_pct, settings.low_watermark_pct
+        if high is None or low is None:
+            continue
+        measured = usage(get_location(session, site, name))
+        if measured is None or measured.percent <= high:
+            continue
+        freed = sum(d.size for _, d in plan.deletions
+                    if (d.site, d.location) == (site, name))
+        to_free = measured.used - int(low / 100 * measured.total)
+        for package, decision in decided:
+            if freed >= to_free:
+                break
+            if ((decision.site, decision.location) == (site, name) and decision.early
+                    and decision.copy_id not in chosen and spent + decision.size <= budget):
+                plan.deletions.append((package, _early(decision)))
+                chosen.add(decision.copy_id)
+                spent += decision.size
+                freed += decision.size
+        plan.pressure.append(Pressure(
+            f"{site}/{name}", measured.percent,
+            100.0 * (measured.used - freed) / measured.total, high, low))
+    plan.kept = [(p, d) for p, d in decided if d.copy_id not in chosen]
+    return plan
+
+
+def _early(decision: Decision) -> Decision:
+    return replace(decision, action=Action.DELETE,
+                   reason=decision.reason.replace("deletable after", "disk pressure: deleting "
+                                                  "early; would have been deletable after"))
+

@@ -1,0 +1,423 @@
+"""bbcp between sites: argv building, output parsing, failure classification and the transport.
+
+What this relies on, read from bbcp 14.x source and the captured runs (fixtures/bbcp):
+- options are parsed while a word starts with '-'; "--" is a no-op option, not an end of options,
+  so only absolute paths ('/...' or 'host:/...') keep hostile names from being read as options;
+- `-a [dir]` has an OPTIONAL argument: the next word is taken as the restart directory unless it
+  starts with '-', so `-a` is always followed by a directory or by "--";
+- with `-f` the target is unlinked and rewritten before `-a` is looked at, so `-f` defeats `-a`;
+- `-a` and `-E csa=VALUE` are refused together: with `-a` we send `-E a32` (checked per buffer on
+  the link) and the xxh3-128 check on arrival stays the authoritative one;
+- `-S`/`-T` strings are split by bbcp on single spaces, with no quoting, and executed directly;
+- file names reach the remote bbcp one per line: spaces survive (see multi-file), newlines cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from ccat_dt.checksums import ALGORITHM, hash_file
+from ccat_dt.transports.base import (
+    Endpoint,
+    SshSettings,
+    TransferError,
+    TransferResult,
+    fsync_directory,
+    temporary_name,
+)
+
+STAGING_DIR = ".bbcp-incoming"  # batch landing directory beside the final names, same filesystem
+RUNNER_TIMEOUT_S = 48 * 3600.0
+_TIMEOUT_MARK = "ccat-dt: bbcp killed by the runner timeout"
+_SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_HOST = re.compile(r"(?:[A-Za-z0-9_.][A-Za-z0-9_.-]*@)?[A-Za-z0-9_.][A-Za-z0-9_.-]*")
+_PROGRAM = re.compile(r"[A-Za-z0-9_/~.+][A-Za-z0-9_/.+-]*")  # passes through the remote shell
+
+
+@dataclass(frozen=True)
+class BbcpOptions:
+    """One route's bbcp settings, validated up front so bad config fails before any transfer."""
+
+    streams: int = 4
+    window: str | None = None  # -w, e.g. "8M" ("=8M" fixes it, no autotuning)
+    progress_interval_s: int | None = 10
+    rate_limit: str | None = None  # -x, e.g. "60M"
+    time_limit_s: int | None = None
+    port_range: str | None = None  # -Z, e.g. "5031:5039"
+    remote_bbcp: str = "bbcp"
+    checksum: Literal["a32", "c32", "md5"] | None = "a32"
+    append: bool = True  # -a: resume a partial landing file left by an interrupted run
+    restart_dir: str | None = None  # -a's restart-record directory on the target ($HOME/.bbcp)
+    keep_partial: bool = True  # -k: keep the partial file so that -a can resume it
+    force: bool = False  # -f: rewrite an existing landing file; exclusive with append
+    verbose: bool = True  # -v: per-file byte counts and rates
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.streams <= 64, "streams must be 1..64"),
+            (self.window is None or re.fullmatch(r"=?\d+[kKmMgG]?", self.window), "window"),
+            (self.rate_limit is None or re.fullmatch(r"\d+[kKmMgG]?", self.rate_limit),
+             "rate_limit"),
+            (self.port_range is None or re.fullmatch(r"\d{1,5}(:\d{1,5})?", self.port_range),
+             "port_range"),
+            (all(v is None or v >= 1 for v in (self.progress_interval_s, self.time_limit_s)),
+             "progress_interval_s and time_limit_s must be >= 1"),
+            (_PROGRAM.fullmatch(self.remote_bbcp), "remote_bbcp must be a plain program path"),
+            (self.restart_dir is None or _PROGRAM.fullmatch(self.restart_dir), "restart_dir"),
+            (self.checksum in (None, "a32", "c32", "md5"), "checksum must be a32, c32 or md5"),
+            (not (self.append and self.force), "force (-f) truncates and defeats append (-a)"),
+        ]
+        bad = [message for ok, message in checks if not ok]
+        if bad:
+            raise ValueError("invalid bbcp options: " + "; ".join(bad))
+
+
+def _spec(endpoint: Endpoint) -> str:
+    path = str(endpoint.path)
+    if not endpoint.path.is_absolute():
+        raise ValueError(f"bbcp paths must be absolute, got {path!r}")
+    if "\0" in path or "\n" in path:
+        raise ValueError(f"bbcp cannot carry NUL or newline in a path: {path!r}")
+    return f"{_checked_host(endpoint.host)}:{path}" if endpoint.host else path
+
+
+def _checked_host(host: str) -> str:
+    if not _HOST.fullmatch(host):
+        raise ValueError(f"invalid ssh host {host!r}")
+    return host
+
+
+def _start_command(ssh: SshSettings, host: str | None, program: str) -> str:
+    """How bbcp starts itself over ssh; `-l %U` only when the route names a user."""
+    words = [*ssh.ssh_command(), "-x", "-a"]
+    for word in words:
+        if not word or any(c.isspace() for c in word) or re.fullmatch(r"%.", word):
+            raise ValueError(f"ssh word {word!r} cannot pass through bbcp -S/-T "
+                             "(bbcp splits them on spaces and has no quoting)")
+    return " ".join([*words, *(["-l", "%U"] if host and "@" in host else []), "%H", program])
+
+
+def bbcp_command(sources: Sequence[Endpoint], destination: Endpoint, options: BbcpOptions,
+                 ssh: SshSettings, *, expected_adler32: str | None = None) -> list[str]:
+    """The bbcp argv for one session; several sources land in `destination` as a directory."""
+    if not sources or len({s.host for s in sources}) != 1:
+        raise ValueError("bbcp needs one or more sources, all on the same host")
+    argv = ["bbcp", "-s", str(options.streams)]
+    for flag, value in (("-w", options.window), ("-P", options.progress_interval_s),
+                        ("-x", options.rate_limit), ("-t", options.time_limit_s),
+                        ("-Z", options.port_range)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if options.checksum:
+        spec: str = options.checksum
+        if expected_adler32 is not None:
+            value = expected_adler32.lower()
+            if not re.fullmatch(r"[0-9a-f]{8}", value) or len(sources) > 1:
+                raise ValueError(f"expected adler32 {expected_adler32!r} must be 8 hex digits "
+                                 "for a single source")
+            if options.checksum == "a32" and not options.append:
+                spec = f"a32={value}"
+        argv += ["-E", spec]
+    if options.append:
+        argv += ["-a", options.restart_dir or "--"]
+    argv += [flag for flag, on in (("-k", options.keep_partial), ("-f", options.force),
+                                   ("-v", options.verbose)) if on]
+    argv += ["-S", _start_command(ssh, sources[0].host, options.remote_bbcp),
+             "-T", _start_command(ssh, destination.host, options.remote_bbcp)]
+    target = _spec(destination)
+    return [*argv, *map(_spec, sources), target + ("/" if len(sources) > 1 else "")]
+
+
+@dataclass(frozen=True)
+class Progress:
+    percent: int
+    rate_bytes_per_s: float  # bbcp's "MB" is 2**20 bytes
+    raw: str
+
+
+@dataclass(frozen=True)
+class FileStat:
+    path: str
+    bytes: int  # bytes moved in this run: a resumed file reports only the appended tail
+    rate_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class ReportedChecksum:
+    algorithm: str
+    value: str
+    host: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    bytes: int
+    seconds: float | None  # bytes / effective rate (bbcp prints no elapsed time)
+    rate_bytes_per_s: float | None
+    files: tuple[FileStat, ...]
+    checksums: tuple[ReportedChecksum, ...]
+    progress: tuple[Progress, ...]
+
+    @property
+    def rate_mb_per_s(self) -> float | None:
+        return None if self.rate_bytes_per_s is None else self.rate_bytes_per_s / _SCALE["M"]
+
+
+_RATE = r"([\d.]+) ([KMGT]?)B/s"
+_PROGRESS = re.compile(r"bbcp: \d{6} \d\d:\d\d:\d\d\s+(\d{1,3})% done; " + _RATE)
+_FILE = re.compile(r"File (.+) created; (\d+) bytes at " + _RATE)
+_TOTAL = re.compile(r"(\d+) files? copied at effectively " + _RATE)
+_CHECKSUM = re.compile(r"Checksum: (\w+) ([0-9a-fA-F]+) (\[[^\]]+\]|[^:\s]+):(.+)")
+
+
+def _rate(value: str, unit: str) -> float:
+    return float(value) * _SCALE[unit]
+
+
+def parse_progress(line: str) -> Progress | None:
+    match = _PROGRESS.match(line.strip())
+    if not match:
+        return None
+    return Progress(int(match[1]), _rate(match[2], match[3]), line.strip())
+
+
+def parse_checksums(text: str) -> tuple[ReportedChecksum, ...]:
+    """`Checksum: md5 HEX host:path` lines, from stderr or an `-E %md5=FILE` report."""
+    found = (_CHECKSUM.fullmatch(line.strip()) for line in text.splitlines())
+    return tuple(ReportedChecksum(m[1], m[2].lower(), m[3], m[4]) for m in found if m)
+
+
+def parse_summary(stdout: str, stderr: str) -> Summary:
+    """What bbcp reported about a run; bbcp writes all of it to stderr, stdout stays empty."""
+    lines = [line.strip() for line in (stdout + "\n" + stderr).splitlines()]
+    files = tuple(FileStat(m[1], int(m[2]), _rate(m[3], m[4]))
+                  for m in map(_FILE.fullmatch, lines) if m)
+    totals = [m for m in map(_TOTAL.fullmatch, lines) if m]
+    rate = _rate(totals[-1][2], totals[-1][3]) if totals else None
+    moved = sum(f.bytes for f in files)
+    progress = tuple(p for p in map(parse_progress, lines) if p)
+    return Summary(moved, moved / rate if rate else None, rate, files,
+                   parse_checksums("\n".join(lines)), progress)
+
+
+class BbcpFailure(TransferError):
+    """A classified bbcp failure; `resumable` says a partial landing file is worth keeping."""
+
+    def __init__(self, message: str, *, retryable: bool, resumable: bool = False) -> None:
+        super().__init__(message, retryable=retryable)
+        self.resumable = resumable
+
+
+def classify(rc: int, stderr: str) -> BbcpFailure | None:
+    """Turn bbcp's exit status and messages into an operator-facing error, or None on success."""
+    if rc == 0:
+        return None
+    text = stderr.replace("\r", "")
+
+    def find(pattern: str) -> re.Match[str] | None:
+        return re.search(pattern, text, re.MULTILINE)
+
+    if m := find(r"^bbcp: (.+) target checksum (\w+) does not match (\w+)$"):
+        return BbcpFailure(f"data corrupted in flight: {m[1]} checksum {m[3]} does not match "
+                           f"expected {m[2]}", retryable=True)
+    if find(r"Time limit exceeded|" + _TIMEOUT_MARK):
+        return BbcpFailure("bbcp time limit exceeded; with -k -a the next attempt resumes",
+                           retryable=True, resumable=True)
+    if lost := find(r"unexpectedly terminated on (\S+)"):
+        host = lost[1]
+        if m := find(r"^(?!bbcp:).*?(\S+): (?:No such file or directory|(?:command )?not found)$"):
+            return BbcpFailure(f"bbcp not installed on target {host} at {m[1]}", retryable=False)
+        if m := find(r"^(.*(?:Permission denied|Host key verification failed).*)$"):
+            return BbcpFailure(f"ssh to {host} refused: {m[1]}", retryable=False)
+        detail = next((ln for ln in text.splitlines() if ln and not ln.startswith("bbcp:")), "")
+        return BbcpFailure(f"connection to {host} failed: {detail or lost[0]}",
+                           retryable=True, resumable=True)
+    rules = [
+        (r"^bbcp: (Insufficient space.*|No space left on device.*)$", "destination disk full: {}"),
+        (r"^bbcp: File (.+) already exists\.$", "target {} already exists and -f is off"),
+        (r"^bbcp: Target directory (.+) not found$", "destination directory missing for {}"),
+        (r"^bbcp: No such file or directory processing (.+)$", "source file missing: {}"),
+        (r"^bbcp: No such file or directory opening (.+)$",
+         "cannot create target {}: its directory does not exist"),
+    ]
+    for pattern, message in rules:
+        if m := find(pattern):
+            return BbcpFailure(message.format(m[1]), retryable=False)
+    if m := find(r"^bbcp: (.*(?:append not possible|Cannot append to).*)$"):
+        return BbcpFailure(f"stale partial file cannot be resumed: {m[1]}", retryable=True)
+    tail = " | ".join(text.strip().splitlines()[-3:]) or "no output"
+    return BbcpFailure(f"bbcp failed (exit {rc}): {tail}", retryable=False)
+
+
+def parse_xxhsum(output: str) -> str:
+    """The XXH128 hex from `xxhsum -H2`: GNU style `hex  name` (0.8.x default) or BSD style
+    `XXH128 (name) = hex` (--tag); a leading backslash marks an escaped file name."""
+    for line in output.splitlines():
+        line = line.strip().removeprefix("\\")
+        match = (re.fullmatch(r"([0-9a-fA-F]{32})  .*", line)
+                 or re.fullmatch(r"XXH128 \(.*\) = ([0-9a-fA-F]{32})", line))
+        if match:
+            return match[1].lower()
+    raise ValueError(f"no XXH128 checksum in xxhsum output {output[:200]!r}")
+
+
+class CompletedRun(NamedTuple):
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def run_subprocess(argv: list[str], timeout_s: float = RUNNER_TIMEOUT_S) -> CompletedRun:
+    """Run argv without a shell, in its own session so a timeout also ends bbcp's ssh children."""
+    if shutil.which(argv[0]) is None:
+        raise TransferError(f"{argv[0]} is not installed on this host", retryable=False)
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            return CompletedRun(124, out, f"{err}\n{_TIMEOUT_MARK} after {timeout_s:.0f} s\n")
+    return CompletedRun(proc.returncode, out, err)
+
+
+class BbcpTransport:
+    """Pushes packages with bbcp: land under a temporary name, verify xxh3-128, then rename."""
+
+    name = "bbcp"
+
+    def __init__(self, options: BbcpOptions, ssh: SshSettings, log_dir: Path,
+                 runner: Callable[[list[str]], CompletedRun] = run_subprocess,
+                 verify: Callable[[Endpoint], tuple[str, int]] | None = None) -> None:
+        self.options, self.ssh, self.log_dir, self._run = options, ssh, Path(log_dir), runner
+        self._verify = verify or self.checksum_at
+
+    def copy(self, source: Endpoint, destination: Endpoint, expected_checksum: str, *,
+             expected_adler32: str | None = None) -> TransferResult:
+        started = time.monotonic()
+        landing = Endpoint(temporary_name(destination.path), destination.host)
+        argv = bbcp_command([source], landing, self.options, self.ssh,
+                            expected_adler32=expected_adler32)
+        self._mkdir(Endpoint(destination.path.parent, destination.host))
+        log_path = self._bbcp(argv, destination, [landing])
+        checksum, size = self._check(landing, expected_checksum)
+        self._rename(landing, destination)
+        return TransferResult(size, time.monotonic() - started, checksum, self.options.streams,
+                              str(log_path))
+
+    def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]) -> list[TransferResult]:
+        """One bbcp session for files bound for one directory; all verify or none is renamed."""
+        if len(pairs) <= 1:
+            return [self.copy(*pair) for pair in pairs]
+        first = pairs[0][1]
+        if any((d.host, d.path.parent) != (first.host, first.path.parent) for _, d, _ in pairs):
+            raise ValueError("copy_many needs destinations in one directory on one host")
+        if len({s.path.name for s, _, _ in pairs}) != len(pairs):
+            raise ValueError("copy_many sources must have distinct file names")
+        started = time.monotonic()
+        staging = Endpoint(first.path.parent / STAGING_DIR, first.host)
+        landings = [Endpoint(staging.path / s.path.name, first.host) for s, _, _ in pairs]
+        argv = bbcp_command([s for s, _, _ in pairs], staging, self.options, self.ssh)
+        self._mkdir(staging)
+        log_path = self._bbcp(argv, Endpoint(first.path.parent / "batch", first.host), landings)
+        checked: list[tuple[str, int]] = []
+        failed: list[str] = []
+        for landing, (_, _, expected) in zip(landings, pairs, strict=True):
+            try:
+                checked.append(self._check(landing, expected))
+            except TransferError as exc:
+                failed.append(str(exc))
+        if failed:
+            raise TransferError(f"{len(failed)} of {len(pairs)} files failed verification: "
+                                + "; ".join(failed), retryable=True)
+        seconds = time.monotonic() - started
+        for landing, (_, destination, _) in zip(landings, pairs, strict=True):
+            self._rename(landing, destination)
+        return [TransferResult(size, seconds, checksum, self.options.streams, str(log_path))
+                for checksum, size in checked]
+
+    def checksum_at(self, endpoint: Endpoint) -> tuple[str, int]:
+        """xxh3-128 and size of a landed file: hashed here, or by xxhsum over ssh."""
+        if endpoint.host is None:
+            return hash_file(Path(endpoint.path))
+        quoted = shlex.quote(str(endpoint.path))
+        run = self._ssh(endpoint.host, f"wc -c < {quoted} && xxhsum -H2 -- {quoted}")
+        size, _, listing = run.stdout.strip().partition("\n")
+        return parse_xxhsum(listing), int(size.strip())
+
+    def _bbcp(self, argv: list[str], destination: Endpoint, landings: list[Endpoint]) -> Path:
+        run = self._run(argv)
+        log_path = self._write_log(argv, run, destination)
+        failure = classify(run.rc, run.stderr)
+        if failure is not None:
+            if not (failure.resumable and self.options.keep_partial):
+                for landing in landings:
+                    self._remove(landing)
+            raise failure
+        return log_path
+
+    def _check(self, landing: Endpoint, expected: str) -> tuple[str, int]:
+        try:
+            actual, size = self._verify(landing)
+        except (OSError, ValueError) as exc:
+            raise TransferError(f"cannot checksum {landing}: {exc}", retryable=True) from exc
+        if actual != expected:
+            self._remove(landing)
+            raise TransferError(f"checksum mismatch at {landing}: expected {ALGORITHM} "
+                                f"{expected}, got {actual}; removed", retryable=True)
+        return actual, size
+
+    def _write_log(self, argv: list[str], run: CompletedRun, destination: Endpoint) -> Path:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        label = re.sub(r"[^A-Za-z0-9_.-]", "_", destination.path.name)[:80].lstrip(".")
+        path = self.log_dir / f"{stamp}-bbcp-{label or 'transfer'}.log"
+        path.write_text(f"$ {shlex.join(argv)}\nexit status {run.rc}\n--- stdout\n{run.stdout}"
+                        f"\n--- stderr\n{run.stderr}", encoding="utf-8")
+        return path
+
+    def _ssh(self, host: str, command: str) -> CompletedRun:
+        run = self._run([*self.ssh.ssh_command(), "--", _checked_host(host), command])
+        if run.rc != 0:
+            detail = " | ".join(run.stderr.strip().splitlines()[-2:])
+            raise TransferError(f"ssh {host} {command!r} failed (exit {run.rc}): {detail}",
+                                retryable=run.rc == 255)
+        return run
+
+    def _rename(self, landing: Endpoint, destination: Endpoint) -> None:
+        if destination.host is None:
+            os.replace(landing.path, destination.path)
+            fsync_directory(Path(destination.path.parent))
+        else:
+            self._ssh(destination.host, f"mv -f -- {shlex.quote(str(landing.path))} "
+                                        f"{shlex.quote(str(destination.path))}")
+
+    def _mkdir(self, directory: Endpoint) -> None:
+        if directory.host is None:
+            Path(directory.path).mkdir(parents=True, exist_ok=True)
+        else:
+            self._ssh(directory.host, f"mkdir -p -- {shlex.quote(str(directory.path))}")
+
+    def _remove(self, landing: Endpoint) -> None:
+        """Best effort: a leftover landing file is harmless (never under the final name)."""
+        try:
+            if landing.host is None:
+                Path(landing.path).unlink(missing_ok=True)
+            else:
+                self._ssh(landing.host, f"rm -f -- {shlex.quote(str(landing.path))}")
+        except (OSError, TransferError):
+            pass

@@ -1,0 +1,265 @@
+"""Small file operations on an endpoint that may be on an ssh host: checksum, size, rename,
+remove, mkdir. Remote commands go through the remote user's login shell, so every argument is
+quoted with shlex (a POSIX shell is assumed) and every path is passed after `--`.
+
+The remote side needs only coreutils and the Debian package `xxhash` (for `xxhsum`)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shlex
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ccat_dt.checksums import hash_file
+from ccat_dt.transports.base import Endpoint, SshSettings, TransferError, fsync_directory
+
+SHORT_TIMEOUT_S = 300  # mkdir/stat/mv/rm: slow only when the link is down
+HASH_TIMEOUT_S = 3 * 3600  # reading a multi-GB package back from a busy disk
+_KILL_GRACE_S = 5
+
+# ssh exits 255 for its own errors; these texts say the network, not the setup, failed.
+_TRANSIENT = ("Connection refused", "Connection timed out", "No route to host",
+              "Connection reset", "Could not resolve", "Network is unreachable",
+              "Connection closed by", "connection unexpectedly closed", "Broken pipe",
+              "Temporary failure in name resolution", "kex_exchange_identification")
+# Retrying cannot fix these; a person must (keys, disk space, missing files, host keys).
+_PERMANENT = ("Permission denied", "No space left on device", "Disk quota exceeded",
+              "No such file or directory", "Host key verification failed",
+              "REMOTE HOST IDENTIFICATION HAS CHANGED", "Read-only file system",
+              "command not found")
+
+# Local failures that retrying cannot fix (as in LocalTransport).
+_PERMANENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                    errno.ENOENT}
+
+_GNU_LINE = re.compile(r"^\\?([0-9a-fA-F]{32}) [ *](.*)$")
+_BSD_LINE = re.compile(r"^\\?XXH128 \((.*)\) = ([0-9a-fA-F]{32})$")
+
+
+@dataclass(frozen=True)
+class CompletedRun:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def _local_error(message: str, exc: OSError) -> TransferError:
+    return TransferError(f"{message}: {exc}", retryable=exc.errno not in _PERMANENT_ERRNO)
+
+
+def check_host(host: str) -> str:
+    """Reject hosts that ssh/rsync would read as an option or that split into words."""
+    if not host or host.startswith("-") or any(c.isspace() or ord(c) < 32 for c in host) \
+            or "/" in host:
+        raise ValueError(f"unsafe ssh host {host!r}")
+    return host
+
+
+def check_path(path: PurePosixPath | str) -> str:
+    """Reject paths that no quoting carries intact through ssh and rsync: NUL and newlines."""
+    text = str(path)
+    if not text or "\0" in text or "\n" in text or "\r" in text:
+        raise ValueError(f"unsafe path {text!r}")
+    return text
+
+
+def remote_command(ssh: SshSettings, host: str, argv: Sequence[str]) -> list[str]:
+    """Local argv that runs `argv` on `host`; the remote shell sees each argument quoted."""
+    check_host(host)
+    for argument in argv:
+        check_path(argument)
+    return [*ssh.ssh_command(), "--", host, shlex.join(argv)]
+
+
+class CommandTimeout(TransferError):
+    """A command ran past its time limit and was stopped; what it printed is kept for the log."""
+
+    def __init__(self, message: str, argv: Sequence[str], stdout: str, stderr: str) -> None:
+        super().__init__(message, retryable=True)
+        self.argv = list(argv)
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+def run(argv: Sequence[str], *, timeout_s: float) -> CompletedRun:
+    """Run without a shell in a process group of its own, so that a timeout also ends the
+    ssh children rsync started (they would otherwise keep the pipes and the transfer open).
+
+    A timeout raises CommandTimeout (retryable), a program that cannot start TransferError."""
+    try:
+        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as exc:
+        raise _local_error(f"cannot run {argv[0]}", exc) from exc
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = _stop(process)
+        raise CommandTimeout(f"{argv[0]} timed out after {timeout_s:g} s and was stopped; "
+                             f"stderr: {_tail(_text(stderr))}", argv, _text(stdout),
+                             _text(stderr)) from None
+    except BaseException:
+        _stop(process)
+        raise
+    return CompletedRun(process.returncode, _text(stdout), _text(stderr))
+
+
+def _stop(process: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    """SIGTERM the process group (rsync then exits cleanly, keeping its partial file), SIGKILL
+    it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            return process.communicate(timeout=_KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            continue
+    return process.communicate()
+
+
+def _text(data: bytes | None) -> str:
+    return (data or b"").decode("utf-8", errors="replace")
+
+
+def _tail(text: str, lines: int = 5) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:]) or "(empty)"
+
+
+def classify_ssh(rc: int, stderr: str, *, what: str = "ssh command") -> TransferError:
+    """Turn a failed ssh invocation into a TransferError that says whether retrying helps."""
+    message = f"{what} failed (exit {rc}): {_tail(stderr)}"
+    if any(text in stderr for text in _PERMANENT):
+        return TransferError(message, retryable=False)
+    if any(text in stderr for text in _TRANSIENT):
+        return TransferError(message, retryable=True)
+    # Unexplained 255 is ssh's own failure (network, remote sshd overloaded): worth retrying.
+    return TransferError(message, retryable=rc == 255)
+
+
+def _remote(ssh: SshSettings, host: str, argv: Sequence[str], *, what: str,
+            timeout_s: float = SHORT_TIMEOUT_S) -> CompletedRun:
+    done = run(remote_command(ssh, host, argv), timeout_s=timeout_s)
+    if done.rc != 0:
+        raise classify_ssh(done.rc, done.stderr, what=f"{what} on {host}")
+    return done
+
+
+def parse_xxhsum(output: str) -> str:
+    """The one XXH128 digest in `xxhsum -H2` output, GNU (`hex  name`) or BSD
+    (`XXH128 (name) = hex`) style; names may hold spaces, so only the digest is trusted."""
+    digests = []
+    for line in output.splitlines():
+        if match := _GNU_LINE.match(line):
+            digests.append(match.group(1))
+        elif match := _BSD_LINE.match(line):
+            digests.append(match.group(2))
+    if len(digests) != 1:
+        raise TransferError(f"cannot read an XXH128 digest from xxhsum output {output!r}",
+                            retryable=False)
+    return digests[0].lower()
+
+
+def remote_xxh128(ssh: SshSettings, endpoint: Endpoint, *,
+                  timeout_s: float = HASH_TIMEOUT_S) -> str:
+    """xxh3-128 of the file at `endpoint`, computed where the file is (no bytes cross the link).
+
+    `xxhsum -H2` prints XXH128 as the same hex as python-xxhash's xxh3_128().hexdigest()."""
+    path = check_path(endpoint.path)
+    if endpoint.host is None:
+        try:
+            return hash_file(Path(path))[0]
+        except OSError as exc:
+            raise _local_error(f"cannot checksum {path}", exc) from exc
+    done = run(remote_command(ssh, endpoint.host, ["xxhsum", "-H2", "--", path]),
+               timeout_s=timeout_s)
+    if done.rc == 127 or "xxhsum: command not found" in done.stderr \
+            or "xxhsum: not found" in done.stderr:
+        raise TransferError(f"xxhsum not found on {endpoint.host}: install the Debian package "
+                            f"xxhash on {endpoint.host}", retryable=False)
+    if done.rc != 0:
+        raise classify_ssh(done.rc, done.stderr, what=f"xxhsum {path} on {endpoint.host}")
+    return parse_xxhsum(done.stdout)
+
+
+def _same_host(first: Endpoint, second: Endpoint) -> str | None:
+    if first.host != second.host:
+        raise ValueError(f"cannot rename across hosts: {first} -> {second}")
+    return first.host
+
+
+def remote_rename(ssh: SshSettings, endpoint_from: Endpoint, endpoint_to: Endpoint) -> None:
+    """Durably move a verified file to its final name: flush the file, rename (replacing any
+    previous file), flush the directory, so a crash cannot leave a short file under the name."""
+    host = _same_host(endpoint_from, endpoint_to)
+    source, target = check_path(endpoint_from.path), check_path(endpoint_to.path)
+    directory = str(endpoint_to.path.parent)
+    if host is None:
+        try:
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(source, target)
+            fsync_directory(Path(directory))
+        except OSError as exc:
+            raise _local_error(f"cannot rename {source} -> {target}", exc) from exc
+        return
+    # The script is constant; the paths reach it as positional parameters, never as code.
+    script = 'sync -- "$1" && mv -f -- "$1" "$2" && sync -- "$3"'
+    _remote(ssh, host, ["sh", "-c", script, "sh", source, target, directory],
+            what=f"rename {source} -> {target}")
+
+
+def remote_remove(ssh: SshSettings, endpoint: Endpoint) -> None:
+    """Delete a file if it exists."""
+    path = check_path(endpoint.path)
+    if endpoint.host is None:
+        try:
+            Path(path).unlink(missing_ok=True)
+        except OSError as exc:
+            raise _local_error(f"cannot remove {path}", exc) from exc
+        return
+    _remote(ssh, endpoint.host, ["rm", "-f", "--", path], what=f"rm {path}")
+
+
+def remote_size(ssh: SshSettings, endpoint: Endpoint) -> int | None:
+    """Size in bytes of the file at `endpoint`, None if there is none."""
+    path = check_path(endpoint.path)
+    if endpoint.host is None:
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _local_error(f"cannot stat {path}", exc) from exc
+    done = run(remote_command(ssh, endpoint.host, ["stat", "-L", "-c", "%s", "--", path]),
+               timeout_s=SHORT_TIMEOUT_S)
+    if done.rc != 0:
+        if done.rc != 255 and "No such file or directory" in done.stderr:
+            return None
+        raise classify_ssh(done.rc, done.stderr, what=f"stat {path} on {endpoint.host}")
+    try:
+        return int(done.stdout.strip())
+    except ValueError:
+        raise TransferError(f"stat {path} on {endpoint.host} printed {done.stdout!r}",
+                            retryable=False) from None
+
+
+def remote_mkdir(ssh: SshSettings, endpoint_dir: Endpoint) -> None:
+    """Create a directory and its parents; fine if it exists."""
+    path = check_path(endpoint_dir.path)
+    if endpoint_dir.host is None:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _local_error(f"cannot create {path}", exc) from exc
+        return
+    _remote(ssh, endpoint_dir.host, ["mkdir", "-p", "--", path], what=f"mkdir {path}")

@@ -1,0 +1,381 @@
+"""Copying packages with rsync over ssh, resumable and verified end to end.
+
+Every file lands under its temporary name (`temporary_name(destination)`), never under the
+final one. rsync runs with `--partial --append-verify`, so an interrupted transfer leaves the
+temporary file behind and the next attempt appends to it instead of starting over (packages are
+immutable, so a shorter temporary file can only be a prefix of the source; if it is not, the
+checksum below catches it and the next attempt starts clean). After rsync the xxh3-128 of the
+temporary file is computed where it lies and compared with the checksum recorded in OpsDB; only
+a match is renamed to the final name.
+
+Remote to remote: rsync cannot copy between two remote hosts in one command, so it is run ON the
+source host (over ssh) and pushes to the destination host. This assumes, as in this deployment,
+that every host reaches every other with the same SshSettings (port, key and known_hosts files
+at the same paths, rsync and xxhsum installed everywhere).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from ccat_dt.checksums import ALGORITHM
+from ccat_dt.transports.base import (
+    Endpoint,
+    SshSettings,
+    TransferError,
+    TransferResult,
+    temporary_name,
+)
+from ccat_dt.transports.remote import (
+    SHORT_TIMEOUT_S,
+    CommandTimeout,
+    CompletedRun,
+    check_host,
+    check_path,
+    classify_ssh,
+    remote_command,
+    remote_mkdir,
+    remote_remove,
+    remote_rename,
+    remote_size,
+    remote_xxh128,
+    run,
+)
+
+# rsync EXIT VALUES (man rsync): network, protocol-stream, timeouts, signals, crashes.
+_RETRYABLE_EXIT = {10, 12, 13, 14, 15, 16, 19, 20, 21, 22, 30, 35, 255}
+_MISSING_SOURCE = ("No such file or directory", "symlink has no referent", "vanished")
+_PERMANENT_TEXT = ("No space left on device", "Disk quota exceeded", "Permission denied",
+                   "Read-only file system", "Host key verification failed",
+                   "REMOTE HOST IDENTIFICATION HAS CHANGED")
+_NOT_INSTALLED = ("rsync: command not found", "rsync: not found")
+_GLOB = re.compile(r"[*?\[]")
+# Constant script; the (source, link name) pairs arrive as positional parameters, never as code.
+_STAGE_SCRIPT = ('d=$(mktemp -d "${TMPDIR:-/tmp}/ccat-rsync.XXXXXX") || exit 1; '
+                 'while [ "$#" -gt 1 ]; do '
+                 'ln -s -- "$1" "$d/$2" || { rm -rf -- "$d"; exit 1; }; shift 2; done; '
+                 'printf "%s\\n" "$d"')
+
+
+def classify_rsync(rc: int, stderr: str) -> TransferError:
+    """Whether a failed rsync is worth retrying, from its exit value and what it printed."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    message = f"rsync exited {rc}: {' | '.join(lines[-6:]) or '(no output)'}"
+    if any(text in stderr for text in _NOT_INSTALLED):
+        return TransferError(f"{message}; install the Debian package rsync on every host",
+                             retryable=False)
+    if any(text in stderr for text in _PERMANENT_TEXT):
+        return TransferError(message, retryable=False)
+    if rc in (23, 24) and any(text in stderr for text in _MISSING_SOURCE):
+        return TransferError(f"source missing: {message}", retryable=False)
+    if rc in _RETRYABLE_EXIT or rc == 11:  # 11: file I/O, when not a full disk (above)
+        return TransferError(message, retryable=True)
+    return TransferError(message, retryable=False)  # 1-5 usage/protocol, 23-25 other, unknown
+
+
+def rsync_source_argument(endpoint: Endpoint) -> str:
+    """`host:path` for a remote source. With -s the remote rsync glob-expands source names, so
+    `a[1].tar` would fetch `a1.tar`: escape the glob characters (rsync honours backslashes only
+    when the name has a glob character, and cannot combine the two at all)."""
+    path = check_path(endpoint.path)
+    if endpoint.host is None:
+        return path
+    if _GLOB.search(path):
+        if "\\" in path:
+            raise ValueError(f"rsync cannot name a remote file with both a backslash and "
+                             f"glob characters: {path!r}")
+        path = re.sub(r"([*?\[])", r"\\\1", path)
+    return f"{check_host(endpoint.host)}:{path}"
+
+
+def rsync_destination_argument(endpoint: Endpoint, *, directory: bool = False) -> str:
+    path = check_path(endpoint.path) + ("/" if directory else "")
+    return f"{check_host(endpoint.host)}:{path}" if endpoint.host else path
+
+
+def log_literal_data(log: _Log, stats: str) -> None:
+    """Note from `--stats` how much was sent, which shows when a partial file was resumed."""
+    numbers = {}
+    for key in ("Total file size", "Literal data"):
+        if match := re.search(rf"^{key}: ([\d,.']+) bytes", stats, re.MULTILINE):
+            numbers[key] = int(re.sub(r"\D", "", match.group(1)))
+    if len(numbers) == 2:
+        total, literal = numbers["Total file size"], numbers["Literal data"]
+        resumed = f"; {total - literal} bytes were already there (resumed)" \
+            if literal < total else ""
+        log.write(f"rsync sent {literal} of {total} bytes{resumed}")
+
+
+def _log_name(destination: PurePosixPath) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", destination.name).lstrip(".")[:80] or "transfer"
+    return f"{stamp}-{safe}-{uuid.uuid4().hex[:8]}.log"
+
+
+class _Log:
+    """Everything one transfer ran and printed, for the operator reading a failure."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+    def write(self, text: str) -> None:
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+        with open(self.path, "a", encoding="utf-8") as stream:
+            stream.write(f"[{stamp}] {text.rstrip()}\n")
+
+    def command(self, argv: Sequence[str], done: CompletedRun, seconds: float) -> None:
+        self.write(f"$ {shlex.join(argv)}\nexit {done.rc} after {seconds:.2f} s\n"
+                   f"--- stdout\n{done.stdout.rstrip()}\n--- stderr\n{done.stderr.rstrip()}\n---")
+
+
+@dataclass(frozen=True)
+class _Item:
+    source: Endpoint
+    destination: Endpoint
+    expected_checksum: str
+
+    @property
+    def temporary(self) -> Endpoint:
+        return Endpoint(temporary_name(self.destination.path), self.destination.host)
+
+
+class RsyncTransport:
+    """rsync over ssh: resumable transfers, verified by xxh3-128 where the bytes landed."""
+
+    name = "rsync"
+
+    def __init__(self, ssh: SshSettings, log_dir: Path, *, timeout_s: int = 6 * 3600,
+                 bandwidth_limit_kbps: int | None = None, stall_timeout_s: int = 600) -> None:
+        rsh = ssh.ssh_command()
+        # rsync splits -e itself (on spaces, honouring quotes, not backslashes).
+        if any(c in argument for argument in rsh for c in "\\'\"\n"):
+            raise ValueError(f"ssh command {rsh!r} cannot be passed to rsync -e")
+        self.ssh = ssh
+        self.log_dir = Path(log_dir)
+        self.timeout_s = timeout_s
+        self.bandwidth_limit_kbps = bandwidth_limit_kbps
+        self.stall_timeout_s = stall_timeout_s
+        self._rsh = shlex.join(rsh)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def rsync_options(self) -> list[str]:
+        """rsync and its options, up to and including `--`."""
+        options = ["rsync", "-s", "--partial", "--append-verify", "--copy-links", "--stats",
+                   f"--timeout={self.stall_timeout_s}", "-e", self._rsh]
+        if self.bandwidth_limit_kbps:
+            options.append(f"--bwlimit={self.bandwidth_limit_kbps}")
+        return [*options, "--"]
+
+    def command(self, sources: Sequence[Endpoint], destination: Endpoint, *,
+                into_directory: bool = False) -> list[str]:
+        """The local argv copying `sources` (all on one host) to `destination`: a file name
+        for one source, or a directory (`into_directory`) that receives them under their own
+        names."""
+        hosts = {source.host for source in sources}
+        if len(hosts) != 1:
+            raise ValueError(f"one rsync session reads from one host, not {hosts}")
+        source_host = hosts.pop()
+        if source_host is None or destination.host is None:
+            return [*self.rsync_options(), *map(rsync_source_argument, sources),
+                    rsync_destination_argument(destination, directory=into_directory)]
+        # Remote to remote: run rsync on the source host; it pushes to the destination host
+        # (or copies locally there when both are the same host).
+        local_sources = [check_path(source.path) for source in sources]
+        target = destination if destination.host != source_host else \
+            Endpoint(destination.path)
+        return remote_command(self.ssh, source_host, [
+            *self.rsync_options(), *local_sources,
+            rsync_destination_argument(target, directory=into_directory)])
+
+    # -- transfers ----------------------------------------------------------------------------
+
+    def copy(self, source: Endpoint, destination: Endpoint,
+             expected_checksum: str) -> TransferResult:
+        """Copy one file; raises TransferError (with the log's path) when it did not arrive."""
+        [result] = self._session([_Item(source, destination, expected_checksum)])
+        if isinstance(result, TransferError):
+            raise result
+        return result
+
+    def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
+                  ) -> list[TransferResult | TransferError]:
+        """Copy several files, one rsync session per (source host, destination directory);
+        each file is verified and renamed on its own, so one bad file fails only itself.
+        Results are in the order of `pairs`."""
+        items = [_Item(*pair) for pair in pairs]
+        destinations = [str(item.destination) for item in items]
+        if len(set(destinations)) != len(destinations):
+            raise ValueError("copy_many got the same destination twice")
+        groups: dict[tuple[str | None, str | None, PurePosixPath], list[int]] = {}
+        for index, item in enumerate(items):
+            key = (item.source.host, item.destination.host, item.destination.path.parent)
+            groups.setdefault(key, []).append(index)
+        results: list[TransferResult | TransferError | None] = [None] * len(items)
+        for indices in groups.values():
+            for index, result in zip(indices, self._session([items[i] for i in indices]),
+                                     strict=True):
+                results[index] = result
+        return [result for result in results if result is not None]
+
+    def _after_rsync(self, temporary: Endpoint) -> None:
+        """Called between rsync and verification; nothing to do here (tests use it to corrupt
+        bytes in flight, which must then be caught)."""
+
+    def _session(self, items: list[_Item]) -> list[TransferResult | TransferError]:
+        for item in items:
+            if not item.expected_checksum:
+                raise ValueError(f"no expected {ALGORITHM} checksum for {item.source}")
+            check_path(item.destination.path)
+            if not item.destination.path.is_absolute() or not item.source.path.is_absolute():
+                raise ValueError(f"rsync needs absolute paths: {item.source} -> "
+                                 f"{item.destination}")
+        log = _Log(self.log_dir / _log_name(items[0].destination.path))
+        log.write(f"{self.name}: " + "; ".join(
+            f"{item.source} -> {item.destination} ({ALGORITHM} {item.expected_checksum})"
+            for item in items))
+        try:
+            results = self._transfer(items, log)
+        except TransferError as exc:
+            log.write(f"FAILED: {exc} (retryable={exc.retryable})")
+            results = [exc] * len(items)
+        return [result if isinstance(result, TransferResult) else
+                TransferError(f"{result} [log: {log.path}]", retryable=result.retryable)
+                for result in results]
+
+    def _transfer(self, items: list[_Item], log: _Log
+                  ) -> list[TransferResult | TransferError]:
+        started = time.monotonic()
+        destination = items[0].destination
+        remote_mkdir(self.ssh, Endpoint(destination.path.parent, destination.host))
+        staging: _Staging | None = None
+        try:
+            if len(items) == 1:
+                sent = [items[0].source]
+                argv = self.command(sent, items[0].temporary)
+            else:
+                staging = _Staging.create(self, items, log)
+                sent = staging.links
+                argv = self.command(sent, Endpoint(destination.path.parent, destination.host),
+                                    into_directory=True)
+            try:
+                done = run(argv, timeout_s=self.timeout_s)
+            except CommandTimeout as exc:  # partial files stay for the next attempt
+                log.command(argv, CompletedRun(-1, exc.stdout, exc.stderr),
+                            time.monotonic() - started)
+                raise
+            log.command(argv, done, time.monotonic() - started)
+            log_literal_data(log, done.stdout)
+        finally:
+            if staging is not None:
+                staging.remove(self, log)
+        rsync_seconds = time.monotonic() - started
+        failed = classify_rsync(done.rc, done.stderr) if done.rc != 0 else None
+        if failed is not None and (done.rc not in (23, 24) or len(items) == 1):
+            # The session as a whole failed: keep partial files for a retry to resume from,
+            # unless retrying is pointless.
+            if not failed.retryable:
+                self._discard(items, log)
+            raise failed
+        results: list[TransferResult | TransferError] = []
+        for item, name in zip(items, sent, strict=True):
+            complaints = [line for line in done.stderr.splitlines()
+                          if f'"{name.path}"' in line or f"'{name.path}'" in line]
+            if failed is not None and complaints:
+                error = classify_rsync(done.rc, "\n".join(complaints))
+                log.write(f"{item.source}: not transferred: {error}")
+                results.append(error)
+                continue
+            results.append(self._verify(item, log, rsync_seconds))
+        return results
+
+    def _verify(self, item: _Item, log: _Log,
+                rsync_seconds: float) -> TransferResult | TransferError:
+        """Checksum the temporary file where it landed; rename it into place only on a match."""
+        started = time.monotonic()
+        temporary = item.temporary
+        try:
+            self._after_rsync(temporary)
+            actual = remote_xxh128(self.ssh, temporary)
+            if actual != item.expected_checksum:
+                remote_remove(self.ssh, temporary)
+                error = TransferError(
+                    f"checksum mismatch on arrival at {item.destination}: expected {ALGORITHM} "
+                    f"{item.expected_checksum}, got {actual}; removed {temporary.path}",
+                    retryable=True)
+                log.write(str(error))
+                return error
+            size = remote_size(self.ssh, temporary)
+            remote_rename(self.ssh, temporary, item.destination)
+        except TransferError as exc:
+            log.write(f"{item.destination}: verification failed: {exc}")
+            return exc
+        log.write(f"{item.destination}: verified {ALGORITHM} {actual}, {size} bytes, renamed")
+        return TransferResult(bytes=size or 0, seconds=rsync_seconds + time.monotonic() - started,
+                              checksum=actual, streams=1, log_path=str(log.path))
+
+    def _discard(self, items: list[_Item], log: _Log) -> None:
+        """Best effort: a permanent failure should not leave partial files taking space."""
+        for item in items:
+            try:
+                remote_remove(self.ssh, item.temporary)
+            except TransferError as exc:
+                log.write(f"could not remove {item.temporary}: {exc}")
+
+
+@dataclass
+class _Staging:
+    """A directory of symlinks, on the source host, named like the destination's temporary
+    files, so that one rsync session (`--copy-links`) lands every file under its temporary
+    name in the destination directory."""
+
+    host: str | None
+    directory: PurePosixPath
+    links: list[Endpoint]
+
+    @classmethod
+    def create(cls, transport: RsyncTransport, items: list[_Item], log: _Log) -> _Staging:
+        host = items[0].source.host
+        names = [item.temporary.path.name for item in items]
+        if host is None:
+            local = Path(tempfile.mkdtemp(prefix="ccat-rsync."))
+            for item, name in zip(items, names, strict=True):
+                (local / name).symlink_to(check_path(item.source.path))
+            directory = PurePosixPath(local)
+        else:
+            arguments: list[str] = []
+            for item, name in zip(items, names, strict=True):
+                arguments += [check_path(item.source.path), name]
+            argv = remote_command(transport.ssh, host,
+                                  ["sh", "-c", _STAGE_SCRIPT, "sh", *arguments])
+            started = time.monotonic()
+            done = run(argv, timeout_s=SHORT_TIMEOUT_S)
+            log.command(argv, done, time.monotonic() - started)
+            directory = PurePosixPath(done.stdout.strip())
+            if done.rc != 0 or not directory.is_absolute() or "ccat-rsync." not in directory.name:
+                raise classify_ssh(done.rc, done.stderr, what=f"staging links on {host}")
+        return cls(host, directory, [Endpoint(directory / name, host) for name in names])
+
+    def remove(self, transport: RsyncTransport, log: _Log) -> None:
+        if self.host is None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        argv = remote_command(transport.ssh, self.host, ["rm", "-rf", "--", str(self.directory)])
+        try:
+            done = run(argv, timeout_s=SHORT_TIMEOUT_S)
+        except TransferError as exc:
+            log.write(f"could not remove staging directory {self.directory}: {exc}")
+            return
+        if done.rc != 0:
+            log.command(argv, done, 0.0)

@@ -1,0 +1,169 @@
+"""A throw-away OpenSSH server on 127.0.0.1, so that ssh/rsync code is tested against the real
+programs (quoting, exit codes, error texts) instead of mocks of what we think they do.
+
+Use it with `from tests.sshd import sshd` in a test module, or `pytest_plugins = ["tests.sshd"]`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from ccat_dt.transports.base import Endpoint, SshSettings
+from tests.services import unavailable
+
+SSHD = "/usr/sbin/sshd"
+PACKAGES = ["openssh-server", "openssh-client", "rsync", "xxhash"]
+START_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class SshServer:
+    host: str  # address sshd listens on
+    port: int
+    user: str
+    ssh: SshSettings  # port, client key and known_hosts that reach this server
+    root: Path  # a scratch directory tests may use for "remote" files
+
+    @property
+    def destination(self) -> str:
+        """The ssh destination, as an Endpoint.host."""
+        return f"{self.user}@{self.host}"
+
+    def endpoint(self, path: Path | PurePosixPath | str, *, host: str | None = None) -> Endpoint:
+        return Endpoint(PurePosixPath(path), host or self.destination)
+
+
+def _missing_tools() -> list[str]:
+    missing = [] if os.access(SSHD, os.X_OK) else [SSHD]
+    return missing + [tool for tool in ("ssh", "ssh-keygen", "rsync", "xxhsum")
+                      if shutil.which(tool) is None]
+
+
+def _install_tools() -> str:
+    """Try apt-get once; returns what went wrong (empty when nothing was tried or it worked)."""
+    if shutil.which("apt-get") is None:
+        return "apt-get not available"
+    if os.geteuid() != 0:
+        return "not root, cannot apt-get install"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]):
+        try:
+            done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(command)}: {exc}"
+        if done.returncode != 0:
+            return f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}"
+    return ""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _keygen(path: Path) -> str:
+    """A new ed25519 key pair without passphrase; returns the public key line."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ccat-dt-test",
+                    "-f", str(path)], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    return path.with_name(path.name + ".pub").read_text().strip()
+
+
+def _write_config(directory: Path, port: int) -> Path:
+    config = directory / "sshd_config"
+    config.write_text("\n".join([
+        "ListenAddress 127.0.0.1",
+        f"Port {port}",
+        f"HostKey {directory / 'host_ed25519'}",
+        f"AuthorizedKeysFile {directory / 'authorized_keys'}",
+        f"PidFile {directory / 'sshd.pid'}",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",  # the tests run as root in CI containers
+        "StrictModes no",  # tmp directories are not owned/moded the way sshd insists on
+        "UsePAM no",
+        "PrintMotd no",
+        "MaxStartups 50:30:100",  # tests open many short connections
+        "LogLevel VERBOSE",
+        "",
+    ]))
+    return config
+
+
+def _wait_until_ready(process: subprocess.Popen[bytes], server: SshServer, log: Path) -> str:
+    """Empty string once `ssh ... true` works, else why not (bounded by START_TIMEOUT_S)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last = "sshd did not accept connections"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"sshd exited with {process.returncode}: {log.read_text()[-1000:]}"
+        try:
+            with socket.create_connection((server.host, server.port), timeout=1):
+                pass
+        except OSError as exc:
+            last = f"port {server.port}: {exc}"
+            time.sleep(0.05)
+            continue
+        probe = subprocess.run([*server.ssh.ssh_command(), "--", server.destination, "true"],
+                               capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                               timeout=START_TIMEOUT_S, check=False)
+        if probe.returncode == 0:
+            return ""
+        last = f"ssh probe exited {probe.returncode}: {probe.stderr.strip()}"
+        time.sleep(0.1)
+    return f"{last}; sshd log: {log.read_text()[-1000:]}"
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """A running sshd on a free 127.0.0.1 port that accepts a throw-away key for this user."""
+    if _missing_tools():
+        problem = _install_tools()
+        still = _missing_tools()
+        if still:
+            unavailable("sshd", f"missing {', '.join(still)}; tried to install "
+                        f"{' '.join(PACKAGES)}: {problem or 'installed, still missing'}")
+    directory = tmp_path_factory.mktemp("sshd")
+    root = directory / "files"
+    root.mkdir()
+    port = _free_port()
+    host_key = _keygen(directory / "host_ed25519")
+    (directory / "authorized_keys").write_text(_keygen(directory / "client_ed25519") + "\n")
+    known_hosts = directory / "known_hosts"
+    # Two names for one server: remote-to-remote tests address it as two different hosts.
+    known_hosts.write_text("".join(f"[{name}]:{port} {host_key}\n"
+                                   for name in ("127.0.0.1", "localhost")))
+    config = _write_config(directory, port)
+    Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation dir
+    server = SshServer(host="127.0.0.1", port=port, user=getpass.getuser(), root=root,
+                       ssh=SshSettings(port=port,
+                                       identity_file=str(directory / "client_ed25519"),
+                                       known_hosts_file=str(known_hosts), connect_timeout_s=5))
+    log = directory / "sshd.log"
+    with open(log, "wb") as log_stream:
+        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
+                                   stdout=log_stream, stderr=subprocess.STDOUT)
+    try:
+        problem = _wait_until_ready(process, server, log)
+        if problem:
+            unavailable("sshd", problem)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,381 @@
+"""bbcp transport: argv, parsing and classification against real captured bbcp output.
+
+bbcp is not packaged for Debian, so the transport tests use a fake runner that writes real bytes
+where bbcp would and answers with a captured run's stdout/stderr/rc.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+
+import pytest
+import xxhash
+
+from ccat_dt.transports.base import Endpoint, SshSettings, TransferError, temporary_name
+from ccat_dt.transports.bbcp import (
+    STAGING_DIR,
+    BbcpOptions,
+    BbcpTransport,
+    CompletedRun,
+    bbcp_command,
+    classify,
+    parse_checksums,
+    parse_progress,
+    parse_summary,
+    parse_xxhsum,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "bbcp"
+CASES = sorted(p.stem for p in FIXTURES.glob("*.rc")) if FIXTURES.is_dir() else []
+MIB = 1 << 20
+
+# case -> (retryable, a fact the operator message must contain)
+FAILURES = {
+    "conn-refused": (True, "Connection refused"),
+    "remote-bbcp-missing": (False, "bbcp not installed on target 127.0.0.1 at /opt/missing/bbcp"),
+    "source-missing": (False, "source file missing: /data/ccat/buffer/nope.tar"),
+    "dest-dir-missing": (False, "directory missing for /data/cologne/nodir/x/pkg.tar"),
+    "exists-no-force": (False, "/data/cologne/buffer/pkg-0002.tar already exists"),
+    "no-space": (False, "disk full"),
+    "no-space-unchecked": (False, "disk full"),
+    "checksum-verify-bad": (True, "corrupted in flight"),
+    "time-limit-exceeded": (True, "time limit exceeded"),
+    "append-interrupted": (True, "time limit exceeded"),
+    "dest-relative-subdir": (False, "/data/cologne/buffer/src/pkg-0001.tar"),
+}
+RESUMABLE = {"conn-refused", "time-limit-exceeded", "append-interrupted"}
+
+
+def fixture(case: str) -> CompletedRun:
+    if not FIXTURES.is_dir():
+        if os.environ.get("CCAT_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"bbcp fixtures missing at {FIXTURES}")
+        pytest.skip(f"bbcp fixtures not found at {FIXTURES} (shared/fixtures/bbcp beside the repo)")
+    return CompletedRun(int((FIXTURES / f"{case}.rc").read_text()),
+                        (FIXTURES / f"{case}.stdout").read_text(),
+                        (FIXTURES / f"{case}.stderr").read_text())
+
+
+def test_fixtures_present() -> None:
+    fixture("success-single")
+    assert set(FAILURES) <= set(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_classify_every_fixture(case: str) -> None:
+    run = fixture(case)
+    error = classify(run.rc, run.stderr)
+    if run.rc == 0:
+        assert error is None
+        return
+    assert case in FAILURES, f"new failure fixture {case} needs an expected classification"
+    retryable, fact = FAILURES[case]
+    assert error is not None and error.retryable is retryable
+    assert fact in str(error)
+    assert error.resumable is (case in RESUMABLE)
+
+
+def test_unknown_failure_is_permanent_and_quotes_stderr() -> None:
+    error = classify(3, "bbcp: something\nbbcp: Unexpected thing happened\n")
+    assert error is not None and not error.retryable
+    assert "exit 3" in str(error) and "Unexpected thing happened" in str(error)
+
+
+def test_progress_lines() -> None:
+    run = fixture("progress-rate-limited")
+    progress = [p for p in map(parse_progress, run.stderr.splitlines()) if p]
+    assert [p.percent for p in progress] == [25, 43, 81]
+    assert all(50 * MIB < p.rate_bytes_per_s < 60 * MIB for p in progress)  # -x 60M
+    assert parse_progress("bbcp: Creating /data/cologne/buffer/big.tar") is None
+    with_avg = parse_progress("bbcp: 261121 23:58:43  81% done; 1.0 GB/s, avg 150.4 MB/s")
+    assert with_avg is not None and with_avg.rate_bytes_per_s == 1 << 30
+
+
+def test_summary_single_and_multi_file() -> None:
+    single = parse_summary(*fixture("success-single")[1:])
+    assert single.bytes == 300 * MIB
+    assert single.rate_mb_per_s == pytest.approx(75.3)
+    assert single.seconds is not None and single.seconds == pytest.approx(300 / 75.3)
+    assert [f.path for f in single.files] == ["/data/cologne/buffer/pkg-0001.tar"]
+    assert [p.percent for p in single.progress] == [81]
+
+    multi = parse_summary(*fixture("multi-file")[1:])
+    assert multi.bytes == 20 * MIB + 5 * MIB
+    assert multi.rate_bytes_per_s is not None and multi.rate_bytes_per_s > 0
+    assert [(f.path, f.bytes) for f in multi.files] == [
+        ("/data/cologne/buffer/pkg-0002.tar", 20 * MIB),
+        ("/data/cologne/buffer/name with space.tar", 5 * MIB)]  # spaces survive bbcp
+    assert all(f.rate_bytes_per_s > 0 for f in multi.files)
+
+
+def test_reported_checksum() -> None:
+    fixture("success-single")
+    (reported,) = parse_checksums((FIXTURES / "md5-report.txt").read_text())
+    assert (reported.algorithm, reported.value, reported.host, reported.path) == (
+        "md5", "2a59c4210ce2ea68ef0c95c69f192c25", "127.0.0.1", "/data/cologne/buffer/c.tar")
+
+
+SSH = SshSettings(port=2222, identity_file="/etc/ccat/id_ed25519",
+                  known_hosts_file="/etc/ccat/known_hosts")
+
+
+def test_exact_argv_for_a_configured_route() -> None:
+    options = BbcpOptions(streams=8, window="8M", progress_interval_s=10, rate_limit="60M",
+                          time_limit_s=3600, port_range="5031:5039",
+                          remote_bbcp="/usr/local/bin/bbcp", append=False, force=True)
+    argv = bbcp_command([Endpoint(PurePosixPath("/data/ccat/buffer/pkg-0001.tar"))],
+                        Endpoint(PurePosixPath("/data/cologne/buffer/.pkg-0001.tar.part"),
+                                 "ccat@buffer.cologne"), options, SSH, expected_adler32="0A1B2C3D")
+    assert argv == [
+        "bbcp", "-s", "8", "-w", "8M", "-P", "10", "-x", "60M", "-t", "3600",
+        "-Z", "5031:5039", "-E", "a32=0a1b2c3d", "-k", "-f", "-v",
+        "-S", "ssh -p 2222 -o BatchMode=yes -o ConnectTimeout=20 -i /etc/ccat/id_ed25519 "
+              "-o IdentitiesOnly=yes -o UserKnownHostsFile=/etc/ccat/known_hosts "
+              "-o StrictHostKeyChecking=yes -x -a %H /usr/local/bin/bbcp",
+        "-T", "ssh -p 2222 -o BatchMode=yes -o ConnectTimeout=20 -i /etc/ccat/id_ed25519 "
+              "-o IdentitiesOnly=yes -o UserKnownHostsFile=/etc/ccat/known_hosts "
+              "-o StrictHostKeyChecking=yes -x -a -l %U %H /usr/local/bin/bbcp",
+        "/data/ccat/buffer/pkg-0001.tar",
+        "ccat@buffer.cologne:/data/cologne/buffer/.pkg-0001.tar.part",
+    ]
+
+
+def test_default_options_resume_and_keep_the_value_check_off() -> None:
+    """-a excludes -E a32=VALUE and -f in bbcp; '--' stops -a from eating the next word."""
+    argv = bbcp_command([Endpoint(PurePosixPath("/a/p1.tar")), Endpoint(PurePosixPath("/a/p2"))],
+                        Endpoint(PurePosixPath("/b"), "buffer"), BbcpOptions(), SshSettings())
+    assert argv == [
+        "bbcp", "-s", "4", "-P", "10", "-E", "a32", "-a", "--", "-k", "-v",
+        "-S", "ssh -p 22 -o BatchMode=yes -o ConnectTimeout=20 -x -a %H bbcp",
+        "-T", "ssh -p 22 -o BatchMode=yes -o ConnectTimeout=20 -x -a %H bbcp",
+        "/a/p1.tar", "/a/p2", "buffer:/b/"]
+    restart = BbcpOptions(restart_dir="/var/lib/ccat/bbcp-restart")
+    assert "-a /var/lib/ccat/bbcp-restart -k" in " ".join(
+        bbcp_command([Endpoint(PurePosixPath("/a"))], Endpoint(PurePosixPath("/b")), restart,
+                     SshSettings()))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"append": True, "force": True}, {"streams": 0}, {"window": "8 M"}, {"rate_limit": "-1"},
+    {"port_range": "5031-5039"}, {"remote_bbcp": "bbcp; rm -rf /"}, {"remote_bbcp": "-x"},
+    {"restart_dir": "/a dir"}, {"progress_interval_s": 0}, {"checksum": "sha1"}])
+def test_invalid_options(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        BbcpOptions(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["-rf.tar", "name with space.tar", "a;rm -rf ~.tar",
+                                  "--help", "$(reboot).tar"])
+def test_hostile_names_stay_single_absolute_words(name: str) -> None:
+    source = Endpoint(PurePosixPath("/data/ccat/buffer") / name)
+    destination = Endpoint(PurePosixPath("/data/cologne/buffer") / name, "ccat@buffer")
+    argv = bbcp_command([source], destination, BbcpOptions(), SshSettings())
+    assert argv[-2:] == [f"/data/ccat/buffer/{name}", f"ccat@buffer:/data/cologne/buffer/{name}"]
+    assert not any(word.startswith("-") for word in argv[-2:])
+
+
+def _ep(path: str, host: str | None = None) -> Endpoint:
+    return Endpoint(PurePosixPath(path), host)
+
+
+@pytest.mark.parametrize("source, destination", [
+    (_ep("/a/x\n-f.tar"), _ep("/b/x.tar")),
+    (_ep("/a/x\0.tar"), _ep("/b/x.tar")),
+    (_ep("-rf.tar"), _ep("/b/x.tar")),
+    (_ep("/a/x.tar"), _ep("b/x.tar", "host")),
+    (_ep("/a/x.tar"), _ep("/b/x.tar", "-oProxyCommand=x")),
+    (_ep("/a/x.tar"), _ep("/b/x.tar", "u@-oProxyCommand=x")),
+    (_ep("/a/x.tar"), _ep("/b/x.tar", "host name")),
+])
+def test_rejected_paths_and_hosts(source: Endpoint, destination: Endpoint) -> None:
+    with pytest.raises(ValueError):
+        bbcp_command([source], destination, BbcpOptions(), SshSettings())
+
+
+def test_ssh_words_bbcp_cannot_carry_are_rejected() -> None:
+    """bbcp splits -S/-T on spaces without quoting: a spaced key path would break apart."""
+    with pytest.raises(ValueError, match="no quoting"):
+        bbcp_command([Endpoint(PurePosixPath("/a"))], Endpoint(PurePosixPath("/b"), "h"),
+                     BbcpOptions(), SshSettings(identity_file="/keys/my key"))
+
+
+def test_expected_adler32_must_be_8_hex_for_one_file() -> None:
+    one, two = Endpoint(PurePosixPath("/a/1")), Endpoint(PurePosixPath("/a/2"))
+    for sources, value in (([one], "xyz"), ([one], "123456789"), ([one, two], "0a1b2c3d")):
+        with pytest.raises(ValueError):
+            bbcp_command(sources, Endpoint(PurePosixPath("/b")), BbcpOptions(append=False),
+                         SshSettings(), expected_adler32=value)
+
+
+def test_parse_xxhsum_formats() -> None:
+    digest = "964751533c84675c7e7f944059793993"
+    assert parse_xxhsum(f"{digest}  /data/x y.tar\n") == digest
+    assert parse_xxhsum(f"XXH128 (/data/x y.tar) = {digest}\n") == digest
+    assert parse_xxhsum(f"\\{digest}  /data/back\\\\slash.tar\n") == digest
+    with pytest.raises(ValueError):
+        parse_xxhsum("xxhsum: /data/x: No such file or directory\n")
+
+
+@pytest.mark.skipif(shutil.which("xxhsum") is None, reason="xxhsum (Debian package xxhash) absent")
+def test_xxhsum_h2_matches_python_xxh3_128(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    target = tmp_path / "name with space;.tar"
+    target.write_bytes(data)
+    out = subprocess.run(["xxhsum", "-H2", "--", str(target)], capture_output=True, text=True,
+                         check=True).stdout
+    assert parse_xxhsum(out) == xxhash.xxh3_128(data).hexdigest()
+
+
+# ---- the transport, with bbcp replaced by a function that writes real bytes ----
+
+def fake_runner(case: str, sources: dict[str, bytes], calls: list[list[str]], *,
+                partial: bool = False):
+    """Write what bbcp would have written (whole files, or half on failure), answer as `case`."""
+    run = fixture(case)
+
+    def runner(argv: list[str]) -> CompletedRun:
+        calls.append(argv)
+        if argv[0] != "bbcp":  # an ssh helper: run the remote command here, through a shell
+            done = subprocess.run(["sh", "-c", argv[-1]], capture_output=True, text=True)
+            return CompletedRun(done.returncode, done.stdout, done.stderr)
+        target = argv[-1].split(":", 1)[-1]
+        for source, data in sources.items():
+            landing = Path(target) / Path(source).name if target.endswith("/") else Path(target)
+            landing.write_bytes(data[: len(data) // 2] if partial else data)
+        return run
+
+    return runner
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> tuple[Endpoint, bytes, str]:
+    data = os.urandom(1_000_003)
+    source = tmp_path / "src" / "pkg-0001.tar"
+    source.parent.mkdir()
+    source.write_bytes(data)
+    return Endpoint(PurePosixPath(source)), data, xxhash.xxh3_128(data).hexdigest()
+
+
+def test_copy_success_verifies_renames_and_logs(tmp_path: Path, package) -> None:
+    source, data, checksum = package
+    final = tmp_path / "dst" / "pkg-0001.tar"
+    calls: list[list[str]] = []
+    transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs",
+                              runner=fake_runner("success-single", {str(source.path): data}, calls))
+    result = transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
+    assert final.read_bytes() == data
+    assert not Path(temporary_name(PurePosixPath(final))).exists()
+    assert calls[0][-1] == str(temporary_name(PurePosixPath(final)))
+    assert (result.bytes, result.checksum, result.streams) == (len(data), checksum, 4)
+    assert result.log_path is not None and Path(result.log_path).parent == tmp_path / "logs"
+    log = Path(result.log_path).read_text()
+    assert fixture("success-single").stderr in log and "exit status 0" in log
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_copy_failure_leaves_nothing_under_the_final_name(tmp_path: Path, package,
+                                                          case: str) -> None:
+    source, data, checksum = package
+    final = tmp_path / "dst" / "pkg-0001.tar"
+    transport = BbcpTransport(
+        BbcpOptions(), SshSettings(), tmp_path / "logs",
+        runner=fake_runner(case, {str(source.path): data}, [], partial=True))
+    with pytest.raises(TransferError) as caught:
+        transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
+    assert caught.value.retryable is FAILURES[case][0]
+    assert not final.exists()
+    # a partial landing file is kept only where -k -a can resume it
+    assert Path(temporary_name(PurePosixPath(final))).exists() is (case in RESUMABLE)
+    assert len(list((tmp_path / "logs").iterdir())) == 1
+
+
+def test_copy_checksum_mismatch_removes_the_landing_file(tmp_path: Path, package) -> None:
+    source, data, checksum = package
+    final = tmp_path / "dst" / "pkg-0001.tar"
+    transport = BbcpTransport(
+        BbcpOptions(), SshSettings(), tmp_path / "logs",
+        runner=fake_runner("success-single", {str(source.path): data}, []),
+        verify=lambda endpoint: ("0" * 32, len(data)))
+    with pytest.raises(TransferError, match="checksum mismatch") as caught:
+        transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
+    assert caught.value.retryable
+    assert not final.exists() and not Path(temporary_name(PurePosixPath(final))).exists()
+
+
+@pytest.mark.skipif(shutil.which("xxhsum") is None, reason="xxhsum (Debian package xxhash) absent")
+def test_remote_copy_verifies_and_renames_over_ssh(tmp_path: Path, package) -> None:
+    """The remote side runs a shell: xxhsum, wc and mv get quoted paths (here: a hostile name)."""
+    source, data, checksum = package
+    final = tmp_path / "dst dir" / "a;rm -rf ~ $(x).tar"
+    calls: list[list[str]] = []
+    transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs",
+                              runner=fake_runner("success-single", {str(source.path): data}, calls))
+    result = transport.copy(source, Endpoint(PurePosixPath(final), "ccat@buffer"), checksum)
+    assert final.read_bytes() == data and (result.checksum, result.bytes) == (checksum, len(data))
+    helpers = [argv for argv in calls if argv[0] == "ssh"]
+    assert [argv[-3:-1] for argv in helpers] == [["--", "ccat@buffer"]] * 3  # mkdir, verify, mv
+    assert helpers[1][-1].startswith("wc -c < ") and "xxhsum -H2 -- '" in helpers[1][-1]
+
+
+def test_copy_many_lands_in_staging_then_renames_all(tmp_path: Path) -> None:
+    sources = {}
+    pairs = []
+    for name, size in (("pkg-0002.tar", 20_000), ("name with space.tar", 5_000)):
+        path = tmp_path / "src" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data := os.urandom(size))
+        sources[str(path)] = data
+        pairs.append((Endpoint(PurePosixPath(path)),
+                      Endpoint(PurePosixPath(tmp_path / "dst" / name)),
+                      xxhash.xxh3_128(data).hexdigest()))
+    calls: list[list[str]] = []
+    transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs",
+                              runner=fake_runner("multi-file", sources, calls))
+    results = transport.copy_many(pairs)
+    assert calls[0][-1] == f"{tmp_path / 'dst' / STAGING_DIR}/"
+    assert [r.checksum for r in results] == [checksum for _, _, checksum in pairs]
+    for (source, destination, _) in pairs:
+        assert Path(destination.path).read_bytes() == Path(source.path).read_bytes()
+    assert list((tmp_path / "dst" / STAGING_DIR).iterdir()) == []
+
+
+def test_copy_many_renames_nothing_unless_all_verify(tmp_path: Path) -> None:
+    pairs, sources = [], {}
+    for name in ("a.tar", "b.tar"):
+        (tmp_path / name).write_bytes(name.encode())
+        sources[str(tmp_path / name)] = name.encode()
+        pairs.append((Endpoint(PurePosixPath(tmp_path / name)),
+                      Endpoint(PurePosixPath(tmp_path / "dst" / name)),
+                      xxhash.xxh3_128(b"a.tar").hexdigest()))  # wrong for b.tar
+    transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs",
+                              runner=fake_runner("multi-file", sources, []))
+    with pytest.raises(TransferError, match="1 of 2 files failed") as caught:
+        transport.copy_many(pairs)
+    assert caught.value.retryable
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [STAGING_DIR]
+    assert [p.name for p in (tmp_path / "dst" / STAGING_DIR).iterdir()] == ["a.tar"]
+
+
+def test_missing_bbcp_is_a_permanent_error(tmp_path: Path, package, monkeypatch) -> None:
+    source, _, checksum = package
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs")
+    with pytest.raises(TransferError, match="bbcp is not installed on this host") as caught:
+        transport.copy(source, Endpoint(PurePosixPath(tmp_path / "dst" / "x.tar")), checksum)
+    assert not caught.value.retryable
+
+
+@pytest.mark.skipif(shutil.which("bbcp") is None,
+                    reason="bbcp is not installed (not packaged for Debian); "
+                           "parse tests above use captured real output")
+def test_real_bbcp_local_copy(tmp_path: Path, package) -> None:
+    source, data, checksum = package
+    final = tmp_path / "dst" / "pkg-0001.tar"
+    transport = BbcpTransport(BbcpOptions(progress_interval_s=None), SshSettings(),
+                              tmp_path / "logs")
+    result = transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
+    assert final.read_bytes() == data and result.checksum == checksum
