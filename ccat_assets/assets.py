@@ -3,6 +3,7 @@
 
 import dagster
 from dagster import (
+    AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
     AssetsDefinition,
@@ -17,6 +18,7 @@ from ccat_assets.partitions import (
     package_partitions,
     package_site_partitions,
     split_key,
+    staging_partitions,
 )
 from ccat_dt import packages as packaging_stage
 from ccat_dt.config import Config
@@ -25,6 +27,7 @@ from ccat_dt.packages import FiledFiles, PackageBuildFailed
 from ccat_dt.reaper import PurgeReport, purge_package
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.replicas import plan_placement
+from ccat_dt.staging import Staged, stage
 from resources.opsdb import Deployment
 
 GROUP = "lifecycle"
@@ -102,4 +105,16 @@ def build_assets(config: Config) -> list[AssetsDefinition]:
             raise Failure("deletions failed:\n" + "\n".join(report.failures))
         return report
 
-    return [raw_files, packages, site_copies, lta_copies, purge_status]
+    @asset(partitions_def=staging_partitions, group_name="staging", kinds={"processing"},
+           deps=[AssetDep(lta_copies, partition_mapping=AllPartitionMapping())],
+           retry_policy=retries)
+    def staged_copies(context: AssetExecutionContext, deployment: Deployment) -> Staged:
+        """The request's packages unpacked at its processing location from the nearest
+        verified LTA copy, every file checked against the manifest."""
+        staged = stage(deployment.opsdb, deployment.config, context.partition_key,
+                       run_id=context.run.run_id)
+        context.add_output_metadata({"packages": staged.packages, "files": staged.files,
+                                     "bytes": staged.bytes})
+        return staged
+
+    return [raw_files, packages, site_copies, lta_copies, purge_status, staged_copies]

@@ -10,12 +10,18 @@ from dagster import (
     asset_check,
 )
 
-from ccat_assets.partitions import package_partitions, package_site_partitions, split_key
+from ccat_assets.partitions import (
+    package_partitions,
+    package_site_partitions,
+    split_key,
+    staging_partitions,
+)
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import source_problems
 from ccat_dt.reaper import certificate_problems
 from ccat_dt.replicas import Verification, verify
+from ccat_dt.staging import staged_problems
 from resources.opsdb import Deployment
 
 
@@ -68,5 +74,13 @@ def build_checks(config: Config,
         return AssetCheckResult(passed=not problems,
                                 description="\n".join(problems) or "every deletion certified")
 
+    @asset_check(asset=assets["staged_copies"], partitions_def=staging_partitions)
+    def staged_files_verified(context: AssetCheckExecutionContext,
+                              deployment: Deployment) -> AssetCheckResult:
+        """Every staged file re-reads to the checksum filed at the observatory."""
+        problems = staged_problems(deployment.opsdb, context.partition_key)
+        return AssetCheckResult(passed=not problems,
+                                description="\n".join(problems) or "every staged file verified")
+
     return [raw_files_present, package_checksum, site_copy_checksum, lta_copy_checksum,
-            deletion_certificates]
+            deletion_certificates, staged_files_verified]

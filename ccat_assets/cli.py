@@ -22,6 +22,7 @@ from ccat_dt.filing import (
     start_observation,
 )
 from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate, migrate
+from ccat_dt.staging import StagingError
 from ccat_dt.topology import sync_topology
 
 TEMPLATE_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
@@ -153,6 +154,36 @@ def cmd_purge(args: argparse.Namespace) -> None:
               + "".join(f"\n  FAILED {f}" for f in report.failures))
 
 
+def cmd_stage(args: argparse.Namespace) -> None:
+    from datetime import datetime, timedelta
+
+    from ccat_dt.staging import Selection, release, request_staging
+
+    opsdb = _opsdb(args)
+    if args.release:
+        release(opsdb, args.release)
+        print(f"staging request {args.release} released; the next purge cycle removes its files")
+        return
+    if not args.location:
+        raise UsageError("give --location SITE/LOCATION (a processing location) or --release")
+
+    def when(text: str | None) -> datetime | None:
+        try:
+            return datetime.fromisoformat(text) if text else None
+        except ValueError:
+            raise UsageError(f"not an ISO date/time: {text!r}") from None
+
+    selection = Selection(observation=args.observation, module=args.module,
+                          since=when(args.since), until=when(args.until),
+                          packages=tuple(args.package or ()))
+    if selection == Selection():
+        raise UsageError("select packages: --observation, --module, --since/--until or --package")
+    name = request_staging(opsdb, location=args.location, selection=selection,
+                           expires_in=timedelta(hours=args.expires_hours),
+                           requested_by=args.by or "")
+    print(name)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="ccat-dt", description=__doc__)
     top.add_argument("--config", help="configuration file (default: $CCAT_DT_CONFIG)")
@@ -191,6 +222,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--package", help="show only this package's copies")
     p.set_defaults(run=cmd_purge)
 
+    p = commands.add_parser("stage", help="stage archived packages at a processing location, "
+                            "or release a staging request")
+    p.add_argument("--location", help="SITE/LOCATION of a processing location, e.g. "
+                   "ramses/processing")
+    p.add_argument("--observation")
+    p.add_argument("--module", help="instrument/module")
+    p.add_argument("--since", help="observations started at or after (ISO date/time)")
+    p.add_argument("--until", help="observations started before (ISO date/time)")
+    p.add_argument("--package", action="append", help="a package name (repeatable)")
+    p.add_argument("--expires-hours", type=float, default=72.0)
+    p.add_argument("--by", help="who asks (recorded)")
+    p.add_argument("--release", metavar="REQUEST", help="release this staging request")
+    p.set_defaults(run=cmd_stage)
+
     p = commands.add_parser("status", help="packages, copies and bytes per location")
     p.set_defaults(run=cmd_status)
 
@@ -210,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, FilingError, SchemaOutOfDate, UsageError, FileExistsError) as exc:
+    except (ConfigError, FilingError, SchemaOutOfDate, StagingError, UsageError,
+            FileExistsError) as exc:
         print(f"ccat-dt: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -34,7 +34,8 @@ def build_definitions(config: Config) -> Definitions:
         assets=assets,
         asset_checks=build_checks(config, by_name),
         jobs=[job("package_job", "raw_files", "packages"), job("site_copy_job", "site_copies"),
-              job("lta_copy_job", "lta_copies"), job("purge_job", "purge_status")],
+              job("lta_copy_job", "lta_copies"), job("purge_job", "purge_status"),
+              job("staging_job", "staged_copies")],
         sensors=lifecycle_sensors(),
         resources={
             "deployment": deployment,

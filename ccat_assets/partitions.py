@@ -13,6 +13,7 @@ from dagster import (
 from ccat_dt.config import Config
 
 package_partitions = DynamicPartitionsDefinition(name="packages")
+staging_partitions = DynamicPartitionsDefinition(name="staging_requests")
 by_package = MultiToSingleDimensionPartitionMapping(partition_dimension_name="package")
 
 

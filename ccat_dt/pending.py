@@ -18,6 +18,7 @@ from ccat_dt.opsdb.models import (
     LocationType,
     PackageCopy,
     RawDataPackage,
+    StagingRequest,
 )
 from ccat_dt.routing import copies_at
 
@@ -36,6 +37,13 @@ def new_packages(session: Session, after_id: int, limit: int = PAGE) -> Page:
     rows = session.execute(select(RawDataPackage.id, RawDataPackage.name)
                            .where(RawDataPackage.id > after_id)
                            .order_by(RawDataPackage.id).limit(limit)).all()
+    return Page([(name, "") for _, name in rows], rows[-1][0] if rows else after_id)
+
+
+def new_staging_requests(session: Session, after_id: int, limit: int = PAGE) -> Page:
+    rows = session.execute(select(StagingRequest.id, StagingRequest.name)
+                           .where(StagingRequest.id > after_id)
+                           .order_by(StagingRequest.id).limit(limit)).all()
     return Page([(name, "") for _, name in rows], rows[-1][0] if rows else after_id)
 
 

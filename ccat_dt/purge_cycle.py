@@ -83,7 +83,7 @@ def packages_with_purgeable_copies(session: Session, limit: int) -> list[RawData
                           DataLocation.location_type != LocationType.LONG_TERM_ARCHIVE))
     at_source = (select(RawDataFile.package_id)
                  .join(PhysicalCopy, PhysicalCopy.raw_data_file_id == RawDataFile.id)
-                 .where(PhysicalCopy.status == CopyStatus.PRESENT))
+                 .where(PhysicalCopy.status.in_([CopyStatus.PRESENT, CopyStatus.STAGED])))
     return list(session.scalars(
         select(RawDataPackage)
         .where(RawDataPackage.id.in_(outside_lta) | RawDataPackage.id.in_(at_source),

@@ -88,7 +88,8 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
                               started_at=started)
         session.add(operation)
         session.flush()
-        prune = copy.kind == "raw_file" and decision.location_type == LocationType.SOURCE
+        prune = copy.kind == "raw_file" and decision.location_type in (
+            LocationType.SOURCE, LocationType.PROCESSING)
         return _Claim(copy.id, operation.id, Path(decision.path), Path(copy.location.root), prune)
 
 

@@ -89,11 +89,11 @@ def disagreements(opsdb: OpsDB) -> list[str]:
         rows = s.execute(select(PhysicalCopy.id, PhysicalCopy.status, PhysicalCopy.size,
                                 DataLocation.root, PhysicalCopy.relative_path)
                          .join(DataLocation)).all()
-    present = {(root, relative) for _, status, _, root, relative in rows
-               if status == CopyStatus.PRESENT}
+    on_disk = (CopyStatus.PRESENT, CopyStatus.STAGED)
+    present = {(root, relative) for _, status, _, root, relative in rows if status in on_disk}
     for copy_id, status, size, root, relative in rows:
         path = Path(root) / relative
-        if status == CopyStatus.PRESENT:
+        if status in on_disk:
             if not path.is_file():
                 problems.append(f"copy {copy_id}: {path} recorded present, missing on disk")
             elif path.stat().st_size != size:

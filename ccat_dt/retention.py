@@ -31,6 +31,7 @@ from ccat_dt.opsdb.models import (
     RawDataFile,
     RawDataFileCopy,
     RawDataPackage,
+    StagingRequest,
     _aware,
 )
 
@@ -105,6 +106,8 @@ def lta_requirement(config: Config, site: str,
     """Verified LTA copies (distinct sites) deleting a copy here relies on, and a must-have site."""
     if location_type == LocationType.BUFFER and site != config.settings.observatory:
         return 1, site  # an archive site's buffer copy goes once that site's own LTA copy is in
+    if location_type == LocationType.PROCESSING:
+        return 1, None  # staged files are re-derivable from any verified LTA copy
     return config.settings.required_lta_copies, None
 
 
@@ -139,6 +142,22 @@ class _Planner:
                         action=action, reason=reason, created_at=_aware(copy.created_at),
                         early=early)
 
+    def _staged_rule(self, copy: PhysicalCopy) -> tuple[Action, str, bool]:
+        """Staged files go once their request is released or expired."""
+        request = (self.session.get(StagingRequest, copy.staging_request_id)
+                   if copy.staging_request_id else None)
+        if request is None:
+            return Action.KEEP, "not part of a staging request", False
+        if request.is_active(self.now):
+            return (Action.KEEP, f"needed by active staging request {request.name} until "
+                    f"{_aware(request.expires_at).isoformat()}", False)
+        if not self.lta:
+            return Action.KEEP, "last verified copy", False
+        ended = (f"released at {_aware(request.released_at).isoformat()}" if request.released_at
+                 else f"expired at {_aware(request.expires_at).isoformat()}")
+        return (Action.DELETE, f"staging request {request.name} {ended}; verified LTA copies at "
+                f"{_sites(self.lta)}", False)
+
     def _rule(self, copy: PhysicalCopy) -> tuple[Action, str, bool]:
         location, site = copy.location, copy.location.site.short_name
         kind = location.location_type
@@ -158,7 +177,7 @@ class _Planner:
             return (Action.KEEP, f"previous deletion did not finish; see operation {operation}",
                     False)
         if kind == LocationType.PROCESSING:
-            return Action.KEEP, "staging is handled elsewhere", False
+            return self._staged_rule(copy)
         observatory = site == self.config.settings.observatory
         blockers: list[str] = []
         if (kind == LocationType.SOURCE and copy.kind == "raw_file") or (

@@ -14,10 +14,15 @@ from dagster import (
     sensor,
 )
 
-from ccat_assets.partitions import package_partitions, package_site_key
+from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import plan_packages
-from ccat_dt.pending import lta_copies_due, new_packages, site_copies_due
+from ccat_dt.pending import (
+    lta_copies_due,
+    new_packages,
+    new_staging_requests,
+    site_copies_due,
+)
 from ccat_dt.purge_cycle import plan_cycle
 from resources.opsdb import Deployment
 
@@ -84,5 +89,17 @@ def purge_sensor(context: SensorEvaluationContext,
     return SensorResult(run_requests=requests)
 
 
+@sensor(job_name="staging_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
+    """New staging requests become partitions of staged_copies and a staging run each."""
+    with deployment.opsdb.session() as session:
+        page = new_staging_requests(session, int(context.cursor or 0))
+    names = [name for name, _ in page.items]
+    return SensorResult(
+        run_requests=[RunRequest(partition_key=n, run_key=f"stage:{n}") for n in names],
+        dynamic_partitions_requests=[staging_partitions.build_add_request(names)] if names else [],
+        cursor=str(page.cursor))
+
+
 def lifecycle_sensors() -> list[SensorDefinition]:
-    return [package_sensor, site_copy_sensor, lta_copy_sensor, purge_sensor]
+    return [package_sensor, site_copy_sensor, lta_copy_sensor, purge_sensor, staging_sensor]

@@ -14,12 +14,14 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Column,
     DateTime,
     Enum,
     Float,
     ForeignKey,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -69,11 +71,18 @@ class CopyStatus(enum.StrEnum):
     DELETION_FAILED = "deletion_failed"
 
 
+class StagingState(enum.StrEnum):
+    ACTIVE = "active"  # files wanted at the processing location
+    RELEASED = "released"  # the scientist is done; staged files may go
+    FAILED = "failed"
+
+
 class OperationType(enum.StrEnum):
     PACKAGING = "packaging"
     TRANSFER = "transfer"
     ARCHIVE = "archive"
     VERIFICATION = "verification"
+    STAGING = "staging"
     DELETION = "deletion"
 
 
@@ -218,6 +227,8 @@ class PhysicalCopy(Base):
                                                    nullable=True, index=True)
     raw_data_file_id: Mapped[int | None] = mapped_column(ForeignKey("raw_data_files.id"),
                                                          nullable=True, index=True)
+    staging_request_id: Mapped[int | None] = mapped_column(ForeignKey("staging_requests.id"),
+                                                           nullable=True, index=True)
     location: Mapped[DataLocation] = relationship()
 
     __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "copy"}
@@ -237,6 +248,37 @@ class PackageCopy(PhysicalCopy):
 class RawDataFileCopy(PhysicalCopy):
     raw_data_file: Mapped[RawDataFile] = relationship(back_populates="copies")
     __mapper_args__ = {"polymorphic_identity": "raw_file"}
+
+
+staging_request_packages = Table(
+    "staging_request_packages", Base.metadata,
+    Column("staging_request_id", ForeignKey("staging_requests.id"), primary_key=True),
+    Column("package_id", ForeignKey("raw_data_packages.id"), primary_key=True),
+)
+
+
+class StagingRequest(Base):
+    """Packages a scientist wants unpacked at a PROCESSING location until released/expired."""
+
+    __tablename__ = "staging_requests"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    name: Mapped[str] = mapped_column(String(64), unique=True)  # the Dagster partition key
+    location_id: Mapped[int] = mapped_column(ForeignKey("data_locations.id"))
+    state: Mapped[StagingState] = mapped_column(_enum(StagingState), default=StagingState.ACTIVE)
+    selection: Mapped[dict[str, Any]] = mapped_column()
+    requested_by: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    released_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    staged_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    location: Mapped[DataLocation] = relationship()
+    packages: Mapped[list[RawDataPackage]] = relationship(secondary=staging_request_packages,
+                                                          order_by="RawDataPackage.id")
+
+    def is_active(self, now: datetime) -> bool:
+        return self.state == StagingState.ACTIVE and _aware(self.expires_at) > _aware(now)
 
 
 class Operation(Base):

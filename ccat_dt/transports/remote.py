@@ -62,19 +62,25 @@ def check_host(host: str) -> str:
     return host
 
 
-def check_path(path: PurePosixPath | str) -> str:
-    """Reject paths that no quoting carries intact through ssh and rsync: NUL and newlines."""
-    text = str(path)
-    if not text or "\0" in text or "\n" in text or "\r" in text:
-        raise ValueError(f"unsafe path {text!r}")
+def check_argument(text: str) -> str:
+    """Reject what no quoting carries intact through ssh and rsync: NUL and line breaks."""
+    if "\0" in text or "\n" in text or "\r" in text:
+        raise ValueError(f"unsafe argument {text!r}")
     return text
+
+
+def check_path(path: PurePosixPath | str) -> str:
+    text = str(path)
+    if not text:
+        raise ValueError("empty path")
+    return check_argument(text)
 
 
 def remote_command(ssh: SshSettings, host: str, argv: Sequence[str]) -> list[str]:
     """Local argv that runs `argv` on `host`; the remote shell sees each argument quoted."""
     check_host(host)
     for argument in argv:
-        check_path(argument)
+        check_argument(argument)
     return [*ssh.ssh_command(), "--", host, shlex.join(argv)]
 
 
@@ -173,19 +179,43 @@ def remote_xxh128(ssh: SshSettings, endpoint: Endpoint, *,
     `xxhsum -H2` prints XXH128 as the same hex as python-xxhash's xxh3_128().hexdigest()."""
     path = check_path(endpoint.path)
     if endpoint.host is None:
-        try:
-            return hash_file(Path(path))[0]
-        except OSError as exc:
-            raise _local_error(f"cannot checksum {path}", exc) from exc
+        return _hash_local(path)[0]
     done = run(remote_command(ssh, endpoint.host, ["xxhsum", "-H2", "--", path]),
                timeout_s=timeout_s)
-    if done.rc == 127 or "xxhsum: command not found" in done.stderr \
-            or "xxhsum: not found" in done.stderr:
-        raise TransferError(f"xxhsum not found on {endpoint.host}: install the Debian package "
-                            f"xxhash on {endpoint.host}", retryable=False)
-    if done.rc != 0:
-        raise classify_ssh(done.rc, done.stderr, what=f"xxhsum {path} on {endpoint.host}")
+    _check_xxhsum(done, endpoint.host, path)
     return parse_xxhsum(done.stdout)
+
+
+def remote_xxh128_and_size(ssh: SshSettings, endpoint: Endpoint, *,
+                           timeout_s: float = HASH_TIMEOUT_S) -> tuple[str, int]:
+    """xxh3-128 and size of the file at `endpoint` in one ssh round trip (each costs a
+    handshake over a long-latency link)."""
+    path = check_path(endpoint.path)
+    if endpoint.host is None:
+        return _hash_local(path)
+    script = 'stat -L -c %s -- "$1" && exec xxhsum -H2 -- "$1"'
+    done = run(remote_command(ssh, endpoint.host, ["sh", "-c", script, "sh", path]),
+               timeout_s=timeout_s)
+    _check_xxhsum(done, endpoint.host, path)
+    size, _, output = done.stdout.partition("\n")
+    if not size.strip().isdigit():
+        raise TransferError(f"stat {path} on {endpoint.host} printed {size!r}", retryable=False)
+    return parse_xxhsum(output), int(size)
+
+
+def _hash_local(path: str) -> tuple[str, int]:
+    try:
+        return hash_file(Path(path))
+    except OSError as exc:
+        raise _local_error(f"cannot checksum {path}", exc) from exc
+
+
+def _check_xxhsum(done: CompletedRun, host: str, path: str) -> None:
+    if done.rc == 127 or ("xxhsum" in done.stderr and "not found" in done.stderr):
+        raise TransferError(f"xxhsum not found on {host}: install the Debian package "
+                            f"xxhash on {host}", retryable=False)
+    if done.rc != 0:
+        raise classify_ssh(done.rc, done.stderr, what=f"xxhsum {path} on {host}")
 
 
 def _same_host(first: Endpoint, second: Endpoint) -> str | None:

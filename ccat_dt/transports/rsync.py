@@ -46,8 +46,7 @@ from ccat_dt.transports.remote import (
     remote_mkdir,
     remote_remove,
     remote_rename,
-    remote_size,
-    remote_xxh128,
+    remote_xxh128_and_size,
     run,
 )
 
@@ -170,34 +169,46 @@ class RsyncTransport:
 
     # -- commands -----------------------------------------------------------------------------
 
-    def rsync_options(self) -> list[str]:
-        """rsync and its options, up to and including `--`."""
+    def rsync_options(self, *, make_directory: PurePosixPath | None = None) -> list[str]:
+        """rsync and its options, up to and including `--`. `make_directory` is created on the
+        remote receiving side first (saving an ssh round trip; works with any rsync version,
+        unlike --mkpath)."""
         options = ["rsync", "-s", "--partial", "--append-verify", "--copy-links", "--stats",
                    f"--timeout={self.stall_timeout_s}", "-e", self._rsh]
         if self.bandwidth_limit_kbps:
             options.append(f"--bwlimit={self.bandwidth_limit_kbps}")
+        if make_directory is not None:
+            # The receiving side's shell runs this; the directory is quoted for it.
+            quoted = shlex.quote(check_path(make_directory))
+            options.append(f"--rsync-path=mkdir -p -- {quoted} && rsync")
         return [*options, "--"]
 
     def command(self, sources: Sequence[Endpoint], destination: Endpoint, *,
                 into_directory: bool = False) -> list[str]:
         """The local argv copying `sources` (all on one host) to `destination`: a file name
         for one source, or a directory (`into_directory`) that receives them under their own
-        names."""
+        names. A remote destination's directory is created as needed; a local one is not."""
         hosts = {source.host for source in sources}
         if len(hosts) != 1:
             raise ValueError(f"one rsync session reads from one host, not {hosts}")
         source_host = hosts.pop()
+        directory = destination.path if into_directory else destination.path.parent
+        target = rsync_destination_argument(destination, directory=into_directory)
         if source_host is None or destination.host is None:
-            return [*self.rsync_options(), *map(rsync_source_argument, sources),
-                    rsync_destination_argument(destination, directory=into_directory)]
-        # Remote to remote: run rsync on the source host; it pushes to the destination host
-        # (or copies locally there when both are the same host).
+            make = directory if destination.host is not None else None
+            return [*self.rsync_options(make_directory=make),
+                    *map(rsync_source_argument, sources), target]
+        # Remote to remote: run rsync on the source host; it pushes to the destination host.
         local_sources = [check_path(source.path) for source in sources]
-        target = destination if destination.host != source_host else \
-            Endpoint(destination.path)
+        if destination.host != source_host:
+            return remote_command(self.ssh, source_host, [
+                *self.rsync_options(make_directory=directory), *local_sources, target])
+        # Both on one host: a local copy there, after creating the directory.
+        target = rsync_destination_argument(Endpoint(destination.path),
+                                            directory=into_directory)
         return remote_command(self.ssh, source_host, [
-            *self.rsync_options(), *local_sources,
-            rsync_destination_argument(target, directory=into_directory)])
+            "sh", "-c", 'mkdir -p -- "$1" && shift && exec "$@"', "sh", str(directory),
+            *self.rsync_options(), *local_sources, target])
 
     # -- transfers ----------------------------------------------------------------------------
 
@@ -258,7 +269,8 @@ class RsyncTransport:
                   ) -> list[TransferResult | TransferError]:
         started = time.monotonic()
         destination = items[0].destination
-        remote_mkdir(self.ssh, Endpoint(destination.path.parent, destination.host))
+        if destination.host is None:
+            remote_mkdir(self.ssh, Endpoint(destination.path.parent))  # remote: rsync does it
         staging: _Staging | None = None
         try:
             if len(items) == 1:
@@ -307,7 +319,7 @@ class RsyncTransport:
         temporary = item.temporary
         try:
             self._after_rsync(temporary)
-            actual = remote_xxh128(self.ssh, temporary)
+            actual, size = remote_xxh128_and_size(self.ssh, temporary)
             if actual != item.expected_checksum:
                 remote_remove(self.ssh, temporary)
                 error = TransferError(
@@ -316,13 +328,12 @@ class RsyncTransport:
                     retryable=True)
                 log.write(str(error))
                 return error
-            size = remote_size(self.ssh, temporary)
             remote_rename(self.ssh, temporary, item.destination)
         except TransferError as exc:
             log.write(f"{item.destination}: verification failed: {exc}")
             return exc
         log.write(f"{item.destination}: verified {ALGORITHM} {actual}, {size} bytes, renamed")
-        return TransferResult(bytes=size or 0, seconds=rsync_seconds + time.monotonic() - started,
+        return TransferResult(bytes=size, seconds=rsync_seconds + time.monotonic() - started,
                               checksum=actual, streams=1, log_path=str(log.path))
 
     def _discard(self, items: list[_Item], log: _Log) -> None:

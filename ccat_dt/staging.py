@@ -1,0 +1,234 @@
+"""Staging archived packages for processing: copied from the nearest verified LTA copy,
+unpacked at a PROCESSING location, every file verified against the manifest. Staged files
+stay while their request is active; once it is released or expires the purge cycle removes
+them (the LTA copies are never touched)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dt.checksums import hash_file
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    ExecutedObsUnit,
+    InstrumentModule,
+    LocationType,
+    Operation,
+    OperationType,
+    PackageCopy,
+    RawDataFileCopy,
+    RawDataPackage,
+    StagingRequest,
+    StagingState,
+    new_uuid,
+    utcnow,
+)
+from ccat_dt.packaging import extract_package
+from ccat_dt.replicas import finish, finish_in
+from ccat_dt.retention import verified_lta_copies
+from ccat_dt.topology import UnknownLocation, get_location
+from ccat_dt.transports.local import LocalTransport
+
+
+class StagingError(Exception):
+    """A staging request that cannot be made or acted on; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    observation: str | None = None
+    module: str | None = None  # instrument/module
+    since: datetime | None = None  # observation started at or after
+    until: datetime | None = None  # observation started before
+    packages: tuple[str, ...] = ()
+
+
+def request_staging(opsdb: OpsDB, *, location: str, selection: Selection,
+                    expires_in: timedelta, requested_by: str = "") -> str:
+    """Create a staging request; every selected package must already be archived."""
+    if expires_in <= timedelta(0):
+        raise StagingError(f"expiry must be in the future, got {expires_in}")
+    site, _, name = location.partition("/")
+    with opsdb.session() as session:
+        try:
+            target = get_location(session, site, name)
+        except UnknownLocation as exc:
+            raise StagingError(f"{exc}; give SITE/LOCATION of a processing location") from None
+        if target.location_type != LocationType.PROCESSING:
+            raise StagingError(f"{location} is a {target.location_type.value} location; "
+                               "staging targets a processing location")
+        packages = _select(session, selection)
+        if not packages:
+            raise StagingError(f"no package matches {selection}")
+        unarchived = [p.name for p in packages if not verified_lta_copies(session, p)]
+        if unarchived:
+            raise StagingError(f"not archived yet (no verified LTA copy): {unarchived}")
+        now = utcnow()
+        uid = new_uuid()
+        session.add(StagingRequest(
+            uuid=uid, name=f"stage-{uid[:8]}", location=target, packages=packages,
+            requested_by=requested_by, selection=_describe(selection), created_at=now,
+            expires_at=now + expires_in))
+        return f"stage-{uid[:8]}"
+
+
+def release(opsdb: OpsDB, name: str) -> None:
+    """The scientist is done: the next purge cycle removes the staged files."""
+    with opsdb.session() as session:
+        request = get_request(session, name)
+        if request.state == StagingState.ACTIVE:
+            request.state, request.released_at = StagingState.RELEASED, utcnow()
+
+
+@dataclass(frozen=True)
+class Staged:
+    request: str
+    packages: int
+    files: int
+    bytes: int
+
+
+def stage(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None) -> Staged:
+    """Unpack every package of the request at its processing location (idempotent)."""
+    files = nbytes = 0
+    with opsdb.session() as session:
+        request = get_request(session, name)
+        if not request.is_active(utcnow()):
+            raise StagingError(f"staging request {name} is {request.state.value} "
+                               f"(expires {request.expires_at}); nothing to stage")
+        package_names = [p.name for p in request.packages]
+    for package_name in package_names:
+        count, size = _stage_package(opsdb, config, name, package_name, run_id)
+        files, nbytes = files + count, nbytes + size
+    with opsdb.session() as session:
+        get_request(session, name).staged_at = utcnow()
+    return Staged(name, len(package_names), files, nbytes)
+
+
+def staged_problems(opsdb: OpsDB, name: str) -> list[str]:
+    """Staged files that are missing or differ from their filed checksum."""
+    problems = []
+    with opsdb.session() as session:
+        request = get_request(session, name)
+        copies = session.scalars(select(RawDataFileCopy).where(
+            RawDataFileCopy.staging_request_id == request.id,
+            RawDataFileCopy.status == CopyStatus.STAGED)).all()
+        expected = sum(len(p.files) for p in request.packages)
+        checks = [(Path(c.location.root) / c.relative_path, c.raw_data_file.checksum)
+                  for c in copies]
+    if len(checks) != expected:
+        problems.append(f"{len(checks)} of {expected} files staged")
+    for path, checksum in checks:
+        try:
+            actual, _ = hash_file(path)
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror}")
+            continue
+        if actual != checksum:
+            problems.append(f"{path}: checksum {actual}, filed {checksum}")
+    return problems
+
+
+def get_request(session: Session, name: str) -> StagingRequest:
+    request = session.scalar(select(StagingRequest).where(StagingRequest.name == name))
+    if request is None:
+        raise StagingError(f"unknown staging request '{name}'")
+    return request
+
+
+def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name: str,
+                   run_id: str | None) -> tuple[int, int]:
+    with opsdb.session() as session:
+        request = get_request(session, request_name)
+        package = session.scalars(select(RawDataPackage).where(
+            RawDataPackage.name == package_name)).one()
+        staged = session.scalars(select(RawDataFileCopy).where(
+            RawDataFileCopy.staging_request_id == request.id,
+            RawDataFileCopy.status == CopyStatus.STAGED,
+            RawDataFileCopy.raw_data_file_id.in_([f.id for f in package.files]))).all()
+        if len(staged) == len(package.files):
+            return 0, 0
+        source = _nearest(config, verified_lta_copies(session, package),
+                          request.location.site.short_name)
+        if source is None:
+            raise StagingError(f"{package_name}: no verified LTA copy to stage from")
+        root = Path(request.location.root)
+        directory = PurePosixPath(request_name) / package_name
+        tar = root / request_name / f"{package_name}.tar"
+        source_path = Path(source.location.root) / source.relative_path
+        operation = Operation(operation_type=OperationType.STAGING, package=package,
+                              source_location_id=source.location_id,
+                              destination_location_id=request.location_id, run_id=run_id)
+        session.add(operation)
+        files = {f.relative_path: f for f in package.files}
+        checksum, location_id, request_id = package.checksum or "", request.location_id, request.id
+    started = time.monotonic()
+    try:
+        LocalTransport().copy_file(source_path, tar, checksum)
+        manifest = extract_package(tar, root / directory)
+    except Exception as exc:
+        finish(opsdb, operation.id, error=str(exc))
+        raise
+    finally:
+        tar.unlink(missing_ok=True)  # the archive is not kept at processing: it saves space
+    with opsdb.session() as session:
+        now = utcnow()
+        for entry in manifest:
+            raw_file = files[entry.path]
+            session.add(RawDataFileCopy(
+                raw_data_file_id=raw_file.id, location_id=location_id,
+                relative_path=str(directory / entry.path), size=entry.size,
+                checksum=entry.checksum, status=CopyStatus.STAGED, created_at=now,
+                verified_at=now, staging_request_id=request_id))
+        size = sum(e.size for e in manifest)
+        finish_in(session, operation.id, copy_id=None, nbytes=size,
+                  seconds=time.monotonic() - started)
+    return len(manifest), size
+
+
+def _nearest(config: Config, copies: list[PackageCopy], site: str) -> PackageCopy | None:
+    def cost(copy: PackageCopy) -> int:
+        origin = copy.location.site.short_name
+        if origin == site:
+            return 0
+        route = config.settings.route(origin, site)
+        return route.cost if route else 1 << 30
+
+    return min(copies, key=cost, default=None)
+
+
+def _select(session: Session, selection: Selection) -> list[RawDataPackage]:
+    query = select(RawDataPackage).join(ExecutedObsUnit).join(InstrumentModule)
+    if selection.observation:
+        query = query.where(ExecutedObsUnit.name == selection.observation)
+    if selection.module:
+        instrument, _, module = selection.module.partition("/")
+        query = query.where(InstrumentModule.instrument == instrument,
+                            InstrumentModule.name == module)
+    if selection.since:
+        query = query.where(ExecutedObsUnit.started_at >= selection.since)
+    if selection.until:
+        query = query.where(ExecutedObsUnit.started_at < selection.until)
+    if selection.packages:
+        query = query.where(RawDataPackage.name.in_(selection.packages))
+        found = set(session.scalars(select(RawDataPackage.name).where(
+            RawDataPackage.name.in_(selection.packages))))
+        missing = sorted(set(selection.packages) - found)
+        if missing:
+            raise StagingError(f"unknown package(s) {missing}")
+    return list(session.scalars(query.order_by(RawDataPackage.id)))
+
+
+def _describe(selection: Selection) -> dict[str, object]:
+    return {"observation": selection.observation, "module": selection.module,
+            "since": selection.since.isoformat() if selection.since else None,
+            "until": selection.until.isoformat() if selection.until else None,
+            "packages": list(selection.packages)}

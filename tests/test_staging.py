@@ -1,0 +1,88 @@
+"""Staging round trip: request -> files at PROCESSING identical to the originals -> release ->
+files gone, LTA untouched."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from dagster import AssetCheckKey, AssetKey, DagsterInstance
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+from ccat_assets.cli import main
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.checksums import hash_file
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.packages import plan_packages
+from ccat_dt.staging import Selection, StagingError, release, request_staging
+from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
+
+
+def originals(config: Config, tmp_path: Path) -> dict[str, bytes]:
+    """Raw files as written, kept aside before the purge deletes them at the source."""
+    source = config.resolve_root("sites/ccat/instruments")
+    return {str(p.relative_to(source)): p.read_bytes() for p in source.rglob("*") if p.is_file()}
+
+
+def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInstance,  # noqa: F811
+                            tmp_path: Path) -> None:
+    observe(config, opsdb, observations=1, files=2)
+    written = originals(config, tmp_path)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    lta = config.resolve_root("sites/cologne/lta")
+    lta_before = {p: hash_file(p)[0] for p in lta.rglob("*") if p.is_file()}
+
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0", module="chai/lfa"),
+                           expires_in=timedelta(hours=1), requested_by="a scientist")
+    assert drive(defs, instance).failed == []
+
+    staged_root = config.resolve_root("sites/ramses/processing") / name
+    staged = {str(p.relative_to(staged_root)): p.read_bytes()
+              for p in staged_root.rglob("*") if p.is_file()}
+    expected = {path: data for path, data in written.items() if path.startswith("obs-0/chai/lfa")}
+    assert len(expected) == 2
+    assert {path.split("/", 1)[1]: data for path, data in staged.items()} == expected
+    assert not any(p.suffix == ".tar" for p in staged_root.rglob("*"))  # the tar is not kept
+    history = instance.event_log_storage.get_asset_check_execution_history(
+        AssetCheckKey(AssetKey("staged_copies"), "staged_files_verified"), limit=5)
+    assert [r.status for r in history] == [AssetCheckExecutionRecordStatus.SUCCEEDED]
+
+    assert drive(defs, instance).launched == []  # active request: the purge keeps the files
+    assert staged_root.exists()
+
+    release(opsdb, name)
+    assert drive(defs, instance).failed == []
+    assert not staged_root.exists()
+    assert {p: hash_file(p)[0] for p in lta.rglob("*") if p.is_file()} == lta_before
+
+
+def test_staging_refuses_what_is_not_archived(config: Config, opsdb: OpsDB) -> None:
+    observe(config, opsdb, observations=1, files=1)
+    with pytest.raises(StagingError, match="no package matches"):
+        request_staging(opsdb, location="ramses/processing",
+                        selection=Selection(observation="obs-0"), expires_in=timedelta(hours=1))
+    with opsdb.session() as session:
+        plan_packages(session, config)  # packages exist, but nothing is archived yet
+    with pytest.raises(StagingError, match="not archived yet"):
+        request_staging(opsdb, location="ramses/processing",
+                        selection=Selection(observation="obs-0"), expires_in=timedelta(hours=1))
+    with pytest.raises(StagingError, match="unknown package"):
+        request_staging(opsdb, location="ramses/processing",
+                        selection=Selection(packages=("nope",)), expires_in=timedelta(hours=1))
+
+
+def test_stage_command_rejects_a_non_processing_location(config: Config,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    os.environ.pop("CCAT_DT_CONFIG", None)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(config.path), "stage", "--location", "cologne/lta",
+              "--observation", "obs-0"])
+    assert exit_.value.code == 2
+    assert "staging targets a processing location" in capsys.readouterr().err
