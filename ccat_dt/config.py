@@ -49,6 +49,14 @@ class LocationConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _remote_root(self) -> LocationConfig:
+        if self.host is not None and not self.root.startswith("/"):
+            raise ValueError(f"root '{self.root}' must be absolute on remote host {self.host}")
+        if self.host is not None and (self.host.startswith("-") or not self.host.strip()):
+            raise ValueError(f"host '{self.host}' is not an ssh destination")
+        return self
+
+    @model_validator(mode="after")
     def _watermarks(self) -> LocationConfig:
         high, low = self.high_watermark_pct, self.low_watermark_pct
         if (high is None) != (low is None):
@@ -88,11 +96,39 @@ class SiteConfig(_Strict):
         return bool(self.locations_of(LocationType.LONG_TERM_ARCHIVE))
 
 
+class BbcpConfig(_Strict):
+    """bbcp tuning for a long, high-latency link (see docs/transports.md)."""
+
+    streams: int = Field(default=8, ge=1, le=64)
+    window: str | None = "8M"
+    progress_interval_s: int = Field(default=10, ge=1)
+    rate_limit: str | None = None
+    port_range: str | None = None
+    remote_bbcp: str = "bbcp"
+
+
 class RouteConfig(_Strict):
     origin: str
     destination: str
-    transport: Literal["local"] = "local"
+    transport: Literal["local", "rsync", "bbcp"] = "local"
     cost: int = Field(default=1, ge=0)
+    max_concurrent: int = Field(default=2, ge=1)  # transfers at once on this link
+    batch_bytes: int = Field(default=0, ge=0)  # move several waiting packages per session
+    bandwidth_limit_kbps: int | None = Field(default=None, gt=0)  # rsync --bwlimit
+    bbcp: BbcpConfig = BbcpConfig()
+
+    @property
+    def link(self) -> str:
+        return f"{self.origin}->{self.destination}"
+
+
+class SshConfig(_Strict):
+    """How every remote host is reached (one key and known_hosts for the deployment)."""
+
+    port: int = Field(default=22, gt=0, lt=65536)
+    identity_file: str | None = None
+    known_hosts_file: str | None = None
+    connect_timeout_s: int = Field(default=20, gt=0)
 
 
 class PolicyConfig(_Strict):
@@ -116,6 +152,8 @@ class Settings(_Strict):
     routes: list[RouteConfig] = Field(default_factory=list)
     policies: PolicyConfig = PolicyConfig()
     instruments: list[InstrumentConfig] = Field(min_length=1)
+    ssh: SshConfig = SshConfig()
+    log_dir: str = "logs"  # per-transfer command output, referenced from OpsDB
 
     @model_validator(mode="after")
     def _topology(self) -> Settings:
@@ -143,6 +181,12 @@ class Settings(_Strict):
         missing = [f"{o}->{d}" for o, d in needed if self.route(o, d) is None]
         if missing:
             raise ValueError(f"routes missing for {missing}")
+        for route in self.routes:
+            hosts = {loc.host for end in (route.origin, route.destination)
+                     for loc in self.site(end).locations}
+            if route.transport == "local" and hosts != {None}:
+                raise ValueError(f"route {route.link}: transport 'local' cannot reach remote "
+                                 "locations (a location has a host); use rsync or bbcp")
         required = self.policies.required_lta_copies
         if required is not None and required > len(archives):
             raise ValueError(f"policies.required_lta_copies={required} but only "
@@ -186,6 +230,10 @@ class Config:
         if url.startswith(prefix) and not url.startswith(prefix + "/"):
             return prefix + str(self.directory / url[len(prefix):])
         return url
+
+    @property
+    def log_dir(self) -> Path:
+        return self.resolve_root(self.settings.log_dir)
 
     def resolve_root(self, root: str) -> Path:
         path = Path(root)

@@ -7,6 +7,8 @@ models run on SQLite (embedded default) and PostgreSQL (production).
 from __future__ import annotations
 
 import enum
+import os
+import socket
 import uuid as uuidlib
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +36,11 @@ def utcnow() -> datetime:
 
 def new_uuid() -> str:
     return str(uuidlib.uuid4())
+
+
+def worker_name() -> str:
+    """Who ran an operation: the site worker's name when one is set, else the host name."""
+    return os.environ.get("CCAT_DT_WORKER") or socket.gethostname()
 
 
 class LocationType(enum.StrEnum):
@@ -304,6 +311,8 @@ class Operation(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     evidence: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True, default=worker_name)
+    log_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # full command output
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
 

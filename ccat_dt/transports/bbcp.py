@@ -10,31 +10,41 @@ What this relies on, read from bbcp 14.x source and the captured runs (fixtures/
   the link) and the xxh3-128 check on arrival stays the authoritative one;
 - `-S`/`-T` strings are split by bbcp on single spaces, with no quoting, and executed directly;
 - file names reach the remote bbcp one per line: spaces survive (see multi-file), newlines cannot.
+
+Hosts are checked harder than for plain ssh: bbcp substitutes the host part for %H as its own
+argv word, so "user@-oProxyCommand=x" would become an ssh option. Checksums, renames, mkdir and
+removal at the destination reuse `remote` (one ssh round trip each, paths quoted).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
-from ccat_dt.checksums import ALGORITHM, hash_file
+from ccat_dt.checksums import ALGORITHM
 from ccat_dt.transports.base import (
     Endpoint,
     SshSettings,
     TransferError,
     TransferResult,
-    fsync_directory,
     temporary_name,
+)
+from ccat_dt.transports.remote import (
+    CommandTimeout,
+    CompletedRun,
+    remote_mkdir,
+    remote_remove,
+    remote_rename,
+    remote_xxh128_and_size,
+    run,
 )
 
 STAGING_DIR = ".bbcp-incoming"  # batch landing directory beside the final names, same filesystem
@@ -261,38 +271,15 @@ def classify(rc: int, stderr: str) -> BbcpFailure | None:
     return BbcpFailure(f"bbcp failed (exit {rc}): {tail}", retryable=False)
 
 
-def parse_xxhsum(output: str) -> str:
-    """The XXH128 hex from `xxhsum -H2`: GNU style `hex  name` (0.8.x default) or BSD style
-    `XXH128 (name) = hex` (--tag); a leading backslash marks an escaped file name."""
-    for line in output.splitlines():
-        line = line.strip().removeprefix("\\")
-        match = (re.fullmatch(r"([0-9a-fA-F]{32})  .*", line)
-                 or re.fullmatch(r"XXH128 \(.*\) = ([0-9a-fA-F]{32})", line))
-        if match:
-            return match[1].lower()
-    raise ValueError(f"no XXH128 checksum in xxhsum output {output[:200]!r}")
-
-
-class CompletedRun(NamedTuple):
-    rc: int
-    stdout: str
-    stderr: str
-
-
 def run_subprocess(argv: list[str], timeout_s: float = RUNNER_TIMEOUT_S) -> CompletedRun:
-    """Run argv without a shell, in its own session so a timeout also ends bbcp's ssh children."""
+    """Run argv without a shell (remote.run: own process group, stopped whole on timeout); a
+    timeout comes back as a failed run so its output still reaches the log and classify()."""
     if shutil.which(argv[0]) is None:
         raise TransferError(f"{argv[0]} is not installed on this host", retryable=False)
-    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
-                          start_new_session=True) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            return CompletedRun(124, out, f"{err}\n{_TIMEOUT_MARK} after {timeout_s:.0f} s\n")
-    return CompletedRun(proc.returncode, out, err)
+    try:
+        return run(argv, timeout_s=timeout_s)
+    except CommandTimeout as exc:
+        return CompletedRun(124, exc.stdout, f"{exc.stderr}\n{_TIMEOUT_MARK} ({timeout_s:g} s)\n")
 
 
 class BbcpTransport:
@@ -304,7 +291,7 @@ class BbcpTransport:
                  runner: Callable[[list[str]], CompletedRun] = run_subprocess,
                  verify: Callable[[Endpoint], tuple[str, int]] | None = None) -> None:
         self.options, self.ssh, self.log_dir, self._run = options, ssh, Path(log_dir), runner
-        self._verify = verify or self.checksum_at
+        self._verify = verify or (lambda endpoint: remote_xxh128_and_size(ssh, endpoint))
 
     def copy(self, source: Endpoint, destination: Endpoint, expected_checksum: str, *,
              expected_adler32: str | None = None) -> TransferResult:
@@ -312,15 +299,16 @@ class BbcpTransport:
         landing = Endpoint(temporary_name(destination.path), destination.host)
         argv = bbcp_command([source], landing, self.options, self.ssh,
                             expected_adler32=expected_adler32)
-        self._mkdir(Endpoint(destination.path.parent, destination.host))
+        remote_mkdir(self.ssh, Endpoint(destination.path.parent, destination.host))
         log_path = self._bbcp(argv, destination, [landing])
         checksum, size = self._check(landing, expected_checksum)
-        self._rename(landing, destination)
+        remote_rename(self.ssh, landing, destination)
         return TransferResult(size, time.monotonic() - started, checksum, self.options.streams,
                               str(log_path))
 
     def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]) -> list[TransferResult]:
-        """One bbcp session for files bound for one directory; all verify or none is renamed."""
+        """One bbcp session for files bound for one directory; all verify or none is renamed
+        (verified files wait in the staging directory, where -a skips them on the retry)."""
         if len(pairs) <= 1:
             return [self.copy(*pair) for pair in pairs]
         first = pairs[0][1]
@@ -332,7 +320,7 @@ class BbcpTransport:
         staging = Endpoint(first.path.parent / STAGING_DIR, first.host)
         landings = [Endpoint(staging.path / s.path.name, first.host) for s, _, _ in pairs]
         argv = bbcp_command([s for s, _, _ in pairs], staging, self.options, self.ssh)
-        self._mkdir(staging)
+        remote_mkdir(self.ssh, staging)
         log_path = self._bbcp(argv, Endpoint(first.path.parent / "batch", first.host), landings)
         checked: list[tuple[str, int]] = []
         failed: list[str] = []
@@ -346,23 +334,14 @@ class BbcpTransport:
                                 + "; ".join(failed), retryable=True)
         seconds = time.monotonic() - started
         for landing, (_, destination, _) in zip(landings, pairs, strict=True):
-            self._rename(landing, destination)
+            remote_rename(self.ssh, landing, destination)
         return [TransferResult(size, seconds, checksum, self.options.streams, str(log_path))
                 for checksum, size in checked]
 
-    def checksum_at(self, endpoint: Endpoint) -> tuple[str, int]:
-        """xxh3-128 and size of a landed file: hashed here, or by xxhsum over ssh."""
-        if endpoint.host is None:
-            return hash_file(Path(endpoint.path))
-        quoted = shlex.quote(str(endpoint.path))
-        run = self._ssh(endpoint.host, f"wc -c < {quoted} && xxhsum -H2 -- {quoted}")
-        size, _, listing = run.stdout.strip().partition("\n")
-        return parse_xxhsum(listing), int(size.strip())
-
     def _bbcp(self, argv: list[str], destination: Endpoint, landings: list[Endpoint]) -> Path:
-        run = self._run(argv)
-        log_path = self._write_log(argv, run, destination)
-        failure = classify(run.rc, run.stderr)
+        done = self._run(argv)
+        log_path = self._write_log(argv, done, destination)
+        failure = classify(done.rc, done.stderr)
         if failure is not None:
             if not (failure.resumable and self.options.keep_partial):
                 for landing in landings:
@@ -381,43 +360,16 @@ class BbcpTransport:
                                 f"{expected}, got {actual}; removed", retryable=True)
         return actual, size
 
-    def _write_log(self, argv: list[str], run: CompletedRun, destination: Endpoint) -> Path:
+    def _write_log(self, argv: list[str], done: CompletedRun, destination: Endpoint) -> Path:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         label = re.sub(r"[^A-Za-z0-9_.-]", "_", destination.path.name)[:80].lstrip(".")
         path = self.log_dir / f"{stamp}-bbcp-{label or 'transfer'}.log"
-        path.write_text(f"$ {shlex.join(argv)}\nexit status {run.rc}\n--- stdout\n{run.stdout}"
-                        f"\n--- stderr\n{run.stderr}", encoding="utf-8")
+        path.write_text(f"$ {shlex.join(argv)}\nexit status {done.rc}\n--- stdout\n"
+                        f"{done.stdout}\n--- stderr\n{done.stderr}", encoding="utf-8")
         return path
-
-    def _ssh(self, host: str, command: str) -> CompletedRun:
-        run = self._run([*self.ssh.ssh_command(), "--", _checked_host(host), command])
-        if run.rc != 0:
-            detail = " | ".join(run.stderr.strip().splitlines()[-2:])
-            raise TransferError(f"ssh {host} {command!r} failed (exit {run.rc}): {detail}",
-                                retryable=run.rc == 255)
-        return run
-
-    def _rename(self, landing: Endpoint, destination: Endpoint) -> None:
-        if destination.host is None:
-            os.replace(landing.path, destination.path)
-            fsync_directory(Path(destination.path.parent))
-        else:
-            self._ssh(destination.host, f"mv -f -- {shlex.quote(str(landing.path))} "
-                                        f"{shlex.quote(str(destination.path))}")
-
-    def _mkdir(self, directory: Endpoint) -> None:
-        if directory.host is None:
-            Path(directory.path).mkdir(parents=True, exist_ok=True)
-        else:
-            self._ssh(directory.host, f"mkdir -p -- {shlex.quote(str(directory.path))}")
 
     def _remove(self, landing: Endpoint) -> None:
         """Best effort: a leftover landing file is harmless (never under the final name)."""
-        try:
-            if landing.host is None:
-                Path(landing.path).unlink(missing_ok=True)
-            else:
-                self._ssh(landing.host, f"rm -f -- {shlex.quote(str(landing.path))}")
-        except (OSError, TransferError):
-            pass
+        with contextlib.suppress(TransferError, ValueError):
+            remote_remove(self.ssh, landing)
