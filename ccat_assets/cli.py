@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dagster import BetaWarning, PreviewWarning
 
-from ccat_dt.config import ConfigError, load_config
+from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import CONFIG_NAME, write_default_config
 from ccat_dt.filing import (
     FilingError,
@@ -184,6 +184,44 @@ def cmd_stage(args: argparse.Namespace) -> None:
     print(name)
 
 
+def cmd_why(args: argparse.Namespace) -> None:
+    from ccat_dt.diagnosis import diagnose
+    from ccat_dt.opsdb.models import utcnow
+
+    config = load_config(args.config)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        try:
+            stages = diagnose(session, config, args.package, utcnow())
+        except LookupError as exc:
+            raise UsageError(str(exc)) from None
+    for stage in stages:
+        print(f"{stage.stage:<20} {stage.state:<12} {stage.detail}")
+    for line in _runs_of(config, args.package):
+        print(line)
+
+
+def _runs_of(config: Config, package: str) -> list[str]:
+    """What the Dagster instance says about the package's runs (when there is an instance)."""
+    from dagster import DagsterRun, DagsterRunStatus, RunsFilter
+
+    from ccat_assets.driver import instance_home, open_instance
+
+    if not (instance_home(config) / "dagster.yaml").exists():
+        return []
+    instance = open_instance(config)
+    runs: list[DagsterRun] = []
+    for tag in ("dagster/partition", "dagster/partition/package"):
+        runs += instance.get_runs(RunsFilter(tags={tag: package}), limit=50)
+    lines = []
+    for run in sorted({r.run_id: r for r in runs}.values(), key=lambda r: r.run_id):
+        if run.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.QUEUED,
+                          DagsterRunStatus.STARTED, DagsterRunStatus.CANCELED):
+            lines.append(f"run {run.run_id[:8]} {run.tags.get('dagster/run_key', run.job_name)}"
+                         f": {run.status.value}")
+    return lines
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="ccat-dt", description=__doc__)
     top.add_argument("--config", help="configuration file (default: $CCAT_DT_CONFIG)")
@@ -235,6 +273,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--by", help="who asks (recorded)")
     p.add_argument("--release", metavar="REQUEST", help="release this staging request")
     p.set_defaults(run=cmd_stage)
+
+    p = commands.add_parser("why", help="each stage of one package and why it is not moving")
+    p.add_argument("package", help="package name (or an observation still being filed)")
+    p.set_defaults(run=cmd_why)
 
     p = commands.add_parser("status", help="packages, copies and bytes per location")
     p.set_defaults(run=cmd_status)

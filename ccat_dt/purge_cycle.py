@@ -131,8 +131,15 @@ def plan_cycle(session: Session, config: Config, now: datetime, *,
         plan.pressure.append(Pressure(
             f"{site}/{name}", measured.percent,
             100.0 * (measured.used - freed) / measured.total, high, low))
-    plan.kept = [(p, d) for p, d in decided if d.copy_id not in chosen]
+    plan.kept = [(p, d if d.action == Action.KEEP else _over_budget(d, budget))
+                 for p, d in decided if d.copy_id not in chosen]
     return plan
+
+
+def _over_budget(decision: Decision, budget: int) -> Decision:
+    # Deletable, but not in this cycle: it must not be reported as a deletion.
+    return replace(decision, action=Action.KEEP,
+                   reason=f"not in this purge cycle's budget ({budget} bytes); {decision.reason}")
 
 
 def _early(decision: Decision) -> Decision:

@@ -17,6 +17,7 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
+from ccat_dt.diagnosis import diagnose
 from ccat_dt.filing import file_directory, finish_observation, start_observation
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -29,6 +30,7 @@ from ccat_dt.opsdb.models import (
     PackageState,
     RawDataPackage,
     Site,
+    utcnow,
 )
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.report import disagreements
@@ -169,6 +171,11 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_blocks_the_purge(
                         for f in session.scalars(select(RawDataPackage).where(
                             RawDataPackage.name == victim)).one().files]
     assert victim_files and all(p.is_file() for p in victim_files)
+    with opsdb.session() as session:  # what an operator sees with `ccat-dt why`
+        stages = {s.stage: s for s in diagnose(session, config, victim, utcnow())}
+    primary = next(s for s in stages.values() if s.state == "quarantined")
+    assert primary.stage.startswith("site copy") and "failed its integrity check" in primary.detail
+    assert "integrity check failed" in stages["purge"].detail
     report = purge_package(opsdb, config, victim)  # even asked directly, it refuses
     assert report.deleted == 0
     assert any("integrity check failed" in d.reason for d in report.kept)

@@ -39,6 +39,7 @@ from ccat_dt.transports.remote import (
     SHORT_TIMEOUT_S,
     CommandTimeout,
     CompletedRun,
+    check_argument,
     check_host,
     check_path,
     classify_ssh,
@@ -57,6 +58,7 @@ _PERMANENT_TEXT = ("No space left on device", "Disk quota exceeded", "Permission
                    "Read-only file system", "Host key verification failed",
                    "REMOTE HOST IDENTIFICATION HAS CHANGED")
 _NOT_INSTALLED = ("rsync: command not found", "rsync: not found")
+_USELESS_PARTIAL = ("source missing", "No space left on device", "Disk quota exceeded")
 _GLOB = re.compile(r"[*?\[]")
 # Constant script; the (source, link name) pairs arrive as positional parameters, never as code.
 _STAGE_SCRIPT = ('d=$(mktemp -d "${TMPDIR:-/tmp}/ccat-rsync.XXXXXX") || exit 1; '
@@ -107,7 +109,7 @@ def log_literal_data(log: _Log, stats: str) -> None:
     for key in ("Total file size", "Literal data"):
         if match := re.search(rf"^{key}: ([\d,.']+) bytes", stats, re.MULTILINE):
             numbers[key] = int(re.sub(r"\D", "", match.group(1)))
-    if len(numbers) == 2:
+    if len(numbers) == 2 and numbers["Total file size"] > 0:
         total, literal = numbers["Total file size"], numbers["Literal data"]
         resumed = f"; {total - literal} bytes were already there (resumed)" \
             if literal < total else ""
@@ -156,10 +158,9 @@ class RsyncTransport:
 
     def __init__(self, ssh: SshSettings, log_dir: Path, *, timeout_s: int = 6 * 3600,
                  bandwidth_limit_kbps: int | None = None, stall_timeout_s: int = 600) -> None:
-        rsh = ssh.ssh_command()
-        # rsync splits -e itself (on spaces, honouring quotes, not backslashes).
-        if any(c in argument for argument in rsh for c in "\\'\"\n"):
-            raise ValueError(f"ssh command {rsh!r} cannot be passed to rsync -e")
+        # rsync splits -e itself, honouring quotes: shlex.join's output round-trips (checked
+        # for spaces, quotes, backslashes and empty arguments).
+        rsh = [check_argument(argument) for argument in ssh.ssh_command()]
         self.ssh = ssh
         self.log_dir = Path(log_dir)
         self.timeout_s = timeout_s
@@ -296,8 +297,8 @@ class RsyncTransport:
         failed = classify_rsync(done.rc, done.stderr) if done.rc != 0 else None
         if failed is not None and (done.rc not in (23, 24) or len(items) == 1):
             # The session as a whole failed: keep partial files for a retry to resume from,
-            # unless retrying is pointless.
-            if not failed.retryable:
+            # unless they can never be completed or are what fills the disk.
+            if any(text in str(failed) for text in _USELESS_PARTIAL):
                 self._discard(items, log)
             raise failed
         results: list[TransferResult | TransferError] = []
@@ -337,7 +338,7 @@ class RsyncTransport:
                               checksum=actual, streams=1, log_path=str(log.path))
 
     def _discard(self, items: list[_Item], log: _Log) -> None:
-        """Best effort: a permanent failure should not leave partial files taking space."""
+        """Best effort: partial files that no retry can use should not take space."""
         for item in items:
             try:
                 remote_remove(self.ssh, item.temporary)

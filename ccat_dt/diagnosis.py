@@ -1,0 +1,145 @@
+"""`ccat-dt why PACKAGE`: each stage of one package, and where it is not moving, the reason,
+read from OpsDB (the Dagster layer adds what its runs say)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    ExecutedObsUnit,
+    LocationType,
+    ObservationStatus,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageState,
+    RawDataFile,
+    RawDataPackage,
+    _aware,
+)
+from ccat_dt.retention import Action, plan_deletions
+from ccat_dt.routing import copies_at, replication_source
+
+
+@dataclass(frozen=True)
+class StageState:
+    stage: str  # e.g. "site copy us"
+    state: str  # done | waiting | failed | quarantined | not needed
+    detail: str
+
+
+def diagnose(session: Session, config: Config, name: str, now: datetime) -> list[StageState]:
+    """Stages of the package in order; `name` may also be an observation still being filed."""
+    package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
+    if package is None:
+        return _unpackaged(session, name)
+    stages = [StageState("filing", "done", f"{len(package.files)} files, observation "
+                         f"{package.observation.name} finished")]
+    stages.append(_packaging(session, package))
+    for site in config.settings.archive_sites:
+        stages += _at_site(session, config, package, site.short_name)
+    stages.append(_purge(session, config, package, now))
+    return stages
+
+
+def _unpackaged(session: Session, name: str) -> list[StageState]:
+    observation = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
+    if observation is None:
+        raise LookupError(f"no package or observation named '{name}'")
+    files = session.scalars(select(RawDataFile).where(
+        RawDataFile.observation_id == observation.id)).all()
+    if observation.status == ObservationStatus.OPEN:
+        return [StageState("filing", "waiting", f"observation {name} is still open "
+                           f"({len(files)} files filed); packaging starts when it is finished")]
+    return [StageState("filing", "done", f"{len(files)} files"),
+            StageState("packaging", "waiting", "the package sensor has not planned it yet")]
+
+
+def _last(session: Session, package: RawDataPackage, kind: OperationType,
+          destination_id: int | None = None) -> Operation | None:
+    query = select(Operation).where(Operation.package_id == package.id,
+                                    Operation.operation_type == kind)
+    if destination_id is not None:
+        query = query.where(Operation.destination_location_id == destination_id)
+    return session.scalars(query.order_by(Operation.id.desc()).limit(1)).first()
+
+
+def _failed(operation: Operation | None) -> str | None:
+    if operation is None or operation.status != OperationStatus.FAILED:
+        return None
+    error = (operation.error or "").strip().splitlines()
+    hint = ""
+    text = " ".join(error).lower()
+    if "no space" in text or "disk full" in text:
+        hint = "destination disk full; "
+    elif "checksum mismatch" in text:
+        hint = "checksum mismatch; "
+    elif "refused" in text or "timed out" in text or "unreachable" in text:
+        hint = "link down; "
+    log = f" (log {operation.log_path})" if operation.log_path else ""
+    return (f"{hint}attempt {operation.retry_count + 1} failed at "
+            f"{_aware(operation.finished_at or operation.started_at):%Y-%m-%d %H:%M}: "
+            f"{error[-1] if error else 'no error text'}{log}")
+
+
+def _packaging(session: Session, package: RawDataPackage) -> StageState:
+    if package.state == PackageState.FAILED:
+        return StageState("packaging", "failed", _failed(_last(
+            session, package, OperationType.PACKAGING)) or "failed")
+    if package.checksum is None:
+        failure = _failed(_last(session, package, OperationType.PACKAGING))
+        return StageState("packaging", "failed" if failure else "waiting",
+                          failure or "planned; waiting for its packaging run")
+    return StageState("packaging", "done", f"{package.size} bytes, {package.checksum}")
+
+
+def _at_site(session: Session, config: Config, package: RawDataPackage,
+             site: str) -> list[StageState]:
+    out = []
+    for kind, label in ((LocationType.BUFFER, "site copy"),
+                        (LocationType.LONG_TERM_ARCHIVE, "LTA copy")):
+        copies = copies_at(session, package, kind, site)
+        stage = f"{label} {site}"
+        corrupt = [c for c in copies if c.status == CopyStatus.CORRUPT]
+        if any(c.is_verified for c in copies):
+            out.append(StageState(stage, "done", "verified"))
+        elif corrupt:
+            out.append(StageState(stage, "quarantined", f"copy {corrupt[-1].id} failed its "
+                                  "integrity check; it is kept and blocks the purge"))
+        elif any(c.status == CopyStatus.DELETED for c in copies):
+            out.append(StageState(stage, "not needed", "purged after archiving"))
+        else:
+            operation = None
+            if copies or kind == LocationType.BUFFER:
+                operation = _last(session, package, OperationType.TRANSFER if
+                                  kind == LocationType.BUFFER else OperationType.ARCHIVE)
+            failure = _failed(operation)
+            if failure:
+                out.append(StageState(stage, "failed", failure))
+            elif kind == LocationType.BUFFER and package.checksum and replication_source(
+                    session, config, package, site) is None:
+                out.append(StageState(stage, "waiting", "no verified source copy yet (an "
+                                      "archive copy elsewhere is needed first)"))
+            else:
+                out.append(StageState(stage, "waiting", "due; waiting for its run"))
+    return out
+
+
+def _purge(session: Session, config: Config, package: RawDataPackage,
+           now: datetime) -> StageState:
+    decisions = plan_deletions(session, config, package, now)
+    left = [d for d in decisions if d.location_type != LocationType.LONG_TERM_ARCHIVE]
+    if not left:
+        return StageState("purge", "done", "nothing left outside the long-term archives")
+    deletable = [d for d in left if d.action == Action.DELETE]
+    if deletable:
+        return StageState("purge", "waiting", f"{len(deletable)} copies may be deleted now; "
+                          "waiting for the purge cycle")
+    reasons = sorted({d.reason for d in left})
+    return StageState("purge", "waiting", f"{len(left)} copies kept: " + "; ".join(reasons[:3]))

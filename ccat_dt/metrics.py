@@ -1,0 +1,337 @@
+"""Metrics for dashboards and alerts: transfers, stages, locations and the service level.
+
+Points go to an InfluxDB line-protocol endpoint (InfluxDB 2 or VictoriaMetrics) through
+influxdb-client's batching writer, so a transfer only ever appends to an in-memory queue: a slow
+or dead metrics server must never slow down or fail the movement of data. Points that cannot be
+written are dropped and counted; an outage is logged once, not once per batch. The schema is
+documented in docs/metrics.md. OpsDB stays the record of every package; metrics carry no
+per-package series (that cardinality grows without bound).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from influxdb_client import InfluxDBClient, Point, WriteOptions, WritePrecision
+from influxdb_client.client.write_api import WriteApi, WriteType
+from sqlalchemy import distinct, func, select
+from sqlalchemy.orm import Session
+
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataPackage,
+    Site,
+)
+
+log = logging.getLogger(__name__)
+
+TRANSFER = "ccat_transfer"
+STAGE = "ccat_stage"
+LOCATION = "ccat_location"
+LOCATION_COPIES = "ccat_location_copies"
+SERVICE_LEVEL = "ccat_service_level"
+BUFFER = "ccat_buffer"
+
+_LIBRARY_LOGGER = "influxdb_client.client.write_api"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where metrics go; `url=None` switches them off (the embedded default)."""
+
+    url: str | None
+    org: str = "ccat"
+    bucket: str = "ccat_dt"
+    token_env: str = "CCAT_DT_INFLUX_TOKEN"  # the token is a secret: never in the config file
+    batch_size: int = 500
+    flush_interval_ms: int = 1000
+    timeout_ms: int = 2000
+
+
+class _QuietBatchErrors(logging.Filter):
+    """The library logs an ERROR per failed batch; Metrics reports an outage once instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("The batch item wasn't processed successfully")
+
+
+_quiet = _QuietBatchErrors()
+
+
+class Metrics:
+    """Fire-and-forget writer of the points described in docs/metrics.md."""
+
+    def __init__(self, settings: MetricsSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._dropped = 0
+        self._outage = False
+        self._client: InfluxDBClient | None = None
+        self._api: WriteApi | None = None
+        if settings.url is None:
+            return
+        logging.getLogger(_LIBRARY_LOGGER).addFilter(_quiet)  # idempotent: same object
+        self._client = InfluxDBClient(url=settings.url,
+                                      token=os.environ.get(settings.token_env, ""),
+                                      org=settings.org, timeout=settings.timeout_ms)
+        self._api = self._new_api()
+
+    @classmethod
+    def disabled(cls) -> Metrics:
+        """Metrics that write nothing, so callers never need to check whether metrics are on."""
+        return cls(MetricsSettings(url=None))
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    @property
+    def dropped(self) -> int:
+        """Points given up on since start (server down, refused, or written after close)."""
+        with self._lock:
+            return self._dropped
+
+    # -- points -------------------------------------------------------------------------------
+
+    def transfer(self, route: str, origin: str, destination: str, transport: str, bytes: int,
+                 seconds: float, streams: int, attempts: int, outcome: str,
+                 package: str) -> None:
+        """One finished transfer of a package between sites (after all its attempts)."""
+        if not self.enabled:
+            return
+        rate = bytes / seconds / 1e6 if seconds > 0 else 0.0
+        point = (Point(TRANSFER).tag("route", route).tag("origin_site", origin)
+                 .tag("destination_site", destination).tag("transport", transport)
+                 .tag("outcome", outcome)
+                 .field("bytes", int(bytes)).field("seconds", float(seconds))
+                 .field("rate_mb_s", float(rate)).field("streams", int(streams))
+                 .field("attempts", int(attempts)))
+        self._write([point], package)
+
+    def stage(self, stage: str, outcome: str, seconds: float, package: str) -> None:
+        """One pipeline step (packaging, transfer, archive, verification, ...) finished."""
+        if not self.enabled:
+            return
+        point = (Point(STAGE).tag("stage", stage).tag("outcome", outcome)
+                 .field("seconds", float(seconds)))
+        self._write([point], package)
+
+    def location(self, site: str, location: str, kind: str, used_bytes: int | None,
+                 free_bytes: int | None, copies_by_status: dict[str, int], *,
+                 present_bytes: int | None = None) -> None:
+        """A snapshot of one storage location: disk use and OpsDB copies by status."""
+        if not self.enabled:
+            return
+        tags = {"site": site, "location": location, "kind": kind}
+        points = []
+        fields = {"used_bytes": used_bytes, "free_bytes": free_bytes,
+                  "present_bytes": present_bytes}
+        if any(value is not None for value in fields.values()):
+            point = _tagged(LOCATION, tags)
+            for name, value in fields.items():
+                if value is not None:
+                    point.field(name, int(value))
+            points.append(point)
+        for status, count in sorted(copies_by_status.items()):
+            points.append(_tagged(LOCATION_COPIES, {**tags, "status": str(status)})
+                          .field("count", int(count)))
+        self._write(points, f"{site}/{location}")
+
+    def service_level(self, packages_unsafe: int, bytes_unsafe: int, oldest_unsafe_age_s: float,
+                      buffer_hours_left: dict[str, float | None]) -> None:
+        """How much data is not yet safe, and how long each buffer lasts if nothing leaves."""
+        if not self.enabled:
+            return
+        points = [Point(SERVICE_LEVEL).field("packages_unsafe", int(packages_unsafe))
+                  .field("bytes_unsafe", int(bytes_unsafe))
+                  .field("oldest_unsafe_age_s", float(oldest_unsafe_age_s))]
+        points += [Point(BUFFER).tag("buffer", buffer).field("hours_left", float(hours))
+                   for buffer, hours in sorted(buffer_hours_left.items()) if hours is not None]
+        self._write(points, "service level")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write what is queued now and wait for it (bounded); the writer has no real flush."""
+        if not self.enabled:
+            return
+        with self._lock:
+            old = self._api
+            self._api = self._new_api() if old is not None else None
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        """Flush and release the HTTP pool; later points are dropped without a sound."""
+        with self._lock:
+            api, client = self._api, self._client
+            self._api = None
+        if api is not None:
+            api.close()
+        if client is not None:
+            client.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _new_api(self) -> WriteApi:
+        assert self._client is not None
+        s = self.settings
+        options = WriteOptions(
+            write_type=WriteType.batching, batch_size=s.batch_size,
+            flush_interval=s.flush_interval_ms, jitter_interval=0,
+            max_retries=0,  # a retry queue would grow during an outage; metrics are disposable
+            max_close_wait=2 * s.timeout_ms + s.flush_interval_ms)  # bounds flush() and close()
+        return self._client.write_api(write_options=options, success_callback=self._written,
+                                      error_callback=self._failed)
+
+    def _write(self, points: list[Point], about: str) -> None:
+        now = datetime.now(UTC)  # stamped here: batching must not shift the time of a point
+        for point in points:
+            point.time(now, WritePrecision.MS)
+        try:
+            with self._lock:
+                if self._api is None:
+                    self._dropped += len(points)
+                    return
+                self._api.write(bucket=self.settings.bucket, org=self.settings.org,
+                                record=points)  # each point carries its precision
+        except Exception as exc:  # noqa: BLE001 - metrics must never break a transfer
+            self._failed((), b"\n".join(p.to_line_protocol().encode() for p in points), exc)
+            log.debug("metrics point about %s dropped", about)
+
+    def _written(self, _key: tuple[Any, ...], _data: Any) -> None:
+        with self._lock:
+            recovered, self._outage = self._outage, False
+            dropped = self._dropped
+        if recovered:
+            log.info("metrics server %s answers again (%d points dropped so far)",
+                     self.settings.url, dropped)
+
+    def _failed(self, _key: tuple[Any, ...], data: Any, exc: BaseException) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        lines = data.count(b"\n") + 1 if isinstance(data, bytes) and data else 0
+        with self._lock:
+            self._dropped += lines
+            first, self._outage = not self._outage, True
+        if first:
+            log.warning("metrics server %s cannot take points (%s); dropping them until it "
+                        "answers again, transfers are not affected",
+                        self.settings.url, _short(exc))
+
+
+def _tagged(measurement: str, tags: dict[str, str]) -> Point:
+    point = Point(measurement)
+    for key, value in tags.items():
+        point.tag(key, value)
+    return point
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{exc.__class__.__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- figures from OpsDB ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceLevel:
+    """Data not yet in enough verified long-term archive copies: the risk still open."""
+
+    packages_unsafe: int
+    bytes_unsafe: int
+    oldest_unsafe_age_s: float  # 0.0 when nothing is unsafe
+    oldest_unsafe_package: str | None
+
+
+@dataclass(frozen=True)
+class LocationFigures:
+    site: str
+    location: str
+    kind: str  # LocationType value
+    copies_by_status: dict[str, int]  # every CopyStatus value, zero-filled
+    present_bytes: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.site}/{self.location}"
+
+
+def service_level_figures(session: Session, required_lta_copies: int,
+                          now: datetime) -> ServiceLevel:
+    """Count packages lacking `required_lta_copies` verified LTA copies at distinct sites.
+
+    Derived from copies, not from package state, like `replicas.refresh_state`: every package
+    counts (planned and failed ones too) until its copies prove it safe. Bytes of a package not
+    yet built are the sum of its files.
+    """
+    verified = (
+        select(PhysicalCopy.package_id.label("package_id"),
+               func.count(distinct(DataLocation.site_id)).label("sites"))
+        .join(DataLocation, PhysicalCopy.location_id == DataLocation.id)
+        .where(PhysicalCopy.package_id.is_not(None),
+               DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+               PhysicalCopy.status == CopyStatus.PRESENT,
+               PhysicalCopy.verified_at.is_not(None),
+               PhysicalCopy.verified_at >= PhysicalCopy.created_at)
+        .group_by(PhysicalCopy.package_id).subquery())
+    files = (select(RawDataFile.package_id.label("package_id"),
+                    func.sum(RawDataFile.size).label("size"))
+             .where(RawDataFile.package_id.is_not(None))
+             .group_by(RawDataFile.package_id).subquery())
+    unsafe = (
+        select(RawDataPackage.name, RawDataPackage.created_at,
+               func.coalesce(RawDataPackage.size, files.c.size, 0).label("size"))
+        .outerjoin(verified, verified.c.package_id == RawDataPackage.id)
+        .outerjoin(files, files.c.package_id == RawDataPackage.id)
+        .where(func.coalesce(verified.c.sites, 0) < required_lta_copies)
+        .subquery())
+    count, total = session.execute(
+        select(func.count(), func.coalesce(func.sum(unsafe.c.size), 0))).one()
+    oldest = session.execute(select(unsafe.c.name, unsafe.c.created_at)
+                             .order_by(unsafe.c.created_at, unsafe.c.name).limit(1)).first()
+    if oldest is None:
+        return ServiceLevel(0, 0, 0.0, None)
+    age = (_aware(now) - _aware(oldest.created_at)).total_seconds()
+    return ServiceLevel(int(count), int(total), max(age, 0.0), oldest.name)
+
+
+def location_figures(session: Session) -> list[LocationFigures]:
+    """Copies by status and bytes present at every location, including empty ones."""
+    rows = session.execute(
+        select(Site.short_name, DataLocation.name, DataLocation.location_type,
+               PhysicalCopy.status, func.count(PhysicalCopy.id),
+               func.coalesce(func.sum(PhysicalCopy.size), 0))
+        .select_from(DataLocation).join(Site, DataLocation.site_id == Site.id)
+        .outerjoin(PhysicalCopy, PhysicalCopy.location_id == DataLocation.id)
+        .group_by(Site.short_name, DataLocation.name, DataLocation.location_type,
+                  PhysicalCopy.status)
+        .order_by(Site.short_name, DataLocation.name)).all()
+    kinds: dict[tuple[str, str], str] = {}
+    copies: dict[tuple[str, str], dict[str, int]] = {}
+    present: dict[tuple[str, str], int] = {}
+    for site, name, kind, status, count, size in rows:
+        key = (site, name)
+        kinds[key] = LocationType(kind).value
+        copies.setdefault(key, {s.value: 0 for s in CopyStatus})
+        if status is not None:  # None: the outer join's row for a location without copies
+            copies[key][CopyStatus(status).value] = int(count)
+        if status == CopyStatus.PRESENT:
+            present[key] = int(size)
+    return [LocationFigures(site, name, kinds[(site, name)], copies[(site, name)],
+                            present.get((site, name), 0)) for site, name in kinds]
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything OpsDB stores is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
