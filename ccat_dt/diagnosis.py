@@ -30,7 +30,7 @@ from ccat_dt.routing import copies_at, replication_source
 @dataclass(frozen=True)
 class StageState:
     stage: str  # e.g. "site copy us"
-    state: str  # done | waiting | failed | quarantined | not needed
+    state: str  # done | waiting | failed | quarantined
     detail: str
 
 
@@ -113,7 +113,7 @@ def _at_site(session: Session, config: Config, package: RawDataPackage,
             out.append(StageState(stage, "quarantined", f"copy {corrupt[-1].id} failed its "
                                   "integrity check; it is kept and blocks the purge"))
         elif any(c.status == CopyStatus.DELETED for c in copies):
-            out.append(StageState(stage, "not needed", "purged after archiving"))
+            out.append(StageState(stage, "done", "verified, then purged after archiving"))
         else:
             operation = None
             if copies or kind == LocationType.BUFFER:

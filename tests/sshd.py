@@ -1,7 +1,9 @@
 """A throw-away OpenSSH server on 127.0.0.1, so that ssh/rsync code is tested against the real
 programs (quoting, exit codes, error texts) instead of mocks of what we think they do.
 
-Use it with `from tests.sshd import sshd` in a test module, or `pytest_plugins = ["tests.sshd"]`.
+Use it with `pytest_plugins = ["tests.sshd"]` in the root conftest, or import it into a test
+module (`from tests.sshd import sshd as sshd_fixture`; the fixture is named "sshd" whatever the
+alias, and an alias keeps linters from seeing test arguments as redefinitions).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def _install_tools() -> str:
     return ""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (right now)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -126,7 +129,7 @@ def _wait_until_ready(process: subprocess.Popen[bytes], server: SshServer, log: 
     return f"{last}; sshd log: {log.read_text()[-1000:]}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", name="sshd")  # named: importable under any alias
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """A running sshd on a free 127.0.0.1 port that accepts a throw-away key for this user."""
     if _missing_tools():
@@ -138,7 +141,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     directory = tmp_path_factory.mktemp("sshd")
     root = directory / "files"
     root.mkdir()
-    port = _free_port()
+    port = free_port()
     host_key = _keygen(directory / "host_ed25519")
     (directory / "authorized_keys").write_text(_keygen(directory / "client_ed25519") + "\n")
     known_hosts = directory / "known_hosts"
