@@ -20,12 +20,14 @@ from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import source_problems
 from ccat_dt.reaper import certificate_problems
-from ccat_dt.replicas import Verification, verify
+from ccat_dt.replicas import verify
 from ccat_dt.staging import staged_problems
 from resources.opsdb import Deployment
 
 
-def _result(verification: Verification) -> AssetCheckResult:
+def _reread(deployment: Deployment, package: str, site: str,
+            kind: LocationType) -> AssetCheckResult:
+    verification = verify(deployment.opsdb, deployment.config, package, site, kind)
     return AssetCheckResult(passed=verification.passed, description=verification.description,
                             metadata={"path": verification.path or "",
                                       "copy_id": verification.copy_id or 0})
@@ -48,22 +50,21 @@ def build_checks(config: Config,
     def package_checksum(context: AssetCheckExecutionContext,
                          deployment: Deployment) -> AssetCheckResult:
         """The tar at the observatory buffer re-reads to the recorded package checksum."""
-        return _result(verify(deployment.opsdb, context.partition_key, observatory,
-                              LocationType.BUFFER))
+        return _reread(deployment, context.partition_key, observatory, LocationType.BUFFER)
 
     @asset_check(asset=assets["site_copies"], partitions_def=per_site, blocking=True)
     def site_copy_checksum(context: AssetCheckExecutionContext,
                            deployment: Deployment) -> AssetCheckResult:
         """The copy in the site's buffer re-reads to the package checksum."""
         package, site = split_key(context.partition_key)
-        return _result(verify(deployment.opsdb, package, site, LocationType.BUFFER))
+        return _reread(deployment, package, site, LocationType.BUFFER)
 
     @asset_check(asset=assets["lta_copies"], partitions_def=per_site, blocking=True)
     def lta_copy_checksum(context: AssetCheckExecutionContext,
                           deployment: Deployment) -> AssetCheckResult:
         """The copy in the site's long-term archive re-reads to the package checksum."""
         package, site = split_key(context.partition_key)
-        return _result(verify(deployment.opsdb, package, site, LocationType.LONG_TERM_ARCHIVE))
+        return _reread(deployment, package, site, LocationType.LONG_TERM_ARCHIVE)
 
     @asset_check(asset=assets["purge_status"], partitions_def=package_partitions)
     def deletion_certificates(context: AssetCheckExecutionContext,

@@ -222,6 +222,23 @@ def _runs_of(config: Config, package: str) -> list[str]:
     return lines
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    from ccat_dt.audit import audit
+
+    config = load_config(args.config)
+    report = audit(OpsDB(config.opsdb_url), checksums=args.checksums, repair=args.repair,
+                   config=config)
+    for finding in report.findings:
+        print(f"{finding.kind:<13} {finding.location:<18} {finding.path}\n"
+              f"              {finding.detail}")
+    for line in report.repaired:
+        print(f"repaired: {line}")
+    print(f"{report.checked_copies} copies checked, {report.scanned_files} files scanned, "
+          f"{len(report.problems)} problem(s), {len(report.repaired)} repaired")
+    if report.problems:
+        raise SystemExit(1)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="ccat-dt", description=__doc__)
     top.add_argument("--config", help="configuration file (default: $CCAT_DT_CONFIG)")
@@ -273,6 +290,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--by", help="who asks (recorded)")
     p.add_argument("--release", metavar="REQUEST", help="release this staging request")
     p.set_defaults(run=cmd_stage)
+
+    p = commands.add_parser("audit", help="compare OpsDB with the disks (with --repair: mark "
+                            "lost/changed copies corrupt, remove abandoned temporary files)")
+    p.add_argument("--repair", action="store_true")
+    p.add_argument("--checksums", action="store_true", help="re-read every copy (slow)")
+    p.set_defaults(run=cmd_audit)
 
     p = commands.add_parser("why", help="each stage of one package and why it is not moving")
     p.add_argument("package", help="package name (or an observation still being filed)")

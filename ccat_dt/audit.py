@@ -159,6 +159,8 @@ def _audit_location(opsdb: OpsDB, location: _Location, local_roots: set[str], *,
     root = os.path.normpath(location.root)
     expected = sum(1 for records in live.values() for r in records if r.status in ON_DISK)
     if not os.path.isdir(root):
+        if expected == 0:
+            return walk  # nothing recorded there yet (e.g. a processing area never used)
         walk.findings.append(Finding(
             SKIPPED, location.label, root, None,
             f"location root is missing or not a directory (not mounted?): {expected} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -106,57 +107,63 @@ class Metrics:
                  seconds: float, streams: int, attempts: int, outcome: str,
                  package: str) -> None:
         """One finished transfer of a package between sites (after all its attempts)."""
-        if not self.enabled:
-            return
-        rate = bytes / seconds / 1e6 if seconds > 0 else 0.0
-        point = (Point(TRANSFER).tag("route", route).tag("origin_site", origin)
-                 .tag("destination_site", destination).tag("transport", transport)
-                 .tag("outcome", outcome)
-                 .field("bytes", int(bytes)).field("seconds", float(seconds))
-                 .field("rate_mb_s", float(rate)).field("streams", int(streams))
-                 .field("attempts", int(attempts)))
-        self._write([point], package)
+
+        def build() -> list[Point]:
+            rate = bytes / seconds / 1e6 if seconds > 0 else 0.0
+            return [Point(TRANSFER).tag("route", route).tag("origin_site", origin)
+                    .tag("destination_site", destination).tag("transport", transport)
+                    .tag("outcome", outcome)
+                    .field("bytes", int(bytes)).field("seconds", float(seconds))
+                    .field("rate_mb_s", float(rate)).field("streams", int(streams))
+                    .field("attempts", int(attempts))]
+
+        self._emit(build, f"transfer of {package}")
 
     def stage(self, stage: str, outcome: str, seconds: float, package: str) -> None:
         """One pipeline step (packaging, transfer, archive, verification, ...) finished."""
-        if not self.enabled:
-            return
-        point = (Point(STAGE).tag("stage", stage).tag("outcome", outcome)
-                 .field("seconds", float(seconds)))
-        self._write([point], package)
+
+        def build() -> list[Point]:
+            return [Point(STAGE).tag("stage", stage).tag("outcome", outcome)
+                    .field("seconds", float(seconds))]
+
+        self._emit(build, f"{stage} of {package}")
 
     def location(self, site: str, location: str, kind: str, used_bytes: int | None,
                  free_bytes: int | None, copies_by_status: dict[str, int], *,
                  present_bytes: int | None = None) -> None:
         """A snapshot of one storage location: disk use and OpsDB copies by status."""
-        if not self.enabled:
-            return
-        tags = {"site": site, "location": location, "kind": kind}
-        points = []
-        fields = {"used_bytes": used_bytes, "free_bytes": free_bytes,
-                  "present_bytes": present_bytes}
-        if any(value is not None for value in fields.values()):
-            point = _tagged(LOCATION, tags)
-            for name, value in fields.items():
-                if value is not None:
-                    point.field(name, int(value))
-            points.append(point)
-        for status, count in sorted(copies_by_status.items()):
-            points.append(_tagged(LOCATION_COPIES, {**tags, "status": str(status)})
-                          .field("count", int(count)))
-        self._write(points, f"{site}/{location}")
+
+        def build() -> list[Point]:
+            tags = {"site": site, "location": location, "kind": kind}
+            points = []
+            fields = {"used_bytes": used_bytes, "free_bytes": free_bytes,
+                      "present_bytes": present_bytes}
+            if any(value is not None for value in fields.values()):  # no fields: no point
+                point = _tagged(LOCATION, tags)
+                for name, value in fields.items():
+                    if value is not None:
+                        point.field(name, int(value))
+                points.append(point)
+            for status, count in sorted(copies_by_status.items()):
+                points.append(_tagged(LOCATION_COPIES, {**tags, "status": str(status)})
+                              .field("count", int(count)))
+            return points
+
+        self._emit(build, f"location {site}/{location}")
 
     def service_level(self, packages_unsafe: int, bytes_unsafe: int, oldest_unsafe_age_s: float,
                       buffer_hours_left: dict[str, float | None]) -> None:
         """How much data is not yet safe, and how long each buffer lasts if nothing leaves."""
-        if not self.enabled:
-            return
-        points = [Point(SERVICE_LEVEL).field("packages_unsafe", int(packages_unsafe))
-                  .field("bytes_unsafe", int(bytes_unsafe))
-                  .field("oldest_unsafe_age_s", float(oldest_unsafe_age_s))]
-        points += [Point(BUFFER).tag("buffer", buffer).field("hours_left", float(hours))
-                   for buffer, hours in sorted(buffer_hours_left.items()) if hours is not None]
-        self._write(points, "service level")
+
+        def build() -> list[Point]:
+            points = [Point(SERVICE_LEVEL).field("packages_unsafe", int(packages_unsafe))
+                      .field("bytes_unsafe", int(bytes_unsafe))
+                      .field("oldest_unsafe_age_s", float(oldest_unsafe_age_s))]
+            return points + [Point(BUFFER).tag("buffer", buffer).field("hours_left", float(hours))
+                             for buffer, hours in sorted(buffer_hours_left.items())
+                             if hours is not None]
+
+        self._emit(build, "service level")
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -171,14 +178,13 @@ class Metrics:
             old.close()
 
     def close(self) -> None:
-        """Flush and release the HTTP pool; later points are dropped without a sound."""
+        """Flush and release the HTTP pool; later points are dropped (counted, not logged)."""
         with self._lock:
-            api, client = self._api, self._client
-            self._api = None
-        if api is not None:
+            api, self._api = self._api, None
+        if api is not None:  # None: disabled, or closed before
             api.close()
-        if client is not None:
-            client.close()
+            if self._client is not None:
+                self._client.close()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -193,20 +199,28 @@ class Metrics:
         return self._client.write_api(write_options=options, success_callback=self._written,
                                       error_callback=self._failed)
 
-    def _write(self, points: list[Point], about: str) -> None:
+    def _emit(self, build: Callable[[], list[Point]], about: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            points = build()
+        except Exception:  # noqa: BLE001 - a bad value is a bug to see, not a reason to fail
+            log.warning("metrics point for %s dropped: cannot build it", about, exc_info=True)
+            with self._lock:
+                self._dropped += 1
+            return
         now = datetime.now(UTC)  # stamped here: batching must not shift the time of a point
         for point in points:
             point.time(now, WritePrecision.MS)
         try:
             with self._lock:
-                if self._api is None:
+                if self._api is None:  # closed
                     self._dropped += len(points)
                     return
                 self._api.write(bucket=self.settings.bucket, org=self.settings.org,
                                 record=points)  # each point carries its precision
         except Exception as exc:  # noqa: BLE001 - metrics must never break a transfer
             self._failed((), b"\n".join(p.to_line_protocol().encode() for p in points), exc)
-            log.debug("metrics point about %s dropped", about)
 
     def _written(self, _key: tuple[Any, ...], _data: Any) -> None:
         with self._lock:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import CursorResult, or_, select, update
@@ -33,6 +33,9 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.retention import Action, Decision, decide_copy, lta_requirement, plan_deletions
+from ccat_dt.transports.base import Endpoint, SshSettings, TransferError
+from ccat_dt.transports.factory import ssh_settings
+from ccat_dt.transports.remote import remote_remove
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class _Claim:
     path: Path
     root: Path
     prune_dirs: bool
+    host: str | None  # a remote location: deleted over ssh
+    size: int
 
 
 def _package(session: Session, name: str) -> RawDataPackage:
@@ -90,7 +95,8 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
         session.flush()
         prune = copy.kind == "raw_file" and decision.location_type in (
             LocationType.SOURCE, LocationType.PROCESSING)
-        return _Claim(copy.id, operation.id, Path(decision.path), Path(copy.location.root), prune)
+        return _Claim(copy.id, operation.id, Path(decision.path), Path(copy.location.root),
+                      prune, copy.location.host, copy.size)
 
 
 def _certified(copy: PackageCopy) -> dict[str, Any]:
@@ -119,17 +125,25 @@ def _prune_empty_dirs(path: Path, root: Path) -> None:
         parent = parent.parent
 
 
-def _execute(opsdb: OpsDB, claim: _Claim) -> tuple[int, str | None]:
+def _execute(opsdb: OpsDB, ssh: SshSettings, claim: _Claim) -> tuple[int, str | None]:
     """Unlink the claimed file and record the outcome; returns (bytes freed, failure or None)."""
     clock, note, size = time.monotonic(), None, 0
     try:
         if not _inside(claim.path, claim.root):
             raise OSError(f"refusing to delete {claim.path}: outside location root {claim.root}")
-        try:
-            size = claim.path.lstat().st_size
-            claim.path.unlink()
-        except FileNotFoundError:
-            note = f"file already missing at deletion time: {claim.path}; treated as deleted"
+        if claim.host is not None:
+            where = Endpoint(PurePosixPath(claim.path), claim.host)
+            try:
+                remote_remove(ssh, where)
+            except TransferError as exc:
+                raise OSError(str(exc)) from exc
+            size = claim.size
+        else:
+            try:
+                size = claim.path.lstat().st_size
+                claim.path.unlink()
+            except FileNotFoundError:
+                note = f"file already missing at deletion time: {claim.path}; treated as deleted"
     except OSError as exc:
         with opsdb.session() as session:
             operation = session.get_one(Operation, claim.operation_id)
@@ -146,7 +160,7 @@ def _execute(opsdb: OpsDB, claim: _Claim) -> tuple[int, str | None]:
         operation.status, operation.error = OperationStatus.COMPLETED, note
         operation.bytes, operation.finished_at = size, finished
         operation.duration_s = time.monotonic() - clock
-    if claim.prune_dirs:
+    if claim.prune_dirs and claim.host is None:
         _prune_empty_dirs(claim.path, claim.root)
     return size, None
 
@@ -179,7 +193,7 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
         if isinstance(claim, Decision):
             kept.append(claim)
             continue
-        size, failure = _execute(opsdb, claim)
+        size, failure = _execute(opsdb, ssh_settings(config), claim)
         if failure is None:
             deleted, deleted_bytes = deleted + 1, deleted_bytes + size
         else:

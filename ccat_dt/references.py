@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ccat_dt.opsdb.models import PackageCopy
+from ccat_dt.transports.base import Endpoint
 
 
 @dataclass(frozen=True)
@@ -17,13 +18,18 @@ class CopyRef:
     path: str
     size: int
     checksum: str
+    host: str | None = None  # None: on the machine running the step
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(PurePosixPath(self.path), self.host)
 
     @classmethod
     def of(cls, copy: PackageCopy) -> CopyRef:
         return cls(package=copy.package.name, copy_id=copy.id,
                    site=copy.location.site.short_name, location=copy.location.name,
                    path=str(Path(copy.location.root) / copy.relative_path),
-                   size=copy.size, checksum=copy.checksum)
+                   size=copy.size, checksum=copy.checksum, host=copy.location.host)
 
 
 @dataclass(frozen=True)

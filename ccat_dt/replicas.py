@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_dt.checksums import ChecksumMismatch, hash_file
+from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
+    DataLocation,
     LocationType,
     Operation,
     OperationStatus,
@@ -25,8 +26,15 @@ from ccat_dt.packages import get_package, package_path
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, replication_source
 from ccat_dt.topology import primary_location
-from ccat_dt.transports.base import Endpoint, TransferError
-from ccat_dt.transports.local import transport_for
+from ccat_dt.transports.base import (
+    Endpoint,
+    SshSettings,
+    TransferError,
+    TransferResult,
+    Transport,
+)
+from ccat_dt.transports.factory import endpoint, ssh_settings, transport_for
+from ccat_dt.transports.remote import remote_xxh128, remote_xxh128_and_size
 
 
 class NotReady(Exception):
@@ -51,53 +59,148 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
           run_id: str | None = None, attempt: int = 0) -> CopyRef:
     """Copy the package to the site's location of `kind`, verify it, record it.
 
-    Idempotent: an existing verified copy there is returned untouched. LTA copies are
-    re-read after they are written; buffer copies are verified in the transfer pass.
+    Idempotent: an existing verified copy there is returned untouched. On a route with a
+    batch budget, other packages waiting on the same route travel in the same transport
+    session, each verified and recorded on its own. LTA copies are re-read after writing.
     """
-    source = placement.source
     with opsdb.session() as session:
         package = get_package(session, placement.package)
         existing = verified_copy(session, package, placement.site, kind)
         if existing is not None:
             return CopyRef.of(existing)
         destination = primary_location(session, placement.site, kind)
-        route = config.settings.route(source.site, placement.site)
-        transport = transport_for(route.transport if route else "local")
-        origin = session.get_one(PackageCopy, source.copy_id)
-        if not origin.is_verified:
-            raise NotReady(f"package {placement.package}: source copy {source.site}/"
-                           f"{source.location} is no longer verified ({origin.status.value})")
-        operation = Operation(
-            operation_type=(OperationType.ARCHIVE if kind == LocationType.LONG_TERM_ARCHIVE
-                            else OperationType.TRANSFER),
-            package=package, source_location_id=origin.location_id,
-            destination_location_id=destination.id, transport=transport.name,
-            retry_count=attempt, run_id=run_id)
-        session.add(operation)
-        relative = package_path(package)
-        target = Path(destination.root) / relative
+        route = (config.settings.route(placement.source.site, placement.site)
+                 if placement.source.site != placement.site else None)
+        batch = [placement]
+        if route is not None and route.batch_bytes:
+            batch += _companions(session, config, placement, kind, route.batch_bytes)
+        jobs = [_start(session, item, destination, kind, run_id, attempt) for item in batch]
+        remote = destination.host is not None or placement.source.host is not None
+    transport = transport_for(config, route, remote=remote)
+    outcomes = _transfer(transport, jobs)
+    ssh = ssh_settings(config)
+    own: CopyRef | None = None
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if isinstance(outcome, TransferResult) and kind == LocationType.LONG_TERM_ARCHIVE:
+            outcome = _reread(ssh, job, outcome)
+        if isinstance(outcome, Exception):
+            finish(opsdb, job.operation_id, error=str(outcome))
+            if job.placement is placement:
+                raise outcome
+            continue
+        ref = _record(opsdb, config, job, kind, outcome)
+        if job.placement is placement:
+            own = ref
+    assert own is not None
+    return own
+
+
+@dataclass(frozen=True)
+class _Job:
+    placement: Placement
+    destination: Endpoint
+    destination_id: int
+    relative: str
+    operation_id: int
+
+
+def _start(session: Session, placement: Placement, destination: DataLocation,
+           kind: LocationType, run_id: str | None, attempt: int) -> _Job:
+    package = get_package(session, placement.package)
+    origin = session.get_one(PackageCopy, placement.source.copy_id)
+    if not origin.is_verified:
+        raise NotReady(f"package {placement.package}: source copy {placement.source.site}/"
+                       f"{placement.source.location} is no longer verified "
+                       f"({origin.status.value})")
+    operation = Operation(
+        operation_type=(OperationType.ARCHIVE if kind == LocationType.LONG_TERM_ARCHIVE
+                        else OperationType.TRANSFER),
+        package=package, source_location_id=origin.location_id,
+        destination_location_id=destination.id, retry_count=attempt, run_id=run_id)
+    session.add(operation)
+    session.flush()
+    relative = package_path(package)
+    return _Job(placement, endpoint(destination, relative), destination.id, relative,
+                operation.id)
+
+
+def _companions(session: Session, config: Config, placement: Placement, kind: LocationType,
+                budget: int) -> list[Placement]:
+    """Packages of the same observation waiting for the same hop from the same location that
+    were never attempted there, up to the batch byte budget."""
+    package = get_package(session, placement.package)
+    destination = primary_location(session, placement.site, kind)
+    siblings = session.scalars(select(RawDataPackage).where(
+        RawDataPackage.observation_id == package.observation_id,
+        RawDataPackage.id != package.id, RawDataPackage.checksum.is_not(None))
+        .order_by(RawDataPackage.id)).all()
+    out: list[Placement] = []
+    spent = placement.source.size
+    for sibling in siblings:
+        tried = session.scalar(select(Operation.id).where(
+            Operation.package_id == sibling.id,
+            Operation.destination_location_id == destination.id).limit(1))
+        if tried is not None or copies_at(session, sibling, kind, placement.site):
+            continue
+        source = (verified_copy(session, sibling, placement.site, LocationType.BUFFER)
+                  if kind == LocationType.LONG_TERM_ARCHIVE
+                  else replication_source(session, config, sibling, placement.site))
+        if (source is None or source.location_id != placement_location(session, placement)
+                or spent + source.size > budget):
+            continue
+        spent += source.size
+        out.append(Placement(sibling.name, placement.site, CopyRef.of(source)))
+    return out
+
+
+def placement_location(session: Session, placement: Placement) -> int:
+    return session.get_one(PackageCopy, placement.source.copy_id).location_id
+
+
+def _transfer(transport: Transport, jobs: list[_Job]) -> list[TransferResult | Exception]:
+    """One session for the batch; each file's outcome on its own."""
+    if len(jobs) == 1:
+        job = jobs[0]
+        try:
+            return [transport.copy(job.placement.source.endpoint, job.destination,
+                                   job.placement.source.checksum)]
+        except (TransferError, ChecksumMismatch, OSError) as exc:
+            return [exc]
+    pairs = [(j.placement.source.endpoint, j.destination, j.placement.source.checksum)
+             for j in jobs]
     try:
-        result = transport.copy(Endpoint(PurePosixPath(source.path)),
-                                Endpoint(PurePosixPath(target)), source.checksum)
-        if kind == LocationType.LONG_TERM_ARCHIVE:
-            actual, _ = hash_file(target)
-            if actual != source.checksum:
-                raise ChecksumMismatch(target, source.checksum, actual)
+        return list(transport.copy_many(pairs))
     except (TransferError, ChecksumMismatch, OSError) as exc:
-        finish(opsdb, operation.id, error=str(exc))
-        raise
+        return [exc] * len(jobs)
+
+
+def _reread(ssh: SshSettings, job: _Job, result: TransferResult) -> TransferResult | Exception:
+    """The LTA copy is read back from where it landed before it counts."""
+    try:
+        actual = remote_xxh128(ssh, job.destination)
+    except (TransferError, OSError) as exc:
+        return exc
+    if actual != job.placement.source.checksum:
+        return ChecksumMismatch(str(job.destination), job.placement.source.checksum, actual)
+    return result
+
+
+def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
+            result: TransferResult) -> CopyRef:
     with opsdb.session() as session:
-        package = get_package(session, placement.package)
+        package = get_package(session, job.placement.package)
         now = utcnow()
-        for stale in copies_at(session, package, kind, placement.site):
+        for stale in copies_at(session, package, kind, job.placement.site):
             if stale.status == CopyStatus.CORRUPT:  # overwritten by this repair
                 stale.status, stale.deleted_at = CopyStatus.DELETED, now
-        copy = PackageCopy(package=package, location_id=destination.id, relative_path=relative,
-                           size=result.bytes, checksum=result.checksum, created_at=now,
-                           verified_at=utcnow())
+        copy = PackageCopy(package=package, location_id=job.destination_id,
+                           relative_path=job.relative, size=result.bytes,
+                           checksum=result.checksum, created_at=now, verified_at=utcnow())
         session.add(copy)
         session.flush()
-        finish_in(session, operation.id, copy_id=copy.id, nbytes=result.bytes,
+        operation = session.get_one(Operation, job.operation_id)
+        operation.log_path = result.log_path
+        finish_in(session, job.operation_id, copy_id=copy.id, nbytes=result.bytes,
                   seconds=result.seconds)
         refresh_state(session, config, package)
         return CopyRef.of(copy)
@@ -111,7 +214,8 @@ class Verification:
     path: str | None
 
 
-def verify(opsdb: OpsDB, package: str, site: str, kind: LocationType) -> Verification:
+def verify(opsdb: OpsDB, config: Config, package: str, site: str,
+           kind: LocationType) -> Verification:
     """Re-read the newest copy at the site's location of `kind` against the package checksum.
 
     A mismatch marks the copy CORRUPT, which blocks every purge of the package.
@@ -123,16 +227,20 @@ def verify(opsdb: OpsDB, package: str, site: str, kind: LocationType) -> Verific
         if not copies:
             return Verification(False, f"no copy of {package} at {site} {kind.value}", None, None)
         copy = copies[-1]
-        path = Path(copy.location.root) / copy.relative_path
+        where = endpoint(copy.location, copy.relative_path)
         operation = Operation(operation_type=OperationType.VERIFICATION, package=pkg,
                               copy_id=copy.id, destination_location_id=copy.location_id)
         session.add(operation)
+        label = f"{site}/{copy.location.name}"
     try:
-        actual, size = hash_file(path)
+        actual, size = remote_xxh128_and_size(ssh_settings(config), where)
         problem = None if actual == pkg.checksum else (
             f"checksum mismatch: expected {pkg.checksum}, read {actual}")
-    except OSError as exc:
-        size, problem = 0, f"cannot read {path}: {exc}"
+    except (TransferError, OSError) as exc:
+        if isinstance(exc, TransferError) and exc.retryable:
+            finish(opsdb, operation.id, error=str(exc))
+            raise  # the host is unreachable: that says nothing about the copy
+        size, problem = 0, f"cannot read {where}: {exc}"
     with opsdb.session() as session:
         stored = session.get_one(PackageCopy, copy.id)
         if problem is None:
@@ -141,9 +249,8 @@ def verify(opsdb: OpsDB, package: str, site: str, kind: LocationType) -> Verific
             stored.status = CopyStatus.CORRUPT
         finish_in(session, operation.id, copy_id=copy.id, nbytes=size, seconds=None,
                   error=problem)
-    where = f"{site}/{copy.location.name}"
-    return Verification(problem is None, f"{where}: {problem or 'checksum matches'}",
-                        copy.id, str(path))
+    return Verification(problem is None, f"{label}: {problem or 'checksum matches'}",
+                        copy.id, str(where))
 
 
 def verified_copy(session: Session, package: RawDataPackage, site: str,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import PurePosixPath
 
 from sqlalchemy import func, select
 
@@ -19,6 +19,8 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     Site,
 )
+from ccat_dt.transports.base import Endpoint, SshSettings
+from ccat_dt.transports.remote import remote_size
 
 
 @dataclass(frozen=True)
@@ -81,24 +83,28 @@ def summarize(opsdb: OpsDB) -> Summary:
         deletions=deletions, deleted_bytes=deleted_bytes, failed_operations=failed)
 
 
-def disagreements(opsdb: OpsDB) -> list[str]:
+def disagreements(opsdb: OpsDB, ssh: SshSettings | None = None) -> list[str]:
     """Copies whose OpsDB status the disk contradicts: PRESENT but missing or of another size,
-    DELETED but still there."""
+    DELETED but still there. Remote locations are asked over ssh (skipped without `ssh`)."""
     problems = []
     with opsdb.session() as s:
         rows = s.execute(select(PhysicalCopy.id, PhysicalCopy.status, PhysicalCopy.size,
-                                DataLocation.root, PhysicalCopy.relative_path)
-                         .join(DataLocation)).all()
+                                DataLocation.root, DataLocation.host,
+                                PhysicalCopy.relative_path).join(DataLocation)).all()
     on_disk = (CopyStatus.PRESENT, CopyStatus.STAGED)
-    present = {(root, relative) for _, status, _, root, relative in rows if status in on_disk}
-    for copy_id, status, size, root, relative in rows:
-        path = Path(root) / relative
+    present = {(host, root, relative) for _, status, _, root, host, relative in rows
+               if status in on_disk}
+    for copy_id, status, size, root, host, relative in rows:
+        if host is not None and ssh is None:
+            continue
+        where = Endpoint(PurePosixPath(root) / relative, host)
         if status in on_disk:
-            if not path.is_file():
-                problems.append(f"copy {copy_id}: {path} recorded present, missing on disk")
-            elif path.stat().st_size != size:
-                problems.append(f"copy {copy_id}: {path} is {path.stat().st_size} bytes, "
-                                f"recorded {size}")
-        elif status == CopyStatus.DELETED and path.exists() and (root, relative) not in present:
-            problems.append(f"copy {copy_id}: {path} recorded deleted, still on disk")
+            actual = remote_size(ssh or SshSettings(), where)
+            if actual is None:
+                problems.append(f"copy {copy_id}: {where} recorded present, missing on disk")
+            elif actual != size:
+                problems.append(f"copy {copy_id}: {where} is {actual} bytes, recorded {size}")
+        elif (status == CopyStatus.DELETED and (host, root, relative) not in present
+              and remote_size(ssh or SshSettings(), where) is not None):
+            problems.append(f"copy {copy_id}: {where} recorded deleted, still on disk")
     return problems

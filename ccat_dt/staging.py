@@ -35,7 +35,8 @@ from ccat_dt.packaging import extract_package
 from ccat_dt.replicas import finish, finish_in
 from ccat_dt.retention import verified_lta_copies
 from ccat_dt.topology import UnknownLocation, get_location
-from ccat_dt.transports.local import LocalTransport
+from ccat_dt.transports.base import Endpoint
+from ccat_dt.transports.factory import endpoint, transport_for
 
 
 class StagingError(Exception):
@@ -65,6 +66,9 @@ def request_staging(opsdb: OpsDB, *, location: str, selection: Selection,
         if target.location_type != LocationType.PROCESSING:
             raise StagingError(f"{location} is a {target.location_type.value} location; "
                                "staging targets a processing location")
+        if target.host is not None:
+            raise StagingError(f"{location} is on {target.host}: staging unpacks on the machine "
+                               "that runs it, so run staging where the processing area is")
         packages = _select(session, selection)
         if not packages:
             raise StagingError(f"no package matches {selection}")
@@ -156,14 +160,16 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
             RawDataFileCopy.raw_data_file_id.in_([f.id for f in package.files]))).all()
         if len(staged) == len(package.files):
             return 0, 0
-        source = _nearest(config, verified_lta_copies(session, package),
-                          request.location.site.short_name)
+        site = request.location.site.short_name
+        source = _nearest(config, verified_lta_copies(session, package), site)
         if source is None:
             raise StagingError(f"{package_name}: no verified LTA copy to stage from")
         root = Path(request.location.root)
         directory = PurePosixPath(request_name) / package_name
         tar = root / request_name / f"{package_name}.tar"
-        source_path = Path(source.location.root) / source.relative_path
+        origin = endpoint(source.location, source.relative_path)
+        route = config.settings.route(source.location.site.short_name, site)
+        transport = transport_for(config, route, remote=origin.host is not None)
         operation = Operation(operation_type=OperationType.STAGING, package=package,
                               source_location_id=source.location_id,
                               destination_location_id=request.location_id, run_id=run_id)
@@ -172,7 +178,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         checksum, location_id, request_id = package.checksum or "", request.location_id, request.id
     started = time.monotonic()
     try:
-        LocalTransport().copy_file(source_path, tar, checksum)
+        transport.copy(origin, Endpoint(PurePosixPath(tar)), checksum)
         manifest = extract_package(tar, root / directory)
     except Exception as exc:
         finish(opsdb, operation.id, error=str(exc))

@@ -31,4 +31,4 @@ def opsdb(config: Config) -> Iterator[OpsDB]:
     db.dispose()
 
 
-pytest_plugins = ["tests.services"]
+pytest_plugins = ["tests.services", "tests.sshd", "tests.victoria"]

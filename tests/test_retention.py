@@ -349,14 +349,15 @@ def test_failed_unlink_is_recorded_and_not_retried_blindly(config: Config, opsdb
         kept_reasons(again)["ccat/buffer"]
 
 
-def test_processing_copies_are_left_alone(config: Config, opsdb: OpsDB) -> None:
+def test_processing_copies_outside_a_staging_request_are_left_alone(config: Config,
+                                                                   opsdb: OpsDB) -> None:
     make_package(opsdb)
     archived(opsdb, "cologne", "us")
     add_copy(opsdb, "ramses", "processing")
 
     report = purge_package(opsdb, config, PKG)
 
-    assert kept_reasons(report)["ramses/processing"] == ["staging is handled elsewhere"]
+    assert kept_reasons(report)["ramses/processing"] == ["not part of a staging request"]
     assert path_of(config, "ramses", "processing", OBS_TAR[2]).exists()
 
 

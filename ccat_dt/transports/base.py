@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -66,6 +67,12 @@ class Transport(Protocol):
              expected_checksum: str) -> TransferResult:
         """Copy `source` to `destination`: land under a temporary name, verify against
         `expected_checksum`, then rename; a mismatch leaves nothing at `destination`."""
+        ...
+
+    def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
+                  ) -> Sequence[TransferResult | TransferError]:
+        """Several files (source, destination, checksum) in one session, each verified on
+        its own; an error for one file is returned in its place (or raised for all)."""
         ...
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from ccat_dt.checksums import CHUNK_SIZE, ChecksumMismatch, new_hasher
+from ccat_dt.checksums import CHUNK_SIZE, new_hasher
 from ccat_dt.transports.base import (
     Endpoint,
     TransferError,
@@ -31,6 +32,16 @@ class LocalTransport:
                                 "configure an rsync or bbcp route", retryable=False)
         return self.copy_file(Path(source.path), Path(destination.path), expected_checksum)
 
+    def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
+                  ) -> list[TransferResult | TransferError]:
+        out: list[TransferResult | TransferError] = []
+        for source, destination, checksum in pairs:
+            try:
+                out.append(self.copy(source, destination, checksum))
+            except TransferError as exc:
+                out.append(exc)
+        return out
+
     def copy_file(self, source: Path, destination: Path, expected_checksum: str) -> TransferResult:
         started = time.monotonic()
         partial = Path(temporary_name(PurePosixPath(destination)))
@@ -46,7 +57,9 @@ class LocalTransport:
                 writer.flush()
                 os.fsync(writer.fileno())
             if hasher.hexdigest() != expected_checksum:
-                raise ChecksumMismatch(source, expected_checksum, hasher.hexdigest())
+                raise TransferError(f"checksum mismatch on arrival at {destination}: expected "
+                                    f"{expected_checksum}, got {hasher.hexdigest()}",
+                                    retryable=True)
             os.replace(partial, destination)
             fsync_directory(destination.parent)
         except OSError as exc:
@@ -59,8 +72,3 @@ class LocalTransport:
         return TransferResult(bytes=size, seconds=time.monotonic() - started,
                               checksum=hasher.hexdigest())
 
-
-def transport_for(name: str) -> LocalTransport:
-    if name == "local":
-        return LocalTransport()
-    raise ValueError(f"unknown transport '{name}'")

@@ -1,0 +1,344 @@
+"""The audit: OpsDB against the disks after a real lifecycle, and a repair that only ever makes
+the purge more careful (lost/changed copies become CORRUPT; unknown files are never touched)."""
+
+from __future__ import annotations
+
+import copy as copylib
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.audit import audit
+from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import CONFIG_NAME, EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.models import (
+    Base,
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    PackageState,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataFileCopy,
+    RawDataPackage,
+    Site,
+    utcnow,
+)
+from ccat_dt.reaper import purge_package
+from ccat_dt.topology import get_location, sync_topology
+from tests.test_lifecycle import observe
+
+RETENTION_HOURS = 1000.0  # buffers and source keep their copies, so a purge has work to do
+LATER = timedelta(hours=2 * RETENTION_HOURS)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real lifecycle (sensors, runs, checks) per module; each test audits a copy of it."""
+    base = tmp_path_factory.mktemp("audit-template")
+    sites: Any = copylib.deepcopy(EMBEDDED_DEFAULT["sites"])
+    for site in sites:
+        for location in site["locations"]:
+            if location["type"] in ("source", "buffer"):
+                location["retention_hours"] = RETENTION_HOURS
+    config = load_config(write_default_config(base / "deploy", {"sites": sites}))
+    migrate(config.opsdb_url)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    observe(config, opsdb, observations=1, files=2)
+    home = base / "dagster_home"
+    home.mkdir()
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert drive(build_definitions(config), instance).failed == []
+    opsdb.dispose()
+    return base / "deploy"
+
+
+@pytest.fixture
+def config(template: Path, tmp_path: Path) -> Config:
+    """A private copy of the lifecycle's data and OpsDB, re-rooted at its new place."""
+    shutil.copytree(template, tmp_path / "deploy")
+    cfg = load_config(tmp_path / "deploy" / CONFIG_NAME)
+    opsdb = OpsDB(cfg.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, cfg)
+    opsdb.dispose()
+    return cfg
+
+
+@pytest.fixture
+def lta(opsdb: OpsDB) -> Iterator[list[tuple[str, int, Path]]]:
+    """(package, copy id, path) of every LTA copy."""
+    with opsdb.session() as session:
+        rows = session.execute(
+            select(RawDataPackage.name, PackageCopy.id, DataLocation.root,
+                   PackageCopy.relative_path)
+            .join(PackageCopy, PackageCopy.package_id == RawDataPackage.id)
+            .join(DataLocation, PackageCopy.location_id == DataLocation.id)
+            .where(DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)
+            .order_by(PackageCopy.id)).all()
+    yield [(name, copy_id, Path(root) / relative) for name, copy_id, root, relative in rows]
+
+
+def status(opsdb: OpsDB, copy_id: int) -> CopyStatus:
+    with opsdb.session() as session:
+        return session.get_one(PhysicalCopy, copy_id).status
+
+
+def buffer_root(opsdb: OpsDB, site: str) -> Path:
+    with opsdb.session() as session:
+        return Path(get_location(session, site, "buffer").root)
+
+
+def db_snapshot(opsdb: OpsDB) -> dict[str, list[tuple[Any, ...]]]:
+    with opsdb.session() as session:
+        return {table.name: [tuple(row) for row in session.execute(
+            select(table).order_by(*table.primary_key.columns)).all()]
+            for table in Base.metadata.sorted_tables}
+
+
+def disk_snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def flip_byte(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_clean_lifecycle_audits_clean_before_and_after_the_purge(
+        config: Config, opsdb: OpsDB) -> None:
+    report = audit(opsdb, checksums=True)
+    assert report.findings == []
+    assert report.checked_copies == report.scanned_files > 0  # every file is a known copy
+
+    with opsdb.session() as session:
+        names = session.scalars(select(RawDataPackage.name)).all()
+    purged = [purge_package(opsdb, config, name, now=utcnow() + LATER) for name in names]
+    assert all(p.deleted > 0 and p.failures == [] for p in purged)
+
+    after = audit(opsdb, checksums=True)
+    assert after.findings == []  # DELETED copies whose files are gone are what OpsDB says
+    assert 0 < after.checked_copies < report.checked_copies
+    with opsdb.session() as session:
+        kinds = set(session.scalars(select(PhysicalCopy.kind).where(
+            PhysicalCopy.status == CopyStatus.DELETED)))
+    assert kinds == {"package", "raw_file"}
+
+
+def test_lost_lta_file_is_reported_and_repair_freezes_its_package(
+        config: Config, opsdb: OpsDB, lta: list[tuple[str, int, Path]]) -> None:
+    victim, copy_id, path = lta[0]
+    path.unlink()
+
+    report = audit(opsdb)
+    assert [(f.kind, f.copy_id, f.path) for f in report.findings] == [("lost", copy_id,
+                                                                       str(path))]
+    assert report.repaired == [] and status(opsdb, copy_id) == CopyStatus.PRESENT
+
+    repaired = audit(opsdb, repair=True, config=config)
+    assert len(repaired.repaired) == 1 and str(copy_id) in repaired.repaired[0]
+    assert status(opsdb, copy_id) == CopyStatus.CORRUPT
+    assert not path.exists()  # never re-created, never "fixed" by marking PRESENT
+    with opsdb.session() as session:
+        [operation] = session.scalars(select(Operation).where(
+            Operation.copy_id == copy_id,
+            Operation.operation_type == OperationType.VERIFICATION,
+            Operation.status == OperationStatus.FAILED)).all()
+        assert "missing on disk" in (operation.error or "")
+        package = session.scalars(select(RawDataPackage).where(
+            RawDataPackage.name == victim)).one()
+        assert package.state == PackageState.TRANSFERRING  # one archive copy short again
+    assert audit(opsdb).problems == []  # recorded now: not reported again
+
+    frozen = purge_package(opsdb, config, victim, now=utcnow() + LATER)
+    assert frozen.deleted == 0
+    assert frozen.kept and all("integrity check failed" in d.reason for d in frozen.kept
+                               if d.location_type != LocationType.LONG_TERM_ARCHIVE)
+    [healthy] = {name for name, _, _ in lta} - {victim}
+    assert purge_package(opsdb, config, healthy, now=utcnow() + LATER).deleted > 0
+
+
+def test_truncated_lta_copy_is_changed_and_repair_marks_it_corrupt(
+        opsdb: OpsDB, lta: list[tuple[str, int, Path]]) -> None:
+    _, copy_id, path = lta[1]
+    size = path.stat().st_size
+    os.truncate(path, size - 1)
+
+    [finding] = audit(opsdb).findings
+    assert (finding.kind, finding.copy_id) == ("changed", copy_id)
+    assert f"recorded {size}" in finding.detail
+
+    audit(opsdb, repair=True)
+    assert status(opsdb, copy_id) == CopyStatus.CORRUPT
+    assert path.stat().st_size == size - 1  # the bytes stay for an operator to look at
+
+
+def test_flipped_byte_is_found_only_by_checksum(opsdb: OpsDB,
+                                               lta: list[tuple[str, int, Path]]) -> None:
+    _, copy_id, path = lta[0]
+    flip_byte(path)
+
+    assert audit(opsdb).findings == []  # same size: sizes alone cannot see it
+    report = audit(opsdb, checksums=True)
+    [finding] = report.findings
+    assert (finding.kind, finding.copy_id) == ("changed", copy_id)
+    assert "xxh3_128" in finding.detail
+
+    audit(opsdb, checksums=True, repair=True)
+    assert status(opsdb, copy_id) == CopyStatus.CORRUPT
+
+
+def test_dark_file_is_reported_and_never_deleted(opsdb: OpsDB) -> None:
+    stray = buffer_root(opsdb, "cologne") / "someone" / "notes.txt"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"not ours")
+
+    for repair in (False, True):
+        report = audit(opsdb, repair=repair)
+        assert [(f.kind, f.path, f.copy_id) for f in report.findings] == [
+            ("dark", str(stray), None)]
+        assert report.repaired == []
+    assert stray.read_bytes() == b"not ours"
+
+
+def test_partial_file_is_removed_only_when_abandoned_and_nothing_is_in_flight(
+        opsdb: OpsDB) -> None:
+    root = buffer_root(opsdb, "ccat")
+    part = root / "obs-0" / ".x.tar.part"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(b"half a tar")
+
+    [finding] = audit(opsdb, repair=True).findings  # fresh: a transfer may be writing it
+    assert finding.kind == "partial" and finding.path == str(part)
+    assert "0.0 h ago" in finding.detail and part.exists()
+
+    with opsdb.session() as session:
+        location = get_location(session, "ccat", "buffer")
+        operation = Operation(operation_type=OperationType.PACKAGING,
+                              status=OperationStatus.IN_PROGRESS,
+                              destination_location_id=location.id)
+        session.add(operation)
+    later = utcnow() + timedelta(hours=25)
+    report = audit(opsdb, repair=True, now=later)
+    assert [f.kind for f in report.findings] == ["partial"] and report.repaired == []
+    assert part.exists()  # old, but something is working at this location
+
+    with opsdb.session() as session:
+        session.get_one(Operation, operation.id).status = OperationStatus.FAILED
+    assert part.exists() and audit(opsdb, now=later).repaired == []  # no repair, no change
+    report = audit(opsdb, repair=True, now=later)
+    assert report.repaired == [f"removed abandoned temporary file {part}"]
+    assert not part.exists()
+    assert audit(opsdb).findings == []
+
+
+def test_deleted_copy_whose_file_reappears_is_stale(config: Config, opsdb: OpsDB,
+                                                     lta: list[tuple[str, int, Path]]) -> None:
+    name = lta[0][0]
+    assert purge_package(opsdb, config, name, now=utcnow() + LATER).deleted > 0
+    with opsdb.session() as session:
+        copy_id, root, relative = session.execute(
+            select(PackageCopy.id, DataLocation.root, PackageCopy.relative_path)
+            .join(DataLocation, PackageCopy.location_id == DataLocation.id)
+            .join(RawDataPackage, PackageCopy.package_id == RawDataPackage.id)
+            .where(RawDataPackage.name == name, PackageCopy.status == CopyStatus.DELETED,
+                   DataLocation.location_type == LocationType.BUFFER)
+            .order_by(PackageCopy.id).limit(1)).one()
+    back = Path(root) / relative
+    back.parent.mkdir(parents=True, exist_ok=True)
+    back.write_bytes(b"restored from somebody's backup")
+
+    for repair in (False, True):
+        [finding] = audit(opsdb, repair=repair).findings
+        assert (finding.kind, finding.copy_id, finding.path) == ("stale_deleted", copy_id,
+                                                                 str(back))
+    assert back.exists() and status(opsdb, copy_id) == CopyStatus.DELETED
+
+
+def test_without_repair_nothing_changes(config: Config, opsdb: OpsDB,
+                                        lta: list[tuple[str, int, Path]]) -> None:
+    assert purge_package(opsdb, config, lta[0][0], now=utcnow() + LATER).deleted > 0
+    lta[0][2].unlink()  # lost
+    flip_byte(lta[1][2])  # changed (checksum)
+    os.truncate(lta[2][2], 10)  # changed (size)
+    (buffer_root(opsdb, "us") / "stray.bin").write_bytes(b"?")  # dark
+    (buffer_root(opsdb, "us") / ".y.tar.part").write_bytes(b"?")  # partial
+    with opsdb.session() as session:
+        deleted = session.scalars(select(PhysicalCopy).where(
+            PhysicalCopy.status == CopyStatus.DELETED).limit(1)).one()
+        stale = Path(deleted.location.root) / deleted.relative_path
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"back")  # stale_deleted
+    data = config.resolve_root("sites")
+    before_db, before_disk = db_snapshot(opsdb), disk_snapshot(data)
+
+    report = audit(opsdb, checksums=True, now=utcnow() + timedelta(days=30))
+
+    assert sorted(f.kind for f in report.findings) == [
+        "changed", "changed", "dark", "lost", "partial", "stale_deleted"]
+    assert report.repaired == []
+    assert db_snapshot(opsdb) == before_db
+    assert disk_snapshot(data) == before_disk
+
+
+def test_remote_and_unmounted_locations_are_not_judged(opsdb: OpsDB,
+                                                       lta: list[tuple[str, int, Path]]) -> None:
+    with opsdb.session() as session:
+        cologne = session.scalars(select(DataLocation).join(Site).where(
+            Site.short_name == "cologne", DataLocation.name == "lta")).one()
+        cologne.host = "archive.example.org"
+        us_root = Path(session.scalars(select(DataLocation.root).join(Site).where(
+            Site.short_name == "us", DataLocation.name == "lta")).one())
+    shutil.move(us_root, us_root.with_name("lta-elsewhere"))
+    us_root.mkdir()  # an empty mount point: the archive file system is not mounted
+
+    report = audit(opsdb, repair=True)
+
+    skipped = [f for f in report.findings if f.kind == "skipped"]
+    assert [f.location for f in skipped] == ["cologne/lta"]
+    assert "remote audit is not implemented" in skipped[0].detail
+    lost = [f for f in report.findings if f.kind == "lost"]
+    assert lost and all(f.location == "us/lta" and "not mounted" in f.detail for f in lost)
+    assert report.repaired == []
+    assert all(status(opsdb, copy_id) == CopyStatus.PRESENT for _, copy_id, _ in lta)
+
+
+def test_lost_staged_copy_is_reported_but_not_frozen(opsdb: OpsDB) -> None:
+    """Staged files are re-derivable from the archives; CORRUPT would freeze purges for good."""
+    with opsdb.session() as session:
+        processing = get_location(session, "ramses", "processing")
+        raw = session.scalars(select(RawDataFile).order_by(RawDataFile.id).limit(1)).one()
+        staged = RawDataFileCopy(raw_data_file_id=raw.id, location_id=processing.id,
+                                 relative_path=f"request/{raw.relative_path}", size=raw.size,
+                                 checksum=raw.checksum, status=CopyStatus.STAGED)
+        session.add(staged)
+        session.flush()
+        copy_id, root = staged.id, Path(processing.root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "other.txt").write_bytes(b"x")  # the area is mounted; only the staged file is gone
+
+    report = audit(opsdb, repair=True)
+
+    assert sorted((f.kind, f.copy_id) for f in report.findings) == [("dark", None),
+                                                                    ("lost", copy_id)]
+    assert report.repaired == [] and status(opsdb, copy_id) == CopyStatus.STAGED

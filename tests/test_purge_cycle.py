@@ -1,0 +1,472 @@
+"""Purge cycles: the byte budget, oldest first; disk pressure deleting early down to the low
+watermark but never past any other rule; and `ccat-dt purge [--plan]`."""
+
+from __future__ import annotations
+
+import copy as copylib
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from ccat_assets.cli import main
+from ccat_dt.checksums import hash_file, new_hasher
+from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    ExecutedObsUnit,
+    InstrumentModule,
+    Operation,
+    OperationType,
+    PackageCopy,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataFileCopy,
+    RawDataPackage,
+    utcnow,
+)
+from ccat_dt.purge_cycle import CyclePlan, DiskUsage, plan_cycle
+from ccat_dt.reaper import certificate_problems, purge_package
+from ccat_dt.retention import Action, Decision, plan_deletions
+from ccat_dt.topology import get_location, get_site, sync_topology
+
+NOW = utcnow().replace(microsecond=0) - timedelta(hours=1)  # simulated "now", in the past
+
+
+# --- building deployments and OpsDB state with real small files ------------------------------
+
+def deploy(directory: Path, locations: dict[str, dict[str, Any]] | None = None,
+           **policies: Any) -> Config:
+    """The embedded default with per-location settings ("site/location" -> fields) and policies,
+    written to `directory`, migrated and its topology synced."""
+    sites = copylib.deepcopy(EMBEDDED_DEFAULT["sites"])
+    assert isinstance(sites, list)
+    for label, fields in (locations or {}).items():
+        site_name, location_name = label.split("/")
+        [site] = [s for s in sites if s["short_name"] == site_name]
+        [location] = [loc for loc in site["locations"] if loc["name"] == location_name]
+        location.update(fields)
+    base = EMBEDDED_DEFAULT["policies"]
+    assert isinstance(base, dict)
+    config = load_config(write_default_config(
+        directory, overrides={"sites": sites, "policies": {**base, **policies}}))
+    migrate(config.opsdb_url)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    opsdb.dispose()
+    return config
+
+
+def write(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return hash_file(path)[0]
+
+
+def checksum(data: bytes) -> str:
+    hasher = new_hasher()
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    """Stand-in bytes for the package tar (only its checksum and size matter here)."""
+    return b"".join(files[rel] for rel in sorted(files))
+
+
+def add_package(opsdb: OpsDB, name: str, files: dict[str, bytes], created_at: datetime,
+                module: str = "f280") -> list[int]:
+    """A package of raw files filed (and verified) at ccat/instruments; the raw-file copy ids."""
+    ids = []
+    with opsdb.session() as s:
+        source = get_location(s, "ccat", "instruments")
+        obs = ExecutedObsUnit(name=f"obs-{name}")
+        mod = s.scalars(select(InstrumentModule).where(InstrumentModule.name == module)).one()
+        tar = tar_of(files)
+        package = RawDataPackage(name=name, observation=obs, module=mod, size=len(tar),
+                                 primary_site=get_site(s, "cologne"), checksum=checksum(tar))
+        s.add(package)
+        for rel, data in files.items():
+            path = f"{name}/{rel}"
+            digest = write(Path(source.root) / path, data)
+            raw = RawDataFile(source_location=source, relative_path=path, size=len(data),
+                              checksum_algorithm="xxh3_128", checksum=digest, observation=obs,
+                              module=mod, package=package)
+            copy = RawDataFileCopy(raw_data_file=raw, location=source, relative_path=path,
+                                   size=len(data), checksum=digest, created_at=created_at,
+                                   verified_at=created_at + timedelta(minutes=1))
+            s.add(copy)
+            s.flush()
+            ids.append(copy.id)
+    return ids
+
+
+def add_copy(opsdb: OpsDB, name: str, site: str, location: str, created_at: datetime, *,
+             verified_at: datetime | None = None, verified: bool = True,
+             data: bytes | None = None, suffix: str = "") -> int:
+    """A copy of package `name`'s tar at site/location (verified a minute after it was written
+    unless `verified_at` or verified=False says otherwise); its id."""
+    with opsdb.session() as s:
+        loc = get_location(s, site, location)
+        package = s.scalars(select(RawDataPackage).where(RawDataPackage.name == name)).one()
+        tar = data if data is not None else tar_of(files_of(s, package))
+        rel = f"packages/{name}{suffix}.tar"
+        if verified and verified_at is None:
+            verified_at = created_at + timedelta(minutes=1)
+        copy = PackageCopy(package=package, location=loc, relative_path=rel, size=len(tar),
+                           checksum=write(Path(loc.root) / rel, tar), created_at=created_at,
+                           verified_at=verified_at if verified else None)
+        s.add(copy)
+        s.flush()
+        return copy.id
+
+
+def files_of(s: Any, package: RawDataPackage) -> dict[str, bytes]:
+    prefix = f"{package.name}/"
+    return {f.relative_path.removeprefix(prefix):
+            (Path(f.source_location.root) / f.relative_path).read_bytes() for f in package.files}
+
+
+def path_of(opsdb: OpsDB, copy_id: int) -> Path:
+    with opsdb.session() as s:
+        copy = s.get_one(PhysicalCopy, copy_id)
+        return Path(copy.location.root) / copy.relative_path
+
+
+def statuses(opsdb: OpsDB) -> dict[int, CopyStatus]:
+    with opsdb.session() as s:
+        return {c.id: c.status for c in s.scalars(select(PhysicalCopy))}
+
+
+def labels(opsdb: OpsDB) -> dict[int, str]:
+    with opsdb.session() as s:
+        return {c.id: c.location.label for c in s.scalars(select(PhysicalCopy))}
+
+
+def owners(opsdb: OpsDB) -> dict[int, str]:
+    """copy id -> the name of the package it is a copy of (or a raw file of)."""
+    with opsdb.session() as s:
+        out = {c.id: c.package.name for c in s.scalars(select(PackageCopy))}
+        out |= {c.id: c.raw_data_file.package.name for c in s.scalars(select(RawDataFileCopy))
+                if c.raw_data_file.package is not None}
+        return out
+
+
+def deletions(opsdb: OpsDB) -> list[Operation]:
+    with opsdb.session() as s:
+        return list(s.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.DELETION).order_by(Operation.id)))
+
+
+def package_names(opsdb: OpsDB) -> list[str]:
+    with opsdb.session() as s:
+        return list(s.scalars(select(RawDataPackage.name).order_by(RawDataPackage.id)))
+
+
+def cycle_plan(opsdb: OpsDB, config: Config, now: datetime,
+               usage: Callable[[DataLocation], DiskUsage | None] | None = None) -> CyclePlan:
+    with opsdb.session() as s:
+        if usage is None:
+            return plan_cycle(s, config, now)
+        return plan_cycle(s, config, now, usage=usage)
+
+
+def execute(opsdb: OpsDB, config: Config, plan: CyclePlan, now: datetime,
+            run_id: str = "cycle") -> int:
+    """Carry out a cycle's plan as the purge job does; the bytes freed."""
+    freed = 0
+    for package, (copy_ids, early_ids) in plan.by_package().items():
+        report = purge_package(opsdb, config, package, now=now, run_id=run_id,
+                               copy_ids=copy_ids, early_ids=early_ids)
+        assert report.failures == []
+        freed += report.deleted_bytes
+    return freed
+
+
+def archived_package(opsdb: OpsDB, name: str, base: datetime, files: dict[str, bytes]) -> None:
+    """Filed at `base`, then (an hour apart each) in the observatory buffer, at cologne
+    (buffer + verified LTA) and at us (buffer + verified LTA)."""
+    add_package(opsdb, name, files, base)
+    add_copy(opsdb, name, "ccat", "buffer", base + timedelta(hours=1))
+    for offset, site in ((2, "cologne"), (3, "us")):
+        add_copy(opsdb, name, site, "buffer", base + timedelta(hours=offset))
+        add_copy(opsdb, name, site, "lta", base + timedelta(hours=offset))
+
+
+def key(d: Decision) -> tuple[datetime, int]:
+    return d.created_at, d.copy_id
+
+
+# --- the byte budget -----------------------------------------------------------------------
+
+def test_budget_takes_oldest_copies_first_and_never_exceeds_it(tmp_path: Path) -> None:
+    size = 256
+    budget = 10 * size  # 2.5 packages' worth: four deletable copies of `size` per package
+    config = deploy(tmp_path / "deploy", purge_budget_bytes=budget)
+    opsdb = OpsDB(config.opsdb_url)
+    # The oldest package is not archived anywhere: its copies must not use up the budget.
+    add_package(opsdb, "p0", {"a.dat": b"0" * size}, NOW - timedelta(days=10))
+    add_copy(opsdb, "p0", "ccat", "buffer", NOW - timedelta(days=10))
+    for day in (4, 3, 2, 1):  # p1 is the oldest archived package
+        archived_package(opsdb, f"p{5 - day}", NOW - timedelta(days=day),
+                         {"a.dat": bytes([48 + day]) * size})
+
+    plan = cycle_plan(opsdb, config, NOW)
+
+    with opsdb.session() as s:  # what the planner would delete without a budget
+        deletable = sorted((d for p in s.scalars(select(RawDataPackage))
+                            for d in plan_deletions(s, config, p, NOW)
+                            if d.action == Action.DELETE), key=key)
+    assert len(deletable) == 16 and all(d.size == size for d in deletable)
+    assert plan.budget_bytes == budget
+    assert plan.bytes <= budget
+    planned = [d.copy_id for _, d in plan.deletions]
+    assert planned == [d.copy_id for d in deletable[:10]]  # oldest first, up to the budget
+    assert plan.bytes + deletable[10].size > budget  # the budget is what stopped it
+    assert {p for p, _ in plan.deletions} == {"p1", "p2", "p3"}
+    assert not any(d.site == "ccat" and p == "p0" for p, d in plan.deletions)
+    by_package = plan.by_package()
+    assert sorted(by_package) == ["p1", "p2", "p3"]
+    assert all(early == [] for _, early in by_package.values())
+    assert len(by_package["p3"][0]) == 2  # p3's source file and observatory tar, by age
+    over = {d.copy_id for d in deletable[10:]}
+    over_kept = [d for _, d in plan.kept if d.copy_id in over]
+    assert {d.copy_id for d in over_kept} == over
+    for d in over_kept:  # shown as kept, not as deleted, with the reason
+        assert d.action == Action.KEEP
+        assert d.reason.startswith(f"not in this purge cycle's budget ({budget} bytes); ")
+    paths = {d.copy_id: Path(d.path) for d in deletable}
+    assert all(path.exists() for path in paths.values())  # planning changes nothing
+    assert deletions(opsdb) == []
+
+    freed = execute(opsdb, config, plan, NOW)
+
+    after = statuses(opsdb)
+    deleted = {i for i, status in after.items() if status == CopyStatus.DELETED}
+    assert deleted == set(planned)
+    assert freed == plan.bytes <= budget
+    assert sum(op.bytes or 0 for op in deletions(opsdb)) == freed
+    assert {op.copy_id for op in deletions(opsdb)} == set(planned)
+    for copy_id, path in paths.items():
+        assert path.exists() == (copy_id not in deleted)
+    for name in package_names(opsdb):
+        assert certificate_problems(opsdb, config, name) == []
+
+    # The next cycle picks up where the budget stopped: the rest of p3, then p4.
+    second = cycle_plan(opsdb, config, NOW)
+    assert [d.copy_id for _, d in second.deletions] == [d.copy_id for d in deletable[10:]]
+    execute(opsdb, config, second, NOW)
+    assert {i for i, st in statuses(opsdb).items() if st == CopyStatus.DELETED} == \
+        {d.copy_id for d in deletable}
+    opsdb.dispose()
+
+
+# --- disk pressure -------------------------------------------------------------------------
+
+PRESSURED = {"ccat/buffer": {"retention_hours": 24, "high_watermark_pct": 80,
+                             "low_watermark_pct": 50},
+             "ccat/instruments": {"retention_hours": 24},
+             "cologne/buffer": {"retention_hours": 24}, "us/buffer": {"retention_hours": 24}}
+TAR_SIZES = [300, 500, 400, 300, 200]  # the observatory tars, oldest first
+TOTAL, USED = 4000, 3400  # 85% used; the low watermark (50%) is 1400 bytes away
+
+
+def young_archived_packages(opsdb: OpsDB) -> list[int]:
+    """Five packages archived at both sites within the last 10 hours (inside the 24h
+    retention); the ids of their observatory buffer copies, oldest first."""
+    ids = []
+    for i, size in enumerate(TAR_SIZES):
+        name, written = f"y{i}", NOW - timedelta(hours=10 - 2 * i)
+        add_package(opsdb, name, {"a.dat": bytes([65 + i]) * (size // 2),
+                                  "b.dat": bytes([97 + i]) * (size - size // 2)}, written)
+        ids.append(add_copy(opsdb, name, "ccat", "buffer", written))
+        for site in ("cologne", "us"):
+            add_copy(opsdb, name, site, "buffer", written)
+            add_copy(opsdb, name, site, "lta", written)
+    return ids
+
+
+def pressure_at(label: str, used: int, total: int = TOTAL
+                ) -> Callable[[DataLocation], DiskUsage | None]:
+    def usage(location: DataLocation) -> DiskUsage | None:
+        return DiskUsage(total=total, used=used) if location.label == label else None
+    return usage
+
+
+def test_without_pressure_young_copies_are_kept_for_retention(tmp_path: Path) -> None:
+    config = deploy(tmp_path / "deploy", PRESSURED)
+    opsdb = OpsDB(config.opsdb_url)
+    young_archived_packages(opsdb)
+
+    plan = cycle_plan(opsdb, config, NOW, pressure_at("ccat/buffer", used=3000))  # 75% < 80%
+
+    assert plan.deletions == [] and plan.pressure == []
+    non_lta = [d for _, d in plan.kept if d.location != "lta"]
+    assert len(non_lta) == 5 * 5  # two source files and three buffer tars per package
+    for d in non_lta:
+        deadline = (d.created_at + timedelta(hours=24)).isoformat()
+        assert d.reason == f"retention 24h not reached: deletable after {deadline}"
+        assert d.action == Action.KEEP and d.early
+    execute(opsdb, config, plan, NOW)
+    assert set(statuses(opsdb).values()) == {CopyStatus.PRESENT}
+    opsdb.dispose()
+
+
+def test_pressure_deletes_oldest_young_copies_down_to_the_low_watermark(tmp_path: Path) -> None:
+    config = deploy(tmp_path / "deploy", PRESSURED)
+    opsdb = OpsDB(config.opsdb_url)
+    buffer_ids = young_archived_packages(opsdb)
+
+    plan = cycle_plan(opsdb, config, NOW, pressure_at("ccat/buffer", used=USED))
+
+    need = USED - 0.50 * TOTAL
+    chosen = [d for _, d in plan.deletions]
+    assert [d.copy_id for d in chosen] == buffer_ids[:4]  # oldest first: 300+500+400+300
+    assert all(f"{d.site}/{d.location}" == "ccat/buffer" and d.early for d in chosen)
+    assert all(d.action == Action.DELETE and "disk pressure" in d.reason for d in chosen)
+    assert plan.bytes >= need  # enough to reach the low watermark ...
+    assert plan.bytes - chosen[-1].size < need  # ... and not one copy more
+    [pressure] = plan.pressure
+    assert pressure.location == "ccat/buffer"
+    assert (pressure.before_pct, pressure.high_pct, pressure.low_pct) == (85.0, 80, 50)
+    assert pressure.after_pct == pytest.approx(100 * (USED - plan.bytes) / TOTAL)
+    assert pressure.after_pct <= 50
+    assert {p: early for p, (_, early) in plan.by_package().items()} == {
+        f"y{i}": [buffer_ids[i]] for i in range(4)}
+    [spared] = [d for _, d in plan.kept if d.copy_id == buffer_ids[4]]
+    assert spared.reason.startswith("retention 24h not reached") and spared.early
+    before = statuses(opsdb)
+
+    freed = execute(opsdb, config, plan, NOW)
+
+    after = statuses(opsdb)
+    assert freed == plan.bytes
+    assert {i for i, st in after.items() if st == CopyStatus.DELETED} == set(buffer_ids[:4])
+    assert {i: st for i, st in after.items() if i not in buffer_ids[:4]} == \
+        {i: st for i, st in before.items() if i not in buffer_ids[:4]}
+    for copy_id in buffer_ids:
+        assert path_of(opsdb, copy_id).exists() == (copy_id == buffer_ids[4])
+    ops = deletions(opsdb)
+    assert [op.copy_id for op in ops] == buffer_ids[:4]
+    for op in ops:
+        assert op.reason is not None and "disk pressure" in op.reason
+        assert op.evidence is not None and op.evidence["required"] == 2
+        assert {c["site"] for c in op.evidence["copies"]} == {"cologne", "us"}
+    for name in package_names(opsdb):
+        assert certificate_problems(opsdb, config, name) == []
+    opsdb.dispose()
+
+
+def test_pressure_never_makes_an_ineligible_copy_eligible(tmp_path: Path) -> None:
+    watermarks = {"retention_hours": 24, "high_watermark_pct": 80, "low_watermark_pct": 50}
+    config = deploy(tmp_path / "deploy", {"ccat/buffer": watermarks,
+                                          "ccat/instruments": watermarks})
+    opsdb = OpsDB(config.opsdb_url)
+    ids: list[int] = []
+    for i in range(3):
+        name, written = f"q{i}", NOW - timedelta(hours=5 - i)
+        ids += add_package(opsdb, name, {"a.dat": bytes([65 + i]) * 300}, written)
+        ids.append(add_copy(opsdb, name, "ccat", "buffer", written))
+        add_copy(opsdb, name, "cologne", "lta", written)  # verified
+        add_copy(opsdb, name, "us", "lta", written, verified=False)  # 1 of 2 verified
+    full = DiskUsage(total=TOTAL, used=int(0.99 * TOTAL))
+
+    plan = cycle_plan(opsdb, config, NOW, lambda location: full)
+
+    assert not [d for _, d in plan.deletions if d.site == "ccat"]
+    assert plan.deletions == []
+    assert sorted(p.location for p in plan.pressure) == ["ccat/buffer", "ccat/instruments"]
+    assert all(p.before_pct == p.after_pct == 99.0 for p in plan.pressure)
+    observatory = [d for _, d in plan.kept if d.site == "ccat"]
+    assert sorted(d.copy_id for d in observatory) == sorted(ids)
+    for d in observatory:
+        assert d.reason.startswith("1 of 2 required verified LTA copies (cologne)")
+        assert not d.early
+    # Nor does the reaper let a caller force them out as "early".
+    for name in package_names(opsdb):
+        report = purge_package(opsdb, config, name, now=NOW, early_ids=ids)
+        assert report.deleted == 0
+    assert set(statuses(opsdb).values()) == {CopyStatus.PRESENT}
+    assert deletions(opsdb) == []
+    assert all(path_of(opsdb, i).exists() for i in ids)
+    opsdb.dispose()
+
+
+# --- ccat-dt purge [--plan] ----------------------------------------------------------------
+
+def test_purge_plan_shows_and_changes_nothing_then_purge_deletes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CCAT_DT_CONFIG", raising=False)
+    monkeypatch.delenv("CCAT_DT_OPSDB_URL", raising=False)
+    size = 200
+    config = deploy(tmp_path / "deploy", purge_budget_bytes=6 * size)
+    opsdb = OpsDB(config.opsdb_url)
+    archived_package(opsdb, "old", NOW - timedelta(days=3), {"a.dat": b"o" * size})
+    archived_package(opsdb, "new", NOW - timedelta(days=2), {"a.dat": b"n" * size})
+    add_package(opsdb, "waiting", {"a.dat": b"w" * size}, NOW - timedelta(days=4))
+    add_copy(opsdb, "waiting", "ccat", "buffer", NOW - timedelta(days=4))
+    before = statuses(opsdb)
+    paths = {i: path_of(opsdb, i) for i in before}
+    where, owner = labels(opsdb), owners(opsdb)
+
+    main(["--config", str(config.path), "purge", "--plan"])
+
+    out = capsys.readouterr().out
+    assert statuses(opsdb) == before and deletions(opsdb) == []
+    assert all(path.exists() for path in paths.values())
+    lines = out.splitlines()
+    assert lines[0].startswith("purge cycle: 6 deletion(s), 0.0 MB (budget 0 MB)")
+    shown: dict[str, list[tuple[str, str]]] = {}  # path -> [(verb line, why line)]
+    for line, why in zip(lines, lines[1:], strict=False):
+        if line.startswith(("DELETE ", "keep ")):
+            assert why.strip().startswith("why: ")
+            path = line.split()[-1]
+            shown.setdefault(path, []).append((line, why.strip().removeprefix("why: ")))
+    assert sorted(shown) == sorted(str(p) for p in paths.values())
+    deleted_paths = {path for path, entries in shown.items()
+                     if any(line.startswith("DELETE") for line, _ in entries)}
+    # The oldest archived package fully (4 copies), then the next one's source file and tar.
+    expected = {i for i, label in where.items()
+                if (owner[i] == "old" and not label.endswith("/lta"))
+                or (owner[i] == "new" and label in ("ccat/instruments", "ccat/buffer"))}
+    assert deleted_paths == {str(paths[i]) for i in expected}
+    for path in deleted_paths:
+        [(line, why)] = shown[path]
+        assert " MB " in line and "retention 0h passed" in why
+        assert why.startswith(("2 of 2 required verified LTA copies (cologne, us)",
+                               "verified LTA copy at"))
+    for i, label in where.items():
+        entries = shown[str(paths[i])]
+        if label.endswith("/lta"):
+            assert entries[0][1] == "long-term archive copies are never deleted automatically"
+        elif owner[i] == "waiting":
+            assert entries[0][0].startswith("keep ")
+            assert entries[0][1].startswith("0 of 2 required verified LTA copies (none)")
+    over_budget = {str(paths[i]) for i, label in where.items()
+                   if owner[i] == "new" and label in ("cologne/buffer", "us/buffer")}
+    for path in over_budget:  # deletable, but not in this cycle: shown as kept, and why
+        [(line, why)] = shown[path]
+        assert line.startswith("keep ")
+        assert why.startswith("not in this purge cycle's budget (1200 bytes); ")
+
+    main(["--config", str(config.path), "purge"])
+
+    out = capsys.readouterr().out
+    assert "old: deleted 4 copies" in out and "new: deleted 2 copies" in out
+    after = statuses(opsdb)
+    assert {i for i, st in after.items() if st == CopyStatus.DELETED} == expected
+    assert {i: st for i, st in after.items() if i not in expected} == \
+        {i: st for i, st in before.items() if i not in expected}
+    for i, path in paths.items():
+        assert path.exists() == (i not in expected)
+    for name in package_names(opsdb):
+        assert certificate_problems(opsdb, config, name) == []
+    opsdb.dispose()

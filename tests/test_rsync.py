@@ -1,0 +1,461 @@
+"""rsync and ssh against a real sshd on 127.0.0.1: files arrive verified under their final
+name, hostile names stay names, interrupted transfers resume, corruption and broken links are
+reported with the right `retryable`, and a batch travels in one session."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+
+import pytest
+import xxhash
+
+from ccat_dt.transports.base import Endpoint, TransferError, TransferResult, temporary_name
+from ccat_dt.transports.remote import (
+    CompletedRun,
+    _check_xxhsum,
+    classify_ssh,
+    parse_xxhsum,
+    remote_command,
+    remote_mkdir,
+    remote_remove,
+    remote_rename,
+    remote_size,
+    remote_xxh128,
+    run,
+)
+from ccat_dt.transports.rsync import RsyncTransport, classify_rsync
+from tests.sshd import SshServer, free_port
+from tests.sshd import sshd as sshd_fixture  # noqa: F401 - registers the "sshd" fixture
+
+MIB = 1 << 20
+OTHER_HOST = "localhost"  # the same sshd under a second name: a "different" remote host
+
+
+def write_random(path: Path, size: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def local(path: Path) -> Endpoint:
+    return Endpoint(PurePosixPath(path))
+
+
+def at(server: SshServer, path: Path, host: str | None) -> Endpoint:
+    """`path` (on this machine, which is also the ssh server) as seen through `host`."""
+    if host is None:
+        return local(path)
+    return Endpoint(PurePosixPath(path), f"{server.user}@{host}")
+
+
+def temp_of(path: Path) -> Path:
+    return Path(temporary_name(PurePosixPath(path)))
+
+
+def rsync_runs(log_path: str | None) -> list[str]:
+    assert log_path is not None
+    return [line for line in Path(log_path).read_text().splitlines()
+            if line.startswith("[") and "] $ " in line and "rsync -s" in line]
+
+
+@pytest.fixture
+def transport(sshd: SshServer, tmp_path: Path) -> RsyncTransport:
+    return RsyncTransport(sshd.ssh, tmp_path / "logs")
+
+
+@pytest.fixture
+def work(sshd: SshServer) -> Path:
+    """A fresh directory inside the sshd's scratch area."""
+    directory = sshd.root / uuid.uuid4().hex[:8]
+    directory.mkdir()
+    return directory
+
+
+# -- xxhsum ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 129, 241, 100_003, 3 * MIB + 7])
+def test_xxhsum_h2_equals_python_xxh3_128(sshd: SshServer, work: Path, size: int) -> None:
+    path = work / f"data {size} bytes.bin"
+    expected = write_random(path, size)
+    gnu = subprocess.run(["xxhsum", "-H2", "--", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    bsd = subprocess.run(["xxhsum", "-H2", "--tag", "--", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert gnu == f"{expected}  {path}\n"
+    assert bsd == f"XXH128 ({path}) = {expected}\n"
+    assert parse_xxhsum(gnu) == parse_xxhsum(bsd) == expected
+    assert remote_xxh128(sshd.ssh, sshd.endpoint(path)) == expected  # over ssh
+    assert remote_xxh128(sshd.ssh, local(path)) == expected  # in-process
+
+
+def test_parse_xxhsum_rejects_what_is_not_one_digest() -> None:
+    assert parse_xxhsum("\\" + "a" * 32 + "  we\\\\ird\n") == "a" * 32  # escaped-name GNU line
+    for output in ("", "garbage\n", f"{'a' * 32}  x\n{'b' * 32}  y\n", f"{'a' * 31}  x\n"):
+        with pytest.raises(TransferError):
+            parse_xxhsum(output)
+
+
+def test_remote_xxh128_of_missing_file_is_not_retryable(sshd: SshServer, work: Path) -> None:
+    with pytest.raises(TransferError, match="No such file") as caught:
+        remote_xxh128(sshd.ssh, sshd.endpoint(work / "absent"))
+    assert not caught.value.retryable
+
+
+# -- remote commands ------------------------------------------------------------------------
+
+
+def test_remote_command_passes_every_argument_verbatim(sshd: SshServer, work: Path) -> None:
+    canary = work / "canary"
+    hostile = ["a b", f"; touch {canary}", f"$(touch {canary})", f"`touch {canary}`", "'\"",
+               "*", "-n", "~", "$HOME", "\\", "", "x > y", f"&& touch {canary} #"]
+    done = run(remote_command(sshd.ssh, sshd.destination, ["printf", "%s|", *hostile]),
+               timeout_s=20)
+    assert done.rc == 0, done.stderr
+    assert done.stdout == "".join(f"{argument}|" for argument in hostile)
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("host", ["-oProxyCommand=touch x", "", "a b", "evil\nhost", "a/b"])
+def test_remote_command_rejects_hosts_that_are_not_hosts(sshd: SshServer, host: str) -> None:
+    with pytest.raises(ValueError):
+        remote_command(sshd.ssh, host, ["true"])
+
+
+def test_transport_rejects_hosts_that_are_options(sshd: SshServer, tmp_path: Path) -> None:
+    transport = RsyncTransport(sshd.ssh, tmp_path)
+    for source, destination in [(Endpoint(PurePosixPath("/x"), "-oProxyCommand=id"),
+                                 local(tmp_path / "y")),
+                                (local(tmp_path / "x"), Endpoint(PurePosixPath("/y"), "-lroot"))]:
+        with pytest.raises(ValueError):
+            transport.copy(source, destination, "0" * 32)
+    with pytest.raises(ValueError):
+        remote_rename(sshd.ssh, sshd.endpoint("/a"), Endpoint(PurePosixPath("/b"), "other"))
+
+
+def test_missing_xxhsum_names_the_package_to_install() -> None:
+    for stderr in ("bash: line 1: xxhsum: command not found", "sh: 1: exec: xxhsum: not found"):
+        with pytest.raises(TransferError, match="install the Debian package xxhash on h") as e:
+            _check_xxhsum(CompletedRun(127, "", stderr), "h", "/x")
+        assert not e.value.retryable
+
+
+@pytest.mark.parametrize("path", ["/a\nb", "/a\0b", "/a\rb"])
+def test_paths_with_line_breaks_or_nul_are_rejected(sshd: SshServer, tmp_path: Path,
+                                                    path: str) -> None:
+    with pytest.raises(ValueError):
+        remote_command(sshd.ssh, sshd.destination, ["ls", path])
+    with pytest.raises(ValueError):
+        RsyncTransport(sshd.ssh, tmp_path).copy(local(tmp_path / "x"),
+                                                sshd.endpoint(path), "0" * 32)
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_file_helpers_remote_and_local(sshd: SshServer, work: Path, remote: bool) -> None:
+    def where(path: Path) -> Endpoint:
+        return sshd.endpoint(path) if remote else local(path)
+
+    directory = work / "a dir" / "-sub;dir"
+    remote_mkdir(sshd.ssh, where(directory))
+    remote_mkdir(sshd.ssh, where(directory))  # idempotent
+    source, target = directory / "-x y.tar", directory / "z.tar"
+    write_random(source, 1000)
+    assert remote_size(sshd.ssh, where(source)) == 1000
+    assert remote_size(sshd.ssh, where(target)) is None
+    remote_rename(sshd.ssh, where(source), where(target))
+    assert not source.exists() and target.stat().st_size == 1000
+    remote_remove(sshd.ssh, where(target))
+    remote_remove(sshd.ssh, where(target))  # nothing there: fine
+    assert not target.exists()
+
+
+def test_classification_tables() -> None:
+    def ssh(rc: int, stderr: str) -> bool:
+        return classify_ssh(rc, stderr).retryable
+
+    assert ssh(255, "ssh: connect to host h port 22: Connection refused")
+    assert ssh(255, "ssh: connect to host h port 22: Connection timed out")
+    assert ssh(255, "ssh: connect to host h port 22: No route to host")
+    assert ssh(255, "Connection reset by 10.0.0.1 port 22")
+    assert ssh(255, "ssh: Could not resolve hostname h: Name or service not known")
+    assert not ssh(255, "user@h: Permission denied (publickey).")
+    assert not ssh(255, "Host key verification failed.")
+    assert not ssh(1, "mv: cannot create regular file 'x': No space left on device")
+    assert not ssh(1, "stat: cannot statx '/x': No such file or directory")
+
+    def rsync(rc: int, stderr: str = "") -> bool:
+        return classify_rsync(rc, stderr).retryable
+
+    for rc in (10, 12, 20, 30, 35, 255):
+        assert rsync(rc), rc
+    for rc in (1, 2, 4):
+        assert not rsync(rc), rc
+    assert not rsync(23, 'rsync: [sender] link_stat "/x" failed: No such file or directory (2)')
+    assert not rsync(24, "file has vanished: /x")
+    assert not rsync(11, 'rsync: [receiver] write failed on "/x": No space left on device (28)')
+    assert not rsync(255, "u@h: Permission denied (publickey).\nconnection unexpectedly closed")
+    assert rsync(255, "ssh: connect to host h port 22: Connection refused\n"
+                      "rsync: connection unexpectedly closed (0 bytes received so far)")
+    not_installed = classify_rsync(12, "bash: line 1: rsync: command not found")
+    assert not not_installed.retryable and "install" in str(not_installed)
+
+
+# -- copies ---------------------------------------------------------------------------------
+
+DIRECTIONS = {
+    "local->remote": (None, "127.0.0.1"),
+    "remote->local": ("127.0.0.1", None),
+    "local->local": (None, None),
+    "remote->same remote": ("127.0.0.1", "127.0.0.1"),
+    "remote->other remote": ("127.0.0.1", OTHER_HOST),
+}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_copy_lands_verified_under_final_name(sshd: SshServer, transport: RsyncTransport,
+                                              work: Path, direction: str) -> None:
+    source_host, destination_host = DIRECTIONS[direction]
+    source = work / "outbox" / "obs_cam-a_p00.tar"
+    checksum = write_random(source, 3 * MIB + 11)
+    final = work / "archive" / "2024" / "obs_cam-a_p00.tar"  # directories made as needed
+    result = transport.copy(at(sshd, source, source_host), at(sshd, final, destination_host),
+                            checksum)
+    assert isinstance(result, TransferResult)
+    assert xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum == result.checksum
+    assert result.bytes == 3 * MIB + 11 and result.streams == 1 and result.seconds > 0
+    assert not temp_of(final).exists()
+    assert sorted(p.name for p in final.parent.iterdir()) == ["obs_cam-a_p00.tar"]
+    [command] = rsync_runs(result.log_path)
+    if source_host and destination_host:  # rsync ran on the source host, via ssh
+        assert " $ ssh " in command
+        assert (f"{sshd.user}@{destination_host}:" in command) == (source_host != destination_host)
+
+
+# A leading dash, a command separator, substitutions, quotes and glob characters in one name.
+HOSTILE_NAME = "-rf ;touch {canary}; g[1] $(touch {canary}) `touch {canary}` q'\" *?.tar"
+
+
+@pytest.mark.parametrize("direction", ["local->remote", "remote->local", "remote->other remote"])
+def test_hostile_file_names_are_only_names(sshd: SshServer, transport: RsyncTransport,
+                                           work: Path, direction: str) -> None:
+    canary = f"ccat-canary-{uuid.uuid4().hex[:8]}"
+    name = HOSTILE_NAME.format(canary=canary)
+    source_host, destination_host = DIRECTIONS[direction]
+    source = work / "in -e ;dir" / name
+    checksum = write_random(source, 50_000)
+    # Decoys a glob or a split argument would pick up instead (the checksum would then differ).
+    write_random(source.with_name(name.replace("[1]", "1").replace("*", "x")
+                                  .replace("?", "y")), 40_000)
+    write_random(source.with_name("-rf"), 10)
+    final = work / f"out dir;touch {canary};$(touch {canary})" / name
+    result = transport.copy(at(sshd, source, source_host), at(sshd, final, destination_host),
+                            checksum)
+    assert result.checksum == checksum
+    assert xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum
+    assert [p.name for p in final.parent.iterdir()] == [name]
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    for directory in (home, Path.cwd(), work, source.parent, final.parent):
+        assert not (directory / canary).exists()
+
+
+def test_interrupted_transfer_resumes_from_its_partial_file(
+        sshd: SshServer, work: Path, tmp_path: Path) -> None:
+    size = 64 * MIB
+    source = tmp_path / "big.tar"
+    checksum = write_random(source, size)
+    final = work / "big.tar"
+    slow = RsyncTransport(sshd.ssh, tmp_path / "logs", timeout_s=3, bandwidth_limit_kbps=8192)
+    with pytest.raises(TransferError, match="timed out") as caught:
+        slow.copy(local(source), sshd.endpoint(final), checksum)
+    assert caught.value.retryable
+    assert not final.exists()
+    partial = temp_of(final).stat().st_size
+    assert 0 < partial < size
+
+    result = RsyncTransport(sshd.ssh, tmp_path / "logs").copy(local(source),
+                                                              sshd.endpoint(final), checksum)
+    assert result.checksum == checksum and result.bytes == size
+    assert xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum
+    assert not temp_of(final).exists()
+    assert result.log_path is not None
+    log = Path(result.log_path).read_text()
+    sent = int(re.search(r"rsync sent (\d+) of (\d+) bytes", log).group(1))  # type: ignore[union-attr]
+    assert sent <= size - partial
+    assert "(resumed)" in log
+
+
+def test_killed_rsync_leaves_partial_that_the_next_copy_completes(
+        sshd: SshServer, work: Path, tmp_path: Path) -> None:
+    """rsync killed outright (a crash, not our timeout), pulling from the remote side."""
+    size = 48 * MIB
+    source = work / "remote big.tar"
+    checksum = write_random(source, size)
+    final = tmp_path / "landed" / "big.tar"
+    final.parent.mkdir()
+    slow = RsyncTransport(sshd.ssh, tmp_path / "logs", bandwidth_limit_kbps=8192)
+    argv = slow.command([sshd.endpoint(source)], local(temp_of(final)))
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if temp_of(final).exists() and temp_of(final).stat().st_size > 4 * MIB:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # our own process group, by its id
+        process.wait()
+    partial = temp_of(final).stat().st_size
+    assert 0 < partial < size and not final.exists()
+
+    result = RsyncTransport(sshd.ssh, tmp_path / "logs").copy(sshd.endpoint(source),
+                                                              local(final), checksum)
+    assert result.checksum == checksum and result.bytes == size
+    assert xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum
+    assert not temp_of(final).exists()
+    assert result.log_path and "(resumed)" in Path(result.log_path).read_text()
+
+
+@pytest.mark.parametrize("direction", ["local->remote", "remote->other remote"])
+def test_identity_file_in_a_directory_with_spaces(sshd: SshServer, work: Path, tmp_path: Path,
+                                                  direction: str) -> None:
+    """rsync splits `-e` itself; the key's path must survive that (and the nested ssh)."""
+    identity = tmp_path / "my keys 'dir'" / "id key"
+    identity.parent.mkdir()
+    assert sshd.ssh.identity_file
+    identity.write_bytes(Path(sshd.ssh.identity_file).read_bytes())
+    identity.chmod(0o600)
+    source_host, destination_host = DIRECTIONS[direction]
+    checksum = write_random(work / "pkg.tar", 1000)
+    transport = RsyncTransport(replace(sshd.ssh, identity_file=str(identity)), tmp_path / "logs")
+    result = transport.copy(at(sshd, work / "pkg.tar", source_host),
+                            at(sshd, work / "out" / "pkg.tar", destination_host), checksum)
+    assert result.checksum == checksum
+
+
+class CorruptingTransport(RsyncTransport):
+    """Flips one byte of the temporary file after rsync, as a bad disk or link would."""
+
+    def _after_rsync(self, temporary: Endpoint) -> None:
+        with open(temporary.path, "r+b") as stream:
+            stream.seek(1234)
+            byte = stream.read(1)
+            stream.seek(1234)
+            stream.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("corrupt", ["wrong expected checksum", "byte flipped on arrival"])
+def test_corruption_is_caught_and_nothing_is_left(sshd: SshServer, work: Path, tmp_path: Path,
+                                                  corrupt: str) -> None:
+    source = tmp_path / "pkg.tar"
+    checksum = write_random(source, MIB)
+    final = work / "pkg.tar"
+    if corrupt == "wrong expected checksum":
+        transport, expected = RsyncTransport(sshd.ssh, tmp_path / "logs"), "0" * 32
+    else:
+        transport, expected = CorruptingTransport(sshd.ssh, tmp_path / "logs"), checksum
+    with pytest.raises(TransferError, match="checksum mismatch on arrival") as caught:
+        transport.copy(local(source), sshd.endpoint(final), expected)
+    assert caught.value.retryable
+    assert "log: " in str(caught.value)
+    assert not final.exists() and not temp_of(final).exists()
+
+
+def test_connection_refused_is_retryable(sshd: SshServer, work: Path, tmp_path: Path) -> None:
+    source = tmp_path / "pkg.tar"
+    checksum = write_random(source, 1000)
+    transport = RsyncTransport(replace(sshd.ssh, port=free_port()), tmp_path / "logs")
+    with pytest.raises(TransferError, match="Connection refused") as caught:
+        transport.copy(local(source), sshd.endpoint(work / "pkg.tar"), checksum)
+    assert caught.value.retryable
+    log_path = re.search(r"\[log: (.*)\]$", str(caught.value)).group(1)  # type: ignore[union-attr]
+    assert "Connection refused" in Path(log_path).read_text()
+
+
+def test_auth_failure_is_not_retryable(sshd: SshServer, work: Path, tmp_path: Path) -> None:
+    stranger = tmp_path / "stranger_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+                   check=True, capture_output=True)
+    source = tmp_path / "pkg.tar"
+    checksum = write_random(source, 1000)
+    transport = RsyncTransport(replace(sshd.ssh, identity_file=str(stranger)), tmp_path / "logs")
+    with pytest.raises(TransferError, match="Permission denied") as caught:
+        transport.copy(local(source), sshd.endpoint(work / "pkg.tar"), checksum)
+    assert not caught.value.retryable
+
+
+def test_unknown_host_key_is_not_retryable(sshd: SshServer, work: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    source = tmp_path / "pkg.tar"
+    checksum = write_random(source, 1000)
+    transport = RsyncTransport(replace(sshd.ssh, known_hosts_file=str(empty)), tmp_path / "l")
+    with pytest.raises(TransferError, match="Host key verification failed") as caught:
+        transport.copy(local(source), sshd.endpoint(work / "pkg.tar"), checksum)
+    assert not caught.value.retryable
+
+
+@pytest.mark.parametrize("direction", ["local->remote", "remote->local", "remote->other remote"])
+def test_missing_source_is_not_retryable(sshd: SshServer, transport: RsyncTransport,
+                                         work: Path, direction: str) -> None:
+    source_host, destination_host = DIRECTIONS[direction]
+    final = work / "out" / "pkg.tar"
+    with pytest.raises(TransferError, match="No such file") as caught:
+        transport.copy(at(sshd, work / "absent.tar", source_host),
+                       at(sshd, final, destination_host), "0" * 32)
+    assert not caught.value.retryable
+    assert not final.exists() and not temp_of(final).exists()
+
+
+# -- batches --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["local->remote", "remote->other remote"])
+def test_copy_many_is_one_rsync_session_verified_per_file(
+        sshd: SshServer, transport: RsyncTransport, work: Path, direction: str) -> None:
+    source_host, destination_host = DIRECTIONS[direction]
+    names = ["a.tar", "b c.tar", "-d;e.tar"]
+    checksums = [write_random(work / "src" / name, 200_000 + i) for i, name in enumerate(names)]
+    pairs = [(at(sshd, work / "src" / name, source_host),
+              at(sshd, work / "dst" / name, destination_host), checksum)
+             for name, checksum in zip(names, checksums, strict=True)]
+    results = transport.copy_many(pairs)
+    assert all(isinstance(result, TransferResult) for result in results), results
+    assert [r.checksum for r in results if isinstance(r, TransferResult)] == checksums
+    assert sorted(p.name for p in (work / "dst").iterdir()) == sorted(names)
+    log_paths = {r.log_path for r in results if isinstance(r, TransferResult)}
+    assert len(log_paths) == 1
+    [log_path] = log_paths
+    [command] = rsync_runs(log_path)  # one rsync invocation carried all three
+    for name in names:
+        assert f".{name}.part" in command
+    for staging in set(re.findall(r"/\S*ccat-rsync\.\w+", Path(str(log_path)).read_text())):
+        assert not Path(staging).exists()  # staging symlinks cleaned up
+
+
+def test_copy_many_one_bad_file_fails_alone(sshd: SshServer, transport: RsyncTransport,
+                                            work: Path) -> None:
+    good = [write_random(work / "src" / name, 10_000) for name in ("1.tar", "3.tar")]
+    corrupt_expected = "f" * 32
+    write_random(work / "src" / "4.tar", 10_000)
+    pairs = [(local(work / "src" / "1.tar"), sshd.endpoint(work / "dst" / "1.tar"), good[0]),
+             (local(work / "src" / "2.tar"), sshd.endpoint(work / "dst" / "2.tar"), "0" * 32),
+             (local(work / "src" / "3.tar"), sshd.endpoint(work / "dst" / "3.tar"), good[1]),
+             (local(work / "src" / "4.tar"), sshd.endpoint(work / "dst" / "4.tar"),
+              corrupt_expected)]
+    first, missing, third, mismatched = transport.copy_many(pairs)
+    assert isinstance(first, TransferResult) and isinstance(third, TransferResult)
+    assert isinstance(missing, TransferError) and not missing.retryable
+    assert "2.tar" in str(missing) or ".2.tar.part" in str(missing)
+    assert isinstance(mismatched, TransferError) and mismatched.retryable
+    assert "checksum mismatch" in str(mismatched)
+    assert sorted(p.name for p in (work / "dst").iterdir()) == ["1.tar", "3.tar"]

@@ -1,0 +1,148 @@
+"""A throw-away VictoriaMetrics server on 127.0.0.1, so metrics are tested against what a real
+time-series database accepts and how it names series, instead of mocks of the client.
+
+Import the fixture into a test module: `from tests.victoria import victoria as victoria_fixture`
+(with `# noqa: F401`); it is named "victoria" whatever the alias, and the alias keeps ruff from
+seeing test arguments as redefinitions (F811).
+VictoriaMetrics takes InfluxDB line protocol at /write and /api/v2/write and stores each field
+as a series named `{measurement}_{field}` with the tags as labels (see docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.services import unavailable
+
+BINARY = "victoria-metrics"  # from the Debian package of the same name (/usr/bin)
+PACKAGE = "victoria-metrics"
+START_TIMEOUT_S = 15.0
+EXPORT_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class VictoriaMetrics:
+    url: str  # http://127.0.0.1:PORT
+    log: Path
+
+    def export(self, match: str, *, min_series: int = 1,
+               timeout_s: float = EXPORT_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Series matching a selector (e.g. `{__name__=~"ccat_transfer_.*"}`) from
+        /api/v1/export, one dict per series with "metric", "values" and "timestamps".
+
+        Freshly written rows take seconds to become searchable, so this forces a flush and
+        polls until `min_series` series are there (or returns what there is at the deadline).
+        """
+        deadline = time.monotonic() + timeout_s
+        series: list[dict[str, Any]] = []
+        while True:
+            self._get("/internal/force_flush")
+            query = urllib.parse.urlencode({"match[]": match})
+            body = self._get(f"/api/v1/export?{query}")
+            series = [json.loads(line) for line in body.splitlines() if line.strip()]
+            if len(series) >= min_series or time.monotonic() >= deadline:
+                return series
+            time.sleep(0.2)
+
+    def _get(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+            return str(response.read().decode())
+
+
+def _binary() -> str | None:
+    return shutil.which(BINARY) or (f"/usr/bin/{BINARY}" if os.access(f"/usr/bin/{BINARY}",
+                                                                       os.X_OK) else None)
+
+
+def _install() -> str:
+    """Try apt-get once; returns what went wrong (empty when it worked)."""
+    if shutil.which("apt-get") is None:
+        return "apt-get not available"
+    if os.geteuid() != 0:
+        return "not root, cannot apt-get install"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", PACKAGE]):
+        try:
+            done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(command)}: {exc}"
+        if done.returncode != 0:
+            return f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}"
+    return ""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_until_healthy(process: subprocess.Popen[bytes], url: str, log: Path) -> str:
+    """Empty string once /health answers OK, else why not (bounded by START_TIMEOUT_S)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last = "no answer on /health"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"exited with {process.returncode}: {log.read_text()[-1000:]}"
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    return ""
+                last = f"/health answered {response.status}"
+        except (OSError, urllib.error.URLError) as exc:
+            last = f"/health: {exc}"
+        time.sleep(0.1)
+    return f"{last} after {START_TIMEOUT_S:.0f} s; log: {log.read_text()[-1000:]}"
+
+
+@pytest.fixture(scope="session", name="victoria")  # named: importable under any alias
+def victoria(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
+    """A running VictoriaMetrics with empty storage, for the whole test session."""
+    binary = _binary()
+    if binary is None:
+        problem = _install()
+        binary = _binary()
+        if binary is None:
+            unavailable("VictoriaMetrics", f"no {BINARY} binary; tried to install {PACKAGE}: "
+                        f"{problem or 'installed, still missing'}")
+            return
+    directory = tmp_path_factory.mktemp("victoria")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = directory / "victoria-metrics.log"
+    command = [binary, f"-httpListenAddr=127.0.0.1:{port}",
+               f"-storageDataPath={directory / 'data'}", "-retentionPeriod=1"]  # 1 month
+    with open(log, "wb") as log_stream:
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_stream,
+                                       stderr=subprocess.STDOUT)
+        except OSError as exc:
+            unavailable("VictoriaMetrics", f"cannot start {binary}: {exc}")
+            return
+    try:
+        problem = _wait_until_healthy(process, url, log)
+        if problem:
+            unavailable("VictoriaMetrics", problem)
+        yield VictoriaMetrics(url=url, log=log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
