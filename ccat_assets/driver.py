@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dagster import (
     DagsterInstance,
     Definitions,
+    RepositoryDefinition,
+    RunRequest,
     RunsFilter,
+    SensorDefinition,
+    build_schedule_context,
     build_sensor_context,
 )
 from dagster._core.definitions.dynamic_partitions_request import AddDynamicPartitionsRequest
@@ -43,11 +48,21 @@ def open_instance(config: Config) -> DagsterInstance:
 
 
 def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
-          log: Callable[[str], None] = lambda _: None) -> DriveReport:
-    """Tick every sensor, run what it asks for; repeat until a round launches nothing."""
+          schedules: bool = False, log: Callable[[str], None] = lambda _: None) -> DriveReport:
+    """Tick every sensor, run what it asks for; repeat until a round launches nothing.
+    With `schedules`, every schedule is ticked once first, as if its time had come."""
     repository = defs.get_repository_def()
     cursors: dict[str, str | None] = {}
     report = DriveReport()
+    if schedules:
+        for schedule_def in repository.schedule_defs:
+            with build_schedule_context(instance=instance, resources=defs.resources,
+                                        repository_def=repository,
+                                        scheduled_execution_time=datetime.now(UTC)) as context:
+                data = schedule_def.evaluate_tick(context)
+            for run in data.run_requests or []:
+                _launch(repository, instance, run, schedule_def.name,
+                        schedule_def.job_name, report, log)
     for _ in range(max_rounds):
         report.rounds += 1
         launched_before = len(report.launched)
@@ -64,18 +79,30 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
             if tick.cursor is not None:
                 cursors[name] = tick.cursor
             for run in tick.run_requests or []:
-                if run.run_key and instance.get_runs(
-                        RunsFilter(tags={RUN_KEY: run.run_key, SENSOR: name}), limit=1):
-                    continue  # a replayed tick: this run was launched before
-                job = repository.get_job(run.job_name or sensor_def.job_name or "")
-                result = job.execute_in_process(
-                    instance=instance, partition_key=run.partition_key, raise_on_error=False,
-                    tags={**run.tags, RUN_KEY: run.run_key or "", SENSOR: name})
-                key = run.run_key or job.name
-                report.launched.append(key)
-                log(f"{'ok    ' if result.success else 'FAILED'} {key}")
-                if not result.success:
-                    report.failed.append(key)
+                _launch(repository, instance, run, name, _default_job(sensor_def), report, log)
         if len(report.launched) == launched_before:
             break
     return report
+
+
+def _default_job(sensor_def: SensorDefinition) -> str | None:
+    """The sensor's only job; None for a multi-job sensor (its requests name their job)."""
+    return sensor_def.job_name if len(sensor_def.targets) == 1 else None
+
+
+def _launch(repository: RepositoryDefinition, instance: DagsterInstance, run: RunRequest,
+            origin: str, default_job: str | None, report: DriveReport,
+            log: Callable[[str], None]) -> None:
+    if run.run_key and instance.get_runs(
+            RunsFilter(tags={RUN_KEY: run.run_key, SENSOR: origin}), limit=1):
+        return  # a replayed tick: this run was launched before
+    job = repository.get_job(run.job_name or default_job or "")
+    result = job.execute_in_process(
+        instance=instance, partition_key=run.partition_key, raise_on_error=False,
+        run_config=run.run_config or None,
+        tags={**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin})
+    key = run.run_key or job.name
+    report.launched.append(key)
+    log(f"{'ok    ' if result.success else 'FAILED'} {key}")
+    if not result.success:
+        report.failed.append(key)

@@ -9,6 +9,7 @@ import xxhash
 
 ALGORITHM = "xxh3_128"
 CHUNK_SIZE = 8 * 1024 * 1024
+HASH_BUFFER_SIZE = 1024 * 1024  # hash_file: fits in L2 cache, big enough for network FS
 
 
 class ChecksumMismatch(Exception):
@@ -37,8 +38,18 @@ def hash_stream(stream: BinaryIO) -> tuple[str, int]:
 
 
 def hash_file(path: Path) -> tuple[str, int]:
-    with open(path, "rb") as stream:
-        return hash_stream(stream)
+    """Read into one reused buffer that stays in the CPU cache between the read and the hash
+    (a fresh 8 MiB bytes object per chunk made this ~20% slower than `xxhsum -H2`, see
+    docs/benchmarks.md); unbuffered, so each read is one read(2) straight into it."""
+    hasher = new_hasher()
+    size = 0
+    buffer = bytearray(HASH_BUFFER_SIZE)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as stream:
+        while count := stream.readinto(buffer):
+            hasher.update(view[:count])
+            size += count
+    return hasher.hexdigest(), size
 
 
 def verify_file(path: Path, expected: str) -> int:

@@ -136,6 +136,7 @@ class PolicyConfig(_Strict):
     required_lta_copies: int | None = Field(default=None, ge=1)
     max_attempts: int = Field(default=3, ge=1)
     purge_budget_bytes: int = Field(default=10 * 10**12, gt=0)  # per purge cycle
+    scrub_bytes_per_day: int = Field(default=10**12, ge=0)  # LTA bytes re-read per day
 
 
 class InstrumentConfig(_Strict):

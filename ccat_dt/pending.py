@@ -26,10 +26,25 @@ PAGE = 500
 
 
 @dataclass(frozen=True)
+class Due:
+    """One piece of work: a package (at a site), and the OpsDB row that made it due."""
+
+    package: str
+    site: str = ""  # "" for per-package work
+    trigger: int = 0  # id of the copy (or request) whose arrival made this due
+
+    def run_key(self, stage: str) -> str:
+        """Deterministic: a replayed tick asks for the same run; a new trigger (a repaired
+        copy, say) asks for a new one."""
+        return ":".join([stage, self.package, *([self.site] if self.site else []),
+                         *([str(self.trigger)] if self.trigger else [])])
+
+
+@dataclass(frozen=True)
 class Page:
     """Work found after a cursor, and where the next tick should continue."""
 
-    items: list[tuple[str, str]]  # (package, site); site is "" for per-package work
+    items: list[Due]
     cursor: int
 
 
@@ -37,14 +52,14 @@ def new_packages(session: Session, after_id: int, limit: int = PAGE) -> Page:
     rows = session.execute(select(RawDataPackage.id, RawDataPackage.name)
                            .where(RawDataPackage.id > after_id)
                            .order_by(RawDataPackage.id).limit(limit)).all()
-    return Page([(name, "") for _, name in rows], rows[-1][0] if rows else after_id)
+    return Page([Due(name) for _, name in rows], rows[-1][0] if rows else after_id)
 
 
 def new_staging_requests(session: Session, after_id: int, limit: int = PAGE) -> Page:
     rows = session.execute(select(StagingRequest.id, StagingRequest.name)
                            .where(StagingRequest.id > after_id)
                            .order_by(StagingRequest.id).limit(limit)).all()
-    return Page([(name, "") for _, name in rows], rows[-1][0] if rows else after_id)
+    return Page([Due(name) for _, name in rows], rows[-1][0] if rows else after_id)
 
 
 def _new_copies(session: Session, after_id: int, kind: LocationType,
@@ -62,7 +77,7 @@ def site_copies_due(session: Session, config: Config, after_id: int, limit: int 
     copies += _new_copies(session, after_id, LocationType.LONG_TERM_ARCHIVE, limit)
     copies.sort(key=lambda c: c.id)
     copies = copies[:limit]
-    due: list[tuple[str, str]] = []
+    due: list[Due] = []
     for copy in copies:
         if not copy.is_verified:
             continue
@@ -73,14 +88,15 @@ def site_copies_due(session: Session, config: Config, after_id: int, limit: int 
             targets = [s.short_name for s in config.settings.archive_sites if s.short_name != site]
         else:
             continue
-        due += [(package.name, t) for t in targets if not _held_at(session, package, t)]
+        due += [Due(package.name, t, copy.id) for t in targets
+                if not _held_at(session, package, t)]
     return Page(due, copies[-1].id if copies else after_id)
 
 
 def lta_copies_due(session: Session, config: Config, after_id: int, limit: int = PAGE) -> Page:
     """A verified copy in an archive site's buffer is archived into that site's LTA."""
     copies = _new_copies(session, after_id, LocationType.BUFFER, limit)
-    due = [(c.package.name, c.location.site.short_name) for c in copies
+    due = [Due(c.package.name, c.location.site.short_name, c.id) for c in copies
            if c.is_verified and c.location.site.short_name != config.settings.observatory]
     return Page(due, copies[-1].id if copies else after_id)
 
@@ -89,3 +105,50 @@ def _held_at(session: Session, package: RawDataPackage, site: str) -> bool:
     return any(c.status != CopyStatus.DELETED
                for kind in (LocationType.BUFFER, LocationType.LONG_TERM_ARCHIVE)
                for c in copies_at(session, package, kind, site))
+
+
+def repairs_due(session: Session, config: Config, limit: int = PAGE) -> list[tuple[str, Due]]:
+    """Archive copies found CORRUPT with no good copy of that kind at their site, where a
+    verified LTA copy elsewhere can restore them: (job, work). An LTA copy is re-archived
+    from the site's buffer when that is still verified, else the buffer is refilled first
+    (from a good LTA copy elsewhere, never from the bad one)."""
+    corrupt = session.scalars(
+        select(PackageCopy).join(DataLocation)
+        .where(PackageCopy.status == CopyStatus.CORRUPT,
+               DataLocation.location_type.in_([LocationType.BUFFER,
+                                               LocationType.LONG_TERM_ARCHIVE]))
+        .order_by(PackageCopy.id).limit(limit)).all()
+    due: list[tuple[str, Due]] = []
+    for copy in corrupt:
+        package, site = copy.package, copy.location.site.short_name
+        kind = copy.location.location_type
+        if site == config.settings.observatory or any(
+                c.status == CopyStatus.PRESENT for c in copies_at(session, package, kind, site)):
+            continue
+        if not any(c.is_verified and c.location.site.short_name != site
+                   for c in copies_at(session, package, LocationType.LONG_TERM_ARCHIVE)):
+            continue  # nothing good to restore from (yet)
+        buffered = any(c.is_verified for c in copies_at(session, package, LocationType.BUFFER,
+                                                          site))
+        job = "lta_copy_job" if kind == LocationType.LONG_TERM_ARCHIVE and buffered \
+            else "site_copy_job"
+        due.append((job, Due(package.name, site, copy.id)))
+    return due
+
+
+def scrub_due(session: Session, budget_bytes: int, limit: int = PAGE) -> list[Due]:
+    """LTA copies to re-read now: the longest unverified first, within the byte budget (at
+    least one, so that a copy larger than the budget is still scrubbed eventually)."""
+    copies = session.scalars(
+        select(PackageCopy).join(DataLocation)
+        .where(PackageCopy.status == CopyStatus.PRESENT,
+               DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)
+        .order_by(PackageCopy.verified_at, PackageCopy.id).limit(limit)).all()
+    due: list[Due] = []
+    spent = 0
+    for copy in copies:
+        if due and spent + copy.size > budget_bytes:
+            break
+        spent += copy.size
+        due.append(Due(copy.package.name, copy.location.site.short_name, copy.id))
+    return due

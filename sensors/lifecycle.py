@@ -14,13 +14,16 @@ from dagster import (
     sensor,
 )
 
+from ccat_assets.jobs import lta_copy_job, site_copy_job
 from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import plan_packages
 from ccat_dt.pending import (
+    Due,
     lta_copies_due,
     new_packages,
     new_staging_requests,
+    repairs_due,
     site_copies_due,
 )
 from ccat_dt.purge_cycle import plan_cycle
@@ -39,9 +42,10 @@ def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
         context.log.info(f"planned {len(planned)} package(s)")
     with deployment.opsdb.session() as session:
         page = new_packages(session, int(context.cursor or 0))
-    names = [name for name, _ in page.items]
+    names = [due.package for due in page.items]
     return SensorResult(
-        run_requests=[RunRequest(partition_key=n, run_key=f"package:{n}") for n in names],
+        run_requests=[RunRequest(partition_key=due.package, run_key=due.run_key("package"))
+                      for due in page.items],
         dynamic_partitions_requests=[package_partitions.build_add_request(names)] if names else [],
         cursor=str(page.cursor))
 
@@ -52,10 +56,8 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     archive once, then archive -> archive)."""
     with deployment.opsdb.session() as session:
         page = site_copies_due(session, deployment.config, int(context.cursor or 0))
-    return SensorResult(
-        run_requests=[RunRequest(partition_key=package_site_key(p, s),
-                                 run_key=f"site_copy:{p}:{s}") for p, s in page.items],
-        cursor=str(page.cursor))
+    return SensorResult(run_requests=[_placement(due, "site_copy") for due in page.items],
+                        cursor=str(page.cursor))
 
 
 @sensor(job_name="lta_copy_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -63,10 +65,8 @@ def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
     """A verified copy in an archive site's buffer is archived into that site's LTA."""
     with deployment.opsdb.session() as session:
         page = lta_copies_due(session, deployment.config, int(context.cursor or 0))
-    return SensorResult(
-        run_requests=[RunRequest(partition_key=package_site_key(p, s),
-                                 run_key=f"lta_copy:{p}:{s}") for p, s in page.items],
-        cursor=str(page.cursor))
+    return SensorResult(run_requests=[_placement(due, "lta_copy") for due in page.items],
+                        cursor=str(page.cursor))
 
 
 @sensor(job_name="purge_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -94,12 +94,33 @@ def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
     """New staging requests become partitions of staged_copies and a staging run each."""
     with deployment.opsdb.session() as session:
         page = new_staging_requests(session, int(context.cursor or 0))
-    names = [name for name, _ in page.items]
+    names = [due.package for due in page.items]
     return SensorResult(
         run_requests=[RunRequest(partition_key=n, run_key=f"stage:{n}") for n in names],
         dynamic_partitions_requests=[staging_partitions.build_add_request(names)] if names else [],
         cursor=str(page.cursor))
 
 
+@sensor(jobs=[site_copy_job, lta_copy_job], minimum_interval_seconds=INTERVAL,
+        default_status=RUNNING)
+def repair_sensor(context: SensorEvaluationContext,
+                  deployment: Deployment) -> SensorResult | SkipReason:
+    """A copy found corrupt (by a check, the scrub or the audit) is made again from a verified
+    LTA copy elsewhere; the corrupt one is replaced, never used as a source."""
+    with deployment.opsdb.session() as session:
+        due = repairs_due(session, deployment.config)
+    if not due:
+        return SkipReason("no corrupt copy can be repaired now")
+    return SensorResult(run_requests=[
+        _placement(item, "repair", job_name=job) for job, item in due])
+
+
+def _placement(due: Due, stage: str, job_name: str | None = None) -> RunRequest:
+    """A run for one package x site partition, tagged with the link it loads."""
+    return RunRequest(partition_key=package_site_key(due.package, due.site),
+                      run_key=due.run_key(stage), job_name=job_name)
+
+
 def lifecycle_sensors() -> list[SensorDefinition]:
-    return [package_sensor, site_copy_sensor, lta_copy_sensor, purge_sensor, staging_sensor]
+    return [package_sensor, site_copy_sensor, lta_copy_sensor, purge_sensor, staging_sensor,
+            repair_sensor]

@@ -1,0 +1,38 @@
+"""The fixity scrub as a job: re-read a batch of LTA copies and report each as the
+`lta_copy_checksum` check of its partition, so scrub results sit beside the arrival checks."""
+
+from dagster import AssetCheckEvaluation, AssetKey, Config, OpExecutionContext, job, op
+
+from ccat_assets.partitions import split_key
+from ccat_dt.opsdb.models import LocationType
+from ccat_dt.replicas import verify
+from resources.opsdb import Deployment
+
+
+class ScrubBatch(Config):
+    """package|site partition keys of the LTA copies to re-read (set by the schedule)."""
+
+    partitions: list[str]
+
+
+@op
+def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
+                      deployment: Deployment) -> int:
+    """Each mismatch marks the copy CORRUPT; the repair sensor then restores it."""
+    failed = 0
+    for key in config.partitions:
+        package, site = split_key(key)
+        result = verify(deployment.opsdb, deployment.config, package, site,
+                        LocationType.LONG_TERM_ARCHIVE)
+        failed += not result.passed
+        context.log_event(AssetCheckEvaluation(  # type: ignore[arg-type]  # accepted at runtime
+            asset_key=AssetKey("lta_copies"), check_name="lta_copy_checksum",
+            passed=result.passed, description=f"scrub: {result.description}", partition=key,
+            metadata={"path": result.path or "", "copy_id": result.copy_id or 0}))
+    context.log.info(f"scrubbed {len(config.partitions)} LTA copies, {failed} bad")
+    return failed
+
+
+@job
+def scrub_job() -> None:
+    reread_lta_copies()
