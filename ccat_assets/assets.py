@@ -1,6 +1,8 @@
 """The package lifecycle as software-defined assets; each body is one sentence of the pipeline."""
 
 
+import time
+
 import dagster
 from dagster import (
     AllPartitionMapping,
@@ -63,11 +65,16 @@ def build_assets(config: Config) -> list[AssetsDefinition]:
     def packages(context: AssetExecutionContext, deployment: Deployment,
                  raw_files: FiledFiles) -> CopyRef:
         """Tar + manifest of the raw files, built in one read pass at the observatory buffer."""
+        started, site = time.monotonic(), deployment.config.settings.observatory
         try:
             built = packaging_stage.build(deployment.opsdb, deployment.config,
                                           context.partition_key, run_id=context.run.run_id)
         except PackageBuildFailed as exc:
+            deployment.report("packaging", context.partition_key, site, "failed",
+                              time.monotonic() - started, error=str(exc))
             raise Failure(str(exc), allow_retries=False) from exc
+        deployment.report("packaging", context.partition_key, site, "ok",
+                          time.monotonic() - started, bytes=built.size)
         context.add_output_metadata({"path": built.path, "size": built.size,
                                      "checksum": built.checksum, "files": raw_files.count})
         return built
@@ -94,9 +101,13 @@ def build_assets(config: Config) -> list[AssetsDefinition]:
                      config: PurgeCycle) -> PurgeReport:
         """Source files and buffer copies deleted where the retention policy allows, each
         deletion resting on a certificate of verified LTA copies."""
+        started = time.monotonic()
         report = purge_package(deployment.opsdb, deployment.config, context.partition_key,
                                run_id=context.run.run_id, copy_ids=config.copy_ids,
                                early_ids=config.early_ids)
+        deployment.report("purge", context.partition_key, "*",
+                          "failed" if report.failures else "ok", time.monotonic() - started,
+                          bytes=report.deleted_bytes, deleted=report.deleted)
         context.add_output_metadata({
             "deleted": report.deleted, "deleted_bytes": report.deleted_bytes,
             "kept": "\n".join(f"{d.site}/{d.location} {d.path}: {d.reason}"
@@ -111,8 +122,11 @@ def build_assets(config: Config) -> list[AssetsDefinition]:
     def staged_copies(context: AssetExecutionContext, deployment: Deployment) -> Staged:
         """The request's packages unpacked at its processing location from the nearest
         verified LTA copy, every file checked against the manifest."""
+        started = time.monotonic()
         staged = stage(deployment.opsdb, deployment.config, context.partition_key,
                        run_id=context.run.run_id)
+        deployment.report("staging", context.partition_key, "*", "ok",
+                          time.monotonic() - started, bytes=staged.bytes)
         context.add_output_metadata({"packages": staged.packages, "files": staged.files,
                                      "bytes": staged.bytes})
         return staged

@@ -21,6 +21,7 @@ from ccat_dt.filing import (
     read_manifest_file,
     start_observation,
 )
+from ccat_dt.jsonlog import configure_from_env
 from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate, migrate
 from ccat_dt.staging import StagingError
 from ccat_dt.topology import sync_topology
@@ -318,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=PreviewWarning)
     warnings.filterwarnings("ignore", category=BetaWarning)
     args = parser().parse_args(argv)
+    configure_from_env()
     try:
         args.run(args)
     except (ConfigError, FilingError, SchemaOutOfDate, StagingError, UsageError,

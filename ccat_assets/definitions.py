@@ -9,10 +9,12 @@ from ccat_assets.assets import build_assets
 from ccat_assets.checks import build_checks
 from ccat_assets.scrub import scrub_job
 from ccat_dt.config import Config, load_config
+from ccat_dt.jsonlog import configure_from_env
 from ccat_dt.opsdb.models import LocationType
 from resources.opsdb import Deployment
 from resources.placement import PlacementIOManager
 from sensors.lifecycle import lifecycle_sensors
+from sensors.observability import service_level_sensor
 from sensors.scrub import fixity_scrub
 
 
@@ -25,7 +27,7 @@ def build_definitions(config: Config) -> Definitions:
         assets=assets,
         asset_checks=build_checks(config, by_name),
         jobs=[*jobs.STAGES, scrub_job],
-        sensors=lifecycle_sensors(),
+        sensors=[*lifecycle_sensors(), service_level_sensor],
         schedules=[fixity_scrub],
         resources={
             "deployment": deployment,
@@ -41,4 +43,5 @@ def build_definitions(config: Config) -> Definitions:
 @definitions
 def defs() -> Definitions:
     """Loaded by `dagster dev` / the daemon from $CCAT_DT_CONFIG (see workspace.yaml)."""
+    configure_from_env()  # JSON-lines operation logs when $CCAT_DT_LOG_JSON is set
     return build_definitions(load_config())

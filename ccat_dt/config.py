@@ -122,6 +122,18 @@ class RouteConfig(_Strict):
         return f"{self.origin}->{self.destination}"
 
 
+class MetricsConfig(_Strict):
+    """InfluxDB v2 write API (or VictoriaMetrics); off when no url. The token comes from the
+    environment variable `token_env`, never from this file."""
+
+    url: str | None = None
+    org: str = "ccat"
+    bucket: str = "ccat_dt"
+    token_env: str = "CCAT_DT_INFLUX_TOKEN"
+    interval_s: int = Field(default=60, ge=5)  # how often service-level figures are written
+    warn_below_hours: float = Field(default=24.0, gt=0)  # buffer forecast threshold
+
+
 class SshConfig(_Strict):
     """How every remote host is reached (one key and known_hosts for the deployment)."""
 
@@ -154,6 +166,7 @@ class Settings(_Strict):
     policies: PolicyConfig = PolicyConfig()
     instruments: list[InstrumentConfig] = Field(min_length=1)
     ssh: SshConfig = SshConfig()
+    metrics: MetricsConfig = MetricsConfig()
     log_dir: str = "logs"  # per-transfer command output, referenced from OpsDB
 
     @model_validator(mode="after")
@@ -231,6 +244,10 @@ class Config:
         if url.startswith(prefix) and not url.startswith(prefix + "/"):
             return prefix + str(self.directory / url[len(prefix):])
         return url
+
+    @property
+    def metrics_url(self) -> str | None:
+        return os.environ.get("CCAT_DT_METRICS_URL") or self.settings.metrics.url
 
     @property
     def log_dir(self) -> Path:

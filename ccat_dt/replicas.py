@@ -55,8 +55,20 @@ def plan_placement(opsdb: OpsDB, config: Config, package: str, site: str,
         return Placement(package=package, site=site, source=CopyRef.of(source))
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A verified copy where it was asked for, and how it got there."""
+
+    ref: CopyRef
+    transport: str  # "" when the copy was already there
+    seconds: float = 0.0
+    streams: int = 0
+    log_path: str | None = None
+    batched_with: tuple[str, ...] = ()  # other packages moved in the same session
+
+
 def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType, *,
-          run_id: str | None = None, attempt: int = 0) -> CopyRef:
+          run_id: str | None = None, attempt: int = 0) -> Placed:
     """Copy the package to the site's location of `kind`, verify it, record it.
 
     Idempotent: an existing verified copy there is returned untouched. On a route with a
@@ -67,7 +79,7 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         package = get_package(session, placement.package)
         existing = verified_copy(session, package, placement.site, kind)
         if existing is not None:
-            return CopyRef.of(existing)
+            return Placed(CopyRef.of(existing), transport="")
         destination = primary_location(session, placement.site, kind)
         route = (config.settings.route(placement.source.site, placement.site)
                  if placement.source.site != placement.site else None)
@@ -79,7 +91,7 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
     transport = transport_for(config, route, remote=remote)
     outcomes = _transfer(transport, jobs)
     ssh = ssh_settings(config)
-    own: CopyRef | None = None
+    own: Placed | None = None
     for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, TransferResult) and kind == LocationType.LONG_TERM_ARCHIVE:
             outcome = _reread(ssh, job, outcome)
@@ -88,9 +100,10 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
             if job.placement is placement:
                 raise outcome
             continue
-        ref = _record(opsdb, config, job, kind, outcome)
+        ref = _record(opsdb, config, job, kind, outcome, transport.name)
         if job.placement is placement:
-            own = ref
+            own = Placed(ref, transport.name, outcome.seconds, outcome.streams,
+                         outcome.log_path, tuple(j.placement.package for j in jobs[1:]))
     assert own is not None
     return own
 
@@ -186,7 +199,7 @@ def _reread(ssh: SshSettings, job: _Job, result: TransferResult) -> TransferResu
 
 
 def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
-            result: TransferResult) -> CopyRef:
+            result: TransferResult, transport: str) -> CopyRef:
     with opsdb.session() as session:
         package = get_package(session, job.placement.package)
         now = utcnow()
@@ -199,7 +212,7 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         session.add(copy)
         session.flush()
         operation = session.get_one(Operation, job.operation_id)
-        operation.log_path = result.log_path
+        operation.log_path, operation.transport = result.log_path, transport
         finish_in(session, job.operation_id, copy_id=copy.id, nbytes=result.bytes,
                   seconds=result.seconds)
         refresh_state(session, config, package)

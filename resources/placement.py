@@ -9,7 +9,7 @@ from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import get_package
 from ccat_dt.references import CopyRef, Placement
-from ccat_dt.replicas import NotReady, place, verified_copy
+from ccat_dt.replicas import NotReady, Placed, place, verified_copy
 from ccat_dt.transports.base import TransferError
 from resources.opsdb import Deployment
 
@@ -29,20 +29,39 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
         attempt = context.step_context.previous_attempt_count if context.step_context else 0
         started = time.monotonic()
         try:
-            ref = place(self.deployment.opsdb, self.deployment.config, obj, self.kind,
-                        run_id=context.run_id, attempt=attempt)
-        except TransferError as exc:
-            if exc.retryable:
-                raise
-            raise Failure(str(exc), allow_retries=False) from exc
-        except (NotReady, ChecksumMismatch) as exc:
-            raise Failure(str(exc)) from exc
+            placed = place(self.deployment.opsdb, self.deployment.config, obj, self.kind,
+                           run_id=context.run_id, attempt=attempt)
+        except (TransferError, NotReady, ChecksumMismatch) as exc:
+            self._report(obj, "failed", time.monotonic() - started, attempt, error=str(exc))
+            if isinstance(exc, TransferError) and not exc.retryable:
+                raise Failure(str(exc), allow_retries=False) from exc
+            raise
         seconds = time.monotonic() - started
+        ref = placed.ref
+        self._report(obj, "ok" if placed.transport else "unchanged", seconds, attempt,
+                     size=ref.size, placed=placed)
         context.add_output_metadata({
             "path": ref.path, "size": ref.size, "checksum": ref.checksum,
             "from": f"{obj.source.site}/{obj.source.location}",
-            "seconds": round(seconds, 3),
-            "MB_per_s": round(ref.size / 1e6 / seconds, 2) if seconds > 0 else 0.0})
+            "transport": placed.transport or "already there", "streams": placed.streams,
+            "attempts": attempt + 1, "seconds": round(seconds, 3),
+            "MB_per_s": round(ref.size / 1e6 / seconds, 2) if seconds > 0 else 0.0,
+            "log": placed.log_path or "", "batched_with": ", ".join(placed.batched_with)})
+
+    def _report(self, obj: Placement, outcome: str, seconds: float, attempt: int, *,
+                size: int = 0, placed: Placed | None = None, error: str = "") -> None:
+        stage = "archive" if self.kind == LocationType.LONG_TERM_ARCHIVE else "transfer"
+        self.deployment.report(stage, obj.package, obj.site, outcome, seconds,
+                               attempt=attempt + 1, bytes=size, error=error)
+        if placed is not None and not placed.transport:
+            return  # nothing moved
+        route = self.deployment.config.settings.route(obj.source.site, obj.site)
+        self.deployment.metrics.transfer(
+            route=f"{obj.source.site}->{obj.site}", origin=obj.source.site,
+            destination=obj.site, transport=placed.transport if placed else (
+                route.transport if route else "local"),
+            bytes=size, seconds=seconds, streams=placed.streams if placed else 0,
+            attempts=attempt + 1, outcome=outcome, package=obj.package)
 
     def load_input(self, context: InputContext) -> CopyRef:
         keys = context.asset_partition_key.keys_by_dimension  # type: ignore[attr-defined]

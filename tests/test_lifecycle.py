@@ -143,7 +143,8 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_blocks_the_purge(
     victims: list[str] = []
 
     def place_then_rot(*args, **kwargs):  # type: ignore[no-untyped-def]
-        ref = real_place(*args, **kwargs)
+        placed = real_place(*args, **kwargs)
+        ref = placed.ref
         if not victims and args[3] == LocationType.BUFFER:  # first copy into an archive buffer
             victims.append(ref.package)
             with open(ref.path, "r+b") as handle:  # bit rot between arrival and the check
@@ -151,7 +152,7 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_blocks_the_purge(
                 byte = handle.read(1)
                 handle.seek(ref.size // 2)
                 handle.write(bytes([byte[0] ^ 0x01]))
-        return ref
+        return placed
 
     monkeypatch.setattr(placement, "place", place_then_rot)
     drive(build_definitions(config), instance)

@@ -1,0 +1,153 @@
+"""One lifecycle measurement in a fresh process: `ccat-dt init`'s embedded default, N small
+packages filed as instruments do, then `drive()` (the real sensors, runs in-process) until idle.
+
+python -m bench.lifecycle_worker --root DIR --packages N --out RESULT.json
+    [--profile STATS.prof] [--event-log consolidated]
+
+Also measured, before driving: the same bytes hashed and copied directly (one build_package per
+package, the four copies a package makes and the five re-reads its checks make), so that the
+orchestration overhead is the drive time minus that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+MODULE = "primecam/f280"
+
+
+def _file_observations(root: Path, packages: int, files: int, file_bytes: int) -> float:
+    from ccat_dt.config import load_config
+    from ccat_dt.filing import file_directory, finish_observation, start_observation
+    from ccat_dt.opsdb.database import OpsDB
+
+    config = load_config(root / "ccat-dt.yaml")
+    opsdb = OpsDB(config.opsdb_url)
+    source = config.resolve_root("sites/ccat/instruments")
+    started = time.perf_counter()
+    for n in range(packages):
+        observation = f"obs-{n:05d}"
+        start_observation(opsdb, observation)
+        directory = source / observation / MODULE
+        directory.mkdir(parents=True, exist_ok=True)
+        for i in range(files):
+            (directory / f"scan-{i:03d}.dat").write_bytes(os.urandom(file_bytes))
+        file_directory(opsdb, observation=observation, module=MODULE,
+                       directory=f"{observation}/{MODULE}")
+        finish_observation(opsdb, observation)
+    opsdb.dispose()
+    return time.perf_counter() - started
+
+
+def _data_work(root: Path, scratch: Path) -> float:
+    """The byte work of the lifecycle without any orchestration: per package one tar build, four
+    verified copies (buffer -> archive buffer -> LTA, twice) and five checksum re-reads."""
+    from ccat_dt.checksums import hash_file
+    from ccat_dt.packaging import PackageMember, build_package
+    from ccat_dt.transports.local import LocalTransport
+
+    source = root / "sites" / "ccat" / "instruments"
+    transport = LocalTransport()
+    packages = []
+    for observation in sorted(p for p in source.iterdir() if p.is_dir()):
+        members = []
+        for path in sorted((observation / MODULE).iterdir()):
+            checksum, size = hash_file(path)  # the filed checksum: filing, not counted here
+            members.append(PackageMember(path, f"{observation.name}/{MODULE}/{path.name}", size,
+                                         checksum))
+        packages.append((observation.name, members))
+    started = time.perf_counter()
+    for name, members in packages:
+        built = build_package(members, scratch / "buffer" / f"{name}.tar", package_name=name)
+        previous = built.path
+        hash_file(previous)
+        for hop in ("site-a", "lta-a", "site-b", "lta-b"):
+            target = scratch / hop / previous.name
+            transport.copy_file(previous, target, built.checksum)
+            hash_file(target)
+            previous = target
+    seconds = time.perf_counter() - started
+    shutil.rmtree(scratch, ignore_errors=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--packages", type=int, required=True)
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--file-kib", type=int, default=64)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", type=Path)
+    parser.add_argument("--event-log", choices=["default", "consolidated"], default="default")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    root: Path = args.root.absolute()
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    os.environ["DAGSTER_HOME"] = str(root / "dagster_home")
+    os.environ["CCAT_DT_CONFIG"] = str(root / "ccat-dt.yaml")
+
+    from ccat_assets.cli import init  # noqa: E402 - after DAGSTER_HOME is set
+
+    config_path = init(root)
+    home = root / "dagster_home"
+    if args.event_log == "consolidated":  # an experiment: one event-log DB, not one per run
+        with open(home / "dagster.yaml", "a") as stream:
+            stream.write("\nevent_log_storage:\n  module: dagster.core.storage.event_log\n"
+                         "  class: ConsolidatedSqliteEventLogStorage\n"
+                         f"  config:\n    base_dir: {home / 'history'}\n")
+
+    filing_s = _file_observations(root, args.packages, args.files, args.file_kib * 1024)
+    data_s = _data_work(root, root.parent / f"{root.name}-data-work")
+
+    from ccat_assets.definitions import build_definitions
+    from ccat_assets.driver import drive, open_instance
+    from ccat_dt.config import load_config
+
+    config = load_config(config_path)
+    instance = open_instance(config)
+    defs = build_definitions(config)
+    profiler = cProfile.Profile() if args.profile else None
+    started = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    report = drive(defs, instance, max_rounds=1000)
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(str(args.profile))
+    drive_s = time.perf_counter() - started
+
+    runs = []
+    for record in instance.get_run_records():
+        tags = record.dagster_run.tags
+        runs.append({"key": tags.get("dagster/run_key", ""), "job": record.dagster_run.job_name,
+                     "status": record.dagster_run.status.value,
+                     "start": record.start_time, "end": record.end_time})
+    from ccat_dt.opsdb.database import OpsDB
+    from ccat_dt.report import summarize
+
+    summary = summarize(OpsDB(config.opsdb_url))
+    args.out.write_text(json.dumps({
+        "packages": args.packages, "files_per_package": args.files,
+        "file_bytes": args.file_kib * 1024, "event_log": args.event_log,
+        "filing_s": filing_s, "data_s": data_s, "drive_s": drive_s,
+        "launched": len(report.launched), "failed": report.failed, "rounds": report.rounds,
+        "runs": runs, "package_states": dict(summary.packages),
+    }))
+    instance.dispose()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
