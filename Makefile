@@ -6,7 +6,7 @@ DEMO_ROOT ?= demo-data
 export DAGSTER_HOME := $(abspath $(DEMO_ROOT))/dagster_home
 export CCAT_DT_CONFIG := $(abspath $(DEMO_ROOT))/ccat-dt.yaml
 
-.PHONY: demo test ui lint clean
+.PHONY: demo test bench ui lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(BIN)/.installed  ## simulate an observing night and drive it through the
 
 test: $(BIN)/.installed  ## the whole test suite, as CI runs it
 	$(BIN)/pytest -q
+
+bench: $(BIN)/.installed  ## benchmarks against xxhsum, tar, cp, rsync; writes docs/benchmarks.md
+	$(BIN)/python -m bench
 
 ui: $(BIN)/.installed  ## Dagster UI on the demo's instance: lineage, partitions, checks
 	@test -f $(CCAT_DT_CONFIG) || { echo "run 'make demo' first"; exit 1; }

@@ -241,6 +241,14 @@ def settle() -> None:
     os.sync()
 
 
+def fresh(*paths: Path) -> Callable[[], None]:
+    """A `prepare` step: remove the outputs of the previous run, then settle()."""
+    def prepare() -> None:
+        drop_outputs(*paths)
+        settle()
+    return prepare
+
+
 # -- the machine --------------------------------------------------------------------------------
 
 def _first_line(argv: Sequence[str]) -> str:

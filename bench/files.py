@@ -21,9 +21,9 @@ from bench.common import (
     SectionResult,
     Settings,
     drop_outputs,
+    fresh,
     interleaved,
     run_tool,
-    settle,
     summed,
     timed,
     write_random,
@@ -147,7 +147,7 @@ def bench_package(settings: Settings, result: SectionResult, log: Callable[[str]
         "ours-nofsync-noadler": lambda: {"nofsync-noadler": _ours(build, no_fsync,
                                                                   no_adler32)()["ours"]},
         "tool": tool,
-    }, settings.repeat, prepare=lambda: (drop_outputs(ours_tar, tool_tar), settle()), log=log)
+    }, settings.repeat, prepare=fresh(ours_tar, tool_tar), log=log)
     drop_outputs(ours_tar, tool_tar)
     total = settings.tree_files * settings.tree_file_mib
     result.facts["size"] = (f"{settings.tree_files} files x {settings.tree_file_mib} MiB = "
@@ -207,7 +207,7 @@ def bench_copy(settings: Settings, result: SectionResult, log: Callable[[str], N
         "ours": _ours(copy),
         "ours-nofsync": lambda: {"nofsync": _ours(copy, no_fsync)()["ours"]},
         "tool": tool,
-    }, settings.repeat, prepare=lambda: (drop_outputs(ours_dst, tool_dst), settle()), log=log)
+    }, settings.repeat, prepare=fresh(ours_dst, tool_dst), log=log)
     drop_outputs(ours_dst, tool_dst)
     result.facts["size"] = f"{settings.copy_mib} MiB, source in the page cache"
     result.facts["steps"] = {k: v.text() for k, v in stats.items()}

@@ -24,9 +24,9 @@ from bench.common import (
     Settings,
     Stats,
     drop_outputs,
+    fresh,
     interleaved,
     run_tool,
-    settle,
     summed,
     timed,
 )
@@ -164,7 +164,7 @@ def bench_remote(settings: Settings, result: SectionResult, log: Callable[[str],
                                           str(tool_dst)])}
 
         stats = interleaved({"ours": ours, "tool": tool}, settings.repeat,
-                            prepare=lambda: (drop_outputs(ours_dst, tool_dst), settle()),
+                            prepare=fresh(ours_dst, tool_dst),
                             log=log)
         handshake = Stats([run_tool([*ssh.ssh_command(), "--", host, "true"])
                            for _ in range(max(settings.repeat, 5))])

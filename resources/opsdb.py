@@ -38,8 +38,9 @@ class Deployment(ConfigurableResource):  # type: ignore[misc]
                                        token_env=settings.token_env))
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
-        if "metrics" in self.__dict__:  # only if this run created it: flush what is batched
-            self.metrics.close()
+        metrics = self.__dict__.pop("metrics", None)  # flush what is batched; a later
+        if metrics is not None:                        # execution gets a fresh writer
+            metrics.close()
 
     def report(self, stage: str, package: str, site: str, outcome: str, seconds: float,
                **fields: Any) -> None:

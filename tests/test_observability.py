@@ -3,6 +3,7 @@ fails and the points are counted as dropped."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,14 @@ def test_a_lifecycle_writes_transfer_stage_and_service_level_metrics(
     assert all(series["metric"]["outcome"] == "ok" for series in transfers)
     stages = {s["metric"]["stage"] for s in victoria.export('{__name__="ccat_stage_seconds"}')}
     assert {"packaging", "transfer", "archive", "purge"} <= stages
-    unsafe = victoria.export('{__name__="ccat_service_level_packages_unsafe"}')
-    assert unsafe and unsafe[-1]["values"][-1] == 0  # after the run: everything is safe
+    deadline = time.monotonic() + 20  # the newest point becomes searchable within seconds
+    while True:
+        unsafe = victoria.export('{__name__="ccat_service_level_packages_unsafe"}')
+        if unsafe[-1]["values"][-1] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert max(unsafe[-1]["values"]) == 2  # while the packages were in flight
+    assert unsafe[-1]["values"][-1] == 0  # after the run: everything is safe
 
 
 def test_a_dead_metrics_server_never_fails_a_transfer(

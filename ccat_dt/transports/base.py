@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 
 class TransferError(Exception):
@@ -86,3 +89,35 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def claim_temporary(path: Path) -> Iterator[BinaryIO]:
+    """Open the temporary file `path` for writing, empty, and held with an exclusive lock
+    until the block ends (rename it into place inside the block).
+
+    Two runs of one step write the same temporary name: without the lock their bytes would
+    interleave in one file, and one could rename the other's half-written file into place.
+    A file left by a killed writer carries no lock (the kernel dropped it) and is reused.
+    Raises OSError(EBUSY) while another process is writing `path` (retrying later helps)."""
+    for _ in range(10):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"another process is writing {path}") from None
+        try:
+            current = os.stat(path)
+            held = os.fstat(fd)
+            ours = (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            break
+        os.close(fd)  # its writer renamed it into place meanwhile: never write to that file
+    else:
+        raise OSError(errno.EBUSY, f"{path} keeps being replaced by another process")
+    os.ftruncate(fd, 0)
+    with os.fdopen(fd, "wb") as stream:
+        yield stream

@@ -8,11 +8,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from ccat_dt.checksums import CHUNK_SIZE, new_hasher
+from ccat_dt.checksums import CHUNK_SIZE, hash_file
 from ccat_dt.transports.base import (
     Endpoint,
     TransferError,
     TransferResult,
+    claim_temporary,
     fsync_directory,
     temporary_name,
 )
@@ -21,7 +22,7 @@ _PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS
 
 
 class LocalTransport:
-    """Streams the file once, hashing the bytes as they are written."""
+    """Streams the file into a temporary name, verifies what landed, renames it into place."""
 
     name = "local"
 
@@ -42,33 +43,38 @@ class LocalTransport:
                 out.append(exc)
         return out
 
+    def _landed(self, temporary: Path) -> None:
+        """Called between writing and verification; nothing to do here (tests use it to corrupt
+        or cut short the landed bytes, which must then be caught)."""
+
     def copy_file(self, source: Path, destination: Path, expected_checksum: str) -> TransferResult:
+        """Stream into the temporary name, re-read what landed there, rename only on a match.
+
+        The checksum is taken from the file as it lies on the destination disk, not from the
+        bytes handed to write(): a copy is verified by what arrived, not by what was sent."""
         started = time.monotonic()
         partial = Path(temporary_name(PurePosixPath(destination)))
-        hasher = new_hasher()
-        size = 0
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
-            with open(source, "rb") as reader, open(partial, "wb") as writer:
-                while chunk := reader.read(CHUNK_SIZE):
-                    writer.write(chunk)
-                    hasher.update(chunk)
-                    size += len(chunk)
-                writer.flush()
-                os.fsync(writer.fileno())
-            if hasher.hexdigest() != expected_checksum:
-                raise TransferError(f"checksum mismatch on arrival at {destination}: expected "
-                                    f"{expected_checksum}, got {hasher.hexdigest()}",
-                                    retryable=True)
-            os.replace(partial, destination)
+            with open(source, "rb") as reader, claim_temporary(partial) as writer:
+                try:
+                    while chunk := reader.read(CHUNK_SIZE):
+                        writer.write(chunk)
+                    writer.flush()
+                    os.fsync(writer.fileno())
+                    self._landed(partial)
+                    actual, size = hash_file(partial)
+                    if actual != expected_checksum:
+                        raise TransferError(
+                            f"checksum mismatch on arrival at {destination}: expected "
+                            f"{expected_checksum}, got {actual} ({size} bytes landed)",
+                            retryable=True)
+                    os.replace(partial, destination)
+                except BaseException:
+                    partial.unlink(missing_ok=True)  # ours to remove: we hold its lock
+                    raise
             fsync_directory(destination.parent)
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             raise TransferError(f"local copy {source} -> {destination} failed: {exc}",
                                 retryable=exc.errno not in _PERMANENT) from exc
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        return TransferResult(bytes=size, seconds=time.monotonic() - started,
-                              checksum=hasher.hexdigest())
-
+        return TransferResult(bytes=size, seconds=time.monotonic() - started, checksum=actual)

@@ -1,0 +1,149 @@
+"""What an operator's `ccat-dt retry` re-runs: work that OpsDB shows is possible now but not
+done, because the run that should have done it failed for good (a permanent error a person
+has since fixed: a full disk, a restored source file) or died with its process.
+
+The sensors never ask for such work again: their run keys are deterministic, so a replayed
+tick skips every partition that already has a run, failed or not. Retrying is always safe:
+each step is idempotent (a verified copy already there is returned untouched), so retrying
+work that is in fact done or in flight costs a little I/O, never a byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageState,
+    PhysicalCopy,
+    RawDataFile,
+    RawDataPackage,
+    _aware,
+    utcnow,
+)
+from ccat_dt.routing import copies_at, replication_source
+from ccat_dt.topology import primary_location
+
+PACKAGE_JOB, SITE_COPY_JOB, LTA_COPY_JOB = "package_job", "site_copy_job", "lta_copy_job"
+
+
+@dataclass(frozen=True)
+class Stalled:
+    """One partition to re-run: the job that materialises it, the package, the site ("" for
+    per-package work) and what OpsDB says about its last attempt."""
+
+    job: str
+    package: str
+    site: str
+    reason: str
+
+
+def stalled_work(opsdb: OpsDB, config: Config, *, packages: Collection[str] | None = None,
+                 rebuild_failed: bool = False) -> list[Stalled]:
+    """Every package x stage that can be done now and is not, in lifecycle order.
+
+    A FAILED package (a source file that changed after filing) is rebuilt only with
+    `rebuild_failed`, once a person has restored the file: the build re-reads every byte
+    against the filed checksums, so a package still built from wrong bytes fails again."""
+    out: list[Stalled] = []
+    with opsdb.session() as session:
+        query = select(RawDataPackage).order_by(RawDataPackage.id)
+        if packages is not None:
+            query = query.where(RawDataPackage.name.in_(list(packages)))
+        for package in session.scalars(query):
+            if package.state == PackageState.FAILED:
+                if rebuild_failed:
+                    out.append(Stalled(PACKAGE_JOB, package.name, "",
+                                       _last(session, package, OperationType.PACKAGING, None)))
+                continue
+            if package.checksum is None:
+                out.append(Stalled(PACKAGE_JOB, package.name, "",
+                                   _last(session, package, OperationType.PACKAGING, None)))
+                continue
+            for site in config.settings.archive_sites:
+                out += _at_site(session, config, package, site.short_name)
+    return out
+
+
+def _at_site(session: Session, config: Config, package: RawDataPackage,
+             site: str) -> list[Stalled]:
+    if any(c.is_verified for c in copies_at(session, package, LocationType.LONG_TERM_ARCHIVE,
+                                            site)):
+        return []
+    buffer = primary_location(session, site, LocationType.BUFFER)
+    if any(c.is_verified for c in copies_at(session, package, LocationType.BUFFER, site)):
+        lta = primary_location(session, site, LocationType.LONG_TERM_ARCHIVE)
+        return [Stalled(LTA_COPY_JOB, package.name, site,
+                        _last(session, package, OperationType.ARCHIVE, lta.id))]
+    if replication_source(session, config, package, site) is None:
+        return []  # waits for a verified copy elsewhere (or for a repair of the first hop)
+    return [Stalled(SITE_COPY_JOB, package.name, site,
+                    _last(session, package, OperationType.TRANSFER, buffer.id))]
+
+
+def _last(session: Session, package: RawDataPackage, kind: OperationType,
+          destination_id: int | None) -> str:
+    query = select(Operation).where(Operation.package_id == package.id,
+                                    Operation.operation_type == kind)
+    if destination_id is not None:
+        query = query.where(Operation.destination_location_id == destination_id)
+    last = session.scalars(query.order_by(Operation.id.desc()).limit(1)).first()
+    if last is None:
+        return f"no {kind.value} attempted yet"
+    when = _aware(last.started_at).strftime("%Y-%m-%d %H:%M:%S")
+    if last.status == OperationStatus.FAILED:
+        return f"{kind.value} operation {last.id} failed (started {when}): {last.error}"
+    if last.status == OperationStatus.IN_PROGRESS:
+        return (f"{kind.value} operation {last.id} started {when} never finished "
+                "(its process died?)")
+    return f"{kind.value} operation {last.id} {last.status.value} (started {when})"
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """A deletion whose certificate was committed but whose process never recorded the end."""
+
+    package: str
+    copy_id: int
+    operation_id: int
+    path: str
+    started_at: datetime
+
+
+def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
+                        now: datetime | None = None) -> list[Abandoned]:
+    """Copies DELETION_IN_PROGRESS whose newest deletion operation is still IN_PROGRESS and
+    began more than `older_than` ago (a deletion is one unlink or one `rm` over ssh)."""
+    cutoff = _aware(now or utcnow()) - older_than
+    out = []
+    with opsdb.session() as session:
+        copies = session.scalars(select(PhysicalCopy).where(
+            PhysicalCopy.status == CopyStatus.DELETION_IN_PROGRESS)
+            .order_by(PhysicalCopy.id)).all()
+        for copy in copies:
+            operation = session.scalars(select(Operation).where(
+                Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
+                .order_by(Operation.id.desc()).limit(1)).first()
+            if (operation is None or operation.status != OperationStatus.IN_PROGRESS
+                    or _aware(operation.started_at) > cutoff):
+                continue
+            package_id = copy.package_id or session.scalar(select(RawDataFile.package_id).where(
+                RawDataFile.id == copy.raw_data_file_id))
+            package = session.get(RawDataPackage, package_id) if package_id else None
+            if package is None:
+                continue
+            out.append(Abandoned(package.name, copy.id, operation.id,
+                                 f"{copy.location.root}/{copy.relative_path}",
+                                 _aware(operation.started_at)))
+    return out

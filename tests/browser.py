@@ -1,0 +1,203 @@
+"""Headless Chromium (Debian's, driven by Playwright) and a throw-away `dagster-webserver`, so
+that what the Dagster UI shows a person is tested in a real browser instead of assumed.
+
+Import the fixture into a test module: `from tests.browser import browser as browser_fixture`
+(with `# noqa: F401`); it is named "browser" whatever the alias, and the alias keeps ruff from
+seeing test arguments as redefinitions (F811).
+
+Playwright only drives the system Chromium (`executable_path`); it never downloads a browser
+(`playwright install` is not needed and not used).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.services import unavailable
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+PACKAGES = ["chromium"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]  # Playwright gives each launch a fresh user data dir
+START_TIMEOUT_S = 60.0  # webserver up and our code location loaded
+# The "Join the Dagster community" modal stays away once this browser-storage key is set
+# (dagster-webserver's CommunityNux; it is only shown on 127.0.0.1/localhost).
+DISMISS_COMMUNITY_MODAL = "window.localStorage.setItem('communityNux', '1')"
+
+
+def artifacts_dir(tmp_path: Path) -> Path:
+    """Where tests leave screenshots: $CCAT_TEST_ARTIFACTS (CI keeps it), else tmp_path."""
+    directory = Path(os.environ.get("CCAT_TEST_ARTIFACTS") or tmp_path).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _chromium() -> str | None:
+    return CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
+
+
+def _install() -> str:
+    """Try apt-get once; returns what went wrong (empty when it worked)."""
+    if shutil.which("apt-get") is None:
+        return "apt-get not available"
+    if os.geteuid() != 0:
+        return "not root, cannot apt-get install"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]):
+        try:
+            done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(command)}: {exc}"
+        if done.returncode != 0:
+            return f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}"
+    return ""
+
+
+@pytest.fixture(scope="session", name="browser")  # named: importable under any alias
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless, launched through Playwright."""
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError as exc:
+        unavailable("Playwright", f"{exc} (pip install -e '.[dev]')")
+    executable = _chromium()
+    if executable is None:
+        problem = _install()
+        executable = _chromium()
+        if executable is None:
+            unavailable("Chromium", f"{CHROMIUM} missing; tried to install {' '.join(PACKAGES)}: "
+                        f"{problem or 'installed, still missing'}")
+    with sync_playwright() as playwright:
+        try:
+            chromium = playwright.chromium.launch(executable_path=executable, headless=True,
+                                                  args=CHROMIUM_ARGS, timeout=30_000)
+        except Error as exc:
+            unavailable("Chromium", f"{executable} did not start under Playwright: {exc}")
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@dataclass(frozen=True)
+class Webserver:
+    url: str  # http://127.0.0.1:PORT
+    location: str  # the code location's name, e.g. "ccat_assets.definitions:defs"
+    log: Path
+
+    def graphql(self, query: str) -> dict[str, Any]:
+        request = urllib.request.Request(
+            self.url + "/graphql", data=json.dumps({"query": query}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return dict(json.loads(response.read().decode()))
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+LOCATIONS = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
+    name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+
+
+def _loaded_location(server: Webserver) -> tuple[str | None, str]:
+    """(the code location's name once loaded, else None; what is wrong meanwhile)."""
+    try:
+        workspace = server.graphql(LOCATIONS)["data"]["workspaceOrError"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"GraphQL: {exc.__class__.__name__}: {exc}"
+    entries = workspace.get("locationEntries") or []
+    if not entries:
+        return None, f"no code location yet: {workspace}"
+    entry = entries[0]
+    loaded = entry.get("locationOrLoadError") or {}
+    if loaded.get("__typename") == "PythonError":
+        raise AssertionError(f"code location {entry['name']} failed to load: "
+                             f"{loaded.get('message')}\n{server.log_tail()}")
+    if entry.get("loadStatus") == "LOADED" and loaded.get("__typename") == "RepositoryLocation":
+        return str(entry["name"]), ""
+    return None, f"code location {entry['name']}: {entry.get('loadStatus')}"
+
+
+@contextmanager
+def dagster_webserver(dagster_home: Path, config_path: Path, log: Path) -> Iterator[Webserver]:
+    """`dagster-webserver` over the instance in `dagster_home` and the repo's workspace.yaml
+    (our Definitions, built from `config_path`), on a free 127.0.0.1 port; stopped afterwards.
+
+    Fails (not skips): the webserver is a dependency of the project, so it not serving our
+    code location is a bug."""
+    port = free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "CCAT_DT_CONFIG": str(config_path)}
+    command = [sys.executable, "-m", "dagster_webserver", "-h", "127.0.0.1", "-p", str(port),
+               "-w", str(REPO / "workspace.yaml")]
+    with open(log, "wb") as log_stream:
+        # Its own session, so that its code-server child is stopped along with it.
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=log_stream, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = Webserver(url=f"http://127.0.0.1:{port}", location="", log=log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        location, problem = None, "not started"
+        while location is None:
+            if process.poll() is not None:
+                raise AssertionError(f"dagster-webserver exited with {process.returncode}:\n"
+                                     f"{server.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"dagster-webserver not ready in {START_TIMEOUT_S:.0f} s: "
+                                     f"{problem}\n{server.log_tail()}")
+            try:
+                with urllib.request.urlopen(server.url + "/server_info", timeout=2):
+                    pass
+            except (OSError, urllib.error.URLError) as exc:
+                problem = f"/server_info: {exc}"
+                time.sleep(0.25)
+                continue
+            location, problem = _loaded_location(server)
+            if location is None:
+                time.sleep(0.25)
+        yield Webserver(url=server.url, location=location, log=log)
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the webserver's process group (it and its code server); whatever of that
+    group is still there once the webserver has exited (or after 10 s) gets SIGKILL."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

@@ -1,0 +1,151 @@
+"""One step of the pipeline in a process of its own, to be killed (SIGKILL) at a precise point
+or raced against a twin: `python -m tests.faults.child CONFIG ACTION ...`.
+
+The step bodies are exactly what the Dagster assets and IO managers call (ccat_dt only, so the
+child starts in well under a second). A kill point is installed by wrapping one function in
+this process only; the kill itself is a real SIGKILL, so no `finally`, no `except` and no
+atexit handler runs, as when the OOM killer or a power cut ends a worker. Barriers are files:
+each party creates one, then waits until all have, so that two racers are both past their
+checks before either acts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ccat_dt.config import load_config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import LocationType
+
+BARRIER_TIMEOUT_S = 30.0
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # never reached
+
+
+def barrier(directory: Path, parties: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / str(os.getpid())).touch()
+    deadline = time.monotonic() + BARRIER_TIMEOUT_S
+    while len(list(directory.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"barrier {directory}: {parties} parties never arrived")
+        time.sleep(0.005)
+
+
+def wrap(module: Any, name: str, before: Callable[[], None] | None = None,
+         after: Callable[[], None] | None = None, times: int = 1) -> None:
+    """Run `before`/`after` around the first `times` calls of module.name."""
+    real = getattr(module, name)
+    calls = [0]
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        active = calls[0] <= times
+        if active and before:
+            before()
+        result = real(*args, **kwargs)
+        if active and after:
+            after()
+        return result
+
+    setattr(module, name, wrapper)
+
+
+def wait_to_be_killed(marker: Path) -> Callable[[], None]:
+    def hold() -> None:
+        marker.write_text(str(os.getpid()))
+        time.sleep(60)  # the parent kills us here
+    return hold
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("action", choices=["build", "place", "purge", "file"])
+    parser.add_argument("args", nargs="*")
+    parser.add_argument("--kill", default="")
+    parser.add_argument("--marker", default="")
+    parser.add_argument("--barrier", default="")
+    parser.add_argument("--parties", type=int, default=2)
+    options = parser.parse_args(argv)
+    config = load_config(options.config)
+    opsdb = OpsDB(config.opsdb_url)
+    meet = (lambda: barrier(Path(options.barrier), options.parties)) if options.barrier \
+        else None
+    result: object = None
+
+    if options.action == "build":
+        import ccat_dt.packages as packages
+        import ccat_dt.packaging as packaging
+
+        [name] = options.args
+        if options.kill == "mid-tar":  # the parent kills us once the tar is half written
+            wrap(packaging, "_add_member", after=wait_to_be_killed(Path(options.marker)))
+        elif options.kill == "before-record":  # the tar is renamed into place, not recorded
+            wrap(packages, "_record_built", before=die)
+        if meet:
+            wrap(packaging, "build_package", before=meet)
+        result = packages.build(opsdb, config, name).copy_id
+
+    elif options.action == "place":
+        import ccat_dt.replicas as replicas
+        import ccat_dt.transports.local as local
+
+        name, site, kind = options.args
+        if options.kill == "mid-write":  # bytes in the temporary file, not yet synced
+            wrap(local.os, "fsync", before=die)
+        elif options.kill == "before-record":  # renamed into place, not recorded
+            wrap(replicas, "_record", before=die)
+        if meet:
+            wrap(replicas, "_transfer", before=meet)
+        placement = replicas.plan_placement(opsdb, config, name, site, LocationType(kind))
+        result = replicas.place(opsdb, config, placement, LocationType(kind)).copy_id
+
+    elif options.action == "purge":
+        import ccat_dt.reaper as reaper
+
+        [name] = options.args
+        if options.kill == "after-certificate":  # certificate committed, nothing unlinked
+            wrap(reaper, "_execute", before=die)
+        elif options.kill == "after-unlink":  # unlinked, the deletion not recorded
+            real_unlink = Path.unlink
+
+            def unlink_then_die(self: Path, missing_ok: bool = False) -> None:
+                real_unlink(self, missing_ok=missing_ok)
+                die()
+
+            Path.unlink = unlink_then_die  # type: ignore[method-assign]
+        report = reaper.purge_package(opsdb, config, name)
+        result = {"deleted": report.deleted, "failures": report.failures}
+
+    elif options.action == "file":
+        import ccat_dt.filing as filing
+
+        observation, module, directory = options.args
+        if meet:
+            wrap(filing, "_record", before=meet)
+        try:
+            filed = filing.file_directory(opsdb, observation=observation, module=module,
+                                          directory=directory)
+        except filing.FilingError as exc:
+            print(json.dumps({"error": str(exc)}))
+            return 3
+        result = {"filed": filed.filed, "unchanged": filed.unchanged}
+
+    print(json.dumps({"result": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,174 @@
+"""Running the real pipeline in a fault test: deployments, observations, driving the sensors,
+an operator's retry, and steps in child processes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import DriveReport, drive
+from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.filing import file_directory, finish_observation, start_observation
+from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageState,
+    RawDataPackage,
+)
+from ccat_dt.topology import sync_topology
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = "primecam/f280"
+
+
+def deployment(directory: Path, **overrides: Any) -> Config:
+    """The embedded default (with top-level `overrides`) written to `directory`, migrated."""
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    settings.update(overrides)
+    config = load_config(write_default_config(directory, overrides=settings))
+    migrate(config.opsdb_url)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    opsdb.dispose()
+    return config
+
+
+def source_root(config: Config) -> Path:
+    return config.resolve_root("sites/ccat/instruments")
+
+
+def observe(config: Config, opsdb: OpsDB, *, name: str = "obs-0", module: str = MODULE,
+            files: int = 3, size: int = 40_000, names: list[str] | None = None) -> list[Path]:
+    """Random raw files written at the source and filed, the observation finished."""
+    directory = source_root(config) / name / module
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, file_name in enumerate(names or [f"scan-{i}.dat" for i in range(files)]):
+        path = directory / file_name
+        path.write_bytes(os.urandom(size + i))
+        written.append(path)
+    start_observation(opsdb, name)
+    file_directory(opsdb, observation=name, module=module, directory=f"{name}/{module}")
+    finish_observation(opsdb, name)
+    return written
+
+
+def run(config: Config, instance: DagsterInstance) -> DriveReport:
+    """Tick the real sensors and execute what they request until idle."""
+    return drive(build_definitions(config), instance)
+
+
+def package_names(opsdb: OpsDB) -> list[str]:
+    with opsdb.session() as session:
+        return list(session.scalars(select(RawDataPackage.name).order_by(RawDataPackage.id)))
+
+
+def package_state(opsdb: OpsDB, name: str) -> PackageState:
+    with opsdb.session() as session:
+        state = session.scalar(select(RawDataPackage.state).where(RawDataPackage.name == name))
+        assert state is not None
+        return state
+
+
+def operations(opsdb: OpsDB, kind: OperationType, package: str | None = None
+               ) -> list[tuple[OperationStatus, str | None]]:
+    with opsdb.session() as session:
+        query = select(Operation.status, Operation.error).where(Operation.operation_type == kind)
+        if package is not None:
+            query = query.join(RawDataPackage, Operation.package_id == RawDataPackage.id).where(
+                RawDataPackage.name == package)
+        return [(status, error) for status, error in session.execute(query.order_by(Operation.id))]
+
+
+def archived_everywhere(config: Config, opsdb: OpsDB) -> None:
+    """Every package archived at every archive site, nothing left at the observatory or in
+    any buffer: the end state of a converged embedded deployment."""
+    archives = sorted(site.short_name for site in config.settings.archive_sites)
+    with opsdb.session() as session:
+        packages = session.scalars(select(RawDataPackage).order_by(RawDataPackage.id)).all()
+        assert packages
+        for package in packages:
+            assert package.state == PackageState.ARCHIVED, (package.name, package.state)
+            lta = sorted(c.location.site.short_name for c in package.copies
+                         if c.location.location_type == LocationType.LONG_TERM_ARCHIVE
+                         and c.is_verified)
+            assert lta == archives, (package.name, lta)
+            left = [(c.location.label, c.status.value) for c in package.copies
+                    if c.location.location_type == LocationType.BUFFER
+                    and c.status != CopyStatus.DELETED]
+            assert left == [], (package.name, left)
+            for raw in package.files:
+                assert all(c.status == CopyStatus.DELETED for c in raw.copies), raw.relative_path
+
+
+# -- child processes -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChildResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def killed(self) -> bool:
+        return self.returncode == -signal.SIGKILL
+
+    @property
+    def result(self) -> Any:
+        lines = [line for line in self.stdout.splitlines() if line.startswith("{")]
+        return json.loads(lines[-1]) if lines else None
+
+
+def child_argv(config: Config, action: str, *args: str, **options: str | int) -> list[str]:
+    argv = [sys.executable, "-m", "tests.faults.child", str(config.path), action, *args]
+    for key, value in options.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _environment() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+
+
+def spawn(argv: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(argv, cwd=REPO, env=_environment(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 60) -> ChildResult:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return ChildResult(process.returncode, stdout, stderr)
+
+
+def child(config: Config, action: str, *args: str, **options: str | int) -> ChildResult:
+    return finish(spawn(child_argv(config, action, *args, **options)))
+
+
+def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            _, stderr = process.communicate()
+            raise AssertionError(f"child exited {process.returncode} early: {stderr[-2000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.01)

@@ -1,0 +1,132 @@
+"""Faults in the bytes of a transfer on the embedded (local) transport: a flipped byte and a
+truncated file in the landed temporary file, and a full destination disk."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+import ccat_dt.transports.local as local
+from ccat_dt.config import Config
+from ccat_dt.diagnosis import diagnose
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    LocationType,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    utcnow,
+)
+from ccat_dt.packages import get_package
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import (
+    archived_everywhere,
+    observe,
+    operations,
+    package_names,
+    run,
+)
+from tests.faults.retrying import operator_retry
+
+
+def _landed_once(monkeypatch: pytest.MonkeyPatch, damage: str) -> list[Path]:
+    """The first temporary file a local transfer lands is damaged before it is verified."""
+    damaged: list[Path] = []
+    real = local.LocalTransport._landed
+
+    def landed(self: local.LocalTransport, temporary: Path) -> None:
+        if not damaged:
+            damaged.append(temporary)
+            data = bytearray(temporary.read_bytes())
+            if damage == "flip":
+                data[len(data) // 2] ^= 0x10
+            else:
+                del data[len(data) // 3:]
+            temporary.write_bytes(bytes(data))
+        real(self, temporary)
+
+    monkeypatch.setattr(local.LocalTransport, "_landed", landed)
+    return damaged
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_in_transit_is_caught_retried_and_converges(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    observe(config, opsdb)
+    damaged = _landed_once(monkeypatch, damage)
+
+    report = run(config, instance)
+
+    assert damaged, "the fault was never injected"
+    assert report.failed == []  # the step's own retry (Dagster retry policy) got it through
+    [package] = package_names(opsdb)
+    transfers = operations(opsdb, OperationType.TRANSFER, package)
+    assert transfers[0][0] == OperationStatus.FAILED
+    assert "checksum mismatch on arrival" in (transfers[0][1] or "")
+    assert transfers[1:] and all(s == OperationStatus.COMPLETED for s, _ in transfers[1:])
+    with opsdb.session() as session:  # the damaged bytes never counted as a copy
+        copies = session.scalars(select(PackageCopy).where(
+            PackageCopy.package_id == get_package(session, package).id)).all()
+        assert not [c for c in copies if c.status == CopyStatus.CORRUPT]
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+
+
+def test_full_disk_is_not_retried_is_reported_and_a_retry_after_freeing_space_converges(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    source = observe(config, opsdb)
+    real_claim = local.claim_temporary
+    full = {"writes": 0}
+
+    class FullDisk:
+        def __init__(self, stream: BinaryIO) -> None:
+            self.stream = stream
+
+        def write(self, data: bytes) -> int:
+            full["writes"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.stream, name)
+
+    @contextmanager
+    def claim_on_a_full_disk(path: Path) -> Iterator[object]:
+        with real_claim(path) as stream:
+            yield FullDisk(stream)
+
+    monkeypatch.setattr(local, "claim_temporary", claim_on_a_full_disk)
+    report = run(config, instance)
+
+    [package] = package_names(opsdb)
+    assert [key.split(":")[0] for key in report.failed] == ["site_copy"]
+    assert full["writes"] == 1  # not retryable: the step gave up at once, no retry storm
+    [(status, error)] = operations(opsdb, OperationType.TRANSFER, package)
+    assert status == OperationStatus.FAILED and "No space left on device" in (error or "")
+    with opsdb.session() as session:
+        stages = {s.stage: s for s in diagnose(session, config, package, utcnow())}
+        assert stages["site copy cologne"].state == "failed"
+        assert "disk full" in stages["site copy cologne"].detail
+        copies = session.scalars(select(PackageCopy).where(
+            PackageCopy.package_id == get_package(session, package).id)).all()
+        assert [c.location.location_type for c in copies] == [LocationType.BUFFER]
+    assert all(p.is_file() for p in source)  # nothing purged
+    assert_safe(config, opsdb)  # and no temporary file left taking the space
+
+    # A replayed tick does not re-run the failed partition (its run key is taken) ...
+    assert run(config, instance).launched == []
+    monkeypatch.undo()  # ... space is freed; the operator retries what is stalled
+    retried = operator_retry(config, instance, opsdb)
+
+    assert retried == [("site_copy_job", package, "cologne")]
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
