@@ -112,7 +112,8 @@ def main() -> None:
     data_s = _data_work(root, root.parent / f"{root.name}-data-work")
 
     from ccat_assets.definitions import build_definitions
-    from ccat_assets.driver import drive, open_instance
+    from ccat_assets.driver import drive
+    from ccat_assets.instance import open_instance
     from ccat_dt.config import load_config
 
     config = load_config(config_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from dagster import BetaWarning, PreviewWarning
 
+from ccat_assets.instance import write_instance_yaml
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import CONFIG_NAME, write_default_config
 from ccat_dt.filing import (
@@ -25,8 +25,6 @@ from ccat_dt.jsonlog import configure_from_env
 from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate, migrate
 from ccat_dt.staging import StagingError
 from ccat_dt.topology import sync_topology
-
-TEMPLATE_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
 
 
 class UsageError(Exception):
@@ -48,10 +46,7 @@ def init(directory: Path) -> Path:
     for site in config.settings.sites:
         for location in site.locations:
             config.resolve_root(location.root).mkdir(parents=True, exist_ok=True)
-    home = directory / "dagster_home"
-    home.mkdir(exist_ok=True)
-    if not (home / "dagster.yaml").exists() and TEMPLATE_DAGSTER_YAML.exists():
-        shutil.copy(TEMPLATE_DAGSTER_YAML, home / "dagster.yaml")
+    write_instance_yaml(config, directory / "dagster_home")
     return path
 
 
@@ -103,7 +98,8 @@ def cmd_file(args: argparse.Namespace) -> None:
 
 def cmd_drive(args: argparse.Namespace) -> None:
     from ccat_assets.definitions import build_definitions
-    from ccat_assets.driver import drive, open_instance
+    from ccat_assets.driver import drive
+    from ccat_assets.instance import open_instance
 
     config = load_config(args.config)
     report = drive(build_definitions(config), open_instance(config), log=print)
@@ -206,7 +202,7 @@ def _runs_of(config: Config, package: str) -> list[str]:
     """What the Dagster instance says about the package's runs (when there is an instance)."""
     from dagster import DagsterRun, DagsterRunStatus, RunsFilter
 
-    from ccat_assets.driver import instance_home, open_instance
+    from ccat_assets.instance import instance_home, open_instance
 
     if not (instance_home(config) / "dagster.yaml").exists():
         return []

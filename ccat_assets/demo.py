@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ccat_assets.cli import init
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import drive, open_instance
+from ccat_assets.driver import drive
+from ccat_assets.instance import open_instance
 from ccat_dt.config import Config, load_config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
 from ccat_dt.opsdb.database import OpsDB

@@ -6,11 +6,9 @@ runs) minus the scheduling loop, so that the embedded default and the tests need
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from dagster import (
     DagsterInstance,
@@ -24,8 +22,6 @@ from dagster import (
 )
 from dagster._core.definitions.dynamic_partitions_request import AddDynamicPartitionsRequest
 
-from ccat_dt.config import Config
-
 RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"
 
@@ -35,16 +31,6 @@ class DriveReport:
     launched: list[str] = field(default_factory=list)  # run keys, in launch order
     failed: list[str] = field(default_factory=list)  # run keys whose run failed
     rounds: int = 0
-
-
-def instance_home(config: Config) -> Path:
-    return Path(os.environ.get("DAGSTER_HOME") or config.directory / "dagster_home")
-
-
-def open_instance(config: Config) -> DagsterInstance:
-    home = instance_home(config)
-    home.mkdir(parents=True, exist_ok=True)
-    return DagsterInstance.from_config(str(home))
 
 
 def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,

@@ -32,6 +32,7 @@ class Due:
     package: str
     site: str = ""  # "" for per-package work
     trigger: int = 0  # id of the copy (or request) whose arrival made this due
+    origin: str = ""  # site the bytes come from, for transfers (names the link)
 
     def run_key(self, stage: str) -> str:
         """Deterministic: a replayed tick asks for the same run; a new trigger (a repaired
@@ -88,7 +89,7 @@ def site_copies_due(session: Session, config: Config, after_id: int, limit: int 
             targets = [s.short_name for s in config.settings.archive_sites if s.short_name != site]
         else:
             continue
-        due += [Due(package.name, t, copy.id) for t in targets
+        due += [Due(package.name, t, copy.id, site) for t in targets
                 if not _held_at(session, package, t)]
     return Page(due, copies[-1].id if copies else after_id)
 
@@ -96,7 +97,8 @@ def site_copies_due(session: Session, config: Config, after_id: int, limit: int 
 def lta_copies_due(session: Session, config: Config, after_id: int, limit: int = PAGE) -> Page:
     """A verified copy in an archive site's buffer is archived into that site's LTA."""
     copies = _new_copies(session, after_id, LocationType.BUFFER, limit)
-    due = [Due(c.package.name, c.location.site.short_name, c.id) for c in copies
+    due = [Due(c.package.name, c.location.site.short_name, c.id, c.location.site.short_name)
+           for c in copies
            if c.is_verified and c.location.site.short_name != config.settings.observatory]
     return Page(due, copies[-1].id if copies else after_id)
 

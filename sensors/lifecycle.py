@@ -14,6 +14,7 @@ from dagster import (
     sensor,
 )
 
+from ccat_assets.instance import LINK_TAG  # run limits per link: routes[].max_concurrent
 from ccat_assets.jobs import lta_copy_job, site_copy_job
 from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
 from ccat_dt.opsdb.models import utcnow
@@ -117,8 +118,9 @@ def repair_sensor(context: SensorEvaluationContext,
 
 def _placement(due: Due, stage: str, job_name: str | None = None) -> RunRequest:
     """A run for one package x site partition, tagged with the link it loads."""
+    tags = {LINK_TAG: f"{due.origin}->{due.site}"} if due.origin else {}
     return RunRequest(partition_key=package_site_key(due.package, due.site),
-                      run_key=due.run_key(stage), job_name=job_name)
+                      run_key=due.run_key(stage), job_name=job_name, tags=tags)
 
 
 def lifecycle_sensors() -> list[SensorDefinition]:

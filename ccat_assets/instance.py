@@ -1,0 +1,44 @@
+"""The Dagster instance of a deployment: where it lives and its per-link run limits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dagster import DagsterInstance
+
+from ccat_dt.config import Config
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "dagster.yaml"
+LINK_TAG = "ccat/link"
+
+
+def instance_home(config: Config) -> Path:
+    return Path(os.environ.get("DAGSTER_HOME") or config.directory / "dagster_home")
+
+
+def open_instance(config: Config) -> DagsterInstance:
+    home = instance_home(config)
+    home.mkdir(parents=True, exist_ok=True)
+    return DagsterInstance.from_config(str(home))
+
+
+def instance_settings(config: Config, template: Path = TEMPLATE) -> dict[str, Any]:
+    """The template's settings with one run limit per configured route."""
+    settings: dict[str, Any] = yaml.safe_load(template.read_text()) or {}
+    runs = settings.setdefault("concurrency", {}).setdefault("runs", {})
+    runs["tag_concurrency_limits"] = [
+        {"key": LINK_TAG, "value": route.link, "limit": route.max_concurrent}
+        for route in config.settings.routes]
+    return settings
+
+
+def write_instance_yaml(config: Config, home: Path) -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "dagster.yaml"
+    header = ("# Written by `ccat-dt init` from the repository's dagster.yaml and the routes of\n"
+              f"# {config.path}; re-run `ccat-dt init` after changing routes.\n")
+    path.write_text(header + yaml.safe_dump(instance_settings(config), sort_keys=False))
+    return path

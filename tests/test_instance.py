@@ -1,0 +1,34 @@
+"""The Dagster instance `ccat-dt init` writes: valid, and one run limit per link."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from dagster import DagsterInstance, RunsFilter
+
+from ccat_assets.cli import main
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.config import load_config
+from ccat_dt.opsdb.database import OpsDB
+from tests.test_lifecycle import observe
+
+
+def test_init_writes_a_loadable_instance_with_a_limit_per_link(tmp_path: Path) -> None:
+    main(["init", str(tmp_path / "deploy")])
+    config = load_config(tmp_path / "deploy" / "ccat-dt.yaml")
+    home = tmp_path / "deploy" / "dagster_home"
+    settings = yaml.safe_load((home / "dagster.yaml").read_text())
+    limits = {(limit["value"], limit["limit"])
+              for limit in settings["concurrency"]["runs"]["tag_concurrency_limits"]}
+    assert limits == {(route.link, route.max_concurrent) for route in config.settings.routes}
+    assert ("ccat->cologne", 2) in limits
+
+    with DagsterInstance.from_config(str(home)) as instance:  # Dagster accepts the file
+        opsdb = OpsDB(config.opsdb_url)
+        observe(config, opsdb, observations=1, files=1)
+        assert drive(build_definitions(config), instance).failed == []
+        links = {run.tags.get("ccat/link") for run in instance.get_runs(
+            RunsFilter(job_name="site_copy_job"))}
+        assert links == {"ccat->cologne", "ccat->us", "cologne->us", "us->cologne"}
