@@ -7,6 +7,7 @@ from dagster import Definitions, FilesystemIOManager, definitions
 from ccat_assets import jobs
 from ccat_assets.assets import build_assets
 from ccat_assets.checks import build_checks
+from ccat_assets.execution import executor
 from ccat_assets.scrub import scrub_job
 from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import configure_from_env
@@ -28,6 +29,7 @@ def build_definitions(config: Config) -> Definitions:
         asset_checks=build_checks(config, by_name),
         jobs=[*jobs.STAGES, scrub_job],
         sensors=[*lifecycle_sensors(), service_level_sensor],
+        executor=executor(config),
         schedules=[fixity_scrub],
         resources={
             "deployment": deployment,

@@ -134,6 +134,15 @@ class MetricsConfig(_Strict):
     warn_below_hours: float = Field(default=24.0, gt=0)  # buffer forecast threshold
 
 
+class ExecutionConfig(_Strict):
+    """Where steps run. Without a broker: in the process that launches the run (embedded
+    default). With one: dagster-celery, each step on the queue of the site whose data it
+    touches (see ccat_dt/queues.py); `$CCAT_DT_CELERY_BROKER` overrides (it holds secrets)."""
+
+    celery_broker: str | None = None
+    celery_backend: str | None = None
+
+
 class SshConfig(_Strict):
     """How every remote host is reached (one key and known_hosts for the deployment)."""
 
@@ -167,6 +176,7 @@ class Settings(_Strict):
     instruments: list[InstrumentConfig] = Field(min_length=1)
     ssh: SshConfig = SshConfig()
     metrics: MetricsConfig = MetricsConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     log_dir: str = "logs"  # per-transfer command output, referenced from OpsDB
 
     @model_validator(mode="after")
@@ -244,6 +254,15 @@ class Config:
         if url.startswith(prefix) and not url.startswith(prefix + "/"):
             return prefix + str(self.directory / url[len(prefix):])
         return url
+
+    @property
+    def celery_broker(self) -> str | None:
+        return os.environ.get("CCAT_DT_CELERY_BROKER") or self.settings.execution.celery_broker
+
+    @property
+    def celery_backend(self) -> str | None:
+        return (os.environ.get("CCAT_DT_CELERY_BACKEND") or self.settings.execution.celery_backend
+                or self.celery_broker)
 
     @property
     def metrics_url(self) -> str | None:

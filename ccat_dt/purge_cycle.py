@@ -64,6 +64,17 @@ class CyclePlan:
     def bytes(self) -> int:
         return sum(d.size for _, d in self.deletions)
 
+    def by_location(self) -> dict[tuple[str, str, str], tuple[list[int], list[int]]]:
+        """(package, site, location) -> (copy ids to delete, of which early): one purge run
+        each, so that each runs where that location's data is."""
+        out: dict[tuple[str, str, str], tuple[list[int], list[int]]] = {}
+        for package, decision in self.deletions:
+            ids, early = out.setdefault((package, decision.site, decision.location), ([], []))
+            ids.append(decision.copy_id)
+            if decision.early:
+                early.append(decision.copy_id)
+        return out
+
     def by_package(self) -> dict[str, tuple[list[int], list[int]]]:
         """package -> (copy ids to delete, of which early under pressure)."""
         out: dict[str, tuple[list[int], list[int]]] = {}

@@ -2,6 +2,12 @@
 
 Each deletion re-reads OpsDB in its own transaction and re-runs the plan for that one copy, so a
 plan that went stale (an LTA copy found corrupt since) deletes nothing.
+
+A process that dies between the certificate and the record leaves its copy
+DELETION_IN_PROGRESS, which the planner never touches. Once such a claim is older than any
+deletion can take (ABANDONED_AFTER), the next purge of the package finishes it: a file already
+gone is recorded deleted under the certificate that allowed it; a file still there goes back
+to PRESENT and is decided afresh, with a new certificate, like any other copy.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -35,7 +41,11 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.retention import Action, Decision, decide_copy, lta_requirement, plan_deletions
 from ccat_dt.transports.base import Endpoint, SshSettings, TransferError
 from ccat_dt.transports.factory import ssh_settings
-from ccat_dt.transports.remote import remote_remove
+from ccat_dt.transports.remote import remote_remove, remote_size
+
+# A deletion is one unlink, or one `rm` over ssh (at most SHORT_TIMEOUT_S): a claim older than
+# this belongs to a process that died.
+ABANDONED_AFTER = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -168,19 +178,26 @@ def _execute(opsdb: OpsDB, ssh: SshSettings, claim: _Claim) -> tuple[int, str | 
 def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
                   now: datetime | None = None, run_id: str | None = None,
                   copy_ids: Collection[int] | None = None,
-                  early_ids: Collection[int] = ()) -> PurgeReport:
+                  early_ids: Collection[int] = (),
+                  abandoned_after: timedelta | None = None) -> PurgeReport:
     """Delete the copies of the package the planner allows, one certified transaction each.
 
     `copy_ids` limits the deletions to those a purge cycle planned (its byte budget holds);
     `early_ids` are the ones disk pressure lets go before their retention age. Each is
-    re-decided from fresh reads just before it is deleted."""
+    re-decided from fresh reads just before it is deleted. Deletions abandoned by a dead
+    process (claimed more than `abandoned_after`, default ABANDONED_AFTER, ago) are finished
+    first, whatever `copy_ids` says (a cycle planned them before)."""
     now = now or utcnow()
     with opsdb.session() as session:
+        package_id = _package(session, package_name).id
+    resumed = _resume_abandoned(opsdb, ssh_settings(config), package_id, now,
+                                ABANDONED_AFTER if abandoned_after is None else abandoned_after)
+    with opsdb.session() as session:
         package = _package(session, package_name)
-        package_id = package.id
         plan = plan_deletions(session, config, package, now, early_ids)
     if copy_ids is not None:
-        plan = [d if d.copy_id in copy_ids or d.action == Action.KEEP
+        allowed = {*copy_ids, *resumed}
+        plan = [d if d.copy_id in allowed or d.action == Action.KEEP
                 else replace(d, action=Action.KEEP, reason="not in this purge cycle's budget")
                 for d in plan]
     kept = [d for d in plan if d.action == Action.KEEP]
@@ -199,6 +216,55 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
         else:
             failures.append(failure)
     return PurgeReport(package_name, deleted, deleted_bytes, kept, failures)
+
+
+def _resume_abandoned(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: datetime,
+                      abandoned_after: timedelta) -> set[int]:
+    """Finish the package's deletions whose process died after committing the certificate;
+    returns the copies put back to PRESENT (file still there) for a fresh decision."""
+    cutoff = _aware(now) - abandoned_after
+    with opsdb.session() as session:
+        files = select(RawDataFile.id).where(RawDataFile.package_id == package_id)
+        stuck = session.scalars(select(PhysicalCopy).where(
+            PhysicalCopy.status == CopyStatus.DELETION_IN_PROGRESS,
+            or_(PhysicalCopy.package_id == package_id, PhysicalCopy.raw_data_file_id.in_(files)))
+            .order_by(PhysicalCopy.id)).all()
+        found = []
+        for copy in stuck:
+            claim = session.scalars(select(Operation).where(
+                Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
+                .order_by(Operation.id.desc()).limit(1)).first()
+            if (claim is not None and claim.status == OperationStatus.IN_PROGRESS
+                    and _aware(claim.started_at) <= cutoff):
+                found.append((copy.id, claim.id, copy.size, copy.location.host,
+                              Path(copy.location.root) / copy.relative_path))
+    resumed: set[int] = set()
+    for copy_id, operation_id, size, host, path in found:
+        try:
+            gone = (remote_size(ssh, Endpoint(PurePosixPath(path), host)) is None if host
+                    else not os.path.lexists(path))
+        except (OSError, TransferError):
+            continue  # cannot tell whether the unlink happened: leave it for a later purge
+        with opsdb.session() as session:
+            finished = utcnow()
+            done = OperationStatus.COMPLETED if gone else OperationStatus.FAILED
+            error = ("the deleting process died after the unlink; recorded by a later purge"
+                     if gone else "abandoned: the deleting process died before the unlink; "
+                     "the copy is decided afresh")
+            taken = session.execute(update(Operation).where(
+                Operation.id == operation_id, Operation.status == OperationStatus.IN_PROGRESS)
+                .values(status=done, error=error, finished_at=finished,
+                        bytes=size if gone else None))
+            if not isinstance(taken, CursorResult) or taken.rowcount != 1:
+                continue  # its process was alive after all, or another purge got there first
+            ended: dict[str, Any] = ({"status": CopyStatus.DELETED, "deleted_at": finished}
+                                     if gone else {"status": CopyStatus.PRESENT})
+            session.execute(update(PhysicalCopy).where(
+                PhysicalCopy.id == copy_id,
+                PhysicalCopy.status == CopyStatus.DELETION_IN_PROGRESS).values(**ended))
+        if not gone:
+            resumed.add(copy_id)
+    return resumed
 
 
 def certificate_problems(opsdb: OpsDB, config: Config, package_name: str) -> list[str]:

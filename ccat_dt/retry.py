@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ccat_dt import reaper
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -147,3 +148,13 @@ def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
                                  f"{copy.location.root}/{copy.relative_path}",
                                  _aware(operation.started_at)))
     return out
+
+
+def resume_deletions(opsdb: OpsDB, config: Config, *, older_than: timedelta | None = None,
+                     now: datetime | None = None) -> list[reaper.PurgeReport]:
+    """Finish every abandoned deletion (see `ccat_dt.reaper`): a purge of each package that
+    has one, limited to those copies, whether or not anything else of the package is due."""
+    after = reaper.ABANDONED_AFTER if older_than is None else older_than
+    names = sorted({a.package for a in abandoned_deletions(opsdb, older_than=after, now=now)})
+    return [reaper.purge_package(opsdb, config, name, now=now, copy_ids=(), abandoned_after=after)
+            for name in names]

@@ -14,6 +14,7 @@ from dagster import (
     sensor,
 )
 
+from ccat_assets.execution import on_queue
 from ccat_assets.instance import LINK_TAG  # run limits per link: routes[].max_concurrent
 from ccat_assets.jobs import lta_copy_job, site_copy_job
 from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
@@ -28,6 +29,14 @@ from ccat_dt.pending import (
     site_copies_due,
 )
 from ccat_dt.purge_cycle import plan_cycle
+from ccat_dt.queues import (
+    archive_queue,
+    deletion_queue,
+    packaging_queue,
+    staging_queue,
+    transfer_queue,
+)
+from ccat_dt.staging import get_request
 from resources.opsdb import Deployment
 
 INTERVAL = 15
@@ -44,8 +53,10 @@ def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
     with deployment.opsdb.session() as session:
         page = new_packages(session, int(context.cursor or 0))
     names = [due.package for due in page.items]
+    queue = packaging_queue(deployment.config)
     return SensorResult(
-        run_requests=[RunRequest(partition_key=due.package, run_key=due.run_key("package"))
+        run_requests=[RunRequest(partition_key=due.package, run_key=due.run_key("package"),
+                                 run_config=on_queue(deployment.config, queue))
                       for due in page.items],
         dynamic_partitions_requests=[package_partitions.build_add_request(names)] if names else [],
         cursor=str(page.cursor))
@@ -57,8 +68,8 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     archive once, then archive -> archive)."""
     with deployment.opsdb.session() as session:
         page = site_copies_due(session, deployment.config, int(context.cursor or 0))
-    return SensorResult(run_requests=[_placement(due, "site_copy") for due in page.items],
-                        cursor=str(page.cursor))
+    return SensorResult(run_requests=[_placement(deployment, due, "site_copy")
+                                      for due in page.items], cursor=str(page.cursor))
 
 
 @sensor(job_name="lta_copy_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -66,8 +77,8 @@ def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
     """A verified copy in an archive site's buffer is archived into that site's LTA."""
     with deployment.opsdb.session() as session:
         page = lta_copies_due(session, deployment.config, int(context.cursor or 0))
-    return SensorResult(run_requests=[_placement(due, "lta_copy") for due in page.items],
-                        cursor=str(page.cursor))
+    return SensorResult(run_requests=[_placement(deployment, due, "lta_copy")
+                                      for due in page.items], cursor=str(page.cursor))
 
 
 @sensor(job_name="purge_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -80,24 +91,32 @@ def purge_sensor(context: SensorEvaluationContext,
         plan = plan_cycle(session, deployment.config, utcnow())
     if not plan.deletions:
         return SkipReason("nothing may be deleted now")
+    config = deployment.config
     requests = []
-    for package, (copy_ids, early_ids) in plan.by_package().items():
+    for (package, site, location), (copy_ids, early_ids) in plan.by_location().items():
         digest = hashlib.sha1(",".join(map(str, sorted(copy_ids))).encode()).hexdigest()[:12]
         requests.append(RunRequest(
-            partition_key=package, run_key=f"purge:{package}:{digest}",
-            run_config={"ops": {"purge_status": {"config": {
-                "copy_ids": copy_ids, "early_ids": early_ids}}}}))
+            partition_key=package, run_key=f"purge:{package}:{site}:{location}:{digest}",
+            run_config=on_queue(config, deletion_queue(config, site, location), {
+                "ops": {"purge_status": {"config": {"copy_ids": copy_ids,
+                                                    "early_ids": early_ids}}}})))
     return SensorResult(run_requests=requests)
 
 
 @sensor(job_name="staging_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """New staging requests become partitions of staged_copies and a staging run each."""
+    config, requests = deployment.config, []
     with deployment.opsdb.session() as session:
         page = new_staging_requests(session, int(context.cursor or 0))
+        for due in page.items:
+            location = get_request(session, due.package).location
+            queue = staging_queue(config, location.site.short_name, location.name)
+            requests.append(RunRequest(partition_key=due.package, run_key=f"stage:{due.package}",
+                                       run_config=on_queue(config, queue)))
     names = [due.package for due in page.items]
     return SensorResult(
-        run_requests=[RunRequest(partition_key=n, run_key=f"stage:{n}") for n in names],
+        run_requests=requests,
         dynamic_partitions_requests=[staging_partitions.build_add_request(names)] if names else [],
         cursor=str(page.cursor))
 
@@ -113,14 +132,19 @@ def repair_sensor(context: SensorEvaluationContext,
     if not due:
         return SkipReason("no corrupt copy can be repaired now")
     return SensorResult(run_requests=[
-        _placement(item, "repair", job_name=job) for job, item in due])
+        _placement(deployment, item, "repair", job_name=job) for job, item in due])
 
 
-def _placement(due: Due, stage: str, job_name: str | None = None) -> RunRequest:
-    """A run for one package x site partition, tagged with the link it loads."""
+def _placement(deployment: Deployment, due: Due, stage: str,
+               job_name: str | None = None) -> RunRequest:
+    """A run for one package x site partition, tagged with the link it loads and sent to the
+    destination site's queue."""
     tags = {LINK_TAG: f"{due.origin}->{due.site}"} if due.origin else {}
+    archive = stage == "lta_copy" or job_name == "lta_copy_job"
+    queue = (archive_queue if archive else transfer_queue)(deployment.config, due.site)
     return RunRequest(partition_key=package_site_key(due.package, due.site),
-                      run_key=due.run_key(stage), job_name=job_name, tags=tags)
+                      run_key=due.run_key(stage), job_name=job_name, tags=tags,
+                      run_config=on_queue(deployment.config, queue))
 
 
 def lifecycle_sensors() -> list[SensorDefinition]:
