@@ -236,6 +236,29 @@ def cmd_audit(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_worker(args: argparse.Namespace) -> None:
+    """Serve this site's queues, and only them: run it on a host that holds the site's data."""
+    import os
+
+    from ccat_dt.queues import site_queues
+
+    config = load_config(args.config)
+    if config.celery_broker is None:
+        raise UsageError("no Celery broker: set execution.celery_broker in the configuration "
+                         "or $CCAT_DT_CELERY_BROKER")
+    try:
+        queues = site_queues(config, args.site)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    env = {**os.environ, "CCAT_DT_CONFIG": str(config.path), "CCAT_DT_WORKER": args.site}
+    argv = [sys.executable, "-m", "celery", "-A", "ccat_assets.celery_app", "worker",
+            "-Q", ",".join(queues),
+            "-n", f"{args.site}@%h", "--prefetch-multiplier=1", "--loglevel", args.loglevel,
+            "--concurrency", str(args.concurrency)]
+    print(f"worker {args.site}: queues {', '.join(queues)}", flush=True)
+    os.execvpe(argv[0], argv, env)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="ccat-dt", description=__doc__)
     top.add_argument("--config", help="configuration file (default: $CCAT_DT_CONFIG)")
@@ -293,6 +316,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true")
     p.add_argument("--checksums", action="store_true", help="re-read every copy (slow)")
     p.set_defaults(run=cmd_audit)
+
+    p = commands.add_parser("worker", help="a Celery worker serving one site's queues")
+    p.add_argument("--site", required=True)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(run=cmd_worker)
 
     p = commands.add_parser("why", help="each stage of one package and why it is not moving")
     p.add_argument("package", help="package name (or an observation still being filed)")

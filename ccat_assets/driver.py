@@ -13,14 +13,18 @@ from datetime import UTC, datetime
 from dagster import (
     DagsterInstance,
     Definitions,
+    ExecuteInProcessResult,
+    JobExecutionResult,
     RepositoryDefinition,
     RunRequest,
     RunsFilter,
     SensorDefinition,
     build_schedule_context,
     build_sensor_context,
+    execute_job,
 )
 from dagster._core.definitions.dynamic_partitions_request import AddDynamicPartitionsRequest
+from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"
@@ -83,10 +87,16 @@ def _launch(repository: RepositoryDefinition, instance: DagsterInstance, run: Ru
             RunsFilter(tags={RUN_KEY: run.run_key, SENSOR: origin}), limit=1):
         return  # a replayed tick: this run was launched before
     job = repository.get_job(run.job_name or default_job or "")
-    result = job.execute_in_process(
-        instance=instance, partition_key=run.partition_key, raise_on_error=False,
-        run_config=run.run_config or None,
-        tags={**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin})
+    tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin}
+    result: ExecuteInProcessResult | JobExecutionResult
+    if job.executor_def.name == "in_process":
+        result = job.execute_in_process(
+            instance=instance, partition_key=run.partition_key, raise_on_error=False,
+            run_config=run.run_config or None, tags=tags)
+    else:  # steps go to site workers, which rebuild the job from its module
+        recon = ReconstructableRepository.for_module(
+            "ccat_assets.definitions", "defs").get_reconstructable_job(job.name)
+        result = execute_job(recon, instance, run_config=run.run_config or None, tags=tags)
     key = run.run_key or job.name
     report.launched.append(key)
     log(f"{'ok    ' if result.success else 'FAILED'} {key}")

@@ -1,0 +1,13 @@
+"""The Celery app a site worker runs (`ccat-dt worker --site S`): dagster-celery's tasks, with
+the broker taken from the deployment's configuration ($CCAT_DT_CONFIG)."""
+
+from dagster_celery.make_app import make_app
+from dagster_celery.tasks import create_execute_job_task, create_resume_job_task, create_task
+
+from ccat_dt.config import load_config
+
+_config = load_config()
+app = make_app({"broker": _config.celery_broker, "backend": _config.celery_backend})
+execute_plan = create_task(app)
+execute_job = create_execute_job_task(app)
+resume_job = create_resume_job_task(app)

@@ -1,0 +1,135 @@
+"""Production mode on this machine: Dagster storage in PostgreSQL, the OpsDB in PostgreSQL,
+steps executed by one Celery worker per site (Redis broker), each serving only its site's
+queues. The same lifecycle as the embedded test; OpsDB shows each step ran at its site."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import DagsterInstance
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import write_default_config
+from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, Site
+from ccat_dt.topology import sync_topology
+from tests.services import POSTGRES_URL, unavailable
+from tests.test_lifecycle import observe
+
+REDIS_URL = os.environ.get("CCAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        unavailable("Redis", f"{REDIS_URL}: {exc}")
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+@pytest.fixture
+def dagster_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for Dagster's run, event and schedule storage."""
+    name = f"ccat_dagster_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        admin.dispose()
+        unavailable("PostgreSQL", f"{POSTGRES_URL}: {exc}")
+    url = make_url(POSTGRES_URL).set(drivername="postgresql", database=name)
+    yield url.render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def production(tmp_path: Path, postgres_url: str, dagster_url: str, broker: str) -> Config:
+    config = load_config(write_default_config(tmp_path / "deploy", overrides={
+        "opsdb_url": postgres_url, "execution": {"celery_broker": broker}}))
+    migrate(config.opsdb_url)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    opsdb.dispose()
+    home = tmp_path / "deploy" / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump({
+        "telemetry": {"enabled": False},
+        "storage": {"postgres": {"postgres_url": dagster_url}}}))
+    return config
+
+
+def start_worker(config: Config, site: str, home: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ccat_assets.cli", "--config", str(config.path), "worker",
+         "--site", site, "--concurrency", "1", "--loglevel", "WARNING"],
+        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+
+def test_lifecycle_on_postgres_with_a_celery_worker_per_site(
+        tmp_path: Path, postgres_url: str, dagster_database: str, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = production(tmp_path, postgres_url, dagster_database, redis_url)
+    home = config.directory / "dagster_home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    opsdb = OpsDB(config.opsdb_url)
+    source = observe(config, opsdb, observations=1, files=1)
+    workers = {site: start_worker(config, site, home, tmp_path / f"worker-{site}.log")
+               for site in ("ccat", "cologne", "us")}
+    try:
+        time.sleep(3)  # let the workers connect to the broker before work is queued
+        assert all(w.poll() is None for w in workers.values()), "a worker died at start"
+        with DagsterInstance.get() as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            report = drive(build_definitions(config), instance)
+    finally:
+        for worker in workers.values():
+            if worker.poll() is None:
+                os.killpg(worker.pid, 15)
+        for worker in workers.values():
+            worker.wait(timeout=30)
+    logs = {site: (tmp_path / f"worker-{site}.log").read_text() for site in workers}
+    assert report.failed == [], logs
+    assert [p for p in source.rglob("*") if p.is_file()] == []  # the lifecycle completed
+
+    with opsdb.session() as session:
+        rows = session.execute(
+            select(Operation.operation_type, Operation.worker, Site.short_name)
+            .join(DataLocation, Operation.destination_location_id == DataLocation.id)
+            .join(Site, DataLocation.site_id == Site.id)).all()
+        deletions = session.execute(
+            select(Operation.worker, Site.short_name)
+            .join(DataLocation, Operation.source_location_id == DataLocation.id)
+            .join(Site, DataLocation.site_id == Site.id)
+            .where(Operation.operation_type == OperationType.DELETION)).all()
+    placed = [(kind, worker, site) for kind, worker, site in rows
+              if kind in (OperationType.PACKAGING, OperationType.TRANSFER, OperationType.ARCHIVE)]
+    assert {kind for kind, _, _ in placed} == {OperationType.PACKAGING, OperationType.TRANSFER,
+                                               OperationType.ARCHIVE}
+    assert all(worker == site for _, worker, site in placed), placed  # ran where the data lands
+    assert deletions and all(worker == site for worker, site in deletions), deletions
+    opsdb.dispose()
