@@ -1,9 +1,9 @@
 """Headless Chromium (Debian's, driven by Playwright) and a throw-away `dagster-webserver`, so
 that what the Dagster UI shows a person is tested in a real browser instead of assumed.
 
-Import the fixture into a test module: `from tests.browser import browser as browser_fixture`
-(with `# noqa: F401`); it is named "browser" whatever the alias, and the alias keeps ruff from
-seeing test arguments as redefinitions (F811).
+Import the fixture into a test module: `from tests.browser import chromium as chromium_fixture`
+(with `# noqa: F401`); it is named "chromium" whatever the alias, and the alias keeps ruff from
+seeing test arguments as redefinitions (F811). Then `with launch_browser(chromium) as browser:`.
 
 Playwright only drives the system Chromium (`executable_path`); it never downloads a browser
 (`playwright install` is not needed and not used).
@@ -81,11 +81,14 @@ def _install() -> str:
     return ""
 
 
-@pytest.fixture(scope="session", name="browser")  # named: importable under any alias
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium, headless, launched through Playwright."""
+@pytest.fixture(name="chromium")  # named: importable under any alias
+def chromium() -> str:
+    """The path of a Chromium that Playwright can drive (installed with apt-get if missing).
+    Launch it with `launch_browser(chromium)` only when needed: Playwright's sync API keeps an
+    asyncio loop running in this thread while it is open, which Dagster's in-process runs
+    trip over, so a test runs its Dagster work first and opens the browser afterwards."""
     try:
-        from playwright.sync_api import Error, sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError as exc:
         unavailable("Playwright", f"{exc} (pip install -e '.[dev]')")
     executable = _chromium()
@@ -95,16 +98,25 @@ def browser() -> Iterator[Browser]:
         if executable is None:
             unavailable("Chromium", f"{CHROMIUM} missing; tried to install {' '.join(PACKAGES)}: "
                         f"{problem or 'installed, still missing'}")
+    assert executable is not None  # unavailable() has skipped or failed otherwise
+    return executable
+
+
+@contextmanager
+def launch_browser(executable: str) -> Iterator[Browser]:
+    """That Chromium, headless, through Playwright; closed (and Playwright stopped) on exit."""
+    from playwright.sync_api import Error, sync_playwright
+
     with sync_playwright() as playwright:
         try:
-            chromium = playwright.chromium.launch(executable_path=executable, headless=True,
-                                                  args=CHROMIUM_ARGS, timeout=30_000)
+            browser = playwright.chromium.launch(executable_path=executable, headless=True,
+                                                 args=CHROMIUM_ARGS, timeout=30_000)
         except Error as exc:
             unavailable("Chromium", f"{executable} did not start under Playwright: {exc}")
         try:
-            yield chromium
+            yield browser
         finally:
-            chromium.close()
+            browser.close()
 
 
 @dataclass(frozen=True)
@@ -194,10 +206,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     group is still there once the webserver has exited (or after 10 s) gets SIGKILL."""
     with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-    try:
+    with suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
     with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()

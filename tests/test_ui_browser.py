@@ -23,12 +23,13 @@ from tests.browser import (
     Webserver,
     artifacts_dir,
     dagster_webserver,
+    launch_browser,
 )
-from tests.browser import browser as browser_fixture  # noqa: F401
+from tests.browser import chromium as chromium_fixture  # noqa: F401
 from tests.test_lifecycle import observe
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Page
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -56,41 +57,53 @@ def run_small_lifecycle(config: Config, opsdb: OpsDB) -> Path:
 
 
 def test_asset_graph_shows_the_lifecycle_assets_and_their_passed_checks(
-        config: Config, opsdb: OpsDB, browser: Browser, tmp_path: Path) -> None:
-    from playwright.sync_api import expect
-
-    home = run_small_lifecycle(config, opsdb)
+        config: Config, opsdb: OpsDB, chromium: str, tmp_path: Path) -> None:
+    home = run_small_lifecycle(config, opsdb)  # before the browser: see tests.browser.chromium
     artifacts = artifacts_dir(tmp_path)
-    with dagster_webserver(home, config.path, tmp_path / "webserver.log") as server:
+    with dagster_webserver(home, config.path, tmp_path / "webserver.log") as server, \
+            launch_browser(chromium) as browser:
         context = browser.new_context(viewport={"width": 1600, "height": 1000})
         context.add_init_script(DISMISS_COMMUNITY_MODAL)
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         try:
-            page.goto(group_url(server, GROUP))
-            for asset in LIFECYCLE:
-                # each asset node of the lineage graph is one <foreignObject> in its <svg>
-                node = page.locator("foreignObject").filter(
-                    has=page.get_by_text(asset, exact=True))
-                expect(node).to_have_count(1, timeout=TIMEOUT_MS)
-                expect(node.get_by_text(asset, exact=True)).to_be_visible(timeout=TIMEOUT_MS)
-                expect(node).to_contain_text(ALL_CHECKS_PASSED, timeout=TIMEOUT_MS)
-            expect(page.get_by_role("button", name="Skip")).to_have_count(0)  # no modal
+            check_asset_graph(page, group_url(server, GROUP))
             shot(page, artifacts / "ui_asset_graph.png")
-
             for asset, check in LIFECYCLE.items():
-                page.goto(f"{server.url}/assets/{asset}?view=checks")
-                expect(page.get_by_text(check, exact=True).first).to_be_visible()
-                expect(page.get_by_text("Succeeded", exact=True)).to_be_visible()  # list entry
-                expect(page.get_by_text("Passed", exact=True)).to_be_visible()  # latest result
-                expect(page.get_by_text("Failed", exact=True)).to_have_count(0)
+                check_checks_tab(page, f"{server.url}/assets/{asset}?view=checks", check)
                 shot(page, artifacts / f"ui_checks_{asset}.png")
         except Exception:
             shot(page, artifacts / "ui_failure.png")
+            shutil.copy(server.log, artifacts / "ui_webserver.log")
             print(f"dagster-webserver log (tail):\n{server.log_tail()}")
             raise
         finally:
             context.close()
+
+
+def check_asset_graph(page: Page, url: str) -> None:
+    """Every lifecycle asset is a visible node of the group's lineage graph, its checks passed."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    for asset in LIFECYCLE:
+        # each asset node of the lineage graph is one <foreignObject> in its <svg>
+        node = page.locator("foreignObject").filter(has=page.get_by_text(asset, exact=True))
+        expect(node).to_have_count(1, timeout=TIMEOUT_MS)
+        expect(node.get_by_text(asset, exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+        expect(node).to_contain_text(ALL_CHECKS_PASSED, timeout=TIMEOUT_MS)
+    expect(page.get_by_role("button", name="Skip")).to_have_count(0)  # no community modal
+
+
+def check_checks_tab(page: Page, url: str, check: str) -> None:
+    """The asset's Checks tab lists `check` as succeeded and shows its latest result passed."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    expect(page.get_by_text(check, exact=True).first).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.get_by_text("Succeeded", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.get_by_text("Passed", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.get_by_text("Failed", exact=True)).to_have_count(0)
 
 
 def group_url(server: Webserver, group: str) -> str:
