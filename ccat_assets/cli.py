@@ -118,9 +118,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from ccat_assets.demo import print_summary
+    from ccat_assets.status import print_status
 
-    print_summary(_opsdb(args))
+    config = load_config(args.config)
+    print_status(OpsDB(config.opsdb_url), config)
 
 
 def cmd_purge(args: argparse.Namespace) -> None:

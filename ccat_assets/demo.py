@@ -11,12 +11,13 @@ from ccat_assets.cli import init
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_assets.instance import open_instance
+from ccat_assets.status import print_status
 from ccat_dt.config import Config, load_config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.reaper import certificate_problems
-from ccat_dt.report import disagreements, summarize
+from ccat_dt.report import disagreements
 from ccat_dt.retention import verified_lta_copies
 from ccat_dt.topology import primary_location
 
@@ -50,7 +51,7 @@ def run_demo(root: Path, *, observations: int, files_per_module: int, file_bytes
     report = drive(build_definitions(config), open_instance(config),
                    log=lambda line: print(f"  {line}"))
     elapsed = time.monotonic() - started
-    summary = print_summary(opsdb)
+    summary = print_status(opsdb, config)
     problems = _incomplete(opsdb, config, source)
     problems += [f"run failed: {key}" for key in report.failed]
     print(f"\nelapsed {elapsed:.1f} s, {len(report.launched)} runs, "
@@ -60,20 +61,6 @@ def run_demo(root: Path, *, observations: int, files_per_module: int, file_bytes
     print("demo " + ("FAILED" if problems else "complete: every package verified in every "
                      "archive, every source file purged, OpsDB agrees with the disks"))
     return not problems
-
-
-def print_summary(opsdb: OpsDB):  # type: ignore[no-untyped-def]
-    s = summarize(opsdb)
-    print(f"\nraw files: {s.files} ({s.file_bytes / 1e6:.1f} MB)   packages: "
-          + ", ".join(f"{n} {state}" for state, n in sorted(s.packages.items()))
-          + f" ({s.package_bytes / 1e6:.1f} MB)")
-    print(f"{'location':<22}{'kind':<19}{'present':>8}{'MB':>10}{'deleted':>9}{'corrupt':>9}")
-    for line in s.locations:
-        print(f"{line.location:<22}{line.kind:<19}{line.present:>8}"
-              f"{line.present_bytes / 1e6:>10.1f}{line.deleted:>9}{line.corrupt:>9}")
-    print(f"deletions: {s.deletions} ({s.deleted_bytes / 1e6:.1f} MB); "
-          f"failed operations: {s.failed_operations}")
-    return s
 
 
 def _incomplete(opsdb: OpsDB, config: Config, source: Path) -> list[str]:

@@ -23,6 +23,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
+    LocationType,
     Operation,
     OperationStatus,
     OperationType,
@@ -78,6 +79,7 @@ class _Location:
     label: str
     root: str
     host: str | None
+    writes_temporaries: bool = True  # False at SOURCE: instruments write there, we never do
 
 
 @dataclass
@@ -103,14 +105,18 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
     `checksums` re-reads the bytes of every PRESENT/STAGED copy (slow; sizes alone otherwise).
     `repair` marks lost or changed PRESENT copies CORRUPT, which freezes every purge of their
     package until a good copy replaces them, and removes temporary files abandoned for over
-    24 hours; nothing else is changed, and without `repair` nothing at all. With `config`, the
+    24 hours (never at a SOURCE location: nothing of ours writes there, so a file named like a
+    temporary one is an instrument's, reported as unknown and left alone); nothing else is
+    changed, and without `repair` nothing at all. With `config`, the
     state of a package whose copy was marked corrupt is re-derived (ARCHIVED may fall back).
     """
     now = _aware(now or utcnow())
     with opsdb.session() as session:
-        locations = [_Location(id_, f"{site}/{name}", root, host) for id_, site, name, root, host
+        locations = [_Location(id_, f"{site}/{name}", root, host, kind != LocationType.SOURCE)
+                     for id_, site, name, root, host, kind
                      in session.execute(select(DataLocation.id, Site.short_name, DataLocation.name,
-                                               DataLocation.root, DataLocation.host)
+                                               DataLocation.root, DataLocation.host,
+                                               DataLocation.location_type)
                                         .join(Site).order_by(DataLocation.id)).all()]
     local_roots = {os.path.normpath(loc.root) for loc in locations if loc.host is None}
     report = AuditReport(findings=[], checked_copies=0, scanned_files=0, repaired=[])
@@ -190,7 +196,7 @@ def _audit_location(opsdb: OpsDB, location: _Location, local_roots: set[str], *,
             if relative in live:
                 seen.add(relative)
                 _check(walk, location, entry, live[relative], checksums)
-            elif is_temporary(entry.name):
+            elif is_temporary(entry.name) and location.writes_temporaries:
                 _partial(walk, location, entry, now, busy)
             elif relative in deleted:
                 walk.findings.append(Finding(

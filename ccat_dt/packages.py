@@ -196,3 +196,23 @@ def source_problems(opsdb: OpsDB, name: str) -> list[str]:
                 problems.append(f"{raw_file.relative_path}: {size} bytes on disk, "
                                 f"{raw_file.size} filed")
     return problems
+
+
+def fail_unbuilt(opsdb: OpsDB, name: str, problems: list[str]) -> bool:
+    """Record that an unbuilt package cannot be built from what is at the source, as build()
+    records it when it finds the same: a failed packaging operation saying why, and the
+    package FAILED (nothing leaves; `ccat-dt why` shows the reason; a rebuild is an operator's
+    decision). For the raw_files_present check, which stops the run before build() does.
+    Returns False (and changes nothing) for a package already built or without problems."""
+    if not problems:
+        return False
+    with opsdb.session() as session:
+        package = get_package(session, name)
+        if package.checksum is not None:
+            return False
+        now = utcnow()
+        session.add(Operation(operation_type=OperationType.PACKAGING, package=package,
+                              status=OperationStatus.FAILED, started_at=now, finished_at=now,
+                              error="source changed since filing: " + "; ".join(problems)))
+        package.state = PackageState.FAILED
+    return True

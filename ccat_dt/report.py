@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import PurePosixPath
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import aliased
 
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -108,3 +110,36 @@ def disagreements(opsdb: OpsDB, ssh: SshSettings | None = None) -> list[str]:
               and remote_size(ssh or SshSettings(), where) is not None):
             problems.append(f"copy {copy_id}: {where} recorded deleted, still on disk")
     return problems
+
+
+@dataclass(frozen=True)
+class LinkThroughput:
+    link: str  # origin site -> destination site
+    transfers: int
+    bytes: int
+    seconds: float  # summed transfer time
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def throughput(opsdb: OpsDB, since: datetime) -> list[LinkThroughput]:
+    """Completed transfers per link since `since` (what moved, and how fast while moving)."""
+    origin, destination = aliased(DataLocation), aliased(DataLocation)
+    origin_site, destination_site = aliased(Site), aliased(Site)
+    with opsdb.session() as s:
+        rows = s.execute(
+            select(origin_site.short_name, destination_site.short_name, func.count(),
+                   func.coalesce(func.sum(Operation.bytes), 0),
+                   func.coalesce(func.sum(Operation.duration_s), 0.0))
+            .join(origin, Operation.source_location_id == origin.id)
+            .join(origin_site, origin.site_id == origin_site.id)
+            .join(destination, Operation.destination_location_id == destination.id)
+            .join(destination_site, destination.site_id == destination_site.id)
+            .where(Operation.operation_type == OperationType.TRANSFER,
+                   Operation.status == OperationStatus.COMPLETED,
+                   Operation.finished_at >= since)
+            .group_by(origin_site.short_name, destination_site.short_name)
+            .order_by(origin_site.short_name, destination_site.short_name)).all()
+    return [LinkThroughput(f"{o}->{d}", n, int(b), float(t)) for o, d, n, b, t in rows]

@@ -1,0 +1,46 @@
+"""`ccat-dt status`: the table an operator reads first."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from ccat_dt.config import Config
+from ccat_dt.forecast import forecast_buffers
+from ccat_dt.metrics import service_level_figures
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import utcnow
+from ccat_dt.report import Summary, summarize, throughput
+
+
+def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
+    s = summarize(opsdb)
+    print(f"\nraw files: {s.files} ({s.file_bytes / 1e6:.1f} MB)   packages: "
+          + ", ".join(f"{n} {state}" for state, n in sorted(s.packages.items()))
+          + f" ({s.package_bytes / 1e6:.1f} MB)")
+    print(f"{'location':<22}{'kind':<19}{'present':>8}{'MB':>10}{'deleted':>9}{'corrupt':>9}")
+    for line in s.locations:
+        print(f"{line.location:<22}{line.kind:<19}{line.present:>8}"
+              f"{line.present_bytes / 1e6:>10.1f}{line.deleted:>9}{line.corrupt:>9}")
+    print(f"deletions: {s.deletions} ({s.deleted_bytes / 1e6:.1f} MB); "
+          f"failed operations: {s.failed_operations}")
+    if config is None:
+        return s
+    now = utcnow()
+    with opsdb.session() as session:
+        level = service_level_figures(session, config.settings.required_lta_copies, now)
+        forecasts = forecast_buffers(session, now,
+                                     warn_below_hours=config.settings.metrics.warn_below_hours)
+    oldest = (f"; oldest {level.oldest_unsafe_package}, "
+              f"{level.oldest_unsafe_age_s / 3600:.1f} h old" if level.packages_unsafe else "")
+    print(f"not yet in {config.settings.required_lta_copies} verified LTA copies: "
+          f"{level.packages_unsafe} packages ({level.bytes_unsafe / 1e6:.1f} MB){oldest}")
+    links = throughput(opsdb, now - timedelta(hours=1))
+    print("last hour: " + ("; ".join(f"{t.link} {t.transfers} transfers "
+                                      f"{t.bytes / 1e6:.1f} MB at {t.mb_per_s:.1f} MB/s"
+                                      for t in links) or "no transfers"))
+    for forecast in forecasts:
+        hours = ("not filling" if forecast.hours_until_full is None
+                 else f"full in {forecast.hours_until_full:.1f} h")
+        warn = "  WARNING: below threshold" if forecast.below_threshold else ""
+        print(f"buffer {forecast.location:<20} {hours}{warn}")
+    return s

@@ -1,0 +1,111 @@
+"""`ccat-dt why`: a specific reason for each way a package can be stuck."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from ccat_assets.cli import main
+from ccat_dt import packages as stage
+from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.diagnosis import diagnose
+from ccat_dt.filing import file_directory, start_observation
+from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.models import (
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    RawDataPackage,
+    utcnow,
+)
+from ccat_dt.replicas import place, plan_placement
+from ccat_dt.topology import primary_location, sync_topology
+from tests.test_lifecycle import observe
+
+
+def why(opsdb: OpsDB, config: Config, name: str) -> dict[str, tuple[str, str]]:
+    with opsdb.session() as session:
+        return {s.stage: (s.state, s.detail) for s in diagnose(session, config, name, utcnow())}
+
+
+def planned(opsdb: OpsDB, config: Config) -> list[str]:
+    with opsdb.session() as session:
+        return [p.name for p in stage.plan_packages(session, config)]
+
+
+def test_an_open_observation_waits_for_filing_to_close(config: Config, opsdb: OpsDB,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    source = config.resolve_root("sites/ccat/instruments")
+    (source / "obs-open").mkdir(parents=True)
+    (source / "obs-open" / "a.dat").write_bytes(b"x" * 100)
+    start_observation(opsdb, "obs-open")
+    file_directory(opsdb, observation="obs-open", module="chai/lfa", directory="obs-open")
+    main(["--config", str(config.path), "why", "obs-open"])
+    out = capsys.readouterr().out
+    assert "filing" in out and "waiting" in out and "still open" in out
+
+
+def test_a_built_package_waits_for_its_site_copy_and_the_second_archive_for_the_first(
+        config: Config, opsdb: OpsDB) -> None:
+    observe(config, opsdb, observations=1, files=1)
+    name = planned(opsdb, config)[0]
+    stage.build(opsdb, config, name)
+    stages = why(opsdb, config, name)
+    assert stages["packaging"][0] == "done"
+    assert stages["site copy cologne"] == ("waiting", "due; waiting for its run")
+    assert stages["site copy us"][0] == "waiting"
+    assert "no verified source copy yet" in stages["site copy us"][1]
+
+
+def test_a_source_changed_after_filing_fails_packaging_with_the_reason(
+        config: Config, opsdb: OpsDB) -> None:
+    source = observe(config, opsdb, observations=1, files=1)
+    for raw in source.rglob("scan-0.dat"):
+        raw.write_bytes(b"changed")
+    name = planned(opsdb, config)[0]
+    with pytest.raises(stage.PackageBuildFailed):
+        stage.build(opsdb, config, name)
+    state, detail = why(opsdb, config, name)["packaging"]
+    assert state == "failed" and "scan-0.dat" in detail
+
+
+def test_a_full_destination_disk_is_named(config: Config, opsdb: OpsDB) -> None:
+    observe(config, opsdb, observations=1, files=1)
+    name = planned(opsdb, config)[0]
+    stage.build(opsdb, config, name)
+    with opsdb.session() as session:
+        package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
+        buffer = primary_location(session, "cologne", LocationType.BUFFER)
+        session.add(Operation(operation_type=OperationType.TRANSFER, package=package,
+                              destination_location_id=buffer.id, status=OperationStatus.FAILED,
+                              retry_count=2, finished_at=utcnow(), log_path="/logs/x.log",
+                              error="rsync: write failed: No space left on device (28)"))
+    state, detail = why(opsdb, config, name)["site copy cologne"]
+    assert state == "failed"
+    assert detail.startswith("destination disk full; attempt 3 failed") and "/logs/x.log" in detail
+
+
+def test_retention_holds_the_purge_with_the_time_it_ends(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = {**EMBEDDED_DEFAULT}
+    settings["sites"] = [dict(site) for site in EMBEDDED_DEFAULT["sites"]]  # type: ignore[attr-defined]
+    for site in settings["sites"]:  # type: ignore[attr-defined]
+        site["locations"] = [{**loc, "retention_hours": 24} for loc in site["locations"]]
+    config = load_config(write_default_config(tmp_path / "deploy", overrides=settings))
+    migrate(config.opsdb_url)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    observe(config, opsdb, observations=1, files=1)
+    name = planned(opsdb, config)[0]
+    stage.build(opsdb, config, name)
+    for site in ("cologne", "us"):
+        for kind in (LocationType.BUFFER, LocationType.LONG_TERM_ARCHIVE):
+            place(opsdb, config, plan_placement(opsdb, config, name, site, kind), kind)
+    state, detail = why(opsdb, config, name)["purge"]
+    assert state == "waiting" and "retention 24h not reached: deletable after" in detail
+    tomorrow = (utcnow() + timedelta(hours=25)).date().isoformat()
+    assert tomorrow in detail or (utcnow() + timedelta(hours=24)).date().isoformat() in detail
