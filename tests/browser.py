@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.services import unavailable
+from tests.services import apt_install, free_port, unavailable
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -53,32 +52,10 @@ def artifacts_dir(tmp_path: Path) -> Path:
     return directory
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
 
 def _chromium() -> str | None:
     return CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
 
-
-def _install() -> str:
-    """Try apt-get once; returns what went wrong (empty when it worked)."""
-    if shutil.which("apt-get") is None:
-        return "apt-get not available"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]):
-        try:
-            done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=600, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"{' '.join(command)}: {exc}"
-        if done.returncode != 0:
-            return f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}"
-    return ""
 
 
 @pytest.fixture(name="chromium")  # named: importable under any alias
@@ -93,7 +70,7 @@ def chromium() -> str:
         unavailable("Playwright", f"{exc} (pip install -e '.[dev]')")
     executable = _chromium()
     if executable is None:
-        problem = _install()
+        problem = apt_install(PACKAGES)
         executable = _chromium()
         if executable is None:
             unavailable("Chromium", f"{CHROMIUM} missing; tried to install {' '.join(PACKAGES)}: "

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from ccat_dt.transports.base import Endpoint, SshSettings
-from tests.services import unavailable
+from tests.services import apt_install, free_port, unavailable
 
 SSHD = "/usr/sbin/sshd"
 PACKAGES = ["openssh-server", "openssh-client", "rsync", "xxhash"]
@@ -51,29 +51,6 @@ def _missing_tools() -> list[str]:
                       if shutil.which(tool) is None]
 
 
-def _install_tools() -> str:
-    """Try apt-get once; returns what went wrong (empty when nothing was tried or it worked)."""
-    if shutil.which("apt-get") is None:
-        return "apt-get not available"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]):
-        try:
-            done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=600, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"{' '.join(command)}: {exc}"
-        if done.returncode != 0:
-            return f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}"
-    return ""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _keygen(path: Path) -> str:
@@ -133,7 +110,7 @@ def _wait_until_ready(process: subprocess.Popen[bytes], server: SshServer, log: 
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """A running sshd on a free 127.0.0.1 port that accepts a throw-away key for this user."""
     if _missing_tools():
-        problem = _install_tools()
+        problem = apt_install(PACKAGES)
         still = _missing_tools()
         if still:
             unavailable("sshd", f"missing {', '.join(still)}; tried to install "

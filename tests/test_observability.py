@@ -13,7 +13,7 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from tests.sshd import free_port
+from tests.services import free_port
 from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
 
 

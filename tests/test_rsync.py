@@ -32,7 +32,8 @@ from ccat_dt.transports.remote import (
     run,
 )
 from ccat_dt.transports.rsync import RsyncTransport, classify_rsync
-from tests.sshd import SshServer, free_port
+from tests.services import free_port
+from tests.sshd import SshServer
 from tests.sshd import sshd as sshd_fixture  # noqa: F401 - registers the "sshd" fixture
 
 MIB = 1 << 20

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.services import unavailable
+from tests.services import apt_install, free_port, unavailable
 
 BINARY = "victoria-metrics"  # from the Debian package of the same name (/usr/bin)
 PACKAGE = "victoria-metrics"
@@ -68,28 +67,6 @@ def _binary() -> str | None:
                                                                        os.X_OK) else None)
 
 
-def _install() -> str:
-    """Try apt-get once; returns what went wrong (empty when it worked)."""
-    if shutil.which("apt-get") is None:
-        return "apt-get not available"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", PACKAGE]):
-        try:
-            done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=600, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"{' '.join(command)}: {exc}"
-        if done.returncode != 0:
-            return f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}"
-    return ""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_until_healthy(process: subprocess.Popen[bytes], url: str, log: Path) -> str:
@@ -115,14 +92,14 @@ def victoria(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetri
     """A running VictoriaMetrics with empty storage, for the whole test session."""
     binary = _binary()
     if binary is None:
-        problem = _install()
+        problem = apt_install([PACKAGE])
         binary = _binary()
         if binary is None:
             unavailable("VictoriaMetrics", f"no {BINARY} binary; tried to install {PACKAGE}: "
                         f"{problem or 'installed, still missing'}")
             return
     directory = tmp_path_factory.mktemp("victoria")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = directory / "victoria-metrics.log"
     command = [binary, f"-httpListenAddr=127.0.0.1:{port}",
