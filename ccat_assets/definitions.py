@@ -16,6 +16,7 @@ from resources.opsdb import Deployment
 from resources.placement import PlacementIOManager
 from sensors.lifecycle import lifecycle_sensors
 from sensors.observability import service_level_sensor
+from sensors.retire import retire_partitions_sensor
 from sensors.scrub import fixity_scrub
 
 
@@ -28,7 +29,7 @@ def build_definitions(config: Config) -> Definitions:
         assets=assets,
         asset_checks=build_checks(config, by_name),
         jobs=[*jobs.STAGES, scrub_job],
-        sensors=[*lifecycle_sensors(), service_level_sensor],
+        sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor],
         executor=executor(config),
         schedules=[fixity_scrub],
         resources={

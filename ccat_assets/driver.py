@@ -66,6 +66,9 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
                 if isinstance(request, AddDynamicPartitionsRequest):
                     instance.add_dynamic_partitions(request.partitions_def_name,
                                                     list(request.partition_keys))
+                else:
+                    for key in request.partition_keys:
+                        instance.delete_dynamic_partition(request.partitions_def_name, key)
             if tick.cursor is not None:
                 cursors[name] = tick.cursor
             for run in tick.run_requests or []:

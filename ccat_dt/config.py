@@ -158,6 +158,8 @@ class PolicyConfig(_Strict):
     max_attempts: int = Field(default=3, ge=1)
     purge_budget_bytes: int = Field(default=10 * 10**12, gt=0)  # per purge cycle
     scrub_bytes_per_day: int = Field(default=10**12, ge=0)  # LTA bytes re-read per day
+    # Finished packages leave Dagster's partitions after this many days (OpsDB keeps them).
+    retire_partitions_after_days: float = Field(default=30.0, ge=0)
 
 
 class InstrumentConfig(_Strict):

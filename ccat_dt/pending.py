@@ -7,6 +7,7 @@ the archive grows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,6 +18,9 @@ from ccat_dt.opsdb.models import (
     DataLocation,
     LocationType,
     PackageCopy,
+    PackageState,
+    PhysicalCopy,
+    RawDataFile,
     RawDataPackage,
     StagingRequest,
 )
@@ -154,3 +158,23 @@ def scrub_due(session: Session, budget_bytes: int, limit: int = PAGE) -> list[Du
         spent += copy.size
         due.append(Due(copy.package.name, copy.location.site.short_name, copy.id))
     return due
+
+
+def finished_packages(session: Session, archived_before: datetime,
+                      limit: int = PAGE) -> list[str]:
+    """Packages archived before the given time with nothing left outside the LTA: their
+    Dagster partitions can be retired (their history stays in OpsDB)."""
+    outside_lta = (select(PhysicalCopy.package_id)
+                   .join(DataLocation, PhysicalCopy.location_id == DataLocation.id)
+                   .where(PhysicalCopy.package_id.is_not(None),
+                          PhysicalCopy.status != CopyStatus.DELETED,
+                          DataLocation.location_type != LocationType.LONG_TERM_ARCHIVE))
+    raw_left = (select(RawDataFile.package_id)
+                .join(PhysicalCopy, PhysicalCopy.raw_data_file_id == RawDataFile.id)
+                .where(PhysicalCopy.status != CopyStatus.DELETED))
+    return list(session.scalars(
+        select(RawDataPackage.name)
+        .where(RawDataPackage.state == PackageState.ARCHIVED,
+               RawDataPackage.archived_at < archived_before,
+               RawDataPackage.id.not_in(outside_lta), RawDataPackage.id.not_in(raw_left))
+        .order_by(RawDataPackage.id).limit(limit)))
