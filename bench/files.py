@@ -28,6 +28,7 @@ from bench.common import (
     timed,
     write_random,
 )
+from ccat_dt import packaging
 from ccat_dt.checksums import hash_file, hash_stream
 from ccat_dt.packaging import PackageMember, build_package
 from ccat_dt.transports.local import LocalTransport
@@ -52,6 +53,13 @@ def no_adler32() -> Iterator[None]:
     with mock.patch.object(zlib, "adler32", lambda data, value=1: value):
         yield
     assert zlib.adler32 is real
+
+
+@contextmanager
+def old_copy_buffer() -> Iterator[None]:
+    """build_package as it was before this benchmark: 8 MiB tar copy buffers."""
+    with mock.patch.object(packaging, "CACHED_CHUNK_SIZE", 8 * MIB):
+        yield
 
 
 def _ours(fn: Callable[[], object],
@@ -93,7 +101,7 @@ def bench_hash(settings: Settings, result: SectionResult, log: Callable[[str], N
         "old": lambda: {"old": timed(old_hash_file)},
         "H2": lambda: {"xxhsum -H2": run_tool(["xxhsum", "-H2", str(path)])},
         "H3": lambda: {"xxhsum -H3": run_tool(["xxhsum", "-H3", str(path)])},
-    }, max(settings.repeat, 7), log=log)
+    }, max(settings.repeat, 15), log=log)
     result.comparisons += [
         Comparison("hash", "hash_file vs `xxhsum -H2` (XXH128, our algorithm: like for like)",
                    stats["ours"], stats["xxhsum -H2"], 0.95, "hash_file", "xxhsum -H2"),
@@ -146,6 +154,7 @@ def bench_package(settings: Settings, result: SectionResult, log: Callable[[str]
         "ours-nofsync": lambda: {"nofsync": _ours(build, no_fsync)()["ours"]},
         "ours-nofsync-noadler": lambda: {"nofsync-noadler": _ours(build, no_fsync,
                                                                   no_adler32)()["ours"]},
+        "ours-8MiB": lambda: {"8 MiB buffer": _ours(build, old_copy_buffer)()["ours"]},
         "tool": tool,
     }, settings.repeat, prepare=fresh(ours_tar, tool_tar), log=log)
     drop_outputs(ours_tar, tool_tar)
@@ -167,6 +176,10 @@ def bench_package(settings: Settings, result: SectionResult, log: Callable[[str]
     c.append(Comparison("package", "durable two-pass: build_package vs `tar -cf; sync TAR; "
                         "xxhsum -H2 TAR`", stats["ours"], tar_s_x, 1.5, "build_package",
                         "tar -cf; sync; xxhsum -H2"))
+    c.append(Comparison("package", "before this change: build_package with 8 MiB copy "
+                        "buffers vs `tar -cf; sync TAR`", stats["8 MiB buffer"], tar_s, None,
+                        "build_package, 8 MiB buffers", "tar -cf; sync",
+                        note="diagnostic: the copy buffer build_package had before"))
     c.append(Comparison("package", "diagnostic: build_package with fsync off vs `tar -cf`",
                         stats["nofsync"], tar, None, "build_package, no fsync", "tar -cf",
                         note="CPU and page-cache cost only"))
@@ -179,7 +192,13 @@ def bench_package(settings: Settings, result: SectionResult, log: Callable[[str]
     gib = total / 1024
     adler = (stats["nofsync"].median - stats["nofsync-noadler"].median) / gib
     fsync = (stats["ours"].median - stats["nofsync"].median) / gib
-    result.facts["per GiB"] = (f"fsync of the tar {fsync:.2f} s/GiB, zlib adler32 {adler:.2f} "
+    result.facts["per_gib"] = {"fsync": fsync, "adler32": adler, "tar": tar.median / gib,
+                               "sync": stats["sync"].median / gib,
+                               "rest": stats["nofsync-noadler"].median / gib,
+                               "ours": stats["ours"].median / gib,
+                               "tar_sync": tar_s.median / gib}
+    result.facts["per GiB"] = (f"fsync of the tar (with minus without) {fsync:.2f} s/GiB, zlib "
+                               f"adler32 (with minus without) {adler:.2f} "
                                f"s/GiB, tar -cf {tar.median / gib:.2f} s/GiB, sync after tar "
                                f"{stats['sync'].median / gib:.2f} s/GiB, xxhsum of the tar "
                                f"{stats['xxhsum'].median / gib:.2f} s/GiB")
@@ -211,6 +230,7 @@ def bench_copy(settings: Settings, result: SectionResult, log: Callable[[str], N
     drop_outputs(ours_dst, tool_dst)
     result.facts["size"] = f"{settings.copy_mib} MiB, source in the page cache"
     result.facts["steps"] = {k: v.text() for k, v in stats.items()}
+    result.facts["step_medians"] = {k: v.median for k, v in stats.items()}
     cp_x, cp_s_x = summed(stats, "cp", "xxhsum"), summed(stats, "cp", "sync", "xxhsum")
     result.comparisons += [
         Comparison("copy", "LocalTransport.copy_file vs `cp` then `xxhsum -H2` of the copy "

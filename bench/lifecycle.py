@@ -93,15 +93,20 @@ CURATED = [
     ("plan_cycle", "purge_cycle.py", "ccat-dt: plan_cycle (purge sensor)"),
     ("plan_packages", "ccat_dt/packages.py", "ccat-dt: plan_packages (package sensor)"),
     ("purge_package", "reaper.py", "ccat-dt: purge_package (deletions + certificates)"),
+    ("opsdb", "resources/opsdb.py", "ccat-dt: Deployment.opsdb (engine + Alembic schema check)"),
+    ("load_config", "ccat_dt/config.py", "ccat-dt: load_config (YAML + validation)"),
     ("fsync", "~", "os.fsync (all callers)"),
-    ("execute", "~", "sqlite3 Cursor.execute (all callers)"),
+    ("'execute' of 'sqlite3.Cursor'", "~", "sqlite3 Cursor.execute (all callers)"),
+    ("'commit' of 'sqlite3.Connection'", "~", "sqlite3 Connection.commit (all callers)"),
+    ("'close' of 'sqlite3.Connection'", "~", "sqlite3 Connection.close (all callers)"),
+    ("_sqlite3.connect", "~", "sqlite3 connect (all callers)"),
 ]
 
 
 def summarize_profile(path: Path) -> dict[str, Any]:
     stats = pstats.Stats(str(path))
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    total = max(ct for (_, _, ct, _, _) in raw.values())
+    total = max(entry[3] for entry in raw.values())  # (cc, nc, tt, ct, callers)
     buckets: dict[str, float] = defaultdict(float)
     for (filename, _line, function), (_cc, _nc, tt, _ct, _callers) in raw.items():
         buckets[_bucket(filename, function)] += tt
@@ -112,8 +117,8 @@ def summarize_profile(path: Path) -> dict[str, Any]:
                    and where.strip("~") in filename]
         if matches:
             curated.append({"what": label, "calls": sum(m[0] for m in matches),
-                            "cumulative_s": max(m[1] for m in matches) if function != "execute"
-                            and function != "fsync" else sum(m[1] for m in matches)})
+                            "cumulative_s": sum(m[1] for m in matches) if where == "~"
+                            else max(m[1] for m in matches)})
     ours = sorted(((ct, nc, f"{Path(fn).parent.name}/{Path(fn).name}:{name}")
                    for (fn, _l, name), (_cc, nc, _tt, ct, _c) in raw.items()
                    if any(part in fn for part in OURS[:4])), reverse=True)[:12]
@@ -155,7 +160,9 @@ def bench_lifecycle(settings: Settings, result: SectionResult,
     result.facts["profile"]["packages"] = small
     result.facts["profile"]["drive_s"] = profiled["drive_s"]
 
-    experiment_n = min(n, max(small, 8))
+    experiment_n = settings.event_log_packages
+    if experiment_n <= 0:
+        return
     default = _worker(settings, "lifecycle-default-small", experiment_n, log)
     consolidated = _worker(settings, "lifecycle-consolidated", experiment_n, log,
                            "--event-log", "consolidated")

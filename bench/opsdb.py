@@ -243,10 +243,14 @@ class SyntheticOpsDB:
             cur.executemany("INSERT INTO raw_data_files VALUES (?,?,?,?,?,?,?,?,?,?,?)", files)
             cur.executemany("INSERT INTO physical_copies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                             copies)
+        self.counts["observations"] += 1
+        self.counts["raw files"] += len(files)
+        self.counts["physical copies"] += len(copies)
 
     def remove_frontier(self) -> None:
         """Take the in-flight rows out again (the next year's history replaces them)."""
         f = self.frontier
+        removed_copies = 0
         with self._cursor() as cur:
             for start in range(0, max(len(f.files), 1), 500):
                 chunk = f.files[start:start + 500]
@@ -254,16 +258,22 @@ class SyntheticOpsDB:
                 if chunk:
                     cur.execute(f"DELETE FROM physical_copies WHERE raw_data_file_id IN ({marks})",
                                 chunk)
+                    removed_copies += cur.rowcount
                     cur.execute(f"DELETE FROM raw_data_files WHERE id IN ({marks})", chunk)
             marks = ",".join("?" * len(f.packages))
             if f.packages:
                 cur.execute(f"DELETE FROM physical_copies WHERE package_id IN ({marks})",
                             f.packages)
+                removed_copies += cur.rowcount
                 cur.execute(f"DELETE FROM raw_data_packages WHERE id IN ({marks})", f.packages)
             marks = ",".join("?" * len(f.observations))
             if f.observations:
                 cur.execute(f"DELETE FROM executed_obs_units WHERE id IN ({marks})",
                             f.observations)
+        self.counts["observations"] -= len(f.observations)
+        self.counts["packages"] -= len(f.packages)
+        self.counts["raw files"] -= len(f.files)
+        self.counts["physical copies"] -= removed_copies
         self.frontier = Frontier()
 
     def size_mb(self) -> float:
@@ -311,6 +321,8 @@ class SqlCapture:
 
 
 def explain(engine: Any, statement: str, parameters: Any) -> list[str]:
+    if isinstance(parameters, list) and parameters and isinstance(parameters[0], tuple | list):
+        parameters = parameters[0]  # an executemany: explain it with its first row
     raw = engine.raw_connection()
     try:
         rows = raw.cursor().execute("EXPLAIN QUERY PLAN " + statement, parameters).fetchall()
@@ -417,9 +429,9 @@ def bench_opsdb(settings: Settings, result: SectionResult, log: Callable[[str], 
         root = settings.work / f"opsdb-{n_files}"
         db = SyntheticOpsDB(root)
         started = time.perf_counter()
-        history = max(2, (n_files - 3 * max(1, settings.in_flight // 3) * per_package
-                          - 2 * per_package) // per_package)
-        history -= history % 2
+        rest = n_files - 3 * max(1, settings.in_flight // 3) * per_package - 2 * per_package
+        history = max(2, -(-rest // per_package))  # at least n_files raw files in all
+        history += history % 2
         db.add_packages(history, per_package, now - timedelta(days=5 * 365),
                         now - timedelta(days=3))
         db.add_frontier(settings.in_flight, per_package, now)
@@ -450,6 +462,7 @@ def _dagster_partitions(home: Path, config: Config, names: list[str],
     from ccat_assets.partitions import package_site_partitions
 
     home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     instance = DagsterInstance.from_config(str(home))
     try:
         started = time.perf_counter()
@@ -501,6 +514,7 @@ def bench_years(settings: Settings, result: SectionResult, log: Callable[[str], 
             f"files, {db.size_mb():.0f} MB; plan_cycle "
             f"{measured['times']['purge sensor tick: plan_cycle'].text()}, dagster keys "
             f"{partitions['total_keys']}")
+    rows[-1]["what_if_status_index"] = what_if_index(db, settings.repeat)
     db.dispose()
     if not settings.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from unittest import mock
 
@@ -163,11 +164,35 @@ def bench_remote(settings: Settings, result: SectionResult, log: Callable[[str],
                     "ssh sync": run_tool([*ssh.ssh_command(), "--", host, "sync", "--",
                                           str(tool_dst)])}
 
-        stats = interleaved({"ours": ours, "tool": tool}, settings.repeat,
-                            prepare=fresh(ours_dst, tool_dst),
-                            log=log)
-        handshake = Stats([run_tool([*ssh.ssh_command(), "--", host, "true"])
-                           for _ in range(max(settings.repeat, 5))])
+        # What-if: one persistent ssh connection (ControlMaster) shared by every ssh, rsync
+        # and follow-up command, for us and for the tool alike.
+        control = replace(ssh, options=(
+            "ControlMaster=auto", f"ControlPath={settings.work / 'sshd' / 'cm-%C'}",
+            "ControlPersist=120"))
+        transport_cm = RsyncTransport(control, settings.work / "rsync-logs")
+        rsh_cm = shlex.join(control.ssh_command())
+        run_tool([*control.ssh_command(), "--", host, "true"])  # opens the master connection
+
+        def ours_cm() -> dict[str, float]:
+            return {"ours, ControlMaster": timed(lambda: transport_cm.copy(
+                Endpoint(PurePosixPath(source)), Endpoint(PurePosixPath(ours_dst), host),
+                expected))}
+
+        def tool_cm() -> dict[str, float]:
+            return {"rsync, ControlMaster": run_tool(["rsync", "-e", rsh_cm, "--", str(source),
+                                                      f"{host}:{tool_dst}"]),
+                    "ssh sync, ControlMaster": run_tool([*control.ssh_command(), "--", host,
+                                                         "sync", "--", str(tool_dst)])}
+
+        try:
+            stats = interleaved({"ours": ours, "tool": tool, "ours-cm": ours_cm,
+                                 "tool-cm": tool_cm}, settings.repeat,
+                                prepare=fresh(ours_dst, tool_dst), log=log)
+            handshake = Stats([run_tool([*ssh.ssh_command(), "--", host, "true"])
+                               for _ in range(max(settings.repeat, 5))])
+        finally:
+            subprocess.run([*control.ssh_command(), "-O", "exit", "--", host],
+                           capture_output=True, check=False)
     drop_outputs(ours_dst, tool_dst)
     result.facts["size"] = (f"{settings.remote_mib} MiB, source in the page cache, to an sshd "
                             "on 127.0.0.1 (same machine, same disk)")
@@ -181,4 +206,12 @@ def bench_remote(settings: Settings, result: SectionResult, log: Callable[[str],
         Comparison("remote", "durable, like for like: RsyncTransport.copy vs `rsync -e ssh; "
                    "ssh HOST sync FILE`", stats["ours"], summed(stats, "rsync", "ssh sync"),
                    0.97, "RsyncTransport.copy", "rsync -e ssh; ssh sync"),
+        Comparison("remote", "what-if, both over one persistent ssh connection (ControlMaster):"
+                   " RsyncTransport.copy vs `rsync -e ssh`", stats["ours, ControlMaster"],
+                   stats["rsync, ControlMaster"], None, "RsyncTransport.copy",
+                   "rsync -e ssh", note="SshSettings.options, no code change"),
+        Comparison("remote", "what-if, durable, both over ControlMaster: RsyncTransport.copy vs "
+                   "`rsync -e ssh; ssh HOST sync FILE`", stats["ours, ControlMaster"],
+                   summed(stats, "rsync, ControlMaster", "ssh sync, ControlMaster"), None,
+                   "RsyncTransport.copy", "rsync -e ssh; ssh sync"),
     ]

@@ -9,7 +9,9 @@ import xxhash
 
 ALGORITHM = "xxh3_128"
 CHUNK_SIZE = 8 * 1024 * 1024
-HASH_BUFFER_SIZE = 1024 * 1024  # hash_file: fits in L2 cache, big enough for network FS
+# One chunk that stays in the CPU's L2 cache while it is copied and hashed several times; with
+# 8 MiB chunks hash_file was ~20% and build_package 2x slower (docs/benchmarks.md).
+CACHED_CHUNK_SIZE = 1024 * 1024
 
 
 class ChecksumMismatch(Exception):
@@ -43,7 +45,7 @@ def hash_file(path: Path) -> tuple[str, int]:
     docs/benchmarks.md); unbuffered, so each read is one read(2) straight into it."""
     hasher = new_hasher()
     size = 0
-    buffer = bytearray(HASH_BUFFER_SIZE)
+    buffer = bytearray(CACHED_CHUNK_SIZE)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as stream:
         while count := stream.readinto(buffer):

@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ALGORITHM, ChecksumMismatch
@@ -127,8 +127,22 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
 
 def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: int,
                   operation_id: int, seconds: float) -> PackageCopy:
+    lock_package(session, name)
     package = get_package(session, name)
     now = utcnow()
+    operation = session.get_one(Operation, operation_id)
+    operation.status, operation.finished_at = OperationStatus.COMPLETED, now
+    operation.bytes, operation.duration_s = built.size, seconds
+    supersede(session, operation)
+    earlier = next((c for c in package.copies if c.location_id == buffer_id and c.is_verified),
+                   None)
+    if earlier is not None:  # a concurrent run of this step built and recorded it first
+        if earlier.checksum != built.checksum:  # tars are deterministic: should never happen
+            operation.status = OperationStatus.FAILED
+            operation.error = (f"built concurrently by another run as {earlier.checksum}; this "
+                               f"build ({built.checksum}) replaced that file, so the recorded "
+                               "copy is checked (and found corrupt) next")
+        return earlier
     package.size, package.checksum, package.adler32 = built.size, built.checksum, built.adler32
     package.checksum_algorithm = ALGORITHM
     package.manifest = {"files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
@@ -138,9 +152,6 @@ def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: i
                        size=built.size, checksum=built.checksum, status=CopyStatus.PRESENT,
                        created_at=now, verified_at=now)
     session.add(copy)
-    operation = session.get_one(Operation, operation_id)
-    operation.status, operation.finished_at = OperationStatus.COMPLETED, now
-    operation.bytes, operation.duration_s = built.size, seconds
     session.flush()
     return copy
 
@@ -152,6 +163,31 @@ def _fail(opsdb: OpsDB, operation_id: int, *, package_id: int | None, error: str
             OperationStatus.FAILED, error, utcnow())
         if package_id is not None:
             session.get_one(RawDataPackage, package_id).state = PackageState.FAILED
+
+
+def lock_package(session: Session, name: str) -> None:
+    """Make `name`'s row the transaction's first write: concurrent transactions that do the
+    same wait here for each other (SQLite: the database write lock, taken before this
+    transaction reads anything; PostgreSQL: the row lock), so what they read next is final.
+    Recording a new copy does this first, so two runs of one step record one copy."""
+    session.execute(update(RawDataPackage).where(RawDataPackage.name == name)
+                    .values(state=RawDataPackage.state)
+                    .execution_options(synchronize_session=False))
+
+
+def supersede(session: Session, operation: Operation) -> None:
+    """Close the other attempts at what `operation` just recorded (same package, kind and
+    destination) that never finished: their process died (killed, or its OpsDB write failed)
+    and the copy now exists. A racer still running overwrites this when it finishes."""
+    session.execute(update(Operation).where(
+        Operation.package_id == operation.package_id,
+        Operation.operation_type == operation.operation_type,
+        Operation.destination_location_id == operation.destination_location_id,
+        Operation.status == OperationStatus.IN_PROGRESS, Operation.id != operation.id)
+        .values(status=OperationStatus.FAILED, finished_at=utcnow(),
+                error=f"never finished (its process died?); superseded by operation "
+                      f"{operation.id}, which recorded the copy")
+        .execution_options(synchronize_session=False))
 
 
 def get_package(session: Session, name: str) -> RawDataPackage:

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from ccat_dt.checksums import ALGORITHM, CHUNK_SIZE, ChecksumMismatch, hash_file, new_hasher
+from ccat_dt.checksums import (
+    ALGORITHM,
+    CACHED_CHUNK_SIZE,
+    ChecksumMismatch,
+    hash_file,
+    new_hasher,
+)
+from ccat_dt.transports.base import claim_temporary
 
 MANIFEST_NAME = "MANIFEST.json"
 
@@ -191,12 +198,16 @@ def build_package(
     destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(f".{destination.name}.part")
     manifest: list[ManifestEntry] = []
-    try:
-        with open(part, "wb") as raw:
+    # Held until renamed: another build of the same package gets OSError(EBUSY), not a share
+    # of this file; a file left by a killed build is reused.
+    with claim_temporary(part) as raw:
+        try:
             writer = _HashingWriter(raw)
-            # What tarfile.open(mode="w") builds, plus big copy buffers for multi-GB files.
+            # What tarfile.open(mode="w") builds, with copy buffers that stay in the CPU cache
+            # across the five passes over each chunk (read, hash, write, hash, adler32).
             with tarfile.TarFile(
-                mode="w", fileobj=writer, format=tarfile.PAX_FORMAT, copybufsize=CHUNK_SIZE
+                mode="w", fileobj=writer, format=tarfile.PAX_FORMAT,
+                copybufsize=CACHED_CHUNK_SIZE,
             ) as tar:
                 for member, st in zip(ordered, stats, strict=True):
                     manifest.append(_add_member(tar, member, int(st.st_mtime)))
@@ -205,10 +216,10 @@ def build_package(
                 tar.addfile(_tarinfo(MANIFEST_NAME, len(body), newest), io.BytesIO(body))
             raw.flush()
             os.fsync(raw.fileno())
-        os.replace(part, destination)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
+            os.replace(part, destination)
+        except BaseException:
+            part.unlink(missing_ok=True)  # ours to remove: we hold its lock
+            raise
     _fsync_dir(destination.parent)
     return BuiltPackage(
         path=destination,

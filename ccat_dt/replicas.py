@@ -22,7 +22,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     utcnow,
 )
-from ccat_dt.packages import get_package, package_path
+from ccat_dt.packages import get_package, lock_package, package_path, supersede
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, replication_source
 from ccat_dt.topology import primary_location
@@ -201,18 +201,26 @@ def _reread(ssh: SshSettings, job: _Job, result: TransferResult) -> TransferResu
 def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
             result: TransferResult, transport: str) -> CopyRef:
     with opsdb.session() as session:
+        lock_package(session, job.placement.package)
         package = get_package(session, job.placement.package)
         now = utcnow()
-        for stale in copies_at(session, package, kind, job.placement.site):
-            if stale.status == CopyStatus.CORRUPT:  # overwritten by this repair
-                stale.status, stale.deleted_at = CopyStatus.DELETED, now
-        copy = PackageCopy(package=package, location_id=job.destination_id,
-                           relative_path=job.relative, size=result.bytes,
-                           checksum=result.checksum, created_at=now, verified_at=utcnow())
-        session.add(copy)
-        session.flush()
+        same = [c for c in copies_at(session, package, kind, job.placement.site)
+                if c.location_id == job.destination_id and c.relative_path == job.relative
+                and c.is_verified and c.checksum == result.checksum]
+        if same:  # a concurrent run of this step recorded the same bytes at the same name first
+            copy = same[0]
+        else:
+            for stale in copies_at(session, package, kind, job.placement.site):
+                if stale.status == CopyStatus.CORRUPT:  # overwritten by this repair
+                    stale.status, stale.deleted_at = CopyStatus.DELETED, now
+            copy = PackageCopy(package=package, location_id=job.destination_id,
+                               relative_path=job.relative, size=result.bytes,
+                               checksum=result.checksum, created_at=now, verified_at=utcnow())
+            session.add(copy)
+            session.flush()
         operation = session.get_one(Operation, job.operation_id)
         operation.log_path, operation.transport = result.log_path, transport
+        supersede(session, operation)
         finish_in(session, job.operation_id, copy_id=copy.id, nbytes=result.bytes,
                   seconds=result.seconds)
         refresh_state(session, config, package)

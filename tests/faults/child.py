@@ -24,6 +24,7 @@ from typing import Any
 from ccat_dt.config import load_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import LocationType
+from ccat_dt.transports.base import TransferError
 
 BARRIER_TIMEOUT_S = 30.0
 
@@ -44,14 +45,14 @@ def barrier(directory: Path, parties: int) -> None:
 
 
 def wrap(module: Any, name: str, before: Callable[[], None] | None = None,
-         after: Callable[[], None] | None = None, times: int = 1) -> None:
-    """Run `before`/`after` around the first `times` calls of module.name."""
+         after: Callable[[], None] | None = None, nth: int = 1) -> None:
+    """Run `before`/`after` around the `nth` call of module.name."""
     real = getattr(module, name)
     calls = [0]
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
-        active = calls[0] <= times
+        active = calls[0] == nth
         if active and before:
             before()
         result = real(*args, **kwargs)
@@ -72,12 +73,16 @@ def wait_to_be_killed(marker: Path) -> Callable[[], None]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("config")
-    parser.add_argument("action", choices=["build", "place", "purge", "file"])
+    parser.add_argument("action", choices=["build", "place", "purge", "file", "drive"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--kill", default="")
+    parser.add_argument("--nth", type=int, default=1, help="kill at the n-th call")
     parser.add_argument("--marker", default="")
     parser.add_argument("--barrier", default="")
     parser.add_argument("--parties", type=int, default=2)
+    parser.add_argument("--at", default="write", choices=["write", "record"],
+                        help="where the racers meet: about to write, or about to record")
+    parser.add_argument("--home", default="", help="Dagster instance directory (drive)")
     options = parser.parse_args(argv)
     config = load_config(options.config)
     opsdb = OpsDB(config.opsdb_url)
@@ -95,8 +100,13 @@ def main(argv: list[str]) -> int:
         elif options.kill == "before-record":  # the tar is renamed into place, not recorded
             wrap(packages, "_record_built", before=die)
         if meet:
-            wrap(packaging, "build_package", before=meet)
-        result = packages.build(opsdb, config, name).copy_id
+            wrap(*((packaging, "claim_temporary") if options.at == "write"
+                   else (packages, "_record_built")), before=meet)
+        try:
+            result = packages.build(opsdb, config, name).copy_id
+        except OSError as exc:  # what the retry policy retries
+            print(json.dumps({"error": str(exc)}))
+            return 4
 
     elif options.action == "place":
         import ccat_dt.replicas as replicas
@@ -108,22 +118,31 @@ def main(argv: list[str]) -> int:
         elif options.kill == "before-record":  # renamed into place, not recorded
             wrap(replicas, "_record", before=die)
         if meet:
-            wrap(replicas, "_transfer", before=meet)
+            wrap(*((local, "claim_temporary") if options.at == "write"
+                   else (replicas, "_record")), before=meet)
         placement = replicas.plan_placement(opsdb, config, name, site, LocationType(kind))
-        result = replicas.place(opsdb, config, placement, LocationType(kind)).copy_id
+        try:
+            placed = replicas.place(opsdb, config, placement, LocationType(kind))
+            result = getattr(placed, "ref", placed).copy_id  # Placed (or a bare CopyRef)
+        except TransferError as exc:  # what the IO manager hands to the retry policy
+            print(json.dumps({"error": str(exc), "retryable": exc.retryable}))
+            return 4
 
     elif options.action == "purge":
         import ccat_dt.reaper as reaper
 
         [name] = options.args
         if options.kill == "after-certificate":  # certificate committed, nothing unlinked
-            wrap(reaper, "_execute", before=die)
+            wrap(reaper, "_execute", before=die, nth=options.nth)
         elif options.kill == "after-unlink":  # unlinked, the deletion not recorded
             real_unlink = Path.unlink
+            unlinks = [0]
 
             def unlink_then_die(self: Path, missing_ok: bool = False) -> None:
                 real_unlink(self, missing_ok=missing_ok)
-                die()
+                unlinks[0] += 1
+                if unlinks[0] == options.nth:
+                    die()
 
             Path.unlink = unlink_then_die  # type: ignore[method-assign]
         report = reaper.purge_package(opsdb, config, name)
@@ -142,6 +161,23 @@ def main(argv: list[str]) -> int:
             print(json.dumps({"error": str(exc)}))
             return 3
         result = {"filed": filed.filed, "unchanged": filed.unchanged}
+
+    elif options.action == "drive":  # the real sensors and runs, as `ccat-dt drive` does
+        import warnings
+
+        from dagster import DagsterInstance
+
+        from ccat_assets.definitions import build_definitions
+        from ccat_assets.driver import drive
+
+        warnings.filterwarnings("ignore")
+        if options.kill == "package-before-record":
+            import ccat_dt.packages as packages
+
+            wrap(packages, "_record_built", before=die)
+        with DagsterInstance.from_config(options.home) as instance:
+            report = drive(build_definitions(config), instance)
+        result = {"launched": report.launched, "failed": report.failed}
 
     print(json.dumps({"result": result}))
     return 0

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import DriveReport, drive
+from ccat_assets.partitions import package_partitions
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
@@ -32,6 +33,7 @@ from ccat_dt.opsdb.models import (
     PackageState,
     RawDataPackage,
 )
+from ccat_dt.packages import plan_packages
 from ccat_dt.topology import sync_topology
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +71,15 @@ def observe(config: Config, opsdb: OpsDB, *, name: str = "obs-0", module: str = 
     file_directory(opsdb, observation=name, module=module, directory=f"{name}/{module}")
     finish_observation(opsdb, name)
     return written
+
+
+def plan(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> str:
+    """What the package sensor does before any run: group the finished observation into its
+    one package and register the package as a partition; returns its name."""
+    with opsdb.session() as session:
+        [package] = [p.name for p in plan_packages(session, config)]
+    instance.add_dynamic_partitions(package_partitions.name, [package])
+    return package
 
 
 def run(config: Config, instance: DagsterInstance) -> DriveReport:
