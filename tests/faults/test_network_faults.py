@@ -1,0 +1,96 @@
+"""The WAN link fails during a transfer to an archive reached over ssh (rsync through the
+test sshd): it drops in the middle of the bytes, or is down when the transfer starts. The
+step's retry finds it back up; rsync resumes what had arrived."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+import ccat_dt.transports.rsync as rsync
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType, RawDataPackage
+from ccat_dt.report import disagreements
+from ccat_dt.transports.factory import ssh_settings
+from tests.faults.invariants import assert_safe
+from tests.faults.link import Link
+from tests.faults.pipeline import archived_everywhere, observe, operations, package_names, run
+from tests.sshd import SshServer
+from tests.test_multisite import multisite
+
+MB = 1_000_000
+
+
+@pytest.fixture
+def link(sshd: SshServer) -> Iterator[Link]:
+    relay = Link(sshd.port)
+    yield relay
+    relay.close()
+
+
+@pytest.mark.parametrize("failure", ["drops mid-transfer", "down at the start"])
+def test_link_failure_during_a_transfer_is_retried_and_converges(
+        tmp_path: Path, sshd: SshServer, link: Link, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    config = multisite(tmp_path, link.through(sshd, tmp_path))
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, files=3, size=2 * MB)
+        if failure == "drops mid-transfer":
+            link.cut_after = 3 * MB  # of the ~6 MB package, once
+        else:
+            link.down = True
+            real_copy = _up_again_after_first_attempt(link, monkeypatch)
+
+        report = run(config, instance)
+
+        if failure == "drops mid-transfer":
+            assert link.cuts == 1
+        else:
+            assert link.refused >= 1 and real_copy["attempts"] >= 2
+        assert report.failed == []  # the step's own retry got through
+        [package] = package_names(opsdb)
+        transfers = operations(opsdb, OperationType.TRANSFER, package)
+        assert transfers[0][0] == OperationStatus.FAILED
+        assert any(text in (transfers[0][1] or "") for text in (
+            "Connection reset", "connection unexpectedly closed", "kex_exchange_identification",
+            "Broken pipe", "closed by"))
+        assert [s for s, _ in transfers[1:]] == [OperationStatus.COMPLETED] * 2
+        if failure == "drops mid-transfer":  # the second attempt appended to the first's bytes
+            log = _completed_log(opsdb, package)
+            assert "were already there (resumed)" in log, log[-3000:]
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)  # the "remote" roots are on this machine: read directly
+        assert disagreements(opsdb, ssh_settings(config)) == []
+    finally:
+        opsdb.dispose()
+
+
+def _up_again_after_first_attempt(link: Link, monkeypatch: pytest.MonkeyPatch
+                                  ) -> dict[str, int]:
+    real = rsync.RsyncTransport._transfer
+    calls = {"attempts": 0}
+
+    def transfer(self, items, log):  # type: ignore[no-untyped-def]
+        calls["attempts"] += 1
+        try:
+            return real(self, items, log)
+        finally:
+            link.down = False  # the link comes back while the step waits for its retry
+
+    monkeypatch.setattr(rsync.RsyncTransport, "_transfer", transfer)
+    return calls
+
+
+def _completed_log(opsdb: OpsDB, package: str) -> str:
+    with opsdb.session() as session:
+        path = session.scalars(select(Operation.log_path).join(
+            RawDataPackage, Operation.package_id == RawDataPackage.id).where(
+            RawDataPackage.name == package, Operation.operation_type == OperationType.TRANSFER,
+            Operation.status == OperationStatus.COMPLETED).order_by(Operation.id)).first()
+    assert path
+    return Path(path).read_text()

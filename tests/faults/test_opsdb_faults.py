@@ -1,0 +1,124 @@
+"""OpsDB unavailable in the middle of a step: another process holds the SQLite database's
+write lock (BEGIN EXCLUSIVE) longer than the step's busy timeout, at the worst moment: the
+bytes have landed and are about to be recorded."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+import ccat_dt.transports.local as local
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import OperationStatus, OperationType, PackageCopy
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere, deployment, observe, operations, run
+from tests.faults.retrying import operator_retry
+
+HOLD_S = 1.5  # how long the other process keeps the database locked
+BUSY_TIMEOUT_S = 0.3  # the step's wait for the lock (30 s in production): fail fast here
+LOCKER = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+connection.execute("ROLLBACK")
+"""
+
+
+def short_busy_timeout(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New OpsDB connections of this process wait BUSY_TIMEOUT_S for a lock, not 30 s."""
+    path = config.opsdb_url.removeprefix("sqlite:///")
+    real_connect = sqlite3.dbapi2.connect
+
+    def connect(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if str(database) == path:
+            kwargs["timeout"] = BUSY_TIMEOUT_S
+        return real_connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3.dbapi2, "connect", connect)  # what SQLAlchemy calls
+
+
+def lock_on_first_landing(config: Config, monkeypatch: pytest.MonkeyPatch
+                          ) -> list[subprocess.Popen[str]]:
+    """When the first transfer's bytes have landed, another process locks the OpsDB for
+    HOLD_S; returns the (soon one) locker process."""
+    path = config.opsdb_url.removeprefix("sqlite:///")
+    lockers: list[subprocess.Popen[str]] = []
+    real = local.LocalTransport._landed
+
+    def landed(self: local.LocalTransport, temporary: Path) -> None:
+        if not lockers:
+            locker = subprocess.Popen([sys.executable, "-c", LOCKER, path, str(HOLD_S)],
+                                      stdout=subprocess.PIPE, text=True)
+            lockers.append(locker)
+            assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+        real(self, temporary)
+
+    monkeypatch.setattr(local.LocalTransport, "_landed", landed)
+    return lockers
+
+
+def _cologne_copies(opsdb: OpsDB) -> list[int]:
+    with opsdb.session() as session:
+        return [c.id for c in session.scalars(select(PackageCopy))
+                if c.location.label == "cologne/buffer"]
+
+
+def test_opsdb_locked_while_recording_a_copy_the_retry_converges(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    observe(config, opsdb)
+    short_busy_timeout(config, monkeypatch)
+    lockers = lock_on_first_landing(config, monkeypatch)
+
+    report = run(config, instance)
+
+    assert lockers, "the fault was never injected"
+    lockers[0].wait(timeout=30)
+    assert report.failed == []  # the step's retry found the database back
+    transfers = operations(opsdb, OperationType.TRANSFER)
+    assert transfers[0][0] == OperationStatus.FAILED  # the attempt that could not record
+    assert "superseded" in (transfers[0][1] or "")
+    assert len(_cologne_copies(opsdb)) == 1
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+
+
+def test_opsdb_locked_for_the_only_attempt_fails_cleanly_then_an_operator_retry_converges(
+        tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = deployment(tmp_path / "deploy", policies={"max_attempts": 1})
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb)
+        short_busy_timeout(config, monkeypatch)
+        lockers = lock_on_first_landing(config, monkeypatch)
+
+        report = run(config, instance)
+
+        assert lockers and [key.split(":")[0] for key in report.failed] == ["site_copy"]
+        lockers[0].wait(timeout=30)
+        # Cleanly: no copy recorded, the package has not moved on; the verified bytes under
+        # the final name are reported as unknown to OpsDB, nothing else is amiss.
+        assert _cologne_copies(opsdb) == []
+        assert run(config, instance).launched == []
+        assert_safe(config, opsdb, settled=False, expected_findings=[
+            ("dark", "cologne/buffer/obs-0/obs-0_primecam-f280_p00.tar")])
+
+        monkeypatch.undo()
+        assert [job for job, _, _ in operator_retry(config, instance, opsdb)] == [
+            "site_copy_job"]
+
+        assert len(_cologne_copies(opsdb)) == 1
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()

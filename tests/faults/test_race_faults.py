@@ -1,0 +1,69 @@
+"""Two runs of one partition at once (a retried run overlapping the original, a daemon and an
+operator): one verified copy, one record, and the loser either finds that copy or fails
+retryably. Each racer is a process of its own doing what the asset (and its IO manager) does;
+they meet at a barrier so that both are past the "is it done already?" check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import CopyStatus, Operation, OperationStatus, PackageCopy
+from ccat_dt.packages import build
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import (
+    archived_everywhere,
+    child,
+    child_argv,
+    finish,
+    observe,
+    plan,
+    run,
+    spawn,
+)
+
+
+@pytest.mark.parametrize(("step", "at"), [("place", "write"), ("place", "record"),
+                                          ("build", "write"), ("build", "record")])
+def test_two_runs_of_one_partition_make_one_verified_copy(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path,
+        step: str, at: str) -> None:
+    observe(config, opsdb)
+    package = plan(config, opsdb, instance)
+    if step == "place":
+        build(opsdb, config, package)
+        arguments = ["place", package, "cologne", "buffer"]
+    else:
+        arguments = ["build", package]
+
+    racers = [spawn(child_argv(config, *arguments, barrier=str(tmp_path / "barrier"),
+                               parties=2, at=at)) for _ in range(2)]
+    outcomes = [finish(process) for process in racers]
+
+    assert sorted(o.returncode for o in outcomes) in ([0, 0], [0, 4]), \
+        [o.stderr[-2000:] for o in outcomes]
+    made = {o.result["result"] for o in outcomes if o.returncode == 0}
+    assert len(made) == 1  # both winners (if two) return the same copy
+    for loser in [o for o in outcomes if o.returncode == 4]:  # lost the temporary file
+        assert "another process is writing" in loser.result["error"]
+        assert loser.result.get("retryable", True)
+        retried = child(config, *arguments)  # its retry finds the winner's copy
+        assert retried.returncode == 0 and retried.result["result"] in made
+    with opsdb.session() as session:
+        copies = session.scalars(select(PackageCopy).where(
+            PackageCopy.status == CopyStatus.PRESENT)).all()
+        assert sorted(c.location.label for c in copies) == (
+            ["ccat/buffer", "cologne/buffer"] if step == "place" else ["ccat/buffer"])
+        assert not session.scalars(select(Operation).where(
+            Operation.status == OperationStatus.IN_PROGRESS)).all()
+    assert_safe(config, opsdb)
+
+    assert run(config, instance).failed == []  # and the rest of the lifecycle is unaffected
+
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
