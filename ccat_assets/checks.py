@@ -18,7 +18,7 @@ from ccat_assets.partitions import (
 )
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
-from ccat_dt.packages import source_problems
+from ccat_dt.packages import fail_unbuilt, source_problems
 from ccat_dt.reaper import certificate_problems
 from ccat_dt.replicas import verify
 from ccat_dt.staging import staged_problems
@@ -43,6 +43,7 @@ def build_checks(config: Config,
                           deployment: Deployment) -> AssetCheckResult:
         """Every raw file of the package is at the source with its filed size."""
         problems = source_problems(deployment.opsdb, context.partition_key)
+        fail_unbuilt(deployment.opsdb, context.partition_key, problems)  # `why` shows it
         return AssetCheckResult(passed=not problems,
                                 description="\n".join(problems) or "all present")
 

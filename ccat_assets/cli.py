@@ -237,6 +237,20 @@ def cmd_audit(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_retry(args: argparse.Namespace) -> None:
+    from ccat_assets.instance import open_instance
+    from ccat_assets.retry import operator_retry
+
+    config = load_config(args.config)
+    retried, report = operator_retry(config, open_instance(config), OpsDB(config.opsdb_url),
+                                     packages=args.package or None,
+                                     rebuild_failed=args.rebuild_failed, log=print)
+    print(f"{len(retried)} stalled partition(s) retried; {len(report.launched)} run(s), "
+          f"{len(report.failed)} failed")
+    if report.failed:
+        raise SystemExit(1)
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     """Serve this site's queues, and only them: run it on a host that holds the site's data."""
     import os
@@ -317,6 +331,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true")
     p.add_argument("--checksums", action="store_true", help="re-read every copy (slow)")
     p.set_defaults(run=cmd_audit)
+
+    p = commands.add_parser("retry", help="after fixing a cause: finish abandoned deletions, "
+                            "re-run every stalled partition once, then drive the sensors")
+    p.add_argument("--package", action="append", help="only this package (repeatable)")
+    p.add_argument("--rebuild-failed", action="store_true",
+                   help="also rebuild FAILED packages (once their source files are restored)")
+    p.set_defaults(run=cmd_retry)
 
     p = commands.add_parser("worker", help="a Celery worker serving one site's queues")
     p.add_argument("--site", required=True)

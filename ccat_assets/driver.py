@@ -53,10 +53,14 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
             for run in data.run_requests or []:
                 _launch(repository, instance, run, schedule_def.name,
                         schedule_def.job_name, report, log)
+    # Sensors that create partitions tick first, so placement requests never name a package
+    # the instance has not registered yet (an OpsDB ahead of a fresh or restored instance).
+    sensors = sorted(repository.sensor_defs,
+                     key=lambda s: s.name not in ("package_sensor", "staging_sensor"))
     for _ in range(max_rounds):
         report.rounds += 1
         launched_before = len(report.launched)
-        for sensor_def in repository.sensor_defs:
+        for sensor_def in sensors:
             name = sensor_def.name
             with build_sensor_context(instance_ref=instance.get_ref(), cursor=cursors.get(name),
                                       repository_def=repository, resources=defs.resources,
@@ -76,6 +80,12 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
         if len(report.launched) == launched_before:
             break
     return report
+
+
+def launch(defs: Definitions, instance: DagsterInstance, run: RunRequest, *, origin: str,
+           report: DriveReport, log: Callable[[str], None] = lambda _: None) -> None:
+    """Execute one run request the way the sensors' runs are executed."""
+    _launch(defs.get_repository_def(), instance, run, origin, None, report, log)
 
 
 def _default_job(sensor_def: SensorDefinition) -> str | None:

@@ -7,6 +7,7 @@ data root can be moved as a whole.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -207,6 +208,17 @@ class Settings(_Strict):
         missing = [f"{o}->{d}" for o, d in needed if self.route(o, d) is None]
         if missing:
             raise ValueError(f"routes missing for {missing}")
+        roots: dict[tuple[str | None, str], str] = {}
+        for site in self.sites:
+            for loc in site.locations:
+                key = (loc.host, posixpath.normpath(loc.root))
+                for (host, root), label in roots.items():
+                    if host == key[0] and (root == key[1] or key[1].startswith(root + "/")
+                                           or root.startswith(key[1] + "/")):
+                        raise ValueError(
+                            f"locations {label} and {site.short_name}/{loc.name} overlap "
+                            f"(root '{loc.root}'): one disk area would count as two copies")
+                roots[key] = f"{site.short_name}/{loc.name}"
         for route in self.routes:
             hosts = {loc.host for end in (route.origin, route.destination)
                      for loc in self.site(end).locations}

@@ -246,6 +246,14 @@ def _inspect(spec: FileSpec, target: _Target) -> _Checked | str:
     rel = PurePosixPath(spec.path)
     if not spec.path.strip() or not rel.parts or "\0" in spec.path:
         return f"path {spec.path!r} is empty or invalid"
+    try:
+        spec.path.encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"path {spec.path!r} is not valid UTF-8: rename the file (OpsDB and the package "
+                "manifest record names as UTF-8)")
+    if "\\" in spec.path:
+        return (f"path '{spec.path}' contains a backslash, which a package cannot carry: "
+                "rename the file")
     outside = (f"path '{spec.path}' is outside source location {target.label} "
                f"(root {target.root})")
     if rel.is_absolute():

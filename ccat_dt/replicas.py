@@ -46,6 +46,9 @@ def plan_placement(opsdb: OpsDB, config: Config, package: str, site: str,
     """Pick the verified copy a site's buffer (from routing) or LTA (from its buffer) copies."""
     with opsdb.session() as session:
         pkg = get_package(session, package)
+        existing = verified_copy(session, pkg, site, kind)
+        if existing is not None:  # already there (another run won a race): place() keeps it
+            return Placement(package=package, site=site, source=CopyRef.of(existing))
         if kind == LocationType.LONG_TERM_ARCHIVE:
             source = verified_copy(session, pkg, site, LocationType.BUFFER)
         else:

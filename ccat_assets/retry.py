@@ -1,0 +1,40 @@
+"""`ccat-dt retry`: what an operator does after fixing a cause (a disk freed, a link back, a
+source file restored). Run keys are deterministic, so a failed run is never requested again
+by the sensors; this finishes abandoned deletions, re-runs each stalled partition once as a
+new run, then lets the sensors take it from there."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from dagster import DagsterInstance, RunRequest
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import DriveReport, drive, launch
+from ccat_assets.partitions import package_site_key
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.retry import Stalled, resume_deletions, stalled_work
+
+RETRY_TAG = "ccat/retry"
+
+
+def operator_retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
+                   packages: Collection[str] | None = None, rebuild_failed: bool = False,
+                   log: Callable[[str], None] = lambda _: None
+                   ) -> tuple[list[Stalled], DriveReport]:
+    defs = build_definitions(config)
+    for purge in resume_deletions(opsdb, config):
+        log(f"abandoned deletions of {purge.package} finished: {purge.deleted} copies")
+    retried = stalled_work(opsdb, config, packages=packages, rebuild_failed=rebuild_failed)
+    report = DriveReport()
+    for item in retried:
+        key = package_site_key(item.package, item.site) if item.site else item.package
+        log(f"retrying {item.job} {key}: {item.reason}")
+        launch(defs, instance, RunRequest(partition_key=key, job_name=item.job,
+                                          tags={RETRY_TAG: item.reason[:200]}),
+               origin="ccat-dt retry", report=report, log=log)
+    follow_up = drive(defs, instance, log=log)
+    report.launched += follow_up.launched
+    report.failed += follow_up.failed
+    return retried, report
