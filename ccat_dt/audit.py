@@ -93,6 +93,11 @@ class _Walk:
     scanned: int = 0
 
 
+# A broken mount must not trigger mass action: above this share of a location's copies
+# looking lost or changed, repair refuses (policies.audit_max_broken_share).
+DEFAULT_MAX_BROKEN_SHARE = 0.1
+
+
 def is_temporary(name: str) -> bool:
     """`.NAME.part`: what transports and packaging write before the atomic rename."""
     return name.startswith(".") and name.endswith(".part") and len(name) > len("..part")
@@ -131,7 +136,15 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
         report.findings += walk.findings
         report.checked_copies += walk.checked
         report.scanned_files += walk.scanned
-        if repair:
+        share = (config.settings.policies.audit_max_broken_share if config is not None
+                 else DEFAULT_MAX_BROKEN_SHARE)
+        if repair and len(walk.broken) > 1 and len(walk.broken) > share * max(walk.checked, 1):
+            report.findings.append(Finding(
+                SKIPPED, location.label, location.root, None,
+                f"refusing to repair: {len(walk.broken)} of {walk.checked} copies look lost or "
+                f"changed (more than {share:.0%}); check that the disk is mounted and healthy, "
+                "then repair"))
+        elif repair:
             _repair(opsdb, location, walk, report.repaired, corrupted)
     if corrupted and config is not None:
         with opsdb.session() as session:

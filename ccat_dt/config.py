@@ -161,6 +161,9 @@ class PolicyConfig(_Strict):
     scrub_bytes_per_day: int = Field(default=10**12, ge=0)  # LTA bytes re-read per day
     # Finished packages leave Dagster's partitions after this many days (OpsDB keeps them).
     retire_partitions_after_days: float = Field(default=30.0, ge=0)
+    # `ccat-dt audit --repair` refuses at a location where more copies than this share look
+    # lost or changed: that is a broken mount, not lost data.
+    audit_max_broken_share: float = Field(default=0.1, gt=0, le=1)
 
 
 class InstrumentConfig(_Strict):

@@ -342,3 +342,22 @@ def test_lost_staged_copy_is_reported_but_not_frozen(opsdb: OpsDB) -> None:
     assert sorted((f.kind, f.copy_id) for f in report.findings) == [("dark", None),
                                                                     ("lost", copy_id)]
     assert report.repaired == [] and status(opsdb, copy_id) == CopyStatus.STAGED
+
+
+def test_repair_refuses_when_half_a_location_looks_missing(config: Config,
+                                                           opsdb: OpsDB) -> None:
+    """A broken mount must not trigger mass action: half of the source looks lost."""
+    source = config.resolve_root("sites/ccat/instruments")
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    assert len(files) == 4
+    for path in files[:2]:
+        path.unlink()
+    before = db_snapshot(opsdb)
+
+    report = audit(opsdb, repair=True, config=config)
+
+    assert sorted(f.path for f in report.findings if f.kind == "lost") == \
+        sorted(str(p) for p in files[:2])
+    [refusal] = [f for f in report.findings if f.kind == "skipped" and "refusing" in f.detail]
+    assert refusal.location == "ccat/instruments" and "2 of 4" in refusal.detail
+    assert report.repaired == [] and db_snapshot(opsdb) == before  # nothing was acted on
