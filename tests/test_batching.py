@@ -1,0 +1,49 @@
+"""Batching: packages waiting on the same hop travel in one transport session, each still
+verified and recorded on its own partition."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.config import load_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType, PackageCopy
+from ccat_dt.topology import sync_topology
+from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
+
+
+def test_one_session_moves_the_packages_of_an_observation(
+        tmp_path: Path, instance: DagsterInstance) -> None:  # noqa: F811
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    settings["sites"] = [s for s in settings["sites"] if s["short_name"] != "us"]  # type: ignore[attr-defined,index]
+    settings["routes"] = [  # type: ignore[index]
+        {"origin": "ccat", "destination": "cologne", "transport": "local", "batch_bytes": 10**9},
+        {"origin": "cologne", "destination": "ramses", "transport": "local"}]
+    config = load_config(write_default_config(tmp_path / "deploy", overrides=settings))
+    migrate(config.opsdb_url)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    observe(config, opsdb, observations=1, files=2)  # two modules: two packages to cologne
+
+    report = drive(build_definitions(config), instance)
+
+    assert report.failed == []
+    with opsdb.session() as session:
+        transfers = session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.TRANSFER)).all()
+        assert len(transfers) == 2 and {t.status for t in transfers} == {OperationStatus.COMPLETED}
+        assert len({t.run_id for t in transfers}) == 1  # one run, one session, both packages
+        assert {t.package_id for t in transfers} == {1, 2}
+        copies = session.scalars(select(PackageCopy).where(
+            PackageCopy.id.in_([t.copy_id for t in transfers]))).all()
+        assert all(c.verified_at is not None for c in copies)  # each verified on its own
+    site_copy_runs = [key for key in report.launched if key.startswith("site_copy:")]
+    assert len(site_copy_runs) == 2  # each partition still materialised by its own run
