@@ -87,17 +87,22 @@ class CyclePlan:
 
 
 def packages_with_purgeable_copies(session: Session, limit: int) -> list[RawDataPackage]:
-    """Packages holding present copies outside the LTA; only they can have anything to purge."""
-    outside_lta = (select(PhysicalCopy.package_id)
-                   .join(DataLocation, PhysicalCopy.location_id == DataLocation.id)
-                   .where(PhysicalCopy.status == CopyStatus.PRESENT,
-                          DataLocation.location_type != LocationType.LONG_TERM_ARCHIVE))
-    at_source = (select(RawDataFile.package_id)
-                 .join(PhysicalCopy, PhysicalCopy.raw_data_file_id == RawDataFile.id)
-                 .where(PhysicalCopy.status.in_([CopyStatus.PRESENT, CopyStatus.STAGED])))
+    """Packages holding present copies outside the LTA; only they can have anything to purge.
+
+    Starts from the few non-archive locations and the (location, status) index, so the cost
+    follows what is still held there, not every copy ever recorded."""
+    outside = select(DataLocation.id).where(
+        DataLocation.location_type != LocationType.LONG_TERM_ARCHIVE)
+    live = (PhysicalCopy.location_id.in_(outside),
+            PhysicalCopy.status.in_([CopyStatus.PRESENT, CopyStatus.STAGED]))
+    package_copies = select(PhysicalCopy.package_id).where(
+        *live, PhysicalCopy.package_id.is_not(None))
+    file_copies = select(RawDataFile.package_id).where(RawDataFile.id.in_(
+        select(PhysicalCopy.raw_data_file_id).where(
+            *live, PhysicalCopy.raw_data_file_id.is_not(None))))
     return list(session.scalars(
         select(RawDataPackage)
-        .where(RawDataPackage.id.in_(outside_lta) | RawDataPackage.id.in_(at_source),
+        .where(RawDataPackage.id.in_(package_copies) | RawDataPackage.id.in_(file_copies),
                RawDataPackage.checksum.is_not(None))
         .order_by(RawDataPackage.id).limit(limit)))
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Table,
@@ -220,6 +221,8 @@ class PhysicalCopy(Base):
     """One copy of a file or package at one location. Nothing is deleted without these."""
 
     __tablename__ = "physical_copies"
+    # The purge cycle starts from the copies still present outside the archives.
+    __table_args__ = (Index("ix_physical_copies_location_status", "location_id", "status"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     location_id: Mapped[int] = mapped_column(ForeignKey("data_locations.id"))
