@@ -6,6 +6,7 @@ where bbcp would and answers with a captured run's stdout/stderr/rc.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -382,3 +383,19 @@ def test_real_bbcp_local_copy(tmp_path: Path, package) -> None:
                               tmp_path / "logs")
     result = transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
     assert final.read_bytes() == data and result.checksum == checksum
+
+
+def test_progress_lines_become_log_records_dagster_shows(tmp_path: Path, package,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    source, data, checksum = package
+    final = tmp_path / "dst" / "big.tar"
+    transport = BbcpTransport(
+        BbcpOptions(), SshSettings(), tmp_path / "logs",
+        runner=fake_runner("progress-rate-limited", {str(source.path): data}, []))
+    with caplog.at_level(logging.INFO, logger="ccat_dt.transports.bbcp"):
+        transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ccat_dt.transports.bbcp"]
+    expected = parse_summary(fixture("progress-rate-limited").stdout,
+                             fixture("progress-rate-limited").stderr).progress
+    assert len(lines) == len(expected) >= 2
+    assert all(line.startswith("bbcp big.tar: ") and "% done" in line for line in lines)

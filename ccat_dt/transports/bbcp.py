@@ -19,6 +19,7 @@ removal at the destination reuse `remote` (one ssh round trip each, paths quoted
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shlex
 import shutil
@@ -54,6 +55,8 @@ _SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _HOST = re.compile(r"(?:[A-Za-z0-9_.][A-Za-z0-9_.-]*@)?[A-Za-z0-9_.][A-Za-z0-9_.-]*")
 _PROGRAM = re.compile(r"[A-Za-z0-9_/~.+][A-Za-z0-9_/.+-]*")  # passes through the remote shell
 
+
+LOG = logging.getLogger("ccat_dt.transports.bbcp")
 
 @dataclass(frozen=True)
 class BbcpOptions:
@@ -341,6 +344,10 @@ class BbcpTransport:
     def _bbcp(self, argv: list[str], destination: Endpoint, landings: list[Endpoint]) -> Path:
         done = self._run(argv)
         log_path = self._write_log(argv, done, destination)
+        summary = parse_summary(done.stdout, done.stderr)
+        for progress in summary.progress:  # Dagster shows these (managed python logger)
+            LOG.info("bbcp %s: %d%% done, %.1f MB/s", destination.path.name, progress.percent,
+                     progress.rate_bytes_per_s / 1e6)
         failure = classify(done.rc, done.stderr)
         if failure is not None:
             if not (failure.resumable and self.options.keep_partial):
