@@ -142,7 +142,8 @@ def cmd_purge(args: argparse.Namespace) -> None:
               f"{pressure.after_pct:.1f}% (high {pressure.high_pct:g}%, low {pressure.low_pct:g}%)")
     for package, decision in shown:
         verb = "DELETE" if decision.action == "delete" else "keep  "
-        print(f"{verb} {package:<32} {decision.site}/{decision.location:<14} "
+        where = f"{decision.site}/{decision.location}"
+        print(f"{verb} {package:<32} {where:<20} "
               f"{decision.size / 1e6:>9.1f} MB  {decision.path}\n         why: {decision.reason}")
     if args.plan:
         return
