@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ROOT ?= demo-data
-export DAGSTER_HOME := $(abspath $(DEMO_ROOT))/dagster_home
-export CCAT_DT_CONFIG := $(abspath $(DEMO_ROOT))/ccat-dt.yaml
+# Only `make ui` looks at the demo's instance; tests and the demo set their own.
+ui: export DAGSTER_HOME := $(abspath $(DEMO_ROOT))/dagster_home
+ui: export CCAT_DT_CONFIG := $(abspath $(DEMO_ROOT))/ccat-dt.yaml
 
 .PHONY: demo test bench ui lint clean
 
@@ -24,7 +25,7 @@ bench: $(BIN)/.installed  ## benchmarks against xxhsum, tar, cp, rsync; writes d
 	$(BIN)/python -m bench
 
 ui: $(BIN)/.installed  ## Dagster UI on the demo's instance: lineage, partitions, checks
-	@test -f $(CCAT_DT_CONFIG) || { echo "run 'make demo' first"; exit 1; }
+	@test -f "$$CCAT_DT_CONFIG" || { echo "run 'make demo' first"; exit 1; }
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 lint: $(BIN)/.installed
