@@ -22,9 +22,9 @@ from ccat_dt.filing import (
     start_observation,
 )
 from ccat_dt.jsonlog import configure_from_env
-from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate, migrate
+from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate
 from ccat_dt.staging import StagingError
-from ccat_dt.topology import sync_topology
+from ccat_dt.topology import prepare_opsdb
 
 
 class UsageError(Exception):
@@ -38,11 +38,7 @@ def init(directory: Path) -> Path:
     if not path.exists():
         write_default_config(directory)
     config = load_config(path)
-    migrate(config.opsdb_url)
-    opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
-    opsdb.dispose()
+    prepare_opsdb(config)
     for site in config.settings.sites:
         for location in site.locations:
             config.resolve_root(location.root).mkdir(parents=True, exist_ok=True)
@@ -62,10 +58,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> None:
     config = load_config(args.config)
-    migrate(config.opsdb_url)
-    opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
+    prepare_opsdb(config)
     print(f"OpsDB at {config.opsdb_url} is up to date")
 
 

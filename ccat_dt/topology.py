@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.opsdb.models import DataLocation, InstrumentModule, LocationType, Site
 
 
@@ -68,3 +69,13 @@ def get_site(session: Session, short_name: str) -> Site:
     if site is None:
         raise UnknownLocation(f"unknown site '{short_name}'")
     return site
+
+
+def prepare_opsdb(config: Config) -> None:
+    """Bring the OpsDB to the newest schema and mirror the configuration into it (what
+    `ccat-dt init` and `migrate` do; idempotent)."""
+    migrate(config.opsdb_url)
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    opsdb.dispose()

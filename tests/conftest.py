@@ -9,18 +9,14 @@ import pytest
 
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
-from ccat_dt.opsdb.database import OpsDB, migrate
-from ccat_dt.topology import sync_topology
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.topology import prepare_opsdb
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     cfg = load_config(write_default_config(tmp_path / "deploy"))
-    migrate(cfg.opsdb_url)
-    opsdb = OpsDB(cfg.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, cfg)
-    opsdb.dispose()
+    prepare_opsdb(cfg)
     return cfg
 
 

@@ -13,9 +13,9 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType, PackageCopy
-from ccat_dt.topology import sync_topology
+from ccat_dt.topology import prepare_opsdb
 from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
 
 
@@ -27,10 +27,8 @@ def test_one_session_moves_the_packages_of_an_observation(
         {"origin": "ccat", "destination": "cologne", "transport": "local", "batch_bytes": 10**9},
         {"origin": "cologne", "destination": "ramses", "transport": "local"}]
     config = load_config(write_default_config(tmp_path / "deploy", overrides=settings))
-    migrate(config.opsdb_url)
+    prepare_opsdb(config)
     opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
     observe(config, opsdb, observations=1, files=2)  # two modules: two packages to cologne
 
     report = drive(build_definitions(config), instance)

@@ -22,9 +22,9 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, Site
-from ccat_dt.topology import sync_topology
+from ccat_dt.topology import prepare_opsdb
 from tests.services import POSTGRES_URL, unavailable
 from tests.test_lifecycle import observe
 
@@ -67,11 +67,7 @@ def dagster_database() -> Iterator[str]:
 def production(tmp_path: Path, postgres_url: str, dagster_url: str, broker: str) -> Config:
     config = load_config(write_default_config(tmp_path / "deploy", overrides={
         "opsdb_url": postgres_url, "execution": {"celery_broker": broker}}))
-    migrate(config.opsdb_url)
-    opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
-    opsdb.dispose()
+    prepare_opsdb(config)
     home = tmp_path / "deploy" / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(yaml.safe_dump({

@@ -16,7 +16,7 @@ from ccat_assets.driver import drive
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.diagnosis import diagnose
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -31,7 +31,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.report import disagreements
-from ccat_dt.topology import sync_topology
+from ccat_dt.topology import prepare_opsdb
 from ccat_dt.transports.factory import endpoint, ssh_settings
 from ccat_dt.transports.remote import remote_xxh128
 from tests.sshd import SshServer
@@ -54,11 +54,7 @@ def multisite(tmp_path: Path, sshd: SshServer, **policies: object) -> Config:
     settings["ssh"] = {"port": ssh.port, "identity_file": ssh.identity_file,
                        "known_hosts_file": ssh.known_hosts_file}
     config = load_config(write_default_config(tmp_path / "deploy", overrides=settings))
-    migrate(config.opsdb_url)
-    opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
-    opsdb.dispose()
+    prepare_opsdb(config)
     return config
 
 

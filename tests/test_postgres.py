@@ -15,7 +15,7 @@ from ccat_dt.defaults import write_default_config
 from ccat_dt.opsdb.database import OpsDB, create_opsdb_engine, migrate
 from ccat_dt.opsdb.models import Base
 from ccat_dt.report import disagreements, summarize
-from ccat_dt.topology import sync_topology
+from ccat_dt.topology import prepare_opsdb
 from tests.test_lifecycle import observe
 
 
@@ -23,11 +23,7 @@ from tests.test_lifecycle import observe
 def pg_config(tmp_path: Path, postgres_url: str) -> Config:
     config = load_config(write_default_config(tmp_path / "deploy",
                                               overrides={"opsdb_url": postgres_url}))
-    migrate(config.opsdb_url)
-    opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
-    opsdb.dispose()
+    prepare_opsdb(config)
     return config
 
 

@@ -12,9 +12,9 @@ from ccat_assets.driver import drive
 from ccat_dt.config import load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.diagnosis import diagnose
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import utcnow
-from ccat_dt.topology import sync_topology
+from ccat_dt.topology import prepare_opsdb
 from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
 
 
@@ -23,10 +23,8 @@ def test_finished_packages_leave_the_partitions_and_stay_in_opsdb(
     policies = {**EMBEDDED_DEFAULT["policies"], "retire_partitions_after_days": 0}  # type: ignore[dict-item]
     config = load_config(write_default_config(tmp_path / "deploy",
                                               overrides={"policies": policies}))
-    migrate(config.opsdb_url)
+    prepare_opsdb(config)
     opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
     observe(config, opsdb, observations=1, files=1)
 
     assert drive(build_definitions(config), instance).failed == []

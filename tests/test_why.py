@@ -13,7 +13,7 @@ from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.filing import file_directory, start_observation
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     LocationType,
     Operation,
@@ -23,7 +23,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.replicas import place, plan_placement
-from ccat_dt.topology import primary_location, sync_topology
+from ccat_dt.topology import prepare_opsdb, primary_location
 from tests.test_lifecycle import observe
 
 
@@ -95,10 +95,8 @@ def test_retention_holds_the_purge_with_the_time_it_ends(tmp_path) -> None:  # t
     for site in settings["sites"]:  # type: ignore[attr-defined]
         site["locations"] = [{**loc, "retention_hours": 24} for loc in site["locations"]]
     config = load_config(write_default_config(tmp_path / "deploy", overrides=settings))
-    migrate(config.opsdb_url)
+    prepare_opsdb(config)
     opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
     observe(config, opsdb, observations=1, files=1)
     name = planned(opsdb, config)[0]
     stage.build(opsdb, config, name)
