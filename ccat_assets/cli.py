@@ -231,6 +231,20 @@ def cmd_audit(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_instance_yaml(args: argparse.Namespace) -> None:
+    """The Dagster instance settings for this deployment: a template plus one run limit per
+    route, on stdout (secrets stay `{env: ...}` references, as in the template)."""
+    import yaml
+
+    from ccat_assets.instance import TEMPLATE, instance_settings
+
+    config = load_config(args.config)
+    template = Path(args.template) if args.template else TEMPLATE
+    if not template.is_file():
+        raise UsageError(f"template {template} not found")
+    print(yaml.safe_dump(instance_settings(config, template), sort_keys=False), end="")
+
+
 def cmd_retry(args: argparse.Namespace) -> None:
     from ccat_assets.instance import open_instance
     from ccat_assets.retry import operator_retry
@@ -325,6 +339,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true")
     p.add_argument("--checksums", action="store_true", help="re-read every copy (slow)")
     p.set_defaults(run=cmd_audit)
+
+    p = commands.add_parser("instance-yaml", help="print the Dagster instance settings with "
+                            "one run limit per route (e.g. > $DAGSTER_HOME/dagster.yaml)")
+    p.add_argument("--template", help="default: the repository's dagster.yaml; production: "
+                   "deploy/dagster.yaml")
+    p.set_defaults(run=cmd_instance_yaml)
 
     p = commands.add_parser("retry", help="after fixing a cause: finish abandoned deletions, "
                             "re-run every stalled partition once, then drive the sensors")

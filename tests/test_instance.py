@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from dagster import DagsterInstance, RunsFilter
 
@@ -32,3 +33,18 @@ def test_init_writes_a_loadable_instance_with_a_limit_per_link(tmp_path: Path) -
         links = {run.tags.get("ccat/link") for run in instance.get_runs(
             RunsFilter(job_name="site_copy_job"))}
         assert links == {"ccat->cologne", "ccat->us", "cologne->us", "us->cologne"}
+
+
+
+def test_instance_yaml_renders_the_production_template_with_link_limits(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["init", str(tmp_path / "deploy")])
+    capsys.readouterr()
+    template = Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml"
+    main(["--config", str(tmp_path / "deploy" / "ccat-dt.yaml"), "instance-yaml",
+          "--template", str(template)])
+    rendered = yaml.safe_load(capsys.readouterr().out)
+    assert rendered["storage"]["postgres"]["postgres_db"]["password"] == {
+        "env": "DAGSTER_PG_PASSWORD"}  # secrets stay references to the environment
+    limits = rendered["concurrency"]["runs"]["tag_concurrency_limits"]
+    assert {"key": "ccat/link", "value": "ccat->cologne", "limit": 2} in limits
