@@ -68,3 +68,21 @@ def postgres_url() -> Iterator[str]:
         with admin.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture
+def dagster_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for Dagster's run, event and schedule storage."""
+    name = f"ccat_dagster_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        admin.dispose()
+        unavailable("PostgreSQL", f"{POSTGRES_URL}: {exc}")
+    url = make_url(POSTGRES_URL).set(drivername="postgresql", database=name)
+    yield url.render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()

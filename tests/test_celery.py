@@ -8,15 +8,13 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from dagster import DagsterInstance
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
@@ -25,7 +23,7 @@ from ccat_dt.defaults import write_default_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, Site
 from ccat_dt.topology import prepare_opsdb
-from tests.services import POSTGRES_URL, unavailable
+from tests.services import unavailable
 from tests.test_lifecycle import observe
 
 REDIS_URL = os.environ.get("CCAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
@@ -44,24 +42,6 @@ def redis_url() -> Iterator[str]:
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
-
-
-@pytest.fixture
-def dagster_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for Dagster's run, event and schedule storage."""
-    name = f"ccat_dagster_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        admin.dispose()
-        unavailable("PostgreSQL", f"{POSTGRES_URL}: {exc}")
-    url = make_url(POSTGRES_URL).set(drivername="postgresql", database=name)
-    yield url.render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def production(tmp_path: Path, postgres_url: str, dagster_url: str, broker: str) -> Config:
