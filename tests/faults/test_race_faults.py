@@ -45,9 +45,15 @@ def test_two_runs_of_one_partition_make_one_verified_copy(
                                parties=2, at=at)) for _ in range(2)]
     outcomes = [finish(process) for process in racers]
 
-    assert sorted(o.returncode for o in outcomes) in ([0, 0], [0, 4]), \
+    # Under heavy load both racers can lose the temporary file to each other in turn: safe
+    # (nothing recorded, both retryable), and the retry below must then make the one copy.
+    assert sorted(o.returncode for o in outcomes) in ([0, 0], [0, 4], [4, 4]), \
         [o.stderr[-2000:] for o in outcomes]
     made = {o.result["result"] for o in outcomes if o.returncode == 0}
+    if not made:
+        retried = child(config, *arguments)
+        assert retried.returncode == 0, retried.stderr[-2000:]
+        made = {retried.result["result"]}
     assert len(made) == 1  # both winners (if two) return the same copy
     for loser in [o for o in outcomes if o.returncode == 4]:  # lost the temporary file
         assert "another process is writing" in loser.result["error"]
