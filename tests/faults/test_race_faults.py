@@ -56,7 +56,9 @@ def test_two_runs_of_one_partition_make_one_verified_copy(
         made = {retried.result["result"]}
     assert len(made) == 1  # both winners (if two) return the same copy
     for loser in [o for o in outcomes if o.returncode == 4]:  # lost the temporary file
-        assert "another process is writing" in loser.result["error"]
+        # lost the claim, or (the harness) waited at the barrier for a racer that had lost it
+        assert ("another process is writing" in loser.result["error"]
+                or "parties never arrived" in loser.result["error"]), loser.result
         assert loser.result.get("retryable", True)
         retried = child(config, *arguments)  # its retry finds the winner's copy
         assert retried.returncode == 0 and retried.result["result"] in made
