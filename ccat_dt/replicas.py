@@ -28,13 +28,12 @@ from ccat_dt.routing import copies_at, replication_source
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
     Endpoint,
-    SshSettings,
     TransferError,
     TransferResult,
     Transport,
 )
 from ccat_dt.transports.factory import endpoint, ssh_settings, transport_for
-from ccat_dt.transports.remote import remote_xxh128, remote_xxh128_and_size
+from ccat_dt.transports.remote import remote_xxh128_and_size
 
 
 class NotReady(Exception):
@@ -76,7 +75,8 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
 
     Idempotent: an existing verified copy there is returned untouched. On a route with a
     batch budget, other packages waiting on the same route travel in the same transport
-    session, each verified and recorded on its own. LTA copies are re-read after writing.
+    session, each verified and recorded on its own. Every transport checksums the copy where it
+    landed (re-reading the destination file) before the rename, for buffer and LTA alike.
     """
     with opsdb.session() as session:
         package = get_package(session, placement.package)
@@ -93,11 +93,8 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         remote = destination.host is not None or placement.source.host is not None
     transport = transport_for(config, route, remote=remote)
     outcomes = _transfer(transport, jobs)
-    ssh = ssh_settings(config)
     own: Placed | None = None
     for job, outcome in zip(jobs, outcomes, strict=True):
-        if isinstance(outcome, TransferResult) and kind == LocationType.LONG_TERM_ARCHIVE:
-            outcome = _reread(ssh, job, outcome)
         if isinstance(outcome, Exception):
             finish(opsdb, job.operation_id, error=str(outcome))
             if job.placement is placement:
@@ -188,17 +185,6 @@ def _transfer(transport: Transport, jobs: list[_Job]) -> list[TransferResult | E
         return list(transport.copy_many(pairs))
     except (TransferError, ChecksumMismatch, OSError) as exc:
         return [exc] * len(jobs)
-
-
-def _reread(ssh: SshSettings, job: _Job, result: TransferResult) -> TransferResult | Exception:
-    """The LTA copy is read back from where it landed before it counts."""
-    try:
-        actual = remote_xxh128(ssh, job.destination)
-    except (TransferError, OSError) as exc:
-        return exc
-    if actual != job.placement.source.checksum:
-        return ChecksumMismatch(str(job.destination), job.placement.source.checksum, actual)
-    return result
 
 
 def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
