@@ -3,6 +3,7 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import subprocess
 import tarfile
 import zlib
 from collections import Counter
@@ -239,3 +240,21 @@ def test_duplicate_arcnames_are_rejected(tmp_path: Path) -> None:
     (member,) = make_tree(tmp_path / "src", {"a.dat": 10})
     with pytest.raises(PackagingError, match="duplicate"):
         build_package([member, member], tmp_path / "pkg.tar", package_name="pkg")
+
+
+def test_gnu_tar_restores_a_package_without_warnings(tmp_path: Path) -> None:
+    """Operators restore packages with plain `tar -xf`, not only with ccat-dt."""
+    members = make_tree(tmp_path / "src")
+    tar_path = tmp_path / "pkg.tar"
+    build_package(members, tar_path, package_name="pkg")
+    restored = tmp_path / "restored"
+    restored.mkdir()
+
+    done = subprocess.run(["tar", "-xf", str(tar_path), "-C", str(restored)],
+                          capture_output=True, text=True, check=False)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert files_under(restored) == set(TREE) | {MANIFEST_NAME}
+    for m in members:
+        assert (restored / m.arcname).read_bytes() == m.source.read_bytes()
+    assert tar_path.stat().st_size % tarfile.RECORDSIZE == 0

@@ -4,10 +4,7 @@ truncated file in the landed temporary file, and a full destination disk."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 from dagster import DagsterInstance
@@ -85,26 +82,14 @@ def test_full_disk_is_not_retried_is_reported_and_a_retry_after_freeing_space_co
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
         monkeypatch: pytest.MonkeyPatch) -> None:
     source = observe(config, opsdb)
-    real_claim = local.claim_temporary
     full = {"writes": 0}
 
-    class FullDisk:
-        def __init__(self, stream: BinaryIO) -> None:
-            self.stream = stream
+    def copy_onto_a_full_disk(source: int, destination: int, length: int,
+                              buffer: bytearray) -> int:
+        full["writes"] += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        def write(self, data: bytes) -> int:
-            full["writes"] += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.stream, name)
-
-    @contextmanager
-    def claim_on_a_full_disk(path: Path) -> Iterator[object]:
-        with real_claim(path) as stream:
-            yield FullDisk(stream)
-
-    monkeypatch.setattr(local, "claim_temporary", claim_on_a_full_disk)
+    monkeypatch.setattr(local, "_copy_slice", copy_onto_a_full_disk)
     report = run(config, instance)
 
     [package] = package_names(opsdb)

@@ -1,0 +1,77 @@
+"""The embedded default's transport: a verified, durable copy between local directories."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from ccat_dt.checksums import hash_file
+from ccat_dt.transports import local
+from ccat_dt.transports.base import TransferError
+from ccat_dt.transports.local import LocalTransport
+
+SIZE = 3 * 1024 * 1024 + 12345  # several slices below, the last one short
+
+
+@pytest.fixture
+def source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(local, "SLICE_SIZE", 1024 * 1024)
+    path = tmp_path / "src" / "package.tar"
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+def test_copy_in_slices_lands_every_byte_and_reports_what_landed(
+        source: Path, tmp_path: Path) -> None:
+    expected, _ = hash_file(source)
+    destination = tmp_path / "lta" / "obs" / "package.tar"
+
+    result = LocalTransport().copy_file(source, destination, expected)
+
+    assert destination.read_bytes() == source.read_bytes()
+    assert (result.bytes, result.checksum) == (SIZE, expected)
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["package.tar"]
+
+
+def test_file_systems_that_refuse_kernel_copies_get_a_plain_copy(
+        source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(local.os, "copy_file_range", refuse)
+    expected, _ = hash_file(source)
+    destination = tmp_path / "other-fs" / "package.tar"
+
+    result = LocalTransport().copy_file(source, destination, expected)
+
+    assert destination.read_bytes() == source.read_bytes()
+    assert result.checksum == expected
+
+
+def test_a_slice_damaged_after_landing_is_caught_and_never_renamed(
+        source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slices: list[int] = []
+
+    def damage_second_slice(self: LocalTransport, temporary: Path) -> None:
+        slices.append(temporary.stat().st_size)
+        if len(slices) == 2:
+            with open(temporary, "r+b") as stream:
+                stream.seek(local.SLICE_SIZE + 7)
+                byte = stream.read(1)
+                stream.seek(local.SLICE_SIZE + 7)
+                stream.write(bytes([byte[0] ^ 0x01]))
+
+    monkeypatch.setattr(LocalTransport, "_landed", damage_second_slice)
+    expected, _ = hash_file(source)
+    destination = tmp_path / "lta" / "package.tar"
+
+    with pytest.raises(TransferError, match="checksum mismatch on arrival") as caught:
+        LocalTransport().copy_file(source, destination, expected)
+
+    assert caught.value.retryable
+    assert len(slices) == 4  # every slice was handed over, and read back, one at a time
+    assert list(destination.parent.iterdir()) == []  # no final file, no temporary left
