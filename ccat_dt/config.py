@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ccat_dt.opsdb.models import LocationType, StorageType
+from ccat_dt.transports.base import check_control_dir
 
 CONFIG_ENV = "CCAT_DT_CONFIG"
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -151,6 +152,18 @@ class SshConfig(_Strict):
     identity_file: str | None = None
     known_hosts_file: str | None = None
     connect_timeout_s: int = Field(default=20, gt=0)
+    # Connection sharing (ssh ControlMaster): one connection per host, kept open this long after
+    # its last use, carries every ssh/rsync/bbcp command instead of a handshake each. 0: off.
+    control_persist_s: int = Field(default=300, ge=0)
+    # Directory of the control sockets (absolute, at most 40 characters, no spaces); default
+    # $XDG_RUNTIME_DIR/ccat-dt-ssh, else /tmp/ccat-dt-ssh-UID. Created with mode 0700; when it
+    # cannot be, commands connect on their own.
+    control_dir: str | None = None
+
+    @field_validator("control_dir")
+    @classmethod
+    def _control_dir(cls, value: str | None) -> str | None:
+        return None if value is None else check_control_dir(value)
 
 
 class PolicyConfig(_Strict):

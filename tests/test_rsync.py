@@ -28,6 +28,7 @@ from ccat_dt.transports.remote import (
     remote_remove,
     remote_rename,
     remote_size,
+    remote_verify_and_rename,
     remote_xxh128,
     run,
 )
@@ -66,6 +67,12 @@ def rsync_runs(log_path: str | None) -> list[str]:
     assert log_path is not None
     return [line for line in Path(log_path).read_text().splitlines()
             if line.startswith("[") and "] $ " in line and "rsync -s" in line]
+
+
+def logged_commands(log_path: str | None) -> list[str]:
+    """Every command the transfer log records, with its output up to the next entry."""
+    assert log_path is not None
+    return ["] $ " + entry for entry in Path(log_path).read_text().split("] $ ")[1:]]
 
 
 @pytest.fixture
@@ -460,3 +467,86 @@ def test_copy_many_one_bad_file_fails_alone(sshd: SshServer, transport: RsyncTra
     assert isinstance(mismatched, TransferError) and mismatched.retryable
     assert "checksum mismatch" in str(mismatched)
     assert sorted(p.name for p in (work / "dst").iterdir()) == ["1.tar", "3.tar"]
+
+
+# -- verification and rename: one ssh round trip --------------------------------------------
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_verify_and_rename_take_one_ssh_command_after_rsync(
+        sshd: SshServer, transport: RsyncTransport, work: Path, direction: str) -> None:
+    """Each ssh command costs a handshake over the long link: after rsync, the checksum where
+    the file landed and the durable rename are one command (none for a local destination)."""
+    source_host, destination_host = DIRECTIONS[direction]
+    checksum = write_random(work / "pkg.tar", 100_000)
+    final = work / "out" / "pkg.tar"
+    result = transport.copy(at(sshd, work / "pkg.tar", source_host),
+                            at(sshd, final, destination_host), checksum)
+    assert xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum
+    commands = logged_commands(result.log_path)
+    assert "rsync -s" in commands[0]
+    if destination_host is None:
+        assert len(commands) == 1  # checksum and rename in-process
+        return
+    [verify] = commands[1:]
+    assert verify.startswith("] $ ssh ")
+    for step in ("stat -L", "xxhsum -H2", "sync --", "mv -f"):
+        assert step in verify
+    assert f"{checksum}  stdin\nrenamed\n" in verify  # what it printed, in the log
+
+
+def test_mismatch_never_replaces_the_final_file(sshd: SshServer, work: Path,
+                                                tmp_path: Path) -> None:
+    """A file already under the final name (an earlier copy) survives a corrupted arrival."""
+    source = tmp_path / "pkg.tar"
+    checksum = write_random(source, MIB)
+    final = work / "pkg.tar"
+    final.write_bytes(b"earlier copy")
+    transport = CorruptingTransport(sshd.ssh, tmp_path / "logs")
+    with pytest.raises(TransferError, match="checksum mismatch on arrival") as caught:
+        transport.copy(local(source), sshd.endpoint(final), checksum)
+    assert caught.value.retryable
+    assert final.read_bytes() == b"earlier copy"
+    assert not temp_of(final).exists()  # removed, as before
+    log = re.search(r"\[log: (.*)\]$", str(caught.value)).group(1)  # type: ignore[union-attr]
+    [verify] = [c for c in logged_commands(log) if "xxhsum" in c]
+    assert "renamed" not in verify.split("--- stdout")[1]
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_remote_verify_and_rename_renames_only_on_a_match(sshd: SshServer, work: Path,
+                                                          remote: bool) -> None:
+    def where(path: Path) -> Endpoint:
+        return sshd.endpoint(path) if remote else local(path)
+
+    landed, final = work / ".x y.tar.part", work / "x y.tar"
+    checksum = write_random(landed, 5000)
+    assert remote_verify_and_rename(sshd.ssh, where(landed), where(final), "0" * 32) == (
+        checksum, 5000)
+    assert landed.exists() and not final.exists()  # left for the caller
+    assert remote_verify_and_rename(sshd.ssh, where(landed), where(final), checksum) == (
+        checksum, 5000)
+    assert not landed.exists() and xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum
+    with pytest.raises(ValueError):
+        remote_verify_and_rename(sshd.ssh, where(final), Endpoint(PurePosixPath("/b"), "other"),
+                                 checksum)
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_remote_verify_and_rename_failures_are_classified(sshd: SshServer, work: Path,
+                                                          remote: bool) -> None:
+    def where(path: Path) -> Endpoint:
+        return sshd.endpoint(path) if remote else local(path)
+
+    with pytest.raises(TransferError, match="No such file") as missing:
+        remote_verify_and_rename(sshd.ssh, where(work / "absent"), where(work / "final"),
+                                 "0" * 32)
+    assert not missing.value.retryable
+    landed = work / "landed"
+    checksum = write_random(landed, 100)
+    # Verified, but the rename cannot happen: its directory is gone.
+    with pytest.raises(TransferError, match="rename") as rename:
+        remote_verify_and_rename(sshd.ssh, where(landed), where(work / "gone" / "final"),
+                                 checksum)
+    assert not rename.value.retryable
+    assert landed.exists()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
@@ -40,8 +43,20 @@ class SshSettings:
     known_hosts_file: str | None = None
     connect_timeout_s: int = 20
     options: tuple[str, ...] = field(default_factory=tuple)  # extra "-o Key=Value" values
+    # Connection sharing (ssh ControlMaster): the first command to a host leaves its connection
+    # open this many seconds after the last use, and later commands to that host ride on it
+    # instead of paying a handshake each (seconds over a long link). 0: no sharing.
+    control_persist_s: int = 0
+    control_dir: str | None = None  # where the sockets live; None: default_control_dir()
 
-    def ssh_command(self) -> list[str]:
+    def __post_init__(self) -> None:
+        if self.control_dir is not None:
+            check_control_dir(self.control_dir)
+
+    def ssh_command(self, *, shared: bool = True) -> list[str]:
+        """ssh and its options. `shared=False` leaves connection sharing out: for an ssh that
+        runs on another host (rsync between two remote hosts), where our socket directory
+        may not exist."""
         command = ["ssh", "-p", str(self.port), "-o", "BatchMode=yes",
                    "-o", f"ConnectTimeout={self.connect_timeout_s}"]
         if self.identity_file:
@@ -51,7 +66,76 @@ class SshSettings:
                         "-o", "StrictHostKeyChecking=yes"]
         for option in self.options:
             command += ["-o", option]
+        if shared:
+            command += self._sharing_options(command)  # after `options`: ssh keeps the first
         return command
+
+    def _sharing_options(self, command: list[str]) -> list[str]:
+        if self.control_persist_s <= 0:
+            return []
+        directory = self.control_dir or default_control_dir()
+        if not usable_control_dir(directory):
+            return []  # ssh would fail to connect at all if it could not create its socket
+        # One master per host *and* settings: a master connected with another key or
+        # known_hosts file must not serve these (ssh's %C hashes only host, port and users).
+        tag = hashlib.sha256("\0".join(command).encode()).hexdigest()[:8]
+        return ["-o", "ControlMaster=auto", "-o", f"ControlPath={directory}/{tag}-%C",
+                "-o", f"ControlPersist={self.control_persist_s}",
+                # A master on a dead link would stall every command sharing it until TCP gives
+                # up (~15 min); with these it exits within two minutes and the next connects.
+                "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4"]
+
+
+# A unix socket path holds at most 107 bytes; ssh appends "/<8>-<40 hex of %C>" (our tag and
+# %C) and, while creating the socket, 17 more.
+CONTROL_DIR_MAX_LEN = 107 - (1 + 8 + 1 + 40) - 17
+_warned_control_dirs: set[str] = set()
+
+
+def check_control_dir(directory: str) -> str:
+    """Reject a socket directory ssh cannot use in a ControlPath (or bbcp cannot pass on)."""
+    if not directory.startswith("/") or len(directory) > CONTROL_DIR_MAX_LEN \
+            or "%" in directory or any(c.isspace() or ord(c) < 32 for c in directory):
+        raise ValueError(f"ssh control_dir {directory!r} must be an absolute path of at most "
+                         f"{CONTROL_DIR_MAX_LEN} characters without spaces or '%' (it names "
+                         "unix sockets, whose paths are short)")
+    return directory
+
+
+def default_control_dir() -> str:
+    """Private and short: under $XDG_RUNTIME_DIR (per user, mode 0700, on tmpfs) when there is
+    one, else /tmp/ccat-dt-ssh-UID."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    candidate = f"{runtime.rstrip('/')}/ccat-dt-ssh"
+    if runtime.startswith("/") and os.path.isdir(runtime):
+        with suppress(ValueError):
+            return check_control_dir(candidate)
+    return f"/tmp/ccat-dt-ssh-{os.geteuid()}"
+
+
+def usable_control_dir(directory: str) -> bool:
+    """Create `directory` (mode 0700) if needed; True if it is a directory of this user that no
+    one else can enter and that can take sockets. Otherwise (read-only file system, another
+    user's directory, a symlink) connection sharing is skipped, with one warning."""
+    problem = ""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        status = os.lstat(directory)
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid():
+            problem = "not a directory of this user"
+        else:
+            if stat.S_IMODE(status.st_mode) & 0o077:
+                os.chmod(directory, 0o700)
+            if not os.access(directory, os.W_OK | os.X_OK):
+                problem = "not writable"
+    except OSError as exc:
+        problem = str(exc)
+    if problem and directory not in _warned_control_dirs:
+        _warned_control_dirs.add(directory)
+        logging.getLogger(__name__).warning(
+            "ssh connection sharing off: cannot use %s for control sockets (%s); every ssh "
+            "command connects on its own", directory, problem)
+    return not problem
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ def ssh_settings(config: Config) -> SshSettings:
     return SshSettings(
         port=ssh.port, connect_timeout_s=ssh.connect_timeout_s,
         identity_file=str(resolve(ssh.identity_file)) if ssh.identity_file else None,
-        known_hosts_file=str(resolve(ssh.known_hosts_file)) if ssh.known_hosts_file else None)
+        known_hosts_file=str(resolve(ssh.known_hosts_file)) if ssh.known_hosts_file else None,
+        control_persist_s=ssh.control_persist_s, control_dir=ssh.control_dir)
 
 
 def endpoint(location: DataLocation, relative_path: str) -> Endpoint:

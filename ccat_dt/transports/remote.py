@@ -13,7 +13,8 @@ import re
 import shlex
 import signal
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -231,21 +232,84 @@ def remote_rename(ssh: SshSettings, endpoint_from: Endpoint, endpoint_to: Endpoi
     source, target = check_path(endpoint_from.path), check_path(endpoint_to.path)
     directory = str(endpoint_to.path.parent)
     if host is None:
-        try:
-            fd = os.open(source, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(source, target)
-            fsync_directory(Path(directory))
-        except OSError as exc:
-            raise _local_error(f"cannot rename {source} -> {target}", exc) from exc
+        _rename_local(source, target, directory)
         return
     # The script is constant; the paths reach it as positional parameters, never as code.
     script = 'sync -- "$1" && mv -f -- "$1" "$2" && sync -- "$3"'
     _remote(ssh, host, ["sh", "-c", script, "sh", source, target, directory],
             what=f"rename {source} -> {target}")
+
+
+def _rename_local(source: str, target: str, directory: str) -> None:
+    try:
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(source, target)
+        fsync_directory(Path(directory))
+    except OSError as exc:
+        raise _local_error(f"cannot rename {source} -> {target}", exc) from exc
+
+
+# Constant script; $1 the landed file, $2 its final name, $3 the final directory, $4 the
+# expected digest arrive as positional parameters, never as code. It prints the size and the
+# `xxhsum -H2` line (of stdin, so no file name to escape), then only on an exact match does
+# what remote_rename does and prints "renamed".
+_VERIFY_AND_RENAME_SCRIPT = (
+    'size=$(stat -L -c %s -- "$1") || exit; '
+    'sum=$(xxhsum -H2 < "$1") || exit; '
+    'printf "%s\\n%s\\n" "$size" "$sum"; '
+    '[ "${sum%% *}" = "$4" ] || exit 0; '
+    'sync -- "$1" && mv -f -- "$1" "$2" && sync -- "$3" && echo renamed')
+
+Recorder = Callable[[Sequence[str], CompletedRun, float], None]
+
+
+def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint,
+                             expected: str, *, record: Recorder | None = None,
+                             timeout_s: float = HASH_TIMEOUT_S) -> tuple[str, int]:
+    """xxh3-128 and size of the file `landed`, and, only if that digest is `expected`, the
+    durable rename of `landed` to `final` (as remote_rename) -- in one ssh round trip instead
+    of two (each costs a handshake over a long-latency link). Returns (digest, size): the file
+    was renamed exactly when the digest equals `expected`; on a mismatch `landed` is left as it
+    is, for the caller to deal with. `record(argv, completed, seconds)` sees the ssh command."""
+    host = _same_host(landed, final)
+    source, target = check_path(landed.path), check_path(final.path)
+    directory = str(final.path.parent)
+    if host is None:
+        digest, size = _hash_local(source)
+        if digest == expected:
+            _rename_local(source, target, directory)
+        return digest, size
+    argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_SCRIPT, "sh", source,
+                                      target, directory, expected])
+    started = time.monotonic()
+    try:
+        done = run(argv, timeout_s=timeout_s)
+    except CommandTimeout as exc:
+        if record is not None:
+            record(argv, CompletedRun(-1, exc.stdout, exc.stderr), time.monotonic() - started)
+        raise
+    if record is not None:
+        record(argv, done, time.monotonic() - started)
+    lines = done.stdout.splitlines()
+    if done.rc != 0:
+        if len(lines) >= 2:  # verified (both lines printed): sync or mv failed
+            raise classify_ssh(done.rc, done.stderr,
+                               what=f"rename {source} -> {target} on {host}")
+        _check_xxhsum(done, host, source)
+    size_line = lines[0] if lines else ""
+    if not size_line.strip().isdigit():
+        raise TransferError(f"stat {source} on {host} printed {size_line!r}", retryable=False)
+    digest = parse_xxhsum("\n".join(lines[1:2]))
+    renamed = lines[2:] == ["renamed"]
+    if renamed != (digest == expected):
+        raise TransferError(f"verifying {source} on {host}: xxhsum printed {lines[1:2]}, "
+                            f"expected {expected}, {'' if renamed else 'not '}renamed; the "
+                            "remote comparison disagrees with ours", retryable=False)
+    return digest, int(size_line)
 
 
 def remote_remove(ssh: SshSettings, endpoint: Endpoint) -> None:

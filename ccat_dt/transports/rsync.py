@@ -6,7 +6,8 @@ temporary file behind and the next attempt appends to it instead of starting ove
 immutable, so a shorter temporary file can only be a prefix of the source; if it is not, the
 checksum below catches it and the next attempt starts clean). After rsync the xxh3-128 of the
 temporary file is computed where it lies and compared with the checksum recorded in OpsDB; only
-a match is renamed to the final name.
+a match is renamed to the final name (one ssh command does both: remote_verify_and_rename).
+With SshSettings.control_persist_s, rsync's ssh and that command share one connection.
 
 Remote to remote: rsync cannot copy between two remote hosts in one command, so it is run ON the
 source host (over ssh) and pushes to the destination host. This assumes, as in this deployment,
@@ -46,8 +47,7 @@ from ccat_dt.transports.remote import (
     remote_command,
     remote_mkdir,
     remote_remove,
-    remote_rename,
-    remote_xxh128_and_size,
+    remote_verify_and_rename,
     run,
 )
 
@@ -158,24 +158,29 @@ class RsyncTransport:
 
     def __init__(self, ssh: SshSettings, log_dir: Path, *, timeout_s: int = 6 * 3600,
                  bandwidth_limit_kbps: int | None = None, stall_timeout_s: int = 600) -> None:
-        # rsync splits -e itself, honouring quotes: shlex.join's output round-trips (checked
-        # for spaces, quotes, backslashes and empty arguments).
-        rsh = [check_argument(argument) for argument in ssh.ssh_command()]
+        for argument in ssh.ssh_command(shared=False):
+            check_argument(argument)
         self.ssh = ssh
         self.log_dir = Path(log_dir)
         self.timeout_s = timeout_s
         self.bandwidth_limit_kbps = bandwidth_limit_kbps
         self.stall_timeout_s = stall_timeout_s
-        self._rsh = shlex.join(rsh)
 
     # -- commands -----------------------------------------------------------------------------
 
-    def rsync_options(self, *, make_directory: PurePosixPath | None = None) -> list[str]:
+    def rsync_options(self, *, make_directory: PurePosixPath | None = None,
+                      elsewhere: bool = False) -> list[str]:
         """rsync and its options, up to and including `--`. `make_directory` is created on the
         remote receiving side first (saving an ssh round trip; works with any rsync version,
-        unlike --mkpath)."""
+        unlike --mkpath). `elsewhere`: this rsync runs on another host, so its ssh does not
+        use our connection sharing (whose socket directory is on this host)."""
+        # rsync splits -e itself, honouring quotes: shlex.join's output round-trips (checked
+        # for spaces, quotes, backslashes and empty arguments). Built per command: whether
+        # connection sharing is usable is decided when the command runs.
+        rsh = shlex.join(check_argument(argument)
+                         for argument in self.ssh.ssh_command(shared=not elsewhere))
         options = ["rsync", "-s", "--partial", "--append-verify", "--copy-links", "--stats",
-                   f"--timeout={self.stall_timeout_s}", "-e", self._rsh]
+                   f"--timeout={self.stall_timeout_s}", "-e", rsh]
         if self.bandwidth_limit_kbps:
             options.append(f"--bwlimit={self.bandwidth_limit_kbps}")
         if make_directory is not None:
@@ -203,13 +208,14 @@ class RsyncTransport:
         local_sources = [check_path(source.path) for source in sources]
         if destination.host != source_host:
             return remote_command(self.ssh, source_host, [
-                *self.rsync_options(make_directory=directory), *local_sources, target])
+                *self.rsync_options(make_directory=directory, elsewhere=True), *local_sources,
+                target])
         # Both on one host: a local copy there, after creating the directory.
         target = rsync_destination_argument(Endpoint(destination.path),
                                             directory=into_directory)
         return remote_command(self.ssh, source_host, [
             "sh", "-c", 'mkdir -p -- "$1" && shift && exec "$@"', "sh", str(directory),
-            *self.rsync_options(), *local_sources, target])
+            *self.rsync_options(elsewhere=True), *local_sources, target])
 
     # -- transfers ----------------------------------------------------------------------------
 
@@ -315,13 +321,15 @@ class RsyncTransport:
 
     def _verify(self, item: _Item, log: _Log,
                 rsync_seconds: float) -> TransferResult | TransferError:
-        """Checksum the temporary file where it landed; rename it into place only on a match."""
+        """Checksum the temporary file where it landed and rename it into place only on a match,
+        in one ssh round trip."""
         started = time.monotonic()
         temporary = item.temporary
         try:
             self._after_rsync(temporary)
-            actual, size = remote_xxh128_and_size(self.ssh, temporary)
-            if actual != item.expected_checksum:
+            actual, size = remote_verify_and_rename(self.ssh, temporary, item.destination,
+                                                    item.expected_checksum, record=log.command)
+            if actual != item.expected_checksum:  # not renamed
                 remote_remove(self.ssh, temporary)
                 error = TransferError(
                     f"checksum mismatch on arrival at {item.destination}: expected {ALGORITHM} "
@@ -329,7 +337,6 @@ class RsyncTransport:
                     retryable=True)
                 log.write(str(error))
                 return error
-            remote_rename(self.ssh, temporary, item.destination)
         except TransferError as exc:
             log.write(f"{item.destination}: verification failed: {exc}")
             return exc
