@@ -218,33 +218,31 @@ def _copy(r: SectionResult) -> list[str]:
 
 
 def _remote(r: SectionResult) -> list[str]:
-    lines = _facts_list(r.facts, ["size", "bbcp", "ssh round trip (`ssh host true`)"]) + [""]
+    shared_trip = "ssh round trip over a shared connection"
+    lines = _facts_list(r.facts, ["size", "bbcp", "connection sharing",
+                                  "ssh round trip (`ssh host true`)", shared_trip]) + [""]
     lines += _comparison_table(r.comparisons)
-    steps = r.facts.get("steps", {})
+    st = r.facts.get("steps", {})
     lines += ["", "Steps, each median (min–max): " + "; ".join(
-        f"`{k}` {v}" for k, v in steps.items()) + "."]
-    if any(c.verdict == "MISS" for c in r.comparisons):
-        st = r.facts.get("steps", {})
-        cm, cm_durable = _find(r, "what-if, both"), _find(r, "what-if, durable")
-        lines += ["", (
-            "**What dominates.** The rsync is the same for both (same ssh options and cipher: "
-            f"`ours: rsync and the rest` {st.get('ours: rsync and the rest', '?')} against "
-            f"`rsync` {st.get('rsync', '?')}). RsyncTransport then makes two more ssh round "
-            f"trips: `stat` + `xxhsum -H2` of the landed file "
-            f"({st.get('ours: ssh xxhsum+stat', '?')}), the end-to-end verification, and "
-            f"`sync; mv; sync` "
-            f"({st.get('ours: ssh sync+mv+sync', '?')}), the durable rename. Each pays an ssh "
-            f"connection set-up: `ssh host true` alone took "
-            f"{r.facts.get('ssh round trip (`ssh host true`)', '?')} on this loaded machine. "
-            "**What would close it:** one persistent ssh connection (ControlMaster, "
-            "configurable today through `SshSettings.options`) for the rsync and the follow-up "
-            "commands"
-            + (f": measured here with both sides multiplexed, ratio {cm.ratio:.2f} (best runs "
-               f"{cm.best_ratio:.2f}), durable {cm_durable.ratio:.2f} (best runs "
-               f"{cm_durable.best_ratio:.2f})" if cm and cm_durable else "")
-            + "; and folding verification and rename into one remote script (one round trip "
-            "instead of two). The re-hash at the destination stays — it is the proof that the "
-            "bytes arrived — and costs a read of the file there.")]
+        f"`{k}` {v}" for k, v in st.items()) + "."]
+    both, cold, off = (_find(r, "both over one persistent"), _find(r, "first transfer"),
+                       _find(r, "sharing off"))
+    lines += ["", (
+        "**Where the time goes.** After rsync, RsyncTransport makes one ssh command: `stat` + "
+        "`xxhsum -H2` of the landed file and, only if it matches, `sync; mv; sync` "
+        f"(`ours: ssh verify+sync+mv+sync` {st.get('ours: ssh verify+sync+mv+sync', '?')}). "
+        "rsync and that command share one ssh connection per host (ControlMaster, on by "
+        "default, kept open `ssh.control_persist_s`): a command over it took "
+        f"{r.facts.get(shared_trip, '?')}, one that opens its own connection "
+        f"{r.facts.get('ssh round trip (`ssh host true`)', '?')} on this machine."
+        + (f" With the tools sharing a connection too, ratio {both.ratio:.2f} (best runs "
+           f"{both.best_ratio:.2f}): what remains is the re-hash where the file landed (the "
+           "proof the bytes arrived, which the tools do not make) and the transport's own "
+           "bookkeeping." if both else "")
+        + (f" A first transfer to a host, which opens the connection: ratio {cold.ratio:.2f}."
+           if cold else "")
+        + (f" With sharing turned off (`ssh.control_persist_s: 0`), as many connections as "
+           f"the tools (two): ratio {off.ratio:.2f}." if off else ""))]
     return lines
 
 
