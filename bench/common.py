@@ -83,8 +83,8 @@ class Settings:
                                   q([10**4, 10**5, 10**6], [10**4, 10**5])),
             opsdb_files_per_package=_env_int("CCAT_BENCH_OPSDB_FILES_PER_PACKAGE", 100),
             in_flight=_env_int("CCAT_BENCH_IN_FLIGHT", 60),
-            years_packages=_env_int("CCAT_BENCH_YEARS_PACKAGES", q(100_000, 10_000)),
-            years_files_per_package=_env_int("CCAT_BENCH_YEARS_FILES_PER_PACKAGE", 10),
+            years_packages=_env_int("CCAT_BENCH_YEARS_PACKAGES", q(100_000, 4_000)),
+            years_files_per_package=_env_int("CCAT_BENCH_YEARS_FILES_PER_PACKAGE", q(100, 10)),
         )
 
     def describe(self) -> dict[str, Any]:

@@ -27,16 +27,35 @@ from sqlalchemy.orm import Session
 from bench.common import SectionResult, Settings, Stats, fmt_s
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
+from ccat_dt.diagnosis import diagnose
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.opsdb.models import PhysicalCopy, RawDataPackage
 from ccat_dt.packages import plan_packages
-from ccat_dt.pending import PAGE, lta_copies_due, new_packages, site_copies_due
+from ccat_dt.pending import (
+    PAGE,
+    finished_packages,
+    lta_copies_due,
+    new_packages,
+    site_copies_due,
+)
 from ccat_dt.purge_cycle import packages_with_purgeable_copies, plan_cycle
+from ccat_dt.report import summarize
 from ccat_dt.topology import sync_topology
 
 MODULES = (("primecam", "f280"), ("chai", "lfa"))
 TS = "%Y-%m-%d %H:%M:%S.%f"
 PACKAGE_BYTES = 50 * 10**9  # ~50 GB packages, as in production
+CHUNK_ROWS = 200_000  # physical-copy rows per insert transaction (bounds the generator's memory)
+INSERTS = {
+    "observations": "INSERT INTO executed_obs_units VALUES (?,?,?,?,?,?)",
+    "packages": "INSERT INTO raw_data_packages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "raw files": "INSERT INTO raw_data_files VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+    "physical copies": "INSERT INTO physical_copies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "operations": "INSERT INTO operations (id, operation_type, status, package_id, copy_id, "
+                  "source_location_id, destination_location_id, transport, retry_count, bytes, "
+                  "duration_s, error, reason, evidence, run_id, started_at, finished_at, worker, "
+                  "log_path) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+}
 
 
 def _ts(moment: datetime) -> str:
@@ -65,7 +84,8 @@ class SyntheticOpsDB:
         if root.exists():
             shutil.rmtree(root)
         self.root = root
-        self.config: Config = load_config(write_default_config(root))
+        self.config_path = write_default_config(root)
+        self.config: Config = load_config(self.config_path)
         migrate(self.config.opsdb_url)
         opsdb = OpsDB(self.config.opsdb_url)
         with opsdb.session() as session:
@@ -107,12 +127,9 @@ class SyntheticOpsDB:
                      state: str = "archived") -> list[int]:
         """`count` packages (two per observation, one per module) created between start and
         end. state: archived (purged everywhere but the LTAs), waiting, transferring or
-        unpurged (archived, source files and observatory buffer copy still present)."""
-        obs_rows: list[tuple[Any, ...]] = []
-        pkg_rows: list[tuple[Any, ...]] = []
-        file_rows: list[tuple[Any, ...]] = []
-        copy_rows: list[tuple[Any, ...]] = []
-        op_rows: list[tuple[Any, ...]] = []
+        unpurged (archived, source files and observatory buffer copy still present). Rows are
+        inserted in chunks of ~CHUNK_ROWS copies, so memory stays small at any scale."""
+        rows: dict[str, list[tuple[Any, ...]]] = {key: [] for key in INSERTS}
         file_size = PACKAGE_BYTES // files_per_package
         step = (end - start) / max(count, 1)
         package_ids = []
@@ -129,10 +146,12 @@ class SyntheticOpsDB:
             if k % 2 == 0:
                 obs_id = self._take("obs")
                 obs_name = f"obs-{obs_id:07d}"
-                obs_rows.append((obs_id, _uuid(1, obs_id), obs_name, "finished", t, t))
+                rows["observations"].append((obs_id, _uuid(1, obs_id), obs_name, "finished", t,
+                                             t))
                 if not archived:
                     self.frontier.observations.append(obs_id)
             instrument, module = MODULES[k % 2]
+            module_id = self.module[(instrument, module)]
             pkg_id = self._take("pkg")
             package_ids.append(pkg_id)
             primary, other = ("cologne", "us") if pkg_id % 2 else ("us", "cologne")
@@ -148,22 +167,23 @@ class SyntheticOpsDB:
                          "transferring": "transferring"}[state]
             checksum = _hex(pkg_id + 10**12)
             size = file_size * files_per_package + 10240 * (files_per_package + 2)
-            pkg_rows.append((pkg_id, _uuid(2, pkg_id), name, obs_id, self.module[(instrument,
-                             module)], 0, pkg_state, self.site[primary], size, "xxh3_128",
-                             checksum, _hex(pkg_id, 8), manifest, t, t,
-                             later if pkg_state == "archived" else None))
+            rows["packages"].append((pkg_id, _uuid(2, pkg_id), name, obs_id, module_id, 0,
+                                     pkg_state, self.site[primary], size, "xxh3_128", checksum,
+                                     _hex(pkg_id, 8), manifest, t, t,
+                                     later if pkg_state == "archived" else None))
             raw_status = "deleted" if archived else "present"
-            for i, (path, file_checksum) in enumerate(zip(paths, checksums, strict=True)):
-                file_id = first_file + i
-                file_rows.append((file_id, _uuid(3, file_id), source, path, file_size,
-                                  "xxh3_128", file_checksum, obs_id, self.module[(instrument,
-                                                                                 module)],
-                                  pkg_id, t))
-                copy_rows.append((self._take("copy"), "raw_file", source, path, file_size,
-                                  raw_status, file_checksum, t, t,
-                                  later if archived else None, None, file_id, None))
-                if not archived:
-                    self.frontier.files.append(file_id)
+            deleted_at = later if archived else None
+            first_copy = self._take("copy", files_per_package)
+            rows["raw files"] += [
+                (first_file + i, _uuid(3, first_file + i), source, path, file_size, "xxh3_128",
+                 file_checksum, obs_id, module_id, pkg_id, t)
+                for i, (path, file_checksum) in enumerate(zip(paths, checksums, strict=True))]
+            rows["physical copies"] += [
+                (first_copy + i, "raw_file", source, path, file_size, raw_status, file_checksum,
+                 t, t, deleted_at, None, first_file + i, None)
+                for i, (path, file_checksum) in enumerate(zip(paths, checksums, strict=True))]
+            if not archived:
+                self.frontier.files += range(first_file, first_file + files_per_package)
 
             # observatory buffer, primary archive buffer + LTA, other archive buffer + LTA
             placed = [(obs_buffer, "deleted" if archived else "present")]
@@ -172,9 +192,9 @@ class SyntheticOpsDB:
             if state in ("archived", "unpurged"):
                 placed += [(buffers[other], "deleted"), (lta[other], "present")]
             for location, status in placed:
-                copy_rows.append((self._take("copy"), "package", location, rel, size, status,
-                                  checksum, t, t, later if status == "deleted" else None,
-                                  pkg_id, None, None))
+                rows["physical copies"].append((
+                    self._take("copy"), "package", location, rel, size, status, checksum, t, t,
+                    later if status == "deleted" else None, pkg_id, None, None))
             if archived:
                 evidence = json.dumps({"copies": [{"site": s, "checksum": checksum}
                                                   for s in ("cologne", "us")]})
@@ -187,29 +207,25 @@ class SyntheticOpsDB:
                         ("deletion", None, obs_buffer, evidence),
                         ("deletion", None, buffers[primary], evidence),
                         ("deletion", None, buffers[other], evidence)):
-                    op_rows.append((self._take("op"), kind, "completed", pkg_id, None, src, dst,
-                                    "local", 0, size, 100.0, None, None, ev, None, t, later,
-                                    "bench", None))
+                    rows["operations"].append((
+                        self._take("op"), kind, "completed", pkg_id, None, src, dst, "local", 0,
+                        size, 100.0, None, None, ev, None, t, later, "bench", None))
             else:
                 self.frontier.packages.append(pkg_id)
-        with self._cursor() as cur:
-            cur.executemany("INSERT INTO executed_obs_units VALUES (?,?,?,?,?,?)", obs_rows)
-            cur.executemany("INSERT INTO raw_data_packages VALUES "
-                            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", pkg_rows)
-            cur.executemany("INSERT INTO raw_data_files VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                            file_rows)
-            cur.executemany("INSERT INTO physical_copies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                            copy_rows)
-            cur.executemany("INSERT INTO operations (id, operation_type, status, package_id, "
-                            "copy_id, source_location_id, destination_location_id, transport, "
-                            "retry_count, bytes, duration_s, error, reason, evidence, run_id, "
-                            "started_at, finished_at, worker, log_path) VALUES "
-                            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", op_rows)
-        for key, rows in (("observations", obs_rows), ("packages", pkg_rows),
-                          ("raw files", file_rows), ("physical copies", copy_rows),
-                          ("operations", op_rows)):
-            self.counts[key] += len(rows)
+            if len(rows["physical copies"]) >= CHUNK_ROWS:
+                self._insert(rows)
+        self._insert(rows)
         return package_ids
+
+    def _insert(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Write the collected rows in one transaction and empty the lists."""
+        with self._cursor() as cur:
+            for key, statement in INSERTS.items():
+                if rows[key]:
+                    cur.executemany(statement, rows[key])
+        for key in INSERTS:
+            self.counts[key] += len(rows[key])
+            rows[key].clear()
 
     def add_frontier(self, in_flight: int, files_per_package: int, now: datetime) -> None:
         """Packages in flight (a third each waiting, transferring, archived-not-purged) and one
@@ -492,8 +508,54 @@ def bench_opsdb(settings: Settings, result: SectionResult, log: Callable[[str], 
 
 # -- 7. five years ------------------------------------------------------------------------------
 
-def _dagster_partitions(home: Path, config: Config, names: list[str],
-                        repeat: int) -> dict[str, Any]:
+def _retire_ticks(instance: Any, config_path: Path, now: datetime,
+                  max_ticks: int) -> dict[str, Any]:
+    """The real retire_partitions_sensor, ticked with the clock at the simulated `now` until a
+    tick retires nothing (the same answer every later tick would give); each tick's delete
+    request applied key by key with instance.delete_dynamic_partition, as the sensor daemon
+    (and ccat_assets/driver.py) apply it. At most `max_ticks` ticks (a year of hourly ones)."""
+    from unittest import mock
+
+    from dagster import build_sensor_context
+
+    import sensors.retire
+    from resources.opsdb import Deployment
+
+    deployment = Deployment(config_path=str(config_path))
+    ticks, retired, sensor_s, delete_s = 0, 0, 0.0, 0.0
+    skip = ""
+    try:
+        with mock.patch.object(sensors.retire, "utcnow", lambda: now):
+            while ticks < max_ticks:
+                ticks += 1
+                started = time.perf_counter()
+                with build_sensor_context(instance=instance,
+                                          resources={"deployment": deployment}) as context:
+                    tick = sensors.retire.retire_partitions_sensor.evaluate_tick(context)
+                sensor_s += time.perf_counter() - started
+                keys = [(request.partitions_def_name, key)
+                        for request in tick.dynamic_partitions_requests or []
+                        for key in request.partition_keys or []]
+                started = time.perf_counter()
+                for name, key in keys:
+                    instance.delete_dynamic_partition(name, key)
+                delete_s += time.perf_counter() - started
+                retired += len(keys)
+                if not keys:
+                    skip = tick.skip_message or ""
+                    break
+    finally:
+        deployment.opsdb.dispose()
+    return {"ticks": ticks, "retired": retired, "sensor_s": sensor_s, "delete_s": delete_s,
+            "skip": skip}
+
+
+def _dagster_year(home: Path, config_path: Path, config: Config, names: list[str],
+                  now: datetime, watch: str, repeat: int) -> dict[str, Any]:
+    """One simulated year in the Dagster instance: this year's package names added as the
+    package sensor's add requests add them, the retire sensor ticked at the year's end, then
+    the partition reads timed on what is left. `watch`: a package whose partition is
+    reported as live or not."""
     from dagster import DagsterInstance
 
     from ccat_assets.partitions import package_site_partitions
@@ -506,17 +568,59 @@ def _dagster_partitions(home: Path, config: Config, names: list[str],
         for start in range(0, len(names), 5000):
             instance.add_dynamic_partitions("packages", names[start:start + 5000])
         add = time.perf_counter() - started
-        probe = names[len(names) // 2]
+        before = len(instance.get_dynamic_partitions("packages"))
+        retire = _retire_ticks(instance, config_path, now, max_ticks=365 * 24)
+        probe = names[-1]  # the newest package: live whatever the retirement does
         keys = _repeat(lambda: instance.get_dynamic_partitions("packages"), repeat)
         has = _repeat(lambda: instance.has_dynamic_partition("packages", probe), repeat)
         multi = package_site_partitions(config)
         multi_keys = _repeat(lambda: multi.get_partition_keys(dynamic_partitions_store=instance),
                              repeat)
-        total = len(instance.get_dynamic_partitions("packages"))
+        live = instance.get_dynamic_partitions("packages")
+        watch_live = watch in set(live)
     finally:
         instance.dispose()
-    return {"added_s": add, "total_keys": total, "get_dynamic_partitions": keys,
-            "has_dynamic_partition": has, "package_x_site_keys": multi_keys}
+    return {"added": len(names), "added_s": add, "before_retire": before, **retire,
+            "total_keys": len(live), "watch": watch, "watch_live": watch_live,
+            "get_dynamic_partitions": keys, "has_dynamic_partition": has,
+            "package_x_site_keys": multi_keys}
+
+
+def _retire_query(db: SyntheticOpsDB, now: datetime, repeat: int) -> dict[str, Any]:
+    """finished_packages, the retire sensor's OpsDB query, as the sensor calls it at `now`:
+    its time, what it returns and its plan."""
+    days = db.config.settings.policies.retire_partitions_after_days
+    opsdb = OpsDB(db.config.opsdb_url)
+    cutoff = now - timedelta(days=days)
+    try:
+        with Session(opsdb.engine) as session:
+            stats = _repeat(lambda: finished_packages(session, cutoff), repeat)
+            with SqlCapture(opsdb.engine) as capture:
+                found = finished_packages(session, cutoff)
+        statement, parameters, _ = capture.rows[-1]
+        plan = explain(opsdb.engine, statement, parameters)
+    finally:
+        opsdb.dispose()
+    return {"time": stats, "returned": len(found), "days": days, "sql": _short_sql(statement),
+            "plan": plan}
+
+
+def _cli_lookup(db: SyntheticOpsDB, name: str, now: datetime, repeat: int) -> dict[str, Any]:
+    """What `ccat-dt why NAME` reads from OpsDB (ccat_dt.diagnosis.diagnose), timed, and one
+    run of what `ccat-dt status` reads (ccat_dt.report.summarize: counts over every table)."""
+    opsdb = OpsDB(db.config.opsdb_url)
+    try:
+        with Session(opsdb.engine) as session:
+            stages = diagnose(session, db.config, name, now)
+            why = _repeat(lambda: diagnose(session, db.config, name, now), repeat)
+        started = time.perf_counter()
+        summary = summarize(opsdb)
+        status_s = time.perf_counter() - started
+    finally:
+        opsdb.dispose()
+    return {"package": name, "why": why,
+            "stages": [f"{s.stage}: {s.state} ({s.detail})" for s in stages],
+            "status_s": status_s, "status_packages": sum(summary.packages.values())}
 
 
 def bench_years(settings: Settings, result: SectionResult, log: Callable[[str], None]) -> None:
@@ -528,32 +632,42 @@ def bench_years(settings: Settings, result: SectionResult, log: Callable[[str], 
     now = datetime.now(UTC)
     begin = now - timedelta(days=5 * 365)
     rows = []
-    names_done = 0
+    first_name = ""
     for year in range(1, 6):
         db.remove_frontier()
+        year_end = begin + timedelta(days=365 * year)
         started = time.perf_counter()
         ids = db.add_packages(yearly, per_package, begin + timedelta(days=365 * (year - 1)),
-                              begin + timedelta(days=365 * year - 3))
-        db.add_frontier(settings.in_flight, per_package, begin + timedelta(days=365 * year))
+                              year_end - timedelta(days=3))
+        db.add_frontier(settings.in_flight, per_package, year_end)
         generate = time.perf_counter() - started
         measured = measure(db, settings.repeat, detail=False)
         with db.engine.begin() as c:
             names = list(c.execute(text("SELECT name FROM raw_data_packages WHERE id BETWEEN "
                                         ":a AND :b ORDER BY id"), {"a": ids[0], "b": ids[-1]})
                          .scalars())
-        partitions = _dagster_partitions(root / "dagster_home", db.config, names,
-                                         settings.repeat)
-        names_done += len(names)
+        first_name = first_name or names[0]
+        retire_query = _retire_query(db, year_end, settings.repeat)
+        partitions = _dagster_year(root / "dagster_home", db.config_path, db.config, names,
+                                   year_end, first_name, settings.repeat)
         rows.append({"year": year, "counts": dict(db.counts), "db_mb": db.size_mb(),
                      "generate_s": generate, "petabytes": db.counts["packages"]
-                     * PACKAGE_BYTES / 1e15, **measured, "dagster": partitions})
+                     * PACKAGE_BYTES / 1e15, **measured, "retire_query": retire_query,
+                     "dagster": partitions})
         log(f"  year {year}: {db.counts['packages']} packages, {db.counts['raw files']} raw "
-            f"files, {db.size_mb():.0f} MB; plan_cycle "
-            f"{measured['times']['purge sensor tick: plan_cycle'].text()}, dagster keys "
-            f"{partitions['total_keys']}")
-    rows[-1]["what_if_status_index"] = what_if_index(db, settings.repeat)
+            f"files, {db.size_mb():.0f} MB (generated in {fmt_s(generate)} s); plan_cycle "
+            f"{measured['times']['purge sensor tick: plan_cycle'].text()}; finished_packages "
+            f"{retire_query['time'].text()} ({retire_query['returned']} returned); dagster "
+            f"keys +{partitions['added']}, -{partitions['retired']} in {partitions['ticks']} "
+            f"retire tick(s), {partitions['total_keys']} live")
+    lookup = _cli_lookup(db, first_name, begin + timedelta(days=5 * 365), settings.repeat)
+    log(f"  ccat-dt why {first_name}: {lookup['why'].text()}; status {fmt_s(lookup['status_s'])}"
+        f" s")
+    disk_mb = db.size_mb() + sum(
+        p.stat().st_size for p in (root / "dagster_home").rglob("*") if p.is_file()) / 1e6
     db.dispose()
     if not settings.keep:
         shutil.rmtree(root, ignore_errors=True)
     result.facts.update({"files_per_package": per_package, "packages_per_year": yearly,
-                         "in_flight": 3 * max(1, settings.in_flight // 3), "years": rows})
+                         "in_flight": 3 * max(1, settings.in_flight // 3), "years": rows,
+                         "cli": lookup, "disk_mb": disk_mb})
