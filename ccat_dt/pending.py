@@ -6,6 +6,7 @@ the archive grows.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -161,20 +162,29 @@ def scrub_due(session: Session, budget_bytes: int, limit: int = PAGE) -> list[Du
 
 
 def finished_packages(session: Session, archived_before: datetime,
-                      limit: int = PAGE) -> list[str]:
-    """Packages archived before the given time with nothing left outside the LTA: their
-    Dagster partitions can be retired (their history stays in OpsDB)."""
-    outside_lta = (select(PhysicalCopy.package_id)
+                      among: Collection[str]) -> list[str]:
+    """Those of `among` (live Dagster partitions) archived before the given time with nothing
+    left outside the LTA: their partitions can be retired (their history stays in OpsDB).
+
+    Asked per candidate, so the cost follows the live partitions, not the archive's history."""
+    package = RawDataPackage
+    outside_lta = (select(PhysicalCopy.id)
                    .join(DataLocation, PhysicalCopy.location_id == DataLocation.id)
-                   .where(PhysicalCopy.package_id.is_not(None),
+                   .where(PhysicalCopy.package_id == package.id,
                           PhysicalCopy.status != CopyStatus.DELETED,
                           DataLocation.location_type != LocationType.LONG_TERM_ARCHIVE))
-    raw_left = (select(RawDataFile.package_id)
-                .join(PhysicalCopy, PhysicalCopy.raw_data_file_id == RawDataFile.id)
-                .where(PhysicalCopy.status != CopyStatus.DELETED))
-    return list(session.scalars(
-        select(RawDataPackage.name)
-        .where(RawDataPackage.state == PackageState.ARCHIVED,
-               RawDataPackage.archived_at < archived_before,
-               RawDataPackage.id.not_in(outside_lta), RawDataPackage.id.not_in(raw_left))
-        .order_by(RawDataPackage.id).limit(limit)))
+    raw_left = (select(PhysicalCopy.id)
+                .join(RawDataFile, PhysicalCopy.raw_data_file_id == RawDataFile.id)
+                .where(RawDataFile.package_id == package.id,
+                       PhysicalCopy.status != CopyStatus.DELETED))
+    names = sorted(set(among))
+    finished: list[str] = []
+    for start in range(0, len(names), PAGE):
+        finished += session.scalars(
+            select(package.name)
+            .where(package.name.in_(names[start:start + PAGE]),
+                   package.state == PackageState.ARCHIVED,
+                   package.archived_at < archived_before,
+                   ~outside_lta.exists(), ~raw_left.exists())
+            .order_by(package.name))
+    return finished

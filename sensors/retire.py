@@ -2,25 +2,34 @@
 nothing left outside the long-term archives leaves the `packages` partitions. Its history
 stays in OpsDB (`ccat-dt why`, `status`, `audit` still see it) and in Dagster's event log."""
 
+from bisect import bisect_right
 from datetime import timedelta
 
-from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, sensor
 
 from ccat_assets.partitions import package_partitions
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.pending import finished_packages
 from resources.opsdb import Deployment
 
+# Live partitions examined per tick; the cursor (the last one examined) moves through them and
+# wraps, so a backlog after an upgrade drains over a few ticks instead of one long one.
+BATCH = 5000
+
 
 @sensor(minimum_interval_seconds=3600, default_status=DefaultSensorStatus.RUNNING)
 def retire_partitions_sensor(context: SensorEvaluationContext,
-                             deployment: Deployment) -> SensorResult | SkipReason:
+                             deployment: Deployment) -> SensorResult:
     days = deployment.config.settings.policies.retire_partitions_after_days
+    live = sorted(context.instance.get_dynamic_partitions(package_partitions.name or "packages"))
+    start = bisect_right(live, context.cursor or "")
+    batch = live[start:start + BATCH] or live[:BATCH]
     with deployment.opsdb.session() as session:
-        finished = finished_packages(session, utcnow() - timedelta(days=days))
-    live = set(context.instance.get_dynamic_partitions(package_partitions.name or "packages"))
-    retiring = [name for name in finished if name in live]
+        retiring = finished_packages(session, utcnow() - timedelta(days=days), batch)
+    cursor = batch[-1] if batch else ""
     if not retiring:
-        return SkipReason(f"no package archived over {days:g} days ago is still a partition")
-    return SensorResult(dynamic_partitions_requests=[
+        return SensorResult(cursor=cursor, skip_reason=(
+            f"none of {len(batch)} live package partition(s) was archived over {days:g} days "
+            "ago with nothing left outside the archives"))
+    return SensorResult(cursor=cursor, dynamic_partitions_requests=[
         package_partitions.build_delete_request(retiring)])

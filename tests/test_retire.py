@@ -3,18 +3,22 @@ partitions after the configured age, and OpsDB still answers for them."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
-from dagster import DagsterInstance
+import pytest
+from dagster import DagsterInstance, build_sensor_context
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.diagnosis import diagnose
+from ccat_dt.filing import file_directory, start_observation
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.topology import prepare_opsdb
+from sensors import retire
 from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
 
 
@@ -34,3 +38,60 @@ def test_finished_packages_leave_the_partitions_and_stay_in_opsdb(
         stages = diagnose(session, config, "obs-0_chai-lfa_p00", utcnow())
     assert [s.state for s in stages] == ["done"] * len(stages)
     assert drive(build_definitions(config), instance).launched == []
+
+
+def test_a_running_observation_does_not_keep_finished_packages_live(
+        tmp_path: Path, instance: DagsterInstance) -> None:  # noqa: F811
+    """Files of an observation still being taken belong to no package yet: they must not
+    hold back the retirement of packages that are done (a NULL in `NOT IN` once did)."""
+    policies = {**EMBEDDED_DEFAULT["policies"], "retire_partitions_after_days": 0}  # type: ignore[dict-item]
+    config = load_config(write_default_config(tmp_path / "deploy",
+                                              overrides={"policies": policies}))
+    prepare_opsdb(config)
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1, files=1)
+    start_observation(opsdb, "obs-running")
+    running = config.resolve_root("sites/ccat/instruments") / "obs-running/chai/lfa"
+    running.mkdir(parents=True)
+    (running / "scan-0.dat").write_bytes(b"still observing")
+    file_directory(opsdb, observation="obs-running", module="chai/lfa",
+                   directory="obs-running/chai/lfa")
+
+    assert drive(build_definitions(config), instance).failed == []
+
+    assert instance.get_dynamic_partitions("packages") == []
+    assert (running / "scan-0.dat").read_bytes() == b"still observing"  # not packaged, kept
+
+
+def test_the_retire_sensor_works_through_a_backlog_batch_by_batch(
+        tmp_path: Path, instance: DagsterInstance,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partitions of packages that became old enough all at once (after an upgrade, or a
+    policy change) drain over ticks: each tick examines the batch of live partitions after
+    the last one it examined, wrapping around to those not finished before."""
+    config = load_config(write_default_config(tmp_path / "deploy"))  # retire after 30 days
+    prepare_opsdb(config)
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=2, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    live = sorted(instance.get_dynamic_partitions("packages"))
+    assert len(live) == 4  # done, but archived today
+
+    monkeypatch.setattr(retire, "BATCH", 3)
+    monkeypatch.setattr(retire, "utcnow", lambda: utcnow() + timedelta(days=31))
+    cursor, retired_per_tick = None, []
+    for _ in range(3):
+        with build_sensor_context(instance=instance, cursor=cursor,
+                                  resources={"deployment": (defs.resources or {})["deployment"]}
+                                  ) as context:
+            tick = retire.retire_partitions_sensor.evaluate_tick(context)
+        keys = [key for request in tick.dynamic_partitions_requests or []
+                for key in request.partition_keys or []]
+        for key in keys:
+            instance.delete_dynamic_partition("packages", key)
+        retired_per_tick.append(keys)
+        cursor = tick.cursor
+
+    assert retired_per_tick == [live[:3], live[3:], []]
+    assert instance.get_dynamic_partitions("packages") == []
