@@ -2,7 +2,9 @@
 Dagster resource."""
 
 import logging
-from functools import cached_property
+import os
+from functools import cached_property, lru_cache
+from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource, InitResourceContext
@@ -15,6 +17,21 @@ from ccat_dt.opsdb.database import OpsDB
 OPERATIONS = logging.getLogger("ccat_dt.operations")
 
 
+# A Dagster run builds its resources afresh; a process runs many (the in-process driver, the
+# daemon's sensor ticks). Parsing the YAML and opening OpsDB (engine + schema check) for each
+# was ~12% of the orchestration overhead (docs/benchmarks.md, section 5), so both are kept per
+# process: the config per file content, the OpsDB per URL and process (a forked worker must
+# not share its parent's connections).
+@lru_cache(maxsize=8)
+def _parsed_config(path: str, content: bytes) -> Config:
+    return load_config(path)
+
+
+@lru_cache(maxsize=8)
+def _opened_opsdb(url: str, pid: int) -> OpsDB:
+    return OpsDB(url)
+
+
 class Deployment(ConfigurableResource):  # type: ignore[misc]
     """Everything a step needs to find data: sites, locations, policies and OpsDB."""
 
@@ -22,11 +39,16 @@ class Deployment(ConfigurableResource):  # type: ignore[misc]
 
     @cached_property
     def config(self) -> Config:
-        return load_config(self.config_path)
+        path = Path(self.config_path).expanduser().absolute()
+        try:
+            content = path.read_bytes()
+        except OSError:
+            return load_config(path)  # which says what is wrong with the path
+        return _parsed_config(str(path), content)
 
     @cached_property
     def opsdb(self) -> OpsDB:
-        return OpsDB(self.config.opsdb_url)
+        return _opened_opsdb(self.config.opsdb_url, os.getpid())
 
     @cached_property
     def metrics(self) -> Metrics:
