@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import pstats
 import statistics
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -166,10 +168,47 @@ def bench_lifecycle(settings: Settings, result: SectionResult,
     default = _worker(settings, "lifecycle-default-small", experiment_n, log)
     consolidated = _worker(settings, "lifecycle-consolidated", experiment_n, log,
                            "--event-log", "consolidated")
-    result.facts["event_log_experiment"] = {
+    experiment = {
         "packages": experiment_n,
         "default_drive_s": default["drive_s"], "consolidated_drive_s": consolidated["drive_s"],
-        "default_per_run_s": (default["drive_s"] - default["data_s"]) / default["launched"],
-        "consolidated_per_run_s": ((consolidated["drive_s"] - consolidated["data_s"])
-                                   / consolidated["launched"]),
+        "default_per_run_s": _per_run(default), "consolidated_per_run_s": _per_run(consolidated),
     }
+    with _empty_postgres_database(log) as url:
+        if url:
+            postgres = _worker(settings, "lifecycle-postgres", experiment_n, log,
+                               "--postgres", url)
+            experiment |= {"postgres_drive_s": postgres["drive_s"],
+                           "postgres_per_run_s": _per_run(postgres)}
+    result.facts["event_log_experiment"] = experiment
+
+
+def _per_run(data: dict[str, Any]) -> float:
+    return float(data["drive_s"] - data["data_s"]) / data["launched"]
+
+
+@contextmanager
+def _empty_postgres_database(log: Callable[[str], None]) -> Iterator[str | None]:
+    """A fresh database on the PostgreSQL server at $CCAT_BENCH_POSTGRES_URL (default: the
+    local one, as in the tests), dropped afterwards; None when no server answers."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    server = os.environ.get("CCAT_BENCH_POSTGRES_URL",
+                            "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"ccat_bench_dagster_{os.getpid()}"
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+    except OperationalError as exc:
+        log(f"  no PostgreSQL at {server} ({str(exc).splitlines()[0]}): instance-storage "
+            "experiment skipped")
+        engine.dispose()
+        yield None
+        return
+    try:
+        yield str(engine.url.set(database=name).render_as_string(hide_password=False))
+    finally:
+        with engine.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        engine.dispose()

@@ -2,7 +2,7 @@
 packages filed as instruments do, then `drive()` (the real sensors, runs in-process) until idle.
 
 python -m bench.lifecycle_worker --root DIR --packages N --out RESULT.json
-    [--profile STATS.prof] [--event-log consolidated]
+    [--profile STATS.prof] [--event-log consolidated] [--postgres URL]
 
 Also measured, before driving: the same bytes hashed and copied directly (one build_package per
 package, the four copies a package makes and the five re-reads its checks make), so that the
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", type=Path)
     parser.add_argument("--event-log", choices=["default", "consolidated"], default="default")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="the Dagster instance's storage in this (empty) PostgreSQL database")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -107,6 +109,10 @@ def main() -> None:
             stream.write("\nevent_log_storage:\n  module: dagster.core.storage.event_log\n"
                          "  class: ConsolidatedSqliteEventLogStorage\n"
                          f"  config:\n    base_dir: {home / 'history'}\n")
+
+    if args.postgres:  # the production instance's storage (deploy/dagster.yaml)
+        with open(home / "dagster.yaml", "a") as stream:
+            stream.write(f"\nstorage:\n  postgres:\n    postgres_url: {args.postgres}\n")
 
     filing_s = _file_observations(root, args.packages, args.files, args.file_kib * 1024)
     data_s = _data_work(root, root.parent / f"{root.name}-data-work")
