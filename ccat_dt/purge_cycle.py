@@ -64,15 +64,18 @@ class CyclePlan:
     def bytes(self) -> int:
         return sum(d.size for _, d in self.deletions)
 
-    def by_location(self) -> dict[tuple[str, str, str], tuple[list[int], list[int]]]:
-        """(package, site, location) -> (copy ids to delete, of which early): one purge run
-        each, so that each runs where that location's data is."""
-        out: dict[tuple[str, str, str], tuple[list[int], list[int]]] = {}
+    def by_site(self) -> dict[tuple[str, str], tuple[list[int], list[int], list[str]]]:
+        """(package, site) -> (copy ids to delete, of which early, the locations they are at):
+        one purge run each, on the worker of the site whose data it deletes (a site's worker
+        serves every location of that site, so one run covers them all)."""
+        out: dict[tuple[str, str], tuple[list[int], list[int], list[str]]] = {}
         for package, decision in self.deletions:
-            ids, early = out.setdefault((package, decision.site, decision.location), ([], []))
+            ids, early, locations = out.setdefault((package, decision.site), ([], [], []))
             ids.append(decision.copy_id)
             if decision.early:
                 early.append(decision.copy_id)
+            if decision.location not in locations:
+                locations.append(decision.location)
         return out
 
     def by_package(self) -> dict[str, tuple[list[int], list[int]]]:

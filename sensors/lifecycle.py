@@ -85,19 +85,20 @@ def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
 def purge_sensor(context: SensorEvaluationContext,
                  deployment: Deployment) -> SensorResult | SkipReason:
     """One purge cycle: the planner picks what may go now (within the byte budget, early where
-    a disk is under pressure); each package with deletions gets a run told exactly which
-    copies. The run key names those copies, so a replayed tick launches nothing twice."""
+    a disk is under pressure); each package with deletions at a site gets a run there, told
+    exactly which copies. The run key names those copies: a replayed tick launches nothing
+    twice."""
     with deployment.opsdb.session() as session:
         plan = plan_cycle(session, deployment.config, utcnow())
     if not plan.deletions:
         return SkipReason("nothing may be deleted now")
     config = deployment.config
     requests = []
-    for (package, site, location), (copy_ids, early_ids) in plan.by_location().items():
+    for (package, site), (copy_ids, early_ids, locations) in plan.by_site().items():
         digest = hashlib.sha1(",".join(map(str, sorted(copy_ids))).encode()).hexdigest()[:12]
         requests.append(RunRequest(
-            partition_key=package, run_key=f"purge:{package}:{site}:{location}:{digest}",
-            run_config=on_queue(config, deletion_queue(config, site, location), {
+            partition_key=package, run_key=f"purge:{package}:{site}:{digest}",
+            run_config=on_queue(config, deletion_queue(config, site, locations[0]), {
                 "ops": {"purge_status": {"config": {"copy_ids": copy_ids,
                                                     "early_ids": early_ids}}}})))
     return SensorResult(run_requests=requests)

@@ -236,6 +236,13 @@ def test_budget_takes_oldest_copies_first_and_never_exceeds_it(tmp_path: Path) -
     assert sorted(by_package) == ["p1", "p2", "p3"]
     assert all(early == [] for _, early in by_package.values())
     assert len(by_package["p3"][0]) == 2  # p3's source file and observatory tar, by age
+    by_site = plan.by_site()  # one run per package and site, on that site's worker
+    assert sorted(by_site) == sorted({(p, d.site) for p, d in plan.deletions})
+    for (package, site), (copy_ids, _, locations) in by_site.items():
+        mine = [d for p, d in plan.deletions if (p, d.site) == (package, site)]
+        assert copy_ids == [d.copy_id for d in mine]
+        assert locations == list(dict.fromkeys(d.location for d in mine))
+    assert len(by_site[("p3", "ccat")][2]) == 2  # source and buffer: two locations, one run
     over = {d.copy_id for d in deletable[10:]}
     over_kept = [d for _, d in plan.kept if d.copy_id in over]
     assert {d.copy_id for d in over_kept} == over
