@@ -74,7 +74,7 @@ class Settings:
             tree_file_mib=_env_int("CCAT_BENCH_TREE_FILE_MIB", q(10, 5)),
             copy_mib=_env_int("CCAT_BENCH_COPY_MIB", q(1024, 256)),
             remote_mib=_env_int("CCAT_BENCH_REMOTE_MIB", q(512, 64)),
-            packages=_env_int("CCAT_BENCH_PACKAGES", q(20, 2)),
+            packages=_env_int("CCAT_BENCH_PACKAGES", q(500, 2)),
             profile_packages=_env_int("CCAT_BENCH_PROFILE_PACKAGES", q(4, 1)),
             event_log_packages=_env_int("CCAT_BENCH_EVENT_LOG_PACKAGES", q(6, 0)),
             files_per_lifecycle_package=_env_int("CCAT_BENCH_LIFECYCLE_FILES", 4),

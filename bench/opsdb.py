@@ -422,58 +422,6 @@ def measure(db: SyntheticOpsDB, repeat: int, *, detail: bool) -> dict[str, Any]:
     return out
 
 
-# packages_with_purgeable_copies written so that SQLite can start from the few locations
-# outside the LTA (with an index on physical_copies(location_id, status)) instead of visiting
-# every present LTA copy. Equivalent while raw-file copies never live in an LTA location.
-REWRITTEN_CANDIDATES = text(
-    "SELECT id FROM raw_data_packages WHERE (id IN (SELECT pc.package_id FROM physical_copies pc"
-    " WHERE pc.location_id IN (SELECT id FROM data_locations WHERE location_type != :lta)"
-    " AND pc.status = :present) OR id IN (SELECT rdf.package_id FROM physical_copies pc"
-    " JOIN raw_data_files rdf ON pc.raw_data_file_id = rdf.id"
-    " WHERE pc.location_id IN (SELECT id FROM data_locations WHERE location_type != :lta)"
-    " AND pc.status IN (:present, :staged))) AND checksum IS NOT NULL ORDER BY id LIMIT :limit")
-
-
-def what_if_index(db: SyntheticOpsDB, repeat: int) -> dict[str, Any]:
-    """plan_cycle again with an index on physical_copies(status); then the candidate query
-    rewritten to start from the non-LTA locations, with an index on (location_id, status).
-    Both indexes are dropped again."""
-    started = time.perf_counter()
-    with db.engine.begin() as c:
-        c.execute(text("CREATE INDEX bench_ix_physical_copies_status "
-                       "ON physical_copies (status)"))
-    built = time.perf_counter() - started
-    timing = measure(db, repeat, detail=False)["times"]
-    with db.engine.begin() as c:
-        c.execute(text("DROP INDEX bench_ix_physical_copies_status"))
-        c.execute(text("CREATE INDEX bench_ix_physical_copies_location_status "
-                       "ON physical_copies (location_id, status)"))
-    opsdb = OpsDB(db.config.opsdb_url)
-    with Session(opsdb.engine) as session:
-        expected = [p.id for p in packages_with_purgeable_copies(session, 2000)]
-    parameters = {"lta": "long_term_archive", "present": "present", "staged": "staged",
-                  "limit": 2000}
-
-    def rewritten() -> list[int]:
-        with opsdb.engine.connect() as c:
-            return list(c.execute(REWRITTEN_CANDIDATES, parameters).scalars())
-    same = rewritten() == expected
-    stats = _repeat(rewritten, repeat)
-    with opsdb.engine.connect() as c:
-        plan = [row[-1] for row in c.exec_driver_sql(
-            "EXPLAIN QUERY PLAN " + str(REWRITTEN_CANDIDATES.compile(opsdb.engine)),
-            tuple(parameters[k] for k in ("lta", "present", "lta", "present", "staged",
-                                          "limit"))).all()]
-    opsdb.dispose()
-    with db.engine.begin() as c:
-        c.execute(text("DROP INDEX bench_ix_physical_copies_location_status"))
-    return {"index_build_s": built,
-            "purge": timing["purge sensor tick: plan_cycle"],
-            "candidates": timing["  of which packages_with_purgeable_copies (candidate query)"],
-            "rewritten": stats, "rewritten_same_result": same, "rewritten_plan": plan,
-            "rewritten_packages": len(expected)}
-
-
 def bench_opsdb(settings: Settings, result: SectionResult, log: Callable[[str], None]) -> None:
     per_package = settings.opsdb_files_per_package
     now = datetime.now(UTC)
@@ -493,7 +441,6 @@ def bench_opsdb(settings: Settings, result: SectionResult, log: Callable[[str], 
             f"{db.counts['physical copies']} copies: generated in {fmt_s(generate)} s, "
             f"{db.size_mb():.0f} MB")
         measured = measure(db, settings.repeat, detail=True)
-        measured["what_if_status_index"] = what_if_index(db, settings.repeat)
         rows.append({"raw_files": db.counts["raw files"], "counts": dict(db.counts),
                      "db_mb": db.size_mb(), "generate_s": generate, **measured})
         for name, stats in measured["times"].items():

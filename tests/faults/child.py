@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
 
         [name] = options.args
         if options.kill == "mid-tar":  # the parent kills us once the tar is half written
-            wrap(packaging, "_add_member", after=wait_to_be_killed(Path(options.marker)))
+            wrap(packaging._TarWriter, "add_file", after=wait_to_be_killed(Path(options.marker)))
         elif options.kill == "before-record":  # the tar is renamed into place, not recorded
             wrap(packages, "_record_built", before=die)
         if meet:
