@@ -159,8 +159,10 @@ def _package(r: SectionResult) -> list[str]:
         "**How build_package works.** One pass: each source file is read into one reused 1 MiB "
         "buffer (`CACHED_CHUNK_SIZE`, it stays in the CPU cache), hashed with xxh3-128 for the "
         "manifest, and written out as tar data; the tar's own xxh3-128 and its adler32 (for "
-        "bbcp's in-flight check) are computed from the same buffer; the tar is fsynced before "
-        "it is renamed into place (a package must not be half on disk when OpsDB says it is "
+        "bbcp's in-flight check) are computed from the same buffer; every 64 MiB written, the "
+        "disk is told to start writing them back (`sync_file_range`), so that writing to disk "
+        "overlaps the packing; the tar is fsynced before it is renamed into place "
+        "(a package must not be half on disk when OpsDB says it is "
         "built). The tar headers come from Python's tarfile (`TarInfo.tobuf`, pax format), so "
         "the bytes are the ones tarfile writes; GNU tar reads them (tests/test_packaging.py).")]
     if before and durable and g:
@@ -625,7 +627,12 @@ def render(run: dict[str, Any], results: list[SectionResult], settings: Settings
         "",
         f"Every number in this file comes from one run of `{run['command']}` "
         f"(started {run['started']}, {fmt_s(run['seconds'] / 60)} min in total"
-        f"{', quick mode' if s.quick else ''}), written by `bench/report.py`. Regenerate it "
+        f"{', quick mode' if s.quick else ''})"
+        + "".join(f", except sections {', '.join(m['sections'])}: re-measured after a change "
+                  f"by `{m['command']}` (started {m['started']}) and merged with "
+                  f"`python -m bench.report RESULTS.json --sections-from LATER.json`"
+                  for m in run.get("remeasured", []))
+        + ". Written by `bench/report.py`. Regenerate it "
         "with `make bench`; `CCAT_BENCH_QUICK=1 make bench` is a 1–2 minute smoke run (it "
         "overwrites this file too; set `CCAT_BENCH_OUTPUT` to keep this one).",
         "",
@@ -704,11 +711,37 @@ def load(path: str) -> tuple[dict[str, Any], list[SectionResult], Settings]:
     return run, results, settings
 
 
-if __name__ == "__main__":  # python -m bench.report RESULTS.json [OUTPUT]
-    import sys
+def merge(results_path: str, later_path: str) -> str:
+    """RESULTS.json with the sections a later run measured again replaced by that run's, and
+    a note the header shows; written next to RESULTS.json, whose path is returned."""
+    import json
     from pathlib import Path
 
-    loaded_run, loaded_results, loaded_settings = load(sys.argv[1])
-    target = Path(sys.argv[2]) if len(sys.argv) > 2 else loaded_settings.output
+    run = json.loads(Path(results_path).read_text())
+    later = json.loads(Path(later_path).read_text())
+    replaced = {section["name"]: section for section in later["sections"]}
+    run["sections"] = [replaced.get(section["name"], section) for section in run["sections"]]
+    run["remeasured"] = [*run.get("remeasured", []), {
+        "sections": [section["title"].split(".")[0] for section in later["sections"]],
+        "command": later["command"], "started": later["started"]}]
+    merged = Path(results_path).with_suffix(".merged.json")
+    merged.write_text(json.dumps(run, indent=1))
+    return str(merged)
+
+
+if __name__ == "__main__":  # python -m bench.report RESULTS.json [OUTPUT] [--sections-from X]
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report")
+    parser.add_argument("results")
+    parser.add_argument("output", nargs="?")
+    parser.add_argument("--sections-from", metavar="LATER.json",
+                        help="a later run's results whose sections replace these")
+    options = parser.parse_args()
+    path = merge(options.results, options.sections_from) if options.sections_from \
+        else options.results
+    loaded_run, loaded_results, loaded_settings = load(path)
+    target = Path(options.output) if options.output else loaded_settings.output
     target.write_text(render(loaded_run, loaded_results, loaded_settings))
     print(f"wrote {target}")

@@ -7,11 +7,10 @@ following each other as in `cp; sync; xxhsum` (docs/benchmarks.md, section 3).""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
@@ -21,6 +20,7 @@ from ccat_dt.transports.base import (
     TransferResult,
     claim_temporary,
     fsync_directory,
+    start_writeback,
     temporary_name,
 )
 
@@ -28,22 +28,6 @@ _PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS
 SLICE_SIZE = 64 * 1024 * 1024
 # copy_file_range refuses some pairs of file systems and some file systems altogether.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _find_start_writeback() -> Callable[[int, int, int], object] | None:
-    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without
-    waiting. Elsewhere None: the final fsync then does all the writing."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return lambda fd, offset, length: function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-_start_writeback = _find_start_writeback()
 
 
 def _copy_slice(source: int, destination: int, length: int, buffer: bytearray) -> int:
@@ -103,8 +87,7 @@ class LocalTransport:
                     written += count
                 if written == start:
                     break
-                if _start_writeback is not None:
-                    _start_writeback(destination, start, written - start)
+                start_writeback(destination, start, written - start)
                 self._landed(landed)
                 while count := back.readinto(buffer):
                     hasher.update(view[:count])
