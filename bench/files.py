@@ -63,7 +63,7 @@ def zlib_adler32() -> Iterator[None]:
 
 @contextmanager
 def no_writeback_overlap() -> Iterator[None]:
-    """Our code without starting each slice's write-back early: the final fsync writes all."""
+    """copy_file without starting each slice's write-back early: the final fsync writes all."""
     with mock.patch.object(base, "_sync_file_range", None):
         yield
 
@@ -161,7 +161,6 @@ def bench_package(settings: Settings, result: SectionResult, log: Callable[[str]
         "ours-nofsync-noadler": lambda: {"nofsync-noadler": _ours(build, no_fsync,
                                                                   no_adler32)()["ours"]},
         "ours-zlib": lambda: {"zlib adler32": _ours(build, zlib_adler32)()["ours"]},
-        "ours-sequential": lambda: {"no overlap": _ours(build, no_writeback_overlap)()["ours"]},
         "tool": tool,
     }, settings.repeat, prepare=fresh(ours_tar, tool_tar), log=log)
     drop_outputs(ours_tar, tool_tar)
@@ -187,10 +186,6 @@ def bench_package(settings: Settings, result: SectionResult, log: Callable[[str]
                         "vs `tar -cf; sync TAR`", stats["zlib adler32"], tar_s, None,
                         "build_package, zlib adler32", "tar -cf; sync",
                         note="diagnostic: the adler32 build_package had before"))
-    c.append(Comparison("package", "diagnostic: build_package without starting write-back per "
-                        "slice vs `tar -cf; sync TAR`", stats["no overlap"], tar_s, None,
-                        "build_package, no overlap", "tar -cf; sync",
-                        note="what overlapping the disk's write-back with packing gains"))
     c.append(Comparison("package", "diagnostic: build_package with fsync off vs `tar -cf`",
                         stats["nofsync"], tar, None, "build_package, no fsync", "tar -cf",
                         note="CPU and page-cache cost only"))

@@ -159,9 +159,8 @@ def _package(r: SectionResult) -> list[str]:
         "**How build_package works.** One pass: each source file is read into one reused 1 MiB "
         "buffer (`CACHED_CHUNK_SIZE`, it stays in the CPU cache), hashed with xxh3-128 for the "
         "manifest, and written out as tar data; the tar's own xxh3-128 and its adler32 (for "
-        "bbcp's in-flight check) are computed from the same buffer; every 64 MiB written, the "
-        "disk is told to start writing them back (`sync_file_range`), so that writing to disk "
-        "overlaps the packing; the tar is fsynced before it is renamed into place "
+        "bbcp's in-flight check) are computed from the same buffer; the tar is fsynced before "
+        "it is renamed into place "
         "(a package must not be half on disk when OpsDB says it is "
         "built). The tar headers come from Python's tarfile (`TarInfo.tobuf`, pax format), so "
         "the bytes are the ones tarfile writes; GNU tar reads them (tests/test_packaging.py).")]

@@ -25,10 +25,9 @@ from ccat_dt.checksums import (
     hash_file,
     new_hasher,
 )
-from ccat_dt.transports.base import claim_temporary, start_writeback
+from ccat_dt.transports.base import claim_temporary
 
 MANIFEST_NAME = "MANIFEST.json"
-WRITEBACK_SLICE = 64 * 1024 * 1024  # written bytes handed to the disk while packaging goes on
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,10 @@ class _TarWriter:
     """Writes the POSIX (pax) tar that tarfile writes, but moves each member's bytes through one
     reused buffer: tarfile's copy allocates a fresh bytes object per chunk, which made packaging
     ~25% slower (docs/benchmarks.md). Every byte of the tar passes once through the file and
-    both of its checksums, and the disk writes each slice while the next is packed."""
+    both of its checksums."""
 
     def __init__(self, raw: BinaryIO) -> None:
         self._raw = raw
-        self._written_back = 0
         self._hasher = new_hasher()
         self._adler = adler32(b"")
         self._buffer = bytearray(CACHED_CHUNK_SIZE)
@@ -82,10 +80,6 @@ class _TarWriter:
         self._hasher.update(data)
         self._adler = adler32(data, self._adler)
         self.size += len(data)
-        if self.size - self._written_back >= WRITEBACK_SLICE:
-            start_writeback(self._raw.fileno(), self._written_back,
-                            self.size - self._written_back)
-            self._written_back = self.size
 
     def _pad(self, multiple: int) -> None:
         if remainder := self.size % multiple:
