@@ -11,7 +11,7 @@ from dagster import DagsterInstance, build_sensor_context
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
-from ccat_dt.config import load_config
+from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.filing import file_directory, start_observation
@@ -22,13 +22,18 @@ from sensors import retire
 from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
 
 
-def test_finished_packages_leave_the_partitions_and_stay_in_opsdb(
-        tmp_path: Path, instance: DagsterInstance) -> None:  # noqa: F811
+def deployment_retiring_at_once(tmp_path: Path) -> tuple[Config, OpsDB]:
+    """The embedded default, retiring partitions as soon as their package is finished."""
     policies = {**EMBEDDED_DEFAULT["policies"], "retire_partitions_after_days": 0}  # type: ignore[dict-item]
     config = load_config(write_default_config(tmp_path / "deploy",
                                               overrides={"policies": policies}))
     prepare_opsdb(config)
-    opsdb = OpsDB(config.opsdb_url)
+    return config, OpsDB(config.opsdb_url)
+
+
+def test_finished_packages_leave_the_partitions_and_stay_in_opsdb(
+        tmp_path: Path, instance: DagsterInstance) -> None:  # noqa: F811
+    config, opsdb = deployment_retiring_at_once(tmp_path)
     observe(config, opsdb, observations=1, files=1)
 
     assert drive(build_definitions(config), instance).failed == []
@@ -44,11 +49,7 @@ def test_a_running_observation_does_not_keep_finished_packages_live(
         tmp_path: Path, instance: DagsterInstance) -> None:  # noqa: F811
     """Files of an observation still being taken belong to no package yet: they must not
     hold back the retirement of packages that are done (a NULL in `NOT IN` once did)."""
-    policies = {**EMBEDDED_DEFAULT["policies"], "retire_partitions_after_days": 0}  # type: ignore[dict-item]
-    config = load_config(write_default_config(tmp_path / "deploy",
-                                              overrides={"policies": policies}))
-    prepare_opsdb(config)
-    opsdb = OpsDB(config.opsdb_url)
+    config, opsdb = deployment_retiring_at_once(tmp_path)
     observe(config, opsdb, observations=1, files=1)
     start_observation(opsdb, "obs-running")
     running = config.resolve_root("sites/ccat/instruments") / "obs-running/chai/lfa"
