@@ -10,12 +10,19 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 import pytest
 import xxhash
 
-from ccat_dt.transports.base import Endpoint, SshSettings, TransferError, temporary_name
+from ccat_dt.transports.base import (
+    Endpoint,
+    SshSettings,
+    TransferError,
+    exclusive_writer,
+    temporary_name,
+)
 from ccat_dt.transports.bbcp import (
     STAGING_DIR,
     BbcpOptions,
@@ -49,8 +56,15 @@ FAILURES = {
     "time-limit-exceeded": (True, "time limit exceeded"),
     "append-interrupted": (True, "time limit exceeded"),
     "dest-relative-subdir": (False, "/data/cologne/buffer/src/pkg-0001.tar"),
+    # cut in the middle: transient, and the partial landing file is kept for -a to resume
+    "interrupted-connection-dropped": (True, "Connection to 127.0.0.1 closed by remote host"),
+    "interrupted-local-killed": (True, "interrupted at 95% (killed by signal 9)"),
+    "interrupted-remote-killed": (True, "interrupted at 14% (exit 255)"),
+    "interrupted-ssh-killed": (True, "Copy process 2658 was killed via signal 9"),
 }
-RESUMABLE = {"conn-refused", "time-limit-exceeded", "append-interrupted"}
+RESUMABLE = {"conn-refused", "time-limit-exceeded", "append-interrupted",
+             "interrupted-connection-dropped", "interrupted-local-killed",
+             "interrupted-remote-killed", "interrupted-ssh-killed"}
 
 
 def fixture(case: str) -> CompletedRun:
@@ -245,7 +259,7 @@ def fake_runner(case: str, sources: dict[str, bytes], calls: list[list[str]], *,
     """Write what bbcp would have written (whole files, or half on failure), answer as `case`."""
     run = fixture(case)
 
-    def runner(argv: list[str]) -> CompletedRun:
+    def runner(argv: list[str], pass_fds: Sequence[int] = ()) -> CompletedRun:
         calls.append(argv)
         target = argv[-1].split(":", 1)[-1]
         for source, data in sources.items():
@@ -295,7 +309,7 @@ def test_copy_failure_leaves_nothing_under_the_final_name(tmp_path: Path, packag
     assert not final.exists()
     # a partial landing file is kept only where -k -a can resume it
     assert Path(temporary_name(PurePosixPath(final))).exists() is (case in RESUMABLE)
-    assert len(list((tmp_path / "logs").iterdir())) == 1
+    assert len(list((tmp_path / "logs").glob("*.log"))) == 1
 
 
 def test_copy_checksum_mismatch_removes_the_landing_file(tmp_path: Path, package) -> None:
@@ -399,3 +413,82 @@ def test_progress_lines_become_log_records_dagster_shows(tmp_path: Path, package
                              fixture("progress-rate-limited").stderr).progress
     assert len(lines) == len(expected) >= 2
     assert all(line.startswith("bbcp big.tar: ") and "% done" in line for line in lines)
+
+
+@pytest.mark.parametrize("cut", ["connection-dropped", "remote-killed", "ssh-killed"])
+def test_cut_transfer_keeps_its_partial_file_and_the_same_command_resumes_it(
+        tmp_path: Path, package, cut: str) -> None:
+    """A cut in the middle is retried, not quarantined: the partial landing file stays and the
+    next attempt sends the identical argv (-a appends from the kept size)."""
+    source, data, checksum = package
+    final = tmp_path / "dst" / "pkg-0001.tar"
+    landing = Path(temporary_name(PurePosixPath(final)))
+    calls: list[list[str]] = []
+    cut_run = fake_runner(f"interrupted-{cut}", {str(source.path): data}, calls, partial=True)
+    transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs", runner=cut_run)
+    with pytest.raises(TransferError) as caught:
+        transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
+    assert caught.value.retryable and "interrupted" in str(caught.value)
+    assert landing.stat().st_size == len(data) // 2 and not final.exists()
+
+    resumed = fixture(f"resumed-{cut}")
+
+    def resume(argv: list[str], pass_fds: Sequence[int] = ()) -> CompletedRun:
+        calls.append(argv)
+        with landing.open("ab") as partial:  # what bbcp -a does: append from the kept offset
+            partial.write(data[landing.stat().st_size:])
+        return resumed
+
+    transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs", runner=resume)
+    transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
+    assert calls[0] == calls[1] and "-a" in calls[1] and "-k" in calls[1]
+    assert final.read_bytes() == data and not landing.exists()
+
+
+def test_a_retry_waits_for_processes_left_by_a_killed_attempt(tmp_path: Path, package) -> None:
+    """interrupted-local-killed: bbcp's children outlive the killed bbcp (and a killed run) and
+    finish the copy. The next attempt must not start bbcp on the same file until they exit."""
+    source, data, checksum = package
+    final = tmp_path / "dst" / "pkg-0001.tar"
+    landing = Path(temporary_name(PurePosixPath(final)))
+    landing.parent.mkdir()
+    orphans: list[subprocess.Popen[bytes]] = []
+
+    def killed(argv: list[str], pass_fds: Sequence[int] = ()) -> CompletedRun:
+        # the children carry on in their own session, holding what the attempt passed them
+        orphans.append(subprocess.Popen(
+            ["python3", "-c", "import sys, time; time.sleep(2); "
+             "open(sys.argv[1], 'wb').write(open(sys.argv[2], 'rb').read())",
+             str(landing), str(source.path)], pass_fds=tuple(pass_fds),
+            start_new_session=True))
+        return fixture("interrupted-local-killed")
+
+    with pytest.raises(TransferError) as caught:
+        BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs",
+                      runner=killed).copy(source, Endpoint(PurePosixPath(final)), checksum)
+    assert caught.value.retryable and caught.value.resumable  # type: ignore[attr-defined]
+    seen: list[int | None] = []
+
+    def resumed(argv: list[str], pass_fds: Sequence[int] = ()) -> CompletedRun:
+        seen.append(orphans[0].poll())  # the orphan must be gone before bbcp starts again
+        return fixture("resumed-local-killed")
+
+    BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs",
+                  runner=resumed).copy(source, Endpoint(PurePosixPath(final)), checksum)
+    assert seen == [0] and final.read_bytes() == data
+
+
+def test_a_retry_that_cannot_wait_long_enough_fails_retryably(tmp_path: Path) -> None:
+    target = Endpoint(PurePosixPath(tmp_path / "x.tar"))
+    with exclusive_writer(tmp_path / "locks", [target]) as fd:
+        holder = subprocess.Popen(["sleep", "30"], pass_fds=(fd,), start_new_session=True)
+    try:
+        with pytest.raises(TransferError, match="still running") as caught, \
+                exclusive_writer(tmp_path / "locks", [target], wait_s=0.5):
+            pass
+        assert caught.value.retryable
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_writer(tmp_path / "locks", [target], wait_s=5):
+        pass  # free again once the holder is gone

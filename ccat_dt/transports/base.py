@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -231,3 +232,38 @@ def claim_temporary(path: Path) -> Iterator[BinaryIO]:
     os.ftruncate(fd, 0)
     with os.fdopen(fd, "wb") as stream:
         yield stream
+
+
+WRITER_WAIT_S = 60.0  # how long an attempt waits for a previous attempt's processes to exit
+
+
+@contextmanager
+def exclusive_writer(lock_dir: Path, targets: Sequence[Endpoint],
+                     wait_s: float = WRITER_WAIT_S) -> Iterator[int]:
+    """Hold a lock for one transfer's landing files and yield its file descriptor, to be
+    inherited by every process the transfer starts (`run(..., pass_fds=...)`).
+
+    The kernel keeps an flock while any process holds the descriptor, so a run killed with
+    SIGKILL leaves the lock held by its orphaned bbcp/rsync/ssh children, which may still be
+    writing (bbcp's children finish a copy on their own). A retry waits here until they are
+    gone instead of racing them; past `wait_s` it fails retryably, and a later attempt waits
+    again."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    key = "\n".join(sorted(f"{t.host or ''}:{t.path}" for t in targets))
+    path = lock_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TransferError(
+                        f"a previous attempt's transfer to {targets[0]} is still running "
+                        f"after {wait_s:g} s; trying again later", retryable=True) from None
+                time.sleep(0.5)
+        yield fd
+    finally:
+        os.close(fd)

@@ -36,6 +36,7 @@ from ccat_dt.transports.base import (
     SshSettings,
     TransferError,
     TransferResult,
+    exclusive_writer,
     temporary_name,
 )
 from ccat_dt.transports.remote import (
@@ -257,6 +258,18 @@ def classify(rc: int, stderr: str) -> BbcpFailure | None:
         detail = next((ln for ln in text.splitlines() if ln and not ln.startswith("bbcp:")), "")
         return BbcpFailure(f"connection to {host} failed: {detail or lost[0]}",
                            retryable=True, resumable=True)
+    if rc < 0 or rc == 255:
+        # Cut in the middle (fixtures interrupted-*): the link dropped, ssh or one of the bbcp
+        # processes was killed. The partial landing file stays (-k) and -a resumes it.
+        how = f"killed by signal {-rc}" if rc < 0 else "exit 255"
+        last = [ln for ln in text.splitlines() if ln.strip()]
+        said = [ln for ln in last if not _PROGRESS.match(ln.strip())
+                and not ln.startswith("bbcp: Appending to")]
+        reached = [p.percent for p in map(parse_progress, last) if p]
+        where = f" at {reached[-1]}%" if reached else ""
+        return BbcpFailure(f"transfer interrupted{where} ({how}): "
+                           f"{said[-1].strip() if said else 'no message'}; the next attempt "
+                           "resumes the partial file", retryable=True, resumable=True)
     rules = [
         (r"^bbcp: (Insufficient space.*|No space left on device.*)$", "destination disk full: {}"),
         (r"^bbcp: File (.+) already exists\.$", "target {} already exists and -f is off"),
@@ -274,13 +287,14 @@ def classify(rc: int, stderr: str) -> BbcpFailure | None:
     return BbcpFailure(f"bbcp failed (exit {rc}): {tail}", retryable=False)
 
 
-def run_subprocess(argv: list[str], timeout_s: float = RUNNER_TIMEOUT_S) -> CompletedRun:
+def run_subprocess(argv: list[str], pass_fds: Sequence[int] = (),
+                   timeout_s: float = RUNNER_TIMEOUT_S) -> CompletedRun:
     """Run argv without a shell (remote.run: own process group, stopped whole on timeout); a
     timeout comes back as a failed run so its output still reaches the log and classify()."""
     if shutil.which(argv[0]) is None:
         raise TransferError(f"{argv[0]} is not installed on this host", retryable=False)
     try:
-        return run(argv, timeout_s=timeout_s)
+        return run(argv, timeout_s=timeout_s, pass_fds=pass_fds)
     except CommandTimeout as exc:
         return CompletedRun(124, exc.stdout, f"{exc.stderr}\n{_TIMEOUT_MARK} ({timeout_s:g} s)\n")
 
@@ -291,7 +305,7 @@ class BbcpTransport:
     name = "bbcp"
 
     def __init__(self, options: BbcpOptions, ssh: SshSettings, log_dir: Path,
-                 runner: Callable[[list[str]], CompletedRun] = run_subprocess,
+                 runner: Callable[[list[str], Sequence[int]], CompletedRun] = run_subprocess,
                  verify: Callable[[Endpoint], tuple[str, int]] | None = None) -> None:
         self.options, self.ssh, self.log_dir, self._run = options, ssh, Path(log_dir), runner
         self._verify = verify or (lambda endpoint: remote_xxh128_and_size(ssh, endpoint))
@@ -342,7 +356,10 @@ class BbcpTransport:
                 for checksum, size in checked]
 
     def _bbcp(self, argv: list[str], destination: Endpoint, landings: list[Endpoint]) -> Path:
-        done = self._run(argv)
+        # bbcp's children can outlive a killed bbcp and finish its copy (interrupted-local-
+        # killed): never start an attempt while any process of an earlier one may still write.
+        with exclusive_writer(self.log_dir / ".writers", landings) as lock:
+            done = self._run(argv, (lock,))
         log_path = self._write_log(argv, done, destination)
         summary = parse_summary(done.stdout, done.stderr)
         for progress in summary.progress:  # Dagster shows these (managed python logger)

@@ -95,14 +95,17 @@ class CommandTimeout(TransferError):
         self.stderr = stderr
 
 
-def run(argv: Sequence[str], *, timeout_s: float) -> CompletedRun:
+def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = ()) -> CompletedRun:
     """Run without a shell in a process group of its own, so that a timeout also ends the
     ssh children rsync started (they would otherwise keep the pipes and the transfer open).
+    After a failure, whatever is left of the group is stopped too: a retry must never race a
+    straggler of this attempt. `pass_fds` are inherited (see base.exclusive_writer).
 
     A timeout raises CommandTimeout (retryable), a program that cannot start TransferError."""
     try:
         process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True)
+                                   stderr=subprocess.PIPE, start_new_session=True,
+                                   pass_fds=tuple(pass_fds))
     except OSError as exc:
         raise _local_error(f"cannot run {argv[0]}", exc) from exc
     try:
@@ -115,6 +118,9 @@ def run(argv: Sequence[str], *, timeout_s: float) -> CompletedRun:
     except BaseException:
         _stop(process)
         raise
+    if process.returncode != 0:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
     return CompletedRun(process.returncode, _text(stdout), _text(stderr))
 
 

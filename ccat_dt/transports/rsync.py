@@ -34,6 +34,7 @@ from ccat_dt.transports.base import (
     SshSettings,
     TransferError,
     TransferResult,
+    exclusive_writer,
     temporary_name,
 )
 from ccat_dt.transports.remote import (
@@ -288,8 +289,10 @@ class RsyncTransport:
                 sent = staging.links
                 argv = self.command(sent, Endpoint(destination.path.parent, destination.host),
                                     into_directory=True)
-            try:
-                done = run(argv, timeout_s=self.timeout_s)
+            try:  # wait out any process a killed earlier attempt left writing these files
+                with exclusive_writer(self.log_dir / ".writers",
+                                      [item.temporary for item in items]) as lock:
+                    done = run(argv, timeout_s=self.timeout_s, pass_fds=(lock,))
             except CommandTimeout as exc:  # partial files stay for the next attempt
                 log.command(argv, CompletedRun(-1, exc.stdout, exc.stderr),
                             time.monotonic() - started)
