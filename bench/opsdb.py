@@ -28,7 +28,7 @@ from bench.common import SectionResult, Settings, Stats, fmt_s
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
 from ccat_dt.diagnosis import diagnose
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import PhysicalCopy, RawDataPackage
 from ccat_dt.packages import plan_packages
 from ccat_dt.pending import (
@@ -40,7 +40,7 @@ from ccat_dt.pending import (
 )
 from ccat_dt.purge_cycle import packages_with_purgeable_copies, plan_cycle
 from ccat_dt.report import summarize
-from ccat_dt.topology import sync_topology
+from ccat_dt.topology import prepare_opsdb
 
 MODULES = (("primecam", "f280"), ("chai", "lfa"))
 TS = "%Y-%m-%d %H:%M:%S.%f"
@@ -86,11 +86,7 @@ class SyntheticOpsDB:
         self.root = root
         self.config_path = write_default_config(root)
         self.config: Config = load_config(self.config_path)
-        migrate(self.config.opsdb_url)
-        opsdb = OpsDB(self.config.opsdb_url)
-        with opsdb.session() as session:
-            sync_topology(session, self.config)
-        opsdb.dispose()
+        prepare_opsdb(self.config)
         self.path = Path(self.config.opsdb_url.removeprefix("sqlite:///"))
         self.engine = create_engine(self.config.opsdb_url)
         with self.engine.begin() as c:

@@ -177,6 +177,12 @@ class PolicyConfig(_Strict):
     # `ccat-dt audit --repair` refuses at a location where more copies than this share look
     # lost or changed: that is a broken mount, not lost data.
     audit_max_broken_share: float = Field(default=0.1, gt=0, le=1)
+    # A deletion relies only on LTA copies looked at on their storage just before it: present,
+    # regular, recorded size and identity, and hashed within this many hours (else hashed now).
+    deletion_recheck_hours: float = Field(default=24.0, ge=0)
+    # Also re-hash every source file just before deleting it (otherwise only when its size,
+    # inode or mtime differ from what was recorded at filing).
+    rehash_sources_before_deletion: bool = False
 
 
 class InstrumentConfig(_Strict):
@@ -337,7 +343,37 @@ def load_config(path: Path | str | None = None) -> Config:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid configuration:\n" + _describe(exc)) from None
-    return Config(settings=settings, path=path)
+    config = Config(settings=settings, path=path)
+    _refuse_shared_storage(config)
+    return config
+
+
+def _refuse_shared_storage(config: Config) -> None:
+    """Two local roots on one directory (a symlink, a bind mount) would count one disk as two
+    copies: compare them as the storage sees them, resolved and by device and inode."""
+    roots: list[tuple[str, Path, tuple[int, int] | None]] = []
+    for site in config.settings.sites:
+        for loc in site.locations:
+            if loc.host is not None:
+                continue
+            root = config.resolve_root(loc.root)
+            try:
+                info = root.stat()
+                identity: tuple[int, int] | None = (info.st_dev, info.st_ino)
+            except OSError:
+                identity = None  # not there yet: `ccat-dt init` creates it
+            resolved = Path(os.path.realpath(root))
+            label = f"{site.short_name}/{loc.name}"
+            for other, other_resolved, other_identity in roots:
+                if (resolved.is_relative_to(other_resolved)
+                        or other_resolved.is_relative_to(resolved)
+                        or (identity is not None and identity == other_identity)):
+                    raise ConfigError(
+                        f"{config.path}: sites: locations {other} and {label} are on the same "
+                        f"directory on the storage ({other_resolved} and {resolved} after "
+                        "resolving symlinks): one disk would count as two copies; give each "
+                        "location its own directory")
+            roots.append((label, resolved, identity))
 
 
 def _describe(exc: ValidationError) -> str:

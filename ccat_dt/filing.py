@@ -81,6 +81,8 @@ class _Checked:
     real: Path
     size: int
     checksum: str = ""
+    inode: int | None = None  # identity before hashing; a deletion re-hashes if it changes
+    mtime_ns: int | None = None
 
 
 def start_observation(opsdb: OpsDB, name: str) -> str:
@@ -266,6 +268,11 @@ def _inspect(spec: FileSpec, target: _Target) -> _Checked | str:
         real = (target.root / name).resolve()
         if not real.is_relative_to(target.real_root):
             return outside
+        if real != target.real_root / name:
+            # A symlinked directory would let one observation's purge delete another's file
+            # (and a symlinked file could be swapped): only real paths below the root are filed.
+            return (f"path '{name}' passes through a symlink under {target.root}; file the "
+                    f"real path ({real.relative_to(target.real_root)})")
         info = real.stat()
     except FileNotFoundError:
         return f"file '{name}' does not exist under {target.root}"
@@ -277,7 +284,8 @@ def _inspect(spec: FileSpec, target: _Target) -> _Checked | str:
         return f"size mismatch for '{name}': declared {spec.size}, on disk {info.st_size}"
     if spec.checksum is not None and not CHECKSUM.fullmatch(spec.checksum.lower()):
         return f"checksum of '{name}' is not 32 hex digits ({ALGORITHM}): {spec.checksum!r}"
-    return _Checked(spec, name, real, info.st_size)
+    return _Checked(spec, name, real, info.st_size, inode=info.st_ino,
+                    mtime_ns=info.st_mtime_ns)
 
 
 def _hash(item: _Checked) -> _Checked | str:
@@ -291,7 +299,13 @@ def _hash(item: _Checked) -> _Checked | str:
     declared = item.spec.checksum
     if declared is not None and declared.lower() != checksum:
         return f"checksum mismatch for '{item.name}': declared {declared}, computed {checksum}"
-    return _Checked(item.spec, item.name, item.real, size, checksum)
+    try:
+        after = item.real.stat()
+    except OSError as exc:
+        return f"cannot stat '{item.name}' after checksumming it: {exc}"
+    if (after.st_ino, after.st_mtime_ns) != (item.inode, item.mtime_ns):
+        return f"'{item.name}' changed while being checksummed; is it still being written?"
+    return _Checked(item.spec, item.name, item.real, size, checksum, item.inode, item.mtime_ns)
 
 
 def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str) -> FilingResult:
@@ -334,7 +348,7 @@ def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str) -
             session.add(RawDataFileCopy(
                 location_id=target.location_id, relative_path=item.name, size=item.size,
                 checksum=item.checksum, status=CopyStatus.PRESENT, created_at=now,
-                verified_at=now, raw_data_file=raw))
+                verified_at=now, raw_data_file=raw, inode=item.inode, mtime_ns=item.mtime_ns))
         try:
             session.flush()
         except IntegrityError:

@@ -36,6 +36,7 @@ from ccat_dt.packaging import (
 )
 from ccat_dt.references import CopyRef
 from ccat_dt.routing import copies_at, next_primary_site
+from ccat_dt.storage import root_problem
 from ccat_dt.topology import primary_location
 
 
@@ -113,6 +114,8 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         session.add(operation)
     started = time.monotonic()
     try:
+        if problem := root_problem(Path(buffer.root)):  # never build onto an unmounted disk
+            raise OSError(problem)
         built = build_package(members, destination, package_name=name)
     except (PackagingError, ChecksumMismatch) as exc:
         _fail(opsdb, operation.id, package_id=package.id, error=str(exc))

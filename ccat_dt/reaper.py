@@ -12,7 +12,9 @@ to PRESENT and is decided afresh, with a new certificate, like any other copy.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
@@ -38,10 +40,18 @@ from ccat_dt.opsdb.models import (
     _aware,
     utcnow,
 )
+from ccat_dt.recheck import Rechecked, recheck_lta_copies
 from ccat_dt.retention import Action, Decision, decide_copy, lta_requirement, plan_deletions
+from ccat_dt.storage import Wanted, look_local, open_parent, root_problem
 from ccat_dt.transports.base import Endpoint, SshSettings, TransferError
 from ccat_dt.transports.factory import ssh_settings
-from ccat_dt.transports.remote import remote_remove, remote_size
+from ccat_dt.transports.remote import (
+    SHORT_TIMEOUT_S,
+    classify_ssh,
+    remote_command,
+    remote_size,
+    run,
+)
 
 # A deletion is one unlink, or one `rm` over ssh (at most SHORT_TIMEOUT_S): a claim older than
 # this belongs to a process that died.
@@ -63,9 +73,15 @@ class _Claim:
     operation_id: int
     path: Path
     root: Path
+    relative_path: str
     prune_dirs: bool
     host: str | None  # a remote location: deleted over ssh
     size: int
+    checksum: str
+    inode: int | None
+    mtime_ns: int | None
+    source: bool  # a raw file at its source: the filed bytes themselves
+    rehash: bool  # re-hash the content before the unlink even when its identity is unchanged
 
 
 def _package(session: Session, name: str) -> RawDataPackage:
@@ -76,8 +92,11 @@ def _package(session: Session, name: str) -> RawDataPackage:
 
 
 def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now: datetime,
-           run_id: str | None, early_ids: Collection[int]) -> _Claim | Decision:
-    """Re-decide from fresh reads; if still DELETE, commit the certificate and mark the copy."""
+           run_id: str | None, early_ids: Collection[int],
+           rechecked: dict[int, Rechecked]) -> _Claim | Decision:
+    """Re-decide from fresh reads; if still DELETE, commit the certificate and mark the copy.
+
+    The certificate rests only on LTA copies this purge just looked at on their storage."""
     with opsdb.session() as session:
         package = session.get_one(RawDataPackage, package_id)
         copy = session.get(PhysicalCopy, planned.copy_id)
@@ -88,14 +107,20 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
             return decision
         required, own_site = lta_requirement(config, decision.site, decision.location_type)
         relied = [c for c in lta if own_site in (None, c.location.site.short_name)]
+        unchecked = [c for c in relied if c.id not in rechecked]
+        if unchecked:
+            names = ", ".join(f"{c.location.label} copy {c.id}" for c in unchecked)
+            return replace(decision, action=Action.KEEP, reason=(
+                f"not re-checked on its storage just now: {names}; kept until it can be"))
         result = session.execute(update(PhysicalCopy).where(
             PhysicalCopy.id == copy.id, PhysicalCopy.status == copy.status)
             .values(status=CopyStatus.DELETION_IN_PROGRESS))
         if not isinstance(result, CursorResult) or result.rowcount != 1:
             return replace(decision, action=Action.KEEP, reason="claimed by another deletion")
         started = utcnow()
-        certificate: dict[str, Any] = {"required": required, "decided_at": started.isoformat(),
-                                       "copies": [_certified(c) for c in relied]}
+        certificate: dict[str, Any] = {
+            "required": required, "decided_at": started.isoformat(),
+            "copies": [{**_certified(c), **rechecked[c.id].evidence()} for c in relied]}
         operation = Operation(operation_type=OperationType.DELETION,
                               status=OperationStatus.IN_PROGRESS, package_id=package_id,
                               copy_id=copy.id, source_location_id=copy.location_id,
@@ -105,8 +130,11 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
         session.flush()
         prune = copy.kind == "raw_file" and decision.location_type in (
             LocationType.SOURCE, LocationType.PROCESSING)
+        source = decision.location_type == LocationType.SOURCE
         return _Claim(copy.id, operation.id, Path(decision.path), Path(copy.location.root),
-                      prune, copy.location.host, copy.size)
+                      copy.relative_path, prune, copy.location.host, copy.size, copy.checksum,
+                      copy.inode, copy.mtime_ns, source,
+                      source and config.settings.policies.rehash_sources_before_deletion)
 
 
 def _certified(copy: PackageCopy) -> dict[str, Any]:
@@ -135,29 +163,95 @@ def _prune_empty_dirs(path: Path, root: Path) -> None:
         parent = parent.parent
 
 
-def _execute(opsdb: OpsDB, ssh: SshSettings, claim: _Claim) -> tuple[int, str | None]:
+class _Changed(Exception):
+    """The file at the path is not the one recorded: it is kept, and the copy marked CORRUPT."""
+
+
+def _unlink_local(claim: _Claim) -> int:
+    """Unlink the claimed file if it still is the recorded one; returns the bytes freed.
+
+    Reached from the location root without following any symlink (a directory replaced by a
+    symlink cannot redirect the unlink); a size, inode or mtime that differs from the record
+    (or a policy that asks) means re-hashing it first: a changed file is never deleted."""
+    if root_problem(claim.root):
+        raise OSError(root_problem(claim.root))
+    try:
+        directory, name = open_parent(claim.root, claim.relative_path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(str(claim.path)) from exc
+        raise _Changed(f"{claim.relative_path} passes through a symlink or a non-directory; "
+                       "kept") from exc
+    try:
+        info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Changed(f"{claim.path} is no longer a regular file; kept")
+        if info.st_size != claim.size:
+            raise _Changed(f"{claim.path} changed since it was recorded: {info.st_size} bytes "
+                           f"on disk, {claim.size} recorded; kept")
+        identity = (claim.inode, claim.mtime_ns)
+        if claim.rehash or (claim.inode is not None and identity != (info.st_ino,
+                                                                     info.st_mtime_ns)):
+            found = look_local(claim.root, Wanted(claim.relative_path, rehash=True))
+            if found.checksum != claim.checksum or found.inode != info.st_ino:
+                raise _Changed(f"{claim.path} changed since it was recorded: content "
+                               f"{found.checksum or found.problem}, recorded {claim.checksum}; "
+                               "kept")
+        os.unlink(name, dir_fd=directory)
+        return info.st_size
+    finally:
+        os.close(directory)
+
+
+# Constant script: $1 the root, $2 the path below it, $3 the recorded size. Refuses a symlink in
+# any component, a non-regular file and a size that differs; exit 3 says "changed".
+_REMOVE_SCRIPT = r'''
+root=$1; rel=$2; want=$3
+[ -f "$root/.ccat-dt-location" ] || { echo "location root $root has no marker" >&2; exit 4; }
+p=$root; set -f; IFS=/
+for part in $rel; do p=$p/$part; [ -L "$p" ] && { echo "symlink at $p" >&2; exit 3; }; done
+[ -e "$p" ] || exit 0
+[ -f "$p" ] || { echo "$p is not a regular file" >&2; exit 3; }
+size=$(stat -c %s -- "$p") || exit 1
+[ "$size" = "$want" ] || { echo "$p has $size bytes, $want recorded" >&2; exit 3; }
+exec rm -f -- "$p"
+'''
+
+
+def _unlink_remote(ssh: SshSettings, claim: _Claim) -> int:
+    assert claim.host is not None
+    done = run(remote_command(ssh, claim.host, [
+        "sh", "-c", _REMOVE_SCRIPT, "sh", str(claim.root), claim.relative_path,
+        str(claim.size)]), timeout_s=SHORT_TIMEOUT_S)
+    if done.rc == 3:
+        raise _Changed(f"{claim.host}:{claim.path} is not the recorded file "
+                       f"({done.stderr.strip()}); kept")
+    if done.rc != 0:
+        raise OSError(str(classify_ssh(done.rc, done.stderr, what=f"rm {claim.path}")))
+    return claim.size
+
+
+def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | None]:
     """Unlink the claimed file and record the outcome; returns (bytes freed, failure or None)."""
     clock, note, size = time.monotonic(), None, 0
     try:
         if not _inside(claim.path, claim.root):
             raise OSError(f"refusing to delete {claim.path}: outside location root {claim.root}")
         if claim.host is not None:
-            where = Endpoint(PurePosixPath(claim.path), claim.host)
-            try:
-                remote_remove(ssh, where)
-            except TransferError as exc:
-                raise OSError(str(exc)) from exc
-            size = claim.size
+            size = _unlink_remote(ssh_settings(config), claim)
         else:
             try:
-                size = claim.path.lstat().st_size
-                claim.path.unlink()
+                size = _unlink_local(claim)
             except FileNotFoundError:
                 note = f"file already missing at deletion time: {claim.path}; treated as deleted"
-    except OSError as exc:
+    except (OSError, _Changed) as exc:
+        changed = isinstance(exc, _Changed) and claim.source
         with opsdb.session() as session:
             operation = session.get_one(Operation, claim.operation_id)
-            session.get_one(PhysicalCopy, claim.copy_id).status = CopyStatus.DELETION_FAILED
+            copy = session.get_one(PhysicalCopy, claim.copy_id)
+            # A source file that is not what was filed holds bytes no archive has: it freezes
+            # the package's purge and says so (`why`, `purge --plan`).
+            copy.status = CopyStatus.CORRUPT if changed else CopyStatus.DELETION_FAILED
             operation.status, operation.error = OperationStatus.FAILED, str(exc)
             operation.finished_at = utcnow()
             operation.duration_s = time.monotonic() - clock
@@ -195,6 +289,14 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     with opsdb.session() as session:
         package = _package(session, package_name)
         plan = plan_deletions(session, config, package, now, early_ids)
+    rechecked: dict[int, Rechecked] = {}
+    if any(d.action == Action.DELETE for d in plan):
+        # Look at the LTA copies on their storage now; any that fails is marked CORRUPT,
+        # which the re-plan below honours (the whole package is then kept).
+        rechecked = recheck_lta_copies(opsdb, config, package_name, now=now).passed
+        with opsdb.session() as session:
+            plan = plan_deletions(session, config, _package(session, package_name), now,
+                                  early_ids)
     if copy_ids is not None:
         allowed = {*copy_ids, *resumed}
         plan = [d if d.copy_id in allowed or d.action == Action.KEEP
@@ -206,11 +308,11 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     for planned in plan:
         if planned.action != Action.DELETE:
             continue
-        claim = _claim(opsdb, config, package_id, planned, now, run_id, early_ids)
+        claim = _claim(opsdb, config, package_id, planned, now, run_id, early_ids, rechecked)
         if isinstance(claim, Decision):
             kept.append(claim)
             continue
-        size, failure = _execute(opsdb, ssh_settings(config), claim)
+        size, failure = _execute(opsdb, config, claim)
         if failure is None:
             deleted, deleted_bytes = deleted + 1, deleted_bytes + size
         else:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config
+from ccat_dt.loss import Health, refresh_loss
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -25,6 +28,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.packages import get_package, lock_package, package_path, supersede
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, replication_source
+from ccat_dt.storage import root_problem
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
     Endpoint,
@@ -92,7 +96,9 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         jobs = [_start(session, item, destination, kind, run_id, attempt) for item in batch]
         remote = destination.host is not None or placement.source.host is not None
     transport = transport_for(config, route, remote=remote)
-    outcomes = _transfer(transport, jobs)
+    unmounted = root_problem(Path(destination.root)) if destination.host is None else None
+    outcomes = ([TransferError(unmounted, retryable=False)] * len(jobs) if unmounted
+                else _transfer(transport, jobs))
     own: Placed | None = None
     for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, Exception):
@@ -202,9 +208,11 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
             for stale in copies_at(session, package, kind, job.placement.site):
                 if stale.status == CopyStatus.CORRUPT:  # overwritten by this repair
                     stale.status, stale.deleted_at = CopyStatus.DELETED, now
+            inode, mtime_ns = _identity(job.destination)
             copy = PackageCopy(package=package, location_id=job.destination_id,
                                relative_path=job.relative, size=result.bytes,
-                               checksum=result.checksum, created_at=now, verified_at=utcnow())
+                               checksum=result.checksum, created_at=now, verified_at=utcnow(),
+                               inode=inode, mtime_ns=mtime_ns)
             session.add(copy)
             session.flush()
         operation = session.get_one(Operation, job.operation_id)
@@ -214,6 +222,18 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
                   seconds=result.seconds)
         refresh_state(session, config, package)
         return CopyRef.of(copy)
+
+
+def _identity(where: Endpoint) -> tuple[int | None, int | None]:
+    """(inode, mtime_ns) of a copy just verified, so a later re-check notices a replaced file;
+    remote copies get theirs at their first re-check (recheck.py)."""
+    if where.host is not None:
+        return None, None
+    try:
+        info = os.lstat(where.path)
+    except OSError:
+        return None, None
+    return info.st_ino, info.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -259,6 +279,9 @@ def verify(opsdb: OpsDB, config: Config, package: str, site: str,
             stored.status = CopyStatus.CORRUPT
         finish_in(session, operation.id, copy_id=copy.id, nbytes=size, seconds=None,
                   error=problem)
+        if problem is not None:
+            session.flush()
+            refresh_state(session, config, stored.package)  # ARCHIVED may fall back, or LOST
     return Verification(problem is None, f"{label}: {problem or 'checksum matches'}",
                         copy.id, str(where))
 
@@ -270,6 +293,8 @@ def verified_copy(session: Session, package: RawDataPackage, site: str,
 
 def refresh_state(session: Session, config: Config, package: RawDataPackage) -> None:
     """Derive the package state from its verified copies (never from what a step believes)."""
+    if refresh_loss(session, config, package).health == Health.LOST:
+        return
     lta_sites = {c.location.site.short_name
                  for c in copies_at(session, package, LocationType.LONG_TERM_ARCHIVE)
                  if c.is_verified}

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.opsdb.models import DataLocation, InstrumentModule, LocationType, Site
+from ccat_dt.storage import mark_location_root
+from ccat_dt.transports.factory import ssh_settings
+
+LOG = logging.getLogger(__name__)
 
 
 class UnknownLocation(LookupError):
@@ -72,10 +78,16 @@ def get_site(session: Session, short_name: str) -> Site:
 
 
 def prepare_opsdb(config: Config) -> None:
-    """Bring the OpsDB to the newest schema and mirror the configuration into it (what
-    `ccat-dt init` and `migrate` do; idempotent)."""
+    """Bring the OpsDB to the newest schema, mirror the configuration into it and mark the
+    location roots (what `ccat-dt init` and `migrate` do; idempotent)."""
     migrate(config.opsdb_url)
     opsdb = OpsDB(config.opsdb_url)
     with opsdb.session() as session:
         sync_topology(session, config)
     opsdb.dispose()
+    ssh = ssh_settings(config)
+    for site in config.settings.sites:
+        for location in site.locations:
+            root = str(config.resolve_root(location.root))
+            if problem := mark_location_root(root, location.host, ssh):
+                LOG.warning("%s/%s: %s", site.short_name, location.name, problem)

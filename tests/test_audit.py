@@ -20,7 +20,7 @@ from ccat_assets.driver import drive
 from ccat_dt.audit import audit
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import CONFIG_NAME, EMBEDDED_DEFAULT, write_default_config
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     Base,
     CopyStatus,
@@ -39,7 +39,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.reaper import purge_package
-from ccat_dt.topology import get_location, sync_topology
+from ccat_dt.topology import get_location, prepare_opsdb, sync_topology
 from tests.test_lifecycle import observe
 
 RETENTION_HOURS = 1000.0  # buffers and source keep their copies, so a purge has work to do
@@ -56,10 +56,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if location["type"] in ("source", "buffer"):
                 location["retention_hours"] = RETENTION_HOURS
     config = load_config(write_default_config(base / "deploy", {"sites": sites}))
-    migrate(config.opsdb_url)
+    prepare_opsdb(config)
     opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
     observe(config, opsdb, observations=1, files=2)
     home = base / "dagster_home"
     home.mkdir()

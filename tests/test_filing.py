@@ -38,7 +38,7 @@ MODULE = "primecam/f280"
 @pytest.fixture
 def root(config: Config) -> Path:
     path = config.resolve_root("sites/ccat/instruments")
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -224,6 +224,16 @@ def test_symlink_escaping_the_root(opsdb: OpsDB, root: Path, obs: str, tmp_path:
              files=[FileSpec("dirlink/secret.dat")])
 
 
+def test_a_symlinked_directory_inside_the_root_is_refused(opsdb: OpsDB, root: Path,
+                                                         obs: str) -> None:
+    """Filed through a symlink, one observation's purge could delete another's file."""
+    write(root / "obs-2" / "a.dat", b"another observation's data")
+    (root / "obs-1").symlink_to(root / "obs-2")
+    message = rejected(opsdb, r"path 'obs-1/a\.dat' passes through a symlink",
+                       files=[FileSpec("obs-1/a.dat")])
+    assert "obs-2/a.dat" in message  # says which real path to file instead
+
+
 def test_missing_file_and_not_a_regular_file(opsdb: OpsDB, root: Path, obs: str) -> None:
     rejected(opsdb, rf"file 'a/b\.dat' does not exist under {root}", files=[FileSpec("a/b.dat")])
     (root / "adir").mkdir()
@@ -356,5 +366,6 @@ def test_finish(opsdb: OpsDB) -> None:
 
 
 def test_missing_source_root(opsdb: OpsDB, config: Config, obs: str) -> None:
+    config.resolve_root("sites/ccat/instruments").rename(config.directory / "unmounted")
     rejected(opsdb, r"root .*instruments of source location ccat/instruments is missing",
              files=[FileSpec("a.dat")])

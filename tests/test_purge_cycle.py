@@ -16,7 +16,7 @@ from ccat_assets.cli import main
 from ccat_dt.checksums import hash_file, new_hasher
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -34,7 +34,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.purge_cycle import CyclePlan, DiskUsage, plan_cycle
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.retention import Action, Decision, plan_deletions
-from ccat_dt.topology import get_location, get_site, sync_topology
+from ccat_dt.topology import get_location, get_site, prepare_opsdb
 
 NOW = utcnow().replace(microsecond=0) - timedelta(hours=1)  # simulated "now", in the past
 
@@ -56,11 +56,7 @@ def deploy(directory: Path, locations: dict[str, dict[str, Any]] | None = None,
     assert isinstance(base, dict)
     config = load_config(write_default_config(
         directory, overrides={"sites": sites, "policies": {**base, **policies}}))
-    migrate(config.opsdb_url)
-    opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
-    opsdb.dispose()
+    prepare_opsdb(config)
     return config
 
 

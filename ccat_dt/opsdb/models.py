@@ -68,6 +68,7 @@ class PackageState(enum.StrEnum):
     TRANSFERRING = "transferring"  # left the observatory, not yet in enough archives
     ARCHIVED = "archived"  # in the required number of verified LTA copies
     FAILED = "failed"
+    LOST = "lost"  # some filed byte has no good copy anywhere: a person must act
 
 
 class CopyStatus(enum.StrEnum):
@@ -233,6 +234,10 @@ class PhysicalCopy(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     verified_at: Mapped[datetime | None] = mapped_column(nullable=True)
     deleted_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # What the file was when recorded (st_ino, st_mtime_ns): a deletion that finds either
+    # changed re-hashes the file before it trusts it is still the one filed.
+    inode: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     package_id: Mapped[int | None] = mapped_column(ForeignKey("raw_data_packages.id"),
                                                    nullable=True, index=True)
     raw_data_file_id: Mapped[int | None] = mapped_column(ForeignKey("raw_data_files.id"),

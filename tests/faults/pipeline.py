@@ -23,7 +23,7 @@ from ccat_assets.partitions import package_partitions
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
     LocationType,
@@ -34,7 +34,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
 )
 from ccat_dt.packages import plan_packages
-from ccat_dt.topology import sync_topology
+from ccat_dt.topology import prepare_opsdb
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "primecam/f280"
@@ -45,11 +45,7 @@ def deployment(directory: Path, **overrides: Any) -> Config:
     settings = copy.deepcopy(EMBEDDED_DEFAULT)
     settings.update(overrides)
     config = load_config(write_default_config(directory, overrides=settings))
-    migrate(config.opsdb_url)
-    opsdb = OpsDB(config.opsdb_url)
-    with opsdb.session() as session:
-        sync_topology(session, config)
-    opsdb.dispose()
+    prepare_opsdb(config)
     return config
 
 

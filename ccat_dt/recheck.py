@@ -1,0 +1,181 @@
+"""Re-verification of a package's LTA copies at deletion time.
+
+A deletion certificate used to quote OpsDB's last verification, possibly days old; an LTA copy
+removed or rotted since then still counted. Before a purge deletes anything it now looks at
+every LTA copy it may rely on, on its storage: the copy exists, is a regular file reached
+without symlinks under a marked location root, has the recorded size and identity (inode,
+mtime), and its content was hashed within `policies.deletion_recheck_hours` (older, or with a
+changed identity: hashed now, batched per location). A copy that fails is marked CORRUPT with
+a failed verification operation (the purge freezes; the repair sensor restores it); a location
+that cannot be looked at is only reported (nothing is known, so nothing is relied on).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    RawDataPackage,
+    _aware,
+    utcnow,
+)
+from ccat_dt.replicas import refresh_state
+from ccat_dt.storage import Seen, StorageUnavailable, Wanted, look
+from ccat_dt.transports.factory import ssh_settings
+
+
+@dataclass(frozen=True)
+class Rechecked:
+    """One LTA copy as found on its storage just before a deletion relies on it."""
+
+    copy_id: int
+    checked_at: datetime
+    size: int
+    hashed_at: datetime  # when its bytes last hashed to the checksum (checked_at if now)
+    rehashed: bool
+
+    def evidence(self) -> dict[str, Any]:
+        return {"checked_at": self.checked_at.isoformat(), "size": self.size,
+                "regular_file": True, "root_marked": True,
+                "hashed_at": self.hashed_at.isoformat(), "rehashed_now": self.rehashed}
+
+
+@dataclass(frozen=True)
+class RecheckReport:
+    passed: dict[int, Rechecked]
+    problems: list[str]  # one line per copy that failed or could not be looked at
+
+
+@dataclass(frozen=True)
+class _Copy:
+    id: int
+    label: str
+    root: str
+    host: str | None
+    relative_path: str
+    size: int
+    checksum: str
+    verified_at: datetime
+    inode: int | None
+    mtime_ns: int | None
+
+
+def _lta_copies(session: Session, package: RawDataPackage) -> list[_Copy]:
+    rows = session.scalars(
+        select(PackageCopy).join(DataLocation, PackageCopy.location_id == DataLocation.id)
+        .where(PackageCopy.package_id == package.id,
+               DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+               PackageCopy.status == CopyStatus.PRESENT)
+        .order_by(PackageCopy.id).execution_options(populate_existing=True)).all()
+    return [_Copy(c.id, c.location.label, c.location.root, c.location.host, c.relative_path,
+                  c.size, c.checksum, _aware(c.verified_at), c.inode, c.mtime_ns)
+            for c in rows if c.is_verified and c.verified_at is not None
+            and (package.checksum is None or c.checksum == package.checksum)]
+
+
+def _judge(copy: _Copy, seen: Seen) -> str | None:
+    """Why the copy found on the storage is not the verified copy, or None."""
+    if seen.problem is not None:
+        return seen.problem
+    if seen.size != copy.size:
+        return f"size {seen.size} on the storage, {copy.size} recorded"
+    if seen.checksum is not None and seen.checksum != copy.checksum:
+        return f"checksum mismatch: expected {copy.checksum}, read {seen.checksum}"
+    return None
+
+
+def _changed_identity(copy: _Copy, seen: Seen) -> bool:
+    return (copy.inode is None or copy.mtime_ns is None
+            or (seen.inode, seen.mtime_ns) != (copy.inode, copy.mtime_ns))
+
+
+def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
+                       now: datetime | None = None) -> RecheckReport:
+    """Look at every verified LTA copy of the package on its storage (see module docstring)."""
+    now = _aware(now or utcnow())
+    window = timedelta(hours=config.settings.policies.deletion_recheck_hours)
+    with opsdb.session() as session:
+        package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == package_name))
+        if package is None:
+            raise LookupError(f"unknown package '{package_name}'")
+        copies = _lta_copies(session, package)
+    by_location: dict[tuple[str, str | None], list[_Copy]] = defaultdict(list)
+    for copy in copies:
+        by_location[(copy.root, copy.host)].append(copy)
+    ssh = ssh_settings(config)
+    passed: dict[int, Rechecked] = {}
+    failed: dict[int, str] = {}
+    problems: list[str] = []
+    for (root, host), group in by_location.items():
+        try:
+            # First look: hash what is stale (or never had its identity recorded).
+            stale = [c.verified_at < now - window or c.inode is None for c in group]
+            seen = look(root, host, ssh, [Wanted(c.relative_path, s)
+                                          for c, s in zip(group, stale, strict=True)])
+            # A file whose inode or mtime changed since it was recorded is hashed now too.
+            again = [i for i, (c, s) in enumerate(zip(group, seen, strict=True))
+                     if s.problem is None and s.checksum is None and _changed_identity(c, s)]
+            if again:
+                for i, second in zip(again, look(root, host, ssh, [
+                        Wanted(group[i].relative_path, True) for i in again]), strict=True):
+                    seen[i] = second
+        except StorageUnavailable as exc:
+            problems += [f"{c.label} copy {c.id}: cannot be re-checked: {exc}" for c in group]
+            continue
+        checked_at = utcnow()
+        for copy, found in zip(group, seen, strict=True):
+            problem = _judge(copy, found)
+            if problem is not None:
+                failed[copy.id] = problem
+                problems.append(f"{copy.label} copy {copy.id}: {problem}")
+                continue
+            rehashed = found.checksum is not None
+            passed[copy.id] = Rechecked(copy.id, checked_at, found.size or 0,
+                                        checked_at if rehashed else copy.verified_at, rehashed)
+            if rehashed:
+                _record_rehash(opsdb, copy, found, checked_at)
+    if failed:
+        _mark_corrupt(opsdb, config, package_name, failed)
+    return RecheckReport(passed, problems)
+
+
+def _record_rehash(opsdb: OpsDB, copy: _Copy, seen: Seen, at: datetime) -> None:
+    with opsdb.session() as session:
+        stored = session.get_one(PackageCopy, copy.id)
+        if stored.status == CopyStatus.PRESENT:
+            stored.verified_at, stored.inode, stored.mtime_ns = at, seen.inode, seen.mtime_ns
+
+
+def _mark_corrupt(opsdb: OpsDB, config: Config, package_name: str,
+                  failed: dict[int, str]) -> None:
+    with opsdb.session() as session:
+        package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == package_name))
+        assert package is not None
+        now = utcnow()
+        for copy_id, problem in failed.items():
+            stored = session.get_one(PackageCopy, copy_id)
+            if stored.status == CopyStatus.PRESENT:
+                stored.status = CopyStatus.CORRUPT
+            session.add(Operation(
+                operation_type=OperationType.VERIFICATION, status=OperationStatus.FAILED,
+                package_id=package.id, copy_id=copy_id,
+                destination_location_id=stored.location_id,
+                reason="re-check before a deletion", error=problem, started_at=now,
+                finished_at=now))
+        session.flush()
+        refresh_state(session, config, package)  # LOST when no good copy is left

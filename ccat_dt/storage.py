@@ -1,0 +1,260 @@
+"""What is on the storage now: the look an irreversible step takes before it acts.
+
+OpsDB records what was verified, possibly days ago; a deletion must rest on what is there at
+the moment it happens. Everything here reads the storage itself:
+- a file is reached from its location root without following any symlink below the root
+  (openat with O_NOFOLLOW per component; remotely, `[ -L ]` per component), so a directory
+  replaced by a symlink cannot redirect a deletion or a check into another observation;
+- a location root must hold the marker `ccat-dt init` writes (MARKER): an unmounted disk's
+  empty mount point has none, so nothing is counted, written or deleted there;
+- remote files are looked at in one ssh round trip per location and batch, hashed on their
+  host with `xxhsum -H2` (no bytes cross the link).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
+from ccat_dt.transports.base import SshSettings, TransferError
+from ccat_dt.transports.remote import (
+    HASH_TIMEOUT_S,
+    check_path,
+    classify_ssh,
+    parse_xxhsum,
+    remote_command,
+    run,
+)
+
+MARKER = ".ccat-dt-location"
+MARKER_TEXT = "ccat-dt location root: written by `ccat-dt init`; do not delete\n"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One file as found on its storage just now."""
+
+    relative_path: str
+    problem: str | None  # None: a regular file, reached without symlinks, root marked
+    size: int | None = None
+    inode: int | None = None
+    mtime_ns: int | None = None
+    checksum: str | None = None  # only when it was hashed now
+
+    @property
+    def missing(self) -> bool:
+        return self.problem is not None and self.problem.startswith("missing")
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A file to look at, and whether its content must be hashed now."""
+
+    relative_path: str
+    rehash: bool
+
+
+class StorageUnavailable(Exception):
+    """The location cannot be looked at (root unmarked, host unreachable): nothing is known."""
+
+
+def write_marker(root: Path) -> None:
+    """Mark a location root as the one configured (done by `ccat-dt init` on a mounted disk)."""
+    marker = root / MARKER
+    if not marker.exists():
+        marker.write_text(MARKER_TEXT, encoding="utf-8")
+
+
+def mark_location_root(root: str, host: str | None, ssh: SshSettings) -> str | None:
+    """Create a location root that does not exist yet and mark it; returns a problem or None.
+
+    Run at set-up (`ccat-dt init`, `migrate`) with every disk mounted: from then on only a
+    root with the marker is written to, counted or deleted from."""
+    if host is None:
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            write_marker(Path(root))
+        except OSError as exc:
+            return f"cannot prepare location root {root}: {exc}"
+        return None
+    script = 'mkdir -p -- "$1" && { [ -e "$1/$2" ] || printf %s "$3" > "$1/$2"; }'
+    try:
+        done = run(remote_command(ssh, host, ["sh", "-c", script, "sh", check_path(root), MARKER,
+                                              MARKER_TEXT]), timeout_s=60)
+    except TransferError as exc:
+        return f"cannot prepare location root {root} on {host}: {exc}"
+    if done.rc != 0:
+        return f"cannot prepare location root {root} on {host}: {done.stderr.strip()}"
+    return None
+
+
+def root_problem(root: Path) -> str | None:
+    """Why `root` cannot be trusted as the configured location root, or None."""
+    if not root.is_dir():
+        return f"location root {root} does not exist (is the disk mounted?)"
+    if not (root / MARKER).is_file():
+        return (f"location root {root} has no {MARKER} marker: not the disk `ccat-dt init` "
+                "prepared (is it mounted?); run `ccat-dt init` once the right disk is there")
+    return None
+
+
+def _parts(relative_path: str) -> tuple[str, ...]:
+    parts = PurePosixPath(relative_path).parts
+    if (not parts or PurePosixPath(relative_path).is_absolute()
+            or any(p in ("", ".", "..") for p in parts)):
+        raise ValueError(f"not a plain relative path: {relative_path!r}")
+    return parts
+
+
+def open_parent(root: Path, relative_path: str) -> tuple[int, str]:
+    """A directory fd for the parent of `relative_path` under `root`, reached without following
+    any symlink below the root, and the final name. OSError(ELOOP/ENOTDIR) on a symlink."""
+    *directories, name = _parts(relative_path)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in directories:
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+def _hash_at(directory: int, name: str) -> tuple[str, int, os.stat_result]:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    try:
+        hasher, size = new_hasher(), 0
+        buffer = bytearray(CACHED_CHUNK_SIZE)
+        view = memoryview(buffer)
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+            while count := stream.readinto(buffer):
+                hasher.update(view[:count])
+                size += count
+        return hasher.hexdigest(), size, os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _symlink_problem(exc: OSError, relative_path: str) -> str:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return f"path {relative_path} passes through a symlink or a non-directory"
+    if exc.errno == errno.ENOENT:
+        return f"missing: {relative_path} is not on the storage"
+    return f"cannot read {relative_path}: {exc.strerror or exc}"
+
+
+def look_local(root: Path, wanted: Wanted) -> Seen:
+    """Stat (and when asked, hash) one file under a local root without following symlinks."""
+    rel = wanted.relative_path
+    try:
+        directory, name = open_parent(root, rel)
+    except OSError as exc:
+        return Seen(rel, _symlink_problem(exc, rel))
+    try:
+        info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        if stat.S_ISLNK(info.st_mode):
+            return Seen(rel, f"{rel} is a symlink, not the file that was recorded")
+        if not stat.S_ISREG(info.st_mode):
+            return Seen(rel, f"{rel} is not a regular file")
+        checksum = None
+        if wanted.rehash:
+            checksum, size, info = _hash_at(directory, name)
+            if size != info.st_size:
+                return Seen(rel, f"{rel} changed while it was read")
+        return Seen(rel, None, info.st_size, info.st_ino, info.st_mtime_ns, checksum)
+    except OSError as exc:
+        return Seen(rel, _symlink_problem(exc, rel))
+    finally:
+        os.close(directory)
+
+
+def look(root: str, host: str | None, ssh: SshSettings, wanted: Sequence[Wanted]) -> list[Seen]:
+    """Look at several files of one location; raises StorageUnavailable when the location
+    itself cannot be trusted or reached (then nothing is known about any of them)."""
+    if host is None:
+        problem = root_problem(Path(root))
+        if problem:
+            raise StorageUnavailable(problem)
+        return [look_local(Path(root), item) for item in wanted]
+    return _look_remote(root, host, ssh, wanted)
+
+
+# Constant script; the root, then (flag, relative path) pairs arrive as positional parameters.
+# Per file one line "INDEX STATUS SIZE INODE MTIME" and, when hashed, the xxhsum line of stdin
+# (so no name to escape). MTIME is in whole seconds (portable `stat -c %Y`), scaled by 10^9.
+_LOOK_SCRIPT = r'''
+root=$1; shift
+[ -f "$root/.ccat-dt-location" ] || { echo "UNMARKED"; exit 0; }
+i=0
+while [ $# -gt 0 ]; do
+  hash=$1; rel=$2; shift 2
+  p=$root; bad=; set -f; saved=$IFS; IFS=/
+  for part in $rel; do
+    p=$p/$part
+    if [ -L "$p" ]; then bad=symlink; break; fi
+  done
+  IFS=$saved; set +f
+  if [ -n "$bad" ]; then echo "$i symlink";
+  elif [ ! -e "$p" ]; then echo "$i missing";
+  elif [ ! -f "$p" ]; then echo "$i notfile";
+  else
+    echo "$i ok $(stat -c '%s %i %Y' -- "$p")"
+    if [ "$hash" = 1 ]; then xxhsum -H2 < "$p" || echo "$i unreadable"; fi
+  fi
+  i=$((i+1))
+done
+'''
+
+
+def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted]) -> list[Seen]:
+    arguments = [check_path(root)]
+    for item in wanted:
+        _parts(item.relative_path)
+        arguments += ["1" if item.rehash else "0", check_path(item.relative_path)]
+    try:
+        done = run(remote_command(ssh, host, ["sh", "-c", _LOOK_SCRIPT, "sh", *arguments]),
+                   timeout_s=HASH_TIMEOUT_S)
+    except TransferError as exc:
+        raise StorageUnavailable(f"cannot reach {host}: {exc}") from exc
+    if done.rc != 0:
+        raise StorageUnavailable(str(classify_ssh(done.rc, done.stderr,
+                                                  what=f"looking at {root} on {host}")))
+    lines = done.stdout.splitlines()
+    if lines[:1] == ["UNMARKED"]:
+        raise StorageUnavailable(f"location root {root} on {host} has no {MARKER} marker: not "
+                                 "the disk `ccat-dt init` prepared (is it mounted?)")
+    seen: list[Seen] = []
+    position = 0
+    for index, item in enumerate(wanted):
+        rel = item.relative_path
+        words = lines[position].split() if position < len(lines) else []
+        position += 1
+        if words[:1] != [str(index)] or len(words) < 2:
+            raise StorageUnavailable(f"unexpected answer from {host} for {rel}: {words}")
+        status = words[1]
+        if status == "symlink":
+            seen.append(Seen(rel, f"path {rel} passes through a symlink or a non-directory"))
+        elif status == "missing":
+            seen.append(Seen(rel, f"missing: {rel} is not on the storage"))
+        elif status == "notfile":
+            seen.append(Seen(rel, f"{rel} is not a regular file"))
+        else:
+            size, inode, mtime = (int(w) for w in words[2:5])
+            checksum = None
+            if item.rehash:
+                line = lines[position] if position < len(lines) else ""
+                position += 1
+                if line.startswith(f"{index} unreadable"):
+                    seen.append(Seen(rel, f"cannot read {rel} on {host}"))
+                    continue
+                checksum = parse_xxhsum(line)
+            seen.append(Seen(rel, None, size, inode, mtime * 1_000_000_000, checksum))
+    return seen
