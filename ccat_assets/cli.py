@@ -98,8 +98,20 @@ def cmd_drive(args: argparse.Namespace) -> None:
     report = drive(build_definitions(config), open_instance(config), log=print)
     print(f"{len(report.launched)} run(s) in {report.rounds} round(s), "
           f"{len(report.failed)} failed")
-    if report.failed:
+    if report.failed or _report_danger(config):
         raise SystemExit(1)
+
+
+def _report_danger(config: Config) -> bool:
+    """Print every LOST or AT RISK package; True if any is LOST (a person must act)."""
+    from ccat_dt.loss import Health, packages_in_danger
+
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        danger = packages_in_danger(session, config)
+    for name, assessment in danger:
+        print(f"{assessment.health.value.upper()}: {name}: {assessment.reason}")
+    return any(a.health == Health.LOST for _, a in danger)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -227,7 +239,11 @@ def cmd_audit(args: argparse.Namespace) -> None:
         print(f"repaired: {line}")
     print(f"{report.checked_copies} copies checked, {report.scanned_files} files scanned, "
           f"{len(report.problems)} problem(s), {len(report.repaired)} repaired")
-    if report.problems:
+    not_audited = [f for f in report.findings if f.kind == "skipped"]
+    if not_audited:
+        print(f"{len(not_audited)} location(s) or directories NOT audited (see 'skipped')")
+    lost = _report_danger(config)
+    if report.problems or not_audited or lost:
         raise SystemExit(1)
 
 

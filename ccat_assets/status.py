@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from ccat_dt.config import Config
 from ccat_dt.forecast import forecast_buffers
+from ccat_dt.loss import packages_in_danger
 from ccat_dt.metrics import service_level_figures
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import utcnow
@@ -14,6 +15,11 @@ from ccat_dt.report import Summary, summarize, throughput
 
 def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
     s = summarize(opsdb)
+    if config is not None:
+        with opsdb.session() as session:
+            danger = packages_in_danger(session, config)
+        for name, assessment in danger:  # before anything else: a person must act
+            print(f"{assessment.health.value.upper()}: {name}: {assessment.reason}")
     print(f"\nraw files: {s.files} ({s.file_bytes / 1e6:.1f} MB)   packages: "
           + ", ".join(f"{n} {state}" for state, n in sorted(s.packages.items()))
           + f" ({s.package_bytes / 1e6:.1f} MB)")

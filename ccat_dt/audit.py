@@ -35,6 +35,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.replicas import refresh_state
+from ccat_dt.storage import MARKER, root_problem
 
 LOST, CHANGED, DARK, PARTIAL, STALE_DELETED, SKIPPED = (
     "lost", "changed", "dark", "partial", "stale_deleted", "skipped")
@@ -185,6 +186,11 @@ def _audit_location(opsdb: OpsDB, location: _Location, local_roots: set[str], *,
             f"location root is missing or not a directory (not mounted?): {expected} "
             "copies recorded on disk there were not checked"))
         return walk
+    if expected and (problem := root_problem(Path(root))):
+        walk.findings.append(Finding(SKIPPED, location.label, root, None,
+                                     f"{problem}: {expected} copies recorded there were not "
+                                     "checked"))
+        return walk
 
     seen: set[str] = set()
     unreadable: list[str] = []
@@ -201,6 +207,8 @@ def _audit_location(opsdb: OpsDB, location: _Location, local_roots: set[str], *,
             continue
         for entry in listing:
             relative = f"{prefix}{entry.name}"
+            if relative == MARKER:
+                continue  # the location root's own marker (storage.py)
             if entry.is_dir(follow_symlinks=False):
                 if os.path.normpath(entry.path) not in local_roots:  # nested location: own audit
                     stack.append((f"{relative}/", entry.path))
@@ -249,7 +257,9 @@ def _check(walk: _Walk, location: _Location, entry: os.DirEntry[str],
         walk.checked += 1
         size = _size(entry)
         problem, why = None, "size"
-        if size != record.size:
+        if entry.is_symlink():
+            problem = f"a symlink where the recorded file should be (to {_target(entry)})"
+        elif size != record.size:
             problem = f"size on disk {size} bytes, recorded {record.size}"
         elif checksums:
             try:
@@ -286,6 +296,13 @@ def _partial(walk: _Walk, location: _Location, entry: os.DirEntry[str], now: dat
     walk.findings.append(finding)
     if age > PARTIAL_MAX_AGE and not busy:
         walk.partial.append((finding, mtime))
+
+
+def _target(entry: os.DirEntry[str]) -> str:
+    try:
+        return os.readlink(entry.path)
+    except OSError:
+        return "?"
 
 
 def _size(entry: os.DirEntry[str]) -> int:

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.loss import Health, assess
 from ccat_dt.opsdb.models import (
     CopyStatus,
     ExecutedObsUnit,
@@ -45,6 +46,9 @@ def diagnose(session: Session, config: Config, name: str, now: datetime) -> list
     for site in config.settings.archive_sites:
         stages += _at_site(session, config, package, site.short_name)
     stages.append(_purge(session, config, package, now))
+    assessment = assess(session, config, package)
+    if assessment.health != Health.SAFE:  # first, in words: nothing else matters as much
+        stages.insert(0, StageState("integrity", assessment.health.value, assessment.reason))
     return stages
 
 

@@ -78,3 +78,15 @@ def refresh_loss(session: Session, config: Config, package: RawDataPackage) -> A
     elif package.state == PackageState.LOST:
         package.state = PackageState.TRANSFERRING  # refresh_state derives the rest
     return assessment
+
+
+def packages_in_danger(session: Session, config: Config) -> list[tuple[str, Assessment]]:
+    """LOST and AT RISK packages, worst first. Only packages marked LOST or with a CORRUPT
+    copy can be in danger (every check that finds a bad copy marks it), so this stays cheap."""
+    corrupt = select(PackageCopy.package_id).where(PackageCopy.status == CopyStatus.CORRUPT)
+    candidates = session.scalars(select(RawDataPackage).where(
+        (RawDataPackage.state == PackageState.LOST) | RawDataPackage.id.in_(corrupt))
+        .order_by(RawDataPackage.name)).all()
+    found = [(p.name, assess(session, config, p)) for p in candidates]
+    danger = [(name, a) for name, a in found if a.health != Health.SAFE]
+    return sorted(danger, key=lambda item: item[1].health != Health.LOST)

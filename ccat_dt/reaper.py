@@ -396,6 +396,13 @@ def certificate_problems(opsdb: OpsDB, config: Config, package_name: str) -> lis
 def _operation_problem(session: Session, config: Config, package: RawDataPackage,
                        copy: PhysicalCopy, operation: Operation) -> str | None:
     evidence = operation.evidence
+    if isinstance(evidence, dict) and "superseded_by" in evidence:
+        # A CORRUPT copy overwritten by its repair: the new copy took its place.
+        newer = session.get(PhysicalCopy, evidence["superseded_by"])
+        if (isinstance(newer, PackageCopy) and newer.location_id == copy.location_id
+                and newer.package_id == package.id):
+            return None
+        return f"operation {operation.id} names no replacing copy at {copy.location.label}"
     if not isinstance(evidence, dict) or not isinstance(evidence.get("copies"), list):
         return f"operation {operation.id} has no deletion certificate"
     location = copy.location

@@ -205,9 +205,8 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         if same:  # a concurrent run of this step recorded the same bytes at the same name first
             copy = same[0]
         else:
-            for stale in copies_at(session, package, kind, job.placement.site):
-                if stale.status == CopyStatus.CORRUPT:  # overwritten by this repair
-                    stale.status, stale.deleted_at = CopyStatus.DELETED, now
+            stale = [c for c in copies_at(session, package, kind, job.placement.site)
+                     if c.status == CopyStatus.CORRUPT]
             inode, mtime_ns = _identity(job.destination)
             copy = PackageCopy(package=package, location_id=job.destination_id,
                                relative_path=job.relative, size=result.bytes,
@@ -215,6 +214,13 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
                                inode=inode, mtime_ns=mtime_ns)
             session.add(copy)
             session.flush()
+            for bad in stale:  # overwritten by this repair: superseded, on the record
+                bad.status, bad.deleted_at = CopyStatus.DELETED, now
+                session.add(Operation(
+                    operation_type=OperationType.DELETION, status=OperationStatus.COMPLETED,
+                    package=package, copy_id=bad.id, source_location_id=bad.location_id,
+                    reason=f"superseded by repaired copy {copy.id}", started_at=now,
+                    finished_at=now, evidence={"superseded_by": copy.id}))
         operation = session.get_one(Operation, job.operation_id)
         operation.log_path, operation.transport = result.log_path, transport
         supersede(session, operation)
