@@ -26,6 +26,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.retention import Action, plan_deletions
 from ccat_dt.routing import copies_at, replication_source
+from ccat_dt.topology import primary_location
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,11 @@ def _at_site(session: Session, config: Config, package: RawDataPackage,
         elif any(c.status == CopyStatus.DELETED for c in copies):
             out.append(StageState(stage, "done", "verified, then purged after archiving"))
         else:
-            operation = None
-            if copies or kind == LocationType.BUFFER:
-                operation = _last(session, package, OperationType.TRANSFER if
-                                  kind == LocationType.BUFFER else OperationType.ARCHIVE)
+            # This site's own last attempt, even before any copy row exists there.
+            destination = primary_location(session, site, kind)
+            operation = _last(session, package, OperationType.TRANSFER if
+                              kind == LocationType.BUFFER else OperationType.ARCHIVE,
+                              destination.id)
             failure = _failed(operation)
             if failure:
                 out.append(StageState(stage, "failed", failure))

@@ -6,11 +6,11 @@ rule (the verified copies a deletion rests on are exactly as for a normal deleti
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
@@ -18,6 +18,7 @@ from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
     LocationType,
+    PackageCopy,
     PhysicalCopy,
     RawDataFile,
     RawDataPackage,
@@ -166,3 +167,12 @@ def _early(decision: Decision) -> Decision:
                    reason=decision.reason.replace("deletable after", "disk pressure: deleting "
                                                   "early; would have been deletable after"))
 
+
+
+def newest_package_copies(session: Session, packages: Collection[str]) -> dict[str, int]:
+    """The id of each package's newest copy (any location, any status)."""
+    rows = session.execute(
+        select(RawDataPackage.name, func.max(PackageCopy.id))
+        .join(PackageCopy, PackageCopy.package_id == RawDataPackage.id)
+        .where(RawDataPackage.name.in_(list(packages))).group_by(RawDataPackage.name)).all()
+    return {name: newest for name, newest in rows}

@@ -28,7 +28,7 @@ from ccat_dt.pending import (
     repairs_due,
     site_copies_due,
 )
-from ccat_dt.purge_cycle import plan_cycle
+from ccat_dt.purge_cycle import newest_package_copies, plan_cycle
 from ccat_dt.queues import (
     archive_queue,
     deletion_queue,
@@ -86,16 +86,22 @@ def purge_sensor(context: SensorEvaluationContext,
                  deployment: Deployment) -> SensorResult | SkipReason:
     """One purge cycle: the planner picks what may go now (within the byte budget, early where
     a disk is under pressure); each package with deletions at a site gets a run there, told
-    exactly which copies. The run key names those copies: a replayed tick launches nothing
-    twice."""
+    exactly which copies. The run key names those copies and the package's newest copy: a
+    replayed tick launches nothing twice, a repair makes a kept purge due again."""
     with deployment.opsdb.session() as session:
         plan = plan_cycle(session, deployment.config, utcnow())
     if not plan.deletions:
         return SkipReason("nothing may be deleted now")
     config = deployment.config
     requests = []
-    for (package, site), (copy_ids, early_ids, locations) in plan.by_site().items():
-        digest = hashlib.sha1(",".join(map(str, sorted(copy_ids))).encode()).hexdigest()[:12]
+    by_site = plan.by_site()
+    with deployment.opsdb.session() as session:
+        newest = newest_package_copies(session, {package for package, _ in by_site})
+    for (package, site), (copy_ids, early_ids, locations) in by_site.items():
+        # A new copy of the package (a repaired LTA copy, say) is a new reason to try: the
+        # same copies kept by an earlier purge for a bad LTA copy may go now.
+        basis = [*sorted(copy_ids), newest.get(package, 0)]
+        digest = hashlib.sha1(",".join(map(str, basis)).encode()).hexdigest()[:12]
         requests.append(RunRequest(
             partition_key=package, run_key=f"purge:{package}:{site}:{digest}",
             run_config=on_queue(config, deletion_queue(config, site, locations[0]), {

@@ -135,16 +135,7 @@ def main(argv: list[str]) -> int:
         if options.kill == "after-certificate":  # certificate committed, nothing unlinked
             wrap(reaper, "_execute", before=die, nth=options.nth)
         elif options.kill == "after-unlink":  # unlinked, the deletion not recorded
-            real_unlink = Path.unlink
-            unlinks = [0]
-
-            def unlink_then_die(self: Path, missing_ok: bool = False) -> None:
-                real_unlink(self, missing_ok=missing_ok)
-                unlinks[0] += 1
-                if unlinks[0] == options.nth:
-                    die()
-
-            Path.unlink = unlink_then_die  # type: ignore[method-assign]
+            wrap(reaper, "_unlink_local", after=die, nth=options.nth)
         report = reaper.purge_package(opsdb, config, name)
         result = {"deleted": report.deleted, "failures": report.failures}
 

@@ -1,0 +1,273 @@
+"""Deletion rests on what is on the storage now (issue 12): the record and the storage drift
+apart during the sources' retention, then the purge runs. Each test drives the real pipeline,
+then reads the storage: every filed byte is still in a good copy somewhere."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+from ccat_assets import cli
+from ccat_dt.config import Config, ConfigError, load_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT
+from ccat_dt.diagnosis import diagnose
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    Operation,
+    OperationType,
+    PackageState,
+    RawDataFileCopy,
+    utcnow,
+)
+from ccat_dt.reaper import certificate_problems
+from tests.faults.pipeline import (
+    archived_everywhere,
+    deployment,
+    observe,
+    package_names,
+    package_state,
+    run,
+    source_root,
+)
+from tests.faults.storage_truth import lost_filed_files
+
+KEEP = 1000.0  # hours: the sources and buffers outlive the first drive
+
+
+def _sites(hours: float) -> list[dict[str, Any]]:
+    sites = copy.deepcopy(EMBEDDED_DEFAULT["sites"])
+    assert isinstance(sites, list)
+    for site in sites:
+        for location in site["locations"]:
+            if location["type"] in ("source", "buffer"):
+                location["retention_hours"] = hours
+    return sites
+
+
+def retention(config: Config, hours: float) -> Config:
+    """The same deployment with another retention for sources and buffers (an operator's
+    edit of the YAML): the purge of the next drive may then delete."""
+    settings = yaml.safe_load(config.path.read_text())
+    settings["sites"] = _sites(hours)
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return load_config(config.path)
+
+
+@pytest.fixture
+def kept(tmp_path: Path) -> Config:
+    """A deployment whose sources and buffers are kept through the first drive."""
+    return deployment(tmp_path / "kept", sites=_sites(KEEP))
+
+
+def lta_tar(config: Config, site: str, package: str) -> Path:
+    [tar] = config.resolve_root(f"sites/{site}/lta").rglob(f"{package}.tar")
+    return tar
+
+
+def archived_with_sources(config: Config, instance: DagsterInstance) -> tuple[OpsDB, str,
+                                                                             list[Path]]:
+    opsdb = OpsDB(config.opsdb_url)
+    files = observe(config, opsdb)
+    run(config, instance)
+    [package] = package_names(opsdb)
+    assert package_state(opsdb, package) == PackageState.ARCHIVED
+    assert all(p.is_file() for p in files)  # retention keeps them
+    return opsdb, package, files
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def exit_code(argv: list[str]) -> int:
+    try:
+        cli.main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def deletion_certificates(opsdb: OpsDB) -> list[dict[str, Any]]:
+    with opsdb.session() as session:
+        return [op.evidence for op in session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.DELETION)) if op.evidence
+            and "copies" in op.evidence]
+
+
+@pytest.mark.parametrize("fault", ["removed", "corrupted"])
+def test_one_lta_copy_gone_during_retention_is_restored_before_sources_go(
+        kept: Config, instance: DagsterInstance, fault: str) -> None:
+    opsdb, package, files = archived_with_sources(kept, instance)
+    tar = lta_tar(kept, "us", package)
+    tar.unlink() if fault == "removed" else flip_byte(tar)
+
+    config = retention(kept, 0)
+    run(config, instance)
+
+    assert lost_filed_files(config, opsdb) == []
+    # The purge re-checked the storage, found the copy bad, kept everything until the repair
+    # sensor restored it from Cologne; only then did the sources go, under a fresh look.
+    with opsdb.session() as session:
+        failed = session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.VERIFICATION,
+            Operation.reason == "re-check before a deletion")).all()
+        assert len(failed) == 1 and failed[0].error
+    archived_everywhere(config, opsdb)
+    assert not any(p.exists() for p in files)
+    for certificate in deletion_certificates(opsdb):
+        assert len(certificate["copies"]) == 2 or certificate["required"] == 1
+        assert all(c["regular_file"] and c["checked_at"] for c in certificate["copies"])
+    assert certificate_problems(opsdb, config, package) == []
+
+
+@pytest.mark.parametrize("fault", ["removed", "corrupted"])
+def test_both_lta_copies_gone_keep_every_source(kept: Config, instance: DagsterInstance,
+                                                fault: str) -> None:
+    opsdb, package, files = archived_with_sources(kept, instance)
+    for site in ("cologne", "us"):
+        tar = lta_tar(kept, site, package)
+        tar.unlink() if fault == "removed" else flip_byte(tar)
+
+    config = retention(kept, 0)
+    run(config, instance)
+
+    assert all(p.is_file() for p in files)
+    assert lost_filed_files(config, opsdb) == []
+    with opsdb.session() as session:
+        stages = {s.stage: s for s in diagnose(session, config, package, utcnow())}
+    assert stages["LTA copy us"].state == "quarantined"
+    assert "integrity check failed" in stages["purge"].detail
+
+
+@pytest.mark.parametrize("rewrite", ["same size", "other size"])
+def test_source_rewritten_after_archiving_is_kept(kept: Config, instance: DagsterInstance,
+                                                 rewrite: str) -> None:
+    opsdb, package, files = archived_with_sources(kept, instance)
+    victim = files[1]
+    new = os.urandom(victim.stat().st_size + (0 if rewrite == "same size" else 7))
+    victim.write_bytes(new)  # an instrument rewrote it: these bytes were never archived
+
+    config = retention(kept, 0)
+    run(config, instance)
+
+    assert victim.read_bytes() == new
+    assert lost_filed_files(config, opsdb) == []
+    with opsdb.session() as session:
+        copies = session.scalars(select(RawDataFileCopy)).all()
+        [changed] = [c for c in copies if c.relative_path.endswith(victim.name)]
+        assert changed.status == CopyStatus.CORRUPT
+        reasons = " ".join(d.detail for d in diagnose(session, config, package, utcnow()))
+    assert "changed since it was recorded" in " ".join(
+        op[1] or "" for op in _deletions(opsdb))
+    assert "integrity check failed" in reasons
+
+
+def _deletions(opsdb: OpsDB) -> list[tuple[str, str | None]]:
+    with opsdb.session() as session:
+        return [(op.status.value, op.error) for op in session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.DELETION))]
+
+
+def test_directory_symlink_in_the_source_never_deletes_another_observations_file(
+        kept: Config, instance: DagsterInstance) -> None:
+    opsdb, package, files = archived_with_sources(kept, instance)
+    # obs-1 is still being observed (open, not archived): its file must survive.
+    other = source_root(kept) / "obs-1" / "primecam" / "f280"
+    other.mkdir(parents=True)
+    theirs = other / files[0].name
+    theirs.write_bytes(b"obs-1's only copy")
+    observed = source_root(kept) / "obs-0"
+    shutil.rmtree(observed)
+    observed.symlink_to(source_root(kept) / "obs-1")  # obs-0's tree now points at obs-1's
+
+    config = retention(kept, 0)
+    run(config, instance)
+
+    assert theirs.read_bytes() == b"obs-1's only copy"
+    assert lost_filed_files(config, opsdb) == []  # obs-0's bytes are in both archives
+    errors = " ".join(error or "" for _, error in _deletions(opsdb))
+    assert "passes through a symlink" in errors
+
+
+def test_two_archive_locations_on_one_directory_are_refused(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    sites = _sites(0)
+    for site in sites:
+        if site["short_name"] == "us":
+            [lta] = [loc for loc in site["locations"] if loc["type"] == "long_term_archive"]
+            lta["root"] = "alias-of-cologne-lta"
+    config = deployment(tmp_path / "one", sites=_sites(0))
+    (config.directory / "alias-of-cologne-lta").symlink_to(
+        config.resolve_root("sites/cologne/lta"))
+    settings = yaml.safe_load(config.path.read_text())
+    settings["sites"] = sites
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    with pytest.raises(ConfigError, match="cologne/lta and us/lta are on the same directory"):
+        load_config(config.path)
+    assert exit_code(["--config", str(config.path), "status"]) == 2
+    assert "one disk would count as two copies" in capsys.readouterr().err
+
+
+def test_an_unmounted_archive_root_is_never_written_to(kept: Config,
+                                                       instance: DagsterInstance) -> None:
+    """The archive disk is not mounted: its mount point is an empty directory without the
+    marker `ccat-dt init` wrote. Nothing is archived there and no source is purged."""
+    mount_point = kept.resolve_root("sites/us/lta")
+    shutil.rmtree(mount_point)
+    mount_point.mkdir()
+    config = retention(kept, 0)
+    opsdb = OpsDB(config.opsdb_url)
+    files = observe(config, opsdb)
+
+    run(config, instance)
+
+    assert list(mount_point.iterdir()) == []
+    assert all(p.is_file() for p in files)
+    assert lost_filed_files(config, opsdb) == []
+    [package] = package_names(opsdb)
+    with opsdb.session() as session:
+        stages = {s.stage: s for s in diagnose(session, config, package, utcnow())}
+        location = session.scalar(select(DataLocation).where(DataLocation.root == str(
+            mount_point)))
+        assert location is not None and location.location_type == LocationType.LONG_TERM_ARCHIVE
+    assert "marker" in stages["LTA copy us"].detail
+
+
+def test_sources_purged_then_both_archives_bad_is_loud(tmp_path: Path,
+                                                       instance: DagsterInstance,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    config = deployment(tmp_path / "lost", sites=_sites(0))
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb)
+    run(config, instance)
+    [package] = package_names(opsdb)
+    archived_everywhere(config, opsdb)
+    for site in ("cologne", "us"):
+        flip_byte(lta_tar(config, site, package))
+    capsys.readouterr()
+
+    assert exit_code(["--config", str(config.path), "audit", "--checksums", "--repair"]) == 1
+
+    assert package_state(opsdb, package) == PackageState.LOST
+    out = capsys.readouterr().out
+    assert f"LOST: {package}: DATA LOST" in out
+    assert exit_code(["--config", str(config.path), "status"]) == 0
+    assert capsys.readouterr().out.lstrip().startswith(f"LOST: {package}")
+    assert exit_code(["--config", str(config.path), "why", package]) == 0
+    assert "DATA LOST" in capsys.readouterr().out
+    assert exit_code(["--config", str(config.path), "drive"]) == 1
