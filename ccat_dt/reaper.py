@@ -205,17 +205,16 @@ def _unlink_local(claim: _Claim) -> int:
 
 # Constant script: $1 the root, $2 the path below it, $3 the recorded size. Refuses a symlink in
 # any component, a non-regular file and a size that differs; exit 3 says "changed".
-_REMOVE_SCRIPT = r'''
-root=$1; rel=$2; want=$3
-[ -f "$root/.ccat-dt-location" ] || { echo "location root $root has no marker" >&2; exit 4; }
-p=$root; set -f; IFS=/
-for part in $rel; do p=$p/$part; [ -L "$p" ] && { echo "symlink at $p" >&2; exit 3; }; done
-[ -e "$p" ] || exit 0
-[ -f "$p" ] || { echo "$p is not a regular file" >&2; exit 3; }
-size=$(stat -c %s -- "$p") || exit 1
-[ "$size" = "$want" ] || { echo "$p has $size bytes, $want recorded" >&2; exit 3; }
-exec rm -f -- "$p"
-'''
+_REMOVE_SCRIPT = """
+root=$1; rel=$2; want=$3;
+[ -f "$root/.ccat-dt-location" ] || { echo "location root $root has no marker" >&2; exit 4; };
+p=$root; set -f; IFS=/;
+for part in $rel; do p=$p/$part; [ -L "$p" ] && { echo "symlink at $p" >&2; exit 3; }; done;
+[ -e "$p" ] || exit 0;
+[ -f "$p" ] || { echo "$p is not a regular file" >&2; exit 3; };
+size=$(stat -c %s -- "$p") || exit 1;
+[ "$size" = "$want" ] || { echo "$p has $size bytes, $want recorded" >&2; exit 3; };
+exec rm -f -- "$p";""".strip().replace("\n", " ")  # ssh arguments cannot carry line breaks
 
 
 def _unlink_remote(ssh: SshSettings, claim: _Claim) -> int:

@@ -137,7 +137,7 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
         except StorageUnavailable as exc:
             problems += [f"{c.label} copy {c.id}: cannot be re-checked: {exc}" for c in group]
             continue
-        checked_at = utcnow()
+        checked_at = now  # the purge's notion of now (the same clock its decisions use)
         for copy, found in zip(group, seen, strict=True):
             problem = _judge(copy, found)
             if problem is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
 from ccat_dt.transports.base import SshSettings, TransferError
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
+    check_host,
     check_path,
     classify_ssh,
     parse_xxhsum,
@@ -82,10 +84,11 @@ def mark_location_root(root: str, host: str | None, ssh: SshSettings) -> str | N
         except OSError as exc:
             return f"cannot prepare location root {root}: {exc}"
         return None
-    script = 'mkdir -p -- "$1" && { [ -e "$1/$2" ] || printf %s "$3" > "$1/$2"; }'
-    try:
-        done = run(remote_command(ssh, host, ["sh", "-c", script, "sh", check_path(root), MARKER,
-                                              MARKER_TEXT]), timeout_s=60)
+    script = 'mkdir -p -- "$1" && { [ -e "$1/$2" ] || printf "%s\\n" "$3" > "$1/$2"; }'
+    argv = ["sh", "-c", script, "sh", check_path(root), MARKER, MARKER_TEXT.strip()]
+    try:  # a set-up command: no shared connection is left behind for later commands
+        done = run([*ssh.ssh_command(shared=False), "--", check_host(host), shlex.join(argv)],
+                   timeout_s=60)
     except TransferError as exc:
         return f"cannot prepare location root {root} on {host}: {exc}"
     if done.rc != 0:
@@ -190,28 +193,24 @@ def look(root: str, host: str | None, ssh: SshSettings, wanted: Sequence[Wanted]
 # Constant script; the root, then (flag, relative path) pairs arrive as positional parameters.
 # Per file one line "INDEX STATUS SIZE INODE MTIME" and, when hashed, the xxhsum line of stdin
 # (so no name to escape). MTIME is in whole seconds (portable `stat -c %Y`), scaled by 10^9.
-_LOOK_SCRIPT = r'''
-root=$1; shift
-[ -f "$root/.ccat-dt-location" ] || { echo "UNMARKED"; exit 0; }
-i=0
+_LOOK_SCRIPT = """
+root=$1; shift;
+[ -f "$root/.ccat-dt-location" ] || { echo UNMARKED; exit 0; };
+i=0;
 while [ $# -gt 0 ]; do
-  hash=$1; rel=$2; shift 2
-  p=$root; bad=; set -f; saved=$IFS; IFS=/
-  for part in $rel; do
-    p=$p/$part
-    if [ -L "$p" ]; then bad=symlink; break; fi
-  done
-  IFS=$saved; set +f
+  hash=$1; rel=$2; shift 2;
+  p=$root; bad=; set -f; saved=$IFS; IFS=/;
+  for part in $rel; do p=$p/$part; if [ -L "$p" ]; then bad=symlink; break; fi; done;
+  IFS=$saved; set +f;
   if [ -n "$bad" ]; then echo "$i symlink";
   elif [ ! -e "$p" ]; then echo "$i missing";
   elif [ ! -f "$p" ]; then echo "$i notfile";
   else
-    echo "$i ok $(stat -c '%s %i %Y' -- "$p")"
-    if [ "$hash" = 1 ]; then xxhsum -H2 < "$p" || echo "$i unreadable"; fi
-  fi
-  i=$((i+1))
-done
-'''
+    echo "$i ok $(stat -c '%s %i %Y' -- "$p")";
+    if [ "$hash" = 1 ]; then xxhsum -H2 < "$p" || echo "$i unreadable"; fi;
+  fi;
+  i=$((i+1));
+done""".strip().replace("\n", " ")  # ssh arguments cannot carry line breaks
 
 
 def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted]) -> list[Seen]:
@@ -258,3 +257,9 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
                 checksum = parse_xxhsum(line)
             seen.append(Seen(rel, None, size, inode, mtime * 1_000_000_000, checksum))
     return seen
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every regular file below a local location root, except the root's marker."""
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not (p.name == MARKER and p.parent == root))

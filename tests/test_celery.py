@@ -22,6 +22,7 @@ from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, Site
+from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
 from tests.services import unavailable
 from tests.test_lifecycle import observe
@@ -90,7 +91,7 @@ def test_lifecycle_on_postgres_with_a_celery_worker_per_site(
             worker.wait(timeout=30)
     logs = {site: (tmp_path / f"worker-{site}.log").read_text() for site in workers}
     assert report.failed == [], logs
-    assert [p for p in source.rglob("*") if p.is_file()] == []  # the lifecycle completed
+    assert files_under(source) == []  # the lifecycle completed
 
     with opsdb.session() as session:
         rows = session.execute(

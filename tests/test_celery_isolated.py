@@ -27,6 +27,7 @@ from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, Site
+from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
 from tests.services import unavailable
 from tests.sshd import SshServer
@@ -152,5 +153,5 @@ def test_site_workers_only_touch_their_own_site(
     assert rows and all(worker == site for _, worker, site in rows), rows
     for site in ("cologne", "us"):
         assert len(list((base / "sites" / site / "lta").rglob("*.tar"))) == 2
-    assert [p for p in source.rglob("*") if p.is_file()] == []  # purged by the ccat worker
+    assert files_under(source) == []  # purged by the ccat worker
     opsdb.dispose()

@@ -34,6 +34,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.report import disagreements
+from ccat_dt.storage import files_under
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -92,7 +93,7 @@ def test_lifecycle_reaches_both_archives_and_purges_the_observatory(
         assert all(c.status == CopyStatus.DELETED for c in package.copies
                    if c.location.location_type == LocationType.BUFFER)
         assert certificate_problems(opsdb, config, package.name) == []
-    assert [p for p in source.rglob("*") if p.is_file()] == []
+    assert files_under(source) == []
     assert disagreements(opsdb) == []
 
     # Dagster mirrors OpsDB: every partition materialised, every integrity check passed.
@@ -183,7 +184,7 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_blocks_the_purge(
     # ... while the healthy package went all the way.
     [healthy] = [p for name, p in by_name.items() if name != victim]
     assert healthy.state == PackageState.ARCHIVED
-    assert {p for p in source.rglob("*") if p.is_file()} == set(victim_files)
+    assert set(files_under(source)) == set(victim_files)
 
 
 def test_package_copies_never_bypass_verification(config: Config, opsdb: OpsDB,

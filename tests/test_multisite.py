@@ -31,6 +31,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.report import disagreements
+from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
 from ccat_dt.transports.factory import endpoint, ssh_settings
 from ccat_dt.transports.remote import remote_xxh128
@@ -124,7 +125,7 @@ def test_lifecycle_across_sites_over_ssh(tmp_path: Path, sshd: SshServer,
                        for op in at_observatory)
             assert all(c.status == CopyStatus.DELETED for c in package.copies
                        if c.location.location_type == LocationType.BUFFER)
-    assert [p for p in source.rglob("*") if p.is_file()] == []
+    assert files_under(source) == []
     assert disagreements(opsdb, ssh) == []
 
 
@@ -160,4 +161,4 @@ def test_corruption_on_arrival_is_retried_then_reported_never_verified(
     remote_root = sshd.root / tmp_path.name
     assert [p for p in remote_root.rglob("*.tar")] == []  # nothing under a final name
     assert [p for p in remote_root.rglob("*.part")] == []  # the bad bytes were not kept
-    assert len([p for p in source.rglob("*") if p.is_file()]) == 2  # nothing purged
+    assert len(files_under(source)) == 2  # nothing purged

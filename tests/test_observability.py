@@ -13,6 +13,7 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.storage import files_under
 from tests.services import free_port
 from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
 
@@ -47,4 +48,4 @@ def test_a_dead_metrics_server_never_fails_a_transfer(
     source = observe(config, opsdb, observations=1, files=1)
     report = drive(build_definitions(config), instance)
     assert report.failed == [] and report.launched
-    assert [p for p in source.rglob("*") if p.is_file()] == []  # the lifecycle completed
+    assert files_under(source) == []  # the lifecycle completed

@@ -19,13 +19,14 @@ from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.packages import plan_packages
 from ccat_dt.staging import Selection, StagingError, release, request_staging
+from ccat_dt.storage import files_under
 from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
 
 
 def originals(config: Config, tmp_path: Path) -> dict[str, bytes]:
     """Raw files as written, kept aside before the purge deletes them at the source."""
     source = config.resolve_root("sites/ccat/instruments")
-    return {str(p.relative_to(source)): p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    return {str(p.relative_to(source)): p.read_bytes() for p in files_under(source)}
 
 
 def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInstance,  # noqa: F811
@@ -35,7 +36,7 @@ def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInsta
     defs = build_definitions(config)
     assert drive(defs, instance).failed == []
     lta = config.resolve_root("sites/cologne/lta")
-    lta_before = {p: hash_file(p)[0] for p in lta.rglob("*") if p.is_file()}
+    lta_before = {p: hash_file(p)[0] for p in files_under(lta)}
 
     name = request_staging(opsdb, location="ramses/processing",
                            selection=Selection(observation="obs-0", module="chai/lfa"),
@@ -44,7 +45,7 @@ def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInsta
 
     staged_root = config.resolve_root("sites/ramses/processing") / name
     staged = {str(p.relative_to(staged_root)): p.read_bytes()
-              for p in staged_root.rglob("*") if p.is_file()}
+              for p in files_under(staged_root)}
     expected = {path: data for path, data in written.items() if path.startswith("obs-0/chai/lfa")}
     assert len(expected) == 2
     assert {path.split("/", 1)[1]: data for path, data in staged.items()} == expected
@@ -59,7 +60,7 @@ def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInsta
     release(opsdb, name)
     assert drive(defs, instance).failed == []
     assert not staged_root.exists()
-    assert {p: hash_file(p)[0] for p in lta.rglob("*") if p.is_file()} == lta_before
+    assert {p: hash_file(p)[0] for p in files_under(lta)} == lta_before
 
 
 def test_staging_refuses_what_is_not_archived(config: Config, opsdb: OpsDB) -> None:
