@@ -179,6 +179,18 @@ class PolicyConfig(_Strict):
     audit_max_broken_share: float = Field(default=0.1, gt=0, le=1)
 
 
+class ServiceConfig(_Strict):
+    """The filing service (`ccat-dt serve`) at a site: where its journal lives and what it
+    accepts. Relative paths resolve against the configuration file's directory."""
+
+    site: str | None = None  # default: the observatory
+    journal: str = "service/filing-journal.sqlite"
+    max_body_bytes: int = Field(default=16 * 2**20, gt=0)  # larger requests get 413
+    public_reads: bool = False  # GET endpoints and /health without a token (monitoring)
+    token_refresh_s: float = Field(default=30.0, gt=0)  # how soon a revocation takes effect
+    opsdb_connect_timeout_s: int = Field(default=5, ge=1)
+
+
 class InstrumentConfig(_Strict):
     name: str
     modules: list[str] = Field(min_length=1)
@@ -196,6 +208,7 @@ class Settings(_Strict):
     ssh: SshConfig = SshConfig()
     metrics: MetricsConfig = MetricsConfig()
     execution: ExecutionConfig = ExecutionConfig()
+    service: ServiceConfig = ServiceConfig()
     log_dir: str = "logs"  # per-transfer command output, referenced from OpsDB
 
     @model_validator(mode="after")
