@@ -1,10 +1,12 @@
 """HTTP for instrument computers (`ccat-dt serve`): FastAPI on uvicorn, behind a TLS proxy.
 
+(No `from __future__ import annotations`: FastAPI reads the dependency annotations of the
+endpoints defined inside `create_app` at run time.)
+
 Endpoints follow the original ops-db-api. Every error is `{"detail": message, "errors":
 [{"field": ..., "message": ...}]}` with a 4xx status; a rejected request changes nothing.
 """
 
-from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
