@@ -197,7 +197,8 @@ class FilingService:
                             "(an operator creates one with `ccat-dt token create`)")
         digest = hash_token(secret)
         found = self._tokens.get(digest)
-        if found is None and self.reachable and time.monotonic() - self._tokens_at > 1.0:
+        now = time.monotonic()
+        if found is None and now >= self._retry_at and now - self._tokens_at > 1.0:
             with contextlib.suppress(Unreachable):  # a token created since the last refresh
                 self._refresh_tokens()
             found = self._tokens.get(digest)
