@@ -4,6 +4,7 @@ test cuts, the HTTP client, and the pipeline archiving what was filed through th
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import sqlite3
@@ -27,7 +28,7 @@ from ccat_assets.driver import drive
 from ccat_dt.checksums import hash_file
 from ccat_dt.client import FilingClient, ServiceError
 from ccat_dt.config import Config, load_config
-from ccat_dt.defaults import write_default_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.filing import FileSpec, file_raw_files, start_observation
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -121,8 +122,13 @@ class Site:
 
 @pytest.fixture
 def site(tmp_path: Path, postgres_url: str) -> Iterator[Site]:
+    sites = copy.deepcopy(EMBEDDED_DEFAULT["sites"])
+    assert isinstance(sites, list)
+    # Keep the raw files at the source: this test is about filing and archiving, and purging
+    # 1,020 source files with a certificate each would triple its run time.
+    sites[0]["locations"][0]["retention_hours"] = 1000
     config = load_config(write_default_config(tmp_path / "deploy", {
-        "opsdb_url": postgres_url,
+        "opsdb_url": postgres_url, "sites": sites,
         "service": {"max_body_bytes": MAX_BODY, "token_refresh_s": 0.3,
                     "opsdb_connect_timeout_s": 2}}))
     prepare_opsdb(config)
@@ -230,6 +236,11 @@ def test_filing_with_the_link_cut_survives_kill_9_and_is_applied_once_then_archi
     # The pipeline takes it from there: both packages archived, every filed byte in the LTA.
     home = tmp_path / "dagster_home"
     home.mkdir()
+    (home / "dagster.yaml").write_text(  # all runs' events in one SQLite file
+        "telemetry:\n  enabled: false\nevent_log_storage:\n"
+        "  module: dagster._core.storage.event_log\n"
+        "  class: ConsolidatedSqliteEventLogStorage\n"
+        f"  config:\n    base_dir: {home / 'history'}\n")
     t0 = time.perf_counter()
     with DagsterInstance.from_config(str(home)) as instance:
         report = drive(build_definitions(site.config), instance)

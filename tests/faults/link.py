@@ -1,6 +1,7 @@
-"""A TCP relay in front of the test sshd (or any TCP service, e.g. PostgreSQL) that a test can break like a real WAN link: cut one
-connection once it has carried some bytes (the link drops mid-transfer), or reset every new
-connection while the link is down. ssh and rsync talk to the relay's port; the host key is the
+"""A TCP relay in front of the test sshd, or any TCP service (PostgreSQL for the filing
+service), that a test can break like a real WAN link: cut one connection once it has carried
+some bytes (the link drops mid-transfer), reset every new connection while the link is down, or
+cut() everything until restore(). ssh and rsync talk to the relay's port; the host key is the
 sshd's, listed for the relay's port in a known_hosts file of its own."""
 
 from __future__ import annotations
