@@ -7,6 +7,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dagster import BetaWarning, PreviewWarning
 
@@ -23,8 +24,12 @@ from ccat_dt.filing import (
 )
 from ccat_dt.jsonlog import configure_from_env
 from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate
+from ccat_dt.service.tokens import TokenError
 from ccat_dt.staging import StagingError
 from ccat_dt.topology import prepare_opsdb
+
+if TYPE_CHECKING:
+    from ccat_dt.client import FilingClient
 
 
 class UsageError(Exception):
@@ -62,7 +67,28 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     print(f"OpsDB at {config.opsdb_url} is up to date")
 
 
+def _client(args: argparse.Namespace) -> FilingClient:
+    """The HTTP client for `--api` (imported only then: the other commands need no httpx)."""
+    import os
+
+    from ccat_dt.client import FilingClient
+
+    token = args.token or os.environ.get("CCAT_DT_API_TOKEN")
+    if not token:
+        raise UsageError("--api needs a token: --token TOKEN or $CCAT_DT_API_TOKEN")
+    return FilingClient(args.api, token)
+
+
 def cmd_observation(args: argparse.Namespace) -> None:
+    if args.api:
+        with _client(args) as client:
+            if args.action == "start":
+                answer = client.start_observation(args.name)
+                print(f"{answer['uuid']} ({answer['status']})")
+            else:
+                answer = client.finish_observation(args.name)
+                print(f"observation {args.name} {answer['status']}")
+        return
     opsdb = _opsdb(args)
     if args.action == "start":
         print(start_observation(opsdb, args.name))
@@ -72,6 +98,9 @@ def cmd_observation(args: argparse.Namespace) -> None:
 
 
 def cmd_file(args: argparse.Namespace) -> None:
+    if args.api:
+        _file_via_api(args)
+        return
     opsdb = _opsdb(args)
     where = {"observation": args.observation, "module": args.module, "site": args.site,
              "location": args.location}
@@ -87,6 +116,60 @@ def cmd_file(args: argparse.Namespace) -> None:
     else:
         raise UsageError("nothing to file: give paths, --directory or --manifest")
     print(f"filed {result.filed} file(s), {result.bytes} bytes; {result.unchanged} unchanged")
+
+
+def _file_via_api(args: argparse.Namespace) -> None:
+    from ccat_dt.filing import FileSpec
+
+    if args.manifest and args.paths:
+        raise UsageError("give either --manifest or paths, not both")
+    if args.directory:
+        raise UsageError("--directory walks the source disk; with --api give paths or "
+                         "--manifest")
+    specs = (read_manifest_file(Path(args.manifest)) if args.manifest
+             else [FileSpec(p) for p in args.paths])
+    if not specs:
+        raise UsageError("nothing to file: give paths or --manifest")
+    with _client(args) as client:
+        answers = client.file(args.observation, args.module, specs, site=args.site,
+                              location=args.location)
+    states = sorted({a["status"] for a in answers})
+    print(f"{sum(a['count'] for a in answers)} file(s) {'/'.join(states)} in {len(answers)} "
+          f"request(s)")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ccat_dt.service.app import serve
+
+    serve(load_config(args.config), host=args.host, port=args.port, site=args.site,
+          journal=args.journal, log_level=args.log_level)
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    from ccat_dt.service.tokens import create_token, list_tokens, revoke_token
+
+    config = load_config(args.config)
+    opsdb = OpsDB(config.opsdb_url)
+    if args.action == "create":
+        if not args.name or not args.site:
+            raise UsageError("token create needs --name and --site")
+        secret = create_token(opsdb, config, name=args.name, site=args.site,
+                              instruments=args.instrument or [])
+        print(secret)
+        print(f"token '{args.name}' for site {args.site}, instruments "
+              f"{', '.join(args.instrument or []) or 'all'}: shown once, only its hash is kept",
+              file=sys.stderr)
+    elif args.action == "revoke":
+        if not args.name:
+            raise UsageError("token revoke needs --name")
+        done = revoke_token(opsdb, args.name)
+        print(f"token '{args.name}' {'revoked' if done else 'was already revoked'}; services "
+              f"stop accepting it within service.token_refresh_s")
+    else:
+        for token in list_tokens(opsdb):
+            state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
+            print(f"{token.name:<24} {token.site:<10} "
+                  f"{','.join(token.instruments) or '(all)':<20} {state}")
 
 
 def cmd_drive(args: argparse.Namespace) -> None:
@@ -127,6 +210,19 @@ def cmd_status(args: argparse.Namespace) -> None:
 
     config = load_config(args.config)
     print_status(OpsDB(config.opsdb_url), config)
+    journal = config.resolve_root(config.settings.service.journal)
+    if journal.exists():
+        from ccat_dt.service.journal import Journal
+
+        book = Journal(journal)
+        pending, oldest = book.pending()
+        dead, letters = book.dead_letters()
+        age = f", oldest {oldest:.0f} s old" if oldest is not None else ""
+        print(f"filing journal {journal}: {pending} request(s) waiting for OpsDB{age}; "
+              f"{dead} dead letter(s)")
+        for entry in letters:
+            print(f"  dead #{entry.seq} {entry.kind} {entry.observation}: {entry.error}")
+        book.close()
 
 
 def cmd_purge(args: argparse.Namespace) -> None:
@@ -313,6 +409,7 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("observation", help="start or finish an executed observation")
     p.add_argument("action", choices=["start", "finish"])
     p.add_argument("name")
+    _api_arguments(p)
     p.set_defaults(run=cmd_observation)
 
     p = commands.add_parser("file", help="register raw files written at a source location")
@@ -324,7 +421,25 @@ def parser() -> argparse.ArgumentParser:
                    "the source root)")
     p.add_argument("--manifest", help="JSON lines or list of {path, size?, checksum?}")
     p.add_argument("paths", nargs="*", help="paths relative to the source root")
+    _api_arguments(p)
     p.set_defaults(run=cmd_file)
+
+    p = commands.add_parser("serve", help="the HTTP filing service for instrument computers")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (TLS: a reverse proxy)")
+    p.add_argument("--port", type=int, default=8400)
+    p.add_argument("--site", help="the site it files at (default: service.site or the "
+                   "observatory)")
+    p.add_argument("--journal", help="journal file (default: service.journal)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(run=cmd_serve)
+
+    p = commands.add_parser("token", help="API tokens of the filing service")
+    p.add_argument("action", choices=["create", "revoke", "list"])
+    p.add_argument("--name", help="who uses it, e.g. primecam-daq")
+    p.add_argument("--site", help="the site it may file at")
+    p.add_argument("--instrument", action="append",
+                   help="an instrument it may file for (repeatable; default: all)")
+    p.set_defaults(run=cmd_token)
 
     p = commands.add_parser("drive", help="tick the sensors and run what they request, "
                             "until nothing is left to do")
@@ -391,6 +506,12 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _api_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", metavar="URL", help="go through the filing service at URL instead "
+                   "of OpsDB (no database access needed)")
+    p.add_argument("--token", help="API token for --api (default: $CCAT_DT_API_TOKEN)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     # Partitioned asset checks are a Dagster preview feature we rely on knowingly.
     warnings.filterwarnings("ignore", category=PreviewWarning)
@@ -401,6 +522,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.run(args)
     except (ConfigError, FilingError, SchemaOutOfDate, StagingError, UsageError,
             FileExistsError) as exc:
+        print(f"ccat-dt: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as exc:
+        client = sys.modules.get("ccat_dt.client")  # loaded only by --api commands
+        if not isinstance(exc, TokenError) and not (
+                client is not None and isinstance(exc, client.ServiceError)):
+            raise
         print(f"ccat-dt: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

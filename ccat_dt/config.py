@@ -185,6 +185,18 @@ class PolicyConfig(_Strict):
     rehash_sources_before_deletion: bool = False
 
 
+class ServiceConfig(_Strict):
+    """The filing service (`ccat-dt serve`) at a site: where its journal lives and what it
+    accepts. Relative paths resolve against the configuration file's directory."""
+
+    site: str | None = None  # default: the observatory
+    journal: str = "service/filing-journal.sqlite"
+    max_body_bytes: int = Field(default=16 * 2**20, gt=0)  # larger requests get 413
+    public_reads: bool = False  # GET endpoints and /health without a token (monitoring)
+    token_refresh_s: float = Field(default=30.0, gt=0)  # how soon a revocation takes effect
+    opsdb_connect_timeout_s: int = Field(default=5, ge=1)
+
+
 class InstrumentConfig(_Strict):
     name: str
     modules: list[str] = Field(min_length=1)
@@ -202,6 +214,7 @@ class Settings(_Strict):
     ssh: SshConfig = SshConfig()
     metrics: MetricsConfig = MetricsConfig()
     execution: ExecutionConfig = ExecutionConfig()
+    service: ServiceConfig = ServiceConfig()
     log_dir: str = "logs"  # per-transfer command output, referenced from OpsDB
 
     @model_validator(mode="after")

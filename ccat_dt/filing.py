@@ -12,8 +12,8 @@ import json
 import os
 import re
 import stat
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ALGORITHM, hash_file
+from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -32,6 +33,7 @@ from ccat_dt.opsdb.models import (
     ObservationStatus,
     RawDataFile,
     RawDataFileCopy,
+    new_uuid,
     utcnow,
 )
 from ccat_dt.topology import UnknownLocation, get_location, primary_location
@@ -42,17 +44,31 @@ MAX_LISTED = 20  # problems spelled out in one error; the rest are counted
 _IN_CHUNK = 500  # keeps IN (...) lists under SQLite's bound-parameter limit
 
 
+Hook = Callable[[Session], None]  # runs inside the filing transaction (the service's marker)
+
+
 class FilingError(Exception):
-    """Input rejected, nothing filed; the message names the observation, file and problem."""
+    """Input rejected, nothing filed; the message names the observation, file and problem.
+
+    `fields` names the offending input for an HTTP answer (`module`, `files[3].checksum`);
+    `conflict` is true when the input is well-formed but clashes with what OpsDB holds."""
+
+    def __init__(self, message: str, fields: Sequence[tuple[str, str]] = (),
+                 conflict: bool = False) -> None:
+        super().__init__(message)
+        self.fields = list(fields)
+        self.conflict = conflict
 
 
 @dataclass(frozen=True)
 class FileSpec:
-    """What an instrument declares: a path relative to the source root, optionally size/checksum."""
+    """What an instrument declares: a path relative to the source root, optionally size/checksum
+    (and, through the filing service, the uuid the new OpsDB row gets)."""
 
     path: str
     size: int | None = None
     checksum: str | None = None
+    uuid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,18 +76,32 @@ class FilingResult:
     filed: int
     unchanged: int
     bytes: int
+    uuids: dict[str, str] = field(default_factory=dict, compare=False)  # path -> file uuid
 
 
 @dataclass(frozen=True)
-class _Target:
-    """Where a call files, resolved once so the slow checks need no open transaction."""
+class Source:
+    """A source location's root, enough to check files without OpsDB (the filing service
+    builds it from the configuration while the link is down)."""
 
-    observation_id: int
-    module_id: int
-    location_id: int
     label: str
     root: Path  # as configured, for messages
     real_root: Path  # symlinks resolved, for containment checks
+
+
+@dataclass(frozen=True)
+class _Target(Source):
+    """Where a call files, resolved once so the slow checks need no open transaction."""
+
+    observation_id: int = 0
+    module_id: int = 0
+    location_id: int = 0
+
+
+@dataclass(frozen=True)
+class _Problem:
+    field: str  # path, size or checksum
+    message: str
 
 
 @dataclass(frozen=True)
@@ -81,41 +111,69 @@ class _Checked:
     real: Path
     size: int
     checksum: str = ""
+    index: int = 0  # position in the caller's list, for field names
     inode: int | None = None  # identity before hashing; a deletion re-hashes if it changes
     mtime_ns: int | None = None
 
 
-def start_observation(opsdb: OpsDB, name: str) -> str:
-    """Open an observation (idempotent while open) and return its uuid."""
+@dataclass(frozen=True)
+class CheckedFile:
+    """A file that passed every check: its normalised path, size and computed checksum."""
+
+    path: str
+    size: int
+    checksum: str
+    uuid: str | None = None
+
+    def spec(self) -> FileSpec:
+        return FileSpec(self.path, self.size, self.checksum, self.uuid)
+
+
+def check_observation_name(name: str) -> None:
     if not OBSERVATION_NAME.fullmatch(name):
         raise FilingError(f"invalid observation name {name!r}: use 1-128 letters, digits, '_', "
-                          "'.' or '-', starting with a letter or digit")
+                          "'.' or '-', starting with a letter or digit",
+                          [("name", "invalid observation name")])
+
+
+def start_observation(opsdb: OpsDB, name: str, *, uuid: str | None = None,
+                      hook: Hook | None = None) -> str:
+    """Open an observation (idempotent while open) and return its uuid."""
+    check_observation_name(name)
     for attempt in (1, 2):  # a concurrent start of the same name fails once, then is found
         try:
             with opsdb.session() as session:
                 obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
                 if obs is None:
-                    obs = ExecutedObsUnit(name=name)
+                    obs = ExecutedObsUnit(name=name, uuid=uuid or new_uuid())
                     session.add(obs)
                     session.flush()
                 elif obs.status != ObservationStatus.OPEN:
                     raise FilingError(f"observation '{name}' already finished at "
-                                      f"{obs.finished_at}; it cannot be restarted, use a new name")
+                                      f"{obs.finished_at}; it cannot be restarted, use a new name",
+                                      [("name", "observation already finished")], conflict=True)
+                if hook is not None:
+                    hook(session)
                 return obs.uuid
         except IntegrityError:
             if attempt == 2:
-                raise
+                raise FilingError(f"observation '{name}': uuid {uuid} is already used by "
+                                  "another observation", [("uuid", "already used")],
+                                  conflict=True) from None
     raise AssertionError("unreachable")
 
 
-def finish_observation(opsdb: OpsDB, name: str) -> None:
+def finish_observation(opsdb: OpsDB, name: str, *, hook: Hook | None = None) -> None:
     """Close an observation so no more files can be filed against it (idempotent)."""
     with opsdb.session() as session:
         obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
         if obs is None:
-            raise FilingError(f"observation '{name}' is unknown; nothing to finish")
+            raise FilingError(f"observation '{name}' is unknown; nothing to finish",
+                              [("name", "unknown observation")], conflict=True)
         if obs.status == ObservationStatus.OPEN:
             obs.status, obs.finished_at = ObservationStatus.FINISHED, utcnow()
+        if hook is not None:
+            hook(session)
 
 
 def file_raw_files(opsdb: OpsDB, *, observation: str, module: str, files: Sequence[FileSpec],
@@ -124,23 +182,100 @@ def file_raw_files(opsdb: OpsDB, *, observation: str, module: str, files: Sequen
     prefix = f"observation '{observation}'"
     with opsdb.session() as session:
         target = _resolve(session, observation, module, site, location)
+    checked = _check(target, files, prefix, hashing=True)
+    return _record(opsdb, target, checked, prefix)
+
+
+def check_files(source: Source, files: Sequence[FileSpec], observation: str) -> list[CheckedFile]:
+    """Every check filing makes on the files themselves (containment, symlinks, size, checksum),
+    without OpsDB: the filing service runs it before it acknowledges a request."""
+    checked = _check(source, files, f"observation '{observation}'", hashing=True)
+    return [CheckedFile(c.name, c.size, c.checksum, c.spec.uuid) for c in checked]
+
+
+def file_checked(opsdb: OpsDB, *, observation: str, module: str, files: Sequence[CheckedFile],
+                 site: str | None = None, location: str | None = None,
+                 hook: Hook | None = None) -> FilingResult:
+    """Record files `check_files` accepted earlier (maybe hours earlier, from a journal): the
+    cheap checks run again (the file is still there, same size) but the bytes are not re-read;
+    the packaging pass re-reads them against the checksum anyway."""
+    prefix = f"observation '{observation}'"
+    with opsdb.session() as session:
+        target = _resolve(session, observation, module, site, location)
+    checked = _check(target, [f.spec() for f in files], prefix, hashing=False)
+    return _record(opsdb, target, checked, prefix, hook)
+
+
+def _check(target: Source, files: Sequence[FileSpec], prefix: str,
+           hashing: bool) -> list[_Checked]:
     checked: list[_Checked] = []
-    problems: list[str] = []
+    problems: list[tuple[int, _Problem]] = []
     seen: dict[str, str] = {}
-    for spec in files:
+    for index, spec in enumerate(files):
         found = _inspect(spec, target)
-        if isinstance(found, str):
-            problems.append(found)
+        if isinstance(found, _Problem):
+            problems.append((index, found))
         elif found.name in seen:
-            problems.append(f"path '{found.name}' is listed twice (as '{seen[found.name]}' and "
-                            f"'{spec.path}')")
+            problems.append((index, _Problem("path", f"path '{found.name}' is listed twice (as "
+                                             f"'{seen[found.name]}' and '{spec.path}')")))
         else:
             seen[found.name] = spec.path
-            checked.append(found)
+            # The identity is kept only when the bytes are hashed now (and checked unchanged
+            # after); a journaled file is recorded without one, so its deletion re-hashes it.
+            checked.append(replace(found, checksum=spec.checksum.lower() if spec.checksum
+                                   else "", index=index,
+                                   inode=found.inode if hashing else None,
+                                   mtime_ns=found.mtime_ns if hashing else None))
     _raise_if(problems, prefix, len(files))
+    if not hashing:
+        return checked
     hashed = [_hash(item) for item in checked]  # only once every cheap check has passed
-    _raise_if([h for h in hashed if isinstance(h, str)], prefix, len(files))
-    return _record(opsdb, target, [h for h in hashed if not isinstance(h, str)], prefix)
+    _raise_if([h for h in hashed if isinstance(h, tuple)], prefix, len(files))
+    return [h for h in hashed if isinstance(h, _Checked)]
+
+
+def source_from_config(config: Config, site: str | None = None,
+                       location: str | None = None) -> Source:
+    """The source location a request files at, from the configuration (which `ccat-dt migrate`
+    mirrors into OpsDB), so that a request can be checked while OpsDB is out of reach."""
+    settings = config.settings
+    site_name = site or settings.observatory
+    sources = [f"{s.short_name}/{loc.name}" for s in settings.sites
+               for loc in s.locations_of(LocationType.SOURCE)]
+    try:
+        site_cfg = settings.site(site_name)
+    except ValueError:
+        raise FilingError(f"unknown site '{site_name}'; source locations: {', '.join(sources)}",
+                          [("site", "unknown site")]) from None
+    candidates = site_cfg.locations_of(LocationType.SOURCE)
+    if location is not None:
+        candidates = [loc for loc in site_cfg.locations if loc.name == location]
+        if not candidates:
+            raise FilingError(f"unknown location '{site_name}/{location}'; source locations: "
+                              f"{', '.join(sources)}", [("location", "unknown location")])
+        if candidates[0].type != LocationType.SOURCE:
+            raise FilingError(f"location {site_name}/{location} is a {candidates[0].type.value},"
+                              f" raw files are filed at a source location ({', '.join(sources)})",
+                              [("location", "not a source location")])
+    if not candidates:
+        raise FilingError(f"site '{site_name}' has no source location; source locations: "
+                          f"{', '.join(sources)}", [("site", "no source location")])
+    chosen = candidates[0]
+    label = f"{site_name}/{chosen.name}"
+    root = config.resolve_root(chosen.root)
+    if not root.is_dir():
+        raise FilingError(f"root {root} of source location {label} is missing")
+    return Source(label, root, root.resolve())
+
+
+def check_module(config: Config, module: str) -> str:
+    """`instrument/module` known to the configuration; returns the instrument."""
+    instrument, _, name = module.partition("/")
+    known = [f"{i.name}/{m}" for i in config.settings.instruments for m in i.modules]
+    if module not in known:
+        raise FilingError(f"unknown module '{module}'; known modules: {', '.join(sorted(known))}",
+                          [("module", "unknown module")])
+    return instrument
 
 
 def file_directory(opsdb: OpsDB, *, observation: str, module: str, directory: str,
@@ -211,15 +346,18 @@ def _resolve(session: Session, observation: str, module: str, site: str | None,
     prefix = f"observation '{observation}'"
     obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == observation))
     if obs is None:
-        raise FilingError(f"{prefix} is unknown; start it first")
+        raise FilingError(f"{prefix} is unknown; start it first",
+                          [("observation", "unknown observation")], conflict=True)
     if obs.status != ObservationStatus.OPEN:
-        raise FilingError(f"{prefix} finished at {obs.finished_at}; no files can be added to it")
+        raise FilingError(f"{prefix} finished at {obs.finished_at}; no files can be added to it",
+                          [("observation", "observation finished")], conflict=True)
     instrument, _, name = module.partition("/")
     mod = session.scalar(select(InstrumentModule).where(
         InstrumentModule.instrument == instrument, InstrumentModule.name == name))
     if mod is None:
         modules = ", ".join(sorted(m.label for m in session.scalars(select(InstrumentModule))))
-        raise FilingError(f"{prefix}: unknown module '{module}'; known modules: {modules}")
+        raise FilingError(f"{prefix}: unknown module '{module}'; known modules: {modules}",
+                          [("module", "unknown module")])
     sources = list(session.scalars(
         select(DataLocation).where(DataLocation.location_type == LocationType.SOURCE)
         .order_by(DataLocation.priority.desc(), DataLocation.id)))
@@ -232,35 +370,36 @@ def _resolve(session: Session, observation: str, module: str, site: str | None,
         loc = (get_location(session, site, location) if location is not None
                else primary_location(session, site, LocationType.SOURCE))
     except UnknownLocation as exc:
-        raise FilingError(f"{prefix}: {exc}; source locations: {known}") from None
+        raise FilingError(f"{prefix}: {exc}; source locations: {known}",
+                          [("location", str(exc))]) from None
     if loc.location_type != LocationType.SOURCE:
         kind = loc.location_type.value.replace("_", " ")
         raise FilingError(f"{prefix}: location {loc.label} is a {kind}, raw files are filed at "
-                          f"a source location ({known})")
+                          f"a source location ({known})", [("location", "not a source location")])
     root = Path(loc.root)
     if not root.is_dir():
         raise FilingError(f"{prefix}: root {root} of source location {loc.label} is missing")
-    return _Target(obs.id, mod.id, loc.id, loc.label, root, root.resolve())
+    return _Target(loc.label, root, root.resolve(), obs.id, mod.id, loc.id)
 
 
-def _inspect(spec: FileSpec, target: _Target) -> _Checked | str:
-    """Check one declared file without reading its bytes; a str is the problem found."""
+def _inspect(spec: FileSpec, target: Source) -> _Checked | _Problem:
+    """Check one declared file without reading its bytes; a _Problem is what was found."""
     rel = PurePosixPath(spec.path)
     if not spec.path.strip() or not rel.parts or "\0" in spec.path:
-        return f"path {spec.path!r} is empty or invalid"
+        return _Problem("path", f"path {spec.path!r} is empty or invalid")
     try:
         spec.path.encode("utf-8")
     except UnicodeEncodeError:
-        return (f"path {spec.path!r} is not valid UTF-8: rename the file (OpsDB and the package "
-                "manifest record names as UTF-8)")
+        return _Problem("path", f"path {spec.path!r} is not valid UTF-8: rename the file (OpsDB "
+                        "and the package manifest record names as UTF-8)")
     if "\\" in spec.path:
-        return (f"path '{spec.path}' contains a backslash, which a package cannot carry: "
-                "rename the file")
-    outside = (f"path '{spec.path}' is outside source location {target.label} "
-               f"(root {target.root})")
+        return _Problem("path", f"path '{spec.path}' contains a backslash, which a package "
+                        "cannot carry: rename the file")
+    outside = _Problem("path", f"path '{spec.path}' is outside source location {target.label} "
+                       f"(root {target.root})")
     if rel.is_absolute():
-        return (f"path '{spec.path}' is absolute; give it relative to the root of source "
-                f"location {target.label} ({target.root})")
+        return _Problem("path", f"path '{spec.path}' is absolute; give it relative to the root "
+                        f"of source location {target.label} ({target.root})")
     if ".." in rel.parts:
         return outside
     name = rel.as_posix()
@@ -271,44 +410,52 @@ def _inspect(spec: FileSpec, target: _Target) -> _Checked | str:
         if real != target.real_root / name:
             # A symlinked directory would let one observation's purge delete another's file
             # (and a symlinked file could be swapped): only real paths below the root are filed.
-            return (f"path '{name}' passes through a symlink under {target.root}; file the "
-                    f"real path ({real.relative_to(target.real_root)})")
+            return _Problem("path", f"path '{name}' passes through a symlink under "
+                            f"{target.root}; file the real path "
+                            f"({real.relative_to(target.real_root)})")
         info = real.stat()
     except FileNotFoundError:
-        return f"file '{name}' does not exist under {target.root}"
+        return _Problem("path", f"file '{name}' does not exist under {target.root}")
     except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop
-        return f"cannot access '{name}' under {target.root}: {exc}"
+        return _Problem("path", f"cannot access '{name}' under {target.root}: {exc}")
     if not stat.S_ISREG(info.st_mode):
-        return f"'{name}' is not a regular file"
+        return _Problem("path", f"'{name}' is not a regular file")
     if spec.size is not None and spec.size != info.st_size:
-        return f"size mismatch for '{name}': declared {spec.size}, on disk {info.st_size}"
+        return _Problem("size", f"size mismatch for '{name}': declared {spec.size}, on disk "
+                        f"{info.st_size}")
     if spec.checksum is not None and not CHECKSUM.fullmatch(spec.checksum.lower()):
-        return f"checksum of '{name}' is not 32 hex digits ({ALGORITHM}): {spec.checksum!r}"
+        return _Problem("checksum", f"checksum of '{name}' is not 32 hex digits ({ALGORITHM}): "
+                        f"{spec.checksum!r}")
     return _Checked(spec, name, real, info.st_size, inode=info.st_ino,
                     mtime_ns=info.st_mtime_ns)
 
 
-def _hash(item: _Checked) -> _Checked | str:
+def _hash(item: _Checked) -> _Checked | tuple[int, _Problem]:
     try:
         checksum, size = hash_file(item.real)
     except OSError as exc:
-        return f"cannot read '{item.name}': {exc}"
+        return item.index, _Problem("path", f"cannot read '{item.name}': {exc}")
     if size != item.size:
-        return f"'{item.name}' changed size while being checksummed ({item.size} -> {size} " \
-               "bytes); is it still being written?"
+        return item.index, _Problem("size", f"'{item.name}' changed size while being "
+                                    f"checksummed ({item.size} -> {size} bytes); is it still "
+                                    "being written?")
     declared = item.spec.checksum
     if declared is not None and declared.lower() != checksum:
-        return f"checksum mismatch for '{item.name}': declared {declared}, computed {checksum}"
+        return item.index, _Problem("checksum", f"checksum mismatch for '{item.name}': declared "
+                                    f"{declared}, computed {checksum}")
     try:
         after = item.real.stat()
     except OSError as exc:
-        return f"cannot stat '{item.name}' after checksumming it: {exc}"
+        return item.index, _Problem("path", f"cannot stat '{item.name}' after checksumming it: "
+                                    f"{exc}")
     if (after.st_ino, after.st_mtime_ns) != (item.inode, item.mtime_ns):
-        return f"'{item.name}' changed while being checksummed; is it still being written?"
-    return _Checked(item.spec, item.name, item.real, size, checksum, item.inode, item.mtime_ns)
+        return item.index, _Problem("path", f"'{item.name}' changed while being checksummed; "
+                                    "is it still being written?")
+    return replace(item, size=size, checksum=checksum)
 
 
-def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str) -> FilingResult:
+def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str,
+            hook: Hook | None = None) -> FilingResult:
     """Compare with earlier filings and insert the new files, all in one transaction."""
     with opsdb.session() as session:
         obs = session.get(ExecutedObsUnit, target.observation_id)
@@ -322,26 +469,34 @@ def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str) -
             existing.update((row.relative_path, row) for row in session.scalars(select(RawDataFile)
                             .where(RawDataFile.source_location_id == target.location_id,
                                    RawDataFile.relative_path.in_(chunk))))
-        problems: list[str] = []
+        problems: list[tuple[int, _Problem]] = []
         new: list[_Checked] = []
+        uuids: dict[str, str] = {}
         for item in items:
             row = existing.get(item.name)
             if row is None:
                 new.append(item)
             elif (row.observation_id, row.module_id) != (target.observation_id, target.module_id):
-                problems.append(f"'{item.name}' is already filed under observation "
-                                f"'{row.observation.name}', module {row.module.label}")
+                problems.append((item.index, _Problem(
+                    "path", f"'{item.name}' is already filed under observation "
+                    f"'{row.observation.name}', module {row.module.label}")))
             elif row.checksum != item.checksum:
-                problems.append(f"'{item.name}' is already filed with checksum {row.checksum}; "
-                                f"refusing to re-file it with checksum {item.checksum}")
+                problems.append((item.index, _Problem(
+                    "checksum", f"'{item.name}' is already filed with checksum {row.checksum}; "
+                    f"refusing to re-file it with checksum {item.checksum}")))
             elif row.size != item.size:
-                problems.append(f"'{item.name}' is already filed with size {row.size}; "
-                                f"refusing to re-file it with size {item.size}")
-        _raise_if(problems, prefix, len(items))
+                problems.append((item.index, _Problem(
+                    "size", f"'{item.name}' is already filed with size {row.size}; "
+                    f"refusing to re-file it with size {item.size}")))
+            else:
+                uuids[item.name] = row.uuid
+        _raise_if(problems, prefix, len(items), conflict=True)
         now = utcnow()  # the checksum was just computed at the source: the copy is verified
         for item in new:
-            raw = RawDataFile(source_location_id=target.location_id, relative_path=item.name,
-                              size=item.size, checksum_algorithm=ALGORITHM,
+            uuids[item.name] = item.spec.uuid or new_uuid()
+            raw = RawDataFile(uuid=uuids[item.name], source_location_id=target.location_id,
+                              relative_path=item.name, size=item.size,
+                              checksum_algorithm=ALGORITHM,
                               checksum=item.checksum, observation_id=target.observation_id,
                               module_id=target.module_id, filed_at=now)
             session.add(raw)
@@ -349,22 +504,28 @@ def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str) -
                 location_id=target.location_id, relative_path=item.name, size=item.size,
                 checksum=item.checksum, status=CopyStatus.PRESENT, created_at=now,
                 verified_at=now, raw_data_file=raw, inode=item.inode, mtime_ns=item.mtime_ns))
+        if hook is not None:
+            hook(session)
         try:
             session.flush()
         except IntegrityError:
-            raise FilingError(f"{prefix}: some of these files were filed concurrently by "
-                              "another process; nothing was filed, retry") from None
+            raise FilingError(f"{prefix}: some of these files (or their uuids) were filed "
+                              "concurrently by another process; nothing was filed, retry",
+                              conflict=True) from None
     return FilingResult(filed=len(new), unchanged=len(items) - len(new),
-                        bytes=sum(item.size for item in new))
+                        bytes=sum(item.size for item in new), uuids=uuids)
 
 
-def _raise_if(problems: list[str], prefix: str, total: int) -> None:
+def _raise_if(problems: Sequence[tuple[int, _Problem]], prefix: str, total: int,
+              conflict: bool = False) -> None:
     """One error for the whole batch, so an instrument can fix everything in one go."""
+    fields = [(f"files[{index}].{p.field}", p.message) for index, p in problems]
     if len(problems) == 1:
-        raise FilingError(f"{prefix}: {problems[0]}; nothing was filed")
+        raise FilingError(f"{prefix}: {problems[0][1].message}; nothing was filed", fields,
+                          conflict)
     if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED])
+        listed = "\n  ".join(p.message for _, p in problems[:MAX_LISTED])
         more = (f"\n  ... and {len(problems) - MAX_LISTED} more"
                 if len(problems) > MAX_LISTED else "")
         raise FilingError(f"{prefix}: {len(problems)} of {total} files rejected, nothing was "
-                          f"filed:\n  {listed}{more}")
+                          f"filed:\n  {listed}{more}", fields, conflict)

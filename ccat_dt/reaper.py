@@ -189,9 +189,10 @@ def _unlink_local(claim: _Claim) -> int:
         if info.st_size != claim.size:
             raise _Changed(f"{claim.path} changed since it was recorded: {info.st_size} bytes "
                            f"on disk, {claim.size} recorded; kept")
-        identity = (claim.inode, claim.mtime_ns)
-        if claim.rehash or (claim.inode is not None and identity != (info.st_ino,
-                                                                     info.st_mtime_ns)):
+        recorded = (claim.inode, claim.mtime_ns)
+        unknown = None in recorded and claim.source  # e.g. filed from the service's journal
+        moved = None not in recorded and recorded != (info.st_ino, info.st_mtime_ns)
+        if claim.rehash or unknown or moved:
             found = look_local(claim.root, Wanted(claim.relative_path, rehash=True))
             if found.checksum != claim.checksum or found.inode != info.st_ino:
                 raise _Changed(f"{claim.path} changed since it was recorded: content "

@@ -72,17 +72,18 @@ def summarize(opsdb: OpsDB) -> Summary:
         key = f"{site}/{name}"
         line = lines.get(key) or LocationLine(key, kind.value, 0, 0, 0, 0)
         if status == CopyStatus.PRESENT:
-            line = replace(line, present=count, present_bytes=size)
+            line = replace(line, present=count, present_bytes=int(size))
         elif status == CopyStatus.DELETED:
             line = replace(line, deleted=count)
         elif status == CopyStatus.CORRUPT:
             line = replace(line, corrupt=count)
         lines[key] = line
     return Summary(
-        files=files, file_bytes=file_bytes,
-        packages={state.value: n for state, n in states.items()}, package_bytes=package_bytes,
-        locations=list(lines.values()),
-        deletions=deletions, deleted_bytes=deleted_bytes, failed_operations=failed)
+        # int(): PostgreSQL's sum() of a bigint is a numeric (Decimal)
+        files=files, file_bytes=int(file_bytes),
+        packages={state.value: n for state, n in states.items()},
+        package_bytes=int(package_bytes), locations=list(lines.values()),
+        deletions=deletions, deleted_bytes=int(deleted_bytes), failed_operations=failed)
 
 
 def disagreements(opsdb: OpsDB, ssh: SshSettings | None = None) -> list[str]:

@@ -331,3 +331,30 @@ class Operation(Base):
 def _aware(moment: datetime) -> datetime:
     # SQLite returns naive datetimes even for timezone-aware columns; all we store is UTC.
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class ApiToken(Base):
+    """A filing-service token: only its sha256 is stored; scoped to one site and, when
+    `instruments` is not empty, to those instruments' modules."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    site: Mapped[str] = mapped_column(String(64))
+    instruments: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class ApiRequest(Base):
+    """A filing-service request applied to OpsDB, written in the same transaction as its
+    effect: a journal replayed after a crash finds it and does not apply the request twice."""
+
+    __tablename__ = "api_requests"
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    observation: Mapped[str] = mapped_column(String(128))
+    token_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    accepted_at: Mapped[datetime] = mapped_column()
+    applied_at: Mapped[datetime] = mapped_column(default=utcnow)

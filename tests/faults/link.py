@@ -1,6 +1,7 @@
-"""A TCP relay in front of the test sshd that a test can break like a real WAN link: cut one
-connection once it has carried some bytes (the link drops mid-transfer), or reset every new
-connection while the link is down. ssh and rsync talk to the relay's port; the host key is the
+"""A TCP relay in front of the test sshd, or any TCP service (PostgreSQL for the filing
+service), that a test can break like a real WAN link: cut one connection once it has carried
+some bytes (the link drops mid-transfer), reset every new connection while the link is down, or
+cut() everything until restore(). ssh and rsync talk to the relay's port; the host key is the
 sshd's, listed for the relay's port in a known_hosts file of its own."""
 
 from __future__ import annotations
@@ -90,6 +91,17 @@ class Link:
                                 for line in known))
         return replace(sshd, port=self.port, ssh=replace(sshd.ssh, port=self.port,
                                                          known_hosts_file=str(mine)))
+
+    def cut(self) -> None:
+        """The link goes down: open connections are reset, new ones refused, until restore()."""
+        with self.lock:
+            self.down = True
+            connections, self.connections = self.connections, []
+        for connection in connections:
+            _reset(connection)
+
+    def restore(self) -> None:
+        self.down = False
 
     def close(self) -> None:
         self.closed = True

@@ -1,0 +1,505 @@
+"""The filing service without HTTP: authorise, validate with the CLI's filing code, then apply
+to OpsDB at once or, while OpsDB is out of reach (or older requests still wait), commit to the
+journal and acknowledge; a drainer thread applies the journal in order, exactly once.
+
+Exactly once: each applied request writes its id into OpsDB's `api_requests` in the same
+transaction as its effect, and the drainer skips an entry whose id is already there (the
+service was killed between the OpsDB commit and marking the entry applied).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config, ConfigError
+from ccat_dt.filing import (
+    CheckedFile,
+    FileSpec,
+    FilingError,
+    check_files,
+    check_module,
+    check_observation_name,
+    file_checked,
+    finish_observation,
+    source_from_config,
+    start_observation,
+)
+from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate
+from ccat_dt.opsdb.models import (
+    ApiRequest,
+    ExecutedObsUnit,
+    RawDataFile,
+    RawDataPackage,
+    new_uuid,
+    utcnow,
+)
+from ccat_dt.service.journal import Entry, Journal, JournalConflict
+from ccat_dt.service.tokens import TokenInfo, hash_token, list_tokens
+
+log = logging.getLogger("ccat_dt.service")
+LINK_ERRORS = (OperationalError, InterfaceError, DisconnectionError, SchemaOutOfDate)
+T = TypeVar("T")
+
+
+class Unreachable(Exception):
+    """OpsDB cannot be reached right now; the request goes to the journal."""
+
+
+class AuthError(Exception):
+    """No valid token (401) or a token not allowed to do this (403)."""
+
+    def __init__(self, status: int, field: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+@dataclass(frozen=True)
+class Ack:
+    status: int  # 201 applied, 202 journaled, 200 a replayed request
+    body: dict[str, Any]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
+
+
+def _uuid(value: str | None, field: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(uuidlib.UUID(value))
+    except ValueError:
+        raise FilingError(f"{field} {value!r} is not a UUID", [(field, "not a UUID")]) from None
+
+
+class FilingService:
+    def __init__(self, config: Config, *, site: str | None = None,
+                 journal_path: str | None = None) -> None:
+        self.config = config
+        settings = config.settings.service
+        self.site = site or settings.site or config.settings.observatory
+        try:
+            config.settings.site(self.site)
+        except ValueError as exc:
+            raise ConfigError(f"{config.path}: service.site: {exc}") from None
+        self.journal = Journal(config.resolve_root(journal_path or settings.journal))
+        url = make_url(config.opsdb_url)
+        if url.get_backend_name() == "postgresql":  # fail fast on a dead link, never hang
+            url = url.update_query_dict({
+                "connect_timeout": str(settings.opsdb_connect_timeout_s),
+                "keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
+                "keepalives_count": "3", **url.query})
+        self._url = url.render_as_string(hide_password=False)
+        self._opsdb: OpsDB | None = None
+        self._write = threading.Lock()  # one writer: direct applies and the drainer, in order
+        self.reachable = False
+        self.last_error: str | None = "not contacted yet"
+        self.last_contact: datetime | None = None
+        self._retry_at = 0.0
+        self._backoff = 0.25
+        self._tokens = {t.token_hash: (t, revoked) for t, revoked in self.journal.load_tokens()}
+        self._tokens_at = 0.0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.applied = 0
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._drain_forever, name="journal-drainer",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._opsdb is not None:
+            self._opsdb.dispose()
+        self.journal.close()
+
+    # --- OpsDB access --------------------------------------------------------------------
+
+    def _call(self, action: Callable[[OpsDB], T]) -> T:
+        """Run against OpsDB; a lost link marks it unreachable and raises Unreachable."""
+        try:
+            if self._opsdb is None:
+                self._opsdb = OpsDB(self._url)
+            result = action(self._opsdb)
+        except LINK_ERRORS as exc:
+            self._down(exc)
+            raise Unreachable(str(exc)) from None
+        self.reachable, self.last_error, self._backoff = True, None, 0.25
+        self.last_contact = utcnow()
+        return result
+
+    def _down(self, exc: BaseException) -> None:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self.reachable:
+            log.warning("OpsDB unreachable, journaling requests: %s", first)
+        self.reachable, self.last_error = False, first
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, 10.0)
+        if self._opsdb is not None:
+            self._opsdb.engine.dispose()  # no half-dead pooled connections after the link returns
+
+    def _marker(self, request_id: str, kind: str, observation: str, token: str | None,
+                accepted: float | None = None) -> Callable[[Session], None]:
+        def add(session: Session) -> None:
+            if session.get(ApiRequest, request_id) is None:
+                session.add(ApiRequest(
+                    request_id=request_id, kind=kind, observation=observation, token_name=token,
+                    accepted_at=datetime.fromtimestamp(accepted, UTC) if accepted else utcnow()))
+        return add
+
+    def _execute(self, db: OpsDB, kind: str, payload: dict[str, Any],
+                 hook: Callable[[Session], None]) -> dict[str, Any]:
+        if kind == "start":
+            return {"uuid": start_observation(db, payload["name"], uuid=payload["uuid"],
+                                              hook=hook)}
+        if kind == "finish":
+            finish_observation(db, payload["name"], hook=hook)
+            return {}
+        result = file_checked(db, observation=payload["observation"], module=payload["module"],
+                              site=payload["site"], location=payload["location"],
+                              files=[CheckedFile(**f) for f in payload["files"]], hook=hook)
+        return {"filed": result.filed, "unchanged": result.unchanged, "bytes": result.bytes,
+                "uuids": result.uuids}
+
+    # --- tokens --------------------------------------------------------------------------
+
+    def _refresh_tokens(self) -> None:
+        tokens = self._call(list_tokens)
+        self._tokens = {t.token_hash: (t, t.revoked_at is not None) for t in tokens}
+        self._tokens_at = time.monotonic()
+        self.journal.store_tokens(tokens)
+
+    def authenticate(self, secret: str | None) -> TokenInfo:
+        if not secret:
+            raise AuthError(401, "Authorization", "no token: send 'Authorization: Bearer TOKEN' "
+                            "(an operator creates one with `ccat-dt token create`)")
+        digest = hash_token(secret)
+        found = self._tokens.get(digest)
+        now = time.monotonic()
+        if found is None and now >= self._retry_at and now - self._tokens_at > 1.0:
+            with contextlib.suppress(Unreachable):  # a token created since the last refresh
+                self._refresh_tokens()
+            found = self._tokens.get(digest)
+        if found is None:
+            raise AuthError(401, "Authorization", "unknown token")
+        token, revoked = found
+        if revoked:
+            raise AuthError(401, "Authorization", f"token '{token.name}' has been revoked")
+        if token.site != self.site:
+            raise AuthError(403, "Authorization", f"token '{token.name}' is for site "
+                            f"'{token.site}'; this service files at site '{self.site}'")
+        return token
+
+    # --- writes --------------------------------------------------------------------------
+
+    def start_observation(self, token: TokenInfo, name: str, uuid: str | None = None,
+                          request_id: str | None = None) -> Ack:
+        check_observation_name(name)
+        obs_uuid = _uuid(uuid, "uuid")
+        rid = request_id or new_uuid()
+
+        def journal_body() -> dict[str, Any]:
+            for entry in self.journal.of_observation(name):  # a retried start, offline
+                if entry.kind == "start" and entry.state == "pending":
+                    if obs_uuid not in (None, entry.payload["uuid"]):
+                        raise FilingError(f"observation '{name}' was started with uuid "
+                                          f"{entry.payload['uuid']}", [("uuid", "differs")],
+                                          conflict=True)
+                    return {"uuid": entry.payload["uuid"]}
+            if self.journal.finished(name):
+                raise FilingError(f"observation '{name}' is finished; it cannot be restarted, "
+                                  "use a new name", [("name", "observation finished")],
+                                  conflict=True)
+            return {"uuid": obs_uuid or new_uuid()}
+
+        return self._submit(token, rid, "start", name, {"name": name, "uuid": obs_uuid},
+                            journal_body, {"name": name})
+
+    def finish_observation(self, token: TokenInfo, name: str,
+                           request_id: str | None = None) -> Ack:
+        check_observation_name(name)
+        return self._submit(token, request_id or new_uuid(), "finish", name, {"name": name},
+                            lambda: {}, {"name": name})
+
+    def file(self, token: TokenInfo, *, observation: str, module: str, files: list[FileSpec],
+             site: str | None = None, location: str | None = None,
+             request_id: str | None = None) -> Ack:
+        try:
+            check_observation_name(observation)
+        except FilingError as exc:
+            raise FilingError(str(exc), [("observation", "invalid observation name")]) from None
+        instrument = check_module(self.config, module)
+        if (site or self.site) != token.site:
+            raise AuthError(403, "site", f"token '{token.name}' may file at site '{token.site}' "
+                            f"only, not '{site}'")
+        if not token.allows_instrument(instrument):
+            raise AuthError(403, "module", f"token '{token.name}' may file for "
+                            f"{', '.join(token.instruments)} only, not {instrument}")
+        if not files:
+            raise FilingError("no files given", [("files", "empty")])
+        specs = [FileSpec(f.path, f.size, f.checksum, _uuid(f.uuid, f"files[{i}].uuid"))
+                 for i, f in enumerate(files)]
+        source = source_from_config(self.config, site or self.site, location)
+        if request_id is not None and (entry := self.journal.find(request_id)) is not None:
+            return self._replay(entry)  # a retry: no need to hash the files again
+        checked = check_files(source, specs, observation)  # the CLI's checks, outside the lock
+        site_name, location_name = source.label.split("/", 1)
+        files_payload: list[dict[str, Any]] = [
+            {"path": c.path, "size": c.size, "checksum": c.checksum, "uuid": c.uuid}
+            for c in checked]
+
+        def journal_body() -> dict[str, Any]:
+            if self.journal.finished(observation):
+                raise FilingError(f"observation '{observation}' is finished; no files can be "
+                                  "added to it", [("observation", "observation finished")],
+                                  conflict=True)
+            known = self.journal.files_at(source.label, [c.path for c in checked])
+            problems = []
+            for index, c in enumerate(checked):
+                old = known.get(c.path)
+                if old is not None and (old.checksum, old.size) != (c.checksum, c.size):
+                    problems.append((f"files[{index}].checksum",
+                                     f"'{c.path}' was accepted before with checksum "
+                                     f"{old.checksum}, size {old.size}"))
+                elif old is not None and c.uuid is None:
+                    files_payload[index]["uuid"] = old.uuid
+                files_payload[index]["uuid"] = files_payload[index]["uuid"] or new_uuid()
+            if problems:
+                raise FilingError(f"observation '{observation}': " + "; ".join(
+                    m for _, m in problems) + "; nothing was filed", problems, conflict=True)
+            return {"uuids": {f["path"]: f["uuid"] for f in files_payload}}
+
+        payload = {"observation": observation, "module": module, "site": site_name,
+                   "location": location_name, "files": files_payload}
+        return self._submit(token, request_id or new_uuid(), "files", observation, payload,
+                            journal_body, {"observation": observation, "module": module,
+                                           "location": source.label, "count": len(checked)})
+
+    def _submit(self, token: TokenInfo, rid: str, kind: str, observation: str,
+                payload: dict[str, Any], journal_body: Callable[[], dict[str, Any]],
+                base: dict[str, Any]) -> Ack:
+        with self._write:
+            entry = self.journal.find(rid)
+            if entry is not None:
+                return self._replay(entry)
+            pending, _ = self.journal.pending()
+            if pending == 0 and self.reachable:
+                hook = self._marker(rid, kind, observation, token.name)
+                try:
+                    result = self._call(lambda db: self._execute(db, kind, payload, hook))
+                except Unreachable:
+                    pass  # journal it below; the drainer finds the marker if it did commit
+                else:
+                    status = {"start": "started", "finish": "finished", "files": "filed"}[kind]
+                    return Ack(201, {**base, **result, "request_id": rid, "status": status})
+            extra = journal_body()
+            if kind == "start":
+                payload = {**payload, "uuid": extra["uuid"]}
+            response = {**base, **extra, "request_id": rid, "status": "buffered"}
+            try:
+                entry, replayed = self.journal.append(
+                    request_id=rid, kind=kind, observation=observation, payload=payload,
+                    response=response, token_name=token.name,
+                    files=[(f["uuid"], f"{payload['site']}/{payload['location']}", f["path"],
+                            f["size"], f["checksum"]) for f in payload.get("files", [])])
+            except JournalConflict as exc:
+                raise FilingError(str(exc), [("request_id", str(exc))], conflict=True) from None
+        self._wake.set()
+        return self._replay(entry) if replayed else Ack(202, response)
+
+    def _replay(self, entry: Entry) -> Ack:
+        body = {**entry.response, "replayed": True, "state": entry.state}
+        if entry.state == "dead":
+            raise FilingError(f"request {entry.request_id} was accepted but could not be "
+                              f"applied: {entry.error}", [("request_id", "dead letter")],
+                              conflict=True)
+        return Ack(202 if entry.state == "pending" else 200, body)
+
+    # --- the drainer ---------------------------------------------------------------------
+
+    def _drain_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wait = self.drain_step()
+            except Exception as exc:  # noqa: BLE001 - keep draining; the error is on /health
+                log.exception("journal drainer")
+                self.last_error = f"drainer: {exc}"
+                wait = 1.0
+            if wait > 0:
+                self._wake.wait(wait)
+                self._wake.clear()
+
+    def drain_step(self) -> float:
+        """Apply the oldest pending entry; returns how long to wait before the next step."""
+        now = time.monotonic()
+        if not self.reachable and now < self._retry_at:
+            return self._retry_at - now
+        if now - self._tokens_at > self.config.settings.service.token_refresh_s:
+            try:
+                self._refresh_tokens()
+            except Unreachable:
+                return max(self._retry_at - time.monotonic(), 0.05)
+        entry = self.journal.next_pending()
+        if entry is None:
+            if not self.reachable:
+                try:
+                    self._call(self._probe)
+                except Unreachable:
+                    return max(self._retry_at - time.monotonic(), 0.05)
+            self.journal.prune(time.time() - 7 * 86400)
+            return min(self.config.settings.service.token_refresh_s, 1.0)
+        with self._write:
+            self._apply(entry)
+        return 0.0
+
+    @staticmethod
+    def _probe(db: OpsDB) -> None:
+        with db.session() as session:
+            session.execute(select(1))
+
+    def _apply(self, entry: Entry) -> None:
+        hook = self._marker(entry.request_id, entry.kind, entry.observation, entry.token_name,
+                            entry.accepted_at)
+
+        def apply(db: OpsDB) -> bool:
+            with db.session() as session:
+                if session.get(ApiRequest, entry.request_id) is not None:
+                    return False  # applied before the service was killed
+            self._execute(db, entry.kind, entry.payload, hook)
+            return True
+
+        try:
+            self._call(apply)
+        except Unreachable as exc:
+            self.journal.note_attempt(entry.seq, f"OpsDB unreachable: {exc}")
+            return
+        except FilingError as exc:
+            log.error("journal entry %s (%s of %s) is a dead letter: %s", entry.seq, entry.kind,
+                      entry.observation, exc)
+            self.journal.mark(entry.seq, "dead", str(exc))
+            return
+        self.journal.mark(entry.seq, "applied")
+        self.applied += 1
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def _read(self, action: Callable[[OpsDB], T]) -> T | None:
+        if not self.reachable:
+            return None
+        try:
+            return self._call(action)
+        except Unreachable:
+            return None
+
+    def observation(self, name: str) -> dict[str, Any] | None:
+        def query(db: OpsDB) -> dict[str, Any] | None:
+            with db.session() as session:
+                obs = session.scalar(select(ExecutedObsUnit)
+                                     .where(ExecutedObsUnit.name == name))
+                if obs is None:
+                    return None
+                files, size = session.execute(
+                    select(func.count(RawDataFile.id), func.coalesce(func.sum(RawDataFile.size), 0))
+                    .where(RawDataFile.observation_id == obs.id)).one()
+                packages = session.scalars(select(RawDataPackage)
+                                           .where(RawDataPackage.observation_id == obs.id)
+                                           .order_by(RawDataPackage.name)).all()
+                return {"name": obs.name, "uuid": obs.uuid, "status": obs.status.value,
+                        "started_at": _iso(obs.started_at), "finished_at": _iso(obs.finished_at),
+                        "files": int(files), "bytes": int(size),
+                        "packages": [{"name": p.name, "state": p.state.value} for p in packages]}
+        found = self._read(query)
+        buffered = self.journal.of_observation(name)
+        started = any(e.kind == "start" and e.state == "pending" for e in buffered)
+        if found is None and not started and (self.reachable or not buffered):
+            return None
+        view: dict[str, Any] = found or {"name": name, "status": "open", "files": 0, "bytes": 0,
+                                         "packages": []}
+        pending = [e for e in buffered if e.state == "pending"]
+        for entry in pending:
+            if entry.kind == "start" and "uuid" not in view:
+                view["uuid"] = entry.payload["uuid"]
+            if entry.kind == "files":
+                view["files"] += len(entry.payload["files"])
+                view["bytes"] += sum(f["size"] for f in entry.payload["files"])
+            if entry.kind == "finish":
+                view["status"] = "finished"
+        view["opsdb"] = "reachable" if self.reachable else "unreachable"
+        view["buffered"] = [e.summary() for e in pending]
+        view["dead_letters"] = [e.summary() for e in buffered if e.state == "dead"]
+        return view
+
+    def raw_file(self, uuid: str) -> dict[str, Any] | None:
+        def query(db: OpsDB) -> dict[str, Any] | None:
+            with db.session() as session:
+                row = session.scalar(select(RawDataFile).where(RawDataFile.uuid == uuid))
+                if row is None:
+                    return None
+                return {"uuid": row.uuid, "path": row.relative_path,
+                        "location": row.source_location.label, "size": row.size,
+                        "checksum": row.checksum, "checksum_algorithm": row.checksum_algorithm,
+                        "observation": row.observation.name, "module": row.module.label,
+                        "filed_at": _iso(row.filed_at), "state": "filed",
+                        "package": row.package.name if row.package else None,
+                        "copies": [{"location": c.location.label, "path": c.relative_path,
+                                    "status": c.status.value, "verified_at": _iso(c.verified_at)}
+                                   for c in row.copies]}
+        found = self._read(query)
+        if found is not None:
+            return found
+        buffered = self.journal.file(uuid)
+        if buffered is None or buffered.state == "applied":
+            return None
+        return {"uuid": buffered.uuid, "path": buffered.path, "location": buffered.location,
+                "size": buffered.size, "checksum": buffered.checksum,
+                "state": "buffered" if buffered.state == "pending" else "dead letter",
+                "copies": []}
+
+    def package(self, name: str) -> dict[str, Any] | None:
+        def query(db: OpsDB) -> dict[str, Any] | None:
+            with db.session() as session:
+                row = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
+                if row is None:
+                    return None
+                return {"name": row.name, "uuid": row.uuid, "state": row.state.value,
+                        "observation": row.observation.name, "module": row.module.label,
+                        "size": row.size, "checksum": row.checksum, "files": len(row.files),
+                        "copies": [{"location": c.location.label, "path": c.relative_path,
+                                    "status": c.status.value, "verified_at": _iso(c.verified_at)}
+                                   for c in row.copies]}
+        return self._read(query)
+
+    def health(self) -> dict[str, Any]:
+        pending, oldest = self.journal.pending()
+        dead, letters = self.journal.dead_letters()
+        alive = self._thread is not None and self._thread.is_alive()
+        return {"status": "ok" if self.reachable and alive and not dead else "degraded",
+                "site": self.site,
+                "opsdb": {"reachable": self.reachable, "error": self.last_error,
+                          "last_contact": _iso(self.last_contact)},
+                "journal": {"path": str(self.journal.path), "pending": pending,
+                            "oldest_pending_age_s": oldest, "dead": dead,
+                            "dead_letters": [e.summary() for e in letters]},
+                "drainer": {"alive": alive, "applied": self.applied}}

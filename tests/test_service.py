@@ -1,0 +1,370 @@
+"""The filing service for instrument computers, end to end: a real uvicorn server in a child
+process (so it can be SIGKILLed), a real PostgreSQL OpsDB reached through a TCP relay that the
+test cuts, the HTTP client, and the pipeline archiving what was filed through the service."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from dagster import BetaWarning, DagsterInstance, PreviewWarning
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.checksums import hash_file
+from ccat_dt.client import FilingClient, ServiceError
+from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.filing import FileSpec, file_raw_files, start_observation
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    ApiRequest,
+    ExecutedObsUnit,
+    LocationType,
+    ObservationStatus,
+    PackageState,
+    RawDataFile,
+    RawDataPackage,
+)
+from ccat_dt.packaging import read_manifest
+from ccat_dt.service.tokens import create_token, revoke_token
+from ccat_dt.topology import prepare_opsdb
+from tests.faults.link import Link
+from tests.services import free_port
+
+warnings.filterwarnings("ignore", category=PreviewWarning)
+warnings.filterwarnings("ignore", category=BetaWarning)
+
+MAX_BODY = 256 * 1024
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Site:
+    """A deployment whose filing service reaches OpsDB only through `link`."""
+
+    config: Config
+    opsdb: OpsDB  # direct, for the test's own checks
+    link: Link
+    via_link: str  # the OpsDB URL through the relay
+    token: str
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def source(self) -> Path:
+        return self.config.resolve_root("sites/ccat/instruments")
+
+    def start(self) -> None:
+        env = {**os.environ, "CCAT_DT_OPSDB_URL": self.via_link, "PYTHONPATH": str(ROOT)}
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ccat_assets.cli", "--config", str(self.config.path),
+                 "serve", "--port", str(self.port), "--log-level", "warning"],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1, headers={
+                        "Authorization": f"Bearer {self.token}"}).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"service did not come up:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def health(self) -> dict[str, Any]:
+        return FilingClient(self.url, self.token, attempts=1).health()
+
+    def wait(self, condition: str, predicate: Any, timeout: float = 40.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            health = self.health()
+            if predicate(health):
+                return health
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {condition}: {health}\n"
+                                     f"{self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def journal_rows(self) -> list[tuple[Any, ...]]:
+        path = self.config.resolve_root(self.config.settings.service.journal)
+        if not path.exists():
+            return []
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT seq, request_id, state FROM entries ORDER BY seq").fetchall()
+
+
+@pytest.fixture
+def site(tmp_path: Path, postgres_url: str) -> Iterator[Site]:
+    sites = copy.deepcopy(EMBEDDED_DEFAULT["sites"])
+    assert isinstance(sites, list)
+    # Keep the raw files at the source: this test is about filing and archiving, and purging
+    # 1,020 source files with a certificate each would triple its run time.
+    sites[0]["locations"][0]["retention_hours"] = 1000
+    config = load_config(write_default_config(tmp_path / "deploy", {
+        "opsdb_url": postgres_url, "sites": sites,
+        "service": {"max_body_bytes": MAX_BODY, "token_refresh_s": 0.3,
+                    "opsdb_connect_timeout_s": 2}}))
+    prepare_opsdb(config)
+    for location in ("sites/ccat/instruments", "sites/ccat/buffer", "sites/cologne/buffer",
+                     "sites/cologne/lta", "sites/us/buffer", "sites/us/lta",
+                     "sites/ramses/processing"):
+        config.resolve_root(location).mkdir(parents=True, exist_ok=True)
+    opsdb = OpsDB(postgres_url)
+    token = create_token(opsdb, config, name="primecam-daq", site="ccat",
+                         instruments=["primecam"])
+    url = make_url(postgres_url)
+    link = Link(url.port or 5432)
+    via = url.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
+    running = Site(config, opsdb, link, via, token, free_port(), tmp_path / "service.log")
+    running.start()
+    try:
+        yield running
+    finally:
+        if running.process is not None and running.process.poll() is None:
+            running.process.terminate()
+            running.process.wait(timeout=15)
+        link.close()
+        opsdb.dispose()
+
+
+def write_files(source: Path, observation: str, module: str, count: int, size: int = 64,
+                sub: str = "") -> list[str]:
+    paths = []
+    for i in range(count):
+        rel = f"{observation}/{module}/{sub}scan-{i:05d}.dat"
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / rel).write_bytes(os.urandom(size))
+        paths.append(rel)
+    return paths
+
+
+def test_filing_with_the_link_cut_survives_kill_9_and_is_applied_once_then_archived(
+        site: Site, tmp_path: Path) -> None:
+    test_t0 = time.perf_counter()
+    bulk = write_files(site.source, "obs-cut", "primecam/f280", 1000)
+    singles = write_files(site.source, "obs-cut", "primecam/f350", 20)
+    client = FilingClient(site.url, site.token, backoff_s=0.05, max_backoff_s=0.5)
+
+    started = client.start_observation("obs-cut")
+    assert started["status"] == "started"  # the link is up: applied at once (201)
+    site.link.cut()
+
+    t0 = time.perf_counter()
+    answers = client.file("obs-cut", "primecam/f280", bulk)
+    bulk_s = time.perf_counter() - t0
+    assert [a["status"] for a in answers] == ["buffered"]
+    assert len(answers[0]["uuids"]) == 1000
+    t0 = time.perf_counter()
+    single_answers = [client.file_one("obs-cut", "primecam/f350", path) for path in singles]
+    single_s = time.perf_counter() - t0
+    assert {a["status"] for a in single_answers} == {"buffered"}
+    assert client.finish_observation("obs-cut")["status"] == "buffered"
+    print(f"\nacknowledged with the link cut: bulk {1000 / bulk_s:.0f} files/s, "
+          f"single {len(singles) / single_s:.0f} files/s")
+
+    # A retried request (same request id, its answer lost) is acknowledged again, not re-queued.
+    retry = {"observation": "obs-cut", "module": "primecam/f350", "path": singles[0],
+             "request_id": single_answers[0]["request_id"]}
+    auth = {"Authorization": f"Bearer {site.token}"}
+    again = httpx.post(f"{site.url}/raw_data_files", json=retry, headers=auth)
+    assert again.status_code == 202 and again.json()["replayed"] is True
+    assert again.json()["uuids"] == single_answers[0]["uuids"]
+
+    with site.opsdb.session() as session:  # nothing reached OpsDB
+        assert session.scalar(select(func.count(RawDataFile.id))) == 0
+    health = site.health()
+    assert health["opsdb"]["reachable"] is False
+    assert health["journal"]["pending"] == 1 + len(singles) + 1
+    assert health["journal"]["oldest_pending_age_s"] > 0
+    view = client.observation("obs-cut")  # reads merge OpsDB (cut) and the journal
+    assert (view["files"], view["status"]) == (1020, "finished")
+    buffered_uuid = answers[0]["uuids"][bulk[7]]
+    assert client.raw_file(buffered_uuid)["state"] == "buffered"
+
+    site.kill()  # kill -9 with everything still in the journal
+    site.start()  # comes up while OpsDB is unreachable (tokens from the journal's cache)
+    assert site.health()["journal"]["pending"] == 1 + len(singles) + 1
+    site.link.restore()
+    t0 = time.perf_counter()
+    site.wait("the journal to drain", lambda h: h["journal"]["pending"] == 0)
+    drain_s = time.perf_counter() - t0
+    print(f"drained 22 requests / 1020 files in {drain_s:.2f} s after the link came back")
+    health = site.health()
+    assert health["journal"]["dead"] == 0 and health["opsdb"]["reachable"] is True
+
+    with site.opsdb.session() as session:
+        rows = session.execute(select(RawDataFile.relative_path, RawDataFile.uuid,
+                                      RawDataFile.filed_at)).all()
+        obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == "obs-cut"))
+        assert obs is not None and obs.uuid == started["uuid"]
+        assert obs.status == ObservationStatus.FINISHED and obs.finished_at is not None
+        requests = session.scalar(select(func.count()).select_from(ApiRequest))
+    assert sorted(r.relative_path for r in rows) == sorted(bulk + singles)  # each exactly once
+    assert max(r.filed_at for r in rows) <= obs.finished_at  # finished after its files
+    assert {r.relative_path: r.uuid for r in rows}[bulk[7]] == buffered_uuid  # the acked uuid
+    assert requests == 1 + 1 + len(singles) + 1
+    assert client.raw_file(buffered_uuid)["state"] == "filed"
+    print(f"service part: {time.perf_counter() - test_t0:.1f} s")
+
+    # The pipeline takes it from there: both packages archived, every filed byte in the LTA.
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(  # all runs' events in one SQLite file
+        "telemetry:\n  enabled: false\nevent_log_storage:\n"
+        "  module: dagster._core.storage.event_log\n"
+        "  class: ConsolidatedSqliteEventLogStorage\n"
+        f"  config:\n    base_dir: {home / 'history'}\n")
+    t0 = time.perf_counter()
+    with DagsterInstance.from_config(str(home)) as instance:
+        report = drive(build_definitions(site.config), instance)
+    assert report.failed == []
+    with site.opsdb.session() as session:
+        packages = session.scalars(select(RawDataPackage)).all()
+        assert {p.state for p in packages} == {PackageState.ARCHIVED}
+        archived: list[tuple[str, str, str]] = []
+        for package in packages:
+            for copy in package.copies:
+                if copy.location.location_type == LocationType.LONG_TERM_ARCHIVE:
+                    tar = Path(copy.location.root) / copy.relative_path
+                    assert hash_file(tar)[0] == package.checksum
+                    archived += [(copy.location.label, e.path, e.checksum)
+                                 for e in read_manifest(tar)]
+        filed = session.execute(select(RawDataFile.relative_path, RawDataFile.checksum)).all()
+    print(f"pipeline: {time.perf_counter() - t0:.1f} s")
+    for lta in ("cologne/lta", "us/lta"):  # every filed file, byte-identical, in both LTAs
+        assert sorted((Path(p).name, c) for label, p, c in archived if label == lta) == \
+            sorted((Path(p).name, c) for p, c in filed)
+    package_name = packages[0].name
+    assert client.package(package_name)["state"] == "archived"
+    client.close()
+
+
+def test_hostile_requests_get_a_4xx_naming_the_field_and_change_nothing(
+        site: Site, tmp_path: Path) -> None:
+    good = write_files(site.source, "obs-h", "primecam/f280", 2, size=10)
+    outside = tmp_path / "outside.dat"
+    outside.write_bytes(b"secret")
+    (site.source / "obs-h" / "escape.dat").symlink_to(outside)
+    client = FilingClient(site.url, site.token, attempts=1)
+    client.start_observation("obs-h")
+    checksum, size = hash_file(site.source / good[0])
+    auth = {"Authorization": f"Bearer {site.token}"}
+
+    def bulk(**changes: Any) -> dict[str, Any]:
+        return {"observation": "obs-h", "module": "primecam/f280",
+                "files": [{"path": good[0], "size": size, "checksum": checksum}], **changes}
+
+    def state() -> tuple[Any, ...]:
+        with site.opsdb.session() as session:
+            counts = tuple(session.scalar(select(func.count()).select_from(table))
+                           for table in (RawDataFile, ExecutedObsUnit, ApiRequest))
+        return counts, site.journal_rows()
+
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        ("traversal", bulk(files=[{"path": "../../../etc/passwd"}]), 422, "files[0].path"),
+        ("absolute", bulk(files=[{"path": "/etc/passwd"}]), 422, "files[0].path"),
+        ("symlink out", bulk(files=[{"path": "obs-h/escape.dat"}]), 422, "files[0].path"),
+        ("wrong checksum", bulk(files=[{"path": good[0], "checksum": "0" * 32}]), 422,
+         "files[0].checksum"),
+        ("wrong size", bulk(files=[{"path": good[0], "size": size + 1}]), 422, "files[0].size"),
+        ("bad checksum", bulk(files=[{"path": good[0], "checksum": "xyz"}]), 422,
+         "files[0].checksum"),
+        ("unknown module", bulk(module="primecam/f999"), 422, "module"),
+        ("other instrument", bulk(module="chai/lfa"), 403, "module"),
+        ("negative size", bulk(files=[{"path": good[0], "size": -1}]), 422, "files[0].size"),
+        ("unknown key", bulk(extra=1), 422, "extra"),
+        ("no files", bulk(files=[]), 422, "files"),
+        ("one bad of two", bulk(files=[{"path": good[1]}, {"path": "obs-h/nope.dat"}]), 422,
+         "files[1].path"),
+    ]
+    before = state()
+    for cut in (False, True):  # the same answers whether OpsDB is reachable or not
+        if cut:
+            site.link.cut()
+        for name, body, status, field in cases:
+            response = httpx.post(f"{site.url}/raw_data_files/bulk", json=body, headers=auth)
+            assert response.status_code == status, (name, response.text)
+            answer = response.json()
+            assert field in [e["field"] for e in answer["errors"]], (name, answer)
+            assert answer["detail"], name
+        raw = httpx.post(f"{site.url}/raw_data_files/bulk", content=b'{"observation": "obs-h",',
+                         headers={**auth, "Content-Type": "application/json"})
+        assert raw.status_code == 400 and raw.json()["errors"][0]["field"] == "body", raw.text
+        huge = bulk(files=[{"path": f"obs-h/{i:08d}.dat"} for i in range(MAX_BODY // 20)])
+        big = httpx.post(f"{site.url}/raw_data_files/bulk", json=huge, headers=auth)
+        assert big.status_code == 413 and "max_body_bytes" in big.json()["detail"], big.text
+        missing = httpx.post(f"{site.url}/raw_data_files/bulk", json=bulk())
+        assert missing.status_code == 401
+        assert missing.json()["errors"][0]["field"] == "Authorization"
+        forged = httpx.post(f"{site.url}/raw_data_files/bulk", json=bulk(),
+                            headers={"Authorization": "Bearer ccat_forged"})
+        assert forged.status_code == 401
+        if cut:
+            site.link.restore()
+        assert state() == before, name
+
+    revoke_token(site.opsdb, "primecam-daq")
+    deadline = time.monotonic() + 10
+    while True:  # the service re-reads tokens every service.token_refresh_s
+        response = httpx.post(f"{site.url}/raw_data_files/bulk", json=bulk(), headers=auth)
+        if response.status_code == 401 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert response.status_code == 401 and "revoked" in response.json()["detail"]
+    with site.opsdb.session() as session:
+        assert session.scalar(select(func.count()).select_from(RawDataFile)) <= 1
+    with pytest.raises(ServiceError, match="revoked"):
+        client.file("obs-h", "primecam/f280", [good[1]])
+
+
+def test_a_request_that_becomes_invalid_while_buffered_is_a_dead_letter(site: Site) -> None:
+    paths = write_files(site.source, "obs-d", "primecam/f280", 2)
+    client = FilingClient(site.url, site.token, attempts=1)
+    client.start_observation("obs-d")
+    site.link.cut()
+    assert client.file("obs-d", "primecam/f280", paths[:1])[0]["status"] == "buffered"
+    assert client.file("obs-d", "primecam/f280", paths[1:])[0]["status"] == "buffered"
+    # Meanwhile someone files the first path under another observation, straight into OpsDB.
+    start_observation(site.opsdb, "obs-other")
+    file_raw_files(site.opsdb, observation="obs-other", module="primecam/f280",
+                   files=[FileSpec(paths[0])])
+    site.link.restore()
+    health = site.wait("the drain", lambda h: h["journal"]["pending"] == 0)
+    assert health["journal"]["dead"] == 1
+    letter = health["journal"]["dead_letters"][0]
+    assert "already filed under observation 'obs-other'" in letter["error"]
+    with site.opsdb.session() as session:  # the later, valid request was still applied
+        assert session.scalar(select(RawDataFile.relative_path).join(ExecutedObsUnit)
+                              .where(ExecutedObsUnit.name == "obs-d")) == paths[1]
+    shown = subprocess.run([sys.executable, "-m", "ccat_assets.cli", "--config",
+                            str(site.config.path), "status"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "1 dead letter(s)" in shown.stdout and "obs-other" in shown.stdout
