@@ -52,3 +52,29 @@ def lost_filed_files(config: Config, opsdb: OpsDB) -> list[str]:
             lost.append(f"{relative} ({checksum}) is neither at its source nor in any good "
                         "LTA tar")
     return lost
+
+
+def good_archive_sites(config: Config, opsdb: OpsDB) -> dict[str, set[str]]:
+    """For each source path (absolute), the LTA locations whose tar of its package is good on
+    the storage right now (hashes to the package checksum and lists the file)."""
+    with opsdb.session() as session:
+        archives = [(loc.label, Path(loc.root)) for loc in session.scalars(
+            select(DataLocation).where(
+                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE))]
+        files = [(str(Path(f.source_location.root) / f.relative_path), f.relative_path,
+                  f.checksum, package_path(f.package), f.package.checksum)
+                 for f in session.scalars(select(RawDataFile)) if f.package is not None]
+    good: dict[str, set[str]] = {}
+    listed: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for source, relative, checksum, tar, package_checksum in files:
+        good[source] = set()
+        for label, root in archives:
+            if (label, tar) not in listed:
+                listed[(label, tar)] = set()
+                if package_checksum is not None and _digest(root / tar) == package_checksum:
+                    with contextlib.suppress(OSError, PackagingError):
+                        listed[(label, tar)] = {(e.path, e.checksum)
+                                                for e in read_manifest(root / tar)}
+            if (relative, checksum) in listed[(label, tar)]:
+                good[source].add(label)
+    return good
