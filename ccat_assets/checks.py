@@ -6,6 +6,7 @@ from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetChecksDefinition,
+    AssetCheckSeverity,
     AssetsDefinition,
     asset_check,
 )
@@ -17,8 +18,9 @@ from ccat_assets.partitions import (
     staging_partitions,
 )
 from ccat_dt.config import Config
+from ccat_dt.loss import Health, assess
 from ccat_dt.opsdb.models import LocationType
-from ccat_dt.packages import fail_unbuilt, source_problems
+from ccat_dt.packages import fail_unbuilt, get_package, source_problems
 from ccat_dt.reaper import certificate_problems
 from ccat_dt.replicas import verify
 from ccat_dt.staging import staged_problems
@@ -76,6 +78,20 @@ def build_checks(config: Config,
         return AssetCheckResult(passed=not problems,
                                 description="\n".join(problems) or "every deletion certified")
 
+    @asset_check(asset=assets["purge_status"], partitions_def=package_partitions)
+    def filed_bytes_safe(context: AssetCheckExecutionContext,
+                         deployment: Deployment) -> AssetCheckResult:
+        """Every filed byte of the package is in a good copy: red (ERROR) when it is lost,
+        a warning while the sources are gone and archive copies are missing."""
+        with deployment.opsdb.session() as session:
+            package = get_package(session, context.partition_key)
+            assessment = assess(session, deployment.config, package)
+        return AssetCheckResult(
+            passed=assessment.health == Health.SAFE, description=assessment.reason,
+            severity=(AssetCheckSeverity.ERROR if assessment.health == Health.LOST
+                      else AssetCheckSeverity.WARN),
+            metadata={"health": assessment.health.value})
+
     @asset_check(asset=assets["staged_copies"], partitions_def=staging_partitions)
     def staged_files_verified(context: AssetCheckExecutionContext,
                               deployment: Deployment) -> AssetCheckResult:
@@ -85,4 +101,4 @@ def build_checks(config: Config,
                                 description="\n".join(problems) or "every staged file verified")
 
     return [raw_files_present, package_checksum, site_copy_checksum, lta_copy_checksum,
-            deletion_certificates, staged_files_verified]
+            deletion_certificates, filed_bytes_safe, staged_files_verified]

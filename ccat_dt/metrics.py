@@ -152,13 +152,17 @@ class Metrics:
         self._emit(build, f"location {site}/{location}")
 
     def service_level(self, packages_unsafe: int, bytes_unsafe: int, oldest_unsafe_age_s: float,
-                      buffer_hours_left: dict[str, float | None]) -> None:
-        """How much data is not yet safe, and how long each buffer lasts if nothing leaves."""
+                      buffer_hours_left: dict[str, float | None], *, packages_lost: int = 0,
+                      packages_at_risk: int = 0) -> None:
+        """How much data is not yet safe (or lost, or at risk), and how long each buffer lasts
+        if nothing leaves."""
 
         def build() -> list[Point]:
             points = [Point(SERVICE_LEVEL).field("packages_unsafe", int(packages_unsafe))
                       .field("bytes_unsafe", int(bytes_unsafe))
-                      .field("oldest_unsafe_age_s", float(oldest_unsafe_age_s))]
+                      .field("oldest_unsafe_age_s", float(oldest_unsafe_age_s))
+                      .field("packages_lost", int(packages_lost))
+                      .field("packages_at_risk", int(packages_at_risk))]
             return points + [Point(BUFFER).tag("buffer", buffer).field("hours_left", float(hours))
                              for buffer, hours in sorted(buffer_hours_left.items())
                              if hours is not None]

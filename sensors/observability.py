@@ -7,6 +7,7 @@ from datetime import timedelta
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SkipReason, sensor
 
 from ccat_dt.forecast import forecast_buffers
+from ccat_dt.loss import Health, packages_in_danger
 from ccat_dt.metrics import location_figures, service_level_figures
 from ccat_dt.opsdb.models import utcnow
 from resources.opsdb import Deployment
@@ -19,6 +20,7 @@ def service_level_sensor(context: SensorEvaluationContext, deployment: Deploymen
     with deployment.opsdb.session() as session:
         level = service_level_figures(session, config.settings.required_lta_copies, now)
         locations = location_figures(session)
+        danger = packages_in_danger(session, config)
         forecasts = forecast_buffers(session, now, window=timedelta(hours=6),
                                      warn_below_hours=config.settings.metrics.warn_below_hours)
     free = {f.location: f.free_bytes for f in forecasts}
@@ -27,9 +29,14 @@ def service_level_sensor(context: SensorEvaluationContext, deployment: Deploymen
                                     used_bytes=None, free_bytes=free.get(figures.label),
                                     copies_by_status=figures.copies_by_status,
                                     present_bytes=figures.present_bytes)
+    lost = [name for name, a in danger if a.health == Health.LOST]
     deployment.metrics.service_level(level.packages_unsafe, level.bytes_unsafe,
                                      level.oldest_unsafe_age_s,
-                                     {f.location: f.hours_until_full for f in forecasts})
+                                     {f.location: f.hours_until_full for f in forecasts},
+                                     packages_lost=len(lost),
+                                     packages_at_risk=len(danger) - len(lost))
+    for name, assessment in danger:
+        context.log.error(f"{name}: {assessment.reason}")
     short = [f for f in forecasts if f.below_threshold]
     for forecast in short:
         context.log.warning(f"buffer {forecast.location} fills in "

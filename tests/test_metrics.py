@@ -124,15 +124,17 @@ def test_service_level_and_buffer_points(victoria: VictoriaMetrics) -> None:
     buffer = f"{_unique()}/buffer"
     metrics = _metrics(victoria)
     metrics.service_level(packages_unsafe=3, bytes_unsafe=530, oldest_unsafe_age_s=18000.0,
-                          buffer_hours_left={buffer: 36.5, "unknown/buffer": None})
+                          buffer_hours_left={buffer: 36.5, "unknown/buffer": None},
+                          packages_lost=1, packages_at_risk=2)
     metrics.flush()
-    level = _by_name(victoria.export('{__name__=~"ccat_service_level_.*"}', min_series=3))
+    level = _by_name(victoria.export('{__name__=~"ccat_service_level_.*"}', min_series=5))
     hours = victoria.export('{__name__="ccat_buffer_hours_left"}')
     metrics.close()
 
     assert {name: s["values"][-1] for name, s in level.items()} == {
         "ccat_service_level_packages_unsafe": 3, "ccat_service_level_bytes_unsafe": 530,
-        "ccat_service_level_oldest_unsafe_age_s": 18000.0}
+        "ccat_service_level_oldest_unsafe_age_s": 18000.0,
+        "ccat_service_level_packages_lost": 1, "ccat_service_level_packages_at_risk": 2}
     assert all(_labels(s) == {} for s in level.values())
     assert {s["metric"]["buffer"]: s["values"] for s in hours} == {buffer: [36.5]}  # None: no point
 
