@@ -229,6 +229,7 @@ def cmd_purge(args: argparse.Namespace) -> None:
     from ccat_dt.opsdb.models import utcnow
     from ccat_dt.purge_cycle import plan_cycle
     from ccat_dt.reaper import purge_package
+    from ccat_dt.recheck import recheck_lta_copies
 
     config = load_config(args.config)
     opsdb = OpsDB(config.opsdb_url)
@@ -247,6 +248,12 @@ def cmd_purge(args: argparse.Namespace) -> None:
         print(f"{verb} {package:<32} {where:<20} "
               f"{decision.size / 1e6:>9.1f} MB  {decision.path}\n         why: {decision.reason}")
     if args.plan:
+        # The purge looks at the LTA copies on their storage before it deletes: say now what
+        # that look would find (existence, type, size; the content is hashed only then).
+        for package in sorted({p for p, _ in plan.deletions if args.package in (None, p)}):
+            for problem in recheck_lta_copies(opsdb, config, package, dry_run=True).problems:
+                print(f"keep   {package:<32} storage re-check: {problem}; nothing of this "
+                      "package is deleted until it is repaired")
         return
     for package, (copy_ids, early_ids) in plan.by_package().items():
         report = purge_package(opsdb, config, package, copy_ids=copy_ids, early_ids=early_ids)

@@ -105,8 +105,10 @@ def _changed_identity(copy: _Copy, seen: Seen) -> bool:
 
 
 def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
-                       now: datetime | None = None) -> RecheckReport:
-    """Look at every verified LTA copy of the package on its storage (see module docstring)."""
+                       now: datetime | None = None, dry_run: bool = False) -> RecheckReport:
+    """Look at every verified LTA copy of the package on its storage (see module docstring).
+
+    `dry_run` (`purge --plan`): existence, type and size only, nothing hashed or recorded."""
     now = _aware(now or utcnow())
     window = timedelta(hours=config.settings.policies.deletion_recheck_hours)
     with opsdb.session() as session:
@@ -124,12 +126,14 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
     for (root, host), group in by_location.items():
         try:
             # First look: hash what is stale (or never had its identity recorded).
-            stale = [c.verified_at < now - window or c.inode is None for c in group]
+            stale = [not dry_run and (c.verified_at < now - window or c.inode is None)
+                     for c in group]
             seen = look(root, host, ssh, [Wanted(c.relative_path, s)
                                           for c, s in zip(group, stale, strict=True)])
             # A file whose inode or mtime changed since it was recorded is hashed now too.
             again = [i for i, (c, s) in enumerate(zip(group, seen, strict=True))
-                     if s.problem is None and s.checksum is None and _changed_identity(c, s)]
+                     if not dry_run and s.problem is None and s.checksum is None
+                     and _changed_identity(c, s)]
             if again:
                 for i, second in zip(again, look(root, host, ssh, [
                         Wanted(group[i].relative_path, True) for i in again]), strict=True):
@@ -149,7 +153,7 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
                                         checked_at if rehashed else copy.verified_at, rehashed)
             if rehashed:
                 _record_rehash(opsdb, copy, found, checked_at)
-    if failed:
+    if failed and not dry_run:
         _mark_corrupt(opsdb, config, package_name, failed)
     return RecheckReport(passed, problems)
 

@@ -109,12 +109,19 @@ def deletion_certificates(opsdb: OpsDB) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("fault", ["removed", "corrupted"])
 def test_one_lta_copy_gone_during_retention_is_restored_before_sources_go(
-        kept: Config, instance: DagsterInstance, fault: str) -> None:
+        kept: Config, instance: DagsterInstance, capsys: pytest.CaptureFixture[str],
+        fault: str) -> None:
     opsdb, package, files = archived_with_sources(kept, instance)
     tar = lta_tar(kept, "us", package)
     tar.unlink() if fault == "removed" else flip_byte(tar)
 
     config = retention(kept, 0)
+    if fault == "removed":  # the plan already says what the purge's look will find
+        capsys.readouterr()
+        assert exit_code(["--config", str(config.path), "purge", "--plan"]) == 0
+        plan = capsys.readouterr().out
+        assert f"keep   {package}" in plan and "storage re-check: us/lta" in plan
+        assert "missing" in plan
     run(config, instance)
 
     assert lost_filed_files(config, opsdb) == []
