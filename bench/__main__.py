@@ -32,6 +32,7 @@ TITLES = {
     "lifecycle": "5. Orchestration overhead: the whole lifecycle through drive()",
     "opsdb": "6. OpsDB at scale: sensor queries and the deletion planner",
     "years": "7. Five-year simulation",
+    "purge": "9. Deletion-time re-check: the purge of archived packages",
 }
 
 
@@ -39,11 +40,12 @@ def _runners() -> dict[str, Callable[[Settings, SectionResult, Callable[[str], N
     from bench.files import bench_copy, bench_hash, bench_package
     from bench.lifecycle import bench_lifecycle
     from bench.opsdb import bench_opsdb, bench_years
+    from bench.purge import bench_purge
     from bench.remote import bench_remote
 
     return {"hash": bench_hash, "package": bench_package, "copy": bench_copy,
             "remote": bench_remote, "lifecycle": bench_lifecycle, "opsdb": bench_opsdb,
-            "years": bench_years}
+            "years": bench_years, "purge": bench_purge}
 
 
 def _jsonable(value: Any) -> Any:

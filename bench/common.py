@@ -91,7 +91,7 @@ class Settings:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years"]
+SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "purge"]
 
 
 # -- timing -------------------------------------------------------------------------------------
