@@ -10,6 +10,7 @@ a snapshot (untimed) and the variants alternate.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import build, plan_packages
 from ccat_dt.recheck import Rechecked, RecheckReport
-from ccat_dt.replicas import place, plan_placement
+from ccat_dt.replicas import NotReady, place, plan_placement
 from ccat_dt.topology import prepare_opsdb
 
 FILES_PER_PACKAGE = 4
@@ -51,9 +52,11 @@ def _archived(root: Path, packages: int, log: Callable[[str], None]) -> list[str
         names = [p.name for p in plan_packages(session, config)]
     for i, package in enumerate(names):
         build(opsdb, config, package)
-        for site in ("cologne", "us"):
+        for site in ("cologne", "us", "cologne"):  # the primary site first, then the other
             for kind in (LocationType.BUFFER, LocationType.LONG_TERM_ARCHIVE):
-                place(opsdb, config, plan_placement(opsdb, config, package, site, kind), kind)
+                with contextlib.suppress(NotReady):
+                    place(opsdb, config, plan_placement(opsdb, config, package, site, kind),
+                          kind)
         if (i + 1) % 100 == 0:
             log(f"    {i + 1}/{len(names)} packages archived")
     opsdb.dispose()

@@ -28,7 +28,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.packages import get_package, lock_package, package_path, supersede
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, replication_source
-from ccat_dt.storage import root_problem
+from ccat_dt.storage import StorageUnavailable, look, root_problem
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
     Endpoint,
@@ -96,9 +96,8 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         jobs = [_start(session, item, destination, kind, run_id, attempt) for item in batch]
         remote = destination.host is not None or placement.source.host is not None
     transport = transport_for(config, route, remote=remote)
-    unmounted = root_problem(Path(destination.root)) if destination.host is None else None
-    outcomes = ([TransferError(unmounted, retryable=False)] * len(jobs) if unmounted
-                else _transfer(transport, jobs))
+    unmounted = _unmarked(config, destination)
+    outcomes = [unmounted] * len(jobs) if unmounted else _transfer(transport, jobs)
     own: Placed | None = None
     for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, Exception):
@@ -228,6 +227,19 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
                   seconds=result.seconds)
         refresh_state(session, config, package)
         return CopyRef.of(copy)
+
+
+def _unmarked(config: Config, destination: DataLocation) -> TransferError | None:
+    """Why the destination's root cannot be written now, or None: a transfer never creates a
+    missing location root (an unmounted archive disk has no marker)."""
+    if destination.host is None:
+        problem = root_problem(Path(destination.root))
+        return TransferError(problem, retryable=False) if problem else None
+    try:
+        look(destination.root, destination.host, ssh_settings(config), [])  # one round trip
+    except StorageUnavailable as exc:
+        return TransferError(str(exc), retryable=exc.transient)
+    return None
 
 
 def _identity(where: Endpoint) -> tuple[int | None, int | None]:

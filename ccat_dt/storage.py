@@ -62,7 +62,13 @@ class Wanted:
 
 
 class StorageUnavailable(Exception):
-    """The location cannot be looked at (root unmarked, host unreachable): nothing is known."""
+    """The location cannot be looked at (root unmarked, host unreachable): nothing is known.
+    `transient`: the host could not be reached (a retry may help); otherwise a person must
+    mount the disk."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def write_marker(root: Path) -> None:
@@ -222,10 +228,11 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
         done = run(remote_command(ssh, host, ["sh", "-c", _LOOK_SCRIPT, "sh", *arguments]),
                    timeout_s=HASH_TIMEOUT_S)
     except TransferError as exc:
-        raise StorageUnavailable(f"cannot reach {host}: {exc}") from exc
+        raise StorageUnavailable(f"cannot reach {host}: {exc}",
+                                 transient=exc.retryable) from exc
     if done.rc != 0:
-        raise StorageUnavailable(str(classify_ssh(done.rc, done.stderr,
-                                                  what=f"looking at {root} on {host}")))
+        error = classify_ssh(done.rc, done.stderr, what=f"looking at {root} on {host}")
+        raise StorageUnavailable(str(error), transient=error.retryable)
     lines = done.stdout.splitlines()
     if lines[:1] == ["UNMARKED"]:
         raise StorageUnavailable(f"location root {root} on {host} has no {MARKER} marker: not "

@@ -11,7 +11,7 @@ import pytest
 from dagster import DagsterInstance
 from sqlalchemy import select
 
-import ccat_dt.transports.rsync as rsync
+import ccat_dt.replicas as replicas
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType, RawDataPackage
 from ccat_dt.report import disagreements
@@ -72,17 +72,19 @@ def test_link_failure_during_a_transfer_is_retried_and_converges(
 
 def _up_again_after_first_attempt(link: Link, monkeypatch: pytest.MonkeyPatch
                                   ) -> dict[str, int]:
-    real = rsync.RsyncTransport._transfer
+    """The first ssh of a placement (the look at the destination's root marker) meets the
+    dead link; the link comes back while the step waits for its retry."""
+    real = replicas._unmarked
     calls = {"attempts": 0}
 
-    def transfer(self, items, log):  # type: ignore[no-untyped-def]
+    def unmarked(config, destination):  # type: ignore[no-untyped-def]
         calls["attempts"] += 1
         try:
-            return real(self, items, log)
+            return real(config, destination)
         finally:
-            link.down = False  # the link comes back while the step waits for its retry
+            link.down = False
 
-    monkeypatch.setattr(rsync.RsyncTransport, "_transfer", transfer)
+    monkeypatch.setattr(replicas, "_unmarked", unmarked)
     return calls
 
 
