@@ -151,9 +151,16 @@ def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: i
     package.manifest = {"files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
                                   for e in built.manifest]}
     package.state, package.built_at = PackageState.WAITING, now
+    for raw in package.files:  # identities confirmed by this read of the filed bytes
+        for source in raw.copies:
+            found = built.identities.get(str(Path(source.location.root) / source.relative_path))
+            if found and source.status == CopyStatus.PRESENT:
+                source.inode, source.mtime_ns = found
+    tar = built.path.stat()
     copy = PackageCopy(package=package, location_id=buffer_id, relative_path=package_path(package),
                        size=built.size, checksum=built.checksum, status=CopyStatus.PRESENT,
-                       created_at=now, verified_at=now)
+                       created_at=now, verified_at=now, inode=tar.st_ino,
+                       mtime_ns=tar.st_mtime_ns)
     session.add(copy)
     session.flush()
     return copy

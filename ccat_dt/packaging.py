@@ -12,7 +12,7 @@ import os
 import stat
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -56,6 +56,9 @@ class BuiltPackage:
     checksum: str
     adler32: str
     manifest: list[ManifestEntry]
+    # (st_ino, st_mtime_ns) per source path whose stat was the same before and after its bytes
+    # were read and matched the filed checksum: a later deletion trusts an unchanged identity.
+    identities: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class PackagingError(Exception):
@@ -228,7 +231,22 @@ def build_package(
         checksum=writer.checksum(),
         adler32=writer.adler32(),
         manifest=manifest,
+        identities=_unchanged(ordered, stats),
     )
+
+
+def _unchanged(members: list[PackageMember], before: list[os.stat_result]
+               ) -> dict[str, tuple[int, int]]:
+    identities = {}
+    for member, st in zip(members, before, strict=True):
+        try:
+            after = os.stat(member.source)
+        except OSError:
+            continue
+        if (after.st_ino, after.st_mtime_ns, after.st_size) == (st.st_ino, st.st_mtime_ns,
+                                                                 st.st_size):
+            identities[str(member.source)] = (st.st_ino, st.st_mtime_ns)
+    return identities
 
 
 def _parse_manifest(tar_path: Path, tar: tarfile.TarFile) -> list[ManifestEntry]:
