@@ -3,6 +3,8 @@ per file), and the fixity scrub when the pipeline is driven by `ccat-dt drive` a
 
 from __future__ import annotations
 
+import shlex
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -71,6 +73,12 @@ def count_ssh(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[str]]:
     return calls
 
 
+def per_root(calls: list[Sequence[str]], roots: Sequence[str]) -> Counter[str]:
+    """How many ssh commands named each location root (the remote command is the last word)."""
+    return Counter(root for argv in calls for root in roots
+                   if root in shlex.split(argv[-1]))
+
+
 def test_remote_corruption_loss_and_dark_file_found_and_repaired(
         tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,12 +88,15 @@ def test_remote_corruption_loss_and_dark_file_found_and_repaired(
     defs, instance = build_definitions(config), open_instance(config)
     assert drive(defs, instance).failed == []
     with opsdb.session() as session:
-        remote = session.scalars(select(DataLocation.id).where(
+        remote = session.scalars(select(DataLocation.root).where(
             DataLocation.host.is_not(None))).all()
+    assert all(len(lta_copies(opsdb, site)) == 2 for site in ("cologne", "us"))
     calls = count_ssh(monkeypatch)
     clean = audit(opsdb, checksums=True, config=config)
     assert clean.findings == [] and clean.checked_copies >= 4
-    assert 0 < len(calls) <= 2 * len(remote)  # a listing and a hash batch per location at most
+    # one listing and one hash batch per location: per file it would be 1 + 2 per LTA root
+    assert len(calls) == sum(per_root(calls, remote).values())
+    assert max(per_root(calls, remote).values()) == 2 and len(calls) <= 2 * len(remote)
 
     [(changed_id, changed_pkg, changed), _] = lta_copies(opsdb, "cologne")
     [lost_id, lost_pkg, lost] = next(c for c in lta_copies(opsdb, "us") if c[1] != changed_pkg)
@@ -98,14 +109,14 @@ def test_remote_corruption_loss_and_dark_file_found_and_repaired(
     calls.clear()
     sizes_only = audit(opsdb, config=config)
     assert sorted(f.kind for f in sizes_only.problems) == ["dark", "lost"]
-    assert len(calls) == len(remote)  # one listing per remote location, whatever the files
+    assert per_root(calls, remote) == Counter(remote)  # one listing each, whatever the files
     calls.clear()
     report = audit(opsdb, checksums=True, config=config)
     assert sorted((f.kind, f.copy_id, f.path) for f in report.findings) == [
         ("changed", changed_id, str(changed)), ("dark", None, str(dark)),
         ("lost", lost_id, str(lost))]
     assert "xxh3_128 on disk" in next(f for f in report.findings if f.kind == "changed").detail
-    assert len(calls) <= 2 * len(remote)
+    assert max(per_root(calls, remote).values()) <= 2 and len(calls) <= 2 * len(remote)
     assert status(opsdb, changed_id) == status(opsdb, lost_id) == CopyStatus.PRESENT
 
     path = str(config.path)
@@ -130,34 +141,21 @@ def test_remote_corruption_loss_and_dark_file_found_and_repaired(
     main(["--config", path, "audit", "--checksums"])  # clean: exits 0 (returns)
     assert " 0 problem(s)" in capsys.readouterr().out
 
+    (changed.parent.parent / storage.MARKER).unlink()  # as if another disk were mounted
     with opsdb.session() as session:
         us_lta = session.scalars(select(DataLocation).join(Site).where(
             Site.short_name == "us", DataLocation.name == "lta")).one()
         us_lta.host = "unreachable.invalid"
     with pytest.raises(SystemExit) as exited:
-        main(["--config", path, "audit"])
+        main(["--config", path, "audit", "--repair"])
     assert exited.value.code == 1
     out = capsys.readouterr().out
-    assert "not audited on unreachable.invalid" in out and "0 problem(s)" in out
+    assert "not audited on unreachable.invalid" in out and " 0 problem(s)" in out
+    assert "cologne/lta" in out and "marker" in out
+    assert all(status(opsdb, c) == CopyStatus.PRESENT for c, _, _ in lta_copies(opsdb, "us"))
     opsdb.dispose()
 
 
-def test_unmarked_remote_root_is_not_audited(tmp_path: Path, sshd: SshServer) -> None:
-    config = multisite(tmp_path, sshd)
-    opsdb = OpsDB(config.opsdb_url)
-    observe(config, opsdb, observations=1, files=1)
-    assert drive(build_definitions(config), open_instance(config)).failed == []
-    [(copy_id, _, path)] = lta_copies(opsdb, "us")[:1]
-    marker = next(p for p in path.parents if (p / storage.MARKER).is_file()) / storage.MARKER
-    marker.unlink()  # as if another disk were mounted there
-
-    report = audit(opsdb, checksums=True, repair=True, config=config)
-
-    [skipped] = [f for f in report.findings if f.location == "us/lta"]
-    assert skipped.kind == "skipped" and "marker" in skipped.detail
-    assert "copies recorded there were not checked" in skipped.detail
-    assert report.problems == [] and status(opsdb, copy_id) == CopyStatus.PRESENT
-    opsdb.dispose()
 
 
 def test_scrub_runs_under_drive_when_due(config: Config, opsdb: OpsDB) -> None:
