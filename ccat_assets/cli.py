@@ -178,7 +178,8 @@ def cmd_drive(args: argparse.Namespace) -> None:
     from ccat_assets.instance import open_instance
 
     config = load_config(args.config)
-    report = drive(build_definitions(config), open_instance(config), log=print)
+    report = drive(build_definitions(config), open_instance(config), due_schedules=True,
+                   log=print)
     print(f"{len(report.launched)} run(s) in {report.rounds} round(s), "
           f"{len(report.failed)} failed")
     if report.failed or _report_danger(config):
@@ -448,8 +449,9 @@ def parser() -> argparse.ArgumentParser:
                    help="an instrument it may file for (repeatable; default: all)")
     p.set_defaults(run=cmd_token)
 
-    p = commands.add_parser("drive", help="tick the sensors and run what they request, "
-                            "until nothing is left to do")
+    p = commands.add_parser("drive", help="tick the schedules that are due (the fixity "
+                            "scrub) and the sensors, and run what they request, until nothing "
+                            "is left to do")
     p.set_defaults(run=cmd_drive)
 
     p = commands.add_parser("purge", help="run one purge cycle (with --plan: only show it)")

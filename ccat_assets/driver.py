@@ -25,6 +25,7 @@ from dagster import (
 )
 from dagster._core.definitions.dynamic_partitions_request import AddDynamicPartitionsRequest
 from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._utils.schedules import reverse_cron_string_iterator
 
 RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"
@@ -38,12 +39,17 @@ class DriveReport:
 
 
 def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
-          schedules: bool = False, log: Callable[[str], None] = lambda _: None) -> DriveReport:
+          schedules: bool = False, due_schedules: bool = False,
+          log: Callable[[str], None] = lambda _: None) -> DriveReport:
     """Tick every sensor, run what it asks for; repeat until a round launches nothing.
-    With `schedules`, every schedule is ticked once first, as if its time had come."""
+    With `schedules`, every schedule is ticked once first, as if its time had come; with
+    `due_schedules` (`ccat-dt drive`), those whose cron tick came since drive last ticked them
+    (see tick_due_schedules)."""
     repository = defs.get_repository_def()
     cursors: dict[str, str | None] = {}
     report = DriveReport()
+    if due_schedules and not schedules:
+        tick_due_schedules(defs, instance, report, log)
     if schedules:
         for schedule_def in repository.schedule_defs:
             with build_schedule_context(instance=instance, resources=defs.resources,
@@ -83,6 +89,43 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
         if len(report.launched) == launched_before:
             break
     return report
+
+
+SCHEDULE_CURSOR = "ccat-dt/drive/schedule/"  # + schedule name: the last tick drive evaluated
+
+
+def tick_due_schedules(defs: Definitions, instance: DagsterInstance, report: DriveReport,
+                       log: Callable[[str], None] = lambda _: None,
+                       now: datetime | None = None) -> list[str]:
+    """Evaluate each schedule whose latest cron tick is newer than the one drive last evaluated
+    (kept in the instance's key-value store, so it holds across `ccat-dt drive` invocations),
+    as the daemon would at that tick; a schedule never ticked by drive is due at once. Without
+    this, a deployment driven by cron + `ccat-dt drive` instead of the daemon never ran the
+    fixity scrub. Missed ticks are not replayed: only the latest is evaluated (the scrub reads
+    its hourly share; the longest-unverified copies come first anyway). Returns the names
+    ticked."""
+    now = now or datetime.now(UTC)
+    repository = defs.get_repository_def()
+    ticked = []
+    for schedule_def in repository.schedule_defs:
+        key = SCHEDULE_CURSOR + schedule_def.name
+        cron = schedule_def.cron_schedule
+        latest = max(next(reverse_cron_string_iterator(
+            now.timestamp(), one, schedule_def.execution_timezone or "UTC"))
+            for one in ([cron] if isinstance(cron, str) else cron))
+        last = instance.run_storage.get_cursor_values({key}).get(key)
+        if last is not None and datetime.fromisoformat(last) >= latest:
+            continue
+        with build_schedule_context(instance=instance, resources=defs.resources,
+                                    repository_def=repository,
+                                    scheduled_execution_time=latest) as context:
+            data = schedule_def.evaluate_tick(context)
+        for run in data.run_requests or []:
+            _launch(repository, instance, run, schedule_def.name, schedule_def.job_name,
+                    report, log)
+        instance.run_storage.set_cursor_values({key: latest.isoformat()})
+        ticked.append(schedule_def.name)
+    return ticked
 
 
 def launch(defs: Definitions, instance: DagsterInstance, run: RunRequest, *, origin: str,

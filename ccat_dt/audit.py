@@ -2,22 +2,26 @@
 
 OpsDB is the only basis for deletion, so a copy it believes PRESENT that the disk lost (or that
 changed) must stop counting before the purge planner relies on it; files the disk has that OpsDB
-does not know are reported for a human, never deleted or adopted. Each location root is walked
-once and compared against one query of that location's copies, so the audit scales to millions
-of files.
+does not know are reported for a human, never deleted or adopted. Each location root is listed
+once (a remote one in one ssh round trip, storage.listing) and compared against one query of
+that location's copies by the same function, local or remote, so the audit scales to millions
+of files and costs O(locations) round trips, not O(files); checksums are computed where the
+files are, in batches (storage.look). A location that cannot be looked at is reported as
+"skipped" (not audited), never as clean.
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import CursorResult, select, update
 
-from ccat_dt.checksums import ALGORITHM, hash_file
+from ccat_dt.checksums import ALGORITHM
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -35,12 +39,25 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.replicas import refresh_state
-from ccat_dt.storage import MARKER, root_problem
+from ccat_dt.storage import (
+    Entry,
+    Listing,
+    Seen,
+    StorageUnavailable,
+    Wanted,
+    listing,
+    look,
+)
+from ccat_dt.transports.base import SshSettings
 
 LOST, CHANGED, DARK, PARTIAL, STALE_DELETED, SKIPPED = (
     "lost", "changed", "dark", "partial", "stale_deleted", "skipped")
 ON_DISK = (CopyStatus.PRESENT, CopyStatus.STAGED)  # OpsDB promises these bytes are there
 PARTIAL_MAX_AGE = timedelta(hours=24)  # older temporary files are abandoned, not in flight
+# Checksums are computed on the files' host: one round trip per batch, bounded in count and
+# bytes so that a batch stays well inside storage.look's time limit.
+HASH_BATCH_FILES = 200
+HASH_BATCH_BYTES = 200 * 10**9
 
 
 @dataclass(frozen=True)
@@ -84,12 +101,34 @@ class _Location:
 
 
 @dataclass
+class _Expected:
+    """What OpsDB says about one location: live copies and deletions by relative path."""
+
+    live: dict[str, list[_Recorded]]
+    deleted: dict[str, int]
+    busy: bool  # an operation is writing there now
+
+    @property
+    def on_disk(self) -> int:
+        return sum(1 for records in self.live.values() for r in records if r.status in ON_DISK)
+
+
+@dataclass(frozen=True)
+class _Broken:
+    finding: Finding
+    record: _Recorded
+    relative_path: str
+    why: str  # lost | size | symlink | checksum | unreadable
+
+
+@dataclass
 class _Walk:
     """What one location's audit found, before any repair."""
 
     findings: list[Finding] = field(default_factory=list)
-    broken: list[tuple[Finding, _Recorded, str]] = field(default_factory=list)  # + why
+    broken: list[_Broken] = field(default_factory=list)
     partial: list[tuple[Finding, float]] = field(default_factory=list)  # with mtime
+    to_hash: list[tuple[Entry, list[_Recorded]]] = field(default_factory=list)
     checked: int = 0
     scanned: int = 0
 
@@ -105,18 +144,26 @@ def is_temporary(name: str) -> bool:
 
 
 def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
-          now: datetime | None = None, config: Config | None = None) -> AuditReport:
-    """Compare every local location's copies in OpsDB with its files on disk.
+          now: datetime | None = None, config: Config | None = None,
+          ssh: SshSettings | None = None) -> AuditReport:
+    """Compare every location's copies in OpsDB with its files, local or over ssh.
 
-    `checksums` re-reads the bytes of every PRESENT/STAGED copy (slow; sizes alone otherwise).
-    `repair` marks lost or changed PRESENT copies CORRUPT, which freezes every purge of their
-    package until a good copy replaces them, and removes temporary files abandoned for over
-    24 hours (never at a SOURCE location: nothing of ours writes there, so a file named like a
-    temporary one is an instrument's, reported as unknown and left alone); nothing else is
-    changed, and without `repair` nothing at all. With `config`, the
-    state of a package whose copy was marked corrupt is re-derived (ARCHIVED may fall back).
+    `checksums` re-reads the bytes of every PRESENT/STAGED copy where it is (slow; sizes alone
+    otherwise). `repair` marks lost or changed PRESENT copies CORRUPT, which freezes every purge
+    of their package until a good copy replaces them, and removes local temporary files
+    abandoned for over 24 hours (never at a SOURCE location: nothing of ours writes there, so
+    a file named like a temporary one is an instrument's, reported as unknown and left alone;
+    nor on a remote host: those are only reported, to be removed by hand, because a deletion
+    over ssh would need its own symlink-safe re-check); nothing else is changed, and without
+    `repair` nothing at all. With `config`, the state of a package whose copy was marked
+    corrupt is re-derived (ARCHIVED may fall back), and remote hosts are reached with the
+    config's ssh settings unless `ssh` is given.
     """
     now = _aware(now or utcnow())
+    if ssh is None:
+        from ccat_dt.transports.factory import ssh_settings  # transports pull in much
+
+        ssh = ssh_settings(config) if config is not None else SshSettings()
     with opsdb.session() as session:
         locations = [_Location(id_, f"{site}/{name}", root, host, kind != LocationType.SOURCE)
                      for id_, site, name, root, host, kind
@@ -124,16 +171,11 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
                                                DataLocation.root, DataLocation.host,
                                                DataLocation.location_type)
                                         .join(Site).order_by(DataLocation.id)).all()]
-    local_roots = {os.path.normpath(loc.root) for loc in locations if loc.host is None}
     report = AuditReport(findings=[], checked_copies=0, scanned_files=0, repaired=[])
     corrupted: set[int] = set()
     for location in locations:
-        if location.host is not None:
-            report.findings.append(Finding(
-                SKIPPED, location.label, location.root, None,
-                f"remote location on {location.host}: remote audit is not implemented yet"))
-            continue
-        walk = _audit_location(opsdb, location, local_roots, checksums=checksums, now=now)
+        walk = _audit_location(opsdb, location, _nested(location, locations), ssh,
+                               checksums=checksums, now=now)
         report.findings += walk.findings
         report.checked_copies += walk.checked
         report.scanned_files += walk.scanned
@@ -146,7 +188,7 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
                 f"changed (more than {share:.0%}); check that the disk is mounted and healthy, "
                 "then repair"))
         elif repair:
-            _repair(opsdb, location, walk, report.repaired, corrupted)
+            report.findings += _repair(opsdb, location, ssh, walk, report.repaired, corrupted)
     if corrupted and config is not None:
         with opsdb.session() as session:
             for package_id in sorted(corrupted):
@@ -154,8 +196,15 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
     return report
 
 
-def _audit_location(opsdb: OpsDB, location: _Location, local_roots: set[str], *,
-                    checksums: bool, now: datetime) -> _Walk:
+def _nested(location: _Location, locations: list[_Location]) -> set[str]:
+    """Other location roots on the same host below this one (relative): audited on their own."""
+    root = os.path.normpath(location.root)
+    return {os.path.relpath(os.path.normpath(other.root), root) for other in locations
+            if other.host == location.host and other.id != location.id
+            and os.path.normpath(other.root).startswith(f"{root}/")}
+
+
+def _expected(opsdb: OpsDB, location: _Location) -> _Expected:
     live: dict[str, list[_Recorded]] = defaultdict(list)
     deleted: dict[str, int] = {}
     with opsdb.session() as session:
@@ -175,67 +224,70 @@ def _audit_location(opsdb: OpsDB, location: _Location, local_roots: set[str], *,
         else:
             live[key].append(_Recorded(copy_id, status, size, checksum,
                                        package_id or file_package_id))
+    return _Expected(live, deleted, busy)
+
+
+def _audit_location(opsdb: OpsDB, location: _Location, nested: set[str], ssh: SshSettings, *,
+                    checksums: bool, now: datetime) -> _Walk:
+    expected = _expected(opsdb, location)
+    root = os.path.normpath(location.root)
+    where = f" on {location.host}" if location.host else ""
+    if location.host is None and not os.path.isdir(root) and expected.on_disk == 0:
+        return _Walk()  # nothing recorded there yet (e.g. a processing area never used)
+    try:
+        found = listing(root, location.host, ssh, nested)
+    except StorageUnavailable as exc:
+        walk = _Walk()
+        unmarked_unused = location.host is not None and expected.on_disk == 0 \
+            and "marker" in str(exc)
+        if not unmarked_unused:  # (a remote area never used, as the missing local one above)
+            walk.findings.append(Finding(
+                SKIPPED, location.label, root, None,
+                f"not audited{where}: {exc}: {expected.on_disk} copies recorded there were not "
+                "checked"))
+        return walk
+    walk = _compare(location, expected, found, now)
+    if checksums and walk.to_hash:
+        _compare_checksums(walk, location, ssh)
+    return walk
+
+
+def _compare(location: _Location, expected: _Expected, found: Listing, now: datetime) -> _Walk:
+    """The findings of one location: its listing (local or remote) against OpsDB."""
     walk = _Walk()
     root = os.path.normpath(location.root)
-    expected = sum(1 for records in live.values() for r in records if r.status in ON_DISK)
-    if not os.path.isdir(root):
-        if expected == 0:
-            return walk  # nothing recorded there yet (e.g. a processing area never used)
-        walk.findings.append(Finding(
-            SKIPPED, location.label, root, None,
-            f"location root is missing or not a directory (not mounted?): {expected} "
-            "copies recorded on disk there were not checked"))
-        return walk
-    if expected and (problem := root_problem(Path(root))):
-        walk.findings.append(Finding(SKIPPED, location.label, root, None,
-                                     f"{problem}: {expected} copies recorded there were not "
-                                     "checked"))
-        return walk
-
+    for prefix, problem in found.unreadable:
+        walk.findings.append(Finding(SKIPPED, location.label, os.path.join(root, prefix), None,
+                                     problem))
+    unreadable = [prefix for prefix, _ in found.unreadable]
     seen: set[str] = set()
-    unreadable: list[str] = []
-    stack = [("", root)]
-    while stack:
-        prefix, directory = stack.pop()
-        try:
-            with os.scandir(directory) as entries:
-                listing = list(entries)
-        except OSError as exc:
-            unreadable.append(prefix)
-            walk.findings.append(Finding(SKIPPED, location.label, directory, None,
-                                         f"cannot list directory: {exc}"))
-            continue
-        for entry in listing:
-            relative = f"{prefix}{entry.name}"
-            if relative == MARKER:
-                continue  # the location root's own marker (storage.py)
-            if entry.is_dir(follow_symlinks=False):
-                if os.path.normpath(entry.path) not in local_roots:  # nested location: own audit
-                    stack.append((f"{relative}/", entry.path))
-                continue
-            walk.scanned += 1
-            if relative in live:
-                seen.add(relative)
-                _check(walk, location, entry, live[relative], checksums)
-            elif is_temporary(entry.name) and location.writes_temporaries:
-                _partial(walk, location, entry, now, busy)
-            elif relative in deleted:
-                walk.findings.append(Finding(
-                    STALE_DELETED, location.label, entry.path, deleted[relative],
-                    f"recorded deleted, still on disk ({_size(entry)} bytes)"))
-            else:
-                in_flight = "; an operation is in progress here, it may be in flight" if busy \
-                    else ""
-                walk.findings.append(Finding(
-                    DARK, location.label, entry.path, None,
-                    f"{_size(entry)} bytes, not referred to by any copy in OpsDB{in_flight}"))
+    busy = expected.busy
+    for entry in found.entries:
+        relative = entry.relative_path
+        path = os.path.join(root, relative)
+        name = relative.rsplit("/", 1)[-1]
+        walk.scanned += 1
+        if relative in expected.live:
+            seen.add(relative)
+            _check(walk, location, entry, expected.live[relative])
+        elif is_temporary(name) and location.writes_temporaries:
+            _partial(walk, location, entry, now, busy)
+        elif relative in expected.deleted:
+            walk.findings.append(Finding(
+                STALE_DELETED, location.label, path, expected.deleted[relative],
+                f"recorded deleted, still on disk ({entry.size} bytes)"))
+        else:
+            in_flight = "; an operation is in progress here, it may be in flight" if busy else ""
+            walk.findings.append(Finding(
+                DARK, location.label, path, None,
+                f"{entry.size} bytes, not referred to by any copy in OpsDB{in_flight}"))
 
-    missing = [(relative, r) for relative, records in live.items() if relative not in seen
-               for r in records if r.status in ON_DISK
+    missing = [(relative, r) for relative, records in expected.live.items()
+               if relative not in seen for r in records if r.status in ON_DISK
                and not any(relative.startswith(p) for p in unreadable)]
     walk.checked += len(missing)
     mount_note = ""
-    if missing and len(missing) == expected and walk.scanned == 0:
+    if missing and len(missing) == expected.on_disk and walk.scanned == 0:
         mount_note = "; the whole location root is empty (not mounted?): not repaired"
     for relative, record in missing:
         finding = Finding(LOST, location.label, os.path.join(root, relative), record.copy_id,
@@ -243,81 +295,122 @@ def _audit_location(opsdb: OpsDB, location: _Location, local_roots: set[str], *,
                           f"{mount_note}")
         walk.findings.append(finding)
         if not mount_note:
-            walk.broken.append((finding, record, LOST))
+            walk.broken.append(_Broken(finding, record, relative, LOST))
     return walk
 
 
-def _check(walk: _Walk, location: _Location, entry: os.DirEntry[str],
-           records: list[_Recorded], checksums: bool) -> None:
-    """Size (and optionally checksum) of a file against each copy OpsDB says is on disk there."""
-    digest: str | None = None
-    for record in records:
-        if record.status not in ON_DISK:
-            continue  # CORRUPT and deletions in progress: OpsDB promises nothing about them
+def _check(walk: _Walk, location: _Location, entry: Entry, records: list[_Recorded]) -> None:
+    """Size against each copy OpsDB says is on disk there; files to re-read are noted."""
+    on_disk = [r for r in records if r.status in ON_DISK]  # CORRUPT, deleting: no promise
+    path = os.path.join(os.path.normpath(location.root), entry.relative_path)
+    hashable = []
+    for record in on_disk:
         walk.checked += 1
-        size = _size(entry)
         problem, why = None, "size"
-        if entry.is_symlink():
-            problem = f"a symlink where the recorded file should be (to {_target(entry)})"
-        elif size != record.size:
-            problem = f"size on disk {size} bytes, recorded {record.size}"
-        elif checksums:
-            try:
-                digest = digest or hash_file(Path(entry.path))[0]
-            except OSError as exc:
-                problem, why = f"cannot read: {exc}", "unreadable"
-            else:
-                if digest != record.checksum:
-                    problem, why = (f"{ALGORITHM} on disk {digest}, recorded {record.checksum}",
-                                    "checksum")
+        if entry.symlink:
+            problem, why = (f"a symlink where the recorded file should be (to {entry.target})",
+                            "symlink")
+        elif entry.size != record.size:
+            problem = f"size on disk {entry.size} bytes, recorded {record.size}"
+        else:
+            hashable.append(record)
         if problem is not None:
-            finding = Finding(CHANGED, location.label, entry.path, record.copy_id, problem)
+            finding = Finding(CHANGED, location.label, path, record.copy_id, problem)
             walk.findings.append(finding)
-            walk.broken.append((finding, record, why))
+            walk.broken.append(_Broken(finding, record, entry.relative_path, why))
+    if hashable:
+        walk.to_hash.append((entry, hashable))
 
 
-def _partial(walk: _Walk, location: _Location, entry: os.DirEntry[str], now: datetime,
+def _batches(items: list[tuple[Entry, list[_Recorded]]]
+             ) -> Iterator[list[tuple[Entry, list[_Recorded]]]]:
+    batch: list[tuple[Entry, list[_Recorded]]] = []
+    size = 0
+    for item in items:
+        if batch and (len(batch) >= HASH_BATCH_FILES or size + item[0].size > HASH_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item[0].size
+    if batch:
+        yield batch
+
+
+def _compare_checksums(walk: _Walk, location: _Location, ssh: SshSettings) -> None:
+    """Re-read the files whose size matched, on their host, one round trip per batch."""
+    root = os.path.normpath(location.root)
+    done = 0
+    for batch in _batches(walk.to_hash):
+        try:
+            seen = look(root, location.host, ssh,
+                        [Wanted(entry.relative_path, rehash=True) for entry, _ in batch])
+        except StorageUnavailable as exc:
+            left = sum(len(records) for _, records in walk.to_hash[done:])
+            walk.findings.append(Finding(
+                SKIPPED, location.label, root, None,
+                f"not audited: the checksums of {left} copies were not checked: {exc}"))
+            return
+        done += len(batch)
+        for (entry, records), now_seen in zip(batch, seen, strict=True):
+            for record in records:
+                _judge_checksum(walk, location, entry, record, now_seen)
+
+
+def _judge_checksum(walk: _Walk, location: _Location, entry: Entry, record: _Recorded,
+                    seen: Seen) -> None:
+    problem, why = None, "checksum"
+    if seen.problem is not None:
+        problem, why = f"cannot read: {seen.problem}", "unreadable"
+    elif seen.size != record.size:
+        problem, why = f"size on disk {seen.size} bytes, recorded {record.size}", "size"
+    elif seen.checksum != record.checksum:
+        problem = f"{ALGORITHM} on disk {seen.checksum}, recorded {record.checksum}"
+    if problem is not None:
+        path = os.path.join(os.path.normpath(location.root), entry.relative_path)
+        finding = Finding(CHANGED, location.label, path, record.copy_id, problem)
+        walk.findings.append(finding)
+        walk.broken.append(_Broken(finding, record, entry.relative_path, why))
+
+
+def _partial(walk: _Walk, location: _Location, entry: Entry, now: datetime,
              busy: bool) -> None:
-    try:
-        mtime = entry.stat(follow_symlinks=False).st_mtime
-    except OSError:
-        return  # gone since the listing: finished or cleaned up
-    age = now - datetime.fromtimestamp(mtime, UTC)
+    age = now - datetime.fromtimestamp(entry.mtime, UTC)
     hours = age.total_seconds() / 3600
+    remote = location.host is not None
     if age <= PARTIAL_MAX_AGE:
         note = "recent: probably a transfer in flight"
     elif busy:
         note = "an operation is in progress at this location: left alone"
+    elif remote:
+        note = f"abandoned: remove it by hand on {location.host} (repair leaves remote files)"
     else:
         note = "abandoned: removable with repair"
-    finding = Finding(PARTIAL, location.label, entry.path, None,
-                      f"temporary file, {_size(entry)} bytes, last written {hours:.1f} h ago; "
+    path = os.path.join(os.path.normpath(location.root), entry.relative_path)
+    finding = Finding(PARTIAL, location.label, path, None,
+                      f"temporary file, {entry.size} bytes, last written {hours:.1f} h ago; "
                       f"{note}")
     walk.findings.append(finding)
-    if age > PARTIAL_MAX_AGE and not busy:
-        walk.partial.append((finding, mtime))
+    if age > PARTIAL_MAX_AGE and not busy and not remote:
+        walk.partial.append((finding, entry.mtime))
 
 
-def _target(entry: os.DirEntry[str]) -> str:
-    try:
-        return os.readlink(entry.path)
-    except OSError:
-        return "?"
-
-
-def _size(entry: os.DirEntry[str]) -> int:
-    try:
-        return entry.stat().st_size
-    except OSError:
-        return -1  # e.g. a dangling symlink: never equal to a recorded size
-
-
-def _repair(opsdb: OpsDB, location: _Location, walk: _Walk, repaired: list[str],
-            corrupted: set[int]) -> None:
-    for finding, record, why in walk.broken:
-        if record.status != CopyStatus.PRESENT:
-            continue  # staged copies come back from the archives; freezing purges gains nothing
-        if not _still_broken(finding.path, record, why):
+def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
+            repaired: list[str], corrupted: set[int]) -> list[Finding]:
+    """Mark what is still broken CORRUPT; returns findings about what could not be repaired."""
+    candidates = [b for b in walk.broken if b.record.status == CopyStatus.PRESENT]
+    # (staged copies come back from the archives; freezing purges gains nothing)
+    if candidates:
+        try:  # re-checked just before recording, in one look: a file back is not condemned
+            now_seen = look(location.root, location.host, ssh,
+                            [Wanted(b.relative_path, rehash=False) for b in candidates])
+        except StorageUnavailable as exc:
+            return [Finding(SKIPPED, location.label, location.root, None,
+                            f"not repaired: {exc}")]
+    else:
+        now_seen = []
+    for broken, seen in zip(candidates, now_seen, strict=True):
+        finding, record = broken.finding, broken.record
+        if not _still_broken(seen, record, broken.why):
             continue
         with opsdb.session() as session:
             # Compare-and-set: a deletion or repair that got there first wins.
@@ -336,7 +429,7 @@ def _repair(opsdb: OpsDB, location: _Location, walk: _Walk, repaired: list[str],
             corrupted.add(record.package_id)
         repaired.append(f"copy {record.copy_id} at {location.label} marked corrupt "
                         f"({finding.kind}: {finding.path})")
-    for finding, mtime in walk.partial:
+    for finding, mtime in walk.partial:  # local only (see audit)
         path = Path(finding.path)
         try:
             if path.lstat().st_mtime != mtime:
@@ -345,18 +438,17 @@ def _repair(opsdb: OpsDB, location: _Location, walk: _Walk, repaired: list[str],
         except OSError:
             continue
         repaired.append(f"removed abandoned temporary file {finding.path}")
+    return []
 
 
-def _still_broken(path: str, record: _Recorded, why: str) -> bool:
-    """Re-check the disk just before recording, so a file that reappeared is not condemned.
+def _still_broken(seen: Seen, record: _Recorded, why: str) -> bool:
+    """Does the storage, looked at again just now, still show what the audit found?
 
     A checksum mismatch is not re-read (too slow); it stands while the size is unchanged."""
     if why == LOST:
-        return not os.path.isfile(path)
-    if why == "unreadable":
-        return False  # an I/O error may be passing; only reported
-    try:
-        size = os.stat(path).st_size
-    except OSError:
-        return False  # gone since the walk: the next audit reports it as lost
-    return size != record.size if why == "size" else size == record.size
+        return seen.missing
+    if why == "symlink":
+        return seen.problem is not None and "symlink" in seen.problem
+    if why == "unreadable" or seen.problem is not None:
+        return False  # an I/O error may be passing, or it changed again: only reported
+    return seen.size != record.size if why == "size" else seen.size == record.size

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import stat
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
@@ -264,6 +265,114 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
                 checksum = parse_xxhsum(line)
             seen.append(Seen(rel, None, size, inode, mtime * 1_000_000_000, checksum))
     return seen
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file or symlink found below a location root by `listing` (directories are walked)."""
+
+    relative_path: str  # "/"-separated, below the root
+    symlink: bool
+    size: int  # of the name itself, not following a symlink (a symlink's own length)
+    mtime: float  # seconds since the epoch, of the name itself
+    target: str = ""  # a symlink's target
+
+
+@dataclass
+class Listing:
+    """Every file below a root, and the directories that could not be listed (with why)."""
+
+    entries: list[Entry] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # ("dir/", problem)
+
+
+def listing(root: str, host: str | None, ssh: SshSettings, skip: Collection[str] = ()) -> Listing:
+    """Every file and symlink below a location root, without following symlinks, except the
+    root's marker and the directories `skip` (relative, e.g. nested location roots, which are
+    audited on their own). A remote root is listed in one ssh round trip (GNU find).
+
+    Raises StorageUnavailable when the root is unmarked or missing or the host unreachable."""
+    if host is None:
+        problem = root_problem(Path(root))
+        if problem:
+            raise StorageUnavailable(problem)
+        return _listing_local(root, set(skip))
+    return _listing_remote(root, host, ssh, set(skip))
+
+
+def _listing_local(root: str, skip: set[str]) -> Listing:
+    found = Listing()
+    stack = [("", root)]
+    while stack:
+        prefix, directory = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                children = list(entries)
+        except OSError as exc:
+            found.unreadable.append((prefix, f"cannot list directory: {exc}"))
+            continue
+        for child in children:
+            relative = f"{prefix}{child.name}"
+            if relative == MARKER:
+                continue
+            try:
+                if child.is_dir(follow_symlinks=False):
+                    if relative not in skip:
+                        stack.append((f"{relative}/", child.path))
+                    continue
+                info = child.stat(follow_symlinks=False)
+            except OSError:
+                continue  # gone since the directory was listed
+            symlink = stat.S_ISLNK(info.st_mode)
+            target = ""
+            if symlink:
+                try:
+                    target = os.readlink(child.path)
+                except OSError:
+                    target = "?"
+            found.entries.append(Entry(relative, symlink, info.st_size, info.st_mtime, target))
+    return found
+
+
+# Constant script, one line (ssh arguments cannot carry line breaks); the root arrives as $1.
+# Per file or symlink: "TYPE SIZE MTIME\0RELATIVE\0TARGET\0" -- NUL cannot occur in a name.
+# LC_ALL=C keeps find's complaints about unreadable directories parseable.
+_LIST_SCRIPT = (
+    '[ -f "$1/.ccat-dt-location" ] || { echo UNMARKED; exit 0; }; '
+    'cd -- "$1" || exit 3; echo LISTING; '
+    "LC_ALL=C exec find . -mindepth 1 \\( -type f -o -type l \\) "
+    "-printf '%y %s %T@\\0%P\\0%l\\0'")
+_FIND_ERROR = re.compile(r"^find: '\./(.*)': (.*)$")
+
+
+def _listing_remote(root: str, host: str, ssh: SshSettings, skip: set[str]) -> Listing:
+    try:
+        done = run(remote_command(ssh, host, ["sh", "-c", _LIST_SCRIPT, "sh", check_path(root)]),
+                   timeout_s=HASH_TIMEOUT_S)
+    except TransferError as exc:
+        raise StorageUnavailable(f"cannot reach {host}: {exc}") from exc
+    head, _, body = done.stdout.partition("\n")
+    if done.rc == 0 and head == "UNMARKED":
+        raise StorageUnavailable(f"location root {root} on {host} has no {MARKER} marker: not "
+                                 "the disk `ccat-dt init` prepared (is it mounted?)")
+    found = Listing()
+    if done.rc != 0:  # find exits 1 when a directory could not be read; anything else: unknown
+        for line in done.stderr.splitlines():
+            if match := _FIND_ERROR.match(line):
+                found.unreadable.append((f"{match.group(1)}/", match.group(2)))
+        if done.rc != 1 or head != "LISTING" or not found.unreadable:
+            raise StorageUnavailable(str(classify_ssh(done.rc, done.stderr,
+                                                      what=f"listing {root} on {host}")))
+    elif head != "LISTING":
+        raise StorageUnavailable(f"unexpected answer from {host} listing {root}: {head!r}")
+    fields = body.split("\0")
+    for start in range(0, len(fields) - 2, 3):
+        kind, size, mtime = fields[start].split(" ", 2)
+        relative, target = fields[start + 1], fields[start + 2]
+        if relative == MARKER or any(relative.startswith(f"{d}/") for d in skip):
+            continue
+        found.entries.append(Entry(relative, kind == "l", int(size), float(mtime), target))
+    return found
 
 
 def files_under(root: Path) -> list[Path]:

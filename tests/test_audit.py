@@ -300,12 +300,14 @@ def test_without_repair_nothing_changes(config: Config, opsdb: OpsDB,
     assert disk_snapshot(data) == before_disk
 
 
-def test_remote_and_unmounted_locations_are_not_judged(opsdb: OpsDB,
-                                                       lta: list[tuple[str, int, Path]]) -> None:
+def test_unreachable_and_unmounted_locations_are_not_judged(
+        opsdb: OpsDB, lta: list[tuple[str, int, Path]]) -> None:
+    """Remote locations are audited over ssh (tests/test_audit_remote.py); one whose host
+    cannot be reached is reported as not audited, like an unmounted local disk."""
     with opsdb.session() as session:
         cologne = session.scalars(select(DataLocation).join(Site).where(
             Site.short_name == "cologne", DataLocation.name == "lta")).one()
-        cologne.host = "archive.example.org"
+        cologne.host = "archive.invalid"  # never resolves: unreachable, without waiting
         us_root = Path(session.scalars(select(DataLocation.root).join(Site).where(
             Site.short_name == "us", DataLocation.name == "lta")).one())
     shutil.move(us_root, us_root.with_name("lta-elsewhere"))
@@ -315,7 +317,8 @@ def test_remote_and_unmounted_locations_are_not_judged(opsdb: OpsDB,
 
     skipped = [f for f in report.findings if f.kind == "skipped"]
     assert [f.location for f in skipped] == ["cologne/lta", "us/lta"]
-    assert "remote audit is not implemented" in skipped[0].detail
+    assert "not audited on archive.invalid" in skipped[0].detail
+    assert "2 copies recorded there were not checked" in skipped[0].detail
     # the empty mount point lacks the marker `ccat-dt init` wrote: not audited, not "lost"
     assert "marker" in skipped[1].detail and "not checked" in skipped[1].detail
     assert [f for f in report.findings if f.kind == "lost"] == []
