@@ -120,6 +120,8 @@ class Abandoned:
     operation_id: int
     path: str
     started_at: datetime
+    site: str = ""
+    location: str = ""
 
 
 def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
@@ -146,7 +148,8 @@ def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
                 continue
             out.append(Abandoned(package.name, copy.id, operation.id,
                                  f"{copy.location.root}/{copy.relative_path}",
-                                 _aware(operation.started_at)))
+                                 _aware(operation.started_at), copy.location.site.short_name,
+                                 copy.location.name))
     return out
 
 
