@@ -47,6 +47,7 @@ DRIVE_TAG = "ccat/drive"  # host:pid of the drive process that executed the run
 CURSOR_KEY = "ccat-dt/drive/cursor/"  # + sensor name, in the instance's key-value store
 LOCK_FILE = "ccat-dt-drive.lock"  # in the instance's directory (DAGSTER_HOME)
 NEXT_AT = "next_at"  # a sensor's JSON cursor may say when its next work falls due (epoch s)
+SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this
 IN_FLIGHT = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
@@ -163,10 +164,19 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
             # The driver's own instance, not a new one built from the ref at every tick (that
             # cost ~0.1 s a tick: storage set-up and schema checks); with the ref as well,
             # the partitions a tick adds count when its run requests are checked.
-            with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
-                                      cursor=cursors.get(name), repository_def=repository,
-                                      resources=defs.resources, sensor_name=name) as context:
-                tick = sensor_def.evaluate_tick(context)
+            try:
+                with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                          cursor=cursors.get(name), repository_def=repository,
+                                          resources=defs.resources,
+                                          sensor_name=name) as context:
+                    tick = sensor_def.evaluate_tick(context)
+            except Exception as exc:  # noqa: BLE001 - as the daemon: this tick fails, the
+                # next one tries again (an OpsDB locked for a moment, say)
+                log(f"sensor {name} failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); ticked again later")
+                retry_at = time.time() + SENSOR_RETRY_S
+                next_due = retry_at if next_due is None else min(next_due, retry_at)
+                continue
             for request in tick.dynamic_partitions_requests or []:
                 if isinstance(request, AddDynamicPartitionsRequest):
                     instance.add_dynamic_partitions(request.partitions_def_name,
