@@ -95,11 +95,21 @@ def cmd_drive(args: argparse.Namespace) -> None:
     from ccat_assets.instance import open_instance
 
     config = load_config(args.config)
-    report = drive(build_definitions(config), open_instance(config), log=print)
+    report = drive(build_definitions(config), open_instance(config), log=_flushed,
+                   wait_s=args.wait)
     print(f"{len(report.launched)} run(s) in {report.rounds} round(s), "
-          f"{len(report.failed)} failed")
+          f"{len(report.failed)} failed"
+          + (f", {len(report.dead_runs)} run(s) of a dead drive marked failed"
+             if report.dead_runs else ""))
+    if report.next_due is not None:
+        print(f"work waits for an automatic re-attempt; the next at "
+              f"{report.next_due:%Y-%m-%d %H:%M:%S} UTC (`ccat-dt status` lists it)")
     if report.failed:
         raise SystemExit(1)
+
+
+def _flushed(line: str) -> None:
+    print(line, flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -311,7 +321,11 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_file)
 
     p = commands.add_parser("drive", help="tick the sensors and run what they request, "
-                            "until nothing is left to do")
+                            "until nothing is left to do (a second drive on the same "
+                            "deployment waits for the first)")
+    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+                   help="also wait for automatic re-attempts due within this many seconds "
+                   "(default 120; 0: stop at the first back-off)")
     p.set_defaults(run=cmd_drive)
 
     p = commands.add_parser("purge", help="run one purge cycle (with --plan: only show it)")

@@ -150,9 +150,10 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
                 _launch(repository, instance, run, schedule_def.name,
                         schedule_def.job_name, report, log)
     # Sensors that create partitions tick first, so placement requests never name a package
-    # the instance has not registered yet (an OpsDB ahead of a fresh or restored instance).
-    sensors = sorted(repository.sensor_defs,
-                     key=lambda s: s.name not in ("package_sensor", "staging_sensor"))
+    # the instance has not registered yet (an OpsDB ahead of a fresh or restored instance);
+    # the notification sensor last, so that it sees what this round's sensors recorded.
+    sensors = sorted(repository.sensor_defs, key=lambda s: (
+        s.name not in ("package_sensor", "staging_sensor"), s.name == "notification_sensor"))
     stored = instance.run_storage.get_cursor_values({CURSOR_KEY + s.name for s in sensors})
     cursors: dict[str, str | None] = {s.name: stored.get(CURSOR_KEY + s.name) for s in sensors}
     for _ in range(max_rounds):

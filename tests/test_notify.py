@@ -3,21 +3,26 @@ per problem, a reminder, a resolved message, and a mail server that is down dela
 
 from __future__ import annotations
 
+import errno
 import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from dagster import DagsterInstance
 from sqlalchemy import select
 
+import ccat_dt.transports.local as local
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_dt.diagnosis import diagnose
 from ccat_dt.notify import Problem, channels, reconcile
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Notification, utcnow
 from tests.faults.conftest import instance
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import deployment, observe, package_names
+from tests.faults.pipeline import archived_everywhere, deployment, observe, package_names
+from tests.faults.retrying import operator_retry
 from tests.notify_servers import Mailbox, Receiver, free_port
 
 __all__ = ["instance"]
@@ -129,4 +134,52 @@ def test_a_quarantined_package_is_told_once_through_the_pipeline_with_the_mail_s
     finally:
         opsdb.dispose()
 
+
+
+
+def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
+        tmp_path: Path, webhook_receiver: Receiver, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destination disk that stays full: re-attempted with a growing back-off until the
+    horizon, then escalated (no more automatic attempts, `why` and `status` say so, one
+    message). Once freed, the operator's retry converges and a "resolved" message follows."""
+    config = deployment(tmp_path / "deploy", notifications={
+        "webhook": {"url": webhook_receiver.url, "timeout_s": 2}},
+        policies={"max_attempts": 1, "retry_backoff_first_s": 0.3,
+                  "retry_horizon_hours": 1.5 / 3600})
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb)
+
+        def full(source: int, destination: int, length: int, buffer: bytearray) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(local, "_copy_slice", full)
+        report = drive(build_definitions(config), instance, wait_s=5)
+
+        [package] = package_names(opsdb)
+        attempts = len(report.failed)  # the first run, then automatic re-attempts until the
+        assert attempts >= 2  # horizon (how many fit depends on how long each run takes)
+        assert [k.split(":")[0] for k in report.failed] == ["site_copy"] + ["reattempt"] * (
+            attempts - 1)
+        assert report.next_due is None  # escalated: nothing more is scheduled
+        [told] = webhook_receiver.texts
+        assert f"site_copy_job {package}|cologne still failing after {attempts} attempts" in told
+        assert "No space left on device" in told and "ccat-dt retry" in told
+        with opsdb.session() as session:
+            stage = {s.stage: s for s in diagnose(session, config, package, utcnow())}
+        assert stage["site copy cologne"].state == "failed"
+        assert "escalated at" in stage["site copy cologne"].detail
+        assert drive(build_definitions(config), instance, wait_s=0).launched == []
+        assert len(webhook_receiver.posts) == 1  # not told again
+
+        monkeypatch.undo()  # space is freed; a person retries, as the message said
+        operator_retry(config, instance, opsdb)
+
+        archived_everywhere(config, opsdb)
+        assert len(webhook_receiver.posts) == 2
+        assert webhook_receiver.texts[1].startswith(f"[ccat-dt] RESOLVED: site_copy_job {package}")
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
 
