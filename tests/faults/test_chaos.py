@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -33,15 +32,20 @@ MB = 1_000_000
 SEED = 13
 
 
+EVENTS = 10  # link failures, 1-3 s apart: about 20 s of a link that keeps failing
+
+
 def _chaos(link: Link, stop: threading.Event, rng: random.Random) -> None:
-    """Until stopped: every 0.2-1.2 s either cut what is open or take the link down for a
-    moment (refusing new connections), then restore it."""
-    while not stop.wait(rng.uniform(0.2, 1.2)):
+    """EVENTS times, at random moments: cut whatever is open, or take the link down for a
+    moment (new connections are reset), then restore it."""
+    for _ in range(EVENTS):
+        if stop.wait(rng.uniform(1.0, 3.0)):
+            return
         if rng.random() < 0.5:
             link.cut_all()
         else:
             link.down = True
-            stop.wait(rng.uniform(0.1, 0.8))
+            stop.wait(rng.uniform(0.2, 1.5))
             link.down = False
 
 
@@ -64,16 +68,13 @@ def test_random_link_cuts_converge_without_a_person(
             observe(config, opsdb, name=f"obs-{i}", files=2, size=MB)
         chaos.start()
         defs = build_definitions(config)
-        deadline = time.monotonic() + 150
-        drives = 0
-        while time.monotonic() < deadline:  # what the daemon does: tick, again and again
-            drives += 1
+        # What the daemon does, tick after tick: drive until the chaos is over and the
+        # pipeline has converged (each drive waits for re-attempts due within 5 s).
+        while chaos.is_alive() or not _all_archived(opsdb):
             drive(defs, instance, wait_s=5)
-            if _all_archived(opsdb):
-                break
-        stop.set()
-        chaos.join(timeout=5)
-        drive(defs, instance, wait_s=5)  # the purges and anything left, on a quiet link
+            assert chaos.is_alive() or _all_archived(opsdb) or _quiet_drives(), \
+                "the pipeline did not converge on a healthy link"
+        drive(defs, instance, wait_s=5)  # the purges and anything left
 
         assert link.cuts + link.refused > 0, "the chaos never hit a transfer"
         archived_everywhere(config, opsdb)
@@ -91,6 +92,16 @@ def test_random_link_cuts_converge_without_a_person(
         stop.set()
         link.close()
         opsdb.dispose()
+
+
+_QUIET: list[int] = []
+
+
+def _quiet_drives(limit: int = 3) -> bool:
+    """True for the first `limit` drives after the chaos ended (some work may be in back-off
+    when it ends); then the loop above gives up."""
+    _QUIET.append(1)
+    return len(_QUIET) <= limit
 
 
 def _all_archived(opsdb: OpsDB) -> bool:
