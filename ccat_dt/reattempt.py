@@ -12,7 +12,7 @@ notifications."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -112,10 +112,15 @@ class Work:
 
 
 def record(session: Session, work: Iterable[Work], now: datetime,
-           keep: Iterable[tuple[str, str]] = ()) -> list[Reattempt]:
-    """Write the state of every piece of work with failures; forget the rest, except those
-    in `keep` (in flight: their row stays as it was). Returns the rows newly escalated."""
-    rows = {(r.job, r.partition): r for r in session.scalars(select(Reattempt))}
+           keep: Iterable[tuple[str, str]] = (),
+           jobs: Collection[str] | None = None) -> list[Reattempt]:
+    """Write the state of every piece of work with failures; forget the rest (of `jobs`, when
+    given: each sensor keeps its own), except those in `keep` (in flight: their row stays as
+    it was). Returns the rows newly escalated."""
+    query = select(Reattempt)
+    if jobs is not None:
+        query = query.where(Reattempt.job.in_(list(jobs)))
+    rows = {(r.job, r.partition): r for r in session.scalars(query)}
     seen = set(keep)
     escalated = []
     for item in work:

@@ -38,7 +38,7 @@ from ccat_dt.queues import (
     staging_queue,
     transfer_queue,
 )
-from ccat_dt.reattempt import Backoff, State, decide
+from ccat_dt.reattempt import Backoff, State, Work, decide, record
 from ccat_dt.retry import abandoned_deletions
 from ccat_dt.staging import get_request
 from resources.opsdb import Deployment
@@ -100,13 +100,15 @@ def purge_sensor(context: SensorEvaluationContext,
     with deployment.opsdb.session() as session:
         plan = plan_cycle(session, config, now)
     backoff = Backoff.of(config)
-    requests, decisions, planned = [], [], set()
+    requests, decisions, planned, works = [], [], set(), []
     for (package, site), (copy_ids, early_ids, locations) in plan.by_site().items():
         planned.add(package)
         digest = hashlib.sha1(",".join(map(str, sorted(copy_ids))).encode()).hexdigest()[:12]
         work = f"purge:{package}:{site}:{digest}"
         decision = decide(history(context.instance, "purge_job", package, site,
                                   tags={WORK_TAG: work}), backoff, now)
+        works.append(Work("purge_job", f"{package}|{site}", package, site, decision,
+                          "its purge run failed or died (`ccat-dt why` shows the deletions)"))
         if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
             decisions.append(decision)
             continue
@@ -127,6 +129,10 @@ def purge_sensor(context: SensorEvaluationContext,
             run_config=on_queue(config, deletion_queue(config, abandoned.site,
                                                        abandoned.location), {
                 "ops": {"purge_status": {"config": {"copy_ids": [], "early_ids": []}}}})))
+    with deployment.opsdb.session() as session:  # failing purges, for status and notices
+        record(session, works, now, keep=[(w.job, w.partition) for w in works
+                                          if w.decision.state == State.IN_FLIGHT],
+               jobs=["purge_job"])
     if not requests and not decisions:
         return SkipReason("nothing may be deleted now")
     return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions))

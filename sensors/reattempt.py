@@ -93,7 +93,7 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
         if work is not None:
             candidates.add(work)
     with deployment.opsdb.session() as session:
-        candidates |= {(r.job, r.package, r.site) for r in waiting(session)}
+        candidates |= {(r.job, r.package, r.site) for r in waiting(session) if r.job in JOBS}
     by_package: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for job, package, site in candidates:
         by_package[package].append((job, site))
@@ -116,7 +116,7 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
             context.log.info(f"re-attempt {decision.failures + 1} of {job} {partition}: "
                              f"{item.reason}")
     with deployment.opsdb.session() as session:
-        escalated = record(session, works, now, keep=in_flight)
+        escalated = record(session, works, now, keep=in_flight, jobs=JOBS)
         for row in escalated:
             context.log.warning(f"{row.job} {row.partition}: {row.attempts} attempts failed "
                                 f"since {row.first_failed_at:%Y-%m-%d %H:%M}; escalated")
