@@ -179,11 +179,20 @@ def cmd_drive(args: argparse.Namespace) -> None:
 
     config = load_config(args.config)
     report = drive(build_definitions(config), open_instance(config), due_schedules=True,
-                   log=print)
+                   log=_flushed, wait_s=args.wait)
     print(f"{len(report.launched)} run(s) in {report.rounds} round(s), "
-          f"{len(report.failed)} failed")
+          f"{len(report.failed)} failed"
+          + (f", {len(report.dead_runs)} run(s) of a dead drive marked failed"
+             if report.dead_runs else ""))
+    if report.next_due is not None:
+        print(f"work waits for an automatic re-attempt; the next at "
+              f"{report.next_due:%Y-%m-%d %H:%M:%S} UTC (`ccat-dt status` lists it)")
     if report.failed or _report_danger(config):
         raise SystemExit(1)
+
+
+def _flushed(line: str) -> None:
+    print(line, flush=True)
 
 
 def _report_danger(config: Config) -> bool:
@@ -451,7 +460,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("drive", help="tick the schedules that are due (the fixity "
                             "scrub) and the sensors, and run what they request, until nothing "
-                            "is left to do")
+                            "is left to do (a second drive on the same deployment waits for "
+                            "the first)")
+    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+                   help="also wait for automatic re-attempts due within this many seconds "
+                   "(default 120; 0: stop at the first back-off)")
     p.set_defaults(run=cmd_drive)
 
     p = commands.add_parser("purge", help="run one purge cycle (with --plan: only show it)")

@@ -15,6 +15,7 @@ from ccat_dt.opsdb.models import LocationType
 from resources.opsdb import Deployment
 from resources.placement import PlacementIOManager
 from sensors.lifecycle import lifecycle_sensors
+from sensors.notify import notification_sensor
 from sensors.observability import service_level_sensor
 from sensors.retire import retire_partitions_sensor
 from sensors.scrub import fixity_scrub
@@ -29,7 +30,8 @@ def build_definitions(config: Config) -> Definitions:
         assets=assets,
         asset_checks=build_checks(config, by_name),
         jobs=[*jobs.STAGES, scrub_job],
-        sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor],
+        sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor,
+                 notification_sensor],
         executor=executor(config),
         schedules=[fixity_scrub],
         resources={

@@ -1,17 +1,30 @@
-"""Evaluate the real sensors and execute the runs they request, in this process, until idle.
+"""Evaluate the real sensors and execute the runs they request, in this process, until
+nothing is due.
 
 This is what the Dagster daemon does (tick sensors, skip run keys already launched, launch
-runs) minus the scheduling loop, so that the embedded default and the tests need no daemon.
+runs), so that the embedded default and the tests need no daemon, and like the daemon it
+keeps each sensor's cursor in the instance between calls (the instance's key-value store),
+and holds a lock so that two drives on one deployment never run the same work twice: the
+second waits for the first. A run left in progress by a drive that died (kill -9, power cut)
+is marked failed by the next drive, so that the re-attempt sensor requests it again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from dagster import (
     DagsterInstance,
+    DagsterRunStatus,
     Definitions,
     ExecuteInProcessResult,
     JobExecutionResult,
@@ -29,6 +42,15 @@ from dagster._utils.schedules import reverse_cron_string_iterator
 
 RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"
+RETRY_TAG = "ccat/retry"  # a run an operator's `ccat-dt retry` launched
+WORK_TAG = "ccat/work"  # the work a run does, the same for every attempt at it
+DRIVE_TAG = "ccat/drive"  # host:pid of the drive process that executed the run
+CURSOR_KEY = "ccat-dt/drive/cursor/"  # + sensor name, in the instance's key-value store
+LOCK_FILE = "ccat-dt-drive.lock"  # in the instance's directory (DAGSTER_HOME)
+NEXT_AT = "next_at"  # a sensor's JSON cursor may say when its next work falls due (epoch s)
+SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this
+IN_FLIGHT = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING,
+             DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
 @dataclass
@@ -36,18 +58,91 @@ class DriveReport:
     launched: list[str] = field(default_factory=list)  # run keys, in launch order
     failed: list[str] = field(default_factory=list)  # run keys whose run failed
     rounds: int = 0
+    dead_runs: list[str] = field(default_factory=list)  # runs of a dead drive, marked failed
+    next_due: datetime | None = None  # the earliest work waiting for a back-off, if any
 
 
-def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
+def _me() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_held: dict[str, int] = {}  # lock path -> depth, so that `retry` (which drives) nests
+
+
+@contextlib.contextmanager
+def drive_lock(instance: DagsterInstance,
+               log: Callable[[str], None] = lambda _: None) -> Iterator[None]:
+    """Exclusive use of the deployment's instance by one drive (a file lock in its directory:
+    the kernel releases it when the holder dies, however it dies). A second drive waits."""
+    path = Path(instance.root_directory) / LOCK_FILE
+    key = str(path)
+    if _held.get(key):
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            log(f"another ccat-dt drive ({holder}) is running on this deployment; waiting "
+                f"for it to finish ({path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            log("the other drive finished; continuing")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(_me())
+        handle.flush()
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            _held.pop(key, None)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def close_dead_runs(instance: DagsterInstance,
+                    log: Callable[[str], None] = lambda _: None) -> list[str]:
+    """Runs a drive on this host executed that are still in flight, while this process holds
+    the drive lock: their drive died with them (no other drive can be running). Marked failed,
+    so that the re-attempt sensor requests the work again."""
+    host, me = socket.gethostname(), _me()
+    dead = []
+    for run in instance.get_runs(RunsFilter(statuses=IN_FLIGHT)):
+        owner = run.tags.get(DRIVE_TAG)
+        if owner is None or owner == me or owner.rsplit(":", 1)[0] != host:
+            continue
+        instance.report_run_failed(run, message=f"the ccat-dt drive that ran it ({owner}) "
+                                   "died (killed or the machine stopped)")
+        key = run.tags.get(RUN_KEY) or run.run_id
+        log(f"DIED   {key} (its drive {owner} is gone)")
+        dead.append(key)
+    return dead
+
+
+def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_000,
           schedules: bool = False, due_schedules: bool = False,
-          log: Callable[[str], None] = lambda _: None) -> DriveReport:
-    """Tick every sensor, run what it asks for; repeat until a round launches nothing.
+          log: Callable[[str], None] = lambda _: None, wait_s: float = 0.0) -> DriveReport:
+    """Tick every sensor, run what it asks for; repeat until a round changes nothing (no run,
+    no cursor moved). Work waiting for a back-off due within `wait_s` is waited for.
     With `schedules`, every schedule is ticked once first, as if its time had come; with
     `due_schedules` (`ccat-dt drive`), those whose cron tick came since drive last ticked them
     (see tick_due_schedules)."""
+    with drive_lock(instance, log):
+        return _drive(defs, instance, max_rounds=max_rounds, schedules=schedules,
+                      due_schedules=due_schedules, log=log, wait_s=wait_s)
+
+
+def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, schedules: bool,
+           due_schedules: bool, log: Callable[[str], None], wait_s: float) -> DriveReport:
     repository = defs.get_repository_def()
-    cursors: dict[str, str | None] = {}
     report = DriveReport()
+    report.dead_runs = close_dead_runs(instance, log)
     if due_schedules and not schedules:
         tick_due_schedules(defs, instance, report, log)
     if schedules:
@@ -60,21 +155,34 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
                 _launch(repository, instance, run, schedule_def.name,
                         schedule_def.job_name, report, log)
     # Sensors that create partitions tick first, so placement requests never name a package
-    # the instance has not registered yet (an OpsDB ahead of a fresh or restored instance).
-    sensors = sorted(repository.sensor_defs,
-                     key=lambda s: s.name not in ("package_sensor", "staging_sensor"))
+    # the instance has not registered yet (an OpsDB ahead of a fresh or restored instance);
+    # the notification sensor last, so that it sees what this round's sensors recorded.
+    sensors = sorted(repository.sensor_defs, key=lambda s: (
+        s.name not in ("package_sensor", "staging_sensor"), s.name == "notification_sensor"))
+    stored = instance.run_storage.get_cursor_values({CURSOR_KEY + s.name for s in sensors})
+    cursors: dict[str, str | None] = {s.name: stored.get(CURSOR_KEY + s.name) for s in sensors}
     for _ in range(max_rounds):
         report.rounds += 1
-        launched_before = len(report.launched)
+        launched_before, moved = len(report.launched), False
+        next_due: float | None = None
         for sensor_def in sensors:
             name = sensor_def.name
             # The driver's own instance, not a new one built from the ref at every tick (that
             # cost ~0.1 s a tick: storage set-up and schema checks); with the ref as well,
             # the partitions a tick adds count when its run requests are checked.
-            with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
-                                      cursor=cursors.get(name), repository_def=repository,
-                                      resources=defs.resources, sensor_name=name) as context:
-                tick = sensor_def.evaluate_tick(context)
+            try:
+                with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                          cursor=cursors.get(name), repository_def=repository,
+                                          resources=defs.resources,
+                                          sensor_name=name) as context:
+                    tick = sensor_def.evaluate_tick(context)
+            except Exception as exc:  # noqa: BLE001 - as the daemon: this tick fails, the
+                # next one tries again (an OpsDB locked for a moment, say)
+                log(f"sensor {name} failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); ticked again later")
+                retry_at = time.time() + SENSOR_RETRY_S
+                next_due = retry_at if next_due is None else min(next_due, retry_at)
+                continue
             for request in tick.dynamic_partitions_requests or []:
                 if isinstance(request, AddDynamicPartitionsRequest):
                     instance.add_dynamic_partitions(request.partitions_def_name,
@@ -82,12 +190,24 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
                 else:
                     for key in request.partition_keys:
                         instance.delete_dynamic_partition(request.partitions_def_name, key)
-            if tick.cursor is not None:
-                cursors[name] = tick.cursor
             for run in tick.run_requests or []:
                 _launch(repository, instance, run, name, _default_job(sensor_def), report, log)
-        if len(report.launched) == launched_before:
+            # Stored only once its runs are done: a drive killed before this re-reads the
+            # page, and the run keys already taken make that a no-op.
+            if tick.cursor is not None and tick.cursor != cursors.get(name):
+                moved = moved or _is_position(tick.cursor)
+                cursors[name] = tick.cursor
+                instance.run_storage.set_cursor_values({CURSOR_KEY + name: tick.cursor})
+            due = _next_at(tick.cursor)
+            if due is not None:
+                next_due = due if next_due is None else min(next_due, due)
+        report.next_due = (datetime.fromtimestamp(next_due, UTC) if next_due is not None
+                           else None)
+        if len(report.launched) > launched_before or moved:
+            continue
+        if next_due is None or next_due - time.time() > wait_s:
             break
+        time.sleep(max(0.0, next_due - time.time()))
     return report
 
 
@@ -128,6 +248,19 @@ def tick_due_schedules(defs: Definitions, instance: DagsterInstance, report: Dri
     return ticked
 
 
+def _is_position(cursor: str) -> bool:
+    """A cursor that is a position in OpsDB (an id) moved: a page was read, there may be more.
+    A JSON cursor (the re-attempt sensor's) only reports."""
+    return not cursor.startswith("{")
+
+
+def _next_at(cursor: str | None) -> float | None:
+    if not cursor or not cursor.startswith("{"):
+        return None
+    value = json.loads(cursor).get(NEXT_AT)
+    return float(value) if value is not None else None
+
+
 def launch(defs: Definitions, instance: DagsterInstance, run: RunRequest, *, origin: str,
            report: DriveReport, log: Callable[[str], None] = lambda _: None) -> None:
     """Execute one run request the way the sensors' runs are executed."""
@@ -146,7 +279,7 @@ def _launch(repository: RepositoryDefinition, instance: DagsterInstance, run: Ru
             RunsFilter(tags={RUN_KEY: run.run_key, SENSOR: origin}), limit=1):
         return  # a replayed tick: this run was launched before
     job = repository.get_job(run.job_name or default_job or "")
-    tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin}
+    tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin, DRIVE_TAG: _me()}
     result: ExecuteInProcessResult | JobExecutionResult
     if job.executor_def.name == "in_process":
         result = job.execute_in_process(

@@ -1,7 +1,8 @@
 """`ccat-dt retry`: what an operator does after fixing a cause (a disk freed, a link back, a
-source file restored). Run keys are deterministic, so a failed run is never requested again
-by the sensors; this finishes abandoned deletions, re-runs each stalled partition once as a
-new run, then lets the sensors take it from there."""
+source file restored), or after a piece of work was escalated past the re-attempt horizon:
+this finishes abandoned deletions, re-runs each stalled partition once as a new run (which
+starts a new re-attempt episode), then lets the sensors take it from there. Transient faults
+never need it: the re-attempt sensor requests failed work again by itself."""
 
 from __future__ import annotations
 
@@ -10,19 +11,27 @@ from collections.abc import Callable, Collection
 from dagster import DagsterInstance, RunRequest
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import DriveReport, drive, launch
+from ccat_assets.driver import RETRY_TAG, DriveReport, drive, drive_lock, launch
 from ccat_assets.partitions import package_site_key
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.retry import Stalled, resume_deletions, stalled_work
 
-RETRY_TAG = "ccat/retry"
+__all__ = ["RETRY_TAG", "operator_retry"]
 
 
 def operator_retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
                    packages: Collection[str] | None = None, rebuild_failed: bool = False,
                    log: Callable[[str], None] = lambda _: None
                    ) -> tuple[list[Stalled], DriveReport]:
+    with drive_lock(instance, log):
+        return _retry(config, instance, opsdb, packages=packages, rebuild_failed=rebuild_failed,
+                      log=log)
+
+
+def _retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
+           packages: Collection[str] | None, rebuild_failed: bool,
+           log: Callable[[str], None]) -> tuple[list[Stalled], DriveReport]:
     defs = build_definitions(config)
     for purge in resume_deletions(opsdb, config):
         log(f"abandoned deletions of {purge.package} finished: {purge.deleted} copies")

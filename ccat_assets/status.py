@@ -8,8 +8,10 @@ from ccat_dt.config import Config
 from ccat_dt.forecast import forecast_buffers
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.metrics import service_level_figures
+from ccat_dt.notify import open_problems
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import utcnow
+from ccat_dt.opsdb.models import _aware, utcnow
+from ccat_dt.reattempt import waiting
 from ccat_dt.report import Summary, summarize, throughput
 
 
@@ -49,4 +51,17 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
                  else f"full in {forecast.hours_until_full:.1f} h")
         warn = "  WARNING: below threshold" if forecast.below_threshold else ""
         print(f"buffer {forecast.location:<20} {hours}{warn}")
+    with opsdb.session() as session:
+        for row in waiting(session):
+            if row.escalated_at is not None:
+                when = (f"ESCALATED at {_aware(row.escalated_at):%Y-%m-%d %H:%M} UTC (no "
+                        "automatic attempt any more; `ccat-dt retry` after fixing the cause)")
+            elif row.next_attempt_at is not None:
+                when = f"next attempt at {_aware(row.next_attempt_at):%Y-%m-%d %H:%M:%S} UTC"
+            else:
+                when = "waiting"
+            print(f"re-attempt {row.job} {row.partition}: {row.attempts} failed; {when}")
+        for told in open_problems(session):
+            state = "notified" if told.sent_at else f"not yet delivered ({told.last_error})"
+            print(f"problem [{told.channel}] {told.subject}: {state}")
     return s

@@ -183,6 +183,14 @@ class PolicyConfig(_Strict):
     # Also re-hash every source file just before deleting it (otherwise only when its size,
     # inode or mtime differ from what was recorded at filing).
     rehash_sources_before_deletion: bool = False
+    # Work whose run failed (or whose process died) is requested again by the sensors after a
+    # back-off: first_s, doubling per failed attempt up to max_hours, for retry_horizon_hours
+    # after its first failure; then it is escalated (a notification; `ccat-dt retry` resumes).
+    retry_backoff_first_s: float = Field(default=60.0, gt=0)
+    retry_backoff_max_hours: float = Field(default=6.0, gt=0)
+    retry_horizon_hours: float = Field(default=72.0, gt=0)
+    # OpsDB rows a sensor reads per tick (it continues from its cursor at the next tick).
+    sensor_page_rows: int = Field(default=500, ge=1)
 
 
 class ServiceConfig(_Strict):
@@ -195,6 +203,39 @@ class ServiceConfig(_Strict):
     public_reads: bool = False  # GET endpoints and /health without a token (monitoring)
     token_refresh_s: float = Field(default=30.0, gt=0)  # how soon a revocation takes effect
     opsdb_connect_timeout_s: int = Field(default=5, ge=1)
+
+
+
+
+class SmtpConfig(_Strict):
+    """Mail for notifications; the password (if any) comes from `password_env`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    host: str
+    port: int = Field(default=25, gt=0, lt=65536)
+    from_: str = Field(default="ccat-dt@localhost", alias="from")
+    to: list[str] = Field(min_length=1)
+    starttls: bool = False
+    username: str | None = None
+    password_env: str = "CCAT_DT_SMTP_PASSWORD"
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class WebhookConfig(_Strict):
+    """A JSON POST of {"text": ...} (Slack, Mattermost and most chat tools accept it)."""
+
+    url: str
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class NotificationsConfig(_Strict):
+    """Who is told when a person is needed (see ccat_dt/notify.py); off when neither is set."""
+
+    smtp: SmtpConfig | None = None
+    webhook: WebhookConfig | None = None
+    remind_after_hours: float = Field(default=24.0, gt=0)
+    subject_prefix: str = "[ccat-dt]"
 
 
 class InstrumentConfig(_Strict):
@@ -215,6 +256,7 @@ class Settings(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     execution: ExecutionConfig = ExecutionConfig()
     service: ServiceConfig = ServiceConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
     log_dir: str = "logs"  # per-transfer command output, referenced from OpsDB
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ from ccat_dt.config import Config
 from ccat_dt.loss import Health, assess
 from ccat_dt.opsdb.models import (
     CopyStatus,
+    DataLocation,
     ExecutedObsUnit,
     LocationType,
     ObservationStatus,
@@ -22,11 +23,12 @@ from ccat_dt.opsdb.models import (
     PackageState,
     RawDataFile,
     RawDataPackage,
+    Reattempt,
+    Site,
     _aware,
 )
 from ccat_dt.retention import Action, plan_deletions
 from ccat_dt.routing import copies_at, replication_source
-from ccat_dt.topology import primary_location
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,11 @@ def diagnose(session: Session, config: Config, name: str, now: datetime) -> list
         return _unpackaged(session, name)
     stages = [StageState("filing", "done", f"{len(package.files)} files, observation "
                          f"{package.observation.name} finished")]
-    stages.append(_packaging(session, package))
+    reattempts = {(r.job, r.site): r for r in session.scalars(
+        select(Reattempt).where(Reattempt.package == package.name))}
+    stages.append(_packaging(session, package, reattempts.get(("package_job", ""))))
     for site in config.settings.archive_sites:
-        stages += _at_site(session, config, package, site.short_name)
+        stages += _at_site(session, config, package, site.short_name, reattempts)
     stages.append(_purge(session, config, package, now))
     assessment = assess(session, config, package)
     if assessment.health != Health.SAFE:  # first, in words: nothing else matters as much
@@ -67,12 +71,33 @@ def _unpackaged(session: Session, name: str) -> list[StageState]:
 
 
 def _last(session: Session, package: RawDataPackage, kind: OperationType,
-          destination_id: int | None = None) -> Operation | None:
+          destination_ids: list[int] | None = None) -> Operation | None:
     query = select(Operation).where(Operation.package_id == package.id,
                                     Operation.operation_type == kind)
-    if destination_id is not None:
-        query = query.where(Operation.destination_location_id == destination_id)
+    if destination_ids is not None:
+        query = query.where(Operation.destination_location_id.in_(destination_ids))
     return session.scalars(query.order_by(Operation.id.desc()).limit(1)).first()
+
+
+def _locations(session: Session, site: str, kind: LocationType) -> list[int]:
+    return list(session.scalars(select(DataLocation.id).join(Site).where(
+        Site.short_name == site, DataLocation.location_type == kind)))
+
+
+def _reattempt(row: Reattempt | None) -> str:
+    """What the re-attempt sensor will do about a failed stage."""
+    if row is None:
+        return ""
+    if row.escalated_at is not None:
+        return (f"; {row.attempts} attempts failed since "
+                f"{_aware(row.first_failed_at):%Y-%m-%d %H:%M} UTC, past the re-attempt "
+                f"horizon: escalated at {_aware(row.escalated_at):%Y-%m-%d %H:%M} UTC, no "
+                "automatic attempt any more; fix the cause, then `ccat-dt retry`")
+    if row.next_attempt_at is None:
+        return ""
+    return (f"; next attempt at {_aware(row.next_attempt_at):%H:%M:%S} UTC "
+            f"({_aware(row.next_attempt_at):%Y-%m-%d}, attempt {row.attempts + 1}, "
+            "automatic)")
 
 
 def _failed(operation: Operation | None) -> str | None:
@@ -93,22 +118,27 @@ def _failed(operation: Operation | None) -> str | None:
             f"{error[-1] if error else 'no error text'}{log}")
 
 
-def _packaging(session: Session, package: RawDataPackage) -> StageState:
+def _packaging(session: Session, package: RawDataPackage,
+               reattempt: Reattempt | None) -> StageState:
     if package.state == PackageState.FAILED:
-        return StageState("packaging", "failed", _failed(_last(
-            session, package, OperationType.PACKAGING)) or "failed")
+        return StageState("packaging", "failed", (_failed(_last(
+            session, package, OperationType.PACKAGING)) or "failed") + "; permanent: not "
+            "retried by itself (restore the file, then `ccat-dt retry --rebuild-failed`)")
     if package.checksum is None:
         failure = _failed(_last(session, package, OperationType.PACKAGING))
+        if reattempt is not None and not failure:
+            failure = f"its packaging run failed or died ({reattempt.last_error or 'no error'})"
         return StageState("packaging", "failed" if failure else "waiting",
-                          failure or "planned; waiting for its packaging run")
+                          (failure or "planned; waiting for its packaging run")
+                          + _reattempt(reattempt))
     return StageState("packaging", "done", f"{package.size} bytes, {package.checksum}")
 
 
-def _at_site(session: Session, config: Config, package: RawDataPackage,
-             site: str) -> list[StageState]:
+def _at_site(session: Session, config: Config, package: RawDataPackage, site: str,
+             reattempts: dict[tuple[str, str], Reattempt]) -> list[StageState]:
     out = []
-    for kind, label in ((LocationType.BUFFER, "site copy"),
-                        (LocationType.LONG_TERM_ARCHIVE, "LTA copy")):
+    for kind, label, job in ((LocationType.BUFFER, "site copy", "site_copy_job"),
+                             (LocationType.LONG_TERM_ARCHIVE, "LTA copy", "lta_copy_job")):
         copies = copies_at(session, package, kind, site)
         stage = f"{label} {site}"
         corrupt = [c for c in copies if c.status == CopyStatus.CORRUPT]
@@ -120,14 +150,17 @@ def _at_site(session: Session, config: Config, package: RawDataPackage,
         elif any(c.status == CopyStatus.DELETED for c in copies):
             out.append(StageState(stage, "done", "verified, then purged after archiving"))
         else:
-            # This site's own last attempt, even before any copy row exists there.
-            destination = primary_location(session, site, kind)
+            # This site's own attempts (not another site's), archive attempts too before
+            # any copy row exists.
             operation = _last(session, package, OperationType.TRANSFER if
                               kind == LocationType.BUFFER else OperationType.ARCHIVE,
-                              destination.id)
+                              _locations(session, site, kind))
             failure = _failed(operation)
+            reattempt = reattempts.get((job, site))
+            if failure is None and reattempt is not None:
+                failure = f"its run failed or died ({reattempt.last_error or 'no error'})"
             if failure:
-                out.append(StageState(stage, "failed", failure))
+                out.append(StageState(stage, "failed", failure + _reattempt(reattempt)))
             elif kind == LocationType.BUFFER and package.checksum and replication_source(
                     session, config, package, site) is None:
                 out.append(StageState(stage, "waiting", "no verified source copy yet (an "

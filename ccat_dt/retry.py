@@ -1,11 +1,11 @@
-"""What an operator's `ccat-dt retry` re-runs: work that OpsDB shows is possible now but not
-done, because the run that should have done it failed for good (a permanent error a person
-has since fixed: a full disk, a restored source file) or died with its process.
+"""Work that OpsDB shows is possible now but not done: what the re-attempt sensor considers
+for its next automatic attempt (with the run history: ccat_dt/reattempt.py), and what an
+operator's `ccat-dt retry` re-runs once past the re-attempt horizon or after fixing a
+permanent cause (a restored source file: `--rebuild-failed`).
 
-The sensors never ask for such work again: their run keys are deterministic, so a replayed
-tick skips every partition that already has a run, failed or not. Retrying is always safe:
-each step is idempotent (a verified copy already there is returned untouched), so retrying
-work that is in fact done or in flight costs a little I/O, never a byte.
+Retrying is always safe: each step is idempotent (a verified copy already there is returned
+untouched), so retrying work that is in fact done or in flight costs a little I/O, never a
+byte.
 """
 
 from __future__ import annotations
@@ -120,6 +120,8 @@ class Abandoned:
     operation_id: int
     path: str
     started_at: datetime
+    site: str = ""
+    location: str = ""
 
 
 def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
@@ -146,7 +148,8 @@ def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
                 continue
             out.append(Abandoned(package.name, copy.id, operation.id,
                                  f"{copy.location.root}/{copy.relative_path}",
-                                 _aware(operation.started_at)))
+                                 _aware(operation.started_at), copy.location.site.short_name,
+                                 copy.location.name))
     return out
 
 

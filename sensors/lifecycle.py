@@ -14,10 +14,12 @@ from dagster import (
     sensor,
 )
 
+from ccat_assets.driver import WORK_TAG
 from ccat_assets.execution import on_queue
 from ccat_assets.instance import LINK_TAG  # run limits per link: routes[].max_concurrent
 from ccat_assets.jobs import lta_copy_job, site_copy_job
 from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
+from ccat_dt import reaper
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import plan_packages
 from ccat_dt.pending import (
@@ -36,8 +38,11 @@ from ccat_dt.queues import (
     staging_queue,
     transfer_queue,
 )
+from ccat_dt.reattempt import Backoff, State, Work, decide, record
+from ccat_dt.retry import abandoned_deletions
 from ccat_dt.staging import get_request
 from resources.opsdb import Deployment
+from sensors.reattempt import history, next_at_cursor, reattempt_sensor
 
 INTERVAL = 15
 RUNNING = DefaultSensorStatus.RUNNING
@@ -51,7 +56,7 @@ def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
     if planned:
         context.log.info(f"planned {len(planned)} package(s)")
     with deployment.opsdb.session() as session:
-        page = new_packages(session, int(context.cursor or 0))
+        page = new_packages(session, int(context.cursor or 0), _page(deployment))
     names = [due.package for due in page.items]
     queue = packaging_queue(deployment.config)
     return SensorResult(
@@ -67,7 +72,8 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     """A verified copy somewhere makes the next site copy possible (observatory -> primary
     archive once, then archive -> archive)."""
     with deployment.opsdb.session() as session:
-        page = site_copies_due(session, deployment.config, int(context.cursor or 0))
+        page = site_copies_due(session, deployment.config, int(context.cursor or 0),
+                               _page(deployment))
     return SensorResult(run_requests=[_placement(deployment, due, "site_copy")
                                       for due in page.items], cursor=str(page.cursor))
 
@@ -76,7 +82,8 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
 def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """A verified copy in an archive site's buffer is archived into that site's LTA."""
     with deployment.opsdb.session() as session:
-        page = lta_copies_due(session, deployment.config, int(context.cursor or 0))
+        page = lta_copies_due(session, deployment.config, int(context.cursor or 0),
+                              _page(deployment))
     return SensorResult(run_requests=[_placement(deployment, due, "lta_copy")
                                       for due in page.items], cursor=str(page.cursor))
 
@@ -87,27 +94,55 @@ def purge_sensor(context: SensorEvaluationContext,
     """One purge cycle: the planner picks what may go now (within the byte budget, early where
     a disk is under pressure); each package with deletions at a site gets a run there, told
     exactly which copies. The run key names those copies and the package's newest copy: a
-    replayed tick launches nothing twice, a repair makes a kept purge due again."""
+    replayed tick launches nothing twice, a repair makes a kept purge due again. A failed purge
+    run (a locked OpsDB, say) is requested again after a back-off, and deletions a dead process
+    left half done are finished once they count as abandoned."""
+    config, now = deployment.config, utcnow()
     with deployment.opsdb.session() as session:
-        plan = plan_cycle(session, deployment.config, utcnow())
-    if not plan.deletions:
-        return SkipReason("nothing may be deleted now")
-    config = deployment.config
-    requests = []
+        plan = plan_cycle(session, config, now)
     by_site = plan.by_site()
     with deployment.opsdb.session() as session:
         newest = newest_package_copies(session, {package for package, _ in by_site})
+    backoff = Backoff.of(config)
+    requests, decisions, planned, works = [], [], set(), []
     for (package, site), (copy_ids, early_ids, locations) in by_site.items():
+        planned.add(package)
         # A new copy of the package (a repaired LTA copy, say) is a new reason to try: the
         # same copies kept by an earlier purge for a bad LTA copy may go now.
         basis = [*sorted(copy_ids), newest.get(package, 0)]
         digest = hashlib.sha1(",".join(map(str, basis)).encode()).hexdigest()[:12]
+        work = f"purge:{package}:{site}:{digest}"
+        decision = decide(history(context.instance, "purge_job", package, site,
+                                  tags={WORK_TAG: work}), backoff, now)
+        works.append(Work("purge_job", f"{package}|{site}", package, site, decision,
+                          "its purge run failed or died (`ccat-dt why` shows the deletions)"))
+        if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
+            decisions.append(decision)
+            continue
+        key = work if decision.state == State.NONE else f"{work}:{decision.failures + 1}"
         requests.append(RunRequest(
-            partition_key=package, run_key=f"purge:{package}:{site}:{digest}",
+            partition_key=package, run_key=key, tags={WORK_TAG: work},
             run_config=on_queue(config, deletion_queue(config, site, locations[0]), {
                 "ops": {"purge_status": {"config": {"copy_ids": copy_ids,
                                                     "early_ids": early_ids}}}})))
-    return SensorResult(run_requests=requests)
+    for abandoned in abandoned_deletions(deployment.opsdb, older_than=reaper.ABANDONED_AFTER,
+                                         now=now):
+        if abandoned.package in planned:
+            continue  # the planned purge finishes it first
+        planned.add(abandoned.package)
+        requests.append(RunRequest(
+            partition_key=abandoned.package,
+            run_key=f"purge-abandoned:{abandoned.package}:{abandoned.operation_id}",
+            run_config=on_queue(config, deletion_queue(config, abandoned.site,
+                                                       abandoned.location), {
+                "ops": {"purge_status": {"config": {"copy_ids": [], "early_ids": []}}}})))
+    with deployment.opsdb.session() as session:  # failing purges, for status and notices
+        record(session, works, now, keep=[(w.job, w.partition) for w in works
+                                          if w.decision.state == State.IN_FLIGHT],
+               jobs=["purge_job"])
+    if not requests and not decisions:
+        return SkipReason("nothing may be deleted now")
+    return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions))
 
 
 @sensor(job_name="staging_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -115,7 +150,7 @@ def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
     """New staging requests become partitions of staged_copies and a staging run each."""
     config, requests = deployment.config, []
     with deployment.opsdb.session() as session:
-        page = new_staging_requests(session, int(context.cursor or 0))
+        page = new_staging_requests(session, int(context.cursor or 0), _page(deployment))
         for due in page.items:
             location = get_request(session, due.package).location
             queue = staging_queue(config, location.site.short_name, location.name)
@@ -135,7 +170,7 @@ def repair_sensor(context: SensorEvaluationContext,
     """A copy found corrupt (by a check, the scrub or the audit) is made again from a verified
     LTA copy elsewhere; the corrupt one is replaced, never used as a source."""
     with deployment.opsdb.session() as session:
-        due = repairs_due(session, deployment.config)
+        due = repairs_due(session, deployment.config, _page(deployment))
     if not due:
         return SkipReason("no corrupt copy can be repaired now")
     return SensorResult(run_requests=[
@@ -154,6 +189,10 @@ def _placement(deployment: Deployment, due: Due, stage: str,
                       run_config=on_queue(deployment.config, queue))
 
 
+def _page(deployment: Deployment) -> int:
+    return deployment.config.settings.policies.sensor_page_rows
+
+
 def lifecycle_sensors() -> list[SensorDefinition]:
     return [package_sensor, site_copy_sensor, lta_copy_sensor, purge_sensor, staging_sensor,
-            repair_sensor]
+            repair_sensor, reattempt_sensor]

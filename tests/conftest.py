@@ -27,4 +27,4 @@ def opsdb(config: Config) -> Iterator[OpsDB]:
     db.dispose()
 
 
-pytest_plugins = ["tests.services", "tests.sshd", "tests.victoria"]
+pytest_plugins = ["tests.services", "tests.sshd", "tests.victoria", "tests.notify_servers"]

@@ -107,3 +107,40 @@ def test_retention_holds_the_purge_with_the_time_it_ends(tmp_path) -> None:  # t
     assert state == "waiting" and "retention 24h not reached: deletable after" in detail
     tomorrow = (utcnow() + timedelta(hours=25)).date().isoformat()
     assert tomorrow in detail or (utcnow() + timedelta(hours=24)).date().isoformat() in detail
+
+
+def test_each_site_shows_its_own_error_and_an_archive_failure_before_any_copy(
+        config: Config, opsdb: OpsDB) -> None:
+    """A transfer failed towards cologne and an archive attempt failed at us before any LTA
+    copy row existed: each row shows its own error, not another site's, and a stage waiting
+    for an automatic re-attempt says when."""
+    from ccat_dt.opsdb.models import Reattempt
+
+    observe(config, opsdb, observations=1, files=1)
+    name = planned(opsdb, config)[0]
+    stage.build(opsdb, config, name)
+    now = utcnow()
+    with opsdb.session() as session:
+        package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
+        cologne = primary_location(session, "cologne", LocationType.BUFFER)
+        us_lta = primary_location(session, "us", LocationType.LONG_TERM_ARCHIVE)
+        session.add(Operation(operation_type=OperationType.TRANSFER, package=package,
+                              destination_location_id=cologne.id, finished_at=now,
+                              status=OperationStatus.FAILED, error="Connection refused"))
+        session.add(Operation(operation_type=OperationType.ARCHIVE, package=package,
+                              destination_location_id=us_lta.id, finished_at=now,
+                              status=OperationStatus.FAILED, error="tape library offline"))
+        session.add(Reattempt(job="site_copy_job", partition=f"{name}|cologne", package=name,
+                              site="cologne", attempts=2, first_failed_at=now,
+                              last_failed_at=now,
+                              next_attempt_at=now + timedelta(minutes=2)))
+    stages = why(opsdb, config, name)
+    state, detail = stages["site copy cologne"]
+    assert state == "failed" and "Connection refused" in detail
+    assert f"next attempt at {now + timedelta(minutes=2):%H:%M:%S} UTC" in detail
+    assert "attempt 3" in detail
+    assert stages["site copy us"][0] == "waiting"  # not cologne's error
+    assert "Connection refused" not in stages["site copy us"][1]
+    state, detail = stages["LTA copy us"]
+    assert state == "failed" and "tape library offline" in detail
+    assert "tape library" not in stages["LTA copy cologne"][1]

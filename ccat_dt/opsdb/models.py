@@ -358,3 +358,44 @@ class ApiRequest(Base):
     token_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
     accepted_at: Mapped[datetime] = mapped_column()
     applied_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Reattempt(Base):
+    """Work (one job x partition) whose last run failed or died, waiting for its next
+    automatic attempt: written by the re-attempt sensor, read by `why`, `status` and the
+    notifications. The row goes when the work is done."""
+
+    __tablename__ = "reattempts"
+    __table_args__ = (UniqueConstraint("job", "partition"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job: Mapped[str] = mapped_column(String(64))
+    partition: Mapped[str] = mapped_column(String(300))
+    package: Mapped[str] = mapped_column(String(200), index=True)
+    site: Mapped[str] = mapped_column(String(64), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed runs so far
+    first_failed_at: Mapped[datetime] = mapped_column()
+    last_failed_at: Mapped[datetime] = mapped_column()
+    next_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    escalated_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Notification(Base):
+    """One problem told to people over one channel: sent once, reminded after a while,
+    resolved once it clears. A failed delivery leaves `sent_at` unset: the next tick tries
+    again."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_open", "problem_key", "channel", "closed"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    problem_key: Mapped[str] = mapped_column(String(300))
+    channel: Mapped[str] = mapped_column(String(16))  # smtp | webhook
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(Text)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(nullable=True)  # last message delivered
+    sends: Mapped[int] = mapped_column(Integer, default=0)  # problem + reminders delivered
+    resolved_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    closed: Mapped[bool] = mapped_column(default=False)  # resolved and told (or never told)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)

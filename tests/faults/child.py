@@ -83,6 +83,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--at", default="write", choices=["write", "record"],
                         help="where the racers meet: about to write, or about to record")
     parser.add_argument("--home", default="", help="Dagster instance directory (drive)")
+    parser.add_argument("--wait", type=float, default=10.0,
+                        help="drive: wait for re-attempts due within this many seconds")
     options = parser.parse_args(argv)
     config = load_config(options.config)
     opsdb = OpsDB(config.opsdb_url)
@@ -162,12 +164,29 @@ def main(argv: list[str]) -> int:
         from ccat_assets.driver import drive
 
         warnings.filterwarnings("ignore")
-        if options.kill == "package-before-record":
+        if options.kill == "package-before-record":  # tar in place, OpsDB not told
             import ccat_dt.packages as packages
 
-            wrap(packages, "_record_built", before=die)
+            wrap(packages, "_record_built", before=die, nth=options.nth)
+        elif options.kill == "copy-before-record":  # a copy landed and renamed, not recorded
+            import ccat_dt.replicas as replicas
+
+            wrap(replicas, "_record", before=die, nth=options.nth)
+        elif options.kill == "purge-after-certificate":  # certificate committed, no unlink
+            import ccat_dt.reaper as reaper
+
+            wrap(reaper, "_execute", before=die, nth=options.nth)
+        elif options.kill == "after-run":  # a run finished, its sensor's cursor not stored
+            import ccat_assets.driver as driver
+
+            wrap(driver, "_launch", after=die, nth=options.nth)
+        elif options.kill == "hold":  # holds the drive lock until killed
+            import ccat_assets.driver as driver
+
+            wrap(driver, "close_dead_runs", after=wait_to_be_killed(Path(options.marker)))
         with DagsterInstance.from_config(options.home) as instance:
-            report = drive(build_definitions(config), instance)
+            report = drive(build_definitions(config), instance, wait_s=options.wait,
+                           log=lambda line: print(line, flush=True))
         result = {"launched": report.launched, "failed": report.failed}
 
     print(json.dumps({"result": result}))

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from dagster import BetaWarning, DagsterInstance, PreviewWarning
 
+from ccat_dt.config import Config
+
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
 
@@ -30,6 +32,18 @@ def _instance_home(tmp_path: Path) -> tuple[Path, Path | None]:
     except OSError:
         pass
     return tmp_path / "dagster_home", None
+
+
+FAST_BACKOFF = 0.2  # seconds before the first automatic re-attempt (60 s in production)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """The embedded default, with automatic re-attempts seconds apart instead of minutes."""
+    from tests.faults.pipeline import deployment
+
+    return deployment(tmp_path / "deploy", policies={
+        "max_attempts": 3, "retry_backoff_first_s": FAST_BACKOFF})
 
 
 @pytest.fixture

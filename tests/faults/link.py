@@ -83,6 +83,15 @@ class Link:
             self.cut_after, self.cuts = None, self.cuts + 1
             return True
 
+    def cut_all(self) -> int:
+        """Drop every connection open now (the link fails under whatever uses it)."""
+        with self.lock:
+            connections, self.connections = self.connections, []
+            self.cuts += 1 if connections else 0
+        for connection in connections:
+            _reset(connection)
+        return len(connections)
+
     def through(self, sshd: SshServer, directory: Path) -> SshServer:
         """The same server, reached through this link."""
         known = Path(str(sshd.ssh.known_hosts_file)).read_text().splitlines()

@@ -41,9 +41,11 @@ MODULE = "primecam/f280"
 
 
 def deployment(directory: Path, **overrides: Any) -> Config:
-    """The embedded default (with top-level `overrides`) written to `directory`, migrated."""
+    """The embedded default (with top-level `overrides`) written to `directory`, migrated;
+    `policies` overrides are merged into the default's."""
     settings = copy.deepcopy(EMBEDDED_DEFAULT)
-    settings.update(overrides)
+    policies = {**settings["policies"], **overrides.pop("policies", {})}  # type: ignore[dict-item]
+    settings.update(overrides, policies=policies)
     config = load_config(write_default_config(directory, overrides=settings))
     prepare_opsdb(config)
     return config
@@ -78,9 +80,10 @@ def plan(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> str:
     return package
 
 
-def run(config: Config, instance: DagsterInstance) -> DriveReport:
-    """Tick the real sensors and execute what they request until idle."""
-    return drive(build_definitions(config), instance)
+def run(config: Config, instance: DagsterInstance, *, wait_s: float = 10.0) -> DriveReport:
+    """Tick the real sensors and execute what they request until idle, waiting for automatic
+    re-attempts due within `wait_s` (0: stop at the first back-off, a fault that persists)."""
+    return drive(build_definitions(config), instance, wait_s=wait_s)
 
 
 def package_names(opsdb: OpsDB) -> list[str]:

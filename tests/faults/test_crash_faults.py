@@ -46,7 +46,6 @@ from tests.faults.pipeline import (
     spawn,
     wait_for,
 )
-from tests.faults.retrying import operator_retry
 
 TAR = "obs-0/obs-0_primecam-f280_p00.tar"
 PART = "obs-0/.obs-0_primecam-f280_p00.tar.part"
@@ -79,10 +78,11 @@ def test_killed_mid_tar_leaves_only_a_temporary_file_and_a_rerun_converges(
     assert_safe(config, opsdb)
 
 
-def test_run_killed_after_the_tar_is_in_place_stalls_until_an_operator_retries(
+def test_run_killed_after_the_tar_is_in_place_a_plain_drive_finishes_it(
         config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
-    """The packaging run itself dies (tar renamed into place, OpsDB not told). Its run key is
-    taken, so no later tick asks for it again: the package stalls until someone retries."""
+    """The drive dies with its packaging run (tar renamed into place, OpsDB not told). The
+    next plain drive marks the dead run failed and the re-attempt sensor requests the work
+    again after its back-off, with a new run key: no operator needed."""
     observe(config, opsdb)
     dead = child(config, "drive", kill="package-before-record", home=instance.root_directory)
     assert dead.killed, dead.stderr[-2000:]
@@ -92,15 +92,18 @@ def test_run_killed_after_the_tar_is_in_place_stalls_until_an_operator_retries(
     assert (buffer / TAR).is_file()  # complete, verified bytes, but OpsDB does not know them
     assert package_state(opsdb, package) == PackageState.PLANNED
     [run_record] = instance.get_runs(RunsFilter(tags={"dagster/partition": package}))
-    assert run_record.status == DagsterRunStatus.STARTED  # nobody will ever end it in-process
-    assert run(config, instance).launched == []  # the replayed tick skips the taken run key
+    assert run_record.status == DagsterRunStatus.STARTED  # its process is gone
     assert_safe(config, opsdb, settled=False, expected_findings=[("dark", TAR)])
     [stalled] = stalled_work(opsdb, config)
     assert (stalled.job, stalled.package) == ("package_job", package)
     assert "never finished" in stalled.reason
 
-    assert operator_retry(config, instance, opsdb) == [("package_job", package, "")]
+    report = run(config, instance)
 
+    assert report.dead_runs == [f"package:{package}"]
+    assert report.launched[0].startswith(f"reattempt:package_job:{package}:")
+    assert report.failed == []
+    assert instance.get_run_by_id(run_record.run_id).status == DagsterRunStatus.FAILURE
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
 
@@ -163,7 +166,8 @@ def test_killed_between_certificate_and_record_the_deletion_is_finished_later(
     """Killed after the n-th of 6 deletions (3 buffer copies, then 3 raw files) committed its
     certificate. Killed at the 4th, the 5th and 6th are still due: the next purge of the
     package finishes the dead claim too, once it counts as abandoned. Killed at the last, no
-    purge of the package is ever due again: only the operator's retry finishes it."""
+    planned purge of the package is due again: the purge sensor asks for one that finishes
+    the abandoned deletion, once it counts as abandoned; no operator needed."""
     package = _archive_without_purging(config, opsdb, instance, monkeypatch)
 
     dead = child(config, "purge", package, kill=kill, nth=nth)
@@ -191,9 +195,8 @@ def test_killed_between_certificate_and_record_the_deletion_is_finished_later(
         [abandoned] = abandoned_deletions(opsdb, older_than=reaper.ABANDONED_AFTER, now=later)
         assert abandoned.copy_id == stuck_id
         monkeypatch.setattr(reaper, "ABANDONED_AFTER", timedelta(0))  # an hour later ...
-        assert run(config, instance).launched == []  # ... no purge of the package is due
-        assert _status(opsdb, stuck_id) == CopyStatus.DELETION_IN_PROGRESS
-        assert operator_retry(config, instance, opsdb) == []  # only the deletion was stalled
+        assert [key.split(":")[0] for key in run(config, instance).launched] == [
+            "purge-abandoned"]  # ... the sensor finishes the abandoned deletion
 
     assert not stuck_path.exists()
     assert _status(opsdb, stuck_id) == CopyStatus.DELETED

@@ -20,7 +20,6 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import OperationStatus, OperationType, PackageCopy
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere, deployment, observe, operations, run
-from tests.faults.retrying import operator_retry
 
 HOLD_S = 1.5  # how long the other process keeps the database locked
 BUSY_TIMEOUT_S = 0.3  # the step's wait for the lock (30 s in production): fail fast here
@@ -93,29 +92,34 @@ def test_opsdb_locked_while_recording_a_copy_the_retry_converges(
     assert_safe(config, opsdb)
 
 
-def test_opsdb_locked_for_the_only_attempt_fails_cleanly_then_an_operator_retry_converges(
+def test_opsdb_locked_for_the_only_attempt_fails_cleanly_then_a_reattempt_converges(
         tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = deployment(tmp_path / "deploy", policies={"max_attempts": 1})
+    """The run's only attempt fails; the re-attempt sensor requests it again after its
+    back-off (a new run), which converges: no operator's retry."""
+    config = deployment(tmp_path / "deploy", policies={"max_attempts": 1,
+                                                       "retry_backoff_first_s": 2})
     opsdb = OpsDB(config.opsdb_url)
     try:
         observe(config, opsdb)
         short_busy_timeout(config, monkeypatch)
         lockers = lock_on_first_landing(config, monkeypatch)
 
-        report = run(config, instance)
+        report = run(config, instance, wait_s=0)
 
         assert lockers and [key.split(":")[0] for key in report.failed] == ["site_copy"]
         lockers[0].wait(timeout=30)
         # Cleanly: no copy recorded, the package has not moved on; the verified bytes under
         # the final name are reported as unknown to OpsDB, nothing else is amiss.
         assert _cologne_copies(opsdb) == []
-        assert run(config, instance).launched == []
+        assert run(config, instance, wait_s=0).launched == []  # the back-off is not over
         assert_safe(config, opsdb, settled=False, expected_findings=[
             ("dark", "cologne/buffer/obs-0/obs-0_primecam-f280_p00.tar")])
 
         monkeypatch.undo()
-        assert [job for job, _, _ in operator_retry(config, instance, opsdb)] == [
-            "site_copy_job"]
+        again = run(config, instance)  # waits out the back-off
+
+        assert again.launched[0].startswith("reattempt:site_copy_job:")
+        assert again.failed == []
 
         assert len(_cologne_copies(opsdb)) == 1
         archived_everywhere(config, opsdb)

@@ -26,12 +26,12 @@ from ccat_dt.packages import get_package
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     archived_everywhere,
+    deployment,
     observe,
     operations,
     package_names,
     run,
 )
-from tests.faults.retrying import operator_retry
 
 
 def _landed_once(monkeypatch: pytest.MonkeyPatch, damage: str) -> list[Path]:
@@ -78,9 +78,14 @@ def test_damaged_in_transit_is_caught_retried_and_converges(
     assert_safe(config, opsdb)
 
 
-def test_full_disk_is_not_retried_is_reported_and_a_retry_after_freeing_space_converges(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_is_reported_with_its_next_attempt_and_converges_once_enlarged(
+        tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full is not retried within the run (no retry storm); the re-attempt sensor asks
+    again after a back-off, `why` says when; once the disk is enlarged the next attempt
+    converges, without an operator's retry."""
+    config = deployment(tmp_path / "deploy", policies={"max_attempts": 3,
+                                                       "retry_backoff_first_s": 2})
+    opsdb = OpsDB(config.opsdb_url)
     source = observe(config, opsdb)
     full = {"writes": 0}
 
@@ -90,7 +95,7 @@ def test_full_disk_is_not_retried_is_reported_and_a_retry_after_freeing_space_co
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(local, "_copy_slice", copy_onto_a_full_disk)
-    report = run(config, instance)
+    report = run(config, instance, wait_s=0)
 
     [package] = package_names(opsdb)
     assert [key.split(":")[0] for key in report.failed] == ["site_copy"]
@@ -101,17 +106,21 @@ def test_full_disk_is_not_retried_is_reported_and_a_retry_after_freeing_space_co
         stages = {s.stage: s for s in diagnose(session, config, package, utcnow())}
         assert stages["site copy cologne"].state == "failed"
         assert "disk full" in stages["site copy cologne"].detail
+        assert "next attempt at" in stages["site copy cologne"].detail
+        assert stages["site copy us"].state == "waiting"  # us's row: not cologne's error
         copies = session.scalars(select(PackageCopy).where(
             PackageCopy.package_id == get_package(session, package).id)).all()
         assert [c.location.location_type for c in copies] == [LocationType.BUFFER]
     assert all(p.is_file() for p in source)  # nothing purged
     assert_safe(config, opsdb)  # and no temporary file left taking the space
 
-    # A replayed tick does not re-run the failed partition (its run key is taken) ...
-    assert run(config, instance).launched == []
-    monkeypatch.undo()  # ... space is freed; the operator retries what is stalled
-    retried = operator_retry(config, instance, opsdb)
+    # A replayed tick does not re-run the failed partition before its back-off is over ...
+    assert run(config, instance, wait_s=0).launched == []
+    monkeypatch.undo()  # ... the disk is enlarged; the next automatic attempt gets through
+    report = run(config, instance)
 
-    assert retried == [("site_copy_job", package, "cologne")]
+    assert report.launched[0].startswith(f"reattempt:site_copy_job:{package}|cologne:")
+    assert report.failed == []
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
+    opsdb.dispose()

@@ -1,0 +1,254 @@
+"""Telling a person when a person is needed: by e-mail (SMTP) and by a webhook (a JSON POST
+of {"text": ...}, which Slack, Mattermost and most chat tools accept).
+
+De-duplicated per problem (a stable key) and channel, with the state in OpsDB: one message
+when a problem appears, a reminder after `notifications.remind_after_hours`, a "resolved"
+message once it clears. A delivery that fails (mail server or webhook down) is logged and
+tried again at the next tick; it never raises into the caller, and a channel that failed once
+in a tick is not tried again in that tick, so a dead server costs one short time-out a tick.
+Nothing is sent, and no row is written, while no channel is configured.
+
+What counts as a problem (`current_problems`) is only what does not heal by itself: a package
+quarantined (a source file changed after filing), work escalated past the re-attempt horizon,
+a buffer filling faster than it drains. Transient faults are never told.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import smtplib
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config, SmtpConfig, WebhookConfig
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    Notification,
+    Operation,
+    OperationType,
+    PackageState,
+    RawDataPackage,
+    Reattempt,
+    _aware,
+)
+
+LOG = logging.getLogger("ccat_dt.notify")
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
+    kind: str  # quarantined | escalated | buffer_filling
+    subject: str
+    detail: str  # what happened and what to do
+
+
+class Channel(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def send(self, subject: str, body: str) -> None:
+        """Deliver or raise."""
+
+
+@dataclass(frozen=True)
+class SmtpChannel:
+    settings: SmtpConfig
+    name: str = "smtp"
+
+    def send(self, subject: str, body: str) -> None:
+        message = EmailMessage()
+        message["Subject"], message["From"] = subject, self.settings.from_
+        message["To"] = ", ".join(self.settings.to)
+        message.set_content(body)
+        with smtplib.SMTP(self.settings.host, self.settings.port,
+                          timeout=self.settings.timeout_s) as smtp:
+            if self.settings.starttls:
+                smtp.starttls()
+            if self.settings.username:
+                smtp.login(self.settings.username,
+                           os.environ.get(self.settings.password_env, ""))
+            smtp.send_message(message)
+
+
+@dataclass(frozen=True)
+class WebhookChannel:
+    settings: WebhookConfig
+    name: str = "webhook"
+
+    def send(self, subject: str, body: str) -> None:
+        data = json.dumps({"text": f"{subject}\n{body}"}).encode()
+        request = urllib.request.Request(self.settings.url, data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
+            if response.status >= 300:
+                raise OSError(f"webhook answered {response.status}")
+
+
+def channels(config: Config) -> list[Channel]:
+    settings = config.settings.notifications
+    out: list[Channel] = []
+    if settings.smtp is not None:
+        out.append(SmtpChannel(settings.smtp))
+    if settings.webhook is not None:
+        out.append(WebhookChannel(settings.webhook))
+    return out
+
+
+def current_problems(session: Session, config: Config, now: datetime,
+                     buffers: Sequence[tuple[str, float]] = ()) -> list[Problem]:
+    """What needs a person now. `buffers`: (location, hours until full) of the buffers the
+    forecast puts below its threshold (the caller runs the forecast)."""
+    problems = []
+    failed = session.scalars(select(RawDataPackage).where(
+        RawDataPackage.state == PackageState.FAILED).order_by(RawDataPackage.id))
+    for package in failed:
+        error = session.scalar(select(Operation.error).where(
+            Operation.package_id == package.id,
+            Operation.operation_type == OperationType.PACKAGING)
+            .order_by(Operation.id.desc()).limit(1)) or "no error recorded"
+        problems.append(Problem(
+            f"quarantined:{package.name}", "quarantined",
+            f"package {package.name} quarantined: nothing of it leaves the observatory",
+            f"{error.strip().splitlines()[-1] if error.strip() else error}\n"
+            "The source files stay where they are. Restore the file as it was filed (or take "
+            f"it out of the package), then `ccat-dt retry --rebuild-failed --package "
+            f"{package.name}`. `ccat-dt why {package.name}` shows every stage."))
+    for row in session.scalars(select(Reattempt).where(Reattempt.escalated_at.is_not(None))
+                               .order_by(Reattempt.id)):
+        hours = (_aware(now) - _aware(row.first_failed_at)).total_seconds() / 3600
+        problems.append(Problem(
+            f"escalated:{row.job}:{row.partition}", "escalated",
+            f"{row.job} {row.partition} still failing after {row.attempts} attempts "
+            f"({hours:.0f} h)",
+            f"Last error: {row.last_error or 'none recorded'}\n"
+            f"Automatic attempts stopped at the re-attempt horizon "
+            f"({config.settings.policies.retry_horizon_hours:g} h). Fix the cause, then "
+            f"`ccat-dt retry --package {row.package}`; `ccat-dt why {row.package}` shows "
+            "the stage."))
+    for location, hours in buffers:
+        problems.append(Problem(
+            f"buffer_filling:{location}", "buffer_filling",
+            f"buffer {location} full in {hours:.0f} h at the current rates",
+            f"{location} fills faster than it drains (threshold "
+            f"{config.settings.metrics.warn_below_hours:g} h). Check the links out of it "
+            "(`ccat-dt status`), add space, or lower its retention."))
+    return problems
+
+
+@dataclass
+class Delivery:
+    sent: list[str] = field(default_factory=list)  # "channel kind key", in order
+    failed: list[str] = field(default_factory=list)
+
+
+def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Channel],
+              now: datetime, *, remind_after: timedelta, prefix: str = "[ccat-dt]",
+              log: Callable[[str], None] = LOG.warning) -> Delivery:
+    """Send what the problems call for and record it. Never raises for a delivery failure.
+
+    OpsDB is read, then every message is sent with no transaction open (a slow mail server
+    never holds a database lock), then the outcome is written in one short transaction."""
+    delivery = Delivery()
+    if not targets:
+        return delivery
+    with opsdb.session() as session:
+        open_rows = {(r.problem_key, r.channel): _Row.of(r) for r in session.scalars(
+            select(Notification).where(Notification.closed.is_(False)))}
+    current = {p.key: p for p in problems}
+    updates: list[tuple[_Row | None, Problem | None, str, str, str | None]] = []
+    broken: set[str] = set()
+
+    def deliver(channel: Channel, subject: str, body: str) -> str | None:
+        if channel.name in broken:
+            return f"{channel.name} failed earlier in this tick"
+        try:
+            channel.send(f"{prefix} {subject}", body)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any failure: log, retry next tick
+            broken.add(channel.name)
+            log(f"notification over {channel.name} failed (tried again later): {exc}")
+            return f"{type(exc).__name__}: {exc}"
+
+    for channel in targets:
+        for problem in problems:
+            row = open_rows.get((problem.key, channel.name))
+            if row is None or row.sent_at is None:
+                what = "problem"
+                subject = problem.subject
+            elif _aware(now) - _aware(row.sent_at) >= remind_after:
+                what, subject = "reminder", f"REMINDER: {problem.subject}"
+            else:
+                if row.resolved_at is not None:  # came back before "resolved" was delivered
+                    updates.append((row, problem, channel.name, "reopen", None))
+                continue
+            error = deliver(channel, subject, problem.detail)
+            updates.append((row, problem, channel.name, what, error))
+            (delivery.failed if error else delivery.sent).append(
+                f"{channel.name} {what} {problem.key}")
+        for (key, name), row in open_rows.items():
+            if name != channel.name or key in current:
+                continue
+            if row.sent_at is None:  # never told: nothing to take back
+                updates.append((row, None, name, "drop", None))
+                continue
+            error = deliver(channel, f"RESOLVED: {row.subject}",
+                            f"{row.subject}\nThis no longer needs anyone (first reported "
+                            f"{_aware(row.opened_at):%Y-%m-%d %H:%M} UTC).")
+            updates.append((row, None, name, "resolved", error))
+            (delivery.failed if error else delivery.sent).append(f"{name} resolved {key}")
+
+    with opsdb.session() as session:
+        for row, told, name, what, error in updates:
+            record = (session.get_one(Notification, row.id) if row is not None else None)
+            if record is None:
+                assert told is not None
+                record = Notification(problem_key=told.key, channel=name, kind=told.kind,
+                                      subject=told.subject, detail=told.detail,
+                                      opened_at=now, sends=0, closed=False)
+                session.add(record)
+            if what == "reopen":
+                record.resolved_at = None
+                continue
+            if what == "drop":
+                record.resolved_at, record.closed = now, True
+                continue
+            record.last_error = error
+            if what == "resolved":
+                record.resolved_at = record.resolved_at or now
+                record.closed = error is None
+            elif error is None:
+                record.sent_at, record.sends = now, record.sends + 1
+                record.resolved_at = None
+                if told is not None:
+                    record.detail = told.detail
+    return delivery
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: int
+    subject: str
+    opened_at: datetime
+    sent_at: datetime | None
+    resolved_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Notification) -> _Row:
+        return cls(row.id, row.subject, row.opened_at, row.sent_at, row.resolved_at)
+
+
+def open_problems(session: Session) -> list[Notification]:
+    """Problems told (or being told) and not yet resolved, for `status`."""
+    return list(session.scalars(select(Notification).where(
+        Notification.closed.is_(False), Notification.resolved_at.is_(None))
+        .order_by(Notification.id)))

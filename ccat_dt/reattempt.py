@@ -1,0 +1,159 @@
+"""Automatic re-attempts across runs: work whose run failed (or died with its process) is
+requested again after a back-off that doubles per failed attempt, for a horizon after its
+first failure; then it is escalated (a person is told, `ccat-dt retry` resumes it).
+
+What counts as one piece of work is a job x partition. Its history is the list of its runs
+(the Dagster layer reads them); an episode is the failures since its last success or since an
+operator's retry. Permanent failures never come here: a FAILED package (a source file that
+changed after filing) is not stalled work, so nothing re-requests it.
+
+The state (attempts, next attempt, escalation) is kept in OpsDB, for `why`, `status` and the
+notifications."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import Reattempt, _aware
+
+
+class State(StrEnum):
+    NONE = "none"  # no failure in the episode: nothing to re-attempt
+    IN_FLIGHT = "in_flight"  # a run is going on
+    DUE = "due"  # request the next attempt now
+    WAITING = "waiting"  # back-off not over
+    ESCALATED = "escalated"  # past the horizon: no automatic attempt any more
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """One run of the work, as the orchestrator recorded it."""
+
+    run_id: str
+    in_flight: bool
+    failed: bool  # failed or canceled (a dead process's run is marked failed)
+    ended_at: datetime | None
+    operator: bool = False  # launched by `ccat-dt retry`
+
+
+@dataclass(frozen=True)
+class Backoff:
+    first: timedelta
+    longest: timedelta
+    horizon: timedelta
+
+    @classmethod
+    def of(cls, config: Config) -> Backoff:
+        policies = config.settings.policies
+        return cls(timedelta(seconds=policies.retry_backoff_first_s),
+                   timedelta(hours=policies.retry_backoff_max_hours),
+                   timedelta(hours=policies.retry_horizon_hours))
+
+    def delay(self, failures: int) -> timedelta:
+        """Wait after the n-th failed attempt (n >= 1): first, 2 x first, 4 x first, ..."""
+        return min(self.first * 2 ** min(max(failures - 1, 0), 40), self.longest)
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: State
+    failures: int = 0  # failed attempts in the episode
+    episode: str = ""  # run id of the episode's first failed run (names its attempts)
+    first_failed_at: datetime | None = None
+    last_failed_at: datetime | None = None
+    next_at: datetime | None = None
+
+    def run_key(self, job: str, partition: str) -> str:
+        """A new key per attempt (the orchestrator skips a key it has seen)."""
+        return f"reattempt:{job}:{partition}:{self.episode[:8]}:{self.failures + 1}"
+
+
+def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> Decision:
+    """`history` oldest first."""
+    if any(run.in_flight for run in history):
+        return Decision(State.IN_FLIGHT)
+    episode: list[RunOutcome] = []
+    for run in reversed(history):
+        if not run.failed:
+            break
+        episode.append(run)
+        if run.operator:
+            break
+    if not episode:
+        return Decision(State.NONE)
+    episode.reverse()
+    first = _aware(episode[0].ended_at or now)
+    last = _aware(episode[-1].ended_at or now)
+    failures = len(episode)
+    next_at = last + backoff.delay(failures)
+    common = dict(failures=failures, episode=episode[0].run_id, first_failed_at=first,
+                  last_failed_at=last)
+    if next_at - first > backoff.horizon:
+        return Decision(State.ESCALATED, **common)  # type: ignore[arg-type]
+    state = State.DUE if now >= next_at else State.WAITING
+    return Decision(state, next_at=next_at, **common)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Work:
+    job: str
+    partition: str
+    package: str
+    site: str
+    decision: Decision
+    error: str = ""
+
+
+def record(session: Session, work: Iterable[Work], now: datetime,
+           keep: Iterable[tuple[str, str]] = (),
+           jobs: Collection[str] | None = None) -> list[Reattempt]:
+    """Write the state of every piece of work with failures; forget the rest (of `jobs`, when
+    given: each sensor keeps its own), except those in `keep` (in flight: their row stays as
+    it was). Returns the rows newly escalated."""
+    query = select(Reattempt)
+    if jobs is not None:
+        query = query.where(Reattempt.job.in_(list(jobs)))
+    rows = {(r.job, r.partition): r for r in session.scalars(query)}
+    seen = set(keep)
+    escalated = []
+    for item in work:
+        decision = item.decision
+        if decision.state in (State.NONE, State.IN_FLIGHT):
+            continue
+        key = (item.job, item.partition)
+        seen.add(key)
+        row = rows.get(key)
+        if row is None:
+            row = Reattempt(job=item.job, partition=item.partition, package=item.package,
+                            site=item.site)
+            session.add(row)
+        row.attempts = decision.failures
+        row.first_failed_at = decision.first_failed_at or now
+        row.last_failed_at = decision.last_failed_at or now
+        row.next_attempt_at = decision.next_at
+        row.last_error = item.error[:2000] or row.last_error
+        if decision.state == State.ESCALATED:
+            if row.escalated_at is None:
+                row.escalated_at = now
+                escalated.append(row)
+        else:
+            row.escalated_at = None
+    gone = [key for key in rows if key not in seen]
+    for job, partition in gone:
+        session.execute(delete(Reattempt).where(Reattempt.job == job,
+                                                Reattempt.partition == partition))
+    return escalated
+
+
+def waiting(session: Session, package: str | None = None) -> list[Reattempt]:
+    query = select(Reattempt).order_by(Reattempt.id)
+    if package is not None:
+        query = query.where(Reattempt.package == package)
+    return list(session.scalars(query))

@@ -1,0 +1,38 @@
+"""Tell a person when a person is needed (ccat_dt/notify.py): a package quarantined, work
+escalated past the re-attempt horizon, a buffer filling faster than it drains. Sending runs in
+this sensor's tick, never in a pipeline run: a mail server that is down delays nothing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from dagster import DefaultSensorStatus, SensorEvaluationContext, SkipReason, sensor
+
+from ccat_dt.forecast import forecast_buffers
+from ccat_dt.notify import channels, current_problems, reconcile
+from ccat_dt.opsdb.models import utcnow
+from resources.opsdb import Deployment
+
+
+@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
+def notification_sensor(context: SensorEvaluationContext,
+                        deployment: Deployment) -> SkipReason:
+    config = deployment.config
+    targets = channels(config)
+    if not targets:
+        return SkipReason("no notification channel configured")
+    now = utcnow()
+    with deployment.opsdb.session() as session:
+        forecasts = forecast_buffers(session, now, window=timedelta(hours=6),
+                                     warn_below_hours=config.settings.metrics.warn_below_hours)
+        filling = [(f.location, f.hours_until_full) for f in forecasts
+                   if f.below_threshold and f.hours_until_full is not None]
+        problems = current_problems(session, config, now, filling)
+    settings = config.settings.notifications
+    delivery = reconcile(deployment.opsdb, problems, targets, now,
+                         remind_after=timedelta(hours=settings.remind_after_hours),
+                         prefix=settings.subject_prefix, log=context.log.warning)
+    for line in delivery.sent:
+        context.log.info(f"notified: {line}")
+    return SkipReason(f"{len(problems)} open problem(s); {len(delivery.sent)} message(s) sent, "
+                      f"{len(delivery.failed)} failed (retried next tick)")

@@ -1,0 +1,152 @@
+"""`ccat-dt drive` as a stand-in for the daemon: its sensor cursors outlive it (more work
+than one page of OpsDB rows, over two drives), two drives on one deployment never run the
+same work twice, and a drive killed (SIGKILL) at any point is finished by a plain drive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from sqlalchemy import select
+
+from ccat_assets.driver import CURSOR_KEY, IN_FLIGHT, RUN_KEY
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import Operation, OperationStatus, PackageCopy, RawDataPackage
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import (
+    archived_everywhere,
+    child,
+    child_argv,
+    deployment,
+    finish,
+    observe,
+    run,
+    spawn,
+    wait_for,
+)
+
+PAGE = 1  # OpsDB rows a sensor reads per tick here (500 in production)
+
+
+def wait_for_text(*processes: subprocess.Popen[str], text: str = "waiting",
+                  timeout: float = 60) -> None:
+    """Each process has printed a line containing `text`."""
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        assert process.stdout is not None
+        while text not in (process.stdout.readline() or text):
+            assert time.monotonic() < deadline, f"no {text!r} from {process.args}"
+        assert process.poll() is None, process.args
+
+
+def _no_duplicates(instance: DagsterInstance, opsdb: OpsDB) -> None:
+    """Each run key launched once; one copy row per package and location."""
+    keys = Counter(r.tags.get(RUN_KEY) for r in instance.get_runs() if r.tags.get(RUN_KEY))
+    assert [k for k, n in keys.items() if n > 1] == []
+    with opsdb.session() as session:
+        copies = Counter((c.package_id, c.location_id)
+                         for c in session.scalars(select(PackageCopy)))
+        assert [k for k, n in copies.items() if n > 1] == []
+        left = session.scalars(select(Operation).where(
+            Operation.status == OperationStatus.IN_PROGRESS)).all()
+        assert left == []
+
+
+def test_more_packages_than_a_page_across_two_drives(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """Sensors read PAGE rows a tick: the first drive keeps ticking while a cursor moves, not
+    only while runs launch; the second, a fresh process, starts where the first stopped (the
+    cursors are in the instance) and sees the new work behind all the pages already read."""
+    config = deployment(tmp_path / "deploy", policies={
+        "sensor_page_rows": PAGE, "retry_backoff_first_s": 0.2})
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        for i in range(2 * PAGE + 1):  # three pages of packages
+            observe(config, opsdb, name=f"obs-{i}", files=1, size=2000)
+        first = child(config, "drive", home=instance.root_directory)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert len([k for k in first.result["result"]["launched"]
+                    if k.startswith("package:")]) == 2 * PAGE + 1
+        archived_everywhere(config, opsdb)
+        stored = instance.run_storage.get_cursor_values({CURSOR_KEY + "package_sensor"})
+        with opsdb.session() as session:
+            last = max(session.scalars(select(RawDataPackage.id)))
+        assert stored[CURSOR_KEY + "package_sensor"] == str(last)
+
+        for i in range(2 * PAGE + 1, 3 * PAGE + 1):
+            observe(config, opsdb, name=f"obs-{i}", files=1, size=2000)
+        second = child(config, "drive", home=instance.root_directory)
+
+        assert second.returncode == 0, second.stderr[-3000:]
+        built = sorted(k for k in second.result["result"]["launched"] if k.startswith("package:"))
+        assert built == [f"package:obs-{i}_primecam-f280_p00"
+                         for i in range(2 * PAGE + 1, 3 * PAGE + 1)]
+        archived_everywhere(config, opsdb)
+        _no_duplicates(instance, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+def test_two_concurrent_drives_run_nothing_twice(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
+    for i in range(2):
+        observe(config, opsdb, name=f"obs-{i}", files=2, size=5000)
+    marker = tmp_path / "holding"
+    holder = spawn(child_argv(config, "drive", kill="hold", marker=str(marker),
+                              home=instance.root_directory))
+    wait_for(marker, holder)  # the first drive holds the lock (and would run everything)
+    second = spawn(child_argv(config, "drive", home=instance.root_directory))
+    third = spawn(child_argv(config, "drive", home=instance.root_directory))
+    try:
+        wait_for_text(second, third)  # both wait for the lock
+        os.kill(holder.pid, signal.SIGKILL)  # the holder dies: the kernel frees the lock
+        assert finish(holder).killed
+        outcomes = [finish(second, timeout=120), finish(third, timeout=120)]
+    finally:
+        for process in (holder, second, third):
+            if process.poll() is None:
+                process.kill()
+    assert [o.returncode for o in outcomes] == [0, 0], [o.stderr[-3000:] for o in outcomes]
+    launched = [o.result["result"]["launched"] for o in outcomes]
+    assert sorted(len(x) == 0 for x in launched) == [False, True]  # one did it all
+    archived_everywhere(config, opsdb)
+    _no_duplicates(instance, opsdb)
+    assert_safe(config, opsdb)
+    assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+
+
+@pytest.mark.parametrize(("kill", "nth"), [
+    ("package-before-record", 2),  # the second packaging run, tar in place, not recorded
+    ("copy-before-record", 2),  # a transfer or archive landed and renamed, not recorded
+    ("after-run", 4),  # between runs: a run done, its sensor's cursor not yet stored
+])
+def test_a_killed_drive_is_finished_by_a_plain_drive(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, kill: str, nth: int) -> None:
+    for i in range(2):
+        observe(config, opsdb, name=f"obs-{i}", files=2, size=5000)
+
+    dead = child(config, "drive", kill=kill, nth=nth, home=instance.root_directory)
+    assert dead.killed, dead.stderr[-3000:]
+    assert_safe(config, opsdb, settled=False, allow_partial=True,
+                expected_findings=[("dark", ".tar")] if kill != "after-run" else [])
+
+    report = run(config, instance)
+
+    if kill != "after-run":  # a run died with the drive: marked failed, then re-attempted
+        assert len(report.dead_runs) == 1
+        assert any(k.startswith("reattempt:") for k in report.launched)
+    assert report.failed == []
+    archived_everywhere(config, opsdb)
+    _no_duplicates(instance, opsdb)
+    assert_safe(config, opsdb)
+    assert [r for r in instance.get_runs(RunsFilter(statuses=IN_FLIGHT))] == []
+    assert all(r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE)
+               for r in instance.get_runs())

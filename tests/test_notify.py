@@ -1,0 +1,185 @@
+"""Notifications against a real SMTP server (aiosmtpd) and a real HTTP receiver: one message
+per problem, a reminder, a resolved message, and a mail server that is down delays nothing."""
+
+from __future__ import annotations
+
+import errno
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+import ccat_dt.transports.local as local
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.diagnosis import diagnose
+from ccat_dt.notify import Problem, channels, reconcile
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import Notification, utcnow
+from tests.faults.conftest import instance
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere, deployment, observe, package_names
+from tests.faults.retrying import operator_retry
+from tests.notify_servers import Mailbox, Receiver, free_port
+
+__all__ = ["instance"]
+
+
+def _notified(tmp_path: Path, smtp_port: int, url: str, **policies: object):  # type: ignore[no-untyped-def]
+    return deployment(tmp_path / "deploy", notifications={
+        "smtp": {"host": "127.0.0.1", "port": smtp_port, "from": "ccat-dt@example.org",
+                 "to": ["ops@example.org"], "timeout_s": 2},
+        "webhook": {"url": url, "timeout_s": 2}, "remind_after_hours": 1},
+        policies={"max_attempts": 1, "retry_backoff_first_s": 0.2, **policies})
+
+
+PROBLEM = Problem("quarantined:pkg-a", "quarantined", "package pkg-a quarantined",
+                  "restore the file, then ccat-dt retry --rebuild-failed")
+
+
+def test_one_message_per_problem_a_reminder_and_resolved(
+        tmp_path: Path, smtp_server: Mailbox, webhook_receiver: Receiver) -> None:
+    config = _notified(tmp_path, smtp_server.port, webhook_receiver.url)
+    opsdb = OpsDB(config.opsdb_url)
+    targets, now = channels(config), utcnow()
+    remind = timedelta(hours=1)
+
+    for tick in range(3):  # the same problem at three ticks: told once
+        reconcile(opsdb, [PROBLEM], targets, now + timedelta(minutes=tick), remind_after=remind)
+    assert smtp_server.subjects == ["[ccat-dt] package pkg-a quarantined"]
+    assert webhook_receiver.texts == ["[ccat-dt] package pkg-a quarantined\n" + PROBLEM.detail]
+    message = smtp_server.messages[0]
+    assert message["To"] == "ops@example.org" and "retry --rebuild-failed" in str(
+        message.get_payload())
+
+    reconcile(opsdb, [PROBLEM], targets, now + timedelta(minutes=61), remind_after=remind)
+    reconcile(opsdb, [PROBLEM], targets, now + timedelta(minutes=62), remind_after=remind)
+    assert smtp_server.subjects[1:] == ["[ccat-dt] REMINDER: package pkg-a quarantined"]
+
+    reconcile(opsdb, [], targets, now + timedelta(minutes=70), remind_after=remind)
+    reconcile(opsdb, [], targets, now + timedelta(minutes=71), remind_after=remind)
+    assert smtp_server.subjects[2:] == ["[ccat-dt] RESOLVED: package pkg-a quarantined"]
+    assert len(webhook_receiver.posts) == 3
+    assert webhook_receiver.texts[2].startswith("[ccat-dt] RESOLVED: package pkg-a")
+    with opsdb.session() as session:
+        rows = session.scalars(select(Notification)).all()
+        assert sorted(r.channel for r in rows) == ["smtp", "webhook"]
+        assert all(r.closed and r.sends == 2 for r in rows)
+    opsdb.dispose()
+
+
+def test_a_mail_server_that_is_down_is_retried_and_never_blocks(
+        tmp_path: Path, webhook_receiver: Receiver) -> None:
+    port = free_port()  # nothing listens here yet
+    config = _notified(tmp_path, port, webhook_receiver.url)
+    opsdb = OpsDB(config.opsdb_url)
+    targets, now = channels(config), utcnow()
+    started = time.monotonic()
+    first = reconcile(opsdb, [PROBLEM], targets, now, remind_after=timedelta(hours=1))
+    assert time.monotonic() - started < 3
+    assert first.failed == ["smtp problem quarantined:pkg-a"]
+    assert first.sent == ["webhook problem quarantined:pkg-a"]
+
+    from aiosmtpd.controller import Controller
+
+    from tests.notify_servers import _Handler
+
+    box = Mailbox(port)
+    controller = Controller(_Handler(box), hostname="127.0.0.1", port=port)
+    controller.start()  # the mail server comes back
+    try:
+        again = reconcile(opsdb, [PROBLEM], targets, now + timedelta(minutes=1),
+                          remind_after=timedelta(hours=1))
+    finally:
+        controller.stop()
+    assert again.sent == ["smtp problem quarantined:pkg-a"]  # webhook: already told
+    assert box.subjects == ["[ccat-dt] package pkg-a quarantined"]
+    assert len(webhook_receiver.posts) == 1
+    opsdb.dispose()
+
+
+def test_a_quarantined_package_is_told_once_through_the_pipeline_with_the_mail_server_down(
+        tmp_path: Path, webhook_receiver: Receiver, instance: DagsterInstance) -> None:
+    """A source file changed after filing: the package is quarantined and the webhook says
+    so once; the mail server is down, which neither fails nor slows any run; a second
+    observation goes through the whole lifecycle meanwhile."""
+    config = _notified(tmp_path, free_port(), webhook_receiver.url)
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        files = observe(config, opsdb, name="obs-0")
+        files[0].write_bytes(b"changed after filing")
+        observe(config, opsdb, name="obs-1")
+        defs = build_definitions(config)
+
+        report = drive(defs, instance)
+        drive(defs, instance)
+
+        assert [key.split(":")[:2] for key in report.failed] == [
+            ["package", "obs-0_primecam-f280_p00"]]
+        quarantined = [t for t in webhook_receiver.texts if "quarantined" in t]
+        assert len(quarantined) == 1 and "obs-0_primecam-f280_p00" in quarantined[0]
+        assert len(webhook_receiver.posts) == 1  # nothing about anything else
+        [healthy] = [p for p in package_names(opsdb) if p.startswith("obs-1")]
+        with opsdb.session() as session:
+            smtp = session.scalars(select(Notification).where(
+                Notification.channel == "smtp")).all()
+            assert [r.sent_at for r in smtp] == [None] and "Connection refused" in (
+                smtp[0].last_error or "")
+        assert healthy
+        assert_safe(config, opsdb, expected_findings=[
+            ("changed", "obs-0/primecam/f280/scan-0.dat")])
+    finally:
+        opsdb.dispose()
+
+
+
+
+def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
+        tmp_path: Path, webhook_receiver: Receiver, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destination disk that stays full: re-attempted with a growing back-off until the
+    horizon, then escalated (no more automatic attempts, `why` and `status` say so, one
+    message). Once freed, the operator's retry converges and a "resolved" message follows."""
+    config = deployment(tmp_path / "deploy", notifications={
+        "webhook": {"url": webhook_receiver.url, "timeout_s": 2}},
+        policies={"max_attempts": 1, "retry_backoff_first_s": 0.3,
+                  "retry_horizon_hours": 1.5 / 3600})
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb)
+
+        def full(source: int, destination: int, length: int, buffer: bytearray) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(local, "_copy_slice", full)
+        report = drive(build_definitions(config), instance, wait_s=5)
+
+        [package] = package_names(opsdb)
+        attempts = len(report.failed)  # the first run, then automatic re-attempts until the
+        assert attempts >= 2  # horizon (how many fit depends on how long each run takes)
+        assert [k.split(":")[0] for k in report.failed] == ["site_copy"] + ["reattempt"] * (
+            attempts - 1)
+        assert report.next_due is None  # escalated: nothing more is scheduled
+        [told] = webhook_receiver.texts
+        assert f"site_copy_job {package}|cologne still failing after {attempts} attempts" in told
+        assert "No space left on device" in told and "ccat-dt retry" in told
+        with opsdb.session() as session:
+            stage = {s.stage: s for s in diagnose(session, config, package, utcnow())}
+        assert stage["site copy cologne"].state == "failed"
+        assert "escalated at" in stage["site copy cologne"].detail
+        assert drive(build_definitions(config), instance, wait_s=0).launched == []
+        assert len(webhook_receiver.posts) == 1  # not told again
+
+        monkeypatch.undo()  # space is freed; a person retries, as the message said
+        operator_retry(config, instance, opsdb)
+
+        archived_everywhere(config, opsdb)
+        assert len(webhook_receiver.posts) == 2
+        assert webhook_receiver.texts[1].startswith(f"[ccat-dt] RESOLVED: site_copy_job {package}")
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
