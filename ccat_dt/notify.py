@@ -30,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
+from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     Notification,
@@ -47,7 +48,7 @@ LOG = logging.getLogger("ccat_dt.notify")
 @dataclass(frozen=True)
 class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
-    kind: str  # quarantined | escalated | buffer_filling
+    kind: str  # quarantined | escalated | lost | at_risk | buffer_filling
     subject: str
     detail: str  # what happened and what to do
 
@@ -135,6 +136,11 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"({config.settings.policies.retry_horizon_hours:g} h). Fix the cause, then "
             f"`ccat-dt retry --package {row.package}`; `ccat-dt why {row.package}` shows "
             "the stage."))
+    for name, assessment in packages_in_danger(session, config):
+        kind = assessment.health.value.replace(" ", "_")  # lost | at_risk
+        problems.append(Problem(
+            f"{kind}:{name}", kind, f"package {name}: {assessment.health.value.upper()}",
+            f"{assessment.reason}\n`ccat-dt why {name}` shows every copy and stage."))
     for location, hours in buffers:
         problems.append(Problem(
             f"buffer_filling:{location}", "buffer_filling",

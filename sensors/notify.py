@@ -1,6 +1,7 @@
-"""Tell a person when a person is needed (ccat_dt/notify.py): a package quarantined, work
-escalated past the re-attempt horizon, a buffer filling faster than it drains. Sending runs in
-this sensor's tick, never in a pipeline run: a mail server that is down delays nothing."""
+"""Tell a person when a person is needed (ccat_dt/notify.py): a package quarantined, lost or
+at risk, work escalated past the re-attempt horizon, a buffer filling faster than it drains.
+Sending runs in this sensor's tick, never in a pipeline run: a mail server that is down delays
+nothing."""
 
 from __future__ import annotations
 

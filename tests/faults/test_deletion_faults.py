@@ -19,6 +19,7 @@ from ccat_assets import cli
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT
 from ccat_dt.diagnosis import diagnose
+from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -278,3 +279,6 @@ def test_sources_purged_then_both_archives_bad_is_loud(tmp_path: Path,
     assert exit_code(["--config", str(config.path), "why", package]) == 0
     assert "DATA LOST" in capsys.readouterr().out
     assert exit_code(["--config", str(config.path), "drive"]) == 1
+    with opsdb.session() as session:  # a person is told (the notification sensor sends these)
+        [told] = [p for p in current_problems(session, config, utcnow()) if p.kind == "lost"]
+    assert told.key == f"lost:{package}" and "DATA LOST" in told.detail
