@@ -8,6 +8,7 @@ from ccat_assets import jobs
 from ccat_assets.assets import build_assets
 from ccat_assets.checks import build_checks
 from ccat_assets.execution import executor
+from ccat_assets.runlog import console
 from ccat_assets.scrub import scrub_job
 from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import configure_from_env
@@ -32,6 +33,7 @@ def build_definitions(config: Config) -> Definitions:
         sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor],
         executor=executor(config),
         schedules=[fixity_scrub],
+        loggers={"console": console},  # Dagster's, quiet under the CLI (ccat_assets/runlog.py)
         resources={
             "deployment": deployment,
             "site_copy_io_manager": PlacementIOManager(

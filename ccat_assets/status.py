@@ -14,7 +14,7 @@ from ccat_dt.report import Summary, summarize, throughput
 
 def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
     s = summarize(opsdb)
-    print(f"\nraw files: {s.files} ({s.file_bytes / 1e6:.1f} MB)   packages: "
+    print(f"raw files: {s.files} ({s.file_bytes / 1e6:.1f} MB)   packages: "
           + ", ".join(f"{n} {state}" for state, n in sorted(s.packages.items()))
           + f" ({s.package_bytes / 1e6:.1f} MB)")
     print(f"{'location':<22}{'kind':<19}{'present':>8}{'MB':>10}{'deleted':>9}{'corrupt':>9}")
