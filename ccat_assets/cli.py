@@ -17,7 +17,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import TYPE_CHECKING
 
 from dagster import BetaWarning, PreviewWarning
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -37,6 +37,9 @@ from ccat_dt.jsonlog import configure_from_env
 from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate
 from ccat_dt.staging import StagingError
 from ccat_dt.topology import prepare_opsdb
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 
 class UsageError(Exception):
@@ -331,7 +334,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a closed stdout is not swallowed (main() ends quietly on it)."""
 
-    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         if message:
             (file or sys.stderr).write(message)
 
