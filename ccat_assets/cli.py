@@ -119,6 +119,24 @@ def cmd_file(args: argparse.Namespace) -> None:
     else:
         raise UsageError("nothing to file: give paths, --directory or --manifest")
     print(f"filed {result.filed} file(s), {result.bytes} bytes; {result.unchanged} unchanged")
+    _warn_oversized(opsdb, load_config(args.config), args.observation)
+
+
+def _warn_oversized(opsdb: OpsDB, config: Config, observation: str) -> None:
+    """The rule for a file bigger than policies.package_max_bytes, said when it is filed."""
+    from sqlalchemy import select
+
+    from ccat_dt.opsdb.models import ExecutedObsUnit, RawDataFile
+
+    cap = config.settings.policies.package_max_bytes
+    with opsdb.session() as session:
+        big = session.execute(select(RawDataFile.relative_path, RawDataFile.size)
+                              .join(ExecutedObsUnit).where(ExecutedObsUnit.name == observation,
+                                                           RawDataFile.size > cap)).all()
+    for path, size in big:
+        print(f"ccat-dt: warning: {path} is {size} bytes, more than policies.package_max_bytes "
+              f"({cap}): it will travel in a package of its own, larger than the cap",
+              file=sys.stderr)
 
 
 def cmd_drive(args: argparse.Namespace) -> None:

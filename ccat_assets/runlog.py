@@ -5,7 +5,9 @@ which drowns the one line that matters. The CLI therefore runs in *quiet* mode:
 
 - Dagster's run events go to the instance (as always: the UI and `ccat-dt why` read them from
   there) and to a log file (`log_dir/ccat-dt.log`), not to the terminal;
-- Python log records (sensors, `ccat_dt` operation records) go to the same file;
+- Python log records (sensors, `ccat_dt` operation records) go to the same file; those
+  meant for the operator (logged with `extra={"notice": True}`, e.g. a file bigger than the
+  package cap) also to stderr, one line each;
 - each finished run is reported as one line by `RunReporter` (stage, package, site, outcome,
   bytes, MB/s, seconds; for a failure, its cause and the next step), then one summary line.
 
@@ -83,8 +85,13 @@ def quiet_runs(log_file: Path, *, verbose: bool) -> Iterator[Path]:
     file_handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - "
                                                 "%(message)s"))
     handlers: list[logging.Handler] = [file_handler]
+    terminal = logging.StreamHandler()
     if verbose:
-        handlers.append(logging.StreamHandler())
+        terminal.setFormatter(file_handler.formatter)
+    else:  # only what is meant for the operator (records logged with extra={"notice": True})
+        terminal.addFilter(lambda record: bool(getattr(record, "notice", False)))
+        terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handlers.append(terminal)
     saved_level = root.level
     for handler in handlers:
         root.addHandler(handler)

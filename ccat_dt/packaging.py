@@ -301,7 +301,9 @@ def extract_package(tar_path: Path, destination_dir: Path) -> list[ManifestEntry
 def split_into_packages(
     members: Sequence[PackageMember], max_bytes: int
 ) -> list[list[PackageMember]]:
-    """Greedy grouping by arcname order; max_bytes bounds member data, not tar overhead."""
+    """Greedy grouping by arcname order; max_bytes bounds member data, not tar overhead.
+    Files are never split: one bigger than max_bytes is a package of its own (the planner
+    logs a warning for it)."""
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     groups: list[list[PackageMember]] = []
