@@ -11,6 +11,7 @@ which drowns the one line that matters. The CLI therefore runs in *quiet* mode:
 - each finished run is reported as one line by `RunReporter` (stage, package, site, outcome,
   bytes, MB/s, seconds; for a failure, its cause and the next step), then one summary line.
 
+On a terminal, transfers show a live progress bar meanwhile (ccat_dt/progress.py).
 With `-v` the events are shown on stderr as Dagster prints them. Outside the CLI (the daemon,
 `dagster dev`, Celery workers) nothing changes: the `console` logger below behaves as Dagster's.
 """
@@ -30,6 +31,8 @@ from dagster import DagsterEventType, DagsterInstance, Field, RunsFilter, logger
 from dagster._core.execution.context.logger import InitLoggerContext
 from dagster._core.utils import coerce_valid_log_level
 from dagster._utils.log import default_date_format_string, default_format_string
+
+from ccat_dt.progress import terminal_bars
 
 CONSOLE_ENV = "CCAT_DT_RUN_CONSOLE"  # "off": run events are not printed to the terminal
 FILE_ENV = "CCAT_DT_RUN_LOG_FILE"  # every run event (DEBUG) is appended to this file
@@ -97,7 +100,8 @@ def quiet_runs(log_file: Path, *, verbose: bool) -> Iterator[Path]:
         root.addHandler(handler)
     root.setLevel(min(saved_level or logging.WARNING, logging.INFO))
     try:
-        yield log_file
+        with terminal_bars():  # live progress bars for transfers, on a terminal only
+            yield log_file
     finally:
         for handler in handlers:
             root.removeHandler(handler)
