@@ -107,3 +107,22 @@ def test_not_a_terminal_gets_no_bar() -> None:
         job.update(5)
         job.finish()
     assert screen.getvalue() == ""
+
+
+def test_packaging_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccat_dt.packaging import PackageMember, build_package
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    seen: list[ProgressEvent] = []
+    remove = progress.add_sink(seen.append)
+    try:
+        members = []
+        for i in range(4):
+            path, checksum = source_file(tmp_path / f"scan-{i}.dat", 1000)
+            members.append(PackageMember(path, f"obs/scan-{i}.dat", 1000, checksum))
+        build_package(members, tmp_path / "out" / "p.tar", package_name="p")
+    finally:
+        remove()
+    assert [e.done_bytes for e in seen if not e.finished] == [1000, 2000, 3000, 4000]
+    assert all(e.stage == "packaging" and e.name == "p" and e.total_bytes == 4000 for e in seen)
+    assert seen[-1].finished
