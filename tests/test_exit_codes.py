@@ -92,6 +92,14 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.update(saved)
 
 
+@pytest.fixture(scope="module")
+def deploy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh deployment (`ccat-dt init`); returns the configuration file."""
+    root = tmp_path_factory.mktemp("exit-codes-init") / "deploy"
+    assert in_process("init", str(root)) == 0
+    return root / CONFIG_NAME
+
+
 # --- output piped into a reader that stops: quiet, status 141 -----------------------------
 
 PIPED = {
@@ -116,10 +124,12 @@ PIPED = {
 
 
 @pytest.mark.parametrize("command", sorted(PIPED))
-def test_output_into_a_closed_pipe_ends_quietly(command: str, lifecycle: Path,
+def test_output_into_a_closed_pipe_ends_quietly(command: str, request: pytest.FixtureRequest,
                                                 tmp_path: Path) -> None:
+    # status and --help need no lifecycle (they stay in `make test-fast`)
+    config = request.getfixturevalue("deploy" if command in ("status", "help") else "lifecycle")
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in PIPED[command]]
-    env = clean_env(CCAT_DT_CONFIG=str(lifecycle),
+    env = clean_env(CCAT_DT_CONFIG=str(config),
                     CCAT_DT_CELERY_BROKER="redis://127.0.0.1:1/0")
     status, err = into_closed_pipe(argv, env)
     assert err == "", err
@@ -134,11 +144,11 @@ def test_demo_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert status == PIPE_STATUS
 
 
-def test_status_into_head_in_a_shell_pipeline(lifecycle: Path) -> None:
+def test_status_into_head_in_a_shell_pipeline(deploy: Path) -> None:
     """`ccat-dt status | head -1` as typed: one line out, nothing on stderr."""
     done = subprocess.run(["bash", "-c", f'set -o pipefail; "{CCAT_DT}" status | head -1'],
                           capture_output=True, text=True, timeout=600, check=False,
-                          env=clean_env(CCAT_DT_CONFIG=str(lifecycle)))
+                          env=clean_env(CCAT_DT_CONFIG=str(deploy)))
     assert done.stdout.startswith("raw files: ")
     assert done.stdout.count("\n") == 1
     assert done.stderr == ""
@@ -148,8 +158,8 @@ def test_status_into_head_in_a_shell_pipeline(lifecycle: Path) -> None:
 # --- exit status 0 and 1 ------------------------------------------------------------------
 
 
-def test_exit_0_when_done(lifecycle: Path) -> None:
-    done = ccat_dt("--config", str(lifecycle), "status")
+def test_exit_0_when_done(deploy: Path) -> None:
+    done = ccat_dt("--config", str(deploy), "status")
     assert done.returncode == 0
     assert done.stderr == ""
 
@@ -245,14 +255,14 @@ def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def test_exit_2_on_bad_input(lifecycle: Path) -> None:
-    line = one_error_line(ccat_dt("--config", str(lifecycle), "file", "--observation",
-                                  "obs-open", "--module", "nosuch/module", "open/a.dat"))
-    assert "nosuch/module" in line
+def test_exit_2_on_bad_input(deploy: Path) -> None:
+    line = one_error_line(ccat_dt("--config", str(deploy), "file", "--observation",
+                                  "obs-x", "--module", "nosuch/module", "open/a.dat"))
+    assert "obs-x" in line and "start it first" in line  # the cause and the next step
 
 
-def test_exit_2_when_the_opsdb_is_unreachable(lifecycle: Path) -> None:
-    env = clean_env(CCAT_DT_CONFIG=str(lifecycle),
+def test_exit_2_when_the_opsdb_is_unreachable(deploy: Path) -> None:
+    env = clean_env(CCAT_DT_CONFIG=str(deploy),
                     CCAT_DT_OPSDB_URL="postgresql+psycopg2://ccat@127.0.0.1:1/ops")
     line = one_error_line(ccat_dt("status", env=env))
     assert "OpsDB unavailable" in line and "refused" in line and "reachable" in line
@@ -289,8 +299,8 @@ def test_exit_2_when_the_opsdb_is_read_only(tmp_path: Path) -> None:
     assert "read-only" in line or "readonly" in line
 
 
-def test_verbose_adds_the_traceback(lifecycle: Path) -> None:
-    env = clean_env(CCAT_DT_CONFIG=str(lifecycle),
+def test_verbose_adds_the_traceback(deploy: Path) -> None:
+    env = clean_env(CCAT_DT_CONFIG=str(deploy),
                     CCAT_DT_OPSDB_URL="postgresql+psycopg2://ccat@127.0.0.1:1/ops")
     done = ccat_dt("-v", "status", env=env)
     assert done.returncode == 2
@@ -302,14 +312,14 @@ def test_verbose_adds_the_traceback(lifecycle: Path) -> None:
 
 
 def test_exit_3_on_an_internal_error(monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str], lifecycle: Path) -> None:
+                                     capsys: pytest.CaptureFixture[str], deploy: Path) -> None:
     def broken(_: object) -> None:
         raise RuntimeError("something the code did not expect")
 
     monkeypatch.setattr(cli, "cmd_status", broken)
-    assert in_process("--config", str(lifecycle), "status") == 3
+    assert in_process("--config", str(deploy), "status") == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("ccat-dt: error: internal error: RuntimeError: something")
-    assert in_process("--config", str(lifecycle), "status", "-v") == 3
+    assert in_process("--config", str(deploy), "status", "-v") == 3
     assert "Traceback" in capsys.readouterr().err
