@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -193,8 +194,8 @@ class RunReporter:
                         "DagsterExecutionStepExecutionError", "RetryRequestedFromPolicy"):
                     error = error.cause
             if error is not None:
-                text = error.message.strip()
-                # Failure("...") carries its description after the class name
+                # "dagster._core.definitions.events.Failure: why": the why is what matters
+                text = re.sub(r"^[\w.]*\.(\w+): ", "", error.message.strip())
                 return " ".join(text.split()) or error.cls_name or "failed"
             if event is not None and event.message:
                 return " ".join(event.message.split())
