@@ -134,8 +134,10 @@ class RunLine:
                 f"{self.site:<8} {self.bytes / 1e6:>8.1f} MB {rate:>7.1f} MB/s "
                 f"{self.seconds:>6.1f} s")
         if not self.ok:
-            line += (f"\n       cause: {self.cause or 'see the run in the Dagster UI'}; next: "
-                     f"`ccat-dt why {self.package}`, fix the cause, then `ccat-dt retry`")
+            step = (f"`ccat-dt why {self.package}`, fix the cause, then `ccat-dt retry`"
+                    if self.package else "the run's events in the log file or the Dagster UI")
+            line += (f"\n       cause: {self.cause or 'see the run in the Dagster UI'}; "
+                     f"next: {step}")
         return line
 
 
@@ -159,10 +161,12 @@ class RunReporter:
         self.write(line.text())
 
     def describe(self, key: str, *, ok: bool) -> RunLine:
-        parts = key.split(":")
+        parts = key.split(":")  # stage:package[:site:...]; scrub:site:hour; stage:request
         stage = parts[0]
         package = parts[1] if len(parts) > 1 else ""
         site = parts[2] if len(parts) > 2 and stage != "stage" else ""
+        if stage == "scrub":
+            package, site = "", package
         runs = self.instance.get_runs(RunsFilter(tags={RUN_KEY: key}), limit=1)
         if not runs:
             return RunLine(key, stage, package, site, ok, 0, 0.0)
