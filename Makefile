@@ -22,8 +22,8 @@ demo: $(BIN)/.installed  ## simulate an observing night and drive it through the
 test: $(BIN)/.installed test-deps  ## the whole test suite, as CI runs it
 	$(BIN)/pytest -q
 
-test-fast: $(BIN)/.installed test-deps  ## everything but the slow integration tests (-m "not slow")
-	$(BIN)/pytest -q -m "not slow"
+test-fast: $(BIN)/.installed test-deps  ## everything but the slow integration tests, one worker per core
+	$(BIN)/pytest -q -m "not slow" -n auto
 
 test-deps:  ## system packages the tests need (sshd, rsync, xxhash, VictoriaMetrics, Chromium); idempotent
 	scripts/setup-test-host
