@@ -1,4 +1,5 @@
 # Two commands on a fresh machine (Python 3.11 + make): `make demo` and `make test`.
+# `make test` first installs the system packages the tests need (`make test-deps`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ DEMO_ROOT ?= demo-data
 ui: export DAGSTER_HOME := $(abspath $(DEMO_ROOT))/dagster_home
 ui: export CCAT_DT_CONFIG := $(abspath $(DEMO_ROOT))/ccat-dt.yaml
 
-.PHONY: demo test bench ui lint clean
+.PHONY: demo test test-fast test-deps bench ui lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +19,14 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed  ## simulate an observing night and drive it through the whole lifecycle
 	$(BIN)/ccat-dt demo --root $(DEMO_ROOT)
 
-test: $(BIN)/.installed  ## the whole test suite, as CI runs it
+test: $(BIN)/.installed test-deps  ## the whole test suite, as CI runs it
 	$(BIN)/pytest -q
+
+test-fast: $(BIN)/.installed test-deps  ## everything but the slow integration tests, one worker per core
+	$(BIN)/pytest -q -m "not slow" -n auto
+
+test-deps:  ## system packages the tests need (sshd, rsync, xxhash, VictoriaMetrics, Chromium); idempotent
+	scripts/setup-test-host
 
 bench: $(BIN)/.installed  ## benchmarks against xxhsum, tar, cp, rsync; writes docs/benchmarks.md
 	$(BIN)/python -m bench

@@ -1,7 +1,8 @@
 """Section 4: RsyncTransport over ssh on loopback against plain `rsync -e ssh`.
 
-A throw-away sshd on 127.0.0.1 is started the way tests/sshd.py does it (the minimal parts are
-repeated here so that the benchmark does not depend on pytest fixtures).
+A throw-away sshd on 127.0.0.1 is started the way tests/sshd.py does it (the configuration is
+repeated here so that the benchmark does not depend on pytest fixtures; starting, waiting and
+stopping is tests/processes.py, shared with the test fixtures).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ccat_dt.config import SshConfig
 from ccat_dt.transports import rsync as rsync_module
 from ccat_dt.transports.base import Endpoint, SshSettings
 from ccat_dt.transports.rsync import RsyncTransport
+from tests.processes import DidNotStart, running
 
 SSHD = "/usr/sbin/sshd"
 
@@ -80,31 +82,19 @@ def loopback_sshd(directory: Path) -> Iterator[tuple[SshSettings, str]]:
     ssh = SshSettings(port=port, identity_file=str(directory / "client_ed25519"),
                       known_hosts_file=str(known_hosts), connect_timeout_s=5)
     destination = f"{getpass.getuser()}@127.0.0.1"
-    log = directory / "sshd.log"
-    with open(log, "wb") as stream:
-        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
-                                   stdin=subprocess.DEVNULL, stdout=stream,
-                                   stderr=subprocess.STDOUT)
+
+    def ready() -> str:
+        probe = subprocess.run([*ssh.ssh_command(), "--", destination, "true"],
+                               capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                               check=False)
+        return "" if probe.returncode == 0 else probe.stderr.strip() or "ssh probe failed"
+
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            probe = subprocess.run([*ssh.ssh_command(), "--", destination, "true"],
-                                   capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                   check=False)
-            if probe.returncode == 0:
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sshd did not come up: {probe.stderr.strip()} "
-                                   f"{log.read_text()[-500:]}")
-            time.sleep(0.1)
-        yield ssh, destination
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with running([SSHD, "-D", "-e", "-f", str(config)], log=directory / "sshd.log",
+                     ready=ready, timeout_s=15, name="sshd"):
+            yield ssh, destination
+    except DidNotStart as exc:
+        raise RuntimeError(f"sshd did not come up: {exc}") from exc
 
 
 class _StepTimer:

@@ -1,15 +1,26 @@
-"""`ccat-dt`: set up a deployment, file raw data, run the lifecycle, look at the result."""
+"""`ccat-dt`: set up a deployment, file raw data, run the lifecycle, look at the result.
+
+Exit status: 0 done; 1 done, with problems found (`audit` findings left unrepaired, `drive`,
+`retry` or `demo` with a failed run); 2 bad input or an unavailable service (configuration,
+OpsDB locked, read-only or unreachable, a missing file), reported on stderr as one line
+`ccat-dt: error: ...` (with `-v`, the traceback too); 3 an internal error (a bug: the one line
+says so, `-v` shows the traceback). Output cut short by its reader (`ccat-dt status | head`)
+ends quietly with status 141, as for a command killed by SIGPIPE.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dagster import BetaWarning, PreviewWarning
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ccat_assets.instance import write_instance_yaml
 from ccat_dt.config import Config, ConfigError, load_config
@@ -29,11 +40,17 @@ from ccat_dt.staging import StagingError
 from ccat_dt.topology import prepare_opsdb
 
 if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
     from ccat_dt.client import FilingClient
 
 
 class UsageError(Exception):
     """A command line that cannot be acted on; nothing was changed."""
+
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR, EXIT_BUG = 0, 1, 2, 3
+EXIT_PIPE = 128 + 13  # the reader closed the pipe (SIGPIPE), e.g. `ccat-dt status | head`
 
 
 def init(directory: Path) -> Path:
@@ -91,7 +108,20 @@ def cmd_observation(args: argparse.Namespace) -> None:
         return
     opsdb = _opsdb(args)
     if args.action == "start":
-        print(start_observation(opsdb, args.name))
+        from sqlalchemy import select
+
+        from ccat_dt.opsdb.models import ExecutedObsUnit
+
+        with opsdb.session() as session:
+            known = session.scalar(select(ExecutedObsUnit.id).where(
+                ExecutedObsUnit.name == args.name)) is not None
+        uuid = start_observation(opsdb, args.name)
+        if known:
+            print(f"observation {args.name} is already open (uuid {uuid}); nothing changed")
+        else:
+            print(f"observation {args.name} started (uuid {uuid}); file its data with "
+                  f"`ccat-dt file --observation {args.name} ...`, then "
+                  f"`ccat-dt observation finish {args.name}`")
     else:
         finish_observation(opsdb, args.name)
         print(f"observation {args.name} finished")
@@ -116,6 +146,24 @@ def cmd_file(args: argparse.Namespace) -> None:
     else:
         raise UsageError("nothing to file: give paths, --directory or --manifest")
     print(f"filed {result.filed} file(s), {result.bytes} bytes; {result.unchanged} unchanged")
+    _warn_oversized(opsdb, load_config(args.config), args.observation)
+
+
+def _warn_oversized(opsdb: OpsDB, config: Config, observation: str) -> None:
+    """The rule for a file bigger than policies.package_max_bytes, said when it is filed."""
+    from sqlalchemy import select
+
+    from ccat_dt.opsdb.models import ExecutedObsUnit, RawDataFile
+
+    cap = config.settings.policies.package_max_bytes
+    with opsdb.session() as session:
+        big = session.execute(select(RawDataFile.relative_path, RawDataFile.size)
+                              .join(ExecutedObsUnit).where(ExecutedObsUnit.name == observation,
+                                                           RawDataFile.size > cap)).all()
+    for path, size in big:
+        print(f"ccat-dt: warning: {path} is {size} bytes, more than policies.package_max_bytes "
+              f"({cap}): it will travel in a package of its own, larger than the cap",
+              file=sys.stderr)
 
 
 def _file_via_api(args: argparse.Namespace) -> None:
@@ -176,23 +224,22 @@ def cmd_drive(args: argparse.Namespace) -> None:
     from ccat_assets.definitions import build_definitions
     from ccat_assets.driver import drive
     from ccat_assets.instance import open_instance
+    from ccat_assets.runlog import LOG_NAME, RunReporter, quiet_runs
 
     config = load_config(args.config)
-    report = drive(build_definitions(config), open_instance(config), due_schedules=True,
-                   log=_flushed, wait_s=args.wait)
-    print(f"{len(report.launched)} run(s) in {report.rounds} round(s), "
-          f"{len(report.failed)} failed"
-          + (f", {len(report.dead_runs)} run(s) of a dead drive marked failed"
-             if report.dead_runs else ""))
+    instance = open_instance(config)
+    reporter = RunReporter(instance)
+    with quiet_runs(config.log_dir / LOG_NAME, verbose=args.verbose > 0) as log_file:
+        report = drive(build_definitions(config), instance, due_schedules=True, log=reporter,
+                       wait_s=args.wait)
+    print(f"{reporter.summary()}; {report.rounds} round(s); Dagster's event log: {log_file} "
+          "(or -v)" + (f"; {len(report.dead_runs)} run(s) of a dead drive marked failed"
+                       if report.dead_runs else ""))
     if report.next_due is not None:
         print(f"work waits for an automatic re-attempt; the next at "
               f"{report.next_due:%Y-%m-%d %H:%M:%S} UTC (`ccat-dt status` lists it)")
     if report.failed or _report_danger(config):
-        raise SystemExit(1)
-
-
-def _flushed(line: str) -> None:
-    print(line, flush=True)
+        raise SystemExit(EXIT_PROBLEMS)
 
 
 def _report_danger(config: Config) -> bool:
@@ -211,8 +258,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from ccat_assets.demo import run_demo
 
     ok = run_demo(Path(args.root).absolute(), observations=args.observations,
-                  files_per_module=args.files, file_bytes=int(args.file_mb * 1e6))
-    raise SystemExit(0 if ok else 1)
+                  files_per_module=args.files, file_bytes=int(args.file_mb * 1e6),
+                  verbose=args.verbose > 0)
+    raise SystemExit(EXIT_OK if ok else EXIT_PROBLEMS)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -356,8 +404,16 @@ def cmd_audit(args: argparse.Namespace) -> None:
     if not_audited:
         print(f"{len(not_audited)} location(s) or directories NOT audited (see 'skipped')")
     lost = _report_danger(config)
-    if report.problems or not_audited or lost:
-        raise SystemExit(1)
+    if (report.problems and not _all_repaired(report)) or not_audited or lost:
+        raise SystemExit(EXIT_PROBLEMS)
+
+
+def _all_repaired(report: object) -> bool:
+    """`audit --repair` that acted on every problem it found is done: exit 0. Dark files
+    (only ever reported) and problems repair refused leave it at 1."""
+    problems = list(getattr(report, "problems", []))
+    repaired = getattr(report, "repaired", [])
+    return bool(repaired) and len(repaired) >= len(problems)
 
 
 def cmd_instance_yaml(args: argparse.Namespace) -> None:
@@ -377,15 +433,19 @@ def cmd_instance_yaml(args: argparse.Namespace) -> None:
 def cmd_retry(args: argparse.Namespace) -> None:
     from ccat_assets.instance import open_instance
     from ccat_assets.retry import operator_retry
+    from ccat_assets.runlog import LOG_NAME, RunReporter, quiet_runs
 
     config = load_config(args.config)
-    retried, report = operator_retry(config, open_instance(config), OpsDB(config.opsdb_url),
-                                     packages=args.package or None,
-                                     rebuild_failed=args.rebuild_failed, log=print)
+    instance = open_instance(config)
+    reporter = RunReporter(instance)
+    with quiet_runs(config.log_dir / LOG_NAME, verbose=args.verbose > 0):
+        retried, report = operator_retry(config, instance, OpsDB(config.opsdb_url),
+                                         packages=args.package or None,
+                                         rebuild_failed=args.rebuild_failed, log=reporter)
     print(f"{len(retried)} stalled partition(s) retried; {len(report.launched)} run(s), "
           f"{len(report.failed)} failed")
     if report.failed:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_PROBLEMS)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -411,9 +471,18 @@ def cmd_worker(args: argparse.Namespace) -> None:
     os.execvpe(argv[0], argv, env)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a closed stdout is not swallowed (main() ends quietly on it)."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message:
+            (file or sys.stderr).write(message)
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="ccat-dt", description=__doc__)
+    top = _Parser(prog="ccat-dt", description=(__doc__ or "").split("\n")[0])
     top.add_argument("--config", help="configuration file (default: $CCAT_DT_CONFIG)")
+    top.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     commands = top.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("init", help="write the embedded default and create the OpsDB")
@@ -525,6 +594,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--files", type=int, default=20, help="files per observation x module")
     p.add_argument("--file-mb", type=float, default=2.0)
     p.set_defaults(run=cmd_demo)
+    for sub in commands.choices.values():  # `ccat-dt drive -v` as well as `ccat-dt -v drive`
+        sub.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                         help=VERBOSE_HELP)
+    top.epilog = EPILOG
+    top.formatter_class = argparse.RawDescriptionHelpFormatter
     return top
 
 
@@ -534,25 +608,98 @@ def _api_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="API token for --api (default: $CCAT_DT_API_TOKEN)")
 
 
+VERBOSE_HELP = "show Dagster's event log while runs execute, and tracebacks with errors"
+EPILOG = """exit status:
+  0    done
+  1    done, with problems found: audit findings left unrepaired (`audit --repair` that
+       repaired every finding exits 0), a failed run in drive, retry or demo
+  2    bad input or an unavailable service (configuration, OpsDB locked, read-only or
+       unreachable, a missing file): one line `ccat-dt: error: ...` on stderr
+  3    internal error (a bug): one line; -v shows the traceback
+  141  the reader of the output went away (`ccat-dt status | head`): stopped quietly
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     # Partitioned asset checks are a Dagster preview feature we rely on knowingly.
     warnings.filterwarnings("ignore", category=PreviewWarning)
     warnings.filterwarnings("ignore", category=BetaWarning)
-    args = parser().parse_args(argv)
-    configure_from_env()
+    verbose = 0
     try:
-        args.run(args)
-    except (ConfigError, FilingError, SchemaOutOfDate, StagingError, UsageError,
-            FileExistsError) as exc:
-        print(f"ccat-dt: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Exception as exc:
-        client = sys.modules.get("ccat_dt.client")  # loaded only by --api commands
-        if not isinstance(exc, TokenError) and not (
-                client is not None and isinstance(exc, client.ServiceError)):
-            raise
-        print(f"ccat-dt: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        try:
+            args = parser().parse_args(argv)  # --help writes to stdout too
+            verbose = args.verbose
+            configure_from_env()
+            args.run(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    except KeyboardInterrupt:
+        print("ccat-dt: interrupted", file=sys.stderr)
+        raise SystemExit(128 + 2) from None
+    except Exception as exc:  # every error becomes one line and an exit status
+        message, status = _explain(exc)
+        if verbose:
+            traceback.print_exc(file=sys.stderr)
+        print(f"ccat-dt: error: {message}", file=sys.stderr)
+        raise SystemExit(status) from None
+
+
+def _explain(exc: BaseException) -> tuple[str, int]:
+    """One line for an error (its cause and the next step) and the exit status. An OpsDB
+    error wrapped by Dagster (e.g. raised in a sensor) counts as the OpsDB error."""
+    for link in _chain(exc):
+        if isinstance(link, DBAPIError) and not isinstance(link, IntegrityError):
+            return _opsdb_unavailable(link), EXIT_ERROR
+    client = sys.modules.get("ccat_dt.client")  # loaded only by --api commands
+    if isinstance(exc, (ConfigError, FilingError, SchemaOutOfDate, StagingError, UsageError,
+                        FileExistsError, TokenError)) or (
+            client is not None and isinstance(exc, client.ServiceError)):
+        return str(exc), EXIT_ERROR
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return (f"{exc.strerror or exc}{where}: check the path, its permissions and free "
+                "space, then run the command again", EXIT_ERROR)
+    first = " ".join(str(exc).split())[:300]
+    return (f"internal error: {type(exc).__name__}: {first} (a bug; run again with -v for the "
+            "traceback and report it)", EXIT_BUG)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    links: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in links and len(links) < 20:
+        links.append(current)
+        current = current.__cause__ or current.__context__
+    return links
+
+
+def _opsdb_unavailable(exc: DBAPIError) -> str:
+    cause = " ".join(str(exc.orig or exc).split())[:300]
+    lowered = cause.lower()
+    if "unable to open" in lowered:
+        step = ("cannot open the SQLite file: check that its directory exists and is "
+                "writable (not a read-only mount), then run the command again")
+    elif "locked" in lowered or "busy" in lowered:
+        step = ("another process holds a write lock on it; run the command again when that "
+                "process has finished (or stop it)")
+    elif "readonly" in lowered or "read-only" in lowered or "read only" in lowered:
+        step = "it is read-only here; make it writable (file, directory and mount) or use a " \
+               "host that can write to it"
+    else:
+        step = "check that the database is running and reachable (opsdb_url, " \
+               "$CCAT_DT_OPSDB_URL), then run the command again"
+    return f"OpsDB unavailable: {cause}: {step}"
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (`| head`): stop without a traceback, as the Python docs advise
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe): point stdout at devnull
+    so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(EXIT_PIPE)
 
 
 if __name__ == "__main__":

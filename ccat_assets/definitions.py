@@ -8,6 +8,7 @@ from ccat_assets import jobs
 from ccat_assets.assets import build_assets
 from ccat_assets.checks import build_checks
 from ccat_assets.execution import executor
+from ccat_assets.runlog import console
 from ccat_assets.scrub import scrub_job
 from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import configure_from_env
@@ -34,6 +35,7 @@ def build_definitions(config: Config) -> Definitions:
                  notification_sensor],
         executor=executor(config),
         schedules=[fixity_scrub],
+        loggers={"console": console},  # Dagster's, quiet under the CLI (ccat_assets/runlog.py)
         resources={
             "deployment": deployment,
             "site_copy_io_manager": PlacementIOManager(

@@ -11,6 +11,7 @@ from ccat_assets.cli import init
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_assets.instance import open_instance
+from ccat_assets.runlog import LOG_NAME, RunReporter, quiet_runs
 from ccat_assets.status import print_status
 from ccat_dt.config import Config, load_config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
@@ -25,7 +26,10 @@ MARKER = ".ccat-demo-root"
 MODULES = ("primecam/f280", "chai/lfa")
 
 
-def run_demo(root: Path, *, observations: int, files_per_module: int, file_bytes: int) -> bool:
+def run_demo(root: Path, *, observations: int, files_per_module: int, file_bytes: int,
+             verbose: bool = False) -> bool:
+    """One line per run and a summary; Dagster's event log goes to the instance and to
+    `log_dir/ccat-dt.log` (and to stderr with `verbose`)."""
     started = time.monotonic()
     _fresh_root(root)
     config = load_config(init(root))
@@ -48,9 +52,13 @@ def run_demo(root: Path, *, observations: int, files_per_module: int, file_bytes
             file_directory(opsdb, observation=observation, module=module, directory=directory)
         finish_observation(opsdb, observation)
     print("driving sensors and runs ...")
-    report = drive(build_definitions(config), open_instance(config),
-                   log=lambda line: print(f"  {line}"))
+    instance = open_instance(config)
+    reporter = RunReporter(instance, write=lambda line: print(f"  {line}"))
+    with quiet_runs(config.log_dir / LOG_NAME, verbose=verbose) as log_file:
+        report = drive(build_definitions(config), instance, log=reporter)
+    print(f"{reporter.summary()}; Dagster's event log: {log_file}")
     elapsed = time.monotonic() - started
+    print()
     summary = print_status(opsdb, config)
     problems = _incomplete(opsdb, config, source)
     problems += [f"run failed: {key}" for key in report.failed]

@@ -40,6 +40,8 @@ from dagster._core.definitions.dynamic_partitions_request import AddDynamicParti
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._utils.schedules import reverse_cron_string_iterator
 
+from ccat_assets.runlog import with_run_loggers
+
 RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"
 RETRY_TAG = "ccat/retry"  # a run an operator's `ccat-dt retry` launched
@@ -281,14 +283,15 @@ def _launch(repository: RepositoryDefinition, instance: DagsterInstance, run: Ru
     job = repository.get_job(run.job_name or default_job or "")
     tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin, DRIVE_TAG: _me()}
     result: ExecuteInProcessResult | JobExecutionResult
+    run_config = with_run_loggers(run.run_config)  # quiet under the CLI (runlog.py)
     if job.executor_def.name == "in_process":
         result = job.execute_in_process(
             instance=instance, partition_key=run.partition_key, raise_on_error=False,
-            run_config=run.run_config or None, tags=tags)
+            run_config=run_config, tags=tags)
     else:  # steps go to site workers, which rebuild the job from its module
         recon = ReconstructableRepository.for_module(
             "ccat_assets.definitions", "defs").get_reconstructable_job(job.name)
-        result = execute_job(recon, instance, run_config=run.run_config or None, tags=tags)
+        result = execute_job(recon, instance, run_config=run_config, tags=tags)
     key = run.run_key or job.name
     report.launched.append(key)
     log(f"{'ok    ' if result.success else 'FAILED'} {key}")

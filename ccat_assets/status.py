@@ -16,14 +16,17 @@ from ccat_dt.report import Summary, summarize, throughput
 
 
 def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
+    """Totals, then one row per location grouped by type (source, buffer, long-term archive,
+    processing); "present" counts what is on disk there: raw files at a source, packages at
+    buffers and archives, staged files at a processing location."""
     s = summarize(opsdb)
     if config is not None:
         with opsdb.session() as session:
             danger = packages_in_danger(session, config)
         for name, assessment in danger:  # before anything else: a person must act
             print(f"{assessment.health.value.upper()}: {name}: {assessment.reason}")
-    print(f"\nraw files: {s.files} ({s.file_bytes / 1e6:.1f} MB)   packages: "
-          + ", ".join(f"{n} {state}" for state, n in sorted(s.packages.items()))
+    print(f"raw files: {s.files} ({s.file_bytes / 1e6:.1f} MB)   packages: "
+          + (", ".join(f"{n} {state}" for state, n in sorted(s.packages.items())) or "none")
           + f" ({s.package_bytes / 1e6:.1f} MB)")
     print(f"{'location':<22}{'kind':<19}{'present':>8}{'MB':>10}{'deleted':>9}{'corrupt':>9}")
     for line in s.locations:
@@ -46,11 +49,13 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
     print("last hour: " + ("; ".join(f"{t.link} {t.transfers} transfers "
                                       f"{t.bytes / 1e6:.1f} MB at {t.mb_per_s:.1f} MB/s"
                                       for t in links) or "no transfers"))
-    for forecast in forecasts:
+    kinds = {line.location: line.kind for line in s.locations}
+    for forecast in forecasts:  # sources and buffers: each named by its own type
         hours = ("not filling" if forecast.hours_until_full is None
                  else f"full in {forecast.hours_until_full:.1f} h")
         warn = "  WARNING: below threshold" if forecast.below_threshold else ""
-        print(f"buffer {forecast.location:<20} {hours}{warn}")
+        print(f"{kinds.get(forecast.location, 'buffer'):<7}{forecast.location:<20} "
+              f"{hours}{warn}")
     with opsdb.session() as session:
         for row in waiting(session):
             if row.escalated_at is not None:

@@ -22,6 +22,10 @@ from ccat_dt.transports.base import check_control_dir
 
 CONFIG_ENV = "CCAT_DT_CONFIG"
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# Site short names may also hold '-' (e.g. `cologne-2`): they appear in Celery queue names
+# (`{site}_{location}_{operation}`), run keys (`stage:package:site:...`), Dagster partition
+# keys and link tags (`origin->destination`), none of which is split on '-'.
+SITE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 class ConfigError(Exception):
@@ -77,8 +81,10 @@ class SiteConfig(_Strict):
     @field_validator("short_name")
     @classmethod
     def _short_name(cls, value: str) -> str:
-        if not NAME.match(value):
-            raise ValueError("must be lower-case letters, digits and '_' (it names queues)")
+        if not SITE_NAME.match(value) or value.endswith("-"):
+            raise ValueError(f"{value!r}: use lower-case letters, digits, '_' and '-', starting "
+                             "with a letter and not ending with '-' (the name goes into Celery "
+                             "queue names, run keys, Dagster partition keys and paths)")
         return value
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ def package_name(observation: str, instrument: str, module: str, part: int) -> s
     return f"{observation}_{instrument}-{module}_p{part:02d}"
 
 
+LOG = logging.getLogger(__name__)
+
+
 def plan_packages(session: Session, config: Config) -> list[RawDataPackage]:
     """Group the unpackaged files of finished observations into packages (one observation x
     module, split at the configured size) and pick each package's primary archive site."""
@@ -68,8 +72,8 @@ def plan_packages(session: Session, config: Config) -> list[RawDataPackage]:
             RawDataPackage.observation_id == observation_id,
             RawDataPackage.module_id == module_id)).all()
         next_part = max(parts, default=-1) + 1
-        for offset, chunk in enumerate(split_into_packages(members,
-                                                           config.settings.policies.package_max_bytes)):
+        cap = config.settings.policies.package_max_bytes
+        for offset, chunk in enumerate(split_into_packages(members, cap)):
             first = by_path[chunk[0].arcname]
             package = RawDataPackage(
                 name=package_name(first.observation.name, first.module.instrument,
@@ -82,6 +86,12 @@ def plan_packages(session: Session, config: Config) -> list[RawDataPackage]:
                 by_path[member.arcname].package = package
             session.flush()
             planned.append(package)
+            if chunk[0].size > cap:  # split_into_packages gives such a file a package alone
+                LOG.warning(
+                    "%s is %d bytes, more than policies.package_max_bytes (%d): it gets a "
+                    "package of its own, %s, larger than the cap (files are never split)",
+                    chunk[0].arcname, chunk[0].size, cap, package.name,
+                    extra={"notice": True, "package": package.name, "bytes": chunk[0].size})
     return planned
 
 

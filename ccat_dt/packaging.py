@@ -25,6 +25,7 @@ from ccat_dt.checksums import (
     hash_file,
     new_hasher,
 )
+from ccat_dt.progress import Progress
 from ccat_dt.transports.base import claim_temporary
 
 MANIFEST_NAME = "MANIFEST.json"
@@ -213,14 +214,17 @@ def build_package(
     with claim_temporary(part) as raw:
         try:
             writer = _TarWriter(raw)
+            progress = Progress("packaging", package_name, sum(m.size for m in ordered))
             for member, st in zip(ordered, stats, strict=True):
                 manifest.append(writer.add_file(member, int(st.st_mtime)))
+                progress.update(progress.done_bytes + member.size)
             newest = max(int(st.st_mtime) for st in stats)
             writer.add_bytes(MANIFEST_NAME, manifest_json(package_name, manifest), newest)
             writer.finish()
             raw.flush()
             os.fsync(raw.fileno())
             os.replace(part, destination)
+            progress.finish()
         except BaseException:
             part.unlink(missing_ok=True)  # ours to remove: we hold its lock
             raise
@@ -319,7 +323,9 @@ def extract_package(tar_path: Path, destination_dir: Path) -> list[ManifestEntry
 def split_into_packages(
     members: Sequence[PackageMember], max_bytes: int
 ) -> list[list[PackageMember]]:
-    """Greedy grouping by arcname order; max_bytes bounds member data, not tar overhead."""
+    """Greedy grouping by arcname order; max_bytes bounds member data, not tar overhead.
+    Files are never split: one bigger than max_bytes is a package of its own (the planner
+    logs a warning for it)."""
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     groups: list[list[PackageMember]] = []

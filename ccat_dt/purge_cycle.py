@@ -29,12 +29,23 @@ from ccat_dt.topology import get_location
 
 @dataclass(frozen=True)
 class DiskUsage:
+    """A file system's use as `df` shows it: Use% = used / (used + available), where
+    available excludes the blocks reserved for root (so 100% is full for us). Without
+    `available` (a caller that only knows the size), the rest of `total` counts as available."""
+
     total: int
     used: int
+    available: int | None = None
+
+    @property
+    def capacity(self) -> int:
+        """The bytes this file system can hold for us: used + available."""
+        return self.used + (self.available if self.available is not None
+                            else max(self.total - self.used, 0))
 
     @property
     def percent(self) -> float:
-        return 100.0 * self.used / self.total if self.total else 0.0
+        return 100.0 * self.used / self.capacity if self.capacity else 0.0
 
 
 def measure(location: DataLocation) -> DiskUsage | None:
@@ -42,7 +53,7 @@ def measure(location: DataLocation) -> DiskUsage | None:
         usage = shutil.disk_usage(location.root)
     except OSError:
         return None
-    return DiskUsage(total=usage.total, used=usage.used)
+    return DiskUsage(total=usage.total, used=usage.used, available=usage.free)
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,7 @@ def plan_cycle(session: Session, config: Config, now: datetime, *,
             continue
         freed = sum(d.size for _, d in plan.deletions
                     if (d.site, d.location) == (site, name))
-        to_free = measured.used - int(low / 100 * measured.total)
+        to_free = measured.used - int(low / 100 * measured.capacity)
         for package, decision in decided:
             if freed >= to_free:
                 break
@@ -150,7 +161,7 @@ def plan_cycle(session: Session, config: Config, now: datetime, *,
                 freed += decision.size
         plan.pressure.append(Pressure(
             f"{site}/{name}", measured.percent,
-            100.0 * (measured.used - freed) / measured.total, high, low))
+            100.0 * (measured.used - freed) / measured.capacity, high, low))
     plan.kept = [(p, d if d.action == Action.KEEP else _over_budget(d, budget))
                  for p, d in decided if d.copy_id not in chosen]
     return plan

@@ -13,6 +13,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
+    LocationType,
     Operation,
     OperationStatus,
     OperationType,
@@ -23,6 +24,9 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.transports.base import Endpoint, SshSettings
 from ccat_dt.transports.remote import remote_size
+
+TYPE_ORDER = {LocationType.SOURCE: 0, LocationType.BUFFER: 1,
+              LocationType.LONG_TERM_ARCHIVE: 2, LocationType.PROCESSING: 3}
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,20 @@ def summarize(opsdb: OpsDB) -> Summary:
                    Operation.status == OperationStatus.COMPLETED)).one()
         failed = s.scalar(select(func.count()).where(
             Operation.status == OperationStatus.FAILED)) or 0
-    lines: dict[str, LocationLine] = {}
+        every = s.execute(select(Site.short_name, DataLocation.name, DataLocation.location_type)
+                          .select_from(DataLocation).join(Site)).all()
+    # One row per location, also those holding nothing yet, grouped by location type in
+    # lifecycle order; "present" is what is on disk there: filed raw files at a source,
+    # packages at buffers and archives, staged files at a processing location.
+    lines: dict[str, LocationLine] = {
+        f"{site}/{name}": LocationLine(f"{site}/{name}", kind.value, 0, 0, 0, 0)
+        for site, name, kind in sorted(every, key=lambda r: (TYPE_ORDER.get(r[2], 9), r[0], r[1]))}
     for site, name, kind, status, count, size in counts:
         key = f"{site}/{name}"
         line = lines.get(key) or LocationLine(key, kind.value, 0, 0, 0, 0)
-        if status == CopyStatus.PRESENT:
-            line = replace(line, present=count, present_bytes=int(size))
+        if status in (CopyStatus.PRESENT, CopyStatus.STAGED):
+            line = replace(line, present=line.present + count,
+                           present_bytes=line.present_bytes + int(size))
         elif status == CopyStatus.DELETED:
             line = replace(line, deleted=count)
         elif status == CopyStatus.CORRUPT:

@@ -14,21 +14,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.services import apt_install, free_port, unavailable
+from tests.processes import DidNotStart, running
+from tests.services import free_port, unavailable
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -60,7 +58,7 @@ def _chromium() -> str | None:
 
 @pytest.fixture(name="chromium")  # named: importable under any alias
 def chromium() -> str:
-    """The path of a Chromium that Playwright can drive (installed with apt-get if missing).
+    """The path of a Chromium that Playwright can drive (`make test-deps` installs it).
     Launch it with `launch_browser(chromium)` only when needed: Playwright's sync API keeps an
     asyncio loop running in this thread while it is open, which Dagster's in-process runs
     trip over, so a test runs its Dagster work first and opens the browser afterwards."""
@@ -70,11 +68,8 @@ def chromium() -> str:
         unavailable("Playwright", f"{exc} (pip install -e '.[dev]')")
     executable = _chromium()
     if executable is None:
-        problem = apt_install(PACKAGES)
-        executable = _chromium()
-        if executable is None:
-            unavailable("Chromium", f"{CHROMIUM} missing; tried to install {' '.join(PACKAGES)}: "
-                        f"{problem or 'installed, still missing'}")
+        unavailable("Chromium", f"{CHROMIUM} missing: run `make test-deps` "
+                    f"(scripts/setup-test-host installs {' '.join(PACKAGES)})")
     assert executable is not None  # unavailable() has skipped or failed otherwise
     return executable
 
@@ -147,44 +142,24 @@ def dagster_webserver(dagster_home: Path, config_path: Path, log: Path) -> Itera
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "CCAT_DT_CONFIG": str(config_path)}
     command = [sys.executable, "-m", "dagster_webserver", "-h", "127.0.0.1", "-p", str(port),
                "-w", str(REPO / "workspace.yaml")]
-    with open(log, "wb") as log_stream:
-        # Its own session, so that its code-server child is stopped along with it.
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=log_stream, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
     server = Webserver(url=f"http://127.0.0.1:{port}", location="", log=log)
+    loaded: list[str] = []
+
+    def ready() -> str:
+        try:
+            with urllib.request.urlopen(server.url + "/server_info", timeout=2):
+                pass
+        except (OSError, urllib.error.URLError) as exc:
+            return f"/server_info: {exc}"
+        location, problem = _loaded_location(server)
+        if location is not None:
+            loaded.append(location)
+        return problem
+
+    # Its own process group, so that its code-server child is stopped along with it.
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        location, problem = None, "not started"
-        while location is None:
-            if process.poll() is not None:
-                raise AssertionError(f"dagster-webserver exited with {process.returncode}:\n"
-                                     f"{server.log_tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"dagster-webserver not ready in {START_TIMEOUT_S:.0f} s: "
-                                     f"{problem}\n{server.log_tail()}")
-            try:
-                with urllib.request.urlopen(server.url + "/server_info", timeout=2):
-                    pass
-            except (OSError, urllib.error.URLError) as exc:
-                problem = f"/server_info: {exc}"
-                time.sleep(0.25)
-                continue
-            location, problem = _loaded_location(server)
-            if location is None:
-                time.sleep(0.25)
-        yield Webserver(url=server.url, location=location, log=log)
-    finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the webserver's process group (it and its code server); whatever of that
-    group is still there once the webserver has exited (or after 10 s) gets SIGKILL."""
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+        with running(command, log=log, ready=ready, timeout_s=START_TIMEOUT_S,
+                     name="dagster-webserver", env=env, cwd=REPO, group=True, poll_s=0.25):
+            yield Webserver(url=server.url, location=loaded[-1], log=log)
+    except DidNotStart as exc:
+        raise AssertionError(f"{exc}\n{server.log_tail()}") from exc

@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh embedded deployment (config + migrated SQLite OpsDB) per test."""
+"""Shared fixtures: a fresh embedded deployment (config + migrated SQLite OpsDB) per test;
+and which tests are slow (`make test-fast` runs the others)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,46 @@ def opsdb(config: Config) -> Iterator[OpsDB]:
 
 
 pytest_plugins = ["tests.services", "tests.sshd", "tests.victoria", "tests.notify_servers"]
+
+# Integration tests that take seconds to minutes each (whole lifecycles, Celery workers, the
+# UI in a browser, injected faults, subprocesses of the CLI): marked `slow` here, in one place,
+# by node-id prefix; a test can also carry @pytest.mark.slow itself. `make test-fast` runs
+# `pytest -m "not slow"`; `make test` and CI (.ci/run) run everything.
+SLOW = (
+    "tests/faults/",
+    "tests/test_celery.py",
+    "tests/test_celery_isolated.py",
+    "tests/test_lifecycle.py",
+    "tests/test_multisite.py",
+    "tests/test_observability.py",
+    "tests/test_postgres.py",
+    "tests/test_retire.py",
+    "tests/test_scrub.py",
+    "tests/test_staging.py",
+    "tests/test_ui_browser.py",
+    "tests/test_batching.py",
+    "tests/test_audit.py",
+    "tests/test_audit_remote.py",
+    "tests/test_service.py",
+    "tests/test_storage_faults_property.py",
+    "tests/test_instance.py::test_init_writes_a_loadable_instance_with_a_limit_per_link",
+    "tests/test_planner_properties.py::test_random_histories_keep_the_deletion_invariants",
+    "tests/test_cli.py::test_console_script_is_installed",
+    "tests/test_rsync.py::test_interrupted_transfer_resumes_from_its_partial_file",
+    "tests/test_rsync.py::test_killed_rsync_leaves_partial_that_the_next_copy_completes",
+    "tests/test_exit_codes.py::test_output_into_a_closed_pipe_ends_quietly[",
+    "tests/test_exit_codes.py::test_demo_",
+    "tests/test_exit_codes.py::test_audit_",
+    "tests/test_exit_codes.py::test_drive_with_a_failed_run",
+    "tests/test_exit_codes.py::test_exit_2_when_the_opsdb_is_read_only",
+)
+FAST_EXCEPTIONS = (  # one closed pipe per kind of output stays in the fast run
+    "tests/test_exit_codes.py::test_output_into_a_closed_pipe_ends_quietly[status]",
+    "tests/test_exit_codes.py::test_output_into_a_closed_pipe_ends_quietly[help]",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith(SLOW) and not item.nodeid.startswith(FAST_EXCEPTIONS):
+            item.add_marker(pytest.mark.slow)

@@ -4,11 +4,9 @@ machine, a failure when CCAT_REQUIRE_SERVICES=1 (CI), because a skipped test pro
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -30,24 +28,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def apt_install(packages: Sequence[str]) -> str:
-    """Install Debian packages a test needs; returns what went wrong (empty when it worked)."""
-    if shutil.which("apt-get") is None:
-        return "apt-get not available"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *packages]):
-        try:
-            done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=900, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"{' '.join(command)}: {exc}"
-        if done.returncode != 0:
-            return f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}"
-    return ""
 
 
 @pytest.fixture

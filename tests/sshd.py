@@ -13,15 +13,16 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pytest
 
 from ccat_dt.transports.base import Endpoint, SshSettings
-from tests.services import apt_install, free_port, unavailable
+from tests.processes import DidNotStart, running
+from tests.services import free_port, unavailable
 
 SSHD = "/usr/sbin/sshd"
 PACKAGES = ["openssh-server", "openssh-client", "rsync", "xxhash"]
@@ -49,7 +50,6 @@ def _missing_tools() -> list[str]:
     missing = [] if os.access(SSHD, os.X_OK) else [SSHD]
     return missing + [tool for tool in ("ssh", "ssh-keygen", "rsync", "xxhsum")
                       if shutil.which(tool) is None]
-
 
 
 
@@ -82,39 +82,27 @@ def _write_config(directory: Path, port: int) -> Path:
     return config
 
 
-def _wait_until_ready(process: subprocess.Popen[bytes], server: SshServer, log: Path) -> str:
-    """Empty string once `ssh ... true` works, else why not (bounded by START_TIMEOUT_S)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    last = "sshd did not accept connections"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return f"sshd exited with {process.returncode}: {log.read_text()[-1000:]}"
-        try:
-            with socket.create_connection((server.host, server.port), timeout=1):
-                pass
-        except OSError as exc:
-            last = f"port {server.port}: {exc}"
-            time.sleep(0.05)
-            continue
-        probe = subprocess.run([*server.ssh.ssh_command(), "--", server.destination, "true"],
-                               capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                               timeout=START_TIMEOUT_S, check=False)
-        if probe.returncode == 0:
-            return ""
-        last = f"ssh probe exited {probe.returncode}: {probe.stderr.strip()}"
-        time.sleep(0.1)
-    return f"{last}; sshd log: {log.read_text()[-1000:]}"
+def _ready(server: SshServer) -> str:
+    """Empty string once `ssh ... true` works, else why not."""
+    try:
+        with socket.create_connection((server.host, server.port), timeout=1):
+            pass
+    except OSError as exc:
+        return f"port {server.port}: {exc}"
+    probe = subprocess.run([*server.ssh.ssh_command(), "--", server.destination, "true"],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                           timeout=START_TIMEOUT_S, check=False)
+    return "" if probe.returncode == 0 else (f"ssh probe exited {probe.returncode}: "
+                                             f"{probe.stderr.strip()}")
 
 
 @pytest.fixture(scope="session", name="sshd")  # named: importable under any alias
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """A running sshd on a free 127.0.0.1 port that accepts a throw-away key for this user."""
-    if _missing_tools():
-        problem = apt_install(PACKAGES)
-        still = _missing_tools()
-        if still:
-            unavailable("sshd", f"missing {', '.join(still)}; tried to install "
-                        f"{' '.join(PACKAGES)}: {problem or 'installed, still missing'}")
+    missing = _missing_tools()
+    if missing:
+        unavailable("sshd", f"missing {', '.join(missing)}: run `make test-deps` "
+                    f"(scripts/setup-test-host installs {' '.join(PACKAGES)})")
     directory = tmp_path_factory.mktemp("sshd")
     root = directory / "files"
     root.mkdir()
@@ -131,19 +119,12 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
                        ssh=SshSettings(port=port,
                                        identity_file=str(directory / "client_ed25519"),
                                        known_hosts_file=str(known_hosts), connect_timeout_s=5))
-    log = directory / "sshd.log"
-    with open(log, "wb") as log_stream:
-        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
-                                   stdout=log_stream, stderr=subprocess.STDOUT)
-    try:
-        problem = _wait_until_ready(process, server, log)
-        if problem:
-            unavailable("sshd", problem)
-        yield server
-    finally:
-        process.terminate()
+    with ExitStack() as stack:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            stack.enter_context(running([SSHD, "-D", "-e", "-f", str(config)],
+                                        log=directory / "sshd.log", name="sshd",
+                                        ready=lambda: _ready(server),
+                                        timeout_s=START_TIMEOUT_S))
+        except DidNotStart as exc:
+            unavailable("sshd", str(exc))
+        yield server

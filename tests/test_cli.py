@@ -168,20 +168,27 @@ def test_console_script_is_installed() -> None:
 # --- observations and filing ------------------------------------------------------------------
 
 
-def test_observation_start_prints_a_uuid_and_is_idempotent(
+def uuid_in(text: str) -> uuid.UUID:
+    return uuid.UUID(text.split("(uuid ", 1)[1].split(")", 1)[0])
+
+
+def test_observation_start_says_what_it_started_and_is_idempotent(
         deploy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run("--config", str(deploy), "observation", "start", "obs-1") == 0
     first = capsys.readouterr().out.strip()
-    uuid.UUID(first)
+    assert first.startswith("observation obs-1 started (uuid ")
+    assert "ccat-dt observation finish obs-1" in first  # and what comes next
     assert run("--config", str(deploy), "observation", "start", "obs-1") == 0
-    assert capsys.readouterr().out.strip() == first
+    again = capsys.readouterr().out.strip()
+    assert again.startswith("observation obs-1 is already open") and "nothing changed" in again
+    assert uuid_in(again) == uuid_in(first)
 
 
 def test_config_from_environment(deploy: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("CCAT_DT_CONFIG", str(deploy))
     assert run("observation", "start", "obs-env") == 0
-    uuid.UUID(capsys.readouterr().out.strip())
+    uuid_in(capsys.readouterr().out)
 
 
 def test_file_paths(deploy: Path, source: Path, obs: str,

@@ -14,6 +14,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from ccat_assets.cli import main
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.status import print_status
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
@@ -30,7 +31,7 @@ def originals(config: Config, tmp_path: Path) -> dict[str, bytes]:
 
 
 def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInstance,  # noqa: F811
-                            tmp_path: Path) -> None:
+                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     observe(config, opsdb, observations=1, files=2)
     written = originals(config, tmp_path)
     defs = build_definitions(config)
@@ -56,6 +57,11 @@ def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInsta
 
     assert drive(defs, instance).launched == []  # active request: the purge keeps the files
     assert staged_root.exists()
+    capsys.readouterr()
+    print_status(opsdb, config)  # `ccat-dt status`: the staged files are present there
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("ramses/processing"))
+    assert row.split()[1:3] == ["processing", "2"]
 
     release(opsdb, name)
     assert drive(defs, instance).failed == []

@@ -13,19 +13,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.services import apt_install, free_port, unavailable
+from tests.processes import DidNotStart, running
+from tests.services import free_port, unavailable
 
 BINARY = "victoria-metrics"  # from the Debian package of the same name (/usr/bin)
 PACKAGE = "victoria-metrics"
@@ -68,23 +69,13 @@ def _binary() -> str | None:
 
 
 
-
-def _wait_until_healthy(process: subprocess.Popen[bytes], url: str, log: Path) -> str:
-    """Empty string once /health answers OK, else why not (bounded by START_TIMEOUT_S)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    last = "no answer on /health"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return f"exited with {process.returncode}: {log.read_text()[-1000:]}"
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                if response.status == 200:
-                    return ""
-                last = f"/health answered {response.status}"
-        except (OSError, urllib.error.URLError) as exc:
-            last = f"/health: {exc}"
-        time.sleep(0.1)
-    return f"{last} after {START_TIMEOUT_S:.0f} s; log: {log.read_text()[-1000:]}"
+def _healthy(url: str) -> str:
+    """Empty string once /health answers OK, else why not."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=1) as response:
+            return "" if response.status == 200 else f"/health answered {response.status}"
+    except (OSError, urllib.error.URLError) as exc:
+        return f"/health: {exc}"
 
 
 @pytest.fixture(scope="session", name="victoria")  # named: importable under any alias
@@ -92,34 +83,20 @@ def victoria(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetri
     """A running VictoriaMetrics with empty storage, for the whole test session."""
     binary = _binary()
     if binary is None:
-        problem = apt_install([PACKAGE])
-        binary = _binary()
-        if binary is None:
-            unavailable("VictoriaMetrics", f"no {BINARY} binary; tried to install {PACKAGE}: "
-                        f"{problem or 'installed, still missing'}")
-            return
+        unavailable("VictoriaMetrics", f"no {BINARY} binary: run `make test-deps` "
+                    f"(scripts/setup-test-host installs the {PACKAGE} package)")
+        return
     directory = tmp_path_factory.mktemp("victoria")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = directory / "victoria-metrics.log"
     command = [binary, f"-httpListenAddr=127.0.0.1:{port}",
                f"-storageDataPath={directory / 'data'}", "-retentionPeriod=1"]  # 1 month
-    with open(log, "wb") as log_stream:
+    with ExitStack() as stack:
         try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_stream,
-                                       stderr=subprocess.STDOUT)
-        except OSError as exc:
-            unavailable("VictoriaMetrics", f"cannot start {binary}: {exc}")
-            return
-    try:
-        problem = _wait_until_healthy(process, url, log)
-        if problem:
-            unavailable("VictoriaMetrics", problem)
+            stack.enter_context(running(command, log=log, name="VictoriaMetrics",
+                                        ready=lambda: _healthy(url),
+                                        timeout_s=START_TIMEOUT_S))
+        except DidNotStart as exc:
+            unavailable("VictoriaMetrics", str(exc))
         yield VictoriaMetrics(url=url, log=log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+LOCK_TIMEOUT_ENV = "CCAT_DT_OPSDB_LOCK_TIMEOUT_S"  # how long a SQLite OpsDB lock is waited for
 
 
 class SchemaOutOfDate(Exception):
@@ -29,7 +31,8 @@ def _alembic_config(url: str) -> AlembicConfig:
 
 def create_opsdb_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        timeout = float(os.environ.get(LOCK_TIMEOUT_ENV) or 30)
+        engine = create_engine(url, connect_args={"timeout": timeout})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
+from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     Endpoint,
     TransferError,
@@ -72,6 +73,8 @@ class LocalTransport:
 
     def _copy_and_hash(self, source: int, destination: int, landed: Path) -> tuple[str, int]:
         """Checksum and size of what landed in `landed` (open as `destination`), fsynced."""
+        progress = Progress("transfer", landed.name.removeprefix(".").removesuffix(".part"),
+                            os.fstat(source).st_size)
         hasher = new_hasher()
         buffer = bytearray(CACHED_CHUNK_SIZE)
         view = memoryview(buffer)
@@ -89,6 +92,7 @@ class LocalTransport:
                     break
                 start_writeback(destination, start, written - start)
                 self._landed(landed)
+                progress.update(written)
                 while count := back.readinto(buffer):
                     hasher.update(view[:count])
             os.fsync(destination)
@@ -97,6 +101,7 @@ class LocalTransport:
             while count := back.readinto(buffer):
                 hasher.update(view[:count])
             size = back.tell()
+        progress.finish()
         return hasher.hexdigest(), size
 
     def copy_file(self, source: Path, destination: Path, expected_checksum: str) -> TransferResult:

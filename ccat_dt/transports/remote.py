@@ -13,10 +13,12 @@ import re
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from ccat_dt.checksums import hash_file
 from ccat_dt.transports.base import Endpoint, SshSettings, TransferError, fsync_directory
@@ -95,13 +97,16 @@ class CommandTimeout(TransferError):
         self.stderr = stderr
 
 
-def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = ()) -> CompletedRun:
+def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
+        on_line: Callable[[str], None] | None = None) -> CompletedRun:
     """Run without a shell in a process group of its own, so that a timeout also ends the
     ssh children rsync started (they would otherwise keep the pipes and the transfer open).
     After a failure, whatever is left of the group is stopped too: a retry must never race a
     straggler of this attempt. `pass_fds` are inherited (see base.exclusive_writer).
 
-    A timeout raises CommandTimeout (retryable), a program that cannot start TransferError."""
+    A timeout raises CommandTimeout (retryable), a program that cannot start TransferError.
+    With `on_line`, each line of stdout (split at '\\n' and '\\r', as progress meters write)
+    is handed to it while the program runs."""
     try:
         process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, start_new_session=True,
@@ -109,9 +114,13 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = ()) 
     except OSError as exc:
         raise _local_error(f"cannot run {argv[0]}", exc) from exc
     try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        stdout, stderr = _stop(process)
+        if on_line is not None:
+            stdout, stderr = _communicate_live(process, timeout_s, on_line)
+        else:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired as timeout:
+        stdout, stderr = ((timeout.output or b"", timeout.stderr or b"")
+                          if isinstance(timeout, _LiveTimeout) else _stop(process))
         raise CommandTimeout(f"{argv[0]} timed out after {timeout_s:g} s and was stopped; "
                              f"stderr: {_tail(_text(stderr))}", argv, _text(stdout),
                              _text(stderr)) from None
@@ -122,6 +131,52 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = ()) 
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
     return CompletedRun(process.returncode, _text(stdout), _text(stderr))
+
+
+def _communicate_live(process: subprocess.Popen[bytes], timeout_s: float,
+                      on_line: Callable[[str], None]) -> tuple[bytes, bytes]:
+    """communicate(), except that stdout's lines go to `on_line` as they come. On a timeout
+    the threads keep reading until _stop() has ended the process group."""
+    chunks: dict[str, list[bytes]] = {"out": [], "err": []}
+
+    def pump(stream: Any, key: str, lines: bool) -> None:
+        pending = b""
+        for block in iter(lambda: stream.read1(65536), b""):
+            chunks[key].append(block)
+            if not lines:
+                continue
+            *complete, pending = re.split(rb"[\r\n]", pending + block)
+            for line in complete:
+                if line.strip():
+                    with contextlib.suppress(Exception):  # a reporter must not stop the copy
+                        on_line(line.decode("utf-8", errors="replace"))
+
+    threads = [threading.Thread(target=pump, args=(process.stdout, "out", True), daemon=True),
+               threading.Thread(target=pump, args=(process.stderr, "err", False), daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # as _stop(), without communicate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout=_KILL_GRACE_S)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        for thread in threads:
+            thread.join(timeout=_KILL_GRACE_S)
+        raise _LiveTimeout(process.args, timeout_s, b"".join(chunks["out"]),
+                           b"".join(chunks["err"])) from None
+    for thread in threads:
+        thread.join()
+    return b"".join(chunks["out"]), b"".join(chunks["err"])
+
+
+class _LiveTimeout(subprocess.TimeoutExpired):
+    """A timeout of _communicate_live: the process group is stopped, its output collected."""
 
 
 def _stop(process: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:

@@ -23,12 +23,13 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from ccat_dt.checksums import ALGORITHM
+from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     Endpoint,
     SshSettings,
@@ -60,6 +61,27 @@ _PERMANENT_TEXT = ("No space left on device", "Disk quota exceeded", "Permission
                    "REMOTE HOST IDENTIFICATION HAS CHANGED")
 _NOT_INSTALLED = ("rsync: command not found", "rsync: not found")
 _USELESS_PARTIAL = ("source missing", "No space left on device", "Disk quota exceeded")
+# `--info=progress2` lines: "  1,234,567  45%  1.23MB/s    0:00:02 (xfr#1, to-chk=0/1)"
+_PROGRESS2 = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+([\d.]+)([kMGT]?)B/s\b")
+_UNIT = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def progress_reporter(progress: Progress) -> Callable[[str], None]:
+    """A `run(on_line=...)` callback feeding rsync's `--info=progress2` lines to `progress`."""
+    def on_line(line: str) -> None:
+        match = _PROGRESS2.match(line)
+        if match:
+            done, percent = int(match[1].replace(",", "")), int(match[2])
+            total = round(done * 100 / percent) if percent else None
+            progress.update(done, bytes_per_s=float(match[3]) * _UNIT[match[4]],
+                            total_bytes=total)
+    return on_line
+
+
+def without_progress(stdout: str) -> str:
+    """rsync's stdout without its progress meter (kept out of the transfer log)."""
+    return "\n".join(line for line in re.split(r"[\r\n]", stdout)
+                     if line.strip() and not _PROGRESS2.match(line))
 _GLOB = re.compile(r"[*?\[]")
 # Constant script; the (source, link name) pairs arrive as positional parameters, never as code.
 _STAGE_SCRIPT = ('d=$(mktemp -d "${TMPDIR:-/tmp}/ccat-rsync.XXXXXX") || exit 1; '
@@ -181,6 +203,7 @@ class RsyncTransport:
         rsh = shlex.join(check_argument(argument)
                          for argument in self.ssh.ssh_command(shared=not elsewhere))
         options = ["rsync", "-s", "--partial", "--append-verify", "--copy-links", "--stats",
+                   "--info=progress2",  # live progress on stdout, read while rsync runs
                    f"--timeout={self.stall_timeout_s}", "-e", rsh]
         if self.bandwidth_limit_kbps:
             options.append(f"--bwlimit={self.bandwidth_limit_kbps}")
@@ -292,7 +315,13 @@ class RsyncTransport:
             try:  # wait out any process a killed earlier attempt left writing these files
                 with exclusive_writer(self.log_dir / ".writers",
                                       [item.temporary for item in items]) as lock:
-                    done = run(argv, timeout_s=self.timeout_s, pass_fds=(lock,))
+                    progress = Progress("transfer", items[0].destination.path.name
+                                        if len(items) == 1 else
+                                        f"{len(items)} files to {destination.path.parent}")
+                    done = run(argv, timeout_s=self.timeout_s, pass_fds=(lock,),
+                               on_line=progress_reporter(progress))
+                    done = CompletedRun(done.rc, without_progress(done.stdout), done.stderr)
+                    progress.finish()
             except CommandTimeout as exc:  # partial files stay for the next attempt
                 log.command(argv, CompletedRun(-1, exc.stdout, exc.stderr),
                             time.monotonic() - started)

@@ -1,0 +1,128 @@
+"""Progress while bytes move: events before the transfer completes, for rsync (rate-limited
+over the test sshd) and local copies (slowed by a hook); a bar on a terminal."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from ccat_dt import progress
+from ccat_dt.checksums import hash_file
+from ccat_dt.progress import ProgressEvent
+from ccat_dt.transports import local as local_module
+from ccat_dt.transports.base import Endpoint
+from ccat_dt.transports.local import LocalTransport
+from ccat_dt.transports.rsync import RsyncTransport
+from tests.sshd import SshServer
+from tests.sshd import sshd as sshd_fixture  # noqa: F401 - registers the "sshd" fixture
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProgressEvent]]:
+    """Every progress event, reported at most every 0.2 s."""
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.2")
+    seen: list[ProgressEvent] = []
+    remove = progress.add_sink(seen.append)
+    yield seen
+    remove()
+
+
+def source_file(path: Path, size: int) -> tuple[Path, str]:
+    path.write_bytes(os.urandom(size))
+    return path, hash_file(path)[0]
+
+
+@pytest.mark.slow
+def test_a_rate_limited_rsync_reports_progress_before_it_completes(
+        sshd: SshServer, tmp_path: Path, events: list[ProgressEvent],
+        caplog: pytest.LogCaptureFixture) -> None:
+    size = 2_000_000  # at 500 kB/s: about 4 s
+    source, checksum = source_file(tmp_path / "big.dat", size)
+    transport = RsyncTransport(sshd.ssh, tmp_path / "logs", bandwidth_limit_kbps=500)
+    destination = sshd.root / "progress" / "big.dat"
+    with caplog.at_level(logging.INFO, logger="ccat_dt.progress"):
+        result = transport.copy(Endpoint(PurePosixPath(source)), sshd.endpoint(destination),
+                                checksum)
+    assert result.bytes == size
+    running = [e for e in events if not e.finished]
+    assert len(running) >= 2, events
+    assert all(e.stage == "transfer" and e.name == "big.dat" for e in running)
+    assert all(0 < e.done_bytes < size for e in running[:-1])  # before the end
+    assert [e.done_bytes for e in running] == sorted(e.done_bytes for e in running)
+    assert events[-1].finished and events[-1].done_bytes == size
+    # without a terminal, progress is in the structured log
+    records = [r for r in caplog.records if r.name == "ccat_dt.progress"]
+    assert len(records) == len(events)
+    assert records[0].__dict__["progress_of"] == "big.dat"
+    log = next((tmp_path / "logs").glob("*.log")).read_text()
+    assert "to-chk" not in log  # the meter stays out of the transfer log
+
+
+def test_a_slow_local_copy_reports_progress_before_it_completes(
+        tmp_path: Path, events: list[ProgressEvent], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_module, "SLICE_SIZE", 256 * 1024)
+    done_when_landed: list[int] = []
+
+    class Throttled(LocalTransport):
+        def _landed(self, temporary: Path) -> None:  # a slow disk: 0.1 s per slice
+            done_when_landed.append(temporary.stat().st_size)
+            time.sleep(0.1)
+
+    size = 2 * 1024 * 1024  # 8 slices
+    source, checksum = source_file(tmp_path / "pkg.tar", size)
+    destination = tmp_path / "out" / "pkg.tar"
+    Throttled().copy_file(source, destination, checksum)
+    assert destination.read_bytes() == source.read_bytes()
+    running = [e for e in events if not e.finished]
+    assert len(running) >= 2, events
+    assert all(e.name == "pkg.tar" and e.total_bytes == size for e in running)
+    assert all(e.done_bytes < size for e in running[:-1])
+    assert events[-1].finished and events[-1].percent == 100.0
+
+
+def test_a_terminal_gets_a_progress_bar() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    with progress.terminal_bars(screen):
+        job = progress.Progress("transfer", "pkg.tar", 10_000_000, interval_s=0)
+        job.update(5_000_000)
+        job.finish()
+    assert "transfer pkg.tar" in screen.getvalue()
+    assert "50%" in screen.getvalue()
+
+
+def test_not_a_terminal_gets_no_bar() -> None:
+    screen = io.StringIO()
+    with progress.terminal_bars(screen):
+        job = progress.Progress("transfer", "pkg.tar", 10, interval_s=0)
+        job.update(5)
+        job.finish()
+    assert screen.getvalue() == ""
+
+
+def test_packaging_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccat_dt.packaging import PackageMember, build_package
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    seen: list[ProgressEvent] = []
+    remove = progress.add_sink(seen.append)
+    try:
+        members = []
+        for i in range(4):
+            path, checksum = source_file(tmp_path / f"scan-{i}.dat", 1000)
+            members.append(PackageMember(path, f"obs/scan-{i}.dat", 1000, checksum))
+        build_package(members, tmp_path / "out" / "p.tar", package_name="p")
+    finally:
+        remove()
+    assert [e.done_bytes for e in seen if not e.finished] == [1000, 2000, 3000, 4000]
+    assert all(e.stage == "packaging" and e.name == "p" and e.total_bytes == 4000 for e in seen)
+    assert seen[-1].finished
