@@ -20,9 +20,10 @@ from ccat_dt.opsdb.models import LocationType
 from ccat_dt.reaper import certificate_problems
 from ccat_dt.report import disagreements
 from ccat_dt.retention import verified_lta_copies
+from ccat_dt.storage import files_under
 from ccat_dt.topology import primary_location
 
-MARKER = ".ccat-demo-root"
+MARKER = ".ccat-demo-root"  # not storage.MARKER: this one marks the demo's scratch root
 MODULES = ("primecam/f280", "chai/lfa")
 
 
@@ -89,7 +90,7 @@ def _incomplete(opsdb: OpsDB, config: Config, source: Path) -> list[str]:
         names = [p.name for p in packages]
     for name in names:
         problems += [f"{name}: {p}" for p in certificate_problems(opsdb, config, name)]
-    left = [p for p in source.rglob("*") if p.is_file()]
+    left = files_under(source)  # the location root's own marker is not data
     if left:
         problems.append(f"{len(left)} file(s) still at the source, e.g. {left[0]}")
     return problems + disagreements(opsdb)
