@@ -8,12 +8,14 @@ from ccat_assets import jobs
 from ccat_assets.assets import build_assets
 from ccat_assets.checks import build_checks
 from ccat_assets.execution import executor
+from ccat_assets.integrity import integrity_report_job
 from ccat_assets.scrub import scrub_job
 from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import configure_from_env
 from ccat_dt.opsdb.models import LocationType
 from resources.opsdb import Deployment
 from resources.placement import PlacementIOManager
+from sensors.integrity import integrity_sensor
 from sensors.lifecycle import lifecycle_sensors
 from sensors.observability import service_level_sensor
 from sensors.retire import retire_partitions_sensor
@@ -28,8 +30,9 @@ def build_definitions(config: Config) -> Definitions:
     return Definitions(
         assets=assets,
         asset_checks=build_checks(config, by_name),
-        jobs=[*jobs.STAGES, scrub_job],
-        sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor],
+        jobs=[*jobs.STAGES, scrub_job, integrity_report_job],
+        sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor,
+                 integrity_sensor],
         executor=executor(config),
         schedules=[fixity_scrub],
         resources={
