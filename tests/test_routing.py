@@ -101,3 +101,49 @@ def test_runs_launched_without_sensor_tags_get_their_link_and_site_queue(
             remote_job_origin=ui_origin(job.name))
         kept = coordinator.submit_run(SubmitRunContext(sensor_run, workspace=None))  # type: ignore[arg-type]
         assert kept.tags[LINK_TAG] == "x->y" and kept.tags[QUEUE_TAG] == "q"
+
+
+def test_sensors_see_a_backfills_runs_in_flight(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backfill's queued run for a partition: the sensors ask for no second run of it, and
+    the purge deletes nothing of that package meanwhile."""
+    from dagster import Definitions, build_sensor_context
+
+    from ccat_assets.driver import drive
+
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    observe(config, opsdb, observations=1, files=1)
+    home = tmp_path / "dagster_home"
+    write_instance_yaml(config, home)
+    full = build_definitions(config)
+    no_purge = Definitions(assets=full.assets, asset_checks=full.asset_checks, jobs=full.jobs,
+                           sensors=[s for s in full.sensors or []
+                                    if s.name != "purge_sensor"],  # type: ignore[union-attr]
+                           resources=full.resources, executor=full.executor)
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert drive(no_purge, instance).failed == []  # archived, nothing purged yet
+        names = sorted(instance.get_dynamic_partitions("packages"))
+        job = full.resolve_implicit_global_asset_job_def()
+        coordinator = instance.run_coordinator
+        backfill = instance.create_run_for_job(
+            job, tags={**partition_tags(names[0], "us"), "dagster/backfill": "b1"},
+            asset_selection=frozenset({AssetKey("lta_copies")}),
+            remote_job_origin=ui_origin(job.name))
+        coordinator.submit_run(SubmitRunContext(backfill, workspace=None))  # type: ignore[arg-type]
+
+        repository = full.get_repository_def()
+        purge = repository.get_sensor_def("purge_sensor")
+        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                  repository_def=repository,
+                                  resources=full.resources) as context:
+            requests = purge.evaluate_tick(context).run_requests or []
+        assert requests and {r.partition_key for r in requests} == set(names[1:])
+
+        lta = repository.get_sensor_def("lta_copy_sensor")
+        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                  repository_def=repository,
+                                  resources=full.resources) as context:
+            requests = lta.evaluate_tick(context).run_requests or []  # from the start
+        keys = {str(r.partition_key) for r in requests}
+        assert str(package_site_key(names[0], "us")) not in keys
+        assert str(package_site_key(names[0], "cologne")) in keys
