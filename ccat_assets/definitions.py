@@ -18,6 +18,7 @@ from resources.placement import PlacementIOManager
 from sensors.integrity import integrity_sensor
 from sensors.lifecycle import lifecycle_sensors
 from sensors.observability import service_level_sensor
+from sensors.overview import OVERVIEW, overview_sensor
 from sensors.retire import retire_partitions_sensor
 from sensors.scrub import fixity_scrub
 
@@ -28,11 +29,11 @@ def build_definitions(config: Config) -> Definitions:
     deployment = Deployment(config_path=str(config.path))
 
     return Definitions(
-        assets=assets,
+        assets=[*assets, OVERVIEW],
         asset_checks=build_checks(config, by_name),
         jobs=[*jobs.STAGES, scrub_job, integrity_report_job],
         sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor,
-                 integrity_sensor],
+                 integrity_sensor, overview_sensor],
         executor=executor(config),
         schedules=[fixity_scrub],
         resources={

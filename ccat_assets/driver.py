@@ -76,6 +76,8 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 50,
                 else:
                     for key in request.partition_keys:
                         instance.delete_dynamic_partition(request.partitions_def_name, key)
+            for event in tick.asset_events or []:  # the operator overview (sensors/overview.py)
+                instance.report_runless_asset_event(event)
             if tick.cursor is not None:
                 cursors[name] = tick.cursor
             for run in tick.run_requests or []:

@@ -167,6 +167,9 @@ def test_a_scrub_finding_is_red_on_its_partition_until_the_repair_makes_it_green
     assert status[bad_key] == "failed"  # red on exactly that partition
     with opsdb.session() as session:
         assert session.get_one(PackageCopy, bad.id).status == CopyStatus.CORRUPT
+    overview = tick_overview(defs, instance)  # the operator's overview says so too
+    assert overview["us quarantined"] == 1 and overview["packages at risk"] == 1
+    assert bad.package.name in overview["overview"] and "AT RISK" in overview["overview"]
 
     assert drive(defs, instance).failed == []  # the repair sensor and what follows
 
@@ -177,6 +180,21 @@ def test_a_scrub_finding_is_red_on_its_partition_until_the_repair_makes_it_green
     assert check_status(instance, "purge_status", "filed_bytes_safe").get(
         bad.package.name, "passed") == "passed"
     lta_intact(opsdb)
+    [record] = instance.fetch_materializations(AssetKey("operator_overview"), limit=1).records
+    latest = record.asset_materialization.metadata  # type: ignore[union-attr]
+    assert latest["us quarantined"].value == 0 and latest["us verified"].value == 2
+    assert latest["packages stuck"].value == 0
+
+
+def tick_overview(defs: Definitions, dagster: DagsterInstance) -> dict[str, Any]:
+    """One tick of the overview sensor, its materialisation recorded as the daemon does."""
+    repository = defs.get_repository_def()
+    sensor = repository.get_sensor_def("overview_sensor")
+    with build_sensor_context(instance=dagster, repository_def=repository,
+                              resources=defs.resources) as context:
+        [event] = sensor.evaluate_tick(context).asset_events
+    dagster.report_runless_asset_event(event)
+    return {k: v.value for k, v in event.metadata.items()}
 
 
 def test_an_audit_quarantine_is_reported_on_its_partition_by_the_integrity_sensor(
