@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dagster import DagsterInstance, RunRequest, RunsFilter
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
+from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_STATUSES
+from dagster._core.storage.tags import PARTITION_NAME_TAG
 
 from ccat_assets.routing import partition_of, stage_of
 
@@ -17,12 +18,21 @@ LIMIT = 5000
 
 
 def in_flight(instance: DagsterInstance) -> set[tuple[str, str, str | None]]:
-    """(stage, package, site) of every queued or running lifecycle run."""
+    """(stage, package, site) of every queued or running lifecycle run. A run that a later
+    run of the same partition outlived (it finished after this one was created) counts as
+    dead: its process was killed and `ccat-dt retry` did its work again."""
     out = set()
-    for run in instance.get_runs(RunsFilter(statuses=list(NOT_FINISHED_STATUSES)),
-                                 limit=LIMIT):
+    for record in instance.get_run_records(RunsFilter(statuses=list(NOT_FINISHED_STATUSES)),
+                                           limit=LIMIT):
+        run = record.dagster_run
         stage, partition = stage_of(run), partition_of(run.tags)
-        if stage is not None and partition is not None:
+        if stage is None or partition is None or PARTITION_NAME_TAG not in run.tags:
+            continue
+        later = instance.get_runs(RunsFilter(
+            tags={PARTITION_NAME_TAG: run.tags[PARTITION_NAME_TAG]},
+            statuses=list(FINISHED_STATUSES), created_after=record.create_timestamp),
+            limit=1)
+        if not later:
             out.add((stage, *partition))
     return out
 
@@ -45,5 +55,6 @@ def not_in_flight(instance: DagsterInstance, requests: Sequence[RunRequest],
 
 
 def packages_in_flight(instance: DagsterInstance) -> set[str]:
-    """Packages some run in flight may read or write (any stage but the purge itself)."""
-    return {package for stage, package, _ in in_flight(instance) if stage != "purge_status"}
+    """Packages whose copies a run in flight may be reading (site and LTA copies)."""
+    return {package for stage, package, _ in in_flight(instance)
+            if stage in ("site_copies", "lta_copies")}
