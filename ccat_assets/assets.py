@@ -28,7 +28,7 @@ from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import FiledFiles, PackageBuildFailed
 from ccat_dt.reaper import PurgeReport, purge_package
 from ccat_dt.references import CopyRef, Placement
-from ccat_dt.replicas import plan_placement
+from ccat_dt.replicas import NotReady, plan_placement
 from ccat_dt.staging import Staged, stage
 from resources.opsdb import Deployment
 
@@ -48,6 +48,20 @@ def transient_retries(config: Config) -> RetryPolicy:
                        backoff=Backoff.EXPONENTIAL)
 
 
+def permanent(exc: BaseException) -> Failure:
+    """A failure no retry can fix (a missing source copy, an unknown package): fails the step
+    once, with the cause as its headline (not "Exceeded max_retries")."""
+    return Failure(description=str(exc), allow_retries=False)
+
+
+def _planned(deployment: Deployment, package: str, site: str,
+             kind: LocationType) -> Placement:
+    try:
+        return plan_placement(deployment.opsdb, deployment.config, package, site, kind)
+    except (NotReady, LookupError) as exc:
+        raise permanent(exc) from exc
+
+
 def build_assets(config: Config) -> list[AssetsDefinition]:
     per_site = package_site_partitions(config)
     retries = transient_retries(config)
@@ -61,23 +75,30 @@ def build_assets(config: Config) -> list[AssetsDefinition]:
         return filed
 
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"tar"},
-           retry_policy=retries)
-    def packages(context: AssetExecutionContext, deployment: Deployment,
-                 raw_files: FiledFiles) -> CopyRef:
-        """Tar + manifest of the raw files, built in one read pass at the observatory buffer."""
+           deps=[raw_files], retry_policy=retries)
+    def packages(context: AssetExecutionContext, deployment: Deployment) -> CopyRef:
+        """Tar + manifest of the raw files, built in one read pass at the observatory buffer
+        (once: a package built before reports its verified copies instead)."""
         started, site = time.monotonic(), deployment.config.settings.observatory
         try:
-            built = packaging_stage.build(deployment.opsdb, deployment.config,
-                                          context.partition_key, run_id=context.run.run_id)
+            built = packaging_stage.ensure_built(deployment.opsdb, deployment.config,
+                                                 context.partition_key,
+                                                 run_id=context.run.run_id)
         except PackageBuildFailed as exc:
             deployment.report("packaging", context.partition_key, site, "failed",
                               time.monotonic() - started, error=str(exc))
             raise Failure(str(exc), allow_retries=False) from exc
-        deployment.report("packaging", context.partition_key, site, "ok",
-                          time.monotonic() - started, bytes=built.size)
-        context.add_output_metadata({"path": built.path, "size": built.size,
-                                     "checksum": built.checksum, "files": raw_files.count})
-        return built
+        except LookupError as exc:
+            raise permanent(exc) from exc
+        ref = built.ref
+        deployment.report("packaging", context.partition_key, site,
+                          "unchanged" if built.note else "ok", time.monotonic() - started,
+                          bytes=ref.size)
+        context.add_output_metadata({
+            "path": ref.path, "size": ref.size, "checksum": ref.checksum,
+            "outcome": built.note or "built now",
+            "verified_copies": "\n".join(built.verified) or "none"})
+        return ref
 
     @asset(partitions_def=per_site, group_name=GROUP, kinds={"transfer"},
            deps=[AssetDep(packages, partition_mapping=by_package)],
@@ -86,14 +107,15 @@ def build_assets(config: Config) -> list[AssetsDefinition]:
         """The package in the site's buffer: out of the observatory once, then archive to
         archive; the IO manager moves and verifies it."""
         package, site = split_key(context.partition_key)
-        return plan_placement(deployment.opsdb, deployment.config, package, site,
-                              LocationType.BUFFER)
+        return _planned(deployment, package, site, LocationType.BUFFER)
 
     @asset(partitions_def=per_site, group_name=GROUP, kinds={"archive"},
-           io_manager_key="lta_io_manager", retry_policy=retries)
-    def lta_copies(context: AssetExecutionContext, site_copies: CopyRef) -> Placement:
-        """The package archived in the site's long-term archive from its buffer copy."""
-        return Placement(package=site_copies.package, site=site_copies.site, source=site_copies)
+           deps=[site_copies], io_manager_key="lta_io_manager", retry_policy=retries)
+    def lta_copies(context: AssetExecutionContext, deployment: Deployment) -> Placement:
+        """The package archived in the site's long-term archive, from its buffer copy (or,
+        that purged or bad, from the nearest verified LTA copy elsewhere)."""
+        package, site = split_key(context.partition_key)
+        return _planned(deployment, package, site, LocationType.LONG_TERM_ARCHIVE)
 
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"},
            deps=[AssetDep(lta_copies, partition_mapping=by_package)])

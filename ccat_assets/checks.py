@@ -22,14 +22,14 @@ from ccat_dt.loss import Health, assess
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import fail_unbuilt, get_package, source_problems
 from ccat_dt.reaper import certificate_problems
-from ccat_dt.replicas import verify
+from ccat_dt.replicas import check_stage
 from ccat_dt.staging import staged_problems
 from resources.opsdb import Deployment
 
 
 def _reread(deployment: Deployment, package: str, site: str,
             kind: LocationType) -> AssetCheckResult:
-    verification = verify(deployment.opsdb, deployment.config, package, site, kind)
+    verification = check_stage(deployment.opsdb, deployment.config, package, site, kind)
     return AssetCheckResult(passed=verification.passed, description=verification.description,
                             metadata={"path": verification.path or "",
                                       "copy_id": verification.copy_id or 0})

@@ -8,6 +8,7 @@ from ccat_assets import jobs
 from ccat_assets.assets import build_assets
 from ccat_assets.checks import build_checks
 from ccat_assets.execution import executor
+from ccat_assets.integrity import integrity_report_job
 from ccat_assets.runlog import console
 from ccat_assets.scrub import scrub_job
 from ccat_dt.config import Config, load_config
@@ -15,9 +16,11 @@ from ccat_dt.jsonlog import configure_from_env
 from ccat_dt.opsdb.models import LocationType
 from resources.opsdb import Deployment
 from resources.placement import PlacementIOManager
+from sensors.integrity import integrity_sensor
 from sensors.lifecycle import lifecycle_sensors
 from sensors.notify import notification_sensor
 from sensors.observability import service_level_sensor
+from sensors.overview import OVERVIEW, overview_sensor
 from sensors.retire import retire_partitions_sensor
 from sensors.scrub import fixity_scrub
 
@@ -28,11 +31,11 @@ def build_definitions(config: Config) -> Definitions:
     deployment = Deployment(config_path=str(config.path))
 
     return Definitions(
-        assets=assets,
+        assets=[*assets, OVERVIEW],
         asset_checks=build_checks(config, by_name),
-        jobs=[*jobs.STAGES, scrub_job],
+        jobs=[*jobs.STAGES, scrub_job, integrity_report_job],
         sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor,
-                 notification_sensor],
+                 notification_sensor, integrity_sensor, overview_sensor],
         executor=executor(config),
         schedules=[fixity_scrub],
         loggers={"console": console},  # Dagster's, quiet under the CLI (ccat_assets/runlog.py)

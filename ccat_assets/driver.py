@@ -192,6 +192,8 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
                 else:
                     for key in request.partition_keys:
                         instance.delete_dynamic_partition(request.partitions_def_name, key)
+            for event in tick.asset_events or []:  # the operator overview (sensors/overview.py)
+                instance.report_runless_asset_event(event)
             for run in tick.run_requests or []:
                 _launch(repository, instance, run, name, _default_job(sensor_def), report, log)
             # Stored only once its runs are done: a drive killed before this re-reads the

@@ -6,17 +6,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dagster import ExecutorDefinition, in_process_executor
+from dagster import ExecutorDefinition
 
 from ccat_dt.config import Config
 
 
 def executor(config: Config) -> ExecutorDefinition:
-    if config.celery_broker is None:
-        return in_process_executor
-    from dagster_celery import celery_executor
+    """Either executor tags a run launched without the sensors' tags with its link and site
+    queue when it starts, and the Celery one sends its steps to that queue (see routing.py)."""
+    from ccat_assets.routing import routed_celery_executor, routed_in_process_executor
 
-    return celery_executor
+    if config.celery_broker is None:
+        return routed_in_process_executor(config)
+    return routed_celery_executor(config)
 
 
 def _source(env: str, value: str | None) -> Any:

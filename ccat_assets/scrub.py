@@ -1,8 +1,9 @@
 """The fixity scrub as a job: re-read a batch of LTA copies and report each as the
 `lta_copy_checksum` check of its partition, so scrub results sit beside the arrival checks."""
 
-from dagster import AssetCheckEvaluation, AssetKey, Config, OpExecutionContext, job, op
+from dagster import Config, OpExecutionContext, job, op
 
+from ccat_assets.integrity import copy_check
 from ccat_assets.partitions import split_key
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.replicas import verify
@@ -25,9 +26,11 @@ def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
         result = verify(deployment.opsdb, deployment.config, package, site,
                         LocationType.LONG_TERM_ARCHIVE)
         failed += not result.passed
-        context.log_event(AssetCheckEvaluation(  # type: ignore[arg-type]  # accepted at runtime
-            asset_key=AssetKey("lta_copies"), check_name="lta_copy_checksum",
-            passed=result.passed, description=f"scrub: {result.description}", partition=key,
+        # On the partition's latest materialization, so that the partition, the check list
+        # and the lineage node show it (red until the repair's new copy passes its check).
+        context.log_event(copy_check(  # type: ignore[arg-type]  # accepted at runtime
+            context.instance, package, site, LocationType.LONG_TERM_ARCHIVE, False,
+            passed=result.passed, description=f"scrub: {result.description}",
             metadata={"path": result.path or "", "copy_id": result.copy_id or 0}))
     context.log.info(f"scrubbed {len(config.partitions)} LTA copies, {failed} bad")
     return failed

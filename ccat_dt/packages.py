@@ -105,6 +105,37 @@ def built_copy(session: Session, config: Config, package: RawDataPackage) -> Pac
     return next((c for c in copies if c.is_verified), None)
 
 
+@dataclass(frozen=True)
+class Built:
+    """What materialising a package found or did: the copy it is read from next, and, when
+    nothing was built, why (an operator's "Materialize" on a finished package)."""
+
+    ref: CopyRef
+    note: str  # "" when built now
+    verified: tuple[str, ...]  # "site/location (verified <when>)" of every verified copy
+
+
+def ensure_built(opsdb: OpsDB, config: Config, name: str, *,
+                 run_id: str | None = None) -> Built:
+    """Build the package unless it was built before. A package built before is never rebuilt
+    from its sources (they may be purged after archiving): its verified copies are reported
+    instead, and nothing in OpsDB changes. Without any verified copy left it is rebuilt
+    (the tar is deterministic; a source that changed fails the build, and a package that was
+    built once is never marked FAILED by that: its state follows its copies)."""
+    with opsdb.session() as session:
+        package = get_package(session, name)
+        verified = [c for c in package.copies if c.is_verified]
+        verified.sort(key=lambda c: (c.location.location_type != LocationType.BUFFER, c.id))
+        listed = tuple(f"{c.location.site.short_name}/{c.location.name} (verified "
+                       f"{c.verified_at:%Y-%m-%d %H:%M:%S})" for c in verified)
+        if package.checksum is not None and verified:
+            buffered = built_copy(session, config, package)
+            note = ("already built" if buffered is not None else
+                    "built before, its tar at the observatory purged after archiving: not rebuilt")
+            return Built(CopyRef.of(buffered or verified[0]), note, listed)
+    return Built(build(opsdb, config, name, run_id=run_id), "", listed)
+
+
 def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None) -> CopyRef:
     """Build the package's tar at the observatory buffer, reading each raw file once.
 
@@ -181,8 +212,9 @@ def _fail(opsdb: OpsDB, operation_id: int, *, package_id: int | None, error: str
         operation = session.get_one(Operation, operation_id)
         operation.status, operation.error, operation.finished_at = (
             OperationStatus.FAILED, error, utcnow())
-        if package_id is not None:
-            session.get_one(RawDataPackage, package_id).state = PackageState.FAILED
+        package = session.get(RawDataPackage, package_id) if package_id is not None else None
+        if package is not None and package.checksum is None:  # a built package's state
+            package.state = PackageState.FAILED                # follows its copies, not this
 
 
 def lock_package(session: Session, name: str) -> None:

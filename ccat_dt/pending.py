@@ -188,3 +188,75 @@ def finished_packages(session: Session, archived_before: datetime,
                    ~outside_lta.exists(), ~raw_left.exists())
             .order_by(package.name))
     return finished
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """A copy found bad (by a check, the scrub, the audit or a deletion-time re-check) that is
+    still bad: what the integrity report of its stage must say until it is repaired."""
+
+    package: str
+    site: str
+    kind: LocationType
+    observatory: bool  # the package's tar at the observatory buffer (the packages stage)
+    description: str
+    operation_id: int
+
+
+def quarantines_found(session: Session, config: Config, after_id: int,
+                      limit: int = PAGE) -> tuple[list[Quarantine], int]:
+    """Failed verifications recorded after `after_id` whose copy is still CORRUPT with no
+    verified copy of that kind at its site (a repair since makes them moot), and the cursor."""
+    from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType
+
+    if after_id == 0:  # a first tick (or cursor lost): what is quarantined now, then onwards
+        return _quarantined_now(session, config, limit)
+    rows = session.execute(
+        select(Operation.id, Operation.status, Operation.operation_type, Operation.copy_id,
+               Operation.error)
+        .where(Operation.id > after_id).order_by(Operation.id).limit(limit)).all()
+    found: list[Quarantine] = []
+    for op_id, status, kind_of_op, copy_id, error in rows:
+        if (kind_of_op != OperationType.VERIFICATION or status != OperationStatus.FAILED
+                or copy_id is None):
+            continue
+        copy = session.get(PackageCopy, copy_id)
+        if copy is None or copy.status != CopyStatus.CORRUPT:
+            continue  # a raw file's copy, or already replaced
+        kind, site = copy.location.location_type, copy.location.site.short_name
+        if kind not in (LocationType.BUFFER, LocationType.LONG_TERM_ARCHIVE) or any(
+                c.is_verified for c in copies_at(session, copy.package, kind, site)):
+            continue
+        found.append(Quarantine(copy.package.name, site, kind,
+                                site == config.settings.observatory,
+                                f"{copy.location.label}: copy {copy.id} quarantined: "
+                                f"{error or 'failed its verification'}", op_id))
+    return found, rows[-1][0] if rows else after_id
+
+
+def _quarantined_now(session: Session, config: Config,
+                     limit: int) -> tuple[list[Quarantine], int]:
+    """Every copy CORRUPT now with no verified copy of its kind at its site (the newest
+    failed verification of each says why), and the newest operation id as the cursor."""
+    from sqlalchemy import func
+
+    from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType
+
+    newest = session.scalar(select(func.max(Operation.id))) or 0
+    found: list[Quarantine] = []
+    for copy in session.scalars(select(PackageCopy).where(
+            PackageCopy.status == CopyStatus.CORRUPT).order_by(PackageCopy.id).limit(limit)):
+        kind, site = copy.location.location_type, copy.location.site.short_name
+        if kind not in (LocationType.BUFFER, LocationType.LONG_TERM_ARCHIVE) or any(
+                c.is_verified for c in copies_at(session, copy.package, kind, site)):
+            continue
+        why = session.execute(select(Operation.id, Operation.error).where(
+            Operation.copy_id == copy.id, Operation.operation_type == OperationType.VERIFICATION,
+            Operation.status == OperationStatus.FAILED)
+            .order_by(Operation.id.desc()).limit(1)).first()
+        found.append(Quarantine(copy.package.name, site, kind,
+                                site == config.settings.observatory,
+                                f"{copy.location.label}: copy {copy.id} quarantined: "
+                                f"{(why[1] if why else None) or 'failed its verification'}",
+                                why[0] if why else 0))
+    return found, newest

@@ -46,19 +46,55 @@ class NotReady(Exception):
 
 def plan_placement(opsdb: OpsDB, config: Config, package: str, site: str,
                    kind: LocationType) -> Placement:
-    """Pick the verified copy a site's buffer (from routing) or LTA (from its buffer) copies."""
+    """Pick the verified copy a site's buffer or LTA copy is made from: the copy already there
+    (place() re-reads it), else the nearest verified copy that can feed it (see `source_for`)."""
     with opsdb.session() as session:
         pkg = get_package(session, package)
         existing = verified_copy(session, pkg, site, kind)
-        if existing is not None:  # already there (another run won a race): place() keeps it
+        if existing is None and kind == LocationType.BUFFER:
+            existing = archived_at(session, pkg, site)  # the buffer was only a way there
+        if existing is not None:  # already there (by hand, a backfill, a race): place() re-reads it
             return Placement(package=package, site=site, source=CopyRef.of(existing))
-        if kind == LocationType.LONG_TERM_ARCHIVE:
-            source = verified_copy(session, pkg, site, LocationType.BUFFER)
-        else:
-            source = replication_source(session, config, pkg, site)
+        source = source_for(session, config, pkg, site, kind)
         if source is None:
             raise NotReady(f"package {package}: no verified copy to send to {site} yet")
         return Placement(package=package, site=site, source=CopyRef.of(source))
+
+
+def source_for(session: Session, config: Config, package: RawDataPackage, site: str,
+               kind: LocationType) -> PackageCopy | None:
+    """The verified copy a new copy at the site's location of `kind` is made from: for an LTA
+    copy the site's own buffer copy, else the nearest verified LTA copy at another archive
+    (its buffer copy purged after archiving, or quarantined); for a buffer copy the routing
+    rule (the observatory once, then archive to archive)."""
+    if kind == LocationType.LONG_TERM_ARCHIVE:
+        own = verified_copy(session, package, site, LocationType.BUFFER)
+        if own is not None:
+            return own
+        return nearest_lta_copy(session, config, package, site)
+    return replication_source(session, config, package, site)
+
+
+def nearest_lta_copy(session: Session, config: Config, package: RawDataPackage,
+                     site: str) -> PackageCopy | None:
+    """The verified LTA copy at another archive site on the cheapest route to `site`."""
+    candidates = [c for c in copies_at(session, package, LocationType.LONG_TERM_ARCHIVE)
+                  if c.is_verified and c.location.site.short_name != site]
+
+    def cost(copy: PackageCopy) -> int:
+        route = config.settings.route(copy.location.site.short_name, site)
+        return route.cost if route else 1 << 30
+
+    return min(candidates, key=cost, default=None)
+
+
+def archived_at(session: Session, package: RawDataPackage, site: str) -> PackageCopy | None:
+    """The site's verified LTA copy when its buffer holds no live copy: the buffer copy did
+    its job (purged after archiving, or never needed), so there is nothing to put there."""
+    live = [c for c in copies_at(session, package, LocationType.BUFFER, site)
+            if c.status != CopyStatus.DELETED]
+    return None if live else verified_copy(session, package, site,
+                                           LocationType.LONG_TERM_ARCHIVE)
 
 
 @dataclass(frozen=True)
@@ -71,22 +107,36 @@ class Placed:
     streams: int = 0
     log_path: str | None = None
     batched_with: tuple[str, ...] = ()  # other packages moved in the same session
+    note: str = ""  # what was found instead of a transfer ("already there, verified now")
 
 
 def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType, *,
           run_id: str | None = None, attempt: int = 0) -> Placed:
     """Copy the package to the site's location of `kind`, verify it, record it.
 
-    Idempotent: an existing verified copy there is returned untouched. On a route with a
+    Idempotent: an existing verified copy there is re-read on its storage and returned ("already
+    there, verified now"); one that fails the re-read is quarantined and made again from the
+    nearest verified copy. On a route with a
     batch budget, other packages waiting on the same route travel in the same transport
     session, each verified and recorded on its own. Every transport checksums the copy where it
     landed (re-reading the destination file) before the rename, for buffer and LTA alike.
     """
+    found = _reverify_existing(opsdb, config, placement, kind)
+    if found is not None:
+        return found
     with opsdb.session() as session:
         package = get_package(session, placement.package)
-        existing = verified_copy(session, package, placement.site, kind)
-        if existing is not None:
-            return Placed(CopyRef.of(existing), transport="")
+        origin = session.get(PackageCopy, placement.source.copy_id)
+        if (origin is None or not origin.is_verified or origin.location.site.short_name
+                == placement.site and origin.location.location_type == kind):
+            # The planned source went away meanwhile (purged, quarantined, or it was the copy
+            # just found bad here): the nearest verified copy anywhere instead.
+            source = source_for(session, config, package, placement.site, kind)
+            if source is None:
+                raise NotReady(f"package {placement.package}: no verified copy to send to "
+                               f"{placement.site} (the planned source {placement.source.site}/"
+                               f"{placement.source.location} is no longer verified)")
+            placement = Placement(placement.package, placement.site, CopyRef.of(source))
         destination = primary_location(session, placement.site, kind)
         route = (config.settings.route(placement.source.site, placement.site)
                  if placement.source.site != placement.site else None)
@@ -262,6 +312,30 @@ class Verification:
     path: str | None
 
 
+def _reverify_existing(opsdb: OpsDB, config: Config, placement: Placement,
+                       kind: LocationType) -> Placed | None:
+    """The copy already where it is asked for, re-read now; None when there is none (or it
+    failed the re-read, which quarantined it)."""
+    with opsdb.session() as session:
+        package = get_package(session, placement.package)
+        existing = verified_copy(session, package, placement.site, kind)
+        stands_in = existing is None and kind == LocationType.BUFFER
+        if stands_in:
+            existing = archived_at(session, package, placement.site)
+        if existing is None:
+            return None
+        copy_id = existing.id
+    check = reread(opsdb, config, copy_id)
+    if not check.passed:
+        return None
+    with opsdb.session() as session:
+        ref = CopyRef.of(session.get_one(PackageCopy, copy_id))
+    note = (f"not needed: archived at {placement.site} ({ref.location}), its buffer copy "
+            "purged after archiving; the LTA copy verified now" if stands_in
+            else "already there, verified now")
+    return Placed(ref, transport="", note=note)
+
+
 def verify(opsdb: OpsDB, config: Config, package: str, site: str,
            kind: LocationType) -> Verification:
     """Re-read the newest copy at the site's location of `kind` against the package checksum.
@@ -274,34 +348,66 @@ def verify(opsdb: OpsDB, config: Config, package: str, site: str,
                   if c.status in (CopyStatus.PRESENT, CopyStatus.CORRUPT)]
         if not copies:
             return Verification(False, f"no copy of {package} at {site} {kind.value}", None, None)
-        copy = copies[-1]
+        copy_id = copies[-1].id
+    return reread(opsdb, config, copy_id)
+
+
+def check_stage(opsdb: OpsDB, config: Config, package: str, site: str,
+                kind: LocationType) -> Verification:
+    """What a stage's integrity check reports: the copy re-read, or, for a buffer copy purged
+    after archiving (it did its job), the verified LTA copies that made the purge allowed."""
+    if kind == LocationType.BUFFER:
+        with opsdb.session() as session:
+            pkg = get_package(session, package)
+            buffered = copies_at(session, pkg, kind, site)
+            purged = bool(buffered) and all(c.status == CopyStatus.DELETED for c in buffered)
+            archived = sorted(f"{c.location.site.short_name}/{c.location.name}"
+                              for c in copies_at(session, pkg, LocationType.LONG_TERM_ARCHIVE)
+                              if c.is_verified)
+            done = purged and len({a.split("/")[0] for a in archived}) >= (
+                config.settings.required_lta_copies if site == config.settings.observatory
+                else 1) and (site == config.settings.observatory
+                             or any(a.startswith(f"{site}/") for a in archived))
+        if done:
+            return Verification(True, f"{site}/{kind.value}: purged after archiving; verified "
+                                f"LTA copies at {', '.join(archived)}", None, None)
+    return verify(opsdb, config, package, site, kind)
+
+
+def reread(opsdb: OpsDB, config: Config, copy_id: int) -> Verification:
+    """Re-read one copy on its storage against the package checksum and record it (a
+    verification operation; verified_at on success, CORRUPT on a mismatch)."""
+    with opsdb.session() as session:
+        copy = session.get_one(PackageCopy, copy_id)
+        pkg = copy.package
         where = endpoint(copy.location, copy.relative_path)
         operation = Operation(operation_type=OperationType.VERIFICATION, package=pkg,
                               copy_id=copy.id, destination_location_id=copy.location_id)
         session.add(operation)
-        label = f"{site}/{copy.location.name}"
+        label = f"{copy.location.site.short_name}/{copy.location.name}"
+        expected = pkg.checksum
     try:
         actual, size = remote_xxh128_and_size(ssh_settings(config), where)
-        problem = None if actual == pkg.checksum else (
-            f"checksum mismatch: expected {pkg.checksum}, read {actual}")
+        problem = None if actual == expected else (
+            f"checksum mismatch: expected {expected}, read {actual}")
     except (TransferError, OSError) as exc:
         if isinstance(exc, TransferError) and exc.retryable:
             finish(opsdb, operation.id, error=str(exc))
             raise  # the host is unreachable: that says nothing about the copy
         size, problem = 0, f"cannot read {where}: {exc}"
     with opsdb.session() as session:
-        stored = session.get_one(PackageCopy, copy.id)
+        stored = session.get_one(PackageCopy, copy_id)
         if problem is None:
             stored.verified_at = utcnow()
         elif stored.status == CopyStatus.PRESENT:
             stored.status = CopyStatus.CORRUPT
-        finish_in(session, operation.id, copy_id=copy.id, nbytes=size, seconds=None,
+        finish_in(session, operation.id, copy_id=copy_id, nbytes=size, seconds=None,
                   error=problem)
         if problem is not None:
             session.flush()
             refresh_state(session, config, stored.package)  # ARCHIVED may fall back, or LOST
     return Verification(problem is None, f"{label}: {problem or 'checksum matches'}",
-                        copy.id, str(where))
+                        copy_id, str(where))
 
 
 def verified_copy(session: Session, package: RawDataPackage, site: str,

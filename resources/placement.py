@@ -33,8 +33,9 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
                            run_id=context.run_id, attempt=attempt)
         except (TransferError, NotReady, ChecksumMismatch) as exc:
             self._report(obj, "failed", time.monotonic() - started, attempt, error=str(exc))
-            if isinstance(exc, TransferError) and not exc.retryable:
-                raise Failure(str(exc), allow_retries=False) from exc
+            if isinstance(exc, NotReady) or (isinstance(exc, TransferError)
+                                             and not exc.retryable):
+                raise Failure(str(exc), allow_retries=False) from exc  # once, cause as headline
             raise
         seconds = time.monotonic() - started
         ref = placed.ref
@@ -42,8 +43,10 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
                      size=ref.size, placed=placed)
         context.add_output_metadata({
             "path": ref.path, "size": ref.size, "checksum": ref.checksum,
-            "from": f"{obj.source.site}/{obj.source.location}",
-            "transport": placed.transport or "already there", "streams": placed.streams,
+            "from": (f"{obj.source.site}/{obj.source.location}" if placed.transport
+                     else f"{ref.site}/{ref.location}"),
+            "transport": placed.transport or "none", "streams": placed.streams,
+            "outcome": placed.note or f"copied now from {obj.source.site}/{obj.source.location}",
             "attempts": attempt + 1, "seconds": round(seconds, 3),
             "MB_per_s": round(ref.size / 1e6 / seconds, 2) if seconds > 0 else 0.0,
             "log": placed.log_path or "", "batched_with": ", ".join(placed.batched_with)})
@@ -68,7 +71,8 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
         with self.deployment.opsdb.session() as session:
             copy = verified_copy(session, get_package(session, keys["package"]), keys["site"],
                                  self.kind)
-            if copy is None:
+            if copy is None:  # no retry makes a copy appear: once, with the cause
                 raise Failure(f"no verified {self.kind.value} copy of {keys['package']} at "
-                              f"{keys['site']} (it failed its check or was never made)")
+                              f"{keys['site']} (it failed its check, was purged after "
+                              "archiving, or was never made)", allow_retries=False)
             return CopyRef.of(copy)

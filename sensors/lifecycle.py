@@ -16,6 +16,7 @@ from dagster import (
 
 from ccat_assets.driver import WORK_TAG
 from ccat_assets.execution import on_queue
+from ccat_assets.inflight import not_in_flight, packages_in_flight
 from ccat_assets.instance import LINK_TAG  # run limits per link: routes[].max_concurrent
 from ccat_assets.jobs import lta_copy_job, site_copy_job
 from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
@@ -74,8 +75,9 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     with deployment.opsdb.session() as session:
         page = site_copies_due(session, deployment.config, int(context.cursor or 0),
                                _page(deployment))
-    return SensorResult(run_requests=[_placement(deployment, due, "site_copy")
-                                      for due in page.items], cursor=str(page.cursor))
+    return SensorResult(run_requests=_idle(context, [_placement(deployment, due, "site_copy")
+                                                     for due in page.items], "site_copies"),
+                        cursor=str(page.cursor))
 
 
 @sensor(job_name="lta_copy_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -84,8 +86,9 @@ def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
     with deployment.opsdb.session() as session:
         page = lta_copies_due(session, deployment.config, int(context.cursor or 0),
                               _page(deployment))
-    return SensorResult(run_requests=[_placement(deployment, due, "lta_copy")
-                                      for due in page.items], cursor=str(page.cursor))
+    return SensorResult(run_requests=_idle(context, [_placement(deployment, due, "lta_copy")
+                                                     for due in page.items], "lta_copies"),
+                        cursor=str(page.cursor))
 
 
 @sensor(job_name="purge_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -100,7 +103,8 @@ def purge_sensor(context: SensorEvaluationContext,
     config, now = deployment.config, utcnow()
     with deployment.opsdb.session() as session:
         plan = plan_cycle(session, config, now)
-    by_site = plan.by_site()
+    busy = packages_in_flight(context.instance)  # e.g. a backfill's copy reading a buffer
+    by_site = {key: value for key, value in plan.by_site().items() if key[0] not in busy}
     with deployment.opsdb.session() as session:
         newest = newest_package_copies(session, {package for package, _ in by_site})
     backoff = Backoff.of(config)
@@ -173,8 +177,16 @@ def repair_sensor(context: SensorEvaluationContext,
         due = repairs_due(session, deployment.config, _page(deployment))
     if not due:
         return SkipReason("no corrupt copy can be repaired now")
-    return SensorResult(run_requests=[
-        _placement(deployment, item, "repair", job_name=job) for job, item in due])
+    return SensorResult(run_requests=_idle(context, [
+        _placement(deployment, item, "repair", job_name=job) for job, item in due]))
+
+
+def _idle(context: SensorEvaluationContext, requests: list[RunRequest],
+          stage: str = "") -> list[RunRequest]:
+    """Leave out partitions that already have a run in flight (a backfill's, say): that run
+    does the work; if it fails, `ccat-dt retry` finds the work again."""
+    return not_in_flight(context.instance, requests, {"site_copy_job": "site_copies",
+                                                      "lta_copy_job": "lta_copies"}, stage)
 
 
 def _placement(deployment: Deployment, due: Due, stage: str,

@@ -101,8 +101,9 @@ def check_checks_tab(page: Page, url: str, check: str) -> None:
 
     page.goto(url)
     expect(page.get_by_text(check, exact=True).first).to_be_visible(timeout=TIMEOUT_MS)
-    expect(page.get_by_text("Succeeded", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
-    expect(page.get_by_text("Passed", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+    # .first: an asset with two checks (purge_status) lists two succeeded executions
+    expect(page.get_by_text("Succeeded", exact=True).first).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.get_by_text("Passed", exact=True).first).to_be_visible(timeout=TIMEOUT_MS)
     expect(page.get_by_text("Failed", exact=True)).to_have_count(0)
 
 

@@ -1,0 +1,60 @@
+"""What runs are queued or running now, whoever launched them (a backfill, the UI, another
+sensor): the sensors ask for no second run of a partition in flight, and the purge deletes
+nothing of a package a run in flight may be reading."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dagster import DagsterInstance, RunRequest, RunsFilter
+from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_STATUSES
+from dagster._core.storage.tags import PARTITION_NAME_TAG
+
+from ccat_assets.routing import partition_of, stage_of
+
+# Runs in flight are bounded by the run queue (max_concurrent_runs plus what waits); this
+# caps one sensor tick's look at them.
+LIMIT = 5000
+
+
+def in_flight(instance: DagsterInstance) -> set[tuple[str, str, str | None]]:
+    """(stage, package, site) of every queued or running lifecycle run. A run that a later
+    run of the same partition outlived (it finished after this one was created) counts as
+    dead: its process was killed and `ccat-dt retry` did its work again."""
+    out = set()
+    for record in instance.get_run_records(RunsFilter(statuses=list(NOT_FINISHED_STATUSES)),
+                                           limit=LIMIT):
+        run = record.dagster_run
+        stage, partition = stage_of(run), partition_of(run.tags)
+        if stage is None or partition is None or PARTITION_NAME_TAG not in run.tags:
+            continue
+        later = instance.get_runs(RunsFilter(
+            tags={PARTITION_NAME_TAG: run.tags[PARTITION_NAME_TAG]},
+            statuses=list(FINISHED_STATUSES), created_after=record.create_timestamp),
+            limit=1)
+        if not later:
+            out.add((stage, *partition))
+    return out
+
+
+def not_in_flight(instance: DagsterInstance, requests: Sequence[RunRequest],
+                  stage_of_job: dict[str, str], default_stage: str = "") -> list[RunRequest]:
+    """The requests whose partition has no run in flight for the same stage (a request
+    without a job name is for `default_stage`, its sensor's job)."""
+    busy = in_flight(instance)
+    if not busy:
+        return list(requests)
+    kept = []
+    for request in requests:
+        stage = stage_of_job.get(request.job_name or "", default_stage)
+        key = str(request.partition_key or "")
+        package, _, site = key.partition("|")
+        if (stage, package, site or None) not in busy:
+            kept.append(request)
+    return kept
+
+
+def packages_in_flight(instance: DagsterInstance) -> set[str]:
+    """Packages whose copies a run in flight may be reading (site and LTA copies)."""
+    return {package for stage, package, _ in in_flight(instance)
+            if stage in ("site_copies", "lta_copies")}

@@ -1,0 +1,103 @@
+"""Integrity findings made outside an asset's own run (the fixity scrub, the audit, a
+deletion-time re-check) as check evaluations on exactly the partition they concern.
+
+Dagster shows a partition's check as passed or failed only while the evaluation targets the
+partition's latest materialization (`AssetCheckPartitionInfo.is_current`); an evaluation
+without that target is history only, and the partition, the check list and the lineage node
+keep saying "Passed". So every evaluation made here names the partition's latest
+materialization: a copy found bad is red until a new materialization (the repair) and its
+check say otherwise."""
+
+from typing import Any
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckSeverity,
+    AssetKey,
+    AssetRecordsFilter,
+    Config,
+    DagsterInstance,
+    OpExecutionContext,
+    job,
+    op,
+)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
+
+from ccat_assets.partitions import package_site_key
+from ccat_dt.opsdb.models import LocationType
+
+# stage -> (asset, its integrity check)
+CHECKS = {"packages": ("packages", "package_checksum"),
+          LocationType.BUFFER: ("site_copies", "site_copy_checksum"),
+          LocationType.LONG_TERM_ARCHIVE: ("lta_copies", "lta_copy_checksum")}
+
+
+def check_evaluation(instance: DagsterInstance, asset: str, check: str, partition: str, *,
+                     passed: bool, description: str,
+                     severity: AssetCheckSeverity = AssetCheckSeverity.ERROR,
+                     metadata: dict[str, Any] | None = None) -> AssetCheckEvaluation:
+    """An evaluation of `check` on `partition`, targeting its latest materialization."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]),
+        limit=1).records
+    target = (AssetCheckEvaluationTargetMaterializationData(
+        storage_id=records[0].storage_id, run_id=records[0].run_id,
+        timestamp=records[0].timestamp) if records else None)
+    return AssetCheckEvaluation(asset_key=AssetKey(asset), check_name=check, passed=passed,
+                                description=description, partition=partition,
+                                target_materialization_data=target, severity=severity,
+                                metadata=metadata or {})
+
+
+def copy_check_of(package: str, site: str, kind: LocationType,
+                  observatory: bool) -> tuple[str, str, str]:
+    """(asset, check, partition) of the integrity check of the stage a copy belongs to."""
+    if observatory:
+        asset, check = CHECKS["packages"]
+        return asset, check, package
+    asset, check = CHECKS[kind]
+    return asset, check, str(package_site_key(package, site))
+
+
+def copy_check(instance: DagsterInstance, package: str, site: str, kind: LocationType,
+               observatory: bool, *, passed: bool, description: str,
+               metadata: dict[str, Any] | None = None) -> AssetCheckEvaluation:
+    """The evaluation of the integrity check of the stage a copy belongs to."""
+    asset, check, partition = copy_check_of(package, site, kind, observatory)
+    return check_evaluation(instance, asset, check, partition, passed=passed,
+                            description=description, metadata=metadata)
+
+
+class Finding(Config):
+    """One check evaluation to report: on `partition` of `asset`."""
+
+    asset: str
+    check: str
+    partition: str
+    passed: bool
+    description: str
+    severity: str = AssetCheckSeverity.ERROR.value
+
+
+class Findings(Config):
+    findings: list[Finding]
+
+
+@op
+def report_findings(context: OpExecutionContext, config: Findings) -> int:
+    """Each finding as a check evaluation in this run. (A run, not the sensor's own
+    `asset_events`: Dagster stores a runless evaluation of a partitioned check once per
+    partition only, so a second finding on the same partition would fail the tick.)"""
+    for finding in config.findings:
+        context.log_event(check_evaluation(  # type: ignore[arg-type]  # accepted at runtime
+            context.instance, finding.asset, finding.check, finding.partition,
+            passed=finding.passed, description=finding.description,
+            severity=AssetCheckSeverity(finding.severity)))
+    return len(config.findings)
+
+
+@job
+def integrity_report_job() -> None:
+    report_findings()

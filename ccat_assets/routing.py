@@ -1,0 +1,162 @@
+"""Runs launched without the sensors' tags (the UI's "Materialize", a backfill, `dagster asset
+materialize`) are routed like sensor runs: the `ccat/link` tag (per-link run limits) and the
+site queue (`ccat/queue`, used by the Celery executor).
+
+Why two hooks, and not job or asset tags: the link and the queue depend on the partition
+(which site, and where the bytes come from now, which OpsDB knows), while `tags`/`op_tags` on
+an asset or job are static, and a run-level hook runs after the run was created and dequeued.
+So:
+
+- `RoutedRunCoordinator` (the instance's run coordinator, `dagster.yaml`) adds the tags when a
+  run is submitted, before it is queued: the queue's tag concurrency limits then apply to it
+  exactly as to a sensor's run. This covers everything the webserver and the daemon launch
+  (UI, backfills, sensors, schedules).
+- The executors (`execution.executor`) add them when the run starts, for runs that bypass
+  the run coordinator (`dagster asset materialize`, `execute_job`), and the Celery executor
+  sends the steps to the `ccat/queue` queue unless the run config names one.
+
+Tags already on a run (the sensors set both) are never changed. If OpsDB cannot be asked,
+the run goes untagged rather than not at all (and says so in its tags)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+from dagster import DagsterInstance, DagsterRun, ExecutorDefinition, in_process_executor
+from dagster._core.executor.base import Executor
+from dagster._core.executor.in_process import InProcessExecutor
+from dagster._core.executor.init import InitExecutorContext
+from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
+from dagster._core.storage.tags import MULTIDIMENSIONAL_PARTITION_PREFIX, PARTITION_NAME_TAG
+
+from ccat_assets.instance import LINK_TAG
+from ccat_dt.config import Config, load_config
+from ccat_dt.dispatch import STAGES, dispatch_for
+from ccat_dt.opsdb.database import OpsDB
+
+QUEUE_TAG = "ccat/queue"
+UNROUTED_TAG = "ccat/unrouted"  # why a run could not be routed
+JOB_STAGE = {"package_job": "packages", "site_copy_job": "site_copies",
+             "lta_copy_job": "lta_copies", "purge_job": "purge_status",
+             "staging_job": "staged_copies"}
+LOG = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=4)
+def _opsdb(url: str, pid: int) -> OpsDB:  # one engine per process (the webserver, daemon)
+    return OpsDB(url)
+
+
+def stage_of(run: DagsterRun) -> str | None:
+    """The lifecycle stage a run materialises (the last one, for raw_files + packages)."""
+    if run.asset_selection:
+        names = {key.to_user_string() for key in run.asset_selection}
+        stages = [s for s in STAGES if s in names]
+        return stages[-1] if stages else None
+    return JOB_STAGE.get(run.job_name)
+
+
+def partition_of(tags: Mapping[str, str]) -> tuple[str, str | None] | None:
+    package = tags.get(f"{MULTIDIMENSIONAL_PARTITION_PREFIX}package")
+    if package is not None:
+        return package, tags.get(f"{MULTIDIMENSIONAL_PARTITION_PREFIX}site")
+    key = tags.get(PARTITION_NAME_TAG)
+    if key is None:
+        return None
+    if "|" in key:
+        package, site = key.split("|", 1)
+        return package, site
+    return key, None
+
+
+def routing_tags(config: Config, run: DagsterRun) -> dict[str, str]:
+    """The tags the run lacks: {ccat/link, ccat/queue}, or {} for a run that needs none
+    (the scrub, a run with the sensors' tags already)."""
+    stage, partition = stage_of(run), partition_of(run.tags)
+    if stage is None or partition is None or QUEUE_TAG in run.tags:
+        return {}
+    try:
+        dispatch = dispatch_for(_opsdb(config.opsdb_url, os.getpid()), config, stage, *partition)
+    except Exception as exc:  # noqa: BLE001 - never keep a run from starting for its tags
+        LOG.warning("run %s not routed: %s", run.run_id, exc)
+        return {UNROUTED_TAG: str(exc)[:200]}
+    tags = {QUEUE_TAG: dispatch.queue}
+    if dispatch.link and LINK_TAG not in run.tags:
+        tags[LINK_TAG] = dispatch.link
+    return tags
+
+
+def tag_run(instance: DagsterInstance, config: Config, run: DagsterRun) -> DagsterRun:
+    tags = routing_tags(config, run)
+    if not tags:
+        return run
+    instance.add_run_tags(run.run_id, tags)
+    return instance.get_run_by_id(run.run_id) or run
+
+
+class RoutedRunCoordinator(QueuedRunCoordinator):
+    """QueuedRunCoordinator that routes a run before queueing it (config from
+    $CCAT_DT_CONFIG, as the code location). Configure in dagster.yaml:
+    `run_coordinator: {module: ccat_assets.routing, class: RoutedRunCoordinator}`."""
+
+    def submit_run(self, context: SubmitRunContext) -> DagsterRun:
+        run = context.dagster_run
+        try:
+            config = load_config()
+        except Exception as exc:  # noqa: BLE001 - a bad config must not block every run
+            LOG.warning("run %s not routed: configuration: %s", run.run_id, exc)
+            return super().submit_run(context)
+        run = tag_run(self._instance, config, run)
+        return super().submit_run(SubmitRunContext(run, context.workspace))
+
+
+def _routed(config: Config, executor: Executor, tag_only: bool) -> None:
+    """Patch `executor.execute` to tag the run (and pick its Celery queue) when it starts."""
+    inner = executor.execute
+
+    def execute(plan_context: Any, execution_plan: Any) -> Any:
+        run = tag_run(plan_context.instance, config, plan_context.dagster_run)
+        queue = run.tags.get(QUEUE_TAG)
+        if not tag_only and queue and not getattr(executor, "_queue_from_run_config", False):
+            executor.config_source = {  # type: ignore[attr-defined]
+                **executor.config_source, "task_default_queue": queue}  # type: ignore[attr-defined]
+        return inner(plan_context, execution_plan)
+
+    executor.execute = execute  # type: ignore[method-assign]
+
+
+def routed_in_process_executor(config: Config) -> ExecutorDefinition:
+    def create(context: InitExecutorContext) -> Executor:
+        executor = in_process_executor.executor_creation_fn(context)  # type: ignore[misc]
+        assert isinstance(executor, InProcessExecutor)
+        _routed(config, executor, tag_only=True)
+        return executor
+
+    return ExecutorDefinition(name="in_process",
+                              config_schema=in_process_executor.config_schema,  # type: ignore[arg-type]
+                              executor_creation_fn=create,
+                              description=in_process_executor.description)
+
+
+def routed_celery_executor(config: Config) -> ExecutorDefinition:
+    from dagster_celery import celery_executor
+
+    def create(context: InitExecutorContext) -> Executor:
+        executor: Any = celery_executor.executor_creation_fn(context)  # type: ignore[misc]
+        given: Mapping[str, Any] = context.executor_config.get("config_source") or {}  # type: ignore[assignment]
+        executor._queue_from_run_config = "task_default_queue" in given  # noqa: SLF001
+        if "broker" not in context.executor_config and config.celery_broker:
+            executor.broker = config.celery_broker  # a UI run has no execution config
+        if "backend" not in context.executor_config and config.celery_backend:
+            executor.backend = config.celery_backend
+        _routed(config, executor, tag_only=False)
+        return executor
+
+    return ExecutorDefinition(name=celery_executor.name,
+                              config_schema=celery_executor.config_schema,  # type: ignore[arg-type]
+                              executor_creation_fn=create,
+                              description=celery_executor.description)

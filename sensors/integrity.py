@@ -1,0 +1,62 @@
+"""Integrity findings made outside an asset's run (the audit's `--repair`, a deletion-time
+re-check, a copy found bad while being re-read) reach the UI as check evaluations on exactly
+the partition concerned, and `filed_bytes_safe` follows a package at risk until it is safe.
+A finding already repaired when the sensor sees it is not reported (the repair's own check
+said green). The evaluations are logged by a small run (`integrity_report_job`)."""
+
+import json
+from typing import Any
+
+from dagster import (
+    AssetCheckSeverity,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    sensor,
+)
+
+from ccat_assets.integrity import copy_check_of, integrity_report_job
+from ccat_dt.loss import Health, assess
+from ccat_dt.packages import get_package
+from ccat_dt.pending import quarantines_found
+from resources.opsdb import Deployment
+
+
+@sensor(job=integrity_report_job, minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.RUNNING)
+def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
+    state = json.loads(context.cursor) if context.cursor else {}
+    after, was_unsafe = int(state.get("op", 0)), list(state.get("unsafe", []))
+    findings: list[dict[str, Any]] = []
+    config = deployment.config
+    with deployment.opsdb.session() as session:
+        found, cursor = quarantines_found(session, config, after)
+        for q in found:
+            asset, check, partition = copy_check_of(q.package, q.site, q.kind, q.observatory)
+            findings.append({"asset": asset, "check": check, "partition": partition,
+                             "passed": False, "description": q.description})
+        watched = sorted({*was_unsafe, *(q.package for q in found)})
+        unsafe = []
+        for name in watched:
+            try:
+                assessment = assess(session, config, get_package(session, name))
+            except LookupError:
+                continue
+            safe = assessment.health == Health.SAFE
+            if not safe:
+                unsafe.append(name)
+            if safe and name not in was_unsafe and not found:
+                continue
+            findings.append({
+                "asset": "purge_status", "check": "filed_bytes_safe", "partition": name,
+                "passed": safe, "description": assessment.reason,
+                "severity": (AssetCheckSeverity.ERROR if assessment.health == Health.LOST
+                             else AssetCheckSeverity.WARN).value})
+    new_cursor = json.dumps({"op": cursor, "unsafe": unsafe})
+    if not findings or (not found and sorted(unsafe) == sorted(was_unsafe)):
+        return SensorResult(cursor=new_cursor, skip_reason="no new integrity finding")
+    return SensorResult(cursor=new_cursor, run_requests=[RunRequest(
+        job_name=integrity_report_job.name,
+        run_key=f"integrity:{after}:{cursor}:{','.join(unsafe)}"[:200],
+        run_config={"ops": {"report_findings": {"config": {"findings": findings}}}})])

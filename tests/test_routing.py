@@ -1,0 +1,149 @@
+"""A run launched without the sensors' tags (the UI's "Materialize", a backfill, `dagster
+asset materialize`) is routed like a sensor's run: its `ccat/link` tag (the per-link run
+limit) and its site queue."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from dagster import (
+    AssetKey,
+    BetaWarning,
+    DagsterInstance,
+    DagsterRunStatus,
+    PreviewWarning,
+    execute_job,
+)
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.remote_origin import (
+    InProcessCodeLocationOrigin,
+    RemoteJobOrigin,
+    RemoteRepositoryOrigin,
+)
+from dagster._core.run_coordinator import SubmitRunContext
+from dagster._core.storage.tags import MULTIDIMENSIONAL_PARTITION_PREFIX, PARTITION_NAME_TAG
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.instance import LINK_TAG, write_instance_yaml
+from ccat_assets.partitions import package_site_key
+from ccat_assets.routing import QUEUE_TAG, RoutedRunCoordinator
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.packages import plan_packages
+from ccat_dt.queues import transfer_queue
+from tests.browser import REPO
+from tests.test_lifecycle import observe
+from tests.test_operator_actions import by_hand
+
+warnings.filterwarnings("ignore", category=PreviewWarning)
+warnings.filterwarnings("ignore", category=BetaWarning)
+
+
+def partition_tags(package: str, site: str) -> dict[str, str]:
+    """What Dagster puts on a run of one package x site partition."""
+    return {PARTITION_NAME_TAG: str(package_site_key(package, site)),
+            f"{MULTIDIMENSIONAL_PARTITION_PREFIX}package": package,
+            f"{MULTIDIMENSIONAL_PARTITION_PREFIX}site": site}
+
+
+def ui_origin(job: str) -> RemoteJobOrigin:
+    """Where the webserver says a run's job comes from (queued runs need one)."""
+    location = InProcessCodeLocationOrigin(LoadableTargetOrigin(
+        module_name="ccat_assets.definitions", attribute="defs", working_directory=str(REPO)))
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job)
+
+
+def test_runs_launched_without_sensor_tags_get_their_link_and_site_queue(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    observe(config, opsdb, observations=1, files=1)
+    with opsdb.session() as session:
+        planned = plan_packages(session, config)
+        package, site = planned[0].name, planned[0].primary_site.short_name
+    home = tmp_path / "dagster_home"
+    write_instance_yaml(config, home)  # what `ccat-dt init` writes: the run coordinator too
+    defs = build_definitions(config)
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("packages", [p.name for p in planned])
+        assert by_hand(defs, instance, "packages", package)  # built at the observatory
+        link, queue = f"ccat->{site}", transfer_queue(config, site)
+
+        # The UI (and a backfill) create the run and submit it to the instance's coordinator.
+        coordinator = instance.run_coordinator
+        assert isinstance(coordinator, RoutedRunCoordinator)
+        limits = instance.get_concurrency_config().run_queue_config
+        assert limits is not None and {"key": LINK_TAG, "value": link, "limit": 2} in [
+            dict(limit) for limit in limits.tag_concurrency_limits]
+        job = defs.resolve_implicit_global_asset_job_def()
+        run = instance.create_run_for_job(job, tags=partition_tags(package, site),
+                                          asset_selection=frozenset({AssetKey("site_copies")}),
+                                          remote_job_origin=ui_origin(job.name))
+        queued = coordinator.submit_run(SubmitRunContext(run, workspace=None))  # type: ignore[arg-type]
+        assert queued.status == DagsterRunStatus.QUEUED
+        assert queued.tags[LINK_TAG] == link and queued.tags[QUEUE_TAG] == queue
+
+        # `dagster asset materialize` executes the run directly: the executor tags it.
+        recon = ReconstructableRepository.for_module(
+            "ccat_assets.definitions", "defs").get_reconstructable_job(job.name)
+        with execute_job(recon, instance, tags=partition_tags(package, site),
+                         asset_selection=[AssetKey("site_copies")]) as result:
+            assert result.success
+            tags = instance.get_run_by_id(result.run_id).tags  # type: ignore[union-attr]
+        assert tags[LINK_TAG] == link and tags[QUEUE_TAG] == queue
+
+        # A sensor's run keeps its own tags.
+        sensor_run = instance.create_run_for_job(
+            job, tags={**partition_tags(package, site), LINK_TAG: "x->y", QUEUE_TAG: "q"},
+            asset_selection=frozenset({AssetKey("site_copies")}),
+            remote_job_origin=ui_origin(job.name))
+        kept = coordinator.submit_run(SubmitRunContext(sensor_run, workspace=None))  # type: ignore[arg-type]
+        assert kept.tags[LINK_TAG] == "x->y" and kept.tags[QUEUE_TAG] == "q"
+
+
+def test_sensors_see_a_backfills_runs_in_flight(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backfill's queued run for a partition: the sensors ask for no second run of it, and
+    the purge deletes nothing of that package meanwhile."""
+    from dagster import Definitions, build_sensor_context
+
+    from ccat_assets.driver import drive
+
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    observe(config, opsdb, observations=1, files=1)
+    home = tmp_path / "dagster_home"
+    write_instance_yaml(config, home)
+    full = build_definitions(config)
+    no_purge = Definitions(assets=full.assets, asset_checks=full.asset_checks, jobs=full.jobs,
+                           sensors=[s for s in full.sensors or []
+                                    if s.name != "purge_sensor"],  # type: ignore[union-attr]
+                           resources=full.resources, executor=full.executor)
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert drive(no_purge, instance).failed == []  # archived, nothing purged yet
+        names = sorted(instance.get_dynamic_partitions("packages"))
+        job = full.resolve_implicit_global_asset_job_def()
+        coordinator = instance.run_coordinator
+        backfill = instance.create_run_for_job(
+            job, tags={**partition_tags(names[0], "us"), "dagster/backfill": "b1"},
+            asset_selection=frozenset({AssetKey("lta_copies")}),
+            remote_job_origin=ui_origin(job.name))
+        coordinator.submit_run(SubmitRunContext(backfill, workspace=None))  # type: ignore[arg-type]
+
+        repository = full.get_repository_def()
+        purge = repository.get_sensor_def("purge_sensor")
+        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                  repository_def=repository,
+                                  resources=full.resources) as context:
+            requests = purge.evaluate_tick(context).run_requests or []
+        assert requests and {r.partition_key for r in requests} == set(names[1:])
+
+        lta = repository.get_sensor_def("lta_copy_sensor")
+        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                  repository_def=repository,
+                                  resources=full.resources) as context:
+            requests = lta.evaluate_tick(context).run_requests or []  # from the start
+        keys = {str(r.partition_key) for r in requests}
+        assert str(package_site_key(names[0], "us")) not in keys
+        assert str(package_site_key(names[0], "cologne")) in keys
