@@ -27,6 +27,9 @@ from ccat_dt.topology import prepare_opsdb
 from tests.services import unavailable
 from tests.test_lifecycle import observe
 
+# Both Celery suites flush the same Redis database: never at once (pytest -n, loadgroup).
+pytestmark = pytest.mark.xdist_group("redis")
+
 REDIS_URL = os.environ.get("CCAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
 REPO = Path(__file__).resolve().parents[1]
 

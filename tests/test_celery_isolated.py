@@ -34,6 +34,9 @@ from tests.sshd import SshServer
 from tests.test_celery import REPO
 from tests.test_lifecycle import observe
 
+# Both Celery suites flush the same Redis database: never at once (pytest -n, loadgroup).
+pytestmark = pytest.mark.xdist_group("redis")
+
 SITES = ("ccat", "cologne", "us")
 REDIS = os.environ.get("CCAT_TEST_REDIS_ISOLATED_URL", "redis://127.0.0.1:6379/8")
 
