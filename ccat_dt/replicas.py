@@ -27,7 +27,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.packages import get_package, lock_package, package_path, supersede
 from ccat_dt.references import CopyRef, Placement
-from ccat_dt.routing import copies_at, replication_source
+from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
 from ccat_dt.storage import StorageUnavailable, look, root_problem
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
@@ -73,19 +73,6 @@ def source_for(session: Session, config: Config, package: RawDataPackage, site: 
             return own
         return nearest_lta_copy(session, config, package, site)
     return replication_source(session, config, package, site)
-
-
-def nearest_lta_copy(session: Session, config: Config, package: RawDataPackage,
-                     site: str) -> PackageCopy | None:
-    """The verified LTA copy at another archive site on the cheapest route to `site`."""
-    candidates = [c for c in copies_at(session, package, LocationType.LONG_TERM_ARCHIVE)
-                  if c.is_verified and c.location.site.short_name != site]
-
-    def cost(copy: PackageCopy) -> int:
-        route = config.settings.route(copy.location.site.short_name, site)
-        return route.cost if route else 1 << 30
-
-    return min(candidates, key=cost, default=None)
 
 
 def archived_at(session: Session, package: RawDataPackage, site: str) -> PackageCopy | None:

@@ -53,6 +53,12 @@ def replication_source(session: Session, config: Config, package: RawDataPackage
         buffered = [c for c in copies_at(session, package, LocationType.BUFFER,
                                          config.settings.observatory) if c.is_verified]
         return buffered[0] if buffered else None
+    return nearest_lta_copy(session, config, package, site)
+
+
+def nearest_lta_copy(session: Session, config: Config, package: RawDataPackage,
+                     site: str) -> PackageCopy | None:
+    """The verified LTA copy at another archive site on the cheapest route to `site`."""
     candidates = [c for c in copies_at(session, package, LocationType.LONG_TERM_ARCHIVE)
                   if c.is_verified and c.location.site.short_name != site]
 
