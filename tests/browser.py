@@ -163,3 +163,27 @@ def dagster_webserver(dagster_home: Path, config_path: Path, log: Path) -> Itera
             yield Webserver(url=server.url, location=loaded[-1], log=log)
     except DidNotStart as exc:
         raise AssertionError(f"{exc}\n{server.log_tail()}") from exc
+
+
+DAEMON_READY = "Instance is configured with the following daemons"
+
+
+@contextmanager
+def dagster_daemon(dagster_home: Path, config_path: Path, log: Path) -> Iterator[None]:
+    """`dagster-daemon run` over the same instance and workspace, as `make ui` (`dagster dev`)
+    runs it beside the webserver: it dequeues the runs the UI submits, executes backfills and
+    ticks the sensors and the schedule. Stopped (with its code server) afterwards."""
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "CCAT_DT_CONFIG": str(config_path)}
+    command = [sys.executable, "-m", "dagster._daemon", "run", "-w",
+               str(REPO / "workspace.yaml")]
+
+    def ready() -> str:
+        started = log.exists() and DAEMON_READY in log.read_text(errors="replace")
+        return "" if started else "daemons not started yet"
+
+    try:
+        with running(command, log=log, ready=ready, timeout_s=START_TIMEOUT_S,
+                     name="dagster-daemon", env=env, cwd=REPO, group=True, poll_s=0.25):
+            yield
+    except DidNotStart as exc:
+        raise AssertionError(str(exc)) from exc
