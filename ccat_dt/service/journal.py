@@ -165,9 +165,16 @@ class Journal:
         assert found is not None
         return found, old is not None
 
-    def next_pending(self) -> Entry | None:
-        rows = self._rows("SELECT * FROM entries WHERE state = 'pending' ORDER BY seq LIMIT 1")
-        return _entry(rows[0]) if rows else None
+    def next_pending(self, limit: int = 1) -> list[Entry]:
+        """The oldest pending entries, in order."""
+        return [_entry(r) for r in self._rows(
+            "SELECT * FROM entries WHERE state = 'pending' ORDER BY seq LIMIT ?", (limit,))]
+
+    def mark_applied(self, seqs: Sequence[int]) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE entries SET state = 'applied', applied_at = ?, error = NULL, "
+                           "attempts = attempts + 1 WHERE seq = ?",
+                           [(time.time(), seq) for seq in seqs])
 
     def mark(self, seq: int, state: str, error: str | None = None) -> None:
         with self._tx() as db:
