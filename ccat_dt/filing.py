@@ -374,24 +374,30 @@ def _resolve(session: Session, observation: str, module: str, site: str | None,
         modules = ", ".join(sorted(m.label for m in session.scalars(select(InstrumentModule))))
         raise FilingError(f"{prefix}: unknown module '{module}'; known modules: {modules}",
                           [("module", "unknown module")])
-    sources = list(session.scalars(
-        select(DataLocation).where(DataLocation.location_type == LocationType.SOURCE)
-        .order_by(DataLocation.priority.desc(), DataLocation.id)))
-    known = ", ".join(loc.label for loc in sources) or "none (is the topology synced?)"
+    def sources() -> list[DataLocation]:  # only for a default site, or to explain an error
+        return list(session.scalars(
+            select(DataLocation).where(DataLocation.location_type == LocationType.SOURCE)
+            .order_by(DataLocation.priority.desc(), DataLocation.id)))
+
+    def known() -> str:
+        return ", ".join(loc.label for loc in sources()) or "none (is the topology synced?)"
+
     try:
         if site is None:
-            if not sources:
+            first = next(iter(sources()), None)
+            if first is None:
                 raise UnknownLocation("OpsDB has no source location")
-            site = sources[0].site.short_name
+            site = first.site.short_name
         loc = (get_location(session, site, location) if location is not None
                else primary_location(session, site, LocationType.SOURCE))
     except UnknownLocation as exc:
-        raise FilingError(f"{prefix}: {exc}; source locations: {known}",
+        raise FilingError(f"{prefix}: {exc}; source locations: {known()}",
                           [("location", str(exc))]) from None
     if loc.location_type != LocationType.SOURCE:
         kind = loc.location_type.value.replace("_", " ")
         raise FilingError(f"{prefix}: location {loc.label} is a {kind}, raw files are filed at "
-                          f"a source location ({known})", [("location", "not a source location")])
+                          f"a source location ({known()})",
+                          [("location", "not a source location")])
     root = Path(loc.root)
     if not root.is_dir():
         raise FilingError(f"{prefix}: root {root} of source location {loc.label} is missing")
@@ -486,17 +492,18 @@ def _hash(item: _Checked) -> _Checked | tuple[int, _Problem]:
 def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str) -> FilingResult:
     """Compare with earlier filings and insert the new files, all in one transaction."""
     with opsdb.session() as session:
+        obs = session.get(ExecutedObsUnit, target.observation_id)
+        if obs is None or obs.status != ObservationStatus.OPEN:
+            raise FilingError(f"{prefix} was finished while its files were being checked; "
+                              "nothing was filed")
         return _record_in(session, target, items, prefix)
 
 
 def _record_in(session: Session, target: _Target, items: list[_Checked],
                prefix: str) -> FilingResult:
     """_record inside the caller's transaction: a few statements whatever the number of files
-    (one SELECT per 500 paths, then multi-row INSERTs of the files and their source copies)."""
-    obs = session.get(ExecutedObsUnit, target.observation_id, populate_existing=True)
-    if obs is None or obs.status != ObservationStatus.OPEN:
-        raise FilingError(f"{prefix} was finished while its files were being checked; "
-                          "nothing was filed")
+    (one SELECT per 500 paths, then multi-row INSERTs of the files and their source copies).
+    The caller has checked, in this transaction, that the observation is open."""
     names = [item.name for item in items]
     existing: dict[str, tuple[str, int, int, str, int]] = {}
     for start in range(0, len(names), _IN_CHUNK):

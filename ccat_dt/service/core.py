@@ -124,7 +124,9 @@ class FilingService:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.applied = 0
+        self.applied = 0  # journal entries the drainer applied, their files, and the time
+        self.applied_files = 0  # it spent applying: the drain rate /health reports
+        self.drain_busy_s = 0.0
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -388,8 +390,10 @@ class FilingService:
                     return max(self._retry_at - time.monotonic(), 0.05)
             self.journal.prune(time.time() - 7 * 86400)
             return min(self.config.settings.service.token_refresh_s, 1.0)
+        started = time.monotonic()
         with self._write:
             self._apply(entries)
+        self.drain_busy_s += time.monotonic() - started
         return 0.0
 
     @staticmethod
@@ -433,6 +437,7 @@ class FilingService:
             return True
         self.journal.mark_applied([e.seq for e in entries])
         self.applied += len(entries)
+        self.applied_files += sum(len(e.payload.get("files", ())) for e in entries)
         return True
 
     # --- reads ---------------------------------------------------------------------------
@@ -534,7 +539,9 @@ class FilingService:
                 "journal": {"path": str(self.journal.path), "pending": pending,
                             "oldest_pending_age_s": oldest, "dead": dead,
                             "dead_letters": [e.summary() for e in letters]},
-                "drainer": {"alive": alive, "applied": self.applied}}
+                "drainer": {"alive": alive, "applied": self.applied,
+                            "applied_files": self.applied_files,
+                            "busy_s": round(self.drain_busy_s, 4)}}
 
 
 def _transaction(db: OpsDB, kind: str, payload: dict[str, Any],
