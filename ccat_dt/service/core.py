@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -47,6 +47,7 @@ from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate
 from ccat_dt.opsdb.models import (
     ApiRequest,
     ExecutedObsUnit,
+    FilingDeadLetter,
     RawDataFile,
     RawDataPackage,
     new_uuid,
@@ -127,6 +128,7 @@ class FilingService:
         self.applied = 0  # journal entries the drainer applied, their files, and the time
         self.applied_files = 0  # it spent applying: the drain rate /health reports
         self.drain_busy_s = 0.0
+        self._mirrored: set[str] | None = None  # dead letters last copied into OpsDB
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -351,7 +353,7 @@ class FilingService:
 
     def _replay(self, entry: Entry) -> Ack:
         body = {**entry.response, "replayed": True, "state": entry.state}
-        if entry.state == "dead":
+        if entry.state in ("dead", "discarded"):
             raise FilingError(f"request {entry.request_id} was accepted but could not be "
                               f"applied: {entry.error}", [("request_id", "dead letter")],
                               conflict=True)
@@ -383,11 +385,12 @@ class FilingService:
                 return max(self._retry_at - time.monotonic(), 0.05)
         entries = self.journal.next_pending(DRAIN_BATCH)
         if not entries:
-            if not self.reachable:
-                try:
+            try:
+                if not self.reachable:
                     self._call(self._probe)
-                except Unreachable:
-                    return max(self._retry_at - time.monotonic(), 0.05)
+                self._mirror_dead_letters()
+            except Unreachable:
+                return max(self._retry_at - time.monotonic(), 0.05)
             self.journal.prune(time.time() - 7 * 86400)
             return min(self.config.settings.service.token_refresh_s, 1.0)
         started = time.monotonic()
@@ -395,6 +398,27 @@ class FilingService:
             self._apply(entries)
         self.drain_busy_s += time.monotonic() - started
         return 0.0
+
+    def _mirror_dead_letters(self) -> None:
+        """Copy this site's dead letters into OpsDB (filing_dead_letters) when they changed,
+        so that the notifications tell a person; retried or discarded ones leave it."""
+        _, letters = self.journal.dead_letters(limit=10_000)
+        current = {e.request_id: e for e in letters}
+        if set(current) == self._mirrored:
+            return
+
+        def sync(db: OpsDB) -> None:
+            with db.session() as session:
+                session.execute(delete(FilingDeadLetter).where(
+                    FilingDeadLetter.site == self.site,
+                    FilingDeadLetter.request_id.not_in(list(current))))
+                for entry in current.values():
+                    session.merge(FilingDeadLetter(
+                        request_id=entry.request_id, site=self.site, seq=entry.seq,
+                        kind=entry.kind, observation=entry.observation,
+                        error=entry.error or "no error recorded"))
+        self._call(sync)
+        self._mirrored = set(current)
 
     @staticmethod
     def _probe(db: OpsDB) -> None:
@@ -511,7 +535,8 @@ class FilingService:
             return None
         return {"uuid": buffered.uuid, "path": buffered.path, "location": buffered.location,
                 "size": buffered.size, "checksum": buffered.checksum,
-                "state": "buffered" if buffered.state == "pending" else "dead letter",
+                "state": {"pending": "buffered", "dead": "dead letter"}.get(
+                    buffered.state, buffered.state),
                 "copies": []}
 
     def package(self, name: str) -> dict[str, Any] | None:
@@ -531,6 +556,7 @@ class FilingService:
     def health(self) -> dict[str, Any]:
         pending, oldest = self.journal.pending()
         dead, letters = self.journal.dead_letters()
+        discarded = self.journal.counts().get("discarded", 0)
         alive = self._thread is not None and self._thread.is_alive()
         return {"status": "ok" if self.reachable and alive and not dead else "degraded",
                 "site": self.site,
@@ -538,6 +564,7 @@ class FilingService:
                           "last_contact": _iso(self.last_contact)},
                 "journal": {"path": str(self.journal.path), "pending": pending,
                             "oldest_pending_age_s": oldest, "dead": dead,
+                            "discarded": discarded,
                             "dead_letters": [e.summary() for e in letters]},
                 "drainer": {"alive": alive, "applied": self.applied,
                             "applied_files": self.applied_files,
