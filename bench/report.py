@@ -667,8 +667,8 @@ def _service(r: SectionResult) -> list[str]:
         "",
         "The drain time is the time the drainer spent applying (from /health: "
         "`drainer.busy_s`); from the link's return to an empty journal took "
-        f"{_st(f['emptied_s'])}, most of it the drainer's back-off before it tries OpsDB again "
-        "(0.25 s doubling to at most 10 s while the link is down). With the link up a bulk "
+        f"{_st(f['emptied_s'])}, which adds the drainer's back-off before it tries OpsDB "
+        "again (0.25 s doubling to at most 10 s while the link is down). With the link up a bulk "
         "request is one OpsDB transaction of a few multi-row "
         "statements; a single request pays the HTTP round trip, one hash, and one transaction "
         "(commit included) through the relay. The drainer applies up to 100 journal entries "
