@@ -1,8 +1,9 @@
 """`make bench` / `python -m bench`: run every benchmark section and write docs/benchmarks.md.
 
 Sizes come from environment variables (see bench.common.Settings and docs/benchmarks.md);
-CCAT_BENCH_QUICK=1 is a 1-2 minute smoke run. A failing section is reported in the document
-and makes the exit status non-zero; the other sections still run.
+CCAT_BENCH_QUICK=1 is a 1-2 minute smoke run; `python -m bench service purge` runs only
+the sections named (as CCAT_BENCH_SECTIONS=service,purge does). A failing section is
+reported in the document and makes the exit status non-zero; the other sections still run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ TITLES = {
     "lifecycle": "5. Orchestration overhead: the whole lifecycle through drive()",
     "opsdb": "6. OpsDB at scale: sensor queries and the deletion planner",
     "years": "7. Five-year simulation",
+    "service": "8. Filing service: acknowledgements and drain",
     "purge": "9. Deletion-time re-check: the purge of archived packages",
 }
 
@@ -42,10 +44,11 @@ def _runners() -> dict[str, Callable[[Settings, SectionResult, Callable[[str], N
     from bench.opsdb import bench_opsdb, bench_years
     from bench.purge import bench_purge
     from bench.remote import bench_remote
+    from bench.service import bench_service
 
     return {"hash": bench_hash, "package": bench_package, "copy": bench_copy,
             "remote": bench_remote, "lifecycle": bench_lifecycle, "opsdb": bench_opsdb,
-            "years": bench_years, "purge": bench_purge}
+            "years": bench_years, "service": bench_service, "purge": bench_purge}
 
 
 def _jsonable(value: Any) -> Any:
@@ -67,6 +70,8 @@ def _jsonable(value: Any) -> Any:
 def main() -> int:
     warnings.filterwarnings("ignore")
     settings = Settings.from_env(REPO)
+    if sys.argv[1:]:
+        settings.sections = sys.argv[1:]
     unknown = [s for s in settings.sections if s not in SECTIONS]
     if unknown:
         print(f"bench: unknown section(s) {unknown}; choose from {SECTIONS}", file=sys.stderr)

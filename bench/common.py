@@ -54,6 +54,8 @@ class Settings:
     in_flight: int
     years_packages: int
     years_files_per_package: int
+    service_files: int = 5000  # defaults: results saved before section 8 existed still load
+    service_singles: int = 300
 
     @classmethod
     def from_env(cls, repo: Path) -> Settings:
@@ -85,13 +87,16 @@ class Settings:
             in_flight=_env_int("CCAT_BENCH_IN_FLIGHT", 60),
             years_packages=_env_int("CCAT_BENCH_YEARS_PACKAGES", q(100_000, 4_000)),
             years_files_per_package=_env_int("CCAT_BENCH_YEARS_FILES_PER_PACKAGE", q(100, 10)),
+            service_files=_env_int("CCAT_BENCH_SERVICE_FILES", q(5000, 1000)),
+            service_singles=_env_int("CCAT_BENCH_SERVICE_SINGLES", q(300, 50)),
         )
 
     def describe(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "purge"]
+SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "service",
+            "purge"]
 
 
 # -- timing -------------------------------------------------------------------------------------

@@ -86,6 +86,13 @@ def _summary(results: list[SectionResult]) -> list[str]:
                 lines.append(f"| 6 | {label} at {at:,} raw files | {fmt_s(t)} s | ≤ 1 s at "
                              f"10^6 | {'PASS' if ok else '**MISS**'}"
                              f"{'' if at >= 10**6 else ' (largest size run: ' + f'{at:,})'} |")
+        if r.name == "service" and r.facts.get("rates"):
+            goal = r.facts["bulk_goal"]
+            for state, label in (("up", "OpsDB up"), ("cut", "link cut, journaled")):
+                rate = r.facts["rates"][f"bulk {state}"]["median"]
+                lines.append(f"| 8 | files acknowledged per second in bulk ({label}) | "
+                             f"{rate:,.0f} files/s | ≥ {goal:,.0f} files/s | "
+                             f"{'PASS' if rate >= goal else '**MISS**'} |")
         if r.name == "years" and r.facts.get("years"):
             first, last = r.facts["years"][0], r.facts["years"][-1]
             for label, key in (("package sensor tick", PACKAGE_TICK), ("plan_cycle",
@@ -620,14 +627,68 @@ def _purge(r: SectionResult) -> list[str]:
     return lines
 
 
+def _service(r: SectionResult) -> list[str]:
+    f = r.facts
+    if not f.get("rates"):
+        return []
+    n, s = f["bulk_files"], f["single_files"]
+    rates, times = f["rates"], f["times"]
+
+    def row(what: str, files: int, key: str, rate: str, extra: str = "") -> str:
+        q = rates[rate]
+        return (f"| {what} | {files:,} | {_st(times[key])} | **{q['median']:,.0f}** "
+                f"({q['min']:,.0f}–{q['max']:,.0f}){extra} |")
+
+    statuses = f.get("statuses", {})
+    drain_req = rates["drain requests"]
+    lines = [
+        f"A real `ccat-dt serve` (uvicorn) on loopback; PostgreSQL on this machine reached "
+        f"through the tests' Python TCP relay (tests/faults/link.py), which is cut for the "
+        f"journal rows. Files of {f['file_bytes'] // 1024} KiB: the figures are the per-file "
+        "cost of HTTP, validation (path, symlinks, size, xxh3 hash), and the journal or OpsDB, "
+        "not disk throughput. Each round, in rotated order: the CLI's `file_raw_files` through "
+        f"the same relay; the service with the link up ({n:,} files in one bulk request, then "
+        f"{s:,} one request each); the same with the link cut, then the link restored and the "
+        "journal drained. Rates are files ÷ median time (range from the slowest and fastest "
+        "round).", "",
+        "| what | files | time: median (min–max) | files/s: median (min–max) |",
+        "|---|---:|---|---|",
+        row(f"bulk, OpsDB up ({'/'.join(statuses.get('up', []))})", n, "bulk up", "bulk up"),
+        row("one by one, OpsDB up", s, "single up", "single up"),
+        row(f"bulk, link cut ({'/'.join(statuses.get('cut', []))})", n, "bulk cut",
+            "bulk cut"),
+        row("one by one, link cut", s, "single cut", "single cut"),
+        row(f"drain after the link returns: 1 bulk + {s:,} single requests", n + s, "drain",
+            "drain files", f"; {drain_req['median']:,.0f} requests/s"),
+        row("reference: the CLI's `file_raw_files`, one call, straight into OpsDB", n,
+            "cli bulk", "cli bulk"),
+        "",
+        *_comparison_table(r.comparisons),
+        "",
+        "The drain time is the time the drainer spent applying (from /health: "
+        "`drainer.busy_s`); from the link's return to an empty journal took "
+        f"{_st(f['emptied_s'])}, which adds the drainer's back-off before it tries OpsDB "
+        "again (0.25 s doubling to at most 10 s while the link is down). With the link up a bulk "
+        "request is one OpsDB transaction of a few multi-row "
+        "statements; a single request pays the HTTP round trip, one hash, and one transaction "
+        "(commit included) through the relay. The drainer applies up to 100 journal entries "
+        "per transaction, consecutive file requests of one observation as one. "
+        f"Load average during this section: {', '.join(f'{x:.1f}' for x in r.load_before)} → "
+        f"{', '.join(f'{x:.1f}' for x in r.load_after)} (1, 5, 15 min).",
+    ]
+    return lines
+
+
 RENDER = {"hash": _hash, "package": _package, "copy": _copy, "remote": _remote,
-          "lifecycle": _lifecycle, "opsdb": _opsdb, "years": _years, "purge": _purge}
+          "lifecycle": _lifecycle, "opsdb": _opsdb, "years": _years, "service": _service,
+          "purge": _purge}
 
 
 ENV_DOC = [
     ("CCAT_BENCH_QUICK", "1: small sizes for a 1–2 minute smoke run (quick values below)"),
     ("CCAT_BENCH_SECTIONS", "comma list of hash,package,copy,remote,lifecycle,opsdb,years,"
-                            "purge (all)"),
+                            "service,purge (all); `python -m bench service` names them as "
+                            "arguments"),
     ("CCAT_BENCH_REPEAT", "rounds per comparison, at least 3 (5; quick 3; hashing, cheap and "
                           "noisy, uses at least 15)"),
     ("CCAT_BENCH_HASH_MIB", "file hashed in section 1 (1024; quick 256)"),
@@ -647,6 +708,9 @@ ENV_DOC = [
     ("CCAT_BENCH_IN_FLIGHT", "packages in flight in sections 6 and 7 (60)"),
     ("CCAT_BENCH_YEARS_PACKAGES, CCAT_BENCH_YEARS_FILES_PER_PACKAGE", "section 7 (100000, 100; "
                                                                       "quick 4000, 10)"),
+    ("CCAT_BENCH_SERVICE_FILES, CCAT_BENCH_SERVICE_SINGLES", "section 8: files in the bulk "
+                                                             "request, and filed one by one "
+                                                             "(5000, 300; quick 1000, 50)"),
     ("CCAT_BENCH_DIR", "where scratch data goes ($TMPDIR or /tmp); needs ~8 GB free (section 7's "
                        "OpsDB reaches ~7 GB)"),
     ("CCAT_BENCH_KEEP", "1: keep the scratch directory"),

@@ -193,6 +193,56 @@ def cmd_serve(args: argparse.Namespace) -> None:
           journal=args.journal, log_level=args.log_level)
 
 
+def cmd_journal(args: argparse.Namespace) -> None:
+    """Dead letters of the filing service's journal at this site: list, retry, discard."""
+    from ccat_dt.service.journal import Journal
+
+    config = load_config(args.config)
+    path = config.resolve_root(args.journal or config.settings.service.journal)
+    if not path.exists():
+        raise UsageError(f"no filing journal at {path} (is `ccat-dt serve` run on this host? "
+                         "--journal names another file)")
+    if args.action != "list" and args.seq is None:
+        raise UsageError(f"journal {args.action} needs the entry number (see `ccat-dt journal "
+                         "list`)")
+    if args.action == "discard" and not (args.reason or "").strip():
+        raise UsageError("journal discard needs --reason (kept with the entry)")
+    if args.action == "list" and args.seq is not None:
+        raise UsageError("journal list takes no entry number")
+    book = Journal(path)
+    try:
+        if args.action == "list":
+            pending, oldest = book.pending()
+            dead, letters = book.dead_letters(limit=10_000)
+            age = f", oldest {oldest:.0f} s old" if oldest is not None else ""
+            print(f"filing journal {path}: {pending} request(s) waiting for OpsDB{age}; "
+                  f"{dead} dead letter(s)")
+            for entry in letters:
+                files = entry.payload.get("files")
+                what = f"{len(files)} file(s)" if isinstance(files, list) else entry.kind
+                print(f"  #{entry.seq} {entry.kind} {entry.observation} ({what}, request "
+                      f"{entry.request_id}): {entry.error}")
+            if dead:
+                print("fix the cause, then `ccat-dt journal retry N`, or `ccat-dt journal "
+                      "discard N --reason TEXT`")
+                raise SystemExit(EXIT_PROBLEMS)
+            return
+        try:
+            entry = (book.retry(args.seq) if args.action == "retry"
+                     else book.discard(args.seq, args.reason.strip()))
+        except (KeyError, ValueError) as exc:
+            raise UsageError(str(exc).strip("'\"")) from None
+    finally:
+        book.close()
+    if args.action == "retry":
+        print(f"journal entry #{entry.seq} ({entry.kind} of {entry.observation}) is pending "
+              "again: the running service applies it within a second, or files it as a dead "
+              "letter again with the reason (`ccat-dt journal list`)")
+    else:
+        print(f"journal entry #{entry.seq} ({entry.kind} of {entry.observation}) discarded; "
+              "it stays in the journal for the record, the notification about it resolves")
+
+
 def cmd_token(args: argparse.Namespace) -> None:
     from ccat_dt.service.tokens import create_token, list_tokens, revoke_token
 
@@ -518,6 +568,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--journal", help="journal file (default: service.journal)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(run=cmd_serve)
+
+    p = commands.add_parser("journal", help="the filing service's journal at this site: list "
+                            "its dead letters (requests OpsDB refuses), retry or discard one")
+    p.add_argument("action", choices=["list", "retry", "discard"])
+    p.add_argument("seq", type=int, nargs="?", help="entry number, as `journal list` shows")
+    p.add_argument("--reason", help="why it is discarded (required with discard)")
+    p.add_argument("--journal", help="journal file (default: service.journal)")
+    p.set_defaults(run=cmd_journal)
 
     p = commands.add_parser("token", help="API tokens of the filing service")
     p.add_argument("action", choices=["create", "revoke", "list"])

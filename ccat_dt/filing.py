@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -124,6 +124,10 @@ class CheckedFile:
     size: int
     checksum: str
     uuid: str | None = None
+    # What the file was when hashed (st_ino, st_mtime_ns); not journaled. Recording keeps it
+    # only if the file still is that one, so a later deletion can skip re-hashing it.
+    inode: int | None = None
+    mtime_ns: int | None = None
 
     def spec(self) -> FileSpec:
         return FileSpec(self.path, self.size, self.checksum, self.uuid)
@@ -143,18 +147,10 @@ def start_observation(opsdb: OpsDB, name: str, *, uuid: str | None = None,
     for attempt in (1, 2):  # a concurrent start of the same name fails once, then is found
         try:
             with opsdb.session() as session:
-                obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
-                if obs is None:
-                    obs = ExecutedObsUnit(name=name, uuid=uuid or new_uuid())
-                    session.add(obs)
-                    session.flush()
-                elif obs.status != ObservationStatus.OPEN:
-                    raise FilingError(f"observation '{name}' already finished at "
-                                      f"{obs.finished_at}; it cannot be restarted, use a new name",
-                                      [("name", "observation already finished")], conflict=True)
+                found = start_in(session, name, uuid)
                 if hook is not None:
                     hook(session)
-                return obs.uuid
+                return found
         except IntegrityError:
             if attempt == 2:
                 raise FilingError(f"observation '{name}': uuid {uuid} is already used by "
@@ -163,17 +159,37 @@ def start_observation(opsdb: OpsDB, name: str, *, uuid: str | None = None,
     raise AssertionError("unreachable")
 
 
+def start_in(session: Session, name: str, uuid: str | None = None) -> str:
+    """start_observation inside the caller's transaction (raises IntegrityError when another
+    process started the same name or used the uuid at the same moment)."""
+    obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
+    if obs is None:
+        obs = ExecutedObsUnit(name=name, uuid=uuid or new_uuid())
+        session.add(obs)
+        session.flush()
+    elif obs.status != ObservationStatus.OPEN:
+        raise FilingError(f"observation '{name}' already finished at "
+                          f"{obs.finished_at}; it cannot be restarted, use a new name",
+                          [("name", "observation already finished")], conflict=True)
+    return obs.uuid
+
+
 def finish_observation(opsdb: OpsDB, name: str, *, hook: Hook | None = None) -> None:
     """Close an observation so no more files can be filed against it (idempotent)."""
     with opsdb.session() as session:
-        obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
-        if obs is None:
-            raise FilingError(f"observation '{name}' is unknown; nothing to finish",
-                              [("name", "unknown observation")], conflict=True)
-        if obs.status == ObservationStatus.OPEN:
-            obs.status, obs.finished_at = ObservationStatus.FINISHED, utcnow()
+        finish_in(session, name)
         if hook is not None:
             hook(session)
+
+
+def finish_in(session: Session, name: str) -> None:
+    """finish_observation inside the caller's transaction."""
+    obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
+    if obs is None:
+        raise FilingError(f"observation '{name}' is unknown; nothing to finish",
+                          [("name", "unknown observation")], conflict=True)
+    if obs.status == ObservationStatus.OPEN:
+        obs.status, obs.finished_at = ObservationStatus.FINISHED, utcnow()
 
 
 def file_raw_files(opsdb: OpsDB, *, observation: str, module: str, files: Sequence[FileSpec],
@@ -190,20 +206,24 @@ def check_files(source: Source, files: Sequence[FileSpec], observation: str) -> 
     """Every check filing makes on the files themselves (containment, symlinks, size, checksum),
     without OpsDB: the filing service runs it before it acknowledges a request."""
     checked = _check(source, files, f"observation '{observation}'", hashing=True)
-    return [CheckedFile(c.name, c.size, c.checksum, c.spec.uuid) for c in checked]
+    return [CheckedFile(c.name, c.size, c.checksum, c.spec.uuid, c.inode, c.mtime_ns)
+            for c in checked]
 
 
-def file_checked(opsdb: OpsDB, *, observation: str, module: str, files: Sequence[CheckedFile],
-                 site: str | None = None, location: str | None = None,
-                 hook: Hook | None = None) -> FilingResult:
-    """Record files `check_files` accepted earlier (maybe hours earlier, from a journal): the
-    cheap checks run again (the file is still there, same size) but the bytes are not re-read;
-    the packaging pass re-reads them against the checksum anyway."""
+def record_checked(session: Session, *, observation: str, module: str,
+                   files: Sequence[CheckedFile], site: str | None = None,
+                   location: str | None = None) -> FilingResult:
+    """Record files `check_files` accepted earlier (a moment ago, or hours ago from a journal)
+    inside the caller's transaction: the cheap checks run again (the file is still there, same
+    size) but the bytes are not re-read; the packaging pass re-reads them against the checksum
+    anyway. A file's identity from its hashing is kept only if it is still the same file."""
     prefix = f"observation '{observation}'"
-    with opsdb.session() as session:
-        target = _resolve(session, observation, module, site, location)
+    target = _resolve(session, observation, module, site, location)
     checked = _check(target, [f.spec() for f in files], prefix, hashing=False)
-    return _record(opsdb, target, checked, prefix, hook)
+    for i, c in enumerate(checked):
+        if (files[c.index].inode, files[c.index].mtime_ns) != (c.inode, c.mtime_ns):
+            checked[i] = replace(c, inode=None, mtime_ns=None)
+    return _record_in(session, target, checked, prefix)
 
 
 def _check(target: Source, files: Sequence[FileSpec], prefix: str,
@@ -211,8 +231,9 @@ def _check(target: Source, files: Sequence[FileSpec], prefix: str,
     checked: list[_Checked] = []
     problems: list[tuple[int, _Problem]] = []
     seen: dict[str, str] = {}
+    parents: dict[str, str] = {}  # each directory resolved once per call
     for index, spec in enumerate(files):
-        found = _inspect(spec, target)
+        found = _inspect(spec, target, parents, index)
         if isinstance(found, _Problem):
             problems.append((index, found))
         elif found.name in seen:
@@ -220,12 +241,7 @@ def _check(target: Source, files: Sequence[FileSpec], prefix: str,
                                              f"'{seen[found.name]}' and '{spec.path}')")))
         else:
             seen[found.name] = spec.path
-            # The identity is kept only when the bytes are hashed now (and checked unchanged
-            # after); a journaled file is recorded without one, so its deletion re-hashes it.
-            checked.append(replace(found, checksum=spec.checksum.lower() if spec.checksum
-                                   else "", index=index,
-                                   inode=found.inode if hashing else None,
-                                   mtime_ns=found.mtime_ns if hashing else None))
+            checked.append(found)
     _raise_if(problems, prefix, len(files))
     if not hashing:
         return checked
@@ -358,32 +374,40 @@ def _resolve(session: Session, observation: str, module: str, site: str | None,
         modules = ", ".join(sorted(m.label for m in session.scalars(select(InstrumentModule))))
         raise FilingError(f"{prefix}: unknown module '{module}'; known modules: {modules}",
                           [("module", "unknown module")])
-    sources = list(session.scalars(
-        select(DataLocation).where(DataLocation.location_type == LocationType.SOURCE)
-        .order_by(DataLocation.priority.desc(), DataLocation.id)))
-    known = ", ".join(loc.label for loc in sources) or "none (is the topology synced?)"
+    def sources() -> list[DataLocation]:  # only for a default site, or to explain an error
+        return list(session.scalars(
+            select(DataLocation).where(DataLocation.location_type == LocationType.SOURCE)
+            .order_by(DataLocation.priority.desc(), DataLocation.id)))
+
+    def known() -> str:
+        return ", ".join(loc.label for loc in sources()) or "none (is the topology synced?)"
+
     try:
         if site is None:
-            if not sources:
+            first = next(iter(sources()), None)
+            if first is None:
                 raise UnknownLocation("OpsDB has no source location")
-            site = sources[0].site.short_name
+            site = first.site.short_name
         loc = (get_location(session, site, location) if location is not None
                else primary_location(session, site, LocationType.SOURCE))
     except UnknownLocation as exc:
-        raise FilingError(f"{prefix}: {exc}; source locations: {known}",
+        raise FilingError(f"{prefix}: {exc}; source locations: {known()}",
                           [("location", str(exc))]) from None
     if loc.location_type != LocationType.SOURCE:
         kind = loc.location_type.value.replace("_", " ")
         raise FilingError(f"{prefix}: location {loc.label} is a {kind}, raw files are filed at "
-                          f"a source location ({known})", [("location", "not a source location")])
+                          f"a source location ({known()})",
+                          [("location", "not a source location")])
     root = Path(loc.root)
     if not root.is_dir():
         raise FilingError(f"{prefix}: root {root} of source location {loc.label} is missing")
     return _Target(loc.label, root, root.resolve(), obs.id, mod.id, loc.id)
 
 
-def _inspect(spec: FileSpec, target: Source) -> _Checked | _Problem:
-    """Check one declared file without reading its bytes; a _Problem is what was found."""
+def _inspect(spec: FileSpec, target: Source, parents: dict[str, str],
+             index: int = 0) -> _Checked | _Problem:
+    """Check one declared file without reading its bytes; a _Problem is what was found.
+    `parents` caches resolved directories, so a batch costs about one lstat a file."""
     rel = PurePosixPath(spec.path)
     if not spec.path.strip() or not rel.parts or "\0" in spec.path:
         return _Problem("path", f"path {spec.path!r} is empty or invalid")
@@ -403,17 +427,27 @@ def _inspect(spec: FileSpec, target: Source) -> _Checked | _Problem:
     if ".." in rel.parts:
         return outside
     name = rel.as_posix()
+    parent, _, base = name.rpartition("/")
     try:
-        real = (target.root / name).resolve()
-        if not real.is_relative_to(target.real_root):
-            return outside
-        if real != target.real_root / name:
+        if parent not in parents:
+            parents[parent] = str((target.root / parent).resolve())
+        real = os.path.join(parents[parent], base)
+        try:
+            info: os.stat_result | None = os.lstat(real)
+        except FileNotFoundError:
+            info = None
+        if real != os.path.join(target.real_root, name) or (
+                info is not None and stat.S_ISLNK(info.st_mode)):
+            resolved = Path(real).resolve()
+            if not resolved.is_relative_to(target.real_root):
+                return outside
             # A symlinked directory would let one observation's purge delete another's file
             # (and a symlinked file could be swapped): only real paths below the root are filed.
             return _Problem("path", f"path '{name}' passes through a symlink under "
                             f"{target.root}; file the real path "
-                            f"({real.relative_to(target.real_root)})")
-        info = real.stat()
+                            f"({resolved.relative_to(target.real_root)})")
+        if info is None:
+            raise FileNotFoundError(name)
     except FileNotFoundError:
         return _Problem("path", f"file '{name}' does not exist under {target.root}")
     except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop
@@ -426,8 +460,9 @@ def _inspect(spec: FileSpec, target: Source) -> _Checked | _Problem:
     if spec.checksum is not None and not CHECKSUM.fullmatch(spec.checksum.lower()):
         return _Problem("checksum", f"checksum of '{name}' is not 32 hex digits ({ALGORITHM}): "
                         f"{spec.checksum!r}")
-    return _Checked(spec, name, real, info.st_size, inode=info.st_ino,
-                    mtime_ns=info.st_mtime_ns)
+    return _Checked(spec, name, Path(real), info.st_size,
+                    spec.checksum.lower() if spec.checksum else "", index, info.st_ino,
+                    info.st_mtime_ns)
 
 
 def _hash(item: _Checked) -> _Checked | tuple[int, _Problem]:
@@ -454,60 +489,74 @@ def _hash(item: _Checked) -> _Checked | tuple[int, _Problem]:
     return replace(item, size=size, checksum=checksum)
 
 
-def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str,
-            hook: Hook | None = None) -> FilingResult:
+def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str) -> FilingResult:
     """Compare with earlier filings and insert the new files, all in one transaction."""
     with opsdb.session() as session:
         obs = session.get(ExecutedObsUnit, target.observation_id)
         if obs is None or obs.status != ObservationStatus.OPEN:
             raise FilingError(f"{prefix} was finished while its files were being checked; "
                               "nothing was filed")
-        names = [item.name for item in items]
-        existing: dict[str, RawDataFile] = {}
-        for start in range(0, len(names), _IN_CHUNK):
-            chunk = names[start:start + _IN_CHUNK]
-            existing.update((row.relative_path, row) for row in session.scalars(select(RawDataFile)
-                            .where(RawDataFile.source_location_id == target.location_id,
-                                   RawDataFile.relative_path.in_(chunk))))
-        problems: list[tuple[int, _Problem]] = []
-        new: list[_Checked] = []
-        uuids: dict[str, str] = {}
-        for item in items:
-            row = existing.get(item.name)
-            if row is None:
-                new.append(item)
-            elif (row.observation_id, row.module_id) != (target.observation_id, target.module_id):
-                problems.append((item.index, _Problem(
-                    "path", f"'{item.name}' is already filed under observation "
-                    f"'{row.observation.name}', module {row.module.label}")))
-            elif row.checksum != item.checksum:
-                problems.append((item.index, _Problem(
-                    "checksum", f"'{item.name}' is already filed with checksum {row.checksum}; "
-                    f"refusing to re-file it with checksum {item.checksum}")))
-            elif row.size != item.size:
-                problems.append((item.index, _Problem(
-                    "size", f"'{item.name}' is already filed with size {row.size}; "
-                    f"refusing to re-file it with size {item.size}")))
-            else:
-                uuids[item.name] = row.uuid
-        _raise_if(problems, prefix, len(items), conflict=True)
-        now = utcnow()  # the checksum was just computed at the source: the copy is verified
-        for item in new:
-            uuids[item.name] = item.spec.uuid or new_uuid()
-            raw = RawDataFile(uuid=uuids[item.name], source_location_id=target.location_id,
-                              relative_path=item.name, size=item.size,
-                              checksum_algorithm=ALGORITHM,
-                              checksum=item.checksum, observation_id=target.observation_id,
-                              module_id=target.module_id, filed_at=now)
-            session.add(raw)
-            session.add(RawDataFileCopy(
-                location_id=target.location_id, relative_path=item.name, size=item.size,
-                checksum=item.checksum, status=CopyStatus.PRESENT, created_at=now,
-                verified_at=now, raw_data_file=raw, inode=item.inode, mtime_ns=item.mtime_ns))
-        if hook is not None:
-            hook(session)
+        return _record_in(session, target, items, prefix)
+
+
+def _record_in(session: Session, target: _Target, items: list[_Checked],
+               prefix: str) -> FilingResult:
+    """_record inside the caller's transaction: a few statements whatever the number of files
+    (one SELECT per 500 paths, then multi-row INSERTs of the files and their source copies).
+    The caller has checked, in this transaction, that the observation is open."""
+    names = [item.name for item in items]
+    existing: dict[str, tuple[str, int, int, str, int]] = {}
+    for start in range(0, len(names), _IN_CHUNK):
+        chunk = names[start:start + _IN_CHUNK]
+        existing.update((row[0], tuple(row[1:])) for row in session.execute(  # type: ignore[misc]
+            select(RawDataFile.relative_path, RawDataFile.uuid, RawDataFile.observation_id,
+                   RawDataFile.module_id, RawDataFile.checksum, RawDataFile.size)
+            .where(RawDataFile.source_location_id == target.location_id,
+                   RawDataFile.relative_path.in_(chunk))))
+    problems: list[tuple[int, _Problem]] = []
+    new: list[_Checked] = []
+    uuids: dict[str, str] = {}
+    for item in items:
+        row = existing.get(item.name)
+        if row is None:
+            new.append(item)
+            continue
+        uuid, observation_id, module_id, checksum, size = row
+        if (observation_id, module_id) != (target.observation_id, target.module_id):
+            other = session.get_one(ExecutedObsUnit, observation_id).name
+            label = session.get_one(InstrumentModule, module_id).label
+            problems.append((item.index, _Problem(
+                "path", f"'{item.name}' is already filed under observation '{other}', "
+                f"module {label}")))
+        elif checksum != item.checksum:
+            problems.append((item.index, _Problem(
+                "checksum", f"'{item.name}' is already filed with checksum {checksum}; "
+                f"refusing to re-file it with checksum {item.checksum}")))
+        elif size != item.size:
+            problems.append((item.index, _Problem(
+                "size", f"'{item.name}' is already filed with size {size}; "
+                f"refusing to re-file it with size {item.size}")))
+        else:
+            uuids[item.name] = uuid
+    _raise_if(problems, prefix, len(items), conflict=True)
+    now = utcnow()  # the checksum was just computed at the source: the copy is verified
+    for item in new:
+        uuids[item.name] = item.spec.uuid or new_uuid()
+    if new:
         try:
-            session.flush()
+            ids = dict(session.execute(
+                insert(RawDataFile).returning(RawDataFile.uuid, RawDataFile.id),
+                [{"uuid": uuids[item.name], "source_location_id": target.location_id,
+                  "relative_path": item.name, "size": item.size,
+                  "checksum_algorithm": ALGORITHM, "checksum": item.checksum,
+                  "observation_id": target.observation_id, "module_id": target.module_id,
+                  "filed_at": now} for item in new]).tuples().all())
+            session.execute(insert(RawDataFileCopy), [
+                {"kind": "raw_file", "location_id": target.location_id,
+                 "relative_path": item.name, "size": item.size, "checksum": item.checksum,
+                 "status": CopyStatus.PRESENT, "created_at": now, "verified_at": now,
+                 "raw_data_file_id": ids[uuids[item.name]], "inode": item.inode,
+                 "mtime_ns": item.mtime_ns} for item in new])
         except IntegrityError:
             raise FilingError(f"{prefix}: some of these files (or their uuids) were filed "
                               "concurrently by another process; nothing was filed, retry",

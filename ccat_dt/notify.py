@@ -10,7 +10,8 @@ Nothing is sent, and no row is written, while no channel is configured.
 
 What counts as a problem (`current_problems`) is only what does not heal by itself: a package
 quarantined (a source file changed after filing), work escalated past the re-attempt horizon,
-a buffer filling faster than it drains. Transient faults are never told.
+a buffer filling faster than it drains, a filing-service request that can never be applied (a
+dead letter, which each site's service mirrors into OpsDB). Transient faults are never told.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ccat_dt.config import Config, SmtpConfig, WebhookConfig
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
+    FilingDeadLetter,
     Notification,
     Operation,
     OperationType,
@@ -49,7 +51,7 @@ LOG = logging.getLogger("ccat_dt.notify")
 @dataclass(frozen=True)
 class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
-    kind: str  # quarantined | escalated | lost | at_risk | buffer_filling
+    kind: str  # quarantined | escalated | lost | at_risk | buffer_filling | dead_letter
     subject: str
     detail: str  # what happened and what to do
 
@@ -142,6 +144,17 @@ def current_problems(session: Session, config: Config, now: datetime,
         problems.append(Problem(
             f"{kind}:{name}", kind, f"package {name}: {assessment.health.value.upper()}",
             f"{assessment.reason}\n`ccat-dt why {name}` shows every copy and stage."))
+    for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
+                                                                    FilingDeadLetter.seq)):
+        problems.append(Problem(
+            f"dead_letter:{letter.site}:{letter.request_id}", "dead_letter",
+            f"filing service at {letter.site}: a '{letter.kind}' request of observation "
+            f"{letter.observation} can never be applied",
+            f"Journal entry #{letter.seq} (request {letter.request_id}) was acknowledged to the "
+            f"instrument but OpsDB refuses it: {letter.error}\n"
+            "On the service's host: `ccat-dt journal list` shows it; fix the cause, then "
+            f"`ccat-dt journal retry {letter.seq}`, or give it up with `ccat-dt journal "
+            f"discard {letter.seq} --reason TEXT`."))
     for location, hours in buffers:
         problems.append(Problem(
             f"buffer_filling:{location}", "buffer_filling",

@@ -30,15 +30,18 @@ from ccat_dt.client import FilingClient, ServiceError
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.filing import FileSpec, file_raw_files, start_observation
+from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     ApiRequest,
     ExecutedObsUnit,
+    FilingDeadLetter,
     LocationType,
     ObservationStatus,
     PackageState,
     RawDataFile,
     RawDataPackage,
+    utcnow,
 )
 from ccat_dt.service.tokens import create_token, revoke_token
 from ccat_dt.tarball import read_manifest
@@ -368,3 +371,79 @@ def test_a_request_that_becomes_invalid_while_buffered_is_a_dead_letter(site: Si
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert "1 dead letter(s)" in shown.stdout and "obs-other" in shown.stdout
+
+
+def test_dead_letters_are_told_then_retried_or_discarded_by_a_person(site: Site) -> None:
+    paths = write_files(site.source, "obs-r", "primecam/f280", 2)
+    client = FilingClient(site.url, site.token, attempts=1)
+    client.start_observation("obs-r")
+    site.link.cut()
+    for path in paths:
+        assert client.file("obs-r", "primecam/f280", [path])[0]["status"] == "buffered"
+    gone = site.source / paths[0]  # deleted while buffered: fixable by restoring it
+    kept = gone.read_bytes()
+    gone.unlink()
+    start_observation(site.opsdb, "obs-other")  # filed elsewhere meanwhile: never fixable
+    file_raw_files(site.opsdb, observation="obs-other", module="primecam/f280",
+                   files=[FileSpec(paths[1])])
+    site.link.restore()
+    health = site.wait("two dead letters", lambda h: h["journal"]["pending"] == 0
+                       and h["journal"]["dead"] == 2)
+    assert health["status"] == "degraded"
+    missing, other = (letter["seq"] for letter in health["journal"]["dead_letters"])
+
+    def mirrored() -> set[str]:
+        deadline = time.monotonic() + 20
+        while True:
+            with site.opsdb.session() as session:
+                told = {p.key for p in current_problems(session, site.config, utcnow())
+                        if p.kind == "dead_letter"}
+                rows = {r.request_id for r in session.scalars(select(FilingDeadLetter))}
+            letters = {e["request_id"] for e in site.health()["journal"]["dead_letters"]}
+            if rows == letters or time.monotonic() > deadline:
+                assert rows == letters
+                assert told == {f"dead_letter:ccat:{r}" for r in rows}
+                return rows
+            time.sleep(0.1)
+
+    assert len(mirrored()) == 2  # a person is told (notify reads the mirror in OpsDB)
+
+    def journal(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ccat_assets.cli", "--config",
+                               str(site.config.path), "journal", *args], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              check=False)
+
+    listed = journal("list")
+    assert listed.returncode == 1, listed.stderr[-2000:]  # done, with problems found
+    assert "2 dead letter(s)" in listed.stdout and f"#{missing} files obs-r" in listed.stdout
+    assert "does not exist" in listed.stdout and "obs-other" in listed.stdout
+
+    rows = site.journal_rows()  # bad input: a clear error, exit 2, nothing changed
+    for args, message in ((["retry", "999"], "no journal entry #999"),
+                          (["retry"], "needs the entry number"),
+                          (["discard", str(other)], "needs --reason"),
+                          (["discard", str(other), "--reason", " "], "needs --reason")):
+        answer = journal(*args)
+        assert answer.returncode == 2, (args, answer.stdout, answer.stderr)
+        assert answer.stderr.startswith("ccat-dt: error: ") and message in answer.stderr, args
+    assert site.journal_rows() == rows
+
+    gone.write_bytes(kept)  # the cause fixed: a retry applies it
+    assert journal("retry", str(missing)).returncode == 0
+    site.wait("the retried entry", lambda h: h["journal"]["dead"] == 1
+              and h["journal"]["pending"] == 0)
+    with site.opsdb.session() as session:
+        filed = session.execute(select(RawDataFile.relative_path, ExecutedObsUnit.name)
+                                .join(ExecutedObsUnit)).all()
+    assert sorted(filed) == [(paths[0], "obs-r"), (paths[1], "obs-other")]
+    again = journal("retry", str(missing))  # applied now: not a dead letter any more
+    assert again.returncode == 2 and "is applied, not a dead letter" in again.stderr
+
+    discarded = journal("discard", str(other), "--reason", "filed under obs-other by hand")
+    assert discarded.returncode == 0, discarded.stderr
+    health = site.wait("the discard", lambda h: h["journal"]["dead"] == 0)
+    assert health["journal"]["discarded"] == 1
+    assert mirrored() == set()  # the notification resolves
+    assert journal("list").returncode == 0
+    assert [r[2] for r in site.journal_rows()] == ["applied", "discarded"]

@@ -360,6 +360,21 @@ class ApiRequest(Base):
     applied_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class FilingDeadLetter(Base):
+    """A filing-service request that can never be applied, as the site's journal holds it (the
+    journal is the truth; the service mirrors it here so the notifications can tell a person).
+    The row goes when the request is retried successfully or discarded."""
+
+    __tablename__ = "filing_dead_letters"
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    site: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column()
+    kind: Mapped[str] = mapped_column(String(16))
+    observation: Mapped[str] = mapped_column(String(128))
+    error: Mapped[str] = mapped_column(Text)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Reattempt(Base):
     """Work (one stage x partition) whose last run failed or died, waiting for its next
     automatic attempt: written by the re-attempt sensor, read by `why`, `status` and the

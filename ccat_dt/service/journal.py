@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS entries (
     payload TEXT NOT NULL,            -- what the drainer applies (JSON)
     response TEXT NOT NULL,           -- the acknowledgement the client got (JSON)
     token_name TEXT,
-    state TEXT NOT NULL DEFAULT 'pending',  -- pending, applied, dead
+    state TEXT NOT NULL DEFAULT 'pending',  -- pending, applied, dead, discarded
     accepted_at REAL NOT NULL,
     applied_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -165,9 +165,16 @@ class Journal:
         assert found is not None
         return found, old is not None
 
-    def next_pending(self) -> Entry | None:
-        rows = self._rows("SELECT * FROM entries WHERE state = 'pending' ORDER BY seq LIMIT 1")
-        return _entry(rows[0]) if rows else None
+    def next_pending(self, limit: int = 1) -> list[Entry]:
+        """The oldest pending entries, in order."""
+        return [_entry(r) for r in self._rows(
+            "SELECT * FROM entries WHERE state = 'pending' ORDER BY seq LIMIT ?", (limit,))]
+
+    def mark_applied(self, seqs: Sequence[int]) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE entries SET state = 'applied', applied_at = ?, error = NULL, "
+                           "attempts = attempts + 1 WHERE seq = ?",
+                           [(time.time(), seq) for seq in seqs])
 
     def mark(self, seq: int, state: str, error: str | None = None) -> None:
         with self._tx() as db:
@@ -185,6 +192,33 @@ class Journal:
         count, oldest = rows[0][0], rows[0][1]
         return int(count), (time.time() - oldest if oldest is not None else None)
 
+    def get(self, seq: int) -> Entry | None:
+        rows = self._rows("SELECT * FROM entries WHERE seq = ?", (seq,))
+        return _entry(rows[0]) if rows else None
+
+    def retry(self, seq: int) -> Entry:
+        """A dead letter goes back to pending (its cause fixed); the drainer applies it next,
+        before newer entries, as its place in the order says."""
+        return self._settle(seq, "pending", None)
+
+    def discard(self, seq: int, reason: str) -> Entry:
+        """A dead letter is given up on by a person; kept, with the reason, for the record."""
+        return self._settle(seq, "discarded", f"discarded: {reason} (was: {{error}})")
+
+    def _settle(self, seq: int, state: str, error: str | None) -> Entry:
+        with self._tx() as db:
+            row = db.execute("SELECT state, error FROM entries WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                raise KeyError(f"no journal entry #{seq} in {self.path}")
+            if row[0] != "dead":
+                raise ValueError(f"journal entry #{seq} is {row[0]}, not a dead letter; only "
+                                 "dead letters can be retried or discarded")
+            db.execute("UPDATE entries SET state = ?, error = ? WHERE seq = ?",
+                       (state, error.format(error=row[1]) if error else None, seq))
+        found = self.get(seq)
+        assert found is not None
+        return found
+
     def dead_letters(self, limit: int = 50) -> tuple[int, list[Entry]]:
         count = self._rows("SELECT count(*) FROM entries WHERE state = 'dead'")[0][0]
         rows = self._rows("SELECT * FROM entries WHERE state = 'dead' ORDER BY seq LIMIT ?",
@@ -199,7 +233,7 @@ class Journal:
     def finished(self, observation: str) -> bool:
         """A finish of this observation was accepted (buffered or already applied)."""
         return bool(self._rows("SELECT 1 FROM entries WHERE observation = ? AND kind = 'finish' "
-                               "AND state != 'dead' LIMIT 1", (observation,)))
+                               "AND state IN ('pending', 'applied') LIMIT 1", (observation,)))
 
     def counts(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in self._rows(
@@ -219,14 +253,14 @@ class Journal:
         return _file(rows[0]) if rows else None
 
     def files_at(self, location: str, paths: Sequence[str]) -> dict[str, JournalFile]:
-        """Files not dead-lettered that a journal entry files at these paths."""
+        """Files not dead-lettered or discarded that a journal entry files at these paths."""
         found: dict[str, JournalFile] = {}
         for start in range(0, len(paths), 500):
             chunk = list(paths[start:start + 500])
             marks = ",".join("?" * len(chunk))
             for row in self._rows(
                     f"SELECT f.*, e.state FROM files f JOIN entries e USING (seq) WHERE "
-                    f"f.location = ? AND f.path IN ({marks}) AND e.state != 'dead'",
+                    f"f.location = ? AND f.path IN ({marks}) AND e.state IN ('pending', 'applied')",
                     (location, *chunk)):
                 found[row["path"]] = _file(row)
         return found
