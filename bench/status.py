@@ -50,7 +50,8 @@ def _load(url: str, copies: int, log: Callable[[str], None]) -> dict[str, int]:
             "FROM generate_series(1, :n) g", n=packages // 10 + 1)
         run("INSERT INTO raw_data_packages (id, uuid, name, observation_id, module_id, part, "
             "state, primary_site_id, size, checksum_algorithm, checksum, created_at) "
-            "SELECT g, md5('p' || g)::uuid::text, 'pkg-' || g, (g - 1) / 10 + 1, 9001, (g - 1) % 10, "
+            "SELECT g, md5('p' || g)::uuid::text, 'pkg-' || g, (g - 1) / 10 + 1, 9001, "
+            "(g - 1) % 10, "
             "'archived', (SELECT site_id FROM data_locations WHERE id = :source), "
             "CAST(:files AS bigint) * 1000000, 'xxh3_128', md5(g::text), now() "
             "FROM generate_series(1, :n) g", n=packages, files=FILES, source=source)
@@ -60,7 +61,8 @@ def _load(url: str, copies: int, log: Callable[[str], None]) -> dict[str, int]:
             "'xxh3_128', md5(g::text), (g - 1) / :files / 10 + 1, 9001, (g - 1) / :files + 1, "
             f"{_AGO.format(n=':n')} FROM generate_series(1, :n) g", n=files, files=FILES,
             source=source)
-        log(f"    {packages:,} packages, {files:,} raw files: {fmt_s(time.perf_counter() - started)} s")
+        log(f"    {packages:,} packages, {files:,} raw files: "
+            f"{fmt_s(time.perf_counter() - started)} s")
         run("INSERT INTO physical_copies (kind, location_id, relative_path, size, status, "
             "checksum, created_at, deleted_at, raw_data_file_id) "
             "SELECT 'raw', :source, 'raw/' || g || '.dat', 1000000, CASE WHEN "
