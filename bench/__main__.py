@@ -35,6 +35,7 @@ TITLES = {
     "years": "7. Five-year simulation",
     "service": "8. Filing service: acknowledgements and drain",
     "purge": "9. Deletion-time re-check: the purge of archived packages",
+    "status": "10. `ccat-dt status` with 10^7 copies in OpsDB (PostgreSQL)",
 }
 
 
@@ -45,10 +46,12 @@ def _runners() -> dict[str, Callable[[Settings, SectionResult, Callable[[str], N
     from bench.purge import bench_purge
     from bench.remote import bench_remote
     from bench.service import bench_service
+    from bench.status import bench_status
 
     return {"hash": bench_hash, "package": bench_package, "copy": bench_copy,
             "remote": bench_remote, "lifecycle": bench_lifecycle, "opsdb": bench_opsdb,
-            "years": bench_years, "service": bench_service, "purge": bench_purge}
+            "years": bench_years, "service": bench_service, "purge": bench_purge,
+            "status": bench_status}
 
 
 def _jsonable(value: Any) -> Any:

@@ -56,6 +56,7 @@ class Settings:
     years_files_per_package: int
     service_files: int = 5000  # defaults: results saved before section 8 existed still load
     service_singles: int = 300
+    status_copies: int = 10**7
 
     @classmethod
     def from_env(cls, repo: Path) -> Settings:
@@ -89,6 +90,7 @@ class Settings:
             years_files_per_package=_env_int("CCAT_BENCH_YEARS_FILES_PER_PACKAGE", q(100, 10)),
             service_files=_env_int("CCAT_BENCH_SERVICE_FILES", q(5000, 1000)),
             service_singles=_env_int("CCAT_BENCH_SERVICE_SINGLES", q(300, 50)),
+            status_copies=_env_int("CCAT_BENCH_STATUS_COPIES", q(10**7, 10**5)),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -96,7 +98,7 @@ class Settings:
 
 
 SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "service",
-            "purge"]
+            "purge", "status"]
 
 
 # -- timing -------------------------------------------------------------------------------------

@@ -69,6 +69,11 @@ def _summary(results: list[SectionResult]) -> list[str]:
                          f" | ≥ {c.goal:g} | {'PASS' if c.verdict == 'PASS' else '**MISS**'} |")
         if r.name == "remote":
             lines.append(f"| 4 | bbcp | {r.facts.get('bbcp', '?')} | | n/a |")
+        if r.name == "status" and "status_median_s" in r.facts:
+            t = r.facts["status_median_s"]
+            lines.append(f"| 10 | `ccat-dt status` with {r.facts.get('copies', 0):,} copies in "
+                         f"OpsDB (PostgreSQL) | {fmt_s(t)} s | < 1 s | "
+                         f"{'PASS' if t < 1 else '**MISS**'} |")
         if r.name == "lifecycle" and "goal" in r.facts:
             g = r.facts["goal"]
             lines.append(f"| 5 | orchestration overhead per package per stage (one Dagster run) "
@@ -679,16 +684,30 @@ def _service(r: SectionResult) -> list[str]:
     return lines
 
 
+def _status(r: SectionResult) -> list[str]:
+    f = r.facts
+    if "skipped" in f:
+        return [f"Skipped: {f['skipped']}."]
+    lines = _facts_list(f, ["size", "status", "indexes"])
+    lines += ["", "Each round is `ccat-dt status` in a fresh process, as an operator runs it "
+              "(Python start, imports, every query, the output); the first round, untimed, "
+              "warms the server's cache. Per query, from the server's own EXPLAIN ANALYZE:", ""]
+    lines += [f"- {q}" for q in f.get("queries", [])]
+    if f.get("output"):
+        lines += ["", "What it printed:", "", "```", f["output"].rstrip(), "```"]
+    return lines
+
+
 RENDER = {"hash": _hash, "package": _package, "copy": _copy, "remote": _remote,
           "lifecycle": _lifecycle, "opsdb": _opsdb, "years": _years, "service": _service,
-          "purge": _purge}
+          "purge": _purge, "status": _status}
 
 
 ENV_DOC = [
     ("CCAT_BENCH_QUICK", "1: small sizes for a 1–2 minute smoke run (quick values below)"),
     ("CCAT_BENCH_SECTIONS", "comma list of hash,package,copy,remote,lifecycle,opsdb,years,"
-                            "service,purge (all); `python -m bench service` names them as "
-                            "arguments"),
+                            "service,purge,status (all); `python -m bench service` names "
+                            "them as arguments"),
     ("CCAT_BENCH_REPEAT", "rounds per comparison, at least 3 (5; quick 3; hashing, cheap and "
                           "noisy, uses at least 15)"),
     ("CCAT_BENCH_HASH_MIB", "file hashed in section 1 (1024; quick 256)"),
@@ -711,6 +730,10 @@ ENV_DOC = [
     ("CCAT_BENCH_SERVICE_FILES, CCAT_BENCH_SERVICE_SINGLES", "section 8: files in the bulk "
                                                              "request, and filed one by one "
                                                              "(5000, 300; quick 1000, 50)"),
+    ("CCAT_BENCH_STATUS_COPIES", "copies in the PostgreSQL OpsDB `status` reads in section 10 "
+                                 "(10000000; quick 100000)"),
+    ("CCAT_BENCH_POSTGRES_URL", "the PostgreSQL server sections 5 and 10 make scratch "
+                                "databases on (postgresql://postgres@127.0.0.1:5432/postgres)"),
     ("CCAT_BENCH_DIR", "where scratch data goes ($TMPDIR or /tmp); needs ~8 GB free (section 7's "
                        "OpsDB reaches ~7 GB)"),
     ("CCAT_BENCH_KEEP", "1: keep the scratch directory"),

@@ -19,10 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dagster import BetaWarning, PreviewWarning
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from ccat_assets.instance import write_instance_yaml
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import CONFIG_NAME, write_default_config
 from ccat_dt.filing import (
@@ -56,6 +54,8 @@ EXIT_PIPE = 128 + 13  # the reader closed the pipe (SIGPIPE), e.g. `ccat-dt stat
 def init(directory: Path) -> Path:
     """Write the embedded default under `directory` (keeping an existing config), migrate the
     OpsDB, mirror the topology into it and prepare the Dagster home."""
+    from ccat_assets.instance import write_instance_yaml
+
     path = directory / CONFIG_NAME
     if not path.exists():
         write_default_config(directory)
@@ -271,6 +271,7 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 
 def cmd_drive(args: argparse.Namespace) -> None:
+    _dagster()  # first: importing the Dagster layer warns
     from ccat_assets.definitions import build_definitions
     from ccat_assets.driver import drive
     from ccat_assets.instance import open_instance
@@ -305,6 +306,7 @@ def _report_danger(config: Config) -> bool:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    _dagster()  # first: importing the Dagster layer warns
     from ccat_assets.demo import run_demo
 
     ok = run_demo(Path(args.root).absolute(), observations=args.observations,
@@ -412,18 +414,23 @@ def cmd_why(args: argparse.Namespace) -> None:
             raise UsageError(str(exc)) from None
     for stage in stages:
         print(f"{stage.stage:<20} {stage.state:<12} {stage.detail}")
-    for line in _runs_of(config, args.package):
-        print(line)
+    if any(stage.state != "done" for stage in stages):
+        sys.stdout.flush()  # OpsDB's answer first: Dagster's runs take a second to ask
+        for line in _runs_of(config, args.package):
+            print(line)
 
 
 def _runs_of(config: Config, package: str) -> list[str]:
-    """What the Dagster instance says about the package's runs (when there is an instance)."""
-    from dagster import DagsterRun, DagsterRunStatus, RunsFilter
-
+    """What the Dagster instance says about the package's runs (when there is an instance):
+    asked only about a package with a stage not done (nothing to explain otherwise), as
+    importing Dagster takes over a second."""
     from ccat_assets.instance import instance_home, open_instance
 
     if not (instance_home(config) / "dagster.yaml").exists():
         return []
+    _dagster()
+    from dagster import DagsterRun, DagsterRunStatus, RunsFilter
+
     instance = open_instance(config)
     runs: list[DagsterRun] = []
     for tag in ("dagster/partition", "dagster/partition/package"):
@@ -481,6 +488,7 @@ def cmd_instance_yaml(args: argparse.Namespace) -> None:
 
 
 def cmd_retry(args: argparse.Namespace) -> None:
+    _dagster()  # first: importing the Dagster layer warns
     from ccat_assets.instance import open_instance
     from ccat_assets.retry import operator_retry
     from ccat_assets.runlog import LOG_NAME, RunReporter, quiet_runs
@@ -678,10 +686,17 @@ EPILOG = """exit status:
 """
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    # Partitioned asset checks are a Dagster preview feature we rely on knowingly.
+def _dagster() -> None:
+    """Import Dagster, for the commands that run or read runs (the others answer without it:
+    importing it takes over a second). Partitioned asset checks are a Dagster preview feature
+    we rely on knowingly: its warnings are off."""
+    from dagster import BetaWarning, PreviewWarning
+
     warnings.filterwarnings("ignore", category=PreviewWarning)
     warnings.filterwarnings("ignore", category=BetaWarning)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     verbose = 0
     try:
         try:

@@ -39,8 +39,9 @@ from dagster._core.definitions.dynamic_partitions_request import AddDynamicParti
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._utils.schedules import reverse_cron_string_iterator
 
+from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.runlog import with_run_loggers
-from ccat_assets.tags import DRIVE_TAG, IN_FLIGHT, NEXT_AT
+from ccat_assets.tags import DRIVE_TAG, NEXT_AT
 
 RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"

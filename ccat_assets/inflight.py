@@ -6,13 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dagster import DagsterInstance, RunRequest, RunsFilter
+from dagster import DagsterInstance, DagsterRunStatus, RunRequest, RunsFilter
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 
 from ccat_assets.routing import partition_of, stage_of
 from ccat_assets.stages import stage_of_job
 from ccat_dt.stages import Stage
+
+# A run in one of these has not ended (a run whose process died stays in one until closed).
+IN_FLIGHT = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING,
+             DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 # Runs in flight are bounded by the run queue (max_concurrent_runs plus what waits); this
 # caps one sensor tick's look at them.

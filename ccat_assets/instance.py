@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from dagster import DagsterInstance
 
 from ccat_assets.tags import LINK_TAG
 from ccat_dt.config import Config
+
+if TYPE_CHECKING:  # `ccat-dt init` and `why` use this module without loading Dagster
+    from dagster import DagsterInstance
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "dagster.yaml"
 
@@ -20,6 +22,8 @@ def instance_home(config: Config) -> Path:
 
 
 def open_instance(config: Config) -> DagsterInstance:
+    from dagster import DagsterInstance
+
     home = instance_home(config)
     home.mkdir(parents=True, exist_ok=True)
     return DagsterInstance.from_config(str(home))

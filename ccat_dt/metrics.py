@@ -16,10 +16,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from influxdb_client import InfluxDBClient, Point, WriteOptions, WritePrecision
-from influxdb_client.client.write_api import WriteApi, WriteType
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
@@ -32,6 +30,10 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     Site,
 )
+
+if TYPE_CHECKING:  # the client library is imported only when metrics are on: `status` is faster
+    from influxdb_client import InfluxDBClient, Point
+    from influxdb_client.client.write_api import WriteApi
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class Metrics:
         self._api: WriteApi | None = None
         if settings.url is None:
             return
+        from influxdb_client import InfluxDBClient
+
         logging.getLogger(_LIBRARY_LOGGER).addFilter(_quiet)  # idempotent: same object
         self._client = InfluxDBClient(url=settings.url,
                                       token=os.environ.get(settings.token_env, ""),
@@ -109,6 +113,8 @@ class Metrics:
         """One finished transfer of a package between sites (after all its attempts)."""
 
         def build() -> list[Point]:
+            from influxdb_client import Point
+
             rate = bytes / seconds / 1e6 if seconds > 0 else 0.0
             return [Point(TRANSFER).tag("route", route).tag("origin_site", origin)
                     .tag("destination_site", destination).tag("transport", transport)
@@ -123,6 +129,8 @@ class Metrics:
         """One pipeline step (packaging, transfer, archive, verification, ...) finished."""
 
         def build() -> list[Point]:
+            from influxdb_client import Point
+
             return [Point(STAGE).tag("stage", stage).tag("outcome", outcome)
                     .field("seconds", float(seconds))]
 
@@ -134,6 +142,7 @@ class Metrics:
         """A snapshot of one storage location: disk use and OpsDB copies by status."""
 
         def build() -> list[Point]:
+
             tags = {"site": site, "location": location, "kind": kind}
             points = []
             fields = {"used_bytes": used_bytes, "free_bytes": free_bytes,
@@ -158,6 +167,8 @@ class Metrics:
         if nothing leaves."""
 
         def build() -> list[Point]:
+            from influxdb_client import Point
+
             points = [Point(SERVICE_LEVEL).field("packages_unsafe", int(packages_unsafe))
                       .field("bytes_unsafe", int(bytes_unsafe))
                       .field("oldest_unsafe_age_s", float(oldest_unsafe_age_s))
@@ -193,6 +204,9 @@ class Metrics:
     # -- internals ----------------------------------------------------------------------------
 
     def _new_api(self) -> WriteApi:
+        from influxdb_client import WriteOptions
+        from influxdb_client.client.write_api import WriteType
+
         assert self._client is not None
         s = self.settings
         options = WriteOptions(
@@ -213,6 +227,8 @@ class Metrics:
             with self._lock:
                 self._dropped += 1
             return
+        from influxdb_client import WritePrecision
+
         now = datetime.now(UTC)  # stamped here: batching must not shift the time of a point
         for point in points:
             point.time(now, WritePrecision.MS)
@@ -248,6 +264,8 @@ class Metrics:
 
 
 def _tagged(measurement: str, tags: dict[str, str]) -> Point:
+    from influxdb_client import Point
+
     point = Point(measurement)
     for key, value in tags.items():
         point.tag(key, value)

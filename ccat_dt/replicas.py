@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,7 +27,6 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.packages import get_package, lock_package, package_path, supersede
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
-from ccat_dt.storage import StorageUnavailable, look, root_problem
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
     Endpoint,
@@ -133,8 +131,10 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         jobs = [_start(session, item, destination, kind, run_id, attempt) for item in batch]
         remote = destination.host is not None or placement.source.host is not None
     transport = transport_for(config, route, remote=remote)
-    unmounted = _unmarked(config, destination)
-    outcomes = [unmounted] * len(jobs) if unmounted else _transfer(transport, jobs)
+    # Each transport finds the location's marker before it writes (a transfer never creates a
+    # missing location root: an unmounted archive disk has none), remotely in the round trip
+    # that creates the directory.
+    outcomes = _transfer(transport, jobs)
     own: Placed | None = None
     for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, Exception):
@@ -264,19 +264,6 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
                   seconds=result.seconds)
         refresh_state(session, config, package)
         return CopyRef.of(copy)
-
-
-def _unmarked(config: Config, destination: DataLocation) -> TransferError | None:
-    """Why the destination's root cannot be written now, or None: a transfer never creates a
-    missing location root (an unmounted archive disk has no marker)."""
-    if destination.host is None:
-        problem = root_problem(Path(destination.root))
-        return TransferError(problem, retryable=False) if problem else None
-    try:
-        look(destination.root, destination.host, ssh_settings(config), [])  # one round trip
-    except StorageUnavailable as exc:
-        return TransferError(str(exc), retryable=exc.transient)
-    return None
 
 
 def _identity(where: Endpoint) -> tuple[int | None, int | None]:

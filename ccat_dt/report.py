@@ -25,6 +25,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.transports.base import Endpoint, SshSettings
 from ccat_dt.transports.remote import remote_size
 
+LIVE = (CopyStatus.PRESENT, CopyStatus.STAGED)  # on disk there
 TYPE_ORDER = {LocationType.SOURCE: 0, LocationType.BUFFER: 1,
               LocationType.LONG_TERM_ARCHIVE: 2, LocationType.PROCESSING: 3}
 
@@ -58,33 +59,37 @@ def summarize(opsdb: OpsDB) -> Summary:
         states = dict(s.execute(select(RawDataPackage.state, func.count())
                                 .group_by(RawDataPackage.state)).tuples().all())
         package_bytes = s.scalar(select(func.coalesce(func.sum(RawDataPackage.size), 0))) or 0
-        counts = s.execute(
-            select(Site.short_name, DataLocation.name, DataLocation.location_type,
-                   PhysicalCopy.status, func.count(), func.coalesce(func.sum(PhysicalCopy.size), 0))
-            .select_from(PhysicalCopy).join(DataLocation).join(Site)
-            .group_by(Site.short_name, DataLocation.name, DataLocation.location_type,
-                      PhysicalCopy.status)
-            .order_by(Site.short_name, DataLocation.name)).all()
+        # Counted from the (location, status) index; bytes summed over live copies only, from
+        # their own partial index: after years of purges most copies are deleted ones.
+        counts = s.execute(select(PhysicalCopy.location_id, PhysicalCopy.status, func.count())
+                           .group_by(PhysicalCopy.location_id, PhysicalCopy.status)).all()
+        live_bytes = dict(s.execute(
+            select(PhysicalCopy.location_id, func.sum(PhysicalCopy.size))
+            .where(PhysicalCopy.status.in_(LIVE)).group_by(PhysicalCopy.location_id))
+            .tuples().all())
         deletions, deleted_bytes = s.execute(
             select(func.count(), func.coalesce(func.sum(Operation.bytes), 0))
             .where(Operation.operation_type == OperationType.DELETION,
                    Operation.status == OperationStatus.COMPLETED)).one()
         failed = s.scalar(select(func.count()).where(
             Operation.status == OperationStatus.FAILED)) or 0
-        every = s.execute(select(Site.short_name, DataLocation.name, DataLocation.location_type)
+        every = s.execute(select(DataLocation.id, Site.short_name, DataLocation.name,
+                                 DataLocation.location_type)
                           .select_from(DataLocation).join(Site)).all()
     # One row per location, also those holding nothing yet, grouped by location type in
     # lifecycle order; "present" is what is on disk there: filed raw files at a source,
     # packages at buffers and archives, staged files at a processing location.
+    names = {location_id: f"{site}/{name}" for location_id, site, name, _ in every}
     lines: dict[str, LocationLine] = {
         f"{site}/{name}": LocationLine(f"{site}/{name}", kind.value, 0, 0, 0, 0)
-        for site, name, kind in sorted(every, key=lambda r: (TYPE_ORDER.get(r[2], 9), r[0], r[1]))}
-    for site, name, kind, status, count, size in counts:
-        key = f"{site}/{name}"
-        line = lines.get(key) or LocationLine(key, kind.value, 0, 0, 0, 0)
-        if status in (CopyStatus.PRESENT, CopyStatus.STAGED):
+        for _, site, name, kind in sorted(every, key=lambda r: (TYPE_ORDER.get(r[3], 9), r[1],
+                                                                 r[2]))}
+    for location_id, status, count in counts:
+        key = names[location_id]
+        line = lines[key]
+        if status in LIVE:
             line = replace(line, present=line.present + count,
-                           present_bytes=line.present_bytes + int(size))
+                           present_bytes=int(live_bytes.get(location_id) or 0))
         elif status == CopyStatus.DELETED:
             line = replace(line, deleted=count)
         elif status == CopyStatus.CORRUPT:

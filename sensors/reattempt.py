@@ -20,9 +20,10 @@ from dagster import (
 )
 
 from ccat_assets.execution import on_queue
+from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.partitions import package_site_key
 from ccat_assets.stages import JOBS, stage_of_job
-from ccat_assets.tags import IN_FLIGHT, LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
+from ccat_assets.tags import LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import get_package
 from ccat_dt.queues import archive_queue, packaging_queue, transfer_queue

@@ -315,10 +315,10 @@ def test_copy_failure_leaves_nothing_under_the_final_name(tmp_path: Path, packag
 def test_copy_checksum_mismatch_removes_the_landing_file(tmp_path: Path, package) -> None:
     source, data, checksum = package
     final = tmp_path / "dst" / "pkg-0001.tar"
+    corrupted = bytes([data[0] ^ 1]) + data[1:]  # what landed is not what was sent
     transport = BbcpTransport(
         BbcpOptions(), SshSettings(), tmp_path / "logs",
-        runner=fake_runner("success-single", {str(source.path): data}, []),
-        verify=lambda endpoint: ("0" * 32, len(data)))
+        runner=fake_runner("success-single", {str(source.path): corrupted}, []))
     with pytest.raises(TransferError, match="checksum mismatch") as caught:
         transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
     assert caught.value.retryable
@@ -492,3 +492,106 @@ def test_a_retry_that_cannot_wait_long_enough_fails_retryably(tmp_path: Path) ->
         holder.wait()
     with exclusive_writer(tmp_path / "locks", [target], wait_s=5):
         pass  # free again once the holder is gone
+
+
+# ---- ssh round trips: one before bbcp, one after it for the whole session ----
+
+@pytest.fixture
+def ssh_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every ssh command the transport's remote steps run (still run, only recorded)."""
+    from ccat_dt.transports import remote
+
+    seen: list[str] = []
+    real = remote.run
+
+    def recording(argv: Sequence[str], **kwargs: object) -> CompletedRun:
+        if argv[0] == "ssh":
+            seen.append(argv[-1])
+        return real(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(remote, "run", recording)
+    return seen
+
+
+def _marked(sshd: SshServer, directory: Path, final: Path) -> Endpoint:
+    """`final` as a location's file: its root `directory` carries the marker."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ".ccat-dt-location").write_text("marker\n")
+    return Endpoint(PurePosixPath(final), sshd.destination,
+                    marker=PurePosixPath(directory / ".ccat-dt-location"))
+
+
+def test_one_copy_takes_two_ssh_round_trips(sshd: SshServer, package,
+                                            ssh_commands: list[str]) -> None:
+    source, data, checksum = package
+    final = sshd.root / "one-lta" / "obs" / "pkg-0001.tar"
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, sshd.root.parent / "logs",
+                              runner=fake_runner("success-single", {str(source.path): data}, []))
+    transport.copy(source, _marked(sshd, sshd.root / "one-lta", final), checksum)
+    assert final.read_bytes() == data
+    assert len(ssh_commands) == 2, ssh_commands  # marker + mkdir; verify + rename
+    assert ".ccat-dt-location" in ssh_commands[0] and "mkdir -p" in ssh_commands[0]
+    assert "xxhsum -H2" in ssh_commands[1] and "mv -f" in ssh_commands[1]
+
+
+def test_a_session_of_twenty_files_takes_two_ssh_round_trips(
+        sshd: SshServer, tmp_path: Path, ssh_commands: list[str]) -> None:
+    sources, pairs = {}, []
+    for number in range(20):
+        path = tmp_path / "src" / f"pkg-{number:04d}.tar"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data := os.urandom(3000 + number))
+        sources[str(path)] = data
+        pairs.append((Endpoint(PurePosixPath(path)),
+                      _marked(sshd, sshd.root / "twenty", sshd.root / "twenty" / path.name),
+                      xxhash.xxh3_128(data).hexdigest()))
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, sshd.root.parent / "logs",
+                              runner=fake_runner("multi-file", sources, []))
+    results = transport.copy_many(pairs)
+    assert [r.checksum for r in results] == [checksum for _, _, checksum in pairs]
+    for source, destination, _ in pairs:
+        assert Path(destination.path).read_bytes() == sources[str(source.path)]
+    assert list((sshd.root / "twenty" / STAGING_DIR).iterdir()) == []
+    assert len(ssh_commands) == 2, ssh_commands
+
+
+def test_a_session_with_one_bad_file_renames_none_in_its_one_round_trip(
+        sshd: SshServer, tmp_path: Path, ssh_commands: list[str]) -> None:
+    sources, pairs = {}, []
+    for name in ("a.tar", "b.tar", "c.tar"):
+        (tmp_path / name).write_bytes(name.encode() * 1000)
+        sources[str(tmp_path / name)] = name.encode() * 1000
+        expected = xxhash.xxh3_128(b"x" if name == "b.tar" else name.encode() * 1000)
+        pairs.append((Endpoint(PurePosixPath(tmp_path / name)),
+                      _marked(sshd, sshd.root / "one-bad", sshd.root / "one-bad" / name),
+                      expected.hexdigest()))
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, sshd.root.parent / "logs",
+                              runner=fake_runner("multi-file", sources, []))
+    with pytest.raises(TransferError, match="1 of 3 files failed") as caught:
+        transport.copy_many(pairs)
+    assert caught.value.retryable
+    assert sorted(p.name for p in (sshd.root / "one-bad").iterdir()) == sorted([
+        ".ccat-dt-location", STAGING_DIR])  # nothing under a final name
+    assert sorted(p.name for p in (sshd.root / "one-bad" / STAGING_DIR).iterdir()) == [
+        "a.tar", "c.tar"]  # verified, kept for the retry; the bad one removed
+    assert len(ssh_commands) == 3  # prepare, verify (renaming nothing), remove b.tar
+
+
+def test_an_unmarked_destination_is_never_written_to(sshd: SshServer, package,
+                                                     ssh_commands: list[str]) -> None:
+    """The archive disk is not mounted: its mount point lacks the marker. bbcp never runs,
+    no directory is created, and the error says a person must act."""
+    source, data, checksum = package
+    mount_point = sshd.root / "unmounted-lta"
+    mount_point.mkdir()
+    calls: list[list[str]] = []
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, sshd.root.parent / "logs",
+                              runner=fake_runner("success-single", {str(source.path): data},
+                                                 calls))
+    destination = Endpoint(PurePosixPath(mount_point / "obs" / "pkg.tar"), sshd.destination,
+                           marker=PurePosixPath(mount_point / ".ccat-dt-location"))
+    with pytest.raises(TransferError, match="marker") as caught:
+        transport.copy(source, destination, checksum)
+    assert not caught.value.retryable
+    assert list(mount_point.iterdir()) == [] and calls == []
+    assert len(ssh_commands) == 1

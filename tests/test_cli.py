@@ -411,3 +411,43 @@ def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> Non
     assert "required" in capsys.readouterr().err
     assert run("observation", "pause", "obs-1") == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# The commands an operator types to look (and `file`, which the instruments call) answer
+# without importing Dagster, which alone takes over a second (issue 17; speed: bench/).
+_WITHOUT_DAGSTER = """
+import sys
+from ccat_assets.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+loaded = sorted(name for name in sys.modules if name.split(".")[0] == "dagster")
+print("DAGSTER-MODULES", len(loaded), loaded[:3])
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["status"], ["why", "obs-1"], ["purge", "--plan"],
+    ["file", "--observation", "obs-1", "--module", MODULE, "a.dat"]])
+def test_looking_and_filing_do_not_import_dagster(deploy: Path, source: Path, obs: str,
+                                                  argv: list[str], tmp_path: Path) -> None:
+    """`why` asks Dagster about the runs of a package with a stage not done, where there is a
+    Dagster instance: here (obs-1 is still being filed) there is none."""
+    write(source / "a.dat", b"12345")
+    home = str(tmp_path / ("no-instance" if argv[0] == "why" else "deploy/dagster_home"))
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_DAGSTER, "--config", str(deploy),
+                           *argv], capture_output=True, text=True, check=False,
+                          env={**os.environ, "DAGSTER_HOME": home})
+    assert done.returncode == 0, done.stderr
+    assert "DAGSTER-MODULES 0 []" in done.stdout, done.stdout
+
+
+def test_why_asks_dagster_about_a_package_not_done(deploy: Path, obs: str) -> None:
+    """The check above can fail: the same harness sees Dagster loaded by `why` about an
+    observation still being filed, where a Dagster instance is."""
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_DAGSTER, "--config", str(deploy),
+                           "why", obs], capture_output=True, text=True,
+                          check=False,
+                          env={**os.environ, "DAGSTER_HOME": str(deploy.parent / "dagster_home")})
+    assert "DAGSTER-MODULES 0 " not in done.stdout, (done.stdout, done.stderr)

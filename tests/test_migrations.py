@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from alembic import command
 from sqlalchemy import create_engine, text
 
-from ccat_dt.opsdb.database import OpsDB, _alembic_config, check_schema, migrate
+from ccat_dt.opsdb.database import (
+    OpsDB,
+    SchemaOutOfDate,
+    _alembic_config,
+    check_schema,
+    migrate,
+)
 
 
 def test_upgrade_from_the_first_revision_keeps_copies_and_operations(tmp_path: Path) -> None:
@@ -39,3 +46,23 @@ def test_upgrade_from_the_first_revision_keeps_copies_and_operations(tmp_path: P
         assert session.execute(text("PRAGMA foreign_key_check")).all() == []
     check_schema(opsdb.engine)
     opsdb.dispose()
+
+
+def test_the_head_read_from_file_names_is_alembics_head_and_files_carry_their_revision(
+        tmp_path: Path) -> None:
+    """OpsDB() compares against schema_head() (no Alembic import); that holds only while each
+    migration file is named after its revision and they form one line."""
+    from alembic.script import ScriptDirectory
+
+    from ccat_dt.opsdb.database import MIGRATIONS, schema_head
+
+    scripts = ScriptDirectory.from_config(_alembic_config("sqlite://"))
+    assert scripts.get_heads() == [schema_head()]
+    for revision in scripts.walk_revisions():
+        assert Path(revision.path).name.startswith(f"{revision.revision}_")
+    assert len(list((MIGRATIONS / "versions").glob("[0-9]*_*.py"))) == len(
+        list(scripts.walk_revisions()))
+    url = f"sqlite:///{tmp_path / 'behind.sqlite'}"
+    command.upgrade(_alembic_config(url), "0001")
+    with pytest.raises(SchemaOutOfDate, match=f"revision 0001, expected {schema_head()}"):
+        OpsDB(url)

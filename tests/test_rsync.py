@@ -550,3 +550,30 @@ def test_remote_verify_and_rename_failures_are_classified(sshd: SshServer, work:
                                  checksum)
     assert not rename.value.retryable
     assert landed.exists()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_the_location_marker_is_looked_at_in_rsyncs_own_command(
+        sshd: SshServer, transport: RsyncTransport, work: Path, direction: str) -> None:
+    """No round trip of its own: rsync's remote command (or, for a local destination, this
+    process) finds the marker before creating the directory. Without it (the archive disk is
+    not mounted) nothing is written and a person is needed (not retryable)."""
+    source_host, destination_host = DIRECTIONS[direction]
+    checksum = write_random(work / "pkg.tar", 10_000)
+    mount_point = work / "lta"
+    mount_point.mkdir()
+    marker = PurePosixPath(mount_point / ".ccat-dt-location")
+
+    def destination() -> Endpoint:
+        where = at(sshd, mount_point / "obs" / "pkg.tar", destination_host)
+        return Endpoint(where.path, where.host, marker=marker)
+
+    with pytest.raises(TransferError, match="marker") as caught:
+        transport.copy(at(sshd, work / "pkg.tar", source_host), destination(), checksum)
+    assert not caught.value.retryable
+    assert list(mount_point.iterdir()) == []
+    Path(marker).write_text("marker\n")
+    result = transport.copy(at(sshd, work / "pkg.tar", source_host), destination(), checksum)
+    assert xxhash.xxh3_128((mount_point / "obs" / "pkg.tar").read_bytes()).hexdigest() == checksum
+    commands = logged_commands(result.log_path)
+    assert len(commands) == (1 if destination_host is None else 2)  # rsync (+ verify, rename)

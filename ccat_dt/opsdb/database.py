@@ -6,13 +6,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:  # Alembic is imported only to migrate: every command opens an OpsDB
+    from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 LOCK_TIMEOUT_ENV = "CCAT_DT_OPSDB_LOCK_TIMEOUT_S"  # how long a SQLite OpsDB lock is waited for
@@ -23,6 +23,8 @@ class SchemaOutOfDate(Exception):
 
 
 def _alembic_config(url: str) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -50,13 +52,23 @@ def migrate(url: str) -> None:
     """Bring the schema to the newest revision (idempotent)."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    from alembic import command
+
     command.upgrade(_alembic_config(url), "head")
 
 
+def schema_head() -> str:
+    """The newest revision: migrations are chained linearly and each file is named after its
+    revision ("0007_notifications.py" is revision 0007; tests/test_migrations.py holds Alembic
+    to it). Read from the file names, so that opening the OpsDB needs no Alembic import."""
+    return max(p.name.split("_", 1)[0] for p in (MIGRATIONS / "versions").glob("[0-9]*_*.py"))
+
+
 def check_schema(engine: Engine) -> None:
-    head = ScriptDirectory.from_config(_alembic_config(str(engine.url))).get_current_head()
+    head = schema_head()
     with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
+        current = (connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                   if inspect(connection).has_table("alembic_version") else None)
     if current != head:
         raise SchemaOutOfDate(
             f"OpsDB at {engine.url!r} is at schema revision {current or 'none'}, expected {head}: "

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -197,7 +198,8 @@ class RawDataPackage(Base):
 
 class RawDataFile(Base):
     __tablename__ = "raw_data_files"
-    __table_args__ = (UniqueConstraint("source_location_id", "relative_path"),)
+    __table_args__ = (UniqueConstraint("source_location_id", "relative_path"),
+                      Index("ix_raw_data_files_filed_at", "filed_at"))
     id: Mapped[int] = mapped_column(primary_key=True)
     uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
     source_location_id: Mapped[int] = mapped_column(ForeignKey("data_locations.id"))
@@ -222,8 +224,17 @@ class PhysicalCopy(Base):
     """One copy of a file or package at one location. Nothing is deleted without these."""
 
     __tablename__ = "physical_copies"
-    # The purge cycle starts from the copies still present outside the archives.
-    __table_args__ = (Index("ix_physical_copies_location_status", "location_id", "status"),)
+    # The purge cycle starts from the copies still present outside the archives; `status`
+    # counts copies per location and status, sums the live ones' bytes and forecasts buffers
+    # from the arrivals and departures of the last hours (migration 0008).
+    __table_args__ = (
+        Index("ix_physical_copies_location_status", "location_id", "status"),
+        Index("ix_physical_copies_live", "location_id", "size",
+              sqlite_where=text("status IN ('present', 'staged')"),
+              postgresql_where=text("status IN ('present', 'staged')")),
+        Index("ix_physical_copies_created_at", "created_at"),
+        Index("ix_physical_copies_deleted_at", "deleted_at"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     location_id: Mapped[int] = mapped_column(ForeignKey("data_locations.id"))

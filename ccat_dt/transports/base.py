@@ -31,6 +31,10 @@ class Endpoint:
 
     path: PurePosixPath
     host: str | None = None  # ssh destination, e.g. "ccat@buffer.ccat.cl"
+    # The file whose presence says the location's disk is there (its root's marker, written by
+    # `ccat-dt init`): a transport writes to this endpoint only after finding it, in the same
+    # round trip that creates the directory. None: no such check (scratch files, tests).
+    marker: PurePosixPath | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.host}:{self.path}" if self.host else str(self.path)
@@ -163,6 +167,14 @@ class Transport(Protocol):
         """Several files (source, destination, checksum) in one session, each verified on
         its own; an error for one file is returned in its place (or raised for all)."""
         ...
+
+
+def unmarked(endpoint: Endpoint) -> TransferError:
+    """The error for a destination whose location marker is missing: nothing was written."""
+    where = f" on {endpoint.host}" if endpoint.host else ""
+    return TransferError(f"location marker {endpoint.marker}{where} not found: not the disk "
+                         "`ccat-dt init` prepared (is it mounted?); nothing was written to "
+                         f"{endpoint.path.parent}", retryable=False)
 
 
 def temporary_name(destination: PurePosixPath) -> PurePosixPath:

@@ -13,7 +13,9 @@ What this relies on, read from bbcp 14.x source and the captured runs (fixtures/
 
 Hosts are checked harder than for plain ssh: bbcp substitutes the host part for %H as its own
 argv word, so "user@-oProxyCommand=x" would become an ssh option. Checksums, renames, mkdir and
-removal at the destination reuse `remote` (one ssh round trip each, paths quoted).
+removal at the destination reuse `remote`, paths quoted: one ssh round trip before bbcp (the
+location marker looked at, the directory created) and one after it for the whole session (every
+file hashed where it landed, in parallel, and renamed only if all match).
 """
 
 from __future__ import annotations
@@ -42,10 +44,9 @@ from ccat_dt.transports.base import (
 from ccat_dt.transports.remote import (
     CommandTimeout,
     CompletedRun,
-    remote_mkdir,
+    remote_prepare,
     remote_remove,
-    remote_rename,
-    remote_xxh128_and_size,
+    remote_verify_and_rename_many,
     run,
 )
 
@@ -305,10 +306,9 @@ class BbcpTransport:
     name = "bbcp"
 
     def __init__(self, options: BbcpOptions, ssh: SshSettings, log_dir: Path,
-                 runner: Callable[[list[str], Sequence[int]], CompletedRun] = run_subprocess,
-                 verify: Callable[[Endpoint], tuple[str, int]] | None = None) -> None:
+                 runner: Callable[[list[str], Sequence[int]], CompletedRun] = run_subprocess
+                 ) -> None:
         self.options, self.ssh, self.log_dir, self._run = options, ssh, Path(log_dir), runner
-        self._verify = verify or (lambda endpoint: remote_xxh128_and_size(ssh, endpoint))
 
     def copy(self, source: Endpoint, destination: Endpoint, expected_checksum: str, *,
              expected_adler32: str | None = None) -> TransferResult:
@@ -316,10 +316,9 @@ class BbcpTransport:
         landing = Endpoint(temporary_name(destination.path), destination.host)
         argv = bbcp_command([source], landing, self.options, self.ssh,
                             expected_adler32=expected_adler32)
-        remote_mkdir(self.ssh, Endpoint(destination.path.parent, destination.host))
+        remote_prepare(self.ssh, destination, Endpoint(destination.path.parent, destination.host))
         log_path = self._bbcp(argv, destination, [landing])
-        checksum, size = self._check(landing, expected_checksum)
-        remote_rename(self.ssh, landing, destination)
+        [(checksum, size)] = self._verify_and_rename([(landing, destination, expected_checksum)])
         return TransferResult(size, time.monotonic() - started, checksum, self.options.streams,
                               str(log_path))
 
@@ -337,21 +336,12 @@ class BbcpTransport:
         staging = Endpoint(first.path.parent / STAGING_DIR, first.host)
         landings = [Endpoint(staging.path / s.path.name, first.host) for s, _, _ in pairs]
         argv = bbcp_command([s for s, _, _ in pairs], staging, self.options, self.ssh)
-        remote_mkdir(self.ssh, staging)
+        remote_prepare(self.ssh, first, staging)
         log_path = self._bbcp(argv, Endpoint(first.path.parent / "batch", first.host), landings)
-        checked: list[tuple[str, int]] = []
-        failed: list[str] = []
-        for landing, (_, _, expected) in zip(landings, pairs, strict=True):
-            try:
-                checked.append(self._check(landing, expected))
-            except TransferError as exc:
-                failed.append(str(exc))
-        if failed:
-            raise TransferError(f"{len(failed)} of {len(pairs)} files failed verification: "
-                                + "; ".join(failed), retryable=True)
+        checked = self._verify_and_rename([(landing, destination, expected) for landing,
+                                           (_, destination, expected) in zip(landings, pairs,
+                                                                             strict=True)])
         seconds = time.monotonic() - started
-        for landing, (_, destination, _) in zip(landings, pairs, strict=True):
-            remote_rename(self.ssh, landing, destination)
         return [TransferResult(size, seconds, checksum, self.options.streams, str(log_path))
                 for checksum, size in checked]
 
@@ -373,16 +363,31 @@ class BbcpTransport:
             raise failure
         return log_path
 
-    def _check(self, landing: Endpoint, expected: str) -> tuple[str, int]:
+    def _verify_and_rename(self, items: list[tuple[Endpoint, Endpoint, str]]
+                           ) -> list[tuple[str, int]]:
+        """Hash every landed file where it lies (in parallel) and, only if all match, rename
+        them into place -- one ssh round trip for the whole session. A file that does not
+        match is removed; the verified ones wait in the staging directory, where -a skips
+        them on the retry."""
         try:
-            actual, size = self._verify(landing)
-        except (OSError, ValueError) as exc:
-            raise TransferError(f"cannot checksum {landing}: {exc}", retryable=True) from exc
-        if actual != expected:
-            self._remove(landing)
-            raise TransferError(f"checksum mismatch at {landing}: expected {ALGORITHM} "
-                                f"{expected}, got {actual}; removed", retryable=True)
-        return actual, size
+            found = remote_verify_and_rename_many(self.ssh, items, all_or_none=True)
+        except ValueError as exc:
+            raise TransferError(f"cannot checksum {items[0][0]}: {exc}", retryable=True) from exc
+        failed = []
+        for (landing, _, expected), (actual, _size, _) in zip(items, found, strict=True):
+            if actual != expected:
+                self._remove(landing)
+                failed.append(f"checksum mismatch at {landing}: expected {ALGORITHM} "
+                              f"{expected}, got {actual or 'nothing readable'}; removed")
+        if failed and len(items) == 1:
+            raise TransferError(failed[0], retryable=True)
+        if failed:
+            raise TransferError(f"{len(failed)} of {len(items)} files failed verification: "
+                                + "; ".join(failed), retryable=True)
+        if not all(renamed for _, _, renamed in found):
+            raise TransferError(f"verified but not renamed on {items[0][1].host}: "
+                                f"{[str(final) for _, final, _ in items]}", retryable=True)
+        return [(actual or "", size or 0) for actual, size, _ in found]
 
     def _write_log(self, argv: list[str], done: CompletedRun, destination: Endpoint) -> Path:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from pathlib import PurePosixPath
 
 from ccat_dt.config import Config, RouteConfig
 from ccat_dt.opsdb.models import DataLocation
+from ccat_dt.storage import MARKER
 from ccat_dt.transports.base import Endpoint, SshSettings, Transport
 from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport
 from ccat_dt.transports.local import LocalTransport
@@ -23,7 +24,9 @@ def ssh_settings(config: Config) -> SshSettings:
 
 
 def endpoint(location: DataLocation, relative_path: str) -> Endpoint:
-    return Endpoint(PurePosixPath(location.root) / relative_path, location.host)
+    """A file of a location; the transports write there only while its root is marked."""
+    root = PurePosixPath(location.root)
+    return Endpoint(root / relative_path, location.host, marker=root / MARKER)
 
 
 def transport_for(config: Config, route: RouteConfig | None, *, remote: bool) -> Transport:

@@ -23,6 +23,7 @@ from ccat_dt.transports.base import (
     fsync_directory,
     start_writeback,
     temporary_name,
+    unmarked,
 )
 
 _PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
@@ -55,6 +56,8 @@ class LocalTransport:
         if source.host or destination.host:
             raise TransferError(f"local transport cannot reach {source} -> {destination}; "
                                 "configure an rsync or bbcp route", retryable=False)
+        if destination.marker is not None and not os.path.isfile(destination.marker):
+            raise unmarked(destination)
         return self.copy_file(Path(source.path), Path(destination.path), expected_checksum)
 
     def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]

@@ -16,12 +16,19 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ccat_dt.checksums import hash_file
-from ccat_dt.transports.base import Endpoint, SshSettings, TransferError, fsync_directory
+from ccat_dt.transports.base import (
+    Endpoint,
+    SshSettings,
+    TransferError,
+    fsync_directory,
+    unmarked,
+)
 
 SHORT_TIMEOUT_S = 300  # mkdir/stat/mv/rm: slow only when the link is down
 HASH_TIMEOUT_S = 3 * 3600  # reading a multi-GB package back from a busy disk
@@ -418,3 +425,141 @@ def remote_mkdir(ssh: SshSettings, endpoint_dir: Endpoint) -> None:
             raise _local_error(f"cannot create {path}", exc) from exc
         return
     _remote(ssh, endpoint_dir.host, ["mkdir", "-p", "--", path], what=f"mkdir {path}")
+
+
+# Constant script; $1 the location marker ("" for none), then the directories to create. The
+# marker is looked for first: on an unmounted disk, mkdir -p would write onto the mount point.
+UNMARKED = "ccat-dt:location-unmarked"  # what the remote side says when the marker is missing
+_PREPARE_SCRIPT = ('[ -z "$1" ] || [ -f "$1" ] || { echo ' + UNMARKED + ' >&2; exit 3; }; '
+                   'shift; exec mkdir -p -- "$@"')
+
+
+def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoint) -> None:
+    """Before writing `destination`: its location marker is there (when it has one) and the
+    `directories` (on its host) exist -- one ssh round trip. TransferError otherwise (not
+    retryable for a missing marker: a person mounts the disk)."""
+    marker = "" if destination.marker is None else check_path(destination.marker)
+    paths = [check_path(d.path) for d in directories]
+    if destination.host is None:
+        if marker and not os.path.isfile(marker):
+            raise unmarked(destination)
+        for path in paths:
+            try:
+                Path(path).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _local_error(f"cannot create {path}", exc) from exc
+        return
+    done = run(remote_command(ssh, destination.host, ["sh", "-c", _PREPARE_SCRIPT, "sh",
+                                                      marker, *paths]),
+               timeout_s=SHORT_TIMEOUT_S)
+    if done.rc == 3 and UNMARKED in done.stderr:
+        raise unmarked(destination)
+    if done.rc != 0:
+        raise classify_ssh(done.rc, done.stderr, what=f"mkdir {' '.join(paths)} on "
+                           f"{destination.host}")
+
+
+# Constant script, one line; $1 is 1 to rename all or none, then per file its landed name,
+# final name and expected digest, as positional parameters (never code; no line breaks, see
+# check_argument). The files are hashed in parallel (xargs -P, one per core of the host); per
+# file one line "INDEX SIZE DIGEST" ("-" for what could not be read); then the matching files
+# (all, or none when $1 is 1 and one differs) are flushed, renamed and their directories
+# flushed, as remote_rename does, printing "renamed INDEX" each.
+_VERIFY_AND_RENAME_MANY_SCRIPT = r"""
+t=$(mktemp -d "${TMPDIR:-/tmp}/ccat-verify.XXXXXX") || exit 1;
+trap 'rm -rf -- "$t"' EXIT;
+p=$(nproc 2>/dev/null || echo 2); all=$1; shift; i=0; k=0;
+for a in "$@"; do
+  if [ $((k % 3)) -eq 0 ]; then printf '%s\0%s\0' "$a" "$t/$i"; i=$((i+1)); fi;
+  k=$((k+1));
+done | xargs -0 -r -n 2 -P "$p" sh -c
+  'stat -L -c %s -- "$1" > "$2.size" && xxhsum -H2 < "$1" > "$2"' sh;
+i=0; bad=0;
+while [ $# -ge 3 ]; do
+  s=$(cat "$t/$i.size" 2>/dev/null); h=$(cat "$t/$i" 2>/dev/null); h=${h%% *};
+  echo "$i ${s:--} ${h:--}";
+  if [ -n "$h" ] && [ "$h" = "$3" ]; then printf '%s\n%s\n%s\n' "$i" "$1" "$2" >> "$t/ok";
+  else bad=$((bad+1)); fi;
+  i=$((i+1)); shift 3;
+done;
+if [ "$all" = 1 ] && [ "$bad" -gt 0 ]; then exit 0; fi;
+[ -f "$t/ok" ] || exit 0;
+while IFS= read -r i && IFS= read -r f && IFS= read -r d; do
+  sync -- "$f" && mv -f -- "$f" "$d" || exit 1;
+  dirname -- "$d" >> "$t/dirs"; echo "renamed $i";
+done < "$t/ok";
+sort -u "$t/dirs" | while IFS= read -r d; do sync -- "$d" || exit 1; done
+""".strip().replace("\n", " ")  # ssh arguments cannot carry line breaks
+
+
+def remote_verify_and_rename_many(ssh: SshSettings,
+                                  items: Sequence[tuple[Endpoint, Endpoint, str]], *,
+                                  all_or_none: bool, record: Recorder | None = None,
+                                  timeout_s: float = HASH_TIMEOUT_S
+                                  ) -> list[tuple[str | None, int | None, bool]]:
+    """remote_verify_and_rename for several (landed, final, expected) files on one host, in
+    one ssh round trip, hashing them in parallel (as many at once as the host has cores).
+    Per file (digest, size, renamed), digest and size None where the landed file could not be
+    read. `all_or_none`: rename nothing unless every file matches."""
+    hosts = {h for landed, final, _ in items for h in (landed.host, final.host)}
+    if len(hosts) != 1:
+        raise ValueError(f"verify and rename on one host at a time, not {hosts}")
+    [host] = hosts
+    if host is None:
+        return _verify_and_rename_local(items, all_or_none=all_or_none)
+    arguments = ["1" if all_or_none else "0"]
+    for landed, final, expected in items:
+        arguments += [check_path(landed.path), check_path(final.path), expected]
+    argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_MANY_SCRIPT, "sh",
+                                      *arguments])
+    started = time.monotonic()
+    try:
+        done = run(argv, timeout_s=timeout_s)
+    except CommandTimeout as exc:
+        if record is not None:
+            record(argv, CompletedRun(-1, exc.stdout, exc.stderr), time.monotonic() - started)
+        raise
+    if record is not None:
+        record(argv, done, time.monotonic() - started)
+    if done.rc == 127 or "xxhsum: not found" in done.stderr or (
+            "xxhsum" in done.stderr and "command not found" in done.stderr):
+        raise TransferError(f"xxhsum not found on {host}: install the Debian package xxhash "
+                            f"on {host}", retryable=False)
+    if done.rc != 0:
+        raise classify_ssh(done.rc, done.stderr, what=f"verify and rename of {len(items)} "
+                           f"file(s) on {host}")
+    found: dict[int, tuple[str | None, int | None]] = {}
+    renamed: set[int] = set()
+    for line in done.stdout.splitlines():
+        words = line.split()
+        if words[:1] == ["renamed"] and len(words) == 2 and words[1].isdigit():
+            renamed.add(int(words[1]))
+        elif len(words) == 3 and words[0].isdigit():
+            size, digest = words[1], words[2].lower()
+            found[int(words[0])] = (None if digest == "-" else digest,
+                                    int(size) if size.isdigit() else None)
+    if sorted(found) != list(range(len(items))):
+        raise TransferError(f"verifying {len(items)} file(s) on {host}: unexpected answer "
+                            f"{done.stdout[-300:]!r}", retryable=True)
+    return [(*found[i], i in renamed) for i in range(len(items))]
+
+
+def _verify_and_rename_local(items: Sequence[tuple[Endpoint, Endpoint, str]], *,
+                             all_or_none: bool) -> list[tuple[str | None, int | None, bool]]:
+    def hashed(path: PurePosixPath) -> tuple[str | None, int | None]:
+        try:
+            return hash_file(Path(path))
+        except OSError:
+            return None, None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        found = list(pool.map(hashed, [landed.path for landed, _, _ in items]))
+    matches = [digest == expected for (digest, _), (_, _, expected) in zip(found, items,
+                                                                            strict=True)]
+    rename = all(matches) if all_or_none else True
+    out = []
+    for (digest, size), match, (landed, final, _) in zip(found, matches, items, strict=True):
+        if rename and match:
+            _rename_local(str(landed.path), str(final.path), str(final.path.parent))
+        out.append((digest, size, rename and match))
+    return out

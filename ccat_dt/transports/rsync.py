@@ -37,9 +37,11 @@ from ccat_dt.transports.base import (
     TransferResult,
     exclusive_writer,
     temporary_name,
+    unmarked,
 )
 from ccat_dt.transports.remote import (
     SHORT_TIMEOUT_S,
+    UNMARKED,
     CommandTimeout,
     CompletedRun,
     check_argument,
@@ -47,7 +49,7 @@ from ccat_dt.transports.remote import (
     check_path,
     classify_ssh,
     remote_command,
-    remote_mkdir,
+    remote_prepare,
     remote_remove,
     remote_verify_and_rename,
     run,
@@ -88,6 +90,14 @@ _STAGE_SCRIPT = ('d=$(mktemp -d "${TMPDIR:-/tmp}/ccat-rsync.XXXXXX") || exit 1; 
                  'while [ "$#" -gt 1 ]; do '
                  'ln -s -- "$1" "$d/$2" || { rm -rf -- "$d"; exit 1; }; shift 2; done; '
                  'printf "%s\\n" "$d"')
+
+
+def _marker_guard(marker: PurePosixPath | None) -> str:
+    """Shell text that stops the remote command (exit 3, UNMARKED on stderr) unless the
+    location marker is there; nothing without a marker."""
+    if marker is None:
+        return ""
+    return f"[ -f {shlex.quote(check_path(marker))} ] || {{ echo {UNMARKED} >&2; exit 3; }}; "
 
 
 def classify_rsync(rc: int, stderr: str) -> TransferError:
@@ -171,7 +181,8 @@ class _Item:
 
     @property
     def temporary(self) -> Endpoint:
-        return Endpoint(temporary_name(self.destination.path), self.destination.host)
+        return Endpoint(temporary_name(self.destination.path), self.destination.host,
+                        marker=self.destination.marker)
 
 
 class RsyncTransport:
@@ -192,11 +203,13 @@ class RsyncTransport:
     # -- commands -----------------------------------------------------------------------------
 
     def rsync_options(self, *, make_directory: PurePosixPath | None = None,
-                      elsewhere: bool = False) -> list[str]:
+                      marker: PurePosixPath | None = None, elsewhere: bool = False
+                      ) -> list[str]:
         """rsync and its options, up to and including `--`. `make_directory` is created on the
         remote receiving side first (saving an ssh round trip; works with any rsync version,
-        unlike --mkpath). `elsewhere`: this rsync runs on another host, so its ssh does not
-        use our connection sharing (whose socket directory is on this host)."""
+        unlike --mkpath), after finding the location `marker` there (saving another).
+        `elsewhere`: this rsync runs on another host, so its ssh does not use our connection
+        sharing (whose socket directory is on this host)."""
         # rsync splits -e itself, honouring quotes: shlex.join's output round-trips (checked
         # for spaces, quotes, backslashes and empty arguments). Built per command: whether
         # connection sharing is usable is decided when the command runs.
@@ -210,7 +223,7 @@ class RsyncTransport:
         if make_directory is not None:
             # The receiving side's shell runs this; the directory is quoted for it.
             quoted = shlex.quote(check_path(make_directory))
-            options.append(f"--rsync-path=mkdir -p -- {quoted} && rsync")
+            options.append(f"--rsync-path={_marker_guard(marker)}mkdir -p -- {quoted} && rsync")
         return [*options, "--"]
 
     def command(self, sources: Sequence[Endpoint], destination: Endpoint, *,
@@ -224,22 +237,23 @@ class RsyncTransport:
         source_host = hosts.pop()
         directory = destination.path if into_directory else destination.path.parent
         target = rsync_destination_argument(destination, directory=into_directory)
+        marker = destination.marker
         if source_host is None or destination.host is None:
             make = directory if destination.host is not None else None
-            return [*self.rsync_options(make_directory=make),
+            return [*self.rsync_options(make_directory=make, marker=marker),
                     *map(rsync_source_argument, sources), target]
         # Remote to remote: run rsync on the source host; it pushes to the destination host.
         local_sources = [check_path(source.path) for source in sources]
         if destination.host != source_host:
             return remote_command(self.ssh, source_host, [
-                *self.rsync_options(make_directory=directory, elsewhere=True), *local_sources,
-                target])
-        # Both on one host: a local copy there, after creating the directory.
+                *self.rsync_options(make_directory=directory, marker=marker, elsewhere=True),
+                *local_sources, target])
+        # Both on one host: a local copy there, after finding the marker, creating the directory.
         target = rsync_destination_argument(Endpoint(destination.path),
                                             directory=into_directory)
         return remote_command(self.ssh, source_host, [
-            "sh", "-c", 'mkdir -p -- "$1" && shift && exec "$@"', "sh", str(directory),
-            *self.rsync_options(elsewhere=True), *local_sources, target])
+            "sh", "-c", _marker_guard(marker) + 'mkdir -p -- "$1" && shift && exec "$@"', "sh",
+            str(directory), *self.rsync_options(elsewhere=True), *local_sources, target])
 
     # -- transfers ----------------------------------------------------------------------------
 
@@ -300,8 +314,8 @@ class RsyncTransport:
                   ) -> list[TransferResult | TransferError]:
         started = time.monotonic()
         destination = items[0].destination
-        if destination.host is None:
-            remote_mkdir(self.ssh, Endpoint(destination.path.parent))  # remote: rsync does it
+        if destination.host is None:  # remote: rsync's remote command does it
+            remote_prepare(self.ssh, destination, Endpoint(destination.path.parent))
         staging: _Staging | None = None
         try:
             if len(items) == 1:
@@ -310,7 +324,8 @@ class RsyncTransport:
             else:
                 staging = _Staging.create(self, items, log)
                 sent = staging.links
-                argv = self.command(sent, Endpoint(destination.path.parent, destination.host),
+                argv = self.command(sent, Endpoint(destination.path.parent, destination.host,
+                                                   marker=destination.marker),
                                     into_directory=True)
             try:  # wait out any process a killed earlier attempt left writing these files
                 with exclusive_writer(self.log_dir / ".writers",
@@ -332,6 +347,8 @@ class RsyncTransport:
             if staging is not None:
                 staging.remove(self, log)
         rsync_seconds = time.monotonic() - started
+        if done.rc != 0 and UNMARKED in done.stderr:
+            raise unmarked(destination)
         failed = classify_rsync(done.rc, done.stderr) if done.rc != 0 else None
         if failed is not None and (done.rc not in (23, 24) or len(items) == 1):
             # The session as a whole failed: keep partial files for a retry to resume from,

@@ -16,7 +16,8 @@ from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
-from ccat_assets.tags import IN_FLIGHT, RETRY_TAG
+from ccat_assets.inflight import IN_FLIGHT
+from ccat_assets.tags import RETRY_TAG
 from ccat_dt.config import load_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Notification, PackageCopy, RawDataPackage

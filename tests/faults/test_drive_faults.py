@@ -16,7 +16,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from sqlalchemy import select
 
 from ccat_assets.driver import CURSOR_KEY, RUN_KEY
-from ccat_assets.tags import IN_FLIGHT
+from ccat_assets.inflight import IN_FLIGHT
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation, OperationStatus, PackageCopy, RawDataPackage
