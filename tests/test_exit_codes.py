@@ -241,7 +241,9 @@ def test_demo_prints_a_line_per_run_and_a_summary(tmp_path: Path) -> None:
         assert fields[0] == "ok" and "MB/s" in line and line.endswith(" s")
     assert len(lines) <= len(runs) + 30  # the runs, a summary and the status table
     assert not [line for line in lines if " - DEBUG - " in line or "Traceback" in line]
-    assert "STEP_SUCCESS" in (tmp_path / "demo" / "logs" / "ccat-dt.log").read_text()
+    assert done.stderr == ""  # nor a sensor's line per tick ("planned 2 package(s)")
+    log = (tmp_path / "demo" / "logs" / "ccat-dt.log").read_text()
+    assert "STEP_SUCCESS" in log and "planned 2 package(s)" in log  # the tick's line: here
 
 
 # --- exit status 2: bad input or an unavailable service -------------------------------------

@@ -4,16 +4,19 @@ over the test sshd) and local copies (slowed by a hook); a bar on a terminal."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
 
-from ccat_dt import progress
+from ccat_dt import jsonlog, progress
 from ccat_dt.checksums import hash_file
+from ccat_dt.metrics import Metrics, MetricsSettings
 from ccat_dt.progress import ProgressEvent
 from ccat_dt.transports import local as local_module
 from ccat_dt.transports.base import Endpoint
@@ -21,6 +24,8 @@ from ccat_dt.transports.local import LocalTransport
 from ccat_dt.transports.rsync import RsyncTransport
 from tests.sshd import SshServer
 from tests.sshd import sshd as sshd_fixture  # noqa: F401 - registers the "sshd" fixture
+from tests.victoria import VictoriaMetrics
+from tests.victoria import victoria as victoria_fixture  # noqa: F401 - named "victoria"
 
 
 @pytest.fixture
@@ -126,3 +131,59 @@ def test_packaging_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [e.done_bytes for e in seen if not e.finished] == [1000, 2000, 3000, 4000]
     assert all(e.stage == "packaging" and e.name == "p" and e.total_bytes == 4000 for e in seen)
     assert seen[-1].finished
+
+
+@pytest.mark.slow
+def test_off_a_terminal_a_long_transfer_shows_in_the_log_and_the_metrics_while_it_runs(
+        sshd: SshServer, victoria: VictoriaMetrics, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acceptance test of issue 18: a rate-limited transfer (rsync --bwlimit over the real
+    sshd, ~4 s) reports at least twice before it completes, in the JSON-lines log and in the
+    metrics a real VictoriaMetrics received."""
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.5")
+    size = 2_000_000  # at 500 kB/s: about 4 s
+    source, checksum = source_file(tmp_path / "big.dat", size)
+    route = f"ccat->{uuid.uuid4().hex[:10]}"  # this test's own series
+    log_file = tmp_path / "ccat-dt.jsonl"
+    metrics = Metrics(MetricsSettings(url=victoria.url, flush_interval_ms=100))
+    metrics.watch_progress()
+    logger = logging.getLogger("ccat_dt")
+    saved = list(logger.handlers), logger.level
+    jsonlog.configure(log_file)
+    try:
+        with progress.labelled(site="cologne", route=route):
+            RsyncTransport(sshd.ssh, tmp_path / "logs", bandwidth_limit_kbps=500).copy(
+                Endpoint(PurePosixPath(source)), sshd.endpoint(sshd.root / "big.dat"), checksum)
+        completed_ms = time.time() * 1000
+    finally:
+        jsonlog.unconfigure()
+        logger.handlers[:], _ = saved
+        logger.setLevel(saved[1])
+        metrics.close()
+
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    running = [r for r in records if r["logger"] == "ccat_dt.progress" and not r["finished"]]
+    assert len(running) >= 2, records
+    assert all(r["site"] == "cologne" and r["route"] == route and r["stage"] == "transfer"
+               and r["progress_of"] == "big.dat" and 0 <= r["bytes"] < size
+               and r["percent"] < 100 for r in running[:-1]), running
+
+    [done] = victoria.export(f'{{__name__="ccat_progress_done_bytes",route="{route}"}}')
+    assert {k: v for k, v in done["metric"].items() if k != "__name__"} == {
+        "site": "cologne", "route": route, "stage": "transfer", "slot": "0"}
+    before_end = [v for v, t in zip(done["values"], done["timestamps"], strict=True)
+                  if t < completed_ms and v < size]
+    assert len(before_end) >= 2, done
+    assert before_end == sorted(before_end) and done["values"][-1] == size
+    [finished] = victoria.export(f'{{__name__="ccat_progress_finished",route="{route}"}}')
+    assert finished["values"][-1] == 1 and set(finished["values"][:-1]) == {0}
+    assert metrics.dropped == 0
+
+
+def test_concurrent_work_gets_its_own_metric_slot_and_frees_it() -> None:
+    metrics = Metrics.disabled()
+    first, second = ProgressEvent("transfer", "a", 1, 2, 1.0, work=1), \
+        ProgressEvent("transfer", "b", 1, 2, 1.0, work=2)
+    assert [metrics._slot(first), metrics._slot(second), metrics._slot(first)] == [0, 1, 0]
+    assert metrics._slot(ProgressEvent("transfer", "a", 2, 2, 1.0, finished=True, work=1)) == 0
+    assert metrics._slot(ProgressEvent("transfer", "c", 1, 2, 1.0, work=3)) == 0  # freed
