@@ -40,8 +40,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
 )
 from ccat_dt.report import disagreements
-from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
-from tests.test_scrub import lta_copies_at
+from tests.helpers import flip_byte, lta_copies_at, observe
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -150,9 +149,7 @@ def test_a_scrub_finding_is_red_on_its_partition_until_the_repair_makes_it_green
     assert drive(defs, instance).failed == []
     bad = lta_copies_at(opsdb, "us")[0]
     path = Path(bad.location.root) / bad.relative_path
-    data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0x10
-    path.write_bytes(bytes(data))
+    flip_byte(path, path.stat().st_size // 3, 0x10)
     keys = [str(package_site_key(c.package.name, site))
             for site in ("cologne", "us") for c in lta_copies_at(opsdb, site)]
     bad_key = str(package_site_key(bad.package.name, "us"))

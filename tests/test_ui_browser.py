@@ -26,7 +26,7 @@ from tests.browser import (
     launch_browser,
 )
 from tests.browser import chromium as chromium_fixture  # noqa: F401
-from tests.test_lifecycle import observe
+from tests.helpers import observe
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
