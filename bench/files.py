@@ -28,9 +28,9 @@ from bench.common import (
     timed,
     write_random,
 )
-from ccat_dt import packaging
+from ccat_dt import tarball
 from ccat_dt.checksums import hash_file, hash_stream
-from ccat_dt.packaging import PackageMember, build_package
+from ccat_dt.tarball import PackageMember, build_package
 from ccat_dt.transports import base
 from ccat_dt.transports.local import LocalTransport
 
@@ -50,14 +50,14 @@ def no_fsync() -> Iterator[None]:
 
 @contextmanager
 def no_adler32() -> Iterator[None]:
-    with mock.patch.object(packaging, "adler32", lambda data, value=1: value):
+    with mock.patch.object(tarball, "adler32", lambda data, value=1: value):
         yield
 
 
 @contextmanager
 def zlib_adler32() -> Iterator[None]:
     """build_package with zlib's adler32, as it was before zlib-ng's (SIMD) replaced it."""
-    with mock.patch.object(packaging, "adler32", zlib.adler32):
+    with mock.patch.object(tarball, "adler32", zlib.adler32):
         yield
 
 

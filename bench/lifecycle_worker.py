@@ -51,7 +51,7 @@ def _data_work(root: Path, scratch: Path) -> float:
     """The byte work of the lifecycle without any orchestration: per package one tar build, four
     verified copies (buffer -> archive buffer -> LTA, twice) and five checksum re-reads."""
     from ccat_dt.checksums import hash_file
-    from ccat_dt.packaging import PackageMember, build_package
+    from ccat_dt.tarball import PackageMember, build_package
     from ccat_dt.transports.local import LocalTransport
 
     source = root / "sites" / "ccat" / "instruments"

@@ -463,7 +463,7 @@ def _retire_ticks(instance: Any, config_path: Path, now: datetime,
     from dagster import build_sensor_context
 
     import sensors.retire
-    from resources.opsdb import Deployment
+    from resources.deployment import Deployment
 
     deployment = Deployment(config_path=str(config_path))
     ticks, retired, sensor_s, delete_s = 0, 0, 0.0, 0.0

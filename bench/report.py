@@ -163,7 +163,7 @@ def _package(r: SectionResult) -> list[str]:
         "it is renamed into place "
         "(a package must not be half on disk when OpsDB says it is "
         "built). The tar headers come from Python's tarfile (`TarInfo.tobuf`, pax format), so "
-        "the bytes are the ones tarfile writes; GNU tar reads them (tests/test_packaging.py).")]
+        "the bytes are the ones tarfile writes; GNU tar reads them (tests/test_tarball.py).")]
     if before and durable and g:
         lines += ["", (
             "Changed by this benchmark: tarfile's own member copy allocated a fresh bytes "

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from dagster import Definitions, FilesystemIOManager, definitions
 
-from ccat_assets import jobs
-from ccat_assets.assets import build_assets
-from ccat_assets.checks import build_checks
 from ccat_assets.execution import executor
 from ccat_assets.integrity import integrity_report_job
 from ccat_assets.runlog import console
 from ccat_assets.scrub import scrub_job
+from ccat_assets.stages import JOBS, build_assets, build_checks
 from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import configure_from_env
 from ccat_dt.opsdb.models import LocationType
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 from resources.placement import PlacementIOManager
 from sensors.integrity import integrity_sensor
 from sensors.lifecycle import lifecycle_sensors
@@ -27,13 +25,12 @@ from sensors.scrub import fixity_scrub
 
 def build_definitions(config: Config) -> Definitions:
     assets = build_assets(config)
-    by_name = {a.key.to_user_string(): a for a in assets}
     deployment = Deployment(config_path=str(config.path))
 
     return Definitions(
         assets=[*assets, OVERVIEW],
-        asset_checks=build_checks(config, by_name),
-        jobs=[*jobs.STAGES, scrub_job, integrity_report_job],
+        asset_checks=build_checks(config),
+        jobs=[*JOBS.values(), scrub_job, integrity_report_job],
         sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor,
                  notification_sensor, integrity_sensor, overview_sensor],
         executor=executor(config),

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from dagster import (
     DagsterInstance,
-    DagsterRunStatus,
     Definitions,
     ExecuteInProcessResult,
     JobExecutionResult,
@@ -41,18 +40,13 @@ from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._utils.schedules import reverse_cron_string_iterator
 
 from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
+from ccat_assets.tags import DRIVE_TAG, IN_FLIGHT, NEXT_AT
 
 RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"
-RETRY_TAG = "ccat/retry"  # a run an operator's `ccat-dt retry` launched
-WORK_TAG = "ccat/work"  # the work a run does, the same for every attempt at it
-DRIVE_TAG = "ccat/drive"  # host:pid of the drive process that executed the run
 CURSOR_KEY = "ccat-dt/drive/cursor/"  # + sensor name, in the instance's key-value store
 LOCK_FILE = "ccat-dt-drive.lock"  # in the instance's directory (DAGSTER_HOME)
-NEXT_AT = "next_at"  # a sensor's JSON cursor may say when its next work falls due (epoch s)
 SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this
-IN_FLIGHT = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING,
-             DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
 @dataclass

@@ -11,13 +11,15 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_ST
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 
 from ccat_assets.routing import partition_of, stage_of
+from ccat_assets.stages import stage_of_job
+from ccat_dt.stages import Stage
 
 # Runs in flight are bounded by the run queue (max_concurrent_runs plus what waits); this
 # caps one sensor tick's look at them.
 LIMIT = 5000
 
 
-def in_flight(instance: DagsterInstance) -> set[tuple[str, str, str | None]]:
+def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
     """(stage, package, site) of every queued or running lifecycle run. A run that a later
     run of the same partition outlived (it finished after this one was created) counts as
     dead: its process was killed and `ccat-dt retry` did its work again."""
@@ -38,7 +40,7 @@ def in_flight(instance: DagsterInstance) -> set[tuple[str, str, str | None]]:
 
 
 def not_in_flight(instance: DagsterInstance, requests: Sequence[RunRequest],
-                  stage_of_job: dict[str, str], default_stage: str = "") -> list[RunRequest]:
+                  default_stage: Stage | None = None) -> list[RunRequest]:
     """The requests whose partition has no run in flight for the same stage (a request
     without a job name is for `default_stage`, its sensor's job)."""
     busy = in_flight(instance)
@@ -46,7 +48,7 @@ def not_in_flight(instance: DagsterInstance, requests: Sequence[RunRequest],
         return list(requests)
     kept = []
     for request in requests:
-        stage = stage_of_job.get(request.job_name or "", default_stage)
+        stage = stage_of_job(request.job_name) or default_stage
         key = str(request.partition_key or "")
         package, _, site = key.partition("|")
         if (stage, package, site or None) not in busy:
@@ -57,4 +59,4 @@ def not_in_flight(instance: DagsterInstance, requests: Sequence[RunRequest],
 def packages_in_flight(instance: DagsterInstance) -> set[str]:
     """Packages whose copies a run in flight may be reading (site and LTA copies)."""
     return {package for stage, package, _ in in_flight(instance)
-            if stage in ("site_copies", "lta_copies")}
+            if stage in (Stage.SITE_COPY, Stage.LTA_COPY)}

@@ -9,10 +9,10 @@ from typing import Any
 import yaml
 from dagster import DagsterInstance
 
+from ccat_assets.tags import LINK_TAG
 from ccat_dt.config import Config
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "dagster.yaml"
-LINK_TAG = "ccat/link"
 
 
 def instance_home(config: Config) -> Path:

@@ -11,8 +11,10 @@ from collections.abc import Callable, Collection
 from dagster import DagsterInstance, RunRequest
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import RETRY_TAG, DriveReport, drive, drive_lock, launch
+from ccat_assets.driver import DriveReport, drive, drive_lock, launch
 from ccat_assets.partitions import package_site_key
+from ccat_assets.stages import JOBS
+from ccat_assets.tags import RETRY_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.retry import Stalled, resume_deletions, stalled_work
@@ -39,8 +41,8 @@ def _retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
     report = DriveReport()
     for item in retried:
         key = package_site_key(item.package, item.site) if item.site else item.package
-        log(f"retrying {item.job} {key}: {item.reason}")
-        launch(defs, instance, RunRequest(partition_key=key, job_name=item.job,
+        log(f"retrying {item.stage.label} {key}: {item.reason}")
+        launch(defs, instance, RunRequest(partition_key=key, job_name=JOBS[item.stage].name,
                                           tags={RETRY_TAG: item.reason[:200]}),
                origin="ccat-dt retry", report=report, log=log)
     follow_up = drive(defs, instance, log=log)

@@ -33,16 +33,13 @@ from dagster._core.executor.init import InitExecutorContext
 from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
 from dagster._core.storage.tags import MULTIDIMENSIONAL_PARTITION_PREFIX, PARTITION_NAME_TAG
 
-from ccat_assets.instance import LINK_TAG
+from ccat_assets.stages import ASSET_STAGE, stage_of_job
+from ccat_assets.tags import LINK_TAG, QUEUE_TAG, UNROUTED_TAG
 from ccat_dt.config import Config, load_config
-from ccat_dt.dispatch import STAGES, dispatch_for
+from ccat_dt.dispatch import dispatch_for
 from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.stages import Stage
 
-QUEUE_TAG = "ccat/queue"
-UNROUTED_TAG = "ccat/unrouted"  # why a run could not be routed
-JOB_STAGE = {"package_job": "packages", "site_copy_job": "site_copies",
-             "lta_copy_job": "lta_copies", "purge_job": "purge_status",
-             "staging_job": "staged_copies"}
 LOG = logging.getLogger(__name__)
 
 
@@ -51,13 +48,13 @@ def _opsdb(url: str, pid: int) -> OpsDB:  # one engine per process (the webserve
     return OpsDB(url)
 
 
-def stage_of(run: DagsterRun) -> str | None:
-    """The lifecycle stage a run materialises (the last one, for raw_files + packages)."""
+def stage_of(run: DagsterRun) -> Stage | None:
+    """The lifecycle stage a run materialises (the last one, for a selection of several)."""
     if run.asset_selection:
         names = {key.to_user_string() for key in run.asset_selection}
-        stages = [s for s in STAGES if s in names]
+        stages = [stage for name, stage in ASSET_STAGE.items() if name in names]
         return stages[-1] if stages else None
-    return JOB_STAGE.get(run.job_name)
+    return stage_of_job(run.job_name)
 
 
 def partition_of(tags: Mapping[str, str]) -> tuple[str, str | None] | None:

@@ -7,7 +7,7 @@ from ccat_assets.integrity import copy_check
 from ccat_assets.partitions import split_key
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.scrub import scrub
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 
 
 class ScrubBatch(Config):

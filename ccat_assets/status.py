@@ -13,6 +13,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.reattempt import waiting
 from ccat_dt.report import Summary, summarize, throughput
+from ccat_dt.stages import Stage
 
 
 def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
@@ -65,7 +66,8 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
                 when = f"next attempt at {_aware(row.next_attempt_at):%Y-%m-%d %H:%M:%S} UTC"
             else:
                 when = "waiting"
-            print(f"re-attempt {row.job} {row.partition}: {row.attempts} failed; {when}")
+            print(f"re-attempt {Stage(row.stage).label} {row.partition}: {row.attempts} "
+                  f"failed; {when}")
         for told in open_problems(session):
             state = "notified" if told.sent_at else f"not yet delivered ({told.last_error})"
             print(f"problem [{told.channel}] {told.subject}: {state}")

@@ -29,6 +29,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.retention import Action, plan_deletions
 from ccat_dt.routing import copies_at, replication_source
+from ccat_dt.stages import Stage
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,9 @@ def diagnose(session: Session, config: Config, name: str, now: datetime) -> list
         return _unpackaged(session, name)
     stages = [StageState("filing", "done", f"{len(package.files)} files, observation "
                          f"{package.observation.name} finished")]
-    reattempts = {(r.job, r.site): r for r in session.scalars(
+    reattempts = {(r.stage, r.site): r for r in session.scalars(
         select(Reattempt).where(Reattempt.package == package.name))}
-    stages.append(_packaging(session, package, reattempts.get(("package_job", ""))))
+    stages.append(_packaging(session, package, reattempts.get((Stage.PACKAGING, ""))))
     for site in config.settings.archive_sites:
         stages += _at_site(session, config, package, site.short_name, reattempts)
     stages.append(_purge(session, config, package, now))
@@ -137,8 +138,9 @@ def _packaging(session: Session, package: RawDataPackage,
 def _at_site(session: Session, config: Config, package: RawDataPackage, site: str,
              reattempts: dict[tuple[str, str], Reattempt]) -> list[StageState]:
     out = []
-    for kind, label, job in ((LocationType.BUFFER, "site copy", "site_copy_job"),
-                             (LocationType.LONG_TERM_ARCHIVE, "LTA copy", "lta_copy_job")):
+    for kind, work in ((LocationType.BUFFER, Stage.SITE_COPY),
+                      (LocationType.LONG_TERM_ARCHIVE, Stage.LTA_COPY)):
+        label = work.label
         copies = copies_at(session, package, kind, site)
         stage = f"{label} {site}"
         corrupt = [c for c in copies if c.status == CopyStatus.CORRUPT]
@@ -156,7 +158,7 @@ def _at_site(session: Session, config: Config, package: RawDataPackage, site: st
                               kind == LocationType.BUFFER else OperationType.ARCHIVE,
                               _locations(session, site, kind))
             failure = _failed(operation)
-            reattempt = reattempts.get((job, site))
+            reattempt = reattempts.get((work, site))
             if failure is None and reattempt is not None:
                 failure = f"its run failed or died ({reattempt.last_error or 'no error'})"
             if failure:

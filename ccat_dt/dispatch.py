@@ -20,8 +20,7 @@ from ccat_dt.queues import (
     transfer_queue,
 )
 from ccat_dt.replicas import archived_at, source_for, verified_copy
-
-STAGES = ("raw_files", "packages", "site_copies", "lta_copies", "purge_status", "staged_copies")
+from ccat_dt.stages import Stage
 
 
 @dataclass(frozen=True)
@@ -30,27 +29,27 @@ class Dispatch:
     queue: str
 
 
-def dispatch_for(opsdb: OpsDB, config: Config, stage: str, partition: str,
+def dispatch_for(opsdb: OpsDB, config: Config, stage: Stage, partition: str,
                  site: str | None = None) -> Dispatch:
     """`partition` is the package (or staging request); `site` the archive site of a
     package x site partition."""
     settings = config.settings
-    if stage in ("raw_files", "packages"):
+    if stage == Stage.PACKAGING:
         return Dispatch(None, packaging_queue(config))
-    if stage == "purge_status":
+    if stage == Stage.PURGE:
         instruments = settings.site(settings.observatory).locations_of(LocationType.SOURCE)[0]
         return Dispatch(None, deletion_queue(config, settings.observatory, instruments.name))
-    if stage == "staged_copies":
+    if stage == Stage.STAGING:
         from ccat_dt.staging import get_request
 
         with opsdb.session() as session:
             location = get_request(session, partition).location
             return Dispatch(None, staging_queue(config, location.site.short_name,
                                                 location.name))
-    if stage not in ("site_copies", "lta_copies") or site is None:
+    if stage not in (Stage.SITE_COPY, Stage.LTA_COPY) or site is None:
         raise ValueError(f"no dispatch for stage {stage!r} partition {partition!r}")
-    kind = LocationType.LONG_TERM_ARCHIVE if stage == "lta_copies" else LocationType.BUFFER
-    queue = (archive_queue if stage == "lta_copies" else transfer_queue)(config, site)
+    kind = LocationType.LONG_TERM_ARCHIVE if stage == Stage.LTA_COPY else LocationType.BUFFER
+    queue = (archive_queue if stage == Stage.LTA_COPY else transfer_queue)(config, site)
     with opsdb.session() as session:
         package = get_package(session, partition)
         there = verified_copy(session, package, site, kind) or (

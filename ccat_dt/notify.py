@@ -41,6 +41,7 @@ from ccat_dt.opsdb.models import (
     Reattempt,
     _aware,
 )
+from ccat_dt.stages import Stage
 
 LOG = logging.getLogger("ccat_dt.notify")
 
@@ -128,8 +129,8 @@ def current_problems(session: Session, config: Config, now: datetime,
                                .order_by(Reattempt.id)):
         hours = (_aware(now) - _aware(row.first_failed_at)).total_seconds() / 3600
         problems.append(Problem(
-            f"escalated:{row.job}:{row.partition}", "escalated",
-            f"{row.job} {row.partition} still failing after {row.attempts} attempts "
+            f"escalated:{row.stage}:{row.partition}", "escalated",
+            f"{Stage(row.stage).label} {row.partition} still failing after {row.attempts} attempts "
             f"({hours:.0f} h)",
             f"Last error: {row.last_error or 'none recorded'}\n"
             f"Automatic attempts stopped at the re-attempt horizon "

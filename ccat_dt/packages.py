@@ -28,17 +28,17 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     utcnow,
 )
-from ccat_dt.packaging import (
+from ccat_dt.progress import labelled
+from ccat_dt.references import CopyRef
+from ccat_dt.routing import copies_at, next_primary_site
+from ccat_dt.storage import root_problem
+from ccat_dt.tarball import (
     BuiltPackage,
     PackageMember,
     PackagingError,
     build_package,
     split_into_packages,
 )
-from ccat_dt.progress import labelled
-from ccat_dt.references import CopyRef
-from ccat_dt.routing import copies_at, next_primary_site
-from ccat_dt.storage import root_problem
 from ccat_dt.topology import primary_location
 
 

@@ -26,6 +26,7 @@ from ccat_dt.opsdb.models import (
     StagingRequest,
 )
 from ccat_dt.routing import copies_at
+from ccat_dt.stages import Stage
 
 PAGE = 500
 
@@ -114,9 +115,10 @@ def _held_at(session: Session, package: RawDataPackage, site: str) -> bool:
                for c in copies_at(session, package, kind, site))
 
 
-def repairs_due(session: Session, config: Config, limit: int = PAGE) -> list[tuple[str, Due]]:
+def repairs_due(session: Session, config: Config,
+                limit: int = PAGE) -> list[tuple[Stage, Due]]:
     """Archive copies found CORRUPT with no good copy of that kind at their site, where a
-    verified LTA copy elsewhere can restore them: (job, work). An LTA copy is re-archived
+    verified LTA copy elsewhere can restore them: (stage, work). An LTA copy is re-archived
     from the site's buffer when that is still verified, else the buffer is refilled first
     (from a good LTA copy elsewhere, never from the bad one)."""
     corrupt = session.scalars(
@@ -125,7 +127,7 @@ def repairs_due(session: Session, config: Config, limit: int = PAGE) -> list[tup
                DataLocation.location_type.in_([LocationType.BUFFER,
                                                LocationType.LONG_TERM_ARCHIVE]))
         .order_by(PackageCopy.id).limit(limit)).all()
-    due: list[tuple[str, Due]] = []
+    due: list[tuple[Stage, Due]] = []
     for copy in corrupt:
         package, site = copy.package, copy.location.site.short_name
         kind = copy.location.location_type
@@ -137,9 +139,9 @@ def repairs_due(session: Session, config: Config, limit: int = PAGE) -> list[tup
             continue  # nothing good to restore from (yet)
         buffered = any(c.is_verified for c in copies_at(session, package, LocationType.BUFFER,
                                                           site))
-        job = "lta_copy_job" if kind == LocationType.LONG_TERM_ARCHIVE and buffered \
-            else "site_copy_job"
-        due.append((job, Due(package.name, site, copy.id)))
+        stage = Stage.LTA_COPY if kind == LocationType.LONG_TERM_ARCHIVE and buffered \
+            else Stage.SITE_COPY
+        due.append((stage, Due(package.name, site, copy.id)))
     return due
 
 

@@ -2,7 +2,7 @@
 requested again after a back-off that doubles per failed attempt, for a horizon after its
 first failure; then it is escalated (a person is told, `ccat-dt retry` resumes it).
 
-What counts as one piece of work is a job x partition. Its history is the list of its runs
+What counts as one piece of work is a stage x partition. Its history is the list of its runs
 (the Dagster layer reads them); an episode is the failures since its last success or since an
 operator's retry. Permanent failures never come here: a FAILED package (a source file that
 changed after filing) is not stalled work, so nothing re-requests it.
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import Reattempt, _aware
+from ccat_dt.stages import Stage
 
 
 class State(StrEnum):
@@ -70,9 +71,9 @@ class Decision:
     last_failed_at: datetime | None = None
     next_at: datetime | None = None
 
-    def run_key(self, job: str, partition: str) -> str:
+    def run_key(self, stage: str, partition: str) -> str:
         """A new key per attempt (the orchestrator skips a key it has seen)."""
-        return f"reattempt:{job}:{partition}:{self.episode[:8]}:{self.failures + 1}"
+        return f"reattempt:{stage}:{partition}:{self.episode[:8]}:{self.failures + 1}"
 
 
 def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> Decision:
@@ -103,7 +104,7 @@ def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> De
 
 @dataclass(frozen=True)
 class Work:
-    job: str
+    stage: Stage
     partition: str
     package: str
     site: str
@@ -113,25 +114,25 @@ class Work:
 
 def record(session: Session, work: Iterable[Work], now: datetime,
            keep: Iterable[tuple[str, str]] = (),
-           jobs: Collection[str] | None = None) -> list[Reattempt]:
-    """Write the state of every piece of work with failures; forget the rest (of `jobs`, when
+           stages: Collection[Stage] | None = None) -> list[Reattempt]:
+    """Write the state of every piece of work with failures; forget the rest (of `stages`, when
     given: each sensor keeps its own), except those in `keep` (in flight: their row stays as
     it was). Returns the rows newly escalated."""
     query = select(Reattempt)
-    if jobs is not None:
-        query = query.where(Reattempt.job.in_(list(jobs)))
-    rows = {(r.job, r.partition): r for r in session.scalars(query)}
+    if stages is not None:
+        query = query.where(Reattempt.stage.in_([str(s) for s in stages]))
+    rows = {(r.stage, r.partition): r for r in session.scalars(query)}
     seen = set(keep)
     escalated = []
     for item in work:
         decision = item.decision
         if decision.state in (State.NONE, State.IN_FLIGHT):
             continue
-        key = (item.job, item.partition)
+        key = (str(item.stage), item.partition)
         seen.add(key)
         row = rows.get(key)
         if row is None:
-            row = Reattempt(job=item.job, partition=item.partition, package=item.package,
+            row = Reattempt(stage=str(item.stage), partition=item.partition, package=item.package,
                             site=item.site)
             session.add(row)
         row.attempts = decision.failures
@@ -146,8 +147,8 @@ def record(session: Session, work: Iterable[Work], now: datetime,
         else:
             row.escalated_at = None
     gone = [key for key in rows if key not in seen]
-    for job, partition in gone:
-        session.execute(delete(Reattempt).where(Reattempt.job == job,
+    for stage, partition in gone:
+        session.execute(delete(Reattempt).where(Reattempt.stage == stage,
                                                 Reattempt.partition == partition))
     return escalated
 

@@ -34,17 +34,16 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.routing import copies_at, replication_source
+from ccat_dt.stages import Stage
 from ccat_dt.topology import primary_location
-
-PACKAGE_JOB, SITE_COPY_JOB, LTA_COPY_JOB = "package_job", "site_copy_job", "lta_copy_job"
 
 
 @dataclass(frozen=True)
 class Stalled:
-    """One partition to re-run: the job that materialises it, the package, the site ("" for
+    """One partition to re-run: the stage that materialises it, the package, the site ("" for
     per-package work) and what OpsDB says about its last attempt."""
 
-    job: str
+    stage: Stage
     package: str
     site: str
     reason: str
@@ -65,11 +64,11 @@ def stalled_work(opsdb: OpsDB, config: Config, *, packages: Collection[str] | No
         for package in session.scalars(query):
             if package.state == PackageState.FAILED:
                 if rebuild_failed:
-                    out.append(Stalled(PACKAGE_JOB, package.name, "",
+                    out.append(Stalled(Stage.PACKAGING, package.name, "",
                                        _last(session, package, OperationType.PACKAGING, None)))
                 continue
             if package.checksum is None:
-                out.append(Stalled(PACKAGE_JOB, package.name, "",
+                out.append(Stalled(Stage.PACKAGING, package.name, "",
                                    _last(session, package, OperationType.PACKAGING, None)))
                 continue
             for site in config.settings.archive_sites:
@@ -85,11 +84,11 @@ def _at_site(session: Session, config: Config, package: RawDataPackage,
     buffer = primary_location(session, site, LocationType.BUFFER)
     if any(c.is_verified for c in copies_at(session, package, LocationType.BUFFER, site)):
         lta = primary_location(session, site, LocationType.LONG_TERM_ARCHIVE)
-        return [Stalled(LTA_COPY_JOB, package.name, site,
+        return [Stalled(Stage.LTA_COPY, package.name, site,
                         _last(session, package, OperationType.ARCHIVE, lta.id))]
     if replication_source(session, config, package, site) is None:
         return []  # waits for a verified copy elsewhere (or for a repair of the first hop)
-    return [Stalled(SITE_COPY_JOB, package.name, site,
+    return [Stalled(Stage.SITE_COPY, package.name, site,
                     _last(session, package, OperationType.TRANSFER, buffer.id))]
 
 

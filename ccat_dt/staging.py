@@ -31,9 +31,9 @@ from ccat_dt.opsdb.models import (
     new_uuid,
     utcnow,
 )
-from ccat_dt.packaging import extract_package
 from ccat_dt.replicas import finish, finish_in
 from ccat_dt.retention import verified_lta_copies
+from ccat_dt.tarball import extract_package
 from ccat_dt.topology import UnknownLocation, get_location
 from ccat_dt.transports.base import Endpoint
 from ccat_dt.transports.factory import endpoint, transport_for

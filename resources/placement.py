@@ -11,7 +11,7 @@ from ccat_dt.packages import get_package
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.replicas import NotReady, Placed, place, verified_copy
 from ccat_dt.transports.base import TransferError
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 
 
 class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]

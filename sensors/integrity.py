@@ -20,7 +20,7 @@ from ccat_assets.integrity import copy_check_of, integrity_report_job
 from ccat_dt.loss import Health, assess
 from ccat_dt.packages import get_package
 from ccat_dt.pending import quarantines_found
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 
 
 @sensor(job=integrity_report_job, minimum_interval_seconds=30,

@@ -14,12 +14,11 @@ from dagster import (
     sensor,
 )
 
-from ccat_assets.driver import WORK_TAG
 from ccat_assets.execution import on_queue
 from ccat_assets.inflight import not_in_flight, packages_in_flight
-from ccat_assets.instance import LINK_TAG  # run limits per link: routes[].max_concurrent
-from ccat_assets.jobs import lta_copy_job, site_copy_job
 from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
+from ccat_assets.stages import JOBS
+from ccat_assets.tags import LINK_TAG, WORK_TAG
 from ccat_dt import reaper
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import plan_packages
@@ -41,15 +40,16 @@ from ccat_dt.queues import (
 )
 from ccat_dt.reattempt import Backoff, State, Work, decide, record
 from ccat_dt.retry import abandoned_deletions
+from ccat_dt.stages import Stage
 from ccat_dt.staging import get_request
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 from sensors.reattempt import history, next_at_cursor, reattempt_sensor
 
 INTERVAL = 15
 RUNNING = DefaultSensorStatus.RUNNING
 
 
-@sensor(job_name="package_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+@sensor(job=JOBS[Stage.PACKAGING], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """Finished observations become packages: a partition and a packaging run each."""
     with deployment.opsdb.session() as session:
@@ -68,30 +68,30 @@ def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
         cursor=str(page.cursor))
 
 
-@sensor(job_name="site_copy_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+@sensor(job=JOBS[Stage.SITE_COPY], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """A verified copy somewhere makes the next site copy possible (observatory -> primary
     archive once, then archive -> archive)."""
     with deployment.opsdb.session() as session:
         page = site_copies_due(session, deployment.config, int(context.cursor or 0),
                                _page(deployment))
-    return SensorResult(run_requests=_idle(context, [_placement(deployment, due, "site_copy")
-                                                     for due in page.items], "site_copies"),
+    return SensorResult(run_requests=_idle(context, [_placement(deployment, due, Stage.SITE_COPY)
+                                                     for due in page.items], Stage.SITE_COPY),
                         cursor=str(page.cursor))
 
 
-@sensor(job_name="lta_copy_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+@sensor(job=JOBS[Stage.LTA_COPY], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """A verified copy in an archive site's buffer is archived into that site's LTA."""
     with deployment.opsdb.session() as session:
         page = lta_copies_due(session, deployment.config, int(context.cursor or 0),
                               _page(deployment))
-    return SensorResult(run_requests=_idle(context, [_placement(deployment, due, "lta_copy")
-                                                     for due in page.items], "lta_copies"),
+    return SensorResult(run_requests=_idle(context, [_placement(deployment, due, Stage.LTA_COPY)
+                                                     for due in page.items], Stage.LTA_COPY),
                         cursor=str(page.cursor))
 
 
-@sensor(job_name="purge_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+@sensor(job=JOBS[Stage.PURGE], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def purge_sensor(context: SensorEvaluationContext,
                  deployment: Deployment) -> SensorResult | SkipReason:
     """One purge cycle: the planner picks what may go now (within the byte budget, early where
@@ -116,9 +116,9 @@ def purge_sensor(context: SensorEvaluationContext,
         basis = [*sorted(copy_ids), newest.get(package, 0)]
         digest = hashlib.sha1(",".join(map(str, basis)).encode()).hexdigest()[:12]
         work = f"purge:{package}:{site}:{digest}"
-        decision = decide(history(context.instance, "purge_job", package, site,
+        decision = decide(history(context.instance, Stage.PURGE, package, site,
                                   tags={WORK_TAG: work}), backoff, now)
-        works.append(Work("purge_job", f"{package}|{site}", package, site, decision,
+        works.append(Work(Stage.PURGE, f"{package}|{site}", package, site, decision,
                           "its purge run failed or died (`ccat-dt why` shows the deletions)"))
         if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
             decisions.append(decision)
@@ -141,15 +141,15 @@ def purge_sensor(context: SensorEvaluationContext,
                                                        abandoned.location), {
                 "ops": {"purge_status": {"config": {"copy_ids": [], "early_ids": []}}}})))
     with deployment.opsdb.session() as session:  # failing purges, for status and notices
-        record(session, works, now, keep=[(w.job, w.partition) for w in works
+        record(session, works, now, keep=[(w.stage, w.partition) for w in works
                                           if w.decision.state == State.IN_FLIGHT],
-               jobs=["purge_job"])
+               stages=[Stage.PURGE])
     if not requests and not decisions:
         return SkipReason("nothing may be deleted now")
     return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions))
 
 
-@sensor(job_name="staging_job", minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+@sensor(job=JOBS[Stage.STAGING], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """New staging requests become partitions of staged_copies and a staging run each."""
     config, requests = deployment.config, []
@@ -167,7 +167,7 @@ def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
         cursor=str(page.cursor))
 
 
-@sensor(jobs=[site_copy_job, lta_copy_job], minimum_interval_seconds=INTERVAL,
+@sensor(jobs=[JOBS[Stage.SITE_COPY], JOBS[Stage.LTA_COPY]], minimum_interval_seconds=INTERVAL,
         default_status=RUNNING)
 def repair_sensor(context: SensorEvaluationContext,
                   deployment: Deployment) -> SensorResult | SkipReason:
@@ -178,26 +178,26 @@ def repair_sensor(context: SensorEvaluationContext,
     if not due:
         return SkipReason("no corrupt copy can be repaired now")
     return SensorResult(run_requests=_idle(context, [
-        _placement(deployment, item, "repair", job_name=job) for job, item in due]))
+        _placement(deployment, item, stage, repair=True) for stage, item in due]))
 
 
 def _idle(context: SensorEvaluationContext, requests: list[RunRequest],
-          stage: str = "") -> list[RunRequest]:
+          stage: Stage | None = None) -> list[RunRequest]:
     """Leave out partitions that already have a run in flight (a backfill's, say): that run
     does the work; if it fails, `ccat-dt retry` finds the work again."""
-    return not_in_flight(context.instance, requests, {"site_copy_job": "site_copies",
-                                                      "lta_copy_job": "lta_copies"}, stage)
+    return not_in_flight(context.instance, requests, stage)
 
 
-def _placement(deployment: Deployment, due: Due, stage: str,
-               job_name: str | None = None) -> RunRequest:
+def _placement(deployment: Deployment, due: Due, stage: Stage,
+               repair: bool = False) -> RunRequest:
     """A run for one package x site partition, tagged with the link it loads and sent to the
     destination site's queue."""
     tags = {LINK_TAG: f"{due.origin}->{due.site}"} if due.origin else {}
-    archive = stage == "lta_copy" or job_name == "lta_copy_job"
-    queue = (archive_queue if archive else transfer_queue)(deployment.config, due.site)
+    queue = (archive_queue if stage == Stage.LTA_COPY else transfer_queue)(deployment.config,
+                                                                           due.site)
     return RunRequest(partition_key=package_site_key(due.package, due.site),
-                      run_key=due.run_key(stage), job_name=job_name, tags=tags,
+                      run_key=due.run_key("repair" if repair else stage),
+                      job_name=JOBS[stage].name if repair else None, tags=tags,
                       run_config=on_queue(deployment.config, queue))
 
 

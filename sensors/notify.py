@@ -12,7 +12,7 @@ from dagster import DefaultSensorStatus, SensorEvaluationContext, SkipReason, se
 from ccat_dt.forecast import forecast_buffers
 from ccat_dt.notify import channels, current_problems, reconcile
 from ccat_dt.opsdb.models import utcnow
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)

@@ -10,7 +10,7 @@ from ccat_dt.forecast import forecast_buffers
 from ccat_dt.loss import Health, packages_in_danger
 from ccat_dt.metrics import location_figures, service_level_figures
 from ccat_dt.opsdb.models import utcnow
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)

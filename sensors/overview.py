@@ -17,7 +17,7 @@ from dagster import (
 
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.overview import Overview, overview
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 
 OVERVIEW = AssetSpec("operator_overview", group_name="operations", kinds={"opsdb"},
                      description="Per-site copy counts (present, verified, quarantined, lost) "

@@ -19,42 +19,43 @@ from dagster import (
     sensor,
 )
 
-from ccat_assets.driver import IN_FLIGHT, NEXT_AT, RETRY_TAG, WORK_TAG
 from ccat_assets.execution import on_queue
-from ccat_assets.instance import LINK_TAG
-from ccat_assets.jobs import lta_copy_job, package_job, site_copy_job
 from ccat_assets.partitions import package_site_key
+from ccat_assets.stages import JOBS, stage_of_job
+from ccat_assets.tags import IN_FLIGHT, LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import get_package
 from ccat_dt.queues import archive_queue, packaging_queue, transfer_queue
 from ccat_dt.reattempt import Backoff, Decision, RunOutcome, State, Work, decide, record, waiting
-from ccat_dt.retry import LTA_COPY_JOB, PACKAGE_JOB, SITE_COPY_JOB, stalled_work
+from ccat_dt.retry import stalled_work
 from ccat_dt.routing import replication_source
-from resources.opsdb import Deployment
+from ccat_dt.stages import Stage
+from resources.deployment import Deployment
 
-JOBS = (PACKAGE_JOB, SITE_COPY_JOB, LTA_COPY_JOB)
+STAGES = (Stage.PACKAGING, Stage.SITE_COPY, Stage.LTA_COPY)
 FAILED = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 PARTITION, PACKAGE_DIM, SITE_DIM = ("dagster/partition", "dagster/partition/package",
                                     "dagster/partition/site")
 
 
-def _work_of(record_: RunRecord) -> tuple[str, str, str] | None:
+def _work_of(record_: RunRecord) -> tuple[Stage, str, str] | None:
     run = record_.dagster_run
-    if run.job_name not in JOBS:
+    stage = stage_of_job(run.job_name)
+    if stage not in STAGES:
         return None
     if PACKAGE_DIM in run.tags:
-        return run.job_name, run.tags[PACKAGE_DIM], run.tags.get(SITE_DIM, "")
+        return stage, run.tags[PACKAGE_DIM], run.tags.get(SITE_DIM, "")
     if PARTITION in run.tags:
-        return run.job_name, run.tags[PARTITION], ""
+        return stage, run.tags[PARTITION], ""
     return None
 
 
-def history(instance: DagsterInstance, job: str, package: str, site: str,
+def history(instance: DagsterInstance, stage: Stage, package: str, site: str,
             tags: dict[str, str] | None = None) -> list[RunOutcome]:
     """The runs of one piece of work, oldest first."""
     if tags is None:
         tags = {PACKAGE_DIM: package, SITE_DIM: site} if site else {PARTITION: package}
-    records = instance.get_run_records(RunsFilter(job_name=job, tags=tags), limit=200)
+    records = instance.get_run_records(RunsFilter(job_name=JOBS[stage].name, tags=tags), limit=200)
     return [outcome(r) for r in reversed(records)]
 
 
@@ -77,7 +78,7 @@ def next_at_cursor(decisions: list[Decision]) -> str:
     return json.dumps({NEXT_AT: min(waits) if waits else None})
 
 
-@sensor(jobs=[package_job, site_copy_job, lta_copy_job], minimum_interval_seconds=15,
+@sensor(jobs=[JOBS[stage] for stage in STAGES], minimum_interval_seconds=15,
         default_status=DefaultSensorStatus.RUNNING)
 def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """Failed (or dead) packaging, transfer and archive runs whose work OpsDB still shows as
@@ -86,54 +87,56 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     config, instance, now = deployment.config, context.instance, utcnow()
     backoff = Backoff.of(config)
     window = backoff.horizon + backoff.longest + timedelta(days=1)
-    candidates: set[tuple[str, str, str]] = set()
+    candidates: set[tuple[Stage, str, str]] = set()
     for run_record in instance.get_run_records(
             RunsFilter(statuses=FAILED, updated_after=now - window), limit=5000):
         work = _work_of(run_record)
         if work is not None:
             candidates.add(work)
     with deployment.opsdb.session() as session:
-        candidates |= {(r.job, r.package, r.site) for r in waiting(session) if r.job in JOBS}
-    by_package: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for job, package, site in candidates:
-        by_package[package].append((job, site))
-    stalled = {(s.job, s.package, s.site): s
+        candidates |= {(Stage(r.stage), r.package, r.site) for r in waiting(session)
+                       if r.stage in STAGES}
+    by_package: dict[str, list[tuple[Stage, str]]] = defaultdict(list)
+    for stage, package, site in candidates:
+        by_package[package].append((stage, site))
+    stalled = {(s.stage, s.package, s.site): s
                for s in stalled_work(deployment.opsdb, config, packages=sorted(by_package))}
     requests, works, decisions, in_flight = [], [], [], []
-    for (job, package, site) in sorted(candidates):
-        item = stalled.get((job, package, site))
+    for (stage, package, site) in sorted(candidates):
+        item = stalled.get((stage, package, site))
         if item is None:
             continue  # done, or no longer possible: nothing to re-attempt
-        decision = decide(history(instance, job, package, site), backoff, now)
+        decision = decide(history(instance, stage, package, site), backoff, now)
         partition = f"{package}|{site}" if site else package
         if decision.state == State.IN_FLIGHT:
-            in_flight.append((job, partition))
+            in_flight.append((stage, partition))
             continue
         decisions.append(decision)
-        works.append(Work(job, partition, package, site, decision, item.reason))
+        works.append(Work(stage, partition, package, site, decision, item.reason))
         if decision.state == State.DUE:
-            requests.append(_request(deployment, job, package, site, decision))
-            context.log.info(f"re-attempt {decision.failures + 1} of {job} {partition}: "
-                             f"{item.reason}")
+            requests.append(_request(deployment, stage, package, site, decision))
+            context.log.info(f"re-attempt {decision.failures + 1} of {stage.label} "
+                             f"{partition}: {item.reason}")
     with deployment.opsdb.session() as session:
-        escalated = record(session, works, now, keep=in_flight, jobs=JOBS)
+        escalated = record(session, works, now, keep=in_flight, stages=STAGES)
         for row in escalated:
-            context.log.warning(f"{row.job} {row.partition}: {row.attempts} attempts failed "
-                                f"since {row.first_failed_at:%Y-%m-%d %H:%M}; escalated")
+            context.log.warning(f"{Stage(row.stage).label} {row.partition}: {row.attempts} "
+                                f"attempts failed since {row.first_failed_at:%Y-%m-%d %H:%M}; "
+                                "escalated")
     return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions))
 
 
-def _request(deployment: Deployment, job: str, package: str, site: str,
+def _request(deployment: Deployment, stage: Stage, package: str, site: str,
              decision: Decision) -> RunRequest:
     config = deployment.config
     partition = f"{package}|{site}" if site else package
-    key = decision.run_key(job, partition)
-    tags = {WORK_TAG: f"{job}:{partition}", "ccat/attempt": str(decision.failures + 1)}
-    if job == PACKAGE_JOB:
+    key, job = decision.run_key(stage, partition), JOBS[stage].name
+    tags = {WORK_TAG: f"{stage}:{partition}", "ccat/attempt": str(decision.failures + 1)}
+    if stage == Stage.PACKAGING:
         return RunRequest(partition_key=package, run_key=key, job_name=job, tags=tags,
                           run_config=on_queue(config, packaging_queue(config)))
-    queue = (archive_queue if job == LTA_COPY_JOB else transfer_queue)(config, site)
-    if job == SITE_COPY_JOB:
+    queue = (archive_queue if stage == Stage.LTA_COPY else transfer_queue)(config, site)
+    if stage == Stage.SITE_COPY:
         with deployment.opsdb.session() as session:
             source = replication_source(session, config, get_package(session, package), site)
             if source is not None:

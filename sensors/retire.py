@@ -10,7 +10,7 @@ from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, 
 from ccat_assets.partitions import package_partitions
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.pending import finished_packages
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 
 # Live partitions examined per tick; the cursor (the last one examined) moves through them and
 # wraps, so a backlog after an upgrade drains over a few ticks instead of one long one.

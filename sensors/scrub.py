@@ -14,7 +14,7 @@ from ccat_assets.partitions import package_site_key
 from ccat_assets.scrub import scrub_job
 from ccat_dt.pending import scrub_due
 from ccat_dt.queues import verification_queue
-from resources.opsdb import Deployment
+from resources.deployment import Deployment
 
 
 @schedule(job=scrub_job, cron_schedule="0 * * * *", default_status=DefaultScheduleStatus.RUNNING)

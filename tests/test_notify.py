@@ -164,7 +164,7 @@ def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
             attempts - 1)
         assert report.next_due is None  # escalated: nothing more is scheduled
         [told] = webhook_receiver.texts
-        assert f"site_copy_job {package}|cologne still failing after {attempts} attempts" in told
+        assert f"site copy {package}|cologne still failing after {attempts} attempts" in told
         assert "No space left on device" in told and "ccat-dt retry" in told
         with opsdb.session() as session:
             stage = {s.stage: s for s in diagnose(session, config, package, utcnow())}
@@ -178,7 +178,7 @@ def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
 
         archived_everywhere(config, opsdb)
         assert len(webhook_receiver.posts) == 2
-        assert webhook_receiver.texts[1].startswith(f"[ccat-dt] RESOLVED: site_copy_job {package}")
+        assert webhook_receiver.texts[1].startswith(f"[ccat-dt] RESOLVED: site copy {package}")
         assert_safe(config, opsdb)
     finally:
         opsdb.dispose()

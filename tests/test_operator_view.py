@@ -200,10 +200,10 @@ def test_run_lines_name_stage_package_and_site_and_pass_other_messages_on() -> N
         reporter = RunReporter(instance, write=written.append)
         reporter("ok     site_copy:obs-1_chai-lfa_p00:us-east:17")
         reporter("FAILED scrub:cologne:2026-12-01T10")
-        reporter("retrying site_copy_job obs-1|us: link was down")
+        reporter("retrying site copy obs-1|us: link was down")
     assert [(r.stage, r.package, r.site, r.ok) for r in reporter.lines] == [
         ("site_copy", "obs-1_chai-lfa_p00", "us-east", True), ("scrub", "", "cologne", False)]
     assert written[0].split()[:4] == ["ok", "site_copy", "obs-1_chai-lfa_p00", "us-east"]
     assert written[1].startswith("FAILED scrub") and "next: the run's events" in written[1]
-    assert written[2] == "retrying site_copy_job obs-1|us: link was down"
+    assert written[2] == "retrying site copy obs-1|us: link was down"
     assert reporter.summary().startswith("2 run(s), 1 failed")

@@ -115,7 +115,7 @@ def test_not_a_terminal_gets_no_bar() -> None:
 
 
 def test_packaging_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ccat_dt.packaging import PackageMember, build_package
+    from ccat_dt.tarball import PackageMember, build_package
 
     monkeypatch.setenv(progress.INTERVAL_ENV, "0")
     seen: list[ProgressEvent] = []

@@ -29,10 +29,10 @@ def test_due_after_the_back_off_with_a_new_key_per_attempt() -> None:
     assert waiting.state == State.WAITING and waiting.next_at == T0 + timedelta(minutes=1)
     due = decide(history, POLICY, T0 + timedelta(minutes=1))
     assert due.state == State.DUE
-    assert due.run_key("site_copy_job", "p|us") == "reattempt:site_copy_job:p|us:aaaaaaaa:2"
+    assert due.run_key("site_copy", "p|us") == "reattempt:site_copy:p|us:aaaaaaaa:2"
     second = decide([*history, failed(1)], POLICY, T0 + timedelta(minutes=2))
     assert second.state == State.WAITING and second.next_at == T0 + timedelta(minutes=3)
-    assert second.run_key("site_copy_job", "p|us").endswith(":3")
+    assert second.run_key("site_copy", "p|us").endswith(":3")
 
 
 def test_escalated_past_the_horizon() -> None:

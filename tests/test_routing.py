@@ -27,9 +27,10 @@ from dagster._core.storage.tags import MULTIDIMENSIONAL_PARTITION_PREFIX, PARTIT
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.instance import LINK_TAG, write_instance_yaml
+from ccat_assets.instance import write_instance_yaml
 from ccat_assets.partitions import package_site_key
-from ccat_assets.routing import QUEUE_TAG, RoutedRunCoordinator
+from ccat_assets.routing import RoutedRunCoordinator
+from ccat_assets.tags import LINK_TAG, QUEUE_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.packages import plan_packages

@@ -40,8 +40,8 @@ from ccat_dt.opsdb.models import (
     RawDataFile,
     RawDataPackage,
 )
-from ccat_dt.packaging import read_manifest
 from ccat_dt.service.tokens import create_token, revoke_token
+from ccat_dt.tarball import read_manifest
 from ccat_dt.topology import prepare_opsdb
 from tests.faults.link import Link
 from tests.services import free_port

@@ -130,7 +130,7 @@ def test_each_site_shows_its_own_error_and_an_archive_failure_before_any_copy(
         session.add(Operation(operation_type=OperationType.ARCHIVE, package=package,
                               destination_location_id=us_lta.id, finished_at=now,
                               status=OperationStatus.FAILED, error="tape library offline"))
-        session.add(Reattempt(job="site_copy_job", partition=f"{name}|cologne", package=name,
+        session.add(Reattempt(stage="site_copy", partition=f"{name}|cologne", package=name,
                               site="cologne", attempts=2, first_failed_at=now,
                               last_failed_at=now,
                               next_attempt_at=now + timedelta(minutes=2)))

@@ -361,14 +361,14 @@ class ApiRequest(Base):
 
 
 class Reattempt(Base):
-    """Work (one job x partition) whose last run failed or died, waiting for its next
+    """Work (one stage x partition) whose last run failed or died, waiting for its next
     automatic attempt: written by the re-attempt sensor, read by `why`, `status` and the
     notifications. The row goes when the work is done."""
 
     __tablename__ = "reattempts"
-    __table_args__ = (UniqueConstraint("job", "partition"),)
+    __table_args__ = (UniqueConstraint("stage", "partition"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    job: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[str] = mapped_column(String(64))  # a ccat_dt.stages.Stage
     partition: Mapped[str] = mapped_column(String(300))
     package: Mapped[str] = mapped_column(String(200), index=True)
     site: Mapped[str] = mapped_column(String(64), default="")

@@ -94,15 +94,15 @@ def main(argv: list[str]) -> int:
 
     if options.action == "build":
         import ccat_dt.packages as packages
-        import ccat_dt.packaging as packaging
+        import ccat_dt.tarball as tarball
 
         [name] = options.args
         if options.kill == "mid-tar":  # the parent kills us once the tar is half written
-            wrap(packaging._TarWriter, "add_file", after=wait_to_be_killed(Path(options.marker)))
+            wrap(tarball._TarWriter, "add_file", after=wait_to_be_killed(Path(options.marker)))
         elif options.kill == "before-record":  # the tar is renamed into place, not recorded
             wrap(packages, "_record_built", before=die)
         if meet:
-            wrap(*((packaging, "claim_temporary") if options.at == "write"
+            wrap(*((tarball, "claim_temporary") if options.at == "write"
                    else (packages, "_record_built")), before=meet)
         try:
             result = packages.build(opsdb, config, name).copy_id

@@ -13,4 +13,4 @@ def operator_retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
                    rebuild_failed: bool = False) -> list[tuple[str, str, str]]:
     """Returns what was re-run as (job, package, site)."""
     retried, _ = retry_now(config, instance, opsdb, rebuild_failed=rebuild_failed)
-    return [(item.job, item.package, item.site) for item in retried]
+    return [(item.stage, item.package, item.site) for item in retried]

@@ -18,7 +18,7 @@ from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, LocationType, RawDataFile
 from ccat_dt.packages import package_path
-from ccat_dt.packaging import PackagingError, read_manifest
+from ccat_dt.tarball import PackagingError, read_manifest
 
 
 def _digest(path: Path) -> str | None:

@@ -15,7 +15,8 @@ from dagster import DagsterInstance, RunsFilter
 from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import IN_FLIGHT, RETRY_TAG, drive
+from ccat_assets.driver import drive
+from ccat_assets.tags import IN_FLIGHT, RETRY_TAG
 from ccat_dt.config import load_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Notification, PackageCopy, RawDataPackage

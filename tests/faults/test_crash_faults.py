@@ -95,13 +95,13 @@ def test_run_killed_after_the_tar_is_in_place_a_plain_drive_finishes_it(
     assert run_record.status == DagsterRunStatus.STARTED  # its process is gone
     assert_safe(config, opsdb, settled=False, expected_findings=[("dark", TAR)])
     [stalled] = stalled_work(opsdb, config)
-    assert (stalled.job, stalled.package) == ("package_job", package)
+    assert (stalled.stage, stalled.package) == ("packaging", package)
     assert "never finished" in stalled.reason
 
     report = run(config, instance)
 
     assert report.dead_runs == [f"package:{package}"]
-    assert report.launched[0].startswith(f"reattempt:package_job:{package}:")
+    assert report.launched[0].startswith(f"reattempt:packaging:{package}:")
     assert report.failed == []
     assert instance.get_run_by_id(run_record.run_id).status == DagsterRunStatus.FAILURE
     archived_everywhere(config, opsdb)

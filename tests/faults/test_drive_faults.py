@@ -15,7 +15,8 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from sqlalchemy import select
 
-from ccat_assets.driver import CURSOR_KEY, IN_FLIGHT, RUN_KEY
+from ccat_assets.driver import CURSOR_KEY, RUN_KEY
+from ccat_assets.tags import IN_FLIGHT
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation, OperationStatus, PackageCopy, RawDataPackage

@@ -97,7 +97,7 @@ def test_opsdb_locked_for_the_only_attempt_fails_cleanly_then_a_reattempt_conver
     """The run's only attempt fails; the re-attempt sensor requests it again after its
     back-off (a new run), which converges: no operator's retry."""
     config = deployment(tmp_path / "deploy", policies={"max_attempts": 1,
-                                                       "retry_backoff_first_s": 2})
+                                                       "retry_backoff_first_s": 8})
     opsdb = OpsDB(config.opsdb_url)
     try:
         observe(config, opsdb)
@@ -118,7 +118,7 @@ def test_opsdb_locked_for_the_only_attempt_fails_cleanly_then_a_reattempt_conver
         monkeypatch.undo()
         again = run(config, instance)  # waits out the back-off
 
-        assert again.launched[0].startswith("reattempt:site_copy_job:")
+        assert again.launched[0].startswith("reattempt:site_copy:")
         assert again.failed == []
 
         assert len(_cologne_copies(opsdb)) == 1

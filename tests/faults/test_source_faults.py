@@ -39,8 +39,8 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     utcnow,
 )
-from ccat_dt.packaging import read_manifest
 from ccat_dt.retry import stalled_work
+from ccat_dt.tarball import read_manifest
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     MODULE,
@@ -99,7 +99,7 @@ def test_source_changed_after_filing_fails_the_package_and_nothing_leaves(
     # The instrument team restores the file as filed; the operator rebuilds the package.
     victim.write_bytes(original)
     assert operator_retry(config, instance, opsdb, rebuild_failed=True) == [
-        ("package_job", package, "")]
+        ("packaging", package, "")]
 
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)

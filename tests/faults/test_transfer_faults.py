@@ -119,7 +119,7 @@ def test_full_disk_is_reported_with_its_next_attempt_and_converges_once_enlarged
     monkeypatch.undo()  # ... the disk is enlarged; the next automatic attempt gets through
     report = run(config, instance)
 
-    assert report.launched[0].startswith(f"reattempt:site_copy_job:{package}|cologne:")
+    assert report.launched[0].startswith(f"reattempt:site_copy:{package}|cologne:")
     assert report.failed == []
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)

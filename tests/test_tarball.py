@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ccat_dt.checksums import CHUNK_SIZE, ChecksumMismatch, hash_file
-from ccat_dt.packaging import (
+from ccat_dt.tarball import (
     MANIFEST_NAME,
     PackageMember,
     PackagingError,

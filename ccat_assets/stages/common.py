@@ -1,0 +1,39 @@
+"""What the stage modules share: how a step fails (retried, or once with its cause as the
+headline) and how a copy stage plans its placement and re-reads its copy for a check."""
+
+from dagster import AssetCheckResult, Backoff, Failure, RetryPolicy
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import LocationType
+from ccat_dt.references import Placement
+from ccat_dt.replicas import NotReady, check_stage, plan_placement
+from resources.deployment import Deployment
+
+GROUP = "lifecycle"
+
+
+def transient_retries(config: Config) -> RetryPolicy:
+    return RetryPolicy(max_retries=config.settings.policies.max_attempts - 1, delay=2,
+                       backoff=Backoff.EXPONENTIAL)
+
+
+def permanent(exc: BaseException) -> Failure:
+    """A failure no retry can fix (a missing source copy, an unknown package): fails the step
+    once, with the cause as its headline (not "Exceeded max_retries")."""
+    return Failure(description=str(exc), allow_retries=False)
+
+
+def planned(deployment: Deployment, package: str, site: str, kind: LocationType) -> Placement:
+    """Where the copy goes and where it comes from; the IO manager moves and verifies it."""
+    try:
+        return plan_placement(deployment.opsdb, deployment.config, package, site, kind)
+    except (NotReady, LookupError) as exc:
+        raise permanent(exc) from exc
+
+
+def reread(deployment: Deployment, package: str, site: str,
+           kind: LocationType) -> AssetCheckResult:
+    verification = check_stage(deployment.opsdb, deployment.config, package, site, kind)
+    return AssetCheckResult(passed=verification.passed, description=verification.description,
+                            metadata={"path": verification.path or "",
+                                      "copy_id": verification.copy_id or 0})

@@ -1,0 +1,88 @@
+"""Packaging: the raw files of a package become a tar + manifest at the observatory buffer."""
+
+import time
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetExecutionContext,
+    AssetsDefinition,
+    AssetSelection,
+    Failure,
+    asset,
+    asset_check,
+    define_asset_job,
+)
+
+from ccat_assets.partitions import package_partitions
+from ccat_assets.stages.common import GROUP, permanent, reread, transient_retries
+from ccat_dt import packages as package_builds
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import LocationType
+from ccat_dt.packages import FiledFiles, PackageBuildFailed, fail_unbuilt, source_problems
+from ccat_dt.references import CopyRef
+from resources.deployment import Deployment
+
+ASSETS = ("raw_files", "packages")
+job = define_asset_job("package_job", AssetSelection.assets(*ASSETS))
+
+
+def assets(config: Config) -> list[AssetsDefinition]:
+    @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"})
+    def raw_files(context: AssetExecutionContext, deployment: Deployment) -> FiledFiles:
+        """The package's raw files, as filed by the instruments at the observatory source."""
+        filed = package_builds.filed_files(deployment.opsdb, context.partition_key)
+        context.add_output_metadata({"files": filed.count, "bytes": filed.bytes,
+                                     "locations": ", ".join(filed.locations)})
+        return filed
+
+    @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"tar"},
+           deps=[raw_files], retry_policy=transient_retries(config))
+    def packages(context: AssetExecutionContext, deployment: Deployment) -> CopyRef:
+        """Tar + manifest of the raw files, built in one read pass at the observatory buffer
+        (once: a package built before reports its verified copies instead)."""
+        started, site = time.monotonic(), deployment.config.settings.observatory
+        deployment.metrics.watch_progress()  # a long build is seen while it runs
+        try:
+            built = package_builds.ensure_built(deployment.opsdb, deployment.config,
+                                                context.partition_key,
+                                                run_id=context.run.run_id)
+        except PackageBuildFailed as exc:
+            deployment.report("packaging", context.partition_key, site, "failed",
+                              time.monotonic() - started, error=str(exc))
+            raise Failure(str(exc), allow_retries=False) from exc
+        except LookupError as exc:
+            raise permanent(exc) from exc
+        ref = built.ref
+        deployment.report("packaging", context.partition_key, site,
+                          "unchanged" if built.note else "ok", time.monotonic() - started,
+                          bytes=ref.size)
+        context.add_output_metadata({
+            "path": ref.path, "size": ref.size, "checksum": ref.checksum,
+            "outcome": built.note or "built now",
+            "verified_copies": "\n".join(built.verified) or "none"})
+        return ref
+
+    return [raw_files, packages]
+
+
+def checks(config: Config) -> list[AssetChecksDefinition]:
+    observatory = config.settings.observatory
+
+    @asset_check(asset="raw_files", partitions_def=package_partitions, blocking=True)
+    def raw_files_present(context: AssetCheckExecutionContext,
+                          deployment: Deployment) -> AssetCheckResult:
+        """Every raw file of the package is at the source with its filed size."""
+        problems = source_problems(deployment.opsdb, context.partition_key)
+        fail_unbuilt(deployment.opsdb, context.partition_key, problems)  # `why` shows it
+        return AssetCheckResult(passed=not problems,
+                                description="\n".join(problems) or "all present")
+
+    @asset_check(asset="packages", partitions_def=package_partitions, blocking=True)
+    def package_checksum(context: AssetCheckExecutionContext,
+                         deployment: Deployment) -> AssetCheckResult:
+        """The tar at the observatory buffer re-reads to the recorded package checksum."""
+        return reread(deployment, context.partition_key, observatory, LocationType.BUFFER)
+
+    return [raw_files_present, package_checksum]

@@ -1,0 +1,58 @@
+"""Staging: a request's packages unpacked at its processing location from the nearest
+verified LTA copy, every file checked against the manifest."""
+
+import time
+
+from dagster import (
+    AllPartitionMapping,
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetDep,
+    AssetExecutionContext,
+    AssetsDefinition,
+    AssetSelection,
+    asset,
+    asset_check,
+    define_asset_job,
+)
+
+from ccat_assets.partitions import staging_partitions
+from ccat_assets.stages.common import transient_retries
+from ccat_dt.config import Config
+from ccat_dt.staging import Staged, stage, staged_problems
+from resources.deployment import Deployment
+
+ASSETS = ("staged_copies",)
+job = define_asset_job("staging_job", AssetSelection.assets(*ASSETS))
+
+
+def assets(config: Config) -> list[AssetsDefinition]:
+    @asset(partitions_def=staging_partitions, group_name="staging", kinds={"processing"},
+           deps=[AssetDep("lta_copies", partition_mapping=AllPartitionMapping())],
+           retry_policy=transient_retries(config))
+    def staged_copies(context: AssetExecutionContext, deployment: Deployment) -> Staged:
+        """The request's packages unpacked at its processing location from the nearest
+        verified LTA copy, every file checked against the manifest."""
+        started = time.monotonic()
+        staged = stage(deployment.opsdb, deployment.config, context.partition_key,
+                       run_id=context.run.run_id)
+        deployment.report("staging", context.partition_key, "*", "ok",
+                          time.monotonic() - started, bytes=staged.bytes)
+        context.add_output_metadata({"packages": staged.packages, "files": staged.files,
+                                     "bytes": staged.bytes})
+        return staged
+
+    return [staged_copies]
+
+
+def checks(config: Config) -> list[AssetChecksDefinition]:
+    @asset_check(asset="staged_copies", partitions_def=staging_partitions)
+    def staged_files_verified(context: AssetCheckExecutionContext,
+                              deployment: Deployment) -> AssetCheckResult:
+        """Every staged file re-reads to the checksum filed at the observatory."""
+        problems = staged_problems(deployment.opsdb, context.partition_key)
+        return AssetCheckResult(passed=not problems,
+                                description="\n".join(problems) or "every staged file verified")
+
+    return [staged_files_verified]
