@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
+from ccat_dt import progress
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
 from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.progress import ProgressEvent
 from ccat_dt.topology import prepare_opsdb, sync_topology
 
 
@@ -40,6 +42,16 @@ def pg_opsdb(config: Config, postgres_url: str) -> Iterator[OpsDB]:
         sync_topology(session, config)
     yield db
     db.dispose()
+
+
+@pytest.fixture
+def progress_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProgressEvent]]:
+    """Every ccat_dt.progress event while the test runs, each reported (no rate limit)."""
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    seen: list[ProgressEvent] = []
+    remove = progress.add_sink(seen.append)
+    yield seen
+    remove()
 
 
 @pytest.fixture

@@ -66,6 +66,14 @@ def flip_byte(path: Path, offset: int = 100, mask: int = 0x01) -> None:
         handle.write(bytes([byte[0] ^ mask]))
 
 
+def rot_an_lta_copy(opsdb: OpsDB, site: str) -> PackageCopy:
+    """Bit rot in the site's first LTA copy (a third into the file); returns that copy."""
+    bad = lta_copies_at(opsdb, site)[0]
+    path = Path(bad.location.root) / bad.relative_path
+    flip_byte(path, path.stat().st_size // 3, 0x10)
+    return bad
+
+
 def lta_copies_at(opsdb: OpsDB, site: str) -> list[PackageCopy]:
     """The site's LTA copies in OpsDB, with what tests read of them loaded."""
     with opsdb.session() as session:

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -407,18 +407,8 @@ def test_real_bbcp_local_copy(tmp_path: Path, package) -> None:
     assert final.read_bytes() == data and result.checksum == checksum
 
 
-@pytest.fixture
-def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProgressEvent]]:
-    """Every progress event, each reported (no rate limit)."""
-    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
-    seen: list[ProgressEvent] = []
-    remove = progress.add_sink(seen.append)
-    yield seen
-    remove()
-
-
 def test_progress_lines_are_reported_while_bbcp_runs(tmp_path: Path, package,
-                                                     events: list[ProgressEvent],
+                                                     progress_events: list[ProgressEvent],
                                                      caplog: pytest.LogCaptureFixture) -> None:
     source, data, checksum = package
     final = tmp_path / "dst" / "big.tar"
@@ -428,7 +418,7 @@ def test_progress_lines_are_reported_while_bbcp_runs(tmp_path: Path, package,
     def runner(argv: list[str], pass_fds: Sequence[int] = (), *,
                on_line: Callable[[str], None] | None = None) -> CompletedRun:
         done = replay(argv, pass_fds, on_line=on_line)
-        while_running.extend(events)  # reported before bbcp ended
+        while_running.extend(progress_events)  # reported before bbcp ended
         return done
 
     transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs", runner=runner)
@@ -442,23 +432,23 @@ def test_progress_lines_are_reported_while_bbcp_runs(tmp_path: Path, package,
     assert [e.bytes_per_s for e in while_running] == [p.rate_bytes_per_s for p in expected]
     assert all(e.name == "big.tar" and e.total_bytes == len(data) and not e.finished
                for e in while_running)
-    assert events[-1].finished and events[-1].done_bytes == len(data)
+    assert progress_events[-1].finished and progress_events[-1].done_bytes == len(data)
     messages = [r.getMessage() for r in caplog.records if r.name == "ccat_dt.progress"]
     assert messages[0].startswith("transfer big.tar: 25% ")  # Dagster's run log shows these
 
 
 def test_a_batch_reports_each_file_done_and_a_remote_source_its_share(
-        tmp_path: Path, events: list[ProgressEvent]) -> None:
+        tmp_path: Path, progress_events: list[ProgressEvent]) -> None:
     names = {"pkg-0002.tar": 20_000, "name with space.tar": 5_000}  # as in multi-file
     progress_of = progress.Progress("transfer", "batch", sum(names.values()))
     read = LiveProgress(progress_of, names)
     for line in fixture("multi-file").stderr.splitlines():
         read(line)
-    assert [e.done_bytes for e in events] == [20_000, 25_000]
+    assert [e.done_bytes for e in progress_events] == [20_000, 25_000]
     remote = LiveProgress(progress.Progress("transfer", "big.tar"), {})
     for line in fixture("progress-rate-limited").stderr.splitlines():
         remote(line)
-    assert [(e.done_bytes, e.percent) for e in events[2:]] == [(0, 25), (0, 43), (0, 81)]
+    assert [(e.done_bytes, e.percent) for e in progress_events[2:]] == [(0, 25), (0, 43), (0, 81)]
 
 
 @pytest.mark.parametrize("cut", ["connection-dropped", "remote-killed", "ssh-killed"])

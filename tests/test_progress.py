@@ -9,7 +9,6 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -28,16 +27,6 @@ from tests.victoria import VictoriaMetrics
 from tests.victoria import victoria as victoria_fixture  # noqa: F401 - named "victoria"
 
 
-@pytest.fixture
-def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProgressEvent]]:
-    """Every progress event, reported at most every 0.2 s."""
-    monkeypatch.setenv(progress.INTERVAL_ENV, "0.2")
-    seen: list[ProgressEvent] = []
-    remove = progress.add_sink(seen.append)
-    yield seen
-    remove()
-
-
 def source_file(path: Path, size: int) -> tuple[Path, str]:
     path.write_bytes(os.urandom(size))
     return path, hash_file(path)[0]
@@ -45,8 +34,9 @@ def source_file(path: Path, size: int) -> tuple[Path, str]:
 
 @pytest.mark.slow
 def test_a_rate_limited_rsync_reports_progress_before_it_completes(
-        sshd: SshServer, tmp_path: Path, events: list[ProgressEvent],
-        caplog: pytest.LogCaptureFixture) -> None:
+        sshd: SshServer, tmp_path: Path, progress_events: list[ProgressEvent],
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.2")  # rate-limited, as in use
     size = 2_000_000  # at 500 kB/s: about 4 s
     source, checksum = source_file(tmp_path / "big.dat", size)
     transport = RsyncTransport(sshd.ssh, tmp_path / "logs", bandwidth_limit_kbps=500)
@@ -55,22 +45,24 @@ def test_a_rate_limited_rsync_reports_progress_before_it_completes(
         result = transport.copy(Endpoint(PurePosixPath(source)), sshd.endpoint(destination),
                                 checksum)
     assert result.bytes == size
-    running = [e for e in events if not e.finished]
-    assert len(running) >= 2, events
+    running = [e for e in progress_events if not e.finished]
+    assert len(running) >= 2, progress_events
     assert all(e.stage == "transfer" and e.name == "big.dat" for e in running)
     assert all(0 < e.done_bytes < size for e in running[:-1])  # before the end
     assert [e.done_bytes for e in running] == sorted(e.done_bytes for e in running)
-    assert events[-1].finished and events[-1].done_bytes == size
+    assert progress_events[-1].finished and progress_events[-1].done_bytes == size
     # without a terminal, progress is in the structured log
     records = [r for r in caplog.records if r.name == "ccat_dt.progress"]
-    assert len(records) == len(events)
+    assert len(records) == len(progress_events)
     assert records[0].__dict__["progress_of"] == "big.dat"
     log = next((tmp_path / "logs").glob("*.log")).read_text()
     assert "to-chk" not in log  # the meter stays out of the transfer log
 
 
 def test_a_slow_local_copy_reports_progress_before_it_completes(
-        tmp_path: Path, events: list[ProgressEvent], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, progress_events: list[ProgressEvent],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.2")  # rate-limited, as in use
     monkeypatch.setattr(local_module, "SLICE_SIZE", 256 * 1024)
     done_when_landed: list[int] = []
 
@@ -84,11 +76,11 @@ def test_a_slow_local_copy_reports_progress_before_it_completes(
     destination = tmp_path / "out" / "pkg.tar"
     Throttled().copy_file(source, destination, checksum)
     assert destination.read_bytes() == source.read_bytes()
-    running = [e for e in events if not e.finished]
-    assert len(running) >= 2, events
+    running = [e for e in progress_events if not e.finished]
+    assert len(running) >= 2, progress_events
     assert all(e.name == "pkg.tar" and e.total_bytes == size for e in running)
     assert all(e.done_bytes < size for e in running[:-1])
-    assert events[-1].finished and events[-1].percent == 100.0
+    assert progress_events[-1].finished and progress_events[-1].percent == 100.0
 
 
 def test_a_terminal_gets_a_progress_bar() -> None:

@@ -14,7 +14,7 @@ from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import CopyStatus
-from tests.helpers import flip_byte, lta_copies_at, observe
+from tests.helpers import lta_copies_at, observe, rot_an_lta_copy
 
 LTA_CHECK = AssetCheckKey(AssetKey("lta_copies"), "lta_copy_checksum")
 
@@ -24,9 +24,7 @@ def test_scrub_finds_a_flipped_byte_and_repair_restores_the_copy(
     observe(config, opsdb, observations=1, files=1)
     defs = build_definitions(config)
     assert drive(defs, instance).failed == []
-    bad = lta_copies_at(opsdb, "us")[0]
-    path = Path(bad.location.root) / bad.relative_path
-    flip_byte(path, path.stat().st_size // 3, 0x10)
+    bad = rot_an_lta_copy(opsdb, "us")
 
     report = drive(defs, instance, schedules=True)  # the hourly scrub, then what follows
 
