@@ -40,7 +40,7 @@ from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._utils.schedules import reverse_cron_string_iterator
 
 from ccat_assets.inflight import IN_FLIGHT
-from ccat_assets.runlog import with_run_loggers
+from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
 from ccat_assets.tags import DRIVE_TAG, NEXT_AT
 
 RUN_KEY = "dagster/run_key"
@@ -147,6 +147,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
             with build_schedule_context(instance=instance, resources=defs.resources,
                                         repository_def=repository,
                                         scheduled_execution_time=datetime.now(UTC)) as context:
+                log_ticks_in_tree(context, schedule_def.name)
                 data = schedule_def.evaluate_tick(context)
             for run in data.run_requests or []:
                 _launch(repository, instance, run, schedule_def.name,
@@ -172,6 +173,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
                                           cursor=cursors.get(name), repository_def=repository,
                                           resources=defs.resources,
                                           sensor_name=name) as context:
+                    log_ticks_in_tree(context, name)
                     tick = sensor_def.evaluate_tick(context)
             except Exception as exc:  # noqa: BLE001 - as the daemon: this tick fails, the
                 # next one tries again (an OpsDB locked for a moment, say)
@@ -238,6 +240,7 @@ def tick_due_schedules(defs: Definitions, instance: DagsterInstance, report: Dri
         with build_schedule_context(instance=instance, resources=defs.resources,
                                     repository_def=repository,
                                     scheduled_execution_time=latest) as context:
+            log_ticks_in_tree(context, schedule_def.name)
             data = schedule_def.evaluate_tick(context)
         for run in data.run_requests or []:
             _launch(repository, instance, run, schedule_def.name, schedule_def.job_name,

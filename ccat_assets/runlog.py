@@ -9,7 +9,9 @@ which drowns the one line that matters. The CLI therefore runs in *quiet* mode:
   meant for the operator (logged with `extra={"notice": True}`, e.g. a file bigger than the
   package cap) also to stderr, one line each;
 - each finished run is reported as one line by `RunReporter` (stage, package, site, outcome,
-  bytes, MB/s, seconds; for a failure, its cause and the next step), then one summary line.
+  bytes, MB/s, seconds; for a failure, its cause and the next step), then one summary line;
+- what sensors and schedules log on their ticks (`context.log`) goes to the file as well
+  (`log_ticks_in_tree`), not to the terminal.
 
 On a terminal, transfers show a live progress bar meanwhile (ccat_dt/progress.py).
 With `-v` the events are shown on stderr as Dagster prints them. Outside the CLI (the daemon,
@@ -29,6 +31,7 @@ from typing import Any
 
 import coloredlogs
 from dagster import DagsterEventType, DagsterInstance, Field, RunsFilter, logger
+from dagster._core.definitions.instigation_logger import InstigationLogger
 from dagster._core.execution.context.logger import InitLoggerContext
 from dagster._core.utils import coerce_valid_log_level
 from dagster._utils.log import default_date_format_string, default_format_string
@@ -39,6 +42,7 @@ CONSOLE_ENV = "CCAT_DT_RUN_CONSOLE"  # "off": run events are not printed to the 
 FILE_ENV = "CCAT_DT_RUN_LOG_FILE"  # every run event (DEBUG) is appended to this file
 RUN_KEY = "dagster/run_key"
 LOG_NAME = "ccat-dt.log"
+TICKS = "ccat_assets.ticks"  # + the sensor's or schedule's name
 
 
 @logger(
@@ -73,6 +77,18 @@ def with_run_loggers(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
     loggers.setdefault("console", {"config": {}})
     merged["loggers"] = loggers
     return merged
+
+
+def log_ticks_in_tree(context: Any, name: str) -> None:
+    """Give a sensor or schedule context (from build_*_context) a `log` in the logging tree.
+
+    Dagster's tick logger prints to stderr through a console logger of its own, outside the
+    logging tree, so quiet mode could not keep it off the terminal: a line per tick. Here the
+    tick logs to "ccat_assets.ticks.NAME" instead: the file in quiet mode, stderr with -v, as
+    every other record. `drive` records no ticks in the instance, so the tick's captured log
+    (which only a recorded tick shows in the UI) is not lost."""
+    context._logger = InstigationLogger(instigator_name=name,
+                                        console_logger=logging.getLogger(f"{TICKS}.{name}"))
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from dagster import Config, OpExecutionContext, job, op
 from ccat_assets.integrity import copy_check
 from ccat_assets.partitions import split_key
 from ccat_dt.opsdb.models import LocationType
-from ccat_dt.replicas import verify
+from ccat_dt.scrub import scrub
 from resources.deployment import Deployment
 
 
@@ -21,10 +21,9 @@ def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
                       deployment: Deployment) -> int:
     """Each mismatch marks the copy CORRUPT; the repair sensor then restores it."""
     failed = 0
-    for key in config.partitions:
-        package, site = split_key(key)
-        result = verify(deployment.opsdb, deployment.config, package, site,
-                        LocationType.LONG_TERM_ARCHIVE)
+    deployment.metrics.watch_progress()  # the bytes hashed so far, while it runs
+    batch = [split_key(key) for key in config.partitions]
+    for package, site, result in scrub(deployment.opsdb, deployment.config, batch):
         failed += not result.passed
         # On the partition's latest materialization, so that the partition, the check list
         # and the lineage node show it (red until the repair's new copy passes its check).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
+from ccat_dt import progress as progress_events
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -43,6 +45,8 @@ LOCATION = "ccat_location"
 LOCATION_COPIES = "ccat_location_copies"
 SERVICE_LEVEL = "ccat_service_level"
 BUFFER = "ccat_buffer"
+PROGRESS = "ccat_progress"
+_STALE_SLOT_S = 600.0  # work that stopped reporting without finishing (it failed) frees its slot
 
 _LIBRARY_LOGGER = "influxdb_client.client.write_api"
 
@@ -80,6 +84,8 @@ class Metrics:
         self._outage = False
         self._client: InfluxDBClient | None = None
         self._api: WriteApi | None = None
+        self._slots: dict[int, tuple[int, float]] = {}  # work -> (slot, last seen)
+        self._unwatch: Callable[[], None] | None = None
         if settings.url is None:
             return
         from influxdb_client import InfluxDBClient
@@ -180,6 +186,47 @@ class Metrics:
 
         self._emit(build, "service level")
 
+    def progress(self, event: progress_events.ProgressEvent) -> None:
+        """Work still running (a transfer, packaging, the scrub): how far it is, now.
+
+        Tagged by stage, its labels (site, route) and a `slot`, the smallest number not used by
+        other work running at the same time: concurrent transfers on one route stay separate
+        series, and the number of series stays bounded (no package names, see docs/metrics.md).
+        """
+        slot = self._slot(event)
+
+        def build() -> list[Point]:
+            point = _tagged(PROGRESS, {**dict(event.labels), "stage": event.stage,
+                                       "slot": str(slot)})
+            point.field("done_bytes", int(event.done_bytes))
+            if event.total_bytes:
+                point.field("total_bytes", int(event.total_bytes))
+            if event.percent is not None:
+                point.field("percent", float(event.percent))
+            return [point.field("rate_mb_s", float(event.bytes_per_s) / 1e6)
+                    .field("finished", int(event.finished))]
+
+        self._emit(build, f"progress of {event.name}")
+
+    def watch_progress(self) -> None:
+        """Write a `progress` point for every ccat_dt.progress event until `close()`."""
+        if self.enabled and self._unwatch is None:
+            self._unwatch = progress_events.add_sink(self.progress)
+
+    def _slot(self, event: progress_events.ProgressEvent) -> int:
+        now = time.monotonic()
+        with self._lock:
+            for work, (_, seen) in list(self._slots.items()):
+                if now - seen > _STALE_SLOT_S:
+                    del self._slots[work]
+            slot = self._slots[event.work][0] if event.work in self._slots else min(
+                set(range(len(self._slots) + 1)) - {s for s, _ in self._slots.values()})
+            if event.finished:
+                self._slots.pop(event.work, None)
+            else:
+                self._slots[event.work] = (slot, now)
+        return slot
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def flush(self) -> None:
@@ -194,6 +241,9 @@ class Metrics:
 
     def close(self) -> None:
         """Flush and release the HTTP pool; later points are dropped (counted, not logged)."""
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         with self._lock:
             api, self._api = self._api, None
         if api is not None:  # None: disabled, or closed before

@@ -28,6 +28,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     utcnow,
 )
+from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef
 from ccat_dt.routing import copies_at, next_primary_site
 from ccat_dt.storage import root_problem
@@ -157,7 +158,8 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
     try:
         if problem := root_problem(Path(buffer.root)):  # never build onto an unmounted disk
             raise OSError(problem)
-        built = build_package(members, destination, package_name=name)
+        with labelled(site=config.settings.observatory):
+            built = build_package(members, destination, package_name=name)
     except (PackagingError, ChecksumMismatch) as exc:
         _fail(opsdb, operation.id, package_id=package.id, error=str(exc))
         raise PackageBuildFailed(f"package {name}: {exc}") from exc

@@ -6,11 +6,18 @@ most once per `interval_s` (and once at the end) as a `ProgressEvent` to every s
 - always a log record on the "ccat_dt.progress" logger (INFO, with the fields as extras), so
   the JSON-lines log (ccat_dt.jsonlog) and Dagster's run log get progress when no one watches
   a terminal;
-- on a terminal, `terminal_bars()` (used by the CLI) adds a live tqdm bar per piece of work.
+- on a terminal, `terminal_bars()` (used by the CLI) adds a live tqdm bar per piece of work;
+- with metrics on, `Metrics.watch_progress()` adds a `ccat_progress` point per event, so a long
+  transfer is seen in Grafana while it runs.
+
+Who knows where the work happens (the site, the route) but does not make the `Progress` itself
+(a transport does) wraps the call in `labelled(site=..., route=...)`; every `Progress` made
+inside carries those labels into its events.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -18,12 +25,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 LOG = logging.getLogger("ccat_dt.progress")
 INTERVAL_ENV = "CCAT_DT_PROGRESS_INTERVAL_S"
 DEFAULT_INTERVAL_S = 2.0
+_labels: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("ccat_dt_progress_labels",
+                                                             default=())
+_works = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -34,12 +45,15 @@ class ProgressEvent:
     total_bytes: int | None  # None: unknown
     bytes_per_s: float
     finished: bool = False
+    labels: tuple[tuple[str, str], ...] = ()  # from labelled(): site, route, ...
+    work: int = 0  # tells apart the events of pieces of work running at once
+    reported_percent: float | None = None  # from a tool that says "N% done" of an unknown size
 
     @property
     def percent(self) -> float | None:
-        if not self.total_bytes:
-            return None
-        return min(100.0, 100.0 * self.done_bytes / self.total_bytes)
+        if self.total_bytes:
+            return min(100.0, 100.0 * self.done_bytes / self.total_bytes)
+        return self.reported_percent
 
 
 Sink = Callable[[ProgressEvent], None]
@@ -64,7 +78,7 @@ def _emit(event: ProgressEvent) -> None:
     LOG.info("%s %s: %s%.1f MB, %.1f MB/s%s", event.stage, event.name,
              f"{percent:.0f}% " if percent is not None else "", event.done_bytes / 1e6,
              event.bytes_per_s / 1e6, " (done)" if event.finished else "",
-             extra={"stage": event.stage, "progress_of": event.name,
+             extra={**dict(event.labels), "stage": event.stage, "progress_of": event.name,
                     "bytes": event.done_bytes, "total_bytes": event.total_bytes,
                     "percent": None if percent is None else round(percent, 1),
                     "bytes_per_s": round(event.bytes_per_s), "finished": event.finished})
@@ -75,6 +89,16 @@ def _emit(event: ProgressEvent) -> None:
             sink(event)
         except Exception:  # noqa: BLE001 - progress must never break the work it reports on
             LOG.debug("progress sink failed", exc_info=True)
+
+
+@contextmanager
+def labelled(**labels: str) -> Iterator[None]:
+    """Every `Progress` made inside (in this thread or task) carries these labels too."""
+    token = _labels.set((*_labels.get(), *sorted(labels.items())))
+    try:
+        yield
+    finally:
+        _labels.reset(token)
 
 
 class Progress:
@@ -89,6 +113,9 @@ class Progress:
         self._last = self.started
         self.done_bytes = 0
         self.events = 0
+        self.labels = _labels.get()
+        self.work = next(_works)
+        self._percent: float | None = None
 
     def update(self, done_bytes: int, *, bytes_per_s: float | None = None,
                total_bytes: int | None = None) -> None:
@@ -101,8 +128,19 @@ class Progress:
         self._last = now
         self._report(bytes_per_s, finished=False)
 
-    def finish(self) -> None:
+    def update_percent(self, percent: float, *, bytes_per_s: float | None = None) -> None:
+        """For tools that report a share, not bytes: bytes from the total when it is known."""
+        self._percent = percent
+        done = int(self.total_bytes * percent / 100) if self.total_bytes else self.done_bytes
+        self.update(done, bytes_per_s=bytes_per_s)
+
+    def finish(self, done_bytes: int | None = None) -> None:
+        """The work is done (with `done_bytes`, when the last update did not say all)."""
+        if done_bytes is not None:
+            self.done_bytes = done_bytes
         if self.events:  # short work that never reported needs no "done" either
+            if self.total_bytes is None and self._percent is not None:
+                self._percent = 100.0
             self._report(None, finished=True)
 
     def _report(self, bytes_per_s: float | None, *, finished: bool) -> None:
@@ -111,7 +149,7 @@ class Progress:
             self.done_bytes / elapsed if elapsed > 0 else 0.0)
         self.events += 1
         _emit(ProgressEvent(self.stage, self.name, self.done_bytes, self.total_bytes, rate,
-                            finished))
+                            finished, self.labels, self.work, self._percent))
 
 
 @contextmanager
@@ -124,10 +162,10 @@ def terminal_bars(stream: Any = None) -> Iterator[None]:
         return
     from tqdm import tqdm
 
-    bars: dict[tuple[str, str], Any] = {}
+    bars: dict[int, Any] = {}
 
     def show(event: ProgressEvent) -> None:
-        key = (event.stage, event.name)
+        key = event.work
         bar = bars.get(key)
         if bar is None:
             bar = bars[key] = tqdm(total=event.total_bytes, desc=f"{event.stage} {event.name}",

@@ -25,6 +25,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.packages import get_package, lock_package, package_path, supersede
+from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
 from ccat_dt.topology import primary_location
@@ -134,7 +135,8 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
     # Each transport finds the location's marker before it writes (a transfer never creates a
     # missing location root: an unmounted archive disk has none), remotely in the round trip
     # that creates the directory.
-    outcomes = _transfer(transport, jobs)
+    with labelled(site=placement.site, route=f"{placement.source.site}->{placement.site}"):
+        outcomes = _transfer(transport, jobs)
     own: Placed | None = None
     for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, Exception):
@@ -317,13 +319,19 @@ def verify(opsdb: OpsDB, config: Config, package: str, site: str,
     A mismatch marks the copy CORRUPT, which blocks every purge of the package.
     """
     with opsdb.session() as session:
-        pkg = get_package(session, package)
-        copies = [c for c in copies_at(session, pkg, kind, site)
-                  if c.status in (CopyStatus.PRESENT, CopyStatus.CORRUPT)]
-        if not copies:
+        copy = newest_copy(session, get_package(session, package), site, kind)
+        if copy is None:
             return Verification(False, f"no copy of {package} at {site} {kind.value}", None, None)
-        copy_id = copies[-1].id
+        copy_id = copy.id
     return reread(opsdb, config, copy_id)
+
+
+def newest_copy(session: Session, package: RawDataPackage, site: str,
+                kind: LocationType) -> PackageCopy | None:
+    """The copy `verify` re-reads: the newest present or corrupt one there."""
+    copies = [c for c in copies_at(session, package, kind, site)
+              if c.status in (CopyStatus.PRESENT, CopyStatus.CORRUPT)]
+    return copies[-1] if copies else None
 
 
 def check_stage(opsdb: OpsDB, config: Config, package: str, site: str,

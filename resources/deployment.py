@@ -56,8 +56,10 @@ class Deployment(ConfigurableResource):  # type: ignore[misc]
         if url is None:
             return Metrics.disabled()
         settings = self.config.settings.metrics
-        return Metrics(MetricsSettings(url=url, org=settings.org, bucket=settings.bucket,
-                                       token_env=settings.token_env))
+        metrics = Metrics(MetricsSettings(url=url, org=settings.org, bucket=settings.bucket,
+                                          token_env=settings.token_env))
+        metrics.watch_progress()  # long transfers seen while they run; stops at close()
+        return metrics
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         metrics = self.__dict__.pop("metrics", None)  # flush what is batched; a later

@@ -28,6 +28,7 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
     def handle_output(self, context: OutputContext, obj: Placement) -> None:
         attempt = context.step_context.previous_attempt_count if context.step_context else 0
         started = time.monotonic()
+        self.deployment.metrics.watch_progress()  # the transfer is seen while it runs
         try:
             placed = place(self.deployment.opsdb, self.deployment.config, obj, self.kind,
                            run_id=context.run_id, attempt=attempt)

@@ -1,5 +1,6 @@
-"""Shared fixtures: a fresh embedded deployment (config + migrated SQLite OpsDB) per test;
-and which tests are slow (`make test-fast` runs the others)."""
+"""Shared fixtures: a fresh embedded deployment (config + migrated SQLite OpsDB) per test, the
+same topology in PostgreSQL, a Dagster instance; and which tests are slow (`make test-fast`
+runs the others). Shared helper functions are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dagster import DagsterInstance
 
+from ccat_dt import progress
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
-from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.topology import prepare_opsdb
+from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.progress import ProgressEvent
+from ccat_dt.topology import prepare_opsdb, sync_topology
 
 
 @pytest.fixture
@@ -26,6 +30,37 @@ def opsdb(config: Config) -> Iterator[OpsDB]:
     db = OpsDB(config.opsdb_url)
     yield db
     db.dispose()
+
+
+@pytest.fixture
+def pg_opsdb(config: Config, postgres_url: str) -> Iterator[OpsDB]:
+    """The config's topology in the test PostgreSQL database (tests.services: skipped without
+    it), migrated to the head."""
+    migrate(postgres_url)
+    db = OpsDB(postgres_url)
+    with db.session() as session:
+        sync_topology(session, config)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def progress_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProgressEvent]]:
+    """Every ccat_dt.progress event while the test runs, each reported (no rate limit)."""
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    seen: list[ProgressEvent] = []
+    remove = progress.add_sink(seen.append)
+    yield seen
+    remove()
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
+    """A persistent Dagster instance of the test's own."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with DagsterInstance.from_config(str(home)) as dagster_instance:
+        yield dagster_instance
 
 
 pytest_plugins = ["tests.services", "tests.sshd", "tests.victoria", "tests.notify_servers"]

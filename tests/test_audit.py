@@ -41,7 +41,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.reaper import purge_package
 from ccat_dt.storage import files_under
 from ccat_dt.topology import get_location, prepare_opsdb, sync_topology
-from tests.test_lifecycle import observe
+from tests.helpers import flip_byte, observe
 
 RETENTION_HOURS = 1000.0  # buffers and source keep their copies, so a purge has work to do
 LATER = timedelta(hours=2 * RETENTION_HOURS)
@@ -114,14 +114,6 @@ def db_snapshot(opsdb: OpsDB) -> dict[str, list[tuple[Any, ...]]]:
 def disk_snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def flip_byte(path: Path) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(100)
-        byte = handle.read(1)
-        handle.seek(100)
-        handle.write(bytes([byte[0] ^ 0x01]))
 
 
 def test_clean_lifecycle_audits_clean_before_and_after_the_purge(

@@ -30,8 +30,8 @@ from ccat_dt.opsdb.models import (
     Site,
 )
 from ccat_dt.transports.remote import CompletedRun
+from tests.helpers import flip_byte, observe
 from tests.sshd import SshServer
-from tests.test_lifecycle import observe
 from tests.test_multisite import multisite
 
 
@@ -50,14 +50,6 @@ def lta_copies(opsdb: OpsDB, site: str) -> list[tuple[int, str, Path]]:
 def status(opsdb: OpsDB, copy_id: int) -> CopyStatus:
     with opsdb.session() as session:
         return session.get_one(PhysicalCopy, copy_id).status
-
-
-def flip_byte(path: Path) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(100)
-        byte = handle.read(1)
-        handle.seek(100)
-        handle.write(bytes([byte[0] ^ 0x01]))
 
 
 def count_ssh(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[str]]:

@@ -16,7 +16,7 @@ from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType, PackageCopy
 from ccat_dt.topology import prepare_opsdb
-from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
+from tests.helpers import observe
 
 
 def test_one_session_moves_the_packages_of_an_observation(

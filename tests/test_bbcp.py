@@ -10,12 +10,14 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 import pytest
 import xxhash
 
+from ccat_dt import progress
+from ccat_dt.progress import ProgressEvent
 from ccat_dt.transports.base import (
     Endpoint,
     SshSettings,
@@ -27,6 +29,7 @@ from ccat_dt.transports.bbcp import (
     STAGING_DIR,
     BbcpOptions,
     BbcpTransport,
+    LiveProgress,
     bbcp_command,
     classify,
     parse_checksums,
@@ -256,15 +259,20 @@ def test_xxhsum_h2_matches_python_xxh3_128(tmp_path: Path) -> None:
 
 def fake_runner(case: str, sources: dict[str, bytes], calls: list[list[str]], *,
                 partial: bool = False):
-    """Write what bbcp would have written (whole files, or half on failure), answer as `case`."""
+    """Write what bbcp would have written (whole files, or half on failure), hand the captured
+    lines to `on_line` as bbcp prints them, answer as `case`."""
     run = fixture(case)
 
-    def runner(argv: list[str], pass_fds: Sequence[int] = ()) -> CompletedRun:
+    def runner(argv: list[str], pass_fds: Sequence[int] = (), *,
+               on_line: Callable[[str], None] | None = None) -> CompletedRun:
         calls.append(argv)
         target = argv[-1].split(":", 1)[-1]
         for source, data in sources.items():
             landing = Path(target) / Path(source).name if target.endswith("/") else Path(target)
             landing.write_bytes(data[: len(data) // 2] if partial else data)
+        for line in (run.stdout + run.stderr).splitlines():
+            if on_line is not None and line.strip():
+                on_line(line)
         return run
 
     return runner
@@ -399,20 +407,48 @@ def test_real_bbcp_local_copy(tmp_path: Path, package) -> None:
     assert final.read_bytes() == data and result.checksum == checksum
 
 
-def test_progress_lines_become_log_records_dagster_shows(tmp_path: Path, package,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_lines_are_reported_while_bbcp_runs(tmp_path: Path, package,
+                                                     progress_events: list[ProgressEvent],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     source, data, checksum = package
     final = tmp_path / "dst" / "big.tar"
-    transport = BbcpTransport(
-        BbcpOptions(), SshSettings(), tmp_path / "logs",
-        runner=fake_runner("progress-rate-limited", {str(source.path): data}, []))
-    with caplog.at_level(logging.INFO, logger="ccat_dt.transports.bbcp"):
+    replay = fake_runner("progress-rate-limited", {str(source.path): data}, [])
+    while_running: list[ProgressEvent] = []
+
+    def runner(argv: list[str], pass_fds: Sequence[int] = (), *,
+               on_line: Callable[[str], None] | None = None) -> CompletedRun:
+        done = replay(argv, pass_fds, on_line=on_line)
+        while_running.extend(progress_events)  # reported before bbcp ended
+        return done
+
+    transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs", runner=runner)
+    with caplog.at_level(logging.INFO, logger="ccat_dt.progress"):
         transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
-    lines = [r.getMessage() for r in caplog.records if r.name == "ccat_dt.transports.bbcp"]
     expected = parse_summary(fixture("progress-rate-limited").stdout,
                              fixture("progress-rate-limited").stderr).progress
-    assert len(lines) == len(expected) >= 2
-    assert all(line.startswith("bbcp big.tar: ") and "% done" in line for line in lines)
+    assert len(while_running) == len(expected) >= 2
+    assert [e.done_bytes for e in while_running] == [len(data) * p.percent // 100
+                                                     for p in expected]
+    assert [e.bytes_per_s for e in while_running] == [p.rate_bytes_per_s for p in expected]
+    assert all(e.name == "big.tar" and e.total_bytes == len(data) and not e.finished
+               for e in while_running)
+    assert progress_events[-1].finished and progress_events[-1].done_bytes == len(data)
+    messages = [r.getMessage() for r in caplog.records if r.name == "ccat_dt.progress"]
+    assert messages[0].startswith("transfer big.tar: 25% ")  # Dagster's run log shows these
+
+
+def test_a_batch_reports_each_file_done_and_a_remote_source_its_share(
+        tmp_path: Path, progress_events: list[ProgressEvent]) -> None:
+    names = {"pkg-0002.tar": 20_000, "name with space.tar": 5_000}  # as in multi-file
+    progress_of = progress.Progress("transfer", "batch", sum(names.values()))
+    read = LiveProgress(progress_of, names)
+    for line in fixture("multi-file").stderr.splitlines():
+        read(line)
+    assert [e.done_bytes for e in progress_events] == [20_000, 25_000]
+    remote = LiveProgress(progress.Progress("transfer", "big.tar"), {})
+    for line in fixture("progress-rate-limited").stderr.splitlines():
+        remote(line)
+    assert [(e.done_bytes, e.percent) for e in progress_events[2:]] == [(0, 25), (0, 43), (0, 81)]
 
 
 @pytest.mark.parametrize("cut", ["connection-dropped", "remote-killed", "ssh-killed"])
@@ -433,7 +469,7 @@ def test_cut_transfer_keeps_its_partial_file_and_the_same_command_resumes_it(
 
     resumed = fixture(f"resumed-{cut}")
 
-    def resume(argv: list[str], pass_fds: Sequence[int] = ()) -> CompletedRun:
+    def resume(argv: list[str], pass_fds: Sequence[int] = (), **_: object) -> CompletedRun:
         calls.append(argv)
         with landing.open("ab") as partial:  # what bbcp -a does: append from the kept offset
             partial.write(data[landing.stat().st_size:])
@@ -454,7 +490,7 @@ def test_a_retry_waits_for_processes_left_by_a_killed_attempt(tmp_path: Path, pa
     landing.parent.mkdir()
     orphans: list[subprocess.Popen[bytes]] = []
 
-    def killed(argv: list[str], pass_fds: Sequence[int] = ()) -> CompletedRun:
+    def killed(argv: list[str], pass_fds: Sequence[int] = (), **_: object) -> CompletedRun:
         # the children carry on in their own session, holding what the attempt passed them
         orphans.append(subprocess.Popen(
             ["python3", "-c", "import sys, time; time.sleep(2); "
@@ -469,7 +505,7 @@ def test_a_retry_waits_for_processes_left_by_a_killed_attempt(tmp_path: Path, pa
     assert caught.value.retryable and caught.value.resumable  # type: ignore[attr-defined]
     seen: list[int | None] = []
 
-    def resumed(argv: list[str], pass_fds: Sequence[int] = ()) -> CompletedRun:
+    def resumed(argv: list[str], pass_fds: Sequence[int] = (), **_: object) -> CompletedRun:
         seen.append(orphans[0].poll())  # the orphan must be gone before bbcp starts again
         return fixture("resumed-local-killed")
 

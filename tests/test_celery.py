@@ -24,8 +24,8 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, Site
 from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
+from tests.helpers import observe
 from tests.services import unavailable
-from tests.test_lifecycle import observe
 
 # Both Celery suites flush the same Redis database: never at once (pytest -n, loadgroup).
 pytestmark = pytest.mark.xdist_group("redis")

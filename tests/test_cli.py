@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from ccat_assets.cli import main
 from ccat_dt.config import load_config
 from ccat_dt.defaults import CONFIG_NAME
 from ccat_dt.opsdb.database import OpsDB
+from tests.helpers import run_cli, write
 
 MODULE = "primecam/f280"
 
@@ -29,19 +29,10 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CCAT_DT_OPSDB_URL", raising=False)
 
 
-def run(*argv: str) -> int:
-    """Run the CLI in-process; the exit code (0 when main returns normally)."""
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
-
-
 @pytest.fixture
 def deploy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     """`ccat-dt init` into tmp_path/deploy; returns the config file."""
-    assert run("init", str(tmp_path / "deploy")) == 0
+    assert run_cli("init", str(tmp_path / "deploy")) == 0
     capsys.readouterr()
     return tmp_path / "deploy" / CONFIG_NAME
 
@@ -53,15 +44,9 @@ def source(deploy: Path) -> Path:
 
 @pytest.fixture
 def obs(deploy: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    assert run("--config", str(deploy), "observation", "start", "obs-1") == 0
+    assert run_cli("--config", str(deploy), "observation", "start", "obs-1") == 0
     capsys.readouterr()
     return "obs-1"
-
-
-def write(path: Path, data: bytes = b"raw bytes") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def filed(config: Path) -> list[tuple[str, int]]:
@@ -98,7 +83,7 @@ def fails(capsys: pytest.CaptureFixture[str], config: Path, source: Path, *argv:
     """Run, expect exit 2 with a `ccat-dt: error:` message and no change; returns stderr."""
     before = snapshot(config, source)
     capsys.readouterr()
-    assert run(*argv) == 2
+    assert run_cli(*argv) == 2
     out, err = capsys.readouterr()
     assert err.startswith("ccat-dt: error: ")
     assert "Traceback" not in err
@@ -112,7 +97,7 @@ def fails(capsys: pytest.CaptureFixture[str], config: Path, source: Path, *argv:
 
 def test_init_creates_a_deployment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     directory = tmp_path / "new"
-    assert run("init", str(directory)) == 0
+    assert run_cli("init", str(directory)) == 0
     out = capsys.readouterr().out
     assert str(directory / CONFIG_NAME) in out
     config = load_config(directory / CONFIG_NAME)
@@ -131,12 +116,12 @@ def test_init_creates_a_deployment(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_init_twice_keeps_an_edited_config(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     directory = tmp_path / "deploy"
-    assert run("init", str(directory)) == 0
+    assert run_cli("init", str(directory)) == 0
     path = directory / CONFIG_NAME
     data = yaml.safe_load(path.read_text())
     data["policies"]["max_attempts"] = 7
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    assert run("init", str(directory)) == 0
+    assert run_cli("init", str(directory)) == 0
     assert load_config(path).settings.policies.max_attempts == 7
     assert (directory / "opsdb.sqlite").is_file()
 
@@ -144,15 +129,15 @@ def test_init_twice_keeps_an_edited_config(tmp_path: Path,
 def test_init_keeps_filed_data(deploy: Path, source: Path, obs: str,
                                capsys: pytest.CaptureFixture[str]) -> None:
     write(source / "a.dat")
-    assert run("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
+    assert run_cli("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
                "a.dat") == 0
-    assert run("init", str(deploy.parent)) == 0
+    assert run_cli("init", str(deploy.parent)) == 0
     assert filed(deploy) == [("a.dat", 9)]
 
 
 def test_migrate_on_an_initialised_deployment(deploy: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("--config", str(deploy), "migrate") == 0
+    assert run_cli("--config", str(deploy), "migrate") == 0
     assert "up to date" in capsys.readouterr().out
 
 
@@ -174,11 +159,11 @@ def uuid_in(text: str) -> uuid.UUID:
 
 def test_observation_start_says_what_it_started_and_is_idempotent(
         deploy: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("--config", str(deploy), "observation", "start", "obs-1") == 0
+    assert run_cli("--config", str(deploy), "observation", "start", "obs-1") == 0
     first = capsys.readouterr().out.strip()
     assert first.startswith("observation obs-1 started (uuid ")
     assert "ccat-dt observation finish obs-1" in first  # and what comes next
-    assert run("--config", str(deploy), "observation", "start", "obs-1") == 0
+    assert run_cli("--config", str(deploy), "observation", "start", "obs-1") == 0
     again = capsys.readouterr().out.strip()
     assert again.startswith("observation obs-1 is already open") and "nothing changed" in again
     assert uuid_in(again) == uuid_in(first)
@@ -187,19 +172,19 @@ def test_observation_start_says_what_it_started_and_is_idempotent(
 def test_config_from_environment(deploy: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("CCAT_DT_CONFIG", str(deploy))
-    assert run("observation", "start", "obs-env") == 0
+    assert run_cli("observation", "start", "obs-env") == 0
     uuid_in(capsys.readouterr().out)
 
 
 def test_file_paths(deploy: Path, source: Path, obs: str,
                     capsys: pytest.CaptureFixture[str]) -> None:
     write(source / "a.dat", b"12345")
-    assert run("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
+    assert run_cli("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
                "a.dat") == 0
     assert "filed 1 file(s), 5 bytes; 0 unchanged" in capsys.readouterr().out
     assert filed(deploy) == [("a.dat", 5)]
     # filing the same file again is harmless
-    assert run("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
+    assert run_cli("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
                "a.dat") == 0
     assert "filed 0 file(s), 0 bytes; 1 unchanged" in capsys.readouterr().out
     assert filed(deploy) == [("a.dat", 5)]
@@ -210,7 +195,7 @@ def test_file_directory(deploy: Path, source: Path, obs: str,
     write(source / "night" / "a.dat")
     write(source / "night" / "sub" / "b.dat")
     write(source / "other.dat")
-    assert run("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
+    assert run_cli("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
                "--directory", "night") == 0
     assert "filed 2 file(s)" in capsys.readouterr().out
     assert [path for path, _ in filed(deploy)] == ["night/a.dat", "night/sub/b.dat"]
@@ -223,7 +208,7 @@ def test_file_manifest(deploy: Path, source: Path, obs: str, tmp_path: Path,
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text(json.dumps({"path": "a.dat", "size": 2}) + "\n"
                         + json.dumps({"path": "b.dat"}) + "\n")
-    assert run("--config", str(deploy), "file", "--observation", obs, "--module", "chai/lfa",
+    assert run_cli("--config", str(deploy), "file", "--observation", obs, "--module", "chai/lfa",
                "--manifest", str(manifest)) == 0
     assert "filed 2 file(s), 5 bytes" in capsys.readouterr().out
     assert filed(deploy) == [("a.dat", 2), ("b.dat", 3)]
@@ -232,23 +217,23 @@ def test_file_manifest(deploy: Path, source: Path, obs: str, tmp_path: Path,
 def test_file_explicit_source_location(deploy: Path, source: Path, obs: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     write(source / "a.dat")
-    assert run("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
+    assert run_cli("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
                "--site", "ccat", "--location", "instruments", "a.dat") == 0
     assert "filed 1" in capsys.readouterr().out
 
 
 def test_observation_finish(deploy: Path, obs: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("--config", str(deploy), "observation", "finish", obs) == 0
+    assert run_cli("--config", str(deploy), "observation", "finish", obs) == 0
     assert f"observation {obs} finished" in capsys.readouterr().out
 
 
 def test_status(deploy: Path, source: Path, obs: str,
                 capsys: pytest.CaptureFixture[str]) -> None:
     write(source / "a.dat")
-    assert run("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
+    assert run_cli("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
                "a.dat") == 0
     capsys.readouterr()
-    assert run("--config", str(deploy), "status") == 0
+    assert run_cli("--config", str(deploy), "status") == 0
     out = capsys.readouterr().out
     assert "raw files: 1" in out
     line = next(line for line in out.splitlines() if line.startswith("ccat/instruments"))
@@ -306,8 +291,8 @@ def test_rejects_buffer_location(deploy: Path, source: Path, obs: str,
 
 def test_rejects_finished_observation(deploy: Path, source: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("--config", str(deploy), "observation", "start", "obs-done") == 0
-    assert run("--config", str(deploy), "observation", "finish", "obs-done") == 0
+    assert run_cli("--config", str(deploy), "observation", "start", "obs-done") == 0
+    assert run_cli("--config", str(deploy), "observation", "finish", "obs-done") == 0
     write(source / "a.dat")
     err = fails(capsys, deploy, source,
                 *file_args(deploy, "a.dat", observation="obs-done"))
@@ -407,9 +392,9 @@ def test_rejects_unmigrated_opsdb(deploy: Path, source: Path, tmp_path: Path,
 
 
 def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("file", "a.dat") == 2  # --observation and --module are required
+    assert run_cli("file", "a.dat") == 2  # --observation and --module are required
     assert "required" in capsys.readouterr().err
-    assert run("observation", "pause", "obs-1") == 2
+    assert run_cli("observation", "pause", "obs-1") == 2
     assert "invalid choice" in capsys.readouterr().err
 
 

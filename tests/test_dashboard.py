@@ -20,6 +20,7 @@ from influxdb_client import Point
 from ccat_dt import metrics as metrics_module
 from ccat_dt.metrics import Metrics, MetricsSettings
 from ccat_dt.opsdb.models import CopyStatus
+from ccat_dt.progress import ProgressEvent
 from tests.victoria import VictoriaMetrics
 from tests.victoria import victoria as victoria_fixture  # noqa: F401 - named "victoria"
 
@@ -65,6 +66,8 @@ def _write_everything(metrics: Metrics) -> None:
                      present_bytes=600)
     metrics.service_level(packages_unsafe=3, bytes_unsafe=530, oldest_unsafe_age_s=18000.0,
                           buffer_hours_left={"ccat/buffer": 36.5})
+    metrics.progress(ProgressEvent("transfer", "p1", 10, 20, 5.0, labels=(
+        ("route", "ccat->cologne"), ("site", "cologne")), work=1))
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +96,7 @@ def _documented() -> set[str]:
 def test_the_docs_table_matches_what_the_code_writes(emitted: set[str]) -> None:
     measurements = {getattr(metrics_module, name) for name in
                     ("TRANSFER", "STAGE", "LOCATION", "LOCATION_COPIES", "SERVICE_LEVEL",
-                     "BUFFER")}
+                     "BUFFER", "PROGRESS")}
     assert all(any(name.startswith(m + "_") for m in measurements) for name in emitted)
     assert _documented() == emitted
     assert "ccat_transfer_bytes" in emitted and "ccat_buffer_hours_left" in emitted

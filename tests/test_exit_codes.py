@@ -17,20 +17,12 @@ from pathlib import Path
 import pytest
 
 from ccat_assets import cli
-from ccat_assets.cli import main
 from ccat_dt.defaults import CONFIG_NAME
+from tests.helpers import run_cli, write
 
 CCAT_DT = str(Path(sys.executable).parent / "ccat-dt")
 MODULE = "primecam/f280"
 PIPE_STATUS = 141  # 128 + SIGPIPE, as for any command whose reader went away
-
-
-def in_process(*argv: str) -> int:
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -60,11 +52,6 @@ def into_closed_pipe(argv: Sequence[str], env: dict[str, str]) -> tuple[int, str
     return done.returncode, done.stderr
 
 
-def write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A deployment with one observation driven through the whole lifecycle (so that status,
@@ -74,18 +61,18 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     saved = {k: os.environ.pop(k) for k in list(os.environ)
              if k.startswith("CCAT_DT_") or k == "DAGSTER_HOME"}
     try:
-        assert in_process("init", str(root)) == 0
+        assert run_cli("init", str(root)) == 0
         config = root / CONFIG_NAME
         source = root / "sites" / "ccat" / "instruments"
         c = ("--config", str(config))
-        assert in_process(*c, "observation", "start", "obs-1") == 0
+        assert run_cli(*c, "observation", "start", "obs-1") == 0
         for i in range(3):
             write(source / "obs-1" / f"scan-{i}.dat", os.urandom(50_000))
-        assert in_process(*c, "file", "--observation", "obs-1", "--module", MODULE,
+        assert run_cli(*c, "file", "--observation", "obs-1", "--module", MODULE,
                           "--directory", "obs-1") == 0
-        assert in_process(*c, "observation", "finish", "obs-1") == 0
-        assert in_process(*c, "drive") == 0
-        assert in_process(*c, "observation", "start", "obs-open") == 0
+        assert run_cli(*c, "observation", "finish", "obs-1") == 0
+        assert run_cli(*c, "drive") == 0
+        assert run_cli(*c, "observation", "start", "obs-open") == 0
         write(source / "open" / "a.dat", b"open data")
         yield config
     finally:
@@ -96,7 +83,7 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def deploy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh deployment (`ccat-dt init`); returns the configuration file."""
     root = tmp_path_factory.mktemp("exit-codes-init") / "deploy"
-    assert in_process("init", str(root)) == 0
+    assert run_cli("init", str(root)) == 0
     return root / CONFIG_NAME
 
 
@@ -165,7 +152,7 @@ def test_exit_0_when_done(deploy: Path) -> None:
 
 
 def test_audit_exits_1_with_problems_and_0_once_repair_fixed_them(tmp_path: Path) -> None:
-    assert in_process("init", str(tmp_path / "d")) == 0
+    assert run_cli("init", str(tmp_path / "d")) == 0
     config = str(tmp_path / "d" / CONFIG_NAME)
     source = tmp_path / "d" / "sites" / "ccat" / "instruments"
     write(source / "x" / "a.dat", b"a")
@@ -189,7 +176,7 @@ def test_audit_exits_1_with_problems_and_0_once_repair_fixed_them(tmp_path: Path
 
 def test_audit_repair_exits_1_when_a_finding_is_only_reported(tmp_path: Path) -> None:
     """Dark files (on disk, unknown to OpsDB) are never repaired: still 1 after --repair."""
-    assert in_process("init", str(tmp_path / "d")) == 0
+    assert run_cli("init", str(tmp_path / "d")) == 0
     write(tmp_path / "d" / "sites" / "ccat" / "buffer" / "stray.tar", b"?")
     done = ccat_dt("--config", str(tmp_path / "d" / CONFIG_NAME), "audit", "--repair")
     assert "dark" in done.stdout
@@ -200,7 +187,7 @@ def test_drive_with_a_failed_run_exits_1_with_one_line_and_its_cause(tmp_path: P
     """A source file changed after filing: packaging fails. The run is one line, its cause
     and the next step one more; no Dagster event log, no traceback on the terminal."""
     root = tmp_path / "d"
-    assert in_process("init", str(root)) == 0
+    assert run_cli("init", str(root)) == 0
     env = clean_env(CCAT_DT_CONFIG=str(root / CONFIG_NAME))
     source = root / "sites" / "ccat" / "instruments"
     write(source / "o" / "a.dat", b"filed bytes")
@@ -241,7 +228,9 @@ def test_demo_prints_a_line_per_run_and_a_summary(tmp_path: Path) -> None:
         assert fields[0] == "ok" and "MB/s" in line and line.endswith(" s")
     assert len(lines) <= len(runs) + 30  # the runs, a summary and the status table
     assert not [line for line in lines if " - DEBUG - " in line or "Traceback" in line]
-    assert "STEP_SUCCESS" in (tmp_path / "demo" / "logs" / "ccat-dt.log").read_text()
+    assert done.stderr == ""  # nor a sensor's line per tick ("planned 2 package(s)")
+    log = (tmp_path / "demo" / "logs" / "ccat-dt.log").read_text()
+    assert "STEP_SUCCESS" in log and "planned 2 package(s)" in log  # the tick's line: here
 
 
 # --- exit status 2: bad input or an unavailable service -------------------------------------
@@ -269,7 +258,7 @@ def test_exit_2_when_the_opsdb_is_unreachable(deploy: Path) -> None:
 
 
 def test_exit_2_when_the_opsdb_is_locked(tmp_path: Path) -> None:
-    assert in_process("init", str(tmp_path / "d")) == 0
+    assert run_cli("init", str(tmp_path / "d")) == 0
     holder = sqlite3.connect(tmp_path / "d" / "opsdb.sqlite", isolation_level=None)
     try:
         holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
@@ -286,7 +275,7 @@ def test_exit_2_when_the_opsdb_is_read_only(tmp_path: Path) -> None:
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("needs root and unshare(1) for a read-only bind mount")
     root = tmp_path / "d"
-    assert in_process("init", str(root)) == 0
+    assert run_cli("init", str(root)) == 0
     script = (f'mount --bind "{root}" "{root}" && mount -o remount,ro,bind "{root}" && '
               f'exec "{CCAT_DT}" observation start o')
     done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
@@ -317,9 +306,9 @@ def test_exit_3_on_an_internal_error(monkeypatch: pytest.MonkeyPatch,
         raise RuntimeError("something the code did not expect")
 
     monkeypatch.setattr(cli, "cmd_status", broken)
-    assert in_process("--config", str(deploy), "status") == 3
+    assert run_cli("--config", str(deploy), "status") == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("ccat-dt: error: internal error: RuntimeError: something")
-    assert in_process("--config", str(deploy), "status", "-v") == 3
+    assert run_cli("--config", str(deploy), "status", "-v") == 3
     assert "Traceback" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from ccat_dt.opsdb.models import (
     RawDataFile,
     RawDataFileCopy,
 )
+from tests.helpers import write
 
 OBS = "obs-1"
 MODULE = "primecam/f280"
@@ -45,12 +46,6 @@ def root(config: Config) -> Path:
 @pytest.fixture
 def obs(opsdb: OpsDB) -> str:
     return start_observation(opsdb, OBS)
-
-
-def write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def snapshot(opsdb: OpsDB) -> dict[str, Any]:

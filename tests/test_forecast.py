@@ -5,7 +5,6 @@ PostgreSQL."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
 from ccat_dt.forecast import BufferForecast, forecast_buffers, local_free_bytes
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -24,7 +23,7 @@ from ccat_dt.opsdb.models import (
     RawDataFileCopy,
     RawDataPackage,
 )
-from ccat_dt.topology import get_location, get_site, sync_topology
+from ccat_dt.topology import get_location, get_site
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 H = timedelta(hours=1)
@@ -134,16 +133,6 @@ def _check(opsdb: OpsDB) -> None:
 
 def test_forecast_from_rows_over_the_window(opsdb: OpsDB) -> None:
     _check(opsdb)
-
-
-@pytest.fixture
-def pg_opsdb(config: Config, postgres_url: str) -> Iterator[OpsDB]:
-    migrate(postgres_url)
-    db = OpsDB(postgres_url)
-    with db.session() as session:
-        sync_topology(session, config)
-    yield db
-    db.dispose()
 
 
 def test_forecast_on_postgres(pg_opsdb: OpsDB) -> None:

@@ -13,7 +13,7 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import load_config
 from ccat_dt.opsdb.database import OpsDB
-from tests.test_lifecycle import observe
+from tests.helpers import observe
 
 
 def test_init_writes_a_loadable_instance_with_a_limit_per_link(tmp_path: Path) -> None:

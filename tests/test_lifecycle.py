@@ -3,9 +3,7 @@ Dagster instance, then OpsDB and the files on disk inspected."""
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ from ccat_assets.driver import drive
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.diagnosis import diagnose
-from ccat_dt.filing import file_directory, finish_observation, start_observation
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -35,33 +32,10 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.report import disagreements
 from ccat_dt.storage import files_under
+from tests.helpers import observe
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
-
-
-@pytest.fixture
-def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with DagsterInstance.from_config(str(home)) as dagster_instance:
-        yield dagster_instance
-
-
-def observe(config: Config, opsdb: OpsDB, observations: int = 2, files: int = 3) -> Path:
-    """Write random raw files at the observatory source and file them as instruments do."""
-    source = config.resolve_root("sites/ccat/instruments")
-    for n in range(observations):
-        name = f"obs-{n}"
-        start_observation(opsdb, name)
-        for module in ("primecam/f280", "chai/lfa"):
-            for i in range(files):
-                path = source / name / module / f"sub/scan-{i}.dat"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(os.urandom(50_000 + i))
-            file_directory(opsdb, observation=name, module=module, directory=f"{name}/{module}")
-        finish_observation(opsdb, name)
-    return source
 
 
 def packages(opsdb: OpsDB) -> list[RawDataPackage]:

@@ -6,7 +6,6 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +21,7 @@ from ccat_dt.metrics import (
     location_figures,
     service_level_figures,
 )
-from ccat_dt.opsdb.database import OpsDB, migrate
+from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
     ExecutedObsUnit,
@@ -33,7 +32,7 @@ from ccat_dt.opsdb.models import (
     RawDataFileCopy,
     RawDataPackage,
 )
-from ccat_dt.topology import get_location, sync_topology
+from ccat_dt.topology import get_location
 from tests.victoria import VictoriaMetrics
 from tests.victoria import victoria as victoria_fixture  # noqa: F401 - named "victoria"
 
@@ -322,16 +321,6 @@ def test_figures_on_sqlite(config: Config, opsdb: OpsDB) -> None:
 def test_nothing_unsafe_in_an_empty_opsdb(opsdb: OpsDB) -> None:
     with opsdb.session() as session:
         assert service_level_figures(session, 2, NOW) == ServiceLevel(0, 0, 0.0, None)
-
-
-@pytest.fixture
-def pg_opsdb(config: Config, postgres_url: str) -> Iterator[OpsDB]:
-    migrate(postgres_url)
-    db = OpsDB(postgres_url)
-    with db.session() as session:
-        sync_topology(session, config)
-    yield db
-    db.dispose()
 
 
 def test_figures_on_postgres(config: Config, pg_opsdb: OpsDB) -> None:

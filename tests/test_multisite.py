@@ -35,8 +35,8 @@ from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
 from ccat_dt.transports.factory import endpoint, ssh_settings
 from ccat_dt.transports.remote import remote_xxh128
+from tests.helpers import observe
 from tests.sshd import SshServer
-from tests.test_lifecycle import observe
 
 
 def multisite(tmp_path: Path, sshd: SshServer, **policies: object) -> Config:
@@ -57,14 +57,6 @@ def multisite(tmp_path: Path, sshd: SshServer, **policies: object) -> Config:
     config = load_config(write_default_config(tmp_path / "deploy", overrides=settings))
     prepare_opsdb(config)
     return config
-
-
-@pytest.fixture
-def instance(tmp_path: Path):  # type: ignore[no-untyped-def]
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with DagsterInstance.from_config(str(home)) as dagster_instance:
-        yield dagster_instance
 
 
 def transfers(session, package: RawDataPackage) -> list[Operation]:  # type: ignore[no-untyped-def]

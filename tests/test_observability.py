@@ -14,8 +14,8 @@ from ccat_assets.driver import drive
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.storage import files_under
+from tests.helpers import observe
 from tests.services import free_port
-from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
 
 
 def test_a_lifecycle_writes_transfer_stage_and_service_level_metrics(

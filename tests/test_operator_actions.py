@@ -39,9 +39,9 @@ from ccat_dt.opsdb.models import (
     PhysicalCopy,
     RawDataPackage,
 )
+from ccat_dt.progress import ProgressEvent
 from ccat_dt.report import disagreements
-from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
-from tests.test_scrub import lta_copies_at
+from tests.helpers import lta_copies_at, observe, rot_an_lta_copy
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -144,23 +144,25 @@ def check_status(dagster: DagsterInstance, asset: str, check: str) -> dict[str, 
 
 
 def test_a_scrub_finding_is_red_on_its_partition_until_the_repair_makes_it_green(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:  # noqa: F811
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        progress_events: list[ProgressEvent]) -> None:
     observe(config, opsdb, observations=1, files=1)
     defs = build_definitions(config)
     assert drive(defs, instance).failed == []
-    bad = lta_copies_at(opsdb, "us")[0]
-    path = Path(bad.location.root) / bad.relative_path
-    data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0x10
-    path.write_bytes(bytes(data))
-    keys = [str(package_site_key(c.package.name, site))
-            for site in ("cologne", "us") for c in lta_copies_at(opsdb, site)]
+    bad = rot_an_lta_copy(opsdb, "us")
+    copies = [(site, c) for site in ("cologne", "us") for c in lta_copies_at(opsdb, site)]
+    keys = [str(package_site_key(c.package.name, site)) for site, c in copies]
     bad_key = str(package_site_key(bad.package.name, "us"))
 
     scrub = scrub_job.execute_in_process(
         instance=instance, resources=defs.resources,
         run_config={"ops": {"reread_lta_copies": {"config": {"partitions": keys}}}})
     assert scrub.success
+    scrubbed = [e for e in progress_events if e.stage == "scrub"]  # bytes re-read, as it went
+    total = sum(c.size for _, c in copies)
+    assert [e.done_bytes for e in scrubbed] == [
+        sum(c.size for _, c in copies[:n]) for n in range(1, len(copies) + 1)] + [total]
+    assert all(e.total_bytes == total for e in scrubbed) and scrubbed[-1].finished
 
     status = check_status(instance, "lta_copies", "lta_copy_checksum")
     assert {k for k, v in status.items() if v != "passed"} == {bad_key}

@@ -14,35 +14,27 @@ from typing import Any
 import pytest
 import yaml
 
-from ccat_assets.cli import main
 from ccat_dt.config import ConfigError, load_config
 from ccat_dt.defaults import CONFIG_NAME
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, LocationType, RawDataPackage
 from ccat_dt.packages import plan_packages
 from ccat_dt.purge_cycle import DiskUsage, measure
+from tests.helpers import run_cli
 
 MODULE = "primecam/f280"
-
-
-def run(*argv: str) -> int:
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
 
 
 def deployment(tmp_path: Path, edit: Any = None) -> Path:
     """`ccat-dt init` (after `edit(settings)` on the written configuration, if given)."""
     root = tmp_path / "deploy"
-    assert run("init", str(root)) == 0
+    assert run_cli("init", str(root)) == 0
     config = root / CONFIG_NAME
     if edit is not None:
         data = yaml.safe_load(config.read_text())
         edit(data)
         config.write_text(yaml.safe_dump(data, sort_keys=False))
-        assert run("init", str(root)) == 0
+        assert run_cli("init", str(root)) == 0
     return config
 
 
@@ -65,14 +57,14 @@ def test_a_file_bigger_than_the_cap_is_warned_about_and_packaged_alone(
     for name, size in (("a.dat", 400), ("b.dat", 5000), ("c.dat", 400), ("d.dat", 400)):
         write(source / "o" / name, size)
     c = ("--config", str(config_path))
-    assert run(*c, "observation", "start", "o") == 0
+    assert run_cli(*c, "observation", "start", "o") == 0
     capsys.readouterr()
-    assert run(*c, "file", "--observation", "o", "--module", MODULE, "--directory", "o") == 0
+    assert run_cli(*c, "file", "--observation", "o", "--module", MODULE, "--directory", "o") == 0
     err = capsys.readouterr().err
     assert "o/b.dat is 5000 bytes, more than policies.package_max_bytes (1000)" in err
     assert "package of its own" in err
     assert "a.dat" not in err
-    assert run(*c, "observation", "finish", "o") == 0
+    assert run_cli(*c, "observation", "finish", "o") == 0
 
     config = load_config(config_path)
     opsdb = OpsDB(config.opsdb_url)
@@ -117,10 +109,10 @@ def test_status_lists_every_location_under_its_own_type(
     source = config_path.parent / "sites" / "ccat" / "instruments"
     write(source / "o" / "a.dat", 10)
     c = ("--config", str(config_path))
-    assert run(*c, "observation", "start", "o") == 0
-    assert run(*c, "file", "--observation", "o", "--module", MODULE, "o/a.dat") == 0
+    assert run_cli(*c, "observation", "start", "o") == 0
+    assert run_cli(*c, "file", "--observation", "o", "--module", MODULE, "o/a.dat") == 0
     capsys.readouterr()
-    assert run(*c, "status") == 0
+    assert run_cli(*c, "status") == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("raw files: 1 ") and "packages: none" in out[0]
     rows = [line.split() for line in out
@@ -156,7 +148,7 @@ def rename_us(new: str) -> Any:
 def test_a_bad_site_name_says_which_characters_are_allowed_and_why(tmp_path: Path,
                                                                      name: str) -> None:
     root = tmp_path / "d"
-    assert run("init", str(root)) == 0
+    assert run_cli("init", str(root)) == 0
     path = root / CONFIG_NAME
     data = yaml.safe_load(path.read_text())
     rename_us(name)(data)
@@ -176,11 +168,11 @@ def test_a_site_name_with_a_dash_goes_through_the_lifecycle(
     for i in range(2):
         write(source / "o" / f"scan-{i}.dat", 20_000)
     c = ("--config", str(config_path))
-    assert run(*c, "observation", "start", "o") == 0
-    assert run(*c, "file", "--observation", "o", "--module", MODULE, "--directory", "o") == 0
-    assert run(*c, "observation", "finish", "o") == 0
+    assert run_cli(*c, "observation", "start", "o") == 0
+    assert run_cli(*c, "file", "--observation", "o", "--module", MODULE, "--directory", "o") == 0
+    assert run_cli(*c, "observation", "finish", "o") == 0
     capsys.readouterr()
-    assert run(*c, "drive") == 0
+    assert run_cli(*c, "drive") == 0
     out = capsys.readouterr().out
     assert "us-east" in out and "FAILED" not in out
     config = load_config(config_path)
@@ -189,7 +181,7 @@ def test_a_site_name_with_a_dash_goes_through_the_lifecycle(
         states = [p.state.value for p in session.query(RawDataPackage)]
     opsdb.dispose()
     assert states == ["archived"]
-    assert run(*c, "status") == 0
+    assert run_cli(*c, "status") == 0
     row = next(line for line in capsys.readouterr().out.splitlines()
                if line.startswith("us-east/lta"))
     assert row.split()[2] == "1"

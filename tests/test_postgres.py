@@ -16,7 +16,7 @@ from ccat_dt.opsdb.database import OpsDB, create_opsdb_engine, migrate
 from ccat_dt.opsdb.models import Base
 from ccat_dt.report import disagreements, summarize
 from ccat_dt.topology import prepare_opsdb
-from tests.test_lifecycle import observe
+from tests.helpers import observe
 
 
 @pytest.fixture

@@ -4,16 +4,18 @@ over the test sshd) and local copies (slowed by a hook); a bar on a terminal."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+import uuid
 from pathlib import Path, PurePosixPath
 
 import pytest
 
-from ccat_dt import progress
+from ccat_dt import jsonlog, progress
 from ccat_dt.checksums import hash_file
+from ccat_dt.metrics import Metrics, MetricsSettings
 from ccat_dt.progress import ProgressEvent
 from ccat_dt.transports import local as local_module
 from ccat_dt.transports.base import Endpoint
@@ -21,16 +23,8 @@ from ccat_dt.transports.local import LocalTransport
 from ccat_dt.transports.rsync import RsyncTransport
 from tests.sshd import SshServer
 from tests.sshd import sshd as sshd_fixture  # noqa: F401 - registers the "sshd" fixture
-
-
-@pytest.fixture
-def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProgressEvent]]:
-    """Every progress event, reported at most every 0.2 s."""
-    monkeypatch.setenv(progress.INTERVAL_ENV, "0.2")
-    seen: list[ProgressEvent] = []
-    remove = progress.add_sink(seen.append)
-    yield seen
-    remove()
+from tests.victoria import VictoriaMetrics
+from tests.victoria import victoria as victoria_fixture  # noqa: F401 - named "victoria"
 
 
 def source_file(path: Path, size: int) -> tuple[Path, str]:
@@ -40,8 +34,9 @@ def source_file(path: Path, size: int) -> tuple[Path, str]:
 
 @pytest.mark.slow
 def test_a_rate_limited_rsync_reports_progress_before_it_completes(
-        sshd: SshServer, tmp_path: Path, events: list[ProgressEvent],
-        caplog: pytest.LogCaptureFixture) -> None:
+        sshd: SshServer, tmp_path: Path, progress_events: list[ProgressEvent],
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.2")  # rate-limited, as in use
     size = 2_000_000  # at 500 kB/s: about 4 s
     source, checksum = source_file(tmp_path / "big.dat", size)
     transport = RsyncTransport(sshd.ssh, tmp_path / "logs", bandwidth_limit_kbps=500)
@@ -50,22 +45,24 @@ def test_a_rate_limited_rsync_reports_progress_before_it_completes(
         result = transport.copy(Endpoint(PurePosixPath(source)), sshd.endpoint(destination),
                                 checksum)
     assert result.bytes == size
-    running = [e for e in events if not e.finished]
-    assert len(running) >= 2, events
+    running = [e for e in progress_events if not e.finished]
+    assert len(running) >= 2, progress_events
     assert all(e.stage == "transfer" and e.name == "big.dat" for e in running)
     assert all(0 < e.done_bytes < size for e in running[:-1])  # before the end
     assert [e.done_bytes for e in running] == sorted(e.done_bytes for e in running)
-    assert events[-1].finished and events[-1].done_bytes == size
+    assert progress_events[-1].finished and progress_events[-1].done_bytes == size
     # without a terminal, progress is in the structured log
     records = [r for r in caplog.records if r.name == "ccat_dt.progress"]
-    assert len(records) == len(events)
+    assert len(records) == len(progress_events)
     assert records[0].__dict__["progress_of"] == "big.dat"
     log = next((tmp_path / "logs").glob("*.log")).read_text()
     assert "to-chk" not in log  # the meter stays out of the transfer log
 
 
 def test_a_slow_local_copy_reports_progress_before_it_completes(
-        tmp_path: Path, events: list[ProgressEvent], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, progress_events: list[ProgressEvent],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.2")  # rate-limited, as in use
     monkeypatch.setattr(local_module, "SLICE_SIZE", 256 * 1024)
     done_when_landed: list[int] = []
 
@@ -79,11 +76,11 @@ def test_a_slow_local_copy_reports_progress_before_it_completes(
     destination = tmp_path / "out" / "pkg.tar"
     Throttled().copy_file(source, destination, checksum)
     assert destination.read_bytes() == source.read_bytes()
-    running = [e for e in events if not e.finished]
-    assert len(running) >= 2, events
+    running = [e for e in progress_events if not e.finished]
+    assert len(running) >= 2, progress_events
     assert all(e.name == "pkg.tar" and e.total_bytes == size for e in running)
     assert all(e.done_bytes < size for e in running[:-1])
-    assert events[-1].finished and events[-1].percent == 100.0
+    assert progress_events[-1].finished and progress_events[-1].percent == 100.0
 
 
 def test_a_terminal_gets_a_progress_bar() -> None:
@@ -126,3 +123,62 @@ def test_packaging_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [e.done_bytes for e in seen if not e.finished] == [1000, 2000, 3000, 4000]
     assert all(e.stage == "packaging" and e.name == "p" and e.total_bytes == 4000 for e in seen)
     assert seen[-1].finished
+
+
+@pytest.mark.slow
+def test_off_a_terminal_a_long_transfer_shows_in_the_log_and_the_metrics_while_it_runs(
+        sshd: SshServer, victoria: VictoriaMetrics, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acceptance test of issue 18: a rate-limited transfer (rsync --bwlimit over the real
+    sshd, ~4 s) reports at least twice before it completes, in the JSON-lines log and in the
+    metrics a real VictoriaMetrics received."""
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.5")
+    size = 2_000_000  # at 500 kB/s: about 4 s
+    source, checksum = source_file(tmp_path / "big.dat", size)
+    route = f"ccat->{uuid.uuid4().hex[:10]}"  # this test's own series
+    log_file = tmp_path / "ccat-dt.jsonl"
+    metrics = Metrics(MetricsSettings(url=victoria.url, flush_interval_ms=100))
+    metrics.watch_progress()
+    logger = logging.getLogger("ccat_dt")
+    saved = list(logger.handlers), logger.level
+    jsonlog.configure(log_file)
+    try:
+        with progress.labelled(site="cologne", route=route):
+            RsyncTransport(sshd.ssh, tmp_path / "logs", bandwidth_limit_kbps=500).copy(
+                Endpoint(PurePosixPath(source)), sshd.endpoint(sshd.root / "big.dat"), checksum)
+        completed_ms = time.time() * 1000
+    finally:
+        jsonlog.unconfigure()
+        logger.handlers[:], _ = saved
+        logger.setLevel(saved[1])
+        metrics.close()
+
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    running = [r for r in records if r["logger"] == "ccat_dt.progress" and not r["finished"]]
+    assert len(running) >= 2, records
+    assert all(r["site"] == "cologne" and r["route"] == route and r["stage"] == "transfer"
+               and r["progress_of"] == "big.dat" and 0 <= r["bytes"] < size
+               and r["percent"] < 100 for r in running[:-1]), running
+
+    [done] = victoria.export(f'{{__name__="ccat_progress_done_bytes",route="{route}"}}')
+    assert {k: v for k, v in done["metric"].items() if k != "__name__"} == {
+        "site": "cologne", "route": route, "stage": "transfer", "slot": "0"}
+    before_end = [v for v, t in zip(done["values"], done["timestamps"], strict=True)
+                  if t < completed_ms and v < size]
+    assert len(before_end) >= 2, done
+    assert before_end == sorted(before_end) and max(done["values"]) == size
+    [finished] = victoria.export(f'{{__name__="ccat_progress_finished",route="{route}"}}')
+    # the last point says "finished" (rsync's 100% line and the end can share a millisecond,
+    # so the order of the two last samples is not known)
+    assert sorted(finished["values"]) == [0] * (len(finished["values"]) - 1) + [1]
+    assert finished["timestamps"][finished["values"].index(1)] == max(finished["timestamps"])
+    assert metrics.dropped == 0
+
+
+def test_concurrent_work_gets_its_own_metric_slot_and_frees_it() -> None:
+    metrics = Metrics.disabled()
+    first, second = ProgressEvent("transfer", "a", 1, 2, 1.0, work=1), \
+        ProgressEvent("transfer", "b", 1, 2, 1.0, work=2)
+    assert [metrics._slot(first), metrics._slot(second), metrics._slot(first)] == [0, 1, 0]
+    assert metrics._slot(ProgressEvent("transfer", "a", 2, 2, 1.0, finished=True, work=1)) == 0
+    assert metrics._slot(ProgressEvent("transfer", "c", 1, 2, 1.0, work=3)) == 0  # freed

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from ccat_assets.cli import main
-from ccat_dt.checksums import hash_file, new_hasher
+from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.opsdb.database import OpsDB
@@ -35,6 +35,7 @@ from ccat_dt.purge_cycle import CyclePlan, DiskUsage, plan_cycle
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.retention import Action, Decision, plan_deletions
 from ccat_dt.topology import get_location, get_site, prepare_opsdb
+from tests.helpers import checksum, write
 
 NOW = utcnow().replace(microsecond=0) - timedelta(hours=1)  # simulated "now", in the past
 
@@ -60,18 +61,6 @@ def deploy(directory: Path, locations: dict[str, dict[str, Any]] | None = None,
     return config
 
 
-def write(path: Path, data: bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return hash_file(path)[0]
-
-
-def checksum(data: bytes) -> str:
-    hasher = new_hasher()
-    hasher.update(data)
-    return hasher.hexdigest()
-
-
 def tar_of(files: dict[str, bytes]) -> bytes:
     """Stand-in bytes for the package tar (only its checksum and size matter here)."""
     return b"".join(files[rel] for rel in sorted(files))
@@ -91,7 +80,7 @@ def add_package(opsdb: OpsDB, name: str, files: dict[str, bytes], created_at: da
         s.add(package)
         for rel, data in files.items():
             path = f"{name}/{rel}"
-            digest = write(Path(source.root) / path, data)
+            digest = hash_file(write(Path(source.root) / path, data))[0]
             raw = RawDataFile(source_location=source, relative_path=path, size=len(data),
                               checksum_algorithm="xxh3_128", checksum=digest, observation=obs,
                               module=mod, package=package)
@@ -117,7 +106,8 @@ def add_copy(opsdb: OpsDB, name: str, site: str, location: str, created_at: date
         if verified and verified_at is None:
             verified_at = created_at + timedelta(minutes=1)
         copy = PackageCopy(package=package, location=loc, relative_path=rel, size=len(tar),
-                           checksum=write(Path(loc.root) / rel, tar), created_at=created_at,
+                           checksum=hash_file(write(Path(loc.root) / rel, tar))[0],
+                           created_at=created_at,
                            verified_at=verified_at if verified else None)
         s.add(copy)
         s.flush()

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from ccat_dt import reaper
-from ccat_dt.checksums import hash_file, new_hasher
+from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -29,6 +29,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.retention import Action, Decision, plan_deletions
 from ccat_dt.topology import get_location, get_site
+from tests.helpers import checksum, write
 
 T0 = utcnow().replace(microsecond=0) - timedelta(days=3)  # when every copy in these tests was made
 PKG = "obs1-primecam-f280-0"
@@ -43,15 +44,15 @@ def make_package(opsdb: OpsDB, files: dict[str, bytes] = FILES) -> None:
         obs = ExecutedObsUnit(name="obs1")
         module = s.scalars(select(InstrumentModule).where(InstrumentModule.name == "f280")).one()
         package = RawDataPackage(name=PKG, observation=obs, module=module, size=len(TAR),
-                                 primary_site=get_site(s, "cologne"), checksum=_sum(TAR))
+                                 primary_site=get_site(s, "cologne"), checksum=checksum(TAR))
         s.add(package)
         for rel, data in files.items():
-            checksum = _write(Path(source.root) / rel, data)
+            digest = hash_file(write(Path(source.root) / rel, data))[0]
             f = RawDataFile(source_location=source, relative_path=rel, size=len(data),
-                            checksum_algorithm="xxh3_128", checksum=checksum, observation=obs,
+                            checksum_algorithm="xxh3_128", checksum=digest, observation=obs,
                             module=module, package=package)
             s.add(RawDataFileCopy(raw_data_file=f, location=source, relative_path=rel,
-                                  size=len(data), checksum=checksum, created_at=T0,
+                                  size=len(data), checksum=digest, created_at=T0,
                                   verified_at=T0 + timedelta(minutes=1)))
     add_copy(opsdb, "ccat", "buffer")
 
@@ -63,24 +64,12 @@ def add_copy(opsdb: OpsDB, site: str, location: str, *, verified: bool = True,
         package = s.scalars(select(RawDataPackage).where(RawDataPackage.name == PKG)).one()
         rel = f"packages/{PKG}.tar"
         copy = PackageCopy(package=package, location=loc, relative_path=rel, size=len(data),
-                           checksum=_write(Path(loc.root) / rel, data), status=status,
+                           checksum=hash_file(write(Path(loc.root) / rel, data))[0], status=status,
                            created_at=T0,
                            verified_at=T0 + timedelta(minutes=5) if verified else None)
         s.add(copy)
         s.flush()
         return copy.id
-
-
-def _write(path: Path, data: bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return hash_file(path)[0]
-
-
-def _sum(data: bytes) -> str:
-    hasher = new_hasher()
-    hasher.update(data)
-    return hasher.hexdigest()
 
 
 def archived(opsdb: OpsDB, *sites: str) -> None:

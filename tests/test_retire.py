@@ -19,7 +19,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.topology import prepare_opsdb
 from sensors import retire
-from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
+from tests.helpers import observe
 
 
 def deployment_retiring_at_once(tmp_path: Path) -> tuple[Config, OpsDB]:

@@ -36,7 +36,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.packages import plan_packages
 from ccat_dt.queues import transfer_queue
 from tests.browser import REPO
-from tests.test_lifecycle import observe
+from tests.helpers import observe
 from tests.test_operator_actions import by_hand
 
 warnings.filterwarnings("ignore", category=PreviewWarning)

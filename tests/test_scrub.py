@@ -7,28 +7,16 @@ from pathlib import Path
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import CopyStatus, DataLocation, LocationType, PackageCopy, Site
-from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
+from ccat_dt.opsdb.models import CopyStatus
+from tests.helpers import lta_copies_at, observe, rot_an_lta_copy
 
 LTA_CHECK = AssetCheckKey(AssetKey("lta_copies"), "lta_copy_checksum")
-
-
-def lta_copies_at(opsdb: OpsDB, site: str) -> list[PackageCopy]:
-    with opsdb.session() as session:
-        copies = session.scalars(select(PackageCopy).join(DataLocation).join(Site).where(
-            Site.short_name == site,
-            DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)
-            .order_by(PackageCopy.id)).all()
-        for copy in copies:
-            _ = copy.location.root, copy.package.checksum
-        return list(copies)
 
 
 def test_scrub_finds_a_flipped_byte_and_repair_restores_the_copy(
@@ -36,11 +24,7 @@ def test_scrub_finds_a_flipped_byte_and_repair_restores_the_copy(
     observe(config, opsdb, observations=1, files=1)
     defs = build_definitions(config)
     assert drive(defs, instance).failed == []
-    bad = lta_copies_at(opsdb, "us")[0]
-    path = Path(bad.location.root) / bad.relative_path
-    data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0x10
-    path.write_bytes(bytes(data))
+    bad = rot_an_lta_copy(opsdb, "us")
 
     report = drive(defs, instance, schedules=True)  # the hourly scrub, then what follows
 

@@ -21,7 +21,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.packages import plan_packages
 from ccat_dt.staging import Selection, StagingError, release, request_staging
 from ccat_dt.storage import files_under
-from tests.test_lifecycle import instance, observe  # noqa: F401 - instance is a fixture
+from tests.helpers import observe
 
 
 def originals(config: Config, tmp_path: Path) -> dict[str, bytes]:

@@ -40,7 +40,7 @@ from tests.browser import (
     launch_browser,
 )
 from tests.browser import chromium as chromium_fixture  # noqa: F401
-from tests.test_lifecycle import observe
+from tests.helpers import observe
 from tests.test_operator_actions import check_status, lta_intact, opsdb_state
 
 if TYPE_CHECKING:

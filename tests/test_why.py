@@ -24,7 +24,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.replicas import place, plan_placement
 from ccat_dt.topology import prepare_opsdb, primary_location
-from tests.test_lifecycle import observe
+from tests.helpers import observe
 
 
 def why(opsdb: OpsDB, config: Config, name: str) -> dict[str, tuple[str, str]]:

@@ -43,6 +43,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
         """Tar + manifest of the raw files, built in one read pass at the observatory buffer
         (once: a package built before reports its verified copies instead)."""
         started, site = time.monotonic(), deployment.config.settings.observatory
+        deployment.metrics.watch_progress()  # a long build is seen while it runs
         try:
             built = package_builds.ensure_built(deployment.opsdb, deployment.config,
                                                 context.partition_key,

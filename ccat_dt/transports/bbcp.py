@@ -21,7 +21,7 @@ file hashed where it landed, in parallel, and renamed only if all match).
 from __future__ import annotations
 
 import contextlib
-import logging
+import os
 import re
 import shlex
 import shutil
@@ -29,9 +29,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import Literal, Protocol
 
+from ccat_dt import progress as live
 from ccat_dt.checksums import ALGORITHM
 from ccat_dt.transports.base import (
     Endpoint,
@@ -57,8 +58,6 @@ _SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _HOST = re.compile(r"(?:[A-Za-z0-9_.][A-Za-z0-9_.-]*@)?[A-Za-z0-9_.][A-Za-z0-9_.-]*")
 _PROGRAM = re.compile(r"[A-Za-z0-9_/~.+][A-Za-z0-9_/.+-]*")  # passes through the remote shell
 
-
-LOG = logging.getLogger("ccat_dt.transports.bbcp")
 
 @dataclass(frozen=True)
 class BbcpOptions:
@@ -195,6 +194,7 @@ _PROGRESS = re.compile(r"bbcp: \d{6} \d\d:\d\d:\d\d\s+(\d{1,3})% done; " + _RATE
 _FILE = re.compile(r"File (.+) created; (\d+) bytes at " + _RATE)
 _TOTAL = re.compile(r"(\d+) files? copied at effectively " + _RATE)
 _CHECKSUM = re.compile(r"Checksum: (\w+) ([0-9a-fA-F]+) (\[[^\]]+\]|[^:\s]+):(.+)")
+_STARTING = re.compile(r"bbcp: (?:Creating (.+)|Appending to (.+) at offset \d+)")
 
 
 def _rate(value: str, unit: str) -> float:
@@ -225,6 +225,34 @@ def parse_summary(stdout: str, stderr: str) -> Summary:
     progress = tuple(p for p in map(parse_progress, lines) if p)
     return Summary(moved, moved / rate if rate else None, rate, files,
                    parse_checksums("\n".join(lines)), progress)
+
+
+class LiveProgress:
+    """Reads bbcp's lines as they come into a ccat_dt.progress.Progress: the files done
+    (`File X created`, with -v) plus the current file's (`Creating X`) share from `-P` lines."""
+
+    def __init__(self, progress: live.Progress, sizes: dict[str, int]) -> None:
+        self.progress, self.sizes = progress, sizes  # target file name -> size, where known
+        self.current: str | None = next(iter(sizes)) if len(sizes) == 1 else None
+        self.finished = 0
+
+    def __call__(self, line: str) -> None:
+        line = line.strip()
+        if starting := _STARTING.fullmatch(line):
+            self.current = PurePosixPath(starting[1] or starting[2]).name
+        elif done := _FILE.fullmatch(line):
+            name = PurePosixPath(done[1]).name
+            self.finished += self.sizes.get(name, int(done[2]))
+            self.current = None
+            self.progress.update(self.finished)
+        elif (reached := parse_progress(line)) is not None:
+            size = self.sizes.get(self.current or "")
+            if size is None:  # a remote source: bbcp's share is all there is
+                self.progress.update_percent(reached.percent,
+                                             bytes_per_s=reached.rate_bytes_per_s)
+            else:
+                self.progress.update(self.finished + size * reached.percent // 100,
+                                     bytes_per_s=reached.rate_bytes_per_s)
 
 
 class BbcpFailure(TransferError):
@@ -288,14 +316,21 @@ def classify(rc: int, stderr: str) -> BbcpFailure | None:
     return BbcpFailure(f"bbcp failed (exit {rc}): {tail}", retryable=False)
 
 
-def run_subprocess(argv: list[str], pass_fds: Sequence[int] = (),
+class Runner(Protocol):
+    def __call__(self, argv: list[str], pass_fds: Sequence[int] = (), *,
+                 on_line: Callable[[str], None] | None = None) -> CompletedRun: ...
+
+
+def run_subprocess(argv: list[str], pass_fds: Sequence[int] = (), *,
+                   on_line: Callable[[str], None] | None = None,
                    timeout_s: float = RUNNER_TIMEOUT_S) -> CompletedRun:
-    """Run argv without a shell (remote.run: own process group, stopped whole on timeout); a
-    timeout comes back as a failed run so its output still reaches the log and classify()."""
+    """Run argv without a shell (remote.run: own process group, stopped whole on timeout),
+    each output line to `on_line` as it comes; a timeout comes back as a failed run so its
+    output still reaches the log and classify()."""
     if shutil.which(argv[0]) is None:
         raise TransferError(f"{argv[0]} is not installed on this host", retryable=False)
     try:
-        return run(argv, timeout_s=timeout_s, pass_fds=pass_fds)
+        return run(argv, timeout_s=timeout_s, pass_fds=pass_fds, on_line=on_line)
     except CommandTimeout as exc:
         return CompletedRun(124, exc.stdout, f"{exc.stderr}\n{_TIMEOUT_MARK} ({timeout_s:g} s)\n")
 
@@ -306,8 +341,7 @@ class BbcpTransport:
     name = "bbcp"
 
     def __init__(self, options: BbcpOptions, ssh: SshSettings, log_dir: Path,
-                 runner: Callable[[list[str], Sequence[int]], CompletedRun] = run_subprocess
-                 ) -> None:
+                 runner: Runner = run_subprocess) -> None:
         self.options, self.ssh, self.log_dir, self._run = options, ssh, Path(log_dir), runner
 
     def copy(self, source: Endpoint, destination: Endpoint, expected_checksum: str, *,
@@ -317,7 +351,7 @@ class BbcpTransport:
         argv = bbcp_command([source], landing, self.options, self.ssh,
                             expected_adler32=expected_adler32)
         remote_prepare(self.ssh, destination, Endpoint(destination.path.parent, destination.host))
-        log_path = self._bbcp(argv, destination, [landing])
+        log_path = self._bbcp(argv, destination, [landing], [source])
         [(checksum, size)] = self._verify_and_rename([(landing, destination, expected_checksum)])
         return TransferResult(size, time.monotonic() - started, checksum, self.options.streams,
                               str(log_path))
@@ -337,7 +371,8 @@ class BbcpTransport:
         landings = [Endpoint(staging.path / s.path.name, first.host) for s, _, _ in pairs]
         argv = bbcp_command([s for s, _, _ in pairs], staging, self.options, self.ssh)
         remote_prepare(self.ssh, first, staging)
-        log_path = self._bbcp(argv, Endpoint(first.path.parent / "batch", first.host), landings)
+        log_path = self._bbcp(argv, Endpoint(first.path.parent / "batch", first.host), landings,
+                              [s for s, _, _ in pairs])
         checked = self._verify_and_rename([(landing, destination, expected) for landing,
                                            (_, destination, expected) in zip(landings, pairs,
                                                                              strict=True)])
@@ -345,16 +380,21 @@ class BbcpTransport:
         return [TransferResult(size, seconds, checksum, self.options.streams, str(log_path))
                 for checksum, size in checked]
 
-    def _bbcp(self, argv: list[str], destination: Endpoint, landings: list[Endpoint]) -> Path:
+    def _bbcp(self, argv: list[str], destination: Endpoint, landings: list[Endpoint],
+              sources: list[Endpoint]) -> Path:
+        sizes = {landing.path.name: size for landing, source in zip(landings, sources,
+                                                                   strict=True)
+                 if (size := _local_size(source)) is not None}
+        progress = live.Progress("transfer", destination.path.name if len(landings) == 1
+                                 else f"{len(landings)} files to {destination.path.parent}",
+                                 sum(sizes.values()) if len(sizes) == len(landings) else None)
         # bbcp's children can outlive a killed bbcp and finish its copy (interrupted-local-
         # killed): never start an attempt while any process of an earlier one may still write.
         with exclusive_writer(self.log_dir / ".writers", landings) as lock:
-            done = self._run(argv, (lock,))
+            done = self._run(argv, (lock,), on_line=LiveProgress(progress, sizes))
+        if done.rc == 0:
+            progress.finish(progress.total_bytes)
         log_path = self._write_log(argv, done, destination)
-        summary = parse_summary(done.stdout, done.stderr)
-        for progress in summary.progress:  # Dagster shows these (managed python logger)
-            LOG.info("bbcp %s: %d%% done, %.1f MB/s", destination.path.name, progress.percent,
-                     progress.rate_bytes_per_s / 1e6)
         failure = classify(done.rc, done.stderr)
         if failure is not None:
             if not (failure.resumable and self.options.keep_partial):
@@ -402,3 +442,13 @@ class BbcpTransport:
         """Best effort: a leftover landing file is harmless (never under the final name)."""
         with contextlib.suppress(TransferError, ValueError):
             remote_remove(self.ssh, landing)
+
+
+def _local_size(source: Endpoint) -> int | None:
+    """Size of a local source (bbcp pushes from the local buffer); None when not known here."""
+    if source.host is not None:
+        return None
+    try:
+        return os.stat(source.path).st_size
+    except OSError:
+        return None

@@ -112,8 +112,9 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
     straggler of this attempt. `pass_fds` are inherited (see base.exclusive_writer).
 
     A timeout raises CommandTimeout (retryable), a program that cannot start TransferError.
-    With `on_line`, each line of stdout (split at '\\n' and '\\r', as progress meters write)
-    is handed to it while the program runs."""
+    With `on_line`, each line of stdout and of stderr (split at '\\n' and '\\r', as progress
+    meters write; rsync's meter is on stdout, bbcp's on stderr) is handed to it while the
+    program runs."""
     try:
         process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, start_new_session=True,
@@ -142,24 +143,22 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
 
 def _communicate_live(process: subprocess.Popen[bytes], timeout_s: float,
                       on_line: Callable[[str], None]) -> tuple[bytes, bytes]:
-    """communicate(), except that stdout's lines go to `on_line` as they come. On a timeout
-    the threads keep reading until _stop() has ended the process group."""
+    """communicate(), except that the lines of both streams go to `on_line` as they come. On a
+    timeout the threads keep reading until _stop() has ended the process group."""
     chunks: dict[str, list[bytes]] = {"out": [], "err": []}
 
-    def pump(stream: Any, key: str, lines: bool) -> None:
+    def pump(stream: Any, key: str) -> None:
         pending = b""
         for block in iter(lambda: stream.read1(65536), b""):
             chunks[key].append(block)
-            if not lines:
-                continue
             *complete, pending = re.split(rb"[\r\n]", pending + block)
             for line in complete:
                 if line.strip():
                     with contextlib.suppress(Exception):  # a reporter must not stop the copy
                         on_line(line.decode("utf-8", errors="replace"))
 
-    threads = [threading.Thread(target=pump, args=(process.stdout, "out", True), daemon=True),
-               threading.Thread(target=pump, args=(process.stderr, "err", False), daemon=True)]
+    threads = [threading.Thread(target=pump, args=(process.stdout, "out"), daemon=True),
+               threading.Thread(target=pump, args=(process.stderr, "err"), daemon=True)]
     for thread in threads:
         thread.start()
     try:

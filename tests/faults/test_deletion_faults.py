@@ -15,7 +15,6 @@ import yaml
 from dagster import DagsterInstance
 from sqlalchemy import select
 
-from ccat_assets import cli
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT
 from ccat_dt.diagnosis import diagnose
@@ -42,6 +41,7 @@ from tests.faults.pipeline import (
     source_root,
 )
 from tests.faults.storage_truth import lost_filed_files
+from tests.helpers import flip_byte, run_cli
 
 KEEP = 1000.0  # hours: the sources and buffers outlive the first drive
 
@@ -87,18 +87,8 @@ def archived_with_sources(config: Config, instance: DagsterInstance) -> tuple[Op
     return opsdb, package, files
 
 
-def flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-def exit_code(argv: list[str]) -> int:
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+def flip_middle_byte(path: Path) -> None:
+    flip_byte(path, path.stat().st_size // 2)
 
 
 def deletion_certificates(opsdb: OpsDB) -> list[dict[str, Any]]:
@@ -114,12 +104,12 @@ def test_one_lta_copy_gone_during_retention_is_restored_before_sources_go(
         fault: str) -> None:
     opsdb, package, files = archived_with_sources(kept, instance)
     tar = lta_tar(kept, "us", package)
-    tar.unlink() if fault == "removed" else flip_byte(tar)
+    tar.unlink() if fault == "removed" else flip_middle_byte(tar)
 
     config = retention(kept, 0)
     if fault == "removed":  # the plan already says what the purge's look will find
         capsys.readouterr()
-        assert exit_code(["--config", str(config.path), "purge", "--plan"]) == 0
+        assert run_cli("--config", str(config.path), "purge", "--plan") == 0
         plan = capsys.readouterr().out
         assert f"keep   {package}" in plan and "storage re-check: us/lta" in plan
         assert "missing" in plan
@@ -147,7 +137,7 @@ def test_both_lta_copies_gone_keep_every_source(kept: Config, instance: DagsterI
     opsdb, package, files = archived_with_sources(kept, instance)
     for site in ("cologne", "us"):
         tar = lta_tar(kept, site, package)
-        tar.unlink() if fault == "removed" else flip_byte(tar)
+        tar.unlink() if fault == "removed" else flip_middle_byte(tar)
 
     config = retention(kept, 0)
     run(config, instance)
@@ -226,7 +216,7 @@ def test_two_archive_locations_on_one_directory_are_refused(tmp_path: Path,
     config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
     with pytest.raises(ConfigError, match="cologne/lta and us/lta are on the same directory"):
         load_config(config.path)
-    assert exit_code(["--config", str(config.path), "status"]) == 2
+    assert run_cli("--config", str(config.path), "status") == 2
     assert "one disk would count as two copies" in capsys.readouterr().err
 
 
@@ -266,19 +256,19 @@ def test_sources_purged_then_both_archives_bad_is_loud(tmp_path: Path,
     [package] = package_names(opsdb)
     archived_everywhere(config, opsdb)
     for site in ("cologne", "us"):
-        flip_byte(lta_tar(config, site, package))
+        flip_middle_byte(lta_tar(config, site, package))
     capsys.readouterr()
 
-    assert exit_code(["--config", str(config.path), "audit", "--checksums", "--repair"]) == 1
+    assert run_cli("--config", str(config.path), "audit", "--checksums", "--repair") == 1
 
     assert package_state(opsdb, package) == PackageState.LOST
     out = capsys.readouterr().out
     assert f"LOST: {package}: DATA LOST" in out
-    assert exit_code(["--config", str(config.path), "status"]) == 0
+    assert run_cli("--config", str(config.path), "status") == 0
     assert capsys.readouterr().out.lstrip().startswith(f"LOST: {package}")
-    assert exit_code(["--config", str(config.path), "why", package]) == 0
+    assert run_cli("--config", str(config.path), "why", package) == 0
     assert "DATA LOST" in capsys.readouterr().out
-    assert exit_code(["--config", str(config.path), "drive"]) == 1
+    assert run_cli("--config", str(config.path), "drive") == 1
     with opsdb.session() as session:  # a person is told (the notification sensor sends these)
         [told] = [p for p in current_problems(session, config, utcnow()) if p.kind == "lost"]
     assert told.key == f"lost:{package}" and "DATA LOST" in told.detail
