@@ -58,7 +58,7 @@ def fail_over(opsdb: OpsDB, config: Config, now: datetime) -> list[Rerouted]:
             old = package.primary_site.short_name
             if old not in down or has_left_observatory(session, config, package):
                 continue
-            if _sending(session, package, now, config):
+            if transfer_under_way(session, package, now, config):
                 continue  # a transfer out is under way: it may yet succeed
             new = next_primary_site(session, config, avoid=down)
             broken = down[old]
@@ -76,7 +76,8 @@ def fail_over(opsdb: OpsDB, config: Config, now: datetime) -> list[Rerouted]:
     return out
 
 
-def _sending(session: Session, package: RawDataPackage, now: datetime, config: Config) -> bool:
+def transfer_under_way(session: Session, package: RawDataPackage, now: datetime,
+                       config: Config) -> bool:
     """A transfer of the package that started within the failover horizon and has not ended
     (older ones belong to a process that died)."""
     horizon = timedelta(hours=config.settings.policies.site_failover_hours)

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.failover import transfer_under_way
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -132,6 +133,10 @@ def exclude_file(opsdb: OpsDB, config: Config, what: str, *, reason: str,
                     f"package {package.name} has already left the observatory "
                     f"({package.state.value}): its tar is archived as it is, with "
                     f"{raw.relative_path}; nothing was changed")
+            if transfer_under_way(session, package, utcnow(), config):
+                raise ExcludeRefused(f"package {package.name} is being sent out of the "
+                                     "observatory now; nothing was changed: run the command "
+                                     "again once that transfer has ended")
             if len(package.files) == 1:
                 raise ExcludeRefused(f"{raw.relative_path} is the only file of package "
                                      f"{package.name}: nothing would be left to send; "
