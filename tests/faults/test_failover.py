@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import copy
 import time
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from dagster import DagsterInstance
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ccat_assets import cli
 from ccat_dt.defaults import EMBEDDED_DEFAULT
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.health import sites_down
@@ -26,6 +29,7 @@ from ccat_dt.opsdb.models import (
     OperationType,
     PackageCopy,
     RawDataPackage,
+    _aware,
     utcnow,
 )
 from ccat_dt.packages import package_path
@@ -54,8 +58,8 @@ def _tars(root: Path) -> list[str]:
 
 
 def test_dead_top_priority_buffer_is_passed_over_and_used_again_once_healthy(
-        tmp_path: Path, instance: DagsterInstance) -> None:
-    hold_s = 8.0
+        tmp_path: Path, instance: DagsterInstance, capsys: pytest.CaptureFixture[str]) -> None:
+    hold_s = 40.0  # long enough to look at it under load; waited out below
     config = deployment(tmp_path / "deploy", **_two_observatory_buffers(hold_s / 60))
     opsdb = OpsDB(config.opsdb_url)
     top, second = (config.resolve_root(f"sites/ccat/{name}") for name in ("buffer", "buffer2"))
@@ -80,13 +84,18 @@ def test_dead_top_priority_buffer_is_passed_over_and_used_again_once_healthy(
     unhealthy = stages["location ccat/buffer"]
     assert unhealthy.state == "unhealthy" and "unhealthy until" in unhealthy.detail
     assert MARKER in unhealthy.detail
+    cli.main(["--config", str(config.path), "status"])
+    assert "location ccat/buffer unhealthy until" in capsys.readouterr().out
     assert not any(p.is_file() for p in files)  # the sources were purged ...
     assert all(len(sites) == 2 for sites in good_archive_sites(config, opsdb).values())
     assert lost_filed_files(config, opsdb) == []  # ... each byte in two good LTA tars
 
     # The disk is back; once the hold is over new work goes to the top buffer again.
     write_marker(top)
-    time.sleep(hold_s)
+    with opsdb.session() as session:
+        [until] = [loc.unhealthy_until for loc in session.scalars(select(DataLocation))
+                   if loc.unhealthy_until is not None]
+    time.sleep(max(0.0, (_aware(until) - utcnow()).total_seconds()) + 0.5)
     observe(config, opsdb, name="obs-1")
     assert run(config, instance, wait_s=2).failed == []
     second_package = package_names(opsdb)[-1]
@@ -107,7 +116,8 @@ def test_dead_top_priority_buffer_is_passed_over_and_used_again_once_healthy(
 
 
 def test_archive_site_down_past_its_horizon_is_replaced_for_packages_not_yet_sent(
-        tmp_path: Path, instance: DagsterInstance, webhook_receiver: Receiver) -> None:
+        tmp_path: Path, instance: DagsterInstance, webhook_receiver: Receiver,
+        capsys: pytest.CaptureFixture[str]) -> None:
     horizon_h = 2.0 / 3600
     config = deployment(tmp_path / "deploy", notifications={
         "webhook": {"url": webhook_receiver.url, "timeout_s": 2}}, policies={
@@ -121,9 +131,16 @@ def test_archive_site_down_past_its_horizon_is_replaced_for_packages_not_yet_sen
     run(config, instance, wait_s=0)  # built; sending it to cologne (its primary) fails
     [name] = package_names(opsdb)
     with opsdb.session() as session:
-        package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
-        assert package is not None and package.primary_site.short_name == "cologne"
-    time.sleep(horizon_h * 3600 + 0.5)
+        [first] = session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.TRANSFER).order_by(Operation.id)
+            .limit(1)).all()
+        assert session.get_one(DataLocation, first.destination_location_id).label \
+            == "cologne/buffer"
+        assert first.status == OperationStatus.FAILED and MARKER in (first.error or "")
+        [since] = [loc.failing_since for loc in session.scalars(select(DataLocation))
+                   if loc.failing_since is not None]
+    past = _aware(since) + timedelta(hours=horizon_h) - utcnow()
+    time.sleep(max(0.0, past.total_seconds()) + 0.5)
 
     run(config, instance, wait_s=0)  # past the horizon: re-routed to us, archived there
 
@@ -139,6 +156,8 @@ def test_archive_site_down_past_its_horizon_is_replaced_for_packages_not_yet_sen
                                  Operation.status == OperationStatus.COMPLETED,
                                  Operation.source_location_id == _buffer_id(session, "ccat")))]
     assert stages["routing"].state == "rerouted"
+    cli.main(["--config", str(config.path), "status"])
+    assert "archive site cologne DOWN past the failover horizon" in capsys.readouterr().out
     assert observatory_sends == ["us/buffer"]
     assert _tars(cologne_buffer) == []  # the observatory never sent it to cologne
     assert good_archive_sites(config, opsdb) and all(
