@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config
-from ccat_dt.health import location_failure, mark_failed, mark_ok
+from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
 from ccat_dt.loss import Health, refresh_loss
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -138,9 +138,10 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         jobs = [_start(session, config, item, destination, kind, run_id, attempt)
                 for item in batch]
         remote = destination.host is not None or placement.source.host is not None
-        alternatives = len(session.scalars(select(DataLocation.id).where(
-            DataLocation.site_id == destination.site_id, DataLocation.location_type == kind,
-            DataLocation.id != destination.id)).all())
+        alternatives = sum(is_healthy(loc, utcnow()) for loc in session.scalars(
+            select(DataLocation).where(DataLocation.site_id == destination.site_id,
+                                       DataLocation.location_type == kind,
+                                       DataLocation.id != destination.id)))
         destination_id, destination_label = destination.id, destination.label
     transport = transport_for(config, route, remote=remote)
     unmounted = _unmarked(config, destination)

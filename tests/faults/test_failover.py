@@ -202,3 +202,36 @@ def package_path_of(opsdb: OpsDB, name: str) -> str:
         package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
         assert package is not None
         return package_path(package)
+
+
+def test_dead_top_priority_buffer_at_an_archive_site_is_passed_over_within_the_run(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """An archive site with two buffers, the first one's disk gone: the transfer fails there,
+    the buffer is marked unhealthy and the same run's retry lands in the second."""
+    sites = copy.deepcopy(EMBEDDED_DEFAULT["sites"])
+    assert isinstance(sites, list)
+    sites[1]["locations"] = [
+        {"name": "buffer", "type": "buffer", "root": "sites/cologne/buffer", "priority": 5},
+        {"name": "spare", "type": "buffer", "root": "sites/cologne/spare"},
+        {"name": "lta", "type": "long_term_archive", "root": "sites/cologne/lta"}]
+    config = deployment(tmp_path / "deploy", sites=sites,
+                        policies={"retry_backoff_first_s": FAST_BACKOFF})
+    opsdb = OpsDB(config.opsdb_url)
+    dead = config.resolve_root("sites/cologne/buffer")
+    (dead / MARKER).unlink()
+    observe(config, opsdb)
+
+    report = run(config, instance)
+
+    assert report.failed == [], report.failed  # healed inside the run: no failed run at all
+    archived_everywhere(config, opsdb)
+    assert _tars(dead) == []
+    with opsdb.session() as session:
+        labels = [(session.get_one(DataLocation, op.destination_location_id).label, op.status)
+                  for op in session.scalars(select(Operation).where(
+                      Operation.operation_type == OperationType.TRANSFER)
+                      .order_by(Operation.id))]
+    assert labels[0] == ("cologne/buffer", OperationStatus.FAILED)
+    assert ("cologne/spare", OperationStatus.COMPLETED) in labels
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)

@@ -171,3 +171,42 @@ def test_changed_raw_file_taken_out_lets_the_rest_go(
     assert "already taken out" in capsys.readouterr().err
     assert_safe(config, opsdb, expected_findings=[("changed", relative)])
     assert Path(victim).is_file()
+
+
+def test_corrupt_tar_with_a_changed_source_is_quarantined_then_the_file_taken_out(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The tar rots at the observatory and one of its raw files was rewritten too: the rebuild
+    fails on that file, so the package is quarantined (a person is needed); taking the file
+    out lets the rest be rebuilt and go, with a plain drive."""
+    files = observe(config, opsdb, files=3)
+    name = plan(config, opsdb, instance)
+    packaging_stage.ensure_built(opsdb, config, name)
+    relative, _ = _package(opsdb, name)
+    tar = config.resolve_root("sites/ccat/buffer") / relative
+    data = bytearray(tar.read_bytes())
+    data[1000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    victim = files[2]
+    changed = victim.read_bytes()[:-1] + b"!"
+    victim.write_bytes(changed)
+
+    run(config, instance)
+
+    assert package_state(opsdb, name) == PackageState.FAILED
+    with opsdb.session() as session:
+        stages = {s.stage: s for s in diagnose(session, config, name, utcnow())}
+    assert stages["packaging"].state == "failed" and "exclude" in stages["packaging"].detail
+    assert not list(config.resolve_root("sites/cologne/buffer").rglob("*.tar"))
+
+    victim_path = victim.relative_to(source_root(config)).as_posix()
+    assert _exclude(config, str(victim), "--reason", "rewritten after filing")[0] == 0
+    capsys.readouterr()
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)
+    assert victim.read_bytes() == changed
+    good = good_archive_sites(config, opsdb)
+    assert all(good[str(p)] == {"cologne/lta", "us/lta"} for p in files if p != victim)
+    assert [line.split(" ")[0] for line in lost_filed_files(config, opsdb)] == [victim_path]
+    assert_safe(config, opsdb, expected_findings=[("changed", victim_path)])
