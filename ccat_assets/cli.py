@@ -506,6 +506,26 @@ def cmd_retry(args: argparse.Namespace) -> None:
         raise SystemExit(EXIT_PROBLEMS)
 
 
+def cmd_exclude(args: argparse.Namespace) -> None:
+    """Take a raw file out of its package (recorded with who, when, why); the file stays."""
+    import getpass
+
+    from ccat_dt.recovery import ExcludeRefused, exclude_file
+
+    config = load_config(args.config)
+    try:
+        done = exclude_file(OpsDB(config.opsdb_url), config, args.file, reason=args.reason,
+                            by=args.by or getpass.getuser())
+    except ExcludeRefused as exc:
+        raise UsageError(str(exc)) from None
+    if done.package is None:
+        print(f"{done.path} taken out: it is never packaged; the file stays where it is")
+    else:
+        print(f"{done.path} taken out of {done.package}; the file stays where it is (never "
+              f"purged). {done.package} is rebuilt without it and goes on by itself "
+              f"(`ccat-dt drive`, or the daemon); `ccat-dt why {done.package}` shows it")
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     """Serve this site's queues, and only them: run it on a host that holds the site's data."""
     import os
@@ -640,6 +660,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-failed", action="store_true",
                    help="also rebuild FAILED packages (once their source files are restored)")
     p.set_defaults(run=cmd_retry)
+
+    p = commands.add_parser("exclude", help="take a changed or unwanted raw file out of its "
+                            "package (before it leaves the observatory); the file stays")
+    p.add_argument("file", help="raw file id, path relative to its source root, or absolute "
+                   "path")
+    p.add_argument("--reason", required=True, help="why (recorded, shown by `why`)")
+    p.add_argument("--by", help="who (recorded; default: the login name)")
+    p.set_defaults(run=cmd_exclude)
 
     p = commands.add_parser("worker", help="a Celery worker serving one site's queues")
     p.add_argument("--site", required=True)

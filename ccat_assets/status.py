@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from ccat_dt.config import Config
 from ccat_dt.forecast import forecast_buffers
+from ccat_dt.health import describe, sites_down, unhealthy
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.metrics import service_level_figures
 from ccat_dt.notify import open_problems
@@ -58,6 +59,12 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
         print(f"{kinds.get(forecast.location, 'buffer'):<7}{forecast.location:<20} "
               f"{hours}{warn}")
     with opsdb.session() as session:
+        for location in unhealthy(session, now):
+            print(f"location {describe(location)}: new work goes to the next by priority")
+        for site, location in sites_down(session, config, now).items():
+            print(f"archive site {site} DOWN past the failover horizon (failing since "
+                  f"{_aware(location.failing_since or now):%Y-%m-%d %H:%M} UTC): packages not "
+                  "yet sent go to another archive site")
         for row in waiting(session):
             if row.escalated_at is not None:
                 when = (f"ESCALATED at {_aware(row.escalated_at):%Y-%m-%d %H:%M} UTC (no "

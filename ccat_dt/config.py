@@ -197,6 +197,12 @@ class PolicyConfig(_Strict):
     retry_horizon_hours: float = Field(default=72.0, gt=0)
     # OpsDB rows a sensor reads per tick (it continues from its cursor at the next tick).
     sensor_page_rows: int = Field(default=500, ge=1)
+    # A location that fails as a whole (unreachable, root unmarked, disk full, permission
+    # denied) is passed over for the next one of its kind by priority for this long.
+    location_unhealthy_minutes: float = Field(default=30.0, gt=0)
+    # An archive site whose buffers have failed without a success for this long is replaced
+    # as primary site by another archive site for packages not yet sent (ccat_dt/failover.py).
+    site_failover_hours: float = Field(default=24.0, gt=0)
 
 
 class ServiceConfig(_Strict):

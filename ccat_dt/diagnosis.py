@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.health import describe, unhealthy
 from ccat_dt.loss import Health, assess
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -27,6 +28,7 @@ from ccat_dt.opsdb.models import (
     Site,
     _aware,
 )
+from ccat_dt.recovery import needs_rebuild
 from ccat_dt.retention import Action, plan_deletions
 from ccat_dt.routing import copies_at, replication_source
 from ccat_dt.stages import Stage
@@ -46,9 +48,20 @@ def diagnose(session: Session, config: Config, name: str, now: datetime) -> list
         return _unpackaged(session, name)
     stages = [StageState("filing", "done", f"{len(package.files)} files, observation "
                          f"{package.observation.name} finished")]
+    stages += [StageState("excluded", "done", f"{f.relative_path} (file {f.id}) taken out by "
+                          f"{f.excluded_by} at {_aware(f.excluded_at):%Y-%m-%d %H:%M} UTC: "
+                          f"{f.excluded_reason}; it stays on disk, never packaged or purged")
+               for f in session.scalars(select(RawDataFile).where(
+                   RawDataFile.excluded_from == package.name).order_by(RawDataFile.id))
+               if f.excluded_at is not None]
+    if package.primary_site_note:
+        stages.append(StageState("routing", "rerouted", package.primary_site_note))
+    stages += [StageState(f"location {loc.label}", "unhealthy", describe(loc)
+                          + "; new work goes to the next location by priority")
+               for loc in unhealthy(session, now)]
     reattempts = {(r.stage, r.site): r for r in session.scalars(
         select(Reattempt).where(Reattempt.package == package.name))}
-    stages.append(_packaging(session, package, reattempts.get((Stage.PACKAGING, ""))))
+    stages.append(_packaging(session, config, package, reattempts.get((Stage.PACKAGING, ""))))
     for site in config.settings.archive_sites:
         stages += _at_site(session, config, package, site.short_name, reattempts)
     stages.append(_purge(session, config, package, now))
@@ -119,12 +132,16 @@ def _failed(operation: Operation | None) -> str | None:
             f"{error[-1] if error else 'no error text'}{log}")
 
 
-def _packaging(session: Session, package: RawDataPackage,
+def _packaging(session: Session, config: Config, package: RawDataPackage,
                reattempt: Reattempt | None) -> StageState:
     if package.state == PackageState.FAILED:
         return StageState("packaging", "failed", (_failed(_last(
             session, package, OperationType.PACKAGING)) or "failed") + "; permanent: not "
-            "retried by itself (restore the file, then `ccat-dt retry --rebuild-failed`)")
+            "retried by itself (restore the file, then `ccat-dt retry --rebuild-failed`; or "
+            "take it out: `ccat-dt exclude FILE --reason ...`)")
+    if package.checksum is not None and (rebuild := needs_rebuild(session, config, package)):
+        return StageState("packaging", "waiting", f"to be rebuilt: {rebuild}"
+                          + _reattempt(reattempt))
     if package.checksum is None:
         failure = _failed(_last(session, package, OperationType.PACKAGING))
         if reattempt is not None and not failure:

@@ -10,8 +10,9 @@ Nothing is sent, and no row is written, while no channel is configured.
 
 What counts as a problem (`current_problems`) is only what does not heal by itself: a package
 quarantined (a source file changed after filing), work escalated past the re-attempt horizon,
-a buffer filling faster than it drains, a filing-service request that can never be applied (a
-dead letter, which each site's service mirrors into OpsDB). Transient faults are never told.
+an archive site down past its failover horizon, a buffer filling faster than it drains, a
+filing-service request that can never be applied (a dead letter, which each site's service
+mirrors into OpsDB). Transient faults are never told.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
+from ccat_dt.health import sites_down
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -51,7 +53,7 @@ LOG = logging.getLogger("ccat_dt.notify")
 @dataclass(frozen=True)
 class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
-    kind: str  # quarantined | escalated | lost | at_risk | buffer_filling | dead_letter
+    kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
     subject: str
     detail: str  # what happened and what to do
 
@@ -124,9 +126,20 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"quarantined:{package.name}", "quarantined",
             f"package {package.name} quarantined: nothing of it leaves the observatory",
             f"{error.strip().splitlines()[-1] if error.strip() else error}\n"
-            "The source files stay where they are. Restore the file as it was filed (or take "
-            f"it out of the package), then `ccat-dt retry --rebuild-failed --package "
-            f"{package.name}`. `ccat-dt why {package.name}` shows every stage."))
+            "The source files stay where they are. Either restore the file as it was filed, "
+            f"then `ccat-dt retry --rebuild-failed --package {package.name}`; or take it out "
+            "of the package with `ccat-dt exclude FILE --reason \"...\"` (the file stays on "
+            "disk; the rest is rebuilt and goes by itself). "
+            f"`ccat-dt why {package.name}` shows every stage."))
+    for site, broken in sites_down(session, config, now).items():
+        since = _aware(broken.failing_since or now)
+        problems.append(Problem(
+            f"site_down:{site}", "site_down",
+            f"archive site {site} unreachable since {since:%Y-%m-%d %H:%M} UTC",
+            f"{broken.unhealthy_reason or 'its buffer failed'}\nPast the failover horizon "
+            f"({config.settings.policies.site_failover_hours:g} h): packages not yet sent go to "
+            f"another archive site; {site} gets them by replication once it is back. Bring "
+            f"{site} back (`ccat-dt status` shows its locations)."))
     for row in session.scalars(select(Reattempt).where(Reattempt.escalated_at.is_not(None))
                                .order_by(Reattempt.id)):
         hours = (_aware(now) - _aware(row.first_failed_at)).total_seconds() / 3600

@@ -13,9 +13,11 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ALGORITHM, ChecksumMismatch
 from ccat_dt.config import Config
+from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
+    DataLocation,
     ExecutedObsUnit,
     LocationType,
     ObservationStatus,
@@ -30,7 +32,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef
-from ccat_dt.routing import copies_at, next_primary_site
+from ccat_dt.routing import copies_at, has_left_observatory, next_primary_site
 from ccat_dt.storage import root_problem
 from ccat_dt.tarball import (
     BuiltPackage,
@@ -58,7 +60,7 @@ def plan_packages(session: Session, config: Config) -> list[RawDataPackage]:
     module, split at the configured size) and pick each package's primary archive site."""
     files = session.scalars(
         select(RawDataFile).join(ExecutedObsUnit)
-        .where(RawDataFile.package_id.is_(None),
+        .where(RawDataFile.package_id.is_(None), RawDataFile.excluded_at.is_(None),
                ExecutedObsUnit.status == ObservationStatus.FINISHED)
         .order_by(RawDataFile.observation_id, RawDataFile.module_id, RawDataFile.relative_path))
     groups: dict[tuple[int, int], list[RawDataFile]] = defaultdict(list)
@@ -140,17 +142,22 @@ def ensure_built(opsdb: OpsDB, config: Config, name: str, *,
 def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None) -> CopyRef:
     """Build the package's tar at the observatory buffer, reading each raw file once.
 
-    Idempotent: a package already built and verified is returned as it is.
+    Idempotent: a package already built and verified is returned as it is. A rebuild (its tar
+    found corrupt, or a file taken out) goes where the bad tar is, so it replaces it there.
+    A buffer that fails as a whole is marked unhealthy: the next attempt uses the next buffer.
     """
     with opsdb.session() as session:
         package = get_package(session, name)
         existing = built_copy(session, config, package)
         if existing is not None:
             return CopyRef.of(existing)
-        buffer = primary_location(session, config.settings.observatory, LocationType.BUFFER)
+        buffer = _build_location(session, config, package)
         members = [PackageMember(Path(f.source_location.root) / f.relative_path,
                                  f.relative_path, f.size, f.checksum) for f in package.files]
         destination = Path(buffer.root) / package_path(package)
+        rebuilding = (package.checksum is not None and not any(c.is_verified
+                                                               for c in package.copies)
+                      and not has_left_observatory(session, config, package))
         operation = Operation(operation_type=OperationType.PACKAGING, package=package,
                               destination_location_id=buffer.id, run_id=run_id)
         session.add(operation)
@@ -161,14 +168,28 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         with labelled(site=config.settings.observatory):
             built = build_package(members, destination, package_name=name)
     except (PackagingError, ChecksumMismatch) as exc:
-        _fail(opsdb, operation.id, package_id=package.id, error=str(exc))
+        _fail(opsdb, operation.id, package_id=package.id, error=str(exc), quarantine=rebuilding)
         raise PackageBuildFailed(f"package {name}: {exc}") from exc
     except OSError as exc:
+        if location_failure(exc) and (exc.filename is None
+                                      or str(exc.filename).startswith(buffer.root)):
+            mark_failed(opsdb, config, buffer.id, f"packaging {name}: {exc}")
         _fail(opsdb, operation.id, package_id=None, error=str(exc))
         raise
     with opsdb.session() as session:
+        mark_ok(session, buffer.id)
         return CopyRef.of(_record_built(session, name, built, buffer.id, operation.id,
                                         time.monotonic() - started))
+
+
+def _build_location(session: Session, config: Config, package: RawDataPackage) -> DataLocation:
+    """Where the package's bad tar is (a rebuild replaces it in place, so no stale tar stays
+    under the package's name), when that buffer is healthy; else the buffer routing picks."""
+    now = utcnow()
+    for copy in copies_at(session, package, LocationType.BUFFER, config.settings.observatory):
+        if copy.status == CopyStatus.CORRUPT and is_healthy(copy.location, now):
+            return copy.location
+    return primary_location(session, config.settings.observatory, LocationType.BUFFER)
 
 
 def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: int,
@@ -189,6 +210,9 @@ def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: i
                                f"build ({built.checksum}) replaced that file, so the recorded "
                                "copy is checked (and found corrupt) next")
         return earlier
+    if package.checksum not in (None, built.checksum):  # rebuilt: the member mtimes changed
+        operation.reason = (f"rebuilt; the package checksum changed from {package.checksum} "
+                            f"to {built.checksum} (no verified copy of the old bytes existed)")
     package.size, package.checksum, package.adler32 = built.size, built.checksum, built.adler32
     package.checksum_algorithm = ALGORITHM
     package.manifest = {"files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
@@ -206,17 +230,30 @@ def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: i
                        mtime_ns=tar.st_mtime_ns)
     session.add(copy)
     session.flush()
+    for bad in package.copies:  # the corrupt (or superseded) tar this build overwrote
+        if (bad.id != copy.id and bad.location_id == buffer_id and bad.status
+                == CopyStatus.CORRUPT and bad.relative_path == copy.relative_path):
+            bad.status, bad.deleted_at = CopyStatus.DELETED, now
+            session.add(Operation(
+                operation_type=OperationType.DELETION, status=OperationStatus.COMPLETED,
+                package=package, copy_id=bad.id, source_location_id=bad.location_id,
+                reason=f"superseded by rebuilt copy {copy.id}", started_at=now,
+                finished_at=now, evidence={"superseded_by": copy.id}))
     return copy
 
 
-def _fail(opsdb: OpsDB, operation_id: int, *, package_id: int | None, error: str) -> None:
+def _fail(opsdb: OpsDB, operation_id: int, *, package_id: int | None, error: str,
+          quarantine: bool = False) -> None:
+    """Record a failed build. A package never built is FAILED (quarantined); so is one being
+    rebuilt with nothing verified left and nothing sent out (`quarantine`). Otherwise a built
+    package's state follows its copies, not this."""
     with opsdb.session() as session:
         operation = session.get_one(Operation, operation_id)
         operation.status, operation.error, operation.finished_at = (
             OperationStatus.FAILED, error, utcnow())
         package = session.get(RawDataPackage, package_id) if package_id is not None else None
-        if package is not None and package.checksum is None:  # a built package's state
-            package.state = PackageState.FAILED                # follows its copies, not this
+        if package is not None and (package.checksum is None or quarantine):
+            package.state = PackageState.FAILED
 
 
 def lock_package(session: Session, name: str) -> None:

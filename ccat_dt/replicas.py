@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config
+from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
 from ccat_dt.loss import Health, refresh_loss
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -22,6 +23,7 @@ from ccat_dt.opsdb.models import (
     PackageCopy,
     PackageState,
     RawDataPackage,
+    Site,
     utcnow,
 )
 from ccat_dt.packages import get_package, lock_package, package_path, supersede
@@ -129,20 +131,38 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         batch = [placement]
         if route is not None and route.batch_bytes:
             batch += _companions(session, config, placement, kind, route.batch_bytes)
-        jobs = [_start(session, item, destination, kind, run_id, attempt) for item in batch]
+        observatory = config.settings.observatory
+        for name in sorted({i.package for i in batch if i.source.site == observatory}):
+            lock_package(session, name)  # against a failover re-routing it meanwhile
+        jobs = [_start(session, config, item, destination, kind, run_id, attempt)
+                for item in batch]
         remote = destination.host is not None or placement.source.host is not None
+        alternatives = sum(is_healthy(loc, utcnow()) for loc in session.scalars(
+            select(DataLocation).where(DataLocation.site_id == destination.site_id,
+                                       DataLocation.location_type == kind,
+                                       DataLocation.id != destination.id)))
+        destination_id, destination_label = destination.id, destination.label
     transport = transport_for(config, route, remote=remote)
     # Each transport finds the location's marker before it writes (a transfer never creates a
     # missing location root: an unmounted archive disk has none), remotely in the round trip
     # that creates the directory.
     with labelled(site=placement.site, route=f"{placement.source.site}->{placement.site}"):
         outcomes = _transfer(transport, jobs)
+    failure = next((o for o in outcomes if isinstance(o, Exception)), None)
+    location_level = failure is not None and location_failure(failure)
+    if location_level:
+        mark_failed(opsdb, config, destination_id,
+                    f"{transport.name} to {destination_label}: {failure}")
     own: Placed | None = None
     for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, Exception):
             finish(opsdb, job.operation_id, error=str(outcome))
             if job.placement is placement:
-                raise outcome
+                if location_level and alternatives:
+                    raise TransferError(f"{outcome}; {destination_label} is marked unhealthy: "
+                                        f"the next {kind.value} location at {placement.site} "
+                                        "by priority is used next", retryable=True) from outcome
+                raise _source_or_transit(opsdb, config, placement, outcome)
             continue
         ref = _record(opsdb, config, job, kind, outcome, transport.name)
         if job.placement is placement:
@@ -161,7 +181,26 @@ class _Job:
     operation_id: int
 
 
-def _start(session: Session, placement: Placement, destination: DataLocation,
+def _source_or_transit(opsdb: OpsDB, config: Config, placement: Placement,
+                       failure: Exception) -> Exception:
+    """A copy that did not land with the source's checksum: re-hash the source on its storage
+    to tell a bad source (now quarantined, CORRUPT: rebuilt or repaired from an intact copy,
+    never sent again) from a bad transit (retried)."""
+    if not (isinstance(failure, ChecksumMismatch)
+            or "checksum mismatch" in str(failure).lower()):
+        return failure
+    try:
+        check = reread(opsdb, config, placement.source.copy_id)
+    except (TransferError, OSError):
+        return failure  # cannot look at the source now: treat it as transit, retried
+    if check.passed:
+        return failure
+    return TransferError(f"{failure}; the source re-hashed on its storage: {check.description}: "
+                         "a bad source, not a bad transit; it is quarantined and made again "
+                         "from intact data", retryable=False)
+
+
+def _start(session: Session, config: Config, placement: Placement, destination: DataLocation,
            kind: LocationType, run_id: str | None, attempt: int) -> _Job:
     package = get_package(session, placement.package)
     origin = session.get_one(PackageCopy, placement.source.copy_id)
@@ -169,6 +208,14 @@ def _start(session: Session, placement: Placement, destination: DataLocation,
         raise NotReady(f"package {placement.package}: source copy {placement.source.site}/"
                        f"{placement.source.location} is no longer verified "
                        f"({origin.status.value})")
+    if placement.source.site == config.settings.observatory:
+        primary = session.scalar(select(Site.short_name).join(
+            RawDataPackage, RawDataPackage.primary_site_id == Site.id).where(
+            RawDataPackage.id == package.id))  # read after the lock: a failover may have won
+        if primary != placement.site:
+            raise NotReady(f"package {placement.package} leaves the observatory for {primary} "
+                           f"now, not {placement.site} "
+                           f"({package.primary_site_note or 're-routed'})")
     operation = Operation(
         operation_type=(OperationType.ARCHIVE if kind == LocationType.LONG_TERM_ARCHIVE
                         else OperationType.TRANSFER),
@@ -264,6 +311,7 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         supersede(session, operation)
         finish_in(session, job.operation_id, copy_id=copy.id, nbytes=result.bytes,
                   seconds=result.seconds)
+        mark_ok(session, job.destination_id)
         refresh_state(session, config, package)
         return CopyRef.of(copy)
 

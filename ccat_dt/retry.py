@@ -33,6 +33,7 @@ from ccat_dt.opsdb.models import (
     _aware,
     utcnow,
 )
+from ccat_dt.recovery import needs_rebuild
 from ccat_dt.routing import copies_at, replication_source
 from ccat_dt.stages import Stage
 from ccat_dt.topology import primary_location
@@ -70,6 +71,9 @@ def stalled_work(opsdb: OpsDB, config: Config, *, packages: Collection[str] | No
             if package.checksum is None:
                 out.append(Stalled(Stage.PACKAGING, package.name, "",
                                    _last(session, package, OperationType.PACKAGING, None)))
+                continue
+            if rebuild := needs_rebuild(session, config, package):
+                out.append(Stalled(Stage.PACKAGING, package.name, "", rebuild))
                 continue
             for site in config.settings.archive_sites:
                 out += _at_site(session, config, package, site.short_name)

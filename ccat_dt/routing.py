@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
-from ccat_dt.opsdb.models import DataLocation, LocationType, PackageCopy, RawDataPackage, Site
+from ccat_dt.health import sites_down
+from ccat_dt.opsdb.models import (
+    DataLocation,
+    LocationType,
+    PackageCopy,
+    RawDataPackage,
+    Site,
+    utcnow,
+)
 
 
-def next_primary_site(session: Session, config: Config) -> Site:
-    """Round-robin over archive sites; the last assignment lives in OpsDB, so restarts keep it."""
+def next_primary_site(session: Session, config: Config,
+                      avoid: Collection[str] | None = None) -> Site:
+    """Round-robin over archive sites, passing over those down past the failover horizon
+    (`avoid`, default: ccat_dt/health.sites_down) while another is up; the last assignment
+    lives in OpsDB, so restarts keep it."""
     order = [site.short_name for site in config.settings.archive_sites]
     last = session.scalar(select(Site.short_name).join(RawDataPackage,
                           RawDataPackage.primary_site_id == Site.id)
                           .order_by(RawDataPackage.id.desc()).limit(1))
     index = (order.index(last) + 1) % len(order) if last in order else 0
-    site = session.scalar(select(Site).where(Site.short_name == order[index]))
+    down = set(sites_down(session, config, utcnow()) if avoid is None else avoid)
+    rotation = order[index:] + order[:index]
+    chosen = next((name for name in rotation if name not in down), rotation[0])
+    site = session.scalar(select(Site).where(Site.short_name == chosen))
     assert site is not None, "topology not synced: run `ccat-dt init`"
     return site
 

@@ -8,8 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.health import choose
 from ccat_dt.opsdb.database import OpsDB, migrate
-from ccat_dt.opsdb.models import DataLocation, InstrumentModule, LocationType, Site
+from ccat_dt.opsdb.models import DataLocation, InstrumentModule, LocationType, Site, utcnow
 from ccat_dt.storage import mark_location_root
 from ccat_dt.transports.factory import ssh_settings
 
@@ -60,14 +61,15 @@ def get_location(session: Session, site: str, name: str) -> DataLocation:
 
 
 def primary_location(session: Session, site: str, kind: LocationType) -> DataLocation:
-    """The highest-priority location of a kind at a site (buffer failover goes by priority)."""
-    location = session.scalars(
+    """Where new work of a kind goes at a site: the highest-priority location that is not
+    marked unhealthy (ccat_dt/health.py), else the highest-priority one."""
+    locations = session.scalars(
         select(DataLocation).join(Site)
         .where(Site.short_name == site, DataLocation.location_type == kind)
-        .order_by(DataLocation.priority.desc(), DataLocation.name)).first()
-    if location is None:
+        .order_by(DataLocation.priority.desc(), DataLocation.name)).all()
+    if not locations:
         raise UnknownLocation(f"site '{site}' has no {kind.value} location")
-    return location
+    return choose(locations, utcnow())
 
 
 def get_site(session: Session, short_name: str) -> Site:

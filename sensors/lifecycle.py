@@ -20,6 +20,7 @@ from ccat_assets.partitions import package_partitions, package_site_key, staging
 from ccat_assets.stages import JOBS
 from ccat_assets.tags import LINK_TAG, WORK_TAG
 from ccat_dt import reaper
+from ccat_dt.failover import fail_over
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import plan_packages
 from ccat_dt.pending import (
@@ -39,6 +40,7 @@ from ccat_dt.queues import (
     transfer_queue,
 )
 from ccat_dt.reattempt import Backoff, State, Work, decide, record
+from ccat_dt.recovery import rebuilds_due
 from ccat_dt.retry import abandoned_deletions
 from ccat_dt.stages import Stage
 from ccat_dt.staging import get_request
@@ -167,18 +169,45 @@ def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
         cursor=str(page.cursor))
 
 
-@sensor(jobs=[JOBS[Stage.SITE_COPY], JOBS[Stage.LTA_COPY]], minimum_interval_seconds=INTERVAL,
+@sensor(jobs=[JOBS[Stage.PACKAGING], JOBS[Stage.SITE_COPY], JOBS[Stage.LTA_COPY]],
+        minimum_interval_seconds=INTERVAL,
         default_status=RUNNING)
 def repair_sensor(context: SensorEvaluationContext,
                   deployment: Deployment) -> SensorResult | SkipReason:
     """A copy found corrupt (by a check, the scrub or the audit) is made again from a verified
-    LTA copy elsewhere; the corrupt one is replaced, never used as a source."""
+    LTA copy elsewhere; the corrupt one is replaced, never used as a source. A package whose
+    observatory tar is corrupt (or that lost a file to `ccat-dt exclude`) and that has not left
+    is rebuilt from its raw files (ccat_dt/recovery.py)."""
+    config = deployment.config
     with deployment.opsdb.session() as session:
-        due = repairs_due(session, deployment.config, _page(deployment))
-    if not due:
+        due = repairs_due(session, config, _page(deployment))
+        rebuilds = rebuilds_due(session, config, _page(deployment))
+    if not due and not rebuilds:
         return SkipReason("no corrupt copy can be repaired now")
+    for rebuild in rebuilds:
+        context.log.info(f"rebuild {rebuild.package}: {rebuild.reason}")
     return SensorResult(run_requests=_idle(context, [
-        _placement(deployment, item, stage, repair=True) for stage, item in due]))
+        _placement(deployment, item, stage, why="repair") for stage, item in due]) + [
+        RunRequest(partition_key=r.package, run_key=r.run_key, job_name=JOBS[Stage.PACKAGING].name,
+                   run_config=on_queue(config, packaging_queue(config))) for r in rebuilds])
+
+
+@sensor(job=JOBS[Stage.SITE_COPY], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+def failover_sensor(context: SensorEvaluationContext,
+                    deployment: Deployment) -> SensorResult | SkipReason:
+    """Packages not yet sent whose primary archive site is down past the failover horizon go
+    to another archive site (ccat_dt/failover.py): re-routed, and sent now when built."""
+    rerouted = fail_over(deployment.opsdb, deployment.config, utcnow())
+    if not rerouted:
+        return SkipReason("no primary site is down past the failover horizon")
+    observatory = deployment.config.settings.observatory
+    for item in rerouted:
+        context.log.warning(f"{item.package}: primary site {item.old_site} down past the "
+                            f"failover horizon; re-routed to {item.new_site}")
+    return SensorResult(run_requests=[
+        _placement(deployment, Due(r.package, r.new_site, r.copy_id, observatory),
+                   Stage.SITE_COPY, why="failover")
+        for r in rerouted if r.copy_id is not None])
 
 
 def _idle(context: SensorEvaluationContext, requests: list[RunRequest],
@@ -188,16 +217,14 @@ def _idle(context: SensorEvaluationContext, requests: list[RunRequest],
     return not_in_flight(context.instance, requests, stage)
 
 
-def _placement(deployment: Deployment, due: Due, stage: Stage,
-               repair: bool = False) -> RunRequest:
+def _placement(deployment: Deployment, due: Due, stage: Stage, why: str = "") -> RunRequest:
     """A run for one package x site partition, tagged with the link it loads and sent to the
-    destination site's queue."""
+    destination site's queue; `why` names a run that is not the stage's first (its run key)."""
     tags = {LINK_TAG: f"{due.origin}->{due.site}"} if due.origin else {}
     queue = (archive_queue if stage == Stage.LTA_COPY else transfer_queue)(deployment.config,
                                                                            due.site)
     return RunRequest(partition_key=package_site_key(due.package, due.site),
-                      run_key=due.run_key("repair" if repair else stage),
-                      job_name=JOBS[stage].name if repair else None, tags=tags,
+                      run_key=due.run_key(why or stage), job_name=JOBS[stage].name, tags=tags,
                       run_config=on_queue(deployment.config, queue))
 
 
@@ -207,4 +234,4 @@ def _page(deployment: Deployment) -> int:
 
 def lifecycle_sensors() -> list[SensorDefinition]:
     return [package_sensor, site_copy_sensor, lta_copy_sensor, purge_sensor, staging_sensor,
-            repair_sensor, reattempt_sensor]
+            repair_sensor, failover_sensor, reattempt_sensor]

@@ -133,6 +133,12 @@ class DataLocation(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     root: Mapped[str] = mapped_column(Text)
     host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Location-level health (ccat_dt/health.py): the first failure of the location itself
+    # (unreachable, unmarked root, disk full, permission denied) since its last success, and
+    # until when routing passes it over for the next location by priority.
+    failing_since: Mapped[datetime | None] = mapped_column(nullable=True)
+    unhealthy_until: Mapped[datetime | None] = mapped_column(nullable=True)
+    unhealthy_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     site: Mapped[Site] = relationship(back_populates="locations")
 
     @property
@@ -186,6 +192,9 @@ class RawDataPackage(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     built_at: Mapped[datetime | None] = mapped_column(nullable=True)
     archived_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Why the primary site is not the one first assigned (an archive site down past the
+    # failover horizon before the package left the observatory); None when never changed.
+    primary_site_note: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     observation: Mapped[ExecutedObsUnit] = relationship()
     module: Mapped[InstrumentModule] = relationship()
@@ -212,6 +221,12 @@ class RawDataFile(Base):
     package_id: Mapped[int | None] = mapped_column(ForeignKey("raw_data_packages.id"),
                                                    nullable=True, index=True)
     filed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Taken out of its package by an operator (`ccat-dt exclude`): never packaged again, never
+    # deleted by the purge; who, when, why and from which package.
+    excluded_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    excluded_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    excluded_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    excluded_from: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
     source_location: Mapped[DataLocation] = relationship()
     observation: Mapped[ExecutedObsUnit] = relationship()

@@ -1,0 +1,100 @@
+"""Location health: a location that fails as a whole (host unreachable, root unmarked or
+missing, disk full, permission denied) is passed over for the next location of its kind by
+priority for `policies.location_unhealthy_minutes`; a success there clears it. A per-file
+fault (a checksum mismatch, a missing source file) says nothing about the location.
+
+Copies already verified at an unhealthy location are not touched: only where new work goes
+changes. `failing_since` (the first location failure since the last success) is what the site
+failover (ccat_dt/failover.py) measures against its horizon."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import DataLocation, LocationType, Site, _aware, utcnow
+
+_PER_FILE = ("checksum mismatch", "source missing", "no longer verified")
+_LOCATION_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                   errno.EIO, errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                   errno.ECONNREFUSED, errno.ETIMEDOUT}
+
+
+def location_failure(exc: BaseException) -> bool:
+    """Whether a failed write to a location is the location's own fault (not one file's)."""
+    text = str(exc).lower()
+    if any(marker in text for marker in _PER_FILE):
+        return False
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in _LOCATION_ERRNO
+    return True  # a root problem, an unreachable host, a transport refusing the destination
+
+
+def is_healthy(location: DataLocation, now: datetime) -> bool:
+    until = location.unhealthy_until
+    return until is None or _aware(until) <= _aware(now)
+
+
+def choose(locations: Sequence[DataLocation], now: datetime) -> DataLocation:
+    """The first healthy location in priority order; when none is, the first (its failure
+    is reported, and re-attempted, rather than work going nowhere)."""
+    return next((loc for loc in locations if is_healthy(loc, now)), locations[0])
+
+
+def mark_failed(opsdb: OpsDB, config: Config, location_id: int, reason: str,
+                now: datetime | None = None) -> None:
+    """Record a location-level failure: unhealthy for the configured time, failing since the
+    first such failure after its last success."""
+    now = now or utcnow()
+    hold = timedelta(minutes=config.settings.policies.location_unhealthy_minutes)
+    with opsdb.session() as session:
+        location = session.get_one(DataLocation, location_id)
+        location.failing_since = location.failing_since or now
+        location.unhealthy_until = now + hold
+        location.unhealthy_reason = " ".join(reason.split())[:1000]
+
+
+def mark_ok(session: Session, location_id: int) -> None:
+    """A write there succeeded: healthy again (cheap when it already was)."""
+    session.execute(update(DataLocation).where(
+        DataLocation.id == location_id, DataLocation.failing_since.is_not(None))
+        .values(failing_since=None, unhealthy_until=None, unhealthy_reason=None)
+        .execution_options(synchronize_session=False))
+
+
+def unhealthy(session: Session, now: datetime) -> list[DataLocation]:
+    """Locations passed over now, for `status` and `why`."""
+    rows = session.scalars(select(DataLocation).where(DataLocation.unhealthy_until.is_not(None))
+                           .order_by(DataLocation.id))
+    return [loc for loc in rows if not is_healthy(loc, now)]
+
+
+def describe(location: DataLocation) -> str:
+    until = _aware(location.unhealthy_until) if location.unhealthy_until else None
+    since = _aware(location.failing_since) if location.failing_since else None
+    return (f"{location.label} unhealthy until {until:%H:%M} UTC" if until else location.label) \
+        + (f" (failing since {since:%Y-%m-%d %H:%M} UTC)" if since else "") \
+        + f", because {location.unhealthy_reason or 'it failed'}"
+
+
+def sites_down(session: Session, config: Config, now: datetime) -> dict[str, DataLocation]:
+    """Archive sites every buffer of which has failed, without a success since, for longer
+    than `policies.site_failover_hours`: site -> its most recently failing buffer (its reason
+    and since when). Packages not yet sent go to another archive site instead."""
+    horizon = timedelta(hours=config.settings.policies.site_failover_hours)
+    down: dict[str, DataLocation] = {}
+    for site in config.settings.archive_sites:
+        buffers = list(session.scalars(select(DataLocation).join(Site).where(
+            Site.short_name == site.short_name, DataLocation.location_type == LocationType.BUFFER)))
+        if buffers and all(loc.failing_since is not None
+                           and _aware(now) - _aware(loc.failing_since) >= horizon
+                           for loc in buffers):
+            down[site.short_name] = max(buffers, key=lambda loc: _aware(loc.failing_since
+                                                                        or now))
+    return down
