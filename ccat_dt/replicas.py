@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config
 from ccat_dt.loss import Health, refresh_loss
+from ccat_dt.objectstore import Stores
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -23,6 +24,7 @@ from ccat_dt.opsdb.models import (
     PackageCopy,
     PackageState,
     RawDataPackage,
+    StorageType,
     utcnow,
 )
 from ccat_dt.packages import get_package, lock_package, package_path, supersede
@@ -132,7 +134,8 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
             batch += _companions(session, config, placement, kind, route.batch_bytes)
         jobs = [_start(session, item, destination, kind, run_id, attempt) for item in batch]
         remote = destination.host is not None or placement.source.host is not None
-    transport = transport_for(config, route, remote=remote)
+        store = destination.storage_type == StorageType.S3 or placement.source.store is not None
+    transport = transport_for(config, route, remote=remote, store=store)
     unmounted = _unmarked(config, destination)
     outcomes = [unmounted] * len(jobs) if unmounted else _transfer(transport, jobs)
     own: Placed | None = None
@@ -243,7 +246,7 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         else:
             stale = [c for c in copies_at(session, package, kind, job.placement.site)
                      if c.status == CopyStatus.CORRUPT]
-            inode, mtime_ns = _identity(job.destination)
+            inode, mtime_ns = _identity(config, job.destination)
             copy = PackageCopy(package=package, location_id=job.destination_id,
                                relative_path=job.relative, size=result.bytes,
                                checksum=result.checksum, created_at=now, verified_at=utcnow(),
@@ -269,6 +272,12 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
 def _unmarked(config: Config, destination: DataLocation) -> TransferError | None:
     """Why the destination's root cannot be written now, or None: a transfer never creates a
     missing location root (an unmounted archive disk has no marker)."""
+    if destination.storage_type == StorageType.S3:
+        try:
+            Stores.of(config).look(destination.root, None, ssh_settings(config), [])
+        except StorageUnavailable as exc:
+            return TransferError(str(exc), retryable=exc.transient)
+        return None
     if destination.host is None:
         problem = root_problem(Path(destination.root))
         return TransferError(problem, retryable=False) if problem else None
@@ -279,9 +288,11 @@ def _unmarked(config: Config, destination: DataLocation) -> TransferError | None
     return None
 
 
-def _identity(where: Endpoint) -> tuple[int | None, int | None]:
-    """(inode, mtime_ns) of a copy just verified, so a later re-check notices a replaced file;
-    remote copies get theirs at their first re-check (recheck.py)."""
+def _identity(config: Config, where: Endpoint) -> tuple[int | None, int | None]:
+    """(inode, mtime_ns) of a copy just verified, so a later re-check notices a replaced file
+    (an object's ETag and time); remote copies get theirs at their first re-check (recheck.py)."""
+    if where.store is not None:
+        return Stores.of(config).identity(where)
     if where.host is not None:
         return None, None
     try:
@@ -374,7 +385,8 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int) -> Verification:
         label = f"{copy.location.site.short_name}/{copy.location.name}"
         expected = pkg.checksum
     try:
-        actual, size = remote_xxh128_and_size(ssh_settings(config), where)
+        actual, size = (Stores.of(config).xxh128_and_size(where) if where.store
+                        else remote_xxh128_and_size(ssh_settings(config), where))
         problem = None if actual == expected else (
             f"checksum mismatch: expected {expected}, read {actual}")
     except (TransferError, OSError) as exc:

@@ -1,0 +1,179 @@
+"""Long-term archives on S3-compatible object storage, against a real S3 server process (moto's
+standalone server on loopback, IAM authentication on): Cologne's LTA is a bucket, Cornell's a
+directory. Every fault test reads the bucket itself for its verdict, not OpsDB."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.audit import audit
+from ccat_dt.checksums import hash_file, new_hasher
+from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.filing import file_directory, finish_observation, start_observation
+from ccat_dt.objectstore import CHECKSUM_METADATA
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    PackageState,
+    RawDataPackage,
+    Site,
+)
+from ccat_dt.reaper import certificate_problems
+from ccat_dt.staging import Selection, request_staging, stage, staged_problems
+from ccat_dt.storage import files_under
+from ccat_dt.topology import prepare_opsdb
+from tests.s3server import S3Server, s3, s3server  # noqa: F401 - fixtures
+from tests.test_lifecycle import instance  # noqa: F401 - fixture
+
+MB = 1_000_000
+PREFIX = "ccat/lta"
+
+
+def s3_deployment(directory: Path, endpoint: str, bucket: str, **options: Any) -> Config:
+    """The embedded default with Cologne's LTA in `bucket` (5 MiB parts, so that a few MB
+    already make a multipart upload), migrated and marked."""
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    for site in settings["sites"]:  # type: ignore[attr-defined]
+        if site["short_name"] == "cologne":
+            site["locations"] = [
+                {"name": "buffer", "type": "buffer", "root": "sites/cologne/buffer"},
+                {"name": "lta", "type": "long_term_archive", "storage": "s3",
+                 "s3": {"endpoint_url": endpoint, "bucket": bucket, "prefix": PREFIX,
+                        "part_size_mib": 5, "max_concurrency": 4, **options}}]
+    config = load_config(write_default_config(directory, overrides=settings))
+    prepare_opsdb(config)
+    return config
+
+
+def observe(config: Config, opsdb: OpsDB, *, size: int, modules: tuple[str, ...] = (
+        "primecam/f280", "chai/lfa")) -> Path:
+    """One observation, two files of `size` bytes per module: one package per module."""
+    source = config.resolve_root("sites/ccat/instruments")
+    start_observation(opsdb, "obs-0")
+    for module in modules:
+        for i in range(2):
+            path = source / "obs-0" / module / f"scan-{i}.dat"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(os.urandom(size + i))
+        file_directory(opsdb, observation="obs-0", module=module, directory=f"obs-0/{module}")
+    finish_observation(opsdb, "obs-0")
+    return source
+
+
+def object_hash(client: Any, bucket: str, key: str) -> str:
+    hasher = new_hasher()
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    while chunk := body.read(MB):
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def lta(opsdb: OpsDB, site: str, status: CopyStatus | None = CopyStatus.PRESENT
+        ) -> list[PackageCopy]:
+    with opsdb.session() as session:
+        query = select(PackageCopy).join(DataLocation).join(Site).where(
+            Site.short_name == site, DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)
+        if status is not None:
+            query = query.where(PackageCopy.status == status)
+        found = session.scalars(query.order_by(PackageCopy.id)).all()
+        for item in found:
+            _ = item.location.root, item.package.checksum, item.package.name
+        return list(found)
+
+
+@pytest.fixture
+def bucket(s3: S3Server) -> str:  # noqa: F811
+    return s3.new_bucket()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, s3: S3Server, bucket: str) -> Config:  # noqa: F811
+    return s3_deployment(tmp_path / "deploy", s3.url, bucket)
+
+
+@pytest.mark.slow
+def test_lifecycle_with_one_archive_on_s3_and_one_on_disk(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    config = deployment
+    opsdb = OpsDB(config.opsdb_url)
+    client = s3.client()
+    try:
+        source = observe(config, opsdb, size=3 * MB)  # ~6 MB packages: two 5 MiB parts
+
+        report = drive(build_definitions(config), instance)
+
+        assert report.failed == []
+        with opsdb.session() as session:
+            packages = session.scalars(select(RawDataPackage)).all()
+            assert len(packages) == 2
+            names = {p.name: p.checksum for p in packages}
+            assert all(p.state == PackageState.ARCHIVED for p in packages)
+            primaries = {p.name: p.primary_site.short_name for p in packages}
+            cologne_lta = session.scalar(select(DataLocation.id).join(Site).where(
+                Site.short_name == "cologne",
+                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE))
+            replications = session.execute(
+                select(RawDataPackage.name, Operation.transport, Operation.status)
+                .join(Operation, Operation.package_id == RawDataPackage.id)
+                .where(Operation.source_location_id == cologne_lta,
+                       Operation.operation_type == OperationType.TRANSFER)).all()
+        # Archived and verified on both: the bucket itself holds each package, with our
+        # checksum as metadata and S3's own per-part CRC32C, and nothing half-uploaded.
+        on_s3 = lta(opsdb, "cologne")
+        assert sorted(c.package.name for c in on_s3) == sorted(names)
+        for item in on_s3:
+            assert item.is_verified and item.location.root == f"s3://{bucket}/{PREFIX}"
+            key = f"{PREFIX}/{item.relative_path}"
+            head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            assert head["Metadata"][CHECKSUM_METADATA] == names[item.package.name]
+            assert head["ContentLength"] == item.size and "ChecksumCRC32C" in head
+            assert head["ETag"].strip('"').endswith("-2")  # a multipart upload, two parts
+            assert object_hash(client, bucket, key) == names[item.package.name]
+            assert item.inode is not None and item.mtime_ns is not None  # identity recorded
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        for item in lta(opsdb, "us"):
+            assert item.is_verified
+            assert hash_file(Path(item.location.root) / item.relative_path)[0] == \
+                names[item.package.name]
+        # Replicated from the S3 copy: what Cologne archived first went on to Cornell from S3.
+        from_s3 = {name for name, transport, status in replications
+                   if transport == "s3" and status == OperationStatus.COMPLETED}
+        assert from_s3 == {n for n, site in primaries.items() if site == "cologne"} != set()
+        # Sources purged, every deletion certificate re-checked the S3 copies just before.
+        assert files_under(source) == []
+        for name in names:
+            assert certificate_problems(opsdb, config, name) == []
+
+        # Staged from S3 to RAMSES (Cologne is its cheapest archive), every file verified.
+        request = request_staging(opsdb, location="ramses/processing",
+                                  selection=Selection(observation="obs-0"),
+                                  expires_in=__import__("datetime").timedelta(days=1))
+        staged = stage(opsdb, config, request)
+        assert staged.files == 4 and staged_problems(opsdb, request) == []
+        with opsdb.session() as session:
+            sources = set(session.scalars(select(Operation.source_location_id).where(
+                Operation.operation_type == OperationType.STAGING,
+                Operation.status == OperationStatus.COMPLETED)))
+        assert sources == {cologne_lta}
+        staged_root = config.resolve_root("sites/ramses/processing") / request
+        assert len([p for p in staged_root.rglob("*") if p.is_file()]) == 4
+        assert audit(opsdb, checksums=True, config=config).problems == []
+    finally:
+        opsdb.dispose()
