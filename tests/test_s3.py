@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
-from ccat_dt.audit import audit
+from ccat_dt.audit import DARK, LOST, PARTIAL, audit
 from ccat_dt.checksums import hash_file, new_hasher
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
@@ -175,5 +175,137 @@ def test_lifecycle_with_one_archive_on_s3_and_one_on_disk(
         staged_root = config.resolve_root("sites/ramses/processing") / request
         assert len([p for p in staged_root.rglob("*") if p.is_file()]) == 4
         assert audit(opsdb, checksums=True, config=config).problems == []
+    finally:
+        opsdb.dispose()
+
+
+def archived(config: Config, opsdb: OpsDB, instance: DagsterInstance,  # noqa: F811
+             size: int = 200_000) -> dict[str, str]:
+    """Two packages archived at both sites; their checksums by name."""
+    observe(config, opsdb, size=size)
+    assert drive(build_definitions(config), instance).failed == []
+    with opsdb.session() as session:
+        return {p.name: p.checksum or "" for p in session.scalars(select(RawDataPackage))}
+
+
+def forge(client: Any, bucket: str, key: str) -> None:
+    """Rewrite an object behind the system's back: one bit flipped, same size, and the
+    metadata still claiming the old checksum (only a re-read can tell)."""
+    answer = client.get_object(Bucket=bucket, Key=key)
+    data = bytearray(answer["Body"].read())
+    data[len(data) // 3] ^= 0x10
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data), Metadata=answer["Metadata"])
+
+
+@pytest.mark.slow
+def test_object_rewritten_behind_our_back_is_found_by_the_scrub_and_repaired(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        checksums = archived(deployment, opsdb, instance)
+        victim = lta(opsdb, "cologne")[0]
+        key = f"{PREFIX}/{victim.relative_path}"
+        forge(client, bucket, key)
+        assert object_hash(client, bucket, key) != checksums[victim.package.name]
+
+        report = drive(build_definitions(deployment), instance, schedules=True)
+
+        assert [k for k in report.launched if k.startswith("scrub:")]
+        assert [k for k in report.launched if k.startswith("repair:")]
+        assert report.failed == []
+        # The bucket holds the right bytes again, put there from Cornell's disk copy.
+        assert object_hash(client, bucket, key) == checksums[victim.package.name]
+        copies = {c.id: c for c in lta(opsdb, "cologne", status=None)}
+        assert copies[victim.id].status == CopyStatus.DELETED  # superseded by the repair
+        [new] = [c for c in copies.values() if c.package_id == victim.package_id
+                 and c.status == CopyStatus.PRESENT]
+        assert new.is_verified and new.id > victim.id
+        with opsdb.session() as session:  # from Cornell's LTA, by way of Cologne's buffer
+            scrubbed = min(session.scalars(select(Operation.id).where(
+                Operation.copy_id == victim.id, Operation.status == OperationStatus.FAILED)))
+            hops = [(session.get_one(DataLocation, o.source_location_id).label,
+                     session.get_one(DataLocation, o.destination_location_id).label)
+                    for o in session.scalars(select(Operation).where(
+                        Operation.package_id == victim.package_id, Operation.id > scrubbed,
+                        Operation.status == OperationStatus.COMPLETED,
+                        Operation.operation_type.in_([OperationType.TRANSFER,
+                                                      OperationType.ARCHIVE]))
+                        .order_by(Operation.id))]
+        assert hops == [("us/lta", "cologne/buffer"), ("cologne/buffer", "cologne/lta")]
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_audit_finds_a_deleted_object_a_dark_one_and_an_unfinished_upload(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        archived(deployment, opsdb, instance)
+        assert audit(opsdb, checksums=True, config=deployment).problems == []
+        lost = lta(opsdb, "cologne")[0]
+        client.delete_object(Bucket=bucket, Key=f"{PREFIX}/{lost.relative_path}")
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}/stray/file.bin", Body=b"x" * 10)
+        begun = client.create_multipart_upload(Bucket=bucket, Key=f"{PREFIX}/stray/big.tar")
+
+        report = audit(opsdb, checksums=True, config=deployment)
+
+        found = {(f.kind, f.path): f for f in report.problems}
+        root = f"s3://{bucket}/{PREFIX}"
+        assert set(found) == {(LOST, f"{root}/{lost.relative_path}"),
+                              (DARK, f"{root}/stray/file.bin"),
+                              (PARTIAL, f"{root}/stray/big.tar")}
+        assert found[(LOST, f"{root}/{lost.relative_path}")].copy_id == lost.id
+        assert begun["UploadId"] in found[(PARTIAL, f"{root}/stray/big.tar")].detail
+
+        # Repair: the lost copy stops counting; an upload abandoned for a day is aborted.
+        later = __import__("datetime").datetime.now(__import__("datetime").UTC) + \
+            __import__("datetime").timedelta(hours=25)
+        repaired = audit(opsdb, config=deployment, repair=True, now=later)
+        assert any("aborted abandoned multipart upload of stray/big.tar" in r
+                   for r in repaired.repaired)
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        assert [c.id for c in lta(opsdb, "cologne", CopyStatus.CORRUPT)] == [lost.id]
+        assert client.head_object(Bucket=bucket, Key=f"{PREFIX}/stray/file.bin")  # left alone
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_deletion_recheck_looks_at_the_bucket(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    from datetime import timedelta
+
+    from ccat_dt.opsdb.models import utcnow
+    from ccat_dt.recheck import recheck_lta_copies
+
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        archived(deployment, opsdb, instance)
+        rewritten, deleted = lta(opsdb, "cologne")
+        name = rewritten.package.name
+
+        fresh = recheck_lta_copies(opsdb, deployment, name)  # verified just now: HEAD only
+        assert fresh.problems == [] and not fresh.passed[rewritten.id].rehashed
+        stale = recheck_lta_copies(opsdb, deployment, name, now=utcnow() + timedelta(hours=25))
+        assert stale.problems == [] and stale.passed[rewritten.id].rehashed  # re-read now
+
+        forge(client, bucket, f"{PREFIX}/{rewritten.relative_path}")  # new ETag: re-read
+        client.delete_object(Bucket=bucket, Key=f"{PREFIX}/{deleted.relative_path}")
+        first = recheck_lta_copies(opsdb, deployment, name)
+        second = recheck_lta_copies(opsdb, deployment, deleted.package.name)
+
+        assert rewritten.id not in first.passed and deleted.id not in second.passed
+        assert any("checksum mismatch" in p for p in first.problems)
+        assert any("missing" in p for p in second.problems)
+        assert {c.id for c in lta(opsdb, "cologne", CopyStatus.CORRUPT)} == {rewritten.id,
+                                                                           deleted.id}
     finally:
         opsdb.dispose()
