@@ -143,8 +143,9 @@ class ObjectStore:
             status = int(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
             if code in _REFUSED or status in (401, 403):
                 s = self.settings
+                why = code if code and not code.isdigit() else f"HTTP {status}"
                 return StorageUnavailable(
-                    f"{where}: credentials refused ({code or status}): check the key in "
+                    f"{where}: credentials refused ({why}): check the key in "
                     f"${s.access_key_id_env} and ${s.secret_access_key_env} and its permissions "
                     "on the bucket; not retried", transient=False)
             if code == "NoSuchBucket":

@@ -17,7 +17,7 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.audit import DARK, LOST, PARTIAL, audit
 from ccat_dt.checksums import hash_file, new_hasher
-from ccat_dt.config import Config, load_config
+from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
 from ccat_dt.objectstore import CHECKSUM_METADATA
@@ -309,3 +309,146 @@ def test_deletion_recheck_looks_at_the_bucket(
                                                                            deleted.id}
     finally:
         opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_upload_cut_in_the_middle_leaves_nothing_and_the_next_attempt_succeeds(
+        tmp_path: Path, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The link to the store goes down after 4 MB of a 3-part upload (every connection reset,
+    new ones refused): the abort cannot reach the store either. The step's own retry, the link
+    back, aborts the leftover upload and archives the package."""
+    from ccat_dt.objectstore import ObjectStore
+    from tests.faults.link import Link
+
+    link = Link(s3.port)
+    client = s3.client()  # the test's own view of the bucket, not through the link
+    config = s3_deployment(tmp_path / "deploy", f"http://127.0.0.1:{link.port}", bucket)
+    opsdb = OpsDB(config.opsdb_url)
+    real_upload = ObjectStore.upload
+    at_failure: dict[str, Any] = {}
+
+    def cut_once(self: ObjectStore, source: Path, relative: str, checksum: str,
+                 progress: Any = None) -> None:
+        if at_failure:
+            return real_upload(self, source, relative, checksum, progress)
+        sent = [0]
+
+        def counting(count: int) -> None:
+            sent[0] += count
+            if sent[0] > 4 * MB and not link.down:
+                link.cut()
+
+        try:
+            real_upload(self, source, relative, checksum, counting)
+        except Exception:
+            key = self.key(relative)
+            at_failure["uploads"] = [u["Key"] for u in client.list_multipart_uploads(
+                Bucket=bucket).get("Uploads", [])]
+            at_failure["objects"] = [o["Key"] for o in client.list_objects_v2(
+                Bucket=bucket, Prefix=key).get("Contents", [])]
+            at_failure["verified"] = [c.id for c in lta(opsdb, "cologne") if c.is_verified]
+            at_failure["key"] = key
+            link.restore()
+            raise
+        raise AssertionError("the upload was not cut")
+
+    monkeypatch.setattr(ObjectStore, "upload", cut_once)
+    try:
+        observe(config, opsdb, size=6 * MB, modules=("primecam/f280",))  # ~12 MB: 3 parts
+
+        report = drive(build_definitions(config), instance)
+
+        assert report.failed == []  # no `ccat-dt retry`: the step's own retry got through
+        key = at_failure["key"]
+        # Cut: no object, no verified copy, and one upload the abort could not reach.
+        assert at_failure["objects"] == [] and at_failure["verified"] == []
+        assert at_failure["uploads"] == [key] and link.refused + link.cuts >= 1
+        # Then: the leftover aborted, the package archived and re-read from the bucket.
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        [copy_] = lta(opsdb, "cologne")
+        assert f"{PREFIX}/{copy_.relative_path}" == key and copy_.is_verified
+        assert object_hash(client, bucket, key) == copy_.package.checksum
+        with opsdb.session() as session:
+            archives = session.execute(select(Operation.status, Operation.error).where(
+                Operation.operation_type == OperationType.ARCHIVE,
+                Operation.destination_location_id == copy_.location_id)
+                .order_by(Operation.id)).all()
+        assert [s for s, _ in archives] == [OperationStatus.FAILED, OperationStatus.COMPLETED]
+        assert "cannot reach" in (archives[0][1] or "")
+    finally:
+        link.close()
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_wrong_credentials_give_a_clear_error_that_is_not_retried(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from tests.s3server import SECRET_ENV
+
+    opsdb = OpsDB(deployment.opsdb_url)
+    try:
+        observe(deployment, opsdb, size=100_000, modules=("primecam/f280",))
+        monkeypatch.setenv(SECRET_ENV, "not-the-secret")
+
+        report = drive(build_definitions(deployment), instance)
+
+        assert report.failed  # the archive at Cologne
+        with opsdb.session() as session:
+            errors = session.scalars(select(Operation.error).join(
+                DataLocation, Operation.destination_location_id == DataLocation.id).join(Site)
+                .where(Site.short_name == "cologne",
+                       Operation.operation_type == OperationType.ARCHIVE)).all()
+        assert len(errors) == 1  # one attempt: not retried
+        assert "credentials refused" in (errors[0] or "") and "not retried" in (errors[0] or "")
+        assert "CCAT_DT_S3_SECRET_ACCESS_KEY" in (errors[0] or "")
+        keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+        assert keys == [f"{PREFIX}/.ccat-dt-location"]  # nothing was written
+        skipped = audit(opsdb, config=deployment).findings
+        assert any("credentials refused" in f.detail for f in skipped)
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.parametrize(("location", "message"), [
+    ({"storage": "s3"}, "storage: s3 needs an 's3' section"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "secret_access_key_env": "wJalrXUtnFEMI/K7MDENG"}},
+     "is not an environment variable name: give the NAME"),
+    ({"storage": "s3", "s3": {"bucket": "b-1"}, "root": "sites/x"}, "has no 'root' or 'host'"),
+    ({"storage": "s3", "s3": {"bucket": "Not_A_Bucket"}}, "is not an S3 bucket name"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "prefix": "../up"}}, "relative key prefix"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "endpoint_url": "s3.example.org"}},
+     "must be http(s)://HOST[:PORT]"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "addressing_style": "sideways"}},
+     "addressing_style"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "part_size_mib": 5}, "policies": 10**12},
+     "cannot carry a package of policies.package_max_bytes"),
+    ({"s3": {"bucket": "b-1"}, "root": "sites/x"}, "an 's3' section needs storage: s3"),
+])
+def test_bad_s3_configuration_is_refused_with_the_key_named(
+        tmp_path: Path, location: dict[str, Any], message: str) -> None:
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    location = dict(location)
+    if "policies" in location:  # a package larger than 10,000 parts of this size
+        settings["policies"] = {"package_max_bytes": location.pop("policies")}
+    cologne = settings["sites"][1]  # type: ignore[index]
+    lta_location = {"name": "lta", "type": "long_term_archive", **location}
+    cologne["locations"] = [cologne["locations"][0], lta_location]
+    path = write_default_config(tmp_path, overrides=settings)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert message in str(error.value)
+    assert "sites[1].locations[1]" in str(error.value) or "cologne/lta" in str(error.value)
+
+
+def test_s3_location_root_is_its_bucket_and_prefix(tmp_path: Path) -> None:
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    cologne = settings["sites"][1]  # type: ignore[index]
+    cologne["locations"][1] = {"name": "lta", "type": "long_term_archive", "storage": "s3",
+                               "s3": {"bucket": "ccat-lta", "prefix": "/archive/raw/"[1:]}}
+    config = load_config(write_default_config(tmp_path, overrides=settings))
+    location = config.location("cologne", "lta")
+    assert config.location_root(location) == "s3://ccat-lta/archive/raw"
+    assert location.s3 is not None and location.s3.access_key_id_env == \
+        "CCAT_DT_S3_ACCESS_KEY_ID" and location.s3.checksum_algorithm == "CRC32C"
