@@ -33,6 +33,7 @@ TITLES = {
     "opsdb": "6. OpsDB at scale: sensor queries and the deletion planner",
     "years": "7. Five-year simulation",
     "purge": "9. Deletion-time re-check: the purge of archived packages",
+    "s3": "10. Archiving to S3: S3Transport vs boto3 upload_file + download-and-hash",
 }
 
 
@@ -42,10 +43,11 @@ def _runners() -> dict[str, Callable[[Settings, SectionResult, Callable[[str], N
     from bench.opsdb import bench_opsdb, bench_years
     from bench.purge import bench_purge
     from bench.remote import bench_remote
+    from bench.s3 import bench_s3
 
     return {"hash": bench_hash, "package": bench_package, "copy": bench_copy,
             "remote": bench_remote, "lifecycle": bench_lifecycle, "opsdb": bench_opsdb,
-            "years": bench_years, "purge": bench_purge}
+            "years": bench_years, "purge": bench_purge, "s3": bench_s3}
 
 
 def _jsonable(value: Any) -> Any:

@@ -54,6 +54,7 @@ class Settings:
     in_flight: int
     years_packages: int
     years_files_per_package: int
+    s3_mib: int = 1024  # package archived to the S3 server in section 10
 
     @classmethod
     def from_env(cls, repo: Path) -> Settings:
@@ -85,13 +86,14 @@ class Settings:
             in_flight=_env_int("CCAT_BENCH_IN_FLIGHT", 60),
             years_packages=_env_int("CCAT_BENCH_YEARS_PACKAGES", q(100_000, 4_000)),
             years_files_per_package=_env_int("CCAT_BENCH_YEARS_FILES_PER_PACKAGE", q(100, 10)),
+            s3_mib=_env_int("CCAT_BENCH_S3_MIB", q(1024, 128)),
         )
 
     def describe(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "purge"]
+SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "purge", "s3"]
 
 
 # -- timing -------------------------------------------------------------------------------------
