@@ -7,7 +7,8 @@ once (a remote one in one ssh round trip, storage.listing) and compared against 
 that location's copies by the same function, local or remote, so the audit scales to millions
 of files and costs O(locations) round trips, not O(files); checksums are computed where the
 files are, in batches (storage.look). A location that cannot be looked at is reported as
-"skipped" (not audited), never as clean.
+"skipped" (not audited), never as clean. An S3 location (objectstore) is listed by prefix, its
+objects re-read for checksums, and its unfinished multipart uploads reported as partial.
 """
 
 from __future__ import annotations

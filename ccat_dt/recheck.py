@@ -8,6 +8,8 @@ mtime), and its content was hashed within `policies.deletion_recheck_hours` (old
 changed identity: hashed now, batched per location). A copy that fails is marked CORRUPT with
 a failed verification operation (the purge freezes; the repair sensor restores it); a location
 that cannot be looked at is only reported (nothing is known, so nothing is relied on).
+An LTA copy on S3 is looked at with a HEAD (its size, its ETag standing for the identity, and
+the checksum stored with it as metadata) and re-read, streamed, when the window requires it.
 """
 
 from __future__ import annotations
