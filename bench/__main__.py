@@ -36,6 +36,7 @@ TITLES = {
     "service": "8. Filing service: acknowledgements and drain",
     "purge": "9. Deletion-time re-check: the purge of archived packages",
     "status": "10. `ccat-dt status` with 10^7 copies in OpsDB (PostgreSQL)",
+    "s3": "11. Archiving to S3: S3Transport vs boto3 upload_file + download-and-hash",
 }
 
 
@@ -45,13 +46,14 @@ def _runners() -> dict[str, Callable[[Settings, SectionResult, Callable[[str], N
     from bench.opsdb import bench_opsdb, bench_years
     from bench.purge import bench_purge
     from bench.remote import bench_remote
+    from bench.s3 import bench_s3
     from bench.service import bench_service
     from bench.status import bench_status
 
     return {"hash": bench_hash, "package": bench_package, "copy": bench_copy,
             "remote": bench_remote, "lifecycle": bench_lifecycle, "opsdb": bench_opsdb,
             "years": bench_years, "service": bench_service, "purge": bench_purge,
-            "status": bench_status}
+            "status": bench_status, "s3": bench_s3}
 
 
 def _jsonable(value: Any) -> Any:

@@ -57,6 +57,7 @@ class Settings:
     service_files: int = 5000  # defaults: results saved before section 8 existed still load
     service_singles: int = 300
     status_copies: int = 10**7
+    s3_mib: int = 1024  # package archived to the S3 server in section 11
 
     @classmethod
     def from_env(cls, repo: Path) -> Settings:
@@ -91,6 +92,7 @@ class Settings:
             service_files=_env_int("CCAT_BENCH_SERVICE_FILES", q(5000, 1000)),
             service_singles=_env_int("CCAT_BENCH_SERVICE_SINGLES", q(300, 50)),
             status_copies=_env_int("CCAT_BENCH_STATUS_COPIES", q(10**7, 10**5)),
+            s3_mib=_env_int("CCAT_BENCH_S3_MIB", q(1024, 128)),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -98,7 +100,7 @@ class Settings:
 
 
 SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "service",
-            "purge", "status"]
+            "purge", "status", "s3"]
 
 
 # -- timing -------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def init(directory: Path) -> Path:
     prepare_opsdb(config)
     for site in config.settings.sites:
         for location in site.locations:
-            config.resolve_root(location.root).mkdir(parents=True, exist_ok=True)
+            if not location.is_object_store:
+                config.resolve_root(location.root).mkdir(parents=True, exist_ok=True)
     write_instance_yaml(config, directory / "dagster_home")
     return path
 

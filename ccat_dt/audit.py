@@ -7,7 +7,8 @@ once (a remote one in one ssh round trip, storage.listing) and compared against 
 that location's copies by the same function, local or remote, so the audit scales to millions
 of files and costs O(locations) round trips, not O(files); checksums are computed where the
 files are, in batches (storage.look). A location that cannot be looked at is reported as
-"skipped" (not audited), never as clean.
+"skipped" (not audited), never as clean. An S3 location (objectstore) is listed by prefix, its
+objects re-read for checksums, and its unfinished multipart uploads reported as partial.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sqlalchemy import CursorResult, select, update
 
 from ccat_dt.checksums import ALGORITHM
 from ccat_dt.config import Config
+from ccat_dt.objectstore import Stores, is_object_root
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -45,8 +47,6 @@ from ccat_dt.storage import (
     Seen,
     StorageUnavailable,
     Wanted,
-    listing,
-    look,
 )
 from ccat_dt.transports.base import SshSettings
 
@@ -98,6 +98,13 @@ class _Location:
     root: str
     host: str | None
     writes_temporaries: bool = True  # False at SOURCE: instruments write there, we never do
+    # How the root is looked at: disk (local or over ssh) or an object store (s3://...).
+    stores: Stores = field(default_factory=lambda: Stores({}), compare=False)
+
+    @property
+    def root_path(self) -> str:
+        """The root as findings name it (a directory normalised; an s3:// URL as it is)."""
+        return self.root if is_object_root(self.root) else os.path.normpath(self.root)
 
 
 @dataclass
@@ -128,6 +135,7 @@ class _Walk:
     findings: list[Finding] = field(default_factory=list)
     broken: list[_Broken] = field(default_factory=list)
     partial: list[tuple[Finding, float]] = field(default_factory=list)  # with mtime
+    uploads: list[Entry] = field(default_factory=list)  # abandoned multipart uploads
     to_hash: list[tuple[Entry, list[_Recorded]]] = field(default_factory=list)
     checked: int = 0
     scanned: int = 0
@@ -164,8 +172,10 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
         from ccat_dt.transports.factory import ssh_settings  # transports pull in much
 
         ssh = ssh_settings(config) if config is not None else SshSettings()
+    stores = Stores.of(config)
     with opsdb.session() as session:
-        locations = [_Location(id_, f"{site}/{name}", root, host, kind != LocationType.SOURCE)
+        locations = [_Location(id_, f"{site}/{name}", root, host, kind != LocationType.SOURCE,
+                               stores)
                      for id_, site, name, root, host, kind
                      in session.execute(select(DataLocation.id, Site.short_name, DataLocation.name,
                                                DataLocation.root, DataLocation.host,
@@ -230,12 +240,13 @@ def _expected(opsdb: OpsDB, location: _Location) -> _Expected:
 def _audit_location(opsdb: OpsDB, location: _Location, nested: set[str], ssh: SshSettings, *,
                     checksums: bool, now: datetime) -> _Walk:
     expected = _expected(opsdb, location)
-    root = os.path.normpath(location.root)
+    root = location.root_path
     where = f" on {location.host}" if location.host else ""
-    if location.host is None and not os.path.isdir(root) and expected.on_disk == 0:
+    if location.host is None and not os.path.isdir(root) and expected.on_disk == 0 \
+            and not is_object_root(root):
         return _Walk()  # nothing recorded there yet (e.g. a processing area never used)
     try:
-        found = listing(root, location.host, ssh, nested)
+        found = location.stores.listing(root, location.host, ssh, nested)
     except StorageUnavailable as exc:
         walk = _Walk()
         unmarked_unused = location.host is not None and expected.on_disk == 0 \
@@ -255,7 +266,7 @@ def _audit_location(opsdb: OpsDB, location: _Location, nested: set[str], ssh: Ss
 def _compare(location: _Location, expected: _Expected, found: Listing, now: datetime) -> _Walk:
     """The findings of one location: its listing (local or remote) against OpsDB."""
     walk = _Walk()
-    root = os.path.normpath(location.root)
+    root = location.root_path
     for prefix, problem in found.unreadable:
         walk.findings.append(Finding(SKIPPED, location.label, os.path.join(root, prefix), None,
                                      problem))
@@ -281,6 +292,8 @@ def _compare(location: _Location, expected: _Expected, found: Listing, now: date
             walk.findings.append(Finding(
                 DARK, location.label, path, None,
                 f"{entry.size} bytes, not referred to by any copy in OpsDB{in_flight}"))
+    for upload in found.uploads:  # an object store's temporary files
+        _partial(walk, location, upload, now, busy)
 
     missing = [(relative, r) for relative, records in expected.live.items()
                if relative not in seen for r in records if r.status in ON_DISK
@@ -302,7 +315,7 @@ def _compare(location: _Location, expected: _Expected, found: Listing, now: date
 def _check(walk: _Walk, location: _Location, entry: Entry, records: list[_Recorded]) -> None:
     """Size against each copy OpsDB says is on disk there; files to re-read are noted."""
     on_disk = [r for r in records if r.status in ON_DISK]  # CORRUPT, deleting: no promise
-    path = os.path.join(os.path.normpath(location.root), entry.relative_path)
+    path = os.path.join(location.root_path, entry.relative_path)
     hashable = []
     for record in on_disk:
         walk.checked += 1
@@ -338,11 +351,11 @@ def _batches(items: list[tuple[Entry, list[_Recorded]]]
 
 def _compare_checksums(walk: _Walk, location: _Location, ssh: SshSettings) -> None:
     """Re-read the files whose size matched, on their host, one round trip per batch."""
-    root = os.path.normpath(location.root)
+    root = location.root_path
     done = 0
     for batch in _batches(walk.to_hash):
         try:
-            seen = look(root, location.host, ssh,
+            seen = location.stores.look(root, location.host, ssh,
                         [Wanted(entry.relative_path, rehash=True) for entry, _ in batch])
         except StorageUnavailable as exc:
             left = sum(len(records) for _, records in walk.to_hash[done:])
@@ -366,7 +379,7 @@ def _judge_checksum(walk: _Walk, location: _Location, entry: Entry, record: _Rec
     elif seen.checksum != record.checksum:
         problem = f"{ALGORITHM} on disk {seen.checksum}, recorded {record.checksum}"
     if problem is not None:
-        path = os.path.join(os.path.normpath(location.root), entry.relative_path)
+        path = os.path.join(location.root_path, entry.relative_path)
         finding = Finding(CHANGED, location.label, path, record.copy_id, problem)
         walk.findings.append(finding)
         walk.broken.append(_Broken(finding, record, entry.relative_path, why))
@@ -377,6 +390,9 @@ def _partial(walk: _Walk, location: _Location, entry: Entry, now: datetime,
     age = now - datetime.fromtimestamp(entry.mtime, UTC)
     hours = age.total_seconds() / 3600
     remote = location.host is not None
+    if is_object_root(location.root):
+        _unfinished_upload(walk, location, entry, age, busy)
+        return
     if age <= PARTIAL_MAX_AGE:
         note = "recent: probably a transfer in flight"
     elif busy:
@@ -385,13 +401,29 @@ def _partial(walk: _Walk, location: _Location, entry: Entry, now: datetime,
         note = f"abandoned: remove it by hand on {location.host} (repair leaves remote files)"
     else:
         note = "abandoned: removable with repair"
-    path = os.path.join(os.path.normpath(location.root), entry.relative_path)
+    path = os.path.join(location.root_path, entry.relative_path)
     finding = Finding(PARTIAL, location.label, path, None,
                       f"temporary file, {entry.size} bytes, last written {hours:.1f} h ago; "
                       f"{note}")
     walk.findings.append(finding)
     if age > PARTIAL_MAX_AGE and not busy and not remote:
         walk.partial.append((finding, entry.mtime))
+
+
+def _unfinished_upload(walk: _Walk, location: _Location, entry: Entry, age: timedelta,
+                       busy: bool) -> None:
+    """A multipart upload neither completed nor aborted: parts the store keeps (and bills)
+    that no object shows. An old one, with nothing in progress there, is aborted by repair."""
+    abandoned = age > PARTIAL_MAX_AGE and not busy
+    note = ("abandoned: aborted with repair" if abandoned
+            else "an operation is in progress at this location: left alone" if busy
+            else "recent: probably an upload in flight")
+    walk.findings.append(Finding(
+        PARTIAL, location.label, os.path.join(location.root_path, entry.relative_path), None,
+        f"unfinished multipart upload {entry.target}, begun "
+        f"{age.total_seconds() / 3600:.1f} h ago; {note}"))
+    if abandoned:
+        walk.uploads.append(entry)
 
 
 def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
@@ -401,7 +433,7 @@ def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
     # (staged copies come back from the archives; freezing purges gains nothing)
     if candidates:
         try:  # re-checked just before recording, in one look: a file back is not condemned
-            now_seen = look(location.root, location.host, ssh,
+            now_seen = location.stores.look(location.root, location.host, ssh,
                             [Wanted(b.relative_path, rehash=False) for b in candidates])
         except StorageUnavailable as exc:
             return [Finding(SKIPPED, location.label, location.root, None,
@@ -429,6 +461,14 @@ def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
             corrupted.add(record.package_id)
         repaired.append(f"copy {record.copy_id} at {location.label} marked corrupt "
                         f"({finding.kind}: {finding.path})")
+    for upload in walk.uploads:
+        try:
+            if location.stores.at(location.root).abort_uploads(upload.relative_path,
+                                                               upload_id=upload.target):
+                repaired.append(f"aborted abandoned multipart upload of {upload.relative_path} "
+                                f"at {location.label}")
+        except StorageUnavailable:
+            continue
     for finding, mtime in walk.partial:  # local only (see audit)
         path = Path(finding.path)
         try:

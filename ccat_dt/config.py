@@ -36,12 +36,76 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+MIB = 2**20
+S3_MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
+
+
+class S3Config(_Strict):
+    """An LTA location on S3-compatible object storage (`storage: s3`). The credentials come
+    from the environment variables named here, never from this file."""
+
+    endpoint_url: str | None = None  # e.g. https://s3.example.org; None: AWS's own endpoint
+    bucket: str
+    prefix: str = ""  # objects are <prefix>/<package path>
+    region: str = "us-east-1"
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    access_key_id_env: str = "CCAT_DT_S3_ACCESS_KEY_ID"
+    secret_access_key_env: str = "CCAT_DT_S3_SECRET_ACCESS_KEY"
+    session_token_env: str | None = None
+    # Per-part integrity S3 itself enforces (CRC32C needs botocore[crt]; SHA256 does not).
+    checksum_algorithm: Literal["CRC32C", "CRC32", "SHA256", "SHA1"] = "CRC32C"
+    part_size_mib: int = Field(default=64, ge=5, le=5 * 1024)
+    max_concurrency: int = Field(default=8, ge=1, le=64)  # parts in flight at once
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+/?$", value):
+            raise ValueError(f"endpoint_url {value!r} must be http(s)://HOST[:PORT] (no path)")
+        return value.rstrip("/") if value else value
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if not BUCKET.match(value) or ".." in value:
+            raise ValueError(f"bucket {value!r} is not an S3 bucket name (3-63 characters: "
+                             "lower-case letters, digits, '.' and '-')")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        parts = [p for p in value.split("/") if p]
+        if value.startswith("/") or any(p in (".", "..") for p in parts) or "//" in value:
+            raise ValueError(f"prefix {value!r} must be a relative key prefix like 'ccat/lta' "
+                             "(no leading '/', no '.' or '..' parts)")
+        return "/".join(parts)
+
+    @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME.match(value):
+            raise ValueError(f"{value!r} is not an environment variable name: give the NAME of "
+                             "the variable holding the secret, never the secret itself")
+        return value
+
+    @property
+    def url(self) -> str:
+        """The location's root as OpsDB records it: s3://bucket[/prefix]."""
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+
 class LocationConfig(_Strict):
     name: str
     type: LocationType
     storage: StorageType = StorageType.DISK
     priority: int = 0
     root: str
+    s3: S3Config | None = None  # with storage: s3 (root is then derived: s3://bucket/prefix)
     host: str | None = None
     retention_hours: float = Field(default=0.0, ge=0)
     high_watermark_pct: float | None = Field(default=None, gt=0, le=100)
@@ -53,6 +117,29 @@ class LocationConfig(_Strict):
         if not NAME.match(value):
             raise ValueError("must be lower-case letters, digits and '_' (it names queues)")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _object_store(cls, data: object) -> object:
+        """An S3 location's root is its bucket and prefix; it has no host and no directory."""
+        if not isinstance(data, dict) or data.get("storage") != StorageType.S3.value:
+            if isinstance(data, dict) and data.get("s3") is not None:
+                raise ValueError("an 's3' section needs storage: s3")
+            return data
+        s3 = data.get("s3")
+        if not isinstance(s3, dict):
+            raise ValueError("storage: s3 needs an 's3' section with at least 'bucket' "
+                             "(and endpoint_url, prefix, region, credential variable names)")
+        if data.get("type") != LocationType.LONG_TERM_ARCHIVE.value:
+            raise ValueError("storage: s3 is for long_term_archive locations only")
+        if data.get("root") is not None or data.get("host") is not None:
+            raise ValueError("an s3 location has no 'root' or 'host': it is s3.bucket/s3.prefix")
+        config = S3Config.model_validate(s3)
+        return {**data, "s3": config, "root": config.url}
+
+    @property
+    def is_object_store(self) -> bool:
+        return self.s3 is not None
 
     @model_validator(mode="after")
     def _remote_root(self) -> LocationConfig:
@@ -314,6 +401,14 @@ class Settings(_Strict):
             if route.transport == "local" and hosts != {None}:
                 raise ValueError(f"route {route.link}: transport 'local' cannot reach remote "
                                  "locations (a location has a host); use rsync or bbcp")
+        for site in self.sites:
+            for loc in site.locations:
+                if loc.s3 is not None and self.policies.package_max_bytes > (
+                        loc.s3.part_size_mib * MIB * S3_MAX_PARTS):
+                    raise ValueError(
+                        f"{site.short_name}/{loc.name}: s3.part_size_mib={loc.s3.part_size_mib} "
+                        f"cannot carry a package of policies.package_max_bytes="
+                        f"{self.policies.package_max_bytes} in {S3_MAX_PARTS} parts; raise it")
         required = self.policies.required_lta_copies
         if required is not None and required > len(archives):
             raise ValueError(f"policies.required_lta_copies={required} but only "
@@ -385,6 +480,10 @@ class Config:
                 return loc
         raise ValueError(f"unknown location {site}/{location}")
 
+    def location_root(self, location: LocationConfig) -> str:
+        """What OpsDB records as the location's root: a resolved directory, or s3://..."""
+        return location.root if location.is_object_store else str(self.resolve_root(location.root))
+
     def retention(self, site: str, location: str) -> timedelta:
         return timedelta(hours=self.location(site, location).retention_hours)
 
@@ -421,7 +520,7 @@ def _refuse_shared_storage(config: Config) -> None:
     roots: list[tuple[str, Path, tuple[int, int] | None]] = []
     for site in config.settings.sites:
         for loc in site.locations:
-            if loc.host is not None:
+            if loc.host is not None or loc.is_object_store:
                 continue
             root = config.resolve_root(loc.root)
             try:

@@ -8,6 +8,8 @@ mtime), and its content was hashed within `policies.deletion_recheck_hours` (old
 changed identity: hashed now, batched per location). A copy that fails is marked CORRUPT with
 a failed verification operation (the purge freezes; the repair sensor restores it); a location
 that cannot be looked at is only reported (nothing is known, so nothing is relied on).
+An LTA copy on S3 is looked at with a HEAD (its size, its ETag standing for the identity, and
+the checksum stored with it as metadata) and re-read, streamed, when the window requires it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.objectstore import Stores
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -35,7 +38,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.replicas import refresh_state
-from ccat_dt.storage import Seen, StorageUnavailable, Wanted, look
+from ccat_dt.storage import Seen, StorageUnavailable, Wanted
 from ccat_dt.transports.factory import ssh_settings
 
 
@@ -96,6 +99,9 @@ def _judge(copy: _Copy, seen: Seen) -> str | None:
         return f"size {seen.size} on the storage, {copy.size} recorded"
     if seen.checksum is not None and seen.checksum != copy.checksum:
         return f"checksum mismatch: expected {copy.checksum}, read {seen.checksum}"
+    if seen.stored_checksum is not None and seen.stored_checksum != copy.checksum:
+        return (f"the object store holds it with checksum {seen.stored_checksum}, "
+                f"{copy.checksum} recorded: it was rewritten")
     return None
 
 
@@ -120,6 +126,7 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
     for copy in copies:
         by_location[(copy.root, copy.host)].append(copy)
     ssh = ssh_settings(config)
+    look = Stores.of(config).look  # disk, local or over ssh; or an object store
     passed: dict[int, Rechecked] = {}
     failed: dict[int, str] = {}
     problems: list[str] = []

@@ -12,6 +12,7 @@ from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config
 from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
 from ccat_dt.loss import Health, refresh_loss
+from ccat_dt.objectstore import Stores
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -24,12 +25,14 @@ from ccat_dt.opsdb.models import (
     PackageState,
     RawDataPackage,
     Site,
+    StorageType,
     utcnow,
 )
 from ccat_dt.packages import get_package, lock_package, package_path, supersede
 from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
+from ccat_dt.storage import StorageUnavailable
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
     Endpoint,
@@ -142,12 +145,15 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
                                        DataLocation.location_type == kind,
                                        DataLocation.id != destination.id)))
         destination_id, destination_label = destination.id, destination.label
-    transport = transport_for(config, route, remote=remote)
+        bucket = destination.root if destination.storage_type == StorageType.S3 else None
+        store = bucket is not None or placement.source.store is not None
+    transport = transport_for(config, route, remote=remote, store=store)
     # Each transport finds the location's marker before it writes (a transfer never creates a
     # missing location root: an unmounted archive disk has none), remotely in the round trip
-    # that creates the directory.
+    # that creates the directory; an object store's marker is looked at here (one HEAD).
+    unmarked = _unmarked_bucket(config, bucket) if bucket is not None else None
     with labelled(site=placement.site, route=f"{placement.source.site}->{placement.site}"):
-        outcomes = _transfer(transport, jobs)
+        outcomes = [unmarked] * len(jobs) if unmarked else _transfer(transport, jobs)
     failure = next((o for o in outcomes if isinstance(o, Exception)), None)
     location_level = failure is not None and location_failure(failure)
     if location_level:
@@ -292,7 +298,7 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         else:
             stale = [c for c in copies_at(session, package, kind, job.placement.site)
                      if c.status == CopyStatus.CORRUPT]
-            inode, mtime_ns = _identity(job.destination)
+            inode, mtime_ns = _identity(config, job.destination)
             copy = PackageCopy(package=package, location_id=job.destination_id,
                                relative_path=job.relative, size=result.bytes,
                                checksum=result.checksum, created_at=now, verified_at=utcnow(),
@@ -316,9 +322,21 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         return CopyRef.of(copy)
 
 
-def _identity(where: Endpoint) -> tuple[int | None, int | None]:
-    """(inode, mtime_ns) of a copy just verified, so a later re-check notices a replaced file;
-    remote copies get theirs at their first re-check (recheck.py)."""
+def _unmarked_bucket(config: Config, root: str) -> TransferError | None:
+    """Why an object-store location cannot be written now (its marker object missing, the
+    endpoint unreachable), or None."""
+    try:
+        Stores.of(config).look(root, None, ssh_settings(config), [])
+    except StorageUnavailable as exc:
+        return TransferError(str(exc), retryable=exc.transient)
+    return None
+
+
+def _identity(config: Config, where: Endpoint) -> tuple[int | None, int | None]:
+    """(inode, mtime_ns) of a copy just verified, so a later re-check notices a replaced file
+    (an object's ETag and time); remote copies get theirs at their first re-check (recheck.py)."""
+    if where.store is not None:
+        return Stores.of(config).identity(where)
     if where.host is not None:
         return None, None
     try:
@@ -417,7 +435,8 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int) -> Verification:
         label = f"{copy.location.site.short_name}/{copy.location.name}"
         expected = pkg.checksum
     try:
-        actual, size = remote_xxh128_and_size(ssh_settings(config), where)
+        actual, size = (Stores.of(config).xxh128_and_size(where) if where.store
+                        else remote_xxh128_and_size(ssh_settings(config), where))
         problem = None if actual == expected else (
             f"checksum mismatch: expected {expected}, read {actual}")
     except (TransferError, OSError) as exc:

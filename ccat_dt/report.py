@@ -9,6 +9,7 @@ from pathlib import PurePosixPath
 from sqlalchemy import func, select
 from sqlalchemy.orm import aliased
 
+from ccat_dt.objectstore import is_object_root
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -105,7 +106,8 @@ def summarize(opsdb: OpsDB) -> Summary:
 
 def disagreements(opsdb: OpsDB, ssh: SshSettings | None = None) -> list[str]:
     """Copies whose OpsDB status the disk contradicts: PRESENT but missing or of another size,
-    DELETED but still there. Remote locations are asked over ssh (skipped without `ssh`)."""
+    DELETED but still there. Remote locations are asked over ssh (skipped without `ssh`);
+    object stores are left to the audit (it has their credentials)."""
     problems = []
     with opsdb.session() as s:
         rows = s.execute(select(PhysicalCopy.id, PhysicalCopy.status, PhysicalCopy.size,
@@ -115,7 +117,7 @@ def disagreements(opsdb: OpsDB, ssh: SshSettings | None = None) -> list[str]:
     present = {(host, root, relative) for _, status, _, root, host, relative in rows
                if status in on_disk}
     for copy_id, status, size, root, host, relative in rows:
-        if host is not None and ssh is None:
+        if (host is not None and ssh is None) or is_object_root(root):
             continue
         where = Endpoint(PurePosixPath(root) / relative, host)
         if status in on_disk:

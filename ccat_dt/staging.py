@@ -169,7 +169,8 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         tar = root / request_name / f"{package_name}.tar"
         origin = endpoint(source.location, source.relative_path)
         route = config.settings.route(source.location.site.short_name, site)
-        transport = transport_for(config, route, remote=origin.host is not None)
+        transport = transport_for(config, route, remote=origin.host is not None,
+                                  store=origin.store is not None)
         operation = Operation(operation_type=OperationType.STAGING, package=package,
                               source_location_id=source.location_id,
                               destination_location_id=request.location_id, run_id=run_id)

@@ -48,6 +48,9 @@ class Seen:
     inode: int | None = None
     mtime_ns: int | None = None
     checksum: str | None = None  # only when it was hashed now
+    # An object store keeps the checksum it was written with (our metadata) beside the object;
+    # it is read with every look (no bytes move), unlike `checksum`.
+    stored_checksum: str | None = None
 
     @property
     def missing(self) -> bool:
@@ -284,6 +287,9 @@ class Listing:
 
     entries: list[Entry] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # ("dir/", problem)
+    # Object stores: multipart uploads begun and neither completed nor aborted (the object
+    # store's temporary files), as entries with the key's relative path and start time.
+    uploads: list[Entry] = field(default_factory=list)
 
 
 def listing(root: str, host: str | None, ssh: SshSettings, skip: Collection[str] = ()) -> Listing:

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
 from ccat_dt.health import choose
+from ccat_dt.objectstore import Stores
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.opsdb.models import DataLocation, InstrumentModule, LocationType, Site, utcnow
 from ccat_dt.storage import mark_location_root
@@ -40,7 +41,7 @@ def sync_topology(session: Session, config: Config) -> None:
             location.location_type = loc_cfg.type
             location.storage_type = loc_cfg.storage
             location.priority = loc_cfg.priority
-            location.root = str(config.resolve_root(loc_cfg.root))
+            location.root = config.location_root(loc_cfg)
             location.host = loc_cfg.host
     for instrument in settings.instruments:
         for module_name in instrument.modules:
@@ -88,8 +89,11 @@ def prepare_opsdb(config: Config) -> None:
         sync_topology(session, config)
     opsdb.dispose()
     ssh = ssh_settings(config)
+    stores = Stores.of(config)
     for site in config.settings.sites:
         for location in site.locations:
-            root = str(config.resolve_root(location.root))
-            if problem := mark_location_root(root, location.host, ssh):
+            root = config.location_root(location)
+            problem = (stores.at(root).mark() if location.is_object_store
+                       else mark_location_root(root, location.host, ssh))
+            if problem:
                 LOG.warning("%s/%s: %s", site.short_name, location.name, problem)

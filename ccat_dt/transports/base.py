@@ -27,7 +27,9 @@ class TransferError(Exception):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A file at a location: on this machine (host None) or on an ssh-reachable host."""
+    """A file at a location: on this machine (host None) or on an ssh-reachable host; or an
+    object in an object store (`store`, its location's root s3://bucket/prefix, with `path`
+    the key below it)."""
 
     path: PurePosixPath
     host: str | None = None  # ssh destination, e.g. "ccat@buffer.ccat.cl"
@@ -35,8 +37,11 @@ class Endpoint:
     # `ccat-dt init`): a transport writes to this endpoint only after finding it, in the same
     # round trip that creates the directory. None: no such check (scratch files, tests).
     marker: PurePosixPath | None = field(default=None, compare=False)
+    store: str | None = None
 
     def __str__(self) -> str:
+        if self.store:
+            return f"{self.store}/{self.path}"
         return f"{self.host}:{self.path}" if self.host else str(self.path)
 
 

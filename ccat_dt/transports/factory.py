@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from ccat_dt.config import Config, RouteConfig
-from ccat_dt.opsdb.models import DataLocation
+from ccat_dt.opsdb.models import DataLocation, StorageType
 from ccat_dt.storage import MARKER
 from ccat_dt.transports.base import Endpoint, SshSettings, Transport
 from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport
@@ -24,14 +24,24 @@ def ssh_settings(config: Config) -> SshSettings:
 
 
 def endpoint(location: DataLocation, relative_path: str) -> Endpoint:
-    """A file of a location; the transports write there only while its root is marked."""
+    """A file of a location; the transports write there only while its root is marked (an
+    object store's marker is looked at before the transfer, ccat_dt/replicas.py)."""
+    if location.storage_type == StorageType.S3:
+        return Endpoint(PurePosixPath(relative_path), store=location.root)
     root = PurePosixPath(location.root)
     return Endpoint(root / relative_path, location.host, marker=root / MARKER)
 
 
-def transport_for(config: Config, route: RouteConfig | None, *, remote: bool) -> Transport:
+def transport_for(config: Config, route: RouteConfig | None, *, remote: bool,
+                  store: bool = False) -> Transport:
     """The route's transport; within one site (no route) a local copy, or rsync on the site's
-    host when its locations are remote."""
+    host when its locations are remote. When an end is an object store (`store`), the S3
+    transport, whatever the route says: only it speaks to object stores."""
+    if store:
+        from ccat_dt.objectstore import Stores
+        from ccat_dt.transports.s3 import S3Transport
+
+        return S3Transport(Stores.of(config))
     kind = route.transport if route else ("rsync" if remote else "local")
     if kind == "local":
         return LocalTransport()

@@ -1,0 +1,424 @@
+"""S3-compatible object storage seen as a location, for everything that reads or writes LTA
+copies there (the S3 transport, the re-read, the deletion-time re-check, the audit).
+
+A location with `storage: s3` is a bucket and key prefix; OpsDB records its root as
+`s3://bucket/prefix` and a copy's relative path is the key below the prefix. As on disk, the
+root carries the marker `ccat-dt init` writes (an object `<prefix>/.ccat-dt-location`), so a
+wrong bucket or prefix is refused rather than seen as "everything lost".
+
+Failures are StorageUnavailable: `transient` when the endpoint could not be reached or answered
+that it is busy (a retry helps), permanent when credentials are missing or refused or the bucket
+does not exist (a person must act; retrying cannot help).
+
+boto3 is imported here only, and only when an object store is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ccat_dt.checksums import CHUNK_SIZE, new_hasher
+from ccat_dt.config import MIB, Config, S3Config
+from ccat_dt.storage import (
+    MARKER,
+    MARKER_TEXT,
+    Entry,
+    Listing,
+    Seen,
+    StorageUnavailable,
+    Wanted,
+    listing,
+    look,
+)
+from ccat_dt.transports.base import Endpoint, SshSettings, TransferError
+
+SCHEME = "s3://"
+CHECKSUM_METADATA = "xxh3-128"  # our checksum of the whole object, as x-amz-meta-xxh3-128
+# Refused credentials or permissions: retrying cannot help.
+_REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+            "ExpiredToken", "TokenRefreshRequired", "AuthorizationHeaderMalformed",
+            "AllAccessDisabled", "InvalidClientTokenId", "UnrecognizedClientException",
+            "AccountProblem", "403"}
+_BUSY = {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "Throttling",
+         "ThrottlingException", "RequestTimeTooSkewed", "OperationAborted"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+def is_object_root(root: str) -> bool:
+    return root.startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class Head:
+    """An object as its store describes it, without reading it."""
+
+    size: int
+    etag: str
+    mtime_ns: int
+    stored_checksum: str | None
+
+    @property
+    def identity(self) -> int:
+        """The ETag as a number that fits OpsDB's inode column: a rewritten object gets
+        another ETag, as a replaced file gets another inode."""
+        return int(hashlib.sha256(self.etag.encode()).hexdigest()[:15], 16)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The botocore error behind boto3's wrappers (S3UploadFailedError keeps it as cause)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ClientError, BotoCoreError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def error_code(exc: BaseException) -> str:
+    from botocore.exceptions import ClientError
+
+    cause = _cause(exc)
+    if isinstance(cause, ClientError):
+        return str(cause.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+class ObjectStore:
+    """One S3 location: its bucket and prefix, reached with its own credentials."""
+
+    def __init__(self, label: str, settings: S3Config) -> None:
+        self.label, self.settings = label, settings
+        self.root = settings.url
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        s = self.settings
+        missing = [name for name in (s.access_key_id_env, s.secret_access_key_env)
+                   if not os.environ.get(name)]
+        if missing:
+            raise StorageUnavailable(
+                f"{self.label} ({self.root}): no credentials: environment variable(s) "
+                f"{', '.join(missing)} not set (s3.access_key_id_env / "
+                "s3.secret_access_key_env name them)")
+        token = os.environ.get(s.session_token_env) if s.session_token_env else None
+        return _client(s, os.environ[s.access_key_id_env], os.environ[s.secret_access_key_env],
+                       token)
+
+    def key(self, relative_path: str) -> str:
+        parts = relative_path.split("/")
+        if not relative_path or relative_path.startswith("/") or any(
+                p in ("", ".", "..") for p in parts):
+            raise ValueError(f"not a plain relative path: {relative_path!r}")
+        return f"{self.settings.prefix}/{relative_path}" if self.settings.prefix \
+            else relative_path
+
+    def problem(self, exc: BaseException, what: str) -> StorageUnavailable:
+        """A boto3/botocore failure as StorageUnavailable, transient or not (module doc)."""
+        if isinstance(exc, StorageUnavailable):
+            return exc
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+            NoCredentialsError,
+        )
+
+        cause = _cause(exc)
+        where = f"{self.label} ({self.root}): {what}"
+        if isinstance(cause, ClientError):
+            code = error_code(cause)
+            status = int(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code in _REFUSED or status in (401, 403):
+                s = self.settings
+                why = code if code and not code.isdigit() else f"HTTP {status}"
+                return StorageUnavailable(
+                    f"{where}: credentials refused ({why}): check the key in "
+                    f"${s.access_key_id_env} and ${s.secret_access_key_env} and its permissions "
+                    "on the bucket; not retried", transient=False)
+            if code == "NoSuchBucket":
+                return StorageUnavailable(f"{where}: bucket {self.settings.bucket} does not "
+                                          "exist (create it, or fix s3.bucket)", transient=False)
+            busy = code in _BUSY or status >= 500
+            return StorageUnavailable(f"{where}: {code or status}: {cause}", transient=busy)
+        if isinstance(cause, NoCredentialsError):
+            return StorageUnavailable(f"{where}: {cause}", transient=False)
+        if isinstance(cause, (HTTPClientError, ConnectionError, IncompleteReadError, OSError)):
+            # connection refused, reset, timed out, closed mid-stream: the link, not the data
+            endpoint = self.settings.endpoint_url or "AWS S3"
+            return StorageUnavailable(f"{where}: cannot reach {endpoint}: {cause}",
+                                      transient=True)
+        return StorageUnavailable(f"{where}: {exc.__class__.__name__}: {exc}", transient=False)
+
+    # -- the location root --------------------------------------------------------------------
+
+    def check_marker(self) -> None:
+        """Raise StorageUnavailable unless the bucket holds this location's marker."""
+        try:
+            self.client.head_object(Bucket=self.settings.bucket, Key=self.key(MARKER))
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if error_code(exc) in _MISSING:
+                raise StorageUnavailable(
+                    f"location root {self.root} has no {MARKER} marker: not the bucket and "
+                    "prefix `ccat-dt init` prepared; run `ccat-dt init` once they are right"
+                ) from None
+            raise self.problem(exc, "looking for the location marker") from exc
+
+    def mark(self) -> str | None:
+        """Write the marker (set-up, `ccat-dt init`); returns a problem or None."""
+        try:
+            self.client.put_object(Bucket=self.settings.bucket, Key=self.key(MARKER),
+                                   Body=MARKER_TEXT.encode())
+        except Exception as exc:  # noqa: BLE001
+            return f"cannot prepare location root {self.root}: {self.problem(exc, 'marking')}"
+        return None
+
+    # -- looking ------------------------------------------------------------------------------
+
+    def head(self, relative_path: str) -> Head | None:
+        """The object's size, ETag, time and stored checksum; None if there is none."""
+        try:
+            answer = self.client.head_object(Bucket=self.settings.bucket,
+                                             Key=self.key(relative_path))
+        except Exception as exc:  # noqa: BLE001
+            if error_code(exc) in _MISSING:
+                return None
+            raise self.problem(exc, f"looking at {relative_path}") from exc
+        modified: datetime = answer["LastModified"]
+        return Head(int(answer["ContentLength"]), str(answer.get("ETag", "")),
+                    int(modified.timestamp()) * 1_000_000_000,
+                    answer.get("Metadata", {}).get(CHECKSUM_METADATA))
+
+    def read_hash(self, relative_path: str, etag: str | None = None) -> tuple[str, int]:
+        """xxh3-128 and size of the object, streamed (never whole in memory). With `etag`, a
+        rewrite during the read is refused by the store (412) instead of hashed half-and-half."""
+        extra = {"IfMatch": etag} if etag else {}
+        try:
+            answer = self.client.get_object(Bucket=self.settings.bucket,
+                                            Key=self.key(relative_path), **extra)
+            hasher, size = new_hasher(), 0
+            body = answer["Body"]
+            while chunk := body.read(CHUNK_SIZE):
+                hasher.update(chunk)
+                size += len(chunk)
+        except Exception as exc:  # noqa: BLE001
+            code = error_code(exc)
+            if code in _MISSING:
+                raise FileNotFoundError(f"missing: {relative_path} is not on the storage") \
+                    from None
+            if code == "PreconditionFailed":
+                raise FileNotFoundError(f"{relative_path} changed while it was read") from None
+            raise self.problem(exc, f"reading {relative_path}") from exc
+        return hasher.hexdigest(), size
+
+    def look(self, wanted: Sequence[Wanted]) -> list[Seen]:
+        """storage.look for objects: HEAD each (and when asked, re-read and hash it)."""
+        self.check_marker()
+        return [self._look_one(item) for item in wanted]
+
+    def _look_one(self, wanted: Wanted) -> Seen:
+        rel = wanted.relative_path
+        head = self.head(rel)
+        if head is None:
+            return Seen(rel, f"missing: {rel} is not on the storage")
+        checksum = None
+        if wanted.rehash:
+            try:
+                checksum, size = self.read_hash(rel, head.etag or None)
+            except FileNotFoundError as exc:
+                return Seen(rel, str(exc))
+            if size != head.size:
+                return Seen(rel, f"{rel} changed while it was read")
+        return Seen(rel, None, head.size, head.identity, head.mtime_ns, checksum,
+                    head.stored_checksum)
+
+    def listing(self) -> Listing:
+        """Every object below the prefix (but the marker), and unfinished multipart uploads."""
+        self.check_marker()
+        prefix = f"{self.settings.prefix}/" if self.settings.prefix else ""
+        found = Listing()
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.settings.bucket, Prefix=prefix)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    relative = item["Key"][len(prefix):]
+                    if relative != MARKER:
+                        found.entries.append(Entry(relative, False, int(item["Size"]),
+                                                   item["LastModified"].timestamp()))
+            for key, upload_id, initiated in self._uploads(prefix):
+                found.uploads.append(Entry(key[len(prefix):], False, 0, initiated.timestamp(),
+                                           target=upload_id))
+        except StorageUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self.problem(exc, "listing") from exc
+        return found
+
+    def _uploads(self, prefix: str) -> Iterator[tuple[str, str, datetime]]:
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.settings.bucket, Prefix=prefix)
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                yield upload["Key"], upload["UploadId"], upload["Initiated"]
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def abort_uploads(self, relative_path: str, *, upload_id: str | None = None) -> int:
+        """Abort the unfinished multipart uploads of one key (or one of them): what a killed
+        or cut-off attempt left behind. Returns how many were aborted."""
+        key = self.key(relative_path)
+        aborted = 0
+        try:
+            for found, found_id, _ in list(self._uploads(key)):
+                if found == key and upload_id in (None, found_id):
+                    self.client.abort_multipart_upload(Bucket=self.settings.bucket, Key=key,
+                                                       UploadId=found_id)
+                    aborted += 1
+        except Exception as exc:  # noqa: BLE001
+            raise self.problem(exc, f"aborting unfinished uploads of {relative_path}") from exc
+        return aborted
+
+    def upload(self, source: Path, relative_path: str, checksum: str,
+               progress: Callable[[int], None] | None = None) -> None:
+        """Multipart upload in parallel parts, each part checked by the store with the
+        configured checksum, our checksum of the whole stored as metadata. On failure the
+        upload is aborted (also any an earlier, killed attempt left), so no parts linger."""
+        from boto3.s3.transfer import TransferConfig
+
+        s = self.settings
+        part = s.part_size_mib * MIB
+        transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                                  max_concurrency=s.max_concurrency, use_threads=True,
+                                  preferred_transfer_client="classic")
+        self.abort_uploads(relative_path)
+        try:
+            self.client.upload_file(
+                str(source), s.bucket, self.key(relative_path), Config=transfer,
+                Callback=progress, ExtraArgs={"ChecksumAlgorithm": s.checksum_algorithm,
+                                              "Metadata": {CHECKSUM_METADATA: checksum}})
+        except BaseException as exc:
+            with suppress(Exception):  # best effort: the endpoint may be the failure
+                self.abort_uploads(relative_path)
+            if isinstance(exc, Exception):
+                raise self.problem(exc, f"uploading {relative_path}") from exc
+            raise
+
+    def download(self, relative_path: str, into: BinaryIO,
+                 progress: Callable[[int], None] | None = None) -> None:
+        """The object's bytes into an open, seekable file, in parallel ranges."""
+        from boto3.s3.transfer import TransferConfig
+
+        s = self.settings
+        part = s.part_size_mib * MIB
+        transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                                  max_concurrency=s.max_concurrency, use_threads=True,
+                                  preferred_transfer_client="classic")
+        try:
+            self.client.download_fileobj(s.bucket, self.key(relative_path), into,
+                                         Config=transfer, Callback=progress)
+        except Exception as exc:  # noqa: BLE001
+            if error_code(exc) in _MISSING:
+                raise StorageUnavailable(f"{self.label}: missing: {relative_path} is not on "
+                                         "the storage", transient=False) from None
+            raise self.problem(exc, f"downloading {relative_path}") from exc
+
+    def remove_unverified(self, relative_path: str) -> None:
+        """Remove an object this attempt just wrote that failed its re-read (never recorded,
+        so nothing relies on it); best effort."""
+        with suppress(Exception):
+            self.client.delete_object(Bucket=self.settings.bucket, Key=self.key(relative_path))
+
+
+@lru_cache(maxsize=32)
+def _client(settings: S3Config, access_key: str, secret_key: str, token: str | None) -> Any:
+    """One client per location and credentials (boto3 clients are thread-safe and slow to
+    make: the service model is loaded each time)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.session.Session().client(
+        "s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
+        aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+        aws_session_token=token,
+        config=BotoConfig(
+            s3={"addressing_style": settings.addressing_style},
+            connect_timeout=settings.connect_timeout_s, read_timeout=settings.read_timeout_s,
+            retries={"mode": "standard", "max_attempts": 3},
+            max_pool_connections=max(10, settings.max_concurrency + 2)))
+
+
+class Stores:
+    """The object-store locations of a deployment, found by the root OpsDB records; every
+    other root is passed on to storage.look/listing (disk, local or over ssh)."""
+
+    def __init__(self, locations: dict[str, tuple[str, S3Config]]) -> None:
+        self._locations = locations
+        self._lock = threading.Lock()
+        self._open: dict[str, ObjectStore] = {}
+
+    @classmethod
+    def of(cls, config: Config | None) -> Stores:
+        found: dict[str, tuple[str, S3Config]] = {}
+        for site in config.settings.sites if config is not None else []:
+            for location in site.locations:
+                if location.s3 is not None:
+                    found[location.s3.url] = (f"{site.short_name}/{location.name}", location.s3)
+        return cls(found)
+
+    def at(self, root: str) -> ObjectStore:
+        with self._lock:
+            if root not in self._open:
+                if root not in self._locations:
+                    raise StorageUnavailable(f"{root}: no s3 location with this bucket and "
+                                             "prefix in the configuration", transient=False)
+                self._open[root] = ObjectStore(*self._locations[root])
+            return self._open[root]
+
+    def of_endpoint(self, where: Endpoint) -> ObjectStore:
+        assert where.store is not None
+        return self.at(where.store)
+
+    def look(self, root: str, host: str | None, ssh: SshSettings,
+             wanted: Sequence[Wanted]) -> list[Seen]:
+        if is_object_root(root):
+            return self.at(root).look(wanted)
+        return look(root, host, ssh, wanted)
+
+    def listing(self, root: str, host: str | None, ssh: SshSettings,
+                skip: Collection[str] = ()) -> Listing:
+        if is_object_root(root):
+            return self.at(root).listing()
+        return listing(root, host, ssh, skip)
+
+    def xxh128_and_size(self, where: Endpoint) -> tuple[str, int]:
+        """Re-read one object (as transports.remote.remote_xxh128_and_size for files);
+        TransferError, retryable when the endpoint could not be reached."""
+        store = self.of_endpoint(where)
+        try:
+            return store.read_hash(str(where.path))
+        except StorageUnavailable as exc:
+            raise TransferError(str(exc), retryable=exc.transient) from exc
+        except FileNotFoundError as exc:
+            raise TransferError(f"{where}: {exc}", retryable=False) from exc
+
+    def identity(self, where: Endpoint) -> tuple[int | None, int | None]:
+        """(ETag as a number, last-modified ns) of an object, as (inode, mtime_ns)."""
+        try:
+            head = self.of_endpoint(where).head(str(where.path))
+        except StorageUnavailable:
+            return None, None
+        return (head.identity, head.mtime_ns) if head else (None, None)

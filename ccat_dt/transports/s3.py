@@ -1,0 +1,141 @@
+"""Copies to and from an object store (S3-compatible), verified like every other hop.
+
+Up (archiving): a multipart upload in parallel parts, each part checked by the store itself
+(its additional checksums, e.g. CRC32C), our xxh3-128 of the whole package stored as object
+metadata; then the object is read back from the store, streamed and hashed, and only a match
+counts (a mismatch removes the never-recorded object). A failed upload is aborted, and the
+next attempt first aborts whatever a killed attempt left, so no parts are orphaned.
+Down (replication from an S3 copy, staging): parallel ranged reads into the temporary name,
+the landed file hashed, renamed into place only on a match.
+
+The other end is a file on the machine running the step.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+
+from ccat_dt.checksums import hash_file
+from ccat_dt.objectstore import ObjectStore, Stores
+from ccat_dt.progress import Progress
+from ccat_dt.storage import StorageUnavailable
+from ccat_dt.transports.base import (
+    Endpoint,
+    TransferError,
+    TransferResult,
+    claim_temporary,
+    fsync_directory,
+    temporary_name,
+)
+
+_PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
+
+
+def _counter(progress: Progress) -> Callable[[int], None]:
+    """boto3 reports byte increments from several threads; Progress wants the running total."""
+    lock = threading.Lock()
+    done = [0]
+
+    def add(count: int) -> None:
+        with lock:
+            done[0] += count
+            progress.update(done[0])
+
+    return add
+
+
+class S3Transport:
+    name = "s3"
+
+    def __init__(self, stores: Stores) -> None:
+        self.stores = stores
+
+    def copy(self, source: Endpoint, destination: Endpoint,
+             expected_checksum: str) -> TransferResult:
+        if source.store and destination.store:
+            raise TransferError(f"{source} -> {destination}: copying between two object "
+                                "stores is not supported; route it through a disk location",
+                                retryable=False)
+        local = destination if source.store else source
+        if local.host is not None or not (source.store or destination.store):
+            raise TransferError(f"{source} -> {destination}: an object store is read and "
+                                "written from the machine running the step; the other end must "
+                                "be a local path there", retryable=False)
+        try:
+            if destination.store:
+                return self._upload(Path(source.path), destination, expected_checksum)
+            return self._download(source, Path(destination.path), expected_checksum)
+        except StorageUnavailable as exc:
+            raise TransferError(str(exc), retryable=exc.transient) from exc
+
+    def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
+                  ) -> list[TransferResult | TransferError]:
+        out: list[TransferResult | TransferError] = []
+        for source, destination, checksum in pairs:
+            try:
+                out.append(self.copy(source, destination, checksum))
+            except TransferError as exc:
+                out.append(exc)
+        return out
+
+    def _upload(self, source: Path, destination: Endpoint, expected: str) -> TransferResult:
+        started = time.monotonic()
+        store = self.stores.of_endpoint(destination)
+        relative = str(destination.path)
+        try:
+            size = source.stat().st_size
+        except OSError as exc:
+            raise TransferError(f"cannot read {source}: {exc}",
+                                retryable=exc.errno not in _PERMANENT) from exc
+        progress = Progress("transfer", PurePosixPath(relative).name, size)
+        store.upload(source, relative, expected, _counter(progress))
+        progress.finish()
+        actual, landed = self._read_back(store, relative)
+        if actual != expected:
+            store.remove_unverified(relative)
+            raise TransferError(f"checksum mismatch on re-reading {destination}: expected "
+                                f"{expected}, read {actual} ({landed} bytes)", retryable=True)
+        return TransferResult(bytes=landed, seconds=time.monotonic() - started, checksum=actual,
+                              streams=store.settings.max_concurrency)
+
+    @staticmethod
+    def _read_back(store: ObjectStore, relative: str) -> tuple[str, int]:
+        try:
+            return store.read_hash(relative)
+        except FileNotFoundError as exc:  # gone right after the upload: try again
+            raise TransferError(f"{store.root}/{relative}: {exc}", retryable=True) from exc
+
+    def _download(self, source: Endpoint, destination: Path, expected: str) -> TransferResult:
+        started = time.monotonic()
+        store = self.stores.of_endpoint(source)
+        relative = str(source.path)
+        partial = Path(temporary_name(PurePosixPath(destination)))
+        progress = Progress("transfer", destination.name)
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with claim_temporary(partial) as writer:
+                try:
+                    store.download(relative, writer, _counter(progress))
+                    writer.flush()
+                    os.fsync(writer.fileno())
+                    actual, size = hash_file(partial)  # what landed, read back
+                    if actual != expected:
+                        raise TransferError(
+                            f"checksum mismatch on arrival at {destination} from {source}: "
+                            f"expected {expected}, got {actual} ({size} bytes)", retryable=True)
+                    os.replace(partial, destination)
+                except BaseException:
+                    partial.unlink(missing_ok=True)
+                    raise
+            fsync_directory(destination.parent)
+        except OSError as exc:
+            raise TransferError(f"copy {source} -> {destination} failed: {exc}",
+                                retryable=exc.errno not in _PERMANENT) from exc
+        progress.finish()
+        return TransferResult(bytes=size, seconds=time.monotonic() - started, checksum=actual,
+                              streams=store.settings.max_concurrency)

@@ -1,0 +1,474 @@
+"""Long-term archives on S3-compatible object storage, against a real S3 server process (moto's
+standalone server on loopback, IAM authentication on): Cologne's LTA is a bucket, Cornell's a
+directory. Every fault test reads the bucket itself for its verdict, not OpsDB."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.audit import DARK, LOST, PARTIAL, audit
+from ccat_dt.checksums import hash_file, new_hasher
+from ccat_dt.config import Config, ConfigError, load_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.filing import file_directory, finish_observation, start_observation
+from ccat_dt.objectstore import CHECKSUM_METADATA
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    PackageState,
+    RawDataPackage,
+    Site,
+)
+from ccat_dt.reaper import certificate_problems
+from ccat_dt.staging import Selection, request_staging, stage, staged_problems
+from ccat_dt.storage import files_under
+from ccat_dt.topology import prepare_opsdb
+from tests.s3server import S3Server, s3, s3server  # noqa: F401 - fixtures
+
+MB = 1_000_000
+PREFIX = "ccat/lta"
+
+
+def s3_deployment(directory: Path, endpoint: str, bucket: str, **options: Any) -> Config:
+    """The embedded default with Cologne's LTA in `bucket` (5 MiB parts, so that a few MB
+    already make a multipart upload), migrated and marked."""
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    for site in settings["sites"]:  # type: ignore[attr-defined]
+        if site["short_name"] == "cologne":
+            site["locations"] = [
+                {"name": "buffer", "type": "buffer", "root": "sites/cologne/buffer"},
+                {"name": "lta", "type": "long_term_archive", "storage": "s3",
+                 "s3": {"endpoint_url": endpoint, "bucket": bucket, "prefix": PREFIX,
+                        "part_size_mib": 5, "max_concurrency": 4, **options}}]
+    config = load_config(write_default_config(directory, overrides=settings))
+    prepare_opsdb(config)
+    return config
+
+
+def observe(config: Config, opsdb: OpsDB, *, size: int, modules: tuple[str, ...] = (
+        "primecam/f280", "chai/lfa")) -> Path:
+    """One observation, two files of `size` bytes per module: one package per module."""
+    source = config.resolve_root("sites/ccat/instruments")
+    start_observation(opsdb, "obs-0")
+    for module in modules:
+        for i in range(2):
+            path = source / "obs-0" / module / f"scan-{i}.dat"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(os.urandom(size + i))
+        file_directory(opsdb, observation="obs-0", module=module, directory=f"obs-0/{module}")
+    finish_observation(opsdb, "obs-0")
+    return source
+
+
+def object_hash(client: Any, bucket: str, key: str) -> str:
+    hasher = new_hasher()
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    while chunk := body.read(MB):
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def lta(opsdb: OpsDB, site: str, status: CopyStatus | None = CopyStatus.PRESENT
+        ) -> list[PackageCopy]:
+    with opsdb.session() as session:
+        query = select(PackageCopy).join(DataLocation).join(Site).where(
+            Site.short_name == site, DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)
+        if status is not None:
+            query = query.where(PackageCopy.status == status)
+        found = session.scalars(query.order_by(PackageCopy.id)).all()
+        for item in found:
+            _ = item.location.root, item.package.checksum, item.package.name
+        return list(found)
+
+
+@pytest.fixture
+def bucket(s3: S3Server) -> str:  # noqa: F811
+    return s3.new_bucket()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, s3: S3Server, bucket: str) -> Config:  # noqa: F811
+    return s3_deployment(tmp_path / "deploy", s3.url, bucket)
+
+
+@pytest.mark.slow
+def test_lifecycle_with_one_archive_on_s3_and_one_on_disk(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    config = deployment
+    opsdb = OpsDB(config.opsdb_url)
+    client = s3.client()
+    try:
+        source = observe(config, opsdb, size=3 * MB)  # ~6 MB packages: two 5 MiB parts
+
+        report = drive(build_definitions(config), instance)
+
+        assert report.failed == []
+        with opsdb.session() as session:
+            packages = session.scalars(select(RawDataPackage)).all()
+            assert len(packages) == 2
+            names = {p.name: p.checksum for p in packages}
+            assert all(p.state == PackageState.ARCHIVED for p in packages)
+            primaries = {p.name: p.primary_site.short_name for p in packages}
+            cologne_lta = session.scalar(select(DataLocation.id).join(Site).where(
+                Site.short_name == "cologne",
+                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE))
+            replications = session.execute(
+                select(RawDataPackage.name, Operation.transport, Operation.status)
+                .join(Operation, Operation.package_id == RawDataPackage.id)
+                .where(Operation.source_location_id == cologne_lta,
+                       Operation.operation_type == OperationType.TRANSFER)).all()
+        # Archived and verified on both: the bucket itself holds each package, with our
+        # checksum as metadata and S3's own per-part CRC32C, and nothing half-uploaded.
+        on_s3 = lta(opsdb, "cologne")
+        assert sorted(c.package.name for c in on_s3) == sorted(names)
+        for item in on_s3:
+            assert item.is_verified and item.location.root == f"s3://{bucket}/{PREFIX}"
+            key = f"{PREFIX}/{item.relative_path}"
+            head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            assert head["Metadata"][CHECKSUM_METADATA] == names[item.package.name]
+            assert head["ContentLength"] == item.size and "ChecksumCRC32C" in head
+            assert head["ETag"].strip('"').endswith("-2")  # a multipart upload, two parts
+            assert object_hash(client, bucket, key) == names[item.package.name]
+            assert item.inode is not None and item.mtime_ns is not None  # identity recorded
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        for item in lta(opsdb, "us"):
+            assert item.is_verified
+            assert hash_file(Path(item.location.root) / item.relative_path)[0] == \
+                names[item.package.name]
+        # Replicated from the S3 copy: what Cologne archived first went on to Cornell from S3.
+        from_s3 = {name for name, transport, status in replications
+                   if transport == "s3" and status == OperationStatus.COMPLETED}
+        assert from_s3 == {n for n, site in primaries.items() if site == "cologne"} != set()
+        # Sources purged, every deletion certificate re-checked the S3 copies just before.
+        assert files_under(source) == []
+        for name in names:
+            assert certificate_problems(opsdb, config, name) == []
+
+        # Staged from S3 to RAMSES (Cologne is its cheapest archive), every file verified.
+        request = request_staging(opsdb, location="ramses/processing",
+                                  selection=Selection(observation="obs-0"),
+                                  expires_in=__import__("datetime").timedelta(days=1))
+        staged = stage(opsdb, config, request)
+        assert staged.files == 4 and staged_problems(opsdb, request) == []
+        with opsdb.session() as session:
+            sources = set(session.scalars(select(Operation.source_location_id).where(
+                Operation.operation_type == OperationType.STAGING,
+                Operation.status == OperationStatus.COMPLETED)))
+        assert sources == {cologne_lta}
+        staged_root = config.resolve_root("sites/ramses/processing") / request
+        assert len([p for p in staged_root.rglob("*") if p.is_file()]) == 4
+        assert audit(opsdb, checksums=True, config=config).problems == []
+    finally:
+        opsdb.dispose()
+
+
+def archived(config: Config, opsdb: OpsDB, instance: DagsterInstance,  # noqa: F811
+             size: int = 200_000) -> dict[str, str]:
+    """Two packages archived at both sites; their checksums by name."""
+    observe(config, opsdb, size=size)
+    assert drive(build_definitions(config), instance).failed == []
+    with opsdb.session() as session:
+        return {p.name: p.checksum or "" for p in session.scalars(select(RawDataPackage))}
+
+
+def forge(client: Any, bucket: str, key: str) -> None:
+    """Rewrite an object behind the system's back: one bit flipped, same size, and the
+    metadata still claiming the old checksum (only a re-read can tell)."""
+    answer = client.get_object(Bucket=bucket, Key=key)
+    data = bytearray(answer["Body"].read())
+    data[len(data) // 3] ^= 0x10
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data), Metadata=answer["Metadata"])
+
+
+@pytest.mark.slow
+def test_object_rewritten_behind_our_back_is_found_by_the_scrub_and_repaired(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        checksums = archived(deployment, opsdb, instance)
+        victim = lta(opsdb, "cologne")[0]
+        key = f"{PREFIX}/{victim.relative_path}"
+        forge(client, bucket, key)
+        assert object_hash(client, bucket, key) != checksums[victim.package.name]
+
+        report = drive(build_definitions(deployment), instance, schedules=True)
+
+        assert [k for k in report.launched if k.startswith("scrub:")]
+        assert [k for k in report.launched if k.startswith("repair:")]
+        assert report.failed == []
+        # The bucket holds the right bytes again, put there from Cornell's disk copy.
+        assert object_hash(client, bucket, key) == checksums[victim.package.name]
+        copies = {c.id: c for c in lta(opsdb, "cologne", status=None)}
+        assert copies[victim.id].status == CopyStatus.DELETED  # superseded by the repair
+        [new] = [c for c in copies.values() if c.package_id == victim.package_id
+                 and c.status == CopyStatus.PRESENT]
+        assert new.is_verified and new.id > victim.id
+        with opsdb.session() as session:  # from Cornell's LTA, by way of Cologne's buffer
+            scrubbed = min(session.scalars(select(Operation.id).where(
+                Operation.copy_id == victim.id, Operation.status == OperationStatus.FAILED)))
+            hops = [(session.get_one(DataLocation, o.source_location_id).label,
+                     session.get_one(DataLocation, o.destination_location_id).label)
+                    for o in session.scalars(select(Operation).where(
+                        Operation.package_id == victim.package_id, Operation.id > scrubbed,
+                        Operation.status == OperationStatus.COMPLETED,
+                        Operation.operation_type.in_([OperationType.TRANSFER,
+                                                      OperationType.ARCHIVE]))
+                        .order_by(Operation.id))]
+        assert hops == [("us/lta", "cologne/buffer"), ("cologne/buffer", "cologne/lta")]
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_audit_finds_a_deleted_object_a_dark_one_and_an_unfinished_upload(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        archived(deployment, opsdb, instance)
+        assert audit(opsdb, checksums=True, config=deployment).problems == []
+        lost = lta(opsdb, "cologne")[0]
+        client.delete_object(Bucket=bucket, Key=f"{PREFIX}/{lost.relative_path}")
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}/stray/file.bin", Body=b"x" * 10)
+        begun = client.create_multipart_upload(Bucket=bucket, Key=f"{PREFIX}/stray/big.tar")
+
+        report = audit(opsdb, checksums=True, config=deployment)
+
+        found = {(f.kind, f.path): f for f in report.problems}
+        root = f"s3://{bucket}/{PREFIX}"
+        assert set(found) == {(LOST, f"{root}/{lost.relative_path}"),
+                              (DARK, f"{root}/stray/file.bin"),
+                              (PARTIAL, f"{root}/stray/big.tar")}
+        assert found[(LOST, f"{root}/{lost.relative_path}")].copy_id == lost.id
+        assert begun["UploadId"] in found[(PARTIAL, f"{root}/stray/big.tar")].detail
+
+        # Repair: the lost copy stops counting; an upload abandoned for a day is aborted.
+        later = __import__("datetime").datetime.now(__import__("datetime").UTC) + \
+            __import__("datetime").timedelta(hours=25)
+        repaired = audit(opsdb, config=deployment, repair=True, now=later)
+        assert any("aborted abandoned multipart upload of stray/big.tar" in r
+                   for r in repaired.repaired)
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        assert [c.id for c in lta(opsdb, "cologne", CopyStatus.CORRUPT)] == [lost.id]
+        assert client.head_object(Bucket=bucket, Key=f"{PREFIX}/stray/file.bin")  # left alone
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_deletion_recheck_looks_at_the_bucket(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    from datetime import timedelta
+
+    from ccat_dt.opsdb.models import utcnow
+    from ccat_dt.recheck import recheck_lta_copies
+
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        archived(deployment, opsdb, instance)
+        rewritten, deleted = lta(opsdb, "cologne")
+        name = rewritten.package.name
+
+        fresh = recheck_lta_copies(opsdb, deployment, name)  # verified just now: HEAD only
+        assert fresh.problems == [] and not fresh.passed[rewritten.id].rehashed
+        stale = recheck_lta_copies(opsdb, deployment, name, now=utcnow() + timedelta(hours=25))
+        assert stale.problems == [] and stale.passed[rewritten.id].rehashed  # re-read now
+
+        forge(client, bucket, f"{PREFIX}/{rewritten.relative_path}")  # new ETag: re-read
+        client.delete_object(Bucket=bucket, Key=f"{PREFIX}/{deleted.relative_path}")
+        first = recheck_lta_copies(opsdb, deployment, name)
+        second = recheck_lta_copies(opsdb, deployment, deleted.package.name)
+
+        assert rewritten.id not in first.passed and deleted.id not in second.passed
+        assert any("checksum mismatch" in p for p in first.problems)
+        assert any("missing" in p for p in second.problems)
+        assert {c.id for c in lta(opsdb, "cologne", CopyStatus.CORRUPT)} == {rewritten.id,
+                                                                           deleted.id}
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_upload_cut_in_the_middle_leaves_nothing_and_the_next_attempt_succeeds(
+        tmp_path: Path, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The link to the store goes down after 4 MB of a 3-part upload (every connection reset,
+    new ones refused): the abort cannot reach the store either. The step's own retry, the link
+    back, aborts the leftover upload and archives the package."""
+    from ccat_dt.objectstore import ObjectStore
+    from tests.faults.link import Link
+
+    link = Link(s3.port)
+    client = s3.client()  # the test's own view of the bucket, not through the link
+    config = s3_deployment(tmp_path / "deploy", f"http://127.0.0.1:{link.port}", bucket)
+    opsdb = OpsDB(config.opsdb_url)
+    real_upload = ObjectStore.upload
+    at_failure: dict[str, Any] = {}
+
+    def cut_once(self: ObjectStore, source: Path, relative: str, checksum: str,
+                 progress: Any = None) -> None:
+        if at_failure:
+            return real_upload(self, source, relative, checksum, progress)
+        sent = [0]
+
+        def counting(count: int) -> None:
+            sent[0] += count
+            if sent[0] > 4 * MB and not link.down:
+                link.cut()
+
+        try:
+            real_upload(self, source, relative, checksum, counting)
+        except Exception:
+            key = self.key(relative)
+            at_failure["uploads"] = [u["Key"] for u in client.list_multipart_uploads(
+                Bucket=bucket).get("Uploads", [])]
+            at_failure["objects"] = [o["Key"] for o in client.list_objects_v2(
+                Bucket=bucket, Prefix=key).get("Contents", [])]
+            at_failure["verified"] = [c.id for c in lta(opsdb, "cologne") if c.is_verified]
+            at_failure["key"] = key
+            link.restore()
+            raise
+        raise AssertionError("the upload was not cut")
+
+    monkeypatch.setattr(ObjectStore, "upload", cut_once)
+    try:
+        observe(config, opsdb, size=6 * MB, modules=("primecam/f280",))  # ~12 MB: 3 parts
+
+        report = drive(build_definitions(config), instance)
+
+        assert report.failed == []  # no `ccat-dt retry`: the step's own retry got through
+        key = at_failure["key"]
+        # Cut: no object, no verified copy, and one upload the abort could not reach.
+        assert at_failure["objects"] == [] and at_failure["verified"] == []
+        assert at_failure["uploads"] == [key] and link.refused + link.cuts >= 1
+        # Then: the leftover aborted, the package archived and re-read from the bucket.
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        [copy_] = lta(opsdb, "cologne")
+        assert f"{PREFIX}/{copy_.relative_path}" == key and copy_.is_verified
+        assert object_hash(client, bucket, key) == copy_.package.checksum
+        with opsdb.session() as session:
+            archives = session.execute(select(Operation.status, Operation.error).where(
+                Operation.operation_type == OperationType.ARCHIVE,
+                Operation.destination_location_id == copy_.location_id)
+                .order_by(Operation.id)).all()
+        assert [s for s, _ in archives] == [OperationStatus.FAILED, OperationStatus.COMPLETED]
+        assert "cannot reach" in (archives[0][1] or "")
+    finally:
+        link.close()
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_wrong_credentials_give_a_clear_error_that_is_not_retried(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from tests.s3server import SECRET_ENV
+
+    opsdb = OpsDB(deployment.opsdb_url)
+    try:
+        observe(deployment, opsdb, size=100_000, modules=("primecam/f280",))
+        monkeypatch.setenv(SECRET_ENV, "not-the-secret")
+
+        report = drive(build_definitions(deployment), instance)
+
+        assert report.failed  # the archive at Cologne
+        with opsdb.session() as session:
+            errors = session.scalars(select(Operation.error).join(
+                DataLocation, Operation.destination_location_id == DataLocation.id).join(Site)
+                .where(Site.short_name == "cologne",
+                       Operation.operation_type == OperationType.ARCHIVE)).all()
+        assert len(errors) == 1  # one attempt: not retried
+        assert "credentials refused" in (errors[0] or "") and "not retried" in (errors[0] or "")
+        assert "CCAT_DT_S3_SECRET_ACCESS_KEY" in (errors[0] or "")
+        keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+        assert keys == [f"{PREFIX}/.ccat-dt-location"]  # nothing was written
+        skipped = audit(opsdb, config=deployment).findings
+        assert any("credentials refused" in f.detail for f in skipped)
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.parametrize(("location", "message"), [
+    ({"storage": "s3"}, "storage: s3 needs an 's3' section"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "secret_access_key_env": "wJalrXUtnFEMI/K7MDENG"}},
+     "is not an environment variable name: give the NAME"),
+    ({"storage": "s3", "s3": {"bucket": "b-1"}, "root": "sites/x"}, "has no 'root' or 'host'"),
+    ({"storage": "s3", "s3": {"bucket": "Not_A_Bucket"}}, "is not an S3 bucket name"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "prefix": "../up"}}, "relative key prefix"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "endpoint_url": "s3.example.org"}},
+     "must be http(s)://HOST[:PORT]"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "addressing_style": "sideways"}},
+     "addressing_style"),
+    ({"storage": "s3", "s3": {"bucket": "b-1", "part_size_mib": 5}, "policies": 10**12},
+     "cannot carry a package of policies.package_max_bytes"),
+    ({"s3": {"bucket": "b-1"}, "root": "sites/x"}, "an 's3' section needs storage: s3"),
+])
+def test_bad_s3_configuration_is_refused_with_the_key_named(
+        tmp_path: Path, location: dict[str, Any], message: str) -> None:
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    location = dict(location)
+    if "policies" in location:  # a package larger than 10,000 parts of this size
+        settings["policies"] = {"package_max_bytes": location.pop("policies")}
+    cologne = settings["sites"][1]  # type: ignore[index]
+    lta_location = {"name": "lta", "type": "long_term_archive", **location}
+    cologne["locations"] = [cologne["locations"][0], lta_location]
+    path = write_default_config(tmp_path, overrides=settings)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert message in str(error.value)
+    assert "sites[1].locations[1]" in str(error.value) or "cologne/lta" in str(error.value)
+
+
+def test_s3_location_root_is_its_bucket_and_prefix(tmp_path: Path) -> None:
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    cologne = settings["sites"][1]  # type: ignore[index]
+    cologne["locations"][1] = {"name": "lta", "type": "long_term_archive", "storage": "s3",
+                               "s3": {"bucket": "ccat-lta", "prefix": "/archive/raw/"[1:]}}
+    config = load_config(write_default_config(tmp_path, overrides=settings))
+    location = config.location("cologne", "lta")
+    assert config.location_root(location) == "s3://ccat-lta/archive/raw"
+    assert location.s3 is not None and location.s3.access_key_id_env == \
+        "CCAT_DT_S3_ACCESS_KEY_ID" and location.s3.checksum_algorithm == "CRC32C"
+
+
+def test_an_endpoint_that_refuses_connections_is_a_transient_fault(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens on the endpoint (the store down, the link cut before the connection):
+    a transient fault, retried and re-attempted, never a permanent one."""
+    from ccat_dt.objectstore import Stores
+    from ccat_dt.storage import StorageUnavailable
+    from ccat_dt.transports.factory import ssh_settings
+    from tests.services import free_port
+
+    monkeypatch.setenv("CCAT_DT_S3_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
+    monkeypatch.setenv("CCAT_DT_S3_SECRET_ACCESS_KEY", "not-used-nothing-listens")
+    config = s3_deployment(tmp_path / "deploy", f"http://127.0.0.1:{free_port()}", "nowhere",
+                           connect_timeout_s=1)
+    root = next(location.root for site in config.settings.sites for location in site.locations
+                if location.storage == "s3")
+    with pytest.raises(StorageUnavailable) as refused:
+        Stores.of(config).look(root, None, ssh_settings(config), [])
+    assert refused.value.transient, refused.value
+    assert "cannot reach" in str(refused.value)
