@@ -84,7 +84,7 @@ def test_full_disk_is_reported_with_its_next_attempt_and_converges_once_enlarged
     again after a back-off, `why` says when; once the disk is enlarged the next attempt
     converges, without an operator's retry."""
     config = deployment(tmp_path / "deploy", policies={"max_attempts": 3,
-                                                       "retry_backoff_first_s": 2})
+                                                       "retry_backoff_first_s": 8})
     opsdb = OpsDB(config.opsdb_url)
     source = observe(config, opsdb)
     full = {"writes": 0}
