@@ -160,14 +160,17 @@ def test_off_a_terminal_a_long_transfer_shows_in_the_log_and_the_metrics_while_i
                and r["progress_of"] == "big.dat" and 0 <= r["bytes"] < size
                and r["percent"] < 100 for r in running[:-1]), running
 
-    [done] = victoria.export(f'{{__name__="ccat_progress_done_bytes",route="{route}"}}')
+    [done] = victoria.export(  # the last sample (the finished point) may be flushed later
+        f'{{__name__="ccat_progress_done_bytes",route="{route}"}}',
+        until=lambda series: max(series[0]["values"]) == size)
     assert {k: v for k, v in done["metric"].items() if k != "__name__"} == {
         "site": "cologne", "route": route, "stage": "transfer", "slot": "0"}
     before_end = [v for v, t in zip(done["values"], done["timestamps"], strict=True)
                   if t < completed_ms and v < size]
     assert len(before_end) >= 2, done
     assert before_end == sorted(before_end) and max(done["values"]) == size
-    [finished] = victoria.export(f'{{__name__="ccat_progress_finished",route="{route}"}}')
+    [finished] = victoria.export(f'{{__name__="ccat_progress_finished",route="{route}"}}',
+                                 until=lambda series: 1 in series[0]["values"])
     # the last point says "finished" (rsync's 100% line and the end can share a millisecond,
     # so the order of the two last samples is not known)
     assert sorted(finished["values"]) == [0] * (len(finished["values"]) - 1) + [1]

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +40,14 @@ class VictoriaMetrics:
     log: Path
 
     def export(self, match: str, *, min_series: int = 1,
+               until: Callable[[list[dict[str, Any]]], bool] = lambda _: True,
                timeout_s: float = EXPORT_TIMEOUT_S) -> list[dict[str, Any]]:
         """Series matching a selector (e.g. `{__name__=~"ccat_transfer_.*"}`) from
         /api/v1/export, one dict per series with "metric", "values" and "timestamps".
 
         Freshly written rows take seconds to become searchable, so this forces a flush and
-        polls until `min_series` series are there (or returns what there is at the deadline).
+        polls until `min_series` series are there and `until` holds of them (or returns what
+        there is at the deadline).
         """
         deadline = time.monotonic() + timeout_s
         series: list[dict[str, Any]] = []
@@ -54,7 +56,7 @@ class VictoriaMetrics:
             query = urllib.parse.urlencode({"match[]": match})
             body = self._get(f"/api/v1/export?{query}")
             series = [json.loads(line) for line in body.splitlines() if line.strip()]
-            if len(series) >= min_series or time.monotonic() >= deadline:
+            if (len(series) >= min_series and until(series)) or time.monotonic() >= deadline:
                 return series
             time.sleep(0.2)
 

@@ -72,19 +72,20 @@ def test_link_failure_during_a_transfer_is_retried_and_converges(
 
 def _up_again_after_first_attempt(link: Link, monkeypatch: pytest.MonkeyPatch
                                   ) -> dict[str, int]:
-    """The first ssh of a placement (the look at the destination's root marker) meets the
-    dead link; the link comes back while the step waits for its retry."""
-    real = replicas._unmarked
+    """The first attempt of a placement (its first ssh: rsync's own, which looks at the
+    destination's root marker too) meets the dead link; the link comes back while the step
+    waits for its retry."""
+    real = replicas._transfer
     calls = {"attempts": 0}
 
-    def unmarked(config, destination):  # type: ignore[no-untyped-def]
+    def transfer(transport, jobs):  # type: ignore[no-untyped-def]
         calls["attempts"] += 1
         try:
-            return real(config, destination)
+            return real(transport, jobs)
         finally:
             link.down = False
 
-    monkeypatch.setattr(replicas, "_unmarked", unmarked)
+    monkeypatch.setattr(replicas, "_transfer", transfer)
     return calls
 
 
