@@ -96,6 +96,40 @@ def test_more_packages_than_a_page_across_two_drives(
         opsdb.dispose()
 
 
+def test_501_packages_at_the_default_page_size_over_two_ticks(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """The production page (500 OpsDB rows a tick) with one package more: the first tick asks
+    for the first 500 and keeps its place, the next tick (as the next drive, from the cursor
+    the instance keeps) asks for the 501st; none is asked for twice or lost."""
+    from dagster import build_sensor_context
+
+    from resources.deployment import Deployment
+    from sensors.lifecycle import package_sensor
+
+    config = deployment(tmp_path / "deploy")
+    assert config.settings.policies.sensor_page_rows == 500  # the default, not a test's
+    opsdb = OpsDB(config.opsdb_url)
+    resources = {"deployment": Deployment(config_path=str(config.path))}
+    try:
+        for i in range(501):
+            observe(config, opsdb, name=f"obs-{i}", files=1, size=100)
+        asked: list[str] = []
+        cursor = None
+        for tick in range(2):  # each tick starts from the cursor the last one left
+            with build_sensor_context(instance=instance, cursor=cursor,
+                                      resources=resources) as context:
+                result = package_sensor(context)
+            asked += [request.partition_key for request in result.run_requests]
+            cursor = result.cursor
+            if tick == 0:
+                assert len(result.run_requests) == 500
+        assert sorted(asked) == sorted(f"obs-{i}_primecam-f280_p00" for i in range(501))
+        with opsdb.session() as session:
+            assert cursor == str(max(session.scalars(select(RawDataPackage.id))))
+    finally:
+        opsdb.dispose()
+
+
 def test_two_concurrent_drives_run_nothing_twice(
         config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
     for i in range(2):
