@@ -103,7 +103,7 @@ def test_a_package_takes_at_most_four_runs_and_each_copy_is_read_once(
               if c.location.site.short_name in archive_sites]
     assert len(landed) == 2 * len(archive_sites) * len(found)
     for path in landed:
-        assert hash_passes[str(path)] == 1, (path, hash_passes[str(path)])
+        assert hash_passes[str(path)] == 1, (path, hash_passes)
     for asset, check in [("site_copies", "site_copy_checksum"),
                          ("lta_copies", "lta_copy_checksum")]:
         history = instance.event_log_storage.get_asset_check_execution_history(

@@ -23,6 +23,10 @@ from resources.deployment import Deployment
 
 ASSETS = ("site_copies",)
 job = define_asset_job("site_copy_job", AssetSelection.assets(*ASSETS))
+# The copy and its archiving into the same site's LTA in one run (Dagster orders the steps:
+# lta_copies after site_copies and its blocking check); see stages.copy_job for where it is used.
+with_archive = define_asset_job("site_copy_archive_job",
+                                AssetSelection.assets(*ASSETS, "lta_copies"))
 
 
 def assets(config: Config) -> list[AssetsDefinition]:
