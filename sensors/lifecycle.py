@@ -125,7 +125,7 @@ def purge_sensor(context: SensorEvaluationContext,
         # same copies kept by an earlier purge for a bad LTA copy may go now.
         basis = [*sorted(copy_ids), newest.get(package, 0)]
         digest = hashlib.sha1(",".join(map(str, basis)).encode()).hexdigest()[:12]
-        work = f"purge:{package}:{site}:{digest}" if site else f"purge:{package}:{digest}"
+        work = f"purge:{package}:{site or '*'}:{digest}"  # "*": every site, one run
         decision = decide(history(context.instance, Stage.PURGE, package, site,
                                   tags={WORK_TAG: work}), backoff, now)
         works.append(Work(Stage.PURGE, f"{package}|{site}" if site else package, package, site,

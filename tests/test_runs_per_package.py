@@ -124,3 +124,38 @@ def test_a_package_takes_at_most_four_runs_and_each_copy_is_read_once(
             runs[package] += 1
     assert set(runs) == {p.name for p in found}
     assert max(runs.values()) <= 1 + len(archive_sites) + 1, runs
+
+
+def test_a_purge_cycle_asks_one_run_per_package_with_exactly_its_planned_copies(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """In-process every site's storage is reachable: each package's deletions at every site go
+    in one run, told exactly the copies the cycle planned for it."""
+    from dagster import Definitions, build_sensor_context
+
+    from ccat_dt.opsdb.models import utcnow
+    from ccat_dt.purge_cycle import plan_cycle
+
+    observe(config, opsdb)
+    full = build_definitions(config)
+    no_purge = Definitions(assets=full.assets, asset_checks=full.asset_checks, jobs=full.jobs,
+                           sensors=[s for s in full.sensors or []  # type: ignore[union-attr]
+                                    if s.name != "purge_sensor"],
+                           resources=full.resources, executor=full.executor)
+    assert drive(no_purge, instance).failed == []
+    with opsdb.session() as session:
+        plan = plan_cycle(session, config, utcnow())
+    planned = {package: sorted(ids) for package, (ids, _) in plan.by_package().items()}
+    sites = {package: {site for p, site in plan.by_site() if p == package} for package in planned}
+    assert planned and all(len(s) >= 2 for s in sites.values())  # observatory and archives
+
+    repository = full.get_repository_def()
+    with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                              repository_def=repository, resources=full.resources) as context:
+        requests = repository.get_sensor_def("purge_sensor").evaluate_tick(
+            context).run_requests or []
+
+    assert sorted(str(r.partition_key) for r in requests) == sorted(planned)
+    for request in requests:
+        cycle = request.run_config["ops"]["purge_status"]["config"]
+        assert sorted(cycle["copy_ids"]) == planned[str(request.partition_key)]
+        assert request.run_key.startswith(f"purge:{request.partition_key}:*:")
