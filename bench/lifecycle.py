@@ -18,6 +18,7 @@ from bench.common import SectionResult, Settings, fmt_s
 
 STAGE_OF_JOB = {"package_job": "package (raw_files + packages)",
                 "site_copy_job": "site_copies", "lta_copy_job": "lta_copies",
+                "site_copy_archive_job": "site_copies + lta_copies",
                 "purge_job": "purge_status", "staging_job": "staged_copies"}
 OURS = ("/ccat_dt/", "/ccat_assets/", "/resources/", "/sensors/", "/bench/")
 

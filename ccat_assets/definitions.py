@@ -8,7 +8,7 @@ from ccat_assets.execution import executor
 from ccat_assets.integrity import integrity_report_job
 from ccat_assets.runlog import console
 from ccat_assets.scrub import scrub_job
-from ccat_assets.stages import JOBS, build_assets, build_checks
+from ccat_assets.stages import ALL_JOBS, build_assets, build_checks
 from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import configure_from_env
 from ccat_dt.opsdb.models import LocationType
@@ -30,7 +30,7 @@ def build_definitions(config: Config) -> Definitions:
     return Definitions(
         assets=[*assets, OVERVIEW],
         asset_checks=build_checks(config),
-        jobs=[*JOBS.values(), scrub_job, integrity_report_job],
+        jobs=[*ALL_JOBS, scrub_job, integrity_report_job],
         sensors=[*lifecycle_sensors(), service_level_sensor, retire_partitions_sensor,
                  notification_sensor, integrity_sensor, overview_sensor],
         executor=executor(config),

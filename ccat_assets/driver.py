@@ -48,6 +48,10 @@ SENSOR = "dagster/sensor_name"
 CURSOR_KEY = "ccat-dt/drive/cursor/"  # + sensor name, in the instance's key-value store
 LOCK_FILE = "ccat-dt-drive.lock"  # in the instance's directory (DAGSTER_HOME)
 SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this
+# Ticked only in a round in which no other sensor launched a run: a package's deletions then
+# come in one purge run once its copies are all made, not one per copy as each is archived
+# (the daemon ticks it on its interval: there the retention ages batch them).
+LAST = "purge_sensor"
 
 
 @dataclass
@@ -154,9 +158,11 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
                         schedule_def.job_name, report, log)
     # Sensors that create partitions tick first, so placement requests never name a package
     # the instance has not registered yet (an OpsDB ahead of a fresh or restored instance);
-    # the notification sensor last, so that it sees what this round's sensors recorded.
+    # the purge after the others (LAST); the notification sensor last, so that it sees what
+    # this round's sensors recorded.
     sensors = sorted(repository.sensor_defs, key=lambda s: (
-        s.name not in ("package_sensor", "staging_sensor"), s.name == "notification_sensor"))
+        s.name not in ("package_sensor", "staging_sensor"), s.name == "notification_sensor",
+        s.name == LAST))
     stored = instance.run_storage.get_cursor_values({CURSOR_KEY + s.name for s in sensors})
     cursors: dict[str, str | None] = {s.name: stored.get(CURSOR_KEY + s.name) for s in sensors}
     for _ in range(max_rounds):
@@ -165,6 +171,8 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
         next_due: float | None = None
         for sensor_def in sensors:
             name = sensor_def.name
+            if name == LAST and len(report.launched) > launched_before:
+                continue  # copies still being made: the next round
             # The driver's own instance, not a new one built from the ref at every tick (that
             # cost ~0.1 s a tick: storage set-up and schema checks); with the ref as well,
             # the partitions a tick adds count when its run requests are checked.

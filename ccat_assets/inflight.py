@@ -10,8 +10,8 @@ from dagster import DagsterInstance, DagsterRunStatus, RunRequest, RunsFilter
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 
-from ccat_assets.routing import partition_of, stage_of
-from ccat_assets.stages import stage_of_job
+from ccat_assets.routing import partition_of, stages_of
+from ccat_assets.stages import stages_of_job
 from ccat_dt.stages import Stage
 
 # A run in one of these has not ended (a run whose process died stays in one until closed).
@@ -24,38 +24,39 @@ LIMIT = 5000
 
 
 def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
-    """(stage, package, site) of every queued or running lifecycle run. A run that a later
-    run of the same partition outlived (it finished after this one was created) counts as
-    dead: its process was killed and `ccat-dt retry` did its work again."""
-    out = set()
+    """(stage, package, site) of every queued or running lifecycle run (each stage of a run
+    that does several). A run that a later run of the same partition outlived (it finished
+    after this one was created) counts as dead: its process was killed and `ccat-dt retry`
+    did its work again."""
+    out: set[tuple[Stage, str, str | None]] = set()
     for record in instance.get_run_records(RunsFilter(statuses=list(NOT_FINISHED_STATUSES)),
                                            limit=LIMIT):
         run = record.dagster_run
-        stage, partition = stage_of(run), partition_of(run.tags)
-        if stage is None or partition is None or PARTITION_NAME_TAG not in run.tags:
+        stages, partition = stages_of(run), partition_of(run.tags)
+        if not stages or partition is None or PARTITION_NAME_TAG not in run.tags:
             continue
         later = instance.get_runs(RunsFilter(
             tags={PARTITION_NAME_TAG: run.tags[PARTITION_NAME_TAG]},
             statuses=list(FINISHED_STATUSES), created_after=record.create_timestamp),
             limit=1)
         if not later:
-            out.add((stage, *partition))
+            out.update((stage, *partition) for stage in stages)
     return out
 
 
 def not_in_flight(instance: DagsterInstance, requests: Sequence[RunRequest],
                   default_stage: Stage | None = None) -> list[RunRequest]:
-    """The requests whose partition has no run in flight for the same stage (a request
-    without a job name is for `default_stage`, its sensor's job)."""
+    """The requests whose partition has no run in flight for any of the stages they do (a
+    request without a job name is for `default_stage`, its sensor's job)."""
     busy = in_flight(instance)
     if not busy:
         return list(requests)
     kept = []
     for request in requests:
-        stage = stage_of_job(request.job_name) or default_stage
+        stages = stages_of_job(request.job_name) or (default_stage,)
         key = str(request.partition_key or "")
         package, _, site = key.partition("|")
-        if (stage, package, site or None) not in busy:
+        if not any((stage, package, site or None) in busy for stage in stages):
             kept.append(request)
     return kept
 

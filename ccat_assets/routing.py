@@ -33,7 +33,7 @@ from dagster._core.executor.init import InitExecutorContext
 from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
 from dagster._core.storage.tags import MULTIDIMENSIONAL_PARTITION_PREFIX, PARTITION_NAME_TAG
 
-from ccat_assets.stages import ASSET_STAGE, stage_of_job
+from ccat_assets.stages import ASSET_STAGE, stages_of_job
 from ccat_assets.tags import LINK_TAG, QUEUE_TAG, UNROUTED_TAG
 from ccat_dt.config import Config, load_config
 from ccat_dt.dispatch import dispatch_for
@@ -48,13 +48,20 @@ def _opsdb(url: str, pid: int) -> OpsDB:  # one engine per process (the webserve
     return OpsDB(url)
 
 
-def stage_of(run: DagsterRun) -> Stage | None:
-    """The lifecycle stage a run materialises (the last one, for a selection of several)."""
+def stages_of(run: DagsterRun) -> tuple[Stage, ...]:
+    """The lifecycle stages a run materialises, in lifecycle order."""
     if run.asset_selection:
         names = {key.to_user_string() for key in run.asset_selection}
-        stages = [stage for name, stage in ASSET_STAGE.items() if name in names]
-        return stages[-1] if stages else None
-    return stage_of_job(run.job_name)
+        return tuple(dict.fromkeys(stage for name, stage in ASSET_STAGE.items()
+                                   if name in names))
+    return stages_of_job(run.job_name)
+
+
+def stage_of(run: DagsterRun) -> Stage | None:
+    """The stage a run is routed as: its first (a run that copies to a site and archives there
+    loads the copy's link; its steps run at that site)."""
+    stages = stages_of(run)
+    return stages[0] if stages else None
 
 
 def partition_of(tags: Mapping[str, str]) -> tuple[str, str | None] | None:

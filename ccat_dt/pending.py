@@ -101,11 +101,15 @@ def site_copies_due(session: Session, config: Config, after_id: int, limit: int 
 
 
 def lta_copies_due(session: Session, config: Config, after_id: int, limit: int = PAGE) -> Page:
-    """A verified copy in an archive site's buffer is archived into that site's LTA."""
+    """A verified copy in an archive site's buffer is archived into that site's LTA, unless
+    that holds a verified copy already (the copy's own run archived it, in the embedded
+    default)."""
     copies = _new_copies(session, after_id, LocationType.BUFFER, limit)
     due = [Due(c.package.name, c.location.site.short_name, c.id, c.location.site.short_name)
            for c in copies
-           if c.is_verified and c.location.site.short_name != config.settings.observatory]
+           if c.is_verified and c.location.site.short_name != config.settings.observatory
+           and not any(a.is_verified for a in copies_at(
+               session, c.package, LocationType.LONG_TERM_ARCHIVE, c.location.site.short_name))]
     return Page(due, copies[-1].id if copies else after_id)
 
 

@@ -80,9 +80,16 @@ class CyclePlan:
         """(package, site) -> (copy ids to delete, of which early, the locations they are at):
         one purge run each, on the worker of the site whose data it deletes (a site's worker
         serves every location of that site, so one run covers them all)."""
+        return self.runs(per_site=True)
+
+    def runs(self, *, per_site: bool
+             ) -> dict[tuple[str, str], tuple[list[int], list[int], list[str]]]:
+        """The purge runs of this cycle: per package and site (`by_site`), or, where one
+        process reaches every site's storage, one per package (site "")."""
         out: dict[tuple[str, str], tuple[list[int], list[int], list[str]]] = {}
         for package, decision in self.deletions:
-            ids, early, locations = out.setdefault((package, decision.site), ([], [], []))
+            ids, early, locations = out.setdefault(
+                (package, decision.site if per_site else ""), ([], [], []))
             ids.append(decision.copy_id)
             if decision.early:
                 early.append(decision.copy_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -112,7 +112,7 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
     session, each verified and recorded on its own. Every transport checksums the copy where it
     landed (re-reading the destination file) before the rename, for buffer and LTA alike.
     """
-    found = _reverify_existing(opsdb, config, placement, kind)
+    found = _reverify_existing(opsdb, config, placement, kind, run_id)
     if found is not None:
         return found
     with opsdb.session() as session:
@@ -352,10 +352,13 @@ class Verification:
     description: str
     copy_id: int | None
     path: str | None
+    # How the bytes were read: the landed-bytes checksum, when, by which transport (or
+    # "re-read"), the operation id; empty for a copy that was not read.
+    evidence: dict[str, str | int] = field(default_factory=dict)
 
 
 def _reverify_existing(opsdb: OpsDB, config: Config, placement: Placement,
-                       kind: LocationType) -> Placed | None:
+                       kind: LocationType, run_id: str | None) -> Placed | None:
     """The copy already where it is asked for, re-read now; None when there is none (or it
     failed the re-read, which quarantined it)."""
     with opsdb.session() as session:
@@ -367,7 +370,7 @@ def _reverify_existing(opsdb: OpsDB, config: Config, placement: Placement,
         if existing is None:
             return None
         copy_id = existing.id
-    check = reread(opsdb, config, copy_id)
+    check = reread(opsdb, config, copy_id, run_id=run_id)
     if not check.passed:
         return None
     with opsdb.session() as session:
@@ -401,9 +404,12 @@ def newest_copy(session: Session, package: RawDataPackage, site: str,
 
 
 def check_stage(opsdb: OpsDB, config: Config, package: str, site: str,
-                kind: LocationType) -> Verification:
-    """What a stage's integrity check reports: the copy re-read, or, for a buffer copy purged
-    after archiving (it did its job), the verified LTA copies that made the purge allowed."""
+                kind: LocationType, run_id: str | None = None) -> Verification:
+    """What a stage's integrity check reports: for a copy run `run_id` placed (or re-read)
+    the read it did, with its evidence (every written byte is read back once: the transport
+    hashed the landed bytes before the rename); else the copy re-read now; or, for a buffer copy
+    purged after archiving (it did its job), the verified LTA copies that made the purge
+    allowed."""
     if kind == LocationType.BUFFER:
         with opsdb.session() as session:
             pkg = get_package(session, package)
@@ -419,21 +425,57 @@ def check_stage(opsdb: OpsDB, config: Config, package: str, site: str,
         if done:
             return Verification(True, f"{site}/{kind.value}: purged after archiving; verified "
                                 f"LTA copies at {', '.join(archived)}", None, None)
+    if run_id is not None:
+        found = read_in_run(opsdb, package, site, kind, run_id)
+        if found is not None:
+            return found
     return verify(opsdb, config, package, site, kind)
 
 
-def reread(opsdb: OpsDB, config: Config, copy_id: int) -> Verification:
+READS = (OperationType.TRANSFER, OperationType.ARCHIVE, OperationType.VERIFICATION)
+
+
+def read_in_run(opsdb: OpsDB, package: str, site: str, kind: LocationType,
+                run_id: str) -> Verification | None:
+    """The newest copy there, if run `run_id` read it on its storage to the package checksum
+    (its transport on the landed bytes, or a re-read) and nothing has marked it bad since;
+    None otherwise (then the check re-reads it)."""
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        copy = newest_copy(session, pkg, site, kind)
+        if copy is None or not copy.is_verified or copy.checksum != pkg.checksum:
+            return None
+        operation = session.scalars(select(Operation).where(
+            Operation.copy_id == copy.id, Operation.run_id == run_id,
+            Operation.status == OperationStatus.COMPLETED, Operation.error.is_(None),
+            Operation.operation_type.in_(READS)).order_by(Operation.id.desc()).limit(1)).first()
+        if operation is None or operation.finished_at is None:
+            return None
+        by = operation.transport or "re-read"
+        label = f"{copy.location.site.short_name}/{copy.location.name}"
+        evidence: dict[str, str | int] = {
+            "checksum": copy.checksum or "", "verified_at": operation.finished_at.isoformat(),
+            "verified_by": by, "operation_id": operation.id}
+        return Verification(True, f"{label}: checksum matches, read on its storage by {by} in "
+                            f"this run (operation {operation.id}); not read again", copy.id,
+                            str(endpoint(copy.location, copy.relative_path)), evidence)
+
+
+def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
+           run_id: str | None = None) -> Verification:
     """Re-read one copy on its storage against the package checksum and record it (a
-    verification operation; verified_at on success, CORRUPT on a mismatch)."""
+    verification operation of run `run_id`; verified_at on success, CORRUPT on a mismatch)."""
     with opsdb.session() as session:
         copy = session.get_one(PackageCopy, copy_id)
         pkg = copy.package
         where = endpoint(copy.location, copy.relative_path)
         operation = Operation(operation_type=OperationType.VERIFICATION, package=pkg,
-                              copy_id=copy.id, destination_location_id=copy.location_id)
+                              copy_id=copy.id, destination_location_id=copy.location_id,
+                              run_id=run_id)
         session.add(operation)
         label = f"{copy.location.site.short_name}/{copy.location.name}"
         expected = pkg.checksum
+    actual = ""
     try:
         actual, size = (Stores.of(config).xxh128_and_size(where) if where.store
                         else remote_xxh128_and_size(ssh_settings(config), where))
@@ -455,8 +497,11 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int) -> Verification:
         if problem is not None:
             session.flush()
             refresh_state(session, config, stored.package)  # ARCHIVED may fall back, or LOST
+    evidence: dict[str, str | int] = {
+        "checksum": actual, "verified_by": "re-read",
+        "verified_at": utcnow().isoformat(), "operation_id": operation.id}
     return Verification(problem is None, f"{label}: {problem or 'checksum matches'}",
-                        copy_id, str(where))
+                        copy_id, str(where), evidence)
 
 
 def verified_copy(session: Session, package: RawDataPackage, site: str,

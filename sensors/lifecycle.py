@@ -17,7 +17,7 @@ from dagster import (
 from ccat_assets.execution import on_queue
 from ccat_assets.inflight import not_in_flight, packages_in_flight
 from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
-from ccat_assets.stages import JOBS
+from ccat_assets.stages import JOBS, copy_job, site_copy
 from ccat_assets.tags import LINK_TAG, WORK_TAG
 from ccat_dt import reaper
 from ccat_dt.failover import fail_over
@@ -70,10 +70,14 @@ def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
         cursor=str(page.cursor))
 
 
-@sensor(job=JOBS[Stage.SITE_COPY], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+COPY_JOBS = [JOBS[Stage.SITE_COPY], site_copy.with_archive]
+
+
+@sensor(jobs=COPY_JOBS, minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """A verified copy somewhere makes the next site copy possible (observatory -> primary
-    archive once, then archive -> archive)."""
+    archive once, then archive -> archive); in the embedded default its run archives it into
+    that site's LTA too (stages.copy_job)."""
     with deployment.opsdb.session() as session:
         page = site_copies_due(session, deployment.config, int(context.cursor or 0),
                                _page(deployment))
@@ -84,7 +88,9 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
 
 @sensor(job=JOBS[Stage.LTA_COPY], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
-    """A verified copy in an archive site's buffer is archived into that site's LTA."""
+    """A verified copy in an archive site's buffer is archived into that site's LTA: under
+    Celery every copy's; in the embedded default (where the copy's run archived it) one whose
+    archiving failed or that a repair made."""
     with deployment.opsdb.session() as session:
         page = lta_copies_due(session, deployment.config, int(context.cursor or 0),
                               _page(deployment))
@@ -97,40 +103,44 @@ def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
 def purge_sensor(context: SensorEvaluationContext,
                  deployment: Deployment) -> SensorResult | SkipReason:
     """One purge cycle: the planner picks what may go now (within the byte budget, early where
-    a disk is under pressure); each package with deletions at a site gets a run there, told
-    exactly which copies. The run key names those copies and the package's newest copy: a
-    replayed tick launches nothing twice, a repair makes a kept purge due again. A failed purge
-    run (a locked OpsDB, say) is requested again after a back-off, and deletions a dead process
-    left half done are finished once they count as abandoned."""
+    a disk is under pressure); each package with deletions gets one run, told exactly which
+    copies (under Celery one per site with deletions, on that site's worker: the executor sends
+    a run's steps to one queue). The run key names those copies and the package's newest copy:
+    a replayed tick launches nothing twice, a repair makes a kept purge due again. A failed
+    purge run (a locked OpsDB, say) is requested again after a back-off, and deletions a dead
+    process left half done are finished once they count as abandoned."""
     config, now = deployment.config, utcnow()
     with deployment.opsdb.session() as session:
         plan = plan_cycle(session, config, now)
     busy = packages_in_flight(context.instance)  # e.g. a backfill's copy reading a buffer
-    by_site = {key: value for key, value in plan.by_site().items() if key[0] not in busy}
+    runs = {key: value for key, value in
+            plan.runs(per_site=config.celery_broker is not None).items() if key[0] not in busy}
     with deployment.opsdb.session() as session:
-        newest = newest_package_copies(session, {package for package, _ in by_site})
+        newest = newest_package_copies(session, {package for package, _ in runs})
     backoff = Backoff.of(config)
     requests, decisions, planned, works = [], [], set(), []
-    for (package, site), (copy_ids, early_ids, locations) in by_site.items():
+    for (package, site), (copy_ids, early_ids, locations) in runs.items():
         planned.add(package)
         # A new copy of the package (a repaired LTA copy, say) is a new reason to try: the
         # same copies kept by an earlier purge for a bad LTA copy may go now.
         basis = [*sorted(copy_ids), newest.get(package, 0)]
         digest = hashlib.sha1(",".join(map(str, basis)).encode()).hexdigest()[:12]
-        work = f"purge:{package}:{site}:{digest}"
+        work = f"purge:{package}:{site or '*'}:{digest}"  # "*": every site, one run
         decision = decide(history(context.instance, Stage.PURGE, package, site,
                                   tags={WORK_TAG: work}), backoff, now)
-        works.append(Work(Stage.PURGE, f"{package}|{site}", package, site, decision,
+        works.append(Work(Stage.PURGE, f"{package}|{site}" if site else package, package, site,
+                          decision,
                           "its purge run failed or died (`ccat-dt why` shows the deletions)"))
         if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
             decisions.append(decision)
             continue
         key = work if decision.state == State.NONE else f"{work}:{decision.failures + 1}"
+        cycle = {"ops": {"purge_status": {"config": {"copy_ids": copy_ids,
+                                                     "early_ids": early_ids}}}}
         requests.append(RunRequest(
             partition_key=package, run_key=key, tags={WORK_TAG: work},
-            run_config=on_queue(config, deletion_queue(config, site, locations[0]), {
-                "ops": {"purge_status": {"config": {"copy_ids": copy_ids,
-                                                    "early_ids": early_ids}}}})))
+            run_config=on_queue(config, deletion_queue(config, site, locations[0]), cycle)
+            if site else cycle))
     for abandoned in abandoned_deletions(deployment.opsdb, older_than=reaper.ABANDONED_AFTER,
                                          now=now):
         if abandoned.package in planned:
@@ -192,7 +202,7 @@ def repair_sensor(context: SensorEvaluationContext,
                    run_config=on_queue(config, packaging_queue(config))) for r in rebuilds])
 
 
-@sensor(job=JOBS[Stage.SITE_COPY], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+@sensor(jobs=COPY_JOBS, minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def failover_sensor(context: SensorEvaluationContext,
                     deployment: Deployment) -> SensorResult | SkipReason:
     """Packages not yet sent whose primary archive site is down past the failover horizon go
@@ -219,13 +229,16 @@ def _idle(context: SensorEvaluationContext, requests: list[RunRequest],
 
 def _placement(deployment: Deployment, due: Due, stage: Stage, why: str = "") -> RunRequest:
     """A run for one package x site partition, tagged with the link it loads and sent to the
-    destination site's queue; `why` names a run that is not the stage's first (its run key)."""
+    destination site's queue; `why` names a run that is not the stage's first (its run key).
+    A first site copy (or a failover's) archives in the same run where the executor allows
+    (stages.copy_job); a repair only replaces the bad copy."""
+    config = deployment.config
     tags = {LINK_TAG: f"{due.origin}->{due.site}"} if due.origin else {}
-    queue = (archive_queue if stage == Stage.LTA_COPY else transfer_queue)(deployment.config,
-                                                                           due.site)
+    queue = (archive_queue if stage == Stage.LTA_COPY else transfer_queue)(config, due.site)
+    job = (copy_job(config) if stage == Stage.SITE_COPY and why != "repair" else JOBS[stage])
     return RunRequest(partition_key=package_site_key(due.package, due.site),
-                      run_key=due.run_key(why or stage), job_name=JOBS[stage].name, tags=tags,
-                      run_config=on_queue(deployment.config, queue))
+                      run_key=due.run_key(why or stage), job_name=job.name, tags=tags,
+                      run_config=on_queue(config, queue))
 
 
 def _page(deployment: Deployment) -> int:

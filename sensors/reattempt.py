@@ -22,7 +22,7 @@ from dagster import (
 from ccat_assets.execution import on_queue
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.partitions import package_site_key
-from ccat_assets.stages import JOBS, stage_of_job
+from ccat_assets.stages import JOBS, copy_job, jobs_of, site_copy, stages_of_job
 from ccat_assets.tags import LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import get_package
@@ -39,25 +39,25 @@ PARTITION, PACKAGE_DIM, SITE_DIM = ("dagster/partition", "dagster/partition/pack
                                     "dagster/partition/site")
 
 
-def _work_of(record_: RunRecord) -> tuple[Stage, str, str] | None:
+def _works_of(record_: RunRecord) -> list[tuple[Stage, str, str]]:
+    """The work of a run: of each stage it does (a copy with its archiving does two)."""
     run = record_.dagster_run
-    stage = stage_of_job(run.job_name)
-    if stage not in STAGES:
-        return None
+    stages = [stage for stage in stages_of_job(run.job_name) if stage in STAGES]
     if PACKAGE_DIM in run.tags:
-        return stage, run.tags[PACKAGE_DIM], run.tags.get(SITE_DIM, "")
+        return [(stage, run.tags[PACKAGE_DIM], run.tags.get(SITE_DIM, "")) for stage in stages]
     if PARTITION in run.tags:
-        return stage, run.tags[PARTITION], ""
-    return None
+        return [(stage, run.tags[PARTITION], "") for stage in stages]
+    return []
 
 
 def history(instance: DagsterInstance, stage: Stage, package: str, site: str,
             tags: dict[str, str] | None = None) -> list[RunOutcome]:
-    """The runs of one piece of work, oldest first."""
+    """The runs of one piece of work (of every job that does it), oldest first."""
     if tags is None:
         tags = {PACKAGE_DIM: package, SITE_DIM: site} if site else {PARTITION: package}
-    records = instance.get_run_records(RunsFilter(job_name=JOBS[stage].name, tags=tags), limit=200)
-    return [outcome(r) for r in reversed(records)]
+    records = [r for job in jobs_of(stage)
+               for r in instance.get_run_records(RunsFilter(job_name=job, tags=tags), limit=200)]
+    return [outcome(r) for r in sorted(records, key=lambda r: r.create_timestamp)]
 
 
 def outcome(record_: RunRecord) -> RunOutcome:
@@ -79,7 +79,8 @@ def next_at_cursor(decisions: list[Decision]) -> str:
     return json.dumps({NEXT_AT: min(waits) if waits else None})
 
 
-@sensor(jobs=[JOBS[stage] for stage in STAGES], minimum_interval_seconds=15,
+@sensor(jobs=[*(JOBS[stage] for stage in STAGES), site_copy.with_archive],
+        minimum_interval_seconds=15,
         default_status=DefaultSensorStatus.RUNNING)
 def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """Failed (or dead) packaging, transfer and archive runs whose work OpsDB still shows as
@@ -91,9 +92,7 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     candidates: set[tuple[Stage, str, str]] = set()
     for run_record in instance.get_run_records(
             RunsFilter(statuses=FAILED, updated_after=now - window), limit=5000):
-        work = _work_of(run_record)
-        if work is not None:
-            candidates.add(work)
+        candidates.update(_works_of(run_record))
     with deployment.opsdb.session() as session:
         candidates |= {(Stage(r.stage), r.package, r.site) for r in waiting(session)
                        if r.stage in STAGES}
@@ -131,7 +130,8 @@ def _request(deployment: Deployment, stage: Stage, package: str, site: str,
              decision: Decision) -> RunRequest:
     config = deployment.config
     partition = f"{package}|{site}" if site else package
-    key, job = decision.run_key(stage, partition), JOBS[stage].name
+    key = decision.run_key(stage, partition)
+    job = (copy_job(config) if stage == Stage.SITE_COPY else JOBS[stage]).name
     tags = {WORK_TAG: f"{stage}:{partition}", "ccat/attempt": str(decision.failures + 1)}
     if stage == Stage.PACKAGING:
         return RunRequest(partition_key=package, run_key=key, job_name=job, tags=tags,

@@ -11,6 +11,7 @@ from dagster import DagsterInstance, RunsFilter
 from ccat_assets.cli import main
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.stages import copy_job
 from ccat_dt.config import load_config
 from ccat_dt.opsdb.database import OpsDB
 from tests.helpers import observe
@@ -31,7 +32,7 @@ def test_init_writes_a_loadable_instance_with_a_limit_per_link(tmp_path: Path) -
         observe(config, opsdb, observations=1, files=1)
         assert drive(build_definitions(config), instance).failed == []
         links = {run.tags.get("ccat/link") for run in instance.get_runs(
-            RunsFilter(job_name="site_copy_job"))}
+            RunsFilter(job_name=copy_job(config).name))}  # with its archiving
         assert links == {"ccat->cologne", "ccat->us", "cologne->us", "us->cologne"}
 
 

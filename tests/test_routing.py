@@ -140,6 +140,15 @@ def test_sensors_see_a_backfills_runs_in_flight(
             requests = purge.evaluate_tick(context).run_requests or []
         assert requests and {r.partition_key for r in requests} == set(names[1:])
 
+        # names[0]'s LTA copies lost, so that archiving it is due again at both sites: the
+        # backfill in flight at us leaves only cologne's.
+        from ccat_dt.opsdb.models import CopyStatus, LocationType
+        from ccat_dt.packages import get_package
+
+        with opsdb.session() as session:
+            for copy in get_package(session, names[0]).copies:
+                if copy.location.location_type == LocationType.LONG_TERM_ARCHIVE:
+                    copy.status = CopyStatus.DELETED
         lta = repository.get_sensor_def("lta_copy_sensor")
         with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
                                   repository_def=repository,

@@ -1,5 +1,5 @@
 """What the stage modules share: how a step fails (retried, or once with its cause as the
-headline) and how a copy stage plans its placement and re-reads its copy for a check."""
+headline) and how a copy stage plans its placement and reports its copy's verification."""
 
 from dagster import AssetCheckResult, Backoff, Failure, RetryPolicy
 
@@ -31,9 +31,13 @@ def planned(deployment: Deployment, package: str, site: str, kind: LocationType)
         raise permanent(exc) from exc
 
 
-def reread(deployment: Deployment, package: str, site: str,
-           kind: LocationType) -> AssetCheckResult:
-    verification = check_stage(deployment.opsdb, deployment.config, package, site, kind)
+def verified(deployment: Deployment, package: str, site: str, kind: LocationType,
+             run_id: str | None = None) -> AssetCheckResult:
+    """The copy's verification: the read run `run_id` did of it (the transport's landed-bytes
+    hash), else a re-read now; the evidence (checksum, when, by what, operation) as metadata."""
+    verification = check_stage(deployment.opsdb, deployment.config, package, site, kind,
+                               run_id=run_id)
     return AssetCheckResult(passed=verification.passed, description=verification.description,
                             metadata={"path": verification.path or "",
-                                      "copy_id": verification.copy_id or 0})
+                                      "copy_id": verification.copy_id or 0,
+                                      **verification.evidence})

@@ -16,7 +16,7 @@ from dagster import (
 )
 
 from ccat_assets.partitions import package_site_partitions, split_key
-from ccat_assets.stages.common import GROUP, planned, reread, transient_retries
+from ccat_assets.stages.common import GROUP, planned, transient_retries, verified
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.references import Placement
@@ -44,8 +44,10 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
                  blocking=True)
     def lta_copy_checksum(context: AssetCheckExecutionContext,
                           deployment: Deployment) -> AssetCheckResult:
-        """The copy in the site's long-term archive re-reads to the package checksum."""
+        """The copy in the site's long-term archive read on its storage to the package checksum:
+        by the transport on the landed bytes when this run placed it, else re-read now."""
         package, site = split_key(context.partition_key)
-        return reread(deployment, package, site, LocationType.LONG_TERM_ARCHIVE)
+        return verified(deployment, package, site, LocationType.LONG_TERM_ARCHIVE,
+                        run_id=context.run.run_id)
 
     return [lta_copy_checksum]

@@ -16,7 +16,7 @@ from dagster import (
 )
 
 from ccat_assets.partitions import package_partitions
-from ccat_assets.stages.common import GROUP, permanent, reread, transient_retries
+from ccat_assets.stages.common import GROUP, permanent, transient_retries, verified
 from ccat_dt import packages as package_builds
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
@@ -83,6 +83,6 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
     def package_checksum(context: AssetCheckExecutionContext,
                          deployment: Deployment) -> AssetCheckResult:
         """The tar at the observatory buffer re-reads to the recorded package checksum."""
-        return reread(deployment, context.partition_key, observatory, LocationType.BUFFER)
+        return verified(deployment, context.partition_key, observatory, LocationType.BUFFER)
 
     return [raw_files_present, package_checksum]

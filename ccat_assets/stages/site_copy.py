@@ -15,7 +15,7 @@ from dagster import (
 )
 
 from ccat_assets.partitions import by_package, package_site_partitions, split_key
-from ccat_assets.stages.common import GROUP, planned, reread, transient_retries
+from ccat_assets.stages.common import GROUP, planned, transient_retries, verified
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.references import Placement
@@ -23,6 +23,10 @@ from resources.deployment import Deployment
 
 ASSETS = ("site_copies",)
 job = define_asset_job("site_copy_job", AssetSelection.assets(*ASSETS))
+# The copy and its archiving into the same site's LTA in one run (Dagster orders the steps:
+# lta_copies after site_copies and its blocking check); see stages.copy_job for where it is used.
+with_archive = define_asset_job("site_copy_archive_job",
+                                AssetSelection.assets(*ASSETS, "lta_copies"))
 
 
 def assets(config: Config) -> list[AssetsDefinition]:
@@ -43,8 +47,10 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
                  blocking=True)
     def site_copy_checksum(context: AssetCheckExecutionContext,
                            deployment: Deployment) -> AssetCheckResult:
-        """The copy in the site's buffer re-reads to the package checksum."""
+        """The copy in the site's buffer read on its storage to the package checksum:
+        by the transport on the landed bytes when this run placed it, else re-read now."""
         package, site = split_key(context.partition_key)
-        return reread(deployment, package, site, LocationType.BUFFER)
+        return verified(deployment, package, site, LocationType.BUFFER,
+                        run_id=context.run.run_id)
 
     return [site_copy_checksum]
