@@ -18,6 +18,9 @@ from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
     LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
     PackageCopy,
     PackageState,
     PhysicalCopy,
@@ -103,14 +106,26 @@ def site_copies_due(session: Session, config: Config, after_id: int, limit: int 
 def lta_copies_due(session: Session, config: Config, after_id: int, limit: int = PAGE) -> Page:
     """A verified copy in an archive site's buffer is archived into that site's LTA, unless
     that holds a verified copy already (the copy's own run archived it, in the embedded
-    default)."""
+    default) or an attempt to archive it since the copy was made failed or is still open: a
+    failed or dead attempt is the re-attempt sensor's, after its back-off (an immediate second
+    run would skip the back-off, and retry what no retry fixes)."""
     copies = _new_copies(session, after_id, LocationType.BUFFER, limit)
     due = [Due(c.package.name, c.location.site.short_name, c.id, c.location.site.short_name)
            for c in copies
            if c.is_verified and c.location.site.short_name != config.settings.observatory
            and not any(a.is_verified for a in copies_at(
-               session, c.package, LocationType.LONG_TERM_ARCHIVE, c.location.site.short_name))]
+               session, c.package, LocationType.LONG_TERM_ARCHIVE, c.location.site.short_name))
+           and not _archive_failed_or_running(session, c)]
     return Page(due, copies[-1].id if copies else after_id)
+
+
+def _archive_failed_or_running(session: Session, buffer_copy: PackageCopy) -> bool:
+    return session.scalar(select(Operation.id).where(
+        Operation.package_id == buffer_copy.package_id,
+        Operation.operation_type == OperationType.ARCHIVE,
+        Operation.status.in_([OperationStatus.FAILED, OperationStatus.IN_PROGRESS]),
+        Operation.source_location_id == buffer_copy.location_id,
+        Operation.started_at >= buffer_copy.created_at).limit(1)) is not None
 
 
 def _held_at(session: Session, package: RawDataPackage, site: str) -> bool:
