@@ -174,6 +174,19 @@ class Transport(Protocol):
         ...
 
 
+def one_by_one(transport: Transport, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
+               ) -> list[TransferResult | TransferError]:
+    """`copy_many` for a transport without a batch session: each file copied on its own, an
+    error in its place."""
+    out: list[TransferResult | TransferError] = []
+    for source, destination, checksum in pairs:
+        try:
+            out.append(transport.copy(source, destination, checksum))
+        except TransferError as exc:
+            out.append(exc)
+    return out
+
+
 def unmarked(endpoint: Endpoint) -> TransferError:
     """The error for a destination whose location marker is missing: nothing was written."""
     where = f" on {endpoint.host}" if endpoint.host else ""

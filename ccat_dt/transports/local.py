@@ -21,6 +21,7 @@ from ccat_dt.transports.base import (
     TransferResult,
     claim_temporary,
     fsync_directory,
+    one_by_one,
     start_writeback,
     temporary_name,
     unmarked,
@@ -62,13 +63,7 @@ class LocalTransport:
 
     def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
                   ) -> list[TransferResult | TransferError]:
-        out: list[TransferResult | TransferError] = []
-        for source, destination, checksum in pairs:
-            try:
-                out.append(self.copy(source, destination, checksum))
-            except TransferError as exc:
-                out.append(exc)
-        return out
+        return one_by_one(self, pairs)
 
     def _landed(self, temporary: Path) -> None:
         """Called after each slice is written, before it is read back; nothing to do here (tests

@@ -334,6 +334,21 @@ _VERIFY_AND_RENAME_SCRIPT = (
 Recorder = Callable[[Sequence[str], CompletedRun, float], None]
 
 
+def _run_recorded(argv: Sequence[str], timeout_s: float,
+                  record: Recorder | None) -> CompletedRun:
+    """`run`, its output handed to `record` (the operation's log) even when it timed out."""
+    started = time.monotonic()
+    try:
+        done = run(argv, timeout_s=timeout_s)
+    except CommandTimeout as exc:
+        if record is not None:
+            record(argv, CompletedRun(-1, exc.stdout, exc.stderr), time.monotonic() - started)
+        raise
+    if record is not None:
+        record(argv, done, time.monotonic() - started)
+    return done
+
+
 def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint,
                              expected: str, *, record: Recorder | None = None,
                              timeout_s: float = HASH_TIMEOUT_S) -> tuple[str, int]:
@@ -352,15 +367,7 @@ def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint
         return digest, size
     argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_SCRIPT, "sh", source,
                                       target, directory, expected])
-    started = time.monotonic()
-    try:
-        done = run(argv, timeout_s=timeout_s)
-    except CommandTimeout as exc:
-        if record is not None:
-            record(argv, CompletedRun(-1, exc.stdout, exc.stderr), time.monotonic() - started)
-        raise
-    if record is not None:
-        record(argv, done, time.monotonic() - started)
+    done = _run_recorded(argv, timeout_s, record)
     lines = done.stdout.splitlines()
     if done.rc != 0:
         if len(lines) >= 2:  # verified (both lines printed): sync or mv failed
@@ -511,15 +518,7 @@ def remote_verify_and_rename_many(ssh: SshSettings,
         arguments += [check_path(landed.path), check_path(final.path), expected]
     argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_MANY_SCRIPT, "sh",
                                       *arguments])
-    started = time.monotonic()
-    try:
-        done = run(argv, timeout_s=timeout_s)
-    except CommandTimeout as exc:
-        if record is not None:
-            record(argv, CompletedRun(-1, exc.stdout, exc.stderr), time.monotonic() - started)
-        raise
-    if record is not None:
-        record(argv, done, time.monotonic() - started)
+    done = _run_recorded(argv, timeout_s, record)
     if done.rc == 127 or "xxhsum: not found" in done.stderr or (
             "xxhsum" in done.stderr and "command not found" in done.stderr):
         raise TransferError(f"xxhsum not found on {host}: install the Debian package xxhash "

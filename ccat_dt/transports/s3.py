@@ -30,6 +30,7 @@ from ccat_dt.transports.base import (
     TransferResult,
     claim_temporary,
     fsync_directory,
+    one_by_one,
     temporary_name,
 )
 
@@ -75,13 +76,7 @@ class S3Transport:
 
     def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
                   ) -> list[TransferResult | TransferError]:
-        out: list[TransferResult | TransferError] = []
-        for source, destination, checksum in pairs:
-            try:
-                out.append(self.copy(source, destination, checksum))
-            except TransferError as exc:
-                out.append(exc)
-        return out
+        return one_by_one(self, pairs)
 
     def _upload(self, source: Path, destination: Endpoint, expected: str) -> TransferResult:
         started = time.monotonic()
