@@ -6,6 +6,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy import select, update
@@ -233,12 +234,7 @@ def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: i
     for bad in package.copies:  # the corrupt (or superseded) tar this build overwrote
         if (bad.id != copy.id and bad.location_id == buffer_id and bad.status
                 == CopyStatus.CORRUPT and bad.relative_path == copy.relative_path):
-            bad.status, bad.deleted_at = CopyStatus.DELETED, now
-            session.add(Operation(
-                operation_type=OperationType.DELETION, status=OperationStatus.COMPLETED,
-                package=package, copy_id=bad.id, source_location_id=bad.location_id,
-                reason=f"superseded by rebuilt copy {copy.id}", started_at=now,
-                finished_at=now, evidence={"superseded_by": copy.id}))
+            overwritten(session, package, bad, f"rebuilt copy {copy.id}", copy.id, now)
     return copy
 
 
@@ -279,6 +275,18 @@ def supersede(session: Session, operation: Operation) -> None:
                 error=f"never finished (its process died?); superseded by operation "
                       f"{operation.id}, which recorded the copy")
         .execution_options(synchronize_session=False))
+
+
+def overwritten(session: Session, package: RawDataPackage, old: PackageCopy, by: str,
+                new_id: int, now: datetime) -> None:
+    """Record a copy whose file a new copy replaced in place (a rebuild, a repair): DELETED,
+    with the deletion operation saying what superseded it, so certificates stay explained."""
+    old.status, old.deleted_at = CopyStatus.DELETED, now
+    session.add(Operation(
+        operation_type=OperationType.DELETION, status=OperationStatus.COMPLETED,
+        package=package, copy_id=old.id, source_location_id=old.location_id,
+        reason=f"superseded by {by}", started_at=now, finished_at=now,
+        evidence={"superseded_by": new_id}))
 
 
 def get_package(session: Session, name: str) -> RawDataPackage:

@@ -28,7 +28,7 @@ from ccat_dt.opsdb.models import (
     StorageType,
     utcnow,
 )
-from ccat_dt.packages import get_package, lock_package, package_path, supersede
+from ccat_dt.packages import get_package, lock_package, overwritten, package_path, supersede
 from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
@@ -306,12 +306,7 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
             session.add(copy)
             session.flush()
             for bad in stale:  # overwritten by this repair: superseded, on the record
-                bad.status, bad.deleted_at = CopyStatus.DELETED, now
-                session.add(Operation(
-                    operation_type=OperationType.DELETION, status=OperationStatus.COMPLETED,
-                    package=package, copy_id=bad.id, source_location_id=bad.location_id,
-                    reason=f"superseded by repaired copy {copy.id}", started_at=now,
-                    finished_at=now, evidence={"superseded_by": copy.id}))
+                overwritten(session, package, bad, f"repaired copy {copy.id}", copy.id, now)
         operation = session.get_one(Operation, job.operation_id)
         operation.log_path, operation.transport = result.log_path, transport
         supersede(session, operation)

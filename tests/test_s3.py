@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -263,8 +264,7 @@ def test_audit_finds_a_deleted_object_a_dark_one_and_an_unfinished_upload(
         assert begun["UploadId"] in found[(PARTIAL, f"{root}/stray/big.tar")].detail
 
         # Repair: the lost copy stops counting; an upload abandoned for a day is aborted.
-        later = __import__("datetime").datetime.now(__import__("datetime").UTC) + \
-            __import__("datetime").timedelta(hours=25)
+        later = datetime.now(UTC) + timedelta(hours=25)
         repaired = audit(opsdb, config=deployment, repair=True, now=later)
         assert any("aborted abandoned multipart upload of stray/big.tar" in r
                    for r in repaired.repaired)
@@ -279,7 +279,6 @@ def test_audit_finds_a_deleted_object_a_dark_one_and_an_unfinished_upload(
 def test_deletion_recheck_looks_at_the_bucket(
         deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
         instance: DagsterInstance) -> None:  # noqa: F811
-    from datetime import timedelta
 
     from ccat_dt.opsdb.models import utcnow
     from ccat_dt.recheck import recheck_lta_copies

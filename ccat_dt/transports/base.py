@@ -174,6 +174,12 @@ class Transport(Protocol):
         ...
 
 
+# A write refused for one of these is the destination's state (full, read-only, no right, no
+# directory), not the link: retrying within the run cannot help.
+PERMANENT_ERRNO = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                             errno.EROFS, errno.ENOENT})
+
+
 def one_by_one(transport: Transport, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
                ) -> list[TransferResult | TransferError]:
     """`copy_many` for a transport without a batch session: each file copied on its own, an

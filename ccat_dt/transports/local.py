@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
+    PERMANENT_ERRNO,
     Endpoint,
     TransferError,
     TransferResult,
@@ -27,7 +28,6 @@ from ccat_dt.transports.base import (
     unmarked,
 )
 
-_PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
 SLICE_SIZE = 64 * 1024 * 1024
 # copy_file_range refuses some pairs of file systems and some file systems altogether.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
@@ -126,5 +126,5 @@ class LocalTransport:
             fsync_directory(destination.parent)
         except OSError as exc:
             raise TransferError(f"local copy {source} -> {destination} failed: {exc}",
-                                retryable=exc.errno not in _PERMANENT) from exc
+                                retryable=exc.errno not in PERMANENT_ERRNO) from exc
         return TransferResult(bytes=size, seconds=time.monotonic() - started, checksum=actual)

@@ -7,7 +7,6 @@ The remote side needs only coreutils and the Debian package `xxhash` (for `xxhsu
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shlex
@@ -23,6 +22,7 @@ from typing import Any
 
 from ccat_dt.checksums import hash_file
 from ccat_dt.transports.base import (
+    PERMANENT_ERRNO,
     Endpoint,
     SshSettings,
     TransferError,
@@ -46,8 +46,6 @@ _PERMANENT = ("Permission denied", "No space left on device", "Disk quota exceed
               "command not found")
 
 # Local failures that retrying cannot fix (as in LocalTransport).
-_PERMANENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
-                    errno.ENOENT}
 
 _GNU_LINE = re.compile(r"^\\?([0-9a-fA-F]{32}) [ *](.*)$")
 _BSD_LINE = re.compile(r"^\\?XXH128 \((.*)\) = ([0-9a-fA-F]{32})$")
@@ -61,7 +59,7 @@ class CompletedRun:
 
 
 def _local_error(message: str, exc: OSError) -> TransferError:
-    return TransferError(f"{message}: {exc}", retryable=exc.errno not in _PERMANENT_ERRNO)
+    return TransferError(f"{message}: {exc}", retryable=exc.errno not in PERMANENT_ERRNO)
 
 
 def check_host(host: str) -> str:

@@ -13,7 +13,6 @@ The other end is a file on the machine running the step.
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 import time
@@ -25,6 +24,7 @@ from ccat_dt.objectstore import ObjectStore, Stores
 from ccat_dt.progress import Progress
 from ccat_dt.storage import StorageUnavailable
 from ccat_dt.transports.base import (
+    PERMANENT_ERRNO,
     Endpoint,
     TransferError,
     TransferResult,
@@ -33,8 +33,6 @@ from ccat_dt.transports.base import (
     one_by_one,
     temporary_name,
 )
-
-_PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
 
 
 def _counter(progress: Progress) -> Callable[[int], None]:
@@ -86,7 +84,7 @@ class S3Transport:
             size = source.stat().st_size
         except OSError as exc:
             raise TransferError(f"cannot read {source}: {exc}",
-                                retryable=exc.errno not in _PERMANENT) from exc
+                                retryable=exc.errno not in PERMANENT_ERRNO) from exc
         progress = Progress("transfer", PurePosixPath(relative).name, size)
         store.upload(source, relative, expected, _counter(progress))
         progress.finish()
@@ -130,7 +128,7 @@ class S3Transport:
             fsync_directory(destination.parent)
         except OSError as exc:
             raise TransferError(f"copy {source} -> {destination} failed: {exc}",
-                                retryable=exc.errno not in _PERMANENT) from exc
+                                retryable=exc.errno not in PERMANENT_ERRNO) from exc
         progress.finish()
         return TransferResult(bytes=size, seconds=time.monotonic() - started, checksum=actual,
                               streams=store.settings.max_concurrency)
