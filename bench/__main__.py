@@ -37,10 +37,12 @@ TITLES = {
     "purge": "9. Deletion-time re-check: the purge of archived packages",
     "status": "10. `ccat-dt status` with 10^7 copies in OpsDB (PostgreSQL)",
     "s3": "11. Archiving to S3: S3Transport vs boto3 upload_file + download-and-hash",
+    "endtoend": "12. End to end: one large observation through drive() vs the disk's limit",
 }
 
 
 def _runners() -> dict[str, Callable[[Settings, SectionResult, Callable[[str], None]], None]]:
+    from bench.endtoend import bench_endtoend
     from bench.files import bench_copy, bench_hash, bench_package
     from bench.lifecycle import bench_lifecycle
     from bench.opsdb import bench_opsdb, bench_years
@@ -53,7 +55,7 @@ def _runners() -> dict[str, Callable[[Settings, SectionResult, Callable[[str], N
     return {"hash": bench_hash, "package": bench_package, "copy": bench_copy,
             "remote": bench_remote, "lifecycle": bench_lifecycle, "opsdb": bench_opsdb,
             "years": bench_years, "service": bench_service, "purge": bench_purge,
-            "status": bench_status, "s3": bench_s3}
+            "status": bench_status, "s3": bench_s3, "endtoend": bench_endtoend}
 
 
 def _jsonable(value: Any) -> Any:

@@ -58,6 +58,10 @@ class Settings:
     service_singles: int = 300
     status_copies: int = 10**7
     s3_mib: int = 1024  # package archived to the S3 server in section 11
+    e2e_mib: int = 4096  # the observation of section 12
+    e2e_modules: int = 4
+    e2e_files: int = 16  # per module
+    e2e_rounds: int = 3
 
     @classmethod
     def from_env(cls, repo: Path) -> Settings:
@@ -93,6 +97,8 @@ class Settings:
             service_singles=_env_int("CCAT_BENCH_SERVICE_SINGLES", q(300, 50)),
             status_copies=_env_int("CCAT_BENCH_STATUS_COPIES", q(10**7, 10**5)),
             s3_mib=_env_int("CCAT_BENCH_S3_MIB", q(1024, 128)),
+            e2e_mib=_env_int("CCAT_BENCH_E2E_MIB", q(4096, 256)),
+            e2e_rounds=_env_int("CCAT_BENCH_E2E_ROUNDS", q(3, 1)),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -100,7 +106,7 @@ class Settings:
 
 
 SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "service",
-            "purge", "status", "s3"]
+            "purge", "status", "s3", "endtoend"]
 
 
 # -- timing -------------------------------------------------------------------------------------

@@ -2,7 +2,11 @@
 packages filed as instruments do, then `drive()` (the real sensors, runs in-process) until idle.
 
 python -m bench.lifecycle_worker --root DIR --packages N --out RESULT.json
+    [--modules K] [--files F --file-kib S] [--no-data-work]
     [--profile STATS.prof] [--event-log consolidated] [--postgres URL]
+
+N observations, each filed for the first K instrument modules of the embedded default (one
+package per observation and module).
 
 Also measured, before driving: the same bytes hashed and copied directly (one build_package per
 package, the four copies a package makes and the five re-reads its checks make), so that the
@@ -22,26 +26,36 @@ import warnings
 from pathlib import Path
 
 MODULE = "primecam/f280"
+CHUNK = 64 * 2**20
 
 
-def _file_observations(root: Path, packages: int, files: int, file_bytes: int) -> float:
+def _write_random(path: Path, size: int) -> None:
+    with open(path, "wb") as stream:
+        for offset in range(0, size, CHUNK):
+            stream.write(os.urandom(min(CHUNK, size - offset)))
+
+
+def _file_observations(root: Path, observations: int, modules: int, files: int,
+                       file_bytes: int) -> float:
     from ccat_dt.config import load_config
     from ccat_dt.filing import file_directory, finish_observation, start_observation
     from ccat_dt.opsdb.database import OpsDB
 
     config = load_config(root / "ccat-dt.yaml")
+    names = [f"{i.name}/{m}" for i in config.settings.instruments for m in i.modules][:modules]
     opsdb = OpsDB(config.opsdb_url)
     source = config.resolve_root("sites/ccat/instruments")
     started = time.perf_counter()
-    for n in range(packages):
+    for n in range(observations):
         observation = f"obs-{n:05d}"
         start_observation(opsdb, observation)
-        directory = source / observation / MODULE
-        directory.mkdir(parents=True, exist_ok=True)
-        for i in range(files):
-            (directory / f"scan-{i:03d}.dat").write_bytes(os.urandom(file_bytes))
-        file_directory(opsdb, observation=observation, module=MODULE,
-                       directory=f"{observation}/{MODULE}")
+        for module in names:
+            directory = source / observation / module
+            directory.mkdir(parents=True, exist_ok=True)
+            for i in range(files):
+                _write_random(directory / f"scan-{i:03d}.dat", file_bytes)
+            file_directory(opsdb, observation=observation, module=module,
+                           directory=f"{observation}/{module}")
         finish_observation(opsdb, observation)
     opsdb.dispose()
     return time.perf_counter() - started
@@ -83,9 +97,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--packages", type=int, required=True)
+    parser.add_argument("--modules", type=int, default=1)
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--file-kib", type=int, default=64)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-data-work", action="store_true",
+                        help="skip the orchestration-free reference (end-to-end section)")
     parser.add_argument("--profile", type=Path)
     parser.add_argument("--event-log", choices=["default", "consolidated"], default="default")
     parser.add_argument("--postgres", metavar="URL",
@@ -114,8 +131,10 @@ def main() -> None:
         with open(home / "dagster.yaml", "a") as stream:
             stream.write(f"\nstorage:\n  postgres:\n    postgres_url: {args.postgres}\n")
 
-    filing_s = _file_observations(root, args.packages, args.files, args.file_kib * 1024)
-    data_s = _data_work(root, root.parent / f"{root.name}-data-work")
+    filing_s = _file_observations(root, args.packages, args.modules, args.files,
+                                  args.file_kib * 1024)
+    data_s = (0.0 if args.no_data_work
+              else _data_work(root, root.parent / f"{root.name}-data-work"))
 
     from ccat_assets.definitions import build_definitions
     from ccat_assets.driver import drive
@@ -126,6 +145,8 @@ def main() -> None:
     instance = open_instance(config)
     defs = build_definitions(config)
     profiler = cProfile.Profile() if args.profile else None
+    os.sync()  # the filing's dirty pages are not the drive's to write
+    cpu_before = _cpu_s()
     started = time.perf_counter()
     if profiler:
         profiler.enable()
@@ -134,6 +155,7 @@ def main() -> None:
         profiler.disable()
         profiler.dump_stats(str(args.profile))
     drive_s = time.perf_counter() - started
+    cpu_s = _cpu_s() - cpu_before
 
     runs = []
     for record in instance.get_run_records():
@@ -144,9 +166,12 @@ def main() -> None:
     from ccat_dt.opsdb.database import OpsDB
     from ccat_dt.report import summarize
 
-    summary = summarize(OpsDB(config.opsdb_url))
+    opsdb = OpsDB(config.opsdb_url)
+    summary = summarize(opsdb)
     args.out.write_text(json.dumps({
-        "packages": args.packages, "files_per_package": args.files,
+        "packages": args.packages * args.modules, "files_per_package": args.files,
+        "raw_bytes": args.packages * args.modules * args.files * args.file_kib * 1024,
+        "written_bytes": _written_bytes(opsdb), "cpu_s": cpu_s,
         "file_bytes": args.file_kib * 1024, "event_log": args.event_log,
         "filing_s": filing_s, "data_s": data_s, "drive_s": drive_s,
         "launched": len(report.launched), "failed": report.failed, "rounds": report.rounds,
@@ -154,6 +179,28 @@ def main() -> None:
     }))
     instance.dispose()
     sys.exit(0)
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of the children it waited for (a parallel drive's)."""
+    import resource
+
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _written_bytes(opsdb: object) -> int:
+    """Bytes of every package copy the lifecycle made (the tar, buffers, LTAs), purged or
+    not: what the disk had to write durably, read from OpsDB's copy records."""
+    from sqlalchemy import func, select
+
+    from ccat_dt.opsdb.database import OpsDB
+    from ccat_dt.opsdb.models import PackageCopy
+
+    assert isinstance(opsdb, OpsDB)
+    with opsdb.session() as session:
+        return int(session.scalar(select(func.coalesce(func.sum(PackageCopy.size), 0))) or 0)
 
 
 if __name__ == "__main__":

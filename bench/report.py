@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import endtoend
 from bench.common import Comparison, SectionResult, Settings, Stats, fmt_s
 
 
@@ -716,13 +717,13 @@ def _s3(r: SectionResult) -> list[str]:
 
 RENDER = {"hash": _hash, "package": _package, "copy": _copy, "remote": _remote,
           "lifecycle": _lifecycle, "opsdb": _opsdb, "years": _years, "service": _service,
-          "purge": _purge, "status": _status, "s3": _s3}
+          "purge": _purge, "status": _status, "s3": _s3, "endtoend": endtoend.render}
 
 
 ENV_DOC = [
     ("CCAT_BENCH_QUICK", "1: small sizes for a 1–2 minute smoke run (quick values below)"),
     ("CCAT_BENCH_SECTIONS", "comma list of hash,package,copy,remote,lifecycle,opsdb,years,"
-                            "service,purge,status,s3 (all); `python -m bench service` "
+                            "service,purge,status,s3,endtoend (all); `python -m bench service` "
                             "names them as arguments"),
     ("CCAT_BENCH_REPEAT", "rounds per comparison, at least 3 (5; quick 3; hashing, cheap and "
                           "noisy, uses at least 15)"),
@@ -751,6 +752,9 @@ ENV_DOC = [
     ("CCAT_BENCH_POSTGRES_URL", "the PostgreSQL server sections 5 and 10 make scratch "
                                 "databases on (postgresql://postgres@127.0.0.1:5432/postgres)"),
     ("CCAT_BENCH_S3_MIB", "package archived to the S3 server in section 11 (1024; quick 128)"),
+    ("CCAT_BENCH_E2E_MIB", "the observation driven end to end in section 12 (4096; quick 256), "
+                           "4 modules x 16 files"),
+    ("CCAT_BENCH_E2E_ROUNDS", "section 12's rounds, drive and disk alternately (3; quick 1)"),
     ("CCAT_BENCH_DIR", "where scratch data goes ($TMPDIR or /tmp); needs ~8 GB free (section 7's "
                        "OpsDB reaches ~7 GB)"),
     ("CCAT_BENCH_KEEP", "1: keep the scratch directory"),

@@ -1,0 +1,126 @@
+"""Section 12: one large observation through the whole lifecycle (`drive()` on the embedded
+default), against the limit of this machine's disk: the durable write rate measured in the
+same run, divided by the bytes the lifecycle must write per raw byte (the tar, each archive's
+buffer copy and LTA copy: five with two archives). Both are measured alternately, so that the
+same background load hits both.
+
+ratio = the disk's time for the lifecycle's writes ÷ the drive's time = the fraction of the
+disk's limit the lifecycle reaches (goal ≥ 0.8)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.common import MIB, Comparison, SectionResult, Settings, Stats, fmt_s, interleaved
+from bench.lifecycle import _worker
+
+CHUNK = 8 * MIB
+
+
+def durable_write_s(path: Path, size: int) -> float:
+    """Seconds to write `size` random bytes to `path` and fsync them (then removed): the
+    disk's durable write rate as the lifecycle meets it, one stream of large writes."""
+    import time
+
+    block = os.urandom(CHUNK)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(size // CHUNK):
+            os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return seconds
+
+
+def bench_endtoend(settings: Settings, result: SectionResult,
+                   log: Callable[[str], None]) -> None:
+    modules, files = settings.e2e_modules, settings.e2e_files
+    file_mib = max(1, settings.e2e_mib // (modules * files))
+    raw = modules * files * file_mib * MIB
+    runs: list[dict[str, object]] = []
+    writes: list[float] = []
+
+    def lifecycle() -> dict[str, float]:
+        data = _worker(settings, "endtoend", 1, log, "--modules", str(modules), "--no-data-work")
+        shutil.rmtree(settings.work / "endtoend", ignore_errors=True)
+        runs.append({k: v for k, v in data.items() if k != "runs"}
+                    | {"max_parallel": _max_parallel(data["runs"])})
+        writes.append(data["written_bytes"] / data["raw_bytes"])
+        return {"drive": float(data["drive_s"])}
+
+    def disk() -> dict[str, float]:
+        return {"disk": durable_write_s(settings.work / "disk-rate.bin", raw)}
+
+    saved = (settings.files_per_lifecycle_package, settings.lifecycle_file_kib)
+    settings.files_per_lifecycle_package, settings.lifecycle_file_kib = files, file_mib * 1024
+    try:
+        stats = interleaved({"lifecycle": lifecycle, "disk": disk}, settings.e2e_rounds,
+                            warmup=0, log=log)
+    finally:
+        settings.files_per_lifecycle_package, settings.lifecycle_file_kib = saved
+    per_raw = sorted(writes)[len(writes) // 2]
+    rate = Stats([raw / s / 1e6 for s in stats["disk"].values])
+    # the disk's time for all the lifecycle's writes
+    disk = Stats([s * per_raw for s in stats["disk"].values])
+    ours = Stats([raw / s / 1e6 for s in stats["drive"].values])
+    result.facts.update({
+        "size": (f"one observation of {raw / 2**30:.3g} GiB: {modules} instrument modules x "
+                 f"{files} files of {file_mib} MiB (one package per module), embedded default "
+                 "(SQLite OpsDB and Dagster instance, local transport, every site on this "
+                 "machine's one disk)"),
+        "writes_per_raw_byte": per_raw,
+        "durable_write_mb_s": rate.as_dict(), "raw_mb_s": ours.as_dict(),
+        "limit_raw_mb_s": rate.median / per_raw, "runs": runs,
+    })
+    result.comparisons.append(Comparison(
+        "endtoend", f"{raw / 2**30:.3g} GiB observation through drive(): fraction of the "
+        "disk's limit (durable write time of the lifecycle's bytes / drive time)",
+        stats["drive"], disk, 0.8, "drive", "durable writes"))
+    log(f"  raw {ours.median:.0f} MB/s; disk {rate.median:.0f} MB/s durable / {per_raw:.2f} "
+        f"writes per raw byte = limit {rate.median / per_raw:.0f} MB/s of raw data")
+
+
+def _max_parallel(runs: list[dict[str, float | None]]) -> int:
+    """Most runs in flight at one moment (from their start and end times)."""
+    edges = sorted([(r["start"], 1) for r in runs if r["start"] and r["end"]]
+                   + [(r["end"], -1) for r in runs if r["start"] and r["end"]],
+                   key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def render(r: SectionResult) -> list[str]:
+    f = r.facts
+    if not r.comparisons:
+        return []
+    c = r.comparisons[0]
+    rate = Stats(f["durable_write_mb_s"]["values"])
+    lines = [f"- size: {f['size']}",
+             f"- the disk's durable write rate (one stream, 8 MiB writes, then fsync), measured "
+             f"alternately with the drives: {rate.text('MB/s')}",
+             f"- bytes written per raw byte, from OpsDB's copy records: "
+             f"{f['writes_per_raw_byte']:.3f}",
+             f"- the limit: {f['limit_raw_mb_s']:.0f} MB/s of raw data",
+             f"- the drive: {Stats(f['raw_mb_s']['values']).text('MB/s')} of raw data, "
+             f"{c.ours.text()}", ""]
+    lines += ["| round | drive | raw MB/s | runs | most runs at once | CPU s (cores busy) |",
+              "|---|---|---|---|---|---|"]
+    for n, run in enumerate(f["runs"], 1):
+        drive_s = float(run["drive_s"])
+        lines.append(f"| {n} | {fmt_s(drive_s)} s | {run['raw_bytes'] / drive_s / 1e6:.0f} | "
+                     f"{run['launched']} | {run['max_parallel']} | {run['cpu_s']:.0f} "
+                     f"({run['cpu_s'] / drive_s:.2f}) |")
+    lines += ["", f"Fraction of the limit (ratio of medians): **{c.ratio:.2f}** (best runs "
+              f"{c.best_ratio:.2f}); goal ≥ {c.goal:g}: {c.verdict}."]
+    return lines
