@@ -69,7 +69,7 @@ def bench_endtoend(settings: Settings, result: SectionResult,
     per_raw = sorted(writes)[len(writes) // 2]
     rate = Stats([raw / s / 1e6 for s in stats["disk"].values])
     # the disk's time for all the lifecycle's writes
-    disk = Stats([s * per_raw for s in stats["disk"].values])
+    durable = Stats([s * per_raw for s in stats["disk"].values])
     ours = Stats([raw / s / 1e6 for s in stats["drive"].values])
     result.facts.update({
         "size": (f"one observation of {raw / 2**30:.3g} GiB: {modules} instrument modules x "
@@ -83,7 +83,7 @@ def bench_endtoend(settings: Settings, result: SectionResult,
     result.comparisons.append(Comparison(
         "endtoend", f"{raw / 2**30:.3g} GiB observation through drive(): fraction of the "
         "disk's limit (durable write time of the lifecycle's bytes / drive time)",
-        stats["drive"], disk, 0.8, "drive", "durable writes"))
+        stats["drive"], durable, 0.8, "drive", "durable writes"))
     log(f"  raw {ours.median:.0f} MB/s; disk {rate.median:.0f} MB/s durable / {per_raw:.2f} "
         f"writes per raw byte = limit {rate.median / per_raw:.0f} MB/s of raw data")
 
