@@ -20,6 +20,7 @@ STAGE_OF_JOB = {"package_job": "package (raw_files + packages)",
                 "site_copy_job": "site_copies", "lta_copy_job": "lta_copies",
                 "site_copy_archive_job": "site_copies + lta_copies",
                 "purge_job": "purge_status", "staging_job": "staged_copies"}
+GOAL_S = 0.25  # orchestration per package per stage (issue 17)
 OURS = ("/ccat_dt/", "/ccat_assets/", "/resources/", "/sensors/", "/bench/")
 
 
@@ -152,8 +153,8 @@ def bench_lifecycle(settings: Settings, result: SectionResult,
         "outside_runs_s": main["drive_s"] - in_runs, "stages": stages, "growth": _growth(main),
         "extrapolated_500_s": per_package * 500,
     })
-    result.facts["goal"] = {"goal_s": 0.5, "measured_s": per_run,
-                            "verdict": "PASS" if per_run <= 0.5 else "MISS"}
+    result.facts["goal"] = {"goal_s": GOAL_S, "measured_s": per_run,
+                            "verdict": "PASS" if per_run <= GOAL_S else "MISS"}
     log(f"  drive {fmt_s(main['drive_s'])} s, data work {fmt_s(main['data_s'])} s, "
         f"{launched} runs: {per_run:.3f} s overhead per stage run")
 

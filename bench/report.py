@@ -79,7 +79,7 @@ def _summary(results: list[SectionResult]) -> list[str]:
             g = r.facts["goal"]
             lines.append(f"| 5 | orchestration overhead per package per stage (one Dagster run) "
                          f"| {g['measured_s']:.2f} s ({r.facts['main']['packages']} packages, "
-                         f"{r.facts['runs_per_package']:.0f} stage runs each) | ≤ 0.5 s | "
+                         f"{r.facts['runs_per_package']:.0f} stage runs each) | ≤ {g['goal_s']:g} s | "
                          f"{'PASS' if g['verdict'] == 'PASS' else '**MISS**'} |")
         if r.name == "opsdb" and r.facts.get("sizes"):
             big = _largest(r.facts["sizes"])
@@ -282,15 +282,17 @@ def _lifecycle(r: SectionResult) -> list[str]:
         "",
         "| quantity | value |", "|---|---|",
         f"| drive() wall time, {n} packages | {fmt_s(main['drive_s'])} s |",
-        f"| the same bytes built, copied 4x and re-hashed 5x directly (no orchestration) | "
+        f"| the same bytes built and copied 4x with verification, directly, one at a time (no "
+        f"orchestration) | "
         f"{fmt_s(main['data_s'])} s |",
         f"| orchestration overhead (difference) | {fmt_s(f['overhead_s'])} s |",
         f"| Dagster runs launched | {main['launched']} ({f['runs_per_package']:.1f} per package)"
         f" in {main['rounds']} sensor rounds |",
         f"| overhead per package | {f['per_package_s']:.2f} s |",
         f"| **overhead per package per stage (one run)** | **{f['per_stage_run_s']:.2f} s** "
-        f"(goal ≤ 0.5 s: {f['goal']['verdict']}) |",
-        f"| time inside runs (Dagster run start → end, summed) | {fmt_s(f['inside_runs_s'])} s |",
+        f"(goal ≤ {f['goal']['goal_s']:g} s: {f['goal']['verdict']}) |",
+        f"| time inside runs (Dagster run start → end, summed; runs in parallel overlap) | "
+        f"{fmt_s(f['inside_runs_s'])} s |",
         f"| time outside runs (sensor ticks, run creation, the driver's run-key checks) | "
         f"{fmt_s(f['outside_runs_s'])} s |",
         f"| median run duration, first third → last third of the runs | "
