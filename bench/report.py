@@ -79,7 +79,8 @@ def _summary(results: list[SectionResult]) -> list[str]:
             g = r.facts["goal"]
             lines.append(f"| 5 | orchestration overhead per package per stage (one Dagster run) "
                          f"| {g['measured_s']:.2f} s ({r.facts['main']['packages']} packages, "
-                         f"{r.facts['runs_per_package']:.0f} stage runs each) | ≤ {g['goal_s']:g} s | "
+                         f"{r.facts['runs_per_package']:.0f} stage runs each) | "
+                         f"≤ {g['goal_s']:g} s | "
                          f"{'PASS' if g['verdict'] == 'PASS' else '**MISS**'} |")
         if r.name == "opsdb" and r.facts.get("sizes"):
             big = _largest(r.facts["sizes"])
