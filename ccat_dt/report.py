@@ -11,6 +11,7 @@ from sqlalchemy.orm import aliased
 
 from ccat_dt.objectstore import is_object_root
 from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.totals import read as read_totals
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -54,29 +55,33 @@ class Summary:
 
 
 def summarize(opsdb: OpsDB) -> Summary:
+    """Read from the totals the database keeps (ccat_dt/opsdb/totals.py): a few rows, however
+    many files and copies there are."""
     with opsdb.session() as s:
-        files, file_bytes = s.execute(select(func.count(), func.coalesce(
-            func.sum(RawDataFile.size), 0))).one()
-        states = dict(s.execute(select(RawDataPackage.state, func.count())
-                                .group_by(RawDataPackage.state)).tuples().all())
-        package_bytes = s.scalar(select(func.coalesce(func.sum(RawDataPackage.size), 0))) or 0
-        # Counted from the (location, status) index; bytes summed over live copies only, from
-        # their own partial index: after years of purges most copies are deleted ones.
-        counts = s.execute(select(PhysicalCopy.location_id, PhysicalCopy.status, func.count())
-                           .group_by(PhysicalCopy.location_id, PhysicalCopy.status)).all()
-        live_bytes = dict(s.execute(
-            select(PhysicalCopy.location_id, func.sum(PhysicalCopy.size))
-            .where(PhysicalCopy.status.in_(LIVE)).group_by(PhysicalCopy.location_id))
-            .tuples().all())
-        deletions, deleted_bytes = s.execute(
-            select(func.count(), func.coalesce(func.sum(Operation.bytes), 0))
-            .where(Operation.operation_type == OperationType.DELETION,
-                   Operation.status == OperationStatus.COMPLETED)).one()
-        failed = s.scalar(select(func.count()).where(
-            Operation.status == OperationStatus.FAILED)) or 0
+        kept = read_totals(s.connection())
         every = s.execute(select(DataLocation.id, Site.short_name, DataLocation.name,
                                  DataLocation.location_type)
                           .select_from(DataLocation).join(Site)).all()
+    files = file_bytes = package_bytes = failed = 0
+    states: dict[str, int] = {}
+    counts: dict[tuple[int, str], int] = {}
+    live_bytes: dict[int, int] = {}
+    for (subject, location_id, status), (items, nbytes) in kept.items():
+        if subject == "raw_file":
+            files, file_bytes = files + items, file_bytes + nbytes
+        elif subject == "package":
+            if items:
+                states[status] = items
+            package_bytes += nbytes
+        elif subject == "copy":
+            counts[(location_id, status)] = items
+            if status in LIVE:
+                live_bytes[location_id] = live_bytes.get(location_id, 0) + nbytes
+        elif subject == "operation" and status.endswith(f"/{OperationStatus.FAILED.value}"):
+            failed += items
+    deletions, deleted_bytes = kept.get(
+        ("operation", 0, f"{OperationType.DELETION.value}/{OperationStatus.COMPLETED.value}"),
+        (0, 0))
     # One row per location, also those holding nothing yet, grouped by location type in
     # lifecycle order; "present" is what is on disk there: filed raw files at a source,
     # packages at buffers and archives, staged files at a processing location.
@@ -85,23 +90,21 @@ def summarize(opsdb: OpsDB) -> Summary:
         f"{site}/{name}": LocationLine(f"{site}/{name}", kind.value, 0, 0, 0, 0)
         for _, site, name, kind in sorted(every, key=lambda r: (TYPE_ORDER.get(r[3], 9), r[1],
                                                                  r[2]))}
-    for location_id, status, count in counts:
+    for (location_id, status), count in counts.items():
         key = names[location_id]
         line = lines[key]
         if status in LIVE:
             line = replace(line, present=line.present + count,
-                           present_bytes=int(live_bytes.get(location_id) or 0))
+                           present_bytes=live_bytes.get(location_id, 0))
         elif status == CopyStatus.DELETED:
             line = replace(line, deleted=count)
         elif status == CopyStatus.CORRUPT:
             line = replace(line, corrupt=count)
         lines[key] = line
     return Summary(
-        # int(): PostgreSQL's sum() of a bigint is a numeric (Decimal)
-        files=files, file_bytes=int(file_bytes),
-        packages={state.value: n for state, n in states.items()},
-        package_bytes=int(package_bytes), locations=list(lines.values()),
-        deletions=deletions, deleted_bytes=int(deleted_bytes), failed_operations=failed)
+        files=files, file_bytes=file_bytes, packages=states, package_bytes=package_bytes,
+        locations=list(lines.values()), deletions=deletions, deleted_bytes=deleted_bytes,
+        failed_operations=failed)
 
 
 def disagreements(opsdb: OpsDB, ssh: SshSettings | None = None) -> list[str]:
