@@ -11,7 +11,6 @@ from sqlalchemy.orm import aliased
 
 from ccat_dt.objectstore import is_object_root
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.totals import read as read_totals
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -20,10 +19,9 @@ from ccat_dt.opsdb.models import (
     OperationStatus,
     OperationType,
     PhysicalCopy,
-    RawDataFile,
-    RawDataPackage,
     Site,
 )
+from ccat_dt.opsdb.totals import read as read_totals
 from ccat_dt.transports.base import Endpoint, SshSettings
 from ccat_dt.transports.remote import remote_size
 
