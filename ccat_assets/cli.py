@@ -21,21 +21,12 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from ccat_dt.config import Config, ConfigError, load_config
-from ccat_dt.defaults import CONFIG_NAME, write_default_config
-from ccat_dt.filing import (
-    FilingError,
-    file_directory,
-    file_raw_files,
-    finish_observation,
-    read_manifest_file,
-    start_observation,
-)
+from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import configure_from_env
-from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate
-from ccat_dt.service.tokens import TokenError
-from ccat_dt.staging import StagingError
-from ccat_dt.topology import prepare_opsdb
+from ccat_dt.opsdb.database import OpsDB
+
+# Each command imports the domain modules it uses: `status`, `why`, `purge --plan` and `file`
+# answer in a fraction of a second, and importing what they do not use would be most of it.
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -55,6 +46,8 @@ def init(directory: Path) -> Path:
     """Write the embedded default under `directory` (keeping an existing config), migrate the
     OpsDB, mirror the topology into it and prepare the Dagster home."""
     from ccat_assets.instance import write_instance_yaml
+    from ccat_dt.defaults import CONFIG_NAME, write_default_config
+    from ccat_dt.topology import prepare_opsdb
 
     path = directory / CONFIG_NAME
     if not path.exists():
@@ -80,6 +73,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
+    from ccat_dt.topology import prepare_opsdb
+
     config = load_config(args.config)
     prepare_opsdb(config)
     print(f"OpsDB at {config.opsdb_url} is up to date")
@@ -107,6 +102,8 @@ def cmd_observation(args: argparse.Namespace) -> None:
                 answer = client.finish_observation(args.name)
                 print(f"observation {args.name} {answer['status']}")
         return
+    from ccat_dt.filing import finish_observation, start_observation
+
     opsdb = _opsdb(args)
     if args.action == "start":
         from sqlalchemy import select
@@ -132,6 +129,8 @@ def cmd_file(args: argparse.Namespace) -> None:
     if args.api:
         _file_via_api(args)
         return
+    from ccat_dt.filing import FileSpec, file_directory, file_raw_files, read_manifest_file
+
     opsdb = _opsdb(args)
     where = {"observation": args.observation, "module": args.module, "site": args.site,
              "location": args.location}
@@ -142,7 +141,6 @@ def cmd_file(args: argparse.Namespace) -> None:
     elif args.directory:
         result = file_directory(opsdb, directory=args.directory, **where)
     elif args.paths:
-        from ccat_dt.filing import FileSpec
         result = file_raw_files(opsdb, files=[FileSpec(p) for p in args.paths], **where)
     else:
         raise UsageError("nothing to file: give paths, --directory or --manifest")
@@ -168,7 +166,7 @@ def _warn_oversized(opsdb: OpsDB, config: Config, observation: str) -> None:
 
 
 def _file_via_api(args: argparse.Namespace) -> None:
-    from ccat_dt.filing import FileSpec
+    from ccat_dt.filing import FileSpec, read_manifest_file
 
     if args.manifest and args.paths:
         raise UsageError("give either --manifest or paths, not both")
@@ -339,8 +337,6 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_purge(args: argparse.Namespace) -> None:
     from ccat_dt.opsdb.models import utcnow
     from ccat_dt.purge_cycle import plan_cycle
-    from ccat_dt.reaper import purge_package
-    from ccat_dt.recheck import recheck_lta_copies
 
     config = load_config(args.config)
     opsdb = OpsDB(config.opsdb_url)
@@ -361,11 +357,16 @@ def cmd_purge(args: argparse.Namespace) -> None:
     if args.plan:
         # The purge looks at the LTA copies on their storage before it deletes: say now what
         # that look would find (existence, type, size; the content is hashed only then).
-        for package in sorted({p for p, _ in plan.deletions if args.package in (None, p)}):
+        planned = sorted({p for p, _ in plan.deletions if args.package in (None, p)})
+        if planned:  # the storage modules are imported only when there is a look to take
+            from ccat_dt.recheck import recheck_lta_copies
+        for package in planned:
             for problem in recheck_lta_copies(opsdb, config, package, dry_run=True).problems:
                 print(f"keep   {package:<32} storage re-check: {problem}; nothing of this "
                       "package is deleted until it is repaired")
         return
+    from ccat_dt.reaper import purge_package
+
     for package, (copy_ids, early_ids) in plan.by_package().items():
         report = purge_package(opsdb, config, package, copy_ids=copy_ids, early_ids=early_ids)
         print(f"{package}: deleted {report.deleted} copies ({report.deleted_bytes / 1e6:.1f} MB)"
@@ -754,10 +755,9 @@ def _explain(exc: BaseException) -> tuple[str, int]:
     for link in _chain(exc):
         if isinstance(link, DBAPIError) and not isinstance(link, IntegrityError):
             return _opsdb_unavailable(link), EXIT_ERROR
-    client = sys.modules.get("ccat_dt.client")  # loaded only by --api commands
-    if isinstance(exc, (ConfigError, FilingError, SchemaOutOfDate, StagingError, UsageError,
-                        FileExistsError, TokenError)) or (
-            client is not None and isinstance(exc, client.ServiceError)):
+    if isinstance(exc, (UsageError, FileExistsError)) or any(
+            isinstance(exc, getattr(sys.modules[module], name))
+            for module, name in _STATED_ERRORS if module in sys.modules):
         return str(exc), EXIT_ERROR
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
@@ -766,6 +766,14 @@ def _explain(exc: BaseException) -> tuple[str, int]:
     first = " ".join(str(exc).split())[:300]
     return (f"internal error: {type(exc).__name__}: {first} (a bug; run again with -v for the "
             "traceback and report it)", EXIT_BUG)
+
+
+# Errors whose message says all (cause and next step), by module: looked up only in modules
+# already imported, since a command that did not import one cannot have raised its error.
+_STATED_ERRORS = (("ccat_dt.config", "ConfigError"), ("ccat_dt.filing", "FilingError"),
+                  ("ccat_dt.opsdb.database", "SchemaOutOfDate"),
+                  ("ccat_dt.staging", "StagingError"), ("ccat_dt.service.tokens", "TokenError"),
+                  ("ccat_dt.client", "ServiceError"))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

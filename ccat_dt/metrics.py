@@ -32,6 +32,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     Site,
 )
+from ccat_dt.opsdb.totals import read as read_totals
 
 if TYPE_CHECKING:  # the client library is imported only when metrics are on: `status` is faster
     from influxdb_client import InfluxDBClient, Point
@@ -371,49 +372,41 @@ def service_level_figures(session: Session, required_lta_copies: int,
                PhysicalCopy.verified_at.is_not(None),
                PhysicalCopy.verified_at >= PhysicalCopy.created_at)
         .group_by(PhysicalCopy.package_id).subquery())
-    files = (select(RawDataFile.package_id.label("package_id"),
-                    func.sum(RawDataFile.size).label("size"))
-             .where(RawDataFile.package_id.is_not(None))
-             .group_by(RawDataFile.package_id).subquery())
+    # A package's files are summed only for a package not yet built (no size of its own),
+    # by its index: summing every raw file ever filed would read 10^7 rows.
+    files = (select(func.sum(RawDataFile.size)).where(RawDataFile.package_id == RawDataPackage.id)
+             .scalar_subquery())
     unsafe = (
         select(RawDataPackage.name, RawDataPackage.created_at,
-               func.coalesce(RawDataPackage.size, files.c.size, 0).label("size"))
+               func.coalesce(RawDataPackage.size, files, 0).label("size"))
         .outerjoin(verified, verified.c.package_id == RawDataPackage.id)
-        .outerjoin(files, files.c.package_id == RawDataPackage.id)
         .where(func.coalesce(verified.c.sites, 0) < required_lta_copies)
         .subquery())
-    count, total = session.execute(
-        select(func.count(), func.coalesce(func.sum(unsafe.c.size), 0))).one()
-    oldest = session.execute(select(unsafe.c.name, unsafe.c.created_at)
-                             .order_by(unsafe.c.created_at, unsafe.c.name).limit(1)).first()
+    oldest = session.execute(  # the oldest, with the count and bytes of all: one query
+        select(unsafe.c.name, unsafe.c.created_at, func.count().over().label("packages"),
+               func.coalesce(func.sum(unsafe.c.size).over(), 0).label("bytes"))
+        .order_by(unsafe.c.created_at, unsafe.c.name).limit(1)).first()
     if oldest is None:
         return ServiceLevel(0, 0, 0.0, None)
     age = (_aware(now) - _aware(oldest.created_at)).total_seconds()
-    return ServiceLevel(int(count), int(total), max(age, 0.0), oldest.name)
+    return ServiceLevel(int(oldest.packages), int(oldest.bytes), max(age, 0.0), oldest.name)
 
 
 def location_figures(session: Session) -> list[LocationFigures]:
     """Copies by status and bytes present at every location, including empty ones."""
-    rows = session.execute(
-        select(Site.short_name, DataLocation.name, DataLocation.location_type,
-               PhysicalCopy.status, func.count(PhysicalCopy.id),
-               func.coalesce(func.sum(PhysicalCopy.size), 0))
-        .select_from(DataLocation).join(Site, DataLocation.site_id == Site.id)
-        .outerjoin(PhysicalCopy, PhysicalCopy.location_id == DataLocation.id)
-        .group_by(Site.short_name, DataLocation.name, DataLocation.location_type,
-                  PhysicalCopy.status)
-        .order_by(Site.short_name, DataLocation.name)).all()
+    kept = read_totals(session.connection())  # kept by the database: no count of 10^7 rows
     kinds: dict[tuple[str, str], str] = {}
     copies: dict[tuple[str, str], dict[str, int]] = {}
     present: dict[tuple[str, str], int] = {}
-    for site, name, kind, status, count, size in rows:
+    for location_id, site, name, kind in session.execute(
+            select(DataLocation.id, Site.short_name, DataLocation.name,
+                   DataLocation.location_type).join(Site, DataLocation.site_id == Site.id)
+            .order_by(Site.short_name, DataLocation.name)):
         key = (site, name)
         kinds[key] = LocationType(kind).value
-        copies.setdefault(key, {s.value: 0 for s in CopyStatus})
-        if status is not None:  # None: the outer join's row for a location without copies
-            copies[key][CopyStatus(status).value] = int(count)
-        if status == CopyStatus.PRESENT:
-            present[key] = int(size)
+        copies[key] = {s.value: kept.get(("copy", location_id, s.value), (0, 0))[0]
+                       for s in CopyStatus}
+        present[key] = kept.get(("copy", location_id, CopyStatus.PRESENT.value), (0, 0))[1]
     return [LocationFigures(site, name, kinds[(site, name)], copies[(site, name)],
                             present.get((site, name), 0)) for site, name in kinds]
 

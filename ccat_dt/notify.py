@@ -20,12 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import smtplib
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.message import EmailMessage
 from typing import Protocol
 
 from sqlalchemy import select
@@ -72,6 +69,9 @@ class SmtpChannel:
     name: str = "smtp"
 
     def send(self, subject: str, body: str) -> None:
+        import smtplib  # here: `ccat-dt status` reads open problems and sends nothing
+        from email.message import EmailMessage
+
         message = EmailMessage()
         message["Subject"], message["From"] = subject, self.settings.from_
         message["To"] = ", ".join(self.settings.to)
@@ -92,6 +92,8 @@ class WebhookChannel:
     name: str = "webhook"
 
     def send(self, subject: str, body: str) -> None:
+        import urllib.request
+
         data = json.dumps({"text": f"{subject}\n{body}"}).encode()
         request = urllib.request.Request(self.settings.url, data=data, method="POST",
                                          headers={"Content-Type": "application/json"})

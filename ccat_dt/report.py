@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import aliased
 
-from ccat_dt.objectstore import is_object_root
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -22,8 +22,9 @@ from ccat_dt.opsdb.models import (
     Site,
 )
 from ccat_dt.opsdb.totals import read as read_totals
-from ccat_dt.transports.base import Endpoint, SshSettings
-from ccat_dt.transports.remote import remote_size
+
+if TYPE_CHECKING:
+    from ccat_dt.transports.base import SshSettings
 
 LIVE = (CopyStatus.PRESENT, CopyStatus.STAGED)  # on disk there
 TYPE_ORDER = {LocationType.SOURCE: 0, LocationType.BUFFER: 1,
@@ -109,6 +110,10 @@ def disagreements(opsdb: OpsDB, ssh: SshSettings | None = None) -> list[str]:
     """Copies whose OpsDB status the disk contradicts: PRESENT but missing or of another size,
     DELETED but still there. Remote locations are asked over ssh (skipped without `ssh`);
     object stores are left to the audit (it has their credentials)."""
+    from ccat_dt.objectstore import is_object_root  # here: `status` looks at no storage
+    from ccat_dt.transports.base import Endpoint, SshSettings
+    from ccat_dt.transports.remote import remote_size
+
     problems = []
     with opsdb.session() as s:
         rows = s.execute(select(PhysicalCopy.id, PhysicalCopy.status, PhysicalCopy.size,

@@ -9,11 +9,8 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
 from ccat_dt.health import choose
-from ccat_dt.objectstore import Stores
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.opsdb.models import DataLocation, InstrumentModule, LocationType, Site, utcnow
-from ccat_dt.storage import mark_location_root
-from ccat_dt.transports.factory import ssh_settings
 
 LOG = logging.getLogger(__name__)
 
@@ -82,7 +79,12 @@ def get_site(session: Session, short_name: str) -> Site:
 
 def prepare_opsdb(config: Config) -> None:
     """Bring the OpsDB to the newest schema, mirror the configuration into it and mark the
-    location roots (what `ccat-dt init` and `migrate` do; idempotent)."""
+    location roots (what `ccat-dt init` and `migrate` do; idempotent). The storage modules
+    are imported here: filing looks locations up through this module and needs none of them."""
+    from ccat_dt.objectstore import Stores
+    from ccat_dt.storage import mark_location_root
+    from ccat_dt.transports.factory import ssh_settings
+
     migrate(config.opsdb_url)
     opsdb = OpsDB(config.opsdb_url)
     with opsdb.session() as session:
