@@ -35,7 +35,8 @@ TITLES = {
     "years": "7. Five-year simulation",
     "service": "8. Filing service: acknowledgements and drain",
     "purge": "9. Deletion-time re-check: the purge of archived packages",
-    "status": "10. `ccat-dt status` with 10^7 copies in OpsDB (PostgreSQL)",
+    "status": "10. Fast commands: on the demo instance, and `ccat-dt status` with 10^7 copies in "
+              "OpsDB (PostgreSQL)",
     "s3": "11. Archiving to S3: S3Transport vs boto3 upload_file + download-and-hash",
     "endtoend": "12. End to end: one large observation through drive() vs the disk's limit",
 }

@@ -1,4 +1,6 @@
-"""Section 10: `ccat-dt status` against an OpsDB (PostgreSQL) holding 10^7 copies.
+"""Section 10: the fast commands. `status`, `why`, `purge --plan` and `file` on the demo
+instance, each timed in a fresh process against `python -c pass` (Python's own start-up); then
+`ccat-dt status` against an OpsDB (PostgreSQL) holding 10^7 copies.
 
 A scratch database on the PostgreSQL server of the tests is migrated and given the shape of a
 deployment after years of operation, loaded in bulk by the server itself (generate_series):
@@ -101,9 +103,50 @@ def _status(config: Path, env: dict[str, str]) -> tuple[float, str]:
     return time.perf_counter() - started, done.stdout
 
 
+FAST_GOAL_S = 0.3  # each fast command on the demo instance
+COMMANDS = {"status": ["status"], "why": ["why", "{package}"], "purge --plan": ["purge", "--plan"],
+            "file": ["file", "--observation", "bench-commands", "--module", "primecam/f280",
+                     "bench-commands/one.dat"]}
+
+
+def _commands(settings: Settings, log: Callable[[str], None]) -> dict[str, object]:
+    """Each fast command on a fresh demo instance, a fresh process each time, the commands and
+    the reference interleaved (order rotated every round); the first round is not timed."""
+    root = settings.work / "commands-demo"
+    cli = [sys.executable, "-m", "ccat_assets.cli"]
+    subprocess.run([*cli, "demo", "--root", str(root)], check=True, capture_output=True)
+    env = {**os.environ, "CCAT_DT_CONFIG": str(root / "ccat-dt.yaml"),
+           "DAGSTER_HOME": str(root / "dagster_home")}
+    subprocess.run([*cli, "observation", "start", "bench-commands"], env=env, check=True,
+                   capture_output=True)
+    one = root / "sites/ccat/instruments/bench-commands/one.dat"
+    one.parent.mkdir(parents=True, exist_ok=True)
+    one.write_bytes(os.urandom(1000))  # filed in the first round, "unchanged" afterwards
+    package = sorted(p.name for p in (root / "sites/cologne/lta").rglob("*.tar"))[0][:-4]
+    runs = {name: [*cli, *(a.format(package=package) for a in argv)]
+            for name, argv in COMMANDS.items()}
+    runs["python -c pass"] = [sys.executable, "-c", "pass"]
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    load_before = os.getloadavg()
+    names = list(runs)
+    for round_ in range(settings.repeat + 1):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            started = time.perf_counter()
+            subprocess.run(runs[name], env=env, check=True, capture_output=True)
+            if round_:
+                times[name].append(time.perf_counter() - started)
+    reference = Stats(times.pop("python -c pass"))
+    log(f"    python -c pass {reference.text()}; " + "; ".join(
+        f"{name} {Stats(t).text()}" for name, t in times.items()))
+    return {"reference": reference.as_dict(),
+            "commands": {name: Stats(t).as_dict() for name, t in times.items()},
+            "load": [load_before, os.getloadavg()], "package": package}
+
+
 def bench_status(settings: Settings, result: SectionResult, log: Callable[[str], None]) -> None:
     from ccat_assets.cli import init
 
+    result.facts["commands"] = _commands(settings, log)
     copies = settings.status_copies
     with _empty_postgres_database(log) as url:
         if url is None:

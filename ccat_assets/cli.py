@@ -131,7 +131,8 @@ def cmd_file(args: argparse.Namespace) -> None:
         return
     from ccat_dt.filing import FileSpec, file_directory, file_raw_files, read_manifest_file
 
-    opsdb = _opsdb(args)
+    config = load_config(args.config)
+    opsdb = OpsDB(config.opsdb_url)
     where = {"observation": args.observation, "module": args.module, "site": args.site,
              "location": args.location}
     if args.manifest:
@@ -145,7 +146,7 @@ def cmd_file(args: argparse.Namespace) -> None:
     else:
         raise UsageError("nothing to file: give paths, --directory or --manifest")
     print(f"filed {result.filed} file(s), {result.bytes} bytes; {result.unchanged} unchanged")
-    _warn_oversized(opsdb, load_config(args.config), args.observation)
+    _warn_oversized(opsdb, config, args.observation)
 
 
 def _warn_oversized(opsdb: OpsDB, config: Config, observation: str) -> None:
