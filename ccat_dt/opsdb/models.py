@@ -249,6 +249,9 @@ class PhysicalCopy(Base):
               postgresql_where=text("status IN ('present', 'staged')")),
         Index("ix_physical_copies_created_at", "created_at"),
         Index("ix_physical_copies_deleted_at", "deleted_at"),
+        # the few corrupt copies, which `status` and the sensors start from (migration 0012)
+        Index("ix_physical_copies_corrupt", "package_id",
+              sqlite_where=text("status = 'corrupt'"), postgresql_where=text("status = 'corrupt'")),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
@@ -360,7 +363,8 @@ class Operation(Base):
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True, default=worker_name)
     log_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # full command output
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # `status` reads the last hour's transfers by it (migration 0012)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
 
     package: Mapped[RawDataPackage | None] = relationship()
     copy: Mapped[PhysicalCopy | None] = relationship()

@@ -1,4 +1,5 @@
-"""totals kept by triggers: rows and bytes per location and status, for `ccat-dt status`
+"""totals kept by triggers: rows and bytes per location and status, for `ccat-dt status`;
+indexes for what it lists besides (corrupt copies, the last hour's operations)
 
 Revision ID: 0012
 Revises: 0011
@@ -19,6 +20,8 @@ down_revision = '0011'
 branch_labels = None
 depends_on = None
 
+CORRUPT = sa.text("status = 'corrupt'")
+
 
 def upgrade() -> None:
     op.create_table('totals',
@@ -29,9 +32,18 @@ def upgrade() -> None:
     sa.Column('bytes', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('subject', 'location_id', 'status')
     )
-    totals.install(op.get_bind())
+    with op.batch_alter_table('physical_copies', schema=None) as batch_op:
+        batch_op.create_index('ix_physical_copies_corrupt', ['package_id'], unique=False,
+                              sqlite_where=CORRUPT, postgresql_where=CORRUPT)
+    with op.batch_alter_table('operations', schema=None) as batch_op:
+        batch_op.create_index('ix_operations_finished_at', ['finished_at'], unique=False)
+    totals.install(op.get_bind())  # last: a table SQLite rebuilt above would lose its triggers
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('operations', schema=None) as batch_op:
+        batch_op.drop_index('ix_operations_finished_at')
+    with op.batch_alter_table('physical_copies', schema=None) as batch_op:
+        batch_op.drop_index('ix_physical_copies_corrupt')
     totals.uninstall(op.get_bind())
     op.drop_table('totals')
