@@ -235,6 +235,10 @@ class RawDataFile(Base):
     copies: Mapped[list[RawDataFileCopy]] = relationship(back_populates="raw_data_file")
 
 
+VERIFIED_PACKAGE_COPY = ("status = 'present' AND verified_at >= created_at "
+                         "AND package_id IS NOT NULL")
+
+
 class PhysicalCopy(Base):
     """One copy of a file or package at one location. Nothing is deleted without these."""
 
@@ -249,9 +253,13 @@ class PhysicalCopy(Base):
               postgresql_where=text("status IN ('present', 'staged')")),
         Index("ix_physical_copies_created_at", "created_at"),
         Index("ix_physical_copies_deleted_at", "deleted_at"),
-        # the few corrupt copies, which `status` and the sensors start from (migration 0012)
+        # the few corrupt copies, which `status` and the sensors start from, and the verified
+        # package copies, by package, which the service level counts sites of (migration 0012)
         Index("ix_physical_copies_corrupt", "package_id",
               sqlite_where=text("status = 'corrupt'"), postgresql_where=text("status = 'corrupt'")),
+        Index("ix_physical_copies_verified", "package_id", "location_id",
+              sqlite_where=text(VERIFIED_PACKAGE_COPY),
+              postgresql_where=text(VERIFIED_PACKAGE_COPY)),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))

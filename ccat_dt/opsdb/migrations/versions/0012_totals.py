@@ -1,5 +1,6 @@
 """totals kept by triggers: rows and bytes per location and status, for `ccat-dt status`;
-indexes for what it lists besides (corrupt copies, the last hour's operations)
+indexes for what it lists besides (corrupt copies, verified package copies by package, the
+last hour's operations)
 
 Revision ID: 0012
 Revises: 0011
@@ -21,6 +22,7 @@ branch_labels = None
 depends_on = None
 
 CORRUPT = sa.text("status = 'corrupt'")
+VERIFIED = sa.text("status = 'present' AND verified_at >= created_at AND package_id IS NOT NULL")
 
 
 def upgrade() -> None:
@@ -35,6 +37,8 @@ def upgrade() -> None:
     with op.batch_alter_table('physical_copies', schema=None) as batch_op:
         batch_op.create_index('ix_physical_copies_corrupt', ['package_id'], unique=False,
                               sqlite_where=CORRUPT, postgresql_where=CORRUPT)
+        batch_op.create_index('ix_physical_copies_verified', ['package_id', 'location_id'],
+                              unique=False, sqlite_where=VERIFIED, postgresql_where=VERIFIED)
     with op.batch_alter_table('operations', schema=None) as batch_op:
         batch_op.create_index('ix_operations_finished_at', ['finished_at'], unique=False)
     totals.install(op.get_bind())  # last: a table SQLite rebuilt above would lose its triggers
@@ -44,6 +48,7 @@ def downgrade() -> None:
     with op.batch_alter_table('operations', schema=None) as batch_op:
         batch_op.drop_index('ix_operations_finished_at')
     with op.batch_alter_table('physical_copies', schema=None) as batch_op:
+        batch_op.drop_index('ix_physical_copies_verified')
         batch_op.drop_index('ix_physical_copies_corrupt')
     totals.uninstall(op.get_bind())
     op.drop_table('totals')
