@@ -302,13 +302,14 @@ class RawDataFileCopy(PhysicalCopy):
     __mapper_args__ = {"polymorphic_identity": "raw_file"}
 
 
-# Rows and bytes per (subject, location, status), kept by database triggers
+# Rows and bytes per (subject, location, status) in slots, kept by database triggers
 # (ccat_dt/opsdb/totals.py): what `ccat-dt status` reads instead of counting the tables.
 totals = Table(
     "totals", Base.metadata,
     Column("subject", String(16), primary_key=True),  # copy | raw_file | package | operation
     Column("location_id", Integer, primary_key=True),  # 0: not per location
     Column("status", String(64), primary_key=True),
+    Column("slot", Integer, primary_key=True),  # PostgreSQL: the writer's pid modulo 64
     Column("items", BigInteger, nullable=False),
     Column("bytes", BigInteger, nullable=False),
 )

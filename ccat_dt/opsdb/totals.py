@@ -7,6 +7,9 @@ migration). A trigger sees every INSERT, UPDATE and DELETE whoever sends it and 
 totals in the writer's own transaction, so they commit or roll back with the change itself.
 Concurrent writers cannot lose counts: on PostgreSQL `INSERT ... ON CONFLICT DO UPDATE` adds to
 the row's newest version under its row lock (READ COMMITTED), on SQLite writers are serialised.
+On PostgreSQL each server process adds to its own slot of a key (its pid modulo SLOTS) and
+readers sum the slots: two sessions writing at once seldom share a row, so they neither wait
+for each other's commit nor deadlock by taking two rows in opposite orders.
 PostgreSQL's triggers are per statement (transition tables): a bulk insert of 10^7 rows adds
 one aggregate per key, not 10^7 increments; an update that changes no key nor size writes
 nothing (and takes no lock). SQLite has only row triggers; each fires only when a key or the
@@ -48,7 +51,8 @@ SUBJECTS = (
             "COALESCE(r.bytes, 0)"),
 )
 
-_UPSERT_SET = ("ON CONFLICT (subject, location_id, status) DO UPDATE SET "
+SLOTS = 64
+_UPSERT_SET = ("ON CONFLICT (subject, location_id, status, slot) DO UPDATE SET "
                "items = totals.items + excluded.items, bytes = totals.bytes + excluded.bytes")
 
 
@@ -62,8 +66,8 @@ def install(connection: Connection) -> None:
             connection.execute(text(statement))
     connection.execute(text("DELETE FROM totals"))
     for subject in SUBJECTS:
-        connection.execute(text(f"INSERT INTO totals (subject, location_id, status, items, "
-                                f"bytes) SELECT '{subject.name}', {_counted(subject)}"))
+        connection.execute(text(f"INSERT INTO totals (subject, slot, location_id, status, "
+                                f"items, bytes) SELECT '{subject.name}', {_counted(subject, 0)}"))
 
 
 def uninstall(connection: Connection) -> None:
@@ -83,8 +87,9 @@ Key = tuple[str, int, str]
 
 def read(connection: Connection) -> dict[Key, tuple[int, int]]:
     """The kept totals: (subject, location_id, status) -> (rows, bytes), zeros left out."""
-    rows = connection.execute(text("SELECT subject, location_id, status, items, bytes "
-                                   "FROM totals WHERE items <> 0 OR bytes <> 0"))
+    rows = connection.execute(text(
+        "SELECT subject, location_id, status, sum(items), sum(bytes) FROM totals "
+        "GROUP BY subject, location_id, status HAVING sum(items) <> 0 OR sum(bytes) <> 0"))
     return {(s, int(loc), st): (int(n), int(b)) for s, loc, st, n, b in rows}
 
 
@@ -92,15 +97,15 @@ def recount(connection: Connection) -> dict[Key, tuple[int, int]]:
     """The same totals counted afresh from the tables (slow at scale: for checks)."""
     counted: dict[Key, tuple[int, int]] = {}
     for subject in SUBJECTS:
-        for loc, st, n, b in connection.execute(text(f"SELECT {_counted(subject)}")):
+        for _, loc, st, n, b in connection.execute(text(f"SELECT {_counted(subject, 0)}")):
             counted[(subject.name, int(loc), st)] = (int(n), int(b))
     return counted
 
 
-def _counted(subject: Subject) -> str:
+def _counted(subject: Subject, slot: int) -> str:
     """The select list and source of a subject's totals counted from its table."""
     location, status, size = subject.over("r")
-    return (f"d.location_id, d.status, count(*), COALESCE(sum(d.bytes), 0) FROM "
+    return (f"{slot}, d.location_id, d.status, count(*), COALESCE(sum(d.bytes), 0) FROM "
             f"(SELECT {location} AS location_id, {status} AS status, {size} AS bytes "
             f"FROM {subject.table} r) d GROUP BY d.location_id, d.status")
 
@@ -122,8 +127,9 @@ def _postgres_triggers(subject: Subject) -> list[str]:
         statements += [
             f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql "
             f"SET search_path FROM CURRENT AS $$ BEGIN "
-            f"INSERT INTO totals (subject, location_id, status, items, bytes) "
-            f"SELECT '{subject.name}', d.location_id, d.status, sum(d.items), sum(d.bytes) "
+            f"INSERT INTO totals (subject, location_id, status, slot, items, bytes) "
+            f"SELECT '{subject.name}', d.location_id, d.status, pg_backend_pid() % {SLOTS}, "
+            f"sum(d.items), sum(d.bytes) "
             f"FROM ({rows}) d GROUP BY d.location_id, d.status "
             f"HAVING sum(d.items) <> 0 OR sum(d.bytes) <> 0 ORDER BY d.location_id, d.status "
             f"{_UPSERT_SET}; RETURN NULL; END $$",
@@ -144,8 +150,8 @@ def _postgres_triggers(subject: Subject) -> list[str]:
 def _sqlite_triggers(subject: Subject) -> list[str]:
     def add(alias: str, sign: str) -> str:
         location, status, size = subject.over(alias)
-        return (f"INSERT INTO totals (subject, location_id, status, items, bytes) VALUES "
-                f"('{subject.name}', {location}, {status}, {sign}1, {sign}({size})) "
+        return (f"INSERT INTO totals (subject, location_id, status, slot, items, bytes) "
+                f"VALUES ('{subject.name}', {location}, {status}, 0, {sign}1, {sign}({size})) "
                 f"{_UPSERT_SET};")
 
     changed = " OR ".join(f"{old} IS NOT {new}"

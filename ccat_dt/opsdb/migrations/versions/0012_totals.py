@@ -30,9 +30,10 @@ def upgrade() -> None:
     sa.Column('subject', sa.String(length=16), nullable=False),
     sa.Column('location_id', sa.Integer(), nullable=False),
     sa.Column('status', sa.String(length=64), nullable=False),
+    sa.Column('slot', sa.Integer(), nullable=False),
     sa.Column('items', sa.BigInteger(), nullable=False),
     sa.Column('bytes', sa.BigInteger(), nullable=False),
-    sa.PrimaryKeyConstraint('subject', 'location_id', 'status')
+    sa.PrimaryKeyConstraint('subject', 'location_id', 'status', 'slot')
     )
     with op.batch_alter_table('physical_copies', schema=None) as batch_op:
         batch_op.create_index('ix_physical_copies_corrupt', ['package_id'], unique=False,
