@@ -14,7 +14,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
-from ccat_dt.failover import transfer_under_way
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -29,7 +28,6 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     utcnow,
 )
-from ccat_dt.packages import lock_package
 from ccat_dt.routing import copies_at, has_left_observatory
 
 
@@ -114,6 +112,10 @@ def exclude_file(opsdb: OpsDB, config: Config, what: str, *, reason: str,
     package, recorded with who, when and why. The file itself stays where it is, filed, and
     is never deleted by the purge; it is never packaged again. The package, if it has not left
     the observatory, is built again without it (its old tar is quarantined and replaced)."""
+    # Imported here: `why` reads needs_rebuild from this module and builds no package.
+    from ccat_dt.failover import transfer_under_way
+    from ccat_dt.packages import lock_package
+
     if not reason.strip():
         raise ExcludeRefused("give a reason: --reason \"...\" (it is recorded)")
     with opsdb.session() as session:
