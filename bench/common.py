@@ -58,6 +58,9 @@ class Settings:
     service_singles: int = 300
     status_copies: int = 10**7
     s3_mib: int = 1024  # package archived to the S3 server in section 11
+    bbcp_mib: int = 1024  # one file sent with the bbcp stand-in in section 4b
+    bbcp_packages: int = 20  # small packages in one bbcp session vs as many calls (4b)
+    bbcp_package_kib: int = 1024
 
     @classmethod
     def from_env(cls, repo: Path) -> Settings:
@@ -93,13 +96,16 @@ class Settings:
             service_singles=_env_int("CCAT_BENCH_SERVICE_SINGLES", q(300, 50)),
             status_copies=_env_int("CCAT_BENCH_STATUS_COPIES", q(10**7, 10**5)),
             s3_mib=_env_int("CCAT_BENCH_S3_MIB", q(1024, 128)),
+            bbcp_mib=_env_int("CCAT_BENCH_BBCP_MIB", q(1024, 64)),
+            bbcp_packages=_env_int("CCAT_BENCH_BBCP_PACKAGES", q(20, 5)),
+            bbcp_package_kib=_env_int("CCAT_BENCH_BBCP_PACKAGE_KIB", 1024),
         )
 
     def describe(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "service",
+SECTIONS = ["hash", "package", "copy", "remote", "bbcp", "lifecycle", "opsdb", "years", "service",
             "purge", "status", "s3"]
 
 

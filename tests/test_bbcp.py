@@ -37,7 +37,7 @@ from ccat_dt.transports.bbcp import (
     parse_summary,
     run_subprocess,
 )
-from ccat_dt.transports.remote import CompletedRun, parse_xxhsum
+from ccat_dt.transports.remote import CompletedRun, parse_xxhsum, remote_verify_and_rename_many
 from tests.sshd import SshServer
 from tests.sshd import sshd as sshd_fixture  # noqa: F401 - registers the "sshd" fixture
 
@@ -631,3 +631,81 @@ def test_an_unmarked_destination_is_never_written_to(sshd: SshServer, package,
     assert not caught.value.retryable
     assert list(mount_point.iterdir()) == [] and calls == []
     assert len(ssh_commands) == 1
+
+
+# ---- on the target: a session's files are hashed in parallel ----
+
+# Stands in for xxhsum on the target: notes that it runs, waits (up to 5 s) until another
+# hasher runs beside it, writes how many it saw, then hashes with the real xxhsum.
+_WATCHING_XXHSUM = """#!/bin/sh
+log={log}
+touch "$log/running.$$"
+n=0
+while [ "$(ls "$log" | grep -c '^running\\.')" -lt 2 ] && [ $n -lt 50 ]; do
+  sleep 0.1; n=$((n+1))
+done
+ls "$log" | grep -c '^running\\.' > "$log/saw.$$"
+{real} "$@"; rc=$?
+rm -f "$log/running.$$"
+exit $rc
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the target hashes one file per core")
+def test_a_sessions_files_are_hashed_in_parallel_on_the_target(tmp_path: Path) -> None:
+    from tests.sshd import serve
+
+    real = shutil.which("xxhsum")
+    if real is None:
+        pytest.skip("xxhsum is not installed")
+    bin_dir, log = tmp_path / "bin", tmp_path / "hashers"
+    bin_dir.mkdir()
+    log.mkdir()
+    fake = bin_dir / "xxhsum"
+    fake.write_text(_WATCHING_XXHSUM.format(log=log, real=real))
+    fake.chmod(0o755)
+    path = f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    with serve(tmp_path / "sshd", [f"SetEnv PATH={path}"]) as server:
+        items = []
+        for name in ("a.tar", "b.tar", "c.tar"):
+            landed = server.root / STAGING_DIR / name
+            landed.parent.mkdir(exist_ok=True)
+            landed.write_bytes(data := os.urandom(100_000))
+            items.append((server.endpoint(landed), server.endpoint(server.root / name),
+                          xxhash.xxh3_128(data).hexdigest()))
+        found = remote_verify_and_rename_many(server.ssh, items, all_or_none=True)
+    assert [renamed for _, _, renamed in found] == [True, True, True]
+    saw = [int(p.read_text()) for p in log.glob("saw.*")]
+    assert len(saw) == 3  # the watching xxhsum hashed every file
+    assert max(saw) >= 2  # and two ran at the same time
+
+
+# ---- the batched session with a bbcp-shaped program (bench/standin/bbcp) ----
+
+STANDIN = REPO_ROOT / "bench" / "standin"
+
+
+def test_a_stand_in_bbcp_session_of_twenty_files_takes_two_ssh_commands(
+        sshd: SshServer, tmp_path: Path, ssh_commands: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """BbcpTransport runs the bench's bbcp STAND-IN (real bbcp is not installed): a program
+    that takes our argv, starts its receiver over ssh with our -T command and prints bbcp's
+    messages. Our own ssh commands for the session of twenty: one before, one after."""
+    monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("BBCP_STANDIN_STARTUP_S", "0")
+    pairs = []
+    for number in range(20):
+        path = tmp_path / f"pkg-{number:04d}.tar"
+        path.write_bytes(data := os.urandom(10_000 + number))
+        pairs.append((Endpoint(PurePosixPath(path)),
+                      _marked(sshd, sshd.root / "standin", sshd.root / "standin" / path.name),
+                      xxhash.xxh3_128(data).hexdigest()))
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
+    results = transport.copy_many(pairs)
+    assert len(ssh_commands) == 2, ssh_commands
+    assert "mkdir -p" in ssh_commands[0] and "xxhsum -H2" in ssh_commands[1]
+    assert [r.checksum for r in results] == [checksum for _, _, checksum in pairs]
+    for source, destination, _ in pairs:
+        assert Path(destination.path).read_bytes() == Path(source.path).read_bytes()
+    assert list((sshd.root / "standin" / STAGING_DIR).iterdir()) == []
+    assert "20 files copied" in Path(results[0].log_path or "").read_text()

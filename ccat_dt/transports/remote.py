@@ -321,13 +321,15 @@ def _rename_local(source: str, target: str, directory: str) -> None:
 # Constant script; $1 the landed file, $2 its final name, $3 the final directory, $4 the
 # expected digest arrive as positional parameters, never as code. It prints the size and the
 # `xxhsum -H2` line (of stdin, so no file name to escape), then only on an exact match does
-# what remote_rename does and prints "renamed".
+# what remote_rename does and prints "renamed". The file is flushed to disk while it is hashed
+# (both only read it; the disk writes while the CPU hashes), and renamed only after both.
 _VERIFY_AND_RENAME_SCRIPT = (
+    'sync -- "$1" < /dev/null > /dev/null & flushing=$!; '
     'size=$(stat -L -c %s -- "$1") || exit; '
     'sum=$(xxhsum -H2 < "$1") || exit; '
     'printf "%s\\n%s\\n" "$size" "$sum"; '
     '[ "${sum%% *}" = "$4" ] || exit 0; '
-    'sync -- "$1" && mv -f -- "$1" "$2" && sync -- "$3" && echo renamed')
+    'wait "$flushing" && mv -f -- "$1" "$2" && sync -- "$3" && echo renamed')
 
 Recorder = Callable[[Sequence[str], CompletedRun, float], None]
 
@@ -465,10 +467,11 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 
 # Constant script, one line; $1 is 1 to rename all or none, then per file its landed name,
 # final name and expected digest, as positional parameters (never code; no line breaks, see
-# check_argument). The files are hashed in parallel (xargs -P, one per core of the host); per
-# file one line "INDEX SIZE DIGEST" ("-" for what could not be read); then the matching files
-# (all, or none when $1 is 1 and one differs) are flushed, renamed and their directories
-# flushed, as remote_rename does, printing "renamed INDEX" each.
+# check_argument). The files are hashed in parallel (xargs -P, one per core of the host), each
+# flushed to disk while it is hashed; per file one line "INDEX SIZE DIGEST" ("-" for what could
+# not be read); then the matching files (all, or none when $1 is 1 and one differs) are
+# renamed (flushed first if that flush failed) and their directories flushed, as
+# remote_rename does, printing "renamed INDEX" each.
 _VERIFY_AND_RENAME_MANY_SCRIPT = r"""
 t=$(mktemp -d "${TMPDIR:-/tmp}/ccat-verify.XXXXXX") || exit 1;
 trap 'rm -rf -- "$t"' EXIT;
@@ -477,7 +480,8 @@ for a in "$@"; do
   if [ $((k % 3)) -eq 0 ]; then printf '%s\0%s\0' "$a" "$t/$i"; i=$((i+1)); fi;
   k=$((k+1));
 done | xargs -0 -r -n 2 -P "$p" sh -c
-  'stat -L -c %s -- "$1" > "$2.size" && xxhsum -H2 < "$1" > "$2"' sh;
+  '{ sync -- "$1" < /dev/null > /dev/null && : > "$2.synced"; } & f=$!;
+   stat -L -c %s -- "$1" > "$2.size" && xxhsum -H2 < "$1" > "$2"; wait "$f"; exit 0' sh;
 i=0; bad=0;
 while [ $# -ge 3 ]; do
   s=$(cat "$t/$i.size" 2>/dev/null); h=$(cat "$t/$i" 2>/dev/null); h=${h%% *};
@@ -489,7 +493,7 @@ done;
 if [ "$all" = 1 ] && [ "$bad" -gt 0 ]; then exit 0; fi;
 [ -f "$t/ok" ] || exit 0;
 while IFS= read -r i && IFS= read -r f && IFS= read -r d; do
-  sync -- "$f" && mv -f -- "$f" "$d" || exit 1;
+  { [ -e "$t/$i.synced" ] || sync -- "$f"; } && mv -f -- "$f" "$d" || exit 1;
   dirname -- "$d" >> "$t/dirs"; echo "renamed $i";
 done < "$t/ok";
 sort -u "$t/dirs" | while IFS= read -r d; do sync -- "$d" || exit 1; done
