@@ -38,12 +38,12 @@ from bench.common import (
 from bench.files import source_file
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import SshConfig
-from ccat_dt.transports import bbcp as bbcp_module
 from ccat_dt.transports import remote as remote_module
 from ccat_dt.transports import rsync as rsync_module
 from ccat_dt.transports.base import Endpoint, SshSettings
 from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport, bbcp_command
 from ccat_dt.transports.rsync import RsyncTransport
+from ccat_dt.transports.session import Session
 from tests.processes import DidNotStart, running
 
 SSHD = "/usr/sbin/sshd"
@@ -286,11 +286,10 @@ def bench_bbcp(settings: Settings, result: SectionResult, log: Callable[[str], N
         tool_ssh = replace(ours_ssh, control_dir=str(sockets / "tool"))
         transport = BbcpTransport(options, ours_ssh, settings.work / "bbcp-logs")
         steps = _StepTimer()
-        patches = [mock.patch.object(bbcp_module, name, steps.wrap(name, getattr(bbcp_module,
-                                                                               name)))
-                   for name in ("remote_prepare", "remote_verify_and_rename_many")]
+        patches = [mock.patch.object(Session, name, steps.wrap(name, getattr(Session, name)))
+                   for name in ("wait_ready", "verify")]
         ssh_commands: list[str] = []
-        counting = mock.patch.object(remote_module, "run", _counting(ssh_commands))
+        counting = mock.patch.object(remote_module, "spawn", _counting(ssh_commands))
 
         def bbcp_by_hand(sources: list[Path], target: PurePosixPath) -> list[str]:
             return bbcp_command([Endpoint(PurePosixPath(s)) for s in sources],
@@ -314,16 +313,23 @@ def bench_bbcp(settings: Settings, result: SectionResult, log: Callable[[str], N
                     Endpoint(PurePosixPath(ours_final), host,
                              marker=PurePosixPath(dest / "ours" / ".ccat-dt-location")),
                     big_checksum))
-            prepare_s = steps.seconds.get("remote_prepare", 0.0)
-            verify_s = steps.seconds.get("remote_verify_and_rename_many", 0.0)
-            return {"ours": seconds, "ours: ssh marker+mkdir": prepare_s,
-                    "ours: ssh xxhsum+sync+mv+sync": verify_s,
+            prepare_s = steps.seconds.get("wait_ready", 0.0)
+            verify_s = steps.seconds.get("verify", 0.0)
+            return {"ours": seconds, "ours: session start, marker+mkdir": prepare_s,
+                    "ours: after bbcp, xxhsum+sync+mv+sync": verify_s,
                     "ours: bbcp and the rest": seconds - prepare_s - verify_s}
 
         def tool_big() -> dict[str, float]:
             return {"bbcp": run_tool(bbcp_by_hand([big], PurePosixPath(tool_final))),
                     "ssh xxhsum": run_tool([*tool_ssh.ssh_command(), "--", host, "xxhsum",
                                             "-H2", "--", str(tool_final)])}
+
+        def tool_big_durable() -> dict[str, float]:
+            return {"bbcp, durable": run_tool(bbcp_by_hand([big], PurePosixPath(tool_final))),
+                    "ssh xxhsum+sync": run_tool([
+                        *tool_ssh.ssh_command(), "--", host, "sh", "-c",
+                        shlex.quote('xxhsum -H2 -- "$1" && sync -- "$1"'), "sh",
+                        shlex.quote(str(tool_final))])}
 
         # (b) small packages: one session against one call each
         def prepare_batch() -> None:
@@ -349,7 +355,8 @@ def bench_bbcp(settings: Settings, result: SectionResult, log: Callable[[str], N
                 for path, _ in smalls)}
 
         try:
-            big_stats = interleaved({"ours": ours_big, "tool": tool_big}, settings.repeat,
+            big_stats = interleaved({"ours": ours_big, "tool": tool_big,
+                                     "tool-durable": tool_big_durable}, settings.repeat,
                                     prepare=prepare_big, log=log)
             batch_stats = interleaved({"ours": ours_batch, "tool": tool_batch},
                                       max(3, settings.repeat // 2), prepare=prepare_batch,
@@ -373,6 +380,12 @@ def bench_bbcp(settings: Settings, result: SectionResult, log: Callable[[str], N
                    "BbcpTransport.copy", "bbcp (stand-in); ssh xxhsum",
                    note="ours also looks at the location marker, lands under a temporary name "
                    "and syncs and renames after the hash"),
+        Comparison("bbcp", f"durable, like for like: one {settings.bbcp_mib} MiB file: "
+                   "BbcpTransport.copy vs the stand-in, then `ssh HOST 'xxhsum -H2 FILE && "
+                   "sync FILE'`", big_stats["ours"],
+                   summed(big_stats, "bbcp, durable", "ssh xxhsum+sync"), None,
+                   "BbcpTransport.copy", "bbcp (stand-in); ssh xxhsum+sync",
+                   note="the tool's copy on disk too, as ours must be before OpsDB records it"),
         Comparison("bbcp", f"{settings.bbcp_packages} small packages: one BbcpTransport "
                    f"session (copy_many) vs {settings.bbcp_packages} stand-in calls",
                    batch_stats["ours, one session"], batch_stats["bbcp per package"], 5.0,
@@ -382,8 +395,8 @@ def bench_bbcp(settings: Settings, result: SectionResult, log: Callable[[str], N
 
 
 def _counting(seen: list[str]) -> Callable[..., object]:
-    """remote.run, recording each ssh command it runs."""
-    real = remote_module.run
+    """remote.spawn, recording each ssh command it starts."""
+    real = remote_module.spawn
 
     def counting(argv: list[str], **kwargs: object) -> object:
         if argv and argv[0] == "ssh":

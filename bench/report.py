@@ -282,10 +282,12 @@ def _bbcp(r: SectionResult) -> list[str]:
         "takes per call, starts its receiver on the target with the `-T` ssh command and sends "
         "the bytes over one plain TCP connection, printing bbcp's messages. The tool side is "
         "that program run by hand with the same options, straight to the final name, then "
-        "`ssh HOST xxhsum -H2 FILE` over its own shared ssh connection. BbcpTransport adds one "
-        "ssh command before the session (location marker, mkdir) and one after it for the "
-        "whole session (every landed file hashed in parallel, then `sync; mv; sync` only if "
-        "all match). These rows measure what our transport adds around bbcp, not bbcp's "
+        "`ssh HOST xxhsum -H2 FILE` over its own shared ssh connection. BbcpTransport runs one "
+        "ssh session beside bbcp (ccat_dt/transports/session.py): before bbcp starts it looks "
+        "at the location marker and creates the directory, while bbcp runs it flushes the "
+        "landing files to disk every second, and when bbcp has ended it hashes every landed "
+        "file in parallel and does `sync; mv; sync` only if all match. "
+        "These rows measure what our transport adds around bbcp, not bbcp's "
         "speed: with real bbcp on a long link the transfer dominates both sides.")]
     return lines
 

@@ -113,12 +113,7 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
     With `on_line`, each line of stdout and of stderr (split at '\\n' and '\\r', as progress
     meters write; rsync's meter is on stdout, bbcp's on stderr) is handed to it while the
     program runs."""
-    try:
-        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True,
-                                   pass_fds=tuple(pass_fds))
-    except OSError as exc:
-        raise _local_error(f"cannot run {argv[0]}", exc) from exc
+    process = spawn(argv, pass_fds=pass_fds)
     try:
         if on_line is not None:
             stdout, stderr = _communicate_live(process, timeout_s, on_line)
@@ -137,6 +132,18 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
     return CompletedRun(process.returncode, _text(stdout), _text(stderr))
+
+
+def spawn(argv: Sequence[str], *, stdin: int = subprocess.DEVNULL,
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    """Start argv without a shell, in a process group of its own, its output piped; every
+    ssh, rsync and bbcp command starts here. TransferError if it cannot start."""
+    try:
+        return subprocess.Popen(list(argv), stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True,
+                                pass_fds=tuple(pass_fds))
+    except OSError as exc:
+        raise _local_error(f"cannot run {argv[0]}", exc) from exc
 
 
 def _communicate_live(process: subprocess.Popen[bytes], timeout_s: float,
@@ -520,13 +527,19 @@ def remote_verify_and_rename_many(ssh: SshSettings,
         arguments += [check_path(landed.path), check_path(final.path), expected]
     argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_MANY_SCRIPT, "sh",
                                       *arguments])
-    done = _run_recorded(argv, timeout_s, record)
+    return parse_verified(_run_recorded(argv, timeout_s, record), host, len(items))
+
+
+def parse_verified(done: CompletedRun, host: str, count: int
+                   ) -> list[tuple[str | None, int | None, bool]]:
+    """What _VERIFY_AND_RENAME_MANY_SCRIPT answered about `count` files, per file (digest,
+    size, renamed); TransferError if it failed or said something else."""
     if done.rc == 127 or "xxhsum: not found" in done.stderr or (
             "xxhsum" in done.stderr and "command not found" in done.stderr):
         raise TransferError(f"xxhsum not found on {host}: install the Debian package xxhash "
                             f"on {host}", retryable=False)
     if done.rc != 0:
-        raise classify_ssh(done.rc, done.stderr, what=f"verify and rename of {len(items)} "
+        raise classify_ssh(done.rc, done.stderr, what=f"verify and rename of {count} "
                            f"file(s) on {host}")
     found: dict[int, tuple[str | None, int | None]] = {}
     renamed: set[int] = set()
@@ -538,10 +551,10 @@ def remote_verify_and_rename_many(ssh: SshSettings,
             size, digest = words[1], words[2].lower()
             found[int(words[0])] = (None if digest == "-" else digest,
                                     int(size) if size.isdigit() else None)
-    if sorted(found) != list(range(len(items))):
-        raise TransferError(f"verifying {len(items)} file(s) on {host}: unexpected answer "
+    if sorted(found) != list(range(count)):
+        raise TransferError(f"verifying {count} file(s) on {host}: unexpected answer "
                             f"{done.stdout[-300:]!r}", retryable=True)
-    return [(*found[i], i in renamed) for i in range(len(items))]
+    return [(*found[i], i in renamed) for i in range(count)]
 
 
 def _verify_and_rename_local(items: Sequence[tuple[Endpoint, Endpoint, str]], *,
