@@ -685,6 +685,7 @@ def test_a_sessions_files_are_hashed_in_parallel_on_the_target(tmp_path: Path) -
 STANDIN = REPO_ROOT / "bench" / "standin"
 
 
+@pytest.mark.skipif(shutil.which("python3") is None, reason="the stand-in runs on python3")
 def test_a_stand_in_bbcp_session_of_twenty_files_takes_one_ssh_session(
         sshd: SshServer, tmp_path: Path, ssh_commands: list[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
