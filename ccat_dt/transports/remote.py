@@ -479,7 +479,7 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 # not be read); then the matching files (all, or none when $1 is 1 and one differs) are
 # renamed (flushed first if that flush failed) and their directories flushed, as
 # remote_rename does, printing "renamed INDEX" each.
-_VERIFY_AND_RENAME_MANY_SCRIPT = r"""
+VERIFY_AND_RENAME_MANY_SCRIPT = r"""
 t=$(mktemp -d "${TMPDIR:-/tmp}/ccat-verify.XXXXXX") || exit 1;
 trap 'rm -rf -- "$t"' EXIT;
 p=$(nproc 2>/dev/null || echo 2); all=$1; shift; i=0; k=0;
@@ -525,14 +525,14 @@ def remote_verify_and_rename_many(ssh: SshSettings,
     arguments = ["1" if all_or_none else "0"]
     for landed, final, expected in items:
         arguments += [check_path(landed.path), check_path(final.path), expected]
-    argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_MANY_SCRIPT, "sh",
+    argv = remote_command(ssh, host, ["sh", "-c", VERIFY_AND_RENAME_MANY_SCRIPT, "sh",
                                       *arguments])
     return parse_verified(_run_recorded(argv, timeout_s, record), host, len(items))
 
 
 def parse_verified(done: CompletedRun, host: str, count: int
                    ) -> list[tuple[str | None, int | None, bool]]:
-    """What _VERIFY_AND_RENAME_MANY_SCRIPT answered about `count` files, per file (digest,
+    """What VERIFY_AND_RENAME_MANY_SCRIPT answered about `count` files, per file (digest,
     size, renamed); TransferError if it failed or said something else."""
     if done.rc == 127 or "xxhsum: not found" in done.stderr or (
             "xxhsum" in done.stderr and "command not found" in done.stderr):

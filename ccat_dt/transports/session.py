@@ -24,10 +24,10 @@ from typing import IO
 from ccat_dt.transports import remote
 from ccat_dt.transports.base import Endpoint, SshSettings, TransferError, unmarked
 from ccat_dt.transports.remote import (
-    _VERIFY_AND_RENAME_MANY_SCRIPT,
     HASH_TIMEOUT_S,
     SHORT_TIMEOUT_S,
     UNMARKED,
+    VERIFY_AND_RENAME_MANY_SCRIPT,
     CompletedRun,
     check_path,
     classify_ssh,
@@ -40,7 +40,7 @@ from ccat_dt.transports.remote import (
 Verified = list[tuple[str | None, int | None, bool]]
 
 # Constant script, one line; $1 the location marker ("" for none), $2 how many directories
-# follow, the directories, then what _VERIFY_AND_RENAME_MANY_SCRIPT takes ($1 all-or-none, then
+# follow, the directories, then what VERIFY_AND_RENAME_MANY_SCRIPT takes ($1 all-or-none, then
 # landed, final, expected per file). A flusher syncs each landing file every second until a
 # line arrives on stdin; "go" verifies and renames, anything else (or EOF) leaves everything.
 _SESSION_SCRIPT = (
@@ -52,7 +52,7 @@ _SESSION_SCRIPT = (
     '[ $((k % 3)) -eq 1 ] && [ -f "$a" ] && sync -- "$a"; k=$((k+1)); done; done '
     ') < /dev/null > /dev/null 2>&1 & flusher=$!; '
     'IFS= read -r go; kill "$flusher" 2>/dev/null; wait "$flusher" 2>/dev/null; '
-    '[ "$go" = go ] || exit 0; ' + _VERIFY_AND_RENAME_MANY_SCRIPT)
+    '[ "$go" = go ] || exit 0; ' + VERIFY_AND_RENAME_MANY_SCRIPT)
 
 
 class Session:
