@@ -30,6 +30,8 @@ TITLES = {
     "package": "2. Packaging: build_package vs GNU tar",
     "copy": "3. Local copy with verification: LocalTransport.copy_file vs cp + xxhsum",
     "remote": "4. Remote copy: RsyncTransport vs rsync -e ssh (loopback)",
+    "bbcp": "4b. Remote copy with bbcp, a STAND-IN (real bbcp not installed): BbcpTransport vs "
+            "the stand-in + ssh xxhsum (loopback)",
     "lifecycle": "5. Orchestration overhead: the whole lifecycle through drive()",
     "opsdb": "6. OpsDB at scale: sensor queries and the deletion planner",
     "years": "7. Five-year simulation",
@@ -48,13 +50,14 @@ def _runners() -> dict[str, Callable[[Settings, SectionResult, Callable[[str], N
     from bench.lifecycle import bench_lifecycle
     from bench.opsdb import bench_opsdb, bench_years
     from bench.purge import bench_purge
-    from bench.remote import bench_remote
+    from bench.remote import bench_bbcp, bench_remote
     from bench.s3 import bench_s3
     from bench.service import bench_service
     from bench.status import bench_status
 
     return {"hash": bench_hash, "package": bench_package, "copy": bench_copy,
-            "remote": bench_remote, "lifecycle": bench_lifecycle, "opsdb": bench_opsdb,
+            "remote": bench_remote, "bbcp": bench_bbcp, "lifecycle": bench_lifecycle,
+            "opsdb": bench_opsdb,
             "years": bench_years, "service": bench_service, "purge": bench_purge,
             "status": bench_status, "s3": bench_s3, "endtoend": bench_endtoend}
 

@@ -62,6 +62,9 @@ class Settings:
     e2e_modules: int = 4
     e2e_files: int = 16  # per module
     e2e_rounds: int = 3
+    bbcp_mib: int = 1024  # one file sent with the bbcp stand-in in section 4b
+    bbcp_packages: int = 20  # small packages in one bbcp session vs as many calls (4b)
+    bbcp_package_kib: int = 1024
 
     @classmethod
     def from_env(cls, repo: Path) -> Settings:
@@ -99,13 +102,16 @@ class Settings:
             s3_mib=_env_int("CCAT_BENCH_S3_MIB", q(1024, 128)),
             e2e_mib=_env_int("CCAT_BENCH_E2E_MIB", q(4096, 256)),
             e2e_rounds=_env_int("CCAT_BENCH_E2E_ROUNDS", q(3, 1)),
+            bbcp_mib=_env_int("CCAT_BENCH_BBCP_MIB", q(1024, 64)),
+            bbcp_packages=_env_int("CCAT_BENCH_BBCP_PACKAGES", q(20, 5)),
+            bbcp_package_kib=_env_int("CCAT_BENCH_BBCP_PACKAGE_KIB", 1024),
         )
 
     def describe(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-SECTIONS = ["hash", "package", "copy", "remote", "lifecycle", "opsdb", "years", "service",
+SECTIONS = ["hash", "package", "copy", "remote", "bbcp", "lifecycle", "opsdb", "years", "service",
             "purge", "status", "s3", "endtoend"]
 
 

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from unittest import mock
@@ -30,15 +30,20 @@ from bench.common import (
     fresh,
     interleaved,
     run_tool,
+    settle,
     summed,
     timed,
+    write_random,
 )
 from bench.files import source_file
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import SshConfig
+from ccat_dt.transports import remote as remote_module
 from ccat_dt.transports import rsync as rsync_module
 from ccat_dt.transports.base import Endpoint, SshSettings
+from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport, bbcp_command
 from ccat_dt.transports.rsync import RsyncTransport
+from ccat_dt.transports.session import Session
 from tests.processes import DidNotStart, running
 
 SSHD = "/usr/sbin/sshd"
@@ -114,8 +119,7 @@ class _StepTimer:
 
 
 def bench_remote(settings: Settings, result: SectionResult, log: Callable[[str], None]) -> None:
-    result.facts["bbcp"] = (f"installed at {shutil.which('bbcp')}, not benchmarked here"
-                            if shutil.which("bbcp") else "not installed")
+    result.facts["bbcp"] = "see section 4b (a stand-in: real bbcp is not installed here)"
     missing = missing_tools()
     if missing:
         raise RuntimeError(f"missing {', '.join(missing)} (apt-get install openssh-server "
@@ -228,3 +232,174 @@ def bench_remote(settings: Settings, result: SectionResult, log: Callable[[str],
 def _close_master(ssh: SshSettings, host: str) -> None:
     subprocess.run([*ssh.ssh_command(), "-O", "exit", "--", host], capture_output=True,
                    stdin=subprocess.DEVNULL, check=False)
+
+
+# -- 4b. bbcp, with a stand-in ------------------------------------------------------------------
+
+STANDIN = Path(__file__).resolve().parent / "standin"  # holds `bbcp`: bench/bbcp_standin.py
+
+
+def _marked_dir(directory: Path) -> PurePosixPath:
+    """An empty destination directory carrying a location marker, as `ccat-dt init` leaves."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    (directory / ".ccat-dt-location").write_text("bench\n")
+    return PurePosixPath(directory / ".ccat-dt-location")
+
+
+def bench_bbcp(settings: Settings, result: SectionResult, log: Callable[[str], None]) -> None:
+    """BbcpTransport against the same bbcp program run by hand, both over the loopback sshd.
+
+    Real bbcp is not installed here (it is not packaged for Debian or PyPI), so `bbcp` is the
+    STAND-IN bench/standin/bbcp: BbcpTransport's options, bbcp's fixed 1.5 s start-up, its
+    receiver started over ssh with -T, the bytes over a plain TCP connection."""
+    missing = missing_tools() + ([] if shutil.which("python3") else ["python3"])
+    if missing:
+        raise RuntimeError(f"missing {', '.join(missing)}")
+    real = shutil.which("bbcp")
+    result.facts["bbcp"] = (
+        f"STAND-IN bench/standin/bbcp (bench/bbcp_standin.py), not bbcp: real bbcp "
+        f"{'at ' + real + ' is not the one measured' if real else 'is not installed'}; fixed "
+        "start-up 1.5 s per call, receiver started over ssh (-T), data over one TCP connection")
+    big = source_file(settings, settings.bbcp_mib, log)
+    big_checksum, _ = hash_file(big)
+    small_dir = settings.work / "bbcp-small"
+    smalls = []
+    for number in range(settings.bbcp_packages):
+        path = small_dir / f"pkg-{number:04d}.tar"
+        if not path.exists():
+            write_random(path, settings.bbcp_package_kib * 1024)
+        smalls.append((path, hash_file(path)[0]))
+    dest = settings.work / "bbcp-dest"
+    sockets = Path(tempfile.mkdtemp(prefix="ccat-bench-", dir="/tmp"))
+    options = BbcpOptions()
+    path_with_standin = {"PATH": f"{STANDIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with mock.patch.dict(os.environ, path_with_standin), \
+            loopback_sshd(settings.work / "sshd-bbcp") as (plain, host):
+        if shutil.which("bbcp") != str(STANDIN / "bbcp"):
+            raise RuntimeError(f"the stand-in is not the bbcp on PATH: {shutil.which('bbcp')}")
+        default = SshConfig()
+        # Both sides over a shared ssh connection of their own (ControlMaster, as deployed):
+        # the stand-in's -T ssh and the tool's `ssh xxhsum` ride it like ours do.
+        ours_ssh = replace(plain, control_persist_s=default.control_persist_s,
+                           control_dir=str(sockets / "ours"))
+        tool_ssh = replace(ours_ssh, control_dir=str(sockets / "tool"))
+        transport = BbcpTransport(options, ours_ssh, settings.work / "bbcp-logs")
+        steps = _StepTimer()
+        patches = [mock.patch.object(Session, name, steps.wrap(name, getattr(Session, name)))
+                   for name in ("wait_ready", "verify")]
+        ssh_commands: list[str] = []
+        counting = mock.patch.object(remote_module, "spawn", _counting(ssh_commands))
+
+        def bbcp_by_hand(sources: list[Path], target: PurePosixPath) -> list[str]:
+            return bbcp_command([Endpoint(PurePosixPath(s)) for s in sources],
+                                Endpoint(target, host), options, tool_ssh)
+
+        # (a) one big file
+        ours_final, tool_final = dest / "ours" / big.name, dest / "tool" / big.name
+
+        def prepare_big() -> None:
+            for directory in (dest / "ours", dest / "tool"):
+                _marked_dir(directory)
+            settle()
+
+        def ours_big() -> dict[str, float]:
+            steps.seconds.clear()
+            with ExitStack() as stack:
+                for patch in patches:
+                    stack.enter_context(patch)
+                seconds = timed(lambda: transport.copy(
+                    Endpoint(PurePosixPath(big)),
+                    Endpoint(PurePosixPath(ours_final), host,
+                             marker=PurePosixPath(dest / "ours" / ".ccat-dt-location")),
+                    big_checksum))
+            prepare_s = steps.seconds.get("wait_ready", 0.0)
+            verify_s = steps.seconds.get("verify", 0.0)
+            return {"ours": seconds, "ours: session start, marker+mkdir": prepare_s,
+                    "ours: after bbcp, xxhsum+sync+mv+sync": verify_s,
+                    "ours: bbcp and the rest": seconds - prepare_s - verify_s}
+
+        def tool_big() -> dict[str, float]:
+            return {"bbcp": run_tool(bbcp_by_hand([big], PurePosixPath(tool_final))),
+                    "ssh xxhsum": run_tool([*tool_ssh.ssh_command(), "--", host, "xxhsum",
+                                            "-H2", "--", str(tool_final)])}
+
+        def tool_big_durable() -> dict[str, float]:
+            return {"bbcp, durable": run_tool(bbcp_by_hand([big], PurePosixPath(tool_final))),
+                    "ssh xxhsum+sync": run_tool([
+                        *tool_ssh.ssh_command(), "--", host, "sh", "-c",
+                        shlex.quote('xxhsum -H2 -- "$1" && sync -- "$1"'), "sh",
+                        shlex.quote(str(tool_final))])}
+
+        # (b) small packages: one session against one call each
+        def prepare_batch() -> None:
+            for directory in (dest / "batch-ours", dest / "batch-tool"):
+                _marked_dir(directory)
+            settle()
+
+        marker = PurePosixPath(dest / "batch-ours" / ".ccat-dt-location")
+        pairs = [(Endpoint(PurePosixPath(path)),
+                  Endpoint(PurePosixPath(dest / "batch-ours" / path.name), host, marker=marker),
+                  checksum) for path, checksum in smalls]
+
+        def ours_batch() -> dict[str, float]:
+            ssh_commands.clear()
+            with counting:
+                seconds = timed(lambda: transport.copy_many(pairs))
+            result.facts["ssh commands of one batched session"] = len(ssh_commands)
+            return {"ours, one session": seconds}
+
+        def tool_batch() -> dict[str, float]:
+            return {"bbcp per package": sum(
+                run_tool(bbcp_by_hand([path], PurePosixPath(dest / "batch-tool" / path.name)))
+                for path, _ in smalls)}
+
+        try:
+            big_stats = interleaved({"ours": ours_big, "tool": tool_big,
+                                     "tool-durable": tool_big_durable}, settings.repeat,
+                                    prepare=prepare_big, log=log)
+            batch_stats = interleaved({"ours": ours_batch, "tool": tool_batch},
+                                      max(3, settings.repeat // 2), prepare=prepare_batch,
+                                      log=log)
+            for path, checksum in smalls:  # the batch really landed, verified, renamed
+                if hash_file(dest / "batch-ours" / path.name)[0] != checksum:
+                    raise AssertionError(f"{path.name} did not land intact")
+        finally:
+            for settings_ in (ours_ssh, tool_ssh):
+                _close_master(settings_, host)
+            shutil.rmtree(sockets, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    result.facts["size"] = (f"(a) {settings.bbcp_mib} MiB, (b) {settings.bbcp_packages} "
+                            f"packages of {settings.bbcp_package_kib} KiB; sources in the page "
+                            "cache, to an sshd on 127.0.0.1 (same machine, same disk)")
+    result.facts["steps"] = {k: v.text() for k, v in {**big_stats, **batch_stats}.items()}
+    result.comparisons += [
+        Comparison("bbcp", f"one {settings.bbcp_mib} MiB file: BbcpTransport.copy vs the "
+                   "stand-in, then `ssh HOST xxhsum -H2 FILE`", big_stats["ours"],
+                   summed(big_stats, "bbcp", "ssh xxhsum"), round(1 / 1.05, 3),
+                   "BbcpTransport.copy", "bbcp (stand-in); ssh xxhsum",
+                   note="ours also looks at the location marker, lands under a temporary name "
+                   "and syncs and renames after the hash"),
+        Comparison("bbcp", f"durable, like for like: one {settings.bbcp_mib} MiB file: "
+                   "BbcpTransport.copy vs the stand-in, then `ssh HOST 'xxhsum -H2 FILE && "
+                   "sync FILE'`", big_stats["ours"],
+                   summed(big_stats, "bbcp, durable", "ssh xxhsum+sync"), None,
+                   "BbcpTransport.copy", "bbcp (stand-in); ssh xxhsum+sync",
+                   note="the tool's copy on disk too, as ours must be before OpsDB records it"),
+        Comparison("bbcp", f"{settings.bbcp_packages} small packages: one BbcpTransport "
+                   f"session (copy_many) vs {settings.bbcp_packages} stand-in calls",
+                   batch_stats["ours, one session"], batch_stats["bbcp per package"], 5.0,
+                   "BbcpTransport.copy_many", f"{settings.bbcp_packages} x bbcp (stand-in)",
+                   note="ours also verifies (xxh3-128 where they landed) and renames every file"),
+    ]
+
+
+def _counting(seen: list[str]) -> Callable[..., object]:
+    """remote.spawn, recording each ssh command it starts."""
+    real = remote_module.spawn
+
+    def counting(argv: list[str], **kwargs: object) -> object:
+        if argv and argv[0] == "ssh":
+            seen.append(argv[-1])
+        return real(argv, **kwargs)  # type: ignore[arg-type]
+    return counting

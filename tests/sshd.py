@@ -13,8 +13,8 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -60,7 +60,7 @@ def _keygen(path: Path) -> str:
     return path.with_name(path.name + ".pub").read_text().strip()
 
 
-def _write_config(directory: Path, port: int) -> Path:
+def _write_config(directory: Path, port: int, extra: Sequence[str] = ()) -> Path:
     config = directory / "sshd_config"
     config.write_text("\n".join([
         "ListenAddress 127.0.0.1",
@@ -77,6 +77,7 @@ def _write_config(directory: Path, port: int) -> Path:
         "PrintMotd no",
         "MaxStartups 50:30:100",  # tests open many short connections
         "LogLevel VERBOSE",
+        *extra,
         "",
     ]))
     return config
@@ -96,14 +97,15 @@ def _ready(server: SshServer) -> str:
                                              f"{probe.stderr.strip()}")
 
 
-@pytest.fixture(scope="session", name="sshd")  # named: importable under any alias
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    """A running sshd on a free 127.0.0.1 port that accepts a throw-away key for this user."""
+@contextmanager
+def serve(directory: Path, extra_config: Sequence[str] = ()) -> Iterator[SshServer]:
+    """A running sshd on a free 127.0.0.1 port that accepts a throw-away key for this user;
+    `extra_config`: more sshd_config lines (e.g. "SetEnv PATH=..."). Skips when it cannot."""
     missing = _missing_tools()
     if missing:
         unavailable("sshd", f"missing {', '.join(missing)}: run `make test-deps` "
                     f"(scripts/setup-test-host installs {' '.join(PACKAGES)})")
-    directory = tmp_path_factory.mktemp("sshd")
+    directory.mkdir(parents=True, exist_ok=True)
     root = directory / "files"
     root.mkdir()
     port = free_port()
@@ -113,7 +115,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     # Two names for one server: remote-to-remote tests address it as two different hosts.
     known_hosts.write_text("".join(f"[{name}]:{port} {host_key}\n"
                                    for name in ("127.0.0.1", "localhost")))
-    config = _write_config(directory, port)
+    config = _write_config(directory, port, extra_config)
     Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation dir
     server = SshServer(host="127.0.0.1", port=port, user=getpass.getuser(), root=root,
                        ssh=SshSettings(port=port,
@@ -127,4 +129,11 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
                                         timeout_s=START_TIMEOUT_S))
         except DidNotStart as exc:
             unavailable("sshd", str(exc))
+        yield server
+
+
+@pytest.fixture(scope="session", name="sshd")  # named: importable under any alias
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """The tests' shared sshd (see serve)."""
+    with serve(tmp_path_factory.mktemp("sshd")) as server:
         yield server

@@ -37,7 +37,7 @@ from ccat_dt.transports.bbcp import (
     parse_summary,
     run_subprocess,
 )
-from ccat_dt.transports.remote import CompletedRun, parse_xxhsum
+from ccat_dt.transports.remote import CompletedRun, parse_xxhsum, remote_verify_and_rename_many
 from tests.sshd import SshServer
 from tests.sshd import sshd as sshd_fixture  # noqa: F401 - registers the "sshd" fixture
 
@@ -530,7 +530,7 @@ def test_a_retry_that_cannot_wait_long_enough_fails_retryably(tmp_path: Path) ->
         pass  # free again once the holder is gone
 
 
-# ---- ssh round trips: one before bbcp, one after it for the whole session ----
+# ---- ssh: one session beside bbcp (marker and mkdir before it, verify and rename after) ----
 
 @pytest.fixture
 def ssh_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -538,14 +538,14 @@ def ssh_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     from ccat_dt.transports import remote
 
     seen: list[str] = []
-    real = remote.run
+    real = remote.spawn
 
-    def recording(argv: Sequence[str], **kwargs: object) -> CompletedRun:
+    def recording(argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
         if argv[0] == "ssh":
             seen.append(argv[-1])
         return real(argv, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(remote, "run", recording)
+    monkeypatch.setattr(remote, "spawn", recording)
     return seen
 
 
@@ -557,20 +557,20 @@ def _marked(sshd: SshServer, directory: Path, final: Path) -> Endpoint:
                     marker=PurePosixPath(directory / ".ccat-dt-location"))
 
 
-def test_one_copy_takes_two_ssh_round_trips(sshd: SshServer, package,
-                                            ssh_commands: list[str]) -> None:
+def test_one_copy_takes_one_ssh_session(sshd: SshServer, package,
+                                       ssh_commands: list[str]) -> None:
     source, data, checksum = package
     final = sshd.root / "one-lta" / "obs" / "pkg-0001.tar"
     transport = BbcpTransport(BbcpOptions(), sshd.ssh, sshd.root.parent / "logs",
                               runner=fake_runner("success-single", {str(source.path): data}, []))
     transport.copy(source, _marked(sshd, sshd.root / "one-lta", final), checksum)
     assert final.read_bytes() == data
-    assert len(ssh_commands) == 2, ssh_commands  # marker + mkdir; verify + rename
+    assert len(ssh_commands) == 1, ssh_commands  # marker + mkdir, then verify + rename
     assert ".ccat-dt-location" in ssh_commands[0] and "mkdir -p" in ssh_commands[0]
-    assert "xxhsum -H2" in ssh_commands[1] and "mv -f" in ssh_commands[1]
+    assert "xxhsum -H2" in ssh_commands[0] and "mv -f" in ssh_commands[0]
 
 
-def test_a_session_of_twenty_files_takes_two_ssh_round_trips(
+def test_a_session_of_twenty_files_takes_one_ssh_session(
         sshd: SshServer, tmp_path: Path, ssh_commands: list[str]) -> None:
     sources, pairs = {}, []
     for number in range(20):
@@ -588,10 +588,10 @@ def test_a_session_of_twenty_files_takes_two_ssh_round_trips(
     for source, destination, _ in pairs:
         assert Path(destination.path).read_bytes() == sources[str(source.path)]
     assert list((sshd.root / "twenty" / STAGING_DIR).iterdir()) == []
-    assert len(ssh_commands) == 2, ssh_commands
+    assert len(ssh_commands) == 1, ssh_commands
 
 
-def test_a_session_with_one_bad_file_renames_none_in_its_one_round_trip(
+def test_a_session_with_one_bad_file_renames_none(
         sshd: SshServer, tmp_path: Path, ssh_commands: list[str]) -> None:
     sources, pairs = {}, []
     for name in ("a.tar", "b.tar", "c.tar"):
@@ -610,7 +610,7 @@ def test_a_session_with_one_bad_file_renames_none_in_its_one_round_trip(
         ".ccat-dt-location", STAGING_DIR])  # nothing under a final name
     assert sorted(p.name for p in (sshd.root / "one-bad" / STAGING_DIR).iterdir()) == [
         "a.tar", "c.tar"]  # verified, kept for the retry; the bad one removed
-    assert len(ssh_commands) == 3  # prepare, verify (renaming nothing), remove b.tar
+    assert len(ssh_commands) == 2  # the session (renaming nothing), then remove b.tar
 
 
 def test_an_unmarked_destination_is_never_written_to(sshd: SshServer, package,
@@ -631,3 +631,117 @@ def test_an_unmarked_destination_is_never_written_to(sshd: SshServer, package,
     assert not caught.value.retryable
     assert list(mount_point.iterdir()) == [] and calls == []
     assert len(ssh_commands) == 1
+
+
+# ---- on the target: a session's files are hashed in parallel ----
+
+# Stands in for xxhsum on the target: notes that it runs, waits (up to 5 s) until another
+# hasher runs beside it, writes how many it saw, then hashes with the real xxhsum.
+_WATCHING_XXHSUM = """#!/bin/sh
+log={log}
+touch "$log/running.$$"
+n=0
+while [ "$(ls "$log" | grep -c '^running\\.')" -lt 2 ] && [ $n -lt 50 ]; do
+  sleep 0.1; n=$((n+1))
+done
+ls "$log" | grep -c '^running\\.' > "$log/saw.$$"
+{real} "$@"; rc=$?
+rm -f "$log/running.$$"
+exit $rc
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the target hashes one file per core")
+def test_a_sessions_files_are_hashed_in_parallel_on_the_target(tmp_path: Path) -> None:
+    from tests.sshd import serve
+
+    real = shutil.which("xxhsum")
+    if real is None:
+        pytest.skip("xxhsum is not installed")
+    bin_dir, log = tmp_path / "bin", tmp_path / "hashers"
+    bin_dir.mkdir()
+    log.mkdir()
+    fake = bin_dir / "xxhsum"
+    fake.write_text(_WATCHING_XXHSUM.format(log=log, real=real))
+    fake.chmod(0o755)
+    path = f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    with serve(tmp_path / "sshd", [f"SetEnv PATH={path}"]) as server:
+        items = []
+        for name in ("a.tar", "b.tar", "c.tar"):
+            landed = server.root / STAGING_DIR / name
+            landed.parent.mkdir(exist_ok=True)
+            landed.write_bytes(data := os.urandom(100_000))
+            items.append((server.endpoint(landed), server.endpoint(server.root / name),
+                          xxhash.xxh3_128(data).hexdigest()))
+        found = remote_verify_and_rename_many(server.ssh, items, all_or_none=True)
+    assert [renamed for _, _, renamed in found] == [True, True, True]
+    saw = [int(p.read_text()) for p in log.glob("saw.*")]
+    assert len(saw) == 3  # the watching xxhsum hashed every file
+    assert max(saw) >= 2  # and two ran at the same time
+
+
+# ---- the batched session with a bbcp-shaped program (bench/standin/bbcp) ----
+
+STANDIN = REPO_ROOT / "bench" / "standin"
+
+
+@pytest.mark.skipif(shutil.which("python3") is None, reason="the stand-in runs on python3")
+def test_a_stand_in_bbcp_session_of_twenty_files_takes_one_ssh_session(
+        sshd: SshServer, tmp_path: Path, ssh_commands: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """BbcpTransport runs the bench's bbcp STAND-IN (real bbcp is not installed): a program
+    that takes our argv, starts its receiver over ssh with our -T command and prints bbcp's
+    messages. Our own ssh commands for the session of twenty: one, beside bbcp."""
+    monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("BBCP_STANDIN_STARTUP_S", "0")
+    pairs = []
+    for number in range(20):
+        path = tmp_path / f"pkg-{number:04d}.tar"
+        path.write_bytes(data := os.urandom(10_000 + number))
+        pairs.append((Endpoint(PurePosixPath(path)),
+                      _marked(sshd, sshd.root / "standin", sshd.root / "standin" / path.name),
+                      xxhash.xxh3_128(data).hexdigest()))
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
+    results = transport.copy_many(pairs)
+    assert len(ssh_commands) == 1, ssh_commands
+    assert "mkdir -p" in ssh_commands[0] and "xxhsum -H2" in ssh_commands[0]
+    assert [r.checksum for r in results] == [checksum for _, _, checksum in pairs]
+    for source, destination, _ in pairs:
+        assert Path(destination.path).read_bytes() == Path(source.path).read_bytes()
+    assert list((sshd.root / "standin" / STAGING_DIR).iterdir()) == []
+    assert "20 files copied" in Path(results[0].log_path or "").read_text()
+
+
+def test_a_session_lost_during_the_transfer_is_replaced_by_one_ssh_command(
+        sshd: SshServer, package, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link drops while bbcp runs and takes the session with it: the landed file is still
+    hashed where it lies and renamed only on a match, by a command of its own."""
+    from ccat_dt.transports import remote
+
+    source, data, checksum = package
+    final = sshd.root / "lost-session" / "pkg-0001.tar"
+    started: list[subprocess.Popen[bytes]] = []
+    real_spawn = remote.spawn
+
+    def spawn(argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        process = real_spawn(argv, **kwargs)  # type: ignore[arg-type]
+        if argv[0] == "ssh":
+            started.append(process)
+        return process
+
+    monkeypatch.setattr(remote, "spawn", spawn)
+    copy_bytes = fake_runner("success-single", {str(source.path): data}, [])
+
+    def cut_session(argv: list[str], pass_fds: Sequence[int] = (), **kwargs: object
+                    ) -> CompletedRun:
+        [session] = started
+        os.killpg(session.pid, 9)
+        session.wait()
+        return copy_bytes(argv, pass_fds, **kwargs)  # type: ignore[arg-type]
+
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, sshd.root.parent / "logs",
+                              runner=cut_session)
+    result = transport.copy(source, _marked(sshd, sshd.root / "lost-session", final), checksum)
+    assert final.read_bytes() == data and result.checksum == checksum
+    assert len(started) == 2  # the session, then the verify-and-rename command
+    assert not Path(temporary_name(PurePosixPath(final))).exists()

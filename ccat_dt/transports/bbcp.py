@@ -13,9 +13,10 @@ What this relies on, read from bbcp 14.x source and the captured runs (fixtures/
 
 Hosts are checked harder than for plain ssh: bbcp substitutes the host part for %H as its own
 argv word, so "user@-oProxyCommand=x" would become an ssh option. Checksums, renames, mkdir and
-removal at the destination reuse `remote`, paths quoted: one ssh round trip before bbcp (the
-location marker looked at, the directory created) and one after it for the whole session (every
-file hashed where it landed, in parallel, and renamed only if all match).
+removal at the destination reuse `remote`, paths quoted; one ssh session (`session`) runs
+beside bbcp: before bbcp it looks at the location marker and creates the directory, while bbcp
+runs it flushes the landing files, after it every file is hashed where it landed, in parallel,
+and all are renamed only if all match.
 """
 
 from __future__ import annotations
@@ -45,11 +46,10 @@ from ccat_dt.transports.base import (
 from ccat_dt.transports.remote import (
     CommandTimeout,
     CompletedRun,
-    remote_prepare,
     remote_remove,
-    remote_verify_and_rename_many,
     run,
 )
+from ccat_dt.transports.session import LocalSession, Session, transfer_session
 
 STAGING_DIR = ".bbcp-incoming"  # batch landing directory beside the final names, same filesystem
 RUNNER_TIMEOUT_S = 48 * 3600.0
@@ -350,9 +350,9 @@ class BbcpTransport:
         landing = Endpoint(temporary_name(destination.path), destination.host)
         argv = bbcp_command([source], landing, self.options, self.ssh,
                             expected_adler32=expected_adler32)
-        remote_prepare(self.ssh, destination, Endpoint(destination.path.parent, destination.host))
-        log_path = self._bbcp(argv, destination, [landing], [source])
-        [(checksum, size)] = self._verify_and_rename([(landing, destination, expected_checksum)])
+        log_path, [(checksum, size)] = self._session(
+            argv, destination, Endpoint(destination.path.parent, destination.host),
+            [(landing, destination, expected_checksum)], destination, [source])
         return TransferResult(size, time.monotonic() - started, checksum, self.options.streams,
                               str(log_path))
 
@@ -370,15 +370,25 @@ class BbcpTransport:
         staging = Endpoint(first.path.parent / STAGING_DIR, first.host)
         landings = [Endpoint(staging.path / s.path.name, first.host) for s, _, _ in pairs]
         argv = bbcp_command([s for s, _, _ in pairs], staging, self.options, self.ssh)
-        remote_prepare(self.ssh, first, staging)
-        log_path = self._bbcp(argv, Endpoint(first.path.parent / "batch", first.host), landings,
-                              [s for s, _, _ in pairs])
-        checked = self._verify_and_rename([(landing, destination, expected) for landing,
-                                           (_, destination, expected) in zip(landings, pairs,
-                                                                             strict=True)])
+        items = [(landing, destination, expected)
+                 for landing, (_, destination, expected) in zip(landings, pairs, strict=True)]
+        log_path, checked = self._session(argv, first, staging, items,
+                                          Endpoint(first.path.parent / "batch", first.host),
+                                          [s for s, _, _ in pairs])
         seconds = time.monotonic() - started
         return [TransferResult(size, seconds, checksum, self.options.streams, str(log_path))
                 for checksum, size in checked]
+
+    def _session(self, argv: list[str], destination: Endpoint, directory: Endpoint,
+                 items: list[tuple[Endpoint, Endpoint, str]], log_name: Endpoint,
+                 sources: list[Endpoint]) -> tuple[Path, list[tuple[str, int]]]:
+        """bbcp inside one ssh session on the target (transfer_session): bbcp starts once the
+        marker was found and `directory` made; the session flushes the landing files while bbcp
+        writes them, then hashes every one and renames them all, or none."""
+        with transfer_session(self.ssh, destination, [directory], items,
+                              all_or_none=True) as session:
+            log_path = self._bbcp(argv, log_name, [landing for landing, _, _ in items], sources)
+            return log_path, self._verify_and_rename(session, items)
 
     def _bbcp(self, argv: list[str], destination: Endpoint, landings: list[Endpoint],
               sources: list[Endpoint]) -> Path:
@@ -403,14 +413,15 @@ class BbcpTransport:
             raise failure
         return log_path
 
-    def _verify_and_rename(self, items: list[tuple[Endpoint, Endpoint, str]]
+    def _verify_and_rename(self, session: Session | LocalSession,
+                           items: list[tuple[Endpoint, Endpoint, str]]
                            ) -> list[tuple[str, int]]:
         """Hash every landed file where it lies (in parallel) and, only if all match, rename
-        them into place -- one ssh round trip for the whole session. A file that does not
+        them into place -- within the session, no round trip of its own. A file that does not
         match is removed; the verified ones wait in the staging directory, where -a skips
         them on the retry."""
         try:
-            found = remote_verify_and_rename_many(self.ssh, items, all_or_none=True)
+            found = session.verify()
         except ValueError as exc:
             raise TransferError(f"cannot checksum {items[0][0]}: {exc}", retryable=True) from exc
         failed = []

@@ -113,12 +113,7 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
     With `on_line`, each line of stdout and of stderr (split at '\\n' and '\\r', as progress
     meters write; rsync's meter is on stdout, bbcp's on stderr) is handed to it while the
     program runs."""
-    try:
-        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True,
-                                   pass_fds=tuple(pass_fds))
-    except OSError as exc:
-        raise _local_error(f"cannot run {argv[0]}", exc) from exc
+    process = spawn(argv, pass_fds=pass_fds)
     try:
         if on_line is not None:
             stdout, stderr = _communicate_live(process, timeout_s, on_line)
@@ -137,6 +132,18 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
     return CompletedRun(process.returncode, _text(stdout), _text(stderr))
+
+
+def spawn(argv: Sequence[str], *, stdin: int = subprocess.DEVNULL,
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    """Start argv without a shell, in a process group of its own, its output piped; every
+    ssh, rsync and bbcp command starts here. TransferError if it cannot start."""
+    try:
+        return subprocess.Popen(list(argv), stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True,
+                                pass_fds=tuple(pass_fds))
+    except OSError as exc:
+        raise _local_error(f"cannot run {argv[0]}", exc) from exc
 
 
 def _communicate_live(process: subprocess.Popen[bytes], timeout_s: float,
@@ -321,13 +328,15 @@ def _rename_local(source: str, target: str, directory: str) -> None:
 # Constant script; $1 the landed file, $2 its final name, $3 the final directory, $4 the
 # expected digest arrive as positional parameters, never as code. It prints the size and the
 # `xxhsum -H2` line (of stdin, so no file name to escape), then only on an exact match does
-# what remote_rename does and prints "renamed".
+# what remote_rename does and prints "renamed". The file is flushed to disk while it is hashed
+# (both only read it; the disk writes while the CPU hashes), and renamed only after both.
 _VERIFY_AND_RENAME_SCRIPT = (
+    'sync -- "$1" < /dev/null > /dev/null & flushing=$!; '
     'size=$(stat -L -c %s -- "$1") || exit; '
     'sum=$(xxhsum -H2 < "$1") || exit; '
     'printf "%s\\n%s\\n" "$size" "$sum"; '
     '[ "${sum%% *}" = "$4" ] || exit 0; '
-    'sync -- "$1" && mv -f -- "$1" "$2" && sync -- "$3" && echo renamed')
+    'wait "$flushing" && mv -f -- "$1" "$2" && sync -- "$3" && echo renamed')
 
 Recorder = Callable[[Sequence[str], CompletedRun, float], None]
 
@@ -465,11 +474,12 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 
 # Constant script, one line; $1 is 1 to rename all or none, then per file its landed name,
 # final name and expected digest, as positional parameters (never code; no line breaks, see
-# check_argument). The files are hashed in parallel (xargs -P, one per core of the host); per
-# file one line "INDEX SIZE DIGEST" ("-" for what could not be read); then the matching files
-# (all, or none when $1 is 1 and one differs) are flushed, renamed and their directories
-# flushed, as remote_rename does, printing "renamed INDEX" each.
-_VERIFY_AND_RENAME_MANY_SCRIPT = r"""
+# check_argument). The files are hashed in parallel (xargs -P, one per core of the host), each
+# flushed to disk while it is hashed; per file one line "INDEX SIZE DIGEST" ("-" for what could
+# not be read); then the matching files (all, or none when $1 is 1 and one differs) are
+# renamed (flushed first if that flush failed) and their directories flushed, as
+# remote_rename does, printing "renamed INDEX" each.
+VERIFY_AND_RENAME_MANY_SCRIPT = r"""
 t=$(mktemp -d "${TMPDIR:-/tmp}/ccat-verify.XXXXXX") || exit 1;
 trap 'rm -rf -- "$t"' EXIT;
 p=$(nproc 2>/dev/null || echo 2); all=$1; shift; i=0; k=0;
@@ -477,7 +487,8 @@ for a in "$@"; do
   if [ $((k % 3)) -eq 0 ]; then printf '%s\0%s\0' "$a" "$t/$i"; i=$((i+1)); fi;
   k=$((k+1));
 done | xargs -0 -r -n 2 -P "$p" sh -c
-  'stat -L -c %s -- "$1" > "$2.size" && xxhsum -H2 < "$1" > "$2"' sh;
+  '{ sync -- "$1" < /dev/null > /dev/null && : > "$2.synced"; } & f=$!;
+   stat -L -c %s -- "$1" > "$2.size" && xxhsum -H2 < "$1" > "$2"; wait "$f"; exit 0' sh;
 i=0; bad=0;
 while [ $# -ge 3 ]; do
   s=$(cat "$t/$i.size" 2>/dev/null); h=$(cat "$t/$i" 2>/dev/null); h=${h%% *};
@@ -489,7 +500,7 @@ done;
 if [ "$all" = 1 ] && [ "$bad" -gt 0 ]; then exit 0; fi;
 [ -f "$t/ok" ] || exit 0;
 while IFS= read -r i && IFS= read -r f && IFS= read -r d; do
-  sync -- "$f" && mv -f -- "$f" "$d" || exit 1;
+  { [ -e "$t/$i.synced" ] || sync -- "$f"; } && mv -f -- "$f" "$d" || exit 1;
   dirname -- "$d" >> "$t/dirs"; echo "renamed $i";
 done < "$t/ok";
 sort -u "$t/dirs" | while IFS= read -r d; do sync -- "$d" || exit 1; done
@@ -514,15 +525,21 @@ def remote_verify_and_rename_many(ssh: SshSettings,
     arguments = ["1" if all_or_none else "0"]
     for landed, final, expected in items:
         arguments += [check_path(landed.path), check_path(final.path), expected]
-    argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_MANY_SCRIPT, "sh",
+    argv = remote_command(ssh, host, ["sh", "-c", VERIFY_AND_RENAME_MANY_SCRIPT, "sh",
                                       *arguments])
-    done = _run_recorded(argv, timeout_s, record)
+    return parse_verified(_run_recorded(argv, timeout_s, record), host, len(items))
+
+
+def parse_verified(done: CompletedRun, host: str, count: int
+                   ) -> list[tuple[str | None, int | None, bool]]:
+    """What VERIFY_AND_RENAME_MANY_SCRIPT answered about `count` files, per file (digest,
+    size, renamed); TransferError if it failed or said something else."""
     if done.rc == 127 or "xxhsum: not found" in done.stderr or (
             "xxhsum" in done.stderr and "command not found" in done.stderr):
         raise TransferError(f"xxhsum not found on {host}: install the Debian package xxhash "
                             f"on {host}", retryable=False)
     if done.rc != 0:
-        raise classify_ssh(done.rc, done.stderr, what=f"verify and rename of {len(items)} "
+        raise classify_ssh(done.rc, done.stderr, what=f"verify and rename of {count} "
                            f"file(s) on {host}")
     found: dict[int, tuple[str | None, int | None]] = {}
     renamed: set[int] = set()
@@ -534,10 +551,10 @@ def remote_verify_and_rename_many(ssh: SshSettings,
             size, digest = words[1], words[2].lower()
             found[int(words[0])] = (None if digest == "-" else digest,
                                     int(size) if size.isdigit() else None)
-    if sorted(found) != list(range(len(items))):
-        raise TransferError(f"verifying {len(items)} file(s) on {host}: unexpected answer "
+    if sorted(found) != list(range(count)):
+        raise TransferError(f"verifying {count} file(s) on {host}: unexpected answer "
                             f"{done.stdout[-300:]!r}", retryable=True)
-    return [(*found[i], i in renamed) for i in range(len(items))]
+    return [(*found[i], i in renamed) for i in range(count)]
 
 
 def _verify_and_rename_local(items: Sequence[tuple[Endpoint, Endpoint, str]], *,

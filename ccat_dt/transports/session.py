@@ -1,0 +1,189 @@
+"""One ssh session around a transfer to a host: before it, the location marker looked at and
+the directories created; while it runs, the landing files flushed to disk every second; after
+it, every landed file hashed (in parallel) and renamed only if it matches.
+
+Two ssh commands (remote.remote_prepare, then remote.remote_verify_and_rename_many) cost two
+connections' set-up and leave the whole flush to the end; one session started before the
+transfer and told "go" when it ended costs neither (docs/benchmarks.md, section 4b). The
+transfer starts only after the session said "ready": the marker is always looked at before
+anything is written. A session lost during the transfer (the link dropped) is replaced by
+remote_verify_and_rename_many: the verdict is the same, only slower."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO
+
+from ccat_dt.transports import remote
+from ccat_dt.transports.base import Endpoint, SshSettings, TransferError, unmarked
+from ccat_dt.transports.remote import (
+    HASH_TIMEOUT_S,
+    SHORT_TIMEOUT_S,
+    UNMARKED,
+    VERIFY_AND_RENAME_MANY_SCRIPT,
+    CompletedRun,
+    check_path,
+    classify_ssh,
+    parse_verified,
+    remote_command,
+    remote_prepare,
+    remote_verify_and_rename_many,
+)
+
+Verified = list[tuple[str | None, int | None, bool]]
+
+# Constant script, one line; $1 the location marker ("" for none), $2 how many directories
+# follow, the directories, then what VERIFY_AND_RENAME_MANY_SCRIPT takes ($1 all-or-none, then
+# landed, final, expected per file). A flusher syncs each landing file every second until a
+# line arrives on stdin; "go" verifies and renames, anything else (or EOF) leaves everything.
+_SESSION_SCRIPT = (
+    '[ -z "$1" ] || [ -f "$1" ] || { echo ' + UNMARKED + ' >&2; exit 3; }; '
+    'n=$2; shift 2; '
+    'while [ "$n" -gt 0 ]; do mkdir -p -- "$1" || exit; shift; n=$((n-1)); done; '
+    'echo ready; '
+    '( while sleep 1; do k=0; for a in "$@"; do '
+    '[ $((k % 3)) -eq 1 ] && [ -f "$a" ] && sync -- "$a"; k=$((k+1)); done; done '
+    ') < /dev/null > /dev/null 2>&1 & flusher=$!; '
+    'IFS= read -r go; kill "$flusher" 2>/dev/null; wait "$flusher" 2>/dev/null; '
+    '[ "$go" = go ] || exit 0; ' + VERIFY_AND_RENAME_MANY_SCRIPT)
+
+
+class Session:
+    """Started by `transfer_session`; `verify()` once the transfer succeeded."""
+
+    def __init__(self, ssh: SshSettings, host: str,
+                 items: Sequence[tuple[Endpoint, Endpoint, str]], all_or_none: bool,
+                 process: subprocess.Popen[bytes]) -> None:
+        self.ssh, self.host, self.items, self.all_or_none = ssh, host, items, all_or_none
+        self.process = process
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[bytes] = []
+        self.threads = [threading.Thread(target=self._read_lines, daemon=True),
+                        threading.Thread(target=self._read_stderr, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _read_lines(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.decode("utf-8", errors="replace").rstrip("\n"))
+        self.lines.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        self.stderr.append(self.process.stderr.read())
+
+    def _stderr_text(self) -> str:
+        return b"".join(self.stderr).decode("utf-8", errors="replace")
+
+    def wait_ready(self, destination: Endpoint, what: str) -> None:
+        try:
+            line = self.lines.get(timeout=SHORT_TIMEOUT_S)
+        except queue.Empty:
+            raise TransferError(f"{what} on {self.host}: no answer in {SHORT_TIMEOUT_S} s",
+                                retryable=True) from None
+        if line == "ready":
+            return
+        rc = self._finish(SHORT_TIMEOUT_S)
+        if rc == 3 and UNMARKED in self._stderr_text():
+            raise unmarked(destination)
+        raise classify_ssh(rc or 255, self._stderr_text(), what=f"{what} on {self.host}")
+
+    def verify(self, timeout_s: float = HASH_TIMEOUT_S) -> Verified:
+        """Hash every landed file where it lies and rename them (all or none, as asked)."""
+        if not self._tell("go\n"):  # the session was lost while the transfer ran
+            self.close()
+            return remote_verify_and_rename_many(self.ssh, self.items,
+                                                 all_or_none=self.all_or_none)
+        rc = self._finish(timeout_s)
+        out: list[str] = []
+        while (line := self.lines.get()) is not None:
+            out.append(line)
+        done = CompletedRun(rc, "\n".join(out), self._stderr_text())
+        if rc == 255 and not out:  # the connection dropped as "go" was sent: ask again
+            return remote_verify_and_rename_many(self.ssh, self.items,
+                                                 all_or_none=self.all_or_none)
+        return parse_verified(done, self.host, len(self.items))
+
+    def _tell(self, text: str) -> bool:
+        stdin = self.process.stdin
+        if stdin is None or self.process.poll() is not None:
+            return False
+        try:
+            stdin.write(text.encode())
+            stdin.close()
+        except (BrokenPipeError, OSError):
+            return False
+        return True
+
+    def _finish(self, timeout_s: float) -> int:
+        try:
+            rc = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise TransferError(f"session on {self.host} gave no answer in {timeout_s:g} s",
+                                retryable=True) from None
+        for thread in self.threads:
+            thread.join(timeout=5)
+        return rc
+
+    def close(self) -> None:
+        """End the session without renaming anything (EOF instead of "go")."""
+        stdin: IO[bytes] | None = self.process.stdin
+        with contextlib.suppress(OSError):
+            if stdin is not None and not stdin.closed:
+                stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+class LocalSession:
+    """The same for a destination on this machine: prepared at once, verified locally."""
+
+    def __init__(self, items: Sequence[tuple[Endpoint, Endpoint, str]],
+                 all_or_none: bool) -> None:
+        self.items, self.all_or_none = items, all_or_none
+
+    def verify(self, timeout_s: float = HASH_TIMEOUT_S) -> Verified:
+        return remote_verify_and_rename_many(SshSettings(), self.items,
+                                             all_or_none=self.all_or_none)
+
+
+@contextmanager
+def transfer_session(ssh: SshSettings, destination: Endpoint, directories: Sequence[Endpoint],
+                     items: Sequence[tuple[Endpoint, Endpoint, str]], *,
+                     all_or_none: bool) -> Iterator[Session | LocalSession]:
+    """Yields once `destination`'s marker was found and `directories` exist (TransferError
+    otherwise, as remote_prepare); `verify()` it after the transfer. Leaving the block without
+    verify() renames nothing."""
+    hosts = {destination.host} | {e.host for landed, final, _ in items for e in (landed, final)}
+    if len(hosts) != 1:
+        raise ValueError(f"a session works on one host, not {hosts}")
+    host = destination.host
+    if host is None:
+        remote_prepare(ssh, destination, *directories)
+        yield LocalSession(items, all_or_none)
+        return
+    marker = "" if destination.marker is None else check_path(destination.marker)
+    arguments = [marker, str(len(directories)), *(check_path(d.path) for d in directories),
+                 "1" if all_or_none else "0"]
+    for landed, final, expected in items:
+        arguments += [check_path(landed.path), check_path(final.path), expected]
+    argv = remote_command(ssh, host, ["sh", "-c", _SESSION_SCRIPT, "sh", *arguments])
+    session = Session(ssh, host, items, all_or_none, remote.spawn(argv, stdin=subprocess.PIPE))
+    try:
+        session.wait_ready(destination, f"mkdir {' '.join(arguments[2:2 + len(directories)])}")
+        yield session
+    finally:
+        session.close()
