@@ -1,7 +1,8 @@
 """The drive executes runs side by side (forked children) within the instance's limits: never
 more runs on a link at once than its limit (read from the runs and from OpsDB's transfer
-records), the same end state on the storage as a serial drive, and a child killed with
-SIGKILL leaves nothing in flight and is finished by the next drive."""
+records), the same end state on the storage as a serial drive; a child killed with SIGKILL
+leaves nothing in flight and is finished by the next drive, and SIGTERM to the drive stops
+its children."""
 
 from __future__ import annotations
 
@@ -31,7 +32,14 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, RawDataPackage, Site
 from ccat_dt.storage import files_under
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, deployment
+from tests.faults.pipeline import (
+    archived_everywhere,
+    child_argv,
+    deployment,
+    finish,
+    spawn,
+    wait_for,
+)
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -90,7 +98,7 @@ def test_no_link_carries_more_runs_at_once_than_its_limit(
         limited: tuple[Config, OpsDB, DagsterInstance]) -> None:
     config, opsdb, instance = limited
     assert run_limits(instance)[0] > 1  # the default drive is parallel here
-    observe(config, opsdb, observations=3)  # 6 packages, 3 per primary archive site
+    observe(config, opsdb, observations=2)  # 4 packages, 2 per primary archive site
 
     report = drive(build_definitions(config), instance)
 
@@ -129,7 +137,7 @@ def test_no_link_carries_more_runs_at_once_than_its_limit(
         assert finished is not None
         transfers[f"{source_site}->{target_site}"].append(
             (started.timestamp(), finished.timestamp()))
-    assert sum(len(t) for t in transfers.values()) == 6 * 2  # each package to each archive
+    assert sum(len(t) for t in transfers.values()) == 4 * 2  # each package to each archive
     for link, intervals in transfers.items():
         assert most_at_once(intervals) <= LIMITS[link], (link, sorted(intervals))
 
@@ -160,7 +168,7 @@ def test_a_parallel_drive_ends_as_a_serial_one(tmp_path: Path) -> None:
     for workers in (1, None):  # one run at a time in this process; the instance's default
         config = deployment(tmp_path / f"deploy-{workers}")
         opsdb = OpsDB(config.opsdb_url)
-        observe(config, opsdb, observations=2, like=observed if observed.exists() else None)
+        observe(config, opsdb, observations=1, like=observed if observed.exists() else None)
         if not observed.exists():
             shutil.copytree(config.resolve_root("sites/ccat/instruments"), observed)
         home = write_instance_yaml(config, tmp_path / f"home-{workers}").parent
@@ -176,7 +184,7 @@ def test_a_parallel_drive_ends_as_a_serial_one(tmp_path: Path) -> None:
         opsdb.dispose()
     (serial_storage, serial_packages), (parallel_storage, parallel_packages) = ends
     assert serial_storage == parallel_storage
-    assert sum(len(files) for files in serial_storage.values()) == 4 * 2  # 4 packages, 2 LTAs
+    assert sum(len(files) for files in serial_storage.values()) == 2 * 2  # 2 packages, 2 LTAs
     assert serial_packages == parallel_packages
 
 
@@ -188,7 +196,7 @@ def test_a_child_killed_mid_run_is_failed_and_finished_by_the_next_drive(
 
     config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2})
     opsdb = OpsDB(config.opsdb_url)
-    observe(config, opsdb, observations=2)
+    observe(config, opsdb, observations=1)
     marker = tmp_path / "killed"
     record = replicas._record
 
@@ -220,4 +228,36 @@ def test_a_child_killed_mid_run_is_failed_and_finished_by_the_next_drive(
         assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)  # every package's LTA copies hash to its checksum, ...
+    opsdb.dispose()
+
+
+def test_sigterm_to_the_drive_stops_its_runs_and_leaves_none_in_flight(tmp_path: Path) -> None:
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2})
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    marker = tmp_path / "holding"
+    process = spawn(child_argv(config, "drive", kill="hold-in-run", marker=str(marker),
+                               home=str(home)))
+    try:
+        wait_for(marker, process, timeout=120)  # a packaging run's child waits, tar written
+        run_child = int(marker.read_text())
+        assert run_child != process.pid
+        process.send_signal(signal.SIGTERM)
+        stopped = finish(process, timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    with pytest.raises(ProcessLookupError):  # the drive reaped it before it exited
+        os.kill(run_child, 0)
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+        assert instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
+
+        report = drive(build_definitions(config), instance, wait_s=10)
+
+        assert report.failed == [] and report.dead_runs == []
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
     opsdb.dispose()

@@ -190,6 +190,10 @@ def main(argv: list[str]) -> int:
             import ccat_assets.driver as driver  # yet created
 
             wrap(driver, "_finished", after=die, nth=options.nth)
+        elif options.kill == "hold-in-run":  # the first packaging run waits to be killed
+            import ccat_dt.packages as packages
+
+            wrap(packages, "_record_built", before=wait_to_be_killed(Path(options.marker)))
         elif options.kill == "hold":  # holds the drive lock until killed
             import ccat_assets.driver as driver
 
