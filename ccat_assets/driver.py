@@ -161,24 +161,17 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_
                           wait_s=wait_s)
 
 
-class _Terminated(SystemExit):
-    """SIGTERM while runs execute in children: raised in the drive, which stops them."""
-
-
 @contextlib.contextmanager
 def _terminating(pool: RunPool | None, log: Callable[[str], None],
                  report: DriveReport) -> Iterator[DriveReport]:
-    """Within: SIGTERM ends the drive as Ctrl-C does; either way its children are stopped
-    and their runs marked failed before the drive lock is released."""
+    """Within: SIGTERM interrupts the drive as Ctrl-C does (KeyboardInterrupt, Dagster's own
+    convention); either way its children are stopped and their runs marked failed before the
+    drive lock is released."""
     if pool is None:
         yield report
         return
-
-    def stop(signum: int, _frame: object) -> None:
-        raise _Terminated(128 + signum)
-
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
         yield report
     except BaseException:
