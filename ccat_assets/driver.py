@@ -268,9 +268,8 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
         if next_due is None or next_due - time.time() > wait_s:
             break
         time.sleep(max(0.0, next_due - time.time()))
-    if runs.busy:  # max_rounds reached with runs still executing: they finish first
-        while runs.busy:
-            runs.wait(None)
+    while runs.busy:  # max_rounds reached with runs still executing: they finish first
+        runs.wait(None)
     return report
 
 
@@ -419,8 +418,9 @@ def _create(job: JobDefinition, instance: DagsterInstance, partition_key: str | 
         runnable: IJob = InMemoryJob(ephemeral)
         run_tags = merge_run_tags(job_def=job, partition_key=partition_key, tags=tags,
                                   asset_selection=[], instance=instance, run_config=run_config)
-        plan = create_execution_plan(runnable, run_config=run_config,
-                                     instance_ref=instance.get_ref())
+        plan = create_execution_plan(
+            runnable, run_config=run_config,
+            instance_ref=instance.get_ref() if instance.is_persistent else None)
         run = instance.create_run_for_job(
             job_def=ephemeral, run_config=run_config, tags={**ephemeral.run_tags, **run_tags},
             asset_selection=frozenset(), execution_plan=plan)
