@@ -1,5 +1,7 @@
 """One lifecycle measurement in a fresh process: `ccat-dt init`'s embedded default, N small
-packages filed as instruments do, then `drive()` (the real sensors, runs in-process) until idle.
+packages filed as instruments do, then `drive()` (the real sensors, runs side by side within
+the instance's run limits) until idle; with --profile one run at a time in this process (a
+profile does not see the forked run processes).
 
 python -m bench.lifecycle_worker --root DIR --packages N --out RESULT.json
     [--modules K] [--files F --file-kib S] [--no-data-work]
@@ -149,7 +151,7 @@ def main() -> None:
     started = time.perf_counter()
     if profiler:
         profiler.enable()
-    report = drive(defs, instance, max_rounds=1000)
+    report = drive(defs, instance, max_rounds=1000, workers=1 if profiler else None)
     if profiler:
         profiler.disable()
         profiler.dump_stats(str(args.profile))

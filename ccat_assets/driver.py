@@ -1,12 +1,15 @@
-"""Evaluate the real sensors and execute the runs they request, in this process, until
-nothing is due.
+"""Evaluate the real sensors and execute the runs they request until nothing is due.
 
 This is what the Dagster daemon does (tick sensors, skip run keys already launched, launch
-runs), so that the embedded default and the tests need no daemon, and like the daemon it
-keeps each sensor's cursor in the instance between calls (the instance's key-value store),
-and holds a lock so that two drives on one deployment never run the same work twice: the
-second waits for the first. A run left in progress by a drive that died (kill -9, power cut)
-is marked failed by the next drive, so that the re-attempt sensor requests it again.
+runs within the run queue's limits), so that the embedded default and the tests need no
+daemon, and like the daemon it keeps each sensor's cursor in the instance between calls (the
+instance's key-value store), and holds a lock so that two drives on one deployment never run
+the same work twice: the second waits for the first. Runs execute side by side in forked
+child processes (runpool.py) within the instance's limits (max_concurrent_runs, and per link
+its tag concurrency limit); with one run at a time (`workers=1`, or max_concurrent_runs 1)
+each run executes in this process instead, one after the other. A run left in progress by a
+drive that died (kill -9, power cut) is marked failed by the next drive, so that the
+re-attempt sensor requests it again.
 """
 
 from __future__ import annotations
@@ -15,15 +18,19 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from dagster import (
     DagsterInstance,
+    DagsterRun,
     Definitions,
     ExecuteInProcessResult,
     JobExecutionResult,
@@ -36,12 +43,19 @@ from dagster import (
     execute_job,
 )
 from dagster._core.definitions.dynamic_partitions_request import AddDynamicPartitionsRequest
-from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.definitions.job_base import IJob, InMemoryJob
+from dagster._core.definitions.job_definition import JobDefinition
+from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+from dagster._core.execution.api import _job_with_repository_load_data, create_execution_plan
+from dagster._core.execution.execute_in_process import merge_run_tags
 from dagster._utils.schedules import reverse_cron_string_iterator
 
 from ccat_assets.inflight import IN_FLIGHT
+from ccat_assets.routing import tag_run
 from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
-from ccat_assets.tags import DRIVE_TAG, NEXT_AT
+from ccat_assets.runpool import Finished, Queued, RunPool, run_limits
+from ccat_assets.tags import DRIVE_TAG, LINK_TAG, NEXT_AT
+from ccat_dt.config import Config
 
 RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"
@@ -52,6 +66,7 @@ SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this
 # come in one purge run once its copies are all made, not one per copy as each is archived
 # (the daemon ticks it on its interval: there the retention ages batch them).
 LAST = "purge_sensor"
+IDLE_TICK_S = 1.0  # while runs execute, work waiting for a back-off is looked at this often
 
 
 @dataclass
@@ -128,24 +143,54 @@ def close_dead_runs(instance: DagsterInstance,
 
 def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_000,
           schedules: bool = False, due_schedules: bool = False,
-          log: Callable[[str], None] = lambda _: None, wait_s: float = 0.0) -> DriveReport:
+          log: Callable[[str], None] = lambda _: None, wait_s: float = 0.0,
+          workers: int | None = None) -> DriveReport:
     """Tick every sensor, run what it asks for; repeat until a round changes nothing (no run,
-    no cursor moved). Work waiting for a back-off due within `wait_s` is waited for.
-    With `schedules`, every schedule is ticked once first, as if its time had come; with
-    `due_schedules` (`ccat-dt drive`), those whose cron tick came since drive last ticked them
-    (see tick_due_schedules)."""
+    no cursor moved) and no run is left. Work waiting for a back-off due within `wait_s` is
+    waited for. With `schedules`, every schedule is ticked once first, as if its time had
+    come; with `due_schedules` (`ccat-dt drive`), those whose cron tick came since drive last
+    ticked them (see tick_due_schedules). `workers`: runs at once (default: the instance's
+    max_concurrent_runs); 1 executes each run in this process, one after the other."""
     with drive_lock(instance, log):
-        return _drive(defs, instance, max_rounds=max_rounds, schedules=schedules,
-                      due_schedules=due_schedules, log=log, wait_s=wait_s)
+        most, tag_limits = run_limits(instance)
+        workers = most if workers is None else workers
+        pool = RunPool(instance, workers, tag_limits) if workers > 1 else None
+        with _terminating(pool, log, DriveReport()) as report:
+            return _drive(defs, instance, report, pool, max_rounds=max_rounds,
+                          schedules=schedules, due_schedules=due_schedules, log=log,
+                          wait_s=wait_s)
 
 
-def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, schedules: bool,
-           due_schedules: bool, log: Callable[[str], None], wait_s: float) -> DriveReport:
+@contextlib.contextmanager
+def _terminating(pool: RunPool | None, log: Callable[[str], None],
+                 report: DriveReport) -> Iterator[DriveReport]:
+    """Within: SIGTERM interrupts the drive as Ctrl-C does (KeyboardInterrupt, Dagster's own
+    convention); either way its children are stopped and their runs marked failed before the
+    drive lock is released."""
+    if pool is None:
+        yield report
+        return
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    try:
+        yield report
+    except BaseException:
+        for done in pool.terminate():
+            _finished(report, log, done)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
+           pool: RunPool | None, *, max_rounds: int, schedules: bool, due_schedules: bool,
+           log: Callable[[str], None], wait_s: float) -> DriveReport:
     repository = defs.get_repository_def()
-    report = DriveReport()
+    runs = _Runs(repository, instance, report, log, pool, _config_of(defs))
     report.dead_runs = close_dead_runs(instance, log)
     if due_schedules and not schedules:
-        tick_due_schedules(defs, instance, report, log)
+        tick_due_schedules(defs, instance, report, log, runs=runs)
     if schedules:
         for schedule_def in repository.schedule_defs:
             with build_schedule_context(instance=instance, resources=defs.resources,
@@ -154,8 +199,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
                 log_ticks_in_tree(context, schedule_def.name)
                 data = schedule_def.evaluate_tick(context)
             for run in data.run_requests or []:
-                _launch(repository, instance, run, schedule_def.name,
-                        schedule_def.job_name, report, log)
+                runs.request(run, schedule_def.name, schedule_def.job_name)
     # Sensors that create partitions tick first, so placement requests never name a package
     # the instance has not registered yet (an OpsDB ahead of a fresh or restored instance);
     # the purge after the others (LAST); the notification sensor last, so that it sees what
@@ -171,8 +215,8 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
         next_due: float | None = None
         for sensor_def in sensors:
             name = sensor_def.name
-            if name == LAST and len(report.launched) > launched_before:
-                continue  # copies still being made: the next round
+            if name == LAST and (len(report.launched) > launched_before or runs.busy):
+                continue  # copies still being made: a later round
             # The driver's own instance, not a new one built from the ref at every tick (that
             # cost ~0.1 s a tick: storage set-up and schema checks); with the ref as well,
             # the partitions a tick adds count when its run requests are checked.
@@ -200,9 +244,11 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
             for event in tick.asset_events or []:  # the operator overview (sensors/overview.py)
                 instance.report_runless_asset_event(event)
             for run in tick.run_requests or []:
-                _launch(repository, instance, run, name, _default_job(sensor_def), report, log)
-            # Stored only once its runs are done: a drive killed before this re-reads the
-            # page, and the run keys already taken make that a no-op.
+                runs.request(run, name, _default_job(sensor_def))
+            # Stored only once its runs are created (executed, one at a time): a drive killed
+            # before this re-reads the page, and the run keys already taken make that a
+            # no-op; a run the killed drive left in flight is failed by the next drive
+            # (close_dead_runs) and requested again by the re-attempt sensor.
             if tick.cursor is not None and tick.cursor != cursors.get(name):
                 moved = moved or _is_position(tick.cursor)
                 cursors[name] = tick.cursor
@@ -212,12 +258,25 @@ def _drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int, sch
                 next_due = due if next_due is None else min(next_due, due)
         report.next_due = (datetime.fromtimestamp(next_due, UTC) if next_due is not None
                            else None)
+        if runs.busy:  # tick again once a run ended (what it made may be due next), or
+            # when work waiting for a back-off falls due
+            runs.wait(None if next_due is None
+                      else max(IDLE_TICK_S, next_due - time.time()))
+            continue
         if len(report.launched) > launched_before or moved:
             continue
         if next_due is None or next_due - time.time() > wait_s:
             break
         time.sleep(max(0.0, next_due - time.time()))
+    while runs.busy:  # max_rounds reached with runs still executing: they finish first
+        runs.wait(None)
     return report
+
+
+def _config_of(defs: Definitions) -> Config | None:
+    """The deployment's configuration, to route runs launched without a link tag."""
+    config = getattr((defs.resources or {}).get("deployment"), "config", None)
+    return config if isinstance(config, Config) else None
 
 
 SCHEDULE_CURSOR = "ccat-dt/drive/schedule/"  # + schedule name: the last tick drive evaluated
@@ -225,7 +284,7 @@ SCHEDULE_CURSOR = "ccat-dt/drive/schedule/"  # + schedule name: the last tick dr
 
 def tick_due_schedules(defs: Definitions, instance: DagsterInstance, report: DriveReport,
                        log: Callable[[str], None] = lambda _: None,
-                       now: datetime | None = None) -> list[str]:
+                       now: datetime | None = None, *, runs: _Runs | None = None) -> list[str]:
     """Evaluate each schedule whose latest cron tick is newer than the one drive last evaluated
     (kept in the instance's key-value store, so it holds across `ccat-dt drive` invocations),
     as the daemon would at that tick; a schedule never ticked by drive is due at once. Without
@@ -235,6 +294,7 @@ def tick_due_schedules(defs: Definitions, instance: DagsterInstance, report: Dri
     ticked."""
     now = now or datetime.now(UTC)
     repository = defs.get_repository_def()
+    runs = runs or _Runs(repository, instance, report, log, None, None)
     ticked = []
     for schedule_def in repository.schedule_defs:
         key = SCHEDULE_CURSOR + schedule_def.name
@@ -251,8 +311,7 @@ def tick_due_schedules(defs: Definitions, instance: DagsterInstance, report: Dri
             log_ticks_in_tree(context, schedule_def.name)
             data = schedule_def.evaluate_tick(context)
         for run in data.run_requests or []:
-            _launch(repository, instance, run, schedule_def.name, schedule_def.job_name,
-                    report, log)
+            runs.request(run, schedule_def.name, schedule_def.job_name)
         instance.run_storage.set_cursor_values({key: latest.isoformat()})
         ticked.append(schedule_def.name)
     return ticked
@@ -273,8 +332,9 @@ def _next_at(cursor: str | None) -> float | None:
 
 def launch(defs: Definitions, instance: DagsterInstance, run: RunRequest, *, origin: str,
            report: DriveReport, log: Callable[[str], None] = lambda _: None) -> None:
-    """Execute one run request the way the sensors' runs are executed."""
-    _launch(defs.get_repository_def(), instance, run, origin, None, report, log)
+    """Execute one run request the way the sensors' runs are executed, in this process."""
+    _Runs(defs.get_repository_def(), instance, report, log, None, None).request(
+        run, origin, None)
 
 
 def _default_job(sensor_def: SensorDefinition) -> str | None:
@@ -282,26 +342,93 @@ def _default_job(sensor_def: SensorDefinition) -> str | None:
     return sensor_def.job_name if len(sensor_def.targets) == 1 else None
 
 
-def _launch(repository: RepositoryDefinition, instance: DagsterInstance, run: RunRequest,
-            origin: str, default_job: str | None, report: DriveReport,
-            log: Callable[[str], None]) -> None:
-    if run.run_key and instance.get_runs(
-            RunsFilter(tags={RUN_KEY: run.run_key, SENSOR: origin}), limit=1):
-        return  # a replayed tick: this run was launched before
-    job = repository.get_job(run.job_name or default_job or "")
-    tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin, DRIVE_TAG: _me()}
+@dataclass
+class _Runs:
+    """Where a drive's run requests go: executed at once in this process (no pool), or
+    created here and queued in the pool, which executes them in child processes."""
+
+    repository: RepositoryDefinition
+    instance: DagsterInstance
+    report: DriveReport
+    log: Callable[[str], None]
+    pool: RunPool | None
+    config: Config | None
+
+    @property
+    def busy(self) -> bool:
+        return self.pool is not None and self.pool.busy
+
+    def wait(self, timeout: float | None) -> None:
+        """Until a run ended (or `timeout`); each run that ended is reported."""
+        assert self.pool is not None
+        for done in self.pool.wait(timeout):
+            _finished(self.report, self.log, done)
+
+    def request(self, run: RunRequest, origin: str, default_job: str | None) -> None:
+        instance = self.instance
+        if run.run_key and instance.get_runs(
+                RunsFilter(tags={RUN_KEY: run.run_key, SENSOR: origin}), limit=1):
+            return  # a replayed tick: this run was launched before
+        job = self.repository.get_job(run.job_name or default_job or "")
+        tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin, DRIVE_TAG: _me()}
+        run_config = with_run_loggers(run.run_config)  # quiet under the CLI (runlog.py)
+        key = run.run_key or job.name
+        if self.pool is None:
+            self.report.launched.append(key)
+            _finished(self.report, self.log, Finished(key, _execute_here(
+                job, instance, run.partition_key, run_config, tags)))
+            return
+        created, runnable = _create(job, instance, run.partition_key, run_config, tags)
+        if LINK_TAG not in created.tags and self.config is not None:
+            created = tag_run(instance, self.config, created)  # as RoutedRunCoordinator does
+        self.report.launched.append(key)
+        self.pool.submit(Queued(key, created, runnable))
+
+
+def _finished(report: DriveReport, log: Callable[[str], None], done: Finished) -> None:
+    log(f"{'ok    ' if done.ok else 'FAILED'} {done.key}")
+    if not done.ok:
+        report.failed.append(done.key)
+
+
+def _execute_here(job: JobDefinition, instance: DagsterInstance, partition_key: str | None,
+                  run_config: dict[str, Any], tags: dict[str, str]) -> bool:
     result: ExecuteInProcessResult | JobExecutionResult
-    run_config = with_run_loggers(run.run_config)  # quiet under the CLI (runlog.py)
     if job.executor_def.name == "in_process":
         result = job.execute_in_process(
-            instance=instance, partition_key=run.partition_key, raise_on_error=False,
+            instance=instance, partition_key=partition_key, raise_on_error=False,
             run_config=run_config, tags=tags)
     else:  # steps go to site workers, which rebuild the job from its module
-        recon = ReconstructableRepository.for_module(
-            "ccat_assets.definitions", "defs").get_reconstructable_job(job.name)
-        result = execute_job(recon, instance, run_config=run_config, tags=tags)
-    key = run.run_key or job.name
-    report.launched.append(key)
-    log(f"{'ok    ' if result.success else 'FAILED'} {key}")
-    if not result.success:
-        report.failed.append(key)
+        result = execute_job(_reconstructable(job), instance, run_config=run_config, tags=tags)
+    return result.success
+
+
+def _reconstructable(job: JobDefinition) -> ReconstructableJob:
+    return ReconstructableRepository.for_module(
+        "ccat_assets.definitions", "defs").get_reconstructable_job(job.name)
+
+
+def _create(job: JobDefinition, instance: DagsterInstance, partition_key: str | None,
+            run_config: dict[str, Any], tags: dict[str, str]) -> tuple[DagsterRun, IJob]:
+    """The run `_execute_here` would execute, created in the instance (NOT_STARTED), and what
+    execute_run executes it with: the run execute_in_process makes (the in-process executor,
+    partition tags) or, under Celery, the one execute_job makes of the reconstructable job."""
+    if job.executor_def.name == "in_process":
+        ephemeral = job.as_ephemeral_job(resource_defs={}, input_values={})
+        runnable: IJob = InMemoryJob(ephemeral)
+        run_tags = merge_run_tags(job_def=job, partition_key=partition_key, tags=tags,
+                                  asset_selection=[], instance=instance, run_config=run_config)
+        plan = create_execution_plan(
+            runnable, run_config=run_config,
+            instance_ref=instance.get_ref() if instance.is_persistent else None)
+        run = instance.create_run_for_job(
+            job_def=ephemeral, run_config=run_config, tags={**ephemeral.run_tags, **run_tags},
+            asset_selection=frozenset(), execution_plan=plan)
+        return run, runnable
+    recon, load_data = _job_with_repository_load_data(_reconstructable(job))
+    assert isinstance(recon, ReconstructableJob)
+    definition = recon.get_definition()
+    run = instance.create_run_for_job(
+        job_def=definition, run_config=run_config, tags={**definition.run_tags, **tags},
+        job_code_origin=recon.get_python_origin(), repository_load_data=load_data)
+    return run, recon

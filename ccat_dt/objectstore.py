@@ -361,6 +361,11 @@ def _client(settings: S3Config, access_key: str, secret_key: str, token: str | N
             max_pool_connections=max(10, settings.max_concurrency + 2)))
 
 
+# A forked child (the drive's run processes) makes its own clients: a client's pooled HTTP
+# connections are sockets the parent may be using.
+os.register_at_fork(after_in_child=_client.cache_clear)
+
+
 class Stores:
     """The object-store locations of a deployment, found by the root OpsDB records; every
     other root is passed on to storage.look/listing (disk, local or over ssh)."""

@@ -74,6 +74,7 @@ SLOW = (
     "tests/test_celery.py",
     "tests/test_celery_isolated.py",
     "tests/test_lifecycle.py",
+    "tests/test_parallel_drive.py",
     "tests/test_multisite.py",
     "tests/test_observability.py",
     "tests/test_postgres.py",

@@ -32,6 +32,19 @@ def observe(config: Config, opsdb: OpsDB, observations: int = 2, files: int = 3)
     return source
 
 
+def first_caller(marker: Path, note: str = "") -> bool:
+    """True only for the first call with this `marker`, whichever process makes it (a drive
+    executes its runs in forked children, so a test's flag in memory is not seen across
+    them): that call creates the file, holding `note`."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(note)
+    return True
+
+
 def run_cli(*argv: str) -> int:
     """`ccat-dt ARGV` in this process; its exit status (0 when main returns normally)."""
     from ccat_assets.cli import main  # the CLI imports Dagster: only for tests that use it

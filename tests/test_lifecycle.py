@@ -32,7 +32,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.report import disagreements
 from ccat_dt.storage import files_under
-from tests.helpers import observe
+from tests.helpers import first_caller, observe
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -115,13 +115,13 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_blocks_the_purge(
     import resources.placement as placement
 
     real_place = placement.place
-    victims: list[str] = []
+    marker = config.directory / "victim"  # the runs execute in child processes
 
     def place_then_rot(*args, **kwargs):  # type: ignore[no-untyped-def]
         placed = real_place(*args, **kwargs)
         ref = placed.ref
-        if not victims and args[3] == LocationType.BUFFER:  # first copy into an archive buffer
-            victims.append(ref.package)
+        if args[3] == LocationType.BUFFER and first_caller(marker, ref.package):
+            # the first copy into an archive buffer
             with open(ref.path, "r+b") as handle:  # bit rot between arrival and the check
                 handle.seek(ref.size // 2)
                 byte = handle.read(1)
@@ -132,7 +132,7 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_blocks_the_purge(
     monkeypatch.setattr(placement, "place", place_then_rot)
     drive(build_definitions(config), instance)
 
-    [victim] = victims
+    victim = marker.read_text()
     by_name = {p.name: p for p in packages(opsdb)}
     rotten = [c for c in by_name[victim].copies if c.status == CopyStatus.CORRUPT]
     assert len(rotten) == 1 and rotten[0].location.location_type == LocationType.BUFFER

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,26 +39,31 @@ PACKAGE_TAGS = ("dagster/partition/package", "dagster/partition")
 
 
 @pytest.fixture
-def hash_passes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+def hash_passes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[], Counter[str]]:
     """Every full read of a file's bytes to hash them, per final path: the transport's
     landed-bytes hash (of the temporary name, counted for the name it is renamed to) and every
-    re-read (the checks', the scrub's, place()'s of an existing copy)."""
-    passes: Counter[str] = Counter()
+    re-read (the checks', the scrub's, place()'s of an existing copy). Counted in a file, one
+    line per read, as the drive's runs execute in child processes; called for the counts."""
+    passes = tmp_path / "hash-passes"
     copy_and_hash = local_transport.LocalTransport._copy_and_hash
     hash_file = remote_hashing.hash_file
 
+    def count(path: Path) -> None:
+        with open(passes, "a") as handle:  # one write per line: appends never interleave
+            handle.write(f"{path}\n")
+
     def counted_copy(self: object, source: int, destination: int,
                      landed: Path) -> tuple[str, int]:
-        passes[str(landed.with_name(landed.name.removeprefix(".").removesuffix(".part")))] += 1
+        count(landed.with_name(landed.name.removeprefix(".").removesuffix(".part")))
         return copy_and_hash(self, source, destination, landed)  # type: ignore[arg-type]
 
     def counted_hash(path: Path) -> tuple[str, int]:
-        passes[str(path)] += 1
+        count(path)
         return hash_file(path)
 
     monkeypatch.setattr(local_transport.LocalTransport, "_copy_and_hash", counted_copy)
     monkeypatch.setattr(remote_hashing, "hash_file", counted_hash)
-    return passes
+    return lambda: Counter(passes.read_text().splitlines() if passes.exists() else [])
 
 
 def lifecycle(opsdb: OpsDB) -> list[RawDataPackage]:
@@ -70,7 +76,7 @@ def lifecycle(opsdb: OpsDB) -> list[RawDataPackage]:
 
 def test_a_package_takes_at_most_four_runs_and_each_copy_is_read_once(
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
-        hash_passes: Counter[str]) -> None:
+        hash_passes: Callable[[], Counter[str]]) -> None:
     source = observe(config, opsdb)
     archive_sites = [s.short_name for s in config.settings.sites if s.is_archive]
     assert len(archive_sites) == 2
@@ -102,8 +108,9 @@ def test_a_package_takes_at_most_four_runs_and_each_copy_is_read_once(
     landed = [Path(c.location.root) / c.relative_path for p in found for c in p.copies
               if c.location.site.short_name in archive_sites]
     assert len(landed) == 2 * len(archive_sites) * len(found)
+    passes = hash_passes()
     for path in landed:
-        assert hash_passes[str(path)] == 1, (path, hash_passes)
+        assert passes[str(path)] == 1, (path, passes)
     for asset, check in [("site_copies", "site_copy_checksum"),
                          ("lta_copies", "lta_copy_checksum")]:
         history = instance.event_log_storage.get_asset_check_execution_history(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,30 @@ def _alembic_config(url: str) -> AlembicConfig:
     return cfg
 
 
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_inherited: list[object] = []  # in a forked child: the parent's pools, never closed
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child (the drive's run processes): the pooled connections are the parent's
+    (its sockets, its SQLite handles); the child opens its own. The parent's are kept
+    referenced, so that no garbage collection closes them from here (a PostgreSQL
+    connection closed by the child would be ended for the parent too)."""
+    for engine in list(_engines):
+        _inherited.append(engine.pool)
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+
 def create_opsdb_engine(url: str) -> Engine:
+    engine = _create_engine(url)
+    _engines.add(engine)
+    return engine
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         timeout = float(os.environ.get(LOCK_TIMEOUT_ENV) or 30)
         engine = create_engine(url, connect_args={"timeout": timeout})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -29,7 +30,14 @@ from ccat_dt.transports.base import TransferError
 BARRIER_TIMEOUT_S = 30.0
 
 
+DRIVE = os.getpid()  # the process `main` runs in; a drive executes its runs in forked children
+
+
 def die() -> None:
+    """SIGKILL for this process and, in a run's child process, for the drive that forked it
+    first: the drive dies at this point of the run, as a machine that stops."""
+    if os.getpid() != DRIVE:
+        os.kill(DRIVE, signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)  # never reached
 
@@ -46,13 +54,15 @@ def barrier(directory: Path, parties: int) -> None:
 
 def wrap(module: Any, name: str, before: Callable[[], None] | None = None,
          after: Callable[[], None] | None = None, nth: int = 1) -> None:
-    """Run `before`/`after` around the `nth` call of module.name."""
+    """Run `before`/`after` around the `nth` call of module.name, counted across the drive's
+    forked run processes (shared memory)."""
     real = getattr(module, name)
-    calls = [0]
+    calls = multiprocessing.Value("i", 0)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        active = calls[0] == nth
+        with calls.get_lock():
+            calls.value += 1
+            active = calls.value == nth
         if active and before:
             before()
         result = real(*args, **kwargs)
@@ -176,10 +186,14 @@ def main(argv: list[str]) -> int:
             import ccat_dt.reaper as reaper
 
             wrap(reaper, "_execute", before=die, nth=options.nth)
-        elif options.kill == "after-run":  # a run finished, its sensor's cursor not stored
-            import ccat_assets.driver as driver
+        elif options.kill == "after-run":  # a run finished, later runs in flight or not
+            import ccat_assets.driver as driver  # yet created
 
-            wrap(driver, "_launch", after=die, nth=options.nth)
+            wrap(driver, "_finished", after=die, nth=options.nth)
+        elif options.kill == "hold-in-run":  # the first packaging run waits to be killed
+            import ccat_dt.packages as packages
+
+            wrap(packages, "_record_built", before=wait_to_be_killed(Path(options.marker)))
         elif options.kill == "hold":  # holds the drive lock until killed
             import ccat_assets.driver as driver
 

@@ -80,10 +80,13 @@ def plan(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> str:
     return package
 
 
-def run(config: Config, instance: DagsterInstance, *, wait_s: float = 10.0) -> DriveReport:
+def run(config: Config, instance: DagsterInstance, *, wait_s: float = 10.0,
+        workers: int | None = None) -> DriveReport:
     """Tick the real sensors and execute what they request until idle, waiting for automatic
-    re-attempts due within `wait_s` (0: stop at the first back-off, a fault that persists)."""
-    return drive(build_definitions(config), instance, wait_s=wait_s)
+    re-attempts due within `wait_s` (0: stop at the first back-off, a fault that persists).
+    `workers=1`: one run at a time in this process, for a fault scripted in this process's
+    memory (a relay thread's state, a process started by the first step to get there)."""
+    return drive(build_definitions(config), instance, wait_s=wait_s, workers=workers)
 
 
 def package_names(opsdb: OpsDB) -> list[str]:

@@ -161,7 +161,7 @@ def test_two_concurrent_drives_run_nothing_twice(
 @pytest.mark.parametrize(("kill", "nth"), [
     ("package-before-record", 2),  # the second packaging run, tar in place, not recorded
     ("copy-before-record", 2),  # a transfer or archive landed and renamed, not recorded
-    ("after-run", 4),  # between runs: a run done, its sensor's cursor not yet stored
+    ("after-run", 4),  # a run done, others in flight or not yet created
 ])
 def test_a_killed_drive_is_finished_by_a_plain_drive(
         config: Config, opsdb: OpsDB, instance: DagsterInstance, kill: str, nth: int) -> None:
@@ -177,7 +177,8 @@ def test_a_killed_drive_is_finished_by_a_plain_drive(
 
     if kill != "after-run":  # a run died with the drive: marked failed, then re-attempted
         # (its archiving step: the buffer copy without its LTA copy is the lta_copy sensor's)
-        assert len(report.dead_runs) == 1
+        # (and a run the drive had created but not yet started: it died with the drive too)
+        assert 1 <= len(report.dead_runs) <= 2
         assert any(k.startswith(("reattempt:", "lta_copy:")) for k in report.launched)
     assert report.failed == []
     archived_everywhere(config, opsdb)

@@ -46,7 +46,7 @@ def test_link_failure_during_a_transfer_is_retried_and_converges(
             link.down = True
             real_copy = _up_again_after_first_attempt(link, monkeypatch)
 
-        report = run(config, instance)
+        report = run(config, instance, workers=1)  # the relay's state is this process's
 
         if failure == "drops mid-transfer":
             assert link.cuts == 1

@@ -32,16 +32,16 @@ from tests.faults.pipeline import (
     package_names,
     run,
 )
+from tests.helpers import first_caller
 
 
-def _landed_once(monkeypatch: pytest.MonkeyPatch, damage: str) -> list[Path]:
-    """The first temporary file a local transfer lands is damaged before it is verified."""
-    damaged: list[Path] = []
+def _landed_once(monkeypatch: pytest.MonkeyPatch, damage: str, marker: Path) -> None:
+    """The first temporary file a local transfer lands, in whichever run's process, is
+    damaged before it is verified; `marker` then names it."""
     real = local.LocalTransport._landed
 
     def landed(self: local.LocalTransport, temporary: Path) -> None:
-        if not damaged:
-            damaged.append(temporary)
+        if first_caller(marker, str(temporary)):
             data = bytearray(temporary.read_bytes())
             if damage == "flip":
                 data[len(data) // 2] ^= 0x10
@@ -51,7 +51,6 @@ def _landed_once(monkeypatch: pytest.MonkeyPatch, damage: str) -> list[Path]:
         real(self, temporary)
 
     monkeypatch.setattr(local.LocalTransport, "_landed", landed)
-    return damaged
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -59,11 +58,12 @@ def test_damaged_in_transit_is_caught_retried_and_converges(
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
         monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
     observe(config, opsdb)
-    damaged = _landed_once(monkeypatch, damage)
+    damaged = config.directory / "damaged"
+    _landed_once(monkeypatch, damage, damaged)
 
     report = run(config, instance)
 
-    assert damaged, "the fault was never injected"
+    assert damaged.exists(), "the fault was never injected"
     assert report.failed == []  # the step's own retry (Dagster retry policy) got it through
     [package] = package_names(opsdb)
     transfers = operations(opsdb, OperationType.TRANSFER, package)
@@ -87,11 +87,12 @@ def test_full_disk_is_reported_with_its_next_attempt_and_converges_once_enlarged
                                                        "retry_backoff_first_s": 8})
     opsdb = OpsDB(config.opsdb_url)
     source = observe(config, opsdb)
-    full = {"writes": 0}
+    writes = tmp_path / "writes"  # a line per write tried, from whichever run's process
 
     def copy_onto_a_full_disk(source: int, destination: int, length: int,
                               buffer: bytearray) -> int:
-        full["writes"] += 1
+        with open(writes, "a") as handle:
+            handle.write("write\n")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(local, "_copy_slice", copy_onto_a_full_disk)
@@ -99,7 +100,8 @@ def test_full_disk_is_reported_with_its_next_attempt_and_converges_once_enlarged
 
     [package] = package_names(opsdb)
     assert [key.split(":")[0] for key in report.failed] == ["site_copy"]
-    assert full["writes"] == 1  # not retryable: the step gave up at once, no retry storm
+    assert len(writes.read_text().splitlines()) == 1  # not retryable: the step gave up at
+    # once, no retry storm
     [(status, error)] = operations(opsdb, OperationType.TRANSFER, package)
     assert status == OperationStatus.FAILED and "No space left on device" in (error or "")
     with opsdb.session() as session:

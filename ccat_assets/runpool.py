@@ -1,0 +1,184 @@
+"""A drive's runs side by side: each run executes in a forked child process, at most
+`workers` at once and, per tag, at most the instance's tag concurrency limit (one per link,
+`routes[].max_concurrent`): the limits the daemon's run queue applies (dagster.yaml,
+`concurrency.runs`), so that the disks, not one core, bound a drive.
+
+Fork, not spawn: a child starts in milliseconds with everything the drive imported (and a
+test's monkeypatches). The drive creates each run in the instance before it waits here, so the
+run-key dedupe, the sensors' in-flight checks and close_dead_runs see it at once. A child that
+dies (kill -9, a segfault) leaves its run in flight; the pool marks it failed when it sees the
+child's exit, so that the re-attempt sensor takes it. A drive killed with SIGKILL leaves its
+children to finish their runs: they hold the drive lock (its file descriptor is inherited), so
+the next drive starts after them and closes whatever they left in flight."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_any
+from typing import Any, NoReturn
+
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
+from dagster._core.definitions.job_base import IJob
+from dagster._core.execution.api import execute_run
+from dagster._utils.interrupts import capture_interrupts
+from dagster._utils.tags import TagConcurrencyLimitsCounter
+
+from ccat_assets.inflight import IN_FLIGHT
+
+TERMINATE_GRACE_S = 10.0  # after SIGTERM, a child is given this long before SIGKILL
+
+
+def run_limits(instance: DagsterInstance) -> tuple[int, list[Mapping[str, Any]]]:
+    """Runs at once and the tag concurrency limits of the instance's run queue; an instance
+    without a run queue runs one at a time. Dagster's -1 (no limit) is no limit."""
+    queue = instance.get_concurrency_config().run_queue_config
+    if queue is None:
+        return 1, []
+    most = queue.max_concurrent_runs
+    return (sys.maxsize if most < 0 else max(1, most)), list(queue.tag_concurrency_limits)
+
+
+@dataclass(frozen=True)
+class Queued:
+    key: str  # what the drive reports the run as (its run key, or its job's name)
+    run: DagsterRun  # created in the instance, NOT_STARTED
+    job: IJob  # what execute_run executes: the in-memory job, or the reconstructable one
+
+
+@dataclass(frozen=True)
+class Finished:
+    key: str
+    ok: bool
+
+
+@dataclass(frozen=True)
+class _Child:
+    queued: Queued
+    pid: int
+
+
+class RunPool:
+    """Queued runs, started in order as the limits allow, and the children executing them."""
+
+    def __init__(self, instance: DagsterInstance, workers: int,
+                 tag_limits: Sequence[Mapping[str, Any]]) -> None:
+        self.instance, self.workers, self.tag_limits = instance, workers, list(tag_limits)
+        self.queue: deque[Queued] = deque()
+        self.children: dict[int, _Child] = {}  # by the read end of a pipe only it writes to
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.children)
+
+    def submit(self, queued: Queued) -> None:
+        self.queue.append(queued)
+        self._start_ready()
+
+    def wait(self, timeout: float | None = None) -> list[Finished]:
+        """Block until a child exits (or `timeout` passed); the runs that ended. Queued runs
+        the limits now allow are started."""
+        finished = self._reap(timeout)
+        self._start_ready()
+        return finished
+
+    def terminate(self) -> list[Finished]:
+        """SIGTERM every child (SIGKILL after TERMINATE_GRACE_S) and wait for them; runs still
+        queued are marked failed (never started)."""
+        for child in self.children.values():
+            with suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + TERMINATE_GRACE_S
+        finished: list[Finished] = []
+        while self.children:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for child in self.children.values():
+                    with suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGKILL)
+            finished += self._reap(max(left, 0.1))
+        while self.queue:
+            queued = self.queue.popleft()
+            self._fail(queued.run, "the drive was stopped before the run started")
+            finished.append(Finished(queued.key, ok=False))
+        return finished
+
+    def _start_ready(self) -> None:
+        running = [child.queued.run for child in self.children.values()]
+        counter = TagConcurrencyLimitsCounter(self.tag_limits, running)
+        for queued in list(self.queue):
+            if len(self.children) >= self.workers:
+                return
+            if counter.is_blocked(queued.run):
+                continue  # as the daemon's queue: later runs on other links may start
+            self.queue.remove(queued)
+            self._start(queued)
+            counter.update_counters_with_launched_item(queued.run)
+        if self.queue and not self.children:  # a tag limit of 0: never startable
+            for queued in self.queue:
+                self._fail(queued.run, "a tag concurrency limit of 0 in dagster.yaml blocks it")
+            self.queue.clear()
+
+    def _start(self, queued: Queued) -> None:
+        for stream in (sys.stdout, sys.stderr):  # or the child repeats what is buffered
+            with suppress(Exception):
+                stream.flush()
+        read, write = os.pipe()  # not inherited by programs the run executes (O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            _execute(queued, self.instance)
+        os.close(write)  # the child holds the only write end: EOF when it exits, however
+        self.children[read] = _Child(queued, pid)
+
+    def _reap(self, timeout: float | None) -> list[Finished]:
+        if not self.children:
+            return []
+        finished = []
+        for fd in wait_for_any(list(self.children), timeout):
+            assert isinstance(fd, int)
+            child = self.children.pop(fd)
+            os.close(fd)
+            _, status = os.waitpid(child.pid, 0)
+            finished.append(self._outcome(child, os.waitstatus_to_exitcode(status)))
+        return finished
+
+    def _outcome(self, child: _Child, code: int) -> Finished:
+        run = self.instance.get_run_by_id(child.queued.run.run_id)
+        if run is not None and run.status in IN_FLIGHT:  # the child died with it
+            how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            self._fail(run, f"the process executing the run ({child.pid}) ended ({how}) "
+                            "before the run did")
+            run = self.instance.get_run_by_id(run.run_id)
+        ok = run is not None and run.status == DagsterRunStatus.SUCCESS
+        return Finished(child.queued.key, ok)
+
+    def _fail(self, run: DagsterRun, why: str) -> None:
+        self.instance.report_run_failed(run, message=why)
+
+
+def _execute(queued: Queued, instance: DagsterInstance) -> NoReturn:
+    """In the child: execute the run, then leave at once (os._exit), never through the
+    parent's atexit handlers, pytest or finally blocks. SIGINT and SIGTERM interrupt the run
+    as Dagster's run workers do (the run is marked failed)."""
+    code = 2
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with capture_interrupts():
+            code = 0 if execute_run(queued.job, queued.run, instance).success else 1
+    except BaseException:  # noqa: BLE001 - reported by the run's status and this trace
+        with suppress(Exception):
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(Exception):
+                stream.flush()
+        os._exit(code)

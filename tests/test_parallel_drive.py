@@ -1,0 +1,265 @@
+"""The drive executes runs side by side (forked children) within the instance's limits: never
+more runs on a link at once than its limit (read from the runs and from OpsDB's transfer
+records), the same end state on the storage as a serial drive; a child killed with SIGKILL
+leaves nothing in flight and is finished by the next drive, and SIGTERM to the drive stops
+its children."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+from dagster import BetaWarning, DagsterInstance, DagsterRunStatus, PreviewWarning, RunsFilter
+from sqlalchemy import select
+from sqlalchemy.orm import aliased
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_assets.inflight import IN_FLIGHT
+from ccat_assets.instance import write_instance_yaml
+from ccat_assets.runpool import run_limits
+from ccat_assets.tags import LINK_TAG
+from ccat_dt.checksums import hash_file
+from ccat_dt.config import Config
+from ccat_dt.filing import file_directory, finish_observation, start_observation
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, RawDataPackage, Site
+from ccat_dt.storage import files_under
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import (
+    archived_everywhere,
+    child_argv,
+    deployment,
+    finish,
+    spawn,
+    wait_for,
+)
+
+warnings.filterwarnings("ignore", category=PreviewWarning)
+warnings.filterwarnings("ignore", category=BetaWarning)
+
+LIMITS = {"ccat->cologne": 1, "ccat->us": 2, "cologne->us": 1, "us->cologne": 2}
+ROUTES = [{"origin": link.split("->")[0], "destination": link.split("->")[1],
+           "transport": "local", "cost": 10 if link.startswith("ccat") else 2,
+           "max_concurrent": limit} for link, limit in LIMITS.items()]
+MODULES = ("primecam/f280", "chai/lfa")
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[tuple[Config, OpsDB, DagsterInstance]]:
+    """A deployment whose links carry 1 or 2 runs at once, with the instance `ccat-dt init`
+    writes for it (its dagster.yaml has one tag concurrency limit per route)."""
+    config = deployment(tmp_path / "deploy", routes=ROUTES)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    opsdb = OpsDB(config.opsdb_url)
+    with DagsterInstance.from_config(str(home)) as instance:
+        yield config, opsdb, instance
+    opsdb.dispose()
+
+
+def observe(config: Config, opsdb: OpsDB, observations: int, *,
+            like: Path | None = None) -> None:
+    """Observations of two modules, a few small random files each; with `like`, the files
+    (bytes and modification times) under that directory, as a copy of a source root."""
+    source = config.resolve_root("sites/ccat/instruments")
+    for n in range(observations):
+        name = f"obs-{n}"
+        start_observation(opsdb, name)
+        for module in MODULES:
+            for i in range(2):
+                path = source / name / module / f"scan-{i}.dat"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if like is None:
+                    path.write_bytes(os.urandom(20_000 + 1000 * i))
+                else:
+                    shutil.copy2(like / path.relative_to(source), path)
+            file_directory(opsdb, observation=name, module=module, directory=f"{name}/{module}")
+        finish_observation(opsdb, name)
+
+
+def most_at_once(intervals: Iterable[tuple[float, float]]) -> int:
+    """The largest number of the intervals that overlap (one ending as another starts does
+    not count)."""
+    events = sorted((t, step) for start, end in intervals for t, step in ((start, 1), (end, -1)))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_no_link_carries_more_runs_at_once_than_its_limit(
+        limited: tuple[Config, OpsDB, DagsterInstance]) -> None:
+    config, opsdb, instance = limited
+    assert run_limits(instance)[0] > 1  # the default drive is parallel here
+    observe(config, opsdb, observations=2)  # 4 packages, 2 per primary archive site
+
+    report = drive(build_definitions(config), instance)
+
+    assert report.failed == []
+    archived_everywhere(config, opsdb)
+    # Runs: their start and end as the instance recorded them, per link tag.
+    runs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    every = []
+    for record in instance.get_run_records():
+        assert record.start_time is not None and record.end_time is not None
+        every.append((record.start_time, record.end_time))
+        link = record.dagster_run.tags.get(LINK_TAG)
+        if link is not None:
+            runs[link].append((record.start_time, record.end_time))
+    assert set(runs) == set(LIMITS)
+    assert len(runs["ccat->cologne"]) >= 2  # the limit of 1 had something to hold back
+    for link, intervals in runs.items():
+        assert most_at_once(intervals) <= LIMITS[link], (link, sorted(intervals))
+    assert most_at_once(every) > 1  # runs did execute side by side
+    assert most_at_once(i for intervals in runs.values() for i in intervals) > 1
+
+    # Transfers: OpsDB's records of each transfer between sites, per link.
+    origin, destination = aliased(DataLocation), aliased(DataLocation)
+    origin_site, destination_site = aliased(Site), aliased(Site)
+    with opsdb.session() as session:
+        rows = session.execute(
+            select(origin_site.short_name, destination_site.short_name, Operation.started_at,
+                   Operation.finished_at)
+            .join(origin, Operation.source_location_id == origin.id)
+            .join(origin_site, origin.site_id == origin_site.id)
+            .join(destination, Operation.destination_location_id == destination.id)
+            .join(destination_site, destination.site_id == destination_site.id)
+            .where(Operation.operation_type == OperationType.TRANSFER)).all()
+    transfers: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for source_site, target_site, started, finished in rows:
+        assert finished is not None
+        transfers[f"{source_site}->{target_site}"].append(
+            (started.timestamp(), finished.timestamp()))
+    assert sum(len(t) for t in transfers.values()) == 4 * 2  # each package to each archive
+    for link, intervals in transfers.items():
+        assert most_at_once(intervals) <= LIMITS[link], (link, sorted(intervals))
+
+
+def storage(config: Config) -> dict[str, set[tuple[str, int, str]]]:
+    """Per location, (relative path, size, xxh3-128) of every file on its storage."""
+    found = {}
+    for site in config.settings.sites:
+        for location in site.locations:
+            root = config.resolve_root(location.root)
+            found[f"{site.short_name}/{location.name}"] = {
+                (str(path.relative_to(root)), path.stat().st_size, hash_file(path)[0])
+                for path in (files_under(root) if root.exists() else [])}
+    return found
+
+
+def packages(opsdb: OpsDB) -> dict[str, tuple[str, str | None, set[tuple[str, str, str]]]]:
+    """Per package: its state, checksum and copies (location, status, path)."""
+    with opsdb.session() as session:
+        return {p.name: (p.state.value, p.checksum,
+                         {(c.location.label, c.status.value, c.relative_path) for c in p.copies})
+                for p in session.scalars(select(RawDataPackage))}
+
+
+def test_a_parallel_drive_ends_as_a_serial_one(tmp_path: Path) -> None:
+    ends = []
+    observed = tmp_path / "observed"  # the raw files both deployments are given
+    for workers in (1, None):  # one run at a time in this process; the instance's default
+        config = deployment(tmp_path / f"deploy-{workers}")
+        opsdb = OpsDB(config.opsdb_url)
+        observe(config, opsdb, observations=1, like=observed if observed.exists() else None)
+        if not observed.exists():
+            shutil.copytree(config.resolve_root("sites/ccat/instruments"), observed)
+        home = write_instance_yaml(config, tmp_path / f"home-{workers}").parent
+        with DagsterInstance.from_config(str(home)) as instance:
+            assert run_limits(instance)[0] > 1
+            report = drive(build_definitions(config), instance, workers=workers)
+            at_once = most_at_once((r.start_time or 0, r.end_time or 0)
+                                   for r in instance.get_run_records())
+        assert report.failed == []
+        assert (at_once > 1) == (workers is None)  # the serial drive was serial
+        archived_everywhere(config, opsdb)
+        ends.append((storage(config), packages(opsdb)))
+        opsdb.dispose()
+    (serial_storage, serial_packages), (parallel_storage, parallel_packages) = ends
+    assert serial_storage == parallel_storage
+    assert sum(len(files) for files in serial_storage.values()) == 2 * 2  # 2 packages, 2 LTAs
+    assert serial_packages == parallel_packages
+
+
+def test_a_child_killed_mid_run_is_failed_and_finished_by_the_next_drive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first copy run to record its landed copy is killed (SIGKILL) just before: the
+    drive marks its run failed and goes on; the next drive re-attempts it."""
+    import ccat_dt.replicas as replicas
+
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2})
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1)
+    marker = tmp_path / "killed"
+    record = replicas._record
+
+    def killed_once(*args: object, **kwargs: object) -> object:
+        if os.getpid() != parent:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # the first caller only
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return record(*args, **kwargs)  # type: ignore[arg-type]
+
+    parent = os.getpid()
+    monkeypatch.setattr(replicas, "_record", killed_once)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    with DagsterInstance.from_config(str(home)) as instance:
+        first = drive(build_definitions(config), instance)  # stops at the re-attempt back-off
+
+        assert marker.exists() and len(first.failed) == 1, first
+        assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+        [dead] = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
+        assert dead.tags["dagster/run_key"] == first.failed[0]
+
+        second = drive(build_definitions(config), instance, wait_s=10)
+
+        assert second.failed == []
+        assert second.dead_runs == []
+        assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)  # every package's LTA copies hash to its checksum, ...
+    opsdb.dispose()
+
+
+def test_sigterm_to_the_drive_stops_its_runs_and_leaves_none_in_flight(tmp_path: Path) -> None:
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2})
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    marker = tmp_path / "holding"
+    process = spawn(child_argv(config, "drive", kill="hold-in-run", marker=str(marker),
+                               home=str(home)))
+    try:
+        wait_for(marker, process, timeout=120)  # a packaging run's child waits, tar written
+        run_child = int(marker.read_text())
+        assert run_child != process.pid
+        process.send_signal(signal.SIGTERM)
+        stopped = finish(process, timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # SIGTERM interrupts a drive as Ctrl-C does (KeyboardInterrupt; the CLI exits 130)
+    assert stopped.returncode == -signal.SIGINT, stopped.stderr[-3000:]
+    assert "FAILED package:" in stopped.stdout  # the held run, stopped and reported
+    with pytest.raises(ProcessLookupError):  # the drive reaped it before it exited
+        os.kill(run_child, 0)
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+        assert instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
+
+        report = drive(build_definitions(config), instance, wait_s=10)
+
+        assert report.failed == [] and report.dead_runs == []
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+    opsdb.dispose()
