@@ -37,6 +37,7 @@ from ccat_dt.opsdb.totals import read as read_totals
 if TYPE_CHECKING:  # the client library is imported only when metrics are on: `status` is faster
     from influxdb_client import InfluxDBClient, Point
     from influxdb_client.client.write_api import WriteApi
+    from reactivex.scheduler import ThreadPoolScheduler
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Metrics:
         self._outage = False
         self._client: InfluxDBClient | None = None
         self._api: WriteApi | None = None
+        self._sender: ThreadPoolScheduler | None = None  # the thread sending self._api's batches
         self._slots: dict[int, tuple[int, float]] = {}  # work -> (slot, last seen)
         self._unwatch: Callable[[], None] | None = None
         if settings.url is None:
@@ -235,10 +237,11 @@ class Metrics:
         if not self.enabled:
             return
         with self._lock:
-            old = self._api
+            old, sender = self._api, self._sender
             self._api = self._new_api() if old is not None else None
         if old is not None:
             old.close()
+            _stop(sender)
 
     def close(self) -> None:
         """Flush and release the HTTP pool; later points are dropped (counted, not logged)."""
@@ -247,8 +250,10 @@ class Metrics:
             self._unwatch = None
         with self._lock:
             api, self._api = self._api, None
+            sender, self._sender = self._sender, None
         if api is not None:  # None: disabled, or closed before
             api.close()
+            _stop(sender)
             if self._client is not None:
                 self._client.close()
 
@@ -257,10 +262,15 @@ class Metrics:
     def _new_api(self) -> WriteApi:
         from influxdb_client import WriteOptions
         from influxdb_client.client.write_api import WriteType
+        from reactivex.scheduler import ThreadPoolScheduler
 
         assert self._client is not None
         s = self.settings
-        options = WriteOptions(
+        # A sending thread of its own: WriteOptions' default is one scheduler shared by the
+        # whole process, whose thread a process forked from it (a drive's run) does not
+        # have: the run's points would wait for it forever.
+        self._sender = ThreadPoolScheduler(max_workers=1)
+        options = WriteOptions(write_scheduler=self._sender,
             write_type=WriteType.batching, batch_size=s.batch_size,
             flush_interval=s.flush_interval_ms, jitter_interval=0,
             max_retries=0,  # a retry queue would grow during an outage; metrics are disposable
@@ -312,6 +322,11 @@ class Metrics:
             log.warning("metrics server %s cannot take points (%s); dropping them until it "
                         "answers again, transfers are not affected",
                         self.settings.url, _short(exc))
+
+
+def _stop(sender: ThreadPoolScheduler | None) -> None:
+    if sender is not None:
+        sender.executor.shutdown(wait=False)
 
 
 def _tagged(measurement: str, tags: dict[str, str]) -> Point:
