@@ -3,8 +3,16 @@
 
 import time
 
-from dagster import ConfigurableIOManager, Failure, InputContext, OutputContext, ResourceDependency
+from dagster import (
+    AssetMaterialization,
+    ConfigurableIOManager,
+    Failure,
+    InputContext,
+    OutputContext,
+    ResourceDependency,
+)
 
+from ccat_assets.partitions import package_site_key
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import get_package
@@ -51,6 +59,13 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
             "attempts": attempt + 1, "seconds": round(seconds, 3),
             "MB_per_s": round(ref.size / 1e6 / seconds, 2) if seconds > 0 else 0.0,
             "log": placed.log_path or "", "batched_with": ", ".join(placed.batched_with)})
+        for companion in placed.batched_with:
+            # Its own partition: a run of it would now find the copy made and ask for nothing,
+            # so the UI would show a copy that exists as never materialised.
+            context.log_event(AssetMaterialization(
+                asset_key=context.asset_key, partition=str(package_site_key(companion, obj.site)),
+                metadata={"outcome": f"copied in the batched session of {obj.package}'s run",
+                          "batched_with": obj.package, "transport": placed.transport or "none"}))
 
     def _report(self, obj: Placement, outcome: str, seconds: float, attempt: int, *,
                 size: int = 0, placed: Placed | None = None, error: str = "") -> None:

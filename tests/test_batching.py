@@ -6,15 +6,22 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from dagster import DagsterInstance
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.partitions import package_site_key
 from ccat_dt.config import load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType, PackageCopy
+from ccat_dt.opsdb.models import (
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    RawDataPackage,
+)
 from ccat_dt.topology import prepare_opsdb
 from tests.helpers import observe
 
@@ -43,5 +50,10 @@ def test_one_session_moves_the_packages_of_an_observation(
         copies = session.scalars(select(PackageCopy).where(
             PackageCopy.id.in_([t.copy_id for t in transfers]))).all()
         assert all(c.verified_at is not None for c in copies)  # each verified on its own
-    site_copy_runs = [key for key in report.launched if key.startswith("site_copy:")]
-    assert len(site_copy_runs) == 2  # each partition still materialised by its own run
+        names = session.scalars(select(RawDataPackage.name)).all()
+    assert len(names) == 2
+    for name in names:
+        # each partition materialised (by its own run, or by the run whose session moved it)
+        assert instance.fetch_materializations(AssetRecordsFilter(
+            asset_key=AssetKey("site_copies"),
+            asset_partitions=[str(package_site_key(name, "cologne"))]), limit=1).records, name
