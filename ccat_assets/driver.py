@@ -46,6 +46,7 @@ from dagster._core.definitions.dynamic_partitions_request import AddDynamicParti
 from dagster._core.definitions.job_base import IJob, InMemoryJob
 from dagster._core.definitions.job_definition import JobDefinition
 from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.execution.api import _job_with_repository_load_data, create_execution_plan
 from dagster._core.execution.execute_in_process import merge_run_tags
 from dagster._utils.schedules import reverse_cron_string_iterator
@@ -174,9 +175,13 @@ def _terminating(pool: RunPool | None, log: Callable[[str], None],
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
         yield report
-    except BaseException:
+    except BaseException as exc:
         for done in pool.terminate():
             _finished(report, log, done)
+        if isinstance(exc, DagsterExecutionInterruptedError):
+            # the signal came while Dagster held it (a tick's resources being built): the
+            # same interruption, told the same way (the CLI exits 130)
+            raise KeyboardInterrupt from exc
         raise
     finally:
         if main:
