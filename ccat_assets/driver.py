@@ -264,9 +264,14 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
         report.next_due = (datetime.fromtimestamp(next_due, UTC) if next_due is not None
                            else None)
         if runs.busy:  # tick again once a run ended (what it made may be due next), or
-            # when work waiting for a back-off falls due
+            # when work waiting for a back-off falls due; not while runs wait for a free
+            # slot: a round of ticks (~13 sensors) per ended run cost more than the runs
+            # themselves with many small packages (500 packaging runs: 1.3 s a run)
             runs.wait(None if next_due is None
                       else max(IDLE_TICK_S, next_due - time.time()))
+            while runs.waiting and (next_due is None or next_due > time.time()):
+                runs.wait(None if next_due is None
+                          else max(IDLE_TICK_S, next_due - time.time()))
             continue
         if len(report.launched) > launched_before or moved:
             continue
@@ -362,6 +367,11 @@ class _Runs:
     @property
     def busy(self) -> bool:
         return self.pool is not None and self.pool.busy
+
+    @property
+    def waiting(self) -> bool:
+        """Runs created and queued, waiting for a free slot."""
+        return self.pool is not None and bool(self.pool.queue)
 
     def wait(self, timeout: float | None) -> None:
         """Until a run ended (or `timeout`); each run that ended is reported."""
