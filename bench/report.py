@@ -323,8 +323,9 @@ def _lifecycle(r: SectionResult) -> list[str]:
         f"(goal ≤ {f['goal']['goal_s']:g} s: {f['goal']['verdict']}) |",
         f"| time inside runs (Dagster run start → end, summed; runs in parallel overlap) | "
         f"{fmt_s(f['inside_runs_s'])} s |",
-        f"| time outside runs (sensor ticks, run creation, the driver's run-key checks) | "
-        f"{fmt_s(f['outside_runs_s'])} s |",
+        "| time outside runs (sensor ticks, run creation, the driver's run-key checks) | "
+        + (f"{fmt_s(f['outside_runs_s'])} s |" if f["outside_runs_s"] >= 0
+           else "n/a: runs executed side by side (their times overlap) |"),
         f"| median run duration, first third → last third of the runs | "
         f"{f['growth']['first_third_median_s']:.2f} s → "
         f"{f['growth']['last_third_median_s']:.2f} s |",
