@@ -28,10 +28,9 @@ from bench.common import (
     timed,
     write_random,
 )
-from ccat_dt import tarball
+from ccat_dt import pagecache, tarball
 from ccat_dt.checksums import hash_file, hash_stream
 from ccat_dt.tarball import PackageMember, build_package
-from ccat_dt.transports import base
 from ccat_dt.transports.local import LocalTransport
 
 
@@ -64,7 +63,7 @@ def zlib_adler32() -> Iterator[None]:
 @contextmanager
 def no_writeback_overlap() -> Iterator[None]:
     """copy_file without starting each slice's write-back early: the final fsync writes all."""
-    with mock.patch.object(base, "_sync_file_range", None):
+    with mock.patch.object(pagecache, "_sync_file_range", None):
         yield
 
 

@@ -63,9 +63,11 @@ SENSOR = "dagster/sensor_name"
 CURSOR_KEY = "ccat-dt/drive/cursor/"  # + sensor name, in the instance's key-value store
 LOCK_FILE = "ccat-dt-drive.lock"  # in the instance's directory (DAGSTER_HOME)
 SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this
-# Ticked only in a round in which no other sensor launched a run: a package's deletions then
-# come in one purge run once its copies are all made, not one per copy as each is archived
-# (the daemon ticks it on its interval: there the retention ages batch them).
+# Ticked only in a round in which no other sensor launched a run: every copy due is then
+# made or in flight, and the purge sensor leaves a package with a run in flight alone, so a
+# package's deletions come in one purge run once its copies are all made, not one per copy
+# as each is archived, while other packages' copies go on (the daemon ticks it on its
+# interval: there the retention ages batch them).
 LAST = "purge_sensor"
 IDLE_TICK_S = 1.0  # while runs execute, work waiting for a back-off is looked at this often
 
@@ -220,8 +222,8 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
         next_due: float | None = None
         for sensor_def in sensors:
             name = sensor_def.name
-            if name == LAST and (len(report.launched) > launched_before or runs.busy):
-                continue  # copies still being made: a later round
+            if name == LAST and len(report.launched) > launched_before:
+                continue  # copies just requested: a later round
             # The driver's own instance, not a new one built from the ref at every tick (that
             # cost ~0.1 s a tick: storage set-up and schema checks); with the ref as well,
             # the partitions a tick adds count when its run requests are checked.

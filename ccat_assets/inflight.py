@@ -62,6 +62,7 @@ def not_in_flight(instance: DagsterInstance, requests: Sequence[RunRequest],
 
 
 def packages_in_flight(instance: DagsterInstance) -> set[str]:
-    """Packages whose copies a run in flight may be reading (site and LTA copies)."""
+    """Packages whose copies a run in flight may be reading (site and LTA copies) or deleting
+    (a purge): the purge plans nothing for them until that run ended."""
     return {package for stage, package, _ in in_flight(instance)
-            if stage in (Stage.SITE_COPY, Stage.LTA_COPY)}
+            if stage in (Stage.SITE_COPY, Stage.LTA_COPY, Stage.PURGE)}

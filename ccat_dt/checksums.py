@@ -7,6 +7,8 @@ from typing import BinaryIO
 
 import xxhash
 
+from ccat_dt import pagecache
+
 ALGORITHM = "xxh3_128"
 CHUNK_SIZE = 8 * 1024 * 1024
 # One chunk that stays in the CPU's L2 cache while it is copied and hashed several times; with
@@ -51,6 +53,7 @@ def hash_file(path: Path) -> tuple[str, int]:
         while count := stream.readinto(buffer):
             hasher.update(view[:count])
             size += count
+        pagecache.release(stream.fileno())
     return hasher.hexdigest(), size
 
 

@@ -22,6 +22,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ccat_dt import pagecache
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
 from ccat_dt.transports.base import SshSettings, TransferError
 from ccat_dt.transports.remote import (
@@ -151,6 +152,7 @@ def _hash_at(directory: int, name: str) -> tuple[str, int, os.stat_result]:
             while count := stream.readinto(buffer):
                 hasher.update(view[:count])
                 size += count
+        pagecache.release(fd)
         return hasher.hexdigest(), size, os.fstat(fd)
     finally:
         os.close(fd)

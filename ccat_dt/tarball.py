@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 from zlib_ng.zlib_ng import adler32
 
+from ccat_dt import pagecache
 from ccat_dt.checksums import (
     ALGORITHM,
     CACHED_CHUNK_SIZE,
@@ -109,6 +110,7 @@ class _TarWriter:
                 copied += count
             if source.read(1):
                 raise PackagingError(f"{member.source}: file grew beyond {member.size} bytes")
+            pagecache.release(source.fileno())
         self._pad(tarfile.BLOCKSIZE)
         actual = hasher.hexdigest()
         if actual != member.checksum:
@@ -223,6 +225,7 @@ def build_package(
             writer.finish()
             raw.flush()
             os.fsync(raw.fileno())
+            pagecache.release(raw.fileno())
             os.replace(part, destination)
             progress.finish()
         except BaseException:

@@ -112,7 +112,7 @@ def purge_sensor(context: SensorEvaluationContext,
     config, now = deployment.config, utcnow()
     with deployment.opsdb.session() as session:
         plan = plan_cycle(session, config, now)
-    busy = packages_in_flight(context.instance)  # e.g. a backfill's copy reading a buffer
+    busy = packages_in_flight(context.instance)  # a copy reading a buffer, an earlier purge
     runs = {key: value for key, value in
             plan.runs(per_site=config.celery_broker is not None).items() if key[0] not in busy}
     with deployment.opsdb.session() as session:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -10,7 +9,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -211,31 +210,6 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _find_start_writeback() -> Callable[[int, int, int], object] | None:
-    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without
-    waiting. Elsewhere None: the final fsync then does all the writing."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return lambda fd, offset, length: function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-_sync_file_range = _find_start_writeback()
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Have the kernel start writing this range of the file to disk, without waiting, so that
-    the fsync at the end finds most of it written (writing overlaps the work that produced it)."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from ccat_dt import pagecache
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
@@ -23,7 +24,6 @@ from ccat_dt.transports.base import (
     claim_temporary,
     fsync_directory,
     one_by_one,
-    start_writeback,
     temporary_name,
     unmarked,
 )
@@ -88,7 +88,7 @@ class LocalTransport:
                     written += count
                 if written == start:
                     break
-                start_writeback(destination, start, written - start)
+                pagecache.start_writeback(destination, start, written - start)
                 self._landed(landed)
                 progress.update(written)
                 while count := back.readinto(buffer):
@@ -99,6 +99,8 @@ class LocalTransport:
             while count := back.readinto(buffer):
                 hasher.update(view[:count])
             size = back.tell()
+        pagecache.release(destination)
+        pagecache.release(source)
         progress.finish()
         return hasher.hexdigest(), size
 

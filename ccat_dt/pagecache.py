@@ -1,0 +1,46 @@
+"""How archive data moves through the kernel's page cache: as a stream, not kept.
+
+A package is written once, read back once to verify it, read once more by the next hop, and
+then not for months. Left in the page cache it evicts what is reused (OpsDB, the programs)
+and every new page must first be taken from somewhere; on this project's virtual machines,
+whose memory the host backs on first touch, writing 6 GiB and keeping it cost 7x the CPU of
+writing it and letting each file's pages go after its fsync (docs/benchmarks.md, section 12).
+So each writer starts write-back early and releases a file's pages once they are on disk, and
+each reader releases what it read through."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _find_start_writeback() -> Callable[[int, int, int], object] | None:
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without
+    waiting. Elsewhere None: the final fsync then does all the writing."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return lambda fd, offset, length: function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+_sync_file_range = _find_start_writeback()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing this range of the file to disk, without waiting, so that
+    the fsync at the end finds most of it written (writing overlaps the work that produced it)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length)
+
+
+def release(fd: int) -> None:
+    """Let the file's clean cached pages go (after its fsync, or after reading it through):
+    its bytes stay on disk; only a later read of them goes to the disk again."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
