@@ -225,7 +225,6 @@ def build_package(
             writer.finish()
             raw.flush()
             os.fsync(raw.fileno())
-            pagecache.release(raw.fileno())
             os.replace(part, destination)
             progress.finish()
         except BaseException:

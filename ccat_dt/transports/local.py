@@ -99,8 +99,7 @@ class LocalTransport:
             while count := back.readinto(buffer):
                 hasher.update(view[:count])
             size = back.tell()
-        pagecache.release(destination)
-        pagecache.release(source)
+        pagecache.release(source)  # its pages; this copy's stay for the next hop to read
         progress.finish()
         return hasher.hexdigest(), size
 
