@@ -157,3 +157,50 @@ def test_sensors_see_a_backfills_runs_in_flight(
         keys = {str(r.partition_key) for r in requests}
         assert str(package_site_key(names[0], "us")) not in keys
         assert str(package_site_key(names[0], "cologne")) in keys
+
+
+def test_a_purge_in_flight_gets_no_second_purge_of_its_package(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The purge sensor ticks while other packages' copies are still made (the drive no longer
+    waits for every run to end): a package whose purge run (the sensor's, or the UI's
+    "Materialize" of purge_status) is queued or running is not planned again meanwhile, so no
+    second run races the first over the same copies."""
+    from dagster import Definitions, build_sensor_context
+
+    from ccat_assets.driver import drive
+
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    observe(config, opsdb, observations=1, files=1)
+    home = tmp_path / "dagster_home"
+    write_instance_yaml(config, home)
+    full = build_definitions(config)
+    no_purge = Definitions(assets=full.assets, asset_checks=full.asset_checks, jobs=full.jobs,
+                           sensors=[s for s in full.sensors or []
+                                    if s.name != "purge_sensor"],  # type: ignore[union-attr]
+                           resources=full.resources, executor=full.executor)
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert drive(no_purge, instance).failed == []  # archived, nothing purged yet
+        names = sorted(instance.get_dynamic_partitions("packages"))
+        assert len(names) >= 2
+        job = full.resolve_implicit_global_asset_job_def()
+        by_ui = instance.create_run_for_job(
+            job, tags={PARTITION_NAME_TAG: names[0]},
+            asset_selection=frozenset({AssetKey("purge_status")}),
+            remote_job_origin=ui_origin(job.name))
+        instance.run_coordinator.submit_run(SubmitRunContext(by_ui, workspace=None))  # type: ignore[arg-type]
+
+        repository = full.get_repository_def()
+        purge = repository.get_sensor_def("purge_sensor")
+        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                  repository_def=repository,
+                                  resources=full.resources) as context:
+            requests = purge.evaluate_tick(context).run_requests or []
+        assert {r.partition_key for r in requests} == set(names[1:])
+
+        # Once that run ended (here: failed before doing anything), the package is planned.
+        instance.report_run_failed(instance.get_run_by_id(by_ui.run_id))  # type: ignore[arg-type]
+        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                  repository_def=repository,
+                                  resources=full.resources) as context:
+            requests = purge.evaluate_tick(context).run_requests or []
+        assert names[0] in {r.partition_key for r in requests}
