@@ -13,7 +13,9 @@ A claim whose process died must not block: it is live only while
 - its lease runs (`lease_until`, renewed every RENEW_EVERY by the transferring process while
   the bytes move; a process killed or cut off from OpsDB stops renewing it), and
 - on the host that holds it (same host name and pid namespace), its process still runs: a
-  process killed -9 frees its claims at once, not a lease later.
+  process killed -9 frees its claims at once, not a lease later; and in the process that
+  holds it, a place() still has it (`track`): an attempt that ended without ending its claim
+  (OpsDB locked when it recorded) does not block the step's retry in the same process.
 A stale claim is closed (FAILED, saying why) by the next process that finds it, under the same
 lock, and that process goes ahead. A process cut off from OpsDB longer than LEASE whose
 transfer still runs may overlap the next one; the transports' temporary-file claim (local:
@@ -46,6 +48,20 @@ MOVES = (OperationType.TRANSFER, OperationType.ARCHIVE)
 log = logging.getLogger(__name__)
 
 
+_tracked: set[int] = set()  # the claims a place() of this process holds now
+_tracked_lock = threading.Lock()
+
+
+def track(operation_ids: Collection[int]) -> None:
+    with _tracked_lock:
+        _tracked.update(operation_ids)
+
+
+def untrack(operation_ids: Collection[int]) -> None:
+    with _tracked_lock:
+        _tracked.difference_update(operation_ids)
+
+
 @cache
 def this_host() -> str:
     """The host name and pid namespace: where a claim's pid means this process table."""
@@ -69,8 +85,14 @@ def stale(operation: Operation, now: datetime) -> str | None:
     if _aware(operation.lease_until) <= _aware(now):
         return (f"its lease ran out at {_aware(operation.lease_until).isoformat()} "
                 f"(process {operation.owner_pid} on {operation.owner_host} stopped renewing it)")
-    if (operation.owner_host == this_host() and operation.owner_pid is not None
-            and not _running(operation.owner_pid)):
+    if operation.owner_host != this_host() or operation.owner_pid is None:
+        return None
+    if operation.owner_pid == os.getpid():
+        with _tracked_lock:
+            if operation.id in _tracked:
+                return None
+        return f"its attempt in this process ({operation.owner_pid}) ended without ending it"
+    if not _running(operation.owner_pid):
         return f"its process {operation.owner_pid} on this host is gone"
     return None
 

@@ -129,6 +129,7 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
             waited = started.operation_id
             claims.wait_until_ended(opsdb, waited)
     placement, jobs = started.placement, started.jobs
+    ids = [j.operation_id for j in jobs]
     ended: dict[int, CopyRef | Exception] = {}  # by operation id
     try:
         transport, outcomes = _move(opsdb, config, started, jobs)
@@ -139,9 +140,11 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
             else:
                 ended[job.operation_id] = _record(opsdb, config, job, kind, outcome, transport)
     except BaseException as exc:  # interrupted (run terminated), OpsDB away: free the claims
-        claims.release(opsdb, [j.operation_id for j in jobs if j.operation_id not in ended],
+        claims.release(opsdb, [i for i in ids if i not in ended],
                        f"interrupted: {exc.__class__.__name__}: {exc}")
         raise
+    finally:
+        claims.untrack(ids)
     mine, outcome = ended[jobs[0].operation_id], outcomes[0]  # the placement's own: first
     if isinstance(mine, Exception):
         first = next(o for o in outcomes if isinstance(o, Exception))
@@ -205,6 +208,16 @@ def _claim(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationTyp
     """Claim the transfer of the placement's package (and its batch companions) to the site's
     location of `kind`, in one transaction, committed before any byte moves: the batch's
     package rows locked in name order, then the claims looked for and made (claims.py)."""
+    ids: list[int] = []
+    try:
+        return _claim_in(opsdb, config, placement, kind, run_id, attempt, ids)
+    except BaseException:  # not committed: nobody holds these
+        claims.untrack(ids)
+        raise
+
+
+def _claim_in(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType,
+              run_id: str | None, attempt: int, ids: list[int]) -> _Started | _Taken:
     with opsdb.session() as session:
         package = get_package(session, placement.package)
         origin = session.get(PackageCopy, placement.source.copy_id)
@@ -238,6 +251,8 @@ def _claim(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationTyp
                                 if c.package in locked] if budget else [])
         jobs = [_start(session, config, item, destination, kind, run_id, attempt)
                 for item in batch]
+        ids += [j.operation_id for j in jobs]
+        claims.track(ids)  # held by this process from the commit on
         remote = destination.host is not None or placement.source.host is not None
         alternatives = sum(is_healthy(loc, utcnow()) for loc in session.scalars(
             select(DataLocation).where(DataLocation.site_id == destination.site_id,
