@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch
-from ccat_dt.config import Config
+from ccat_dt.config import Config, RouteConfig
 from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
 from ccat_dt.loss import Health, refresh_loss
 from ccat_dt.objectstore import Stores
@@ -107,14 +108,116 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
 
     Idempotent: an existing verified copy there is re-read on its storage and returned ("already
     there, verified now"); one that fails the re-read is quarantined and made again from the
-    nearest verified copy. On a route with a
+    nearest verified copy. One transfer of a package to a location at a time, whoever starts
+    it (ccat_dt/claims.py): while another process's transfer of it there is in flight this
+    waits for it, then finds its copy. On a route with a
     batch budget, other packages waiting on the same route travel in the same transport
     session, each verified and recorded on its own. Every transport checksums the copy where it
     landed (re-reading the destination file) before the rename, for buffer and LTA alike.
     """
-    found = _reverify_existing(opsdb, config, placement, kind, run_id)
-    if found is not None:
-        return found
+    waited: int | None = None  # for another process's transfer there
+    while True:
+        found = _reverify_existing(opsdb, config, placement, kind, run_id)
+        if found is not None:
+            return found if waited is None else replace(found, note=(
+                f"{found.note}, after waiting for operation {waited} (another run's transfer "
+                "of it there)"))
+        started = _claim(opsdb, config, placement, kind, run_id, attempt)
+        if isinstance(started, _Started):
+            break
+        if started.operation_id is not None:
+            waited = started.operation_id
+            claims.wait_until_ended(opsdb, waited)
+    placement, jobs = started.placement, started.jobs
+    ids = [j.operation_id for j in jobs]
+    ended: dict[int, CopyRef | Exception] = {}  # by operation id
+    try:
+        transport, outcomes = _move(opsdb, config, started, jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                finish(opsdb, job.operation_id, error=str(outcome))
+                ended[job.operation_id] = outcome
+            else:
+                ended[job.operation_id] = _record(opsdb, config, job, kind, outcome, transport)
+    except BaseException as exc:  # interrupted (run terminated), OpsDB away: free the claims
+        claims.release(opsdb, [i for i in ids if i not in ended],
+                       f"interrupted: {exc.__class__.__name__}: {exc}")
+        raise
+    finally:
+        claims.untrack(ids)
+    mine, outcome = ended[jobs[0].operation_id], outcomes[0]  # the placement's own: first
+    if isinstance(mine, Exception):
+        first = next(o for o in outcomes if isinstance(o, Exception))
+        if location_failure(first) and started.alternatives:
+            raise TransferError(f"{mine}; {started.destination_label} is marked unhealthy: the "
+                                f"next {kind.value} location at {placement.site} by priority "
+                                "is used next", retryable=True) from mine
+        raise _source_or_transit(opsdb, config, placement, mine)
+    assert not isinstance(outcome, Exception)
+    return Placed(mine, transport, outcome.seconds, outcome.streams, outcome.log_path,
+                  tuple(j.placement.package for j in jobs[1:]))
+
+
+def _move(opsdb: OpsDB, config: Config, started: _Started,
+          jobs: list[_Job]) -> tuple[str, list[TransferResult | Exception]]:
+    """The claimed transfers in one transport session, their claims renewed meanwhile (the
+    transport's name, each file's outcome); a location-level failure marks the destination
+    unhealthy."""
+    placement = started.placement
+    transport = transport_for(config, started.route, remote=started.remote, store=started.store)
+    # Each transport finds the location's marker before it writes (a transfer never creates a
+    # missing location root: an unmounted archive disk has none), remotely in the round trip
+    # that creates the directory; an object store's marker is looked at here (one HEAD).
+    unmarked = _unmarked_bucket(config, started.bucket) if started.bucket is not None else None
+    with (labelled(site=placement.site, route=f"{placement.source.site}->{placement.site}"),
+          claims.Lease(opsdb, [j.operation_id for j in jobs])):
+        outcomes: list[TransferResult | Exception] = (
+            [unmarked] * len(jobs) if unmarked else _transfer(transport, jobs))
+    failure = next((o for o in outcomes if isinstance(o, Exception)), None)
+    if failure is not None and location_failure(failure):
+        mark_failed(opsdb, config, started.destination_id,
+                    f"{transport.name} to {started.destination_label}: {failure}")
+    return transport.name, outcomes
+
+
+@dataclass(frozen=True)
+class _Started:
+    """Transfers claimed (the placement's own first), and where they go."""
+
+    placement: Placement
+    jobs: list[_Job]
+    route: RouteConfig | None
+    destination_id: int
+    destination_label: str
+    alternatives: int  # other healthy locations of the kind at the site
+    bucket: str | None  # an object store's bucket
+    remote: bool
+    store: bool
+
+
+@dataclass(frozen=True)
+class _Taken:
+    """Not started: another process's transfer there is in flight (`operation_id`), or a
+    verified copy was recorded there meanwhile (None)."""
+
+    operation_id: int | None
+
+
+def _claim(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType,
+           run_id: str | None, attempt: int) -> _Started | _Taken:
+    """Claim the transfer of the placement's package (and its batch companions) to the site's
+    location of `kind`, in one transaction, committed before any byte moves: the batch's
+    package rows locked in name order, then the claims looked for and made (claims.py)."""
+    ids: list[int] = []
+    try:
+        return _claim_in(opsdb, config, placement, kind, run_id, attempt, ids)
+    except BaseException:  # not committed: nobody holds these
+        claims.untrack(ids)
+        raise
+
+
+def _claim_in(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType,
+              run_id: str | None, attempt: int, ids: list[int]) -> _Started | _Taken:
     with opsdb.session() as session:
         package = get_package(session, placement.package)
         origin = session.get(PackageCopy, placement.source.copy_id)
@@ -131,51 +234,33 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         destination = primary_location(session, placement.site, kind)
         route = (config.settings.route(placement.source.site, placement.site)
                  if placement.source.site != placement.site else None)
-        batch = [placement]
-        if route is not None and route.batch_bytes:
-            batch += _companions(session, config, placement, kind, route.batch_bytes)
-        observatory = config.settings.observatory
-        for name in sorted({i.package for i in batch if i.source.site == observatory}):
-            lock_package(session, name)  # against a failover re-routing it meanwhile
+        budget = route.batch_bytes if route is not None else 0
+        candidates = _companions(session, config, placement, kind, budget) if budget else []
+        locked = sorted({placement.package, *(c.package for c in candidates)})
+        for name in locked:  # in one order: two batches sharing packages never deadlock
+            lock_package(session, name)  # also against a failover re-routing it meanwhile
+        # From here on what is read is final until this transaction commits.
+        if (verified_copy(session, package, placement.site, kind) is not None
+                or kind == LocationType.BUFFER and archived_at(session, package,
+                                                               placement.site) is not None):
+            return _Taken(None)  # recorded since it was looked for: re-read it instead
+        other = claims.live_claim(session, package.id, destination.id)
+        if other is not None:
+            return _Taken(other.id)
+        batch = [placement] + ([c for c in _companions(session, config, placement, kind, budget)
+                                if c.package in locked] if budget else [])
         jobs = [_start(session, config, item, destination, kind, run_id, attempt)
                 for item in batch]
+        ids += [j.operation_id for j in jobs]
+        claims.track(ids)  # held by this process from the commit on
         remote = destination.host is not None or placement.source.host is not None
         alternatives = sum(is_healthy(loc, utcnow()) for loc in session.scalars(
             select(DataLocation).where(DataLocation.site_id == destination.site_id,
                                        DataLocation.location_type == kind,
                                        DataLocation.id != destination.id)))
-        destination_id, destination_label = destination.id, destination.label
         bucket = destination.root if destination.storage_type == StorageType.S3 else None
-        store = bucket is not None or placement.source.store is not None
-    transport = transport_for(config, route, remote=remote, store=store)
-    # Each transport finds the location's marker before it writes (a transfer never creates a
-    # missing location root: an unmounted archive disk has none), remotely in the round trip
-    # that creates the directory; an object store's marker is looked at here (one HEAD).
-    unmarked = _unmarked_bucket(config, bucket) if bucket is not None else None
-    with labelled(site=placement.site, route=f"{placement.source.site}->{placement.site}"):
-        outcomes = [unmarked] * len(jobs) if unmarked else _transfer(transport, jobs)
-    failure = next((o for o in outcomes if isinstance(o, Exception)), None)
-    location_level = failure is not None and location_failure(failure)
-    if location_level:
-        mark_failed(opsdb, config, destination_id,
-                    f"{transport.name} to {destination_label}: {failure}")
-    own: Placed | None = None
-    for job, outcome in zip(jobs, outcomes, strict=True):
-        if isinstance(outcome, Exception):
-            finish(opsdb, job.operation_id, error=str(outcome))
-            if job.placement is placement:
-                if location_level and alternatives:
-                    raise TransferError(f"{outcome}; {destination_label} is marked unhealthy: "
-                                        f"the next {kind.value} location at {placement.site} "
-                                        "by priority is used next", retryable=True) from outcome
-                raise _source_or_transit(opsdb, config, placement, outcome)
-            continue
-        ref = _record(opsdb, config, job, kind, outcome, transport.name)
-        if job.placement is placement:
-            own = Placed(ref, transport.name, outcome.seconds, outcome.streams,
-                         outcome.log_path, tuple(j.placement.package for j in jobs[1:]))
-    assert own is not None
-    return own
+        return _Started(placement, jobs, route, destination.id, destination.label, alternatives,
+                        bucket, remote, bucket is not None or placement.source.store is not None)
 
 
 @dataclass(frozen=True)
@@ -227,6 +312,7 @@ def _start(session: Session, config: Config, placement: Placement, destination: 
                         else OperationType.TRANSFER),
         package=package, source_location_id=origin.location_id,
         destination_location_id=destination.id, retry_count=attempt, run_id=run_id)
+    claims.hold(operation)
     session.add(operation)
     session.flush()
     relative = package_path(package)
@@ -237,7 +323,8 @@ def _start(session: Session, config: Config, placement: Placement, destination: 
 def _companions(session: Session, config: Config, placement: Placement, kind: LocationType,
                 budget: int) -> list[Placement]:
     """Packages of the same observation waiting for the same hop from the same location that
-    were never attempted there, up to the batch byte budget."""
+    were never attempted there, up to the batch byte budget. An attempt in flight is another
+    process's claim (claims.py): read with the packages locked, it leaves the package out."""
     package = get_package(session, placement.package)
     destination = primary_location(session, placement.site, kind)
     siblings = session.scalars(select(RawDataPackage).where(

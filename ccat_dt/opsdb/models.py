@@ -371,6 +371,11 @@ class Operation(Base):
     run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True, default=worker_name)
     log_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # full command output
+    # A transfer or archive in flight claims its (package, destination): the process holding
+    # the claim and until when it holds it unless it renews it (ccat_dt/claims.py, 0013).
+    owner_host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    owner_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(nullable=True)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     # `status` reads the last hour's transfers by it (migration 0012)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)

@@ -90,8 +90,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--marker", default="")
     parser.add_argument("--barrier", default="")
     parser.add_argument("--parties", type=int, default=2)
-    parser.add_argument("--at", default="write", choices=["write", "record"],
-                        help="where the racers meet: about to write, or about to record")
+    parser.add_argument("--at", default="write", choices=["write", "record", "claim"],
+                        help="where the racers meet: about to write, or about to record; "
+                             "place: about to claim the transfer (past the is-it-there check)")
     parser.add_argument("--home", default="", help="Dagster instance directory (drive)")
     parser.add_argument("--wait", type=float, default=10.0,
                         help="drive: wait for re-attempts due within this many seconds")
@@ -127,11 +128,13 @@ def main(argv: list[str]) -> int:
         name, site, kind = options.args
         if options.kill == "mid-write":  # bytes in the temporary file, not yet synced
             wrap(local.os, "fsync", before=die)
+        elif options.kill == "hold-mid-write":  # the same point, waiting to be killed there
+            wrap(local.os, "fsync", before=wait_to_be_killed(Path(options.marker)))
         elif options.kill == "before-record":  # renamed into place, not recorded
             wrap(replicas, "_record", before=die)
         if meet:
-            wrap(*((local, "claim_temporary") if options.at == "write"
-                   else (replicas, "_record")), before=meet)
+            wrap(*{"write": (local, "claim_temporary"), "record": (replicas, "_record"),
+                   "claim": (replicas, "_claim")}[options.at], before=meet)
         placement = replicas.plan_placement(opsdb, config, name, site, LocationType(kind))
         try:
             placed = replicas.place(opsdb, config, placement, LocationType(kind))
