@@ -11,6 +11,8 @@ ends quietly with status 141, as for a command killed by SIGPIPE.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 import traceback
@@ -19,11 +21,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import DBAPIError, IntegrityError
+# These imports make tens of thousands of objects that live as long as the process (SQLAlchemy,
+# pydantic, the ORM models, the configuration's schema): the garbage collector would walk them
+# again and again while they are made, finding nothing (0.12 s of a 0.8 s `ccat-dt status`). It
+# pauses for them, and what they made is then moved out of its sight (gc.freeze).
+_collecting = gc.isenabled()
+gc.disable()
+try:
+    from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from ccat_dt.config import Config, load_config
-from ccat_dt.jsonlog import configure_from_env
-from ccat_dt.opsdb.database import OpsDB
+    from ccat_dt.config import Config, load_config
+    from ccat_dt.jsonlog import configure_from_env
+    from ccat_dt.opsdb.database import OpsDB, dispose_engines
+finally:
+    gc.freeze()
+    if _collecting:
+        gc.enable()
 
 # Each command imports the domain modules it uses: `status`, `why`, `purge --plan` and `file`
 # answer in a fraction of a second, and importing what they do not use would be most of it.
@@ -725,6 +738,17 @@ def _dagster() -> None:
 
     warnings.filterwarnings("ignore", category=PreviewWarning)
     warnings.filterwarnings("ignore", category=BetaWarning)
+
+
+def _at_exit() -> None:
+    """The command is over: close the OpsDB connections, then freeze what is left, so that
+    the interpreter's shutdown does not walk it with the garbage collector (several full
+    passes over every object the imports made: 0.3 s of a 1.1 s `ccat-dt status`)."""
+    dispose_engines()
+    gc.freeze()
+
+
+atexit.register(_at_exit)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import math
 import os
 import sys
@@ -72,9 +71,11 @@ def configure(path: Path | str | None = None, level: int = logging.INFO) -> None
     if target == STDERR:
         handler = logging.StreamHandler(sys.stderr)
     else:
+        from logging.handlers import WatchedFileHandler  # a file only: every command imports this
+
         file = Path(target).expanduser()
         file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
+        handler = WatchedFileHandler(file, encoding="utf-8")
     handler.setFormatter(JsonFormatter())
     setattr(handler, _MARK, True)
     logger = logging.getLogger(LOGGER)

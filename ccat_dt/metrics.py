@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import distinct, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dt import progress as progress_events
@@ -377,17 +377,20 @@ def service_level_figures(session: Session, required_lta_copies: int,
     counts (planned and failed ones too) until its copies prove it safe. Bytes of a package not
     yet built are the sum of its files.
     """
-    verified = (
-        select(PhysicalCopy.package_id.label("package_id"),
-               func.count(distinct(DataLocation.site_id)).label("sites"))
+    at_sites = (  # (package, site) of every verified LTA copy, once each
+        select(PhysicalCopy.package_id, DataLocation.site_id)
         .join(DataLocation, PhysicalCopy.location_id == DataLocation.id)
         .where(PhysicalCopy.package_id.is_not(None),
                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
                PhysicalCopy.status == CopyStatus.PRESENT,
                PhysicalCopy.verified_at.is_not(None),
                PhysicalCopy.verified_at >= PhysicalCopy.created_at)
-        .group_by(PhysicalCopy.package_id).subquery())
-    # The verified copies are read from their own partial index (ix_physical_copies_verified).
+        .distinct().subquery())
+    verified = (select(at_sites.c.package_id, func.count().label("sites"))
+                .group_by(at_sites.c.package_id).subquery())
+    # The verified copies are read from their own partial index (ix_physical_copies_verified);
+    # counting distinct (package, site) pairs, not count(DISTINCT site) per package, spares
+    # PostgreSQL a sort within each package: 0.26 -> 0.23 s at 10^5 packages (load 5).
     # A package's files are summed only for a package not yet built (no size of its own), by
     # their index: summing every raw file ever filed would read 10^7 rows.
     files = (select(func.sum(RawDataFile.size)).where(RawDataFile.package_id == RawDataPackage.id)

@@ -49,6 +49,13 @@ def _forget_inherited_connections() -> None:
 os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
+def dispose_engines() -> None:
+    """Close the pooled connections of every engine this process opened (a command's last
+    step: a SQLite OpsDB's last connection to close checkpoints its write-ahead log)."""
+    for engine in list(_engines):
+        engine.dispose()
+
+
 def create_opsdb_engine(url: str) -> Engine:
     engine = _create_engine(url)
     _engines.add(engine)
