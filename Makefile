@@ -20,7 +20,7 @@ demo: $(BIN)/.installed  ## simulate an observing night and drive it through the
 	$(BIN)/ccat-dt demo --root $(DEMO_ROOT)
 
 test: $(BIN)/.installed test-deps  ## the whole test suite, as CI runs it (two workers; Celery suites never at once)
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
 
 test-fast: $(BIN)/.installed test-deps  ## everything but the slow integration tests, one worker per core
 	$(BIN)/pytest -q -m "not slow" -n auto

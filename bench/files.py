@@ -20,6 +20,7 @@ from bench.common import (
     Comparison,
     SectionResult,
     Settings,
+    cache,
     drop_outputs,
     fresh,
     interleaved,
@@ -106,7 +107,7 @@ def bench_hash(settings: Settings, result: SectionResult, log: Callable[[str], N
         "old": lambda: {"old": timed(old_hash_file)},
         "H2": lambda: {"xxhsum -H2": run_tool(["xxhsum", "-H2", str(path)])},
         "H3": lambda: {"xxhsum -H3": run_tool(["xxhsum", "-H3", str(path)])},
-    }, max(settings.repeat, 15), log=log)
+    }, max(settings.repeat, 15), prepare=lambda: cache(path), log=log)
     result.comparisons += [
         Comparison("hash", "hash_file vs `xxhsum -H2` (XXH128, our algorithm: like for like)",
                    stats["ours"], stats["xxhsum -H2"], 0.95, "hash_file", "xxhsum -H2"),
@@ -161,7 +162,8 @@ def bench_package(settings: Settings, result: SectionResult, log: Callable[[str]
                                                                   no_adler32)()["ours"]},
         "ours-zlib": lambda: {"zlib adler32": _ours(build, zlib_adler32)()["ours"]},
         "tool": tool,
-    }, settings.repeat, prepare=fresh(ours_tar, tool_tar), log=log)
+    }, settings.repeat, prepare=fresh(ours_tar, tool_tar, sources=[m.source for m in members]),
+        log=log)
     drop_outputs(ours_tar, tool_tar)
     total = settings.tree_files * settings.tree_file_mib
     result.facts["size"] = (f"{settings.tree_files} files x {settings.tree_file_mib} MiB = "
@@ -234,7 +236,7 @@ def bench_copy(settings: Settings, result: SectionResult, log: Callable[[str], N
         "ours-nofsync": lambda: {"nofsync": _ours(copy, no_fsync)()["ours"]},
         "ours-sequential": lambda: {"no overlap": _ours(copy, no_writeback_overlap)()["ours"]},
         "tool": tool,
-    }, settings.repeat, prepare=fresh(ours_dst, tool_dst), log=log)
+    }, settings.repeat, prepare=fresh(ours_dst, tool_dst, sources=[source]), log=log)
     drop_outputs(ours_dst, tool_dst)
     result.facts["size"] = f"{settings.copy_mib} MiB, source in the page cache"
     result.facts["steps"] = {k: v.text() for k, v in stats.items()}
