@@ -5,6 +5,8 @@ limit) and its site queue."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from dagster import (
     BetaWarning,
     DagsterInstance,
     DagsterRunStatus,
+    Definitions,
     PreviewWarning,
     execute_job,
 )
@@ -104,12 +107,12 @@ def test_runs_launched_without_sensor_tags_get_their_link_and_site_queue(
         assert kept.tags[LINK_TAG] == "x->y" and kept.tags[QUEUE_TAG] == "q"
 
 
-def test_sensors_see_a_backfills_runs_in_flight(
-        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A backfill's queued run for a partition: the sensors ask for no second run of it, and
-    the purge deletes nothing of that package meanwhile."""
-    from dagster import Definitions, build_sensor_context
-
+@contextmanager
+def archived_not_purged(config: Config, opsdb: OpsDB, tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch
+                        ) -> Iterator[tuple[DagsterInstance, Definitions, list[str]]]:
+    """An observation driven through the lifecycle without the purge sensor: every package
+    archived, nothing purged yet; the instance, the full definitions and the package names."""
     from ccat_assets.driver import drive
 
     monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
@@ -122,8 +125,17 @@ def test_sensors_see_a_backfills_runs_in_flight(
                                     if s.name != "purge_sensor"],  # type: ignore[union-attr]
                            resources=full.resources, executor=full.executor)
     with DagsterInstance.from_config(str(home)) as instance:
-        assert drive(no_purge, instance).failed == []  # archived, nothing purged yet
-        names = sorted(instance.get_dynamic_partitions("packages"))
+        assert drive(no_purge, instance).failed == []
+        yield instance, full, sorted(instance.get_dynamic_partitions("packages"))
+
+
+def test_sensors_see_a_backfills_runs_in_flight(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backfill's queued run for a partition: the sensors ask for no second run of it, and
+    the purge deletes nothing of that package meanwhile."""
+    from dagster import build_sensor_context
+
+    with archived_not_purged(config, opsdb, tmp_path, monkeypatch) as (instance, full, names):
         job = full.resolve_implicit_global_asset_job_def()
         coordinator = instance.run_coordinator
         backfill = instance.create_run_for_job(
@@ -165,22 +177,9 @@ def test_a_purge_in_flight_gets_no_second_purge_of_its_package(
     waits for every run to end): a package whose purge run (the sensor's, or the UI's
     "Materialize" of purge_status) is queued or running is not planned again meanwhile, so no
     second run races the first over the same copies."""
-    from dagster import Definitions, build_sensor_context
+    from dagster import build_sensor_context
 
-    from ccat_assets.driver import drive
-
-    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
-    observe(config, opsdb, observations=1, files=1)
-    home = tmp_path / "dagster_home"
-    write_instance_yaml(config, home)
-    full = build_definitions(config)
-    no_purge = Definitions(assets=full.assets, asset_checks=full.asset_checks, jobs=full.jobs,
-                           sensors=[s for s in full.sensors or []
-                                    if s.name != "purge_sensor"],  # type: ignore[union-attr]
-                           resources=full.resources, executor=full.executor)
-    with DagsterInstance.from_config(str(home)) as instance:
-        assert drive(no_purge, instance).failed == []  # archived, nothing purged yet
-        names = sorted(instance.get_dynamic_partitions("packages"))
+    with archived_not_purged(config, opsdb, tmp_path, monkeypatch) as (instance, full, names):
         assert len(names) >= 2
         job = full.resolve_implicit_global_asset_job_def()
         by_ui = instance.create_run_for_job(
