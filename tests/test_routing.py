@@ -17,6 +17,8 @@ from dagster import (
     DagsterRunStatus,
     Definitions,
     PreviewWarning,
+    RunRequest,
+    SensorDefinition,
     execute_job,
 )
 from dagster._core.definitions.reconstruct import ReconstructableRepository
@@ -129,12 +131,21 @@ def archived_not_purged(config: Config, opsdb: OpsDB, tmp_path: Path,
         yield instance, full, sorted(instance.get_dynamic_partitions("packages"))
 
 
+def ticked(instance: DagsterInstance, full: Definitions, sensor: SensorDefinition
+           ) -> list[RunRequest]:
+    """The run requests of one tick of `sensor`, as the daemon would evaluate it."""
+    from dagster import build_sensor_context
+
+    with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                              repository_def=full.get_repository_def(),
+                              resources=full.resources) as context:
+        return list(sensor.evaluate_tick(context).run_requests or [])
+
+
 def test_sensors_see_a_backfills_runs_in_flight(
         config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A backfill's queued run for a partition: the sensors ask for no second run of it, and
     the purge deletes nothing of that package meanwhile."""
-    from dagster import build_sensor_context
-
     with archived_not_purged(config, opsdb, tmp_path, monkeypatch) as (instance, full, names):
         job = full.resolve_implicit_global_asset_job_def()
         coordinator = instance.run_coordinator
@@ -146,10 +157,7 @@ def test_sensors_see_a_backfills_runs_in_flight(
 
         repository = full.get_repository_def()
         purge = repository.get_sensor_def("purge_sensor")
-        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
-                                  repository_def=repository,
-                                  resources=full.resources) as context:
-            requests = purge.evaluate_tick(context).run_requests or []
+        requests = ticked(instance, full, purge)
         assert requests and {r.partition_key for r in requests} == set(names[1:])
 
         # names[0]'s LTA copies lost, so that archiving it is due again at both sites: the
@@ -162,10 +170,7 @@ def test_sensors_see_a_backfills_runs_in_flight(
                 if copy.location.location_type == LocationType.LONG_TERM_ARCHIVE:
                     copy.status = CopyStatus.DELETED
         lta = repository.get_sensor_def("lta_copy_sensor")
-        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
-                                  repository_def=repository,
-                                  resources=full.resources) as context:
-            requests = lta.evaluate_tick(context).run_requests or []  # from the start
+        requests = ticked(instance, full, lta)  # from the start
         keys = {str(r.partition_key) for r in requests}
         assert str(package_site_key(names[0], "us")) not in keys
         assert str(package_site_key(names[0], "cologne")) in keys
@@ -177,8 +182,6 @@ def test_a_purge_in_flight_gets_no_second_purge_of_its_package(
     waits for every run to end): a package whose purge run (the sensor's, or the UI's
     "Materialize" of purge_status) is queued or running is not planned again meanwhile, so no
     second run races the first over the same copies."""
-    from dagster import build_sensor_context
-
     with archived_not_purged(config, opsdb, tmp_path, monkeypatch) as (instance, full, names):
         assert len(names) >= 2
         job = full.resolve_implicit_global_asset_job_def()
@@ -190,16 +193,10 @@ def test_a_purge_in_flight_gets_no_second_purge_of_its_package(
 
         repository = full.get_repository_def()
         purge = repository.get_sensor_def("purge_sensor")
-        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
-                                  repository_def=repository,
-                                  resources=full.resources) as context:
-            requests = purge.evaluate_tick(context).run_requests or []
+        requests = ticked(instance, full, purge)
         assert {r.partition_key for r in requests} == set(names[1:])
 
         # Once that run ended (here: failed before doing anything), the package is planned.
         instance.report_run_failed(instance.get_run_by_id(by_ui.run_id))  # type: ignore[arg-type]
-        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
-                                  repository_def=repository,
-                                  resources=full.resources) as context:
-            requests = purge.evaluate_tick(context).run_requests or []
+        requests = ticked(instance, full, purge)
         assert names[0] in {r.partition_key for r in requests}
