@@ -4,9 +4,10 @@ A package is written once, read back at once to verify it, read once more by the
 and then not for months. Left in the page cache it evicts what is reused (OpsDB, the
 programs), and every new page must first be taken from somewhere; on this project's virtual
 machines, whose memory the host backs on first touch, writing 6 GiB and keeping it cost 7x
-the CPU of letting each file's pages go (docs/benchmarks.md, section 12). So a writer starts
-write-back early and keeps its pages for the next hop, and each reader lets go of what it read
-through: the cache holds what is in flight between two hops, not the archive. (Writers letting
+the CPU of letting each file's pages go (docs/benchmarks.md, section 12). So a writer keeps
+its pages for the next hop (the local copy starting each slice's write-back early), and each
+reader lets go of what it read through: the cache holds what is in flight between two hops,
+not the archive. (Writers letting
 go as well made the next hop read from disk: 54-57 s against 34-46 s for 4 GiB end to end.)"""
 
 from __future__ import annotations
