@@ -321,7 +321,10 @@ def test_upload_cut_in_the_middle_leaves_nothing_and_the_next_attempt_succeeds(
 
     link = Link(s3.port)
     client = s3.client()  # the test's own view of the bucket, not through the link
-    config = s3_deployment(tmp_path / "deploy", f"http://127.0.0.1:{link.port}", bucket)
+    # A part whose connection the cut leaves hanging waits out the read timeout before the
+    # step's retry: 120 s by default (this test took 129-137 s in some runs), 10 s here.
+    config = s3_deployment(tmp_path / "deploy", f"http://127.0.0.1:{link.port}", bucket,
+                           read_timeout_s=10)
     opsdb = OpsDB(config.opsdb_url)
     real_upload = ObjectStore.upload
     at_failure: dict[str, Any] = {}
