@@ -167,18 +167,20 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_
 @contextlib.contextmanager
 def _terminating(pool: RunPool | None, log: Callable[[str], None],
                  report: DriveReport) -> Iterator[DriveReport]:
-    """Within: SIGTERM interrupts the drive as Ctrl-C does (KeyboardInterrupt, Dagster's own
-    convention); either way its children are stopped and their runs marked failed before the
-    drive lock is released."""
-    if pool is None:
-        yield report
-        return
+    """Within: SIGTERM and SIGINT interrupt the drive as Ctrl-C does (KeyboardInterrupt,
+    Dagster's own convention); either way its children are stopped and their runs marked
+    failed before the drive lock is released.
+
+    Both, because Dagster points SIGTERM at SIGINT's handler each time it leaves a block of
+    user code: a drive started with SIGINT ignored (a `&` job of a script, cron) otherwise
+    ignored SIGTERM after its first sensor tick and ran on to the end."""
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    previous = ({number: signal.signal(number, signal.default_int_handler)
+                 for number in (signal.SIGINT, signal.SIGTERM)} if main else {})
     try:
         yield report
     except BaseException as exc:
-        for done in pool.terminate():
+        for done in pool.terminate() if pool is not None else []:
             _finished(report, log, done)
         if isinstance(exc, DagsterExecutionInterruptedError):
             # the signal came while Dagster held it (a tick's resources being built): the
@@ -186,8 +188,8 @@ def _terminating(pool: RunPool | None, log: Callable[[str], None],
             raise KeyboardInterrupt from exc
         raise
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, sensor
 
+from ccat_assets.inflight import in_flight
 from ccat_assets.partitions import package_partitions
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.pending import finished_packages
@@ -26,6 +27,9 @@ def retire_partitions_sensor(context: SensorEvaluationContext,
     batch = live[start:start + BATCH] or live[:BATCH]
     with deployment.opsdb.session() as session:
         retiring = finished_packages(session, utcnow() - timedelta(days=days), batch)
+    if retiring:  # a run in flight (its purge storing its output, say) keeps its partition
+        busy = {package for _, package, _ in in_flight(context.instance)}
+        retiring = [package for package in retiring if package not in busy]
     cursor = batch[-1] if batch else ""
     if not retiring:
         return SensorResult(cursor=cursor, skip_reason=(

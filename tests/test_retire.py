@@ -7,7 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, build_sensor_context
+from dagster import AssetKey, DagsterInstance, build_sensor_context
+from dagster._core.storage.tags import PARTITION_NAME_TAG
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
@@ -96,3 +97,35 @@ def test_the_retire_sensor_works_through_a_backlog_batch_by_batch(
 
     assert retired_per_tick == [live[:3], live[3:], []]
     assert instance.get_dynamic_partitions("packages") == []
+
+
+def test_a_package_with_a_run_in_flight_keeps_its_partition(
+        tmp_path: Path, instance: DagsterInstance,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package's purge has deleted what it may and recorded so, but its run is still storing
+    its output: retiring the partition then failed that run (a partition gone mid-run). A
+    partition with a run queued or running (the purge's, the UI's, a backfill's) stays until
+    that run ended."""
+    config = load_config(write_default_config(tmp_path / "deploy"))
+    prepare_opsdb(config)
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    live = sorted(instance.get_dynamic_partitions("packages"))
+    busy = live[0]
+    job = defs.resolve_implicit_global_asset_job_def()
+    run = instance.create_run_for_job(job, tags={PARTITION_NAME_TAG: busy},
+                                      asset_selection=frozenset({AssetKey("purge_status")}))
+    monkeypatch.setattr(retire, "utcnow", lambda: utcnow() + timedelta(days=31))
+
+    def retired() -> list[str]:
+        with build_sensor_context(instance=instance, resources={
+                "deployment": (defs.resources or {})["deployment"]}) as context:
+            tick = retire.retire_partitions_sensor.evaluate_tick(context)
+        return sorted(key for request in tick.dynamic_partitions_requests or []
+                      for key in request.partition_keys or [])
+
+    assert retired() == live[1:]
+    instance.report_run_failed(run)  # the run ended
+    assert retired() == live

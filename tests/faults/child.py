@@ -55,14 +55,14 @@ def barrier(directory: Path, parties: int) -> None:
 def wrap(module: Any, name: str, before: Callable[[], None] | None = None,
          after: Callable[[], None] | None = None, nth: int = 1) -> None:
     """Run `before`/`after` around the `nth` call of module.name, counted across the drive's
-    forked run processes (shared memory)."""
+    forked run processes (shared memory); around every call with `nth` 0."""
     real = getattr(module, name)
     calls = multiprocessing.Value("i", 0)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with calls.get_lock():
             calls.value += 1
-            active = calls.value == nth
+            active = nth in (0, calls.value)
         if active and before:
             before()
         result = real(*args, **kwargs)
@@ -76,7 +76,7 @@ def wrap(module: Any, name: str, before: Callable[[], None] | None = None,
 def wait_to_be_killed(marker: Path) -> Callable[[], None]:
     def hold() -> None:
         marker.write_text(str(os.getpid()))
-        time.sleep(60)  # the parent kills us here
+        time.sleep(300)  # the parent kills us here
     return hold
 
 
@@ -193,10 +193,11 @@ def main(argv: list[str]) -> int:
             import ccat_assets.driver as driver  # yet created
 
             wrap(driver, "_finished", after=die, nth=options.nth)
-        elif options.kill == "hold-in-run":  # the first packaging run waits to be killed
-            import ccat_dt.packages as packages
+        elif options.kill == "hold-in-run":  # packaging runs wait to be killed, re-attempted
+            import ccat_dt.packages as packages  # steps as well
 
-            wrap(packages, "_record_built", before=wait_to_be_killed(Path(options.marker)))
+            wrap(packages, "_record_built", before=wait_to_be_killed(Path(options.marker)),
+                 nth=0)
         elif options.kill == "hold":  # holds the drive lock until killed
             import ccat_assets.driver as driver
 

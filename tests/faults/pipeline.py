@@ -162,9 +162,31 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
 
 
-def spawn(argv: list[str]) -> subprocess.Popen[str]:
+def spawn(argv: list[str], *, sigint_ignored: bool = False) -> subprocess.Popen[str]:
+    """`sigint_ignored`: started as cron or a script's `&` job starts it (SIGINT ignored by a
+    shell, inherited through exec)."""
+    if sigint_ignored:
+        argv = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv]
     return subprocess.Popen(argv, cwd=REPO, env=_environment(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_idle(process: subprocess.Popen[str], quiet_s: float = 1.0,
+                    timeout: float = 120) -> None:
+    """Until the process used no CPU for `quiet_s` (a drive waiting for its runs, no sensor
+    ticking): a signal then lands where the drive waits, not inside a tick."""
+    def cpu_ticks() -> int:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    deadline = time.monotonic() + timeout
+    last, since = cpu_ticks(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{process.pid} never went idle (exit {process.poll()})")
+        time.sleep(0.05)
+        now = cpu_ticks()
+        if now != last:
+            last, since = now, time.monotonic()
 
 
 def finish(process: subprocess.Popen[str], timeout: float = 60) -> ChildResult:
