@@ -7,7 +7,12 @@ A process that dies between the certificate and the record leaves its copy
 DELETION_IN_PROGRESS, which the planner never touches. Once such a claim is older than any
 deletion can take (ABANDONED_AFTER), the next purge of the package finishes it: a file already
 gone is recorded deleted under the certificate that allowed it; a file still there goes back
-to PRESENT and is decided afresh, with a new certificate, like any other copy.
+to PRESENT and is decided afresh, with a new certificate, like any other copy. An unlink or
+`rm` that failed (the link dropped under it, an I/O error) leaves the copy the same way, its
+operation FAILED, and the next purge (the re-attempt of this one) finishes it at once: no
+person is needed for a fault that passes, and one that persists fails every re-attempt until
+the re-attempt sensor tells a person. Only a file that is not the recorded one is
+DELETION_FAILED (or CORRUPT for a source), for a person to look at.
 """
 
 from __future__ import annotations
@@ -245,13 +250,15 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
             except FileNotFoundError:
                 note = f"file already missing at deletion time: {claim.path}; treated as deleted"
     except (OSError, _Changed) as exc:
-        changed = isinstance(exc, _Changed) and claim.source
         with opsdb.session() as session:
             operation = session.get_one(Operation, claim.operation_id)
             copy = session.get_one(PhysicalCopy, claim.copy_id)
-            # A source file that is not what was filed holds bytes no archive has: it freezes
-            # the package's purge and says so (`why`, `purge --plan`).
-            copy.status = CopyStatus.CORRUPT if changed else CopyStatus.DELETION_FAILED
+            if isinstance(exc, _Changed):
+                # A source file that is not what was filed holds bytes no archive has: it
+                # freezes the package's purge and says so (`why`, `purge --plan`).
+                copy.status = CopyStatus.CORRUPT if claim.source else CopyStatus.DELETION_FAILED
+            # else: still DELETION_IN_PROGRESS, whether the file went unknown until the next
+            # purge looks (_resume_unfinished)
             operation.status, operation.error = OperationStatus.FAILED, str(exc)
             operation.finished_at = utcnow()
             operation.duration_s = time.monotonic() - clock
@@ -284,8 +291,8 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     now = now or utcnow()
     with opsdb.session() as session:
         package_id = _package(session, package_name).id
-    resumed = _resume_abandoned(opsdb, ssh_settings(config), package_id, now,
-                                ABANDONED_AFTER if abandoned_after is None else abandoned_after)
+    resumed = _resume_unfinished(opsdb, ssh_settings(config), package_id, now,
+                                 ABANDONED_AFTER if abandoned_after is None else abandoned_after)
     with opsdb.session() as session:
         package = _package(session, package_name)
         plan = plan_deletions(session, config, package, now, early_ids)
@@ -320,10 +327,11 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     return PurgeReport(package_name, deleted, deleted_bytes, kept, failures)
 
 
-def _resume_abandoned(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: datetime,
-                      abandoned_after: timedelta) -> set[int]:
-    """Finish the package's deletions whose process died after committing the certificate;
-    returns the copies put back to PRESENT (file still there) for a fresh decision."""
+def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: datetime,
+                       abandoned_after: timedelta) -> set[int]:
+    """Finish the package's deletions whose process died after committing the certificate
+    (after `abandoned_after`), or whose unlink failed (at once); returns the copies put back
+    to PRESENT (file still there) for a fresh decision."""
     cutoff = _aware(now) - abandoned_after
     with opsdb.session() as session:
         files = select(RawDataFile.id).where(RawDataFile.package_id == package_id)
@@ -336,12 +344,13 @@ def _resume_abandoned(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: date
             claim = session.scalars(select(Operation).where(
                 Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
                 .order_by(Operation.id.desc()).limit(1)).first()
-            if (claim is not None and claim.status == OperationStatus.IN_PROGRESS
-                    and _aware(claim.started_at) <= cutoff):
-                found.append((copy.id, claim.id, copy.size, copy.location.host,
-                              Path(copy.location.root) / copy.relative_path))
+            if claim is not None and (claim.status == OperationStatus.FAILED or (
+                    claim.status == OperationStatus.IN_PROGRESS
+                    and _aware(claim.started_at) <= cutoff)):
+                found.append((copy.id, claim.id, claim.status, claim.error, copy.size,
+                              copy.location.host, Path(copy.location.root) / copy.relative_path))
     resumed: set[int] = set()
-    for copy_id, operation_id, size, host, path in found:
+    for copy_id, operation_id, was, failure, size, host, path in found:
         try:
             gone = (remote_size(ssh, Endpoint(PurePosixPath(path), host)) is None if host
                     else not os.path.lexists(path))
@@ -350,11 +359,16 @@ def _resume_abandoned(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: date
         with opsdb.session() as session:
             finished = utcnow()
             done = OperationStatus.COMPLETED if gone else OperationStatus.FAILED
-            error = ("the deleting process died after the unlink; recorded by a later purge"
-                     if gone else "abandoned: the deleting process died before the unlink; "
-                     "the copy is decided afresh")
+            if was == OperationStatus.FAILED:
+                error = (f"{failure}; yet the file was gone when a later purge looked: "
+                         "deleted" if gone else f"{failure}; the file is still there: the "
+                         "copy is decided afresh")
+            else:
+                error = ("the deleting process died after the unlink; recorded by a later "
+                         "purge" if gone else "abandoned: the deleting process died before "
+                         "the unlink; the copy is decided afresh")
             taken = session.execute(update(Operation).where(
-                Operation.id == operation_id, Operation.status == OperationStatus.IN_PROGRESS)
+                Operation.id == operation_id, Operation.status == was)
                 .values(status=done, error=error, finished_at=finished,
                         bytes=size if gone else None))
             if not isinstance(taken, CursorResult) or taken.rowcount != 1:

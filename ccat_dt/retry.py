@@ -116,7 +116,9 @@ def _last(session: Session, package: RawDataPackage, kind: OperationType,
 
 @dataclass(frozen=True)
 class Abandoned:
-    """A deletion whose certificate was committed but whose process never recorded the end."""
+    """A deletion whose certificate was committed but whose end is unknown: its process never
+    recorded it (`failed` False), or its unlink or `rm` failed (`failed`: the link dropped,
+    say): whether the file went, the next purge looks."""
 
     package: str
     copy_id: int
@@ -125,12 +127,14 @@ class Abandoned:
     started_at: datetime
     site: str = ""
     location: str = ""
+    failed: bool = False
 
 
 def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
                         now: datetime | None = None) -> list[Abandoned]:
     """Copies DELETION_IN_PROGRESS whose newest deletion operation is still IN_PROGRESS and
-    began more than `older_than` ago (a deletion is one unlink or one `rm` over ssh)."""
+    began more than `older_than` ago (a deletion is one unlink or one `rm` over ssh), or
+    FAILED (at once: its process ended)."""
     cutoff = _aware(now or utcnow()) - older_than
     out = []
     with opsdb.session() as session:
@@ -141,7 +145,9 @@ def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
             operation = session.scalars(select(Operation).where(
                 Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
                 .order_by(Operation.id.desc()).limit(1)).first()
-            if (operation is None or operation.status != OperationStatus.IN_PROGRESS
+            failed = operation is not None and operation.status == OperationStatus.FAILED
+            if operation is None or not failed and (
+                    operation.status != OperationStatus.IN_PROGRESS
                     or _aware(operation.started_at) > cutoff):
                 continue
             package_id = copy.package_id or session.scalar(select(RawDataFile.package_id).where(
@@ -152,7 +158,7 @@ def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
             out.append(Abandoned(package.name, copy.id, operation.id,
                                  f"{copy.location.root}/{copy.relative_path}",
                                  _aware(operation.started_at), copy.location.site.short_name,
-                                 copy.location.name))
+                                 copy.location.name, failed))
     return out
 
 

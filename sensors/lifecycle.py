@@ -143,12 +143,24 @@ def purge_sensor(context: SensorEvaluationContext,
             if site else cycle))
     for abandoned in abandoned_deletions(deployment.opsdb, older_than=reaper.ABANDONED_AFTER,
                                          now=now):
-        if abandoned.package in planned:
-            continue  # the planned purge finishes it first
+        if abandoned.package in planned or abandoned.package in busy:
+            continue  # the planned purge (or the one running) finishes it first
         planned.add(abandoned.package)
+        key = f"purge-abandoned:{abandoned.package}:{abandoned.operation_id}"
+        if abandoned.failed:  # an rm the link cut, say: again after a back-off, a person
+            work = f"purge-unfinished:{abandoned.package}:{abandoned.copy_id}"  # told if it
+            decision = decide(history(context.instance, Stage.PURGE, abandoned.package, "",
+                                      tags={WORK_TAG: work}), backoff, now)  # keeps failing
+            works.append(Work(Stage.PURGE, abandoned.package, abandoned.package, "",
+                              decision, f"its deletion of {abandoned.path} failed "
+                              "(`ccat-dt why` shows the operation)"))
+            if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
+                decisions.append(decision)
+                continue
+            key = work if decision.state == State.NONE else f"{work}:{decision.failures + 1}"
         requests.append(RunRequest(
-            partition_key=abandoned.package,
-            run_key=f"purge-abandoned:{abandoned.package}:{abandoned.operation_id}",
+            partition_key=abandoned.package, run_key=key,
+            tags={WORK_TAG: work} if abandoned.failed else {},
             run_config=on_queue(config, deletion_queue(config, abandoned.site,
                                                        abandoned.location), {
                 "ops": {"purge_status": {"config": {"copy_ids": [], "early_ids": []}}}})))

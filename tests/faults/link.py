@@ -121,7 +121,11 @@ class Link:
 
 
 def _reset(connection: socket.socket) -> None:
-    """Close with RST, as a dropped link looks to the other end."""
+    """Close with RST, as a dropped link looks to the other end. Shut down first: a drive's
+    run processes, forked from the test's, hold copies of the relay's sockets, and a close
+    that is not the last one sends nothing (ssh then waited ~150 s for its keep-alives)."""
     with contextlib.suppress(OSError):
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
         connection.close()

@@ -11,9 +11,18 @@ import pytest
 from dagster import DagsterInstance
 from sqlalchemy import select
 
+import ccat_dt.reaper as reaper
 import ccat_dt.replicas as replicas
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType, RawDataPackage
+from ccat_dt.opsdb.models import (
+    LocationType,
+    Notification,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    RawDataPackage,
+)
 from ccat_dt.report import disagreements
 from ccat_dt.transports.factory import ssh_settings
 from tests.faults.invariants import assert_safe
@@ -97,3 +106,47 @@ def _completed_log(opsdb: OpsDB, package: str) -> str:
             Operation.status == OperationStatus.COMPLETED).order_by(Operation.id)).first()
     assert path
     return Path(path).read_text()
+
+
+def test_a_deletion_cut_by_the_link_is_finished_by_the_reattempt_without_a_person(
+        tmp_path: Path, sshd: SshServer, link: Link, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link goes down as the purge's first `rm` over ssh runs (exit 255: nobody can tell
+    whether the file went). The copy is not frozen for a person: the purge's re-attempt looks
+    at the storage and finishes the deletion under a fresh certificate."""
+    config = multisite(tmp_path, link.through(sshd, tmp_path), retry_backoff_first_s=0.3)
+    opsdb = OpsDB(config.opsdb_url)
+    real, cut = reaper._unlink_remote, {"calls": 0}
+
+    def unlink_remote(ssh, claim):  # type: ignore[no-untyped-def]
+        cut["calls"] += 1
+        if cut["calls"] == 1:
+            link.cut()  # what is open is reset (ssh's shared connection), new ones refused
+        try:
+            return real(ssh, claim)
+        finally:
+            link.restore()
+
+    monkeypatch.setattr(reaper, "_unlink_remote", unlink_remote)
+    try:
+        observe(config, opsdb, files=2, size=MB)
+
+        report = run(config, instance, workers=1)  # the relay's state is this process's
+
+        assert link.refused + link.cuts >= 1 and cut["calls"] >= 2
+        assert [key for key in report.failed if not key.startswith("purge:")] == []
+        with opsdb.session() as session:
+            buffers = [(Path(c.location.root) / c.relative_path, c.location.host)
+                       for c in session.scalars(select(PackageCopy))
+                       if c.location.location_type == LocationType.BUFFER]
+            failed = session.scalars(select(Operation).where(
+                Operation.operation_type == OperationType.DELETION,
+                Operation.status == OperationStatus.FAILED)).all()
+            assert session.scalars(select(Notification)).all() == []
+        assert [path for path, host in buffers if host and path.exists()] == []  # the storage
+        assert [path for path, _ in buffers if path.exists()] == []
+        assert len(failed) == 1 and "rm " in (failed[0].error or "")
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
