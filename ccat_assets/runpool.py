@@ -34,6 +34,7 @@ from dagster._utils.tags import TagConcurrencyLimitsCounter
 from ccat_assets.inflight import IN_FLIGHT
 
 TERMINATE_GRACE_S = 10.0  # after SIGTERM, a child is given this long before SIGKILL
+RESIGNAL_S = 0.5  # SIGTERM again this often meanwhile (see RunPool.terminate)
 
 
 def run_limits(instance: DagsterInstance) -> tuple[int, list[Mapping[str, Any]]]:
@@ -91,19 +92,20 @@ class RunPool:
 
     def terminate(self) -> list[Finished]:
         """SIGTERM every child (SIGKILL after TERMINATE_GRACE_S) and wait for them; runs still
-        queued are marked failed (never started)."""
-        for child in self.children.values():
-            with suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
+        queued are marked failed (never started).
+
+        SIGTERM again every RESIGNAL_S: Dagster turns an interrupted step that has a retry
+        policy into a re-attempt a few seconds later, and only a signal that comes while it
+        waits for that ends the run (a SIGKILL would leave the step's rsync or bbcp running,
+        in its own process group)."""
         deadline = time.monotonic() + TERMINATE_GRACE_S
         finished: list[Finished] = []
         while self.children:
             left = deadline - time.monotonic()
-            if left <= 0:
-                for child in self.children.values():
-                    with suppress(ProcessLookupError):
-                        os.kill(child.pid, signal.SIGKILL)
-            finished += self._reap(max(left, 0.1))
+            for child in self.children.values():
+                with suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGTERM if left > 0 else signal.SIGKILL)
+            finished += self._reap(min(max(left, 0.1), RESIGNAL_S))
         while self.queue:
             queued = self.queue.popleft()
             self._fail(queued.run, "the drive was stopped before the run started")
@@ -178,6 +180,8 @@ def _execute(queued: Queued, instance: DagsterInstance) -> NoReturn:
         with suppress(Exception):
             traceback.print_exc()
     finally:
+        for number in (signal.SIGINT, signal.SIGTERM):  # the drive's repeated SIGTERM must
+            signal.signal(number, signal.SIG_IGN)  # not unwind this fork into its stack
         for stream in (sys.stdout, sys.stderr):
             with suppress(Exception):
                 stream.flush()

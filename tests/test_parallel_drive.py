@@ -15,7 +15,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from dagster import BetaWarning, DagsterInstance, DagsterRunStatus, PreviewWarning, RunsFilter
+from dagster import (
+    BetaWarning,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    PreviewWarning,
+    RunsFilter,
+)
 from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
@@ -254,14 +261,20 @@ def test_sigterm_to_the_drive_stops_its_runs_and_leaves_none_in_flight(tmp_path:
             process.kill()
     # SIGTERM interrupts a drive as Ctrl-C does (KeyboardInterrupt; the CLI exits 130)
     assert stopped.returncode == -signal.SIGINT, stopped.stderr[-3000:]
-    # the held runs, stopped and reported: SIGTERM, then (Dagster re-attempts an interrupted
-    # step that has a retry policy, and the step holds again) SIGKILL after the grace period
+    # the held runs, stopped and reported, though Dagster re-attempts an interrupted step
+    # that has a retry policy (and the step would hold again)
     assert "FAILED package:" in stopped.stdout, stopped.stderr[-3000:]
     with pytest.raises(ProcessLookupError):  # the drive reaped it before it exited
         os.kill(run_child, 0)
     with DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
         assert instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
+        failures = [event.message for run in instance.get_runs(RunsFilter(
+            statuses=[DagsterRunStatus.FAILURE])) for event in instance.all_logs(
+                run.run_id, of_type=DagsterEventType.RUN_FAILURE)]
+        # interrupted, not SIGKILLed at the end of the grace period (which would leave a
+        # step's rsync or bbcp running, in its own process group)
+        assert failures and all("interrupted" in text for text in failures), failures
 
         report = drive(build_definitions(config), instance, wait_s=10)
 
