@@ -291,8 +291,9 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     now = now or utcnow()
     with opsdb.session() as session:
         package_id = _package(session, package_name).id
-    resumed = _resume_unfinished(opsdb, ssh_settings(config), package_id, now,
-                                 ABANDONED_AFTER if abandoned_after is None else abandoned_after)
+    resumed, failures = _resume_unfinished(
+        opsdb, ssh_settings(config), package_id, now,
+        ABANDONED_AFTER if abandoned_after is None else abandoned_after)
     with opsdb.session() as session:
         package = _package(session, package_name)
         plan = plan_deletions(session, config, package, now, early_ids)
@@ -311,7 +312,6 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
                 for d in plan]
     kept = [d for d in plan if d.action == Action.KEEP]
     deleted = deleted_bytes = 0
-    failures: list[str] = []
     for planned in plan:
         if planned.action != Action.DELETE:
             continue
@@ -328,10 +328,11 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
 
 
 def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: datetime,
-                       abandoned_after: timedelta) -> set[int]:
+                       abandoned_after: timedelta) -> tuple[set[int], list[str]]:
     """Finish the package's deletions whose process died after committing the certificate
     (after `abandoned_after`), or whose unlink failed (at once); returns the copies put back
-    to PRESENT (file still there) for a fresh decision."""
+    to PRESENT (file still there) for a fresh decision, and one failure per copy whose
+    storage could not be looked at (this purge fails: its re-attempt looks again)."""
     cutoff = _aware(now) - abandoned_after
     with opsdb.session() as session:
         files = select(RawDataFile.id).where(RawDataFile.package_id == package_id)
@@ -350,12 +351,15 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
                 found.append((copy.id, claim.id, claim.status, claim.error, copy.size,
                               copy.location.host, Path(copy.location.root) / copy.relative_path))
     resumed: set[int] = set()
+    unknown: list[str] = []
     for copy_id, operation_id, was, failure, size, host, path in found:
         try:
             gone = (remote_size(ssh, Endpoint(PurePosixPath(path), host)) is None if host
                     else not os.path.lexists(path))
-        except (OSError, TransferError):
-            continue  # cannot tell whether the unlink happened: leave it for a later purge
+        except (OSError, TransferError) as exc:  # whether the unlink happened is unknown
+            unknown.append(f"{path}: the unfinished deletion (operation {operation_id}) "
+                           f"cannot be looked at now ({exc}); a later purge looks again")
+            continue
         with opsdb.session() as session:
             finished = utcnow()
             done = OperationStatus.COMPLETED if gone else OperationStatus.FAILED
@@ -380,7 +384,7 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
                 PhysicalCopy.status == CopyStatus.DELETION_IN_PROGRESS).values(**ended))
         if not gone:
             resumed.add(copy_id)
-    return resumed
+    return resumed, unknown
 
 
 def certificate_problems(opsdb: OpsDB, config: Config, package_name: str) -> list[str]:

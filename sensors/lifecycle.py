@@ -146,21 +146,20 @@ def purge_sensor(context: SensorEvaluationContext,
         if abandoned.package in planned or abandoned.package in busy:
             continue  # the planned purge (or the one running) finishes it first
         planned.add(abandoned.package)
-        key = f"purge-abandoned:{abandoned.package}:{abandoned.operation_id}"
-        if abandoned.failed:  # an rm the link cut, say: again after a back-off, a person
-            work = f"purge-unfinished:{abandoned.package}:{abandoned.copy_id}"  # told if it
-            decision = decide(history(context.instance, Stage.PURGE, abandoned.package, "",
-                                      tags={WORK_TAG: work}), backoff, now)  # keeps failing
-            works.append(Work(Stage.PURGE, abandoned.package, abandoned.package, "",
-                              decision, f"its deletion of {abandoned.path} failed "
-                              "(`ccat-dt why` shows the operation)"))
-            if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
-                decisions.append(decision)
-                continue
-            key = work if decision.state == State.NONE else f"{work}:{decision.failures + 1}"
+        # Its process died, or its rm failed (the link cut it): again after a back-off while
+        # the storage cannot be looked at, a person told if that lasts.
+        work = f"purge-unfinished:{abandoned.package}:{abandoned.copy_id}"
+        decision = decide(history(context.instance, Stage.PURGE, abandoned.package, "",
+                                  tags={WORK_TAG: work}), backoff, now)
+        works.append(Work(Stage.PURGE, abandoned.package, abandoned.package, "", decision,
+                          f"its deletion of {abandoned.path} did not finish "
+                          "(`ccat-dt why` shows the operation)"))
+        if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
+            decisions.append(decision)
+            continue
         requests.append(RunRequest(
-            partition_key=abandoned.package, run_key=key,
-            tags={WORK_TAG: work} if abandoned.failed else {},
+            partition_key=abandoned.package, tags={WORK_TAG: work},
+            run_key=work if decision.state == State.NONE else f"{work}:{decision.failures + 1}",
             run_config=on_queue(config, deletion_queue(config, abandoned.site,
                                                        abandoned.location), {
                 "ops": {"purge_status": {"config": {"copy_ids": [], "early_ids": []}}}})))

@@ -196,7 +196,7 @@ def test_killed_between_certificate_and_record_the_deletion_is_finished_later(
         assert abandoned.copy_id == stuck_id
         monkeypatch.setattr(reaper, "ABANDONED_AFTER", timedelta(0))  # an hour later ...
         assert [key.split(":")[0] for key in run(config, instance).launched] == [
-            "purge-abandoned"]  # ... the sensor finishes the abandoned deletion
+            "purge-unfinished"]  # ... the sensor finishes the abandoned deletion
 
     assert not stuck_path.exists()
     assert _status(opsdb, stuck_id) == CopyStatus.DELETED

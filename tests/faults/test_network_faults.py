@@ -108,33 +108,52 @@ def _completed_log(opsdb: OpsDB, package: str) -> str:
     return Path(path).read_text()
 
 
+@pytest.mark.parametrize("outage", ["the rm", "the rm and the first look after it"])
 def test_a_deletion_cut_by_the_link_is_finished_by_the_reattempt_without_a_person(
         tmp_path: Path, sshd: SshServer, link: Link, instance: DagsterInstance,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, outage: str) -> None:
     """The link goes down as the purge's first `rm` over ssh runs (exit 255: nobody can tell
-    whether the file went). The copy is not frozen for a person: the purge's re-attempt looks
-    at the storage and finishes the deletion under a fresh certificate."""
+    whether the file went), and maybe again when the re-attempt first looks. The copy is not
+    frozen for a person: a re-attempt looks at the storage and finishes the deletion."""
     config = multisite(tmp_path, link.through(sshd, tmp_path), retry_backoff_first_s=0.3)
     opsdb = OpsDB(config.opsdb_url)
-    real, cut = reaper._unlink_remote, {"calls": 0}
+    cut = {"calls": 0}
 
-    def unlink_remote(ssh, claim):  # type: ignore[no-untyped-def]
-        cut["calls"] += 1
-        if cut["calls"] == 1:
-            link.cut()  # what is open is reset (ssh's shared connection), new ones refused
-        try:
-            return real(ssh, claim)
-        finally:
-            link.restore()
+    def down_at_first(real):  # type: ignore[no-untyped-def]
+        def call(*args):  # type: ignore[no-untyped-def]
+            cut["calls"] += 1
+            if cut["calls"] == 1:
+                link.cut()  # what is open is reset (ssh's shared connection), new ones refused
+            try:
+                return real(*args)
+            finally:
+                link.restore()
+        return call
 
-    monkeypatch.setattr(reaper, "_unlink_remote", unlink_remote)
+    monkeypatch.setattr(reaper, "_unlink_remote", down_at_first(reaper._unlink_remote))
+    if outage != "the rm":
+        looks = {"calls": 0}
+        real_look = reaper.remote_size
+
+        def look(*args):  # type: ignore[no-untyped-def]
+            looks["calls"] += 1
+            if looks["calls"] == 1:
+                link.cut()
+            try:
+                return real_look(*args)
+            finally:
+                link.restore()
+
+        monkeypatch.setattr(reaper, "remote_size", look)
     try:
         observe(config, opsdb, files=2, size=MB)
 
         report = run(config, instance, workers=1)  # the relay's state is this process's
 
         assert link.refused + link.cuts >= 1 and cut["calls"] >= 2
-        assert [key for key in report.failed if not key.startswith("purge:")] == []
+        if outage != "the rm":
+            assert looks["calls"] >= 2
+        assert [key for key in report.failed if not key.startswith("purge")] == []
         with opsdb.session() as session:
             buffers = [(Path(c.location.root) / c.relative_path, c.location.host)
                        for c in session.scalars(select(PackageCopy))
