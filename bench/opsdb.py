@@ -47,10 +47,19 @@ TS = "%Y-%m-%d %H:%M:%S.%f"
 PACKAGE_BYTES = 50 * 10**9  # ~50 GB packages, as in production
 CHUNK_ROWS = 200_000  # physical-copy rows per insert transaction (bounds the generator's memory)
 INSERTS = {
-    "observations": "INSERT INTO executed_obs_units VALUES (?,?,?,?,?,?)",
-    "packages": "INSERT INTO raw_data_packages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-    "raw files": "INSERT INTO raw_data_files VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-    "physical copies": "INSERT INTO physical_copies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "observations": "INSERT INTO executed_obs_units (id, uuid, name, status, started_at, "
+                    "finished_at) VALUES (?,?,?,?,?,?)",
+    "packages": "INSERT INTO raw_data_packages (id, uuid, name, observation_id, module_id, "
+                "part, state, primary_site_id, size, checksum_algorithm, checksum, adler32, "
+                "manifest, created_at, built_at, archived_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "raw files": "INSERT INTO raw_data_files (id, uuid, source_location_id, relative_path, "
+                 "size, checksum_algorithm, checksum, observation_id, module_id, package_id, "
+                 "filed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+    "physical copies": "INSERT INTO physical_copies (id, kind, location_id, relative_path, "
+                       "size, status, checksum, created_at, verified_at, deleted_at, "
+                       "package_id, raw_data_file_id, staging_request_id) "
+                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "operations": "INSERT INTO operations (id, operation_type, status, package_id, copy_id, "
                   "source_location_id, destination_location_id, transport, retry_count, bytes, "
                   "duration_s, error, reason, evidence, run_id, started_at, finished_at, worker, "
@@ -250,11 +259,10 @@ class SyntheticOpsDB:
                 self.frontier.files.append(file_id)
         self.frontier.observations.append(obs_id)
         with self._cursor() as cur:
-            cur.execute("INSERT INTO executed_obs_units VALUES (?,?,?,?,?,?)",
+            cur.execute(INSERTS["observations"],
                         (obs_id, _uuid(1, obs_id), obs_name, "finished", t, t))
-            cur.executemany("INSERT INTO raw_data_files VALUES (?,?,?,?,?,?,?,?,?,?,?)", files)
-            cur.executemany("INSERT INTO physical_copies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                            copies)
+            cur.executemany(INSERTS["raw files"], files)
+            cur.executemany(INSERTS["physical copies"], copies)
         self.counts["observations"] += 1
         self.counts["raw files"] += len(files)
         self.counts["physical copies"] += len(copies)
