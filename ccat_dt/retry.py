@@ -117,8 +117,8 @@ def _last(session: Session, package: RawDataPackage, kind: OperationType,
 @dataclass(frozen=True)
 class Abandoned:
     """A deletion whose certificate was committed but whose end is unknown: its process never
-    recorded it (`failed` False), or its unlink or `rm` failed (`failed`: the link dropped,
-    say): whether the file went, the next purge looks."""
+    recorded it, or its unlink or `rm` failed (the link dropped, say); whether the file went,
+    the next purge looks."""
 
     package: str
     copy_id: int
@@ -127,7 +127,6 @@ class Abandoned:
     started_at: datetime
     site: str = ""
     location: str = ""
-    failed: bool = False
 
 
 def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
@@ -145,8 +144,7 @@ def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
             operation = session.scalars(select(Operation).where(
                 Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
                 .order_by(Operation.id.desc()).limit(1)).first()
-            failed = operation is not None and operation.status == OperationStatus.FAILED
-            if operation is None or not failed and (
+            if operation is None or operation.status != OperationStatus.FAILED and (
                     operation.status != OperationStatus.IN_PROGRESS
                     or _aware(operation.started_at) > cutoff):
                 continue
@@ -158,7 +156,7 @@ def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
             out.append(Abandoned(package.name, copy.id, operation.id,
                                  f"{copy.location.root}/{copy.relative_path}",
                                  _aware(operation.started_at), copy.location.site.short_name,
-                                 copy.location.name, failed))
+                                 copy.location.name))
     return out
 
 
