@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DagsterInstance, build_sensor_context
+from dagster import AssetKey, DagsterInstance, Definitions, build_sensor_context
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 
 from ccat_assets.definitions import build_definitions
@@ -30,6 +30,18 @@ def deployment_retiring_at_once(tmp_path: Path) -> tuple[Config, OpsDB]:
                                               overrides={"policies": policies}))
     prepare_opsdb(config)
     return config, OpsDB(config.opsdb_url)
+
+
+def archived_today(tmp_path: Path, instance: DagsterInstance,
+                   observations: int) -> tuple[Definitions, list[str]]:
+    """The default deployment (partitions retired after 30 days) with its packages driven to
+    the end today: its definitions and the live partitions."""
+    config = load_config(write_default_config(tmp_path / "deploy"))
+    prepare_opsdb(config)
+    observe(config, OpsDB(config.opsdb_url), observations=observations, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    return defs, sorted(instance.get_dynamic_partitions("packages"))
 
 
 def test_finished_packages_leave_the_partitions_and_stay_in_opsdb(
@@ -71,13 +83,7 @@ def test_the_retire_sensor_works_through_a_backlog_batch_by_batch(
     """Partitions of packages that became old enough all at once (after an upgrade, or a
     policy change) drain over ticks: each tick examines the batch of live partitions after
     the last one it examined, wrapping around to those not finished before."""
-    config = load_config(write_default_config(tmp_path / "deploy"))  # retire after 30 days
-    prepare_opsdb(config)
-    opsdb = OpsDB(config.opsdb_url)
-    observe(config, opsdb, observations=2, files=1)
-    defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
-    live = sorted(instance.get_dynamic_partitions("packages"))
+    defs, live = archived_today(tmp_path, instance, observations=2)
     assert len(live) == 4  # done, but archived today
 
     monkeypatch.setattr(retire, "BATCH", 3)
@@ -106,13 +112,7 @@ def test_a_package_with_a_run_in_flight_keeps_its_partition(
     its output: retiring the partition then failed that run (a partition gone mid-run). A
     partition with a run queued or running (the purge's, the UI's, a backfill's) stays until
     that run ended."""
-    config = load_config(write_default_config(tmp_path / "deploy"))
-    prepare_opsdb(config)
-    opsdb = OpsDB(config.opsdb_url)
-    observe(config, opsdb, observations=1, files=1)
-    defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
-    live = sorted(instance.get_dynamic_partitions("packages"))
+    defs, live = archived_today(tmp_path, instance, observations=1)
     busy = live[0]
     job = defs.resolve_implicit_global_asset_job_def()
     run = instance.create_run_for_job(job, tags={PARTITION_NAME_TAG: busy},
