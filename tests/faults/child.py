@@ -75,7 +75,9 @@ def wrap(module: Any, name: str, before: Callable[[], None] | None = None,
 
 def wait_to_be_killed(marker: Path) -> Callable[[], None]:
     def hold() -> None:
-        marker.write_text(str(os.getpid()))
+        written = marker.with_name(f".{marker.name}.{os.getpid()}")
+        written.write_text(str(os.getpid()))
+        written.rename(marker)  # whole: the parent reads it as soon as it exists
         time.sleep(300)  # the parent kills us here
     return hold
 
