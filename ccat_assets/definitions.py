@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, FilesystemIOManager, definitions
+from dagster import Definitions, definitions
 
 from ccat_assets.execution import executor
 from ccat_assets.integrity import integrity_report_job
@@ -42,7 +42,6 @@ def build_definitions(config: Config) -> Definitions:
                 deployment=deployment, location_type=LocationType.BUFFER.value),
             "lta_io_manager": PlacementIOManager(
                 deployment=deployment, location_type=LocationType.LONG_TERM_ARCHIVE.value),
-            "io_manager": FilesystemIOManager(),
         },
     )
 

@@ -80,6 +80,10 @@ def test_lifecycle_reaches_both_archives_and_purges_the_observatory(
             AssetCheckKey(AssetKey(asset), check), limit=100)
         assert history and all(r.status == AssetCheckExecutionRecordStatus.SUCCEEDED
                                for r in history)
+    # The assets' truth is in OpsDB and on the storage: the instance keeps no file per package
+    # (a pickle per asset and partition would grow without bound at 10^5 packages a year).
+    storage = Path(instance.storage_directory())
+    assert not any(name in str(p) for p in storage.rglob("*") for name in names)
 
     # A replayed drive (cursors lost, e.g. after a restart) launches nothing twice.
     again = drive(defs, instance)

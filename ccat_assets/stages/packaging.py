@@ -10,6 +10,7 @@ from dagster import (
     AssetsDefinition,
     AssetSelection,
     Failure,
+    MaterializeResult,
     asset,
     asset_check,
     define_asset_job,
@@ -20,8 +21,7 @@ from ccat_assets.stages.common import GROUP, permanent, transient_retries, verif
 from ccat_dt import packages as package_builds
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
-from ccat_dt.packages import FiledFiles, PackageBuildFailed, fail_unbuilt, source_problems
-from ccat_dt.references import CopyRef
+from ccat_dt.packages import PackageBuildFailed, fail_unbuilt, source_problems
 from resources.deployment import Deployment
 
 ASSETS = ("raw_files", "packages")
@@ -30,16 +30,15 @@ job = define_asset_job("package_job", AssetSelection.assets(*ASSETS))
 
 def assets(config: Config) -> list[AssetsDefinition]:
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"})
-    def raw_files(context: AssetExecutionContext, deployment: Deployment) -> FiledFiles:
+    def raw_files(context: AssetExecutionContext, deployment: Deployment) -> MaterializeResult:
         """The package's raw files, as filed by the instruments at the observatory source."""
         filed = package_builds.filed_files(deployment.opsdb, context.partition_key)
-        context.add_output_metadata({"files": filed.count, "bytes": filed.bytes,
-                                     "locations": ", ".join(filed.locations)})
-        return filed
+        return MaterializeResult(metadata={"files": filed.count, "bytes": filed.bytes,
+                                           "locations": ", ".join(filed.locations)})
 
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"tar"},
            deps=[raw_files], retry_policy=transient_retries(config))
-    def packages(context: AssetExecutionContext, deployment: Deployment) -> CopyRef:
+    def packages(context: AssetExecutionContext, deployment: Deployment) -> MaterializeResult:
         """Tar + manifest of the raw files, built in one read pass at the observatory buffer
         (once: a package built before reports its verified copies instead)."""
         started, site = time.monotonic(), deployment.config.settings.observatory
@@ -58,11 +57,10 @@ def assets(config: Config) -> list[AssetsDefinition]:
         deployment.report("packaging", context.partition_key, site,
                           "unchanged" if built.note else "ok", time.monotonic() - started,
                           bytes=ref.size)
-        context.add_output_metadata({
+        return MaterializeResult(metadata={
             "path": ref.path, "size": ref.size, "checksum": ref.checksum,
             "outcome": built.note or "built now",
             "verified_copies": "\n".join(built.verified) or "none"})
-        return ref
 
     return [raw_files, packages]
 

@@ -14,6 +14,7 @@ from dagster import (
     AssetsDefinition,
     AssetSelection,
     Failure,
+    MaterializeResult,
     asset,
     asset_check,
     define_asset_job,
@@ -24,7 +25,7 @@ from ccat_assets.stages.common import GROUP
 from ccat_dt.config import Config
 from ccat_dt.loss import Health, assess
 from ccat_dt.packages import get_package
-from ccat_dt.reaper import PurgeReport, certificate_problems, purge_package
+from ccat_dt.reaper import certificate_problems, purge_package
 from resources.deployment import Deployment
 
 ASSETS = ("purge_status",)
@@ -43,7 +44,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"},
            deps=[AssetDep("lta_copies", partition_mapping=by_package)])
     def purge_status(context: AssetExecutionContext, deployment: Deployment,
-                     config: PurgeCycle) -> PurgeReport:
+                     config: PurgeCycle) -> MaterializeResult:
         """Source files and buffer copies deleted where the retention policy allows, each
         deletion resting on a certificate of verified LTA copies."""
         started = time.monotonic()
@@ -53,13 +54,12 @@ def assets(config: Config) -> list[AssetsDefinition]:
         deployment.report("purge", context.partition_key, "*",
                           "failed" if report.failures else "ok", time.monotonic() - started,
                           bytes=report.deleted_bytes, deleted=report.deleted)
-        context.add_output_metadata({
+        if report.failures:
+            raise Failure("deletions failed:\n" + "\n".join(report.failures))
+        return MaterializeResult(metadata={
             "deleted": report.deleted, "deleted_bytes": report.deleted_bytes,
             "kept": "\n".join(f"{d.site}/{d.location} {d.path}: {d.reason}"
                               for d in report.kept) or "nothing"})
-        if report.failures:
-            raise Failure("deletions failed:\n" + "\n".join(report.failures))
-        return report
 
     return [purge_status]
 

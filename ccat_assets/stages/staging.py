@@ -12,6 +12,7 @@ from dagster import (
     AssetExecutionContext,
     AssetsDefinition,
     AssetSelection,
+    MaterializeResult,
     asset,
     asset_check,
     define_asset_job,
@@ -20,7 +21,7 @@ from dagster import (
 from ccat_assets.partitions import staging_partitions
 from ccat_assets.stages.common import transient_retries
 from ccat_dt.config import Config
-from ccat_dt.staging import Staged, stage, staged_problems
+from ccat_dt.staging import stage, staged_problems
 from resources.deployment import Deployment
 
 ASSETS = ("staged_copies",)
@@ -31,7 +32,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
     @asset(partitions_def=staging_partitions, group_name="staging", kinds={"processing"},
            deps=[AssetDep("lta_copies", partition_mapping=AllPartitionMapping())],
            retry_policy=transient_retries(config))
-    def staged_copies(context: AssetExecutionContext, deployment: Deployment) -> Staged:
+    def staged_copies(context: AssetExecutionContext, deployment: Deployment) -> MaterializeResult:
         """The request's packages unpacked at its processing location from the nearest
         verified LTA copy, every file checked against the manifest."""
         started = time.monotonic()
@@ -39,9 +40,8 @@ def assets(config: Config) -> list[AssetsDefinition]:
                        run_id=context.run.run_id)
         deployment.report("staging", context.partition_key, "*", "ok",
                           time.monotonic() - started, bytes=staged.bytes)
-        context.add_output_metadata({"packages": staged.packages, "files": staged.files,
-                                     "bytes": staged.bytes})
-        return staged
+        return MaterializeResult(metadata={"packages": staged.packages, "files": staged.files,
+                                           "bytes": staged.bytes})
 
     return [staged_copies]
 
