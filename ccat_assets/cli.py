@@ -17,7 +17,7 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -381,7 +381,11 @@ def cmd_purge(args: argparse.Namespace) -> None:
         return
     from ccat_dt.reaper import purge_package
 
-    for package, (copy_ids, early_ids) in plan.by_package().items():
+    todo: dict[str, tuple[Collection[int] | None, Collection[int]]] = dict(plan.by_package())
+    if args.package:  # that package alone; with nothing planned, its own plan (and a fresh
+        # look at its unfinished or refused deletions)
+        todo = {args.package: todo.get(args.package, (None, ()))}
+    for package, (copy_ids, early_ids) in todo.items():
         report = purge_package(opsdb, config, package, copy_ids=copy_ids, early_ids=early_ids)
         print(f"{package}: deleted {report.deleted} copies ({report.deleted_bytes / 1e6:.1f} MB)"
               + "".join(f"\n  FAILED {f}" for f in report.failures))
@@ -641,7 +645,7 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("purge", help="run one purge cycle (with --plan: only show it)")
     p.add_argument("--plan", action="store_true",
                    help="dry run: what would be deleted, where, how many bytes, and why")
-    p.add_argument("--package", help="show only this package's copies")
+    p.add_argument("--package", help="only this package: show its copies, purge only it")
     p.set_defaults(run=cmd_purge)
 
     p = commands.add_parser("stage", help="stage archived packages at a processing location, "

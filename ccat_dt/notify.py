@@ -33,11 +33,15 @@ from ccat_dt.health import sites_down
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
+    CopyStatus,
     FilingDeadLetter,
     Notification,
     Operation,
     OperationType,
+    PackageCopy,
     PackageState,
+    PhysicalCopy,
+    RawDataFileCopy,
     RawDataPackage,
     Reattempt,
     _aware,
@@ -159,6 +163,7 @@ def current_problems(session: Session, config: Config, now: datetime,
         problems.append(Problem(
             f"{kind}:{name}", kind, f"package {name}: {assessment.health.value.upper()}",
             f"{assessment.reason}\n`ccat-dt why {name}` shows every copy and stage."))
+    problems += _refused_deletions(session)
     for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
                                                                     FilingDeadLetter.seq)):
         problems.append(Problem(
@@ -177,6 +182,30 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"{location} fills faster than it drains (threshold "
             f"{config.settings.metrics.warn_below_hours:g} h). Check the links out of it "
             "(`ccat-dt status`), add space, or lower its retention."))
+    return problems
+
+
+def _refused_deletions(session: Session) -> list[Problem]:
+    """Copies whose deletion found a file that is not the recorded copy (DELETION_FAILED):
+    something other than ccat-dt wrote there, and only a person can say what it is."""
+    problems = []
+    for copy in session.scalars(select(PhysicalCopy).where(
+            PhysicalCopy.status == CopyStatus.DELETION_FAILED).order_by(PhysicalCopy.id)):
+        error = session.scalar(select(Operation.error).where(
+            Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
+            .order_by(Operation.id.desc()).limit(1)) or "no error recorded"
+        package = (copy.package if isinstance(copy, PackageCopy)
+                   else copy.raw_data_file.package if isinstance(copy, RawDataFileCopy) else None)
+        name = package.name if package is not None else "?"
+        path = f"{copy.location.root}/{copy.relative_path}"
+        problems.append(Problem(
+            f"deletion_refused:{copy.id}", "deletion_refused",
+            f"deletion refused at {copy.location.label}: {path} is not the recorded copy",
+            f"{error}\nNothing was deleted. The file at {path} on {copy.location.label} is not "
+            f"the bytes OpsDB recorded for {name} there: something other than ccat-dt wrote it. "
+            f"The package's verified archive copies are untouched (`ccat-dt why {name}`). Find "
+            "out what wrote it and take the file away from that path; then `ccat-dt purge "
+            f"--package {name}` records the copy deleted and this notice is resolved."))
     return problems
 
 

@@ -46,7 +46,14 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.recheck import Rechecked, recheck_lta_copies
-from ccat_dt.retention import Action, Decision, decide_copy, lta_requirement, plan_deletions
+from ccat_dt.retention import (
+    UNFINISHED,
+    Action,
+    Decision,
+    decide_copy,
+    lta_requirement,
+    plan_deletions,
+)
 from ccat_dt.storage import Wanted, look_local, open_parent, root_problem
 from ccat_dt.transports.base import Endpoint, SshSettings, TransferError
 from ccat_dt.transports.factory import ssh_settings
@@ -332,12 +339,15 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
     """Finish the package's deletions whose process died after committing the certificate
     (after `abandoned_after`), or whose unlink failed (at once); returns the copies put back
     to PRESENT (file still there) for a fresh decision, and one failure per copy whose
-    storage could not be looked at (this purge fails: its re-attempt looks again)."""
+    storage could not be looked at (this purge fails: its re-attempt looks again). A refused
+    deletion (DELETION_FAILED: the file was not the recorded one) is closed only once a person
+    has taken the file away: its path empty, the copy is recorded deleted under the
+    certificate that allowed it; a file still there is left to them."""
     cutoff = _aware(now) - abandoned_after
     with opsdb.session() as session:
         files = select(RawDataFile.id).where(RawDataFile.package_id == package_id)
         stuck = session.scalars(select(PhysicalCopy).where(
-            PhysicalCopy.status == CopyStatus.DELETION_IN_PROGRESS,
+            PhysicalCopy.status.in_(UNFINISHED),
             or_(PhysicalCopy.package_id == package_id, PhysicalCopy.raw_data_file_id.in_(files)))
             .order_by(PhysicalCopy.id)).all()
         found = []
@@ -348,11 +358,13 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
             if claim is not None and (claim.status == OperationStatus.FAILED or (
                     claim.status == OperationStatus.IN_PROGRESS
                     and _aware(claim.started_at) <= cutoff)):
-                found.append((copy.id, claim.id, claim.status, claim.error, copy.size,
-                              copy.location.host, Path(copy.location.root) / copy.relative_path))
+                found.append((copy.id, copy.status, claim.id, claim.status, claim.error,
+                              copy.size, copy.location.host,
+                              Path(copy.location.root) / copy.relative_path))
     resumed: set[int] = set()
     unknown: list[str] = []
-    for copy_id, operation_id, was, failure, size, host, path in found:
+    for copy_id, status, operation_id, was, failure, size, host, path in found:
+        refused = status == CopyStatus.DELETION_FAILED
         try:
             gone = (remote_size(ssh, Endpoint(PurePosixPath(path), host)) is None if host
                     else not os.path.lexists(path))
@@ -360,10 +372,15 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
             unknown.append(f"{path}: the unfinished deletion (operation {operation_id}) "
                            f"cannot be looked at now ({exc}); a later purge looks again")
             continue
+        if refused and not gone:
+            continue  # not the recorded bytes: a person's to look at (notify, `why`)
         with opsdb.session() as session:
             finished = utcnow()
             done = OperationStatus.COMPLETED if gone else OperationStatus.FAILED
-            if was == OperationStatus.FAILED:
+            if refused:
+                error = (f"{failure}; the path was empty when a later purge looked (taken "
+                         "away by hand): recorded deleted")
+            elif was == OperationStatus.FAILED:
                 error = (f"{failure}; yet the file was gone when a later purge looked: "
                          "deleted" if gone else f"{failure}; the file is still there: the "
                          "copy is decided afresh")
@@ -380,8 +397,7 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
             ended: dict[str, Any] = ({"status": CopyStatus.DELETED, "deleted_at": finished}
                                      if gone else {"status": CopyStatus.PRESENT})
             session.execute(update(PhysicalCopy).where(
-                PhysicalCopy.id == copy_id,
-                PhysicalCopy.status == CopyStatus.DELETION_IN_PROGRESS).values(**ended))
+                PhysicalCopy.id == copy_id, PhysicalCopy.status == status).values(**ended))
         if not gone:
             resumed.add(copy_id)
     return resumed, unknown

@@ -174,6 +174,10 @@ class _Planner:
             operation = self.session.scalar(select(Operation.id).where(
                 Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
                 .order_by(Operation.id.desc()).limit(1))
+            if copy.status == CopyStatus.DELETION_FAILED:
+                return (Action.KEEP, f"deletion refused, the file is not the recorded copy (see "
+                        f"operation {operation}): for a person to take away, then `ccat-dt "
+                        "purge --package` records it deleted", False)
             return (Action.KEEP, f"previous deletion did not finish; see operation {operation}",
                     False)
         if kind == LocationType.PROCESSING:

@@ -463,3 +463,23 @@ def test_purge_plan_shows_and_changes_nothing_then_purge_deletes(
     for name in package_names(opsdb):
         assert certificate_problems(opsdb, config, name) == []
     opsdb.dispose()
+
+
+def test_purge_of_one_package_deletes_nothing_of_the_others(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CCAT_DT_CONFIG", raising=False)
+    monkeypatch.delenv("CCAT_DT_OPSDB_URL", raising=False)
+    config = deploy(tmp_path / "deploy")
+    opsdb = OpsDB(config.opsdb_url)
+    archived_package(opsdb, "old", NOW - timedelta(days=3), {"a.dat": b"o" * 200})
+    archived_package(opsdb, "new", NOW - timedelta(days=2), {"a.dat": b"n" * 200})
+    paths, owner, where = ({i: path_of(opsdb, i) for i in statuses(opsdb)}, owners(opsdb),
+                           labels(opsdb))
+
+    main(["--config", str(config.path), "purge", "--package", "new"])
+
+    assert "new: deleted 4 copies" in capsys.readouterr().out
+    for i, path in paths.items():  # on the disks: only "new"'s source and buffer copies gone
+        assert path.exists() == (owner[i] == "old" or where[i].endswith("/lta")), where[i]
+    opsdb.dispose()

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from ccat_dt import reaper
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
+from ccat_dt.notify import Problem, current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -334,8 +335,43 @@ def test_failed_unlink_is_recorded_and_not_retried_blindly(config: Config, opsdb
     assert status_by_label(opsdb)["ccat/buffer"] == {CopyStatus.DELETION_FAILED}
     again = purge_package(opsdb, config, PKG)
     assert again.deleted == 0
-    assert f"previous deletion did not finish; see operation {failed.id}" in \
-        kept_reasons(again)["ccat/buffer"]
+    [reason] = kept_reasons(again)["ccat/buffer"]
+    assert reason.startswith("deletion refused") and f"operation {failed.id}" in reason
+
+
+def refused(config: Config, opsdb: OpsDB) -> list[Problem]:
+    with opsdb.session() as session:
+        return [p for p in current_problems(session, config, utcnow())
+                if p.kind == "deletion_refused"]
+
+
+def test_a_refused_deletion_tells_a_person_and_closes_once_the_file_is_taken_away(
+        config: Config, opsdb: OpsDB) -> None:
+    make_package(opsdb)
+    archived(opsdb, "cologne", "us")
+    obs_tar = path_of(config, *OBS_TAR)
+    obs_tar.unlink()
+    obs_tar.mkdir()  # something else took the path: not the recorded file
+    (obs_tar / "theirs.dat").write_bytes(b"not ours")
+    purge_package(opsdb, config, PKG)
+
+    [problem] = refused(config, opsdb)
+    assert str(obs_tar) in problem.subject and f"purge --package {PKG}" in problem.detail
+    before = len(operations(opsdb))
+
+    # Purged again while it is still there: left alone, nothing recorded, still told.
+    assert purge_package(opsdb, config, PKG).failures == []
+    assert (obs_tar / "theirs.dat").read_bytes() == b"not ours"
+    assert len(operations(opsdb)) == before and len(refused(config, opsdb)) == 1
+
+    # The person takes it away; the next purge of the package records the copy deleted, under
+    # the certificate that allowed the deletion, and the notice is resolved.
+    (obs_tar / "theirs.dat").unlink()
+    obs_tar.rmdir()
+    assert purge_package(opsdb, config, PKG).failures == []
+    assert status_by_label(opsdb)["ccat/buffer"] == {CopyStatus.DELETED}
+    assert certificate_problems(opsdb, config, PKG) == []
+    assert refused(config, opsdb) == []
 
 
 def test_processing_copies_outside_a_staging_request_are_left_alone(config: Config,
