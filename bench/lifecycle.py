@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import SectionResult, Settings, fmt_s
+from bench.empty_runs import floor_per_run_s
 
 STAGE_OF_JOB = {"package_job": "package (raw_files + packages)",
                 "site_copy_job": "site_copies", "lta_copy_job": "lta_copies",
@@ -136,7 +137,15 @@ def summarize_profile(path: Path) -> dict[str, Any]:
 def bench_lifecycle(settings: Settings, result: SectionResult,
                     log: Callable[[str], None]) -> None:
     n = settings.packages
+    # The floor, bracketing the drive (a drifting load moves both): what a run costs here
+    # when its steps do nothing, with as many runs at once as cores.
+    empty_runs = 5 if settings.quick else 30
+    floor_before = floor_per_run_s(settings.work, empty_runs)
     main = _worker(settings, "lifecycle", n, log)
+    floor_after = floor_per_run_s(settings.work, empty_runs)
+    result.facts["empty_run"] = {"before": floor_before, "after": floor_after}
+    log(f"  an empty run: {floor_before['per_run_s']:.3f} s before the drive, "
+        f"{floor_after['per_run_s']:.3f} s after")
     overhead = main["drive_s"] - main["data_s"]
     launched = main["launched"]
     in_runs = sum(r["end"] - r["start"] for r in main["runs"] if r["start"] and r["end"])

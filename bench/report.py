@@ -321,6 +321,13 @@ def _lifecycle(r: SectionResult) -> list[str]:
         f"| overhead per package | {f['per_package_s']:.2f} s |",
         f"| **overhead per package per stage (one run)** | **{f['per_stage_run_s']:.2f} s** "
         f"(goal ≤ {f['goal']['goal_s']:g} s: {f['goal']['verdict']}) |",
+        *([f"| the floor: an empty run (one step that returns at once, one check step), "
+           f"{f['empty_run']['before']['workers']} at once on one instance of the same "
+           f"settings, before → after the drive | {f['empty_run']['before']['per_run_s']:.2f}"
+           f" s → {f['empty_run']['after']['per_run_s']:.2f} s per run (each run "
+           f"{f['empty_run']['before']['per_run_in_one_worker_s']:.2f} s → "
+           f"{f['empty_run']['after']['per_run_in_one_worker_s']:.2f} s from start to end) |"]
+          if "empty_run" in f else []),
         f"| time inside runs (Dagster run start → end, summed; runs in parallel overlap) | "
         f"{fmt_s(f['inside_runs_s'])} s |",
         "| time outside runs (sensor ticks, run creation, the driver's run-key checks) | "
@@ -413,6 +420,9 @@ def _lifecycle_miss(f: dict[str, Any]) -> str:
         postgres = ("the production instance storage (PostgreSQL, deploy/dagster.yaml; "
                     "experiment above): pooled connections instead of a SQLite file per run; ")
     verdict = "Miss: what" if f["goal"]["verdict"] == "MISS" else "What"
+    empty = f.get("empty_run")
+    floor = ((empty["before"]["per_run_s"] + empty["after"]["per_run_s"]) / 2 if empty
+             else 0.0)
     return (
         f"**{verdict} dominates.** Dagster's bookkeeping per run, not the bytes (the same "
         f"bytes take {fmt_s(f['main']['data_s'])} s without orchestration) and hardly our code "
@@ -431,7 +441,14 @@ def _lifecycle_miss(f: dict[str, Any]) -> str:
         f"its ref for every sensor tick (~0.1 s each); both are now kept per process "
         f"(Deployment.opsdb here: {share('ccat-dt: Deployment.opsdb')}). "
         f"The overhead per run varies with machine load (see the load averages above). "
-        f"**What would reduce it further:** (1) fewer runs per package: here a package "
+        + (f"**The floor:** a run whose step does nothing costs "
+           f"{floor:.2f} s here (mean of before and after the drive, as many at once as "
+           f"cores): our {f['per_stage_run_s']:.2f} s per stage run is "
+           f"{f['per_stage_run_s'] / floor:.1f}x that, and the goal of "
+           f"{f['goal']['goal_s']:g} s is {f['goal']['goal_s'] / floor:.2f}x it: what is left "
+           "for a run's real work (OpsDB, the copy's metadata, its checks, the sensors that "
+           "request it) is the difference. " if floor else "")
+        + f"**What would reduce it further:** (1) fewer runs per package: here a package "
         f"takes {f['runs_per_package']:.0f} runs (packaging, one copy-and-archive run per "
         f"archive site, one purge run per cycle); fewer would need several packages per run "
         f"(Dagster's single-run backfills of a partition range would batch packages, but "
@@ -737,6 +754,22 @@ def _status(r: SectionResult) -> list[str]:
         for name, stats in c["commands"].items():
             lines.append(f"| `ccat-dt {name}` | {_stats_text(stats)} | "
                          f"{fmt_s(stats['median'] - ref['median'])} s | < {FAST_GOAL_S:g} s |")
+        floors = c.get("floors", {})
+        for name, stats in floors.items():
+            lines.append(f"| floor: `python -c` {name} | {_stats_text(stats)} | "
+                         f"{fmt_s(stats['median'] - ref['median'])} s | |")
+        if floors:
+            top = list(floors.values())[-1]["median"]
+            status = c["commands"]["status"]["median"]
+            lines += ["", (
+                "The floor rows are the imports every fast command makes before its first "
+                "query, each on top of the row before, with the garbage collector off as in "
+                "the commands, timed in the same rounds: "
+                f"{fmt_s(top)} s of the {fmt_s(status)} s of `status` "
+                f"({top / status:.0%}). `import sqlalchemy` alone takes "
+                f"{fmt_s(next(iter(floors.values()))['median'])} s on this machine; a command "
+                f"under {FAST_GOAL_S:g} s would need to leave SQLAlchemy's ORM, our models and "
+                "pydantic for Core queries and a lighter configuration read (not done).")]
         lines += [""]
     lines += _facts_list(f, ["size", "status", "indexes"])
     lines += ["", "Each round is `ccat-dt status` in a fresh process, as an operator runs it "

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import SectionResult, Settings, Stats, fmt_s
 from bench.lifecycle import _empty_postgres_database
@@ -109,6 +110,14 @@ COMMANDS = {"status": ["status"], "why": ["why", "{package}"], "purge --plan": [
                      "bench-commands/one.dat"]}
 
 
+# What every fast command imports before its first query, each layer on top of the one before:
+# the floor under the commands' times, measured in the same rounds.
+FLOORS = {"import sqlalchemy": "sqlalchemy",
+          "+ its ORM": "sqlalchemy.orm",
+          "+ our ORM models": "ccat_dt.opsdb.models",
+          "+ the configuration (pydantic, YAML)": "ccat_dt.config"}
+
+
 def _commands(settings: Settings, log: Callable[[str], None]) -> dict[str, object]:
     """Each fast command on a fresh demo instance, a fresh process each time, the commands and
     the reference interleaved (order rotated every round); the first round is not timed."""
@@ -126,6 +135,9 @@ def _commands(settings: Settings, log: Callable[[str], None]) -> dict[str, objec
     runs = {name: [*cli, *(a.format(package=package) for a in argv)]
             for name, argv in COMMANDS.items()}
     runs["python -c pass"] = [sys.executable, "-c", "pass"]
+    for name, module in FLOORS.items():
+        # the garbage collector off while importing, as the commands have it (ccat_assets/cli)
+        runs[name] = [sys.executable, "-c", f"import gc; gc.disable(); import {module}"]
     times: dict[str, list[float]] = {name: [] for name in runs}
     load_before = os.getloadavg()
     names = list(runs)
@@ -136,9 +148,10 @@ def _commands(settings: Settings, log: Callable[[str], None]) -> dict[str, objec
             if round_:
                 times[name].append(time.perf_counter() - started)
     reference = Stats(times.pop("python -c pass"))
+    floors = {name: Stats(times.pop(name)).as_dict() for name in FLOORS}
     log(f"    python -c pass {reference.text()}; " + "; ".join(
         f"{name} {Stats(t).text()}" for name, t in times.items()))
-    return {"reference": reference.as_dict(),
+    return {"reference": reference.as_dict(), "floors": floors,
             "commands": {name: Stats(t).as_dict() for name, t in times.items()},
             "load": [load_before, os.getloadavg()], "package": package}
 
@@ -194,7 +207,7 @@ def _explained(url: str, config_path: Path) -> list[str]:
     finally:
         del os.environ["CCAT_DT_OPSDB_URL"]
     opsdb = OpsDB(url)
-    seen: list[tuple[str, object]] = []
+    seen: list[tuple[str, Any]] = []
 
     def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
         if statement.lstrip().upper().startswith("SELECT"):
