@@ -147,7 +147,7 @@ def main() -> None:
     defs = build_definitions(config)
     profiler = cProfile.Profile() if args.profile else None
     os.sync()  # the filing's dirty pages are not the drive's to write
-    cpu_before = _cpu_s()
+    cpu_before, driver_before = _cpu_s(), _cpu_s(children=False)
     started = time.perf_counter()
     if profiler:
         profiler.enable()
@@ -156,7 +156,7 @@ def main() -> None:
         profiler.disable()
         profiler.dump_stats(str(args.profile))
     drive_s = time.perf_counter() - started
-    cpu_s = _cpu_s() - cpu_before
+    cpu_s, driver_cpu_s = _cpu_s() - cpu_before, _cpu_s(children=False) - driver_before
 
     runs = []
     for record in instance.get_run_records():
@@ -173,6 +173,7 @@ def main() -> None:
         "packages": args.packages * args.modules, "files_per_package": args.files,
         "raw_bytes": args.packages * args.modules * args.files * args.file_kib * 1024,
         "written_bytes": _written_bytes(opsdb), "cpu_s": cpu_s,
+        "driver_cpu_s": driver_cpu_s,
         "file_bytes": args.file_kib * 1024, "event_log": args.event_log,
         "filing_s": filing_s, "data_s": data_s, "drive_s": drive_s,
         "launched": len(report.launched), "failed": report.failed, "rounds": report.rounds,
@@ -182,13 +183,17 @@ def main() -> None:
     sys.exit(0)
 
 
-def _cpu_s() -> float:
-    """CPU seconds of this process and of the children it waited for (a parallel drive's)."""
+def _cpu_s(children: bool = True) -> float:
+    """CPU seconds of this process (the driver: sensor ticks, run creation) and, unless
+    `children` is False, of the children it waited for (a parallel drive's runs)."""
     import resource
 
-    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
-                                                         resource.RUSAGE_CHILDREN))
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    if children:
+        waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total += waited.ru_utime + waited.ru_stime
+    return total
 
 
 def _written_bytes(opsdb: object) -> int:

@@ -328,6 +328,11 @@ def _lifecycle(r: SectionResult) -> list[str]:
            f"{f['empty_run']['before']['per_run_in_one_worker_s']:.2f} s → "
            f"{f['empty_run']['after']['per_run_in_one_worker_s']:.2f} s from start to end) |"]
           if "empty_run" in f else []),
+        *([f"| CPU: the drive's own process (sensor ticks, run creation, forks) / the runs' "
+           f"processes, per run | {main['driver_cpu_s'] / main['launched']:.2f} s / "
+           f"{(main['cpu_s'] - main['driver_cpu_s']) / main['launched']:.2f} s (of "
+           f"{main['drive_s'] / main['launched']:.2f} s of wall time per run) |"]
+          if "driver_cpu_s" in main else []),
         f"| time inside runs (Dagster run start → end, summed; runs in parallel overlap) | "
         f"{fmt_s(f['inside_runs_s'])} s |",
         "| time outside runs (sensor ticks, run creation, the driver's run-key checks) | "
