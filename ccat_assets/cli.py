@@ -386,7 +386,12 @@ def cmd_purge(args: argparse.Namespace) -> None:
         # look at its unfinished or refused deletions)
         todo = {args.package: todo.get(args.package, (None, ()))}
     for package, (copy_ids, early_ids) in todo.items():
-        report = purge_package(opsdb, config, package, copy_ids=copy_ids, early_ids=early_ids)
+        try:
+            report = purge_package(opsdb, config, package, copy_ids=copy_ids,
+                                   early_ids=early_ids)
+        except LookupError as exc:  # --package names no package
+            raise UsageError(f"{exc}: `ccat-dt status` and `ccat-dt why` "
+                             "name the packages") from None
         print(f"{package}: deleted {report.deleted} copies ({report.deleted_bytes / 1e6:.1f} MB)"
               + "".join(f"\n  FAILED {f}" for f in report.failures))
 

@@ -250,6 +250,11 @@ def test_exit_2_on_bad_input(deploy: Path) -> None:
     assert "obs-x" in line and "start it first" in line  # the cause and the next step
 
 
+def test_exit_2_when_purge_names_no_package(deploy: Path) -> None:
+    line = one_error_line(ccat_dt("--config", str(deploy), "purge", "--package", "obs-nope"))
+    assert "unknown package 'obs-nope'" in line and "ccat-dt status" in line
+
+
 def test_exit_2_when_the_opsdb_is_unreachable(deploy: Path) -> None:
     env = clean_env(CCAT_DT_CONFIG=str(deploy),
                     CCAT_DT_OPSDB_URL="postgresql+psycopg2://ccat@127.0.0.1:1/ops")
