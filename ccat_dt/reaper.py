@@ -369,8 +369,9 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
             gone = (remote_size(ssh, Endpoint(PurePosixPath(path), host)) is None if host
                     else not os.path.lexists(path))
         except (OSError, TransferError) as exc:  # whether the unlink happened is unknown
-            unknown.append(f"{path}: the unfinished deletion (operation {operation_id}) "
-                           f"cannot be looked at now ({exc}); a later purge looks again")
+            if not refused:  # a refused one waits for a person: no reason to fail this purge
+                unknown.append(f"{path}: the unfinished deletion (operation {operation_id}) "
+                               f"cannot be looked at now ({exc}); a later purge looks again")
             continue
         if refused and not gone:
             continue  # not the recorded bytes: a person's to look at (notify, `why`)
