@@ -359,13 +359,15 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
                     claim.status == OperationStatus.IN_PROGRESS
                     and _aware(claim.started_at) <= cutoff)):
                 found.append((copy.id, copy.status, claim.id, claim.status, claim.error,
-                              copy.size, copy.location.host,
+                              copy.size, copy.location.host, Path(copy.location.root),
                               Path(copy.location.root) / copy.relative_path))
     resumed: set[int] = set()
     unknown: list[str] = []
-    for copy_id, status, operation_id, was, failure, size, host, path in found:
+    for copy_id, status, operation_id, was, failure, size, host, root, path in found:
         refused = status == CopyStatus.DELETION_FAILED
         try:
+            if host is None and root_problem(root):  # an unmounted disk is not an empty path
+                raise OSError(root_problem(root))
             gone = (remote_size(ssh, Endpoint(PurePosixPath(path), host)) is None if host
                     else not os.path.lexists(path))
         except (OSError, TransferError) as exc:  # whether the unlink happened is unknown
