@@ -467,3 +467,25 @@ def test_planning_twice_in_one_session_sees_fresh_state(config: Config, opsdb: O
     assert obs_before.action == Action.DELETE
     assert obs_after.action == Action.KEEP
     assert obs_after.reason.startswith("previous deletion did not finish")
+
+
+def test_a_refused_deletion_is_not_closed_while_its_disk_is_not_mounted(
+        config: Config, opsdb: OpsDB) -> None:
+    from ccat_dt.storage import MARKER
+
+    make_package(opsdb)
+    archived(opsdb, "cologne", "us")
+    obs_tar = path_of(config, *OBS_TAR)
+    obs_tar.unlink()
+    obs_tar.mkdir()  # not the recorded file: refused
+    purge_package(opsdb, config, PKG)
+    obs_tar.rmdir()
+    root = path_of(config, "ccat", "buffer", "")
+    (root / MARKER).rename(root / "away")  # the disk as if unmounted: an empty path proves nothing
+
+    purge_package(opsdb, config, PKG)
+    assert status_by_label(opsdb)["ccat/buffer"] == {CopyStatus.DELETION_FAILED}
+
+    (root / "away").rename(root / MARKER)
+    purge_package(opsdb, config, PKG)
+    assert status_by_label(opsdb)["ccat/buffer"] == {CopyStatus.DELETED}
