@@ -45,7 +45,7 @@ from ccat_dt.opsdb.models import (
     _aware,
     utcnow,
 )
-from ccat_dt.recheck import Rechecked, recheck_lta_copies
+from ccat_dt.recheck import RecheckReport, recheck_lta_copies
 from ccat_dt.retention import (
     UNFINISHED,
     Action,
@@ -80,6 +80,14 @@ class PurgeReport:
 
 
 @dataclass(frozen=True)
+class _Unlooked:
+    """A deletion kept because an LTA copy it relies on could not be looked at just now."""
+
+    decision: Decision
+    problems: list[str]
+
+
+@dataclass(frozen=True)
 class _Claim:
     copy_id: int
     operation_id: int
@@ -105,7 +113,7 @@ def _package(session: Session, name: str) -> RawDataPackage:
 
 def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now: datetime,
            run_id: str | None, early_ids: Collection[int],
-           rechecked: dict[int, Rechecked]) -> _Claim | Decision:
+           recheck: RecheckReport) -> _Claim | _Unlooked | Decision:
     """Re-decide from fresh reads; if still DELETE, commit the certificate and mark the copy.
 
     The certificate rests only on LTA copies this purge just looked at on their storage."""
@@ -119,11 +127,15 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
             return decision
         required, own_site = lta_requirement(config, decision.site, decision.location_type)
         relied = [c for c in lta if own_site in (None, c.location.site.short_name)]
+        rechecked = recheck.passed
         unchecked = [c for c in relied if c.id not in rechecked]
         if unchecked:
             names = ", ".join(f"{c.location.label} copy {c.id}" for c in unchecked)
-            return replace(decision, action=Action.KEEP, reason=(
+            kept = replace(decision, action=Action.KEEP, reason=(
                 f"not re-checked on its storage just now: {names}; kept until it can be"))
+            unlooked = [recheck.unavailable[c.id] for c in unchecked
+                        if c.id in recheck.unavailable]
+            return _Unlooked(kept, unlooked) if unlooked else kept
         result = session.execute(update(PhysicalCopy).where(
             PhysicalCopy.id == copy.id, PhysicalCopy.status == copy.status)
             .values(status=CopyStatus.DELETION_IN_PROGRESS))
@@ -304,11 +316,11 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     with opsdb.session() as session:
         package = _package(session, package_name)
         plan = plan_deletions(session, config, package, now, early_ids)
-    rechecked: dict[int, Rechecked] = {}
+    recheck = RecheckReport({}, [], {})
     if any(d.action == Action.DELETE for d in plan):
         # Look at the LTA copies on their storage now; any that fails is marked CORRUPT,
         # which the re-plan below honours (the whole package is then kept).
-        rechecked = recheck_lta_copies(opsdb, config, package_name, now=now).passed
+        recheck = recheck_lta_copies(opsdb, config, package_name, now=now)
         with opsdb.session() as session:
             plan = plan_deletions(session, config, _package(session, package_name), now,
                                   early_ids)
@@ -322,7 +334,13 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     for planned in plan:
         if planned.action != Action.DELETE:
             continue
-        claim = _claim(opsdb, config, package_id, planned, now, run_id, early_ids, rechecked)
+        claim = _claim(opsdb, config, package_id, planned, now, run_id, early_ids, recheck)
+        if isinstance(claim, _Unlooked):
+            # A link or host that is down now: this purge fails, so that its re-attempt
+            # looks again (a person is told if that lasts); succeeding would end the cycle.
+            kept.append(claim.decision)
+            failures.append(f"{planned.path}: kept for now: {'; '.join(claim.problems)}")
+            continue
         if isinstance(claim, Decision):
             kept.append(claim)
             continue

@@ -62,6 +62,7 @@ class Rechecked:
 class RecheckReport:
     passed: dict[int, Rechecked]
     problems: list[str]  # one line per copy that failed or could not be looked at
+    unavailable: dict[int, str]  # copy id -> why its storage could not be looked at now
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
     passed: dict[int, Rechecked] = {}
     failed: dict[int, str] = {}
     problems: list[str] = []
+    unavailable: dict[int, str] = {}
     for (root, host), group in by_location.items():
         try:
             # First look: hash what is stale (or never had its identity recorded).
@@ -146,7 +148,9 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
                         Wanted(group[i].relative_path, True) for i in again]), strict=True):
                     seen[i] = second
         except StorageUnavailable as exc:
-            problems += [f"{c.label} copy {c.id}: cannot be re-checked: {exc}" for c in group]
+            for c in group:
+                unavailable[c.id] = f"{c.label} copy {c.id}: cannot be re-checked: {exc}"
+                problems.append(unavailable[c.id])
             continue
         checked_at = now  # the purge's notion of now (the same clock its decisions use)
         for copy, found in zip(group, seen, strict=True):
@@ -162,7 +166,7 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
                 _record_rehash(opsdb, copy, found, checked_at)
     if failed and not dry_run:
         _mark_corrupt(opsdb, config, package_name, failed)
-    return RecheckReport(passed, problems)
+    return RecheckReport(passed, problems, unavailable)
 
 
 def _record_rehash(opsdb: OpsDB, copy: _Copy, seen: Seen, at: datetime) -> None:

@@ -169,3 +169,43 @@ def test_a_deletion_cut_by_the_link_is_finished_by_the_reattempt_without_a_perso
         assert_safe(config, opsdb)
     finally:
         opsdb.dispose()
+
+
+def test_a_purge_whose_lta_recheck_meets_the_link_down_is_reattempted_without_a_person(
+        tmp_path: Path, sshd: SshServer, link: Link, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link is down while the purge looks at the LTA copies it relies on: nothing can be
+    deleted then, and nothing is. The purge is not done: its re-attempt looks again once the
+    link is back and deletes the buffer copies, with no person and no notice."""
+    config = multisite(tmp_path, link.through(sshd, tmp_path), retry_backoff_first_s=0.3)
+    opsdb = OpsDB(config.opsdb_url)
+    looks = {"calls": 0}
+    real = reaper.recheck_lta_copies
+
+    def recheck(*args, **kwargs):  # type: ignore[no-untyped-def]
+        looks["calls"] += 1
+        if looks["calls"] == 1:
+            link.cut()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            link.restore()
+
+    monkeypatch.setattr(reaper, "recheck_lta_copies", recheck)
+    try:
+        observe(config, opsdb, files=2, size=MB)
+
+        report = run(config, instance, workers=1)  # the relay's state is this process's
+
+        assert looks["calls"] >= 2 and link.refused + link.cuts >= 1
+        assert [key for key in report.failed if not key.startswith("purge")] == []
+        with opsdb.session() as session:
+            buffers = [Path(c.location.root) / c.relative_path
+                       for c in session.scalars(select(PackageCopy))
+                       if c.location.location_type == LocationType.BUFFER]
+            assert session.scalars(select(Notification)).all() == []
+        assert buffers and [path for path in buffers if path.exists()] == []  # the storage
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
