@@ -1,7 +1,7 @@
 """`ccat-dt`: set up a deployment, file raw data, run the lifecycle, look at the result.
 
 Exit status: 0 done; 1 done, with problems found (`audit` findings left unrepaired, `drive`,
-`retry` or `demo` with a failed run); 2 bad input or an unavailable service (configuration,
+`retry` or `demo` with a failed run, `purge` with deletions left undone); 2 bad input or an unavailable service (configuration,
 OpsDB locked, read-only or unreachable, a missing file), reported on stderr as one line
 `ccat-dt: error: ...` (with `-v`, the traceback too); 3 an internal error (a bug: the one line
 says so, `-v` shows the traceback). Output cut short by its reader (`ccat-dt status | head`)
@@ -385,6 +385,7 @@ def cmd_purge(args: argparse.Namespace) -> None:
     if args.package:  # that package alone; with nothing planned, its own plan (and a fresh
         # look at its unfinished or refused deletions)
         todo = {args.package: todo.get(args.package, (None, ()))}
+    failed = False
     for package, (copy_ids, early_ids) in todo.items():
         try:
             report = purge_package(opsdb, config, package, copy_ids=copy_ids,
@@ -394,6 +395,9 @@ def cmd_purge(args: argparse.Namespace) -> None:
                              "name the packages") from None
         print(f"{package}: deleted {report.deleted} copies ({report.deleted_bytes / 1e6:.1f} MB)"
               + "".join(f"\n  FAILED {f}" for f in report.failures))
+        failed = failed or bool(report.failures)
+    if failed:  # what could not be done now is done by running it again
+        raise SystemExit(EXIT_PROBLEMS)
 
 
 def cmd_stage(args: argparse.Namespace) -> None:

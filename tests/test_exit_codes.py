@@ -15,9 +15,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ccat_assets import cli
 from ccat_dt.defaults import CONFIG_NAME
+from ccat_dt.storage import MARKER
 from tests.helpers import run_cli, write
 
 CCAT_DT = str(Path(sys.executable).parent / "ccat-dt")
@@ -317,3 +319,40 @@ def test_exit_3_on_an_internal_error(monkeypatch: pytest.MonkeyPatch,
     assert err.startswith("ccat-dt: error: internal error: RuntimeError: something")
     assert run_cli("--config", str(deploy), "status", "-v") == 3
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_purge_exits_1_while_an_lta_copy_cannot_be_looked_at_and_0_once_it_can(
+        tmp_path: Path) -> None:
+    """The observatory buffer's tar may go once the LTA copies are looked at on their disks.
+    With one archive disk unmounted (its root marker gone), nothing is deleted and the purge
+    says so with exit status 1; mounted again, the same command deletes it."""
+    root = tmp_path / "d"
+    assert run_cli("init", str(root)) == 0
+    config_path = root / CONFIG_NAME
+    settings = yaml.safe_load(config_path.read_text())
+    [ccat] = [site for site in settings["sites"] if site["short_name"] == "ccat"]
+    [buffer] = [loc for loc in ccat["locations"] if loc["name"] == "buffer"]
+    buffer["retention_hours"] = 1.0  # kept through the drive, due for the purge below
+    config_path.write_text(yaml.safe_dump(settings))
+    env = clean_env(CCAT_DT_CONFIG=str(config_path))
+    write(root / "sites" / "ccat" / "instruments" / "x" / "a.dat", os.urandom(10_000))
+    for argv in (("observation", "start", "o"),
+                 ("file", "--observation", "o", "--module", MODULE, "x/a.dat"),
+                 ("observation", "finish", "o"), ("drive",)):
+        done = ccat_dt(*argv, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    [tar] = list((root / "sites" / "ccat" / "buffer").rglob("*.tar"))
+    buffer["retention_hours"] = 0.0
+    config_path.write_text(yaml.safe_dump(settings))
+    marker = root / "sites" / "cologne" / "lta" / MARKER
+    marker.rename(marker.with_name("unmounted"))
+
+    kept = ccat_dt("purge", env=env)
+
+    assert kept.returncode == 1, kept.stdout + kept.stderr
+    assert "FAILED" in kept.stdout and "cannot be re-checked" in kept.stdout, kept.stdout
+    assert tar.exists()
+    marker.with_name("unmounted").rename(marker)
+    done = ccat_dt("purge", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not tar.exists()
