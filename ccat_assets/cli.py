@@ -1,11 +1,12 @@
 """`ccat-dt`: set up a deployment, file raw data, run the lifecycle, look at the result.
 
 Exit status: 0 done; 1 done, with problems found (`audit` findings left unrepaired, `drive`,
-`retry` or `demo` with a failed run, `purge` with deletions left undone); 2 bad input or an unavailable service (configuration,
-OpsDB locked, read-only or unreachable, a missing file), reported on stderr as one line
-`ccat-dt: error: ...` (with `-v`, the traceback too); 3 an internal error (a bug: the one line
-says so, `-v` shows the traceback). Output cut short by its reader (`ccat-dt status | head`)
-ends quietly with status 141, as for a command killed by SIGPIPE.
+`retry` or `demo` with a failed run, `purge` with deletions left undone); 2 bad input or an
+unavailable service (configuration, OpsDB locked, read-only or unreachable, a missing file),
+reported on stderr as one line `ccat-dt: error: ...` (with `-v`, the traceback too); 3 an
+internal error (a bug: the one line says so, `-v` shows the traceback). Output cut short by
+its reader (`ccat-dt status | head`) ends quietly with status 141, as for a command killed by
+SIGPIPE.
 """
 
 from __future__ import annotations
