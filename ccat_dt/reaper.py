@@ -54,7 +54,14 @@ from ccat_dt.retention import (
     lta_requirement,
     plan_deletions,
 )
-from ccat_dt.storage import Wanted, look_local, open_parent, root_problem
+from ccat_dt.storage import (
+    StorageUnavailable,
+    Wanted,
+    look,
+    look_local,
+    open_parent,
+    root_problem,
+)
 from ccat_dt.transports.base import Endpoint, SshSettings, TransferError
 from ccat_dt.transports.factory import ssh_settings
 from ccat_dt.transports.remote import (
@@ -195,8 +202,9 @@ def _unlink_local(claim: _Claim) -> int:
     """Unlink the claimed file if it still is the recorded one; returns the bytes freed.
 
     Reached from the location root without following any symlink (a directory replaced by a
-    symlink cannot redirect the unlink); a size, inode or mtime that differs from the record
-    (or a policy that asks) means re-hashing it first: a changed file is never deleted."""
+    symlink cannot redirect the unlink); a size, inode or mtime that differs from the record,
+    an identity never recorded, or a policy that asks, means re-hashing it first: a changed
+    file is never deleted."""
     if root_problem(claim.root):
         raise OSError(root_problem(claim.root))
     try:
@@ -214,7 +222,7 @@ def _unlink_local(claim: _Claim) -> int:
             raise _Changed(f"{claim.path} changed since it was recorded: {info.st_size} bytes "
                            f"on disk, {claim.size} recorded; kept")
         recorded = (claim.inode, claim.mtime_ns)
-        unknown = None in recorded and claim.source  # e.g. filed from the service's journal
+        unknown = None in recorded  # e.g. filed from the service's journal
         moved = None not in recorded and recorded != (info.st_ino, info.st_mtime_ns)
         if claim.rehash or unknown or moved:
             found = look_local(claim.root, Wanted(claim.relative_path, rehash=True))
@@ -243,6 +251,29 @@ exec rm -f -- "$p";""".strip().replace("\n", " ")  # ssh arguments cannot carry 
 
 
 def _unlink_remote(ssh: SshSettings, claim: _Claim) -> int:
+    """As _unlink_local, over ssh. A remote copy's identity is not recorded (its inode and
+    mtime come with its first re-check, and buffer copies have none): its content is hashed on
+    its host first, then the `rm` checks the path and size again in the same shell."""
+    if None in (claim.inode, claim.mtime_ns) or claim.rehash:
+        _hash_remote(ssh, claim)
+    return _rm_remote(ssh, claim)
+
+
+def _hash_remote(ssh: SshSettings, claim: _Claim) -> None:
+    """Raises _Changed unless the remote file holds the recorded bytes (or is gone already)."""
+    assert claim.host is not None
+    try:
+        [seen] = look(str(claim.root), claim.host, ssh,
+                      [Wanted(claim.relative_path, rehash=True)])
+    except StorageUnavailable as exc:  # whether it is the recorded file is unknown
+        raise OSError(str(exc)) from exc
+    gone = seen.problem is not None and seen.problem.startswith("missing")
+    if not gone and (seen.problem is not None or seen.checksum != claim.checksum):
+        raise _Changed(f"{claim.host}:{claim.path} is not the recorded file (content "
+                       f"{seen.checksum or seen.problem}, recorded {claim.checksum}); kept")
+
+
+def _rm_remote(ssh: SshSettings, claim: _Claim) -> int:
     assert claim.host is not None
     done = run(remote_command(ssh, claim.host, [
         "sh", "-c", _REMOVE_SCRIPT, "sh", str(claim.root), claim.relative_path,
@@ -377,11 +408,12 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
                     claim.status == OperationStatus.IN_PROGRESS
                     and _aware(claim.started_at) <= cutoff)):
                 found.append((copy.id, copy.status, claim.id, claim.status, claim.error,
-                              copy.size, copy.location.host, Path(copy.location.root),
-                              Path(copy.location.root) / copy.relative_path))
+                              copy.size, copy.checksum, copy.location.host,
+                              Path(copy.location.root), copy.relative_path))
     resumed: set[int] = set()
     unknown: list[str] = []
-    for copy_id, status, operation_id, was, failure, size, host, root, path in found:
+    for copy_id, status, operation_id, was, failure, size, checksum, host, root, rel in found:
+        path = root / rel
         refused = status == CopyStatus.DELETION_FAILED
         try:
             if host is None and root_problem(root):  # an unmounted disk is not an empty path
@@ -393,14 +425,17 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
                 unknown.append(f"{path}: the unfinished deletion (operation {operation_id}) "
                                f"cannot be looked at now ({exc}); a later purge looks again")
             continue
-        if refused and not gone:
+        if refused and not gone and not _recorded_bytes_at(ssh, root, host, rel, size,
+                                                          checksum):
             continue  # not the recorded bytes: a person's to look at (notify, `why`)
         with opsdb.session() as session:
             finished = utcnow()
             done = OperationStatus.COMPLETED if gone else OperationStatus.FAILED
             if refused:
                 error = (f"{failure}; the path was empty when a later purge looked (taken "
-                         "away by hand): recorded deleted")
+                         "away by hand): recorded deleted" if gone else f"{failure}; the "
+                         "recorded bytes were back at the path when a later purge looked: "
+                         "the copy is decided afresh")
             elif was == OperationStatus.FAILED:
                 error = (f"{failure}; yet the file was gone when a later purge looked: "
                          "deleted" if gone else f"{failure}; the file is still there: the "
@@ -422,6 +457,18 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
         if not gone:
             resumed.add(copy_id)
     return resumed, unknown
+
+
+def _recorded_bytes_at(ssh: SshSettings, root: Path, host: str | None, relative_path: str,
+                       size: int, checksum: str) -> bool:
+    """Whether a refused copy's path holds the recorded copy again (a person put its bytes
+    back): a regular file reached without symlinks, of the recorded size and checksum, hashed
+    now. Anything else, or a storage that cannot be looked at, is not."""
+    try:
+        [seen] = look(str(root), host, ssh, [Wanted(relative_path, rehash=True)])
+    except (StorageUnavailable, TransferError, OSError):
+        return False
+    return seen.problem is None and seen.size == size and seen.checksum == checksum
 
 
 def certificate_problems(opsdb: OpsDB, config: Config, package_name: str) -> list[str]:

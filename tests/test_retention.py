@@ -374,6 +374,34 @@ def test_a_refused_deletion_tells_a_person_and_closes_once_the_file_is_taken_awa
     assert refused(config, opsdb) == []
 
 
+def test_a_refused_deletion_closes_once_the_recorded_bytes_are_back(
+        config: Config, opsdb: OpsDB) -> None:
+    """The other way a person settles a refusal: the recorded bytes put back at the path. The
+    copy is then decided afresh and deleted; other bytes of the same size stay refused."""
+    make_package(opsdb)
+    archived(opsdb, "cologne", "us")
+    obs_tar = path_of(config, *OBS_TAR)
+    recorded = obs_tar.read_bytes()
+    obs_tar.unlink()
+    obs_tar.write_bytes(bytes(len(recorded)))  # the same size, other bytes: not the copy
+    purge_package(opsdb, config, PKG)
+    assert status_by_label(opsdb)["ccat/buffer"] == {CopyStatus.DELETION_FAILED}
+    assert len(refused(config, opsdb)) == 1
+
+    assert purge_package(opsdb, config, PKG).failures == []  # still other bytes: left alone
+    assert obs_tar.read_bytes() == bytes(len(recorded))
+    assert status_by_label(opsdb)["ccat/buffer"] == {CopyStatus.DELETION_FAILED}
+
+    obs_tar.write_bytes(recorded)
+    report = purge_package(opsdb, config, PKG)
+
+    assert report.failures == [] and report.deleted == 1
+    assert not obs_tar.exists()  # the storage
+    assert status_by_label(opsdb)["ccat/buffer"] == {CopyStatus.DELETED}
+    assert certificate_problems(opsdb, config, PKG) == []
+    assert refused(config, opsdb) == []
+
+
 def test_processing_copies_outside_a_staging_request_are_left_alone(config: Config,
                                                                    opsdb: OpsDB) -> None:
     make_package(opsdb)

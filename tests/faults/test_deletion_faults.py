@@ -26,6 +26,7 @@ from ccat_dt.opsdb.models import (
     LocationType,
     Operation,
     OperationType,
+    PackageCopy,
     PackageState,
     RawDataFileCopy,
     utcnow,
@@ -42,6 +43,8 @@ from tests.faults.pipeline import (
 )
 from tests.faults.storage_truth import lost_filed_files
 from tests.helpers import flip_byte, run_cli
+from tests.sshd import SshServer
+from tests.test_multisite import multisite
 
 KEEP = 1000.0  # hours: the sources and buffers outlive the first drive
 
@@ -272,3 +275,49 @@ def test_sources_purged_then_both_archives_bad_is_loud(tmp_path: Path,
     with opsdb.session() as session:  # a person is told (the notification sensor sends these)
         [told] = [p for p in current_problems(session, config, utcnow()) if p.kind == "lost"]
     assert told.key == f"lost:{package}" and "DATA LOST" in told.detail
+
+
+def _buffer_retention(config: Config, hours: float) -> Config:
+    """`retention` for a deployment whose sites are not the embedded default's (hosts)."""
+    settings = yaml.safe_load(config.path.read_text())
+    for site in settings["sites"]:
+        for location in site["locations"]:
+            if location["type"] in ("source", "buffer"):
+                location["retention_hours"] = hours
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return load_config(config.path)
+
+
+def test_a_remote_buffer_file_replaced_by_other_bytes_of_its_size_is_never_deleted(
+        tmp_path: Path, sshd: SshServer, instance: DagsterInstance) -> None:
+    """A buffer copy on an archive host (deleted over ssh) whose file now holds other bytes
+    of the recorded size: those bytes are in no archive, so the purge refuses to delete them
+    and tells a person; the other buffer copy goes."""
+    config = _buffer_retention(multisite(tmp_path, sshd), KEEP)
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, files=2, size=100_000)
+        run(config, instance)
+        with opsdb.session() as session:
+            remote = {c.location.label: Path(c.location.root) / c.relative_path
+                      for c in session.scalars(select(PackageCopy))
+                      if c.location.location_type == LocationType.BUFFER and c.location.host}
+        assert sorted(remote) == ["cologne/buffer", "us/buffer"]
+        replaced = remote["cologne/buffer"]
+        foreign = os.urandom(replaced.stat().st_size)
+        replaced.write_bytes(foreign)  # someone else's bytes at our path, same size
+
+        config = _buffer_retention(config, 0)
+        run(config, instance, wait_s=0)
+
+        assert replaced.read_bytes() == foreign  # the storage: never deleted
+        assert not remote["us/buffer"].exists()
+        with opsdb.session() as session:
+            statuses = {c.location.label: c.status for c in session.scalars(select(PackageCopy))
+                        if c.location.location_type == LocationType.BUFFER}
+            told = [p.kind for p in current_problems(session, config, utcnow())]
+        assert statuses["cologne/buffer"] == CopyStatus.DELETION_FAILED
+        assert "deletion_refused" in told
+        assert lost_filed_files(config, opsdb) == []
+    finally:
+        opsdb.dispose()

@@ -130,7 +130,7 @@ def test_a_deletion_cut_by_the_link_is_finished_by_the_reattempt_without_a_perso
                 link.restore()
         return call
 
-    monkeypatch.setattr(reaper, "_unlink_remote", down_at_first(reaper._unlink_remote))
+    monkeypatch.setattr(reaper, "_rm_remote", down_at_first(reaper._rm_remote))
     if outage != "the rm":
         looks = {"calls": 0}
         real_look = reaper.remote_size
