@@ -204,8 +204,9 @@ def _refused_deletions(session: Session) -> list[Problem]:
             f"{error}\nNothing was deleted. The file at {path} on {copy.location.label} is not "
             f"the bytes OpsDB recorded for {name} there: something other than ccat-dt wrote it. "
             f"The package's verified archive copies are untouched (`ccat-dt why {name}`). Find "
-            "out what wrote it and take the file away from that path; then `ccat-dt purge "
-            f"--package {name}` records the copy deleted and this notice is resolved."))
+            "out what wrote it and take the file away from that path (or put the recorded "
+            f"bytes back); then `ccat-dt purge --package {name}` records the copy deleted (or "
+            "decides it afresh) and this notice is resolved."))
     return problems
 
 
