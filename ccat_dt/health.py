@@ -20,7 +20,8 @@ from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, LocationType, Site, _aware, utcnow
 
-_PER_FILE = ("checksum mismatch", "source missing", "no longer verified")
+_PER_FILE = ("checksum mismatch", "source missing", "no longer verified",
+             "does not record there")
 _LOCATION_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
                    errno.EIO, errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH,
                    errno.ECONNREFUSED, errno.ETIMEDOUT}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field, replace
 
 from sqlalchemy import select
@@ -33,7 +34,7 @@ from ccat_dt.packages import get_package, lock_package, overwritten, package_pat
 from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
-from ccat_dt.storage import StorageUnavailable
+from ccat_dt.storage import StorageUnavailable, Wanted
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
     Endpoint,
@@ -113,7 +114,8 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
     waits for it, then finds its copy. On a route with a
     batch budget, other packages waiting on the same route travel in the same transport
     session, each verified and recorded on its own. Every transport checksums the copy where it
-    landed (re-reading the destination file) before the rename, for buffer and LTA alike.
+    landed (re-reading the destination file) before the rename, for buffer and LTA alike; and
+    nothing is renamed over a file OpsDB does not record at the final name (_occupied).
     """
     waited: int | None = None  # for another process's transfer there
     while True:
@@ -171,13 +173,57 @@ def _move(opsdb: OpsDB, config: Config, started: _Started,
     unmarked = _unmarked_bucket(config, started.bucket) if started.bucket is not None else None
     with (labelled(site=placement.site, route=f"{placement.source.site}->{placement.site}"),
           claims.Lease(opsdb, [j.operation_id for j in jobs])):
-        outcomes: list[TransferResult | Exception] = (
-            [unmarked] * len(jobs) if unmarked else _transfer(transport, jobs))
+        if unmarked:
+            outcomes: list[TransferResult | Exception] = [unmarked] * len(jobs)
+        else:
+            occupied = _occupied(opsdb, config, started.destination_id, jobs)
+            free = [job for i, job in enumerate(jobs) if i not in occupied]
+            moved = iter(_transfer(transport, free) if free else [])
+            outcomes = [occupied[i] if i in occupied else next(moved) for i in range(len(jobs))]
     failure = next((o for o in outcomes if isinstance(o, Exception)), None)
     if failure is not None and location_failure(failure):
         mark_failed(opsdb, config, started.destination_id,
                     f"{transport.name} to {started.destination_label}: {failure}")
     return transport.name, outcomes
+
+
+def _occupied(opsdb: OpsDB, config: Config, destination_id: int,
+              jobs: list[_Job]) -> dict[int, TransferResult | Exception]:
+    """What already lies at the jobs' final names, looked at now (one look per batch), by job
+    index. Nothing is renamed over a file OpsDB does not record there as a quarantined copy
+    (a repair overwrites those): such a file holding the package's bytes, re-hashed now, is
+    taken as the copy (a transfer whose recording was cut short); any other is left alone and
+    its transfer refused, for a person to look at."""
+    with opsdb.session() as session:
+        destination = session.get_one(DataLocation, destination_id)
+        root, host = destination.root, destination.host
+        quarantined = set(session.scalars(select(PackageCopy.relative_path).where(
+            PackageCopy.location_id == destination_id, PackageCopy.status == CopyStatus.CORRUPT,
+            PackageCopy.relative_path.in_([j.relative for j in jobs]))))
+    stores, ssh, clock = Stores.of(config), ssh_settings(config), time.monotonic()
+    try:
+        seen = stores.look(root, host, ssh, [Wanted(j.relative, False) for j in jobs])
+        taken = [i for i, (job, found) in enumerate(zip(jobs, seen, strict=True))
+                 if job.relative not in quarantined
+                 and not (found.problem or "").startswith("missing")]
+        hashed = stores.look(root, host, ssh, [Wanted(jobs[i].relative, True)
+                                               for i in taken]) if taken else []
+    except StorageUnavailable as exc:
+        failure = TransferError(str(exc), retryable=exc.transient)
+        return dict.fromkeys(range(len(jobs)), failure)
+    out: dict[int, TransferResult | Exception] = {}
+    for i, found in zip(taken, hashed, strict=True):
+        job, expected = jobs[i], jobs[i].placement.source.checksum
+        if found.problem is None and found.checksum == expected:
+            out[i] = TransferResult(bytes=found.size or 0, seconds=time.monotonic() - clock,
+                                    checksum=expected)
+        else:
+            out[i] = TransferError(
+                f"{job.destination} holds a file OpsDB does not record there "
+                f"({found.problem or f'checksum {found.checksum}'}; the package is {expected}): "
+                "nothing was written over it. Find out what wrote it and move it away; the "
+                "next attempt then copies the package", retryable=False)
+    return out
 
 
 @dataclass(frozen=True)

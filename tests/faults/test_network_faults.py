@@ -81,20 +81,20 @@ def test_link_failure_during_a_transfer_is_retried_and_converges(
 
 def _up_again_after_first_attempt(link: Link, monkeypatch: pytest.MonkeyPatch
                                   ) -> dict[str, int]:
-    """The first attempt of a placement (its first ssh: rsync's own, which looks at the
-    destination's root marker too) meets the dead link; the link comes back while the step
+    """The first attempt of a placement (its first ssh: the look at what lies at the final
+    name, before any byte moves) meets the dead link; the link comes back while the step
     waits for its retry."""
-    real = replicas._transfer
+    real = replicas._occupied
     calls = {"attempts": 0}
 
-    def transfer(transport, jobs):  # type: ignore[no-untyped-def]
+    def occupied(opsdb, config, destination_id, jobs):  # type: ignore[no-untyped-def]
         calls["attempts"] += 1
         try:
-            return real(transport, jobs)
+            return real(opsdb, config, destination_id, jobs)
         finally:
             link.down = False
 
-    monkeypatch.setattr(replicas, "_transfer", transfer)
+    monkeypatch.setattr(replicas, "_occupied", occupied)
     return calls
 
 

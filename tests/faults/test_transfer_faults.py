@@ -4,12 +4,16 @@ truncated file in the landed temporary file, and a full destination disk."""
 from __future__ import annotations
 
 import errno
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance
 from sqlalchemy import select
 
+import ccat_dt.replicas as replicas
 import ccat_dt.transports.local as local
 from ccat_dt.config import Config
 from ccat_dt.diagnosis import diagnose
@@ -31,6 +35,7 @@ from tests.faults.pipeline import (
     operations,
     package_names,
     run,
+    source_root,
 )
 from tests.helpers import first_caller
 
@@ -126,3 +131,79 @@ def test_full_disk_is_reported_with_its_next_attempt_and_converges_once_enlarged
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
     opsdb.dispose()
+
+
+def _before_the_archive_at_cologne(monkeypatch: pytest.MonkeyPatch, marker: Path,
+                                   put: Callable[[Path, Path], None]) -> None:
+    """Once, just before the cologne LTA's final name is looked at: `put(source, final)`, as
+    if something had written there meanwhile."""
+    real = replicas._occupied
+
+    def occupied(opsdb, config, destination_id, jobs):  # type: ignore[no-untyped-def]
+        final = Path(str(jobs[0].destination.path))
+        if "/cologne/lta/" in str(final) and first_caller(marker, str(final)):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            put(Path(str(jobs[0].placement.source.endpoint.path)), final)
+        return real(opsdb, config, destination_id, jobs)
+
+    monkeypatch.setattr(replicas, "_occupied", occupied)
+
+
+def test_a_file_opsdb_does_not_know_at_an_archive_path_is_never_written_over(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LTA path a package is archived to holds a file OpsDB has no record of (an older
+    archive, an OpsDB restored from a backup): it is left as it is, the archive refused and
+    a person needed; once it is moved away, the next automatic attempt archives the package."""
+    foreign = os.urandom(70_000)
+    marker = tmp_path / "written"
+    _before_the_archive_at_cologne(monkeypatch, marker,
+                                   lambda _source, final: final.write_bytes(foreign))
+    observe(config, opsdb)
+
+    run(config, instance, wait_s=0)
+
+    final = Path(marker.read_text())
+    assert final.read_bytes() == foreign  # the storage: nothing written over it
+    [package] = package_names(opsdb)
+    archives = operations(opsdb, OperationType.ARCHIVE, package)
+    refused = [error or "" for status, error in archives if status == OperationStatus.FAILED]
+    assert refused and all("does not record there" in e for e in refused), archives
+    with opsdb.session() as session:
+        at_cologne = [c for c in session.scalars(select(PackageCopy))
+                      if c.location.label == "cologne/lta"]
+    assert at_cologne == []
+    assert all(p.is_file() for p in source_root(config).rglob("*.dat"))  # nothing purged
+
+    shutil.move(final, tmp_path / "moved-away")  # the person's part
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)
+    assert (tmp_path / "moved-away").read_bytes() == foreign
+    assert_safe(config, opsdb)
+
+
+def test_the_package_bytes_found_at_an_archive_path_are_taken_as_the_copy(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The package's own bytes already at the LTA path with no record (a transfer renamed into
+    place, then its process died before recording it): re-hashed and recorded as the copy,
+    never transferred again."""
+    marker, inode = tmp_path / "written", tmp_path / "inode"
+
+    def put(source: Path, final: Path) -> None:
+        shutil.copyfile(source, final)
+        inode.write_text(str(final.stat().st_ino))
+
+    _before_the_archive_at_cologne(monkeypatch, marker, put)
+    observe(config, opsdb)
+
+    run(config, instance)
+
+    final = Path(marker.read_text())
+    archived_everywhere(config, opsdb)
+    assert final.stat().st_ino == int(inode.read_text())  # the storage: the file found is it
+    [package] = package_names(opsdb)
+    assert [s for s, _ in operations(opsdb, OperationType.ARCHIVE, package)] == [
+        OperationStatus.COMPLETED] * 2
+    assert_safe(config, opsdb)
