@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
-from ccat_dt.health import sites_down
+from ccat_dt.health import FOREIGN_FILE, sites_down
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -148,6 +148,8 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"{site} back (`ccat-dt status` shows its locations)."))
     for row in session.scalars(select(Reattempt).where(Reattempt.escalated_at.is_not(None))
                                .order_by(Reattempt.id)):
+        if FOREIGN_FILE in (row.last_error or ""):
+            continue  # told at once, below
         hours = (_aware(now) - _aware(row.first_failed_at)).total_seconds() / 3600
         problems.append(Problem(
             f"escalated:{row.stage}:{row.partition}", "escalated",
@@ -164,6 +166,7 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"{kind}:{name}", kind, f"package {name}: {assessment.health.value.upper()}",
             f"{assessment.reason}\n`ccat-dt why {name}` shows every copy and stage."))
     problems += _refused_deletions(session)
+    problems += _foreign_files(session)
     for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
                                                                     FilingDeadLetter.seq)):
         problems.append(Problem(
@@ -183,6 +186,21 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"{config.settings.metrics.warn_below_hours:g} h). Check the links out of it "
             "(`ccat-dt status`), add space, or lower its retention."))
     return problems
+
+
+def _foreign_files(session: Session) -> list[Problem]:
+    """Copies refused because their final name holds a file OpsDB does not know (an older
+    archive, a restored OpsDB): nothing is written over it, and only a person can say what
+    it is. Resolved once a copy is made there (its re-attempt row goes)."""
+    return [Problem(
+        f"foreign_file:{row.stage}:{row.partition}", "foreign_file",
+        f"{Stage(row.stage).label} {row.partition} refused: a file OpsDB does not know is at "
+        "its name",
+        f"{row.last_error}\nNothing was written over that file. Find out what it is (another "
+        "archive's, an older copy of this package?) and move it away; the next automatic "
+        f"attempt then copies the package (`ccat-dt why {row.package}` shows the stage).")
+        for row in session.scalars(select(Reattempt).where(
+            Reattempt.last_error.contains(FOREIGN_FILE)).order_by(Reattempt.id))]
 
 
 def _refused_deletions(session: Session) -> list[Problem]:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config, RouteConfig
-from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
+from ccat_dt.health import FOREIGN_FILE, is_healthy, location_failure, mark_failed, mark_ok
 from ccat_dt.loss import Health, refresh_loss
 from ccat_dt.objectstore import Stores
 from ccat_dt.opsdb.database import OpsDB
@@ -219,7 +219,7 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int,
                                     checksum=expected)
         else:
             out[i] = TransferError(
-                f"{job.destination} holds a file OpsDB does not record there "
+                f"{job.destination} {FOREIGN_FILE} "
                 f"({found.problem or f'checksum {found.checksum}'}; the package is {expected}): "
                 "nothing was written over it. Find out what wrote it and move it away; the "
                 "next attempt then copies the package", retryable=False)

@@ -10,12 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from dagster import DagsterInstance
 from sqlalchemy import select
 
 import ccat_dt.replicas as replicas
 import ccat_dt.transports.local as local
-from ccat_dt.config import Config
+from ccat_dt.config import Config, load_config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -38,6 +39,7 @@ from tests.faults.pipeline import (
     source_root,
 )
 from tests.helpers import first_caller
+from tests.notify_servers import Receiver
 
 
 def _landed_once(monkeypatch: pytest.MonkeyPatch, damage: str, marker: Path) -> None:
@@ -151,10 +153,15 @@ def _before_the_archive_at_cologne(monkeypatch: pytest.MonkeyPatch, marker: Path
 
 def test_a_file_opsdb_does_not_know_at_an_archive_path_is_never_written_over(
         config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, webhook_receiver: Receiver) -> None:
     """The LTA path a package is archived to holds a file OpsDB has no record of (an older
     archive, an OpsDB restored from a backup): it is left as it is, the archive refused and
-    a person needed; once it is moved away, the next automatic attempt archives the package."""
+    a person told at once; once it is moved away, the next automatic attempt archives the
+    package and the notice is resolved."""
+    settings = yaml.safe_load(config.path.read_text())
+    settings["notifications"] = {"webhook": {"url": webhook_receiver.url, "timeout_s": 2}}
+    config.path.write_text(yaml.safe_dump(settings))
+    config = load_config(config.path)
     foreign = os.urandom(70_000)
     marker = tmp_path / "written"
     _before_the_archive_at_cologne(monkeypatch, marker,
@@ -174,11 +181,14 @@ def test_a_file_opsdb_does_not_know_at_an_archive_path_is_never_written_over(
                       if c.location.label == "cologne/lta"]
     assert at_cologne == []
     assert all(p.is_file() for p in source_root(config).rglob("*.dat"))  # nothing purged
+    [told] = webhook_receiver.texts  # a person is told at once, and only about this
+    assert "a file OpsDB does not know" in told and str(final) in told, told
 
     shutil.move(final, tmp_path / "moved-away")  # the person's part
     run(config, instance)
 
     archived_everywhere(config, opsdb)
+    assert len(webhook_receiver.texts) == 2 and "RESOLVED" in webhook_receiver.texts[1]
     assert (tmp_path / "moved-away").read_bytes() == foreign
     assert_safe(config, opsdb)
 
