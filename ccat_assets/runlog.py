@@ -157,6 +157,23 @@ class RunLine:
         return line
 
 
+def _key_parts(key: str) -> tuple[str, str, str]:
+    """(stage, package, site) of a run key: stage:package[:site:...], reattempt:stage:
+    package[|site]:episode:n, purge:package:site-or-*:digest, purge-unfinished:package:copy,
+    rebuild:package:..., scrub:site:hour, stage:request."""
+    parts = key.split(":")
+    if parts[0] == "reattempt" and len(parts) > 2:  # the stage it re-attempts, its partition
+        package, _, site = parts[2].partition("|")
+        return parts[1], package, site
+    stage = parts[0]
+    package = parts[1] if len(parts) > 1 else ""
+    site = parts[2] if len(parts) > 2 and stage in ("package", "site_copy", "lta_copy",
+                                                     "purge") else ""
+    if stage == "scrub":
+        return stage, "", package
+    return stage, package, "" if site == "*" else site
+
+
 @dataclass
 class RunReporter:
     """The driver's `log` callback: turns each finished run into one `RunLine`, written with
@@ -177,12 +194,7 @@ class RunReporter:
         self.write(line.text())
 
     def describe(self, key: str, *, ok: bool) -> RunLine:
-        parts = key.split(":")  # stage:package[:site:...]; scrub:site:hour; stage:request
-        stage = parts[0]
-        package = parts[1] if len(parts) > 1 else ""
-        site = parts[2] if len(parts) > 2 and stage != "stage" else ""
-        if stage == "scrub":
-            package, site = "", package
+        stage, package, site = _key_parts(key)
         runs = self.instance.get_runs(RunsFilter(tags={RUN_KEY: key}), limit=1)
         if not runs:
             return RunLine(key, stage, package, site, ok, 0, 0.0)

@@ -207,3 +207,30 @@ def test_run_lines_name_stage_package_and_site_and_pass_other_messages_on() -> N
     assert written[1].startswith("FAILED scrub") and "next: the run's events" in written[1]
     assert written[2] == "retrying site copy obs-1|us: link was down"
     assert reporter.summary().startswith("2 run(s), 1 failed")
+
+
+def test_run_lines_of_reattempts_purges_and_rebuilds_name_their_package() -> None:
+    """Every kind of run key the sensors make: the line names the stage, package and site it
+    works on, and a failure's next step names the package (`ccat-dt why PACKAGE`)."""
+    from dagster import DagsterInstance
+
+    from ccat_assets.runlog import RunReporter
+
+    keys = {
+        "reattempt:lta_copy:obs-1_p00|cologne:09e26bf9:2": ("lta_copy", "obs-1_p00", "cologne"),
+        "reattempt:packaging:obs-1_p00:09e26bf9:3": ("packaging", "obs-1_p00", ""),
+        "purge:obs-1_p00:*:3f2a9c0d1e2b": ("purge", "obs-1_p00", ""),
+        "purge:obs-1_p00:us:3f2a9c0d1e2b:2": ("purge", "obs-1_p00", "us"),
+        "purge-unfinished:obs-1_p00:17": ("purge-unfinished", "obs-1_p00", ""),
+        "rebuild:obs-1_p00:12:0": ("rebuild", "obs-1_p00", ""),
+        "package:obs-1_p00": ("package", "obs-1_p00", ""),
+        "stage:req-7": ("stage", "req-7", ""),
+    }
+    written: list[str] = []
+    with DagsterInstance.ephemeral() as instance:
+        reporter = RunReporter(instance, write=written.append)
+        for key in keys:
+            reporter(f"FAILED {key}")
+    assert [(r.stage, r.package, r.site) for r in reporter.lines] == list(keys.values())
+    for line, (_, package, _) in zip(written, keys.values(), strict=True):
+        assert f"`ccat-dt why {package}`" in line, line
