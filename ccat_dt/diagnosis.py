@@ -184,6 +184,9 @@ def _at_site(session: Session, config: Config, package: RawDataPackage, site: st
                     session, config, package, site) is None:
                 out.append(StageState(stage, "waiting", "no verified source copy yet (an "
                                       "archive copy elsewhere is needed first)"))
+            elif kind == LocationType.LONG_TERM_ARCHIVE and out[-1].state != "done":
+                out.append(StageState(stage, "waiting", f"after the {Stage.SITE_COPY.label} "
+                                      f"to {site} (archived from that buffer copy)"))
             else:
                 out.append(StageState(stage, "waiting", "due; waiting for its run"))
     return out

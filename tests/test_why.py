@@ -59,6 +59,9 @@ def test_a_built_package_waits_for_its_site_copy_and_the_second_archive_for_the_
     assert stages["site copy cologne"] == ("waiting", "due; waiting for its run")
     assert stages["site copy us"][0] == "waiting"
     assert "no verified source copy yet" in stages["site copy us"][1]
+    for site in ("cologne", "us"):  # each archive after its own site copy, not "due"
+        assert stages[f"LTA copy {site}"] == (
+            "waiting", f"after the site copy to {site} (archived from that buffer copy)")
 
 
 def test_a_source_changed_after_filing_fails_packaging_with_the_reason(
