@@ -108,6 +108,27 @@ def _completed_log(opsdb: OpsDB, package: str) -> str:
     return Path(path).read_text()
 
 
+def _down_at_first_call(link: Link, monkeypatch: pytest.MonkeyPatch, name: str
+                        ) -> dict[str, int]:
+    """The link goes down as the reaper's `name` is first called (what is open is reset,
+    ssh's shared connection too; new connections refused) and is back once that call ends.
+    Returns the count of its calls."""
+    calls = {"calls": 0}
+    real = getattr(reaper, name)
+
+    def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["calls"] += 1
+        if calls["calls"] == 1:
+            link.cut()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            link.restore()
+
+    monkeypatch.setattr(reaper, name, call)
+    return calls
+
+
 @pytest.mark.parametrize("outage", ["the rm", "the rm and the first look after it"])
 def test_a_deletion_cut_by_the_link_is_finished_by_the_reattempt_without_a_person(
         tmp_path: Path, sshd: SshServer, link: Link, instance: DagsterInstance,
@@ -117,34 +138,9 @@ def test_a_deletion_cut_by_the_link_is_finished_by_the_reattempt_without_a_perso
     frozen for a person: a re-attempt looks at the storage and finishes the deletion."""
     config = multisite(tmp_path, link.through(sshd, tmp_path), retry_backoff_first_s=0.3)
     opsdb = OpsDB(config.opsdb_url)
-    cut = {"calls": 0}
-
-    def down_at_first(real):  # type: ignore[no-untyped-def]
-        def call(*args):  # type: ignore[no-untyped-def]
-            cut["calls"] += 1
-            if cut["calls"] == 1:
-                link.cut()  # what is open is reset (ssh's shared connection), new ones refused
-            try:
-                return real(*args)
-            finally:
-                link.restore()
-        return call
-
-    monkeypatch.setattr(reaper, "_rm_remote", down_at_first(reaper._rm_remote))
+    cut = _down_at_first_call(link, monkeypatch, "_rm_remote")
     if outage != "the rm":
-        looks = {"calls": 0}
-        real_look = reaper.remote_size
-
-        def look(*args):  # type: ignore[no-untyped-def]
-            looks["calls"] += 1
-            if looks["calls"] == 1:
-                link.cut()
-            try:
-                return real_look(*args)
-            finally:
-                link.restore()
-
-        monkeypatch.setattr(reaper, "remote_size", look)
+        looks = _down_at_first_call(link, monkeypatch, "remote_size")
     try:
         observe(config, opsdb, files=2, size=MB)
 
@@ -179,19 +175,7 @@ def test_a_purge_whose_lta_recheck_meets_the_link_down_is_reattempted_without_a_
     link is back and deletes the buffer copies, with no person and no notice."""
     config = multisite(tmp_path, link.through(sshd, tmp_path), retry_backoff_first_s=0.3)
     opsdb = OpsDB(config.opsdb_url)
-    looks = {"calls": 0}
-    real = reaper.recheck_lta_copies
-
-    def recheck(*args, **kwargs):  # type: ignore[no-untyped-def]
-        looks["calls"] += 1
-        if looks["calls"] == 1:
-            link.cut()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            link.restore()
-
-    monkeypatch.setattr(reaper, "recheck_lta_copies", recheck)
+    looks = _down_at_first_call(link, monkeypatch, "recheck_lta_copies")
     try:
         observe(config, opsdb, files=2, size=MB)
 
