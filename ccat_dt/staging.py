@@ -5,6 +5,7 @@ them (the LTA copies are never touched)."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -190,11 +191,15 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         now = utcnow()
         for entry in manifest:
             raw_file = files[entry.path]
+            # Its identity as extracted and verified: the purge after the release then knows
+            # an untouched file without reading it again (a changed one is re-hashed, kept).
+            info = os.lstat(root / directory / entry.path)
             session.add(RawDataFileCopy(
                 raw_data_file_id=raw_file.id, location_id=location_id,
                 relative_path=str(directory / entry.path), size=entry.size,
                 checksum=entry.checksum, status=CopyStatus.STAGED, created_at=now,
-                verified_at=now, staging_request_id=request_id))
+                verified_at=now, staging_request_id=request_id, inode=info.st_ino,
+                mtime_ns=info.st_mtime_ns))
         size = sum(e.size for e in manifest)
         finish_in(session, operation.id, copy_id=None, nbytes=size,
                   seconds=time.monotonic() - started)
