@@ -174,6 +174,26 @@ def _key_parts(key: str) -> tuple[str, str, str]:
     return stage, package, "" if site == "*" else site
 
 
+def run_failure(instance: DagsterInstance, run_id: str) -> str:
+    """The first failed step's error of a run, in one line ("" when there is none)."""
+    for record in instance.all_logs(run_id, of_type={DagsterEventType.STEP_FAILURE,
+                                                     DagsterEventType.RUN_FAILURE}):
+        event = record.dagster_event
+        error = None
+        if event is not None and event.event_type == DagsterEventType.STEP_FAILURE:
+            error = event.step_failure_data.error
+            if error is not None and error.cause is not None and error.cls_name in (
+                    "DagsterExecutionStepExecutionError", "RetryRequestedFromPolicy"):
+                error = error.cause
+        if error is not None:
+            # "dagster._core.definitions.events.Failure: why": the why is what matters
+            text = re.sub(r"^[\w.]*\.(\w+): ", "", error.message.strip())
+            return " ".join(text.split()) or error.cls_name or "failed"
+        if event is not None and event.message:
+            return " ".join(event.message.split())
+    return ""
+
+
 @dataclass
 class RunReporter:
     """The driver's `log` callback: turns each finished run into one `RunLine`, written with
@@ -215,23 +235,7 @@ class RunReporter:
                        "" if ok else self.cause(run.run_id))
 
     def cause(self, run_id: str) -> str:
-        """The first failed step's error, in one line."""
-        for record in self.instance.all_logs(run_id, of_type={DagsterEventType.STEP_FAILURE,
-                                                              DagsterEventType.RUN_FAILURE}):
-            event = record.dagster_event
-            error = None
-            if event is not None and event.event_type == DagsterEventType.STEP_FAILURE:
-                error = event.step_failure_data.error
-                if error is not None and error.cause is not None and error.cls_name in (
-                        "DagsterExecutionStepExecutionError", "RetryRequestedFromPolicy"):
-                    error = error.cause
-            if error is not None:
-                # "dagster._core.definitions.events.Failure: why": the why is what matters
-                text = re.sub(r"^[\w.]*\.(\w+): ", "", error.message.strip())
-                return " ".join(text.split()) or error.cls_name or "failed"
-            if event is not None and event.message:
-                return " ".join(event.message.split())
-        return ""
+        return run_failure(self.instance, run_id)
 
     def summary(self) -> str:
         failed = [line for line in self.lines if not line.ok]

@@ -64,7 +64,8 @@ def diagnose(session: Session, config: Config, name: str, now: datetime) -> list
     stages.append(_packaging(session, config, package, reattempts.get((Stage.PACKAGING, ""))))
     for site in config.settings.archive_sites:
         stages += _at_site(session, config, package, site.short_name, reattempts)
-    stages.append(_purge(session, config, package, now))
+    stages.append(_purge(session, config, package, now,
+                         [r for (stage, _), r in reattempts.items() if stage == Stage.PURGE]))
     assessment = assess(session, config, package)
     if assessment.health != Health.SAFE:  # first, in words: nothing else matters as much
         stages.insert(0, StageState("integrity", assessment.health.value, assessment.reason))
@@ -192,12 +193,16 @@ def _at_site(session: Session, config: Config, package: RawDataPackage, site: st
     return out
 
 
-def _purge(session: Session, config: Config, package: RawDataPackage,
-           now: datetime) -> StageState:
+def _purge(session: Session, config: Config, package: RawDataPackage, now: datetime,
+           failing: list[Reattempt]) -> StageState:
     decisions = plan_deletions(session, config, package, now)
     left = [d for d in decisions if d.location_type != LocationType.LONG_TERM_ARCHIVE]
     if not left:
         return StageState("purge", "done", "nothing left outside the long-term archives")
+    if failing:  # its last run failed: why, and when it is tried again
+        row = failing[-1]
+        return StageState("purge", "failed", f"its run failed ({row.last_error or 'no error'})"
+                          + _reattempt(row))
     deletable = [d for d in left if d.action == Action.DELETE]
     if deletable:
         return StageState("purge", "waiting", f"{len(deletable)} copies may be deleted now; "

@@ -5,6 +5,7 @@
 import hashlib
 
 from dagster import (
+    DagsterInstance,
     DefaultSensorStatus,
     RunRequest,
     SensorDefinition,
@@ -17,6 +18,7 @@ from dagster import (
 from ccat_assets.execution import on_queue
 from ccat_assets.inflight import not_in_flight, packages_in_flight
 from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
+from ccat_assets.runlog import run_failure
 from ccat_assets.stages import JOBS, copy_job, site_copy
 from ccat_assets.tags import LINK_TAG, WORK_TAG
 from ccat_dt import reaper
@@ -39,7 +41,7 @@ from ccat_dt.queues import (
     staging_queue,
     transfer_queue,
 )
-from ccat_dt.reattempt import Backoff, State, Work, decide, record
+from ccat_dt.reattempt import Backoff, Decision, RunOutcome, State, Work, decide, record
 from ccat_dt.recovery import rebuilds_due
 from ccat_dt.retry import abandoned_deletions
 from ccat_dt.stages import Stage
@@ -126,10 +128,10 @@ def purge_sensor(context: SensorEvaluationContext,
         basis = [*sorted(copy_ids), newest.get(package, 0)]
         digest = hashlib.sha1(",".join(map(str, basis)).encode()).hexdigest()[:12]
         work = f"purge:{package}:{site or '*'}:{digest}"  # "*": every site, one run
-        decision = decide(history(context.instance, Stage.PURGE, package, site,
-                                  tags={WORK_TAG: work}), backoff, now)
+        attempts = history(context.instance, Stage.PURGE, package, site, tags={WORK_TAG: work})
+        decision = decide(attempts, backoff, now)
         works.append(Work(Stage.PURGE, f"{package}|{site}" if site else package, package, site,
-                          decision,
+                          decision, _failure(context.instance, attempts, decision) or
                           "its purge run failed or died (`ccat-dt why` shows the deletions)"))
         if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
             decisions.append(decision)
@@ -149,9 +151,11 @@ def purge_sensor(context: SensorEvaluationContext,
         # Its process died, or its rm failed (the link cut it): again after a back-off while
         # the storage cannot be looked at, a person told if that lasts.
         work = f"purge-unfinished:{abandoned.package}:{abandoned.copy_id}"
-        decision = decide(history(context.instance, Stage.PURGE, abandoned.package, "",
-                                  tags={WORK_TAG: work}), backoff, now)
+        attempts = history(context.instance, Stage.PURGE, abandoned.package, "",
+                           tags={WORK_TAG: work})
+        decision = decide(attempts, backoff, now)
         works.append(Work(Stage.PURGE, abandoned.package, abandoned.package, "", decision,
+                          _failure(context.instance, attempts, decision) or
                           f"its deletion of {abandoned.path} did not finish "
                           "(`ccat-dt why` shows the operation)"))
         if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
@@ -170,6 +174,12 @@ def purge_sensor(context: SensorEvaluationContext,
     if not requests and not decisions:
         return SkipReason("nothing may be deleted now")
     return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions))
+
+
+def _failure(instance: DagsterInstance, attempts: list[RunOutcome], decision: Decision) -> str:
+    """Why the newest failed run of failing work failed (for `why` and the notices)."""
+    failed = [run for run in attempts if run.failed]
+    return run_failure(instance, failed[-1].run_id) if failed and decision.failures else ""
 
 
 @sensor(job=JOBS[Stage.STAGING], minimum_interval_seconds=INTERVAL, default_status=RUNNING)

@@ -32,6 +32,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.reaper import certificate_problems
+from ccat_dt.storage import MARKER
 from tests.faults.pipeline import (
     archived_everywhere,
     deployment,
@@ -321,3 +322,33 @@ def test_a_remote_buffer_file_replaced_by_other_bytes_of_its_size_is_never_delet
         assert lost_filed_files(config, opsdb) == []
     finally:
         opsdb.dispose()
+
+
+def test_a_purge_failing_on_an_unmounted_archive_says_why_and_heals_once_it_is_back(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """The sources' retention is over, but the cologne LTA disk is not mounted when the purge
+    looks: nothing is deleted, `why` says the purge failed and why (the run's own error, not
+    only "failed") and when it is tried again; mounted again, that re-attempt deletes."""
+    config = deployment(tmp_path / "kept", sites=_sites(KEEP),
+                        policies={"retry_backoff_first_s": 0.2})
+    opsdb, package, files = archived_with_sources(config, instance)
+    config = retention(config, 0)
+    marker = config.resolve_root("sites/cologne/lta") / MARKER
+    marker.rename(marker.with_name("unmounted"))
+
+    run(config, instance, wait_s=0)
+
+    assert all(p.is_file() for p in files)  # the storage: nothing deleted
+    with opsdb.session() as session:
+        purge = next(s for s in diagnose(session, config, package, utcnow()) if s.stage == "purge")
+    assert purge.state == "failed", purge
+    assert "cannot be re-checked" in purge.detail and "next attempt" in purge.detail, purge
+
+    marker.with_name("unmounted").rename(marker)
+    run(config, instance)
+
+    assert not any(p.exists() for p in files)
+    with opsdb.session() as session:
+        purge = next(s for s in diagnose(session, config, package, utcnow()) if s.stage == "purge")
+    assert purge.state == "done", purge
+    opsdb.dispose()
