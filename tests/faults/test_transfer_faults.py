@@ -136,7 +136,7 @@ def test_full_disk_is_reported_with_its_next_attempt_and_converges_once_enlarged
 
 
 def _before_the_archive_at_cologne(monkeypatch: pytest.MonkeyPatch, marker: Path,
-                                   put: Callable[[Path, Path], None]) -> None:
+                                   put: Callable[[Path, Path], object]) -> None:
     """Once, just before the cologne LTA's final name is looked at: `put(source, final)`, as
     if something had written there meanwhile."""
     real = replicas._occupied
