@@ -150,7 +150,8 @@ class RunLine:
                 f"{self.site:<8} {self.bytes / 1e6:>8.1f} MB {rate:>7.1f} MB/s "
                 f"{self.seconds:>6.1f} s")
         if not self.ok:
-            step = (f"`ccat-dt why {self.package}`, fix the cause, then `ccat-dt retry`"
+            step = (f"`ccat-dt why {self.package}` says whether it is re-attempted by itself "
+                    "or waits for you (then fix the cause and `ccat-dt retry`)"
                     if self.package else "the run's events in the log file or the Dagster UI")
             line += (f"\n       cause: {self.cause or 'see the run in the Dagster UI'}; "
                      f"next: {step}")
