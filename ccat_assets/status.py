@@ -13,7 +13,7 @@ from ccat_dt.notify import open_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.reattempt import waiting
-from ccat_dt.report import Summary, summarize, throughput
+from ccat_dt.report import Summary, refused_deletions, summarize, throughput
 from ccat_dt.stages import Stage
 
 
@@ -35,7 +35,15 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
         print(f"{line.location:<22}{line.kind:<19}{line.present:>8}"
               f"{line.present_bytes / 1e6:>10.1f}{line.deleted:>9}{line.corrupt:>9}")
     print(f"deletions: {s.deletions} ({s.deleted_bytes / 1e6:.1f} MB); "
-          f"failed operations: {s.failed_operations}")
+          f"failed operations: {s.failed_operations}"
+          + (f"; deletions REFUSED: {s.refused_deletions}" if s.refused_deletions else ""))
+    if s.refused_deletions:  # rare, and a person's to settle
+        for where, path, package in refused_deletions(opsdb):
+            print(f"deletion REFUSED at {where}: {path} is not the recorded copy (take it "
+                  f"away or put the recorded bytes back, then `ccat-dt purge --package "
+                  f"{package}`)")
+        if s.refused_deletions > 5:
+            print(f"... and {s.refused_deletions - 5} more")
     if config is None:
         return s
     now = utcnow()

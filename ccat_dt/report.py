@@ -18,7 +18,9 @@ from ccat_dt.opsdb.models import (
     Operation,
     OperationStatus,
     OperationType,
+    PackageCopy,
     PhysicalCopy,
+    RawDataFileCopy,
     Site,
 )
 from ccat_dt.opsdb.totals import read as read_totals
@@ -51,6 +53,7 @@ class Summary:
     deletions: int
     deleted_bytes: int
     failed_operations: int
+    refused_deletions: int = 0  # copies DELETION_FAILED: the file there is not the copy
 
 
 def summarize(opsdb: OpsDB) -> Summary:
@@ -103,7 +106,29 @@ def summarize(opsdb: OpsDB) -> Summary:
     return Summary(
         files=files, file_bytes=file_bytes, packages=states, package_bytes=package_bytes,
         locations=list(lines.values()), deletions=deletions, deleted_bytes=deleted_bytes,
-        failed_operations=failed)
+        failed_operations=failed,
+        refused_deletions=sum(n for (_, status), n in counts.items()
+                              if status == CopyStatus.DELETION_FAILED))
+
+
+def refused_deletions(opsdb: OpsDB, limit: int = 5) -> list[tuple[str, str, str]]:
+    """(location, path, package) of copies whose deletion was refused (DELETION_FAILED: the
+    file at the path is not the recorded copy), oldest first; looked up per location, so the
+    (location, status) index answers it however many copies there are."""
+    with opsdb.session() as s:
+        locations = s.scalars(select(DataLocation.id)).all()
+        copies = s.scalars(select(PhysicalCopy).where(
+            PhysicalCopy.location_id.in_(locations),
+            PhysicalCopy.status == CopyStatus.DELETION_FAILED)
+            .order_by(PhysicalCopy.id).limit(limit)).all()
+        out = []
+        for copy in copies:
+            package = (copy.package if isinstance(copy, PackageCopy)
+                       else copy.raw_data_file.package if isinstance(copy, RawDataFileCopy)
+                       else None)
+            out.append((copy.location.label, f"{copy.location.root}/{copy.relative_path}",
+                        package.name if package is not None else "?"))
+        return out
 
 
 def disagreements(opsdb: OpsDB, ssh: SshSettings | None = None) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from ccat_assets.status import print_status
 from ccat_dt import reaper
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
@@ -346,7 +347,7 @@ def refused(config: Config, opsdb: OpsDB) -> list[Problem]:
 
 
 def test_a_refused_deletion_tells_a_person_and_closes_once_the_file_is_taken_away(
-        config: Config, opsdb: OpsDB) -> None:
+        config: Config, opsdb: OpsDB, capsys: pytest.CaptureFixture[str]) -> None:
     make_package(opsdb)
     archived(opsdb, "cologne", "us")
     obs_tar = path_of(config, *OBS_TAR)
@@ -357,6 +358,11 @@ def test_a_refused_deletion_tells_a_person_and_closes_once_the_file_is_taken_awa
 
     [problem] = refused(config, opsdb)
     assert str(obs_tar) in problem.subject and f"purge --package {PKG}" in problem.detail
+    capsys.readouterr()
+    print_status(opsdb, config)  # `ccat-dt status` says so: where, and what to do
+    out = capsys.readouterr().out
+    assert "deletions REFUSED: 1" in out and str(obs_tar) in out
+    assert f"`ccat-dt purge --package {PKG}`" in out
     before = len(operations(opsdb))
 
     # Purged again while it is still there: left alone, nothing recorded, still told.
@@ -372,6 +378,8 @@ def test_a_refused_deletion_tells_a_person_and_closes_once_the_file_is_taken_awa
     assert status_by_label(opsdb)["ccat/buffer"] == {CopyStatus.DELETED}
     assert certificate_problems(opsdb, config, PKG) == []
     assert refused(config, opsdb) == []
+    print_status(opsdb, config)
+    assert "REFUSED" not in capsys.readouterr().out
 
 
 def test_a_refused_deletion_closes_once_the_recorded_bytes_are_back(
