@@ -347,7 +347,7 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     with opsdb.session() as session:
         package = _package(session, package_name)
         plan = plan_deletions(session, config, package, now, early_ids)
-    recheck = RecheckReport({}, [], {})
+    recheck = RecheckReport({}, [])
     if any(d.action == Action.DELETE for d in plan):
         # Look at the LTA copies on their storage now; any that fails is marked CORRUPT,
         # which the re-plan below honours (the whole package is then kept).

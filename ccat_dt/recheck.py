@@ -15,7 +15,7 @@ the checksum stored with it as metadata) and re-read, streamed, when the window 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -62,7 +62,8 @@ class Rechecked:
 class RecheckReport:
     passed: dict[int, Rechecked]
     problems: list[str]  # one line per copy that failed or could not be looked at
-    unavailable: dict[int, str]  # copy id -> why its storage could not be looked at now
+    unavailable: dict[int, str] = field(default_factory=dict)  # copy id -> why its storage
+    # could not be looked at now (the link, the host, an unmounted disk)
 
 
 @dataclass(frozen=True)
