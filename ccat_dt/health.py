@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, LocationType, Site, _aware, utcnow
+from ccat_dt.transports.base import FOREIGN_FILE
 
 # A transfer refused because its final name holds a file OpsDB does not know (replicas.py):
 # that file's, not the location's, and a person's to look at (notify.py).
-FOREIGN_FILE = "holds a file OpsDB does not record there"
 _PER_FILE = ("checksum mismatch", "source missing", "no longer verified", FOREIGN_FILE)
 _LOCATION_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
                    errno.EIO, errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH,

@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
-from ccat_dt.health import FOREIGN_FILE, sites_down
+from ccat_dt.health import sites_down
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -47,6 +47,7 @@ from ccat_dt.opsdb.models import (
     _aware,
 )
 from ccat_dt.stages import Stage
+from ccat_dt.transports.base import FOREIGN_FILE
 
 LOG = logging.getLogger("ccat_dt.notify")
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config, RouteConfig
-from ccat_dt.health import FOREIGN_FILE, is_healthy, location_failure, mark_failed, mark_ok
+from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
 from ccat_dt.loss import Health, refresh_loss
 from ccat_dt.objectstore import Stores
 from ccat_dt.opsdb.database import OpsDB
@@ -37,6 +37,7 @@ from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
 from ccat_dt.storage import StorageUnavailable, Wanted
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
+    FOREIGN_FILE,
     Endpoint,
     TransferError,
     TransferResult,
@@ -176,8 +177,10 @@ def _move(opsdb: OpsDB, config: Config, started: _Started,
         if unmarked:
             outcomes: list[TransferResult | Exception] = [unmarked] * len(jobs)
         else:
-            occupied = _occupied(opsdb, config, started.destination_id, jobs)
-            free = [job for i, job in enumerate(jobs) if i not in occupied]
+            occupied, repairs = _occupied(opsdb, config, started.destination_id, jobs)
+            free = [replace(job, destination=replace(job.destination, overwrite=True))
+                    if job.relative in repairs else job
+                    for i, job in enumerate(jobs) if i not in occupied]
             moved = iter(_transfer(transport, free) if free else [])
             outcomes = [occupied[i] if i in occupied else next(moved) for i in range(len(jobs))]
     failure = next((o for o in outcomes if isinstance(o, Exception)), None)
@@ -187,13 +190,14 @@ def _move(opsdb: OpsDB, config: Config, started: _Started,
     return transport.name, outcomes
 
 
-def _occupied(opsdb: OpsDB, config: Config, destination_id: int,
-              jobs: list[_Job]) -> dict[int, TransferResult | Exception]:
+def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job]
+              ) -> tuple[dict[int, TransferResult | Exception], set[str]]:
     """What already lies at the jobs' final names, looked at now (one look per batch), by job
-    index. Nothing is renamed over a file OpsDB does not record there as a quarantined copy
-    (a repair overwrites those): such a file holding the package's bytes, re-hashed now, is
-    taken as the copy (a transfer whose recording was cut short); any other is left alone and
-    its transfer refused, for a person to look at."""
+    index; and the names holding a quarantined copy, which a repair overwrites. Nothing else is
+    renamed over: a file holding the package's bytes, re-hashed now, is taken as the copy (a
+    transfer whose recording was cut short); any other is left alone and its transfer refused,
+    for a person to look at. (A file that appears later, while the package travels, is caught
+    by the transport's rename, which never replaces one: transports/base.Occupied.)"""
     with opsdb.session() as session:
         destination = session.get_one(DataLocation, destination_id)
         root, host = destination.root, destination.host
@@ -210,7 +214,7 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int,
                                                for i in taken]) if taken else []
     except StorageUnavailable as exc:
         failure = TransferError(str(exc), retryable=exc.transient)
-        return dict.fromkeys(range(len(jobs)), failure)
+        return dict.fromkeys(range(len(jobs)), failure), quarantined
     out: dict[int, TransferResult | Exception] = {}
     for i, found in zip(taken, hashed, strict=True):
         job, expected = jobs[i], jobs[i].placement.source.checksum
@@ -223,7 +227,7 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int,
                 f"({found.problem or f'checksum {found.checksum}'}; the package is {expected}): "
                 "nothing was written over it. Find out what wrote it and move it away; the "
                 "next attempt then copies the package", retryable=False)
-    return out
+    return out, quarantined
 
 
 @dataclass(frozen=True)

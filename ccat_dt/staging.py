@@ -180,7 +180,8 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         checksum, location_id, request_id = package.checksum or "", request.location_id, request.id
     started = time.monotonic()
     try:
-        transport.copy(origin, Endpoint(PurePosixPath(tar)), checksum)
+        # The tar is this step's scratch file, removed below: an earlier attempt's may be there.
+        transport.copy(origin, Endpoint(PurePosixPath(tar), overwrite=True), checksum)
         manifest = extract_package(tar, root / directory)
     except Exception as exc:
         finish(opsdb, operation.id, error=str(exc))

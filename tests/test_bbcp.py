@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 import xxhash
@@ -20,8 +21,10 @@ from ccat_dt import progress
 from ccat_dt.progress import ProgressEvent
 from ccat_dt.transports.base import (
     Endpoint,
+    Occupied,
     SshSettings,
     TransferError,
+    TransferResult,
     exclusive_writer,
     temporary_name,
 )
@@ -674,7 +677,7 @@ def test_a_sessions_files_are_hashed_in_parallel_on_the_target(tmp_path: Path) -
             items.append((server.endpoint(landed), server.endpoint(server.root / name),
                           xxhash.xxh3_128(data).hexdigest()))
         found = remote_verify_and_rename_many(server.ssh, items, all_or_none=True)
-    assert [renamed for _, _, renamed in found] == [True, True, True]
+    assert [verdict.renamed for verdict in found] == [True, True, True]
     saw = [int(p.read_text()) for p in log.glob("saw.*")]
     assert len(saw) == 3  # the watching xxhsum hashed every file
     assert max(saw) >= 2  # and two ran at the same time
@@ -710,6 +713,42 @@ def test_a_stand_in_bbcp_session_of_twenty_files_takes_one_ssh_session(
         assert Path(destination.path).read_bytes() == Path(source.path).read_bytes()
     assert list((sshd.root / "standin" / STAGING_DIR).iterdir()) == []
     assert "20 files copied" in Path(results[0].log_path or "").read_text()
+
+
+@pytest.mark.skipif(shutil.which("python3") is None, reason="the stand-in runs on python3")
+def test_a_session_never_renames_over_a_file_that_took_a_final_name_meanwhile(
+        sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file appears at one final name while the batch travels: that package comes back as
+    Occupied (a person's to look at), its verified bytes wait where they landed, the file is
+    untouched, and the rest of the batch is renamed into place."""
+    monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("BBCP_STANDIN_STARTUP_S", "0")
+    pairs = []
+    for number in range(3):
+        path = tmp_path / f"pkg-{number:04d}.tar"
+        path.write_bytes(data := os.urandom(10_000 + number))
+        pairs.append((Endpoint(PurePosixPath(path)),
+                      _marked(sshd, sshd.root / "taken", sshd.root / "taken" / path.name),
+                      xxhash.xxh3_128(data).hexdigest()))
+    taken = sshd.root / "taken" / "pkg-0001.tar"
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
+    real_bbcp = transport._bbcp
+
+    def bbcp_then_a_file_appears(*args: Any) -> Path:
+        log = real_bbcp(*args)
+        taken.write_bytes(b"written by someone else meanwhile")
+        return log
+
+    monkeypatch.setattr(transport, "_bbcp", bbcp_then_a_file_appears)
+    results = transport.copy_many(pairs)
+    assert isinstance(results[1], Occupied) and not results[1].retryable
+    assert taken.read_bytes() == b"written by someone else meanwhile"
+    assert (sshd.root / "taken" / STAGING_DIR / "pkg-0001.tar").read_bytes() == \
+        (tmp_path / "pkg-0001.tar").read_bytes()
+    for index in (0, 2):
+        result, (source, destination, checksum) = results[index], pairs[index]
+        assert isinstance(result, TransferResult) and result.checksum == checksum
+        assert Path(destination.path).read_bytes() == Path(source.path).read_bytes()
 
 
 def test_a_session_lost_during_the_transfer_is_replaced_by_one_ssh_command(

@@ -17,7 +17,13 @@ from pathlib import Path, PurePosixPath
 import pytest
 import xxhash
 
-from ccat_dt.transports.base import Endpoint, TransferError, TransferResult, temporary_name
+from ccat_dt.transports.base import (
+    Endpoint,
+    Occupied,
+    TransferError,
+    TransferResult,
+    temporary_name,
+)
 from ccat_dt.transports.remote import (
     CompletedRun,
     _check_xxhsum,
@@ -26,9 +32,9 @@ from ccat_dt.transports.remote import (
     remote_command,
     remote_mkdir,
     remote_remove,
-    remote_rename,
     remote_size,
     remote_verify_and_rename,
+    remote_verify_and_rename_many,
     remote_xxh128,
     run,
 )
@@ -147,7 +153,8 @@ def test_transport_rejects_hosts_that_are_options(sshd: SshServer, tmp_path: Pat
         with pytest.raises(ValueError):
             transport.copy(source, destination, "0" * 32)
     with pytest.raises(ValueError):
-        remote_rename(sshd.ssh, sshd.endpoint("/a"), Endpoint(PurePosixPath("/b"), "other"))
+        remote_verify_and_rename(sshd.ssh, sshd.endpoint("/a"),
+                                 Endpoint(PurePosixPath("/b"), "other"), "0" * 32)
 
 
 def test_missing_xxhsum_names_the_package_to_install() -> None:
@@ -176,10 +183,10 @@ def test_file_helpers_remote_and_local(sshd: SshServer, work: Path, remote: bool
     remote_mkdir(sshd.ssh, where(directory))
     remote_mkdir(sshd.ssh, where(directory))  # idempotent
     source, target = directory / "-x y.tar", directory / "z.tar"
-    write_random(source, 1000)
+    checksum = write_random(source, 1000)
     assert remote_size(sshd.ssh, where(source)) == 1000
     assert remote_size(sshd.ssh, where(target)) is None
-    remote_rename(sshd.ssh, where(source), where(target))
+    remote_verify_and_rename(sshd.ssh, where(source), where(target), checksum)
     assert not source.exists() and target.stat().st_size == 1000
     remote_remove(sshd.ssh, where(target))
     remote_remove(sshd.ssh, where(target))  # nothing there: fine
@@ -530,6 +537,38 @@ def test_remote_verify_and_rename_renames_only_on_a_match(sshd: SshServer, work:
     with pytest.raises(ValueError):
         remote_verify_and_rename(sshd.ssh, where(final), Endpoint(PurePosixPath("/b"), "other"),
                                  checksum)
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_a_verified_file_is_never_renamed_over_a_file_at_its_final_name(
+        sshd: SshServer, work: Path, remote: bool) -> None:
+    """The look before a transfer cannot see a file that appears while the package travels
+    (hours over the long link): the rename itself refuses to replace one, singly and in a
+    batch, and says so; only a repair (`overwrite`, a quarantined copy there) replaces."""
+    def where(path: Path, *, overwrite: bool = False) -> Endpoint:
+        return replace(sshd.endpoint(path) if remote else local(path), overwrite=overwrite)
+
+    landed, final = work / ".x.tar.part", work / "x.tar"
+    checksum = write_random(landed, 5000)
+    final.write_bytes(b"someone else's file")
+    with pytest.raises(Occupied, match="holds a file OpsDB does not record there") as taken:
+        remote_verify_and_rename(sshd.ssh, where(landed), where(final), checksum)
+    assert not taken.value.retryable
+    assert final.read_bytes() == b"someone else's file" and landed.exists()
+    assert remote_verify_and_rename(sshd.ssh, where(landed), where(final, overwrite=True),
+                                    checksum) == (checksum, 5000)
+    assert xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum and not landed.exists()
+
+    items = []
+    for name in ("a.tar", "b.tar", "c.tar"):
+        items.append((where(work / f".{name}.part"), where(work / name),
+                      write_random(work / f".{name}.part", 1000)))
+    (work / "b.tar").symlink_to(work / "elsewhere")  # a dangling link takes the name too
+    found = remote_verify_and_rename_many(sshd.ssh, items, all_or_none=True)
+    assert [(v.renamed, v.occupied) for v in found] == [(True, False), (False, True),
+                                                       (True, False)]
+    assert (work / "b.tar").is_symlink() and (work / ".b.tar.part").exists()
+    assert xxhash.xxh3_128((work / "c.tar").read_bytes()).hexdigest() == items[2][2]
 
 
 @pytest.mark.parametrize("remote", [True, False])

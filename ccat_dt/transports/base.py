@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -9,7 +10,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -37,6 +38,9 @@ class Endpoint:
     # round trip that creates the directory. None: no such check (scratch files, tests).
     marker: PurePosixPath | None = field(default=None, compare=False)
     store: str | None = None
+    # The final name holds a quarantined copy (CORRUPT in OpsDB) that this transfer repairs:
+    # the rename into place may replace it. Otherwise it never replaces anything.
+    overwrite: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         if self.store:
@@ -198,6 +202,57 @@ def unmarked(endpoint: Endpoint) -> TransferError:
     return TransferError(f"location marker {endpoint.marker}{where} not found: not the disk "
                          "`ccat-dt init` prepared (is it mounted?); nothing was written to "
                          f"{endpoint.path.parent}", retryable=False)
+
+
+# What a transfer says when its final name holds a file OpsDB does not record there (found
+# before the transfer, or by the rename itself): nothing is written over it.
+FOREIGN_FILE = "holds a file OpsDB does not record there"
+
+
+class Occupied(TransferError):
+    """A verified copy whose final name was taken while it travelled: nothing was renamed over
+    the file there, and trying again cannot help until a person moves it away."""
+
+    def __init__(self, final: Endpoint, landed: Endpoint | None = None) -> None:
+        waits = f"; the verified bytes wait at {landed.path}" if landed is not None else ""
+        super().__init__(f"{final} {FOREIGN_FILE} (it appeared while the package travelled): "
+                         f"nothing was renamed over it{waits}. Find out what wrote it and move "
+                         "it away; the next attempt then copies the package", retryable=False)
+
+
+_NOREPLACE_FLAG = 1  # renameat2's RENAME_NOREPLACE
+_AT_FDCWD = -100
+_NO_NOREPLACE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _renameat2() -> Callable[..., int] | None:
+    try:
+        function: Callable[..., int] = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def rename_into_place(source: str, target: str, *, overwrite: bool) -> None:
+    """os.rename, but without `overwrite` it never replaces a file at `target`
+    (FileExistsError): renameat2's RENAME_NOREPLACE makes the look and the rename one step. On
+    a file system without it, a look just before the rename (as `mv -n` does)."""
+    if overwrite:
+        os.replace(source, target)
+        return
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                      _NOREPLACE_FLAG) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in _NO_NOREPLACE:
+            raise OSError(code, os.strerror(code), target if code == errno.EEXIST else source)
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
+    os.rename(source, target)
 
 
 def temporary_name(destination: PurePosixPath) -> PurePosixPath:

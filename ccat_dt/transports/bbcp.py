@@ -37,10 +37,12 @@ from ccat_dt import progress as live
 from ccat_dt.checksums import ALGORITHM
 from ccat_dt.transports.base import (
     Endpoint,
+    Occupied,
     SshSettings,
     TransferError,
     TransferResult,
     exclusive_writer,
+    one_by_one,
     temporary_name,
 )
 from ccat_dt.transports.remote import (
@@ -350,17 +352,21 @@ class BbcpTransport:
         landing = Endpoint(temporary_name(destination.path), destination.host)
         argv = bbcp_command([source], landing, self.options, self.ssh,
                             expected_adler32=expected_adler32)
-        log_path, [(checksum, size)] = self._session(
+        log_path, [landed] = self._session(
             argv, destination, Endpoint(destination.path.parent, destination.host),
             [(landing, destination, expected_checksum)], destination, [source])
+        if isinstance(landed, TransferError):
+            raise landed
+        checksum, size = landed
         return TransferResult(size, time.monotonic() - started, checksum, self.options.streams,
                               str(log_path))
 
-    def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]) -> list[TransferResult]:
+    def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
+                  ) -> list[TransferResult | TransferError]:
         """One bbcp session for files bound for one directory; all verify or none is renamed
         (verified files wait in the staging directory, where -a skips them on the retry)."""
         if len(pairs) <= 1:
-            return [self.copy(*pair) for pair in pairs]
+            return one_by_one(self, pairs)
         first = pairs[0][1]
         if any((d.host, d.path.parent) != (first.host, first.path.parent) for _, d, _ in pairs):
             raise ValueError("copy_many needs destinations in one directory on one host")
@@ -376,12 +382,14 @@ class BbcpTransport:
                                           Endpoint(first.path.parent / "batch", first.host),
                                           [s for s, _, _ in pairs])
         seconds = time.monotonic() - started
-        return [TransferResult(size, seconds, checksum, self.options.streams, str(log_path))
-                for checksum, size in checked]
+        return [landed if isinstance(landed, TransferError) else
+                TransferResult(landed[1], seconds, landed[0], self.options.streams, str(log_path))
+                for landed in checked]
 
     def _session(self, argv: list[str], destination: Endpoint, directory: Endpoint,
                  items: list[tuple[Endpoint, Endpoint, str]], log_name: Endpoint,
-                 sources: list[Endpoint]) -> tuple[Path, list[tuple[str, int]]]:
+                 sources: list[Endpoint]
+                 ) -> tuple[Path, list[tuple[str, int] | TransferError]]:
         """bbcp inside one ssh session on the target (transfer_session): bbcp starts once the
         marker was found and `directory` made; the session flushes the landing files while bbcp
         writes them, then hashes every one and renames them all, or none."""
@@ -415,18 +423,19 @@ class BbcpTransport:
 
     def _verify_and_rename(self, session: Session | LocalSession,
                            items: list[tuple[Endpoint, Endpoint, str]]
-                           ) -> list[tuple[str, int]]:
+                           ) -> list[tuple[str, int] | TransferError]:
         """Hash every landed file where it lies (in parallel) and, only if all match, rename
         them into place -- within the session, no round trip of its own. A file that does not
         match is removed; the verified ones wait in the staging directory, where -a skips
-        them on the retry."""
+        them on the retry. Per file (checksum, size), or Occupied for one whose final name
+        was taken (it waits where it landed)."""
         try:
             found = session.verify()
         except ValueError as exc:
             raise TransferError(f"cannot checksum {items[0][0]}: {exc}", retryable=True) from exc
         failed = []
-        for (landing, _, expected), (actual, _size, _) in zip(items, found, strict=True):
-            if actual != expected:
+        for (landing, _, expected), verdict in zip(items, found, strict=True):
+            if (actual := verdict.digest) != expected:
                 self._remove(landing)
                 failed.append(f"checksum mismatch at {landing}: expected {ALGORITHM} "
                               f"{expected}, got {actual or 'nothing readable'}; removed")
@@ -435,10 +444,12 @@ class BbcpTransport:
         if failed:
             raise TransferError(f"{len(failed)} of {len(items)} files failed verification: "
                                 + "; ".join(failed), retryable=True)
-        if not all(renamed for _, _, renamed in found):
+        if not all(verdict.renamed or verdict.occupied for verdict in found):
             raise TransferError(f"verified but not renamed on {items[0][1].host}: "
                                 f"{[str(final) for _, final, _ in items]}", retryable=True)
-        return [(actual or "", size or 0) for actual, size, _ in found]
+        return [Occupied(final, landing) if verdict.occupied else
+                (verdict.digest or "", verdict.size or 0)
+                for (landing, final, _), verdict in zip(items, found, strict=True)]
 
     def _write_log(self, argv: list[str], done: CompletedRun, destination: Endpoint) -> Path:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,13 @@ from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     PERMANENT_ERRNO,
     Endpoint,
+    Occupied,
     TransferError,
     TransferResult,
     claim_temporary,
     fsync_directory,
     one_by_one,
+    rename_into_place,
     temporary_name,
     unmarked,
 )
@@ -59,7 +61,8 @@ class LocalTransport:
                                 "configure an rsync or bbcp route", retryable=False)
         if destination.marker is not None and not os.path.isfile(destination.marker):
             raise unmarked(destination)
-        return self.copy_file(Path(source.path), Path(destination.path), expected_checksum)
+        return self.copy_file(Path(source.path), Path(destination.path), expected_checksum,
+                              overwrite=destination.overwrite)
 
     def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
                   ) -> list[TransferResult | TransferError]:
@@ -103,8 +106,10 @@ class LocalTransport:
         progress.finish()
         return hasher.hexdigest(), size
 
-    def copy_file(self, source: Path, destination: Path, expected_checksum: str) -> TransferResult:
-        """Copy into the temporary name, hash what landed there, rename only on a match.
+    def copy_file(self, source: Path, destination: Path, expected_checksum: str, *,
+                  overwrite: bool = False) -> TransferResult:
+        """Copy into the temporary name, hash what landed there, rename only on a match, and
+        never over a file at `destination` unless `overwrite` (a repair of a quarantined copy).
 
         The checksum is taken from the file as it lies on the destination, read back slice by
         slice, not from the bytes handed to the kernel: a copy is verified by what arrived."""
@@ -120,7 +125,10 @@ class LocalTransport:
                             f"checksum mismatch on arrival at {destination}: expected "
                             f"{expected_checksum}, got {actual} ({size} bytes landed)",
                             retryable=True)
-                    os.replace(partial, destination)
+                    rename_into_place(str(partial), str(destination), overwrite=overwrite)
+                except FileExistsError:
+                    partial.unlink(missing_ok=True)
+                    raise Occupied(Endpoint(PurePosixPath(destination))) from None
                 except BaseException:
                     partial.unlink(missing_ok=True)  # ours to remove: we hold its lock
                     raise

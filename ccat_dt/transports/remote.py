@@ -18,15 +18,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from ccat_dt.checksums import hash_file
 from ccat_dt.transports.base import (
     PERMANENT_ERRNO,
     Endpoint,
+    Occupied,
     SshSettings,
     TransferError,
     fsync_directory,
+    rename_into_place,
     unmarked,
 )
 
@@ -297,46 +299,46 @@ def _same_host(first: Endpoint, second: Endpoint) -> str | None:
     return first.host
 
 
-def remote_rename(ssh: SshSettings, endpoint_from: Endpoint, endpoint_to: Endpoint) -> None:
-    """Durably move a verified file to its final name: flush the file, rename (replacing any
-    previous file), flush the directory, so a crash cannot leave a short file under the name."""
-    host = _same_host(endpoint_from, endpoint_to)
-    source, target = check_path(endpoint_from.path), check_path(endpoint_to.path)
-    directory = str(endpoint_to.path.parent)
-    if host is None:
-        _rename_local(source, target, directory)
-        return
-    # The script is constant; the paths reach it as positional parameters, never as code.
-    script = 'sync -- "$1" && mv -f -- "$1" "$2" && sync -- "$3"'
-    _remote(ssh, host, ["sh", "-c", script, "sh", source, target, directory],
-            what=f"rename {source} -> {target}")
-
-
-def _rename_local(source: str, target: str, directory: str) -> None:
+def _rename_local(landed: Endpoint, final: Endpoint) -> None:
+    """Durably move a verified file to its final name: flush the file, rename (never over a
+    file there, unless `final.overwrite`), flush the directory, so a crash cannot leave a short
+    file under the name."""
+    source, target = str(landed.path), str(final.path)
     try:
         fd = os.open(source, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(source, target)
-        fsync_directory(Path(directory))
+        rename_into_place(source, target, overwrite=final.overwrite)
+        fsync_directory(Path(final.path.parent))
+    except FileExistsError:
+        raise Occupied(final, landed) from None
     except OSError as exc:
         raise _local_error(f"cannot rename {source} -> {target}", exc) from exc
 
 
+# The move into place on a remote host, a constant fragment; $1 the landed file, $2 its final
+# name, $5 "1" to replace a file there (a repair). Otherwise `mv -n` (renameat2's
+# RENAME_NOREPLACE where the file system has it, else a look just before) never replaces: when
+# the landed file is still there and the final name is taken, it prints "occupied" and fails.
+_MOVE = ('{ if [ "$5" = 1 ]; then mv -f -- "$1" "$2"; else mv -n -- "$1" "$2"; '
+         '[ ! -e "$1" ] || { { [ -e "$2" ] || [ -L "$2" ]; } && echo occupied; exit 1; }; fi; }')
+
+
 # Constant script; $1 the landed file, $2 its final name, $3 the final directory, $4 the
-# expected digest arrive as positional parameters, never as code. It prints the size and the
-# `xxhsum -H2` line (of stdin, so no file name to escape), then only on an exact match does
-# what remote_rename does and prints "renamed". The file is flushed to disk while it is hashed
-# (both only read it; the disk writes while the CPU hashes), and renamed only after both.
+# expected digest, $5 "1" to replace a file at the final name arrive as positional parameters,
+# never as code. It prints the size and the `xxhsum -H2` line (of stdin, so no file name to
+# escape), then only on an exact match moves the file into place (_MOVE), flushes the
+# directory and prints "renamed". The file is flushed to disk while it is hashed (both only
+# read it; the disk writes while the CPU hashes), and renamed only after both.
 _VERIFY_AND_RENAME_SCRIPT = (
     'sync -- "$1" < /dev/null > /dev/null & flushing=$!; '
     'size=$(stat -L -c %s -- "$1") || exit; '
     'sum=$(xxhsum -H2 < "$1") || exit; '
     'printf "%s\\n%s\\n" "$size" "$sum"; '
     '[ "${sum%% *}" = "$4" ] || exit 0; '
-    'wait "$flushing" && mv -f -- "$1" "$2" && sync -- "$3" && echo renamed')
+    'wait "$flushing" && ' + _MOVE + ' && sync -- "$3" && echo renamed')
 
 Recorder = Callable[[Sequence[str], CompletedRun, float], None]
 
@@ -360,23 +362,28 @@ def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint
                              expected: str, *, record: Recorder | None = None,
                              timeout_s: float = HASH_TIMEOUT_S) -> tuple[str, int]:
     """xxh3-128 and size of the file `landed`, and, only if that digest is `expected`, the
-    durable rename of `landed` to `final` (as remote_rename) -- in one ssh round trip instead
-    of two (each costs a handshake over a long-latency link). Returns (digest, size): the file
-    was renamed exactly when the digest equals `expected`; on a mismatch `landed` is left as it
-    is, for the caller to deal with. `record(argv, completed, seconds)` sees the ssh command."""
+    durable rename of `landed` to `final` -- in one ssh round trip instead of two (each costs a
+    handshake over a long-latency link). Returns (digest, size): the file was renamed exactly
+    when the digest equals `expected`; on a mismatch `landed` is left as it is, for the caller
+    to deal with. Never renamed over a file at `final` (unless `final.overwrite`): that is the
+    `occupied` TransferError, `landed` kept. `record(argv, completed, seconds)` sees the ssh
+    command."""
     host = _same_host(landed, final)
     source, target = check_path(landed.path), check_path(final.path)
     directory = str(final.path.parent)
     if host is None:
         digest, size = _hash_local(source)
         if digest == expected:
-            _rename_local(source, target, directory)
+            _rename_local(landed, final)
         return digest, size
     argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_SCRIPT, "sh", source,
-                                      target, directory, expected])
+                                      target, directory, expected,
+                                      "1" if final.overwrite else "0"])
     done = _run_recorded(argv, timeout_s, record)
     lines = done.stdout.splitlines()
     if done.rc != 0:
+        if lines[2:] == ["occupied"]:
+            raise Occupied(final, landed)
         if len(lines) >= 2:  # verified (both lines printed): sync or mv failed
             raise classify_ssh(done.rc, done.stderr,
                                what=f"rename {source} -> {target} on {host}")
@@ -473,67 +480,88 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 
 
 # Constant script, one line; $1 is 1 to rename all or none, then per file its landed name,
-# final name and expected digest, as positional parameters (never code; no line breaks, see
-# check_argument). The files are hashed in parallel (xargs -P, one per core of the host), each
-# flushed to disk while it is hashed; per file one line "INDEX SIZE DIGEST" ("-" for what could
-# not be read); then the matching files (all, or none when $1 is 1 and one differs) are
-# renamed (flushed first if that flush failed) and their directories flushed, as
-# remote_rename does, printing "renamed INDEX" each.
+# final name, expected digest and "1" to replace a file at the final name (a repair), as
+# positional parameters (never code; no line breaks, see check_argument). The files are hashed
+# in parallel (xargs -P, one per core of the host), each flushed to disk while it is hashed;
+# per file one line "INDEX SIZE DIGEST" ("-" for what could not be read); then the matching
+# files (all, or none when $1 is 1 and one differs) are renamed (flushed first if that flush
+# failed) and their directories flushed, printing "renamed INDEX" each; one whose final name is
+# taken is left where it landed (mv -n, as _MOVE), printing "occupied INDEX".
 VERIFY_AND_RENAME_MANY_SCRIPT = r"""
 t=$(mktemp -d "${TMPDIR:-/tmp}/ccat-verify.XXXXXX") || exit 1;
 trap 'rm -rf -- "$t"' EXIT;
 p=$(nproc 2>/dev/null || echo 2); all=$1; shift; i=0; k=0;
 for a in "$@"; do
-  if [ $((k % 3)) -eq 0 ]; then printf '%s\0%s\0' "$a" "$t/$i"; i=$((i+1)); fi;
+  if [ $((k % 4)) -eq 0 ]; then printf '%s\0%s\0' "$a" "$t/$i"; i=$((i+1)); fi;
   k=$((k+1));
 done | xargs -0 -r -n 2 -P "$p" sh -c
   '{ sync -- "$1" < /dev/null > /dev/null && : > "$2.synced"; } & f=$!;
    stat -L -c %s -- "$1" > "$2.size" && xxhsum -H2 < "$1" > "$2"; wait "$f"; exit 0' sh;
 i=0; bad=0;
-while [ $# -ge 3 ]; do
+while [ $# -ge 4 ]; do
   s=$(cat "$t/$i.size" 2>/dev/null); h=$(cat "$t/$i" 2>/dev/null); h=${h%% *};
   echo "$i ${s:--} ${h:--}";
-  if [ -n "$h" ] && [ "$h" = "$3" ]; then printf '%s\n%s\n%s\n' "$i" "$1" "$2" >> "$t/ok";
+  if [ -n "$h" ] && [ "$h" = "$3" ]; then printf '%s\n%s\n%s\n%s\n' "$i" "$1" "$2" "$4" >> "$t/ok";
   else bad=$((bad+1)); fi;
-  i=$((i+1)); shift 3;
+  i=$((i+1)); shift 4;
 done;
 if [ "$all" = 1 ] && [ "$bad" -gt 0 ]; then exit 0; fi;
 [ -f "$t/ok" ] || exit 0;
-while IFS= read -r i && IFS= read -r f && IFS= read -r d; do
-  { [ -e "$t/$i.synced" ] || sync -- "$f"; } && mv -f -- "$f" "$d" || exit 1;
+while IFS= read -r i && IFS= read -r f && IFS= read -r d && IFS= read -r o; do
+  { [ -e "$t/$i.synced" ] || sync -- "$f"; } || exit 1;
+  if [ "$o" = 1 ]; then mv -f -- "$f" "$d" || exit 1;
+  else mv -n -- "$f" "$d";
+    if [ -e "$f" ]; then
+      { [ -e "$d" ] || [ -L "$d" ]; } || exit 1; echo "occupied $i"; continue;
+    fi;
+  fi;
   dirname -- "$d" >> "$t/dirs"; echo "renamed $i";
 done < "$t/ok";
+[ -f "$t/dirs" ] || exit 0;
 sort -u "$t/dirs" | while IFS= read -r d; do sync -- "$d" || exit 1; done
 """.strip().replace("\n", " ")  # ssh arguments cannot carry line breaks
+
+
+class Verdict(NamedTuple):
+    """What verify-and-rename found for one landed file."""
+
+    digest: str | None  # None: the landed file could not be read
+    size: int | None
+    renamed: bool
+    occupied: bool = False  # verified, but the final name was taken: left where it landed
+
+
+def many_arguments(all_or_none: bool, items: Sequence[tuple[Endpoint, Endpoint, str]]
+                   ) -> list[str]:
+    """VERIFY_AND_RENAME_MANY_SCRIPT's positional parameters for `items`."""
+    arguments = ["1" if all_or_none else "0"]
+    for landed, final, expected in items:
+        arguments += [check_path(landed.path), check_path(final.path), expected,
+                      "1" if final.overwrite else "0"]
+    return arguments
 
 
 def remote_verify_and_rename_many(ssh: SshSettings,
                                   items: Sequence[tuple[Endpoint, Endpoint, str]], *,
                                   all_or_none: bool, record: Recorder | None = None,
-                                  timeout_s: float = HASH_TIMEOUT_S
-                                  ) -> list[tuple[str | None, int | None, bool]]:
+                                  timeout_s: float = HASH_TIMEOUT_S) -> list[Verdict]:
     """remote_verify_and_rename for several (landed, final, expected) files on one host, in
     one ssh round trip, hashing them in parallel (as many at once as the host has cores).
-    Per file (digest, size, renamed), digest and size None where the landed file could not be
-    read. `all_or_none`: rename nothing unless every file matches."""
+    A Verdict per file. `all_or_none`: rename nothing unless every file matches."""
     hosts = {h for landed, final, _ in items for h in (landed.host, final.host)}
     if len(hosts) != 1:
         raise ValueError(f"verify and rename on one host at a time, not {hosts}")
     [host] = hosts
     if host is None:
         return _verify_and_rename_local(items, all_or_none=all_or_none)
-    arguments = ["1" if all_or_none else "0"]
-    for landed, final, expected in items:
-        arguments += [check_path(landed.path), check_path(final.path), expected]
     argv = remote_command(ssh, host, ["sh", "-c", VERIFY_AND_RENAME_MANY_SCRIPT, "sh",
-                                      *arguments])
+                                      *many_arguments(all_or_none, items)])
     return parse_verified(_run_recorded(argv, timeout_s, record), host, len(items))
 
 
-def parse_verified(done: CompletedRun, host: str, count: int
-                   ) -> list[tuple[str | None, int | None, bool]]:
-    """What VERIFY_AND_RENAME_MANY_SCRIPT answered about `count` files, per file (digest,
-    size, renamed); TransferError if it failed or said something else."""
+def parse_verified(done: CompletedRun, host: str, count: int) -> list[Verdict]:
+    """What VERIFY_AND_RENAME_MANY_SCRIPT answered about `count` files, a Verdict per file;
+    TransferError if it failed or said something else."""
     if done.rc == 127 or "xxhsum: not found" in done.stderr or (
             "xxhsum" in done.stderr and "command not found" in done.stderr):
         raise TransferError(f"xxhsum not found on {host}: install the Debian package xxhash "
@@ -542,11 +570,11 @@ def parse_verified(done: CompletedRun, host: str, count: int
         raise classify_ssh(done.rc, done.stderr, what=f"verify and rename of {count} "
                            f"file(s) on {host}")
     found: dict[int, tuple[str | None, int | None]] = {}
-    renamed: set[int] = set()
+    said: dict[str, set[int]] = {"renamed": set(), "occupied": set()}
     for line in done.stdout.splitlines():
         words = line.split()
-        if words[:1] == ["renamed"] and len(words) == 2 and words[1].isdigit():
-            renamed.add(int(words[1]))
+        if words[:1] in (["renamed"], ["occupied"]) and len(words) == 2 and words[1].isdigit():
+            said[words[0]].add(int(words[1]))
         elif len(words) == 3 and words[0].isdigit():
             size, digest = words[1], words[2].lower()
             found[int(words[0])] = (None if digest == "-" else digest,
@@ -554,11 +582,12 @@ def parse_verified(done: CompletedRun, host: str, count: int
     if sorted(found) != list(range(count)):
         raise TransferError(f"verifying {count} file(s) on {host}: unexpected answer "
                             f"{done.stdout[-300:]!r}", retryable=True)
-    return [(*found[i], i in renamed) for i in range(count)]
+    return [Verdict(*found[i], i in said["renamed"], i in said["occupied"])
+            for i in range(count)]
 
 
 def _verify_and_rename_local(items: Sequence[tuple[Endpoint, Endpoint, str]], *,
-                             all_or_none: bool) -> list[tuple[str | None, int | None, bool]]:
+                             all_or_none: bool) -> list[Verdict]:
     def hashed(path: PurePosixPath) -> tuple[str | None, int | None]:
         try:
             return hash_file(Path(path))
@@ -572,7 +601,11 @@ def _verify_and_rename_local(items: Sequence[tuple[Endpoint, Endpoint, str]], *,
     rename = all(matches) if all_or_none else True
     out = []
     for (digest, size), match, (landed, final, _) in zip(found, matches, items, strict=True):
+        taken = False
         if rename and match:
-            _rename_local(str(landed.path), str(final.path), str(final.path.parent))
-        out.append((digest, size, rename and match))
+            try:
+                _rename_local(landed, final)
+            except Occupied:
+                taken = True
+        out.append(Verdict(digest, size, rename and match and not taken, taken))
     return out

@@ -26,11 +26,13 @@ from ccat_dt.storage import StorageUnavailable
 from ccat_dt.transports.base import (
     PERMANENT_ERRNO,
     Endpoint,
+    Occupied,
     TransferError,
     TransferResult,
     claim_temporary,
     fsync_directory,
     one_by_one,
+    rename_into_place,
     temporary_name,
 )
 
@@ -68,7 +70,7 @@ class S3Transport:
         try:
             if destination.store:
                 return self._upload(Path(source.path), destination, expected_checksum)
-            return self._download(source, Path(destination.path), expected_checksum)
+            return self._download(source, destination, expected_checksum)
         except StorageUnavailable as exc:
             raise TransferError(str(exc), retryable=exc.transient) from exc
 
@@ -103,8 +105,9 @@ class S3Transport:
         except FileNotFoundError as exc:  # gone right after the upload: try again
             raise TransferError(f"{store.root}/{relative}: {exc}", retryable=True) from exc
 
-    def _download(self, source: Endpoint, destination: Path, expected: str) -> TransferResult:
+    def _download(self, source: Endpoint, final: Endpoint, expected: str) -> TransferResult:
         started = time.monotonic()
+        destination = Path(final.path)
         store = self.stores.of_endpoint(source)
         relative = str(source.path)
         partial = Path(temporary_name(PurePosixPath(destination)))
@@ -121,7 +124,10 @@ class S3Transport:
                         raise TransferError(
                             f"checksum mismatch on arrival at {destination} from {source}: "
                             f"expected {expected}, got {actual} ({size} bytes)", retryable=True)
-                    os.replace(partial, destination)
+                    rename_into_place(str(partial), str(destination), overwrite=final.overwrite)
+                except FileExistsError:
+                    partial.unlink(missing_ok=True)
+                    raise Occupied(final) from None
                 except BaseException:
                     partial.unlink(missing_ok=True)
                     raise

@@ -29,27 +29,30 @@ from ccat_dt.transports.remote import (
     UNMARKED,
     VERIFY_AND_RENAME_MANY_SCRIPT,
     CompletedRun,
+    Verdict,
     check_path,
     classify_ssh,
+    many_arguments,
     parse_verified,
     remote_command,
     remote_prepare,
     remote_verify_and_rename_many,
 )
 
-Verified = list[tuple[str | None, int | None, bool]]
+Verified = list[Verdict]
 
 # Constant script, one line; $1 the location marker ("" for none), $2 how many directories
 # follow, the directories, then what VERIFY_AND_RENAME_MANY_SCRIPT takes ($1 all-or-none, then
-# landed, final, expected per file). A flusher syncs each landing file every second until a
-# line arrives on stdin; "go" verifies and renames, anything else (or EOF) leaves everything.
+# landed, final, expected, overwrite per file). A flusher syncs each landing file every second
+# until a line arrives on stdin; "go" verifies and renames, anything else (or EOF) leaves
+# everything.
 _SESSION_SCRIPT = (
     '[ -z "$1" ] || [ -f "$1" ] || { echo ' + UNMARKED + ' >&2; exit 3; }; '
     'n=$2; shift 2; '
     'while [ "$n" -gt 0 ]; do mkdir -p -- "$1" || exit; shift; n=$((n-1)); done; '
     'echo ready; '
     '( while sleep 1; do k=0; for a in "$@"; do '
-    '[ $((k % 3)) -eq 1 ] && [ -f "$a" ] && sync -- "$a"; k=$((k+1)); done; done '
+    '[ $((k % 4)) -eq 1 ] && [ -f "$a" ] && sync -- "$a"; k=$((k+1)); done; done '
     ') < /dev/null > /dev/null 2>&1 & flusher=$!; '
     'IFS= read -r go; kill "$flusher" 2>/dev/null; wait "$flusher" 2>/dev/null; '
     '[ "$go" = go ] || exit 0; ' + VERIFY_AND_RENAME_MANY_SCRIPT)
@@ -177,9 +180,7 @@ def transfer_session(ssh: SshSettings, destination: Endpoint, directories: Seque
         return
     marker = "" if destination.marker is None else check_path(destination.marker)
     arguments = [marker, str(len(directories)), *(check_path(d.path) for d in directories),
-                 "1" if all_or_none else "0"]
-    for landed, final, expected in items:
-        arguments += [check_path(landed.path), check_path(final.path), expected]
+                 *many_arguments(all_or_none, items)]
     argv = remote_command(ssh, host, ["sh", "-c", _SESSION_SCRIPT, "sh", *arguments])
     session = Session(ssh, host, items, all_or_none, remote.spawn(argv, stdin=subprocess.PIPE))
     try:

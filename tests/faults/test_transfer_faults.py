@@ -136,28 +136,33 @@ def test_full_disk_is_reported_with_its_next_attempt_and_converges_once_enlarged
 
 
 def _before_the_archive_at_cologne(monkeypatch: pytest.MonkeyPatch, marker: Path,
-                                   put: Callable[[Path, Path], object]) -> None:
-    """Once, just before the cologne LTA's final name is looked at: `put(source, final)`, as
-    if something had written there meanwhile."""
+                                   put: Callable[[Path, Path], object], *,
+                                   while_it_travels: bool = False) -> None:
+    """Once, just before the cologne LTA's final name is looked at (or just after that look,
+    as the bytes start to travel): `put(source, final)`, as if something had written there."""
     real = replicas._occupied
 
     def occupied(opsdb, config, destination_id, jobs):  # type: ignore[no-untyped-def]
         final = Path(str(jobs[0].destination.path))
+        looked = real(opsdb, config, destination_id, jobs) if while_it_travels else None
         if "/cologne/lta/" in str(final) and first_caller(marker, str(final)):
             final.parent.mkdir(parents=True, exist_ok=True)
             put(Path(str(jobs[0].placement.source.endpoint.path)), final)
-        return real(opsdb, config, destination_id, jobs)
+        return looked or real(opsdb, config, destination_id, jobs)
 
     monkeypatch.setattr(replicas, "_occupied", occupied)
 
 
+@pytest.mark.parametrize("while_it_travels", [False, True], ids=["before", "while-travelling"])
 def test_a_file_opsdb_does_not_know_at_an_archive_path_is_never_written_over(
         config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, webhook_receiver: Receiver) -> None:
+        monkeypatch: pytest.MonkeyPatch, webhook_receiver: Receiver,
+        while_it_travels: bool) -> None:
     """The LTA path a package is archived to holds a file OpsDB has no record of (an older
-    archive, an OpsDB restored from a backup): it is left as it is, the archive refused and
-    a person told at once; once it is moved away, the next automatic attempt archives the
-    package and the notice is resolved."""
+    archive, an OpsDB restored from a backup), there before the transfer or written while the
+    package travels: it is left as it is, the archive refused and a person told at once; once
+    it is moved away, the next automatic attempt archives the package and the notice is
+    resolved."""
     settings = yaml.safe_load(config.path.read_text())
     settings["notifications"] = {"webhook": {"url": webhook_receiver.url, "timeout_s": 2}}
     config.path.write_text(yaml.safe_dump(settings))
@@ -165,7 +170,8 @@ def test_a_file_opsdb_does_not_know_at_an_archive_path_is_never_written_over(
     foreign = os.urandom(70_000)
     marker = tmp_path / "written"
     _before_the_archive_at_cologne(monkeypatch, marker,
-                                   lambda _source, final: final.write_bytes(foreign))
+                                   lambda _source, final: final.write_bytes(foreign),
+                                   while_it_travels=while_it_travels)
     observe(config, opsdb)
 
     run(config, instance, wait_s=0)
