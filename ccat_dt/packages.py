@@ -156,6 +156,9 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         members = [PackageMember(Path(f.source_location.root) / f.relative_path,
                                  f.relative_path, f.size, f.checksum) for f in package.files]
         destination = Path(buffer.root) / package_path(package)
+        quarantined_there = any(  # the bad tar a rebuild replaces; nothing else is replaced
+            c.status == CopyStatus.CORRUPT and c.location_id == buffer.id
+            and c.relative_path == package_path(package) for c in package.copies)
         rebuilding = (package.checksum is not None and not any(c.is_verified
                                                                for c in package.copies)
                       and not has_left_observatory(session, config, package))
@@ -167,7 +170,8 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         if problem := root_problem(Path(buffer.root)):  # never build onto an unmounted disk
             raise OSError(problem)
         with labelled(site=config.settings.observatory):
-            built = build_package(members, destination, package_name=name)
+            built = build_package(members, destination, package_name=name,
+                                  overwrite=quarantined_there)
     except (PackagingError, ChecksumMismatch) as exc:
         _fail(opsdb, operation.id, package_id=package.id, error=str(exc), quarantine=rebuilding)
         raise PackageBuildFailed(f"package {name}: {exc}") from exc

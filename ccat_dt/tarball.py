@@ -7,6 +7,7 @@ costs one pass over the disks, not three.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -27,7 +28,7 @@ from ccat_dt.checksums import (
     new_hasher,
 )
 from ccat_dt.progress import Progress
-from ccat_dt.transports.base import claim_temporary
+from ccat_dt.transports.base import FOREIGN_FILE, claim_temporary, rename_into_place
 
 MANIFEST_NAME = "MANIFEST.json"
 
@@ -193,10 +194,25 @@ def manifest_json(package_name: str, manifest: Sequence[ManifestEntry]) -> bytes
     return (json.dumps(doc, indent=1) + "\n").encode("utf-8")
 
 
+def _same_bytes_there(destination: Path, built: str) -> None:
+    """Return if `destination` holds the bytes just built; FileExistsError otherwise."""
+    found, _ = hash_file(destination)
+    if found != built:
+        raise FileExistsError(
+            errno.EEXIST, f"{destination} {FOREIGN_FILE} ({ALGORITHM} {found}; this build is "
+            f"{built}): nothing was renamed over it. Find out what wrote it and move it away; "
+            "the next attempt then builds the package", str(destination))
+
+
 def build_package(
-    members: Sequence[PackageMember], destination: Path, *, package_name: str
+    members: Sequence[PackageMember], destination: Path, *, package_name: str,
+    overwrite: bool = False,
 ) -> BuiltPackage:
-    """Write a verified tar at `destination` atomically; nothing is left behind on failure."""
+    """Write a verified tar at `destination` atomically; nothing is left behind on failure.
+
+    Never renamed over a file at `destination` unless `overwrite` (a quarantined tar there):
+    one holding the same bytes (a build whose recording was cut short, or a concurrent one) is
+    kept as the result; any other is left alone (FileExistsError)."""
     if not members:
         raise PackagingError(f"{destination}: refusing to build an empty package")
     ordered = sorted(members, key=lambda m: m.arcname)
@@ -225,7 +241,11 @@ def build_package(
             writer.finish()
             raw.flush()
             os.fsync(raw.fileno())
-            os.replace(part, destination)
+            try:
+                rename_into_place(str(part), str(destination), overwrite=overwrite)
+            except FileExistsError:
+                _same_bytes_there(destination, writer.checksum())
+                part.unlink()
             progress.finish()
         except BaseException:
             part.unlink(missing_ok=True)  # ours to remove: we hold its lock

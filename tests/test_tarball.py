@@ -141,6 +141,31 @@ def test_wrong_filed_checksum_fails_and_leaves_destination_untouched(tmp_path: P
     assert files_under(out) == {"pkg.tar"}
 
 
+def test_a_build_never_renames_its_tar_over_other_bytes_and_keeps_the_same_bytes(
+        tmp_path: Path) -> None:
+    """Another file at the package's path is left as it is (FileExistsError naming it); the
+    same bytes there (an earlier build whose recording was cut short, a concurrent one) are
+    kept as the build, untouched; only `overwrite` (a quarantined tar there) replaces."""
+    members = make_tree(tmp_path / "src", {"a/x.dat": 100, "b/y.dat": 200})
+    out = tmp_path / "out"
+    out.mkdir()
+    destination = out / "pkg.tar"
+    destination.write_bytes(b"someone else's tar")
+
+    with pytest.raises(FileExistsError, match="does not record there"):
+        build_package(members, destination, package_name="pkg")
+    assert destination.read_bytes() == b"someone else's tar"
+    assert files_under(out) == {"pkg.tar"}
+
+    replaced = build_package(members, destination, package_name="pkg", overwrite=True)
+    assert hash_file(destination)[0] == replaced.checksum
+    inode = destination.stat().st_ino
+    again = build_package(members, destination, package_name="pkg")
+    assert again.checksum == replaced.checksum and again.manifest == replaced.manifest
+    assert destination.stat().st_ino == inode  # the file there was kept, not replaced
+    assert files_under(out) == {"pkg.tar"}
+
+
 @pytest.mark.parametrize("problem", ["size", "missing", "directory"])
 def test_bad_source_raises_packaging_error_and_leaves_nothing(tmp_path: Path, problem: str) -> None:
     members = make_tree(tmp_path / "src", {"a.dat": 10, "b.dat": 20})

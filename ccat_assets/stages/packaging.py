@@ -51,7 +51,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
             deployment.report("packaging", context.partition_key, site, "failed",
                               time.monotonic() - started, error=str(exc))
             raise Failure(str(exc), allow_retries=False) from exc
-        except LookupError as exc:
+        except (LookupError, FileExistsError) as exc:  # a file OpsDB does not know at the path
             raise permanent(exc) from exc
         ref = built.ref
         deployment.report("packaging", context.partition_key, site,

@@ -39,6 +39,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     utcnow,
 )
+from ccat_dt.packages import get_package, package_path
 from ccat_dt.retry import stalled_work
 from ccat_dt.tarball import read_manifest
 from tests.faults.invariants import assert_safe
@@ -52,6 +53,7 @@ from tests.faults.pipeline import (
     operations,
     package_names,
     package_state,
+    plan,
     run,
     source_root,
     spawn,
@@ -102,6 +104,39 @@ def test_source_changed_after_filing_fails_the_package_and_nothing_leaves(
         ("packaging", package, "")]
 
     archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+
+
+def test_a_file_opsdb_does_not_know_at_the_package_path_is_never_replaced_by_the_build(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
+    """The observatory buffer already holds other bytes under the package's tar name (a tar
+    restored by hand, an OpsDB restored from a backup): the build leaves them as they are and
+    fails, saying so; once they are moved away, the next automatic attempt builds the package
+    and the lifecycle completes."""
+    observe(config, opsdb)
+    package = plan(config, opsdb, instance)
+    with opsdb.session() as session:
+        buffer = session.scalars(select(DataLocation).where(
+            DataLocation.location_type == LocationType.BUFFER)).all()
+        [root] = [b.root for b in buffer if b.site.short_name == config.settings.observatory]
+        path = Path(root) / package_path(get_package(session, package))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(foreign := os.urandom(50_000))
+
+    run(config, instance, wait_s=0)
+
+    assert path.read_bytes() == foreign  # the storage: nothing renamed over it
+    refused = [error or "" for status, error in operations(opsdb, OperationType.PACKAGING,
+                                                           package)
+               if status == OperationStatus.FAILED]
+    assert refused and all("does not record there" in e for e in refused), refused
+    assert all(p.is_file() for p in source_root(config).rglob("*.dat"))  # nothing purged
+
+    path.rename(tmp_path / "moved-away")  # the person's part
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)
+    assert (tmp_path / "moved-away").read_bytes() == foreign
     assert_safe(config, opsdb)
 
 
