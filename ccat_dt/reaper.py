@@ -22,6 +22,7 @@ import os
 import stat
 import time
 from collections.abc import Collection
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -236,10 +237,12 @@ def _unlink_local(claim: _Claim) -> int:
         os.close(directory)
 
 
-# Constant script: $1 the root, $2 the path below it, $3 the recorded size. Refuses a symlink in
-# any component, a non-regular file and a size that differs; exit 3 says "changed".
+# Constant script: $1 the root, $2 the path below it, $3 the recorded size, $4 the identity
+# ("INODE MTIME", as `stat -c '%i %.9Y'` prints it) the file must still have, or "" for none.
+# Refuses a symlink in any component, a non-regular file and a size that differs (exit 3:
+# "changed"); another identity exits 5 (hash it first).
 _REMOVE_SCRIPT = """
-root=$1; rel=$2; want=$3;
+root=$1; rel=$2; want=$3; ident=$4;
 [ -f "$root/.ccat-dt-location" ] || { echo "location root $root has no marker" >&2; exit 4; };
 p=$root; set -f; IFS=/;
 for part in $rel; do p=$p/$part; [ -L "$p" ] && { echo "symlink at $p" >&2; exit 3; }; done;
@@ -247,20 +250,39 @@ for part in $rel; do p=$p/$part; [ -L "$p" ] && { echo "symlink at $p" >&2; exit
 [ -f "$p" ] || { echo "$p is not a regular file" >&2; exit 3; };
 size=$(stat -c %s -- "$p") || exit 1;
 [ "$size" = "$want" ] || { echo "$p has $size bytes, $want recorded" >&2; exit 3; };
+[ -z "$ident" ] || [ "$(stat -c '%i %.9Y' -- "$p")" = "$ident" ] || exit 5;
 exec rm -f -- "$p";""".strip().replace("\n", " ")  # ssh arguments cannot carry line breaks
 
 
+class _Moved(Exception):
+    """The remote file's identity is not the one expected: hash it before deciding."""
+
+
 def _unlink_remote(ssh: SshSettings, claim: _Claim) -> int:
-    """As _unlink_local, over ssh. A remote copy's identity is not recorded (its inode and
-    mtime come with its first re-check, and buffer copies have none): its content is hashed on
-    its host first, then the `rm` checks the path and size again in the same shell."""
-    if None in (claim.inode, claim.mtime_ns) or claim.rehash:
-        _hash_remote(ssh, claim)
-    return _rm_remote(ssh, claim)
+    """As _unlink_local, over ssh: the `rm` runs only on the file with the recorded size and
+    identity (inode and mtime, recorded when its transfer verified it), checked in the same
+    shell. A copy without a recorded identity, or whose identity differs (exit 5), or a policy
+    that asks, is hashed on its host first; the `rm` then checks it is still the file hashed."""
+    recorded = None if claim.rehash else _identity_text(claim.inode, claim.mtime_ns)
+    if recorded is not None:
+        with suppress(_Moved):
+            return _rm_remote(ssh, claim, recorded)
+    try:
+        return _rm_remote(ssh, claim, _hash_remote(ssh, claim))
+    except _Moved:
+        raise _Changed(f"{claim.host}:{claim.path} changed while it was hashed; kept") from None
 
 
-def _hash_remote(ssh: SshSettings, claim: _Claim) -> None:
-    """Raises _Changed unless the remote file holds the recorded bytes (or is gone already)."""
+def _identity_text(inode: int | None, mtime_ns: int | None) -> str | None:
+    """An identity as the remote `stat -c '%i %.9Y'` prints it; None if not known."""
+    if inode is None or mtime_ns is None or mtime_ns < 0:
+        return None
+    return f"{inode} {mtime_ns // 10**9}.{mtime_ns % 10**9:09d}"
+
+
+def _hash_remote(ssh: SshSettings, claim: _Claim) -> str:
+    """The identity of the remote file, found to hold the recorded bytes ("" when it is gone
+    already); raises _Changed if it holds others."""
     assert claim.host is not None
     try:
         [seen] = look(str(claim.root), claim.host, ssh,
@@ -271,16 +293,19 @@ def _hash_remote(ssh: SshSettings, claim: _Claim) -> None:
     if not gone and (seen.problem is not None or seen.checksum != claim.checksum):
         raise _Changed(f"{claim.host}:{claim.path} is not the recorded file (content "
                        f"{seen.checksum or seen.problem}, recorded {claim.checksum}); kept")
+    return "" if gone else _identity_text(seen.inode, seen.mtime_ns) or ""
 
 
-def _rm_remote(ssh: SshSettings, claim: _Claim) -> int:
+def _rm_remote(ssh: SshSettings, claim: _Claim, identity: str) -> int:
     assert claim.host is not None
     done = run(remote_command(ssh, claim.host, [
         "sh", "-c", _REMOVE_SCRIPT, "sh", str(claim.root), claim.relative_path,
-        str(claim.size)]), timeout_s=SHORT_TIMEOUT_S)
+        str(claim.size), identity]), timeout_s=SHORT_TIMEOUT_S)
     if done.rc == 3:
         raise _Changed(f"{claim.host}:{claim.path} is not the recorded file "
                        f"({done.stderr.strip()}); kept")
+    if done.rc == 5:
+        raise _Moved
     if done.rc != 0:
         raise OSError(str(classify_ssh(done.rc, done.stderr, what=f"rm {claim.path}")))
     return claim.size

@@ -435,7 +435,8 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         else:
             stale = [c for c in copies_at(session, package, kind, job.placement.site)
                      if c.status == CopyStatus.CORRUPT]
-            inode, mtime_ns = _identity(config, job.destination)
+            inode, mtime_ns = ((result.inode, result.mtime_ns) if result.inode is not None
+                               else _identity(config, job.destination))
             copy = PackageCopy(package=package, location_id=job.destination_id,
                                relative_path=job.relative, size=result.bytes,
                                checksum=result.checksum, created_at=now, verified_at=utcnow(),
@@ -466,7 +467,8 @@ def _unmarked_bucket(config: Config, root: str) -> TransferError | None:
 
 def _identity(config: Config, where: Endpoint) -> tuple[int | None, int | None]:
     """(inode, mtime_ns) of a copy just verified, so a later re-check notices a replaced file
-    (an object's ETag and time); remote copies get theirs at their first re-check (recheck.py)."""
+    (an object's ETag and time); a remote copy's comes with its transfer (TransferResult), or
+    with its first re-check (recheck.py)."""
     if where.store is not None:
         return Stores.of(config).identity(where)
     if where.host is not None:

@@ -27,9 +27,11 @@ from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
 from ccat_dt.transports.base import SshSettings, TransferError
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
+    STAT_IDENTITY,
     check_host,
     check_path,
     classify_ssh,
+    parse_identity,
     parse_xxhsum,
     remote_command,
     run,
@@ -204,7 +206,7 @@ def look(root: str, host: str | None, ssh: SshSettings, wanted: Sequence[Wanted]
 
 # Constant script; the root, then (flag, relative path) pairs arrive as positional parameters.
 # Per file one line "INDEX STATUS SIZE INODE MTIME" and, when hashed, the xxhsum line of stdin
-# (so no name to escape). MTIME is in whole seconds (portable `stat -c %Y`), scaled by 10^9.
+# (so no name to escape). SIZE INODE MTIME as transports/remote.STAT_IDENTITY prints them.
 _LOOK_SCRIPT = """
 root=$1; shift;
 [ -f "$root/.ccat-dt-location" ] || { echo UNMARKED; exit 0; };
@@ -218,11 +220,12 @@ while [ $# -gt 0 ]; do
   elif [ ! -e "$p" ]; then echo "$i missing";
   elif [ ! -f "$p" ]; then echo "$i notfile";
   else
-    echo "$i ok $(stat -c '%s %i %Y' -- "$p")";
+    echo "$i ok $(stat -c 'STAT_IDENTITY' -- "$p")";
     if [ "$hash" = 1 ]; then xxhsum -H2 < "$p" || echo "$i unreadable"; fi;
   fi;
   i=$((i+1));
-done""".strip().replace("\n", " ")  # ssh arguments cannot carry line breaks
+done""".strip().replace(  # ssh arguments cannot carry line breaks
+    "\n", " ").replace("STAT_IDENTITY", STAT_IDENTITY)
 
 
 def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted]) -> list[Seen]:
@@ -259,7 +262,7 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
         elif status == "notfile":
             seen.append(Seen(rel, f"{rel} is not a regular file"))
         else:
-            size, inode, mtime = (int(w) for w in words[2:5])
+            size, inode, mtime_ns = parse_identity(words[2:5])
             checksum = None
             if item.rehash:
                 line = lines[position] if position < len(lines) else ""
@@ -268,7 +271,7 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
                     seen.append(Seen(rel, f"cannot read {rel} on {host}"))
                     continue
                 checksum = parse_xxhsum(line)
-            seen.append(Seen(rel, None, size, inode, mtime * 1_000_000_000, checksum))
+            seen.append(Seen(rel, None, size, inode, mtime_ns, checksum))
     return seen
 
 

@@ -159,6 +159,10 @@ class TransferResult:
     checksum: str  # xxh3-128 of the bytes that landed at the destination
     streams: int = 1
     log_path: str | None = None  # full command output, for DataTransferLog-style references
+    # The copy's identity at its final name when the transport saw it there (remote hosts);
+    # None: whoever records the copy looks (a local file) or does without.
+    inode: int | None = None
+    mtime_ns: int | None = None
 
 
 class Transport(Protocol):

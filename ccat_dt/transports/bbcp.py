@@ -48,6 +48,7 @@ from ccat_dt.transports.base import (
 from ccat_dt.transports.remote import (
     CommandTimeout,
     CompletedRun,
+    Verdict,
     remote_remove,
     run,
 )
@@ -357,9 +358,7 @@ class BbcpTransport:
             [(landing, destination, expected_checksum)], destination, [source])
         if isinstance(landed, TransferError):
             raise landed
-        checksum, size = landed
-        return TransferResult(size, time.monotonic() - started, checksum, self.options.streams,
-                              str(log_path))
+        return _result(landed, time.monotonic() - started, self.options.streams, log_path)
 
     def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
                   ) -> list[TransferResult | TransferError]:
@@ -383,13 +382,12 @@ class BbcpTransport:
                                           [s for s, _, _ in pairs])
         seconds = time.monotonic() - started
         return [landed if isinstance(landed, TransferError) else
-                TransferResult(landed[1], seconds, landed[0], self.options.streams, str(log_path))
-                for landed in checked]
+                _result(landed, seconds, self.options.streams, log_path) for landed in checked]
 
     def _session(self, argv: list[str], destination: Endpoint, directory: Endpoint,
                  items: list[tuple[Endpoint, Endpoint, str]], log_name: Endpoint,
                  sources: list[Endpoint]
-                 ) -> tuple[Path, list[tuple[str, int] | TransferError]]:
+                 ) -> tuple[Path, list[Verdict | TransferError]]:
         """bbcp inside one ssh session on the target (transfer_session): bbcp starts once the
         marker was found and `directory` made; the session flushes the landing files while bbcp
         writes them, then hashes every one and renames them all, or none."""
@@ -423,12 +421,12 @@ class BbcpTransport:
 
     def _verify_and_rename(self, session: Session | LocalSession,
                            items: list[tuple[Endpoint, Endpoint, str]]
-                           ) -> list[tuple[str, int] | TransferError]:
+                           ) -> list[Verdict | TransferError]:
         """Hash every landed file where it lies (in parallel) and, only if all match, rename
         them into place -- within the session, no round trip of its own. A file that does not
         match is removed; the verified ones wait in the staging directory, where -a skips
-        them on the retry. Per file (checksum, size), or Occupied for one whose final name
-        was taken (it waits where it landed)."""
+        them on the retry. Per file its Verdict, or Occupied for one whose final name was
+        taken (it waits where it landed)."""
         try:
             found = session.verify()
         except ValueError as exc:
@@ -447,8 +445,7 @@ class BbcpTransport:
         if not all(verdict.renamed or verdict.occupied for verdict in found):
             raise TransferError(f"verified but not renamed on {items[0][1].host}: "
                                 f"{[str(final) for _, final, _ in items]}", retryable=True)
-        return [Occupied(final, landing) if verdict.occupied else
-                (verdict.digest or "", verdict.size or 0)
+        return [Occupied(final, landing) if verdict.occupied else verdict
                 for (landing, final, _), verdict in zip(items, found, strict=True)]
 
     def _write_log(self, argv: list[str], done: CompletedRun, destination: Endpoint) -> Path:
@@ -464,6 +461,11 @@ class BbcpTransport:
         """Best effort: a leftover landing file is harmless (never under the final name)."""
         with contextlib.suppress(TransferError, ValueError):
             remote_remove(self.ssh, landing)
+
+
+def _result(verdict: Verdict, seconds: float, streams: int, log_path: Path) -> TransferResult:
+    return TransferResult(verdict.size or 0, seconds, verdict.digest or "", streams,
+                          str(log_path), verdict.inode, verdict.mtime_ns)
 
 
 def _local_size(source: Endpoint) -> int | None:

@@ -299,6 +299,34 @@ def _same_host(first: Endpoint, second: Endpoint) -> str | None:
     return first.host
 
 
+# How a remote file's size and identity are printed (GNU stat): size, inode, and the mtime to
+# the nanosecond, so a later look or deletion can tell the very file that was verified.
+STAT_IDENTITY = "%s %i %.9Y"
+
+
+def parse_identity(words: Sequence[str]) -> tuple[int, int | None, int | None]:
+    """(size, inode, mtime_ns) from STAT_IDENTITY's words. ValueError without a size; inode
+    and mtime None when the host's stat did not print them so (then the identity is unknown,
+    and whoever relies on it re-hashes instead)."""
+    size = int(words[0])
+    try:
+        seconds, _, fraction = words[2].partition(".")
+        if not fraction.isdigit():
+            raise ValueError(words[2])
+        return size, int(words[1]), int(seconds) * 10**9 + int(fraction[:9].ljust(9, "0"))
+    except (IndexError, ValueError):
+        return size, None, None
+
+
+class Landed(NamedTuple):
+    """What remote_verify_and_rename found of the landed file."""
+
+    digest: str
+    size: int
+    inode: int | None = None  # remote only: the final name's identity (a local one is
+    mtime_ns: int | None = None  # looked at by whoever records the copy)
+
+
 def _rename_local(landed: Endpoint, final: Endpoint) -> None:
     """Durably move a verified file to its final name: flush the file, rename (never over a
     file there, unless `final.overwrite`), flush the directory, so a crash cannot leave a short
@@ -334,7 +362,7 @@ _MOVE = ('{ if [ "$5" = 1 ]; then mv -f -- "$1" "$2"; else mv -n -- "$1" "$2"; '
 # read it; the disk writes while the CPU hashes), and renamed only after both.
 _VERIFY_AND_RENAME_SCRIPT = (
     'sync -- "$1" < /dev/null > /dev/null & flushing=$!; '
-    'size=$(stat -L -c %s -- "$1") || exit; '
+    'size=$(stat -L -c "' + STAT_IDENTITY + '" -- "$1") || exit; '
     'sum=$(xxhsum -H2 < "$1") || exit; '
     'printf "%s\\n%s\\n" "$size" "$sum"; '
     '[ "${sum%% *}" = "$4" ] || exit 0; '
@@ -360,10 +388,10 @@ def _run_recorded(argv: Sequence[str], timeout_s: float,
 
 def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint,
                              expected: str, *, record: Recorder | None = None,
-                             timeout_s: float = HASH_TIMEOUT_S) -> tuple[str, int]:
+                             timeout_s: float = HASH_TIMEOUT_S) -> Landed:
     """xxh3-128 and size of the file `landed`, and, only if that digest is `expected`, the
     durable rename of `landed` to `final` -- in one ssh round trip instead of two (each costs a
-    handshake over a long-latency link). Returns (digest, size): the file was renamed exactly
+    handshake over a long-latency link). Returns what landed: the file was renamed exactly
     when the digest equals `expected`; on a mismatch `landed` is left as it is, for the caller
     to deal with. Never renamed over a file at `final` (unless `final.overwrite`): that is the
     `occupied` TransferError, `landed` kept. `record(argv, completed, seconds)` sees the ssh
@@ -375,7 +403,7 @@ def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint
         digest, size = _hash_local(source)
         if digest == expected:
             _rename_local(landed, final)
-        return digest, size
+        return Landed(digest, size)
     argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_SCRIPT, "sh", source,
                                       target, directory, expected,
                                       "1" if final.overwrite else "0"])
@@ -389,15 +417,18 @@ def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint
                                what=f"rename {source} -> {target} on {host}")
         _check_xxhsum(done, host, source)
     size_line = lines[0] if lines else ""
-    if not size_line.strip().isdigit():
-        raise TransferError(f"stat {source} on {host} printed {size_line!r}", retryable=False)
+    try:
+        size, inode, mtime_ns = parse_identity(size_line.split())
+    except (IndexError, ValueError):
+        raise TransferError(f"stat {source} on {host} printed {size_line!r}",
+                            retryable=False) from None
     digest = parse_xxhsum("\n".join(lines[1:2]))
     renamed = lines[2:] == ["renamed"]
     if renamed != (digest == expected):
         raise TransferError(f"verifying {source} on {host}: xxhsum printed {lines[1:2]}, "
                             f"expected {expected}, {'' if renamed else 'not '}renamed; the "
                             "remote comparison disagrees with ours", retryable=False)
-    return digest, int(size_line)
+    return Landed(digest, size, inode, mtime_ns)
 
 
 def remote_remove(ssh: SshSettings, endpoint: Endpoint) -> None:
@@ -483,7 +514,8 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 # final name, expected digest and "1" to replace a file at the final name (a repair), as
 # positional parameters (never code; no line breaks, see check_argument). The files are hashed
 # in parallel (xargs -P, one per core of the host), each flushed to disk while it is hashed;
-# per file one line "INDEX SIZE DIGEST" ("-" for what could not be read); then the matching
+# per file one line "INDEX SIZE:INODE:MTIME DIGEST" ("-" for what could not be read; the
+# identity as STAT_IDENTITY prints it); then the matching
 # files (all, or none when $1 is 1 and one differs) are renamed (flushed first if that flush
 # failed) and their directories flushed, printing "renamed INDEX" each; one whose final name is
 # taken is left where it landed (mv -n, as _MOVE), printing "occupied INDEX".
@@ -496,7 +528,8 @@ for a in "$@"; do
   k=$((k+1));
 done | xargs -0 -r -n 2 -P "$p" sh -c
   '{ sync -- "$1" < /dev/null > /dev/null && : > "$2.synced"; } & f=$!;
-   stat -L -c %s -- "$1" > "$2.size" && xxhsum -H2 < "$1" > "$2"; wait "$f"; exit 0' sh;
+   stat -L -c %s:%i:%.9Y -- "$1" > "$2.size" && xxhsum -H2 < "$1" > "$2"; wait "$f"; exit 0'
+  sh;
 i=0; bad=0;
 while [ $# -ge 4 ]; do
   s=$(cat "$t/$i.size" 2>/dev/null); h=$(cat "$t/$i" 2>/dev/null); h=${h%% *};
@@ -529,6 +562,8 @@ class Verdict(NamedTuple):
     size: int | None
     renamed: bool
     occupied: bool = False  # verified, but the final name was taken: left where it landed
+    inode: int | None = None  # of the landed (then final) file, when the host's stat said
+    mtime_ns: int | None = None
 
 
 def many_arguments(all_or_none: bool, items: Sequence[tuple[Endpoint, Endpoint, str]]
@@ -569,21 +604,25 @@ def parse_verified(done: CompletedRun, host: str, count: int) -> list[Verdict]:
     if done.rc != 0:
         raise classify_ssh(done.rc, done.stderr, what=f"verify and rename of {count} "
                            f"file(s) on {host}")
-    found: dict[int, tuple[str | None, int | None]] = {}
+    found: dict[int, tuple[str | None, tuple[int | None, int | None, int | None]]] = {}
     said: dict[str, set[int]] = {"renamed": set(), "occupied": set()}
     for line in done.stdout.splitlines():
         words = line.split()
         if words[:1] in (["renamed"], ["occupied"]) and len(words) == 2 and words[1].isdigit():
             said[words[0]].add(int(words[1]))
         elif len(words) == 3 and words[0].isdigit():
-            size, digest = words[1], words[2].lower()
-            found[int(words[0])] = (None if digest == "-" else digest,
-                                    int(size) if size.isdigit() else None)
+            digest = words[2].lower()
+            try:
+                identity: tuple[int | None, int | None, int | None] = parse_identity(
+                    words[1].split(":"))
+            except ValueError:
+                identity = (None, None, None)
+            found[int(words[0])] = (None if digest == "-" else digest, identity)
     if sorted(found) != list(range(count)):
         raise TransferError(f"verifying {count} file(s) on {host}: unexpected answer "
                             f"{done.stdout[-300:]!r}", retryable=True)
-    return [Verdict(*found[i], i in said["renamed"], i in said["occupied"])
-            for i in range(count)]
+    return [Verdict(digest, size, i in said["renamed"], i in said["occupied"], inode, mtime_ns)
+            for i, (digest, (size, inode, mtime_ns)) in sorted(found.items())]
 
 
 def _verify_and_rename_local(items: Sequence[tuple[Endpoint, Endpoint, str]], *,

@@ -376,8 +376,9 @@ class RsyncTransport:
         temporary = item.temporary
         try:
             self._after_rsync(temporary)
-            actual, size = remote_verify_and_rename(self.ssh, temporary, item.destination,
-                                                    item.expected_checksum, record=log.command)
+            landed = remote_verify_and_rename(self.ssh, temporary, item.destination,
+                                              item.expected_checksum, record=log.command)
+            actual, size = landed.digest, landed.size
             if actual != item.expected_checksum:  # not renamed
                 remote_remove(self.ssh, temporary)
                 error = TransferError(
@@ -391,7 +392,8 @@ class RsyncTransport:
             return exc
         log.write(f"{item.destination}: verified {ALGORITHM} {actual}, {size} bytes, renamed")
         return TransferResult(bytes=size, seconds=rsync_seconds + time.monotonic() - started,
-                              checksum=actual, streams=1, log_path=str(log.path))
+                              checksum=actual, streams=1, log_path=str(log.path),
+                              inode=landed.inode, mtime_ns=landed.mtime_ns)
 
     def _discard(self, items: list[_Item], log: _Log) -> None:
         """Best effort: partial files that no retry can use should not take space."""

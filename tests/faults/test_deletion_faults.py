@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 import yaml
 from dagster import DagsterInstance
 from sqlalchemy import select
 
+from ccat_dt import reaper
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT
 from ccat_dt.diagnosis import diagnose
@@ -304,6 +306,11 @@ def test_a_remote_buffer_file_replaced_by_other_bytes_of_its_size_is_never_delet
                       for c in session.scalars(select(PackageCopy))
                       if c.location.location_type == LocationType.BUFFER and c.location.host}
         assert sorted(remote) == ["cologne/buffer", "us/buffer"]
+        with opsdb.session() as session:  # each identity recorded as its transfer verified it
+            identities = {c.location.label: (c.inode, c.mtime_ns)
+                          for c in session.scalars(select(PackageCopy)) if c.location.host}
+        for label, path in remote.items():
+            assert identities[label] == (path.stat().st_ino, path.stat().st_mtime_ns), label
         replaced = remote["cologne/buffer"]
         foreign = os.urandom(replaced.stat().st_size)
         replaced.write_bytes(foreign)  # someone else's bytes at our path, same size
@@ -322,6 +329,54 @@ def test_a_remote_buffer_file_replaced_by_other_bytes_of_its_size_is_never_delet
         assert lost_filed_files(config, opsdb) == []
     finally:
         opsdb.dispose()
+
+
+def test_a_remote_file_with_its_recorded_identity_is_deleted_unread_any_other_hashed_first(
+        tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote buffer copy is 50 GB read again if its deletion hashes it: the file its
+    transfer verified (same inode and mtime to the nanosecond, checked in the rm's own shell)
+    is deleted unread; the same bytes in another file are hashed first, then deleted; other
+    bytes written in place a moment later (same inode, same size) are hashed and kept."""
+    root = tmp_path / "remote-buffer"
+    (root / "obs").mkdir(parents=True)
+    (root / MARKER).write_text("")
+    path = root / "obs" / "pkg.tar"
+    path.write_bytes(data := os.urandom(50_000))
+    hashed: list[str] = []
+    real_look = reaper.look
+
+    def look(*args: Any, **kwargs: Any) -> Any:
+        hashed.append(str(path))
+        return real_look(*args, **kwargs)
+
+    monkeypatch.setattr(reaper, "look", look)
+
+    def claim() -> reaper._Claim:
+        info = path.stat()
+        return reaper._Claim(
+            copy_id=0, operation_id=0, path=path, root=root, relative_path="obs/pkg.tar",
+            prune_dirs=False, host=sshd.destination, size=len(data),
+            checksum=xxhash.xxh3_128(data).hexdigest(), inode=info.st_ino,
+            mtime_ns=info.st_mtime_ns, source=False, rehash=False)
+
+    assert reaper._unlink_remote(sshd.ssh, claim()) == len(data)
+    assert not path.exists() and hashed == []
+
+    path.write_bytes(data)
+    recorded = claim()
+    copied = path.with_name("copy")
+    shutil.copyfile(path, copied)
+    copied.replace(path)  # the same bytes, another file
+    assert reaper._unlink_remote(sshd.ssh, recorded) == len(data)
+    assert not path.exists() and len(hashed) == 1
+
+    path.write_bytes(data)
+    recorded = claim()
+    with path.open("r+b") as stream:  # other bytes, in place, right after
+        stream.write(b"x" * 10)
+    with pytest.raises(reaper._Changed):
+        reaper._unlink_remote(sshd.ssh, recorded)
+    assert path.read_bytes()[:10] == b"x" * 10 and len(hashed) == 2
 
 
 def test_a_purge_failing_on_an_unmounted_archive_says_why_and_heals_once_it_is_back(
