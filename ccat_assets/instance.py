@@ -44,5 +44,9 @@ def write_instance_yaml(config: Config, home: Path) -> Path:
     path = home / "dagster.yaml"
     header = ("# Written by `ccat-dt init` from the repository's dagster.yaml and the routes of\n"
               f"# {config.path}; re-run `ccat-dt init` after changing routes.\n")
-    path.write_text(header + yaml.safe_dump(instance_settings(config), sort_keys=False))
+    settings = instance_settings(config)
+    events = settings.get("event_log_storage", {}).get("config", {})
+    if "base_dir" in events:  # the template's is relative to the instance's home
+        events["base_dir"] = str(home.absolute() / events["base_dir"])
+    path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
     return path

@@ -97,3 +97,14 @@ def lta_copies_at(opsdb: OpsDB, site: str) -> list[PackageCopy]:
         for copy in copies:
             _ = copy.location.root, copy.package.checksum
         return list(copies)
+
+
+# The event log storage `ccat-dt init` configures (ccat_assets/event_log.py).
+EMBEDDED_EVENT_LOG = """telemetry:
+  enabled: false
+event_log_storage:
+  module: ccat_assets.event_log
+  class: SqliteEventLog
+  config:
+    base_dir: {home}/history/runs
+"""

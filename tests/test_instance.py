@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 import yaml
-from dagster import DagsterInstance, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, RunsFilter
 
 from ccat_assets.cli import main
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.event_log import SqliteEventLog
 from ccat_assets.stages import copy_job
 from ccat_dt.config import load_config
 from ccat_dt.opsdb.database import OpsDB
@@ -34,6 +36,21 @@ def test_init_writes_a_loadable_instance_with_a_limit_per_link(tmp_path: Path) -
         links = {run.tags.get("ccat/link") for run in instance.get_runs(
             RunsFilter(job_name=copy_job(config).name))}  # with its archiving
         assert links == {"ccat->cologne", "ccat->us", "cologne->us", "us->cologne"}
+        assert isinstance(instance.event_log_storage, SqliteEventLog)
+        run_ids = [run.run_id for run in instance.get_runs()]
+
+    # Another process's view (the webserver's): every run's events, written by forked
+    # children through connections kept open, are all there, in intact files at Dagster's
+    # schema revision.
+    with DagsterInstance.from_config(str(home)) as reader:
+        for run_id in run_ids:
+            events = [e.dagster_event_type for e in reader.all_logs(run_id) if e.dagster_event_type]
+            assert events[-1] == DagsterEventType.RUN_SUCCESS, (run_id, events)
+            assert DagsterEventType.ASSET_MATERIALIZATION in events
+            with sqlite3.connect(home / "history" / "runs" / f"{run_id}.db") as db:
+                assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+                [revision] = db.execute("SELECT version_num FROM alembic_version").fetchone()
+            assert revision == reader.event_log_storage.alembic_version()[1]  # the head
 
 
 

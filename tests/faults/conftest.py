@@ -14,6 +14,7 @@ import pytest
 from dagster import BetaWarning, DagsterInstance, PreviewWarning
 
 from ccat_dt.config import Config
+from tests.helpers import EMBEDDED_EVENT_LOG
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -48,16 +49,11 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
-    """A persistent instance (other processes can open it), with all runs' events in one
-    SQLite file instead of one file per run."""
+    """A persistent instance (other processes can open it), with the embedded default's
+    event log storage."""
     home, scratch = _instance_home(tmp_path)
     home.mkdir(parents=True)
-    (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\n"
-        "event_log_storage:\n"
-        "  module: dagster._core.storage.event_log\n"
-        "  class: ConsolidatedSqliteEventLogStorage\n"
-        f"  config:\n    base_dir: {home / 'history'}\n")
+    (home / "dagster.yaml").write_text(EMBEDDED_EVENT_LOG.format(home=home))
     try:
         with DagsterInstance.from_config(str(home)) as dagster_instance:
             yield dagster_instance

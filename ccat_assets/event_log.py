@@ -1,0 +1,126 @@
+"""Dagster's SQLite event log (one SQLite file per run, as before), without the costs it pays
+per event and per run, which were most of a small package's orchestration time
+(docs/benchmarks.md, section 5):
+
+- Every event made a new SQLAlchemy engine for its run's file, so every statement was
+  compiled again, and opened and closed a SQLite connection (closing the last connection to a
+  WAL file checkpoints it, and the next open reads the schema again). Here one engine per file
+  is kept (the most recently used few), with its connection open between events. A forked
+  child (a drive's run) never uses its parent's open connections.
+- Every new run's file was created by reading Dagster's migration scripts twice (to learn the
+  newest revision, then to stamp it); here they are read once per process.
+
+The files, tables, stamps and transactions are Dagster's own; only how often the work is done
+changes. The embedded default's instance uses it (dagster.yaml, `event_log_storage`).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
+import sqlalchemy as db
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
+from dagster._core.storage.event_log.sqlite import sqlite_event_log
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+from dagster._core.storage.sql import get_alembic_config
+from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
+from dagster._serdes import ConfigurableClassData
+from sqlalchemy.engine import Connection, Engine
+
+KEPT_ENGINES = 32  # run files written at once are few: the runs in flight, and the index
+
+
+@cache
+def _migrations() -> ScriptDirectory:
+    """Dagster's event log migration scripts, read once per process."""
+    return ScriptDirectory.from_config(get_alembic_config(sqlite_event_log.__file__))
+
+
+_STORAGES: weakref.WeakSet[SqliteEventLog] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for storage in list(_STORAGES):
+        storage._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class SqliteEventLog(SqliteEventLogStorage):
+    """SqliteEventLogStorage that keeps its engines and knows the schema's head revision."""
+
+    def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
+        self._engines: OrderedDict[str, Engine] = OrderedDict()
+        super().__init__(base_dir, inst_data)
+        _STORAGES.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: never use the parent's open SQLite connections."""
+        for engine in self._engines.values():
+            engine.dispose(close=False)
+
+    def _close_all(self) -> None:
+        with self._db_lock:
+            for engine in self._engines.values():
+                engine.dispose()
+            self._engines.clear()
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None,  # type: ignore[override]
+                          config_value: Any) -> SqliteEventLog:
+        return cls(inst_data=inst_data, **config_value)
+
+    @contextmanager
+    def _connect(self, shard: str) -> Iterator[Connection]:
+        with self._db_lock:
+            engine = self._engines.pop(shard, None)
+            if engine is None:
+                engine = db.create_engine(self.conn_string_for_shard(shard), pool_size=1,
+                                          max_overflow=2,
+                                          connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+                if shard not in self._initialized_dbs:
+                    self._initdb(engine)
+                    self._initialized_dbs.add(shard)
+            self._engines[shard] = engine  # the most recently used last
+            while len(self._engines) > KEPT_ENGINES:
+                self._engines.popitem(last=False)[1].dispose()
+            with engine.connect() as connection, connection.begin():
+                yield connection
+
+    def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
+        """A run's file at the newest revision is left as it is; a new one is created and
+        stamped as Dagster does. Anything else (the index, an older revision, another
+        process creating the same file) goes Dagster's own way, with its retries."""
+        if not for_index_shard:
+            try:
+                with engine.connect() as connection:
+                    current = MigrationContext.configure(connection).get_current_revision()
+                    if current == _migrations().get_current_head():
+                        return
+                    if current is None and not db.inspect(connection).get_table_names():
+                        SqlEventLogStorageMetadata.create_all(connection)
+                        connection.execute(db.text("PRAGMA journal_mode=WAL;"))
+                        MigrationContext.configure(connection).stamp(_migrations(), "head")
+                        connection.commit()
+                        return
+            except (db.exc.DatabaseError, sqlite3.DatabaseError):
+                pass
+        super()._initdb(engine, for_index_shard=for_index_shard)
+
+    def wipe(self) -> None:
+        self._close_all()  # before its files are deleted
+        super().wipe()
+
+    def dispose(self) -> None:
+        self._close_all()
+        super().dispose()
