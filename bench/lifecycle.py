@@ -91,7 +91,7 @@ CURATED = [
     ("execute_in_process", "job_definition.py", "Dagster: execute_in_process (whole runs)"),
     ("create_run", "run_domain.py", "Dagster: create_run (run record, planned events)"),
     ("store_event", "sqlite_event_log.py", "Dagster: store_event (one SQLite write per event)"),
-    ("_initdb", "sqlite_event_log.py", "Dagster: _initdb (a new SQLite event DB per run)"),
+    ("_initdb", "sqlite_storage.py", "Dagster: _initdb (a new SQLite event DB per run)"),
     ("evaluate_tick", "sensor_definition.py", "Dagster: sensor evaluate_tick (our queries incl.)"),
     ("get_runs", "run_methods.py", "Dagster: get_runs (driver's run-key dedup)"),
     ("build", "ccat_dt/packages.py", "ccat-dt: packages.build (tar + checksums)"),

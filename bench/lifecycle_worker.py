@@ -27,6 +27,8 @@ import time
 import warnings
 from pathlib import Path
 
+import yaml
+
 MODULE = "primecam/f280"
 CHUNK = 64 * 2**20
 
@@ -122,15 +124,17 @@ def main() -> None:
 
     config_path = init(root)
     home = root / "dagster_home"
+    settings = yaml.safe_load((home / "dagster.yaml").read_text())
     if args.event_log == "consolidated":  # an experiment: one event-log DB, not one per run
-        with open(home / "dagster.yaml", "a") as stream:
-            stream.write("\nevent_log_storage:\n  module: dagster.core.storage.event_log\n"
-                         "  class: ConsolidatedSqliteEventLogStorage\n"
-                         f"  config:\n    base_dir: {home / 'history'}\n")
-
+        settings["event_log_storage"] = {
+            "module": "dagster.core.storage.event_log",
+            "class": "ConsolidatedSqliteEventLogStorage",
+            "config": {"base_dir": str(home / "history")}}
     if args.postgres:  # the production instance's storage (deploy/dagster.yaml)
-        with open(home / "dagster.yaml", "a") as stream:
-            stream.write(f"\nstorage:\n  postgres:\n    postgres_url: {args.postgres}\n")
+        settings.pop("run_storage", None)
+        settings.pop("event_log_storage", None)
+        settings["storage"] = {"postgres": {"postgres_url": args.postgres}}
+    (home / "dagster.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
 
     filing_s = _file_observations(root, args.packages, args.modules, args.files,
                                   args.file_kib * 1024)

@@ -39,14 +39,21 @@ def instance_settings(config: Config, template: Path = TEMPLATE) -> dict[str, An
     return settings
 
 
+def embedded_storage(home: Path) -> dict[str, Any]:
+    """Dagster's SQLite storage in `home` (the default files), by the classes that keep their
+    connections open (ccat_assets/sqlite_storage.py)."""
+    history = home.absolute() / "history"
+    return {f"{kind}_storage": {"module": "ccat_assets.sqlite_storage", "class": name,
+                                "config": {"base_dir": str(path)}}
+            for kind, name, path in (("run", "SqliteRuns", history),
+                                     ("event_log", "SqliteEventLog", history / "runs"))}
+
+
 def write_instance_yaml(config: Config, home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     path = home / "dagster.yaml"
     header = ("# Written by `ccat-dt init` from the repository's dagster.yaml and the routes of\n"
               f"# {config.path}; re-run `ccat-dt init` after changing routes.\n")
-    settings = instance_settings(config)
-    events = settings.get("event_log_storage", {}).get("config", {})
-    if "base_dir" in events:  # the template's is relative to the instance's home
-        events["base_dir"] = str(home.absolute() / events["base_dir"])
+    settings = {**instance_settings(config), **embedded_storage(home)}
     path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
     return path

@@ -16,7 +16,7 @@ from ccat_dt.defaults import write_default_config
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.progress import ProgressEvent
 from ccat_dt.topology import prepare_opsdb, sync_topology
-from tests.helpers import EMBEDDED_EVENT_LOG
+from tests.helpers import instance_yaml
 
 
 @pytest.fixture
@@ -57,11 +57,11 @@ def progress_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProgressEv
 
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
-    """A persistent Dagster instance of the test's own, with the embedded default's event log
-    storage (dagster.yaml)."""
+    """A persistent Dagster instance of the test's own, with the embedded default's run and
+    event storage (dagster.yaml)."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(EMBEDDED_EVENT_LOG.format(home=home))
+    (home / "dagster.yaml").write_text(instance_yaml(home))
     with DagsterInstance.from_config(str(home)) as dagster_instance:
         yield dagster_instance
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
 from sqlalchemy import select
 
+from ccat_assets.instance import embedded_storage
 from ccat_dt.checksums import new_hasher
 from ccat_dt.config import Config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
@@ -99,12 +101,6 @@ def lta_copies_at(opsdb: OpsDB, site: str) -> list[PackageCopy]:
         return list(copies)
 
 
-# The event log storage `ccat-dt init` configures (ccat_assets/event_log.py).
-EMBEDDED_EVENT_LOG = """telemetry:
-  enabled: false
-event_log_storage:
-  module: ccat_assets.event_log
-  class: SqliteEventLog
-  config:
-    base_dir: {home}/history/runs
-"""
+def instance_yaml(home: Path) -> str:
+    """A test instance's dagster.yaml: the run and event storage `ccat-dt init` configures."""
+    return yaml.safe_dump({"telemetry": {"enabled": False}, **embedded_storage(home)})

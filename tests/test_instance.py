@@ -12,7 +12,7 @@ from dagster import DagsterEventType, DagsterInstance, RunsFilter
 from ccat_assets.cli import main
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
-from ccat_assets.event_log import SqliteEventLog
+from ccat_assets.sqlite_storage import SqliteEventLog, SqliteRuns
 from ccat_assets.stages import copy_job
 from ccat_dt.config import load_config
 from ccat_dt.opsdb.database import OpsDB
@@ -37,6 +37,7 @@ def test_init_writes_a_loadable_instance_with_a_limit_per_link(tmp_path: Path) -
             RunsFilter(job_name=copy_job(config).name))}  # with its archiving
         assert links == {"ccat->cologne", "ccat->us", "cologne->us", "us->cologne"}
         assert isinstance(instance.event_log_storage, SqliteEventLog)
+        assert isinstance(instance.run_storage, SqliteRuns)
         run_ids = [run.run_id for run in instance.get_runs()]
 
     # Another process's view (the webserver's): every run's events, written by forked

@@ -29,8 +29,11 @@ def test_a_lifecycle_writes_transfer_stage_and_service_level_metrics(
     routes = {series["metric"]["route"] for series in transfers}
     assert {"ccat->cologne", "ccat->us", "cologne->us", "us->cologne"} <= routes
     assert all(series["metric"]["outcome"] == "ok" for series in transfers)
-    stages = {s["metric"]["stage"] for s in victoria.export('{__name__="ccat_stage_seconds"}')}
-    assert {"packaging", "transfer", "archive", "purge"} <= stages
+    wanted = {"packaging", "transfer", "archive", "purge"}
+    stages = {s["metric"]["stage"] for s in victoria.export(  # the last written takes a moment
+        '{__name__="ccat_stage_seconds"}',
+        until=lambda found: wanted <= {s["metric"]["stage"] for s in found})}
+    assert wanted <= stages
     deadline = time.monotonic() + 20  # the newest point becomes searchable within seconds
     while True:
         unsafe = victoria.export('{__name__="ccat_service_level_packages_unsafe"}')

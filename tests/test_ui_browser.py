@@ -26,13 +26,13 @@ from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.instance import write_instance_yaml
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation, OperationType
 from ccat_dt.report import disagreements
 from tests.browser import (
     DISMISS_COMMUNITY_MODAL,
-    REPO,
     Webserver,
     artifacts_dir,
     dagster_daemon,
@@ -62,8 +62,7 @@ def run_small_lifecycle(config: Config, opsdb: OpsDB) -> Path:
     """One observation, two packages, driven to the archives; returns the instance home."""
     observe(config, opsdb, observations=1, files=1)
     home = config.directory / "dagster_home"  # not $DAGSTER_HOME: `make test` exports the demo's
-    home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    write_instance_yaml(config, home)  # as `ccat-dt init` writes it
     with DagsterInstance.from_config(str(home)) as instance:
         report = drive(build_definitions(config), instance)
     assert report.failed == []

@@ -14,7 +14,7 @@ import pytest
 from dagster import BetaWarning, DagsterInstance, PreviewWarning
 
 from ccat_dt.config import Config
-from tests.helpers import EMBEDDED_EVENT_LOG
+from tests.helpers import instance_yaml
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -50,10 +50,10 @@ def config(tmp_path: Path) -> Config:
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
     """A persistent instance (other processes can open it), with the embedded default's
-    event log storage."""
+    run and event storage."""
     home, scratch = _instance_home(tmp_path)
     home.mkdir(parents=True)
-    (home / "dagster.yaml").write_text(EMBEDDED_EVENT_LOG.format(home=home))
+    (home / "dagster.yaml").write_text(instance_yaml(home))
     try:
         with DagsterInstance.from_config(str(home)) as dagster_instance:
             yield dagster_instance

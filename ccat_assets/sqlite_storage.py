@@ -1,17 +1,18 @@
-"""Dagster's SQLite event log (one SQLite file per run, as before), without the costs it pays
-per event and per run, which were most of a small package's orchestration time
-(docs/benchmarks.md, section 5):
+"""Dagster's SQLite run and event storage (the same files as by default: runs.db, one event
+file per run), without the costs they pay per call, which were most of a small package's
+orchestration time (docs/benchmarks.md, section 5):
 
-- Every event made a new SQLAlchemy engine for its run's file, so every statement was
-  compiled again, and opened and closed a SQLite connection (closing the last connection to a
-  WAL file checkpoints it, and the next open reads the schema again). Here one engine per file
-  is kept (the most recently used few), with its connection open between events. A forked
-  child (a drive's run) never uses its parent's open connections.
-- Every new run's file was created by reading Dagster's migration scripts twice (to learn the
-  newest revision, then to stamp it); here they are read once per process.
+- Every call (each event of a run, each run lookup) made a new SQLAlchemy engine, so every
+  statement was compiled again, and opened and closed a SQLite connection (closing the last
+  connection to a WAL file checkpoints it; the next open reads the schema again). Here the
+  engines are kept (per event file, the most recently used few), with their connections open
+  between calls. A forked child (a drive's run) never uses its parent's open connections.
+- Every new run's event file was created by reading Dagster's migration scripts twice (to
+  learn the newest revision, then to stamp it); here they are read once per process.
 
 The files, tables, stamps and transactions are Dagster's own; only how often the work is done
-changes. The embedded default's instance uses it (dagster.yaml, `event_log_storage`).
+changes. The embedded default's instance uses them (dagster.yaml, `run_storage` and
+`event_log_storage`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from alembic.script import ScriptDirectory
 from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
 from dagster._core.storage.event_log.sqlite import sqlite_event_log
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.sql import get_alembic_config
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._serdes import ConfigurableClassData
@@ -45,15 +47,46 @@ def _migrations() -> ScriptDirectory:
     return ScriptDirectory.from_config(get_alembic_config(sqlite_event_log.__file__))
 
 
-_STORAGES: weakref.WeakSet[SqliteEventLog] = weakref.WeakSet()
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # every engine kept, in this process
 
 
 def _after_fork() -> None:
-    for storage in list(_STORAGES):
-        storage._forked()
+    """In a forked child: never use the parent's open SQLite connections."""
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+def _kept_engine(url: str, **connect_args: Any) -> Engine:
+    """An engine whose connections stay open between uses (SQLAlchemy's default pool for a
+    SQLite file, shared by the threads of this process)."""
+    engine = db.create_engine(url, pool_size=1, max_overflow=8, connect_args=connect_args)
+    _ENGINES.add(engine)
+    return engine
+
+
+class SqliteRuns(SqliteRunStorage):
+    """SqliteRunStorage with one kept engine."""
+
+    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
+        super().__init__(conn_string, inst_data)
+        self._engine = _kept_engine(conn_string)
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None,  # type: ignore[override]
+                          config_value: Any) -> SqliteRuns:
+        return cls.from_local(inst_data=inst_data, **config_value)
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with self._engine.connect() as connection, connection.begin():
+            yield connection
+
+    def dispose(self) -> None:
+        self._engine.dispose()
+        super().dispose()
 
 
 class SqliteEventLog(SqliteEventLogStorage):
@@ -62,12 +95,6 @@ class SqliteEventLog(SqliteEventLogStorage):
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         super().__init__(base_dir, inst_data)
-        _STORAGES.add(self)
-
-    def _forked(self) -> None:
-        """In a forked child: never use the parent's open SQLite connections."""
-        for engine in self._engines.values():
-            engine.dispose(close=False)
 
     def _close_all(self) -> None:
         with self._db_lock:
@@ -85,9 +112,8 @@ class SqliteEventLog(SqliteEventLogStorage):
         with self._db_lock:
             engine = self._engines.pop(shard, None)
             if engine is None:
-                engine = db.create_engine(self.conn_string_for_shard(shard), pool_size=1,
-                                          max_overflow=2,
-                                          connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+                engine = _kept_engine(self.conn_string_for_shard(shard),
+                                      timeout=SQLITE_BUSY_TIMEOUT_SECONDS)
                 if shard not in self._initialized_dbs:
                     self._initdb(engine)
                     self._initialized_dbs.add(shard)
