@@ -15,6 +15,7 @@ boto3 is imported here only, and only when an object store is used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -293,10 +294,16 @@ class ObjectStore:
         return aborted
 
     def upload(self, source: Path, relative_path: str, checksum: str,
-               progress: Callable[[int], None] | None = None) -> None:
+               progress: Callable[[int], None] | None = None, *,
+               overwrite: bool = False) -> None:
         """Multipart upload in parallel parts, each part checked by the store with the
         configured checksum, our checksum of the whole stored as metadata. On failure the
-        upload is aborted (also any an earlier, killed attempt left), so no parts linger."""
+        upload is aborted (also any an earlier, killed attempt left), so no parts linger.
+
+        Unless `overwrite` (a repair of a quarantined object), the object is written only if
+        none is at the key when it completes (a conditional write, If-None-Match: *): an
+        object written there meanwhile is left as it is (FileExistsError). A store that ignores
+        the condition writes anyway; the look before the transfer is then the only guard."""
         from boto3.s3.transfer import TransferConfig
 
         s = self.settings
@@ -305,6 +312,9 @@ class ObjectStore:
                                   max_concurrency=s.max_concurrency, use_threads=True,
                                   preferred_transfer_client="classic")
         self.abort_uploads(relative_path)
+        key = (s.bucket, self.key(relative_path))
+        if not overwrite:
+            _NO_REPLACE.add(key)
         try:
             self.client.upload_file(
                 str(source), s.bucket, self.key(relative_path), Config=transfer,
@@ -313,9 +323,15 @@ class ObjectStore:
         except BaseException as exc:
             with suppress(Exception):  # best effort: the endpoint may be the failure
                 self.abort_uploads(relative_path)
+            if error_code(exc) == "PreconditionFailed":
+                raise FileExistsError(errno.EEXIST, f"{self.root}/{relative_path} was written "
+                                      "by another while this upload ran",
+                                      relative_path) from None
             if isinstance(exc, Exception):
                 raise self.problem(exc, f"uploading {relative_path}") from exc
             raise
+        finally:
+            _NO_REPLACE.discard(key)
 
     def download(self, relative_path: str, into: BinaryIO,
                  progress: Callable[[int], None] | None = None) -> None:
@@ -343,6 +359,16 @@ class ObjectStore:
             self.client.delete_object(Bucket=self.settings.bucket, Key=self.key(relative_path))
 
 
+# (bucket, key) of the uploads in flight that must not replace an object: their PutObject or
+# CompleteMultipartUpload carries If-None-Match: * (s3transfer's upload_file cannot pass it).
+_NO_REPLACE: set[tuple[str, str]] = set()
+
+
+def _only_if_absent(params: dict[str, Any], **_: Any) -> None:
+    if (params.get("Bucket"), params.get("Key")) in _NO_REPLACE:
+        params["IfNoneMatch"] = "*"
+
+
 @lru_cache(maxsize=32)
 def _client(settings: S3Config, access_key: str, secret_key: str, token: str | None) -> Any:
     """One client per location and credentials (boto3 clients are thread-safe and slow to
@@ -350,7 +376,7 @@ def _client(settings: S3Config, access_key: str, secret_key: str, token: str | N
     import boto3
     from botocore.config import Config as BotoConfig
 
-    return boto3.session.Session().client(
+    client = boto3.session.Session().client(
         "s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
         aws_access_key_id=access_key, aws_secret_access_key=secret_key,
         aws_session_token=token,
@@ -359,6 +385,9 @@ def _client(settings: S3Config, access_key: str, secret_key: str, token: str | N
             connect_timeout=settings.connect_timeout_s, read_timeout=settings.read_timeout_s,
             retries={"mode": "standard", "max_attempts": 3},
             max_pool_connections=max(10, settings.max_concurrency + 2)))
+    for operation in ("PutObject", "CompleteMultipartUpload"):
+        client.meta.events.register(f"before-parameter-build.s3.{operation}", _only_if_absent)
+    return client
 
 
 # A forked child (the drive's run processes) makes its own clients: a client's pooled HTTP

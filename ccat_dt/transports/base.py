@@ -220,7 +220,7 @@ class Occupied(TransferError):
     def __init__(self, final: Endpoint, landed: Endpoint | None = None) -> None:
         waits = f"; the verified bytes wait at {landed.path}" if landed is not None else ""
         super().__init__(f"{final} {FOREIGN_FILE} (it appeared while the package travelled): "
-                         f"nothing was renamed over it{waits}. Find out what wrote it and move "
+                         f"nothing was written over it{waits}. Find out what wrote it and move "
                          "it away; the next attempt then copies the package", retryable=False)
 
 

@@ -88,7 +88,11 @@ class S3Transport:
             raise TransferError(f"cannot read {source}: {exc}",
                                 retryable=exc.errno not in PERMANENT_ERRNO) from exc
         progress = Progress("transfer", PurePosixPath(relative).name, size)
-        store.upload(source, relative, expected, _counter(progress))
+        try:
+            store.upload(source, relative, expected, _counter(progress),
+                         overwrite=destination.overwrite)
+        except FileExistsError:
+            raise Occupied(destination) from None
         progress.finish()
         actual, landed = self._read_back(store, relative)
         if actual != expected:
