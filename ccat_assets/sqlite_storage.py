@@ -7,8 +7,9 @@ orchestration time (docs/benchmarks.md, section 5):
   connection to a WAL file checkpoints it; the next open reads the schema again). Here the
   engines are kept (per event file, the most recently used few), with their connections open
   between calls. A forked child (a drive's run) never uses its parent's open connections.
-- Every new run's event file was created by reading Dagster's migration scripts twice (to
-  learn the newest revision, then to stamp it); here they are read once per process.
+- Every new run's event file was created table by table, index by index, after reading
+  Dagster's migration scripts twice (to learn the newest revision, then to stamp it); here an
+  empty file is made so once per process, and each run's file is a copy of it.
 
 The files, tables, stamps and transactions are Dagster's own; only how often the work is done
 changes. The embedded default's instance uses them (dagster.yaml, `run_storage` and
@@ -17,12 +18,15 @@ changes. The embedded default's instance uses them (dagster.yaml, `run_storage` 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sqlite3
+import tempfile
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cache
 from typing import Any
 
@@ -37,6 +41,9 @@ from dagster._core.storage.sql import get_alembic_config
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._serdes import ConfigurableClassData
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from ccat_dt.transports.base import rename_into_place
 
 KEPT_ENGINES = 32  # run files written at once are few: the runs in flight, and the index
 
@@ -45,6 +52,38 @@ KEPT_ENGINES = 32  # run files written at once are few: the runs in flight, and 
 def _migrations() -> ScriptDirectory:
     """Dagster's event log migration scripts, read once per process."""
     return ScriptDirectory.from_config(get_alembic_config(sqlite_event_log.__file__))
+
+
+@cache
+def _empty_event_file() -> str:
+    """A run's event file as Dagster makes one (tables, WAL mode, stamped at the newest
+    revision), made once per process in a private temporary directory."""
+    directory = tempfile.mkdtemp(prefix="ccat-dt-events-")
+    atexit.register(shutil.rmtree, directory, True)
+    path = os.path.join(directory, "empty.db")
+    engine = db.create_engine(f"sqlite:///{path}", poolclass=NullPool)
+    with engine.connect() as connection:
+        SqlEventLogStorageMetadata.create_all(connection)
+        connection.execute(db.text("PRAGMA journal_mode=WAL;"))
+        MigrationContext.configure(connection).stamp(_migrations(), "head")
+        connection.commit()
+    engine.dispose()  # the last connection closed: everything is in the file itself
+    return path
+
+
+def _copy_of_empty(path: str) -> bool:
+    """Put a copy of the empty event file at `path`, never over a file another process made
+    there meanwhile; False if it was not put there."""
+    part = f"{path}.{os.getpid()}.part"
+    try:
+        shutil.copyfile(_empty_event_file(), part)
+        rename_into_place(part, path, overwrite=False)
+    except (OSError, db.exc.DatabaseError):
+        return False
+    finally:
+        with suppress(OSError):
+            os.unlink(part)
+    return True
 
 
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # every engine kept, in this process
@@ -60,9 +99,10 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 def _kept_engine(url: str, **connect_args: Any) -> Engine:
-    """An engine whose connections stay open between uses (SQLAlchemy's default pool for a
-    SQLite file, shared by the threads of this process)."""
-    engine = db.create_engine(url, pool_size=1, max_overflow=8, connect_args=connect_args)
+    """An engine whose connection stays open between uses (SQLAlchemy's default pool for a
+    SQLite file, shared by the threads of this process). Threads that need one at the same
+    time (the webserver's) get more, opened for them and closed after: never a wait."""
+    engine = db.create_engine(url, pool_size=1, max_overflow=-1, connect_args=connect_args)
     _ENGINES.add(engine)
     return engine
 
@@ -124,10 +164,14 @@ class SqliteEventLog(SqliteEventLogStorage):
                 yield connection
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
-        """A run's file at the newest revision is left as it is; a new one is created and
-        stamped as Dagster does. Anything else (the index, an older revision, another
-        process creating the same file) goes Dagster's own way, with its retries."""
+        """A new run's file is a copy of an empty one made once per process; one at the
+        newest revision is left as it is; one without tables is created and stamped as Dagster
+        does. Anything else (the index, an older revision, another process creating the same
+        file) goes Dagster's own way, with its retries."""
         if not for_index_shard:
+            path = engine.url.database
+            if path and not os.path.exists(path) and _copy_of_empty(path):
+                return
             try:
                 with engine.connect() as connection:
                     current = MigrationContext.configure(connection).get_current_revision()
