@@ -688,6 +688,22 @@ def test_a_sessions_files_are_hashed_in_parallel_on_the_target(tmp_path: Path) -
 STANDIN = REPO_ROOT / "bench" / "standin"
 
 
+def _stand_in_batch(sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    count: int, directory: str) -> list[tuple[Endpoint, Endpoint, str]]:
+    """The bench's bbcp stand-in on PATH (no start-up wait) and `count` random packages bound
+    for one marked directory on the sshd: (source, destination, checksum) each."""
+    monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("BBCP_STANDIN_STARTUP_S", "0")
+    pairs = []
+    for number in range(count):
+        path = tmp_path / f"pkg-{number:04d}.tar"
+        path.write_bytes(data := os.urandom(10_000 + number))
+        pairs.append((Endpoint(PurePosixPath(path)),
+                      _marked(sshd, sshd.root / directory, sshd.root / directory / path.name),
+                      xxhash.xxh3_128(data).hexdigest()))
+    return pairs
+
+
 @pytest.mark.skipif(shutil.which("python3") is None, reason="the stand-in runs on python3")
 def test_a_stand_in_bbcp_session_of_twenty_files_takes_one_ssh_session(
         sshd: SshServer, tmp_path: Path, ssh_commands: list[str],
@@ -695,15 +711,7 @@ def test_a_stand_in_bbcp_session_of_twenty_files_takes_one_ssh_session(
     """BbcpTransport runs the bench's bbcp STAND-IN (real bbcp is not installed): a program
     that takes our argv, starts its receiver over ssh with our -T command and prints bbcp's
     messages. Our own ssh commands for the session of twenty: one, beside bbcp."""
-    monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("BBCP_STANDIN_STARTUP_S", "0")
-    pairs = []
-    for number in range(20):
-        path = tmp_path / f"pkg-{number:04d}.tar"
-        path.write_bytes(data := os.urandom(10_000 + number))
-        pairs.append((Endpoint(PurePosixPath(path)),
-                      _marked(sshd, sshd.root / "standin", sshd.root / "standin" / path.name),
-                      xxhash.xxh3_128(data).hexdigest()))
+    pairs = _stand_in_batch(sshd, tmp_path, monkeypatch, 20, "standin")
     transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
     results = transport.copy_many(pairs)
     assert len(ssh_commands) == 1, ssh_commands
@@ -721,15 +729,7 @@ def test_a_session_never_renames_over_a_file_that_took_a_final_name_meanwhile(
     """A file appears at one final name while the batch travels: that package comes back as
     Occupied (a person's to look at), its verified bytes wait where they landed, the file is
     untouched, and the rest of the batch is renamed into place."""
-    monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("BBCP_STANDIN_STARTUP_S", "0")
-    pairs = []
-    for number in range(3):
-        path = tmp_path / f"pkg-{number:04d}.tar"
-        path.write_bytes(data := os.urandom(10_000 + number))
-        pairs.append((Endpoint(PurePosixPath(path)),
-                      _marked(sshd, sshd.root / "taken", sshd.root / "taken" / path.name),
-                      xxhash.xxh3_128(data).hexdigest()))
+    pairs = _stand_in_batch(sshd, tmp_path, monkeypatch, 3, "taken")
     taken = sshd.root / "taken" / "pkg-0001.tar"
     transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
     real_bbcp = transport._bbcp
