@@ -165,9 +165,9 @@ class SqliteEventLog(SqliteEventLogStorage):
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
         """A new run's file is a copy of an empty one made once per process; one at the
-        newest revision is left as it is; one without tables is created and stamped as Dagster
-        does. Anything else (the index, an older revision, another process creating the same
-        file) goes Dagster's own way, with its retries."""
+        newest revision is left as it is. Anything else (the index, an empty or older file,
+        another process creating the same file, a copy that failed) goes Dagster's own way,
+        with its retries."""
         if not for_index_shard:
             path = engine.url.database
             if path and not os.path.exists(path) and _copy_of_empty(path):
@@ -176,12 +176,6 @@ class SqliteEventLog(SqliteEventLogStorage):
                 with engine.connect() as connection:
                     current = MigrationContext.configure(connection).get_current_revision()
                     if current == _migrations().get_current_head():
-                        return
-                    if current is None and not db.inspect(connection).get_table_names():
-                        SqlEventLogStorageMetadata.create_all(connection)
-                        connection.execute(db.text("PRAGMA journal_mode=WAL;"))
-                        MigrationContext.configure(connection).stamp(_migrations(), "head")
-                        connection.commit()
                         return
             except (db.exc.DatabaseError, sqlite3.DatabaseError):
                 pass
