@@ -176,7 +176,8 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "packages": args.packages * args.modules, "files_per_package": args.files,
         "raw_bytes": args.packages * args.modules * args.files * args.file_kib * 1024,
-        "written_bytes": _written_bytes(opsdb), "cpu_s": cpu_s,
+        "written_bytes": _written_bytes(opsdb), "deleted_bytes": _deleted_bytes(opsdb),
+        "cpu_s": cpu_s,
         "driver_cpu_s": driver_cpu_s,
         "file_bytes": args.file_kib * 1024, "event_log": args.event_log,
         "filing_s": filing_s, "data_s": data_s, "drive_s": drive_s,
@@ -211,6 +212,20 @@ def _written_bytes(opsdb: object) -> int:
     assert isinstance(opsdb, OpsDB)
     with opsdb.session() as session:
         return int(session.scalar(select(func.coalesce(func.sum(PackageCopy.size), 0))) or 0)
+
+
+def _deleted_bytes(opsdb: object) -> int:
+    """Bytes of every copy the purges deleted (raw files at the source, the observatory's tar,
+    the archives' buffer copies): what the disk had to free, read from OpsDB's copy records."""
+    from sqlalchemy import func, select
+
+    from ccat_dt.opsdb.database import OpsDB
+    from ccat_dt.opsdb.models import CopyStatus, PhysicalCopy
+
+    assert isinstance(opsdb, OpsDB)
+    with opsdb.session() as session:
+        return int(session.scalar(select(func.coalesce(func.sum(PhysicalCopy.size), 0))
+                                  .where(PhysicalCopy.status == CopyStatus.DELETED)) or 0)
 
 
 if __name__ == "__main__":
