@@ -240,13 +240,13 @@ def _unlink_local(claim: _Claim) -> int:
 # Constant script: $1 the root, $2 the path below it, $3 the recorded size, $4 the identity
 # ("INODE MTIME", as `stat -c '%i %.9Y'` prints it) the file must still have, or "" for none.
 # Refuses a symlink in any component, a non-regular file and a size that differs (exit 3:
-# "changed"); another identity exits 5 (hash it first).
+# "changed"); another identity exits 5 (hash it first); nothing at the path exits 6.
 _REMOVE_SCRIPT = """
 root=$1; rel=$2; want=$3; ident=$4;
 [ -f "$root/.ccat-dt-location" ] || { echo "location root $root has no marker" >&2; exit 4; };
 p=$root; set -f; IFS=/;
 for part in $rel; do p=$p/$part; [ -L "$p" ] && { echo "symlink at $p" >&2; exit 3; }; done;
-[ -e "$p" ] || exit 0;
+[ -e "$p" ] || exit 6;
 [ -f "$p" ] || { echo "$p is not a regular file" >&2; exit 3; };
 size=$(stat -c %s -- "$p") || exit 1;
 [ "$size" = "$want" ] || { echo "$p has $size bytes, $want recorded" >&2; exit 3; };
@@ -281,19 +281,21 @@ def _identity_text(inode: int | None, mtime_ns: int | None) -> str | None:
 
 
 def _hash_remote(ssh: SshSettings, claim: _Claim) -> str:
-    """The identity of the remote file, found to hold the recorded bytes ("" when it is gone
-    already); raises _Changed if it holds others."""
+    """The identity of the remote file, found to hold the recorded bytes; raises _Changed if
+    it holds others, FileNotFoundError if nothing is there (an `rm` without an identity to
+    check could then delete a file that appeared since)."""
     assert claim.host is not None
     try:
         [seen] = look(str(claim.root), claim.host, ssh,
                       [Wanted(claim.relative_path, rehash=True)])
     except StorageUnavailable as exc:  # whether it is the recorded file is unknown
         raise OSError(str(exc)) from exc
-    gone = seen.problem is not None and seen.problem.startswith("missing")
-    if not gone and (seen.problem is not None or seen.checksum != claim.checksum):
+    if seen.problem is not None and seen.problem.startswith("missing"):
+        raise FileNotFoundError(f"{claim.host}:{claim.path}")
+    if seen.problem is not None or seen.checksum != claim.checksum:
         raise _Changed(f"{claim.host}:{claim.path} is not the recorded file (content "
                        f"{seen.checksum or seen.problem}, recorded {claim.checksum}); kept")
-    return "" if gone else _identity_text(seen.inode, seen.mtime_ns) or ""
+    return _identity_text(seen.inode, seen.mtime_ns) or ""
 
 
 def _rm_remote(ssh: SshSettings, claim: _Claim, identity: str) -> int:
@@ -306,6 +308,8 @@ def _rm_remote(ssh: SshSettings, claim: _Claim, identity: str) -> int:
                        f"({done.stderr.strip()}); kept")
     if done.rc == 5:
         raise _Moved
+    if done.rc == 6:
+        raise FileNotFoundError(f"{claim.host}:{claim.path}")
     if done.rc != 0:
         raise OSError(str(classify_ssh(done.rc, done.stderr, what=f"rm {claim.path}")))
     return claim.size
@@ -317,13 +321,12 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
     try:
         if not _inside(claim.path, claim.root):
             raise OSError(f"refusing to delete {claim.path}: outside location root {claim.root}")
-        if claim.host is not None:
-            size = _unlink_remote(ssh_settings(config), claim)
-        else:
-            try:
-                size = _unlink_local(claim)
-            except FileNotFoundError:
-                note = f"file already missing at deletion time: {claim.path}; treated as deleted"
+        try:
+            size = (_unlink_local(claim) if claim.host is None
+                    else _unlink_remote(ssh_settings(config), claim))
+        except FileNotFoundError:
+            note = (f"file already missing at deletion time: {claim.host or ''}"
+                    f"{':' if claim.host else ''}{claim.path}; treated as deleted")
     except (OSError, _Changed) as exc:
         with opsdb.session() as session:
             operation = session.get_one(Operation, claim.operation_id)

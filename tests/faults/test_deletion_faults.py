@@ -379,6 +379,45 @@ def test_a_remote_file_with_its_recorded_identity_is_deleted_unread_any_other_ha
     assert path.read_bytes()[:10] == b"x" * 10 and len(hashed) == 2
 
 
+def test_a_remote_copy_gone_before_its_rm_never_takes_a_file_that_appeared_there_with_it(
+        tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote copy without a recorded identity is hashed on its host before the `rm`; found
+    gone, nothing is removed: a file of the same size that takes the path between that look
+    and the `rm` is not the recorded copy and stays. Gone with an identity recorded: the same
+    answer (already missing), nothing removed."""
+    root = tmp_path / "remote-buffer"
+    (root / "obs").mkdir(parents=True)
+    (root / MARKER).write_text("")
+    path = root / "obs" / "pkg.tar"
+    data = os.urandom(50_000)
+    foreign = os.urandom(len(data))
+    real_look = reaper.look
+
+    def look(*args: Any, **kwargs: Any) -> Any:
+        seen = real_look(*args, **kwargs)
+        path.write_bytes(foreign)  # appears right after the look, before the rm
+        return seen
+
+    monkeypatch.setattr(reaper, "look", look)
+
+    def claim(inode: int | None, mtime_ns: int | None) -> reaper._Claim:
+        return reaper._Claim(
+            copy_id=0, operation_id=0, path=path, root=root, relative_path="obs/pkg.tar",
+            prune_dirs=False, host=sshd.destination, size=len(data),
+            checksum=xxhash.xxh3_128(data).hexdigest(), inode=inode, mtime_ns=mtime_ns,
+            source=False, rehash=False)
+
+    with pytest.raises(FileNotFoundError):
+        reaper._unlink_remote(sshd.ssh, claim(None, None))
+    assert path.read_bytes() == foreign
+
+    path.unlink()
+    monkeypatch.setattr(reaper, "look", real_look)
+    with pytest.raises(FileNotFoundError):
+        reaper._unlink_remote(sshd.ssh, claim(12345, 1_700_000_000_123_456_789))
+    assert not path.exists() and root.joinpath("obs").is_dir()
+
+
 def test_a_purge_failing_on_an_unmounted_archive_says_why_and_heals_once_it_is_back(
         tmp_path: Path, instance: DagsterInstance) -> None:
     """The sources' retention is over, but the cologne LTA disk is not mounted when the purge
