@@ -231,6 +231,12 @@ def _unlink_local(claim: _Claim) -> int:
                 raise _Changed(f"{claim.path} changed since it was recorded: content "
                                f"{found.checksum or found.problem}, recorded {claim.checksum}; "
                                "kept")
+            # hashing a large file takes minutes: what is at the name now must be the file
+            # just hashed, not one renamed over it or written to meanwhile
+            now = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            if (now.st_ino, now.st_mtime_ns, now.st_size) != (found.inode, found.mtime_ns,
+                                                               found.size):
+                raise _Changed(f"{claim.path} changed while it was hashed; kept")
         os.unlink(name, dir_fd=directory)
         return info.st_size
     finally:

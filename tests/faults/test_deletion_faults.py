@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +378,48 @@ def test_a_remote_file_with_its_recorded_identity_is_deleted_unread_any_other_ha
     with pytest.raises(reaper._Changed):
         reaper._unlink_remote(sshd.ssh, recorded)
     assert path.read_bytes()[:10] == b"x" * 10 and len(hashed) == 2
+
+
+def test_a_local_file_replaced_while_its_deletion_hashes_it_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy whose identity was never recorded is hashed before its unlink, which for a
+    large file takes minutes: a file renamed over the path meanwhile (same size, other bytes)
+    is not the one hashed and is kept, as is one written to in place after the hash."""
+    root = tmp_path / "buffer"
+    (root / "obs").mkdir(parents=True)
+    (root / MARKER).write_text("")
+    path = root / "obs" / "pkg.tar"
+    data = os.urandom(50_000)
+    foreign = os.urandom(len(data))
+    real_look = reaper.look_local
+
+    def replaced(*args: Any, **kwargs: Any) -> Any:
+        seen = real_look(*args, **kwargs)
+        path.with_name("other").write_bytes(foreign)
+        path.with_name("other").replace(path)  # renamed over it after the hash
+        return seen
+
+    def written(*args: Any, **kwargs: Any) -> Any:
+        seen = real_look(*args, **kwargs)
+        time.sleep(0.02)  # past the file system's timestamp tick, as a real hash's minutes are
+        with path.open("r+b") as stream:  # in place, same inode, same size
+            stream.write(foreign[:10])
+        return seen
+
+    claim = reaper._Claim(
+        copy_id=0, operation_id=0, path=path, root=root, relative_path="obs/pkg.tar",
+        prune_dirs=False, host=None, size=len(data),
+        checksum=xxhash.xxh3_128(data).hexdigest(), inode=None, mtime_ns=None, source=False,
+        rehash=False)
+    for change, left in ((replaced, foreign), (written, foreign[:10] + data[10:])):
+        path.write_bytes(data)
+        monkeypatch.setattr(reaper, "look_local", change)
+        with pytest.raises(reaper._Changed):
+            reaper._unlink_local(claim)
+        assert path.read_bytes() == left
+    monkeypatch.setattr(reaper, "look_local", real_look)
+    path.write_bytes(data)
+    assert reaper._unlink_local(claim) == len(data) and not path.exists()
 
 
 def test_a_remote_copy_gone_before_its_rm_never_takes_a_file_that_appeared_there_with_it(
