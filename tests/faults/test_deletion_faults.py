@@ -332,16 +332,31 @@ def test_a_remote_buffer_file_replaced_by_other_bytes_of_its_size_is_never_delet
         opsdb.dispose()
 
 
+def _buffer_file(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A marked location root and the path of a buffer copy's file under it (not written)."""
+    root = tmp_path / name
+    (root / "obs").mkdir(parents=True)
+    (root / MARKER).write_text("")
+    return root, root / "obs" / "pkg.tar"
+
+
+def _claim_of(root: Path, path: Path, data: bytes, host: str | None, *,
+              inode: int | None = None, mtime_ns: int | None = None) -> reaper._Claim:
+    """The deletion of the buffer copy at `path` recorded as holding `data`."""
+    return reaper._Claim(
+        copy_id=0, operation_id=0, path=path, root=root,
+        relative_path=str(path.relative_to(root)), prune_dirs=False, host=host,
+        size=len(data), checksum=xxhash.xxh3_128(data).hexdigest(), inode=inode,
+        mtime_ns=mtime_ns, source=False, rehash=False)
+
+
 def test_a_remote_file_with_its_recorded_identity_is_deleted_unread_any_other_hashed_first(
         tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A remote buffer copy is 50 GB read again if its deletion hashes it: the file its
     transfer verified (same inode and mtime to the nanosecond, checked in the rm's own shell)
     is deleted unread; the same bytes in another file are hashed first, then deleted; other
     bytes written in place a moment later (same inode, same size) are hashed and kept."""
-    root = tmp_path / "remote-buffer"
-    (root / "obs").mkdir(parents=True)
-    (root / MARKER).write_text("")
-    path = root / "obs" / "pkg.tar"
+    root, path = _buffer_file(tmp_path, "remote-buffer")
     path.write_bytes(data := os.urandom(50_000))
     hashed: list[str] = []
     real_look = reaper.look
@@ -354,11 +369,8 @@ def test_a_remote_file_with_its_recorded_identity_is_deleted_unread_any_other_ha
 
     def claim() -> reaper._Claim:
         info = path.stat()
-        return reaper._Claim(
-            copy_id=0, operation_id=0, path=path, root=root, relative_path="obs/pkg.tar",
-            prune_dirs=False, host=sshd.destination, size=len(data),
-            checksum=xxhash.xxh3_128(data).hexdigest(), inode=info.st_ino,
-            mtime_ns=info.st_mtime_ns, source=False, rehash=False)
+        return _claim_of(root, path, data, sshd.destination, inode=info.st_ino,
+                         mtime_ns=info.st_mtime_ns)
 
     assert reaper._unlink_remote(sshd.ssh, claim()) == len(data)
     assert not path.exists() and hashed == []
@@ -385,10 +397,7 @@ def test_a_local_file_replaced_while_its_deletion_hashes_it_is_kept(
     """A copy whose identity was never recorded is hashed before its unlink, which for a
     large file takes minutes: a file renamed over the path meanwhile (same size, other bytes)
     is not the one hashed and is kept, as is one written to in place after the hash."""
-    root = tmp_path / "buffer"
-    (root / "obs").mkdir(parents=True)
-    (root / MARKER).write_text("")
-    path = root / "obs" / "pkg.tar"
+    root, path = _buffer_file(tmp_path, "buffer")
     data = os.urandom(50_000)
     foreign = os.urandom(len(data))
     real_look = reaper.look_local
@@ -406,11 +415,7 @@ def test_a_local_file_replaced_while_its_deletion_hashes_it_is_kept(
             stream.write(foreign[:10])
         return seen
 
-    claim = reaper._Claim(
-        copy_id=0, operation_id=0, path=path, root=root, relative_path="obs/pkg.tar",
-        prune_dirs=False, host=None, size=len(data),
-        checksum=xxhash.xxh3_128(data).hexdigest(), inode=None, mtime_ns=None, source=False,
-        rehash=False)
+    claim = _claim_of(root, path, data, None)
     for change, left in ((replaced, foreign), (written, foreign[:10] + data[10:])):
         path.write_bytes(data)
         monkeypatch.setattr(reaper, "look_local", change)
@@ -428,10 +433,7 @@ def test_a_remote_copy_gone_before_its_rm_never_takes_a_file_that_appeared_there
     gone, nothing is removed: a file of the same size that takes the path between that look
     and the `rm` is not the recorded copy and stays. Gone with an identity recorded: the same
     answer (already missing), nothing removed."""
-    root = tmp_path / "remote-buffer"
-    (root / "obs").mkdir(parents=True)
-    (root / MARKER).write_text("")
-    path = root / "obs" / "pkg.tar"
+    root, path = _buffer_file(tmp_path, "remote-buffer")
     data = os.urandom(50_000)
     foreign = os.urandom(len(data))
     real_look = reaper.look
@@ -443,21 +445,16 @@ def test_a_remote_copy_gone_before_its_rm_never_takes_a_file_that_appeared_there
 
     monkeypatch.setattr(reaper, "look", look)
 
-    def claim(inode: int | None, mtime_ns: int | None) -> reaper._Claim:
-        return reaper._Claim(
-            copy_id=0, operation_id=0, path=path, root=root, relative_path="obs/pkg.tar",
-            prune_dirs=False, host=sshd.destination, size=len(data),
-            checksum=xxhash.xxh3_128(data).hexdigest(), inode=inode, mtime_ns=mtime_ns,
-            source=False, rehash=False)
-
     with pytest.raises(FileNotFoundError):
-        reaper._unlink_remote(sshd.ssh, claim(None, None))
+        reaper._unlink_remote(sshd.ssh, _claim_of(root, path, data, sshd.destination))
     assert path.read_bytes() == foreign
 
     path.unlink()
     monkeypatch.setattr(reaper, "look", real_look)
     with pytest.raises(FileNotFoundError):
-        reaper._unlink_remote(sshd.ssh, claim(12345, 1_700_000_000_123_456_789))
+        reaper._unlink_remote(sshd.ssh, _claim_of(root, path, data, sshd.destination,
+                                                  inode=12345,
+                                                  mtime_ns=1_700_000_000_123_456_789))
     assert not path.exists() and root.joinpath("obs").is_dir()
 
 
