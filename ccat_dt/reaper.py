@@ -331,8 +331,8 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
             size = (_unlink_local(claim) if claim.host is None
                     else _unlink_remote(ssh_settings(config), claim))
         except FileNotFoundError:
-            note = (f"file already missing at deletion time: {claim.host or ''}"
-                    f"{':' if claim.host else ''}{claim.path}; treated as deleted")
+            where = f"{claim.host}:{claim.path}" if claim.host else str(claim.path)
+            note = f"file already missing at deletion time: {where}; treated as deleted"
     except (OSError, _Changed) as exc:
         with opsdb.session() as session:
             operation = session.get_one(Operation, claim.operation_id)
