@@ -1,10 +1,12 @@
-"""The totals the database keeps (ccat_dt/opsdb/totals.py) equal a fresh COUNT/SUM of the
-tables, whatever wrote the rows: the lifecycle's own code, raw SQL, a migration, two processes
-at once; on SQLite and on PostgreSQL."""
+"""The totals the database keeps (ccat_dt/opsdb/totals.py), and each package's count of sites
+with a verified LTA copy (ccat_dt/opsdb/archived_sites.py), equal a fresh count of the tables,
+whatever wrote the rows: the lifecycle's own code, raw SQL, a migration, two processes at once;
+on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
-from ccat_dt.opsdb import totals
+from ccat_dt.opsdb import archived_sites, totals
 from ccat_dt.opsdb.database import OpsDB, _alembic_config, create_opsdb_engine, migrate
 from ccat_dt.report import summarize
 from ccat_dt.topology import prepare_opsdb
@@ -47,6 +49,14 @@ def kept_and_counted(url: str) -> tuple[dict[totals.Key, tuple[int, int]],
     return found
 
 
+def sites_kept_and_counted(url: str) -> tuple[dict[int, int], dict[int, int]]:
+    engine = create_opsdb_engine(url)
+    with engine.connect() as connection:
+        found = archived_sites.read(connection), archived_sites.recount(connection)
+    engine.dispose()
+    return found
+
+
 def test_totals_equal_a_fresh_count_after_a_lifecycle_and_raw_sql(
         deployment: Config, tmp_path: Path) -> None:
     url = deployment.opsdb_url
@@ -62,6 +72,9 @@ def test_totals_equal_a_fresh_count_after_a_lifecycle_and_raw_sql(
 
     kept, counted = kept_and_counted(url)
     assert kept == counted
+    sites, recounted = sites_kept_and_counted(url)
+    assert sites == recounted
+    assert sorted(set(sites.values())) == [0, 2], "archived packages in 2 sites, 1 failed"
     statuses = {(subject, status) for subject, _, status in kept}
     assert {("copy", "deleted"), ("package", "archived"), ("package", "failed"),
             ("operation", "deletion/completed"), ("operation", "packaging/failed")} <= statuses
@@ -78,6 +91,16 @@ def test_totals_equal_a_fresh_count_after_a_lifecycle_and_raw_sql(
                         "status, checksum, created_at) SELECT kind, location_id, "
                         "relative_path || '.again', size, 'staged', checksum, created_at "
                         "FROM physical_copies"))
+        # an LTA copy found missing; another one's record re-verified (no change of count);
+        # an LTA copy of another package moved to a buffer location by hand
+        db.execute(text(f"UPDATE physical_copies SET status = 'missing' WHERE id = "
+                        f"(SELECT min(c.id) FROM physical_copies c {LTA_COPY})"))
+        db.execute(text(f"UPDATE physical_copies SET verified_at = created_at WHERE id = "
+                        f"(SELECT max(c.id) FROM physical_copies c {LTA_COPY})"))
+        db.execute(text(f"UPDATE physical_copies SET location_id = (SELECT min(id) FROM "
+                        f"data_locations WHERE location_type = 'buffer') WHERE id = "
+                        f"(SELECT max(c.id) FROM physical_copies c {LTA_COPY} AND c.package_id "
+                        f"<> (SELECT min(package_id) FROM physical_copies {LTA_COPY}))"))
     with pytest.raises(Exception, match="rolled back"), engine.begin() as db:
         db.execute(text("DELETE FROM physical_copies WHERE status = 'staged'"))
         raise Exception("rolled back")  # noqa: TRY002 - the totals roll back with the rows
@@ -85,6 +108,9 @@ def test_totals_equal_a_fresh_count_after_a_lifecycle_and_raw_sql(
 
     kept, counted = kept_and_counted(url)
     assert kept == counted
+    sites, recounted = sites_kept_and_counted(url)
+    assert sites == recounted
+    assert sorted(set(sites.values())) == [0, 1, 2], "two packages lost an LTA site"
     summary = summarize(opsdb)  # what `ccat-dt status` prints, from the totals
     assert summary.packages["failed"] == 1
     assert summary.failed_operations >= 1
@@ -119,6 +145,43 @@ def test_migration_fills_the_totals_from_the_rows_already_there(opsdb_url: str) 
                                ("copy", 2, "present"): (1, 1000)}
 
 
+def test_migration_counts_the_verified_lta_sites_of_the_packages_already_there(
+        opsdb_url: str) -> None:
+    command.upgrade(_alembic_config(opsdb_url), "0013")
+    engine = create_engine(opsdb_url)
+    with engine.begin() as db:
+        db.execute(text("INSERT INTO sites (id, short_name, name, description) "
+                        "VALUES (1, 'a', 'A', ''), (2, 'b', 'B', '')"))
+        db.execute(text("INSERT INTO data_locations (id, site_id, name, location_type, "
+                        "storage_type, priority, root) VALUES "
+                        "(1, 1, 'lta', 'long_term_archive', 'disk', 0, '/a'), "
+                        "(2, 2, 'lta', 'long_term_archive', 'disk', 0, '/b'), "
+                        "(3, 2, 'buffer', 'buffer', 'disk', 1, '/c')"))
+        db.execute(text("INSERT INTO instrument_modules (id, instrument, name) "
+                        "VALUES (1, 'test', 'm')"))
+        db.execute(text("INSERT INTO executed_obs_units (id, uuid, name, status, started_at) "
+                        "VALUES (1, 'u-1', 'obs-1', 'finished', '2026-01-01 00:00:00')"))
+        for package in (1, 2, 3):
+            db.execute(text("INSERT INTO raw_data_packages (id, uuid, name, observation_id, "
+                            "module_id, part, state, primary_site_id, created_at) VALUES "
+                            "(:id, :name, :name, 1, 1, :id, 'transferring', 1, "
+                            "'2026-01-01 00:00:00')"), {"id": package, "name": f"p{package}"})
+        # (package, location, verified): both LTAs; one LTA and a buffer; an unverified LTA
+        for n, (package, location, verified) in enumerate(
+                [(1, 1, True), (1, 2, True), (2, 1, True), (2, 3, True), (3, 2, False)]):
+            db.execute(text("INSERT INTO physical_copies (kind, location_id, relative_path, "
+                            "size, status, checksum, created_at, verified_at, package_id) "
+                            "VALUES ('package', :location, :path, 1, 'present', 'abc', "
+                            "'2026-01-01 00:00:00', :verified, :package)"),
+                       {"location": location, "path": f"c{n}.tar", "package": package,
+                        "verified": "2026-01-02 00:00:00" if verified else None})
+    engine.dispose()
+
+    migrate(opsdb_url)
+
+    assert sites_kept_and_counted(opsdb_url) == ({1: 2, 2: 1, 3: 0}, {1: 2, 2: 1, 3: 0})
+
+
 WRITES = 150
 
 
@@ -140,6 +203,10 @@ def _write_copies(url: str, tag: str, start: multiprocessing.synchronize.Event) 
     engine.dispose()
 
 
+LTA_COPY = ("JOIN data_locations l ON l.id = c.location_id WHERE l.location_type = "
+            "'long_term_archive' AND c.status = 'present' AND c.package_id IS NOT NULL")
+
+
 def test_two_processes_writing_at_once_lose_no_counts(deployment: Config) -> None:
     url = deployment.opsdb_url
     context = multiprocessing.get_context("spawn")
@@ -158,3 +225,59 @@ def test_two_processes_writing_at_once_lose_no_counts(deployment: Config) -> Non
     first = min(location for subject, location, _ in kept if subject == "copy")
     assert kept[("copy", first, "present")] == (WRITES, 7 * WRITES)
     assert kept[("copy", first, "deleted")] == (WRITES, 7 * WRITES)
+
+
+def _archive_each_package_at(url: str, site: str, packages: list[int],
+                             start: multiprocessing.synchronize.Barrier) -> None:
+    """One archive site's writer: each package's verified LTA copy, in a transaction that
+    stays open a moment after its insert, while the other site's writer does the same."""
+    engine = create_opsdb_engine(url)
+    for package in packages:
+        start.wait(timeout=60)
+        with engine.begin() as db:
+            db.execute(text(
+                "INSERT INTO physical_copies (kind, location_id, relative_path, size, status, "
+                "checksum, created_at, verified_at, package_id) SELECT 'package', l.id, :path, "
+                "7, 'present', 'abc', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :package "
+                "FROM data_locations l JOIN sites s ON s.id = l.site_id "
+                "WHERE s.short_name = :site AND l.location_type = 'long_term_archive'"),
+                {"path": f"{site}-{package}.tar", "package": package, "site": site})
+            time.sleep(0.02)
+    engine.dispose()
+
+
+def test_two_sites_verifying_the_same_packages_at_once_count_both(deployment: Config) -> None:
+    url = deployment.opsdb_url
+    packages = _packages(url, 12)
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    writers = [context.Process(target=_archive_each_package_at, args=(url, site, packages, start))
+               for site in ("cologne", "us")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+        assert writer.exitcode == 0
+
+    sites, recounted = sites_kept_and_counted(url)
+    assert sites == recounted == dict.fromkeys(packages, 2)
+
+
+def _packages(url: str, count: int) -> list[int]:
+    """`count` packages with no copies yet, made by hand."""
+    engine = create_opsdb_engine(url)
+    with engine.begin() as db:
+        db.execute(text("INSERT INTO instrument_modules (id, instrument, name) "
+                        "VALUES (901, 'test', 'm')"))
+        db.execute(text("INSERT INTO executed_obs_units (id, uuid, name, status, started_at) "
+                        "VALUES (901, 'u-901', 'obs-901', 'finished', CURRENT_TIMESTAMP)"))
+        for part in range(count):
+            db.execute(text(
+                "INSERT INTO raw_data_packages (uuid, name, observation_id, module_id, part, "
+                "state, primary_site_id, created_at) SELECT :uuid, :name, 901, 901, :part, "
+                "'transferring', min(id), CURRENT_TIMESTAMP FROM sites"),
+                {"uuid": f"p-{part}", "name": f"pkg-{part}", "part": part})
+        made = [int(n) for n in db.execute(text("SELECT id FROM raw_data_packages "
+                                                "ORDER BY id")).scalars()]
+    engine.dispose()
+    return made

@@ -175,7 +175,10 @@ class RawDataPackage(Base):
     """A tar of the raw files of one observation x module (split when over the size limit)."""
 
     __tablename__ = "raw_data_packages"
-    __table_args__ = (UniqueConstraint("observation_id", "module_id", "part"),)
+    __table_args__ = (UniqueConstraint("observation_id", "module_id", "part"),
+                      # the service level's unsafe packages, oldest first (migration 0014)
+                      Index("ix_raw_data_packages_verified_lta_sites", "verified_lta_sites",
+                            "created_at"))
     id: Mapped[int] = mapped_column(primary_key=True)
     uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
     name: Mapped[str] = mapped_column(String(200), unique=True)  # the Dagster partition key
@@ -195,6 +198,9 @@ class RawDataPackage(Base):
     # Why the primary site is not the one first assigned (an archive site down past the
     # failover horizon before the package left the observatory); None when never changed.
     primary_site_note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Distinct sites holding a verified LTA copy: kept by the database's triggers
+    # (ccat_dt/opsdb/archived_sites.py), never written by the code; read in queries only.
+    verified_lta_sites: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
     observation: Mapped[ExecutedObsUnit] = relationship()
     module: Mapped[InstrumentModule] = relationship()
