@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import CompoundSelect, select, union
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
@@ -83,10 +83,12 @@ def refresh_loss(session: Session, config: Config, package: RawDataPackage) -> A
 def packages_in_danger(session: Session, config: Config) -> list[tuple[str, Assessment]]:
     """LOST and AT RISK packages, worst first. Only packages marked LOST or with a CORRUPT
     copy can be in danger (every check that finds a bad copy marks it), so this stays cheap."""
-    corrupt = select(PackageCopy.package_id).where(PackageCopy.status == CopyStatus.CORRUPT)
+    # Each side by its partial index (a plain OR would read every package ever made).
+    lost_or_corrupt: CompoundSelect[tuple[int]] = union(
+        select(RawDataPackage.id).where(RawDataPackage.state == PackageState.LOST),
+        select(PackageCopy.package_id).where(PackageCopy.status == CopyStatus.CORRUPT))
     candidates = session.scalars(select(RawDataPackage).where(
-        (RawDataPackage.state == PackageState.LOST) | RawDataPackage.id.in_(corrupt))
-        .order_by(RawDataPackage.name)).all()
+        RawDataPackage.id.in_(lost_or_corrupt)).order_by(RawDataPackage.name)).all()
     found = [(p.name, assess(session, config, p)) for p in candidates]
     danger = [(name, a) for name, a in found if a.health != Health.SAFE]
     return sorted(danger, key=lambda item: item[1].health != Health.LOST)

@@ -178,7 +178,10 @@ class RawDataPackage(Base):
     __table_args__ = (UniqueConstraint("observation_id", "module_id", "part"),
                       # the service level's unsafe packages, oldest first (migration 0014)
                       Index("ix_raw_data_packages_verified_lta_sites", "verified_lta_sites",
-                            "created_at"))
+                            "created_at"),
+                      # the few LOST packages, which `status` lists first (migration 0014)
+                      Index("ix_raw_data_packages_lost", "id", sqlite_where=text("state = 'lost'"),
+                            postgresql_where=text("state = 'lost'")))
     id: Mapped[int] = mapped_column(primary_key=True)
     uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
     name: Mapped[str] = mapped_column(String(200), unique=True)  # the Dagster partition key
