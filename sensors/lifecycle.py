@@ -65,9 +65,10 @@ def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
     names = [due.package for due in page.items]
     queue = packaging_queue(deployment.config)
     return SensorResult(
-        run_requests=[RunRequest(partition_key=due.package, run_key=due.run_key("package"),
-                                 run_config=on_queue(deployment.config, queue))
-                      for due in page.items],
+        run_requests=_idle(context, [RunRequest(partition_key=due.package,
+                                                run_key=due.run_key("package"),
+                                                run_config=on_queue(deployment.config, queue))
+                                     for due in page.items], Stage.PACKAGING),
         dynamic_partitions_requests=[package_partitions.build_add_request(names)] if names else [],
         cursor=str(page.cursor))
 
@@ -218,9 +219,10 @@ def repair_sensor(context: SensorEvaluationContext,
     for rebuild in rebuilds:
         context.log.info(f"rebuild {rebuild.package}: {rebuild.reason}")
     return SensorResult(run_requests=_idle(context, [
-        _placement(deployment, item, stage, why="repair") for stage, item in due]) + [
-        RunRequest(partition_key=r.package, run_key=r.run_key, job_name=JOBS[Stage.PACKAGING].name,
-                   run_config=on_queue(config, packaging_queue(config))) for r in rebuilds])
+        *(_placement(deployment, item, stage, why="repair") for stage, item in due),
+        *(RunRequest(partition_key=r.package, run_key=r.run_key,
+                     job_name=JOBS[Stage.PACKAGING].name,
+                     run_config=on_queue(config, packaging_queue(config))) for r in rebuilds)]))
 
 
 @sensor(jobs=COPY_JOBS, minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -235,16 +237,17 @@ def failover_sensor(context: SensorEvaluationContext,
     for item in rerouted:
         context.log.warning(f"{item.package}: primary site {item.old_site} down past the "
                             f"failover horizon; re-routed to {item.new_site}")
-    return SensorResult(run_requests=[
+    return SensorResult(run_requests=_idle(context, [
         _placement(deployment, Due(r.package, r.new_site, r.copy_id, observatory),
                    Stage.SITE_COPY, why="failover")
-        for r in rerouted if r.copy_id is not None])
+        for r in rerouted if r.copy_id is not None], Stage.SITE_COPY))
 
 
 def _idle(context: SensorEvaluationContext, requests: list[RunRequest],
           stage: Stage | None = None) -> list[RunRequest]:
-    """Leave out partitions that already have a run in flight (a backfill's, say): that run
-    does the work; if it fails, `ccat-dt retry` finds the work again."""
+    """Leave out partitions that already have a run in flight for the same stage (a
+    backfill's, the UI's, another sensor's this round): that run does the work; if it fails,
+    the re-attempt sensor requests it again. Every lifecycle sensor's requests pass here."""
     return not_in_flight(context.instance, requests, stage)
 
 

@@ -200,3 +200,55 @@ def test_a_purge_in_flight_gets_no_second_purge_of_its_package(
         instance.report_run_failed(instance.get_run_by_id(by_ui.run_id))  # type: ignore[arg-type]
         requests = ticked(instance, full, purge)
         assert names[0] in {r.partition_key for r in requests}
+
+
+def test_a_package_in_flight_gets_no_second_build_from_another_sensor(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new package, and a package whose observatory tar was found corrupt, each with a
+    packaging run queued (the UI's "Materialize", or the re-attempt sensor's run earlier in
+    the round): neither the package sensor nor the repair sensor's rebuild asks for a second
+    run, which would build the same tar at the same time (seen in CI under load)."""
+    from dagster import build_sensor_context
+
+    from ccat_dt.opsdb.models import CopyStatus, LocationType
+    from ccat_dt.packages import get_package
+
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    observe(config, opsdb, observations=1, files=1)
+    with opsdb.session() as session:
+        names = sorted(p.name for p in plan_packages(session, config))
+    assert len(names) >= 2
+    home = tmp_path / "dagster_home"
+    write_instance_yaml(config, home)
+    full = build_definitions(config)
+    repository = full.get_repository_def()
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("packages", names)
+        job = full.resolve_implicit_global_asset_job_def()
+
+        def queued_by_ui(name: str) -> str:
+            run = instance.create_run_for_job(
+                job, tags={PARTITION_NAME_TAG: name},
+                asset_selection=frozenset({AssetKey("packages")}),
+                remote_job_origin=ui_origin(job.name))
+            instance.run_coordinator.submit_run(SubmitRunContext(run, workspace=None))  # type: ignore[arg-type]
+            return run.run_id
+
+        in_flight = queued_by_ui(names[0])
+        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                  repository_def=repository, resources=full.resources) as context:
+            new = repository.get_sensor_def("package_sensor").evaluate_tick(context)
+        assert {r.partition_key for r in new.run_requests or []} == set(names[1:])
+
+        assert by_hand(full, instance, "packages", names[1])  # built, then found corrupt
+        with opsdb.session() as session:
+            [tar] = [c for c in get_package(session, names[1]).copies
+                     if c.location.location_type == LocationType.BUFFER]
+            tar.status = CopyStatus.CORRUPT
+        rebuild = queued_by_ui(names[1])
+        repair = repository.get_sensor_def("repair_sensor")
+        assert names[1] not in {r.partition_key for r in ticked(instance, full, repair)}
+
+        for run_id in (in_flight, rebuild):  # once those runs ended, the rebuild is asked for
+            instance.report_run_failed(instance.get_run_by_id(run_id))  # type: ignore[arg-type]
+        assert names[1] in {r.partition_key for r in ticked(instance, full, repair)}
