@@ -752,7 +752,8 @@ def _status(r: SectionResult) -> list[str]:
         c = f["commands"]
         ref = c["reference"]
         lines += ["The fast commands on a fresh demo instance (`ccat-dt demo`), each in a fresh "
-                  "process (Python start, imports, configuration, queries, output), interleaved "
+                  "process (Python start, imports from compiled bytecode as installed, "
+                  "configuration, queries, output), interleaved "
                   f"with `python -c pass` ({len(ref['values'])} timed rounds, order rotated, "
                   "after one untimed round; `file` files one new 1 kB file in that round and "
                   "finds it unchanged afterwards; `why` asks about "
