@@ -21,13 +21,15 @@ IN_FLIGHT = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunSt
 # Runs in flight are bounded by the run queue (max_concurrent_runs plus what waits); this
 # caps one sensor tick's look at them.
 LIMIT = 5000
+LATER = 20  # later finished runs of a partition looked at for one of the same work
 
 
 def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
     """(stage, package, site) of every queued or running lifecycle run (each stage of a run
-    that does several). A run that a later run of the same partition outlived (it finished
-    after this one was created) counts as dead: its process was killed and `ccat-dt retry`
-    did its work again."""
+    that does several). A run that a later run of the same work outlived (one of its stages,
+    the same partition, created after it and finished) counts as dead: its process was killed
+    and `ccat-dt retry` did its work again. A later run of another stage of the partition (the
+    UI's "Materialize" of a package's purge_status while it is being built) proves nothing."""
     out: set[tuple[Stage, str, str | None]] = set()
     for record in instance.get_run_records(RunsFilter(statuses=list(NOT_FINISHED_STATUSES)),
                                            limit=LIMIT):
@@ -38,8 +40,8 @@ def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
         later = instance.get_runs(RunsFilter(
             tags={PARTITION_NAME_TAG: run.tags[PARTITION_NAME_TAG]},
             statuses=list(FINISHED_STATUSES), created_after=record.create_timestamp),
-            limit=1)
-        if not later:
+            limit=LATER)
+        if not any(set(stages_of(other)) & set(stages) for other in later):
             out.update((stage, *partition) for stage in stages)
     return out
 

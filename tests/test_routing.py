@@ -196,6 +196,12 @@ def test_a_purge_in_flight_gets_no_second_purge_of_its_package(
         requests = ticked(instance, full, purge)
         assert {r.partition_key for r in requests} == set(names[1:])
 
+        # A later run of another stage of that package, finished (the UI's "Materialize" of
+        # `packages`: already built), does not make the purge in flight look dead.
+        assert by_hand(full, instance, "packages", names[0])
+        requests = ticked(instance, full, purge)
+        assert {r.partition_key for r in requests} == set(names[1:])
+
         # Once that run ended (here: failed before doing anything), the package is planned.
         instance.report_run_failed(instance.get_run_by_id(by_ui.run_id))  # type: ignore[arg-type]
         requests = ticked(instance, full, purge)
