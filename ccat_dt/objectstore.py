@@ -206,6 +206,12 @@ class ObjectStore:
     def read_hash(self, relative_path: str, etag: str | None = None) -> tuple[str, int]:
         """xxh3-128 and size of the object, streamed (never whole in memory). With `etag`, a
         rewrite during the read is refused by the store (412) instead of hashed half-and-half."""
+        checksum, size, _ = self.read_back(relative_path, etag)
+        return checksum, size
+
+    def read_back(self, relative_path: str, etag: str | None = None) -> tuple[str, int, str]:
+        """read_hash, and the ETag of the very object read: what `remove_unverified` may
+        remove if it is bad, and nothing written at the key after it."""
         extra = {"IfMatch": etag} if etag else {}
         try:
             answer = self.client.get_object(Bucket=self.settings.bucket,
@@ -223,7 +229,7 @@ class ObjectStore:
             if code == "PreconditionFailed":
                 raise FileNotFoundError(f"{relative_path} changed while it was read") from None
             raise self.problem(exc, f"reading {relative_path}") from exc
-        return hasher.hexdigest(), size
+        return hasher.hexdigest(), size, str(answer.get("ETag") or "")
 
     def look(self, wanted: Sequence[Wanted]) -> list[Seen]:
         """storage.look for objects: HEAD each (and when asked, re-read and hash it)."""
@@ -352,11 +358,25 @@ class ObjectStore:
                                          "the storage", transient=False) from None
             raise self.problem(exc, f"downloading {relative_path}") from exc
 
-    def remove_unverified(self, relative_path: str) -> None:
-        """Remove an object this attempt just wrote that failed its re-read (never recorded,
-        so nothing relies on it); best effort."""
-        with suppress(Exception):
-            self.client.delete_object(Bucket=self.settings.bucket, Key=self.key(relative_path))
+    def remove_unverified(self, relative_path: str, etag: str) -> bool:
+        """Remove the object this attempt wrote and read back bad (never recorded, so nothing
+        relies on it), only while it is still the object read (If-Match: its ETag): one
+        written at the key since (a concurrent run's, a repair's) stays. A store without
+        conditional deletes (501 NotImplemented) gets a plain delete, as before they existed.
+        Best effort; whether it was removed. Without the ETag nothing is removed."""
+        if not etag:
+            return False
+        key = self.key(relative_path)
+        try:
+            try:
+                self.client.delete_object(Bucket=self.settings.bucket, Key=key, IfMatch=etag)
+            except Exception as exc:
+                if error_code(exc) != "NotImplemented":
+                    raise
+                self.client.delete_object(Bucket=self.settings.bucket, Key=key)
+        except Exception:  # noqa: BLE001 - replaced since (412), gone, or unreachable: kept
+            return False
+        return True
 
 
 # (bucket, key) of the uploads in flight that must not replace an object: their PutObject or

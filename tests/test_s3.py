@@ -22,7 +22,7 @@ from ccat_dt.checksums import hash_file, new_hasher
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
-from ccat_dt.objectstore import CHECKSUM_METADATA, Stores
+from ccat_dt.objectstore import CHECKSUM_METADATA, ObjectStore, Stores
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -40,7 +40,7 @@ from ccat_dt.reaper import certificate_problems
 from ccat_dt.staging import Selection, request_staging, stage, staged_problems
 from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
-from ccat_dt.transports.base import Endpoint, Occupied
+from ccat_dt.transports.base import Endpoint, Occupied, TransferError
 from ccat_dt.transports.s3 import S3Transport
 from tests.s3server import S3Server, s3, s3server  # noqa: F401 - fixtures
 
@@ -412,6 +412,41 @@ def test_an_upload_never_writes_over_an_object_that_appeared_at_its_key(
     repaired = transport.copy(Endpoint(PurePosixPath(source)),
                               replace(destination, overwrite=True), checksum)
     assert repaired.checksum == checksum == object_hash(client, bucket, key)
+
+
+@pytest.mark.slow
+def test_a_bad_upload_is_removed_but_never_an_object_written_at_its_key_after_it(
+        tmp_path: Path, s3: S3Server, bucket: str, deployment: Config,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload whose read-back does not match is removed (nothing records it; the next
+    attempt uploads again), but only while the object at the key is still the one read:
+    another run's (or a repair's) object written there meanwhile stays, byte for byte."""
+    client = s3.client()
+    key = f"{PREFIX}/obs-0/pkg.tar"
+    source = tmp_path / "pkg.tar"
+    source.write_bytes(os.urandom(200_000))
+    wrong = "0" * 32  # what the read-back is compared with: never the bytes uploaded
+    transport = S3Transport(Stores.of(deployment))
+    destination = Endpoint(PurePosixPath("obs-0/pkg.tar"), store=f"s3://{bucket}/{PREFIX}")
+
+    with pytest.raises(TransferError, match="checksum mismatch on re-reading") as bad:
+        transport.copy(Endpoint(PurePosixPath(source)), destination, wrong)
+    assert bad.value.retryable
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix=key)
+
+    read_back = ObjectStore.read_back
+
+    def then_another_writes(store: ObjectStore, *args: Any, **kwargs: Any
+                            ) -> tuple[str, int, str]:
+        found = read_back(store, *args, **kwargs)
+        client.put_object(Bucket=bucket, Key=key, Body=b"another run's verified object")
+        return found
+
+    monkeypatch.setattr(ObjectStore, "read_back", then_another_writes)
+    with pytest.raises(TransferError, match="checksum mismatch on re-reading"):
+        transport.copy(Endpoint(PurePosixPath(source)), destination, wrong)
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert body == b"another run's verified object"
 
 
 def test_wrong_credentials_give_a_clear_error_that_is_not_retried(

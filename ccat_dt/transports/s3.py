@@ -94,18 +94,18 @@ class S3Transport:
         except FileExistsError:
             raise Occupied(destination) from None
         progress.finish()
-        actual, landed = self._read_back(store, relative)
+        actual, landed, etag = self._read_back(store, relative)
         if actual != expected:
-            store.remove_unverified(relative)
+            store.remove_unverified(relative, etag)
             raise TransferError(f"checksum mismatch on re-reading {destination}: expected "
                                 f"{expected}, read {actual} ({landed} bytes)", retryable=True)
         return TransferResult(bytes=landed, seconds=time.monotonic() - started, checksum=actual,
                               streams=store.settings.max_concurrency)
 
     @staticmethod
-    def _read_back(store: ObjectStore, relative: str) -> tuple[str, int]:
+    def _read_back(store: ObjectStore, relative: str) -> tuple[str, int, str]:
         try:
-            return store.read_hash(relative)
+            return store.read_back(relative)
         except FileNotFoundError as exc:  # gone right after the upload: try again
             raise TransferError(f"{store.root}/{relative}: {exc}", retryable=True) from exc
 
