@@ -1,7 +1,8 @@
 """`ccat-dt retry`: what an operator does after fixing a cause (a disk freed, a link back, a
 source file restored), or after a piece of work was escalated past the re-attempt horizon:
 this finishes abandoned deletions, re-runs each stalled partition once as a new run (which
-starts a new re-attempt episode), then lets the sensors take it from there. Transient faults
+starts a new re-attempt episode; not one a run in flight, the daemon's say, already does),
+then lets the sensors take it from there. Transient faults
 never need it: the re-attempt sensor requests failed work again by itself."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from collections.abc import Callable, Collection
 from dagster import DagsterInstance, RunRequest
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import DriveReport, drive, drive_lock, launch
+from ccat_assets.driver import DriveReport, close_dead_runs, drive, drive_lock, launch
+from ccat_assets.inflight import in_flight
 from ccat_assets.partitions import package_site_key
 from ccat_assets.stages import JOBS
 from ccat_assets.tags import RETRY_TAG
@@ -37,15 +39,26 @@ def _retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
     defs = build_definitions(config)
     for purge in resume_deletions(opsdb, config):
         log(f"abandoned deletions of {purge.package} finished: {purge.deleted} copies")
-    retried = stalled_work(opsdb, config, packages=packages, rebuild_failed=rebuild_failed)
+    close_dead_runs(instance, log)  # a killed drive's runs: their work is re-run below
+    busy = in_flight(instance)  # the daemon's, a backfill's: that run does the work
+    retried = []
+    for item in stalled_work(opsdb, config, packages=packages, rebuild_failed=rebuild_failed):
+        if (item.stage, item.package, item.site or None) in busy:
+            log(f"not retrying {item.stage.label} {_key(item)}: a run of it is queued or "
+                "running")
+        else:
+            retried.append(item)
     report = DriveReport()
     for item in retried:
-        key = package_site_key(item.package, item.site) if item.site else item.package
-        log(f"retrying {item.stage.label} {key}: {item.reason}")
-        launch(defs, instance, RunRequest(partition_key=key, job_name=JOBS[item.stage].name,
+        log(f"retrying {item.stage.label} {_key(item)}: {item.reason}")
+        launch(defs, instance, RunRequest(partition_key=_key(item), job_name=JOBS[item.stage].name,
                                           tags={RETRY_TAG: item.reason[:200]}),
                origin="ccat-dt retry", report=report, log=log)
     follow_up = drive(defs, instance, log=log)
     report.launched += follow_up.launched
     report.failed += follow_up.failed
     return retried, report
+
+
+def _key(item: Stalled) -> str:
+    return str(package_site_key(item.package, item.site)) if item.site else item.package

@@ -258,3 +258,38 @@ def test_a_package_in_flight_gets_no_second_build_from_another_sensor(
         for run_id in (in_flight, rebuild):  # once those runs ended, the rebuild is asked for
             instance.report_run_failed(instance.get_run_by_id(run_id))  # type: ignore[arg-type]
         assert names[1] in {r.partition_key for r in ticked(instance, full, repair)}
+
+
+def test_an_operator_retry_leaves_alone_the_work_a_queued_run_does(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ccat-dt retry` while a daemon or a backfill has a run of a package queued: that
+    package's work is not launched a second time (the others' is), and the operator is told."""
+    from dagster import RunsFilter
+
+    from ccat_assets.retry import operator_retry
+
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    observe(config, opsdb, observations=1, files=1)
+    with opsdb.session() as session:
+        names = sorted(p.name for p in plan_packages(session, config))
+    assert len(names) >= 2
+    home = tmp_path / "dagster_home"
+    write_instance_yaml(config, home)
+    full = build_definitions(config)
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("packages", names)
+        job = full.resolve_implicit_global_asset_job_def()
+        queued = instance.create_run_for_job(
+            job, tags={PARTITION_NAME_TAG: names[0], "dagster/backfill": "b1"},
+            asset_selection=frozenset({AssetKey("packages")}),
+            remote_job_origin=ui_origin(job.name))
+        instance.run_coordinator.submit_run(SubmitRunContext(queued, workspace=None))  # type: ignore[arg-type]
+
+        said: list[str] = []
+        retried, report = operator_retry(config, instance, opsdb, log=said.append)
+        assert {item.package for item in retried} == set(names[1:])
+        assert report.failed == []
+        assert [run.run_id for run in instance.get_runs(
+            RunsFilter(tags={PARTITION_NAME_TAG: names[0]}))] == [queued.run_id]
+        assert any(line.startswith("not retrying packaging") and names[0] in line
+                   for line in said)
