@@ -131,6 +131,36 @@ def archived_not_purged(config: Config, opsdb: OpsDB, tmp_path: Path,
         yield instance, full, sorted(instance.get_dynamic_partitions("packages"))
 
 
+@contextmanager
+def planned_not_built(config: Config, opsdb: OpsDB, tmp_path: Path,
+                      monkeypatch: pytest.MonkeyPatch
+                      ) -> Iterator[tuple[DagsterInstance, Definitions, list[str]]]:
+    """An observation's packages planned and registered as partitions, none built yet: the
+    instance (with the run coordinator `ccat-dt init` writes), the definitions, the names."""
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    observe(config, opsdb, observations=1, files=1)
+    with opsdb.session() as session:
+        names = sorted(p.name for p in plan_packages(session, config))
+    assert len(names) >= 2
+    home = tmp_path / "dagster_home"
+    write_instance_yaml(config, home)
+    full = build_definitions(config)
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("packages", names)
+        yield instance, full, names
+
+
+def queued_build(instance: DagsterInstance, full: Definitions, name: str,
+                 tags: dict[str, str] | None = None) -> str:
+    """A run of `packages` for `name` queued as the UI (or a backfill) queues it; its id."""
+    job = full.resolve_implicit_global_asset_job_def()
+    run = instance.create_run_for_job(
+        job, tags={PARTITION_NAME_TAG: name, **(tags or {})},
+        asset_selection=frozenset({AssetKey("packages")}), remote_job_origin=ui_origin(job.name))
+    instance.run_coordinator.submit_run(SubmitRunContext(run, workspace=None))  # type: ignore[arg-type]
+    return run.run_id
+
+
 def ticked(instance: DagsterInstance, full: Definitions, sensor: SensorDefinition
            ) -> list[RunRequest]:
     """The run requests of one tick of `sensor`, as the daemon would evaluate it."""
@@ -219,28 +249,9 @@ def test_a_package_in_flight_gets_no_second_build_from_another_sensor(
     from ccat_dt.opsdb.models import CopyStatus, LocationType
     from ccat_dt.packages import get_package
 
-    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
-    observe(config, opsdb, observations=1, files=1)
-    with opsdb.session() as session:
-        names = sorted(p.name for p in plan_packages(session, config))
-    assert len(names) >= 2
-    home = tmp_path / "dagster_home"
-    write_instance_yaml(config, home)
-    full = build_definitions(config)
-    repository = full.get_repository_def()
-    with DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("packages", names)
-        job = full.resolve_implicit_global_asset_job_def()
-
-        def queued_by_ui(name: str) -> str:
-            run = instance.create_run_for_job(
-                job, tags={PARTITION_NAME_TAG: name},
-                asset_selection=frozenset({AssetKey("packages")}),
-                remote_job_origin=ui_origin(job.name))
-            instance.run_coordinator.submit_run(SubmitRunContext(run, workspace=None))  # type: ignore[arg-type]
-            return run.run_id
-
-        in_flight = queued_by_ui(names[0])
+    with planned_not_built(config, opsdb, tmp_path, monkeypatch) as (instance, full, names):
+        repository = full.get_repository_def()
+        in_flight = queued_build(instance, full, names[0])
         with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
                                   repository_def=repository, resources=full.resources) as context:
             new = repository.get_sensor_def("package_sensor").evaluate_tick(context)
@@ -251,7 +262,7 @@ def test_a_package_in_flight_gets_no_second_build_from_another_sensor(
             [tar] = [c for c in get_package(session, names[1]).copies
                      if c.location.location_type == LocationType.BUFFER]
             tar.status = CopyStatus.CORRUPT
-        rebuild = queued_by_ui(names[1])
+        rebuild = queued_build(instance, full, names[1])
         repair = repository.get_sensor_def("repair_sensor")
         assert names[1] not in {r.partition_key for r in ticked(instance, full, repair)}
 
@@ -268,28 +279,14 @@ def test_an_operator_retry_leaves_alone_the_work_a_queued_run_does(
 
     from ccat_assets.retry import operator_retry
 
-    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
-    observe(config, opsdb, observations=1, files=1)
-    with opsdb.session() as session:
-        names = sorted(p.name for p in plan_packages(session, config))
-    assert len(names) >= 2
-    home = tmp_path / "dagster_home"
-    write_instance_yaml(config, home)
-    full = build_definitions(config)
-    with DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("packages", names)
-        job = full.resolve_implicit_global_asset_job_def()
-        queued = instance.create_run_for_job(
-            job, tags={PARTITION_NAME_TAG: names[0], "dagster/backfill": "b1"},
-            asset_selection=frozenset({AssetKey("packages")}),
-            remote_job_origin=ui_origin(job.name))
-        instance.run_coordinator.submit_run(SubmitRunContext(queued, workspace=None))  # type: ignore[arg-type]
+    with planned_not_built(config, opsdb, tmp_path, monkeypatch) as (instance, full, names):
+        queued = queued_build(instance, full, names[0], {"dagster/backfill": "b1"})
 
         said: list[str] = []
         retried, report = operator_retry(config, instance, opsdb, log=said.append)
         assert {item.package for item in retried} == set(names[1:])
         assert report.failed == []
         assert [run.run_id for run in instance.get_runs(
-            RunsFilter(tags={PARTITION_NAME_TAG: names[0]}))] == [queued.run_id]
+            RunsFilter(tags={PARTITION_NAME_TAG: names[0]}))] == [queued]
         assert any(line.startswith("not retrying packaging") and names[0] in line
                    for line in said)
