@@ -235,6 +235,7 @@ def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: i
                        mtime_ns=tar.st_mtime_ns)
     session.add(copy)
     session.flush()
+    operation.copy_id = copy.id  # the build read the tar back: the copy's verification
     for bad in package.copies:  # the corrupt (or superseded) tar this build overwrote
         if (bad.id != copy.id and bad.location_id == buffer_id and bad.status
                 == CopyStatus.CORRUPT and bad.relative_path == copy.relative_path):

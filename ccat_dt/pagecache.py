@@ -41,8 +41,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length)
 
 
-def release(fd: int) -> None:
-    """Let the file's clean cached pages go (after its fsync, or after reading it through):
-    its bytes stay on disk; only a later read of them goes to the disk again."""
+def release(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Let the file's clean cached pages go (after its fsync, or after reading it through),
+    all of them or those of one range (0: to the end): its bytes stay on disk; only a later
+    read of them goes to the disk again."""
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

@@ -566,13 +566,14 @@ def check_stage(opsdb: OpsDB, config: Config, package: str, site: str,
     return verify(opsdb, config, package, site, kind)
 
 
-READS = (OperationType.TRANSFER, OperationType.ARCHIVE, OperationType.VERIFICATION)
+READS = (OperationType.PACKAGING, OperationType.TRANSFER, OperationType.ARCHIVE,
+         OperationType.VERIFICATION)
 
 
 def read_in_run(opsdb: OpsDB, package: str, site: str, kind: LocationType,
                 run_id: str) -> Verification | None:
     """The newest copy there, if run `run_id` read it on its storage to the package checksum
-    (its transport on the landed bytes, or a re-read) and nothing has marked it bad since;
+    (its build or transport on the landed bytes, or a re-read) and nothing has marked it bad since;
     None otherwise (then the check re-reads it)."""
     with opsdb.session() as session:
         pkg = get_package(session, package)
@@ -585,7 +586,8 @@ def read_in_run(opsdb: OpsDB, package: str, site: str, kind: LocationType,
             Operation.operation_type.in_(READS)).order_by(Operation.id.desc()).limit(1)).first()
         if operation is None or operation.finished_at is None:
             return None
-        by = operation.transport or "re-read"
+        by = operation.transport or ("packaging" if operation.operation_type
+                                     == OperationType.PACKAGING else "re-read")
         label = f"{copy.location.site.short_name}/{copy.location.name}"
         evidence: dict[str, str | int] = {
             "checksum": copy.checksum or "", "verified_at": operation.finished_at.isoformat(),

@@ -8,6 +8,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import (
@@ -23,11 +24,13 @@ from sqlalchemy import select
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt import checksums
+from ccat_dt import packages as package_builds
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import CopyStatus, LocationType, PackageState, RawDataPackage
 from ccat_dt.reaper import certificate_problems
 from ccat_dt.storage import files_under
+from ccat_dt.tarball import BuiltPackage, PackageMember
 from ccat_dt.transports import local as local_transport
 from ccat_dt.transports import remote as remote_hashing
 from tests.helpers import observe
@@ -40,13 +43,15 @@ PACKAGE_TAGS = ("dagster/partition/package", "dagster/partition")
 
 @pytest.fixture
 def hash_passes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[], Counter[str]]:
-    """Every full read of a file's bytes to hash them, per final path: the transport's
-    landed-bytes hash (of the temporary name, counted for the name it is renamed to) and every
-    re-read (the checks', the scrub's, place()'s of an existing copy). Counted in a file, one
-    line per read, as the drive's runs execute in child processes; called for the counts."""
+    """Every full read of a file's bytes to hash them, per final path: the packaging build's
+    and the transport's landed-bytes hash (of the temporary name, counted for the name it is
+    renamed to) and every re-read (the checks', the scrub's, place()'s of an existing copy).
+    Counted in a file, one line per read, as the drive's runs execute in child processes;
+    called for the counts."""
     passes = tmp_path / "hash-passes"
     copy_and_hash = local_transport.LocalTransport._copy_and_hash
     hash_file = remote_hashing.hash_file
+    build = package_builds.build_package
 
     def count(path: Path) -> None:
         with open(passes, "a") as handle:  # one write per line: appends never interleave
@@ -61,6 +66,12 @@ def hash_passes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[],
         count(path)
         return hash_file(path)
 
+    def counted_build(members: list[PackageMember], destination: Path,
+                      **options: Any) -> BuiltPackage:
+        count(destination)  # the build reads its tar back once (tests/test_tarball.py)
+        return build(members, destination, **options)
+
+    monkeypatch.setattr(package_builds, "build_package", counted_build)
     monkeypatch.setattr(local_transport.LocalTransport, "_copy_and_hash", counted_copy)
     monkeypatch.setattr(remote_hashing, "hash_file", counted_hash)
     return lambda: Counter(passes.read_text().splitlines() if passes.exists() else [])
@@ -103,23 +114,24 @@ def test_a_package_takes_at_most_four_runs_and_each_copy_is_read_once(
         assert certificate_problems(opsdb, config, package.name) == []
     assert files_under(source) == []
 
-    # Every copy the transport landed at an archive site was read back once: by the
-    # transport, before the rename; its check reported that read instead of reading again.
-    landed = [Path(c.location.root) / c.relative_path for p in found for c in p.copies
-              if c.location.site.short_name in archive_sites]
-    assert len(landed) == 2 * len(archive_sites) * len(found)
+    # Every copy written was read back once: the tar by its build, each copy the transport
+    # landed at an archive site by the transport, before the rename; their checks reported
+    # those reads instead of reading again.
+    landed = [Path(c.location.root) / c.relative_path for p in found for c in p.copies]
+    assert len(landed) == (1 + 2 * len(archive_sites)) * len(found)
     passes = hash_passes()
     for path in landed:
         assert passes[str(path)] == 1, (path, passes)
-    for asset, check in [("site_copies", "site_copy_checksum"),
-                         ("lta_copies", "lta_copy_checksum")]:
+    for asset, check, by in [("packages", "package_checksum", "packaging"),
+                             ("site_copies", "site_copy_checksum", "local"),
+                             ("lta_copies", "lta_copy_checksum", "local")]:
         history = instance.event_log_storage.get_asset_check_execution_history(
             AssetCheckKey(AssetKey(asset), check), limit=100)
-        assert len(history) == len(archive_sites) * len(found)
+        assert len(history) == (1 if asset == "packages" else len(archive_sites)) * len(found)
         for record in history:
             evaluation = record.event.dagster_event.event_specific_data  # type: ignore[union-attr]
             assert evaluation.passed
-            assert evaluation.metadata["verified_by"].value == "local"
+            assert evaluation.metadata["verified_by"].value == by
             assert evaluation.metadata["checksum"].value
             assert evaluation.metadata["operation_id"].value
 

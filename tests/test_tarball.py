@@ -1,17 +1,20 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import io
 import os
 import subprocess
 import tarfile
 import zlib
 from collections import Counter
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ccat_dt import tarball
 from ccat_dt.checksums import CHUNK_SIZE, ChecksumMismatch, hash_file
 from ccat_dt.tarball import (
     MANIFEST_NAME,
@@ -121,6 +124,70 @@ def test_each_source_is_read_exactly_once(tmp_path: Path, monkeypatch: pytest.Mo
 
     assert opens == Counter(sources)
     assert bytes_read == Counter({str(m.source.resolve()): m.size for m in members if m.size})
+
+
+def test_the_tar_is_read_back_once_as_it_lies_in_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build's read-back is the tar's verification (its check reports it): every byte of
+    the file, read once, slice by slice while it is written."""
+    monkeypatch.setattr(tarball, "READ_BACK_SLICE", 4096)
+    read_back: list[tuple[int, int]] = []
+    real = os.preadv
+
+    def counted(fd: int, buffers: list[bytearray], offset: int) -> int:
+        count = real(fd, buffers, offset)
+        read_back.append((offset, count))
+        return count
+
+    monkeypatch.setattr(os, "preadv", counted)
+    built = build_package(make_tree(tmp_path / "src"), tmp_path / "pkg.tar", package_name="pkg")
+    monkeypatch.undo()
+
+    ranges = [(offset, count) for offset, count in read_back if count]
+    assert len(ranges) > 2  # read while written, not only at the end
+    assert [offset for offset, _ in ranges] == [0, *accumulate(c for _, c in ranges)][:-1]
+    assert sum(count for _, count in ranges) == built.size == (tmp_path / "pkg.tar").stat().st_size
+    assert hash_file(tmp_path / "pkg.tar")[0] == built.checksum
+
+
+@pytest.mark.parametrize("damage", ["flipped", "appended"])
+def test_a_tar_that_does_not_read_back_as_written_is_never_renamed_into_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    """A disk that does not keep what was written (a flipped bit, bytes another writer put past
+    the end): the build fails with EIO, retryably, its part file removed, the destination as
+    it was."""
+    members = make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    destination = out / "pkg.tar"
+    destination.write_bytes(b"previous package")
+    part = out / ".pkg.tar.part"
+    monkeypatch.setattr(tarball, "READ_BACK_SLICE", 4096)
+    real = tarball._TarWriter._read_back_landed
+    calls = []
+
+    def damaged(self: tarball._TarWriter) -> None:
+        calls.append(self.size)
+        if len(calls) == 2:
+            with open(part, "r+b") as landed:
+                if damage == "flipped":  # in the slice about to be read back
+                    landed.seek(self._read_back + 100)
+                    byte = landed.read(1)
+                    landed.seek(self._read_back + 100)
+                    landed.write(bytes([byte[0] ^ 1]))
+                else:
+                    landed.seek(0, os.SEEK_END)
+                    landed.write(b"x" * 512)
+        real(self)
+
+    monkeypatch.setattr(tarball._TarWriter, "_read_back_landed", damaged)
+    with pytest.raises(OSError) as info:
+        build_package(members, destination, package_name="pkg")
+
+    assert info.value.errno == errno.EIO
+    assert "did not keep what was written" in str(info.value)
+    assert destination.read_bytes() == b"previous package"
+    assert files_under(out) == {"pkg.tar"}
 
 
 def test_wrong_filed_checksum_fails_and_leaves_destination_untouched(tmp_path: Path) -> None:

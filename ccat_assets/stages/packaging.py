@@ -80,7 +80,9 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
     @asset_check(asset="packages", partitions_def=package_partitions, blocking=True)
     def package_checksum(context: AssetCheckExecutionContext,
                          deployment: Deployment) -> AssetCheckResult:
-        """The tar at the observatory buffer re-reads to the recorded package checksum."""
-        return verified(deployment, context.partition_key, observatory, LocationType.BUFFER)
+        """The tar at the observatory buffer reads to the recorded package checksum: read back
+        by its build in this run, else re-read now."""
+        return verified(deployment, context.partition_key, observatory, LocationType.BUFFER,
+                        run_id=context.run.run_id)
 
     return [raw_files_present, package_checksum]

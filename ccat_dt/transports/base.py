@@ -281,7 +281,8 @@ def claim_temporary(path: Path) -> Iterator[BinaryIO]:
     A file left by a killed writer carries no lock (the kernel dropped it) and is reused.
     Raises OSError(EBUSY) while another process is writing `path` (retrying later helps)."""
     for _ in range(10):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # read-write: a writer reads back what landed through the very file it wrote
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -92,6 +92,9 @@ class LocalTransport:
                 if written == start:
                     break
                 pagecache.start_writeback(destination, start, written - start)
+                # The source's slice is read: its pages go now, to be taken again at once for
+                # the next slice's landing pages (docs/benchmarks.md, section 12).
+                pagecache.release(source, start, written - start)
                 self._landed(landed)
                 progress.update(written)
                 while count := back.readinto(buffer):
@@ -102,7 +105,7 @@ class LocalTransport:
             while count := back.readinto(buffer):
                 hasher.update(view[:count])
             size = back.tell()
-        pagecache.release(source)  # its pages; this copy's stay for the next hop to read
+        pagecache.release(source)  # the rest of its pages; this copy's stay for the next hop
         progress.finish()
         return hasher.hexdigest(), size
 
