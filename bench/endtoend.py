@@ -201,4 +201,10 @@ def _deletions(r: SectionResult) -> list[str]:
             f"- the limit counting the deletions too: "
             f"{f['limit_with_deletions_raw_mb_s']:.0f} MB/s of raw data; the drive reached "
             f"**{c.ratio:.2f}** of it (best runs {c.best_ratio:.2f}; informational, the goal "
-            "is on the writes alone)"]
+            "is on the writes alone)",
+            f"- the most one observation's drive can reach of the writes' limit: "
+            f"{r.comparisons[0].tool.median / c.tool.median:.2f} (the disk's time for the "
+            "writes ÷ for the writes and the deletions). A package's copies are deleted only "
+            "once its last archive holds it, and one observation's packages move in step, so "
+            "its deletions cannot overlap its writes; a stream of observations overlaps one's "
+            "deletions with the next one's copies"]
