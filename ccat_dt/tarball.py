@@ -267,8 +267,9 @@ def build_package(
             raw.flush()
             os.fsync(raw.fileno())
             if (landed := writer.landed_checksum()) != writer.checksum():
-                raise OSError(errno.EIO, f"the tar read back from {part} as {landed}, not the "
-                              f"{writer.checksum()} written: the buffer's disk did not keep "
+                # per file and transient, as a transfer's mismatch on arrival (health.py)
+                raise OSError(errno.EIO, f"checksum mismatch on read-back: {part} read "
+                              f"{landed}, written {writer.checksum()}; the disk did not keep "
                               "what was written to it", str(part))
             try:
                 rename_into_place(str(part), str(destination), overwrite=overwrite)

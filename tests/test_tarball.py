@@ -185,7 +185,7 @@ def test_a_tar_that_does_not_read_back_as_written_is_never_renamed_into_place(
         build_package(members, destination, package_name="pkg")
 
     assert info.value.errno == errno.EIO
-    assert "did not keep what was written" in str(info.value)
+    assert "checksum mismatch on read-back" in str(info.value)
     assert destination.read_bytes() == b"previous package"
     assert files_under(out) == {"pkg.tar"}
 

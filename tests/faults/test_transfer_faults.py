@@ -16,11 +16,13 @@ from sqlalchemy import select
 
 import ccat_dt.replicas as replicas
 import ccat_dt.transports.local as local
+from ccat_dt import tarball
 from ccat_dt.config import Config, load_config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
+    DataLocation,
     LocationType,
     OperationStatus,
     OperationType,
@@ -81,6 +83,43 @@ def test_damaged_in_transit_is_caught_retried_and_converges(
         copies = session.scalars(select(PackageCopy).where(
             PackageCopy.package_id == get_package(session, package).id)).all()
         assert not [c for c in copies if c.status == CopyStatus.CORRUPT]
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+
+
+def test_a_tar_that_reads_back_damaged_is_rebuilt_by_the_step_retry_and_converges(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The packaging build reads its tar back as it writes it; the first build's tar is
+    damaged on the disk before that read. The build fails, its tar never renamed into place,
+    the buffer not marked unhealthy (one file's fault), and the step's retry builds it again."""
+    observe(config, opsdb)
+    damaged = config.directory / "damaged"
+    real = tarball._TarWriter._read_back_landed
+
+    def read_back(self: tarball._TarWriter) -> None:
+        part = next(Path(config.directory).rglob(".*.tar.part"), None)
+        if part is not None and first_caller(damaged, str(part)):
+            with open(part, "r+b") as landed:
+                landed.seek(self._read_back)
+                byte = landed.read(1)
+                landed.seek(self._read_back)
+                landed.write(bytes([byte[0] ^ 0x10]))
+        real(self)
+
+    monkeypatch.setattr(tarball._TarWriter, "_read_back_landed", read_back)
+    report = run(config, instance)
+
+    assert damaged.exists(), "the fault was never injected"
+    assert report.failed == []
+    [package] = package_names(opsdb)
+    builds = operations(opsdb, OperationType.PACKAGING, package)
+    assert builds[0][0] == OperationStatus.FAILED
+    assert "checksum mismatch on read-back" in (builds[0][1] or "")
+    assert builds[1:] and all(s == OperationStatus.COMPLETED for s, _ in builds[1:])
+    with opsdb.session() as session:
+        assert all(location.unhealthy_until is None
+                   for location in session.scalars(select(DataLocation)))
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
 
