@@ -93,7 +93,7 @@ class LocalTransport:
                     break
                 pagecache.start_writeback(destination, start, written - start)
                 # The source's slice is read: its pages go now, to be taken again at once for
-                # the next slice's landing pages (docs/benchmarks.md, section 12).
+                # the next slice's landing pages (pagecache.py).
                 pagecache.release(source, start, written - start)
                 self._landed(landed)
                 progress.update(written)
