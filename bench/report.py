@@ -179,8 +179,10 @@ def _package(r: SectionResult) -> list[str]:
         "**How build_package works.** One pass: each source file is read into one reused 1 MiB "
         "buffer (`CACHED_CHUNK_SIZE`, it stays in the CPU cache), hashed with xxh3-128 for the "
         "manifest, and written out as tar data; the tar's own xxh3-128 and its adler32 (for "
-        "bbcp's in-flight check) are computed from the same buffer; the tar is fsynced before "
-        "it is renamed into place "
+        "bbcp's in-flight check) are computed from the same buffer; every 64 MiB written, the "
+        "slice's write-back is started and the slice is read back from the file and hashed "
+        "(the tar's verification, which its check reports); the tar is fsynced, what remains "
+        "read back, and only a tar that read back as written is renamed into place "
         "(a package must not be half on disk when OpsDB says it is "
         "built). The tar headers come from Python's tarfile (`TarInfo.tobuf`, pax format), so "
         "the bytes are the ones tarfile writes; GNU tar reads them (tests/test_tarball.py).")]
@@ -207,12 +209,13 @@ def _package(r: SectionResult) -> list[str]:
             f"the `sync` after it {g['sync']:.2f} s. The literal rows compare against a tar "
             "whose output is still only in the page cache; ours is on disk, which is a "
             "requirement, not a choice. The rest is the extra work tar does not do: two "
-            "xxh3-128 hashes of every byte (file and tar) and moving the bytes through user "
-            "space (tar does the same copy). **What would close it:** nothing on our side "
-            "short of dropping durability or a checksum; the two-pass goal presumes its second "
-            "pass reads the disk, while here the tar is still in the page cache and `xxhsum` "
-            "of it costs a memory copy. A 50 GB package on a buffer host with less free RAM "
-            "than that is re-read from disk, where one pass saves a whole disk read.")]
+            "xxh3-128 hashes of every byte (file and tar), the tar read back once, and moving "
+            "the bytes through user space (tar does the same copy). **What would close it:** "
+            "nothing on our side short of dropping durability or a checksum; the two-pass "
+            "goal presumes its second pass reads the disk, while here the tar is still in the "
+            "page cache and `xxhsum` of it costs a memory copy. A 50 GB package on a buffer "
+            "host with less free RAM than that is re-read from disk, where one pass saves a "
+            "whole disk read.")]
     return lines
 
 
