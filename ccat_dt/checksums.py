@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,6 +30,31 @@ class ChecksumMismatch(Exception):
 
 def new_hasher() -> xxhash.xxh3_128:
     return xxhash.xxh3_128()
+
+
+class LandedHash:
+    """The checksum of a file as it lands, read back from it (`fd`, open for reading) while its
+    writer goes on: each `read_back` starts the write-back of what was written since the last
+    one and hashes the file from where the last read ended to its end. Every byte that landed
+    is read once, bytes past what the writer wrote included; the reads find the pages the
+    writes just made, and the disk writes meanwhile."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._hasher = new_hasher()
+        self._buffer = bytearray(CACHED_CHUNK_SIZE)
+        self.size = 0  # bytes read back so far
+
+    def read_back(self, written: int) -> None:
+        """`written`: how far the writer has written the file."""
+        pagecache.start_writeback(self._fd, self.size, max(written - self.size, 0))
+        view = memoryview(self._buffer)
+        while count := os.preadv(self._fd, [self._buffer], self.size):
+            self._hasher.update(view[:count])
+            self.size += count
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
 
 
 def hash_stream(stream: BinaryIO) -> tuple[str, int]:

@@ -27,6 +27,7 @@ from ccat_dt.checksums import (
     ALGORITHM,
     CACHED_CHUNK_SIZE,
     ChecksumMismatch,
+    LandedHash,
     hash_file,
     new_hasher,
 )
@@ -84,33 +85,20 @@ class _TarWriter:
         self._adler = adler32(b"")
         self._buffer = bytearray(CACHED_CHUNK_SIZE)
         self.size = 0
-        self._landed = new_hasher()
-        self._read_back = 0
-        self._back = bytearray(CACHED_CHUNK_SIZE)  # not _buffer: a member's chunk may be in it
+        self.landed = LandedHash(raw.fileno())
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._raw.write(data)
         self._hasher.update(data)
         self._adler = adler32(data, self._adler)
         self.size += len(data)
-        if self.size - self._read_back >= READ_BACK_SLICE:
-            self._read_back_landed()
+        if self.size - self.landed.size >= READ_BACK_SLICE:
+            self.read_back()
 
-    def _read_back_landed(self) -> None:
-        """Start the write-back of what was written since the last call and hash it as it lies
-        in the file, up to the file's end (bytes past what was written would be caught too)."""
+    def read_back(self) -> None:
+        """Hash what has landed of the tar so far (the rest, after its fsync)."""
         self._raw.flush()
-        fd = self._raw.fileno()
-        pagecache.start_writeback(fd, self._read_back, self.size - self._read_back)
-        view = memoryview(self._back)
-        while count := os.preadv(fd, [self._back], self._read_back):
-            self._landed.update(view[:count])
-            self._read_back += count
-
-    def landed_checksum(self) -> str:
-        """The checksum of the tar as it lies in the file, after its fsync."""
-        self._read_back_landed()
-        return self._landed.hexdigest()
+        self.landed.read_back(self.size)
 
     def _pad(self, multiple: int) -> None:
         if remainder := self.size % multiple:
@@ -266,7 +254,8 @@ def build_package(
             writer.finish()
             raw.flush()
             os.fsync(raw.fileno())
-            if (landed := writer.landed_checksum()) != writer.checksum():
+            writer.read_back()
+            if (landed := writer.landed.hexdigest()) != writer.checksum():
                 # per file and transient, as a transfer's mismatch on arrival (health.py)
                 raise OSError(errno.EIO, f"checksum mismatch on read-back: {part} read "
                               f"{landed}, written {writer.checksum()}; the disk did not keep "

@@ -163,7 +163,7 @@ def test_a_tar_that_does_not_read_back_as_written_is_never_renamed_into_place(
     destination.write_bytes(b"previous package")
     part = out / ".pkg.tar.part"
     monkeypatch.setattr(tarball, "READ_BACK_SLICE", 4096)
-    real = tarball._TarWriter._read_back_landed
+    real = tarball._TarWriter.read_back
     calls = []
 
     def damaged(self: tarball._TarWriter) -> None:
@@ -171,16 +171,16 @@ def test_a_tar_that_does_not_read_back_as_written_is_never_renamed_into_place(
         if len(calls) == 2:
             with open(part, "r+b") as landed:
                 if damage == "flipped":  # in the slice about to be read back
-                    landed.seek(self._read_back + 100)
+                    landed.seek(self.landed.size + 100)
                     byte = landed.read(1)
-                    landed.seek(self._read_back + 100)
+                    landed.seek(self.landed.size + 100)
                     landed.write(bytes([byte[0] ^ 1]))
                 else:
                     landed.seek(0, os.SEEK_END)
                     landed.write(b"x" * 512)
         real(self)
 
-    monkeypatch.setattr(tarball._TarWriter, "_read_back_landed", damaged)
+    monkeypatch.setattr(tarball._TarWriter, "read_back", damaged)
     with pytest.raises(OSError) as info:
         build_package(members, destination, package_name="pkg")
 

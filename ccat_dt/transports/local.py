@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from ccat_dt import pagecache
-from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
+from ccat_dt.checksums import CACHED_CHUNK_SIZE, LandedHash
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     PERMANENT_ERRNO,
@@ -76,38 +76,29 @@ class LocalTransport:
         """Checksum and size of what landed in `landed` (open as `destination`), fsynced."""
         progress = Progress("transfer", landed.name.removeprefix(".").removesuffix(".part"),
                             os.fstat(source).st_size)
-        hasher = new_hasher()
+        back = LandedHash(destination)
         buffer = bytearray(CACHED_CHUNK_SIZE)
-        view = memoryview(buffer)
         written = 0
-        with open(landed, "rb", buffering=0) as back:
-            while True:
-                start = written
-                while written - start < SLICE_SIZE:
-                    count = _copy_slice(source, destination, SLICE_SIZE - (written - start),
-                                        buffer)
-                    if not count:
-                        break
-                    written += count
-                if written == start:
+        while True:
+            start = written
+            while written - start < SLICE_SIZE:
+                count = _copy_slice(source, destination, SLICE_SIZE - (written - start), buffer)
+                if not count:
                     break
-                pagecache.start_writeback(destination, start, written - start)
-                # The source's slice is read: its pages go now, to be taken again at once for
-                # the next slice's landing pages (pagecache.py).
-                pagecache.release(source, start, written - start)
-                self._landed(landed)
-                progress.update(written)
-                while count := back.readinto(buffer):
-                    hasher.update(view[:count])
-            os.fsync(destination)
-            # Whatever is in the file past what was read back (nothing, unless it was changed
-            # behind our back) also belongs to the landed bytes.
-            while count := back.readinto(buffer):
-                hasher.update(view[:count])
-            size = back.tell()
+                written += count
+            if written == start:
+                break
+            # The source's slice is read: its pages go now, to be taken again at once for the
+            # next slice's landing pages (pagecache.py).
+            pagecache.release(source, start, written - start)
+            self._landed(landed)
+            progress.update(written)
+            back.read_back(written)
+        os.fsync(destination)
+        back.read_back(written)  # anything past what was read (changed behind our back)
         pagecache.release(source)  # the rest of its pages; this copy's stay for the next hop
         progress.finish()
-        return hasher.hexdigest(), size
+        return back.hexdigest(), back.size
 
     def copy_file(self, source: Path, destination: Path, expected_checksum: str, *,
                   overwrite: bool = False) -> TransferResult:

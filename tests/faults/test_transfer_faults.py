@@ -95,19 +95,19 @@ def test_a_tar_that_reads_back_damaged_is_rebuilt_by_the_step_retry_and_converge
     the buffer not marked unhealthy (one file's fault), and the step's retry builds it again."""
     observe(config, opsdb)
     damaged = config.directory / "damaged"
-    real = tarball._TarWriter._read_back_landed
+    real = tarball._TarWriter.read_back
 
     def read_back(self: tarball._TarWriter) -> None:
         part = next(Path(config.directory).rglob(".*.tar.part"), None)
         if part is not None and first_caller(damaged, str(part)):
             with open(part, "r+b") as landed:
-                landed.seek(self._read_back)
+                landed.seek(self.landed.size)
                 byte = landed.read(1)
-                landed.seek(self._read_back)
+                landed.seek(self.landed.size)
                 landed.write(bytes([byte[0] ^ 0x10]))
         real(self)
 
-    monkeypatch.setattr(tarball._TarWriter, "_read_back_landed", read_back)
+    monkeypatch.setattr(tarball._TarWriter, "read_back", read_back)
     report = run(config, instance)
 
     assert damaged.exists(), "the fault was never injected"
