@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import signal
 import socket
@@ -69,6 +70,10 @@ SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this
 # as each is archived, while other packages' copies go on (the daemon ticks it on its
 # interval: there the retention ages batch them).
 LAST = "purge_sensor"
+# Sensors that only report or tidy up (no runs): ticked at most once per their minimum interval
+# during a drive, as the daemon ticks them, and once more as it ends. Ticked every round, they
+# were a third of a round's time, and each change of the overview a round more.
+PERIODIC = frozenset({"overview_sensor", "service_level_sensor", "retire_partitions_sensor"})
 IDLE_TICK_S = 1.0  # while runs execute, work waiting for a back-off is looked at this often
 
 
@@ -218,51 +223,63 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
         s.name == LAST))
     stored = instance.run_storage.get_cursor_values({CURSOR_KEY + s.name for s in sensors})
     cursors: dict[str, str | None] = {s.name: stored.get(CURSOR_KEY + s.name) for s in sensors}
+
+    def tick(sensor_def: SensorDefinition) -> tuple[bool, float | None]:
+        """One tick, its requests carried out: (a cursor moved, when work it waits for is due)."""
+        name = sensor_def.name
+        # The driver's own instance, not a new one built from the ref at every tick (that
+        # cost ~0.1 s a tick: storage set-up and schema checks); with the ref as well, the
+        # partitions a tick adds count when its run requests are checked.
+        try:
+            with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                      cursor=cursors.get(name), repository_def=repository,
+                                      resources=defs.resources, sensor_name=name) as context:
+                log_ticks_in_tree(context, name)
+                data = sensor_def.evaluate_tick(context)
+        except Exception as exc:  # noqa: BLE001 - as the daemon: this tick fails, the next
+            # one tries again (an OpsDB locked for a moment, say)
+            log(f"sensor {name} failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); ticked again later")
+            return False, time.time() + SENSOR_RETRY_S
+        for request in data.dynamic_partitions_requests or []:
+            if isinstance(request, AddDynamicPartitionsRequest):
+                instance.add_dynamic_partitions(request.partitions_def_name,
+                                                list(request.partition_keys))
+            else:
+                for key in request.partition_keys:
+                    instance.delete_dynamic_partition(request.partitions_def_name, key)
+        for event in data.asset_events or []:  # the operator overview (sensors/overview.py)
+            instance.report_runless_asset_event(event)
+        for run in data.run_requests or []:
+            runs.request(run, name, _default_job(sensor_def))
+        # Stored only once its runs are created (executed, one at a time): a drive killed
+        # before this re-reads the page, and the run keys already taken make that a no-op; a
+        # run the killed drive left in flight is failed by the next drive (close_dead_runs)
+        # and requested again by the re-attempt sensor.
+        moved = False
+        if data.cursor is not None and data.cursor != cursors.get(name):
+            moved = _is_position(data.cursor) and name not in PERIODIC
+            cursors[name] = data.cursor
+            instance.run_storage.set_cursor_values({CURSOR_KEY + name: data.cursor})
+        return moved, _next_at(data.cursor)
+
+    ticked_at = dict.fromkeys(PERIODIC, -math.inf)  # the periodic sensors' last ticks
+    round_started = -math.inf
     for _ in range(max_rounds):
         report.rounds += 1
+        round_started = time.monotonic()
         launched_before, moved = len(report.launched), False
         next_due: float | None = None
         for sensor_def in sensors:
             name = sensor_def.name
             if name == LAST and len(report.launched) > launched_before:
                 continue  # copies just requested: a later round
-            # The driver's own instance, not a new one built from the ref at every tick (that
-            # cost ~0.1 s a tick: storage set-up and schema checks); with the ref as well,
-            # the partitions a tick adds count when its run requests are checked.
-            try:
-                with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
-                                          cursor=cursors.get(name), repository_def=repository,
-                                          resources=defs.resources,
-                                          sensor_name=name) as context:
-                    log_ticks_in_tree(context, name)
-                    tick = sensor_def.evaluate_tick(context)
-            except Exception as exc:  # noqa: BLE001 - as the daemon: this tick fails, the
-                # next one tries again (an OpsDB locked for a moment, say)
-                log(f"sensor {name} failed ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); ticked again later")
-                retry_at = time.time() + SENSOR_RETRY_S
-                next_due = retry_at if next_due is None else min(next_due, retry_at)
-                continue
-            for request in tick.dynamic_partitions_requests or []:
-                if isinstance(request, AddDynamicPartitionsRequest):
-                    instance.add_dynamic_partitions(request.partitions_def_name,
-                                                    list(request.partition_keys))
-                else:
-                    for key in request.partition_keys:
-                        instance.delete_dynamic_partition(request.partitions_def_name, key)
-            for event in tick.asset_events or []:  # the operator overview (sensors/overview.py)
-                instance.report_runless_asset_event(event)
-            for run in tick.run_requests or []:
-                runs.request(run, name, _default_job(sensor_def))
-            # Stored only once its runs are created (executed, one at a time): a drive killed
-            # before this re-reads the page, and the run keys already taken make that a
-            # no-op; a run the killed drive left in flight is failed by the next drive
-            # (close_dead_runs) and requested again by the re-attempt sensor.
-            if tick.cursor is not None and tick.cursor != cursors.get(name):
-                moved = moved or _is_position(tick.cursor)
-                cursors[name] = tick.cursor
-                instance.run_storage.set_cursor_values({CURSOR_KEY + name: tick.cursor})
-            due = _next_at(tick.cursor)
+            if name in PERIODIC:
+                if time.monotonic() - ticked_at[name] < (sensor_def.minimum_interval_seconds or 0):
+                    continue
+                ticked_at[name] = time.monotonic()
+            changed, due = tick(sensor_def)
+            moved = moved or changed
             if due is not None:
                 next_due = due if next_due is None else min(next_due, due)
         report.next_due = (datetime.fromtimestamp(next_due, UTC) if next_due is not None
@@ -284,6 +301,11 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
         time.sleep(max(0.0, next_due - time.time()))
     while runs.busy:  # max_rounds reached with runs still executing: they finish first
         runs.wait(None)
+    # The periodic sensors once more unless the last round ticked them, so that what they
+    # show (the UI's overview, the service level) is the drive's end state.
+    for sensor_def in sensors:
+        if sensor_def.name in PERIODIC and ticked_at[sensor_def.name] < round_started:
+            tick(sensor_def)
     return report
 
 

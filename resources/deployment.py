@@ -2,7 +2,6 @@
 Dagster resource."""
 
 import logging
-import os
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,17 @@ OPERATIONS = logging.getLogger("ccat_dt.operations")
 
 # A Dagster run builds its resources afresh; a process runs many (the in-process driver, the
 # daemon's sensor ticks). Parsing the YAML and opening OpsDB (engine + schema check) for each
-# was ~12% of the orchestration overhead (docs/benchmarks.md, section 5), so both are kept per
-# process: the config per file content, the OpsDB per URL and process (a forked worker must
-# not share its parent's connections).
+# was ~12% of the orchestration overhead (docs/benchmarks.md, section 5), so both are kept: the
+# config per file content, the OpsDB per URL. A drive's forked runs inherit the driver's OpsDB
+# with the statements its sensor ticks compiled, but never its connections: each child opens
+# its own (opsdb/database.py, at fork).
 @lru_cache(maxsize=8)
 def _parsed_config(path: str, content: bytes) -> Config:
     return load_config(path)
 
 
 @lru_cache(maxsize=8)
-def _opened_opsdb(url: str, pid: int) -> OpsDB:
+def _opened_opsdb(url: str) -> OpsDB:
     return OpsDB(url)
 
 
@@ -48,7 +48,7 @@ class Deployment(ConfigurableResource):  # type: ignore[misc]
 
     @cached_property
     def opsdb(self) -> OpsDB:
-        return _opened_opsdb(self.config.opsdb_url, os.getpid())
+        return _opened_opsdb(self.config.opsdb_url)
 
     @cached_property
     def metrics(self) -> Metrics:
