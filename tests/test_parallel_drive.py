@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from dagster import (
+    AssetKey,
     BetaWarning,
     DagsterEventType,
     DagsterInstance,
@@ -36,7 +37,14 @@ from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, RawDataPackage, Site
+from ccat_dt.opsdb.models import (
+    DataLocation,
+    Operation,
+    OperationType,
+    PackageState,
+    RawDataPackage,
+    Site,
+)
 from ccat_dt.storage import files_under
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
@@ -282,3 +290,26 @@ def test_sigterm_to_the_drive_stops_its_runs_and_leaves_none_in_flight(tmp_path:
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
     opsdb.dispose()
+
+
+def test_the_overview_in_the_ui_shows_the_state_the_drive_ended_in(
+        limited: tuple[Config, OpsDB, DagsterInstance]) -> None:
+    """The reporting sensors tick once per their interval during a drive, as under the
+    daemon, and once more as it ends: the operator overview the UI shows after a drive is
+    its end state, not the state of its first round."""
+    config, opsdb, instance = limited
+    observe(config, opsdb, observations=1)
+
+    report = drive(build_definitions(config), instance)
+
+    assert report.failed == [] and report.rounds > 2
+    archived_everywhere(config, opsdb)
+    records = instance.fetch_materializations(AssetKey("operator_overview"), limit=100).records
+    assert 1 <= len(records) <= 2  # the first round's and the end's, not one per round
+    shown = records[0].asset_materialization
+    assert shown is not None
+    with opsdb.session() as session:
+        archived = len(session.scalars(select(RawDataPackage).where(
+            RawDataPackage.state == PackageState.ARCHIVED)).all())
+    assert archived == 2
+    assert shown.metadata["packages archived"].value == archived
