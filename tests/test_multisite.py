@@ -4,6 +4,7 @@ first archive once, archive -> archive for the second, verified on arrival, purg
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,10 @@ from tests.helpers import observe
 from tests.sshd import SshServer
 
 
-def multisite(tmp_path: Path, sshd: SshServer, **policies: object) -> Config:
-    """The embedded default, but each archive site is a host reached through sshd."""
+def multisite(tmp_path: Path, sshd: SshServer, transport: str = "rsync",
+              **policies: object) -> Config:
+    """The embedded default, but each archive site is a host reached through sshd with
+    `transport`."""
     settings = copy.deepcopy(EMBEDDED_DEFAULT)
     for site in settings["sites"]:  # type: ignore[attr-defined]
         if site["short_name"] in ("cologne", "us"):
@@ -49,7 +52,7 @@ def multisite(tmp_path: Path, sshd: SshServer, **policies: object) -> Config:
                 location["root"] = str(sshd.root / tmp_path.name / site["short_name"]
                                        / location["name"])
     for route in settings["routes"]:  # type: ignore[attr-defined]
-        route["transport"] = "rsync"
+        route["transport"] = transport
     settings["policies"] = {**settings["policies"], **policies}  # type: ignore[dict-item]
     ssh = sshd.ssh
     settings["ssh"] = {"port": ssh.port, "identity_file": ssh.identity_file,
@@ -65,9 +68,14 @@ def transfers(session, package: RawDataPackage) -> list[Operation]:  # type: ign
         .order_by(Operation.id)))
 
 
+@pytest.mark.parametrize("transport", [
+    "rsync",
+    pytest.param("bbcp", marks=pytest.mark.skipif(
+        shutil.which("bbcp") is None, reason="bbcp is not installed (not packaged for Debian); "
+        "tests/test_bbcp.py runs the transport against captured real output"))])
 def test_lifecycle_across_sites_over_ssh(tmp_path: Path, sshd: SshServer,
-                                         instance: DagsterInstance) -> None:
-    config = multisite(tmp_path, sshd)
+                                         instance: DagsterInstance, transport: str) -> None:
+    config = multisite(tmp_path, sshd, transport)
     opsdb = OpsDB(config.opsdb_url)
     source = observe(config, opsdb, observations=1, files=2)
 
@@ -94,7 +102,7 @@ def test_lifecycle_across_sites_over_ssh(tmp_path: Path, sshd: SshServer,
                 primary, LocationType.LONG_TERM_ARCHIVE)
             assert session.get_one(DataLocation, replication.destination_location_id) \
                 .site.short_name == secondary
-            assert all(op.transport is None or op.transport == "rsync" for op in done)
+            assert all(op.transport is None or op.transport == transport for op in done)
             assert all(op.log_path and Path(op.log_path).is_file() for op in done)
 
             lta = [c for c in package.copies
