@@ -6,10 +6,14 @@ where bbcp would and answers with a captured run's stdout/stderr/rc.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -408,6 +412,64 @@ def test_real_bbcp_local_copy(tmp_path: Path, package) -> None:
                               tmp_path / "logs")
     result = transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
     assert final.read_bytes() == data and result.checksum == checksum
+
+
+def _holders(path: Path) -> list[int]:
+    """The processes that have `path` open (as /proc shows their file descriptors)."""
+    pids = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                pids.append(int(fd_dir.parent.name))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return pids
+
+
+@pytest.mark.skipif(shutil.which("bbcp") is None,
+                    reason="bbcp is not installed (not packaged for Debian); the cut cases "
+                           "above replay captured real output")
+def test_real_bbcp_cut_mid_transfer_is_resumed_by_the_next_attempt(
+        sshd: SshServer, tmp_path: Path) -> None:
+    """The receiving bbcp is killed while the bytes flow (as when the far end dies): the
+    attempt fails retryable, keeps what landed, and the next one appends to it, so the file
+    arrives whole and verified without a person."""
+    data = os.urandom(48 * 2**20)
+    source = tmp_path / "pkg-cut.tar"
+    source.write_bytes(data)
+    checksum = xxhash.xxh3_128(data).hexdigest()
+    final = sshd.root / "cut-lta" / "pkg-cut.tar"
+    destination = _marked(sshd, final.parent, final)
+    landing = Path(temporary_name(PurePosixPath(final)))
+    slow = BbcpTransport(BbcpOptions(rate_limit="16M"), sshd.ssh, tmp_path / "logs")
+    killed: list[int] = []
+
+    def kill_the_receiver_once_bytes_landed() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not killed:
+            if landing.exists() and landing.stat().st_size > 4 * 2**20:
+                for pid in _holders(landing):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_receiver_once_bytes_landed)
+    killer.start()
+    with pytest.raises(TransferError) as caught:
+        slow.copy(Endpoint(PurePosixPath(source)), destination, checksum)
+    killer.join()
+    assert killed and caught.value.retryable
+    assert not final.exists()
+    kept = landing.stat().st_size
+    assert 0 < kept < len(data)
+
+    result = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs").copy(
+        Endpoint(PurePosixPath(source)), destination, checksum)
+    assert final.read_bytes() == data and result.checksum == checksum
+    assert not landing.exists()
+    log = Path(result.log_path or "").read_text()
+    assert "Appending to" in log and "at offset 0" not in log.split("Appending to", 1)[1]
 
 
 def test_progress_lines_are_reported_while_bbcp_runs(tmp_path: Path, package,
