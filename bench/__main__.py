@@ -30,8 +30,8 @@ TITLES = {
     "package": "2. Packaging: build_package vs GNU tar",
     "copy": "3. Local copy with verification: LocalTransport.copy_file vs cp + xxhsum",
     "remote": "4. Remote copy: RsyncTransport vs rsync -e ssh (loopback)",
-    "bbcp": "4b. Remote copy with bbcp, a STAND-IN (real bbcp not installed): BbcpTransport vs "
-            "the stand-in + ssh xxhsum (loopback)",
+    "bbcp": "4b. Remote copy with bbcp (a stand-in where bbcp is not installed): BbcpTransport "
+            "vs bbcp + ssh xxhsum (loopback)",
     "lifecycle": "5. Orchestration overhead: the whole lifecycle through drive()",
     "opsdb": "6. OpsDB at scale: sensor queries and the deletion planner",
     "years": "7. Five-year simulation",

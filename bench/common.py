@@ -62,7 +62,7 @@ class Settings:
     e2e_modules: int = 4
     e2e_files: int = 16  # per module
     e2e_rounds: int = 3
-    bbcp_mib: int = 1024  # one file sent with the bbcp stand-in in section 4b
+    bbcp_mib: int = 1024  # one file sent with bbcp (or its stand-in) in section 4b
     bbcp_packages: int = 20  # small packages in one bbcp session vs as many calls (4b)
     bbcp_package_kib: int = 1024
 
@@ -287,7 +287,7 @@ def fresh(*paths: Path, sources: Sequence[Path] = ()) -> Callable[[], None]:
 
 # -- the machine --------------------------------------------------------------------------------
 
-def _first_line(argv: Sequence[str]) -> str:
+def first_line(argv: Sequence[str]) -> str:
     if shutil.which(argv[0]) is None:
         return "not installed"
     try:
@@ -310,12 +310,12 @@ def versions() -> dict[str, str]:
     return {
         "python": sys.version.split()[0] + f" ({platform.python_implementation()})",
         "xxhash (Python)": f"{xxhash.VERSION} (libxxhash {xxhash.XXHASH_VERSION})",
-        "xxhsum": _first_line(["xxhsum", "--version"]),
-        "GNU tar": _first_line(["tar", "--version"]),
-        "rsync": _first_line(["rsync", "--version"]),
-        "cp": _first_line(["cp", "--version"]),
-        "ssh": _first_line(["ssh", "-V"]),
-        "bbcp": _first_line(["bbcp", "--version"]) if shutil.which("bbcp") else "not installed",
+        "xxhsum": first_line(["xxhsum", "--version"]),
+        "GNU tar": first_line(["tar", "--version"]),
+        "rsync": first_line(["rsync", "--version"]),
+        "cp": first_line(["cp", "--version"]),
+        "ssh": first_line(["ssh", "-V"]),
+        "bbcp": first_line(["bbcp", "--version"]) if shutil.which("bbcp") else "not installed",
         "dagster": dagster.__version__,
         "sqlalchemy": sqlalchemy.__version__,
         "sqlite (library)": sqlite3.sqlite_version,

@@ -27,6 +27,7 @@ from bench.common import (
     Settings,
     Stats,
     drop_outputs,
+    first_line,
     fresh,
     interleaved,
     run_tool,
@@ -119,7 +120,7 @@ class _StepTimer:
 
 
 def bench_remote(settings: Settings, result: SectionResult, log: Callable[[str], None]) -> None:
-    result.facts["bbcp"] = "see section 4b (a stand-in: real bbcp is not installed here)"
+    result.facts["bbcp"] = "see section 4b"
     missing = missing_tools()
     if missing:
         raise RuntimeError(f"missing {', '.join(missing)} (apt-get install openssh-server "
@@ -234,7 +235,7 @@ def _close_master(ssh: SshSettings, host: str) -> None:
                    stdin=subprocess.DEVNULL, check=False)
 
 
-# -- 4b. bbcp, with a stand-in ------------------------------------------------------------------
+# -- 4b. bbcp (a stand-in where it is not installed) -----------------------------------------
 
 STANDIN = Path(__file__).resolve().parent / "standin"  # holds `bbcp`: bench/bbcp_standin.py
 
@@ -250,17 +251,21 @@ def _marked_dir(directory: Path) -> PurePosixPath:
 def bench_bbcp(settings: Settings, result: SectionResult, log: Callable[[str], None]) -> None:
     """BbcpTransport against the same bbcp program run by hand, both over the loopback sshd.
 
-    Real bbcp is not installed here (it is not packaged for Debian or PyPI), so `bbcp` is the
-    STAND-IN bench/standin/bbcp: BbcpTransport's options, bbcp's fixed 1.5 s start-up, its
+    The installed bbcp where there is one; elsewhere (it is not packaged for Debian or PyPI)
+    the STAND-IN bench/standin/bbcp: BbcpTransport's options, bbcp's fixed 1.5 s start-up, its
     receiver started over ssh with -T, the bytes over a plain TCP connection."""
     missing = missing_tools() + ([] if shutil.which("python3") else ["python3"])
     if missing:
         raise RuntimeError(f"missing {', '.join(missing)}")
     real = shutil.which("bbcp")
+    result.facts["real"] = real is not None
+    tool = "bbcp" if real else "the stand-in"
     result.facts["bbcp"] = (
-        f"STAND-IN bench/standin/bbcp (bench/bbcp_standin.py), not bbcp: real bbcp "
-        f"{'at ' + real + ' is not the one measured' if real else 'is not installed'}; fixed "
-        "start-up 1.5 s per call, receiver started over ssh (-T), data over one TCP connection")
+        f"bbcp {first_line([real, '--version'])} at {real}: the real tool, its receiver started "
+        "over ssh (-T), the data over its own TCP connections" if real else
+        "STAND-IN bench/standin/bbcp (bench/bbcp_standin.py), not bbcp: real bbcp is not "
+        "installed; fixed start-up 1.5 s per call, receiver started over ssh (-T), data over "
+        "one TCP connection")
     big = source_file(settings, settings.bbcp_mib, log)
     big_checksum, _ = hash_file(big)
     small_dir = settings.work / "bbcp-small"
@@ -273,14 +278,15 @@ def bench_bbcp(settings: Settings, result: SectionResult, log: Callable[[str], N
     dest = settings.work / "bbcp-dest"
     sockets = Path(tempfile.mkdtemp(prefix="ccat-bench-", dir="/tmp"))
     options = BbcpOptions()
-    path_with_standin = {"PATH": f"{STANDIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    path_with_standin = ({} if real else
+                         {"PATH": f"{STANDIN}{os.pathsep}{os.environ.get('PATH', '')}"})
     with mock.patch.dict(os.environ, path_with_standin), \
             loopback_sshd(settings.work / "sshd-bbcp") as (plain, host):
-        if shutil.which("bbcp") != str(STANDIN / "bbcp"):
+        if not real and shutil.which("bbcp") != str(STANDIN / "bbcp"):
             raise RuntimeError(f"the stand-in is not the bbcp on PATH: {shutil.which('bbcp')}")
         default = SshConfig()
         # Both sides over a shared ssh connection of their own (ControlMaster, as deployed):
-        # the stand-in's -T ssh and the tool's `ssh xxhsum` ride it like ours do.
+        # bbcp's -T ssh and the tool's `ssh xxhsum` ride it like ours do.
         ours_ssh = replace(plain, control_persist_s=default.control_persist_s,
                            control_dir=str(sockets / "ours"))
         tool_ssh = replace(ours_ssh, control_dir=str(sockets / "tool"))
@@ -373,23 +379,24 @@ def bench_bbcp(settings: Settings, result: SectionResult, log: Callable[[str], N
                             f"packages of {settings.bbcp_package_kib} KiB; sources in the page "
                             "cache, to an sshd on 127.0.0.1 (same machine, same disk)")
     result.facts["steps"] = {k: v.text() for k, v in {**big_stats, **batch_stats}.items()}
+    label = "bbcp" if real else "bbcp (stand-in)"
     result.comparisons += [
-        Comparison("bbcp", f"one {settings.bbcp_mib} MiB file: BbcpTransport.copy vs the "
-                   "stand-in, then `ssh HOST xxhsum -H2 FILE`", big_stats["ours"],
+        Comparison("bbcp", f"one {settings.bbcp_mib} MiB file: BbcpTransport.copy vs {tool}, "
+                   "then `ssh HOST xxhsum -H2 FILE`", big_stats["ours"],
                    summed(big_stats, "bbcp", "ssh xxhsum"), round(1 / 1.05, 3),
-                   "BbcpTransport.copy", "bbcp (stand-in); ssh xxhsum",
+                   "BbcpTransport.copy", f"{label}; ssh xxhsum",
                    note="ours also looks at the location marker, lands under a temporary name "
                    "and syncs and renames after the hash"),
         Comparison("bbcp", f"durable, like for like: one {settings.bbcp_mib} MiB file: "
-                   "BbcpTransport.copy vs the stand-in, then `ssh HOST 'xxhsum -H2 FILE && "
+                   f"BbcpTransport.copy vs {tool}, then `ssh HOST 'xxhsum -H2 FILE && "
                    "sync FILE'`", big_stats["ours"],
                    summed(big_stats, "bbcp, durable", "ssh xxhsum+sync"), None,
-                   "BbcpTransport.copy", "bbcp (stand-in); ssh xxhsum+sync",
+                   "BbcpTransport.copy", f"{label}; ssh xxhsum+sync",
                    note="the tool's copy on disk too, as ours must be before OpsDB records it"),
         Comparison("bbcp", f"{settings.bbcp_packages} small packages: one BbcpTransport "
-                   f"session (copy_many) vs {settings.bbcp_packages} stand-in calls",
+                   f"session (copy_many) vs {settings.bbcp_packages} calls of {tool}",
                    batch_stats["ours, one session"], batch_stats["bbcp per package"], 5.0,
-                   "BbcpTransport.copy_many", f"{settings.bbcp_packages} x bbcp (stand-in)",
+                   "BbcpTransport.copy_many", f"{settings.bbcp_packages} x {label}",
                    note="ours also verifies (xxh3-128 where they landed) and renames every file"),
     ]
 

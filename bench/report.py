@@ -288,12 +288,15 @@ def _bbcp(r: SectionResult) -> list[str]:
     st = r.facts.get("steps", {})
     lines += ["", "Steps, each median (min–max): " + "; ".join(
         f"`{k}` {v}" for k, v in st.items()) + "."]
+    program = ("**real bbcp** (installed on this machine: both sides run the same binary)"
+               if r.facts.get("real") else
+               "the same **stand-in** (`bench/standin/bbcp`; real bbcp is not installed on this "
+               "machine, it is not packaged for Debian or PyPI): it takes the options "
+               "BbcpTransport passes, waits the fixed 1.5 s start-up real bbcp takes per call, "
+               "starts its receiver on the target with the `-T` ssh command and sends the bytes "
+               "over one plain TCP connection, printing bbcp's messages")
     lines += ["", (
-        "**What is compared.** Real bbcp is not installed on this machine (it is not packaged "
-        "for Debian or PyPI), so both sides run the same **stand-in** (`bench/standin/bbcp`): it "
-        "takes the options BbcpTransport passes, waits the fixed 1.5 s start-up real bbcp "
-        "takes per call, starts its receiver on the target with the `-T` ssh command and sends "
-        "the bytes over one plain TCP connection, printing bbcp's messages. The tool side is "
+        f"**What is compared.** Both sides run {program}. The tool side is "
         "that program run by hand with the same options, straight to the final name, then "
         "`ssh HOST xxhsum -H2 FILE` over its own shared ssh connection. BbcpTransport runs one "
         "ssh session beside bbcp (ccat_dt/transports/session.py): before bbcp starts it looks "
@@ -838,7 +841,7 @@ ENV_DOC = [
     ("CCAT_BENCH_TREE_FILES, CCAT_BENCH_TREE_FILE_MIB", "packaging tree (100 x 10; quick 20 x 5)"),
     ("CCAT_BENCH_COPY_MIB", "file copied in section 3 (1024; quick 256)"),
     ("CCAT_BENCH_REMOTE_MIB", "file sent over ssh in section 4 (512; quick 64)"),
-    ("CCAT_BENCH_BBCP_MIB", "file sent with the bbcp stand-in in section 4b (1024; quick 64)"),
+    ("CCAT_BENCH_BBCP_MIB", "file sent with bbcp (or its stand-in) in section 4b (1024; quick 64)"),
     ("CCAT_BENCH_BBCP_PACKAGES, CCAT_BENCH_BBCP_PACKAGE_KIB", "section 4b's batch: packages in "
                                                               "one session and their size "
                                                               "(20 x 1024; quick 5 x 1024)"),
