@@ -288,7 +288,7 @@ def _bbcp(r: SectionResult) -> list[str]:
     st = r.facts.get("steps", {})
     lines += ["", "Steps, each median (min–max): " + "; ".join(
         f"`{k}` {v}" for k, v in st.items()) + "."]
-    program = ("**real bbcp** (installed on this machine: both sides run the same binary)"
+    program = ("**real bbcp**, the binary installed on this machine"
                if r.facts.get("real") else
                "the same **stand-in** (`bench/standin/bbcp`; real bbcp is not installed on this "
                "machine, it is not packaged for Debian or PyPI): it takes the options "
@@ -301,7 +301,7 @@ def _bbcp(r: SectionResult) -> list[str]:
         "`ssh HOST xxhsum -H2 FILE` over its own shared ssh connection. BbcpTransport runs one "
         "ssh session beside bbcp (ccat_dt/transports/session.py): before bbcp starts it looks "
         "at the location marker and creates the directory, while bbcp runs it flushes the "
-        "landing files to disk every second, and when bbcp has ended it hashes every landed "
+        "landing files to disk five times a second, and when bbcp has ended it hashes every landed "
         "file in parallel and does `sync; mv; sync` only if all match. "
         "These rows measure what our transport adds around bbcp, not bbcp's "
         "speed: with real bbcp on a long link the transfer dominates both sides.")]
