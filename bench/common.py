@@ -315,7 +315,7 @@ def versions() -> dict[str, str]:
         "rsync": first_line(["rsync", "--version"]),
         "cp": first_line(["cp", "--version"]),
         "ssh": first_line(["ssh", "-V"]),
-        "bbcp": first_line(["bbcp", "--version"]) if shutil.which("bbcp") else "not installed",
+        "bbcp": first_line(["bbcp", "--version"]),
         "dagster": dagster.__version__,
         "sqlalchemy": sqlalchemy.__version__,
         "sqlite (library)": sqlite3.sqlite_version,
