@@ -17,6 +17,7 @@ from dagster import (
     AssetRecordsFilter,
     Config,
     DagsterInstance,
+    EventLogRecord,
     OpExecutionContext,
     job,
     op,
@@ -34,17 +35,23 @@ CHECKS = {"packages": ("packages", "package_checksum"),
           LocationType.LONG_TERM_ARCHIVE: ("lta_copies", "lta_copy_checksum")}
 
 
+def latest_materialization(instance: DagsterInstance, asset: str,
+                           partition: str) -> EventLogRecord | None:
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]),
+        limit=1).records
+    return records[0] if records else None
+
+
 def check_evaluation(instance: DagsterInstance, asset: str, check: str, partition: str, *,
                      passed: bool, description: str,
                      severity: AssetCheckSeverity = AssetCheckSeverity.ERROR,
                      metadata: dict[str, Any] | None = None) -> AssetCheckEvaluation:
     """An evaluation of `check` on `partition`, targeting its latest materialization."""
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]),
-        limit=1).records
+    latest = latest_materialization(instance, asset, partition)
     target = (AssetCheckEvaluationTargetMaterializationData(
-        storage_id=records[0].storage_id, run_id=records[0].run_id,
-        timestamp=records[0].timestamp) if records else None)
+        storage_id=latest.storage_id, run_id=latest.run_id,
+        timestamp=latest.timestamp) if latest else None)
     return AssetCheckEvaluation(asset_key=AssetKey(asset), check_name=check, passed=passed,
                                 description=description, partition=partition,
                                 target_materialization_data=target, severity=severity,
@@ -71,13 +78,16 @@ def copy_check(instance: DagsterInstance, package: str, site: str, kind: Locatio
 
 
 class Finding(Config):
-    """One check evaluation to report: on `partition` of `asset`."""
+    """One check evaluation to report: on `partition` of `asset`, as it was when found."""
 
     asset: str
     check: str
     partition: str
     passed: bool
     description: str
+    # the event log's newest record id when the sensor began to look at OpsDB: a later
+    # materialization of the partition (a repair, a click) came with its own, newer check
+    events_before: int
     severity: str = AssetCheckSeverity.ERROR.value
 
 
@@ -89,13 +99,24 @@ class Findings(Config):
 def report_findings(context: OpExecutionContext, config: Findings) -> int:
     """Each finding as a check evaluation in this run. (A run, not the sensor's own
     `asset_events`: Dagster stores a runless evaluation of a partitioned check once per
-    partition only, so a second finding on the same partition would fail the tick.)"""
+    partition only, so a second finding on the same partition would fail the tick.)
+
+    A partition materialized since the finding (the repair, a click on Materialize) carries
+    its own check, made on the storage after the finding: reporting the finding on it would
+    paint a repaired copy red. Such a finding is history and is only logged."""
+    reported = 0
     for finding in config.findings:
+        latest = latest_materialization(context.instance, finding.asset, finding.partition)
+        if latest is not None and latest.storage_id > finding.events_before:
+            context.log.info(f"{finding.asset} {finding.partition} materialized since the "
+                             f"finding, which is not reported: {finding.description}")
+            continue
         context.log_event(check_evaluation(  # type: ignore[arg-type]  # accepted at runtime
             context.instance, finding.asset, finding.check, finding.partition,
             passed=finding.passed, description=finding.description,
             severity=AssetCheckSeverity(finding.severity)))
-    return len(config.findings)
+        reported += 1
+    return reported
 
 
 @job

@@ -1,8 +1,9 @@
 """Integrity findings made outside an asset's run (the audit's `--repair`, a deletion-time
 re-check, a copy found bad while being re-read) reach the UI as check evaluations on exactly
 the partition concerned, and `filed_bytes_safe` follows a package at risk until it is safe.
-A finding already repaired when the sensor sees it is not reported (the repair's own check
-said green). The evaluations are logged by a small run (`integrity_report_job`)."""
+A finding already repaired when the sensor sees it, or by the time its report runs, is not
+reported (the repair's own check said green). The evaluations are logged by a small run
+(`integrity_report_job`)."""
 
 import json
 from typing import Any
@@ -30,6 +31,9 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     after, was_unsafe = int(state.get("op", 0)), list(state.get("unsafe", []))
     findings: list[dict[str, Any]] = []
     config = deployment.config
+    # Read before OpsDB: a repair verified after this id was taken either shows in OpsDB now
+    # (no finding) or materializes after it (its report is then skipped, see report_findings).
+    events_before = context.instance.event_log_storage.get_maximum_record_id() or 0
     with deployment.opsdb.session() as session:
         found, cursor = quarantines_found(session, config, after)
         for q in found:
@@ -53,6 +57,8 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
                 "passed": safe, "description": assessment.reason,
                 "severity": (AssetCheckSeverity.ERROR if assessment.health == Health.LOST
                              else AssetCheckSeverity.WARN).value})
+    for finding in findings:
+        finding["events_before"] = events_before
     new_cursor = json.dumps({"op": cursor, "unsafe": unsafe})
     if not findings or (not found and sorted(unsafe) == sorted(was_unsafe)):
         return SensorResult(cursor=new_cursor, skip_reason="no new integrity finding")
