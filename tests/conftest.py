@@ -16,12 +16,13 @@ from ccat_dt.defaults import write_default_config
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.progress import ProgressEvent
 from ccat_dt.topology import prepare_opsdb, sync_topology
-from tests.helpers import instance_yaml
+from tests.helpers import new_instance_home, new_opsdb
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     cfg = load_config(write_default_config(tmp_path / "deploy"))
+    new_opsdb(cfg)
     prepare_opsdb(cfg)
     return cfg
 
@@ -59,9 +60,7 @@ def progress_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProgressEv
 def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
     """A persistent Dagster instance of the test's own, with the embedded default's run and
     event storage (dagster.yaml)."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(instance_yaml(home))
+    home = new_instance_home(tmp_path / "dagster_home")
     with DagsterInstance.from_config(str(home)) as dagster_instance:
         yield dagster_instance
 

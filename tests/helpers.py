@@ -1,20 +1,28 @@
 """Helpers several test modules share (fixtures are in conftest.py): raw files observed and
-filed as instruments do, files written and damaged on disk, the CLI run in-process, and the
-LTA copies OpsDB records at a site."""
+filed as instruments do, files written and damaged on disk, the CLI run in-process, the
+LTA copies OpsDB records at a site, and new OpsDBs and Dagster instances made quickly."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import sqlite3
+import tempfile
+from contextlib import closing
 from pathlib import Path
 
 import yaml
+from dagster import DagsterInstance
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from ccat_assets.instance import embedded_storage
 from ccat_dt.checksums import new_hasher
 from ccat_dt.config import Config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
-from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.opsdb.models import DataLocation, LocationType, PackageCopy, Site
 
 
@@ -104,3 +112,64 @@ def lta_copies_at(opsdb: OpsDB, site: str) -> list[PackageCopy]:
 def instance_yaml(home: Path) -> str:
     """A test instance's dagster.yaml: the run and event storage `ccat-dt init` configures."""
     return yaml.safe_dump({"telemetry": {"enabled": False}, **embedded_storage(home)})
+
+
+# A new OpsDB is migrated step by step by Alembic (0.35-0.5 s on a 2-core VM) and a new Dagster
+# instance's storage is stamped after reading Dagster's migration scripts (0.7-1.5 s): several
+# minutes of a suite where most tests start from both. Each test process makes each once and
+# every test starts from a copy of those files. tests/test_migrations.py and the `ccat-dt init`
+# tests make them for real.
+
+@functools.cache
+def _templates() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="ccat-test-templates-"))
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
+
+
+@functools.cache
+def _empty_opsdb() -> Path:
+    path = _templates() / "opsdb.sqlite"
+    migrate(f"sqlite:///{path}")
+    return _checkpointed(path)
+
+
+@functools.cache
+def _empty_instance_home() -> Path:
+    home = _templates() / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(instance_yaml(home))
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.get_runs(limit=1)
+    for database in home.rglob("*.db"):
+        _checkpointed(database)
+    return home
+
+
+def _checkpointed(path: Path) -> Path:
+    """`path` with all of its WAL written into the main file, which is then copied alone."""
+    with closing(sqlite3.connect(path)) as connection:
+        busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0, f"{path} is in use: a copy would miss what its WAL holds"
+    return path
+
+
+def new_opsdb(config: Config) -> None:
+    """An empty OpsDB at the newest schema where `config` keeps its SQLite OpsDB (for another
+    database: nothing). prepare_opsdb then finds it migrated and mirrors the topology."""
+    url = make_url(config.opsdb_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return
+    path = Path(url.database)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_opsdb(), path)
+
+
+def new_instance_home(home: Path) -> Path:
+    """`home` as a new Dagster instance with the embedded default's storage: its dagster.yaml
+    and empty storage files."""
+    shutil.copytree(_empty_instance_home(), home,
+                    ignore=shutil.ignore_patterns("*-wal", "*-shm", "dagster.yaml"))
+    (home / "dagster.yaml").write_text(instance_yaml(home))
+    return home

@@ -14,7 +14,7 @@ import pytest
 from dagster import BetaWarning, DagsterInstance, PreviewWarning
 
 from ccat_dt.config import Config
-from tests.helpers import instance_yaml
+from tests.helpers import new_instance_home
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -52,8 +52,7 @@ def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
     """A persistent instance (other processes can open it), with the embedded default's
     run and event storage."""
     home, scratch = _instance_home(tmp_path)
-    home.mkdir(parents=True)
-    (home / "dagster.yaml").write_text(instance_yaml(home))
+    new_instance_home(home)
     try:
         with DagsterInstance.from_config(str(home)) as dagster_instance:
             yield dagster_instance

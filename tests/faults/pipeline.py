@@ -35,6 +35,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.packages import plan_packages
 from ccat_dt.topology import prepare_opsdb
+from tests.helpers import new_opsdb
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "primecam/f280"
@@ -47,6 +48,7 @@ def deployment(directory: Path, **overrides: Any) -> Config:
     policies = {**settings["policies"], **overrides.pop("policies", {})}  # type: ignore[dict-item]
     settings.update(overrides, policies=policies)
     config = load_config(write_default_config(directory, overrides=settings))
+    new_opsdb(config)
     prepare_opsdb(config)
     return config
 
