@@ -107,19 +107,7 @@ FAST_EXCEPTIONS = (  # one closed pipe per kind of output stays in the fast run
 )
 
 
-# The longest tests (a minute or more each on a 2-core VM, --durations): started first, so that
-# two workers (`make test`) end together on short tests instead of one waiting for the other.
-LONGEST = (
-    "tests/test_ui_browser.py",
-    "tests/test_celery",
-    "tests/test_storage_faults_property.py",
-    "tests/test_planner_properties.py",
-)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.startswith(SLOW) and not item.nodeid.startswith(FAST_EXCEPTIONS):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: 0 if item.nodeid.startswith(LONGEST)
-               else 1 if item.get_closest_marker("slow") else 2)
