@@ -123,7 +123,13 @@ def instance_yaml(home: Path) -> str:
 @functools.cache
 def _templates() -> Path:
     directory = Path(tempfile.mkdtemp(prefix="ccat-test-templates-"))
-    atexit.register(shutil.rmtree, directory, True)
+    maker = os.getpid()  # a forked child leaving through sys.exit must not take them along
+
+    @atexit.register
+    def _remove() -> None:
+        if os.getpid() == maker:
+            shutil.rmtree(directory, ignore_errors=True)
+
     return directory
 
 
