@@ -46,9 +46,11 @@ def latest_materialization(instance: DagsterInstance, asset: str,
 def check_evaluation(instance: DagsterInstance, asset: str, check: str, partition: str, *,
                      passed: bool, description: str,
                      severity: AssetCheckSeverity = AssetCheckSeverity.ERROR,
-                     metadata: dict[str, Any] | None = None) -> AssetCheckEvaluation:
-    """An evaluation of `check` on `partition`, targeting its latest materialization."""
-    latest = latest_materialization(instance, asset, partition)
+                     metadata: dict[str, Any] | None = None,
+                     latest: EventLogRecord | None = None) -> AssetCheckEvaluation:
+    """An evaluation of `check` on `partition`, targeting its latest materialization
+    (`latest`, when the caller has just read it)."""
+    latest = latest or latest_materialization(instance, asset, partition)
     target = (AssetCheckEvaluationTargetMaterializationData(
         storage_id=latest.storage_id, run_id=latest.run_id,
         timestamp=latest.timestamp) if latest else None)
@@ -114,7 +116,7 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
         context.log_event(check_evaluation(  # type: ignore[arg-type]  # accepted at runtime
             context.instance, finding.asset, finding.check, finding.partition,
             passed=finding.passed, description=finding.description,
-            severity=AssetCheckSeverity(finding.severity)))
+            severity=AssetCheckSeverity(finding.severity), latest=latest))
         reported += 1
     return reported
 
