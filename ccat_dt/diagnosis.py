@@ -115,7 +115,10 @@ def _reattempt(row: Reattempt | None) -> str:
             "automatic)")
 
 
-def _failed(operation: Operation | None) -> str | None:
+def _failed(operation: Operation | None, reattempt: Reattempt | None = None) -> str | None:
+    """The last failed attempt: its number counts the stage's failed runs when the re-attempt
+    sensor keeps count (so that it precedes the "next attempt" it announces), else the step's
+    tries within its one run."""
     if operation is None or operation.status != OperationStatus.FAILED:
         return None
     error = (operation.error or "").strip().splitlines()
@@ -128,7 +131,9 @@ def _failed(operation: Operation | None) -> str | None:
     elif "refused" in text or "timed out" in text or "unreachable" in text:
         hint = "link down; "
     log = f" (log {operation.log_path})" if operation.log_path else ""
-    return (f"{hint}attempt {operation.retry_count + 1} failed at "
+    attempt = reattempt.attempts if reattempt and reattempt.attempts else (
+        operation.retry_count + 1)
+    return (f"{hint}attempt {attempt} failed at "
             f"{_aware(operation.finished_at or operation.started_at):%Y-%m-%d %H:%M}: "
             f"{error[-1] if error else 'no error text'}{log}")
 
@@ -144,7 +149,7 @@ def _packaging(session: Session, config: Config, package: RawDataPackage,
         return StageState("packaging", "waiting", f"to be rebuilt: {rebuild}"
                           + _reattempt(reattempt))
     if package.checksum is None:
-        failure = _failed(_last(session, package, OperationType.PACKAGING))
+        failure = _failed(_last(session, package, OperationType.PACKAGING), reattempt)
         if reattempt is not None and not failure:
             failure = f"its packaging run failed or died ({reattempt.last_error or 'no error'})"
         return StageState("packaging", "failed" if failure else "waiting",
@@ -175,8 +180,8 @@ def _at_site(session: Session, config: Config, package: RawDataPackage, site: st
             operation = _last(session, package, OperationType.TRANSFER if
                               kind == LocationType.BUFFER else OperationType.ARCHIVE,
                               _locations(session, site, kind))
-            failure = _failed(operation)
             reattempt = reattempts.get((work, site))
+            failure = _failed(operation, reattempt)
             if failure is None and reattempt is not None:
                 failure = f"its run failed or died ({reattempt.last_error or 'no error'})"
             if failure:
