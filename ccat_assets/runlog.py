@@ -36,6 +36,7 @@ from dagster._core.execution.context.logger import InitLoggerContext
 from dagster._core.utils import coerce_valid_log_level
 from dagster._utils.log import default_date_format_string, default_format_string
 
+from ccat_assets.stages import ASSET_STAGE, stages_of_job
 from ccat_dt.progress import terminal_bars
 
 CONSOLE_ENV = "CCAT_DT_RUN_CONSOLE"  # "off": run events are not printed to the terminal
@@ -195,6 +196,14 @@ def run_failure(instance: DagsterInstance, run_id: str) -> str:
     return ""
 
 
+def failed_stage(instance: DagsterInstance, run_id: str) -> str | None:
+    """The stage of a run's first failed step (None for a step of no stage's asset)."""
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE):
+        if (stage := ASSET_STAGE.get(record.step_key or "")) is not None:
+            return stage.value
+    return None
+
+
 @dataclass
 class RunReporter:
     """The driver's `log` callback: turns each finished run into one `RunLine`, written with
@@ -232,6 +241,8 @@ class RunReporter:
                 value = materialization.metadata.get(name) if materialization else None
                 if value is not None and isinstance(value.value, int | float):
                     size = max(size, int(value.value))
+        if not ok and len(stages_of_job(run.job_name)) > 1:  # a copy-and-archive run: the
+            stage = failed_stage(self.instance, run.run_id) or stage  # stage that failed
         return RunLine(key, stage, package, site, ok, size, max(seconds, 0.0),
                        "" if ok else self.cause(run.run_id))
 

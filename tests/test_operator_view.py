@@ -9,18 +9,22 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
 
-from ccat_dt.config import ConfigError, load_config
+from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import CONFIG_NAME
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, LocationType, RawDataPackage
 from ccat_dt.packages import plan_packages
 from ccat_dt.purge_cycle import DiskUsage, measure
-from tests.helpers import run_cli
+from ccat_dt.storage import MARKER
+from tests.helpers import observe, run_cli
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
 
 MODULE = "primecam/f280"
 
@@ -207,6 +211,27 @@ def test_run_lines_name_stage_package_and_site_and_pass_other_messages_on() -> N
     assert written[1].startswith("FAILED scrub") and "next: the run's events" in written[1]
     assert written[2] == "retrying site copy obs-1|us: link was down"
     assert reporter.summary().startswith("2 run(s), 1 failed")
+
+
+def test_a_copy_and_archive_run_whose_archiving_failed_is_reported_as_the_lta_copy(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """The embedded default copies a package to a site and archives it there in one run: when
+    only the archiving fails (here the archive disk is not mounted), the run's line names the
+    LTA copy, as `why` does, not the site copy that succeeded."""
+    from ccat_assets.definitions import build_definitions
+    from ccat_assets.driver import drive
+    from ccat_assets.runlog import RunReporter
+
+    marker = config.directory / "sites" / "us" / "lta" / MARKER
+    marker.rename(marker.with_name("unmounted"))
+    observe(config, opsdb, observations=1, files=1)
+    reporter = RunReporter(instance, write=lambda _: None)
+    drive(build_definitions(config), instance, log=reporter)
+    combined = [line for line in reporter.lines  # the copy-and-archive run to us
+                if line.key.startswith("site_copy:") and line.site == "us"]
+    assert combined and not combined[0].ok
+    assert combined[0].stage == "lta_copy" and "marker" in combined[0].cause, combined[0]
+    assert {line.stage for line in reporter.lines if not line.ok} == {"lta_copy"}
 
 
 def test_run_lines_of_reattempts_purges_and_rebuilds_name_their_package() -> None:
