@@ -37,7 +37,7 @@ ui: $(BIN)/.installed  ## Dagster UI on the demo's instance: lineage, partitions
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/mypy ccat_dt ccat_assets sensors resources
+	$(BIN)/mypy ccat_dt ccat_assets sensors resources bench tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_ROOT)

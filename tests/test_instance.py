@@ -51,7 +51,8 @@ def test_init_writes_a_loadable_instance_with_a_limit_per_link(tmp_path: Path) -
             with sqlite3.connect(home / "history" / "runs" / f"{run_id}.db") as db:
                 assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
                 [revision] = db.execute("SELECT version_num FROM alembic_version").fetchone()
-            assert revision == reader.event_log_storage.alembic_version()[1]  # the head
+            head = reader.event_log_storage.alembic_version()
+            assert head is not None and revision == head[1]  # the head
 
 
 

@@ -86,6 +86,7 @@ def test_lifecycle_across_sites_over_ssh(tmp_path: Path, sshd: SshServer,
     with opsdb.session() as session:
         observatory_buffer = session.scalar(select(DataLocation).join(Site).where(
             Site.short_name == "ccat", DataLocation.location_type == LocationType.BUFFER))
+        assert observatory_buffer is not None
         packages = session.scalars(select(RawDataPackage)).all()
         assert len(packages) == 2
         for package in packages:

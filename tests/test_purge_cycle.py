@@ -458,8 +458,8 @@ def test_purge_plan_shows_and_changes_nothing_then_purge_deletes(
     assert {i for i, st in after.items() if st == CopyStatus.DELETED} == expected
     assert {i: st for i, st in after.items() if i not in expected} == \
         {i: st for i, st in before.items() if i not in expected}
-    for i, path in paths.items():
-        assert path.exists() == (i not in expected)
+    for i, copy_path in paths.items():  # `path` above: the plan's printed str
+        assert copy_path.exists() == (i not in expected)
     for name in package_names(opsdb):
         assert certificate_problems(opsdb, config, name) == []
     opsdb.dispose()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from dagster import (
+    AssetCheckEvaluation,
     AssetCheckKey,
     AssetKey,
     BetaWarning,
@@ -129,7 +130,9 @@ def test_a_package_takes_at_most_four_runs_and_each_copy_is_read_once(
             AssetCheckKey(AssetKey(asset), check), limit=100)
         assert len(history) == (1 if asset == "packages" else len(archive_sites)) * len(found)
         for record in history:
-            evaluation = record.event.dagster_event.event_specific_data  # type: ignore[union-attr]
+            assert record.event is not None and record.event.dagster_event is not None
+            evaluation = record.event.dagster_event.event_specific_data
+            assert isinstance(evaluation, AssetCheckEvaluation)
             assert evaluation.passed
             assert evaluation.metadata["verified_by"].value == by
             assert evaluation.metadata["checksum"].value
@@ -138,9 +141,9 @@ def test_a_package_takes_at_most_four_runs_and_each_copy_is_read_once(
     # Runs per package: packaging, one copy-and-archive run per archive site, one purge.
     runs: Counter[str] = Counter()
     for run in instance.get_runs(RunsFilter()):
-        package = next((run.tags[t] for t in PACKAGE_TAGS if t in run.tags), None)
-        if package is not None:
-            runs[package] += 1
+        tagged = next((run.tags[t] for t in PACKAGE_TAGS if t in run.tags), None)
+        if tagged is not None:
+            runs[tagged] += 1
     assert set(runs) == {p.name for p in found}
     assert max(runs.values()) <= 1 + len(archive_sites) + 1, runs
 
@@ -177,4 +180,5 @@ def test_a_purge_cycle_asks_one_run_per_package_with_exactly_its_planned_copies(
     for request in requests:
         cycle = request.run_config["ops"]["purge_status"]["config"]
         assert sorted(cycle["copy_ids"]) == planned[str(request.partition_key)]
+        assert request.run_key is not None
         assert request.run_key.startswith(f"purge:{request.partition_key}:*:")

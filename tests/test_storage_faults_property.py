@@ -63,11 +63,11 @@ class Lifecycle:
 
     def step(self, action: str, index: int, site_index: int) -> None:
         if action == "converge":  # every package one hop further, as the sensors would
-            for package in range(len(self.packages)):
+            for which_package in range(len(self.packages)):
                 for _ in SITES:  # the second site is served from the first one's archive
                     for stage in ("build", "copy", "archive"):
-                        for site in range(len(SITES)):
-                            self.step(stage, package, site)
+                        for which_site in range(len(SITES)):
+                            self.step(stage, which_package, which_site)
             return
         package = self.packages[index % len(self.packages)]
         site = SITES[site_index % len(SITES)]

@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
         placement = replicas.plan_placement(opsdb, config, name, site, LocationType(kind))
         try:
             placed = replicas.place(opsdb, config, placement, LocationType(kind))
-            result = getattr(placed, "ref", placed).copy_id  # Placed (or a bare CopyRef)
+            result = placed.ref.copy_id
         except TransferError as exc:  # what the IO manager hands to the retry policy
             print(json.dumps({"error": str(exc), "retryable": exc.retryable}))
             return 4
@@ -205,9 +205,9 @@ def main(argv: list[str]) -> int:
 
             wrap(driver, "close_dead_runs", after=wait_to_be_killed(Path(options.marker)))
         with DagsterInstance.from_config(options.home) as instance:
-            report = drive(build_definitions(config), instance, wait_s=options.wait,
+            driven = drive(build_definitions(config), instance, wait_s=options.wait,
                            log=lambda line: print(line, flush=True))
-        result = {"launched": report.launched, "failed": report.failed}
+        result = {"launched": driven.launched, "failed": driven.failed}
 
     print(json.dumps({"result": result}))
     return 0

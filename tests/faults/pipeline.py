@@ -78,6 +78,7 @@ def plan(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> str:
     one package and register the package as a partition; returns its name."""
     with opsdb.session() as session:
         [package] = [p.name for p in plan_packages(session, config)]
+    assert package_partitions.name is not None  # Dagster types a dynamic set's name optional
     instance.add_dynamic_partitions(package_partitions.name, [package])
     return package
 

@@ -103,7 +103,8 @@ def test_run_killed_after_the_tar_is_in_place_a_plain_drive_finishes_it(
     assert report.dead_runs == [f"package:{package}"]
     assert report.launched[0].startswith(f"reattempt:packaging:{package}:")
     assert report.failed == []
-    assert instance.get_run_by_id(run_record.run_id).status == DagsterRunStatus.FAILURE
+    ended = instance.get_run_by_id(run_record.run_id)
+    assert ended is not None and ended.status == DagsterRunStatus.FAILURE
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
 

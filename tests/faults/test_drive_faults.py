@@ -43,7 +43,7 @@ def wait_for_text(*processes: subprocess.Popen[str], text: str = "waiting",
     for process in processes:
         assert process.stdout is not None
         while text not in (process.stdout.readline() or text):
-            assert time.monotonic() < deadline, f"no {text!r} from {process.args}"
+            assert time.monotonic() < deadline, f"no {text!r} from {process.args!r}"
         assert process.poll() is None, process.args
 
 
@@ -101,7 +101,7 @@ def test_501_packages_at_the_default_page_size_over_two_ticks(
     """The production page (500 OpsDB rows a tick) with one package more: the first tick asks
     for the first 500 and keeps its place, the next tick (as the next drive, from the cursor
     the instance keeps) asks for the 501st; none is asked for twice or lost."""
-    from dagster import build_sensor_context
+    from dagster import SensorResult, build_sensor_context
 
     from resources.deployment import Deployment
     from sensors.lifecycle import package_sensor
@@ -119,7 +119,10 @@ def test_501_packages_at_the_default_page_size_over_two_ticks(
             with build_sensor_context(instance=instance, cursor=cursor,
                                       resources=resources) as context:
                 result = package_sensor(context)
-            asked += [request.partition_key for request in result.run_requests]
+            assert isinstance(result, SensorResult) and result.run_requests is not None
+            for request in result.run_requests:
+                assert request.partition_key is not None
+                asked.append(request.partition_key)
             cursor = result.cursor
             if tick == 0:
                 assert len(result.run_requests) == 500
