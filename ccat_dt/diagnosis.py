@@ -186,7 +186,9 @@ def _at_site(session: Session, config: Config, package: RawDataPackage, site: st
                 failure = f"its run failed or died ({reattempt.last_error or 'no error'})"
             if failure:
                 out.append(StageState(stage, "failed", failure + _reattempt(reattempt)))
-            elif kind == LocationType.BUFFER and package.checksum and replication_source(
+            elif package.checksum is None:
+                out.append(StageState(stage, "waiting", "after packaging"))
+            elif kind == LocationType.BUFFER and replication_source(
                     session, config, package, site) is None:
                 out.append(StageState(stage, "waiting", "no verified source copy yet (an "
                                       "archive copy elsewhere is needed first)"))

@@ -72,8 +72,12 @@ def test_a_source_changed_after_filing_fails_packaging_with_the_reason(
     name = planned(opsdb, config)[0]
     with pytest.raises(stage.PackageBuildFailed):
         stage.build(opsdb, config, name)
-    state, detail = why(opsdb, config, name)["packaging"]
+    stages = why(opsdb, config, name)
+    state, detail = stages["packaging"]
     assert state == "failed" and "scan-0.dat" in detail
+    for site in ("cologne", "us"):  # nothing else is due: it all waits for the packaging
+        assert stages[f"site copy {site}"] == ("waiting", "after packaging")
+        assert stages[f"LTA copy {site}"] == ("waiting", "after packaging")
 
 
 def test_a_full_destination_disk_is_named(config: Config, opsdb: OpsDB) -> None:
