@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import coloredlogs
-from dagster import DagsterEventType, DagsterInstance, Field, RunsFilter, logger
+from dagster import (
+    AssetCheckEvaluation,
+    DagsterEventType,
+    DagsterInstance,
+    Field,
+    RunsFilter,
+    logger,
+)
 from dagster._core.definitions.instigation_logger import InstigationLogger
 from dagster._core.execution.context.logger import InitLoggerContext
 from dagster._core.utils import coerce_valid_log_level
@@ -187,6 +194,10 @@ def run_failure(instance: DagsterInstance, run_id: str) -> str:
             if error is not None and error.cause is not None and error.cls_name in (
                     "DagsterExecutionStepExecutionError", "RetryRequestedFromPolicy"):
                 error = error.cause
+        # a blocking check that failed: what it found, not "1 blocking asset check failed"
+        if (error is not None and error.cls_name == "DagsterAssetCheckFailedError"
+                and (found := _failed_checks(instance, run_id))):
+            return found
         if error is not None:
             # "dagster._core.definitions.events.Failure: why": the why is what matters
             text = re.sub(r"^[\w.]*\.(\w+): ", "", error.message.strip())
@@ -194,6 +205,18 @@ def run_failure(instance: DagsterInstance, run_id: str) -> str:
         if event is not None and event.message:
             return " ".join(event.message.split())
     return ""
+
+
+def _failed_checks(instance: DagsterInstance, run_id: str) -> str:
+    """The failed asset checks of a run, each with what it found (its description)."""
+    found = []
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION):
+        event = record.dagster_event
+        evaluation = event.event_specific_data if event is not None else None
+        if isinstance(evaluation, AssetCheckEvaluation) and not evaluation.passed:
+            what = " ".join((evaluation.description or "failed").split())
+            found.append(f"check {evaluation.check_name} failed: {what}")
+    return "; ".join(found)
 
 
 def failed_stage(instance: DagsterInstance, run_id: str) -> str | None:

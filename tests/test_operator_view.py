@@ -234,6 +234,25 @@ def test_a_copy_and_archive_run_whose_archiving_failed_is_reported_as_the_lta_co
     assert {line.stage for line in reporter.lines if not line.ok} == {"lta_copy"}
 
 
+def test_a_run_stopped_by_a_failed_check_is_reported_with_what_the_check_found(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """A filed raw file deleted before packaging: the packaging run stops at its blocking
+    check, and its line says which file is missing, not only that a check failed."""
+    from ccat_assets.definitions import build_definitions
+    from ccat_assets.driver import drive
+    from ccat_assets.runlog import RunReporter
+
+    source = observe(config, opsdb, observations=1, files=2)
+    gone = source / "obs-0" / "chai/lfa" / "sub" / "scan-1.dat"
+    gone.unlink()
+    reporter = RunReporter(instance, write=lambda _: None)
+    drive(build_definitions(config), instance, log=reporter)
+    [failed] = [line for line in reporter.lines if not line.ok]
+    assert failed.stage == "package" and failed.package.endswith("chai-lfa_p00")
+    assert "check raw_files_present failed" in failed.cause, failed.cause
+    assert "obs-0/chai/lfa/sub/scan-1.dat" in failed.cause, failed.cause
+
+
 def test_run_lines_of_reattempts_purges_and_rebuilds_name_their_package() -> None:
     """Every kind of run key the sensors make: the line names the stage, package and site it
     works on, and a failure's next step names the package (`ccat-dt why PACKAGE`)."""
