@@ -42,10 +42,10 @@ def die() -> None:
     time.sleep(60)  # never reached
 
 
-def barrier(directory: Path, parties: int) -> None:
+def barrier(directory: Path, parties: int, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / str(os.getpid())).touch()
-    deadline = time.monotonic() + BARRIER_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while len(list(directory.iterdir())) < parties:
         if time.monotonic() > deadline:
             raise TimeoutError(f"barrier {directory}: {parties} parties never arrived")
@@ -95,14 +95,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--at", default="write", choices=["write", "record", "claim"],
                         help="where the racers meet: about to write, or about to record; "
                              "place: about to claim the transfer (past the is-it-there check)")
+    parser.add_argument("--barrier-timeout", type=float, default=BARRIER_TIMEOUT_S,
+                        help="seconds to wait at the barrier for the other racers")
     parser.add_argument("--home", default="", help="Dagster instance directory (drive)")
     parser.add_argument("--wait", type=float, default=10.0,
                         help="drive: wait for re-attempts due within this many seconds")
     options = parser.parse_args(argv)
     config = load_config(options.config)
     opsdb = OpsDB(config.opsdb_url)
-    meet = (lambda: barrier(Path(options.barrier), options.parties)) if options.barrier \
-        else None
+    meet = (lambda: barrier(Path(options.barrier), options.parties, options.barrier_timeout)
+            ) if options.barrier else None
     result: object = None
 
     if options.action == "build":
