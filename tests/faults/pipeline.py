@@ -156,7 +156,7 @@ class ChildResult:
 def child_argv(config: Config, action: str, *args: str, **options: str | int) -> list[str]:
     argv = [sys.executable, "-m", "tests.faults.child", str(config.path), action, *args]
     for key, value in options.items():
-        argv += [f"--{key}", str(value)]
+        argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
 
 

@@ -49,7 +49,7 @@ def test_two_runs_of_one_partition_make_one_verified_copy(
     # short wait is enough to make that happen.
     timeout = 3 if (step, at) == ("build", "record") else 30
     racers = [spawn(child_argv(config, *arguments, barrier=str(tmp_path / "barrier"),
-                               parties=2, at=at, **{"barrier-timeout": timeout}))
+                               parties=2, at=at, barrier_timeout=timeout))
               for _ in range(2)]
     outcomes = [finish(process) for process in racers]
 
