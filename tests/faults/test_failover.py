@@ -59,7 +59,7 @@ def _tars(root: Path) -> list[str]:
 
 def test_dead_top_priority_buffer_is_passed_over_and_used_again_once_healthy(
         tmp_path: Path, instance: DagsterInstance, capsys: pytest.CaptureFixture[str]) -> None:
-    hold_s = 40.0  # long enough to look at it under load; waited out below
+    hold_s = 40.0  # outlasts the first drive even under load; brought forward below
     config = deployment(tmp_path / "deploy", **_two_observatory_buffers(hold_s / 60))
     opsdb = OpsDB(config.opsdb_url)
     top, second = (config.resolve_root(f"sites/ccat/{name}") for name in ("buffer", "buffer2"))
