@@ -32,7 +32,7 @@ from ccat_dt.topology import prepare_opsdb
 from tests.helpers import observe
 from tests.services import unavailable
 from tests.sshd import SshServer
-from tests.test_celery import REPO
+from tests.test_celery import REPO, quick_polls
 
 # Both Celery suites flush the same Redis database: never at once (pytest -n, loadgroup).
 pytestmark = pytest.mark.xdist_group("redis")
@@ -113,6 +113,7 @@ def test_site_workers_only_touch_their_own_site(
         redis.Redis.from_url(REDIS).flushdb()
     except Exception as exc:  # noqa: BLE001
         unavailable("Redis", f"{REDIS}: {exc}")
+    quick_polls(monkeypatch)
     config = isolated(base, sshd, postgres_url)
     home = base / "dagster_home"
     home.mkdir()
