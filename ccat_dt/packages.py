@@ -318,14 +318,33 @@ def filed_files(opsdb: OpsDB, name: str) -> FiledFiles:
                           locations=tuple(sorted({f.source_location.label for f in files})))
 
 
-def source_problems(opsdb: OpsDB, name: str) -> list[str]:
+@dataclass(frozen=True)
+class SourceState:
+    """The package's raw files at the source, as the raw_files_present check reports them."""
+
+    problems: list[str]  # missing, or not of their filed size
+    purged: int  # deleted after archiving (under certificates): not expected there any more
+    files: int
+
+    def summary(self) -> str:
+        if self.problems:
+            return "\n".join(self.problems)
+        if not self.purged:
+            return "all present"
+        return (f"{self.files - self.purged} present, {self.purged} purged after archiving "
+                "(not expected at the source any more)")
+
+
+def source_problems(opsdb: OpsDB, name: str) -> SourceState:
     """Raw files of the package that are missing at the source or differ in size from their
     filing (checksums are re-checked in the packaging pass, which reads every byte anyway)."""
-    problems = []
+    problems, purged, files = [], 0, 0
     with opsdb.session() as session:
         for raw_file in get_package(session, name).files:
+            files += 1
             if not any(c.status == CopyStatus.PRESENT for c in raw_file.copies):
-                continue  # already purged after archiving: not a problem of the source
+                purged += 1  # already purged after archiving: not a problem of the source
+                continue
             path = Path(raw_file.source_location.root) / raw_file.relative_path
             try:
                 size = path.stat().st_size
@@ -335,7 +354,7 @@ def source_problems(opsdb: OpsDB, name: str) -> list[str]:
             if size != raw_file.size:
                 problems.append(f"{raw_file.relative_path}: {size} bytes on disk, "
                                 f"{raw_file.size} filed")
-    return problems
+    return SourceState(problems, purged, files)
 
 
 def fail_unbuilt(opsdb: OpsDB, name: str, problems: list[str]) -> bool:

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from dagster import (
+    AssetCheckEvaluation,
     AssetCheckKey,
     AssetKey,
     AssetRecordsFilter,
     BetaWarning,
+    DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
     Definitions,
@@ -108,6 +110,15 @@ def test_materialize_by_hand_on_an_archived_package_changes_nothing_but_verifica
     assert record.asset_materialization is not None
     outcome = record.asset_materialization.metadata["outcome"].value
     assert isinstance(outcome, str) and "not rebuilt" in outcome
+    # "Materialize" on raw_files of an archived package: its check passes, and says that the
+    # sources were purged after archiving (not "all present": they are rightly gone)
+    assert by_hand(defs, instance, "raw_files", names[1])
+    [run] = instance.get_runs(limit=1)
+    [evaluation] = [r.dagster_event.event_specific_data for r in instance.all_logs(
+        run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION) if r.dagster_event]
+    assert isinstance(evaluation, AssetCheckEvaluation) and evaluation.passed
+    assert evaluation.description == "0 present, 1 purged after archiving (not expected at " \
+        "the source any more)", evaluation.description
     # ... and twice: the same answer
     assert by_hand(defs, instance, "lta_copies", lta_key)
 

@@ -72,10 +72,9 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
     def raw_files_present(context: AssetCheckExecutionContext,
                           deployment: Deployment) -> AssetCheckResult:
         """Every raw file of the package is at the source with its filed size."""
-        problems = source_problems(deployment.opsdb, context.partition_key)
-        fail_unbuilt(deployment.opsdb, context.partition_key, problems)  # `why` shows it
-        return AssetCheckResult(passed=not problems,
-                                description="\n".join(problems) or "all present")
+        found = source_problems(deployment.opsdb, context.partition_key)
+        fail_unbuilt(deployment.opsdb, context.partition_key, found.problems)  # `why` shows it
+        return AssetCheckResult(passed=not found.problems, description=found.summary())
 
     @asset_check(asset="packages", partitions_def=package_partitions, blocking=True)
     def package_checksum(context: AssetCheckExecutionContext,
