@@ -355,6 +355,7 @@ def cmd_purge(args: argparse.Namespace) -> None:
 
     config = load_config(args.config)
     opsdb = OpsDB(config.opsdb_url)
+    _known_packages(opsdb, [args.package] if args.package else [])
     with opsdb.session() as session:
         plan = plan_cycle(session, config, utcnow())
     shown = [(p, d) for p, d in plan.deletions + plan.kept
@@ -388,17 +389,27 @@ def cmd_purge(args: argparse.Namespace) -> None:
         todo = {args.package: todo.get(args.package, (None, ()))}
     failed = False
     for package, (copy_ids, early_ids) in todo.items():
-        try:
-            report = purge_package(opsdb, config, package, copy_ids=copy_ids,
-                                   early_ids=early_ids)
-        except LookupError as exc:  # --package names no package
-            raise UsageError(f"{exc}: `ccat-dt status` and `ccat-dt why` "
-                             "name the packages") from None
+        report = purge_package(opsdb, config, package, copy_ids=copy_ids, early_ids=early_ids)
         print(f"{package}: deleted {report.deleted} copies ({report.deleted_bytes / 1e6:.1f} MB)"
               + "".join(f"\n  FAILED {f}" for f in report.failures))
         failed = failed or bool(report.failures)
     if failed:  # what could not be done now is done by running it again
         raise SystemExit(EXIT_PROBLEMS)
+
+
+def _known_packages(opsdb: OpsDB, names: Collection[str]) -> None:
+    """Bad input changes nothing: a package name OpsDB does not know stops the command first."""
+    from sqlalchemy import select
+
+    from ccat_dt.opsdb.models import RawDataPackage
+
+    with opsdb.session() as session:
+        known = set(session.scalars(select(RawDataPackage.name).where(
+            RawDataPackage.name.in_(names)))) if names else set()
+    for name in names:
+        if name not in known:
+            raise UsageError(f"unknown package '{name}': `ccat-dt status` and `ccat-dt why` "
+                             "name the packages")
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -524,6 +535,7 @@ def cmd_retry(args: argparse.Namespace) -> None:
     from ccat_assets.runlog import LOG_NAME, RunReporter, quiet_runs
 
     config = load_config(args.config)
+    _known_packages(OpsDB(config.opsdb_url), args.package or [])
     instance = open_instance(config)
     reporter = RunReporter(instance)
     with quiet_runs(config.log_dir / LOG_NAME, verbose=args.verbose > 0):

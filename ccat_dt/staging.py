@@ -52,12 +52,21 @@ class Selection:
     until: datetime | None = None  # observation started before
     packages: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        """As the operator gave it: "observation 'obs-1', module 'chai/lfa'"."""
+        parts = [f"{name} '{value}'" for name, value in (
+            ("observation", self.observation), ("module", self.module),
+            ("started since", self.since), ("started before", self.until)) if value]
+        parts += [f"package '{name}'" for name in self.packages]
+        return ", ".join(parts) or "everything"
+
 
 def request_staging(opsdb: OpsDB, *, location: str, selection: Selection,
                     expires_in: timedelta, requested_by: str = "") -> str:
     """Create a staging request; every selected package must already be archived."""
     if expires_in <= timedelta(0):
-        raise StagingError(f"expiry must be in the future, got {expires_in}")
+        raise StagingError(f"expiry must be in the future, got "
+                           f"{expires_in.total_seconds() / 3600:g} h")
     site, _, name = location.partition("/")
     with opsdb.session() as session:
         try:
@@ -72,7 +81,8 @@ def request_staging(opsdb: OpsDB, *, location: str, selection: Selection,
                                "that runs it, so run staging where the processing area is")
         packages = _select(session, selection)
         if not packages:
-            raise StagingError(f"no package matches {selection}")
+            raise StagingError(f"no package matches {selection}; `ccat-dt status` and "
+                               "`ccat-dt why OBSERVATION` name them")
         unarchived = [p.name for p in packages if not verified_lta_copies(session, p)]
         if unarchived:
             raise StagingError(f"not archived yet (no verified LTA copy): {unarchived}")

@@ -252,9 +252,13 @@ def test_exit_2_on_bad_input(deploy: Path) -> None:
     assert "obs-x" in line and "start it first" in line  # the cause and the next step
 
 
-def test_exit_2_when_purge_names_no_package(deploy: Path) -> None:
-    line = one_error_line(ccat_dt("--config", str(deploy), "purge", "--package", "obs-nope"))
+@pytest.mark.parametrize("command", [["purge"], ["purge", "--plan"], ["retry"]])
+def test_exit_2_when_a_command_names_no_package(deploy: Path, command: list[str]) -> None:
+    """Before anything is planned, printed or run."""
+    done = ccat_dt("--config", str(deploy), *command, "--package", "obs-nope")
+    line = one_error_line(done)
     assert "unknown package 'obs-nope'" in line and "ccat-dt status" in line
+    assert done.stdout == ""
 
 
 def test_exit_2_when_the_opsdb_is_unreachable(deploy: Path) -> None:

@@ -71,9 +71,15 @@ def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInsta
 
 def test_staging_refuses_what_is_not_archived(config: Config, opsdb: OpsDB) -> None:
     observe(config, opsdb, observations=1, files=1)
-    with pytest.raises(StagingError, match="no package matches"):
+    # said as the operator gave it, with where to look
+    with pytest.raises(StagingError, match=r"^no package matches observation 'obs-0', module "
+                       r"'chai/lfa'; `ccat-dt status`"):
         request_staging(opsdb, location="ramses/processing",
-                        selection=Selection(observation="obs-0"), expires_in=timedelta(hours=1))
+                        selection=Selection(observation="obs-0", module="chai/lfa"),
+                        expires_in=timedelta(hours=1))
+    with pytest.raises(StagingError, match=r"^expiry must be in the future, got -5 h$"):
+        request_staging(opsdb, location="ramses/processing",
+                        selection=Selection(observation="obs-0"), expires_in=timedelta(hours=-5))
     with opsdb.session() as session:
         plan_packages(session, config)  # packages exist, but nothing is archived yet
     with pytest.raises(StagingError, match="not archived yet"):
