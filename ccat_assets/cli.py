@@ -18,7 +18,7 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -599,6 +599,20 @@ class _Parser(argparse.ArgumentParser):
             (file or sys.stderr).write(message)
 
 
+def _at_least(least: float, kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` no smaller than `least` (else a usage error)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text} is below the least allowed, {least:g}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="ccat-dt", description=(__doc__ or "").split("\n")[0])
     top.add_argument("--config", help="configuration file (default: $CCAT_DT_CONFIG)")
@@ -659,7 +673,7 @@ def parser() -> argparse.ArgumentParser:
                             "scrub) and the sensors, and run what they request, until nothing "
                             "is left to do (a second drive on the same deployment waits for "
                             "the first)")
-    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--wait", type=_at_least(0.0, float), default=120.0, metavar="SECONDS",
                    help="also wait for automatic re-attempts due within this many seconds "
                    "(default 120; 0: stop at the first back-off)")
     p.set_defaults(run=cmd_drive)
@@ -713,7 +727,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("worker", help="a Celery worker serving one site's queues")
     p.add_argument("--site", required=True)
-    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--concurrency", type=_at_least(1, int), default=2)
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(run=cmd_worker)
 
@@ -726,9 +740,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="simulate an observing night and run it to the end")
     p.add_argument("--root", default="demo-data", help="scratch data root (wiped first)")
-    p.add_argument("--observations", type=int, default=3)
-    p.add_argument("--files", type=int, default=20, help="files per observation x module")
-    p.add_argument("--file-mb", type=float, default=2.0)
+    p.add_argument("--observations", type=_at_least(1, int), default=3)
+    p.add_argument("--files", type=_at_least(1, int), default=20,
+                   help="files per observation x module")
+    p.add_argument("--file-mb", type=_at_least(0.001, float), default=2.0)
     p.set_defaults(run=cmd_demo)
     for sub in commands.choices.values():  # `ccat-dt drive -v` as well as `ccat-dt -v drive`
         sub.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,

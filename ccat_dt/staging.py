@@ -246,7 +246,8 @@ def _select(session: Session, selection: Selection) -> list[RawDataPackage]:
             RawDataPackage.name.in_(selection.packages))))
         missing = sorted(set(selection.packages) - found)
         if missing:
-            raise StagingError(f"unknown package(s) {missing}")
+            raise StagingError("unknown package " + ", ".join(f"'{m}'" for m in missing)
+                               + ": `ccat-dt status` and `ccat-dt why` name the packages")
     return list(session.scalars(query.order_by(RawDataPackage.id)))
 
 

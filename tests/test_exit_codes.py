@@ -252,6 +252,19 @@ def test_exit_2_on_bad_input(deploy: Path) -> None:
     assert "obs-x" in line and "start it first" in line  # the cause and the next step
 
 
+@pytest.mark.parametrize("argv", [["drive", "--wait", "-1"], ["demo", "--observations", "0"],
+                                  ["demo", "--files", "x"], ["worker", "--site", "ccat",
+                                                             "--concurrency", "0"]])
+def test_exit_2_on_a_number_out_of_range(deploy: Path, tmp_path: Path, argv: list[str]) -> None:
+    """Refused by the command line's parser, before anything is made (the demo's root)."""
+    done = ccat_dt("--config", str(deploy), *argv, *(
+        ["--root", str(tmp_path / "demo")] if argv[0] == "demo" else []))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"error: argument {argv[-2]}:" in done.stderr
+    assert ("below the least allowed" in done.stderr or "not a number" in done.stderr)
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("command", [["purge"], ["purge", "--plan"], ["retry"]])
 def test_exit_2_when_a_command_names_no_package(deploy: Path, command: list[str]) -> None:
     """Before anything is planned, printed or run."""
