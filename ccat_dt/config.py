@@ -179,7 +179,7 @@ class SiteConfig(_Strict):
         names = [location.name for location in self.locations]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"duplicate location name(s) {duplicates}")
+            raise ValueError(f"duplicate location name(s) {', '.join(duplicates)}")
         return self
 
     def locations_of(self, kind: LocationType) -> list[LocationConfig]:

@@ -346,7 +346,7 @@ def _spec(manifest: Path, where: str, item: object) -> FileSpec:
         raise bad('expected an object like {"path": ..., "size": ..., "checksum": ...}')
     unknown = sorted(set(item) - {"path", "size", "checksum"})
     if unknown:
-        raise bad(f"unknown key(s) {unknown}; allowed: path, size, checksum")
+        raise bad(f"unknown key(s) {', '.join(unknown)}; allowed: path, size, checksum")
     path, size, checksum = item.get("path"), item.get("size"), item.get("checksum")
     if not isinstance(path, str) or not path:
         raise bad("'path' must be a non-empty string")

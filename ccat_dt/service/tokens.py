@@ -53,7 +53,8 @@ def create_token(opsdb: OpsDB, config: Config, *, name: str, site: str,
     known = [i.name for i in config.settings.instruments]
     unknown = sorted(set(instruments) - set(known))
     if unknown:
-        raise TokenError(f"unknown instrument(s) {unknown}; instruments: {', '.join(known)}")
+        raise TokenError(f"unknown instrument(s) {', '.join(unknown)}; instruments: "
+                         f"{', '.join(known)}")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with opsdb.session() as session:
         if session.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
