@@ -62,7 +62,7 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
     kinds = {line.location: line.kind for line in s.locations}
     for forecast in forecasts:  # sources and buffers: each named by its own type
         hours = ("not filling" if forecast.hours_until_full is None
-                 else f"full in {forecast.hours_until_full:.1f} h")
+                 else f"full in {until(forecast.hours_until_full)}")
         warn = "  WARNING: below threshold" if forecast.below_threshold else ""
         print(f"{kinds.get(forecast.location, 'buffer'):<7}{forecast.location:<20} "
               f"{hours}{warn}")
@@ -87,3 +87,13 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
             state = "notified" if told.sent_at else f"not yet delivered ({told.last_error})"
             print(f"problem [{told.channel}] {told.subject}: {state}")
     return s
+
+
+def until(hours: float) -> str:
+    """A forecast as an operator reads it: hours while it is near, then days, then "over a
+    year" (a rate measured over the last hours says nothing precise that far ahead)."""
+    if hours < 48:
+        return f"{hours:.1f} h"
+    if hours < 24 * 365:
+        return f"{hours / 24:.0f} days"
+    return "over a year"

@@ -278,3 +278,10 @@ def test_run_lines_of_reattempts_purges_and_rebuilds_name_their_package() -> Non
     assert [(r.stage, r.package, r.site) for r in reporter.lines] == list(keys.values())
     for line, (_, package, _) in zip(written, keys.values(), strict=True):
         assert f"`ccat-dt why {package}`" in line, line
+
+
+def test_a_buffer_forecast_reads_in_hours_near_and_days_or_more_far() -> None:
+    from ccat_assets.status import until
+
+    assert [until(h) for h in (0.5, 47.9, 100.0, 24 * 364, 99_519.7)] == [
+        "0.5 h", "47.9 h", "4 days", "364 days", "over a year"]
