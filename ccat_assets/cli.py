@@ -561,9 +561,9 @@ def cmd_exclude(args: argparse.Namespace) -> None:
     except ExcludeRefused as exc:
         raise UsageError(str(exc)) from None
     if done.package is None:
-        print(f"{done.path} taken out: it is never packaged; the file stays where it is")
+        print(f"{done.path} taken out: it is never packaged; the file is left alone")
     else:
-        print(f"{done.path} taken out of {done.package}; the file stays where it is (never "
+        print(f"{done.path} taken out of {done.package}; the file is left alone (never "
               f"purged). {done.package} is rebuilt without it and goes on by itself "
               f"(`ccat-dt drive`, or the daemon); `ccat-dt why {done.package}` shows it")
 

@@ -50,7 +50,7 @@ def diagnose(session: Session, config: Config, name: str, now: datetime) -> list
                          f"{package.observation.name} finished")]
     stages += [StageState("excluded", "done", f"{f.relative_path} (file {f.id}) taken out by "
                           f"{f.excluded_by} at {_aware(f.excluded_at):%Y-%m-%d %H:%M} UTC: "
-                          f"{f.excluded_reason}; it stays on disk, never packaged or purged")
+                          f"{f.excluded_reason}; left alone: never packaged or purged")
                for f in session.scalars(select(RawDataFile).where(
                    RawDataFile.excluded_from == package.name).order_by(RawDataFile.id))
                if f.excluded_at is not None]
