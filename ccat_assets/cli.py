@@ -419,8 +419,10 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
     opsdb = _opsdb(args)
     if args.release:
-        release(opsdb, args.release)
-        print(f"staging request {args.release} released; the next purge cycle removes its files")
+        before = release(opsdb, args.release)
+        print(f"staging request {args.release} released; the next purge cycle removes its files"
+              if before == "active" else f"staging request {args.release} was {before} "
+              "already: nothing changed")
         return
     if not args.location:
         raise UsageError("give --location SITE/LOCATION (a processing location) or --release")

@@ -95,12 +95,15 @@ def request_staging(opsdb: OpsDB, *, location: str, selection: Selection,
         return f"stage-{uid[:8]}"
 
 
-def release(opsdb: OpsDB, name: str) -> None:
-    """The scientist is done: the next purge cycle removes the staged files."""
+def release(opsdb: OpsDB, name: str) -> StagingState:
+    """The scientist is done: the next purge cycle removes the staged files. Returns the
+    request's state before (releasing twice changes nothing)."""
     with opsdb.session() as session:
         request = get_request(session, name)
-        if request.state == StagingState.ACTIVE:
+        before = request.state
+        if before == StagingState.ACTIVE:
             request.state, request.released_at = StagingState.RELEASED, utcnow()
+        return before
 
 
 @dataclass(frozen=True)

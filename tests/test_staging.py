@@ -63,7 +63,8 @@ def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInsta
                if line.startswith("ramses/processing"))
     assert row.split()[1:3] == ["processing", "2"]
 
-    release(opsdb, name)
+    assert release(opsdb, name) == "active"
+    assert release(opsdb, name) == "released"  # twice: nothing changes
     assert drive(defs, instance).failed == []
     assert not staged_root.exists()
     assert {p: hash_file(p)[0] for p in files_under(lta)} == lta_before
