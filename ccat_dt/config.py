@@ -362,7 +362,7 @@ class Settings(_Strict):
     def _topology(self) -> Settings:
         names = [site.short_name for site in self.sites]
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate site short_name in {names}")
+            raise ValueError(f"duplicate site short_name in {', '.join(names)}")
         observatory = self.site(self.observatory)
         if not observatory.locations_of(LocationType.SOURCE):
             raise ValueError(f"observatory site '{self.observatory}' has no source location")
@@ -383,7 +383,8 @@ class Settings(_Strict):
         needed += [(a.short_name, b.short_name) for a in archives for b in archives if a != b]
         missing = [f"{o}->{d}" for o, d in needed if self.route(o, d) is None]
         if missing:
-            raise ValueError(f"routes missing for {missing}")
+            raise ValueError(f"routes missing for {', '.join(missing)}; every archive site "
+                             "needs a route from the observatory and from every other archive")
         roots: dict[tuple[str | None, str], str] = {}
         for site in self.sites:
             for loc in site.locations:

@@ -85,7 +85,8 @@ def request_staging(opsdb: OpsDB, *, location: str, selection: Selection,
                                "`ccat-dt why OBSERVATION` name them")
         unarchived = [p.name for p in packages if not verified_lta_copies(session, p)]
         if unarchived:
-            raise StagingError(f"not archived yet (no verified LTA copy): {unarchived}")
+            raise StagingError("not archived yet (no verified LTA copy): "
+                               + ", ".join(unarchived))
         now = utcnow()
         uid = new_uuid()
         session.add(StagingRequest(
