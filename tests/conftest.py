@@ -98,6 +98,7 @@ SLOW = (
     "tests/test_exit_codes.py::test_demo_",
     "tests/test_exit_codes.py::test_audit_",
     "tests/test_exit_codes.py::test_drive_with_a_failed_run",
+    "tests/test_exit_codes.py::test_ctrl_c_stops_a_drive",
     "tests/test_exit_codes.py::test_exit_2_when_the_opsdb_is_read_only",
     "tests/test_totals.py::test_totals_equal_a_fresh_count_after_a_lifecycle",
 )

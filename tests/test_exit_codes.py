@@ -373,3 +373,51 @@ def test_purge_exits_1_while_an_lta_copy_cannot_be_looked_at_and_0_once_it_can(
     done = ccat_dt("purge", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not tar.exists()
+
+
+def test_ctrl_c_stops_a_drive_with_130_and_a_plain_drive_then_finishes(tmp_path: Path) -> None:
+    """An operator presses Ctrl-C while `ccat-dt drive` packages a large file: the drive
+    says "interrupted" and exits 130, and the interrupted run's line says so; a plain drive
+    (its work re-attempted after the back-off, here 1 s) finishes the lifecycle: the sources
+    purged, the package's tar in both archives, no temporary file left anywhere."""
+    import signal
+    import time
+
+    root = tmp_path / "d"
+    assert run_cli("init", str(root)) == 0
+    config_path = root / CONFIG_NAME
+    settings = yaml.safe_load(config_path.read_text())
+    settings.setdefault("policies", {})["retry_backoff_first_s"] = 1.0
+    config_path.write_text(yaml.safe_dump(settings))
+    env = clean_env(CCAT_DT_CONFIG=str(config_path))
+    source = root / "sites" / "ccat" / "instruments"
+    write(source / "o" / "big.dat", os.urandom(300 * 2**20))
+    for argv in (["observation", "start", "o"],
+                 ["file", "--observation", "o", "--module", MODULE, "o/big.dat"],
+                 ["observation", "finish", "o"]):
+        assert ccat_dt(*argv, env=env).returncode == 0
+    buffer = root / "sites" / "ccat" / "buffer"
+
+    drive = subprocess.Popen([CCAT_DT, "drive", "--wait", "0"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                             text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".part") for p in buffer.rglob("*")):  # the tar is written
+        assert drive.poll() is None and time.monotonic() < deadline, drive.communicate()
+        time.sleep(0.02)
+    os.killpg(drive.pid, signal.SIGINT)  # what the terminal sends to its foreground group
+    out, err = drive.communicate(timeout=120)
+
+    assert drive.returncode == 130, out + err
+    assert "ccat-dt: interrupted" in err
+    assert "Traceback" not in out + err
+    [line] = [line for line in out.splitlines() if line.startswith("FAILED package")]
+    cause = out.splitlines()[out.splitlines().index(line) + 1]
+    assert "interrupted: the drive or the run was stopped" in cause, out
+
+    done = ccat_dt("drive", "--wait", "60", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (source / "o" / "big.dat").exists()  # purged, so archived twice (below)
+    for site in ("cologne", "us"):
+        assert len(list((root / "sites" / site / "lta").rglob("*.tar"))) == 1
+    assert [p for p in root.rglob("*.part")] == []
