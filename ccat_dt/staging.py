@@ -29,6 +29,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     StagingRequest,
     StagingState,
+    _aware,
     new_uuid,
     utcnow,
 )
@@ -113,17 +114,16 @@ class Staged:
     packages: int
     files: int
     bytes: int
+    note: str = ""  # why nothing was staged (a request released or expired meanwhile)
 
 
 def stage(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None) -> Staged:
     """Unpack every package of the request at its processing location (idempotent)."""
     files = nbytes = 0
+    if ended := not_active(opsdb, name):  # released before its run came: not a failure
+        return Staged(name, 0, 0, 0, note=ended)
     with opsdb.session() as session:
-        request = get_request(session, name)
-        if not request.is_active(utcnow()):
-            raise StagingError(f"staging request {name} is {request.state.value} "
-                               f"(expires {request.expires_at}); nothing to stage")
-        package_names = [p.name for p in request.packages]
+        package_names = [p.name for p in get_request(session, name).packages]
     for package_name in package_names:
         count, size = _stage_package(opsdb, config, name, package_name, run_id)
         files, nbytes = files + count, nbytes + size
@@ -132,8 +132,22 @@ def stage(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
     return Staged(name, len(package_names), files, nbytes)
 
 
+def not_active(opsdb: OpsDB, name: str) -> str:
+    """Why a request's files are not (or no longer) wanted at its processing location; ""
+    while it is active."""
+    with opsdb.session() as session:
+        request = get_request(session, name)
+        if request.is_active(utcnow()):
+            return ""
+        return (f"staging request {name} is {request.state.value} (expires "
+                f"{_aware(request.expires_at):%Y-%m-%d %H:%M} UTC): nothing to stage")
+
+
 def staged_problems(opsdb: OpsDB, name: str) -> list[str]:
-    """Staged files that are missing or differ from their filed checksum."""
+    """Staged files that are missing or differ from their filed checksum (none expected of a
+    request no longer active: the purge removes them)."""
+    if not_active(opsdb, name):
+        return []
     problems = []
     with opsdb.session() as session:
         request = get_request(session, name)

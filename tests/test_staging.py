@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from dagster import AssetCheckKey, AssetKey, DagsterInstance
+from dagster import AssetCheckEvaluation, AssetCheckKey, AssetKey, DagsterInstance
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from ccat_assets.cli import main
@@ -68,6 +68,33 @@ def test_staging_round_trip(config: Config, opsdb: OpsDB, instance: DagsterInsta
     assert drive(defs, instance).failed == []
     assert not staged_root.exists()
     assert {p: hash_file(p)[0] for p in files_under(lta)} == lta_before
+
+
+def test_a_request_released_before_its_run_stages_nothing_and_fails_nothing(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:  # noqa: F811
+    """A scientist changes their mind at once: the staging run that comes after the release
+    succeeds with nothing to stage (not a red run, a failed drive and a re-attempt), its
+    check passes saying why, and nothing lands at the processing location."""
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0"),
+                           expires_in=timedelta(hours=1))
+    assert release(opsdb, name) == "active"
+
+    report = drive(defs, instance)
+
+    assert report.failed == [] and any(key.startswith("stage:") for key in report.launched)
+    assert files_under(config.resolve_root("sites/ramses/processing")) == []
+    history = instance.event_log_storage.get_asset_check_execution_history(
+        AssetCheckKey(AssetKey("staged_copies"), "staged_files_verified"), limit=5)
+    assert [r.status for r in history] == [AssetCheckExecutionRecordStatus.SUCCEEDED]
+    event = history[0].event
+    evaluation = event.dagster_event.event_specific_data if event and event.dagster_event \
+        else None
+    assert isinstance(evaluation, AssetCheckEvaluation)
+    assert "is released" in (evaluation.description or "")
 
 
 def test_staging_refuses_what_is_not_archived(config: Config, opsdb: OpsDB) -> None:

@@ -21,7 +21,7 @@ from dagster import (
 from ccat_assets.partitions import staging_partitions
 from ccat_assets.stages.common import transient_retries
 from ccat_dt.config import Config
-from ccat_dt.staging import stage, staged_problems
+from ccat_dt.staging import not_active, stage, staged_problems
 from resources.deployment import Deployment
 
 ASSETS = ("staged_copies",)
@@ -41,7 +41,8 @@ def assets(config: Config) -> list[AssetsDefinition]:
         deployment.report("staging", context.partition_key, "*", "ok",
                           time.monotonic() - started, bytes=staged.bytes)
         return MaterializeResult(metadata={"packages": staged.packages, "files": staged.files,
-                                           "bytes": staged.bytes})
+                                           "bytes": staged.bytes,
+                                           "outcome": staged.note or "staged"})
 
     return [staged_copies]
 
@@ -52,7 +53,8 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
                               deployment: Deployment) -> AssetCheckResult:
         """Every staged file re-reads to the checksum filed at the observatory."""
         problems = staged_problems(deployment.opsdb, context.partition_key)
-        return AssetCheckResult(passed=not problems,
-                                description="\n".join(problems) or "every staged file verified")
+        ended = not_active(deployment.opsdb, context.partition_key)
+        return AssetCheckResult(passed=not problems, description="\n".join(problems) or ended
+                                or "every staged file verified")
 
     return [staged_files_verified]
