@@ -362,7 +362,8 @@ class Settings(_Strict):
     def _topology(self) -> Settings:
         names = [site.short_name for site in self.sites]
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate site short_name in {', '.join(names)}")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"duplicate site short_name {', '.join(twice)}")
         observatory = self.site(self.observatory)
         if not observatory.locations_of(LocationType.SOURCE):
             raise ValueError(f"observatory site '{self.observatory}' has no source location")

@@ -144,10 +144,8 @@ def not_active(opsdb: OpsDB, name: str) -> str:
 
 
 def staged_problems(opsdb: OpsDB, name: str) -> list[str]:
-    """Staged files that are missing or differ from their filed checksum (none expected of a
-    request no longer active: the purge removes them)."""
-    if not_active(opsdb, name):
-        return []
+    """Staged files of an active request that are missing or differ from their filed
+    checksum."""
     problems = []
     with opsdb.session() as session:
         request = get_request(session, name)
