@@ -552,11 +552,12 @@ def _retire_query(db: SyntheticOpsDB, now: datetime, live: list[str],
     opsdb = OpsDB(db.config.opsdb_url)
     cutoff = now - timedelta(days=days)
     batch = sorted(live)[:BATCH]
+    sites = [site.short_name for site in db.config.settings.archive_sites]
     try:
         with Session(opsdb.engine) as session:
-            stats = _repeat(lambda: finished_packages(session, cutoff, batch), repeat)
+            stats = _repeat(lambda: finished_packages(session, cutoff, batch, sites), repeat)
             with SqlCapture(opsdb.engine) as capture:
-                found = finished_packages(session, cutoff, batch)
+                found = finished_packages(session, cutoff, batch, sites)
         statement, parameters, _ = capture.rows[-1]
         plan = explain(opsdb.engine, statement, parameters)
     finally:

@@ -303,7 +303,9 @@ def cmd_drive(args: argparse.Namespace) -> None:
     if report.next_due is not None:
         print(f"work waits for an automatic re-attempt; the next at "
               f"{report.next_due:%Y-%m-%d %H:%M:%S} UTC (`ccat-dt status` lists it)")
-    if report.failed or _report_danger(config):
+    for name, why in report.sensor_failures.items():
+        print(f"sensor {name} still failing: {why}; what it would request did not run")
+    if report.failed or report.sensor_failures or _report_danger(config):
         raise SystemExit(EXIT_PROBLEMS)
 
 

@@ -63,7 +63,9 @@ RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"
 CURSOR_KEY = "ccat-dt/drive/cursor/"  # + sensor name, in the instance's key-value store
 LOCK_FILE = "ccat-dt-drive.lock"  # in the instance's directory (DAGSTER_HOME)
-SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this
+SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this, doubled per
+# failure in a row: one that keeps failing (a bug, a partition Dagster does not know) ends the
+# drive once its next tick is further away than --wait, instead of ticking every second
 # Ticked only in a round in which no other sensor launched a run: every copy due is then
 # made or in flight, and the purge sensor leaves a package with a run in flight alone, so a
 # package's deletions come in one purge run once its copies are all made, not one per copy
@@ -83,6 +85,8 @@ class DriveReport:
     failed: list[str] = field(default_factory=list)  # run keys whose run failed
     rounds: int = 0
     dead_runs: list[str] = field(default_factory=list)  # runs of a dead drive, marked failed
+    sensor_failures: dict[str, str] = field(default_factory=dict)  # sensor -> why its last
+    # tick failed, for those still failing when the drive ended
     next_due: datetime | None = None  # the earliest work waiting for a back-off, if any
 
 
@@ -223,6 +227,8 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
         s.name == LAST))
     stored = instance.run_storage.get_cursor_values({CURSOR_KEY + s.name for s in sensors})
     cursors: dict[str, str | None] = {s.name: stored.get(CURSOR_KEY + s.name) for s in sensors}
+    failures: dict[str, int] = {}  # sensor -> ticks failed in a row
+    retry_at: dict[str, float] = {}  # sensor -> when a failing one is ticked again
 
     def tick(sensor_def: SensorDefinition) -> tuple[bool, float | None]:
         """One tick, its requests carried out: (a cursor moved, when work it waits for is due)."""
@@ -238,9 +244,16 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
                 data = sensor_def.evaluate_tick(context)
         except Exception as exc:  # noqa: BLE001 - as the daemon: this tick fails, the next
             # one tries again (an OpsDB locked for a moment, say)
-            log(f"sensor {name} failed ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); ticked again later")
-            return False, time.time() + SENSOR_RETRY_S
+            failures[name] = failures.get(name, 0) + 1
+            delay = SENSOR_RETRY_S * 2 ** min(failures[name] - 1, 20)
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            report.sensor_failures[name] = why
+            log(f"sensor {name} failed ({why}); ticked again in {delay:g} s")
+            retry_at[name] = time.time() + delay
+            return False, retry_at[name]
+        failures.pop(name, None)
+        retry_at.pop(name, None)
+        report.sensor_failures.pop(name, None)
         for request in data.dynamic_partitions_requests or []:
             if isinstance(request, AddDynamicPartitionsRequest):
                 instance.add_dynamic_partitions(request.partitions_def_name,
@@ -278,7 +291,10 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
                 if time.monotonic() - ticked_at[name] < (sensor_def.minimum_interval_seconds or 0):
                     continue
                 ticked_at[name] = time.monotonic()
-            changed, due = tick(sensor_def)
+            if retry_at.get(name, 0.0) > time.time():  # failing: not before its back-off
+                changed, due = False, retry_at[name]
+            else:
+                changed, due = tick(sensor_def)
             moved = moved or changed
             if due is not None:
                 next_due = due if next_due is None else min(next_due, due)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dagster import (
+    AddDynamicPartitionsRequest,
+    DagsterInstance,
     DynamicPartitionsDefinition,
     MultiPartitionKey,
     MultiPartitionsDefinition,
     MultiToSingleDimensionPartitionMapping,
+    RunRequest,
     StaticPartitionsDefinition,
 )
 
 from ccat_dt.config import Config
 
-package_partitions = DynamicPartitionsDefinition(name="packages")
+PACKAGES = "packages"
+package_partitions = DynamicPartitionsDefinition(name=PACKAGES)
 staging_partitions = DynamicPartitionsDefinition(name="staging_requests")
 by_package = MultiToSingleDimensionPartitionMapping(partition_dimension_name="package")
 
@@ -34,3 +40,16 @@ def split_key(key: str) -> tuple[str, str]:
         return dimensions["package"], dimensions["site"]
     package, site = key.split("|")
     return package, site
+
+
+def revived(instance: DagsterInstance,
+            requests: Sequence[RunRequest]) -> list[AddDynamicPartitionsRequest]:
+    """The packages of these runs whose partitions were retired (sensors/retire.py) come back
+    with them: a repair, a new archive site's copy or a re-attempt of a package archived
+    long ago needs its partition (a run for a partition the instance does not know cannot be
+    requested, and the sensor's whole tick would fail)."""
+    names = {key.keys_by_dimension["package"] if isinstance(key, MultiPartitionKey) else key
+             for key in (request.partition_key for request in requests) if key}
+    retired = sorted(name for name in names
+                     if not instance.has_dynamic_partition(PACKAGES, name))
+    return [package_partitions.build_add_request(retired)] if retired else []

@@ -169,7 +169,8 @@ class RunLine:
 def _key_parts(key: str) -> tuple[str, str, str]:
     """(stage, package, site) of a run key: stage:package[:site:...], reattempt:stage:
     package[|site]:episode:n, purge:package:site-or-*:digest, purge-unfinished:package:copy,
-    rebuild:package:..., scrub:site:hour, stage:request."""
+    rebuild:package:..., scrub:site:hour, stage:request; repair, failover and seed (a new
+    archive site's copy) as a site copy: why:package:site:copy."""
     parts = key.split(":")
     if parts[0] == "reattempt" and len(parts) > 2:  # the stage it re-attempts, its partition
         package, _, site = parts[2].partition("|")
@@ -177,7 +178,8 @@ def _key_parts(key: str) -> tuple[str, str, str]:
     stage = parts[0]
     package = parts[1] if len(parts) > 1 else ""
     site = parts[2] if len(parts) > 2 and stage in ("package", "site_copy", "lta_copy",
-                                                     "purge") else ""
+                                                     "purge", "repair", "failover",
+                                                     "seed") else ""
     if stage == "scrub":
         return stage, "", package
     return stage, package, "" if site == "*" else site

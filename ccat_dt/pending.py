@@ -26,9 +26,10 @@ from ccat_dt.opsdb.models import (
     PhysicalCopy,
     RawDataFile,
     RawDataPackage,
+    Site,
     StagingRequest,
 )
-from ccat_dt.routing import copies_at
+from ccat_dt.routing import copies_at, nearest_lta_copy
 from ccat_dt.stages import Stage
 
 PAGE = 500
@@ -101,6 +102,31 @@ def site_copies_due(session: Session, config: Config, after_id: int, limit: int 
         due += [Due(package.name, t, copy.id, site) for t in targets
                 if not _held_at(session, package, t)]
     return Page(due, copies[-1].id if copies else after_id)
+
+
+def seeds_due(session: Session, config: Config, site: str, after_id: int,
+              limit: int = PAGE) -> Page:
+    """Packages (by id, after the cursor) that the archive site holds no copy of and a
+    verified LTA copy at another archive can give it, from the nearest such copy. A new LTA
+    copy seeds every archive as it comes (site_copies_due); this sweep reaches what came
+    before: an archive site added to a running deployment receives every package archived
+    before it was there. A package not yet in any archive is passed over: its first LTA
+    copy seeds the site."""
+    ids = session.scalars(select(RawDataPackage.id).where(RawDataPackage.id > after_id)
+                          .order_by(RawDataPackage.id).limit(limit)).all()
+    held = (select(PhysicalCopy.id).join(DataLocation).join(Site)
+            .where(PhysicalCopy.package_id == RawDataPackage.id, Site.short_name == site,
+                   PhysicalCopy.status != CopyStatus.DELETED,
+                   DataLocation.location_type.in_([LocationType.BUFFER,
+                                                   LocationType.LONG_TERM_ARCHIVE])))
+    due: list[Due] = []
+    for package in session.scalars(select(RawDataPackage)
+                                   .where(RawDataPackage.id.in_(ids), ~held.exists())
+                                   .order_by(RawDataPackage.id)):
+        source = nearest_lta_copy(session, config, package, site)
+        if source is not None:
+            due.append(Due(package.name, site, source.id, source.location.site.short_name))
+    return Page(due, ids[-1] if ids else after_id)
 
 
 def lta_copies_due(session: Session, config: Config, after_id: int, limit: int = PAGE) -> Page:
@@ -182,10 +208,12 @@ def scrub_due(session: Session, budget_bytes: int, limit: int = PAGE) -> list[Du
     return due
 
 
-def finished_packages(session: Session, archived_before: datetime,
-                      among: Collection[str]) -> list[str]:
+def finished_packages(session: Session, archived_before: datetime, among: Collection[str],
+                      archive_sites: Collection[str]) -> list[str]:
     """Those of `among` (live Dagster partitions) archived before the given time with nothing
-    left outside the LTA: their partitions can be retired (their history stays in OpsDB).
+    left outside the LTA and a present copy in every archive site's LTA (one found corrupt, or
+    a site added since, still needs a run of the package): their partitions can be retired
+    (their history stays in OpsDB).
 
     Asked per candidate, so the cost follows the live partitions, not the archive's history."""
     package = RawDataPackage
@@ -198,6 +226,11 @@ def finished_packages(session: Session, archived_before: datetime,
                 .join(RawDataFile, PhysicalCopy.raw_data_file_id == RawDataFile.id)
                 .where(RawDataFile.package_id == package.id,
                        PhysicalCopy.status != CopyStatus.DELETED))
+    archived_at = [select(PhysicalCopy.id).join(DataLocation).join(Site)
+                   .where(PhysicalCopy.package_id == package.id, Site.short_name == site,
+                          PhysicalCopy.status == CopyStatus.PRESENT,
+                          DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE).exists()
+                   for site in sorted(set(archive_sites))]
     names = sorted(set(among))
     finished: list[str] = []
     for start in range(0, len(names), PAGE):
@@ -206,7 +239,7 @@ def finished_packages(session: Session, archived_before: datetime,
             .where(package.name.in_(names[start:start + PAGE]),
                    package.state == PackageState.ARCHIVED,
                    package.archived_at < archived_before,
-                   ~outside_lta.exists(), ~raw_left.exists())
+                   ~outside_lta.exists(), ~raw_left.exists(), *archived_at)
             .order_by(package.name))
     return finished
 

@@ -17,7 +17,12 @@ from dagster import (
 
 from ccat_assets.execution import on_queue
 from ccat_assets.inflight import not_in_flight, packages_in_flight
-from ccat_assets.partitions import package_partitions, package_site_key, staging_partitions
+from ccat_assets.partitions import (
+    package_partitions,
+    package_site_key,
+    revived,
+    staging_partitions,
+)
 from ccat_assets.runlog import run_failure
 from ccat_assets.stages import JOBS, copy_job, site_copy
 from ccat_assets.tags import LINK_TAG, WORK_TAG
@@ -31,6 +36,7 @@ from ccat_dt.pending import (
     new_packages,
     new_staging_requests,
     repairs_due,
+    seeds_due,
     site_copies_due,
 )
 from ccat_dt.purge_cycle import newest_package_copies, plan_cycle
@@ -84,9 +90,27 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     with deployment.opsdb.session() as session:
         page = site_copies_due(session, deployment.config, int(context.cursor or 0),
                                _page(deployment))
-    return SensorResult(run_requests=_idle(context, [_placement(deployment, due, Stage.SITE_COPY)
-                                                     for due in page.items], Stage.SITE_COPY),
-                        cursor=str(page.cursor))
+    return _placed(context, [_placement(deployment, due, Stage.SITE_COPY) for due in page.items],
+                   Stage.SITE_COPY, cursor=str(page.cursor))
+
+
+@sensor(jobs=COPY_JOBS, minimum_interval_seconds=INTERVAL, default_status=RUNNING)
+def new_site_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
+    """An archive site added to a running deployment receives every package archived before
+    it was there, from the nearest verified LTA copy: a page of packages per site and tick,
+    each site with its own position (a site new to the cursor starts from the first)."""
+    config, requests = deployment.config, []
+    positions = dict(item.split("=", 1) for item in (context.cursor or "").split())
+    with deployment.opsdb.session() as session:
+        for site in (s.short_name for s in config.settings.archive_sites):
+            page = seeds_due(session, config, site, int(positions.get(site, 0)),
+                             _page(deployment))
+            positions[site] = str(page.cursor)
+            requests += [_placement(deployment, due, Stage.SITE_COPY, why="seed")
+                         for due in page.items]
+    # A position, not JSON: `drive` ticks again while it moves (driver._is_position).
+    return _placed(context, requests, Stage.SITE_COPY,
+                   cursor=" ".join(f"{k}={v}" for k, v in sorted(positions.items())))
 
 
 @sensor(job=JOBS[Stage.LTA_COPY], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -97,9 +121,8 @@ def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
     with deployment.opsdb.session() as session:
         page = lta_copies_due(session, deployment.config, int(context.cursor or 0),
                               _page(deployment))
-    return SensorResult(run_requests=_idle(context, [_placement(deployment, due, Stage.LTA_COPY)
-                                                     for due in page.items], Stage.LTA_COPY),
-                        cursor=str(page.cursor))
+    return _placed(context, [_placement(deployment, due, Stage.LTA_COPY) for due in page.items],
+                   Stage.LTA_COPY, cursor=str(page.cursor))
 
 
 @sensor(job=JOBS[Stage.PURGE], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -174,7 +197,8 @@ def purge_sensor(context: SensorEvaluationContext,
                stages=[Stage.PURGE])
     if not requests and not decisions:
         return SkipReason("nothing may be deleted now")
-    return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions))
+    return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions),
+                        dynamic_partitions_requests=revived(context.instance, requests))
 
 
 def _failure(instance: DagsterInstance, attempts: list[RunOutcome], decision: Decision) -> str:
@@ -218,11 +242,11 @@ def repair_sensor(context: SensorEvaluationContext,
         return SkipReason("no corrupt copy can be repaired now")
     for rebuild in rebuilds:
         context.log.info(f"rebuild {rebuild.package}: {rebuild.reason}")
-    return SensorResult(run_requests=_idle(context, [
+    return _placed(context, [
         *(_placement(deployment, item, stage, why="repair") for stage, item in due),
         *(RunRequest(partition_key=r.package, run_key=r.run_key,
                      job_name=JOBS[Stage.PACKAGING].name,
-                     run_config=on_queue(config, packaging_queue(config))) for r in rebuilds)]))
+                     run_config=on_queue(config, packaging_queue(config))) for r in rebuilds)])
 
 
 @sensor(jobs=COPY_JOBS, minimum_interval_seconds=INTERVAL, default_status=RUNNING)
@@ -237,10 +261,10 @@ def failover_sensor(context: SensorEvaluationContext,
     for item in rerouted:
         context.log.warning(f"{item.package}: primary site {item.old_site} down past the "
                             f"failover horizon; re-routed to {item.new_site}")
-    return SensorResult(run_requests=_idle(context, [
+    return _placed(context, [
         _placement(deployment, Due(r.package, r.new_site, r.copy_id, observatory),
                    Stage.SITE_COPY, why="failover")
-        for r in rerouted if r.copy_id is not None], Stage.SITE_COPY))
+        for r in rerouted if r.copy_id is not None], Stage.SITE_COPY)
 
 
 def _idle(context: SensorEvaluationContext, requests: list[RunRequest],
@@ -249,6 +273,15 @@ def _idle(context: SensorEvaluationContext, requests: list[RunRequest],
     backfill's, the UI's, another sensor's this round): that run does the work; if it fails,
     the re-attempt sensor requests it again. Every lifecycle sensor's requests pass here."""
     return not_in_flight(context.instance, requests, stage)
+
+
+def _placed(context: SensorEvaluationContext, requests: list[RunRequest],
+            stage: Stage | None = None, cursor: str | None = None) -> SensorResult:
+    """The requests not in flight (_idle), with the partitions of the packages among them that
+    were retired: a repair or a new site's copy of a package archived long ago."""
+    requests = _idle(context, requests, stage)
+    return SensorResult(run_requests=requests, cursor=cursor,
+                        dynamic_partitions_requests=revived(context.instance, requests))
 
 
 def _placement(deployment: Deployment, due: Due, stage: Stage, why: str = "") -> RunRequest:
@@ -270,5 +303,5 @@ def _page(deployment: Deployment) -> int:
 
 
 def lifecycle_sensors() -> list[SensorDefinition]:
-    return [package_sensor, site_copy_sensor, lta_copy_sensor, purge_sensor, staging_sensor,
-            repair_sensor, failover_sensor, reattempt_sensor]
+    return [package_sensor, site_copy_sensor, new_site_sensor, lta_copy_sensor, purge_sensor,
+            staging_sensor, repair_sensor, failover_sensor, reattempt_sensor]

@@ -21,7 +21,7 @@ from dagster import (
 
 from ccat_assets.execution import on_queue
 from ccat_assets.inflight import IN_FLIGHT
-from ccat_assets.partitions import package_site_key
+from ccat_assets.partitions import package_site_key, revived
 from ccat_assets.stages import JOBS, copy_job, jobs_of, site_copy, stages_of_job
 from ccat_assets.tags import LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
 from ccat_dt.opsdb.models import utcnow
@@ -123,7 +123,8 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
             context.log.warning(f"{Stage(row.stage).label} {row.partition}: {row.attempts} "
                                 f"attempts failed since {row.first_failed_at:%Y-%m-%d %H:%M}; "
                                 "escalated")
-    return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions))
+    return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions),
+                        dynamic_partitions_requests=revived(context.instance, requests))
 
 
 def _request(deployment: Deployment, stage: Stage, package: str, site: str,

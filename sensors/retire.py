@@ -21,12 +21,14 @@ BATCH = 5000
 @sensor(minimum_interval_seconds=3600, default_status=DefaultSensorStatus.RUNNING)
 def retire_partitions_sensor(context: SensorEvaluationContext,
                              deployment: Deployment) -> SensorResult:
-    days = deployment.config.settings.policies.retire_partitions_after_days
+    settings = deployment.config.settings
+    days = settings.policies.retire_partitions_after_days
     live = sorted(context.instance.get_dynamic_partitions(package_partitions.name or "packages"))
     start = bisect_right(live, context.cursor or "")
     batch = live[start:start + BATCH] or live[:BATCH]
     with deployment.opsdb.session() as session:
-        retiring = finished_packages(session, utcnow() - timedelta(days=days), batch)
+        retiring = finished_packages(session, utcnow() - timedelta(days=days), batch,
+                                     [site.short_name for site in settings.archive_sites])
     if retiring:  # a run in flight (its purge storing its output, say) keeps its partition
         busy = {package for _, package, _ in in_flight(context.instance)}
         retiring = [package for package in retiring if package not in busy]

@@ -12,10 +12,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    Definitions,
+    RunsFilter,
+    SensorEvaluationContext,
+    sensor,
+)
 from sqlalchemy import select
 
-from ccat_assets.driver import CURSOR_KEY, RUN_KEY
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import CURSOR_KEY, RUN_KEY, drive
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
@@ -32,6 +40,7 @@ from tests.faults.pipeline import (
     spawn,
     wait_for,
 )
+from tests.helpers import observe as observe_files
 
 PAGE = 1  # OpsDB rows a sensor reads per tick here (500 in production)
 
@@ -190,3 +199,29 @@ def test_a_killed_drive_is_finished_by_a_plain_drive(
     assert [r for r in instance.get_runs(RunsFilter(statuses=IN_FLIGHT))] == []
     assert all(r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE)
                for r in instance.get_runs())
+
+
+def test_a_sensor_that_keeps_failing_ends_the_drive_and_is_reported(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """A sensor failing at every tick (a bug, a partition Dagster does not know) is ticked
+    again after 1, 2, 4 ... s, not every second for hours; the drive ends once the next tick
+    is further away than its wait, says which sensor fails and why, and the other sensors'
+    work is done meanwhile."""
+    @sensor(minimum_interval_seconds=1)
+    def broken(context: SensorEvaluationContext) -> None:
+        raise RuntimeError("no such column: raw_data_packages.lineage")
+
+    observe_files(config, opsdb, observations=1, files=1)
+    lines: list[str] = []
+    started = time.monotonic()
+    report = drive(Definitions.merge(build_definitions(config), Definitions(sensors=[broken])),
+                   instance, wait_s=3, log=lines.append)
+
+    assert time.monotonic() - started < 60
+    assert report.failed == []
+    assert report.sensor_failures == {
+        "broken": "RuntimeError: no such column: raw_data_packages.lineage"}
+    ticks = [line for line in lines if line.startswith("sensor broken failed")]
+    assert [line.rsplit("again in ", 1)[1] for line in ticks] == ["1 s", "2 s", "4 s"]
+    for site in ("cologne", "us"):
+        assert len(list(config.resolve_root(f"sites/{site}/lta").rglob("*.tar"))) == 2

@@ -1,0 +1,89 @@
+"""Packages archived long ago still get what an archive needs: an archive site added to a
+running deployment receives every package archived before it was there, and an LTA copy of
+a package whose partition was retired is repaired when found corrupt. Checked on the disks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from dagster import DagsterInstance
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.checksums import hash_file
+from ccat_dt.config import Config, load_config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import RawDataPackage
+from tests.helpers import observe, rot_an_lta_copy, run_cli
+from tests.test_retire import deployment_retiring_at_once
+
+
+def archived_and_retired(tmp_path: Path, instance: DagsterInstance,
+                         observations: int) -> tuple[Config, OpsDB, dict[str, str]]:
+    """The embedded default driven to the end, every package's partition retired: its
+    packages' names and checksums."""
+    config, opsdb = deployment_retiring_at_once(tmp_path)
+    observe(config, opsdb, observations=observations, files=1)
+    assert drive(build_definitions(config), instance).failed == []
+    assert instance.get_dynamic_partitions("packages") == []
+    with opsdb.session() as session:
+        packages = {p.name: p.checksum or "" for p in session.query(RawDataPackage)}
+    assert packages and all(packages.values())
+    return config, opsdb, packages
+
+
+def tars_below(root: Path) -> dict[str, str]:
+    """Every file below a location root but its marker: name -> xxh3-128 read now."""
+    return {path.name: hash_file(path)[0] for path in sorted(root.rglob("*"))
+            if path.is_file() and not path.name.startswith(".ccat-dt")}
+
+
+def add_archive_site(config: Config, name: str) -> Config:
+    """What an operator does: the site, its buffer and LTA, and routes to and from every
+    other archive in the configuration file; then `ccat-dt migrate`."""
+    settings = yaml.safe_load(config.path.read_text())
+    archives = [site.short_name for site in config.settings.archive_sites]
+    settings["sites"].append({"short_name": name, "name": name.title(), "locations": [
+        {"name": "buffer", "type": "buffer", "root": f"sites/{name}/buffer"},
+        {"name": "lta", "type": "long_term_archive", "root": f"sites/{name}/lta"}]})
+    settings["routes"] += [{"origin": config.settings.observatory, "destination": name,
+                            "transport": "local", "cost": 10}]
+    settings["routes"] += [{"origin": a, "destination": b, "transport": "local", "cost": 3}
+                           for other in archives for a, b in ((other, name), (name, other))]
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    return load_config(config.path)
+
+
+def test_an_archive_site_added_later_receives_every_archived_package(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    config, _, packages = archived_and_retired(tmp_path, instance, observations=2)
+
+    config = add_archive_site(config, "bonn")
+    report = drive(build_definitions(config), instance)
+
+    assert tars_below(config.resolve_root("sites/bonn/lta")) == {
+        f"{name}.tar": checksum for name, checksum in packages.items()}
+    assert tars_below(config.resolve_root("sites/bonn/buffer")) == {}  # purged once archived
+    for site in ("cologne", "us"):  # the archives it came from keep theirs
+        assert len(tars_below(config.resolve_root(f"sites/{site}/lta"))) == len(packages)
+    assert report.failed == [] and report.sensor_failures == {}
+    assert instance.get_dynamic_partitions("packages") == []  # retired again, finished
+    assert drive(build_definitions(config), instance).launched == []
+
+
+def test_a_corrupt_lta_copy_of_a_retired_package_is_repaired(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    config, opsdb, packages = archived_and_retired(tmp_path, instance, observations=1)
+    bad = rot_an_lta_copy(opsdb, "cologne")
+    path = Path(bad.location.root) / bad.relative_path
+    assert hash_file(path)[0] != packages[bad.package.name]
+    run_cli("--config", str(config.path), "audit", "--checksums", "--repair")
+
+    report = drive(build_definitions(config), instance)
+
+    assert hash_file(path)[0] == packages[bad.package.name]
+    assert tars_below(config.resolve_root("sites/cologne/buffer")) == {}
+    assert report.failed == [] and report.sensor_failures == {}
+    assert instance.get_dynamic_partitions("packages") == []
