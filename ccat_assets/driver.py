@@ -291,8 +291,9 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
                 if time.monotonic() - ticked_at[name] < (sensor_def.minimum_interval_seconds or 0):
                     continue
                 ticked_at[name] = time.monotonic()
-            if retry_at.get(name, 0.0) > time.time():  # failing: not before its back-off
-                changed, due = False, retry_at[name]
+            due: float | None = retry_at.get(name)
+            if due is not None and due > time.time():  # failing: not before its back-off
+                changed = False
             else:
                 changed, due = tick(sensor_def)
             moved = moved or changed
