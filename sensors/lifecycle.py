@@ -3,6 +3,7 @@
 
 
 import hashlib
+from collections import Counter
 
 from dagster import (
     DagsterInstance,
@@ -16,7 +17,7 @@ from dagster import (
 )
 
 from ccat_assets.execution import on_queue
-from ccat_assets.inflight import not_in_flight, packages_in_flight
+from ccat_assets.inflight import in_flight, not_in_flight, packages_in_flight
 from ccat_assets.partitions import (
     package_partitions,
     package_site_key,
@@ -98,11 +99,17 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
 def new_site_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """An archive site added to a running deployment receives every package archived before
     it was there, from the nearest verified LTA copy: a page of packages per site and tick,
-    each site with its own position (a site new to the cursor starts from the first)."""
+    each site with its own position (a site new to the cursor starts from the first). A site
+    with a page's worth of copies queued or running gets no more until they are done: years
+    of packages never wait in the run queue at once."""
     config, requests = deployment.config, []
     positions = dict(item.split("=", 1) for item in (context.cursor or "").split())
+    queued = Counter(site for stage, _, site in in_flight(context.instance)
+                     if stage == Stage.SITE_COPY)
     with deployment.opsdb.session() as session:
         for site in (s.short_name for s in config.settings.archive_sites):
+            if queued[site] >= _page(deployment):
+                continue
             page = seeds_due(session, config, site, int(positions.get(site, 0)),
                              _page(deployment))
             positions[site] = str(page.cursor)
