@@ -80,6 +80,16 @@ def _opsdb(args: argparse.Namespace) -> OpsDB:
     return OpsDB(load_config(args.config).opsdb_url)
 
 
+def _acting(config: Config) -> OpsDB:
+    """The OpsDB of a command that acts on the storage: refused (exit 2, nothing changed)
+    while the configuration and OpsDB disagree on the locations (ccat_dt/topology.py)."""
+    from ccat_dt.topology import check_topology
+
+    opsdb = OpsDB(config.opsdb_url)
+    check_topology(opsdb, config)
+    return opsdb
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     path = init(Path(args.directory).absolute())
     print(f"initialised {path.parent}\n  config: {path}\n"
@@ -146,7 +156,7 @@ def cmd_file(args: argparse.Namespace) -> None:
     from ccat_dt.filing import FileSpec, file_directory, file_raw_files, read_manifest_file
 
     config = load_config(args.config)
-    opsdb = OpsDB(config.opsdb_url)
+    opsdb = _acting(config)
     where = {"observation": args.observation, "module": args.module, "site": args.site,
              "location": args.location}
     if args.manifest:
@@ -292,6 +302,7 @@ def cmd_drive(args: argparse.Namespace) -> None:
     from ccat_assets.runlog import LOG_NAME, RunReporter, quiet_runs
 
     config = load_config(args.config)
+    _acting(config)
     instance = open_instance(config)
     reporter = RunReporter(instance)
     with quiet_runs(config.log_dir / LOG_NAME, verbose=args.verbose > 0) as log_file:
@@ -356,7 +367,7 @@ def cmd_purge(args: argparse.Namespace) -> None:
     from ccat_dt.purge_cycle import plan_cycle
 
     config = load_config(args.config)
-    opsdb = OpsDB(config.opsdb_url)
+    opsdb = _acting(config)
     _known_packages(opsdb, [args.package] if args.package else [])
     with opsdb.session() as session:
         plan = plan_cycle(session, config, utcnow())
@@ -419,7 +430,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
     from ccat_dt.staging import Selection, release, request_staging
 
-    opsdb = _opsdb(args)
+    opsdb = _acting(load_config(args.config))
     if args.release:
         before = release(opsdb, args.release)
         print(f"staging request {args.release} released; the next purge cycle removes its files"
@@ -493,8 +504,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
     from ccat_dt.audit import audit
 
     config = load_config(args.config)
-    report = audit(OpsDB(config.opsdb_url), checksums=args.checksums, repair=args.repair,
-                   config=config)
+    opsdb = _acting(config) if args.repair else OpsDB(config.opsdb_url)
+    report = audit(opsdb, checksums=args.checksums, repair=args.repair, config=config)
     for finding in report.findings:
         print(f"{finding.kind:<13} {finding.location:<18} {finding.path}\n"
               f"              {finding.detail}")
@@ -539,7 +550,7 @@ def cmd_retry(args: argparse.Namespace) -> None:
     from ccat_assets.runlog import LOG_NAME, RunReporter, quiet_runs
 
     config = load_config(args.config)
-    _known_packages(OpsDB(config.opsdb_url), args.package or [])
+    _known_packages(_acting(config), args.package or [])
     instance = open_instance(config)
     reporter = RunReporter(instance)
     with quiet_runs(config.log_dir / LOG_NAME, verbose=args.verbose > 0):
@@ -560,7 +571,7 @@ def cmd_exclude(args: argparse.Namespace) -> None:
 
     config = load_config(args.config)
     try:
-        done = exclude_file(OpsDB(config.opsdb_url), config, args.file, reason=args.reason,
+        done = exclude_file(_acting(config), config, args.file, reason=args.reason,
                             by=args.by or getpass.getuser())
     except ExcludeRefused as exc:
         raise UsageError(str(exc)) from None
@@ -843,7 +854,7 @@ def _explain(exc: BaseException) -> tuple[str, int]:
 _STATED_ERRORS = (("ccat_dt.config", "ConfigError"), ("ccat_dt.filing", "FilingError"),
                   ("ccat_dt.opsdb.database", "SchemaOutOfDate"),
                   ("ccat_dt.staging", "StagingError"), ("ccat_dt.service.tokens", "TokenError"),
-                  ("ccat_dt.client", "ServiceError"))
+                  ("ccat_dt.client", "ServiceError"), ("ccat_dt.topology", "TopologyDrift"))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ccat_dt.config import Config
+from ccat_dt.config import Config, LocationConfig
 from ccat_dt.health import choose
 from ccat_dt.opsdb.database import OpsDB, migrate
-from ccat_dt.opsdb.models import DataLocation, InstrumentModule, LocationType, Site, utcnow
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    InstrumentModule,
+    LocationType,
+    PhysicalCopy,
+    Site,
+    utcnow,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -19,8 +27,98 @@ class UnknownLocation(LookupError):
     """A site or location name that OpsDB does not know."""
 
 
+class TopologyDrift(ValueError):
+    """The configuration and OpsDB disagree on the locations: nothing may act on either."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _held(session: Session, location: DataLocation) -> int:
+    """Copies OpsDB records at the location that are not deleted."""
+    return session.scalar(select(func.count(PhysicalCopy.id)).where(
+        PhysicalCopy.location_id == location.id,
+        PhysicalCopy.status != CopyStatus.DELETED)) or 0
+
+
+def _recorded(session: Session) -> dict[tuple[str, str], DataLocation]:
+    return {(location.site.short_name, location.name): location
+            for location in session.scalars(select(DataLocation))}
+
+
+def unsafe_changes(session: Session, config: Config) -> list[str]:
+    """What `migrate` must not apply: a location that holds copies dropped from the
+    configuration, or given another type (buffer copies would count as archive copies, or
+    archive copies be purged as buffer copies)."""
+    recorded = _recorded(session)
+    configured = {(site.short_name, location.name): location
+                  for site in config.settings.sites for location in site.locations}
+    problems = []
+    for key, row in sorted(recorded.items()):
+        wanted = configured.get(key)
+        if wanted is not None and wanted.type == row.location_type:
+            continue
+        held = _held(session, row)
+        if not held:
+            continue
+        copies = f"{held} cop{'y' if held == 1 else 'ies'}"
+        if wanted is None:
+            problems.append(
+                f"location {row.label} holds {copies} in OpsDB but is no longer in the "
+                "configuration: put it back (a location cannot leave the configuration while "
+                "OpsDB records copies there)")
+        else:
+            problems.append(
+                f"location {row.label} holds {copies} in OpsDB as a {row.location_type} "
+                f"location; the configuration makes it a {wanted.type}: put its type back "
+                "(a location holding copies cannot change its type)")
+    return problems
+
+
+def topology_drift(session: Session, config: Config) -> list[str]:
+    """Where the configuration and OpsDB disagree on the locations (the configuration edited,
+    `ccat-dt migrate` not run, or refused): acting on either could look for data where it is
+    not, or rely on copies at a location the configuration dropped."""
+    recorded = _recorded(session)
+    problems = unsafe_changes(session, config)
+    for site in config.settings.sites:
+        for location in site.locations:
+            row = recorded.get((site.short_name, location.name))
+            label = f"{site.short_name}/{location.name}"
+            if row is None:
+                problems.append(f"location {label} is in the configuration, not yet in OpsDB: "
+                                "run `ccat-dt migrate`")
+            elif _where(config, location) != (row.root, row.host):
+                problems.append(
+                    f"location {label} is at {_shown(*_where(config, location))} in the "
+                    f"configuration, at {_shown(row.root, row.host)} in OpsDB: run `ccat-dt "
+                    "migrate` once its data is at the new place")
+    return problems
+
+
+def _where(config: Config, location: LocationConfig) -> tuple[str, str | None]:
+    return config.location_root(location), location.host
+
+
+def _shown(root: str, host: str | None) -> str:
+    return f"{host}:{root}" if host else root
+
+
+def check_topology(opsdb: OpsDB, config: Config) -> None:
+    """Raise TopologyDrift unless the configuration and OpsDB agree on the locations."""
+    with opsdb.session() as session:
+        problems = topology_drift(session, config)
+    if problems:
+        raise TopologyDrift(problems)
+
+
 def sync_topology(session: Session, config: Config) -> None:
-    """Insert or update sites, locations and modules so OpsDB matches the configuration."""
+    """Insert or update sites, locations and modules so OpsDB matches the configuration;
+    TopologyDrift, changing nothing, for a change that would misplace recorded copies."""
+    problems = unsafe_changes(session, config)
+    if problems:
+        raise TopologyDrift(problems)
     settings = config.settings
     for site_cfg in settings.sites:
         site = session.scalar(select(Site).where(Site.short_name == site_cfg.short_name))

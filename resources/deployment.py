@@ -12,6 +12,7 @@ from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import log_operation
 from ccat_dt.metrics import Metrics, MetricsSettings
 from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.topology import check_topology
 
 OPERATIONS = logging.getLogger("ccat_dt.operations")
 
@@ -48,7 +49,11 @@ class Deployment(ConfigurableResource):  # type: ignore[misc]
 
     @cached_property
     def opsdb(self) -> OpsDB:
-        return _opened_opsdb(self.config.opsdb_url)
+        """Refused (TopologyDrift, with what to do) while the configuration and OpsDB
+        disagree on the locations: every sensor tick and run says so, and none acts."""
+        opsdb = _opened_opsdb(self.config.opsdb_url)
+        check_topology(opsdb, self.config)
+        return opsdb
 
     @cached_property
     def metrics(self) -> Metrics:
