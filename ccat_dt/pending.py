@@ -10,7 +10,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
@@ -104,15 +104,20 @@ def site_copies_due(session: Session, config: Config, after_id: int, limit: int 
     return Page(due, copies[-1].id if copies else after_id)
 
 
-def seeds_due(session: Session, config: Config, site: str, after_id: int,
+def newest_package_id(session: Session) -> int:
+    return session.scalar(select(func.max(RawDataPackage.id))) or 0
+
+
+def seeds_due(session: Session, config: Config, site: str, after_id: int, until_id: int,
               limit: int = PAGE) -> Page:
-    """Packages (by id, after the cursor) that the archive site holds no copy of and a
-    verified LTA copy at another archive can give it, from the nearest such copy. A new LTA
-    copy seeds every archive as it comes (site_copies_due); this sweep reaches what came
-    before: an archive site added to a running deployment receives every package archived
-    before it was there. A package not yet in any archive is passed over: its first LTA
-    copy seeds the site."""
-    ids = session.scalars(select(RawDataPackage.id).where(RawDataPackage.id > after_id)
+    """Packages (by id, after the cursor, up to `until_id`: the newest when the site was
+    added) that the archive site holds no copy of and a verified LTA copy at another archive
+    can give it, from the nearest such copy. A new LTA copy seeds every archive as it comes
+    (site_copies_due); this sweep reaches what came before: an archive site added to a
+    running deployment receives every package archived before it was there. A package not
+    yet in any archive is passed over: its first LTA copy seeds the site."""
+    ids = session.scalars(select(RawDataPackage.id)
+                          .where(RawDataPackage.id > after_id, RawDataPackage.id <= until_id)
                           .order_by(RawDataPackage.id).limit(limit)).all()
     held = (select(PhysicalCopy.id).join(DataLocation).join(Site)
             .where(PhysicalCopy.package_id == RawDataPackage.id, Site.short_name == site,

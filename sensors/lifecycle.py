@@ -36,6 +36,7 @@ from ccat_dt.pending import (
     lta_copies_due,
     new_packages,
     new_staging_requests,
+    newest_package_id,
     repairs_due,
     seeds_due,
     site_copies_due,
@@ -98,26 +99,29 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
 @sensor(jobs=COPY_JOBS, minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def new_site_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """An archive site added to a running deployment receives every package archived before
-    it was there, from the nearest verified LTA copy: a page of packages per site and tick,
-    each site with its own position (a site new to the cursor starts from the first). A site
-    with a page's worth of copies queued or running gets no more until they are done: years
-    of packages never wait in the run queue at once."""
+    it was there, from the nearest verified LTA copy: once, a page of packages per tick, up to
+    the newest package when the site first appeared here (later ones reach it as every
+    package does). A site with a page's worth of copies queued or running gets no more until
+    they are done: years of packages never wait in the run queue at once."""
     config, requests = deployment.config, []
-    positions = dict(item.split("=", 1) for item in (context.cursor or "").split())
-    queued = Counter(site for stage, _, site in in_flight(context.instance)
-                     if stage == Stage.SITE_COPY)
+    sweeps = {site: tuple(map(int, span.split("/"))) for site, span in
+              (item.split("=", 1) for item in (context.cursor or "").split())}
     with deployment.opsdb.session() as session:
+        newest = newest_package_id(session)
+        queued = Counter(site for stage, _, site in in_flight(context.instance)
+                         if stage == Stage.SITE_COPY)
         for site in (s.short_name for s in config.settings.archive_sites):
-            if queued[site] >= _page(deployment):
+            done, until = sweeps.setdefault(site, (0, newest))
+            if done >= until or queued[site] >= _page(deployment):
                 continue
-            page = seeds_due(session, config, site, int(positions.get(site, 0)),
-                             _page(deployment))
-            positions[site] = str(page.cursor)
+            page = seeds_due(session, config, site, done, until, _page(deployment))
+            sweeps[site] = (page.cursor if page.cursor > done else until, until)
             requests += [_placement(deployment, due, Stage.SITE_COPY, why="seed")
                          for due in page.items]
-    # A position, not JSON: `drive` ticks again while it moves (driver._is_position).
-    return _placed(context, requests, Stage.SITE_COPY,
-                   cursor=" ".join(f"{k}={v}" for k, v in sorted(positions.items())))
+    # "site=done/until ...": a position, not JSON, so `drive` ticks again while it moves
+    # (driver._is_position)
+    return _placed(context, requests, Stage.SITE_COPY, cursor=" ".join(
+        f"{site}={done}/{until}" for site, (done, until) in sorted(sweeps.items())))
 
 
 @sensor(job=JOBS[Stage.LTA_COPY], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
