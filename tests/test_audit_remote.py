@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from sqlalchemy import select
 
 import ccat_dt.storage as storage
@@ -134,6 +135,12 @@ def test_remote_corruption_loss_and_dark_file_found_and_repaired(
     assert " 0 problem(s)" in capsys.readouterr().out
 
     (changed.parent.parent / storage.MARKER).unlink()  # as if another disk were mounted
+    # us/lta's host down for good: in the configuration and OpsDB alike (they must agree)
+    settings = yaml.safe_load(config.path.read_text())
+    next(location for site in settings["sites"] if site["short_name"] == "us"
+         for location in site["locations"] if location["name"] == "lta")["host"] = (
+        "unreachable.invalid")
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
     with opsdb.session() as session:
         us_lta = session.scalars(select(DataLocation).join(Site).where(
             Site.short_name == "us", DataLocation.name == "lta")).one()
