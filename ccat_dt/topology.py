@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from ccat_dt.config import Config, LocationConfig
 from ccat_dt.health import choose
@@ -44,14 +44,16 @@ def _held(session: Session, location: DataLocation) -> int:
 
 def _recorded(session: Session) -> dict[tuple[str, str], DataLocation]:
     return {(location.site.short_name, location.name): location
-            for location in session.scalars(select(DataLocation))}
+            for location in session.scalars(select(DataLocation)
+                                            .options(joinedload(DataLocation.site)))}
 
 
-def unsafe_changes(session: Session, config: Config) -> list[str]:
+def unsafe_changes(session: Session, config: Config,
+                   recorded: dict[tuple[str, str], DataLocation] | None = None) -> list[str]:
     """What `migrate` must not apply: a location that holds copies dropped from the
     configuration, or given another type (buffer copies would count as archive copies, or
     archive copies be purged as buffer copies)."""
-    recorded = _recorded(session)
+    recorded = _recorded(session) if recorded is None else recorded
     configured = {(site.short_name, location.name): location
                   for site in config.settings.sites for location in site.locations}
     problems = []
@@ -81,7 +83,7 @@ def topology_drift(session: Session, config: Config) -> list[str]:
     `ccat-dt migrate` not run, or refused): acting on either could look for data where it is
     not, or rely on copies at a location the configuration dropped."""
     recorded = _recorded(session)
-    problems = unsafe_changes(session, config)
+    problems = unsafe_changes(session, config, recorded)
     for site in config.settings.sites:
         for location in site.locations:
             row = recorded.get((site.short_name, location.name))

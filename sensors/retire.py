@@ -8,7 +8,7 @@ from datetime import timedelta
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, sensor
 
 from ccat_assets.inflight import in_flight
-from ccat_assets.partitions import package_partitions
+from ccat_assets.partitions import PACKAGES, package_partitions
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.pending import finished_packages
 from resources.deployment import Deployment
@@ -23,7 +23,7 @@ def retire_partitions_sensor(context: SensorEvaluationContext,
                              deployment: Deployment) -> SensorResult:
     settings = deployment.config.settings
     days = settings.policies.retire_partitions_after_days
-    live = sorted(context.instance.get_dynamic_partitions(package_partitions.name or "packages"))
+    live = sorted(context.instance.get_dynamic_partitions(PACKAGES))
     start = bisect_right(live, context.cursor or "")
     batch = live[start:start + BATCH] or live[:BATCH]
     with deployment.opsdb.session() as session:
