@@ -48,7 +48,8 @@ def revived(instance: DagsterInstance,
     with them: a repair, a new archive site's copy or a re-attempt of a package archived
     long ago needs its partition (a run for a partition the instance does not know cannot be
     requested, and the sensor's whole tick would fail)."""
-    names = {key.keys_by_dimension["package"] if isinstance(key, MultiPartitionKey) else key
+    names = {key.keys_by_dimension["package"] if isinstance(key, MultiPartitionKey)
+             else key.split("|", 1)[0]  # "package" or "package|site"
              for key in (request.partition_key for request in requests) if key}
     retired = sorted(name for name in names
                      if not instance.has_dynamic_partition(PACKAGES, name))

@@ -7,6 +7,7 @@ never need it: the re-attempt sensor requests failed work again by itself."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Collection
 
 from dagster import DagsterInstance, RunRequest
@@ -14,12 +15,13 @@ from dagster import DagsterInstance, RunRequest
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import DriveReport, close_dead_runs, drive, drive_lock, launch
 from ccat_assets.inflight import in_flight
-from ccat_assets.partitions import package_site_key
+from ccat_assets.partitions import package_site_key, revived
 from ccat_assets.stages import JOBS
 from ccat_assets.tags import RETRY_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.retry import Stalled, resume_deletions, stalled_work
+from ccat_dt.stages import Stage
 
 __all__ = ["RETRY_TAG", "operator_retry"]
 
@@ -49,15 +51,25 @@ def _retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
         else:
             retried.append(item)
     report = DriveReport()
-    for item in retried:
+    attempt = uuid.uuid4().hex[:8]  # a new run key per retry: none is ever skipped as seen
+    requests = [RunRequest(partition_key=_key(item), job_name=JOBS[item.stage].name,
+                           run_key=_run_key(item, attempt), tags={RETRY_TAG: item.reason[:200]})
+                for item in retried]
+    for add in revived(instance, requests):  # a package archived long ago: its partition back
+        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    for item, request in zip(retried, requests, strict=True):
         log(f"retrying {item.stage.label} {_key(item)}: {item.reason}")
-        launch(defs, instance, RunRequest(partition_key=_key(item), job_name=JOBS[item.stage].name,
-                                          tags={RETRY_TAG: item.reason[:200]}),
-               origin="ccat-dt retry", report=report, log=log)
+        launch(defs, instance, request, origin="ccat-dt retry", report=report, log=log)
     follow_up = drive(defs, instance, log=log)
     report.launched += follow_up.launched
     report.failed += follow_up.failed
     return retried, report
+
+
+def _run_key(item: Stalled, attempt: str) -> str:
+    """As the sensors' (stage:package:site), so that its run line names what it retries."""
+    stage = "package" if item.stage == Stage.PACKAGING else str(item.stage)
+    return f"{stage}:{item.package}:{item.site or '*'}:retry-{attempt}"
 
 
 def _key(item: Stalled) -> str:

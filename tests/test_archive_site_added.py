@@ -1,6 +1,7 @@
 """Packages archived long ago still get what an archive needs: an archive site added to a
 running deployment receives every package archived before it was there, and an LTA copy of
-a package whose partition was retired is repaired when found corrupt. Checked on the disks."""
+a package whose partition was retired is repaired when found corrupt, by the sensors or by
+`ccat-dt retry`. Checked on the disks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dagster import DagsterInstance
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.retry import operator_retry
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config, load_config
 from ccat_dt.opsdb.database import OpsDB
@@ -89,3 +91,21 @@ def test_a_corrupt_lta_copy_of_a_retired_package_is_repaired(
     assert tars_below(config.resolve_root("sites/cologne/buffer")) == {}
     assert report.failed == [] and report.sensor_failures == {}
     assert instance.get_dynamic_partitions("packages") == []
+
+
+def test_ccat_dt_retry_of_a_package_whose_partition_was_retired(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """The operator's retry (before any sensor ran) brings the partition back too, and its
+    run lines name the stage, package and site it retried."""
+    config, opsdb, packages = archived_and_retired(tmp_path, instance, observations=1)
+    bad = rot_an_lta_copy(opsdb, "cologne")
+    path = Path(bad.location.root) / bad.relative_path
+    run_cli("--config", str(config.path), "audit", "--checksums", "--repair")
+
+    retried, report = operator_retry(config, instance, opsdb, packages=[bad.package.name])
+
+    assert hash_file(path)[0] == packages[bad.package.name]
+    assert report.failed == []
+    assert [item.site for item in retried] == ["cologne"]
+    assert any(key.startswith(f"site_copy:{bad.package.name}:cologne:retry-")
+               for key in report.launched), report.launched
