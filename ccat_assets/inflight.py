@@ -50,6 +50,8 @@ def not_in_flight(instance: DagsterInstance, requests: Sequence[RunRequest],
                   default_stage: Stage | None = None) -> list[RunRequest]:
     """The requests whose partition has no run in flight for any of the stages they do (a
     request without a job name is for `default_stage`, its sensor's job)."""
+    if not requests:
+        return []  # the runs in flight are not looked at (a query per run) for nothing
     busy = in_flight(instance)
     if not busy:
         return list(requests)

@@ -106,14 +106,19 @@ def new_site_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
     config, requests = deployment.config, []
     sweeps = {site: tuple(map(int, span.split("/"))) for site, span in
               (item.split("=", 1) for item in (context.cursor or "").split())}
+    sites = [site.short_name for site in config.settings.archive_sites]
     with deployment.opsdb.session() as session:
-        newest = newest_package_id(session)
+        if any(site not in sweeps for site in sites):
+            newest = newest_package_id(session)
+            for site in sites:
+                sweeps.setdefault(site, (0, newest))
+        sweeping = [site for site in sites if sweeps[site][0] < sweeps[site][1]]
         queued = Counter(site for stage, _, site in in_flight(context.instance)
-                         if stage == Stage.SITE_COPY)
-        for site in (s.short_name for s in config.settings.archive_sites):
-            done, until = sweeps.setdefault(site, (0, newest))
-            if done >= until or queued[site] >= _page(deployment):
+                         if stage == Stage.SITE_COPY) if sweeping else Counter[str | None]()
+        for site in sweeping:
+            if queued[site] >= _page(deployment):
                 continue
+            done, until = sweeps[site]
             page = seeds_due(session, config, site, done, until, _page(deployment))
             sweeps[site] = (page.cursor if page.cursor > done else until, until)
             requests += [_placement(deployment, due, Stage.SITE_COPY, why="seed")
