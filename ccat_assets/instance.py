@@ -50,10 +50,28 @@ def embedded_storage(home: Path) -> dict[str, Any]:
 
 
 def write_instance_yaml(config: Config, home: Path) -> Path:
+    """The embedded instance's dagster.yaml: the template's settings, what an operator set in
+    the file already (kept: `init` runs again after every change of routes), one run limit per
+    route and the embedded storage."""
     home.mkdir(parents=True, exist_ok=True)
     path = home / "dagster.yaml"
     header = ("# Written by `ccat-dt init` from the repository's dagster.yaml and the routes of\n"
-              f"# {config.path}; re-run `ccat-dt init` after changing routes.\n")
-    settings = {**instance_settings(config), **embedded_storage(home)}
+              f"# {config.path}; re-run `ccat-dt init` after changing routes (settings edited\n"
+              "# here are kept; the run limits per route and the storage are rewritten).\n")
+    kept = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    settings = _merged(instance_settings(config), kept)
+    settings["concurrency"]["runs"]["tag_concurrency_limits"] = (
+        instance_settings(config)["concurrency"]["runs"]["tag_concurrency_limits"])
+    settings.update(embedded_storage(home))
     path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
     return path
+
+
+def _merged(template: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any]:
+    """`template` with the values of `kept` over it, section by section."""
+    merged = dict(template)
+    for key, value in kept.items():
+        merged[key] = (_merged(merged[key], value)
+                       if isinstance(value, dict) and isinstance(merged.get(key), dict)
+                       else value)
+    return merged

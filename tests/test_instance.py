@@ -68,3 +68,32 @@ def test_instance_yaml_renders_the_production_template_with_link_limits(
         "env": "DAGSTER_PG_PASSWORD"}  # secrets stay references to the environment
     limits = rendered["concurrency"]["runs"]["tag_concurrency_limits"]
     assert {"key": "ccat/link", "value": "ccat->cologne", "limit": 2} in limits
+
+
+def test_init_again_after_a_new_route_keeps_what_the_operator_set_in_the_instance(
+        tmp_path: Path) -> None:
+    """`init` runs again after every change of routes: the run limits follow the routes, and
+    what an operator set in dagster.yaml (fewer runs at once, say) stays."""
+    deploy = tmp_path / "deploy"
+    main(["init", str(deploy)])
+    instance_file = deploy / "dagster_home" / "dagster.yaml"
+    edited = yaml.safe_load(instance_file.read_text())
+    edited["concurrency"]["runs"]["max_concurrent_runs"] = 3
+    edited["run_monitoring"]["start_timeout_seconds"] = 600
+    instance_file.write_text(yaml.safe_dump(edited))
+    settings = yaml.safe_load((deploy / "ccat-dt.yaml").read_text())
+    next(r for r in settings["routes"] if r["origin"] == "ccat"
+         and r["destination"] == "us")["max_concurrent"] = 1
+    (deploy / "ccat-dt.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+
+    main(["init", str(deploy)])
+
+    written = yaml.safe_load(instance_file.read_text())
+    assert written["concurrency"]["runs"]["max_concurrent_runs"] == 3
+    assert written["run_monitoring"]["start_timeout_seconds"] == 600
+    limits = {limit["value"]: limit["limit"]
+              for limit in written["concurrency"]["runs"]["tag_concurrency_limits"]}
+    assert limits["ccat->us"] == 1 and limits["ccat->cologne"] == 2
+    assert written["run_coordinator"]["class"] == "RoutedRunCoordinator"
+    with DagsterInstance.from_config(str(deploy / "dagster_home")) as instance:
+        assert isinstance(instance.run_storage, SqliteRuns)
