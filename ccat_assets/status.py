@@ -15,6 +15,7 @@ from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.reattempt import waiting
 from ccat_dt.report import Summary, refused_deletions, summarize, throughput
 from ccat_dt.stages import Stage
+from ccat_dt.topology import topology_drift
 
 
 def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
@@ -25,8 +26,11 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
     if config is not None:
         with opsdb.session() as session:
             danger = packages_in_danger(session, config)
+            drift = topology_drift(session, config)
         for name, assessment in danger:  # before anything else: a person must act
             print(f"{assessment.health.value.upper()}: {name}: {assessment.reason}")
+        for problem in drift:  # nothing acts until this is settled
+            print(f"STOPPED: {problem}")
     print(f"raw files: {s.files} ({s.file_bytes / 1e6:.1f} MB)   packages: "
           + (", ".join(f"{n} {state}" for state, n in sorted(s.packages.items())) or "none")
           + f" ({s.package_bytes / 1e6:.1f} MB)")

@@ -69,6 +69,8 @@ def test_a_location_holding_copies_cannot_leave_the_configuration_or_change_type
         assert run_cli("--config", str(config.path), *command) == 2, command
         assert expected in capsys.readouterr().err, command
 
+    assert run_cli("--config", str(config.path), "status") == 0  # looking still works,
+    assert f"STOPPED: {expected}" in capsys.readouterr().out  # and says why nothing acts
     assert len(sources_on_disk(config)) == len(FILES)  # nothing was deleted
     assert {label: copy.location.location_type for (label, _, _), copy in
             copies(opsdb).items()} == recorded  # nor re-typed
