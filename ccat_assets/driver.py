@@ -50,6 +50,7 @@ from dagster._core.definitions.reconstruct import ReconstructableJob, Reconstruc
 from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.execution.api import _job_with_repository_load_data, create_execution_plan
 from dagster._core.execution.execute_in_process import merge_run_tags
+from dagster._core.scheduler.instigation import InstigatorStatus
 from dagster._utils.schedules import reverse_cron_string_iterator
 
 from ccat_assets.inflight import IN_FLIGHT
@@ -209,8 +210,13 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
     report.dead_runs = close_dead_runs(instance, log)
     if due_schedules and not schedules:
         tick_due_schedules(defs, instance, report, log, runs=runs)
+    stopped = stopped_by_operator(instance)
+    for name in sorted(stopped):
+        log(f"{name} is stopped (the UI's toggle or `dagster sensor stop`): not ticked")
     if schedules:
         for schedule_def in repository.schedule_defs:
+            if schedule_def.name in stopped:
+                continue
             with build_schedule_context(instance=instance, resources=defs.resources,
                                         repository_def=repository,
                                         scheduled_execution_time=datetime.now(UTC)) as context:
@@ -222,7 +228,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
     # the instance has not registered yet (an OpsDB ahead of a fresh or restored instance);
     # the purge after the others (LAST); the notification sensor last, so that it sees what
     # this round's sensors recorded.
-    sensors = sorted(repository.sensor_defs, key=lambda s: (
+    sensors = sorted((s for s in repository.sensor_defs if s.name not in stopped), key=lambda s: (
         s.name not in ("package_sensor", "staging_sensor"), s.name == "notification_sensor",
         s.name == LAST))
     stored = instance.run_storage.get_cursor_values({CURSOR_KEY + s.name for s in sensors})
@@ -326,6 +332,14 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
     return report
 
 
+def stopped_by_operator(instance: DagsterInstance) -> set[str]:
+    """Sensors and schedules an operator stopped (the UI's toggle, `dagster sensor stop`):
+    drive leaves them alone, as the daemon does (a purge sensor stopped to freeze deletions
+    stays stopped under a cron-driven drive)."""
+    return {state.instigator_name for state in instance.all_instigator_state(
+        instigator_statuses={InstigatorStatus.STOPPED})}
+
+
 def _config_of(defs: Definitions) -> Config | None:
     """The deployment's configuration, to route runs launched without a link tag."""
     config = getattr((defs.resources or {}).get("deployment"), "config", None)
@@ -349,7 +363,10 @@ def tick_due_schedules(defs: Definitions, instance: DagsterInstance, report: Dri
     repository = defs.get_repository_def()
     runs = runs or _Runs(repository, instance, report, log, None, None)
     ticked = []
+    stopped = stopped_by_operator(instance)
     for schedule_def in repository.schedule_defs:
+        if schedule_def.name in stopped:
+            continue
         key = SCHEDULE_CURSOR + schedule_def.name
         cron = schedule_def.cron_schedule
         latest = max(next(reverse_cron_string_iterator(

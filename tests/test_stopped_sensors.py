@@ -1,0 +1,53 @@
+"""A sensor an operator stopped (the UI's toggle, `dagster sensor stop`) stays stopped under
+`ccat-dt drive`, as under the daemon: a purge sensor stopped to freeze deletions deletes
+nothing until it is started again. Checked on the disks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dagster import DagsterInstance
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from tests.helpers import observe
+
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
+
+
+def dagster_cli(config: Config, instance: DagsterInstance, *argv: str) -> None:
+    """The `dagster` command line on this deployment's code location and instance."""
+    env = {**os.environ, "CCAT_DT_CONFIG": str(config.path),
+           "DAGSTER_HOME": instance.root_directory}
+    subprocess.run([DAGSTER, *argv, "-m", "ccat_assets.definitions"], env=env, check=True,
+                   capture_output=True, text=True, timeout=120)
+
+
+def sources(config: Config) -> list[Path]:
+    root = config.resolve_root("sites/ccat/instruments")
+    return [path for path in root.rglob("*.dat")]
+
+
+def test_a_purge_sensor_stopped_by_the_operator_deletes_nothing_until_started(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    observe(config, opsdb, observations=1, files=1)
+    dagster_cli(config, instance, "sensor", "stop", "purge_sensor")
+    lines: list[str] = []
+
+    report = drive(build_definitions(config), instance, log=lines.append)
+
+    assert report.failed == []
+    assert len(sources(config)) == 2  # archived, and kept: the purge sensor is stopped
+    for site in ("cologne", "us"):
+        assert len(list(config.resolve_root(f"sites/{site}/lta").rglob("*.tar"))) == 2
+    assert any(line.startswith("purge_sensor is stopped") for line in lines), lines
+    assert not any(key.startswith("purge:") for key in report.launched)
+
+    dagster_cli(config, instance, "sensor", "start", "purge_sensor")
+    assert drive(build_definitions(config), instance).failed == []
+    assert sources(config) == []
