@@ -685,9 +685,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_token)
 
     p = commands.add_parser("drive", help="tick the schedules that are due (the fixity "
-                            "scrub) and the sensors, and run what they request, until nothing "
-                            "is left to do (a second drive on the same deployment waits for "
-                            "the first)")
+                            "scrub) and the sensors, but those stopped in the UI, and run what "
+                            "they request, until nothing is left to do (a second drive on the "
+                            "same deployment waits for the first)")
     p.add_argument("--wait", type=_at_least(0.0, float), default=120.0, metavar="SECONDS",
                    help="also wait for automatic re-attempts due within this many seconds "
                    "(default 120; 0: stop at the first back-off)")
