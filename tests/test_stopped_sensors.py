@@ -1,6 +1,7 @@
-"""A sensor an operator stopped (the UI's toggle, `dagster sensor stop`) stays stopped under
-`ccat-dt drive`, as under the daemon: a purge sensor stopped to freeze deletions deletes
-nothing until it is started again. Checked on the disks."""
+"""A sensor or schedule an operator stopped (the UI's toggle, `dagster sensor stop`) stays
+stopped under `ccat-dt drive`, as under the daemon: a purge sensor stopped to freeze deletions
+deletes nothing until it is started again, a stopped scrub reads nothing. Checked on the
+disks."""
 
 from __future__ import annotations
 
@@ -37,17 +38,21 @@ def test_a_purge_sensor_stopped_by_the_operator_deletes_nothing_until_started(
         config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
     observe(config, opsdb, observations=1, files=1)
     dagster_cli(config, instance, "sensor", "stop", "purge_sensor")
+    dagster_cli(config, instance, "schedule", "stop", "fixity_scrub")
     lines: list[str] = []
 
-    report = drive(build_definitions(config), instance, log=lines.append)
+    report = drive(build_definitions(config), instance, due_schedules=True, log=lines.append)
 
     assert report.failed == []
     assert len(sources(config)) == 2  # archived, and kept: the purge sensor is stopped
     for site in ("cologne", "us"):
         assert len(list(config.resolve_root(f"sites/{site}/lta").rglob("*.tar"))) == 2
     assert any(line.startswith("purge_sensor is stopped") for line in lines), lines
-    assert not any(key.startswith("purge:") for key in report.launched)
+    assert not any(key.startswith(("purge:", "scrub:")) for key in report.launched)
 
     dagster_cli(config, instance, "sensor", "start", "purge_sensor")
-    assert drive(build_definitions(config), instance).failed == []
+    dagster_cli(config, instance, "schedule", "start", "fixity_scrub")
+    again = drive(build_definitions(config), instance, due_schedules=True)
+    assert again.failed == []
     assert sources(config) == []
+    assert any(key.startswith("scrub:") for key in again.launched), again.launched
