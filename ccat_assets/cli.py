@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import math
 import os
 import sys
 import traceback
@@ -170,6 +171,10 @@ def cmd_file(args: argparse.Namespace) -> None:
     else:
         raise UsageError("nothing to file: give paths, --directory or --manifest")
     print(f"filed {result.filed} file(s), {result.bytes} bytes; {result.unchanged} unchanged")
+    if result.skipped:
+        shown = ", ".join(result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else "")
+        print(f"skipped {len(result.skipped)} entries that are not regular files (symlinks are "
+              f"not followed: file the real path): {shown}", file=sys.stderr)
     _warn_oversized(opsdb, config, args.observation)
 
 
@@ -410,25 +415,31 @@ def cmd_purge(args: argparse.Namespace) -> None:
         raise SystemExit(EXIT_PROBLEMS)
 
 
-def _known_packages(opsdb: OpsDB, names: Collection[str]) -> None:
-    """Bad input changes nothing: a package name OpsDB does not know stops the command first."""
+def _known_packages(opsdb: OpsDB, names: Collection[str], *,
+                    staging_requests: bool = False) -> None:
+    """Bad input changes nothing: a package name OpsDB does not know (or, with
+    `staging_requests`, a staging request's) stops the command first."""
     from sqlalchemy import select
 
-    from ccat_dt.opsdb.models import RawDataPackage
+    from ccat_dt.opsdb.models import RawDataPackage, StagingRequest
 
     with opsdb.session() as session:
         known = set(session.scalars(select(RawDataPackage.name).where(
             RawDataPackage.name.in_(names)))) if names else set()
+        if staging_requests and names:
+            known |= set(session.scalars(select(StagingRequest.name).where(
+                StagingRequest.name.in_(names))))
     for name in names:
         if name not in known:
-            raise UsageError(f"unknown package '{name}': `ccat-dt status` and `ccat-dt why` "
+            what = "package or staging request" if staging_requests else "package"
+            raise UsageError(f"unknown {what} '{name}': `ccat-dt status` and `ccat-dt why` "
                              "name the packages")
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
     from datetime import datetime, timedelta
 
-    from ccat_dt.staging import Selection, release, request_staging
+    from ccat_dt.staging import LONGEST_EXPIRY, Selection, release, request_staging
 
     opsdb = _acting(load_config(args.config))
     if args.release:
@@ -451,6 +462,10 @@ def cmd_stage(args: argparse.Namespace) -> None:
                           packages=tuple(args.package or ()))
     if selection == Selection():
         raise UsageError("select packages: --observation, --module, --since/--until or --package")
+    longest = LONGEST_EXPIRY.total_seconds() / 3600
+    if not 0 < args.expires_hours <= longest:  # also NaN; inf and 1e12 would overflow
+        raise UsageError(f"--expires-hours must be more than 0 and at most {longest:g} (ten "
+                         f"years), got {args.expires_hours:g}")
     name = request_staging(opsdb, location=args.location, selection=selection,
                            expires_in=timedelta(hours=args.expires_hours),
                            requested_by=args.by or "")
@@ -550,7 +565,7 @@ def cmd_retry(args: argparse.Namespace) -> None:
     from ccat_assets.runlog import LOG_NAME, RunReporter, quiet_runs
 
     config = load_config(args.config)
-    _known_packages(_acting(config), args.package or [])
+    _known_packages(_acting(config), args.package or [], staging_requests=True)
     instance = open_instance(config)
     reporter = RunReporter(instance)
     with quiet_runs(config.log_dir / LOG_NAME, verbose=args.verbose > 0):
@@ -615,12 +630,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _at_least(least: float, kind: Callable[[str], float]) -> Callable[[str], float]:
-    """An argparse type: a number of `kind` no smaller than `least` (else a usage error)."""
+    """An argparse type: a finite number of `kind` no smaller than `least` (else a usage
+    error)."""
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
         if value < least:
             raise argparse.ArgumentTypeError(f"{text} is below the least allowed, {least:g}")
         return value
@@ -727,7 +745,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("retry", help="after fixing a cause: finish abandoned deletions, "
                             "re-run every stalled partition once, then drive the sensors")
-    p.add_argument("--package", action="append", help="only this package (repeatable)")
+    p.add_argument("--package", action="append",
+                   help="only this package, or staging request (repeatable)")
     p.add_argument("--rebuild-failed", action="store_true",
                    help="also rebuild FAILED packages (once their source files are restored)")
     p.set_defaults(run=cmd_retry)

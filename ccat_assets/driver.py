@@ -9,7 +9,10 @@ child processes (runpool.py) within the instance's limits (max_concurrent_runs, 
 its tag concurrency limit); with one run at a time (`workers=1`, or max_concurrent_runs 1)
 each run executes in this process instead, one after the other. A run left in progress by a
 drive that died (kill -9, power cut) is marked failed by the next drive, so that the
-re-attempt sensor requests it again.
+re-attempt sensor requests it again; so is any run on this host whose process is gone (an
+operator's `dagster asset materialize` or a UI run killed, a reboot: inflight.py), and runs
+in flight elsewhere, which it cannot check, are named. As the daemon's run queue would, it
+executes the runs queued (the UI's "Materialize", a backfill) while no daemon dequeues them.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from dagster import (
+    DagsterEventType,
     DagsterInstance,
     DagsterRun,
+    DagsterRunStatus,
     Definitions,
     ExecuteInProcessResult,
     JobExecutionResult,
@@ -48,17 +53,23 @@ from dagster._core.definitions.job_base import IJob, InMemoryJob
 from dagster._core.definitions.job_definition import JobDefinition
 from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
 from dagster._core.errors import DagsterExecutionInterruptedError
-from dagster._core.execution.api import _job_with_repository_load_data, create_execution_plan
+from dagster._core.events import DagsterEvent
+from dagster._core.execution.api import (
+    _job_with_repository_load_data,
+    create_execution_plan,
+    execute_run,
+)
 from dagster._core.execution.execute_in_process import merge_run_tags
 from dagster._core.scheduler.instigation import InstigatorStatus
 from dagster._utils.schedules import reverse_cron_string_iterator
 
-from ccat_assets.inflight import IN_FLIGHT
-from ccat_assets.routing import tag_run
+from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness
+from ccat_assets.routing import partition_of, stages_of, tag_run
 from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
 from ccat_assets.runpool import Finished, Queued, RunPool, run_limits
 from ccat_assets.tags import DRIVE_TAG, LINK_TAG, NEXT_AT
 from ccat_dt.config import Config
+from ccat_dt.stages import Stage
 
 RUN_KEY = "dagster/run_key"
 SENSOR = "dagster/sensor_name"
@@ -78,6 +89,8 @@ LAST = "purge_sensor"
 # were a third of a round's time, and each change of the overview a round more.
 PERIODIC = frozenset({"overview_sensor", "service_level_sensor", "retire_partitions_sensor"})
 IDLE_TICK_S = 1.0  # while runs execute, work waiting for a back-off is looked at this often
+QUEUED_DAEMON = "QUEUED_RUN_COORDINATOR"  # the daemon's part that dequeues queued runs
+DAEMON_FRESH_S = 120.0  # a daemon whose last heartbeat (every 30 s) is older is not running
 
 
 @dataclass
@@ -86,6 +99,12 @@ class DriveReport:
     failed: list[str] = field(default_factory=list)  # run keys whose run failed
     rounds: int = 0
     dead_runs: list[str] = field(default_factory=list)  # runs of a dead drive, marked failed
+    closed_runs: list[str] = field(default_factory=list)  # other runs that never end (their
+    # process gone, never started), marked failed
+    elsewhere: list[str] = field(default_factory=list)  # runs in flight this drive cannot
+    # check (another host or container, no process recorded): left alone, named
+    adopted: list[str] = field(default_factory=list)  # queued runs no daemon dequeued,
+    # executed by this drive (also in `launched`)
     sensor_failures: dict[str, str] = field(default_factory=dict)  # sensor -> why its last
     # tick failed, for those still failing when the drive ended
     next_due: datetime | None = None  # the earliest work waiting for a back-off, if any
@@ -154,6 +173,49 @@ def close_dead_runs(instance: DagsterInstance,
     return dead
 
 
+def close_stuck_runs(instance: DagsterInstance, log: Callable[[str], None] = lambda _: None
+                     ) -> tuple[list[str], list[str]]:
+    """Every run in flight that never ends (inflight.why_dead: its process on this host is
+    gone, or it never started) marked failed, whoever launched it, with the reason in its
+    event log; the re-attempt sensor then requests its work. Runs in flight whose process
+    cannot be checked from here are left alone and named. Returns (closed, elsewhere)."""
+    closed, elsewhere = [], []
+    statuses = [status for status in IN_FLIGHT if status != DagsterRunStatus.QUEUED]
+    for record in instance.get_run_records(RunsFilter(statuses=statuses)):
+        run = record.dagster_run
+        why = close_if_dead(instance, record)
+        if why is not None:
+            log(f"DIED   {_label(run)} (run {run.run_id}: {why})")
+            closed.append(_label(run))
+            continue
+        state = liveness(run)
+        if run.status == DagsterRunStatus.STARTED and state.alive is None:
+            log(f"ELSEWHERE {_label(run)} (run {run.run_id}) is in flight, {state.why}: "
+                "not checked from here; if it is dead, terminate it in the Dagster UI")
+            elsewhere.append(_label(run))
+    return closed, elsewhere
+
+
+def _label(run: DagsterRun) -> str:
+    """How the drive names a run: its run key, else stage:package:site and the run's id."""
+    if run.tags.get(RUN_KEY):
+        return run.tags[RUN_KEY]
+    stages, partition = stages_of(run), partition_of(run.tags)
+    if stages and partition is not None:
+        stage = "package" if stages[0] == Stage.PACKAGING else str(stages[0])
+        return f"{stage}:{partition[0]}:{partition[1] or '*'}:run-{run.run_id[:8]}"
+    return f"{run.job_name}:run-{run.run_id[:8]}"
+
+
+def dequeuing_daemon(instance: DagsterInstance) -> float | None:
+    """Seconds since the daemon's run queue reported, if it runs (within DAEMON_FRESH_S)."""
+    beat = instance.get_daemon_heartbeats().get(QUEUED_DAEMON)
+    if beat is None:
+        return None
+    age = time.time() - beat.timestamp
+    return age if age < DAEMON_FRESH_S else None
+
+
 def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_000,
           schedules: bool = False, due_schedules: bool = False,
           log: Callable[[str], None] = lambda _: None, wait_s: float = 0.0,
@@ -208,6 +270,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
     repository = defs.get_repository_def()
     runs = _Runs(repository, instance, report, log, pool, _config_of(defs))
     report.dead_runs = close_dead_runs(instance, log)
+    report.closed_runs, report.elsewhere = close_stuck_runs(instance, log)
     if due_schedules and not schedules:
         tick_due_schedules(defs, instance, report, log, runs=runs)
     stopped = stopped_by_operator(instance)
@@ -288,6 +351,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
         report.rounds += 1
         round_started = time.monotonic()
         launched_before, moved = len(report.launched), False
+        runs.adopt_queued()  # before the sensors, which then see them in flight
         next_due: float | None = None
         for sensor_def in sensors:
             name = sensor_def.name
@@ -423,6 +487,7 @@ class _Runs:
     log: Callable[[str], None]
     pool: RunPool | None
     config: Config | None
+    told: set[str] = field(default_factory=set)  # queued runs named once as not adopted
 
     @property
     def busy(self) -> bool:
@@ -458,6 +523,59 @@ class _Runs:
             created = tag_run(instance, self.config, created)  # as RoutedRunCoordinator does
         self.report.launched.append(key)
         self.pool.submit(Queued(key, created, runnable))
+
+    def adopt_queued(self) -> None:
+        """Execute the runs queued (the UI's "Materialize", a backfill, `dagster job launch`),
+        oldest first, while no daemon dequeues them: as its run queue would, within the same
+        limits. A run of a job this code location does not have is named, not touched."""
+        instance = self.instance
+        queued = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.QUEUED]),
+                                   ascending=True)
+        if not queued:
+            return
+        age = dequeuing_daemon(instance)
+        if age is not None:
+            if "daemon" not in self.told:
+                self.told.add("daemon")
+                self.log(f"{len(queued)} queued run(s) left to the Dagster daemon (its "
+                         f"heartbeat {age:.0f} s ago)")
+            return
+        for run in queued:
+            if self.repository.has_job(run.job_name):
+                self.adopt(run)
+            elif run.run_id not in self.told:
+                self.told.add(run.run_id)
+                self.log(f"QUEUED {_label(run)} (run {run.run_id}): no Dagster daemon runs, "
+                         f"and job {run.job_name} is not ccat-dt's; left queued")
+
+    def adopt(self, run: DagsterRun) -> None:
+        """A queued run made this drive's (its tag: close_dead_runs closes it if the drive
+        dies) and STARTING, as the daemon's launch does, then executed like the drive's own."""
+        instance, key = self.instance, _label(run)
+        now = instance.get_run_by_id(run.run_id)
+        if now is None or now.status != DagsterRunStatus.QUEUED:
+            return  # canceled, or dequeued by a daemon that just started
+        job = self.repository.get_job(run.job_name)
+        instance.add_run_tags(run.run_id, {DRIVE_TAG: _me()})
+        instance.report_engine_event(
+            f"no Dagster daemon dequeues runs: ccat-dt drive {_me()} executes it", run)
+        instance.report_dagster_event(DagsterEvent(
+            event_type_value=DagsterEventType.RUN_STARTING.value, job_name=run.job_name),
+            run_id=run.run_id)
+        started = instance.get_run_by_id(run.run_id)
+        assert started is not None
+        if LINK_TAG not in started.tags and self.config is not None:
+            started = tag_run(instance, self.config, started)
+        runnable: IJob = (InMemoryJob(job) if job.executor_def.name == "in_process"
+                          else _reconstructable(job))
+        self.log(f"QUEUED {key} (run {run.run_id}): no Dagster daemon runs; executed here")
+        self.report.launched.append(key)
+        self.report.adopted.append(key)
+        if self.pool is None:
+            _finished(self.report, self.log, Finished(
+                key, execute_run(runnable, started, instance).success))
+        else:
+            self.pool.submit(Queued(key, started, runnable))
 
 
 def _finished(report: DriveReport, log: Callable[[str], None], done: Finished) -> None:

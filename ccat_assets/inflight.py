@@ -1,18 +1,39 @@
 """What runs are queued or running now, whoever launched them (a backfill, the UI, another
 sensor): the sensors ask for no second run of a partition in flight, and the purge deletes
-nothing of a package a run in flight may be reading."""
+nothing of a package a run in flight may be reading.
+
+A run whose process died (kill -9, a reboot) stays STARTED in the instance for ever: Dagster's
+run monitoring cannot tell, as the DefaultRunLauncher does no worker health check, and
+`dagster asset materialize` has no launcher at all. So every run records the process that
+executes it as it starts (`record_worker`, called by the executors: host, pid, and what tells
+that process from a later one with the same pid), and a run whose process is provably gone
+is marked failed where it is seen (`close_if_dead`: by `in_flight`, so by every sensor, under
+the daemon as under `ccat-dt drive`), never counted as in flight: the re-attempt sensor then
+requests its work again, and the recovery finishes what it left half done. A run on another
+host (or pid namespace) cannot be checked from here and is left alone; so is one whose process
+runs, however long."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
 
-from dagster import DagsterInstance, DagsterRunStatus, RunRequest, RunsFilter
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunRecord, RunRequest, RunsFilter
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import PARTITION_NAME_TAG
+from dagster._time import get_current_datetime
 
 from ccat_assets.routing import partition_of, stages_of
 from ccat_assets.stages import stages_of_job
+from ccat_assets.tags import DRIVE_TAG
 from ccat_dt.stages import Stage
+
+LOG = logging.getLogger(__name__)
 
 # A run in one of these has not ended (a run whose process died stays in one until closed).
 IN_FLIGHT = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING,
@@ -23,10 +44,18 @@ IN_FLIGHT = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunSt
 LIMIT = 5000
 LATER = 20  # later finished runs of a partition looked at for one of the same work
 
+WORKER_TAG = "ccat/worker"  # host:pid of the process executing the run, from its start
+WORKER_ID_TAG = "ccat/worker_id"  # "machine=… namespace=… boot=… start=…" of that process:
+# what tells it from any other process with its pid (another machine of the same name, a
+# container, after a restart of the machine, the pid used again): inflight._identity
+UNKNOWN = "-"  # a part of the worker's identity this system does not show (no /proc)
+RECORDED = ("machine", "namespace", "boot", "start")  # the parts of that identity
+
 
 def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
     """(stage, package, site) of every queued or running lifecycle run (each stage of a run
-    that does several). A run that a later run of the same work outlived (one of its stages,
+    that does several). A run whose process is gone is marked failed on the way (close_if_dead)
+    and does not count. A run that a later run of the same work outlived (one of its stages,
     the same partition, created after it and finished) counts as dead: its process was killed
     and `ccat-dt retry` did its work again. A later run of another stage of the partition (the
     UI's "Materialize" of a package's purge_status while it is being built) proves nothing."""
@@ -37,6 +66,8 @@ def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
         stages, partition = stages_of(run), partition_of(run.tags)
         if not stages or partition is None or PARTITION_NAME_TAG not in run.tags:
             continue
+        if close_if_dead(instance, record):
+            continue  # its process is gone: marked failed, its work re-attempted
         later = instance.get_runs(RunsFilter(
             tags={PARTITION_NAME_TAG: run.tags[PARTITION_NAME_TAG]},
             statuses=list(FINISHED_STATUSES), created_after=record.create_timestamp),
@@ -70,3 +101,149 @@ def packages_in_flight(instance: DagsterInstance) -> set[str]:
     (a purge): the purge plans nothing for them until that run ended."""
     return {package for stage, package, _ in in_flight(instance)
             if stage in (Stage.SITE_COPY, Stage.LTA_COPY, Stage.PURGE)}
+
+
+# -- the process executing a run ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Liveness:
+    """What became of a run's process: `alive` True or False, or None where this process
+    cannot tell (another host or pid namespace, nothing recorded); `why` says so in words."""
+
+    alive: bool | None
+    why: str
+
+
+def record_worker(instance: DagsterInstance, run: DagsterRun) -> None:
+    """Tag the run with this process, its run worker (called as the run starts, by the
+    executors: routing._routed). Never keeps a run from starting."""
+    try:
+        instance.add_run_tags(run.run_id, {
+            WORKER_TAG: f"{socket.gethostname()}:{os.getpid()}",
+            WORKER_ID_TAG: " ".join(f"{key}={value or UNKNOWN}"
+                                    for key, value in _identity(os.getpid()).items()
+                                    if key in RECORDED)})
+    except Exception as exc:  # noqa: BLE001 - the run goes on; it is only not checkable
+        LOG.warning("run %s: its process not recorded: %s", run.run_id, exc)
+
+
+def liveness(run: DagsterRun) -> Liveness:
+    """Whether the process recorded as executing the run (record_worker) still runs. Only on
+    its own machine and pid namespace can that be told; there, a process that is gone, a
+    zombie, one from before a restart of the machine, or another process under its pid means
+    the run's is gone."""
+    worker = run.tags.get(WORKER_TAG, "")
+    host, _, number = worker.rpartition(":")
+    if not host or not number.isdigit():
+        return Liveness(None, "no process recorded for it (launched elsewhere, or before "
+                              "ccat-dt recorded runs' processes)")
+    pid = int(number)
+    then = dict(part.partition("=")[::2] for part in run.tags.get(WORKER_ID_TAG, "").split())
+    now = _identity(pid)
+    known = {key: (then.get(key, UNKNOWN), now[key] or UNKNOWN) for key in RECORDED}
+    if host != socket.gethostname() or (
+            UNKNOWN not in known["machine"] and len(set(known["machine"])) > 1):
+        return Liveness(None, f"its process {worker} is on another machine")
+    if known["namespace"][0] != known["namespace"][1]:  # the same if neither is known
+        return Liveness(None, f"its process {worker} is in another container")
+    if UNKNOWN not in known["boot"] and len(set(known["boot"])) > 1:
+        if UNKNOWN in known["machine"]:
+            return Liveness(None, f"its process {worker} is on another machine of that name, "
+                                  "or on this one before it restarted")
+        return Liveness(False, f"its process {pid} on {host} is gone (the machine restarted "
+                               "since)")
+    if os.path.isdir("/proc/self"):
+        if now["state"] in ("", "Z", "X"):  # a zombie is dead, only not yet reaped
+            return Liveness(False, f"its process {pid} on {host} is gone")
+        if UNKNOWN not in known["start"] and len(set(known["start"])) > 1:
+            return Liveness(False, f"its process {pid} on {host} is gone (pid {pid} is "
+                                   "another process now)")
+        return Liveness(True, f"its process {pid} on {host} runs")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return Liveness(False, f"its process {pid} on {host} is gone")
+    except PermissionError:
+        pass
+    return Liveness(True, f"its process {pid} on {host} runs")
+
+
+def why_dead(instance: DagsterInstance, record: RunRecord,
+             now: datetime | None = None) -> str | None:
+    """Why a run that has not ended never will, or None while it may: a started (or canceling)
+    run whose process is gone; a run created or launched longer ago than the instance's run
+    start timeout (`run_monitoring.start_timeout_seconds`) that never started, unless a drive
+    created it (it waits in that drive's queue; close_dead_runs is for a dead drive's). A
+    QUEUED run waits for whoever dequeues (the daemon, or `ccat-dt drive` without one)."""
+    run = record.dagster_run
+    if run.status in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
+        state = liveness(run)
+        return state.why if state.alive is False else None
+    if run.status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING) \
+            and DRIVE_TAG not in run.tags:
+        idle = ((now or get_current_datetime()) - record.update_timestamp).total_seconds()
+        if idle > instance.run_monitoring_start_timeout_seconds:
+            how = "created" if run.status == DagsterRunStatus.NOT_STARTED else "launched"
+            return (f"it was {how} {idle / 60:.0f} min ago and never started: the process "
+                    "that was to execute it is gone")
+    return None
+
+
+def close_if_dead(instance: DagsterInstance, record: RunRecord,
+                  now: datetime | None = None) -> str | None:
+    """Mark the run failed (canceled, if it was being canceled) when it never ends (why_dead),
+    with the reason in its event log, so that the re-attempt sensor takes its work; the reason,
+    or None (the run left as it is)."""
+    why = why_dead(instance, record, now)
+    if why is None:
+        return None
+    run = instance.get_run_by_id(record.dagster_run.run_id)
+    if run is None or run.status != record.dagster_run.status:
+        return None  # it moved on meanwhile (ended, or was started): judged again next time
+    if run.status == DagsterRunStatus.CANCELING:
+        message = f"ccat-dt: {why}; marked canceled"
+        instance.report_run_canceled(run, message=message)
+    else:
+        message = f"ccat-dt: {why}; marked failed, so that its work is re-attempted"
+        instance.report_run_failed(run, message=message)
+    LOG.warning("run %s: %s", run.run_id, message)
+    return why
+
+
+def _identity(pid: int) -> dict[str, str]:
+    """What tells process `pid` from every other process ("" where this system does not
+    show it): its machine (machine-id: stable across restarts), its pid namespace (a
+    container), this boot of the machine, and when it started in this boot (clock ticks: a
+    later process under the same pid started later); `state` is not recorded ("" when there
+    is no such process)."""
+    stat = _stat(pid)
+    return {"machine": _read("/etc/machine-id"), "namespace": _namespace(),
+            "boot": _read("/proc/sys/kernel/random/boot_id"),
+            "start": str(stat[1]) if stat else "", "state": stat[0] if stat else ""}
+
+
+@cache
+def _namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+@cache
+def _read(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks after boot) of a process, None without one."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -26,7 +26,9 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 
+from ccat_assets.inflight import in_flight
 from ccat_assets.partitions import package_site_key
+from ccat_assets.stages import ASSET_STAGE
 from ccat_dt.opsdb.models import LocationType
 
 # stage -> (asset, its integrity check)
@@ -105,13 +107,21 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
 
     A partition materialized since the finding (the repair, a click on Materialize) carries
     its own check, made on the storage after the finding: reporting the finding on it would
-    paint a repaired copy red. Such a finding is history and is only logged."""
+    paint a repaired copy red. Such a finding is history and is only logged; so is one whose
+    partition a run is materializing now: that run's check, planned before this evaluation,
+    would otherwise not count as the latest, and the repaired partition would show no check."""
     reported = 0
+    busy = in_flight(context.instance)  # a run whose process died is closed, not counted
     for finding in config.findings:
         latest = latest_materialization(context.instance, finding.asset, finding.partition)
         if latest is not None and latest.storage_id > finding.events_before:
             context.log.info(f"{finding.asset} {finding.partition} materialized since the "
                              f"finding, which is not reported: {finding.description}")
+            continue
+        package, _, site = finding.partition.partition("|")
+        if (ASSET_STAGE[finding.asset], package, site or None) in busy:
+            context.log.info(f"{finding.asset} {finding.partition} is being materialized; its "
+                             f"own check reports it, not this finding: {finding.description}")
             continue
         context.log_event(check_evaluation(  # type: ignore[arg-type]  # accepted at runtime
             context.instance, finding.asset, finding.check, finding.partition,

@@ -47,10 +47,14 @@ def revived(instance: DagsterInstance,
     """The packages of these runs whose partitions were retired (sensors/retire.py) come back
     with them: a repair, a new archive site's copy or a re-attempt of a package archived
     long ago needs its partition (a run for a partition the instance does not know cannot be
-    requested, and the sensor's whole tick would fail)."""
+    requested, and the sensor's whole tick would fail). A staging request's run is not a
+    package's."""
+    assert staging_partitions.name is not None
     names = {key.keys_by_dimension["package"] if isinstance(key, MultiPartitionKey)
              else key.split("|", 1)[0]  # "package" or "package|site"
-             for key in (request.partition_key for request in requests) if key}
+             for key in (request.partition_key for request in requests) if key
+             and not (isinstance(key, str)
+                      and instance.has_dynamic_partition(staging_partitions.name, key))}
     retired = sorted(name for name in names
                      if not instance.has_dynamic_partition(PACKAGES, name))
     return [package_partitions.build_add_request(retired)] if retired else []

@@ -123,6 +123,10 @@ def _routed(config: Config, executor: Executor, tag_only: bool) -> None:
     inner = executor.execute
 
     def execute(plan_context: Any, execution_plan: Any) -> Any:
+        from ccat_assets.inflight import record_worker  # imports this module
+
+        record_worker(plan_context.instance, plan_context.dagster_run)  # its process: which
+        # tells when it died (inflight.liveness)
         run = tag_run(plan_context.instance, config, plan_context.dagster_run)
         queue = run.tags.get(QUEUE_TAG)
         if not tag_only and queue and not getattr(executor, "_queue_from_run_config", False):

@@ -45,6 +45,7 @@ from dagster._utils.log import default_date_format_string, default_format_string
 
 from ccat_assets.stages import ASSET_STAGE, stages_of_job
 from ccat_dt.progress import terminal_bars
+from ccat_dt.stages import Stage
 
 CONSOLE_ENV = "CCAT_DT_RUN_CONSOLE"  # "off": run events are not printed to the terminal
 FILE_ENV = "CCAT_DT_RUN_LOG_FILE"  # every run event (DEBUG) is appended to this file
@@ -161,6 +162,13 @@ class RunLine:
             step = (f"`ccat-dt why {self.package}` says whether it is re-attempted by itself "
                     "or waits for you (then fix the cause and `ccat-dt retry`)"
                     if self.package else "the run's events in the log file or the Dagster UI")
+            # A staging run's partition is a request, which `why` knows, not a package: the
+            # staging sensor's key is stage:REQUEST; a re-attempt's or a retry's says staging.
+            if self.stage in ("stage", Stage.STAGING) and self.package:
+                step = (f"`ccat-dt why {self.package}` shows the staging request and whether it "
+                        "is re-attempted by itself or waits for you (then fix the cause and "
+                        f"`ccat-dt retry`); `ccat-dt stage --release {self.package}` if it is "
+                        "no longer wanted")
             line += (f"\n       cause: {self.cause or 'see the run in the Dagster UI'}; "
                      f"next: {step}")
         return line

@@ -1,7 +1,7 @@
 """The fixity scrub as a job: re-read a batch of LTA copies and report each as the
 `lta_copy_checksum` check of its partition, so scrub results sit beside the arrival checks."""
 
-from dagster import Config, OpExecutionContext, job, op
+from dagster import Config, Failure, OpExecutionContext, job, op
 
 from ccat_assets.integrity import copy_check
 from ccat_assets.partitions import split_key
@@ -19,11 +19,18 @@ class ScrubBatch(Config):
 @op
 def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
                       deployment: Deployment) -> int:
-    """Each mismatch marks the copy CORRUPT; the repair sensor then restores it."""
+    """Each mismatch marks the copy CORRUPT; the repair sensor then restores it. A copy whose
+    location cannot be looked at (not mounted, unreachable) is left as it was, due again at the
+    next scrub, and the run fails with the cause once the rest of the batch is done."""
     failed = 0
+    unreached: list[str] = []
     deployment.metrics.watch_progress()  # the bytes hashed so far, while it runs
     batch = [split_key(key) for key in config.partitions]
     for package, site, result in scrub(deployment.opsdb, deployment.config, batch):
+        if not result.reached:
+            unreached.append(result.description)
+            context.log.warning(f"scrub: {result.description}")
+            continue
         failed += not result.passed
         # On the partition's latest materialization, so that the partition, the check list
         # and the lineage node show it (red until the repair's new copy passes its check).
@@ -31,7 +38,13 @@ def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
             context.instance, package, site, LocationType.LONG_TERM_ARCHIVE, False,
             passed=result.passed, description=f"scrub: {result.description}",
             metadata={"path": result.path or "", "copy_id": result.copy_id or 0}))
-    context.log.info(f"scrubbed {len(config.partitions)} LTA copies, {failed} bad")
+    context.log.info(f"scrubbed {len(config.partitions) - len(unreached)} LTA copies, "
+                     f"{failed} bad, {len(unreached)} not reached")
+    if unreached:
+        raise Failure(description=(
+            f"{len(unreached)} of {len(config.partitions)} LTA copies could not be re-read, "
+            f"their storage unavailable (nothing marked; re-read at the next scrub): "
+            f"{unreached[0]}"), allow_retries=False)
     return failed
 
 

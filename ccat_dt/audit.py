@@ -50,8 +50,8 @@ from ccat_dt.storage import (
 )
 from ccat_dt.transports.base import SshSettings
 
-LOST, CHANGED, DARK, PARTIAL, STALE_DELETED, SKIPPED = (
-    "lost", "changed", "dark", "partial", "stale_deleted", "skipped")
+LOST, CHANGED, DARK, PARTIAL, STALE_DELETED, SKIPPED, INTACT_AGAIN = (
+    "lost", "changed", "dark", "partial", "stale_deleted", "skipped", "intact_again")
 ON_DISK = (CopyStatus.PRESENT, CopyStatus.STAGED)  # OpsDB promises these bytes are there
 PARTIAL_MAX_AGE = timedelta(hours=24)  # older temporary files are abandoned, not in flight
 # Checksums are computed on the files' host: one round trip per batch, bounded in count and
@@ -62,7 +62,7 @@ HASH_BATCH_BYTES = 200 * 10**9
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # lost | changed | dark | partial | stale_deleted | skipped
+    kind: str  # lost | changed | dark | partial | stale_deleted | skipped | intact_again
     location: str  # site/location
     path: str  # absolute
     copy_id: int | None
@@ -137,6 +137,9 @@ class _Walk:
     partial: list[tuple[Finding, float]] = field(default_factory=list)  # with mtime
     uploads: list[Entry] = field(default_factory=list)  # abandoned multipart uploads
     to_hash: list[tuple[Entry, list[_Recorded]]] = field(default_factory=list)
+    # CORRUPT copies whose bytes were read and match their checksum again (put back by a
+    # person, or quarantined while their disk was away): PRESENT again with repair.
+    intact_again: list[_Broken] = field(default_factory=list)
     checked: int = 0
     scanned: int = 0
 
@@ -157,15 +160,17 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
     """Compare every location's copies in OpsDB with its files, local or over ssh.
 
     `checksums` re-reads the bytes of every PRESENT/STAGED copy where it is (slow; sizes alone
-    otherwise). `repair` marks lost or changed PRESENT copies CORRUPT, which freezes every purge
-    of their package until a good copy replaces them, and removes local temporary files
-    abandoned for over 24 hours (never at a SOURCE location: nothing of ours writes there, so
-    a file named like a temporary one is an instrument's, reported as unknown and left alone;
-    nor on a remote host: those are only reported, to be removed by hand, because a deletion
-    over ssh would need its own symlink-safe re-check); nothing else is changed, and without
-    `repair` nothing at all. With `config`, the state of a package whose copy was marked
-    corrupt is re-derived (ARCHIVED may fall back), and remote hosts are reached with the
-    config's ssh settings unless `ssh` is given.
+    otherwise), and of every CORRUPT copy of the recorded size: one whose bytes match again (a
+    copy restored from a backup) is reported. `repair` marks lost or changed PRESENT copies
+    CORRUPT, which freezes every purge of their package until a good copy replaces them, marks
+    CORRUPT copies whose bytes matched again PRESENT (a LOST package is lifted), and removes
+    local temporary files abandoned for over 24 hours (never at a SOURCE location: nothing of
+    ours writes there, so a file named like a temporary one is an instrument's, reported as
+    unknown and left alone; nor on a remote host: those are only reported, to be removed by
+    hand, because a deletion over ssh would need its own symlink-safe re-check); nothing else is
+    changed, and without `repair` nothing at all. With `config`, the state of a package whose
+    copy was marked corrupt or present again is re-derived (ARCHIVED may fall back, LOST be
+    lifted), and remote hosts are reached with the config's ssh settings unless `ssh` is given.
     """
     now = _aware(now or utcnow())
     if ssh is None:
@@ -182,7 +187,7 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
                                                DataLocation.location_type)
                                         .join(Site).order_by(DataLocation.id)).all()]
     report = AuditReport(findings=[], checked_copies=0, scanned_files=0, repaired=[])
-    corrupted: set[int] = set()
+    changed_packages: set[int] = set()
     for location in locations:
         walk = _audit_location(opsdb, location, _nested(location, locations), ssh,
                                checksums=checksums, now=now)
@@ -198,10 +203,11 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
                 f"changed (more than {share:.0%}); check that the disk is mounted and healthy, "
                 "then repair"))
         elif repair:
-            report.findings += _repair(opsdb, location, ssh, walk, report.repaired, corrupted)
-    if corrupted and config is not None:
+            report.findings += _repair(opsdb, location, ssh, walk, report.repaired,
+                                       changed_packages)
+    if changed_packages and config is not None:
         with opsdb.session() as session:
-            for package_id in sorted(corrupted):
+            for package_id in sorted(changed_packages):
                 refresh_state(session, config, session.get_one(RawDataPackage, package_id))
     return report
 
@@ -301,7 +307,10 @@ def _compare(location: _Location, expected: _Expected, found: Listing, now: date
     walk.checked += len(missing)
     mount_note = ""
     if missing and len(missing) == expected.on_disk and walk.scanned == 0:
-        mount_note = "; the whole location root is empty (not mounted?): not repaired"
+        # (a listing needs the marker: the disk is the one `ccat-dt init` marked, or one
+        # marked since by mistake)
+        mount_note = ("; the location root holds nothing but its marker (a new or other disk "
+                      "marked by `ccat-dt init`?): not repaired")
     for relative, record in missing:
         finding = Finding(LOST, location.label, os.path.join(root, relative), record.copy_id,
                           f"recorded {record.status.value} ({record.size} bytes), missing on disk"
@@ -331,6 +340,8 @@ def _check(walk: _Walk, location: _Location, entry: Entry, records: list[_Record
             finding = Finding(CHANGED, location.label, path, record.copy_id, problem)
             walk.findings.append(finding)
             walk.broken.append(_Broken(finding, record, entry.relative_path, why))
+    hashable += [r for r in records if r.status == CopyStatus.CORRUPT
+                 and not entry.symlink and entry.size == r.size]
     if hashable:
         walk.to_hash.append((entry, hashable))
 
@@ -371,6 +382,15 @@ def _compare_checksums(walk: _Walk, location: _Location, ssh: SshSettings) -> No
 
 def _judge_checksum(walk: _Walk, location: _Location, entry: Entry, record: _Recorded,
                     seen: Seen) -> None:
+    if record.status == CopyStatus.CORRUPT:
+        if seen.problem is None and seen.size == record.size and seen.checksum == record.checksum:
+            finding = Finding(INTACT_AGAIN, location.label,
+                              os.path.join(location.root_path, entry.relative_path),
+                              record.copy_id, "recorded corrupt, its bytes match the recorded "
+                              f"{ALGORITHM} again: PRESENT again with repair")
+            walk.findings.append(finding)
+            walk.intact_again.append(_Broken(finding, record, entry.relative_path, "intact"))
+        return
     problem, why = None, "checksum"
     if seen.problem is not None:
         problem, why = f"cannot read: {seen.problem}", "unreadable"
@@ -427,8 +447,9 @@ def _unfinished_upload(walk: _Walk, location: _Location, entry: Entry, age: time
 
 
 def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
-            repaired: list[str], corrupted: set[int]) -> list[Finding]:
-    """Mark what is still broken CORRUPT; returns findings about what could not be repaired."""
+            repaired: list[str], changed_packages: set[int]) -> list[Finding]:
+    """Mark what is still broken CORRUPT, and what is intact again PRESENT; returns findings
+    about what could not be repaired."""
     candidates = [b for b in walk.broken if b.record.status == CopyStatus.PRESENT]
     # (staged copies come back from the archives; freezing purges gains nothing)
     if candidates:
@@ -458,9 +479,10 @@ def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
                 reason="audit: OpsDB and disk disagree", started_at=utcnow(),
                 finished_at=utcnow()))
         if record.package_id is not None:
-            corrupted.add(record.package_id)
+            changed_packages.add(record.package_id)
         repaired.append(f"copy {record.copy_id} at {location.label} marked corrupt "
                         f"({finding.kind}: {finding.path})")
+    _restore(opsdb, location, walk.intact_again, repaired, changed_packages)
     for upload in walk.uploads:
         try:
             if location.stores.at(location.root).abort_uploads(upload.relative_path,
@@ -479,6 +501,30 @@ def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
             continue
         repaired.append(f"removed abandoned temporary file {finding.path}")
     return []
+
+
+def _restore(opsdb: OpsDB, location: _Location, intact: list[_Broken], repaired: list[str],
+             changed_packages: set[int]) -> None:
+    """CORRUPT copies the audit just re-read to their checksum: PRESENT, verified now."""
+    for item in intact:
+        record, now = item.record, utcnow()
+        with opsdb.session() as session:
+            # Compare-and-set: a repair that superseded the copy meanwhile wins.
+            result = session.execute(update(PhysicalCopy).where(
+                PhysicalCopy.id == record.copy_id, PhysicalCopy.status == CopyStatus.CORRUPT)
+                .values(status=CopyStatus.PRESENT, verified_at=now))
+            if not isinstance(result, CursorResult) or result.rowcount != 1:
+                continue
+            session.add(Operation(
+                operation_type=OperationType.VERIFICATION, status=OperationStatus.COMPLETED,
+                package_id=record.package_id, copy_id=record.copy_id,
+                destination_location_id=location.id, bytes=record.size,
+                reason="audit: a corrupt copy's bytes match its checksum again",
+                started_at=now, finished_at=now))
+        if record.package_id is not None:
+            changed_packages.add(record.package_id)
+        repaired.append(f"copy {record.copy_id} at {location.label} intact again, marked "
+                        f"present ({item.finding.path})")
 
 
 def _still_broken(seen: Seen, record: _Recorded, why: str) -> bool:

@@ -1,5 +1,6 @@
 """`ccat-dt why PACKAGE`: each stage of one package, and where it is not moving, the reason,
-read from OpsDB (the Dagster layer adds what its runs say)."""
+read from OpsDB (the Dagster layer adds what its runs say). A staging request's name (the
+partition of its staging runs) is understood too."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     Reattempt,
     Site,
+    StagingRequest,
+    StagingState,
     _aware,
 )
 from ccat_dt.recovery import needs_rebuild
@@ -45,6 +48,9 @@ def diagnose(session: Session, config: Config, name: str, now: datetime) -> list
     """Stages of the package in order; `name` may also be an observation still being filed."""
     package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
     if package is None:
+        request = session.scalar(select(StagingRequest).where(StagingRequest.name == name))
+        if request is not None:
+            return _staging(session, request, now)
         return _unpackaged(session, name)
     stages = [StageState("filing", "done", f"{len(package.files)} files, observation "
                          f"{package.observation.name} finished")]
@@ -75,14 +81,63 @@ def diagnose(session: Session, config: Config, name: str, now: datetime) -> list
 def _unpackaged(session: Session, name: str) -> list[StageState]:
     observation = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
     if observation is None:
-        raise LookupError(f"no package or observation named '{name}'")
+        raise LookupError(f"no package, observation or staging request named '{name}'")
     files = session.scalars(select(RawDataFile).where(
         RawDataFile.observation_id == observation.id)).all()
     if observation.status == ObservationStatus.OPEN:
         return [StageState("filing", "waiting", f"observation {name} is still open "
                            f"({len(files)} files filed); packaging starts when it is finished")]
-    return [StageState("filing", "done", f"{len(files)} files"),
-            StageState("packaging", "waiting", "the package sensor has not planned it yet")]
+    out = [StageState("filing", "done", f"{len(files)} files")]
+    packages = sorted({f.package for f in files if f.package is not None}, key=lambda p: p.name)
+    for package in packages:  # each its own stages: `why PACKAGE`
+        out.append(StageState("package", "done" if package.state == PackageState.ARCHIVED
+                              else package.state.value,
+                              f"{package.name}: {package.state.value}; `ccat-dt why "
+                              f"{package.name}` shows its stages"))
+    if unplanned := [f for f in files if f.package is None]:
+        out.append(StageState("packaging", "waiting", f"{len(unplanned)} of {len(files)} files "
+                              "in no package yet: the package sensor has not planned them"))
+    return out
+
+
+def _staging(session: Session, request: StagingRequest, now: datetime) -> list[StageState]:
+    """A staging request: what it asks for, and whether its files are there or why not (the
+    re-attempt sensor's row for its partition says what happens next)."""
+    state = request.state.value
+    if request.state == StagingState.ACTIVE and not request.is_active(now):
+        state = "expired"
+    out = [StageState("request", state, f"{len(request.packages)} package(s) for "
+                      f"{request.location.label}, requested by {request.requested_by or '-'} "
+                      f"at {_aware(request.created_at):%Y-%m-%d %H:%M} UTC, expires "
+                      f"{_aware(request.expires_at):%Y-%m-%d %H:%M} UTC")]
+    reattempt = session.scalar(select(Reattempt).where(Reattempt.stage == Stage.STAGING,
+                                                       Reattempt.partition == request.name))
+    failure = _failed(last_staging(session, request), reattempt)
+    if failure is None and reattempt is not None:
+        failure = f"its run failed or died ({reattempt.last_error or 'no error'})"
+    if request.staged_at is not None:
+        staged = f"staged at {_aware(request.staged_at):%Y-%m-%d %H:%M} UTC"
+        out.append(StageState("staging", "done", staged if state == "active" else
+                              f"{staged}; no longer wanted: the purge cycle removes the files"))
+    elif state != "active":
+        out.append(StageState("staging", "done", f"nothing to stage: the request is {state}"))
+    elif failure:
+        out.append(StageState("staging", "failed", f"{failure}{_reattempt(reattempt)}; "
+                              f"`ccat-dt stage --release {request.name}` if no longer wanted"))
+    else:
+        out.append(StageState("staging", "waiting", "due; waiting for its run"))
+    return out
+
+
+def last_staging(session: Session, request: StagingRequest) -> Operation | None:
+    """The newest staging operation of the request: of one of its packages, into its location,
+    since it was made (operations name no request; another one staging the same package to
+    the same place at the same time would be mistaken for it)."""
+    return session.scalars(select(Operation).where(
+        Operation.operation_type == OperationType.STAGING,
+        Operation.destination_location_id == request.location_id,
+        Operation.package_id.in_([p.id for p in request.packages]),
+        Operation.started_at >= request.created_at).order_by(Operation.id.desc()).limit(1)).first()
 
 
 def _last(session: Session, package: RawDataPackage, kind: OperationType,

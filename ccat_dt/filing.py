@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ALGORITHM, hash_file
 from ccat_dt.config import Config
+from ccat_dt.marker import is_marker
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -77,6 +78,8 @@ class FilingResult:
     unchanged: int
     bytes: int
     uuids: dict[str, str] = field(default_factory=dict, compare=False)  # path -> file uuid
+    # Entries `file --directory` passed over: symlinks (never followed), FIFOs, sockets.
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -296,7 +299,9 @@ def check_module(config: Config, module: str) -> str:
 
 def file_directory(opsdb: OpsDB, *, observation: str, module: str, directory: str,
                    site: str | None = None, location: str | None = None) -> FilingResult:
-    """File every regular file below a source directory (symlinks are not followed)."""
+    """File every regular file below a source directory, but the location marker; symlinks
+    are not followed, and they and other non-regular entries (FIFOs, sockets) are listed in
+    the result's `skipped`."""
     prefix = f"observation '{observation}'"
     with opsdb.session() as session:
         target = _resolve(session, observation, module, site, location)
@@ -307,14 +312,20 @@ def file_directory(opsdb: OpsDB, *, observation: str, module: str, directory: st
                           f"{target.label} (root {target.root})")
     if not base.is_dir():
         raise FilingError(f"{prefix}: directory '{directory}' does not exist under {target.root}")
-    specs = []
-    for dirpath, _dirs, names in os.walk(base):
-        for entry in names:
+    specs, skipped = [], []
+    for dirpath, dirs, names in os.walk(base):
+        for entry in names + [d for d in dirs if Path(dirpath, d).is_symlink()]:
             path = Path(dirpath, entry)
+            relative = path.relative_to(target.real_root).as_posix()
+            if is_marker(relative):
+                continue
             if not path.is_symlink() and path.is_file():
-                specs.append(FileSpec(path.relative_to(target.real_root).as_posix()))
-    return file_raw_files(opsdb, observation=observation, module=module, site=site,
-                          location=location, files=sorted(specs, key=lambda s: s.path))
+                specs.append(FileSpec(relative))
+            else:
+                skipped.append(relative)
+    result = file_raw_files(opsdb, observation=observation, module=module, site=site,
+                            location=location, files=sorted(specs, key=lambda s: s.path))
+    return replace(result, skipped=sorted(skipped))
 
 
 def read_manifest_file(path: Path) -> list[FileSpec]:
@@ -427,6 +438,9 @@ def _inspect(spec: FileSpec, target: Source, parents: dict[str, str],
     if ".." in rel.parts:
         return outside
     name = rel.as_posix()
+    if is_marker(name):
+        return _Problem("path", f"'{name}' is the location marker `ccat-dt init` wrote at "
+                        f"{target.root}, not raw data")
     parent, _, base = name.rpartition("/")
     try:
         if parent not in parents:

@@ -58,7 +58,8 @@ def assess(session: Session, config: Config, package: RawDataPackage) -> Assessm
         return Assessment(Health.LOST, (
             f"DATA LOST: {len(away)} of {len(files)} raw files are no longer at their source "
             "and no verified copy of the package exists anywhere (every copy is gone or "
-            "corrupt); restore a copy from a backup, then run `ccat-dt audit --checksums`"))
+            "corrupt); restore a copy from a backup to its recorded path, then run "
+            "`ccat-dt audit --checksums --repair`"))
     lta_sites = {c.location.site.short_name for c in good
                  if c.location.location_type == LocationType.LONG_TERM_ARCHIVE}
     required = config.settings.required_lta_copies

@@ -29,9 +29,8 @@ from typing import Any, BinaryIO
 
 from ccat_dt.checksums import CHUNK_SIZE, new_hasher
 from ccat_dt.config import MIB, Config, S3Config
+from ccat_dt.marker import MARKER, MARKER_TEXT
 from ccat_dt.storage import (
-    MARKER,
-    MARKER_TEXT,
     Entry,
     Listing,
     Seen,
@@ -40,7 +39,7 @@ from ccat_dt.storage import (
     listing,
     look,
 )
-from ccat_dt.transports.base import Endpoint, SshSettings, TransferError
+from ccat_dt.transports.base import Endpoint, SshSettings
 
 SCHEME = "s3://"
 CHECKSUM_METADATA = "xxh3-128"  # our checksum of the whole object, as x-amz-meta-xxh3-128
@@ -457,17 +456,6 @@ class Stores:
         if is_object_root(root):
             return self.at(root).listing()
         return listing(root, host, ssh, skip)
-
-    def xxh128_and_size(self, where: Endpoint) -> tuple[str, int]:
-        """Re-read one object (as transports.remote.remote_xxh128_and_size for files);
-        TransferError, retryable when the endpoint could not be reached."""
-        store = self.of_endpoint(where)
-        try:
-            return store.read_hash(str(where.path))
-        except StorageUnavailable as exc:
-            raise TransferError(str(exc), retryable=exc.transient) from exc
-        except FileNotFoundError as exc:
-            raise TransferError(f"{where}: {exc}", retryable=False) from exc
 
     def identity(self, where: Endpoint) -> tuple[int | None, int | None]:
         """(ETag as a number, last-modified ns) of an object, as (inode, mtime_ns)."""

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from ccat_dt.checksums import ALGORITHM, ChecksumMismatch
 from ccat_dt.config import Config
 from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
+from ccat_dt.marker import root_problem
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -34,7 +35,6 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef
 from ccat_dt.routing import copies_at, has_left_observatory, next_primary_site
-from ccat_dt.storage import root_problem
 from ccat_dt.tarball import (
     BuiltPackage,
     PackageMember,
@@ -47,6 +47,16 @@ from ccat_dt.topology import primary_location
 
 class PackageBuildFailed(Exception):
     """The package cannot be built from what is on disk; retrying will not help."""
+
+
+class BufferFailed(Exception):
+    """The observatory buffer failed as a whole (unmounted, full, read-only, permission denied):
+    `retryable` when another healthy buffer can take the next attempt at once; otherwise
+    retrying within the run only repeats the fault (the re-attempt across runs takes over)."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def package_name(observation: str, instrument: str, module: str, part: int) -> str:
@@ -153,6 +163,7 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         if existing is not None:
             return CopyRef.of(existing)
         buffer = _build_location(session, config, package)
+        buffer_label = buffer.label
         members = [PackageMember(Path(f.source_location.root) / f.relative_path,
                                  f.relative_path, f.size, f.checksum) for f in package.files]
         destination = Path(buffer.root) / package_path(package)
@@ -176,10 +187,18 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         _fail(opsdb, operation.id, package_id=package.id, error=str(exc), quarantine=rebuilding)
         raise PackageBuildFailed(f"package {name}: {exc}") from exc
     except OSError as exc:
+        _fail(opsdb, operation.id, package_id=None, error=str(exc))
         if location_failure(exc) and (exc.filename is None
                                       or str(exc.filename).startswith(buffer.root)):
             mark_failed(opsdb, config, buffer.id, f"packaging {name}: {exc}")
-        _fail(opsdb, operation.id, package_id=None, error=str(exc))
+            with opsdb.session() as session:
+                alternative = primary_location(session, config.settings.observatory,
+                                               LocationType.BUFFER)
+                elsewhere = alternative.id != buffer.id and is_healthy(alternative, utcnow())
+            raise BufferFailed(f"packaging {name} at {buffer_label} ({buffer.root}): "
+                               f"{exc.strerror or exc}" + (
+                                   f"; the next attempt builds it at {alternative.label}"
+                                   if elsewhere else ""), retryable=elsewhere) from exc
         raise
     with opsdb.session() as session:
         mark_ok(session, buffer.id)

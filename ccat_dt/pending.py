@@ -10,7 +10,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
@@ -195,13 +195,17 @@ def repairs_due(session: Session, config: Config,
     return due
 
 
-def scrub_due(session: Session, budget_bytes: int, limit: int = PAGE) -> list[Due]:
+def scrub_due(session: Session, budget_bytes: int, now: datetime,
+              limit: int = PAGE) -> list[Due]:
     """LTA copies to re-read now: the longest unverified first, within the byte budget (at
-    least one, so that a copy larger than the budget is still scrubbed eventually)."""
+    least one, so that a copy larger than the budget is still scrubbed eventually). A location
+    passed over as unhealthy (one the scrub found unmounted, say) waits out its hold, so that
+    it does not take every hour's budget from the others."""
     copies = session.scalars(
         select(PackageCopy).join(DataLocation)
         .where(PackageCopy.status == CopyStatus.PRESENT,
-               DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)
+               DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+               or_(DataLocation.unhealthy_until.is_(None), DataLocation.unhealthy_until <= now))
         .order_by(PackageCopy.verified_at, PackageCopy.id).limit(limit)).all()
     due: list[Due] = []
     spent = 0

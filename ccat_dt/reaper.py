@@ -32,6 +32,7 @@ from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.marker import is_marker, root_problem
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -61,7 +62,6 @@ from ccat_dt.storage import (
     look,
     look_local,
     open_parent,
-    root_problem,
 )
 from ccat_dt.transports.base import Endpoint, SshSettings, TransferError
 from ccat_dt.transports.factory import ssh_settings
@@ -327,6 +327,9 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
     try:
         if not _inside(claim.path, claim.root):
             raise OSError(f"refusing to delete {claim.path}: outside location root {claim.root}")
+        if is_marker(claim.relative_path):  # filed by mistake: the root would read unmounted
+            raise _Changed(f"{claim.path} is the location marker `ccat-dt init` wrote, not raw "
+                           "data: never deleted; `ccat-dt exclude` it from its package")
         try:
             size = (_unlink_local(claim) if claim.host is None
                     else _unlink_remote(ssh_settings(config), claim))

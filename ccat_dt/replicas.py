@@ -38,13 +38,13 @@ from ccat_dt.storage import StorageUnavailable, Wanted
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
     FOREIGN_FILE,
+    SOURCE_MISSING,
     Endpoint,
     TransferError,
     TransferResult,
     Transport,
 )
 from ccat_dt.transports.factory import endpoint, ssh_settings, transport_for
-from ccat_dt.transports.remote import remote_xxh128_and_size
 
 
 class NotReady(Exception):
@@ -324,15 +324,16 @@ class _Job:
 
 def _source_or_transit(opsdb: OpsDB, config: Config, placement: Placement,
                        failure: Exception) -> Exception:
-    """A copy that did not land with the source's checksum: re-hash the source on its storage
-    to tell a bad source (now quarantined, CORRUPT: rebuilt or repaired from an intact copy,
-    never sent again) from a bad transit (retried)."""
-    if not (isinstance(failure, ChecksumMismatch)
-            or "checksum mismatch" in str(failure).lower()):
+    """A copy that did not land with the source's checksum, or whose source was not found:
+    re-hash the source on its storage to tell a bad or lost source (now quarantined, CORRUPT:
+    rebuilt or repaired from an intact copy, never sent again) from a bad transit (retried)."""
+    text = str(failure).lower()
+    if not (isinstance(failure, ChecksumMismatch) or "checksum mismatch" in text
+            or SOURCE_MISSING in text):
         return failure
     try:
         check = reread(opsdb, config, placement.source.copy_id)
-    except (TransferError, OSError):
+    except TransferError:
         return failure  # cannot look at the source now: treat it as transit, retried
     if check.passed:
         return failure
@@ -489,6 +490,9 @@ class Verification:
     # How the bytes were read: the landed-bytes checksum, when, by which transport (or
     # "re-read"), the operation id; empty for a copy that was not read.
     evidence: dict[str, str | int] = field(default_factory=dict)
+    # False: its storage could not be looked at (disk not mounted, host unreachable); nothing
+    # is known of the copy and nothing was marked.
+    reached: bool = True
 
 
 def _reverify_existing(opsdb: OpsDB, config: Config, placement: Placement,
@@ -519,14 +523,18 @@ def verify(opsdb: OpsDB, config: Config, package: str, site: str,
            kind: LocationType) -> Verification:
     """Re-read the newest copy at the site's location of `kind` against the package checksum.
 
-    A mismatch marks the copy CORRUPT, which blocks every purge of the package.
+    A mismatch marks the copy CORRUPT, which blocks every purge of the package; a location
+    that cannot be looked at marks nothing (`reached` False).
     """
     with opsdb.session() as session:
         copy = newest_copy(session, get_package(session, package), site, kind)
         if copy is None:
             return Verification(False, f"no copy of {package} at {site} {kind.value}", None, None)
         copy_id = copy.id
-    return reread(opsdb, config, copy_id)
+    try:
+        return reread(opsdb, config, copy_id)
+    except TransferError as exc:
+        return Verification(False, str(exc), copy_id, None, reached=False)
 
 
 def newest_copy(session: Session, package: RawDataPackage, site: str,
@@ -600,39 +608,49 @@ def read_in_run(opsdb: OpsDB, package: str, site: str, kind: LocationType,
 def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
            run_id: str | None = None) -> Verification:
     """Re-read one copy on its storage against the package checksum and record it (a
-    verification operation of run `run_id`; verified_at on success, CORRUPT on a mismatch)."""
+    verification operation of run `run_id`; verified_at on success, CORRUPT on a mismatch or
+    a file gone from a mounted location; a CORRUPT copy whose bytes match again, put back by
+    a person, is PRESENT again).
+
+    A location that cannot be looked at (root unmarked: the disk not mounted; host or bucket
+    unreachable) says nothing about the copy: TransferError (retryable when the host could not
+    be reached), nothing marked."""
     with opsdb.session() as session:
         copy = session.get_one(PackageCopy, copy_id)
         pkg = copy.package
         where = endpoint(copy.location, copy.relative_path)
+        root, host, relative = copy.location.root, copy.location.host, copy.relative_path
+        location_id = copy.location_id
         operation = Operation(operation_type=OperationType.VERIFICATION, package=pkg,
                               copy_id=copy.id, destination_location_id=copy.location_id,
                               run_id=run_id)
         session.add(operation)
         label = f"{copy.location.site.short_name}/{copy.location.name}"
         expected = pkg.checksum
-    actual = ""
     try:
-        actual, size = (Stores.of(config).xxh128_and_size(where) if where.store
-                        else remote_xxh128_and_size(ssh_settings(config), where))
-        problem = None if actual == expected else (
-            f"checksum mismatch: expected {expected}, read {actual}")
-    except (TransferError, OSError) as exc:
-        if isinstance(exc, TransferError) and exc.retryable:
-            finish(opsdb, operation.id, error=str(exc))
-            raise  # the host is unreachable: that says nothing about the copy
-        size, problem = 0, f"cannot read {where}: {exc}"
+        [seen] = Stores.of(config).look(root, host, ssh_settings(config),
+                                        [Wanted(relative, rehash=True)])
+    except StorageUnavailable as exc:
+        finish(opsdb, operation.id, error=f"not re-read: {exc}")
+        mark_failed(opsdb, config, location_id, f"copy {copy_id} not re-read: {exc}")
+        raise TransferError(f"{label}: copy {copy_id} not re-read: {exc}",
+                            retryable=exc.transient) from exc
+    actual, size = seen.checksum or "", seen.size or 0
+    problem = seen.problem or (None if actual == expected else
+                               f"checksum mismatch: expected {expected}, read {actual}")
     with opsdb.session() as session:
         stored = session.get_one(PackageCopy, copy_id)
         if problem is None:
             stored.verified_at = utcnow()
+            if stored.status == CopyStatus.CORRUPT:
+                stored.status = CopyStatus.PRESENT
+                stored.inode, stored.mtime_ns = seen.inode, seen.mtime_ns
         elif stored.status == CopyStatus.PRESENT:
             stored.status = CopyStatus.CORRUPT
         finish_in(session, operation.id, copy_id=copy_id, nbytes=size, seconds=None,
                   error=problem)
-        if problem is not None:
-            session.flush()
-            refresh_state(session, config, stored.package)  # ARCHIVED may fall back, or LOST
+        session.flush()
+        refresh_state(session, config, stored.package)  # ARCHIVED may fall back, or LOST
     evidence: dict[str, str | int] = {
         "checksum": actual, "verified_by": "re-read",
         "verified_at": utcnow().isoformat(), "operation_id": operation.id}

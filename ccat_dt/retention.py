@@ -1,7 +1,9 @@
 """The deletion planner: which copies of a package may go, and why (pure reads, no side effects).
 
 Every copy that is not DELETED gets exactly one Decision. Long-term archive copies are never
-deleted; a CORRUPT copy anywhere freezes the whole package; observatory copies go only once the
+deleted; a CORRUPT package copy anywhere freezes the whole package (its sources may be needed to
+make it again), while a raw file changed at its source since filing keeps only itself (its new
+bytes are in no archive; the package's others are); observatory copies go only once the
 required number of archive sites hold a verified LTA copy; an archive site's buffer copy goes once
 that site's own LTA copy is verified. Location retention and a last-verified-copy check come
 on top.
@@ -16,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, joinedload
 
 from ccat_dt.config import Config
@@ -93,12 +95,10 @@ def live_copies(session: Session, package: RawDataPackage) -> list[PhysicalCopy]
     return [*packages, *raw]
 
 
-def _corrupt_copies(session: Session, package: RawDataPackage) -> list[PhysicalCopy]:
-    files = select(RawDataFile.id).where(RawDataFile.package_id == package.id)
-    return list(session.scalars(_fresh(select(PhysicalCopy).where(
-        PhysicalCopy.status == CopyStatus.CORRUPT,
-        or_(PhysicalCopy.package_id == package.id, PhysicalCopy.raw_data_file_id.in_(files)))
-        .order_by(PhysicalCopy.id))).unique().all())
+def _corrupt_package_copies(session: Session, package: RawDataPackage) -> list[PackageCopy]:
+    return list(session.scalars(_fresh(select(PackageCopy).where(
+        PackageCopy.status == CopyStatus.CORRUPT, PackageCopy.package_id == package.id)
+        .order_by(PackageCopy.id))).unique().all())
 
 
 def lta_requirement(config: Config, site: str,
@@ -131,7 +131,7 @@ class _Planner:
         self.early_ids = early_ids
         self.required = config.settings.required_lta_copies
         self.lta = verified_lta_copies(session, package)
-        self.corrupt = _corrupt_copies(session, package)
+        self.corrupt = _corrupt_package_copies(session, package)
 
     def decide(self, copy: PhysicalCopy) -> Decision:
         location = copy.location
@@ -166,6 +166,10 @@ class _Planner:
         if kind == LocationType.LONG_TERM_ARCHIVE:
             return (Action.KEEP, "long-term archive copies are never deleted automatically",
                     False)
+        if copy.status == CopyStatus.CORRUPT and copy.kind == "raw_file":
+            return Action.KEEP, ("changed at its source since filing: these bytes are in no "
+                                 "archive (the package holds the filed ones); kept for a "
+                                 "person to look at"), False
         if self.corrupt:
             names = ", ".join(f"{c.location.label}" for c in self.corrupt)
             return Action.KEEP, (f"integrity check failed for {names} copy; "

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt import reaper
 from ccat_dt.config import Config
+from ccat_dt.diagnosis import last_staging
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -30,6 +31,8 @@ from ccat_dt.opsdb.models import (
     PhysicalCopy,
     RawDataFile,
     RawDataPackage,
+    StagingRequest,
+    StagingState,
     _aware,
     utcnow,
 )
@@ -41,8 +44,9 @@ from ccat_dt.topology import primary_location
 
 @dataclass(frozen=True)
 class Stalled:
-    """One partition to re-run: the stage that materialises it, the package, the site ("" for
-    per-package work) and what OpsDB says about its last attempt."""
+    """One partition to re-run: the stage that materialises it, the package (for staging: the
+    request, its partition), the site ("" for per-package work) and what OpsDB says about its
+    last attempt."""
 
     stage: Stage
     package: str
@@ -52,7 +56,8 @@ class Stalled:
 
 def stalled_work(opsdb: OpsDB, config: Config, *, packages: Collection[str] | None = None,
                  rebuild_failed: bool = False) -> list[Stalled]:
-    """Every package x stage that can be done now and is not, in lifecycle order.
+    """Every package x stage that can be done now and is not, in lifecycle order, then every
+    active staging request not staged yet (`packages` may name requests too).
 
     A FAILED package (a source file that changed after filing) is rebuilt only with
     `rebuild_failed`, once a person has restored the file: the build re-reads every byte
@@ -77,7 +82,22 @@ def stalled_work(opsdb: OpsDB, config: Config, *, packages: Collection[str] | No
                 continue
             for site in config.settings.archive_sites:
                 out += _at_site(session, config, package, site.short_name)
+        out += _staging(session, packages)
     return out
+
+
+def _staging(session: Session, names: Collection[str] | None) -> list[Stalled]:
+    """Active requests whose files are not all there yet: a transient fault (the processing
+    disk not mounted, a link down) is re-attempted like any other stage's."""
+    query = select(StagingRequest).where(StagingRequest.state == StagingState.ACTIVE,
+                                         StagingRequest.staged_at.is_(None))
+    if names is not None:
+        query = query.where(StagingRequest.name.in_(list(names)))
+    now = utcnow()
+    return [Stalled(Stage.STAGING, request.name, "", _said(OperationType.STAGING,
+                                                            last_staging(session, request)))
+            for request in session.scalars(query.order_by(StagingRequest.id))
+            if request.is_active(now)]
 
 
 def _at_site(session: Session, config: Config, package: RawDataPackage,
@@ -102,7 +122,10 @@ def _last(session: Session, package: RawDataPackage, kind: OperationType,
                                     Operation.operation_type == kind)
     if destination_id is not None:
         query = query.where(Operation.destination_location_id == destination_id)
-    last = session.scalars(query.order_by(Operation.id.desc()).limit(1)).first()
+    return _said(kind, session.scalars(query.order_by(Operation.id.desc()).limit(1)).first())
+
+
+def _said(kind: OperationType, last: Operation | None) -> str:
     if last is None:
         return f"no {kind.value} attempted yet"
     when = _aware(last.started_at).strftime("%Y-%m-%d %H:%M:%S")

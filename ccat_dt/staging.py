@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
+from ccat_dt.marker import MARKER, root_problem
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -62,11 +63,15 @@ class Selection:
         return ", ".join(parts) or "everything"
 
 
+LONGEST_EXPIRY = timedelta(days=3650)  # staged files are scratch, not a second archive
+
+
 def request_staging(opsdb: OpsDB, *, location: str, selection: Selection,
                     expires_in: timedelta, requested_by: str = "") -> str:
     """Create a staging request; every selected package must already be archived."""
-    if expires_in <= timedelta(0):
-        raise StagingError(f"expiry must be in the future, got "
+    if not timedelta(0) < expires_in <= LONGEST_EXPIRY:
+        raise StagingError(f"expiry must be in the future and at most "
+                           f"{LONGEST_EXPIRY.total_seconds() / 3600:g} h (ten years), got "
                            f"{expires_in.total_seconds() / 3600:g} h")
     site, _, name = location.partition("/")
     with opsdb.session() as session:
@@ -206,8 +211,14 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         checksum, location_id, request_id = package.checksum or "", request.location_id, request.id
     started = time.monotonic()
     try:
+        # An unmounted disk's bare mount point is not the processing area: nothing is written
+        # there (the extraction would make the directories); the run fails, and its re-attempt
+        # stages once the disk is back. The transport looks at the marker again as it writes.
+        if problem := root_problem(root):
+            raise StagingError(f"{problem}; nothing was written there")
         # The tar is this step's scratch file, removed below: an earlier attempt's may be there.
-        transport.copy(origin, Endpoint(PurePosixPath(tar), overwrite=True), checksum)
+        transport.copy(origin, Endpoint(PurePosixPath(tar), overwrite=True,
+                                        marker=PurePosixPath(root / MARKER)), checksum)
         manifest = extract_package(tar, root / directory)
     except Exception as exc:
         finish(opsdb, operation.id, error=str(exc))

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from ccat_dt import pagecache
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
+from ccat_dt.marker import MARKER, MARKER_TEXT, root_problem, write_marker
 from ccat_dt.transports.base import SshSettings, TransferError
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
@@ -36,9 +37,6 @@ from ccat_dt.transports.remote import (
     remote_command,
     run,
 )
-
-MARKER = ".ccat-dt-location"
-MARKER_TEXT = "ccat-dt location root: written by `ccat-dt init`; do not delete\n"
 
 
 @dataclass(frozen=True)
@@ -78,13 +76,6 @@ class StorageUnavailable(Exception):
         self.transient = transient
 
 
-def write_marker(root: Path) -> None:
-    """Mark a location root as the one configured (done by `ccat-dt init` on a mounted disk)."""
-    marker = root / MARKER
-    if not marker.exists():
-        marker.write_text(MARKER_TEXT, encoding="utf-8")
-
-
 def mark_location_root(root: str, host: str | None, ssh: SshSettings) -> str | None:
     """Create a location root that does not exist yet and mark it; returns a problem or None.
 
@@ -106,16 +97,6 @@ def mark_location_root(root: str, host: str | None, ssh: SshSettings) -> str | N
         return f"cannot prepare location root {root} on {host}: {exc}"
     if done.rc != 0:
         return f"cannot prepare location root {root} on {host}: {done.stderr.strip()}"
-    return None
-
-
-def root_problem(root: Path) -> str | None:
-    """Why `root` cannot be trusted as the configured location root, or None."""
-    if not root.is_dir():
-        return f"location root {root} does not exist (is the disk mounted?)"
-    if not (root / MARKER).is_file():
-        return (f"location root {root} has no {MARKER} marker: not the disk `ccat-dt init` "
-                "prepared (is it mounted?); run `ccat-dt init` once the right disk is there")
     return None
 
 

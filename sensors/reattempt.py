@@ -1,5 +1,6 @@
 """Work whose run failed, or whose process died, is requested again after a back-off that
-grows per attempt (ccat_dt/reattempt.py), up to the horizon; then it is escalated."""
+grows per attempt (ccat_dt/reattempt.py), up to the horizon; then it is escalated. Staging
+too: a request whose processing disk was not mounted is staged once it is back."""
 
 from __future__ import annotations
 
@@ -18,22 +19,25 @@ from dagster import (
     SensorResult,
     sensor,
 )
+from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
 
 from ccat_assets.execution import on_queue
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.partitions import package_site_key, revived
+from ccat_assets.routing import stages_of
 from ccat_assets.stages import JOBS, copy_job, jobs_of, site_copy, stages_of_job
 from ccat_assets.tags import LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import get_package
-from ccat_dt.queues import archive_queue, packaging_queue, transfer_queue
+from ccat_dt.queues import archive_queue, packaging_queue, staging_queue, transfer_queue
 from ccat_dt.reattempt import Backoff, Decision, RunOutcome, State, Work, decide, record, waiting
 from ccat_dt.retry import stalled_work
 from ccat_dt.routing import replication_source
 from ccat_dt.stages import Stage
+from ccat_dt.staging import get_request
 from resources.deployment import Deployment
 
-STAGES = (Stage.PACKAGING, Stage.SITE_COPY, Stage.LTA_COPY)
+STAGES = (Stage.PACKAGING, Stage.SITE_COPY, Stage.LTA_COPY, Stage.STAGING)
 FAILED = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 PARTITION, PACKAGE_DIM, SITE_DIM = ("dagster/partition", "dagster/partition/package",
                                     "dagster/partition/site")
@@ -42,7 +46,8 @@ PARTITION, PACKAGE_DIM, SITE_DIM = ("dagster/partition", "dagster/partition/pack
 def _works_of(record_: RunRecord) -> list[tuple[Stage, str, str]]:
     """The work of a run: of each stage it does (a copy with its archiving does two)."""
     run = record_.dagster_run
-    stages = [stage for stage in stages_of_job(run.job_name) if stage in STAGES]
+    stages = [stage for stage in stages_of_job(run.job_name) or stages_of(run)  # or a UI
+              if stage in STAGES]  # run's (the asset job): the stages of its assets
     if PACKAGE_DIM in run.tags:
         return [(stage, run.tags[PACKAGE_DIM], run.tags.get(SITE_DIM, "")) for stage in stages]
     if PARTITION in run.tags:
@@ -57,6 +62,9 @@ def history(instance: DagsterInstance, stage: Stage, package: str, site: str,
         tags = {PACKAGE_DIM: package, SITE_DIM: site} if site else {PARTITION: package}
     records = [r for job in jobs_of(stage)
                for r in instance.get_run_records(RunsFilter(job_name=job, tags=tags), limit=200)]
+    records += [r for r in instance.get_run_records(  # the UI's "Materialize", a backfill
+        RunsFilter(job_name=IMPLICIT_ASSET_JOB_NAME, tags=tags), limit=200)
+        if stage in stages_of(r.dagster_run)]
     return [outcome(r) for r in sorted(records, key=lambda r: r.create_timestamp)]
 
 
@@ -83,9 +91,9 @@ def next_at_cursor(decisions: list[Decision]) -> str:
         minimum_interval_seconds=15,
         default_status=DefaultSensorStatus.RUNNING)
 def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
-    """Failed (or dead) packaging, transfer and archive runs whose work OpsDB still shows as
-    possible and not done: requested again once their back-off is over, with a new run key
-    per attempt; escalated past the horizon."""
+    """Failed (or dead) packaging, transfer, archive and staging runs whose work OpsDB still
+    shows as possible and not done: requested again once their back-off is over, with a new
+    run key per attempt; escalated past the horizon."""
     config, instance, now = deployment.config, context.instance, utcnow()
     backoff = Backoff.of(config)
     window = backoff.horizon + backoff.longest + timedelta(days=1)
@@ -137,6 +145,12 @@ def _request(deployment: Deployment, stage: Stage, package: str, site: str,
     if stage == Stage.PACKAGING:
         return RunRequest(partition_key=package, run_key=key, job_name=job, tags=tags,
                           run_config=on_queue(config, packaging_queue(config)))
+    if stage == Stage.STAGING:  # `package` is the request (its partition)
+        with deployment.opsdb.session() as session:
+            location = get_request(session, package).location
+            queue = staging_queue(config, location.site.short_name, location.name)
+        return RunRequest(partition_key=package, run_key=key, job_name=job, tags=tags,
+                          run_config=on_queue(config, queue))
     queue = (archive_queue if stage == Stage.LTA_COPY else transfer_queue)(config, site)
     if stage == Stage.SITE_COPY:
         with deployment.opsdb.session() as session:

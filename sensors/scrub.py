@@ -12,6 +12,7 @@ from dagster import (
 from ccat_assets.execution import on_queue
 from ccat_assets.partitions import package_site_key
 from ccat_assets.scrub import scrub_job
+from ccat_dt.opsdb.models import utcnow
 from ccat_dt.pending import scrub_due
 from ccat_dt.queues import verification_queue
 from resources.deployment import Deployment
@@ -25,7 +26,7 @@ def fixity_scrub(context: ScheduleEvaluationContext,
     if budget <= 0:
         return SkipReason("policies.scrub_bytes_per_day is 0: the scrub is off")
     with deployment.opsdb.session() as session:
-        due = scrub_due(session, budget)
+        due = scrub_due(session, budget, utcnow())
     if not due:
         return SkipReason("no LTA copy to scrub")
     by_site: dict[str, list[str]] = {}

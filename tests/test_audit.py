@@ -169,6 +169,38 @@ def test_lost_lta_file_is_reported_and_repair_freezes_its_package(
     assert purge_package(opsdb, config, healthy, now=utcnow() + LATER).deleted > 0
 
 
+def test_corrupt_copy_restored_from_a_backup_is_present_again_only_when_its_bytes_match(
+        config: Config, opsdb: OpsDB, lta: list[tuple[str, int, Path]],
+        tmp_path: Path) -> None:
+    """The advice for a LOST package: put a copy back at its recorded path, then
+    `audit --checksums --repair`. Only bytes that match the recorded checksum count."""
+    victim, copy_id, path = lta[0]
+    backup = tmp_path / "backup.tar"
+    shutil.copy2(path, backup)
+    flip_byte(path)
+    audit(opsdb, checksums=True, repair=True, config=config)
+    assert status(opsdb, copy_id) == CopyStatus.CORRUPT
+
+    assert audit(opsdb, checksums=True, repair=True, config=config).repaired == []
+    assert status(opsdb, copy_id) == CopyStatus.CORRUPT  # still the wrong bytes
+
+    shutil.copy2(backup, path)  # restored by a person
+    assert audit(opsdb).problems == []  # sizes alone: a corrupt copy promises nothing
+    [finding] = audit(opsdb, checksums=True).findings
+    assert (finding.kind, finding.copy_id) == ("intact_again", copy_id)
+    assert status(opsdb, copy_id) == CopyStatus.CORRUPT  # without repair nothing changes
+
+    report = audit(opsdb, checksums=True, repair=True, config=config)
+    assert len(report.repaired) == 1 and "present" in report.repaired[0]
+    assert status(opsdb, copy_id) == CopyStatus.PRESENT
+    assert audit(opsdb, checksums=True).findings == []
+    with opsdb.session() as session:
+        package = session.scalars(select(RawDataPackage).where(
+            RawDataPackage.name == victim)).one()
+        assert package.state == PackageState.ARCHIVED
+    assert purge_package(opsdb, config, victim, now=utcnow() + LATER).deleted > 0
+
+
 def test_truncated_lta_copy_is_changed_and_repair_marks_it_corrupt(
         opsdb: OpsDB, lta: list[tuple[str, int, Path]]) -> None:
     _, copy_id, path = lta[1]

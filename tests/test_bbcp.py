@@ -57,7 +57,7 @@ MIB = 1 << 20
 FAILURES = {
     "conn-refused": (True, "Connection refused"),
     "remote-bbcp-missing": (False, "bbcp not installed on target 127.0.0.1 at /opt/missing/bbcp"),
-    "source-missing": (False, "source file missing: /data/ccat/buffer/nope.tar"),
+    "source-missing": (False, "source missing: /data/ccat/buffer/nope.tar"),
     "dest-dir-missing": (False, "directory missing for /data/cologne/nodir/x/pkg.tar"),
     "exists-no-force": (False, "/data/cologne/buffer/pkg-0002.tar already exists"),
     "no-space": (False, "disk full"),

@@ -19,7 +19,7 @@ import yaml
 
 from ccat_assets import cli
 from ccat_dt.defaults import CONFIG_NAME
-from ccat_dt.storage import MARKER
+from ccat_dt.marker import MARKER
 from tests.helpers import run_cli, write
 
 CCAT_DT = str(Path(sys.executable).parent / "ccat-dt")
@@ -253,16 +253,27 @@ def test_exit_2_on_bad_input(deploy: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [["drive", "--wait", "-1"], ["demo", "--observations", "0"],
-                                  ["demo", "--files", "x"], ["worker", "--site", "ccat",
-                                                             "--concurrency", "0"]])
+                                  ["demo", "--files", "x"], ["drive", "--wait", "nan"],
+                                  ["worker", "--site", "ccat", "--concurrency", "0"]])
 def test_exit_2_on_a_number_out_of_range(deploy: Path, tmp_path: Path, argv: list[str]) -> None:
     """Refused by the command line's parser, before anything is made (the demo's root)."""
     done = ccat_dt("--config", str(deploy), *argv, *(
         ["--root", str(tmp_path / "demo")] if argv[0] == "demo" else []))
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"error: argument {argv[-2]}:" in done.stderr
-    assert ("below the least allowed" in done.stderr or "not a number" in done.stderr)
+    assert any(why in done.stderr for why in ("below the least allowed", "not a number",
+                                              "not a finite number"))
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("hours", ["1e12", "nan", "inf", "0", "-3", "100000"])
+def test_exit_2_on_a_staging_expiry_out_of_range(deploy: Path, hours: str) -> None:
+    """Refused with the allowed range before OpsDB is asked (it overflowed into exit 3)."""
+    done = ccat_dt("--config", str(deploy), "stage", "--location", "ramses/processing",
+                   "--observation", "obs-0", "--expires-hours", hours)
+    line = one_error_line(done)
+    assert "--expires-hours must be more than 0 and at most 87600" in line
+    assert done.stdout == ""
 
 
 @pytest.mark.parametrize("command", [["purge"], ["purge", "--plan"], ["retry"]])
@@ -270,7 +281,8 @@ def test_exit_2_when_a_command_names_no_package(deploy: Path, command: list[str]
     """Before anything is planned, printed or run."""
     done = ccat_dt("--config", str(deploy), *command, "--package", "obs-nope")
     line = one_error_line(done)
-    assert "unknown package 'obs-nope'" in line and "ccat-dt status" in line
+    what = "package or staging request" if command == ["retry"] else "package"
+    assert f"unknown {what} 'obs-nope'" in line and "ccat-dt status" in line
     assert done.stdout == ""
 
 

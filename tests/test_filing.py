@@ -22,6 +22,7 @@ from ccat_dt.filing import (
     read_manifest_file,
     start_observation,
 )
+from ccat_dt.marker import MARKER
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -125,12 +126,26 @@ def test_directory_is_filed_recursively_and_sorted(opsdb: OpsDB, root: Path, obs
     write(root / "obs-1" / "sub" / "deeper" / "a.dat", b"333")
     write(root / "other" / "not-this.dat", b"4444")
     (root / "obs-1" / "link.dat").symlink_to(write(tmp_path / "elsewhere.dat", b"!"))
+    os.mkfifo(root / "obs-1" / "sub" / "pipe")
     result = file_directory(opsdb, observation=OBS, module=MODULE, directory="obs-1")
-    assert result == FilingResult(filed=3, unchanged=0, bytes=6)
+    assert result == FilingResult(filed=3, unchanged=0, bytes=6,
+                                  skipped=["obs-1/link.dat", "obs-1/sub/pipe"])  # told, not filed
     assert [f.relative_path for f in files_in(opsdb)] == [
         "obs-1/sub/b.dat", "obs-1/sub/deeper/a.dat", "obs-1/z.dat"]  # symlinks are not followed
     again = file_directory(opsdb, observation=OBS, module=MODULE, directory="obs-1/")
-    assert again == FilingResult(filed=0, unchanged=3, bytes=0)
+    assert again.filed == 0 and again.unchanged == 3
+
+
+def test_the_location_marker_is_never_filed(opsdb: OpsDB, root: Path, obs: str) -> None:
+    """It says the disk is mounted: filed, it would be packaged and then purged, and every later
+    deletion there would find the root unmounted."""
+    assert (root / MARKER).is_file()
+    write(root / "a.dat", b"1")
+    result = file_directory(opsdb, observation=OBS, module=MODULE, directory=".")
+    assert (result.filed, result.skipped) == (1, [])
+    assert [f.relative_path for f in files_in(opsdb)] == ["a.dat"]
+    rejected(opsdb, r"'\.ccat-dt-location' is the location marker", files=[FileSpec(MARKER)])
+    rejected(opsdb, r"is the location marker", files=[FileSpec(f"./{MARKER}")])
 
 
 def test_directory_outside_or_missing_is_rejected(opsdb: OpsDB, root: Path, obs: str) -> None:

@@ -68,6 +68,8 @@ def test_instance_yaml_renders_the_production_template_with_link_limits(
         "env": "DAGSTER_PG_PASSWORD"}  # secrets stay references to the environment
     limits = rendered["concurrency"]["runs"]["tag_concurrency_limits"]
     assert {"key": "ccat/link", "value": "ccat->cologne", "limit": 2} in limits
+    # failed work is re-attempted by the reattempt sensor alone (its back-off, its escalation)
+    assert not rendered.get("run_retries", {}).get("enabled", False)
 
 
 def test_init_again_after_a_new_route_keeps_what_the_operator_set_in_the_instance(

@@ -19,6 +19,7 @@ from dagster import (
     DagsterRunStatus,
     Definitions,
     PreviewWarning,
+    RunRequest,
     RunsFilter,
     build_sensor_context,
 )
@@ -244,11 +245,10 @@ def test_an_audit_quarantine_is_reported_on_its_partition_by_the_integrity_senso
     lta_intact(opsdb)
 
 
-def test_a_finding_whose_report_runs_after_the_repair_leaves_the_partition_green(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:  # noqa: F811
-    """Runs execute side by side: the integrity sensor's report of a quarantine may run after
-    the repair it prompted. The repaired partition stays green; the finding stays in the
-    run's log (seen as a flaky test_scrub under load, 2026-12-03)."""
+def quarantined_lta_copy(config: Config, opsdb: OpsDB,
+                         instance: DagsterInstance) -> tuple[Definitions, str]:
+    """An observation archived everywhere, then a byte of one cologne LTA copy flipped and
+    found by a re-read outside any run (CORRUPT): the definitions and that partition's key."""
     from ccat_dt.replicas import reread
 
     observe(config, opsdb, observations=1, files=1)
@@ -256,8 +256,16 @@ def test_a_finding_whose_report_runs_after_the_repair_leaves_the_partition_green
     assert drive(defs, instance).failed == []
     bad = lta_copies_at(opsdb, "cologne")[0]
     flip_byte(Path(bad.location.root) / bad.relative_path, 100, 0x01)
-    assert not reread(opsdb, config, bad.id).passed  # CORRUPT, a failed verification
-    bad_key = str(package_site_key(bad.package.name, "cologne"))
+    assert not reread(opsdb, config, bad.id).passed
+    return defs, str(package_site_key(bad.package.name, "cologne"))
+
+
+def test_a_finding_whose_report_runs_after_the_repair_leaves_the_partition_green(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:  # noqa: F811
+    """Runs execute side by side: the integrity sensor's report of a quarantine may run after
+    the repair it prompted. The repaired partition stays green; the finding stays in the
+    run's log (seen as a flaky test_scrub under load, 2026-12-03)."""
+    defs, bad_key = quarantined_lta_copy(config, opsdb, instance)
     repository = defs.get_repository_def()
     sensor = repository.get_sensor_def("integrity_sensor")
     with build_sensor_context(instance=instance, resources=defs.resources,
@@ -272,3 +280,59 @@ def test_a_finding_whose_report_runs_after_the_repair_leaves_the_partition_green
 
     assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] == "passed"
     lta_intact(opsdb)
+
+
+def test_a_finding_reported_while_its_repair_runs_leaves_the_partition_green(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:  # noqa: F811
+    """The report of a quarantine may run while the repair it prompted is in flight (created,
+    its check planned, not evaluated yet): the finding is only logged, and once the repair's
+    check passes the UI shows the partition green, not without a current check (seen as a
+    flaky test_scrub under load, 2026-12-04)."""
+    from dagster._core.execution.api import execute_run
+
+    from ccat_assets.driver import _create
+
+    defs, bad_key = quarantined_lta_copy(config, opsdb, instance)
+    repository = defs.get_repository_def()
+
+    def tick(name: str) -> list[RunRequest]:
+        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                  resources=defs.resources, repository_def=repository
+                                  ) as context:
+            return list(repository.get_sensor_def(name).evaluate_tick(context).run_requests
+                        or [])
+
+    [late] = tick("integrity_sensor")  # held back, as by a queue
+    [repair] = tick("repair_sensor")  # the buffer copy was purged: refilled first
+    assert repair.partition_key == bad_key and repair.job_name == "site_copy_job"
+    launch(defs, instance, repair, origin="repair_sensor", report=DriveReport())
+    [repair] = tick("repair_sensor")  # then the LTA copy from it
+    assert repair.partition_key == bad_key and repair.job_name == "lta_copy_job"
+    run, runnable = _create(repository.get_job(repair.job_name), instance, bad_key,
+                            dict(repair.run_config), dict(repair.tags))  # its check planned
+
+    report = DriveReport()
+    launch(defs, instance, late, origin="integrity_sensor", report=report)  # meanwhile
+    assert report.failed == []
+    assert execute_run(runnable, run, instance).success
+
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] == "passed"
+    lta_intact(opsdb)
+
+
+def test_materialize_of_a_package_opsdb_does_not_know_fails_once_with_that_cause(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """A partition left behind (an OpsDB restored from an older backup): each asset fails
+    once, its headline the cause, never an internal error retried."""
+    defs = build_definitions(config)
+    instance.add_dynamic_partitions("packages", ["obs-nope_primecam-f280_p00"])
+    for asset in ("raw_files", "packages", "purge_status"):
+        assert not by_hand(defs, instance, asset, "obs-nope_primecam-f280_p00")
+        [run] = instance.get_runs(limit=1)
+        failures = [r.dagster_event.step_failure_data for r in instance.all_logs(
+            run.run_id, of_type=DagsterEventType.STEP_FAILURE) if r.dagster_event]
+        assert len(failures) == 1, asset  # not retried
+        [failure] = failures
+        assert failure.user_failure_data is not None, (asset, failure.error)
+        assert failure.user_failure_data.description == \
+            "unknown package 'obs-nope_primecam-f280_p00'", asset

@@ -16,11 +16,11 @@ import yaml
 
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import CONFIG_NAME
+from ccat_dt.marker import MARKER
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, LocationType, RawDataPackage
 from ccat_dt.packages import plan_packages
 from ccat_dt.purge_cycle import DiskUsage, measure
-from ccat_dt.storage import MARKER
 from tests.helpers import observe, run_cli
 
 if TYPE_CHECKING:

@@ -252,8 +252,9 @@ class History:
 
     def on_cycle(self) -> None:
         run_id = f"cycle-{len(self.log) + 1}"
-        frozen = {n for n in self.packages
-                  if any(c.status == CopyStatus.CORRUPT for c in self.of(n))}
+        frozen = {n for n in self.packages  # a raw file changed at its source keeps only itself
+                  if any(c.kind == "package" and c.status == CopyStatus.CORRUPT
+                         for c in self.of(n))}
         lta_before = {n: self.lta_sites(n) for n in self.packages}
         verified_lta_ids = {c.id for c in self.copies.values()
                             if c.label in LTA and c.verified}
@@ -291,7 +292,7 @@ class History:
         assert not any(self.copies[i].label in LTA for i in gone)
         for i in gone:
             copy, op = self.copies[i], ops[i]
-            # (e) a CORRUPT copy freezes its package
+            # (e) a CORRUPT package copy freezes its package
             assert copy.package not in frozen
             # (a) the LTA copies the deletion rests on, by the model and in its certificate
             assert op.evidence is not None
@@ -359,8 +360,8 @@ EVENTS = st.tuples(NEW_PACKAGE, st.lists(st.one_of(  # repeats weigh the steps o
 
 # pkg0: old, archived at both sites; pkg1: young, its us LTA copy verified before it was
 # written; pkg2: young, archived at both sites. The budget splits pkg0 across two cycles;
-# pressure takes young copies early; a CORRUPT raw file freezes pkg1 until it is repaired and
-# a missing LTA file freezes pkg0.
+# pressure takes young copies early; a CORRUPT raw file keeps only itself until it is repaired
+# and a missing LTA file freezes pkg0.
 ARCHIVED_AND_PRESSED = [
     ("package", [200, 250, 150]), ("site_buffer", 0, "cologne", True),
     ("lta", 0, "cologne", "after"), ("lta", 0, "us", "after"), ("advance", 25),
@@ -408,9 +409,11 @@ def test_the_worked_example_deletes_normally_within_budget_and_early_under_press
         # the rest of pkg0; ccat/buffer above its high watermark: pkg2's young tar goes early,
         # pkg1's does not (1 of 2 verified LTA copies)
         [("pkg0", "cologne/buffer", False), ("pkg2", "ccat/buffer", True)],
-        [],  # pkg1's us LTA copy is verified now, but its CORRUPT raw file freezes it
+        # pkg1's us LTA copy is verified now: its young tar goes early; its raw file changed at
+        # the source (CORRUPT) keeps only itself, not the package
+        [("pkg1", "ccat/buffer", True)],
         # repaired; ccat/instruments under pressure too: young raw files go early
-        [("pkg1", "ccat/buffer", True), ("pkg1", "ccat/instruments", True),
+        [("pkg1", "ccat/instruments", True),
          ("pkg1", "ccat/instruments", True), ("pkg2", "ccat/instruments", True),
          ("pkg2", "ccat/instruments", True)],
         # 49h later pkg2's cologne buffer copy is past its 12h; pkg0 is frozen by its missing

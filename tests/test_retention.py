@@ -229,7 +229,7 @@ def test_lta_copy_verified_before_it_was_written_does_not_count(
     assert {d.action for d in plan if d.site == "ccat"} == {Action.KEEP}
 
 
-@pytest.mark.parametrize("corrupt", ["cologne/buffer", "ccat/instruments", "us/lta"])
+@pytest.mark.parametrize("corrupt", ["cologne/buffer", "us/lta"])
 def test_corrupt_copy_anywhere_blocks_everything(config: Config, opsdb: OpsDB,
                                                  corrupt: str) -> None:
     make_package(opsdb)
@@ -248,6 +248,28 @@ def test_corrupt_copy_anywhere_blocks_everything(config: Config, opsdb: OpsDB,
         if d.location_type != LocationType.LONG_TERM_ARCHIVE:
             assert d.reason == (f"integrity check failed for {corrupt} copy; "
                                 "nothing is purged until it is repaired")
+
+
+def test_a_source_file_changed_since_filing_keeps_only_itself(config: Config,
+                                                              opsdb: OpsDB) -> None:
+    """Its new bytes are in no archive: kept. The package's other files and its tar are in
+    both archives, verified: purged as usual."""
+    make_package(opsdb)
+    archived(opsdb, "cologne", "us")
+    changed, kept_too = SOURCE_FILES
+    path_of(config, *changed).write_bytes(b"rewritten by the instrument")
+    with opsdb.session() as s:
+        victim = next(c for c in s.scalars(select(RawDataFileCopy))
+                      if c.relative_path == changed[2])
+        victim.status = CopyStatus.CORRUPT  # as the reaper's re-check or an audit marks it
+
+    report = purge_package(opsdb, config, PKG)
+
+    assert path_of(config, *changed).read_bytes() == b"rewritten by the instrument"
+    assert not path_of(config, *kept_too).exists() and not path_of(config, *OBS_TAR).exists()
+    assert report.failures == []
+    [kept] = [d for d in report.kept if d.location_type == LocationType.SOURCE]
+    assert "changed at its source since filing" in kept.reason
 
 
 def test_retention_period_is_respected(config: Config, opsdb: OpsDB) -> None:
@@ -507,7 +529,7 @@ def test_planning_twice_in_one_session_sees_fresh_state(config: Config, opsdb: O
 
 def test_a_refused_deletion_is_not_closed_while_its_disk_is_not_mounted(
         config: Config, opsdb: OpsDB) -> None:
-    from ccat_dt.storage import MARKER
+    from ccat_dt.marker import MARKER
 
     make_package(opsdb)
     archived(opsdb, "cologne", "us")
@@ -525,3 +547,18 @@ def test_a_refused_deletion_is_not_closed_while_its_disk_is_not_mounted(
     (root / "away").rename(root / MARKER)
     purge_package(opsdb, config, PKG)
     assert status_by_label(opsdb)["ccat/buffer"] == {CopyStatus.DELETED}
+
+
+def test_a_location_marker_filed_by_mistake_is_never_deleted(config: Config,
+                                                              opsdb: OpsDB) -> None:
+    """Filing refuses the marker now; one filed before that is kept by the purge, which deletes
+    the package's other source files."""
+    from ccat_dt.marker import MARKER, MARKER_TEXT
+
+    make_package(opsdb, {**FILES, MARKER: MARKER_TEXT.encode()})
+    archived(opsdb, "cologne", "us")
+    report = purge_package(opsdb, config, PKG)
+    root = path_of(config, "ccat", "instruments", "")
+    assert (root / MARKER).read_text() == MARKER_TEXT
+    assert not any((root / rel).exists() for rel in FILES)
+    assert any("location marker" in d.reason for d in report.kept) or report.failures

@@ -7,14 +7,23 @@ from pathlib import Path
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_dt.audit import audit
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import CopyStatus
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    PackageCopy,
+    PackageState,
+    RawDataPackage,
+)
 from tests.helpers import lta_copies_at, observe, rot_an_lta_copy
+from tests.test_operator_actions import check_status
 
 LTA_CHECK = AssetCheckKey(AssetKey("lta_copies"), "lta_copy_checksum")
 
@@ -33,7 +42,10 @@ def test_scrub_finds_a_flipped_byte_and_repair_restores_the_copy(
     assert scrubs and repairs and report.failed == []
     history = instance.event_log_storage.get_asset_check_execution_history(LTA_CHECK, limit=50)
     assert any(r.status == AssetCheckExecutionRecordStatus.FAILED for r in history)
-    assert history[0].status == AssetCheckExecutionRecordStatus.SUCCEEDED  # newest: repaired
+    # what the UI shows: every partition's check passed on its latest materialization, the
+    # repaired one's too (a finding reported while its repair ran would leave it without one)
+    shown = check_status(instance, "lta_copies", "lta_copy_checksum")
+    assert len(shown) == 4 and set(shown.values()) == {"passed"}, shown
     us = lta_copies_at(opsdb, "us")
     old = next(c for c in us if c.id == bad.id)
     assert old.status == CopyStatus.DELETED  # the bad copy was replaced, never used as source
@@ -42,3 +54,62 @@ def test_scrub_finds_a_flipped_byte_and_repair_restores_the_copy(
     assert hash_file(Path(new.location.root) / new.relative_path)[0] == new.package.checksum
     cologne = [c for c in lta_copies_at(opsdb, "cologne") if c.status == CopyStatus.PRESENT]
     assert len(cologne) == 2 and all(c.is_verified for c in cologne)
+
+
+def test_scrub_of_an_unmounted_archive_marks_nothing_and_overwrites_nothing_after_remount(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
+    """An LTA disk away (its mount point empty, no marker) says nothing about its copies: the
+    scrub run fails with that cause, no copy is quarantined, and once the disk is back no repair
+    rewrites the intact files."""
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    us = lta_copies_at(opsdb, "us")
+    root = Path(us[0].location.root)
+    before = {c.relative_path: (root / c.relative_path).stat().st_ino for c in us}
+    away = tmp_path / "unmounted-lta"
+    root.rename(away)
+    root.mkdir()  # the empty mount point
+
+    report = drive(defs, instance, schedules=True)
+
+    assert [key for key in report.failed if key.startswith("scrub:us")]
+    assert not [key for key in report.launched if key.startswith("repair:")]
+    assert list(root.iterdir()) == []  # nothing written onto the mount point
+    root.rmdir()
+    away.rename(root)  # mounted again
+    report = drive(defs, instance, schedules=True)
+    assert not [key for key in report.launched if key.startswith("repair:")]
+    for relative, inode in before.items():  # the same files, bytes intact
+        assert (root / relative).stat().st_ino == inode
+    for copy in lta_copies_at(opsdb, "us"):
+        assert hash_file(root / copy.relative_path)[0] == copy.package.checksum
+        assert copy.status == CopyStatus.PRESENT
+
+
+def test_a_repair_whose_source_file_is_gone_blames_the_source_not_the_destination(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """The us LTA copy is bad and the cologne one, still recorded verified, is gone from its
+    disk: the repair's copy fails on its source, which is looked at and found missing. Nothing
+    is written over the bad us copy, us is not marked unhealthy, and the package is LOST, loudly
+    (a person restores it from a backup), not re-attempted against a source that is not there."""
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    bad = rot_an_lta_copy(opsdb, "us")
+    bad_path = Path(bad.location.root) / bad.relative_path
+    rotten = bad_path.read_bytes()
+    audit(opsdb, checksums=True, repair=True, config=config)  # us copy CORRUPT
+    [gone] = [c for c in lta_copies_at(opsdb, "cologne") if c.package_id == bad.package_id]
+    (Path(gone.location.root) / gone.relative_path).unlink()
+
+    drive(defs, instance, wait_s=0)
+
+    assert bad_path.read_bytes() == rotten  # no repair wrote anything over it
+    with opsdb.session() as session:
+        blamed = session.scalars(select(DataLocation.name).where(
+            DataLocation.failing_since.is_not(None))).all()
+        package = session.get_one(RawDataPackage, bad.package_id)
+        assert package.state == PackageState.LOST
+        assert session.get_one(PackageCopy, gone.id).status == CopyStatus.CORRUPT
+    assert blamed == []

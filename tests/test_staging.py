@@ -105,7 +105,8 @@ def test_staging_refuses_what_is_not_archived(config: Config, opsdb: OpsDB) -> N
         request_staging(opsdb, location="ramses/processing",
                         selection=Selection(observation="obs-0", module="chai/lfa"),
                         expires_in=timedelta(hours=1))
-    with pytest.raises(StagingError, match=r"^expiry must be in the future, got -5 h$"):
+    with pytest.raises(StagingError, match=r"^expiry must be in the future and at most 87600 h "
+                       r"\(ten years\), got -5 h$"):
         request_staging(opsdb, location="ramses/processing",
                         selection=Selection(observation="obs-0"), expires_in=timedelta(hours=-5))
     with opsdb.session() as session:

@@ -23,12 +23,12 @@ from ccat_dt.audit import audit
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
+from ccat_dt.marker import MARKER
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import PackageBuildFailed, build, plan_packages
 from ccat_dt.reaper import purge_package
 from ccat_dt.replicas import NotReady, place, plan_placement, verify
-from ccat_dt.storage import MARKER
 from ccat_dt.tarball import PackagingError
 from ccat_dt.transports.base import TransferError
 from tests.faults.pipeline import deployment, source_root

@@ -19,6 +19,7 @@ from ccat_dt.opsdb.models import (
     Operation,
     OperationStatus,
     OperationType,
+    PackageState,
     RawDataPackage,
     utcnow,
 )
@@ -47,6 +48,27 @@ def test_an_open_observation_waits_for_filing_to_close(config: Config, opsdb: Op
     main(["--config", str(config.path), "why", "obs-open"])
     out = capsys.readouterr().out
     assert "filing" in out and "waiting" in out and "still open" in out
+
+
+def test_a_finished_observation_names_its_packages_and_what_is_not_packaged_yet(
+        config: Config, opsdb: OpsDB) -> None:
+    observe(config, opsdb, observations=1, files=2)
+    with opsdb.session() as session:
+        before = [(s.stage, s.state) for s in diagnose(session, config, "obs-0", utcnow())]
+    assert before == [("filing", "done"), ("packaging", "waiting")]
+    names = planned(opsdb, config)
+    stage.build(opsdb, config, names[0])
+    with opsdb.session() as session:
+        package = session.scalars(select(RawDataPackage).where(
+            RawDataPackage.name == names[0])).one()
+        package.state = PackageState.ARCHIVED  # as if the lifecycle ended for this one
+    with opsdb.session() as session:
+        after = diagnose(session, config, "obs-0", utcnow())
+    assert len(names) == 2  # one package per instrument module
+    assert after[0].stage == "filing" and sorted((s.stage, s.state) for s in after[1:]) == [
+        ("package", "done"), ("package", "planned")]
+    assert all(f"ccat-dt why {n}" in " ".join(s.detail for s in after) for n in names)
+    assert not any(s.stage == "packaging" for s in after)  # every file is in a package
 
 
 def test_a_built_package_waits_for_its_site_copy_and_the_second_archive_for_the_first(

@@ -1,7 +1,7 @@
 """What the stage modules share: how a step fails (retried, or once with its cause as the
 headline) and how a copy stage plans its placement and reports its copy's verification."""
 
-from dagster import AssetCheckResult, Backoff, Failure, RetryPolicy
+from dagster import AssetCheckResult, AssetCheckSeverity, Backoff, Failure, RetryPolicy
 
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
@@ -37,7 +37,10 @@ def verified(deployment: Deployment, package: str, site: str, kind: LocationType
     hash), else a re-read now; the evidence (checksum, when, by what, operation) as metadata."""
     verification = check_stage(deployment.opsdb, deployment.config, package, site, kind,
                                run_id=run_id)
+    # A copy whose storage could not be looked at is not known bad: a warning, not an error.
+    severity = AssetCheckSeverity.ERROR if verification.reached else AssetCheckSeverity.WARN
     return AssetCheckResult(passed=verification.passed, description=verification.description,
+                            severity=severity,
                             metadata={"path": verification.path or "",
                                       "copy_id": verification.copy_id or 0,
                                       **verification.evidence})

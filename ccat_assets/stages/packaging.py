@@ -21,7 +21,7 @@ from ccat_assets.stages.common import GROUP, permanent, transient_retries, verif
 from ccat_dt import packages as package_builds
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
-from ccat_dt.packages import PackageBuildFailed, fail_unbuilt, source_problems
+from ccat_dt.packages import BufferFailed, PackageBuildFailed, fail_unbuilt, source_problems
 from resources.deployment import Deployment
 
 ASSETS = ("raw_files", "packages")
@@ -32,7 +32,10 @@ def assets(config: Config) -> list[AssetsDefinition]:
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"})
     def raw_files(context: AssetExecutionContext, deployment: Deployment) -> MaterializeResult:
         """The package's raw files, as filed by the instruments at the observatory source."""
-        filed = package_builds.filed_files(deployment.opsdb, context.partition_key)
+        try:
+            filed = package_builds.filed_files(deployment.opsdb, context.partition_key)
+        except LookupError as exc:  # a partition OpsDB does not know
+            raise permanent(exc) from exc
         return MaterializeResult(metadata={"files": filed.count, "bytes": filed.bytes,
                                            "locations": ", ".join(filed.locations)})
 
@@ -53,6 +56,10 @@ def assets(config: Config) -> list[AssetsDefinition]:
             raise Failure(str(exc), allow_retries=False) from exc
         except (LookupError, FileExistsError) as exc:  # a file OpsDB does not know at the path
             raise permanent(exc) from exc
+        except BufferFailed as exc:  # full, read-only, unmounted: no retry storm in the run
+            if not exc.retryable:
+                raise permanent(exc) from exc
+            raise
         ref = built.ref
         deployment.report("packaging", context.partition_key, site,
                           "unchanged" if built.note else "ok", time.monotonic() - started,

@@ -21,7 +21,7 @@ from dagster import (
 )
 
 from ccat_assets.partitions import by_package, package_partitions
-from ccat_assets.stages.common import GROUP
+from ccat_assets.stages.common import GROUP, permanent
 from ccat_dt.config import Config
 from ccat_dt.loss import Health, assess
 from ccat_dt.packages import get_package
@@ -48,9 +48,12 @@ def assets(config: Config) -> list[AssetsDefinition]:
         """Source files and buffer copies deleted where the retention policy allows, each
         deletion resting on a certificate of verified LTA copies."""
         started = time.monotonic()
-        report = purge_package(deployment.opsdb, deployment.config, context.partition_key,
-                               run_id=context.run.run_id, copy_ids=config.copy_ids,
-                               early_ids=config.early_ids)
+        try:
+            report = purge_package(deployment.opsdb, deployment.config, context.partition_key,
+                                   run_id=context.run.run_id, copy_ids=config.copy_ids,
+                                   early_ids=config.early_ids)
+        except LookupError as exc:  # a partition OpsDB does not know: nothing to purge
+            raise permanent(exc) from exc
         deployment.report("purge", context.partition_key, "*",
                           "failed" if report.failures else "ok", time.monotonic() - started,
                           bytes=report.deleted_bytes, deleted=report.deleted)

@@ -19,9 +19,9 @@ from dagster import (
 )
 
 from ccat_assets.partitions import staging_partitions
-from ccat_assets.stages.common import transient_retries
+from ccat_assets.stages.common import permanent, transient_retries
 from ccat_dt.config import Config
-from ccat_dt.staging import not_active, stage, staged_problems
+from ccat_dt.staging import StagingError, not_active, stage, staged_problems
 from resources.deployment import Deployment
 
 ASSETS = ("staged_copies",)
@@ -36,8 +36,13 @@ def assets(config: Config) -> list[AssetsDefinition]:
         """The request's packages unpacked at its processing location from the nearest
         verified LTA copy, every file checked against the manifest."""
         started = time.monotonic()
-        staged = stage(deployment.opsdb, deployment.config, context.partition_key,
-                       run_id=context.run.run_id)
+        try:
+            staged = stage(deployment.opsdb, deployment.config, context.partition_key,
+                           run_id=context.run.run_id)
+        except StagingError as exc:
+            # Its disk not mounted, say: a retry within the run, seconds later, does not help;
+            # the re-attempt sensor's, after a back-off, does.
+            raise permanent(exc) from exc
         deployment.report("staging", context.partition_key, "*", "ok",
                           time.monotonic() - started, bytes=staged.bytes)
         return MaterializeResult(metadata={"packages": staged.packages, "files": staged.files,

@@ -208,6 +208,11 @@ def unmarked(endpoint: Endpoint) -> TransferError:
                          f"{endpoint.path.parent}", retryable=False)
 
 
+# What a transfer says when its source file is not there (or cannot be opened): the source
+# copy's fault, not the destination's (health.py), re-checked on its storage (replicas.py).
+SOURCE_MISSING = "source missing"
+SOURCE_UNREADABLE = "source unreadable"
+
 # What a transfer says when its final name holds a file OpsDB does not record there (found
 # before the transfer, or by the rename itself): nothing is written over it.
 FOREIGN_FILE = "holds a file OpsDB does not record there"

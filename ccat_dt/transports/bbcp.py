@@ -36,6 +36,7 @@ from typing import Literal, Protocol
 from ccat_dt import progress as live
 from ccat_dt.checksums import ALGORITHM
 from ccat_dt.transports.base import (
+    SOURCE_MISSING,
     Endpoint,
     Occupied,
     SshSettings,
@@ -306,7 +307,7 @@ def classify(rc: int, stderr: str) -> BbcpFailure | None:
         (r"^bbcp: (Insufficient space.*|No space left on device.*)$", "destination disk full: {}"),
         (r"^bbcp: File (.+) already exists\.$", "target {} already exists and -f is off"),
         (r"^bbcp: Target directory (.+) not found$", "destination directory missing for {}"),
-        (r"^bbcp: No such file or directory processing (.+)$", "source file missing: {}"),
+        (r"^bbcp: No such file or directory processing (.+)$", SOURCE_MISSING + ": {}"),
         (r"^bbcp: No such file or directory opening (.+)$",
          "cannot create target {}: its directory does not exist"),
     ]

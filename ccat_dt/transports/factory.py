@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from ccat_dt.config import Config, RouteConfig
+from ccat_dt.marker import MARKER
 from ccat_dt.opsdb.models import DataLocation, StorageType
-from ccat_dt.storage import MARKER
 from ccat_dt.transports.base import Endpoint, SshSettings, Transport
 from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport
 from ccat_dt.transports.local import LocalTransport

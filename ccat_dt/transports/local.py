@@ -18,6 +18,8 @@ from ccat_dt.checksums import CACHED_CHUNK_SIZE, LandedHash
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     PERMANENT_ERRNO,
+    SOURCE_MISSING,
+    SOURCE_UNREADABLE,
     Endpoint,
     Occupied,
     TransferError,
@@ -110,22 +112,31 @@ class LocalTransport:
         started = time.monotonic()
         partial = Path(temporary_name(PurePosixPath(destination)))
         try:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with open(source, "rb") as reader, claim_temporary(partial) as writer:
-                try:
-                    actual, size = self._copy_and_hash(reader.fileno(), writer.fileno(), partial)
-                    if actual != expected_checksum:
-                        raise TransferError(
-                            f"checksum mismatch on arrival at {destination}: expected "
-                            f"{expected_checksum}, got {actual} ({size} bytes landed)",
-                            retryable=True)
-                    rename_into_place(str(partial), str(destination), overwrite=overwrite)
-                except FileExistsError:
-                    partial.unlink(missing_ok=True)
-                    raise Occupied(Endpoint(PurePosixPath(destination))) from None
-                except BaseException:
-                    partial.unlink(missing_ok=True)  # ours to remove: we hold its lock
-                    raise
+            reader = open(source, "rb")  # noqa: SIM115  # its errors are the source's own
+        except OSError as exc:
+            what = SOURCE_MISSING if exc.errno == errno.ENOENT else SOURCE_UNREADABLE
+            raise TransferError(f"{what}: {source}: {exc.strerror or exc}",
+                                retryable=exc.errno not in PERMANENT_ERRNO
+                                and exc.errno != errno.ENOENT) from exc
+        try:
+            with reader:
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                with claim_temporary(partial) as writer:
+                    try:
+                        actual, size = self._copy_and_hash(reader.fileno(), writer.fileno(),
+                                                           partial)
+                        if actual != expected_checksum:
+                            raise TransferError(
+                                f"checksum mismatch on arrival at {destination}: expected "
+                                f"{expected_checksum}, got {actual} ({size} bytes landed)",
+                                retryable=True)
+                        rename_into_place(str(partial), str(destination), overwrite=overwrite)
+                    except FileExistsError:
+                        partial.unlink(missing_ok=True)
+                        raise Occupied(Endpoint(PurePosixPath(destination))) from None
+                    except BaseException:
+                        partial.unlink(missing_ok=True)  # ours to remove: we hold its lock
+                        raise
             fsync_directory(destination.parent)
         except OSError as exc:
             raise TransferError(f"local copy {source} -> {destination} failed: {exc}",

@@ -261,23 +261,6 @@ def remote_xxh128(ssh: SshSettings, endpoint: Endpoint, *,
     return parse_xxhsum(done.stdout)
 
 
-def remote_xxh128_and_size(ssh: SshSettings, endpoint: Endpoint, *,
-                           timeout_s: float = HASH_TIMEOUT_S) -> tuple[str, int]:
-    """xxh3-128 and size of the file at `endpoint` in one ssh round trip (each costs a
-    handshake over a long-latency link)."""
-    path = check_path(endpoint.path)
-    if endpoint.host is None:
-        return _hash_local(path)
-    script = 'stat -L -c %s -- "$1" && exec xxhsum -H2 -- "$1"'
-    done = run(remote_command(ssh, endpoint.host, ["sh", "-c", script, "sh", path]),
-               timeout_s=timeout_s)
-    _check_xxhsum(done, endpoint.host, path)
-    size, _, output = done.stdout.partition("\n")
-    if not size.strip().isdigit():
-        raise TransferError(f"stat {path} on {endpoint.host} printed {size!r}", retryable=False)
-    return parse_xxhsum(output), int(size)
-
-
 def _hash_local(path: str) -> tuple[str, int]:
     try:
         return hash_file(Path(path))

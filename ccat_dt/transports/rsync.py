@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from ccat_dt.checksums import ALGORITHM
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
+    SOURCE_MISSING,
     Endpoint,
     SshSettings,
     TransferError,
@@ -62,7 +63,7 @@ _PERMANENT_TEXT = ("No space left on device", "Disk quota exceeded", "Permission
                    "Read-only file system", "Host key verification failed",
                    "REMOTE HOST IDENTIFICATION HAS CHANGED")
 _NOT_INSTALLED = ("rsync: command not found", "rsync: not found")
-_USELESS_PARTIAL = ("source missing", "No space left on device", "Disk quota exceeded")
+_USELESS_PARTIAL = (SOURCE_MISSING, "No space left on device", "Disk quota exceeded")
 # `--info=progress2` lines: "  1,234,567  45%  1.23MB/s    0:00:02 (xfr#1, to-chk=0/1)"
 _PROGRESS2 = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+([\d.]+)([kMGT]?)B/s\b")
 _UNIT = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -110,7 +111,7 @@ def classify_rsync(rc: int, stderr: str) -> TransferError:
     if any(text in stderr for text in _PERMANENT_TEXT):
         return TransferError(message, retryable=False)
     if rc in (23, 24) and any(text in stderr for text in _MISSING_SOURCE):
-        return TransferError(f"source missing: {message}", retryable=False)
+        return TransferError(f"{SOURCE_MISSING}: {message}", retryable=False)
     if rc in _RETRYABLE_EXIT or rc == 11:  # 11: file I/O, when not a full disk (above)
         return TransferError(message, retryable=True)
     return TransferError(message, retryable=False)  # 1-5 usage/protocol, 23-25 other, unknown

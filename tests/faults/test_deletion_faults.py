@@ -21,6 +21,7 @@ from ccat_dt import reaper
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT
 from ccat_dt.diagnosis import diagnose
+from ccat_dt.marker import MARKER
 from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -35,7 +36,6 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.reaper import certificate_problems
-from ccat_dt.storage import MARKER
 from tests.faults.pipeline import (
     archived_everywhere,
     deployment,
@@ -177,7 +177,9 @@ def test_source_rewritten_after_archiving_is_kept(kept: Config, instance: Dagste
         reasons = " ".join(d.detail for d in diagnose(session, config, package, utcnow()))
     assert "changed since it was recorded" in " ".join(
         op[1] or "" for op in _deletions(opsdb))
-    assert "integrity check failed" in reasons
+    assert "changed at its source since filing" in reasons
+    # Only the rewritten file is kept: the others' filed bytes are in both archives.
+    assert [p for p in files if p.exists()] == [victim]
 
 
 def _deletions(opsdb: OpsDB) -> list[tuple[str, str | None]]:

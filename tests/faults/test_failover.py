@@ -16,9 +16,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_assets import cli
+from ccat_dt.config import Config
 from ccat_dt.defaults import EMBEDDED_DEFAULT
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.health import sites_down
+from ccat_dt.marker import MARKER, write_marker
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -33,7 +35,6 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.packages import package_path
-from ccat_dt.storage import MARKER, write_marker
 from ccat_dt.topology import get_site
 from tests.faults.conftest import FAST_BACKOFF
 from tests.faults.invariants import assert_safe
@@ -115,6 +116,28 @@ def test_dead_top_priority_buffer_is_passed_over_and_used_again_once_healthy(
     assert _tars(second) == []
     archived_everywhere(config, opsdb)
     assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+
+
+def test_the_only_observatory_buffer_unmounted_is_tried_once_per_run_and_heals_once_back(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """With no other buffer to go to, retrying inside the run only repeats the fault: one
+    attempt, the cause as the headline (which buffer, why); nothing written onto the mount
+    point; once the disk is back the automatic re-attempt builds and sends the package."""
+    buffer = config.resolve_root("sites/ccat/buffer")
+    (buffer / MARKER).unlink()
+    observe(config, opsdb, name="obs-0")
+
+    report = run(config, instance, wait_s=0)
+
+    assert list(buffer.rglob("*")) == []  # nothing written onto the bare mount point
+    with opsdb.session() as session:
+        failed = session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.PACKAGING)).all()
+    assert report.failed and len(failed) == len(report.failed), report.failed  # one per run
+    write_marker(buffer)
+    run(config, instance)
+    archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
 
 

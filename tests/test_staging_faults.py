@@ -1,0 +1,158 @@
+"""Staging under faults: a processing disk that is not mounted (its mount point bare, or gone)
+gets nothing written, and the request is staged by the re-attempt sensor once the disk is
+back, with no person; `ccat-dt retry` covers staging too; a failed staging run's line names
+a next step that works for a staging request."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_assets.retry import operator_retry
+from ccat_assets.runlog import RunLine, RunReporter, _key_parts
+from ccat_dt.config import Config
+from ccat_dt.marker import MARKER, write_marker
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import Reattempt
+from ccat_dt.retry import stalled_work
+from ccat_dt.stages import Stage
+from ccat_dt.staging import Selection, release, request_staging
+from ccat_dt.storage import files_under
+from tests.faults.pipeline import deployment
+from tests.helpers import observe, run_cli
+
+PROCESSING = "sites/ramses/processing"
+
+
+def unmount(root: Path, how: str) -> None:
+    """The processing disk goes: its mount point stays, bare ("unmarked"), or not even that
+    ("missing")."""
+    shutil.rmtree(root)
+    if how == "unmarked":
+        root.mkdir()
+
+
+def mount(root: Path) -> None:
+    """The disk `ccat-dt init` prepared is back: its root holds the marker."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_marker(root)
+
+
+def archived(tmp_path: Path, instance: DagsterInstance, backoff_s: float
+             ) -> tuple[Config, OpsDB, dict[str, bytes]]:
+    """One observation filed and archived; its raw bytes as written (the purge deletes them at
+    the source)."""
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": backoff_s})
+    opsdb = OpsDB(config.opsdb_url)
+    source = observe(config, opsdb, observations=1, files=2)
+    written = {str(p.relative_to(source)): p.read_bytes() for p in files_under(source)
+               if "chai/lfa" in str(p)}
+    assert drive(build_definitions(config), instance).failed == []
+    return config, opsdb, written
+
+
+def staged(root: Path, name: str) -> dict[str, bytes]:
+    """The request's files as they lie at the processing location, by their raw path."""
+    return {str(p.relative_to(root / name)).split("/", 1)[1]: p.read_bytes()
+            for p in files_under(root / name)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["unmarked", "missing"])
+def test_unmounted_processing_disk_gets_nothing_and_staging_heals_by_itself(
+        tmp_path: Path, instance: DagsterInstance, capsys: pytest.CaptureFixture[str],
+        how: str) -> None:
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=2.0)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    unmount(root, how)
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0", module="chai/lfa"),
+                           expires_in=timedelta(hours=1))
+    lines: list[str] = []
+
+    report = drive(defs, instance, log=RunReporter(instance, write=lines.append))
+
+    # The storage: nothing made on the bare mount point (or in its place).
+    assert (list(root.iterdir()) == []) if how == "unmarked" else not root.exists()
+    assert f"stage:{name}" in report.failed
+    assert all(key.startswith(("stage:", "reattempt:staging:")) for key in report.failed)
+    failed = next(line for line in lines if line.startswith("FAILED stage"))
+    assert "mounted?)" in failed and str(root) in failed and "nothing was written" in failed
+    assert f"`ccat-dt why {name}`" in failed
+    with opsdb.session() as session:
+        row = session.scalars(select(Reattempt)).one()
+        assert (row.stage, row.partition, row.escalated_at) == (Stage.STAGING, name, None)
+        assert row.next_attempt_at is not None
+    # The hint works: `why` knows the request, says why it failed and that it is re-attempted.
+    capsys.readouterr()
+    assert run_cli("--config", str(config.path), "why", name) == 0
+    why = capsys.readouterr().out
+    assert "staging" in why and "failed" in why and "mounted?)" in why
+    assert "automatic" in why
+
+    mount(root)
+    report = drive(defs, instance, wait_s=60)  # no `ccat-dt retry`: the back-off, then a run
+
+    assert report.failed == []
+    assert any(key.startswith(f"reattempt:staging:{name}:") for key in report.launched)
+    assert staged(root, name) == written
+    assert stalled_work(opsdb, config, packages=[name]) == []
+    with opsdb.session() as session:
+        assert session.scalars(select(Reattempt)).all() == []  # the work is done: row gone
+
+    release(opsdb, name)  # the staged copies are purged from the marked root as usual
+    assert drive(defs, instance).failed == []
+    assert [p.name for p in root.iterdir()] == [MARKER]
+
+
+@pytest.mark.slow
+def test_retry_stages_a_request_whose_run_failed(tmp_path: Path,
+                                                 instance: DagsterInstance) -> None:
+    """Escalated work, or a person who would not wait for the back-off: `ccat-dt retry`."""
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    unmount(root, "unmarked")
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0", module="chai/lfa"),
+                           expires_in=timedelta(hours=1))
+    assert drive(defs, instance).failed == [f"stage:{name}"]
+    assert list(root.iterdir()) == []
+    unwanted = request_staging(opsdb, location="ramses/processing",
+                               selection=Selection(observation="obs-0"),
+                               expires_in=timedelta(hours=1))
+    release(opsdb, unwanted)  # not wanted any more: never stalled
+
+    stalled = [s for s in stalled_work(opsdb, config) if s.stage == Stage.STAGING]
+    assert [(s.package, s.site) for s in stalled] == [(name, "")]
+    assert "failed" in stalled[0].reason and "mounted?)" in stalled[0].reason
+
+    mount(root)
+    retried, report = operator_retry(config, instance, opsdb)
+
+    assert [(s.stage, s.package) for s in retried] == [(Stage.STAGING, name)]
+    assert report.failed == []
+    assert staged(root, name) == written
+    assert [s for s in stalled_work(opsdb, config) if s.stage == Stage.STAGING] == []
+
+
+def test_a_failed_staging_run_names_a_next_step_for_its_request() -> None:
+    """Its partition is a staging request, not a package: `why` on the request, or release
+    it; whichever run key it has (the staging sensor's, a re-attempt's, a retry's)."""
+    for key in ("stage:stage-1a2b3c4d", "reattempt:staging:stage-1a2b3c4d:0f0f0f0f:2",
+                "staging:stage-1a2b3c4d:*:retry-12345678"):
+        stage, request, site = _key_parts(key)
+        assert (request, site) == ("stage-1a2b3c4d", "")
+        line = RunLine(key, stage, request, site, False, 0, 1.0, "no marker").text()
+        assert "`ccat-dt why stage-1a2b3c4d` shows the staging request" in line
+        assert "`ccat-dt stage --release stage-1a2b3c4d`" in line
+    package = RunLine("package:p:*", "package", "p", "", False, 0, 1.0, "x").text()
+    assert "`ccat-dt why p` says whether" in package and "--release" not in package

@@ -1,0 +1,340 @@
+"""A manual run whose process died (an operator's `dagster asset materialize` killed -9, a UI
+run under the DefaultRunLauncher when the machine stopped) blocked its partition for ever: it
+stayed STARTED, so the sensors never asked for that work again and the purge kept the package.
+Now every run records its process as it starts, and one whose process is gone is marked failed
+with the reason (ccat_assets/inflight.py); `ccat-dt drive` then finishes the package without
+`ccat-dt retry`. A run whose process lives is never touched, however long it takes, nor one on
+a host the drive cannot check; a run queued with no daemon to dequeue it is executed by the
+drive.
+
+The manual runs are real: `dagster asset materialize` (or `dagster job launch`, which queues
+like the UI) in a child process against the test's instance, the materialisation held at a
+point of its step until the test kills it (this module, run as a program)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from dagster import (
+    AssetKey,
+    BetaWarning,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+    PreviewWarning,
+    RunsFilter,
+)
+from dagster._daemon.types import DaemonHeartbeat
+from sqlalchemy import select
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import QUEUED_DAEMON, drive
+from ccat_assets.inflight import (
+    IN_FLIGHT,
+    WORKER_ID_TAG,
+    WORKER_TAG,
+    Liveness,
+    close_if_dead,
+    in_flight,
+    liveness,
+    record_worker,
+)
+from ccat_assets.instance import write_instance_yaml
+from ccat_assets.partitions import package_site_key
+from ccat_assets.tags import DRIVE_TAG
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import RawDataPackage
+from ccat_dt.stages import Stage
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import REPO, deployment, observe, plan, wait_for
+
+warnings.filterwarnings("ignore", category=PreviewWarning)
+warnings.filterwarnings("ignore", category=BetaWarning)
+
+HOLDS = {  # where a child waits to be killed, half of its step done
+    "mid-tar": ("ccat_dt.tarball", "_TarWriter.add_file", "after"),  # one member written
+    "mid-write": ("ccat_dt.transports.local", "os.fsync", "before"),  # bytes not yet synced
+    "none": ("", "", ""),
+}
+START_S = 60.0  # a child's `dagster` loads the code location first: seconds on a loaded VM
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """The embedded default, automatic re-attempts a fraction of a second apart."""
+    return deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2})
+
+
+@pytest.fixture
+def opsdb(config: Config) -> Iterator[OpsDB]:
+    db = OpsDB(config.opsdb_url)
+    yield db
+    db.dispose()
+
+
+def dagster_child(config: Config, instance: DagsterInstance, hold: str, marker: Path,
+                  *argv: str) -> subprocess.Popen[str]:
+    """`dagster ARGV` in a child process against the test's instance (as an operator runs it,
+    $DAGSTER_HOME and $CCAT_DT_CONFIG set), stopping at `hold` (HOLDS) until killed."""
+    path = os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "DAGSTER_HOME": instance.root_directory,
+           "CCAT_DT_CONFIG": str(config.path),
+           "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "tests.test_stuck_runs", hold, str(marker),
+                             *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def materialize(config: Config, instance: DagsterInstance, asset: str, partition: str,
+                hold: str, marker: Path) -> subprocess.Popen[str]:
+    return dagster_child(config, instance, hold, marker, "asset", "materialize", "-m",
+                         "ccat_assets.definitions", "--select", asset, "--partition", partition)
+
+
+def kill(child: subprocess.Popen[str]) -> None:
+    os.kill(child.pid, signal.SIGKILL)
+    child.communicate(timeout=30)
+
+
+def the_run(instance: DagsterInstance, pid: int) -> DagsterRun:
+    """The run the child process executes (by the process it recorded as it started)."""
+    [run] = [r for r in instance.get_runs() if r.tags.get(WORKER_TAG, "").endswith(f":{pid}")]
+    return run
+
+
+def status(instance: DagsterInstance, run: DagsterRun) -> DagsterRunStatus:
+    now = instance.get_run_by_id(run.run_id)
+    assert now is not None
+    return now.status
+
+
+def failure_message(instance: DagsterInstance, run_id: str) -> str:
+    [record] = instance.all_logs(run_id, of_type=DagsterEventType.RUN_FAILURE)
+    assert record.dagster_event is not None
+    return record.dagster_event.message or ""
+
+
+def archived_from_the_storage(config: Config, raw: dict[str, bytes]) -> None:
+    """Read from the disks, not OpsDB: each archive site's LTA holds one tar whose members are
+    exactly the observed files with their bytes; no raw file is left at the source, and no
+    package copy in a buffer."""
+    for site in ("cologne", "us"):
+        [tar] = list(config.resolve_root(f"sites/{site}/lta").rglob("*.tar"))
+        with tarfile.open(tar) as archive:
+            members = {Path(m.name).name: archive.extractfile(m).read()  # type: ignore[union-attr]
+                       for m in archive.getmembers() if m.isfile()}
+        assert {name: members.get(name) for name in raw} == raw, site
+    for path in raw:
+        assert not list(config.resolve_root("sites/ccat/instruments").rglob(path)), path
+    for site in ("ccat", "cologne", "us"):
+        assert not list(config.resolve_root(f"sites/{site}/buffer").rglob("*.tar")), site
+
+
+def observed(config: Config, opsdb: OpsDB) -> dict[str, bytes]:
+    """One observation filed and finished: its files' names and bytes."""
+    return {p.name: p.read_bytes() for p in observe(config, opsdb, files=3, size=300_000)}
+
+
+def primary_site(opsdb: OpsDB, package: str) -> str:
+    with opsdb.session() as session:
+        row = session.scalars(select(RawDataPackage).where(RawDataPackage.name == package)).one()
+        return row.primary_site.short_name
+
+
+@pytest.mark.parametrize(("asset", "hold"), [("packages", "mid-tar"),
+                                             ("site_copies", "mid-write")])
+def test_a_killed_manual_run_is_failed_and_drive_finishes_its_package(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path,
+        asset: str, hold: str) -> None:
+    """An operator's `dagster asset materialize` held half way (a tar half written, a copy's
+    bytes in its temporary file). While its process lives, a drive leaves it alone: not
+    failed, no second run of its work. Killed -9, the next drive marks it failed, saying why,
+    and finishes the package without `ccat-dt retry`: the re-attempt sensor requests the work
+    (the sensors' own request was dropped while the manual run was in flight), the recovery
+    clears what the dead run left (its claim on the transfer, its temporary file)."""
+    raw = observed(config, opsdb)
+    package = plan(config, opsdb, instance)
+    partition = package
+    if asset == "site_copies":  # the package built first, by hand as well
+        job = build_definitions(config).resolve_implicit_global_asset_job_def()
+        assert job.execute_in_process(instance=instance, partition_key=package,
+                                      asset_selection=[AssetKey("packages")]).success
+        partition = str(package_site_key(package, primary_site(opsdb, package)))
+    marker = tmp_path / "held"
+    child = materialize(config, instance, asset, partition, hold, marker)
+    try:
+        wait_for(marker, child, timeout=START_S)
+        run = the_run(instance, child.pid)
+        stage = Stage.PACKAGING if asset == "packages" else Stage.SITE_COPY
+
+        alive = drive(build_definitions(config), instance, wait_s=0)
+
+        assert status(instance, run) == DagsterRunStatus.STARTED
+        assert alive.closed_runs == [] and alive.elsewhere == []
+        assert not [key for key in alive.launched if key.startswith(
+            f"{'package' if asset == 'packages' else 'site_copy'}:{package}")]
+        site = partition.split("|")[1] if "|" in partition else None
+        assert (stage, package, site) in in_flight(instance)
+        kill(child)
+    finally:
+        if child.poll() is None:
+            kill(child)
+
+    report = drive(build_definitions(config), instance, wait_s=10)
+
+    assert status(instance, run) == DagsterRunStatus.FAILURE
+    assert f"its process {child.pid} on " in failure_message(instance, run.run_id)
+    assert len(report.closed_runs) == 1 and report.failed == []
+    assert any(key.startswith("reattempt:") for key in report.launched), report.launched
+    archived_from_the_storage(config, raw)
+    assert_safe(config, opsdb)
+    assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+
+
+def test_a_run_on_a_host_drive_cannot_check_is_left_alone_and_named(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
+    """A run whose process is on another host (a Celery deployment's worker, a drive there)
+    cannot be checked from here: however dead it looks, it is not failed; the drive names it
+    and where it runs, and its partition waits for it."""
+    observed(config, opsdb)
+    package = plan(config, opsdb, instance)
+    marker = tmp_path / "held"
+    child = materialize(config, instance, "packages", package, "mid-tar", marker)
+    try:
+        wait_for(marker, child, timeout=START_S)
+        run = the_run(instance, child.pid)
+        instance.add_run_tags(run.run_id, {WORKER_TAG: f"archive-host:{child.pid}"})
+    finally:
+        kill(child)  # here it is gone, but it says it ran elsewhere
+    lines: list[str] = []
+
+    report = drive(build_definitions(config), instance, wait_s=0, log=lines.append)
+
+    assert status(instance, run) == DagsterRunStatus.STARTED
+    assert report.closed_runs == [] and len(report.elsewhere) == 1
+    [line] = [line for line in lines if line.startswith("ELSEWHERE")]
+    assert f"archive-host:{child.pid}" in line and run.run_id in line
+    assert (Stage.PACKAGING, package, None) in in_flight(instance)
+
+
+def test_a_run_queued_without_a_daemon_is_executed_by_drive(
+        config: Config, opsdb: OpsDB, tmp_path: Path) -> None:
+    """`dagster job launch` queues a run as the UI's "Materialize" does (the instance's run
+    coordinator, `ccat-dt init`'s dagster.yaml). While the daemon runs (a fresh heartbeat) the
+    drive leaves the queue to it; with no daemon the drive executes the queued run, in its
+    pool within the run limits, and the package is finished."""
+    raw = observed(config, opsdb)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    with DagsterInstance.from_config(str(home)) as instance:
+        package = plan(config, opsdb, instance)
+        launch = dagster_child(config, instance, "none", tmp_path / "unused", "job", "launch",
+                               "-m", "ccat_assets.definitions", "-j", "package_job",
+                               "--tags", f'{{"dagster/partition": "{package}"}}')
+        _, stderr = launch.communicate(timeout=120)
+        assert launch.returncode == 0, stderr[-3000:]
+        [queued] = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.QUEUED]))
+        instance.add_daemon_heartbeat(DaemonHeartbeat(time.time(), QUEUED_DAEMON, "test", None))
+
+        with_daemon = drive(build_definitions(config), instance, wait_s=0)
+
+        assert status(instance, queued) == DagsterRunStatus.QUEUED
+        assert with_daemon.adopted == [] and with_daemon.launched == []  # the daemon's work
+        instance.wipe_daemon_heartbeats()  # the daemon stopped
+
+        report = drive(build_definitions(config), instance, wait_s=10)
+
+        assert status(instance, queued) == DagsterRunStatus.SUCCESS
+        assert report.adopted == [f"package:{package}:*:run-{queued.run_id[:8]}"]
+        assert report.failed == []
+        archived_from_the_storage(config, raw)
+        assert_safe(config, opsdb)
+
+
+def test_a_run_that_never_started_is_failed_after_the_start_timeout(
+        config: Config, instance: DagsterInstance) -> None:
+    """A run created and never started (the process that created it killed before it began)
+    is failed once it is older than the instance's run start timeout, as Dagster's run
+    monitoring does for a launched run; a drive's own run waiting for a free slot never."""
+    defs = build_definitions(config)
+    job = defs.resolve_job_def("package_job")
+    orphan = instance.create_run_for_job(job_def=job)
+    waiting = instance.create_run_for_job(job_def=job, tags={DRIVE_TAG: "vm:1"})
+    later = timedelta(seconds=instance.run_monitoring_start_timeout_seconds + 1)
+    for run in (orphan, waiting):
+        [record] = instance.get_run_records(RunsFilter(run_ids=[run.run_id]))
+        assert close_if_dead(instance, record) is None  # just created
+        assert close_if_dead(instance, record, record.update_timestamp + later) == (
+            None if run is waiting else
+            "it was created 3 min ago and never started: the process that was to execute it "
+            "is gone")
+    assert status(instance, orphan) == DagsterRunStatus.FAILURE
+    assert status(instance, waiting) == DagsterRunStatus.NOT_STARTED
+
+
+def test_a_process_is_told_from_any_other_with_its_pid(
+        config: Config, instance: DagsterInstance) -> None:
+    """The process recorded for a run (here: this one, alive) is the run's only while the
+    machine, its boot and the process's start are the same: a pid used again after a restart
+    or by a later process is not the run's, and a process on another machine or in another
+    container with the same host name is not judged at all."""
+    run = instance.create_run_for_job(job_def=build_definitions(config).resolve_job_def(
+        "package_job"))
+    record_worker(instance, run)
+    recorded = instance.get_run_by_id(run.run_id)
+    assert recorded is not None and recorded.tags[WORKER_TAG].endswith(f":{os.getpid()}")
+    identity = dict(part.split("=") for part in recorded.tags[WORKER_ID_TAG].split())
+
+    def judged(**changed: str) -> Liveness:
+        tag = " ".join(f"{k}={v}" for k, v in {**identity, **changed}.items())
+        return liveness(recorded.with_tags({**recorded.tags, WORKER_ID_TAG: tag}))
+
+    assert judged().alive is True
+    assert judged(boot="another-boot") == Liveness(
+        False, f"its process {os.getpid()} on {socket.gethostname()} is gone (the machine "
+               "restarted since)")
+    later = str(int(identity["start"]) + 1)
+    assert judged(start=later).alive is False and "another process now" in judged(
+        start=later).why
+    assert judged(machine="another-machine").alive is None
+    assert judged(namespace="pid:[1]").alive is None
+    assert judged(machine="-", boot="another-boot").alive is None  # restart or other machine
+
+
+def _hold_and_run_dagster(argv: list[str]) -> int:
+    """In the child: install the hold, then `dagster` with the rest of the arguments."""
+    from dagster._cli import main as dagster
+
+    from tests.faults.child import wait_to_be_killed, wrap
+
+    hold, marker, *rest = argv
+    module_name, attribute, when = HOLDS[hold]
+    if module_name:
+        owner = __import__(module_name, fromlist=["_"])
+        path, _, name = attribute.rpartition(".")
+        for part in filter(None, path.split(".")):
+            owner = getattr(owner, part)
+        held = wait_to_be_killed(Path(marker))
+        if when == "before":
+            wrap(owner, name, before=held)
+        else:
+            wrap(owner, name, after=held)
+    sys.argv = ["dagster", *rest]
+    dagster()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_hold_and_run_dagster(sys.argv[1:]))
