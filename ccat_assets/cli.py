@@ -313,9 +313,8 @@ def cmd_drive(args: argparse.Namespace) -> None:
     with quiet_runs(config.log_dir / LOG_NAME, verbose=args.verbose > 0) as log_file:
         report = drive(build_definitions(config), instance, due_schedules=True, log=reporter,
                        wait_s=args.wait)
-    print(f"{reporter.summary()}; {report.rounds} round(s); Dagster's event log: {log_file} "
-          "(or -v)" + (f"; {len(report.dead_runs)} run(s) of a dead drive marked failed"
-                       if report.dead_runs else ""))
+    print("; ".join([f"{reporter.summary()}", f"{report.rounds} round(s)",
+                     f"Dagster's event log: {log_file} (or -v)", *report.housekeeping()]))
     if report.next_due is not None:
         print(f"work waits for an automatic re-attempt; the next at "
               f"{report.next_due:%Y-%m-%d %H:%M:%S} UTC (`ccat-dt status` lists it)")

@@ -109,6 +109,15 @@ class DriveReport:
     # tick failed, for those still failing when the drive ended
     next_due: datetime | None = None  # the earliest work waiting for a back-off, if any
 
+    def housekeeping(self) -> list[str]:
+        """What the drive did to runs it did not request, for its summary line: each kind
+        is also named run by run as it happens (DIED, ELSEWHERE, QUEUED lines)."""
+        kinds = [(self.dead_runs, "of a dead drive marked failed"),
+                 (self.closed_runs, "whose process was gone marked failed"),
+                 (self.adopted, "queued with no daemon to start them executed here"),
+                 (self.elsewhere, "in flight where this drive cannot check them left alone")]
+        return [f"{len(runs)} run(s) {what}" for runs, what in kinds if runs]
+
 
 def _me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"

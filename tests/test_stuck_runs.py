@@ -198,6 +198,7 @@ def test_a_killed_manual_run_is_failed_and_drive_finishes_its_package(
     assert status(instance, run) == DagsterRunStatus.FAILURE
     assert f"its process {child.pid} on " in failure_message(instance, run.run_id)
     assert len(report.closed_runs) == 1 and report.failed == []
+    assert report.housekeeping() == ["1 run(s) whose process was gone marked failed"]
     assert any(key.startswith("reattempt:") for key in report.launched), report.launched
     archived_from_the_storage(config, raw)
     assert_safe(config, opsdb)
@@ -225,6 +226,8 @@ def test_a_run_on_a_host_drive_cannot_check_is_left_alone_and_named(
 
     assert status(instance, run) == DagsterRunStatus.STARTED
     assert report.closed_runs == [] and len(report.elsewhere) == 1
+    assert report.housekeeping() == [
+        "1 run(s) in flight where this drive cannot check them left alone"]
     [line] = [line for line in lines if line.startswith("ELSEWHERE")]
     assert f"archive-host:{child.pid}" in line and run.run_id in line
     assert (Stage.PACKAGING, package, None) in in_flight(instance)
@@ -258,6 +261,8 @@ def test_a_run_queued_without_a_daemon_is_executed_by_drive(
 
         assert status(instance, queued) == DagsterRunStatus.SUCCESS
         assert report.adopted == [f"package:{package}:*:run-{queued.run_id[:8]}"]
+        assert report.housekeeping() == [
+            "1 run(s) queued with no daemon to start them executed here"]
         assert report.failed == []
         archived_from_the_storage(config, raw)
         assert_safe(config, opsdb)
