@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
@@ -30,6 +30,7 @@ from ccat_dt.opsdb.models import (
     StagingRequest,
     StagingState,
     _aware,
+    staging_reason,
 )
 from ccat_dt.recovery import needs_rebuild
 from ccat_dt.retention import Action, plan_deletions
@@ -130,14 +131,15 @@ def _staging(session: Session, request: StagingRequest, now: datetime) -> list[S
 
 
 def last_staging(session: Session, request: StagingRequest) -> Operation | None:
-    """The newest staging operation of the request: of one of its packages, into its location,
-    since it was made (operations name no request; another one staging the same package to
-    the same place at the same time would be mistaken for it)."""
+    """The newest staging operation of the request: one that names it, or, made before
+    operations named their request, one of its packages into its location since it was made."""
     return session.scalars(select(Operation).where(
         Operation.operation_type == OperationType.STAGING,
         Operation.destination_location_id == request.location_id,
         Operation.package_id.in_([p.id for p in request.packages]),
-        Operation.started_at >= request.created_at).order_by(Operation.id.desc()).limit(1)).first()
+        Operation.started_at >= request.created_at,
+        or_(Operation.reason == staging_reason(request.name), Operation.reason.is_(None)),
+    ).order_by(Operation.id.desc()).limit(1)).first()
 
 
 def _last(session: Session, package: RawDataPackage, kind: OperationType,

@@ -32,6 +32,7 @@ from ccat_dt.opsdb.models import (
     StagingState,
     _aware,
     new_uuid,
+    staging_reason,
     utcnow,
 )
 from ccat_dt.replicas import finish, finish_in
@@ -205,7 +206,8 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                                   store=origin.store is not None)
         operation = Operation(operation_type=OperationType.STAGING, package=package,
                               source_location_id=source.location_id,
-                              destination_location_id=request.location_id, run_id=run_id)
+                              destination_location_id=request.location_id, run_id=run_id,
+                              reason=staging_reason(request_name))
         session.add(operation)
         files = {f.relative_path: f for f in package.files}
         checksum, location_id, request_id = package.checksum or "", request.location_id, request.id

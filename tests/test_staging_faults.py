@@ -18,12 +18,13 @@ from ccat_assets.driver import drive
 from ccat_assets.retry import operator_retry
 from ccat_assets.runlog import RunLine, RunReporter, _key_parts
 from ccat_dt.config import Config
+from ccat_dt.diagnosis import diagnose
 from ccat_dt.marker import MARKER, write_marker
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import Reattempt
+from ccat_dt.opsdb.models import Reattempt, utcnow
 from ccat_dt.retry import stalled_work
 from ccat_dt.stages import Stage
-from ccat_dt.staging import Selection, release, request_staging
+from ccat_dt.staging import Selection, StagingError, release, request_staging, stage
 from ccat_dt.storage import files_under
 from tests.faults.pipeline import deployment
 from tests.helpers import observe, run_cli
@@ -156,3 +157,31 @@ def test_a_failed_staging_run_names_a_next_step_for_its_request() -> None:
         assert "`ccat-dt stage --release stage-1a2b3c4d`" in line
     package = RunLine("package:p:*", "package", "p", "", False, 0, 1.0, "x").text()
     assert "`ccat-dt why p` says whether" in package and "--release" not in package
+
+
+def test_why_of_a_request_reads_its_own_staging_not_anothers(tmp_path: Path,
+                                                            instance: DagsterInstance) -> None:
+    """Two requests for the same package at the same place: the first failed (its disk not
+    mounted), the second, made once the disk was back, staged. `why` of the first still says
+    it failed, and why; of the second, that it is staged: neither reads the other's try."""
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0)
+    root = config.resolve_root(PROCESSING)
+    selection = Selection(observation="obs-0", module="chai/lfa")
+    unmount(root, "unmarked")
+    first = request_staging(opsdb, location="ramses/processing", selection=selection,
+                            expires_in=timedelta(hours=1))
+    with pytest.raises(StagingError, match=r"mounted\?\)"):
+        stage(opsdb, config, first)
+    mount(root)
+    second = request_staging(opsdb, location="ramses/processing", selection=selection,
+                             expires_in=timedelta(hours=1))
+
+    stage(opsdb, config, second)
+
+    assert staged(root, second) == written and not (root / first).exists()
+    with opsdb.session() as session:
+        [*_, of_first] = diagnose(session, config, first, utcnow())
+        [*_, of_second] = diagnose(session, config, second, utcnow())
+    assert (of_first.stage, of_first.state) == ("staging", "failed")
+    assert "mounted?)" in of_first.detail
+    assert (of_second.stage, of_second.state) == ("staging", "done")

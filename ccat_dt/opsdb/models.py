@@ -393,6 +393,12 @@ class Operation(Base):
     copy: Mapped[PhysicalCopy | None] = relationship()
 
 
+def staging_reason(request: str) -> str:
+    """A staging operation's `reason`: the request it staged for, so that `why` of a request
+    reads its own operations, not another request's of the same package and place."""
+    return f"for staging request {request}"
+
+
 def _aware(moment: datetime) -> datetime:
     # SQLite returns naive datetimes even for timezone-aware columns; all we store is UTC.
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
