@@ -34,6 +34,7 @@ from dagster import (
     AssetCheckEvaluation,
     DagsterEventType,
     DagsterInstance,
+    DagsterRunStatus,
     Field,
     RunsFilter,
     logger,
@@ -193,8 +194,16 @@ def _key_parts(key: str) -> tuple[str, str, str]:
     return stage, package, "" if site == "*" else site
 
 
+CANCELED = ("canceled by an operator (the Dagster UI's Terminate): its work is re-attempted "
+            "after the back-off like a failed run's; stop its sensor in the UI to hold it")
+
+
 def run_failure(instance: DagsterInstance, run_id: str) -> str:
-    """The first failed step's error of a run, in one line ("" when there is none)."""
+    """The first failed step's error of a run, in one line ("" when there is none); that it
+    was canceled, for a run an operator terminated."""
+    run = instance.get_run_by_id(run_id)
+    if run is not None and run.status == DagsterRunStatus.CANCELED:
+        return CANCELED
     for record in instance.all_logs(run_id, of_type={DagsterEventType.STEP_FAILURE,
                                                      DagsterEventType.RUN_FAILURE}):
         event = record.dagster_event

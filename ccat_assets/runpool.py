@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_any
 from typing import Any, NoReturn
 
-from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.definitions.job_base import IJob
 from dagster._core.execution.api import execute_run
 from dagster._utils.interrupts import capture_interrupts
@@ -35,6 +35,7 @@ from ccat_assets.inflight import IN_FLIGHT
 
 TERMINATE_GRACE_S = 10.0  # after SIGTERM, a child is given this long before SIGKILL
 RESIGNAL_S = 0.5  # SIGTERM again this often meanwhile (see RunPool.terminate)
+CANCEL_POLL_S = 1.0  # while waiting, runs terminated by an operator are looked for this often
 
 
 def run_limits(instance: DagsterInstance) -> tuple[int, list[Mapping[str, Any]]]:
@@ -85,10 +86,36 @@ class RunPool:
 
     def wait(self, timeout: float | None = None) -> list[Finished]:
         """Block until a child exits (or `timeout` passed); the runs that ended. Queued runs
-        the limits now allow are started."""
-        finished = self._reap(timeout)
+        the limits now allow are started. Meanwhile a run an operator terminated (the UI's
+        Terminate: the run CANCELING) is interrupted (cancel_terminated)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            finished = self._reap(CANCEL_POLL_S if left is None
+                                  else max(0.0, min(left, CANCEL_POLL_S)))
+            if finished or not self.children or (left is not None and left <= CANCEL_POLL_S):
+                break
+            self.cancel_terminated()
         self._start_ready()
         return finished
+
+    def cancel_terminated(self) -> list[str]:
+        """SIGTERM each child whose run an operator terminated, as Dagster's run launcher
+        would its run worker: the UI's Terminate on a run the drive executes marks it
+        CANCELING and sends nothing (no launcher launched it), so the run would go on. The
+        interrupted run ends CANCELED and its work is re-attempted after the back-off, like
+        a failed run's. Again at each call while the run is still CANCELING (an interrupted
+        step with a retry policy is re-attempted unless interrupted again). Returns their
+        run ids."""
+        by_run = {child.queued.run.run_id: child for child in self.children.values()}
+        if not by_run:
+            return []
+        canceling = self.instance.get_runs(RunsFilter(
+            run_ids=list(by_run), statuses=[DagsterRunStatus.CANCELING]))
+        for run in canceling:
+            with suppress(ProcessLookupError):
+                os.kill(by_run[run.run_id].pid, signal.SIGTERM)
+        return [run.run_id for run in canceling]
 
     def terminate(self) -> list[Finished]:
         """SIGTERM every child (SIGKILL after TERMINATE_GRACE_S) and wait for them; runs still

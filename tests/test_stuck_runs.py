@@ -55,6 +55,7 @@ from ccat_assets.instance import write_instance_yaml
 from ccat_assets.partitions import package_site_key
 from ccat_assets.tags import DRIVE_TAG
 from ccat_dt.config import Config
+from ccat_dt.marker import MARKER
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import RawDataPackage
 from ccat_dt.stages import Stage
@@ -318,8 +319,49 @@ def test_a_process_is_told_from_any_other_with_its_pid(
     assert judged(machine="-", boot="another-boot").alive is None  # restart or other machine
 
 
+def test_terminate_in_the_ui_stops_a_run_drive_executes_and_its_work_is_done_later(
+        config: Config, opsdb: OpsDB, tmp_path: Path) -> None:
+    """The UI's Terminate on a run `ccat-dt drive` executes: Dagster marks it CANCELING and
+    has no process to tell (no launcher launched it), so the run went on. Now the drive
+    interrupts it: the run ends CANCELED at once, its line says so, nothing half-made is left
+    on the storage, and the work is re-attempted after the back-off without a person."""
+    raw = observed(config, opsdb)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    with DagsterInstance.from_config(str(home)) as instance:
+        plan(config, opsdb, instance)
+        marker = tmp_path / "held"
+        child = dagster_child(config, instance, "mid-tar", marker,
+                              "ccat-dt", "--config", str(config.path), "drive", "--wait", "60")
+        try:
+            wait_for(marker, child, timeout=START_S)
+            [run] = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+            assert run.tags.get(DRIVE_TAG)  # executed by the drive, in its pool
+
+            instance.run_coordinator.cancel_run(run.run_id)  # what the UI's Terminate calls
+
+            deadline = time.monotonic() + 30
+            while status(instance, run) != DagsterRunStatus.CANCELED:
+                assert time.monotonic() < deadline, status(instance, run)
+                time.sleep(0.2)
+            stdout, stderr = child.communicate(timeout=180)
+        finally:
+            if child.poll() is None:
+                kill(child)
+
+        assert child.returncode == 1, stderr[-3000:]  # a run did not succeed: said, exit 1
+        assert "FAILED package" in stdout and "canceled by an operator" in stdout, stdout
+        assert "ok     packaging obs-0_" in stdout, stdout  # the re-attempt's run
+        archived_from_the_storage(config, raw)
+        for site in ("ccat", "cologne", "us"):  # nothing half-written left behind either
+            root = config.resolve_root(f"sites/{site}/buffer")
+            assert [p.name for p in root.rglob("*") if p.is_file()] == [MARKER], site
+        assert_safe(config, opsdb)
+        assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+
+
 def _hold_and_run_dagster(argv: list[str]) -> int:
-    """In the child: install the hold, then `dagster` with the rest of the arguments."""
+    """In the child: install the hold, then `dagster` (or `ccat-dt`) with the rest of the
+    arguments."""
     from dagster._cli import main as dagster
 
     from tests.faults.child import wait_to_be_killed, wrap
@@ -336,6 +378,12 @@ def _hold_and_run_dagster(argv: list[str]) -> int:
             wrap(owner, name, before=held)
         else:
             wrap(owner, name, after=held)
+    if rest[:1] == ["ccat-dt"]:  # the drive, its runs held in its forked children
+        from ccat_assets.cli import main as ccat_dt
+
+        sys.argv = rest
+        ccat_dt()
+        return 0
     sys.argv = ["dagster", *rest]
     dagster()
     return 0
