@@ -165,7 +165,7 @@ class RunLine:
                     if self.package else "the run's events in the log file or the Dagster UI")
             # A staging run's partition is a request, which `why` knows, not a package: the
             # staging sensor's key is stage:REQUEST; a re-attempt's or a retry's says staging.
-            if self.stage in ("stage", Stage.STAGING) and self.package:
+            if self.stage == "stage" and self.package:
                 step = (f"`ccat-dt why {self.package}` shows the staging request and whether it "
                         "is re-attempted by itself or waits for you (then fix the cause and "
                         f"`ccat-dt retry`); `ccat-dt stage --release {self.package}` if it is "
@@ -173,6 +173,11 @@ class RunLine:
             line += (f"\n       cause: {self.cause or 'see the run in the Dagster UI'}; "
                      f"next: {step}")
         return line
+
+
+# A stage as its run lines name it, whoever requested the run (the sensors' run keys say
+# package and stage; the re-attempt's and retry's name the Stage: packaging, staging).
+LABELS = {Stage.PACKAGING.value: "package", Stage.STAGING.value: "stage"}
 
 
 def _key_parts(key: str) -> tuple[str, str, str]:
@@ -183,8 +188,8 @@ def _key_parts(key: str) -> tuple[str, str, str]:
     parts = key.split(":")
     if parts[0] == "reattempt" and len(parts) > 2:  # the stage it re-attempts, its partition
         package, _, site = parts[2].partition("|")
-        return parts[1], package, site
-    stage = parts[0]
+        return LABELS.get(parts[1], parts[1]), package, site
+    stage = LABELS.get(parts[0], parts[0])
     package = parts[1] if len(parts) > 1 else ""
     site = parts[2] if len(parts) > 2 and stage in ("package", "site_copy", "lta_copy",
                                                      "purge", "repair", "failover",

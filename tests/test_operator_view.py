@@ -262,7 +262,8 @@ def test_run_lines_of_reattempts_purges_and_rebuilds_name_their_package() -> Non
 
     keys = {
         "reattempt:lta_copy:obs-1_p00|cologne:09e26bf9:2": ("lta_copy", "obs-1_p00", "cologne"),
-        "reattempt:packaging:obs-1_p00:09e26bf9:3": ("packaging", "obs-1_p00", ""),
+        "reattempt:packaging:obs-1_p00:09e26bf9:3": ("package", "obs-1_p00", ""),  # as the
+        # package sensor's runs: one name per stage
         "purge:obs-1_p00:*:3f2a9c0d1e2b": ("purge", "obs-1_p00", ""),
         "purge:obs-1_p00:us:3f2a9c0d1e2b:2": ("purge", "obs-1_p00", "us"),
         "purge-unfinished:obs-1_p00:17": ("purge-unfinished", "obs-1_p00", ""),

@@ -151,7 +151,7 @@ def test_a_failed_staging_run_names_a_next_step_for_its_request() -> None:
     for key in ("stage:stage-1a2b3c4d", "reattempt:staging:stage-1a2b3c4d:0f0f0f0f:2",
                 "staging:stage-1a2b3c4d:*:retry-12345678"):
         stage, request, site = _key_parts(key)
-        assert (request, site) == ("stage-1a2b3c4d", "")
+        assert (stage, request, site) == ("stage", "stage-1a2b3c4d", "")  # one name per stage
         line = RunLine(key, stage, request, site, False, 0, 1.0, "no marker").text()
         assert "`ccat-dt why stage-1a2b3c4d` shows the staging request" in line
         assert "`ccat-dt stage --release stage-1a2b3c4d`" in line

@@ -350,7 +350,7 @@ def test_terminate_in_the_ui_stops_a_run_drive_executes_and_its_work_is_done_lat
 
         assert child.returncode == 1, stderr[-3000:]  # a run did not succeed: said, exit 1
         assert "FAILED package" in stdout and "canceled by an operator" in stdout, stdout
-        assert "ok     packaging obs-0_" in stdout, stdout  # the re-attempt's run
+        assert "ok     package   obs-0_" in stdout, stdout  # the re-attempt's run
         archived_from_the_storage(config, raw)
         for site in ("ccat", "cologne", "us"):  # nothing half-written left behind either
             root = config.resolve_root(f"sites/{site}/buffer")
