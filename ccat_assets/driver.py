@@ -172,7 +172,7 @@ def close_dead_runs(instance: DagsterInstance,
     dead = []
     for run in instance.get_runs(RunsFilter(statuses=IN_FLIGHT)):
         owner = run.tags.get(DRIVE_TAG)
-        if owner is None or owner == me or owner.rsplit(":", 1)[0] != host:
+        if not owner or owner == me or owner.rsplit(":", 1)[0] != host:
             continue
         instance.report_run_failed(run, message=f"the ccat-dt drive that ran it ({owner}) "
                                    "died (killed or the machine stopped)")

@@ -30,7 +30,7 @@ from dagster._time import get_current_datetime
 
 from ccat_assets.routing import partition_of, stages_of
 from ccat_assets.stages import stages_of_job
-from ccat_assets.tags import DRIVE_TAG
+from ccat_assets.tags import DRIVE_TAG, WORKER_ID_TAG, WORKER_TAG
 from ccat_dt.stages import Stage
 
 LOG = logging.getLogger(__name__)
@@ -44,10 +44,6 @@ IN_FLIGHT = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunSt
 LIMIT = 5000
 LATER = 20  # later finished runs of a partition looked at for one of the same work
 
-WORKER_TAG = "ccat/worker"  # host:pid of the process executing the run, from its start
-WORKER_ID_TAG = "ccat/worker_id"  # "machine=… namespace=… boot=… start=…" of that process:
-# what tells it from any other process with its pid (another machine of the same name, a
-# container, after a restart of the machine, the pid used again): inflight._identity
 UNKNOWN = "-"  # a part of the worker's identity this system does not show (no /proc)
 RECORDED = ("machine", "namespace", "boot", "start")  # the parts of that identity
 
@@ -180,7 +176,7 @@ def why_dead(instance: DagsterInstance, record: RunRecord,
         state = liveness(run)
         return state.why if state.alive is False else None
     if run.status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING) \
-            and DRIVE_TAG not in run.tags:
+            and not run.tags.get(DRIVE_TAG):
         idle = ((now or get_current_datetime()) - record.update_timestamp).total_seconds()
         if idle > instance.run_monitoring_start_timeout_seconds:
             how = "created" if run.status == DagsterRunStatus.NOT_STARTED else "launched"

@@ -31,10 +31,14 @@ from dagster._core.executor.base import Executor
 from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.executor.init import InitExecutorContext
 from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
-from dagster._core.storage.tags import MULTIDIMENSIONAL_PARTITION_PREFIX, PARTITION_NAME_TAG
+from dagster._core.storage.tags import (
+    MULTIDIMENSIONAL_PARTITION_PREFIX,
+    PARENT_RUN_ID_TAG,
+    PARTITION_NAME_TAG,
+)
 
 from ccat_assets.stages import ASSET_STAGE, stages_of_job
-from ccat_assets.tags import LINK_TAG, QUEUE_TAG, UNROUTED_TAG
+from ccat_assets.tags import LINK_TAG, PROCESS_TAGS, QUEUE_TAG, UNROUTED_TAG
 from ccat_dt.config import Config, load_config
 from ccat_dt.dispatch import dispatch_for
 from ccat_dt.opsdb.database import OpsDB
@@ -108,14 +112,23 @@ class RoutedRunCoordinator(QueuedRunCoordinator):
     `run_coordinator: {module: ccat_assets.routing, class: RoutedRunCoordinator}`."""
 
     def submit_run(self, context: SubmitRunContext) -> DagsterRun:
-        run = context.dagster_run
+        run = self._without_inherited_process(context.dagster_run)
         try:
             config = load_config()
         except Exception as exc:  # noqa: BLE001 - a bad config must not block every run
             LOG.warning("run %s not routed: configuration: %s", run.run_id, exc)
-            return super().submit_run(context)
+            return super().submit_run(SubmitRunContext(run, context.workspace))
         run = tag_run(self._instance, config, run)
         return super().submit_run(SubmitRunContext(run, context.workspace))
+
+    def _without_inherited_process(self, run: DagsterRun) -> DagsterRun:
+        """A re-execution (the UI's Re-execute) with the tags naming its parent's process
+        blanked (tags.PROCESS_TAGS): it gets its own as it starts."""
+        inherited = {tag: "" for tag in PROCESS_TAGS if run.tags.get(tag)}
+        if PARENT_RUN_ID_TAG not in run.tags or not inherited:
+            return run
+        self._instance.add_run_tags(run.run_id, inherited)
+        return self._instance.get_run_by_id(run.run_id) or run
 
 
 def _routed(config: Config, executor: Executor, tag_only: bool) -> None:

@@ -4,6 +4,14 @@ the commands that only read OpsDB import this without loading Dagster)."""
 RETRY_TAG = "ccat/retry"  # a run an operator's `ccat-dt retry` launched
 WORK_TAG = "ccat/work"  # the work a run does, the same for every attempt at it
 DRIVE_TAG = "ccat/drive"  # host:pid of the drive process that executed the run
+WORKER_TAG = "ccat/worker"  # host:pid of the process executing the run, from its start
+WORKER_ID_TAG = "ccat/worker_id"  # "machine=… namespace=… boot=… start=…" of that process:
+# what tells it from any other process with its pid (another machine of the same name, a
+# container, after a restart of the machine, the pid used again): inflight._identity
+# The tags that say which process executes a run. The UI's Re-execute copies a run's tags to
+# the new run; these are blanked there (routing.RoutedRunCoordinator): they name the parent's
+# process, and a new run judged by them would be closed as dead while it runs.
+PROCESS_TAGS = (DRIVE_TAG, WORKER_TAG, WORKER_ID_TAG)
 LINK_TAG = "ccat/link"  # "ORIGIN->DESTINATION": run limits per link (routes[].max_concurrent)
 QUEUE_TAG = "ccat/queue"  # the Celery queue of the site whose data the run touches
 UNROUTED_TAG = "ccat/unrouted"  # why a run could not be routed

@@ -36,11 +36,14 @@ from dagster import (
     PreviewWarning,
     RunsFilter,
 )
+from dagster._core.execution.plan.resume_retry import ReexecutionStrategy
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import ModuleTarget
 from dagster._daemon.types import DaemonHeartbeat
 from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import QUEUED_DAEMON, drive
+from ccat_assets.driver import QUEUED_DAEMON, close_dead_runs, drive
 from ccat_assets.inflight import (
     IN_FLIGHT,
     WORKER_ID_TAG,
@@ -357,6 +360,54 @@ def test_terminate_in_the_ui_stops_a_run_drive_executes_and_its_work_is_done_lat
             assert [p.name for p in root.rglob("*") if p.is_file()] == [MARKER], site
         assert_safe(config, opsdb)
         assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+
+
+def test_a_re_executed_run_is_not_judged_by_its_parents_process(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UI's Re-execute copies the parent run's tags to the new run, among them the ones
+    naming the process that executed the parent (its drive, its worker). Judged by them, the
+    new run, queued for the daemon, was failed by the next drive or `ccat-dt retry` ("the
+    drive that ran it died") before it ever started. The run coordinator blanks them; the
+    new run gets its own as it starts, and runs to the end. Re-executed here as the UI's
+    GraphQL resolver does it, on a real code location server."""
+    raw = observed(config, opsdb)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (
+        str(REPO), os.environ.get("PYTHONPATH")))))
+    with DagsterInstance.from_config(str(home)) as instance:
+        package = plan(config, opsdb, instance)
+        defs = build_definitions(config)
+        assert defs.get_repository_def().get_job("package_job").execute_in_process(
+            instance=instance, partition_key=package).success
+        [parent] = instance.get_runs()
+        gone = f"{socket.gethostname()}:{2**22 + 1}"  # the earlier drive that executed it
+        instance.add_run_tags(parent.run_id, {DRIVE_TAG: gone, WORKER_TAG: gone})
+        parent = parent.with_tags({**parent.tags, DRIVE_TAG: gone, WORKER_TAG: gone})
+        target = ModuleTarget(module_name="ccat_assets.definitions", attribute="defs",
+                              working_directory=str(REPO), location_name="ccat")
+        with WorkspaceProcessContext(instance, target) as workspace:
+            context = workspace.create_request_context()
+            location = context.get_code_location("ccat")
+            [repository] = location.get_repositories().values()
+            child = instance.create_reexecuted_run(
+                parent_run=parent, request_context=context, code_location=location,
+                remote_job=repository.get_full_job("package_job"),
+                strategy=ReexecutionStrategy.ALL_STEPS, use_parent_run_tags=True)
+            assert child.tags.get(DRIVE_TAG) == gone  # as Dagster makes it
+
+            instance.submit_run(child.run_id, workspace=context)
+
+        assert close_dead_runs(instance) == []  # what a drive and `ccat-dt retry` do first
+        queued = instance.get_run_by_id(child.run_id)
+        assert queued is not None and queued.status == DagsterRunStatus.QUEUED
+        assert not any(queued.tags.get(tag) for tag in (DRIVE_TAG, WORKER_TAG))
+        report = drive(defs, instance, wait_s=10)
+        assert report.dead_runs == [] and report.closed_runs == []
+        assert status(instance, child) == DagsterRunStatus.SUCCESS
+        assert report.adopted and report.failed == []
+        archived_from_the_storage(config, raw)
+        assert_safe(config, opsdb)
 
 
 def _hold_and_run_dagster(argv: list[str]) -> int:
