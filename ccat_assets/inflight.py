@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,6 +67,7 @@ def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
             continue
         if close_if_dead(instance, record):
             continue  # its process is gone: marked failed, its work re-attempted
+        stop_if_terminated(instance, run)
         later = instance.get_runs(RunsFilter(
             tags={PARTITION_NAME_TAG: run.tags[PARTITION_NAME_TAG]},
             statuses=list(FINISHED_STATUSES), created_after=record.create_timestamp),
@@ -204,6 +208,52 @@ def close_if_dead(instance: DagsterInstance, record: RunRecord,
         instance.report_run_failed(run, message=message)
     LOG.warning("run %s: %s", run.run_id, message)
     return why
+
+
+def stop_if_terminated(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """Interrupt the process executing a run an operator terminated (the UI's Terminate: the
+    run CANCELING), if it runs on this host: Dagster tells only the run workers its launcher
+    started, so a `dagster asset materialize` (or a drive's run) went on. Interrupted, the run
+    ends CANCELED and its work is re-attempted after the back-off. In a thread, again every
+    STOP_EVERY_S while the run is CANCELING (a step interrupted while it copies is retried
+    by its retry policy unless interrupted again as it waits), for STOP_FOR_S at most.
+    True if the process is being stopped."""
+    if run.status != DagsterRunStatus.CANCELING or liveness(run).alive is not True:
+        return False
+    pid = int(run.tags[WORKER_TAG].rpartition(":")[2])
+    if pid == os.getpid():  # a run this process executes itself: not from within
+        return False
+    with _STOPPING_LOCK:
+        if run.run_id in _STOPPING:
+            return True
+        _STOPPING.add(run.run_id)
+    LOG.warning("run %s: terminated by an operator; interrupting its process %d", run.run_id, pid)
+    threading.Thread(target=_interrupt, args=(instance, run.run_id, pid), daemon=True,
+                     name=f"stop-{run.run_id[:8]}").start()
+    return True
+
+
+STOP_EVERY_S = 0.5
+STOP_FOR_S = 30.0
+_STOPPING: set[str] = set()  # runs whose process a thread is interrupting
+_STOPPING_LOCK = threading.Lock()
+
+
+def _interrupt(instance: DagsterInstance, run_id: str, pid: int) -> None:
+    try:
+        deadline = time.monotonic() + STOP_FOR_S
+        while time.monotonic() < deadline:
+            run = instance.get_run_by_id(run_id)
+            if run is None or run.status != DagsterRunStatus.CANCELING \
+                    or liveness(run).alive is not True:
+                return
+            os.kill(pid, signal.SIGTERM)
+            time.sleep(STOP_EVERY_S)
+    except Exception as exc:  # noqa: BLE001 - a thread's failure must not pass unseen
+        LOG.warning("run %s: interrupting its process %d failed: %s", run_id, pid, exc)
+    finally:
+        with _STOPPING_LOCK:
+            _STOPPING.discard(run_id)
 
 
 def _identity(pid: int) -> dict[str, str]:

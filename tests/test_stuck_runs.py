@@ -362,6 +362,36 @@ def test_terminate_in_the_ui_stops_a_run_drive_executes_and_its_work_is_done_lat
         assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
 
 
+def test_terminate_in_the_ui_stops_a_dagster_cli_run_at_the_next_sensor_tick(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
+    """The UI's Terminate on an operator's `dagster asset materialize` (no launcher started
+    it: Dagster only marks it CANCELING): the next look of any sensor at the runs in flight
+    interrupts its process on this host. The run ends CANCELED, its half-written tar is gone,
+    and a drive does the work."""
+    raw = observed(config, opsdb)
+    package = plan(config, opsdb, instance)
+    marker = tmp_path / "held"
+    child = materialize(config, instance, "packages", package, "mid-tar", marker)
+    try:
+        wait_for(marker, child, timeout=START_S)
+        run = the_run(instance, child.pid)
+        instance.run_coordinator.cancel_run(run.run_id)  # what the UI's Terminate calls
+        assert status(instance, run) == DagsterRunStatus.CANCELING
+
+        in_flight(instance)  # what every sensor's tick looks at
+
+        child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            kill(child)
+    assert status(instance, run) == DagsterRunStatus.CANCELED
+    buffer = config.resolve_root("sites/ccat/buffer")
+    assert [p.name for p in buffer.rglob("*") if p.is_file()] == [MARKER]
+    assert drive(build_definitions(config), instance, wait_s=10).failed == []
+    archived_from_the_storage(config, raw)
+    assert_safe(config, opsdb)
+
+
 def test_a_re_executed_run_is_not_judged_by_its_parents_process(
         config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The UI's Re-execute copies the parent run's tags to the new run, among them the ones
