@@ -110,8 +110,11 @@ class RunPool:
         by_run = {child.queued.run.run_id: child for child in self.children.values()}
         if not by_run:
             return []
-        canceling = self.instance.get_runs(RunsFilter(
-            run_ids=list(by_run), statuses=[DagsterRunStatus.CANCELING]))
+        try:
+            canceling = self.instance.get_runs(RunsFilter(
+                run_ids=list(by_run), statuses=[DagsterRunStatus.CANCELING]))
+        except Exception:  # noqa: BLE001 - the run storage busy: looked at again next time
+            return []
         for run in canceling:
             with suppress(ProcessLookupError):
                 os.kill(by_run[run.run_id].pid, signal.SIGTERM)
