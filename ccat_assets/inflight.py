@@ -223,6 +223,8 @@ def stop_if_terminated(instance: DagsterInstance, run: DagsterRun) -> bool:
     pid = int(run.tags[WORKER_TAG].rpartition(":")[2])
     if pid == os.getpid():  # a run this process executes itself: not from within
         return False
+    if not _same_process(run, pid):  # a signal only where the pid is known to be its process
+        return False
     with _STOPPING_LOCK:
         if run.run_id in _STOPPING:
             return True
@@ -239,13 +241,21 @@ _STOPPING: set[str] = set()  # runs whose process a thread is interrupting
 _STOPPING_LOCK = threading.Lock()
 
 
+def _same_process(run: DagsterRun, pid: int) -> bool:
+    """Whether `pid` is provably the process recorded for the run: its start time in this
+    boot, as recorded, is the one /proc shows now (not judged where either is unknown)."""
+    then = dict(part.partition("=")[::2] for part in run.tags.get(WORKER_ID_TAG, "").split())
+    start = _identity(pid)["start"]
+    return bool(start) and then.get("start") == start
+
+
 def _interrupt(instance: DagsterInstance, run_id: str, pid: int) -> None:
     try:
         deadline = time.monotonic() + STOP_FOR_S
         while time.monotonic() < deadline:
             run = instance.get_run_by_id(run_id)
             if run is None or run.status != DagsterRunStatus.CANCELING \
-                    or liveness(run).alive is not True:
+                    or liveness(run).alive is not True or not _same_process(run, pid):
                 return
             os.kill(pid, signal.SIGTERM)
             time.sleep(STOP_EVERY_S)
