@@ -22,6 +22,7 @@ import tarfile
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -106,6 +107,21 @@ def materialize(config: Config, instance: DagsterInstance, asset: str, partition
                 hold: str, marker: Path) -> subprocess.Popen[str]:
     return dagster_child(config, instance, hold, marker, "asset", "materialize", "-m",
                          "ccat_assets.definitions", "--select", asset, "--partition", partition)
+
+
+@contextmanager
+def held_packaging(config: Config, instance: DagsterInstance, package: str, tmp_path: Path
+                   ) -> Iterator[tuple[subprocess.Popen[str], DagsterRun]]:
+    """An operator's `dagster asset materialize` of the package, held half way through its
+    tar: the child process and its run; killed on the way out if still alive."""
+    marker = tmp_path / "held"
+    child = materialize(config, instance, "packages", package, "mid-tar", marker)
+    try:
+        wait_for(marker, child, timeout=START_S)
+        yield child, the_run(instance, child.pid)
+    finally:
+        if child.poll() is None:
+            kill(child)
 
 
 def kill(child: subprocess.Popen[str]) -> None:
@@ -216,13 +232,8 @@ def test_a_run_on_a_host_drive_cannot_check_is_left_alone_and_named(
     and where it runs, and its partition waits for it."""
     observed(config, opsdb)
     package = plan(config, opsdb, instance)
-    marker = tmp_path / "held"
-    child = materialize(config, instance, "packages", package, "mid-tar", marker)
-    try:
-        wait_for(marker, child, timeout=START_S)
-        run = the_run(instance, child.pid)
+    with held_packaging(config, instance, package, tmp_path) as (child, run):
         instance.add_run_tags(run.run_id, {WORKER_TAG: f"archive-host:{child.pid}"})
-    finally:
         kill(child)  # here it is gone, but it says it ran elsewhere
     lines: list[str] = []
 
@@ -370,20 +381,13 @@ def test_terminate_in_the_ui_stops_a_dagster_cli_run_at_the_next_sensor_tick(
     and a drive does the work."""
     raw = observed(config, opsdb)
     package = plan(config, opsdb, instance)
-    marker = tmp_path / "held"
-    child = materialize(config, instance, "packages", package, "mid-tar", marker)
-    try:
-        wait_for(marker, child, timeout=START_S)
-        run = the_run(instance, child.pid)
+    with held_packaging(config, instance, package, tmp_path) as (child, run):
         instance.run_coordinator.cancel_run(run.run_id)  # what the UI's Terminate calls
         assert status(instance, run) == DagsterRunStatus.CANCELING
 
         in_flight(instance)  # what every sensor's tick looks at
 
         child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            kill(child)
     assert status(instance, run) == DagsterRunStatus.CANCELED
     buffer = config.resolve_root("sites/ccat/buffer")
     assert [p.name for p in buffer.rglob("*") if p.is_file()] == [MARKER]
