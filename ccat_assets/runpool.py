@@ -36,6 +36,9 @@ from ccat_assets.inflight import IN_FLIGHT
 TERMINATE_GRACE_S = 10.0  # after SIGTERM, a child is given this long before SIGKILL
 RESIGNAL_S = 0.5  # SIGTERM again this often meanwhile (see RunPool.terminate)
 CANCEL_POLL_S = 1.0  # while waiting, runs terminated by an operator are looked for this often
+# A run an operator terminated: CANCELING, or CANCELED at once by the UI's "Force termination"
+# (which only marks it: its process would go on, the work no longer counted as in flight).
+TERMINATED = [DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED]
 
 
 def run_limits(instance: DagsterInstance) -> tuple[int, list[Mapping[str, Any]]]:
@@ -100,19 +103,18 @@ class RunPool:
         return finished
 
     def cancel_terminated(self) -> list[str]:
-        """SIGTERM each child whose run an operator terminated, as Dagster's run launcher
-        would its run worker: the UI's Terminate on a run the drive executes marks it
+        """SIGTERM each child whose run an operator terminated (TERMINATED), as Dagster's run
+        launcher would its run worker: the UI's Terminate on a run the drive executes marks it
         CANCELING and sends nothing (no launcher launched it), so the run would go on. The
         interrupted run ends CANCELED and its work is re-attempted after the back-off, like
-        a failed run's. Again at each call while the run is still CANCELING (an interrupted
-        step with a retry policy is re-attempted unless interrupted again). Returns their
-        run ids."""
+        a failed run's. Again at each call while the child runs (an interrupted step with a
+        retry policy is re-attempted unless interrupted again). Returns their run ids."""
         by_run = {child.queued.run.run_id: child for child in self.children.values()}
         if not by_run:
             return []
         try:
             canceling = self.instance.get_runs(RunsFilter(
-                run_ids=list(by_run), statuses=[DagsterRunStatus.CANCELING]))
+                run_ids=list(by_run), statuses=TERMINATED))
         except Exception:  # noqa: BLE001 - the run storage busy: looked at again next time
             return []
         for run in canceling:

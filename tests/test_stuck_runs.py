@@ -333,12 +333,15 @@ def test_a_process_is_told_from_any_other_with_its_pid(
     assert judged(machine="-", boot="another-boot").alive is None  # restart or other machine
 
 
+@pytest.mark.parametrize("force", [False, True])
 def test_terminate_in_the_ui_stops_a_run_drive_executes_and_its_work_is_done_later(
-        config: Config, opsdb: OpsDB, tmp_path: Path) -> None:
+        config: Config, opsdb: OpsDB, tmp_path: Path, force: bool) -> None:
     """The UI's Terminate on a run `ccat-dt drive` executes: Dagster marks it CANCELING and
     has no process to tell (no launcher launched it), so the run went on. Now the drive
     interrupts it: the run ends CANCELED at once, its line says so, nothing half-made is left
-    on the storage, and the work is re-attempted after the back-off without a person."""
+    on the storage, and the work is re-attempted after the back-off without a person. With
+    "Force termination" the run is marked CANCELED at once; its process is stopped too (it
+    went on, its work no longer counted as in flight)."""
     raw = observed(config, opsdb)
     home = write_instance_yaml(config, tmp_path / "dagster_home").parent
     with DagsterInstance.from_config(str(home)) as instance:
@@ -352,6 +355,8 @@ def test_terminate_in_the_ui_stops_a_run_drive_executes_and_its_work_is_done_lat
             assert run.tags.get(DRIVE_TAG)  # executed by the drive, in its pool
 
             instance.run_coordinator.cancel_run(run.run_id)  # what the UI's Terminate calls
+            if force:  # and then, with "Force termination" (dagster-graphql)
+                instance.report_run_canceled(run, message="forcibly marked as canceled")
 
             deadline = time.monotonic() + 30
             while status(instance, run) != DagsterRunStatus.CANCELED:
