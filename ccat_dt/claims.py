@@ -72,10 +72,10 @@ def this_host() -> str:
     return f"{socket.gethostname()} {namespace}".strip()[:200]
 
 
-def hold(operation: Operation, now: datetime | None = None) -> None:
-    """Make a new operation this process's claim."""
+def hold(operation: Operation, now: datetime | None = None, lease: timedelta = LEASE) -> None:
+    """Make a new operation this process's claim, for `lease` unless renewed."""
     operation.owner_host, operation.owner_pid = this_host(), os.getpid()
-    operation.lease_until = _aware(now or utcnow()) + LEASE
+    operation.lease_until = _aware(now or utcnow()) + lease
 
 
 def stale(operation: Operation, now: datetime) -> str | None:

@@ -3,16 +3,19 @@
 Each deletion re-reads OpsDB in its own transaction and re-runs the plan for that one copy, so a
 plan that went stale (an LTA copy found corrupt since) deletes nothing.
 
-A process that dies between the certificate and the record leaves its copy
-DELETION_IN_PROGRESS, which the planner never touches. Once such a claim is older than any
-deletion can take (ABANDONED_AFTER), the next purge of the package finishes it: a file already
-gone is recorded deleted under the certificate that allowed it; a file still there goes back
-to PRESENT and is decided afresh, with a new certificate, like any other copy. An unlink or
-`rm` that failed (the link dropped under it, an I/O error) leaves the copy the same way, its
-operation FAILED, and the next purge (the re-attempt of this one) finishes it at once: no
-person is needed for a fault that passes, and one that persists fails every re-attempt until
-the re-attempt sensor tells a person. Only a file that is not the recorded one is
-DELETION_FAILED (or CORRUPT for a source), for a person to look at.
+A process that dies between the certificate and the record, or an attempt that could not
+record (OpsDB locked or cut off), leaves its copy DELETION_IN_PROGRESS, which the planner never
+touches. The deletion operation is a claim of its process (`claims.hold`, a lease of
+ABANDONED_AFTER, longer than any deletion takes): once its process is gone (on this host), its
+attempt ended in this process (a step's retry), or its lease ran out (another host), the next
+purge of the package finishes it: a file already gone is recorded deleted under the
+certificate that allowed it; a file still there goes back to PRESENT and is decided afresh,
+with a new certificate, like any other copy. An unlink or `rm` that failed (the link dropped
+under it, an I/O error) leaves the copy the same way, its operation FAILED, and the next purge
+(the re-attempt of this one) finishes it at once: no person is needed for a fault that passes,
+and one that persists fails every re-attempt until the re-attempt sensor tells a person. Only
+a file that is not the recorded one is DELETION_FAILED (or CORRUPT for a source), for a person
+to look at.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.orm import Session
 
+from ccat_dt import claims
 from ccat_dt.config import Config
 from ccat_dt.marker import is_marker, root_problem
 from ccat_dt.opsdb.database import OpsDB
@@ -74,8 +78,18 @@ from ccat_dt.transports.remote import (
 )
 
 # A deletion is one unlink, or one `rm` over ssh (at most SHORT_TIMEOUT_S): a claim older than
-# this belongs to a process that died.
+# this belongs to a process that died (its lease, where its process cannot be looked at).
 ABANDONED_AFTER = timedelta(hours=1)
+
+
+def abandoned(operation: Operation, now: datetime) -> str | None:
+    """Why a deletion IN_PROGRESS can no longer be going on (its process is gone, its attempt
+    ended, its lease ran out), or None while it may be."""
+    if operation.lease_until is None:  # claimed before deletions recorded their process
+        if _aware(operation.started_at) <= _aware(now) - ABANDONED_AFTER:
+            return f"its process stopped ({ABANDONED_AFTER} ago or more)"
+        return None
+    return claims.stale(operation, now)
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,7 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
                               copy_id=copy.id, source_location_id=copy.location_id,
                               reason=decision.reason, run_id=run_id, evidence=certificate,
                               started_at=started)
+        claims.hold(operation, started, lease=ABANDONED_AFTER)
         session.add(operation)
         session.flush()
         prune = copy.kind == "raw_file" and decision.location_type in (
@@ -366,21 +381,17 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
 def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
                   now: datetime | None = None, run_id: str | None = None,
                   copy_ids: Collection[int] | None = None,
-                  early_ids: Collection[int] = (),
-                  abandoned_after: timedelta | None = None) -> PurgeReport:
+                  early_ids: Collection[int] = ()) -> PurgeReport:
     """Delete the copies of the package the planner allows, one certified transaction each.
 
     `copy_ids` limits the deletions to those a purge cycle planned (its byte budget holds);
     `early_ids` are the ones disk pressure lets go before their retention age. Each is
-    re-decided from fresh reads just before it is deleted. Deletions abandoned by a dead
-    process (claimed more than `abandoned_after`, default ABANDONED_AFTER, ago) are finished
-    first, whatever `copy_ids` says (a cycle planned them before)."""
+    re-decided from fresh reads just before it is deleted. Deletions left half done (see
+    `abandoned`) are finished first, whatever `copy_ids` says (a cycle planned them before)."""
     now = now or utcnow()
     with opsdb.session() as session:
         package_id = _package(session, package_name).id
-    resumed, failures = _resume_unfinished(
-        opsdb, ssh_settings(config), package_id, now,
-        ABANDONED_AFTER if abandoned_after is None else abandoned_after)
+    resumed, failures = _resume_unfinished(opsdb, ssh_settings(config), package_id, now)
     with opsdb.session() as session:
         package = _package(session, package_name)
         plan = plan_deletions(session, config, package, now, early_ids)
@@ -412,7 +423,11 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
         if isinstance(claim, Decision):
             kept.append(claim)
             continue
-        size, failure = _execute(opsdb, config, claim)
+        claims.track([claim.operation_id])  # live while this attempt is deleting
+        try:
+            size, failure = _execute(opsdb, config, claim)
+        finally:
+            claims.untrack([claim.operation_id])
         if failure is None:
             deleted, deleted_bytes = deleted + 1, deleted_bytes + size
         else:
@@ -420,16 +435,15 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     return PurgeReport(package_name, deleted, deleted_bytes, kept, failures)
 
 
-def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: datetime,
-                       abandoned_after: timedelta) -> tuple[set[int], list[str]]:
-    """Finish the package's deletions whose process died after committing the certificate
-    (after `abandoned_after`), or whose unlink failed (at once); returns the copies put back
+def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int,
+                       now: datetime) -> tuple[set[int], list[str]]:
+    """Finish the package's deletions abandoned after committing the certificate (see
+    `abandoned`), or whose unlink failed (at once); returns the copies put back
     to PRESENT (file still there) for a fresh decision, and one failure per copy whose
     storage could not be looked at (this purge fails: its re-attempt looks again). A refused
     deletion (DELETION_FAILED: the file was not the recorded one) is closed only once a person
     has taken the file away: its path empty, the copy is recorded deleted under the
     certificate that allowed it; a file still there is left to them."""
-    cutoff = _aware(now) - abandoned_after
     with opsdb.session() as session:
         files = select(RawDataFile.id).where(RawDataFile.package_id == package_id)
         stuck = session.scalars(select(PhysicalCopy).where(
@@ -441,10 +455,13 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
             claim = session.scalars(select(Operation).where(
                 Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
                 .order_by(Operation.id.desc()).limit(1)).first()
-            if claim is not None and (claim.status == OperationStatus.FAILED or (
-                    claim.status == OperationStatus.IN_PROGRESS
-                    and _aware(claim.started_at) <= cutoff)):
-                found.append((copy.id, copy.status, claim.id, claim.status, claim.error,
+            if claim is None:
+                continue
+            why = ((claim.error or "it failed") if claim.status == OperationStatus.FAILED
+                   else abandoned(claim, now) if claim.status == OperationStatus.IN_PROGRESS
+                   else None)
+            if why is not None:
+                found.append((copy.id, copy.status, claim.id, claim.status, why,
                               copy.size, copy.checksum, copy.location.host,
                               Path(copy.location.root), copy.relative_path))
     resumed: set[int] = set()
@@ -478,9 +495,9 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int, now: dat
                          "deleted" if gone else f"{failure}; the file is still there: the "
                          "copy is decided afresh")
             else:
-                error = ("the deleting process died after the unlink; recorded by a later "
-                         "purge" if gone else "abandoned: the deleting process died before "
-                         "the unlink; the copy is decided afresh")
+                error = (f"abandoned after the unlink ({failure}); recorded by a later purge"
+                         if gone else f"abandoned before the unlink ({failure}); the copy is "
+                         "decided afresh")
             taken = session.execute(update(Operation).where(
                 Operation.id == operation_id, Operation.status == was)
                 .values(status=done, error=error, finished_at=finished,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -152,12 +152,10 @@ class Abandoned:
     location: str = ""
 
 
-def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
-                        now: datetime | None = None) -> list[Abandoned]:
-    """Copies DELETION_IN_PROGRESS whose newest deletion operation is still IN_PROGRESS and
-    began more than `older_than` ago (a deletion is one unlink or one `rm` over ssh), or
-    FAILED (at once: its process ended)."""
-    cutoff = _aware(now or utcnow()) - older_than
+def abandoned_deletions(opsdb: OpsDB, now: datetime | None = None) -> list[Abandoned]:
+    """Copies DELETION_IN_PROGRESS whose newest deletion operation is still IN_PROGRESS but
+    abandoned (`reaper.abandoned`: its process is gone, say), or FAILED (its process ended)."""
+    now = now or utcnow()
     out = []
     with opsdb.session() as session:
         copies = session.scalars(select(PhysicalCopy).where(
@@ -169,7 +167,7 @@ def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
                 .order_by(Operation.id.desc()).limit(1)).first()
             if operation is None or operation.status != OperationStatus.FAILED and (
                     operation.status != OperationStatus.IN_PROGRESS
-                    or _aware(operation.started_at) > cutoff):
+                    or reaper.abandoned(operation, now) is None):
                 continue
             package_id = copy.package_id or session.scalar(select(RawDataFile.package_id).where(
                 RawDataFile.id == copy.raw_data_file_id))
@@ -183,11 +181,9 @@ def abandoned_deletions(opsdb: OpsDB, *, older_than: timedelta,
     return out
 
 
-def resume_deletions(opsdb: OpsDB, config: Config, *, older_than: timedelta | None = None,
+def resume_deletions(opsdb: OpsDB, config: Config, *,
                      now: datetime | None = None) -> list[reaper.PurgeReport]:
     """Finish every abandoned deletion (see `ccat_dt.reaper`): a purge of each package that
     has one, limited to those copies, whether or not anything else of the package is due."""
-    after = reaper.ABANDONED_AFTER if older_than is None else older_than
-    names = sorted({a.package for a in abandoned_deletions(opsdb, older_than=after, now=now)})
-    return [reaper.purge_package(opsdb, config, name, now=now, copy_ids=(), abandoned_after=after)
-            for name in names]
+    names = sorted({a.package for a in abandoned_deletions(opsdb, now)})
+    return [reaper.purge_package(opsdb, config, name, now=now, copy_ids=()) for name in names]

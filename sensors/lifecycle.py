@@ -27,7 +27,6 @@ from ccat_assets.partitions import (
 from ccat_assets.runlog import run_failure
 from ccat_assets.stages import JOBS, copy_job, site_copy
 from ccat_assets.tags import LINK_TAG, WORK_TAG
-from ccat_dt import reaper
 from ccat_dt.failover import fail_over
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.packages import plan_packages
@@ -183,8 +182,7 @@ def purge_sensor(context: SensorEvaluationContext,
             partition_key=package, run_key=key, tags={WORK_TAG: work},
             run_config=on_queue(config, deletion_queue(config, site, locations[0]), cycle)
             if site else cycle))
-    for abandoned in abandoned_deletions(deployment.opsdb, older_than=reaper.ABANDONED_AFTER,
-                                         now=now):
+    for abandoned in abandoned_deletions(deployment.opsdb, now):
         if abandoned.package in planned or abandoned.package in busy:
             continue  # the planned purge (or the one running) finishes it first
         planned.add(abandoned.package)

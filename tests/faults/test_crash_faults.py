@@ -27,6 +27,7 @@ from ccat_dt.opsdb.models import (
     PackageState,
     PhysicalCopy,
     RawDataPackage,
+    _aware,
     utcnow,
 )
 from ccat_dt.retention import Action
@@ -159,16 +160,18 @@ def _archive_without_purging(config: Config, opsdb: OpsDB, instance: DagsterInst
     return package
 
 
-@pytest.mark.parametrize(("kill", "nth", "an_hour_later"), [
-    ("after-certificate", 4, True), ("after-unlink", 4, True), ("after-certificate", 6, False)])
+@pytest.mark.parametrize(("kill", "nth", "claimed_on"), [
+    ("after-certificate", 4, "this host"), ("after-unlink", 4, "this host"),
+    ("after-certificate", 6, "this host"), ("after-certificate", 6, "another host")])
 def test_killed_between_certificate_and_record_the_deletion_is_finished_later(
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
-        monkeypatch: pytest.MonkeyPatch, kill: str, nth: int, an_hour_later: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, kill: str, nth: int, claimed_on: str) -> None:
     """Killed after the n-th of 6 deletions (3 buffer copies, then 3 raw files) committed its
     certificate. Killed at the 4th, the 5th and 6th are still due: the next purge of the
-    package finishes the dead claim too, once it counts as abandoned. Killed at the last, no
-    planned purge of the package is due again: the purge sensor asks for one that finishes
-    the abandoned deletion, once it counts as abandoned; no operator needed."""
+    package finishes the dead claim too. Killed at the last, no planned purge of the package
+    is due again: the purge sensor asks for one that finishes the abandoned deletion. A claim
+    whose process is gone from this host is finished at once; one held on another host (whose
+    process cannot be looked at) once its lease ran out. No operator needed."""
     package = _archive_without_purging(config, opsdb, instance, monkeypatch)
 
     dead = child(config, "purge", package, kill=kill, nth=nth)
@@ -182,22 +185,24 @@ def test_killed_between_certificate_and_record_the_deletion_is_finished_later(
             Operation.copy_id == stuck_id,
             Operation.operation_type == OperationType.DELETION)).all()
         assert claim.status == OperationStatus.IN_PROGRESS and claim.evidence  # certified
+        assert claim.owner_pid is not None and claim.lease_until is not None
+        owner, lease_until = claim.owner_pid, _aware(claim.lease_until)
+        if claimed_on == "another host":
+            claim.owner_host = "archive-node-2"
     assert stuck_path.exists() == (kill == "after-certificate")
     assert_safe(config, opsdb, settled=False)  # a half-done deletion breaks no invariant
 
-    if an_hour_later:  # the next cycle comes after the claim counts as abandoned
-        monkeypatch.setattr(reaper, "ABANDONED_AFTER", timedelta(0))
-        assert run(config, instance).failed == []
-    else:  # the next cycle comes at once: a claim that young may be in flight, it stays
+    if claimed_on == "another host":  # its process may be deleting: it stays for its lease
         assert run(config, instance).failed == []
         assert _status(opsdb, stuck_id) == CopyStatus.DELETION_IN_PROGRESS
-        assert abandoned_deletions(opsdb, older_than=reaper.ABANDONED_AFTER) == []
-        later = utcnow() + reaper.ABANDONED_AFTER + timedelta(minutes=1)
-        [abandoned] = abandoned_deletions(opsdb, older_than=reaper.ABANDONED_AFTER, now=later)
+        assert abandoned_deletions(opsdb) == []
+        [abandoned] = abandoned_deletions(opsdb, lease_until + timedelta(seconds=1))
         assert abandoned.copy_id == stuck_id
-        monkeypatch.setattr(reaper, "ABANDONED_AFTER", timedelta(0))  # an hour later ...
-        assert [key.split(":")[0] for key in run(config, instance).launched] == [
-            "purge-unfinished"]  # ... the sensor finishes the abandoned deletion
+        with opsdb.session() as session:  # an hour later ...
+            session.get_one(Operation, claim.id).lease_until = utcnow()
+    launched = run(config, instance).launched
+    if nth == 6:  # ... the sensor finishes the abandoned deletion
+        assert [key.split(":")[0] for key in launched] == ["purge-unfinished"]
 
     assert not stuck_path.exists()
     assert _status(opsdb, stuck_id) == CopyStatus.DELETED
@@ -212,7 +217,8 @@ def test_killed_between_certificate_and_record_the_deletion_is_finished_later(
         assert [op.status for op in ended] == (
             [OperationStatus.COMPLETED] if kill == "after-unlink"
             else [OperationStatus.FAILED, OperationStatus.COMPLETED])
-        assert "died" in (ended[0].error or "")
+        assert ("lease ran out" if claimed_on == "another host" else
+                f"its process {owner} on this host is gone") in (ended[0].error or "")
         diagnosis = {s.stage: s for s in diagnose(session, config, package, utcnow())}
         assert diagnosis["purge"].state == "done"
 

@@ -1,6 +1,7 @@
 """OpsDB unavailable in the middle of a step: another process holds the SQLite database's
-write lock (BEGIN EXCLUSIVE) longer than the step's busy timeout, at the worst moment: the
-bytes have landed and are about to be recorded."""
+write lock (BEGIN EXCLUSIVE) longer than the step's busy timeout, at the worst moments: the
+bytes have landed and are about to be recorded; a file is deleted and its deletion is about to
+be recorded."""
 
 from __future__ import annotations
 
@@ -14,10 +15,18 @@ import pytest
 from dagster import DagsterInstance
 from sqlalchemy import select
 
+import ccat_dt.reaper as reaper
 import ccat_dt.transports.local as local
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import OperationStatus, OperationType, PackageCopy
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    PhysicalCopy,
+)
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere, deployment, observe, operations, run
 
@@ -50,20 +59,41 @@ def lock_on_first_landing(config: Config, monkeypatch: pytest.MonkeyPatch
                           ) -> list[subprocess.Popen[str]]:
     """When the first transfer's bytes have landed, another process locks the OpsDB for
     HOLD_S; returns the (soon one) locker process."""
-    path = config.opsdb_url.removeprefix("sqlite:///")
     lockers: list[subprocess.Popen[str]] = []
     real = local.LocalTransport._landed
 
     def landed(self: local.LocalTransport, temporary: Path) -> None:
         if not lockers:
-            locker = subprocess.Popen([sys.executable, "-c", LOCKER, path, str(HOLD_S)],
-                                      stdout=subprocess.PIPE, text=True)
-            lockers.append(locker)
-            assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+            lockers.append(_lock(config))
         real(self, temporary)
 
     monkeypatch.setattr(local.LocalTransport, "_landed", landed)
     return lockers
+
+
+def lock_after_first_unlink(config: Config, monkeypatch: pytest.MonkeyPatch
+                            ) -> list[subprocess.Popen[str]]:
+    """When the purge has unlinked its first file, another process locks the OpsDB for
+    HOLD_S, before the deletion is recorded; returns the (soon one) locker process."""
+    lockers: list[subprocess.Popen[str]] = []
+    real = reaper._unlink_local
+
+    def unlink(claim: Any) -> int:
+        size = real(claim)
+        if not lockers:
+            lockers.append(_lock(config))
+        return size
+
+    monkeypatch.setattr(reaper, "_unlink_local", unlink)
+    return lockers
+
+
+def _lock(config: Config) -> subprocess.Popen[str]:
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, config.opsdb_url.removeprefix("sqlite:///"), str(HOLD_S)],
+        stdout=subprocess.PIPE, text=True)
+    assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+    return locker
 
 
 def _cologne_copies(opsdb: OpsDB) -> list[int]:
@@ -128,3 +158,37 @@ def test_opsdb_locked_for_the_only_attempt_fails_cleanly_then_a_reattempt_conver
         assert_safe(config, opsdb)
     finally:
         opsdb.dispose()
+
+
+def test_opsdb_locked_while_recording_a_deletion_the_retry_finishes_it(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is gone but its deletion cannot be recorded, so the purge run fails; its
+    re-attempt, a new run after the back-off, finishes the deletion the failed run left (not
+    an hour later, not by a person)."""
+    observe(config, opsdb)
+    short_busy_timeout(config, monkeypatch)
+    lockers = lock_after_first_unlink(config, monkeypatch)
+
+    report = run(config, instance, workers=1)  # the locker is started in this process
+
+    assert lockers, "the fault was never injected"
+    lockers[0].wait(timeout=30)
+    # every run failed on the lock until it was released; the last one converged
+    assert report.failed and all(key.startswith("purge:") for key in report.failed)
+    assert report.launched[-1] not in report.failed
+    with opsdb.session() as session:
+        [first, *_] = session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.DELETION).order_by(Operation.id)).all()
+        copy = session.get_one(PhysicalCopy, first.copy_id)
+        path = Path(copy.location.root) / copy.relative_path
+        assert copy.status == CopyStatus.DELETED
+        # recorded under its own certificate by the retry, not deleted again
+        assert first.status == OperationStatus.COMPLETED
+        assert "recorded by a later purge" in (first.error or "")
+        assert session.scalars(select(Operation).where(
+            Operation.copy_id == copy.id,
+            Operation.operation_type == OperationType.DELETION)).all() == [first]
+    assert not path.exists()
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
