@@ -41,9 +41,9 @@ from tests.sshd import SshServer
 
 
 def multisite(tmp_path: Path, sshd: SshServer, transport: str = "rsync",
-              **policies: object) -> Config:
+              bbcp: dict[str, object] | None = None, **policies: object) -> Config:
     """The embedded default, but each archive site is a host reached through sshd with
-    `transport`."""
+    `transport` (and, for bbcp, the routes' `bbcp` settings)."""
     settings = copy.deepcopy(EMBEDDED_DEFAULT)
     for site in settings["sites"]:  # type: ignore[attr-defined]
         if site["short_name"] in ("cologne", "us"):
@@ -53,6 +53,8 @@ def multisite(tmp_path: Path, sshd: SshServer, transport: str = "rsync",
                                        / location["name"])
     for route in settings["routes"]:  # type: ignore[attr-defined]
         route["transport"] = transport
+        if bbcp:
+            route["bbcp"] = bbcp
     settings["policies"] = {**settings["policies"], **policies}  # type: ignore[dict-item]
     ssh = sshd.ssh
     settings["ssh"] = {"port": ssh.port, "identity_file": ssh.identity_file,

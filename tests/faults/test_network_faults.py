@@ -1,11 +1,15 @@
-"""The WAN link fails during a transfer to an archive reached over ssh (rsync through the
-test sshd): it drops in the middle of the bytes, or is down when the transfer starts. The
-step's retry finds it back up; rsync resumes what had arrived."""
+"""The WAN link fails during a transfer to an archive reached over ssh (rsync, or bbcp where
+it is installed, through the test sshd): it drops in the middle of the bytes, or is down when
+the transfer starts. The step's retry finds it back up; rsync resumes what had arrived, bbcp
+appends to it."""
 
 from __future__ import annotations
 
+import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import DagsterInstance
@@ -24,6 +28,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
 )
 from ccat_dt.report import disagreements
+from ccat_dt.transports.bbcp import BbcpTransport
 from ccat_dt.transports.factory import ssh_settings
 from tests.faults.invariants import assert_safe
 from tests.faults.link import Link
@@ -72,6 +77,57 @@ def test_link_failure_during_a_transfer_is_retried_and_converges(
         if failure == "drops mid-transfer":  # the second attempt appended to the first's bytes
             log = _completed_log(opsdb, package)
             assert "were already there (resumed)" in log, log[-3000:]
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)  # the "remote" roots are on this machine: read directly
+        assert disagreements(opsdb, ssh_settings(config)) == []
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.skipif(shutil.which("bbcp") is None, reason="bbcp is not installed (not packaged "
+                    "for Debian); tests/test_bbcp.py replays captured output of cut transfers")
+def test_a_bbcp_transfer_whose_link_drops_is_resumed_by_the_step_retry(
+        tmp_path: Path, sshd: SshServer, link: Link, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real bbcp, slowed to 8 MB/s: 1.5 s into the first transfer the link goes down for a
+    second (bbcp's ssh control connection is reset). The attempt fails retryable, keeping what
+    landed; the step's retry appends to it, and the package ends verified in both archives."""
+    config = multisite(tmp_path, link.through(sshd, tmp_path), "bbcp",
+                       bbcp={"rate_limit": "8M"})
+    opsdb = OpsDB(config.opsdb_url)
+    cut = threading.Event()
+
+    def drop_the_link_once() -> None:
+        if not cut.is_set():
+            cut.set()
+            link.cut()
+            threading.Timer(1.0, link.restore).start()
+
+    real_init = BbcpTransport.__init__
+
+    def init(self: BbcpTransport, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        runner = self._run
+
+        def run_bbcp(argv: list[str], *rest: Any, **options: Any) -> Any:
+            threading.Timer(1.5, drop_the_link_once).start()
+            return runner(argv, *rest, **options)
+
+        self._run = run_bbcp
+
+    monkeypatch.setattr(BbcpTransport, "__init__", init)
+    try:
+        observe(config, opsdb, files=3, size=10 * MB)
+
+        report = run(config, instance, workers=1)  # the link is cut from this process
+
+        assert cut.is_set()
+        assert report.failed == []  # the step's own retry got through
+        [package] = package_names(opsdb)
+        transfers = operations(opsdb, OperationType.TRANSFER, package)
+        assert transfers[0][0] == OperationStatus.FAILED
+        assert "transfer interrupted" in (transfers[0][1] or "")
+        assert [s for s, _ in transfers[1:]] == [OperationStatus.COMPLETED] * 2
         archived_everywhere(config, opsdb)
         assert_safe(config, opsdb)  # the "remote" roots are on this machine: read directly
         assert disagreements(opsdb, ssh_settings(config)) == []
