@@ -43,6 +43,9 @@ from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType, _awa
 
 LEASE = timedelta(minutes=5)
 RENEW_EVERY = LEASE / 5
+# A deletion is one unlink, or one `rm` over ssh (at most remote.SHORT_TIMEOUT_S): its claim is
+# not renewed, and one older than this belongs to a process that died.
+DELETION_LEASE = timedelta(hours=1)
 MOVES = (OperationType.TRANSFER, OperationType.ARCHIVE)
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,25 @@ def stale(operation: Operation, now: datetime) -> str | None:
     if not _running(operation.owner_pid):
         return f"its process {operation.owner_pid} on this host is gone"
     return None
+
+
+def abandoned_deletion(operation: Operation, now: datetime) -> str | None:
+    """Why a deletion IN_PROGRESS can no longer be going on (its process is gone, its attempt
+    ended, its lease ran out), or None while it may be."""
+    if operation.lease_until is None:  # claimed before deletions recorded their process
+        if _aware(operation.started_at) <= _aware(now) - DELETION_LEASE:
+            return f"its process stopped ({DELETION_LEASE} ago or more)"
+        return None
+    return stale(operation, now)
+
+
+def holder(operation: Operation) -> str:
+    """Who holds a claim, in words."""
+    if operation.owner_pid is None:
+        return "a process that recorded no identity"
+    until = (f", its lease until {_aware(operation.lease_until):%Y-%m-%d %H:%M:%S} UTC"
+             if operation.lease_until is not None else "")
+    return f"process {operation.owner_pid} on {operation.owner_host}{until}"
 
 
 def _running(pid: int) -> bool:

@@ -6,16 +6,16 @@ plan that went stale (an LTA copy found corrupt since) deletes nothing.
 A process that dies between the certificate and the record, or an attempt that could not
 record (OpsDB locked or cut off), leaves its copy DELETION_IN_PROGRESS, which the planner never
 touches. The deletion operation is a claim of its process (`claims.hold`, a lease of
-ABANDONED_AFTER, longer than any deletion takes): once its process is gone (on this host), its
-attempt ended in this process (a step's retry), or its lease ran out (another host), the next
-purge of the package finishes it: a file already gone is recorded deleted under the
-certificate that allowed it; a file still there goes back to PRESENT and is decided afresh,
-with a new certificate, like any other copy. An unlink or `rm` that failed (the link dropped
-under it, an I/O error) leaves the copy the same way, its operation FAILED, and the next purge
-(the re-attempt of this one) finishes it at once: no person is needed for a fault that passes,
-and one that persists fails every re-attempt until the re-attempt sensor tells a person. Only
-a file that is not the recorded one is DELETION_FAILED (or CORRUPT for a source), for a person
-to look at.
+claims.DELETION_LEASE, longer than any deletion takes): once its process is gone (on this
+host), its attempt ended in this process (a step's retry), or its lease ran out (another
+host), the next purge of the package finishes it: a file already gone is recorded deleted
+under the certificate that allowed it; a file still there goes back to PRESENT and is decided
+afresh, with a new certificate, like any other copy. An unlink or `rm` that failed (the link
+dropped under it, an I/O error) leaves the copy the same way, its operation FAILED, and the
+next purge (the re-attempt of this one) finishes it at once: no person is needed for a fault
+that passes, and one that persists fails every re-attempt until the re-attempt sensor tells a
+person. Only a file that is not the recorded one is DELETION_FAILED (or CORRUPT for a source),
+for a person to look at.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from collections.abc import Collection
 from contextlib import suppress
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -76,20 +76,6 @@ from ccat_dt.transports.remote import (
     remote_size,
     run,
 )
-
-# A deletion is one unlink, or one `rm` over ssh (at most SHORT_TIMEOUT_S): a claim older than
-# this belongs to a process that died (its lease, where its process cannot be looked at).
-ABANDONED_AFTER = timedelta(hours=1)
-
-
-def abandoned(operation: Operation, now: datetime) -> str | None:
-    """Why a deletion IN_PROGRESS can no longer be going on (its process is gone, its attempt
-    ended, its lease ran out), or None while it may be."""
-    if operation.lease_until is None:  # claimed before deletions recorded their process
-        if _aware(operation.started_at) <= _aware(now) - ABANDONED_AFTER:
-            return f"its process stopped ({ABANDONED_AFTER} ago or more)"
-        return None
-    return claims.stale(operation, now)
 
 
 @dataclass(frozen=True)
@@ -172,7 +158,7 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
                               copy_id=copy.id, source_location_id=copy.location_id,
                               reason=decision.reason, run_id=run_id, evidence=certificate,
                               started_at=started)
-        claims.hold(operation, started, lease=ABANDONED_AFTER)
+        claims.hold(operation, started, lease=claims.DELETION_LEASE)
         session.add(operation)
         session.flush()
         prune = copy.kind == "raw_file" and decision.location_type in (
@@ -387,7 +373,8 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     `copy_ids` limits the deletions to those a purge cycle planned (its byte budget holds);
     `early_ids` are the ones disk pressure lets go before their retention age. Each is
     re-decided from fresh reads just before it is deleted. Deletions left half done (see
-    `abandoned`) are finished first, whatever `copy_ids` says (a cycle planned them before)."""
+    `claims.abandoned_deletion`) are finished first, whatever `copy_ids` says (a cycle planned
+    them before)."""
     now = now or utcnow()
     with opsdb.session() as session:
         package_id = _package(session, package_name).id
@@ -438,7 +425,7 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
 def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int,
                        now: datetime) -> tuple[set[int], list[str]]:
     """Finish the package's deletions abandoned after committing the certificate (see
-    `abandoned`), or whose unlink failed (at once); returns the copies put back
+    `claims.abandoned_deletion`), or whose unlink failed (at once); returns the copies put back
     to PRESENT (file still there) for a fresh decision, and one failure per copy whose
     storage could not be looked at (this purge fails: its re-attempt looks again). A refused
     deletion (DELETION_FAILED: the file was not the recorded one) is closed only once a person
@@ -458,7 +445,8 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int,
             if claim is None:
                 continue
             why = ((claim.error or "it failed") if claim.status == OperationStatus.FAILED
-                   else abandoned(claim, now) if claim.status == OperationStatus.IN_PROGRESS
+                   else claims.abandoned_deletion(claim, now)
+                   if claim.status == OperationStatus.IN_PROGRESS
                    else None)
             if why is not None:
                 found.append((copy.id, copy.status, claim.id, claim.status, why,

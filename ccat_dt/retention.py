@@ -21,12 +21,14 @@ from typing import TypeVar
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, joinedload
 
+from ccat_dt.claims import abandoned_deletion, holder
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
     LocationType,
     Operation,
+    OperationStatus,
     OperationType,
     PackageCopy,
     PhysicalCopy,
@@ -111,6 +113,19 @@ def lta_requirement(config: Config, site: str,
     return config.settings.required_lta_copies, None
 
 
+def _unfinished(claim: Operation | None, now: datetime) -> str:
+    """Where a deletion left half done stands: who may still be at it, or that the next purge
+    of the package finishes it."""
+    if claim is None:
+        return "no deletion operation recorded"
+    if claim.status == OperationStatus.IN_PROGRESS:
+        why = abandoned_deletion(claim, now)
+        if why is None:
+            return f"operation {claim.id}, held by {holder(claim)}"
+        return f"operation {claim.id}: abandoned, {why}; the next purge finishes it"
+    return f"operation {claim.id} {claim.status.value}; the next purge looks at the file"
+
+
 def _sites(copies: list[PackageCopy]) -> str:
     return ", ".join(sorted(c.location.site.short_name for c in copies)) or "none"
 
@@ -175,15 +190,16 @@ class _Planner:
             return Action.KEEP, (f"integrity check failed for {names} copy; "
                                  "nothing is purged until it is repaired"), False
         if copy.status in UNFINISHED:
-            operation = self.session.scalar(select(Operation.id).where(
+            claim = self.session.scalars(select(Operation).where(
                 Operation.copy_id == copy.id, Operation.operation_type == OperationType.DELETION)
-                .order_by(Operation.id.desc()).limit(1))
+                .order_by(Operation.id.desc()).limit(1)).first()
+            operation = claim.id if claim is not None else None
             if copy.status == CopyStatus.DELETION_FAILED:
                 return (Action.KEEP, f"deletion refused, the file is not the recorded copy (see "
                         f"operation {operation}): for a person to take away, then `ccat-dt "
                         "purge --package` records it deleted", False)
-            return (Action.KEEP, f"previous deletion did not finish; see operation {operation}",
-                    False)
+            return (Action.KEEP, "previous deletion did not finish "
+                    f"({_unfinished(claim, self.now)})", False)
         if kind == LocationType.PROCESSING:
             return self._staged_rule(copy)
         observatory = site == self.config.settings.observatory

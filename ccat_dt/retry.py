@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt import reaper
+from ccat_dt.claims import abandoned_deletion
 from ccat_dt.config import Config
 from ccat_dt.diagnosis import last_staging
 from ccat_dt.opsdb.database import OpsDB
@@ -154,7 +155,8 @@ class Abandoned:
 
 def abandoned_deletions(opsdb: OpsDB, now: datetime | None = None) -> list[Abandoned]:
     """Copies DELETION_IN_PROGRESS whose newest deletion operation is still IN_PROGRESS but
-    abandoned (`reaper.abandoned`: its process is gone, say), or FAILED (its process ended)."""
+    abandoned (`claims.abandoned_deletion`: its process is gone, say), or FAILED (its process
+    ended)."""
     now = now or utcnow()
     out = []
     with opsdb.session() as session:
@@ -167,7 +169,7 @@ def abandoned_deletions(opsdb: OpsDB, now: datetime | None = None) -> list[Aband
                 .order_by(Operation.id.desc()).limit(1)).first()
             if operation is None or operation.status != OperationStatus.FAILED and (
                     operation.status != OperationStatus.IN_PROGRESS
-                    or reaper.abandoned(operation, now) is None):
+                    or abandoned_deletion(operation, now) is None):
                 continue
             package_id = copy.package_id or session.scalar(select(RawDataFile.package_id).where(
                 RawDataFile.id == copy.raw_data_file_id))

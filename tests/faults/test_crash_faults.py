@@ -196,6 +196,9 @@ def test_killed_between_certificate_and_record_the_deletion_is_finished_later(
         assert run(config, instance).failed == []
         assert _status(opsdb, stuck_id) == CopyStatus.DELETION_IN_PROGRESS
         assert abandoned_deletions(opsdb) == []
+        with opsdb.session() as session:  # `why` says who holds it, till when
+            purge = {s.stage: s for s in diagnose(session, config, package, utcnow())}["purge"]
+        assert f"held by process {owner} on archive-node-2, its lease until" in purge.detail
         [abandoned] = abandoned_deletions(opsdb, lease_until + timedelta(seconds=1))
         assert abandoned.copy_id == stuck_id
         with opsdb.session() as session:  # an hour later ...
