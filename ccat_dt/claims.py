@@ -107,6 +107,9 @@ def abandoned_deletion(operation: Operation, now: datetime) -> str | None:
         if _aware(operation.started_at) <= _aware(now) - DELETION_LEASE:
             return f"its process stopped ({DELETION_LEASE} ago or more)"
         return None
+    if _aware(operation.lease_until) <= _aware(now):  # never renewed: longer than any deletion
+        return (f"its lease ran out at {_aware(operation.lease_until).isoformat()} (process "
+                f"{operation.owner_pid} on {operation.owner_host})")
     return stale(operation, now)
 
 
