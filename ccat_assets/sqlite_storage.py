@@ -77,7 +77,7 @@ def _copy_of_empty(path: str) -> bool:
     part = f"{path}.{os.getpid()}.part"
     try:
         shutil.copyfile(_empty_event_file(), part)
-        rename_into_place(part, path, overwrite=False)
+        rename_into_place(part, path)
     except (OSError, db.exc.DatabaseError):
         return False
     finally:

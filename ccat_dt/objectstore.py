@@ -39,7 +39,7 @@ from ccat_dt.storage import (
     listing,
     look,
 )
-from ccat_dt.transports.base import Endpoint, SshSettings
+from ccat_dt.transports.base import Endpoint, Identity, SshSettings
 
 SCHEME = "s3://"
 CHECKSUM_METADATA = "xxh3-128"  # our checksum of the whole object, as x-amz-meta-xxh3-128
@@ -300,15 +300,16 @@ class ObjectStore:
 
     def upload(self, source: Path, relative_path: str, checksum: str,
                progress: Callable[[int], None] | None = None, *,
-               overwrite: bool = False) -> None:
+               replaces: Identity | None = None) -> None:
         """Multipart upload in parallel parts, each part checked by the store with the
         configured checksum, our checksum of the whole stored as metadata. On failure the
         upload is aborted (also any an earlier, killed attempt left), so no parts linger.
 
-        Unless `overwrite` (a repair of a quarantined object), the object is written only if
-        none is at the key when it completes (a conditional write, If-None-Match: *): an
-        object written there meanwhile is left as it is (FileExistsError). A store that ignores
-        the condition writes anyway; the look before the transfer is then the only guard."""
+        The object is written only if none is at the key when it completes (a conditional
+        write, If-None-Match: *), or, for a repair, only over the quarantined object `replaces`
+        names, found there just before (If-Match: its ETag): any other object there is left as
+        it is (FileExistsError). A store that ignores the condition writes anyway; the look
+        before the transfer is then the only guard."""
         from boto3.s3.transfer import TransferConfig
 
         s = self.settings
@@ -318,8 +319,9 @@ class ObjectStore:
                                   preferred_transfer_client="classic")
         self.abort_uploads(relative_path)
         key = (s.bucket, self.key(relative_path))
-        if not overwrite:
-            _NO_REPLACE.add(key)
+        there = self.head(relative_path) if replaces is not None else None
+        _CONDITIONS[key] = ({"IfMatch": there.etag} if there is not None and replaces == Identity(
+            there.size, there.identity, there.mtime_ns) else {"IfNoneMatch": "*"})
         try:
             self.client.upload_file(
                 str(source), s.bucket, self.key(relative_path), Config=transfer,
@@ -336,7 +338,7 @@ class ObjectStore:
                 raise self.problem(exc, f"uploading {relative_path}") from exc
             raise
         finally:
-            _NO_REPLACE.discard(key)
+            _CONDITIONS.pop(key, None)
 
     def download(self, relative_path: str, into: BinaryIO,
                  progress: Callable[[int], None] | None = None) -> None:
@@ -378,14 +380,14 @@ class ObjectStore:
         return True
 
 
-# (bucket, key) of the uploads in flight that must not replace an object: their PutObject or
-# CompleteMultipartUpload carries If-None-Match: * (s3transfer's upload_file cannot pass it).
-_NO_REPLACE: set[tuple[str, str]] = set()
+# (bucket, key) of the uploads in flight, and the condition their PutObject or
+# CompleteMultipartUpload carries (s3transfer's upload_file cannot pass it): If-None-Match: *
+# (replace nothing), or If-Match: the ETag of the quarantined object a repair replaces.
+_CONDITIONS: dict[tuple[str, str], dict[str, str]] = {}
 
 
-def _only_if_absent(params: dict[str, Any], **_: Any) -> None:
-    if (params.get("Bucket"), params.get("Key")) in _NO_REPLACE:
-        params["IfNoneMatch"] = "*"
+def _conditional_write(params: dict[str, Any], **_: Any) -> None:
+    params.update(_CONDITIONS.get((str(params.get("Bucket")), str(params.get("Key"))), {}))
 
 
 @lru_cache(maxsize=32)
@@ -405,7 +407,7 @@ def _client(settings: S3Config, access_key: str, secret_key: str, token: str | N
             retries={"mode": "standard", "max_attempts": 3},
             max_pool_connections=max(10, settings.max_concurrency + 2)))
     for operation in ("PutObject", "CompleteMultipartUpload"):
-        client.meta.events.register(f"before-parameter-build.s3.{operation}", _only_if_absent)
+        client.meta.events.register(f"before-parameter-build.s3.{operation}", _conditional_write)
     return client
 
 

@@ -43,6 +43,7 @@ from ccat_dt.tarball import (
     split_into_packages,
 )
 from ccat_dt.topology import primary_location
+from ccat_dt.transports.base import identity_at
 
 
 class PackageBuildFailed(Exception):
@@ -167,7 +168,7 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         members = [PackageMember(Path(f.source_location.root) / f.relative_path,
                                  f.relative_path, f.size, f.checksum) for f in package.files]
         destination = Path(buffer.root) / package_path(package)
-        quarantined_there = any(  # the bad tar a rebuild replaces; nothing else is replaced
+        quarantined_there = any(  # the bad tar a rebuild replaces
             c.status == CopyStatus.CORRUPT and c.location_id == buffer.id
             and c.relative_path == package_path(package) for c in package.copies)
         rebuilding = (package.checksum is not None and not any(c.is_verified
@@ -180,9 +181,10 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
     try:
         if problem := root_problem(Path(buffer.root)):  # never build onto an unmounted disk
             raise OSError(problem)
+        # the bad tar a rebuild replaces, as it lies there now: only that file is replaced
+        replaces = identity_at(str(destination)) if quarantined_there else None
         with labelled(site=config.settings.observatory):
-            built = build_package(members, destination, package_name=name,
-                                  overwrite=quarantined_there)
+            built = build_package(members, destination, package_name=name, replaces=replaces)
     except (PackagingError, ChecksumMismatch) as exc:
         _fail(opsdb, operation.id, package_id=package.id, error=str(exc), quarantine=rebuilding)
         raise PackageBuildFailed(f"package {name}: {exc}") from exc

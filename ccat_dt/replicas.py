@@ -40,6 +40,7 @@ from ccat_dt.transports.base import (
     FOREIGN_FILE,
     SOURCE_MISSING,
     Endpoint,
+    Identity,
     TransferError,
     TransferResult,
     Transport,
@@ -178,8 +179,8 @@ def _move(opsdb: OpsDB, config: Config, started: _Started,
             outcomes: list[TransferResult | Exception] = [unmarked] * len(jobs)
         else:
             occupied, repairs = _occupied(opsdb, config, started.destination_id, jobs)
-            free = [replace(job, destination=replace(job.destination, overwrite=True))
-                    if job.relative in repairs else job
+            free = [replace(job, destination=replace(job.destination,
+                                                     replaces=repairs.get(job.relative)))
                     for i, job in enumerate(jobs) if i not in occupied]
             moved = iter(_transfer(transport, free) if free else [])
             outcomes = [occupied[i] if i in occupied else next(moved) for i in range(len(jobs))]
@@ -191,13 +192,15 @@ def _move(opsdb: OpsDB, config: Config, started: _Started,
 
 
 def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job]
-              ) -> tuple[dict[int, TransferResult | Exception], set[str]]:
+              ) -> tuple[dict[int, TransferResult | Exception], dict[str, Identity]]:
     """What already lies at the jobs' final names, looked at now (one look per batch), by job
-    index; and the names holding a quarantined copy, which a repair overwrites. Nothing else is
-    renamed over: a file holding the package's bytes, re-hashed now, is taken as the copy (a
-    transfer whose recording was cut short); any other is left alone and its transfer refused,
-    for a person to look at. (A file that appears later, while the package travels, is caught
-    by the transport's rename, which never replaces one: transports/base.Occupied.)"""
+    index; and the quarantined copies found at their names, which a repair replaces (only
+    while that very file is there when the transport renames: another that took its place
+    meanwhile is not replaced). Nothing else is renamed over: a file holding the package's
+    bytes, re-hashed now, is taken as the copy (a transfer whose recording was cut short); any
+    other is left alone and its transfer refused, for a person to look at. (A file that
+    appears later, while the package travels, is caught by the transport's rename, which never
+    replaces one: transports/base.Occupied.)"""
     with opsdb.session() as session:
         destination = session.get_one(DataLocation, destination_id)
         root, host = destination.root, destination.host
@@ -214,7 +217,7 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job
                                                for i in taken]) if taken else []
     except StorageUnavailable as exc:
         failure = TransferError(str(exc), retryable=exc.transient)
-        return dict.fromkeys(range(len(jobs)), failure), quarantined
+        return dict.fromkeys(range(len(jobs)), failure), {}
     out: dict[int, TransferResult | Exception] = {}
     for i, found in zip(taken, hashed, strict=True):
         job, expected = jobs[i], jobs[i].placement.source.checksum
@@ -227,7 +230,12 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job
                 f"({found.problem or f'checksum {found.checksum}'}; the package is {expected}): "
                 "nothing was written over it. Find out what wrote it and move it away; the "
                 "next attempt then copies the package", retryable=False)
-    return out, quarantined
+    repairs = {job.relative: Identity(found.size, found.inode, found.mtime_ns)
+               for job, found in zip(jobs, seen, strict=True)
+               if job.relative in quarantined and found.problem is None
+               and found.size is not None and found.inode is not None
+               and found.mtime_ns is not None}
+    return out, repairs
 
 
 @dataclass(frozen=True)

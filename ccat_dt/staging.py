@@ -219,8 +219,9 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         if problem := root_problem(root):
             raise StagingError(f"{problem}; nothing was written there")
         # The tar is this step's scratch file, removed below: an earlier attempt's may be there.
-        transport.copy(origin, Endpoint(PurePosixPath(tar), overwrite=True,
-                                        marker=PurePosixPath(root / MARKER)), checksum)
+        tar.unlink(missing_ok=True)
+        transport.copy(origin, Endpoint(PurePosixPath(tar), marker=PurePosixPath(root / MARKER)),
+                       checksum)
         manifest = extract_package(tar, root / directory)
     except Exception as exc:
         finish(opsdb, operation.id, error=str(exc))

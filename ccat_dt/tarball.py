@@ -32,7 +32,12 @@ from ccat_dt.checksums import (
     new_hasher,
 )
 from ccat_dt.progress import Progress
-from ccat_dt.transports.base import FOREIGN_FILE, claim_temporary, rename_into_place
+from ccat_dt.transports.base import (
+    FOREIGN_FILE,
+    Identity,
+    claim_temporary,
+    rename_into_place,
+)
 
 MANIFEST_NAME = "MANIFEST.json"
 READ_BACK_SLICE = 64 * 1024 * 1024  # written, then its write-back started and read back
@@ -219,13 +224,14 @@ def _same_bytes_there(destination: Path, built: str) -> None:
 
 def build_package(
     members: Sequence[PackageMember], destination: Path, *, package_name: str,
-    overwrite: bool = False,
+    replaces: Identity | None = None,
 ) -> BuiltPackage:
     """Write a verified tar at `destination` atomically; nothing is left behind on failure.
 
-    Never renamed over a file at `destination` unless `overwrite` (a quarantined tar there):
-    one holding the same bytes (a build whose recording was cut short, or a concurrent one) is
-    kept as the result; any other is left alone (FileExistsError)."""
+    Never renamed over a file at `destination` but the quarantined tar `replaces` names, still
+    there at the moment of the rename: one holding the same bytes (a build whose recording was
+    cut short, or a concurrent one) is kept as the result; any other is left alone
+    (FileExistsError)."""
     if not members:
         raise PackagingError(f"{destination}: refusing to build an empty package")
     ordered = sorted(members, key=lambda m: m.arcname)
@@ -261,7 +267,7 @@ def build_package(
                               f"{landed}, written {writer.checksum()}; the disk did not keep "
                               "what was written to it", str(part))
             try:
-                rename_into_place(str(part), str(destination), overwrite=overwrite)
+                rename_into_place(str(part), str(destination), replaces=replaces)
             except FileExistsError:
                 _same_bytes_there(destination, writer.checksum())
                 part.unlink()

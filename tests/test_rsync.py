@@ -19,6 +19,7 @@ import xxhash
 
 from ccat_dt.transports.base import (
     Endpoint,
+    Identity,
     Occupied,
     TransferError,
     TransferResult,
@@ -548,9 +549,10 @@ def test_a_verified_file_is_never_renamed_over_a_file_at_its_final_name(
         sshd: SshServer, work: Path, remote: bool) -> None:
     """The look before a transfer cannot see a file that appears while the package travels
     (hours over the long link): the rename itself refuses to replace one, singly and in a
-    batch, and says so; only a repair (`overwrite`, a quarantined copy there) replaces."""
-    def where(path: Path, *, overwrite: bool = False) -> Endpoint:
-        return replace(sshd.endpoint(path) if remote else local(path), overwrite=overwrite)
+    batch, and says so; only a repair replaces, and only the quarantined file it found there
+    (`replaces`), still there at the moment of the rename."""
+    def where(path: Path, *, replaces: Identity | None = None) -> Endpoint:
+        return replace(sshd.endpoint(path) if remote else local(path), replaces=replaces)
 
     landed, final = work / ".x.tar.part", work / "x.tar"
     checksum = write_random(landed, 5000)
@@ -559,7 +561,15 @@ def test_a_verified_file_is_never_renamed_over_a_file_at_its_final_name(
         remote_verify_and_rename(sshd.ssh, where(landed), where(final), checksum)
     assert not taken.value.retryable
     assert final.read_bytes() == b"someone else's file" and landed.exists()
-    assert remote_verify_and_rename(sshd.ssh, where(landed), where(final, overwrite=True),
+    quarantined = Identity.of(final.stat())  # as the repair found it
+    (work / "other").write_bytes(b"a file put there since")
+    (work / "other").rename(final)
+    with pytest.raises(Occupied):  # not the file the repair was to replace: kept
+        remote_verify_and_rename(sshd.ssh, where(landed), where(final, replaces=quarantined),
+                                 checksum)
+    assert final.read_bytes() == b"a file put there since" and landed.exists()
+    assert remote_verify_and_rename(sshd.ssh, where(landed),
+                                    where(final, replaces=Identity.of(final.stat())),
                                     checksum)[:2] == (checksum, 5000)
     assert xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum and not landed.exists()
 
@@ -573,6 +583,20 @@ def test_a_verified_file_is_never_renamed_over_a_file_at_its_final_name(
                                                        (True, False)]
     assert (work / "b.tar").is_symlink() and (work / ".b.tar.part").exists()
     assert xxhash.xxh3_128((work / "c.tar").read_bytes()).hexdigest() == items[2][2]
+
+    # a batch of repairs: each replaces only the quarantined file it found at its name
+    repairs = []
+    for name in ("d.tar", "e.tar"):
+        (work / name).write_bytes(b"a quarantined copy")
+        repairs.append((where(work / f".{name}.part"),
+                        where(work / name, replaces=Identity.of((work / name).stat())),
+                        write_random(work / f".{name}.part", 1000)))
+    (work / "other").write_bytes(b"a file put there since")
+    (work / "other").rename(work / "e.tar")
+    found = remote_verify_and_rename_many(sshd.ssh, repairs, all_or_none=False)
+    assert [(v.renamed, v.occupied) for v in found] == [(True, False), (False, True)]
+    assert xxhash.xxh3_128((work / "d.tar").read_bytes()).hexdigest() == repairs[0][2]
+    assert (work / "e.tar").read_bytes() == b"a file put there since"
 
 
 @pytest.mark.parametrize("remote", [True, False])

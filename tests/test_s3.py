@@ -40,7 +40,7 @@ from ccat_dt.reaper import certificate_problems
 from ccat_dt.staging import Selection, request_staging, stage, staged_problems
 from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
-from ccat_dt.transports.base import Endpoint, Occupied, TransferError
+from ccat_dt.transports.base import Endpoint, Identity, Occupied, TransferError
 from ccat_dt.transports.s3 import S3Transport
 from tests.s3server import S3Server, s3, s3server  # noqa: F401 - fixtures
 
@@ -409,8 +409,20 @@ def test_an_upload_never_writes_over_an_object_that_appeared_at_its_key(
     assert not refused.value.retryable
     assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"someone else's object"
 
-    repaired = transport.copy(Endpoint(PurePosixPath(source)),
-                              replace(destination, overwrite=True), checksum)
+    store = Stores.of(deployment).of_endpoint(destination)
+    found = store.head("obs-0/pkg.tar")
+    assert found is not None
+    quarantined = Identity(found.size, found.identity, found.mtime_ns)  # as a repair found it
+    client.put_object(Bucket=bucket, Key=key, Body=b"an object put there since")
+    with pytest.raises(Occupied):  # not the object the repair was to replace: kept
+        transport.copy(Endpoint(PurePosixPath(source)),
+                       replace(destination, replaces=quarantined), checksum)
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"an object put there since"
+
+    found = store.head("obs-0/pkg.tar")
+    assert found is not None
+    repaired = transport.copy(Endpoint(PurePosixPath(source)), replace(
+        destination, replaces=Identity(found.size, found.identity, found.mtime_ns)), checksum)
     assert repaired.checksum == checksum == object_hash(client, bucket, key)
 
 

@@ -3,12 +3,15 @@ the copy is marked bad, a new copy is made from a good one elsewhere, and its ch
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from sqlalchemy import select
 
+import ccat_dt.transports.local as local
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.audit import audit
@@ -18,10 +21,14 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
+    Operation,
+    OperationStatus,
+    OperationType,
     PackageCopy,
     PackageState,
     RawDataPackage,
 )
+from tests.faults.pipeline import deployment
 from tests.helpers import lta_copies_at, observe, rot_an_lta_copy
 from tests.test_operator_actions import check_status
 
@@ -54,6 +61,49 @@ def test_scrub_finds_a_flipped_byte_and_repair_restores_the_copy(
     assert hash_file(Path(new.location.root) / new.relative_path)[0] == new.package.checksum
     cologne = [c for c in lta_copies_at(opsdb, "cologne") if c.status == CopyStatus.PRESENT]
     assert len(cologne) == 2 and all(c.is_verified for c in cologne)
+
+
+def test_a_repair_never_replaces_a_file_that_took_the_quarantined_copys_place(
+        tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the repair's bytes travel, someone moves another file to the quarantined copy's
+    path: the repair replaces only the bad copy it found there, so that file stays, byte for
+    byte, and the repair is refused for a person to look at; once the file is taken away, the
+    next attempt repairs."""
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.5})
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    bad = rot_an_lta_copy(opsdb, "us")
+    path = Path(bad.location.root) / bad.relative_path
+    real = local.LocalTransport._landed
+
+    def landed(self: local.LocalTransport, temporary: Path) -> None:
+        if temporary.parent == path.parent and not (path.parent / "theirs").exists():
+            (path.parent / "theirs").write_bytes(b"someone's file, not the package")
+            os.link(path.parent / "theirs", path.parent / ".theirs")
+            os.replace(path.parent / ".theirs", path)
+        real(self, temporary)
+
+    monkeypatch.setattr(local.LocalTransport, "_landed", landed)
+    report = drive(defs, instance, schedules=True, wait_s=0, workers=1)
+
+    assert report.failed and all(key.split(":")[0] in ("repair", "lta_copy")
+                                 for key in report.failed), report.failed
+    assert path.read_bytes() == b"someone's file, not the package"
+    with opsdb.session() as session:
+        [refused] = session.scalars(select(Operation).where(
+            Operation.package_id == bad.package_id, Operation.status == OperationStatus.FAILED,
+            Operation.operation_type.in_([OperationType.TRANSFER, OperationType.ARCHIVE]))).all()
+        assert "holds a file OpsDB does not record there" in (refused.error or "")
+
+    monkeypatch.undo()
+    path.unlink()  # the person takes their file away
+    (path.parent / "theirs").unlink()
+    again = drive(defs, instance, wait_s=10)  # its re-attempt, after the back-off
+    assert again.failed == [] and any(key.startswith("reattempt:") for key in again.launched)
+    assert hash_file(path)[0] == bad.package.checksum
+    opsdb.dispose()
 
 
 def test_scrub_of_an_unmounted_archive_marks_nothing_and_overwrites_nothing_after_remount(

@@ -25,6 +25,7 @@ from ccat_dt.tarball import (
     read_manifest,
     split_into_packages,
 )
+from ccat_dt.transports.base import Identity
 
 TREE = {
     "a/b/c.dat": 1234,
@@ -212,7 +213,8 @@ def test_a_build_never_renames_its_tar_over_other_bytes_and_keeps_the_same_bytes
         tmp_path: Path) -> None:
     """Another file at the package's path is left as it is (FileExistsError naming it); the
     same bytes there (an earlier build whose recording was cut short, a concurrent one) are
-    kept as the build, untouched; only `overwrite` (a quarantined tar there) replaces."""
+    kept as the build, untouched; only a rebuild replaces, and only the quarantined tar it
+    found there (`replaces`), still there at the moment of the rename."""
     members = make_tree(tmp_path / "src", {"a/x.dat": 100, "b/y.dat": 200})
     out = tmp_path / "out"
     out.mkdir()
@@ -224,7 +226,15 @@ def test_a_build_never_renames_its_tar_over_other_bytes_and_keeps_the_same_bytes
     assert destination.read_bytes() == b"someone else's tar"
     assert files_under(out) == {"pkg.tar"}
 
-    replaced = build_package(members, destination, package_name="pkg", overwrite=True)
+    quarantined = Identity.of(destination.stat())
+    (out / "other").write_bytes(b"a file put there since")
+    (out / "other").rename(destination)
+    with pytest.raises(FileExistsError):
+        build_package(members, destination, package_name="pkg", replaces=quarantined)
+    assert destination.read_bytes() == b"a file put there since"
+
+    replaced = build_package(members, destination, package_name="pkg",
+                             replaces=Identity.of(destination.stat()))
     assert hash_file(destination)[0] == replaced.checksum
     inode = destination.stat().st_ino
     again = build_package(members, destination, package_name="pkg")

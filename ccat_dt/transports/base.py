@@ -26,6 +26,25 @@ class TransferError(Exception):
 
 
 @dataclass(frozen=True)
+class Identity:
+    """A file as its storage tells it from another at the same name: size, inode and mtime (an
+    object store's: size, ETag as a number, last-modified)."""
+
+    size: int
+    inode: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> Identity:
+        return cls(info.st_size, info.st_ino, info.st_mtime_ns)
+
+    def text(self) -> str:
+        """As `stat -c %s:%i:%.9Y` prints it (GNU coreutils), to compare in a remote shell."""
+        seconds, nanoseconds = divmod(self.mtime_ns, 10**9)
+        return f"{self.size}:{self.inode}:{seconds}.{nanoseconds:09d}"
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """A file at a location: on this machine (host None) or on an ssh-reachable host; or an
     object in an object store (`store`, its location's root s3://bucket/prefix, with `path`
@@ -38,9 +57,10 @@ class Endpoint:
     # round trip that creates the directory. None: no such check (scratch files, tests).
     marker: PurePosixPath | None = field(default=None, compare=False)
     store: str | None = None
-    # The final name holds a quarantined copy (CORRUPT in OpsDB) that this transfer repairs:
-    # the rename into place may replace it. Otherwise it never replaces anything.
-    overwrite: bool = field(default=False, compare=False)
+    # The final name holds a quarantined copy (CORRUPT in OpsDB) that this transfer repairs, as
+    # it was found there: the rename into place replaces that file, and only while it is still
+    # the file there (looked at the moment of the rename). Otherwise nothing is replaced.
+    replaces: Identity | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         if self.store:
@@ -245,11 +265,12 @@ def _renameat2() -> Callable[..., int] | None:
 _RENAMEAT2 = _renameat2()
 
 
-def rename_into_place(source: str, target: str, *, overwrite: bool) -> None:
-    """os.rename, but without `overwrite` it never replaces a file at `target`
-    (FileExistsError): renameat2's RENAME_NOREPLACE makes the look and the rename one step. On
-    a file system without it, a look just before the rename (as `mv -n` does)."""
-    if overwrite:
+def rename_into_place(source: str, target: str, *, replaces: Identity | None = None) -> None:
+    """os.rename, but it never replaces a file at `target` (FileExistsError) other than the one
+    `replaces` names, looked at just before: renameat2's RENAME_NOREPLACE makes the look and
+    the rename one step. On a file system without it, a look just before the rename (as
+    `mv -n` does)."""
+    if replaces is not None and identity_at(target) == replaces:
         os.replace(source, target)
         return
     if _RENAMEAT2 is not None:
@@ -262,6 +283,15 @@ def rename_into_place(source: str, target: str, *, overwrite: bool) -> None:
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
     os.rename(source, target)
+
+
+def identity_at(path: str) -> Identity | None:
+    """The regular file at `path` (not followed if a symlink), or None."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return Identity.of(info) if stat.S_ISREG(info.st_mode) else None
 
 
 def temporary_name(destination: PurePosixPath) -> PurePosixPath:

@@ -21,6 +21,7 @@ from ccat_dt.transports.base import (
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
     Endpoint,
+    Identity,
     Occupied,
     TransferError,
     TransferResult,
@@ -64,7 +65,7 @@ class LocalTransport:
         if destination.marker is not None and not os.path.isfile(destination.marker):
             raise unmarked(destination)
         return self.copy_file(Path(source.path), Path(destination.path), expected_checksum,
-                              overwrite=destination.overwrite)
+                              replaces=destination.replaces)
 
     def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
                   ) -> list[TransferResult | TransferError]:
@@ -103,9 +104,10 @@ class LocalTransport:
         return back.hexdigest(), back.size
 
     def copy_file(self, source: Path, destination: Path, expected_checksum: str, *,
-                  overwrite: bool = False) -> TransferResult:
+                  replaces: Identity | None = None) -> TransferResult:
         """Copy into the temporary name, hash what landed there, rename only on a match, and
-        never over a file at `destination` unless `overwrite` (a repair of a quarantined copy).
+        never over a file at `destination` but the one `replaces` names (a repair of a
+        quarantined copy, still there at the moment of the rename).
 
         The checksum is taken from the file as it lies on the destination, read back slice by
         slice, not from the bytes handed to the kernel: a copy is verified by what arrived."""
@@ -130,7 +132,7 @@ class LocalTransport:
                                 f"checksum mismatch on arrival at {destination}: expected "
                                 f"{expected_checksum}, got {actual} ({size} bytes landed)",
                                 retryable=True)
-                        rename_into_place(str(partial), str(destination), overwrite=overwrite)
+                        rename_into_place(str(partial), str(destination), replaces=replaces)
                     except FileExistsError:
                         partial.unlink(missing_ok=True)
                         raise Occupied(Endpoint(PurePosixPath(destination))) from None

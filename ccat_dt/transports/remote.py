@@ -312,8 +312,8 @@ class Landed(NamedTuple):
 
 def _rename_local(landed: Endpoint, final: Endpoint) -> None:
     """Durably move a verified file to its final name: flush the file, rename (never over a
-    file there, unless `final.overwrite`), flush the directory, so a crash cannot leave a short
-    file under the name."""
+    file there but the quarantined one `final.replaces` names), flush the directory, so a crash
+    cannot leave a short file under the name."""
     source, target = str(landed.path), str(final.path)
     try:
         fd = os.open(source, os.O_RDONLY)
@@ -321,7 +321,7 @@ def _rename_local(landed: Endpoint, final: Endpoint) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        rename_into_place(source, target, overwrite=final.overwrite)
+        rename_into_place(source, target, replaces=final.replaces)
         fsync_directory(Path(final.path.parent))
     except FileExistsError:
         raise Occupied(final, landed) from None
@@ -330,18 +330,21 @@ def _rename_local(landed: Endpoint, final: Endpoint) -> None:
 
 
 # The move into place on a remote host, a constant fragment; $1 the landed file, $2 its final
-# name, $5 "1" to replace a file there (a repair). Otherwise `mv -n` (renameat2's
-# RENAME_NOREPLACE where the file system has it, else a look just before) never replaces: when
-# the landed file is still there and the final name is taken, it prints "occupied" and fails.
-_MOVE = ('{ if [ "$5" = 1 ]; then mv -f -- "$1" "$2"; else mv -n -- "$1" "$2"; '
+# name, $5 the identity (Identity.text) of the quarantined file a repair replaces, or empty.
+# Only while that very file is at the final name (looked at just before) is it replaced;
+# otherwise `mv -n` (renameat2's RENAME_NOREPLACE where the file system has it, else a look just
+# before) never replaces: when the landed file is still there and the final name is taken, it
+# prints "occupied" and fails.
+_MOVE = ('{ if [ -n "$5" ] && [ "$(stat -c %s:%i:%.9Y -- "$2" 2>/dev/null)" = "$5" ]; then '
+         'mv -f -- "$1" "$2"; else mv -n -- "$1" "$2"; '
          '[ ! -e "$1" ] || { { [ -e "$2" ] || [ -L "$2" ]; } && echo occupied; exit 1; }; fi; }')
 
 
 # Constant script; $1 the landed file, $2 its final name, $3 the final directory, $4 the
-# expected digest, $5 "1" to replace a file at the final name arrive as positional parameters,
-# never as code. It prints the size and the `xxhsum -H2` line (of stdin, so no file name to
-# escape), then only on an exact match moves the file into place (_MOVE), flushes the
-# directory and prints "renamed". The file is flushed to disk while it is hashed (both only
+# expected digest, $5 the quarantined file a repair replaces (_MOVE) arrive as positional
+# parameters, never as code. It prints the size and the `xxhsum -H2` line (of stdin, so no
+# file name to escape), then only on an exact match moves the file into place (_MOVE), flushes
+# the directory and prints "renamed". The file is flushed to disk while it is hashed (both only
 # read it; the disk writes while the CPU hashes), and renamed only after both.
 _VERIFY_AND_RENAME_SCRIPT = (
     'sync -- "$1" < /dev/null > /dev/null & flushing=$!; '
@@ -369,6 +372,11 @@ def _run_recorded(argv: Sequence[str], timeout_s: float,
     return done
 
 
+def _replaces(final: Endpoint) -> str:
+    """The quarantined file a repair replaces at `final`, as the remote scripts compare it."""
+    return final.replaces.text() if final.replaces is not None else ""
+
+
 def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint,
                              expected: str, *, record: Recorder | None = None,
                              timeout_s: float = HASH_TIMEOUT_S) -> Landed:
@@ -376,7 +384,7 @@ def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint
     durable rename of `landed` to `final` -- in one ssh round trip instead of two (each costs a
     handshake over a long-latency link). Returns what landed: the file was renamed exactly
     when the digest equals `expected`; on a mismatch `landed` is left as it is, for the caller
-    to deal with. Never renamed over a file at `final` (unless `final.overwrite`): that is the
+    to deal with. Never renamed over a file at `final` (but `final.replaces`): that is the
     `occupied` TransferError, `landed` kept. `record(argv, completed, seconds)` sees the ssh
     command."""
     host = _same_host(landed, final)
@@ -389,7 +397,7 @@ def remote_verify_and_rename(ssh: SshSettings, landed: Endpoint, final: Endpoint
         return Landed(digest, size)
     argv = remote_command(ssh, host, ["sh", "-c", _VERIFY_AND_RENAME_SCRIPT, "sh", source,
                                       target, directory, expected,
-                                      "1" if final.overwrite else "0"])
+                                      _replaces(final)])
     done = _run_recorded(argv, timeout_s, record)
     lines = done.stdout.splitlines()
     if done.rc != 0:
@@ -494,7 +502,7 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 
 
 # Constant script, one line; $1 is 1 to rename all or none, then per file its landed name,
-# final name, expected digest and "1" to replace a file at the final name (a repair), as
+# final name, expected digest and the quarantined file a repair replaces there (as _MOVE), as
 # positional parameters (never code; no line breaks, see check_argument). The files are hashed
 # in parallel (xargs -P, one per core of the host), each flushed to disk while it is hashed;
 # per file one line "INDEX SIZE:INODE:MTIME DIGEST" ("-" for what could not be read; the
@@ -525,7 +533,8 @@ if [ "$all" = 1 ] && [ "$bad" -gt 0 ]; then exit 0; fi;
 [ -f "$t/ok" ] || exit 0;
 while IFS= read -r i && IFS= read -r f && IFS= read -r d && IFS= read -r o; do
   { [ -e "$t/$i.synced" ] || sync -- "$f"; } || exit 1;
-  if [ "$o" = 1 ]; then mv -f -- "$f" "$d" || exit 1;
+  if [ -n "$o" ] && [ "$(stat -c %s:%i:%.9Y -- "$d" 2>/dev/null)" = "$o" ]; then
+    mv -f -- "$f" "$d" || exit 1;
   else mv -n -- "$f" "$d";
     if [ -e "$f" ]; then
       { [ -e "$d" ] || [ -L "$d" ]; } || exit 1; echo "occupied $i"; continue;
@@ -555,7 +564,7 @@ def many_arguments(all_or_none: bool, items: Sequence[tuple[Endpoint, Endpoint, 
     arguments = ["1" if all_or_none else "0"]
     for landed, final, expected in items:
         arguments += [check_path(landed.path), check_path(final.path), expected,
-                      "1" if final.overwrite else "0"]
+                      _replaces(final)]
     return arguments
 
 

@@ -90,7 +90,7 @@ class S3Transport:
         progress = Progress("transfer", PurePosixPath(relative).name, size)
         try:
             store.upload(source, relative, expected, _counter(progress),
-                         overwrite=destination.overwrite)
+                         replaces=destination.replaces)
         except FileExistsError:
             raise Occupied(destination) from None
         progress.finish()
@@ -128,7 +128,7 @@ class S3Transport:
                         raise TransferError(
                             f"checksum mismatch on arrival at {destination} from {source}: "
                             f"expected {expected}, got {actual} ({size} bytes)", retryable=True)
-                    rename_into_place(str(partial), str(destination), overwrite=final.overwrite)
+                    rename_into_place(str(partial), str(destination), replaces=final.replaces)
                 except FileExistsError:
                     partial.unlink(missing_ok=True)
                     raise Occupied(final) from None
