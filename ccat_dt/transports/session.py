@@ -43,7 +43,7 @@ Verified = list[Verdict]
 
 # Constant script, one line; $1 the location marker ("" for none), $2 how many directories
 # follow, the directories, then what VERIFY_AND_RENAME_MANY_SCRIPT takes ($1 all-or-none, then
-# landed, final, expected, overwrite per file). A flusher syncs the landing files (one `sync`
+# landed, final, expected, replaced file per file). A flusher syncs the landing files (one `sync`
 # for all, in its own subshell's arguments) every 0.2 s until a line arrives on stdin, so that
 # what is left to flush after the transfer is a fraction of a second of its data even when the
 # link is as fast as the disk (every second: up to two seconds' worth, which the verification
