@@ -109,7 +109,7 @@ def abandoned_deletion(operation: Operation, now: datetime) -> str | None:
         return None
     if _aware(operation.lease_until) <= _aware(now):  # never renewed: longer than any deletion
         return (f"its lease ran out at {_aware(operation.lease_until).isoformat()} (process "
-                f"{operation.owner_pid} on {operation.owner_host})")
+                f"{operation.owner_pid} on {_host(operation)})")
     return stale(operation, now)
 
 
@@ -119,7 +119,12 @@ def holder(operation: Operation) -> str:
         return "a process that recorded no identity"
     until = (f", its lease until {_aware(operation.lease_until):%Y-%m-%d %H:%M:%S} UTC"
              if operation.lease_until is not None else "")
-    return f"process {operation.owner_pid} on {operation.owner_host}{until}"
+    return f"process {operation.owner_pid} on {_host(operation)}{until}"
+
+
+def _host(operation: Operation) -> str:
+    """The claim's host name, without the pid namespace."""
+    return (operation.owner_host or "an unknown host").split()[0]
 
 
 def _running(pid: int) -> bool:
