@@ -10,10 +10,13 @@ ui: export CCAT_DT_CONFIG := $(abspath $(DEMO_ROOT))/ccat-dt.yaml
 
 .PHONY: demo test test-fast test-deps bench ui lint clean
 
+# compileall: our modules' bytecode, once; an editable install compiles none, and where
+# PYTHONDONTWRITEBYTECODE is set every `ccat-dt` command would compile them all again.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -m compileall -q ccat_dt ccat_assets sensors resources
 	touch $@
 
 demo: $(BIN)/.installed  ## simulate an observing night and drive it through the whole lifecycle
