@@ -24,6 +24,7 @@ from ccat_dt.opsdb.models import (
     OperationType,
     PackageState,
     RawDataFile,
+    RawDataFileCopy,
     RawDataPackage,
     Reattempt,
     Site,
@@ -35,6 +36,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.recovery import needs_rebuild
 from ccat_dt.retention import Action, plan_deletions
 from ccat_dt.routing import copies_at, replication_source
+from ccat_dt.staged_files import Damage, look_at_staged
 from ccat_dt.stages import Stage
 
 
@@ -116,7 +118,13 @@ def _staging(session: Session, request: StagingRequest, now: datetime) -> list[S
     failure = _failed(last_staging(session, request), reattempt)
     if failure is None and reattempt is not None:
         failure = f"its run failed or died ({reattempt.last_error or 'no error'})"
-    if request.staged_at is not None:
+    damage = look_at_staged(list(session.scalars(select(RawDataFileCopy).where(
+        RawDataFileCopy.staging_request_id == request.id,
+        RawDataFileCopy.status == CopyStatus.STAGED))), rehash=False) if state == "active" \
+        else None
+    if damage:
+        out.append(StageState("staging", "failed", _damage(damage, request.name, failure)))
+    elif request.staged_at is not None:
         staged = f"staged at {_aware(request.staged_at):%Y-%m-%d %H:%M} UTC"
         out.append(StageState("staging", "done", staged if state == "active" else
                               f"{staged}; no longer wanted: the purge cycle removes the files"))
@@ -128,6 +136,20 @@ def _staging(session: Session, request: StagingRequest, now: datetime) -> list[S
     else:
         out.append(StageState("staging", "waiting", "due; waiting for its run"))
     return out
+
+
+def _damage(damage: Damage, name: str, failure: str | None) -> str:
+    """What is wrong with a request's staged files now, and what brings them back."""
+    said = [f"{len(files)} staged file(s) {how} ({files[0].relative_path}"
+            f"{', …' if len(files) > 1 else ''})"
+            for files, how in ((damage.missing, "gone from the processing location"),
+                               (damage.changed, "changed there since staging"))
+            if files]
+    remedy = (f"Materialize staged_copies {name} (or `ccat-dt retry --package {name}`) stages "
+              "the missing files again from the archive")
+    if damage.changed:
+        remedy += "; changed files are kept for their owner: move them away first"
+    return "; ".join(said) + (f"; last attempt: {failure}" if failure else "") + f"; {remedy}"
 
 
 def last_staging(session: Session, request: StagingRequest) -> Operation | None:

@@ -31,6 +31,7 @@ from ccat_dt.opsdb.models import (
     PackageState,
     PhysicalCopy,
     RawDataFile,
+    RawDataFileCopy,
     RawDataPackage,
     StagingRequest,
     StagingState,
@@ -39,6 +40,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.recovery import needs_rebuild
 from ccat_dt.routing import copies_at, replication_source
+from ccat_dt.staged_files import look_at_staged
 from ccat_dt.stages import Stage
 from ccat_dt.topology import primary_location
 
@@ -88,17 +90,20 @@ def stalled_work(opsdb: OpsDB, config: Config, *, packages: Collection[str] | No
 
 
 def _staging(session: Session, names: Collection[str] | None) -> list[Stalled]:
-    """Active requests whose files are not all there yet: a transient fault (the processing
-    disk not mounted, a link down) is re-attempted like any other stage's."""
-    query = select(StagingRequest).where(StagingRequest.state == StagingState.ACTIVE,
-                                         StagingRequest.staged_at.is_(None))
+    """Active requests whose files are not all there: never staged yet (a transient fault,
+    the processing disk not mounted, a link down, is re-attempted like any other stage's), or
+    staged files gone from the disk or changed there since."""
+    query = select(StagingRequest).where(StagingRequest.state == StagingState.ACTIVE)
     if names is not None:
         query = query.where(StagingRequest.name.in_(list(names)))
     now = utcnow()
     return [Stalled(Stage.STAGING, request.name, "", _said(OperationType.STAGING,
                                                             last_staging(session, request)))
             for request in session.scalars(query.order_by(StagingRequest.id))
-            if request.is_active(now)]
+            if request.is_active(now) and (request.staged_at is None or look_at_staged(
+                list(session.scalars(select(RawDataFileCopy).where(
+                    RawDataFileCopy.staging_request_id == request.id,
+                    RawDataFileCopy.status == CopyStatus.STAGED))), rehash=False))]
 
 
 def _at_site(session: Session, config: Config, package: RawDataPackage,

@@ -37,6 +37,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.replicas import finish, finish_in
 from ccat_dt.retention import verified_lta_copies
+from ccat_dt.staged_files import look_at_staged
 from ccat_dt.tarball import extract_package
 from ccat_dt.topology import UnknownLocation, get_location
 from ccat_dt.transports.base import Endpoint
@@ -124,15 +125,25 @@ class Staged:
 
 
 def stage(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None) -> Staged:
-    """Unpack every package of the request at its processing location (idempotent)."""
+    """Unpack every package of the request at its processing location (idempotent): what is
+    not there on the disk now, never recorded or since removed, is staged (again); a staged
+    file changed since is kept, and the request fails with its name for a person."""
     files = nbytes = 0
     if ended := not_active(opsdb, name):  # released before its run came: not a failure
         return Staged(name, 0, 0, 0, note=ended)
     with opsdb.session() as session:
         package_names = [p.name for p in get_request(session, name).packages]
+    changed: list[str] = []
     for package_name in package_names:
-        count, size = _stage_package(opsdb, config, name, package_name, run_id)
-        files, nbytes = files + count, nbytes + size
+        count, size, kept = _stage_package(opsdb, config, name, package_name, run_id)
+        files, nbytes, changed = files + count, nbytes + size, changed + kept
+    if changed:
+        raise StagingError(
+            f"{len(changed)} staged file(s) changed at the processing location since they "
+            f"were staged: {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''}. They "
+            "are kept (their bytes are in no archive); move them away if their owner no "
+            "longer needs them, then Materialize this partition (or `ccat-dt retry --package "
+            f"{name}`) to stage them again")
     with opsdb.session() as session:
         get_request(session, name).staged_at = utcnow()
     return Staged(name, len(package_names), files, nbytes)
@@ -182,17 +193,26 @@ def get_request(session: Session, name: str) -> StagingRequest:
 
 
 def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name: str,
-                   run_id: str | None) -> tuple[int, int]:
+                   run_id: str | None) -> tuple[int, int, list[str]]:
+    """Stage the package's files that are not at the processing location now; returns the
+    files and bytes staged, and the staged files found changed there (left as they are)."""
     with opsdb.session() as session:
         request = get_request(session, request_name)
         package = session.scalars(select(RawDataPackage).where(
             RawDataPackage.name == package_name)).one()
-        staged = session.scalars(select(RawDataFileCopy).where(
+        staged = list(session.scalars(select(RawDataFileCopy).where(
             RawDataFileCopy.staging_request_id == request.id,
             RawDataFileCopy.status == CopyStatus.STAGED,
-            RawDataFileCopy.raw_data_file_id.in_([f.id for f in package.files]))).all()
-        if len(staged) == len(package.files):
-            return 0, 0
+            RawDataFileCopy.raw_data_file_id.in_([f.id for f in package.files]))))
+        damage = look_at_staged(staged, rehash=True)
+        kept = [str(Path(c.location.root) / c.relative_path) for c in damage.changed]
+        intact = {c.raw_data_file.relative_path for c in staged} - {
+            c.raw_data_file.relative_path for c in damage.missing + damage.changed}
+        lost = {c.raw_data_file.relative_path: c.id for c in damage.missing}
+        wanted = {f.relative_path for f in package.files} - intact - {
+            c.raw_data_file.relative_path for c in damage.changed}
+        if not wanted:
+            return 0, 0, kept
         site = request.location.site.short_name
         source = _nearest(config, verified_lta_copies(session, package), site)
         if source is None:
@@ -222,7 +242,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         tar.unlink(missing_ok=True)
         transport.copy(origin, Endpoint(PurePosixPath(tar), marker=PurePosixPath(root / MARKER)),
                        checksum)
-        manifest = extract_package(tar, root / directory)
+        manifest = extract_package(tar, root / directory, only=wanted)
     except Exception as exc:
         finish(opsdb, operation.id, error=str(exc))
         raise
@@ -235,6 +255,10 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
             # Its identity as extracted and verified: the purge after the release then knows
             # an untouched file without reading it again (a changed one is re-hashed, kept).
             info = os.lstat(root / directory / entry.path)
+            if entry.path in lost:  # staged before, removed since: its record, staged again
+                copy = session.get_one(RawDataFileCopy, lost[entry.path])
+                copy.verified_at, copy.inode, copy.mtime_ns = now, info.st_ino, info.st_mtime_ns
+                continue
             session.add(RawDataFileCopy(
                 raw_data_file_id=raw_file.id, location_id=location_id,
                 relative_path=str(directory / entry.path), size=entry.size,
@@ -244,7 +268,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         size = sum(e.size for e in manifest)
         finish_in(session, operation.id, copy_id=None, nbytes=size,
                   seconds=time.monotonic() - started)
-    return len(manifest), size
+    return len(manifest), size, kept
 
 
 def _nearest(config: Config, copies: list[PackageCopy], site: str) -> PackageCopy | None:

@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -335,8 +335,11 @@ def read_manifest(tar_path: Path) -> list[ManifestEntry]:
         return _parse_manifest(tar_path, tar)
 
 
-def extract_package(tar_path: Path, destination_dir: Path) -> list[ManifestEntry]:
-    """Safely extract a package and prove every file matches its manifest checksum."""
+def extract_package(tar_path: Path, destination_dir: Path,
+                    only: Collection[str] | None = None) -> list[ManifestEntry]:
+    """Safely extract a package and prove every file matches its manifest checksum; with
+    `only`, just those of its files (the rest of `destination_dir` is left as it is). Returns
+    the manifest entries of the files extracted."""
     with _open_tar(tar_path) as tar:
         manifest = _parse_manifest(tar_path, tar)
         listed = {e.path for e in manifest}
@@ -350,6 +353,12 @@ def extract_package(tar_path: Path, destination_dir: Path) -> list[ManifestEntry
         extra = sorted(set(names) - listed)
         if extra:
             raise PackagingError(f"{tar_path}: members not listed in {MANIFEST_NAME}: {extra}")
+        if only is not None:
+            unknown = sorted(set(only) - listed)
+            if unknown:
+                raise PackagingError(f"{tar_path}: not in its {MANIFEST_NAME}: {unknown}")
+            manifest = [e for e in manifest if e.path in only]
+            data_members = [m for m in data_members if m.name in only]
         destination_dir.mkdir(parents=True, exist_ok=True)
         try:
             tar.extractall(destination_dir, members=data_members, filter="data")

@@ -185,3 +185,51 @@ def test_why_of_a_request_reads_its_own_staging_not_anothers(tmp_path: Path,
     assert (of_first.stage, of_first.state) == ("staging", "failed")
     assert "mounted?)" in of_first.detail
     assert (of_second.stage, of_second.state) == ("staging", "done")
+
+
+def test_staged_files_removed_or_changed_are_restored_or_kept_as_the_disk_says(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """A processing job removes one staged file and writes into another. The record still says
+    STAGED, but the disk is the truth: `why` says the request's files are not all there,
+    `ccat-dt retry` finds it, and its run stages the removed file again from the archive. The
+    changed file holds bytes no archive has: never overwritten; the run fails once, naming it,
+    until a person moves it away, and the next retry stages it too."""
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0", module="chai/lfa"),
+                           expires_in=timedelta(hours=1))
+    assert drive(defs, instance).failed == []
+    removed, changed = sorted(p for p in files_under(root / name))
+    removed.unlink()
+    mine = b"a processing job's output"
+    changed.write_bytes(mine)
+
+    with opsdb.session() as session:
+        said = {s.stage: s for s in diagnose(session, config, name, utcnow())}
+    assert said["staging"].state == "failed"
+    assert "1 staged file(s) gone" in said["staging"].detail
+    assert "1 staged file(s) changed" in said["staging"].detail
+    assert [s.package for s in stalled_work(opsdb, config) if s.stage == Stage.STAGING] == [name]
+
+    _, report = operator_retry(config, instance, opsdb, packages=[name])
+
+    assert len(report.failed) == 1 and name in report.failed[0], report.failed
+    assert changed.read_bytes() == mine  # the storage: kept as its owner left it
+    restored = staged(root, name)
+    raw = str(removed.relative_to(root / name)).split("/", 1)[1]
+    assert restored[raw] == written[raw]  # the removed file is back, as filed
+    with pytest.raises(StagingError, match=f"changed at the processing location.*{changed.name}"):
+        stage(opsdb, config, name)
+
+    changed.rename(tmp_path / "moved-away")  # its owner keeps it elsewhere
+    _, report = operator_retry(config, instance, opsdb, packages=[name])
+
+    assert report.failed == []
+    assert staged(root, name) == written
+    assert (tmp_path / "moved-away").read_bytes() == mine
+    with opsdb.session() as session:
+        said = {s.stage: s for s in diagnose(session, config, name, utcnow())}
+    assert said["staging"].state == "done"
+    assert [s for s in stalled_work(opsdb, config) if s.stage == Stage.STAGING] == []

@@ -1,0 +1,55 @@
+"""What a staging request's files are on their disk now, against what was staged: the
+storage is the truth, a STAGED record only says what was put there. Light on imports: `why`
+looks too."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from ccat_dt.checksums import hash_file
+from ccat_dt.opsdb.models import RawDataFileCopy
+
+
+@dataclass(frozen=True)
+class Damage:
+    """Staged files of a request that are not what was staged, as seen on the disk now."""
+
+    missing: list[RawDataFileCopy]
+    changed: list[RawDataFileCopy]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.changed)
+
+
+def look_at_staged(copies: list[RawDataFileCopy], *, rehash: bool) -> Damage:
+    """Each STAGED copy looked at on its disk: gone, or changed since it was staged (its size,
+    inode or mtime differ; with `rehash`, only if its bytes no longer hash to the filed
+    checksum: one merely touched is then recorded with its new identity)."""
+    missing, changed = [], []
+    for copy in copies:
+        path = Path(copy.location.root) / copy.relative_path
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            missing.append(copy)
+            continue
+        except OSError:
+            changed.append(copy)  # cannot look: not known to be what was staged
+            continue
+        if (stat.S_ISREG(info.st_mode)
+                and (info.st_size, info.st_ino, info.st_mtime_ns)
+                == (copy.size, copy.inode, copy.mtime_ns)):
+            continue
+        if rehash and stat.S_ISREG(info.st_mode):
+            try:
+                actual, size = hash_file(path)
+            except OSError:
+                actual, size = "", -1
+            if actual == copy.raw_data_file.checksum and size == copy.size:
+                copy.inode, copy.mtime_ns = info.st_ino, info.st_mtime_ns
+                continue
+        changed.append(copy)
+    return Damage(missing, changed)
