@@ -29,7 +29,7 @@ from tests.processes import DidNotStart, running
 from tests.services import free_port, unavailable
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, Page, Response
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -111,6 +111,32 @@ class Webserver:
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+class GraphQLFailures:
+    """Every GraphQL request of a page that failed, answered an HTTP error or carried errors:
+    what the UI's "Unexpected GraphQL error" toast is about, said when a test fails."""
+
+    def __init__(self, page: Page) -> None:
+        self.responses: list[Response] = []
+        self.failed: list[str] = []
+        page.on("response", lambda r: self.responses.append(r) if "/graphql" in r.url else None)
+        page.on("requestfailed", lambda r: self.failed.append(
+            f"{r.method} {r.url}: {r.failure}") if "/graphql" in r.url else None)
+        page.on("console", lambda m: self.failed.append(f"console: {m.text[:1500]}")
+                if m.type == "error" and "GraphQL" in m.text else None)
+
+    def describe(self) -> str:
+        found = list(self.failed)
+        for response in self.responses:
+            try:
+                body = response.text()
+            except Exception as exc:  # noqa: BLE001  the page may be gone: say so
+                body = f"(body unreadable: {exc})"
+            if response.status >= 400 or '"errors"' in body or "PythonError" in body:
+                operation = (response.request.post_data_json or {}).get("operationName")
+                found.append(f"{operation}: HTTP {response.status}: {body[:1500]}")
+        return "\n".join(found) or "none"
 
 
 LOCATIONS = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
