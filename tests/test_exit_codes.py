@@ -286,6 +286,16 @@ def test_exit_2_when_a_command_names_no_package(deploy: Path, command: list[str]
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize("command", [["status"], ["drive"]])
+def test_exit_2_on_a_configuration_file_that_is_not_utf8(deploy: Path, tmp_path: Path,
+                                                         command: list[str]) -> None:
+    """Saved in Latin-1 by an editor: a configuration error naming the file, not "a bug"."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(deploy.read_bytes() + "# Universität zu Köln\n".encode("latin-1"))
+    line = one_error_line(ccat_dt("--config", str(latin1), *command))
+    assert str(latin1) in line and "not UTF-8" in line and "save it as UTF-8" in line
+
+
 def test_exit_2_when_the_opsdb_is_unreachable(deploy: Path) -> None:
     env = clean_env(CCAT_DT_CONFIG=str(deploy),
                     CCAT_DT_OPSDB_URL="postgresql+psycopg2://ccat@127.0.0.1:1/ops")
