@@ -103,6 +103,7 @@ class Placed:
     log_path: str | None = None
     batched_with: tuple[str, ...] = ()  # other packages moved in the same session
     note: str = ""  # what was found instead of a transfer ("already there, verified now")
+    source: CopyRef | None = None  # the copy sent, when it is not the one planned (moved on)
 
 
 def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType, *,
@@ -159,7 +160,7 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
         raise _source_or_transit(opsdb, config, placement, mine)
     assert not isinstance(outcome, Exception)
     return Placed(mine, transport, outcome.seconds, outcome.streams, outcome.log_path,
-                  tuple(j.placement.package for j in jobs[1:]))
+                  tuple(j.placement.package for j in jobs[1:]), source=placement.source)
 
 
 def _move(opsdb: OpsDB, config: Config, started: _Started,

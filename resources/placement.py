@@ -2,6 +2,7 @@
 
 
 import time
+from dataclasses import replace
 
 from dagster import (
     AssetMaterialization,
@@ -48,6 +49,7 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
             raise
         seconds = time.monotonic() - started
         ref = placed.ref
+        obj = replace(obj, source=placed.source or obj.source)  # the copy sent, not the planned
         self._report(obj, "ok" if placed.transport else "unchanged", seconds, attempt,
                      size=ref.size, placed=placed)
         context.add_output_metadata({

@@ -156,6 +156,28 @@ def check_status(dagster: DagsterInstance, asset: str, check: str) -> dict[str, 
     return out
 
 
+def test_materialize_on_a_rotten_lta_copy_repairs_it_and_names_the_copy_it_came_from(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:  # noqa: F811
+    """"Materialize" on an archived lta_copies partition whose copy rotted: the re-read finds
+    it bad, the repair comes from the other archive's verified copy, and the partition's
+    metadata says so (not the rotten copy the step had planned to start from)."""
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    bad = rot_an_lta_copy(opsdb, "cologne")
+    key = str(package_site_key(bad.package.name, "cologne"))
+
+    assert by_hand(defs, instance, "lta_copies", key)
+
+    path = Path(bad.location.root) / bad.relative_path
+    assert hash_file(path)[0] == bad.package.checksum  # the storage: repaired
+    [record] = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey("lta_copies"), asset_partitions=[key]), limit=1).records
+    metadata = record.asset_materialization.metadata  # type: ignore[union-attr]
+    assert metadata["from"].value == "us/lta", metadata
+    assert metadata["outcome"].value == "copied now from us/lta"
+
+
 def test_a_scrub_finding_is_red_on_its_partition_until_the_repair_makes_it_green(
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
         progress_events: list[ProgressEvent]) -> None:
