@@ -377,8 +377,14 @@ def cmd_purge(args: argparse.Namespace) -> None:
         plan = plan_cycle(session, config, utcnow())
     shown = [(p, d) for p, d in plan.deletions + plan.kept
              if args.package in (None, p)]
-    print(f"purge cycle: {len(plan.deletions)} deletion(s), {plan.bytes / 1e6:.1f} MB "
-          f"(budget {plan.budget_bytes / 1e6:.0f} MB)")
+    cycle = (f"{len(plan.deletions)} deletion(s), {plan.bytes / 1e6:.1f} MB "
+             f"(budget {plan.budget_bytes / 1e6:.0f} MB)")
+    if args.package:  # its own figures first: the cycle's are not what this command does
+        mine = [d for p, d in plan.deletions if p == args.package]
+        print(f"purge of {args.package}: {len(mine)} deletion(s) in the cycle's plan, "
+              f"{sum(d.size for d in mine) / 1e6:.1f} MB; the whole cycle: {cycle}")
+    else:
+        print(f"purge cycle: {cycle}")
     for pressure in plan.pressure:
         print(f"disk pressure at {pressure.location}: {pressure.before_pct:.1f}% used -> "
               f"{pressure.after_pct:.1f}% (high {pressure.high_pct:g}%, low {pressure.low_pct:g}%)")
@@ -668,7 +674,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--observation", required=True)
     p.add_argument("--module", required=True, help="instrument/module, e.g. primecam/f280")
     p.add_argument("--site", help="default: the observatory")
-    p.add_argument("--location", help="default: the site's highest-priority source location")
+    p.add_argument("--location", help="LOCATION or SITE/LOCATION; default: the site's "
+                   "highest-priority source location")
     p.add_argument("--directory", help="file every file under this directory (relative to "
                    "the source root)")
     p.add_argument("--manifest", help="JSON lines or list of {path, size?, checksum?}")

@@ -258,9 +258,10 @@ def source_from_config(config: Config, site: str | None = None,
     """The source location a request files at, from the configuration (which `ccat-dt migrate`
     mirrors into OpsDB), so that a request can be checked while OpsDB is out of reach."""
     settings = config.settings
-    site_name = site or settings.observatory
     sources = [f"{s.short_name}/{loc.name}" for s in settings.sites
                for loc in s.locations_of(LocationType.SOURCE)]
+    site, location = _site_and_location(site, location)
+    site_name = site or settings.observatory
     try:
         site_cfg = settings.site(site_name)
     except ValueError:
@@ -368,9 +369,22 @@ def _spec(manifest: Path, where: str, item: object) -> FileSpec:
     return FileSpec(path, size, checksum)
 
 
+def _site_and_location(site: str | None, location: str | None
+                       ) -> tuple[str | None, str | None]:
+    """A location given as SITE/LOCATION (as `stage --location` takes it) names its site."""
+    if location is None or "/" not in location:
+        return site, location
+    named_site, _, name = location.partition("/")
+    if site not in (None, named_site):
+        raise FilingError(f"--site {site} and --location {location} name two sites: give one",
+                          [("location", "two sites")])
+    return named_site, name
+
+
 def _resolve(session: Session, observation: str, module: str, site: str | None,
              location: str | None) -> _Target:
     prefix = f"observation '{observation}'"
+    site, location = _site_and_location(site, location)
     obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == observation))
     if obs is None:
         raise FilingError(f"{prefix} is unknown; start it first",

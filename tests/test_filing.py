@@ -269,11 +269,14 @@ def test_unknown_site_or_location(opsdb: OpsDB, root: Path, obs: str) -> None:
     rejected(opsdb, r"unknown location 'ccat/nowhere'; source locations: ccat/instruments",
              location="nowhere", files=[FileSpec("a.dat")])
     rejected(opsdb, r"site 'mars' has no source location", site="mars", files=[FileSpec("a.dat")])
+    rejected(opsdb, r"--site ccat and --location cologne/lta name two sites", site="ccat",
+             location="cologne/lta", files=[FileSpec("a.dat")])
 
 
 @pytest.mark.parametrize(("site", "location", "label"), [
     (None, "buffer", "ccat/buffer"), ("ccat", "buffer", "ccat/buffer"),
-    ("cologne", "lta", "cologne/lta")])
+    ("cologne", "lta", "cologne/lta"), (None, "ccat/buffer", "ccat/buffer"),
+    (None, "cologne/lta", "cologne/lta"), ("cologne", "cologne/lta", "cologne/lta")])
 def test_location_must_be_a_source(opsdb: OpsDB, root: Path, obs: str, site: str | None,
                                    location: str, label: str) -> None:
     write(root / "a.dat", b"data")

@@ -479,7 +479,11 @@ def test_purge_of_one_package_deletes_nothing_of_the_others(
 
     main(["--config", str(config.path), "purge", "--package", "new"])
 
-    assert "new: deleted 4 copies" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "new: deleted 4 copies" in out
+    # its headline says what this command does, not the whole cycle's figures first
+    assert out.startswith("purge of new: 4 deletion(s) in the cycle's plan, 0.0 MB; the whole "
+                          "cycle: 8 deletion(s)"), out.splitlines()[0]
     for i, path in paths.items():  # on the disks: only "new"'s source and buffer copies gone
         assert path.exists() == (owner[i] == "old" or where[i].endswith("/lta")), where[i]
     opsdb.dispose()
