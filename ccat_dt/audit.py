@@ -266,7 +266,35 @@ def _audit_location(opsdb: OpsDB, location: _Location, nested: set[str], ssh: Ss
     walk = _compare(location, expected, found, now)
     if checksums and walk.to_hash:
         _compare_checksums(walk, location, ssh)
+    _drop_overtaken(opsdb, location, walk)
     return walk
+
+
+def _drop_overtaken(opsdb: OpsDB, location: _Location, walk: _Walk) -> None:
+    """Findings that OpsDB has caught up with since it was read for this location (a purge
+    deleted the copy, a transfer recorded its new file meanwhile): what was seen then was
+    work in progress, not a fault; the audit of a running system reports none of it."""
+    ids = {f.copy_id for f in walk.findings if f.kind in (LOST, CHANGED) and f.copy_id}
+    dark = {os.path.relpath(f.path, location.root_path) for f in walk.findings
+            if f.kind == DARK}
+    if not ids and not dark:
+        return
+    with opsdb.session() as session:
+        gone = {copy_id for copy_id, status in session.execute(
+            select(PhysicalCopy.id, PhysicalCopy.status).where(PhysicalCopy.id.in_(ids)))
+            if status not in ON_DISK} if ids else set()
+        recorded = {os.path.normpath(path) for path in session.scalars(
+            select(PhysicalCopy.relative_path).where(
+                PhysicalCopy.location_id == location.id, PhysicalCopy.status.in_(ON_DISK),
+                PhysicalCopy.relative_path.in_(dark)))} if dark else set()
+
+    def overtaken(finding: Finding) -> bool:
+        return (finding.kind in (LOST, CHANGED) and finding.copy_id in gone) or (
+            finding.kind == DARK
+            and os.path.relpath(finding.path, location.root_path) in recorded)
+
+    walk.findings = [f for f in walk.findings if not overtaken(f)]
+    walk.broken = [b for b in walk.broken if not overtaken(b.finding)]
 
 
 def _compare(location: _Location, expected: _Expected, found: Listing, now: datetime) -> _Walk:

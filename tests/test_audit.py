@@ -136,6 +136,37 @@ def test_clean_lifecycle_audits_clean_before_and_after_the_purge(
     assert kinds == {"package", "raw_file"}
 
 
+@pytest.mark.parametrize("during", ["listing", "look"])
+def test_an_audit_during_a_purge_reports_nothing_for_what_the_purge_deleted(
+        config: Config, opsdb: OpsDB, monkeypatch: pytest.MonkeyPatch, during: str) -> None:
+    """An operator audits a running system: a purge deletes buffer copies (certified) after the
+    audit read OpsDB for that location and before it listed or re-read the files. The files
+    are rightly gone: no "lost" or "cannot read" finding, exit 0, and repair marks nothing."""
+    from ccat_dt.objectstore import Stores
+
+    with opsdb.session() as session:
+        names = session.scalars(select(RawDataPackage.name)).all()
+    buffer = str(buffer_root(opsdb, "ccat"))
+    real = getattr(Stores, during)
+    purged: list[int] = []
+
+    def purge_then(self: Stores, root: str, *args: Any, **kwargs: Any) -> Any:
+        if root == buffer and not purged:
+            purged.extend(purge_package(opsdb, config, name, now=utcnow() + LATER).deleted
+                          for name in names)
+        return real(self, root, *args, **kwargs)
+
+    monkeypatch.setattr(Stores, during, purge_then)
+    report = audit(opsdb, checksums=True, repair=True, config=config)
+
+    assert sum(purged) > 0
+    assert not any(p.name.endswith(".tar") for p in Path(buffer).rglob("*"))  # the storage
+    assert report.findings == [] and report.repaired == []
+    with opsdb.session() as session:
+        assert session.scalars(select(PhysicalCopy).where(
+            PhysicalCopy.status == CopyStatus.CORRUPT)).all() == []
+
+
 def test_lost_lta_file_is_reported_and_repair_freezes_its_package(
         config: Config, opsdb: OpsDB, lta: list[tuple[str, int, Path]]) -> None:
     victim, copy_id, path = lta[0]
