@@ -127,17 +127,17 @@ def cmd_observation(args: argparse.Namespace) -> None:
                 answer = client.finish_observation(args.name)
                 print(f"observation {args.name} {answer['status']}")
         return
+    from sqlalchemy import select
+
     from ccat_dt.filing import finish_observation, start_observation
+    from ccat_dt.opsdb.models import ExecutedObsUnit
 
     opsdb = _opsdb(args)
+    with opsdb.session() as session:
+        known, finished_at = session.execute(select(
+            ExecutedObsUnit.id.is_not(None), ExecutedObsUnit.finished_at).where(
+            ExecutedObsUnit.name == args.name)).one_or_none() or (False, None)
     if args.action == "start":
-        from sqlalchemy import select
-
-        from ccat_dt.opsdb.models import ExecutedObsUnit
-
-        with opsdb.session() as session:
-            known = session.scalar(select(ExecutedObsUnit.id).where(
-                ExecutedObsUnit.name == args.name)) is not None
         uuid = start_observation(opsdb, args.name)
         if known:
             print(f"observation {args.name} is already open (uuid {uuid}); nothing changed")
@@ -147,7 +147,8 @@ def cmd_observation(args: argparse.Namespace) -> None:
                   f"`ccat-dt observation finish {args.name}`")
     else:
         finish_observation(opsdb, args.name)
-        print(f"observation {args.name} finished")
+        print(f"observation {args.name} was already finished at {finished_at:%Y-%m-%d %H:%M:%S}"
+              " UTC; nothing changed" if finished_at else f"observation {args.name} finished")
 
 
 def cmd_file(args: argparse.Namespace) -> None:

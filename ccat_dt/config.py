@@ -341,6 +341,13 @@ class InstrumentConfig(_Strict):
     name: str
     modules: list[str] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _unique_modules(self) -> InstrumentConfig:
+        twice = sorted({m for m in self.modules if self.modules.count(m) > 1})
+        if twice:
+            raise ValueError(f"instrument {self.name}: module(s) listed twice: {', '.join(twice)}")
+        return self
+
 
 class Settings(_Strict):
     """The validated configuration of one deployment."""
@@ -364,6 +371,11 @@ class Settings(_Strict):
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"duplicate site short_name {', '.join(twice)}")
+        instruments = [i.name for i in self.instruments]
+        if len(set(instruments)) != len(instruments):
+            twice = sorted({n for n in instruments if instruments.count(n) > 1})
+            raise ValueError(f"instrument(s) listed twice: {', '.join(twice)} (list each once, "
+                             "with all its modules)")
         observatory = self.site(self.observatory)
         if not observatory.locations_of(LocationType.SOURCE):
             raise ValueError(f"observatory site '{self.observatory}' has no source location")

@@ -144,6 +144,15 @@ def _duplicate_site(data: dict[str, Any]) -> None:
     data["sites"][2]["short_name"] = "cologne"
 
 
+def _duplicate_module(data: dict[str, Any]) -> None:
+    instrument = data["instruments"][0]
+    instrument["modules"].append(instrument["modules"][0])
+
+
+def _duplicate_instrument(data: dict[str, Any]) -> None:
+    data["instruments"].append({"name": data["instruments"][0]["name"], "modules": ["x"]})
+
+
 def _route_to_unknown_site(data: dict[str, Any]) -> None:
     data["routes"].append({"origin": "ccat", "destination": "mars"})
 
@@ -167,12 +176,15 @@ def _no_source(data: dict[str, Any]) -> None:
     (_bad_location_type, ["sites[0].locations[1].type", "'buffer'"]),
     (_bad_location_name, ["sites[1].locations[0].name", "lower-case"]),
     (_duplicate_site, ["duplicate site short_name", "cologne"]),
+    (_duplicate_module, ["instruments[0]", "module(s) listed twice"]),
+    (_duplicate_instrument, ["instrument(s) listed twice"]),
     (_route_to_unknown_site, ["ccat->mars", "unknown site 'mars'"]),
     (_missing_route, ["routes missing", "ccat->us"]),
     (_too_many_lta_copies, ["policies.required_lta_copies=3", "2 archive site(s)"]),
     (_no_source, ["observatory site 'ccat' has no source location"]),
 ], ids=["unknown-top-level-key", "location-type", "location-name", "duplicate-site",
-        "route-unknown-site", "missing-route", "too-many-lta-copies", "no-source"])
+        "duplicate-module", "duplicate-instrument", "route-unknown-site", "missing-route",
+        "too-many-lta-copies", "no-source"])
 def test_invalid_config_names_file_and_key(tmp_path: Path, edit: Callable[[dict[str, Any]], None],
                                            keys: list[str]) -> None:
     data = default()
