@@ -436,7 +436,7 @@ def _judge_checksum(walk: _Walk, location: _Location, entry: Entry, record: _Rec
 def _partial(walk: _Walk, location: _Location, entry: Entry, now: datetime,
              busy: bool) -> None:
     age = now - datetime.fromtimestamp(entry.mtime, UTC)
-    hours = age.total_seconds() / 3600
+    hours = max(age.total_seconds(), 0.0) / 3600  # written after `now` was taken: just now
     remote = location.host is not None
     if is_object_root(location.root):
         _unfinished_upload(walk, location, entry, age, busy)

@@ -296,6 +296,18 @@ def test_exit_2_on_a_configuration_file_that_is_not_utf8(deploy: Path, tmp_path:
     assert str(latin1) in line and "not UTF-8" in line and "save it as UTF-8" in line
 
 
+@pytest.mark.parametrize(("site", "said"), [("cologne", "site 'cologne' has no source location"),
+                                           ("mars", "unknown site 'mars'")])
+def test_exit_2_on_a_token_for_a_site_where_nothing_is_filed(deploy: Path, site: str,
+                                                           said: str) -> None:
+    """A filing token names the site whose source location it files at: an archive site has
+    none. Refused, and no token is made."""
+    line = one_error_line(ccat_dt("--config", str(deploy), "token", "create", "--name", "daq",
+                                  "--site", site))
+    assert said in line and "sites with one: ccat" in line
+    assert ccat_dt("--config", str(deploy), "token", "list").stdout == ""
+
+
 def test_exit_2_when_the_opsdb_is_unreachable(deploy: Path) -> None:
     env = clean_env(CCAT_DT_CONFIG=str(deploy),
                     CCAT_DT_OPSDB_URL="postgresql+psycopg2://ccat@127.0.0.1:1/ops")

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import ApiToken, utcnow
+from ccat_dt.opsdb.models import ApiToken, LocationType, utcnow
 
 TOKEN_PREFIX = "ccat_"
 TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}")
@@ -47,9 +47,13 @@ def create_token(opsdb: OpsDB, config: Config, *, name: str, site: str,
     """Store a new token's hash and return the secret (the only time it is known)."""
     if not TOKEN_NAME.fullmatch(name):
         raise TokenError(f"invalid token name {name!r}: 1-100 letters, digits, '_', '.', '@', '-'")
-    sites = [s.short_name for s in config.settings.sites]
+    sites = [s.short_name for s in config.settings.sites
+             if s.locations_of(LocationType.SOURCE)]  # where instruments write: files are filed
     if site not in sites:
-        raise TokenError(f"unknown site '{site}'; sites: {', '.join(sites)}")
+        other = any(s.short_name == site for s in config.settings.sites)
+        raise TokenError(f"{'site' if other else 'unknown site'} '{site}'"
+                         f"{' has no source location' if other else ''}: a token files raw "
+                         f"files at a site's source location; sites with one: {', '.join(sites)}")
     known = [i.name for i in config.settings.instruments]
     unknown = sorted(set(instruments) - set(known))
     if unknown:
