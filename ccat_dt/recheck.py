@@ -5,7 +5,9 @@ removed or rotted since then still counted. Before a purge deletes anything it n
 every LTA copy it may rely on, on its storage: the copy exists, is a regular file reached
 without symlinks under a marked location root, has the recorded size and identity (inode,
 mtime), and its content was hashed within `policies.deletion_recheck_hours` (older, or with a
-changed identity: hashed now, batched per location). A copy that fails is marked CORRUPT with
+changed identity: hashed now, batched per location). Two copies that are one file (the same
+host, device and inode: a location root swapped for a symlink or mount of another) are not
+relied on at all. A copy that fails is marked CORRUPT with
 a failed verification operation (the purge freezes; the repair sensor restores it); a location
 that cannot be looked at is only reported (nothing is known, so nothing is relied on).
 An LTA copy on S3 is looked at with a HEAD (its size, its ETag standing for the identity, and
@@ -133,6 +135,7 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
     failed: dict[int, str] = {}
     problems: list[str] = []
     unavailable: dict[int, str] = {}
+    identities: dict[int, tuple[str, int, int]] = {}  # copy id -> (host, device, inode)
     for (root, host), group in by_location.items():
         try:
             # First look: hash what is stale (or never had its identity recorded).
@@ -161,13 +164,35 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
                 problems.append(f"{copy.label} copy {copy.id}: {problem}")
                 continue
             rehashed = found.checksum is not None
+            if found.device is not None and found.inode is not None:
+                identities[copy.id] = (copy.host or "", found.device, found.inode)
             passed[copy.id] = Rechecked(copy.id, checked_at, found.size or 0,
                                         checked_at if rehashed else copy.verified_at, rehashed)
             if rehashed:
                 _record_rehash(opsdb, copy, found, checked_at)
+    for copy, other in _one_file_twice(copies, identities):
+        del passed[copy.id]  # neither is known to be at its own location: none is relied on
+        unavailable[copy.id] = (
+            f"{copy.label} copy {copy.id}: the same file on the storage as {other.label} copy "
+            f"{other.id} (device and inode {identities[copy.id][1:]}): two archive locations on "
+            "one directory (a mount or symlink changed?) are not two copies; fix the mount, "
+            "then audit")
+        problems.append(unavailable[copy.id])
     if failed and not dry_run:
         _mark_corrupt(opsdb, config, package_name, failed)
     return RecheckReport(passed, problems, unavailable)
+
+
+def _one_file_twice(copies: list[_Copy], identities: dict[int, tuple[str, int, int]]
+                    ) -> list[tuple[_Copy, _Copy]]:
+    """Copies that passed but are one file on the storage (the same host, device and inode)
+    as another: (each such copy, another it is)."""
+    by_file: dict[tuple[str, int, int], list[_Copy]] = defaultdict(list)
+    for copy in copies:
+        if copy.id in identities:
+            by_file[identities[copy.id]].append(copy)
+    return [(copy, group[1] if copy is group[0] else group[0])
+            for group in by_file.values() if len(group) > 1 for copy in group]
 
 
 def _record_rehash(opsdb: OpsDB, copy: _Copy, seen: Seen, at: datetime) -> None:

@@ -52,6 +52,7 @@ class Seen:
     # An object store keeps the checksum it was written with (our metadata) beside the object;
     # it is read with every look (no bytes move), unlike `checksum`.
     stored_checksum: str | None = None
+    device: int | None = None  # of a file on a disk: with `inode`, which file it is
 
     @property
     def missing(self) -> bool:
@@ -167,7 +168,8 @@ def look_local(root: Path, wanted: Wanted) -> Seen:
             checksum, size, info = _hash_at(directory, name)
             if size != info.st_size:
                 return Seen(rel, f"{rel} changed while it was read")
-        return Seen(rel, None, info.st_size, info.st_ino, info.st_mtime_ns, checksum)
+        return Seen(rel, None, info.st_size, info.st_ino, info.st_mtime_ns, checksum,
+                    device=info.st_dev)
     except OSError as exc:
         return Seen(rel, _symlink_problem(exc, rel))
     finally:
@@ -186,8 +188,9 @@ def look(root: str, host: str | None, ssh: SshSettings, wanted: Sequence[Wanted]
 
 
 # Constant script; the root, then (flag, relative path) pairs arrive as positional parameters.
-# Per file one line "INDEX STATUS SIZE INODE MTIME" and, when hashed, the xxhsum line of stdin
-# (so no name to escape). SIZE INODE MTIME as transports/remote.STAT_IDENTITY prints them.
+# Per file one line "INDEX STATUS SIZE INODE MTIME DEVICE" and, when hashed, the xxhsum line
+# of stdin (so no name to escape). SIZE INODE MTIME as transports/remote.STAT_IDENTITY prints
+# them.
 _LOOK_SCRIPT = """
 root=$1; shift;
 [ -f "$root/.ccat-dt-location" ] || { echo UNMARKED; exit 0; };
@@ -201,7 +204,7 @@ while [ $# -gt 0 ]; do
   elif [ ! -e "$p" ]; then echo "$i missing";
   elif [ ! -f "$p" ]; then echo "$i notfile";
   else
-    echo "$i ok $(stat -c 'STAT_IDENTITY' -- "$p")";
+    echo "$i ok $(stat -c 'STAT_IDENTITY %d' -- "$p")";
     if [ "$hash" = 1 ]; then xxhsum -H2 < "$p" || echo "$i unreadable"; fi;
   fi;
   i=$((i+1));
@@ -244,6 +247,7 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
             seen.append(Seen(rel, f"{rel} is not a regular file"))
         else:
             size, inode, mtime_ns = parse_identity(words[2:5])
+            device = int(words[5]) if len(words) > 5 and words[5].isdigit() else None
             checksum = None
             if item.rehash:
                 line = lines[position] if position < len(lines) else ""
@@ -252,7 +256,7 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
                     seen.append(Seen(rel, f"cannot read {rel} on {host}"))
                     continue
                 checksum = parse_xxhsum(line)
-            seen.append(Seen(rel, None, size, inode, mtime_ns, checksum))
+            seen.append(Seen(rel, None, size, inode, mtime_ns, checksum, device=device))
     return seen
 
 

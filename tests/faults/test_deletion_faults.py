@@ -229,6 +229,31 @@ def test_two_archive_locations_on_one_directory_are_refused(tmp_path: Path,
     assert "one disk would count as two copies" in capsys.readouterr().err
 
 
+def test_an_archive_root_swapped_for_the_other_archive_after_loading_deletes_nothing(
+        kept: Config, instance: DagsterInstance) -> None:
+    """The configuration was checked when it was loaded; then, during a long drive, Cologne's
+    archive root becomes a symlink to the US archive (a wrong mount, a disk swap). Each LTA
+    copy still hashes right, but they are one file: the purge counts neither, deletes nothing
+    of the package, and says why."""
+    opsdb, package, files = archived_with_sources(kept, instance)
+    config = retention(kept, 0)  # loaded (and checked) before the swap, as a drive holds it
+    cologne, us = config.resolve_root("sites/cologne/lta"), config.resolve_root("sites/us/lta")
+    cologne.rename(cologne.with_name("lta.away"))
+    cologne.symlink_to(us)
+    held = {p: p.read_bytes() for p in files + [
+        *config.resolve_root("sites/cologne/buffer").rglob("*.tar"),
+        *config.resolve_root("sites/us/buffer").rglob("*.tar"),
+        *config.resolve_root("sites/ccat/buffer").rglob("*.tar")]}
+
+    report = reaper.purge_package(opsdb, config, package, now=utcnow())
+
+    assert report.deleted == 0
+    assert {p: p.read_bytes() for p in held} == held  # the storage: every copy still there
+    assert any("the same file on the storage as" in f for f in report.failures), \
+        report.failures
+    assert deletion_certificates(opsdb) == []
+
+
 def test_an_unmounted_archive_root_is_never_written_to(kept: Config,
                                                        instance: DagsterInstance) -> None:
     """The archive disk is not mounted: its mount point is an empty directory without the
