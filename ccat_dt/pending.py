@@ -29,7 +29,7 @@ from ccat_dt.opsdb.models import (
     Site,
     StagingRequest,
 )
-from ccat_dt.routing import copies_at, nearest_lta_copy
+from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
 from ccat_dt.stages import Stage
 
 PAGE = 500
@@ -168,9 +168,10 @@ def _held_at(session: Session, package: RawDataPackage, site: str) -> bool:
 def repairs_due(session: Session, config: Config,
                 limit: int = PAGE) -> list[tuple[Stage, Due]]:
     """Archive copies found CORRUPT with no good copy of that kind at their site, where a
-    verified LTA copy elsewhere can restore them: (stage, work). An LTA copy is re-archived
-    from the site's buffer when that is still verified, else the buffer is refilled first
-    (from a good LTA copy elsewhere, never from the bad one)."""
+    verified copy can restore them: (stage, work). An LTA copy is re-archived from the site's
+    buffer when that is still verified, else the buffer is refilled first, as the routing
+    says (from a good LTA copy elsewhere, or, while no archive holds the package yet, the
+    observatory's buffer; never from the bad one)."""
     corrupt = session.scalars(
         select(PackageCopy).join(DataLocation)
         .where(PackageCopy.status == CopyStatus.CORRUPT,
@@ -184,14 +185,13 @@ def repairs_due(session: Session, config: Config,
         if site == config.settings.observatory or any(
                 c.status == CopyStatus.PRESENT for c in copies_at(session, package, kind, site)):
             continue
-        if not any(c.is_verified and c.location.site.short_name != site
-                   for c in copies_at(session, package, LocationType.LONG_TERM_ARCHIVE)):
-            continue  # nothing good to restore from (yet)
         buffered = any(c.is_verified for c in copies_at(session, package, LocationType.BUFFER,
                                                           site))
-        stage = Stage.LTA_COPY if kind == LocationType.LONG_TERM_ARCHIVE and buffered \
-            else Stage.SITE_COPY
-        due.append((stage, Due(package.name, site, copy.id)))
+        if kind == LocationType.LONG_TERM_ARCHIVE and buffered:
+            due.append((Stage.LTA_COPY, Due(package.name, site, copy.id)))
+        elif replication_source(session, config, package, site) is not None:
+            due.append((Stage.SITE_COPY, Due(package.name, site, copy.id)))
+        # else nothing good to restore from (yet)
     return due
 
 

@@ -61,15 +61,19 @@ def replication_source(session: Session, config: Config, package: RawDataPackage
 
     The primary archive site is fed from the observatory buffer; every other archive site (and
     any later repair) from a verified LTA copy at another archive, cheapest route first. The
-    observatory link is used once per package.
+    observatory link is used once per package, unless what left was lost before any archive
+    held it (its only copy outside quarantined, say): then the primary site is fed again.
     """
-    if not has_left_observatory(session, config, package):
-        if site != package.primary_site.short_name:
-            return None
-        buffered = [c for c in copies_at(session, package, LocationType.BUFFER,
-                                         config.settings.observatory) if c.is_verified]
-        return buffered[0] if buffered else None
-    return nearest_lta_copy(session, config, package, site)
+    if has_left_observatory(session, config, package):
+        nearest = nearest_lta_copy(session, config, package, site)
+        if nearest is not None or any(c.is_verified for c in copies_at(
+                session, package, LocationType.LONG_TERM_ARCHIVE)):
+            return nearest
+    if site != package.primary_site.short_name:
+        return None
+    buffered = [c for c in copies_at(session, package, LocationType.BUFFER,
+                                     config.settings.observatory) if c.is_verified]
+    return buffered[0] if buffered else None
 
 
 def nearest_lta_copy(session: Session, config: Config, package: RawDataPackage,

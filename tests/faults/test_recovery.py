@@ -109,6 +109,36 @@ def test_corrupt_buffer_tar_is_rebuilt_from_intact_sources(
     assert_safe(config, opsdb)
 
 
+@pytest.mark.parametrize("fault", ["rotted", "removed"])
+def test_the_only_copy_that_left_the_observatory_lost_before_archiving_is_sent_again(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, fault: str) -> None:
+    """The package reached Cologne's buffer, and that copy rotted (or was removed) before
+    any archive held the package: no LTA copy anywhere to repair from. The observatory's
+    buffer still holds the verified tar, so the primary site is fed from it again (the
+    observatory link used twice for this package, rather than never archiving it)."""
+    observe(config, opsdb)
+    name = plan(config, opsdb, instance)
+    packaging_stage.ensure_built(opsdb, config, name)
+    place(opsdb, config, plan_placement(opsdb, config, name, "cologne", LocationType.BUFFER),
+          LocationType.BUFFER)
+    relative, checksum = _package(opsdb, name)
+    sent = config.resolve_root("sites/cologne/buffer") / relative
+    if fault == "rotted":
+        data = bytearray(sent.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        sent.write_bytes(bytes(data))
+    else:
+        sent.unlink()
+
+    run(config, instance)  # a plain drive, nothing else
+
+    archived_everywhere(config, opsdb)
+    for site in ("cologne", "us"):  # the storage: every LTA tar is the package on record
+        assert hash_file(config.resolve_root(f"sites/{site}/lta") / relative)[0] == checksum
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+
+
 def _exclude(config: Config, *args: str) -> tuple[int, str]:
     try:
         cli.main(["--config", str(config.path), "exclude", *args])
