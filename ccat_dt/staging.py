@@ -6,6 +6,7 @@ them (the LTA copies are never touched)."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -220,6 +221,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         root = Path(request.location.root)
         directory = PurePosixPath(request_name) / package_name
         tar = root / request_name / f"{package_name}.tar"
+        scratch = root / request_name / f".{package_name}.part"
         origin = endpoint(source.location, source.relative_path)
         route = config.settings.route(source.location.site.short_name, site)
         transport = transport_for(config, route, remote=origin.host is not None,
@@ -231,6 +233,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         session.add(operation)
         files = {f.relative_path: f for f in package.files}
         checksum, location_id, request_id = package.checksum or "", request.location_id, request.id
+        where = request.location.label
     started = time.monotonic()
     try:
         # An unmounted disk's bare mount point is not the processing area: nothing is written
@@ -238,16 +241,29 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         # stages once the disk is back. The transport looks at the marker again as it writes.
         if problem := root_problem(root):
             raise StagingError(f"{problem}; nothing was written there")
-        # The tar is this step's scratch file, removed below: an earlier attempt's may be there.
+        # The tar and the directory it is unpacked in are this step's scratch, removed below
+        # (an earlier attempt's, killed, may be there): a file reaches its name only whole and
+        # verified, so a disk that fills leaves nothing half-written under a staged name.
         tar.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         transport.copy(origin, Endpoint(PurePosixPath(tar), marker=PurePosixPath(root / MARKER)),
                        checksum)
-        manifest = extract_package(tar, root / directory, only=wanted)
+        try:
+            manifest = extract_package(tar, scratch, only=wanted)
+            for entry in manifest:
+                final = root / directory / entry.path
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(scratch / entry.path, final)
+        except OSError as exc:  # the processing disk full, say: its re-attempt, not this run's
+            raise StagingError(f"{package_name}: unpacking at {where} failed: "
+                               f"{exc.strerror or exc} ({exc.filename or root}); nothing of "
+                               "it was left there") from exc
     except Exception as exc:
         finish(opsdb, operation.id, error=str(exc))
         raise
     finally:
         tar.unlink(missing_ok=True)  # the archive is not kept at processing: it saves space
+        shutil.rmtree(scratch, ignore_errors=True)
     with opsdb.session() as session:
         now = utcnow()
         for entry in manifest:

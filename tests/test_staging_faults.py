@@ -6,6 +6,9 @@ a next step that works for a staging request."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from ccat_dt.staging import Selection, StagingError, release, request_staging, s
 from ccat_dt.storage import files_under
 from tests.faults.pipeline import deployment
 from tests.helpers import observe, run_cli
+from tests.services import unavailable
 
 PROCESSING = "sites/ramses/processing"
 
@@ -233,3 +237,49 @@ def test_staged_files_removed_or_changed_are_restored_or_kept_as_the_disk_says(
         said = {s.stage: s for s in diagnose(session, config, name, utcnow())}
     assert said["staging"].state == "done"
     assert [s for s in stalled_work(opsdb, config) if s.stage == Stage.STAGING] == []
+
+
+@contextmanager
+def small_disk(root: Path, size: str) -> Iterator[None]:
+    """A real tmpfs of `size` mounted at `root` (marked, as `ccat-dt init` leaves a disk),
+    unmounted on the way out."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "ccat-test", str(root)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        unavailable("a tmpfs mount", f"mount: {done.stderr.strip()} (needs root)")
+    try:
+        write_marker(root)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+@pytest.mark.slow
+def test_a_processing_disk_that_fills_while_unpacking_keeps_no_half_file_and_heals(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """The processing disk holds the package's tar and its first file, not the second: the
+    unpacking fails on ENOSPC. Nothing is left under a staged name (no half-written file for
+    a job to read), nor any scratch; the run fails once with the cause and the path, and the
+    re-attempt stages everything once there is room, with no person."""
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=2.0)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    with small_disk(root, "180k"):
+        name = request_staging(opsdb, location="ramses/processing",
+                               selection=Selection(observation="obs-0", module="chai/lfa"),
+                               expires_in=timedelta(hours=1))
+        lines: list[str] = []
+
+        report = drive(defs, instance, wait_s=0, log=RunReporter(instance, write=lines.append))
+
+        assert f"stage:{name}" in report.failed
+        assert [p.name for p in root.rglob("*") if p.is_file()] == [MARKER]  # the storage
+        failed = next(line for line in lines if line.startswith("FAILED stage"))
+        assert "No space left on device" in failed and "nothing of it was left" in failed
+
+        subprocess.run(["mount", "-o", "remount,size=10m", str(root)], check=True)
+        report = drive(defs, instance, wait_s=60)  # the back-off, then the re-attempt
+
+        assert report.failed == []
+        assert staged(root, name) == written
+        assert not list(root.rglob("*.part")) and not list(root.rglob("*.tar"))
