@@ -214,6 +214,11 @@ def manifest_json(package_name: str, manifest: Sequence[ManifestEntry]) -> bytes
 
 def _same_bytes_there(destination: Path, built: str) -> None:
     """Return if `destination` holds the bytes just built; FileExistsError otherwise."""
+    if not stat.S_ISREG(os.lstat(destination).st_mode):  # a directory, a symlink: not ours
+        raise FileExistsError(
+            errno.EEXIST, f"{destination} {FOREIGN_FILE} (not a regular file): nothing was "
+            "renamed over it. Find out what made it and move it away; the next attempt then "
+            "builds the package", str(destination))
     found, _ = hash_file(destination)
     if found != built:
         raise FileExistsError(

@@ -209,6 +209,25 @@ def test_wrong_filed_checksum_fails_and_leaves_destination_untouched(tmp_path: P
     assert files_under(out) == {"pkg.tar"}
 
 
+@pytest.mark.parametrize("what", ["directory", "symlink"])
+def test_a_directory_or_symlink_at_the_packages_path_is_named_and_left_alone(
+        tmp_path: Path, what: str) -> None:
+    """Not a raw IsADirectoryError: the same "move it away" error as for foreign bytes, which
+    the packaging step does not retry within its run."""
+    members = make_tree(tmp_path / "src", {"a/x.dat": 100})
+    out = tmp_path / "out"
+    out.mkdir()
+    destination = out / "pkg.tar"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    destination.mkdir() if what == "directory" else destination.symlink_to(elsewhere)
+
+    with pytest.raises(FileExistsError, match="does not record there .not a regular file"):
+        build_package(members, destination, package_name="pkg")
+    assert destination.is_dir() and list(destination.iterdir()) == []
+    assert files_under(out) == set()  # no scratch left either
+
+
 def test_a_build_never_renames_its_tar_over_other_bytes_and_keeps_the_same_bytes(
         tmp_path: Path) -> None:
     """Another file at the package's path is left as it is (FileExistsError naming it); the
