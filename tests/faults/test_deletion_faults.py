@@ -139,8 +139,12 @@ def test_one_lta_copy_gone_during_retention_is_restored_before_sources_go(
 
 
 @pytest.mark.parametrize("fault", ["removed", "corrupted"])
-def test_both_lta_copies_gone_keep_every_source(kept: Config, instance: DagsterInstance,
-                                                fault: str) -> None:
+def test_both_lta_copies_gone_are_archived_again_from_the_buffers_before_sources_go(
+        kept: Config, instance: DagsterInstance, fault: str) -> None:
+    """Both archives lost the package during the sources' retention, each site's buffer copy
+    still verified: the purge's look finds both LTA copies bad and deletes nothing; each site
+    archives again from its own buffer; only then, under a fresh look at the new copies, do
+    the sources and buffers go."""
     opsdb, package, files = archived_with_sources(kept, instance)
     for site in ("cologne", "us"):
         tar = lta_tar(kept, site, package)
@@ -149,12 +153,23 @@ def test_both_lta_copies_gone_keep_every_source(kept: Config, instance: DagsterI
     config = retention(kept, 0)
     run(config, instance)
 
-    assert all(p.is_file() for p in files)
     assert lost_filed_files(config, opsdb) == []
+    archived_everywhere(config, opsdb)  # the storage: both LTA tars hash to the package
     with opsdb.session() as session:
-        stages = {s.stage: s for s in diagnose(session, config, package, utcnow())}
-    assert stages["LTA copy us"].state == "quarantined"
-    assert "integrity check failed" in stages["purge"].detail
+        bad = {c.id for c in session.scalars(select(PackageCopy).where(
+            PackageCopy.status != CopyStatus.PRESENT)) if c.location.location_type
+            == LocationType.LONG_TERM_ARCHIVE}
+        rearchived = session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.ARCHIVE, Operation.id > 5)).all()
+        label = {loc.id: loc.label for loc in session.scalars(select(DataLocation))}
+        assert sorted((label[o.source_location_id or 0], label[o.destination_location_id or 0])
+                      for o in rearchived) == [("cologne/buffer", "cologne/lta"),
+                                               ("us/buffer", "us/lta")]
+    assert len(bad) == 2
+    for certificate in deletion_certificates(opsdb):  # never the copies found bad
+        assert not {c["copy_id"] for c in certificate["copies"]} & bad
+    assert not any(p.exists() for p in files)
+    assert certificate_problems(opsdb, config, package) == []
 
 
 @pytest.mark.parametrize("rewrite", ["same size", "other size"])
