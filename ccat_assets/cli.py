@@ -376,8 +376,14 @@ def cmd_purge(args: argparse.Namespace) -> None:
     _known_packages(opsdb, [args.package] if args.package else [])
     with opsdb.session() as session:
         plan = plan_cycle(session, config, utcnow())
-    shown = [(p, d) for p, d in plan.deletions + plan.kept
-             if args.package in (None, p)]
+        shown = [(p, d) for p, d in plan.deletions + plan.kept
+                 if args.package in (None, p)]
+        if args.package and not shown:  # nothing of it in the cycle: each copy, and why
+            from ccat_dt.packages import get_package
+            from ccat_dt.retention import plan_deletions
+
+            shown = [(args.package, d) for d in plan_deletions(
+                session, config, get_package(session, args.package), utcnow())]
     cycle = (f"{len(plan.deletions)} deletion(s), {plan.bytes / 1e6:.1f} MB "
              f"(budget {plan.budget_bytes / 1e6:.0f} MB)")
     if args.package:  # its own figures first: the cycle's are not what this command does

@@ -109,14 +109,17 @@ class CyclePlan:
 
 
 def packages_with_purgeable_copies(session: Session, limit: int) -> list[RawDataPackage]:
-    """Packages holding present copies outside the LTA; only they can have anything to purge.
+    """Packages holding present copies outside the LTA (only they can have anything to purge),
+    or a deletion there that is unfinished or was refused (its plan says why, and who acts).
 
     Starts from the few non-archive locations and the (location, status) index, so the cost
     follows what is still held there, not every copy ever recorded."""
     outside = select(DataLocation.id).where(
         DataLocation.location_type != LocationType.LONG_TERM_ARCHIVE)
     live = (PhysicalCopy.location_id.in_(outside),
-            PhysicalCopy.status.in_([CopyStatus.PRESENT, CopyStatus.STAGED]))
+            PhysicalCopy.status.in_([CopyStatus.PRESENT, CopyStatus.STAGED,
+                                     CopyStatus.DELETION_IN_PROGRESS,
+                                     CopyStatus.DELETION_FAILED]))
     package_copies = select(PhysicalCopy.package_id).where(
         *live, PhysicalCopy.package_id.is_not(None))
     file_copies = select(RawDataFile.package_id).where(RawDataFile.id.in_(

@@ -31,7 +31,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.retention import Action, Decision, plan_deletions
 from ccat_dt.topology import get_location, get_site
-from tests.helpers import checksum, write
+from tests.helpers import checksum, run_cli, write
 
 T0 = utcnow().replace(microsecond=0) - timedelta(days=3)  # when every copy in these tests was made
 PKG = "obs1-primecam-f280-0"
@@ -343,7 +343,8 @@ def test_file_already_missing_is_deleted_with_a_note(config: Config, opsdb: OpsD
     assert noted.status == OperationStatus.COMPLETED
 
 
-def test_failed_unlink_is_recorded_and_not_retried_blindly(config: Config, opsdb: OpsDB) -> None:
+def test_failed_unlink_is_recorded_and_not_retried_blindly(
+        config: Config, opsdb: OpsDB, capsys: pytest.CaptureFixture[str]) -> None:
     make_package(opsdb)
     archived(opsdb, "cologne", "us")
     obs_tar = path_of(config, *OBS_TAR)
@@ -360,6 +361,13 @@ def test_failed_unlink_is_recorded_and_not_retried_blindly(config: Config, opsdb
     assert again.deleted == 0
     [reason] = kept_reasons(again)["ccat/buffer"]
     assert reason.startswith("deletion refused") and f"operation {failed.id}" in reason
+    # `purge --plan`, of the cycle and of the package, says so too (the package's only copy
+    # left outside the archives is the refused one)
+    for package in ([], ["--package", PKG]):
+        capsys.readouterr()
+        assert run_cli("--config", str(config.path), "purge", "--plan", *package) == 0
+        plan = capsys.readouterr().out
+        assert f"keep   {PKG}" in plan and "deletion refused" in plan, plan
 
 
 def refused(config: Config, opsdb: OpsDB) -> list[Problem]:
