@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import AssetCheckKey, AssetKey, BetaWarning, DagsterInstance, PreviewWarning
@@ -15,7 +16,6 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
-from ccat_dt.diagnosis import diagnose
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -27,9 +27,8 @@ from ccat_dt.opsdb.models import (
     PackageState,
     RawDataPackage,
     Site,
-    utcnow,
 )
-from ccat_dt.reaper import certificate_problems, purge_package
+from ccat_dt.reaper import certificate_problems
 from ccat_dt.report import disagreements
 from ccat_dt.storage import files_under
 from tests.helpers import first_caller, observe
@@ -44,6 +43,26 @@ def packages(opsdb: OpsDB) -> list[RawDataPackage]:
         for package in found:  # load what the assertions read
             _ = package.primary_site.short_name, [c.location.site for c in package.copies]
         return list(found)
+
+
+def lta_copies(opsdb: OpsDB, package: str) -> list[PackageCopy]:
+    """The package's present LTA copies, with their locations loaded."""
+    with opsdb.session() as session:
+        found = session.scalars(select(PackageCopy).join(DataLocation).where(
+            PackageCopy.package.has(RawDataPackage.name == package),
+            PackageCopy.status == CopyStatus.PRESENT,
+            DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)).all()
+        for copy in found:
+            _ = copy.location.site.short_name
+        return list(found)
+
+
+def certificates(opsdb: OpsDB) -> list[dict[str, Any]]:
+    """Every deletion certificate's evidence."""
+    with opsdb.session() as session:
+        return [op.evidence for op in session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.DELETION))
+            if op.evidence and "copies" in op.evidence]
 
 
 def test_lifecycle_reaches_both_archives_and_purges_the_observatory(
@@ -112,10 +131,15 @@ def test_each_package_leaves_the_observatory_once_round_robin(
     assert [site for _, site in primaries] == ["cologne", "us", "cologne", "us"]
 
 
-def test_flipped_byte_in_site_copy_fails_its_check_and_blocks_the_purge(
+def test_flipped_byte_in_site_copy_fails_its_check_and_is_sent_again(
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit rot in the first copy that left the observatory, between its arrival and its check:
+    the check fails, the copy is quarantined and never relied on; no archive holds the package
+    yet, so the primary site is fed again from the observatory's verified buffer, and the
+    package goes all the way, every deletion under copies that are good on the storage."""
     source = observe(config, opsdb, observations=1, files=2)
+    written = {p: hash_file(p)[0] for p in files_under(source)}
     import resources.placement as placement
 
     real_place = placement.place
@@ -124,7 +148,7 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_blocks_the_purge(
     def place_then_rot(*args, **kwargs):  # type: ignore[no-untyped-def]
         placed = real_place(*args, **kwargs)
         ref = placed.ref
-        if args[3] == LocationType.BUFFER and first_caller(marker, ref.package):
+        if args[3] == LocationType.BUFFER and first_caller(marker, f"{ref.package} {ref.copy_id}"):
             # the first copy into an archive buffer
             with open(ref.path, "r+b") as handle:  # bit rot between arrival and the check
                 handle.seek(ref.size // 2)
@@ -136,33 +160,29 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_blocks_the_purge(
     monkeypatch.setattr(placement, "place", place_then_rot)
     drive(build_definitions(config), instance)
 
-    victim = marker.read_text()
-    by_name = {p.name: p for p in packages(opsdb)}
-    rotten = [c for c in by_name[victim].copies if c.status == CopyStatus.CORRUPT]
-    assert len(rotten) == 1 and rotten[0].location.location_type == LocationType.BUFFER
+    victim, rotten_id = marker.read_text().split()
     check_key = AssetCheckKey(AssetKey("site_copies"), "site_copy_checksum")
     history = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=10)
     assert any(r.status == AssetCheckExecutionRecordStatus.FAILED for r in history)
-
-    # The victim is not purged anywhere; its raw files are all still at the source.
-    assert by_name[victim].state != PackageState.ARCHIVED
     with opsdb.session() as session:
-        victim_files = [Path(f.source_location.root) / f.relative_path
-                        for f in session.scalars(select(RawDataPackage).where(
-                            RawDataPackage.name == victim)).one().files]
-    assert victim_files and all(p.is_file() for p in victim_files)
-    with opsdb.session() as session:  # what an operator sees with `ccat-dt why`
-        stages = {s.stage: s for s in diagnose(session, config, victim, utcnow())}
-    primary = next(s for s in stages.values() if s.state == "quarantined")
-    assert primary.stage.startswith("site copy") and "failed its integrity check" in primary.detail
-    assert "integrity check failed" in stages["purge"].detail
-    report = purge_package(opsdb, config, victim)  # even asked directly, it refuses
-    assert report.deleted == 0
-    assert any("integrity check failed" in d.reason for d in report.kept)
-    # ... while the healthy package went all the way.
-    [healthy] = [p for name, p in by_name.items() if name != victim]
-    assert healthy.state == PackageState.ARCHIVED
-    assert set(files_under(source)) == set(victim_files)
+        failed = session.scalars(select(Operation).where(
+            Operation.copy_id == int(rotten_id),
+            Operation.operation_type == OperationType.VERIFICATION)).all()
+        assert any(op.error and "checksum mismatch" in op.error for op in failed)
+        sent = session.scalars(select(Operation).join(
+            DataLocation, Operation.source_location_id == DataLocation.id).join(Site).where(
+            Operation.operation_type == OperationType.TRANSFER, Site.short_name == "ccat",
+            Operation.package.has(RawDataPackage.name == victim))).all()
+    assert len(sent) == 2  # the observatory link, a second time for this package only
+    assert all(p.state == PackageState.ARCHIVED for p in packages(opsdb))
+    for name in (p.name for p in packages(opsdb)):
+        assert certificate_problems(opsdb, config, name) == []
+        for site in ("cologne", "us"):  # the storage: each archive holds the package's bytes
+            [copy] = [c for c in lta_copies(opsdb, name) if c.location.site.short_name == site]
+            assert hash_file(Path(copy.location.root) / copy.relative_path)[0] == copy.checksum
+    assert all(int(rotten_id) not in {c["copy_id"] for c in cert["copies"]}
+               for cert in certificates(opsdb))
+    assert len(written) == 4 and disagreements(opsdb) == []
 
 
 def test_package_copies_never_bypass_verification(config: Config, opsdb: OpsDB,
