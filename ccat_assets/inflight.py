@@ -215,8 +215,9 @@ def stop_if_terminated(instance: DagsterInstance, run: DagsterRun) -> bool:
     run CANCELING), if it runs on this host: Dagster tells only the run workers its launcher
     started, so a `dagster asset materialize` (or a drive's run) went on. Interrupted, the run
     ends CANCELED and its work is re-attempted after the back-off. In a thread, again every
-    STOP_EVERY_S while the run is CANCELING (a step interrupted while it copies is retried
-    by its retry policy unless interrupted again as it waits), for STOP_FOR_S at most.
+    STOP_EVERY_S while the run is CANCELING (the steps that copy stop at the first interrupt,
+    ccat_assets/interrupts.py; any other step is retried by its retry policy unless
+    interrupted again as it waits), for STOP_FOR_S at most.
     True if the process is being stopped."""
     if run.status != DagsterRunStatus.CANCELING or liveness(run).alive is not True:
         return False

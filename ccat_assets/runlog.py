@@ -222,7 +222,8 @@ def run_failure(instance: DagsterInstance, run_id: str) -> str:
         if (error is not None and error.cls_name == "DagsterAssetCheckFailedError"
                 and (found := _failed_checks(instance, run_id))):
             return found
-        if error is not None and error.cls_name == "DagsterExecutionInterruptedError":
+        if error is not None and "DagsterExecutionInterruptedError" in (
+                error.cls_name, error.cause.cls_name if error.cause else None):
             return "interrupted: the drive or the run was stopped (Ctrl-C, a signal)"
         if error is not None:
             # "dagster._core.definitions.events.Failure: why": the why is what matters

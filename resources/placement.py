@@ -13,6 +13,7 @@ from dagster import (
     ResourceDependency,
 )
 
+from ccat_assets.interrupts import stops_when_interrupted
 from ccat_assets.partitions import package_site_key
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.opsdb.models import LocationType
@@ -38,9 +39,11 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
         attempt = context.step_context.previous_attempt_count if context.step_context else 0
         started = time.monotonic()
         self.deployment.metrics.watch_progress()  # the transfer is seen while it runs
+        instance = context.step_context.instance if context.step_context else None
         try:
-            placed = place(self.deployment.opsdb, self.deployment.config, obj, self.kind,
-                           run_id=context.run_id, attempt=attempt)
+            with stops_when_interrupted(instance, context.run_id):
+                placed = place(self.deployment.opsdb, self.deployment.config, obj, self.kind,
+                               run_id=context.run_id, attempt=attempt)
         except (TransferError, NotReady, ChecksumMismatch) as exc:
             self._report(obj, "failed", time.monotonic() - started, attempt, error=str(exc))
             if isinstance(exc, NotReady) or (isinstance(exc, TransferError)

@@ -401,6 +401,32 @@ def test_terminate_in_the_ui_stops_a_dagster_cli_run_at_the_next_sensor_tick(
     assert_safe(config, opsdb)
 
 
+def test_one_interrupt_of_a_terminated_run_stops_its_step_without_a_retry(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
+    """Terminate on a run its launcher started (the daemon's): Dagster marks it CANCELING and
+    interrupts its process once. Under the step's retry policy Dagster would start the step
+    again two seconds later (the whole tar, or a transfer from zero, against the operator's
+    request); the step fails once instead, and the run ends CANCELED with nothing of it left
+    on the storage; a drive then does the work."""
+    raw = observed(config, opsdb)
+    package = plan(config, opsdb, instance)
+    with held_packaging(config, instance, package, tmp_path) as (child, run):
+        instance.run_coordinator.cancel_run(run.run_id)  # what the UI's Terminate calls
+        child.send_signal(signal.SIGINT)  # the launcher's one interrupt of its run worker
+
+        child.communicate(timeout=60)
+    assert status(instance, run) == DagsterRunStatus.CANCELED
+    retried = [e for e in instance.all_logs(run.run_id) if e.dagster_event is not None
+               and e.dagster_event.event_type in (DagsterEventType.STEP_UP_FOR_RETRY,
+                                                  DagsterEventType.STEP_RESTARTED)]
+    assert retried == []
+    buffer = config.resolve_root("sites/ccat/buffer")
+    assert [p.name for p in buffer.rglob("*") if p.is_file()] == [MARKER]
+    assert drive(build_definitions(config), instance, wait_s=10).failed == []
+    archived_from_the_storage(config, raw)
+    assert_safe(config, opsdb)
+
+
 def test_a_re_executed_run_is_not_judged_by_its_parents_process(
         config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The UI's Re-execute copies the parent run's tags to the new run, among them the ones

@@ -16,6 +16,7 @@ from dagster import (
     define_asset_job,
 )
 
+from ccat_assets.interrupts import stops_when_interrupted
 from ccat_assets.partitions import package_partitions
 from ccat_assets.stages.common import GROUP, permanent, transient_retries, verified
 from ccat_dt import packages as package_builds
@@ -47,9 +48,10 @@ def assets(config: Config) -> list[AssetsDefinition]:
         started, site = time.monotonic(), deployment.config.settings.observatory
         deployment.metrics.watch_progress()  # a long build is seen while it runs
         try:
-            built = package_builds.ensure_built(deployment.opsdb, deployment.config,
-                                                context.partition_key,
-                                                run_id=context.run.run_id)
+            with stops_when_interrupted(context.instance, context.run.run_id):
+                built = package_builds.ensure_built(deployment.opsdb, deployment.config,
+                                                    context.partition_key,
+                                                    run_id=context.run.run_id)
         except PackageBuildFailed as exc:
             deployment.report("packaging", context.partition_key, site, "failed",
                               time.monotonic() - started, error=str(exc))

@@ -18,6 +18,7 @@ from dagster import (
     define_asset_job,
 )
 
+from ccat_assets.interrupts import stops_when_interrupted
 from ccat_assets.partitions import staging_partitions
 from ccat_assets.stages.common import permanent, transient_retries
 from ccat_dt.config import Config
@@ -37,8 +38,9 @@ def assets(config: Config) -> list[AssetsDefinition]:
         verified LTA copy, every file checked against the manifest."""
         started = time.monotonic()
         try:
-            staged = stage(deployment.opsdb, deployment.config, context.partition_key,
-                           run_id=context.run.run_id)
+            with stops_when_interrupted(context.instance, context.run.run_id):
+                staged = stage(deployment.opsdb, deployment.config, context.partition_key,
+                               run_id=context.run.run_id)
         except StagingError as exc:
             # Its disk not mounted, say: a retry within the run, seconds later, does not help;
             # the re-attempt sensor's, after a back-off, does.
