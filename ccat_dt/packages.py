@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ALGORITHM, ChecksumMismatch
@@ -65,6 +66,20 @@ def package_name(observation: str, instrument: str, module: str, part: int) -> s
 
 
 LOG = logging.getLogger(__name__)
+
+
+def plan_new_packages(opsdb: OpsDB, config: Config) -> list[str]:
+    """plan_packages in a transaction of its own; the names planned. Two planners at once (a
+    daemon's package sensor beside a drive's) plan each file once: the one that commits second
+    hits the unique index on (observation, module, part) and plans nothing this time (the
+    first one's packages are the ones found next), instead of failing its tick."""
+    try:
+        with opsdb.session() as session:
+            return [package.name for package in plan_packages(session, config)]
+    except IntegrityError:
+        LOG.info("another planner planned the same files at the same moment; nothing planned "
+                 "here this time")
+        return []
 
 
 def plan_packages(session: Session, config: Config) -> list[RawDataPackage]:

@@ -29,7 +29,7 @@ from ccat_assets.stages import JOBS, copy_job, site_copy
 from ccat_assets.tags import LINK_TAG, WORK_TAG
 from ccat_dt.failover import fail_over
 from ccat_dt.opsdb.models import utcnow
-from ccat_dt.packages import plan_packages
+from ccat_dt.packages import plan_new_packages
 from ccat_dt.pending import (
     Due,
     lta_copies_due,
@@ -63,8 +63,7 @@ RUNNING = DefaultSensorStatus.RUNNING
 @sensor(job=JOBS[Stage.PACKAGING], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """Finished observations become packages: a partition and a packaging run each."""
-    with deployment.opsdb.session() as session:
-        planned = plan_packages(session, deployment.config)
+    planned = plan_new_packages(deployment.opsdb, deployment.config)
     if planned:
         context.log.info(f"planned {len(planned)} package(s)")
     with deployment.opsdb.session() as session:

@@ -273,3 +273,37 @@ def test_a_transfer_in_flight_renews_its_lease(opsdb: OpsDB,
         while lease_until() <= utcnow():
             assert time.monotonic() < deadline, "the lease was never renewed"
             time.sleep(0.01)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_two_planners_at_once_plan_each_file_once_and_neither_fails(
+        request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        backend: str) -> None:
+    """A daemon's package sensor and a drive's plan the same finished observation at the same
+    moment: the second to commit finds the first one's packages there (the unique index) and
+    plans nothing, instead of failing its tick (which `drive` reports, and exits 1 for)."""
+    import ccat_dt.packages as packages
+
+    overrides = ({"opsdb_url": request.getfixturevalue("postgres_url")}
+                 if backend == "postgres" else {})
+    config = deployment(tmp_path / "deploy", **overrides)
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1, files=2)
+    real = packages.split_into_packages
+    others: list[list[str]] = []
+
+    def the_other_planner_first(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not others:  # after this planner read the unpackaged files, before it writes
+            others.append([])
+            others[0] = packages.plan_new_packages(opsdb, config)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(packages, "split_into_packages", the_other_planner_first)
+    mine = packages.plan_new_packages(opsdb, config)
+
+    assert mine == [] and len(others[0]) == 2  # one module each, planned by the other only
+    assert sorted(_names(opsdb)) == sorted(others[0])
+    with opsdb.session() as session:
+        packaged = session.scalars(select(RawDataPackage)).all()
+        assert sum(len(p.files) for p in packaged) == 4  # every file in exactly one package
+    opsdb.dispose()
