@@ -8,6 +8,7 @@ import os
 import pwd
 import re
 import signal
+import stat
 import subprocess
 import time
 import uuid
@@ -26,6 +27,7 @@ from ccat_dt.transports.base import (
     temporary_name,
 )
 from ccat_dt.transports.remote import (
+    NEW_FILE_MODE,
     CompletedRun,
     _check_xxhsum,
     classify_ssh,
@@ -307,6 +309,9 @@ def test_interrupted_transfer_resumes_from_its_partial_file(
     sent = int(re.search(r"rsync sent (\d+) of (\d+) bytes", log).group(1))  # type: ignore[union-attr]
     assert sent <= size - partial
     assert "(resumed)" in log
+    # rsync wrote its partial file 0600 and a resumed rsync keeps an existing file's mode:
+    # the archive file gets the mode of a file created now (0666 less the umask) all the same
+    assert stat.S_IMODE(final.stat().st_mode) == NEW_FILE_MODE
 
 
 def test_killed_rsync_leaves_partial_that_the_next_copy_completes(
@@ -339,6 +344,7 @@ def test_killed_rsync_leaves_partial_that_the_next_copy_completes(
     assert xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum
     assert not temp_of(final).exists()
     assert result.log_path and "(resumed)" in Path(result.log_path).read_text()
+    assert stat.S_IMODE(final.stat().st_mode) == NEW_FILE_MODE  # not the partial file's 0600
 
 
 @pytest.mark.parametrize("direction", ["local->remote", "remote->other remote"])

@@ -310,6 +310,15 @@ class Landed(NamedTuple):
     mtime_ns: int | None = None  # looked at by whoever records the copy)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+NEW_FILE_MODE = 0o666 & ~_umask()  # what a file created now gets; see _NEW_FILE_MODE
+
+
 def _rename_local(landed: Endpoint, final: Endpoint) -> None:
     """Durably move a verified file to its final name: flush the file, rename (never over a
     file there but the quarantined one `final.replaces` names), flush the directory, so a crash
@@ -321,6 +330,7 @@ def _rename_local(landed: Endpoint, final: Endpoint) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        os.chmod(source, NEW_FILE_MODE)
         rename_into_place(source, target, replaces=final.replaces)
         fsync_directory(Path(final.path.parent))
     except FileExistsError:
@@ -329,13 +339,19 @@ def _rename_local(landed: Endpoint, final: Endpoint) -> None:
         raise _local_error(f"cannot rename {source} -> {target}", exc) from exc
 
 
+# A landed file gets the mode a file created now would get (0666 less the umask): rsync writes
+# its partial file 0600, and one resumed after a cut kept that mode into every archive.
+_NEW_FILE_MODE = 'chmod "$(printf %o $((0666 & ~$(umask))))"'
+
+
 # The move into place on a remote host, a constant fragment; $1 the landed file, $2 its final
 # name, $5 the identity (Identity.text) of the quarantined file a repair replaces, or empty.
 # Only while that very file is at the final name (looked at just before) is it replaced;
 # otherwise `mv -n` (renameat2's RENAME_NOREPLACE where the file system has it, else a look just
 # before) never replaces: when the landed file is still there and the final name is taken, it
 # prints "occupied" and fails.
-_MOVE = ('{ if [ -n "$5" ] && [ "$(stat -c %s:%i:%.9Y -- "$2" 2>/dev/null)" = "$5" ]; then '
+_MOVE = (_NEW_FILE_MODE + ' -- "$1"; '
+         '{ if [ -n "$5" ] && [ "$(stat -c %s:%i:%.9Y -- "$2" 2>/dev/null)" = "$5" ]; then '
          'mv -f -- "$1" "$2"; else mv -n -- "$1" "$2"; '
          '[ ! -e "$1" ] || { { [ -e "$2" ] || [ -L "$2" ]; } && echo occupied; exit 1; }; fi; }')
 
@@ -532,7 +548,7 @@ done;
 if [ "$all" = 1 ] && [ "$bad" -gt 0 ]; then exit 0; fi;
 [ -f "$t/ok" ] || exit 0;
 while IFS= read -r i && IFS= read -r f && IFS= read -r d && IFS= read -r o; do
-  { [ -e "$t/$i.synced" ] || sync -- "$f"; } || exit 1;
+  { [ -e "$t/$i.synced" ] || sync -- "$f"; } || exit 1; NEW_FILE_MODE -- "$f";
   if [ -n "$o" ] && [ "$(stat -c %s:%i:%.9Y -- "$d" 2>/dev/null)" = "$o" ]; then
     mv -f -- "$f" "$d" || exit 1;
   else mv -n -- "$f" "$d";
@@ -544,7 +560,8 @@ while IFS= read -r i && IFS= read -r f && IFS= read -r d && IFS= read -r o; do
 done < "$t/ok";
 [ -f "$t/dirs" ] || exit 0;
 sort -u "$t/dirs" | while IFS= read -r d; do sync -- "$d" || exit 1; done
-""".strip().replace("\n", " ")  # ssh arguments cannot carry line breaks
+""".strip().replace("\n", " ").replace(  # ssh arguments cannot carry line breaks
+    "NEW_FILE_MODE", _NEW_FILE_MODE)
 
 
 class Verdict(NamedTuple):
