@@ -231,6 +231,14 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job
                 f"({found.problem or f'checksum {found.checksum}'}; the package is {expected}): "
                 "nothing was written over it. Find out what wrote it and move it away; the "
                 "next attempt then copies the package", retryable=False)
+    for i, (job, found) in enumerate(zip(jobs, seen, strict=True)):
+        if job.relative in quarantined and found.problem and not found.missing:
+            # Not the quarantined file any more (a symlink, a directory): refused now, not
+            # after the package travelled only for the rename to refuse it.
+            out[i] = TransferError(
+                f"{job.destination} {FOREIGN_FILE} where the quarantined copy was "
+                f"({found.problem}): nothing was written over it. Move it away; the next "
+                "attempt then repairs the copy", retryable=False)
     repairs = {job.relative: Identity(found.size, found.inode, found.mtime_ns)
                for job, found in zip(jobs, seen, strict=True)
                if job.relative in quarantined and found.problem is None

@@ -106,6 +106,45 @@ def test_a_repair_never_replaces_a_file_that_took_the_quarantined_copys_place(
     opsdb.dispose()
 
 
+def test_a_symlink_at_a_quarantined_copys_name_is_refused_before_anything_travels(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """The archive copy's name now holds a symlink (to someone's file): the scrub quarantines
+    the copy; its repair says so at once ("where the quarantined copy was ... a symlink"),
+    before any byte travels (not after, for a rename to refuse it with "it appeared while the
+    package travelled"); the linked file is untouched; once the link is taken away the next
+    attempt repairs the copy."""
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.5})
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    bad = lta_copies_at(opsdb, "us")[0]
+    path = Path(bad.location.root) / bad.relative_path
+    theirs = tmp_path / "theirs.dat"
+    theirs.write_bytes(b"someone's file")
+    path.unlink()
+    path.symlink_to(theirs)
+
+    report = drive(defs, instance, schedules=True, wait_s=0, workers=1)
+
+    assert report.failed, report.launched
+    assert path.is_symlink() and theirs.read_bytes() == b"someone's file"  # the storage
+    assert not list(path.parent.glob(".*.part"))  # nothing travelled
+    with opsdb.session() as session:
+        refused = session.scalars(select(Operation).where(
+            Operation.package_id == bad.package_id, Operation.status == OperationStatus.FAILED,
+            Operation.operation_type.in_([OperationType.TRANSFER, OperationType.ARCHIVE]))).all()
+        assert refused and all("where the quarantined copy was" in (op.error or "")
+                               and "symlink" in (op.error or "") for op in refused)
+        assert all(op.bytes in (None, 0) for op in refused)
+
+    path.unlink()  # the person takes the link away
+    again = drive(defs, instance, wait_s=10)
+    assert again.failed == []
+    assert not path.is_symlink() and hash_file(path)[0] == bad.package.checksum
+    opsdb.dispose()
+
+
 def test_scrub_of_an_unmounted_archive_marks_nothing_and_overwrites_nothing_after_remount(
         config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
     """An LTA disk away (its mount point empty, no marker) says nothing about its copies: the
