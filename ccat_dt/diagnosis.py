@@ -249,8 +249,20 @@ def _at_site(session: Session, config: Config, package: RawDataPackage, site: st
         if any(c.is_verified for c in copies):
             out.append(StageState(stage, "done", "verified"))
         elif corrupt:
+            # Its repair's last attempt, if one failed since the copy was made: why.
+            operation = _last(session, package, OperationType.TRANSFER if
+                              kind == LocationType.BUFFER else OperationType.ARCHIVE,
+                              _locations(session, site, kind))
+            made = session.scalar(select(Operation.id).where(
+                Operation.copy_id == corrupt[-1].id,
+                Operation.operation_type.in_([OperationType.TRANSFER, OperationType.ARCHIVE])))
+            reattempt = reattempts.get((work, site))
+            failure = (_failed(operation, reattempt) if operation is not None
+                       and operation.id > (made or 0) else None)
             out.append(StageState(stage, "quarantined", f"copy {corrupt[-1].id} failed its "
-                                  "integrity check; it is kept and blocks the purge"))
+                                  "integrity check; it is kept and blocks the purge"
+                                  + (f"; its repair failed: {failure}{_reattempt(reattempt)}"
+                                     if failure else "")))
         elif any(c.status == CopyStatus.DELETED for c in copies):
             out.append(StageState(stage, "done", "verified, then purged after archiving"))
         else:

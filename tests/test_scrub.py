@@ -17,6 +17,7 @@ from ccat_assets.driver import drive
 from ccat_dt.audit import audit
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
+from ccat_dt.diagnosis import diagnose
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -27,6 +28,7 @@ from ccat_dt.opsdb.models import (
     PackageCopy,
     PackageState,
     RawDataPackage,
+    utcnow,
 )
 from tests.faults.pipeline import deployment
 from tests.helpers import lta_copies_at, observe, rot_an_lta_copy
@@ -137,6 +139,10 @@ def test_a_symlink_at_a_quarantined_copys_name_is_refused_before_anything_travel
         assert refused and all("where the quarantined copy was" in (op.error or "")
                                and "symlink" in (op.error or "") for op in refused)
         assert all(op.bytes in (None, 0) for op in refused)
+        said = {st.stage: st for st in diagnose(session, config, bad.package.name, utcnow())}
+    assert said["LTA copy us"].state == "quarantined"  # `why`: and why its repair is stuck
+    assert "its repair failed" in said["LTA copy us"].detail
+    assert "where the quarantined copy was" in said["LTA copy us"].detail
 
     path.unlink()  # the person takes the link away
     again = drive(defs, instance, wait_s=10)
