@@ -147,8 +147,13 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"({config.settings.policies.site_failover_hours:g} h): packages not yet sent go to "
             f"another archive site; {site} gets them by replication once it is back. Bring "
             f"{site} back (`ccat-dt status` shows its locations)."))
-    for row in session.scalars(select(Reattempt).where(Reattempt.escalated_at.is_not(None))
-                               .order_by(Reattempt.id)):
+    # An escalation stays a problem until its work succeeds (its row goes): an operator's
+    # retry that fails again starts a new episode of automatic attempts, not a resolution.
+    told = set(session.scalars(select(Notification.problem_key).where(
+        Notification.closed.is_(False), Notification.problem_key.like("escalated:%"))))
+    for row in session.scalars(select(Reattempt).order_by(Reattempt.id)):
+        if row.escalated_at is None and f"escalated:{row.stage}:{row.partition}" not in told:
+            continue
         if FOREIGN_FILE in (row.last_error or ""):
             continue  # told at once, below
         hours = (_aware(now) - _aware(row.first_failed_at)).total_seconds() / 3600

@@ -173,6 +173,12 @@ def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
         assert drive(build_definitions(config), instance, wait_s=0).launched == []
         assert len(webhook_receiver.posts) == 1  # not told again
 
+        # A person retries before the cause is fixed: the run fails again, so nothing is
+        # "resolved" (the work goes back to automatic attempts, the problem stays open).
+        operator_retry(config, instance, opsdb)
+        drive(build_definitions(config), instance, wait_s=0)
+        assert len(webhook_receiver.posts) == 1, webhook_receiver.texts
+
         monkeypatch.undo()  # space is freed; a person retries, as the message said
         operator_retry(config, instance, opsdb)
 
