@@ -84,10 +84,12 @@ SENSOR_RETRY_S = 1.0  # a sensor whose tick failed is ticked again after this, d
 # as each is archived, while other packages' copies go on (the daemon ticks it on its
 # interval: there the retention ages batch them).
 LAST = "purge_sensor"
-# Sensors that only report or tidy up (no runs): ticked at most once per their minimum interval
-# during a drive, as the daemon ticks them, and once more as it ends. Ticked every round, they
-# were a third of a round's time, and each change of the overview a round more.
-PERIODIC = frozenset({"overview_sensor", "service_level_sensor", "retire_partitions_sensor"})
+# Sensors that only report, tell or tidy up (no runs): ticked at most once per their minimum
+# interval during a drive, as the daemon ticks them, and once more as it ends. Ticked every
+# round, they were a third of a round's time, and each change of the overview a round more; a
+# mail server that accepts connections and never answers held every round for its timeout.
+PERIODIC = frozenset({"overview_sensor", "service_level_sensor", "retire_partitions_sensor",
+                      "notification_sensor"})
 IDLE_TICK_S = 1.0  # while runs execute, work waiting for a back-off is looked at this often
 QUEUED_DAEMON = "QUEUED_RUN_COORDINATOR"  # the daemon's part that dequeues queued runs
 DAEMON_FRESH_S = 120.0  # a daemon whose last heartbeat (every 30 s) is older is not running

@@ -189,3 +189,41 @@ def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
     finally:
         opsdb.dispose()
 
+
+
+def test_a_mail_server_that_never_answers_holds_a_drive_once_per_interval_not_every_round(
+        tmp_path: Path, webhook_receiver: Receiver, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mail server that accepts the connection and never says a word costs its timeout at
+    every delivery. `drive` ticks the notification sensor as the daemon does, once per its
+    interval and as the drive ends, not in every round between runs (where it held the next
+    runs for the timeout each time)."""
+    import socket
+
+    import ccat_dt.notify as notify
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the backlog; nothing is ever said
+    config = _notified(tmp_path, silent.getsockname()[1], webhook_receiver.url)
+    opsdb = OpsDB(config.opsdb_url)
+    problem = notify.Problem("quarantined:pkg-x", "quarantined", "package pkg-x quarantined",
+                             "a problem open all along")
+    real = notify.current_problems
+    ticks: list[int] = []
+
+    def with_a_problem(*args, **kwargs):  # type: ignore[no-untyped-def]
+        ticks.append(1)
+        return [*real(*args, **kwargs), problem]
+
+    monkeypatch.setattr("sensors.notify.current_problems", with_a_problem)
+    try:
+        observe(config, opsdb)
+        report = drive(build_definitions(config), instance, wait_s=5)
+    finally:
+        silent.close()
+        opsdb.dispose()
+
+    assert report.failed == [] and report.rounds > 3
+    assert len(ticks) <= 2, (len(ticks), report.rounds)  # the first round's, and the last
+    assert len(webhook_receiver.posts) == 1  # the webhook told it, once
