@@ -24,6 +24,17 @@ class Damage:
         return bool(self.missing or self.changed)
 
 
+def through_symlink(root: Path, relative: str) -> bool:
+    """Whether a directory on the way from `root` to `relative` is a symlink (or not a
+    directory): a staged name there is not under the processing location any more."""
+    path = root
+    for part in Path(relative).parts[:-1]:
+        path = path / part
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            return True
+    return False
+
+
 def look_at_staged(copies: list[RawDataFileCopy], *, rehash: bool) -> Damage:
     """Each STAGED copy looked at on its disk: gone, or changed since it was staged (its size,
     inode or mtime differ; with `rehash`, only if its bytes no longer hash to the filed
@@ -31,6 +42,9 @@ def look_at_staged(copies: list[RawDataFileCopy], *, rehash: bool) -> Damage:
     missing, changed = [], []
     for copy in copies:
         path = Path(copy.location.root) / copy.relative_path
+        if through_symlink(Path(copy.location.root), copy.relative_path):
+            changed.append(copy)  # never looked at, nor written, through a symlink
+            continue
         try:
             info = os.lstat(path)
         except FileNotFoundError:

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_dt.checksums import hash_file
+from ccat_dt.checksums import ChecksumMismatch, hash_file
 from ccat_dt.config import Config
 from ccat_dt.marker import MARKER, root_problem
 from ccat_dt.opsdb.database import OpsDB
@@ -36,12 +36,12 @@ from ccat_dt.opsdb.models import (
     staging_reason,
     utcnow,
 )
-from ccat_dt.replicas import finish, finish_in
+from ccat_dt.replicas import finish, finish_in, reread
 from ccat_dt.retention import verified_lta_copies
-from ccat_dt.staged_files import look_at_staged
+from ccat_dt.staged_files import look_at_staged, through_symlink
 from ccat_dt.tarball import extract_package
 from ccat_dt.topology import UnknownLocation, get_location
-from ccat_dt.transports.base import Endpoint
+from ccat_dt.transports.base import Endpoint, TransferError
 from ccat_dt.transports.factory import endpoint, transport_for
 
 
@@ -220,8 +220,9 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
             raise StagingError(f"{package_name}: no verified LTA copy to stage from")
         root = Path(request.location.root)
         directory = PurePosixPath(request_name) / package_name
-        tar = root / request_name / f"{package_name}.tar"
-        scratch = root / request_name / f".{package_name}.part"
+        # Scratch names a processing job does not use for its own files.
+        tar = root / request_name / f".ccat-dt-staging.{package_name}.tar"
+        scratch = root / request_name / f".ccat-dt-staging.{package_name}"
         origin = endpoint(source.location, source.relative_path)
         route = config.settings.route(source.location.site.short_name, site)
         transport = transport_for(config, route, remote=origin.host is not None,
@@ -234,6 +235,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         files = {f.relative_path: f for f in package.files}
         checksum, location_id, request_id = package.checksum or "", request.location_id, request.id
         where = request.location.label
+        source_id, source_label = source.id, source.location.label
     started = time.monotonic()
     try:
         # An unmounted disk's bare mount point is not the processing area: nothing is written
@@ -251,7 +253,13 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         try:
             manifest = extract_package(tar, scratch, only=wanted)
             for entry in manifest:
-                final = root / directory / entry.path
+                relative = str(directory / entry.path)
+                if through_symlink(root, relative):  # never written outside the location
+                    raise StagingError(
+                        f"{package_name}: {root / relative} passes through a symlink or a "
+                        f"non-directory at {where}; nothing is written through it: move it "
+                        "away, then retry")
+                final = root / relative
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(scratch / entry.path, final)
         except OSError as exc:  # the processing disk full, say: its re-attempt, not this run's
@@ -260,6 +268,17 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                                "it was left there") from exc
     except Exception as exc:
         finish(opsdb, operation.id, error=str(exc))
+        if isinstance(exc, ChecksumMismatch) or "checksum mismatch" in str(exc).lower():
+            # A bad source, or a bad transit? The source re-hashed on its storage: a bad one
+            # is quarantined (its repair follows), and the next attempt stages from another.
+            try:
+                check = reread(opsdb, config, source_id)
+            except TransferError:  # its storage cannot be looked at now: not judged
+                check = None
+            if check is not None and not check.passed:
+                raise StagingError(f"{exc}; the source {source_label} re-hashed on its "
+                                   f"storage: {check.description}: quarantined; the next "
+                                   "attempt stages from another archive copy") from exc
         raise
     finally:
         tar.unlink(missing_ok=True)  # the archive is not kept at processing: it saves space

@@ -283,3 +283,55 @@ def test_a_processing_disk_that_fills_while_unpacking_keeps_no_half_file_and_hea
         assert report.failed == []
         assert staged(root, name) == written
         assert not list(root.rglob("*.part")) and not list(root.rglob("*.tar"))
+
+
+def test_a_staged_directory_replaced_by_a_symlink_is_never_written_through(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """A job replaces a staged directory by a symlink to its own scratch space and an operator
+    retries the request: nothing is written through the link (outside the processing
+    location); the run fails naming it; the files behind the link are untouched."""
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0", module="chai/lfa"),
+                           expires_in=timedelta(hours=1))
+    assert drive(defs, instance).failed == []
+    first = sorted(files_under(root / name))[0]
+    jobs = tmp_path / "job-scratch"
+    jobs.mkdir()
+    shutil.rmtree(first.parent)
+    first.parent.symlink_to(jobs)
+
+    _, report = operator_retry(config, instance, opsdb, packages=[name])
+
+    assert len(report.failed) == 1
+    assert list(jobs.iterdir()) == []  # the storage: nothing written outside the location
+    with opsdb.session() as session:
+        said = {s.stage: s for s in diagnose(session, config, name, utcnow())}
+    assert said["staging"].state == "failed" and "changed" in said["staging"].detail
+
+
+def test_staging_from_a_rotten_nearest_archive_copy_moves_on_to_a_good_one(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """The nearest LTA copy rotted since its last check: the staged tar arrives with the wrong
+    checksum; the source is re-hashed on its storage, quarantined, and the re-attempt stages
+    from the other archive, with no person (before: the same bad copy every attempt)."""
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=0.5)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    for tar in config.resolve_root("sites/cologne/lta").rglob("*chai-lfa*.tar"):
+        data = bytearray(tar.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        tar.write_bytes(bytes(data))
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0", module="chai/lfa"),
+                           expires_in=timedelta(hours=1))
+
+    report = drive(defs, instance, wait_s=30)
+
+    assert staged(root, name) == written  # the storage: the filed bytes, from the good copy
+    assert any(key.startswith("stage:") for key in report.failed)  # the first attempt
+    with opsdb.session() as session:
+        said = {s.stage: s for s in diagnose(session, config, name, utcnow())}
+    assert said["staging"].state == "done"
