@@ -14,7 +14,7 @@ from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config, RouteConfig
 from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
 from ccat_dt.loss import Health, refresh_loss
-from ccat_dt.objectstore import Stores
+from ccat_dt.objectstore import Stores, is_object_root
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -205,9 +205,13 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job
     with opsdb.session() as session:
         destination = session.get_one(DataLocation, destination_id)
         root, host = destination.root, destination.host
-        quarantined = set(session.scalars(select(PackageCopy.relative_path).where(
+        # The quarantined copies there, with the inode each was recorded with: on a disk, a
+        # file at the name with another inode is not the quarantined copy (rot and truncation
+        # happen in place) but one that took its place, and is not replaced.
+        quarantined = {path: inode for path, inode in session.execute(select(
+            PackageCopy.relative_path, PackageCopy.inode).where(
             PackageCopy.location_id == destination_id, PackageCopy.status == CopyStatus.CORRUPT,
-            PackageCopy.relative_path.in_([j.relative for j in jobs]))))
+            PackageCopy.relative_path.in_([j.relative for j in jobs])))}
     stores, ssh, clock = Stores.of(config), ssh_settings(config), time.monotonic()
     try:
         seen = stores.look(root, host, ssh, [Wanted(j.relative, False) for j in jobs])
@@ -231,7 +235,17 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job
                 f"({found.problem or f'checksum {found.checksum}'}; the package is {expected}): "
                 "nothing was written over it. Find out what wrote it and move it away; the "
                 "next attempt then copies the package", retryable=False)
+    on_disk = not is_object_root(root)
     for i, (job, found) in enumerate(zip(jobs, seen, strict=True)):
+        recorded = quarantined.get(job.relative)
+        if (job.relative in quarantined and found.problem is None and on_disk
+                and None not in (recorded, found.inode) and recorded != found.inode):
+            out[i] = TransferError(
+                f"{job.destination} {FOREIGN_FILE} where the quarantined copy was (another "
+                f"file: inode {found.inode}, the copy's was {recorded}): nothing was written "
+                "over it. Find out what put it there and move it away; the next attempt then "
+                "repairs the copy", retryable=False)
+            continue
         if job.relative in quarantined and found.problem and not found.missing:
             # Not the quarantined file any more (a symlink, a directory): refused now, not
             # after the package travelled only for the rename to refuse it.
@@ -240,8 +254,8 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job
                 f"({found.problem}): nothing was written over it. Move it away; the next "
                 "attempt then repairs the copy", retryable=False)
     repairs = {job.relative: Identity(found.size, found.inode, found.mtime_ns)
-               for job, found in zip(jobs, seen, strict=True)
-               if job.relative in quarantined and found.problem is None
+               for i, (job, found) in enumerate(zip(jobs, seen, strict=True))
+               if job.relative in quarantined and i not in out and found.problem is None
                and found.size is not None and found.inode is not None
                and found.mtime_ns is not None}
     return out, repairs

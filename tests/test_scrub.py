@@ -100,6 +100,10 @@ def test_a_repair_never_replaces_a_file_that_took_the_quarantined_copys_place(
         assert "holds a file OpsDB does not record there" in (refused.error or "")
 
     monkeypatch.undo()
+    # Its re-attempts look again and find that file at the name before they send anything: it
+    # is not the quarantined copy (another inode), so it is not replaced either.
+    drive(defs, instance, wait_s=3)
+    assert path.read_bytes() == b"someone's file, not the package"
     path.unlink()  # the person takes their file away
     (path.parent / "theirs").unlink()
     again = drive(defs, instance, wait_s=10)  # its re-attempt, after the back-off
