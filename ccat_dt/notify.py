@@ -9,10 +9,11 @@ in a tick is not tried again in that tick, so a dead server costs one short time
 Nothing is sent, and no row is written, while no channel is configured.
 
 What counts as a problem (`current_problems`) is only what does not heal by itself: a package
-quarantined (a source file changed after filing), work escalated past the re-attempt horizon,
-an archive site down past its failover horizon, a buffer filling faster than it drains, a
-filing-service request that can never be applied (a dead letter, which each site's service
-mirrors into OpsDB). Transient faults are never told.
+quarantined (a source file changed after filing), a source file changed after archiving (its
+new bytes are in no archive), a deletion or a copy refused for a file ccat-dt did not write,
+work escalated past the re-attempt horizon, an archive site down past its failover horizon, a
+buffer filling faster than it drains, a filing-service request that can never be applied (a
+dead letter, which each site's service mirrors into OpsDB). Transient faults are never told.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
+    DataLocation,
     FilingDeadLetter,
+    LocationType,
     Notification,
     Operation,
+    OperationStatus,
     OperationType,
     PackageCopy,
     PackageState,
@@ -56,6 +60,7 @@ LOG = logging.getLogger("ccat_dt.notify")
 class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
+    # | deletion_refused | foreign_file | source_changed
     subject: str
     detail: str  # what happened and what to do
 
@@ -172,6 +177,7 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"{kind}:{name}", kind, f"package {name}: {assessment.health.value.upper()}",
             f"{assessment.reason}\n`ccat-dt why {name}` shows every copy and stage."))
     problems += _refused_deletions(session)
+    problems += _changed_sources(session)
     problems += _foreign_files(session)
     for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
                                                                     FilingDeadLetter.seq)):
@@ -231,6 +237,34 @@ def _refused_deletions(session: Session) -> list[Problem]:
             "out what wrote it and take the file away from that path (or put the recorded "
             f"bytes back); then `ccat-dt purge --package {name}` records the copy deleted (or "
             "decides it afresh) and this notice is resolved."))
+    return problems
+
+
+def _changed_sources(session: Session) -> list[Problem]:
+    """Source files changed after their package was built: the filed bytes are archived, the
+    new ones are in no archive and the file is never deleted; only a person can say what they
+    are. Resolved once a purge finds the path empty or the filed bytes back. (Changed before
+    the package left, the package is quarantined instead: told above.)"""
+    problems = []
+    for copy in session.scalars(select(RawDataFileCopy).join(DataLocation).where(
+            RawDataFileCopy.status == CopyStatus.CORRUPT,
+            DataLocation.location_type == LocationType.SOURCE).order_by(RawDataFileCopy.id)):
+        package = copy.raw_data_file.package
+        if package is None or package.state == PackageState.FAILED:
+            continue
+        path = f"{copy.location.root}/{copy.relative_path}"
+        error = session.scalar(select(Operation.error).where(
+            Operation.copy_id == copy.id, Operation.status == OperationStatus.FAILED)
+            .order_by(Operation.id.desc()).limit(1)) or "its bytes differ from the filed ones"
+        problems.append(Problem(
+            f"source_changed:{copy.id}", "source_changed",
+            f"source file changed after archiving at {copy.location.label}: {path}",
+            f"{error}\nThe bytes filed for package {package.name} are archived and untouched; "
+            f"the file now at {path} holds other bytes, which are in no archive, so ccat-dt "
+            "never deletes it. Find out what rewrote it; keep the new bytes elsewhere if they "
+            "matter (file them under a new name), then take the file away from that path (or "
+            f"put the filed bytes back) and run `ccat-dt purge --package {package.name}`: the "
+            "copy is decided afresh and this notice is resolved."))
     return problems
 
 

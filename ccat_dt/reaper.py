@@ -45,8 +45,10 @@ from ccat_dt.opsdb.models import (
     OperationStatus,
     OperationType,
     PackageCopy,
+    PackageState,
     PhysicalCopy,
     RawDataFile,
+    RawDataFileCopy,
     RawDataPackage,
     _aware,
     utcnow,
@@ -379,6 +381,7 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     with opsdb.session() as session:
         package_id = _package(session, package_name).id
     resumed, failures = _resume_unfinished(opsdb, ssh_settings(config), package_id, now)
+    resumed |= _look_again_at_changed_sources(opsdb, ssh_settings(config), package_id)
     with opsdb.session() as session:
         package = _package(session, package_name)
         plan = plan_deletions(session, config, package, now, early_ids)
@@ -499,6 +502,50 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int,
         if not gone:
             resumed.add(copy_id)
     return resumed, unknown
+
+
+def _look_again_at_changed_sources(opsdb: OpsDB, ssh: SshSettings, package_id: int) -> set[int]:
+    """A source file changed after its package was built (CORRUPT: its new bytes are in no
+    archive) waits for a person, who takes it away or puts the filed bytes back, then runs
+    `ccat-dt purge --package`. Either way the copy goes back to PRESENT, to be decided afresh
+    under a new look (a path found empty is then recorded deleted under its certificate).
+    Returns those copies; a file still changed, or a storage that cannot be looked at, stays."""
+    with opsdb.session() as session:
+        if session.get_one(RawDataPackage, package_id).state == PackageState.FAILED:
+            return set()  # quarantined before it left: `retry --rebuild-failed` or `exclude`
+        changed = [(c.id, c.size, c.checksum, c.location.host, c.location.root, c.relative_path)
+                   for c in session.scalars(select(RawDataFileCopy).join(RawDataFile).where(
+                       RawDataFile.package_id == package_id,
+                       RawDataFileCopy.status == CopyStatus.CORRUPT)
+                       .order_by(RawDataFileCopy.id))
+                   if c.location.location_type == LocationType.SOURCE]
+    back: set[int] = set()
+    for copy_id, size, checksum, host, root, rel in changed:
+        try:
+            [seen] = look(str(root), host, ssh, [Wanted(rel, rehash=True)])
+        except (StorageUnavailable, TransferError, OSError):
+            continue
+        gone = seen.problem is not None and seen.problem.startswith("missing")
+        if not gone and (seen.problem is not None or seen.size != size
+                         or seen.checksum != checksum):
+            continue  # still not the filed bytes: the person's, as `why` says
+        with opsdb.session() as session:
+            now = utcnow()
+            taken = session.execute(update(PhysicalCopy).where(
+                PhysicalCopy.id == copy_id, PhysicalCopy.status == CopyStatus.CORRUPT)
+                .values(status=CopyStatus.PRESENT))
+            if not isinstance(taken, CursorResult) or taken.rowcount != 1:
+                continue
+            location = session.get_one(PhysicalCopy, copy_id).location_id
+            session.add(Operation(
+                operation_type=OperationType.VERIFICATION, status=OperationStatus.COMPLETED,
+                package_id=package_id, copy_id=copy_id, destination_location_id=location,
+                reason="a changed source looked at again",
+                error=("the path was empty (taken away by hand): decided afresh" if gone else
+                       "the filed bytes were back at the path: decided afresh"),
+                started_at=now, finished_at=now))
+        back.add(copy_id)
+    return back
 
 
 def _recorded_bytes_at(ssh: SshSettings, root: Path, host: str | None, relative_path: str,

@@ -184,7 +184,8 @@ class _Planner:
         if copy.status == CopyStatus.CORRUPT and copy.kind == "raw_file":
             return Action.KEEP, ("changed at its source since filing: these bytes are in no "
                                  "archive (the package holds the filed ones); kept for a "
-                                 "person to look at"), False
+                                 "person to take away (or to put the filed bytes back), then "
+                                 f"`ccat-dt purge --package {self.package.name}`"), False
         if self.corrupt:
             names = ", ".join(f"{c.location.label}" for c in self.corrupt)
             return Action.KEEP, (f"integrity check failed for {names} copy; "

@@ -175,8 +175,13 @@ def test_both_lta_copies_gone_are_archived_again_from_the_buffers_before_sources
 @pytest.mark.parametrize("rewrite", ["same size", "other size"])
 def test_source_rewritten_after_archiving_is_kept(kept: Config, instance: DagsterInstance,
                                                  rewrite: str) -> None:
+    """An instrument rewrote a source file after its package was archived: the new bytes are
+    in no archive, so the file is kept (the others go) and a person is told. Once the person
+    puts the filed bytes back, or takes the file away, `purge --package` decides it afresh and
+    the notice is resolved."""
     opsdb, package, files = archived_with_sources(kept, instance)
     victim = files[1]
+    filed = victim.read_bytes()
     new = os.urandom(victim.stat().st_size + (0 if rewrite == "same size" else 7))
     victim.write_bytes(new)  # an instrument rewrote it: these bytes were never archived
 
@@ -195,6 +200,27 @@ def test_source_rewritten_after_archiving_is_kept(kept: Config, instance: Dagste
     assert "changed at its source since filing" in reasons
     # Only the rewritten file is kept: the others' filed bytes are in both archives.
     assert [p for p in files if p.exists()] == [victim]
+    with opsdb.session() as session:
+        [told] = [p for p in current_problems(session, config, utcnow())
+                  if p.kind == "source_changed"]
+    assert str(victim) in told.subject and f"purge --package {package}" in told.detail
+
+    assert run_cli("--config", str(config.path), "purge", "--package", package) == 0
+    assert victim.read_bytes() == new  # a person has not acted yet: still kept
+
+    if rewrite == "same size":
+        victim.write_bytes(filed)  # the person put the filed bytes back
+    else:
+        victim.rename(victim.with_name("rewritten-by-instrument.dat"))  # kept elsewhere
+    assert run_cli("--config", str(config.path), "purge", "--package", package) == 0
+
+    assert not victim.exists()
+    assert victim.with_name("rewritten-by-instrument.dat").exists() == (rewrite != "same size")
+    with opsdb.session() as session:
+        assert [p for p in current_problems(session, config, utcnow())
+                if p.kind == "source_changed"] == []
+    assert certificate_problems(opsdb, config, package) == []
+    assert lost_filed_files(config, opsdb) == []
 
 
 def _deletions(opsdb: OpsDB) -> list[tuple[str, str | None]]:
