@@ -241,25 +241,27 @@ def _refused_deletions(session: Session) -> list[Problem]:
 
 
 def _changed_sources(session: Session) -> list[Problem]:
-    """Source files changed after their package was built: the filed bytes are archived, the
-    new ones are in no archive and the file is never deleted; only a person can say what they
-    are. Resolved once a purge finds the path empty or the filed bytes back. (Changed before
-    the package left, the package is quarantined instead: told above.)"""
+    """Source files changed after their package was built: the filed bytes are in the package,
+    the new ones in no archive, and the file is never deleted; only a person can say what they
+    are. Resolved once a purge finds the path empty or the filed bytes back (or `audit
+    --repair` finds them back). Changed before the build, the package is quarantined instead:
+    told above."""
     problems = []
     for copy in session.scalars(select(RawDataFileCopy).join(DataLocation).where(
             RawDataFileCopy.status == CopyStatus.CORRUPT,
             DataLocation.location_type == LocationType.SOURCE).order_by(RawDataFileCopy.id)):
         package = copy.raw_data_file.package
-        if package is None or package.state == PackageState.FAILED:
-            continue
+        if package is None or package.state in (PackageState.PLANNED, PackageState.FAILED):
+            continue  # not built yet: its packaging quarantines it (told above)
         path = f"{copy.location.root}/{copy.relative_path}"
         error = session.scalar(select(Operation.error).where(
             Operation.copy_id == copy.id, Operation.status == OperationStatus.FAILED)
             .order_by(Operation.id.desc()).limit(1)) or "its bytes differ from the filed ones"
         problems.append(Problem(
             f"source_changed:{copy.id}", "source_changed",
-            f"source file changed after archiving at {copy.location.label}: {path}",
-            f"{error}\nThe bytes filed for package {package.name} are archived and untouched; "
+            f"source file changed after its package was built, at {copy.location.label}: "
+            f"{path}",
+            f"{error}\nThe bytes filed for package {package.name} are in its tar, untouched; "
             f"the file now at {path} holds other bytes, which are in no archive, so ccat-dt "
             "never deletes it. Find out what rewrote it; keep the new bytes elsewhere if they "
             "matter (file them under a new name), then take the file away from that path (or "
