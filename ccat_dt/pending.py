@@ -6,14 +6,17 @@ the archive grows.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.marker import root_problem
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -25,11 +28,14 @@ from ccat_dt.opsdb.models import (
     PackageState,
     PhysicalCopy,
     RawDataFile,
+    RawDataFileCopy,
     RawDataPackage,
     Site,
     StagingRequest,
+    StagingState,
 )
 from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
+from ccat_dt.staged_files import look_at_staged
 from ccat_dt.stages import Stage
 
 PAGE = 500
@@ -71,6 +77,30 @@ def new_staging_requests(session: Session, after_id: int, limit: int = PAGE) -> 
                            .where(StagingRequest.id > after_id)
                            .order_by(StagingRequest.id).limit(limit)).all()
     return Page([Due(name) for _, name in rows], rows[-1][0] if rows else after_id)
+
+
+def staged_files_gone(session: Session, now: datetime) -> list[Due]:
+    """Active requests, staged before, some of whose staged files are gone from their disk now
+    (a processing job removed one, say): staged again, with nobody asked. `trigger` names
+    the gone files as recorded, so a replayed tick asks for the same run, and a file removed
+    again after its restoration (a new inode) for a new one. A processing disk that does not
+    read as mounted here is not looked at (a host without it says nothing of its files);
+    changed files are a person's (the staging run names them, `why` too)."""
+    out = []
+    for request in session.scalars(select(StagingRequest).where(
+            StagingRequest.state == StagingState.ACTIVE, StagingRequest.staged_at.is_not(None))
+            .order_by(StagingRequest.id)):
+        if not request.is_active(now) or root_problem(Path(request.location.root)):
+            continue
+        gone = look_at_staged(list(session.scalars(select(RawDataFileCopy).where(
+            RawDataFileCopy.staging_request_id == request.id,
+            RawDataFileCopy.status == CopyStatus.STAGED))), rehash=False).missing
+        if gone:
+            named = ",".join(f"{c.id}/{c.inode}/{c.mtime_ns}" for c in sorted(
+                gone, key=lambda c: c.id))
+            out.append(Due(request.name, trigger=int(
+                hashlib.sha1(named.encode()).hexdigest()[:12], 16)))
+    return out
 
 
 def _new_copies(session: Session, after_id: int, kind: LocationType,

@@ -39,6 +39,7 @@ from ccat_dt.pending import (
     repairs_due,
     seeds_due,
     site_copies_due,
+    staged_files_gone,
 )
 from ccat_dt.purge_cycle import newest_package_copies, plan_cycle
 from ccat_dt.queues import (
@@ -222,14 +223,19 @@ def _failure(instance: DagsterInstance, attempts: list[RunOutcome], decision: De
 
 @sensor(job=JOBS[Stage.STAGING], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
-    """New staging requests become partitions of staged_copies and a staging run each."""
+    """New staging requests become partitions of staged_copies and a staging run each; an
+    active request whose staged files were removed from the disk is staged again."""
     config, requests = deployment.config, []
     with deployment.opsdb.session() as session:
         page = new_staging_requests(session, int(context.cursor or 0), _page(deployment))
-        for due in page.items:
+        busy = {package for stage, package, _ in in_flight(context.instance)
+                if stage == Stage.STAGING}
+        gone = [due for due in staged_files_gone(session, utcnow()) if due.package not in busy]
+        for due, key in [*((d, f"stage:{d.package}") for d in page.items),
+                         *((d, d.run_key("restage")) for d in gone)]:
             location = get_request(session, due.package).location
             queue = staging_queue(config, location.site.short_name, location.name)
-            requests.append(RunRequest(partition_key=due.package, run_key=f"stage:{due.package}",
+            requests.append(RunRequest(partition_key=due.package, run_key=key,
                                        run_config=on_queue(config, queue)))
     names = [due.package for due in page.items]
     return SensorResult(

@@ -194,10 +194,10 @@ def test_why_of_a_request_reads_its_own_staging_not_anothers(tmp_path: Path,
 def test_staged_files_removed_or_changed_are_restored_or_kept_as_the_disk_says(
         tmp_path: Path, instance: DagsterInstance) -> None:
     """A processing job removes one staged file and writes into another. The record still says
-    STAGED, but the disk is the truth: `why` says the request's files are not all there,
-    `ccat-dt retry` finds it, and its run stages the removed file again from the archive. The
+    STAGED, but the disk is the truth: `why` says the request's files are not all there, and
+    the next drive stages the removed file again from the archive, with nobody asked. The
     changed file holds bytes no archive has: never overwritten; the run fails once, naming it,
-    until a person moves it away, and the next retry stages it too."""
+    until a person moves it away, and the next drive stages it too."""
     config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0)
     defs = build_definitions(config)
     root = config.resolve_root(PROCESSING)
@@ -217,7 +217,7 @@ def test_staged_files_removed_or_changed_are_restored_or_kept_as_the_disk_says(
     assert "1 staged file(s) changed" in said["staging"].detail
     assert [s.package for s in stalled_work(opsdb, config) if s.stage == Stage.STAGING] == [name]
 
-    _, report = operator_retry(config, instance, opsdb, packages=[name])
+    report = drive(defs, instance)
 
     assert len(report.failed) == 1 and name in report.failed[0], report.failed
     assert changed.read_bytes() == mine  # the storage: kept as its owner left it
@@ -228,7 +228,7 @@ def test_staged_files_removed_or_changed_are_restored_or_kept_as_the_disk_says(
         stage(opsdb, config, name)
 
     changed.rename(tmp_path / "moved-away")  # its owner keeps it elsewhere
-    _, report = operator_retry(config, instance, opsdb, packages=[name])
+    report = drive(defs, instance)
 
     assert report.failed == []
     assert staged(root, name) == written
