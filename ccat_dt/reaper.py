@@ -62,6 +62,7 @@ from ccat_dt.retention import (
     lta_requirement,
     plan_deletions,
 )
+from ccat_dt.staged_files import clear_scratch
 from ccat_dt.storage import (
     StorageUnavailable,
     Wanted,
@@ -362,6 +363,8 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
         operation.bytes, operation.finished_at = size, finished
         operation.duration_s = time.monotonic() - clock
     if claim.prune_dirs and claim.host is None:
+        if not claim.source:  # a staged file: its ended request's scratch goes with it
+            clear_scratch(claim.root, PurePosixPath(claim.relative_path).parts[0])
         _prune_empty_dirs(claim.path, claim.root)
     return size, None
 

@@ -4,13 +4,46 @@ looks too."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from ccat_dt.checksums import hash_file
+from ccat_dt.marker import root_problem
 from ccat_dt.opsdb.models import RawDataFileCopy
+
+# The staging step's scratch under a request's directory: the package's tar (and the
+# transport's `.NAME.part` of it) and the directory it is unpacked in; names a job does not use.
+SCRATCH = ".ccat-dt-staging."
+
+
+def scratch_names(root: Path, request: str, package: str) -> tuple[Path, Path]:
+    """(the tar, the unpacking directory) of one package's staging."""
+    return (root / request / f"{SCRATCH}{package}.tar", root / request / f"{SCRATCH}{package}")
+
+
+def clear_scratch(root: Path, request: str) -> None:
+    """Remove what a killed staging step left of its scratch in the request's directory (a
+    partial tar can be as large as a package): once the request has ended, no step of it
+    runs again to remove it. Only the scratch names; nothing through a symlink."""
+    directory = root / request
+    if root_problem(root) or directory.is_symlink():
+        return  # not the processing disk here (not mounted, or on another host)
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return  # nothing there, or not readable: nothing of ours to take
+    for entry in entries:
+        if not entry.name.lstrip(".").startswith(SCRATCH.lstrip(".")):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 @dataclass(frozen=True)

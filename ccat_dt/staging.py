@@ -38,7 +38,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.replicas import finish, finish_in, reread
 from ccat_dt.retention import verified_lta_copies
-from ccat_dt.staged_files import look_at_staged, through_symlink
+from ccat_dt.staged_files import clear_scratch, look_at_staged, scratch_names, through_symlink
 from ccat_dt.tarball import extract_package
 from ccat_dt.topology import UnknownLocation, get_location
 from ccat_dt.transports.base import Endpoint, TransferError
@@ -113,7 +113,9 @@ def release(opsdb: OpsDB, name: str) -> StagingState:
         before = request.state
         if before == StagingState.ACTIVE:
             request.state, request.released_at = StagingState.RELEASED, utcnow()
-        return before
+        root = Path(request.location.root)
+    clear_scratch(root, name)  # a killed staging step's: none of the request runs again
+    return before
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,9 @@ def stage(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
     file changed since is kept, and the request fails with its name for a person."""
     files = nbytes = 0
     if ended := not_active(opsdb, name):  # released before its run came: not a failure
+        with opsdb.session() as session:
+            root = Path(get_request(session, name).location.root)
+        clear_scratch(root, name)  # an earlier attempt's, killed
         return Staged(name, 0, 0, 0, note=ended)
     with opsdb.session() as session:
         package_names = [p.name for p in get_request(session, name).packages]
@@ -221,8 +226,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         root = Path(request.location.root)
         directory = PurePosixPath(request_name) / package_name
         # Scratch names a processing job does not use for its own files.
-        tar = root / request_name / f".ccat-dt-staging.{package_name}.tar"
-        scratch = root / request_name / f".ccat-dt-staging.{package_name}"
+        tar, scratch = scratch_names(root, request_name, package_name)
         origin = endpoint(source.location, source.relative_path)
         route = config.settings.route(source.location.site.short_name, site)
         transport = transport_for(config, route, remote=origin.host is not None,

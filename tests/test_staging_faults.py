@@ -5,7 +5,9 @@ a next step that works for a staging request."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from ccat_dt.config import Config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.marker import MARKER, write_marker
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import Reattempt, utcnow
+from ccat_dt.opsdb.models import Reattempt, StagingRequest, utcnow
 from ccat_dt.retry import stalled_work
 from ccat_dt.stages import Stage
 from ccat_dt.staging import Selection, StagingError, release, request_staging, stage
@@ -335,3 +337,45 @@ def test_staging_from_a_rotten_nearest_archive_copy_moves_on_to_a_good_one(
     with opsdb.session() as session:
         said = {s.stage: s for s in diagnose(session, config, name, utcnow())}
     assert said["staging"].state == "done"
+
+
+@pytest.mark.parametrize("ended", ["released", "expired"])
+def test_a_killed_staging_step_leaves_nothing_once_its_request_has_ended(
+        tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch,
+        ended: str) -> None:
+    """A staging run is killed (SIGKILL: no `finally` runs) between landing its second
+    package's tar and unpacking it; the request ends before any re-attempt (the scientist
+    released it, or it expired). Its scratch tar, as large as a package, is not left on the
+    processing disk for good: the release, or the purge of the request's staged files,
+    takes it; then nothing of the request is left there."""
+    import ccat_dt.staging as staging
+
+    config, opsdb, _ = archived(tmp_path, instance, backoff_s=3600.0)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0"),
+                           expires_in=timedelta(hours=1))
+    real, unpacked = staging.extract_package, []
+
+    def killed_at_the_second(*args: object, **kwargs: object) -> object:
+        unpacked.append(args)  # in the run's own (forked) process
+        if len(unpacked) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(staging, "extract_package", killed_at_the_second)
+    assert drive(defs, instance).failed == [f"stage:{name}"]
+    monkeypatch.setattr(staging, "extract_package", real)
+    assert [p.name for p in (root / name).iterdir() if p.name.endswith(".tar")]  # left
+
+    if ended == "released":
+        release(opsdb, name)
+    else:
+        with opsdb.session() as session:
+            request = session.scalars(select(StagingRequest).where(
+                StagingRequest.name == name)).one()
+            request.expires_at = utcnow() - timedelta(seconds=1)
+    drive(defs, instance)
+
+    assert [p.name for p in root.rglob("*")] == [MARKER]  # the storage: nothing of it left
