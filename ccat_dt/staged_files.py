@@ -28,7 +28,8 @@ def scratch_names(root: Path, request: str, package: str) -> tuple[Path, Path]:
 def clear_scratch(root: Path, request: str) -> None:
     """Remove what a killed staging step left of its scratch in the request's directory (a
     partial tar can be as large as a package): once the request has ended, no step of it
-    runs again to remove it. Only the scratch names; nothing through a symlink."""
+    runs again to remove it. Only the scratch names, then the directory if that left it empty;
+    nothing through a symlink."""
     directory = root / request
     if root_problem(root) or directory.is_symlink():
         return  # not the processing disk here (not mounted, or on another host)
@@ -44,6 +45,8 @@ def clear_scratch(root: Path, request: str) -> None:
         else:
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # the request's own, if nothing else is in it now
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,15 @@ def stage(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         package_names = [p.name for p in get_request(session, name).packages]
     changed: list[str] = []
     for package_name in package_names:
-        count, size, kept = _stage_package(opsdb, config, name, package_name, run_id)
+        try:
+            count, size, kept = _stage_package(opsdb, config, name, package_name, run_id)
+        except Exception:
+            if ended := not_active(opsdb, name):  # released meanwhile (its scratch taken)
+                return Staged(name, 0, files, nbytes, note=f"stopped: {ended}")
+            raise
         files, nbytes, changed = files + count, nbytes + size, changed + kept
+        if ended := not_active(opsdb, name):  # released meanwhile: stage nothing more
+            return Staged(name, 0, files, nbytes, note=f"stopped: {ended}")
     if changed:
         raise StagingError(
             f"{len(changed)} staged file(s) changed at the processing location since they "

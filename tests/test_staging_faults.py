@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import DagsterInstance
@@ -379,3 +380,35 @@ def test_a_killed_staging_step_leaves_nothing_once_its_request_has_ended(
     drive(defs, instance)
 
     assert [p.name for p in root.rglob("*")] == [MARKER]  # the storage: nothing of it left
+
+
+def test_a_release_while_staging_stops_the_run_and_leaves_nothing(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """The scientist releases a request while its run stages it: the run stops after the
+    package at hand (it succeeds, saying so) instead of staging the rest for the purge to
+    delete, and the purge then leaves nothing of the request on the processing disk."""
+    import ccat_dt.staging as staging
+
+    config, opsdb, _ = archived(tmp_path, instance, backoff_s=3600.0)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0"),
+                           expires_in=timedelta(hours=1))
+    real, staged_packages = staging._stage_package, []
+
+    def released_meanwhile(*args: Any, **kwargs: Any) -> tuple[int, int, list[str]]:
+        done = real(*args, **kwargs)
+        staged_packages.append(args[3])
+        release(OpsDB(config.opsdb_url), name)  # from another terminal, as it were
+        return done
+
+    staging._stage_package = released_meanwhile
+    try:
+        report = drive(defs, instance, workers=1)  # in this process: the list counts
+    finally:
+        staging._stage_package = real
+    assert report.failed == [] and len(staged_packages) == 1
+    drive(defs, instance)
+
+    assert [p.name for p in root.rglob("*")] == [MARKER]
