@@ -282,6 +282,11 @@ class PolicyConfig(_Strict):
     retry_backoff_first_s: float = Field(default=60.0, gt=0)
     retry_backoff_max_hours: float = Field(default=6.0, gt=0)
     retry_horizon_hours: float = Field(default=72.0, gt=0)
+    # Work OpsDB shows as due that no run has done for this long (none in flight, none
+    # failing) is requested by the re-attempt sensor's sweep: a run the sensors never asked
+    # for because their cursors and run keys, kept in the Dagster instance, were past it (an
+    # OpsDB restored from an older backup).
+    unattended_after_s: float = Field(default=3600.0, gt=0)
     # OpsDB rows a sensor reads per tick (it continues from its cursor at the next tick).
     sensor_page_rows: int = Field(default=500, ge=1)
     # A location that fails as a whole (unreachable, root unmarked, disk full, permission

@@ -33,6 +33,7 @@ from ccat_dt.opsdb.models import (
     Site,
     StagingRequest,
     StagingState,
+    _aware,
 )
 from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
 from ccat_dt.staged_files import look_at_staged
@@ -101,6 +102,17 @@ def staged_files_gone(session: Session, now: datetime) -> list[Due]:
             out.append(Due(request.name, trigger=int(
                 hashlib.sha1(named.encode()).hexdigest()[:12], 16)))
     return out
+
+
+def unfinished(session: Session) -> dict[str, datetime]:
+    """Packages not archived yet (nor quarantined or lost) and active staging requests, with
+    when each was created: the work a sweep for unattended work looks at."""
+    packages = session.execute(select(RawDataPackage.name, RawDataPackage.created_at).where(
+        RawDataPackage.state.not_in([PackageState.ARCHIVED, PackageState.FAILED,
+                                     PackageState.LOST]))).all()
+    requests = session.execute(select(StagingRequest.name, StagingRequest.created_at).where(
+        StagingRequest.state == StagingState.ACTIVE)).all()
+    return {name: _aware(created) for name, created in [*packages, *requests]}
 
 
 def _new_copies(session: Session, after_id: int, kind: LocationType,

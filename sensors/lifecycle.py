@@ -4,6 +4,7 @@
 
 import hashlib
 from collections import Counter
+from datetime import timedelta
 
 from dagster import (
     DagsterInstance,
@@ -28,7 +29,7 @@ from ccat_assets.runlog import run_failure
 from ccat_assets.stages import JOBS, copy_job, site_copy
 from ccat_assets.tags import LINK_TAG, WORK_TAG
 from ccat_dt.failover import fail_over
-from ccat_dt.opsdb.models import utcnow
+from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.packages import plan_new_packages
 from ccat_dt.pending import (
     Due,
@@ -159,6 +160,7 @@ def purge_sensor(context: SensorEvaluationContext,
     with deployment.opsdb.session() as session:
         newest = newest_package_copies(session, {package for package, _ in runs})
     backoff = Backoff.of(config)
+    quiet = timedelta(seconds=config.settings.policies.unattended_after_s)
     requests, decisions, planned, works = [], [], set(), []
     for (package, site), (copy_ids, early_ids, locations) in runs.items():
         planned.add(package)
@@ -176,6 +178,15 @@ def purge_sensor(context: SensorEvaluationContext,
             decisions.append(decision)
             continue
         key = work if decision.state == State.NONE else f"{work}:{decision.failures + 1}"
+        if decision.state == State.NONE and attempts:
+            # A run of this very work succeeded, yet the same copies are planned again: OpsDB
+            # went back (restored from a backup) or a deletion went unrecorded. The purge
+            # looks at the storage again, once the work has been quiet a while.
+            again = _aware(attempts[-1].ended_at or now) + quiet
+            if again > now:
+                decisions.append(Decision(State.WAITING, next_at=again))
+                continue
+            key = f"{work}:again:{len(attempts)}"
         cycle = {"ops": {"purge_status": {"config": {"copy_ids": copy_ids,
                                                      "early_ids": early_ids}}}}
         requests.append(RunRequest(

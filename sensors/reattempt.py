@@ -21,23 +21,27 @@ from dagster import (
 )
 from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
 
+from ccat_assets.driver import stopped_by_operator
 from ccat_assets.execution import on_queue
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.partitions import package_site_key, revived
 from ccat_assets.routing import stages_of
 from ccat_assets.stages import JOBS, copy_job, jobs_of, site_copy, stages_of_job
 from ccat_assets.tags import LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
-from ccat_dt.opsdb.models import utcnow
+from ccat_dt.config import Config
+from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.packages import get_package
+from ccat_dt.pending import unfinished
 from ccat_dt.queues import archive_queue, packaging_queue, staging_queue, transfer_queue
 from ccat_dt.reattempt import Backoff, Decision, RunOutcome, State, Work, decide, record, waiting
-from ccat_dt.retry import stalled_work
+from ccat_dt.retry import Stalled, stalled_work
 from ccat_dt.routing import replication_source
 from ccat_dt.stages import Stage
 from ccat_dt.staging import get_request
 from resources.deployment import Deployment
 
 STAGES = (Stage.PACKAGING, Stage.SITE_COPY, Stage.LTA_COPY, Stage.STAGING)
+SWEPT_AT = "swept_at"  # in the cursor: when the last sweep for unattended work was (epoch s)
 FAILED = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 PARTITION, PACKAGE_DIM, SITE_DIM = ("dagster/partition", "dagster/partition/package",
                                     "dagster/partition/site")
@@ -81,10 +85,10 @@ def _from_epoch(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-def next_at_cursor(decisions: list[Decision]) -> str:
+def next_at_cursor(decisions: list[Decision], **more: float) -> str:
     waits = [d.next_at.timestamp() for d in decisions
              if d.state == State.WAITING and d.next_at is not None]
-    return json.dumps({NEXT_AT: min(waits) if waits else None})
+    return json.dumps({NEXT_AT: min(waits) if waits else None, **more})
 
 
 @sensor(jobs=[*(JOBS[stage] for stage in STAGES), site_copy.with_archive],
@@ -109,6 +113,9 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
         by_package[package].append((stage, site))
     stalled = {(s.stage, s.package, s.site): s
                for s in stalled_work(deployment.opsdb, config, packages=sorted(by_package))}
+    swept_at, sweep = _sweep_due(context.cursor, config, now)
+    unattended, quiet_until = (_unattended(deployment, instance, now, candidates) if sweep
+                               else ([], []))
     requests, works, decisions, in_flight = [], [], [], []
     for (stage, package, site) in sorted(candidates):
         item = stalled.get((stage, package, site))
@@ -125,14 +132,70 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
             requests.append(_request(deployment, stage, package, site, decision))
             context.log.info(f"re-attempt {decision.failures + 1} of {stage.label} "
                              f"{partition}: {item.reason}")
+    for item, runs in unattended:
+        partition = f"{item.package}|{item.site}" if item.site else item.package
+        requests.append(_request(deployment, item.stage, item.package, item.site,
+                                 Decision(State.DUE, episode="unattended", failures=runs)))
+        context.log.warning(f"{item.stage.label} {partition} is due and no run has done it "
+                            f"for {config.settings.policies.unattended_after_s:g} s: "
+                            f"{item.reason}")
+    decisions += [Decision(State.WAITING, next_at=at) for at in quiet_until]
     with deployment.opsdb.session() as session:
         escalated = record(session, works, now, keep=in_flight, stages=STAGES)
         for row in escalated:
             context.log.warning(f"{Stage(row.stage).label} {row.partition}: {row.attempts} "
                                 f"attempts failed since {row.first_failed_at:%Y-%m-%d %H:%M}; "
                                 "escalated")
-    return SensorResult(run_requests=requests, cursor=next_at_cursor(decisions),
+    return SensorResult(run_requests=requests,
+                        cursor=next_at_cursor(decisions, swept_at=swept_at.timestamp()),
                         dynamic_partitions_requests=revived(context.instance, requests))
+
+
+# The lifecycle sensor that asks for each stage's work: stopped by an operator (to hold that
+# work), the sweep leaves the stage alone too.
+ASKED_BY = {Stage.PACKAGING: "package_sensor", Stage.SITE_COPY: "site_copy_sensor",
+            Stage.LTA_COPY: "lta_copy_sensor", Stage.STAGING: "staging_sensor"}
+
+
+def _sweep_due(cursor: str | None, config: Config, now: datetime) -> tuple[datetime, bool]:
+    """When the last sweep for unattended work was, and whether one is due now: four times
+    per `unattended_after_s`, not at every tick (it reads every unfinished package's runs)."""
+    quiet = timedelta(seconds=config.settings.policies.unattended_after_s)
+    last = json.loads(cursor).get(SWEPT_AT) if cursor else None
+    if last is not None and now - datetime.fromtimestamp(last, UTC) < quiet / 4:
+        return datetime.fromtimestamp(last, UTC), False
+    return now, True
+
+
+def _unattended(deployment: Deployment, instance: DagsterInstance, now: datetime,
+                skip: set[tuple[Stage, str, str]]
+                ) -> tuple[list[tuple[Stalled, int]], list[datetime]]:
+    """Work of the unfinished packages and staging requests that OpsDB shows as due and that
+    no run has done for `unattended_after_s`: none in flight, none failing (the re-attempts'
+    business), the newest ended that long ago, or none ever and the package is that old. Its
+    run was never asked for: the sensors' cursors and run keys, kept in the Dagster
+    instance, were past it (an OpsDB restored from an older backup). Each with its number
+    of runs (a sweep's run key is new when the work had another run since); and when the
+    work not quiet yet will be."""
+    config = deployment.config
+    quiet = timedelta(seconds=config.settings.policies.unattended_after_s)
+    with deployment.opsdb.session() as session:
+        created = unfinished(session)
+    held = stopped_by_operator(instance)
+    out, later = [], []
+    for item in stalled_work(deployment.opsdb, config, packages=sorted(created)):
+        if (item.stage, item.package, item.site) in skip or ASKED_BY[item.stage] in held:
+            continue
+        runs = history(instance, item.stage, item.package, item.site)
+        if decide(runs, Backoff.of(config), now).state != State.NONE:
+            continue
+        last = max((_aware(r.ended_at) for r in runs if r.ended_at), default=None)
+        at = (last or created.get(item.package, now)) + quiet
+        if at <= now:
+            out.append((item, len(runs)))
+        else:
+            later.append(at)
+    return out, later
 
 
 def _request(deployment: Deployment, stage: Stage, package: str, site: str,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dagster import DagsterInstance
@@ -16,6 +17,7 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
+from tests.faults.pipeline import deployment
 from tests.helpers import observe
 
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
@@ -56,3 +58,27 @@ def test_a_purge_sensor_stopped_by_the_operator_deletes_nothing_until_started(
     assert again.failed == []
     assert sources(config) == []
     assert any(key.startswith("scrub:") for key in again.launched), again.launched
+
+
+def test_a_copy_sensor_stopped_by_the_operator_holds_its_work_from_the_sweep_too(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """The re-attempt sensor's sweep asks for work no run has done for a while (an OpsDB
+    restored from a backup); a stage an operator holds by stopping its sensor is not such
+    work: nothing is copied until the sensor is started again."""
+    config = deployment(tmp_path / "deploy", policies={"unattended_after_s": 0.5})
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1, files=1)
+    dagster_cli(config, instance, "sensor", "stop", "site_copy_sensor")
+
+    first = drive(build_definitions(config), instance)
+    time.sleep(1.0)  # twice the quiet time: the sweep would ask now
+    again = drive(build_definitions(config), instance, wait_s=2)
+
+    assert first.failed == [] and again.failed == [] and again.launched == []
+    assert all(key.startswith("package:") for key in first.launched), first.launched
+    for site in ("cologne", "us"):  # the disks: nothing left the observatory
+        assert list(config.resolve_root(f"sites/{site}").rglob("*.tar")) == []
+
+    dagster_cli(config, instance, "sensor", "start", "site_copy_sensor")
+    assert drive(build_definitions(config), instance).failed == []
+    assert len(list(config.resolve_root("sites/cologne/lta").rglob("*.tar"))) == 2
