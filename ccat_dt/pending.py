@@ -30,6 +30,7 @@ from ccat_dt.opsdb.models import (
     RawDataFile,
     RawDataFileCopy,
     RawDataPackage,
+    Reattempt,
     Site,
     StagingRequest,
     StagingState,
@@ -104,15 +105,32 @@ def staged_files_gone(session: Session, now: datetime) -> list[Due]:
     return out
 
 
-def unfinished(session: Session) -> dict[str, datetime]:
-    """Packages not archived yet (nor quarantined or lost) and active staging requests, with
-    when each was created: the work a sweep for unattended work looks at."""
+def unfinished(session: Session, created_before: datetime, after: str = "",
+               limit: int = PAGE) -> tuple[dict[str, datetime], datetime | None]:
+    """Up to `limit` packages not archived yet (nor quarantined or lost) and active staging
+    requests, created before `created_before`, with no work failing (a re-attempt row: that
+    is the re-attempts' business), by name after `after`, with when each was created: the
+    page a sweep for unattended work looks at. Also when the oldest one created since was
+    created (it is looked at once it is as old)."""
+    failing = select(Reattempt.package)
+    live = (RawDataPackage.state.not_in([PackageState.ARCHIVED, PackageState.FAILED,
+                                         PackageState.LOST]),
+            RawDataPackage.name.not_in(failing))
+    active = (StagingRequest.state == StagingState.ACTIVE, StagingRequest.name.not_in(failing))
     packages = session.execute(select(RawDataPackage.name, RawDataPackage.created_at).where(
-        RawDataPackage.state.not_in([PackageState.ARCHIVED, PackageState.FAILED,
-                                     PackageState.LOST]))).all()
+        *live, RawDataPackage.created_at <= created_before, RawDataPackage.name > after)
+        .order_by(RawDataPackage.name).limit(limit)).all()
     requests = session.execute(select(StagingRequest.name, StagingRequest.created_at).where(
-        StagingRequest.state == StagingState.ACTIVE)).all()
-    return {name: _aware(created) for name, created in [*packages, *requests]}
+        *active, StagingRequest.created_at <= created_before, StagingRequest.name > after)
+        .order_by(StagingRequest.name).limit(limit)).all()
+    page = sorted([*packages, *requests])[:limit]
+    young = [when for when in (
+        session.scalar(select(func.min(RawDataPackage.created_at)).where(
+            *live, RawDataPackage.created_at > created_before)),
+        session.scalar(select(func.min(StagingRequest.created_at)).where(
+            *active, StagingRequest.created_at > created_before))) if when is not None]
+    return ({name: _aware(created) for name, created in page},
+            min(_aware(when) for when in young) if young else None)
 
 
 def _new_copies(session: Session, after_id: int, kind: LocationType,

@@ -42,6 +42,7 @@ from resources.deployment import Deployment
 
 STAGES = (Stage.PACKAGING, Stage.SITE_COPY, Stage.LTA_COPY, Stage.STAGING)
 SWEPT_AT = "swept_at"  # in the cursor: when the last sweep for unattended work was (epoch s)
+SWEPT_TO = "swept_to"  # and the last package it looked at (the next sweep goes on from there)
 FAILED = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 PARTITION, PACKAGE_DIM, SITE_DIM = ("dagster/partition", "dagster/partition/package",
                                     "dagster/partition/site")
@@ -85,10 +86,13 @@ def _from_epoch(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-def next_at_cursor(decisions: list[Decision], **more: float) -> str:
+def next_at_cursor(decisions: list[Decision],
+                   sweep: tuple[datetime, str] | None = None) -> str:
+    """The earliest back-off end (for `drive`), and where the sweep for unattended work is."""
     waits = [d.next_at.timestamp() for d in decisions
              if d.state == State.WAITING and d.next_at is not None]
-    return json.dumps({NEXT_AT: min(waits) if waits else None, **more})
+    swept = {SWEPT_AT: sweep[0].timestamp(), SWEPT_TO: sweep[1]} if sweep else {}
+    return json.dumps({NEXT_AT: min(waits) if waits else None, **swept})
 
 
 @sensor(jobs=[*(JOBS[stage] for stage in STAGES), site_copy.with_archive],
@@ -113,9 +117,12 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
         by_package[package].append((stage, site))
     stalled = {(s.stage, s.package, s.site): s
                for s in stalled_work(deployment.opsdb, config, packages=sorted(by_package))}
-    swept_at, sweep = _sweep_due(context.cursor, config, now)
-    unattended, quiet_until = (_unattended(deployment, instance, now, candidates) if sweep
-                               else ([], []))
+    swept_at, swept_to, sweep = _sweep_due(context.cursor, config, now)
+    unattended: list[tuple[Stalled, int]] = []
+    quiet_until: list[datetime] = []
+    if sweep:
+        unattended, quiet_until, swept_to = _unattended(deployment, instance, now, swept_to,
+                                                        candidates)
     requests, works, decisions, in_flight = [], [], [], []
     for (stage, package, site) in sorted(candidates):
         item = stalled.get((stage, package, site))
@@ -147,7 +154,7 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
                                 f"attempts failed since {row.first_failed_at:%Y-%m-%d %H:%M}; "
                                 "escalated")
     return SensorResult(run_requests=requests,
-                        cursor=next_at_cursor(decisions, swept_at=swept_at.timestamp()),
+                        cursor=next_at_cursor(decisions, sweep=(swept_at, swept_to)),
                         dynamic_partitions_requests=revived(context.instance, requests))
 
 
@@ -157,32 +164,35 @@ ASKED_BY = {Stage.PACKAGING: "package_sensor", Stage.SITE_COPY: "site_copy_senso
             Stage.LTA_COPY: "lta_copy_sensor", Stage.STAGING: "staging_sensor"}
 
 
-def _sweep_due(cursor: str | None, config: Config, now: datetime) -> tuple[datetime, bool]:
-    """When the last sweep for unattended work was, and whether one is due now: four times
-    per `unattended_after_s`, not at every tick (it reads every unfinished package's runs)."""
+def _sweep_due(cursor: str | None, config: Config, now: datetime) -> tuple[datetime, str, bool]:
+    """When the last sweep for unattended work was, the last package it looked at, and
+    whether a sweep is due now: four times per `unattended_after_s`, not at every tick."""
     quiet = timedelta(seconds=config.settings.policies.unattended_after_s)
-    last = json.loads(cursor).get(SWEPT_AT) if cursor else None
+    state = json.loads(cursor) if cursor else {}
+    last, after = state.get(SWEPT_AT), state.get(SWEPT_TO, "")
     if last is not None and now - datetime.fromtimestamp(last, UTC) < quiet / 4:
-        return datetime.fromtimestamp(last, UTC), False
-    return now, True
+        return datetime.fromtimestamp(last, UTC), after, False
+    return now, after, True
 
 
 def _unattended(deployment: Deployment, instance: DagsterInstance, now: datetime,
-                skip: set[tuple[Stage, str, str]]
-                ) -> tuple[list[tuple[Stalled, int]], list[datetime]]:
-    """Work of the unfinished packages and staging requests that OpsDB shows as due and that
-    no run has done for `unattended_after_s`: none in flight, none failing (the re-attempts'
-    business), the newest ended that long ago, or none ever and the package is that old. Its
-    run was never asked for: the sensors' cursors and run keys, kept in the Dagster
-    instance, were past it (an OpsDB restored from an older backup). Each with its number
-    of runs (a sweep's run key is new when the work had another run since); and when the
-    work not quiet yet will be."""
+                after: str, skip: set[tuple[Stage, str, str]]
+                ) -> tuple[list[tuple[Stalled, int]], list[datetime], str]:
+    """Work of a page of unfinished packages and staging requests (by name after `after`)
+    that OpsDB shows as due and that no run has done for `unattended_after_s`: none in
+    flight, none failing (the re-attempts' business), the newest ended that long ago, or none
+    ever and the package is that old. Its run was never asked for: the sensors' cursors and
+    run keys, kept in the Dagster instance, were past it (an OpsDB restored from an older
+    backup). Each with its number of runs (a sweep's run key is new when the work had another
+    run since); when the work not quiet yet will be; and where the next sweep goes on ("" to
+    start over)."""
     config = deployment.config
     quiet = timedelta(seconds=config.settings.policies.unattended_after_s)
+    page = config.settings.policies.sensor_page_rows
     with deployment.opsdb.session() as session:
-        created = unfinished(session)
+        created, next_of_age = unfinished(session, now - quiet, after, page)
     held = stopped_by_operator(instance)
-    out, later = [], []
+    out, later = [], [next_of_age + quiet] if next_of_age else []
     for item in stalled_work(deployment.opsdb, config, packages=sorted(created)):
         if (item.stage, item.package, item.site) in skip or ASKED_BY[item.stage] in held:
             continue
@@ -190,12 +200,12 @@ def _unattended(deployment: Deployment, instance: DagsterInstance, now: datetime
         if decide(runs, Backoff.of(config), now).state != State.NONE:
             continue
         last = max((_aware(r.ended_at) for r in runs if r.ended_at), default=None)
-        at = (last or created.get(item.package, now)) + quiet
+        at = (last or created[item.package]) + quiet
         if at <= now:
             out.append((item, len(runs)))
         else:
             later.append(at)
-    return out, later
+    return out, later, (max(created) if len(created) == page else "")
 
 
 def _request(deployment: Deployment, stage: Stage, package: str, site: str,
