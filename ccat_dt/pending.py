@@ -81,28 +81,34 @@ def new_staging_requests(session: Session, after_id: int, limit: int = PAGE) -> 
     return Page([Due(name) for _, name in rows], rows[-1][0] if rows else after_id)
 
 
-def staged_files_gone(session: Session, now: datetime) -> list[Due]:
+def staged_files_gone(session: Session, now: datetime, after_id: int = 0,
+                      limit: int = 10 * PAGE) -> tuple[list[Due], int]:
     """Active requests, staged before, some of whose staged files are gone from their disk now
-    (a processing job removed one, say): staged again, with nobody asked. `trigger` names
-    the gone files as recorded, so a replayed tick asks for the same run, and a file removed
-    again after its restoration (a new inode) for a new one. A processing disk that does not
-    read as mounted here is not looked at (a host without it says nothing of its files);
-    changed files are a person's (the staging run names them, `why` too)."""
+    (a processing job removed one, say): staged again, with nobody asked. Looks at up to
+    `limit` staged files after copy id `after_id` (a large request is looked at over several
+    ticks); returns the requests, and where the next look goes on (0: from the start).
+    `trigger` names the gone files as recorded, so a replayed tick asks for the same run, and
+    a file removed again after its restoration (a new inode) for a new one. A processing disk
+    that does not read as mounted here is not looked at (a host without it says nothing of
+    its files); changed files are a person's (the staging run names them, `why` too)."""
+    copies = list(session.scalars(
+        select(RawDataFileCopy).join(StagingRequest,
+                                     RawDataFileCopy.staging_request_id == StagingRequest.id)
+        .where(RawDataFileCopy.status == CopyStatus.STAGED, RawDataFileCopy.id > after_id,
+               StagingRequest.state == StagingState.ACTIVE,
+               StagingRequest.staged_at.is_not(None), StagingRequest.expires_at > now)
+        .order_by(RawDataFileCopy.id).limit(limit)))
+    unmounted = {root for root in {c.location.root for c in copies} if root_problem(Path(root))}
+    gone: dict[int, list[RawDataFileCopy]] = {}
+    for copy in look_at_staged([c for c in copies if c.location.root not in unmounted],
+                               rehash=False).missing:
+        gone.setdefault(copy.staging_request_id or 0, []).append(copy)
     out = []
-    for request in session.scalars(select(StagingRequest).where(
-            StagingRequest.state == StagingState.ACTIVE, StagingRequest.staged_at.is_not(None))
-            .order_by(StagingRequest.id)):
-        if not request.is_active(now) or root_problem(Path(request.location.root)):
-            continue
-        gone = look_at_staged(list(session.scalars(select(RawDataFileCopy).where(
-            RawDataFileCopy.staging_request_id == request.id,
-            RawDataFileCopy.status == CopyStatus.STAGED))), rehash=False).missing
-        if gone:
-            named = ",".join(f"{c.id}/{c.inode}/{c.mtime_ns}" for c in sorted(
-                gone, key=lambda c: c.id))
-            out.append(Due(request.name, trigger=int(
-                hashlib.sha1(named.encode()).hexdigest()[:12], 16)))
-    return out
+    for request_id, missing in sorted(gone.items()):
+        named = ",".join(f"{c.id}/{c.inode}/{c.mtime_ns}" for c in missing)
+        out.append(Due(session.get_one(StagingRequest, request_id).name, trigger=int(
+            hashlib.sha1(named.encode()).hexdigest()[:12], 16)))
+    return out, (copies[-1].id if len(copies) == limit else 0)
 
 
 def unfinished(session: Session, created_before: datetime, after: str = "",

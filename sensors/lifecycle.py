@@ -237,11 +237,15 @@ def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
     """New staging requests become partitions of staged_copies and a staging run each; an
     active request whose staged files were removed from the disk is staged again."""
     config, requests = deployment.config, []
+    # The cursor: the last request seen, then the last staged file looked at.
+    new_after, _, looked_after = (context.cursor or "0").partition(":")
     with deployment.opsdb.session() as session:
-        page = new_staging_requests(session, int(context.cursor or 0), _page(deployment))
+        page = new_staging_requests(session, int(new_after), _page(deployment))
         busy = {package for stage, package, _ in in_flight(context.instance)
                 if stage == Stage.STAGING}
-        gone = [due for due in staged_files_gone(session, utcnow()) if due.package not in busy]
+        gone, looked = staged_files_gone(session, utcnow(), int(looked_after or 0),
+                                         10 * _page(deployment))
+        gone = [due for due in gone if due.package not in busy]
         for due, key in [*((d, f"stage:{d.package}") for d in page.items),
                          *((d, d.run_key("restage")) for d in gone)]:
             location = get_request(session, due.package).location
@@ -252,7 +256,7 @@ def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
     return SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[staging_partitions.build_add_request(names)] if names else [],
-        cursor=str(page.cursor))
+        cursor=f"{page.cursor}:{looked}")
 
 
 @sensor(jobs=[JOBS[Stage.PACKAGING], JOBS[Stage.SITE_COPY], JOBS[Stage.LTA_COPY]],
