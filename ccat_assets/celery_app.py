@@ -8,6 +8,10 @@ from ccat_dt.config import load_config
 
 _config = load_config()
 app = make_app({"broker": _config.celery_broker, "backend": _config.celery_backend})
+app.conf.task_track_started = True  # a step's worker and pid, for its run to ask after
+# No message taken ahead of a free pool process: one that a worker killed -9 had reserved
+# would come back only after the broker's visibility timeout (an hour), its run waiting.
+app.conf.worker_disable_prefetch = True
 execute_plan = create_task(app)
 execute_job = create_execute_job_task(app)
 resume_job = create_resume_job_task(app)

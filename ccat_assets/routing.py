@@ -166,6 +166,8 @@ def routed_in_process_executor(config: Config) -> ExecutorDefinition:
 def routed_celery_executor(config: Config) -> ExecutorDefinition:
     from dagster_celery import celery_executor
 
+    from ccat_assets.celery_watch import execute_watched
+
     def create(context: InitExecutorContext) -> Executor:
         executor: Any = celery_executor.executor_creation_fn(context)  # type: ignore[misc]
         given: Mapping[str, Any] = context.executor_config.get("config_source") or {}  # type: ignore[assignment]
@@ -174,6 +176,7 @@ def routed_celery_executor(config: Config) -> ExecutorDefinition:
             executor.broker = config.celery_broker  # a UI run has no execution config
         if "backend" not in context.executor_config and config.celery_backend:
             executor.backend = config.celery_backend
+        executor.execute = execute_watched  # a step whose worker was killed fails the run
         _routed(config, executor, tag_only=False)
         return executor
 

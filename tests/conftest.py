@@ -75,6 +75,7 @@ SLOW = (
     "tests/faults/",
     "tests/test_celery.py",
     "tests/test_celery_isolated.py",
+    "tests/test_celery_worker_killed.py",
     "tests/test_lifecycle.py",
     "tests/test_parallel_drive.py",
     "tests/test_multisite.py",
