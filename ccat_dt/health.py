@@ -102,3 +102,15 @@ def sites_down(session: Session, config: Config, now: datetime) -> dict[str, Dat
             down[site.short_name] = max(buffers, key=lambda loc: _aware(loc.failing_since
                                                                         or now))
     return down
+
+
+def archives_unreadable(session: Session, config: Config, now: datetime) -> list[DataLocation]:
+    """Long-term archive locations that have failed as a whole (unreachable, root or bucket
+    marker gone, refused), without a success since, for longer than
+    `policies.site_failover_hours`: their copies are neither re-checked nor relied on for a
+    deletion, and a loss there cannot be seen. Nothing heals that but a person."""
+    horizon = timedelta(hours=config.settings.policies.site_failover_hours)
+    return [location for location in session.scalars(select(DataLocation).where(
+        DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
+        DataLocation.failing_since.is_not(None)).order_by(DataLocation.id))
+        if _aware(now) - _aware(location.failing_since or now) >= horizon]

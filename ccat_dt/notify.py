@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
-from ccat_dt.health import sites_down
+from ccat_dt.health import archives_unreadable, sites_down
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -60,7 +60,7 @@ LOG = logging.getLogger("ccat_dt.notify")
 class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
-    # | deletion_refused | foreign_file | source_changed
+    # | deletion_refused | foreign_file | source_changed | archive_unreadable
     subject: str
     detail: str  # what happened and what to do
 
@@ -152,6 +152,16 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"({config.settings.policies.site_failover_hours:g} h): packages not yet sent go to "
             f"another archive site; {site} gets them by replication once it is back. Bring "
             f"{site} back (`ccat-dt status` shows its locations)."))
+    for archive in archives_unreadable(session, config, now):
+        since = _aware(archive.failing_since or now)
+        problems.append(Problem(
+            f"archive_unreadable:{archive.label}", "archive_unreadable",
+            f"archive location {archive.label} cannot be looked at since "
+            f"{since:%Y-%m-%d %H:%M} UTC",
+            f"{archive.unhealthy_reason or 'no reason recorded'}\nIts copies are neither "
+            "re-checked nor relied on for a deletion, and a loss there cannot be seen. Bring it "
+            "back (mount the disk, restore the bucket or its marker, fix the credentials); "
+            "`ccat-dt audit` shows what it could not audit."))
     # An escalation stays a problem until its work succeeds (its row goes): an operator's
     # retry that fails again starts a new episode of automatic attempts, not a resolution.
     told = set(session.scalars(select(Notification.problem_key).where(

@@ -92,13 +92,22 @@ class S3Transport:
             store.upload(source, relative, expected, _counter(progress),
                          replaces=destination.replaces)
         except FileExistsError:
-            raise Occupied(destination) from None
+            # Refused for an object at the key: perhaps our own, written by a request whose
+            # answer was lost, which botocore then sent again (If-None-Match: * fails against
+            # it). The package's bytes, re-read now, are the copy; anything else is left alone.
+            if destination.replaces is not None:
+                raise Occupied(destination) from None
+            actual, landed, _ = self._read_back(store, relative)
+            if actual != expected:
+                raise Occupied(destination) from None
+        else:
+            actual, landed, etag = self._read_back(store, relative)
+            if actual != expected:
+                store.remove_unverified(relative, etag)
+                raise TransferError(f"checksum mismatch on re-reading {destination}: expected "
+                                    f"{expected}, read {actual} ({landed} bytes)",
+                                    retryable=True)
         progress.finish()
-        actual, landed, etag = self._read_back(store, relative)
-        if actual != expected:
-            store.remove_unverified(relative, etag)
-            raise TransferError(f"checksum mismatch on re-reading {destination}: expected "
-                                f"{expected}, read {actual} ({landed} bytes)", retryable=True)
         return TransferResult(bytes=landed, seconds=time.monotonic() - started, checksum=actual,
                               streams=store.settings.max_concurrency)
 
