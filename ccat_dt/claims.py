@@ -16,6 +16,9 @@ A claim whose process died must not block: it is live only while
   process killed -9 frees its claims at once, not a lease later; and in the process that
   holds it, a place() still has it (`track`): an attempt that ended without ending its claim
   (OpsDB locked when it recorded) does not block the step's retry in the same process.
+Another host writes its lease by its own clock: it counts as run out only CLOCK_SKEW after its
+end by ours, so a clock off by minutes never takes a live claim over. A deletion's claim on
+this host is judged by its process first, so a clock stepped forward does not either.
 A stale claim is closed (FAILED, saying why) by the next process that finds it, under the same
 lock, and that process goes ahead. A process cut off from OpsDB longer than LEASE whose
 transfer still runs may overlap the next one; the transports' temporary-file claim (local:
@@ -47,6 +50,10 @@ RENEW_EVERY = LEASE / 5
 # not renewed, and one older than this belongs to a process that died.
 DELETION_LEASE = timedelta(hours=1)
 MOVES = (OperationType.TRANSFER, OperationType.ARCHIVE)
+# Another host wrote its lease by its own clock, which may be off from ours (NTP broken or
+# stepping): its lease counts as run out only this long after its end by our clock. A claim
+# on this host is judged by its process first.
+CLOCK_SKEW = timedelta(minutes=30)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ def stale(operation: Operation, now: datetime) -> str | None:
     """Why the operation in flight no longer holds its claim, or None while it does."""
     if operation.lease_until is None:
         return "no lease (started before claims were kept)"
-    if _aware(operation.lease_until) <= _aware(now):
+    if _ran_out(operation, now):
         return (f"its lease ran out at {_aware(operation.lease_until).isoformat()} "
                 f"(process {operation.owner_pid} on {operation.owner_host} stopped renewing it)")
     if operation.owner_host != this_host() or operation.owner_pid is None:
@@ -107,10 +114,21 @@ def abandoned_deletion(operation: Operation, now: datetime) -> str | None:
         if _aware(operation.started_at) <= _aware(now) - DELETION_LEASE:
             return f"its process stopped ({DELETION_LEASE} ago or more)"
         return None
-    if _aware(operation.lease_until) <= _aware(now):  # never renewed: longer than any deletion
+    here = operation.owner_host == this_host() and operation.owner_pid not in (None, os.getpid())
+    if here and _running(operation.owner_pid or 0):
+        return None  # its process runs here: judged by that, not by a clock that may step
+    if _ran_out(operation, now):  # never renewed: longer than any deletion
         return (f"its lease ran out at {_aware(operation.lease_until).isoformat()} (process "
                 f"{operation.owner_pid} on {_host(operation)})")
     return stale(operation, now)
+
+
+def _ran_out(operation: Operation, now: datetime) -> bool:
+    assert operation.lease_until is not None
+    end = _aware(operation.lease_until)
+    if operation.owner_host not in (None, this_host()):
+        end += CLOCK_SKEW
+    return end <= _aware(now)
 
 
 def holder(operation: Operation) -> str:
@@ -119,6 +137,8 @@ def holder(operation: Operation) -> str:
         return "a process that recorded no identity"
     until = (f", its lease until {_aware(operation.lease_until):%Y-%m-%d %H:%M:%S} UTC"
              if operation.lease_until is not None else "")
+    if until and operation.owner_host not in (None, this_host()):
+        until += f" by its host's clock (taken over {CLOCK_SKEW} after that by ours)"
     return f"process {operation.owner_pid} on {_host(operation)}{until}"
 
 

@@ -138,8 +138,11 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
     identities: dict[int, tuple[str, int, int]] = {}  # copy id -> (host, device, inode)
     for (root, host), group in by_location.items():
         try:
-            # First look: hash what is stale (or never had its identity recorded).
-            stale = [not dry_run and (c.verified_at < now - window or c.inode is None)
+            # First look: hash what is stale (or never had its identity recorded). A
+            # verified_at after `now` was written by a clock ahead of ours (another host's, or
+            # ours before NTP stepped it back): when it was hashed is unknown, so hash it.
+            stale = [not dry_run and (c.verified_at < now - window or c.verified_at > now
+                                      or c.inode is None)
                      for c in group]
             seen = look(root, host, ssh, [Wanted(c.relative_path, s)
                                           for c, s in zip(group, stale, strict=True)])

@@ -15,6 +15,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from sqlalchemy import select
 
 import ccat_dt.reaper as reaper
+from ccat_dt import claims
 from ccat_dt.config import Config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.opsdb.database import OpsDB
@@ -199,10 +200,13 @@ def test_killed_between_certificate_and_record_the_deletion_is_finished_later(
         with opsdb.session() as session:  # `why` says who holds it, till when
             purge = {s.stage: s for s in diagnose(session, config, package, utcnow())}["purge"]
         assert f"held by process {owner} on archive-node-2, its lease until" in purge.detail
-        [abandoned] = abandoned_deletions(opsdb, lease_until + timedelta(seconds=1))
+        # Its lease, written by that host's clock, counts as run out only CLOCK_SKEW later.
+        assert abandoned_deletions(opsdb, lease_until + timedelta(seconds=1)) == []
+        [abandoned] = abandoned_deletions(opsdb, lease_until + claims.CLOCK_SKEW
+                                          + timedelta(seconds=1))
         assert abandoned.copy_id == stuck_id
-        with opsdb.session() as session:  # an hour later ...
-            session.get_one(Operation, claim.id).lease_until = utcnow()
+        with opsdb.session() as session:  # an hour and a half later ...
+            session.get_one(Operation, claim.id).lease_until = utcnow() - claims.CLOCK_SKEW
     launched = run(config, instance).launched
     if nth == 6:  # ... the sensor finishes the abandoned deletion
         assert [key.split(":")[0] for key in launched] == ["purge-unfinished"]
