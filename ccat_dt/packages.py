@@ -219,8 +219,14 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         raise
     with opsdb.session() as session:
         mark_ok(session, buffer.id)
-        return CopyRef.of(_record_built(session, name, built, buffer.id, operation.id,
-                                        time.monotonic() - started))
+        recorded = _record_built(session, name, built, buffer.id, operation.id,
+                                 time.monotonic() - started)
+        ref = CopyRef.of(recorded)
+        stale = not recorded.is_verified
+    if stale:  # committed as quarantined: the retry builds it again, over this tar
+        raise OSError(f"package {name}: its files changed while it was built (a file taken "
+                      "out of it): the tar is quarantined and built again")
+    return ref
 
 
 def _build_location(session: Session, config: Config, package: RawDataPackage) -> DataLocation:
@@ -251,6 +257,20 @@ def _record_built(session: Session, name: str, built: BuiltPackage, buffer_id: i
                                f"build ({built.checksum}) replaced that file, so the recorded "
                                "copy is checked (and found corrupt) next")
         return earlier
+    if sorted(e.path for e in built.manifest) != sorted(f.relative_path for f in package.files):
+        # A file was taken out (`ccat-dt exclude`) after this build read the members: the tar
+        # is not the package. Recorded quarantined where it lies, so the rebuild replaces it.
+        operation.status = OperationStatus.FAILED
+        operation.error = ("the package's files changed while it was built (a file taken out "
+                           "of it): this tar is quarantined and the package built again")
+        tar = built.path.stat()
+        stale = PackageCopy(package=package, location_id=buffer_id,
+                            relative_path=package_path(package), size=built.size,
+                            checksum=built.checksum, status=CopyStatus.CORRUPT, created_at=now,
+                            inode=tar.st_ino, mtime_ns=tar.st_mtime_ns)
+        session.add(stale)
+        session.flush()
+        return stale
     if package.checksum not in (None, built.checksum):  # rebuilt: the member mtimes changed
         operation.reason = (f"rebuilt; the package checksum changed from {package.checksum} "
                             f"to {built.checksum} (no verified copy of the old bytes existed)")

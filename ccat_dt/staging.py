@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -248,6 +249,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         where = request.location.label
         source_id, source_label = source.id, source.location.label
     started = time.monotonic()
+    moved: list[Any] = []  # entries renamed to their staged names
     try:
         # An unmounted disk's bare mount point is not the processing area: nothing is written
         # there (the extraction would make the directories); the run fails, and its re-attempt
@@ -273,11 +275,16 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                 final = root / relative
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(scratch / entry.path, final)
+                moved.append(entry)
         except OSError as exc:  # the processing disk full, say: its re-attempt, not this run's
             raise StagingError(f"{package_name}: unpacking at {where} failed: "
                                f"{exc.strerror or exc} ({exc.filename or root}); nothing of "
-                               "it was left there") from exc
+                               "it was left there but what is recorded staged") from exc
     except Exception as exc:
+        if moved:  # at their staged names, verified: on the record, so they are purged later
+            with opsdb.session() as session:
+                _record_staged(session, moved, files, lost, root, directory, location_id,
+                               request_id)
         finish(opsdb, operation.id, error=str(exc))
         if isinstance(exc, ChecksumMismatch) or "checksum mismatch" in str(exc).lower():
             # A bad source, or a bad transit? The source re-hashed on its storage: a bad one
@@ -294,27 +301,36 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
     finally:
         tar.unlink(missing_ok=True)  # the archive is not kept at processing: it saves space
         shutil.rmtree(scratch, ignore_errors=True)
+    size = sum(e.size for e in manifest)
     with opsdb.session() as session:
-        now = utcnow()
-        for entry in manifest:
-            raw_file = files[entry.path]
-            # Its identity as extracted and verified: the purge after the release then knows
-            # an untouched file without reading it again (a changed one is re-hashed, kept).
-            info = os.lstat(root / directory / entry.path)
-            if entry.path in lost:  # staged before, removed since: its record, staged again
-                copy = session.get_one(RawDataFileCopy, lost[entry.path])
-                copy.verified_at, copy.inode, copy.mtime_ns = now, info.st_ino, info.st_mtime_ns
-                continue
-            session.add(RawDataFileCopy(
-                raw_data_file_id=raw_file.id, location_id=location_id,
-                relative_path=str(directory / entry.path), size=entry.size,
-                checksum=entry.checksum, status=CopyStatus.STAGED, created_at=now,
-                verified_at=now, staging_request_id=request_id, inode=info.st_ino,
-                mtime_ns=info.st_mtime_ns))
-        size = sum(e.size for e in manifest)
+        _record_staged(session, manifest, files, lost, root, directory, location_id,
+                       request_id)
         finish_in(session, operation.id, copy_id=None, nbytes=size,
                   seconds=time.monotonic() - started)
     return len(manifest), size, kept
+
+
+def _record_staged(session: Session, entries: list[Any], files: dict[str, Any],
+                   lost: dict[str, int], root: Path, directory: PurePosixPath,
+                   location_id: int, request_id: int) -> None:
+    """The files moved to their staged names, recorded STAGED (so the purge after the
+    release removes them), even when the step stopped before its last file."""
+    now = utcnow()
+    for entry in entries:
+        raw_file = files[entry.path]
+        # Its identity as extracted and verified: the purge after the release then knows
+        # an untouched file without reading it again (a changed one is re-hashed, kept).
+        info = os.lstat(root / directory / entry.path)
+        if entry.path in lost:  # staged before, removed since: its record, staged again
+            copy = session.get_one(RawDataFileCopy, lost[entry.path])
+            copy.verified_at, copy.inode, copy.mtime_ns = now, info.st_ino, info.st_mtime_ns
+            continue
+        session.add(RawDataFileCopy(
+            raw_data_file_id=raw_file.id, location_id=location_id,
+            relative_path=str(directory / entry.path), size=entry.size,
+            checksum=entry.checksum, status=CopyStatus.STAGED, created_at=now,
+            verified_at=now, staging_request_id=request_id, inode=info.st_ino,
+            mtime_ns=info.st_mtime_ns))
 
 
 def _nearest(config: Config, copies: list[PackageCopy], site: str) -> PackageCopy | None:
