@@ -112,31 +112,22 @@ def staged_files_gone(session: Session, now: datetime, after_id: int = 0,
 
 
 def unfinished(session: Session, created_before: datetime, after: str = "",
-               limit: int = PAGE) -> tuple[dict[str, datetime], datetime | None]:
+               limit: int = PAGE) -> dict[str, datetime]:
     """Up to `limit` packages not archived yet (nor quarantined or lost) and active staging
     requests, created before `created_before`, with no work failing (a re-attempt row: that
     is the re-attempts' business), by name after `after`, with when each was created: the
-    page a sweep for unattended work looks at. Also when the oldest one created since was
-    created (it is looked at once it is as old)."""
+    page a sweep for unattended work looks at."""
     failing = select(Reattempt.package)
-    live = (RawDataPackage.state.not_in([PackageState.ARCHIVED, PackageState.FAILED,
-                                         PackageState.LOST]),
-            RawDataPackage.name.not_in(failing))
-    active = (StagingRequest.state == StagingState.ACTIVE, StagingRequest.name.not_in(failing))
     packages = session.execute(select(RawDataPackage.name, RawDataPackage.created_at).where(
-        *live, RawDataPackage.created_at <= created_before, RawDataPackage.name > after)
-        .order_by(RawDataPackage.name).limit(limit)).all()
+        RawDataPackage.state.not_in([PackageState.ARCHIVED, PackageState.FAILED,
+                                     PackageState.LOST]),
+        RawDataPackage.name.not_in(failing), RawDataPackage.created_at <= created_before,
+        RawDataPackage.name > after).order_by(RawDataPackage.name).limit(limit)).all()
     requests = session.execute(select(StagingRequest.name, StagingRequest.created_at).where(
-        *active, StagingRequest.created_at <= created_before, StagingRequest.name > after)
+        StagingRequest.state == StagingState.ACTIVE, StagingRequest.name.not_in(failing),
+        StagingRequest.created_at <= created_before, StagingRequest.name > after)
         .order_by(StagingRequest.name).limit(limit)).all()
-    page = sorted([*packages, *requests])[:limit]
-    young = [when for when in (
-        session.scalar(select(func.min(RawDataPackage.created_at)).where(
-            *live, RawDataPackage.created_at > created_before)),
-        session.scalar(select(func.min(StagingRequest.created_at)).where(
-            *active, StagingRequest.created_at > created_before))) if when is not None]
-    return ({name: _aware(created) for name, created in page},
-            min(_aware(when) for when in young) if young else None)
+    return {name: _aware(created) for name, created in sorted([*packages, *requests])[:limit]}
 
 
 def _new_copies(session: Session, after_id: int, kind: LocationType,

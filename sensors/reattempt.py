@@ -119,10 +119,10 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
                for s in stalled_work(deployment.opsdb, config, packages=sorted(by_package))}
     swept_at, swept_to, sweep = _sweep_due(context.cursor, config, now)
     unattended: list[tuple[Stalled, int]] = []
-    quiet_until: list[datetime] = []
     if sweep:
-        unattended, quiet_until, swept_to = _unattended(deployment, instance, now, swept_to,
-                                                        candidates)
+        unattended, swept_to = _unattended(deployment, instance, now, swept_to, candidates)
+        if unattended:  # their next stages will be unattended too: the next tick sweeps again
+            swept_at -= timedelta(seconds=config.settings.policies.unattended_after_s) / 4
     requests, works, decisions, in_flight = [], [], [], []
     for (stage, package, site) in sorted(candidates):
         item = stalled.get((stage, package, site))
@@ -146,7 +146,6 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
         context.log.warning(f"{item.stage.label} {partition} is due and no run has done it "
                             f"for {config.settings.policies.unattended_after_s:g} s: "
                             f"{item.reason}")
-    decisions += [Decision(State.WAITING, next_at=at) for at in quiet_until]
     with deployment.opsdb.session() as session:
         escalated = record(session, works, now, keep=in_flight, stages=STAGES)
         for row in escalated:
@@ -177,22 +176,21 @@ def _sweep_due(cursor: str | None, config: Config, now: datetime) -> tuple[datet
 
 def _unattended(deployment: Deployment, instance: DagsterInstance, now: datetime,
                 after: str, skip: set[tuple[Stage, str, str]]
-                ) -> tuple[list[tuple[Stalled, int]], list[datetime], str]:
+                ) -> tuple[list[tuple[Stalled, int]], str]:
     """Work of a page of unfinished packages and staging requests (by name after `after`)
     that OpsDB shows as due and that no run has done for `unattended_after_s`: none in
     flight, none failing (the re-attempts' business), the newest ended that long ago, or none
     ever and the package is that old. Its run was never asked for: the sensors' cursors and
     run keys, kept in the Dagster instance, were past it (an OpsDB restored from an older
     backup). Each with its number of runs (a sweep's run key is new when the work had another
-    run since); when the work not quiet yet will be; and where the next sweep goes on ("" to
-    start over)."""
+    run since); and where the next sweep goes on ("" to start over)."""
     config = deployment.config
     quiet = timedelta(seconds=config.settings.policies.unattended_after_s)
     page = config.settings.policies.sensor_page_rows
     with deployment.opsdb.session() as session:
-        created, next_of_age = unfinished(session, now - quiet, after, page)
+        created = unfinished(session, now - quiet, after, page)
     held = stopped_by_operator(instance)
-    out, later = [], [next_of_age + quiet] if next_of_age else []
+    out = []
     for item in stalled_work(deployment.opsdb, config, packages=sorted(created)):
         if (item.stage, item.package, item.site) in skip or ASKED_BY[item.stage] in held:
             continue
@@ -200,12 +198,9 @@ def _unattended(deployment: Deployment, instance: DagsterInstance, now: datetime
         if decide(runs, Backoff.of(config), now).state != State.NONE:
             continue
         last = max((_aware(r.ended_at) for r in runs if r.ended_at), default=None)
-        at = (last or created[item.package]) + quiet
-        if at <= now:
+        if (last or created[item.package]) + quiet <= now:
             out.append((item, len(runs)))
-        else:
-            later.append(at)
-    return out, later, (max(created) if len(created) == page else "")
+    return out, (max(created) if len(created) == page else "")
 
 
 def _request(deployment: Deployment, stage: Stage, package: str, site: str,

@@ -84,8 +84,9 @@ def test_observations_filed_after_a_restore_are_archived(
     opsdb = restore(config, tmp_path / "backup.sqlite")
 
     observe(config, opsdb, name="obs-2")
+    run(config, instance)  # plans obs-2's package; no sensor asks for its packaging
     time.sleep(QUIET)
-    run(config, instance, wait_s=10)
+    run(config, instance)  # cron's next drive: the sweep finds it unattended
 
     assert lost_filed_files(config, opsdb) == []
     assert {p: tars(config)[p] for p in archives} == archives
@@ -109,8 +110,9 @@ def test_a_package_planned_again_after_a_restore_is_told_not_left_waiting(
     assert len(archives) == 2 and not any(p.exists() for p in files)
     opsdb = restore(config, tmp_path / "backup.sqlite")
 
+    run(config, instance)  # plans the package again; its packaging run key is used
     time.sleep(QUIET)
-    run(config, instance, wait_s=5)
+    run(config, instance)  # cron's next drive: the sweep finds it unattended
 
     assert tars(config) == archives
     [package] = package_names(opsdb)
@@ -138,7 +140,7 @@ def test_copies_a_purge_deleted_before_a_restore_are_recorded_deleted_again(
             CopyStatus.PRESENT}  # what the restored OpsDB believes
 
     time.sleep(QUIET)
-    run(config, instance, wait_s=5)
+    run(config, instance)
 
     with opsdb.session() as session:
         assert {c.status for c in session.scalars(select(RawDataFileCopy))} == {
