@@ -101,7 +101,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     from ccat_dt.topology import prepare_opsdb
 
     config = load_config(args.config)
-    prepare_opsdb(config)
+    prepare_opsdb(config, mark_held=False)  # `init` marks a held location's root, not migrate
     print(f"OpsDB at {config.opsdb_url} is up to date")
 
 

@@ -12,20 +12,41 @@ MARKER = ".ccat-dt-location"
 MARKER_TEXT = "ccat-dt location root: written by `ccat-dt init`; do not delete\n"
 
 
-def write_marker(root: Path) -> None:
-    """Mark a location root as the one configured (done by `ccat-dt init` on a mounted disk)."""
+LABEL = "location: "
+
+
+def marked_label(root: Path) -> str | None:
+    """The location (SITE/NAME) a root's marker was written for; None: no marker, or one
+    written before markers named their location."""
+    try:
+        text = (root / MARKER).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return next((line[len(LABEL):].strip() for line in text.splitlines()
+                 if line.startswith(LABEL)), None)
+
+
+def write_marker(root: Path, label: str | None = None) -> None:
+    """Mark a location root as the one configured (done by `ccat-dt init` on a mounted disk),
+    naming the location it belongs to (an older marker without a name gets it)."""
     marker = root / MARKER
-    if not marker.exists():
-        marker.write_text(MARKER_TEXT, encoding="utf-8")
+    if not marker.exists() or (label is not None and marked_label(root) is None):
+        marker.write_text(MARKER_TEXT + (f"{LABEL}{label}\n" if label else ""),
+                          encoding="utf-8")
 
 
-def root_problem(root: Path) -> str | None:
-    """Why `root` cannot be trusted as the configured location root, or None."""
+def root_problem(root: Path, label: str | None = None) -> str | None:
+    """Why `root` cannot be trusted as the configured location root (of location `label`,
+    when given), or None."""
     if not root.is_dir():
         return f"location root {root} does not exist (is the disk mounted?)"
     if not (root / MARKER).is_file():
         return (f"location root {root} has no {MARKER} marker: not the disk `ccat-dt init` "
                 "prepared (is it mounted?); run `ccat-dt init` once the right disk is there")
+    marked = marked_label(root) if label is not None else None
+    if marked is not None and marked != label:
+        return (f"location root {root} of {label} holds the marker of location {marked}: "
+                "another location's disk is mounted there (disks swapped?)")
     return None
 
 

@@ -113,6 +113,7 @@ class _Claim:
     mtime_ns: int | None
     source: bool  # a raw file at its source: the filed bytes themselves
     rehash: bool  # re-hash the content before the unlink even when its identity is unchanged
+    label: str | None = None  # the location: its root's marker must name it
 
 
 def _package(session: Session, name: str) -> RawDataPackage:
@@ -170,7 +171,8 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
         return _Claim(copy.id, operation.id, Path(decision.path), Path(copy.location.root),
                       copy.relative_path, prune, copy.location.host, copy.size, copy.checksum,
                       copy.inode, copy.mtime_ns, source,
-                      source and config.settings.policies.rehash_sources_before_deletion)
+                      source and config.settings.policies.rehash_sources_before_deletion,
+                      copy.location.label)
 
 
 def _certified(copy: PackageCopy) -> dict[str, Any]:
@@ -210,8 +212,8 @@ def _unlink_local(claim: _Claim) -> int:
     symlink cannot redirect the unlink); a size, inode or mtime that differs from the record,
     an identity never recorded, or a policy that asks, means re-hashing it first: a changed
     file is never deleted."""
-    if root_problem(claim.root):
-        raise OSError(root_problem(claim.root))
+    if problem := root_problem(claim.root, claim.label):
+        raise OSError(problem)
     try:
         directory, name = open_parent(claim.root, claim.relative_path)
     except OSError as exc:

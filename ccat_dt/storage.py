@@ -77,7 +77,8 @@ class StorageUnavailable(Exception):
         self.transient = transient
 
 
-def mark_location_root(root: str, host: str | None, ssh: SshSettings) -> str | None:
+def mark_location_root(root: str, host: str | None, ssh: SshSettings,
+                       label: str | None = None) -> str | None:
     """Create a location root that does not exist yet and mark it; returns a problem or None.
 
     Run at set-up (`ccat-dt init`, `migrate`) with every disk mounted: from then on only a
@@ -85,7 +86,7 @@ def mark_location_root(root: str, host: str | None, ssh: SshSettings) -> str | N
     if host is None:
         try:
             Path(root).mkdir(parents=True, exist_ok=True)
-            write_marker(Path(root))
+            write_marker(Path(root), label)
         except OSError as exc:
             return f"cannot prepare location root {root}: {exc}"
         return None

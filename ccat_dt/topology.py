@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
 from ccat_dt.config import Config, LocationConfig
 from ccat_dt.health import choose
+from ccat_dt.marker import MARKER, marked_label
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -177,25 +179,51 @@ def get_site(session: Session, short_name: str) -> Site:
     return site
 
 
-def prepare_opsdb(config: Config) -> None:
+def prepare_opsdb(config: Config, *, mark_held: bool = True) -> None:
     """Bring the OpsDB to the newest schema, mirror the configuration into it and mark the
-    location roots (what `ccat-dt init` and `migrate` do; idempotent). The storage modules
-    are imported here: filing looks locations up through this module and needs none of them."""
+    location roots (what `ccat-dt init` and `migrate` do; idempotent). Each marker names its
+    location, so a root that holds another location's marker (disks swapped, a root mistyped)
+    is refused before anything changes. `migrate` (mark_held=False) leaves unmarked the root
+    of a location OpsDB records copies at: an empty mount point is not the disk. The storage
+    modules are imported here: filing looks locations up through this module and needs none
+    of them."""
     from ccat_dt.objectstore import Stores
     from ccat_dt.storage import mark_location_root
     from ccat_dt.transports.factory import ssh_settings
 
+    if swapped := _roots_of_other_locations(config):
+        raise TopologyDrift(swapped)
     migrate(config.opsdb_url)
     opsdb = OpsDB(config.opsdb_url)
     with opsdb.session() as session:
         sync_topology(session, config)
+        held = {f"{site}/{name}" for (site, name), row in _recorded(session).items()
+                if _held(session, row)}
     opsdb.dispose()
     ssh = ssh_settings(config)
     stores = Stores.of(config)
     for site in config.settings.sites:
         for location in site.locations:
             root = config.location_root(location)
+            label = f"{site.short_name}/{location.name}"
+            if not mark_held and label in held and not location.is_object_store and (
+                    location.host is not None or not (Path(root) / MARKER).is_file()):
+                LOG.warning("%s: not marked: its root %s has no %s marker but OpsDB records "
+                            "copies there (is the disk mounted?); mount it, or run `ccat-dt "
+                            "init` once the right disk is there", label, root, MARKER)
+                continue
             problem = (stores.at(root).mark() if location.is_object_store
-                       else mark_location_root(root, location.host, ssh))
+                       else mark_location_root(root, location.host, ssh, label))
             if problem:
                 LOG.warning("%s/%s: %s", site.short_name, location.name, problem)
+
+
+def _roots_of_other_locations(config: Config) -> list[str]:
+    """Local location roots whose marker names another location."""
+    return [f"location {site.short_name}/{location.name}: its root "
+            f"{config.location_root(location)} holds the marker of location {marked}: "
+            "another location's disk (or a root mistyped in the configuration)"
+            for site in config.settings.sites for location in site.locations
+            if location.host is None and not location.is_object_store
+            and (marked := marked_label(Path(config.location_root(location)))) is not None
+            and marked != f"{site.short_name}/{location.name}"]
