@@ -43,7 +43,12 @@ def root_problem(root: Path, label: str | None = None) -> str | None:
     if not (root / MARKER).is_file():
         return (f"location root {root} has no {MARKER} marker: not the disk `ccat-dt init` "
                 "prepared (is it mounted?); run `ccat-dt init` once the right disk is there")
-    marked = marked_label(root) if label is not None else None
+    return marked_for_another(root, label) if label is not None else None
+
+
+def marked_for_another(root: Path, label: str) -> str | None:
+    """Why `root`, configured for location `label`, is another location's disk, or None."""
+    marked = marked_label(root)
     if marked is not None and marked != label:
         return (f"location root {root} of {label} holds the marker of location {marked}: "
                 "another location's disk is mounted there (disks swapped?)")

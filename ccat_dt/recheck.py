@@ -19,13 +19,15 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
-from ccat_dt.objectstore import Stores
+from ccat_dt.marker import marked_for_another
+from ccat_dt.objectstore import Stores, is_object_root
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -138,6 +140,11 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
     identities: dict[int, tuple[str, int, int]] = {}  # copy id -> (host, device, inode)
     for (root, host), group in by_location.items():
         try:
+            # A local root whose marker names another location is another location's disk
+            # (disks swapped): nothing there is this location's copy.
+            if host is None and not is_object_root(root) and (
+                    wrong := marked_for_another(Path(root), group[0].label)):
+                raise StorageUnavailable(wrong)
             # First look: hash what is stale (or never had its identity recorded). A
             # verified_at after `now` was written by a clock ahead of ours (another host's, or
             # ours before NTP stepped it back): when it was hashed is unknown, so hash it.

@@ -21,7 +21,7 @@ from ccat_dt import reaper
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT
 from ccat_dt.diagnosis import diagnose
-from ccat_dt.marker import MARKER
+from ccat_dt.marker import MARKER, MARKER_TEXT
 from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -270,29 +270,40 @@ def test_two_archive_locations_on_one_directory_are_refused(tmp_path: Path,
     assert "one disk would count as two copies" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("markers", ["naming their location", "from before they did"])
 def test_an_archive_root_swapped_for_the_other_archive_after_loading_deletes_nothing(
-        kept: Config, instance: DagsterInstance) -> None:
+        kept: Config, instance: DagsterInstance, markers: str) -> None:
     """The configuration was checked when it was loaded; then, during a long drive, Cologne's
     archive root becomes a symlink to the US archive (a wrong mount, a disk swap). Each LTA
-    copy still hashes right, but they are one file: the purge counts neither, deletes nothing
-    of the package, and says why."""
+    copy still hashes right, but Cologne's root now holds the US archive's marker: its copy
+    is not counted, and nothing that needs two archive copies (the sources, the observatory
+    tar) or Cologne's own (its buffer copy) is deleted; the purge says why. Only the US
+    buffer copy, which relies on the US archive copy alone, may go. With markers that do not
+    name their location (written before they did), the two LTA copies are one file on the
+    storage: neither counts, and nothing of the package is deleted."""
     opsdb, package, files = archived_with_sources(kept, instance)
     config = retention(kept, 0)  # loaded (and checked) before the swap, as a drive holds it
     cologne, us = config.resolve_root("sites/cologne/lta"), config.resolve_root("sites/us/lta")
+    if markers == "from before they did":
+        for root in (cologne, us):
+            (root / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     cologne.rename(cologne.with_name("lta.away"))
     cologne.symlink_to(us)
     held = {p: p.read_bytes() for p in files + [
         *config.resolve_root("sites/cologne/buffer").rglob("*.tar"),
-        *config.resolve_root("sites/us/buffer").rglob("*.tar"),
         *config.resolve_root("sites/ccat/buffer").rglob("*.tar")]}
 
     report = reaper.purge_package(opsdb, config, package, now=utcnow())
 
-    assert report.deleted == 0
-    assert {p: p.read_bytes() for p in held} == held  # the storage: every copy still there
-    assert any("the same file on the storage as" in f for f in report.failures), \
-        report.failures
-    assert deletion_certificates(opsdb) == []
+    assert {p: p.read_bytes() for p in held} == held  # the storage: every such copy there
+    why = ("holds the marker of location us/lta" if markers == "naming their location"
+           else "the same file on the storage as")
+    assert any(why in f for f in report.failures), report.failures
+    if markers == "from before they did":
+        assert report.deleted == 0 and deletion_certificates(opsdb) == []
+    for certificate in deletion_certificates(opsdb):  # none relies on Cologne's
+        assert [c["location"] for c in certificate["copies"]] == ["lta"]
+        assert [c["site"] for c in certificate["copies"]] == ["us"]
 
 
 def test_an_unmounted_archive_root_is_never_written_to(kept: Config,

@@ -64,6 +64,8 @@ def test_cologne_buffer_and_lta_roots_swapped_during_retention(
         _swap(buffer, lta)  # e.g. /dev/sdb and /dev/sdc swapped after a reboot
         config = retention_in_place(kept, 0)
         run(config, instance)
+        # No deletion relied on the buffer disk's tar as Cologne's LTA copy: sources kept.
+        assert all(p.is_file() for p in files)
         _swap(buffer, lta)  # the operator notices and mounts them right again
     else:
         config = _swap_roots_in_config(kept, "cologne", "buffer", "lta")
