@@ -19,7 +19,7 @@ from sqlalchemy import select
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config, load_config
-from ccat_dt.defaults import write_default_config
+from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, Site
 from ccat_dt.storage import files_under
@@ -57,9 +57,15 @@ def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(core_execution_loop, "TICK_SECONDS", 0.1)
 
 
-def production(tmp_path: Path, postgres_url: str, dagster_url: str, broker: str) -> Config:
-    config = load_config(write_default_config(tmp_path / "deploy", overrides={
-        "opsdb_url": postgres_url, "execution": {"celery_broker": broker}}))
+def production(tmp_path: Path, postgres_url: str, dagster_url: str, broker: str,
+               **policies: float) -> Config:
+    """The embedded default on PostgreSQL (OpsDB and Dagster's storage) with Celery over
+    `broker`; `policies` override the default's."""
+    overrides: dict[str, object] = {"opsdb_url": postgres_url,
+                                    "execution": {"celery_broker": broker}}
+    if policies:
+        overrides["policies"] = {**EMBEDDED_DEFAULT["policies"], **policies}  # type: ignore[dict-item]
+    config = load_config(write_default_config(tmp_path / "deploy", overrides=overrides))
     prepare_opsdb(config)
     home = tmp_path / "deploy" / "dagster_home"
     home.mkdir()

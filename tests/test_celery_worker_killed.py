@@ -11,7 +11,6 @@ whole worker: its main process and its pool, as the OOM killer of its cgroup, a
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
@@ -22,21 +21,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import yaml
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from sqlalchemy import select
 
-from ccat_dt.config import Config, load_config
-from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.config import Config
 from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation, OperationStatus
 from ccat_dt.storage import files_under
-from ccat_dt.topology import prepare_opsdb
 from tests.faults.invariants import assert_safe
 from tests.faults.storage_truth import lost_filed_files
 from tests.helpers import observe
 from tests.services import unavailable
+from tests.test_celery import production
 
 pytestmark = pytest.mark.xdist_group("redis")
 
@@ -78,21 +75,6 @@ def redis_url() -> Iterator[str]:
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
-
-
-def production(tmp_path: Path, postgres_url: str, dagster_url: str, broker: str) -> Config:
-    settings = copy.deepcopy(EMBEDDED_DEFAULT)
-    policies = {**settings["policies"], "retry_backoff_first_s": 1.0}  # type: ignore[dict-item]
-    config = load_config(write_default_config(tmp_path / "deploy", overrides={
-        "opsdb_url": postgres_url, "execution": {"celery_broker": broker},
-        "policies": policies}))
-    prepare_opsdb(config)
-    home = tmp_path / "deploy" / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(yaml.safe_dump({
-        "telemetry": {"enabled": False},
-        "storage": {"postgres": {"postgres_url": dagster_url}}}))
-    return config
 
 
 class Workers:
@@ -177,7 +159,8 @@ def part_files(config: Config) -> list[Path]:
 @pytest.fixture
 def deployment(tmp_path: Path, postgres_url: str, dagster_database: str,
                redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Config, OpsDB]]:
-    config = production(tmp_path, postgres_url, dagster_database, redis_url)
+    config = production(tmp_path, postgres_url, dagster_database, redis_url,
+                        retry_backoff_first_s=1.0)
     monkeypatch.setenv("DAGSTER_HOME", str(config.directory / "dagster_home"))
     monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
     opsdb = OpsDB(config.opsdb_url)

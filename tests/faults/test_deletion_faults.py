@@ -360,8 +360,9 @@ def test_sources_purged_then_both_archives_bad_is_loud(tmp_path: Path,
     assert told.key == f"lost:{package}" and "DATA LOST" in told.detail
 
 
-def _buffer_retention(config: Config, hours: float) -> Config:
-    """`retention` for a deployment whose sites are not the embedded default's (hosts)."""
+def retention_in_place(config: Config, hours: float) -> Config:
+    """`retention` for a deployment whose sites are not the embedded default's (hosts, roots
+    edited): the YAML's own sites, their sources and buffers kept `hours`."""
     settings = yaml.safe_load(config.path.read_text())
     for site in settings["sites"]:
         for location in site["locations"]:
@@ -376,7 +377,7 @@ def test_a_remote_buffer_file_replaced_by_other_bytes_of_its_size_is_never_delet
     """A buffer copy on an archive host (deleted over ssh) whose file now holds other bytes
     of the recorded size: those bytes are in no archive, so the purge refuses to delete them
     and tells a person; the other buffer copy goes."""
-    config = _buffer_retention(multisite(tmp_path, sshd), KEEP)
+    config = retention_in_place(multisite(tmp_path, sshd), KEEP)
     opsdb = OpsDB(config.opsdb_url)
     try:
         observe(config, opsdb, files=2, size=100_000)
@@ -395,7 +396,7 @@ def test_a_remote_buffer_file_replaced_by_other_bytes_of_its_size_is_never_delet
         foreign = os.urandom(replaced.stat().st_size)
         replaced.write_bytes(foreign)  # someone else's bytes at our path, same size
 
-        config = _buffer_retention(config, 0)
+        config = retention_in_place(config, 0)
         run(config, instance, wait_s=0)
 
         assert replaced.read_bytes() == foreign  # the storage: never deleted

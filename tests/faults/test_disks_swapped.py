@@ -16,7 +16,11 @@ from ccat_dt.config import Config, load_config
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import run
 from tests.faults.storage_truth import lost_filed_files
-from tests.faults.test_deletion_faults import archived_with_sources, kept  # noqa: F401
+from tests.faults.test_deletion_faults import (  # noqa: F401
+    archived_with_sources,
+    kept,
+    retention_in_place,
+)
 from tests.helpers import run_cli
 
 
@@ -25,17 +29,6 @@ def _swap(a: Path, b: Path) -> None:
     a.rename(scratch)
     b.rename(a)
     scratch.rename(b)
-
-
-def retention_in_place(config: Config, hours: float) -> Config:
-    """Sources and buffers kept `hours` (the YAML edited in place: roots untouched)."""
-    settings = yaml.safe_load(config.path.read_text())
-    for site in settings["sites"]:
-        for location in site["locations"]:
-            if location["type"] in ("source", "buffer"):
-                location["retention_hours"] = hours
-    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return load_config(config.path)
 
 
 def _swap_roots_in_config(config: Config, site: str, x: str, y: str) -> Config:
