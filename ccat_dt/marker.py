@@ -28,9 +28,11 @@ def marked_label(root: Path) -> str | None:
 
 def write_marker(root: Path, label: str | None = None) -> None:
     """Mark a location root as the one configured (done by `ccat-dt init` on a mounted disk),
-    naming the location it belongs to (an older marker without a name gets it)."""
+    naming the location it belongs to (an older marker without a name gets it; one naming a
+    location no longer configured, a site renamed, gets the new name: `init` and `migrate`
+    refuse a root marked for another configured location before they get here)."""
     marker = root / MARKER
-    if not marker.exists() or (label is not None and marked_label(root) is None):
+    if not marker.exists() or (label is not None and marked_label(root) != label):
         marker.write_text(MARKER_TEXT + (f"{LABEL}{label}\n" if label else ""),
                           encoding="utf-8")
 

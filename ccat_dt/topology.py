@@ -219,11 +219,14 @@ def prepare_opsdb(config: Config, *, mark_held: bool = True) -> None:
 
 
 def _roots_of_other_locations(config: Config) -> list[str]:
-    """Local location roots whose marker names another location."""
+    """Local location roots whose marker names another configured location (a marker naming
+    one no longer configured, a site renamed, is renamed with it)."""
+    labels = {f"{site.short_name}/{location.name}" for site in config.settings.sites
+              for location in site.locations}
     return [f"location {site.short_name}/{location.name}: its root "
             f"{config.location_root(location)} holds the marker of location {marked}: "
             "another location's disk (or a root mistyped in the configuration)"
             for site in config.settings.sites for location in site.locations
             if location.host is None and not location.is_object_store
-            and (marked := marked_label(Path(config.location_root(location)))) is not None
+            and (marked := marked_label(Path(config.location_root(location)))) in labels
             and marked != f"{site.short_name}/{location.name}"]
