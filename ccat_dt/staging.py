@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,6 +27,7 @@ from ccat_dt.opsdb.models import (
     Operation,
     OperationType,
     PackageCopy,
+    RawDataFile,
     RawDataFileCopy,
     RawDataPackage,
     StagingRequest,
@@ -40,7 +40,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.replicas import finish, finish_in, reread
 from ccat_dt.retention import verified_lta_copies
 from ccat_dt.staged_files import clear_scratch, look_at_staged, scratch_names, through_symlink
-from ccat_dt.tarball import extract_package
+from ccat_dt.tarball import ManifestEntry, extract_package
 from ccat_dt.topology import UnknownLocation, get_location
 from ccat_dt.transports.base import Endpoint, TransferError
 from ccat_dt.transports.factory import endpoint, transport_for
@@ -249,7 +249,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         where = request.location.label
         source_id, source_label = source.id, source.location.label
     started = time.monotonic()
-    moved: list[Any] = []  # entries renamed to their staged names
+    moved: list[ManifestEntry] = []  # entries renamed to their staged names
     try:
         # An unmounted disk's bare mount point is not the processing area: nothing is written
         # there (the extraction would make the directories); the run fails, and its re-attempt
@@ -310,9 +310,9 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
     return len(manifest), size, kept
 
 
-def _record_staged(session: Session, entries: list[Any], files: dict[str, Any],
-                   lost: dict[str, int], root: Path, directory: PurePosixPath,
-                   location_id: int, request_id: int) -> None:
+def _record_staged(session: Session, entries: list[ManifestEntry],
+                   files: dict[str, RawDataFile], lost: dict[str, int], root: Path,
+                   directory: PurePosixPath, location_id: int, request_id: int) -> None:
     """The files moved to their staged names, recorded STAGED (so the purge after the
     release removes them), even when the step stopped before its last file."""
     now = utcnow()
