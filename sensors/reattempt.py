@@ -192,7 +192,8 @@ def _unattended(deployment: Deployment, instance: DagsterInstance, now: datetime
     held = stopped_by_operator(instance)
     out = []
     for item in stalled_work(deployment.opsdb, config, packages=sorted(created)):
-        if (item.stage, item.package, item.site) in skip or ASKED_BY[item.stage] in held:
+        asker = ASKED_BY.get(item.stage)  # None: not a stage the sweep asks for
+        if (item.stage, item.package, item.site) in skip or asker is None or asker in held:
             continue
         runs = history(instance, item.stage, item.package, item.site)
         if decide(runs, Backoff.of(config), now).state != State.NONE:
