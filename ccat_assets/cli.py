@@ -103,6 +103,12 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     prepare_opsdb(config, mark_held=False)  # `init` marks a held location's root, not migrate
     print(f"OpsDB at {config.opsdb_url} is up to date")
+    from ccat_assets.instance import stale_run_limits
+
+    if stale := stale_run_limits(config):  # the daemon and drive take the limits from there
+        print(f"warning: the run limits per link in {stale} differ from routes[].max_concurrent: "
+              "run `ccat-dt init` on this deployment to write them (your other settings there "
+              "are kept), then restart the daemon", file=sys.stderr)
 
 
 def _client(args: argparse.Namespace) -> FilingClient:

@@ -49,6 +49,23 @@ def embedded_storage(home: Path) -> dict[str, Any]:
                                      ("event_log", "SqliteEventLog", history / "runs"))}
 
 
+def stale_run_limits(config: Config) -> Path | None:
+    """The instance's dagster.yaml when its run limits per link differ from the routes'
+    `max_concurrent` (written by `init`: a route edited or added since is not applied until
+    `init` runs again); None when they agree or there is no such file."""
+    path = instance_home(config) / "dagster.yaml"
+    if not path.is_file():
+        return None
+    written = (((yaml.safe_load(path.read_text()) or {}).get("concurrency") or {})
+               .get("runs") or {}).get("tag_concurrency_limits") or []
+    wanted = instance_settings(config)["concurrency"]["runs"]["tag_concurrency_limits"]
+    return None if sorted(map(_limit_key, written)) == sorted(map(_limit_key, wanted)) else path
+
+
+def _limit_key(limit: dict[str, Any]) -> tuple[str, str, int]:
+    return str(limit.get("key")), str(limit.get("value")), int(limit.get("limit") or 0)
+
+
 def write_instance_yaml(config: Config, home: Path) -> Path:
     """The embedded instance's dagster.yaml: the template's settings, what an operator set in
     the file already (kept: `init` runs again after every change of routes), one run limit per

@@ -603,6 +603,11 @@ def _operation_problem(session: Session, config: Config, package: RawDataPackage
         return f"operation {operation.id} has no deletion certificate"
     location = copy.location
     required, own_site = lta_requirement(config, location.site.short_name, location.location_type)
+    recorded = evidence.get("required")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+        # Judged by the policy in force when it was decided: `required_lta_copies` raised
+        # since (a third archive site) does not make an earlier, proper deletion improper.
+        required = recorded
     started, sites = _aware(operation.started_at), set()
     for entry in evidence["copies"]:
         copy_id = entry.get("copy_id") if isinstance(entry, dict) else None
