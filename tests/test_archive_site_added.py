@@ -6,6 +6,7 @@ a package whose partition was retired is repaired when found corrupt, by the sen
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from dagster import DagsterInstance
@@ -41,11 +42,12 @@ def tars_below(root: Path) -> dict[str, str]:
             if path.is_file() and not path.name.startswith(".ccat-dt")}
 
 
-def add_archive_site(config: Config, name: str, page_rows: int) -> Config:
+def add_archive_site(config: Config, name: str, **policies: Any) -> Config:
     """What an operator does: the site, its buffer and LTA, and routes to and from every
-    other archive in the configuration file; then `ccat-dt migrate`."""
+    other archive in the configuration file (and `policies` changed with it); then
+    `ccat-dt migrate`."""
     settings = yaml.safe_load(config.path.read_text())
-    settings["policies"]["sensor_page_rows"] = page_rows
+    settings["policies"].update(policies)
     archives = [site.short_name for site in config.settings.archive_sites]
     settings["sites"].append({"short_name": name, "name": name.title(), "locations": [
         {"name": "buffer", "type": "buffer", "root": f"sites/{name}/buffer"},
@@ -63,7 +65,7 @@ def test_an_archive_site_added_later_receives_every_archived_package(
         tmp_path: Path, instance: DagsterInstance) -> None:
     config, _, packages = archived_and_retired(tmp_path, instance, observations=2)
 
-    config = add_archive_site(config, "bonn", page_rows=1)  # a tick seeds one package
+    config = add_archive_site(config, "bonn", sensor_page_rows=1)  # a tick seeds one package
     report = drive(build_definitions(config), instance)
 
     assert tars_below(config.resolve_root("sites/bonn/lta")) == {

@@ -21,30 +21,13 @@ from tests.faults.pipeline import deployment, observe, package_names, run
 from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_deletion_faults import _sites
 from tests.helpers import run_cli
+from tests.test_archive_site_added import add_archive_site
 
 
 def edit(config: Config, change: Any) -> Config:
     settings = yaml.safe_load(config.path.read_text())
     change(settings)
     config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return load_config(config.path)
-
-
-def add_third_archive(config: Config, required: int) -> Config:
-    """A third archive site with its routes, and `required_lta_copies` raised; migrated."""
-    name, archives = "third", [s.short_name for s in config.settings.archive_sites]
-
-    def change(settings: dict[str, Any]) -> None:
-        settings["sites"].append({"short_name": name, "name": "Third", "locations": [
-            {"name": "buffer", "type": "buffer", "root": f"sites/{name}/buffer"},
-            {"name": "lta", "type": "long_term_archive", "root": f"sites/{name}/lta"}]})
-        settings["routes"] += [{"origin": config.settings.observatory, "destination": name,
-                                "transport": "local", "cost": 10}]
-        settings["routes"] += [{"origin": a, "destination": b, "transport": "local", "cost": 3}
-                               for o in archives for a, b in ((o, name), (name, o))]
-        settings["policies"]["required_lta_copies"] = required
-    edit(config, change)
-    assert run_cli("--config", str(config.path), "migrate") == 0
     return load_config(config.path)
 
 
@@ -60,7 +43,7 @@ def test_required_copies_raised_after_a_purge_leaves_its_certificates_proper(
     run(config, instance)
     assert_safe(config, opsdb)
 
-    config = add_third_archive(config, 3)
+    config = add_archive_site(config, "third", required_lta_copies=3)
     run(config, instance)
 
     assert lost_filed_files(config, opsdb) == []
