@@ -66,6 +66,14 @@ def archived(tmp_path: Path, instance: DagsterInstance, backoff_s: float
     return config, opsdb, written
 
 
+def ask_to_stage(opsdb: OpsDB, module: str | None = "chai/lfa") -> str:
+    """A scientist's request: obs-0 (its `module`, or all of it) at ramses/processing for an
+    hour."""
+    return request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0", module=module),
+                           expires_in=timedelta(hours=1))
+
+
 def staged(root: Path, name: str) -> dict[str, bytes]:
     """The request's files as they lie at the processing location, by their raw path."""
     return {str(p.relative_to(root / name)).split("/", 1)[1]: p.read_bytes()
@@ -81,9 +89,7 @@ def test_unmounted_processing_disk_gets_nothing_and_staging_heals_by_itself(
     defs = build_definitions(config)
     root = config.resolve_root(PROCESSING)
     unmount(root, how)
-    name = request_staging(opsdb, location="ramses/processing",
-                           selection=Selection(observation="obs-0", module="chai/lfa"),
-                           expires_in=timedelta(hours=1))
+    name = ask_to_stage(opsdb)
     lines: list[str] = []
 
     report = drive(defs, instance, log=RunReporter(instance, write=lines.append))
@@ -129,14 +135,10 @@ def test_retry_stages_a_request_whose_run_failed(tmp_path: Path,
     defs = build_definitions(config)
     root = config.resolve_root(PROCESSING)
     unmount(root, "unmarked")
-    name = request_staging(opsdb, location="ramses/processing",
-                           selection=Selection(observation="obs-0", module="chai/lfa"),
-                           expires_in=timedelta(hours=1))
+    name = ask_to_stage(opsdb)
     assert drive(defs, instance).failed == [f"stage:{name}"]
     assert list(root.iterdir()) == []
-    unwanted = request_staging(opsdb, location="ramses/processing",
-                               selection=Selection(observation="obs-0"),
-                               expires_in=timedelta(hours=1))
+    unwanted = ask_to_stage(opsdb, module=None)
     release(opsdb, unwanted)  # not wanted any more: never stalled
 
     stalled = [s for s in stalled_work(opsdb, config) if s.stage == Stage.STAGING]
@@ -204,9 +206,7 @@ def test_staged_files_removed_or_changed_are_restored_or_kept_as_the_disk_says(
     config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0)
     defs = build_definitions(config)
     root = config.resolve_root(PROCESSING)
-    name = request_staging(opsdb, location="ramses/processing",
-                           selection=Selection(observation="obs-0", module="chai/lfa"),
-                           expires_in=timedelta(hours=1))
+    name = ask_to_stage(opsdb)
     assert drive(defs, instance).failed == []
     removed, changed = sorted(p for p in files_under(root / name))
     removed.unlink()
@@ -268,9 +268,7 @@ def test_a_processing_disk_that_fills_while_unpacking_keeps_no_half_file_and_hea
     defs = build_definitions(config)
     root = config.resolve_root(PROCESSING)
     with small_disk(root, "180k"):
-        name = request_staging(opsdb, location="ramses/processing",
-                               selection=Selection(observation="obs-0", module="chai/lfa"),
-                               expires_in=timedelta(hours=1))
+        name = ask_to_stage(opsdb)
         lines: list[str] = []
 
         report = drive(defs, instance, wait_s=0, log=RunReporter(instance, write=lines.append))
@@ -296,9 +294,7 @@ def test_a_staged_directory_replaced_by_a_symlink_is_never_written_through(
     config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0)
     defs = build_definitions(config)
     root = config.resolve_root(PROCESSING)
-    name = request_staging(opsdb, location="ramses/processing",
-                           selection=Selection(observation="obs-0", module="chai/lfa"),
-                           expires_in=timedelta(hours=1))
+    name = ask_to_stage(opsdb)
     assert drive(defs, instance).failed == []
     first = sorted(files_under(root / name))[0]
     jobs = tmp_path / "job-scratch"
@@ -327,9 +323,7 @@ def test_staging_from_a_rotten_nearest_archive_copy_moves_on_to_a_good_one(
         data = bytearray(tar.read_bytes())
         data[len(data) // 2] ^= 0x01
         tar.write_bytes(bytes(data))
-    name = request_staging(opsdb, location="ramses/processing",
-                           selection=Selection(observation="obs-0", module="chai/lfa"),
-                           expires_in=timedelta(hours=1))
+    name = ask_to_stage(opsdb)
 
     report = drive(defs, instance, wait_s=30)
 
@@ -354,9 +348,7 @@ def test_a_killed_staging_step_leaves_nothing_once_its_request_has_ended(
     config, opsdb, _ = archived(tmp_path, instance, backoff_s=3600.0)
     defs = build_definitions(config)
     root = config.resolve_root(PROCESSING)
-    name = request_staging(opsdb, location="ramses/processing",
-                           selection=Selection(observation="obs-0"),
-                           expires_in=timedelta(hours=1))
+    name = ask_to_stage(opsdb, module=None)
     real, unpacked = staging.extract_package, []
 
     def killed_at_the_second(*args: object, **kwargs: object) -> object:
@@ -392,9 +384,7 @@ def test_a_release_while_staging_stops_the_run_and_leaves_nothing(
     config, opsdb, _ = archived(tmp_path, instance, backoff_s=3600.0)
     defs = build_definitions(config)
     root = config.resolve_root(PROCESSING)
-    name = request_staging(opsdb, location="ramses/processing",
-                           selection=Selection(observation="obs-0"),
-                           expires_in=timedelta(hours=1))
+    name = ask_to_stage(opsdb, module=None)
     real, staged_packages = staging._stage_package, []
 
     def released_meanwhile(*args: Any, **kwargs: Any) -> tuple[int, int, list[str]]:
