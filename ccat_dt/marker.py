@@ -19,11 +19,21 @@ def marked_label(root: Path) -> str | None:
     """The location (SITE/NAME) a root's marker was written for; None: no marker, or one
     written before markers named their location."""
     try:
-        text = (root / MARKER).read_text(encoding="utf-8")
+        return label_in((root / MARKER).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def label_in(text: str) -> str | None:
+    """The location a marker's text names (read from a disk, over ssh or from a bucket);
+    None: a marker written before markers named their location."""
     return next((line[len(LABEL):].strip() for line in text.splitlines()
                  if line.startswith(LABEL)), None)
+
+
+def marker_text(label: str | None) -> str:
+    """What a marker of location `label` holds."""
+    return MARKER_TEXT + (f"{LABEL}{label}\n" if label else "")
 
 
 def write_marker(root: Path, label: str | None = None) -> None:
@@ -33,8 +43,7 @@ def write_marker(root: Path, label: str | None = None) -> None:
     refuse a root marked for another configured location before they get here)."""
     marker = root / MARKER
     if not marker.exists() or (label is not None and marked_label(root) != label):
-        marker.write_text(MARKER_TEXT + (f"{LABEL}{label}\n" if label else ""),
-                          encoding="utf-8")
+        marker.write_text(marker_text(label), encoding="utf-8")
 
 
 def root_problem(root: Path, label: str | None = None) -> str | None:
@@ -50,10 +59,18 @@ def root_problem(root: Path, label: str | None = None) -> str | None:
 
 def marked_for_another(root: Path, label: str) -> str | None:
     """Why `root`, configured for location `label`, is another location's disk, or None."""
-    marked = marked_label(root)
+    return another_location(str(root), label, marked_label(root))
+
+
+DISKS_SWAPPED = "another location's disk is mounted there (disks swapped?)"
+
+
+def another_location(where: str, label: str, marked: str | None,
+                     why: str = DISKS_SWAPPED) -> str | None:
+    """Why the root `where` (a local root, ROOT on HOST, s3://bucket/prefix) of location
+    `label`, whose marker names location `marked`, is another location's, or None."""
     if marked is not None and marked != label:
-        return (f"location root {root} of {label} holds the marker of location {marked}: "
-                "another location's disk is mounted there (disks swapped?)")
+        return f"location root {where} of {label} holds the marker of location {marked}: {why}"
     return None
 
 

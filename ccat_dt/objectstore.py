@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 from ccat_dt.checksums import CHUNK_SIZE, new_hasher
 from ccat_dt.config import MIB, Config, S3Config
-from ccat_dt.marker import MARKER, MARKER_TEXT
+from ccat_dt.marker import MARKER, another_location, label_in, marker_text
 from ccat_dt.storage import (
     Entry,
     Listing,
@@ -166,9 +166,19 @@ class ObjectStore:
     # -- the location root --------------------------------------------------------------------
 
     def check_marker(self) -> None:
-        """Raise StorageUnavailable unless the bucket holds this location's marker."""
+        """Raise StorageUnavailable unless the bucket holds this location's marker (one
+        naming another location: another location's bucket or prefix)."""
+        if wrong := another_location(self.root, self.label, self.marked_label(),
+                                     "another location's bucket and prefix (swapped or "
+                                     "mistyped in the configuration?)"):
+            raise StorageUnavailable(wrong, transient=False)
+
+    def marked_label(self) -> str | None:
+        """The location the marker names (None: none named); StorageUnavailable when there
+        is no marker or it cannot be read."""
         try:
-            self.client.head_object(Bucket=self.settings.bucket, Key=self.key(MARKER))
+            answer = self.client.get_object(Bucket=self.settings.bucket, Key=self.key(MARKER))
+            return label_in(answer["Body"].read().decode("utf-8", errors="replace"))
         except Exception as exc:  # noqa: BLE001 - classified below
             if error_code(exc) in _MISSING:
                 raise StorageUnavailable(
@@ -178,10 +188,12 @@ class ObjectStore:
             raise self.problem(exc, "looking for the location marker") from exc
 
     def mark(self) -> str | None:
-        """Write the marker (set-up, `ccat-dt init`); returns a problem or None."""
+        """Write the marker naming this location (set-up, `ccat-dt init`, which refuses a
+        bucket and prefix marked for another configured location before it gets here);
+        returns a problem or None."""
         try:
             self.client.put_object(Bucket=self.settings.bucket, Key=self.key(MARKER),
-                                   Body=MARKER_TEXT.encode())
+                                   Body=marker_text(self.label).encode())
         except Exception as exc:  # noqa: BLE001
             return f"cannot prepare location root {self.root}: {self.problem(exc, 'marking')}"
         return None
@@ -418,21 +430,30 @@ os.register_at_fork(after_in_child=_client.cache_clear)
 
 class Stores:
     """The object-store locations of a deployment, found by the root OpsDB records; every
-    other root is passed on to storage.look/listing (disk, local or over ssh)."""
+    other root is passed on to storage.look/listing (disk, local or over ssh) with its
+    location's label: a root whose marker names another location is refused there."""
 
-    def __init__(self, locations: dict[str, tuple[str, S3Config]]) -> None:
+    def __init__(self, locations: dict[str, tuple[str, S3Config]],
+                 disks: dict[tuple[str, str | None], str] | None = None) -> None:
         self._locations = locations
+        self._disks = disks or {}  # (root, host) -> label of each disk location
         self._lock = threading.Lock()
         self._open: dict[str, ObjectStore] = {}
 
     @classmethod
     def of(cls, config: Config | None) -> Stores:
+        if config is None:
+            return cls({})
         found: dict[str, tuple[str, S3Config]] = {}
-        for site in config.settings.sites if config is not None else []:
+        disks: dict[tuple[str, str | None], str] = {}
+        for site in config.settings.sites:
             for location in site.locations:
+                label = f"{site.short_name}/{location.name}"
                 if location.s3 is not None:
-                    found[location.s3.url] = (f"{site.short_name}/{location.name}", location.s3)
-        return cls(found)
+                    found[location.s3.url] = (label, location.s3)
+                else:
+                    disks[(config.location_root(location), location.host)] = label
+        return cls(found, disks)
 
     def at(self, root: str) -> ObjectStore:
         with self._lock:
@@ -451,13 +472,13 @@ class Stores:
              wanted: Sequence[Wanted]) -> list[Seen]:
         if is_object_root(root):
             return self.at(root).look(wanted)
-        return look(root, host, ssh, wanted)
+        return look(root, host, ssh, wanted, self._disks.get((root, host)))
 
     def listing(self, root: str, host: str | None, ssh: SshSettings,
                 skip: Collection[str] = ()) -> Listing:
         if is_object_root(root):
             return self.at(root).listing()
-        return listing(root, host, ssh, skip)
+        return listing(root, host, ssh, skip, self._disks.get((root, host)))
 
     def identity(self, where: Endpoint) -> tuple[int | None, int | None]:
         """(ETag as a number, last-modified ns) of an object, as (inode, mtime_ns)."""

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt import claims
 from ccat_dt.config import Config
-from ccat_dt.marker import is_marker, root_problem
+from ccat_dt.marker import LABEL, another_location, is_marker, label_in, root_problem
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -250,12 +250,16 @@ def _unlink_local(claim: _Claim) -> int:
 
 
 # Constant script: $1 the root, $2 the path below it, $3 the recorded size, $4 the identity
-# ("INODE MTIME", as `stat -c '%i %.9Y'` prints it) the file must still have, or "" for none.
-# Refuses a symlink in any component, a non-regular file and a size that differs (exit 3:
-# "changed"); another identity exits 5 (hash it first); nothing at the path exits 6.
+# ("INODE MTIME", as `stat -c '%i %.9Y'` prints it) the file must still have, or "" for none,
+# $5 the marker's line naming the location, or "" for none.
+# A marker naming another location exits 7 (printing its line); refuses a symlink in any
+# component, a non-regular file and a size that differs (exit 3: "changed"); another identity
+# exits 5 (hash it first); nothing at the path exits 6.
 _REMOVE_SCRIPT = """
 root=$1; rel=$2; want=$3; ident=$4;
 [ -f "$root/.ccat-dt-location" ] || { echo "location root $root has no marker" >&2; exit 4; };
+m=$(grep -m1 '^LABEL' "$root/.ccat-dt-location");
+[ -z "$5" ] || [ -z "$m" ] || [ "$m" = "$5" ] || { printf '%s\\n' "$m" >&2; exit 7; };
 p=$root; set -f; IFS=/;
 for part in $rel; do p=$p/$part; [ -L "$p" ] && { echo "symlink at $p" >&2; exit 3; }; done;
 [ -e "$p" ] || exit 6;
@@ -263,7 +267,8 @@ for part in $rel; do p=$p/$part; [ -L "$p" ] && { echo "symlink at $p" >&2; exit
 size=$(stat -c %s -- "$p") || exit 1;
 [ "$size" = "$want" ] || { echo "$p has $size bytes, $want recorded" >&2; exit 3; };
 [ -z "$ident" ] || [ "$(stat -c '%i %.9Y' -- "$p")" = "$ident" ] || exit 5;
-exec rm -f -- "$p";""".strip().replace("\n", " ")  # ssh arguments cannot carry line breaks
+exec rm -f -- "$p";""".strip().replace(  # ssh arguments cannot carry line breaks
+    "\n", " ").replace("LABEL", LABEL)
 
 
 class _Moved(Exception):
@@ -299,7 +304,7 @@ def _hash_remote(ssh: SshSettings, claim: _Claim) -> str:
     assert claim.host is not None
     try:
         [seen] = look(str(claim.root), claim.host, ssh,
-                      [Wanted(claim.relative_path, rehash=True)])
+                      [Wanted(claim.relative_path, rehash=True)], claim.label)
     except StorageUnavailable as exc:  # whether it is the recorded file is unknown
         raise OSError(str(exc)) from exc
     if seen.problem is not None and seen.problem.startswith("missing"):
@@ -314,7 +319,11 @@ def _rm_remote(ssh: SshSettings, claim: _Claim, identity: str) -> int:
     assert claim.host is not None
     done = run(remote_command(ssh, claim.host, [
         "sh", "-c", _REMOVE_SCRIPT, "sh", str(claim.root), claim.relative_path,
-        str(claim.size), identity]), timeout_s=SHORT_TIMEOUT_S)
+        str(claim.size), identity, f"{LABEL}{claim.label}" if claim.label else ""]),
+        timeout_s=SHORT_TIMEOUT_S)
+    if done.rc == 7 and claim.label:  # another location's disk (disks swapped): nothing deleted
+        raise OSError(another_location(f"{claim.root} on {claim.host}", claim.label,
+                                       label_in(done.stderr)))
     if done.rc == 3:
         raise _Changed(f"{claim.host}:{claim.path} is not the recorded file "
                        f"({done.stderr.strip()}); kept")

@@ -24,7 +24,16 @@ from pathlib import Path, PurePosixPath
 
 from ccat_dt import pagecache
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, new_hasher
-from ccat_dt.marker import MARKER, MARKER_TEXT, root_problem, write_marker
+from ccat_dt.marker import (
+    LABEL,
+    MARKER,
+    another_location,
+    label_in,
+    marked_label,
+    marker_text,
+    root_problem,
+    write_marker,
+)
 from ccat_dt.transports.base import SshSettings, TransferError
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
@@ -78,20 +87,30 @@ class StorageUnavailable(Exception):
 
 
 def mark_location_root(root: str, host: str | None, ssh: SshSettings,
-                       label: str | None = None) -> str | None:
+                       label: str | None = None, *, create: bool = True) -> str | None:
     """Create a location root that does not exist yet and mark it; returns a problem or None.
+    Without `create` only a root already marked is touched (its marker gets the location's
+    name): an empty mount point is not the disk.
 
     Run at set-up (`ccat-dt init`, `migrate`) with every disk mounted: from then on only a
     root with the marker is written to, counted or deleted from."""
     if host is None:
+        if not create and not (Path(root) / MARKER).is_file():
+            return f"location root {root} has no {MARKER} marker"
         try:
             Path(root).mkdir(parents=True, exist_ok=True)
             write_marker(Path(root), label)
         except OSError as exc:
             return f"cannot prepare location root {root}: {exc}"
         return None
-    script = 'mkdir -p -- "$1" && { [ -e "$1/$2" ] || printf "%s\\n" "$3" > "$1/$2"; }'
-    argv = ["sh", "-c", script, "sh", check_path(root), MARKER, MARKER_TEXT.strip()]
+    # As write_marker: written unless it holds its last line (naming the location) already.
+    lines = marker_text(label).splitlines()
+    script = ('m=$1/$2; if [ "$3" = create ]; then mkdir -p -- "$1" || exit 1; '
+              'elif [ ! -f "$m" ]; then echo "location root $1 has no $2 marker" >&2; exit 1; '
+              'fi; shift 3; grep -qxF -- "$1" "$m" 2>/dev/null || '
+              '{ shift; printf "%s\\n" "$@" > "$m"; }')
+    argv = ["sh", "-c", script, "sh", check_path(root), MARKER,
+            "create" if create else "existing", lines[-1], *lines]
     try:  # a set-up command: no shared connection is left behind for later commands
         done = run([*ssh.ssh_command(shared=False), "--", check_host(host), shlex.join(argv)],
                    timeout_s=60)
@@ -100,6 +119,20 @@ def mark_location_root(root: str, host: str | None, ssh: SshSettings,
     if done.rc != 0:
         return f"cannot prepare location root {root} on {host}: {done.stderr.strip()}"
     return None
+
+
+def marked_label_at(root: str, host: str | None, ssh: SshSettings) -> str | None:
+    """The location a disk root's marker names (marker.marked_label, read over ssh for a
+    remote root); None: none named, no marker, or the host not reached."""
+    if host is None:
+        return marked_label(Path(root))
+    argv = ["cat", "--", f"{check_path(root)}/{MARKER}"]
+    try:  # a set-up command, as mark_location_root
+        done = run([*ssh.ssh_command(shared=False), "--", check_host(host), shlex.join(argv)],
+                   timeout_s=60)
+    except TransferError:
+        return None
+    return label_in(done.stdout) if done.rc == 0 else None
 
 
 def _parts(relative_path: str) -> tuple[str, ...]:
@@ -177,24 +210,28 @@ def look_local(root: Path, wanted: Wanted) -> Seen:
         os.close(directory)
 
 
-def look(root: str, host: str | None, ssh: SshSettings, wanted: Sequence[Wanted]) -> list[Seen]:
-    """Look at several files of one location; raises StorageUnavailable when the location
+def look(root: str, host: str | None, ssh: SshSettings, wanted: Sequence[Wanted],
+         label: str | None = None) -> list[Seen]:
+    """Look at several files of one location (`label`, when given: a root whose marker names
+    another location is another location's disk); raises StorageUnavailable when the location
     itself cannot be trusted or reached (then nothing is known about any of them)."""
     if host is None:
-        problem = root_problem(Path(root))
+        problem = root_problem(Path(root), label)
         if problem:
             raise StorageUnavailable(problem)
         return [look_local(Path(root), item) for item in wanted]
-    return _look_remote(root, host, ssh, wanted)
+    return _look_remote(root, host, ssh, wanted, label)
 
 
 # Constant script; the root, then (flag, relative path) pairs arrive as positional parameters.
-# Per file one line "INDEX STATUS SIZE INODE MTIME DEVICE" and, when hashed, the xxhsum line
+# First the marker's line naming its location ("MARKED" and the line, if any); then per file
+# one line "INDEX STATUS SIZE INODE MTIME DEVICE" and, when hashed, the xxhsum line
 # of stdin (so no name to escape). SIZE INODE MTIME as transports/remote.STAT_IDENTITY prints
 # them.
 _LOOK_SCRIPT = """
 root=$1; shift;
 [ -f "$root/.ccat-dt-location" ] || { echo UNMARKED; exit 0; };
+echo "MARKED $(grep -m1 '^LABEL' "$root/.ccat-dt-location")";
 i=0;
 while [ $# -gt 0 ]; do
   hash=$1; rel=$2; shift 2;
@@ -210,10 +247,21 @@ while [ $# -gt 0 ]; do
   fi;
   i=$((i+1));
 done""".strip().replace(  # ssh arguments cannot carry line breaks
-    "\n", " ").replace("STAT_IDENTITY", STAT_IDENTITY)
+    "\n", " ").replace("STAT_IDENTITY", STAT_IDENTITY).replace("LABEL", LABEL)
 
 
-def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted]) -> list[Seen]:
+def _marked_remote(root: str, host: str, first: str, label: str | None) -> None:
+    """Raise StorageUnavailable unless the look script's first line (the marker's line naming
+    its location) names `label` (or none, or `label` is None)."""
+    if not first.startswith("MARKED"):
+        raise StorageUnavailable(f"unexpected answer from {host} looking at {root}: {first!r}")
+    marked = label_in(first.removeprefix("MARKED").strip())
+    if label is not None and (wrong := another_location(f"{root} on {host}", label, marked)):
+        raise StorageUnavailable(wrong)
+
+
+def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted],
+                 label: str | None) -> list[Seen]:
     arguments = [check_path(root)]
     for item in wanted:
         _parts(item.relative_path)
@@ -231,8 +279,9 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
     if lines[:1] == ["UNMARKED"]:
         raise StorageUnavailable(f"location root {root} on {host} has no {MARKER} marker: not "
                                  "the disk `ccat-dt init` prepared (is it mounted?)")
+    _marked_remote(root, host, lines[0] if lines else "", label)
     seen: list[Seen] = []
-    position = 0
+    position = 1
     for index, item in enumerate(wanted):
         rel = item.relative_path
         words = lines[position].split() if position < len(lines) else []
@@ -283,18 +332,20 @@ class Listing:
     uploads: list[Entry] = field(default_factory=list)
 
 
-def listing(root: str, host: str | None, ssh: SshSettings, skip: Collection[str] = ()) -> Listing:
+def listing(root: str, host: str | None, ssh: SshSettings, skip: Collection[str] = (),
+            label: str | None = None) -> Listing:
     """Every file and symlink below a location root, without following symlinks, except the
     root's marker and the directories `skip` (relative, e.g. nested location roots, which are
     audited on their own). A remote root is listed in one ssh round trip (GNU find).
 
-    Raises StorageUnavailable when the root is unmarked or missing or the host unreachable."""
+    Raises StorageUnavailable when the root is unmarked, missing or marked for another
+    location than `label` (when given), or the host unreachable."""
     if host is None:
-        problem = root_problem(Path(root))
+        problem = root_problem(Path(root), label)
         if problem:
             raise StorageUnavailable(problem)
         return _listing_local(root, set(skip))
-    return _listing_remote(root, host, ssh, set(skip))
+    return _listing_remote(root, host, ssh, set(skip), label)
 
 
 def _listing_local(root: str, skip: set[str]) -> Listing:
@@ -336,13 +387,15 @@ def _listing_local(root: str, skip: set[str]) -> Listing:
 # LC_ALL=C keeps find's complaints about unreadable directories parseable.
 _LIST_SCRIPT = (
     '[ -f "$1/.ccat-dt-location" ] || { echo UNMARKED; exit 0; }; '
+    f'echo "MARKED $(grep -m1 \'^{LABEL}\' "$1/.ccat-dt-location")"; '
     'cd -- "$1" || exit 3; echo LISTING; '
     "LC_ALL=C exec find . -mindepth 1 \\( -type f -o -type l \\) "
     "-printf '%y %s %T@\\0%P\\0%l\\0'")
 _FIND_ERROR = re.compile(r"^find: '\./(.*)': (.*)$")
 
 
-def _listing_remote(root: str, host: str, ssh: SshSettings, skip: set[str]) -> Listing:
+def _listing_remote(root: str, host: str, ssh: SshSettings, skip: set[str],
+                    label: str | None) -> Listing:
     try:
         done = run(remote_command(ssh, host, ["sh", "-c", _LIST_SCRIPT, "sh", check_path(root)]),
                    timeout_s=HASH_TIMEOUT_S)
@@ -352,6 +405,9 @@ def _listing_remote(root: str, host: str, ssh: SshSettings, skip: set[str]) -> L
     if done.rc == 0 and head == "UNMARKED":
         raise StorageUnavailable(f"location root {root} on {host} has no {MARKER} marker: not "
                                  "the disk `ccat-dt init` prepared (is it mounted?)")
+    if head.startswith("MARKED"):
+        _marked_remote(root, host, head, label)
+        head, _, body = body.partition("\n")
     found = Listing()
     if done.rc != 0:  # find exits 1 when a directory could not be read; anything else: unknown
         for line in done.stderr.splitlines():

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
 from ccat_dt.config import Config, LocationConfig
 from ccat_dt.health import choose
-from ccat_dt.marker import MARKER, marked_label
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -188,45 +187,82 @@ def prepare_opsdb(config: Config, *, mark_held: bool = True) -> None:
     modules are imported here: filing looks locations up through this module and needs none
     of them."""
     from ccat_dt.objectstore import Stores
-    from ccat_dt.storage import mark_location_root
+    from ccat_dt.storage import StorageUnavailable, mark_location_root, marked_label_at
     from ccat_dt.transports.factory import ssh_settings
 
-    if swapped := _roots_of_other_locations(config):
+    ssh = ssh_settings(config)
+    stores = Stores.of(config)
+
+    def marked(location: LocationConfig) -> str | None:
+        """The location its root's marker names (on a disk, local or over ssh; or a bucket)."""
+        root = config.location_root(location)
+        if not location.is_object_store:
+            return marked_label_at(root, location.host, ssh)
+        try:
+            return stores.at(root).marked_label()
+        except StorageUnavailable:  # no marker yet (it is written below), or unreachable
+            return None
+
+    if swapped := _roots_of_other_locations(config, marked):
         raise TopologyDrift(swapped)
     migrate(config.opsdb_url)
     opsdb = OpsDB(config.opsdb_url)
     with opsdb.session() as session:
-        sync_topology(session, config)
+        if problems := unsafe_changes(session, config):
+            raise TopologyDrift(problems)
         held = {f"{site}/{name}" for (site, name), row in _recorded(session).items()
                 if _held(session, row)}
-    opsdb.dispose()
-    ssh = ssh_settings(config)
-    stores = Stores.of(config)
+    labels = {f"{site.short_name}/{location.name}" for site in config.settings.sites
+              for location in site.locations}
+    shared = []
     for site in config.settings.sites:
         for location in site.locations:
             root = config.location_root(location)
             label = f"{site.short_name}/{location.name}"
-            if not mark_held and label in held and not location.is_object_store and (
-                    location.host is not None or not (Path(root) / MARKER).is_file()):
-                LOG.warning("%s: not marked: its root %s has no %s marker but OpsDB records "
-                            "copies there (is the disk mounted?); mount it, or run `ccat-dt "
-                            "init` once the right disk is there", label, root, MARKER)
+            # Marked just now for another location: one directory under two names (a host
+            # and its alias, a local path and the same one over ssh) would count one file
+            # as two copies. That marker is kept; nothing is recorded.
+            if (other := marked(location)) in labels and other != label:
+                where = root + (f" on {location.host}" if location.host else "")
+                shared.append(f"location {label}: its root {where} is the root of location "
+                              f"{other} under another name (one machine under two host names, "
+                              "a symlink or a bind mount?): one file would count as two "
+                              "copies; give each location its own directory")
                 continue
+            held_disk = not mark_held and label in held and not location.is_object_store
             problem = (stores.at(root).mark() if location.is_object_store
-                       else mark_location_root(root, location.host, ssh, label))
-            if problem:
-                LOG.warning("%s/%s: %s", site.short_name, location.name, problem)
+                       else mark_location_root(root, location.host, ssh, label,
+                                               create=not held_disk))
+            if problem and held_disk:
+                LOG.warning("%s: not marked: %s, but OpsDB records copies there (is the disk "
+                            "mounted?); mount it, or run `ccat-dt init` once the right disk "
+                            "is there", label, problem)
+            elif problem:
+                LOG.warning("%s: %s", label, problem)
+    if shared:
+        opsdb.dispose()
+        raise TopologyDrift(shared)
+    with opsdb.session() as session:
+        sync_topology(session, config)
+    opsdb.dispose()
 
 
-def _roots_of_other_locations(config: Config) -> list[str]:
-    """Local location roots whose marker names another configured location (a marker naming
-    one no longer configured, a site renamed, is renamed with it)."""
+def _roots_of_other_locations(config: Config,
+                              marked: Callable[[LocationConfig], str | None]) -> list[str]:
+    """Location roots (disks, local or remote, and buckets) whose marker names another
+    configured location (a marker naming one no longer configured, a site renamed, is renamed
+    with it). `marked`: the location a location's root marker names."""
     labels = {f"{site.short_name}/{location.name}" for site in config.settings.sites
               for location in site.locations}
-    return [f"location {site.short_name}/{location.name}: its root "
-            f"{config.location_root(location)} holds the marker of location {marked}: "
-            "another location's disk (or a root mistyped in the configuration)"
-            for site in config.settings.sites for location in site.locations
-            if location.host is None and not location.is_object_store
-            and (marked := marked_label(Path(config.location_root(location)))) in labels
-            and marked != f"{site.short_name}/{location.name}"]
+    found = []
+    for site in config.settings.sites:
+        for location in site.locations:
+            label = f"{site.short_name}/{location.name}"
+            other = marked(location)
+            if other in labels and other != label:
+                where = config.location_root(location) + (
+                    f" on {location.host}" if location.host else "")
+                found.append(f"location {label}: its root {where} holds the marker of location "
+                             f"{other}: another location's disk (or a root mistyped in the "
+                             "configuration)")
+    return found
