@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
@@ -381,10 +381,11 @@ class SourceState:
     problems: list[str]  # missing, or not of their filed size
     purged: int  # deleted after archiving (under certificates): not expected there any more
     files: int
+    unmounted: list[str] = field(default_factory=list)  # source roots without their marker
 
     def summary(self) -> str:
-        if self.problems:
-            return "\n".join(self.problems)
+        if self.problems or self.unmounted:
+            return "\n".join([*self.unmounted, *self.problems])
         if not self.purged:
             return "all present"
         return (f"{self.files - self.purged} present, {self.purged} purged after archiving "
@@ -393,15 +394,23 @@ class SourceState:
 
 def source_problems(opsdb: OpsDB, name: str) -> SourceState:
     """Raw files of the package that are missing at the source or differ in size from their
-    filing (checksums are re-checked in the packaging pass, which reads every byte anyway)."""
+    filing (checksums are re-checked in the packaging pass, which reads every byte anyway).
+    Files on a disk not mounted (no marker at its root) are not judged: it says nothing
+    about them, and the disk comes back."""
     problems, purged, files = [], 0, 0
+    unmounted: dict[str, str | None] = {}
     with opsdb.session() as session:
         for raw_file in get_package(session, name).files:
             files += 1
             if not any(c.status == CopyStatus.PRESENT for c in raw_file.copies):
                 purged += 1  # already purged after archiving: not a problem of the source
                 continue
-            path = Path(raw_file.source_location.root) / raw_file.relative_path
+            root = raw_file.source_location.root
+            if root not in unmounted:
+                unmounted[root] = root_problem(Path(root), raw_file.source_location.label)
+            if unmounted[root] is not None:
+                continue
+            path = Path(root) / raw_file.relative_path
             try:
                 size = path.stat().st_size
             except OSError as exc:
@@ -410,24 +419,30 @@ def source_problems(opsdb: OpsDB, name: str) -> SourceState:
             if size != raw_file.size:
                 problems.append(f"{raw_file.relative_path}: {size} bytes on disk, "
                                 f"{raw_file.size} filed")
-    return SourceState(problems, purged, files)
+    return SourceState(problems, purged, files,
+                       [problem for problem in unmounted.values() if problem is not None])
 
 
-def fail_unbuilt(opsdb: OpsDB, name: str, problems: list[str]) -> bool:
+def fail_unbuilt(opsdb: OpsDB, name: str, found: SourceState) -> bool:
     """Record that an unbuilt package cannot be built from what is at the source, as build()
-    records it when it finds the same: a failed packaging operation saying why, and the
-    package FAILED (nothing leaves; `ccat-dt why` shows the reason; a rebuild is an operator's
-    decision). For the raw_files_present check, which stops the run before build() does.
-    Returns False (and changes nothing) for a package already built or without problems."""
-    if not problems:
+    records it when it finds the same: a failed packaging operation saying why, and, for
+    files changed or missing, the package FAILED (nothing leaves; `ccat-dt why` shows the
+    reason; a rebuild is an operator's decision); a source disk not mounted is only this
+    attempt's failure (the re-attempt looks again). For the raw_files_present check, which
+    stops the run before build() does. Returns False (and changes nothing) for a package
+    already built or without problems."""
+    if not found.problems and not found.unmounted:
         return False
     with opsdb.session() as session:
         package = get_package(session, name)
         if package.checksum is not None:
             return False
         now = utcnow()
+        error = ("source changed since filing: " + "; ".join(found.problems) if found.problems
+                 else "source disk not mounted: " + "; ".join(found.unmounted))
         session.add(Operation(operation_type=OperationType.PACKAGING, package=package,
                               status=OperationStatus.FAILED, started_at=now, finished_at=now,
-                              error="source changed since filing: " + "; ".join(problems)))
-        package.state = PackageState.FAILED
+                              error=error))
+        if found.problems:
+            package.state = PackageState.FAILED
     return True

@@ -80,10 +80,12 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
     @asset_check(asset="raw_files", partitions_def=package_partitions, blocking=True)
     def raw_files_present(context: AssetCheckExecutionContext,
                           deployment: Deployment) -> AssetCheckResult:
-        """Every raw file of the package is at the source with its filed size."""
+        """Every raw file of the package is at the source with its filed size (a source disk
+        not mounted fails the check, and the run, for now: its re-attempt looks again)."""
         found = source_problems(deployment.opsdb, context.partition_key)
-        fail_unbuilt(deployment.opsdb, context.partition_key, found.problems)  # `why` shows it
-        return AssetCheckResult(passed=not found.problems, description=found.summary())
+        fail_unbuilt(deployment.opsdb, context.partition_key, found)  # `why` shows it
+        return AssetCheckResult(passed=not found.problems and not found.unmounted,
+                                description=found.summary())
 
     @asset_check(asset="packages", partitions_def=package_partitions, blocking=True)
     def package_checksum(context: AssetCheckExecutionContext,

@@ -107,6 +107,37 @@ def test_source_changed_after_filing_fails_the_package_and_nothing_leaves(
     assert_safe(config, opsdb)
 
 
+def test_a_source_disk_not_mounted_at_packaging_time_is_not_a_changed_source(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """The instruments' disk is not mounted (its empty mount point, no marker) when the
+    package is built: the blocking raw_files_present check failed the package for good
+    ("source changed since filing: No such file or directory", FAILED, permanent; found
+    by a helper clicking Materialize), although nothing changed. Now the check fails for the
+    time being, saying the disk is not there; once it is back the re-attempt builds the
+    package, and it is archived with nobody's retry."""
+    observe(config, opsdb)
+    source = config.resolve_root("sites/ccat/instruments")
+    elsewhere = source.with_name("instruments.unmounted")
+    source.rename(elsewhere)
+    source.mkdir()  # the empty mount point
+    try:
+        report = run(config, instance, wait_s=0)
+    finally:
+        source.rmdir()
+        elsewhere.rename(source)
+
+    [package] = package_names(opsdb)
+    assert report.failed and package_state(opsdb, package) != PackageState.FAILED
+    with opsdb.session() as session:
+        [stage] = [s for s in diagnose(session, config, package, utcnow())
+                   if s.stage == "packaging"]
+    assert "source disk not mounted" in stage.detail, stage.detail
+
+    run(config, instance, wait_s=30)  # the disk is back: the re-attempt builds it
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+
+
 def test_a_file_opsdb_does_not_know_at_the_package_path_is_never_replaced_by_the_build(
         config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
     """The observatory buffer already holds other bytes under the package's tar name (a tar
