@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,20 +39,18 @@ from dagster import (
     DagsterRun,
     DagsterRunStatus,
     Definitions,
-    ExecuteInProcessResult,
-    JobExecutionResult,
     RepositoryDefinition,
     RunRequest,
     RunsFilter,
     SensorDefinition,
     build_schedule_context,
     build_sensor_context,
-    execute_job,
 )
 from dagster._core.definitions.dynamic_partitions_request import AddDynamicPartitionsRequest
 from dagster._core.definitions.job_base import IJob, InMemoryJob
 from dagster._core.definitions.job_definition import JobDefinition
 from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
 from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.events import DagsterEvent
 from dagster._core.execution.api import (
@@ -60,7 +59,13 @@ from dagster._core.execution.api import (
     execute_run,
 )
 from dagster._core.execution.execute_in_process import merge_run_tags
+from dagster._core.remote_origin import (
+    ManagedGrpcPythonEnvCodeLocationOrigin,
+    RemoteJobOrigin,
+    RemoteRepositoryOrigin,
+)
 from dagster._core.scheduler.instigation import InstigatorStatus
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.schedules import reverse_cron_string_iterator
 
 from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness
@@ -524,16 +529,15 @@ class _Runs:
         tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin, DRIVE_TAG: _me()}
         run_config = with_run_loggers(run.run_config)  # quiet under the CLI (runlog.py)
         key = run.run_key or job.name
-        if self.pool is None:
-            self.report.launched.append(key)
-            _finished(self.report, self.log, Finished(key, _execute_here(
-                job, instance, run.partition_key, run_config, tags)))
-            return
         created, runnable = _create(job, instance, run.partition_key, run_config, tags)
         if LINK_TAG not in created.tags and self.config is not None:
             created = tag_run(instance, self.config, created)  # as RoutedRunCoordinator does
         self.report.launched.append(key)
-        self.pool.submit(Queued(key, created, runnable))
+        if self.pool is None:
+            _finished(self.report, self.log, Finished(
+                key, execute_run(runnable, created, instance).success))
+        else:
+            self.pool.submit(Queued(key, created, runnable))
 
     def adopt_queued(self) -> None:
         """Execute the runs queued (the UI's "Materialize", a backfill, `dagster job launch`),
@@ -595,28 +599,25 @@ def _finished(report: DriveReport, log: Callable[[str], None], done: Finished) -
         report.failed.append(done.key)
 
 
-def _execute_here(job: JobDefinition, instance: DagsterInstance, partition_key: str | None,
-                  run_config: dict[str, Any], tags: dict[str, str]) -> bool:
-    result: ExecuteInProcessResult | JobExecutionResult
-    if job.executor_def.name == "in_process":
-        result = job.execute_in_process(
-            instance=instance, partition_key=partition_key, raise_on_error=False,
-            run_config=run_config, tags=tags)
-    else:  # steps go to site workers, which rebuild the job from its module
-        result = execute_job(_reconstructable(job), instance, run_config=run_config, tags=tags)
-    return result.success
-
-
 def _reconstructable(job: JobDefinition) -> ReconstructableJob:
     return ReconstructableRepository.for_module(
         "ccat_assets.definitions", "defs").get_reconstructable_job(job.name)
 
 
+def _ui_origin(job: str) -> RemoteJobOrigin:
+    """Where the webserver (workspace.yaml) finds the job: a run's Re-execute in the UI
+    looks its job up there."""
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(LoadableTargetOrigin(
+        executable_path=sys.executable, module_name="ccat_assets.definitions", attribute="defs"))
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, SINGLETON_REPOSITORY_NAME), job)
+
+
 def _create(job: JobDefinition, instance: DagsterInstance, partition_key: str | None,
             run_config: dict[str, Any], tags: dict[str, str]) -> tuple[DagsterRun, IJob]:
-    """The run `_execute_here` would execute, created in the instance (NOT_STARTED), and what
-    execute_run executes it with: the run execute_in_process makes (the in-process executor,
-    partition tags) or, under Celery, the one execute_job makes of the reconstructable job."""
+    """A run of `job`, created in the instance (NOT_STARTED) with the UI's origin of its job
+    (so that Re-execute works on it), and what execute_run executes it with: the run
+    execute_in_process makes (the in-process executor, partition tags) or, under Celery, the
+    one execute_job makes of the reconstructable job."""
     if job.executor_def.name == "in_process":
         ephemeral = job.as_ephemeral_job(resource_defs={}, input_values={})
         runnable: IJob = InMemoryJob(ephemeral)
@@ -627,12 +628,14 @@ def _create(job: JobDefinition, instance: DagsterInstance, partition_key: str | 
             instance_ref=instance.get_ref() if instance.is_persistent else None)
         run = instance.create_run_for_job(
             job_def=ephemeral, run_config=run_config, tags={**ephemeral.run_tags, **run_tags},
-            asset_selection=frozenset(), execution_plan=plan)
+            asset_selection=frozenset(), execution_plan=plan,
+            remote_job_origin=_ui_origin(job.name))
         return run, runnable
     recon, load_data = _job_with_repository_load_data(_reconstructable(job))
     assert isinstance(recon, ReconstructableJob)
     definition = recon.get_definition()
     run = instance.create_run_for_job(
         job_def=definition, run_config=run_config, tags={**definition.run_tags, **tags},
-        job_code_origin=recon.get_python_origin(), repository_load_data=load_data)
+        job_code_origin=recon.get_python_origin(), repository_load_data=load_data,
+        remote_job_origin=_ui_origin(job.name))
     return run, recon

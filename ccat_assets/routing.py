@@ -26,7 +26,13 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from dagster import DagsterInstance, DagsterRun, ExecutorDefinition, in_process_executor
+from dagster import (
+    DagsterInstance,
+    DagsterRun,
+    ExecutorDefinition,
+    Failure,
+    in_process_executor,
+)
 from dagster._core.executor.base import Executor
 from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.executor.init import InitExecutorContext
@@ -37,12 +43,15 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
+from ccat_assets.partitions import PACKAGES, staging_partitions
 from ccat_assets.stages import ASSET_STAGE, stages_of_job
 from ccat_assets.tags import LINK_TAG, PROCESS_TAGS, QUEUE_TAG, UNROUTED_TAG
 from ccat_dt.config import Config, load_config
 from ccat_dt.dispatch import dispatch_for
 from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.packages import get_package
 from ccat_dt.stages import Stage
+from ccat_dt.staging import get_request
 
 LOG = logging.getLogger(__name__)
 
@@ -131,6 +140,33 @@ class RoutedRunCoordinator(QueuedRunCoordinator):
         return self._instance.get_run_by_id(run.run_id) or run
 
 
+def ensure_partition(instance: DagsterInstance, config: Config, run: DagsterRun) -> None:
+    """A run of a package whose partition is gone (retired after archiving, an OpsDB restored
+    from an older backup), launched by hand (the UI's Re-execute, the GraphQL API): Dagster
+    failed its steps with its internal "Partition range X to X is not a valid range" before
+    their code ran. A package (or staging request) OpsDB knows gets its partition back, as
+    the sensors' runs do (partitions.revived); one it does not know fails the run saying so."""
+    partition = partition_of(run.tags)
+    if partition is None:
+        return
+    name, staging = partition[0], staging_partitions.name
+    assert staging is not None
+    if instance.has_dynamic_partition(PACKAGES, name) or instance.has_dynamic_partition(
+            staging, name):
+        return
+    dimension, what, lookup = ((staging, "staging request", get_request)
+                               if stage_of(run) == Stage.STAGING
+                               else (PACKAGES, "package", get_package))
+    try:
+        with _opsdb(config.opsdb_url, os.getpid()).session() as session:
+            lookup(session, name)
+    except LookupError as exc:
+        raise Failure(description=f"{exc}: OpsDB has no such {what} (a partition left over, "
+                      "or OpsDB restored from an older backup); nothing to do",
+                      allow_retries=False) from exc
+    instance.add_dynamic_partitions(dimension, [name])
+
+
 def _routed(config: Config, executor: Executor, tag_only: bool) -> None:
     """Patch `executor.execute` to tag the run (and pick its Celery queue) when it starts."""
     inner = executor.execute
@@ -141,6 +177,7 @@ def _routed(config: Config, executor: Executor, tag_only: bool) -> None:
         record_worker(plan_context.instance, plan_context.dagster_run)  # its process: which
         # tells when it died (inflight.liveness)
         run = tag_run(plan_context.instance, config, plan_context.dagster_run)
+        ensure_partition(plan_context.instance, config, run)
         queue = run.tags.get(QUEUE_TAG)
         if not tag_only and queue and not getattr(executor, "_queue_from_run_config", False):
             executor.config_source = {  # type: ignore[attr-defined]

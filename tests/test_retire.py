@@ -7,7 +7,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DagsterInstance, Definitions, build_sensor_context
+from dagster import AssetKey, DagsterInstance, Definitions, build_sensor_context, execute_job
+from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
+from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 
 from ccat_assets.definitions import build_definitions
@@ -129,3 +131,43 @@ def test_a_package_with_a_run_in_flight_keeps_its_partition(
     assert retired() == live[1:]
     instance.report_run_failed(run)  # the run ended
     assert retired() == live
+
+
+def _launched_by_hand(instance: DagsterInstance, asset: str, key: str) -> str:
+    """A run of `asset` for partition `key` as the daemon executes what the UI's Re-execute
+    or the GraphQL API launched (no partition check before it starts, unlike `dagster asset
+    materialize`): "" when it succeeded, else what its event log says of the failure."""
+    job = ReconstructableRepository.for_module(
+        "ccat_assets.definitions", "defs").get_reconstructable_job(IMPLICIT_ASSET_JOB_NAME)
+    with execute_job(job, instance, asset_selection=[AssetKey(asset)], raise_on_error=False,
+                     tags={PARTITION_NAME_TAG: key}) as result:
+        if result.success:
+            return ""
+        return "\n".join(f"{record.message} {record.dagster_event.event_specific_data}"
+                         for record in instance.all_logs(result.run_id)
+                         if record.dagster_event and record.dagster_event.is_failure)
+
+
+@pytest.mark.parametrize("asset", ["packages", "site_copies", "lta_copies", "purge_status"])
+def test_a_run_launched_by_hand_for_a_retired_partition_brings_it_back(
+        tmp_path: Path, instance: DagsterInstance,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, asset: str) -> None:
+    """A package archived long ago, its partition retired, and an operator re-executes one of
+    its old runs: every asset with an upstream failed with Dagster's internal "Partition
+    range X to X is not a valid range" before its code ran (found by a helper). The partition
+    comes back for the run, as for the sensors' runs; a package OpsDB does not know fails
+    the run saying so."""
+    config, opsdb = deployment_retiring_at_once(tmp_path)
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    observe(config, opsdb, observations=1, files=1)
+    assert drive(build_definitions(config), instance).failed == []
+    assert instance.get_dynamic_partitions("packages") == []  # retired
+    name = "obs-0_chai-lfa_p00"
+
+    key = name if asset in ("packages", "purge_status") else f"{name}|us"
+    assert _launched_by_hand(instance, asset, key) == ""
+    assert instance.get_dynamic_partitions("packages") == [name]
+
+    failure = _launched_by_hand(instance, asset, key.replace(name, "obs-9_unknown_p00"))
+    assert "unknown package 'obs-9_unknown_p00'" in failure, failure
+    assert instance.get_dynamic_partitions("packages") == [name]

@@ -475,6 +475,47 @@ def test_a_re_executed_run_is_not_judged_by_its_parents_process(
         assert_safe(config, opsdb)
 
 
+REEXECUTE = """mutation($p: ReexecutionParams!) { launchPipelineReexecution(
+  reexecutionParams: $p) { __typename ... on LaunchRunSuccess { run { runId } }
+  ... on PythonError { message } } }"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_re_execute_in_the_ui_of_a_run_ccat_dt_drive_made(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        workers: int) -> None:
+    """`make demo` or a cron `ccat-dt drive`, then `make ui`: Runs -> a run -> Re-execute
+    answered "CheckError: Expected non-None value: None" (found by a helper clicking it):
+    the drive created its runs without the origin the webserver looks the job up by. Sent
+    here as the UI sends it, to the code location workspace.yaml names."""
+    from dagster._core.workspace.load_target import WorkspaceFileTarget
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    raw = observed(config, opsdb)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (
+        str(REPO), os.environ.get("PYTHONPATH")))))
+    monkeypatch.chdir(REPO)
+    with DagsterInstance.from_config(str(home)) as instance:
+        defs = build_definitions(config)
+        assert drive(defs, instance, workers=workers).failed == []
+        [parent] = instance.get_runs(RunsFilter(job_name="package_job"), limit=1)
+        target = WorkspaceFileTarget(paths=[str(REPO / "workspace.yaml")])
+        with WorkspaceProcessContext(instance, target) as workspace:
+            answer = execute_dagster_graphql(
+                workspace.create_request_context(), REEXECUTE,
+                {"p": {"parentRunId": parent.run_id, "strategy": "ALL_STEPS"}},
+            ).data["launchPipelineReexecution"]
+        assert answer["__typename"] == "LaunchRunSuccess", answer.get("message")
+        child = instance.get_run_by_id(answer["run"]["runId"])
+        assert child is not None
+        report = drive(defs, instance, wait_s=10)  # no daemon here: the drive runs it
+        assert report.failed == [] and status(instance, child) == DagsterRunStatus.SUCCESS
+        archived_from_the_storage(config, raw)
+        assert_safe(config, opsdb)
+
+
 def _hold_and_run_dagster(argv: list[str]) -> int:
     """In the child: install the hold, then `dagster` (or `ccat-dt`) with the rest of the
     arguments."""
