@@ -423,19 +423,24 @@ def source_problems(opsdb: OpsDB, name: str) -> SourceState:
                        [problem for problem in unmounted.values() if problem is not None])
 
 
-def fail_unbuilt(opsdb: OpsDB, name: str, found: SourceState) -> bool:
+def fail_unbuilt(opsdb: OpsDB, config: Config, name: str, found: SourceState) -> bool:
     """Record that an unbuilt package cannot be built from what is at the source, as build()
     records it when it finds the same: a failed packaging operation saying why, and, for
     files changed or missing, the package FAILED (nothing leaves; `ccat-dt why` shows the
     reason; a rebuild is an operator's decision); a source disk not mounted is only this
     attempt's failure (the re-attempt looks again). For the raw_files_present check, which
-    stops the run before build() does. Returns False (and changes nothing) for a package
-    already built or without problems."""
+    stops the run before build() does. So is a package whose rebuild is its only way on
+    (built once, no verified copy left, none ever made outside the observatory: an OpsDB
+    restored from a backup after its sources were purged), as build() quarantines it.
+    Returns False (and changes nothing) for a package built that goes on from its copies,
+    or without problems."""
     if not found.problems and not found.unmounted:
         return False
     with opsdb.session() as session:
         package = get_package(session, name)
-        if package.checksum is not None:
+        if package.checksum is not None and (
+                any(c.is_verified for c in package.copies)
+                or has_left_observatory(session, config, package)):
             return False
         now = utcnow()
         error = ("source changed since filing: " + "; ".join(found.problems) if found.problems

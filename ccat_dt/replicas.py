@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,8 @@ from ccat_dt.transports.base import (
 )
 from ccat_dt.transports.factory import endpoint, ssh_settings, transport_for
 
+log = logging.getLogger(__name__)
+
 
 class NotReady(Exception):
     """The placement's prerequisites are not in OpsDB yet (e.g. no verified source copy)."""
@@ -56,6 +59,11 @@ def plan_placement(opsdb: OpsDB, config: Config, package: str, site: str,
                    kind: LocationType) -> Placement:
     """Pick the verified copy a site's buffer or LTA copy is made from: the copy already there
     (place() re-reads it), else the nearest verified copy that can feed it (see `source_for`)."""
+    with opsdb.session() as session:
+        archived = verified_copy(session, get_package(session, package), site,
+                                 LocationType.LONG_TERM_ARCHIVE) is not None
+    if not archived:
+        adopt_unrecorded(opsdb, config, package, site)
     with opsdb.session() as session:
         pkg = get_package(session, package)
         existing = verified_copy(session, pkg, site, kind)
@@ -67,6 +75,68 @@ def plan_placement(opsdb: OpsDB, config: Config, package: str, site: str,
         if source is None:
             raise NotReady(f"package {package}: no verified copy to send to {site} yet")
         return Placement(package=package, site=site, source=CopyRef.of(source))
+
+
+def adopt_unrecorded(opsdb: OpsDB, config: Config, package: str, site: str) -> list[str]:
+    """The package's tar at its path in the site's long-term archive, where OpsDB records no
+    copy of it (an OpsDB restored from a backup taken before it was archived there): hashed
+    now, the package's own bytes are recorded as a verified copy, with a verification
+    operation saying it was adopted, so it is never sent there again and the package goes on
+    from it. Any other file there is left alone (the transfer's own look refuses it). Returns
+    the labels of the locations whose copy was adopted."""
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        relative, expected = package_path(pkg), pkg.checksum
+        recorded = {c.location_id for c in copies_at(session, pkg, LocationType.LONG_TERM_ARCHIVE)
+                    if c.relative_path == relative and c.status != CopyStatus.DELETED}
+        locations = [(loc.id, loc.label, loc.root, loc.host) for loc in session.scalars(
+            select(DataLocation).join(Site).where(
+                Site.short_name == site,
+                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)
+            .order_by(DataLocation.priority.desc(), DataLocation.name))
+            if loc.id not in recorded]
+    if expected is None:
+        return []  # never built: nothing to compare a file with
+    adopted: list[str] = []
+    for location_id, label, root, host in locations:
+        try:
+            [seen] = Stores.of(config).look(root, host, ssh_settings(config),
+                                            [Wanted(relative, rehash=True)])
+        except StorageUnavailable:
+            continue  # nothing known there; the transfer's own look tells why
+        if seen.problem is not None or seen.checksum != expected:
+            continue
+        with opsdb.session() as session:
+            lock_package(session, package)
+            pkg = get_package(session, package)
+            if any(c.location_id == location_id and c.relative_path == relative
+                   and c.status != CopyStatus.DELETED for c in pkg.copies):
+                continue  # recorded meanwhile (a transfer of it there, another adoption)
+            if any([claims.live_claim(session, pkg.id, where) for where in session.scalars(
+                    select(DataLocation.id).join(Site).where(Site.short_name == site))]):
+                continue  # a transfer there is going on (stale claims, a restored OpsDB's,
+                # are closed on the way): it records what it landed
+            now = utcnow()
+            copy = PackageCopy(package=pkg, location_id=location_id, relative_path=relative,
+                               size=seen.size or 0, checksum=expected, created_at=now,
+                               verified_at=now, inode=seen.inode, mtime_ns=seen.mtime_ns)
+            session.add(copy)
+            session.flush()
+            session.add(Operation(
+                operation_type=OperationType.VERIFICATION, status=OperationStatus.COMPLETED,
+                package=pkg, copy_id=copy.id, destination_location_id=location_id,
+                bytes=copy.size, started_at=now, finished_at=now,
+                reason=f"adopted: {label}/{relative} holds the package's bytes (hashed now: "
+                       f"{expected}) but OpsDB recorded no copy there (restored from a "
+                       "backup?); recorded as a verified copy, not sent again",
+                evidence={"checksum": expected, "verified_by": "re-read",
+                          "verified_at": now.isoformat()}))
+            refresh_state(session, config, pkg)
+        log.warning("package %s: copy at %s adopted (its bytes hashed to the package "
+                    "checksum; OpsDB recorded none there)", package, label)
+        adopted.append(label)
+        break  # one copy per site is what the site needs
+    return adopted
 
 
 def source_for(session: Session, config: Config, package: RawDataPackage, site: str,
@@ -587,7 +657,8 @@ def check_stage(opsdb: OpsDB, config: Config, package: str, site: str,
         with opsdb.session() as session:
             pkg = get_package(session, package)
             buffered = copies_at(session, pkg, kind, site)
-            purged = bool(buffered) and all(c.status == CopyStatus.DELETED for c in buffered)
+            # purged after archiving, or never there (a copy adopted in the archive)
+            purged = all(c.status == CopyStatus.DELETED for c in buffered)
             archived = sorted(f"{c.location.site.short_name}/{c.location.name}"
                               for c in copies_at(session, pkg, LocationType.LONG_TERM_ARCHIVE)
                               if c.is_verified)
@@ -596,7 +667,8 @@ def check_stage(opsdb: OpsDB, config: Config, package: str, site: str,
                 else 1) and (site == config.settings.observatory
                              or any(a.startswith(f"{site}/") for a in archived))
         if done:
-            return Verification(True, f"{site}/{kind.value}: purged after archiving; verified "
+            return Verification(True, f"{site}/{kind.value}: none left (purged after "
+                                "archiving, or archived without it); verified "
                                 f"LTA copies at {', '.join(archived)}", None, None)
     if run_id is not None:
         found = read_in_run(opsdb, package, site, kind, run_id)

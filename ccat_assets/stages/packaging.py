@@ -83,7 +83,8 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
         """Every raw file of the package is at the source with its filed size (a source disk
         not mounted fails the check, and the run, for now: its re-attempt looks again)."""
         found = source_problems(deployment.opsdb, context.partition_key)
-        fail_unbuilt(deployment.opsdb, context.partition_key, found)  # `why` shows it
+        fail_unbuilt(deployment.opsdb, deployment.config, context.partition_key,
+                     found)  # `why` shows it
         return AssetCheckResult(passed=not found.problems and not found.unmounted,
                                 description=found.summary())
 

@@ -18,7 +18,18 @@ from sqlalchemy import select
 from ccat_dt.config import Config
 from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB, dispose_engines
-from ccat_dt.opsdb.models import CopyStatus, PackageState, RawDataFileCopy, utcnow
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    PackageState,
+    RawDataFileCopy,
+    utcnow,
+)
+from ccat_dt.transports import local
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     archived_everywhere,
@@ -30,6 +41,7 @@ from tests.faults.pipeline import (
 )
 from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_deletion_faults import _sites, retention
+from tests.helpers import first_caller
 
 QUIET = 1.0  # s: policies.unattended_after_s here (an hour by default)
 POLICIES = {"retry_backoff_first_s": 0.2, "unattended_after_s": QUIET}
@@ -147,3 +159,103 @@ def test_copies_a_purge_deleted_before_a_restore_are_recorded_deleted_again(
             CopyStatus.DELETED}
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
+
+
+def _backup_while_sending_to(config: Config, site: str, to: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpsDB backed up while the first transfer into `site`'s buffer lands, in whichever
+    run's process: the package recorded as still on its way there."""
+    real = local.LocalTransport._landed
+    buffer = config.resolve_root(f"sites/{site}/buffer")
+
+    def landed(self: local.LocalTransport, temporary: Path) -> None:
+        if temporary.is_relative_to(buffer) and first_caller(config.directory / "backed-up"):
+            backup(config, to)
+        real(self, temporary)
+
+    monkeypatch.setattr(local.LocalTransport, "_landed", landed)
+
+
+def _sent_after_restore(config: Config, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A file naming every transfer that lands bytes from now on, in whichever run's
+    process."""
+    sent = config.directory / "sent-after-restore"
+
+    def landed(self: local.LocalTransport, temporary: Path) -> None:
+        with sent.open("a") as log:
+            log.write(f"{temporary}\n")
+
+    monkeypatch.setattr(local.LocalTransport, "_landed", landed)
+    return sent
+
+
+@pytest.mark.parametrize("site", ["cologne", "us"])  # sent from the observatory; replicated
+def test_a_package_restored_mid_transfer_adopts_its_archived_copies_and_finishes(
+        config: Config, instance: DagsterInstance, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, site: str) -> None:
+    """The backup was taken while the package travelled; the lifecycle then completed (both
+    archives hold its tar, the observatory tar and the raw files are purged) and OpsDB was
+    restored: it believes the package on its way, its sources at the observatory. The tars in
+    the archives, hashed now to the package's checksum, are adopted as its verified copies
+    (recorded so), and the package finishes by itself: nothing sent again, nothing rewritten,
+    no person needed."""
+    opsdb = OpsDB(config.opsdb_url)
+    files = observe(config, opsdb)
+    _backup_while_sending_to(config, site, tmp_path / "backup.sqlite", monkeypatch)
+    run(config, instance)
+    assert (tmp_path / "backup.sqlite").exists(), "the backup was never taken"
+    archived_everywhere(config, opsdb)
+    archives = {p: (p.read_bytes(), p.stat().st_ino) for p in tars(config)}
+    assert len(archives) == 2 and not any(p.exists() for p in files)
+    opsdb = restore(config, tmp_path / "backup.sqlite")
+    [package] = package_names(opsdb)
+    assert package_state(opsdb, package) != PackageState.ARCHIVED  # what OpsDB believes now
+    with opsdb.session() as session:  # the archive copies the restored OpsDB still knows
+        recorded = {c.location_id for c in session.scalars(select(PackageCopy))
+                    if c.location.location_type == LocationType.LONG_TERM_ARCHIVE}
+    sent = _sent_after_restore(config, monkeypatch)
+
+    for _ in range(3):  # cron's next drives, each after the quiet time
+        time.sleep(QUIET)
+        run(config, instance)
+
+    assert {p: (p.read_bytes(), p.stat().st_ino) for p in tars(config)} == archives
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+    assert lost_filed_files(config, opsdb) == []
+    assert told(config, opsdb) == []
+    assert not sent.exists(), sent.read_text()  # not a byte moved again
+    with opsdb.session() as session:
+        adopted = {o.destination_location_id for o in session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.VERIFICATION,
+            Operation.status == OperationStatus.COMPLETED, Operation.reason.contains("adopted")))}
+        assert adopted == {c.location_id for c in session.scalars(select(PackageCopy))
+                           if c.location.location_type == LocationType.LONG_TERM_ARCHIVE
+                           and c.is_verified} - recorded
+
+
+def test_a_package_restored_mid_transfer_with_no_copy_left_anywhere_is_told_at_once(
+        config: Config, instance: DagsterInstance, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but the archives' tars are gone too when OpsDB is restored: no copy with the
+    package's bytes is left anywhere, so it cannot heal; a person is told within the next
+    drives (not when the re-attempt horizon runs out), and nothing is adopted."""
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb)
+    _backup_while_sending_to(config, "cologne", tmp_path / "backup.sqlite", monkeypatch)
+    run(config, instance)
+    for tar in tars(config):
+        tar.unlink()
+    opsdb = restore(config, tmp_path / "backup.sqlite")
+    [package] = package_names(opsdb)
+
+    for _ in range(3):
+        time.sleep(QUIET)
+        run(config, instance)
+
+    assert tars(config) == {}
+    assert package_state(opsdb, package) == PackageState.FAILED
+    assert f"quarantined:{package}" in told(config, opsdb)
+    with opsdb.session() as session:
+        assert not session.scalar(select(Operation.id).where(
+            Operation.reason.contains("adopted")))
