@@ -871,8 +871,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _explain(exc: BaseException) -> tuple[str, int]:
     """One line for an error (its cause and the next step) and the exit status. An OpsDB
     error wrapped by Dagster (e.g. raised in a sensor) counts as the OpsDB error."""
-    for link in _chain(exc):
+    chain = _chain(exc)
+    for link in chain:
         if isinstance(link, DBAPIError) and not isinstance(link, IntegrityError):
+            if _in_instance_storage(chain):
+                return _instance_storage_unavailable(link), EXIT_ERROR
             return _opsdb_unavailable(link), EXIT_ERROR
     if isinstance(exc, (UsageError, FileExistsError)) or any(
             isinstance(exc, getattr(sys.modules[module], name))
@@ -902,6 +905,34 @@ def _chain(exc: BaseException) -> list[BaseException]:
         links.append(current)
         current = current.__cause__ or current.__context__
     return links
+
+
+# Where Dagster's run, event and schedule storage is read and written: an error raised
+# through these is the instance's database (DAGSTER_HOME/dagster.yaml), not OpsDB.
+_INSTANCE_STORAGE = ("/dagster_postgres/", "/dagster/_core/storage/runs/",
+                     "/dagster/_core/storage/event_log/", "/dagster/_core/storage/schedules/",
+                     "/dagster/_core/storage/sql.py", "/ccat_assets/sqlite_storage.py")
+
+
+def _in_instance_storage(chain: list[BaseException]) -> bool:
+    for link in chain:
+        if type(link).__module__.startswith("dagster_postgres"):
+            return True
+        frames = traceback.extract_tb(link.__traceback__) if link.__traceback__ else []
+        if any(part in frame.filename.replace(os.sep, "/") for frame in frames
+               for part in _INSTANCE_STORAGE):
+            return True
+    return False
+
+
+def _instance_storage_unavailable(exc: DBAPIError) -> str:
+    cause = " ".join(str(exc.orig or exc).split())[:300]
+    home = os.environ.get("DAGSTER_HOME")
+    where = (f"{Path(home) / 'dagster.yaml'}" if home
+             else "dagster.yaml in the instance directory")
+    return (f"Dagster's instance storage unavailable (run and event storage, {where}): "
+            f"{cause}: check that its database is running and reachable, then run the "
+            "command again")
 
 
 def _opsdb_unavailable(exc: DBAPIError) -> str:
