@@ -71,7 +71,8 @@ def test_a_repair_never_replaces_a_file_that_took_the_quarantined_copys_place(
     path: the repair replaces only the bad copy it found there, so that file stays, byte for
     byte, and the repair is refused for a person to look at; once the file is taken away, the
     next attempt repairs."""
-    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.5})
+    # a back-off long enough that no re-attempt comes within the first drive, however loaded
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 2.0})
     opsdb = OpsDB(config.opsdb_url)
     observe(config, opsdb, observations=1, files=1)
     defs = build_definitions(config)
