@@ -37,7 +37,8 @@ from tests.test_celery import production
 
 pytestmark = pytest.mark.xdist_group("redis")
 
-REDIS_URL = os.environ.get("CCAT_TEST_REDIS_KILL_URL", "redis://127.0.0.1:6379/9")
+REDIS = "redis://127.0.0.1:6379/{}"  # database 9, 10, ...: one per case (xdist ran two at once,
+# each worker then taking the other's tasks)
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("ccat", "cologne", "us")
 DRIVE_TIMEOUT_S = 150.0
@@ -64,16 +65,18 @@ HOLDS = {  # where a worker waits to be killed, half of its step done
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
+    callspec = getattr(request.node, "callspec", None)
+    url = REDIS.format(9 + (callspec.indices["site"] if callspec else 0))
+    client = redis.Redis.from_url(url)
     try:
         client.ping()
     except Exception as exc:  # noqa: BLE001
-        unavailable("Redis", f"{REDIS_URL}: {exc}")
+        unavailable("Redis", f"{url}: {exc}")
     client.flushdb()
-    yield REDIS_URL
+    yield url
     client.flushdb()
 
 
