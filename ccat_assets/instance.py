@@ -74,14 +74,23 @@ def write_instance_yaml(config: Config, home: Path) -> Path:
     path = home / "dagster.yaml"
     header = ("# Written by `ccat-dt init` from the repository's dagster.yaml and the routes of\n"
               f"# {config.path}; re-run `ccat-dt init` after changing routes (settings edited\n"
-              "# here are kept; the run limits per route and the storage are rewritten).\n")
+              "# here are kept; the run limits per route are rewritten, and so is the embedded\n"
+              "# storage, but not a storage set here, e.g. dagster-postgres).\n")
     kept = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
     settings = _merged(instance_settings(config), kept)
     settings["concurrency"]["runs"]["tag_concurrency_limits"] = (
         instance_settings(config)["concurrency"]["runs"]["tag_concurrency_limits"])
-    settings.update(embedded_storage(home))
+    if not _storage_set_by_hand(kept):  # `init` again on a production instance keeps its
+        settings.update(embedded_storage(home))  # database (was: switched back to SQLite)
     path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
     return path
+
+
+def _storage_set_by_hand(settings: dict[str, Any]) -> bool:
+    """Whether a dagster.yaml names a storage other than the embedded one."""
+    return any(isinstance(section, dict) and section.get("module") != "ccat_assets.sqlite_storage"
+               for key in ("storage", "run_storage", "event_log_storage", "schedule_storage")
+               if (section := settings.get(key)) is not None)
 
 
 def _merged(template: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any]:

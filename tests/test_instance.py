@@ -72,6 +72,30 @@ def test_instance_yaml_renders_the_production_template_with_link_limits(
     assert not rendered.get("run_retries", {}).get("enabled", False)
 
 
+@pytest.mark.parametrize("storage", [
+    {"storage": {"postgres": {"postgres_url": "postgresql://dagster@db/dagster"}}},
+    {"run_storage": {"module": "dagster_postgres.run_storage", "class": "PostgresRunStorage",
+                     "config": {"postgres_url": "postgresql://dagster@db/dagster"}}},
+])
+def test_init_again_keeps_a_storage_the_operator_set(
+        tmp_path: Path, storage: dict[str, object]) -> None:
+    """`migrate` tells the operator to run `init` again after a route changed; on an
+    instance moved to dagster-postgres that rewrote its storage to the embedded SQLite
+    files (found by a helper): the daemon and the UI would have started on an empty run
+    history beside the real one."""
+    deploy = tmp_path / "deploy"
+    main(["init", str(deploy)])
+    instance_file = deploy / "dagster_home" / "dagster.yaml"
+    edited = {key: value for key, value in yaml.safe_load(instance_file.read_text()).items()
+              if not key.endswith("storage")}
+    instance_file.write_text(yaml.safe_dump({**edited, **storage}))
+
+    main(["init", str(deploy)])
+
+    written = yaml.safe_load(instance_file.read_text())
+    assert {key: value for key, value in written.items() if key.endswith("storage")} == storage
+
+
 def test_init_again_after_a_new_route_keeps_what_the_operator_set_in_the_instance(
         tmp_path: Path) -> None:
     """`init` runs again after every change of routes: the run limits follow the routes, and
