@@ -49,6 +49,10 @@ class DiskUsage:
 
 
 def measure(location: DataLocation) -> DiskUsage | None:
+    """The usage of a location's disk when it is mounted here; None for a remote root (this
+    host's file system at the same path is another disk) or a root that cannot be read."""
+    if location.host is not None:
+        return None
     try:
         usage = shutil.disk_usage(location.root)
     except OSError:
@@ -175,6 +179,22 @@ def plan_cycle(session: Session, config: Config, now: datetime, *,
     plan.kept = [(p, d if d.action == Action.KEEP else _over_budget(d, budget))
                  for p, d in decided if d.copy_id not in chosen]
     return plan
+
+
+def pressure_gone(session: Session, config: Config, site: str, name: str, *,
+                  usage: Callable[[DataLocation], DiskUsage | None] = measure) -> str | None:
+    """Why a copy planned to go early under disk pressure must now wait for its retention age:
+    its disk, measured now, is no longer above the low watermark (or cannot be measured).
+    None while the pressure lasts. A cycle's plan (or a run re-executed days later) says what
+    the disk was; the deletion looks at what it is."""
+    low = config.location(site, name).low_watermark_pct
+    measured = usage(get_location(session, site, name))
+    if low is None or measured is None:
+        return f"disk pressure at {site}/{name} can no longer be measured"
+    if measured.percent <= low:
+        return (f"disk pressure at {site}/{name} is over ({measured.percent:.1f}% used, low "
+                f"watermark {low:g}%)")
+    return None
 
 
 def _over_budget(decision: Decision, budget: int) -> Decision:

@@ -24,7 +24,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -40,6 +40,7 @@ from ccat_dt.marker import LABEL, another_location, is_marker, label_in, root_pr
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
+    DataLocation,
     LocationType,
     Operation,
     OperationStatus,
@@ -53,6 +54,7 @@ from ccat_dt.opsdb.models import (
     _aware,
     utcnow,
 )
+from ccat_dt.purge_cycle import DiskUsage, measure, pressure_gone
 from ccat_dt.recheck import RecheckReport, recheck_lta_copies
 from ccat_dt.retention import (
     UNFINISHED,
@@ -383,11 +385,13 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
 def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
                   now: datetime | None = None, run_id: str | None = None,
                   copy_ids: Collection[int] | None = None,
-                  early_ids: Collection[int] = ()) -> PurgeReport:
+                  early_ids: Collection[int] = (),
+                  usage: Callable[[DataLocation], DiskUsage | None] = measure) -> PurgeReport:
     """Delete the copies of the package the planner allows, one certified transaction each.
 
     `copy_ids` limits the deletions to those a purge cycle planned (its byte budget holds);
-    `early_ids` are the ones disk pressure lets go before their retention age. Each is
+    `early_ids` are the ones disk pressure lets go before their retention age: each goes only
+    while its disk, measured by `usage` just before, is still above the low watermark. Each is
     re-decided from fresh reads just before it is deleted. Deletions left half done (see
     `claims.abandoned_deletion`) are finished first, whatever `copy_ids` says (a cycle planned
     them before)."""
@@ -417,6 +421,14 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
     for planned in plan:
         if planned.action != Action.DELETE:
             continue
+        if planned.copy_id in early_ids:
+            with opsdb.session() as session:
+                gone = pressure_gone(session, config, planned.site, planned.location,
+                                     usage=usage)
+            if gone is not None:
+                kept.append(replace(planned, action=Action.KEEP,
+                                    reason=f"{gone}: kept for its retention age"))
+                continue
         claim = _claim(opsdb, config, package_id, planned, now, run_id, early_ids, recheck)
         if isinstance(claim, _Unlooked):
             # A link or host that is down now: this purge fails, so that its re-attempt

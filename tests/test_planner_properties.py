@@ -266,7 +266,7 @@ class History:
         planned = {d.copy_id: d for _, d in plan.deletions}
         for name, (copy_ids, early_ids) in plan.by_package().items():
             report = purge_package(self.opsdb, self.config, name, now=self.now, run_id=run_id,
-                                   copy_ids=copy_ids, early_ids=early_ids)
+                                   copy_ids=copy_ids, early_ids=early_ids, usage=self._usage)
             assert report.failures == []
 
         with self.opsdb.session() as s:

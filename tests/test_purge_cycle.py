@@ -31,7 +31,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     utcnow,
 )
-from ccat_dt.purge_cycle import CyclePlan, DiskUsage, plan_cycle
+from ccat_dt.purge_cycle import CyclePlan, DiskUsage, measure, plan_cycle
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.retention import Action, Decision, plan_deletions
 from ccat_dt.topology import get_location, get_site, prepare_opsdb
@@ -165,12 +165,13 @@ def cycle_plan(opsdb: OpsDB, config: Config, now: datetime,
 
 
 def execute(opsdb: OpsDB, config: Config, plan: CyclePlan, now: datetime,
-            run_id: str = "cycle") -> int:
+            run_id: str = "cycle",
+            usage: Callable[[DataLocation], DiskUsage | None] = measure) -> int:
     """Carry out a cycle's plan as the purge job does; the bytes freed."""
     freed = 0
     for package, (copy_ids, early_ids) in plan.by_package().items():
         report = purge_package(opsdb, config, package, now=now, run_id=run_id,
-                               copy_ids=copy_ids, early_ids=early_ids)
+                               copy_ids=copy_ids, early_ids=early_ids, usage=usage)
         assert report.failures == []
         freed += report.deleted_bytes
     return freed
@@ -337,7 +338,7 @@ def test_pressure_deletes_oldest_young_copies_down_to_the_low_watermark(tmp_path
     assert spared.reason.startswith("retention 24h not reached") and spared.early
     before = statuses(opsdb)
 
-    freed = execute(opsdb, config, plan, NOW)
+    freed = execute(opsdb, config, plan, NOW, usage=pressure_at("ccat/buffer", used=USED))
 
     after = statuses(opsdb)
     assert freed == plan.bytes
@@ -354,6 +355,32 @@ def test_pressure_deletes_oldest_young_copies_down_to_the_low_watermark(tmp_path
         assert {c["site"] for c in op.evidence["copies"]} == {"cologne", "us"}
     for name in package_names(opsdb):
         assert certificate_problems(opsdb, config, name) == []
+    opsdb.dispose()
+
+
+def test_pressure_gone_by_the_deletion_keeps_young_copies_for_retention(tmp_path: Path) -> None:
+    """A cycle planned under pressure, carried out (or its run re-executed) once the disk has
+    room again: the young copies wait for their retention age."""
+    config = deploy(tmp_path / "deploy", PRESSURED)
+    opsdb = OpsDB(config.opsdb_url)
+    buffer_ids = young_archived_packages(opsdb)
+    plan = cycle_plan(opsdb, config, NOW, pressure_at("ccat/buffer", used=USED))
+    assert len(plan.deletions) == 4
+
+    freed = execute(opsdb, config, plan, NOW, usage=pressure_at("ccat/buffer", used=1000))
+
+    assert freed == 0
+    assert all(path_of(opsdb, i).exists() for i in buffer_ids)
+    assert deletions(opsdb) == []
+    [report] = [purge_package(opsdb, config, "y0", now=NOW, early_ids=buffer_ids[:1],
+                              usage=pressure_at("ccat/buffer", used=1000))]
+    [kept] = [d for d in report.kept if d.copy_id == buffer_ids[0]]
+    assert kept.reason == ("disk pressure at ccat/buffer is over (25.0% used, low watermark "
+                           "50%): kept for its retention age")
+    # Nor does a disk that cannot be measured now count as pressed.
+    report = purge_package(opsdb, config, "y0", now=NOW, early_ids=buffer_ids[:1],
+                           usage=lambda location: None)
+    assert report.deleted == 0 and path_of(opsdb, buffer_ids[0]).exists()
     opsdb.dispose()
 
 
@@ -487,3 +514,12 @@ def test_purge_of_one_package_deletes_nothing_of_the_others(
     for i, path in paths.items():  # on the disks: only "new"'s source and buffer copies gone
         assert path.exists() == (owner[i] == "old" or where[i].endswith("/lta")), where[i]
     opsdb.dispose()
+
+
+def test_a_remote_disk_is_not_measured_by_this_hosts_file_system(tmp_path: Path) -> None:
+    """A remote buffer's root often exists here too (/data on both hosts): this host's disk
+    at that path says nothing about the remote one, so it puts no pressure on its copies."""
+    here = DataLocation(name="buffer", root=str(tmp_path), host=None)
+    there = DataLocation(name="buffer", root=str(tmp_path), host="cologne-archive")
+    assert measure(here) is not None
+    assert measure(there) is None
