@@ -9,7 +9,6 @@ and remote locations need no real file system.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,6 +17,7 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.opsdb.models import DataLocation, LocationType, PhysicalCopy, RawDataFile, Site
+from ccat_dt.purge_cycle import measure
 
 FORECAST_KINDS = (LocationType.SOURCE, LocationType.BUFFER)
 
@@ -39,16 +39,13 @@ class BufferForecast:
 
 
 def local_free_bytes(location: DataLocation) -> int | None:
-    """Free bytes of a location's disk when it is mounted here; None for remote or missing roots.
+    """Free bytes of a location's disk when it is mounted here; None for remote, missing or
+    unmounted roots (see `measure`).
 
     A remote root would need an ssh round trip per forecast; its site measures it instead.
     """
-    if location.host is not None:
-        return None
-    try:
-        return int(shutil.disk_usage(location.root).free)
-    except OSError:
-        return None
+    usage = measure(location)
+    return None if usage is None else usage.available
 
 
 def forecast_buffers(session: Session, now: datetime, *, window: timedelta = timedelta(hours=6),

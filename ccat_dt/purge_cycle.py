@@ -9,11 +9,13 @@ import shutil
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.marker import root_problem
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -50,8 +52,9 @@ class DiskUsage:
 
 def measure(location: DataLocation) -> DiskUsage | None:
     """The usage of a location's disk when it is mounted here; None for a remote root (this
-    host's file system at the same path is another disk) or a root that cannot be read."""
-    if location.host is not None:
+    host's file system at the same path is another disk) or a root that is not the marked
+    disk (unmounted: the empty mount point would report the system disk)."""
+    if location.host is not None or root_problem(Path(location.root), location.label):
         return None
     try:
         usage = shutil.disk_usage(location.root)

@@ -190,6 +190,8 @@ def test_default_free_space_reads_local_disks_only(opsdb: OpsDB, config: Config)
         root.mkdir(parents=True, exist_ok=True)
         assert buffer.root == str(root)
         assert isinstance(local_free_bytes(buffer), int)
+        buffer.root = str(root.parent)
+        assert local_free_bytes(buffer) is None  # not the marked disk: a mount point's
         buffer.root = str(root / "missing")
         assert local_free_bytes(buffer) is None  # a missing root is unknown, not an error
         buffer.root, buffer.host = "/", "buffer.example.org"

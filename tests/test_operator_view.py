@@ -16,9 +16,9 @@ import yaml
 
 from ccat_dt.config import Config, ConfigError, load_config
 from ccat_dt.defaults import CONFIG_NAME
-from ccat_dt.marker import MARKER
+from ccat_dt.marker import MARKER, write_marker
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import DataLocation, LocationType, RawDataPackage
+from ccat_dt.opsdb.models import DataLocation, LocationType, RawDataPackage, Site
 from ccat_dt.packages import plan_packages
 from ccat_dt.purge_cycle import DiskUsage, measure
 from tests.helpers import observe, run_cli
@@ -95,7 +95,8 @@ def test_measured_disk_use_matches_df(tmp_path: Path) -> None:
     if shutil.which("df") is None:
         pytest.skip("no df(1)")
     location = DataLocation(name="buffer", location_type=LocationType.BUFFER,
-                            root=str(tmp_path))
+                            root=str(tmp_path), site=Site(name="CCAT", short_name="ccat"))
+    write_marker(tmp_path, location.label)
     measured = measure(location)
     df = subprocess.run(["df", "--output=pcent", str(tmp_path)], capture_output=True,
                         text=True, check=True).stdout.splitlines()[-1].strip().rstrip("%")

@@ -16,6 +16,7 @@ from ccat_assets.cli import main
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.marker import write_marker
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -29,6 +30,7 @@ from ccat_dt.opsdb.models import (
     RawDataFile,
     RawDataFileCopy,
     RawDataPackage,
+    Site,
     utcnow,
 )
 from ccat_dt.purge_cycle import CyclePlan, DiskUsage, measure, plan_cycle
@@ -519,7 +521,10 @@ def test_purge_of_one_package_deletes_nothing_of_the_others(
 def test_a_remote_disk_is_not_measured_by_this_hosts_file_system(tmp_path: Path) -> None:
     """A remote buffer's root often exists here too (/data on both hosts): this host's disk
     at that path says nothing about the remote one, so it puts no pressure on its copies."""
-    here = DataLocation(name="buffer", root=str(tmp_path), host=None)
-    there = DataLocation(name="buffer", root=str(tmp_path), host="cologne-archive")
+    site = Site(name="Cologne", short_name="cologne")
+    here = DataLocation(name="buffer", root=str(tmp_path), host=None, site=site)
+    there = DataLocation(name="buffer", root=str(tmp_path), host="cologne-archive", site=site)
+    assert measure(here) is None  # nor is an empty mount point: the system disk under it
+    write_marker(tmp_path, "cologne/buffer")
     assert measure(here) is not None
     assert measure(there) is None
