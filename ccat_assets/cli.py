@@ -512,24 +512,34 @@ def cmd_why(args: argparse.Namespace) -> None:
 def _runs_of(config: Config, package: str) -> list[str]:
     """What the Dagster instance says about the package's runs (when there is an instance):
     asked only about a package with a stage not done (nothing to explain otherwise), as
-    importing Dagster takes over a second."""
+    importing Dagster takes over a second. Of each piece of work (job, assets, partition) only
+    its newest run counts, oldest first: a failure a later run fixed explains nothing."""
     from ccat_assets.instance import instance_home, open_instance
 
     if not (instance_home(config) / "dagster.yaml").exists():
         return []
     _dagster()
-    from dagster import DagsterRun, DagsterRunStatus, RunsFilter
+    from dagster import DagsterRun, DagsterRunStatus, RunRecord, RunsFilter
+
+    def work(run: DagsterRun) -> tuple[object, ...]:
+        return (run.job_name, tuple(sorted(str(key) for key in run.asset_selection or ())),
+                tuple(sorted((k, v) for k, v in run.tags.items()
+                             if k.startswith("dagster/partition"))))
 
     instance = open_instance(config)
-    runs: list[DagsterRun] = []
+    records: list[RunRecord] = []
     for tag in ("dagster/partition", "dagster/partition/package"):
-        runs += instance.get_runs(RunsFilter(tags={tag: package}), limit=50)
+        records += instance.get_run_records(RunsFilter(tags={tag: package}), limit=50)
+    newest: dict[tuple[object, ...], RunRecord] = {}
+    for record in sorted(records, key=lambda r: r.create_timestamp):
+        newest[work(record.dagster_run)] = record
     lines = []
-    for run in sorted({r.run_id: r for r in runs}.values(), key=lambda r: r.run_id):
+    for record in sorted(newest.values(), key=lambda r: r.create_timestamp):
+        run = record.dagster_run
         if run.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.QUEUED,
                           DagsterRunStatus.STARTED, DagsterRunStatus.CANCELED):
-            lines.append(f"run {run.run_id[:8]} {run.tags.get('dagster/run_key', run.job_name)}"
-                         f": {run.status.value}")
+            lines.append(f"run {run.run_id[:8]} {record.create_timestamp:%Y-%m-%d %H:%M:%S} "
+                         f"{run.tags.get('dagster/run_key', run.job_name)}: {run.status.value}")
     return lines
 
 

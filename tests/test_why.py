@@ -174,3 +174,39 @@ def test_each_site_shows_its_own_error_and_an_archive_failure_before_any_copy(
     state, detail = stages["LTA copy us"]
     assert state == "failed" and "tape library offline" in detail
     assert "tape library" not in stages["LTA copy cologne"][1]
+
+
+def test_runs_are_listed_oldest_first_without_failures_a_later_run_fixed(
+        config: Config, opsdb: OpsDB, capsys: pytest.CaptureFixture[str]) -> None:
+    """Of each piece of work only its newest run explains anything: a site copy that failed
+    and then succeeded is not listed, nor a canceled one a later run replaced; what still
+    fails is, oldest first."""
+    from dagster import AssetKey, DagsterRun, DagsterRunStatus
+
+    from ccat_assets.instance import instance_home, open_instance, write_instance_yaml
+
+    observe(config, opsdb, observations=1, files=1)
+    name = planned(opsdb, config)[0]
+    write_instance_yaml(config, instance_home(config))
+    instance = open_instance(config)
+
+    def add(run_id: str, site: str, status: DagsterRunStatus) -> None:
+        instance.add_run(DagsterRun(
+            job_name="__ASSET_JOB", run_id=run_id, status=status,
+            asset_selection=frozenset({AssetKey("site_copies")}),
+            tags={"dagster/partition/package": name, "dagster/partition/site": site,
+                  "dagster/run_key": f"{site}-{run_id}"}))
+
+    add("a" * 36, "us", DagsterRunStatus.CANCELED)  # replaced by the next us run
+    add("f" * 36, "cologne", DagsterRunStatus.FAILURE)  # fixed by the next run
+    add("0" * 36, "cologne", DagsterRunStatus.SUCCESS)
+    add("b" * 36, "us", DagsterRunStatus.FAILURE)
+    add("1" * 36, "ccat", DagsterRunStatus.FAILURE)  # newer, though its id sorts first
+    instance.dispose()
+    capsys.readouterr()
+
+    main(["--config", str(config.path), "why", name])
+
+    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
+    assert [line.split()[1] for line in runs] == ["bbbbbbbb", "11111111"]
+    assert runs[0].endswith(f"us-{'b' * 36}: FAILURE")
