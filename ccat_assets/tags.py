@@ -3,6 +3,7 @@ the commands that only read OpsDB import this without loading Dagster)."""
 
 RETRY_TAG = "ccat/retry"  # a run an operator's `ccat-dt retry` launched
 WORK_TAG = "ccat/work"  # the work a run does, the same for every attempt at it
+AGAIN_TAG = "ccat/again"  # asked for again although a run of the work had succeeded
 DRIVE_TAG = "ccat/drive"  # host:pid of the drive process that executed the run
 WORKER_TAG = "ccat/worker"  # host:pid of the process executing the run, from its start
 WORKER_ID_TAG = "ccat/worker_id"  # "machine=… namespace=… boot=… start=…" of that process:

@@ -183,9 +183,9 @@ def _reattempt(row: Reattempt | None) -> str:
     if row is None:
         return ""
     if row.escalated_at is not None:
-        return (f"; {row.attempts} attempts failed since "
-                f"{_aware(row.first_failed_at):%Y-%m-%d %H:%M} UTC, past the re-attempt "
-                f"horizon: escalated at {_aware(row.escalated_at):%Y-%m-%d %H:%M} UTC, no "
+        return (f"; {row.attempts} attempts did not finish it since "
+                f"{_aware(row.first_failed_at):%Y-%m-%d %H:%M} UTC: escalated at "
+                f"{_aware(row.escalated_at):%Y-%m-%d %H:%M} UTC, no "
                 "automatic attempt any more; fix the cause, then `ccat-dt retry`")
     if row.next_attempt_at is None:
         return ""

@@ -42,6 +42,7 @@ class RunOutcome:
     failed: bool  # failed or canceled (a dead process's run is marked failed)
     ended_at: datetime | None
     operator: bool = False  # launched by `ccat-dt retry`
+    again: bool = False  # asked for again although a run of the work had succeeded
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Decision:
     first_failed_at: datetime | None = None
     last_failed_at: datetime | None = None
     next_at: datetime | None = None
+    idle: bool = False  # escalated: runs asked for again succeeded and left the work undone
 
     def run_key(self, stage: str, partition: str) -> str:
         """A new key per attempt (the orchestrator skips a key it has seen)."""
@@ -88,7 +90,7 @@ def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> De
         if run.operator:
             break
     if not episode:
-        return Decision(State.NONE)
+        return _idle(history)
     episode.reverse()
     first = _aware(episode[0].ended_at or now)
     last = _aware(episode[-1].ended_at or now)
@@ -100,6 +102,35 @@ def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> De
         return Decision(State.ESCALATED, **common)  # type: ignore[arg-type]
     state = State.DUE if now >= next_at else State.WAITING
     return Decision(state, next_at=next_at, **common)  # type: ignore[arg-type]
+
+
+IDLE_RUNS = 2  # runs asked for again that did nothing, before a person is told
+
+
+def _idle(history: Sequence[RunOutcome]) -> Decision:
+    """No failure: nothing to re-attempt, unless the newest runs were asked for again (the
+    work still due after a run of it succeeded) and succeeded without doing it. Asking again
+    forever would hide that OpsDB and the runs disagree: a person is told instead."""
+    again: list[RunOutcome] = []
+    for run in reversed(history):
+        if not run.again or run.failed:
+            break
+        again.append(run)
+    if len(again) < IDLE_RUNS:
+        return Decision(State.NONE)
+    again.reverse()
+    return Decision(State.ESCALATED, failures=len(again), episode=again[0].run_id,
+                    first_failed_at=again[0].ended_at, last_failed_at=again[-1].ended_at,
+                    idle=True)
+
+
+def idle_error(decision: Decision, reason: str) -> str:
+    """What a person is told about work escalated by `_idle`."""
+    since = f" since {decision.first_failed_at:%Y-%m-%d %H:%M} UTC" if (
+        decision.first_failed_at) else ""
+    return (f"{decision.failures} runs asked for again{since} succeeded and left it undone "
+            f"({reason}): OpsDB still shows it due, so the runs and OpsDB disagree; no "
+            "automatic run any more")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from ccat_assets.partitions import (
 )
 from ccat_assets.runlog import run_failure
 from ccat_assets.stages import JOBS, copy_job, site_copy
-from ccat_assets.tags import LINK_TAG, WORK_TAG
+from ccat_assets.tags import AGAIN_TAG, LINK_TAG, WORK_TAG
 from ccat_dt.failover import fail_over
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.packages import plan_new_packages
@@ -50,7 +50,16 @@ from ccat_dt.queues import (
     staging_queue,
     transfer_queue,
 )
-from ccat_dt.reattempt import Backoff, Decision, RunOutcome, State, Work, decide, record
+from ccat_dt.reattempt import (
+    Backoff,
+    Decision,
+    RunOutcome,
+    State,
+    Work,
+    decide,
+    idle_error,
+    record,
+)
 from ccat_dt.recovery import rebuilds_due
 from ccat_dt.retry import abandoned_deletions
 from ccat_dt.stages import Stage
@@ -172,7 +181,9 @@ def purge_sensor(context: SensorEvaluationContext,
         attempts = history(context.instance, Stage.PURGE, package, site, tags={WORK_TAG: work})
         decision = decide(attempts, backoff, now)
         works.append(Work(Stage.PURGE, f"{package}|{site}" if site else package, package, site,
-                          decision, _failure(context.instance, attempts, decision) or
+                          decision, idle_error(decision, "the same copies planned for "
+                                               "deletion again") if decision.idle else
+                          _failure(context.instance, attempts, decision) or
                           "its purge run failed or died (`ccat-dt why` shows the deletions)"))
         if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
             decisions.append(decision)
@@ -189,8 +200,9 @@ def purge_sensor(context: SensorEvaluationContext,
             key = f"{work}:again:{len(attempts)}"
         cycle = {"ops": {"purge_status": {"config": {"copy_ids": copy_ids,
                                                      "early_ids": early_ids}}}}
+        asked_again = {AGAIN_TAG: "1"} if key.startswith(f"{work}:again:") else {}
         requests.append(RunRequest(
-            partition_key=package, run_key=key, tags={WORK_TAG: work},
+            partition_key=package, run_key=key, tags={WORK_TAG: work, **asked_again},
             run_config=on_queue(config, deletion_queue(config, site, locations[0]), cycle)
             if site else cycle))
     for abandoned in abandoned_deletions(deployment.opsdb, now):

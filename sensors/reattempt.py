@@ -27,13 +27,23 @@ from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.partitions import package_site_key, revived
 from ccat_assets.routing import stages_of
 from ccat_assets.stages import JOBS, copy_job, jobs_of, site_copy, stages_of_job
-from ccat_assets.tags import LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
+from ccat_assets.tags import AGAIN_TAG, LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.packages import get_package
 from ccat_dt.pending import unfinished
 from ccat_dt.queues import archive_queue, packaging_queue, staging_queue, transfer_queue
-from ccat_dt.reattempt import Backoff, Decision, RunOutcome, State, Work, decide, record, waiting
+from ccat_dt.reattempt import (
+    Backoff,
+    Decision,
+    RunOutcome,
+    State,
+    Work,
+    decide,
+    idle_error,
+    record,
+    waiting,
+)
 from ccat_dt.retry import Stalled, stalled_work
 from ccat_dt.routing import replication_source
 from ccat_dt.stages import Stage
@@ -79,7 +89,7 @@ def outcome(record_: RunRecord) -> RunOutcome:
     return RunOutcome(run.run_id, in_flight=run.status in IN_FLIGHT,
                       failed=run.status in FAILED,
                       ended_at=(_from_epoch(ended) if ended else record_.update_timestamp),
-                      operator=RETRY_TAG in run.tags)
+                      operator=RETRY_TAG in run.tags, again=AGAIN_TAG in run.tags)
 
 
 def _from_epoch(value: float) -> datetime:
@@ -119,8 +129,10 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
                for s in stalled_work(deployment.opsdb, config, packages=sorted(by_package))}
     swept_at, swept_to, sweep = _sweep_due(context.cursor, config, now)
     unattended: list[tuple[Stalled, int]] = []
+    idle: list[tuple[Stalled, Decision]] = []
     if sweep:
-        unattended, swept_to = _unattended(deployment, instance, now, swept_to, candidates)
+        unattended, idle, swept_to = _unattended(deployment, instance, now, swept_to,
+                                                 candidates)
         if unattended:  # their next stages will be unattended too: the next tick sweeps again
             swept_at -= timedelta(seconds=config.settings.policies.unattended_after_s) / 4
     requests, works, decisions, in_flight = [], [], [], []
@@ -134,15 +146,21 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
             in_flight.append((stage, partition))
             continue
         decisions.append(decision)
-        works.append(Work(stage, partition, package, site, decision, item.reason))
+        works.append(Work(stage, partition, package, site, decision,
+                          idle_error(decision, item.reason) if decision.idle else item.reason))
         if decision.state == State.DUE:
             requests.append(_request(deployment, stage, package, site, decision))
             context.log.info(f"re-attempt {decision.failures + 1} of {stage.label} "
                              f"{partition}: {item.reason}")
+    for item, decision in idle:
+        partition = f"{item.package}|{item.site}" if item.site else item.package
+        works.append(Work(item.stage, partition, item.package, item.site, decision,
+                          idle_error(decision, item.reason)))
     for item, runs in unattended:
         partition = f"{item.package}|{item.site}" if item.site else item.package
         requests.append(_request(deployment, item.stage, item.package, item.site,
-                                 Decision(State.DUE, episode="unattended", failures=runs)))
+                                 Decision(State.DUE, episode="unattended", failures=runs),
+                                 again=True))
         context.log.warning(f"{item.stage.label} {partition} is due and no run has done it "
                             f"for {config.settings.policies.unattended_after_s:g} s: "
                             f"{item.reason}")
@@ -176,41 +194,46 @@ def _sweep_due(cursor: str | None, config: Config, now: datetime) -> tuple[datet
 
 def _unattended(deployment: Deployment, instance: DagsterInstance, now: datetime,
                 after: str, skip: set[tuple[Stage, str, str]]
-                ) -> tuple[list[tuple[Stalled, int]], str]:
+                ) -> tuple[list[tuple[Stalled, int]], list[tuple[Stalled, Decision]], str]:
     """Work of a page of unfinished packages and staging requests (by name after `after`)
     that OpsDB shows as due and that no run has done for `unattended_after_s`: none in
     flight, none failing (the re-attempts' business), the newest ended that long ago, or none
     ever and the package is that old. Its run was never asked for: the sensors' cursors and
     run keys, kept in the Dagster instance, were past it (an OpsDB restored from an older
     backup). Each with its number of runs (a sweep's run key is new when the work had another
-    run since); and where the next sweep goes on ("" to start over)."""
+    run since); the work whose runs asked for again did nothing (`reattempt._idle`: a person
+    is told, no run asked); and where the next sweep goes on ("" to start over)."""
     config = deployment.config
     quiet = timedelta(seconds=config.settings.policies.unattended_after_s)
     page = config.settings.policies.sensor_page_rows
     with deployment.opsdb.session() as session:
         created = unfinished(session, now - quiet, after, page)
     held = stopped_by_operator(instance)
-    out = []
+    out, idle = [], []
     for item in stalled_work(deployment.opsdb, config, packages=sorted(created)):
         asker = ASKED_BY.get(item.stage)  # None: not a stage the sweep asks for
         if (item.stage, item.package, item.site) in skip or asker is None or asker in held:
             continue
         runs = history(instance, item.stage, item.package, item.site)
-        if decide(runs, Backoff.of(config), now).state != State.NONE:
+        decision = decide(runs, Backoff.of(config), now)
+        if decision.idle:
+            idle.append((item, decision))
+        if decision.state != State.NONE:
             continue
         last = max((_aware(r.ended_at) for r in runs if r.ended_at), default=None)
         if (last or created[item.package]) + quiet <= now:
             out.append((item, len(runs)))
-    return out, (max(created) if len(created) == page else "")
+    return out, idle, (max(created) if len(created) == page else "")
 
 
 def _request(deployment: Deployment, stage: Stage, package: str, site: str,
-             decision: Decision) -> RunRequest:
+             decision: Decision, *, again: bool = False) -> RunRequest:
     config = deployment.config
     partition = f"{package}|{site}" if site else package
     key = decision.run_key(stage, partition)
     job = (copy_job(config) if stage == Stage.SITE_COPY else JOBS[stage]).name
-    tags = {WORK_TAG: f"{stage}:{partition}", "ccat/attempt": str(decision.failures + 1)}
+    tags = {WORK_TAG: f"{stage}:{partition}", "ccat/attempt": str(decision.failures + 1),
+            **({AGAIN_TAG: "1"} if again else {})}
     if stage == Stage.PACKAGING:
         return RunRequest(partition_key=package, run_key=key, job_name=job, tags=tags,
                           run_config=on_queue(config, packaging_queue(config)))

@@ -59,3 +59,26 @@ def test_in_flight_success_and_operator_retry() -> None:
                    POLICY, T0 + timedelta(minutes=5000))
     assert later.state == State.WAITING and later.failures == 1
     assert later.episode == "bbbbbbbb-x"
+
+
+def asked_again(minutes: float, failed: bool = False) -> RunOutcome:
+    return RunOutcome(f"again{minutes}", in_flight=False, failed=failed,
+                      ended_at=T0 + timedelta(minutes=minutes), again=True)
+
+
+def test_runs_asked_again_that_leave_the_work_undone_are_escalated() -> None:
+    """Work still due after a run of it succeeded is asked for again (the sweep, a purge
+    planned again); when those runs succeed too and leave it undone, asking forever would
+    hide it: the second such run escalates it, and an operator's retry starts afresh."""
+    done = RunOutcome("first", in_flight=False, failed=False, ended_at=T0)
+    assert decide([done, asked_again(60)], POLICY, T0 + timedelta(minutes=61)).state == \
+        State.NONE
+    idle = decide([done, asked_again(60), asked_again(120)], POLICY, T0 + timedelta(hours=3))
+    assert (idle.state, idle.idle, idle.failures) == (State.ESCALATED, True, 2)
+    assert idle.first_failed_at == T0 + timedelta(minutes=60)
+    retried = RunOutcome("retry", in_flight=False, failed=False, ended_at=T0, operator=True)
+    assert decide([done, asked_again(60), asked_again(120), retried], POLICY,
+                  T0 + timedelta(hours=3)).state == State.NONE
+    # One that failed is a failure (its back-off), not a run that did nothing.
+    assert decide([done, asked_again(60, failed=True), asked_again(120)], POLICY,
+                  T0 + timedelta(hours=3)).state == State.NONE
