@@ -314,8 +314,10 @@ class ObjectStore:
                progress: Callable[[int], None] | None = None, *,
                replaces: Identity | None = None) -> None:
         """Multipart upload in parallel parts, each part checked by the store with the
-        configured checksum, our checksum of the whole stored as metadata. On failure the
-        upload is aborted (also any an earlier, killed attempt left), so no parts linger.
+        configured checksum, our checksum of the whole stored as metadata. Before, and after
+        it, whatever uploads of the key are unfinished are aborted (an earlier, killed
+        attempt's; an upload the store created twice because its first answer was lost, the
+        client then uploading into the second), so no parts linger.
 
         The object is written only if none is at the key when it completes (a conditional
         write, If-None-Match: *), or, for a repair, only over the quarantined object `replaces`
@@ -351,6 +353,8 @@ class ObjectStore:
             raise
         finally:
             _CONDITIONS.pop(key, None)
+        with suppress(Exception):  # best effort: the object is written, whatever this says
+            self.abort_uploads(relative_path)
 
     def download(self, relative_path: str, into: BinaryIO,
                  progress: Callable[[int], None] | None = None) -> None:

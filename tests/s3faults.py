@@ -1,6 +1,6 @@
-"""A TCP relay in front of moto's S3 server that loses the answer to one large request: the
-store carried it out, then the connection dropped before the client heard so (the endpoint
-restarted, a load balancer reset the connection)."""
+"""A TCP relay in front of moto's S3 server that loses the answer to one request (a large one,
+or one whose request line matches): the store carried it out, then the connection dropped
+before the client heard so (the endpoint restarted, a load balancer reset the connection)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ class _Pair:
     client: socket.socket
     upstream: socket.socket
     sent: int = 0  # client -> server bytes since the server last began an answer
+    head: bytes = b""  # and the first of them: the request line
 
 
 class LostAnswerEndpoint:
@@ -26,6 +27,7 @@ class LostAnswerEndpoint:
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self.lock = threading.Lock()
         self.lose_answer_after: int | None = None  # one-shot: a request of more bytes
+        self.lose_answer_to: bytes | None = None  # one-shot: a request line holding these
         self.lost = 0
         self.pairs: list[_Pair] = []
         self.closed = False
@@ -55,15 +57,18 @@ class LostAnswerEndpoint:
                 with self.lock:
                     if upload:
                         pair.sent += len(data)
+                        pair.head = (pair.head + data)[:512]
                     elif not data.startswith(b"HTTP/1.1 100"):  # not "100 Continue"
-                        limit = self.lose_answer_after
-                        if limit is not None and pair.sent > limit:
-                            self.lose_answer_after = None
+                        limit, line = self.lose_answer_after, pair.head.split(b"\r\n")[0]
+                        big = limit is not None and pair.sent > limit
+                        if big or (self.lose_answer_to is not None
+                                   and self.lose_answer_to in line):
+                            self.lose_answer_after = self.lose_answer_to = None
                             self.lost += 1
                             _reset(pair.client)
                             _reset(pair.upstream)
                             return
-                        pair.sent = 0
+                        pair.sent, pair.head = 0, b""
                 sink.sendall(data)
         except OSError:
             pass

@@ -98,3 +98,29 @@ def test_an_emptied_bucket_is_told_to_a_person(
         assert any("cologne/lta" in p for p in told), told
     finally:
         opsdb.dispose()
+
+
+def test_a_multipart_upload_created_twice_leaves_no_unfinished_upload(
+        tmp_path: Path, s3: S3Server, instance: DagsterInstance) -> None:  # noqa: F811
+    """The store created the multipart upload, then its answer was lost: botocore asks again
+    and uploads into the second. The first holds no parts but stays an unfinished upload of
+    the key, invisible in a listing of objects (a leftover the bucket keeps, and bills, until
+    aborted). Once the package is archived, the bucket holds no unfinished upload."""
+    bucket = s3.new_bucket()
+    proxy = LostAnswerEndpoint(s3.port)
+    config = s3_deployment(tmp_path / "deploy", proxy.url, bucket)
+    opsdb = OpsDB(config.opsdb_url)
+    client = s3.client()
+    try:
+        observe(config, opsdb, size=3_000_000, modules=("primecam/f280",))  # two 5 MiB parts
+        proxy.lose_answer_to = b"?uploads HTTP/"  # POST /bucket/key?uploads: its creation
+
+        report = drive(build_definitions(config), instance, workers=1)
+
+        assert proxy.lost == 1
+        assert report.failed == []
+        assert [c.is_verified for c in lta(opsdb, "cologne")] == [True]
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    finally:
+        proxy.close()
+        opsdb.dispose()
