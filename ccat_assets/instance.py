@@ -41,12 +41,14 @@ def instance_settings(config: Config, template: Path = TEMPLATE) -> dict[str, An
 
 def embedded_storage(home: Path) -> dict[str, Any]:
     """Dagster's SQLite storage in `home` (the default files), by the classes that keep their
-    connections open (ccat_assets/sqlite_storage.py)."""
-    history = home.absolute() / "history"
+    connections open and make a new instance's files one process at a time
+    (ccat_assets/sqlite_storage.py)."""
+    history, schedules = home.absolute() / "history", home.absolute() / "schedules"
     return {f"{kind}_storage": {"module": "ccat_assets.sqlite_storage", "class": name,
                                 "config": {"base_dir": str(path)}}
             for kind, name, path in (("run", "SqliteRuns", history),
-                                     ("event_log", "SqliteEventLog", history / "runs"))}
+                                     ("event_log", "SqliteEventLog", history / "runs"),
+                                     ("schedule", "SqliteSchedules", schedules))}
 
 
 def stale_run_limits(config: Config) -> Path | None:

@@ -11,14 +11,24 @@ orchestration time (docs/benchmarks.md, section 5):
   Dagster's migration scripts twice (to learn the newest revision, then to stamp it); here an
   empty file is made so once per process, and each run's file is a copy of it.
 
+- A new instance's files (runs.db, the event index, schedules.db) were made by whichever
+  process opened the instance first, Dagster's way: create the tables, then stamp the schema
+  revision, in separate steps. Two processes opening a new instance at once (`ccat-dt drive`
+  and the UI, `dagster asset materialize`, the daemon) crashed ("table runs already exists",
+  "UNIQUE constraint failed: alembic_version") or, worse, one found the other's tables not yet
+  stamped, took them for an old instance and stamped an old revision next to the new one: every
+  later command failed for ever ("alembic_version has more than one head"). Here one process
+  at a time makes a storage's file (a file lock in its directory, `_creating`).
+
 The files, tables, stamps and transactions are Dagster's own; only how often the work is done
-changes. The embedded default's instance uses them (dagster.yaml, `run_storage` and
-`event_log_storage`).
+changes. The embedded default's instance uses them (dagster.yaml, `run_storage`,
+`event_log_storage` and `schedule_storage`).
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import shutil
 import sqlite3
@@ -37,6 +47,7 @@ from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
 from dagster._core.storage.event_log.sqlite import sqlite_event_log
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
+from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
 from dagster._core.storage.sql import get_alembic_config
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._serdes import ConfigurableClassData
@@ -46,6 +57,22 @@ from sqlalchemy.pool import NullPool
 from ccat_dt.transports.base import rename_into_place
 
 KEPT_ENGINES = 32  # run files written at once are few: the runs in flight, and the index
+CREATE_LOCK = ".ccat-dt-create.lock"  # in a storage's directory: one process makes its files
+
+
+@contextmanager
+def _creating(base_dir: str) -> Iterator[None]:
+    """While one process makes (or finds made) a storage's SQLite file in `base_dir`, no other
+    does: Dagster creates the tables and stamps the revision in separate steps, and a second
+    process in between takes the tables for an old instance's (module docstring). The kernel
+    frees the lock if the holder dies."""
+    os.makedirs(base_dir, exist_ok=True)
+    with open(os.path.join(base_dir, CREATE_LOCK), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @cache
@@ -119,6 +146,12 @@ class SqliteRuns(SqliteRunStorage):
                           config_value: Any) -> SqliteRuns:
         return cls.from_local(inst_data=inst_data, **config_value)
 
+    @classmethod
+    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None
+                   ) -> SqliteRuns:
+        with _creating(base_dir):
+            return super().from_local(base_dir, inst_data)
+
     @contextmanager
     def connect(self) -> Iterator[Connection]:
         with self._engine.connect() as connection, connection.begin():
@@ -179,7 +212,8 @@ class SqliteEventLog(SqliteEventLogStorage):
                         return
             except (db.exc.DatabaseError, sqlite3.DatabaseError):
                 pass
-        super()._initdb(engine, for_index_shard=for_index_shard)
+        with _creating(self._base_dir):
+            super()._initdb(engine, for_index_shard=for_index_shard)
 
     def wipe(self) -> None:
         self._close_all()  # before its files are deleted
@@ -188,3 +222,21 @@ class SqliteEventLog(SqliteEventLogStorage):
     def dispose(self) -> None:
         self._close_all()
         super().dispose()
+
+
+class SqliteSchedules(SqliteScheduleStorage):
+    """Dagster's SQLite schedule storage (schedules.db: sensor and schedule states, ticks),
+    made by one process at a time."""
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None,  # type: ignore[override]
+                          config_value: Any) -> SqliteSchedules:
+        return cls.from_local(inst_data=inst_data, **config_value)
+
+    @classmethod
+    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None
+                   ) -> SqliteSchedules:
+        with _creating(base_dir):
+            made = super().from_local(base_dir, inst_data)
+        assert isinstance(made, SqliteSchedules)
+        return made

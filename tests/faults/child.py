@@ -85,7 +85,8 @@ def wait_to_be_killed(marker: Path) -> Callable[[], None]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("config")
-    parser.add_argument("action", choices=["build", "place", "purge", "file", "drive"])
+    parser.add_argument("action", choices=["build", "place", "purge", "file",
+                                                    "drive", "instance"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--kill", default="")
     parser.add_argument("--nth", type=int, default=1, help="kill at the n-th call")
@@ -100,6 +101,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--home", default="", help="Dagster instance directory (drive)")
     parser.add_argument("--wait", type=float, default=10.0,
                         help="drive: wait for re-attempts due within this many seconds")
+    parser.add_argument("--slow-stamp", type=float, default=0.0,
+                        help="instance: seconds between Dagster creating a storage's tables "
+                             "and stamping its schema revision (widens that window)")
     options = parser.parse_args(argv)
     config = load_config(options.config)
     opsdb = OpsDB(config.opsdb_url)
@@ -210,6 +214,26 @@ def main(argv: list[str]) -> int:
             driven = drive(build_definitions(config), instance, wait_s=options.wait,
                            log=lambda line: print(line, flush=True))
         result = {"launched": driven.launched, "failed": driven.failed}
+
+    elif options.action == "instance":  # open the Dagster instance, as every process does
+        import warnings
+
+        from dagster import DagsterInstance
+        from dagster._core.storage.event_log.sqlite import sqlite_event_log
+        from dagster._core.storage.runs.sqlite import sqlite_run_storage
+        from dagster._core.storage.schedules.sqlite import sqlite_schedule_storage
+
+        warnings.filterwarnings("ignore")
+        if options.slow_stamp:
+            def slow() -> None:
+                time.sleep(options.slow_stamp)
+            for storage in (sqlite_run_storage, sqlite_event_log, sqlite_schedule_storage):
+                wrap(storage, "stamp_alembic_rev", before=slow, nth=0)
+        if meet:
+            meet()  # every party is about to open the new instance
+        with DagsterInstance.from_config(options.home) as instance:
+            result = {"runs": len(instance.get_runs(limit=1)),
+                      "states": len(instance.all_instigator_state())}
 
     print(json.dumps({"result": result}))
     return 0
