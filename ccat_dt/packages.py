@@ -204,7 +204,9 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         _fail(opsdb, operation.id, package_id=package.id, error=str(exc), quarantine=rebuilding)
         raise PackageBuildFailed(f"package {name}: {exc}") from exc
     except OSError as exc:
-        _fail(opsdb, operation.id, package_id=None, error=str(exc))
+        # Where: a write that fails mid-tar (a disk filling) names no file of its own.
+        _fail(opsdb, operation.id, package_id=None,
+              error=f"packaging at {buffer_label} ({buffer.root}): {exc}")
         if location_failure(exc) and (exc.filename is None
                                       or str(exc.filename).startswith(buffer.root)):
             mark_failed(opsdb, config, buffer.id, f"packaging {name}: {exc}")

@@ -23,6 +23,7 @@ from ccat_assets.partitions import staging_partitions
 from ccat_assets.stages.common import permanent, transient_retries
 from ccat_dt.config import Config
 from ccat_dt.staging import StagingError, not_active, stage, staged_problems
+from ccat_dt.transports.base import TransferError
 from resources.deployment import Deployment
 
 ASSETS = ("staged_copies",)
@@ -45,6 +46,10 @@ def assets(config: Config) -> list[AssetsDefinition]:
             # Its disk not mounted, say: a retry within the run, seconds later, does not help;
             # the re-attempt sensor's, after a back-off, does.
             raise permanent(exc) from exc
+        except TransferError as exc:  # the tar's copy to a full processing disk, say
+            if not exc.retryable:
+                raise permanent(exc) from exc
+            raise
         deployment.report("staging", context.partition_key, "*", "ok",
                           time.monotonic() - started, bytes=staged.bytes)
         return MaterializeResult(metadata={"packages": staged.packages, "files": staged.files,
