@@ -40,6 +40,27 @@ def location_failure(exc: BaseException) -> bool:
     return True  # a root problem, an unreachable host, a transport refusing the destination
 
 
+# What a location's failure says when its disk (or quota) is full: it can still be read.
+_FULL = ("no space left", "disk quota exceeded", "disk full")
+
+
+def disk_full(exc: BaseException | str) -> bool:
+    """Whether a failure says the disk (or quota) written to is full."""
+    return any(text in str(exc).lower() for text in _FULL)
+
+
+def is_full(location: DataLocation) -> bool:
+    """Whether the location fails because its disk is full (since `failing_since`): only room
+    heals that, made by a person (or, on a buffer, by the purge)."""
+    return location.failing_since is not None and disk_full(location.unhealthy_reason or "")
+
+
+def full_locations(session: Session) -> list[DataLocation]:
+    """The locations whose writes fail because their disk is full."""
+    return [location for location in session.scalars(select(DataLocation).where(
+        DataLocation.failing_since.is_not(None)).order_by(DataLocation.id)) if is_full(location)]
+
+
 def is_healthy(location: DataLocation, now: datetime) -> bool:
     until = location.unhealthy_until
     return until is None or _aware(until) <= _aware(now)
@@ -108,9 +129,11 @@ def archives_unreadable(session: Session, config: Config, now: datetime) -> list
     """Long-term archive locations that have failed as a whole (unreachable, root or bucket
     marker gone, refused), without a success since, for longer than
     `policies.site_failover_hours`: their copies are neither re-checked nor relied on for a
-    deletion, and a loss there cannot be seen. Nothing heals that but a person."""
+    deletion, and a loss there cannot be seen. Nothing heals that but a person. A full one is
+    not among them: it is read as ever (`full_locations`)."""
     horizon = timedelta(hours=config.settings.policies.site_failover_hours)
     return [location for location in session.scalars(select(DataLocation).where(
         DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
         DataLocation.failing_since.is_not(None)).order_by(DataLocation.id))
-        if _aware(now) - _aware(location.failing_since or now) >= horizon]
+        if _aware(now) - _aware(location.failing_since or now) >= horizon
+        and not is_full(location)]

@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
-from ccat_dt.health import archives_unreadable, sites_down
+from ccat_dt.health import archives_unreadable, full_locations, is_full, sites_down
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -60,7 +60,7 @@ LOG = logging.getLogger("ccat_dt.notify")
 class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
-    # | deletion_refused | foreign_file | source_changed | archive_unreadable
+    # | deletion_refused | foreign_file | source_changed | archive_unreadable | disk_full
     subject: str
     detail: str  # what happened and what to do
 
@@ -147,11 +147,22 @@ def current_problems(session: Session, config: Config, now: datetime,
         since = _aware(broken.failing_since or now)
         problems.append(Problem(
             f"site_down:{site}", "site_down",
-            f"archive site {site} unreachable since {since:%Y-%m-%d %H:%M} UTC",
+            f"archive site {site} {'full' if is_full(broken) else 'unreachable'} since "
+            f"{since:%Y-%m-%d %H:%M} UTC",
             f"{broken.unhealthy_reason or 'its buffer failed'}\nPast the failover horizon "
             f"({config.settings.policies.site_failover_hours:g} h): packages not yet sent go to "
             f"another archive site; {site} gets them by replication once it is back. Bring "
             f"{site} back (`ccat-dt status` shows its locations)."))
+    for full in full_locations(session):
+        since = _aware(full.failing_since or now)
+        problems.append(Problem(
+            f"disk_full:{full.label}", "disk_full",
+            f"{full.location_type.value.replace('_', ' ')} {full.label} full since "
+            f"{since:%Y-%m-%d %H:%M} UTC",
+            f"{full.unhealthy_reason or 'no reason recorded'}\nWrites there fail and are tried "
+            "again after a back-off; nothing is lost and the copies there are read as ever. "
+            "Make room or enlarge the disk: the next attempt then goes on by itself. "
+            "`ccat-dt status` shows every location."))
     for archive in archives_unreadable(session, config, now):
         since = _aware(archive.failing_since or now)
         problems.append(Problem(

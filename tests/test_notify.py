@@ -163,7 +163,8 @@ def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
         assert [k.split(":")[0] for k in report.failed] == ["site_copy"] + ["reattempt"] * (
             attempts - 1)
         assert report.next_due is None  # escalated: nothing more is scheduled
-        [told] = webhook_receiver.texts
+        disk, told = webhook_receiver.texts  # the disk at once, the work at the horizon
+        assert "buffer cologne/buffer full since" in disk and "Make room" in disk
         assert f"site copy {package}|cologne still failing after {attempts} attempts" in told
         assert "No space left on device" in told and "ccat-dt retry" in told
         with opsdb.session() as session:
@@ -171,20 +172,22 @@ def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
         assert stage["site copy cologne"].state == "failed"
         assert "escalated at" in stage["site copy cologne"].detail
         assert drive(build_definitions(config), instance, wait_s=0).launched == []
-        assert len(webhook_receiver.posts) == 1  # not told again
+        assert len(webhook_receiver.posts) == 2  # not told again
 
         # A person retries before the cause is fixed: the run fails again, so nothing is
         # "resolved" (the work goes back to automatic attempts, the problem stays open).
         operator_retry(config, instance, opsdb)
         drive(build_definitions(config), instance, wait_s=0)
-        assert len(webhook_receiver.posts) == 1, webhook_receiver.texts
+        assert len(webhook_receiver.posts) == 2, webhook_receiver.texts
 
         monkeypatch.undo()  # space is freed; a person retries, as the message said
         operator_retry(config, instance, opsdb)
 
         archived_everywhere(config, opsdb)
-        assert len(webhook_receiver.posts) == 2
-        assert webhook_receiver.texts[1].startswith(f"[ccat-dt] RESOLVED: site copy {package}")
+        assert len(webhook_receiver.posts) == 4
+        assert sorted(t.splitlines()[0] for t in webhook_receiver.texts[2:]) == [
+            f"[ccat-dt] RESOLVED: {subject}" for subject in sorted(
+                t.splitlines()[0].removeprefix("[ccat-dt] ") for t in (disk, told))]
         assert_safe(config, opsdb)
     finally:
         opsdb.dispose()

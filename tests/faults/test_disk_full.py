@@ -20,6 +20,7 @@ from sqlalchemy import select
 from ccat_dt.config import Config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.marker import write_marker
+from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -108,6 +109,11 @@ def _copies(opsdb: OpsDB) -> list[tuple[str, CopyStatus]]:
             select(PackageCopy).order_by(PackageCopy.id))]
 
 
+def told(config: Config, opsdb: OpsDB) -> list[str]:
+    with opsdb.session() as session:
+        return [p.key for p in current_problems(session, config, utcnow())]
+
+
 def _parts(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.endswith(".part") or ".part." in p.name]
 
@@ -153,6 +159,7 @@ def test_a_full_observatory_buffer_fails_packaging_for_now_and_heals_once_enlarg
     assert "disk full" in detail and "next attempt at" in detail, detail
     assert "ccat/buffer" in detail, detail  # where: even once the location's unhealthy
     # mark (30 min) is over, while the back-off waits hours
+    assert "disk_full:ccat/buffer" in told(config, opsdb)
     assert all(p.is_file() for p in source)
     assert_safe(config, opsdb)
 
@@ -212,6 +219,7 @@ def test_a_full_archive_disk_fails_its_copy_for_now_and_heals_once_enlarged(
     state, detail = _stages(config, opsdb, package)[why]
     assert state == "failed" and "disk full" in detail and "next attempt at" in detail, detail
     assert str(disk.root) in detail, detail
+    assert f"disk_full:{label}" in told(config, opsdb)  # a person is told at once
     assert all(p.is_file() for p in source)  # nothing purged
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb, expected_findings=[("dark", "/filler")] if filler else [])
@@ -225,6 +233,7 @@ def test_a_full_archive_disk_fails_its_copy_for_now_and_heals_once_enlarged(
     assert report.failed == []
     archived_everywhere(config, opsdb)
     assert lost_filed_files(config, opsdb) == []
+    assert not [key for key in told(config, opsdb) if key.startswith("disk_full:")]
     assert_safe(config, opsdb)
     opsdb.dispose()
 
@@ -257,6 +266,7 @@ def test_a_full_processing_disk_fails_staging_for_now_and_heals_once_enlarged(
     [*_, (state, detail)] = _stages(config, opsdb, name).values()
     assert state == "failed" and "disk full" in detail and "next attempt at" in detail, detail
     assert PROCESSING in detail or str(disk.root) in detail, detail
+    assert f"disk_full:{PROCESSING}" in told(config, opsdb)
     with opsdb.session() as session:
         assert not [c for c in session.scalars(select(PackageCopy))
                     if c.status == CopyStatus.CORRUPT]
