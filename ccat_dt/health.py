@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, LocationType, Site, _aware, utcnow
-from ccat_dt.transports.base import FOREIGN_FILE, SOURCE_MISSING, SOURCE_UNREADABLE
+from ccat_dt.transports.base import FOREIGN_FILE, PEER_FAILED, SOURCE_MISSING, SOURCE_UNREADABLE
 
 # A transfer refused because its final name holds a file OpsDB does not know (replicas.py):
 # that file's, not the location's, and a person's to look at (notify.py).
 _PER_FILE = ("checksum mismatch", SOURCE_MISSING, SOURCE_UNREADABLE, "no longer verified",
-             FOREIGN_FILE)
+             FOREIGN_FILE, PEER_FAILED)
 _LOCATION_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
                    errno.EIO, errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH,
                    errno.ECONNREFUSED, errno.ETIMEDOUT}

@@ -232,6 +232,9 @@ def unmarked(endpoint: Endpoint) -> TransferError:
 # copy's fault, not the destination's (health.py), re-checked on its storage (replicas.py).
 SOURCE_MISSING = "source missing"
 SOURCE_UNREADABLE = "source unreadable"
+# What a file of a batched session says when another file's own failure stopped the session:
+# neither its fault nor the destination's (health.py); the next attempt sends it.
+PEER_FAILED = "another file of its session failed"
 
 # What a transfer says when its final name holds a file OpsDB does not record there (found
 # before the transfer, or by the rename itself): nothing is written over it.

@@ -36,7 +36,9 @@ from typing import Literal, Protocol
 from ccat_dt import progress as live
 from ccat_dt.checksums import ALGORITHM
 from ccat_dt.transports.base import (
+    PEER_FAILED,
     SOURCE_MISSING,
+    SOURCE_UNREADABLE,
     Endpoint,
     Occupied,
     SshSettings,
@@ -260,15 +262,23 @@ class LiveProgress:
 
 
 class BbcpFailure(TransferError):
-    """A classified bbcp failure; `resumable` says a partial landing file is worth keeping."""
+    """A classified bbcp failure; `resumable` says a partial landing file is worth keeping,
+    `source` names the one source file it is about (one file of a batch), if any."""
 
-    def __init__(self, message: str, *, retryable: bool, resumable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool, resumable: bool = False,
+                 source: str | None = None) -> None:
         super().__init__(message, retryable=retryable)
-        self.resumable = resumable
+        self.resumable, self.source = resumable, source
 
 
-def classify(rc: int, stderr: str) -> BbcpFailure | None:
-    """Turn bbcp's exit status and messages into an operator-facing error, or None on success."""
+# bbcp's own data streams (TCP, not ssh) lost in the middle: the link, not the destination.
+_DATA_LINK_LOST = (r"^bbcp: (.*(?:Connection reset by peer|Software caused connection abort|"
+                   r"Connection timed out|No route to host|Network is unreachable).*)$")
+
+
+def classify(rc: int, stderr: str, sources: Sequence[str] = ()) -> BbcpFailure | None:
+    """Turn bbcp's exit status and messages into an operator-facing error, or None on success.
+    `sources`: the session's source paths, to tell a source's failure from the target's."""
     if rc == 0:
         return None
     text = stderr.replace("\r", "")
@@ -313,7 +323,17 @@ def classify(rc: int, stderr: str) -> BbcpFailure | None:
     ]
     for pattern, message in rules:
         if m := find(pattern):
-            return BbcpFailure(message.format(m[1]), retryable=False)
+            return BbcpFailure(message.format(m[1]), retryable=False,
+                               source=m[1] if message.startswith(SOURCE_MISSING) else None)
+    # A source read short or long (it changed size while sent): the source's fault, not the
+    # destination's; retried, the next attempt's checksum tells a bad source from a passing
+    # change (replicas re-hashes the source on a mismatch).
+    if (m := find(r"^bbcp: Error -?\d+ (?:reading|writing) (.+)$")) and m[1] in sources:
+        return BbcpFailure(f"{SOURCE_UNREADABLE}: {m[1]} changed size while it was sent "
+                           f"({m[0].strip()})", retryable=True, source=m[1])
+    if m := find(_DATA_LINK_LOST):
+        return BbcpFailure(f"data link lost mid-transfer ({m[1]}); the next attempt resumes "
+                           "the partial file", retryable=True, resumable=True)
     if m := find(r"^bbcp: (.*(?:append not possible|Cannot append to).*)$"):
         return BbcpFailure(f"stale partial file cannot be resumed: {m[1]}", retryable=True)
     tail = " | ".join(text.strip().splitlines()[-3:]) or "no output"
@@ -378,9 +398,18 @@ class BbcpTransport:
         argv = bbcp_command([s for s, _, _ in pairs], staging, self.options, self.ssh)
         items = [(landing, destination, expected)
                  for landing, (_, destination, expected) in zip(landings, pairs, strict=True)]
-        log_path, checked = self._session(argv, first, staging, items,
-                                          Endpoint(first.path.parent / "batch", first.host),
-                                          [s for s, _, _ in pairs])
+        try:
+            log_path, checked = self._session(argv, first, staging, items,
+                                              Endpoint(first.path.parent / "batch", first.host),
+                                              [s for s, _, _ in pairs])
+        except BbcpFailure as failure:
+            if failure.source is None or failure.source not in {str(s.path) for s, _, _ in pairs}:
+                raise
+            # One file's own failure refused the whole session: it is that file's; the others
+            # were not sent, through no fault of theirs (the next attempt sends them).
+            return [failure if str(source.path) == failure.source else TransferError(
+                f"not sent: {PEER_FAILED} ({failure.source}); the next attempt sends this "
+                "file", retryable=True) for source, _, _ in pairs]
         seconds = time.monotonic() - started
         return [landed if isinstance(landed, TransferError) else
                 _result(landed, seconds, self.options.streams, log_path) for landed in checked]
@@ -412,7 +441,7 @@ class BbcpTransport:
         if done.rc == 0:
             progress.finish(progress.total_bytes)
         log_path = self._write_log(argv, done, destination)
-        failure = classify(done.rc, done.stderr)
+        failure = classify(done.rc, done.stderr, [str(source.path) for source in sources])
         if failure is not None:
             if not (failure.resumable and self.options.keep_partial):
                 for landing in landings:

@@ -1,0 +1,323 @@
+"""Real bbcp failing as it does in the field, against the test sshd: its own TCP data streams
+cut while ssh stays up, the source changing size while it is sent, one file of a batched
+session missing, the target disk filling up. Each attempt must fail with the right
+classification (transient heals by itself, permanent names the cause), leave nothing under a
+final name, no temporary file where the next attempt cannot use it, and no bbcp running."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import xxhash
+from dagster import DagsterInstance
+
+from ccat_dt.health import location_failure
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import OperationStatus, OperationType
+from ccat_dt.report import disagreements
+from ccat_dt.transports.base import (
+    SOURCE_MISSING,
+    SOURCE_UNREADABLE,
+    Endpoint,
+    TransferError,
+    TransferResult,
+    temporary_name,
+)
+from ccat_dt.transports.bbcp import STAGING_DIR, BbcpOptions, BbcpTransport
+from ccat_dt.transports.factory import ssh_settings
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere, observe, operations, package_names, run
+from tests.faults.storage_truth import lost_filed_files
+from tests.services import free_port
+from tests.sshd import SshServer
+from tests.sshd import sshd as sshd_fixture  # noqa: F401 - registers the "sshd" fixture
+from tests.test_multisite import multisite
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bbcp") is None, reason="bbcp is not installed (not packaged for Debian); "
+    "tests/test_bbcp.py replays captured output of real bbcp failures")
+
+MiB = 2**20
+MB = 1_000_000
+MARKER = ".ccat-dt-location"
+
+
+def _marked(sshd: SshServer, root: Path, final: Path) -> Endpoint:
+    """`final` as a file of a location whose root `root` carries the marker."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("marker\n")
+    return Endpoint(PurePosixPath(final), sshd.destination, marker=PurePosixPath(root / MARKER))
+
+
+def _package(directory: Path, name: str, size: int) -> tuple[Endpoint, bytes, str]:
+    data = os.urandom(size)
+    path = directory / name
+    path.write_bytes(data)
+    return Endpoint(PurePosixPath(path)), data, xxhash.xxh3_128(data).hexdigest()
+
+
+def _holders(paths: list[Path]) -> list[str]:
+    """Processes that have one of `paths` open or name one on their command line."""
+    wanted = {str(p) for p in paths}
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            opened = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+        except OSError:
+            continue
+        if int(proc.name) != os.getpid() and (wanted & opened
+                                              or any(w in cmdline for w in wanted)):
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+def _nothing_running(paths: list[Path], within_s: float = 10.0) -> None:
+    """No bbcp/ssh of the attempt is left (bbcp's stragglers may take a few seconds)."""
+    deadline = time.monotonic() + within_s
+    while (left := _holders(paths)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], left
+
+
+def _temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and p.name.endswith(".part")]
+
+
+def _when(condition: Callable[[], bool], action: Callable[[], None],
+          timeout_s: float = 30.0) -> threading.Thread:
+    """Run `action` once `condition` holds (polled), in a thread."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                action()
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def ss_kill() -> Iterator[None]:
+    """`ss -K` needs CAP_NET_ADMIN and a kernel with CONFIG_INET_DIAG_DESTROY."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed: cannot reset bbcp's data streams")
+    probe = subprocess.run(["ss", "-K", "-tn", "dport = :1"], capture_output=True, text=True,
+                           check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"ss -K is not permitted here: {probe.stderr.strip()}")
+    yield
+
+
+def test_bbcps_data_streams_cut_while_ssh_stays_up_is_transient_and_resumed(
+        sshd: SshServer, tmp_path: Path, ss_kill: None) -> None:
+    """The data link (bbcp's own TCP streams, not ssh) is reset mid-transfer: bbcp exits 128
+    with 'Connection reset by peer reading data'. That is the link, not the destination: the
+    attempt fails retryable, keeps what landed, and the next attempt appends to it."""
+    source, data, checksum = _package(tmp_path, "pkg-cut.tar", 64 * MiB)
+    root = sshd.root / tmp_path.name
+    final = root / "obs" / "pkg-cut.tar"
+    destination = _marked(sshd, root, final)
+    landing = Path(temporary_name(PurePosixPath(final)))
+    port = free_port()
+    slow = BbcpTransport(BbcpOptions(rate_limit="8M", port_range=f"{port}:{port}"), sshd.ssh,
+                         tmp_path / "logs")
+    reset: list[str] = []
+
+    def reset_the_data_streams() -> None:
+        done = subprocess.run(["ss", "-K", "-tn", f"( sport = :{port} or dport = :{port} )"],
+                              capture_output=True, text=True, check=False)
+        reset.append(done.stdout)
+
+    watcher = _when(lambda: _size(landing) > 4 * MiB, reset_the_data_streams)
+    with pytest.raises(TransferError) as caught:
+        slow.copy(source, destination, checksum)
+    watcher.join()
+    assert reset and f":{port}" in reset[0], reset
+    assert caught.value.retryable, caught.value
+    assert not final.exists()
+    kept = _size(landing)
+    assert 0 < kept < len(data), kept  # what landed is kept for -a
+    _nothing_running([Path(str(source.path)), landing])
+
+    result = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs").copy(
+        source, destination, checksum)
+    assert final.read_bytes() == data and result.checksum == checksum
+    assert _temporaries(root) == []
+    log = Path(result.log_path or "").read_text()
+    assert "Appending to" in log and "at offset 0" not in log.split("Appending to", 1)[1]
+    _nothing_running([Path(str(source.path)), landing])
+
+
+@pytest.mark.parametrize("change", ["truncated", "grown"])
+def test_a_source_that_changes_size_while_sent_is_the_sources_fault_not_the_destinations(
+        sshd: SshServer, tmp_path: Path, change: str) -> None:
+    """The package file changes size while bbcp reads it (bbcp exits 128, 'Error -N writing
+    SOURCE'). That says nothing about the destination: it must not be reported as a failure of
+    the location (marked unhealthy, nobody re-hashing the source) with a permanent 'bbcp
+    failed (exit 128)'. It is the source's (SOURCE_UNREADABLE, retried: the next attempt's
+    checksum settles whether the source is bad), and the useless partial is removed."""
+    source, data, checksum = _package(tmp_path, "pkg-src.tar", 32 * MiB)
+    path = Path(str(source.path))
+    root = sshd.root / tmp_path.name
+    final = root / "obs" / "pkg-src.tar"
+    destination = _marked(sshd, root, final)
+    landing = Path(temporary_name(PurePosixPath(final)))
+
+    def change_the_source() -> None:
+        if change == "truncated":
+            os.truncate(path, 8 * MiB)
+        else:
+            with path.open("ab") as grown:
+                grown.write(os.urandom(4 * MiB))
+
+    watcher = _when(lambda: _size(landing) > 2 * MiB, change_the_source)
+    with pytest.raises(TransferError) as caught:
+        BbcpTransport(BbcpOptions(rate_limit="8M"), sshd.ssh, tmp_path / "logs").copy(
+            source, destination, checksum)
+    watcher.join()
+    message = str(caught.value)
+    assert SOURCE_UNREADABLE in message and str(path) in message, message
+    assert caught.value.retryable, message
+    assert not location_failure(caught.value), message  # the destination stays healthy
+    assert not final.exists() and _temporaries(root) == []
+    _nothing_running([path, landing])
+
+
+def test_a_batch_whose_one_source_is_missing_fails_only_that_package(
+        sshd: SshServer, tmp_path: Path) -> None:
+    """Two packages in one bbcp session; one's source file is gone. bbcp refuses the whole
+    session (exit 2, 'No such file or directory processing B'), but only B's failure is
+    permanent: A's source is fine, and failing A permanently with B's cause stops A until a
+    person retries it (and `why` names a file that is not A's). A's attempt is transient, and
+    A alone then goes through."""
+    a, a_data, a_sum = _package(tmp_path, "pkg-a.tar", 2 * MiB)
+    b, _, b_sum = _package(tmp_path, "pkg-b.tar", 2 * MiB)
+    root = sshd.root / tmp_path.name
+    final_a, final_b = root / "obs" / "pkg-a.tar", root / "obs" / "pkg-b.tar"
+    destination_a = _marked(sshd, root, final_a)
+    destination_b = Endpoint(PurePosixPath(final_b), sshd.destination,
+                             marker=destination_a.marker)
+    Path(str(b.path)).unlink()
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
+
+    outcomes = transport.copy_many([(a, destination_a, a_sum), (b, destination_b, b_sum)])
+
+    outcome_a, outcome_b = outcomes
+    assert isinstance(outcome_b, TransferError) and not outcome_b.retryable
+    assert SOURCE_MISSING in str(outcome_b) and str(b.path) in str(outcome_b)
+    assert isinstance(outcome_a, TransferResult) or (
+        isinstance(outcome_a, TransferError) and outcome_a.retryable
+        and SOURCE_MISSING not in str(outcome_a) and not location_failure(outcome_a)), outcome_a
+    assert not final_b.exists()
+    if isinstance(outcome_a, TransferError):
+        assert not final_a.exists()
+        assert transport.copy(a, destination_a, a_sum).checksum == a_sum
+    assert final_a.read_bytes() == a_data
+    assert _temporaries(root) == []
+    assert not any((root / "obs" / STAGING_DIR).glob("*"))
+    _nothing_running([Path(str(a.path)), Path(str(b.path))])
+
+
+def test_the_target_disk_filling_up_mid_transfer_is_permanent_and_leaves_nothing(
+        sshd: SshServer, tmp_path: Path) -> None:
+    """The destination file system fills while bbcp writes (bbcp's own free-space check
+    passed at the start): exit 228, 'No space left on device writing'. Permanent (a person
+    frees space), named as a full disk, and the useless partial is removed."""
+    source, _, checksum = _package(tmp_path, "pkg-full.tar", 24 * MiB)
+    root = sshd.root / tmp_path.name
+    root.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(root)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        final = root / "obs" / "pkg-full.tar"
+        destination = _marked(sshd, root, final)  # the marker on the mounted file system
+        landing = Path(temporary_name(PurePosixPath(final)))
+
+        def fill_the_disk() -> None:
+            with contextlib.suppress(OSError):
+                (root / "filler").write_bytes(b"\0" * 30 * MiB)
+
+        watcher = _when(lambda: _size(landing) > 2 * MiB, fill_the_disk)
+        with pytest.raises(TransferError) as caught:
+            BbcpTransport(BbcpOptions(rate_limit="8M"), sshd.ssh, tmp_path / "logs").copy(
+                source, destination, checksum)
+        watcher.join()
+        assert not caught.value.retryable and "disk full" in str(caught.value), caught.value
+        assert not final.exists() and _temporaries(root) == []
+        _nothing_running([Path(str(source.path)), landing])
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def test_a_pipeline_transfer_whose_bbcp_data_streams_are_cut_heals_without_a_person(
+        tmp_path: Path, sshd: SshServer, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch, ss_kill: None) -> None:
+    """The whole pipeline, real bbcp slowed to 8 MB/s: 1.5 s into the first transfer its data
+    streams are reset (ssh stays up). The attempt fails retryable; the step's own retry
+    appends to what landed, the package ends archived at both sites, no `ccat-dt retry`."""
+    port = free_port()
+    config = multisite(tmp_path, sshd, "bbcp",
+                       bbcp={"rate_limit": "8M", "port_range": f"{port}:{port}"})
+    opsdb = OpsDB(config.opsdb_url)
+    cut = threading.Event()
+
+    def reset_once() -> None:
+        if not cut.is_set():
+            cut.set()
+            subprocess.run(["ss", "-K", "-tn", f"( sport = :{port} or dport = :{port} )"],
+                           capture_output=True, check=False)
+
+    real_init = BbcpTransport.__init__
+
+    def init(self: BbcpTransport, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        runner = self._run
+
+        def run_bbcp(argv: list[str], *rest: Any, **options: Any) -> Any:
+            threading.Timer(1.5, reset_once).start()
+            return runner(argv, *rest, **options)
+
+        self._run = run_bbcp
+
+    monkeypatch.setattr(BbcpTransport, "__init__", init)
+    try:
+        observe(config, opsdb, files=3, size=10 * MB)
+
+        report = run(config, instance, workers=1)  # the reset is timed from this process
+
+        assert cut.is_set()
+        assert report.failed == []  # the step's own retry got through
+        [package] = package_names(opsdb)
+        transfers = operations(opsdb, OperationType.TRANSFER, package)
+        assert transfers[0][0] == OperationStatus.FAILED
+        assert "data link lost" in (transfers[0][1] or ""), transfers[0]
+        assert [s for s, _ in transfers[1:]] == [OperationStatus.COMPLETED] * 2
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)  # the "remote" roots are on this machine: read directly
+        assert disagreements(opsdb, ssh_settings(config)) == []
+        assert lost_filed_files(config, opsdb) == []
+        _nothing_running([sshd.root / tmp_path.name])
+    finally:
+        opsdb.dispose()
