@@ -153,11 +153,19 @@ def source_for(session: Session, config: Config, package: RawDataPackage, site: 
     return replication_source(session, config, package, site)
 
 
+# A buffer copy deleted, or being deleted: its certificate committed (reaper._claim marks the
+# copy DELETION_IN_PROGRESS in the transaction that records the deletion and the verified LTA
+# copies allowing it), its unlink under way or left for the next purge to finish.
+PURGED = (CopyStatus.DELETED, CopyStatus.DELETION_IN_PROGRESS)
+
+
 def archived_at(session: Session, package: RawDataPackage, site: str) -> PackageCopy | None:
     """The site's verified LTA copy when its buffer holds no live copy: the buffer copy did
-    its job (purged after archiving, or never needed), so there is nothing to put there."""
+    its job (purged after archiving, or being purged now, or never needed), so there is
+    nothing to put there: a copy made while the purge deletes the file would be recorded over
+    a file about to go, or send the package again only for the next purge to delete it."""
     live = [c for c in copies_at(session, package, LocationType.BUFFER, site)
-            if c.status != CopyStatus.DELETED]
+            if c.status not in PURGED]
     return None if live else verified_copy(session, package, site,
                                            LocationType.LONG_TERM_ARCHIVE)
 
@@ -651,30 +659,52 @@ def check_stage(opsdb: OpsDB, config: Config, package: str, site: str,
     """What a stage's integrity check reports: for a copy run `run_id` placed (or re-read)
     the read it did, with its evidence (every written byte is read back once: the transport
     hashed the landed bytes before the rename); else the copy re-read now; or, for a buffer copy
-    purged after archiving (it did its job), the verified LTA copies that made the purge
-    allowed."""
-    if kind == LocationType.BUFFER:
-        with opsdb.session() as session:
-            pkg = get_package(session, package)
-            buffered = copies_at(session, pkg, kind, site)
-            # purged after archiving, or never there (a copy adopted in the archive)
-            purged = all(c.status == CopyStatus.DELETED for c in buffered)
-            archived = sorted(f"{c.location.site.short_name}/{c.location.name}"
-                              for c in copies_at(session, pkg, LocationType.LONG_TERM_ARCHIVE)
-                              if c.is_verified)
-            done = purged and len({a.split("/")[0] for a in archived}) >= (
-                config.settings.required_lta_copies if site == config.settings.observatory
-                else 1) and (site == config.settings.observatory
-                             or any(a.startswith(f"{site}/") for a in archived))
-        if done:
-            return Verification(True, f"{site}/{kind.value}: none left (purged after "
-                                "archiving, or archived without it); verified "
-                                f"LTA copies at {', '.join(archived)}", None, None)
+    purged after archiving (it did its job), or being purged now (a purge took it, before or
+    while it was read), the verified LTA copies that made the purge allowed."""
+    if kind == LocationType.BUFFER and (purged := purged_buffer(opsdb, config, package,
+                                                                site)) is not None:
+        return purged
     if run_id is not None:
         found = read_in_run(opsdb, package, site, kind, run_id)
         if found is not None:
             return found
-    return verify(opsdb, config, package, site, kind)
+    verification = verify(opsdb, config, package, site, kind)
+    if not verification.passed and kind == LocationType.BUFFER:
+        # the purge may have claimed the copy while it was read (its unlink emptied the path)
+        return purged_buffer(opsdb, config, package, site) or verification
+    return verification
+
+
+def purged_buffer(opsdb: OpsDB, config: Config, package: str, site: str) -> Verification | None:
+    """A passed check for the site's buffer when it holds no copy but purged ones (deleted, or
+    being deleted under a committed certificate) and the verified LTA copies a purge of it
+    relies on are there (purged after archiving, or archived without it); else None."""
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        buffered = copies_at(session, pkg, LocationType.BUFFER, site)
+        if any(c.status not in PURGED for c in buffered):
+            return None
+        archived = sorted(f"{c.location.site.short_name}/{c.location.name}"
+                          for c in copies_at(session, pkg, LocationType.LONG_TERM_ARCHIVE)
+                          if c.is_verified)
+        observatory = site == config.settings.observatory
+        required = config.settings.required_lta_copies if observatory else 1
+        if (len({a.split("/")[0] for a in archived}) < required
+                or not observatory and not any(a.startswith(f"{site}/") for a in archived)):
+            return None
+        deleting = sorted(c.id for c in buffered if c.status == CopyStatus.DELETION_IN_PROGRESS)
+        operations = [str(i) for i in session.scalars(select(Operation.id).where(
+            Operation.copy_id.in_(deleting),
+            Operation.operation_type == OperationType.DELETION).order_by(Operation.id))]
+    where = f"{site}/{LocationType.BUFFER.value}"
+    lta = f"verified LTA copies at {', '.join(archived)}"
+    if deleting:
+        return Verification(True, f"{where}: being purged after archiving (deletion "
+                            f"operation {', '.join(operations) or 'unrecorded'} under way); "
+                            f"{lta}", deleting[-1], None,
+                            {"purge_operations": ", ".join(operations)})
+    return Verification(True, f"{where}: none left (purged after archiving, or archived "
+                        f"without it); {lta}", None, None)
 
 
 READS = (OperationType.PACKAGING, OperationType.TRANSFER, OperationType.ARCHIVE,

@@ -73,6 +73,24 @@ def wrap(module: Any, name: str, before: Callable[[], None] | None = None,
     setattr(module, name, wrapper)
 
 
+def at_copy(module: Any, name: str, label: str, meet: Callable[[], None], *,
+            after: bool = False) -> None:
+    """`meet` before (or after) module.name, a reaper function given a deletion's claim,
+    for the claim of the copy at the location labelled `label` only."""
+    real = getattr(module, name)
+
+    def wrapper(*args: Any) -> Any:
+        ours = any(getattr(a, "label", None) == label for a in args)
+        if ours and not after:
+            meet()
+        result = real(*args)
+        if ours and after:
+            meet()
+        return result
+
+    setattr(module, name, wrapper)
+
+
 def wait_to_be_killed(marker: Path) -> Callable[[], None]:
     def hold() -> None:
         written = marker.with_name(f".{marker.name}.{os.getpid()}")
@@ -95,7 +113,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--parties", type=int, default=2)
     parser.add_argument("--at", default="write", choices=["write", "record", "claim"],
                         help="where the racers meet: about to write, or about to record; "
-                             "place: about to claim the transfer (past the is-it-there check)")
+                             "place: about to claim the transfer (past the is-it-there check); "
+                             "purge: `claim`, certified, about to unlink the copy at "
+                             "--copy-at, or `record`, unlinked, about to record it")
+    parser.add_argument("--copy-at", default="",
+                        help="purge: the location label (site/location) of the copy whose "
+                             "deletion meets the others at the barrier")
     parser.add_argument("--barrier-timeout", type=float, default=BARRIER_TIMEOUT_S,
                         help="seconds to wait at the barrier for the other racers")
     parser.add_argument("--home", default="", help="Dagster instance directory (drive)")
@@ -155,6 +178,11 @@ def main(argv: list[str]) -> int:
         import ccat_dt.reaper as reaper
 
         [name] = options.args
+        if meet:  # the deletion of the copy at `--copy-at` (a location label) meets the others
+            # about to unlink (`--at claim`: its certificate committed) or, unlinked, about to
+            # be recorded (`--at record`)
+            at_copy(reaper, "_execute" if options.at == "claim" else "_unlink_local",
+                    options.copy_at, meet, after=options.at == "record")
         if options.kill == "after-certificate":  # certificate committed, nothing unlinked
             wrap(reaper, "_execute", before=die, nth=options.nth)
         elif options.kill == "after-unlink":  # unlinked, the deletion not recorded
