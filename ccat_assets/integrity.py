@@ -6,12 +6,22 @@ partition's latest materialization (`AssetCheckPartitionInfo.is_current`); an ev
 without that target is history only, and the partition, the check list and the lineage node
 keep saying "Passed". So every evaluation made here names the partition's latest
 materialization: a copy found bad is red until a new materialization (the repair) and its
-check say otherwise."""
+check say otherwise.
+
+Dagster takes a partition's latest check execution to be the one created last, and a run's
+check execution is created when the run is (planned), not when the check is evaluated. So an
+evaluation made here after a run of the partition was created, however briefly before that
+run materializes, outranks that run's own check: the repaired partition reads stale though its
+check passed on the new copy. Whether such a run exists is looked at before writing, but no
+look can exclude one created in between (the daemon or a drive creates runs in another
+process); so the integrity sensor also looks for that outcome afterwards (`buried_checks`) and
+says the run's own result again, on the materialization it was made on."""
 
 from typing import Any
 
 from dagster import (
     AssetCheckEvaluation,
+    AssetCheckKey,
     AssetCheckSeverity,
     AssetKey,
     AssetRecordsFilter,
@@ -25,6 +35,12 @@ from dagster import (
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
+from dagster._core.storage.asset_check_execution_record import (
+    AssetCheckExecutionRecordStatus,
+    AssetCheckPartitionInfo,
+)
+from dagster._core.storage.dagster_run import FINISHED_STATUSES
+from dagster._core.storage.event_log.base import PartitionKeyFilter
 
 from ccat_assets.inflight import in_flight
 from ccat_assets.partitions import package_site_key
@@ -93,6 +109,9 @@ class Finding(Config):
     # materialization of the partition (a repair, a click) came with its own, newer check
     events_before: int
     severity: str = AssetCheckSeverity.ERROR.value
+    # not a finding but a run's own check result said again (buried_checks): on this
+    # materialization (storage id), if it is still the partition's latest
+    restates: int = 0
 
 
 class Findings(Config):
@@ -114,7 +133,12 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
     busy = in_flight(context.instance)  # a run whose process died is closed, not counted
     for finding in config.findings:
         latest = latest_materialization(context.instance, finding.asset, finding.partition)
-        if latest is not None and latest.storage_id > finding.events_before:
+        if finding.restates and (latest is None or latest.storage_id != finding.restates):
+            context.log.info(f"{finding.asset} {finding.partition} materialized again since; "
+                             f"that run's check stands, not this one: {finding.description}")
+            continue
+        if (not finding.restates and latest is not None
+                and latest.storage_id > finding.events_before):
             context.log.info(f"{finding.asset} {finding.partition} materialized since the "
                              f"finding, which is not reported: {finding.description}")
             continue
@@ -129,6 +153,91 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
             severity=AssetCheckSeverity(finding.severity), latest=latest))
         reported += 1
     return reported
+
+
+LOOK_BACK = 50  # check executions of a partition looked through for a run's own
+
+
+def _running(instance: DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is not None and run.status not in FINISHED_STATUSES
+
+
+def _materialized_after(instance: DagsterInstance, asset: str, after: int) -> set[str]:
+    """The partitions of `asset` materialized after event `after`."""
+    partitions: set[str] = set()
+    cursor = None
+    while True:
+        page = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey(asset), after_storage_id=after),
+            limit=1000, cursor=cursor, ascending=True)
+        partitions |= {r.partition_key for r in page.records if r.partition_key}
+        if not page.has_more:
+            return partitions
+        cursor = page.cursor
+
+
+def buried_checks(instance: DagsterInstance, after: int, pending: list[list[str]]
+                  ) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """The partitions, among those materialized after event `after` (only a new
+    materialization can be outranked) and those `pending`, whose latest materialization's own
+    check (in the run that made it) is outranked by an evaluation another run made later on an
+    older materialization (a finding or a scrub result written while that run was in flight):
+    that check's result, to be said again (a Finding's fields, `restates` its
+    materialization's storage id). Also the partitions [asset, check, partition] to look at
+    again at the next tick: their run's check was not evaluated yet. The cost follows the
+    materializations since the last tick, not the history."""
+    storage = instance.event_log_storage
+    infos: list[AssetCheckPartitionInfo] = []
+    for asset, check in CHECKS.values():
+        key = AssetCheckKey(AssetKey(asset), check)
+        touched = {key_ for a, c, key_ in pending if (a, c) == (asset, check)}
+        touched |= _materialized_after(instance, asset, after)
+        if touched:
+            infos += storage.get_asset_check_partition_info([key], partition_keys=sorted(touched))
+    restated: list[dict[str, Any]] = []
+    waiting: list[list[str]] = []
+    seen: set[tuple[AssetCheckKey, str]] = set()
+    for info in infos:
+        partition = info.partition_key
+        if info.is_current or partition is None or (info.check_key, partition) in seen:
+            continue
+        seen.add((info.check_key, partition))
+        asset, check = info.check_key.asset_key.to_user_string(), info.check_key.name
+        latest = latest_materialization(instance, asset, partition)
+        if latest is None:
+            continue
+        if latest.run_id == info.latest_planned_run_id:
+            # That run's own execution is the latest, not evaluated yet: watched until it is
+            # (an evaluation written meanwhile would outrank it).
+            if (info.latest_execution_status == AssetCheckExecutionRecordStatus.PLANNED
+                    and _running(instance, latest.run_id)):
+                waiting.append([asset, check, partition])
+            continue
+        own = next((r for r in storage.get_asset_check_execution_history(
+            info.check_key, limit=LOOK_BACK, partition_filter=PartitionKeyFilter(key=partition))
+            if r.run_id == latest.run_id), None)
+        if own is None:
+            continue  # that run had no such check (or it is long outranked: not ours to say)
+        if own.status == AssetCheckExecutionRecordStatus.PLANNED:
+            if _running(instance, latest.run_id):
+                waiting.append([asset, check, partition])
+            continue
+        evaluation = own.event.dagster_event.event_specific_data if (
+            own.event and own.event.dagster_event) else None
+        if (not isinstance(evaluation, AssetCheckEvaluation)
+                or evaluation.target_materialization_data is None
+                or evaluation.target_materialization_data.storage_id != latest.storage_id):
+            continue
+        restated.append({
+            "asset": asset, "check": check, "partition": partition,
+            "passed": evaluation.passed,
+            "description": f"{evaluation.description or ''} (the check of run "
+                           f"{latest.run_id[:8]}, said again: an evaluation on the previous "
+                           "materialization came after it)",
+            "severity": evaluation.severity.value, "restates": latest.storage_id,
+            "events_before": info.latest_check_event_storage_id})
+    return restated, waiting
 
 
 @job

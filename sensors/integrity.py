@@ -2,9 +2,11 @@
 re-check, a copy found bad while being re-read) reach the UI as check evaluations on exactly
 the partition concerned, and `filed_bytes_safe` follows a package at risk until it is safe.
 A finding already repaired when the sensor sees it, or by the time its report runs, is not
-reported (the repair's own check said green). The evaluations are logged by a small run
-(`integrity_report_job`)."""
+reported (the repair's own check said green). A repair's check that a finding outranked all
+the same (written while the repair was in flight) is said again (`buried_checks`). The
+evaluations are logged by a small run (`integrity_report_job`)."""
 
+import hashlib
 import json
 from typing import Any
 
@@ -17,7 +19,7 @@ from dagster import (
     sensor,
 )
 
-from ccat_assets.integrity import copy_check_of, integrity_report_job
+from ccat_assets.integrity import buried_checks, copy_check_of, integrity_report_job
 from ccat_dt.loss import Health, assess
 from ccat_dt.packages import get_package
 from ccat_dt.pending import quarantines_found
@@ -34,6 +36,9 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     # Read before OpsDB: a repair verified after this id was taken either shows in OpsDB now
     # (no finding) or materializes after it (its report is then skipped, see report_findings).
     events_before = context.instance.event_log_storage.get_maximum_record_id() or 0
+    # Checks and materializations since the last tick (a first tick: from now on).
+    restated, pending = buried_checks(context.instance, int(state.get("checks", events_before)),
+                                      list(state.get("pending", [])))
     with deployment.opsdb.session() as session:
         found, cursor = quarantines_found(session, config, after)
         for q in found:
@@ -59,10 +64,20 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
                              else AssetCheckSeverity.WARN).value})
     for finding in findings:
         finding["events_before"] = events_before
-    new_cursor = json.dumps({"op": cursor, "unsafe": unsafe})
-    if not findings or (not found and sorted(unsafe) == sorted(was_unsafe)):
+    new_cursor = json.dumps({"op": cursor, "unsafe": unsafe, "checks": events_before,
+                             "pending": pending})
+    requests = []
+    if findings and (found or sorted(unsafe) != sorted(was_unsafe)):
+        requests.append(RunRequest(
+            job_name=integrity_report_job.name,
+            run_key=f"integrity:{after}:{cursor}:{','.join(unsafe)}"[:200],
+            run_config={"ops": {"report_findings": {"config": {"findings": findings}}}}))
+    if restated:  # once per evaluation that outranked a check (its storage id)
+        over = ",".join(str(r["events_before"]) for r in restated)
+        requests.append(RunRequest(
+            job_name=integrity_report_job.name,
+            run_key=f"integrity-restate:{hashlib.sha256(over.encode()).hexdigest()[:16]}",
+            run_config={"ops": {"report_findings": {"config": {"findings": restated}}}}))
+    if not requests:
         return SensorResult(cursor=new_cursor, skip_reason="no new integrity finding")
-    return SensorResult(cursor=new_cursor, run_requests=[RunRequest(
-        job_name=integrity_report_job.name,
-        run_key=f"integrity:{after}:{cursor}:{','.join(unsafe)}"[:200],
-        run_config={"ops": {"report_findings": {"config": {"findings": findings}}}})])
+    return SensorResult(cursor=new_cursor, run_requests=requests)

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dagster import (
     AssetCheckEvaluation,
     AssetCheckKey,
@@ -16,6 +17,7 @@ from dagster import (
     BetaWarning,
     DagsterEventType,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     Definitions,
     PreviewWarning,
@@ -358,3 +360,64 @@ def test_materialize_of_a_package_opsdb_does_not_know_fails_once_with_that_cause
         assert failure.user_failure_data is not None, (asset, failure.error)
         assert failure.user_failure_data.description == \
             "unknown package 'obs-nope_primecam-f280_p00'", asset
+
+
+def test_a_finding_written_just_after_its_repair_was_created_leaves_the_partition_green(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report of a quarantine looks for a run of the partition in flight, finds none, and
+    the repair's run is created before it writes the finding (the daemon or a drive creates
+    runs in another process): the finding is then the partition's latest check execution, on
+    the old materialization, and the repair's passed check is outranked (stale in the UI, seen
+    as a flaky test_scrub under `-n 2`, 2026-12-05). The integrity sensor's next tick says the
+    repair's check again: green."""
+    from dagster._core.execution.api import execute_run
+
+    import ccat_assets.integrity as integrity
+    from ccat_assets.driver import _create
+
+    defs, bad_key = quarantined_lta_copy(config, opsdb, instance)
+    repository = defs.get_repository_def()
+
+    def tick(name: str) -> list[RunRequest]:
+        with build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                  resources=defs.resources, repository_def=repository
+                                  ) as context:
+            return list(repository.get_sensor_def(name).evaluate_tick(context).run_requests
+                        or [])
+
+    [late] = tick("integrity_sensor")
+    [repair] = tick("repair_sensor")  # the buffer copy was purged: refilled first
+    launch(defs, instance, repair, origin="repair_sensor", report=DriveReport())
+    [repair] = tick("repair_sensor")  # then the LTA copy from it
+    assert repair.partition_key == bad_key and repair.job_name == "lta_copy_job"
+    job = repository.get_job(repair.job_name)
+    created: list[tuple[DagsterRun, Any]] = []
+    looked = integrity.in_flight
+
+    def created_after_the_look(dagster: DagsterInstance) -> Any:
+        busy = looked(dagster)
+        created.append(_create(job, instance, bad_key, dict(repair.run_config),
+                               dict(repair.tags)))
+        return busy
+
+    monkeypatch.setattr(integrity, "in_flight", created_after_the_look)
+    report = DriveReport()
+    launch(defs, instance, late, origin="integrity_sensor", report=report)
+    assert report.failed == []
+    monkeypatch.undo()
+    [(run, runnable)] = created
+    assert execute_run(runnable, run, instance).success  # the repair, its check passed
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] == "stale"
+
+    follow_up = drive(defs, instance)  # the sensors' next ticks (and the refill's purge)
+    assert follow_up.failed == []
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] == "passed"
+    [restated] = [key for key in follow_up.launched if key.startswith("integrity-restate:")]
+    [said] = instance.get_runs(RunsFilter(tags={"dagster/run_key": restated}))
+    [evaluation] = [r.dagster_event.event_specific_data for r in instance.all_logs(
+        said.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION) if r.dagster_event]
+    assert isinstance(evaluation, AssetCheckEvaluation) and evaluation.passed
+    assert f"the check of run {run.run_id[:8]}, said again" in (evaluation.description or "")
+    assert drive(defs, instance).launched == []  # said once
+    lta_intact(opsdb)
