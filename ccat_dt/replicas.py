@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 from sqlalchemy import select
@@ -808,6 +809,24 @@ def refresh_state(session: Session, config: Config, package: RawDataPackage) -> 
             package.state, package.archived_at = PackageState.ARCHIVED, utcnow()
     elif package.state in (PackageState.WAITING, PackageState.ARCHIVED):
         package.state = PackageState.TRANSFERRING
+
+
+def settle_states(session: Session, config: Config, among: Collection[str]) -> list[str]:
+    """Those of `among` (package names, e.g. the live partitions) still TRANSFERRING though
+    they hold the verified LTA copies the configuration requires now: `required_lta_copies`
+    lowered, or an archive site that held none of their copies removed, after their last copy
+    changed (the state is derived only when a copy changes). Their state is derived again,
+    ARCHIVED, as `refresh_state` would; the names of those now ARCHIVED."""
+    names, settled = sorted(set(among)), []
+    for start in range(0, len(names), 500):
+        for package in session.scalars(select(RawDataPackage).where(
+                RawDataPackage.name.in_(names[start:start + 500]),
+                RawDataPackage.state == PackageState.TRANSFERRING,
+                RawDataPackage.verified_lta_sites >= config.settings.required_lta_copies)):
+            refresh_state(session, config, package)
+            if package.state == PackageState.ARCHIVED:
+                settled.append(package.name)
+    return settled
 
 
 def finish(opsdb: OpsDB, operation_id: int, *, error: str | None = None) -> None:

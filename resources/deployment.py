@@ -11,7 +11,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import log_operation
 from ccat_dt.metrics import Metrics, MetricsSettings
-from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.database import OpsDB, check_schema
 from ccat_dt.topology import check_topology
 
 OPERATIONS = logging.getLogger("ccat_dt.operations")
@@ -50,8 +50,12 @@ class Deployment(ConfigurableResource):  # type: ignore[misc]
     @cached_property
     def opsdb(self) -> OpsDB:
         """Refused (TopologyDrift, with what to do) while the configuration and OpsDB
-        disagree on the locations: every sensor tick and run says so, and none acts."""
+        disagree on the locations: every sensor tick and run says so, and none acts. The
+        OpsDB is opened once per process, so its schema is looked at again here: a process
+        that outlived a `migrate` (a Celery worker, the daemon, a drive) is refused
+        (SchemaOutOfDate) instead of writing with its old models into the new schema."""
         opsdb = _opened_opsdb(self.config.opsdb_url)
+        check_schema(opsdb.engine)
         check_topology(opsdb, self.config)
         return opsdb
 

@@ -11,6 +11,7 @@ from ccat_assets.inflight import in_flight
 from ccat_assets.partitions import PACKAGES, package_partitions
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.pending import finished_packages
+from ccat_dt.replicas import settle_states
 from resources.deployment import Deployment
 
 # Live partitions examined per tick; the cursor (the last one examined) moves through them and
@@ -26,6 +27,11 @@ def retire_partitions_sensor(context: SensorEvaluationContext,
     live = sorted(context.instance.get_dynamic_partitions(PACKAGES))
     start = bisect_right(live, context.cursor or "")
     batch = live[start:start + BATCH] or live[:BATCH]
+    with deployment.opsdb.session() as session:  # a policy changed since: ARCHIVED now
+        if settled := settle_states(session, deployment.config, batch):
+            context.log.info(f"{len(settled)} package(s) ARCHIVED under the configuration "
+                             f"as it is now (required_lta_copies "
+                             f"{settings.required_lta_copies}): {', '.join(settled[:5])}")
     with deployment.opsdb.session() as session:
         retiring = finished_packages(session, utcnow() - timedelta(days=days), batch,
                                      [site.short_name for site in settings.archive_sites])

@@ -85,6 +85,13 @@ def migrate(url: str) -> None:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     from alembic import command
 
+    engine = _create_engine(url)
+    try:  # a newer schema: Alembic would fail on the revision it does not know (a traceback)
+        newer = _newer_than_code(_current_revision(engine), schema_head())
+    finally:
+        engine.dispose()
+    if newer:
+        raise SchemaOutOfDate(f"OpsDB at {engine.url!r} {newer}")
     command.upgrade(_alembic_config(url), "head")
 
 
@@ -95,15 +102,38 @@ def schema_head() -> str:
     return max(p.name.split("_", 1)[0] for p in (MIGRATIONS / "versions").glob("[0-9]*_*.py"))
 
 
-def check_schema(engine: Engine) -> None:
-    head = schema_head()
+HEAD = schema_head()  # this code's schema, read once: what its models were written for
+
+
+def _current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
-        current = (connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-                   if inspect(connection).has_table("alembic_version") else None)
-    if current != head:
-        raise SchemaOutOfDate(
-            f"OpsDB at {engine.url!r} is at schema revision {current or 'none'}, expected {head}: "
-            "run `ccat-dt init` (or `ccat-dt migrate`) first")
+        return (connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                if inspect(connection).has_table("alembic_version") else None)
+
+
+def _newer_than_code(current: str | None, head: str) -> str | None:
+    """What to tell when the OpsDB's schema is newer than this code's (a newer ccat-dt
+    migrated it): this code does not know the tables, and `migrate` cannot take them back."""
+    if current is None or current <= head:
+        return None
+    return (f"is at schema revision {current}, newer than this code's {head} (migrated by a "
+            "newer ccat-dt): upgrade ccat-dt here (and restart its services) to that "
+            "version; `migrate` cannot take a schema back")
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise SchemaOutOfDate unless the OpsDB is at the newest revision this process was
+    started with (not the files on disk now: code upgraded under a running process must not
+    make its old models pass for the new schema)."""
+    head = HEAD
+    current = _current_revision(engine)
+    if current == head:
+        return
+    if newer := _newer_than_code(current, head):
+        raise SchemaOutOfDate(f"OpsDB at {engine.url!r} {newer}")
+    raise SchemaOutOfDate(
+        f"OpsDB at {engine.url!r} is at schema revision {current or 'none'}, expected {head}: "
+        "run `ccat-dt init` (or `ccat-dt migrate`) first")
 
 
 class OpsDB:
