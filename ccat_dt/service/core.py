@@ -43,7 +43,7 @@ from ccat_dt.filing import (
     source_from_config,
     start_in,
 )
-from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate
+from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate, check_schema
 from ccat_dt.opsdb.models import (
     ApiRequest,
     ExecutedObsUnit,
@@ -59,6 +59,7 @@ from ccat_dt.service.tokens import TokenInfo, hash_token, list_tokens
 log = logging.getLogger("ccat_dt.service")
 LINK_ERRORS = (OperationalError, InterfaceError, DisconnectionError, SchemaOutOfDate)
 DRAIN_BATCH = 100  # journal entries applied in one OpsDB transaction
+SCHEMA_EVERY_S = 5.0  # how often the OpsDB's schema is looked at again
 T = TypeVar("T")
 
 
@@ -114,6 +115,7 @@ class FilingService:
                 "keepalives_count": "3", **url.query})
         self._url = url.render_as_string(hide_password=False)
         self._opsdb: OpsDB | None = None
+        self._schema_at = 0.0  # when the OpsDB's schema was last found to be this code's
         self._write = threading.Lock()  # one writer: direct applies and the drainer, in order
         self.reachable = False
         self.last_error: str | None = "not contacted yet"
@@ -153,6 +155,12 @@ class FilingService:
         try:
             if self._opsdb is None:
                 self._opsdb = OpsDB(self._url)
+                self._schema_at = time.monotonic()
+            elif time.monotonic() - self._schema_at > SCHEMA_EVERY_S:
+                # A `migrate` by a newer ccat-dt under this long-lived process: journal (its
+                # models would write the old schema's rows) until it is upgraded and restarted.
+                check_schema(self._opsdb.engine)
+                self._schema_at = time.monotonic()
             result = action(self._opsdb)
         except LINK_ERRORS as exc:
             self._down(exc)

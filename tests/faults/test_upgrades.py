@@ -159,3 +159,35 @@ def test_an_archive_site_removed_while_its_copy_is_in_flight_leaves_the_package_
     capsys.readouterr()
     assert run_cli("--config", str(config.path), "status") == 0
     assert "1 archived" in capsys.readouterr().out
+
+
+def test_the_filing_service_journals_once_a_newer_ccat_dt_migrated_its_opsdb(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The filing service runs for months with one OpsDB open; a newer ccat-dt migrates it.
+    Its requests are journaled (acknowledged, applied once it is upgraded and restarted),
+    not written with its old models into the new schema, and it says why."""
+    from ccat_dt.service import core
+    from ccat_dt.service.core import FilingService
+    from ccat_dt.service.tokens import create_token
+
+    assert run_cli("init", str(tmp_path / "dep")) == 0
+    config = load_config(tmp_path / "dep" / CONFIG_NAME)
+    opsdb = OpsDB(config.opsdb_url)
+    secret = create_token(opsdb, config, name="primecam-daq", site="ccat",
+                          instruments=["primecam"])
+    opsdb.dispose()
+    service = FilingService(config)
+    token = service.authenticate(secret)
+    assert service.start_observation(token, "obs-1").status == 201  # applied
+
+    monkeypatch.setattr(core, "SCHEMA_EVERY_S", 0.0, raising=False)
+    migrated_by_newer_code(config.opsdb_url, newer_code(tmp_path))
+    ack = service.start_observation(token, "obs-2")
+
+    assert ack.status == 202  # journaled
+    assert not service.reachable and "newer than this code's" in (service.last_error or "")
+    engine = create_engine(config.opsdb_url)
+    with engine.connect() as connection:
+        assert [name for (name,) in connection.execute(
+            text("SELECT name FROM executed_obs_units ORDER BY id"))] == ["obs-1"]
+    engine.dispose()
