@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ccat_assets.tags import LINK_TAG
-from ccat_dt.config import Config
+from ccat_dt.config import Config, ConfigError
 
 if TYPE_CHECKING:  # `ccat-dt init` and `why` use this module without loading Dagster
     from dagster import DagsterInstance
@@ -22,11 +22,20 @@ def instance_home(config: Config) -> Path:
 
 
 def open_instance(config: Config) -> DagsterInstance:
+    """The deployment's Dagster instance; a dagster.yaml Dagster refuses is a ConfigError
+    naming the file (an operator's edit, not a bug)."""
     from dagster import DagsterInstance
+    from dagster._core.errors import DagsterInvalidConfigError
 
     home = instance_home(config)
     home.mkdir(parents=True, exist_ok=True)
-    return DagsterInstance.from_config(str(home))
+    try:
+        return DagsterInstance.from_config(str(home))
+    except DagsterInvalidConfigError as exc:
+        first = " ".join(str(exc).split())[:400]
+        raise ConfigError(f"{home / 'dagster.yaml'}: {first} (a `storage:` section replaces "
+                          "`run_storage`, `event_log_storage` and `schedule_storage`: keep "
+                          "one or the other)") from None
 
 
 def instance_settings(config: Config, template: Path = TEMPLATE) -> dict[str, Any]:

@@ -123,3 +123,26 @@ def test_init_again_after_a_new_route_keeps_what_the_operator_set_in_the_instanc
     assert written["run_coordinator"]["class"] == "RoutedRunCoordinator"
     with DagsterInstance.from_config(str(deploy / "dagster_home")) as instance:
         assert isinstance(instance.run_storage, SqliteRuns)
+
+
+def test_a_dagster_yaml_dagster_refuses_is_named_with_what_to_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An operator adds PostgreSQL `storage:` to the instance and leaves the embedded
+    sections `init` wrote: every command says which file and what to change (exit 2), not
+    "internal error ... (a bug)"."""
+    deploy = tmp_path / "deploy"
+    main(["init", str(deploy)])
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    instance_file = deploy / "dagster_home" / "dagster.yaml"
+    settings = yaml.safe_load(instance_file.read_text())
+    settings["storage"] = {"postgres": {"postgres_url": "postgresql://dagster@db/dagster"}}
+    instance_file.write_text(yaml.safe_dump(settings))
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", str(deploy / "ccat-dt.yaml"), "drive"])
+
+    assert exited.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert str(instance_file) in line and "keep one or the other" in line

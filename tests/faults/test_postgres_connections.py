@@ -43,8 +43,8 @@ def test_drive_with_dagster_storage_refused_names_the_instance_not_opsdb(
     config_path = root / CONFIG_NAME
     home = root / "dagster_home"
     settings = yaml.safe_load((home / "dagster.yaml").read_text())
-    settings.pop("run_storage", None)
-    settings.pop("event_log_storage", None)
+    for embedded in ("run_storage", "event_log_storage", "schedule_storage"):
+        settings.pop(embedded, None)
     settings["storage"] = {"postgres": {"postgres_url": dagster_database}}
     (home / "dagster.yaml").write_text(yaml.safe_dump(settings))
     monkeypatch.setenv("CCAT_DT_CONFIG", str(config_path))
