@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
 from ccat_dt.config import Config, LocationConfig
@@ -242,8 +243,14 @@ def prepare_opsdb(config: Config, *, mark_held: bool = True) -> None:
     if shared:
         opsdb.dispose()
         raise TopologyDrift(shared)
-    with opsdb.session() as session:
-        sync_topology(session, config)
+    for attempt in range(3):
+        try:
+            with opsdb.session() as session:
+                sync_topology(session, config)
+            break
+        except IntegrityError:  # another `init`/`migrate` inserted the same rows meanwhile:
+            if attempt == 2:  # they are there now, and are updated like any other
+                raise
     opsdb.dispose()
 
 

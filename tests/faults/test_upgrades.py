@@ -191,3 +191,27 @@ def test_the_filing_service_journals_once_a_newer_ccat_dt_migrated_its_opsdb(
         assert [name for (name,) in connection.execute(
             text("SELECT name FROM executed_obs_units ORDER BY id"))] == ["obs-1"]
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_migrates_at_once_both_succeed_and_the_schema_is_migrated_once(
+        tmp_path: Path, request: pytest.FixtureRequest, backend: str) -> None:
+    """Two hosts (or an operator and a deployment script) run `migrate` at the same time: the
+    second waits for the first and finds the schema migrated (before: "table already exists"
+    or "column already exists", worded as the database being down)."""
+    from ccat_dt.defaults import write_default_config
+
+    overrides = ({"opsdb_url": request.getfixturevalue("postgres_url")}
+                 if backend == "postgresql" else {})
+    path = write_default_config(tmp_path / "dep", overrides=overrides)
+    url = load_config(path).opsdb_url
+    racers = [subprocess.Popen([sys.executable, "-m", "ccat_assets.cli", "--config", str(path),
+                                "migrate"], cwd=REPO, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(3)]
+    outcomes = [(racer.wait(timeout=300), racer.stderr.read() if racer.stderr else "")
+                for racer in racers]
+
+    assert [rc for rc, _ in outcomes] == [0, 0, 0], outcomes
+    assert revision(url) == database.schema_head()
+    OpsDB(url).dispose()  # opens: the schema is this code's

@@ -1,7 +1,12 @@
-from alembic import context
-from sqlalchemy import create_engine, event, pool
+import os
 
+from alembic import context
+from sqlalchemy import create_engine, event, pool, text
+
+from ccat_dt.opsdb.database import LOCK_TIMEOUT_ENV
 from ccat_dt.opsdb.models import Base
+
+MIGRATION_LOCK = 0x63636174  # "ccat": the PostgreSQL advisory lock every `migrate` takes
 
 target_metadata = Base.metadata
 url = context.config.get_main_option("sqlalchemy.url")
@@ -15,20 +20,27 @@ if context.is_offline_mode():
 else:
     # A plain engine: on SQLite, foreign keys stay off while batch migrations copy tables
     # (the application's engine turns them on, which would make those copies fail).
-    engine = create_engine(url, poolclass=pool.NullPool)
-    if engine.dialect.name == "sqlite":
+    sqlite = url.startswith("sqlite")
+    engine = create_engine(url, poolclass=pool.NullPool, connect_args={
+        "timeout": float(os.environ.get(LOCK_TIMEOUT_ENV) or 30)} if sqlite else {})
+    if sqlite:
         # pysqlite would commit DDL as it goes; an explicit BEGIN makes each migration
         # all-or-nothing, so a failed upgrade leaves the OpsDB at its previous revision.
+        # IMMEDIATE takes the write lock before the revision is read: a second `migrate` at
+        # the same time waits, then finds the schema migrated (not "column already exists").
         @event.listens_for(engine, "connect")
         def _autocommit_driver(dbapi_connection, _record):  # type: ignore[no-untyped-def]
             dbapi_connection.isolation_level = None
 
         @event.listens_for(engine, "begin")
         def _begin(connection):  # type: ignore[no-untyped-def]
-            connection.exec_driver_sql("BEGIN")
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata,
                           render_as_batch=True)
         with context.begin_transaction():
+            if engine.dialect.name == "postgresql":  # the same, for the whole transaction
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": MIGRATION_LOCK})
             context.run_migrations()
     engine.dispose()
