@@ -7,18 +7,31 @@ The worker records where it runs each task (`task_track_started`: its node name 
 celery_app.py); the run asks that worker every WATCH_EVERY_S whether it still runs the task.
 One that answers without it, or does not answer for SILENT_FOR_S, has lost the step: the step
 fails with the cause, the run fails, and the re-attempt sensor asks for the work again (the
-claims of the dead process are taken over, its `.part` file replaced)."""
+claims of the dead process are taken over, its `.part` file replaced).
+
+The broker itself may lose the step (Redis restarted empty, failed over to a replica that
+lacked it, flushed): a message not yet taken, or the result of a step that finished, is gone,
+and the step reads PENDING for ever (no worker recorded: nobody to ask). So each step sent
+leaves a mark in the broker's (and the result backend's) Redis; a step still PENDING whose mark
+is gone was lost by that Redis, unless a worker holds it (received, running): one that the
+workers that answer do not hold at two looks in a row is failed (and revoked, should its
+message turn up after all); the run fails and the re-attempt sensor asks for the work again."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 LOG = logging.getLogger("ccat_assets.celery_watch")
 
 WATCH_EVERY_S = 10.0
 SILENT_FOR_S = 600.0  # a worker that does not answer for this long is taken for gone
+SENT = "ccat-dt:sent:{}"  # the mark of a step sent, in each Redis that holds it
+SENT_TTL_S = 30 * 24 * 3600  # beyond any wait in a queue (a run's max_runtime is two days)
+GONE_LOOKS = 2  # looks in a row that find a PENDING step nowhere before it is taken for lost
 
 
 class StepLost(Exception):
@@ -28,11 +41,13 @@ class StepLost(Exception):
 class WatchedResult:
     """A step's Celery AsyncResult that also tells when its worker has lost it."""
 
-    def __init__(self, app: Any, result: Any) -> None:
+    def __init__(self, app: Any, result: Any, stores: list[Any] | None = None) -> None:
         self._app, self._result = app, result
+        self._stores = stores or []  # the Redis clients holding the step's mark
         self._next = time.monotonic() + WATCH_EVERY_S
         self._silent_since: float | None = None
         self._lost: str | None = None
+        self._gone = 0  # looks in a row that found the PENDING step nowhere
 
     def ready(self) -> bool:
         if self._result.ready():
@@ -48,15 +63,28 @@ class WatchedResult:
 
     def get(self) -> Any:
         if self._lost is not None and not self._result.ready():
+            self._forget()
             raise StepLost(self._lost)
-        return self._result.get()
+        try:
+            return self._result.get()
+        finally:
+            self._forget()
+
+    def _forget(self) -> None:
+        for store in self._stores:
+            with contextlib.suppress(Exception):  # a mark left expires by itself
+                store.delete(SENT.format(self._result.id))
 
     def revoke(self) -> None:
         self._result.revoke()
 
     def _why_lost(self, now: float) -> str | None:
-        if self._result.state != "STARTED":
-            return None  # queued, or taken and not started: the broker still holds it
+        state = self._result.state
+        if state == "PENDING":
+            return self._lost_by_broker()
+        self._gone = 0
+        if state != "STARTED":
+            return None  # taken and not started, or retried: its worker still holds it
         info = self._result.info if isinstance(self._result.info, dict) else {}
         node = info.get("hostname")
         if not node:
@@ -76,12 +104,50 @@ class WatchedResult:
         return (f"Celery worker {node} no longer runs the step it started (pid "
                 f"{info.get('pid')}): the worker was killed or restarted")
 
+    def _lost_by_broker(self) -> str | None:
+        """PENDING: queued (the broker holds the message), received by a worker, or lost with
+        what Redis held (the message, or the step's STARTED or final state)."""
+        task_id = self._result.id
+        kept = [bool(store.exists(SENT.format(task_id))) for store in self._stores]
+        if all(kept):  # no mark (not Redis): nothing tells a loss
+            self._gone = 0
+            return None
+        held = self._app.control.inspect(timeout=2.0).query_task(task_id) or {}
+        if not held:
+            return None  # no worker answers (all down, or reconnecting): nothing proved
+        if any(task_id in tasks for tasks in held.values()):
+            self._gone = 0
+            return None  # a worker received it, or runs it: it will report
+        if self._result.ready():
+            return None
+        self._gone += 1
+        if self._gone < GONE_LOOKS:
+            return None
+        self._result.revoke()  # its message, should it turn up after all, is not run
+        return ("the Celery broker lost the step: Redis no longer holds its message or its "
+                "state (restarted empty, failed over or flushed), and no worker runs it")
+
+
+def _stores(app: Any) -> list[Any]:
+    """A client for each Redis that holds the step (the broker, the result backend)."""
+    import redis
+
+    urls = {str(url) for url in (app.conf.broker_url, app.conf.result_backend) if url}
+    return [redis.Redis.from_url(url, socket_timeout=5.0) for url in sorted(urls)
+            if urlsplit(url).scheme in ("redis", "rediss", "unix")]
+
 
 def watched_submit(app: Any, *args: Any) -> WatchedResult:
-    """dagster-celery's own submission, its result watched."""
+    """dagster-celery's own submission, its result watched, its mark left in Redis."""
     from dagster_celery.executor import _submit_task
 
-    return WatchedResult(app, _submit_task(app, *args))
+    stores = getattr(app, "_ccat_stores", None)
+    if stores is None:
+        stores = app._ccat_stores = _stores(app)  # noqa: SLF001 - one per run's app
+    result = _submit_task(app, *args)
+    for store in stores:
+        store.set(SENT.format(result.id), "1", ex=SENT_TTL_S)
+    return WatchedResult(app, result, stores)
 
 
 def execute_watched(plan_context: Any, execution_plan: Any) -> Any:

@@ -1,0 +1,227 @@
+"""The Celery broker loses what it held (Redis restarted empty, failed over to a replica that
+lacked it, flushed) while a deployment runs on dagster-celery, under the production executor
+(PostgreSQL storage and OpsDB, one real worker per site). Its own Redis server per test (it
+keeps nothing on disk), so that it can be restarted without touching the shared one.
+
+A step whose message was queued, or whose result was written, when Redis lost its data reads
+PENDING for ever: no worker was recorded for it, so nothing asks after it. The run that waits
+for it must end (failed) and the work be asked for again with nobody involved
+(ccat_assets/celery_watch.py); nothing may be done twice, nothing left half-written. (A
+finished step's result lost the same way reads PENDING too and is caught by the same look;
+it was checked once by hand, by a worker flushing Redis right after storing its first result,
+and is not repeated here: each case takes over a minute.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from sqlalchemy import func, select
+
+from ccat_dt.config import Config
+from ccat_dt.notify import current_problems
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import Operation, OperationStatus, OperationType
+from ccat_dt.queues import packaging_queue
+from ccat_dt.storage import files_under
+from tests.faults.invariants import assert_safe
+from tests.faults.storage_truth import lost_filed_files
+from tests.helpers import observe
+from tests.services import free_port, unavailable
+from tests.test_celery import production
+from tests.test_celery_worker_killed import finish, part_files, start_drive
+
+pytestmark = pytest.mark.xdist_group("redis")
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVE_TIMEOUT_S = 150.0
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, keeping nothing on disk."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.port = directory, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        import redis
+
+        self.starts += 1
+        log = self.directory / f"redis-{self.starts}.log"
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)  # it keeps nothing: gone is gone
+            self.proc.wait(timeout=30)
+
+    def restart(self) -> None:
+        """Stopped and started again at once, empty."""
+        self.stop()
+        self.start()
+
+    def client(self) -> object:
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        unavailable("Redis", "no redis-server on PATH (these tests restart their own)")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, postgres_url: str, dagster_database: str,
+               redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+               ) -> Iterator[tuple[Config, OpsDB, RedisServer]]:
+    config = production(tmp_path, postgres_url, dagster_database, redis_server.url,
+                        retry_backoff_first_s=1.0)
+    monkeypatch.setenv("DAGSTER_HOME", str(config.directory / "dagster_home"))
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    opsdb = OpsDB(config.opsdb_url)
+    yield config, opsdb, redis_server
+    opsdb.dispose()
+
+
+class Workers:
+    def __init__(self, config: Config, tmp_path: Path) -> None:
+        self.config, self.tmp_path = config, tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, site: str, **env: str) -> None:
+        environ = {**os.environ, "DAGSTER_HOME": str(self.config.directory / "dagster_home"),
+                   "PYTHONPATH": str(REPO), **env}
+        log = self.tmp_path / f"worker-{site}-{len(self.procs)}.log"
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "ccat_assets.cli", "--config", str(self.config.path),
+             "worker", "--site", site, "--concurrency", "1", "--loglevel", "INFO"],
+            cwd=REPO, env=environ, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
+                         for p in sorted(self.tmp_path.glob("*.log")))
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str,
+               *procs: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
+        assert all(p.poll() is None for p in procs), f"a process ended before {what}"
+        time.sleep(0.1)
+
+
+def queued(server: RedisServer, queue: str) -> bool:
+    client = server.client()
+    return any(client.type(key) == b"list" and client.llen(key)  # type: ignore[attr-defined]
+               for key in client.keys(f"{queue}*"))  # type: ignore[attr-defined]
+
+
+def settle(config: Config, opsdb: OpsDB, tmp_path: Path, drive: subprocess.Popen[bytes],
+           what: str) -> None:
+    """`drive` must end (no run left STARTED); a second drive finishes what it left for a
+    later back-off."""
+    code = finish(drive, DRIVE_TIMEOUT_S)
+    with DagsterInstance.get() as instance:
+        started = [r.run_id for r in instance.get_runs(
+            RunsFilter(statuses=[DagsterRunStatus.STARTED]))]
+    with opsdb.session() as session:
+        problems = current_problems(session, config, datetime.now(UTC))
+        claims = session.scalars(select(Operation.id).where(
+            Operation.status == OperationStatus.IN_PROGRESS)).all()
+    if code is None:
+        pytest.fail(f"{what}: `ccat-dt drive` had not ended after {DRIVE_TIMEOUT_S:.0f} s: "
+                    f"runs still STARTED {started}, operations IN_PROGRESS {claims}, "
+                    f"problems told to a person: {[p.subject for p in problems]}")
+    assert started == []
+    assert finish(start_drive(config, tmp_path, "drive-2"), DRIVE_TIMEOUT_S) is not None
+
+
+def assert_done_once(config: Config, opsdb: OpsDB, source: Path, logs: str) -> None:
+    assert files_under(source) == [], logs  # the lifecycle completed
+    assert part_files(config) == []
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    with opsdb.session() as session:  # no package built twice, none sent out twice
+        twice = session.execute(
+            select(Operation.operation_type, Operation.package_id,
+                   Operation.destination_location_id, func.count())
+            .where(Operation.status == OperationStatus.COMPLETED,
+                   Operation.operation_type.in_([OperationType.PACKAGING,
+                                                 OperationType.TRANSFER]))
+            .group_by(Operation.operation_type, Operation.package_id,
+                      Operation.destination_location_id)
+            .having(func.count() > 1)).all()
+    assert twice == [], twice
+
+
+def test_a_queued_step_lost_when_redis_restarts_empty(
+        deployment: tuple[Config, OpsDB, RedisServer], tmp_path: Path) -> None:
+    """The packaging step's message waits in the broker (the observatory's worker not up
+    yet) when Redis restarts empty; the other sites' workers reconnect (they do the copies),
+    the observatory's starts after. The run that sent the step must not wait for it for
+    ever."""
+    config, opsdb, server = deployment
+    source = observe(config, opsdb, observations=1, files=1)
+    workers = Workers(config, tmp_path)
+    for site in ("cologne", "us"):
+        workers.start(site)
+    try:
+        time.sleep(3)
+        drive = start_drive(config, tmp_path, "drive-1")
+        wait_until(lambda: queued(server, packaging_queue(config)), 120,
+                   "the packaging step queued", drive, *workers.procs)
+        # The restart between two of the run's polls (a poll that meets the broker down fails
+        # the run at once, which heals: not what is tested here).
+        os.killpg(drive.pid, signal.SIGSTOP)
+        try:
+            server.restart()
+        finally:
+            os.killpg(drive.pid, signal.SIGCONT)
+        workers.start("ccat")
+        settle(config, opsdb, tmp_path, drive, "a queued step lost with Redis")
+    finally:
+        workers.stop()
+    assert_done_once(config, opsdb, source, workers.logs())
