@@ -13,7 +13,7 @@ import errno
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
@@ -42,6 +42,11 @@ def location_failure(exc: BaseException) -> bool:
 
 # What a location's failure says when its disk (or quota) is full: it can still be read.
 _FULL = ("no space left", "disk quota exceeded", "disk full")
+
+
+def full_reason() -> ColumnElement[bool]:
+    """SQL: the location's recorded failure says its disk is full (`is_full`)."""
+    return or_(*(DataLocation.unhealthy_reason.ilike(f"%{text}%") for text in _FULL))
 
 
 def disk_full(exc: BaseException | str) -> bool:

@@ -30,6 +30,7 @@ from ccat_dt.opsdb.models import (
     PackageState,
     utcnow,
 )
+from ccat_dt.pending import scrub_due
 from ccat_dt.staging import Selection, request_staging
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
@@ -279,4 +280,28 @@ def test_a_full_processing_disk_fails_staging_for_now_and_heals_once_enlarged(
     assert any(key.startswith(f"reattempt:staging:{name}:") for key in report.launched)
     assert len(list((disk.root / name).rglob("*.dat"))) == 3
     assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+def test_a_full_archive_is_still_scrubbed(
+        tmp_path: Path, instance: DagsterInstance, mount_disk: MountDisk) -> None:
+    """Cologne's LTA fills up: new copies there fail and the location is passed over as
+    unhealthy, but the copies it holds can be read as ever, and the fixity scrub keeps
+    re-reading them (before: left out, like an unmounted archive, while it stayed full)."""
+    config = _backoff_config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = mount_disk(config, "cologne/lta", 1024 * KB)
+    observe(config, opsdb, name="obs-0")
+    assert run(config, instance).failed == []
+    [archived] = package_names(opsdb)
+    disk.fill(leave=64 * KB)
+    observe(config, opsdb, name="obs-1")
+
+    report = run(config, instance, wait_s=0)
+
+    assert [key.split(":")[0] for key in report.failed] == ["site_copy"], report.failed
+    assert "disk_full:cologne/lta" in told(config, opsdb)
+    with opsdb.session() as session:
+        due = scrub_due(session, 10**12, utcnow())
+    assert (archived, "cologne") in [(d.package, d.site) for d in due]
     opsdb.dispose()
