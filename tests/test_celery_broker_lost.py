@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -38,7 +37,7 @@ from tests.faults.storage_truth import lost_filed_files
 from tests.helpers import observe
 from tests.services import free_port, unavailable
 from tests.test_celery import production
-from tests.test_celery_worker_killed import finish, part_files, start_drive
+from tests.test_celery_worker_killed import Workers, finish, part_files, start_drive
 
 pytestmark = pytest.mark.xdist_group("redis")
 
@@ -113,37 +112,6 @@ def deployment(tmp_path: Path, postgres_url: str, dagster_database: str,
     opsdb.dispose()
 
 
-class Workers:
-    def __init__(self, config: Config, tmp_path: Path) -> None:
-        self.config, self.tmp_path = config, tmp_path
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, site: str, **env: str) -> None:
-        environ = {**os.environ, "DAGSTER_HOME": str(self.config.directory / "dagster_home"),
-                   "PYTHONPATH": str(REPO), **env}
-        log = self.tmp_path / f"worker-{site}-{len(self.procs)}.log"
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "ccat_assets.cli", "--config", str(self.config.path),
-             "worker", "--site", site, "--concurrency", "1", "--loglevel", "INFO"],
-            cwd=REPO, env=environ, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True))
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
-                         for p in sorted(self.tmp_path.glob("*.log")))
-
-
 def wait_until(check: Callable[[], bool], timeout: float, what: str,
                *procs: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
@@ -212,7 +180,7 @@ def test_a_queued_step_lost_when_redis_restarts_empty(
         time.sleep(3)
         drive = start_drive(config, tmp_path, "drive-1")
         wait_until(lambda: queued(server, packaging_queue(config)), 120,
-                   "the packaging step queued", drive, *workers.procs)
+                   "the packaging step queued", drive, *workers.procs.values())
         # The restart between two of the run's polls (a poll that meets the broker down fails
         # the run at once, which heals: not what is tested here).
         os.killpg(drive.pid, signal.SIGSTOP)
