@@ -9,11 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dagster import DagsterInstance
 from sqlalchemy import select
 
@@ -35,6 +38,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.packages import plan_packages
 from ccat_dt.topology import prepare_opsdb
+from ccat_dt.transports.bbcp import BbcpTransport
 from tests.helpers import new_opsdb
 
 REPO = Path(__file__).resolve().parents[2]
@@ -210,3 +214,22 @@ def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 30) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} never appeared")
         time.sleep(0.01)
+
+
+def after_each_bbcp_start(monkeypatch: pytest.MonkeyPatch, delay_s: float,
+                          action: Callable[[], None]) -> None:
+    """`action` (in a timer thread of this process) `delay_s` after each bbcp call starts:
+    a fault timed to land in the middle of a transfer."""
+    real_init = BbcpTransport.__init__
+
+    def init(self: BbcpTransport, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        runner = self._run
+
+        def run_bbcp(argv: list[str], *rest: Any, **options: Any) -> Any:
+            threading.Timer(delay_s, action).start()
+            return runner(argv, *rest, **options)
+
+        self._run = run_bbcp  # type: ignore[method-assign]
+
+    monkeypatch.setattr(BbcpTransport, "__init__", init)

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pytest
 import xxhash
@@ -35,7 +34,14 @@ from ccat_dt.transports.base import (
 from ccat_dt.transports.bbcp import STAGING_DIR, BbcpOptions, BbcpTransport
 from ccat_dt.transports.factory import ssh_settings
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, observe, operations, package_names, run
+from tests.faults.pipeline import (
+    after_each_bbcp_start,
+    archived_everywhere,
+    observe,
+    operations,
+    package_names,
+    run,
+)
 from tests.faults.storage_truth import lost_filed_files
 from tests.services import free_port
 from tests.sshd import SshServer
@@ -289,19 +295,7 @@ def test_a_pipeline_transfer_whose_bbcp_data_streams_are_cut_heals_without_a_per
             subprocess.run(["ss", "-K", "-tn", f"( sport = :{port} or dport = :{port} )"],
                            capture_output=True, check=False)
 
-    real_init = BbcpTransport.__init__
-
-    def init(self: BbcpTransport, *args: Any, **kwargs: Any) -> None:
-        real_init(self, *args, **kwargs)
-        runner = self._run
-
-        def run_bbcp(argv: list[str], *rest: Any, **options: Any) -> Any:
-            threading.Timer(1.5, reset_once).start()
-            return runner(argv, *rest, **options)
-
-        self._run = run_bbcp
-
-    monkeypatch.setattr(BbcpTransport, "__init__", init)
+    after_each_bbcp_start(monkeypatch, 1.5, reset_once)
     try:
         observe(config, opsdb, files=3, size=10 * MB)
 

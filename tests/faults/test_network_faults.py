@@ -9,7 +9,6 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dagster import DagsterInstance
@@ -28,11 +27,17 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
 )
 from ccat_dt.report import disagreements
-from ccat_dt.transports.bbcp import BbcpTransport
 from ccat_dt.transports.factory import ssh_settings
 from tests.faults.invariants import assert_safe
 from tests.faults.link import Link
-from tests.faults.pipeline import archived_everywhere, observe, operations, package_names, run
+from tests.faults.pipeline import (
+    after_each_bbcp_start,
+    archived_everywhere,
+    observe,
+    operations,
+    package_names,
+    run,
+)
 from tests.sshd import SshServer
 from tests.test_multisite import multisite
 
@@ -103,19 +108,7 @@ def test_a_bbcp_transfer_whose_link_drops_is_resumed_by_the_step_retry(
             link.cut()
             threading.Timer(1.0, link.restore).start()
 
-    real_init = BbcpTransport.__init__
-
-    def init(self: BbcpTransport, *args: Any, **kwargs: Any) -> None:
-        real_init(self, *args, **kwargs)
-        runner = self._run
-
-        def run_bbcp(argv: list[str], *rest: Any, **options: Any) -> Any:
-            threading.Timer(1.5, drop_the_link_once).start()
-            return runner(argv, *rest, **options)
-
-        self._run = run_bbcp
-
-    monkeypatch.setattr(BbcpTransport, "__init__", init)
+    after_each_bbcp_start(monkeypatch, 1.5, drop_the_link_once)
     try:
         observe(config, opsdb, files=3, size=10 * MB)
 
