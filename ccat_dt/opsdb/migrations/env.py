@@ -24,10 +24,13 @@ else:
     engine = create_engine(url, poolclass=pool.NullPool, connect_args={
         "timeout": float(os.environ.get(LOCK_TIMEOUT_ENV) or 30)} if sqlite else {})
     if sqlite:
-        # pysqlite would commit DDL as it goes; an explicit BEGIN makes each migration
+        # pysqlite would commit DDL as it goes; an explicit BEGIN (and transactional_ddl
+        # below: one transaction for the whole upgrade, not one per revision) makes it
         # all-or-nothing, so a failed upgrade leaves the OpsDB at its previous revision.
-        # IMMEDIATE takes the write lock before the revision is read: a second `migrate` at
-        # the same time waits, then finds the schema migrated (not "column already exists").
+        # IMMEDIATE takes the write lock before the revision is read and holds it to the
+        # end: a second `migrate` at the same time waits, then finds the schema migrated (with
+        # a lock per revision it took the lock between two of the first's revisions and both
+        # ran the next one: "index ... already exists").
         @event.listens_for(engine, "connect")
         def _autocommit_driver(dbapi_connection, _record):  # type: ignore[no-untyped-def]
             dbapi_connection.isolation_level = None
@@ -37,7 +40,7 @@ else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata,
-                          render_as_batch=True)
+                          render_as_batch=True, transactional_ddl=True)
         with context.begin_transaction():
             if engine.dialect.name == "postgresql":  # the same, for the whole transaction
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
