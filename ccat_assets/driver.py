@@ -252,6 +252,54 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_
                           wait_s=wait_s)
 
 
+class _Signals:
+    """SIGINT and SIGTERM the drive received, read from the pipe Python's C-level handler
+    writes each signal's number to (signal.set_wakeup_fd), whichever Python handler then
+    runs. Kept as well as raised, because the KeyboardInterrupt can be lost: raised in a
+    garbage collector's callback or a `__del__` (Python prints "Exception ignored in ..." and
+    a traceback), or taken by Dagster while it executes a run in this process (it fails the
+    run and returns). The drive must stop all the same (it went on and exited 1, not 130):
+    `check` raises it again, and `unraisable` (sys.unraisablehook) keeps that traceback from
+    the operator's terminal."""
+
+    def __init__(self) -> None:
+        self.pipe: tuple[int, int] | None = None
+        self.received = False
+        self.hook: Callable[[Any], object] = sys.__unraisablehook__
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[None]:
+        reader, writer = self.pipe = os.pipe()
+        os.set_blocking(reader, False)
+        os.set_blocking(writer, False)
+        self.received, self.hook = False, sys.unraisablehook
+        sys.unraisablehook = self.unraisable
+        previous = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous)
+            sys.unraisablehook = self.hook
+            os.close(reader)
+            os.close(writer)
+            self.pipe = None
+
+    def check(self) -> None:
+        if self.pipe is not None and not self.received:
+            with contextlib.suppress(BlockingIOError):
+                while numbers := os.read(self.pipe[0], 512):
+                    self.received |= bool({signal.SIGINT, signal.SIGTERM} & set(numbers))
+        if self.received:
+            raise KeyboardInterrupt
+
+    def unraisable(self, unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self.hook(unraisable)
+
+
+_SIGNALLED = _Signals()
+
+
 @contextlib.contextmanager
 def _terminating(pool: RunPool | None, log: Callable[[str], None],
                  report: DriveReport) -> Iterator[DriveReport]:
@@ -266,7 +314,9 @@ def _terminating(pool: RunPool | None, log: Callable[[str], None],
     previous = ({number: signal.signal(number, signal.default_int_handler)
                  for number in (signal.SIGINT, signal.SIGTERM)} if main else {})
     try:
-        yield report
+        with _SIGNALLED.listening() if main else contextlib.nullcontext():
+            yield report
+            _SIGNALLED.check()
     except BaseException as exc:
         for done in pool.terminate() if pool is not None else []:
             _finished(report, log, done)
@@ -364,6 +414,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
     ticked_at = dict.fromkeys(PERIODIC, -math.inf)  # the periodic sensors' last ticks
     round_started = -math.inf
     for _ in range(max_rounds):
+        _SIGNALLED.check()
         report.rounds += 1
         round_started = time.monotonic()
         launched_before, moved = len(report.launched), False
@@ -519,6 +570,13 @@ class _Runs:
         assert self.pool is not None
         for done in self.pool.wait(timeout):
             _finished(self.report, self.log, done)
+        _SIGNALLED.check()
+
+    def _execute_here(self, key: str, job: IJob, run: DagsterRun) -> None:
+        """One run at a time, in this process (no pool)."""
+        _finished(self.report, self.log, Finished(key, execute_run(job, run,
+                                                                    self.instance).success))
+        _SIGNALLED.check()  # Dagster took a Ctrl-C as the run's, and returned
 
     def request(self, run: RunRequest, origin: str, default_job: str | None) -> None:
         instance = self.instance
@@ -534,8 +592,7 @@ class _Runs:
             created = tag_run(instance, self.config, created)  # as RoutedRunCoordinator does
         self.report.launched.append(key)
         if self.pool is None:
-            _finished(self.report, self.log, Finished(
-                key, execute_run(runnable, created, instance).success))
+            self._execute_here(key, runnable, created)
         else:
             self.pool.submit(Queued(key, created, runnable))
 
@@ -587,8 +644,7 @@ class _Runs:
         self.report.launched.append(key)
         self.report.adopted.append(key)
         if self.pool is None:
-            _finished(self.report, self.log, Finished(
-                key, execute_run(runnable, started, instance).success))
+            self._execute_here(key, runnable, started)
         else:
             self.pool.submit(Queued(key, started, runnable))
 

@@ -206,6 +206,7 @@ def _execute(queued: Queued, instance: DagsterInstance) -> NoReturn:
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)  # the drive's (driver._Signals): its signals, not this run's
         with capture_interrupts():
             code = 0 if execute_run(queued.job, queued.run, instance).success else 1
     except BaseException:  # noqa: BLE001 - reported by the run's status and this trace

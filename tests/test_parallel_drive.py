@@ -27,12 +27,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import drive
+from ccat_assets.driver import _Runs, drive
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.instance import write_instance_yaml
 from ccat_assets.runlog import run_failure
 from ccat_assets.runpool import run_limits
 from ccat_assets.tags import LINK_TAG
+from ccat_dt import tarball
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
@@ -46,6 +47,7 @@ from ccat_dt.opsdb.models import (
     Site,
 )
 from ccat_dt.storage import files_under
+from ccat_dt.tarball import PackageMember
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     archived_everywhere,
@@ -312,3 +314,60 @@ def test_the_overview_in_the_ui_shows_the_state_the_drive_ended_in(
             RawDataPackage.state == PackageState.ARCHIVED)).all())
     assert archived == 2
     assert shown.metadata["packages archived"].value == archived
+
+
+class Collected:
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # handled here, in __del__: lost
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("taken_by", ["a garbage collector callback",
+                                      "Dagster, executing a run in the drive's process"])
+def test_a_ctrl_c_taken_by_another_handler_still_stops_the_drive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken_by: str) -> None:
+    """Ctrl-C lands while Python runs a `__del__` or a weakref callback (garbage collection,
+    at any moment), where the KeyboardInterrupt is lost (Python prints "Exception ignored"
+    and a traceback), or while Dagster executes a run in the drive's own process
+    (max_concurrent_runs 1), which fails the run and returns: the drive stops all the same,
+    as interrupted (the CLI's 130; it went on and exited 1), with no traceback and nothing
+    left in flight; a plain drive then finishes the work."""
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2})
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    instance = DagsterInstance.from_config(str(home))
+    rounds: list[int] = []
+    if taken_by.startswith("Dagster"):
+        stat_source = tarball._stat_source
+
+        def interrupted_once(member: PackageMember) -> os.stat_result:
+            if not rounds:
+                rounds.append(0)
+                os.kill(os.getpid(), signal.SIGINT)
+            return stat_source(member)
+
+        monkeypatch.setattr(tarball, "_stat_source", interrupted_once)
+    else:
+        adopt_queued = _Runs.adopt_queued
+
+        def round_with_a_collection(runs: _Runs) -> None:
+            rounds.append(len(rounds))
+            if len(rounds) == 2:  # runs launched in the first are executing
+                Collected()
+            adopt_queued(runs)
+
+        monkeypatch.setattr(_Runs, "adopt_queued", round_with_a_collection)
+    with pytest.raises(KeyboardInterrupt):
+        drive(build_definitions(config), instance,
+              workers=1 if taken_by.startswith("Dagster") else None)
+
+    assert len(rounds) <= 2  # it stopped at once, not rounds or back-offs later
+    assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+    monkeypatch.undo()
+    report = drive(build_definitions(config), instance, wait_s=10)
+    assert report.failed == [] and report.dead_runs == []
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+    instance.dispose()
+    opsdb.dispose()
