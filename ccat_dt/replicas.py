@@ -637,8 +637,17 @@ def verify(opsdb: OpsDB, config: Config, package: str, site: str,
     that cannot be looked at marks nothing (`reached` False).
     """
     with opsdb.session() as session:
-        copy = newest_copy(session, get_package(session, package), site, kind)
+        pkg = get_package(session, package)
+        copy = newest_copy(session, pkg, site, kind)
         if copy is None:
+            refused = [c for c in copies_at(session, pkg, kind, site)
+                       if c.status == CopyStatus.DELETION_FAILED]
+            if refused:  # not "no copy": a person is asked to look at a foreign file there
+                path = f"{refused[-1].location.root}/{refused[-1].relative_path}"
+                return Verification(False, f"deletion refused at {site} {kind.value}: {path} "
+                                    f"is not the recorded copy of {package} (something other "
+                                    "than ccat-dt wrote it); nothing deleted, a person decides "
+                                    f"(`ccat-dt why {package}`)", refused[-1].id, None)
             return Verification(False, f"no copy of {package} at {site} {kind.value}", None, None)
         copy_id = copy.id
     try:

@@ -36,6 +36,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.reaper import certificate_problems
+from ccat_dt.replicas import check_stage
 from tests.faults.pipeline import (
     archived_everywhere,
     deployment,
@@ -407,6 +408,13 @@ def test_a_remote_buffer_file_replaced_by_other_bytes_of_its_size_is_never_delet
             told = [p.kind for p in current_problems(session, config, utcnow())]
         assert statuses["cologne/buffer"] == CopyStatus.DELETION_FAILED
         assert "deletion_refused" in told
+        # what its check shows in the UI (a Materialize of that copy): the refusal, not "no copy"
+        with opsdb.session() as session:
+            [package] = {c.package.name for c in session.scalars(select(PackageCopy))}
+        shown = check_stage(opsdb, config, package, "cologne", LocationType.BUFFER)
+        assert not shown.passed, shown
+        assert shown.description.startswith("deletion refused at cologne buffer"), shown
+        assert str(replaced) in shown.description
         assert lost_filed_files(config, opsdb) == []
     finally:
         opsdb.dispose()
