@@ -38,6 +38,7 @@ from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.executor.init import InitExecutorContext
 from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
 from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_START_TAG,
     MULTIDIMENSIONAL_PARTITION_PREFIX,
     PARENT_RUN_ID_TAG,
     PARTITION_NAME_TAG,
@@ -115,6 +116,23 @@ def tag_run(instance: DagsterInstance, config: Config, run: DagsterRun) -> Dagst
     return instance.get_run_by_id(run.run_id) or run
 
 
+NO_PARTITION = (
+    "not run: each of these checks reads one partition (a copy, a package's files) and this "
+    "run has none (the Checks tab's \"Execute all\" launches them without one). To re-read "
+    "a copy: Partitions -> a partition -> Materialize; the fixity scrub re-reads every LTA "
+    "copy")
+
+
+def checks_without_partition(run: DagsterRun) -> bool:
+    """A run of asset checks alone and without a partition: the Checks tab's "Execute all"
+    on our (partitioned) assets. Dagster cannot evaluate a partitioned check in it ("Cannot
+    access partition_key for a non-partitioned run"), and the failed run turned the asset
+    red in the lineage ("execution failed") on healthy data until its next
+    materialization. Such a run is canceled before it is queued: its checks read "skipped"."""
+    return (bool(run.asset_check_selection) and not run.asset_selection
+            and partition_of(run.tags) is None and ASSET_PARTITION_RANGE_START_TAG not in run.tags)
+
+
 class RoutedRunCoordinator(QueuedRunCoordinator):
     """QueuedRunCoordinator that routes a run before queueing it (config from
     $CCAT_DT_CONFIG, as the code location). Configure in dagster.yaml:
@@ -122,6 +140,9 @@ class RoutedRunCoordinator(QueuedRunCoordinator):
 
     def submit_run(self, context: SubmitRunContext) -> DagsterRun:
         run = self._without_inherited_process(context.dagster_run)
+        if checks_without_partition(run):
+            self._instance.report_run_canceled(run, message=NO_PARTITION)
+            return self._instance.get_run_by_id(run.run_id) or run
         try:
             config = load_config()
         except Exception as exc:  # noqa: BLE001 - a bad config must not block every run

@@ -421,3 +421,87 @@ def test_a_finding_written_just_after_its_repair_was_created_leaves_the_partitio
     assert f"the check of run {run.run_id[:8]}, said again" in (evaluation.description or "")
     assert drive(defs, instance).launched == []  # said once
     lta_intact(opsdb)
+
+
+EXECUTE_CHECKS = """mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) {
+  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+CHECK_SUMMARY = """{ assetNodes(assetKeys: [{path: ["lta_copies"]}]) { assetChecksOrError {
+  ... on AssetChecks { checks { name executionForLatestMaterialization { status
+  evaluation { severity description } } } } } } }"""
+
+
+def test_execute_checks_in_the_ui_re_reads_a_partition_and_without_one_is_canceled_saying_why(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catalog -> lta_copies -> Checks -> "Execute all": the UI launches the check alone, with
+    no partition (its own per-check "Execute" is disabled on partitioned assets, this one is
+    not). The run failed on Dagster's "Cannot access partition_key for a non-partitioned
+    run", and the asset turned red in the lineage ("execution failed") on a healthy archive
+    until its next materialization. Now the run is canceled before it is queued, saying why
+    and what to do instead, and the check reads "skipped". The same check launched for one
+    partition (its partition tags, as the launchpad sets them) re-reads that copy on its
+    storage: a rotten one is red at once, and repaired by the next drive. Sent as the UI
+    sends it, through GraphQL, to the code location workspace.yaml names."""
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import WorkspaceFileTarget
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    from ccat_assets.instance import write_instance_yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    observe(config, opsdb, observations=1, files=1)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    monkeypatch.setenv("PYTHONPATH", str(repo))
+    monkeypatch.chdir(repo)
+    with DagsterInstance.from_config(str(home)) as dagster:
+        defs = build_definitions(config)
+        assert drive(defs, dagster).failed == []
+        bad = rot_an_lta_copy(opsdb, "us")
+        bad_key = package_site_key(bad.package.name, "us")
+
+        def execute_checks(tags: dict[str, str]) -> str:
+            selector = {"jobName": "__ASSET_JOB", "repositoryName": "__repository__",
+                        "repositoryLocationName": "ccat_assets.definitions:defs",
+                        "assetSelection": [], "assetCheckSelection": [
+                            {"assetKey": {"path": ["lta_copies"]}, "name": "lta_copy_checksum"}]}
+            answer = execute_dagster_graphql(workspace.create_request_context(), EXECUTE_CHECKS, {
+                "p": {"mode": "default", "runConfigData": "{}", "selector": selector,
+                      "executionMetadata": {"tags": [{"key": k, "value": v}
+                                                     for k, v in tags.items()]}}}
+            ).data["launchPipelineExecution"]
+            assert answer["__typename"] == "LaunchRunSuccess", answer
+            drive(defs, dagster, wait_s=10)  # no daemon here: the drive executes it
+            return str(answer["run"]["runId"])
+
+        def asset_summary() -> dict[str, Any]:
+            [node] = execute_dagster_graphql(workspace.create_request_context(),
+                                             CHECK_SUMMARY).data["assetNodes"]
+            [check] = node["assetChecksOrError"]["checks"]
+            return dict(check["executionForLatestMaterialization"])
+
+        target = WorkspaceFileTarget(paths=[str(repo / "workspace.yaml")])
+        with WorkspaceProcessContext(dagster, target) as workspace:
+            run_id = execute_checks({})  # "Execute all": no partition
+            summary = asset_summary()  # the lineage node is red on EXECUTION_FAILED or ERROR
+            assert summary["status"] == "SKIPPED", summary
+            run = dagster.get_run_by_id(run_id)
+            assert run is not None
+            assert run.status == DagsterRunStatus.CANCELED, run.status
+            [canceled] = dagster.all_logs(run_id, of_type=DagsterEventType.RUN_CANCELED)
+            assert "Partitions -> a partition -> Materialize" in (canceled.message or "")
+            with opsdb.session() as session:  # nothing was found: the rotten copy not read
+                assert session.get_one(PackageCopy, bad.id).status == CopyStatus.PRESENT
+
+            run_id = execute_checks({"dagster/partition": str(bad_key),  # one partition
+                                     **{f"dagster/partition/{d}": k
+                                        for d, k in bad_key.keys_by_dimension.items()}})
+            [evaluation] = [r.dagster_event.event_specific_data for r in dagster.all_logs(
+                run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION) if r.dagster_event]
+            assert isinstance(evaluation, AssetCheckEvaluation)  # re-read on its storage: red
+            assert not evaluation.passed and "checksum mismatch" in (evaluation.description or "")
+            assert evaluation.partition == str(bad_key)
+
+        status = check_status(dagster, "lta_copies", "lta_copy_checksum")  # the same drive
+        assert {v for k, v in status.items() if k != "None"} == {"passed"}, status  # repaired it
+        assert drive(defs, dagster).failed == []
+        lta_intact(opsdb)
