@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,7 +44,7 @@ from ccat_dt.retention import verified_lta_copies
 from ccat_dt.staged_files import clear_scratch, look_at_staged, scratch_names, through_symlink
 from ccat_dt.tarball import ManifestEntry, extract_package
 from ccat_dt.topology import UnknownLocation, get_location
-from ccat_dt.transports.base import Endpoint, TransferError
+from ccat_dt.transports.base import Endpoint, TransferError, rename_into_place
 from ccat_dt.transports.factory import endpoint, transport_for
 
 
@@ -275,7 +276,15 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                         "away, then retry")
                 final = root / relative
                 final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(scratch / entry.path, final)
+                try:
+                    rename_into_place(str(scratch / entry.path), str(final))
+                except FileExistsError:
+                    # Taken since the look above (a job wrote there while the package
+                    # travelled): kept unless it holds the archive's bytes (an earlier
+                    # attempt's, renamed there before it was recorded).
+                    if not _holds(final, entry):
+                        kept.append(str(final))
+                        continue
                 moved.append(entry)
         except OSError as exc:  # the processing disk full, say: its re-attempt, not this run's
             raise StagingError(f"{package_name}: unpacking at {where} failed: "
@@ -304,14 +313,25 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
     finally:
         tar.unlink(missing_ok=True)  # the archive is not kept at processing: it saves space
         shutil.rmtree(scratch, ignore_errors=True)
-    size = sum(e.size for e in manifest)
+    size = sum(e.size for e in moved)
     with opsdb.session() as session:
-        _record_staged(session, manifest, files, lost, root, directory, location_id,
+        _record_staged(session, moved, files, lost, root, directory, location_id,
                        request_id)
         finish_in(session, operation.id, copy_id=None, nbytes=size,
                   seconds=time.monotonic() - started)
         mark_ok(session, location_id)
-    return len(manifest), size, kept
+    return len(moved), size, kept
+
+
+def _holds(path: Path, entry: ManifestEntry) -> bool:
+    """Whether the regular file at `path` holds the entry's bytes, read now."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        actual, size = hash_file(path)
+    except OSError:
+        return False
+    return (actual, size) == (entry.checksum, entry.size)
 
 
 def _record_staged(session: Session, entries: list[ManifestEntry],

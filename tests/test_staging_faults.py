@@ -402,3 +402,67 @@ def test_a_release_while_staging_stops_the_run_and_leaves_nothing(
     drive(defs, instance)
 
     assert [p.name for p in root.rglob("*")] == [MARKER]
+
+
+def test_a_file_written_at_a_staged_name_while_it_is_staged_again_is_never_replaced(
+        tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A processing job removes a staged file, then writes its own output under that name
+    while the run staging the removed file again fetches the package (hours on a long link).
+    The disk said "gone" when the run looked; at the rename the name holds the job's bytes,
+    which no archive has: they are never replaced. The run fails naming the file; once its
+    owner moves it away, the next attempt stages the file again."""
+    import ccat_dt.staging as staging
+
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0)
+    root = config.resolve_root(PROCESSING)
+    name = ask_to_stage(opsdb)
+    stage(opsdb, config, name)
+    taken = sorted(files_under(root / name))[0]
+    taken.unlink()
+    mine = b"a processing job's output, written under that name meanwhile"
+    real = staging.extract_package
+
+    def job_writes_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        taken.write_bytes(mine)  # after the run looked, before anything is renamed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "extract_package", job_writes_meanwhile)
+    try:
+        stage(opsdb, config, name)
+        failure = ""
+    except StagingError as exc:
+        failure = str(exc)
+    monkeypatch.setattr(staging, "extract_package", real)
+
+    assert taken.read_bytes() == mine  # the storage: the job's bytes, as it wrote them
+    assert taken.name in failure
+    taken.rename(tmp_path / "moved-away")
+    stage(opsdb, config, name)
+    assert staged(root, name) == written
+    assert (tmp_path / "moved-away").read_bytes() == mine
+
+
+def test_a_staged_file_whose_record_was_lost_is_taken_as_staged_not_copied_over(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """A staging step renamed a file to its staged name and died before recording it: the
+    next attempt finds the archive's bytes at the name and records that file as staged."""
+    from ccat_dt.opsdb.models import RawDataFileCopy
+
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0)
+    root = config.resolve_root(PROCESSING)
+    name = ask_to_stage(opsdb)
+    stage(opsdb, config, name)
+    with opsdb.session() as session:
+        unrecorded = session.scalars(select(RawDataFileCopy).where(
+            RawDataFileCopy.staging_request_id.is_not(None)).order_by(
+            RawDataFileCopy.id).limit(1)).one()
+        path = root / unrecorded.relative_path
+        session.delete(unrecorded)
+    before = os.lstat(path)
+
+    stage(opsdb, config, name)
+
+    assert staged(root, name) == written
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+

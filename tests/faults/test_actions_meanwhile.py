@@ -94,15 +94,15 @@ def test_release_while_the_request_is_being_unpacked(
                                    selection=staging.Selection(observation="obs-0"),
                                    expires_in=staging.timedelta(hours=1))
     root = config.resolve_root("sites/ramses/processing")
-    real = os.replace
+    real = staging.rename_into_place
     told: list[subprocess.CompletedProcess[str]] = []
 
-    def replace(source: Any, target: Any) -> None:
-        real(source, target)
+    def rename(source: str, target: str, **kwargs: Any) -> None:
+        real(source, target, **kwargs)
         if not told and str(target).startswith(str(root)):
             told.append(cli(config, "stage", "--release", name))
 
-    monkeypatch.setattr(staging.os, "replace", replace)
+    monkeypatch.setattr(staging, "rename_into_place", rename)
     try:
         staging.stage(opsdb, config, name)
     finally:
