@@ -251,7 +251,9 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         where = request.location.label
         source_id, source_label = source.id, source.location.label
     started = time.monotonic()
-    moved: list[ManifestEntry] = []  # entries renamed to their staged names
+    # Entries at their staged names, each with the identity its verified file had then: a job
+    # writing into it before it is recorded must not have its bytes recorded as staged.
+    moved: list[tuple[ManifestEntry, os.stat_result]] = []
     try:
         # An unmounted disk's bare mount point is not the processing area: nothing is written
         # there (the extraction would make the directories); the run fails, and its re-attempt
@@ -276,16 +278,19 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                         "away, then retry")
                 final = root / relative
                 final.parent.mkdir(parents=True, exist_ok=True)
+                verified = os.lstat(scratch / entry.path)  # as hashed; a rename keeps it
                 try:
                     rename_into_place(str(scratch / entry.path), str(final))
                 except FileExistsError:
                     # Taken since the look above (a job wrote there while the package
                     # travelled): kept unless it holds the archive's bytes (an earlier
                     # attempt's, renamed there before it was recorded).
-                    if not _holds(final, entry):
+                    there = _holds(final, entry)
+                    if there is None:
                         kept.append(str(final))
                         continue
-                moved.append(entry)
+                    verified = there
+                moved.append((entry, verified))
         except OSError as exc:  # the processing disk full, say: its re-attempt, not this run's
             raise StagingError(f"{package_name}: unpacking at {where} failed: "
                                f"{exc.strerror or exc} ({exc.filename or root}); nothing of "
@@ -293,7 +298,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
     except Exception as exc:
         if moved:  # at their staged names, verified: on the record, so they are purged later
             with opsdb.session() as session:
-                _record_staged(session, moved, files, lost, root, directory, location_id,
+                _record_staged(session, moved, files, lost, directory, location_id,
                                request_id)
         finish(opsdb, operation.id, error=str(exc))
         if disk_full(exc):  # for `status` and a person (notify.py) until a staging succeeds
@@ -313,9 +318,9 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
     finally:
         tar.unlink(missing_ok=True)  # the archive is not kept at processing: it saves space
         shutil.rmtree(scratch, ignore_errors=True)
-    size = sum(e.size for e in moved)
+    size = sum(e.size for e, _ in moved)
     with opsdb.session() as session:
-        _record_staged(session, moved, files, lost, root, directory, location_id,
+        _record_staged(session, moved, files, lost, directory, location_id,
                        request_id)
         finish_in(session, operation.id, copy_id=None, nbytes=size,
                   seconds=time.monotonic() - started)
@@ -323,28 +328,32 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
     return len(moved), size, kept
 
 
-def _holds(path: Path, entry: ManifestEntry) -> bool:
-    """Whether the regular file at `path` holds the entry's bytes, read now."""
+def _holds(path: Path, entry: ManifestEntry) -> os.stat_result | None:
+    """The identity of the regular file at `path` if it holds the entry's bytes, read now
+    (and was not written to while it was read), else None."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return False
+        before = os.lstat(path)
+        if not stat.S_ISREG(before.st_mode):
+            return None
         actual, size = hash_file(path)
+        after = os.lstat(path)
     except OSError:
-        return False
-    return (actual, size) == (entry.checksum, entry.size)
+        return None
+    same = (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    return before if same and (actual, size) == (entry.checksum, entry.size) else None
 
 
-def _record_staged(session: Session, entries: list[ManifestEntry],
-                   files: dict[str, RawDataFile], lost: dict[str, int], root: Path,
+def _record_staged(session: Session, entries: list[tuple[ManifestEntry, os.stat_result]],
+                   files: dict[str, RawDataFile], lost: dict[str, int],
                    directory: PurePosixPath, location_id: int, request_id: int) -> None:
     """The files moved to their staged names, recorded STAGED (so the purge after the
     release removes them), even when the step stopped before its last file."""
     now = utcnow()
-    for entry in entries:
+    for entry, info in entries:
         raw_file = files[entry.path]
-        # Its identity as extracted and verified: the purge after the release then knows
-        # an untouched file without reading it again (a changed one is re-hashed, kept).
-        info = os.lstat(root / directory / entry.path)
+        # Its identity as extracted and verified, not as a look now finds it (a job may have
+        # written into it since): the purge after the release then knows an untouched file
+        # without reading it again, and re-hashes (and keeps) a changed one.
         if entry.path in lost:  # staged before, removed since: its record, staged again
             copy = session.get_one(RawDataFileCopy, lost[entry.path])
             copy.verified_at, copy.inode, copy.mtime_ns = now, info.st_ino, info.st_mtime_ns

@@ -466,3 +466,40 @@ def test_a_staged_file_whose_record_was_lost_is_taken_as_staged_not_copied_over(
     after = os.lstat(path)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
+
+
+def test_a_staged_file_written_to_before_its_record_is_not_purged_after_release(
+        tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job starts on a staged file the moment it appears and writes into it before the
+    staging step records it. The record must hold the file as it was verified, not as a
+    later look found it: after the release, the purge finds the file changed and keeps the
+    job's bytes (before: the job's file was recorded as staged and deleted unread)."""
+    import ccat_dt.staging as staging
+    from ccat_dt.reaper import purge_package
+
+    config, opsdb, _ = archived(tmp_path, instance, backoff_s=3600.0)
+    root = config.resolve_root(PROCESSING)
+    name = ask_to_stage(opsdb)
+    real = staging._record_staged
+    written_into: list[tuple[Path, bytes]] = []
+
+    def job_writes_first(*args: Any, **kwargs: Any) -> None:
+        if not written_into:
+            target = sorted(files_under(root / name))[0]  # at its staged name, unrecorded
+            mine = bytes(b ^ 0xFF for b in target.read_bytes())  # its size, other bytes
+            with open(target, "r+b") as stream:  # in place, between the rename and the record
+                stream.write(mine)
+            written_into.append((target, mine))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "_record_staged", job_writes_first)
+    stage(opsdb, config, name)
+    monkeypatch.setattr(staging, "_record_staged", real)
+    release(opsdb, name)
+    with opsdb.session() as session:
+        package = session.scalars(select(StagingRequest).where(
+            StagingRequest.name == name)).one().packages[0].name
+    purge_package(opsdb, config, package)
+
+    [(target, mine)] = written_into
+    assert target.exists() and target.read_bytes() == mine  # the storage: the job's bytes
