@@ -41,6 +41,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.replicas import refresh_state
+from ccat_dt.staged_files import SCRATCH
 from ccat_dt.storage import (
     Entry,
     Listing,
@@ -97,9 +98,18 @@ class _Location:
     label: str
     root: str
     host: str | None
-    writes_temporaries: bool = True  # False at SOURCE: instruments write there, we never do
+    kind: LocationType = LocationType.BUFFER
     # How the root is looked at: disk (local or over ssh) or an object store (s3://...).
     stores: Stores = field(default_factory=lambda: Stores({}), compare=False)
+
+    def made_temporary(self, name: str) -> bool:
+        """Whether a file named `name` is a temporary file of ours. Instruments write at a
+        SOURCE and scientists' jobs at a PROCESSING location, so a `.NAME.part` there may be
+        their only copy of something: at a SOURCE nothing is ours, at a PROCESSING location
+        only the staging step's scratch tar (staged_files.SCRATCH)."""
+        if not is_temporary(name) or self.kind == LocationType.SOURCE:
+            return False
+        return self.kind != LocationType.PROCESSING or name[1:].startswith(SCRATCH)
 
     @property
     def root_path(self) -> str:
@@ -166,7 +176,8 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
     CORRUPT copies whose bytes matched again PRESENT (a LOST package is lifted), and removes
     local temporary files abandoned for over 24 hours (never at a SOURCE location: nothing of
     ours writes there, so a file named like a temporary one is an instrument's, reported as
-    unknown and left alone; nor on a remote host: those are only reported, to be removed by
+    unknown and left alone; at a PROCESSING location only the staging step's, the others
+    being scientists'; nor on a remote host: those are only reported, to be removed by
     hand, because a deletion over ssh would need its own symlink-safe re-check); nothing else is
     changed, and without `repair` nothing at all. With `config`, the state of a package whose
     copy was marked corrupt or present again is re-derived (ARCHIVED may fall back, LOST be
@@ -179,7 +190,7 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
         ssh = ssh_settings(config) if config is not None else SshSettings()
     stores = Stores.of(config)
     with opsdb.session() as session:
-        locations = [_Location(id_, f"{site}/{name}", root, host, kind != LocationType.SOURCE,
+        locations = [_Location(id_, f"{site}/{name}", root, host, kind,
                                stores)
                      for id_, site, name, root, host, kind
                      in session.execute(select(DataLocation.id, Site.short_name, DataLocation.name,
@@ -315,7 +326,7 @@ def _compare(location: _Location, expected: _Expected, found: Listing, now: date
         if relative in expected.live:
             seen.add(relative)
             _check(walk, location, entry, expected.live[relative])
-        elif is_temporary(name) and location.writes_temporaries:
+        elif location.made_temporary(name):
             _partial(walk, location, entry, now, busy)
         elif relative in expected.deleted:
             walk.findings.append(Finding(

@@ -306,6 +306,29 @@ def test_partial_file_is_removed_only_when_abandoned_and_nothing_is_in_flight(
     assert audit(opsdb).findings == []
 
 
+def test_a_scientists_temporary_file_at_a_processing_location_is_never_removed(
+        opsdb: OpsDB) -> None:
+    """Scientists' jobs write at a processing location: a `.NAME.part` there, however old, may
+    be their only copy of something (a download, a job's output) and is never removed, only
+    reported; the staging step's own temporary file there still is, once abandoned."""
+    with opsdb.session() as session:
+        root = Path(get_location(session, "ramses", "processing").root)
+    theirs = root / "analysis" / ".spectra.fits.part"
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    theirs.write_bytes(b"a job's output, in no archive")
+    ours = root / "stage-0a1b2c3d" / "..ccat-dt-staging.obs-0_chai-lfa_p00.tar.part"
+    ours.parent.mkdir()
+    ours.write_bytes(b"half a tar")
+
+    report = audit(opsdb, repair=True, now=utcnow() + timedelta(hours=25))
+
+    assert theirs.read_bytes() == b"a job's output, in no archive"  # the storage: kept
+    assert report.repaired == [f"removed abandoned temporary file {ours}"]
+    assert not ours.exists()
+    assert [(f.kind, f.path) for f in report.findings if f.path == str(theirs)] == [
+        ("dark", str(theirs))]
+
+
 def test_deleted_copy_whose_file_reappears_is_stale(config: Config, opsdb: OpsDB,
                                                      lta: list[tuple[str, int, Path]]) -> None:
     name = lta[0][0]
