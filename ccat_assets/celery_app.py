@@ -12,6 +12,11 @@ app.conf.task_track_started = True  # a step's worker and pid, for its run to as
 # No message taken ahead of a free pool process: one that a worker killed -9 had reserved
 # would come back only after the broker's visibility timeout (an hour), its run waiting.
 app.conf.worker_disable_prefetch = True
+# A step that ends while Redis is unreachable (restarted, failed over, a network blip) stores its
+# state once it is back, retried with a jittered back-off of up to 10 s (some 4 min in all,
+# beyond the run's wait, celery_watch.BROKER_OUTAGE_S): not a failure of work that was done.
+app.conf.result_backend_always_retry = True
+app.conf.result_backend_max_retries = 60
 execute_plan = create_task(app)
 execute_job = create_execute_job_task(app)
 resume_job = create_resume_job_task(app)

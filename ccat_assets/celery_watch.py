@@ -15,7 +15,13 @@ and the step reads PENDING for ever (no worker recorded: nobody to ask). So each
 leaves a mark in the broker's (and the result backend's) Redis; a step still PENDING whose mark
 is gone was lost by that Redis, unless a worker holds it (received, running): one that the
 workers that answer do not hold at two looks in a row is failed (and revoked, should its
-message turn up after all); the run fails and the re-attempt sensor asks for the work again."""
+message turn up after all); the run fails and the re-attempt sensor asks for the work again.
+
+Redis may also be unreachable for a while, its data kept (restarted, failed over, a network
+blip): the step goes on at its worker, which stores its result once Redis is back
+(celery_app.py). A run that cannot read its step's state waits for Redis up to
+BROKER_OUTAGE_S (before, its first look failed it, and the re-attempt was sent beside the step
+still running); longer, the run fails naming the broker."""
 
 from __future__ import annotations
 
@@ -32,10 +38,15 @@ SILENT_FOR_S = 600.0  # a worker that does not answer for this long is taken for
 SENT = "ccat-dt:sent:{}"  # the mark of a step sent, in each Redis that holds it
 SENT_TTL_S = 30 * 24 * 3600  # beyond any wait in a queue (a run's max_runtime is two days)
 GONE_LOOKS = 2  # looks in a row that find a PENDING step nowhere before it is taken for lost
+BROKER_OUTAGE_S = 120.0  # Redis unreachable this long fails the waiting run; less is waited out
 
 
 class StepLost(Exception):
     """The worker that started the step no longer runs it and never will report it."""
+
+
+class BrokerUnreachable(Exception):
+    """Redis, holding the step's state, has not answered for BROKER_OUTAGE_S."""
 
 
 class WatchedResult:
@@ -48,9 +59,17 @@ class WatchedResult:
         self._silent_since: float | None = None
         self._lost: str | None = None
         self._gone = 0  # looks in a row that found the PENDING step nowhere
+        self._unreachable_since: float | None = None
 
     def ready(self) -> bool:
-        if self._result.ready():
+        try:
+            done = self._result.ready()
+        except Exception as exc:
+            if not self._result.backend.exception_safe_to_retry(exc):  # Celery's own test
+                raise
+            return self._unreachable(exc)
+        self._unreachable_since = None
+        if done:
             return True
         now = time.monotonic()
         if self._lost is None and now >= self._next:
@@ -60,6 +79,22 @@ class WatchedResult:
             except Exception as exc:  # noqa: BLE001 - a look that failed proves nothing
                 LOG.warning("task %s: its worker could not be asked: %s", self._result.id, exc)
         return self._lost is not None
+
+    def _unreachable(self, exc: Exception) -> bool:
+        """Not known yet while Redis is unreachable (the step goes on at its worker), up to
+        BROKER_OUTAGE_S; then the run fails, as it did at once before."""
+        now = time.monotonic()
+        where = self._result.backend.as_uri()  # its password masked
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            LOG.warning("task %s: the Celery broker (result backend %s) is unreachable, waiting "
+                        "up to %.0f s for it: %s", self._result.id, where, BROKER_OUTAGE_S, exc)
+        elif now - self._unreachable_since >= BROKER_OUTAGE_S:
+            raise BrokerUnreachable(
+                f"the Celery broker (result backend {where}) has not answered for "
+                f"{now - self._unreachable_since:.0f} s, the step's state unknown: {exc}"
+            ) from exc
+        return False
 
     def get(self) -> Any:
         if self._lost is not None and not self._result.ready():

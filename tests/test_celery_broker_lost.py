@@ -1,7 +1,8 @@
 """The Celery broker loses what it held (Redis restarted empty, failed over to a replica that
-lacked it, flushed) while a deployment runs on dagster-celery, under the production executor
-(PostgreSQL storage and OpsDB, one real worker per site). Its own Redis server per test (it
-keeps nothing on disk), so that it can be restarted without touching the shared one.
+lacked it, flushed), or is down for a few seconds with its data kept, while a deployment runs
+on dagster-celery, under the production executor (PostgreSQL storage and OpsDB, one real
+worker per site). Its own Redis server per test (keeping nothing on disk, unless the test
+keeps its data), so that it can be restarted without touching the shared one.
 
 A step whose message was queued, or whose result was written, when Redis lost its data reads
 PENDING for ever: no worker was recorded for it, so nothing asks after it. The run that waits
@@ -23,9 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, EventLogEntry, RunsFilter
 from sqlalchemy import func, select
 
+from ccat_assets import celery_watch
 from ccat_dt.config import Config
 from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
@@ -37,7 +39,7 @@ from tests.faults.storage_truth import lost_filed_files
 from tests.helpers import observe
 from tests.services import free_port, unavailable
 from tests.test_celery import production
-from tests.test_celery_worker_killed import Workers, finish, part_files, start_drive
+from tests.test_celery_worker_killed import SITES, Workers, finish, part_files, start_drive
 
 pytestmark = pytest.mark.xdist_group("redis")
 
@@ -45,10 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVE_TIMEOUT_S = 150.0
 
 class RedisServer:
-    """A redis-server of the test's own on a free port, keeping nothing on disk."""
+    """A redis-server of the test's own on a free port, keeping nothing on disk, or (`keep`)
+    everything written, in an append-only file synced at each write."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
+    def __init__(self, directory: Path, keep: bool = False) -> None:
+        self.directory, self.port, self.keep = directory, free_port(), keep
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -60,7 +63,8 @@ class RedisServer:
         log = self.directory / f"redis-{self.starts}.log"
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+             "--appendonly", "yes" if self.keep else "no", "--appendfsync", "always",
+             "--dir", str(self.directory)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 10
         while True:
@@ -73,8 +77,14 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)  # it keeps nothing: gone is gone
+            self.proc.send_signal(signal.SIGKILL)  # gone is gone, unless kept on disk
             self.proc.wait(timeout=30)
+
+    def down_for(self, seconds: float) -> None:
+        """Killed, then started again after `seconds` (connections refused meanwhile)."""
+        self.stop()
+        time.sleep(seconds)
+        self.start()
 
     def restart(self) -> None:
         """Stopped and started again at once, empty."""
@@ -88,12 +98,13 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """The test's own Redis; `keep` (indirect parameter) keeps its data across a restart."""
     if shutil.which("redis-server") is None:
         unavailable("Redis", "no redis-server on PATH (these tests restart their own)")
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = RedisServer(directory)
+    server = RedisServer(directory, keep=getattr(request, "param", "") == "keep")
     server.start()
     yield server
     server.stop()
@@ -193,3 +204,68 @@ def test_a_queued_step_lost_when_redis_restarts_empty(
     finally:
         workers.stop()
     assert_done_once(config, opsdb, source, workers.logs())
+
+
+OUTAGE_S = 6.0  # Redis down: more than a few of the run's looks at its step (1 s apart)
+HOLD_S = OUTAGE_S / 2  # the step goes on at its worker and ends in the middle of the outage
+
+
+@pytest.mark.parametrize("redis_server", ["keep"], indirect=True)
+def test_a_step_rides_out_a_short_redis_outage(
+        deployment: tuple[Config, OpsDB, RedisServer], tmp_path: Path) -> None:
+    """Redis, the broker and result backend, is down for a few seconds (killed, restarted
+    with its data) while a transfer step goes on at its worker and its run waits for it; the
+    step ends in the middle of the outage. The worker stores the step's result once Redis is
+    back and the run, having waited for it, reads it: no run fails (before: the run's next
+    look failed it, "ConnectionError: ... Connection refused", and the step's result, stored
+    while Redis was down, was a ConnectionError too), nothing is done twice. (Redis stopped
+    instead, SIGSTOP, its connections hang: the run's look waits, up to Celery's 120 s socket
+    time-out, and nothing failed before either; checked by hand, not repeated here.)"""
+    config, opsdb, server = deployment
+    source = observe(config, opsdb, observations=1, files=1)
+    workers = Workers(config, tmp_path)
+    marker = tmp_path / "held"
+    for site in SITES:
+        workers.start(site, "mid-write" if site == "cologne" else None, marker, HOLD_S)
+    try:
+        time.sleep(3)
+        drive = start_drive(config, tmp_path, "drive-1")
+        wait_until(marker.exists, 120, "the transfer step held", drive,
+                   *workers.procs.values())
+        server.down_for(OUTAGE_S)
+        settle(config, opsdb, tmp_path, drive, f"Redis down for {OUTAGE_S:.0f} s")
+    finally:
+        workers.stop()
+    assert_done_once(config, opsdb, source, workers.logs())
+    failed = failed_runs()
+    assert failed == [], "\n".join(failed)
+
+
+def test_redis_unreachable_longer_fails_the_run_naming_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past BROKER_OUTAGE_S the wait ends: the run fails, as it did at once before, with the
+    broker named."""
+    from celery import Celery
+
+    monkeypatch.setattr(celery_watch, "BROKER_OUTAGE_S", 0.5)
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app = Celery(broker=url, backend=url)
+    watched = celery_watch.WatchedResult(app, app.AsyncResult("a-step"))
+    assert watched.ready() is False  # not known yet
+    time.sleep(0.6)
+    with pytest.raises(celery_watch.BrokerUnreachable,
+                       match=rf"result backend {url}\) has not answered for \d+ s"):
+        watched.ready()
+
+
+def failed_runs() -> list[str]:
+    """Each failed run's job and error."""
+    with DagsterInstance.get() as instance:
+        return [f"{run.job_name}: {_error(event)}"
+                for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
+                for event in instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_FAILURE)]
+
+
+def _error(event: EventLogEntry) -> str:
+    error = getattr(getattr(event.dagster_event, "event_specific_data", None), "error", None)
+    return error.message.strip() if error is not None else event.message

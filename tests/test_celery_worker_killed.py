@@ -50,12 +50,12 @@ if _hold:
     import importlib
     from pathlib import Path
     from tests.faults.child import wait_to_be_killed, wrap
-    _module, _attribute, _when, _marker = _hold.split("|")
+    _module, _attribute, _when, _marker, *_seconds = _hold.split("|")
     _owner = importlib.import_module(_module)
     _path, _, _name = _attribute.rpartition(".")
     for _part in filter(None, _path.split(".")):
         _owner = getattr(_owner, _part)
-    wrap(_owner, _name, **{_when: wait_to_be_killed(Path(_marker))})
+    wrap(_owner, _name, **{_when: wait_to_be_killed(Path(_marker), *map(float, _seconds))})
 '''
 
 HOLDS = {  # where a worker waits to be killed, half of its step done
@@ -90,13 +90,16 @@ class Workers:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.starts = 0
 
-    def start(self, site: str, hold: str | None = None, marker: Path | None = None) -> None:
+    def start(self, site: str, hold: str | None = None, marker: Path | None = None,
+              hold_s: float | None = None) -> None:
+        """The site's worker; with `hold`, its first call there waits to be killed (or
+        `hold_s` seconds, then goes on) once it has written `marker`."""
         self.starts += 1
         env = {**os.environ, "DAGSTER_HOME": str(self.home),
                "PYTHONPATH": f"{self.hooks}{os.pathsep}{REPO}"}
         env.pop("CCAT_TEST_HOLD", None)
         if hold:
-            env["CCAT_TEST_HOLD"] = f"{HOLDS[hold]}|{marker}"
+            env["CCAT_TEST_HOLD"] = f"{HOLDS[hold]}|{marker}" + (f"|{hold_s}" if hold_s else "")
         log = self.tmp_path / f"worker-{site}-{self.starts}.log"
         self.procs[site] = subprocess.Popen(
             [sys.executable, "-m", "ccat_assets.cli", "--config", str(self.config.path),

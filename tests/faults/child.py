@@ -91,12 +91,14 @@ def at_copy(module: Any, name: str, label: str, meet: Callable[[], None], *,
     setattr(module, name, wrapper)
 
 
-def wait_to_be_killed(marker: Path) -> Callable[[], None]:
+def wait_to_be_killed(marker: Path, seconds: float = 300.0) -> Callable[[], None]:
+    """Write `marker` (our pid) and wait: the parent kills us there, or, given a short
+    `seconds`, does something meanwhile and lets us go on after them."""
     def hold() -> None:
         written = marker.with_name(f".{marker.name}.{os.getpid()}")
         written.write_text(str(os.getpid()))
         written.rename(marker)  # whole: the parent reads it as soon as it exists
-        time.sleep(300)  # the parent kills us here
+        time.sleep(seconds)
     return hold
 
 
