@@ -584,6 +584,9 @@ class _Runs:
                 RunsFilter(tags={RUN_KEY: run.run_key, SENSOR: origin}), limit=1):
             return  # a replayed tick: this run was launched before
         job = self.repository.get_job(run.job_name or default_job or "")
+        if run.asset_check_keys is not None:  # checks alone (or a subset), as the daemon runs it
+            job = job.get_subset(asset_selection=set(run.asset_selection or ()),
+                                 asset_check_selection=set(run.asset_check_keys))
         tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin, DRIVE_TAG: _me()}
         run_config = with_run_loggers(run.run_config)  # quiet under the CLI (runlog.py)
         key = run.run_key or job.name
@@ -687,7 +690,11 @@ def _create(job: JobDefinition, instance: DagsterInstance, partition_key: str | 
             asset_selection=frozenset(), execution_plan=plan,
             remote_job_origin=_ui_origin(job.name))
         return run, runnable
-    recon, load_data = _job_with_repository_load_data(_reconstructable(job))
+    whole = _reconstructable(job)
+    if (selection := job.asset_selection_data) is not None:  # a subset (checks alone)
+        whole = whole.get_subset(asset_selection=selection.asset_selection,
+                                 asset_check_selection=selection.asset_check_selection)
+    recon, load_data = _job_with_repository_load_data(whole)
     assert isinstance(recon, ReconstructableJob)
     definition = recon.get_definition()
     run = instance.create_run_for_job(

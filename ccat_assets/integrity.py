@@ -17,6 +17,7 @@ look can exclude one created in between (the daemon or a drive creates runs in a
 process); so the integrity sensor also looks for that outcome afterwards (`buried_checks`) and
 says the run's own result again, on the materialization it was made on."""
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dagster import (
@@ -35,6 +36,7 @@ from dagster import (
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
+from dagster._core.instance.utils import RUNLESS_RUN_ID
 from dagster._core.storage.asset_check_execution_record import (
     AssetCheckExecutionRecordStatus,
     AssetCheckPartitionInfo,
@@ -163,18 +165,45 @@ def _running(instance: DagsterInstance, run_id: str) -> bool:
     return run is not None and run.status not in FINISHED_STATUSES
 
 
-def _materialized_after(instance: DagsterInstance, asset: str, after: int) -> set[str]:
-    """The partitions of `asset` materialized after event `after`."""
-    partitions: set[str] = set()
+def _materialized_after(instance: DagsterInstance, asset: str, after: int
+                        ) -> list[EventLogRecord]:
+    """The materializations of `asset` after event `after`, oldest first."""
+    records: list[EventLogRecord] = []
     cursor = None
     while True:
         page = instance.fetch_materializations(
             AssetRecordsFilter(asset_key=AssetKey(asset), after_storage_id=after),
             limit=1000, cursor=cursor, ascending=True)
-        partitions |= {r.partition_key for r in page.records if r.partition_key}
+        records += page.records
         if not page.has_more:
-            return partitions
+            return records
         cursor = page.cursor
+
+
+def made_by_hand(instance: DagsterInstance, after: int,
+                 checks: Mapping[str, Sequence[AssetCheckKey]]) -> dict[tuple[str, str], int]:
+    """The partitions of these assets (asset -> its checks) given a materialization or a
+    check evaluation by hand after event `after` (the UI's "Report materialization event",
+    the Checks tab's "Report evaluation": runless events; ours are logged in runs), each with
+    the storage id of its newest such event: their checks say nothing of the storage (stale,
+    or whatever a person typed) until they are run again. The cost follows the events since
+    `after`."""
+    found: dict[tuple[str, str], int] = {}
+
+    def add(asset: str, partition: str | None, storage_id: int) -> None:
+        if partition is not None:
+            found[asset, partition] = max(storage_id, found.get((asset, partition), 0))
+
+    for asset, keys in checks.items():
+        for record in _materialized_after(instance, asset, after):
+            if record.run_id == RUNLESS_RUN_ID:
+                add(asset, record.partition_key, record.storage_id)
+        for info in (instance.event_log_storage.get_asset_check_partition_info(
+                list(keys), after_storage_id=after) if keys else []):
+            if (info.latest_planned_run_id == RUNLESS_RUN_ID
+                    and info.latest_check_event_storage_id > after):
+                add(asset, info.partition_key, info.latest_check_event_storage_id)
+    return found
 
 
 def buried_checks(instance: DagsterInstance, after: int, pending: list[list[str]]
@@ -192,7 +221,8 @@ def buried_checks(instance: DagsterInstance, after: int, pending: list[list[str]
     for asset, check in CHECKS.values():
         key = AssetCheckKey(AssetKey(asset), check)
         touched = {key_ for a, c, key_ in pending if (a, c) == (asset, check)}
-        touched |= _materialized_after(instance, asset, after)
+        touched |= {r.partition_key for r in _materialized_after(instance, asset, after)
+                    if r.partition_key}
         if touched:
             infos += storage.get_asset_check_partition_info([key], partition_keys=sorted(touched))
     restated: list[dict[str, Any]] = []

@@ -1,6 +1,8 @@
 """Integrity findings made outside an asset's run (the audit's `--repair`, a deletion-time
 re-check, a copy found bad while being re-read) reach the UI as check evaluations on exactly
 the partition concerned, and `filed_bytes_safe` follows a package at risk until it is safe.
+A partition given a materialization or a check evaluation by hand (runless: the UI's "Report
+materialization event" or "Report evaluation") has its checks run again, alone, on the storage.
 A finding already repaired when the sensor sees it, or by the time its report runs, is not
 reported (the repair's own check said green). A repair's check that a finding outranked all
 the same (written while the repair was in flight) is said again (`buried_checks`). The
@@ -12,6 +14,7 @@ from typing import Any
 
 from dagster import (
     AssetCheckSeverity,
+    AssetKey,
     DefaultSensorStatus,
     RunRequest,
     SensorEvaluationContext,
@@ -19,14 +22,22 @@ from dagster import (
     sensor,
 )
 
-from ccat_assets.integrity import buried_checks, copy_check_of, integrity_report_job
+from ccat_assets.integrity import buried_checks, copy_check_of, integrity_report_job, made_by_hand
+from ccat_assets.partitions import (
+    package_partitions,
+    package_site_key,
+    split_key,
+    staging_partitions,
+)
+from ccat_assets.stages import ASSET_STAGE, JOBS
 from ccat_dt.loss import Health, assess
 from ccat_dt.packages import get_package
 from ccat_dt.pending import quarantines_found
+from ccat_dt.stages import Stage
 from resources.deployment import Deployment
 
 
-@sensor(job=integrity_report_job, minimum_interval_seconds=30,
+@sensor(jobs=[integrity_report_job, *JOBS.values()], minimum_interval_seconds=30,
         default_status=DefaultSensorStatus.RUNNING)
 def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     state = json.loads(context.cursor) if context.cursor else {}
@@ -37,8 +48,9 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     # (no finding) or materializes after it (its report is then skipped, see report_findings).
     events_before = context.instance.event_log_storage.get_maximum_record_id() or 0
     # Checks and materializations since the last tick (a first tick: from now on).
-    restated, pending = buried_checks(context.instance, int(state.get("checks", events_before)),
-                                      list(state.get("pending", [])))
+    since = int(state.get("checks", events_before))
+    restated, pending = buried_checks(context.instance, since, list(state.get("pending", [])))
+    rechecks = _rechecks(context, since)
     with deployment.opsdb.session() as session:
         found, cursor = quarantines_found(session, config, after)
         for q in found:
@@ -78,6 +90,30 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
             job_name=integrity_report_job.name,
             run_key=f"integrity-restate:{hashlib.sha256(over.encode()).hexdigest()[:16]}",
             run_config={"ops": {"report_findings": {"config": {"findings": restated}}}}))
+    requests += rechecks
     if not requests:
         return SensorResult(cursor=new_cursor, skip_reason="no new integrity finding")
     return SensorResult(cursor=new_cursor, run_requests=requests)
+
+
+def _rechecks(context: SensorEvaluationContext, since: int) -> list[RunRequest]:
+    """For each partition of a lifecycle asset given an event by hand since event `since`, a
+    run of its checks alone (they read the copy on its storage and report on the latest
+    materialization, the hand-made one); once per such event (its storage id)."""
+    assert context.repository_def is not None
+    graph = context.repository_def.asset_graph
+    checks = {asset: list(graph.get_check_keys_for_assets({AssetKey(asset)}))
+              for asset in ASSET_STAGE}
+    requests = []
+    for (asset, key), event in sorted(made_by_hand(context.instance, since, checks).items()):
+        stage = ASSET_STAGE[asset]
+        dynamic = staging_partitions if stage == Stage.STAGING else package_partitions
+        assert dynamic.name is not None
+        if not context.instance.has_dynamic_partition(dynamic.name, key.split("|", 1)[0]):
+            continue  # retired since (sensors/retire.py): a run of it cannot be asked for
+        requests.append(RunRequest(
+            job_name=JOBS[stage].name, asset_selection=[], asset_check_keys=checks[asset],
+            run_key=f"recheck:{asset}:{key}:{event}",
+            partition_key=package_site_key(*split_key(key)) if "|" in key else key))
+    return requests
+

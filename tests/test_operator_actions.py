@@ -505,3 +505,74 @@ def test_execute_checks_in_the_ui_re_reads_a_partition_and_without_one_is_cancel
         assert {v for k, v in status.items() if k != "None"} == {"passed"}, status  # repaired it
         assert drive(defs, dagster).failed == []
         lta_intact(opsdb)
+
+
+def integrity_tick(defs: Definitions, dagster: DagsterInstance,
+                   cursor: str | None = None) -> tuple[list[RunRequest], str | None]:
+    """One tick of the integrity sensor (from `cursor`): its run requests and new cursor."""
+    repository = defs.get_repository_def()
+    with build_sensor_context(instance=dagster, instance_ref=dagster.get_ref(), cursor=cursor,
+                              resources=defs.resources, repository_def=repository) as context:
+        result = repository.get_sensor_def("integrity_sensor").evaluate_tick(context)
+    return list(result.run_requests or []), result.cursor
+
+
+def test_hand_reported_events_are_checked_again_on_the_storage_at_the_next_tick(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """"Report materialization event" (a partition of lta_copies, of purge_status) and, on the
+    Checks tab, "Report evaluation" (a rotten copy's check marked passed by hand): runless
+    events, done as the UI's mutations do them. Each left the partition's check stale (no
+    result on its latest materialization) for good. Now the integrity sensor's next tick asks
+    for the partition's checks alone, which read the copy on its storage: the check says the
+    storage's answer on the latest materialization, the hand-made one; nothing is moved."""
+    from dagster import AssetMaterialization
+
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    _, cursor = integrity_tick(defs, instance)  # the sensor has looked: from here on
+    bad = rot_an_lta_copy(opsdb, "us")
+    bad_key = str(package_site_key(bad.package.name, "us"))
+    good = lta_copies_at(opsdb, "cologne")[0]
+    good_key = str(package_site_key(good.package.name, "cologne"))
+    good_hash = hash_file(Path(good.location.root) / good.relative_path)[0]
+
+    instance.report_runless_asset_event(AssetCheckEvaluation(  # "Report evaluation": passed
+        asset_key=AssetKey("lta_copies"), check_name="lta_copy_checksum", passed=True,
+        partition=bad_key, description="looks fine to me"))
+    for asset, key in [("lta_copies", good_key), ("purge_status", good.package.name)]:
+        instance.report_runless_asset_event(AssetMaterialization(asset, partition=key))
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] == "stale"
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[good_key] == "stale"
+    assert check_status(instance, "purge_status", "filed_bytes_safe")[
+        good.package.name] == "stale"
+
+    requests, after = integrity_tick(defs, instance, cursor)
+    report = DriveReport()
+    for request in requests:
+        launch(defs, instance, request, origin="integrity_sensor", report=report)
+    assert len(report.launched) == 3, report.launched
+
+    status = check_status(instance, "lta_copies", "lta_copy_checksum")
+    assert status[bad_key] == "failed" and status[good_key] == "passed", status
+    for check in ("filed_bytes_safe", "deletion_certificates"):
+        assert check_status(instance, "purge_status", check)[good.package.name] == "passed"
+    [record] = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey("lta_copies"), asset_partitions=[good_key]), limit=1).records
+    assert record.run_id == ""  # the checks ran alone: the hand-made materialization stands
+    assert hash_file(Path(good.location.root) / good.relative_path)[0] == good_hash
+    with opsdb.session() as session:  # the rotten copy found, nothing repaired yet
+        assert session.get_one(PackageCopy, bad.id).status == CopyStatus.CORRUPT
+
+    replayed = DriveReport()  # the same tick again (the daemon died before its cursor)
+    for request in integrity_tick(defs, instance, cursor)[0]:
+        launch(defs, instance, request, origin="integrity_sensor", report=replayed)
+    # (the quarantine the re-read recorded is a finding of its own, reported once)
+    assert [k for k in replayed.launched if k.startswith("recheck:")] == []
+    assert not [r for r in integrity_tick(defs, instance, after)[0]  # the next: none again
+                if (r.run_key or "").startswith("recheck:")]
+
+    assert drive(defs, instance).failed == []  # the repair
+    assert set(check_status(instance, "lta_copies", "lta_copy_checksum").values()) == {"passed"}
+    lta_intact(opsdb)
+
