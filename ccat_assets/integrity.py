@@ -25,6 +25,7 @@ from dagster import (
     AssetCheckKey,
     AssetCheckSeverity,
     AssetKey,
+    AssetMaterialization,
     AssetRecordsFilter,
     Config,
     DagsterInstance,
@@ -114,6 +115,9 @@ class Finding(Config):
     # not a finding but a run's own check result said again (buried_checks): on this
     # materialization (storage id), if it is still the partition's latest
     restates: int = 0
+    # a partition OpsDB holds done that Dagster shows no materialization of (wiped): its
+    # materialization restated, with this metadata, before the evaluation
+    materialize: dict[str, str] = {}
 
 
 class Findings(Config):
@@ -135,6 +139,10 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
     busy = in_flight(context.instance)  # a run whose process died is closed, not counted
     for finding in config.findings:
         latest = latest_materialization(context.instance, finding.asset, finding.partition)
+        if finding.materialize and latest is not None:
+            context.log.info(f"{finding.asset} {finding.partition} materialized since; "
+                             f"not restated from OpsDB: {finding.description}")
+            continue
         if finding.restates and (latest is None or latest.storage_id != finding.restates):
             context.log.info(f"{finding.asset} {finding.partition} materialized again since; "
                              f"that run's check stands, not this one: {finding.description}")
@@ -149,6 +157,11 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
             context.log.info(f"{finding.asset} {finding.partition} is being materialized; its "
                              f"own check reports it, not this finding: {finding.description}")
             continue
+        if finding.materialize:
+            context.log_event(AssetMaterialization(
+                finding.asset, partition=finding.partition, metadata=finding.materialize,
+                description="restated from OpsDB: Dagster had no materialization of it"))
+            latest = latest_materialization(context.instance, finding.asset, finding.partition)
         context.log_event(check_evaluation(  # type: ignore[arg-type]  # accepted at runtime
             context.instance, finding.asset, finding.check, finding.partition,
             passed=finding.passed, description=finding.description,

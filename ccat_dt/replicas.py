@@ -721,6 +721,13 @@ READS = (OperationType.PACKAGING, OperationType.TRANSFER, OperationType.ARCHIVE,
          OperationType.VERIFICATION)
 
 
+def read_by(operation: Operation) -> str:
+    """What read a copy's bytes in `operation` (one of READS): its transport, its build or a
+    re-read."""
+    return operation.transport or ("packaging" if operation.operation_type
+                                   == OperationType.PACKAGING else "re-read")
+
+
 def read_in_run(opsdb: OpsDB, package: str, site: str, kind: LocationType,
                 run_id: str) -> Verification | None:
     """The newest copy there, if run `run_id` read it on its storage to the package checksum
@@ -737,8 +744,7 @@ def read_in_run(opsdb: OpsDB, package: str, site: str, kind: LocationType,
             Operation.operation_type.in_(READS)).order_by(Operation.id.desc()).limit(1)).first()
         if operation is None or operation.finished_at is None:
             return None
-        by = operation.transport or ("packaging" if operation.operation_type
-                                     == OperationType.PACKAGING else "re-read")
+        by = read_by(operation)
         label = f"{copy.location.site.short_name}/{copy.location.name}"
         evidence: dict[str, str | int] = {
             "checksum": copy.checksum or "", "verified_at": operation.finished_at.isoformat(),

@@ -576,3 +576,58 @@ def test_hand_reported_events_are_checked_again_on_the_storage_at_the_next_tick(
     assert set(check_status(instance, "lta_copies", "lta_copy_checksum").values()) == {"passed"}
     lta_intact(opsdb)
 
+
+def test_wiped_materializations_are_restated_from_opsdb_without_re_reading(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Wipe materializations" of lta_copies, as the UI's wipeAssets does it for a whole asset
+    (a partition's wipe is not supported by the embedded event log storage): the UI showed no
+    LTA copy at all while OpsDB holds them verified, and nothing ever changed that. Now the
+    integrity sensor, on its slow round, compares what Dagster shows materialized with what
+    OpsDB holds verified, and restates the missing partitions from OpsDB: a materialization
+    saying so, and a passed check naming the recorded verification, honestly not a re-read
+    (nothing is read: no verification added)."""
+    import sensors.integrity
+
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    lta = AssetKey("lta_copies")
+    archived = instance.get_materialized_partitions(lta)
+    assert len(archived) == 4
+    before = opsdb_state(opsdb)
+    with opsdb.session() as session:
+        reads = session.query(Operation).count()
+
+    instance.wipe_assets([lta])
+    assert instance.get_materialized_partitions(lta) == set()
+    assert "passed" not in check_status(instance, "lta_copies", "lta_copy_checksum").values()
+
+    monkeypatch.setattr(sensors.integrity, "RESTATE_EVERY_S", 0.0,  # its slow round is due
+                        raising=False)
+    assert drive(defs, instance).failed == []
+    assert instance.get_materialized_partitions(lta) == archived
+    status = check_status(instance, "lta_copies", "lta_copy_checksum")
+    assert {status[key] for key in archived} == {"passed"}, status
+    key = sorted(archived)[0]
+    [record] = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=lta, asset_partitions=[key]), limit=1).records
+    metadata = record.asset_materialization.metadata  # type: ignore[union-attr]
+    assert metadata["restated_from"].value == "OpsDB", metadata
+    [evaluation] = [r.dagster_event.event_specific_data for r in instance.all_logs(
+        record.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION) if r.dagster_event
+        and r.dagster_event.event_specific_data.partition == key]  # type: ignore[union-attr]
+    assert isinstance(evaluation, AssetCheckEvaluation) and evaluation.passed
+    assert (evaluation.description or "").startswith("restated from OpsDB: verified "), \
+        evaluation.description
+    assert "not re-read now" in (evaluation.description or "")
+    with opsdb.session() as session:  # told, not read: no operation added
+        assert session.query(Operation).count() == reads
+    assert opsdb_state(opsdb) == before
+    lta_intact(opsdb)
+    assert drive(defs, instance).launched == []  # once
+
+    instance.wipe_assets([lta])  # again, later: restated again
+    assert drive(defs, instance).failed == []
+    assert instance.get_materialized_partitions(lta) == archived
+    assert drive(defs, instance).launched == []
