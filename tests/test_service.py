@@ -448,3 +448,25 @@ def test_dead_letters_are_told_then_retried_or_discarded_by_a_person(site: Site)
     assert mirrored() == set()  # the notification resolves
     assert journal("list").returncode == 0
     assert [r[2] for r in site.journal_rows()] == ["applied", "discarded"]
+
+
+def test_the_same_file_filed_twice_while_journaled_is_acknowledged_twice_and_filed_once(
+        site: Site) -> None:
+    """Two instrument processes (or a client restarted, with a new request id) file the same
+    file while OpsDB is out of reach: both are acknowledged with one uuid, as they are when it
+    is reachable (before: the second got 409 "a file uuid of this request is already used by an
+    earlier request; give new uuids or none", although it gave none, and the client raised)."""
+    paths = write_files(site.source, "obs-twice", "primecam/f280", 1)
+    client = FilingClient(site.url, site.token, attempts=1)
+    client.start_observation("obs-twice")
+    site.link.cut()
+    first, second = (client.file_one("obs-twice", "primecam/f280", paths[0]) for _ in range(2))
+    assert (first["status"], second["status"]) == ("buffered", "buffered")
+    assert first["uuids"] == second["uuids"]
+    site.link.restore()
+    health = site.wait("the drain", lambda h: h["journal"]["pending"] == 0)
+    assert health["journal"]["dead"] == 0
+    with site.opsdb.session() as session:
+        filed = session.execute(select(RawDataFile.relative_path, RawDataFile.uuid)).all()
+    assert [tuple(row) for row in filed] == [(paths[0], first["uuids"][paths[0]])]
+    assert [state for _, _, state in site.journal_rows()] == ["applied", "applied"]

@@ -139,7 +139,9 @@ class Journal:
                response: dict[str, Any], token_name: str | None,
                files: Sequence[tuple[str, str, str, int, str]] = ()) -> tuple[Entry, bool]:
         """Commit one entry (and the files it files: uuid, location, path, size, checksum);
-        returns it and whether it was there already (a retried request)."""
+        returns it and whether it was there already (a retried request). A file an earlier
+        entry holds under the same uuid and path (the same file filed again) is not added twice;
+        a uuid an earlier entry holds for another path is a conflict."""
         with self._tx() as db:
             old = db.execute("SELECT seq, kind, observation, payload FROM entries "
                              "WHERE request_id = ?", (request_id,)).fetchone()
@@ -156,8 +158,10 @@ class Journal:
                 try:
                     db.executemany(
                         "INSERT INTO files (uuid, seq, location, path, size, checksum) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        [(u, cursor.lastrowid, loc, p, s, c) for u, loc, p, s, c in files])
+                        "SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM files "
+                        "WHERE uuid = ? AND location = ? AND path = ?)",
+                        [(u, cursor.lastrowid, loc, p, s, c, u, loc, p)
+                         for u, loc, p, s, c in files])
                 except sqlite3.IntegrityError:
                     raise JournalConflict("a file uuid of this request is already used by an "
                                           "earlier request; give new uuids or none") from None
