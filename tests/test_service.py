@@ -447,7 +447,8 @@ def test_dead_letters_are_told_then_retried_or_discarded_by_a_person(site: Site)
     assert health["journal"]["discarded"] == 1
     assert mirrored() == set()  # the notification resolves
     assert journal("list").returncode == 0
-    assert [r[2] for r in site.journal_rows()] == ["applied", "discarded"]
+    # the start (applied at once, kept for its retries), the retried entry, the discarded one
+    assert [r[2] for r in site.journal_rows()] == ["applied", "applied", "discarded"]
 
 
 def test_the_same_file_filed_twice_while_journaled_is_acknowledged_twice_and_filed_once(
@@ -469,4 +470,36 @@ def test_the_same_file_filed_twice_while_journaled_is_acknowledged_twice_and_fil
     with site.opsdb.session() as session:
         filed = session.execute(select(RawDataFile.relative_path, RawDataFile.uuid)).all()
     assert [tuple(row) for row in filed] == [(paths[0], first["uuids"][paths[0]])]
-    assert [state for _, _, state in site.journal_rows()] == ["applied", "applied"]
+    assert [state for _, _, state in site.journal_rows()] == ["applied"] * 3  # and the start
+
+
+def test_a_retry_journaled_after_a_direct_apply_is_answered_with_what_opsdb_holds(
+        site: Site) -> None:
+    """A request applied at once whose answer was lost (the client timed out) is retried with
+    the same request id after the link dropped, so the retry is journaled; another process
+    starts the same observation meanwhile. Each answer names the uuids OpsDB holds and nothing
+    is applied twice (before: the journal did not know the applied requests and answered with
+    new uuids that never reached OpsDB)."""
+    paths = write_files(site.source, "obs-lost", "primecam/f280", 1)
+    auth = {"Authorization": f"Bearer {site.token}"}
+    start = {"name": "obs-lost", "request_id": "start-lost"}
+    file = {"observation": "obs-lost", "module": "primecam/f280", "path": paths[0],
+            "request_id": "file-lost"}
+    started = httpx.post(f"{site.url}/executed_obs_units/start", json=start, headers=auth)
+    filed = httpx.post(f"{site.url}/raw_data_files", json=file, headers=auth)
+    assert (started.status_code, filed.status_code) == (201, 201)
+    site.link.cut()
+    retried = [httpx.post(f"{site.url}{path}", json=body, headers=auth) for path, body in
+               (("/executed_obs_units/start", start), ("/raw_data_files", file))]
+    other = FilingClient(site.url, site.token, attempts=1).start_observation("obs-lost")
+    assert retried[1].json()["uuids"] == filed.json()["uuids"]
+    assert retried[0].json()["uuid"] == other["uuid"] == started.json()["uuid"]
+    assert [r.status_code for r in retried] == [200, 200]  # replayed: applied already
+    site.link.restore()
+    health = site.wait("the drain", lambda h: h["journal"]["pending"] == 0)
+    assert health["journal"]["dead"] == 0
+    with site.opsdb.session() as session:
+        observations = session.execute(select(ExecutedObsUnit.name, ExecutedObsUnit.uuid)).all()
+        files = session.execute(select(RawDataFile.relative_path, RawDataFile.uuid)).all()
+    assert [tuple(row) for row in observations] == [("obs-lost", started.json()["uuid"])]
+    assert [tuple(row) for row in files] == list(filed.json()["uuids"].items())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
 import uuid as uuidlib
@@ -246,18 +247,15 @@ class FilingService:
         rid = request_id or new_uuid()
 
         def journal_body() -> dict[str, Any]:
-            for entry in self.journal.of_observation(name):  # a retried start, offline
-                if entry.kind == "start" and entry.state == "pending":
-                    if obs_uuid not in (None, entry.payload["uuid"]):
-                        raise FilingError(f"observation '{name}' was started with uuid "
-                                          f"{entry.payload['uuid']}", [("uuid", "differs")],
-                                          conflict=True)
-                    return {"uuid": entry.payload["uuid"]}
+            known = self.journal.started(name)  # started before, buffered or applied
+            if known is not None and obs_uuid not in (None, known):
+                raise FilingError(f"observation '{name}' was started with uuid {known}",
+                                  [("uuid", "differs")], conflict=True)
             if self.journal.finished(name):
                 raise FilingError(f"observation '{name}' is finished; it cannot be restarted, "
                                   "use a new name", [("name", "observation finished")],
                                   conflict=True)
-            return {"uuid": obs_uuid or new_uuid()}
+            return {"uuid": known or obs_uuid or new_uuid()}
 
         return self._submit(token, rid, "start", name, {"name": name, "uuid": obs_uuid},
                             journal_body, {"name": name})
@@ -343,21 +341,44 @@ class FilingService:
                     pass  # journal it below; the drainer finds the marker if it did commit
                 else:
                     status = {"start": "started", "finish": "finished", "files": "filed"}[kind]
-                    return Ack(201, {**base, **result, "request_id": rid, "status": status})
+                    response = {**base, **result, "request_id": rid, "status": status}
+                    self._remember(token, rid, kind, observation, payload, response)
+                    return Ack(201, response)
             extra = journal_body()
             if kind == "start":
                 payload = {**payload, "uuid": extra["uuid"]}
             response = {**base, **extra, "request_id": rid, "status": "buffered"}
             try:
-                entry, replayed = self.journal.append(
-                    request_id=rid, kind=kind, observation=observation, payload=payload,
-                    response=response, token_name=token.name,
-                    files=[(f["uuid"], f"{payload['site']}/{payload['location']}", f["path"],
-                            f["size"], f["checksum"]) for f in payload.get("files", [])])
+                entry, replayed = self._append(token, rid, kind, observation, payload, response)
             except JournalConflict as exc:
                 raise FilingError(str(exc), [("request_id", str(exc))], conflict=True) from None
         self._wake.set()
         return self._replay(entry) if replayed else Ack(202, response)
+
+    def _append(self, token: TokenInfo, rid: str, kind: str, observation: str,
+                payload: dict[str, Any], response: dict[str, Any],
+                applied: bool = False) -> tuple[Entry, bool]:
+        return self.journal.append(
+            request_id=rid, kind=kind, observation=observation, payload=payload,
+            response=response, token_name=token.name, applied=applied,
+            files=[(f["uuid"], f"{payload['site']}/{payload['location']}", f["path"],
+                    f["size"], f["checksum"]) for f in payload.get("files", [])])
+
+    def _remember(self, token: TokenInfo, rid: str, kind: str, observation: str,
+                  payload: dict[str, Any], response: dict[str, Any]) -> None:
+        """Keep a request applied directly in the journal, as applied: its retry (its answer
+        lost), or the same start or file from another process, journaled while OpsDB is out
+        of reach, gets the uuids OpsDB holds. Best effort: the request is applied already."""
+        if kind == "start":
+            payload = {**payload, "uuid": response["uuid"]}
+        elif kind == "files":
+            payload = {**payload, "files": [{**f, "uuid": response["uuids"][f["path"]]}
+                                            for f in payload["files"]]}
+        try:
+            self._append(token, rid, kind, observation, payload, response, applied=True)
+        except (JournalConflict, sqlite3.Error) as exc:
+            log.warning("request %s applied, but not kept in the journal for its retries: %s",
+                        rid, exc)
 
     def _replay(self, entry: Entry) -> Ack:
         body = {**entry.response, "replayed": True, "state": entry.state}

@@ -137,11 +137,13 @@ class Journal:
 
     def append(self, *, request_id: str, kind: str, observation: str, payload: dict[str, Any],
                response: dict[str, Any], token_name: str | None,
-               files: Sequence[tuple[str, str, str, int, str]] = ()) -> tuple[Entry, bool]:
+               files: Sequence[tuple[str, str, str, int, str]] = (),
+               applied: bool = False) -> tuple[Entry, bool]:
         """Commit one entry (and the files it files: uuid, location, path, size, checksum);
         returns it and whether it was there already (a retried request). A file an earlier
         entry holds under the same uuid and path (the same file filed again) is not added twice;
-        a uuid an earlier entry holds for another path is a conflict."""
+        a uuid an earlier entry holds for another path is a conflict. `applied`: a request
+        applied to OpsDB directly, kept so that its retries get its answer."""
         with self._tx() as db:
             old = db.execute("SELECT seq, kind, observation, payload FROM entries "
                              "WHERE request_id = ?", (request_id,)).fetchone()
@@ -152,9 +154,11 @@ class Journal:
             else:
                 cursor = db.execute(
                     "INSERT INTO entries (request_id, kind, observation, payload, response, "
-                    "token_name, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "token_name, state, accepted_at, applied_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?)",
                     (request_id, kind, observation, json.dumps(payload), json.dumps(response),
-                     token_name, time.time()))
+                     token_name, "applied" if applied else "pending", time.time(),
+                     time.time() if applied else None))
                 try:
                     db.executemany(
                         "INSERT INTO files (uuid, seq, location, path, size, checksum) "
@@ -233,6 +237,14 @@ class Journal:
         return [_entry(r) for r in self._rows(
             "SELECT * FROM entries WHERE observation = ? AND state != 'applied' ORDER BY seq",
             (observation,))]
+
+    def started(self, observation: str) -> str | None:
+        """The uuid the latest start of this observation was answered with (buffered or
+        applied), so that another start gets the same one."""
+        rows = self._rows("SELECT response FROM entries WHERE observation = ? AND kind = 'start' "
+                          "AND state IN ('pending', 'applied') ORDER BY seq DESC LIMIT 1",
+                          (observation,))
+        return str(json.loads(rows[0][0])["uuid"]) if rows else None
 
     def finished(self, observation: str) -> bool:
         """A finish of this observation was accepted (buffered or already applied)."""
