@@ -905,7 +905,8 @@ def _explain(exc: BaseException) -> tuple[str, int]:
 _STATED_ERRORS = (("ccat_dt.config", "ConfigError"), ("ccat_dt.filing", "FilingError"),
                   ("ccat_dt.opsdb.database", "SchemaOutOfDate"),
                   ("ccat_dt.staging", "StagingError"), ("ccat_dt.service.tokens", "TokenError"),
-                  ("ccat_dt.client", "ServiceError"), ("ccat_dt.topology", "TopologyDrift"))
+                  ("ccat_dt.client", "ServiceError"), ("ccat_dt.topology", "TopologyDrift"),
+                  ("ccat_dt.service.journal", "JournalInUse"))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

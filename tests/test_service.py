@@ -503,3 +503,31 @@ def test_a_retry_journaled_after_a_direct_apply_is_answered_with_what_opsdb_hold
         files = session.execute(select(RawDataFile.relative_path, RawDataFile.uuid)).all()
     assert [tuple(row) for row in observations] == [("obs-lost", started.json()["uuid"])]
     assert [tuple(row) for row in files] == list(filed.json()["uuids"].items())
+
+
+def test_a_second_service_on_the_same_journal_refuses_to_start(site: Site) -> None:
+    """A restart that overlapped, or systemd's service and one started by hand on another port:
+    two drainers of one journal would apply its entries side by side (the marker keeps an entry
+    from being applied twice, but the loser of a race on a lone file entry gets the unique-key
+    clash as a FilingError and can mark it dead although it was applied). The second refuses,
+    saying which journal and who holds it, and the first goes on (before: both ran)."""
+    client = FilingClient(site.url, site.token, attempts=1)
+    client.start_observation("obs-one")
+    rows = site.journal_rows()
+    env = {**os.environ, "CCAT_DT_OPSDB_URL": site.via_link, "PYTHONPATH": str(ROOT)}
+    second = subprocess.Popen(
+        [sys.executable, "-m", "ccat_assets.cli", "--config", str(site.config.path), "serve",
+         "--port", str(free_port()), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = second.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        second.communicate()
+        raise AssertionError("a second `ccat-dt serve` ran on the same journal") from None
+    assert second.returncode == 2, stderr
+    assert stderr.startswith("ccat-dt: error: the filing journal "), stderr
+    assert site.process is not None
+    assert f"in use by another `ccat-dt serve` (pid {site.process.pid} " in stderr
+    assert site.journal_rows() == rows
+    assert client.start_observation("obs-two")["status"] == "started"

@@ -54,7 +54,7 @@ from ccat_dt.opsdb.models import (
     new_uuid,
     utcnow,
 )
-from ccat_dt.service.journal import Entry, Journal, JournalConflict
+from ccat_dt.service.journal import Entry, Journal, JournalConflict, hold
 from ccat_dt.service.tokens import TokenInfo, hash_token, list_tokens
 
 log = logging.getLogger("ccat_dt.service")
@@ -107,7 +107,9 @@ class FilingService:
             config.settings.site(self.site)
         except ValueError as exc:
             raise ConfigError(f"{config.path}: service.site: {exc}") from None
-        self.journal = Journal(config.resolve_root(journal_path or settings.journal))
+        path = config.resolve_root(journal_path or settings.journal)
+        self._held = hold(path)  # this service's journal: a second one refuses to start
+        self.journal = Journal(path)
         url = make_url(config.opsdb_url)
         if url.get_backend_name() == "postgresql":  # fail fast on a dead link, never hang
             url = url.update_query_dict({
@@ -148,6 +150,7 @@ class FilingService:
         if self._opsdb is not None:
             self._opsdb.dispose()
         self.journal.close()
+        self._held.close()
 
     # --- OpsDB access --------------------------------------------------------------------
 

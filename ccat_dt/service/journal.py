@@ -8,7 +8,10 @@ Redis AOF), and one file is easy to back up and inspect with `sqlite3`.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -16,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ccat_dt.service.tokens import TokenInfo
 
@@ -58,6 +61,31 @@ CREATE TABLE IF NOT EXISTS tokens (   -- last known tokens, so auth works while 
 
 class JournalConflict(Exception):
     """A request id reused for a different request."""
+
+
+class JournalInUse(Exception):
+    """Another `ccat-dt serve` has this journal."""
+
+
+def hold(path: Path) -> TextIO:
+    """Lock the journal for this service (a lock file beside it, let go when the process ends,
+    kill -9 included): two services on one journal would each drain it, side by side."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = (path.parent / f"{path.name}.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "pid unknown"
+        lock.close()
+        raise JournalInUse(f"the filing journal {path} is in use by another `ccat-dt serve` "
+                           f"({holder}); stop that one first, or give this one its own "
+                           "--journal") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 @dataclass(frozen=True)
