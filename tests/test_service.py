@@ -531,3 +531,47 @@ def test_a_second_service_on_the_same_journal_refuses_to_start(site: Site) -> No
     assert f"in use by another `ccat-dt serve` (pid {site.process.pid} " in stderr
     assert site.journal_rows() == rows
     assert client.start_observation("obs-two")["status"] == "started"
+
+
+def test_a_full_journal_disk_answers_503_and_stores_nothing_until_there_is_room(
+        site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpsDB out of reach and the journal's disk full: a request is not acknowledged, the
+    client is told to retry (503, Retry-After) and `/health` says why; once there is room the
+    same request is journaled and applied once (before: 500 "Internal Server Error", nothing
+    on /health)."""
+    from fastapi.testclient import TestClient
+
+    from ccat_dt.service.app import create_app
+    from ccat_dt.service.core import FilingService
+
+    monkeypatch.setenv("CCAT_DT_OPSDB_URL", site.via_link)
+    service = FilingService(load_config(site.config.path), journal_path=str(tmp_path / "j.db"))
+    auth = {"Authorization": f"Bearer {site.token}"}
+    service.authenticate(site.token)  # its tokens read from OpsDB once
+    site.link.cut()
+    with TestClient(create_app(service), raise_server_exceptions=False) as http:
+        database = service.journal._db  # the disk fills: no page beyond those it has
+        pages = database.execute("PRAGMA page_count").fetchone()[0]
+        database.execute(f"PRAGMA max_page_count = {pages}")
+        for n in range(500):
+            body = {"name": f"obs-full-{n}", "request_id": f"full-{n}"}
+            answer = http.post("/executed_obs_units/start", json=body, headers=auth)
+            if answer.status_code != 202:
+                break
+        assert answer.status_code == 503, answer.text
+        assert "journal" in answer.json()["detail"] and "full" in answer.json()["detail"]
+        assert answer.headers["Retry-After"]
+        assert service.journal.find(body["request_id"]) is None  # nothing stored
+        health = http.get("/health", headers=auth).json()
+        assert health["status"] == "degraded" and "full" in health["journal"]["error"]
+        database.execute("PRAGMA max_page_count = 1073741823")  # room again
+        again = http.post("/executed_obs_units/start", json=body, headers=auth)
+        assert again.status_code == 202, again.text
+        assert http.get("/health", headers=auth).json()["journal"]["error"] is None
+        site.link.restore()
+        deadline = time.monotonic() + 20
+        while service.journal.pending()[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    with site.opsdb.session() as session:
+        started = session.scalars(select(ExecutedObsUnit.name)).all()
+    assert sorted(started) == sorted(f"obs-full-{i}" for i in range(n + 1))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ccat_dt.config import Config
 from ccat_dt.filing import FileSpec, FilingError
-from ccat_dt.service.core import Ack, AuthError, FilingService
+from ccat_dt.service.core import Ack, AuthError, FilingService, JournalUnavailable
 from ccat_dt.service.tokens import TokenInfo
 
 Scope = MutableMapping[str, Any]
@@ -146,6 +146,10 @@ def create_app(service: FilingService) -> FastAPI:
     @app.exception_handler(FilingError)
     async def filing_error(_: Request, exc: FilingError) -> JSONResponse:
         return _error(409 if exc.conflict else 422, str(exc), exc.fields or [("body", str(exc))])
+
+    @app.exception_handler(JournalUnavailable)
+    async def journal_unavailable(_: Request, exc: JournalUnavailable) -> JSONResponse:
+        return _error(503, str(exc), [("body", "not stored")], {"Retry-After": "5"})
 
     @app.exception_handler(AuthError)
     async def auth_error(_: Request, exc: AuthError) -> JSONResponse:

@@ -68,6 +68,11 @@ class Unreachable(Exception):
     """OpsDB cannot be reached right now; the request goes to the journal."""
 
 
+class JournalUnavailable(Exception):
+    """The journal cannot be written (its disk full or read-only): nothing was stored, so the
+    request is not acknowledged; the client retries (503)."""
+
+
 class AuthError(Exception):
     """No valid token (401) or a token not allowed to do this (403)."""
 
@@ -134,6 +139,7 @@ class FilingService:
         self.applied_files = 0  # it spent applying: the drain rate /health reports
         self.drain_busy_s = 0.0
         self._mirrored: set[str] | None = None  # dead letters last copied into OpsDB
+        self.journal_error: str | None = None  # the last journal write failed: why
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -355,6 +361,15 @@ class FilingService:
                 entry, replayed = self._append(token, rid, kind, observation, payload, response)
             except JournalConflict as exc:
                 raise FilingError(str(exc), [("request_id", str(exc))], conflict=True) from None
+            except sqlite3.Error as exc:
+                if self.journal_error is None:
+                    log.error("filing journal %s cannot be written, requests refused with 503: "
+                              "%s", self.journal.path, exc)
+                self.journal_error = f"cannot be written: {exc}"
+                raise JournalUnavailable(f"the filing journal cannot be written ({exc}) while "
+                                         "OpsDB is out of reach: nothing was stored; retry "
+                                         "later") from None
+            self.journal_error = None
         self._wake.set()
         return self._replay(entry) if replayed else Ack(202, response)
 
@@ -590,11 +605,13 @@ class FilingService:
         dead, letters = self.journal.dead_letters()
         discarded = self.journal.counts().get("discarded", 0)
         alive = self._thread is not None and self._thread.is_alive()
-        return {"status": "ok" if self.reachable and alive and not dead else "degraded",
+        ok = self.reachable and alive and not dead and self.journal_error is None
+        return {"status": "ok" if ok else "degraded",
                 "site": self.site,
                 "opsdb": {"reachable": self.reachable, "error": self.last_error,
                           "last_contact": _iso(self.last_contact)},
-                "journal": {"path": str(self.journal.path), "pending": pending,
+                "journal": {"path": str(self.journal.path), "error": self.journal_error,
+                            "pending": pending,
                             "oldest_pending_age_s": oldest, "dead": dead,
                             "discarded": discarded,
                             "dead_letters": [e.summary() for e in letters]},
