@@ -197,9 +197,21 @@ class BbcpConfig(_Strict):
     streams: int = Field(default=8, ge=1, le=64)
     window: str | None = "8M"
     progress_interval_s: int = Field(default=10, ge=1)
+    # No bytes moved for this long (as bbcp's progress lines show): the link stalled, bbcp is
+    # stopped and the attempt fails retryably (rsync's --timeout, for bbcp). 0: never.
+    stall_timeout_s: int = Field(default=600, ge=0)
     rate_limit: str | None = None
     port_range: str | None = None
     remote_bbcp: str = "bbcp"
+
+    @model_validator(mode="after")
+    def _stall_seen(self) -> BbcpConfig:
+        """The stall is seen in progress lines: with fewer than two in it, a healthy link
+        would be taken for a stalled one."""
+        if 0 < self.stall_timeout_s < 2 * self.progress_interval_s:
+            raise ValueError(f"stall_timeout_s ({self.stall_timeout_s}) must be at least twice "
+                             f"progress_interval_s ({self.progress_interval_s}), or 0")
+        return self
 
 
 class RouteConfig(_Strict):

@@ -37,6 +37,7 @@ from ccat_dt.transports.bbcp import (
     BbcpOptions,
     BbcpTransport,
     LiveProgress,
+    StallWatch,
     bbcp_command,
     classify,
     parse_checksums,
@@ -122,6 +123,49 @@ def test_stale_landing_file_and_runner_timeout_are_retryable() -> None:
     assert run.rc == 124 and timed_out is not None and timed_out.retryable and timed_out.resumable
 
 
+def test_the_stall_watch_reads_bytes_moved_from_bbcps_lines() -> None:
+    """bbcp's data streams have no idle timeout; only its `-P` lines say whether bytes move:
+    with -v the interval's rate (bbcp prints 0.0 B/s for an interval without bytes, or -nan
+    for one of no time), without -v a percentage that rises. A far end that froze prints
+    nothing: silence is no bytes."""
+    now = [0.0]
+    watch = StallWatch(30, clock=lambda: now[0])
+
+    def at(second: float, *lines: str) -> str | None:
+        now[0] = second
+        for line in lines:
+            watch(line)
+        return watch.stalled()
+
+    [moving] = [ln for ln in fixture("success-single").stderr.splitlines() if ", avg " in ln]
+    # as the receiving bbcp 14.04 printed them while the sending one was frozen
+    idle = "bbcp: 261205 09:51:02  6% done; 0.0 B/s, avg 116.1 KB/s"
+    nan = "bbcp: 261205 09:51:01  6% done; -nan B/s, avg 116.1 KB/s"
+    assert at(29) is None  # starting (ssh, bbcp) counts from the start
+    assert at(20, moving) is None and at(49, idle, nan, nan, "bbcp: something else") is None
+    assert at(50, idle) == "no bytes moved for 30 s: the link stalled (or the far end froze)"
+    assert at(51, "bbcp: Appending to /b/.pkg.tar.part at offset 5") is None  # a file begun
+    assert at(80) is None and at(81) is not None  # silence
+    plain = fixture("progress-rate-limited").stderr.splitlines()  # no -v: 25%, 43%, 81%
+    assert at(90, *plain[1:3]) is None and at(119, plain[2]) is None
+    assert at(120, plain[2]) is not None and at(121, plain[3]) is None
+
+
+def test_a_run_that_moves_no_bytes_is_stopped_and_retryable() -> None:
+    """A silent bbcp is stopped after the stall time, its group ended, the attempt retryable
+    (the next one resumes); one whose lines show bytes moving runs past it."""
+    started = time.monotonic()
+    silent = run_subprocess(["sleep", "30"], stall_s=1)
+    assert silent.rc == 124 and time.monotonic() - started < 10
+    stalled = classify(silent.rc, silent.stderr)
+    assert stalled is not None and stalled.retryable and stalled.resumable
+    assert "no bytes moved for 1 s: the link stalled" in str(stalled), stalled
+    line = "bbcp: 261121 23:58:43  8$i% done; 1.0 MB/s, avg 1.0 MB/s"
+    moving = run_subprocess(["sh", "-c", f'for i in 1 2 3 4 5 6; do echo "{line}" >&2; '
+                             "sleep 0.5; done"], stall_s=2)
+    assert moving.rc == 0 and moving.stderr.count("done;") == 6
+
+
 def test_progress_lines() -> None:
     run = fixture("progress-rate-limited")
     progress = [p for p in map(parse_progress, run.stderr.splitlines()) if p]
@@ -174,10 +218,12 @@ def test_exact_argv_for_a_configured_route() -> None:
         "-Z", "5031:5039", "-E", "a32=0a1b2c3d", "-k", "-f", "-v",
         "-S", "ssh -p 2222 -o BatchMode=yes -o ConnectTimeout=20 -i /etc/ccat/id_ed25519 "
               "-o IdentitiesOnly=yes -o UserKnownHostsFile=/etc/ccat/known_hosts "
-              "-o StrictHostKeyChecking=yes -x -a %H /usr/local/bin/bbcp",
+              "-o StrictHostKeyChecking=yes -o ServerAliveInterval=30 "
+              "-o ServerAliveCountMax=4 -x -a %H /usr/local/bin/bbcp",
         "-T", "ssh -p 2222 -o BatchMode=yes -o ConnectTimeout=20 -i /etc/ccat/id_ed25519 "
               "-o IdentitiesOnly=yes -o UserKnownHostsFile=/etc/ccat/known_hosts "
-              "-o StrictHostKeyChecking=yes -x -a -l %U %H /usr/local/bin/bbcp",
+              "-o StrictHostKeyChecking=yes -o ServerAliveInterval=30 "
+              "-o ServerAliveCountMax=4 -x -a -l %U %H /usr/local/bin/bbcp",
         "/data/ccat/buffer/pkg-0001.tar",
         "ccat@buffer.cologne:/data/cologne/buffer/.pkg-0001.tar.part",
     ]
@@ -189,8 +235,10 @@ def test_default_options_resume_and_keep_the_value_check_off() -> None:
                         Endpoint(PurePosixPath("/b"), "buffer"), BbcpOptions(), SshSettings())
     assert argv == [
         "bbcp", "-s", "4", "-P", "10", "-E", "a32", "-a", "--", "-k", "-v",
-        "-S", "ssh -p 22 -o BatchMode=yes -o ConnectTimeout=20 -x -a %H bbcp",
-        "-T", "ssh -p 22 -o BatchMode=yes -o ConnectTimeout=20 -x -a %H bbcp",
+        "-S", "ssh -p 22 -o BatchMode=yes -o ConnectTimeout=20 -o ServerAliveInterval=30 "
+              "-o ServerAliveCountMax=4 -x -a %H bbcp",
+        "-T", "ssh -p 22 -o BatchMode=yes -o ConnectTimeout=20 -o ServerAliveInterval=30 "
+              "-o ServerAliveCountMax=4 -x -a %H bbcp",
         "/a/p1.tar", "/a/p2", "buffer:/b/"]
     restart = BbcpOptions(restart_dir="/var/lib/ccat/bbcp-restart")
     assert "-a /var/lib/ccat/bbcp-restart -k" in " ".join(
@@ -201,7 +249,8 @@ def test_default_options_resume_and_keep_the_value_check_off() -> None:
 @pytest.mark.parametrize("kwargs", [
     {"append": True, "force": True}, {"streams": 0}, {"window": "8 M"}, {"rate_limit": "-1"},
     {"port_range": "5031-5039"}, {"remote_bbcp": "bbcp; rm -rf /"}, {"remote_bbcp": "-x"},
-    {"restart_dir": "/a dir"}, {"progress_interval_s": 0}, {"checksum": "sha1"}])
+    {"restart_dir": "/a dir"}, {"progress_interval_s": 0}, {"checksum": "sha1"},
+    {"progress_interval_s": None}, {"progress_interval_s": 10, "stall_timeout_s": 15}])
 def test_invalid_options(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         BbcpOptions(**kwargs)  # type: ignore[arg-type]
@@ -279,7 +328,7 @@ def fake_runner(case: str, sources: dict[str, bytes], calls: list[list[str]], *,
     run = fixture(case)
 
     def runner(argv: list[str], pass_fds: Sequence[int] = (), *,
-               on_line: Callable[[str], None] | None = None) -> CompletedRun:
+               on_line: Callable[[str], None] | None = None, **_: object) -> CompletedRun:
         calls.append(argv)
         target = argv[-1].split(":", 1)[-1]
         for source, data in sources.items():
@@ -416,8 +465,8 @@ def test_missing_bbcp_is_a_permanent_error(tmp_path: Path, package, monkeypatch)
 def test_real_bbcp_local_copy(tmp_path: Path, package) -> None:
     source, data, checksum = package
     final = tmp_path / "dst" / "pkg-0001.tar"
-    transport = BbcpTransport(BbcpOptions(progress_interval_s=None), SshSettings(),
-                              tmp_path / "logs")
+    transport = BbcpTransport(BbcpOptions(progress_interval_s=None, stall_timeout_s=None),
+                              SshSettings(), tmp_path / "logs")
     result = transport.copy(source, Endpoint(PurePosixPath(final)), checksum)
     assert final.read_bytes() == data and result.checksum == checksum
 
@@ -489,7 +538,7 @@ def test_progress_lines_are_reported_while_bbcp_runs(tmp_path: Path, package,
     while_running: list[ProgressEvent] = []
 
     def runner(argv: list[str], pass_fds: Sequence[int] = (), *,
-               on_line: Callable[[str], None] | None = None) -> CompletedRun:
+               on_line: Callable[[str], None] | None = None, **_: object) -> CompletedRun:
         done = replay(argv, pass_fds, on_line=on_line)
         while_running.extend(progress_events)  # reported before bbcp ended
         return done

@@ -100,6 +100,10 @@ class SshSettings:
                         "-o", "StrictHostKeyChecking=yes"]
         for option in self.options:
             command += ["-o", option]
+        # After `options` (ssh keeps the first): a connection on a link gone silent (no reset)
+        # would wait until TCP gives up (~15 min) or, idle, forever; with these ssh exits
+        # within two minutes, and so does the command (a bbcp, a verification) riding on it.
+        command += ["-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4"]
         if shared:
             command += self._sharing_options(command)  # after `options`: ssh keeps the first
         return command
@@ -114,10 +118,9 @@ class SshSettings:
         # known_hosts file must not serve these (ssh's %C hashes only host, port and users).
         tag = hashlib.sha256("\0".join(command).encode()).hexdigest()[:8]
         return ["-o", "ControlMaster=auto", "-o", f"ControlPath={directory}/{tag}-%C",
-                "-o", f"ControlPersist={self.control_persist_s}",
-                # A master on a dead link would stall every command sharing it until TCP gives
-                # up (~15 min); with these it exits within two minutes and the next connects.
-                "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4"]
+                # The master has ServerAlive too (ssh_command): on a dead link it exits, and
+                # the next command connects afresh.
+                "-o", f"ControlPersist={self.control_persist_s}"]
 
 
 # A unix socket path holds at most 107 bytes; ssh appends "/<8>-<40 hex of %C>" (our tag and

@@ -49,6 +49,7 @@ from ccat_dt.transports.base import (
     temporary_name,
 )
 from ccat_dt.transports.remote import (
+    CommandStalled,
     CommandTimeout,
     CompletedRun,
     Verdict,
@@ -60,6 +61,7 @@ from ccat_dt.transports.session import LocalSession, Session, transfer_session
 STAGING_DIR = ".bbcp-incoming"  # batch landing directory beside the final names, same filesystem
 RUNNER_TIMEOUT_S = 48 * 3600.0
 _TIMEOUT_MARK = "ccat-dt: bbcp killed by the runner timeout"
+_STALL_MARK = "ccat-dt: bbcp stopped by the stall watchdog"
 _SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _HOST = re.compile(r"(?:[A-Za-z0-9_.][A-Za-z0-9_.-]*@)?[A-Za-z0-9_.][A-Za-z0-9_.-]*")
 _PROGRAM = re.compile(r"[A-Za-z0-9_/~.+][A-Za-z0-9_/.+-]*")  # passes through the remote shell
@@ -72,6 +74,9 @@ class BbcpOptions:
     streams: int = 4
     window: str | None = None  # -w, e.g. "8M" ("=8M" fixes it, no autotuning)
     progress_interval_s: int | None = 10
+    # bbcp's data streams have no idle timeout: a link gone silent would hold the transfer
+    # until RUNNER_TIMEOUT_S. No bytes moved (as -P shows) for this long stops it, retryably.
+    stall_timeout_s: int | None = 600
     rate_limit: str | None = None  # -x, e.g. "60M"
     time_limit_s: int | None = None
     port_range: str | None = None  # -Z, e.g. "5031:5039"
@@ -93,6 +98,10 @@ class BbcpOptions:
              "port_range"),
             (all(v is None or v >= 1 for v in (self.progress_interval_s, self.time_limit_s)),
              "progress_interval_s and time_limit_s must be >= 1"),
+            (self.stall_timeout_s is None or (self.progress_interval_s is not None
+                                              and self.stall_timeout_s
+                                              >= 2 * self.progress_interval_s),
+             "stall_timeout_s needs progress lines (progress_interval_s) at least twice in it"),
             (_PROGRAM.fullmatch(self.remote_bbcp), "remote_bbcp must be a plain program path"),
             (self.restart_dir is None or _PROGRAM.fullmatch(self.restart_dir), "restart_dir"),
             (self.checksum in (None, "a32", "c32", "md5"), "checksum must be a32, c32 or md5"),
@@ -261,6 +270,37 @@ class LiveProgress:
                                      bytes_per_s=reached.rate_bytes_per_s)
 
 
+class StallWatch:
+    """Tells from bbcp's lines whether bytes still move. bbcp's data streams have no idle
+    timeout, so a link gone silent (packets dropped, no reset) or a frozen end holds a
+    transfer until the runner's 48 h. Bytes moved: a `-P` line whose interval rate is above
+    zero (with -v; without it, whose percentage rose), or a file begun or ended. Nothing else
+    counts: a frozen receiver prints nothing, and a receiver starved by a frozen sender floods
+    lines of "-nan B/s" (hundreds a second, bbcp 14.04)."""
+
+    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_s, self.clock = stall_s, clock
+        self.moved_at = clock()
+        self.percent: int | None = None
+
+    def __call__(self, line: str) -> None:
+        line = line.strip()
+        reached = parse_progress(line)
+        if reached is None:
+            moved = bool(_STARTING.fullmatch(line) or _FILE.fullmatch(line))
+        elif ", avg " in reached.raw:  # -v: the rate is this interval's, not the average
+            moved = reached.rate_bytes_per_s > 0
+        else:
+            moved, self.percent = reached.percent != self.percent, reached.percent
+        if moved:
+            self.moved_at = self.clock()
+
+    def stalled(self) -> str | None:
+        if self.clock() - self.moved_at < self.stall_s:
+            return None
+        return f"no bytes moved for {self.stall_s:g} s: the link stalled (or the far end froze)"
+
+
 class BbcpFailure(TransferError):
     """A classified bbcp failure; `resumable` says a partial landing file is worth keeping,
     `source` names the one source file it is about (one file of a batch), if any."""
@@ -289,6 +329,9 @@ def classify(rc: int, stderr: str, sources: Sequence[str] = ()) -> BbcpFailure |
     if m := find(r"^bbcp: (.+) target checksum (\w+) does not match (\w+)$"):
         return BbcpFailure(f"data corrupted in flight: {m[1]} checksum {m[3]} does not match "
                            f"expected {m[2]}", retryable=True)
+    if m := find("^" + _STALL_MARK + r": (.+)$"):
+        return BbcpFailure(f"{m[1]}; bbcp was stopped, the next attempt resumes the partial "
+                           "file", retryable=True, resumable=True)
     if find(r"Time limit exceeded|" + _TIMEOUT_MARK):
         return BbcpFailure("bbcp time limit exceeded; with -k -a the next attempt resumes",
                            retryable=True, resumable=True)
@@ -342,19 +385,33 @@ def classify(rc: int, stderr: str, sources: Sequence[str] = ()) -> BbcpFailure |
 
 class Runner(Protocol):
     def __call__(self, argv: list[str], pass_fds: Sequence[int] = (), *,
-                 on_line: Callable[[str], None] | None = None) -> CompletedRun: ...
+                 on_line: Callable[[str], None] | None = None,
+                 stall_s: float | None = None) -> CompletedRun: ...
 
 
 def run_subprocess(argv: list[str], pass_fds: Sequence[int] = (), *,
-                   on_line: Callable[[str], None] | None = None,
+                   on_line: Callable[[str], None] | None = None, stall_s: float | None = None,
                    timeout_s: float = RUNNER_TIMEOUT_S) -> CompletedRun:
     """Run argv without a shell (remote.run: own process group, stopped whole on timeout),
-    each output line to `on_line` as it comes; a timeout comes back as a failed run so its
-    output still reaches the log and classify()."""
+    each output line to `on_line` as it comes; stopped too once its lines show no bytes moved
+    for `stall_s` (StallWatch). A timeout or a stall comes back as a failed run so its output
+    still reaches the log and classify()."""
     if shutil.which(argv[0]) is None:
         raise TransferError(f"{argv[0]} is not installed on this host", retryable=False)
+    watch = StallWatch(stall_s) if stall_s is not None else None
+
+    def read(line: str) -> None:
+        if watch is not None:
+            watch(line)
+        if on_line is not None:
+            on_line(line)
+
     try:
-        return run(argv, timeout_s=timeout_s, pass_fds=pass_fds, on_line=on_line)
+        return run(argv, timeout_s=timeout_s, pass_fds=pass_fds,
+                   on_line=read if watch is not None or on_line is not None else None,
+                   stalled=watch.stalled if watch is not None else None)
+    except CommandStalled as exc:
+        return CompletedRun(124, exc.stdout, f"{exc.stderr}\n{_STALL_MARK}: {exc.why}\n")
     except CommandTimeout as exc:
         return CompletedRun(124, exc.stdout, f"{exc.stderr}\n{_TIMEOUT_MARK} ({timeout_s:g} s)\n")
 
@@ -437,7 +494,8 @@ class BbcpTransport:
         # bbcp's children can outlive a killed bbcp and finish its copy (interrupted-local-
         # killed): never start an attempt while any process of an earlier one may still write.
         with exclusive_writer(self.log_dir / ".writers", landings) as lock:
-            done = self._run(argv, (lock,), on_line=LiveProgress(progress, sizes))
+            done = self._run(argv, (lock,), on_line=LiveProgress(progress, sizes),
+                             stall_s=self.options.stall_timeout_s)
         if done.rc == 0:
             progress.finish(progress.total_bytes)
         log_path = self._write_log(argv, done, destination)

@@ -52,6 +52,7 @@ def transport_for(config: Config, route: RouteConfig | None, *, remote: bool,
     bbcp = route.bbcp
     return BbcpTransport(BbcpOptions(streams=bbcp.streams, window=bbcp.window,
                                      progress_interval_s=bbcp.progress_interval_s,
+                                     stall_timeout_s=bbcp.stall_timeout_s or None,
                                      rate_limit=bbcp.rate_limit, port_range=bbcp.port_range,
                                      remote_bbcp=bbcp.remote_bbcp),
                          ssh_settings(config), config.log_dir)

@@ -35,6 +35,7 @@ from ccat_dt.transports.base import (
 SHORT_TIMEOUT_S = 300  # mkdir/stat/mv/rm: slow only when the link is down
 HASH_TIMEOUT_S = 3 * 3600  # reading a multi-GB package back from a busy disk
 _KILL_GRACE_S = 5
+_WATCH_S = 1.0  # how often a running command's `stalled` is asked
 
 # ssh exits 255 for its own errors; these texts say the network, not the setup, failed.
 _TRANSIENT = ("Connection refused", "Connection timed out", "No route to host",
@@ -104,8 +105,18 @@ class CommandTimeout(TransferError):
         self.stderr = stderr
 
 
+class CommandStalled(CommandTimeout):
+    """A command stopped before its time limit because it made no progress; `why` says so."""
+
+    def __init__(self, message: str, argv: Sequence[str], stdout: str, stderr: str,
+                 why: str) -> None:
+        super().__init__(message, argv, stdout, stderr)
+        self.why = why
+
+
 def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
-        on_line: Callable[[str], None] | None = None) -> CompletedRun:
+        on_line: Callable[[str], None] | None = None,
+        stalled: Callable[[], str | None] | None = None) -> CompletedRun:
     """Run without a shell in a process group of its own, so that a timeout also ends the
     ssh children rsync started (they would otherwise keep the pipes and the transfer open).
     After a failure, whatever is left of the group is stopped too: a retry must never race a
@@ -114,16 +125,22 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
     A timeout raises CommandTimeout (retryable), a program that cannot start TransferError.
     With `on_line`, each line of stdout and of stderr (split at '\\n' and '\\r', as progress
     meters write; rsync's meter is on stdout, bbcp's on stderr) is handed to it while the
-    program runs."""
+    program runs. `stalled` (with `on_line`), asked every second, says why the program makes
+    no progress (a link gone silent, which no timeout of the program itself notices): it is
+    then stopped as on a timeout, and CommandStalled says why."""
     process = spawn(argv, pass_fds=pass_fds)
     try:
         if on_line is not None:
-            stdout, stderr = _communicate_live(process, timeout_s, on_line)
+            stdout, stderr = _communicate_live(process, timeout_s, on_line, stalled)
         else:
             stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired as timeout:
         stdout, stderr = ((timeout.output or b"", timeout.stderr or b"")
                           if isinstance(timeout, _LiveTimeout) else _stop(process))
+        _kill_group(process)  # a stopped (frozen) child outlives the SIGTERM its leader obeyed
+        if isinstance(timeout, _LiveTimeout) and timeout.why:
+            raise CommandStalled(f"{argv[0]} stopped: {timeout.why}", argv, _text(stdout),
+                                 _text(stderr), timeout.why) from None
         raise CommandTimeout(f"{argv[0]} timed out after {timeout_s:g} s and was stopped; "
                              f"stderr: {_tail(_text(stderr))}", argv, _text(stdout),
                              _text(stderr)) from None
@@ -131,9 +148,14 @@ def run(argv: Sequence[str], *, timeout_s: float, pass_fds: Sequence[int] = (),
         _stop(process)
         raise
     if process.returncode != 0:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_group(process)
     return CompletedRun(process.returncode, _text(stdout), _text(stderr))
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL whatever is left of the process group of a failed command."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def spawn(argv: Sequence[str], *, stdin: int = subprocess.DEVNULL,
@@ -149,9 +171,11 @@ def spawn(argv: Sequence[str], *, stdin: int = subprocess.DEVNULL,
 
 
 def _communicate_live(process: subprocess.Popen[bytes], timeout_s: float,
-                      on_line: Callable[[str], None]) -> tuple[bytes, bytes]:
+                      on_line: Callable[[str], None],
+                      stalled: Callable[[], str | None] | None = None) -> tuple[bytes, bytes]:
     """communicate(), except that the lines of both streams go to `on_line` as they come. On a
-    timeout the threads keep reading until _stop() has ended the process group."""
+    timeout, or once `stalled` says why, the threads keep reading until the process group is
+    stopped."""
     chunks: dict[str, list[bytes]] = {"out": [], "err": []}
 
     def pump(stream: Any, key: str) -> None:
@@ -168,9 +192,15 @@ def _communicate_live(process: subprocess.Popen[bytes], timeout_s: float,
                threading.Thread(target=pump, args=(process.stderr, "err"), daemon=True)]
     for thread in threads:
         thread.start()
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    deadline, why = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            process.wait(timeout=max(0.0, min(_WATCH_S, deadline - time.monotonic())))
+            break
+        except subprocess.TimeoutExpired:
+            why = stalled() if stalled is not None else None
+            if why is None and time.monotonic() < deadline:
+                continue
         for sig in (signal.SIGTERM, signal.SIGKILL):  # as _stop(), without communicate()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, sig)
@@ -182,14 +212,20 @@ def _communicate_live(process: subprocess.Popen[bytes], timeout_s: float,
         for thread in threads:
             thread.join(timeout=_KILL_GRACE_S)
         raise _LiveTimeout(process.args, timeout_s, b"".join(chunks["out"]),
-                           b"".join(chunks["err"])) from None
+                           b"".join(chunks["err"]), why)
     for thread in threads:
         thread.join()
     return b"".join(chunks["out"]), b"".join(chunks["err"])
 
 
 class _LiveTimeout(subprocess.TimeoutExpired):
-    """A timeout of _communicate_live: the process group is stopped, its output collected."""
+    """A timeout (or, with `why`, a stall) of _communicate_live: the process group is stopped,
+    its output collected."""
+
+    def __init__(self, cmd: Any, timeout: float, output: bytes, stderr: bytes,
+                 why: str | None) -> None:
+        super().__init__(cmd, timeout, output, stderr)
+        self.why = why
 
 
 def _stop(process: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:

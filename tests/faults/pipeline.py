@@ -217,9 +217,11 @@ def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 30) ->
 
 
 def after_each_bbcp_start(monkeypatch: pytest.MonkeyPatch, delay_s: float,
-                          action: Callable[[], None]) -> None:
+                          action: Callable[[], None],
+                          ended: Callable[[], None] | None = None) -> None:
     """`action` (in a timer thread of this process) `delay_s` after each bbcp call starts:
-    a fault timed to land in the middle of a transfer."""
+    a fault timed to land in the middle of a transfer; `ended` once that call has returned
+    (the fault lifted before the next attempt)."""
     real_init = BbcpTransport.__init__
 
     def init(self: BbcpTransport, *args: Any, **kwargs: Any) -> None:
@@ -228,7 +230,11 @@ def after_each_bbcp_start(monkeypatch: pytest.MonkeyPatch, delay_s: float,
 
         def run_bbcp(argv: list[str], *rest: Any, **options: Any) -> Any:
             threading.Timer(delay_s, action).start()
-            return runner(argv, *rest, **options)
+            try:
+                return runner(argv, *rest, **options)
+            finally:
+                if ended is not None:
+                    ended()
 
         self._run = run_bbcp  # type: ignore[method-assign]
 

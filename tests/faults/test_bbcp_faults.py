@@ -1,14 +1,16 @@
 """Real bbcp failing as it does in the field, against the test sshd: its own TCP data streams
-cut while ssh stays up, the source changing size while it is sent, one file of a batched
-session missing, the target disk filling up. Each attempt must fail with the right
-classification (transient heals by itself, permanent names the cause), leave nothing under a
-final name, no temporary file where the next attempt cannot use it, and no bbcp running."""
+cut while ssh stays up, an end frozen (nothing moves, nothing ends), the source changing size
+while it is sent, one file of a batched session missing, the target disk filling up. Each
+attempt must fail with the right classification (transient heals by itself, permanent names
+the cause), leave nothing under a final name, no temporary file where the next attempt cannot
+use it, and no bbcp running."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -18,10 +20,11 @@ from pathlib import Path, PurePosixPath
 import pytest
 import xxhash
 from dagster import DagsterInstance
+from sqlalchemy import select
 
 from ccat_dt.health import location_failure
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import OperationStatus, OperationType
+from ccat_dt.opsdb.models import LocationType, OperationStatus, OperationType, RawDataPackage
 from ccat_dt.report import disagreements
 from ccat_dt.transports.base import (
     SOURCE_MISSING,
@@ -122,6 +125,23 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _freeze_bbcp(holding: Callable[[str], bool]) -> list[int]:
+    """SIGSTOP every bbcp process that has a file open `holding` accepts: an end that froze,
+    as behind a link gone silent (its connections stay up, no reset, no end, no word)."""
+    frozen = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "comm").read_text().strip() != "bbcp":
+                continue
+            opened = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except OSError:
+            continue
+        if any(map(holding, opened)):
+            os.kill(int(proc.name), signal.SIGSTOP)
+            frozen.append(int(proc.name))
+    return frozen
+
+
 @pytest.fixture
 def ss_kill() -> Iterator[None]:
     """`ss -K` needs CAP_NET_ADMIN and a kernel with CONFIG_INET_DIAG_DESTROY."""
@@ -172,6 +192,39 @@ def test_bbcps_data_streams_cut_while_ssh_stays_up_is_transient_and_resumed(
     log = Path(result.log_path or "").read_text()
     assert "Appending to" in log and "at offset 0" not in log.split("Appending to", 1)[1]
     _nothing_running([Path(str(source.path)), landing])
+
+
+def test_a_transfer_that_moves_no_bytes_is_stopped_after_the_stall_time_and_resumed(
+        sshd: SshServer, tmp_path: Path) -> None:
+    """The sending bbcp freezes mid-transfer: bbcp's data streams have no idle timeout, the
+    receiving end goes on printing progress lines of 0.0 B/s, and the attempt would wait for
+    the runner's 48 h. It is stopped after the stall time (4 s here), retryable, what landed
+    kept; the next attempt appends to it."""
+    source, data, checksum = _package(tmp_path, "pkg-stall.tar", 64 * MiB)
+    root = sshd.root / tmp_path.name
+    final = root / "obs" / "pkg-stall.tar"
+    destination = _marked(sshd, root, final)
+    landing = Path(temporary_name(PurePosixPath(final)))
+    options = BbcpOptions(rate_limit="8M", progress_interval_s=1, stall_timeout_s=4)
+    frozen: list[int] = []
+    watcher = _when(lambda: _size(landing) > 4 * MiB,
+                    lambda: frozen.extend(_freeze_bbcp(lambda f: f == str(source.path))))
+    started = time.monotonic()
+    with pytest.raises(TransferError) as caught:
+        BbcpTransport(options, sshd.ssh, tmp_path / "logs").copy(source, destination, checksum)
+    watcher.join()
+    assert frozen and time.monotonic() - started < 30
+    assert caught.value.retryable, caught.value
+    assert "no bytes moved for 4 s: the link stalled" in str(caught.value), caught.value
+    kept = _size(landing)
+    assert 0 < kept < len(data), kept
+    _nothing_running([Path(str(source.path)), landing])  # the frozen ones went with the group
+
+    result = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs").copy(
+        source, destination, checksum)
+    assert final.read_bytes() == data and result.checksum == checksum
+    assert _temporaries(root) == []
+    assert f"at offset {kept}" in Path(result.log_path or "").read_text()
 
 
 @pytest.mark.parametrize("change", ["truncated", "grown"])
@@ -314,4 +367,61 @@ def test_a_pipeline_transfer_whose_bbcp_data_streams_are_cut_heals_without_a_per
         assert lost_filed_files(config, opsdb) == []
         _nothing_running([sshd.root / tmp_path.name])
     finally:
+        opsdb.dispose()
+
+
+def test_a_pipeline_transfer_whose_far_end_freezes_is_stopped_and_heals_without_a_person(
+        tmp_path: Path, sshd: SshServer, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole pipeline, real bbcp at 8 MB/s: 1.5 s into the first transfer the receiving
+    bbcp freezes (connections up, nothing written, nothing said: a stalled router, a frozen
+    peer). The attempt is stopped after the stall time (4 s) instead of the runner's 48 h,
+    retryable; the far end wakes once it was stopped (its connections are gone, it ends);
+    the step's own retry resumes, and the package is archived at both sites, intact."""
+    config = multisite(tmp_path, sshd, "bbcp", bbcp={"rate_limit": "8M",
+                                                     "progress_interval_s": 1,
+                                                     "stall_timeout_s": 4})
+    opsdb = OpsDB(config.opsdb_url)
+    sites = sshd.root / tmp_path.name
+    frozen: list[int] = []
+
+    def freeze_the_receiver_once() -> None:
+        if not frozen:
+            frozen.extend(_freeze_bbcp(
+                lambda f: f.startswith(f"{sites}/") and f.endswith(".part")))
+
+    def wake() -> None:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    after_each_bbcp_start(monkeypatch, 1.5, freeze_the_receiver_once, ended=wake)
+    try:
+        observe(config, opsdb, files=3, size=10 * MB)
+
+        report = run(config, instance, workers=1)  # the freeze is timed from this process
+
+        assert frozen
+        assert report.failed == []  # the step's own retry got through
+        [package] = package_names(opsdb)
+        transfers = operations(opsdb, OperationType.TRANSFER, package)
+        assert transfers[0][0] == OperationStatus.FAILED
+        assert "no bytes moved for 4 s: the link stalled" in (transfers[0][1] or ""), transfers
+        assert [s for s, _ in transfers[1:]] == [OperationStatus.COMPLETED] * 2
+        archived_everywhere(config, opsdb)
+        with opsdb.session() as session:  # read the storage itself
+            archived = session.scalars(select(RawDataPackage)).one()
+            copies = [(Path(c.location.root) / c.relative_path, archived.checksum)
+                      for c in archived.copies
+                      if c.location.location_type == LocationType.LONG_TERM_ARCHIVE]
+        assert len(copies) == 2
+        for path, checksum in copies:
+            assert xxhash.xxh3_128(path.read_bytes()).hexdigest() == checksum, path
+        assert _temporaries(sites) == []
+        assert_safe(config, opsdb)
+        assert disagreements(opsdb, ssh_settings(config)) == []
+        assert lost_filed_files(config, opsdb) == []
+        _nothing_running([sites])
+    finally:
+        wake()
         opsdb.dispose()
