@@ -23,10 +23,18 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 
-from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunRecord, RunRequest, RunsFilter
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+    RunRecord,
+    RunRequest,
+    RunsFilter,
+)
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._time import get_current_datetime
@@ -46,6 +54,14 @@ IN_FLIGHT = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunSt
 # caps one sensor tick's look at them.
 LIMIT = 5000
 LATER = 20  # later finished runs of a partition looked at for one of the same work
+# The UI's "Force termination" marks a run CANCELED at once and tells no process: a run
+# canceled this recently (the newest FORCED_LOOK) whose process still executes it is stopped.
+FORCED_WITHIN = timedelta(days=1)
+FORCED_LOOK = 100
+# What the process executing a run writes as the run ends (a forced cancel's own
+# RUN_CANCELED is written by the webserver, with no process of the run's).
+RUN_ENDED = {DagsterEventType.RUN_SUCCESS, DagsterEventType.RUN_FAILURE,
+             DagsterEventType.RUN_CANCELED}
 
 UNKNOWN = "-"  # a part of the worker's identity this system does not show (no /proc)
 RECORDED = ("machine", "namespace", "boot", "start")  # the parts of that identity
@@ -57,7 +73,9 @@ def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
     and does not count. A run that a later run of the same work outlived (one of its stages,
     the same partition, created after it and finished) counts as dead: its process was killed
     and `ccat-dt retry` did its work again. A later run of another stage of the partition (the
-    UI's "Materialize" of a package's purge_status while it is being built) proves nothing."""
+    UI's "Materialize" of a package's purge_status while it is being built) proves nothing.
+    A run an operator terminated whose process on this host goes on is interrupted
+    (stop_if_terminated), a forced one's (CANCELED at once) included."""
     out: set[tuple[Stage, str, str | None]] = set()
     for record in instance.get_run_records(RunsFilter(statuses=list(NOT_FINISHED_STATUSES)),
                                            limit=LIMIT):
@@ -74,6 +92,10 @@ def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
             limit=LATER)
         if not any(set(stages_of(other)) & set(stages) for other in later):
             out.update((stage, *partition) for stage in stages)
+    for record in instance.get_run_records(RunsFilter(
+            statuses=[DagsterRunStatus.CANCELED],
+            updated_after=get_current_datetime() - FORCED_WITHIN), limit=FORCED_LOOK):
+        stop_if_terminated(instance, record.dagster_run)  # a "Force termination" goes on
     return out
 
 
@@ -212,19 +234,23 @@ def close_if_dead(instance: DagsterInstance, record: RunRecord,
 
 def stop_if_terminated(instance: DagsterInstance, run: DagsterRun) -> bool:
     """Interrupt the process executing a run an operator terminated (the UI's Terminate: the
-    run CANCELING), if it runs on this host: Dagster tells only the run workers its launcher
-    started, so a `dagster asset materialize` (or a drive's run) went on. Interrupted, the run
-    ends CANCELED and its work is re-attempted after the back-off. In a thread, again every
-    STOP_EVERY_S while the run is CANCELING (the steps that copy stop at the first interrupt,
+    run CANCELING; its "Force termination": CANCELED at once), if it runs on this host:
+    Dagster tells only the run workers its launcher started, and a forced one none, so a
+    `dagster asset materialize` (or a drive's run) went on. Interrupted, the run ends CANCELED
+    and its work is re-attempted after the back-off. In a thread, again every STOP_EVERY_S
+    while the run is being terminated (the steps that copy stop at the first interrupt,
     ccat_assets/interrupts.py; any other step is retried by its retry policy unless
     interrupted again as it waits), for STOP_FOR_S at most.
     True if the process is being stopped."""
-    if run.status != DagsterRunStatus.CANCELING or liveness(run).alive is not True:
+    if run.status not in (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED) \
+            or liveness(run).alive is not True:
         return False
     pid = int(run.tags[WORKER_TAG].rpartition(":")[2])
     if pid == os.getpid():  # a run this process executes itself: not from within
         return False
     if not _same_process(run, pid):  # a signal only where the pid is known to be its process
+        return False
+    if not _executes(instance, run, pid):
         return False
     with _STOPPING_LOCK:
         if run.run_id in _STOPPING:
@@ -242,6 +268,20 @@ _STOPPING: set[str] = set()  # runs whose process a thread is interrupting
 _STOPPING_LOCK = threading.Lock()
 
 
+def _executes(instance: DagsterInstance, run: DagsterRun, pid: int) -> bool:
+    """Whether process `pid` still executes the terminated run: CANCELING, or CANCELED (forced)
+    with no end of the run written by that process. A run a drive executes in its own process
+    is not: the drive stops it (runpool), and the process goes on to its other runs."""
+    if run.status == DagsterRunStatus.CANCELING:
+        return True
+    if run.status != DagsterRunStatus.CANCELED or run.tags.get(WORKER_TAG) == run.tags.get(
+            DRIVE_TAG):
+        return False
+    ended = instance.get_records_for_run(run.run_id, of_type=RUN_ENDED).records
+    return not any(r.event_log_entry.dagster_event is not None
+                   and r.event_log_entry.dagster_event.pid == pid for r in ended)
+
+
 def _same_process(run: DagsterRun, pid: int) -> bool:
     """Whether `pid` is provably the process recorded for the run: its start time in this
     boot, as recorded, is the one /proc shows now (not judged where either is unknown)."""
@@ -255,8 +295,8 @@ def _interrupt(instance: DagsterInstance, run_id: str, pid: int) -> None:
         deadline = time.monotonic() + STOP_FOR_S
         while time.monotonic() < deadline:
             run = instance.get_run_by_id(run_id)
-            if run is None or run.status != DagsterRunStatus.CANCELING \
-                    or liveness(run).alive is not True or not _same_process(run, pid):
+            if run is None or liveness(run).alive is not True or not _same_process(run, pid) \
+                    or not _executes(instance, run, pid):
                 return
             os.kill(pid, signal.SIGTERM)
             time.sleep(STOP_EVERY_S)

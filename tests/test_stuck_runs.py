@@ -61,7 +61,7 @@ from ccat_assets.tags import DRIVE_TAG
 from ccat_dt.config import Config
 from ccat_dt.marker import MARKER
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import RawDataPackage
+from ccat_dt.opsdb.models import Operation, OperationStatus, RawDataPackage
 from ccat_dt.stages import Stage
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import REPO, deployment, observe, plan, wait_for
@@ -396,6 +396,65 @@ def test_terminate_in_the_ui_stops_a_dagster_cli_run_at_the_next_sensor_tick(
     assert status(instance, run) == DagsterRunStatus.CANCELED
     buffer = config.resolve_root("sites/ccat/buffer")
     assert [p.name for p in buffer.rglob("*") if p.is_file()] == [MARKER]
+    assert drive(build_definitions(config), instance, wait_s=10).failed == []
+    archived_from_the_storage(config, raw)
+    assert_safe(config, opsdb)
+
+
+TERMINATE = """mutation($id: String!, $policy: TerminateRunPolicy) {
+  terminateRun(runId: $id, terminatePolicy: $policy) { __typename
+  ... on TerminateRunFailure { message } ... on PythonError { message } } }"""
+
+
+def terminate_in_the_ui(instance: DagsterInstance, run: DagsterRun, policy: str) -> None:
+    """Runs -> a run -> Terminate ("SAFE_TERMINATE") or "Force termination"
+    ("MARK_AS_CANCELED_IMMEDIATELY"), sent as the UI sends it (no code location needed)."""
+    from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    with WorkspaceProcessContext(instance, EmptyWorkspaceTarget()) as workspace:
+        answer = execute_dagster_graphql(workspace.create_request_context(), TERMINATE,
+                                         {"id": run.run_id, "policy": policy})
+    assert answer.data["terminateRun"]["__typename"] == "TerminateRunSuccess", answer.data
+
+
+def test_force_termination_in_the_ui_stops_a_dagster_cli_transfer_at_the_next_sensor_tick(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
+    """"Force termination" of an operator's `dagster asset materialize` mid-transfer: the UI
+    marks the run CANCELED at once and tells no process (no launcher started it). Before, the
+    process went on to the end (a transfer of hours) against the operator's request, its work
+    no longer counted as in flight, its claim making the re-attempt wait for it. Now the next
+    look of any sensor at the runs interrupts it, as a Terminate's: the run stays CANCELED,
+    its temporary file is removed and its claim ended, and a drive does the work."""
+    raw = observed(config, opsdb)
+    package = plan(config, opsdb, instance)
+    job = build_definitions(config).resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(instance=instance, partition_key=package,
+                                  asset_selection=[AssetKey("packages")]).success
+    site = primary_site(opsdb, package)
+    marker = tmp_path / "held"
+    child = materialize(config, instance, "site_copies", str(package_site_key(package, site)),
+                        "mid-write", marker)
+    try:
+        wait_for(marker, child, timeout=START_S)
+        run = the_run(instance, child.pid)
+        buffer = config.resolve_root(f"sites/{site}/buffer")
+        assert [p for p in buffer.rglob("*.part")]  # the bytes half way, in the temporary file
+
+        terminate_in_the_ui(instance, run, "MARK_AS_CANCELED_IMMEDIATELY")
+        assert status(instance, run) == DagsterRunStatus.CANCELED
+
+        in_flight(instance)  # what every sensor's tick looks at
+
+        child.communicate(timeout=60)  # before: it went on, held here for 300 s
+    finally:
+        if child.poll() is None:
+            kill(child)
+    assert status(instance, run) == DagsterRunStatus.CANCELED
+    assert [p.name for p in buffer.rglob("*") if p.is_file()] == [MARKER]
+    with opsdb.session() as session:  # its claim on the transfer ended with it
+        assert session.scalars(select(Operation).where(
+            Operation.status == OperationStatus.IN_PROGRESS)).all() == []
     assert drive(build_definitions(config), instance, wait_s=10).failed == []
     archived_from_the_storage(config, raw)
     assert_safe(config, opsdb)
