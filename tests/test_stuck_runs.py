@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from dagster import (
+    AssetCheckEvaluation,
     AssetKey,
     BetaWarning,
     DagsterEventType,
@@ -572,6 +573,80 @@ def test_re_execute_in_the_ui_of_a_run_ccat_dt_drive_made(
         report = drive(defs, instance, wait_s=10)  # no daemon here: the drive runs it
         assert report.failed == [] and status(instance, child) == DagsterRunStatus.SUCCESS
         archived_from_the_storage(config, raw)
+        assert_safe(config, opsdb)
+
+
+def test_re_execute_in_the_ui_of_old_runs_after_the_purge_changes_nothing_and_says_so(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hours later, Re-execute (all steps, as the UI sends it) of every successful run of an
+    archived package: its packaging run (the sources purged since), each copy-and-archive run
+    (the buffer copy purged since) and its purge run (with the purge sensor's run config, its
+    copies long deleted). Each succeeds without moving or deleting a byte: nothing is rebuilt
+    or sent again, the LTA tars are untouched, and the UI says why (a site copy "not needed",
+    its buffer copy purged, not a fresh copy present; nothing deleted by the purge)."""
+    from dagster._core.workspace.load_target import WorkspaceFileTarget
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    raw = observed(config, opsdb)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (
+        str(REPO), os.environ.get("PYTHONPATH")))))
+    monkeypatch.chdir(REPO)
+    with DagsterInstance.from_config(str(home)) as instance:
+        defs = build_definitions(config)
+        assert drive(defs, instance).failed == []
+        archived_from_the_storage(config, raw)
+        tars = {p: (p.stat().st_ino, p.stat().st_mtime_ns)
+                for site in ("cologne", "us")
+                for p in config.resolve_root(f"sites/{site}/lta").rglob("*.tar")}
+        parents = [r for r in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.SUCCESS]))
+                   if r.job_name in ("package_job", "site_copy_archive_job", "purge_job")]
+        assert sorted(r.job_name for r in parents) == [
+            "package_job", "purge_job", "site_copy_archive_job", "site_copy_archive_job"]
+        [purge] = [r for r in parents if r.job_name == "purge_job"]
+        assert "'copy_ids': [" in str(purge.run_config)  # the purge sensor's plan, re-executed
+        target = WorkspaceFileTarget(paths=[str(REPO / "workspace.yaml")])
+        children = []
+        with WorkspaceProcessContext(instance, target) as workspace:
+            for parent in parents:
+                answer = execute_dagster_graphql(
+                    workspace.create_request_context(), REEXECUTE,
+                    {"p": {"parentRunId": parent.run_id, "strategy": "ALL_STEPS"}},
+                ).data["launchPipelineReexecution"]
+                assert answer["__typename"] == "LaunchRunSuccess", answer.get("message")
+                children.append(answer["run"]["runId"])
+
+        report = drive(defs, instance, wait_s=10)  # no daemon here: the drive runs them
+
+        assert report.failed == [] and len(report.adopted) == 4, report.adopted
+        for run_id in children:
+            run = instance.get_run_by_id(run_id)
+            assert run is not None and run.status == DagsterRunStatus.SUCCESS, run_id
+        archived_from_the_storage(config, raw)  # nothing sent to a buffer again
+        assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tars} == tars
+        materialized = {}
+        for run_id in children:
+            for event in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION):
+                m = event.asset_materialization
+                assert m is not None
+                materialized[(m.asset_key.path[-1], str(m.partition))] = m.metadata
+        package = next(iter(k for a, k in materialized if a == "packages"))
+        assert "not rebuilt" in str(materialized[("packages", package)]["outcome"].value)
+        assert materialized[("purge_status", package)]["deleted"].value == 0
+        for site in ("cologne", "us"):
+            key = str(package_site_key(package, site))
+            outcome = str(materialized[("site_copies", key)]["outcome"].value)
+            assert outcome.startswith("not needed: archived at") and "purged" in outcome, outcome
+            lta = str(materialized[("lta_copies", key)]["outcome"].value)
+            assert lta == "already there, verified now", lta
+        checks = [c for run_id in children for e in
+                  instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+                  if e.dagster_event is not None and isinstance(
+                      c := e.dagster_event.event_specific_data, AssetCheckEvaluation)]
+        assert checks and all(c.passed for c in checks), checks
+        assert any("purged after archiving" in (c.description or "") for c in checks
+                   if c.asset_check_key.name == "site_copy_checksum"), checks
         assert_safe(config, opsdb)
 
 
