@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import gc
 import math
 import os
@@ -33,6 +34,7 @@ try:
     from sqlalchemy.exc import DBAPIError, IntegrityError
 
     from ccat_dt.config import Config, load_config
+    from ccat_dt.diskstate import disk_trouble, next_step
     from ccat_dt.jsonlog import configure_from_env
     from ccat_dt.opsdb.database import OpsDB, dispose_engines
 finally:
@@ -856,11 +858,11 @@ atexit.register(_at_exit)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    verbose = 0
+    verbose, config_path = 0, None
     try:
         try:
             args = parser().parse_args(argv)  # --help writes to stdout too
-            verbose = args.verbose
+            verbose, config_path = args.verbose, getattr(args, "config", None)
             configure_from_env()
             args.run(args)
         finally:
@@ -871,28 +873,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("ccat-dt: interrupted", file=sys.stderr)
         raise SystemExit(128 + 2) from None
     except Exception as exc:  # every error becomes one line and an exit status
-        message, status = _explain(exc)
+        message, status = _explain(exc, config_path)
         if verbose:
             traceback.print_exc(file=sys.stderr)
         print(f"ccat-dt: error: {message}", file=sys.stderr)
         raise SystemExit(status) from None
 
 
-def _explain(exc: BaseException) -> tuple[str, int]:
+def _explain(exc: BaseException, config_path: str | None = None) -> tuple[str, int]:
     """One line for an error (its cause and the next step) and the exit status. An OpsDB
-    error wrapped by Dagster (e.g. raised in a sensor) counts as the OpsDB error."""
+    error wrapped by Dagster (e.g. raised in a sensor) counts as the OpsDB error; a SQLite
+    file's disk full or read-only is said so, with the file."""
     chain = _chain(exc)
     for link in chain:
         if isinstance(link, DBAPIError) and not isinstance(link, IntegrityError):
             if _in_instance_storage(chain):
                 return _instance_storage_unavailable(link), EXIT_ERROR
-            return _opsdb_unavailable(link), EXIT_ERROR
+            return _opsdb_unavailable(link, config_path), EXIT_ERROR
     if isinstance(exc, (UsageError, FileExistsError)) or any(
             isinstance(exc, getattr(sys.modules[module], name))
             for module, name in _STATED_ERRORS if module in sys.modules):
         return str(exc), EXIT_ERROR
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
+        trouble = (disk_trouble(Path(exc.filename)) if exc.filename
+                   and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None)
+        if trouble is not None:
+            return (f"{exc.strerror}{where}: the disk holding it is {trouble}: "
+                    f"{next_step(trouble)}", EXIT_ERROR)
         return (f"{exc.strerror or exc}{where}: check the path, its permissions and free "
                 "space, then run the command again", EXIT_ERROR)
     first = " ".join(str(exc).split())[:300]
@@ -941,15 +949,37 @@ def _instance_storage_unavailable(exc: DBAPIError) -> str:
     home = os.environ.get("DAGSTER_HOME")
     where = (f"{Path(home) / 'dagster.yaml'}" if home
              else "dagster.yaml in the instance directory")
+    trouble = disk_trouble(Path(home)) if home and _is_sqlite_error(exc) else None
+    if trouble is not None:
+        return (f"Dagster's instance storage unavailable (run and event storage, {where}): "
+                f"{cause}: the disk holding {home} is {trouble}: {next_step(trouble)}")
     return (f"Dagster's instance storage unavailable (run and event storage, {where}): "
             f"{cause}: check that its database is running and reachable, then run the "
             "command again")
 
 
-def _opsdb_unavailable(exc: DBAPIError) -> str:
+def _is_sqlite_error(exc: DBAPIError) -> bool:
+    return type(exc.orig).__module__.startswith("sqlite3")
+
+
+def _opsdb_file(config_path: str | None) -> Path | None:
+    """The OpsDB's SQLite file of the configuration in use, if it is one."""
+    try:
+        url = load_config(config_path).opsdb_url
+    except Exception:  # noqa: BLE001 - only a better error line is at stake
+        return None
+    database = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+    return Path(database) if database and database != ":memory:" else None
+
+
+def _opsdb_unavailable(exc: DBAPIError, config_path: str | None = None) -> str:
     cause = " ".join(str(exc.orig or exc).split())[:300]
     lowered = cause.lower()
-    if "unable to open" in lowered:
+    file = _opsdb_file(config_path) if _is_sqlite_error(exc) else None
+    trouble = disk_trouble(file) if file is not None else None
+    if file is not None and trouble is not None:
+        step = f"the disk holding {file} is {trouble}: {next_step(trouble)}"
+    elif "unable to open" in lowered:
         step = ("cannot open the SQLite file: check that its directory exists and is "
                 "writable (not a read-only mount), then run the command again")
     elif "locked" in lowered or "busy" in lowered:

@@ -45,6 +45,7 @@ from dagster._core.utils import coerce_valid_log_level
 from dagster._utils.log import default_date_format_string, default_format_string
 
 from ccat_assets.stages import ASSET_STAGE, stages_of_job
+from ccat_dt.logfiles import LogFile, prepare_directory
 from ccat_dt.progress import terminal_bars
 from ccat_dt.stages import Stage
 
@@ -71,7 +72,7 @@ def console(init_context: InitLoggerContext) -> logging.Logger:
             level_styles={"debug": {}, "error": {"color": "red"}})
     path = os.environ.get(FILE_ENV, "").strip()
     if path:
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = LogFile(path)  # a full or read-only log disk never fails the run
         handler.setFormatter(logging.Formatter(default_format_string(),
                                                default_date_format_string()))
         run_logger.addHandler(handler)
@@ -105,13 +106,13 @@ def log_ticks_in_tree(context: Any, name: str) -> None:
 def quiet_runs(log_file: Path, *, verbose: bool) -> Iterator[Path]:
     """Within: run events and Python log records go to `log_file` (and to stderr only when
     `verbose`). Restores the environment and the root logger afterwards."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    prepare_directory(log_file)
     saved = {name: os.environ.get(name) for name in (CONSOLE_ENV, FILE_ENV)}
     os.environ[FILE_ENV] = str(log_file)
     if not verbose:
         os.environ[CONSOLE_ENV] = "off"
     root = logging.getLogger()
-    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    file_handler = LogFile(log_file)  # its disk full or read-only: one warning, runs go on
     file_handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - "
                                                 "%(message)s"))
     handlers: list[logging.Handler] = [file_handler]

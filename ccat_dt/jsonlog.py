@@ -71,11 +71,11 @@ def configure(path: Path | str | None = None, level: int = logging.INFO) -> None
     if target == STDERR:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        from logging.handlers import WatchedFileHandler  # a file only: every command imports this
+        from ccat_dt.logfiles import WatchedLogFile, prepare_directory  # a file only
 
         file = Path(target).expanduser()
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handler = WatchedFileHandler(file, encoding="utf-8")
+        prepare_directory(file)
+        handler = WatchedLogFile(file)  # its disk full or read-only never fails the caller
     handler.setFormatter(JsonFormatter())
     setattr(handler, _MARK, True)
     logger = logging.getLogger(LOGGER)

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -348,6 +349,26 @@ def claim_temporary(path: Path) -> Iterator[BinaryIO]:
 WRITER_WAIT_S = 60.0  # how long an attempt waits for a previous attempt's processes to exit
 
 
+def _writer_lock(lock_dir: Path, name: str) -> int:
+    """A descriptor of the lock file `name` in `lock_dir` (the log directory). That disk full
+    or read-only must not fail the transfer: a lock file already there is opened read-only
+    (flock needs no write access), and one that cannot be made there is made in the
+    temporary directory (an earlier attempt that held one in `lock_dir` left it there; one
+    that fell back as well holds it in the temporary directory too)."""
+    path = lock_dir / name
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        pass
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / "ccat-dt-writers"
+        fallback.mkdir(exist_ok=True)
+        return os.open(fallback / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 @contextmanager
 def exclusive_writer(lock_dir: Path, targets: Sequence[Endpoint],
                      wait_s: float = WRITER_WAIT_S) -> Iterator[int]:
@@ -359,10 +380,8 @@ def exclusive_writer(lock_dir: Path, targets: Sequence[Endpoint],
     writing (bbcp's children finish a copy on their own). A retry waits here until they are
     gone instead of racing them; past `wait_s` it fails retryably, and a later attempt waits
     again."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
     key = "\n".join(sorted(f"{t.host or ''}:{t.path}" for t in targets))
-    path = lock_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _writer_lock(lock_dir, f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lock")
     try:
         deadline = time.monotonic() + wait_s
         while True:

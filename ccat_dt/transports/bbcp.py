@@ -35,6 +35,7 @@ from typing import Literal, Protocol
 
 from ccat_dt import progress as live
 from ccat_dt.checksums import ALGORITHM
+from ccat_dt.logfiles import prepare_directory, tell
 from ccat_dt.transports.base import (
     PEER_FAILED,
     SOURCE_MISSING,
@@ -537,12 +538,17 @@ class BbcpTransport:
                 for (landing, final, _), verdict in zip(items, found, strict=True)]
 
     def _write_log(self, argv: list[str], done: CompletedRun, destination: Endpoint) -> Path:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        """The command and its output, for a person; a log disk full or read-only loses them,
+        never the transfer."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         label = re.sub(r"[^A-Za-z0-9_.-]", "_", destination.path.name)[:80].lstrip(".")
         path = self.log_dir / f"{stamp}-bbcp-{label or 'transfer'}.log"
-        path.write_text(f"$ {shlex.join(argv)}\nexit status {done.rc}\n--- stdout\n"
-                        f"{done.stdout}\n--- stderr\n{done.stderr}", encoding="utf-8")
+        prepare_directory(path)
+        try:
+            path.write_text(f"$ {shlex.join(argv)}\nexit status {done.rc}\n--- stdout\n"
+                            f"{done.stdout}\n--- stderr\n{done.stderr}", encoding="utf-8")
+        except OSError as exc:
+            tell(path.parent, exc, "transfers' command output is not kept")
         return path
 
     def _remove(self, landing: Endpoint) -> None:

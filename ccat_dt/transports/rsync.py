@@ -17,6 +17,7 @@ at the same paths, rsync and xxhsum installed everywhere).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import shutil
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from ccat_dt.checksums import ALGORITHM
+from ccat_dt.logfiles import prepare_directory, tell
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     SOURCE_MISSING,
@@ -161,13 +163,18 @@ class _Log:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        prepare_directory(path)
+        with contextlib.suppress(OSError):  # told by the first write that fails
+            path.touch()
 
     def write(self, text: str) -> None:
+        """Appended; a log disk full or read-only loses the text, never the transfer."""
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
-        with open(self.path, "a", encoding="utf-8") as stream:
-            stream.write(f"[{stamp}] {text.rstrip()}\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as stream:
+                stream.write(f"[{stamp}] {text.rstrip()}\n")
+        except OSError as exc:
+            tell(self.path, exc, "transfers' command output is not kept")
 
     def command(self, argv: Sequence[str], done: CompletedRun, seconds: float) -> None:
         self.write(f"$ {shlex.join(argv)}\nexit {done.rc} after {seconds:.2f} s\n"
