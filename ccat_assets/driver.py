@@ -456,10 +456,19 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
     while runs.busy:  # max_rounds reached with runs still executing: they finish first
         runs.wait(None)
     # The periodic sensors once more unless the last round ticked them, so that what they
-    # show (the UI's overview, the service level) is the drive's end state.
-    for sensor_def in sensors:
-        if sensor_def.name in PERIODIC and ticked_at[sensor_def.name] < round_started:
-            tick(sensor_def)
+    # show (the UI's overview, the service level) is the drive's end state. One whose tick
+    # fails is ticked again after its back-off while that is within wait_s, as in the rounds:
+    # an OpsDB that dropped its connections for a moment must not end the drive "failing".
+    final = [s for s in sensors if s.name in PERIODIC and ticked_at[s.name] < round_started]
+    while final:
+        for sensor_def in final:
+            if retry_at.get(sensor_def.name, -math.inf) <= time.time():
+                tick(sensor_def)
+        final = [s for s in final
+                 if s.name in retry_at and retry_at[s.name] - time.time() <= wait_s]
+        if final:
+            _SIGNALLED.check()
+            time.sleep(max(0.0, min(retry_at[s.name] for s in final) - time.time()))
     return report
 
 
