@@ -985,6 +985,11 @@ def _opsdb_unavailable(exc: DBAPIError, config_path: str | None = None) -> str:
     elif "locked" in lowered or "busy" in lowered:
         step = ("another process holds a write lock on it; run the command again when that "
                 "process has finished (or stop it)")
+    elif getattr(exc.orig, "pgcode", None) == "25006" or "read-only transaction" in lowered:
+        # PostgreSQL read_only_sql_transaction: the server, not a file, takes no writes
+        step = ("the database server accepts only reads (a standby after a failover, or "
+                "default_transaction_read_only set): point opsdb_url ($CCAT_DT_OPSDB_URL) at "
+                "the primary, then run the command again")
     elif "readonly" in lowered or "read-only" in lowered or "read only" in lowered:
         step = "it is read-only here; make it writable (file, directory and mount) or use a " \
                "host that can write to it"

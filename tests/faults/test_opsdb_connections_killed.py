@@ -32,6 +32,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationStatus, OperationType
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere, deployment, observe, run
+from tests.helpers import run_cli
 from tests.services import POSTGRES_URL, unavailable
 
 REFUSE_S = 4.0  # how long the restarted server refuses new connections
@@ -228,3 +229,27 @@ def test_opsdb_connections_killed_converge_with_nobody_s_retry(
         assert len(targets) == len(set(targets)), targets
         errors = [op.error or "" for op in session.scalars(select(Operation))]
     assert not [e for e in errors if "read-only" in e or "read only" in e], errors
+
+
+def test_an_opsdb_that_takes_only_reads_is_named_a_standby_not_a_read_only_file(
+        tmp_path: Path, opsdb_database: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """After a failover the URL can lead to a server that takes only reads (the old primary
+    back as a standby, a pgbouncer pointing at a replica): the command's one line says so and
+    sends the operator to opsdb_url, not to a file's permissions and mount. Here the
+    database's sessions are read-only (default_transaction_read_only), as on a standby."""
+    config = deployment(tmp_path / "deploy", opsdb_url=opsdb_database)
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'ALTER DATABASE "{make_url(opsdb_database).database}" '
+                                "SET default_transaction_read_only = on"))
+    admin.dispose()
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    capsys.readouterr()
+
+    status = run_cli("observation", "start", "obs-9")
+
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2, line
+    assert "read-only transaction" in line and "standby" in line and "opsdb_url" in line, line
+    assert "mount" not in line and "file" not in line, line
