@@ -26,6 +26,11 @@ NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # (`{site}_{location}_{operation}`), run keys (`stage:package:site:...`), Dagster partition
 # keys and link tags (`origin->destination`), none of which is split on '-'.
 SITE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+# Instrument and module names go into package names (`OBS_INSTRUMENT-MODULE_pNN`): a tar's
+# file name at every hop and in `rm`/`mv` over ssh, a Dagster partition key ('|' joins the
+# dimensions of a package x site key), OpsDB's 200-character package name. The characters of
+# observation names, and at most 32 each, so the longest observation's package name fits.
+MODULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
 class ConfigError(Exception):
@@ -71,7 +76,7 @@ class S3Config(_Strict):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, value: str) -> str:
-        if not BUCKET.match(value) or ".." in value:
+        if not BUCKET.fullmatch(value) or ".." in value:
             raise ValueError(f"bucket {value!r} is not an S3 bucket name (3-63 characters: "
                              "lower-case letters, digits, '.' and '-')")
         return value
@@ -88,7 +93,7 @@ class S3Config(_Strict):
     @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not ENV_NAME.match(value):
+        if value is not None and not ENV_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not an environment variable name: give the NAME of "
                              "the variable holding the secret, never the secret itself")
         return value
@@ -114,7 +119,7 @@ class LocationConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME.match(value):
+        if not NAME.fullmatch(value):
             raise ValueError("must be lower-case letters, digits and '_' (it names queues)")
         return value
 
@@ -168,7 +173,7 @@ class SiteConfig(_Strict):
     @field_validator("short_name")
     @classmethod
     def _short_name(cls, value: str) -> str:
-        if not SITE_NAME.match(value) or value.endswith("-"):
+        if not SITE_NAME.fullmatch(value) or value.endswith("-"):
             raise ValueError(f"{value!r}: use lower-case letters, digits, '_' and '-', starting "
                              "with a letter and not ending with '-' (the name goes into Celery "
                              "queue names, run keys, Dagster partition keys and paths)")
@@ -358,12 +363,32 @@ class InstrumentConfig(_Strict):
     name: str
     modules: list[str] = Field(min_length=1)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _module_name(value)
+
+    @field_validator("modules")
+    @classmethod
+    def _module_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _module_name(name)
+        return value
+
     @model_validator(mode="after")
     def _unique_modules(self) -> InstrumentConfig:
         twice = sorted({m for m in self.modules if self.modules.count(m) > 1})
         if twice:
             raise ValueError(f"instrument {self.name}: module(s) listed twice: {', '.join(twice)}")
         return self
+
+
+def _module_name(value: str) -> str:
+    if not MODULE_NAME.fullmatch(value):
+        raise ValueError(f"{value!r}: use 1-32 letters, digits, '_', '.' and '-', starting with "
+                         "a letter or digit (the name goes into package names: file names, "
+                         "partition keys, paths on other hosts)")
+    return value
 
 
 class Settings(_Strict):

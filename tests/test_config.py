@@ -10,8 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
-from ccat_dt.config import ConfigError, load_config
+from ccat_dt.config import MODULE_NAME, ConfigError, load_config
 from ccat_dt.defaults import CONFIG_NAME, EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.filing import OBSERVATION_NAME
+from ccat_dt.opsdb.models import RawDataPackage
+from ccat_dt.packages import package_name
 
 
 def default() -> dict[str, Any]:
@@ -190,6 +193,44 @@ def test_invalid_config_names_file_and_key(tmp_path: Path, edit: Callable[[dict[
     data = default()
     edit(data)
     rejected(write_config(tmp_path, data), *keys)
+
+
+# What a package name (a file name at every hop, a partition key, an ssh argument) cannot hold.
+AWKWARD_NAMES = ["f/280", "-rf", "f 280", "q'\"$(id)", "a|b", "a:b", "日本", "..", ".hidden",
+                 "tab\tx", "f280\n", "x" * 33, ""]
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+@pytest.mark.parametrize("where", ["module", "instrument"])
+def test_instrument_and_module_names_a_package_name_cannot_carry_are_refused(
+        tmp_path: Path, name: str, where: str) -> None:
+    """Before, accepted: 'a|b' left its package WAITING forever (the package x site partition
+    key splits at '|'), '\n' failed each copy over ssh, 'f/280' put the tar in a directory."""
+    data = default()
+    if where == "module":
+        data["instruments"][0]["modules"].append(name)
+    else:
+        data["instruments"].append({"name": name, "modules": ["m"]})
+    rejected(write_config(tmp_path, data), "instruments[", repr(name), "1-32 letters")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda data: data["sites"][1].update(short_name="cologne\n"),
+    lambda data: data["sites"][1]["locations"][0].update(name="buffer\n")],
+    ids=["site", "location"])
+def test_a_trailing_line_break_is_no_part_of_a_name(tmp_path: Path,
+                                                    edit: Callable[[dict[str, Any]], None]
+                                                    ) -> None:
+    data = default()
+    edit(data)
+    rejected(write_config(tmp_path, data), "sites[1]")
+
+
+def test_the_longest_names_make_a_package_name_opsdb_and_a_disk_hold() -> None:
+    name = package_name("o" * 128, "i" * 32, "m" * 32, 999)
+    assert OBSERVATION_NAME.fullmatch("o" * 128) and MODULE_NAME.fullmatch("m" * 32)
+    assert len(name) <= RawDataPackage.__table__.c.name.type.length  # type: ignore[attr-defined]
+    assert len(f".{name}.tar.part".encode()) <= 255
 
 
 def test_edits_do_not_leak_into_embedded_default(tmp_path: Path) -> None:
