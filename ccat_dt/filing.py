@@ -41,6 +41,11 @@ from ccat_dt.topology import UnknownLocation, get_location, primary_location
 
 OBSERVATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CHECKSUM = re.compile(r"[0-9a-f]{32}")
+# Longest path filed, in UTF-8 bytes below the source root. A staged file lives at
+# PROCESSING_ROOT/REQUEST/.ccat-dt-staging.PACKAGE/PATH while it is verified: within Linux's
+# 4096-byte PATH_MAX for a processing root of up to ~780 bytes. A longer path is archived
+# fine but could never be staged.
+MAX_PATH_BYTES = 3072
 MAX_LISTED = 20  # problems spelled out in one error; the rest are counted
 _IN_CHUNK = 500  # keeps IN (...) lists under SQLite's bound-parameter limit
 
@@ -452,6 +457,10 @@ def _inspect(spec: FileSpec, target: Source, parents: dict[str, str],
     if ".." in rel.parts:
         return outside
     name = rel.as_posix()
+    if (length := len(name.encode("utf-8"))) > MAX_PATH_BYTES:
+        return _Problem("path", f"path '{name[:60]}...{name[-40:]}' is {length} bytes long, "
+                        f"more than {MAX_PATH_BYTES}: it could be archived but never staged "
+                        "(unpacked below the processing root and the package name); shorten it")
     if is_marker(name):
         return _Problem("path", f"'{name}' is the location marker `ccat-dt init` wrote at "
                         f"{target.root}, not raw data")

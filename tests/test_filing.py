@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 from ccat_dt.checksums import ALGORITHM, hash_file
 from ccat_dt.config import Config
 from ccat_dt.filing import (
+    MAX_PATH_BYTES,
     FileSpec,
     FilingError,
     FilingResult,
@@ -223,6 +224,29 @@ def test_absolute_path(opsdb: OpsDB, root: Path, obs: str) -> None:
 @pytest.mark.parametrize("path", ["", " ", ".", "./"])
 def test_empty_path(opsdb: OpsDB, root: Path, obs: str, path: str) -> None:
     rejected(opsdb, "is empty or invalid", files=[FileSpec(path)])
+
+
+def deep_path(length: int) -> str:
+    """A relative path of `length` UTF-8 bytes, in components of up to 254 bytes ('é' is 2)."""
+    parts = []
+    while length > 255:
+        parts.append("é" * 127)
+        length -= 255
+    return "/".join([*parts, "f" * length])
+
+
+def test_a_path_too_long_to_stage_is_refused(opsdb: OpsDB, root: Path, obs: str) -> None:
+    """Before, filed and archived, then every staging of it failed: 'File name too long'."""
+    too_long = deep_path(MAX_PATH_BYTES + 1)
+    assert len(too_long) < MAX_PATH_BYTES  # counted in bytes, not characters
+    write(root / too_long, b"deep")
+    message = rejected(opsdb, rf"is {MAX_PATH_BYTES + 1} bytes long, more than "
+                       rf"{MAX_PATH_BYTES}: it could be archived but never staged",
+                       call=file_directory, directory=".")
+    assert too_long[-40:] in message
+    os.remove(root / too_long)
+    write(root / deep_path(MAX_PATH_BYTES), b"deep")
+    assert file_directory(opsdb, observation=OBS, module=MODULE, directory=".").filed == 1
 
 
 def test_symlink_escaping_the_root(opsdb: OpsDB, root: Path, obs: str, tmp_path: Path) -> None:
