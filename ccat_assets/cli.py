@@ -181,7 +181,10 @@ def cmd_file(args: argparse.Namespace) -> None:
         raise UsageError("nothing to file: give paths, --directory or --manifest")
     print(f"filed {result.filed} file(s), {result.bytes} bytes; {result.unchanged} unchanged")
     if result.skipped:
-        shown = ", ".join(result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else "")
+        from ccat_dt.report import printable
+
+        shown = ", ".join(map(printable, result.skipped[:5])) + (
+            " ..." if len(result.skipped) > 5 else "")
         print(f"skipped {len(result.skipped)} entries that are not regular files (symlinks are "
               f"not followed: file the real path): {shown}", file=sys.stderr)
     _warn_oversized(opsdb, config, args.observation)
@@ -192,6 +195,7 @@ def _warn_oversized(opsdb: OpsDB, config: Config, observation: str) -> None:
     from sqlalchemy import select
 
     from ccat_dt.opsdb.models import ExecutedObsUnit, RawDataFile
+    from ccat_dt.report import printable
 
     cap = config.settings.policies.package_max_bytes
     with opsdb.session() as session:
@@ -199,8 +203,9 @@ def _warn_oversized(opsdb: OpsDB, config: Config, observation: str) -> None:
                               .join(ExecutedObsUnit).where(ExecutedObsUnit.name == observation,
                                                            RawDataFile.size > cap)).all()
     for path, size in big:
-        print(f"ccat-dt: warning: {path} is {size} bytes, more than policies.package_max_bytes "
-              f"({cap}): it will travel in a package of its own, larger than the cap",
+        print(f"ccat-dt: warning: {printable(path)} is {size} bytes, more than "
+              f"policies.package_max_bytes ({cap}): it will travel in a package of its own, "
+              "larger than the cap",
               file=sys.stderr)
 
 
@@ -378,6 +383,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_purge(args: argparse.Namespace) -> None:
     from ccat_dt.opsdb.models import utcnow
     from ccat_dt.purge_cycle import plan_cycle
+    from ccat_dt.report import printable
 
     config = load_config(args.config)
     opsdb = _acting(config)
@@ -406,8 +412,8 @@ def cmd_purge(args: argparse.Namespace) -> None:
     for package, decision in shown:
         verb = "DELETE" if decision.action == "delete" else "keep  "
         where = f"{decision.site}/{decision.location}"
-        print(f"{verb} {package:<32} {where:<20} "
-              f"{decision.size / 1e6:>9.1f} MB  {decision.path}\n         why: {decision.reason}")
+        print(f"{verb} {package:<32} {where:<20} {decision.size / 1e6:>9.1f} MB  "
+              f"{printable(decision.path)}\n         why: {printable(decision.reason)}")
     if args.plan:
         # The purge looks at the LTA copies on their storage before it deletes: say now what
         # that look would find (existence, type, size; the content is hashed only then).
@@ -416,7 +422,8 @@ def cmd_purge(args: argparse.Namespace) -> None:
             from ccat_dt.recheck import recheck_lta_copies
         for package in planned:
             for problem in recheck_lta_copies(opsdb, config, package, dry_run=True).problems:
-                print(f"keep   {package:<32} storage re-check: {problem}; nothing of this "
+                print(f"keep   {package:<32} storage re-check: {printable(problem)}; nothing "
+                      "of this "
                       "package is deleted until it is repaired")
         return
     from ccat_dt.reaper import purge_package
@@ -495,6 +502,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
 def cmd_why(args: argparse.Namespace) -> None:
     from ccat_dt.diagnosis import diagnose
     from ccat_dt.opsdb.models import utcnow
+    from ccat_dt.report import printable
 
     config = load_config(args.config)
     opsdb = OpsDB(config.opsdb_url)
@@ -504,7 +512,7 @@ def cmd_why(args: argparse.Namespace) -> None:
         except LookupError as exc:
             raise UsageError(str(exc)) from None
     for stage in stages:
-        print(f"{stage.stage:<20} {stage.state:<12} {stage.detail}")
+        print(f"{stage.stage:<20} {stage.state:<12} {printable(stage.detail)}")
     if any(stage.state != "done" for stage in stages):
         sys.stdout.flush()  # OpsDB's answer first: Dagster's runs take a second to ask
         for line in _runs_of(config, args.package):
@@ -547,13 +555,14 @@ def _runs_of(config: Config, package: str) -> list[str]:
 
 def cmd_audit(args: argparse.Namespace) -> None:
     from ccat_dt.audit import audit
+    from ccat_dt.report import printable
 
     config = load_config(args.config)
     opsdb = _acting(config) if args.repair else OpsDB(config.opsdb_url)
     report = audit(opsdb, checksums=args.checksums, repair=args.repair, config=config)
     for finding in report.findings:
-        print(f"{finding.kind:<13} {finding.location:<18} {finding.path}\n"
-              f"              {finding.detail}")
+        print(f"{finding.kind:<13} {finding.location:<18} {printable(finding.path)}\n"
+              f"              {printable(finding.detail)}")
     for line in report.repaired:
         print(f"repaired: {line}")
     print(f"{report.checked_copies} copies checked, {report.scanned_files} files scanned, "
@@ -613,6 +622,7 @@ def cmd_exclude(args: argparse.Namespace) -> None:
     import getpass
 
     from ccat_dt.recovery import ExcludeRefused, exclude_file
+    from ccat_dt.report import printable
 
     config = load_config(args.config)
     try:
@@ -621,9 +631,9 @@ def cmd_exclude(args: argparse.Namespace) -> None:
     except ExcludeRefused as exc:
         raise UsageError(str(exc)) from None
     if done.package is None:
-        print(f"{done.path} taken out: it is never packaged; the file is left alone")
+        print(f"{printable(done.path)} taken out: it is never packaged; the file is left alone")
     else:
-        print(f"{done.path} taken out of {done.package}; the file is left alone (never "
+        print(f"{printable(done.path)} taken out of {done.package}; the file is left alone (never "
               f"purged). {done.package} is rebuilt without it and goes on by itself "
               f"(`ccat-dt drive`, or the daemon); `ccat-dt why {done.package}` shows it")
 

@@ -13,7 +13,7 @@ from ccat_dt.notify import open_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.reattempt import waiting
-from ccat_dt.report import Summary, refused_deletions, summarize, throughput
+from ccat_dt.report import Summary, printable, refused_deletions, summarize, throughput
 from ccat_dt.stages import Stage
 from ccat_dt.topology import topology_drift
 
@@ -43,9 +43,9 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
           + (f"; deletions REFUSED: {s.refused_deletions}" if s.refused_deletions else ""))
     if s.refused_deletions:  # rare, and a person's to settle
         for where, path, package in refused_deletions(opsdb):
-            print(f"deletion REFUSED at {where}: {path} is not the recorded copy (take it "
-                  f"away or put the recorded bytes back, then `ccat-dt purge --package "
-                  f"{package}`)")
+            print(f"deletion REFUSED at {where}: {printable(path)} is not the recorded copy "
+                  f"(take it away or put the recorded bytes back, then `ccat-dt purge "
+                  f"--package {package}`)")
         if s.refused_deletions > 5:
             print(f"... and {s.refused_deletions - 5} more")
     if config is None:

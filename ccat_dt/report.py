@@ -33,6 +33,14 @@ TYPE_ORDER = {LocationType.SOURCE: 0, LocationType.BUFFER: 1,
               LocationType.LONG_TERM_ARCHIVE: 2, LocationType.PROCESSING: 3}
 
 
+def printable(text: str) -> str:
+    """`text` with its unprintable characters (line breaks, tabs, terminal escapes, bidi
+    overrides) written as Python escapes: a file name must not break or fake a line of what
+    an operator reads. Spaces, quotes and non-ASCII letters stay as they are."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 @dataclass(frozen=True)
 class LocationLine:
     location: str  # site/location

@@ -464,3 +464,23 @@ def test_a_command_closes_the_opsdb_when_it_exits(deploy: Path, obs: str) -> Non
     assert done.returncode == 0, done.stderr
     assert "raw files: 0" in done.stdout
     assert (deploy.parent / "opsdb.sqlite").stat().st_size > 0 and not wal.exists()
+
+
+def test_a_file_name_neither_breaks_nor_fakes_a_line_of_what_the_commands_print(
+        deploy: Path, source: Path, obs: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, a line break in a name started a line of its own ("DELETE ..." in the audit's
+    findings here) and a terminal escape in it was sent to the terminal."""
+    fake = "x\nDELETE obs-9_primecam-f280_p00  ccat  1.0 MB  passwd\x1b[2K"
+    write(source / "obs-2" / fake)  # never filed: the audit finds it dark
+    write(source / obs / "scan.dat")
+    (source / obs / f"link{fake}").symlink_to(source / obs / "scan.dat")
+    assert run_cli("--config", str(deploy), "file", "--observation", obs, "--module", MODULE,
+                   "--directory", obs) == 0
+    skipped = capsys.readouterr().err
+    assert run_cli("--config", str(deploy), "audit") == 1
+    out = capsys.readouterr().out
+    shown = fake.replace("\n", "\\n").replace("\x1b", "\\x1b")
+    assert f"link{shown}" in skipped and f"obs-2/{shown}" in out
+    for text in (skipped, out):
+        assert "\x1b" not in text
+        assert not [line for line in text.splitlines() if line.startswith("DELETE")]
