@@ -5,6 +5,7 @@ test cuts, the HTTP client, and the pipeline archiving what was filed through th
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import sqlite3
@@ -275,6 +276,9 @@ def test_hostile_requests_get_a_4xx_naming_the_field_and_change_nothing(
     outside = tmp_path / "outside.dat"
     outside.write_bytes(b"secret")
     (site.source / "obs-h" / "escape.dat").symlink_to(outside)
+    for awkward in (b"obs-h/scan-\xff.dat", b"obs-h\\scan.dat"):  # there, but not fileable
+        with open(os.fsencode(site.source) + b"/" + awkward, "wb") as stream:
+            stream.write(b"x")
     client = FilingClient(site.url, site.token, attempts=1)
     client.start_observation("obs-h")
     checksum, size = hash_file(site.source / good[0])
@@ -306,13 +310,16 @@ def test_hostile_requests_get_a_4xx_naming_the_field_and_change_nothing(
         ("no files", bulk(files=[]), 422, "files"),
         ("one bad of two", bulk(files=[{"path": good[1]}, {"path": "obs-h/nope.dat"}]), 422,
          "files[1].path"),
+        ("not UTF-8", bulk(files=[{"path": "obs-h/scan-\udcff.dat"}]), 422, "files[0].path"),
+        ("backslash", bulk(files=[{"path": "obs-h\\scan.dat"}]), 422, "files[0].path"),
     ]
     before = state()
     for cut in (False, True):  # the same answers whether OpsDB is reachable or not
         if cut:
             site.link.cut()
-        for name, body, status, field in cases:
-            response = httpx.post(f"{site.url}/raw_data_files/bulk", json=body, headers=auth)
+        for name, body, status, field in cases:  # JSON escapes what UTF-8 cannot carry
+            response = httpx.post(f"{site.url}/raw_data_files/bulk", content=json.dumps(body),
+                                  headers={**auth, "Content-Type": "application/json"})
             assert response.status_code == status, (name, response.text)
             answer = response.json()
             assert field in [e["field"] for e in answer["errors"]], (name, answer)
