@@ -50,19 +50,26 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture
-def dagster_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for Dagster's run, event and schedule storage."""
-    name = f"ccat_dagster_{uuid.uuid4().hex[:10]}"
+def own_database(prefix: str) -> Iterator[str]:
+    """A fresh PostgreSQL database of the calling test's own (a test may refuse its
+    connections or terminate its backends: nobody else's), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any connection problem means "not available"
         admin.dispose()
         unavailable("PostgreSQL", f"{POSTGRES_URL}: {exc}")
     url = make_url(POSTGRES_URL).set(drivername="postgresql", database=name)
     yield url.render_as_string(hide_password=False)
     with admin.connect() as connection:
+        connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
         connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def dagster_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for Dagster's run, event and schedule storage."""
+    yield from own_database("ccat_dagster")

@@ -16,7 +16,6 @@ import re
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from ccat_dt.opsdb.models import DataLocation, Operation, OperationStatus, Opera
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere, deployment, observe, run
 from tests.helpers import run_cli
-from tests.services import POSTGRES_URL, unavailable
+from tests.services import POSTGRES_URL, own_database
 
 REFUSE_S = 4.0  # how long the restarted server refuses new connections
 
@@ -41,19 +40,7 @@ REFUSE_S = 4.0  # how long the restarted server refuses new connections
 @pytest.fixture
 def opsdb_database() -> Iterator[str]:
     """A PostgreSQL database of this test's own (its backends are terminated; nobody else's)."""
-    name = f"ccat_opsdb_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001 - any connection problem means "not available"
-        admin.dispose()
-        unavailable("PostgreSQL", f"{POSTGRES_URL}: {exc}")
-    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-        connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
+    yield from own_database("ccat_opsdb")
 
 
 def _server(database: str, *, refuse: bool | None) -> None:
