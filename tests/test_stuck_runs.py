@@ -540,6 +540,16 @@ REEXECUTE = """mutation($p: ReexecutionParams!) { launchPipelineReexecution(
   ... on PythonError { message } } }"""
 
 
+def as_the_webserver(config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An instance directory, and the environment `make ui` gives the webserver (the
+    configuration, the repository importable from workspace.yaml's directory)."""
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (
+        str(REPO), os.environ.get("PYTHONPATH")))))
+    monkeypatch.chdir(REPO)
+    return write_instance_yaml(config, tmp_path / "dagster_home").parent
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_re_execute_in_the_ui_of_a_run_ccat_dt_drive_made(
         config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -552,11 +562,7 @@ def test_re_execute_in_the_ui_of_a_run_ccat_dt_drive_made(
     from dagster_graphql.test.utils import execute_dagster_graphql
 
     raw = observed(config, opsdb)
-    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
-    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (
-        str(REPO), os.environ.get("PYTHONPATH")))))
-    monkeypatch.chdir(REPO)
+    home = as_the_webserver(config, tmp_path, monkeypatch)
     with DagsterInstance.from_config(str(home)) as instance:
         defs = build_definitions(config)
         assert drive(defs, instance, workers=workers).failed == []
@@ -588,11 +594,7 @@ def test_re_execute_in_the_ui_of_old_runs_after_the_purge_changes_nothing_and_sa
     from dagster_graphql.test.utils import execute_dagster_graphql
 
     raw = observed(config, opsdb)
-    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
-    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (
-        str(REPO), os.environ.get("PYTHONPATH")))))
-    monkeypatch.chdir(REPO)
+    home = as_the_webserver(config, tmp_path, monkeypatch)
     with DagsterInstance.from_config(str(home)) as instance:
         defs = build_definitions(config)
         assert drive(defs, instance).failed == []
