@@ -1,9 +1,11 @@
 """The Celery app a site worker runs (`ccat-dt worker --site S`): dagster-celery's tasks, with
 the broker taken from the deployment's configuration ($CCAT_DT_CONFIG)."""
 
+from celery.signals import worker_process_init
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_execute_job_task, create_resume_job_task, create_task
 
+from ccat_assets.celery_watch import stoppable_steps
 from ccat_dt.config import load_config
 
 _config = load_config()
@@ -20,3 +22,5 @@ app.conf.result_backend_max_retries = 60
 execute_plan = create_task(app)
 execute_job = create_execute_job_task(app)
 resume_job = create_resume_job_task(app)
+# A run's Terminate stops its step in the pool process executing it (celery_watch.py).
+worker_process_init.connect(lambda **_: stoppable_steps(), weak=False)

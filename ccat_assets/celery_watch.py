@@ -21,12 +21,22 @@ Redis may also be unreachable for a while, its data kept (restarted, failed over
 blip): the step goes on at its worker, which stores its result once Redis is back
 (celery_app.py). A run that cannot read its step's state waits for Redis up to
 BROKER_OUTAGE_S (before, its first look failed it, and the re-attempt was sent beside the step
-still running); longer, the run fails naming the broker."""
+still running); longer, the run fails naming the broker.
+
+An operator's Terminate interrupts the run's process, and dagster-celery revokes its steps'
+tasks; a revoke alone stops no task already executing, so the step went on to its end (a
+transfer of hours), the run CANCELING meanwhile. The revoke now also terminates the task
+(Celery's control API, broadcast to the workers wherever they run) with STOP_SIGNAL, which the
+worker's pool process turns into an interrupt of the step (stoppable_steps): the step stops as
+under the embedded executor (ccat_assets/interrupts.py: its temporary file removed, its claim
+ended), and the run waits up to STOP_GRACE_S for the step's own end before it takes the task
+for revoked, so that it ends CANCELED after its step, not beside it."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +49,8 @@ SENT = "ccat-dt:sent:{}"  # the mark of a step sent, in each Redis that holds it
 SENT_TTL_S = 30 * 24 * 3600  # beyond any wait in a queue (a run's max_runtime is two days)
 GONE_LOOKS = 2  # looks in a row that find a PENDING step nowhere before it is taken for lost
 BROKER_OUTAGE_S = 120.0  # Redis unreachable this long fails the waiting run; less is waited out
+STOP_SIGNAL = signal.SIGUSR2  # a Terminate's revoke sends it to the process executing the step
+STOP_GRACE_S = 30.0  # a terminated step is waited for this long to end by itself
 
 
 class StepLost(Exception):
@@ -60,10 +72,13 @@ class WatchedResult:
         self._lost: str | None = None
         self._gone = 0  # looks in a row that found the PENDING step nowhere
         self._unreachable_since: float | None = None
+        self._stopped_at: float | None = None  # when the run's Terminate stopped the step
 
     def ready(self) -> bool:
         try:
             done = self._result.ready()
+            if done and self._stopping():
+                return False
         except Exception as exc:
             if not self._result.backend.exception_safe_to_retry(exc):  # Celery's own test
                 raise
@@ -111,7 +126,18 @@ class WatchedResult:
                 store.delete(SENT.format(self._result.id))
 
     def revoke(self) -> None:
-        self._result.revoke()
+        """The run was interrupted (a Terminate): its step is stopped where it executes."""
+        self._result.revoke(terminate=True, signal=STOP_SIGNAL.name)
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
+
+    def _stopping(self) -> bool:
+        """Whether the step, stopped, is still ending: the worker marks its task REVOKED as it
+        signals it, and the step's own result (its failure) follows once it has cleaned up."""
+        if self._stopped_at is None or self._result.state != "REVOKED":
+            return False
+        self._result = self._app.AsyncResult(self._result.id)  # the old one keeps REVOKED
+        return time.monotonic() - self._stopped_at < STOP_GRACE_S
 
     def _why_lost(self, now: float) -> str | None:
         state = self._result.state
@@ -161,6 +187,31 @@ class WatchedResult:
         self._result.revoke()  # its message, should it turn up after all, is not run
         return ("the Celery broker lost the step: Redis no longer holds its message or its "
                 "state (restarted empty, failed over or flushed), and no worker runs it")
+
+
+_STEP = {"stoppable": False}  # in a worker's pool process: a step runs, not yet interrupted
+
+
+def stoppable_steps() -> None:
+    """In a worker's pool process (Celery's worker_process_init): STOP_SIGNAL interrupts the
+    step the process executes, once (a second one must not break off its cleanup); between
+    steps it is ignored (Celery's default would kill the process)."""
+    from celery import signals
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        if _STEP["stoppable"]:
+            _STEP["stoppable"] = False
+            raise KeyboardInterrupt("the run was terminated")
+
+    def started(**_: Any) -> None:
+        _STEP["stoppable"] = True
+
+    def ended(**_: Any) -> None:
+        _STEP["stoppable"] = False
+
+    signals.task_prerun.connect(started, weak=False)
+    signals.task_postrun.connect(ended, weak=False)
+    signal.signal(STOP_SIGNAL, interrupt)
 
 
 def _stores(app: Any) -> list[Any]:

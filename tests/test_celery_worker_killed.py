@@ -61,6 +61,7 @@ if _hold:
 HOLDS = {  # where a worker waits to be killed, half of its step done
     "mid-write": "ccat_dt.transports.local|os.fsync|before",  # bytes in the .part file
     "after-unlink": "ccat_dt.reaper|_unlink_local|after",  # a source file gone, not recorded
+    "mid-tar": "ccat_dt.tarball|_TarWriter.add_file|after",  # one member of the tar written
 }
 
 
