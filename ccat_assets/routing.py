@@ -201,11 +201,22 @@ def _routed(config: Config, executor: Executor, tag_only: bool) -> None:
         ensure_partition(plan_context.instance, config, run)
         queue = run.tags.get(QUEUE_TAG)
         if not tag_only and queue and not getattr(executor, "_queue_from_run_config", False):
-            executor.config_source = {  # type: ignore[attr-defined]
-                **executor.config_source, "task_default_queue": queue}  # type: ignore[attr-defined]
+            _send_to(executor, queue)
         return inner(plan_context, execution_plan)
 
     executor.execute = execute  # type: ignore[method-assign]
+
+
+def _send_to(executor: Any, queue: str) -> None:
+    """The Celery executor's steps go to `queue`. dagster-celery keeps its settings as an
+    object (config.dict_wrapper), not a mapping: unpacked as one, it failed every run without
+    a queue in its run config (the UI's Materialize, a backfill, the integrity sensor's check
+    reruns) with "'dict_wrapper' object is not a mapping" before a step ran."""
+    from dagster_celery.config import dict_wrapper
+
+    source = executor.config_source
+    settings = dict(source) if isinstance(source, Mapping) else dict(vars(source))
+    executor.config_source = dict_wrapper({**settings, "task_default_queue": queue})
 
 
 def routed_in_process_executor(config: Config) -> ExecutorDefinition:
