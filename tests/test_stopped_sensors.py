@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from dagster import DagsterInstance
+from dagster._core.test_utils import in_process_test_workspace
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
@@ -31,16 +34,41 @@ def dagster_cli(config: Config, instance: DagsterInstance, *argv: str) -> None:
                    capture_output=True, text=True, timeout=120)
 
 
+def toggle(config: Config, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch,
+           *commands: tuple[str, str, str]) -> None:
+    """(kind, action, name) as `dagster sensor stop NAME` carries each out (the UI's toggle
+    does the same): instance.stop_sensor/start_schedule/... on the instigator of the loaded
+    code location, here loaded once in this process; the command loads it in a code server
+    of its own (~5 s a command). The instigator's origin is this process's, not the
+    command's or the UI's: a start here does not undo their stop (the next test uses the
+    real command for both)."""
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    origin = LoadableTargetOrigin(executable_path=sys.executable,
+                                  module_name="ccat_assets.definitions", attribute="defs")
+    with in_process_test_workspace(instance, origin) as workspace:
+        [location] = workspace.code_locations
+        [repository] = location.get_repositories().values()
+        for kind, action, name in commands:
+            found = (repository.get_sensor(name) if kind == "sensor"
+                     else repository.get_schedule(name))
+            if action == "start":
+                getattr(instance, f"start_{kind}")(found)
+            else:
+                getattr(instance, f"stop_{kind}")(found.get_remote_origin_id(),
+                                                  found.selector_id, found)
+
+
 def sources(config: Config) -> list[Path]:
     root = config.resolve_root("sites/ccat/instruments")
     return [path for path in root.rglob("*.dat")]
 
 
 def test_a_purge_sensor_stopped_by_the_operator_deletes_nothing_until_started(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     observe(config, opsdb, observations=1, files=1)
-    dagster_cli(config, instance, "sensor", "stop", "purge_sensor")
-    dagster_cli(config, instance, "schedule", "stop", "fixity_scrub")
+    toggle(config, instance, monkeypatch, ("sensor", "stop", "purge_sensor"),
+           ("schedule", "stop", "fixity_scrub"))
     lines: list[str] = []
 
     report = drive(build_definitions(config), instance, due_schedules=True, log=lines.append)
@@ -52,8 +80,8 @@ def test_a_purge_sensor_stopped_by_the_operator_deletes_nothing_until_started(
     assert any(line.startswith("purge_sensor is stopped") for line in lines), lines
     assert not any(key.startswith(("purge:", "scrub:")) for key in report.launched)
 
-    dagster_cli(config, instance, "sensor", "start", "purge_sensor")
-    dagster_cli(config, instance, "schedule", "start", "fixity_scrub")
+    toggle(config, instance, monkeypatch, ("sensor", "start", "purge_sensor"),
+           ("schedule", "start", "fixity_scrub"))
     again = drive(build_definitions(config), instance, due_schedules=True)
     assert again.failed == []
     assert sources(config) == []
