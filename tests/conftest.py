@@ -16,7 +16,7 @@ from ccat_dt.defaults import write_default_config
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.progress import ProgressEvent
 from ccat_dt.topology import prepare_opsdb, sync_topology
-from tests.helpers import new_instance_home, new_opsdb
+from tests.helpers import new_opsdb, scratch_instance
 
 
 @pytest.fixture
@@ -59,9 +59,8 @@ def progress_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProgressEv
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
     """A persistent Dagster instance of the test's own, with the embedded default's run and
-    event storage (dagster.yaml)."""
-    home = new_instance_home(tmp_path / "dagster_home")
-    with DagsterInstance.from_config(str(home)) as dagster_instance:
+    event storage (dagster.yaml), on tmpfs where there is one (tests.helpers.scratch_instance)."""
+    with scratch_instance(tmp_path) as dagster_instance:
         yield dagster_instance
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import yaml
+from dagster import DagsterInstance
 from sqlalchemy import select
 
 import ccat_dt.storage as storage
 from ccat_assets.cli import main
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import DriveReport, drive, tick_due_schedules
-from ccat_assets.instance import open_instance
 from ccat_dt.audit import audit
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
@@ -73,12 +73,12 @@ def per_root(calls: list[Sequence[str]], roots: Sequence[str]) -> Counter[str]:
 
 
 def test_remote_corruption_loss_and_dark_file_found_and_repaired(
-        tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, sshd: SshServer, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     config = multisite(tmp_path, sshd)
     opsdb = OpsDB(config.opsdb_url)
     observe(config, opsdb, observations=1, files=2)
-    defs, instance = build_definitions(config), open_instance(config)
+    defs = build_definitions(config)
     assert drive(defs, instance).failed == []
     with opsdb.session() as session:
         remote = session.scalars(select(DataLocation.root).where(
@@ -157,10 +157,13 @@ def test_remote_corruption_loss_and_dark_file_found_and_repaired(
 
 
 
-def test_scrub_runs_under_drive_when_due(config: Config, opsdb: OpsDB) -> None:
+def test_scrub_runs_under_drive_when_due(config: Config, opsdb: OpsDB,
+                                        instance: DagsterInstance,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """No daemon: `ccat-dt drive` ticks the fixity scrub when its hourly tick is due."""
     observe(config, opsdb, observations=1, files=1)
-    defs, instance = build_definitions(config), open_instance(config)
+    monkeypatch.setenv("DAGSTER_HOME", instance.root_directory)  # `ccat-dt drive` opens it
+    defs = build_definitions(config)
     assert drive(defs, instance).failed == []  # the lifecycle; schedules not ticked
     [(bad_id, _, path), *_] = lta_copies(opsdb, "us")
     flip_byte(path)

@@ -19,13 +19,10 @@ from ccat_dt.diagnosis import diagnose
 from ccat_dt.notify import Problem, channels, reconcile
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Notification, utcnow
-from tests.faults.conftest import instance
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere, deployment, observe, package_names
 from tests.faults.retrying import operator_retry
 from tests.notify_servers import Mailbox, Receiver, free_port
-
-__all__ = ["instance"]
 
 
 def _notified(tmp_path: Path, smtp_port: int, url: str, **policies: object):  # type: ignore[no-untyped-def]
