@@ -12,10 +12,11 @@ host), the next purge of the package finishes it: a file already gone is recorde
 under the certificate that allowed it; a file still there goes back to PRESENT and is decided
 afresh, with a new certificate, like any other copy. An unlink or `rm` that failed (the link
 dropped under it, an I/O error) leaves the copy the same way, its operation FAILED, and the
-next purge (the re-attempt of this one) finishes it at once: no person is needed for a fault
-that passes, and one that persists fails every re-attempt until the re-attempt sensor tells a
-person. Only a file that is not the recorded one is DELETION_FAILED (or CORRUPT for a source),
-for a person to look at.
+next purge (the step's retry within its run, else the re-attempt of this one) finishes it at
+once: no person is needed for a fault that passes, and one that persists fails every
+re-attempt until the re-attempt sensor tells a person. Only a file that is not the recorded
+one is DELETION_FAILED (or CORRUPT for a source), for a person to look at: a refusal
+(`PurgeReport.refused`), which no retry within the run changes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import stat
 import time
 from collections.abc import Callable, Collection
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -90,6 +91,10 @@ class PurgeReport:
     deleted_bytes: int
     kept: list[Decision]
     failures: list[str]
+    # Those of `failures` that are decided (a file that is not the recorded copy, kept and
+    # recorded for a person): looking again within the run changes nothing. The others are
+    # transient (a storage or link that could not be looked at, an unlink that failed).
+    refused: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -338,8 +343,9 @@ def _rm_remote(ssh: SshSettings, claim: _Claim, identity: str) -> int:
     return claim.size
 
 
-def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | None]:
-    """Unlink the claimed file and record the outcome; returns (bytes freed, failure or None)."""
+def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | None, bool]:
+    """Unlink the claimed file and record the outcome; returns (bytes freed, failure or None,
+    whether the failure is a refusal: the file is not the recorded one)."""
     clock, note, size = time.monotonic(), None, 0
     try:
         if not _inside(claim.path, claim.root):
@@ -366,7 +372,8 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
             operation.status, operation.error = OperationStatus.FAILED, str(exc)
             operation.finished_at = utcnow()
             operation.duration_s = time.monotonic() - clock
-        return 0, f"{claim.path}: {exc} (operation {claim.operation_id})"
+        refused = isinstance(exc, _Changed)
+        return 0, f"{claim.path}: {exc} (operation {claim.operation_id})", refused
     with opsdb.session() as session:
         finished = utcnow()
         copy = session.get_one(PhysicalCopy, claim.copy_id)
@@ -379,7 +386,7 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
         if not claim.source:  # a staged file: its ended request's scratch goes with it
             clear_scratch(claim.root, PurePosixPath(claim.relative_path).parts[0])
         _prune_empty_dirs(claim.path, claim.root)
-    return size, None
+    return size, None, False
 
 
 def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
@@ -418,6 +425,7 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
                 for d in plan]
     kept = [d for d in plan if d.action == Action.KEEP]
     deleted = deleted_bytes = 0
+    refused: list[str] = []
     for planned in plan:
         if planned.action != Action.DELETE:
             continue
@@ -441,14 +449,16 @@ def purge_package(opsdb: OpsDB, config: Config, package_name: str, *,
             continue
         claims.track([claim.operation_id])  # live while this attempt is deleting
         try:
-            size, failure = _execute(opsdb, config, claim)
+            size, failure, refusal = _execute(opsdb, config, claim)
         finally:
             claims.untrack([claim.operation_id])
         if failure is None:
             deleted, deleted_bytes = deleted + 1, deleted_bytes + size
         else:
             failures.append(failure)
-    return PurgeReport(package_name, deleted, deleted_bytes, kept, failures)
+            if refusal:
+                refused.append(failure)
+    return PurgeReport(package_name, deleted, deleted_bytes, kept, failures, refused)
 
 
 def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int,

@@ -21,7 +21,7 @@ from dagster import (
 )
 
 from ccat_assets.partitions import by_package, package_partitions
-from ccat_assets.stages.common import GROUP, permanent
+from ccat_assets.stages.common import GROUP, permanent, transient_retries
 from ccat_dt.config import Config
 from ccat_dt.loss import Health, assess
 from ccat_dt.packages import get_package
@@ -42,7 +42,8 @@ class PurgeCycle(dagster.Config):
 
 def assets(config: Config) -> list[AssetsDefinition]:
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"},
-           deps=[AssetDep("lta_copies", partition_mapping=by_package)])
+           deps=[AssetDep("lta_copies", partition_mapping=by_package)],
+           retry_policy=transient_retries(config))
     def purge_status(context: AssetExecutionContext, deployment: Deployment,
                      config: PurgeCycle) -> MaterializeResult:
         """Source files and buffer copies deleted where the retention policy allows, each
@@ -58,7 +59,13 @@ def assets(config: Config) -> list[AssetsDefinition]:
                           "failed" if report.failures else "ok", time.monotonic() - started,
                           bytes=report.deleted_bytes, deleted=report.deleted)
         if report.failures:
-            raise Failure("deletions failed:\n" + "\n".join(report.failures))
+            # A transient failure (OpsDB locked or cut, the link down under a `rm` or a look
+            # at an LTA copy) is retried in the run: each attempt looks at the storage afresh
+            # and finishes the deletions the last one left (`claims.abandoned_deletion`). A
+            # refusal (the file is not the recorded copy) is decided and recorded for a
+            # person: the run fails once; its other deletions wait for the re-attempt.
+            raise Failure("deletions failed:\n" + "\n".join(report.failures),
+                          allow_retries=not report.refused)
         return MaterializeResult(metadata={
             "deleted": report.deleted, "deleted_bytes": report.deleted_bytes,
             "kept": "\n".join(f"{d.site}/{d.location} {d.path}: {d.reason}"

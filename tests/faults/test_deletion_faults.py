@@ -398,10 +398,13 @@ def test_a_remote_buffer_file_replaced_by_other_bytes_of_its_size_is_never_delet
         replaced.write_bytes(foreign)  # someone else's bytes at our path, same size
 
         config = retention_in_place(config, 0)
-        run(config, instance, wait_s=0)
+        report = run(config, instance, wait_s=0)
 
         assert replaced.read_bytes() == foreign  # the storage: never deleted
         assert not remote["us/buffer"].exists()
+        # a refusal is decided, not transient: its run fails, not retried within it (a retry
+        # would end green, the refusal left to the notification alone)
+        assert [key.split(":")[0] for key in report.failed] == ["purge"], report
         with opsdb.session() as session:
             statuses = {c.location.label: c.status for c in session.scalars(select(PackageCopy))
                         if c.location.location_type == LocationType.BUFFER}
