@@ -48,6 +48,7 @@ finally:
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
+    from ccat_assets.driver import DriveReport
     from ccat_dt.client import FilingClient
 
 
@@ -327,15 +328,23 @@ def cmd_drive(args: argparse.Namespace) -> None:
     with quiet_runs(config.log_dir / LOG_NAME, verbose=args.verbose > 0) as log_file:
         report = drive(build_definitions(config), instance, due_schedules=True, log=reporter,
                        wait_s=args.wait)
-    print("; ".join([f"{reporter.summary()}", f"{report.rounds} round(s)",
+    print("; ".join([f"{reporter.summary()}", *_healed(report), f"{report.rounds} round(s)",
                      f"Dagster's event log: {log_file} (or -v)", *report.housekeeping()]))
     if report.next_due is not None:
         print(f"work waits for an automatic re-attempt; the next at "
               f"{report.next_due:%Y-%m-%d %H:%M:%S} UTC (`ccat-dt status` lists it)")
     for name, why in report.sensor_failures.items():
         print(f"sensor {name} still failing: {why}; what it would request did not run")
-    if report.failed or report.sensor_failures or _report_danger(config):
+    if report.unhealed or report.sensor_failures or _report_danger(config):
         raise SystemExit(EXIT_PROBLEMS)
+
+
+def _healed(report: DriveReport) -> list[str]:
+    """The summary's words for failed runs whose work a later run did (they leave the exit
+    status at 0: nothing is left to do and nobody needs to act)."""
+    if not report.healed:
+        return []
+    return [f"{len(report.healed)} failed run(s) healed by a later run of the same work"]
 
 
 def _report_danger(config: Config) -> bool:
@@ -611,9 +620,10 @@ def cmd_retry(args: argparse.Namespace) -> None:
         retried, report = operator_retry(config, instance, OpsDB(config.opsdb_url),
                                          packages=args.package or None,
                                          rebuild_failed=args.rebuild_failed, log=reporter)
-    print(f"{len(retried)} stalled partition(s) retried; {len(report.launched)} run(s), "
-          f"{len(report.failed)} failed")
-    if report.failed:
+    print("; ".join([f"{len(retried)} stalled partition(s) retried",
+                     f"{len(report.launched)} run(s), {len(report.failed)} failed",
+                     *_healed(report)]))
+    if report.unhealed:
         raise SystemExit(EXIT_PROBLEMS)
 
 

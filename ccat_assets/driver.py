@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
     DagsterEventType,
     DagsterInstance,
     DagsterRun,
@@ -65,6 +67,7 @@ from dagster._core.remote_origin import (
     RemoteRepositoryOrigin,
 )
 from dagster._core.scheduler.instigation import InstigatorStatus
+from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.schedules import reverse_cron_string_iterator
 
@@ -72,6 +75,7 @@ from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness
 from ccat_assets.routing import partition_of, stages_of, tag_run
 from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
 from ccat_assets.runpool import Finished, Queued, RunPool, run_limits
+from ccat_assets.stages import ASSET_STAGE
 from ccat_assets.tags import DRIVE_TAG, LINK_TAG, NEXT_AT
 from ccat_dt.config import Config
 from ccat_dt.stages import Stage
@@ -104,6 +108,9 @@ DAEMON_FRESH_S = 120.0  # a daemon whose last heartbeat (every 30 s) is older is
 class DriveReport:
     launched: list[str] = field(default_factory=list)  # run keys, in launch order
     failed: list[str] = field(default_factory=list)  # run keys whose run failed
+    failed_ids: list[str] = field(default_factory=list)  # their run ids, in the same order
+    healed: list[str] = field(default_factory=list)  # those of `failed` whose work was done
+    # since (see healed_runs): a fault that passed, nothing left for a person
     rounds: int = 0
     dead_runs: list[str] = field(default_factory=list)  # runs of a dead drive, marked failed
     closed_runs: list[str] = field(default_factory=list)  # other runs that never end (their
@@ -115,6 +122,18 @@ class DriveReport:
     sensor_failures: dict[str, str] = field(default_factory=dict)  # sensor -> why its last
     # tick failed, for those still failing when the drive ended
     next_due: datetime | None = None  # the earliest work waiting for a back-off, if any
+
+    @property
+    def unhealed(self) -> list[str]:
+        """The failed runs whose work no later run did: what `drive` exits 1 for."""
+        healed = list(self.healed)
+        left = []
+        for key in self.failed:
+            if key in healed:
+                healed.remove(key)
+            else:
+                left.append(key)
+        return left
 
     def housekeeping(self) -> list[str]:
         """What the drive did to runs it did not request, for its summary line: each kind
@@ -469,6 +488,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
         if final:
             _SIGNALLED.check()
             time.sleep(max(0.0, min(retry_at[s.name] for s in final) - time.time()))
+    report.healed = healed_runs(instance, report)
     return report
 
 
@@ -583,8 +603,8 @@ class _Runs:
 
     def _execute_here(self, key: str, job: IJob, run: DagsterRun) -> None:
         """One run at a time, in this process (no pool)."""
-        _finished(self.report, self.log, Finished(key, execute_run(job, run,
-                                                                    self.instance).success))
+        _finished(self.report, self.log, Finished(
+            key, execute_run(job, run, self.instance).success, run.run_id))
         _SIGNALLED.check()  # Dagster took a Ctrl-C as the run's, and returned
 
     def request(self, run: RunRequest, origin: str, default_job: str | None) -> None:
@@ -665,6 +685,43 @@ def _finished(report: DriveReport, log: Callable[[str], None], done: Finished) -
     log(f"{'ok    ' if done.ok else 'FAILED'} {done.key}")
     if not done.ok:
         report.failed.append(done.key)
+        report.failed_ids.append(done.run_id)
+
+
+def healed_runs(instance: DagsterInstance, report: DriveReport) -> list[str]:
+    """The keys of the report's failed runs that failed transiently and whose work was done
+    after they failed: a fault that passed (OpsDB locked, the link down: retried in the run
+    until its attempts ran out) and nothing left to do, so nobody needs to act for it. A run
+    whose work was then done: every asset of its stages materialised for its partition since
+    it ended (by its automatic re-attempt, a later run, the UI). Never healed: a failure
+    decided as final (a refused deletion, a quarantine, a failed check: not retryable), a
+    run canceled or whose process died."""
+    healed = []
+    for key, run_id in zip(report.failed, report.failed_ids, strict=True):
+        record = instance.get_run_record_by_id(run_id) if run_id else None
+        if (record is None or record.end_time is None
+                or record.dagster_run.status != DagsterRunStatus.FAILURE):
+            continue
+        run = record.dagster_run
+        partition = run.tags.get(PARTITION_NAME_TAG)
+        assets = [name for name, stage in ASSET_STAGE.items() if stage in stages_of(run)]
+        if partition is None or not assets or not _transient(instance, run_id):
+            continue
+        if all(instance.fetch_materializations(AssetRecordsFilter(
+                asset_key=AssetKey(name), asset_partitions=[partition],
+                after_timestamp=record.end_time), limit=1).records for name in assets):
+            healed.append(key)
+    return healed
+
+
+def _transient(instance: DagsterInstance, run_id: str) -> bool:
+    """Whether every step of the run failed on an error its retry policy retried (Dagster's
+    RetryRequestedFromPolicy once its attempts ran out), none on one raised as final."""
+    errors = [record.dagster_event.step_failure_data.error
+              for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE)
+              if record.dagster_event is not None]
+    return bool(errors) and all(
+        error is not None and error.cls_name == "RetryRequestedFromPolicy" for error in errors)
 
 
 def _reconstructable(job: JobDefinition) -> ReconstructableJob:

@@ -13,7 +13,14 @@ from collections.abc import Callable, Collection
 from dagster import DagsterInstance, RunRequest
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import DriveReport, close_dead_runs, drive, drive_lock, launch
+from ccat_assets.driver import (
+    DriveReport,
+    close_dead_runs,
+    drive,
+    drive_lock,
+    healed_runs,
+    launch,
+)
 from ccat_assets.inflight import in_flight
 from ccat_assets.partitions import package_site_key, revived
 from ccat_assets.stages import JOBS
@@ -63,6 +70,8 @@ def _retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
     follow_up = drive(defs, instance, log=log)
     report.launched += follow_up.launched
     report.failed += follow_up.failed
+    report.failed_ids += follow_up.failed_ids
+    report.healed = healed_runs(instance, report)
     return retried, report
 
 

@@ -62,6 +62,7 @@ class Queued:
 class Finished:
     key: str
     ok: bool
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class RunPool:
         while self.queue:
             queued = self.queue.popleft()
             self._fail(queued.run, "the drive was stopped before the run started")
-            finished.append(Finished(queued.key, ok=False))
+            finished.append(Finished(queued.key, ok=False, run_id=queued.run.run_id))
         return finished
 
     def _start_ready(self) -> None:
@@ -192,7 +193,7 @@ class RunPool:
                             "before the run did")
             run = self.instance.get_run_by_id(run.run_id)
         ok = run is not None and run.status == DagsterRunStatus.SUCCESS
-        return Finished(child.queued.key, ok)
+        return Finished(child.queued.key, ok, child.queued.run.run_id)
 
     def _fail(self, run: DagsterRun, why: str) -> None:
         self.instance.report_run_failed(run, message=why)

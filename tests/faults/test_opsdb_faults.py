@@ -5,6 +5,8 @@ be recorded."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from ccat_dt.opsdb.models import (
 )
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere, deployment, observe, operations, run
+from tests.helpers import run_cli
 
 HOLD_S = 1.5  # how long the other process keeps the database locked
 BUSY_TIMEOUT_S = 0.3  # the step's wait for the lock (30 s in production): fail fast here
@@ -191,3 +194,45 @@ def test_opsdb_locked_while_recording_a_deletion_the_retry_finishes_it(
     assert not path.exists()
     archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
+
+
+def test_a_purge_run_failed_by_a_lock_then_done_by_its_reattempt_leaves_drive_at_0(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The lock outlasts the purge run's attempts (here its only one): the run fails, and its
+    re-attempt in the same `ccat-dt drive` finishes the deletion. Nothing is left to do and
+    nobody needs to act: exit 0, the failed run's line kept, the summary saying it healed.
+    Before, the drive exited 1 ("a failed run") for a fault that healed itself."""
+    config = deployment(tmp_path / "deploy", policies={"max_attempts": 1,
+                                                       "retry_backoff_first_s": 0.2})
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        sources = observe(config, opsdb)
+        short_busy_timeout(config, monkeypatch)
+        marker = tmp_path / "locked"  # once across the drive's forked runs
+        real = reaper._unlink_local
+
+        def unlink(claim: Any) -> int:
+            size = real(claim)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+                _lock(config)
+            return size
+
+        monkeypatch.setattr(reaper, "_unlink_local", unlink)
+
+        status = run_cli("--config", str(config.path), "drive", "--wait", "30")
+
+        out = capsys.readouterr().out
+        assert marker.exists(), "the fault was never injected"
+        assert status == 0, out
+        # honest: each failed run's line stays (a re-attempt may meet the lock too)
+        failed = [line.split()[1] for line in out.splitlines() if line.startswith("FAILED")]
+        assert failed and set(failed) == {"purge"}, out
+        assert f"{len(failed)} failed, " in out, out
+        assert f"{len(failed)} failed run(s) healed by a later run" in out, out
+        assert not [path for path in sources if path.exists()]  # the storage
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)  # verified LTA bytes re-read, every deletion certified
+    finally:
+        opsdb.dispose()
