@@ -620,7 +620,7 @@ class _Runs:
         run_config = with_run_loggers(run.run_config)  # quiet under the CLI (runlog.py)
         key = run.run_key or job.name
         created, runnable = _create(job, instance, run.partition_key, run_config, tags)
-        if LINK_TAG not in created.tags and self.config is not None:
+        if not created.tags.get(LINK_TAG) and self.config is not None:
             created = tag_run(instance, self.config, created)  # as RoutedRunCoordinator does
         self.report.launched.append(key)
         if self.pool is None:
@@ -668,7 +668,7 @@ class _Runs:
             run_id=run.run_id)
         started = instance.get_run_by_id(run.run_id)
         assert started is not None
-        if LINK_TAG not in started.tags and self.config is not None:
+        if not started.tags.get(LINK_TAG) and self.config is not None:
             started = tag_run(instance, self.config, started)
         runnable: IJob = (InMemoryJob(job) if job.executor_def.name == "in_process"
                           else _reconstructable(job))

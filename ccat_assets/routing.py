@@ -15,8 +15,10 @@ So:
   the run coordinator (`dagster asset materialize`, `execute_job`), and the Celery executor
   sends the steps to the `ccat/queue` queue unless the run config names one.
 
-Tags already on a run (the sensors set both) are never changed. If OpsDB cannot be asked,
-the run goes untagged rather than not at all (and says so in its tags)."""
+Tags already on a run (the sensors set both) are never changed, but for a re-execution (the
+UI's Re-execute): it carries its parent's tags, routed for where the data was then, so it is
+routed afresh for where OpsDB says the data is now. If OpsDB cannot be asked, the run goes
+untagged rather than not at all (and says so in its tags)."""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from dagster._core.storage.tags import (
 
 from ccat_assets.partitions import PACKAGES, staging_partitions
 from ccat_assets.stages import ASSET_STAGE, stages_of_job
-from ccat_assets.tags import LINK_TAG, PROCESS_TAGS, QUEUE_TAG, UNROUTED_TAG
+from ccat_assets.tags import LINK_TAG, PROCESS_TAGS, PROVENANCE_TAGS, QUEUE_TAG, UNROUTED_TAG
 from ccat_dt.config import Config, load_config
 from ccat_dt.dispatch import dispatch_for
 from ccat_dt.opsdb.database import OpsDB
@@ -91,25 +93,35 @@ def partition_of(tags: Mapping[str, str]) -> tuple[str, str | None] | None:
     return key, None
 
 
-def routing_tags(config: Config, run: DagsterRun) -> dict[str, str]:
+def routing_tags(config: Config, run: DagsterRun, afresh: bool = False) -> dict[str, str]:
     """The tags the run lacks: {ccat/link, ccat/queue}, or {} for a run that needs none
-    (the scrub, a run with the sensors' tags already)."""
+    (the scrub, a run with the sensors' tags already). `afresh` (a re-execution): both
+    computed again, replacing the run's; a link no longer needed is blanked (a run without
+    one: it transfers nothing), never kept."""
     stage, partition = stage_of(run), partition_of(run.tags)
-    if stage is None or partition is None or QUEUE_TAG in run.tags:
+    if stage is None or partition is None or (run.tags.get(QUEUE_TAG) and not afresh):
         return {}
     try:
         dispatch = dispatch_for(_opsdb(config.opsdb_url, os.getpid()), config, stage, *partition)
     except Exception as exc:  # noqa: BLE001 - never keep a run from starting for its tags
         LOG.warning("run %s not routed: %s", run.run_id, exc)
-        return {UNROUTED_TAG: str(exc)[:200]}
+        # A re-execution's old queue is blanked (the executor asks again as the run starts),
+        # its old link kept: a link's run limit still applies to it meanwhile.
+        stale = {QUEUE_TAG: ""} if afresh and run.tags.get(QUEUE_TAG) else {}
+        return {UNROUTED_TAG: str(exc)[:200], **stale}
     tags = {QUEUE_TAG: dispatch.queue}
-    if dispatch.link and LINK_TAG not in run.tags:
+    if dispatch.link and (afresh or not run.tags.get(LINK_TAG)):
         tags[LINK_TAG] = dispatch.link
+    elif afresh and run.tags.get(LINK_TAG):
+        tags[LINK_TAG] = ""
+    if afresh and run.tags.get(UNROUTED_TAG):
+        tags[UNROUTED_TAG] = ""
     return tags
 
 
-def tag_run(instance: DagsterInstance, config: Config, run: DagsterRun) -> DagsterRun:
-    tags = routing_tags(config, run)
+def tag_run(instance: DagsterInstance, config: Config, run: DagsterRun,
+            afresh: bool = False) -> DagsterRun:
+    tags = routing_tags(config, run, afresh)
     if not tags:
         return run
     instance.add_run_tags(run.run_id, tags)
@@ -139,7 +151,7 @@ class RoutedRunCoordinator(QueuedRunCoordinator):
     `run_coordinator: {module: ccat_assets.routing, class: RoutedRunCoordinator}`."""
 
     def submit_run(self, context: SubmitRunContext) -> DagsterRun:
-        run = self._without_inherited_process(context.dagster_run)
+        run = self._without_inherited(context.dagster_run)
         if checks_without_partition(run):
             self._instance.report_run_canceled(run, message=NO_PARTITION)
             return self._instance.get_run_by_id(run.run_id) or run
@@ -148,13 +160,14 @@ class RoutedRunCoordinator(QueuedRunCoordinator):
         except Exception as exc:  # noqa: BLE001 - a bad config must not block every run
             LOG.warning("run %s not routed: configuration: %s", run.run_id, exc)
             return super().submit_run(SubmitRunContext(run, context.workspace))
-        run = tag_run(self._instance, config, run)
+        run = tag_run(self._instance, config, run, afresh=PARENT_RUN_ID_TAG in run.tags)
         return super().submit_run(SubmitRunContext(run, context.workspace))
 
-    def _without_inherited_process(self, run: DagsterRun) -> DagsterRun:
+    def _without_inherited(self, run: DagsterRun) -> DagsterRun:
         """A re-execution (the UI's Re-execute) with the tags naming its parent's process
-        blanked (tags.PROCESS_TAGS): it gets its own as it starts."""
-        inherited = {tag: "" for tag in PROCESS_TAGS if run.tags.get(tag)}
+        (tags.PROCESS_TAGS: it gets its own as it starts) and how its parent was asked for
+        (tags.PROVENANCE_TAGS: an operator's UI action is neither) blanked."""
+        inherited = {tag: "" for tag in (*PROCESS_TAGS, *PROVENANCE_TAGS) if run.tags.get(tag)}
         if PARENT_RUN_ID_TAG not in run.tags or not inherited:
             return run
         self._instance.add_run_tags(run.run_id, inherited)

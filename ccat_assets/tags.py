@@ -13,7 +13,12 @@ WORKER_ID_TAG = "ccat/worker_id"  # "machine=… namespace=… boot=… start=�
 # the new run; these are blanked there (routing.RoutedRunCoordinator): they name the parent's
 # process, and a new run judged by them would be closed as dead while it runs.
 PROCESS_TAGS = (DRIVE_TAG, WORKER_TAG, WORKER_ID_TAG)
+# How a run came to be asked for: blanked on a re-execution too (an operator's UI action,
+# neither), lest its runs count toward "asked again and left work due" (sensors.reattempt).
+PROVENANCE_TAGS = (AGAIN_TAG, RETRY_TAG)
 LINK_TAG = "ccat/link"  # "ORIGIN->DESTINATION": run limits per link (routes[].max_concurrent)
 QUEUE_TAG = "ccat/queue"  # the Celery queue of the site whose data the run touches
 UNROUTED_TAG = "ccat/unrouted"  # why a run could not be routed
+# Dagster cannot delete a run tag: a blanked tag's value is "", which every reader takes as
+# absent (`run.tags.get(TAG)`, never `TAG in run.tags`).
 NEXT_AT = "next_at"  # a sensor's JSON cursor may say when its next work falls due (epoch s)

@@ -89,7 +89,8 @@ def outcome(record_: RunRecord) -> RunOutcome:
     return RunOutcome(run.run_id, in_flight=run.status in IN_FLIGHT,
                       failed=run.status in FAILED,
                       ended_at=(_from_epoch(ended) if ended else record_.update_timestamp),
-                      operator=RETRY_TAG in run.tags, again=AGAIN_TAG in run.tags)
+                      operator=bool(run.tags.get(RETRY_TAG)),
+                      again=bool(run.tags.get(AGAIN_TAG)))
 
 
 def _from_epoch(value: float) -> datetime:

@@ -16,6 +16,7 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     Definitions,
+    JobDefinition,
     PreviewWarning,
     RunRequest,
     SensorDefinition,
@@ -28,14 +29,18 @@ from dagster._core.remote_origin import (
     RemoteRepositoryOrigin,
 )
 from dagster._core.run_coordinator import SubmitRunContext
-from dagster._core.storage.tags import MULTIDIMENSIONAL_PARTITION_PREFIX, PARTITION_NAME_TAG
+from dagster._core.storage.tags import (
+    MULTIDIMENSIONAL_PARTITION_PREFIX,
+    PARENT_RUN_ID_TAG,
+    PARTITION_NAME_TAG,
+)
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.instance import write_instance_yaml
 from ccat_assets.partitions import package_site_key
 from ccat_assets.routing import RoutedRunCoordinator
-from ccat_assets.tags import LINK_TAG, QUEUE_TAG
+from ccat_assets.tags import AGAIN_TAG, LINK_TAG, QUEUE_TAG, RETRY_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.packages import plan_packages
@@ -108,6 +113,39 @@ def test_runs_launched_without_sensor_tags_get_their_link_and_site_queue(
         kept = coordinator.submit_run(SubmitRunContext(sensor_run, workspace=None))  # type: ignore[arg-type]
         assert kept.tags[LINK_TAG] == "x->y" and kept.tags[QUEUE_TAG] == "q"
 
+        # Re-executions (the UI's Re-execute copies every tag of the parent, routed and asked
+        # for then): routed afresh for where OpsDB says the data is now, no provenance kept.
+        # At `site` the copy is made now (by the run above): nothing to transfer, no link.
+        instance.add_run_tags(kept.run_id, {AGAIN_TAG: "1", RETRY_TAG: "lost at us"})
+        assert re_executed(instance, job, coordinator, kept.run_id)[LINK_TAG] == ""
+        # A copy to another archive routed from the observatory, re-executed after `site`
+        # archived the package: it is fed from there now.
+        other = next(s.short_name for s in config.settings.archive_sites
+                     if s.short_name != site)
+        parent = instance.create_run_for_job(
+            job, tags={**partition_tags(package, other), LINK_TAG: f"ccat->{other}",
+                       QUEUE_TAG: "q"},
+            asset_selection=frozenset({AssetKey("site_copies")}),
+            remote_job_origin=ui_origin(job.name))
+        instance.add_run_tags(parent.run_id, {AGAIN_TAG: "1", RETRY_TAG: "lost"})
+        assert by_hand(defs, instance, "lta_copies", str(package_site_key(package, site)))
+        tags = re_executed(instance, job, coordinator, parent.run_id)
+        assert tags[LINK_TAG] == f"{site}->{other}", tags
+        assert tags[QUEUE_TAG] == transfer_queue(config, other), tags
+
+
+def re_executed(instance: DagsterInstance, job: JobDefinition,
+                coordinator: RoutedRunCoordinator, parent_id: str) -> dict[str, str]:
+    """The tags of a re-execution of `parent_id` as the coordinator submits it; no provenance
+    tag of its parent's left on it."""
+    parent = instance.get_run_by_id(parent_id)
+    assert parent is not None
+    child = instance.create_run_for_job(
+        job, tags={**parent.tags, PARENT_RUN_ID_TAG: parent.run_id},
+        asset_selection=parent.asset_selection, remote_job_origin=parent.remote_job_origin)
+    tags = dict(coordinator.submit_run(SubmitRunContext(child, workspace=None)).tags)  # type: ignore[arg-type]
+    assert not tags.get(AGAIN_TAG) and not tags.get(RETRY_TAG), tags
+    return tags
 
 @contextmanager
 def archived_not_purged(config: Config, opsdb: OpsDB, tmp_path: Path,

@@ -58,12 +58,14 @@ from ccat_assets.inflight import (
 )
 from ccat_assets.instance import write_instance_yaml
 from ccat_assets.partitions import package_site_key
-from ccat_assets.tags import DRIVE_TAG
+from ccat_assets.tags import AGAIN_TAG, DRIVE_TAG, LINK_TAG, QUEUE_TAG, RETRY_TAG
 from ccat_dt.config import Config
 from ccat_dt.marker import MARKER
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation, OperationStatus, RawDataPackage
+from ccat_dt.queues import transfer_queue
 from ccat_dt.stages import Stage
+from sensors.reattempt import outcome as run_outcome
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import REPO, deployment, observe, plan, wait_for
 
@@ -608,6 +610,10 @@ def test_re_execute_in_the_ui_of_old_runs_after_the_purge_changes_nothing_and_sa
             "package_job", "purge_job", "site_copy_archive_job", "site_copy_archive_job"]
         [purge] = [r for r in parents if r.job_name == "purge_job"]
         assert "'copy_ids': [" in str(purge.run_config)  # the purge sensor's plan, re-executed
+        stale = {QUEUE_TAG: "elsewhere", LINK_TAG: "cologne->us", AGAIN_TAG: "1",
+                 RETRY_TAG: "lost at us"}  # routed, and asked again or retried, back then
+        for parent in parents:
+            instance.add_run_tags(parent.run_id, stale)
         target = WorkspaceFileTarget(paths=[str(REPO / "workspace.yaml")])
         children = []
         with WorkspaceProcessContext(instance, target) as workspace:
@@ -625,6 +631,14 @@ def test_re_execute_in_the_ui_of_old_runs_after_the_purge_changes_nothing_and_sa
         for run_id in children:
             run = instance.get_run_by_id(run_id)
             assert run is not None and run.status == DagsterRunStatus.SUCCESS, run_id
+            # Routed for where the data is now (nothing left to transfer: no link), and an
+            # operator's UI action: neither asked again nor retried (sensors.reattempt).
+            assert run.tags[QUEUE_TAG] not in ("", "elsewhere") and not run.tags.get(LINK_TAG)
+            if run.job_name == "site_copy_archive_job":
+                site = run.tags["dagster/partition/site"]
+                assert run.tags[QUEUE_TAG] == transfer_queue(config, site), run.tags
+            [record] = instance.get_run_records(RunsFilter(run_ids=[run_id]))
+            assert not run_outcome(record).again and not run_outcome(record).operator, run.tags
         archived_from_the_storage(config, raw)  # nothing sent to a buffer again
         assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tars} == tars
         materialized = {}
