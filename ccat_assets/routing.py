@@ -246,7 +246,13 @@ def routed_in_process_executor(config: Config) -> ExecutorDefinition:
 
 
 def routed_celery_executor(config: Config) -> ExecutorDefinition:
+    """dagster-celery's executor, its steps routed and watched. A run without execution config
+    (the UI's Materialize, a backfill, `dagster asset materialize`, the integrity sensor's
+    check reruns) gets the deployment's broker and result backend. The backend has a schema
+    default (rpc://), so it is always "given": kept, the run waited for ever for results the
+    workers had stored in the deployment's backend (Redis), its step done."""
     from dagster_celery import celery_executor
+    from dagster_celery.defaults import result_backend
 
     from ccat_assets.celery_watch import execute_watched
 
@@ -256,8 +262,9 @@ def routed_celery_executor(config: Config) -> ExecutorDefinition:
         executor._queue_from_run_config = "task_default_queue" in given  # noqa: SLF001
         if "broker" not in context.executor_config and config.celery_broker:
             executor.broker = config.celery_broker  # a UI run has no execution config
-        if "backend" not in context.executor_config and config.celery_backend:
-            executor.backend = config.celery_backend
+        if context.executor_config.get("backend") in (None, result_backend) and (
+                config.celery_backend):
+            executor.backend = config.celery_backend  # not the default rpc:// (see above)
         executor.execute = execute_watched  # a step whose worker was killed fails the run
         _routed(config, executor, tag_only=False)
         return executor

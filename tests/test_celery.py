@@ -18,10 +18,15 @@ from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.partitions import package_site_key
+from ccat_assets.tags import QUEUE_TAG
+from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, Site
+from ccat_dt.packages import plan_packages
+from ccat_dt.queues import transfer_queue
 from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
 from tests.helpers import observe
@@ -32,6 +37,7 @@ pytestmark = pytest.mark.xdist_group("redis")
 
 REDIS_URL = os.environ.get("CCAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
 REPO = Path(__file__).resolve().parents[1]
+BY_HAND_S = 120.0  # a run by hand ends within this (seconds on an idle machine)
 
 
 @pytest.fixture
@@ -101,6 +107,7 @@ def test_lifecycle_on_postgres_with_a_celery_worker_per_site(
         assert all(w.poll() is None for w in workers.values()), "a worker died at start"
         with DagsterInstance.get() as instance:
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            copied_by_hand(config, opsdb, instance)
             report = drive(build_definitions(config), instance)
     finally:
         for worker in workers.values():
@@ -129,3 +136,32 @@ def test_lifecycle_on_postgres_with_a_celery_worker_per_site(
     assert all(worker == site for _, worker, site in placed), placed  # ran where the data lands
     assert deletions and all(worker == site for worker, site in deletions), deletions
     opsdb.dispose()
+
+
+def copied_by_hand(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """A package built and copied to its site by `dagster asset materialize` (as the UI's
+    Materialize, with no queue or broker in the run config: the executor routes the run).
+    Each step executes in its site's worker and the copy lands there (read from the storage).
+    Before, such runs failed before a step ("'dict_wrapper' object is not a mapping"), then
+    waited for ever on the rpc:// result backend the workers never store in."""
+    with opsdb.session() as session:
+        planned = plan_packages(session, config)
+        package, site = planned[0].name, planned[0].primary_site.short_name
+    instance.add_dynamic_partitions("packages", [p.name for p in planned])
+    for asset, partition in (("packages", package),
+                             ("site_copies", str(package_site_key(package, site)))):
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "dagster", "asset", "materialize", "-m",
+                 "ccat_assets.definitions", "--select", asset, "--partition", partition],
+                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                text=True, timeout=BY_HAND_S, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{asset} {partition}: the run had not ended after {BY_HAND_S:.0f} s")
+        assert done.returncode == 0, (asset, done.stderr[-3000:])
+    [run, _] = instance.get_runs()
+    assert run.tags.get(QUEUE_TAG) == transfer_queue(config, site)
+    built = list(config.resolve_root("sites/ccat/buffer").rglob("*.tar"))
+    copied = list(config.resolve_root(f"sites/{site}/buffer").rglob("*.tar"))
+    assert len(built) == 1 and [p.name for p in copied] == [built[0].name], (built, copied)
+    assert hash_file(copied[0]) == hash_file(built[0])
