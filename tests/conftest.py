@@ -75,6 +75,8 @@ SLOW = (
     "tests/test_celery.py",
     "tests/test_celery_isolated.py",
     "tests/test_celery_worker_killed.py",
+    "tests/test_celery_broker_lost.py",
+    "tests/test_celery_terminate.py",
     "tests/test_lifecycle.py",
     "tests/test_parallel_drive.py",
     "tests/test_multisite.py",
