@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import AssetCheckKey, AssetKey, BetaWarning, DagsterInstance, PreviewWarning
+from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    BetaWarning,
+    DagsterEventType,
+    DagsterInstance,
+    PreviewWarning,
+)
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from sqlalchemy import select
 
@@ -163,7 +170,17 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_is_sent_again(
     victim, rotten_id = marker.read_text().split()
     check_key = AssetCheckKey(AssetKey("site_copies"), "site_copy_checksum")
     history = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=10)
-    assert any(r.status == AssetCheckExecutionRecordStatus.FAILED for r in history)
+    # The UI shows the rot: the copy's check failed, or (Dagster orders the check and the
+    # archiving step of a copy-and-archive run either way; the check before reports the
+    # transport's read of the landed bytes) the archiving step failed on it, naming it.
+    archiving_failed = [event.dagster_event.step_failure_data.error.message
+                        for run in instance.get_runs()
+                        for event in instance.all_logs(run.run_id,
+                                                       of_type=DagsterEventType.STEP_FAILURE)
+                        if event.dagster_event and event.dagster_event.step_failure_data
+                        and event.dagster_event.step_failure_data.error]
+    assert any(r.status == AssetCheckExecutionRecordStatus.FAILED for r in history) or any(
+        "a bad source, not a bad transit" in message for message in archiving_failed)
     with opsdb.session() as session:
         failed = session.scalars(select(Operation).where(
             Operation.copy_id == int(rotten_id),
