@@ -4,9 +4,14 @@ machine, a failure when CCAT_REQUIRE_SERVICES=1 (CI), because a skipped test pro
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -73,3 +78,75 @@ def own_database(prefix: str) -> Iterator[str]:
 def dagster_database() -> Iterator[str]:
     """A fresh PostgreSQL database for Dagster's run, event and schedule storage."""
     yield from own_database("ccat_dagster")
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, keeping nothing on disk, or (`keep`)
+    everything written, in an append-only file synced at each write."""
+
+    def __init__(self, directory: Path, keep: bool = False) -> None:
+        self.directory, self.port, self.keep = directory, free_port(), keep
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        import redis
+
+        self.starts += 1
+        log = self.directory / f"redis-{self.starts}.log"
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.keep else "no", "--appendfsync", "always",
+             "--dir", str(self.directory)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)  # gone is gone, unless kept on disk
+            self.proc.wait(timeout=30)
+
+    def down_for(self, seconds: float) -> None:
+        """Killed, then started again after `seconds` (connections refused meanwhile)."""
+        self.stop()
+        time.sleep(seconds)
+        self.start()
+
+    def restart(self) -> None:
+        """Stopped and started again at once, empty."""
+        self.stop()
+        self.start()
+
+    def client(self) -> object:
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """The test's own Redis; `keep` (indirect parameter) keeps its data across a restart.
+    Its own server, not a database of the shared one: a Celery worker left over by another
+    test (or by another pytest on this machine) can never take this test's tasks."""
+    if shutil.which("redis-server") is None:
+        unavailable("Redis", "no redis-server on PATH (these tests restart their own)")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory, keep=getattr(request, "param", "") == "keep")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The broker URL of the test's own Redis (redis_server)."""
+    return redis_server.url

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,28 +29,13 @@ from ccat_dt.queues import transfer_queue
 from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
 from tests.helpers import observe
-from tests.services import unavailable
 
-# Both Celery suites flush the same Redis database: never at once (pytest -n, loadgroup).
+# Each test has its own Redis (tests.services.redis_server); the Celery suites still run one at
+# a time (pytest -n, loadgroup): a test's three workers and its drive keep both cores busy.
 pytestmark = pytest.mark.xdist_group("redis")
 
-REDIS_URL = os.environ.get("CCAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
 REPO = Path(__file__).resolve().parents[1]
 BY_HAND_S = 120.0  # a run by hand ends within this (seconds on an idle machine)
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
-        unavailable("Redis", f"{REDIS_URL}: {exc}")
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
 
 
 def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,7 +38,6 @@ from tests.test_celery import REPO, quick_polls
 pytestmark = pytest.mark.xdist_group("redis")
 
 SITES = ("ccat", "cologne", "us")
-REDIS = os.environ.get("CCAT_TEST_REDIS_ISOLATED_URL", "redis://127.0.0.1:6379/8")
 
 
 def hide_other_sites(base: Path, site: str) -> list[str]:
@@ -67,7 +66,7 @@ def base() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def isolated(base: Path, sshd: SshServer, postgres_url: str) -> Config:
+def isolated(base: Path, sshd: SshServer, postgres_url: str, redis_url: str) -> Config:
     settings = copy.deepcopy(EMBEDDED_DEFAULT)
     settings["sites"] = [s for s in settings["sites"]  # type: ignore[index,attr-defined]
                          if s["short_name"] in SITES]
@@ -83,7 +82,7 @@ def isolated(base: Path, sshd: SshServer, postgres_url: str) -> Config:
     settings["ssh"] = {"port": sshd.port, "identity_file": sshd.ssh.identity_file,
                        "known_hosts_file": sshd.ssh.known_hosts_file}
     settings["opsdb_url"] = postgres_url
-    settings["execution"] = {"celery_broker": REDIS}
+    settings["execution"] = {"celery_broker": redis_url}
     settings["log_dir"] = str(base / "logs")
     config = load_config(write_default_config(base, overrides=settings))
     prepare_opsdb(config)
@@ -106,15 +105,9 @@ def start_worker(config: Config, site: str, base: Path, home: Path,
 
 def test_site_workers_only_touch_their_own_site(
         base: Path, sshd: SshServer, namespaces: None, postgres_url: str,
-        dagster_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS).flushdb()
-    except Exception as exc:  # noqa: BLE001
-        unavailable("Redis", f"{REDIS}: {exc}")
+        dagster_database: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     quick_polls(monkeypatch)
-    config = isolated(base, sshd, postgres_url)
+    config = isolated(base, sshd, postgres_url, redis_url)
     home = base / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(yaml.safe_dump({
@@ -143,7 +136,6 @@ def test_site_workers_only_touch_their_own_site(
                 os.killpg(worker.pid, 15)
         for worker in workers.values():
             worker.wait(timeout=30)
-        redis.Redis.from_url(REDIS).flushdb()
     assert report.failed == [], {s: p.read_text()[-3000:] for s, p in logs.items()}
 
     with opsdb.session() as session:

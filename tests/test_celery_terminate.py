@@ -26,7 +26,6 @@ from tests.test_celery_worker_killed import (
     deployment,  # noqa: F401 - a fixture
     finish,
     part_files,
-    redis_url,  # noqa: F401 - a fixture
     start_drive,
     wait_for,
 )

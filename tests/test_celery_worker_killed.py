@@ -32,13 +32,10 @@ from ccat_dt.storage import files_under
 from tests.faults.invariants import assert_safe
 from tests.faults.storage_truth import lost_filed_files
 from tests.helpers import observe
-from tests.services import unavailable
 from tests.test_celery import production
 
 pytestmark = pytest.mark.xdist_group("redis")
 
-REDIS = "redis://127.0.0.1:6379/{}"  # database 9, 10, ...: one per case (xdist ran two at once,
-# each worker then taking the other's tasks)
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("ccat", "cologne", "us")
 DRIVE_TIMEOUT_S = 150.0
@@ -63,22 +60,6 @@ HOLDS = {  # where a worker waits to be killed, half of its step done
     "after-unlink": "ccat_dt.reaper|_unlink_local|after",  # a source file gone, not recorded
     "mid-tar": "ccat_dt.tarball|_TarWriter.add_file|after",  # one member of the tar written
 }
-
-
-@pytest.fixture
-def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    import redis
-
-    callspec = getattr(request.node, "callspec", None)
-    url = REDIS.format(9 + (callspec.indices["site"] if callspec else 0))
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except Exception as exc:  # noqa: BLE001
-        unavailable("Redis", f"{url}: {exc}")
-    client.flushdb()
-    yield url
-    client.flushdb()
 
 
 class Workers:
