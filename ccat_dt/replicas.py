@@ -56,6 +56,19 @@ class NotReady(Exception):
     """The placement's prerequisites are not in OpsDB yet (e.g. no verified source copy)."""
 
 
+class BadSource(TransferError):
+    """The copy a transfer was sent from, found bad on its storage (re-hashed after the landed
+    bytes mismatched, or gone) and quarantined: which copy it is (`check`: that re-read), so
+    that the step can say so on that copy's own integrity check, which may have passed in this
+    very run. Never retried: the copy is made again from intact data."""
+
+    def __init__(self, message: str, *, package: str, site: str, kind: LocationType,
+                 observatory: bool, check: Verification) -> None:
+        super().__init__(message, retryable=False)
+        self.package, self.site, self.kind = package, site, kind
+        self.observatory, self.check = observatory, check
+
+
 def plan_placement(opsdb: OpsDB, config: Config, package: str, site: str,
                    kind: LocationType) -> Placement:
     """Pick the verified copy a site's buffer or LTA copy is made from: the copy already there
@@ -436,7 +449,8 @@ def _source_or_transit(opsdb: OpsDB, config: Config, placement: Placement,
                        failure: Exception) -> Exception:
     """A copy that did not land with the source's checksum, or whose source was not found:
     re-hash the source on its storage to tell a bad or lost source (now quarantined, CORRUPT:
-    rebuilt or repaired from an intact copy, never sent again) from a bad transit (retried)."""
+    rebuilt or repaired from an intact copy, never sent again; BadSource names it) from a bad
+    transit (retried)."""
     text = str(failure).lower()
     if not (isinstance(failure, ChecksumMismatch) or "checksum mismatch" in text
             or SOURCE_MISSING in text):
@@ -447,9 +461,13 @@ def _source_or_transit(opsdb: OpsDB, config: Config, placement: Placement,
         return failure  # cannot look at the source now: treat it as transit, retried
     if check.passed:
         return failure
-    return TransferError(f"{failure}; the source re-hashed on its storage: {check.description}: "
-                         "a bad source, not a bad transit; it is quarantined and made again "
-                         "from intact data", retryable=False)
+    with opsdb.session() as session:
+        location = session.get_one(PackageCopy, placement.source.copy_id).location
+        site, kind = location.site.short_name, location.location_type
+    return BadSource(f"{failure}; the source re-hashed on its storage: {check.description}: "
+                     "a bad source, not a bad transit; it is quarantined and made again "
+                     "from intact data", package=placement.package, site=site, kind=kind,
+                     observatory=site == config.settings.observatory, check=check)
 
 
 def _start(session: Session, config: Config, placement: Placement, destination: DataLocation,

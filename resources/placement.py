@@ -7,19 +7,21 @@ from dataclasses import replace
 from dagster import (
     AssetMaterialization,
     ConfigurableIOManager,
+    DagsterEvent,
     Failure,
     InputContext,
     OutputContext,
     ResourceDependency,
 )
 
+from ccat_assets.integrity import copy_check
 from ccat_assets.interrupts import stops_when_interrupted
 from ccat_assets.partitions import package_site_key
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import get_package
 from ccat_dt.references import CopyRef, Placement
-from ccat_dt.replicas import NotReady, Placed, place, verified_copy
+from ccat_dt.replicas import BadSource, NotReady, Placed, place, verified_copy
 from ccat_dt.transports.base import TransferError
 from resources.deployment import Deployment
 
@@ -46,6 +48,8 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
                                run_id=context.run_id, attempt=attempt)
         except (TransferError, NotReady, ChecksumMismatch) as exc:
             self._report(obj, "failed", time.monotonic() - started, attempt, error=str(exc))
+            if isinstance(exc, BadSource):
+                self._bad_source(context, exc)
             if isinstance(exc, NotReady) or (isinstance(exc, TransferError)
                                              and not exc.retryable):
                 raise Failure(str(exc), allow_retries=False) from exc  # once, cause as headline
@@ -71,6 +75,24 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
                 asset_key=context.asset_key, partition=str(package_site_key(companion, obj.site)),
                 metadata={"outcome": f"copied in the batched session of {obj.package}'s run",
                           "batched_with": obj.package, "transport": placed.transport or "none"}))
+
+    def _bad_source(self, context: OutputContext, exc: BadSource) -> None:
+        """The copy this step was sent from, found bad and quarantined: its stage's check says
+        so now, in this run, on its partition's latest materialization. Its own check may have
+        passed in this very run (a copy-and-archive run's site copy, on the transport's read of
+        the landed bytes before it rotted): an evaluation of the same run, check and partition
+        takes that one's place, so the UI shows it failed, not passed."""
+        step = context.step_context
+        if step is None:
+            return
+        found = exc.check
+        DagsterEvent.asset_check_evaluation(step, copy_check(
+            step.instance, exc.package, exc.site, exc.kind, exc.observatory, passed=False,
+            description=f"{found.description}: found bad as the source of "
+                        f"{context.asset_key.to_user_string()} {context.partition_key}; "
+                        "quarantined, made again from intact data",
+            metadata={"path": found.path or "", "copy_id": found.copy_id or 0,
+                      **found.evidence}))
 
     def _report(self, obj: Placement, outcome: str, seconds: float, attempt: int, *,
                 size: int = 0, placed: Placed | None = None, error: str = "") -> None:

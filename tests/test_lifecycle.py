@@ -9,18 +9,21 @@ from typing import Any
 
 import pytest
 from dagster import (
+    AssetCheckEvaluation,
     AssetCheckKey,
     AssetKey,
+    AssetRecordsFilter,
     BetaWarning,
-    DagsterEventType,
     DagsterInstance,
     PreviewWarning,
 )
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._core.storage.event_log.base import PartitionKeyFilter
 from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.partitions import package_site_key
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
@@ -142,7 +145,8 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_is_sent_again(
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Bit rot in the first copy that left the observatory, between its arrival and its check:
-    the check fails, the copy is quarantined and never relied on; no archive holds the package
+    the copy's check in its run fails (the check, or its archiving step finding it bad), the
+    copy is quarantined and never relied on; no archive holds the package
     yet, so the primary site is fed again from the observatory's verified buffer, and the
     package goes all the way, every deletion under copies that are good on the storage."""
     source = observe(config, opsdb, observations=1, files=2)
@@ -168,19 +172,31 @@ def test_flipped_byte_in_site_copy_fails_its_check_and_is_sent_again(
     drive(build_definitions(config), instance)
 
     victim, rotten_id = marker.read_text().split()
-    check_key = AssetCheckKey(AssetKey("site_copies"), "site_copy_checksum")
-    history = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=10)
-    # The UI shows the rot: the copy's check failed, or (Dagster orders the check and the
-    # archiving step of a copy-and-archive run either way; the check before reports the
-    # transport's read of the landed bytes) the archiving step failed on it, naming it.
-    archiving_failed = [event.dagster_event.step_failure_data.error.message
-                        for run in instance.get_runs()
-                        for event in instance.all_logs(run.run_id,
-                                                       of_type=DagsterEventType.STEP_FAILURE)
-                        if event.dagster_event and event.dagster_event.step_failure_data
-                        and event.dagster_event.step_failure_data.error]
-    assert any(r.status == AssetCheckExecutionRecordStatus.FAILED for r in history) or any(
-        "a bad source, not a bad transit" in message for message in archiving_failed)
+    with opsdb.session() as session:
+        made = session.scalars(select(Operation).where(
+            Operation.copy_id == int(rotten_id),
+            Operation.operation_type == OperationType.TRANSFER)).one()
+        run_id = made.run_id
+        partition = str(package_site_key(victim, session.get_one(
+            PackageCopy, int(rotten_id)).location.site.short_name))
+    # The UI shows the rot on the rotten copy's materialization, in the run that made it,
+    # whichever order Dagster gave the check and the archiving step of that copy-and-archive
+    # run: the check before passed on the transport's read of the landed bytes, then the
+    # archiving step, finding its source bad, failed it (before, it stayed passed unless the
+    # integrity sensor's report happened to run between that run and the copy's repair).
+    [rotten] = [r for r in instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey("site_copies"), asset_partitions=[partition]), limit=10).records
+        if r.run_id == run_id]
+    [own] = [r for r in instance.event_log_storage.get_asset_check_execution_history(
+        AssetCheckKey(AssetKey("site_copies"), "site_copy_checksum"), limit=10,
+        partition_filter=PartitionKeyFilter(key=partition)) if r.run_id == run_id]
+    assert own.status == AssetCheckExecutionRecordStatus.FAILED, own.status
+    assert own.event is not None and own.event.dagster_event is not None
+    evaluation = own.event.dagster_event.event_specific_data
+    assert isinstance(evaluation, AssetCheckEvaluation)
+    assert evaluation.target_materialization_data is not None
+    assert evaluation.target_materialization_data.storage_id == rotten.storage_id
+    assert "checksum mismatch" in (evaluation.description or "")
     with opsdb.session() as session:
         failed = session.scalars(select(Operation).where(
             Operation.copy_id == int(rotten_id),

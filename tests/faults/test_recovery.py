@@ -30,8 +30,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.packages import package_path
-from ccat_dt.replicas import place, plan_placement
-from ccat_dt.transports.base import TransferError
+from ccat_dt.replicas import BadSource, place, plan_placement
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     archived_everywhere,
@@ -73,9 +72,12 @@ def test_corrupt_buffer_tar_is_rebuilt_from_intact_sources(
 
     if found_by == "transfer":  # the transfer out, as its run would make it
         placement = plan_placement(opsdb, config, name, "cologne", LocationType.BUFFER)
-        with pytest.raises(TransferError, match="a bad source, not a bad transit") as failed:
+        with pytest.raises(BadSource, match="a bad source, not a bad transit") as failed:
             place(opsdb, config, placement, LocationType.BUFFER)
         assert not failed.value.retryable
+        # which copy, for its stage's check (packages: the observatory's buffer tar)
+        assert (failed.value.package, failed.value.site, failed.value.kind,
+                failed.value.observatory) == (name, "ccat", LocationType.BUFFER, True)
         assert not list(config.resolve_root("sites/cologne/buffer").rglob("*.tar"))
 
     run(config, instance)  # a plain drive, nothing else
