@@ -12,10 +12,12 @@ Dagster takes a partition's latest check execution to be the one created last, a
 check execution is created when the run is (planned), not when the check is evaluated. So an
 evaluation made here after a run of the partition was created, however briefly before that
 run materializes, outranks that run's own check: the repaired partition reads stale though its
-check passed on the new copy. Whether such a run exists is looked at before writing, but no
-look can exclude one created in between (the daemon or a drive creates runs in another
-process); so the integrity sensor also looks for that outcome afterwards (`buried_checks`) and
-says the run's own result again, on the materialization it was made on."""
+check passed on the new copy. Whether such a run exists is looked at before writing (the
+integrity sensor holds a finding back until its partition has no run in flight, and the
+report looks again), but no look can exclude one created in between (the daemon or a drive
+creates runs in another process); so the integrity sensor also looks for that outcome
+afterwards (`buried_checks`) and says the run's own result again, on the materialization it
+was made on."""
 
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,6 +51,7 @@ from ccat_assets.inflight import in_flight
 from ccat_assets.partitions import package_site_key
 from ccat_assets.stages import ASSET_STAGE
 from ccat_dt.opsdb.models import LocationType
+from ccat_dt.stages import Stage
 
 # stage -> (asset, its integrity check)
 CHECKS = {"packages": ("packages", "package_checksum"),
@@ -100,6 +103,15 @@ def copy_check(instance: DagsterInstance, package: str, site: str, kind: Locatio
                             description=description, metadata=metadata)
 
 
+def partition_busy(asset: str, partition: str,
+                   busy: set[tuple[Stage, str, str | None]]) -> bool:
+    """Whether a run in flight (`busy`: `in_flight`'s answer) materializes `partition` of
+    `asset`: its check, planned when the run was created, is outranked by any evaluation
+    written on the partition before it ends."""
+    package, _, site = partition.partition("|")
+    return (ASSET_STAGE[asset], package, site or None) in busy
+
+
 class Finding(Config):
     """One check evaluation to report: on `partition` of `asset`, as it was when found."""
 
@@ -132,9 +144,11 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
 
     A partition materialized since the finding (the repair, a click on Materialize) carries
     its own check, made on the storage after the finding: reporting the finding on it would
-    paint a repaired copy red. Such a finding is history and is only logged; so is one whose
-    partition a run is materializing now: that run's check, planned before this evaluation,
-    would otherwise not count as the latest, and the repaired partition would show no check."""
+    paint a repaired copy red. Such a finding is history and is only logged. The sensor holds
+    a finding back while a run of its partition is in flight (`integrity_sensor`'s cursor);
+    one whose partition a run created since that look is materializing is only logged too:
+    that run's check, planned before this evaluation, would otherwise not count as the
+    latest, and the repaired partition would show no check."""
     reported = 0
     busy = in_flight(context.instance)  # a run whose process died is closed, not counted
     for finding in config.findings:
@@ -152,10 +166,10 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
             context.log.info(f"{finding.asset} {finding.partition} materialized since the "
                              f"finding, which is not reported: {finding.description}")
             continue
-        package, _, site = finding.partition.partition("|")
-        if (ASSET_STAGE[finding.asset], package, site or None) in busy:
-            context.log.info(f"{finding.asset} {finding.partition} is being materialized; its "
-                             f"own check reports it, not this finding: {finding.description}")
+        if partition_busy(finding.asset, finding.partition, busy):
+            context.log.info(f"{finding.asset} {finding.partition} is being materialized (a "
+                             "run created since the sensor's look); not reported now, its "
+                             f"check stands: {finding.description}")
             continue
         if finding.materialize:
             context.log_event(AssetMaterialization(

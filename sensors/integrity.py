@@ -5,9 +5,12 @@ A partition given a materialization or a check evaluation by hand (runless: the 
 materialization event" or "Report evaluation") has its checks run again, alone, on the storage.
 A copy OpsDB holds verified whose partition Dagster shows no materialization of ("Wipe
 materializations") is restated from OpsDB, on a slow round (`restatements`).
-A finding already repaired when the sensor sees it, or by the time its report runs, is not
-reported (the repair's own check said green). A repair's check that a finding outranked all
-the same (written while the repair was in flight) is said again (`buried_checks`). The
+A finding whose partition has a run in flight (the run that found the copy bad, a repair) is
+held back in the cursor, as it was found, and reported once no run of the partition is in
+flight: written meanwhile it would outrank that run's own check. A finding already repaired
+when the sensor sees it, by the time it is no longer held back, or by the time its report runs,
+is not reported (the repair's own check said green). A repair's check that a finding outranked
+all the same (written while the repair was in flight) is said again (`buried_checks`). The
 evaluations are logged by a small run (`integrity_report_job`)."""
 
 import hashlib
@@ -18,6 +21,7 @@ from typing import Any
 from dagster import (
     AssetCheckSeverity,
     AssetKey,
+    DagsterInstance,
     DefaultSensorStatus,
     RunRequest,
     SensorEvaluationContext,
@@ -25,7 +29,15 @@ from dagster import (
     sensor,
 )
 
-from ccat_assets.integrity import buried_checks, copy_check_of, integrity_report_job, made_by_hand
+from ccat_assets.inflight import in_flight
+from ccat_assets.integrity import (
+    buried_checks,
+    copy_check_of,
+    integrity_report_job,
+    latest_materialization,
+    made_by_hand,
+    partition_busy,
+)
 from ccat_assets.partitions import (
     PACKAGES,
     package_partitions,
@@ -49,6 +61,9 @@ from resources.deployment import Deployment
 # partitions one report restates (the rest at the next tick).
 RESTATE_EVERY_S = 600.0
 RESTATE_BATCH = 500
+# Findings held back in the cursor at most (one per check and partition with a run in flight);
+# the oldest beyond are reported at once (their report looks again, and logs one still busy).
+HELD_MAX = 1000
 
 
 @sensor(jobs=[integrity_report_job, *JOBS.values()], minimum_interval_seconds=30,
@@ -96,14 +111,23 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
         restated_at = now
     for finding in (*findings, *told):
         finding["events_before"] = events_before
+    new = findings if found or sorted(unsafe) != sorted(was_unsafe) else []
+    fresh, released, held = held_back(context.instance, new, list(state.get("held", [])))
     new_cursor = json.dumps({"op": cursor, "unsafe": unsafe, "checks": events_before,
-                             "pending": pending, "restated_at": restated_at, "more": more})
+                             "pending": pending, "restated_at": restated_at, "more": more,
+                             "held": held})
     requests = []
-    if findings and (found or sorted(unsafe) != sorted(was_unsafe)):
+    if fresh:
         requests.append(RunRequest(
             job_name=integrity_report_job.name,
             run_key=f"integrity:{after}:{cursor}:{','.join(unsafe)}"[:200],
-            run_config={"ops": {"report_findings": {"config": {"findings": findings}}}}))
+            run_config={"ops": {"report_findings": {"config": {"findings": fresh}}}}))
+    if released:  # once per set of findings released (each with the id it was found at)
+        over = json.dumps(released, sort_keys=True)
+        requests.append(RunRequest(
+            job_name=integrity_report_job.name,
+            run_key=f"integrity-held:{hashlib.sha256(over.encode()).hexdigest()[:16]}",
+            run_config={"ops": {"report_findings": {"config": {"findings": released}}}}))
     if restated:  # once per evaluation that outranked a check (its storage id)
         over = ",".join(str(r["events_before"]) for r in restated)
         requests.append(RunRequest(
@@ -121,6 +145,38 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     if not requests:
         return SensorResult(cursor=new_cursor, skip_reason="no new integrity finding")
     return SensorResult(cursor=new_cursor, run_requests=requests)
+
+
+def held_back(instance: DagsterInstance, new: list[dict[str, Any]],
+              held: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                   list[dict[str, Any]]]:
+    """Of the findings `new` at this tick and those `held` at earlier ones: the new ones to
+    report now, the held ones released now, and those to hold (in the cursor): their partition
+    has a run in flight, whose check a finding written now would outrank (the repaired
+    partition would read stale). A held finding whose partition was materialized since it was
+    found is dropped: that run's own check stands. One per check and partition, the newest,
+    HELD_MAX at most (the oldest beyond are released)."""
+    if not new and not held:
+        return [], [], []  # the runs in flight are not looked at (a query per run) for nothing
+    busy = in_flight(instance)
+    fresh, released, keep = [], [], {}
+    for finding in held:
+        latest = latest_materialization(instance, finding["asset"], finding["partition"])
+        if latest is not None and latest.storage_id > finding["events_before"]:
+            continue
+        if partition_busy(finding["asset"], finding["partition"], busy):
+            keep[finding["asset"], finding["check"], finding["partition"]] = finding
+        else:
+            released.append(finding)
+    for finding in new:
+        if partition_busy(finding["asset"], finding["partition"], busy):
+            key = (finding["asset"], finding["check"], finding["partition"])
+            keep.pop(key, None)  # the newer finding, last
+            keep[key] = finding
+        else:
+            fresh.append(finding)
+    kept = list(keep.values())
+    return fresh, released + kept[:-HELD_MAX], kept[-HELD_MAX:]
 
 
 def _rechecks(context: SensorEvaluationContext, since: int) -> list[RunRequest]:

@@ -517,6 +517,53 @@ def integrity_tick(defs: Definitions, dagster: DagsterInstance,
     return list(result.run_requests or []), result.cursor
 
 
+@pytest.mark.parametrize("then", ["ended", "materialized"])
+def test_a_finding_while_its_partition_has_a_run_in_flight_is_reported_once_that_run_ended(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, then: str) -> None:
+    """A copy quarantined while a run of its partition is queued (here a repair, created, its
+    check planned). Its report was dropped ("its own check reports it") and the sensor's
+    cursor had moved on: when that run ended without materializing (canceled, failed before
+    its copy), the quarantined copy stayed green in the UI for ever. Now the sensor holds the
+    finding back while the run is in flight and reports it once the run has ended; a run that
+    materialized the partition meanwhile has its own check, which stands."""
+    from dagster._core.execution.api import execute_run
+
+    from ccat_assets.driver import _create
+
+    defs, bad_key = quarantined_lta_copy(config, opsdb, instance)
+    job = defs.get_repository_def().get_job("lta_copy_job")
+    run, runnable = _create(job, instance, bad_key, {}, {})  # queued, its check planned
+
+    def tick_and_launch(cursor: str | None) -> tuple[list[str], str | None]:
+        """One tick of the integrity sensor, its runs executed: their run keys, the cursor."""
+        requests, cursor = integrity_tick(defs, instance, cursor)
+        report = DriveReport()
+        for request in requests:
+            launch(defs, instance, request, origin="integrity_sensor", report=report)
+        assert report.failed == []
+        return report.launched, cursor
+
+    # The quarantine seen while the run is queued: held back (written now, it would outrank
+    # the run's planned check); the package at risk is reported on purge_status.
+    _, cursor = tick_and_launch(None)
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] != "failed"
+    if then == "ended":
+        instance.report_run_canceled(run)  # an operator's Terminate: nothing materialized
+        launched, cursor = tick_and_launch(cursor)
+        assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] == "failed"
+        assert [k.split(":")[0] for k in launched] == ["integrity-held"], launched
+    else:
+        assert execute_run(runnable, run, instance).success  # the repair, its check passed
+        launched, cursor = tick_and_launch(cursor)  # (the package safe again: purge_status)
+        assert not [k for k in launched if k.startswith("integrity-held:")], launched
+        assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] == "passed"
+    launched, _ = tick_and_launch(cursor)  # said once; nothing is held any more
+    assert not [k for k in launched if k.startswith("integrity-held:")], launched
+    assert drive(defs, instance).failed == []  # the repair (or nothing left to do)
+    assert set(check_status(instance, "lta_copies", "lta_copy_checksum").values()) == {"passed"}
+    lta_intact(opsdb)
+
+
 def test_hand_reported_events_are_checked_again_on_the_storage_at_the_next_tick(
         config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
     """"Report materialization event" (a partition of lta_copies, of purge_status) and, on the
