@@ -30,7 +30,13 @@ transfer of hours), the run CANCELING meanwhile. The revoke now also terminates 
 worker's pool process turns into an interrupt of the step (stoppable_steps): the step stops as
 under the embedded executor (ccat_assets/interrupts.py: its temporary file removed, its claim
 ended), and the run waits up to STOP_GRACE_S for the step's own end before it takes the task
-for revoked, so that it ends CANCELED after its step, not beside it."""
+for revoked, so that it ends CANCELED after its step, not beside it.
+
+A step may also wait in a queue that no worker serves: no worker started for its site, or a
+run that could not be routed (Celery's default queue, which no site worker serves). It read
+PENDING for ever, its mark kept, nobody told. So a step still PENDING asks the workers which
+queues they consume (Celery's inspect); one whose queue no answering worker has consumed for
+UNSERVED_FOR_S fails, naming the queue and the worker to start, and is revoked."""
 
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,6 +59,7 @@ GONE_LOOKS = 2  # looks in a row that find a PENDING step nowhere before it is t
 BROKER_OUTAGE_S = 120.0  # Redis unreachable this long fails the waiting run; less is waited out
 STOP_SIGNAL = signal.SIGUSR2  # a Terminate's revoke sends it to the process executing the step
 STOP_GRACE_S = 30.0  # a terminated step is waited for this long to end by itself
+UNSERVED_FOR_S = 600.0  # a step whose queue no live worker consumes this long fails
 
 
 class StepLost(Exception):
@@ -62,11 +71,15 @@ class BrokerUnreachable(Exception):
 
 
 class WatchedResult:
-    """A step's Celery AsyncResult that also tells when its worker has lost it."""
+    """A step's Celery AsyncResult that also tells when its worker has lost it, or when no
+    worker serves its queue."""
 
-    def __init__(self, app: Any, result: Any, stores: list[Any] | None = None) -> None:
+    def __init__(self, app: Any, result: Any, stores: list[Any] | None = None,
+                 queue: str | None = None, sites: Mapping[str, str] | None = None) -> None:
         self._app, self._result = app, result
         self._stores = stores or []  # the Redis clients holding the step's mark
+        self._queue, self._sites = queue, sites or {}  # its queue; each queue's site
+        self._unserved_since: float | None = None  # when no worker was found on its queue
         self._next = time.monotonic() + WATCH_EVERY_S
         self._silent_since: float | None = None
         self._lost: str | None = None
@@ -142,7 +155,7 @@ class WatchedResult:
     def _why_lost(self, now: float) -> str | None:
         state = self._result.state
         if state == "PENDING":
-            return self._lost_by_broker()
+            return self._lost_by_broker() or self._unserved(now)
         self._gone = 0
         if state != "STARTED":
             return None  # taken and not started, or retried: its worker still holds it
@@ -188,6 +201,27 @@ class WatchedResult:
         return ("the Celery broker lost the step: Redis no longer holds its message or its "
                 "state (restarted empty, failed over or flushed), and no worker runs it")
 
+    def _unserved(self, now: float) -> str | None:
+        """PENDING: whether any worker consumes the step's queue, asked of those that answer
+        (none answering: none serves it)."""
+        if self._queue is None:
+            return None
+        replies = self._app.control.inspect(timeout=2.0).active_queues() or {}
+        if any(q.get("name") == self._queue for queues in replies.values() for q in queues):
+            self._unserved_since = None
+            return None
+        if self._unserved_since is None:
+            self._unserved_since = now
+        if now - self._unserved_since < UNSERVED_FOR_S or self._result.state != "PENDING":
+            return None  # not yet, or taken meanwhile
+        self._result.revoke()  # not run by a worker started later for a failed run
+        site = self._sites.get(self._queue)
+        todo = (f"start `ccat-dt worker --site {site}` on a host of site {site}" if site else
+                "it is no site's queue: the run was not routed to a site (its ccat/unrouted "
+                "tag, if any, says why)")
+        return (f'no live Celery worker has served queue "{self._queue}" for '
+                f"{now - self._unserved_since:.0f} s, the step waiting there unstarted: {todo}")
+
 
 _STEP = {"stoppable": False}  # in a worker's pool process: a step runs, not yet interrupted
 
@@ -223,22 +257,24 @@ def _stores(app: Any) -> list[Any]:
             if urlsplit(url).scheme in ("redis", "rediss", "unix")]
 
 
-def watched_submit(app: Any, *args: Any) -> WatchedResult:
+def watched_submit(app: Any, plan_context: Any, step: Any, queue: str, priority: int,
+                   known_state: Any, sites: Mapping[str, str] | None = None) -> WatchedResult:
     """dagster-celery's own submission, its result watched, its mark left in Redis."""
     from dagster_celery.executor import _submit_task
 
     stores = getattr(app, "_ccat_stores", None)
     if stores is None:
         stores = app._ccat_stores = _stores(app)  # noqa: SLF001 - one per run's app
-    result = _submit_task(app, *args)
+    result = _submit_task(app, plan_context, step, queue, priority, known_state)
     for store in stores:
         store.set(SENT.format(result.id), "1", ex=SENT_TTL_S)
-    return WatchedResult(app, result, stores)
+    return WatchedResult(app, result, stores, queue, sites)
 
 
-def execute_watched(plan_context: Any, execution_plan: Any) -> Any:
-    """CeleryExecutor.execute with the steps' results watched."""
+def execute_watched(plan_context: Any, execution_plan: Any,
+                    sites: Mapping[str, str] | None = None) -> Any:
+    """CeleryExecutor.execute with the steps' results watched; `sites`: each queue's site."""
     from dagster_celery.core_execution_loop import core_celery_execution_loop
 
     return core_celery_execution_loop(plan_context, execution_plan,
-                                      step_execution_fn=watched_submit)
+                                      step_execution_fn=partial(watched_submit, sites=sites))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from dagster import (
@@ -53,6 +53,7 @@ from ccat_dt.config import Config, load_config
 from ccat_dt.dispatch import dispatch_for
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.packages import get_package
+from ccat_dt.queues import queue_sites
 from ccat_dt.stages import Stage
 from ccat_dt.staging import get_request
 
@@ -65,9 +66,12 @@ def _opsdb(url: str, pid: int) -> OpsDB:  # one engine per process (the webserve
 
 
 def stages_of(run: DagsterRun) -> tuple[Stage, ...]:
-    """The lifecycle stages a run materialises, in lifecycle order."""
-    if run.asset_selection:
-        names = {key.to_user_string() for key in run.asset_selection}
+    """The lifecycle stages a run materialises, in lifecycle order; for a run of checks alone
+    (the Checks tab's "Execute" on a partition: the asset job, no asset selected) the stages
+    of the assets its checks read, which it is routed as (their site's queue)."""
+    keys = run.asset_selection or {check.asset_key for check in run.asset_check_selection or ()}
+    if keys:
+        names = {key.to_user_string() for key in keys}
         return tuple(dict.fromkeys(stage for name, stage in ASSET_STAGE.items()
                                    if name in names))
     return stages_of_job(run.job_name)
@@ -265,7 +269,8 @@ def routed_celery_executor(config: Config) -> ExecutorDefinition:
         if context.executor_config.get("backend") in (None, result_backend) and (
                 config.celery_backend):
             executor.backend = config.celery_backend  # not the default rpc:// (see above)
-        executor.execute = execute_watched  # a step whose worker was killed fails the run
+        # a step whose worker was killed, or whose queue no worker serves, fails the run
+        executor.execute = partial(execute_watched, sites=queue_sites(config))
         _routed(config, executor, tag_only=False)
         return executor
 

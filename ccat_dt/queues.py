@@ -63,3 +63,8 @@ def site_queues(config: Config, site: str) -> list[str]:
 def all_queues(config: Config) -> dict[str, list[str]]:
     return {site.short_name: site_queues(config, site.short_name)
             for site in config.settings.sites}
+
+
+def queue_sites(config: Config) -> dict[str, str]:
+    """The site whose worker serves each queue (what to start when none does)."""
+    return {queue: site for site, queues in all_queues(config).items() for queue in queues}

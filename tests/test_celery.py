@@ -7,14 +7,30 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import yaml
-from dagster import DagsterInstance
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetKey,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+)
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.execution.api import create_execution_plan, execute_run
+from dagster._core.snap import snapshot_from_execution_plan
+from dagster._core.storage.tags import PARTITION_NAME_TAG
 from sqlalchemy import select
 
+from ccat_assets import celery_watch
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_assets.partitions import package_site_key
@@ -25,10 +41,11 @@ from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, Operation, OperationType, Site
 from ccat_dt.packages import plan_packages
-from ccat_dt.queues import transfer_queue
+from ccat_dt.queues import packaging_queue, transfer_queue
 from ccat_dt.storage import files_under
 from ccat_dt.topology import prepare_opsdb
 from tests.helpers import observe
+from tests.test_routing import partition_tags
 
 # Each test has its own Redis (tests.services.redis_server); the Celery suites still run one at
 # a time (pytest -n, loadgroup): a test's three workers and its drive keep both cores busy.
@@ -36,6 +53,7 @@ pytestmark = pytest.mark.xdist_group("redis")
 
 REPO = Path(__file__).resolve().parents[1]
 BY_HAND_S = 120.0  # a run by hand ends within this (seconds on an idle machine)
+T = TypeVar("T")
 
 
 def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,6 +96,10 @@ def test_lifecycle_on_postgres_with_a_celery_worker_per_site(
         tmp_path: Path, postgres_url: str, dagster_database: str, redis_url: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     quick_polls(monkeypatch)
+    # Every queue is served here: no step may be taken for unserved (a step waiting behind
+    # another in its worker's queue included), and a check run sent to no site's queue fails
+    # soon instead of at the deployment's bound.
+    monkeypatch.setattr(celery_watch, "UNSERVED_FOR_S", 30.0)
     config = production(tmp_path, postgres_url, dagster_database, redis_url)
     home = config.directory / "dagster_home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -91,7 +113,7 @@ def test_lifecycle_on_postgres_with_a_celery_worker_per_site(
         assert all(w.poll() is None for w in workers.values()), "a worker died at start"
         with DagsterInstance.get() as instance:
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-            copied_by_hand(config, opsdb, instance)
+            checked_by_hand(config, opsdb, instance, *copied_by_hand(config, opsdb, instance))
             report = drive(build_definitions(config), instance)
     finally:
         for worker in workers.values():
@@ -122,7 +144,7 @@ def test_lifecycle_on_postgres_with_a_celery_worker_per_site(
     opsdb.dispose()
 
 
-def copied_by_hand(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+def copied_by_hand(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> tuple[str, str]:
     """A package built and copied to its site by `dagster asset materialize` (as the UI's
     Materialize, with no queue or broker in the run config: the executor routes the run).
     Each step executes in its site's worker and the copy lands there (read from the storage).
@@ -149,3 +171,102 @@ def copied_by_hand(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> N
     copied = list(config.resolve_root(f"sites/{site}/buffer").rglob("*.tar"))
     assert len(built) == 1 and [p.name for p in copied] == [built[0].name], (built, copied)
     assert hash_file(copied[0]) == hash_file(built[0])
+    return package, site
+
+
+def ended(execute: Callable[[], T], what: str) -> T:
+    """`execute()`'s result, failing the test if it has not returned within BY_HAND_S (the
+    run would otherwise wait for ever); the run is left to the test's end."""
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(execute()), daemon=True)
+    thread.start()
+    thread.join(BY_HAND_S)
+    if not out:
+        pytest.fail(f"{what}: the run had not ended after {BY_HAND_S:.0f} s")
+    return out[0]
+
+
+def run_by_ui(instance: DagsterInstance, tags: dict[str, str],
+              assets: frozenset[AssetKey] | None = None,
+              checks: frozenset[AssetCheckKey] | None = None) -> DagsterRun:
+    """A run of the asset job as the webserver creates it (dagster-graphql's
+    create_valid_pipeline_run: no execution config; for the Checks tab's "Execute" the checks
+    and no asset) and executes it (the run worker's execute_run)."""
+    recon = ReconstructableRepository.for_module(
+        "ccat_assets.definitions", "defs").get_reconstructable_job("__ASSET_JOB").get_subset(
+        asset_selection=set(assets or ()), asset_check_selection=checks)
+    job = recon.get_definition()
+    plan = create_execution_plan(recon, tags=tags, instance_ref=instance.get_ref())
+    run = instance.create_run(
+        job_name=job.name, run_id=None, run_config=None, status=DagsterRunStatus.NOT_STARTED,
+        tags=tags, root_run_id=None, parent_run_id=None,
+        step_keys_to_execute=plan.step_keys_to_execute,
+        execution_plan_snapshot=snapshot_from_execution_plan(plan, job.get_job_snapshot_id()),
+        job_snapshot=job.get_job_snapshot(), parent_job_snapshot=job.get_parent_job_snapshot(),
+        asset_selection=assets, asset_check_selection=checks, resolved_op_selection=None,
+        op_selection=None, remote_job_origin=None, job_code_origin=recon.get_python_origin(),
+        asset_graph=job.asset_layer.asset_graph)
+    ended(lambda: execute_run(recon, run, instance), f"run {run.run_id}")
+    done = instance.get_run_by_id(run.run_id)
+    assert done is not None
+    return done
+
+
+def checked_by_hand(config: Config, opsdb: OpsDB, instance: DagsterInstance, package: str,
+                    site: str) -> None:
+    """The Checks tab's "Execute" on the site copy's partition: the run is routed to the
+    site's transfer queue, and the check re-reads the copy in that site's worker (OpsDB
+    records who read). Before, the run had no stage and no queue: its step went to Celery's
+    default queue, which no worker serves, and the run stayed STARTED for ever."""
+    key = AssetCheckKey(AssetKey("site_copies"), "site_copy_checksum")
+    run = run_by_ui(instance, partition_tags(package, site), checks=frozenset({key}))
+    assert run.status == DagsterRunStatus.SUCCESS, failure_of(instance, run)
+    assert run.tags.get(QUEUE_TAG) == transfer_queue(config, site)
+    [evaluation] = [r.dagster_event.event_specific_data for r in instance.all_logs(
+        run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION) if r.dagster_event]
+    assert isinstance(evaluation, AssetCheckEvaluation) and evaluation.passed, evaluation
+    assert evaluation.metadata["verified_by"].value == "re-read"
+    with opsdb.session() as session:
+        read = session.get_one(Operation, evaluation.metadata["operation_id"].value)
+        assert (read.operation_type, read.worker) == (OperationType.VERIFICATION, site)
+
+
+def failure_of(instance: DagsterInstance, run: DagsterRun) -> str:
+    """Why the run failed, as its page says."""
+    return "\n".join(str(getattr(r.dagster_event.event_specific_data, "error", None) or r.message)
+                     for r in instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_FAILURE)
+                     if r.dagster_event)
+
+
+def test_a_run_on_a_queue_no_worker_serves_fails_naming_the_worker_to_start(
+        tmp_path: Path, postgres_url: str, dagster_database: str, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package's build launched from the UI with the observatory's worker not started (only
+    another site's runs): its step waits in the packaging queue, which no live worker
+    consumes. Before, the run stayed STARTED for ever, nobody told; now it fails once nobody
+    has served the queue for UNSERVED_FOR_S (shortened here), naming the queue and the worker
+    to start, its step never started."""
+    quick_polls(monkeypatch)
+    monkeypatch.setattr(celery_watch, "WATCH_EVERY_S", 0.5)
+    monkeypatch.setattr(celery_watch, "UNSERVED_FOR_S", 2.0)
+    config = production(tmp_path, postgres_url, dagster_database, redis_url)
+    home = config.directory / "dagster_home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    worker = start_worker(config, "us", home, tmp_path / "worker-us.log")
+    try:
+        time.sleep(3)  # let the worker connect to the broker
+        assert worker.poll() is None, "the worker died at start"
+        with DagsterInstance.get() as instance:
+            instance.add_dynamic_partitions("packages", ["obs-0001_primecam-f280_p00"])
+            run = run_by_ui(instance, {PARTITION_NAME_TAG: "obs-0001_primecam-f280_p00"},
+                            assets=frozenset({AssetKey("packages")}))
+            why = failure_of(instance, run)
+            started = instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=30)
+    assert run.status == DagsterRunStatus.FAILURE
+    assert f'no live Celery worker has served queue "{packaging_queue(config)}"' in why, why
+    assert "start `ccat-dt worker --site ccat`" in why, why
+    assert started == []

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 from dagster import (
+    AssetCheckKey,
     AssetKey,
     BetaWarning,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     Definitions,
     JobDefinition,
@@ -39,12 +41,14 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from ccat_assets.definitions import build_definitions
 from ccat_assets.instance import write_instance_yaml
 from ccat_assets.partitions import package_site_key
-from ccat_assets.routing import RoutedRunCoordinator
+from ccat_assets.routing import RoutedRunCoordinator, routing_tags, stages_of
+from ccat_assets.stages import JOBS
 from ccat_assets.tags import AGAIN_TAG, LINK_TAG, QUEUE_TAG, RETRY_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.packages import plan_packages
-from ccat_dt.queues import transfer_queue
+from ccat_dt.queues import packaging_queue, transfer_queue
+from ccat_dt.stages import Stage
 from tests.browser import REPO
 from tests.helpers import observe
 from tests.test_operator_actions import by_hand
@@ -132,6 +136,29 @@ def test_runs_launched_without_sensor_tags_get_their_link_and_site_queue(
         tags = re_executed(instance, job, coordinator, parent.run_id)
         assert tags[LINK_TAG] == f"{site}->{other}", tags
         assert tags[QUEUE_TAG] == transfer_queue(config, other), tags
+
+
+def test_a_check_only_run_is_routed_to_the_site_whose_copy_its_checks_read(
+        config: Config, opsdb: OpsDB) -> None:
+    """The Checks tab's "Execute" on one partition: a run of the asset job with the checks and
+    no asset selected. Before, it had no stage (neither asset nor job named one): no site queue,
+    and under Celery its step went to the default queue, which no worker serves."""
+    observe(config, opsdb, observations=1, files=1)
+    with opsdb.session() as session:
+        planned = plan_packages(session, config)
+        package, site = planned[0].name, planned[0].primary_site.short_name
+    for job, asset, check, tags, stage, queue in (
+            ("__ASSET_JOB", "site_copies", "site_copy_checksum", partition_tags(package, site),
+             Stage.SITE_COPY, transfer_queue(config, site)),
+            ("__ASSET_JOB", "packages", "package_checksum", {PARTITION_NAME_TAG: package},
+             Stage.PACKAGING, packaging_queue(config)),
+            # the integrity sensor's recheck (sensors/integrity.py _rechecks): the stage's job
+            (JOBS[Stage.SITE_COPY].name, "site_copies", "site_copy_checksum",
+             partition_tags(package, site), Stage.SITE_COPY, transfer_queue(config, site))):
+        run = DagsterRun(job_name=job, asset_selection=frozenset(), tags=tags,
+                         asset_check_selection=frozenset({AssetCheckKey(AssetKey(asset), check)}))
+        assert stages_of(run) == (stage,)
+        assert routing_tags(config, run)[QUEUE_TAG] == queue
 
 
 def re_executed(instance: DagsterInstance, job: JobDefinition,
