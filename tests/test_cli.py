@@ -400,8 +400,8 @@ def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> Non
 
 # The commands an operator types to look (and `file`, which the instruments call) answer
 # without importing Dagster, which alone takes over a second, nor the other packages they do
-# not use: migrations, queues, metrics export, the service and its client, S3, progress bars
-# (issue 17; speed: bench/).
+# not use: migrations, queues, metrics export, the service and its client, S3, progress bars,
+# and on a SQLite OpsDB SQLAlchemy's PostgreSQL dialect (issue 17; speed: bench/).
 _WITHOUT_DAGSTER = """
 import sys
 from ccat_assets.cli import main
@@ -414,6 +414,7 @@ print("DAGSTER-MODULES", len(loaded), loaded[:3])
 heavy = {"alembic", "celery", "redis", "influxdb_client", "fastapi", "uvicorn", "httpx",
          "boto3", "botocore", "tqdm", "zlib_ng"}
 print("HEAVY-MODULES", sorted({name.split(".")[0] for name in sys.modules} & heavy))
+print("POSTGRESQL-DIALECT", "sqlalchemy.dialects.postgresql" in sys.modules)
 """
 
 
@@ -432,6 +433,7 @@ def test_looking_and_filing_do_not_import_dagster(deploy: Path, source: Path, ob
     assert done.returncode == 0, done.stderr
     assert "DAGSTER-MODULES 0 []" in done.stdout, done.stdout
     assert "HEAVY-MODULES []" in done.stdout, done.stdout
+    assert "POSTGRESQL-DIALECT False" in done.stdout, done.stdout
 
 
 def test_why_asks_dagster_about_a_package_not_done(deploy: Path, obs: str) -> None:

@@ -66,3 +66,21 @@ def test_the_head_read_from_file_names_is_alembics_head_and_files_carry_their_re
     command.upgrade(_alembic_config(url), "0001")
     with pytest.raises(SchemaOutOfDate, match=f"revision 0001, expected {schema_head()}"):
         OpsDB(url)
+
+
+def test_the_partial_indexes_the_models_name_are_those_the_migrations_create(
+        tmp_path: Path) -> None:
+    """The models state each partial index's WHERE in `info` (not as dialect arguments, which
+    would import the dialects: ccat_dt/opsdb/models.py); a migrated OpsDB has exactly those."""
+    from ccat_dt.opsdb.models import Base
+
+    url = f"sqlite:///{tmp_path / 'opsdb.sqlite'}"
+    migrate(url)
+    engine = create_engine(url)
+    with engine.connect() as db:
+        created = {name: sql.split(" WHERE ", 1)[1] for name, sql in db.execute(text(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql LIKE '% WHERE %'"))}
+    engine.dispose()
+    stated = {index.name: index.info["where"] for table in Base.metadata.tables.values()
+              for index in table.indexes if "where" in index.info}
+    assert stated == created

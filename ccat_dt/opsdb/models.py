@@ -109,6 +109,15 @@ def _enum(kind: type[enum.StrEnum]) -> Enum:
                 values_callable=lambda e: [m.value for m in e])
 
 
+def _partial(name: str, *columns: str, where: str) -> Index:
+    """An index over the rows matching `where` (SQL both databases read), as its migration
+    creates it. Declared with its columns only, the WHERE kept in `info`: a `sqlite_where` or
+    `postgresql_where` argument makes SQLAlchemy import that dialect with these models (the
+    PostgreSQL one: 0.02 s of every command on a SQLite OpsDB). Nothing creates tables from
+    the models (the migrations do), and Alembic's autogenerate compares no WHERE."""
+    return Index(name, *columns, info={"where": where})
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
 
@@ -180,8 +189,7 @@ class RawDataPackage(Base):
                       Index("ix_raw_data_packages_verified_lta_sites", "verified_lta_sites",
                             "created_at"),
                       # the few LOST packages, which `status` lists first (migration 0014)
-                      Index("ix_raw_data_packages_lost", "id", sqlite_where=text("state = 'lost'"),
-                            postgresql_where=text("state = 'lost'")))
+                      _partial("ix_raw_data_packages_lost", "id", where="state = 'lost'"))
     id: Mapped[int] = mapped_column(primary_key=True)
     uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
     name: Mapped[str] = mapped_column(String(200), unique=True)  # the Dagster partition key
@@ -244,10 +252,6 @@ class RawDataFile(Base):
     copies: Mapped[list[RawDataFileCopy]] = relationship(back_populates="raw_data_file")
 
 
-VERIFIED_PACKAGE_COPY = ("status = 'present' AND verified_at >= created_at "
-                         "AND package_id IS NOT NULL")
-
-
 class PhysicalCopy(Base):
     """One copy of a file or package at one location. Nothing is deleted without these."""
 
@@ -257,18 +261,16 @@ class PhysicalCopy(Base):
     # from the arrivals and departures of the last hours (migration 0008).
     __table_args__ = (
         Index("ix_physical_copies_location_status", "location_id", "status"),
-        Index("ix_physical_copies_live", "location_id", "size",
-              sqlite_where=text("status IN ('present', 'staged')"),
-              postgresql_where=text("status IN ('present', 'staged')")),
+        _partial("ix_physical_copies_live", "location_id", "size",
+                 where="status IN ('present', 'staged')"),
         Index("ix_physical_copies_created_at", "created_at"),
         Index("ix_physical_copies_deleted_at", "deleted_at"),
         # the few corrupt copies, which `status` and the sensors start from, and the verified
         # package copies, by package, which the service level counts sites of (migration 0012)
-        Index("ix_physical_copies_corrupt", "package_id",
-              sqlite_where=text("status = 'corrupt'"), postgresql_where=text("status = 'corrupt'")),
-        Index("ix_physical_copies_verified", "package_id", "location_id",
-              sqlite_where=text(VERIFIED_PACKAGE_COPY),
-              postgresql_where=text(VERIFIED_PACKAGE_COPY)),
+        _partial("ix_physical_copies_corrupt", "package_id", where="status = 'corrupt'"),
+        _partial("ix_physical_copies_verified", "package_id", "location_id",
+                 where="status = 'present' AND verified_at >= created_at "
+                 "AND package_id IS NOT NULL"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
