@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, case, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, contains_eager
 
 from ccat_dt.opsdb.models import DataLocation, LocationType, PhysicalCopy, RawDataFile, Site
 from ccat_dt.purge_cycle import measure
@@ -65,14 +65,14 @@ def forecast_buffers(session: Session, now: datetime, *, window: timedelta = tim
     start = end - window
     hours = window.total_seconds() / 3600.0
 
-    rows = session.execute(
-        select(DataLocation, Site.short_name)
-        .join(Site, DataLocation.site_id == Site.id)
+    # Each with its site (read by the disk's marker check): no query per location for it.
+    rows = session.scalars(
+        select(DataLocation).join(DataLocation.site).options(contains_eager(DataLocation.site))
         .where(DataLocation.location_type.in_(FORECAST_KINDS))
         .order_by(Site.short_name, DataLocation.name)).all()
     if not rows:
         return []
-    ids = [location.id for location, _ in rows]
+    ids = [location.id for location in rows]
 
     created_in = and_(PhysicalCopy.created_at > start, PhysicalCopy.created_at <= end)
     deleted_in = and_(PhysicalCopy.deleted_at > start, PhysicalCopy.deleted_at <= end)
@@ -92,15 +92,15 @@ def forecast_buffers(session: Session, now: datetime, *, window: timedelta = tim
             .group_by(RawDataFile.source_location_id))}
 
     filed_by_site: dict[int, int] = {}
-    for location, _ in rows:
+    for location in rows:
         if location.location_type == LocationType.SOURCE:
             filed_by_site[location.site_id] = (filed_by_site.get(location.site_id, 0)
                                                + filed.get(location.id, 0))
     observatory_buffers = _primary_buffers(
-        [location for location, _ in rows if location.site_id in filed_by_site])
+        [location for location in rows if location.site_id in filed_by_site])
 
     forecasts = []
-    for location, site in rows:
+    for location in rows:
         created, deleted = copies.get(location.id, (0, 0))
         if location.location_type == LocationType.SOURCE:
             arrived = filed.get(location.id, 0)
@@ -108,7 +108,7 @@ def forecast_buffers(session: Session, now: datetime, *, window: timedelta = tim
             arrived = filed_by_site[location.site_id]
         else:
             arrived = created
-        forecasts.append(_forecast(f"{site}/{location.name}", free_space(location),
+        forecasts.append(_forecast(location.label, free_space(location),
                                    arrived / hours, deleted / hours, warn_below_hours))
     return forecasts
 

@@ -118,15 +118,19 @@ def sites_down(session: Session, config: Config, now: datetime) -> dict[str, Dat
     than `policies.site_failover_hours`: site -> its most recently failing buffer (its reason
     and since when). Packages not yet sent go to another archive site instead."""
     horizon = timedelta(hours=config.settings.policies.site_failover_hours)
+    by_site: dict[str, list[DataLocation]] = {
+        site.short_name: [] for site in config.settings.archive_sites}
+    for location, site in session.execute(  # one query for all sites
+            select(DataLocation, Site.short_name).join(Site)
+            .where(Site.short_name.in_(by_site), DataLocation.location_type == LocationType.BUFFER)
+            .order_by(DataLocation.id)).tuples():
+        by_site[site].append(location)
     down: dict[str, DataLocation] = {}
-    for site in config.settings.archive_sites:
-        buffers = list(session.scalars(select(DataLocation).join(Site).where(
-            Site.short_name == site.short_name, DataLocation.location_type == LocationType.BUFFER)))
+    for site, buffers in by_site.items():
         if buffers and all(loc.failing_since is not None
                            and _aware(now) - _aware(loc.failing_since) >= horizon
                            for loc in buffers):
-            down[site.short_name] = max(buffers, key=lambda loc: _aware(loc.failing_since
-                                                                        or now))
+            down[site] = max(buffers, key=lambda loc: _aware(loc.failing_since or now))
     return down
 
 

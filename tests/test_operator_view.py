@@ -134,6 +134,31 @@ def test_status_lists_every_location_under_its_own_type(
     assert forecast["ccat/buffer"] == "buffer"
 
 
+def test_status_reads_the_locations_in_as_many_queries_however_many_sites(
+        opsdb: OpsDB, config: Config) -> None:
+    """The buffer forecast reads each location's site with it (its disk's marker is checked
+    by name), and the archive sites' buffers are read at once: no query per site or location
+    (issue 17: `status` answers in a fraction of a second)."""
+    from sqlalchemy import event
+
+    from ccat_dt.forecast import forecast_buffers
+    from ccat_dt.health import sites_down
+    from ccat_dt.opsdb.models import utcnow
+
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    event.listen(opsdb.engine, "before_cursor_execute", seen)
+    with opsdb.session() as session:  # three sites with a source or buffer, two archive sites
+        assert len(forecast_buffers(session, utcnow())) == 4
+        assert len(statements) == 3, statements  # the locations, copies and raw files
+        statements.clear()
+        assert sites_down(session, config, utcnow()) == {}
+        assert len(statements) == 1, statements
+
+
 # --- site names ----------------------------------------------------------------------------
 
 
