@@ -243,7 +243,8 @@ def test_edits_do_not_leak_into_embedded_default(tmp_path: Path) -> None:
 def test_not_yaml(tmp_path: Path) -> None:
     path = tmp_path / CONFIG_NAME
     path.write_text("sites: [unclosed\n  observatory: : :\n")
-    rejected(path, "not valid YAML")
+    message = rejected(path, "not valid YAML", "line 2, column 14")
+    assert "  observatory: : :\n" in message  # the offending line itself (config._parse)
 
 
 def test_top_level_list(tmp_path: Path) -> None:
