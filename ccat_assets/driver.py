@@ -13,6 +13,9 @@ re-attempt sensor requests it again; so is any run on this host whose process is
 operator's `dagster asset materialize` or a UI run killed, a reboot: inflight.py), and runs
 in flight elsewhere, which it cannot check, are named. As the daemon's run queue would, it
 executes the runs queued (the UI's "Materialize", a backfill) while no daemon dequeues them.
+While a Dagster daemon ticks the sensors (`make ui`), the drive ticks no sensor or schedule
+and starts no run: it waits for the daemon to finish the work, reporting its runs
+(wait_for_daemon).
 """
 
 from __future__ import annotations
@@ -66,7 +69,13 @@ from dagster._core.remote_origin import (
     RemoteJobOrigin,
     RemoteRepositoryOrigin,
 )
-from dagster._core.scheduler.instigation import InstigatorStatus
+from dagster._core.scheduler.instigation import (
+    InstigatorStatus,
+    InstigatorTick,
+    InstigatorType,
+    TickStatus,
+)
+from dagster._core.storage.dagster_run import FINISHED_STATUSES
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.schedules import reverse_cron_string_iterator
@@ -101,6 +110,7 @@ PERIODIC = frozenset({"overview_sensor", "service_level_sensor", "retire_partiti
                       "notification_sensor"})
 IDLE_TICK_S = 1.0  # while runs execute, work waiting for a back-off is looked at this often
 QUEUED_DAEMON = "QUEUED_RUN_COORDINATOR"  # the daemon's part that dequeues queued runs
+SENSOR_DAEMON = "SENSOR"  # its part that ticks the sensors (its scheduler runs beside it)
 DAEMON_FRESH_S = 120.0  # a daemon whose last heartbeat (every 30 s) is older is not running
 
 
@@ -119,6 +129,8 @@ class DriveReport:
     # check (another host or container, no process recorded): left alone, named
     adopted: list[str] = field(default_factory=list)  # queued runs no daemon dequeued,
     # executed by this drive (also in `launched`)
+    watched: list[str] = field(default_factory=list)  # the Dagster daemon's runs that ended
+    # while this drive waited for it (wait_for_daemon; those failed are in `failed` too)
     sensor_failures: dict[str, str] = field(default_factory=dict)  # sensor -> why its last
     # tick failed, for those still failing when the drive ended
     next_due: datetime | None = None  # the earliest work waiting for a back-off, if any
@@ -141,6 +153,7 @@ class DriveReport:
         kinds = [(self.dead_runs, "of a dead drive marked failed"),
                  (self.closed_runs, "whose process was gone marked failed"),
                  (self.adopted, "queued with no daemon to start them executed here"),
+                 (self.watched, "of the Dagster daemon waited for"),
                  (self.elsewhere, "in flight where this drive cannot check them left alone")]
         return [f"{len(runs)} run(s) {what}" for runs, what in kinds if runs]
 
@@ -242,9 +255,9 @@ def _label(run: DagsterRun) -> str:
     return f"{run.job_name}:run-{run.run_id[:8]}"
 
 
-def dequeuing_daemon(instance: DagsterInstance) -> float | None:
-    """Seconds since the daemon's run queue reported, if it runs (within DAEMON_FRESH_S)."""
-    beat = instance.get_daemon_heartbeats().get(QUEUED_DAEMON)
+def live_daemon(instance: DagsterInstance, part: str = QUEUED_DAEMON) -> float | None:
+    """Seconds since that part of the Dagster daemon reported, if it runs (DAEMON_FRESH_S)."""
+    beat = instance.get_daemon_heartbeats().get(part)
     if beat is None:
         return None
     age = time.time() - beat.timestamp
@@ -356,7 +369,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
     runs = _Runs(repository, instance, report, log, pool, _config_of(defs))
     report.dead_runs = close_dead_runs(instance, log)
     report.closed_runs, report.elsewhere = close_stuck_runs(instance, log)
-    if due_schedules and not schedules:
+    if due_schedules and not schedules and live_daemon(instance, SENSOR_DAEMON) is None:
         tick_due_schedules(defs, instance, report, log, runs=runs)
     stopped = stopped_by_operator(instance)
     for name in sorted(stopped):
@@ -432,10 +445,16 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
 
     ticked_at = dict.fromkeys(PERIODIC, -math.inf)  # the periodic sensors' last ticks
     round_started = -math.inf
+    left_to_daemon = False
     for _ in range(max_rounds):
         _SIGNALLED.check()
         report.rounds += 1
         round_started = time.monotonic()
+        if live_daemon(instance, SENSOR_DAEMON) is not None:
+            left_to_daemon = wait_for_daemon(instance, report, runs, sensors, log, wait_s)
+            if left_to_daemon:
+                break
+            continue  # the daemon stopped: this drive ticks the sensors again
         launched_before, moved = len(report.launched), False
         runs.adopt_queued()  # before the sensors, which then see them in flight
         next_due: float | None = None
@@ -478,7 +497,8 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
     # show (the UI's overview, the service level) is the drive's end state. One whose tick
     # fails is ticked again after its back-off while that is within wait_s, as in the rounds:
     # an OpsDB that dropped its connections for a moment must not end the drive "failing".
-    final = [s for s in sensors if s.name in PERIODIC and ticked_at[s.name] < round_started]
+    final = [] if left_to_daemon else [  # the daemon ticks them
+        s for s in sensors if s.name in PERIODIC and ticked_at[s.name] < round_started]
     while final:
         for sensor_def in final:
             if retry_at.get(sensor_def.name, -math.inf) <= time.time():
@@ -490,6 +510,93 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
             time.sleep(max(0.0, min(retry_at[s.name] for s in final) - time.time()))
     report.healed = healed_runs(instance, report)
     return report
+
+
+WATCH_POLL_S = 1.0  # how often a drive waiting for the daemon looks at its runs and ticks
+
+
+def wait_for_daemon(instance: DagsterInstance, report: DriveReport, runs: _Runs,
+                    sensors: list[SensorDefinition], log: Callable[[str], None],
+                    wait_s: float) -> bool:
+    """While a Dagster daemon ticks the sensors (`make ui`, `dagster-daemon run`), the drive
+    ticks none and starts no run: it waits until the daemon has nothing left to do, naming
+    each run that ends meanwhile as it names its own (a failed one counts as its own). Both
+    ticking, the same work was launched twice: each checks for a run of the run key, then
+    creates its own, and the other's run came in between (a package built by one run and
+    found "already built" by the other). True once the daemon is done; False if it stopped
+    meanwhile (no heartbeat for DAEMON_FRESH_S): the drive then ticks the sensors itself."""
+    age = live_daemon(instance, SENSOR_DAEMON) or 0.0
+    log(f"a Dagster daemon ticks the sensors of this deployment (its heartbeat {age:.0f} s "
+        "ago): this drive starts no run; it waits until the daemon has nothing left to do")
+    since, reported = time.time(), set[str]()
+    while live_daemon(instance, SENSOR_DAEMON) is not None:
+        if runs.busy:  # its own, started before the daemon was seen
+            runs.wait(WATCH_POLL_S)
+        else:
+            _SIGNALLED.check()
+            time.sleep(WATCH_POLL_S)
+        for record in instance.get_run_records(RunsFilter(
+                statuses=list(FINISHED_STATUSES), updated_after=datetime.fromtimestamp(since, UTC)),
+                order_by="update_timestamp", ascending=True):
+            run = record.dagster_run
+            if run.run_id not in reported and run.tags.get(DRIVE_TAG) != _me():
+                reported.add(run.run_id)
+                report.watched.append(_label(run))
+                _finished(report, log, Finished(
+                    _label(run), run.status == DagsterRunStatus.SUCCESS, run.run_id))
+        if not runs.busy and _daemon_done(instance, report, sensors, since, wait_s):
+            return True
+    log(f"the Dagster daemon stopped (no heartbeat for {DAEMON_FRESH_S:.0f} s): this drive "
+        "ticks the sensors itself")
+    return False
+
+
+def _daemon_done(instance: DagsterInstance, report: DriveReport,
+                 sensors: list[SensorDefinition], since: float, wait_s: float) -> bool:
+    """No run in flight, and each sensor (PERIODIC aside) ticked by the daemon since the last
+    run changed, asking for nothing, its cursor where its tick before left it (a sensor
+    paging through OpsDB at its last page: as the drive's round that changed nothing); work
+    waiting for a back-off not due within `wait_s`. A sensor whose tick failed, or that the
+    daemon leaves unticked for DAEMON_FRESH_S past its interval, is reported as failing."""
+    if instance.get_runs(RunsFilter(statuses=IN_FLIGHT), limit=1):
+        return False
+    latest = instance.get_run_records(limit=1, order_by="update_timestamp")
+    quiet = max([since, *(record.update_timestamp.timestamp() for record in latest)])
+    stopped = stopped_by_operator(instance)
+    ticks: dict[str, list[InstigatorTick]] = {}  # sensor -> its finished ticks, newest first
+    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
+        done = [tick for tick in instance.get_ticks(state.instigator_origin_id, state.selector_id,
+                                                    limit=3) if tick.status != TickStatus.STARTED]
+        mine = ticks.get(state.instigator_name)
+        if done and (not mine or done[0].timestamp > mine[0].timestamp):
+            ticks[state.instigator_name] = done  # of the code location ticked last
+    now, idle, next_due = time.time(), True, None
+    for sensor_def in sensors:
+        name, done = sensor_def.name, ticks.get(sensor_def.name, [])
+        if name in PERIODIC or name in stopped:
+            continue
+        if not done or done[0].timestamp <= quiet:
+            unticked = now - quiet
+            if unticked > DAEMON_FRESH_S + (sensor_def.minimum_interval_seconds or 30):
+                report.sensor_failures[name] = (f"the Dagster daemon has not ticked it in "
+                                                f"the {unticked:.0f} s since the last run "
+                                                "(its log says why)")
+            else:
+                idle = False
+            continue
+        tick = done[0]
+        if tick.status == TickStatus.FAILURE:
+            lines = tick.error.message.strip().splitlines() if tick.error else []
+            report.sensor_failures[name] = lines[0] if lines else "its tick failed"
+        else:
+            report.sensor_failures.pop(name, None)
+            idle = idle and not tick.run_ids and not (
+                tick.cursor and _is_position(tick.cursor)
+                and len(done) > 1 and done[1].cursor != tick.cursor)
+        if (due := _next_at(tick.cursor)) is not None:
+            next_due = due if next_due is None else min(next_due, due)
+    report.next_due = datetime.fromtimestamp(next_due, UTC) if next_due is not None else None
+    return idle and (next_due is None or next_due - now > wait_s)
 
 
 def stopped_by_operator(instance: DagsterInstance) -> set[str]:
@@ -637,7 +744,7 @@ class _Runs:
                                    ascending=True)
         if not queued:
             return
-        age = dequeuing_daemon(instance)
+        age = live_daemon(instance)
         if age is not None:
             if "daemon" not in self.told:
                 self.told.add("daemon")

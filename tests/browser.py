@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from dagster import DagsterInstance
 
 from tests.processes import DidNotStart, running
 from tests.services import free_port, unavailable
@@ -203,7 +204,9 @@ DAEMON_READY = "Instance is configured with the following daemons"
 def dagster_daemon(dagster_home: Path, config_path: Path, log: Path) -> Iterator[None]:
     """`dagster-daemon run` over the same instance and workspace, as `make ui` (`dagster dev`)
     runs it beside the webserver: it dequeues the runs the UI submits, executes backfills and
-    ticks the sensors and the schedule. Stopped (with its code server) afterwards."""
+    ticks the sensors and the schedule. Stopped (with its code server) afterwards, and its
+    heartbeats wiped: Dagster leaves them, and a drive right after would wait for a daemon
+    that is gone until they are DAEMON_FRESH_S old (ccat_assets.driver.wait_for_daemon)."""
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "CCAT_DT_CONFIG": str(config_path)}
     command = [sys.executable, "-c", DAEMON_MAIN, "run", "-w", str(REPO / "workspace.yaml")]
 
@@ -217,3 +220,6 @@ def dagster_daemon(dagster_home: Path, config_path: Path, log: Path) -> Iterator
             yield
     except DidNotStart as exc:
         raise AssertionError(str(exc)) from exc
+    finally:
+        with DagsterInstance.from_config(str(dagster_home)) as instance:
+            instance.wipe_daemon_heartbeats()

@@ -1,0 +1,116 @@
+"""`ccat-dt drive` on a deployment whose Dagster daemon runs (`make ui` in one terminal, drive in
+another): the daemon ticks the sensors and executes their runs; the drive starts none and
+waits for the daemon to finish, reporting its runs. Before, both ticked the sensors with their
+own cursors: the same work was launched twice (a package built by the drive's run and found
+"already built" by the daemon's), or the drive left the daemon's queued runs to it and exited
+0 at once, with nothing archived."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+from dagster import AssetKey, BetaWarning, DagsterInstance, DagsterRunStatus, PreviewWarning
+from sqlalchemy import select
+
+from ccat_assets.driver import SENSOR_DAEMON
+from ccat_assets.instance import write_instance_yaml
+from ccat_assets.tags import DRIVE_TAG
+from ccat_dt.checksums import hash_file
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    Operation,
+    OperationType,
+    PackageState,
+    RawDataPackage,
+    Site,
+)
+from ccat_dt.reaper import certificate_problems
+from ccat_dt.report import disagreements
+from ccat_dt.storage import files_under
+from tests.browser import START_TIMEOUT_S, dagster_daemon
+from tests.helpers import observe
+from tests.test_exit_codes import CCAT_DT, clean_env
+from tests.test_lifecycle import packages
+from tests.test_operator_actions import check_status
+from tests.test_ui_browser import LIFECYCLE
+
+warnings.filterwarnings("ignore", category=PreviewWarning)
+warnings.filterwarnings("ignore", category=BetaWarning)
+
+
+def test_drive_beside_a_running_daemon_leaves_the_work_to_it_and_ends_when_it_is_done(
+        config: Config, opsdb: OpsDB, tmp_path: Path) -> None:
+    source = observe(config, opsdb, observations=1, files=1)
+    home = config.directory / "dagster_home"
+    write_instance_yaml(config, home)
+    env = clean_env(CCAT_DT_CONFIG=str(config.path), DAGSTER_HOME=str(home))
+    with dagster_daemon(home, config.path, tmp_path / "daemon.log"), \
+            DagsterInstance.from_config(str(home)) as instance:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while SENSOR_DAEMON not in instance.get_daemon_heartbeats():  # its sensor part is up
+            assert time.monotonic() < deadline, "the daemon's sensor part never reported"
+            time.sleep(0.2)
+
+        drive = subprocess.run([CCAT_DT, "drive", "--wait", "0"], capture_output=True,
+                               text=True, stdin=subprocess.DEVNULL, env=env, timeout=600,
+                               check=False)
+
+        assert drive.returncode == 0, drive.stdout + drive.stderr
+        # Every run the daemon's, each run key once, all succeeded, none left in flight.
+        runs = instance.get_runs()
+        assert [r.run_id for r in runs if r.tags.get(DRIVE_TAG)] == []
+        keys = collections.Counter(r.tags.get("dagster/run_key") for r in runs)
+        assert [key for key, n in keys.items() if n > 1] == []
+        assert {r.status for r in runs} == {DagsterRunStatus.SUCCESS}
+
+        # When the drive ended, everything was done: OpsDB and the storage.
+        found = packages(opsdb)
+        assert len(found) == 2 and {p.state for p in found} == {PackageState.ARCHIVED}
+        for package in found:
+            lta = [c for c in package.copies
+                   if c.location.location_type == LocationType.LONG_TERM_ARCHIVE]
+            assert sorted(c.location.site.short_name for c in lta) == ["cologne", "us"]
+            for copy in lta:
+                path = Path(copy.location.root) / copy.relative_path
+                assert hash_file(path)[0] == package.checksum
+            assert all(c.status == CopyStatus.DELETED for c in package.copies
+                       if c.location.location_type == LocationType.BUFFER)
+            assert certificate_problems(opsdb, config, package.name) == []
+        assert files_under(source) == []
+        assert disagreements(opsdb) == []
+        assert transfers_out_of_the_observatory(opsdb) == sorted(
+            (p.name, p.primary_site.short_name) for p in found)
+
+        # ... and the Dagster instance shows the same: every partition, every check green.
+        names = {p.name for p in found}
+        assert instance.get_materialized_partitions(AssetKey("purge_status")) == names
+        for asset, check in LIFECYCLE.items():
+            statuses = check_status(instance, asset, check)
+            assert statuses and set(statuses.values()) == {"passed"}, (asset, statuses)
+
+        # What the drive says: it left the work to the daemon, and names the daemon's runs.
+        assert "a Dagster daemon ticks the sensors of this deployment" in drive.stdout
+        assert f"{len(runs)} run(s) of the Dagster daemon waited for" in drive.stdout
+        assert sum(line.startswith("ok ") for line in drive.stdout.splitlines()) == len(runs)
+
+
+def transfers_out_of_the_observatory(opsdb: OpsDB) -> list[tuple[str, str]]:
+    """(package, destination site) of every transfer from the observatory buffer."""
+    with opsdb.session() as session:
+        buffer = session.scalar(select(DataLocation.id).join(Site).where(
+            Site.short_name == "ccat", DataLocation.location_type == LocationType.BUFFER))
+        return sorted((name, site) for name, site in session.execute(
+            select(RawDataPackage.name, Site.short_name)
+            .join(Operation, Operation.package_id == RawDataPackage.id)
+            .join(DataLocation, Operation.destination_location_id == DataLocation.id)
+            .join(Site, DataLocation.site_id == Site.id)
+            .where(Operation.operation_type == OperationType.TRANSFER,
+                   Operation.source_location_id == buffer)))
