@@ -22,8 +22,8 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed  ## simulate an observing night and drive it through the whole lifecycle
 	$(BIN)/ccat-dt demo --root $(DEMO_ROOT)
 
-test: $(BIN)/.installed test-deps  ## the whole test suite, as CI runs it (two workers; Celery suites never at once)
-	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
+test: $(BIN)/.installed test-deps  ## the whole test suite, as CI runs it (three workers on two cores: a quarter of the CPU sat idle with two; Celery suites never at once)
+	$(BIN)/pytest -q -n 3 --dist loadgroup --durations=15
 
 test-fast: $(BIN)/.installed test-deps  ## everything but the slow integration tests, one worker per core
 	$(BIN)/pytest -q -m "not slow" -n auto
