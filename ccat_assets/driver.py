@@ -70,9 +70,11 @@ from dagster._core.remote_origin import (
     RemoteRepositoryOrigin,
 )
 from dagster._core.scheduler.instigation import (
+    InstigatorState,
     InstigatorStatus,
     InstigatorTick,
     InstigatorType,
+    SensorInstigatorData,
     TickStatus,
 )
 from dagster._core.storage.dagster_run import FINISHED_STATUSES
@@ -394,6 +396,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
         s.name == LAST))
     stored = instance.run_storage.get_cursor_values({CURSOR_KEY + s.name for s in sensors})
     cursors: dict[str, str | None] = {s.name: stored.get(CURSOR_KEY + s.name) for s in sensors}
+    ui: dict[str, list[InstigatorState]] = {}  # sensor -> its states in the instance
     failures: dict[str, int] = {}  # sensor -> ticks failed in a row
     retry_at: dict[str, float] = {}  # sensor -> when a failing one is ticked again
 
@@ -441,6 +444,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
             moved = _is_position(data.cursor) and name not in PERIODIC
             cursors[name] = data.cursor
             instance.run_storage.set_cursor_values({CURSOR_KEY + name: data.cursor})
+            ui[name] = _show_cursor(instance, ui.get(name, []), data.cursor)
         return moved, _next_at(data.cursor)
 
     ticked_at = dict.fromkeys(PERIODIC, -math.inf)  # the periodic sensors' last ticks
@@ -456,6 +460,7 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
                 break
             continue  # the daemon stopped: this drive ticks the sensors again
         launched_before, moved = len(report.launched), False
+        ui = _cursors_set_in_ui(instance, cursors, log)  # "Edit cursor" since the last round
         runs.adopt_queued()  # before the sensors, which then see them in flight
         next_due: float | None = None
         for sensor_def in sensors:
@@ -597,6 +602,45 @@ def _daemon_done(instance: DagsterInstance, report: DriveReport,
             next_due = due if next_due is None else min(next_due, due)
     report.next_due = datetime.fromtimestamp(next_due, UTC) if next_due is not None else None
     return idle and (next_due is None or next_due - now > wait_s)
+
+
+def _cursors_set_in_ui(instance: DagsterInstance, cursors: dict[str, str | None],
+                       log: Callable[[str], None]) -> dict[str, list[InstigatorState]]:
+    """The sensors' states in the instance, where the UI's sensor page reads and writes the
+    cursor ("Edit cursor", "Clear cursor") and the daemon keeps it. The drive keeps its own
+    (CURSOR_KEY) and shows it there (_show_cursor); one that differs there was set since, by
+    an operator or the daemon: the drive ticks from it (stored in `cursors`, the drive's).
+    Before, an edit in the UI never reached the drive's ticks and the UI showed a cursor
+    the drive did not use."""
+    states: dict[str, list[InstigatorState]] = {}
+    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
+        if state.instigator_name in cursors:
+            states.setdefault(state.instigator_name, []).append(state)
+    for name, found in states.items():
+        data = [s.instigator_data for s in found]
+        edited = [d.cursor for d in data if isinstance(d, SensorInstigatorData)
+                  and (d.cursor or None) != (cursors[name] or None)]
+        if edited:
+            log(f"the cursor of {name} was set in the Dagster UI (or by its daemon): "
+                f"{edited[0]!r}, was {cursors[name]!r}; ticked from it")
+            cursors[name] = edited[0]
+            instance.run_storage.set_cursor_values({CURSOR_KEY + name: edited[0] or ""})
+            states[name] = _show_cursor(instance, found, edited[0])
+    return states
+
+
+def _show_cursor(instance: DagsterInstance, states: list[InstigatorState],
+                 cursor: str | None) -> list[InstigatorState]:
+    """The sensor's states in the instance with the drive's cursor, as the daemon keeps it:
+    the UI's sensor page shows where the drive is."""
+    shown = []
+    for state in states:
+        data = state.instigator_data
+        if isinstance(data, SensorInstigatorData) and (data.cursor or None) != (cursor or None):
+            state = state.with_data(data._replace(cursor=cursor))
+            instance.update_instigator_state(state)
+        shown.append(state)
+    return shown
 
 
 def stopped_by_operator(instance: DagsterInstance) -> set[str]:

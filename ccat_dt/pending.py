@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from ccat_dt.config import Config
 from ccat_dt.health import full_reason
@@ -68,18 +68,30 @@ class Page:
     cursor: int
 
 
+def not_ahead(session: Session, column: InstrumentedAttribute[int], after_id: int) -> int:
+    """A sensor's position (`after_id`) with nothing after it; 0 (from the start, as a
+    cleared cursor: the run keys and the runs in flight keep that from doing anything twice)
+    if it is past every row. A position ahead of OpsDB (set by hand in the UI, OpsDB restored
+    from an older backup) passed over every row made until the ids reached it; the newest id
+    would pass over those made between the edit and this tick."""
+    newest = session.scalar(select(func.max(column))) or 0
+    return after_id if after_id <= newest else 0
+
+
 def new_packages(session: Session, after_id: int, limit: int = PAGE) -> Page:
     rows = session.execute(select(RawDataPackage.id, RawDataPackage.name)
                            .where(RawDataPackage.id > after_id)
                            .order_by(RawDataPackage.id).limit(limit)).all()
-    return Page([Due(name) for _, name in rows], rows[-1][0] if rows else after_id)
+    return Page([Due(name) for _, name in rows],
+                rows[-1][0] if rows else not_ahead(session, RawDataPackage.id, after_id))
 
 
 def new_staging_requests(session: Session, after_id: int, limit: int = PAGE) -> Page:
     rows = session.execute(select(StagingRequest.id, StagingRequest.name)
                            .where(StagingRequest.id > after_id)
                            .order_by(StagingRequest.id).limit(limit)).all()
-    return Page([Due(name) for _, name in rows], rows[-1][0] if rows else after_id)
+    return Page([Due(name) for _, name in rows],
+                rows[-1][0] if rows else not_ahead(session, StagingRequest.id, after_id))
 
 
 def staged_files_gone(session: Session, now: datetime, after_id: int = 0,
@@ -159,7 +171,7 @@ def site_copies_due(session: Session, config: Config, after_id: int, limit: int 
             continue
         due += [Due(package.name, t, copy.id, site) for t in targets
                 if not _held_at(session, package, t)]
-    return Page(due, copies[-1].id if copies else after_id)
+    return Page(due, copies[-1].id if copies else not_ahead(session, PhysicalCopy.id, after_id))
 
 
 def newest_package_id(session: Session) -> int:
@@ -205,7 +217,7 @@ def lta_copies_due(session: Session, config: Config, after_id: int, limit: int =
            and not any(a.is_verified for a in copies_at(
                session, c.package, LocationType.LONG_TERM_ARCHIVE, c.location.site.short_name))
            and not _archive_failed_or_running(session, c)]
-    return Page(due, copies[-1].id if copies else after_id)
+    return Page(due, copies[-1].id if copies else not_ahead(session, PhysicalCopy.id, after_id))
 
 
 def _archive_failed_or_running(session: Session, buffer_copy: PackageCopy) -> bool:
@@ -337,6 +349,8 @@ def quarantines_found(session: Session, config: Config, after_id: int,
         select(Operation.id, Operation.status, Operation.operation_type, Operation.copy_id,
                Operation.error)
         .where(Operation.id > after_id).order_by(Operation.id).limit(limit)).all()
+    if not rows and not_ahead(session, Operation.id, after_id) < after_id:
+        return _quarantined_now(session, config, limit)  # ahead of OpsDB: as a lost cursor
     found: list[Quarantine] = []
     for op_id, status, kind_of_op, copy_id, error in rows:
         if (kind_of_op != OperationType.VERIFICATION or status != OperationStatus.FAILED

@@ -55,6 +55,7 @@ from ccat_dt.pending import quarantines_found
 from ccat_dt.recorded import Verified, verifications, verified_placements
 from ccat_dt.stages import Stage
 from resources.deployment import Deployment
+from sensors.cursor import json_object, number, read_cursor
 
 # How often what Dagster shows materialized is compared with what OpsDB holds verified (a
 # query per asset and one of OpsDB, each of every partition: not at every tick), and how many
@@ -69,7 +70,8 @@ HELD_MAX = 1000
 @sensor(jobs=[integrity_report_job, *JOBS.values()], minimum_interval_seconds=30,
         default_status=DefaultSensorStatus.RUNNING)
 def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
-    state = json.loads(context.cursor) if context.cursor else {}
+    state = read_cursor(context, _state, dict[str, Any](),
+                        "reports what OpsDB holds quarantined now, and the checks from now on")
     after, was_unsafe = int(state.get("op", 0)), list(state.get("unsafe", []))
     findings: list[dict[str, Any]] = []
     config = deployment.config
@@ -77,7 +79,7 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     # (no finding) or materializes after it (its report is then skipped, see report_findings).
     events_before = context.instance.event_log_storage.get_maximum_record_id() or 0
     # Checks and materializations since the last tick (a first tick: from now on).
-    since = int(state.get("checks", events_before))
+    since = min(int(state.get("checks", events_before)), events_before)  # none ahead (by hand)
     restated, pending = buried_checks(context.instance, since, list(state.get("pending", [])))
     rechecks = _rechecks(context, since)
     with deployment.opsdb.session() as session:
@@ -103,7 +105,8 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
                 "passed": safe, "description": assessment.reason,
                 "severity": (AssetCheckSeverity.ERROR if assessment.health == Health.LOST
                              else AssetCheckSeverity.WARN).value})
-    now, restated_at = time.time(), float(state.get("restated_at", time.time()))
+    now = time.time()
+    restated_at = min(float(state.get("restated_at", now)), now)  # not held off by a future
     told: list[dict[str, Any]] = []
     more = bool(state.get("more"))
     if more or now - restated_at >= RESTATE_EVERY_S:
@@ -145,6 +148,28 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     if not requests:
         return SensorResult(cursor=new_cursor, skip_reason="no new integrity finding")
     return SensorResult(cursor=new_cursor, run_requests=requests)
+
+
+def _state(cursor: str) -> dict[str, Any]:
+    """The cursor read, each entry of the type the sensor uses, else ValueError/TypeError."""
+    state = json_object(cursor)
+    for key in ("op", "checks"):
+        if key in state and (isinstance(state[key], bool) or not isinstance(state[key], int)):
+            raise TypeError(f"{key} is not an id: {state[key]!r}")
+    if "restated_at" in state:
+        number(state["restated_at"])
+    for key, kind in (("unsafe", str), ("pending", list), ("held", dict)):
+        if not isinstance(state.get(key, []), list) or not all(
+                isinstance(item, kind) for item in state.get(key, [])):
+            raise TypeError(f"{key} is not a list of {kind.__name__}: {state[key]!r}"[:200])
+    if any(len(item) != 3 or not all(isinstance(part, str) for part in item)
+           for item in state.get("pending", [])):
+        raise ValueError("pending is not a list of [asset, check, partition]")
+    for finding in state.get("held", []):
+        missing = {"asset", "check", "partition", "events_before"} - finding.keys()
+        if missing:
+            raise KeyError(f"a held finding without {', '.join(sorted(missing))}")
+    return state
 
 
 def held_back(instance: DagsterInstance, new: list[dict[str, Any]],

@@ -65,6 +65,7 @@ from ccat_dt.retry import abandoned_deletions
 from ccat_dt.stages import Stage
 from ccat_dt.staging import get_request
 from resources.deployment import Deployment
+from sensors.cursor import read_cursor
 from sensors.reattempt import history, next_at_cursor, reattempt_sensor
 
 INTERVAL = 15
@@ -78,7 +79,7 @@ def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
     if planned:
         context.log.info(f"planned {len(planned)} package(s)")
     with deployment.opsdb.session() as session:
-        page = new_packages(session, int(context.cursor or 0), _page(deployment))
+        page = new_packages(session, read_cursor(context, int, 0), _page(deployment))
     names = [due.package for due in page.items]
     queue = packaging_queue(deployment.config)
     return SensorResult(
@@ -99,7 +100,7 @@ def site_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     archive once, then archive -> archive); in the embedded default its run archives it into
     that site's LTA too (stages.copy_job)."""
     with deployment.opsdb.session() as session:
-        page = site_copies_due(session, deployment.config, int(context.cursor or 0),
+        page = site_copies_due(session, deployment.config, read_cursor(context, int, 0),
                                _page(deployment))
     return _placed(context, [_placement(deployment, due, Stage.SITE_COPY) for due in page.items],
                    Stage.SITE_COPY, cursor=str(page.cursor))
@@ -113,14 +114,14 @@ def new_site_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
     package does). A site with a page's worth of copies queued or running gets no more until
     they are done: years of packages never wait in the run queue at once."""
     config, requests = deployment.config, []
-    sweeps = {site: tuple(map(int, span.split("/"))) for site, span in
-              (item.split("=", 1) for item in (context.cursor or "").split())}
+    sweeps = read_cursor(context, _sweeps, dict[str, tuple[int, int]](),
+                         "sweeps every archive site again (what a site has is not sent again)")
     sites = [site.short_name for site in config.settings.archive_sites]
     with deployment.opsdb.session() as session:
-        if any(site not in sweeps for site in sites):
-            newest = newest_package_id(session)
-            for site in sites:
-                sweeps.setdefault(site, (0, newest))
+        newest = newest_package_id(session)
+        for site in sites:  # a sweep ahead of OpsDB (set by hand, OpsDB restored): again
+            if sweeps.setdefault(site, (0, newest))[0] > newest:
+                sweeps[site] = (0, newest)
         sweeping = [site for site in sites if sweeps[site][0] < sweeps[site][1]]
         queued = Counter(site for stage, _, site in in_flight(context.instance)
                          if stage == Stage.SITE_COPY) if sweeping else Counter[str | None]()
@@ -138,13 +139,23 @@ def new_site_sensor(context: SensorEvaluationContext, deployment: Deployment) ->
         f"{site}={done}/{until}" for site, (done, until) in sorted(sweeps.items())))
 
 
+def _sweeps(cursor: str) -> dict[str, tuple[int, int]]:
+    """new_site_sensor's cursor: "site=done/until ..." read."""
+    sweeps = {}
+    for item in cursor.split():
+        site, span = item.split("=", 1)
+        done, until = map(int, span.split("/"))
+        sweeps[site] = (done, until)
+    return sweeps
+
+
 @sensor(job=JOBS[Stage.LTA_COPY], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def lta_copy_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """A verified copy in an archive site's buffer is archived into that site's LTA: under
     Celery every copy's; in the embedded default (where the copy's run archived it) one whose
     archiving failed or that a repair made."""
     with deployment.opsdb.session() as session:
-        page = lta_copies_due(session, deployment.config, int(context.cursor or 0),
+        page = lta_copies_due(session, deployment.config, read_cursor(context, int, 0),
                               _page(deployment))
     return _placed(context, [_placement(deployment, due, Stage.LTA_COPY) for due in page.items],
                    Stage.LTA_COPY, cursor=str(page.cursor))
@@ -250,12 +261,12 @@ def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
     active request whose staged files were removed from the disk is staged again."""
     config, requests = deployment.config, []
     # The cursor: the last request seen, then the last staged file looked at.
-    new_after, _, looked_after = (context.cursor or "0").partition(":")
+    new_after, looked_after = read_cursor(context, _staging_cursor, (0, 0))
     with deployment.opsdb.session() as session:
-        page = new_staging_requests(session, int(new_after), _page(deployment))
+        page = new_staging_requests(session, new_after, _page(deployment))
         busy = {package for stage, package, _ in in_flight(context.instance)
                 if stage == Stage.STAGING}
-        gone, looked = staged_files_gone(session, utcnow(), int(looked_after or 0),
+        gone, looked = staged_files_gone(session, utcnow(), looked_after,
                                          10 * _page(deployment))
         gone = [due for due in gone if due.package not in busy]
         for due, key in [*((d, f"stage:{d.package}") for d in page.items),
@@ -269,6 +280,12 @@ def staging_sensor(context: SensorEvaluationContext, deployment: Deployment) -> 
         run_requests=requests,
         dynamic_partitions_requests=[staging_partitions.build_add_request(names)] if names else [],
         cursor=f"{page.cursor}:{looked}")
+
+
+def _staging_cursor(cursor: str) -> tuple[int, int]:
+    """staging_sensor's cursor: "last request seen:last staged file looked at" read."""
+    new_after, _, looked_after = cursor.partition(":")
+    return int(new_after), int(looked_after or 0)
 
 
 @sensor(jobs=[JOBS[Stage.PACKAGING], JOBS[Stage.SITE_COPY], JOBS[Stage.LTA_COPY]],

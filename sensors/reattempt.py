@@ -49,10 +49,12 @@ from ccat_dt.routing import replication_source
 from ccat_dt.stages import Stage
 from ccat_dt.staging import get_request
 from resources.deployment import Deployment
+from sensors.cursor import json_object, number, read_cursor
 
 STAGES = (Stage.PACKAGING, Stage.SITE_COPY, Stage.LTA_COPY, Stage.STAGING)
 SWEPT_AT = "swept_at"  # in the cursor: when the last sweep for unattended work was (epoch s)
 SWEPT_TO = "swept_to"  # and the last package it looked at (the next sweep goes on from there)
+NEVER_SWEPT: tuple[datetime | None, str] = (None, "")
 FAILED = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 PARTITION, PACKAGE_DIM, SITE_DIM = ("dagster/partition", "dagster/partition/package",
                                     "dagster/partition/site")
@@ -128,7 +130,9 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
         by_package[package].append((stage, site))
     stalled = {(s.stage, s.package, s.site): s
                for s in stalled_work(deployment.opsdb, config, packages=sorted(by_package))}
-    swept_at, swept_to, sweep = _sweep_due(context.cursor, config, now)
+    swept_at, swept_to, sweep = _sweep_due(
+        read_cursor(context, _swept, NEVER_SWEPT, "sweeps for unattended work now, from the "
+                    "first package"), config, now)
     unattended: list[tuple[Stalled, int]] = []
     idle: list[tuple[Stalled, Decision]] = []
     if sweep:
@@ -182,14 +186,26 @@ ASKED_BY = {Stage.PACKAGING: "package_sensor", Stage.SITE_COPY: "site_copy_senso
             Stage.LTA_COPY: "lta_copy_sensor", Stage.STAGING: "staging_sensor"}
 
 
-def _sweep_due(cursor: str | None, config: Config, now: datetime) -> tuple[datetime, str, bool]:
-    """When the last sweep for unattended work was, the last package it looked at, and
-    whether a sweep is due now: four times per `unattended_after_s`, not at every tick."""
-    quiet = timedelta(seconds=config.settings.policies.unattended_after_s)
-    state = json.loads(cursor) if cursor else {}
+def _swept(cursor: str) -> tuple[datetime | None, str]:
+    """The cursor read: when the last sweep for unattended work was, and the last package it
+    looked at."""
+    state = json_object(cursor)
     last, after = state.get(SWEPT_AT), state.get(SWEPT_TO, "")
-    if last is not None and now - datetime.fromtimestamp(last, UTC) < quiet / 4:
-        return datetime.fromtimestamp(last, UTC), after, False
+    if not isinstance(after, str):
+        raise TypeError(f"{SWEPT_TO} is not a package name: {after!r}")
+    return (None if last is None else datetime.fromtimestamp(number(last), UTC)), after
+
+
+def _sweep_due(swept: tuple[datetime | None, str], config: Config,
+               now: datetime) -> tuple[datetime, str, bool]:
+    """When the last sweep for unattended work was, the last package it looked at, and
+    whether a sweep is due now: four times per `unattended_after_s`, not at every tick. A
+    last sweep in the future (a cursor set by hand, a clock that was wrong) is not one: the
+    sweep is due, not held back until then."""
+    quiet = timedelta(seconds=config.settings.policies.unattended_after_s)
+    last, after = swept
+    if last is not None and timedelta(0) <= now - last < quiet / 4:
+        return last, after, False
     return now, after, True
 
 
