@@ -21,7 +21,9 @@ Redis may also be unreachable for a while, its data kept (restarted, failed over
 blip): the step goes on at its worker, which stores its result once Redis is back
 (celery_app.py). A run that cannot read its step's state waits for Redis up to
 BROKER_OUTAGE_S (before, its first look failed it, and the re-attempt was sent beside the step
-still running); longer, the run fails naming the broker.
+still running); longer, the run fails naming the broker. A run that sends a step meanwhile
+waits as long to send it and to leave its mark (before, Celery's three tries in 0.6 s failed
+the run: "OperationalError: ... Connection refused").
 
 An operator's Terminate interrupts the run's process, and dagster-celery revokes its steps'
 tasks; a revoke alone stops no task already executing, so the step went on to its end (a
@@ -57,6 +59,10 @@ SENT = "ccat-dt:sent:{}"  # the mark of a step sent, in each Redis that holds it
 SENT_TTL_S = 30 * 24 * 3600  # beyond any wait in a queue (a run's max_runtime is two days)
 GONE_LOOKS = 2  # looks in a row that find a PENDING step nowhere before it is taken for lost
 BROKER_OUTAGE_S = 120.0  # Redis unreachable this long fails the waiting run; less is waited out
+# Celery's own retry of a message it cannot send (kombu's ensure): once a second while a run
+# waits for an unreachable Redis, not Celery's default of three tries in 0.6 s.
+PUBLISH_RETRY_POLICY = {"max_retries": int(BROKER_OUTAGE_S), "interval_start": 0,
+                        "interval_step": 1, "interval_max": 1}
 STOP_SIGNAL = signal.SIGUSR2  # a Terminate's revoke sends it to the process executing the step
 STOP_GRACE_S = 30.0  # a terminated step is waited for this long to end by itself
 UNSERVED_FOR_S = 600.0  # a step whose queue no live worker consumes this long fails
@@ -257,6 +263,23 @@ def _stores(app: Any) -> list[Any]:
             if urlsplit(url).scheme in ("redis", "rediss", "unix")]
 
 
+def mark_sent(stores: list[Any], task_id: str) -> None:
+    """The mark of a step sent, in each Redis that holds it; one unreachable is tried again
+    once a second, up to BROKER_OUTAGE_S (redis-py's own retry), as a run's look waits for
+    it; longer, its last error (naming the server) fails the run."""
+    from redis.backoff import ConstantBackoff
+    from redis.retry import Retry
+
+    def fail(exc: Exception) -> None:
+        LOG.warning("task %s: Redis unreachable (%s), its mark tried again in 1 s, up to "
+                    "%.0f s in all", task_id, exc, BROKER_OUTAGE_S)
+
+    retry = Retry(ConstantBackoff(1.0), int(BROKER_OUTAGE_S))
+    for store in stores:
+        retry.call_with_retry(partial(store.set, SENT.format(task_id), "1", ex=SENT_TTL_S),
+                              fail)
+
+
 def watched_submit(app: Any, plan_context: Any, step: Any, queue: str, priority: int,
                    known_state: Any, sites: Mapping[str, str] | None = None) -> WatchedResult:
     """dagster-celery's own submission, its result watched, its mark left in Redis."""
@@ -266,8 +289,7 @@ def watched_submit(app: Any, plan_context: Any, step: Any, queue: str, priority:
     if stores is None:
         stores = app._ccat_stores = _stores(app)  # noqa: SLF001 - one per run's app
     result = _submit_task(app, plan_context, step, queue, priority, known_state)
-    for store in stores:
-        store.set(SENT.format(result.id), "1", ex=SENT_TTL_S)
+    mark_sent(stores, result.id)
     return WatchedResult(app, result, stores, queue, sites)
 
 

@@ -258,7 +258,7 @@ def routed_celery_executor(config: Config) -> ExecutorDefinition:
     from dagster_celery import celery_executor
     from dagster_celery.defaults import result_backend
 
-    from ccat_assets.celery_watch import execute_watched
+    from ccat_assets.celery_watch import PUBLISH_RETRY_POLICY, execute_watched
 
     def create(context: InitExecutorContext) -> Executor:
         executor: Any = celery_executor.executor_creation_fn(context)  # type: ignore[misc]
@@ -269,6 +269,9 @@ def routed_celery_executor(config: Config) -> ExecutorDefinition:
         if context.executor_config.get("backend") in (None, result_backend) and (
                 config.celery_backend):
             executor.backend = config.celery_backend  # not the default rpc:// (see above)
+        # a step sent while Redis is unreachable is sent once it is back (celery_watch.py)
+        vars(executor.config_source).setdefault("task_publish_retry_policy",
+                                                PUBLISH_RETRY_POLICY)
         # a step whose worker was killed, or whose queue no worker serves, fails the run
         executor.execute = partial(execute_watched, sites=queue_sites(config))
         _routed(config, executor, tag_only=False)
