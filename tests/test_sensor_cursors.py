@@ -80,8 +80,8 @@ def test_a_position_set_ahead_of_opsdb_misses_no_new_work(
     """"999999999" as the package and site copy sensors' cursors: every package made after
     it was passed over by them until OpsDB's ids reached it, and waited for the sweep for
     unattended work (policies.unattended_after_s, an hour by default) or forever with it
-    off. Now a position past every row is read as the newest: the next package is archived
-    by the next drive."""
+    off. Now a position past every row is read as a cleared cursor: the next package is
+    archived by the next drive, and nothing done is done again."""
     config = deployment(tmp_path / "deploy")
     opsdb = OpsDB(config.opsdb_url)
     try:
