@@ -131,7 +131,13 @@ class WatchedResult:
         return False
 
     def get(self) -> Any:
-        if self._lost is not None and not self._result.ready():
+        """The step's events; a step taken for lost fails with why, unless it ended meanwhile.
+        One revoked (by the look that found it lost) is lost too: a worker that hears a revoke
+        of a task it has not started marks it REVOKED (Celery 5.7), which dagster-celery read
+        as a step revoked by the run, failing the run without why ("steps {...} in an unknown
+        state")."""
+        if self._lost is not None and (not self._result.ready()
+                                       or self._result.state == "REVOKED"):
             self._forget()
             raise StepLost(self._lost)
         try:

@@ -270,3 +270,28 @@ def test_a_run_on_a_queue_no_worker_serves_fails_naming_the_worker_to_start(
     assert f'no live Celery worker has served queue "{packaging_queue(config)}"' in why, why
     assert "start `ccat-dt worker --site ccat`" in why, why
     assert started == []
+
+
+def test_an_unserved_step_a_worker_marked_revoked_fails_with_why(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look that finds a step's queue unserved revokes it, and a worker that hears the
+    revoke marks the step REVOKED (Celery 5.7 marks a task it has not started): the step must
+    still fail with why (the queue, the worker to start), not as revoked by the run, which
+    dagster-celery took for "steps {...} in an unknown state" (the test above failed so, most
+    times, its worker quicker than the run)."""
+    from celery import Celery
+    from celery.exceptions import TaskRevokedError
+
+    monkeypatch.setattr(celery_watch, "WATCH_EVERY_S", 0.0)
+    monkeypatch.setattr(celery_watch, "UNSERVED_FOR_S", 0.0)
+    app = Celery(broker=redis_url, backend=redis_url)
+    sent = app.send_task("probe", queue="ccat_buffer_packaging")
+    watched = celery_watch.WatchedResult(app, sent, queue="ccat_buffer_packaging",
+                                         sites={"ccat_buffer_packaging": "ccat"})
+    assert watched.ready()  # no worker serves its queue: taken for lost, and revoked
+    app.backend.mark_as_revoked(sent.id, reason="revoked")  # as a worker hearing it does
+    with pytest.raises(celery_watch.StepLost, match="start `ccat-dt worker --site ccat`"):
+        try:
+            watched.get()
+        except TaskRevokedError as exc:
+            raise AssertionError("the step read as revoked by the run") from exc
