@@ -151,8 +151,23 @@ class WatchedResult:
                 store.delete(SENT.format(self._result.id))
 
     def revoke(self) -> None:
-        """The run was interrupted (a Terminate): its step is stopped where it executes."""
-        self._result.revoke(terminate=True, signal=STOP_SIGNAL.name)
+        """The run was interrupted (a Terminate): its step is stopped where it executes. The
+        revoke, a broadcast through Redis, is tried again once a second while Redis is
+        unreachable, up to BROKER_OUTAGE_S (kombu's own tries give up after some 4 s: the run
+        failed, its step going on to its end)."""
+        errors = _connection_errors(self._app)
+        deadline = time.monotonic() + BROKER_OUTAGE_S
+        while True:
+            try:
+                self._result.revoke(terminate=True, signal=STOP_SIGNAL.name)
+                break
+            except errors as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                LOG.warning("task %s: its revoke could not be sent, the Celery broker "
+                            "unreachable; tried again in 1 s, up to %.0f s in all: %s",
+                            self._result.id, BROKER_OUTAGE_S, exc)
+                time.sleep(1.0)
         if self._stopped_at is None:
             self._stopped_at = time.monotonic()
 
@@ -258,6 +273,14 @@ def stoppable_steps() -> None:
     signals.task_prerun.connect(started, weak=False)
     signals.task_postrun.connect(ended, weak=False)
     signal.signal(STOP_SIGNAL, interrupt)
+
+
+def _connection_errors(app: Any) -> tuple[type[BaseException], ...]:
+    """What the broker's client raises while it cannot reach it (kombu wraps them)."""
+    from kombu.exceptions import OperationalError
+
+    with app.connection_for_write() as connection:
+        return (OperationalError, *connection.connection_errors)
 
 
 def _stores(app: Any) -> list[Any]:

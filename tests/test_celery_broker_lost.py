@@ -15,6 +15,7 @@ and is not repeated here: each case takes over a minute.)"""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import subprocess
@@ -257,3 +258,40 @@ def test_a_step_sent_while_redis_is_down_is_sent_and_marked_once_it_is_back(
     assert redis_server.client().get(celery_watch.SENT.format(sent.id)) == b"1"  # type: ignore[attr-defined]
     del sent  # its result's subscription ended while Redis is up
     gc.collect()
+
+
+def test_a_terminate_sent_while_redis_is_down_is_broadcast_once_it_is_back(
+        redis_server: RedisServer) -> None:
+    """An operator's Terminate in the middle of a Redis outage: the revoke that stops the
+    step at its worker (a broadcast through Redis) is sent once Redis is back, however long
+    kombu's own tries took to give up. Before, they gave up after some 4 s: the run failed
+    with kombu's "OperationalError: Error 111 ... Connection refused" and no revoke was sent,
+    its step going on at its worker to its end (a transfer of hours)."""
+    import redis
+    from celery import Celery
+
+    app = Celery(broker=redis_server.url, backend=redis_server.url)
+    watched = celery_watch.WatchedResult(app, app.AsyncResult("a-step"))
+    app.control.inspect(timeout=0.5).active()  # the run's looks at the step's worker: one
+    redis_server.stop()
+    with pytest.raises(redis.ConnectionError):  # and one in the outage (a look that proves nothing)
+        app.control.inspect(timeout=0.5).active()
+
+    class BackOnRetry(logging.Handler):
+        """Redis starts again once the run says it tries the revoke again: kombu's own tries
+        have all failed by then."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "revoke" in record.getMessage() and redis_server.proc is not None and (
+                    redis_server.proc.poll() is not None):
+                redis_server.start()
+
+    handler = BackOnRetry(logging.WARNING)
+    celery_watch.LOG.addHandler(handler)
+    try:
+        watched.revoke()
+    finally:
+        celery_watch.LOG.removeHandler(handler)
+    assert redis_server.proc is not None and redis_server.proc.poll() is None, "Redis is back"
+    stats = redis_server.client().info("commandstats")  # type: ignore[attr-defined]
+    assert stats["cmdstat_publish"]["calls"] >= 1  # the revoke, broadcast to the workers
