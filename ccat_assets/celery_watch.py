@@ -46,7 +46,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -155,19 +155,9 @@ class WatchedResult:
         revoke, a broadcast through Redis, is tried again once a second while Redis is
         unreachable, up to BROKER_OUTAGE_S (kombu's own tries give up after some 4 s: the run
         failed, its step going on to its end)."""
-        errors = _connection_errors(self._app)
-        deadline = time.monotonic() + BROKER_OUTAGE_S
-        while True:
-            try:
-                self._result.revoke(terminate=True, signal=STOP_SIGNAL.name)
-                break
-            except errors as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                LOG.warning("task %s: its revoke could not be sent, the Celery broker "
-                            "unreachable; tried again in 1 s, up to %.0f s in all: %s",
-                            self._result.id, BROKER_OUTAGE_S, exc)
-                time.sleep(1.0)
+        while_unreachable(partial(self._result.revoke, terminate=True,
+                                  signal=STOP_SIGNAL.name),
+                          _connection_errors(self._app), f"task {self._result.id}: its revoke")
         if self._stopped_at is None:
             self._stopped_at = time.monotonic()
 
@@ -275,7 +265,7 @@ def stoppable_steps() -> None:
     signal.signal(STOP_SIGNAL, interrupt)
 
 
-def _connection_errors(app: Any) -> tuple[type[BaseException], ...]:
+def _connection_errors(app: Any) -> tuple[type[Exception], ...]:
     """What the broker's client raises while it cannot reach it (kombu wraps them)."""
     from kombu.exceptions import OperationalError
 
@@ -292,21 +282,30 @@ def _stores(app: Any) -> list[Any]:
             if urlsplit(url).scheme in ("redis", "rediss", "unix")]
 
 
-def mark_sent(stores: list[Any], task_id: str) -> None:
-    """The mark of a step sent, in each Redis that holds it; one unreachable is tried again
-    once a second, up to BROKER_OUTAGE_S (redis-py's own retry), as a run's look waits for
-    it; longer, its last error (naming the server) fails the run."""
+def while_unreachable(do: Callable[[], Any], errors: tuple[type[Exception], ...],
+                      what: str) -> Any:
+    """`do`, tried again once a second while it raises one of `errors` (Redis unreachable),
+    up to BROKER_OUTAGE_S, as a run's look waits for Redis (redis-py's retry); longer, its
+    last error (naming the server) fails the run."""
     from redis.backoff import ConstantBackoff
     from redis.retry import Retry
 
     def fail(exc: Exception) -> None:
-        LOG.warning("task %s: Redis unreachable (%s), its mark tried again in 1 s, up to "
-                    "%.0f s in all", task_id, exc, BROKER_OUTAGE_S)
+        LOG.warning("%s could not be sent, Redis unreachable (%s): tried again in 1 s, up to "
+                    "%.0f s in all", what, exc, BROKER_OUTAGE_S)
 
-    retry = Retry(ConstantBackoff(1.0), int(BROKER_OUTAGE_S))
+    return Retry(ConstantBackoff(1.0), int(BROKER_OUTAGE_S),
+                 supported_errors=errors).call_with_retry(do, fail)
+
+
+def mark_sent(stores: list[Any], task_id: str) -> None:
+    """The mark of a step sent, in each Redis that holds it, sent while_unreachable."""
+    import redis
+
     for store in stores:
-        retry.call_with_retry(partial(store.set, SENT.format(task_id), "1", ex=SENT_TTL_S),
-                              fail)
+        while_unreachable(partial(store.set, SENT.format(task_id), "1", ex=SENT_TTL_S),
+                          (redis.ConnectionError, redis.TimeoutError, TimeoutError),
+                          f"task {task_id}: its mark")
 
 
 def watched_submit(app: Any, plan_context: Any, step: Any, queue: str, priority: int,
