@@ -36,7 +36,7 @@ try:
     from ccat_dt.config import Config, load_config
     from ccat_dt.diskstate import disk_trouble, next_step
     from ccat_dt.jsonlog import configure_from_env
-    from ccat_dt.opsdb.database import OpsDB, dispose_engines
+    from ccat_dt.opsdb.database import LOCK_TIMEOUT_ENV, OpsDB, dispose_engines, lock_timeout_s
 finally:
     gc.freeze()
     if _collecting:
@@ -1002,6 +1002,10 @@ def _opsdb_unavailable(exc: DBAPIError, config_path: str | None = None) -> str:
     elif "unable to open" in lowered:
         step = ("cannot open the SQLite file: check that its directory exists and is "
                 "writable (not a read-only mount), then run the command again")
+    elif getattr(exc.orig, "pgcode", None) == "55P03":  # PostgreSQL lock_not_available
+        step = (f"another session has held a lock OpsDB needs for over {lock_timeout_s():g} s "
+                f"(${LOCK_TIMEOUT_ENV}; pg_locks and pg_stat_activity name it): run the "
+                "command again when it has finished (or end it)")
     elif "locked" in lowered or "busy" in lowered:
         step = ("another process holds a write lock on it; run the command again when that "
                 "process has finished (or stop it)")

@@ -328,6 +328,64 @@ def test_exit_2_when_the_opsdb_is_locked(tmp_path: Path) -> None:
     assert "database is locked" in line and "run the command again" in line
 
 
+def test_exit_2_when_a_postgres_opsdb_is_locked_by_another_session(tmp_path: Path) -> None:
+    """PostgreSQL waits for a lock for ever by default: `status` hung for as long as a psql
+    session left `idle in transaction` held it. Now it waits $CCAT_DT_OPSDB_LOCK_TIMEOUT_S, as
+    on SQLite, and says what holds it up."""
+    from sqlalchemy import create_engine, text
+
+    from tests.faults.pipeline import deployment
+    from tests.services import own_database
+
+    databases = own_database("ccat_opsdb")
+    url = next(databases)
+    try:
+        config = deployment(tmp_path / "d", opsdb_url=url)
+        holder = create_engine(url)
+        with holder.connect() as session:
+            session.execute(text("LOCK TABLE physical_copies IN ACCESS EXCLUSIVE MODE"))
+            done = ccat_dt("status", timeout=60, env=clean_env(
+                CCAT_DT_CONFIG=str(config.path), CCAT_DT_OPSDB_LOCK_TIMEOUT_S="0.5"))
+            session.rollback()
+        holder.dispose()
+    finally:
+        next(databases, None)
+    line = one_error_line(done)
+    assert "OpsDB unavailable" in line and "lock timeout" in line, line
+    assert "another session has held a lock" in line and "0.5 s" in line, line
+
+
+def test_a_postgres_server_that_never_answers_is_given_up_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that takes the connection and says nothing (its host hung on a dead disk, a
+    stopped postmaster): libpq waited for ever without a connect_timeout."""
+    import socket
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    import ccat_dt.opsdb.database as database
+
+    monkeypatch.setattr(database, "PG_CONNECT_TIMEOUT_S", 1)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the backlog; nothing is ever said
+    raised: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            database.OpsDB(f"postgresql+psycopg2://ccat@127.0.0.1:{silent.getsockname()[1]}/ops")
+        except BaseException as exc:  # noqa: BLE001 - what it raised is the point
+            raised.append(exc)
+
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(timeout=60)
+    silent.close()
+    assert not opener.is_alive(), "still waiting for the server's answer"
+    assert [type(e) for e in raised] == [OperationalError] and "timeout" in str(raised[0])
+
+
 def test_exit_2_when_the_opsdb_is_read_only(tmp_path: Path) -> None:
     """The deployment on a read-only mount (a private mount namespace, as root)."""
     if shutil.which("unshare") is None or os.geteuid() != 0:

@@ -9,14 +9,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:  # Alembic is imported only to migrate: every command opens an OpsDB
     from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-LOCK_TIMEOUT_ENV = "CCAT_DT_OPSDB_LOCK_TIMEOUT_S"  # how long a SQLite OpsDB lock is waited for
+LOCK_TIMEOUT_ENV = "CCAT_DT_OPSDB_LOCK_TIMEOUT_S"  # how long an OpsDB lock is waited for
+LOCK_TIMEOUT_S = 30.0
+# PostgreSQL: a server that takes the connection and never answers (its host hung on I/O, a
+# stopped postmaster) is given up on after this (libpq's connect_timeout; none: for ever).
+PG_CONNECT_TIMEOUT_S = 10
 
 
 class SchemaOutOfDate(Exception):
@@ -62,10 +66,13 @@ def create_opsdb_engine(url: str) -> Engine:
     return engine
 
 
+def lock_timeout_s() -> float:
+    return float(os.environ.get(LOCK_TIMEOUT_ENV) or LOCK_TIMEOUT_S)
+
+
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        timeout = float(os.environ.get(LOCK_TIMEOUT_ENV) or 30)
-        engine = create_engine(url, connect_args={"timeout": timeout})
+        engine = create_engine(url, connect_args={"timeout": lock_timeout_s()})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -76,7 +83,36 @@ def _create_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return _postgres_engine(url)
+
+
+def _postgres_engine(url: str) -> Engine:
+    """A lock another session holds (an `idle in transaction` psql, a `LOCK TABLE`, a VACUUM
+    FULL, a process stopped in the middle of a transaction) is waited for `lock_timeout_s()`,
+    as SQLite's busy timeout, then the statement fails (SQLSTATE 55P03), its step is retried
+    and re-attempted like any OpsDB fault. PostgreSQL waits for ever by default: a drive, its
+    runs and the daemon's sensor ticks hung on such a lock with nobody told. Set with SET on
+    each new connection, not as a startup `options` (which pgbouncer refuses); a URL's own
+    `options=-c lock_timeout=...` or `connect_timeout` is kept."""
+    parsed = make_url(url)
+    connect_args: dict[str, object] = {}
+    if parsed.get_driver_name() in ("psycopg2", "psycopg") and "connect_timeout" not in \
+            parsed.query:  # a libpq parameter
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+    engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    if engine.dialect.name != "postgresql" or "lock_timeout" in str(
+            parsed.query.get("options", "")):
+        return engine
+    milliseconds = max(1, round(lock_timeout_s() * 1000))
+
+    @event.listens_for(engine, "connect")
+    def _lock_timeout(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET lock_timeout = {milliseconds}")
+        cursor.close()
+        dbapi_connection.commit()  # a SET in a transaction rolled back would be undone
+
+    return engine
 
 
 def migrate(url: str) -> None:
