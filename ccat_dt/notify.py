@@ -6,6 +6,8 @@ when a problem appears, a reminder after `notifications.remind_after_hours`, a "
 message once it clears. A delivery that fails (mail server or webhook down) is logged and
 tried again at the next tick; it never raises into the caller, and a channel that failed once
 in a tick is not tried again in that tick, so a dead server costs one short time-out a tick.
+A message delivered is recorded at once (a tick cut off later never sends it again), and a tick
+starts no delivery past TICK_BUDGET_S: a slow server with many messages waits for later ticks.
 Nothing is sent, and no row is written, while no channel is configured.
 
 What counts as a problem (`current_problems`) is only what does not heal by itself: a package
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -291,10 +294,20 @@ def _changed_sources(session: Session) -> list[Problem]:
     return problems
 
 
+# How long one tick may spend starting deliveries: the rest waits for the next tick. Half of
+# Dagster's sensor time-out (60 s, DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS), past which the daemon
+# fails a tick while its code server may still be sending; in `drive`, the loop that launches
+# runs waits for the tick.
+TICK_BUDGET_S = 30.0
+
+_Update = tuple["_Row | None", "Problem | None", str, str, "str | None"]
+
+
 @dataclass
 class Delivery:
     sent: list[str] = field(default_factory=list)  # "channel kind key", in order
     failed: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)  # past the tick's budget: next tick
 
 
 def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Channel],
@@ -303,15 +316,20 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
     """Send what the problems call for and record it. Never raises for a delivery failure.
 
     OpsDB is read, then every message is sent with no transaction open (a slow mail server
-    never holds a database lock), then the outcome is written in one short transaction."""
+    never holds a database lock). Each message delivered is recorded at once, in a short
+    transaction of its own: a tick cut off later (its process killed or stopped, OpsDB failing
+    at its end) never has the messages it delivered sent again; only one in flight at the cut
+    can be. Failures and the rest are written in one transaction at the end. Messages not
+    started within TICK_BUDGET_S of the tick's start are left for the next tick."""
     delivery = Delivery()
     if not targets:
         return delivery
+    deadline = time.monotonic() + TICK_BUDGET_S
     with opsdb.session() as session:
         open_rows = {(r.problem_key, r.channel): _Row.of(r) for r in session.scalars(
             select(Notification).where(Notification.closed.is_(False)))}
     current = {p.key: p for p in problems}
-    updates: list[tuple[_Row | None, Problem | None, str, str, str | None]] = []
+    updates: list[_Update] = []
     broken: set[str] = set()
 
     def deliver(channel: Channel, subject: str, body: str) -> str | None:
@@ -325,6 +343,18 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
             log(f"notification over {channel.name} failed (tried again later): {exc}")
             return f"{type(exc).__name__}: {exc}"
 
+    def tell(channel: Channel, row: _Row | None, told: Problem | None, what: str,
+             subject: str, body: str, line: str) -> None:
+        if time.monotonic() >= deadline:
+            delivery.deferred.append(line)  # nothing recorded: still due at the next tick
+            return
+        error = deliver(channel, subject, body)
+        if error is None:
+            _record(opsdb, [(row, told, channel.name, what, None)], now)  # never sent twice
+        else:
+            updates.append((row, told, channel.name, what, error))
+        (delivery.failed if error else delivery.sent).append(line)
+
     for channel in targets:
         for problem in problems:
             row = open_rows.get((problem.key, channel.name))
@@ -337,22 +367,25 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
                 if row.resolved_at is not None:  # came back before "resolved" was delivered
                     updates.append((row, problem, channel.name, "reopen", None))
                 continue
-            error = deliver(channel, subject, problem.detail)
-            updates.append((row, problem, channel.name, what, error))
-            (delivery.failed if error else delivery.sent).append(
-                f"{channel.name} {what} {problem.key}")
+            tell(channel, row, problem, what, subject, problem.detail,
+                 f"{channel.name} {what} {problem.key}")
         for (key, name), row in open_rows.items():
             if name != channel.name or key in current:
                 continue
             if row.sent_at is None:  # never told: nothing to take back
                 updates.append((row, None, name, "drop", None))
                 continue
-            error = deliver(channel, f"RESOLVED: {row.subject}",
-                            f"{row.subject}\nThis no longer needs anyone (first reported "
-                            f"{_aware(row.opened_at):%Y-%m-%d %H:%M} UTC).")
-            updates.append((row, None, name, "resolved", error))
-            (delivery.failed if error else delivery.sent).append(f"{name} resolved {key}")
+            tell(channel, row, None, "resolved", f"RESOLVED: {row.subject}",
+                 f"{row.subject}\nThis no longer needs anyone (first reported "
+                 f"{_aware(row.opened_at):%Y-%m-%d %H:%M} UTC).", f"{name} resolved {key}")
 
+    _record(opsdb, updates, now)
+    return delivery
+
+
+def _record(opsdb: OpsDB, updates: Sequence[_Update], now: datetime) -> None:
+    if not updates:
+        return
     with opsdb.session() as session:
         for row, told, name, what, error in updates:
             record = (session.get_one(Notification, row.id) if row is not None else None)
@@ -377,7 +410,6 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
                 record.resolved_at = None
                 if told is not None:
                     record.detail = told.detail
-    return delivery
 
 
 @dataclass(frozen=True)

@@ -35,5 +35,7 @@ def notification_sensor(context: SensorEvaluationContext,
                          prefix=settings.subject_prefix, log=context.log.warning)
     for line in delivery.sent:
         context.log.info(f"notified: {line}")
+    later = (f", {len(delivery.deferred)} left for the next tick (this one's time was up)"
+             if delivery.deferred else "")
     return SkipReason(f"{len(problems)} open problem(s); {len(delivery.sent)} message(s) sent, "
-                      f"{len(delivery.failed)} failed (retried next tick)")
+                      f"{len(delivery.failed)} failed (retried next tick){later}")

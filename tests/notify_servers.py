@@ -3,10 +3,12 @@ keep what they receive."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
@@ -33,25 +35,37 @@ class Mailbox:
 
 
 class _Handler:
-    def __init__(self, box: Mailbox) -> None:
+    """Keeps each message as it arrives; answers it `delay_s` later (a slow relay)."""
+
+    def __init__(self, box: Mailbox, delay_s: float = 0.0) -> None:
         self.box = box
+        self.delay_s = delay_s
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         self.box.messages.append(message_from_bytes(envelope.content))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         return "250 Message accepted for delivery"
 
 
-@pytest.fixture
-def smtp_server() -> Iterator[Mailbox]:
+@contextmanager
+def mail_server(delay_s: float = 0.0) -> Iterator[Mailbox]:
+    """An SMTP server on a free port that answers each message `delay_s` after taking it."""
     from aiosmtpd.controller import Controller
 
     box = Mailbox(free_port())
-    controller = Controller(_Handler(box), hostname="127.0.0.1", port=box.port)
+    controller = Controller(_Handler(box, delay_s), hostname="127.0.0.1", port=box.port)
     controller.start()
     try:
         yield box
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Mailbox]:
+    with mail_server() as box:
+        yield box
 
 
 @dataclass

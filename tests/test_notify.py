@@ -4,7 +4,11 @@ per problem, a reminder, a resolved message, and a mail server that is down dela
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,9 +24,15 @@ from ccat_dt.notify import Problem, channels, reconcile
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Notification, utcnow
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, deployment, observe, package_names
+from tests.faults.pipeline import (
+    REPO,
+    archived_everywhere,
+    deployment,
+    observe,
+    package_names,
+)
 from tests.faults.retrying import operator_retry
-from tests.notify_servers import Mailbox, Receiver, free_port
+from tests.notify_servers import Mailbox, Receiver, free_port, mail_server
 
 
 def _notified(tmp_path: Path, smtp_port: int, url: str, **policies: object):  # type: ignore[no-untyped-def]
@@ -95,6 +105,86 @@ def test_a_mail_server_that_is_down_is_retried_and_never_blocks(
     assert again.sent == ["smtp problem quarantined:pkg-a"]  # webhook: already told
     assert box.subjects == ["[ccat-dt] package pkg-a quarantined"]
     assert len(webhook_receiver.posts) == 1
+    opsdb.dispose()
+
+
+SIX = [Problem(f"quarantined:pkg-{i}", "quarantined", f"package pkg-{i} quarantined",
+               "restore the file") for i in range(6)]
+TICK = """
+import sys
+from datetime import datetime, timedelta
+from ccat_dt.config import load_config
+from ccat_dt.notify import Problem, channels, reconcile
+from ccat_dt.opsdb.database import OpsDB
+config = load_config(sys.argv[1])
+problems = [Problem(f"quarantined:pkg-{i}", "quarantined", f"package pkg-{i} quarantined",
+                    "restore the file") for i in range(6)]
+reconcile(OpsDB(config.opsdb_url), problems, channels(config),
+          datetime.fromisoformat(sys.argv[2]), remind_after=timedelta(hours=1))
+"""
+
+
+def test_a_tick_cut_off_never_sends_again_what_it_delivered(tmp_path: Path) -> None:
+    """The notification tick's process is killed (SIGKILL: the daemon restarted, a drive
+    stopped, a tick the daemon gave up on) while it delivers six messages to a slow mail
+    server; the next tick sends the rest. Each message arrives once, but for the one in
+    flight at the kill (the server had it, its answer had not come). Before, what a tick
+    delivered was recorded only at its end: everything it had sent was sent again."""
+    now = utcnow()
+    with mail_server(delay_s=0.3) as box:
+        config = deployment(tmp_path / "smtp-only", notifications={
+            "smtp": {"host": "127.0.0.1", "port": box.port, "from": "ccat-dt@example.org",
+                     "to": ["ops@example.org"], "timeout_s": 5}})
+        tick = subprocess.Popen([sys.executable, "-c", TICK, str(config.path), now.isoformat()],
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        deadline = time.monotonic() + 60
+        while len(box.messages) < 3 and tick.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tick.kill()
+        tick.wait()
+        before = list(box.subjects)
+        assert 3 <= len(before) < 6, before  # cut in the middle of the tick
+
+        opsdb = OpsDB(config.opsdb_url)
+        delivery = reconcile(opsdb, SIX, channels(config), now + timedelta(minutes=1),
+                             remind_after=timedelta(hours=1))
+        opsdb.dispose()
+    told = Counter(box.subjects)
+    assert sorted(told) == sorted(f"[ccat-dt] {p.subject}" for p in SIX)
+    assert all(told[subject] == 1 for subject in before[:-1]), told  # delivered: not again
+    assert len(delivery.sent) in (6 - len(before), 7 - len(before)), delivery  # the rest, and
+    # at most the one in flight at the kill
+
+
+def test_a_slow_mail_server_gets_what_a_tick_has_no_time_for_at_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tick stops starting deliveries once its time (TICK_BUDGET_S) is up: a slow relay
+    and many problems (a weekend's escalations) no longer hold the drive's loop, or outlast
+    the daemon's sensor time-out and overlap the next tick. What it left is sent at the
+    next ticks, each message once, none recorded as failed."""
+    import ccat_dt.notify as notify
+
+    monkeypatch.setattr(notify, "TICK_BUDGET_S", 1.0)
+    now = utcnow()
+    with mail_server(delay_s=0.4) as box:
+        config = deployment(tmp_path / "smtp-only", notifications={
+            "smtp": {"host": "127.0.0.1", "port": box.port, "from": "ccat-dt@example.org",
+                     "to": ["ops@example.org"], "timeout_s": 5}})
+        opsdb = OpsDB(config.opsdb_url)
+        ticks = []
+        for minute in range(len(SIX)):  # each tick sends at least one
+            ticks.append(reconcile(opsdb, SIX, channels(config), now + timedelta(minutes=minute),
+                                   remind_after=timedelta(hours=1)))
+            if not ticks[-1].deferred:
+                break
+    first = ticks[0]
+    assert 1 <= len(first.sent) <= 4 and first.failed == [], first  # 0.4 s each, 1 s budget
+    assert len(first.sent) + len(first.deferred) == len(SIX)
+    assert sum(len(t.sent) for t in ticks) == len(SIX) and not ticks[-1].deferred
+    assert Counter(box.subjects) == Counter(f"[ccat-dt] {p.subject}" for p in SIX)
+    with opsdb.session() as session:
+        rows = session.scalars(select(Notification)).all()
+        assert len(rows) == len(SIX) and all(r.sends == 1 and r.last_error is None for r in rows)
     opsdb.dispose()
 
 
