@@ -20,6 +20,7 @@ from ccat_dt.config import Config
 PACKAGES = "packages"
 package_partitions = DynamicPartitionsDefinition(name=PACKAGES)
 staging_partitions = DynamicPartitionsDefinition(name="staging_requests")
+STAGING_JOB = "staging_job"  # its runs are of a staging request's partition
 by_package = MultiToSingleDimensionPartitionMapping(partition_dimension_name="package")
 
 
@@ -44,17 +45,29 @@ def split_key(key: str) -> tuple[str, str]:
 
 def revived(instance: DagsterInstance,
             requests: Sequence[RunRequest]) -> list[AddDynamicPartitionsRequest]:
-    """The packages of these runs whose partitions were retired (sensors/retire.py) come back
-    with them: a repair, a new archive site's copy or a re-attempt of a package archived
-    long ago needs its partition (a run for a partition the instance does not know cannot be
-    requested, and the sensor's whole tick would fail). A staging request's run is not a
-    package's."""
+    """The partitions of these runs that the instance does not have, added with them: a
+    package's that was retired (sensors/retire.py), for a repair, a new archive site's copy
+    or a re-attempt of a package archived long ago; a staging request's that the staging
+    sensor never added (its cursor set past the request: "Test sensor" and its evaluated
+    cursor stored without its requests, an instance restored from an older backup than
+    OpsDB), for the sweep's run of it. A run for a partition the instance does not know
+    cannot be requested: the sensor's whole tick fails (before: every re-attempt sensor tick,
+    once its sweep asked for such a staging run, named as a package partition)."""
     assert staging_partitions.name is not None
-    names = {key.keys_by_dimension["package"] if isinstance(key, MultiPartitionKey)
-             else key.split("|", 1)[0]  # "package" or "package|site"
-             for key in (request.partition_key for request in requests) if key
-             and not (isinstance(key, str)
-                      and instance.has_dynamic_partition(staging_partitions.name, key))}
-    retired = sorted(name for name in names
+    packages, staging = set(), set()
+    for request in requests:
+        key = request.partition_key
+        if not key:
+            continue
+        if request.job_name == STAGING_JOB:
+            staging.add(str(key))
+        elif isinstance(key, MultiPartitionKey):
+            packages.add(key.keys_by_dimension["package"])
+        elif not instance.has_dynamic_partition(staging_partitions.name, key):
+            packages.add(key.split("|", 1)[0])  # "package" or "package|site"
+    retired = sorted(name for name in packages
                      if not instance.has_dynamic_partition(PACKAGES, name))
-    return [package_partitions.build_add_request(retired)] if retired else []
+    missing = sorted(name for name in staging
+                     if not instance.has_dynamic_partition(staging_partitions.name, name))
+    return ([package_partitions.build_add_request(retired)] if retired else []) + (
+        [staging_partitions.build_add_request(missing)] if missing else [])

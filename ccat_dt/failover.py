@@ -85,3 +85,22 @@ def transfer_under_way(session: Session, package: RawDataPackage, now: datetime,
         Operation.package_id == package.id, Operation.operation_type == OperationType.TRANSFER,
         Operation.status == OperationStatus.IN_PROGRESS)).all()
     return any(_aware(now) - _aware(when) < horizon for when in started)
+
+
+def unsent(session: Session, config: Config) -> list[Rerouted]:
+    """Packages re-routed (now or at any earlier look), built, that have not left the
+    observatory: their send to the new primary site is due. fail_over commits a re-route as
+    it makes it, before any run is asked for; asking from this, not from what fail_over just
+    changed, sends a package whose re-route was made by a look whose runs were never launched
+    (the UI's "Test sensor", a daemon stopped in between): before, its send waited for the
+    sweep for unattended work (`policies.unattended_after_s`)."""
+    out = []
+    for package in session.scalars(
+            select(RawDataPackage).where(RawDataPackage.primary_site_note.is_not(None),
+                                         RawDataPackage.state == PackageState.WAITING)
+            .order_by(RawDataPackage.id)):
+        buffered = built_copy(session, config, package)
+        if buffered is None or has_left_observatory(session, config, package):
+            continue
+        out.append(Rerouted(package.name, "", package.primary_site.short_name, buffered.id))
+    return out

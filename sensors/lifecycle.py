@@ -29,6 +29,7 @@ from ccat_assets.runlog import run_failure
 from ccat_assets.stages import JOBS, copy_job, site_copy
 from ccat_assets.tags import AGAIN_TAG, LINK_TAG, WORK_TAG
 from ccat_dt.failover import fail_over
+from ccat_dt.failover import unsent as failover_unsent
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.packages import plan_new_packages
 from ccat_dt.pending import (
@@ -316,18 +317,24 @@ def repair_sensor(context: SensorEvaluationContext,
 def failover_sensor(context: SensorEvaluationContext,
                     deployment: Deployment) -> SensorResult | SkipReason:
     """Packages not yet sent whose primary archive site is down past the failover horizon go
-    to another archive site (ccat_dt/failover.py): re-routed, and sent now when built."""
+    to another archive site (ccat_dt/failover.py): re-routed, and sent now when built. The
+    sends are asked for from OpsDB (every re-routed package built and not yet sent), not
+    from the re-routes this tick made: a tick whose runs were not launched (the UI's "Test
+    sensor") leaves the re-route made and the send still asked for by the next tick; the
+    run key and the runs in flight keep it from being launched twice."""
     rerouted = fail_over(deployment.opsdb, deployment.config, utcnow())
-    if not rerouted:
-        return SkipReason("no primary site is down past the failover horizon")
-    observatory = deployment.config.settings.observatory
     for item in rerouted:
         context.log.warning(f"{item.package}: primary site {item.old_site} down past the "
                             f"failover horizon; re-routed to {item.new_site}")
+    with deployment.opsdb.session() as session:
+        due = failover_unsent(session, deployment.config)
+    if not due:
+        return SkipReason("no re-routed package is waiting to be sent")
+    observatory = deployment.config.settings.observatory
     return _placed(context, [
-        _placement(deployment, Due(r.package, r.new_site, r.copy_id, observatory),
+        _placement(deployment, Due(r.package, r.new_site, r.copy_id or 0, observatory),
                    Stage.SITE_COPY, why="failover")
-        for r in rerouted if r.copy_id is not None], Stage.SITE_COPY)
+        for r in due], Stage.SITE_COPY)
 
 
 def _idle(context: SensorEvaluationContext, requests: list[RunRequest],

@@ -106,6 +106,7 @@ SLOW = (
     "tests/test_exit_codes.py::test_ctrl_c_stops_a_drive",
     "tests/test_exit_codes.py::test_exit_2_when_the_opsdb_is_read_only",
     "tests/test_totals.py::test_totals_equal_a_fresh_count_after_a_lifecycle",
+    "tests/test_dry_runs.py::test_test_sensor_and_test_schedule_of_everything_mid_lifecycle",
 )
 FAST_EXCEPTIONS = (  # one closed pipe per kind of output stays in the fast run
     "tests/test_exit_codes.py::test_output_into_a_closed_pipe_ends_quietly[status]",

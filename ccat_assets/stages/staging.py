@@ -19,7 +19,7 @@ from dagster import (
 )
 
 from ccat_assets.interrupts import stops_when_interrupted
-from ccat_assets.partitions import staging_partitions
+from ccat_assets.partitions import STAGING_JOB, staging_partitions
 from ccat_assets.stages.common import permanent, transient_retries
 from ccat_dt.config import Config
 from ccat_dt.staging import StagingError, not_active, stage, staged_problems
@@ -27,7 +27,7 @@ from ccat_dt.transports.base import TransferError
 from resources.deployment import Deployment
 
 ASSETS = ("staged_copies",)
-job = define_asset_job("staging_job", AssetSelection.assets(*ASSETS))
+job = define_asset_job(STAGING_JOB, AssetSelection.assets(*ASSETS))
 
 
 def assets(config: Config) -> list[AssetsDefinition]:
