@@ -83,7 +83,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.schedules import reverse_cron_string_iterator
 
 from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness
-from ccat_assets.routing import partition_of, stages_of, tag_run
+from ccat_assets.routing import partition_of, reroute, stages_of, tag_run
 from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
 from ccat_assets.runpool import Finished, Queued, RunPool, run_limits
 from ccat_assets.stages import ASSET_STAGE
@@ -279,7 +279,10 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_
     with drive_lock(instance, log):
         most, tag_limits = run_limits(instance)
         workers = most if workers is None else workers
-        pool = RunPool(instance, workers, tag_limits) if workers > 1 else None
+        config = _config_of(defs)
+        route = ((lambda run: reroute(instance, config, run)) if config is not None
+                 else (lambda run: run))
+        pool = RunPool(instance, workers, tag_limits, route) if workers > 1 else None
         with _terminating(pool, log, DriveReport()) as report:
             return _drive(defs, instance, report, pool, max_rounds=max_rounds,
                           schedules=schedules, due_schedules=due_schedules, log=log,
@@ -819,8 +822,8 @@ class _Runs:
             run_id=run.run_id)
         started = instance.get_run_by_id(run.run_id)
         assert started is not None
-        if not started.tags.get(LINK_TAG) and self.config is not None:
-            started = tag_run(instance, self.config, started)
+        if self.config is not None:  # routed when it was submitted: its link may have changed
+            started = reroute(instance, self.config, started)
         runnable: IJob = (InMemoryJob(job) if job.executor_def.name == "in_process"
                           else _reconstructable(job))
         self.log(f"QUEUED {key} (run {run.run_id}): no Dagster daemon runs; executed here")

@@ -15,15 +15,24 @@ So:
   the run coordinator (`dagster asset materialize`, `execute_job`), and the Celery executor
   sends the steps to the `ccat/queue` queue unless the run config names one.
 
-Tags already on a run (the sensors set both) are never changed, but for a re-execution (the
-UI's Re-execute): it carries its parent's tags, routed for where the data was then, so it is
-routed afresh for where OpsDB says the data is now. If OpsDB cannot be asked, the run goes
-untagged rather than not at all (and says so in its tags)."""
+Tags already on a run (the sensors set both) are not changed when it is submitted, but for a
+re-execution (the UI's Re-execute): it carries its parent's tags, routed for where the data
+was then, so it is routed afresh for where OpsDB says the data is now. If OpsDB cannot be
+asked, the run goes untagged rather than not at all (and says so in its tags).
+
+A queued run is routed again (`reroute`) right before it starts, for where the data is then:
+its link may have changed while it waited (a backfill's copy to a second archive submitted
+before any archive had the package: no link then, archive to archive now; a source purged; a
+nearer archive). `ccat-dt drive` does it as its run pool takes a run from its queue
+(runpool.py); under the daemon, the run coordinator does it for the runs the dequeue is about
+to start, as the dequeue asks it for the run limits (`route_next`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 from collections.abc import Mapping
 from functools import lru_cache, partial
 from typing import Any
@@ -31,20 +40,26 @@ from typing import Any
 from dagster import (
     DagsterInstance,
     DagsterRun,
+    DagsterRunStatus,
     ExecutorDefinition,
     Failure,
+    RunsFilter,
     in_process_executor,
 )
 from dagster._core.executor.base import Executor
 from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.executor.init import InitExecutorContext
 from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
+from dagster._core.run_coordinator.queued_run_coordinator import RunQueueConfig
+from dagster._core.storage.dagster_run import ACTIVE_RUN_STATUSES
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
     MULTIDIMENSIONAL_PARTITION_PREFIX,
     PARENT_RUN_ID_TAG,
     PARTITION_NAME_TAG,
+    PRIORITY_TAG,
 )
+from dagster._utils.tags import TagConcurrencyLimitsCounter
 
 from ccat_assets.partitions import PACKAGES, staging_partitions
 from ccat_assets.stages import ASSET_STAGE, stages_of_job
@@ -132,6 +147,29 @@ def tag_run(instance: DagsterInstance, config: Config, run: DagsterRun,
     return instance.get_run_by_id(run.run_id) or run
 
 
+def reroute(instance: DagsterInstance, config: Config, run: DagsterRun) -> DagsterRun:
+    """The run's `ccat/link` and `ccat/queue` as OpsDB says now, written on it where they
+    differ: a queued run about to start. Its link was computed when it was submitted and
+    may have changed while it waited (no copy to send from then, the archive it was to be
+    fed from since the nearest or its buffer copy purged): started on the old one, it loaded a
+    link whose `max_concurrent` did not count it. A link no longer needed is blanked. If OpsDB
+    cannot be asked, the run keeps its tags."""
+    stage, partition = stage_of(run), partition_of(run.tags)
+    if stage is None or partition is None:
+        return run
+    try:
+        dispatch = dispatch_for(_opsdb(config.opsdb_url, os.getpid()), config, stage, *partition)
+    except Exception as exc:  # noqa: BLE001 - never keep a run from starting for its tags
+        LOG.warning("run %s not routed again: %s", run.run_id, exc)
+        return run
+    now = {LINK_TAG: dispatch.link or "", QUEUE_TAG: dispatch.queue, UNROUTED_TAG: ""}
+    changed = {tag: value for tag, value in now.items() if run.tags.get(tag, "") != value}
+    if not changed:
+        return run
+    instance.add_run_tags(run.run_id, changed)
+    return instance.get_run_by_id(run.run_id) or run
+
+
 NO_PARTITION = (
     "not run: each of these checks reads one partition (a copy, a package's files) and this "
     "run has none (the Checks tab's \"Execute all\" launches them without one). To re-read "
@@ -167,6 +205,18 @@ class RoutedRunCoordinator(QueuedRunCoordinator):
         run = tag_run(self._instance, config, run, afresh=PARENT_RUN_ID_TAG in run.tags)
         return super().submit_run(SubmitRunContext(run, context.workspace))
 
+    def get_run_queue_config(self) -> RunQueueConfig:
+        """The run limits; asked for by the daemon's dequeue at the start of each pass over
+        the queue (and by the UI, and each run as it starts). In the daemon's dequeue, the
+        queued runs it is about to start are first routed again (route_next)."""
+        limits = super().get_run_queue_config()
+        if threading.current_thread().name == DEQUEUE_THREAD:
+            try:
+                route_next(self._instance, load_config(), limits)
+            except Exception as exc:  # noqa: BLE001 - the dequeue goes on with the tags as
+                LOG.warning("queued runs not routed again: %s", exc)  # they are
+        return limits
+
     def _without_inherited(self, run: DagsterRun) -> DagsterRun:
         """A re-execution (the UI's Re-execute) with the tags naming its parent's process
         (tags.PROCESS_TAGS: it gets its own as it starts) and how its parent was asked for
@@ -176,6 +226,45 @@ class RoutedRunCoordinator(QueuedRunCoordinator):
             return run
         self._instance.add_run_tags(run.run_id, inherited)
         return self._instance.get_run_by_id(run.run_id) or run
+
+
+# The thread in which Dagster's daemon dequeues runs (dagster._daemon.controller names each
+# daemon's thread "dagster-daemon-" + its type; the queue's is QUEUED_RUN_COORDINATOR).
+DEQUEUE_THREAD = "dagster-daemon-QUEUED_RUN_COORDINATOR"
+
+
+def route_next(instance: DagsterInstance, config: Config, limits: RunQueueConfig) -> None:
+    """Route again (reroute) each queued run the daemon's dequeue would start now: in its
+    order (priority, then oldest first), within `max_concurrent_runs` and the tag limits,
+    each judged by its link as OpsDB says now, not as it was when submitted. A run whose link
+    changed to one at its limit is left queued, and the next one looked at. The dequeue reads
+    the runs' tags right after this (its pass over the queue). A run held back by the link
+    it was given waits for that link, as before."""
+    active = instance.get_runs(RunsFilter(statuses=list(ACTIVE_RUN_STATUSES)))
+    slots = (sys.maxsize if limits.max_concurrent_runs < 0
+             else limits.max_concurrent_runs - len(active))
+    if slots <= 0:
+        return
+    counter = TagConcurrencyLimitsCounter(limits.tag_concurrency_limits, active)
+    queued = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.QUEUED]), ascending=True)
+    for run in sorted(queued, key=_priority, reverse=True):  # stable: oldest first
+        if slots <= 0:
+            break
+        if counter.is_blocked(run):
+            continue
+        run = reroute(instance, config, run)
+        if counter.is_blocked(run):
+            continue
+        counter.update_counters_with_launched_item(run)
+        slots -= 1
+
+
+def _priority(run: DagsterRun) -> int:
+    """The dequeue's order (QueuedRunCoordinatorDaemon._priority_sort)."""
+    try:
+        return int(run.tags.get(PRIORITY_TAG, "0"))
+    except ValueError:
+        return 0
 
 
 def ensure_partition(instance: DagsterInstance, config: Config, run: DagsterRun) -> None:

@@ -19,9 +19,9 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import wait as wait_for_any
 from typing import Any, NoReturn
 
@@ -75,8 +75,11 @@ class RunPool:
     """Queued runs, started in order as the limits allow, and the children executing them."""
 
     def __init__(self, instance: DagsterInstance, workers: int,
-                 tag_limits: Sequence[Mapping[str, Any]]) -> None:
+                 tag_limits: Sequence[Mapping[str, Any]],
+                 route: Callable[[DagsterRun], DagsterRun] = lambda run: run) -> None:
+        """`route`: a run's tags made current as it is about to start (routing.reroute)."""
         self.instance, self.workers, self.tag_limits = instance, workers, list(tag_limits)
+        self.route = route
         self.queue: deque[Queued] = deque()
         self.children: dict[int, _Child] = {}  # by the read end of a pipe only it writes to
 
@@ -146,16 +149,26 @@ class RunPool:
         return finished
 
     def _start_ready(self) -> None:
+        """Start the queued runs the limits allow, in order. A run the limits would start is
+        routed again first (`route`): its link may have changed while it waited (a backfill's
+        copy submitted before any archive held the package had none), and it is judged by the
+        link it loads now. Later runs on other links may start past a blocked one, as in the
+        daemon's queue."""
         running = [child.queued.run for child in self.children.values()]
         counter = TagConcurrencyLimitsCounter(self.tag_limits, running)
-        for queued in list(self.queue):
+        index = 0
+        while index < len(self.queue):
             if len(self.children) >= self.workers:
                 return
-            if counter.is_blocked(queued.run):
-                continue  # as the daemon's queue: later runs on other links may start
-            self.queue.remove(queued)
-            self._start(queued)
-            counter.update_counters_with_launched_item(queued.run)
+            queued = self.queue[index]
+            if not counter.is_blocked(queued.run):
+                queued = self.queue[index] = replace(queued, run=self.route(queued.run))
+                if not counter.is_blocked(queued.run):
+                    del self.queue[index]
+                    self._start(queued)
+                    counter.update_counters_with_launched_item(queued.run)
+                    continue
+            index += 1
         if self.queue and not self.children:  # a tag limit of 0: never startable
             for queued in self.queue:
                 self._fail(queued.run, "a tag concurrency limit of 0 in dagster.yaml blocks it")

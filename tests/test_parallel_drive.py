@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -20,6 +21,7 @@ from dagster import (
     BetaWarning,
     DagsterInstance,
     DagsterRunStatus,
+    Definitions,
     PreviewWarning,
     RunsFilter,
 )
@@ -158,6 +160,150 @@ def test_no_link_carries_more_runs_at_once_than_its_limit(
     assert sum(len(t) for t in transfers.values()) == 4 * 2  # each package to each archive
     for link, intervals in transfers.items():
         assert most_at_once(intervals) <= LIMITS[link], (link, sorted(intervals))
+
+
+def transfers_by_link(opsdb: OpsDB) -> dict[str, list[tuple[str | None, float, float]]]:
+    """OpsDB's transfers between sites per link: (the run that made it, started, finished)."""
+    origin, destination = aliased(DataLocation), aliased(DataLocation)
+    origin_site, destination_site = aliased(Site), aliased(Site)
+    with opsdb.session() as session:
+        rows = session.execute(
+            select(origin_site.short_name, destination_site.short_name, Operation.run_id,
+                   Operation.started_at, Operation.finished_at)
+            .join(origin, Operation.source_location_id == origin.id)
+            .join(origin_site, origin.site_id == origin_site.id)
+            .join(destination, Operation.destination_location_id == destination.id)
+            .join(destination_site, destination.site_id == destination_site.id)
+            .where(Operation.operation_type == OperationType.TRANSFER)).all()
+    found: dict[str, list[tuple[str | None, float, float]]] = defaultdict(list)
+    for source_site, target_site, run_id, started, finished in rows:
+        assert finished is not None
+        found[f"{source_site}->{target_site}"].append(
+            (run_id, started.timestamp(), finished.timestamp()))
+    return found
+
+
+def backfill_before_any_source(config: Config, opsdb: OpsDB, instance: DagsterInstance,
+                               defs: Definitions) -> dict[str, str]:
+    """4 packages built, and the UI's backfill of `site_copies` for each package's second
+    archive submitted now, while no archive holds them: the run coordinator finds no copy to
+    send from, hence no link. Returns each package's primary archive."""
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.run_coordinator import SubmitRunContext
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    from ccat_dt.packages import plan_packages
+    from tests.browser import REPO
+    from tests.test_operator_actions import by_hand
+    from tests.test_routing import partition_tags
+
+    observe(config, opsdb, observations=2)  # 4 packages, 2 per primary archive site
+    with opsdb.session() as session:
+        primary = {p.name: p.primary_site.short_name for p in plan_packages(session, config)}
+    instance.add_dynamic_partitions("packages", list(primary))
+    job = defs.resolve_implicit_global_asset_job_def()
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(LoadableTargetOrigin(  # workspace.yaml's
+        module_name="ccat_assets.definitions", attribute="defs", working_directory=str(REPO)),
+        location_name="ccat_assets.definitions:defs")
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job.name)
+    for package, site in primary.items():
+        assert by_hand(defs, instance, "packages", package)
+        second = next(s.short_name for s in config.settings.archive_sites
+                      if s.short_name != site)
+        run = instance.create_run_for_job(
+            job, tags={**partition_tags(package, second), "dagster/backfill": "b1"},
+            asset_selection=frozenset({AssetKey("site_copies")}),
+            remote_job_origin=origin)
+        queued = instance.run_coordinator.submit_run(SubmitRunContext(run, workspace=None))  # type: ignore[arg-type]
+        assert queued.status == DagsterRunStatus.QUEUED and not queued.tags.get(LINK_TAG)
+    return primary
+
+
+def archive_at_primary(defs: Definitions, instance: DagsterInstance,
+                       primary: dict[str, str]) -> None:
+    from ccat_assets.partitions import package_site_key
+    from tests.test_operator_actions import by_hand
+
+    for package, site in primary.items():
+        for asset in ("site_copies", "lta_copies"):
+            assert by_hand(defs, instance, asset, str(package_site_key(package, site)))
+
+
+def assert_archive_links_kept(opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """Each copy between archives was made by a run tagged with its link (what the run limits
+    count), and no link carried more of those runs, or transfers, at once than its limit."""
+    runs = {r.dagster_run.run_id: r for r in instance.get_run_records()}
+    for link in ("cologne->us", "us->cologne"):
+        made = transfers_by_link(opsdb)[link]
+        assert len(made) == 2 and all(run_id for run_id, _, _ in made)
+        by = [runs[run_id or ""] for run_id, _, _ in made]
+        assert [r.dagster_run.tags.get(LINK_TAG) for r in by] == [link, link], link
+        assert most_at_once((r.start_time or 0, r.end_time or 0) for r in by) <= LIMITS[link]
+        assert most_at_once((s, e) for _, s, e in made) <= LIMITS[link]
+
+
+def test_a_backfill_queued_before_its_source_existed_keeps_to_the_link_it_loads(
+        limited: tuple[Config, OpsDB, DagsterInstance], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UI's backfill of copies to the second archives, submitted before any archive held
+    the packages (no link); the drive takes the runs in while the run limit is taken, and by
+    the time a slot is free the primary archive has the packages: they copy archive to
+    archive. Before, they started as routed when submitted, untagged: both runs on
+    cologne->us (limit 1) at once."""
+    config, opsdb, instance = limited
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))  # the coordinator's configuration
+    defs = build_definitions(config)
+    primary = backfill_before_any_source(config, opsdb, instance, defs)
+    adopt_queued = _Runs.adopt_queued
+
+    def while_the_run_limit_is_taken(runs: _Runs) -> None:
+        """The first round takes the queued runs in while no slot is free (other runs hold
+        the run limit); meanwhile the primary archives receive the packages."""
+        assert runs.pool is not None
+        if not instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.QUEUED])):
+            adopt_queued(runs)
+            return
+        workers, runs.pool.workers = runs.pool.workers, 0
+        adopt_queued(runs)
+        assert len(runs.pool.queue) == len(primary)
+        archive_at_primary(defs, instance, primary)
+        runs.pool.workers = workers
+
+    monkeypatch.setattr(_Runs, "adopt_queued", while_the_run_limit_is_taken)
+    report = drive(defs, instance)
+
+    assert report.failed == [] and len(report.adopted) == len(primary)
+    archived_everywhere(config, opsdb)
+    assert_archive_links_kept(opsdb, instance)
+
+
+def test_the_daemon_dequeues_a_backfill_by_the_link_it_loads_now(
+        limited: tuple[Config, OpsDB, DagsterInstance], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """The same backfill, dequeued by Dagster's daemon once the primary archives have the
+    packages: the daemon's dequeue reads each run's link tag, routed again just before
+    (routing.RoutedRunCoordinator.get_run_queue_config). Before, the runs kept the tags of
+    their submission, no link: both runs on cologne->us started at once."""
+    from tests.browser import dagster_daemon
+
+    config, opsdb, instance = limited
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+    defs = build_definitions(config)
+    primary = backfill_before_any_source(config, opsdb, instance, defs)
+    archive_at_primary(defs, instance, primary)
+    backfill = RunsFilter(tags={"dagster/backfill": "b1"})
+
+    home = Path(instance.root_directory)
+    with dagster_daemon(home, config.path, tmp_path / "daemon.log"):
+        deadline = time.monotonic() + 120
+        while any(run.status in IN_FLIGHT for run in instance.get_runs(backfill)):
+            assert time.monotonic() < deadline, "the daemon never finished the backfill"
+            time.sleep(0.5)
+    assert {run.status for run in instance.get_runs(backfill)} == {DagsterRunStatus.SUCCESS}
+    assert_archive_links_kept(opsdb, instance)
 
 
 def storage(config: Config) -> dict[str, set[tuple[str, int, str]]]:
