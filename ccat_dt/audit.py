@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import CursorResult, select, update
+from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ALGORITHM
 from ccat_dt.config import Config
@@ -33,6 +34,7 @@ from ccat_dt.opsdb.models import (
     Operation,
     OperationStatus,
     OperationType,
+    PackageCopy,
     PhysicalCopy,
     RawDataFile,
     RawDataPackage,
@@ -40,6 +42,7 @@ from ccat_dt.opsdb.models import (
     _aware,
     utcnow,
 )
+from ccat_dt.packages import lock_package, not_the_package
 from ccat_dt.replicas import refresh_state
 from ccat_dt.staged_files import SCRATCH
 from ccat_dt.storage import (
@@ -135,7 +138,8 @@ class _Broken:
     finding: Finding
     record: _Recorded
     relative_path: str
-    why: str  # lost | size | symlink | checksum | unreadable
+    why: str  # lost | size | symlink | checksum | unreadable | intact
+    seen: Seen | None = None  # the file as it was hashed (intact): the one judged
 
 
 @dataclass
@@ -173,7 +177,9 @@ def audit(opsdb: OpsDB, *, checksums: bool = False, repair: bool = False,
     otherwise), and of every CORRUPT copy of the recorded size: one whose bytes match again (a
     copy restored from a backup) is reported. `repair` marks lost or changed PRESENT copies
     CORRUPT, which freezes every purge of their package until a good copy replaces them, marks
-    CORRUPT copies whose bytes matched again PRESENT (a LOST package is lifted), and removes
+    CORRUPT copies whose bytes matched again PRESENT (a LOST package is lifted; not a tar that
+    is no longer its package's, e.g. built before `exclude` took a file out, nor a file
+    replaced or removed since it was hashed), and removes
     local temporary files abandoned for over 24 hours (never at a SOURCE location: nothing of
     ours writes there, so a file named like a temporary one is an instrument's, reported as
     unknown and left alone; at a PROCESSING location only the staging step's, the others
@@ -278,7 +284,29 @@ def _audit_location(opsdb: OpsDB, location: _Location, nested: set[str], ssh: Ss
     if checksums and walk.to_hash:
         _compare_checksums(walk, location, ssh)
     _drop_overtaken(opsdb, location, walk)
+    _drop_superseded(opsdb, walk)
     return walk
+
+
+def _superseded(session: Session, copy_id: int) -> str | None:
+    """Why a (CORRUPT) copy is not its package's tar now, whatever its bytes (a file was
+    taken out of the package, or another build replaced it: packages.not_the_package)."""
+    copy = session.get(PhysicalCopy, copy_id)
+    return not_the_package(copy.package, copy) if isinstance(copy, PackageCopy) else None
+
+
+def _drop_superseded(opsdb: OpsDB, walk: _Walk) -> None:
+    """A quarantined tar whose bytes match its own checksum is not "intact again" when it is
+    not the package any more (built before a file was taken out, or by a build that was
+    quarantined): OpsDB rightly holds it CORRUPT until the rebuild replaces it."""
+    if not walk.intact_again:
+        return
+    with opsdb.session() as session:
+        stale = {b.record.copy_id for b in walk.intact_again
+                 if _superseded(session, b.record.copy_id) is not None}
+    walk.intact_again = [b for b in walk.intact_again if b.record.copy_id not in stale]
+    walk.findings = [f for f in walk.findings
+                     if not (f.kind == INTACT_AGAIN and f.copy_id in stale)]
 
 
 def _drop_overtaken(opsdb: OpsDB, location: _Location, walk: _Walk) -> None:
@@ -428,7 +456,8 @@ def _judge_checksum(walk: _Walk, location: _Location, entry: Entry, record: _Rec
                               record.copy_id, "recorded corrupt, its bytes match the recorded "
                               f"{ALGORITHM} again: PRESENT again with repair")
             walk.findings.append(finding)
-            walk.intact_again.append(_Broken(finding, record, entry.relative_path, "intact"))
+            walk.intact_again.append(_Broken(finding, record, entry.relative_path, "intact",
+                                             seen))
         return
     problem, why = None, "checksum"
     if seen.problem is not None:
@@ -521,7 +550,7 @@ def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
             changed_packages.add(record.package_id)
         repaired.append(f"copy {record.copy_id} at {location.label} marked corrupt "
                         f"({finding.kind}: {finding.path})")
-    _restore(opsdb, location, walk.intact_again, repaired, changed_packages)
+    _restore(opsdb, location, ssh, walk.intact_again, repaired, changed_packages)
     for upload in walk.uploads:
         try:
             if location.stores.at(location.root).abort_uploads(upload.relative_path,
@@ -542,12 +571,32 @@ def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
     return []
 
 
-def _restore(opsdb: OpsDB, location: _Location, intact: list[_Broken], repaired: list[str],
-             changed_packages: set[int]) -> None:
-    """CORRUPT copies the audit just re-read to their checksum: PRESENT, verified now."""
-    for item in intact:
+def _restore(opsdb: OpsDB, location: _Location, ssh: SshSettings, intact: list[_Broken],
+             repaired: list[str], changed_packages: set[int]) -> None:
+    """CORRUPT copies the audit re-read to their checksum: PRESENT, verified now, if the file
+    is still the one hashed (looked at again just now: same size, same file) and the copy is
+    still its package's tar (a file taken out of the package meanwhile, or a rebuild, leaves
+    it quarantined)."""
+    if not intact:
+        return
+    try:
+        now_seen = location.stores.look(location.root, location.host, ssh,
+                                        [Wanted(b.relative_path, rehash=False) for b in intact])
+    except StorageUnavailable:
+        return  # reported as intact again; restored by an audit that can look
+    with opsdb.session() as session:
+        names: dict[int, str] = {id_: name for id_, name in session.execute(
+            select(RawDataPackage.id, RawDataPackage.name).where(RawDataPackage.id.in_(
+                {b.record.package_id for b in intact if b.record.package_id is not None})))}
+    for item, seen in zip(intact, now_seen, strict=True):
         record, now = item.record, utcnow()
+        if not _unchanged(item.seen, seen):
+            continue  # replaced, removed or written to since it was hashed: not judged
         with opsdb.session() as session:
+            if record.package_id in names:  # its first write: serialised with `exclude`
+                lock_package(session, names[record.package_id])
+            if _superseded(session, record.copy_id) is not None:
+                continue
             # Compare-and-set: a repair that superseded the copy meanwhile wins.
             result = session.execute(update(PhysicalCopy).where(
                 PhysicalCopy.id == record.copy_id, PhysicalCopy.status == CopyStatus.CORRUPT)
@@ -564,6 +613,13 @@ def _restore(opsdb: OpsDB, location: _Location, intact: list[_Broken], repaired:
             changed_packages.add(record.package_id)
         repaired.append(f"copy {record.copy_id} at {location.label} intact again, marked "
                         f"present ({item.finding.path})")
+
+
+def _unchanged(hashed: Seen | None, seen: Seen) -> bool:
+    """Is the file looked at just now the one that was hashed (same size and identity)?"""
+    return hashed is not None and seen.problem is None and hashed.problem is None and (
+        (seen.size, seen.inode, seen.device, seen.mtime_ns)
+        == (hashed.size, hashed.inode, hashed.device, hashed.mtime_ns))
 
 
 def _still_broken(seen: Seen, record: _Recorded, why: str) -> bool:

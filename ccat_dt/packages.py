@@ -340,6 +340,24 @@ def supersede(session: Session, operation: Operation) -> None:
         .execution_options(synchronize_session=False))
 
 
+def not_the_package(package: RawDataPackage, copy: PackageCopy) -> str | None:
+    """Why a copy of the package, however intact its bytes, is not the package now (None
+    when it is): a tar of another build (its checksum is not the package's: one quarantined
+    because a file was taken out while it was built, or one a rebuild replaced), or the tar
+    from before a file was taken out (`ccat-dt exclude`: its manifest lists a file the package
+    no longer has). Such a copy stays CORRUPT whatever a re-read or an audit finds in it: only
+    the rebuild replaces it."""
+    if copy.checksum != package.checksum:
+        return (f"copy {copy.id} is the tar of another build ({copy.checksum}; the package is "
+                f"{package.checksum or 'not built yet'}): it stays quarantined")
+    listed = (package.manifest or {}).get("files")
+    if listed is not None and sorted(e["path"] for e in listed) != sorted(
+            f.relative_path for f in package.files):
+        return (f"copy {copy.id} holds the package as built before a file was taken out of "
+                "it: it stays quarantined until the package is built again")
+    return None
+
+
 def overwritten(session: Session, package: RawDataPackage, old: PackageCopy, by: str,
                 new_id: int, now: datetime) -> None:
     """Record a copy whose file a new copy replaced in place (a rebuild, a repair): DELETED,

@@ -32,7 +32,14 @@ from ccat_dt.opsdb.models import (
     StorageType,
     utcnow,
 )
-from ccat_dt.packages import get_package, lock_package, overwritten, package_path, supersede
+from ccat_dt.packages import (
+    get_package,
+    lock_package,
+    not_the_package,
+    overwritten,
+    package_path,
+    supersede,
+)
 from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef, Placement
 from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
@@ -793,7 +800,7 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
                               run_id=run_id)
         session.add(operation)
         label = f"{copy.location.site.short_name}/{copy.location.name}"
-        expected = pkg.checksum
+        expected, name = pkg.checksum, pkg.name
     try:
         [seen] = Stores.of(config).look(root, host, ssh_settings(config),
                                         [Wanted(relative, rehash=True)])
@@ -806,7 +813,12 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
     problem = seen.problem or (None if actual == expected else
                                f"checksum mismatch: expected {expected}, read {actual}")
     with opsdb.session() as session:
+        lock_package(session, name)  # against a file taken out (exclude) meanwhile
         stored = session.get_one(PackageCopy, copy_id)
+        if problem is None and stored.status == CopyStatus.CORRUPT:
+            # intact bytes of a tar that is not the package any more (a file was taken out):
+            # quarantined until the rebuild replaces it, never PRESENT again
+            problem = not_the_package(stored.package, stored)
         if problem is None:
             stored.verified_at = utcnow()
             if stored.status == CopyStatus.CORRUPT:

@@ -232,6 +232,41 @@ def test_corrupt_copy_restored_from_a_backup_is_present_again_only_when_its_byte
     assert purge_package(opsdb, config, victim, now=utcnow() + LATER).deleted > 0
 
 
+def test_a_copy_taken_away_after_the_audit_hashed_it_is_not_marked_present(
+        config: Config, opsdb: OpsDB, lta: list[tuple[str, int, Path]],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A corrupt copy whose bytes were put back matches when the audit hashes it; then the file
+    is taken away (the person who put it back moves it again) before the repair records it.
+    The repair looks at the file again at that moment: not the file it hashed, nothing
+    marked. Before, the copy became PRESENT with no file at its path."""
+    import ccat_dt.audit as audit_module
+
+    _, copy_id, path = lta[0]
+    backup = tmp_path / "backup.tar"
+    shutil.copy2(path, backup)
+    flip_byte(path)
+    audit(opsdb, checksums=True, repair=True, config=config)
+    assert status(opsdb, copy_id) == CopyStatus.CORRUPT
+    shutil.copy2(backup, path)  # put back by a person
+    real = audit_module._compare_checksums
+
+    def hashed_then_taken_away(walk: Any, location: Any, ssh: Any) -> None:
+        real(walk, location, ssh)
+        if path.exists() and any(b.record.copy_id == copy_id for b in walk.intact_again):
+            path.rename(tmp_path / "moved-away.tar")
+
+    monkeypatch.setattr(audit_module, "_compare_checksums", hashed_then_taken_away)
+    report = audit(opsdb, checksums=True, repair=True, config=config)
+
+    assert not path.exists()  # the storage
+    assert [f.kind for f in report.findings if f.copy_id == copy_id] == ["intact_again"]
+    assert report.repaired == []
+    assert status(opsdb, copy_id) == CopyStatus.CORRUPT
+    monkeypatch.undo()
+    assert audit(opsdb, checksums=True, repair=True, config=config).repaired == []
+    assert status(opsdb, copy_id) == CopyStatus.CORRUPT
+
+
 def test_truncated_lta_copy_is_changed_and_repair_marks_it_corrupt(
         opsdb: OpsDB, lta: list[tuple[str, int, Path]]) -> None:
     _, copy_id, path = lta[1]

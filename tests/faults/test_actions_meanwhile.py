@@ -16,10 +16,18 @@ from sqlalchemy import select
 import ccat_dt.packages as packages
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import RawDataFile, RawDataPackage
+from ccat_dt.opsdb.models import CopyStatus, PackageCopy, RawDataFile, RawDataPackage
 from ccat_dt.tarball import read_manifest
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import REPO, observe, package_names, run, source_root
+from tests.faults.pipeline import (
+    REPO,
+    archived_everywhere,
+    observe,
+    package_names,
+    plan,
+    run,
+    source_root,
+)
 from tests.faults.storage_truth import lost_filed_files
 
 
@@ -76,6 +84,78 @@ def test_exclude_while_the_package_is_being_built(
     assert manifest == recorded | ({relative} if not excluded else set())
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
+
+
+def _archived_members(config: Config) -> set[str]:
+    """The files in the package tars of every long-term archive, as their manifests list them."""
+    return {entry.path for site in ("cologne", "us")
+            for tar in config.resolve_root(f"sites/{site}/lta").rglob("*.tar")
+            for entry in read_manifest(tar)}
+
+
+def _taken_out_everywhere(config: Config, opsdb: OpsDB, relative: str) -> None:
+    """The package went out without the file, as `exclude` said; its first tar is no copy."""
+    [name] = package_names(opsdb)
+    with opsdb.session() as session:
+        package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == name))
+        assert package is not None
+        manifest = {f["path"] for f in (package.manifest or {})["files"]}
+        recorded = {f.relative_path for f in package.files}
+        checksums = {c.checksum for c in package.copies if c.status == CopyStatus.PRESENT}
+        assert checksums == {package.checksum}, checksums
+    assert relative not in _archived_members(config)  # the storage
+    assert manifest == recorded and relative not in recorded
+    archived_everywhere(config, opsdb)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+
+
+def test_exclude_after_the_tar_is_recorded_before_its_check_keeps_the_file_out(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ccat-dt exclude FILE` once the packaging run recorded its tar, before that run's check
+    re-reads it: the tar is quarantined by the command, and the check finds its bytes intact.
+    Before, that re-read marked the tar PRESENT again ("checksum matches"): the package was
+    never rebuilt and both archives got the file the command said was taken out. Now the
+    check is red (the tar is not the package any more) and the package is rebuilt without it."""
+    files = observe(config, opsdb, files=3)
+    relative = files[1].relative_to(source_root(config)).as_posix()
+    real = packages.build
+    told: list[subprocess.CompletedProcess[str]] = []
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        built = real(*args, **kwargs)  # the tar recorded PRESENT, the run's check not yet run
+        if not told:
+            told.append(cli(config, "exclude", relative, "--reason", "private calibration"))
+        return built
+
+    monkeypatch.setattr(packages, "build", build)
+    run(config, instance, workers=1)
+    [done] = told
+    assert done.returncode == 0, done.stderr
+    _taken_out_everywhere(config, opsdb, relative)
+
+
+def test_audit_repair_after_an_exclude_leaves_the_old_tar_quarantined(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """`ccat-dt audit --checksums --repair` between `exclude` and the rebuild: the old tar is
+    CORRUPT in OpsDB and its bytes match its checksum. It is not "intact again" (it holds the
+    file taken out): nothing is reported or repaired, and the package is rebuilt without the
+    file. Before, the audit marked it PRESENT and the drive sent it to both archives."""
+    files = observe(config, opsdb, files=3)
+    relative = files[1].relative_to(source_root(config)).as_posix()
+    name = plan(config, opsdb, instance)
+    packages.build(opsdb, config, name)  # the packaging step: its tar at the observatory
+    assert cli(config, "exclude", relative, "--reason", "private calibration").returncode == 0
+
+    audited = cli(config, "audit", "--checksums", "--repair")
+    assert audited.returncode == 0, audited.stdout + audited.stderr
+    assert "0 repaired" in audited.stdout, audited.stdout
+    with opsdb.session() as session:
+        statuses = [c.status for c in session.scalars(select(PackageCopy))]
+    assert statuses == [CopyStatus.CORRUPT]
+    run(config, instance)
+    _taken_out_everywhere(config, opsdb, relative)
 
 
 def test_release_while_the_request_is_being_unpacked(
