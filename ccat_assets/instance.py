@@ -93,7 +93,16 @@ def write_instance_yaml(config: Config, home: Path) -> Path:
         instance_settings(config)["concurrency"]["runs"]["tag_concurrency_limits"])
     if not _storage_set_by_hand(kept):  # `init` again on a production instance keeps its
         settings.update(embedded_storage(home))  # database (was: switched back to SQLite)
-    path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
+    # Whole or not at all: a process opening the instance meanwhile (the daemon's run
+    # workers, a cron `drive`, the UI, another `init`) reads the old file or the new one,
+    # never a truncated one (a YAML error, or Dagster's defaults: no run limits, another
+    # storage; another `init` would have kept nothing of the operator's settings).
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        partial.write_text(header + yaml.safe_dump(settings, sort_keys=False))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -125,6 +125,51 @@ def test_init_again_after_a_new_route_keeps_what_the_operator_set_in_the_instanc
         assert isinstance(instance.run_storage, SqliteRuns)
 
 
+def test_a_process_opening_the_instance_while_init_rewrites_it_gets_the_whole_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ccat-dt init` again on a running deployment (after a change of routes) while another
+    process opens the instance: the daemon's run worker, a cron `drive`, the UI, another
+    `init`. The rewrite is stopped half-way here, and the instance opened at that moment.
+    Before, dagster.yaml was rewritten in place: the other process read half a file (a YAML
+    error, an invalid config) or an empty one (Dagster's defaults: another run storage, no
+    run limits), and a second `init` reading it kept nothing of the operator's settings."""
+    deploy = tmp_path / "deploy"
+    main(["init", str(deploy)])
+    home = deploy / "dagster_home"
+    instance_file = home / "dagster.yaml"
+    edited = yaml.safe_load(instance_file.read_text())
+    edited["concurrency"]["runs"]["max_concurrent_runs"] = 3  # an operator's setting
+    instance_file.write_text(yaml.safe_dump(edited))
+    real = Path.write_text
+    seen: list[dict[str, object]] = []
+
+    def half_then_whole(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        if self.parent != home or seen:
+            return real(self, data, *args, **kwargs)  # type: ignore[arg-type]
+        real(self, data[:len(data) // 2], *args, **kwargs)  # type: ignore[arg-type]
+        try:  # what another `init` reads
+            seen.append(yaml.safe_load(instance_file.read_text()) or {})
+        except yaml.YAMLError as exc:
+            seen.append({"error": str(exc)})
+        try:  # what another process opens
+            with DagsterInstance.from_config(str(home)) as instance:
+                seen.append({"run_storage": type(instance.run_storage).__name__})
+        except Exception as exc:  # noqa: BLE001 - shown by the assertion below
+            seen.append({"error": str(exc)})
+        return real(self, data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", half_then_whole)
+    main(["init", str(deploy)])
+    monkeypatch.undo()
+
+    kept, opened = seen
+    assert kept == edited
+    assert opened == {"run_storage": SqliteRuns.__name__}
+    written = yaml.safe_load(instance_file.read_text())
+    assert written["concurrency"]["runs"]["max_concurrent_runs"] == 3
+    assert [p.name for p in home.iterdir() if p.name.startswith(".")] == []
+
+
 def test_a_dagster_yaml_dagster_refuses_is_named_with_what_to_fix(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
