@@ -139,7 +139,7 @@ class _Broken:
     record: _Recorded
     relative_path: str
     why: str  # lost | size | symlink | checksum | unreadable | intact
-    seen: Seen | None = None  # the file as it was hashed (intact): the one judged
+    seen: Seen | None = None  # the file as it was hashed (intact, checksum): the one judged
 
 
 @dataclass
@@ -470,7 +470,8 @@ def _judge_checksum(walk: _Walk, location: _Location, entry: Entry, record: _Rec
         path = os.path.join(location.root_path, entry.relative_path)
         finding = Finding(CHANGED, location.label, path, record.copy_id, problem)
         walk.findings.append(finding)
-        walk.broken.append(_Broken(finding, record, entry.relative_path, why))
+        walk.broken.append(_Broken(finding, record, entry.relative_path, why,
+                                   seen if why == "checksum" else None))
 
 
 def _partial(walk: _Walk, location: _Location, entry: Entry, now: datetime,
@@ -531,7 +532,7 @@ def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
         now_seen = []
     for broken, seen in zip(candidates, now_seen, strict=True):
         finding, record = broken.finding, broken.record
-        if not _still_broken(seen, record, broken.why):
+        if not _still_broken(seen, record, broken.why, broken.seen):
             continue
         with opsdb.session() as session:
             # Compare-and-set: a deletion or repair that got there first wins.
@@ -622,14 +623,17 @@ def _unchanged(hashed: Seen | None, seen: Seen) -> bool:
         == (hashed.size, hashed.inode, hashed.device, hashed.mtime_ns))
 
 
-def _still_broken(seen: Seen, record: _Recorded, why: str) -> bool:
+def _still_broken(seen: Seen, record: _Recorded, why: str, hashed: Seen | None = None) -> bool:
     """Does the storage, looked at again just now, still show what the audit found?
 
-    A checksum mismatch is not re-read (too slow); it stands while the size is unchanged."""
+    A checksum mismatch is not re-read (too slow); it stands while the file is the one hashed
+    (`hashed`: same size, inode, device and mtime; one put back from a backup since is not)."""
     if why == LOST:
         return seen.missing
     if why == "symlink":
         return seen.problem is not None and "symlink" in seen.problem
     if why == "unreadable" or seen.problem is not None:
         return False  # an I/O error may be passing, or it changed again: only reported
+    if why == "checksum" and hashed is not None:
+        return _unchanged(hashed, seen)
     return seen.size != record.size if why == "size" else seen.size == record.size

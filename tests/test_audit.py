@@ -267,6 +267,38 @@ def test_a_copy_taken_away_after_the_audit_hashed_it_is_not_marked_present(
     assert status(opsdb, copy_id) == CopyStatus.CORRUPT
 
 
+def test_a_copy_put_back_after_the_audit_hashed_it_is_not_marked_corrupt(
+        config: Config, opsdb: OpsDB, lta: list[tuple[str, int, Path]],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An LTA copy's bytes are bad when the audit hashes them; a person puts the copy back
+    from a backup before the repair records what the audit found. The repair looks at the
+    file again: not the one it hashed, so it is not marked (no needless repair from another
+    archive). Before, a checksum mismatch stood while the size was the same, and the intact
+    copy was marked CORRUPT."""
+    import ccat_dt.audit as audit_module
+
+    _, copy_id, path = lta[0]
+    backup = tmp_path / "backup.tar"
+    shutil.copy2(path, backup)
+    flip_byte(path)
+    real = audit_module._compare_checksums
+
+    def hashed_then_put_back(walk: Any, location: Any, ssh: Any) -> None:
+        real(walk, location, ssh)
+        if any(b.record.copy_id == copy_id for b in walk.broken):
+            shutil.copy2(backup, path)  # the person's restore, while the audit goes on
+
+    monkeypatch.setattr(audit_module, "_compare_checksums", hashed_then_put_back)
+    report = audit(opsdb, checksums=True, repair=True, config=config)
+
+    assert path.read_bytes() == backup.read_bytes()  # the storage: intact
+    assert [f.kind for f in report.findings if f.copy_id == copy_id] == ["changed"]
+    assert report.repaired == []
+    assert status(opsdb, copy_id) == CopyStatus.PRESENT
+    monkeypatch.undo()
+    assert audit(opsdb, checksums=True, repair=True, config=config).findings == []
+
+
 def test_truncated_lta_copy_is_changed_and_repair_marks_it_corrupt(
         opsdb: OpsDB, lta: list[tuple[str, int, Path]]) -> None:
     _, copy_id, path = lta[1]
