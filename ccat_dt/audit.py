@@ -295,6 +295,14 @@ def _superseded(session: Session, copy_id: int) -> str | None:
     return not_the_package(copy.package, copy) if isinstance(copy, PackageCopy) else None
 
 
+def _taken_away(session: Session, copy_ids: set[int]) -> set[int]:
+    """Copies whose empty path a purge found and accepted (a changed source a person took
+    away): PRESENT until that purge records their deletion under its certificate, not lost."""
+    from ccat_dt.reaper import taken_away  # the deletion side pulls in the transports
+
+    return taken_away(session, copy_ids)
+
+
 def _drop_superseded(opsdb: OpsDB, walk: _Walk) -> None:
     """A quarantined tar whose bytes match its own checksum is not "intact again" when it is
     not the package any more (built before a file was taken out, or by a build that was
@@ -322,6 +330,8 @@ def _drop_overtaken(opsdb: OpsDB, location: _Location, walk: _Walk) -> None:
         gone = {copy_id for copy_id, status in session.execute(
             select(PhysicalCopy.id, PhysicalCopy.status).where(PhysicalCopy.id.in_(ids)))
             if status not in ON_DISK} if ids else set()
+        gone |= _taken_away(session, {f.copy_id for f in walk.findings
+                                      if f.kind == LOST and f.copy_id} - gone)
         recorded = {os.path.normpath(path) for path in session.scalars(
             select(PhysicalCopy.relative_path).where(
                 PhysicalCopy.location_id == location.id, PhysicalCopy.status.in_(ON_DISK),
@@ -535,6 +545,8 @@ def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
         if not _still_broken(seen, record, broken.why, broken.seen):
             continue
         with opsdb.session() as session:
+            if broken.why == LOST and _taken_away(session, {record.copy_id}):
+                continue  # a purge records its deletion (see _taken_away)
             # Compare-and-set: a deletion or repair that got there first wins.
             result = session.execute(update(PhysicalCopy).where(
                 PhysicalCopy.id == record.copy_id, PhysicalCopy.status == CopyStatus.PRESENT)

@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from ccat_dt import claims
@@ -540,6 +540,25 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int,
     return resumed, unknown
 
 
+LOOKED_AGAIN = "a changed source looked at again"
+TAKEN_AWAY = "the path was empty (taken away by hand): decided afresh"
+
+
+def taken_away(session: Session, copy_ids: Collection[int]) -> set[int]:
+    """Those of `copy_ids` that a purge put back to PRESENT because their path was found
+    empty (a changed source a person took away; `_look_again_at_changed_sources`), with
+    nothing done to them since: OpsDB says PRESENT of an empty path on purpose, until the
+    purge deciding them afresh (this one, or the next if it cannot now) records the deletion
+    under its certificate. An audit meanwhile must not take them for lost."""
+    if not copy_ids:
+        return set()
+    latest = select(func.max(Operation.id)).where(
+        Operation.copy_id.in_(copy_ids)).group_by(Operation.copy_id).scalar_subquery()
+    return set(session.scalars(select(Operation.copy_id).where(
+        Operation.id.in_(latest), Operation.reason == LOOKED_AGAIN,
+        Operation.error == TAKEN_AWAY)))
+
+
 def _look_again_at_changed_sources(opsdb: OpsDB, ssh: SshSettings, package_id: int) -> set[int]:
     """A source file changed after its package was built (CORRUPT: its new bytes are in no
     archive) waits for a person, who takes it away or puts the filed bytes back, then runs
@@ -576,8 +595,8 @@ def _look_again_at_changed_sources(opsdb: OpsDB, ssh: SshSettings, package_id: i
             session.add(Operation(
                 operation_type=OperationType.VERIFICATION, status=OperationStatus.COMPLETED,
                 package_id=package_id, copy_id=copy_id, destination_location_id=location,
-                reason="a changed source looked at again",
-                error=("the path was empty (taken away by hand): decided afresh" if gone else
+                reason=LOOKED_AGAIN,
+                error=(TAKEN_AWAY if gone else
                        "the filed bytes were back at the path: decided afresh"),
                 started_at=now, finished_at=now))
         back.add(copy_id)

@@ -39,6 +39,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.reaper import certificate_problems
 from ccat_dt.replicas import check_stage
+from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     archived_everywhere,
     deployment,
@@ -224,6 +225,53 @@ def test_source_rewritten_after_archiving_is_kept(kept: Config, instance: Dagste
                 if p.kind == "source_changed"] == []
     assert certificate_problems(opsdb, config, package) == []
     assert lost_filed_files(config, opsdb) == []
+
+
+def test_an_audit_repair_while_purge_package_records_a_source_taken_away_marks_nothing(
+        kept: Config, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The person took the rewritten source away and runs `purge --package`, which finds its
+    path empty and puts the copy back to PRESENT to decide it afresh (its deletion recorded
+    under a certificate); `ccat-dt audit --repair` (an operator's loop) runs at that moment.
+    Before, the audit took the empty path for a lost copy and marked it CORRUPT, and the purge
+    kept it again as "changed at its source since filing", the person told once more to act
+    on a file already gone. Now the audit leaves it to the purge: nothing lost, nothing
+    marked, and the deletion is recorded."""
+    from tests.faults.test_actions_meanwhile import cli
+
+    opsdb, package, files = archived_with_sources(kept, instance)
+    victim = files[1]
+    victim.write_bytes(os.urandom(victim.stat().st_size + 7))  # rewritten by an instrument
+    config = retention(kept, 0)
+    run(config, instance)
+    moved = victim.with_name("rewritten-by-instrument.dat")
+    victim.rename(moved)  # taken away by a person (kept beside it: unknown to OpsDB)
+    real = reaper._look_again_at_changed_sources
+    audits: list[Any] = []
+
+    def then_audit(*args: Any, **kwargs: Any) -> set[int]:
+        back = real(*args, **kwargs)
+        audits.append(cli(config, "audit", "--repair"))  # at the moment it was put back
+        return back
+
+    monkeypatch.setattr(reaper, "_look_again_at_changed_sources", then_audit)
+    assert run_cli("--config", str(config.path), "purge", "--package", package) == 0
+    monkeypatch.undo()
+
+    [audited] = audits
+    findings = [line.split()[0] for line in audited.stdout.splitlines()
+                if line and not line[0].isspace() and "copies checked" not in line]
+    assert findings == ["dark"], audited.stdout  # the moved file, only reported
+    assert "0 repaired" in audited.stdout, audited.stdout
+    assert not victim.exists()  # the storage
+    with opsdb.session() as session:
+        [copy] = [c for c in session.scalars(select(RawDataFileCopy))
+                  if c.relative_path.endswith(victim.name)]
+        assert copy.status == CopyStatus.DELETED
+        assert [p for p in current_problems(session, config, utcnow())
+                if p.kind == "source_changed"] == []
+    assert certificate_problems(opsdb, config, package) == []
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb, expected_findings=[("dark", moved.name)])
 
 
 def _deletions(opsdb: OpsDB) -> list[tuple[str, str | None]]:
