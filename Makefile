@@ -34,9 +34,16 @@ test-deps:  ## system packages the tests need (sshd, rsync, xxhash, VictoriaMetr
 bench: $(BIN)/.installed  ## benchmarks against xxhsum, tar, cp, rsync; writes docs/benchmarks.md
 	$(BIN)/python -m bench
 
+# The daemon and the webserver each start their own code server, as `dagster-daemon run` and
+# `dagster-webserver` do in production: the daemon starts its own again if it dies (within a
+# minute). With `dagster dev`'s default, one code server behind a proxy serves both, and
+# once killed it stayed dead: every sensor tick and run launch failed until someone
+# reloaded the code location (tests/faults/test_daemon_killed.py).
+UI_COMMAND = $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000 --use-legacy-code-server-behavior
+
 ui: $(BIN)/.installed  ## Dagster UI on the demo's instance: lineage, partitions, checks
 	@test -f "$$CCAT_DT_CONFIG" || { echo "run 'make demo' first"; exit 1; }
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(UI_COMMAND)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
