@@ -82,12 +82,12 @@ from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.schedules import reverse_cron_string_iterator
 
-from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness
+from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness, process_liveness
 from ccat_assets.routing import partition_of, reroute, stages_of, tag_run
 from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
 from ccat_assets.runpool import Finished, Queued, RunPool, run_limits
 from ccat_assets.stages import ASSET_STAGE
-from ccat_assets.tags import DRIVE_TAG, LINK_TAG, NEXT_AT
+from ccat_assets.tags import DAEMON_PROCESS_KEY, DRIVE_TAG, LINK_TAG, NEXT_AT
 from ccat_dt.config import Config
 from ccat_dt.stages import Stage
 
@@ -258,12 +258,38 @@ def _label(run: DagsterRun) -> str:
 
 
 def live_daemon(instance: DagsterInstance, part: str = QUEUED_DAEMON) -> float | None:
-    """Seconds since that part of the Dagster daemon reported, if it runs (DAEMON_FRESH_S)."""
+    """Seconds since that part of the Dagster daemon reported, if it runs: its heartbeat is
+    younger than DAEMON_FRESH_S and its process is not known to be gone (daemon_gone)."""
     beat = instance.get_daemon_heartbeats().get(part)
     if beat is None:
         return None
     age = time.time() - beat.timestamp
-    return age if age < DAEMON_FRESH_S else None
+    return age if age < DAEMON_FRESH_S and daemon_gone(instance, part) is None else None
+
+
+def daemon_gone(instance: DagsterInstance, part: str = SENSOR_DAEMON) -> str | None:
+    """Why the Dagster daemon that wrote that part's last heartbeat runs no more, if that can
+    be told before its heartbeat is DAEMON_FRESH_S old (a daemon killed, or `make ui`
+    stopped, a moment ago): the process recorded as writing that daemon's heartbeats
+    (sqlite_storage.SqliteRuns: its daemon id, host, pid and process identity) is provably
+    gone, on this host and in this pid namespace (inflight.process_liveness). None otherwise:
+    nothing recorded (another storage, a daemon of an older ccat-dt), the record another
+    daemon's (a heartbeat written by a daemon not yet recorded, or the other way round), or
+    its process on another machine or in another container or still there. Never a live
+    daemon's heartbeat taken for a dead one's: the heartbeat names its daemon, and only that
+    daemon's process being gone counts."""
+    beat = instance.get_daemon_heartbeats().get(part)
+    if beat is None:
+        return None
+    stored = instance.run_storage.get_cursor_values({DAEMON_PROCESS_KEY}).get(DAEMON_PROCESS_KEY)
+    try:
+        record = json.loads(stored) if stored else None
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("daemon_id") != beat.daemon_id:
+        return None
+    state = process_liveness(str(record.get("worker", "")), str(record.get("identity", "")))
+    return state.why if state.alive is False else None
 
 
 def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_000,
@@ -374,6 +400,11 @@ def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
     runs = _Runs(repository, instance, report, log, pool, _config_of(defs))
     report.dead_runs = close_dead_runs(instance, log)
     report.closed_runs, report.elsewhere = close_stuck_runs(instance, log)
+    beat = instance.get_daemon_heartbeats().get(SENSOR_DAEMON)
+    if beat is not None and time.time() - beat.timestamp < DAEMON_FRESH_S \
+            and (gone := daemon_gone(instance)):
+        log(f"the Dagster daemon stopped (its heartbeat {time.time() - beat.timestamp:.0f} s "
+            f"ago, but {gone}): this drive ticks the sensors itself")
     if due_schedules and not schedules and live_daemon(instance, SENSOR_DAEMON) is None:
         tick_due_schedules(defs, instance, report, log, runs=runs)
     stopped = stopped_by_operator(instance)
@@ -554,8 +585,8 @@ def wait_for_daemon(instance: DagsterInstance, report: DriveReport, runs: _Runs,
                     _label(run), run.status == DagsterRunStatus.SUCCESS, run.run_id))
         if not runs.busy and _daemon_done(instance, report, sensors, since, wait_s):
             return True
-    log(f"the Dagster daemon stopped (no heartbeat for {DAEMON_FRESH_S:.0f} s): this drive "
-        "ticks the sensors itself")
+    why = daemon_gone(instance) or f"no heartbeat for {DAEMON_FRESH_S:.0f} s"
+    log(f"the Dagster daemon stopped ({why}): this drive ticks the sensors itself")
     return False
 
 

@@ -140,27 +140,37 @@ def record_worker(instance: DagsterInstance, run: DagsterRun) -> None:
     """Tag the run with this process, its run worker (called as the run starts, by the
     executors: routing._routed). Never keeps a run from starting."""
     try:
-        instance.add_run_tags(run.run_id, {
-            WORKER_TAG: f"{socket.gethostname()}:{os.getpid()}",
-            WORKER_ID_TAG: " ".join(f"{key}={value or UNKNOWN}"
-                                    for key, value in _identity(os.getpid()).items()
-                                    if key in RECORDED)})
+        worker, identity = this_process()
+        instance.add_run_tags(run.run_id, {WORKER_TAG: worker, WORKER_ID_TAG: identity})
     except Exception as exc:  # noqa: BLE001 - the run goes on; it is only not checkable
         LOG.warning("run %s: its process not recorded: %s", run.run_id, exc)
 
 
+def this_process() -> tuple[str, str]:
+    """("host:pid", "machine=… namespace=… boot=… start=…") of this process: how a run's
+    worker (record_worker) or the Dagster daemon (sqlite_storage) is recorded, so that
+    process_liveness can tell later whether it still runs."""
+    return (f"{socket.gethostname()}:{os.getpid()}",
+            " ".join(f"{key}={value or UNKNOWN}" for key, value in _identity(os.getpid()).items()
+                     if key in RECORDED))
+
+
 def liveness(run: DagsterRun) -> Liveness:
-    """Whether the process recorded as executing the run (record_worker) still runs. Only on
-    its own machine and pid namespace can that be told; there, a process that is gone, a
-    zombie, one from before a restart of the machine, or another process under its pid means
-    the run's is gone."""
-    worker = run.tags.get(WORKER_TAG, "")
+    """Whether the process recorded as executing the run (record_worker) still runs."""
+    return process_liveness(run.tags.get(WORKER_TAG, ""), run.tags.get(WORKER_ID_TAG, ""))
+
+
+def process_liveness(worker: str, recorded: str) -> Liveness:
+    """Whether the process recorded as `worker` ("host:pid") with the identity `recorded`
+    (this_process) still runs. Only on its own machine and pid namespace can that be told;
+    there, a process that is gone, a zombie, one from before a restart of the machine, or
+    another process under its pid means it is gone."""
     host, _, number = worker.rpartition(":")
     if not host or not number.isdigit():
         return Liveness(None, "no process recorded for it (launched elsewhere, or before "
                               "ccat-dt recorded runs' processes)")
     pid = int(number)
-    then = dict(part.partition("=")[::2] for part in run.tags.get(WORKER_ID_TAG, "").split())
+    then = dict(part.partition("=")[::2] for part in recorded.split())
     now = _identity(pid)
     known = {key: (then.get(key, UNKNOWN), now[key] or UNKNOWN) for key in RECORDED}
     if host != socket.gethostname() or (

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -50,11 +52,15 @@ from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorag
 from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
 from dagster._core.storage.sql import get_alembic_config
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
+from dagster._daemon.types import DaemonHeartbeat
 from dagster._serdes import ConfigurableClassData
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
+from ccat_assets.tags import DAEMON_PROCESS_KEY
 from ccat_dt.transports.base import rename_into_place
+
+LOG = logging.getLogger(__name__)
 
 KEPT_ENGINES = 32  # run files written at once are few: the runs in flight, and the index
 CREATE_LOCK = ".ccat-dt-create.lock"  # in a storage's directory: one process makes its files
@@ -135,11 +141,31 @@ def _kept_engine(url: str, **connect_args: Any) -> Engine:
 
 
 class SqliteRuns(SqliteRunStorage):
-    """SqliteRunStorage with one kept engine."""
+    """SqliteRunStorage with one kept engine, which records the Dagster daemon's process."""
 
     def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
         super().__init__(conn_string, inst_data)
         self._engine = _kept_engine(conn_string)
+        self._daemons: set[str] = set()  # daemon ids whose process this one recorded
+
+    def add_daemon_heartbeat(self, daemon_heartbeat: DaemonHeartbeat) -> None:
+        """The heartbeat, and first (once per daemon id in this process, the daemon's)
+        which process writes it: a heartbeat outlives its daemon by DAEMON_FRESH_S, and a
+        `ccat-dt drive` started meanwhile (`make ui` stopped or killed a moment ago) waited
+        that long for a daemon that was gone. The drive reads the record
+        (driver.daemon_gone); a failure to write it never keeps the heartbeat back."""
+        daemon = daemon_heartbeat.daemon_id
+        if daemon and daemon not in self._daemons:
+            from ccat_assets.inflight import this_process  # Dagster's layer, loaded by then
+
+            worker, identity = this_process()
+            try:
+                self.set_cursor_values({DAEMON_PROCESS_KEY: json.dumps({
+                    "daemon_id": daemon, "worker": worker, "identity": identity})})
+                self._daemons.add(daemon)
+            except db.exc.SQLAlchemyError as exc:
+                LOG.warning("the Dagster daemon's process not recorded: %s", exc)
+        super().add_daemon_heartbeat(daemon_heartbeat)
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None,  # type: ignore[override]

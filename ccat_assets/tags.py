@@ -22,3 +22,7 @@ UNROUTED_TAG = "ccat/unrouted"  # why a run could not be routed
 # Dagster cannot delete a run tag: a blanked tag's value is "", which every reader takes as
 # absent (`run.tags.get(TAG)`, never `TAG in run.tags`).
 NEXT_AT = "next_at"  # a sensor's JSON cursor may say when its next work falls due (epoch s)
+# The process that writes the Dagster daemon's heartbeats (run storage's key-value store; JSON:
+# daemon_id, worker "host:pid", identity as WORKER_ID_TAG): written by the embedded storage
+# (sqlite_storage.SqliteRuns), read by driver.daemon_gone.
+DAEMON_PROCESS_KEY = "ccat/daemon_process"

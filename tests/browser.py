@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -201,12 +202,14 @@ DAEMON_READY = "Instance is configured with the following daemons"
 
 
 @contextmanager
-def dagster_daemon(dagster_home: Path, config_path: Path, log: Path) -> Iterator[None]:
+def dagster_daemon(dagster_home: Path, config_path: Path, log: Path
+                   ) -> Iterator[subprocess.Popen[bytes]]:
     """`dagster-daemon run` over the same instance and workspace, as `make ui` (`dagster dev`)
     runs it beside the webserver: it dequeues the runs the UI submits, executes backfills and
-    ticks the sensors and the schedule. Stopped (with its code server) afterwards, and its
-    heartbeats wiped: Dagster leaves them, and a drive right after would wait for a daemon
-    that is gone until they are DAEMON_FRESH_S old (ccat_assets.driver.wait_for_daemon)."""
+    ticks the sensors and the schedule. Yields its process (the leader of its process group:
+    its code server is in the group). Stopped (with its code server) afterwards, and its
+    heartbeats wiped: Dagster leaves them (a drive on another host would wait for a daemon
+    that is gone until they are DAEMON_FRESH_S old, ccat_assets.driver.wait_for_daemon)."""
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "CCAT_DT_CONFIG": str(config_path)}
     command = [sys.executable, "-c", DAEMON_MAIN, "run", "-w", str(REPO / "workspace.yaml")]
 
@@ -216,8 +219,9 @@ def dagster_daemon(dagster_home: Path, config_path: Path, log: Path) -> Iterator
 
     try:
         with running(command, log=log, ready=ready, timeout_s=START_TIMEOUT_S,
-                     name="dagster-daemon", env=env, cwd=REPO, group=True, poll_s=0.25):
-            yield
+                     name="dagster-daemon", env=env, cwd=REPO, group=True,
+                     poll_s=0.25) as process:
+            yield process
     except DidNotStart as exc:
         raise AssertionError(str(exc)) from exc
     finally:

@@ -8,6 +8,9 @@ own cursors: the same work was launched twice (a package built by the drive's ru
 from __future__ import annotations
 
 import collections
+import os
+import signal
+import socket
 import subprocess
 import time
 import warnings
@@ -36,6 +39,7 @@ from ccat_dt.reaper import certificate_problems
 from ccat_dt.report import disagreements
 from ccat_dt.storage import files_under
 from tests.browser import START_TIMEOUT_S, dagster_daemon
+from tests.faults.invariants import assert_safe
 from tests.helpers import observe
 from tests.test_exit_codes import CCAT_DT, clean_env
 from tests.test_lifecycle import packages
@@ -100,6 +104,48 @@ def test_drive_beside_a_running_daemon_leaves_the_work_to_it_and_ends_when_it_is
         assert "a Dagster daemon ticks the sensors of this deployment" in drive.stdout
         assert f"{len(runs)} run(s) of the Dagster daemon waited for" in drive.stdout
         assert sum(line.startswith("ok ") for line in drive.stdout.splitlines()) == len(runs)
+
+
+def test_drive_right_after_the_daemon_was_killed_does_the_work_at_once(
+        config: Config, opsdb: OpsDB, tmp_path: Path) -> None:
+    """`make ui` killed (kill -9 of the daemon and its code server, as an OOM kill or a closed
+    terminal does), then new data filed and `ccat-dt drive` run: the daemon's last heartbeat
+    is seconds old. Before, the drive waited for that daemon until its heartbeat was 2 min
+    old, then ticked the sensors itself. Now it sees that the daemon's process is gone
+    (recorded with its heartbeats, ccat_assets/sqlite_storage.py), says so and does the work
+    at once; nothing is done twice."""
+    home = config.directory / "dagster_home"
+    write_instance_yaml(config, home)
+    env = clean_env(CCAT_DT_CONFIG=str(config.path), DAGSTER_HOME=str(home))
+    with dagster_daemon(home, config.path, tmp_path / "daemon.log") as daemon, \
+            DagsterInstance.from_config(str(home)) as instance:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while SENSOR_DAEMON not in instance.get_daemon_heartbeats():  # its sensor part is up
+            assert time.monotonic() < deadline, "the daemon's sensor part never reported"
+            time.sleep(0.2)
+        os.killpg(daemon.pid, signal.SIGKILL)  # the daemon and its code server
+        daemon.wait()
+        source = observe(config, opsdb, observations=1, files=1)
+
+        drive = subprocess.run([CCAT_DT, "drive", "--wait", "0"], capture_output=True,
+                               text=True, stdin=subprocess.DEVNULL, env=env, timeout=600,
+                               check=False)
+
+        assert drive.returncode == 0, drive.stdout + drive.stderr
+        assert "a Dagster daemon ticks the sensors" not in drive.stdout, drive.stdout
+        assert (f"but its process {daemon.pid} on {socket.gethostname()} is gone): this drive "
+                "ticks the sensors itself") in drive.stdout, drive.stdout
+        runs = instance.get_runs()
+        assert runs and all(r.tags.get(DRIVE_TAG) for r in runs)  # the drive's, every one
+        keys = collections.Counter(r.tags.get("dagster/run_key") for r in runs)
+        assert [key for key, n in keys.items() if n > 1] == []
+        assert {r.status for r in runs} == {DagsterRunStatus.SUCCESS}
+    found = packages(opsdb)
+    assert len(found) == 2 and {p.state for p in found} == {PackageState.ARCHIVED}
+    assert files_under(source) == []
+    assert transfers_out_of_the_observatory(opsdb) == sorted(
+        (p.name, p.primary_site.short_name) for p in found)
+    assert_safe(config, opsdb)
 
 
 def transfers_out_of_the_observatory(opsdb: OpsDB) -> list[tuple[str, str]]:

@@ -39,13 +39,21 @@ from dagster import (
     RunsFilter,
 )
 from dagster._core.execution.plan.resume_retry import ReexecutionStrategy
+from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import ModuleTarget
 from dagster._daemon.types import DaemonHeartbeat
 from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import QUEUED_DAEMON, close_dead_runs, drive
+from ccat_assets.driver import (
+    QUEUED_DAEMON,
+    SENSOR_DAEMON,
+    close_dead_runs,
+    daemon_gone,
+    drive,
+    live_daemon,
+)
 from ccat_assets.inflight import (
     IN_FLIGHT,
     WORKER_ID_TAG,
@@ -67,7 +75,7 @@ from ccat_dt.queues import transfer_queue
 from ccat_dt.stages import Stage
 from sensors.reattempt import outcome as run_outcome
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import REPO, deployment, observe, plan, wait_for
+from tests.faults.pipeline import REPO, _environment, deployment, observe, plan, wait_for
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -284,6 +292,62 @@ def test_a_run_queued_without_a_daemon_is_executed_by_drive(
         assert report.failed == []
         archived_from_the_storage(config, raw)
         assert_safe(config, opsdb)
+
+
+# A Dagster daemon's heartbeat, written as the daemon writes it (through the instance's run
+# storage, in the process that beats); then the process waits to be killed.
+HEARTBEAT = """
+import sys, time
+from dagster import DagsterInstance
+from dagster._daemon.types import DaemonHeartbeat
+with DagsterInstance.from_config(sys.argv[1]) as instance:
+    for part in ("SENSOR", "QUEUED_RUN_COORDINATOR"):
+        instance.add_daemon_heartbeat(DaemonHeartbeat(time.time(), part, sys.argv[2], None))
+    print("beat", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_drive_does_not_wait_for_a_daemon_whose_process_is_gone(
+        config: Config, instance: DagsterInstance) -> None:
+    """`make ui` stopped, or its daemon killed: its last heartbeat stays fresh for
+    DAEMON_FRESH_S (2 min), and a `ccat-dt drive` started meanwhile waited that long for a
+    daemon that was gone, with the queued runs left to it. Now the process that writes a
+    daemon's heartbeats is recorded (ccat_assets/sqlite_storage.py), and a daemon whose
+    process is provably gone on this host does not count: the drive says so and ticks the
+    sensors at once. A heartbeat of a daemon whose process is not recorded (one that started
+    since, and has not yet been recorded) counts as before: never two runners at once."""
+    daemon = subprocess.Popen([sys.executable, "-c", HEARTBEAT, instance.root_directory,
+                               "daemon-1"], cwd=REPO, env=_environment(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout is not None and daemon.stdout.readline() == "beat\n"
+        assert daemon_gone(instance) is None  # it runs
+        assert live_daemon(instance, SENSOR_DAEMON) is not None
+        assert live_daemon(instance, QUEUED_DAEMON) is not None
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+    gone = f"its process {daemon.pid} on {socket.gethostname()} is gone"
+    assert daemon_gone(instance) == gone
+    assert live_daemon(instance, SENSOR_DAEMON) is None
+    assert live_daemon(instance, QUEUED_DAEMON) is None
+    lines: list[str] = []
+    report = drive(build_definitions(config), instance, wait_s=0, log=lines.append)
+    assert report.watched == [] and report.rounds >= 1
+    assert not any("a Dagster daemon ticks the sensors" in line for line in lines), lines
+    [said] = [line for line in lines if line.startswith("the Dagster daemon stopped")]
+    assert said.endswith(f"but {gone}): this drive ticks the sensors itself"), said
+
+    # Another daemon started meanwhile, its first heartbeat written before its process is
+    # recorded (Dagster's own storage writes no record): it runs, as far as a drive knows.
+    storage = instance.run_storage
+    assert isinstance(storage, SqliteRunStorage)
+    SqliteRunStorage.add_daemon_heartbeat(
+        storage, DaemonHeartbeat(time.time(), SENSOR_DAEMON, "daemon-2", None))
+    assert daemon_gone(instance) is None
+    assert live_daemon(instance, SENSOR_DAEMON) is not None
 
 
 def test_a_run_that_never_started_is_failed_after_the_start_timeout(
