@@ -342,12 +342,50 @@ class SmtpConfig(_Strict):
     password_env: str = "CCAT_DT_SMTP_PASSWORD"
     timeout_s: float = Field(default=5.0, gt=0)
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+|\[?[0-9A-Fa-f:.]+\]?", value) or (
+                value.count(":") == 1):
+            raise ValueError(f"host {value!r} is not a host name or address (the port goes "
+                             "in `port`, no scheme)")
+        return value.strip("[]")
+
+    @field_validator("from_", "to")
+    @classmethod
+    def _addresses(cls, value: str | list[str]) -> str | list[str]:
+        for address in [value] if isinstance(value, str) else value:
+            _mail_address(address)
+        return value
+
+
+def _mail_address(value: str) -> None:
+    """One address, bare or with a name ("Ops <ops@example.org>"): a server refuses anything
+    else for good, so it is refused here, before anything is told to nobody."""
+    from email.utils import getaddresses
+
+    parsed = getaddresses([value])
+    spec = parsed[0][1] if len(parsed) == 1 else ""
+    local, _, domain = spec.rpartition("@")
+    domain_ok = re.fullmatch(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*", domain)
+    if (not local or not domain_ok or spec not in value or any(c.isspace() for c in local)
+            or value.count("<") != value.count(">")):
+        raise ValueError(f"{value!r} is not one e-mail address (like ops@example.org or "
+                         "'Operations <ops@example.org>')")
+
 
 class WebhookConfig(_Strict):
     """A JSON POST of {"text": ...} (Slack, Mattermost and most chat tools accept it)."""
 
     url: str
     timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError("url must be http(s)://HOST[:PORT]/PATH")  # not echoed: a secret
+        return value
 
 
 class NotificationsConfig(_Strict):

@@ -174,6 +174,18 @@ def _no_source(data: dict[str, Any]) -> None:
                                      if loc["type"] != "source"]
 
 
+def _mail_to_a_malformed_address(data: dict[str, Any]) -> None:
+    data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["ops at example.org"]}}
+
+
+def _mail_server_with_its_port_in_the_host(data: dict[str, Any]) -> None:
+    data["notifications"] = {"smtp": {"host": "smtp.example.org:587", "to": ["a@example.org"]}}
+
+
+def _webhook_without_a_scheme(data: dict[str, Any]) -> None:
+    data["notifications"] = {"webhook": {"url": "hooks.example.org/T0/B0/secret"}}
+
+
 @pytest.mark.parametrize(("edit", "keys"), [
     (_typo_top_level, ["polices", "Extra inputs are not permitted"]),
     (_bad_location_type, ["sites[0].locations[1].type", "'buffer'"]),
@@ -185,9 +197,14 @@ def _no_source(data: dict[str, Any]) -> None:
     (_missing_route, ["routes missing", "ccat->us"]),
     (_too_many_lta_copies, ["policies.required_lta_copies=3", "2 archive site(s)"]),
     (_no_source, ["observatory site 'ccat' has no source location"]),
+    # Refused by the mail server for good at the first problem, when nobody hears of it.
+    (_mail_to_a_malformed_address, ["notifications.smtp.to", "'ops at example.org' is not one "
+                                    "e-mail address"]),
+    (_mail_server_with_its_port_in_the_host, ["notifications.smtp.host", "goes in `port`"]),
+    (_webhook_without_a_scheme, ["notifications.webhook.url", "http(s)://"]),
 ], ids=["unknown-top-level-key", "location-type", "location-name", "duplicate-site",
         "duplicate-module", "duplicate-instrument", "route-unknown-site", "missing-route",
-        "too-many-lta-copies", "no-source"])
+        "too-many-lta-copies", "no-source", "mail-address", "mail-host", "webhook-url"])
 def test_invalid_config_names_file_and_key(tmp_path: Path, edit: Callable[[dict[str, Any]], None],
                                            keys: list[str]) -> None:
     data = default()
