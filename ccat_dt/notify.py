@@ -3,9 +3,16 @@ of {"text": ...}, which Slack, Mattermost and most chat tools accept).
 
 De-duplicated per problem (a stable key) and channel, with the state in OpsDB: one message
 when a problem appears, a reminder after `notifications.remind_after_hours`, a "resolved"
-message once it clears. A delivery that fails (mail server or webhook down) is logged and
-tried again at the next tick; it never raises into the caller, and a channel that failed once
-in a tick is not tried again in that tick, so a dead server costs one short time-out a tick.
+message once it clears. A delivery that fails for now (mail server or webhook down, a 4xx
+reply) is logged and tried again at the next tick; it never raises into the caller, and a
+channel that failed once in a tick is not tried again in that tick, so a dead server costs one
+short time-out a tick. A delivery refused for good (a 5xx reply: no such mailbox, a bad
+address, authentication failed, TLS required; an unknown host; a webhook's 4xx) would be
+refused again at every tick, for ever, and nobody told: the channel is recorded undeliverable
+(UndeliverableChannel), logged once, named by `status`, the overview and the other channels
+(a problem of its own), and its messages wait, tried once per `remind_after_hours`, until its
+settings change (a new address or server): then they go. Recipients refused while the others
+got the message are recorded the same way, without holding the others' messages.
 A message delivered is recorded at once (a tick cut off later never sends it again), and a tick
 starts no delivery past TICK_BUDGET_S: a slow server with many messages waits for later ticks.
 Nothing is sent, and no row is written, while no channel is configured.
@@ -20,9 +27,11 @@ dead letter, which each site's service mirrors into OpsDB). Transient faults are
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +60,7 @@ from ccat_dt.opsdb.models import (
     RawDataFileCopy,
     RawDataPackage,
     Reattempt,
+    UndeliverableChannel,
     _aware,
 )
 from ccat_dt.stages import Stage
@@ -64,16 +74,33 @@ class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
     # | deletion_refused | foreign_file | source_changed | archive_unreadable | disk_full
+    # | undeliverable
     subject: str
     detail: str  # what happened and what to do
+
+
+class Undeliverable(Exception):
+    """A delivery refused for good: sent again with the same settings, it is refused again.
+    Its text names the recipient or the server, and the reply."""
 
 
 class Channel(Protocol):
     @property
     def name(self) -> str: ...
 
-    def send(self, subject: str, body: str) -> None:
-        """Deliver or raise."""
+    def send(self, subject: str, body: str) -> str | None:
+        """Deliver, or raise (Undeliverable when refused for good). Returns who was refused
+        (and why) when others got the message."""
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    text = text.decode(errors="replace") if isinstance(text, bytes) else text
+    return " ".join(f"{code} {text}".split())
+
+
+def _recipients(refused: dict[str, tuple[int, bytes]]) -> str:
+    return "; ".join(f"{address}: {_reply(code, text)}" for address, (code, text) in
+                     sorted(refused.items()))
 
 
 @dataclass(frozen=True)
@@ -81,7 +108,7 @@ class SmtpChannel:
     settings: SmtpConfig
     name: str = "smtp"
 
-    def send(self, subject: str, body: str) -> None:
+    def send(self, subject: str, body: str) -> str | None:
         import smtplib  # here: `ccat-dt status` reads open problems and sends nothing
         from email.message import EmailMessage
 
@@ -89,14 +116,37 @@ class SmtpChannel:
         message["Subject"], message["From"] = subject, self.settings.from_
         message["To"] = ", ".join(self.settings.to)
         message.set_content(body)
-        with smtplib.SMTP(self.settings.host, self.settings.port,
-                          timeout=self.settings.timeout_s) as smtp:
-            if self.settings.starttls:
-                smtp.starttls()
-            if self.settings.username:
-                smtp.login(self.settings.username,
-                           os.environ.get(self.settings.password_env, ""))
-            smtp.send_message(message)
+        server = f"server {self.settings.host}:{self.settings.port}"
+        try:
+            with smtplib.SMTP(self.settings.host, self.settings.port,
+                              timeout=self.settings.timeout_s) as smtp:
+                if self.settings.starttls:
+                    smtp.starttls()
+                if self.settings.username:
+                    smtp.login(self.settings.username,
+                               os.environ.get(self.settings.password_env, ""))
+                refused = smtp.send_message(message)
+        except smtplib.SMTPRecipientsRefused as exc:  # every recipient: for good if all 5xx
+            if all(code >= 500 for code, _ in exc.recipients.values()):
+                raise Undeliverable(_recipients(exc.recipients)) from exc
+            raise
+        except smtplib.SMTPSenderRefused as exc:
+            if exc.smtp_code >= 500:
+                raise Undeliverable(f"{exc.sender} (from) at {server}: "
+                                    f"{_reply(exc.smtp_code, exc.smtp_error)}") from exc
+            raise
+        except smtplib.SMTPResponseException as exc:  # 535 authentication failed, 554 ...
+            if exc.smtp_code >= 500:
+                raise Undeliverable(f"{server}: {_reply(exc.smtp_code, exc.smtp_error)}") \
+                    from exc
+            raise  # 421, 451: for now
+        except smtplib.SMTPNotSupportedError as exc:  # STARTTLS or AUTH not offered
+            raise Undeliverable(f"{server}: {exc}") from exc
+        except socket.gaierror as exc:  # EAI_AGAIN (DNS unreachable) is for now
+            if exc.errno == socket.EAI_NONAME:
+                raise Undeliverable(f"{server}: unknown host ({exc.strerror})") from exc
+            raise
+        return _recipients(refused) if refused else None
 
 
 @dataclass(frozen=True)
@@ -104,15 +154,37 @@ class WebhookChannel:
     settings: WebhookConfig
     name: str = "webhook"
 
-    def send(self, subject: str, body: str) -> None:
+    def send(self, subject: str, body: str) -> str | None:
+        import urllib.error
+        import urllib.parse
         import urllib.request
 
         data = json.dumps({"text": f"{subject}\n{body}"}).encode()
         request = urllib.request.Request(self.settings.url, data=data, method="POST",
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
-            if response.status >= 300:
-                raise OSError(f"webhook answered {response.status}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
+                if response.status >= 300:
+                    raise OSError(f"webhook answered {response.status}")
+        except urllib.error.HTTPError as exc:  # a hook revoked or mistyped: 403, 404, 410
+            if 400 <= exc.code < 500 and exc.code not in (408, 425, 429):
+                host = urllib.parse.urlsplit(self.settings.url).netloc  # its path is a secret
+                raise Undeliverable(f"webhook at {host}: {exc.code} {exc.reason}") from exc
+            raise
+        return None
+
+
+def settings_digest(channel: Channel) -> str:
+    """Identifies a channel's settings: an undeliverable one is tried again once they change."""
+    return hashlib.sha256(repr(channel).encode()).hexdigest()[:16]
+
+
+def undeliverable(session: Session, config: Config) -> list[UndeliverableChannel]:
+    """The channels configured that refused for good with the settings they have now (with
+    other settings, they are tried again: a refusal is told again)."""
+    digests = {channel.name: settings_digest(channel) for channel in channels(config)}
+    return [row for row in session.scalars(select(UndeliverableChannel).order_by(
+        UndeliverableChannel.channel)) if digests.get(row.channel) == row.settings]
 
 
 def channels(config: Config) -> list[Channel]:
@@ -221,6 +293,16 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"{location} fills faster than it drains (threshold "
             f"{config.settings.metrics.warn_below_hours:g} h). Check the links out of it "
             "(`ccat-dt status`), add space, or lower its retention."))
+    for refusal in undeliverable(session, config):  # told over the other channels
+        problems.append(Problem(
+            f"undeliverable:{refusal.channel}:{refusal.settings}", "undeliverable",
+            f"notifications over {refusal.channel} undeliverable: {refusal.reason}",
+            f"Refused for good since {_aware(refusal.since):%Y-%m-%d %H:%M} UTC: "
+            + ("no message goes over it; they wait, tried once per `remind_after_hours`. "
+               if refusal.held else "the other recipients get each message. ")
+            + f"Fix notifications.{refusal.channel} in the configuration (the address, the server, "
+            "the account); the messages waiting then go by themselves. `ccat-dt status` lists "
+            "them."))
     return problems
 
 
@@ -308,6 +390,7 @@ class Delivery:
     sent: list[str] = field(default_factory=list)  # "channel kind key", in order
     failed: list[str] = field(default_factory=list)
     deferred: list[str] = field(default_factory=list)  # past the tick's budget: next tick
+    held: list[str] = field(default_factory=list)  # over a channel that refused for good
 
 
 def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Channel],
@@ -320,7 +403,9 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
     transaction of its own: a tick cut off later (its process killed or stopped, OpsDB failing
     at its end) never has the messages it delivered sent again; only one in flight at the cut
     can be. Failures and the rest are written in one transaction at the end. Messages not
-    started within TICK_BUDGET_S of the tick's start are left for the next tick."""
+    started within TICK_BUDGET_S of the tick's start are left for the next tick. A channel
+    held (refused for good with its settings unchanged, tried less than `remind_after` ago)
+    is not tried: its messages are recorded as waiting, with why."""
     delivery = Delivery()
     if not targets:
         return delivery
@@ -328,24 +413,37 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
     with opsdb.session() as session:
         open_rows = {(r.problem_key, r.channel): _Row.of(r) for r in session.scalars(
             select(Notification).where(Notification.closed.is_(False)))}
+        before = {r.channel: (r.settings, r.reason, r.held, r.tried_at) for r in
+                  session.scalars(select(UndeliverableChannel))}
     current = {p.key: p for p in problems}
     updates: list[_Update] = []
-    broken: set[str] = set()
+    broken: dict[str, str] = {}  # channel -> why it failed in this tick (not tried again)
+    held: set[str] = set()
+    refused: dict[str, tuple[str, bool]] = {}  # channel -> (who and why, nothing delivered)
+    complete: set[str] = set()  # channels that delivered a message to every recipient
 
     def deliver(channel: Channel, subject: str, body: str) -> str | None:
         if channel.name in broken:
-            return f"{channel.name} failed earlier in this tick"
+            return broken[channel.name]
         try:
-            channel.send(f"{prefix} {subject}", body)
-            return None
-        except Exception as exc:  # noqa: BLE001 - any failure: log, retry next tick
-            broken.add(channel.name)
+            partly = channel.send(f"{prefix} {subject}", body)
+        except Undeliverable as exc:
+            refused[channel.name] = (str(exc), True)
+            broken[channel.name] = f"undeliverable: {exc}"
+            return broken[channel.name]
+        except Exception as exc:  # noqa: BLE001 - any other failure: log, retry next tick
+            broken[channel.name] = f"{type(exc).__name__}: {exc}"
             log(f"notification over {channel.name} failed (tried again later): {exc}")
-            return f"{type(exc).__name__}: {exc}"
+            return broken[channel.name]
+        if partly:
+            refused[channel.name] = (partly, False)
+        else:
+            complete.add(channel.name)
+        return None
 
     def tell(channel: Channel, row: _Row | None, told: Problem | None, what: str,
              subject: str, body: str, line: str) -> None:
-        if time.monotonic() >= deadline:
+        if channel.name not in held and time.monotonic() >= deadline:
             delivery.deferred.append(line)  # nothing recorded: still due at the next tick
             return
         error = deliver(channel, subject, body)
@@ -353,10 +451,20 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
             _record(opsdb, [(row, told, channel.name, what, None)], now)  # never sent twice
         else:
             updates.append((row, told, channel.name, what, error))
-        (delivery.failed if error else delivery.sent).append(line)
+        (delivery.held if channel.name in held else delivery.failed if error
+         else delivery.sent).append(line)
 
     for channel in targets:
+        settings, reason, was_held, tried_at = before.get(channel.name, ("", "", False, now))
+        if (was_held and settings == settings_digest(channel)
+                and _aware(now) - _aware(tried_at) < remind_after):
+            held.add(channel.name)
+            broken[channel.name] = (
+                f"held: {channel.name} refused for good ({reason}); tried again once its "
+                f"settings change, or at {_aware(tried_at) + remind_after:%Y-%m-%d %H:%M} UTC")
         for problem in problems:
+            if channel.name in held and problem.key.startswith(f"undeliverable:{channel.name}:"):
+                continue  # not told over itself while nothing goes over it
             row = open_rows.get((problem.key, channel.name))
             if row is None or row.sent_at is None:
                 what = "problem"
@@ -380,7 +488,37 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
                  f"{_aware(row.opened_at):%Y-%m-%d %H:%M} UTC).", f"{name} resolved {key}")
 
     _record(opsdb, updates, now)
+    _settle(opsdb, targets, before, refused, complete, now, log)
     return delivery
+
+
+def _settle(opsdb: OpsDB, targets: Sequence[Channel],
+            before: dict[str, tuple[str, str, bool, datetime]],
+            refused: dict[str, tuple[str, bool]], complete: set[str], now: datetime,
+            log: Callable[[str], None]) -> None:
+    """Record which channels refused for good in this tick (logged when that is new: new
+    settings or a new reply), and forget those that delivered to every recipient."""
+    if not refused and not complete.intersection(before):
+        return
+    with opsdb.session() as session:
+        for channel in targets:
+            name = channel.name
+            row = session.get(UndeliverableChannel, name)
+            if name in refused:
+                reason, held = refused[name]
+                digest = settings_digest(channel)
+                if row is None:
+                    row = UndeliverableChannel(channel=name, since=now)
+                    session.add(row)
+                if before.get(name, ("", ""))[:2] != (digest, reason):
+                    row.since = now
+                    log(f"notifications over {name} undeliverable: {reason} (refused for good; "
+                        + ("nothing goes over it until its settings change, tried again once "
+                           "per remind_after_hours" if held else "the other recipients get "
+                           "each message") + "; `ccat-dt status` names it)")
+                row.settings, row.reason, row.held, row.tried_at = digest, reason, held, now
+            elif name in complete and row is not None:
+                session.delete(row)
 
 
 def _record(opsdb: OpsDB, updates: Sequence[_Update], now: datetime) -> None:

@@ -1,6 +1,7 @@
 """The operator's overview: per site, how many package copies are present, verified,
 quarantined (CORRUPT, waiting for their repair) and lost (of packages with no good copy left),
-and the packages that are stuck, each with the reason (`ccat-dt why` in one line)."""
+the packages that are stuck, each with the reason (`ccat-dt why` in one line), and the
+notification channels that refuse for good (nobody hears of a problem over them)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 from ccat_dt.config import Config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.loss import Health, packages_in_danger
+from ccat_dt.notify import undeliverable
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -51,6 +53,7 @@ class Overview:
     at_risk: int
     stuck: list[Stuck]
     stuck_total: int
+    undeliverable: list[str]  # "channel: recipient or server: reply"
 
 
 def overview(session: Session, config: Config, now: datetime) -> Overview:
@@ -94,4 +97,5 @@ def overview(session: Session, config: Config, now: datetime) -> Overview:
             stuck.append(Stuck(name, bad[0].stage, f"{bad[0].state}: {bad[0].detail}"))
     lost = sum(1 for _, a in danger if a.health == Health.LOST)
     return Overview(sites, dict(states), lost, len(danger) - lost, stuck[:STUCK_LIMIT],
-                    len(stuck))
+                    len(stuck), [f"{row.channel}: {row.reason}"
+                                 for row in undeliverable(session, config)])

@@ -37,5 +37,7 @@ def notification_sensor(context: SensorEvaluationContext,
         context.log.info(f"notified: {line}")
     later = (f", {len(delivery.deferred)} left for the next tick (this one's time was up)"
              if delivery.deferred else "")
+    later += (f", {len(delivery.held)} held (a channel refused for good: `ccat-dt status`)"
+              if delivery.held else "")
     return SkipReason(f"{len(problems)} open problem(s); {len(delivery.sent)} message(s) sent, "
                       f"{len(delivery.failed)} failed (retried next tick){later}")

@@ -45,7 +45,8 @@ def metadata(view: Overview) -> dict[str, MetadataValue]:
     out["overview"] = MetadataValue.md(
         "\n".join(table) + "\n\n**Stuck packages** "
         + (f"({view.stuck_total}, first {len(view.stuck)})\n\n" + "\n".join(stuck)
-           if view.stuck else "\n\nnone"))
+           if view.stuck else "\n\nnone")
+        + "".join(f"\n\n**Notifications undeliverable**: {line}" for line in view.undeliverable))
     return out
 
 

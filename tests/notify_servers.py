@@ -1,5 +1,5 @@
 """A real SMTP server (aiosmtpd) and a real HTTP receiver, each on a free loopback port, that
-keep what they receive."""
+keep what they receive, or answer as told (a refusal, for good or for now)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
@@ -28,33 +28,75 @@ def free_port() -> int:
 class Mailbox:
     port: int
     messages: list[Message] = field(default_factory=list)
+    recipients: list[list[str]] = field(default_factory=list)  # each message's, as accepted
+    # What to answer instead of accepting: "MAIL", "DATA" or a recipient's address -> the
+    # reply ("550 5.1.1 mailbox unavailable"); changed while the server runs.
+    refuse: MutableMapping[str, str] = field(default_factory=dict)
+    refusals: int = 0  # replies given from `refuse`
 
     @property
     def subjects(self) -> list[str]:
-        return [str(m["Subject"]) for m in self.messages]
+        return [" ".join(str(m["Subject"]).split()) for m in self.messages]  # unfolded
 
 
 class _Handler:
-    """Keeps each message as it arrives; answers it `delay_s` later (a slow relay)."""
+    """Keeps each message as it arrives; answers it `delay_s` later (a slow relay); refuses
+    what `box.refuse` says."""
 
     def __init__(self, box: Mailbox, delay_s: float = 0.0) -> None:
         self.box = box
         self.delay_s = delay_s
 
+    def _refused(self, what: str) -> str | None:
+        reply = self.box.refuse.get(what)
+        self.box.refusals += reply is not None
+        return reply
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,  # noqa: N802
+                          options: list[str]) -> str:
+        if reply := self._refused("MAIL"):
+            return reply
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,  # noqa: N802
+                          options: list[str]) -> str:
+        if reply := self._refused(address):
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        if reply := self._refused("DATA"):
+            return reply
         self.box.messages.append(message_from_bytes(envelope.content))
+        self.box.recipients.append(list(envelope.rcpt_tos))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         return "250 Message accepted for delivery"
 
 
 @contextmanager
-def mail_server(delay_s: float = 0.0) -> Iterator[Mailbox]:
-    """An SMTP server on a free port that answers each message `delay_s` after taking it."""
+def mail_server(delay_s: float = 0.0, refuse: dict[str, str] | None = None,
+                password: str | None = None) -> Iterator[Mailbox]:
+    """An SMTP server on a free port that answers each message `delay_s` after taking it,
+    refuses as `refuse` says, and with `password` requires AUTH (refused with 535 for any
+    other password; over plain text: loopback only)."""
     from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
 
-    box = Mailbox(free_port())
-    controller = Controller(_Handler(box, delay_s), hostname="127.0.0.1", port=box.port)
+    box = Mailbox(free_port(), refuse=dict(refuse or {}))
+
+    def authenticate(server: Any, session: Any, envelope: Any, mechanism: str,
+                     data: Any) -> AuthResult:
+        ok = password is not None and data.password == password.encode()
+        box.refusals += not ok
+        return AuthResult(success=ok, handled=False)
+
+    auth: dict[str, Any] = {} if password is None else {
+        "authenticator": authenticate, "auth_required": True, "auth_require_tls": False}
+    controller = Controller(_Handler(box, delay_s), hostname="127.0.0.1", port=box.port,
+                            **auth)
     controller.start()
     try:
         yield box
@@ -72,6 +114,7 @@ def smtp_server() -> Iterator[Mailbox]:
 class Receiver:
     port: int
     posts: list[dict[str, Any]] = field(default_factory=list)
+    status: int = 200  # what it answers (a post answered otherwise is not kept)
 
     @property
     def url(self) -> str:
@@ -89,8 +132,9 @@ def webhook_receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            receiver.posts.append(json.loads(body))
-            self.send_response(200)
+            if receiver.status == 200:
+                receiver.posts.append(json.loads(body))
+            self.send_response(receiver.status)
             self.end_headers()
             self.wfile.write(b"ok")
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,10 +19,14 @@ from sqlalchemy import select
 import ccat_dt.transports.local as local
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.status import print_status
+from ccat_dt.config import Config
 from ccat_dt.diagnosis import diagnose
-from ccat_dt.notify import Problem, channels, reconcile
+from ccat_dt.notify import Delivery, Problem, channels, current_problems, reconcile
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Notification, utcnow
+from ccat_dt.overview import overview
+from sensors.overview import metadata
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     REPO,
@@ -317,3 +321,204 @@ def test_a_mail_server_that_never_answers_holds_a_drive_once_per_interval_not_ev
     assert report.failed == [] and report.rounds > 3
     assert len(ticks) <= 2, (len(ticks), report.rounds)  # the first round's, and the last
     assert len(webhook_receiver.posts) == 1  # the webhook told it, once
+
+
+# --- refused for good vs for now --------------------------------------------------------------
+
+# How a mail server refuses for good, and what `status` then names: recipient or server, reply.
+FOR_GOOD = {
+    "no-such-mailbox": ({"ops@example.org": "550 5.1.1 mailbox unavailable"}, None,
+                        "ops@example.org: 550 5.1.1 mailbox unavailable"),
+    "bad-address": ({"ops@example.org": "553 5.1.3 bad destination address"}, None,
+                    "ops@example.org: 553 5.1.3 bad destination address"),
+    "transaction-failed": ({"DATA": "554 5.7.1 transaction failed"}, None,
+                           "554 5.7.1 transaction failed"),
+    "authentication-failed": ({}, "the right one", "535 5.7.8 Authentication credentials "
+                                                   "invalid"),
+    "starttls-required": ({"MAIL": "530 5.7.0 Must issue a STARTTLS command first"}, None,
+                          "(from) at server 127.0.0.1:"),
+}
+
+
+def _with_smtp(config: Config, **smtp: object) -> Config:
+    """The same deployment with other mail settings (the operator edited them)."""
+    settings = config.settings.notifications
+    assert settings.smtp is not None
+    changed = settings.smtp.model_copy(update=smtp)
+    return Config(config.settings.model_copy(update={
+        "notifications": settings.model_copy(update={"smtp": changed})}), config.path)
+
+
+def _tick(config: Config, opsdb: OpsDB, at: datetime, logs: list[str]) -> Delivery:
+    """One notification tick, as the sensor runs it, with PROBLEM open."""
+    with opsdb.session() as session:
+        problems = [PROBLEM, *current_problems(session, config, at)]
+    return reconcile(opsdb, problems, channels(config), at, remind_after=timedelta(hours=1),
+                     log=logs.append)
+
+
+def _status(opsdb: OpsDB, config: Config, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    print_status(opsdb, config)
+    return capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+@pytest.mark.parametrize("how", FOR_GOOD)
+def test_a_mail_server_refusing_for_good_is_told_once_and_its_messages_go_once_fixed(
+        how: str, tmp_path: Path, webhook_receiver: Receiver,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 5xx reply (no such mailbox, a bad address, the transaction or the login refused, TLS
+    required) is refused again at every attempt. It is tried once, logged once, `status`
+    and the other channel name it (recipient or server, and the reply), and its messages wait;
+    once the settings are fixed they go, once each, and the other channel hears it resolved.
+    Before, it was retried at every tick for ever like a 451, and nobody was told."""
+    refuse, password, reason = FOR_GOOD[how]
+    monkeypatch.setenv("CCAT_DT_SMTP_PASSWORD", "a wrong one")
+    logs: list[str] = []
+    now = utcnow()
+    with mail_server(refuse=refuse, password=password) as refusing:
+        config = _notified(tmp_path, refusing.port, webhook_receiver.url)
+        if password is not None:
+            config = _with_smtp(config, username="ccat")
+        opsdb = OpsDB(config.opsdb_url)
+        ticks = [_tick(config, opsdb, now, logs)]
+        tried = refusing.refusals  # a login is refused once per mechanism smtplib tries
+        ticks += [_tick(config, opsdb, now + timedelta(minutes=m), logs) for m in range(1, 4)]
+        assert tried and refusing.refusals == tried  # tried once, not at every tick
+        assert refusing.messages == []
+    assert ticks[0].failed == ["smtp problem quarantined:pkg-a"]
+    assert ticks[-1].held == ["smtp problem quarantined:pkg-a"] and not ticks[-1].failed
+    [logged] = logs
+    assert reason in logged and "notifications over smtp undeliverable" in logged
+    shown = _status(opsdb, config, capsys)
+    assert "notifications undeliverable: " in shown and reason in shown, shown
+    assert "problem [smtp] package pkg-a quarantined: not yet delivered (held: " in shown
+    with opsdb.session() as session:  # and the operator's overview in the UI
+        figures = metadata(overview(session, config, now))
+    assert "Notifications undeliverable" in str(figures["overview"].value)
+    assert reason in str(figures["overview"].value)
+    undeliverable = [t for t in webhook_receiver.texts if "undeliverable" in t]
+    assert len(undeliverable) == 1 and reason in undeliverable[0]  # the other channel tells
+    assert "Fix notifications.smtp" in undeliverable[0]
+
+    with mail_server() as fixed:  # the operator gives another server (or address, login)
+        config = _with_smtp(config, port=fixed.port, username=None)
+        for minute in range(5, 8):
+            _tick(config, opsdb, now + timedelta(minutes=minute), logs)
+    assert fixed.subjects == ["[ccat-dt] package pkg-a quarantined"]  # what waited, once
+    assert len(logs) == 1
+    assert "undeliverable" not in _status(opsdb, config, capsys)
+    assert webhook_receiver.texts[-1].startswith(
+        "[ccat-dt] RESOLVED: notifications over smtp undeliverable")
+    opsdb.dispose()
+
+
+def test_a_mail_server_with_an_unknown_name_is_held_not_tried_every_tick(
+        tmp_path: Path, webhook_receiver: Receiver, capsys: pytest.CaptureFixture[str]) -> None:
+    """A host name that does not resolve (a typo) is a setting to fix, not a server down. Held,
+    it is still tried once per `remind_after_hours` (a fix made elsewhere is found), quietly."""
+    config = _with_smtp(_notified(tmp_path, 25, webhook_receiver.url),
+                        host="smtp.example.invalid")
+    opsdb = OpsDB(config.opsdb_url)
+    logs: list[str] = []
+    now = utcnow()
+    ticks = [_tick(config, opsdb, now + timedelta(minutes=m), logs) for m in range(3)]
+    [logged] = logs  # before: one "failed (tried again later)" per tick
+    assert "smtp.example.invalid:25: unknown host" in logged
+    assert ticks[0].failed and ticks[-1].held and not ticks[-1].failed
+    hour_later = _tick(config, opsdb, now + timedelta(minutes=61), logs)
+    assert hour_later.failed and not hour_later.held and len(logs) == 1
+    assert _tick(config, opsdb, now + timedelta(minutes=62), logs).held
+    assert "notifications undeliverable: server smtp.example.invalid:25: unknown host" in (
+        _status(opsdb, config, capsys))
+    opsdb.dispose()
+
+
+def test_one_recipient_refused_for_good_is_told_and_the_others_still_get_every_message(
+        tmp_path: Path, webhook_receiver: Receiver, capsys: pytest.CaptureFixture[str]) -> None:
+    """One address of two is refused (550) while the other takes the message: smtplib
+    reports that as a success, so before, nobody ever learnt that one person heard nothing.
+    Now it is logged once and named by `status` and the other channel; the other recipient
+    gets every message (nothing held); a delivery to all once the address is fixed clears it."""
+    logs: list[str] = []
+    now = utcnow()
+    with mail_server(refuse={"boss@example.org": "550 5.1.1 mailbox unavailable"}) as box:
+        config = _with_smtp(_notified(tmp_path, box.port, webhook_receiver.url),
+                            to=["ops@example.org", "boss@example.org"])
+        opsdb = OpsDB(config.opsdb_url)
+        ticks = [_tick(config, opsdb, now + timedelta(minutes=m), logs) for m in range(3)]
+        assert box.recipients[0] == ["ops@example.org"]
+        [logged] = logs
+        assert "boss@example.org: 550 5.1.1 mailbox unavailable" in logged
+        assert "notifications undeliverable: boss@example.org: 550 5.1.1 mailbox unavailable" \
+            in _status(opsdb, config, capsys)
+        assert not any(t.held or t.failed for t in ticks)
+        # a new problem still goes to the other recipient, and it hears of the refusal too
+        assert box.subjects == ["[ccat-dt] package pkg-a quarantined",
+                                "[ccat-dt] notifications over smtp undeliverable: "
+                                "boss@example.org: 550 5.1.1 mailbox unavailable"]
+        assert any("boss@example.org: 550" in t for t in webhook_receiver.texts)
+
+        config = _with_smtp(config, to=["ops@example.org", "chief@example.org"])  # fixed
+        later = Problem("quarantined:pkg-b", "quarantined", "package pkg-b quarantined", "x")
+        reconcile(opsdb, [PROBLEM, later], channels(config), now + timedelta(minutes=5),
+                  remind_after=timedelta(hours=1), log=logs.append)
+    assert box.recipients[-1] == ["ops@example.org", "chief@example.org"]
+    assert "undeliverable" not in _status(opsdb, config, capsys) and len(logs) == 1
+    opsdb.dispose()
+
+
+@pytest.mark.parametrize("refuse", [{"MAIL": "421 4.3.2 service shutting down"},
+                                    {"ops@example.org": "450 4.2.1 mailbox busy"},
+                                    {"DATA": "451 4.3.0 local error, try again later"}],
+                         ids=["421", "450", "451"])
+def test_a_refusal_for_now_is_tried_at_every_tick_and_delivered_once_when_it_passes(
+        refuse: dict[str, str], tmp_path: Path) -> None:
+    """A 4xx reply is for now: nothing is held, the next ticks try again by themselves, and
+    the message arrives once when the server takes it."""
+    logs: list[str] = []
+    now = utcnow()
+    with mail_server(refuse=refuse) as box:
+        config = deployment(tmp_path / "smtp-only", notifications={
+            "smtp": {"host": "127.0.0.1", "port": box.port, "from": "ccat-dt@example.org",
+                     "to": ["ops@example.org"], "timeout_s": 2}})
+        opsdb = OpsDB(config.opsdb_url)
+        for minute in range(3):
+            assert _tick(config, opsdb, now + timedelta(minutes=minute), logs).failed
+        assert box.refusals == 3 and not any("undeliverable" in line for line in logs)
+        box.refuse.clear()  # the server takes mail again
+        for minute in range(3, 6):
+            _tick(config, opsdb, now + timedelta(minutes=minute), logs)
+    assert box.subjects == ["[ccat-dt] package pkg-a quarantined"]
+    opsdb.dispose()
+
+
+def test_a_webhook_that_is_gone_is_held_until_its_url_changes(
+        tmp_path: Path, smtp_server: Mailbox, webhook_receiver: Receiver,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A webhook answering 404 (revoked, mistyped) is refused for good like a 550: tried
+    once, logged once, named by `status` (its host: the URL's path is a secret) and the mail;
+    a new URL gets what waited."""
+    webhook_receiver.status = 404
+    config = _notified(tmp_path, smtp_server.port, webhook_receiver.url)
+    opsdb = OpsDB(config.opsdb_url)
+    logs: list[str] = []
+    now = utcnow()
+    ticks = [_tick(config, opsdb, now + timedelta(minutes=m), logs) for m in range(3)]
+    [logged] = logs  # before: one "failed (tried again later)" per tick
+    where = f"webhook at 127.0.0.1:{webhook_receiver.port}: 404 Not Found"
+    assert where in logged and "/hooks/ccat" not in logged
+    assert ticks[-1].held == ["webhook problem quarantined:pkg-a"]
+    assert f"notifications undeliverable: {where}" in _status(opsdb, config, capsys)
+    assert any(where in s for s in smtp_server.subjects)
+
+    webhook_receiver.status = 200
+    settings = config.settings.notifications
+    assert settings.webhook is not None
+    config = Config(config.settings.model_copy(update={"notifications": settings.model_copy(
+        update={"webhook": settings.webhook.model_copy(
+            update={"url": webhook_receiver.url + "/new"})})}), config.path)
+    _tick(config, opsdb, now + timedelta(minutes=5), logs)
+    assert webhook_receiver.texts[0].startswith("[ccat-dt] package pkg-a quarantined")
+    opsdb.dispose()

@@ -489,3 +489,20 @@ class Notification(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(nullable=True)
     closed: Mapped[bool] = mapped_column(default=False)  # resolved and told (or never told)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class UndeliverableChannel(Base):
+    """A notification channel that refused a message for good (an SMTP 5xx reply, an unknown
+    host, a webhook's 4xx): sent again with the same settings it is refused again, so it is not
+    tried at every tick. `held`: nothing got through (every recipient refused): its messages
+    wait until its settings change, or `remind_after_hours` after `tried_at`; otherwise only
+    some recipients were refused and the others got the message. `status`, the overview and the
+    other channels name it. The row goes once a message over it reaches every recipient."""
+
+    __tablename__ = "undeliverable_channels"
+    channel: Mapped[str] = mapped_column(String(16), primary_key=True)  # smtp | webhook
+    settings: Mapped[str] = mapped_column(String(64))  # digest of the settings refused
+    reason: Mapped[str] = mapped_column(Text)  # "<recipient or server>: <reply>"
+    held: Mapped[bool] = mapped_column()
+    since: Mapped[datetime] = mapped_column()  # first refused for this reason and settings
+    tried_at: Mapped[datetime] = mapped_column()
