@@ -175,16 +175,21 @@ class WebhookChannel:
 
 
 def settings_digest(channel: Channel) -> str:
-    """Identifies a channel's settings: an undeliverable one is tried again once they change."""
-    return hashlib.sha256(repr(channel).encode()).hexdigest()[:16]
+    """Identifies a channel's settings, the mail password's value included (a 535 is fixed in
+    the environment, not in the file): an undeliverable one is tried again once they change."""
+    secret = ""
+    if isinstance(channel, SmtpChannel) and channel.settings.username:
+        secret = os.environ.get(channel.settings.password_env, "")
+    return hashlib.sha256(f"{channel!r}\0{secret}".encode()).hexdigest()[:16]
 
 
 def undeliverable(session: Session, config: Config) -> list[UndeliverableChannel]:
-    """The channels configured that refused for good with the settings they have now (with
-    other settings, they are tried again: a refusal is told again)."""
-    digests = {channel.name: settings_digest(channel) for channel in channels(config)}
+    """The channels configured that refused for good. Not compared with their settings here
+    (`status` runs without the daemon's password): changed ones are tried at the next tick,
+    which forgets the refusal once delivered."""
+    configured = {channel.name for channel in channels(config)}
     return [row for row in session.scalars(select(UndeliverableChannel).order_by(
-        UndeliverableChannel.channel)) if digests.get(row.channel) == row.settings]
+        UndeliverableChannel.channel)) if row.channel in configured]
 
 
 def channels(config: Config) -> list[Channel]:
@@ -463,8 +468,8 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
                 f"held: {channel.name} refused for good ({reason}); tried again once its "
                 f"settings change, or at {_aware(tried_at) + remind_after:%Y-%m-%d %H:%M} UTC")
         for problem in problems:
-            if channel.name in held and problem.key.startswith(f"undeliverable:{channel.name}:"):
-                continue  # not told over itself while nothing goes over it
+            if was_held and problem.key.startswith(f"undeliverable:{channel.name}:"):
+                continue  # told over the other channels, not over the one that refused
             row = open_rows.get((problem.key, channel.name))
             if row is None or row.sent_at is None:
                 what = "problem"

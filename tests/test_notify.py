@@ -522,3 +522,24 @@ def test_a_webhook_that_is_gone_is_held_until_its_url_changes(
     _tick(config, opsdb, now + timedelta(minutes=5), logs)
     assert webhook_receiver.texts[0].startswith("[ccat-dt] package pkg-a quarantined")
     opsdb.dispose()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_a_login_refused_for_good_goes_once_the_password_in_the_environment_is_fixed(
+        tmp_path: Path, webhook_receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 535 is fixed where the password lives, `$CCAT_DT_SMTP_PASSWORD`, not in the file:
+    the held channel is tried at the next tick after that, not a day later."""
+    monkeypatch.setenv("CCAT_DT_SMTP_PASSWORD", "a wrong one")
+    logs: list[str] = []
+    now = utcnow()
+    with mail_server(password="the right one") as server:
+        config = _with_smtp(_notified(tmp_path, server.port, webhook_receiver.url),
+                            username="ccat")
+        opsdb = OpsDB(config.opsdb_url)
+        _tick(config, opsdb, now, logs)
+        assert _tick(config, opsdb, now + timedelta(minutes=1), logs).held
+        monkeypatch.setenv("CCAT_DT_SMTP_PASSWORD", "the right one")
+        fixed = _tick(config, opsdb, now + timedelta(minutes=2), logs)
+    assert fixed.sent and not fixed.held, fixed
+    assert server.subjects == ["[ccat-dt] package pkg-a quarantined"]
+    opsdb.dispose()
