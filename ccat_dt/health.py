@@ -19,7 +19,13 @@ from sqlalchemy.orm import Session
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import DataLocation, LocationType, Site, _aware, utcnow
-from ccat_dt.transports.base import FOREIGN_FILE, PEER_FAILED, SOURCE_MISSING, SOURCE_UNREADABLE
+from ccat_dt.transports.base import (
+    FOREIGN_FILE,
+    PEER_FAILED,
+    SOURCE_MISSING,
+    SOURCE_UNREADABLE,
+    UNREADABLE,
+)
 
 # A transfer refused because its final name holds a file OpsDB does not know (replicas.py):
 # that file's, not the location's, and a person's to look at (notify.py).
@@ -66,6 +72,23 @@ def full_locations(session: Session) -> list[DataLocation]:
         DataLocation.failing_since.is_not(None)).order_by(DataLocation.id)) if is_full(location)]
 
 
+# What a location's failure says when its disk failed an operation (EIO: a bad sector, a
+# failing controller): its copies are not proved bad by it, and it may pass.
+_IO_ERROR = "input/output error"
+
+
+def failing_disks(session: Session, config: Config) -> list[DataLocation]:
+    """The locations whose disk failed with an I/O error again after it first did, with no
+    success there between: not a passing error (that one is retried, and heals unseen) but a
+    disk a person must look at."""
+    hold = timedelta(minutes=config.settings.policies.location_unhealthy_minutes)
+    return [location for location in session.scalars(select(DataLocation).where(
+        DataLocation.failing_since.is_not(None),
+        DataLocation.unhealthy_reason.ilike(f"%{_IO_ERROR}%")).order_by(DataLocation.id))
+        if location.unhealthy_until is not None and location.failing_since is not None
+        and _aware(location.unhealthy_until) - hold > _aware(location.failing_since)]
+
+
 def is_healthy(location: DataLocation, now: datetime) -> bool:
     until = location.unhealthy_until
     return until is None or _aware(until) <= _aware(now)
@@ -94,6 +117,16 @@ def mark_ok(session: Session, location_id: int) -> None:
     """A write there succeeded: healthy again (cheap when it already was)."""
     session.execute(update(DataLocation).where(
         DataLocation.id == location_id, DataLocation.failing_since.is_not(None))
+        .values(failing_since=None, unhealthy_until=None, unhealthy_reason=None)
+        .execution_options(synchronize_session=False))
+
+
+def mark_readable(session: Session, location_id: int) -> None:
+    """A file read fine there: a failure recorded for a read (an I/O error) is over, not one
+    recorded for a write (a full disk is read as ever)."""
+    session.execute(update(DataLocation).where(
+        DataLocation.id == location_id, DataLocation.failing_since.is_not(None),
+        DataLocation.unhealthy_reason.ilike(f"%{UNREADABLE}%"))
         .values(failing_since=None, unhealthy_until=None, unhealthy_reason=None)
         .execution_options(synchronize_session=False))
 

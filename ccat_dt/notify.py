@@ -21,8 +21,9 @@ What counts as a problem (`current_problems`) is only what does not heal by itse
 quarantined (a source file changed after filing), a source file changed after archiving (its
 new bytes are in no archive), a deletion or a copy refused for a file ccat-dt did not write,
 work escalated past the re-attempt horizon, an archive site down past its failover horizon, a
-buffer filling faster than it drains, a filing-service request that can never be applied (a
-dead letter, which each site's service mirrors into OpsDB). Transient faults are never told.
+disk that fails with I/O errors again and again, a buffer filling faster than it drains, a
+filing-service request that can never be applied (a dead letter, which each site's service
+mirrors into OpsDB). Transient faults are never told.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
-from ccat_dt.health import archives_unreadable, full_locations, is_full, sites_down
+from ccat_dt.health import (
+    archives_unreadable,
+    failing_disks,
+    full_locations,
+    is_full,
+    sites_down,
+)
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -74,7 +81,7 @@ class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
     # | deletion_refused | foreign_file | source_changed | archive_unreadable | disk_full
-    # | undeliverable
+    # | disk_error | undeliverable
     subject: str
     detail: str  # what happened and what to do
 
@@ -243,6 +250,17 @@ def current_problems(session: Session, config: Config, now: datetime,
             "again after a back-off; nothing is lost and the copies there are read as ever. "
             "Make room or enlarge the disk: the next attempt then goes on by itself. "
             "`ccat-dt status` shows every location."))
+    for failing in failing_disks(session, config):
+        since = _aware(failing.failing_since or now)
+        problems.append(Problem(
+            f"disk_error:{failing.label}", "disk_error",
+            f"{failing.location_type.value.replace('_', ' ')} {failing.label}: its disk fails "
+            f"with I/O errors since {since:%Y-%m-%d %H:%M} UTC",
+            f"{failing.unhealthy_reason or 'no reason recorded'}\nThe same error came back on "
+            "the next attempt. A file that cannot be read is not taken for a bad copy and "
+            "nothing is deleted on its word; work there is tried again after a back-off. Check "
+            "the disk (kernel log, SMART) and replace it if it fails; `ccat-dt status` shows "
+            "every location."))
     for archive in archives_unreadable(session, config, now):
         since = _aware(archive.failing_since or now)
         problems.append(Problem(

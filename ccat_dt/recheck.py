@@ -9,7 +9,8 @@ changed identity: hashed now, batched per location). Two copies that are one fil
 host, device and inode: a location root swapped for a symlink or mount of another) are not
 relied on at all. A copy that fails is marked CORRUPT with
 a failed verification operation (the purge freezes; the repair sensor restores it); a location
-that cannot be looked at is only reported (nothing is known, so nothing is relied on).
+that cannot be looked at, or a copy its disk fails to read (EIO), is only reported (nothing is
+known, so nothing is relied on; the location is marked failing).
 An LTA copy on S3 is looked at with a HEAD (its size, its ETag standing for the identity, and
 the checksum stored with it as metadata) and re-read, streamed, when the window requires it.
 """
@@ -26,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
+from ccat_dt.health import mark_failed
 from ccat_dt.marker import marked_for_another
 from ccat_dt.objectstore import Stores, is_object_root
 from ccat_dt.opsdb.database import OpsDB
@@ -73,6 +75,7 @@ class RecheckReport:
 @dataclass(frozen=True)
 class _Copy:
     id: int
+    location_id: int
     label: str
     root: str
     host: str | None
@@ -91,8 +94,9 @@ def _lta_copies(session: Session, package: RawDataPackage) -> list[_Copy]:
                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
                PackageCopy.status == CopyStatus.PRESENT)
         .order_by(PackageCopy.id).execution_options(populate_existing=True)).all()
-    return [_Copy(c.id, c.location.label, c.location.root, c.location.host, c.relative_path,
-                  c.size, c.checksum, _aware(c.verified_at), c.inode, c.mtime_ns)
+    return [_Copy(c.id, c.location_id, c.location.label, c.location.root, c.location.host,
+                  c.relative_path, c.size, c.checksum, _aware(c.verified_at), c.inode,
+                  c.mtime_ns)
             for c in rows if c.is_verified and c.verified_at is not None
             and (package.checksum is None or c.checksum == package.checksum)]
 
@@ -168,6 +172,13 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
             continue
         checked_at = now  # the purge's notion of now (the same clock its decisions use)
         for copy, found in zip(group, seen, strict=True):
+            if found.unreadable:  # its disk failed the read: not relied on, not proved bad
+                unavailable[copy.id] = f"{copy.label} copy {copy.id}: {found.problem}"
+                problems.append(unavailable[copy.id])
+                if not dry_run:
+                    mark_failed(opsdb, config, copy.location_id, f"copy {copy.id} at "
+                                f"{copy.root}/{copy.relative_path}: {found.problem}")
+                continue
             problem = _judge(copy, found)
             if problem is not None:
                 failed[copy.id] = problem

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config, RouteConfig
-from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
+from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok, mark_readable
 from ccat_dt.loss import Health, refresh_loss
 from ccat_dt.objectstore import Stores, is_object_root
 from ccat_dt.opsdb.database import OpsDB
@@ -787,8 +787,9 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
     a person, is PRESENT again).
 
     A location that cannot be looked at (root unmarked: the disk not mounted; host or bucket
-    unreachable) says nothing about the copy: TransferError (retryable when the host could not
-    be reached), nothing marked."""
+    unreachable), or a file its disk fails to read (EIO), says nothing about the copy:
+    TransferError (retryable when the host could not be reached or the read failed), nothing
+    marked but the location's failure."""
     with opsdb.session() as session:
         copy = session.get_one(PackageCopy, copy_id)
         pkg = copy.package
@@ -809,6 +810,11 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
         mark_failed(opsdb, config, location_id, f"copy {copy_id} not re-read: {exc}")
         raise TransferError(f"{label}: copy {copy_id} not re-read: {exc}",
                             retryable=exc.transient) from exc
+    if seen.unreadable:  # the disk failed the read: the copy is not proved bad by that
+        finish(opsdb, operation.id, error=f"not re-read: {seen.problem}")
+        mark_failed(opsdb, config, location_id, f"copy {copy_id} at {where}: {seen.problem}")
+        raise TransferError(f"{label}: copy {copy_id} not re-read: {seen.problem} (not marked "
+                            "corrupt: read again later)", retryable=True)
     actual, size = seen.checksum or "", seen.size or 0
     problem = seen.problem or (None if actual == expected else
                                f"checksum mismatch: expected {expected}, read {actual}")
@@ -820,6 +826,7 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
             # quarantined until the rebuild replaces it, never PRESENT again
             problem = not_the_package(stored.package, stored)
         if problem is None:
+            mark_readable(session, location_id)
             stored.verified_at = utcnow()
             if stored.status == CopyStatus.CORRUPT:
                 stored.status = CopyStatus.PRESENT

@@ -34,7 +34,7 @@ from ccat_dt.marker import (
     root_problem,
     write_marker,
 )
-from ccat_dt.transports.base import SshSettings, TransferError
+from ccat_dt.transports.base import UNREADABLE, SshSettings, TransferError
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
     STAT_IDENTITY,
@@ -66,6 +66,12 @@ class Seen:
     @property
     def missing(self) -> bool:
         return self.problem is not None and self.problem.startswith("missing")
+
+    @property
+    def unreadable(self) -> bool:
+        """The file is there but its storage failed to read it (an I/O error, a bad sector):
+        nothing is known of its bytes, which are not proved bad by it (it may pass)."""
+        return self.problem is not None and self.problem.startswith(UNREADABLE)
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,8 @@ def _symlink_problem(exc: OSError, relative_path: str) -> str:
         return f"path {relative_path} passes through a symlink or a non-directory"
     if exc.errno == errno.ENOENT:
         return f"missing: {relative_path} is not on the storage"
-    return f"cannot read {relative_path}: {exc.strerror or exc}"
+    code = errno.errorcode.get(exc.errno or 0)
+    return f"{UNREADABLE} {relative_path}: {exc.strerror or exc}" + (f" ({code})" if code else "")
 
 
 def look_local(root: Path, wanted: Wanted) -> Seen:
@@ -303,7 +310,7 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
                 line = lines[position] if position < len(lines) else ""
                 position += 1
                 if line.startswith(f"{index} unreadable"):
-                    seen.append(Seen(rel, f"cannot read {rel} on {host}"))
+                    seen.append(Seen(rel, f"{UNREADABLE} {rel} on {host}"))
                     continue
                 checksum = parse_xxhsum(line)
             seen.append(Seen(rel, None, size, inode, mtime_ns, checksum, device=device))

@@ -236,6 +236,9 @@ def unmarked(endpoint: Endpoint) -> TransferError:
 # copy's fault, not the destination's (health.py), re-checked on its storage (replicas.py).
 SOURCE_MISSING = "source missing"
 SOURCE_UNREADABLE = "source unreadable"
+# How a look at a file says its storage failed to read it (an I/O error): nothing is known of
+# its bytes, which are not proved bad by that (storage.Seen.unreadable).
+UNREADABLE = "cannot read"
 # What a file of a batched session says when another file's own failure stopped the session:
 # neither its fault nor the destination's (health.py); the next attempt sends it.
 PEER_FAILED = "another file of its session failed"

@@ -1,0 +1,120 @@
+"""Disks that fail an operation with EIO (a bad sector on read, a controller error on write,
+"fsyncgate": an fsync that says EIO once, its dirty pages dropped): each faulty location is a
+fault-injecting FUSE file system (tests/faultfs.py), so the pipeline's own processes see the
+kernel's error. A copy that cannot be read now is not proved bad: it is neither quarantined nor
+replaced, nothing is deleted on its word, and the work heals by itself once the disk answers; a
+disk that keeps failing is named to a person (location, path, errno)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import DagsterInstance
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.audit import audit
+from ccat_dt.config import Config
+from ccat_dt.notify import current_problems
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import CopyStatus, LocationType, PackageState, utcnow
+from ccat_dt.replicas import verify
+from ccat_dt.scrub import scrub
+from tests.faultfs import MountFaulty, faulty_disk  # noqa: F401  # the fixture
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import (
+    archived_everywhere,
+    deployment,
+    observe,
+    package_names,
+    package_state,
+    run,
+)
+from tests.faults.storage_truth import lost_filed_files
+from tests.faults.test_disk_full import _copies, told
+
+TAR = "obs-0/obs-0_primecam-f280_p00.tar"
+
+
+def _config(tmp_path: Path, **policies: float) -> Config:
+    return deployment(tmp_path / "deploy", policies={"max_attempts": 2,
+                                                     "retry_backoff_first_s": 0.2, **policies})
+
+
+def test_an_archive_copy_its_disk_cannot_read_is_not_taken_for_a_bad_one(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+    """Cologne's LTA disk fails every read of an archived tar (a bad sector): its check's
+    re-read, the fixity scrub and `audit --repair` say it could not be read, but the copy is
+    not quarantined and nothing writes over it; the disk failing again is told (location,
+    path, EIO). Once the disk reads again the copy re-reads intact and the problem clears."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    observe(config, opsdb)
+    assert run(config, instance).failed == []
+    [package] = package_names(opsdb)
+    archived = (disk.backing / TAR).stat()
+    disk.fail("read", TAR)
+
+    check = verify(opsdb, config, package, "cologne", LocationType.LONG_TERM_ARCHIVE)
+    [(_, _, scrubbed)] = scrub(opsdb, config, [(package, "cologne")])
+    audited = audit(opsdb, checksums=True, repair=True, config=config)
+    report = run(config, instance, wait_s=0)  # a repair would start here
+
+    assert disk.hits() == [f"read {TAR}"] * 3, disk.hits()
+    for result in (check, scrubbed):
+        assert not result.passed and not result.reached, result
+        assert "Input/output error" in result.description, result
+        assert "mismatch" not in result.description, result
+    assert [f.path for f in audited.findings] == [str(disk.root / TAR)], audited.findings
+    assert audited.repaired == []
+    assert not [k for k in report.launched if k.startswith("repair:")], report.launched
+    after = (disk.backing / TAR).stat()  # the archived file itself, never replaced
+    assert (after.st_ino, after.st_mtime_ns) == (archived.st_ino, archived.st_mtime_ns)
+    assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
+    assert package_state(opsdb, package) == PackageState.ARCHIVED
+    with opsdb.session() as session:
+        [problem] = [p for p in current_problems(session, config, utcnow())
+                     if p.kind == "disk_error"]
+    assert problem.key == "disk_error:cologne/lta", problem
+    assert f"{disk.root}/{TAR}" in problem.detail and "(EIO)" in problem.detail, problem
+
+    disk.heal()
+
+    assert verify(opsdb, config, package, "cologne", LocationType.LONG_TERM_ARCHIVE).passed
+    assert not [key for key in told(config, opsdb) if key.startswith("disk_error:")]
+    assert run(config, instance).failed == []
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+def test_an_archive_copy_unreadable_when_the_purge_looks_deletes_nothing_on_its_word(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+    """The purge re-hashes the LTA copies it relies on just before deleting (recheck window 0):
+    Cologne's copy cannot be read then, so the observatory's files and buffer copies stay (two
+    verified LTA copies are required, one could be read); the copy is not quarantined, and
+    once the disk reads again the purge finishes by itself."""
+    config = _config(tmp_path, deletion_recheck_hours=0)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    disk.fail("read", TAR)  # the archiving reads back its temporary file, not this name
+    source = observe(config, opsdb)
+
+    # bounded: before, the copy was quarantined, repaired over, found unreadable, ... forever
+    report = drive(build_definitions(config), instance, max_rounds=20)
+
+    assert any(hit == f"read {TAR}" for hit in disk.hits()), disk.hits()
+    assert all(p.is_file() for p in source)  # nothing deleted on the word of that copy
+    assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
+    assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
+    assert not [k for k in report.launched if k.startswith("repair:")], report.launched
+
+    disk.heal()
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)
+    assert not any(p.exists() for p in source)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
