@@ -182,6 +182,8 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         buffer_label = buffer.label
         members = [PackageMember(Path(f.source_location.root) / f.relative_path,
                                  f.relative_path, f.size, f.checksum) for f in package.files]
+        sources = {f.source_location.root: (f.source_location.id, f.source_location.label)
+                   for f in package.files}
         destination = Path(buffer.root) / package_path(package)
         quarantined_there = any(  # the bad tar a rebuild replaces
             c.status == CopyStatus.CORRUPT and c.location_id == buffer.id
@@ -204,6 +206,15 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
         _fail(opsdb, operation.id, package_id=package.id, error=str(exc), quarantine=rebuilding)
         raise PackageBuildFailed(f"package {name}: {exc}") from exc
     except OSError as exc:
+        source = next((at for root, at in sources.items() if exc.filename is not None
+                       and str(exc.filename).startswith(f"{root.rstrip('/')}/")), None)
+        if source is not None:  # a source file its disk failed to read: not the buffer's fault
+            error = (f"packaging {name}: cannot read source file {exc.filename} at "
+                     f"{source[1]}: {exc.strerror or exc}")
+            _fail(opsdb, operation.id, package_id=None, error=error)
+            if location_failure(exc):
+                mark_failed(opsdb, config, source[0], error)
+            raise OSError(exc.errno, error) from exc  # retried: a read error may pass
         # Where: a write that fails mid-tar (a disk filling) names no file of its own.
         _fail(opsdb, operation.id, package_id=None,
               error=f"packaging at {buffer_label} ({buffer.root}): {exc}")
@@ -220,7 +231,8 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
                                    if elsewhere else ""), retryable=elsewhere) from exc
         raise
     with opsdb.session() as session:
-        mark_ok(session, buffer.id)
+        for location_id in [buffer.id, *(at[0] for at in sources.values())]:
+            mark_ok(session, location_id)  # every byte written there, every source read
         recorded = _record_built(session, name, built, buffer.id, operation.id,
                                  time.monotonic() - started)
         ref = CopyRef.of(recorded)

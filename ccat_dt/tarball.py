@@ -15,7 +15,8 @@ import json
 import os
 import stat
 import tarfile
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -118,7 +119,8 @@ class _TarWriter:
         copied = 0
         with open(member.source, "rb", buffering=0) as source:
             while copied < member.size:
-                count = source.readinto(view[:min(len(view), member.size - copied)])
+                with _reading(member.source):  # only the read: a write error is the tar's
+                    count = source.readinto(view[:min(len(view), member.size - copied)])
                 if not count:
                     raise PackagingError(
                         f"{member.source}: file shrank while packaging, "
@@ -127,7 +129,9 @@ class _TarWriter:
                 hasher.update(chunk)
                 self._emit(chunk)
                 copied += count
-            if source.read(1):
+            with _reading(member.source):
+                grew = source.read(1)
+            if grew:
                 raise PackagingError(f"{member.source}: file grew beyond {member.size} bytes")
             pagecache.release(source.fileno())
         self._pad(tarfile.BLOCKSIZE)
@@ -152,6 +156,18 @@ class _TarWriter:
 
     def adler32(self) -> str:
         return f"{self._adler:08x}"
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A read of the source file that fails names that file: a read error carries no file
+    name, and was taken for one of the tar's, written to the buffer's disk."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def _check_arcname(arcname: str) -> None:

@@ -31,7 +31,7 @@ from tests.faults.pipeline import (
     run,
 )
 from tests.faults.storage_truth import lost_filed_files
-from tests.faults.test_disk_full import _copies, told
+from tests.faults.test_disk_full import _copies, _stages, told
 
 TAR = "obs-0/obs-0_primecam-f280_p00.tar"
 
@@ -115,6 +115,42 @@ def test_an_archive_copy_unreadable_when_the_purge_looks_deletes_nothing_on_its_
 
     archived_everywhere(config, opsdb)
     assert not any(p.exists() for p in source)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+def test_a_source_file_its_disk_cannot_read_fails_packaging_naming_it_and_heals(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+    """The instrument disk fails the reads of one filed file: packaging fails naming that file
+    and its location (before: "packaging at ccat/buffer: Input/output error", and the
+    observatory buffer, whose disk is fine, was marked unhealthy), the package is not FAILED,
+    the failing disk is told; once it reads again the re-attempt archives it by itself."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "ccat/instruments")
+    source = observe(config, opsdb)
+    disk.fail("read", "obs-0/primecam/f280/scan-1.dat")
+
+    report = run(config, instance, wait_s=0)
+
+    [package] = package_names(opsdb)
+    assert [key.split(":")[0] for key in report.failed] == ["package"], report.failed
+    assert package_state(opsdb, package) != PackageState.FAILED
+    stages = _stages(config, opsdb, package)
+    state, detail = stages["packaging"]
+    assert state == "failed" and "next attempt at" in detail, detail
+    assert str(source[1]) in detail and "Input/output error" in detail, detail
+    assert "location ccat/buffer" not in stages, stages  # its disk is fine
+    assert "disk_error:ccat/instruments" in told(config, opsdb)
+    assert all(p.is_file() for p in source)
+
+    disk.heal()
+    report = run(config, instance)
+
+    assert report.failed == [], report.failed
+    archived_everywhere(config, opsdb)
+    assert not [key for key in told(config, opsdb) if key.startswith("disk_error:")]
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
     opsdb.dispose()
