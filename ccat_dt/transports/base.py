@@ -344,7 +344,11 @@ def claim_temporary(path: Path) -> Iterator[BinaryIO]:
         os.close(fd)  # its writer renamed it into place meanwhile: never write to that file
     else:
         raise OSError(errno.EBUSY, f"{path} keeps being replaced by another process")
-    os.ftruncate(fd, 0)
+    try:
+        os.ftruncate(fd, 0)
+    except BaseException:  # (EIO) not kept open: its lock would refuse every later attempt
+        os.close(fd)
+        raise
     with os.fdopen(fd, "wb") as stream:
         yield stream
 

@@ -7,19 +7,24 @@ disk that keeps failing is named to a person (location, path, errno)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 from dagster import DagsterInstance
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.audit import audit
+from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import CopyStatus, LocationType, PackageState, utcnow
 from ccat_dt.replicas import verify
 from ccat_dt.scrub import scrub
+from ccat_dt.transports.base import TransferError
+from ccat_dt.transports.local import LocalTransport
 from tests.faultfs import MountFaulty, faulty_disk  # noqa: F401  # the fixture
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
@@ -154,3 +159,24 @@ def test_a_source_file_its_disk_cannot_read_fails_packaging_naming_it_and_heals(
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
     opsdb.dispose()
+
+
+def test_a_temporary_file_whose_truncation_fails_is_let_go(
+        tmp_path: Path, faulty_disk: MountFaulty) -> None:  # noqa: F811
+    """The disk fails the truncation of a copy's temporary file (EIO): that attempt fails, and
+    the next one in the same process copies it (before: the failed attempt kept the file open
+    with its lock, and every later attempt of the run was refused "another process is
+    writing" it)."""
+    config = _config(tmp_path)
+    disk = faulty_disk(config, "cologne/lta")
+    source = tmp_path / "package.tar"
+    source.write_bytes(os.urandom(100_000))
+    checksum = hash_file(source)[0]
+    disk.fail("truncate", "*.part", times=1)
+
+    with pytest.raises(TransferError, match="Input/output error"):
+        LocalTransport().copy_file(source, disk.root / TAR, checksum)
+    LocalTransport().copy_file(source, disk.root / TAR, checksum)
+
+    assert disk.hits() == [f"truncate obs-0/.{Path(TAR).name}.part"]
+    assert hash_file(disk.backing / TAR)[0] == checksum
