@@ -64,7 +64,8 @@ def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
         yield dagster_instance
 
 
-pytest_plugins = ["tests.services", "tests.sshd", "tests.victoria", "tests.notify_servers"]
+pytest_plugins = ["tests.services", "tests.sshd", "tests.victoria", "tests.notify_servers",
+                  "tests.faults.disks"]
 
 # Integration tests that take seconds to minutes each (whole lifecycles, Celery workers, the
 # UI in a browser, injected faults, subprocesses of the CLI): marked `slow` here, in one place,
