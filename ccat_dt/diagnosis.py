@@ -205,6 +205,8 @@ def _failed(operation: Operation | None, reattempt: Reattempt | None = None) -> 
     text = " ".join(error).lower()
     if "no space" in text or "disk full" in text:
         hint = "destination disk full; "
+    elif "read-only file system" in text:
+        hint = "destination disk read-only; "
     elif "checksum mismatch" in text:
         hint = "checksum mismatch; "
     elif "refused" in text or "timed out" in text or "unreachable" in text:

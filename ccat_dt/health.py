@@ -46,30 +46,42 @@ def location_failure(exc: BaseException) -> bool:
     return True  # a root problem, an unreachable host, a transport refusing the destination
 
 
-# What a location's failure says when its disk (or quota) is full: it can still be read.
+# What a location's failure says when its disk refuses writes yet can still be read: full (or
+# its quota), or read-only (the kernel remounted it so after errors, a person mounted it so).
 _FULL = ("no space left", "disk quota exceeded", "disk full")
+_READ_ONLY = ("read-only file system",)
 
 
-def full_reason() -> ColumnElement[bool]:
-    """SQL: the location's recorded failure says its disk is full (`is_full`)."""
-    return or_(*(DataLocation.unhealthy_reason.ilike(f"%{text}%") for text in _FULL))
+def refusal_reason() -> ColumnElement[bool]:
+    """SQL: the location's recorded failure says its disk refuses writes (`refuses_writes`)."""
+    return or_(*(DataLocation.unhealthy_reason.ilike(f"%{text}%")
+                 for text in (*_FULL, *_READ_ONLY)))
 
 
-def disk_full(exc: BaseException | str) -> bool:
-    """Whether a failure says the disk (or quota) written to is full."""
-    return any(text in str(exc).lower() for text in _FULL)
+def write_refused(exc: BaseException | str) -> str | None:
+    """"full" or "read-only" when a failure says the disk written to refuses writes so."""
+    text = str(exc).lower()
+    if any(marker in text for marker in _FULL):
+        return "full"
+    if any(marker in text for marker in _READ_ONLY):
+        return "read-only"
+    return None
 
 
-def is_full(location: DataLocation) -> bool:
-    """Whether the location fails because its disk is full (since `failing_since`): only room
-    heals that, made by a person (or, on a buffer, by the purge)."""
-    return location.failing_since is not None and disk_full(location.unhealthy_reason or "")
+def refuses_writes(location: DataLocation) -> str | None:
+    """"full" or "read-only" while the location fails because its disk refuses writes so
+    (since `failing_since`): only a person heals that (or, a full buffer, the purge); its
+    copies are read as ever."""
+    if location.failing_since is None:
+        return None
+    return write_refused(location.unhealthy_reason or "")
 
 
-def full_locations(session: Session) -> list[DataLocation]:
-    """The locations whose writes fail because their disk is full."""
-    return [location for location in session.scalars(select(DataLocation).where(
-        DataLocation.failing_since.is_not(None)).order_by(DataLocation.id)) if is_full(location)]
+def refusing_locations(session: Session) -> list[tuple[DataLocation, str]]:
+    """The locations whose writes fail because their disk is full or read-only, with which."""
+    return [(location, how) for location in session.scalars(select(DataLocation).where(
+        DataLocation.failing_since.is_not(None)).order_by(DataLocation.id))
+        if (how := refuses_writes(location)) is not None]
 
 
 # What a location's failure says when its disk failed an operation (EIO: a bad sector, a
@@ -171,11 +183,11 @@ def archives_unreadable(session: Session, config: Config, now: datetime) -> list
     """Long-term archive locations that have failed as a whole (unreachable, root or bucket
     marker gone, refused), without a success since, for longer than
     `policies.site_failover_hours`: their copies are neither re-checked nor relied on for a
-    deletion, and a loss there cannot be seen. Nothing heals that but a person. A full one is
-    not among them: it is read as ever (`full_locations`)."""
+    deletion, and a loss there cannot be seen. Nothing heals that but a person. A full or
+    read-only one is not among them: it is read as ever (`refusing_locations`)."""
     horizon = timedelta(hours=config.settings.policies.site_failover_hours)
     return [location for location in session.scalars(select(DataLocation).where(
         DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
         DataLocation.failing_since.is_not(None)).order_by(DataLocation.id))
         if _aware(now) - _aware(location.failing_since or now) >= horizon
-        and not is_full(location)]
+        and refuses_writes(location) is None]

@@ -21,9 +21,10 @@ What counts as a problem (`current_problems`) is only what does not heal by itse
 quarantined (a source file changed after filing), a source file changed after archiving (its
 new bytes are in no archive), a deletion or a copy refused for a file ccat-dt did not write,
 work escalated past the re-attempt horizon, an archive site down past its failover horizon, a
-disk that fails with I/O errors again and again, a buffer filling faster than it drains, a
-filing-service request that can never be applied (a dead letter, which each site's service
-mirrors into OpsDB). Transient faults are never told.
+disk full or read-only (only a person makes room or remounts it), a disk that fails with I/O
+errors again and again, a buffer filling faster than it drains, a filing-service request that
+can never be applied (a dead letter, which each site's service mirrors into OpsDB). Transient
+faults are never told.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from ccat_dt.config import Config, SmtpConfig, WebhookConfig
 from ccat_dt.health import (
     archives_unreadable,
     failing_disks,
-    full_locations,
-    is_full,
+    refuses_writes,
+    refusing_locations,
     sites_down,
 )
 from ccat_dt.loss import packages_in_danger
@@ -81,7 +82,7 @@ class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
     # | deletion_refused | foreign_file | source_changed | archive_unreadable | disk_full
-    # | disk_error | undeliverable
+    # | read_only | disk_error | undeliverable
     subject: str
     detail: str  # what happened and what to do
 
@@ -234,22 +235,27 @@ def current_problems(session: Session, config: Config, now: datetime,
         since = _aware(broken.failing_since or now)
         problems.append(Problem(
             f"site_down:{site}", "site_down",
-            f"archive site {site} {'full' if is_full(broken) else 'unreachable'} since "
+            f"archive site {site} {refuses_writes(broken) or 'unreachable'} since "
             f"{since:%Y-%m-%d %H:%M} UTC",
             f"{broken.unhealthy_reason or 'its buffer failed'}\nPast the failover horizon "
             f"({config.settings.policies.site_failover_hours:g} h): packages not yet sent go to "
             f"another archive site; {site} gets them by replication once it is back. Bring "
             f"{site} back (`ccat-dt status` shows its locations)."))
-    for full in full_locations(session):
-        since = _aware(full.failing_since or now)
+    for refusing, how in refusing_locations(session):
+        since = _aware(refusing.failing_since or now)
+        kind = "disk_full" if how == "full" else "read_only"
+        refused, remedy = (("Writes", "Make room or enlarge the disk") if how == "full" else
+                           ("Writes and deletions", "Remount it read-write (one the kernel "
+                            "remounted read-only after errors: check `dmesg` and the file "
+                            "system first)"))
         problems.append(Problem(
-            f"disk_full:{full.label}", "disk_full",
-            f"{full.location_type.value.replace('_', ' ')} {full.label} full since "
+            f"{kind}:{refusing.label}", kind,
+            f"{refusing.location_type.value.replace('_', ' ')} {refusing.label} {how} since "
             f"{since:%Y-%m-%d %H:%M} UTC",
-            f"{full.unhealthy_reason or 'no reason recorded'}\nWrites there fail and are tried "
-            "again after a back-off; nothing is lost and the copies there are read as ever. "
-            "Make room or enlarge the disk: the next attempt then goes on by itself. "
-            "`ccat-dt status` shows every location."))
+            f"{refusing.unhealthy_reason or 'no reason recorded'}\n{refused} there fail and "
+            "are tried again after a back-off; nothing is lost and the copies there are read "
+            f"as ever. {remedy}: the next attempt then goes on by itself. `ccat-dt status` "
+            "shows every location."))
     for failing in failing_disks(session, config):
         since = _aware(failing.failing_since or now)
         problems.append(Problem(

@@ -16,7 +16,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from ccat_dt.config import Config
-from ccat_dt.health import full_reason
+from ccat_dt.health import refusal_reason
 from ccat_dt.marker import root_problem
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -270,13 +270,14 @@ def scrub_due(session: Session, budget_bytes: int, now: datetime,
     """LTA copies to re-read now: the longest unverified first, within the byte budget (at
     least one, so that a copy larger than the budget is still scrubbed eventually). A location
     passed over as unhealthy (one the scrub found unmounted, say) waits out its hold, so that
-    it does not take every hour's budget from the others; a full one is read as ever."""
+    it does not take every hour's budget from the others; a full or read-only one is
+    read as ever."""
     copies = session.scalars(
         select(PackageCopy).join(DataLocation)
         .where(PackageCopy.status == CopyStatus.PRESENT,
                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
                or_(DataLocation.unhealthy_until.is_(None), DataLocation.unhealthy_until <= now,
-                   full_reason()))
+                   refusal_reason()))
         .order_by(PackageCopy.verified_at, PackageCopy.id).limit(limit)).all()
     due: list[Due] = []
     spent = 0

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import ChecksumMismatch, hash_file
 from ccat_dt.config import Config
-from ccat_dt.health import disk_full, mark_failed, mark_ok
+from ccat_dt.health import mark_failed, mark_ok, write_refused
 from ccat_dt.marker import MARKER, root_problem
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -301,7 +301,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                 _record_staged(session, moved, files, lost, directory, location_id,
                                request_id)
         finish(opsdb, operation.id, error=str(exc))
-        if disk_full(exc):  # for `status` and a person (notify.py) until a staging succeeds
+        if write_refused(exc):  # for `status` and a person (notify.py) until a staging succeeds
             mark_failed(opsdb, config, location_id, f"staging {request_name}: {exc}")
         if isinstance(exc, ChecksumMismatch) or "checksum mismatch" in str(exc).lower():
             # A bad source, or a bad transit? The source re-hashed on its storage: a bad one
