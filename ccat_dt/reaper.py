@@ -14,9 +14,11 @@ afresh, with a new certificate, like any other copy. An unlink or `rm` that fail
 dropped under it, an I/O error) leaves the copy the same way, its operation FAILED, and the
 next purge (the step's retry within its run, else the re-attempt of this one) finishes it at
 once: no person is needed for a fault that passes, and one that persists fails every
-re-attempt until the re-attempt sensor tells a person. Only a file that is not the recorded
-one is DELETION_FAILED (or CORRUPT for a source), for a person to look at: a refusal
-(`PurgeReport.refused`), which no retry within the run changes.
+re-attempt until the re-attempt sensor tells a person. An unlink the storage refuses (a
+read-only file system, an immutable file) says what to do; a read-only one marks its location,
+which tells a person at once (health.py, notify.py) until a deletion there succeeds. Only a
+file that is not the recorded one is DELETION_FAILED (or CORRUPT for a source), for a person
+to look at: a refusal (`PurgeReport.refused`), which no retry within the run changes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt import claims
 from ccat_dt.config import Config
+from ccat_dt.health import mark_failed, mark_ok, write_refused
 from ccat_dt.marker import LABEL, another_location, is_marker, label_in, root_problem
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -343,6 +346,16 @@ def _rm_remote(ssh: SshSettings, claim: _Claim, identity: str) -> int:
     return claim.size
 
 
+def _kernel_refused(exc: BaseException) -> bool:
+    """Whether the storage refused the unlink itself (a read-only file system, an immutable
+    file or directory, no permission): the recorded file is intact and stays."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+        return True
+    text = str(exc).lower()  # `rm` over ssh says it in words
+    return "cannot remove" in text and any(words in text for words in (
+        "read-only file system", "operation not permitted", "permission denied"))
+
+
 def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | None, bool]:
     """Unlink the claimed file and record the outcome; returns (bytes freed, failure or None,
     whether the failure is a refusal: the file is not the recorded one)."""
@@ -360,9 +373,15 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
             where = f"{claim.host}:{claim.path}" if claim.host else str(claim.path)
             note = f"file already missing at deletion time: {where}; treated as deleted"
     except (OSError, _Changed) as exc:
+        if _kernel_refused(exc):
+            exc = OSError(f"{exc}: the storage refuses the deletion; kept. Remount it "
+                          "read-write, or clear the immutable flag of the file or its "
+                          "directory (`lsattr`, `chattr -i`) or fix their permissions: the "
+                          "next purge then deletes it")
         with opsdb.session() as session:
             operation = session.get_one(Operation, claim.operation_id)
             copy = session.get_one(PhysicalCopy, claim.copy_id)
+            location_id = copy.location_id
             if isinstance(exc, _Changed):
                 # A source file that is not what was filed holds bytes no archive has: it
                 # freezes the package's purge and says so (`why`, `purge --plan`).
@@ -372,12 +391,16 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
             operation.status, operation.error = OperationStatus.FAILED, str(exc)
             operation.finished_at = utcnow()
             operation.duration_s = time.monotonic() - clock
+        if write_refused(exc):  # the whole disk's: `status` and a person (notify.py) are told
+            where = f"{claim.host}:{claim.path}" if claim.host else str(claim.path)
+            mark_failed(opsdb, config, location_id, f"deleting {where}: {exc}")
         refused = isinstance(exc, _Changed)
         return 0, f"{claim.path}: {exc} (operation {claim.operation_id})", refused
     with opsdb.session() as session:
         finished = utcnow()
         copy = session.get_one(PhysicalCopy, claim.copy_id)
         copy.status, copy.deleted_at = CopyStatus.DELETED, finished
+        mark_ok(session, copy.location_id)  # a disk found read-only is writable again
         operation = session.get_one(Operation, claim.operation_id)
         operation.status, operation.error = OperationStatus.COMPLETED, note
         operation.bytes, operation.finished_at = size, finished

@@ -8,6 +8,8 @@ test_disk_full.py), remounted read-only and back."""
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from tests.faults.pipeline import (
     run,
 )
 from tests.faults.storage_truth import lost_filed_files
+from tests.faults.test_deletion_faults import _sites, retention
 from tests.faults.test_disk_full import _stages
 from tests.sshd import SshServer
 from tests.test_multisite import multisite
@@ -63,6 +66,14 @@ def _past_failover_horizon(opsdb: OpsDB, label: str) -> None:
         assert location.failing_since is not None, f"{label} not recorded failing"
         session.execute(update(DataLocation).where(DataLocation.id == location.id).values(
             failing_since=utcnow() - timedelta(hours=48)))
+
+
+def _recorded_gone_yet_on_disk(opsdb: OpsDB) -> list[str]:
+    """Copies OpsDB records DELETED whose file is still at their path (read on the disk)."""
+    with opsdb.session() as session:
+        return [f"{c.location.label} {c.relative_path}" for c in session.scalars(
+            select(PhysicalCopy).where(PhysicalCopy.status == CopyStatus.DELETED))
+            if (Path(c.location.root) / c.relative_path).exists()]
 
 
 def _corrupt(opsdb: OpsDB) -> list[str]:
@@ -129,5 +140,112 @@ def test_a_read_only_archive_disk_is_told_at_once_still_read_and_heals_once_writ
     assert report.failed == []
     archived_everywhere(config, opsdb)
     assert not [key for key in _problems(config, opsdb) if key.startswith("read_only:")]
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+@pytest.mark.parametrize("label", ["ccat/instruments", "ccat/buffer", "cologne/buffer"])
+def test_a_read_only_disk_at_purge_keeps_its_files_is_told_and_heals_once_writable(
+        tmp_path: Path, instance: DagsterInstance, mount_disk: MountDisk, label: str) -> None:
+    """A package archived in both LTAs, its sources and buffer copies kept by retention; then
+    the source disk (or a buffer's) turns read-only and the retention ends. The purge deletes
+    what it can elsewhere; every file on the read-only disk stays, none is recorded deleted or
+    quarantined; a person is told at once which disk is read-only and to remount it, and the
+    run's failure says so (before: only the errno, nobody told until the re-attempt horizon).
+    Writable again, the purge's next automatic attempt deletes them and the notice is
+    resolved."""
+    config = _config(tmp_path, sites=_sites(1000.0))
+    opsdb = OpsDB(config.opsdb_url)
+    disk = mount_disk(config, label, 1024 * KB)
+    observe(config, opsdb)
+    assert run(config, instance).failed == []
+    [package] = package_names(opsdb)
+    assert package_state(opsdb, package) == PackageState.ARCHIVED
+    kept = [p for p in disk.root.rglob("*") if p.is_file() and p.name != ".ccat-dt-location"]
+    assert kept
+    disk.remount("ro")
+    config = retention(config, 0)
+
+    report = run(config, instance, wait_s=0)
+
+    assert [key.split(":")[0] for key in report.failed][:1] == ["purge"], report.failed
+    assert all(p.is_file() for p in kept)
+    assert _recorded_gone_yet_on_disk(opsdb) == []
+    assert _corrupt(opsdb) == []
+    problems = _problems(config, opsdb)
+    assert f"read_only:{label}" in problems, problems  # told at once
+    state, detail = _stages(config, opsdb, package)["purge"]
+    assert state == "failed" and "Read-only file system" in detail, detail
+    assert "Remount it read-write" in detail and "next attempt at" in detail, detail
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+
+    disk.remount("rw")
+    report = run(config, instance)
+
+    assert report.failed == []
+    assert not any(p.exists() for p in kept)
+    archived_everywhere(config, opsdb)
+    assert not [key for key in _problems(config, opsdb) if key.startswith("read_only:")]
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+@pytest.fixture
+def immutable() -> Iterator[list[Path]]:
+    """Paths to `chattr +i` (refused even to root: EPERM); the flag is cleared afterwards."""
+    flagged: list[Path] = []
+    yield flagged
+    for path in flagged:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def _chattr(flag: str, path: Path) -> None:
+    done = subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot set the immutable flag here (needs root and chattr): "
+                    f"{done.stderr.strip()}")
+
+
+@pytest.mark.parametrize("what", ["a source file", "its directory", "the observatory tar"])
+def test_an_immutable_file_is_kept_by_the_purge_and_deleted_once_it_is_not(
+        tmp_path: Path, instance: DagsterInstance, immutable: list[Path], what: str) -> None:
+    """One file of a package (or the directory holding the sources) is made immutable during
+    the retention: the purge deletes the package's other copies, keeps that one without
+    recording it deleted or quarantined, and says which file the storage refused and what to
+    do (before: only "[Errno 1] Operation not permitted"); the disk is not taken for
+    read-only. Once the flag is cleared the purge's next automatic attempt deletes it."""
+    config = _config(tmp_path, sites=_sites(1000.0))
+    opsdb = OpsDB(config.opsdb_url)
+    sources = observe(config, opsdb)
+    assert run(config, instance).failed == []
+    [package] = package_names(opsdb)
+    [tar] = config.resolve_root("sites/ccat/buffer").rglob(f"{package}.tar")
+    flagged, refused = {"a source file": (sources[1], [sources[1]]),
+                        "its directory": (sources[0].parent, sources),
+                        "the observatory tar": (tar, [tar])}[what]
+    _chattr("+i", flagged)
+    immutable.append(flagged)
+    config = retention(config, 0)
+
+    report = run(config, instance, wait_s=0)
+
+    assert [key.split(":")[0] for key in report.failed][:1] == ["purge"], report.failed
+    assert all(p.is_file() for p in refused)
+    assert not any(p.exists() for p in {*sources, tar} - set(refused))
+    assert _recorded_gone_yet_on_disk(opsdb) == []
+    assert _corrupt(opsdb) == []
+    state, detail = _stages(config, opsdb, package)["purge"]
+    assert state == "failed" and "Operation not permitted" in detail, detail
+    assert str(refused[0]) in detail and "chattr -i" in detail, detail
+    assert not [key for key in _problems(config, opsdb) if key.startswith("read_only:")]
+    assert_safe(config, opsdb)
+
+    subprocess.run(["chattr", "-i", str(flagged)], check=True)
+    report = run(config, instance)
+
+    assert report.failed == []
+    assert not any(p.exists() for p in refused)
+    archived_everywhere(config, opsdb)
     assert_safe(config, opsdb)
     opsdb.dispose()
