@@ -574,8 +574,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
               f"              {printable(finding.detail)}")
     for line in report.repaired:
         print(f"repaired: {line}")
+    in_flight = sum(f.kind == "in_flight" for f in report.findings)
     print(f"{report.checked_copies} copies checked, {report.scanned_files} files scanned, "
-          f"{len(report.problems)} problem(s), {len(report.repaired)} repaired")
+          f"{len(report.problems)} problem(s), {len(report.repaired)} repaired"
+          + (f"; {in_flight} file(s) in flight (being written now)" if in_flight else ""))
     not_audited = [f for f in report.findings if f.kind == "skipped"]
     if not_audited:
         print(f"{len(not_audited)} location(s) or directories NOT audited (see 'skipped')")

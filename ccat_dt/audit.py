@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
+from ccat_dt import claims
 from ccat_dt.checksums import ALGORITHM
 from ccat_dt.config import Config
 from ccat_dt.objectstore import Stores, is_object_root
@@ -42,9 +43,9 @@ from ccat_dt.opsdb.models import (
     _aware,
     utcnow,
 )
-from ccat_dt.packages import lock_package, not_the_package
+from ccat_dt.packages import lock_package, not_the_package, package_path
 from ccat_dt.replicas import refresh_state
-from ccat_dt.staged_files import SCRATCH
+from ccat_dt.staged_files import SCRATCH, scratch_names
 from ccat_dt.storage import (
     Entry,
     Listing,
@@ -52,10 +53,18 @@ from ccat_dt.storage import (
     StorageUnavailable,
     Wanted,
 )
-from ccat_dt.transports.base import SshSettings
+from ccat_dt.transports.base import SshSettings, temporary_name
 
-LOST, CHANGED, DARK, PARTIAL, STALE_DELETED, SKIPPED, INTACT_AGAIN = (
-    "lost", "changed", "dark", "partial", "stale_deleted", "skipped", "intact_again")
+LOST, CHANGED, DARK, PARTIAL, STALE_DELETED, SKIPPED, INTACT_AGAIN, IN_FLIGHT = (
+    "lost", "changed", "dark", "partial", "stale_deleted", "skipped", "intact_again",
+    "in_flight")
+# What work in flight looks like before OpsDB records it: a file that is there (a temporary
+# file, a tar landed but not recorded, a new file at a path whose old copy was deleted, a
+# quarantined copy's path written over by its repair).
+APPEARING = (PARTIAL, DARK, STALE_DELETED, INTACT_AGAIN)
+# The operations that write at their destination location, each while its process holds it.
+WRITERS = (OperationType.PACKAGING, OperationType.TRANSFER, OperationType.ARCHIVE,
+           OperationType.STAGING)
 ON_DISK = (CopyStatus.PRESENT, CopyStatus.STAGED)  # OpsDB promises these bytes are there
 PARTIAL_MAX_AGE = timedelta(hours=24)  # older temporary files are abandoned, not in flight
 # Checksums are computed on the files' host: one round trip per batch, bounded in count and
@@ -66,7 +75,8 @@ HASH_BATCH_BYTES = 200 * 10**9
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # lost | changed | dark | partial | stale_deleted | skipped | intact_again
+    kind: str  # lost | changed | dark | partial | stale_deleted | skipped | intact_again |
+    # in_flight (a file an operation is writing now: work, not a problem)
     location: str  # site/location
     path: str  # absolute
     copy_id: int | None
@@ -82,8 +92,9 @@ class AuditReport:
 
     @property
     def problems(self) -> list[Finding]:
-        """Disagreements; "skipped" only says what the audit could not look at."""
-        return [f for f in self.findings if f.kind != SKIPPED]
+        """Disagreements; "skipped" only says what the audit could not look at, "in_flight"
+        what the pipeline is writing now."""
+        return [f for f in self.findings if f.kind not in (SKIPPED, IN_FLIGHT)]
 
 
 @dataclass(frozen=True)
@@ -262,6 +273,7 @@ def _expected(opsdb: OpsDB, location: _Location) -> _Expected:
 
 def _audit_location(opsdb: OpsDB, location: _Location, nested: set[str], ssh: SshSettings, *,
                     checksums: bool, now: datetime) -> _Walk:
+    since = utcnow()  # before OpsDB is read and the location listed
     expected = _expected(opsdb, location)
     root = location.root_path
     where = f" on {location.host}" if location.host else ""
@@ -285,6 +297,7 @@ def _audit_location(opsdb: OpsDB, location: _Location, nested: set[str], ssh: Ss
         _compare_checksums(walk, location, ssh)
     _drop_overtaken(opsdb, location, walk)
     _drop_superseded(opsdb, walk)
+    _settle(opsdb, location, walk, since)
     return walk
 
 
@@ -322,14 +335,18 @@ def _drop_overtaken(opsdb: OpsDB, location: _Location, walk: _Walk) -> None:
     deleted the copy, a transfer recorded its new file meanwhile): what was seen then was
     work in progress, not a fault; the audit of a running system reports none of it."""
     ids = {f.copy_id for f in walk.findings if f.kind in (LOST, CHANGED) and f.copy_id}
+    quarantined = {f.copy_id for f in walk.findings if f.kind == INTACT_AGAIN and f.copy_id}
     dark = {os.path.relpath(f.path, location.root_path) for f in walk.findings
-            if f.kind == DARK}
-    if not ids and not dark:
+            if f.kind in (DARK, STALE_DELETED)}
+    if not ids and not dark and not quarantined:
         return
     with opsdb.session() as session:
         gone = {copy_id for copy_id, status in session.execute(
             select(PhysicalCopy.id, PhysicalCopy.status).where(PhysicalCopy.id.in_(ids)))
             if status not in ON_DISK} if ids else set()
+        gone |= {copy_id for copy_id, status in session.execute(
+            select(PhysicalCopy.id, PhysicalCopy.status).where(
+                PhysicalCopy.id.in_(quarantined))) if status != CopyStatus.CORRUPT}
         gone |= _taken_away(session, {f.copy_id for f in walk.findings
                                       if f.kind == LOST and f.copy_id} - gone)
         recorded = {os.path.normpath(path) for path in session.scalars(
@@ -338,12 +355,77 @@ def _drop_overtaken(opsdb: OpsDB, location: _Location, walk: _Walk) -> None:
                 PhysicalCopy.relative_path.in_(dark)))} if dark else set()
 
     def overtaken(finding: Finding) -> bool:
-        return (finding.kind in (LOST, CHANGED) and finding.copy_id in gone) or (
-            finding.kind == DARK
+        return (finding.kind in (LOST, CHANGED, INTACT_AGAIN) and finding.copy_id in gone) or (
+            finding.kind in (DARK, STALE_DELETED)
             and os.path.relpath(finding.path, location.root_path) in recorded)
 
     walk.findings = [f for f in walk.findings if not overtaken(f)]
     walk.broken = [b for b in walk.broken if not overtaken(b.finding)]
+
+
+def _settle(opsdb: OpsDB, location: _Location, walk: _Walk, since: datetime) -> None:
+    """Work in flight told from faults at the moment it is reported, after the listing: a
+    file an operation is writing there now (a tar half written, or landed and not yet
+    recorded; a staged file moved into place) is in flight: reported as such, not a problem,
+    never repaired. One whose operation ended since the audit began looking at the location
+    was in flight while it was listed (renamed, recorded or removed since): not reported."""
+    if not any(f.kind in APPEARING for f in walk.findings):
+        return
+    writers = _writers(opsdb, location, since)
+
+    def settled(finding: Finding) -> Finding | None:
+        writer = (writers(os.path.relpath(finding.path, location.root_path))
+                  if finding.kind in APPEARING else None)
+        if writer is None:
+            return finding
+        who, live = writer
+        return Finding(IN_FLIGHT, finding.location, finding.path, finding.copy_id,
+                       f"being written by {who}, not recorded yet: work in flight, not a "
+                       "problem") if live else None
+    walk.findings = [f for f in map(settled, walk.findings) if f is not None]
+    reported = set(walk.findings)
+    walk.partial = [(f, mtime) for f, mtime in walk.partial if f in reported]
+    walk.uploads = [u for u in walk.uploads if any(
+        f.kind == PARTIAL and f.path == os.path.join(location.root_path, u.relative_path)
+        for f in reported)]
+    walk.intact_again = [b for b in walk.intact_again if b.finding in reported]
+
+
+def _writers(opsdb: OpsDB, location: _Location,
+             since: datetime) -> Callable[[str], tuple[str, bool] | None]:
+    """Who writes a path (relative) at the location: (who, True) for an operation in progress
+    there whose process holds it now (claims.stale), (who, False) for one that ended since
+    `since`; None for any other path. Each writes its package's tar and the tar's temporary
+    name; staging, the package's directory and scratch in a request's directory."""
+    now = utcnow()
+    tars: dict[str, tuple[str, bool]] = {}
+    staged: dict[str, tuple[str, bool]] = {}
+    with opsdb.session() as session:
+        for operation in session.scalars(select(Operation).where(
+                Operation.destination_location_id == location.id,
+                Operation.operation_type.in_(WRITERS),
+                (Operation.status == OperationStatus.IN_PROGRESS)
+                | (Operation.finished_at >= since)).order_by(Operation.id)):
+            live = operation.status == OperationStatus.IN_PROGRESS
+            if operation.package is None or live and claims.stale(operation, now) is not None:
+                continue  # (a process gone: its files are left over, not in flight)
+            name = operation.package.name
+            writer = (f"{operation.operation_type.value} operation {operation.id} of {name} "
+                      f"({claims.holder(operation)})", live)
+            if operation.operation_type == OperationType.STAGING:
+                tar, scratch = scratch_names(Path(), "", name)
+                temporary = temporary_name(PurePosixPath(tar.name)).name
+                for part in (name, tar.name, scratch.name, temporary):
+                    staged[part] = writer if live else staged.get(part, writer)
+            else:
+                path = PurePosixPath(package_path(operation.package))
+                for part in (str(path), str(temporary_name(path))):
+                    tars[part] = writer if live else tars.get(part, writer)
+
+    def writes(relative: str) -> tuple[str, bool] | None:
+        parts = relative.split("/")
+        return tars.get(relative) or (staged.get(parts[1]) if len(parts) > 1 else None)
+    return writes
 
 
 def _compare(location: _Location, expected: _Expected, found: Listing, now: datetime) -> _Walk:
@@ -371,10 +453,9 @@ def _compare(location: _Location, expected: _Expected, found: Listing, now: date
                 STALE_DELETED, location.label, path, expected.deleted[relative],
                 f"recorded deleted, still on disk ({entry.size} bytes)"))
         else:
-            in_flight = "; an operation is in progress here, it may be in flight" if busy else ""
             walk.findings.append(Finding(
                 DARK, location.label, path, None,
-                f"{entry.size} bytes, not referred to by any copy in OpsDB{in_flight}"))
+                f"{entry.size} bytes, not referred to by any copy in OpsDB"))
     for upload in found.uploads:  # an object store's temporary files
         _partial(walk, location, upload, now, busy)
 
@@ -493,7 +574,7 @@ def _partial(walk: _Walk, location: _Location, entry: Entry, now: datetime,
         _unfinished_upload(walk, location, entry, age, busy)
         return
     if age <= PARTIAL_MAX_AGE:
-        note = "recent: probably a transfer in flight"
+        note = "recent, but no operation is writing it now (left by an attempt that ended)"
     elif busy:
         note = "an operation is in progress at this location: left alone"
     elif remote:

@@ -32,7 +32,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from functools import cache
 from types import TracebackType
@@ -240,3 +241,15 @@ class Lease:
                         .execution_options(synchronize_session=False))
             except SQLAlchemyError as exc:  # OpsDB away: the next renewal tries again
                 log.warning("cannot renew the claim of operations %s: %s", self._ids, exc)
+
+
+@contextmanager
+def holding(opsdb: OpsDB, operation_ids: Collection[int]) -> Iterator[None]:
+    """This process's claims (`hold`) while its work runs: tracked, their lease renewed, so that
+    another process (`audit`) sees the work in flight, not files nobody is writing."""
+    track(operation_ids)
+    try:
+        with Lease(opsdb, operation_ids):
+            yield
+    finally:
+        untrack(operation_ids)

@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ccat_dt import claims
 from ccat_dt.checksums import ALGORITHM, ChecksumMismatch
 from ccat_dt.config import Config
 from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
@@ -193,6 +194,7 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
                       and not has_left_observatory(session, config, package))
         operation = Operation(operation_type=OperationType.PACKAGING, package=package,
                               destination_location_id=buffer.id, run_id=run_id)
+        claims.hold(operation)  # its process, so that `audit` tells its tar from a stray file
         session.add(operation)
     started = time.monotonic()
     try:
@@ -200,7 +202,7 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
             raise OSError(problem)
         # the bad tar a rebuild replaces, as it lies there now: only that file is replaced
         replaces = identity_at(str(destination)) if quarantined_there else None
-        with labelled(site=config.settings.observatory):
+        with labelled(site=config.settings.observatory), claims.holding(opsdb, [operation.id]):
             built = build_package(members, destination, package_name=name, replaces=replaces)
     except (PackagingError, ChecksumMismatch) as exc:
         _fail(opsdb, operation.id, package_id=package.id, error=str(exc), quarantine=rebuilding)

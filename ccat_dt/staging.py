@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch, hash_file
 from ccat_dt.config import Config
 from ccat_dt.health import mark_failed, mark_ok, write_refused
@@ -245,6 +246,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                               source_location_id=source.location_id,
                               destination_location_id=request.location_id, run_id=run_id,
                               reason=staging_reason(request_name))
+        claims.hold(operation)
         session.add(operation)
         files = {f.relative_path: f for f in package.files}
         checksum, location_id, request_id = package.checksum or "", request.location_id, request.id
@@ -265,36 +267,37 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         # verified, so a disk that fills leaves nothing half-written under a staged name.
         tar.unlink(missing_ok=True)
         shutil.rmtree(scratch, ignore_errors=True)
-        transport.copy(origin, Endpoint(PurePosixPath(tar), marker=PurePosixPath(root / MARKER)),
-                       checksum)
-        try:
-            manifest = extract_package(tar, scratch, only=wanted)
-            for entry in manifest:
-                relative = str(directory / entry.path)
-                if through_symlink(root, relative):  # never written outside the location
-                    raise StagingError(
-                        f"{package_name}: {root / relative} passes through a symlink or a "
-                        f"non-directory at {where}; nothing is written through it: move it "
-                        "away, then retry")
-                final = root / relative
-                final.parent.mkdir(parents=True, exist_ok=True)
-                verified = os.lstat(scratch / entry.path)  # as hashed; a rename keeps it
-                try:
-                    rename_into_place(str(scratch / entry.path), str(final))
-                except FileExistsError:
-                    # Taken since the look above (a job wrote there while the package
-                    # travelled): kept unless it holds the archive's bytes (an earlier
-                    # attempt's, renamed there before it was recorded).
-                    there = _holds(final, entry)
-                    if there is None:
-                        kept.append(str(final))
-                        continue
-                    verified = there
-                moved.append((entry, verified))
-        except OSError as exc:  # the processing disk full, say: its re-attempt, not this run's
-            raise StagingError(f"{package_name}: unpacking at {where} failed: "
-                               f"{exc.strerror or exc} ({exc.filename or root}); nothing of "
-                               "it was left there but what is recorded staged") from exc
+        with claims.holding(opsdb, [operation.id]):  # in flight, as `audit` sees it
+            transport.copy(origin, Endpoint(PurePosixPath(tar),
+                                            marker=PurePosixPath(root / MARKER)), checksum)
+            try:
+                manifest = extract_package(tar, scratch, only=wanted)
+                for entry in manifest:
+                    relative = str(directory / entry.path)
+                    if through_symlink(root, relative):  # never written outside the location
+                        raise StagingError(
+                            f"{package_name}: {root / relative} passes through a symlink or a "
+                            f"non-directory at {where}; nothing is written through it: move it "
+                            "away, then retry")
+                    final = root / relative
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    verified = os.lstat(scratch / entry.path)  # as hashed; a rename keeps it
+                    try:
+                        rename_into_place(str(scratch / entry.path), str(final))
+                    except FileExistsError:
+                        # Taken since the look above (a job wrote there while the package
+                        # travelled): kept unless it holds the archive's bytes (an earlier
+                        # attempt's, renamed there before it was recorded).
+                        there = _holds(final, entry)
+                        if there is None:
+                            kept.append(str(final))
+                            continue
+                        verified = there
+                    moved.append((entry, verified))
+            except OSError as exc:  # the processing disk full, say: its re-attempt, not this run's
+                raise StagingError(f"{package_name}: unpacking at {where} failed: "
+                                   f"{exc.strerror or exc} ({exc.filename or root}); nothing of "
+                                   "it was left there but what is recorded staged") from exc
     except Exception as exc:
         if moved:  # at their staged names, verified: on the record, so they are purged later
             with opsdb.session() as session:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +23,14 @@ from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     REPO,
     archived_everywhere,
+    child_argv,
     observe,
     package_names,
     plan,
     run,
     source_root,
+    spawn,
+    wait_for,
 )
 from tests.faults.storage_truth import lost_filed_files
 
@@ -195,3 +199,97 @@ def test_release_while_the_request_is_being_unpacked(
     assert left == [], left
     assert_safe(config, opsdb)
 
+
+
+def _audits(config: Config) -> list[subprocess.CompletedProcess[str]]:
+    """What an operator types while the drive works: a plain audit, then a repairing one."""
+    return [cli(config, "audit"), cli(config, "audit", "--checksums", "--repair")]
+
+
+def test_audit_while_the_drive_works_reports_its_work_in_flight_not_as_problems(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ccat-dt audit` and `audit --checksums --repair` at each point of a package's lifecycle
+    where its files lie on the storage without OpsDB knowing them yet: a tar half written, a tar
+    built and a copy landed (renamed into place, not recorded), a copy landed under its
+    temporary name, a staged file moved into place, a file the purge unlinked and has not
+    recorded. Each audit exits 0, names the files being written as in flight, and repairs
+    nothing. Before, they were "partial" and "dark" problems (exit 1): an operator auditing
+    a running system was told of faults that were only work."""
+    import ccat_dt.reaper as reaper
+    import ccat_dt.replicas as replicas
+    import ccat_dt.staging as staging
+    import ccat_dt.tarball as tarball
+    import ccat_dt.transports.local as local
+
+    observe(config, opsdb, files=3)
+    told: dict[str, list[subprocess.CompletedProcess[str]]] = {}
+
+    def audit_at(point: str, owner: Any, name: str, *, after: bool) -> None:
+        real = getattr(owner, name)
+
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            if not after and point not in told:
+                told[point] = _audits(config)
+            result = real(*args, **kwargs)
+            if after and point not in told:
+                told[point] = _audits(config)
+            return result
+
+        monkeypatch.setattr(owner, name, hooked)
+
+    audit_at("tar half written", tarball._TarWriter, "add_file", after=True)
+    audit_at("tar built, not recorded", packages, "_record_built", after=False)
+    audit_at("copy under its temporary name", local, "rename_into_place", after=False)
+    audit_at("copy landed, not recorded", replicas, "_record", after=False)
+    audit_at("purge unlinked, not recorded", reaper, "_unlink_local", after=True)
+    run(config, instance, workers=1)
+    archived_everywhere(config, opsdb)
+    staging.request_staging(opsdb, location="ramses/processing",
+                            selection=staging.Selection(observation="obs-0"),
+                            expires_in=staging.timedelta(hours=1))
+    audit_at("staged file moved into place", staging, "rename_into_place", after=True)
+    run(config, instance, workers=1)
+
+    assert len(told) == 6, sorted(told)
+    wrong = [(point, " ".join(done.args[5:]), done.returncode, done.stdout + done.stderr)
+             for point, audits in told.items() for done in audits
+             if done.returncode != 0 or "0 problem(s), 0 repaired" not in done.stdout
+             or ("in_flight" in done.stdout) == (point == "purge unlinked, not recorded")]
+    assert wrong == [], "\n".join(map(str, wrong))
+    final = cli(config, "audit", "--checksums")
+    assert final.returncode == 0 and "in_flight" not in final.stdout, final.stdout
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+
+
+def test_audit_during_a_transfer_still_reports_a_file_truly_gone(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
+    """While a transfer's process holds its copy half landed, a filed source file is deleted by
+    hand: `ccat-dt audit` exits 1 naming that file lost, and the transfer's temporary file as
+    in flight. Once the transfer's process is killed nothing writes that file any more: it is
+    a leftover again ("partial"), not in flight."""
+    files = observe(config, opsdb, files=3)
+    name = plan(config, opsdb, instance)
+    packages.build(opsdb, config, name)
+    marker = tmp_path / "held"
+    transfer = spawn(child_argv(config, "place", name, "cologne", "buffer",
+                                kill="hold-mid-write", marker=str(marker)))
+    try:
+        wait_for(marker, transfer)
+        files[0].unlink()  # truly gone: its package has left for no archive yet
+        during = cli(config, "audit")
+    finally:
+        transfer.kill()
+        transfer.communicate(timeout=30)
+    after = cli(config, "audit")
+
+    part = f".{name}.tar.part"
+    assert during.returncode == 1, during.stdout + during.stderr
+    kinds = {line.split()[0]: line for line in during.stdout.splitlines()
+             if line and not line[0].isspace()}
+    assert str(files[0]) in kinds.get("lost", ""), during.stdout
+    assert part in kinds.get("in_flight", "") and "partial" not in kinds, during.stdout
+    assert after.returncode == 1 and "in_flight" not in after.stdout, after.stdout
+    assert any(line.startswith("partial") and part in line
+               for line in after.stdout.splitlines()), after.stdout
