@@ -46,6 +46,8 @@ finally:
 # answer in a fraction of a second, and importing what they do not use would be most of it.
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from _typeshed import SupportsWrite
 
     from ccat_assets.driver import DriveReport
@@ -515,24 +517,27 @@ def cmd_why(args: argparse.Namespace) -> None:
 
     config = load_config(args.config)
     opsdb = OpsDB(config.opsdb_url)
+    asked = utcnow()
     with opsdb.session() as session:
         try:
-            stages = diagnose(session, config, args.package, utcnow())
+            stages = diagnose(session, config, args.package, asked)
         except LookupError as exc:
             raise UsageError(str(exc)) from None
     for stage in stages:
         print(f"{stage.stage:<20} {stage.state:<12} {printable(stage.detail)}")
     if any(stage.state != "done" for stage in stages):
         sys.stdout.flush()  # OpsDB's answer first: Dagster's runs take a second to ask
-        for line in _runs_of(config, args.package):
+        for line in _runs_of(config, args.package, asked):
             print(line)
 
 
-def _runs_of(config: Config, package: str) -> list[str]:
+def _runs_of(config: Config, package: str, asked: datetime) -> list[str]:
     """What the Dagster instance says about the package's runs (when there is an instance):
     asked only about a package with a stage not done (nothing to explain otherwise), as
     importing Dagster takes over a second. Of each piece of work (job, assets, partition) only
-    its newest run counts, oldest first: a failure a later run fixed explains nothing."""
+    its newest run counts, oldest first: a failure a later run fixed explains nothing. Runs
+    created after OpsDB was read (`asked`) are left out: under a working drive they are of work
+    the answer above has not reached (a copy run started while it says "after packaging")."""
     from ccat_assets.instance import instance_home, open_instance
 
     if not (instance_home(config) / "dagster.yaml").exists():
@@ -551,7 +556,8 @@ def _runs_of(config: Config, package: str) -> list[str]:
         records += instance.get_run_records(RunsFilter(tags={tag: package}), limit=50)
     newest: dict[tuple[object, ...], RunRecord] = {}
     for record in sorted(records, key=lambda r: r.create_timestamp):
-        newest[work(record.dagster_run)] = record
+        if record.create_timestamp <= asked:
+            newest[work(record.dagster_run)] = record
     lines = []
     for record in sorted(newest.values(), key=lambda r: r.create_timestamp):
         run = record.dagster_run

@@ -210,3 +210,47 @@ def test_runs_are_listed_oldest_first_without_failures_a_later_run_fixed(
     runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
     assert [line.split()[1] for line in runs] == ["bbbbbbbb", "11111111"]
     assert runs[0].endswith(f"us-{'b' * 36}: FAILURE")
+
+
+def test_runs_created_after_opsdb_was_read_are_not_listed(
+        config: Config, opsdb: OpsDB, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`why` under a working drive reads OpsDB, then (a second or more later) Dagster's runs.
+    A run created in between is of work the OpsDB answer has not reached: before, `why` said
+    "site copy cologne  waiting  after packaging" and, below it, the site copy's run STARTED.
+    Now only runs created before OpsDB was read are listed (the packaging run started then)."""
+    from dagster import AssetKey, DagsterRun, DagsterRunStatus
+
+    import ccat_dt.diagnosis as diagnosis
+    from ccat_assets.instance import instance_home, open_instance, write_instance_yaml
+
+    observe(config, opsdb, observations=1, files=1)
+    name = planned(opsdb, config)[0]
+    write_instance_yaml(config, instance_home(config))
+    instance = open_instance(config)
+
+    def add(run_id: str, asset: str, status: DagsterRunStatus, **tags: str) -> None:
+        instance.add_run(DagsterRun(
+            job_name="__ASSET_JOB", run_id=run_id, status=status,
+            asset_selection=frozenset({AssetKey(asset)}),
+            tags={"dagster/partition/package": name, **tags,
+                  "dagster/run_key": f"{asset}-{run_id}"}))
+
+    add("a" * 36, "packages", DagsterRunStatus.STARTED)
+    real = diagnosis.diagnose
+
+    def read_then_the_drive_moves_on(*args: object, **kwargs: object) -> object:
+        stages = real(*args, **kwargs)  # type: ignore[arg-type]
+        add("b" * 36, "site_copies", DagsterRunStatus.STARTED,
+            **{"dagster/partition/site": "cologne"})
+        return stages
+
+    monkeypatch.setattr(diagnosis, "diagnose", read_then_the_drive_moves_on)
+    capsys.readouterr()
+    main(["--config", str(config.path), "why", name])
+    instance.dispose()
+
+    out = capsys.readouterr().out
+    assert "after packaging" in out, out
+    runs = [line for line in out.splitlines() if line.startswith("run ")]
+    assert [line.split()[1] for line in runs] == ["aaaaaaaa"], out
