@@ -867,6 +867,10 @@ class _Runs:
 
 
 def _finished(report: DriveReport, log: Callable[[str], None], done: Finished) -> None:
+    if done.deleted:  # an operator's Delete in the UI: not a failure of its work
+        log(f"DELETED {done.key} (run {done.run_id}): deleted in the Dagster UI; work still "
+            "due is asked for again by the re-attempt sensor's sweep for unattended work")
+        return
     log(f"{'ok    ' if done.ok else 'FAILED'} {done.key}")
     if not done.ok:
         report.failed.append(done.key)

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.definitions.job_base import IJob
+from dagster._core.errors import DagsterRunNotFoundError
 from dagster._core.execution.api import execute_run
 from dagster._utils.interrupts import capture_interrupts
 from dagster._utils.tags import TagConcurrencyLimitsCounter
@@ -63,6 +64,7 @@ class Finished:
     key: str
     ok: bool
     run_id: str = ""
+    deleted: bool = False  # the run was deleted (the UI's Delete): not executed, if queued
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,11 @@ class RunPool:
         self.route = route
         self.queue: deque[Queued] = deque()
         self.children: dict[int, _Child] = {}  # by the read end of a pipe only it writes to
+        self.dropped: list[Finished] = []  # queued runs deleted meanwhile, not yet reported
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.children)
+        return bool(self.queue or self.children or self.dropped)
 
     def submit(self, queued: Queued) -> None:
         self.queue.append(queued)
@@ -104,6 +107,7 @@ class RunPool:
                 break
             self.cancel_terminated()
         self._start_ready()
+        finished, self.dropped = finished + self.dropped, []
         return finished
 
     def cancel_terminated(self) -> list[str]:
@@ -162,7 +166,13 @@ class RunPool:
                 return
             queued = self.queue[index]
             if not counter.is_blocked(queued.run):
-                queued = self.queue[index] = replace(queued, run=self.route(queued.run))
+                routed = self._routed(queued)
+                if routed is None:
+                    del self.queue[index]
+                    self.dropped.append(Finished(queued.key, ok=False,
+                                                 run_id=queued.run.run_id, deleted=True))
+                    continue
+                queued = self.queue[index] = routed
                 if not counter.is_blocked(queued.run):
                     del self.queue[index]
                     self._start(queued)
@@ -173,6 +183,18 @@ class RunPool:
             for queued in self.queue:
                 self._fail(queued.run, "a tag concurrency limit of 0 in dagster.yaml blocks it")
             self.queue.clear()
+
+    def _routed(self, queued: Queued) -> Queued | None:
+        """The queued run about to start, routed again; None if it was deleted while it
+        waited (the UI's Delete on a run "not started"): it is not executed, as the daemon
+        executes no deleted run. Before, routing it raised DagsterRunNotFoundError, which
+        stopped the drive and interrupted every run it was executing."""
+        try:
+            if self.instance.get_run_by_id(queued.run.run_id) is None:
+                return None
+            return replace(queued, run=self.route(queued.run))
+        except DagsterRunNotFoundError:
+            return None
 
     def _start(self, queued: Queued) -> None:
         for stream in (sys.stdout, sys.stderr):  # or the child repeats what is buffered
@@ -206,7 +228,7 @@ class RunPool:
                             "before the run did")
             run = self.instance.get_run_by_id(run.run_id)
         ok = run is not None and run.status == DagsterRunStatus.SUCCESS
-        return Finished(child.queued.key, ok, child.queued.run.run_id)
+        return Finished(child.queued.key, ok, child.queued.run.run_id, deleted=run is None)
 
     def _fail(self, run: DagsterRun, why: str) -> None:
         self.instance.report_run_failed(run, message=why)

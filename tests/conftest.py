@@ -89,6 +89,7 @@ SLOW = (
     "tests/test_scrub.py",
     "tests/test_staging.py",
     "tests/test_ui_browser.py",
+    "tests/test_ui_run_actions.py",
     "tests/test_daemon_drive.py",
     "tests/test_batching.py",
     "tests/test_audit.py",
