@@ -267,6 +267,50 @@ def _priority(run: DagsterRun) -> int:
         return 0
 
 
+def check_launch(instance: DagsterInstance, config: Config, run: DagsterRun) -> None:
+    """What a run launched by hand may carry that no run of ours can do, refused as it starts,
+    before any step (the run fails once, the cause as its headline): a `resources:` section in
+    its run config, or a partition none of its assets has (the launchpad's tags and config are
+    editable). A package or staging request whose partition is gone is brought back."""
+    given = run.run_config.get("resources")
+    resources = sorted(key for key, entry in given.items() if entry) if isinstance(
+        given, Mapping) else []
+    if resources:
+        raise Failure(description=(
+            f"refused: its run config sets resources ({', '.join(resources)}), which are the "
+            f"deployment's ({config.path}: its OpsDB, sites and locations), never one run's; "
+            "launch it again without `resources:` in its config. Nothing was done"),
+            allow_retries=False)
+    if (wrong := wrong_partition(config, run)) is not None:
+        raise Failure(description=f"{wrong}; nothing was done", allow_retries=False)
+    ensure_partition(instance, config, run)
+
+
+def wrong_partition(config: Config, run: DagsterRun) -> str | None:
+    """Why the run's partition tags name no partition of its assets, if they do not: a
+    package x site asset's partition needs an archive site, a package's (or staging
+    request's) none. Dagster ran such a run's steps, which failed on its internals ("Partition
+    range ccat to ccat is not a valid range", "Expected 2 partition keys") or planned a copy
+    to a site that is no archive ("no verified copy to send to ccat yet")."""
+    partition, stages = partition_of(run.tags), stages_of(run)
+    if partition is None or not stages:
+        return None
+    keys = run.asset_selection or {check.asset_key for check in run.asset_check_selection or ()}
+    chosen = {key.to_user_string() for key in keys}
+    assets = ", ".join(name for name, stage in ASSET_STAGE.items()
+                       if (name in chosen if chosen else stage in stages))
+    dimensions = any(tag.startswith(MULTIDIMENSIONAL_PARTITION_PREFIX) for tag in run.tags)
+    key = "|".join(part for part in partition if part is not None)
+    sites = [site.short_name for site in config.settings.archive_sites]
+    if any(stage in (Stage.SITE_COPY, Stage.LTA_COPY) for stage in stages):
+        if partition[1] not in sites:
+            return (f"{key!r} is no partition of {assets}: its partitions are PACKAGE|SITE, "
+                    f"SITE an archive site ({', '.join(sites)})")
+    elif partition[1] is not None or dimensions:
+        return f"{key!r} is no partition of {assets}: its partitions are names without a site"
+    return None
+
+
 def ensure_partition(instance: DagsterInstance, config: Config, run: DagsterRun) -> None:
     """A run of a package whose partition is gone (retired after archiving, an OpsDB restored
     from an older backup), launched by hand (the UI's Re-execute, the GraphQL API): Dagster
@@ -278,12 +322,11 @@ def ensure_partition(instance: DagsterInstance, config: Config, run: DagsterRun)
         return
     name, staging = partition[0], staging_partitions.name
     assert staging is not None
-    if instance.has_dynamic_partition(PACKAGES, name) or instance.has_dynamic_partition(
-            staging, name):
-        return
     dimension, what, lookup = ((staging, "staging request", get_request)
                                if stage_of(run) == Stage.STAGING
                                else (PACKAGES, "package", get_package))
+    if instance.has_dynamic_partition(dimension, name):
+        return
     try:
         with _opsdb(config.opsdb_url, os.getpid()).session() as session:
             lookup(session, name)
@@ -304,7 +347,7 @@ def _routed(config: Config, executor: Executor, tag_only: bool) -> None:
         record_worker(plan_context.instance, plan_context.dagster_run)  # its process: which
         # tells when it died (inflight.liveness)
         run = tag_run(plan_context.instance, config, plan_context.dagster_run)
-        ensure_partition(plan_context.instance, config, run)
+        check_launch(plan_context.instance, config, run)
         queue = run.tags.get(QUEUE_TAG)
         if not tag_only and queue and not getattr(executor, "_queue_from_run_config", False):
             _send_to(executor, queue)

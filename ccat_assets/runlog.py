@@ -40,6 +40,7 @@ from dagster import (
     logger,
 )
 from dagster._core.definitions.instigation_logger import InstigationLogger
+from dagster._core.events import JobFailureData
 from dagster._core.execution.context.logger import InitLoggerContext
 from dagster._core.utils import coerce_valid_log_level
 from dagster._utils.log import default_date_format_string, default_format_string
@@ -219,6 +220,10 @@ def run_failure(instance: DagsterInstance, run_id: str) -> str:
             if error is not None and error.cause is not None and error.cls_name in (
                     "DagsterExecutionStepExecutionError", "RetryRequestedFromPolicy"):
                 error = error.cause
+        elif event is not None and isinstance(event.event_specific_data, JobFailureData):
+            # raised before any step (a run refused as it starts: routing.check_launch),
+            # not "Execution of run ... failed. An exception was thrown during execution."
+            error = event.event_specific_data.error
         # a blocking check that failed: what it found, not "1 blocking asset check failed"
         if (error is not None and error.cls_name == "DagsterAssetCheckFailedError"
                 and (found := _failed_checks(instance, run_id))):

@@ -1,5 +1,8 @@
-"""Runs an operator removes in the Dagster UI: "Delete" on a run `ccat-dt drive` holds queued
-(`instance.delete_run`, which the UI's deleteRun calls)."""
+"""Runs an operator launches or removes in the Dagster UI beyond its buttons' defaults: the
+launchpad (shift-click "Materialize"), whose partition tags and run config are editable, and
+"Delete" on a run `ccat-dt drive` holds queued. Sent as the UI sends them (its GraphQL
+mutation to the code location workspace.yaml names; `instance.delete_run`, which the UI's
+deleteRun calls), executed by the drive as it executes queued runs when no daemon runs."""
 
 from __future__ import annotations
 
@@ -8,20 +11,112 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import BetaWarning, DagsterInstance, PreviewWarning
+from dagster import BetaWarning, DagsterEventType, DagsterInstance, DagsterRunStatus, PreviewWarning
+from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_assets.instance import write_instance_yaml
+from ccat_assets.runlog import run_failure
 from ccat_assets.runpool import Queued, RunPool
 from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import Operation
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, deployment
+from tests.faults.pipeline import archived_everywhere, deployment, observe, plan
+from tests.test_dry_runs import LOCATION, the_ui
+from tests.test_operator_actions import by_hand
 from tests.test_parallel_drive import ROUTES
 from tests.test_parallel_drive import observe as observe_modules
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
+
+LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+  ... on LaunchRunSuccess { run { runId } }
+  ... on RunConfigValidationInvalid { errors { message } }
+  ... on PythonError { message } } }"""
+
+
+def launchpad(ui: Any, asset: str, tags: dict[str, str],
+              run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The launchpad's "Launch run" of one asset, with the tags and config as edited."""
+    answer = ui(LAUNCH, p={
+        "selector": {**LOCATION, "jobName": "__ASSET_JOB", "assetSelection": [{"path": [asset]}],
+                     "assetCheckSelection": []},
+        "runConfigData": run_config or {},
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}})
+    return dict(answer["launchRun"])
+
+
+def test_launchpad_runs_naming_no_partition_of_their_asset_or_setting_resources_fail_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launchpad runs of a built package whose tags or config were edited: a site copy to the
+    observatory (no archive site), a package x site key on `packages`, a package alone on
+    `site_copies`; a `resources:` section pointing the site-copy IO manager at the LTA or the
+    deployment at another configuration file. Before, the first three failed in their steps
+    on Dagster's internals ("Partition range ccat to ccat is not a valid range", "Expected 2
+    partition keys") or planned a copy to the observatory ("no verified copy to send to ccat
+    yet"); the IO manager's run succeeded, writing the package straight into cologne's LTA
+    past its buffer; the other configuration failed three attempts as "Exceeded max_retries
+    of 2". Now each fails once as it starts, before any step, saying why; a wrong type in the
+    config, or a key it does not have, is refused by Dagster at launch; the sensors' runs
+    then archive the package."""
+    config = deployment(tmp_path / "deploy")
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, files=2, size=20_000)
+        home = write_instance_yaml(config, tmp_path / "dagster_home").parent  # its coordinator
+        with DagsterInstance.from_config(str(home)) as instance:
+            package = plan(config, opsdb, instance)
+            defs = build_definitions(config)
+            assert by_hand(defs, instance, "packages", package)  # built, at ccat/buffer
+            to = {"dagster/partition": f"{package}|cologne"}
+            other = {"config_path": str(tmp_path / "other.yaml")}
+            edits = {  # asset, tags, run config: what its run fails saying
+                f"'{package}|ccat' is no partition of site_copies": ("site_copies", {
+                    "dagster/partition": f"{package}|ccat",
+                    "dagster/partition/package": package, "dagster/partition/site": "ccat"},
+                    None),
+                f"'{package}|cologne' is no partition of packages": ("packages", to, None),
+                f"'{package}' is no partition of site_copies": (
+                    "site_copies", {"dagster/partition": package}, None),
+                "refused: its run config sets resources (site_copy_io_manager)": (
+                    "site_copies", to, {"resources": {"site_copy_io_manager": {
+                        "config": {"location_type": "long_term_archive"}}}}),
+                "refused: its run config sets resources (deployment)": (
+                    "packages", {"dagster/partition": package},
+                    {"resources": {"deployment": {"config": other}}}),
+            }
+            launched = {}
+            with the_ui(instance, config.path, monkeypatch) as ui:
+                for cause, (asset, tags, run_config) in edits.items():
+                    answer = launchpad(ui, asset, tags, run_config)
+                    assert answer["__typename"] == "LaunchRunSuccess", (cause, answer)
+                    launched[cause] = answer["run"]["runId"]
+                refused = launchpad(ui, "packages", {"dagster/partition": package},
+                                    {"execution": {"config": {"retries": 5}}})
+                assert refused["__typename"] == "RunConfigValidationInvalid", refused
+                refused = launchpad(ui, "packages", {"dagster/partition": package},
+                                    {"purge": {"everything": True}})
+                assert refused["__typename"] == "RunConfigValidationInvalid", refused
+
+            report = drive(defs, instance, wait_s=10)
+
+            for cause, run_id in launched.items():
+                run = instance.get_run_by_id(run_id)
+                assert run is not None and run.status == DagsterRunStatus.FAILURE, cause
+                said = run_failure(instance, run_id)
+                assert said.startswith(cause) and said.lower().endswith(
+                    "nothing was done"), (cause, said)
+                assert not instance.all_logs(run_id, of_type=DagsterEventType.STEP_START), cause
+            with opsdb.session() as session:  # no copy or anything else recorded by them
+                assert not session.scalars(select(Operation.id).where(
+                    Operation.run_id.in_(launched.values()))).all()
+            assert len(report.failed) == len(launched), report.failed  # each once, no other
+            archived_everywhere(config, opsdb)
+            assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
 
 
 def test_a_run_deleted_while_the_drive_holds_it_queued_is_not_executed_and_the_drive_goes_on(
