@@ -118,7 +118,7 @@ def test_test_sensor_and_test_schedule_of_everything_mid_lifecycle_change_no_out
     drive sends it to us; once cologne is back every package is verified in both LTAs, the
     sources purged, the audit clean and every check green, as without the tests."""
     config = deployment(tmp_path / "deploy", policies={
-        "retry_backoff_first_s": 0.5, "retry_backoff_max_hours": 1.0 / 3600,
+        "retry_backoff_first_s": 0.5, "retry_backoff_max_hours": 8.0 / 3600,
         "site_failover_hours": 1.0})
     opsdb = OpsDB(config.opsdb_url)
     try:

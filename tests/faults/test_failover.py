@@ -147,7 +147,7 @@ def test_archive_site_down_past_its_horizon_is_replaced_for_packages_not_yet_sen
     horizon_h = 2.0 / 3600
     config = deployment(tmp_path / "deploy", notifications={
         "webhook": {"url": webhook_receiver.url, "timeout_s": 2}}, policies={
-        "retry_backoff_first_s": 0.5, "retry_backoff_max_hours": 1.0 / 3600,
+        "retry_backoff_first_s": 0.5, "retry_backoff_max_hours": 8.0 / 3600,
         "site_failover_hours": horizon_h})
     opsdb = OpsDB(config.opsdb_url)
     cologne_buffer = config.resolve_root("sites/cologne/buffer")
