@@ -342,11 +342,11 @@ def _drop_overtaken(opsdb: OpsDB, location: _Location, walk: _Walk) -> None:
         return
     with opsdb.session() as session:
         gone = {copy_id for copy_id, status in session.execute(
-            select(PhysicalCopy.id, PhysicalCopy.status).where(PhysicalCopy.id.in_(ids)))
-            if status not in ON_DISK} if ids else set()
-        gone |= {copy_id for copy_id, status in session.execute(
             select(PhysicalCopy.id, PhysicalCopy.status).where(
-                PhysicalCopy.id.in_(quarantined))) if status != CopyStatus.CORRUPT}
+                PhysicalCopy.id.in_(ids | quarantined)))
+            if (copy_id in ids and status not in ON_DISK)
+            or (copy_id in quarantined and status != CopyStatus.CORRUPT)} \
+            if ids or quarantined else set()
         gone |= _taken_away(session, {f.copy_id for f in walk.findings
                                       if f.kind == LOST and f.copy_id} - gone)
         recorded = {os.path.normpath(path) for path in session.scalars(

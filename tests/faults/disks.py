@@ -15,6 +15,7 @@ import pytest
 
 from ccat_dt.config import Config
 from ccat_dt.marker import write_marker
+from tests.services import unavailable
 
 
 @dataclass
@@ -61,7 +62,7 @@ def mount_disk() -> Iterator[MountDisk]:
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{extra}", "tmpfs",
                                str(root)], capture_output=True, text=True)
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}")
+            unavailable("a small tmpfs", f"cannot mount one (needs root): {done.stderr.strip()}")
         mounted.append(root)
         write_marker(root, label)  # the disk `ccat-dt init` prepared
         return Disk(root)
