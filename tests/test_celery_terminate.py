@@ -57,11 +57,12 @@ def test_terminate_stops_the_step_in_its_celery_worker(
                 wait_for(marker, 180, drive, *workers.procs.values())
                 [run] = [r for r in instance.get_runs(RunsFilter(
                     statuses=[DagsterRunStatus.STARTED])) if executing(instance, r.run_id)]
+                held = executing(instance, run.run_id)  # read before the Terminate ends it
                 if policy == "SAFE_TERMINATE":
                     instance.run_coordinator.cancel_run(run.run_id)  # what the UI's calls
                 else:
                     terminate_in_the_ui(instance, run, policy)
-                stopped(instance, run, site, executing(instance, run.run_id))
+                stopped(instance, run, site, held)
         assert finish(drive, 240) is not None, "the drive never ended"
     finally:
         workers.stop()
