@@ -337,7 +337,10 @@ class SmtpConfig(_Strict):
     port: int = Field(default=25, gt=0, lt=65536)
     from_: str = Field(default="ccat-dt@localhost", alias="from")
     to: list[str] = Field(min_length=1)
+    # STARTTLS verifies the server's certificate and host name against the system's CAs, and
+    # those of `ca_file` (PEM; a site-internal CA; relative to this file's directory) if set.
     starttls: bool = False
+    ca_file: str | None = None
     username: str | None = None
     password_env: str = "CCAT_DT_SMTP_PASSWORD"
     timeout_s: float = Field(default=5.0, gt=0)
@@ -357,6 +360,31 @@ class SmtpConfig(_Strict):
         for address in [value] if isinstance(value, str) else value:
             _mail_address(address)
         return value
+
+    @model_validator(mode="after")
+    def _no_password_in_clear(self) -> SmtpConfig:
+        """A login without STARTTLS sends the password as it is over the network (AUTH PLAIN
+        or LOGIN: base64), to anybody on the way; only a relay on this host is spared that."""
+        if self.username and not self.starttls and not _loopback(self.host):
+            raise ValueError(
+                f"username is set but starttls is not: the password would go to {self.host} "
+                "in clear text; set `starttls: true` (the server must offer STARTTLS), or "
+                "drop `username` if the relay takes mail without a login")
+        if self.ca_file and not self.starttls:
+            raise ValueError("ca_file is set but starttls is not: without STARTTLS no "
+                             "certificate is looked at; set `starttls: true`")
+        return self
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _mail_address(value: str) -> None:
@@ -610,6 +638,7 @@ def load_config(path: Path | str | None = None) -> Config:
         raise ConfigError(f"{path}: invalid configuration:\n" + _describe(exc)) from None
     config = Config(settings=settings, path=path)
     _refuse_shared_storage(config)
+    _check_ca_file(config)
     return config
 
 
@@ -621,6 +650,28 @@ def _parse(text: str) -> object:
         return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError:
         return yaml.safe_load(text)
+
+
+def _check_ca_file(config: Config) -> None:
+    """The mail relay's CA, read now: a path mistyped would otherwise show only at the first
+    problem, as a relay whose certificate is not trusted."""
+    import ssl
+
+    smtp = config.settings.notifications.smtp
+    if smtp is None or smtp.ca_file is None:
+        return
+    path = config.resolve_root(smtp.ca_file)
+    where = f"{config.path}: notifications.smtp.ca_file: {path}"
+    what = "give the PEM file of the CA that signed the mail relay's certificate"
+    if not path.is_file():
+        raise ConfigError(f"{where}: {'not a file' if path.exists() else 'no such file'} "
+                          f"({what}; a relative path is relative to {config.directory})")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except OSError as exc:  # ssl.SSLError included: no certificate in it
+        raise ConfigError(f"{where}: not a readable PEM certificate file "
+                          f"({getattr(exc, 'reason', None) or exc.strerror or exc}); {what}") \
+            from None
 
 
 def _refuse_shared_storage(config: Config) -> None:

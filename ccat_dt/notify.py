@@ -7,8 +7,9 @@ message once it clears. A delivery that fails for now (mail server or webhook do
 reply) is logged and tried again at the next tick; it never raises into the caller, and a
 channel that failed once in a tick is not tried again in that tick, so a dead server costs one
 short time-out a tick. A delivery refused for good (a 5xx reply: no such mailbox, a bad
-address, authentication failed, TLS required; an unknown host; a webhook's 4xx) would be
-refused again at every tick, for ever, and nobody told: the channel is recorded undeliverable
+address, authentication failed, TLS required; an unknown host; a server certificate STARTTLS
+does not trust, found before the password is sent; a webhook's 4xx) would be refused again at
+every tick, for ever, and nobody told: the channel is recorded undeliverable
 (UndeliverableChannel), logged once, named by `status`, the overview and the other channels
 (a problem of its own), and its messages wait, tried once per `remind_after_hours`, until its
 settings change (a new address or server): then they go. Recipients refused while the others
@@ -115,9 +116,11 @@ def _recipients(refused: dict[str, tuple[int, bytes]]) -> str:
 class SmtpChannel:
     settings: SmtpConfig
     name: str = "smtp"
+    ca_file: str | None = None  # settings.ca_file resolved (relative to the config's directory)
 
     def send(self, subject: str, body: str) -> str | None:
         import smtplib  # here: `ccat-dt status` reads open problems and sends nothing
+        import ssl
         from email.message import EmailMessage
 
         message = EmailMessage()
@@ -128,8 +131,9 @@ class SmtpChannel:
         try:
             with smtplib.SMTP(self.settings.host, self.settings.port,
                               timeout=self.settings.timeout_s) as smtp:
-                if self.settings.starttls:
-                    smtp.starttls()
+                if self.settings.starttls:  # the certificate and host name verified: the
+                    # password (next) and the alerts go to this server or nowhere
+                    smtp.starttls(context=ssl.create_default_context(cafile=self.ca_file))
                 if self.settings.username:
                     smtp.login(self.settings.username,
                                os.environ.get(self.settings.password_env, ""))
@@ -150,6 +154,12 @@ class SmtpChannel:
             raise  # 421, 451: for now
         except smtplib.SMTPNotSupportedError as exc:  # STARTTLS or AUTH not offered
             raise Undeliverable(f"{server}: {exc}") from exc
+        except ssl.SSLCertVerificationError as exc:  # nothing sent, the password neither
+            trusted = f"the CAs in {self.ca_file}" if self.ca_file else "the system's CAs"
+            raise Undeliverable(
+                f"{server}: TLS certificate not trusted ({exc.verify_message}) by {trusted}; "
+                "nothing was sent, no password either: set notifications.smtp.ca_file to the "
+                "CA that signed it, or fix the relay's certificate") from exc
         except socket.gaierror as exc:  # EAI_AGAIN (DNS unreachable) is for now
             if exc.errno == socket.EAI_NONAME:
                 raise Undeliverable(f"{server}: unknown host ({exc.strerror})") from exc
@@ -185,10 +195,16 @@ class WebhookChannel:
 def settings_digest(channel: Channel) -> str:
     """Identifies a channel's settings, the mail password's value included (a 535 is fixed in
     the environment, not in the file): an undeliverable one is tried again once they change."""
-    secret = ""
+    secret = ca = ""
     if isinstance(channel, SmtpChannel) and channel.settings.username:
         secret = os.environ.get(channel.settings.password_env, "")
-    return hashlib.sha256(f"{channel!r}\0{secret}".encode()).hexdigest()[:16]
+    if isinstance(channel, SmtpChannel) and channel.ca_file:  # a CA added to the same file
+        try:
+            with open(channel.ca_file, "rb") as bundle:
+                ca = hashlib.sha256(bundle.read()).hexdigest()
+        except OSError:
+            ca = "unreadable"
+    return hashlib.sha256(f"{channel!r}\0{secret}\0{ca}".encode()).hexdigest()[:16]
 
 
 def undeliverable(session: Session, config: Config) -> list[UndeliverableChannel]:
@@ -204,7 +220,9 @@ def channels(config: Config) -> list[Channel]:
     settings = config.settings.notifications
     out: list[Channel] = []
     if settings.smtp is not None:
-        out.append(SmtpChannel(settings.smtp))
+        ca_file = settings.smtp.ca_file
+        out.append(SmtpChannel(settings.smtp, ca_file=str(config.resolve_root(ca_file))
+                               if ca_file else None))
     if settings.webhook is not None:
         out.append(WebhookChannel(settings.webhook))
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,7 @@ class Mailbox:
     # reply ("550 5.1.1 mailbox unavailable"); changed while the server runs.
     refuse: MutableMapping[str, str] = field(default_factory=dict)
     refusals: int = 0  # replies given from `refuse`
+    auths: list[str] = field(default_factory=list)  # each AUTH command's mechanism, as received
 
     @property
     def subjects(self) -> list[str]:
@@ -76,16 +78,67 @@ class _Handler:
         return "250 Message accepted for delivery"
 
 
+def certificate(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for `host` (an IP address or a name), which is also its own
+    CA: (certificate, key), PEM files in `directory`."""
+    import ipaddress
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"relay {host}")])
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    now = datetime.now(UTC)
+    identifier = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(identifier, critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                identifier), critical=False)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "relay.pem", directory / "relay.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 @contextmanager
 def mail_server(delay_s: float = 0.0, refuse: dict[str, str] | None = None,
-                password: str | None = None) -> Iterator[Mailbox]:
+                password: str | None = None,
+                tls: tuple[Path, Path] | None = None) -> Iterator[Mailbox]:
     """An SMTP server on a free port that answers each message `delay_s` after taking it,
     refuses as `refuse` says, and with `password` requires AUTH (refused with 535 for any
-    other password; over plain text: loopback only)."""
+    other password; over plain text: loopback only). With `tls` (certificate, key) it
+    offers STARTTLS with that certificate and requires it before mail or AUTH. Every AUTH
+    command it receives is kept in `auths`, whatever its answer."""
+    import ssl
+
     from aiosmtpd.controller import Controller
-    from aiosmtpd.smtp import AuthResult
+    from aiosmtpd.smtp import SMTP, AuthResult
 
     box = Mailbox(free_port(), refuse=dict(refuse or {}))
+
+    class Server(SMTP):
+        async def smtp_AUTH(self, arg: str) -> None:  # noqa: N802
+            box.auths.append(arg.split()[0] if arg else "")
+            await super().smtp_AUTH(arg)
+
+    class Listening(Controller):
+        def factory(self) -> SMTP:
+            return Server(self.handler, **self.SMTP_kwargs)
 
     def authenticate(server: Any, session: Any, envelope: Any, mechanism: str,
                      data: Any) -> AuthResult:
@@ -94,9 +147,12 @@ def mail_server(delay_s: float = 0.0, refuse: dict[str, str] | None = None,
         return AuthResult(success=ok, handled=False)
 
     auth: dict[str, Any] = {} if password is None else {
-        "authenticator": authenticate, "auth_required": True, "auth_require_tls": False}
-    controller = Controller(_Handler(box, delay_s), hostname="127.0.0.1", port=box.port,
-                            **auth)
+        "authenticator": authenticate, "auth_required": True, "auth_require_tls": tls is not None}
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+        auth.update(tls_context=context, require_starttls=True)
+    controller = Listening(_Handler(box, delay_s), hostname="127.0.0.1", port=box.port, **auth)
     controller.start()
     try:
         yield box

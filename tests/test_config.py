@@ -186,6 +186,26 @@ def _webhook_without_a_scheme(data: dict[str, Any]) -> None:
     data["notifications"] = {"webhook": {"url": "hooks.example.org/T0/B0/secret"}}
 
 
+def _mail_login_in_clear_text(data: dict[str, Any]) -> None:
+    data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["a@example.org"],
+                                      "username": "ccat"}}
+
+
+def _mail_ca_file_without_starttls(data: dict[str, Any]) -> None:
+    data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["a@example.org"],
+                                      "ca_file": CONFIG_NAME}}
+
+
+def _mail_ca_file_missing(data: dict[str, Any]) -> None:
+    data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["a@example.org"],
+                                      "starttls": True, "ca_file": "tls/site-ca.pem"}}
+
+
+def _mail_ca_file_not_a_certificate(data: dict[str, Any]) -> None:
+    data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["a@example.org"],
+                                      "starttls": True, "ca_file": CONFIG_NAME}}
+
+
 @pytest.mark.parametrize(("edit", "keys"), [
     (_typo_top_level, ["polices", "Extra inputs are not permitted"]),
     (_bad_location_type, ["sites[0].locations[1].type", "'buffer'"]),
@@ -202,14 +222,48 @@ def _webhook_without_a_scheme(data: dict[str, Any]) -> None:
                                     "e-mail address"]),
     (_mail_server_with_its_port_in_the_host, ["notifications.smtp.host", "goes in `port`"]),
     (_webhook_without_a_scheme, ["notifications.webhook.url", "http(s)://"]),
+    # The password would cross the network as it is, to anybody on the way.
+    (_mail_login_in_clear_text, ["notifications.smtp", "the password would go to "
+                                 "smtp.example.org in clear text", "`starttls: true`"]),
+    (_mail_ca_file_without_starttls, ["notifications.smtp", "ca_file is set but starttls "
+                                      "is not"]),
+    # Else found only at the first problem, as a relay whose certificate is not trusted.
+    (_mail_ca_file_missing, ["notifications.smtp.ca_file", "tls/site-ca.pem: no such file",
+                             "PEM file of the CA"]),
+    (_mail_ca_file_not_a_certificate, ["notifications.smtp.ca_file",
+                                       "not a readable PEM certificate file"]),
 ], ids=["unknown-top-level-key", "location-type", "location-name", "duplicate-site",
         "duplicate-module", "duplicate-instrument", "route-unknown-site", "missing-route",
-        "too-many-lta-copies", "no-source", "mail-address", "mail-host", "webhook-url"])
+        "too-many-lta-copies", "no-source", "mail-address", "mail-host", "webhook-url",
+        "mail-login-in-clear", "mail-ca-file-without-starttls", "mail-ca-file-missing",
+        "mail-ca-file-not-a-certificate"])
 def test_invalid_config_names_file_and_key(tmp_path: Path, edit: Callable[[dict[str, Any]], None],
                                            keys: list[str]) -> None:
     data = default()
     edit(data)
     rejected(write_config(tmp_path, data), *keys)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "::1"])
+def test_a_mail_login_without_starttls_is_accepted_to_a_relay_on_this_host(
+        tmp_path: Path, host: str) -> None:
+    data = default()
+    data["notifications"] = {"smtp": {"host": host, "to": ["a@example.org"], "username": "u"}}
+    smtp = load_config(write_config(tmp_path, data)).settings.notifications.smtp
+    assert smtp is not None and smtp.username == "u" and not smtp.starttls
+
+
+def test_a_mail_ca_file_is_read_relative_to_the_configuration_file(tmp_path: Path) -> None:
+    from ccat_dt.notify import SmtpChannel, channels
+    from tests.notify_servers import certificate
+
+    certificate(tmp_path / "tls")
+    data = default()
+    data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["a@example.org"],
+                                      "starttls": True, "username": "u",
+                                      "ca_file": "tls/relay.pem"}}
+    [channel] = channels(load_config(write_config(tmp_path, data)))
+    assert isinstance(channel, SmtpChannel) and channel.ca_file == str(tmp_path / "tls/relay.pem")
 
 
 # What a package name (a file name at every hop, a partition key, an ssh argument) cannot hold.

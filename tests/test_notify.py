@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 from dagster import DagsterInstance
 from sqlalchemy import select
 
@@ -20,7 +21,7 @@ import ccat_dt.transports.local as local
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_assets.status import print_status
-from ccat_dt.config import Config
+from ccat_dt.config import Config, load_config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.notify import Delivery, Problem, channels, current_problems, reconcile
 from ccat_dt.opsdb.database import OpsDB
@@ -36,7 +37,7 @@ from tests.faults.pipeline import (
     package_names,
 )
 from tests.faults.retrying import operator_retry
-from tests.notify_servers import Mailbox, Receiver, free_port, mail_server
+from tests.notify_servers import Mailbox, Receiver, certificate, free_port, mail_server
 
 
 def _notified(tmp_path: Path, smtp_port: int, url: str, **policies: object):  # type: ignore[no-untyped-def]
@@ -543,3 +544,77 @@ def test_a_login_refused_for_good_goes_once_the_password_in_the_environment_is_f
     assert fixed.sent and not fixed.held, fixed
     assert server.subjects == ["[ccat-dt] package pkg-a quarantined"]
     opsdb.dispose()
+
+
+# --- the relay's certificate ------------------------------------------------------------------
+
+
+def _smtp_in_file(config: Config, **smtp: object) -> Config:
+    """The operator edits notifications.smtp in the configuration file; it is loaded again."""
+    data = yaml.safe_load(config.path.read_text())
+    data["notifications"]["smtp"].update(smtp)
+    config.path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_config(config.path)
+
+
+def test_a_relay_whose_certificate_is_not_trusted_gets_no_password_until_its_ca_is_given(
+        tmp_path: Path, webhook_receiver: Receiver, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """STARTTLS verifies the relay's certificate. One that no CA vouches for (anybody on the
+    path can present one) is refused for good before the login: the server never receives
+    AUTH, nothing is sent, the channel is held, and `status` and the other channel name the
+    server, say the certificate was not trusted and what to do. The same certificate given as
+    `ca_file` (a site-internal CA) is trusted, and what waited goes. Before, starttls()
+    checked nothing: the password and every alert went to whoever answered."""
+    monkeypatch.setenv("CCAT_DT_SMTP_PASSWORD", "the right one")
+    logs: list[str] = []
+    now = utcnow()
+    deploy = tmp_path / "deploy"
+    relay_tls = certificate(deploy / "tls")
+    with mail_server(password="the right one", tls=relay_tls) as relay:
+        config = _smtp_in_file(_notified(tmp_path, relay.port, webhook_receiver.url),
+                               starttls=True, username="ccat")
+        opsdb = OpsDB(config.opsdb_url)
+        ticks = [_tick(config, opsdb, now + timedelta(minutes=m), logs) for m in range(2)]
+        assert relay.auths == [] and relay.messages == []  # on the server's side: no login
+        assert ticks[0].failed == ["smtp problem quarantined:pkg-a"]
+        assert ticks[1].held == ["smtp problem quarantined:pkg-a"]
+        reason = f"server 127.0.0.1:{relay.port}: TLS certificate not trusted (self"
+        [logged] = logs
+        assert reason in logged and "no password either" in logged
+        assert "set notifications.smtp.ca_file" in logged
+        assert reason in _status(opsdb, config, capsys)
+        [told] = [t for t in webhook_receiver.texts if "undeliverable" in t]
+        assert reason in told and "fix the relay's certificate" in told
+
+        config = _smtp_in_file(config, ca_file="tls/relay.pem")  # relative to the file
+        fixed = _tick(config, opsdb, now + timedelta(minutes=2), logs)
+        _tick(config, opsdb, now + timedelta(minutes=3), logs)
+    assert fixed.sent == ["smtp problem quarantined:pkg-a"], fixed
+    assert relay.auths and relay.subjects == ["[ccat-dt] package pkg-a quarantined"]
+    assert "undeliverable" not in _status(opsdb, config, capsys)
+    assert webhook_receiver.texts[-1].startswith(
+        "[ccat-dt] RESOLVED: notifications over smtp undeliverable")
+    opsdb.dispose()
+
+
+def test_a_relay_certificate_for_another_host_name_is_refused_before_the_login(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A certificate signed by the CA given, but for another name than `host`: the host
+    name is verified too, so it is refused for good, before the password is sent."""
+    monkeypatch.setenv("CCAT_DT_SMTP_PASSWORD", "the right one")
+    logs: list[str] = []
+    deploy = tmp_path / "deploy"
+    with mail_server(password="the right one",
+                     tls=certificate(deploy / "tls", host="relay.example.org")) as relay:
+        config = deployment(deploy, notifications={"smtp": {
+            "host": "127.0.0.1", "port": relay.port, "from": "ccat-dt@example.org",
+            "to": ["ops@example.org"], "timeout_s": 2, "starttls": True, "username": "ccat",
+            "ca_file": "tls/relay.pem"}})
+        opsdb = OpsDB(config.opsdb_url)
+        tick = _tick(config, opsdb, utcnow(), logs)
+        opsdb.dispose()
+    assert relay.auths == [] and relay.messages == [] and tick.failed
+    [logged] = logs
+    assert "TLS certificate not trusted (IP address mismatch" in logged, logged
+    assert "undeliverable" in logged
