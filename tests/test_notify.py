@@ -563,9 +563,10 @@ def test_a_relay_whose_certificate_is_not_trusted_gets_no_password_until_its_ca_
     """STARTTLS verifies the relay's certificate. One that no CA vouches for (anybody on the
     path can present one) is refused for good before the login: the server never receives
     AUTH, nothing is sent, the channel is held, and `status` and the other channel name the
-    server, say the certificate was not trusted and what to do. The same certificate given as
-    `ca_file` (a site-internal CA) is trusted, and what waited goes. Before, starttls()
-    checked nothing: the password and every alert went to whoever answered."""
+    server, say the certificate was not trusted and what to do. Once its CA is in `ca_file`
+    (a site-internal CA: here the certificate itself, added to the site's bundle) it is
+    trusted, and what waited goes. Before, starttls() checked nothing: the password and every
+    alert went to whoever answered."""
     monkeypatch.setenv("CCAT_DT_SMTP_PASSWORD", "the right one")
     logs: list[str] = []
     now = utcnow()
@@ -587,9 +588,16 @@ def test_a_relay_whose_certificate_is_not_trusted_gets_no_password_until_its_ca_
         [told] = [t for t in webhook_receiver.texts if "undeliverable" in t]
         assert reason in told and "fix the relay's certificate" in told
 
-        config = _smtp_in_file(config, ca_file="tls/relay.pem")  # relative to the file
-        fixed = _tick(config, opsdb, now + timedelta(minutes=2), logs)
-        _tick(config, opsdb, now + timedelta(minutes=3), logs)
+        # The site's CA bundle, without the CA of this relay: tried again (new settings),
+        # refused again; the relay's CA added to the same file: tried at the next tick.
+        bundle, _ = certificate(deploy / "site-ca")
+        config = _smtp_in_file(config, ca_file="site-ca/relay.pem")  # relative to the file
+        assert _tick(config, opsdb, now + timedelta(minutes=2), logs).failed
+        assert _tick(config, opsdb, now + timedelta(minutes=3), logs).held
+        assert relay.auths == [] and len(logs) == 2 and str(bundle) in logs[1]
+        bundle.write_text(bundle.read_text() + relay_tls[0].read_text())
+        fixed = _tick(config, opsdb, now + timedelta(minutes=4), logs)
+        _tick(config, opsdb, now + timedelta(minutes=5), logs)
     assert fixed.sent == ["smtp problem quarantined:pkg-a"], fixed
     assert relay.auths and relay.subjects == ["[ccat-dt] package pkg-a quarantined"]
     assert "undeliverable" not in _status(opsdb, config, capsys)
