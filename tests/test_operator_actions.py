@@ -678,3 +678,72 @@ def test_wiped_materializations_are_restated_from_opsdb_without_re_reading(
     assert drive(defs, instance).failed == []
     assert instance.get_materialized_partitions(lta) == archived
     assert drive(defs, instance).launched == []
+
+
+CHECKS_OF = {"raw_files": ("raw_files_present",), "packages": ("package_checksum",),
+             "site_copies": ("site_copy_checksum",), "lta_copies": ("lta_copy_checksum",),
+             "purge_status": ("deletion_certificates", "filed_bytes_safe")}
+
+
+def storage_files(config: Config) -> dict[str, tuple[int, int, int]]:
+    """Every file at every site (sources, buffers, archives): inode, size, mtime."""
+    root = config.path.parent / "sites"
+    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def test_runs_deleted_in_the_ui_leave_what_they_did_shown_done_and_nothing_redone(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """Runs → Delete on every run of an archived and purged observation (`instance.delete_run`,
+    what the UI's deleteRun calls: it deletes the run's event log, its materializations and
+    check evaluations). Before, every partition of raw_files, packages, site_copies and
+    purge_status showed as never materialized for good, and lta_copies' only after the
+    integrity sensor's 10-minute round, although OpsDB and the storage say built, copied,
+    archived, purged. Now the integrity sensor's next tick sees runs were deleted and restates
+    each partition OpsDB holds done from OpsDB, with its checks; the sensors launch no other
+    work, nothing on the storage is read, written or deleted, OpsDB is unchanged."""
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    shown = {asset: instance.get_materialized_partitions(AssetKey(asset)) for asset in CHECKS_OF}
+    assert all(shown.values()), shown
+    for asset, checks in CHECKS_OF.items():
+        for check in checks:
+            status = check_status(instance, asset, check)
+            assert {key: status.get(key) for key in shown[asset]} == dict.fromkeys(
+                shown[asset], "passed"), (asset, check, status)
+    before, files = opsdb_state(opsdb), storage_files(config)
+    with opsdb.session() as session:
+        reads = session.query(Operation).count()
+
+    for run in instance.get_runs():
+        instance.delete_run(run.run_id)
+    assert not any(instance.get_materialized_partitions(AssetKey(a)) for a in CHECKS_OF)
+
+    report = drive(defs, instance)
+    assert report.failed == [], report.failed
+    assert [key for key in report.launched if not key.startswith("integrity")] == [], \
+        report.launched  # no work asked for again
+    for asset, checks in CHECKS_OF.items():
+        assert instance.get_materialized_partitions(AssetKey(asset)) == shown[asset], asset
+        for check in checks:
+            status = check_status(instance, asset, check)
+            assert {key: status.get(key) for key in shown[asset]} == dict.fromkeys(
+                shown[asset], "passed"), (asset, check, status)
+    key = sorted(shown["site_copies"])[0]
+    [record] = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey("site_copies"), asset_partitions=[key]), limit=1).records
+    metadata = record.asset_materialization.metadata  # type: ignore[union-attr]
+    assert metadata["restated_from"].value == "OpsDB" and "deleted_at" in metadata, metadata
+    [evaluation] = [e for e in (r.dagster_event.event_specific_data for r in instance.all_logs(
+        record.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION) if r.dagster_event)
+        if isinstance(e, AssetCheckEvaluation) and e.partition == key
+        and e.asset_key == AssetKey("site_copies")]
+    assert evaluation.passed
+    assert "deleted by the purge" in (evaluation.description or ""), evaluation.description
+    assert storage_files(config) == files  # nothing read back into place, sent or deleted
+    assert opsdb_state(opsdb) == before
+    with opsdb.session() as session:  # told, not read: no verification added
+        assert session.query(Operation).count() == reads
+    lta_intact(opsdb)
+    assert drive(defs, instance).launched == []  # once
