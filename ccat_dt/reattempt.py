@@ -104,6 +104,35 @@ def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> De
     return Decision(state, next_at=next_at, **common)  # type: ignore[arg-type]
 
 
+def as_recorded(row: Reattempt, now: datetime) -> Decision:
+    """The decision OpsDB recorded for the work (its row, written by `record`)."""
+    first, last = _aware(row.first_failed_at), _aware(row.last_failed_at)
+    next_at = _aware(row.next_attempt_at) if row.next_attempt_at else last
+    state = (State.ESCALATED if row.escalated_at is not None
+             else State.DUE if now >= next_at else State.WAITING)
+    # The episode's first run is gone: the row names the attempts (their run keys) instead.
+    return Decision(state, failures=row.attempts, episode=f"opsdb{row.id:03d}",
+                    first_failed_at=first, last_failed_at=last,
+                    next_at=None if state == State.ESCALATED else next_at)
+
+
+def carried_over(decision: Decision, history: Sequence[RunOutcome],
+                 recorded: Decision | None) -> Decision:
+    """`decision` (decided from the work's runs, `history`), unless the failed runs OpsDB
+    recorded for the work (`recorded`, as_recorded) are gone from the runs while no run came
+    after them: an operator deleted them (Runs → Delete; a run's record and events go with it).
+    Then the recorded state stands: the next attempt when its back-off ends, no automatic one
+    when escalated (before: the failures were forgotten and the work waited for the sweep for
+    unattended work, an hour)."""
+    if (decision.state != State.NONE or decision.idle or recorded is None
+            or recorded.failures < 1 or recorded.last_failed_at is None):
+        return decision
+    last = _aware(recorded.last_failed_at)
+    if any(run.ended_at is not None and _aware(run.ended_at) >= last for run in history):
+        return decision  # a run ended since the last recorded failure: the runs tell
+    return recorded
+
+
 IDLE_RUNS = 2  # runs asked for again that did nothing, before a person is told
 
 

@@ -39,6 +39,8 @@ from ccat_dt.reattempt import (
     RunOutcome,
     State,
     Work,
+    as_recorded,
+    carried_over,
     decide,
     idle_error,
     record,
@@ -122,9 +124,10 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     for run_record in instance.get_run_records(
             RunsFilter(statuses=FAILED, updated_after=now - window), limit=5000):
         candidates.update(_works_of(run_record))
-    with deployment.opsdb.session() as session:
-        candidates |= {(Stage(r.stage), r.package, r.site) for r in waiting(session)
-                       if r.stage in STAGES}
+    with deployment.opsdb.session() as session:  # as recorded: the runs may be deleted
+        recorded = {(Stage(r.stage), r.package, r.site): as_recorded(r, now)
+                    for r in waiting(session) if r.stage in STAGES}
+    candidates |= set(recorded)
     by_package: dict[str, list[tuple[Stage, str]]] = defaultdict(list)
     for stage, package, site in candidates:
         by_package[package].append((stage, site))
@@ -145,7 +148,9 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
         item = stalled.get((stage, package, site))
         if item is None:
             continue  # done, or no longer possible: nothing to re-attempt
-        decision = decide(history(instance, stage, package, site), backoff, now)
+        outcomes = history(instance, stage, package, site)
+        decision = carried_over(decide(outcomes, backoff, now), outcomes,
+                                recorded.get((stage, package, site)))
         partition = f"{package}|{site}" if site else package
         if decision.state == State.IN_FLIGHT:
             in_flight.append((stage, partition))

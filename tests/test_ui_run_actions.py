@@ -22,7 +22,7 @@ from ccat_assets.runpool import Queued, RunPool
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, deployment, observe, plan
+from tests.faults.pipeline import archived_everywhere, deployment, observe, plan, source_root
 from tests.test_dry_runs import LOCATION, the_ui
 from tests.test_operator_actions import by_hand
 from tests.test_parallel_drive import ROUTES
@@ -152,6 +152,43 @@ def test_a_run_deleted_while_the_drive_holds_it_queued_is_not_executed_and_the_d
             assert any(line.startswith(f"DELETED {gone.key} (run {gone.run.run_id})")
                        for line in lines), lines
             assert instance.all_logs(gone.run.run_id) == []  # never executed
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+def test_a_failed_run_deleted_in_the_ui_is_reattempted_when_its_back_off_ends(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """Delete (Runs → a run → Delete) of a package's failed packaging run (its source disk was
+    not mounted) before its re-attempt. Before, the re-attempt sensor forgot the failure with
+    the run: the work waited for the sweep for unattended work (`unattended_after_s`, an hour
+    after the package was made), and a drive ended with the package unbuilt. Now the failure
+    OpsDB recorded stands: the re-attempt runs when its back-off ends, and the package is
+    archived."""
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 1.0})
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, files=1, size=20_000)
+        source = source_root(config)
+        elsewhere = source.with_name("instruments.unmounted")
+        source.rename(elsewhere)
+        source.mkdir()  # the empty mount point
+        defs = build_definitions(config)
+        try:
+            report = drive(defs, instance, wait_s=0)
+        finally:
+            source.rmdir()
+            elsewhere.rename(source)
+        assert report.failed_ids, report.launched
+        for run_id in report.failed_ids:
+            instance.delete_run(run_id)  # what the UI's deleteRun calls
+
+        report = drive(defs, instance, wait_s=10)
+
+        assert report.failed == [], report.failed
+        assert [key for key in report.launched if key.startswith("reattempt:packaging:")], \
+            report.launched
         archived_everywhere(config, opsdb)
         assert_safe(config, opsdb)
     finally:
