@@ -38,14 +38,38 @@ SLICE_SIZE = 64 * 1024 * 1024
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
 
+class _SourceReadFailed(OSError):
+    """The source file's disk failed a read (a bad sector): the source copy's fault, not the
+    destination's, which is not marked failing for it (health.location_failure)."""
+
+
+def _source_fails(source: int, length: int, buffer: bytearray) -> OSError | None:
+    """The error reading the source's next `length` bytes gives now, or None: copy_file_range
+    fails alike for a read and a write, so which side failed is asked of the source."""
+    offset = os.lseek(source, 0, os.SEEK_CUR)
+    try:
+        while length > 0 and (count := os.preadv(source, [memoryview(buffer)[:min(
+                length, len(buffer))]], offset)):
+            offset, length = offset + count, length - count
+    except OSError as exc:
+        return exc
+    return None
+
+
 def _copy_slice(source: int, destination: int, length: int, buffer: bytearray) -> int:
-    """Copy up to `length` bytes at the current offsets; 0 at the source's end."""
+    """Copy up to `length` bytes at the current offsets; 0 at the source's end. A failed read
+    of the source raises _SourceReadFailed."""
     try:
         return os.copy_file_range(source, destination, length)
     except OSError as exc:
         if exc.errno not in _NO_KERNEL_COPY:
+            if (failed := _source_fails(source, length, buffer)) is not None:
+                raise _SourceReadFailed(failed.errno, failed.strerror) from exc
             raise
-    count = os.readv(source, [memoryview(buffer)[:min(length, len(buffer))]])
+    try:
+        count = os.readv(source, [memoryview(buffer)[:min(length, len(buffer))]])
+    except OSError as exc:
+        raise _SourceReadFailed(exc.errno, exc.strerror) from exc
     view = memoryview(buffer)[:count]
     while view:
         view = view[os.write(destination, view):]
@@ -140,6 +164,10 @@ class LocalTransport:
                         partial.unlink(missing_ok=True)  # ours to remove: we hold its lock
                         raise
             fsync_directory(destination.parent)
+        except _SourceReadFailed as exc:  # not the destination's fault: nothing was kept there
+            raise TransferError(f"{SOURCE_UNREADABLE}: {source}: its disk failed the read: "
+                                f"{exc.strerror or exc} (nothing was kept at {destination})",
+                                retryable=exc.errno not in PERMANENT_ERRNO) from exc
         except OSError as exc:
             raise TransferError(f"local copy {source} -> {destination} failed: {exc}",
                                 retryable=exc.errno not in PERMANENT_ERRNO) from exc

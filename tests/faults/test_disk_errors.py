@@ -125,6 +125,46 @@ def test_an_archive_copy_unreadable_when_the_purge_looks_deletes_nothing_on_its_
     opsdb.dispose()
 
 
+def test_an_archive_copy_its_disk_cannot_read_fails_only_its_replication_not_the_destination(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+    """Cologne's LTA disk fails the reads of one package's tar, the source of that package's
+    replication to the us site: that copy fails naming its source as unreadable (before: "local
+    copy ... failed: [Errno 5]", and us's buffer, whose disk is fine, was marked failing and
+    told as a disk failing with I/O errors). The other package, at the same locations, is
+    archived and purged meanwhile; once the disk reads again the replication goes by itself."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    disk.fail("read", TAR)  # the archiving reads back its temporary file, not this name
+    bad = observe(config, opsdb, name="obs-0")
+    good = observe(config, opsdb, name="obs-1")
+
+    run(config, instance, wait_s=0)
+
+    package, other = package_names(opsdb)
+    stages = _stages(config, opsdb, package)
+    assert "location us/buffer" not in stages, stages  # its disk is fine
+    problems = told(config, opsdb)
+    assert "disk_error:us/buffer" not in problems, problems
+    state, detail = stages["site copy us"]
+    assert state == "failed" and "next attempt at" in detail, detail
+    assert f"source unreadable: {disk.root / TAR}" in detail, detail
+    assert "Input/output error" in detail, detail
+    assert package_state(opsdb, other) == PackageState.ARCHIVED
+    assert not any(p.exists() for p in good)  # the other package went its way
+    assert all(p.is_file() for p in bad)
+    assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
+
+    disk.heal()
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)
+    assert not any(p.exists() for p in bad)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
 def test_a_source_file_its_disk_cannot_read_fails_packaging_naming_it_and_heals(
         tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
     """The instrument disk fails the reads of one filed file: packaging fails naming that file
