@@ -133,12 +133,18 @@ def mark_ok(session: Session, location_id: int) -> None:
         .execution_options(synchronize_session=False))
 
 
+def read_failure_reason() -> ColumnElement[bool]:
+    """SQL: the location's recorded failure is one file its disk failed to read (an I/O
+    error): its other files are read as ever (the scrub, a purge's look)."""
+    return DataLocation.unhealthy_reason.ilike(f"%{UNREADABLE}%")
+
+
 def mark_readable(session: Session, location_id: int) -> None:
     """A file read fine there: a failure recorded for a read (an I/O error) is over, not one
     recorded for a write (a full disk is read as ever)."""
     session.execute(update(DataLocation).where(
         DataLocation.id == location_id, DataLocation.failing_since.is_not(None),
-        DataLocation.unhealthy_reason.ilike(f"%{UNREADABLE}%"))
+        read_failure_reason())
         .values(failing_since=None, unhealthy_until=None, unhealthy_reason=None)
         .execution_options(synchronize_session=False))
 

@@ -16,7 +16,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from ccat_dt.config import Config
-from ccat_dt.health import refusal_reason
+from ccat_dt.health import read_failure_reason, refusal_reason
 from ccat_dt.marker import root_problem
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -271,13 +271,14 @@ def scrub_due(session: Session, budget_bytes: int, now: datetime,
     least one, so that a copy larger than the budget is still scrubbed eventually). A location
     passed over as unhealthy (one the scrub found unmounted, say) waits out its hold, so that
     it does not take every hour's budget from the others; a full or read-only one is
-    read as ever."""
+    read as ever, and so is one marked for a file its disk failed to read (one bad sector
+    says nothing of the other copies there: re-reading them is how more would be found)."""
     copies = session.scalars(
         select(PackageCopy).join(DataLocation)
         .where(PackageCopy.status == CopyStatus.PRESENT,
                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
                or_(DataLocation.unhealthy_until.is_(None), DataLocation.unhealthy_until <= now,
-                   refusal_reason()))
+                   refusal_reason(), read_failure_reason()))
         .order_by(PackageCopy.verified_at, PackageCopy.id).limit(limit)).all()
     due: list[Due] = []
     spent = 0

@@ -21,6 +21,7 @@ from ccat_dt.config import Config
 from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import CopyStatus, LocationType, PackageState, utcnow
+from ccat_dt.pending import scrub_due
 from ccat_dt.replicas import verify
 from ccat_dt.scrub import scrub
 from ccat_dt.transports.base import TransferError
@@ -51,13 +52,16 @@ def test_an_archive_copy_its_disk_cannot_read_is_not_taken_for_a_bad_one(
     """Cologne's LTA disk fails every read of an archived tar (a bad sector): its check's
     re-read, the fixity scrub and `audit --repair` say it could not be read, but the copy is
     not quarantined and nothing writes over it; the disk failing again is told (location,
-    path, EIO). Once the disk reads again the copy re-reads intact and the problem clears."""
+    path, EIO). The other package's copy there is still due for the scrub (before: the whole
+    location was left out of it while marked). Once the disk reads again the copy re-reads
+    intact and the problem clears."""
     config = _config(tmp_path)
     opsdb = OpsDB(config.opsdb_url)
     disk = faulty_disk(config, "cologne/lta")
     observe(config, opsdb)
+    observe(config, opsdb, name="obs-1")
     assert run(config, instance).failed == []
-    [package] = package_names(opsdb)
+    package, other = package_names(opsdb)
     archived = (disk.backing / TAR).stat()
     disk.fail("read", TAR)
 
@@ -83,6 +87,9 @@ def test_an_archive_copy_its_disk_cannot_read_is_not_taken_for_a_bad_one(
                      if p.kind == "disk_error"]
     assert problem.key == "disk_error:cologne/lta", problem
     assert f"{disk.root}/{TAR}" in problem.detail and "(EIO)" in problem.detail, problem
+    with opsdb.session() as session:
+        due = {(d.package, d.site) for d in scrub_due(session, 1 << 40, utcnow())}
+    assert (other, "cologne") in due, due
 
     disk.heal()
 
