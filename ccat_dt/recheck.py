@@ -44,6 +44,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.replicas import refresh_state
+from ccat_dt.routing import unreadable_copies
 from ccat_dt.storage import Seen, StorageUnavailable, Wanted
 from ccat_dt.transports.factory import ssh_settings
 
@@ -132,6 +133,9 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
         if package is None:
             raise LookupError(f"unknown package '{package_name}'")
         copies = _lta_copies(session, package)
+        # A copy whose disk failed its read as a source since it was last verified is not
+        # relied on unread: hashed now, whenever it was last verified.
+        suspect = unreadable_copies(session, package)
     by_location: dict[tuple[str, str | None], list[_Copy]] = defaultdict(list)
     for copy in copies:
         by_location[(copy.root, copy.host)].append(copy)
@@ -153,7 +157,7 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
             # verified_at after `now` was written by a clock ahead of ours (another host's, or
             # ours before NTP stepped it back): when it was hashed is unknown, so hash it.
             stale = [not dry_run and (c.verified_at < now - window or c.verified_at > now
-                                      or c.inode is None)
+                                      or c.inode is None or c.id in suspect)
                      for c in group]
             seen = look(root, host, ssh, [Wanted(c.relative_path, s)
                                           for c, s in zip(group, stale, strict=True)])

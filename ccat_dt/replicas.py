@@ -42,7 +42,7 @@ from ccat_dt.packages import (
 )
 from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef, Placement
-from ccat_dt.routing import copies_at, nearest_lta_copy, replication_source
+from ccat_dt.routing import copies_at, nearest_lta_copy, readable_first, replication_source
 from ccat_dt.storage import StorageUnavailable, Wanted
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
@@ -165,12 +165,14 @@ def source_for(session: Session, config: Config, package: RawDataPackage, site: 
     """The verified copy a new copy at the site's location of `kind` is made from: for an LTA
     copy the site's own buffer copy, else the nearest verified LTA copy at another archive
     (its buffer copy purged after archiving, or quarantined); for a buffer copy the routing
-    rule (the observatory once, then archive to archive)."""
+    rule (the observatory once, then archive to archive). A source its disk failed to read
+    is passed over for the next readable one (routing.readable_first)."""
     if kind == LocationType.LONG_TERM_ARCHIVE:
         own = verified_copy(session, package, site, LocationType.BUFFER)
-        if own is not None:
-            return own
-        return nearest_lta_copy(session, config, package, site)
+        nearest = nearest_lta_copy(session, config, package, site)
+        if own is None or nearest is None:
+            return own or nearest
+        return readable_first(session, package, [own, nearest])
     return replication_source(session, config, package, site)
 
 

@@ -12,11 +12,16 @@ from ccat_dt.health import sites_down
 from ccat_dt.opsdb.models import (
     DataLocation,
     LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
     PackageCopy,
     RawDataPackage,
     Site,
+    _aware,
     utcnow,
 )
+from ccat_dt.transports.base import SOURCE_UNREADABLE
 
 
 def next_primary_site(session: Session, config: Config,
@@ -63,9 +68,17 @@ def replication_source(session: Session, config: Config, package: RawDataPackage
     any later repair) from a verified LTA copy at another archive, cheapest route first. The
     observatory link is used once per package, unless what left was lost before any archive
     held it (its only copy outside quarantined, say): then the primary site is fed again.
+    A copy whose disk failed its read as the source (`unreadable_copies`) is passed over for
+    another readable one, at another archive's buffer if no LTA copy is, while there is one.
     """
     if has_left_observatory(session, config, package):
         nearest = nearest_lta_copy(session, config, package, site)
+        if nearest is not None and nearest.id in unreadable_copies(session, package):
+            buffered = [c for c in copies_at(session, package, LocationType.BUFFER)
+                        if c.is_verified and c.location.site.short_name
+                        not in (site, config.settings.observatory)]
+            nearest = readable_first(session, package, [nearest, *by_cost(config, buffered,
+                                                                           site)])
         if nearest is not None or any(c.is_verified for c in copies_at(
                 session, package, LocationType.LONG_TERM_ARCHIVE)):
             return nearest
@@ -78,12 +91,62 @@ def replication_source(session: Session, config: Config, package: RawDataPackage
 
 def nearest_lta_copy(session: Session, config: Config, package: RawDataPackage,
                      site: str) -> PackageCopy | None:
-    """The verified LTA copy at another archive site on the cheapest route to `site`."""
+    """The verified LTA copy at another archive site on the cheapest route to `site`, passing
+    over one its disk failed to read as a source while another can be read."""
     candidates = [c for c in copies_at(session, package, LocationType.LONG_TERM_ARCHIVE)
                   if c.is_verified and c.location.site.short_name != site]
+    return readable_first(session, package, by_cost(config, candidates, site))
 
+
+def by_cost(config: Config, copies: list[PackageCopy], site: str) -> list[PackageCopy]:
+    """The copies cheapest route to `site` first (a copy at `site` itself costs nothing)."""
     def cost(copy: PackageCopy) -> int:
-        route = config.settings.route(copy.location.site.short_name, site)
+        origin = copy.location.site.short_name
+        if origin == site:
+            return 0
+        route = config.settings.route(origin, site)
         return route.cost if route else 1 << 30
 
-    return min(candidates, key=cost, default=None)
+    return sorted(copies, key=cost)
+
+
+def readable_first(session: Session, package: RawDataPackage,
+                   ranked: list[PackageCopy]) -> PackageCopy | None:
+    """The first of the verified copies `ranked` (best source first) that is not known
+    unreadable (`unreadable_copies`); when every one is, the first (its re-attempt waits for
+    the disk to read again, as nothing else can feed it)."""
+    unreadable = unreadable_copies(session, package) if len(ranked) > 1 else set()
+    return next((c for c in ranked if c.id not in unreadable), ranked[0] if ranked else None)
+
+
+# The operations that read their source location's copy of the package.
+_READS_SOURCE = (OperationType.TRANSFER, OperationType.ARCHIVE, OperationType.STAGING)
+
+
+def unreadable_copies(session: Session, package: RawDataPackage) -> set[int]:
+    """The package's copies whose last use as the source of a transfer, an archiving or a
+    staging failed because their disk could not read them (SOURCE_UNREADABLE: a bad sector),
+    not read fine since (a later transfer from there, or a re-read that verified the copy).
+    Such a copy is not proved bad, so it stays PRESENT and is never deleted or written over on
+    that word; the next attempt is sent from another verified copy instead of waiting for a
+    disk that does not heal by itself, and the purge re-reads it before relying on it
+    (recheck.py), which marks its location and tells its disk to a person if it fails."""
+    last: dict[int, Operation] = {}  # by source location: its latest finished read
+    for operation in session.scalars(select(Operation).where(
+            Operation.package_id == package.id, Operation.operation_type.in_(_READS_SOURCE),
+            Operation.source_location_id.is_not(None), Operation.finished_at.is_not(None))
+            .order_by(Operation.finished_at, Operation.id)):
+        assert operation.source_location_id is not None
+        last[operation.source_location_id] = operation
+    failed = {location: operation for location, operation in last.items()
+              if operation.status == OperationStatus.FAILED
+              and SOURCE_UNREADABLE in (operation.error or "")}
+    if not failed:
+        return set()
+    out: set[int] = set()
+    for copy in package.copies:
+        when = failed[copy.location_id].finished_at if copy.location_id in failed else None
+        if when is not None and (copy.verified_at is None
+                                 or _aware(copy.verified_at) <= _aware(when)):
+            out.add(copy.id)
+    return out

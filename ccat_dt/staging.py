@@ -42,6 +42,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.replicas import finish, finish_in, reread
 from ccat_dt.retention import verified_lta_copies
+from ccat_dt.routing import by_cost, readable_first
 from ccat_dt.staged_files import clear_scratch, look_at_staged, scratch_names, through_symlink
 from ccat_dt.tarball import ManifestEntry, extract_package
 from ccat_dt.topology import UnknownLocation, get_location
@@ -231,7 +232,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         if not wanted:
             return 0, 0, kept
         site = request.location.site.short_name
-        source = _nearest(config, verified_lta_copies(session, package), site)
+        source = _nearest(session, config, package, site)
         if source is None:
             raise StagingError(f"{package_name}: no verified LTA copy to stage from")
         root = Path(request.location.root)
@@ -369,15 +370,12 @@ def _record_staged(session: Session, entries: list[tuple[ManifestEntry, os.stat_
             mtime_ns=info.st_mtime_ns))
 
 
-def _nearest(config: Config, copies: list[PackageCopy], site: str) -> PackageCopy | None:
-    def cost(copy: PackageCopy) -> int:
-        origin = copy.location.site.short_name
-        if origin == site:
-            return 0
-        route = config.settings.route(origin, site)
-        return route.cost if route else 1 << 30
-
-    return min(copies, key=cost, default=None)
+def _nearest(session: Session, config: Config, package: RawDataPackage, site: str
+             ) -> PackageCopy | None:
+    """The verified LTA copy on the cheapest route to `site`, passing over one its disk failed
+    to read as a source while another can be read (routing.readable_first)."""
+    copies = verified_lta_copies(session, package)
+    return readable_first(session, package, by_cost(config, copies, site))
 
 
 def _select(session: Session, selection: Selection) -> list[RawDataPackage]:

@@ -8,10 +8,12 @@ disk that keeps failing is named to a person (location, path, errno)."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance
+from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
@@ -20,10 +22,21 @@ from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import CopyStatus, LocationType, PackageState, utcnow
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageState,
+    utcnow,
+)
+from ccat_dt.packages import get_package
 from ccat_dt.pending import scrub_due
 from ccat_dt.replicas import verify
 from ccat_dt.scrub import scrub
+from ccat_dt.staging import Selection, request_staging
 from ccat_dt.transports.base import TransferError
 from ccat_dt.transports.local import LocalTransport
 from tests.faultfs import MountFaulty, faulty_disk  # noqa: F401  # the fixture
@@ -32,6 +45,7 @@ from tests.faults.pipeline import (
     archived_everywhere,
     deployment,
     observe,
+    operations,
     package_names,
     package_state,
     run,
@@ -134,11 +148,17 @@ def test_an_archive_copy_unreadable_when_the_purge_looks_deletes_nothing_on_its_
 
 def test_an_archive_copy_its_disk_cannot_read_fails_only_its_replication_not_the_destination(
         tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
-    """Cologne's LTA disk fails the reads of one package's tar, the source of that package's
-    replication to the us site: that copy fails naming its source as unreadable (before: "local
-    copy ... failed: [Errno 5]", and us's buffer, whose disk is fine, was marked failing and
-    told as a disk failing with I/O errors). The other package, at the same locations, is
-    archived and purged meanwhile; once the disk reads again the replication goes by itself."""
+    """Cologne's LTA disk keeps failing the reads of one package's tar (a bad sector does not
+    heal), the source of that package's replication to the us site: that copy fails naming
+    its source as unreadable (before: "local copy ... failed: [Errno 5]", and us's buffer,
+    whose disk is fine, was marked failing and told as a disk failing with I/O errors), and
+    its automatic re-attempt sends the package from cologne's verified buffer copy instead
+    (before: every re-attempt read the same bad copy again, waiting for a person). The us
+    copies hold the package's bytes; the unreadable tar is neither deleted nor written over,
+    the purge does not rely on it unread (its re-read fails: the buffer copies and the
+    observatory's files are kept) and its disk is told, naming the file. The other package,
+    at the same locations, is archived and purged meanwhile; once the disk reads again the
+    purge finishes by itself."""
     config = _config(tmp_path)
     opsdb = OpsDB(config.opsdb_url)
     disk = faulty_disk(config, "cologne/lta")
@@ -146,25 +166,54 @@ def test_an_archive_copy_its_disk_cannot_read_fails_only_its_replication_not_the
     bad = observe(config, opsdb, name="obs-0")
     good = observe(config, opsdb, name="obs-1")
 
-    run(config, instance, wait_s=0)
+    run(config, instance, wait_s=0)  # no `ccat-dt retry`, the disk not healed
 
     package, other = package_names(opsdb)
     stages = _stages(config, opsdb, package)
     assert "location us/buffer" not in stages, stages  # its disk is fine
     problems = told(config, opsdb)
     assert "disk_error:us/buffer" not in problems, problems
-    state, detail = stages["site copy us"]
-    assert state == "failed" and "next attempt at" in detail, detail
-    assert f"source unreadable: {disk.root / TAR}" in detail, detail
-    assert "Input/output error" in detail, detail
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        checksum = pkg.checksum
+        labels = {loc.id: loc.label for loc in session.scalars(select(DataLocation))}
+        to_us = [(labels[o.source_location_id], o.status, o.error or "")
+                 for o in session.scalars(select(Operation).where(
+                     Operation.package_id == pkg.id,
+                     Operation.operation_type == OperationType.TRANSFER,
+                     Operation.destination_location_id.in_(
+                         [i for i, label in labels.items() if label == "us/buffer"]))
+                     .order_by(Operation.id)) if o.source_location_id is not None]
+        kept = sorted(c.location.label for c in pkg.copies if c.status == CopyStatus.PRESENT)
+        [archived] = [(c.inode, c.mtime_ns) for c in pkg.copies
+                      if c.location.label == "cologne/lta"]  # as the archiving recorded it
+    assert to_us[0][:2] == ("cologne/lta", OperationStatus.FAILED), to_us
+    assert f"source unreadable: {disk.root / TAR}" in to_us[0][2], to_us
+    assert "Input/output error" in to_us[0][2], to_us
+    assert to_us[-1][:2] == ("cologne/buffer", OperationStatus.COMPLETED), to_us
+    assert stages["site copy us"][0] == "done", stages
+    us_lta = config.resolve_root("sites/us/lta") / TAR
+    assert hash_file(us_lta)[0] == checksum  # the bytes at the destination, read now
+    assert package_state(opsdb, package) == PackageState.ARCHIVED
+    assert {"ccat/buffer", "cologne/buffer", "cologne/lta", "us/lta"} <= set(kept), kept
+    assert all(p.is_file() for p in bad)  # not purged on the word of the unreadable copy
+    with opsdb.session() as session:
+        [problem] = [p for p in current_problems(session, config, utcnow())
+                     if p.kind == "disk_error"]
+    assert problem.key == "disk_error:cologne/lta", problem
+    assert f"{disk.root}/{TAR}" in problem.detail and "(EIO)" in problem.detail, problem
     assert package_state(opsdb, other) == PackageState.ARCHIVED
     assert not any(p.exists() for p in good)  # the other package went its way
-    assert all(p.is_file() for p in bad)
     assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
+    assert lost_filed_files(config, opsdb) == []
+    after = (disk.root / TAR).stat()  # the unreadable tar itself: never replaced
+    assert (after.st_ino, after.st_mtime_ns) == archived, (after, archived)
 
     disk.heal()
     run(config, instance)
 
+    after = (disk.root / TAR).stat()
+    assert (after.st_ino, after.st_mtime_ns) == archived, (after, archived)
     archived_everywhere(config, opsdb)
     assert not any(p.exists() for p in bad)
     assert lost_filed_files(config, opsdb) == []
@@ -229,3 +278,38 @@ def test_a_temporary_file_whose_truncation_fails_is_let_go(
 
     assert disk.hits() == [f"truncate obs-0/.{Path(TAR).name}.part"]
     assert hash_file(disk.backing / TAR)[0] == checksum
+
+
+def test_a_staging_whose_nearest_archive_copy_cannot_be_read_stages_from_another(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+    """Cologne's LTA copy, the nearest to the processing cluster, cannot be read (for good):
+    the staging fails "source unreadable" naming it, and its automatic re-attempt stages from
+    the us archive copy (before: every re-attempt read cologne's bad copy again). The staged
+    files hold the filed bytes; the unreadable tar is untouched."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    source = observe(config, opsdb, files=2, size=20_000)
+    filed = {p.name: hash_file(p)[0] for p in source}
+    assert run(config, instance).failed == []
+    [package] = package_names(opsdb)
+    archived = (disk.backing / TAR).stat()
+    disk.fail("read", TAR)
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0", module="primecam/f280"),
+                           expires_in=timedelta(hours=1))
+
+    run(config, instance)
+
+    staged = {p.name: hash_file(p)[0] for p in
+              (config.resolve_root("sites/ramses/processing") / name).rglob("*.dat")}
+    assert staged == filed
+    assert disk.hits() == [f"read {TAR}"], disk.hits()
+    tried = operations(opsdb, OperationType.STAGING, package)
+    assert [status for status, _ in tried] == [OperationStatus.FAILED,
+                                               OperationStatus.COMPLETED], tried
+    assert f"source unreadable: {disk.root / TAR}" in (tried[0][1] or ""), tried
+    after = (disk.backing / TAR).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (archived.st_ino, archived.st_mtime_ns)
+    assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
+    opsdb.dispose()
