@@ -19,6 +19,15 @@ from ccat_dt.topology import prepare_opsdb, sync_topology
 from tests.helpers import new_opsdb, scratch_instance
 
 
+@pytest.fixture(autouse=True)
+def short_retry_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps retried in their run after 0.2 s, 0.4 s, not 2 s, 4 s, in this process and the
+    drive's forked children (the faults tested outlast the retries). Processes a test starts
+    (`ccat-dt`, daemons, Celery workers) keep the real delay, as "Force termination" needs it
+    (ccat_assets/stages/common.py)."""
+    monkeypatch.setattr("ccat_assets.stages.common.RETRY_DELAY_S", 0.2)
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     cfg = load_config(write_default_config(tmp_path / "deploy"))

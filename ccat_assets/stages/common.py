@@ -10,11 +10,15 @@ from ccat_dt.replicas import NotReady, check_stage, plan_placement
 from resources.deployment import Deployment
 
 GROUP = "lifecycle"
+# A failed step is retried in its run after this, doubling (2 s, 4 s): a link that drops for
+# seconds is ridden out. Not shorter: a "Force termination" that interrupts a step needs the
+# delay to stop its process before the retry would start (tests shorten it in-process).
+RETRY_DELAY_S = 2.0
 
 
 def transient_retries(config: Config) -> RetryPolicy:
-    return RetryPolicy(max_retries=config.settings.policies.max_attempts - 1, delay=2,
-                       backoff=Backoff.EXPONENTIAL)
+    return RetryPolicy(max_retries=config.settings.policies.max_attempts - 1,
+                       delay=RETRY_DELAY_S, backoff=Backoff.EXPONENTIAL)
 
 
 def permanent(exc: BaseException) -> Failure:
