@@ -107,9 +107,6 @@ def converges(config: Config, home: Path, monkeypatch: pytest.MonkeyPatch,
     again = work_done(opsdb)
     assert {key: n for key, n in again.items() if n > 1} == {}
     assert {key: again[key] for key in done} == done
-    # back to its slow round: a full comparison at every tick slows the next drives' rounds
-    # (obs-3's two rounds must leave it at one site)
-    monkeypatch.setattr(sensors.integrity, "RESTATE_EVERY_S", 600.0)
 
 
 def test_an_instance_restored_from_an_older_copy_then_lost_and_made_anew(
