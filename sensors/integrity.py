@@ -3,10 +3,8 @@ re-check, a copy found bad while being re-read) reach the UI as check evaluation
 the partition concerned, and `filed_bytes_safe` follows a package at risk until it is safe.
 A partition given a materialization or a check evaluation by hand (runless: the UI's "Report
 materialization event" or "Report evaluation") has its checks run again, alone, on the storage.
-A partition OpsDB holds done (a package built, a copy verified, present or deleted by the
-purge since, a package's purge) that Dagster shows no materialization of ("Wipe
-materializations", or its runs deleted: Runs → Delete deletes a run's event log) is restated
-from OpsDB, on a slow round, and at the next tick after runs were deleted (`restatements`).
+A copy OpsDB holds verified whose partition Dagster shows no materialization of ("Wipe
+materializations") is restated from OpsDB, on a slow round (`restatements`).
 A finding whose partition has a run in flight (the run that found the copy bad, a repair) is
 held back in the cursor, as it was found, and reported once no run of the partition is in
 flight: written meanwhile it would outrank that run's own check. A finding already repaired
@@ -18,7 +16,6 @@ evaluations are logged by a small run (`integrity_report_job`)."""
 import hashlib
 import json
 import time
-from datetime import datetime
 from typing import Any
 
 from dagster import (
@@ -27,7 +24,6 @@ from dagster import (
     DagsterInstance,
     DefaultSensorStatus,
     RunRequest,
-    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     sensor,
@@ -56,19 +52,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import get_package
 from ccat_dt.pending import quarantines_found
-from ccat_dt.reaper import certificate_problems
-from ccat_dt.recorded import (
-    Built,
-    Purged,
-    Verified,
-    builds,
-    built_packages,
-    purged_packages,
-    purged_placements,
-    purges,
-    verifications,
-    verified_placements,
-)
+from ccat_dt.recorded import Verified, verifications, verified_placements
 from ccat_dt.stages import Stage
 from resources.deployment import Deployment
 from sensors.cursor import json_object, number, read_cursor
@@ -125,9 +109,7 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     restated_at = min(float(state.get("restated_at", now)), now)  # not held off by a future
     told: list[dict[str, Any]] = []
     more = bool(state.get("more"))
-    runs = runs_seen(context.instance)
-    if more or now - restated_at >= RESTATE_EVERY_S or runs_deleted(
-            context.instance, state.get("runs"), runs):
+    if more or now - restated_at >= RESTATE_EVERY_S:
         told, more = restatements(context, deployment.opsdb, config)
         restated_at = now
     for finding in (*findings, *told):
@@ -136,7 +118,7 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     fresh, released, held = held_back(context.instance, new, list(state.get("held", [])))
     new_cursor = json.dumps({"op": cursor, "unsafe": unsafe, "checks": events_before,
                              "pending": pending, "restated_at": restated_at, "more": more,
-                             "held": held, "runs": runs})
+                             "held": held})
     requests = []
     if fresh:
         requests.append(RunRequest(
@@ -176,13 +158,6 @@ def _state(cursor: str) -> dict[str, Any]:
             raise TypeError(f"{key} is not an id: {state[key]!r}")
     if "restated_at" in state:
         number(state["restated_at"])
-    if "runs" in state:
-        count, newest = state["runs"]  # ValueError/TypeError unless a pair
-        if isinstance(count, bool) or not isinstance(count, int) or not (
-                newest is None or isinstance(newest, str)):
-            raise TypeError(f"runs is not [count, newest creation]: {state['runs']!r}"[:200])
-        if newest is not None:
-            datetime.fromisoformat(newest)
     for key, kind in (("unsafe", str), ("pending", list), ("held", dict)):
         if not isinstance(state.get(key, []), list) or not all(
                 isinstance(item, kind) for item in state.get(key, [])):
@@ -252,77 +227,29 @@ def _rechecks(context: SensorEvaluationContext, since: int) -> list[RunRequest]:
 
 
 
-def runs_seen(instance: DagsterInstance) -> list[Any]:
-    """[how many runs the instance holds, when the newest was created (ISO)]: two queries."""
-    newest = instance.get_run_records(limit=1)
-    return [instance.get_runs_count(),
-            newest[0].create_timestamp.isoformat() if newest else None]
-
-
-def runs_deleted(instance: DagsterInstance, seen: list[Any] | None, now: list[Any]) -> bool:
-    """Whether runs were deleted (Runs → Delete, with their materializations) since `seen`
-    (runs_seen at the last tick): fewer runs now than then and those created since."""
-    if not seen:
-        return False
-    count, newest = seen
-    created = (instance.get_runs_count(RunsFilter(created_after=datetime.fromisoformat(newest)))
-               if newest is not None else now[0])
-    return bool(now[0] < count + created)
-
-
-# (asset, its checks) restated from OpsDB per kind of record
-BUILT = ("raw_files", "raw_files_present")
-PURGED = ("purge_status", "deletion_certificates")
-
-
 def restatements(context: SensorEvaluationContext, opsdb: OpsDB,
                  config: Config) -> tuple[list[dict[str, Any]], bool]:
-    """The live partitions that OpsDB holds done and Dagster shows no materialization of, as
-    findings that restate the materialization and its checks from OpsDB (at most
-    RESTATE_BATCH), and whether more are left: raw files of a package built, a package or a
-    site copy verified (present, or deleted by the purge since), an LTA copy verified and
-    present, a package the purge deleted copies of. Sets are compared, one query each; the
-    copies are not read (that would be the whole archive)."""
+    """The live partitions of packages, site copies and LTA copies that OpsDB holds a verified
+    copy for and Dagster shows no materialization of, as findings that restate both from
+    OpsDB (at most RESTATE_BATCH), and whether more are left. Sets are compared, one query
+    each; the copies are not read (that would be the whole archive)."""
     instance = context.instance
     live = set(instance.get_dynamic_partitions(PACKAGES))
     observatory = config.settings.observatory
     sites = {site.short_name for site in config.settings.archive_sites}
-
-    def ours(package: str, site: str, kind: LocationType) -> bool:
-        return package in live and (site in sites or (
-            site == observatory and kind == LocationType.BUFFER))
-
     with opsdb.session() as session:
-        present = {copy_check_of(package, site, kind, site == observatory): (package, site, kind)
-                   for package, site, kind in verified_placements(session)
-                   if ours(package, site, kind)}
-        purged = {key: place for key, place in (
-            (copy_check_of(package, site, kind, site == observatory), (package, site, kind))
-            for package, site, kind in purged_placements(session)
-            if ours(package, site, kind) and kind == LocationType.BUFFER) if key not in present}
-        done = {*present, *purged, *((*BUILT, name) for name in built_packages(session) & live),
-                *((*PURGED, name) for name in purged_packages(session) & live)}
+        placed = {copy_check_of(package, site, kind, site == observatory): (package, site, kind)
+                  for package, site, kind in verified_placements(session)
+                  if package in live and (site in sites or (
+                      site == observatory and kind == LocationType.BUFFER))}
         shown = {asset: instance.get_materialized_partitions(AssetKey(asset))
-                 for asset in {asset for asset, _, _ in done}}
-        missing = sorted(key for key in done if key[2] not in shown[key[0]])
-        batch = missing[:RESTATE_BATCH]
+                 for asset in {asset for asset, _, _ in placed}}
+        missing = sorted(key for key in placed if key[2] not in shown[key[0]])
         found = {(v.package, v.site, v.kind): v for v in verifications(
-            session, [present[key] for key in batch if key in present],
-            [purged[key] for key in batch if key in purged])}
-        built = {b.package: b for b in builds(
-            session, [name for asset, _, name in batch if asset == BUILT[0]])}
-        cleared = {p.package: p for p in purges(
-            session, [name for asset, _, name in batch if asset == PURGED[0]])}
-    told = []
-    for asset, check, partition in batch:
-        place = present.get((asset, check, partition)) or purged.get((asset, check, partition))
-        if place is not None and place in found:
-            told.append(_restated(asset, check, partition, found[place]))
-        elif asset == BUILT[0] and partition in built:
-            told.append(_restated_build(built[partition]))
-        elif asset == PURGED[0] and partition in cleared:
-            told.append(_restated_purge(opsdb, config, cleared[partition]))
-    return told, len(missing) > RESTATE_BATCH
+            session, [placed[key] for key in missing[:RESTATE_BATCH]])}
+    return [_restated(asset, check, partition, found[placed[asset, check, partition]])
+            for asset, check, partition in missing[:RESTATE_BATCH]
+            if placed[asset, check, partition] in found], len(missing) > RESTATE_BATCH
 
 
 def _restated(asset: str, check: str, partition: str, copy: Verified) -> dict[str, Any]:
@@ -330,46 +257,10 @@ def _restated(asset: str, check: str, partition: str, copy: Verified) -> dict[st
           else " (no read of it recorded)")
     again = ("the fixity scrub re-reads it" if copy.kind == LocationType.LONG_TERM_ARCHIVE
              else "Materialize on the partition re-reads it")
-    if copy.deleted_at is not None:
-        again = (f"deleted by the purge {copy.deleted_at:%Y-%m-%d %H:%M:%S} UTC; "
-                 "nothing to re-read")
     return {"asset": asset, "check": check, "partition": partition, "passed": True,
             "description": f"restated from OpsDB: verified {copy.verified_at:%Y-%m-%d %H:%M:%S}"
                            f" UTC{by}; not re-read now, {again}",
             "materialize": {"restated_from": "OpsDB", "copy_id": str(copy.copy_id),
                             "verified_at": copy.verified_at.isoformat(),
                             "verified_by": copy.verified_by or "",
-                            "operation_id": str(copy.operation_id or ""),
-                            **({"deleted_at": copy.deleted_at.isoformat()}
-                               if copy.deleted_at is not None else {})}}
-
-
-def _restated_build(built: Built) -> dict[str, Any]:
-    asset, check = BUILT
-    return {"asset": asset, "check": check, "partition": built.package, "passed": True,
-            "description": f"restated from OpsDB: its {built.files} files ({built.bytes} bytes) "
-                           f"were packaged {built.built_at:%Y-%m-%d %H:%M:%S} UTC; the sources "
-                           "are not re-read now",
-            "materialize": {"restated_from": "OpsDB", "files": str(built.files),
-                            "bytes": str(built.bytes), "built_at": built.built_at.isoformat()}}
-
-
-def _restated_purge(opsdb: OpsDB, config: Config, purged: Purged) -> dict[str, Any]:
-    """The purge's materialization, and both its checks evaluated now, on OpsDB (as they are
-    by a purge run: neither reads the storage)."""
-    asset, check = PURGED
-    problems = certificate_problems(opsdb, config, purged.package)
-    with opsdb.session() as session:
-        assessment = assess(session, config, get_package(session, purged.package))
-    last = (f", the newest {purged.last_deleted_at:%Y-%m-%d %H:%M:%S} UTC"
-            if purged.last_deleted_at else "")
-    return {"asset": asset, "check": check, "partition": purged.package,
-            "passed": not problems,
-            "description": "\n".join(problems) or "every deletion certified",
-            "materialize": {"restated_from": "OpsDB", "deleted": str(purged.deleted),
-                            "deleted_bytes": str(purged.deleted_bytes),
-                            "note": f"{purged.deleted} deletion(s) recorded in OpsDB{last}"},
-            "also": [{"check": "filed_bytes_safe", "passed": assessment.health == Health.SAFE,
-                      "description": assessment.reason,
-                      "severity": (AssetCheckSeverity.ERROR if assessment.health == Health.LOST
-                                   else AssetCheckSeverity.WARN).value}]}
+                            "operation_id": str(copy.operation_id or "")}}
