@@ -573,6 +573,21 @@ def test_a_batch_reports_each_file_done_and_a_remote_source_its_share(
     assert [(e.done_bytes, e.percent) for e in progress_events[2:]] == [(0, 25), (0, 43), (0, 81)]
 
 
+def test_a_resumed_file_reports_the_kept_bytes_plus_bbcps_share_of_the_rest(
+        progress_events: list[ProgressEvent]) -> None:
+    """On a resume (-a) bbcp's `N% done` is of the bytes still to send, not of the file: these
+    lines are real bbcp 14.04 output, 45% done of the 14408960 bytes left after appending at
+    offset 5591040 of 20000000 (that is 60% of the file, not 45%)."""
+    size, offset = 20_000_000, 5_591_040
+    read = LiveProgress(progress.Progress("transfer", "c.tar", size), {"c.tar": size})
+    for line in ("bbcp: Will try to complete copying /d/c.tar",
+                 f"bbcp: Appending to /d/c.tar at offset {offset}",
+                 "bbcp: 261206 05:17:29  45% done; 4.0 MB/s, avg 4.0 MB/s",
+                 f"File /d/c.tar created; {size - offset} bytes at 3.8 MB/s"):
+        read(line)
+    assert [e.done_bytes for e in progress_events] == [offset + (size - offset) * 45 // 100, size]
+
+
 @pytest.mark.parametrize("cut", ["connection-dropped", "remote-killed", "ssh-killed"])
 def test_cut_transfer_keeps_its_partial_file_and_the_same_command_resumes_it(
         tmp_path: Path, package, cut: str) -> None:

@@ -210,7 +210,7 @@ _PROGRESS = re.compile(r"bbcp: \d{6} \d\d:\d\d:\d\d\s+(\d{1,3})% done; " + _RATE
 _FILE = re.compile(r"File (.+) created; (\d+) bytes at " + _RATE)
 _TOTAL = re.compile(r"(\d+) files? copied at effectively " + _RATE)
 _CHECKSUM = re.compile(r"Checksum: (\w+) ([0-9a-fA-F]+) (\[[^\]]+\]|[^:\s]+):(.+)")
-_STARTING = re.compile(r"bbcp: (?:Creating (.+)|Appending to (.+) at offset \d+)")
+_STARTING = re.compile(r"bbcp: (?:Creating (.+)|Appending to (.+) at offset (\d+))")
 
 
 def _rate(value: str, unit: str) -> float:
@@ -245,21 +245,25 @@ def parse_summary(stdout: str, stderr: str) -> Summary:
 
 class LiveProgress:
     """Reads bbcp's lines as they come into a ccat_dt.progress.Progress: the files done
-    (`File X created`, with -v) plus the current file's (`Creating X`) share from `-P` lines."""
+    (`File X created`, with -v) plus the current file's (`Creating X`) share from `-P` lines.
+    A resumed file (`Appending to X at offset N`) has its N bytes already, and bbcp's share
+    is then of the rest, not of the file."""
 
     def __init__(self, progress: live.Progress, sizes: dict[str, int]) -> None:
         self.progress, self.sizes = progress, sizes  # target file name -> size, where known
         self.current: str | None = next(iter(sizes)) if len(sizes) == 1 else None
+        self.kept = 0  # the current file's bytes there before this run
         self.finished = 0
 
     def __call__(self, line: str) -> None:
         line = line.strip()
         if starting := _STARTING.fullmatch(line):
             self.current = PurePosixPath(starting[1] or starting[2]).name
+            self.kept = int(starting[3] or 0)
         elif done := _FILE.fullmatch(line):
             name = PurePosixPath(done[1]).name
             self.finished += self.sizes.get(name, int(done[2]))
-            self.current = None
+            self.current, self.kept = None, 0
             self.progress.update(self.finished)
         elif (reached := parse_progress(line)) is not None:
             size = self.sizes.get(self.current or "")
@@ -267,7 +271,8 @@ class LiveProgress:
                 self.progress.update_percent(reached.percent,
                                              bytes_per_s=reached.rate_bytes_per_s)
             else:
-                self.progress.update(self.finished + size * reached.percent // 100,
+                rest = (size - self.kept) * reached.percent // 100
+                self.progress.update(self.finished + self.kept + rest,
                                      bytes_per_s=reached.rate_bytes_per_s)
 
 
