@@ -248,9 +248,9 @@ def stop_if_terminated(instance: DagsterInstance, run: DagsterRun) -> bool:
     Dagster tells only the run workers its launcher started, and a forced one none, so a
     `dagster asset materialize` (or a drive's run) went on. Interrupted, the run ends CANCELED
     and its work is re-attempted after the back-off. In a thread, again every STOP_EVERY_S
-    while the run is being terminated (the steps that copy stop at the first interrupt,
-    ccat_assets/interrupts.py; any other step is retried by its retry policy unless
-    interrupted again as it waits), for STOP_FOR_S at most.
+    while the run is being terminated, for STOP_FOR_S at most (one interrupt ends a run
+    whose steps execute in its process: no step is retried after it, ccat_assets/interrupts.py;
+    the others are a safeguard).
     True if the process is being stopped."""
     if run.status not in (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED) \
             or liveness(run).alive is not True:

@@ -1,20 +1,41 @@
 """An interrupted step stops: it is not retried within its run.
 
 Dagster re-executes a step interrupted under a retry policy (a preempted worker, in its view).
-Here an interrupt is an operator's Terminate (the UI's, or `drive` passing it on) or Ctrl-C:
-the step that copies, packs or unpacks fails once instead, so the run ends CANCELED (Dagster's
-verdict for a failed step of a run being terminated) without starting the transfer again, and
-its work is re-attempted after the back-off like any failed run's."""
+Here an interrupt is an operator's Terminate (the UI's, passed on by `drive` or a sensor) or
+Ctrl-C: the run ends, and its work is re-attempted after the back-off like any failed run's.
+
+- The step that copies, packs or unpacks fails once (stops_when_interrupted), so the run ends
+  CANCELED (Dagster's verdict for a failed step of a run being terminated) without starting
+  the transfer again.
+- A run force-terminated (CANCELED at once) would end FAILURE on a failed step, so there, and
+  in any other retried step (the purge), the interrupt becomes Dagster's retry request, which
+  NOT_RETRIED, a hook of each retried asset, turns back into the run's interrupt before the
+  retry starts: Dagster then leaves a CANCELED run CANCELED (a CANCELING one ends CANCELED,
+  any other FAILURE). Before, the retry ran after RETRY_DELAY_S unless a second interrupt came
+  first, and a force-terminated run ended SUCCESS, its step's work done again. Only where
+  steps execute in the run's process (the embedded default): under Celery the run stops at
+  its first interrupt and sends no retry."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from dagster import DagsterInstance, DagsterRunStatus, Failure
+from dagster import (
+    DagsterEvent,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    Failure,
+    HookContext,
+    HookDefinition,
+)
+from dagster._core.definitions.events import HookExecutionResult
 from dagster._core.errors import DagsterExecutionInterruptedError
 
 INTERRUPTED = "interrupted: the run was terminated or its process told to stop"
+TERMINATED = (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED)
+INTERRUPTS = ("DagsterExecutionInterruptedError", "KeyboardInterrupt")
 
 
 @contextmanager
@@ -24,6 +45,31 @@ def stops_when_interrupted(instance: DagsterInstance | None, run_id: str) -> Ite
     except (DagsterExecutionInterruptedError, KeyboardInterrupt) as exc:
         run = instance.get_run_by_id(run_id) if instance is not None else None
         if run is not None and run.status == DagsterRunStatus.CANCELED:
-            raise  # "Force termination" marked it: it stays CANCELED only if interrupted
+            raise  # "Force termination" marked it: a failed step would make it FAILURE;
+            # Dagster asks for a retry, and NOT_RETRIED ends the run instead, still CANCELED
         raise Failure(description=f"{INTERRUPTED}; not retried within the run",
                       allow_retries=False) from exc
+
+
+def _stop_instead_of_retrying(context: HookContext, event_list: Sequence[DagsterEvent]
+                              ) -> HookExecutionResult:
+    """After each attempt of the step: one that asks for a retry, interrupted or in a run an
+    operator terminated, ends the run instead (Dagster's handling of an interrupt that reaches
+    the run: CANCELING becomes CANCELED, CANCELED stays, any other run fails)."""
+    retries = [event.step_retry_data.error for event in event_list
+               if event.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+    if not retries:
+        return HookExecutionResult(context.hook_def.name, is_skipped=True)
+    if any(error is not None and error.cause is not None and error.cause.cls_name in INTERRUPTS
+           for error in retries) or _terminated(context.instance, context.run_id):
+        raise DagsterExecutionInterruptedError(f"{INTERRUPTED}; the step is not retried")
+    return HookExecutionResult(context.hook_def.name, is_skipped=False)
+
+
+def _terminated(instance: DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is not None and run.status in TERMINATED
+
+
+NOT_RETRIED = HookDefinition(name="not_retried_when_interrupted",
+                             hook_fn=_stop_instead_of_retrying)

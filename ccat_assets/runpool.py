@@ -115,8 +115,8 @@ class RunPool:
         launcher would its run worker: the UI's Terminate on a run the drive executes marks it
         CANCELING and sends nothing (no launcher launched it), so the run would go on. The
         interrupted run ends CANCELED and its work is re-attempted after the back-off, like
-        a failed run's. Again at each call while the child runs (an interrupted step with a
-        retry policy is re-attempted unless interrupted again). Returns their run ids."""
+        a failed run's, with its step not retried (ccat_assets/interrupts.py). Again at each
+        call while the child runs, a safeguard. Returns their run ids."""
         by_run = {child.queued.run.run_id: child for child in self.children.values()}
         if not by_run:
             return []
@@ -134,10 +134,10 @@ class RunPool:
         """SIGTERM every child (SIGKILL after TERMINATE_GRACE_S) and wait for them; runs still
         queued are marked failed (never started).
 
-        SIGTERM again every RESIGNAL_S: Dagster turns an interrupted step that has a retry
-        policy into a re-attempt a few seconds later, and only a signal that comes while it
-        waits for that ends the run (a SIGKILL would leave the step's rsync or bbcp running,
-        in its own process group)."""
+        SIGTERM again every RESIGNAL_S, a safeguard: one interrupt ends the run, its step not
+        retried (ccat_assets/interrupts.py; before, Dagster's retry policy re-ran the step a
+        few seconds later unless another signal came first). Not SIGKILL at once: it would
+        leave the step's rsync or bbcp running, in its own process group."""
         deadline = time.monotonic() + TERMINATE_GRACE_S
         finished: list[Finished] = []
         while self.children:

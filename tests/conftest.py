@@ -23,8 +23,8 @@ from tests.helpers import new_opsdb, scratch_instance
 def short_retry_delay(monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps retried in their run after 0.2 s, 0.4 s, not 2 s, 4 s, in this process and the
     drive's forked children (the faults tested outlast the retries). Processes a test starts
-    (`ccat-dt`, daemons, Celery workers) keep the real delay, as "Force termination" needs it
-    (ccat_assets/stages/common.py)."""
+    (`ccat-dt`, daemons, Celery workers) keep the real delay unless the test sets it there
+    (tests/test_stuck_runs.py: a "Force termination" under short delays)."""
     monkeypatch.setattr("ccat_assets.stages.common.RETRY_DELAY_S", 0.2)
 
 

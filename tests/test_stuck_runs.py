@@ -83,9 +83,11 @@ warnings.filterwarnings("ignore", category=BetaWarning)
 HOLDS = {  # where a child waits to be killed, half of its step done
     "mid-tar": ("ccat_dt.tarball", "_TarWriter.add_file", "after"),  # one member written
     "mid-write": ("ccat_dt.transports.local", "os.fsync", "before"),  # bytes not yet synced
+    "mid-purge": ("ccat_dt.reaper", "_unlink_local", "after"),  # one copy deleted
     "none": ("", "", ""),
 }
 START_S = 60.0  # a child's `dagster` loads the code location first: seconds on a loaded VM
+DELAY_ENV = "CCAT_DT_TEST_RETRY_DELAY_S"  # a child's in-run retry delay (RETRY_DELAY_S)
 
 
 @pytest.fixture
@@ -102,22 +104,27 @@ def opsdb(config: Config) -> Iterator[OpsDB]:
 
 
 def dagster_child(config: Config, instance: DagsterInstance, hold: str, marker: Path,
-                  *argv: str) -> subprocess.Popen[str]:
+                  *argv: str, retry_delay_s: float | None = None) -> subprocess.Popen[str]:
     """`dagster ARGV` in a child process against the test's instance (as an operator runs it,
-    $DAGSTER_HOME and $CCAT_DT_CONFIG set), stopping at `hold` (HOLDS) until killed."""
+    $DAGSTER_HOME and $CCAT_DT_CONFIG set), stopping at `hold` (HOLDS) until killed; its steps
+    retried after `retry_delay_s` (default: the real RETRY_DELAY_S)."""
     path = os.environ.get("PYTHONPATH", "")
     env = {**os.environ, "DAGSTER_HOME": instance.root_directory,
            "CCAT_DT_CONFIG": str(config.path),
            "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+    if retry_delay_s is not None:
+        env[DELAY_ENV] = str(retry_delay_s)
     return subprocess.Popen([sys.executable, "-m", "tests.test_stuck_runs", hold, str(marker),
                              *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def materialize(config: Config, instance: DagsterInstance, asset: str, partition: str,
-                hold: str, marker: Path) -> subprocess.Popen[str]:
+                hold: str, marker: Path, retry_delay_s: float | None = None
+                ) -> subprocess.Popen[str]:
     return dagster_child(config, instance, hold, marker, "asset", "materialize", "-m",
-                         "ccat_assets.definitions", "--select", asset, "--partition", partition)
+                         "ccat_assets.definitions", "--select", asset, "--partition", partition,
+                         retry_delay_s=retry_delay_s)
 
 
 @contextmanager
@@ -400,22 +407,34 @@ def test_a_process_is_told_from_any_other_with_its_pid(
     assert judged(machine="-", boot="another-boot").alive is None  # restart or other machine
 
 
-@pytest.mark.parametrize("force", [False, True])
+STEPS = {"mid-tar": ("packages", "package"), "mid-purge": ("purge_status", "purge")}
+
+
+@pytest.mark.parametrize(("hold", "force", "retry_delay_s"), [
+    ("mid-tar", False, 0.2), ("mid-tar", True, 0.2), ("mid-tar", True, 0.05),
+    ("mid-purge", False, 0.05), ("mid-purge", True, 0.05)])
 def test_terminate_in_the_ui_stops_a_run_drive_executes_and_its_work_is_done_later(
-        config: Config, opsdb: OpsDB, tmp_path: Path, force: bool) -> None:
+        config: Config, opsdb: OpsDB, tmp_path: Path, hold: str, force: bool,
+        retry_delay_s: float) -> None:
     """The UI's Terminate on a run `ccat-dt drive` executes: Dagster marks it CANCELING and
     has no process to tell (no launcher launched it), so the run went on. Now the drive
     interrupts it: the run ends CANCELED at once, its line says so, nothing half-made is left
     on the storage, and the work is re-attempted after the back-off without a person. With
     "Force termination" the run is marked CANCELED at once; its process is stopped too (it
-    went on, its work no longer counted as in flight)."""
+    went on, its work no longer counted as in flight). The interrupted step (a packaging
+    half way through its tar, a purge after its first deletion) is not started again within
+    the run, whatever the in-run retry delay: before, Dagster's retry policy re-ran it after
+    RETRY_DELAY_S unless the drive's next interrupt came first, and the run ended SUCCESS
+    (a force-terminated packaging, its tar built all the same; a terminated purge)."""
+    step, label = STEPS[hold]
     raw = observed(config, opsdb)
     home = write_instance_yaml(config, tmp_path / "dagster_home").parent
     with DagsterInstance.from_config(str(home)) as instance:
         plan(config, opsdb, instance)
         marker = tmp_path / "held"
-        child = dagster_child(config, instance, "mid-tar", marker,
-                              "ccat-dt", "--config", str(config.path), "drive", "--wait", "60")
+        child = dagster_child(config, instance, hold, marker,
+                              "ccat-dt", "--config", str(config.path), "drive", "--wait", "60",
+                              retry_delay_s=retry_delay_s)
         try:
             wait_for(marker, child, timeout=START_S)
             [run] = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
@@ -435,8 +454,13 @@ def test_terminate_in_the_ui_stops_a_run_drive_executes_and_its_work_is_done_lat
                 kill(child)
 
         assert child.returncode == 1, stderr[-3000:]  # a run did not succeed: said, exit 1
-        assert "FAILED package" in stdout and "canceled by an operator" in stdout, stdout
-        assert "ok     package   obs-0_" in stdout, stdout  # the re-attempt's run
+        assert f"FAILED {label}" in stdout and "canceled by an operator" in stdout, stdout
+        assert status(instance, run) == DagsterRunStatus.CANCELED
+        redone = [(r.step_key, r.dagster_event_type) for r in instance.all_logs(
+            run.run_id, of_type={DagsterEventType.STEP_RESTARTED, DagsterEventType.STEP_SUCCESS})
+            if r.step_key == step]  # (raw_files, an observation, succeeded before)
+        assert redone == []
+        assert f"ok     {label:<9} obs-0_" in stdout, stdout  # the re-attempt's run
         archived_from_the_storage(config, raw)
         for site in ("ccat", "cologne", "us"):  # nothing half-written left behind either
             root = config.resolve_root(f"sites/{site}/buffer")
@@ -485,14 +509,18 @@ def terminate_in_the_ui(instance: DagsterInstance, run: DagsterRun, policy: str)
     assert answer.data["terminateRun"]["__typename"] == "TerminateRunSuccess", answer.data
 
 
+@pytest.mark.parametrize("retry_delay_s", [None, 0.05])
 def test_force_termination_in_the_ui_stops_a_dagster_cli_transfer_at_the_next_sensor_tick(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path,
+        retry_delay_s: float | None) -> None:
     """"Force termination" of an operator's `dagster asset materialize` mid-transfer: the UI
     marks the run CANCELED at once and tells no process (no launcher started it). Before, the
     process went on to the end (a transfer of hours) against the operator's request, its work
     no longer counted as in flight, its claim making the re-attempt wait for it. Now the next
     look of any sensor at the runs interrupts it, as a Terminate's: the run stays CANCELED,
-    its temporary file is removed and its claim ended, and a drive does the work."""
+    its temporary file is removed and its claim ended, and a drive does the work. The step is
+    not started again in the run, with the real retry delay or a short one (before, a retry
+    due sooner than the sensor's next interrupt copied it all and the run ended SUCCESS)."""
     raw = observed(config, opsdb)
     package = plan(config, opsdb, instance)
     job = build_definitions(config).resolve_implicit_global_asset_job_def()
@@ -501,7 +529,7 @@ def test_force_termination_in_the_ui_stops_a_dagster_cli_transfer_at_the_next_se
     site = primary_site(opsdb, package)
     marker = tmp_path / "held"
     child = materialize(config, instance, "site_copies", str(package_site_key(package, site)),
-                        "mid-write", marker)
+                        "mid-write", marker, retry_delay_s)
     try:
         wait_for(marker, child, timeout=START_S)
         run = the_run(instance, child.pid)
@@ -518,6 +546,7 @@ def test_force_termination_in_the_ui_stops_a_dagster_cli_transfer_at_the_next_se
         if child.poll() is None:
             kill(child)
     assert status(instance, run) == DagsterRunStatus.CANCELED
+    assert not instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_RESTARTED)
     assert [p.name for p in buffer.rglob("*") if p.is_file()] == [MARKER]
     with opsdb.session() as session:  # its claim on the transfer ended with it
         assert session.scalars(select(Operation).where(
@@ -738,6 +767,10 @@ def _hold_and_run_dagster(argv: list[str]) -> int:
     from tests.faults.child import wait_to_be_killed, wrap
 
     hold, marker, *rest = argv
+    if DELAY_ENV in os.environ:  # as conftest.short_retry_delay, in this process and its forks
+        from ccat_assets.stages import common
+
+        common.RETRY_DELAY_S = float(os.environ[DELAY_ENV])
     module_name, attribute, when = HOLDS[hold]
     if module_name:
         owner = __import__(module_name, fromlist=["_"])

@@ -1,8 +1,11 @@
 """What the stage modules share: how a step fails (retried, or once with its cause as the
 headline) and how a copy stage plans its placement and reports its copy's verification."""
 
+from typing import Any
+
 from dagster import AssetCheckResult, AssetCheckSeverity, Backoff, Failure, RetryPolicy
 
+from ccat_assets.interrupts import NOT_RETRIED
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.references import Placement
@@ -11,14 +14,17 @@ from resources.deployment import Deployment
 
 GROUP = "lifecycle"
 # A failed step is retried in its run after this, doubling (2 s, 4 s): a link that drops for
-# seconds is ridden out. Not shorter: a "Force termination" that interrupts a step needs the
-# delay to stop its process before the retry would start (tests shorten it in-process).
+# seconds is ridden out (tests shorten it in-process).
 RETRY_DELAY_S = 2.0
 
 
-def transient_retries(config: Config) -> RetryPolicy:
-    return RetryPolicy(max_retries=config.settings.policies.max_attempts - 1,
-                       delay=RETRY_DELAY_S, backoff=Backoff.EXPONENTIAL)
+def transient_retries(config: Config) -> dict[str, Any]:
+    """The @asset arguments of a step retried in its run: its retry policy, and, where its
+    steps execute in the run's process (the embedded default), no retry once the run was
+    interrupted or terminated (interrupts.NOT_RETRIED)."""
+    return {"retry_policy": RetryPolicy(max_retries=config.settings.policies.max_attempts - 1,
+                                        delay=RETRY_DELAY_S, backoff=Backoff.EXPONENTIAL),
+            "hooks": {NOT_RETRIED} if config.celery_broker is None else set()}
 
 
 def permanent(exc: BaseException) -> Failure:

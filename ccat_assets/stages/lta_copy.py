@@ -29,7 +29,7 @@ job = define_asset_job("lta_copy_job", AssetSelection.assets(*ASSETS))
 def assets(config: Config) -> list[AssetsDefinition]:
     @asset(partitions_def=package_site_partitions(config), group_name=GROUP, kinds={"archive"},
            deps=[AssetDep("site_copies")], io_manager_key="lta_io_manager",
-           retry_policy=transient_retries(config))
+           **transient_retries(config))
     def lta_copies(context: AssetExecutionContext, deployment: Deployment) -> Placement:
         """The package archived in the site's long-term archive, from its buffer copy (or,
         that purged or bad, from the nearest verified LTA copy elsewhere)."""

@@ -41,7 +41,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
                                            "locations": ", ".join(filed.locations)})
 
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"tar"},
-           deps=[raw_files], retry_policy=transient_retries(config))
+           deps=[raw_files], **transient_retries(config))
     def packages(context: AssetExecutionContext, deployment: Deployment) -> MaterializeResult:
         """Tar + manifest of the raw files, built in one read pass at the observatory buffer
         (once: a package built before reports its verified copies instead)."""

@@ -43,7 +43,7 @@ class PurgeCycle(dagster.Config):
 def assets(config: Config) -> list[AssetsDefinition]:
     @asset(partitions_def=package_partitions, group_name=GROUP, kinds={"opsdb"},
            deps=[AssetDep("lta_copies", partition_mapping=by_package)],
-           retry_policy=transient_retries(config))
+           **transient_retries(config))
     def purge_status(context: AssetExecutionContext, deployment: Deployment,
                      config: PurgeCycle) -> MaterializeResult:
         """Source files and buffer copies deleted where the retention policy allows, each

@@ -32,7 +32,7 @@ with_archive = define_asset_job("site_copy_archive_job",
 def assets(config: Config) -> list[AssetsDefinition]:
     @asset(partitions_def=package_site_partitions(config), group_name=GROUP,
            kinds={"transfer"}, deps=[AssetDep("packages", partition_mapping=by_package)],
-           io_manager_key="site_copy_io_manager", retry_policy=transient_retries(config))
+           io_manager_key="site_copy_io_manager", **transient_retries(config))
     def site_copies(context: AssetExecutionContext, deployment: Deployment) -> Placement:
         """The package in the site's buffer: out of the observatory once, then archive to
         archive; the IO manager moves and verifies it."""

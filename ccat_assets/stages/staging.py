@@ -33,7 +33,7 @@ job = define_asset_job(STAGING_JOB, AssetSelection.assets(*ASSETS))
 def assets(config: Config) -> list[AssetsDefinition]:
     @asset(partitions_def=staging_partitions, group_name="staging", kinds={"processing"},
            deps=[AssetDep("lta_copies", partition_mapping=AllPartitionMapping())],
-           retry_policy=transient_retries(config))
+           **transient_retries(config))
     def staged_copies(context: AssetExecutionContext, deployment: Deployment) -> MaterializeResult:
         """The request's packages unpacked at its processing location from the nearest
         verified LTA copy, every file checked against the manifest."""
