@@ -326,6 +326,19 @@ def finished_packages(session: Session, archived_before: datetime, among: Collec
     return finished
 
 
+def unknown_names(session: Session, among: Collection[str],
+                  kind: type[RawDataPackage] | type[StagingRequest] = RawDataPackage) -> list[str]:
+    """Those of `among` (live Dagster partitions) naming no package (or staging request) in
+    OpsDB: added by hand in the UI, or left over by an OpsDB restored from an older backup.
+    A partition never precedes its row: the sensors add it after OpsDB committed the row."""
+    names = sorted(set(among))
+    known: set[str] = set()
+    for start in range(0, len(names), PAGE):
+        known.update(session.scalars(select(kind.name).where(
+            kind.name.in_(names[start:start + PAGE]))))
+    return [name for name in names if name not in known]
+
+
 @dataclass(frozen=True)
 class Quarantine:
     """A copy found bad (by a check, the scrub, the audit or a deletion-time re-check) that is

@@ -3,6 +3,7 @@ partitions after the configured age, and OpsDB still answers for them."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,7 +23,11 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import utcnow
 from ccat_dt.topology import prepare_opsdb
 from sensors import retire
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere
+from tests.faults.pipeline import observe as observe_one
 from tests.helpers import observe
+from tests.test_dry_runs import LOCATION, the_ui
 
 
 def deployment_retiring_at_once(tmp_path: Path) -> tuple[Config, OpsDB]:
@@ -171,3 +176,35 @@ def test_a_run_launched_by_hand_for_a_retired_partition_brings_it_back(
     failure = _launched_by_hand(instance, asset, key.replace(name, "obs-9_unknown_p00"))
     assert "unknown package 'obs-9_unknown_p00'" in failure, failure
     assert instance.get_dynamic_partitions("packages") == [name]
+
+
+ADD_PARTITION = """mutation($r: RepositorySelector!, $n: String!, $k: String!) {
+  addDynamicPartition(repositorySelector: $r, partitionsDefName: $n, partitionKey: $k) {
+    __typename } }"""
+
+
+def test_a_partition_added_by_hand_for_no_package_is_retired_saying_so(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The UI's "Add partition" on `packages` and on `staging_requests` with names OpsDB has
+    no package or staging request of (a typo). Before, they stayed in the UI for ever as a
+    package and a request never materialized (and "Materialize all missing" failed a run for
+    each). Now the retire sensor retires them and says so; no run is launched for them, and
+    the real package is archived and purged as ever."""
+    observe_one(config, opsdb, files=1, size=20_000)
+    with the_ui(instance, config.path, monkeypatch) as ui:
+        for dimension, key in (("packages", "obs-9_typo_p00"), ("staging_requests", "typo")):
+            answer = ui(ADD_PARTITION, r=LOCATION, n=dimension, k=key)["addDynamicPartition"]
+            assert answer["__typename"] == "AddDynamicPartitionSuccess", answer
+
+    with caplog.at_level(logging.WARNING, logger="ccat_assets.ticks.retire_partitions_sensor"):
+        report = drive(build_definitions(config), instance, wait_s=10)
+
+    assert report.failed == [] and not [key for key in report.launched if "typo" in key]
+    assert instance.get_dynamic_partitions("packages") == ["obs-0_primecam-f280_p00"]
+    assert instance.get_dynamic_partitions("staging_requests") == []
+    assert "1 partition(s) naming no package in OpsDB retired (added by hand in the UI, or " \
+           "OpsDB restored from an older backup): obs-9_typo_p00" in caplog.text
+    assert "naming no staging request in OpsDB retired" in caplog.text
+    archived_everywhere(config, opsdb)  # in OpsDB, and on the disks:
+    assert_safe(config, opsdb)
