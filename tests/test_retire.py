@@ -208,3 +208,57 @@ def test_a_partition_added_by_hand_for_no_package_is_retired_saying_so(
     assert "naming no staging request in OpsDB retired" in caplog.text
     archived_everywhere(config, opsdb)  # in OpsDB, and on the disks:
     assert_safe(config, opsdb)
+
+
+DELETE_PARTITIONS = """mutation($r: RepositorySelector!, $n: String!, $k: [String!]!, $w: Boolean) {
+  deleteDynamicPartitions(repositorySelector: $r, partitionsDefName: $n, partitionKeys: $k,
+                          wipeMaterializations: $w) {
+    __typename ... on UnsupportedOperationError { message } } }"""
+SENSOR_ID = """query($s: SensorSelector!) {
+  sensorOrError(sensorSelector: $s) { ... on Sensor { id } } }"""
+STOP_SENSOR = """mutation($id: String!) { stopSensor(id: $id) { __typename } }"""
+START_SENSOR = """mutation($s: SensorSelector!) {
+  startSensor(sensorSelector: $s) { __typename } }"""
+
+
+def test_a_partition_deleted_in_the_ui_before_its_purge_comes_back_with_the_purge(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Delete partition" in the UI of a package archived at both sites whose sources wait
+    for the purge (its sensor stopped): with "wipe materializations" it is refused, saying so,
+    and nothing changes; without, the partition goes, `why` still says the purge is due, and
+    once the purge sensor runs again the sources are purged as ever and the partition is back
+    with its history (the purge sensor asks for the partition with its run)."""
+    observe_one(config, opsdb, files=1, size=20_000)
+    name = "obs-0_primecam-f280_p00"
+    source = sorted(config.resolve_root("sites/ccat/instruments").rglob("*.dat"))
+    purge = {**LOCATION, "sensorName": "purge_sensor"}
+    with the_ui(instance, config.path, monkeypatch) as ui:
+        sensor = ui(SENSOR_ID, s=purge)["sensorOrError"]["id"]
+        assert ui(STOP_SENSOR, id=sensor)["stopSensor"]["__typename"] == \
+            "StopSensorMutationResult"
+        assert drive(build_definitions(config), instance).failed == []
+        assert all(path.exists() for path in source)  # archived, kept: the purge is held
+
+        refused = ui(DELETE_PARTITIONS, r=LOCATION, n="packages", k=[name], w=True)
+        assert "The partitions were not deleted" in \
+            refused["deleteDynamicPartitions"]["message"], refused
+        assert instance.get_dynamic_partitions("packages") == [name]
+        deleted = ui(DELETE_PARTITIONS, r=LOCATION, n="packages", k=[name], w=False)
+        assert deleted["deleteDynamicPartitions"]["__typename"] == \
+            "DeleteDynamicPartitionsSuccess"
+        assert instance.get_dynamic_partitions("packages") == []
+        with opsdb.session() as session:
+            [purged] = [s for s in diagnose(session, config, name, utcnow()) if s.stage == "purge"]
+        assert purged.state == "waiting", purged
+
+        assert ui(START_SENSOR, s=purge)["startSensor"]["__typename"] == "Sensor"
+        report = drive(build_definitions(config), instance)
+
+    assert report.failed == [] and [key for key in report.launched if key.startswith("purge:")]
+    assert not any(path.exists() for path in source)  # on the disk
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+    assert instance.get_dynamic_partitions("packages") == [name]
+    for asset in ("packages", "site_copies", "lta_copies", "purge_status"):
+        assert instance.get_materialized_partitions(AssetKey(asset)), asset
