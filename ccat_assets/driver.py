@@ -308,11 +308,37 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_
         config = _config_of(defs)
         route = ((lambda run: reroute(instance, config, run)) if config is not None
                  else (lambda run: run))
-        pool = RunPool(instance, workers, tag_limits, route) if workers > 1 else None
+        pool = (RunPool(instance, workers, tag_limits, route,
+                        lambda run: claim(instance, run)) if workers > 1 else None)
         with _terminating(pool, log, DriveReport()) as report:
             return _drive(defs, instance, report, pool, max_rounds=max_rounds,
                           schedules=schedules, due_schedules=due_schedules, log=log,
                           wait_s=wait_s)
+
+
+def claim(instance: DagsterInstance, run: DagsterRun) -> DagsterRun | None:
+    """A queued run made this drive's as it starts: tagged (close_dead_runs closes it if the
+    drive dies) and STARTING, as the daemon's launch does. None if it is QUEUED no more
+    (terminated, deleted, dequeued by a daemon), if a Dagster daemon's queue runs now (the
+    run is left to it), or if an operator's cancel came as it was claimed (its event in the
+    run's log: Dagster's cancel of a QUEUED run and this claim each read the status, then
+    write theirs): then it is marked CANCELED, not executed. Drives on one deployment claim
+    one at a time (drive_lock)."""
+    now = instance.get_run_by_id(run.run_id)
+    if now is None or now.status != DagsterRunStatus.QUEUED or live_daemon(instance):
+        return None
+    instance.add_run_tags(run.run_id, {DRIVE_TAG: _me()})
+    instance.report_engine_event(
+        f"no Dagster daemon dequeues runs: ccat-dt drive {_me()} executes it", now)
+    instance.report_dagster_event(DagsterEvent(
+        event_type_value=DagsterEventType.RUN_STARTING.value, job_name=run.job_name),
+        run_id=run.run_id)
+    started = instance.get_run_by_id(run.run_id)
+    if started is not None and instance.all_logs(run.run_id, of_type={
+            DagsterEventType.RUN_CANCELING, DagsterEventType.RUN_CANCELED}):
+        instance.report_run_canceled(started, message="canceled as the drive started it")
+        return None
+    return started
 
 
 class _Signals:
@@ -834,7 +860,10 @@ class _Runs:
                 self.log(f"{len(queued)} queued run(s) left to the Dagster daemon (its "
                          f"heartbeat {age:.0f} s ago)")
             return
+        held = {waiting.run.run_id for waiting in self.pool.queue} if self.pool else set()
         for run in queued:
+            if run.run_id in held:
+                continue  # adopted before, waiting in the pool for its link
             if self.repository.has_job(run.job_name):
                 self.adopt(run)
             elif run.run_id not in self.told:
@@ -843,38 +872,45 @@ class _Runs:
                          f"and job {run.job_name} is not ccat-dt's; left queued")
 
     def adopt(self, run: DagsterRun) -> None:
-        """A queued run made this drive's (its tag: close_dead_runs closes it if the drive
-        dies) and STARTING, as the daemon's launch does, then executed like the drive's own."""
+        """A queued run executed like the drive's own: in the pool it waits QUEUED for its
+        link, claimed (`claim`) only as it starts, so that until then the UI's Terminate and a
+        backfill's Cancel stop it as they stop any queued run. Before, it was marked STARTING
+        at once, which Dagster cancels in neither way: it was executed all the same."""
         instance, key = self.instance, _label(run)
-        now = instance.get_run_by_id(run.run_id)
-        if now is None or now.status != DagsterRunStatus.QUEUED:
-            return  # canceled, or dequeued by a daemon that just started
         job = self.repository.get_job(run.job_name)
-        instance.add_run_tags(run.run_id, {DRIVE_TAG: _me()})
-        instance.report_engine_event(
-            f"no Dagster daemon dequeues runs: ccat-dt drive {_me()} executes it", run)
-        instance.report_dagster_event(DagsterEvent(
-            event_type_value=DagsterEventType.RUN_STARTING.value, job_name=run.job_name),
-            run_id=run.run_id)
-        started = instance.get_run_by_id(run.run_id)
-        assert started is not None
-        if self.config is not None:  # routed when it was submitted: its link may have changed
-            started = reroute(instance, self.config, started)
         runnable: IJob = (InMemoryJob(job) if job.executor_def.name == "in_process"
                           else _reconstructable(job))
+        if self.pool is not None:
+            self.log(f"QUEUED {key} (run {run.run_id}): no Dagster daemon runs; executed here")
+            self.report.launched.append(key)
+            self.report.adopted.append(key)
+            self.pool.submit(Queued(key, run, runnable, adopted=True))
+            return
+        started = claim(instance, run)
+        if started is None:
+            return  # canceled, or dequeued by a daemon that just started
+        if self.config is not None:  # routed when it was submitted: its link may have changed
+            started = reroute(instance, self.config, started)
         self.log(f"QUEUED {key} (run {run.run_id}): no Dagster daemon runs; executed here")
         self.report.launched.append(key)
         self.report.adopted.append(key)
-        if self.pool is None:
-            self._execute_here(key, runnable, started)
-        else:
-            self.pool.submit(Queued(key, started, runnable))
+        self._execute_here(key, runnable, started)
 
 
 def _finished(report: DriveReport, log: Callable[[str], None], done: Finished) -> None:
     if done.deleted:  # an operator's Delete in the UI: not a failure of its work
         log(f"DELETED {done.key} (run {done.run_id}): deleted in the Dagster UI; work still "
             "due is asked for again by the re-attempt sensor's sweep for unattended work")
+        return
+    if done.canceled:  # an operator's Terminate, a backfill's Cancel, before it started:
+        # nothing was done, not a failure of its work
+        log(f"CANCELED {done.key} (run {done.run_id}): terminated in the Dagster UI (or its "
+            "backfill canceled) before it started; not executed; work still due is "
+            "re-attempted after the back-off")
+        return
+    if done.taken:
+        log(f"TAKEN  {done.key} (run {done.run_id}): {done.taken} meanwhile, not by this "
+            "drive (a Dagster daemon's queue runs now); not executed here")
         return
     log(f"{'ok    ' if done.ok else 'FAILED'} {done.key}")
     if not done.ok:

@@ -7,7 +7,11 @@ Fork, not spawn: a child starts in milliseconds with everything the drive import
 test's monkeypatches). The drive creates each run in the instance before it waits here, so the
 run-key dedupe, the sensors' in-flight checks and close_dead_runs see it at once. A child that
 dies (kill -9, a segfault) leaves its run in flight; the pool marks it failed when it sees the
-child's exit, so that the re-attempt sensor takes it. A drive killed with SIGKILL leaves its
+child's exit, so that the re-attempt sensor takes it. A run others queued (the UI, a backfill)
+that the drive executes stays QUEUED while it waits here, made the drive's (STARTING) only as
+it starts: Dagster cancels a QUEUED run (Terminate, a backfill's Cancel), not a STARTING one.
+Whatever waits here is looked at again as it starts: a run terminated, deleted or dequeued by
+another meanwhile is not executed. A drive killed with SIGKILL leaves its
 children to finish their runs: they hold the drive lock (its file descriptor is inherited), so
 the next drive starts after them and closes whatever they left in flight."""
 
@@ -55,8 +59,10 @@ def run_limits(instance: DagsterInstance) -> tuple[int, list[Mapping[str, Any]]]
 @dataclass(frozen=True)
 class Queued:
     key: str  # what the drive reports the run as (its run key, or its job's name)
-    run: DagsterRun  # created in the instance, NOT_STARTED
+    run: DagsterRun  # created in the instance, NOT_STARTED; or QUEUED, if `adopted`
     job: IJob  # what execute_run executes: the in-memory job, or the reconstructable one
+    adopted: bool = False  # a run others queued (the UI, a backfill): left QUEUED until it
+    # starts, so that Dagster's Terminate and a backfill's cancel still stop it meanwhile
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,10 @@ class Finished:
     ok: bool
     run_id: str = ""
     deleted: bool = False  # the run was deleted (the UI's Delete): not executed, if queued
+    canceled: bool = False  # terminated while queued (the UI's Terminate, a backfill's
+    # Cancel): not executed
+    taken: str = ""  # the status of a queued run another took meanwhile (a Dagster daemon):
+    # not executed
 
 
 @dataclass(frozen=True)
@@ -78,13 +88,17 @@ class RunPool:
 
     def __init__(self, instance: DagsterInstance, workers: int,
                  tag_limits: Sequence[Mapping[str, Any]],
-                 route: Callable[[DagsterRun], DagsterRun] = lambda run: run) -> None:
-        """`route`: a run's tags made current as it is about to start (routing.reroute)."""
+                 route: Callable[[DagsterRun], DagsterRun] = lambda run: run,
+                 claim: Callable[[DagsterRun], DagsterRun | None] = lambda run: run) -> None:
+        """`route`: a run's tags made current as it is about to start (routing.reroute).
+        `claim`: an adopted run made the drive's as it starts (STARTING), or None if it is
+        queued no more."""
         self.instance, self.workers, self.tag_limits = instance, workers, list(tag_limits)
-        self.route = route
+        self.route, self.claim = route, claim
         self.queue: deque[Queued] = deque()
         self.children: dict[int, _Child] = {}  # by the read end of a pipe only it writes to
-        self.dropped: list[Finished] = []  # queued runs deleted meanwhile, not yet reported
+        self.dropped: list[Finished] = []  # queued runs not executed (drop_stopped), not yet
+        # reported
 
     @property
     def busy(self) -> bool:
@@ -97,7 +111,8 @@ class RunPool:
     def wait(self, timeout: float | None = None) -> list[Finished]:
         """Block until a child exits (or `timeout` passed); the runs that ended. Queued runs
         the limits now allow are started. Meanwhile a run an operator terminated (the UI's
-        Terminate: the run CANCELING) is interrupted (cancel_terminated)."""
+        Terminate: the run CANCELING) is interrupted (cancel_terminated), and one terminated
+        or deleted while it waits is dropped (drop_stopped)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -106,6 +121,9 @@ class RunPool:
             if finished or not self.children or (left is not None and left <= CANCEL_POLL_S):
                 break
             self.cancel_terminated()
+            self.drop_stopped()
+            if self.dropped:
+                break
         self._start_ready()
         finished, self.dropped = finished + self.dropped, []
         return finished
@@ -130,9 +148,26 @@ class RunPool:
                 os.kill(by_run[run.run_id].pid, signal.SIGTERM)
         return [run.run_id for run in canceling]
 
+    def drop_stopped(self) -> None:
+        """Drop each queued run an operator stopped while it waited (terminated, deleted) or
+        that another dequeued (a Dagster daemon started meanwhile): reported at once (the
+        drive's line), not when its link is free; the check as it starts is the guarantee."""
+        if not self.queue:
+            return
+        try:
+            runs = {run.run_id: run for run in self.instance.get_runs(RunsFilter(
+                run_ids=[queued.run.run_id for queued in self.queue]))}
+        except Exception:  # noqa: BLE001 - the run storage busy: looked at again next time
+            return
+        for queued in list(self.queue):
+            if (why := self._stopped(queued, runs.get(queued.run.run_id))) is not None:
+                self.queue.remove(queued)
+                self.dropped.append(why)
+
     def terminate(self) -> list[Finished]:
         """SIGTERM every child (SIGKILL after TERMINATE_GRACE_S) and wait for them; runs still
-        queued are marked failed (never started).
+        queued are marked failed (never started), but for those adopted from Dagster's queue:
+        left QUEUED, never this drive's, for the next drive or the daemon.
 
         SIGTERM again every RESIGNAL_S, a safeguard: one interrupt ends the run, its step not
         retried (ccat_assets/interrupts.py; before, Dagster's retry policy re-ran the step a
@@ -148,8 +183,9 @@ class RunPool:
             finished += self._reap(min(max(left, 0.1), RESIGNAL_S))
         while self.queue:
             queued = self.queue.popleft()
-            self._fail(queued.run, "the drive was stopped before the run started")
-            finished.append(Finished(queued.key, ok=False, run_id=queued.run.run_id))
+            if not queued.adopted:
+                self._fail(queued.run, "the drive was stopped before the run started")
+                finished.append(Finished(queued.key, ok=False, run_id=queued.run.run_id))
         return finished
 
     def _start_ready(self) -> None:
@@ -167,16 +203,19 @@ class RunPool:
             queued = self.queue[index]
             if not counter.is_blocked(queued.run):
                 routed = self._routed(queued)
-                if routed is None:
+                if isinstance(routed, Finished):
                     del self.queue[index]
-                    self.dropped.append(Finished(queued.key, ok=False,
-                                                 run_id=queued.run.run_id, deleted=True))
+                    self.dropped.append(routed)
                     continue
                 queued = self.queue[index] = routed
                 if not counter.is_blocked(queued.run):
                     del self.queue[index]
-                    self._start(queued)
-                    counter.update_counters_with_launched_item(queued.run)
+                    claimed = self._claimed(queued)
+                    if isinstance(claimed, Finished):
+                        self.dropped.append(claimed)
+                        continue
+                    self._start(claimed)
+                    counter.update_counters_with_launched_item(claimed.run)
                     continue
             index += 1
         if self.queue and not self.children:  # a tag limit of 0: never startable
@@ -184,17 +223,52 @@ class RunPool:
                 self._fail(queued.run, "a tag concurrency limit of 0 in dagster.yaml blocks it")
             self.queue.clear()
 
-    def _routed(self, queued: Queued) -> Queued | None:
-        """The queued run about to start, routed again; None if it was deleted while it
-        waited (the UI's Delete on a run "not started"): it is not executed, as the daemon
-        executes no deleted run. Before, routing it raised DagsterRunNotFoundError, which
-        stopped the drive and interrupted every run it was executing."""
+    def _routed(self, queued: Queued) -> Queued | Finished:
+        """The queued run about to start as it is now, routed again; or, not to be executed,
+        why (_stopped). Before, a run deleted while it waited (the UI's Delete on a run "not
+        started") raised DagsterRunNotFoundError as it was routed, which stopped the drive
+        and interrupted every run it was executing."""
         try:
-            if self.instance.get_run_by_id(queued.run.run_id) is None:
-                return None
-            return replace(queued, run=self.route(queued.run))
+            run = self.instance.get_run_by_id(queued.run.run_id)
+            if (why := self._stopped(queued, run)) is not None:
+                return why
+            assert run is not None
+            return replace(queued, run=self.route(run))
         except DagsterRunNotFoundError:
-            return None
+            return Finished(queued.key, ok=False, run_id=queued.run.run_id, deleted=True)
+
+    def _claimed(self, queued: Queued) -> Queued | Finished:
+        """An adopted run made the drive's as it starts (`claim`: STARTING), if it is still
+        QUEUED: until then Dagster's own cancel paths stop it. One `claim` refuses while it
+        is still QUEUED is left to the daemon."""
+        if not queued.adopted:
+            return queued
+        try:
+            if (claimed := self.claim(queued.run)) is not None:
+                return replace(queued, run=claimed)
+            run = self.instance.get_run_by_id(queued.run.run_id)
+        except DagsterRunNotFoundError:
+            run = None
+        return self._stopped(queued, run) or Finished(
+            queued.key, ok=False, run_id=queued.run.run_id, taken=DagsterRunStatus.QUEUED.value)
+
+    def _stopped(self, queued: Queued, run: DagsterRun | None) -> Finished | None:
+        """Why the queued run (`run`: as it is now) must not be executed, if so: deleted (as
+        the daemon executes no deleted run); terminated by an operator (the UI's Terminate or
+        Force termination, a backfill's Cancel), marked CANCELED if it was CANCELING; no
+        longer waiting to be started (an adopted run dequeued by a Dagster daemon started
+        meanwhile)."""
+        run_id = queued.run.run_id
+        if run is None:
+            return Finished(queued.key, ok=False, run_id=run_id, deleted=True)
+        if run.status in TERMINATED:
+            if run.status == DagsterRunStatus.CANCELING:  # no process executes it
+                self.instance.report_run_canceled(run, message="canceled before it started")
+            return Finished(queued.key, ok=False, run_id=run_id, canceled=True)
+        waiting = DagsterRunStatus.QUEUED if queued.adopted else DagsterRunStatus.NOT_STARTED
+        if run.status != waiting:
+            return Finished(queued.key, ok=False, run_id=run_id, taken=run.status.value)
+        return None
 
     def _start(self, queued: Queued) -> None:
         for stream in (sys.stdout, sys.stderr):  # or the child repeats what is buffered

@@ -6,27 +6,45 @@ deleteRun calls), executed by the drive as it executes queued runs when no daemo
 
 from __future__ import annotations
 
+import logging
+import tarfile
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import BetaWarning, DagsterEventType, DagsterInstance, DagsterRunStatus, PreviewWarning
+from dagster import (
+    BetaWarning,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    PreviewWarning,
+    RunsFilter,
+)
+from dagster._core.execution.backfill import BulkActionStatus
+from dagster._core.storage.tags import BACKFILL_ID_TAG
 from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.instance import write_instance_yaml
+from ccat_assets.partitions import PACKAGES, package_site_key
 from ccat_assets.runlog import run_failure
 from ccat_assets.runpool import Queued, RunPool
+from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation
+from ccat_dt.packages import plan_packages
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere, deployment, observe, plan, source_root
 from tests.test_dry_runs import LOCATION, the_ui
 from tests.test_operator_actions import by_hand
 from tests.test_parallel_drive import ROUTES
 from tests.test_parallel_drive import observe as observe_modules
+from tests.test_stuck_runs import terminate_in_the_ui
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -189,6 +207,155 @@ def test_a_failed_run_deleted_in_the_ui_is_reattempted_when_its_back_off_ends(
         assert report.failed == [], report.failed
         assert [key for key in report.launched if key.startswith("reattempt:packaging:")], \
             report.launched
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+ONE_SLOT = [{**route, "max_concurrent": 1} for route in ROUTES]  # every link one run at once
+LAUNCH_BACKFILL = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(
+  backfillParams: $p) { __typename ... on LaunchBackfillSuccess { backfillId }
+  ... on PythonError { message } } }"""
+CANCEL_BACKFILL = """mutation($id: String!) { cancelPartitionBackfill(backfillId: $id) {
+  __typename ... on PythonError { message } } }"""
+
+
+@contextmanager
+def backfill_daemon(instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch,
+                    config: Config) -> Iterator[tuple[Any, Callable[[], None]]]:
+    """The UI's GraphQL on the code location, and one pass of the Dagster daemon's backfill
+    loop over it (what `dagster-daemon run` does every few seconds): it submits a backfill's
+    runs to the run queue, and cancels those of a backfill being canceled."""
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+    from dagster._daemon.backfill import execute_backfill_iteration
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))  # the code location's, the queue's
+    origin = InProcessCodeLocationOrigin(LoadableTargetOrigin(
+        module_name="ccat_assets.definitions", attribute="defs"))
+    with WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget(origin)) as workspace:
+
+        def ui(query: str, **variables: Any) -> Any:
+            result = execute_dagster_graphql(workspace.create_request_context(), query,
+                                             variables)
+            assert not result.errors, result.errors
+            return result.data
+
+        def daemon_pass() -> None:
+            for error in execute_backfill_iteration(workspace, logging.getLogger("backfill")):
+                assert error is None, error
+
+        yield ui, daemon_pass
+
+
+def on_disk(config: Config, raw: dict[str, bytes]) -> None:
+    """Read from the disks: the tars in each archive site's LTA hold, once each, exactly the
+    observed files (by their path under the source) with their bytes; no raw file is left at
+    the source, no package in a buffer."""
+    for site in ("cologne", "us"):
+        members: dict[str, bytes] = {}
+        for tar in config.resolve_root(f"sites/{site}/lta").rglob("*.tar"):
+            with tarfile.open(tar) as archive:
+                for member in archive.getmembers():
+                    if member.isfile() and member.name in raw:
+                        data = archive.extractfile(member)
+                        assert data is not None and member.name not in members, member.name
+                        members[member.name] = data.read()
+        assert members == raw, site
+    source = config.resolve_root("sites/ccat/instruments")
+    assert not [p for p in source.rglob("*.dat")], "raw files left at the source"
+    for site in ("ccat", "cologne", "us"):
+        assert not list(config.resolve_root(f"sites/{site}/buffer").rglob("*.tar")), site
+
+
+@pytest.mark.parametrize("action", ["terminate", "cancel backfill"])
+def test_a_run_the_drive_holds_for_its_link_can_be_terminated_and_is_never_executed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str) -> None:
+    """The UI's backfill of the four packages' copies to their primary archives, queued by
+    the daemon's backfill loop; no daemon dequeues them, so the drive does, one run per link
+    at once: two copies execute, two wait for their link. Then the operator stops one that
+    waits (Runs -> Terminate) or the whole backfill (Cancel backfill). Before, the drive had
+    marked the waiting runs STARTING, which Dagster cancels in neither way: Terminate was
+    refused ("could not be terminated due to having status STARTING") and the canceled
+    backfill's waiting runs were executed later all the same. Now the drive leaves them
+    QUEUED until it starts them: the stopped runs end CANCELED, never executed, nothing of
+    theirs on the disks, the drive goes on with the others, and the sensors do their work
+    after the back-off: every package is archived at both sites and purged."""
+    config = deployment(tmp_path / "deploy", routes=ONE_SLOT,
+                        policies={"retry_backoff_first_s": 0.2})
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe_modules(config, opsdb, observations=2)  # 4 packages, 2 per primary archive
+        source = config.resolve_root("sites/ccat/instruments")
+        raw = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
+        with opsdb.session() as session:
+            primary = {p.name: p.primary_site.short_name for p in plan_packages(session, config)}
+        with DagsterInstance.from_config(str(home)) as instance, \
+                backfill_daemon(instance, monkeypatch, config) as (ui, daemon_pass):
+            instance.add_dynamic_partitions(PACKAGES, list(primary))
+            defs = build_definitions(config)
+            for package in primary:
+                assert by_hand(defs, instance, "packages", package)  # built, at ccat/buffer
+            answer = ui(LAUNCH_BACKFILL, p={
+                "assetSelection": [{"path": ["site_copies"]}],
+                "partitionNames": [str(package_site_key(package, site))
+                                   for package, site in primary.items()]})
+            assert answer["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess"
+            backfill = answer["launchPartitionBackfill"]["backfillId"]
+            daemon_pass()  # submits its runs: queued, each tagged with its link
+            ours = RunsFilter(tags={BACKFILL_ID_TAG: backfill})
+            assert {r.status for r in instance.get_runs(ours)} == {DagsterRunStatus.QUEUED}
+            assert len(instance.get_runs(ours)) == len(primary)
+
+            stopped: list[str] = []
+            wait = RunPool.wait
+
+            def operator(pool: RunPool, timeout: float | None = None) -> Any:
+                """Once two copies execute and two wait: the operator's action."""
+                waiting = [q.run for q in pool.queue
+                           if q.run.tags.get(BACKFILL_ID_TAG) == backfill]
+                if not stopped and len(waiting) == 2:
+                    if action == "terminate":
+                        stopped.append(waiting[-1].run_id)
+                        terminate_in_the_ui(instance, waiting[-1], "SAFE_TERMINATE")
+                    else:
+                        stopped.extend(run.run_id for run in waiting)
+                        assert ui(CANCEL_BACKFILL, id=backfill)["cancelPartitionBackfill"][
+                            "__typename"] == "CancelBackfillSuccess"
+                if stopped and action != "terminate":
+                    daemon_pass()  # the daemon goes on with the canceled backfill
+                return wait(pool, timeout)
+
+            monkeypatch.setattr(RunPool, "wait", operator)
+            lines: list[str] = []
+            report = drive(defs, instance, wait_s=10, log=lines.append)
+            daemon_pass()
+
+            assert stopped, "\n".join(lines)
+            for run_id in stopped:
+                run = instance.get_run_by_id(run_id)
+                assert run is not None and run.status == DagsterRunStatus.CANCELED, run_id
+                assert not instance.all_logs(run_id, of_type={
+                    DagsterEventType.RUN_START, DagsterEventType.STEP_START}), run_id
+                assert any(line.startswith("CANCELED ") and run_id in line for line in lines), \
+                    lines
+            with opsdb.session() as session:  # no transfer or anything else of theirs
+                assert not session.scalars(select(Operation.id).where(
+                    Operation.run_id.in_(stopped))).all()
+            others = [r for r in instance.get_runs(ours) if r.run_id not in stopped]
+            if action == "terminate":
+                assert {r.status for r in others} == {DagsterRunStatus.SUCCESS}
+                assert report.failed == [], report.failed
+            else:
+                canceled = instance.get_backfill(backfill)
+                assert canceled is not None and canceled.status == BulkActionStatus.CANCELED
+            assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+        on_disk(config, raw)
         archived_everywhere(config, opsdb)
         assert_safe(config, opsdb)
     finally:
