@@ -116,6 +116,15 @@ def partition_busy(asset: str, partition: str,
     return (ASSET_STAGE[asset], package, site or None) in busy
 
 
+class Also(Config):
+    """Another check's evaluation on the materialization a finding restates."""
+
+    check: str
+    passed: bool
+    description: str
+    severity: str = AssetCheckSeverity.ERROR.value
+
+
 class Finding(Config):
     """One check evaluation to report: on `partition` of `asset`, as it was when found."""
 
@@ -131,9 +140,11 @@ class Finding(Config):
     # not a finding but a run's own check result said again (buried_checks): on this
     # materialization (storage id), if it is still the partition's latest
     restates: int = 0
-    # a partition OpsDB holds done that Dagster shows no materialization of (wiped): its
-    # materialization restated, with this metadata, before the evaluation
+    # a partition OpsDB holds done that Dagster shows no materialization of (wiped, or its
+    # runs deleted): its materialization restated, with this metadata, before the evaluation
     materialize: dict[str, str] = {}
+    # with `materialize`: the asset's other checks, evaluated on that materialization too
+    also: list[Also] = []
 
 
 class Findings(Config):
@@ -178,12 +189,15 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
         if finding.materialize:
             context.log_event(AssetMaterialization(
                 finding.asset, partition=finding.partition, metadata=finding.materialize,
-                description="restated from OpsDB: Dagster had no materialization of it"))
+                description="restated from OpsDB: Dagster had no materialization of it (its "
+                            "runs deleted, or its materializations wiped)"))
             latest = latest_materialization(context.instance, finding.asset, finding.partition)
-        context.log_event(check_evaluation(  # type: ignore[arg-type]  # accepted at runtime
-            context.instance, finding.asset, finding.check, finding.partition,
-            passed=finding.passed, description=finding.description,
-            severity=AssetCheckSeverity(finding.severity), latest=latest))
+        for check, passed, description, severity in [
+                (finding.check, finding.passed, finding.description, finding.severity),
+                *((a.check, a.passed, a.description, a.severity) for a in finding.also)]:
+            context.log_event(check_evaluation(  # type: ignore[arg-type]  # accepted at runtime
+                context.instance, finding.asset, check, finding.partition, passed=passed,
+                description=description, severity=AssetCheckSeverity(severity), latest=latest))
         reported += 1
     return reported
 

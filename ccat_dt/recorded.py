@@ -1,8 +1,10 @@
 """What OpsDB records as done, for the Dagster UI to be told again when its own record of it
-is gone (an operator's "Wipe materializations", a Dagster instance restored from an older
-backup): the verified package copies, each with its newest verification. Told, not re-read:
-re-reading every copy of an archive could be terabytes; the fixity scrub re-reads LTA copies
-on its budget."""
+is gone (an operator's "Wipe materializations" or Runs → Delete, which deletes a run's event
+log with its materializations; a Dagster instance restored from an older backup): the
+packages built, the verified package copies (present, or deleted by the purge after
+archiving), each with its newest verification, and the packages the purge deleted copies of.
+Told, not re-read: re-reading every copy of an archive could be terabytes; the fixity scrub
+re-reads LTA copies on its budget."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, and_, case, func, select
 from sqlalchemy.orm import Session
 
 from ccat_dt.opsdb.models import (
@@ -20,7 +22,9 @@ from ccat_dt.opsdb.models import (
     LocationType,
     Operation,
     OperationStatus,
+    OperationType,
     PackageCopy,
+    RawDataFile,
     RawDataPackage,
     Site,
 )
@@ -42,17 +46,43 @@ class Verified:
     verified_at: datetime
     operation_id: int | None
     verified_by: str | None
+    deleted_at: datetime | None = None  # deleted by the purge after it was verified
 
 
-def _verified(query: Select[Any]) -> Select[Any]:
-    """`query` of the verified package copies (PackageCopy.is_verified), with their location,
-    site and package."""
+@dataclass(frozen=True)
+class Built:
+    """A package built (its raw files packed into its tar)."""
+
+    package: str
+    files: int
+    bytes: int
+    built_at: datetime
+
+
+@dataclass(frozen=True)
+class Purged:
+    """A package the purge deleted copies of (sources, buffer copies)."""
+
+    package: str
+    deleted: int
+    deleted_bytes: int
+    last_deleted_at: datetime | None
+
+
+def _copies(query: Select[Any]) -> Select[Any]:
+    """`query` of the package copies, with their location, site and package."""
     return (query.select_from(PackageCopy)
             .join(DataLocation, PackageCopy.location_id == DataLocation.id)
             .join(Site, DataLocation.site_id == Site.id)
-            .join(RawDataPackage, PackageCopy.package_id == RawDataPackage.id)
-            .where(PackageCopy.status == CopyStatus.PRESENT, PackageCopy.verified_at.is_not(None),
-                   PackageCopy.verified_at >= PackageCopy.created_at))
+            .join(RawDataPackage, PackageCopy.package_id == RawDataPackage.id))
+
+
+def _verified(query: Select[Any], *statuses: CopyStatus) -> Select[Any]:
+    """`query` of the package copies verified after they were written (PackageCopy.is_verified
+    when PRESENT), of these statuses (PRESENT alone by default)."""
+    return _copies(query).where(PackageCopy.status.in_(statuses or (CopyStatus.PRESENT,)),
+                                PackageCopy.verified_at.is_not(None),
+                                PackageCopy.verified_at >= PackageCopy.created_at)
 
 
 def verified_placements(session: Session) -> set[Placed]:
@@ -62,21 +92,88 @@ def verified_placements(session: Session) -> set[Placed]:
         _verified(select(RawDataPackage.name, Site.short_name, DataLocation.location_type)))}
 
 
-def verifications(session: Session, placed: Collection[Placed]) -> list[Verified]:
-    """For each of `placed`, its newest verified copy and that copy's newest successful read
-    (its build, its transfer or a re-read); asked by pages of packages."""
-    wanted = set(placed)
-    names = sorted({package for package, _, _ in wanted})
-    newest: dict[Placed, tuple[int, datetime]] = {}
+def purged_placements(session: Session) -> set[Placed]:
+    """Where every copy of a package OpsDB records is DELETED, one of them verified before it
+    was: a copy made, verified and then deleted by the purge after archiving (a place holding a
+    copy in any other state is not: present, quarantined, unverified, being deleted). One
+    query, grouped in the database: names only."""
+    verified = and_(PackageCopy.verified_at.is_not(None),
+                    PackageCopy.verified_at >= PackageCopy.created_at)
+    return {(package, site, LocationType(kind)) for package, site, kind in session.execute(
+        _copies(select(RawDataPackage.name, Site.short_name, DataLocation.location_type))
+        .group_by(RawDataPackage.name, Site.short_name, DataLocation.location_type)
+        .having(func.sum(case((PackageCopy.status != CopyStatus.DELETED, 1), else_=0)) == 0,
+                func.sum(case((verified, 1), else_=0)) > 0))}
+
+
+def built_packages(session: Session) -> set[str]:
+    """The packages OpsDB records as built: one query, names only."""
+    return set(session.scalars(select(RawDataPackage.name).where(
+        RawDataPackage.built_at.is_not(None))))
+
+
+def purged_packages(session: Session) -> set[str]:
+    """The packages the purge deleted a copy of (a completed deletion operation): one query,
+    names only."""
+    return set(session.scalars(select(RawDataPackage.name).join(
+        Operation, Operation.package_id == RawDataPackage.id).where(
+        Operation.operation_type == OperationType.DELETION,
+        Operation.status == OperationStatus.COMPLETED).distinct()))
+
+
+def builds(session: Session, packages: Collection[str]) -> list[Built]:
+    """Each of `packages` that is built: its files and bytes, and when; by pages."""
+    names, out = sorted(packages), []
     for start in range(0, len(names), PAGE):
-        for copy_id, verified_at, package, site, kind in session.execute(_verified(select(
-                PackageCopy.id, PackageCopy.verified_at, RawDataPackage.name, Site.short_name,
-                DataLocation.location_type)).where(
+        for name, files, size, built_at in session.execute(
+                select(RawDataPackage.name, func.count(RawDataFile.id),
+                       func.coalesce(func.sum(RawDataFile.size), 0), RawDataPackage.built_at)
+                .outerjoin(RawDataFile, RawDataFile.package_id == RawDataPackage.id)
+                .where(RawDataPackage.name.in_(names[start:start + PAGE]),
+                       RawDataPackage.built_at.is_not(None))
+                .group_by(RawDataPackage.id).order_by(RawDataPackage.name)):
+            out.append(Built(name, int(files), int(size), built_at))
+    return out
+
+
+def purges(session: Session, packages: Collection[str]) -> list[Purged]:
+    """For each of `packages`, its completed deletions: how many, their bytes, the newest;
+    by pages."""
+    names, out = sorted(packages), []
+    for start in range(0, len(names), PAGE):
+        for name, deleted, size, last in session.execute(
+                select(RawDataPackage.name, func.count(Operation.id),
+                       func.coalesce(func.sum(Operation.bytes), 0),
+                       func.max(Operation.finished_at))
+                .join(Operation, Operation.package_id == RawDataPackage.id)
+                .where(RawDataPackage.name.in_(names[start:start + PAGE]),
+                       Operation.operation_type == OperationType.DELETION,
+                       Operation.status == OperationStatus.COMPLETED)
+                .group_by(RawDataPackage.id).order_by(RawDataPackage.name)):
+            out.append(Purged(name, int(deleted), int(size), last))
+    return out
+
+
+def verifications(session: Session, placed: Collection[Placed],
+                  purged: Collection[Placed] = ()) -> list[Verified]:
+    """For each of `placed`, its newest verified copy, and for each of `purged`, its newest
+    verified copy the purge deleted, with that copy's newest successful read (its build, its
+    transfer or a re-read); asked by pages of packages."""
+    wanted, gone = set(placed), set(purged)
+    names = sorted({package for package, _, _ in wanted | gone})
+    newest: dict[Placed, tuple[int, datetime, datetime | None]] = {}
+    for start in range(0, len(names), PAGE):
+        for copy_id, verified_at, deleted_at, status, package, site, kind in session.execute(
+                _verified(select(
+                    PackageCopy.id, PackageCopy.verified_at, PackageCopy.deleted_at,
+                    PackageCopy.status, RawDataPackage.name, Site.short_name,
+                    DataLocation.location_type), CopyStatus.PRESENT, CopyStatus.DELETED).where(
                 RawDataPackage.name.in_(names[start:start + PAGE])).order_by(PackageCopy.id)):
             key = (package, site, LocationType(kind))
-            if key in wanted:
-                newest[key] = (copy_id, verified_at)
-    ids = sorted(copy_id for copy_id, _ in newest.values())
+            if key in (wanted if status == CopyStatus.PRESENT else gone):
+                newest[key] = (copy_id, verified_at,
+                               None if status == CopyStatus.PRESENT else deleted_at)
+    ids = sorted(copy_id for copy_id, _, _ in newest.values())
     reads: dict[int, Operation] = {}
     for start in range(0, len(ids), PAGE):
         for operation in session.scalars(select(Operation).where(
@@ -87,8 +184,9 @@ def verifications(session: Session, placed: Collection[Placed]) -> list[Verified
             assert operation.copy_id is not None
             reads[operation.copy_id] = operation  # the newest last
     out = []
-    for (package, site, kind), (copy_id, verified_at) in sorted(newest.items()):
+    for (package, site, kind), (copy_id, verified_at, deleted_at) in sorted(newest.items()):
         read = reads.get(copy_id)
         out.append(Verified(package, site, kind, copy_id, verified_at,
-                            read.id if read else None, read_by(read) if read else None))
+                            read.id if read else None, read_by(read) if read else None,
+                            deleted_at))
     return out

@@ -3,8 +3,12 @@ re-check, a copy found bad while being re-read) reach the UI as check evaluation
 the partition concerned, and `filed_bytes_safe` follows a package at risk until it is safe.
 A partition given a materialization or a check evaluation by hand (runless: the UI's "Report
 materialization event" or "Report evaluation") has its checks run again, alone, on the storage.
-A copy OpsDB holds verified whose partition Dagster shows no materialization of ("Wipe
-materializations") is restated from OpsDB, on a slow round (`restatements`).
+A partition OpsDB holds done (a package built, a copy verified, present or deleted by the
+purge since, a package's purge) that Dagster shows no materialization of ("Wipe
+materializations", or its runs deleted: Runs → Delete deletes a run's event log) is restated
+from OpsDB, on a slow round, and at the next tick after runs were deleted (`runs_deleted`,
+`restatements`); not while a run of it is in flight (it waits for that run's end, and is
+dropped if that run materialized it).
 A finding whose partition has a run in flight (the run that found the copy bad, a repair) is
 held back in the cursor, as it was found, and reported once no run of the partition is in
 flight: written meanwhile it would outrank that run's own check. A finding already repaired
@@ -16,6 +20,7 @@ evaluations are logged by a small run (`integrity_report_job`)."""
 import hashlib
 import json
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from dagster import (
@@ -24,6 +29,7 @@ from dagster import (
     DagsterInstance,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     sensor,
@@ -52,14 +58,27 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import get_package
 from ccat_dt.pending import quarantines_found
-from ccat_dt.recorded import Verified, verifications, verified_placements
+from ccat_dt.reaper import certificate_problems
+from ccat_dt.recorded import (
+    Built,
+    Purged,
+    Verified,
+    builds,
+    built_packages,
+    purged_packages,
+    purged_placements,
+    purges,
+    verifications,
+    verified_placements,
+)
 from ccat_dt.stages import Stage
 from resources.deployment import Deployment
 from sensors.cursor import json_object, number, read_cursor
 
-# How often what Dagster shows materialized is compared with what OpsDB holds verified (a
-# query per asset and one of OpsDB, each of every partition: not at every tick), and how many
-# partitions one report restates (the rest at the next tick).
+# How often what Dagster shows materialized is compared with what OpsDB holds done (a query
+# per asset and a few of OpsDB, each of every partition: not at every tick, only on this
+# round, after runs were deleted, and when a partition left waiting for its run's end is free),
+# and how many partitions one report restates (the rest at the next tick).
 RESTATE_EVERY_S = 600.0
 RESTATE_BATCH = 500
 # Findings held back in the cursor at most (one per check and partition with a run in flight);
@@ -109,8 +128,11 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     restated_at = min(float(state.get("restated_at", now)), now)  # not held off by a future
     told: list[dict[str, Any]] = []
     more = bool(state.get("more"))
-    if more or now - restated_at >= RESTATE_EVERY_S:
-        told, more = restatements(context, deployment.opsdb, config)
+    runs, deleted = runs_deleted(context.instance, state.get("runs"))
+    waiting = still_waiting(context.instance, list(state.get("waiting", [])))
+    if more or deleted or now - restated_at >= RESTATE_EVERY_S or any(
+            not busy for *_, busy in waiting):
+        told, more, waiting = restatements(context, deployment.opsdb, config, events_before)
         restated_at = now
     for finding in (*findings, *told):
         finding["events_before"] = events_before
@@ -118,7 +140,9 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     fresh, released, held = held_back(context.instance, new, list(state.get("held", [])))
     new_cursor = json.dumps({"op": cursor, "unsafe": unsafe, "checks": events_before,
                              "pending": pending, "restated_at": restated_at, "more": more,
-                             "held": held})
+                             "held": held, "runs": runs,
+                             "waiting": [[asset, partition, found]
+                                         for asset, partition, found, _ in waiting]})
     requests = []
     if fresh:
         requests.append(RunRequest(
@@ -158,6 +182,18 @@ def _state(cursor: str) -> dict[str, Any]:
             raise TypeError(f"{key} is not an id: {state[key]!r}")
     if "restated_at" in state:
         number(state["restated_at"])
+    if "runs" in state:
+        count, newest = state["runs"]  # ValueError/TypeError unless a pair
+        if isinstance(count, bool) or not isinstance(count, int) or not (
+                newest is None or isinstance(newest, str)):
+            raise TypeError(f"runs is not [count, newest creation]: {state['runs']!r}"[:200])
+        if newest is not None:
+            datetime.fromisoformat(newest)
+    if not isinstance(state.get("waiting", []), list) or any(
+            not isinstance(item, list) or len(item) != 3 or item[0] not in ASSET_STAGE
+            or not isinstance(item[1], str) or isinstance(item[2], bool)
+            or not isinstance(item[2], int) for item in state.get("waiting", [])):
+        raise ValueError("waiting is not a list of [asset, partition, event id]")
     for key, kind in (("unsafe", str), ("pending", list), ("held", dict)):
         if not isinstance(state.get(key, []), list) or not all(
                 isinstance(item, kind) for item in state.get(key, [])):
@@ -227,29 +263,120 @@ def _rechecks(context: SensorEvaluationContext, since: int) -> list[RunRequest]:
 
 
 
-def restatements(context: SensorEvaluationContext, opsdb: OpsDB,
-                 config: Config) -> tuple[list[dict[str, Any]], bool]:
-    """The live partitions of packages, site copies and LTA copies that OpsDB holds a verified
-    copy for and Dagster shows no materialization of, as findings that restate both from
-    OpsDB (at most RESTATE_BATCH), and whether more are left. Sets are compared, one query
-    each; the copies are not read (that would be the whole archive)."""
+def runs_deleted(instance: DagsterInstance, seen: list[Any] | None
+                 ) -> tuple[list[Any], bool]:
+    """[how many runs were created until the newest, when that was (ISO)] now, and whether
+    runs were deleted (Runs → Delete, which deletes their materializations) since `seen` (that
+    pair at the last tick): fewer runs created until the newest then than then. Only the runs
+    created until a given one are counted, so that a run created meanwhile (by another
+    process, between two of these queries) is never taken for a deleted one. Two queries,
+    three when runs were created since."""
+    def created_until(newest: str) -> int:
+        until = datetime.fromisoformat(newest) + timedelta(microseconds=1)
+        return instance.get_runs_count(RunsFilter(created_before=until))
+
+    count, newest = seen if seen else (0, None)
+    left = created_until(newest) if newest is not None else 0
+    deleted = left < count
+    records = instance.get_run_records(limit=1)
+    if not records:
+        return [0, None], deleted
+    now = records[0].create_timestamp.isoformat()
+    return [left if now == newest else created_until(now), now], deleted
+
+
+def still_waiting(instance: DagsterInstance, waiting: list[list[Any]]
+                  ) -> list[tuple[str, str, int, bool]]:
+    """Of the partitions left unrestated because a run of theirs was in flight ([asset,
+    partition, the event id when found]), those not materialized since, each with whether a
+    run of it is still in flight. A query per asset (the events since), and the runs in flight
+    only while some wait."""
+    if not waiting:
+        return []
+    since: dict[str, int] = {}
+    for asset, _, found in waiting:
+        since[asset] = min(found, since.get(asset, found))
+    made = {asset: instance.get_materialized_partitions(AssetKey(asset), after_cursor=after)
+            for asset, after in since.items()}
+    left = [(asset, partition, found) for asset, partition, found in waiting
+            if partition not in made[asset]]
+    busy = in_flight(instance) if left else set()
+    return [(asset, partition, found, partition_busy(asset, partition, busy))
+            for asset, partition, found in left]
+
+
+# (asset, its checks) restated from OpsDB per kind of record
+BUILT = ("raw_files", "raw_files_present")
+PURGED = ("purge_status", "deletion_certificates")
+
+
+def restatements(context: SensorEvaluationContext, opsdb: OpsDB, config: Config,
+                 events_before: int
+                 ) -> tuple[list[dict[str, Any]], bool, list[tuple[str, str, int, bool]]]:
+    """The live partitions that OpsDB holds done and Dagster shows no materialization of, as
+    findings that restate the materialization and its checks from OpsDB (at most
+    RESTATE_BATCH), whether more are left, and those left waiting: raw files of a package
+    built, a package or a site copy verified (present, or deleted by the purge since), an LTA
+    copy verified and present, a package the purge deleted copies of. Sets are compared, one
+    query each; the copies are not read (that would be the whole archive).
+
+    A partition with a run in flight is not restated: that run records its work in OpsDB
+    before its materialization is stored, and a restatement then would launch a report for
+    nothing or, worse, land on top of the run's own materialization. It waits (still_waiting)
+    until that run has ended, and is restated only if that run left it unmaterialized (a
+    failed run). The runs in flight are looked at only when something is missing, and what was
+    materialized meanwhile (a run that ended between the looks) is looked at again after."""
     instance = context.instance
     live = set(instance.get_dynamic_partitions(PACKAGES))
     observatory = config.settings.observatory
     sites = {site.short_name for site in config.settings.archive_sites}
+
+    def ours(package: str, site: str, kind: LocationType) -> bool:
+        return package in live and (site in sites or (
+            site == observatory and kind == LocationType.BUFFER))
+
     with opsdb.session() as session:
-        placed = {copy_check_of(package, site, kind, site == observatory): (package, site, kind)
-                  for package, site, kind in verified_placements(session)
-                  if package in live and (site in sites or (
-                      site == observatory and kind == LocationType.BUFFER))}
-        shown = {asset: instance.get_materialized_partitions(AssetKey(asset))
-                 for asset in {asset for asset, _, _ in placed}}
-        missing = sorted(key for key in placed if key[2] not in shown[key[0]])
+        present = {copy_check_of(package, site, kind, site == observatory): (package, site, kind)
+                   for package, site, kind in verified_placements(session)
+                   if ours(package, site, kind)}
+        purged = {key: place for key, place in (
+            (copy_check_of(package, site, kind, site == observatory), (package, site, kind))
+            for package, site, kind in purged_placements(session)
+            if ours(package, site, kind) and kind == LocationType.BUFFER) if key not in present}
+        done = {*present, *purged, *((*BUILT, name) for name in built_packages(session) & live),
+                *((*PURGED, name) for name in purged_packages(session) & live)}
+    shown = {asset: instance.get_materialized_partitions(AssetKey(asset))
+             for asset in {asset for asset, _, _ in done}}
+    missing = sorted(key for key in done if key[2] not in shown[key[0]])
+    if not missing:
+        return [], False, []
+    busy = in_flight(instance)
+    waiting = [(asset, partition, events_before, True) for asset, _, partition in missing
+               if partition_busy(asset, partition, busy)][:HELD_MAX]
+    since = {asset: instance.get_materialized_partitions(AssetKey(asset),
+                                                         after_cursor=events_before)
+             for asset in {asset for asset, _, _ in missing}}
+    free = [key for key in missing
+            if not partition_busy(key[0], key[2], busy) and key[2] not in since[key[0]]]
+    batch = free[:RESTATE_BATCH]
+    with opsdb.session() as session:
         found = {(v.package, v.site, v.kind): v for v in verifications(
-            session, [placed[key] for key in missing[:RESTATE_BATCH]])}
-    return [_restated(asset, check, partition, found[placed[asset, check, partition]])
-            for asset, check, partition in missing[:RESTATE_BATCH]
-            if placed[asset, check, partition] in found], len(missing) > RESTATE_BATCH
+            session, [present[key] for key in batch if key in present],
+            [purged[key] for key in batch if key in purged])}
+        built = {b.package: b for b in builds(
+            session, [name for asset, _, name in batch if asset == BUILT[0]])}
+        cleared = {p.package: p for p in purges(
+            session, [name for asset, _, name in batch if asset == PURGED[0]])}
+    told = []
+    for asset, check, partition in batch:
+        place = present.get((asset, check, partition)) or purged.get((asset, check, partition))
+        if place is not None and place in found:
+            told.append(_restated(asset, check, partition, found[place]))
+        elif asset == BUILT[0] and partition in built:
+            told.append(_restated_build(built[partition]))
+        elif asset == PURGED[0] and partition in cleared:
+            told.append(_restated_purge(opsdb, config, cleared[partition]))
+    return told, len(free) > RESTATE_BATCH, waiting
 
 
 def _restated(asset: str, check: str, partition: str, copy: Verified) -> dict[str, Any]:
@@ -257,10 +384,46 @@ def _restated(asset: str, check: str, partition: str, copy: Verified) -> dict[st
           else " (no read of it recorded)")
     again = ("the fixity scrub re-reads it" if copy.kind == LocationType.LONG_TERM_ARCHIVE
              else "Materialize on the partition re-reads it")
+    if copy.deleted_at is not None:
+        again = (f"deleted by the purge {copy.deleted_at:%Y-%m-%d %H:%M:%S} UTC; "
+                 "nothing to re-read")
     return {"asset": asset, "check": check, "partition": partition, "passed": True,
             "description": f"restated from OpsDB: verified {copy.verified_at:%Y-%m-%d %H:%M:%S}"
                            f" UTC{by}; not re-read now, {again}",
             "materialize": {"restated_from": "OpsDB", "copy_id": str(copy.copy_id),
                             "verified_at": copy.verified_at.isoformat(),
                             "verified_by": copy.verified_by or "",
-                            "operation_id": str(copy.operation_id or "")}}
+                            "operation_id": str(copy.operation_id or ""),
+                            **({"deleted_at": copy.deleted_at.isoformat()}
+                               if copy.deleted_at is not None else {})}}
+
+
+def _restated_build(built: Built) -> dict[str, Any]:
+    asset, check = BUILT
+    return {"asset": asset, "check": check, "partition": built.package, "passed": True,
+            "description": f"restated from OpsDB: its {built.files} files ({built.bytes} bytes) "
+                           f"were packaged {built.built_at:%Y-%m-%d %H:%M:%S} UTC; the sources "
+                           "are not re-read now",
+            "materialize": {"restated_from": "OpsDB", "files": str(built.files),
+                            "bytes": str(built.bytes), "built_at": built.built_at.isoformat()}}
+
+
+def _restated_purge(opsdb: OpsDB, config: Config, purged: Purged) -> dict[str, Any]:
+    """The purge's materialization, and both its checks evaluated now, on OpsDB (as they are
+    by a purge run: neither reads the storage)."""
+    asset, check = PURGED
+    problems = certificate_problems(opsdb, config, purged.package)
+    with opsdb.session() as session:
+        assessment = assess(session, config, get_package(session, purged.package))
+    last = (f", the newest {purged.last_deleted_at:%Y-%m-%d %H:%M:%S} UTC"
+            if purged.last_deleted_at else "")
+    return {"asset": asset, "check": check, "partition": purged.package,
+            "passed": not problems,
+            "description": "\n".join(problems) or "every deletion certified",
+            "materialize": {"restated_from": "OpsDB", "deleted": str(purged.deleted),
+                            "deleted_bytes": str(purged.deleted_bytes),
+                            "note": f"{purged.deleted} deletion(s) recorded in OpsDB{last}"},
+            "also": [{"check": "filed_bytes_safe", "passed": assessment.health == Health.SAFE,
+                      "description": assessment.reason,
+                      "severity": (AssetCheckSeverity.ERROR if assessment.health == Health.LOST
+                                   else AssetCheckSeverity.WARN).value}]}

@@ -4,6 +4,7 @@ converges to the truth, and the integrity reports per partition say what OpsDB s
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -678,3 +679,185 @@ def test_wiped_materializations_are_restated_from_opsdb_without_re_reading(
     assert drive(defs, instance).failed == []
     assert instance.get_materialized_partitions(lta) == archived
     assert drive(defs, instance).launched == []
+
+
+CHECKS_OF = {"raw_files": ("raw_files_present",), "packages": ("package_checksum",),
+             "site_copies": ("site_copy_checksum",), "lta_copies": ("lta_copy_checksum",),
+             "purge_status": ("deletion_certificates", "filed_bytes_safe")}
+
+
+def storage_files(config: Config) -> dict[str, tuple[int, int, int]]:
+    """Every file at every site (sources, buffers, archives): inode, size, mtime."""
+    root = config.path.parent / "sites"
+    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def test_runs_deleted_in_the_ui_leave_what_they_did_shown_done_and_nothing_redone(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """Runs → Delete on every run of an archived and purged observation (`instance.delete_run`,
+    what the UI's deleteRun calls: it deletes the run's event log, its materializations and
+    check evaluations). Before, every partition of raw_files, packages, site_copies and
+    purge_status showed as never materialized for good, and lta_copies' only after the
+    integrity sensor's 10-minute round, although OpsDB and the storage say built, copied,
+    archived, purged. Now the integrity sensor's next tick sees runs were deleted and restates
+    each partition OpsDB holds done from OpsDB, with its checks; the sensors launch no other
+    work, nothing on the storage is read, written or deleted, OpsDB is unchanged."""
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    shown = {asset: instance.get_materialized_partitions(AssetKey(asset)) for asset in CHECKS_OF}
+    assert all(shown.values()), shown
+    for asset, checks in CHECKS_OF.items():
+        for check in checks:
+            status = check_status(instance, asset, check)
+            assert {key: status.get(key) for key in shown[asset]} == dict.fromkeys(
+                shown[asset], "passed"), (asset, check, status)
+    before, files = opsdb_state(opsdb), storage_files(config)
+    with opsdb.session() as session:
+        reads = session.query(Operation).count()
+
+    for run in instance.get_runs():
+        instance.delete_run(run.run_id)
+    assert not any(instance.get_materialized_partitions(AssetKey(a)) for a in CHECKS_OF)
+
+    report = drive(defs, instance)
+    assert report.failed == [], report.failed
+    assert [key for key in report.launched if not key.startswith("integrity")] == [], \
+        report.launched  # no work asked for again
+    for asset, checks in CHECKS_OF.items():
+        assert instance.get_materialized_partitions(AssetKey(asset)) == shown[asset], asset
+        for check in checks:
+            status = check_status(instance, asset, check)
+            assert {key: status.get(key) for key in shown[asset]} == dict.fromkeys(
+                shown[asset], "passed"), (asset, check, status)
+    key = sorted(shown["site_copies"])[0]
+    [record] = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey("site_copies"), asset_partitions=[key]), limit=1).records
+    metadata = record.asset_materialization.metadata  # type: ignore[union-attr]
+    assert metadata["restated_from"].value == "OpsDB" and "deleted_at" in metadata, metadata
+    [evaluation] = [e for e in (r.dagster_event.event_specific_data for r in instance.all_logs(
+        record.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION) if r.dagster_event)
+        if isinstance(e, AssetCheckEvaluation) and e.partition == key
+        and e.asset_key == AssetKey("site_copies")]
+    assert evaluation.passed
+    assert "deleted by the purge" in (evaluation.description or ""), evaluation.description
+    assert storage_files(config) == files  # nothing read back into place, sent or deleted
+    assert opsdb_state(opsdb) == before
+    with opsdb.session() as session:  # told, not read: no verification added
+        assert session.query(Operation).count() == reads
+    lta_intact(opsdb)
+    assert drive(defs, instance).launched == []  # once
+
+
+@pytest.mark.parametrize("then", ["materialized", "ended"])
+def test_runs_deleted_while_a_run_of_a_partition_is_in_flight_leave_that_partition_to_it(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, then: str) -> None:
+    """Runs deleted while a run of one package's packaging is queued (created, not started:
+    in flight). That run records its work in OpsDB before Dagster stores its materialization,
+    so restating its partitions then (as the first version of the restatement did) launched a
+    report for nothing, or wrote a restated materialization over the run's own. Now the
+    integrity sensor restates every other partition at once and leaves that package's
+    raw_files and packages waiting in its cursor: dropped once the run materialized them,
+    restated once it ended without (an operator's Terminate). Then nothing more is launched."""
+    from dagster._core.execution.api import execute_run
+
+    from ccat_assets.driver import _create
+
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    shown = {asset: instance.get_materialized_partitions(AssetKey(asset)) for asset in CHECKS_OF}
+    busy = sorted(shown["packages"])[0]
+    _, cursor = integrity_tick(defs, instance)  # the sensor has looked at the runs
+    for run in instance.get_runs():
+        instance.delete_run(run.run_id)
+    job = defs.get_repository_def().get_job("package_job")
+    run, runnable = _create(job, instance, busy, {}, {})  # in flight
+
+    def tick_and_launch(cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """One tick, its runs executed: the partitions they restated, and the cursor."""
+        requests, cursor = integrity_tick(defs, instance, cursor)
+        report, told = DriveReport(), []
+        for request in requests:
+            assert (request.run_key or "").startswith("integrity-opsdb:"), request.run_key
+            told += request.run_config["ops"]["report_findings"]["config"]["findings"]
+            launch(defs, instance, request, origin="integrity_sensor", report=report)
+        assert report.failed == []
+        return told, cursor
+
+    told, cursor = tick_and_launch(cursor)
+    assert sorted((t["asset"], t["partition"]) for t in told) == sorted(
+        (asset, key) for asset, keys in shown.items() for key in keys
+        if (asset, key) not in {("raw_files", busy), ("packages", busy)})
+    assert cursor is not None and sorted(
+        (asset, key) for asset, key, _ in json.loads(cursor)["waiting"]) == [
+        ("packages", busy), ("raw_files", busy)]
+    assert {asset: instance.get_materialized_partitions(AssetKey(asset))
+            for asset in CHECKS_OF} == {asset: keys - {busy} if asset in (
+                "raw_files", "packages") else keys for asset, keys in shown.items()}
+    if then == "materialized":
+        assert execute_run(runnable, run, instance).success  # not rebuilt; materialized
+    else:
+        instance.report_run_canceled(run)  # Terminate before it started: nothing materialized
+    told, cursor = tick_and_launch(cursor)
+    assert sorted((t["asset"], t["partition"]) for t in told) == (
+        [] if then == "materialized" else [("packages", busy), ("raw_files", busy)])
+    assert cursor is not None and json.loads(cursor)["waiting"] == []
+    for asset, checks in CHECKS_OF.items():
+        assert instance.get_materialized_partitions(AssetKey(asset)) == shown[asset], asset
+        for check in checks:
+            status = check_status(instance, asset, check)
+            assert {key: status.get(key) for key in shown[asset]} == dict.fromkeys(
+                shown[asset], "passed"), (asset, check, status)
+    for asset in ("raw_files", "packages"):
+        [record] = instance.fetch_materializations(AssetRecordsFilter(
+            asset_key=AssetKey(asset), asset_partitions=[busy]), limit=1).records
+        metadata = record.asset_materialization.metadata  # type: ignore[union-attr]
+        assert ("restated_from" in metadata) == (then == "ended"), (asset, metadata)
+        assert (record.run_id == run.run_id) == (then == "materialized")
+    assert tick_and_launch(cursor)[0] == []  # nothing left: no run
+    lta_intact(opsdb)
+    assert drive(defs, instance).launched == []
+
+
+def test_runs_deleted_is_told_by_runs_gone_never_by_runs_created_meanwhile(
+        instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """How the integrity sensor tells that runs were deleted between two ticks. The first
+    version compared the number of runs with the number at the last tick plus those created
+    after the newest then, read in two queries: a run created by another process between
+    them (a sensor of the daemon, the UI, a drive) was counted twice, and the next tick took
+    it for a deletion and compared every partition again. Now only runs created until a given
+    one are counted: a run created meanwhile is never a deletion; a run deleted is one, even
+    with others created since."""
+    from dagster._core.utils import make_new_run_id
+
+    from sensors.integrity import runs_deleted
+
+    def add() -> str:
+        return instance.add_run(DagsterRun(job_name="any", run_id=make_new_run_id())).run_id
+
+    mark, deleted = runs_deleted(instance, None)
+    assert (mark, deleted) == ([0, None], False)
+    first = add()
+    add()
+    mark, deleted = runs_deleted(instance, mark)
+    assert mark[0] == 2 and not deleted
+    add()
+    real = instance.get_run_records
+    monkeypatch.setattr(instance, "get_run_records",
+                        lambda *args, **kwargs: [*real(*args, **kwargs), add()][:-1])
+    mark, deleted = runs_deleted(instance, mark)  # one more created between its queries
+    assert not deleted
+    monkeypatch.undo()
+    mark, deleted = runs_deleted(instance, mark)
+    assert not deleted and mark[0] == 4, mark
+    instance.delete_run(first)
+    add()
+    mark, deleted = runs_deleted(instance, mark)
+    assert deleted
+    assert runs_deleted(instance, mark)[1] is False  # told once
+    for run in instance.get_runs():
+        instance.delete_run(run.run_id)
+    mark, deleted = runs_deleted(instance, mark)
+    assert deleted and mark == [0, None]
