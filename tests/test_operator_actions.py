@@ -144,6 +144,7 @@ def test_materialize_by_hand_on_an_archived_package_changes_nothing_but_verifica
         assert check_status(instance, asset, check)[key] == "passed"
 
 
+
 def check_status(dagster: DagsterInstance, asset: str, check: str) -> dict[str, str]:
     """Per partition, what the UI shows for the check: "passed"/"failed" when the latest
     evaluation targets the partition's latest materialization, "stale" otherwise."""
@@ -686,6 +687,17 @@ CHECKS_OF = {"raw_files": ("raw_files_present",), "packages": ("package_checksum
              "purge_status": ("deletion_certificates", "filed_bytes_safe")}
 
 
+def assert_shown_passed(instance: DagsterInstance, shown: dict[str, set[str]]) -> None:
+    """The UI shows exactly these partitions of each lifecycle asset materialized, with every
+    check of each passed."""
+    for asset, checks in CHECKS_OF.items():
+        assert instance.get_materialized_partitions(AssetKey(asset)) == shown[asset], asset
+        for check in checks:
+            status = check_status(instance, asset, check)
+            assert {key: status.get(key) for key in shown[asset]} == dict.fromkeys(
+                shown[asset], "passed"), (asset, check, status)
+
+
 def storage_files(config: Config) -> dict[str, tuple[int, int, int]]:
     """Every file at every site (sources, buffers, archives): inode, size, mtime."""
     root = config.path.parent / "sites"
@@ -725,12 +737,7 @@ def test_runs_deleted_in_the_ui_leave_what_they_did_shown_done_and_nothing_redon
     assert report.failed == [], report.failed
     assert [key for key in report.launched if not key.startswith("integrity")] == [], \
         report.launched  # no work asked for again
-    for asset, checks in CHECKS_OF.items():
-        assert instance.get_materialized_partitions(AssetKey(asset)) == shown[asset], asset
-        for check in checks:
-            status = check_status(instance, asset, check)
-            assert {key: status.get(key) for key in shown[asset]} == dict.fromkeys(
-                shown[asset], "passed"), (asset, check, status)
+    assert_shown_passed(instance, shown)
     key = sorted(shown["site_copies"])[0]
     [record] = instance.fetch_materializations(AssetRecordsFilter(
         asset_key=AssetKey("site_copies"), asset_partitions=[key]), limit=1).records
@@ -804,12 +811,7 @@ def test_runs_deleted_while_a_run_of_a_partition_is_in_flight_leave_that_partiti
     assert sorted((t["asset"], t["partition"]) for t in told) == (
         [] if then == "materialized" else [("packages", busy), ("raw_files", busy)])
     assert cursor is not None and json.loads(cursor)["waiting"] == []
-    for asset, checks in CHECKS_OF.items():
-        assert instance.get_materialized_partitions(AssetKey(asset)) == shown[asset], asset
-        for check in checks:
-            status = check_status(instance, asset, check)
-            assert {key: status.get(key) for key in shown[asset]} == dict.fromkeys(
-                shown[asset], "passed"), (asset, check, status)
+    assert_shown_passed(instance, shown)
     for asset in ("raw_files", "packages"):
         [record] = instance.fetch_materializations(AssetRecordsFilter(
             asset_key=AssetKey(asset), asset_partitions=[busy]), limit=1).records
