@@ -205,6 +205,9 @@ def _state(cursor: str) -> dict[str, Any]:
         missing = {"asset", "check", "partition", "events_before"} - finding.keys()
         if missing:
             raise KeyError(f"a held finding without {', '.join(sorted(missing))}")
+        if finding["asset"] not in ASSET_STAGE or not isinstance(finding["partition"], str):
+            raise ValueError(f"a held finding of no lifecycle asset's partition: "
+                             f"{finding['asset']!r}, {finding['partition']!r}"[:200])
     return state
 
 

@@ -31,7 +31,9 @@ from tests.test_operator_actions import integrity_tick
 warnings.filterwarnings("ignore", category=PreviewWarning)
 
 GARBAGE = ["abc", "{", "[]", "-5x", '{"op": "x", "swept_at": "x"}', '{"held": [1]}', "999999999",
-           '{"waiting": [["no such asset", "p", 1]]}']
+           '{"waiting": [["no such asset", "p", 1]]}',
+           '{"held": [{"asset": "no such asset", "check": "c", "partition": "p", '
+           '"events_before": 1}]}']
 READ = ["package_sensor", "site_copy_sensor", "lta_copy_sensor", "new_site_sensor",
         "staging_sensor", "reattempt_sensor", "integrity_sensor"]
 
