@@ -77,12 +77,16 @@ def _copies(query: Select[Any]) -> Select[Any]:
             .join(RawDataPackage, PackageCopy.package_id == RawDataPackage.id))
 
 
+# A copy verified after it was written (PackageCopy.is_verified, whatever its status now)
+VERIFIED_AFTER_WRITE = and_(PackageCopy.verified_at.is_not(None),
+                            PackageCopy.verified_at >= PackageCopy.created_at)
+
+
 def _verified(query: Select[Any], *statuses: CopyStatus) -> Select[Any]:
-    """`query` of the package copies verified after they were written (PackageCopy.is_verified
-    when PRESENT), of these statuses (PRESENT alone by default)."""
+    """`query` of the package copies verified after they were written, of these statuses
+    (PRESENT alone by default)."""
     return _copies(query).where(PackageCopy.status.in_(statuses or (CopyStatus.PRESENT,)),
-                                PackageCopy.verified_at.is_not(None),
-                                PackageCopy.verified_at >= PackageCopy.created_at)
+                                VERIFIED_AFTER_WRITE)
 
 
 def verified_placements(session: Session) -> set[Placed]:
@@ -97,13 +101,11 @@ def purged_placements(session: Session) -> set[Placed]:
     was: a copy made, verified and then deleted by the purge after archiving (a place holding a
     copy in any other state is not: present, quarantined, unverified, being deleted). One
     query, grouped in the database: names only."""
-    verified = and_(PackageCopy.verified_at.is_not(None),
-                    PackageCopy.verified_at >= PackageCopy.created_at)
     return {(package, site, LocationType(kind)) for package, site, kind in session.execute(
         _copies(select(RawDataPackage.name, Site.short_name, DataLocation.location_type))
         .group_by(RawDataPackage.name, Site.short_name, DataLocation.location_type)
         .having(func.sum(case((PackageCopy.status != CopyStatus.DELETED, 1), else_=0)) == 0,
-                func.sum(case((verified, 1), else_=0)) > 0))}
+                func.sum(case((VERIFIED_AFTER_WRITE, 1), else_=0)) > 0))}
 
 
 def built_packages(session: Session) -> set[str]:
