@@ -6,11 +6,15 @@ from collections.abc import Sequence
 
 from dagster import (
     AddDynamicPartitionsRequest,
+    AssetCheckExecutionContext,
+    AssetExecutionContext,
     DagsterInstance,
     DynamicPartitionsDefinition,
     MultiPartitionKey,
     MultiPartitionsDefinition,
     MultiToSingleDimensionPartitionMapping,
+    OutputContext,
+    PartitionsDefinition,
     RunRequest,
     StaticPartitionsDefinition,
 )
@@ -71,3 +75,36 @@ def revived(instance: DagsterInstance,
                      if not instance.has_dynamic_partition(staging_partitions.name, name))
     return ([package_partitions.build_add_request(retired)] if retired else []) + (
         [staging_partitions.build_add_request(missing)] if missing else [])
+
+
+def keep_partition(
+        context: AssetExecutionContext | AssetCheckExecutionContext | OutputContext) -> None:
+    """The step's partition added back if it was deleted while its run worked on it ("Delete
+    partition" in the UI), as the body of a step (asset or check) or its IO manager's output
+    ends. Dagster refuses a partition it does not have, both to record an output (that step
+    failed: "Partition range X to X is not a valid range", its work done or about to be) and
+    to start a step reading an asset of it (the run's next step failed), though OpsDB still
+    holds the package. The retire sensor removes the partition again once it is finished."""
+    partitions_def: PartitionsDefinition | None
+    if isinstance(context, OutputContext):
+        if context.step_context is None or not context.has_asset_partitions:
+            return
+        instance, partitions_def = context.step_context.instance, context.asset_partitions_def
+        key = context.asset_partition_key
+    else:
+        op = context.op_execution_context
+        instance, partitions_def, key = op.instance, op.assets_def.partitions_def, op.partition_key
+    if isinstance(partitions_def, MultiPartitionsDefinition):
+        keys = partitions_def.get_partition_key_from_str(str(key)).keys_by_dimension
+        dimensions: list[tuple[PartitionsDefinition | None, str]] = [
+            (d.partitions_def, keys[d.name]) for d in partitions_def.partitions_defs]
+    else:
+        dimensions = [(partitions_def, key)]
+    for definition, name in dimensions:
+        if not isinstance(definition, DynamicPartitionsDefinition) or definition.name is None:
+            continue
+        if not instance.has_dynamic_partition(definition.name, name):
+            instance.add_dynamic_partitions(definition.name, [name])
+            context.log.warning(f"partition {name} of {definition.name} was deleted while this "
+                                "run worked on it (the UI's Delete partition?): added back, "
+                                "OpsDB still holds it")

@@ -16,7 +16,7 @@ from dagster import (
 
 from ccat_assets.integrity import copy_check
 from ccat_assets.interrupts import stops_when_interrupted
-from ccat_assets.partitions import package_site_key
+from ccat_assets.partitions import keep_partition, package_site_key
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.packages import get_package
@@ -75,6 +75,7 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
                 asset_key=context.asset_key, partition=str(package_site_key(companion, obj.site)),
                 metadata={"outcome": f"copied in the batched session of {obj.package}'s run",
                           "batched_with": obj.package, "transport": placed.transport or "none"}))
+        keep_partition(context)  # deleted in the UI during the copy: the run's next step needs it
 
     def _bad_source(self, context: OutputContext, exc: BadSource) -> None:
         """The copy this step was sent from, found bad and quarantined: its stage's check says

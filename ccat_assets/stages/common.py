@@ -3,9 +3,18 @@ headline) and how a copy stage plans its placement and reports its copy's verifi
 
 from typing import Any
 
-from dagster import AssetCheckResult, AssetCheckSeverity, Backoff, Failure, RetryPolicy
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    Backoff,
+    Failure,
+    RetryPolicy,
+)
 
 from ccat_assets.interrupts import NOT_RETRIED
+from ccat_assets.partitions import keep_partition, split_key
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import LocationType
 from ccat_dt.references import Placement
@@ -33,20 +42,27 @@ def permanent(exc: BaseException) -> Failure:
     return Failure(description=str(exc), allow_retries=False)
 
 
-def planned(deployment: Deployment, package: str, site: str, kind: LocationType) -> Placement:
-    """Where the copy goes and where it comes from; the IO manager moves and verifies it."""
+def planned(context: AssetExecutionContext, deployment: Deployment,
+            kind: LocationType) -> Placement:
+    """Where the copy of the step's package x site partition goes and where it comes from;
+    the IO manager moves and verifies it."""
+    package, site = split_key(context.partition_key)
     try:
-        return plan_placement(deployment.opsdb, deployment.config, package, site, kind)
+        placement = plan_placement(deployment.opsdb, deployment.config, package, site, kind)
     except (NotReady, LookupError) as exc:
         raise permanent(exc) from exc
+    keep_partition(context)
+    return placement
 
 
-def verified(deployment: Deployment, package: str, site: str, kind: LocationType,
-             run_id: str | None = None) -> AssetCheckResult:
-    """The copy's verification: the read run `run_id` did of it (the transport's landed-bytes
-    hash), else a re-read now; the evidence (checksum, when, by what, operation) as metadata."""
+def verified(context: AssetCheckExecutionContext, deployment: Deployment, package: str,
+             site: str, kind: LocationType) -> AssetCheckResult:
+    """The copy's verification: the read this check's run did of it (the transport's
+    landed-bytes hash), else a re-read now; the evidence (checksum, when, by what, operation)
+    as metadata."""
     verification = check_stage(deployment.opsdb, deployment.config, package, site, kind,
-                               run_id=run_id)
+                               run_id=context.run.run_id)
+    keep_partition(context)
     # A copy whose storage could not be looked at is not known bad: a warning, not an error.
     severity = AssetCheckSeverity.ERROR if verification.reached else AssetCheckSeverity.WARN
     return AssetCheckResult(passed=verification.passed, description=verification.description,

@@ -33,8 +33,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
     def lta_copies(context: AssetExecutionContext, deployment: Deployment) -> Placement:
         """The package archived in the site's long-term archive, from its buffer copy (or,
         that purged or bad, from the nearest verified LTA copy elsewhere)."""
-        package, site = split_key(context.partition_key)
-        return planned(deployment, package, site, LocationType.LONG_TERM_ARCHIVE)
+        return planned(context, deployment, LocationType.LONG_TERM_ARCHIVE)
 
     return [lta_copies]
 
@@ -47,7 +46,6 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
         """The copy in the site's long-term archive read on its storage to the package checksum:
         by the transport on the landed bytes when this run placed it, else re-read now."""
         package, site = split_key(context.partition_key)
-        return verified(deployment, package, site, LocationType.LONG_TERM_ARCHIVE,
-                        run_id=context.run.run_id)
+        return verified(context, deployment, package, site, LocationType.LONG_TERM_ARCHIVE)
 
     return [lta_copy_checksum]

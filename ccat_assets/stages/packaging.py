@@ -17,7 +17,7 @@ from dagster import (
 )
 
 from ccat_assets.interrupts import stops_when_interrupted
-from ccat_assets.partitions import package_partitions
+from ccat_assets.partitions import keep_partition, package_partitions
 from ccat_assets.stages.common import GROUP, permanent, transient_retries, verified
 from ccat_dt import packages as package_builds
 from ccat_dt.config import Config
@@ -37,6 +37,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
             filed = package_builds.filed_files(deployment.opsdb, context.partition_key)
         except LookupError as exc:  # a partition OpsDB does not know
             raise permanent(exc) from exc
+        keep_partition(context)
         return MaterializeResult(metadata={"files": filed.count, "bytes": filed.bytes,
                                            "locations": ", ".join(filed.locations)})
 
@@ -66,6 +67,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
         deployment.report("packaging", context.partition_key, site,
                           "unchanged" if built.note else "ok", time.monotonic() - started,
                           bytes=ref.size)
+        keep_partition(context)
         return MaterializeResult(metadata={
             "path": ref.path, "size": ref.size, "checksum": ref.checksum,
             "outcome": built.note or "built now",
@@ -85,6 +87,7 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
         found = source_problems(deployment.opsdb, context.partition_key)
         fail_unbuilt(deployment.opsdb, deployment.config, context.partition_key,
                      found)  # `why` shows it
+        keep_partition(context)  # the packages step next reads it
         return AssetCheckResult(passed=not found.problems and not found.unmounted,
                                 description=found.summary())
 
@@ -93,7 +96,7 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
                          deployment: Deployment) -> AssetCheckResult:
         """The tar at the observatory buffer reads to the recorded package checksum: read back
         by its build in this run, else re-read now."""
-        return verified(deployment, context.partition_key, observatory, LocationType.BUFFER,
-                        run_id=context.run.run_id)
+        return verified(context, deployment, context.partition_key, observatory,
+                        LocationType.BUFFER)
 
     return [raw_files_present, package_checksum]

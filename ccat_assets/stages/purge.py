@@ -20,7 +20,7 @@ from dagster import (
     define_asset_job,
 )
 
-from ccat_assets.partitions import by_package, package_partitions
+from ccat_assets.partitions import by_package, keep_partition, package_partitions
 from ccat_assets.stages.common import GROUP, permanent, transient_retries
 from ccat_dt.config import Config
 from ccat_dt.loss import Health, assess
@@ -66,6 +66,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
             # person: the run fails once; its other deletions wait for the re-attempt.
             raise Failure("deletions failed:\n" + "\n".join(report.failures),
                           allow_retries=not report.refused)
+        keep_partition(context)
         return MaterializeResult(metadata={
             "deleted": report.deleted, "deleted_bytes": report.deleted_bytes,
             "kept": "\n".join(f"{d.site}/{d.location} {d.path}: {d.reason}"

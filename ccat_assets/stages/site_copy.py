@@ -36,8 +36,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
     def site_copies(context: AssetExecutionContext, deployment: Deployment) -> Placement:
         """The package in the site's buffer: out of the observatory once, then archive to
         archive; the IO manager moves and verifies it."""
-        package, site = split_key(context.partition_key)
-        return planned(deployment, package, site, LocationType.BUFFER)
+        return planned(context, deployment, LocationType.BUFFER)
 
     return [site_copies]
 
@@ -50,7 +49,6 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
         """The copy in the site's buffer read on its storage to the package checksum:
         by the transport on the landed bytes when this run placed it, else re-read now."""
         package, site = split_key(context.partition_key)
-        return verified(deployment, package, site, LocationType.BUFFER,
-                        run_id=context.run.run_id)
+        return verified(context, deployment, package, site, LocationType.BUFFER)
 
     return [site_copy_checksum]

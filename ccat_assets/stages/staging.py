@@ -19,7 +19,7 @@ from dagster import (
 )
 
 from ccat_assets.interrupts import stops_when_interrupted
-from ccat_assets.partitions import STAGING_JOB, staging_partitions
+from ccat_assets.partitions import STAGING_JOB, keep_partition, staging_partitions
 from ccat_assets.stages.common import permanent, transient_retries
 from ccat_dt.config import Config
 from ccat_dt.staging import StagingError, not_active, stage, staged_problems
@@ -52,6 +52,7 @@ def assets(config: Config) -> list[AssetsDefinition]:
             raise
         deployment.report("staging", context.partition_key, "*", "ok",
                           time.monotonic() - started, bytes=staged.bytes)
+        keep_partition(context)
         return MaterializeResult(metadata={"packages": staged.packages, "files": staged.files,
                                            "bytes": staged.bytes,
                                            "outcome": staged.note or "staged"})

@@ -11,13 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import DagsterInstance
+from dagster import AssetKey, DagsterInstance
 from sqlalchemy import select
 
+import ccat_assets.stages.common as stage_common
+import ccat_assets.stages.packaging as packaging_stage
+import ccat_assets.stages.purge as purge_stage
 import ccat_dt.packages as packages
+import resources.placement as placement
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import CopyStatus, PackageCopy, RawDataFile, RawDataPackage
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    LocationType,
+    PackageCopy,
+    RawDataFile,
+    RawDataPackage,
+)
 from ccat_dt.tarball import read_manifest
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
@@ -32,7 +42,7 @@ from tests.faults.pipeline import (
     spawn,
     wait_for,
 )
-from tests.faults.storage_truth import lost_filed_files
+from tests.faults.storage_truth import good_archive_sites, lost_filed_files
 
 
 def cli(config: Config, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -112,6 +122,52 @@ def _taken_out_everywhere(config: Config, opsdb: OpsDB, relative: str) -> None:
     archived_everywhere(config, opsdb)
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
+
+
+# Where "Delete partition" in the UI strikes a run of the package: the function of the step's
+# body (or of its IO manager) it strikes in, at its first call with these arguments.
+DELETED_DURING: dict[str, tuple[Any, str, tuple[Any, ...]]] = {
+    "files' check": (packaging_stage, "source_problems", ()),
+    "packaging": (packages, "ensure_built", ()),
+    "copy planned": (stage_common, "plan_placement", (LocationType.BUFFER,)),
+    "copy in flight": (placement, "place", (LocationType.BUFFER,)),
+    "copy's check": (stage_common, "check_stage", ("cologne", LocationType.BUFFER)),
+    "archiving planned": (stage_common, "plan_placement", (LocationType.LONG_TERM_ARCHIVE,)),
+    "purge": (purge_stage, "purge_package", ()),
+}
+
+
+@pytest.mark.parametrize("during", DELETED_DURING)
+def test_partition_deleted_in_the_ui_while_its_run_works_on_it(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch, during: str) -> None:
+    """"Delete partition" of a package in the UI while a run of it is in a step: the run
+    goes on, the partition is added back as its step ends, and the package is archived at
+    every site with nothing failed. Before, Dagster failed the step as it recorded its output
+    ("Partition range P to P is not a valid range"), the copy's archiving step was not run,
+    and `drive` ended with a failed run no later run healed (exit 1)."""
+    observe(config, opsdb, files=3)
+    module, name, when = DELETED_DURING[during]
+    real = getattr(module, name)
+    deleted: list[str] = []
+
+    def struck(*args: Any, **kwargs: Any) -> Any:
+        if not deleted and all(arg in args for arg in when):
+            [package] = instance.get_dynamic_partitions("packages")
+            instance.delete_dynamic_partition("packages", package)
+            deleted.append(package)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, struck)
+    report = run(config, instance, workers=1)
+    assert deleted, f"no partition deleted during {during}"
+    assert report.failed == [], report.failed
+    archives = {f"{site.short_name}/lta" for site in config.settings.archive_sites}
+    assert all(sites == archives for sites in good_archive_sites(config, opsdb).values())
+    assert_safe(config, opsdb)
+    [package] = deleted
+    for asset in ("packages", "purge_status"):
+        assert package in instance.get_materialized_partitions(AssetKey(asset)), asset
 
 
 def test_exclude_after_the_tar_is_recorded_before_its_check_keeps_the_file_out(
