@@ -80,6 +80,7 @@ from dagster._core.scheduler.instigation import (
 from dagster._core.storage.dagster_run import FINISHED_STATUSES
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._utils.error import SerializableErrorInfo
 from dagster._utils.schedules import reverse_cron_string_iterator
 
 from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness, process_liveness
@@ -946,12 +947,20 @@ def healed_runs(instance: DagsterInstance, report: DriveReport) -> list[str]:
 
 def _transient(instance: DagsterInstance, run_id: str) -> bool:
     """Whether every step of the run failed on an error its retry policy retried (Dagster's
-    RetryRequestedFromPolicy once its attempts ran out), none on one raised as final."""
+    RetryRequestedFromPolicy once its attempts ran out), or on its partition deleted in the
+    UI between two of its steps (each step adds it back as it ends: partitions.keep_partition;
+    its re-attempt revives it), none on one raised as final."""
     errors = [record.dagster_event.step_failure_data.error
               for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE)
               if record.dagster_event is not None]
-    return bool(errors) and all(
-        error is not None and error.cls_name == "RetryRequestedFromPolicy" for error in errors)
+    return bool(errors) and all(error is not None and (
+        error.cls_name == "RetryRequestedFromPolicy" or _partition_deleted(error))
+        for error in errors)
+
+
+def _partition_deleted(error: SerializableErrorInfo) -> bool:
+    return (error.cls_name == "DagsterInvalidInvocationError"
+            and "Nonexistent partition keys" in error.message)
 
 
 def _reconstructable(job: JobDefinition) -> ReconstructableJob:

@@ -170,6 +170,34 @@ def test_partition_deleted_in_the_ui_while_its_run_works_on_it(
         assert package in instance.get_materialized_partitions(AssetKey(asset)), asset
 
 
+def test_partition_deleted_just_after_a_step_added_it_back_fails_that_run_once_healed(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted just after a step added it back (a gap no step can close; here as the copy
+    step's body ends, before Dagster records its output): that run fails, its re-attempt (the
+    partition revived with its request) copies and archives the package, and `drive` counts
+    the failure healed (exit 0). Before, such a failure was never healed: not a retried
+    error."""
+    observe(config, opsdb, files=3)
+    real = stage_common.keep_partition
+    deleted: list[str] = []
+
+    def then_deleted(context: Any) -> None:
+        real(context)
+        if not deleted and "|" in str(context.partition_key):  # the copy's, not the tar's
+            [package] = instance.get_dynamic_partitions("packages")
+            instance.delete_dynamic_partition("packages", package)
+            deleted.append(package)
+
+    monkeypatch.setattr(stage_common, "keep_partition", then_deleted)
+    report = run(config, instance, workers=1)
+    assert deleted and len(report.failed) == 1, report.failed
+    assert report.unhealed == [], report.unhealed
+    archives = {f"{site.short_name}/lta" for site in config.settings.archive_sites}
+    assert all(sites == archives for sites in good_archive_sites(config, opsdb).values())
+    assert_safe(config, opsdb)
+
+
 def test_exclude_after_the_tar_is_recorded_before_its_check_keeps_the_file_out(
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
         monkeypatch: pytest.MonkeyPatch) -> None:
