@@ -317,14 +317,24 @@ def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_
                           wait_s=wait_s)
 
 
+def enqueue(instance: DagsterInstance, run: DagsterRun) -> DagsterRun:
+    """A run the drive created (NOT_STARTED) made QUEUED, as the run coordinator's submit
+    does, to wait in the drive's pool for its link: the UI's Terminate cancels a QUEUED run,
+    and refuses a NOT_STARTED one ("could not be terminated due to having status
+    NOT_STARTED"), which was then executed all the same."""
+    instance.report_dagster_event(DagsterEvent.job_enqueue(run), run_id=run.run_id)
+    return instance.get_run_by_id(run.run_id) or run
+
+
 def claim(instance: DagsterInstance, run: DagsterRun) -> DagsterRun | None:
-    """A queued run made this drive's as it starts: tagged (close_dead_runs closes it if the
-    drive dies) and STARTING, as the daemon's launch does. None if it is QUEUED no more
-    (terminated, deleted, dequeued by a daemon), if a Dagster daemon's queue runs now (the
-    run is left to it), or if an operator's cancel came as it was claimed (its event in the
-    run's log: Dagster's cancel of a QUEUED run and this claim each read the status, then
-    write theirs): then it is marked CANCELED, not executed. Drives on one deployment claim
-    one at a time (drive_lock)."""
+    """A queued run (the drive's own, or adopted) made this drive's as it starts: tagged
+    (close_dead_runs closes it if the drive dies) and STARTING, as the daemon's launch does.
+    None if it is QUEUED no more (terminated, deleted, dequeued by a daemon), if a Dagster
+    daemon's queue runs now (the run is left to it: it dequeues every queued run, and both
+    starting it would execute it twice), or if an operator's cancel came as it was claimed
+    (its event in the run's log: Dagster's cancel of a QUEUED run and this claim each read
+    the status, then write theirs): then it is marked CANCELED, not executed. Drives on one
+    deployment claim one at a time (drive_lock)."""
     now = instance.get_run_by_id(run.run_id)
     if now is None or now.status != DagsterRunStatus.QUEUED or live_daemon(instance):
         return None
@@ -833,7 +843,9 @@ class _Runs:
         if run.asset_check_keys is not None:  # checks alone (or a subset), as the daemon runs it
             job = job.get_subset(asset_selection=set(run.asset_selection or ()),
                                  asset_check_selection=set(run.asset_check_keys))
-        tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin, DRIVE_TAG: _me()}
+        tags = {**run.tags, RUN_KEY: run.run_key or "", SENSOR: origin}
+        if self.pool is None:  # executed at once; a queued run is the drive's as it starts
+            tags[DRIVE_TAG] = _me()
         run_config = with_run_loggers(run.run_config)  # quiet under the CLI (runlog.py)
         key = run.run_key or job.name
         created, runnable = _create(job, instance, run.partition_key, run_config, tags)
@@ -843,7 +855,7 @@ class _Runs:
         if self.pool is None:
             self._execute_here(key, runnable, created)
         else:
-            self.pool.submit(Queued(key, created, runnable))
+            self.pool.submit(Queued(key, enqueue(instance, created), runnable))
 
     def adopt_queued(self) -> None:
         """Execute the runs queued (the UI's "Materialize", a backfill, `dagster job launch`),

@@ -5,15 +5,17 @@
 
 Fork, not spawn: a child starts in milliseconds with everything the drive imported (and a
 test's monkeypatches). The drive creates each run in the instance before it waits here, so the
-run-key dedupe, the sensors' in-flight checks and close_dead_runs see it at once. A child that
-dies (kill -9, a segfault) leaves its run in flight; the pool marks it failed when it sees the
-child's exit, so that the re-attempt sensor takes it. A run others queued (the UI, a backfill)
-that the drive executes stays QUEUED while it waits here, made the drive's (STARTING) only as
-it starts: Dagster cancels a QUEUED run (Terminate, a backfill's Cancel), not a STARTING one.
-Whatever waits here is looked at again as it starts: a run terminated, deleted or dequeued by
-another meanwhile is not executed. A drive killed with SIGKILL leaves its
-children to finish their runs: they hold the drive lock (its file descriptor is inherited), so
-the next drive starts after them and closes whatever they left in flight."""
+run-key dedupe and the sensors' in-flight checks see it at once. A child that dies (kill -9, a
+segfault) leaves its run in flight; the pool marks it failed when it sees the child's exit, so
+that the re-attempt sensor takes it. Every run waiting here is QUEUED, the
+drive's own as those others queued (the UI, a backfill), and made the drive's (STARTING:
+`claim`) only as it starts: Dagster cancels a QUEUED run (the UI's Terminate, a backfill's
+Cancel), neither a NOT_STARTED nor a STARTING one. Whatever waits here is looked at again
+as it starts: a run terminated, deleted or dequeued by another meanwhile is not executed. A
+drive killed with SIGKILL leaves its children to finish their runs: they hold the drive lock
+(its file descriptor is inherited), so the next drive starts after them and closes whatever
+they left in flight; the runs left waiting here are still QUEUED, and the next drive (or a
+daemon) executes them as any queued run."""
 
 from __future__ import annotations
 
@@ -59,10 +61,11 @@ def run_limits(instance: DagsterInstance) -> tuple[int, list[Mapping[str, Any]]]
 @dataclass(frozen=True)
 class Queued:
     key: str  # what the drive reports the run as (its run key, or its job's name)
-    run: DagsterRun  # created in the instance, NOT_STARTED; or QUEUED, if `adopted`
+    run: DagsterRun  # in the instance, QUEUED: left so until it starts (`claim`), so that
+    # Dagster's Terminate and a backfill's Cancel stop it meanwhile
     job: IJob  # what execute_run executes: the in-memory job, or the reconstructable one
-    adopted: bool = False  # a run others queued (the UI, a backfill): left QUEUED until it
-    # starts, so that Dagster's Terminate and a backfill's cancel still stop it meanwhile
+    adopted: bool = False  # a run others queued (the UI, a backfill), not the drive's own:
+    # left QUEUED if the drive stops before it starts (`terminate`)
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,8 @@ class RunPool:
                  route: Callable[[DagsterRun], DagsterRun] = lambda run: run,
                  claim: Callable[[DagsterRun], DagsterRun | None] = lambda run: run) -> None:
         """`route`: a run's tags made current as it is about to start (routing.reroute).
-        `claim`: an adopted run made the drive's as it starts (STARTING), or None if it is
-        queued no more."""
+        `claim`: a queued run made the drive's as it starts (STARTING), or None if it is
+        queued no more or left to a Dagster daemon."""
         self.instance, self.workers, self.tag_limits = instance, workers, list(tag_limits)
         self.route, self.claim = route, claim
         self.queue: deque[Queued] = deque()
@@ -238,11 +241,11 @@ class RunPool:
             return Finished(queued.key, ok=False, run_id=queued.run.run_id, deleted=True)
 
     def _claimed(self, queued: Queued) -> Queued | Finished:
-        """An adopted run made the drive's as it starts (`claim`: STARTING), if it is still
+        """A queued run made the drive's as it starts (`claim`: STARTING), if it is still
         QUEUED: until then Dagster's own cancel paths stop it. One `claim` refuses while it
-        is still QUEUED is left to the daemon."""
-        if not queued.adopted:
-            return queued
+        is still QUEUED is left to the daemon (one runs now: it dequeues it; the drive must
+        not start it as well). Before, the drive's own runs waited NOT_STARTED, which the
+        UI's Terminate refuses: they were executed all the same."""
         try:
             if (claimed := self.claim(queued.run)) is not None:
                 return replace(queued, run=claimed)
@@ -256,8 +259,7 @@ class RunPool:
         """Why the queued run (`run`: as it is now) must not be executed, if so: deleted (as
         the daemon executes no deleted run); terminated by an operator (the UI's Terminate or
         Force termination, a backfill's Cancel), marked CANCELED if it was CANCELING; no
-        longer waiting to be started (an adopted run dequeued by a Dagster daemon started
-        meanwhile)."""
+        longer waiting to be started (dequeued by a Dagster daemon started meanwhile)."""
         run_id = queued.run.run_id
         if run is None:
             return Finished(queued.key, ok=False, run_id=run_id, deleted=True)
@@ -265,8 +267,7 @@ class RunPool:
             if run.status == DagsterRunStatus.CANCELING:  # no process executes it
                 self.instance.report_run_canceled(run, message="canceled before it started")
             return Finished(queued.key, ok=False, run_id=run_id, canceled=True)
-        waiting = DagsterRunStatus.QUEUED if queued.adopted else DagsterRunStatus.NOT_STARTED
-        if run.status != waiting:
+        if run.status != DagsterRunStatus.QUEUED:
             return Finished(queued.key, ok=False, run_id=run_id, taken=run.status.value)
         return None
 

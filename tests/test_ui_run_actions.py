@@ -19,6 +19,7 @@ from dagster import (
     BetaWarning,
     DagsterEventType,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     PreviewWarning,
     RunsFilter,
@@ -32,12 +33,15 @@ from ccat_assets.driver import drive
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.instance import write_instance_yaml
 from ccat_assets.partitions import PACKAGES, package_site_key
+from ccat_assets.routing import partition_of, stages_of
 from ccat_assets.runlog import run_failure
 from ccat_assets.runpool import Queued, RunPool
+from ccat_assets.tags import LINK_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation
 from ccat_dt.packages import plan_packages
+from ccat_dt.stages import Stage
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere, deployment, observe, plan, source_root
 from tests.test_dry_runs import LOCATION, the_ui
@@ -354,6 +358,80 @@ def test_a_run_the_drive_holds_for_its_link_can_be_terminated_and_is_never_execu
             else:
                 canceled = instance.get_backfill(backfill)
                 assert canceled is not None and canceled.status == BulkActionStatus.CANCELED
+            assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+        on_disk(config, raw)
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+def test_a_drive_run_waiting_for_its_link_is_stopped_by_a_plain_terminate_in_the_ui(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sensors' copies of four packages to their primary archives, one run per link at
+    once: two execute, two wait in the drive's pool for their link. The operator clicks
+    Terminate (not "Force termination") on one that waits, as the UI sends it. Before, the
+    drive's own waiting runs were NOT_STARTED, which Dagster refuses to terminate ("could not
+    be terminated due to having status NOT_STARTED"): only a forced termination stopped
+    them. Now they wait QUEUED, as the runs others queued, and are the drive's (STARTING) only
+    as they start: the terminated run ends CANCELED and never executes (no bytes of its
+    package reach its destination until the work is asked for again), the drive goes on with
+    the others, and the sensors redo its copy after the back-off: every package ends archived
+    at both sites and purged, nothing failed."""
+    config = deployment(tmp_path / "deploy", routes=ONE_SLOT,
+                        policies={"retry_backoff_first_s": 0.2})
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe_modules(config, opsdb, observations=2)  # 4 packages, 2 per primary archive
+        source = config.resolve_root("sites/ccat/instruments")
+        raw = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
+        with DagsterInstance.from_config(str(home)) as instance:
+            stopped: list[DagsterRun] = []
+            early: list[str] = []  # the stopped copy's bytes at its destination too early
+            wait = RunPool.wait
+
+            def operator(pool: RunPool, timeout: float | None = None) -> Any:
+                """Once a copy of the drive's waits for its link: the operator's Terminate.
+                Then, at each look, its package must be at none of its destination's
+                locations while no later run of its copy exists."""
+                copying = {child.queued.run.tags.get(LINK_TAG)
+                           for child in pool.children.values()
+                           if Stage.SITE_COPY in stages_of(child.queued.run)}
+                waiting = [q.run for q in pool.queue if not q.adopted
+                           and Stage.SITE_COPY in stages_of(q.run)
+                           and q.run.tags.get(LINK_TAG) in copying]
+                if not stopped and waiting:
+                    stopped.append(waiting[-1])
+                    terminate_in_the_ui(instance, waiting[-1], "SAFE_TERMINATE")
+                if stopped:
+                    run = stopped[0]
+                    partition = partition_of(run.tags)
+                    assert partition is not None and partition[1] is not None
+                    again = [r for r in instance.get_runs(RunsFilter(
+                        tags={"dagster/partition": run.tags["dagster/partition"]}))
+                        if r.run_id != run.run_id]
+                    site = config.resolve_root(f"sites/{partition[1]}")
+                    if not again:
+                        early.extend(str(p) for p in site.rglob(f"*{partition[0]}*"))
+                return wait(pool, timeout)
+
+            monkeypatch.setattr(RunPool, "wait", operator)
+            lines: list[str] = []
+            report = drive(build_definitions(config), instance, wait_s=10, log=lines.append)
+
+            [run] = stopped
+            ended = instance.get_run_by_id(run.run_id)
+            assert ended is not None and ended.status == DagsterRunStatus.CANCELED
+            assert not instance.all_logs(run.run_id, of_type={
+                DagsterEventType.RUN_START, DagsterEventType.STEP_START})
+            assert any(line.startswith("CANCELED ") and run.run_id in line for line in lines), \
+                lines
+            assert early == [], early  # nothing of the terminated run on the storage
+            with opsdb.session() as session:  # no transfer or anything else of it
+                assert not session.scalars(select(Operation.id).where(
+                    Operation.run_id == run.run_id)).all()
+            assert report.failed == [], report.failed
             assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
         on_disk(config, raw)
         archived_everywhere(config, opsdb)
