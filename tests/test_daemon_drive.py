@@ -15,13 +15,25 @@ import socket
 import subprocess
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
-from dagster import AssetKey, BetaWarning, DagsterInstance, DagsterRunStatus, PreviewWarning
+import pytest
+from dagster import (
+    AssetKey,
+    BetaWarning,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    PreviewWarning,
+)
 from sqlalchemy import select
 
-from ccat_assets.driver import SENSOR_DAEMON
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import SENSOR_DAEMON, drive, live_daemon
 from ccat_assets.instance import write_instance_yaml
+from ccat_assets.runpool import RunPool
 from ccat_assets.tags import DRIVE_TAG
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
@@ -41,11 +53,14 @@ from ccat_dt.report import disagreements
 from ccat_dt.storage import files_under
 from tests.browser import START_TIMEOUT_S, dagster_daemon
 from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere, deployment
 from tests.helpers import observe
 from tests.test_exit_codes import CCAT_DT, clean_env
 from tests.test_lifecycle import packages
 from tests.test_operator_actions import check_status
+from tests.test_parallel_drive import observe as observe_modules
 from tests.test_ui_browser import LIFECYCLE
+from tests.test_ui_run_actions import ONE_SLOT, on_disk
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -165,3 +180,65 @@ def transfers_out_of_the_observatory(opsdb: OpsDB) -> list[tuple[str, str]]:
             .join(Site, DataLocation.site_id == Site.id)
             .where(Operation.operation_type == OperationType.TRANSFER,
                    Operation.source_location_id == buffer)))
+
+
+def test_a_daemon_started_while_the_drive_holds_its_runs_queued_executes_each_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make ui` started while a drive's own copies wait in its pool for their link (one run
+    per link at once). They wait QUEUED (so that the UI's Terminate stops them), and the
+    daemon's run queue dequeues every queued run: the drive leaves them to it (claim) and
+    starts none of them itself, says so (TAKEN), then waits for the daemon to finish the
+    work. Each run is executed once, by one of them: no run started twice, each package
+    transferred once from the observatory, archived once at each site."""
+    config = deployment(tmp_path / "deploy", routes=ONE_SLOT)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe_modules(config, opsdb, observations=2)  # 4 packages, 2 per primary archive
+        source = config.resolve_root("sites/ccat/instruments")
+        raw = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
+        with DagsterInstance.from_config(str(home)) as instance, ExitStack() as daemon:
+            left: list[str] = []  # the drive's own runs waiting as the daemon started
+            wait = RunPool.wait
+
+            def make_ui(pool: RunPool, timeout: float | None = None) -> Any:
+                """Once runs of the drive's wait for their link: the daemon starts."""
+                if not left and pool.children and any(not q.adopted for q in pool.queue):
+                    left.extend(q.run.run_id for q in pool.queue if not q.adopted)
+                    daemon.enter_context(dagster_daemon(home, config.path,
+                                                        tmp_path / "daemon.log"))
+                    deadline = time.monotonic() + START_TIMEOUT_S
+                    while live_daemon(instance) is None:  # its run queue is up
+                        assert time.monotonic() < deadline, "the daemon's queue never reported"
+                        time.sleep(0.2)
+                return wait(pool, timeout)
+
+            monkeypatch.setattr(RunPool, "wait", make_ui)
+            monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
+            lines: list[str] = []
+            report = drive(build_definitions(config), instance, wait_s=0, log=lines.append)
+
+            assert left, "\n".join(lines)
+            assert report.failed == [], "\n".join(lines)
+            for run_id in left:  # left to the daemon, which executed them
+                run = instance.get_run_by_id(run_id)
+                assert run is not None and run.status == DagsterRunStatus.SUCCESS, run_id
+                assert not run.tags.get(DRIVE_TAG), run.tags
+                assert any(line.startswith("TAKEN ") and run_id in line for line in lines), \
+                    "\n".join(lines)
+            runs = instance.get_runs()
+            assert {r.status for r in runs} == {DagsterRunStatus.SUCCESS}
+            for run in runs:  # none started twice (by the drive and by the daemon)
+                assert len(instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_START)
+                           ) == 1, run.run_id
+            keys = collections.Counter(r.tags.get("dagster/run_key") for r in runs)
+            assert [key for key, n in keys.items() if n > 1] == []
+        found = packages(opsdb)
+        assert len(found) == 4 and {p.state for p in found} == {PackageState.ARCHIVED}
+        assert transfers_out_of_the_observatory(opsdb) == sorted(
+            (p.name, p.primary_site.short_name) for p in found)
+        on_disk(config, raw)  # read from the disks: each file once in each archive
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
