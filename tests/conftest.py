@@ -74,7 +74,7 @@ def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
 
 
 pytest_plugins = ["tests.services", "tests.sshd", "tests.victoria", "tests.notify_servers",
-                  "tests.faults.disks"]
+                  "tests.faults.disks", "tests.faults.blackhole"]
 
 # Integration tests that take seconds to minutes each (whole lifecycles, Celery workers, the
 # UI in a browser, injected faults, subprocesses of the CLI): marked `slow` here, in one place,

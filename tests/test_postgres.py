@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy
 from dagster import DagsterInstance
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect, make_url, text
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
-from ccat_dt.opsdb.database import OpsDB, create_opsdb_engine, migrate
+from ccat_dt.opsdb.database import LINK_TIMEOUT_ENV, OpsDB, create_opsdb_engine, migrate
 from ccat_dt.opsdb.models import Base
 from ccat_dt.report import disagreements, summarize
 from ccat_dt.topology import prepare_opsdb
@@ -52,3 +54,52 @@ def test_lifecycle_on_a_postgres_opsdb(pg_config: Config, tmp_path: Path) -> Non
     assert lines["cologne/lta"].present == 2 and lines["us/lta"].present == 2
     assert disagreements(opsdb) == []
     opsdb.dispose()
+
+
+def _link(engine: Engine) -> tuple[dict[str, str], dict[str, str]]:
+    """How a new connection of `engine` gives up a silent network path: libpq's parameters
+    (the client's end) and the session's settings in the server (its end)."""
+    with engine.connect() as connection:
+        libpq: Any = connection.connection.dbapi_connection
+        client = {key: value for key, value in libpq.get_dsn_parameters().items()
+                  if key.startswith(("keepalives", "tcp_user_timeout", "connect_timeout"))}
+        server = {name: setting for name, setting in connection.execute(text(
+            "SELECT name, setting FROM pg_settings WHERE name IN ('tcp_keepalives_idle', "
+            "'tcp_keepalives_interval', 'tcp_keepalives_count', 'tcp_user_timeout')"))}
+    engine.dispose()
+    return client, server
+
+
+def test_both_ends_of_every_opsdb_session_give_a_silent_path_up(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The application's engine and Alembic's (`migrate`): libpq's keepalives and
+    tcp_user_timeout (PG_LINK_TIMEOUT_S, 30 s), and the same asked of the server for its end
+    of the session. Before, neither engine set any, and a query whose path black-holed waited
+    for ever (tests/faults/test_opsdb_link_black_hole.py). A URL's own parameters are kept,
+    and the server's end follows them; a setting the URL's `options` makes is left alone."""
+    monkeypatch.delenv(LINK_TIMEOUT_ENV, raising=False)
+    client = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "10",
+              "keepalives_interval": "5", "keepalives_count": "4", "tcp_user_timeout": "30000"}
+    server = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
+              "tcp_keepalives_count": "4", "tcp_user_timeout": "30000"}
+    made: list[Engine] = []
+    real = sqlalchemy.create_engine
+
+    def recorded(*args: Any, **kwargs: Any) -> Engine:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sqlalchemy, "create_engine", recorded)  # what migrations/env.py calls
+    migrate(postgres_url)
+    monkeypatch.setattr(sqlalchemy, "create_engine", real)
+    [alembic] = made
+    assert _link(alembic) == (client, server)
+    assert _link(create_opsdb_engine(postgres_url)) == (client, server)
+
+    url = make_url(postgres_url)
+    own = url.update_query_dict({"keepalives_idle": "40", "tcp_user_timeout": "90000",
+                                 "options": f"{url.query['options']} -ctcp_keepalives_count=7"})
+    assert _link(create_opsdb_engine(own.render_as_string(hide_password=False))) == (
+        {**client, "keepalives_idle": "40", "tcp_user_timeout": "90000"},
+        {**server, "tcp_keepalives_idle": "40", "tcp_user_timeout": "90000",
+         "tcp_keepalives_count": "7"})

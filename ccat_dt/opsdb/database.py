@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event, inspect, make_url, text
+from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:  # Alembic is imported only to migrate: every command opens an OpsDB
@@ -21,6 +22,27 @@ LOCK_TIMEOUT_S = 30.0
 # PostgreSQL: a server that takes the connection and never answers (its host hung on I/O, a
 # stopped postmaster) is given up on after this (libpq's connect_timeout; none: for ever).
 PG_CONNECT_TIMEOUT_S = 10
+# PostgreSQL: a network path that goes silent (a firewall or NAT forgetting the connection, a
+# VPN or link down, the server's host gone: packets black-holed, no RST, no FIN) while a
+# statement waits for its answer, or while a pooled connection is idle, is given up on after
+# about this long: data sent and not acknowledged so long (libpq's tcp_user_timeout), or TCP
+# keepalive probes unanswered (sent after a third of it without a packet, then every sixth),
+# end the connection with an error ("could not receive data from server: Connection timed
+# out"), an OpsDB fault retried and re-attempted like a server restart; the next connection,
+# once the path is back, works. Without it a drive, its runs, a sensor tick or a command
+# waited for ever on a read that never returned, with nobody told. The server is asked the
+# same for its side of the session (tcp_keepalives_*, tcp_user_timeout), so that a cut
+# session's transaction is rolled back and its locks are released, not kept until the
+# server's own keepalive (2 h by default). A statement that runs long on a live path is not
+# concerned: the kernels acknowledge and answer the probes. A URL's own parameters are kept
+# (`keepalives_idle=...`, `tcp_user_timeout=...`; the server's side follows them).
+LINK_TIMEOUT_ENV = "CCAT_DT_OPSDB_LINK_TIMEOUT_S"
+PG_LINK_TIMEOUT_S = 30.0
+# libpq's parameter (URL query, connect_args) -> the server's session setting for its side
+_SERVER_SIDE = {"keepalives_idle": "tcp_keepalives_idle",
+                "keepalives_interval": "tcp_keepalives_interval",
+                "keepalives_count": "tcp_keepalives_count",
+                "tcp_user_timeout": "tcp_user_timeout"}
 
 
 class SchemaOutOfDate(Exception):
@@ -70,6 +92,71 @@ def lock_timeout_s() -> float:
     return float(os.environ.get(LOCK_TIMEOUT_ENV) or LOCK_TIMEOUT_S)
 
 
+def link_timeout_s() -> float:
+    return float(os.environ.get(LINK_TIMEOUT_ENV) or PG_LINK_TIMEOUT_S)
+
+
+def _libpq_defaults() -> dict[str, int]:
+    timeout = link_timeout_s()
+    return {"connect_timeout": PG_CONNECT_TIMEOUT_S, "keepalives": 1,
+            "keepalives_idle": max(1, math.ceil(timeout / 3)),
+            "keepalives_interval": max(1, math.ceil(timeout / 6)),
+            "keepalives_count": 4, "tcp_user_timeout": max(1, round(timeout * 1000))}
+
+
+def _libpq(url: str | URL) -> bool:
+    return make_url(url).get_driver_name() in ("psycopg2", "psycopg")
+
+
+def link_connect_args(url: str | URL) -> dict[str, object]:
+    """The connect_args of a PostgreSQL engine through libpq: a server that never answers a
+    new connection (PG_CONNECT_TIMEOUT_S) and a network path gone silent (PG_LINK_TIMEOUT_S)
+    are waited for a bounded time. A parameter the URL sets itself is kept."""
+    if not _libpq(url):
+        return {}
+    query = make_url(url).query
+    return {key: value for key, value in _libpq_defaults().items() if key not in query}
+
+
+def server_link_settings(url: str | URL) -> list[tuple[str, int]]:
+    """The session settings that make the server give up a silent path as the client does
+    (its keepalives and tcp_user_timeout, from the URL's libpq parameters or the defaults),
+    each unless the URL's `options` sets it."""
+    if not _libpq(url):
+        return []
+    parsed = make_url(url)
+    effective: dict[str, object] = {**_libpq_defaults(), **parsed.query}
+    options = str(parsed.query.get("options", ""))
+    settings = []
+    for key, name in _SERVER_SIDE.items():
+        if name in options or (key != "tcp_user_timeout" and str(effective["keepalives"]) == "0"):
+            continue
+        try:
+            settings.append((name, int(str(effective[key]))))
+        except ValueError:  # libpq refuses the URL itself
+            continue
+    return settings
+
+
+def set_on_connect(engine: Engine, settings: Sequence[tuple[str, int]]) -> None:
+    """`SET name = value` on each new connection of a PostgreSQL engine: not as a startup
+    `options`, which pgbouncer refuses. tcp_user_timeout only where the server has it
+    (PostgreSQL 12 and newer)."""
+    if engine.dialect.name != "postgresql" or not settings:
+        return
+
+    @event.listens_for(engine, "connect")
+    def _settings(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        version = getattr(dbapi_connection, "server_version", None) or getattr(
+            getattr(dbapi_connection, "info", None), "server_version", 0)
+        cursor = dbapi_connection.cursor()
+        for name, value in settings:
+            if name != "tcp_user_timeout" or version >= 120000:
+                cursor.execute(f"SET {name} = {int(value)}")
+        cursor.close()
+        dbapi_connection.commit()  # a SET in a transaction rolled back would be undone
+
+
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": lock_timeout_s()})
@@ -91,27 +178,16 @@ def _postgres_engine(url: str) -> Engine:
     FULL, a process stopped in the middle of a transaction) is waited for `lock_timeout_s()`,
     as SQLite's busy timeout, then the statement fails (SQLSTATE 55P03), its step is retried
     and re-attempted like any OpsDB fault. PostgreSQL waits for ever by default: a drive, its
-    runs and the daemon's sensor ticks hung on such a lock with nobody told. Set with SET on
-    each new connection, not as a startup `options` (which pgbouncer refuses); a URL's own
-    `options=-c lock_timeout=...` or `connect_timeout` is kept."""
+    runs and the daemon's sensor ticks hung on such a lock with nobody told. A network path
+    gone silent is given up on after `link_timeout_s()` the same way (PG_LINK_TIMEOUT_S). A
+    URL's own `options=-c lock_timeout=...`, `connect_timeout`, keepalive or
+    tcp_user_timeout is kept."""
     parsed = make_url(url)
-    connect_args: dict[str, object] = {}
-    if parsed.get_driver_name() in ("psycopg2", "psycopg") and "connect_timeout" not in \
-            parsed.query:  # a libpq parameter
-        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
-    engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-    if engine.dialect.name != "postgresql" or "lock_timeout" in str(
-            parsed.query.get("options", "")):
-        return engine
+    engine = create_engine(url, pool_pre_ping=True, connect_args=link_connect_args(parsed))
     milliseconds = max(1, round(lock_timeout_s() * 1000))
-
-    @event.listens_for(engine, "connect")
-    def _lock_timeout(dbapi_connection, _record):  # type: ignore[no-untyped-def]
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"SET lock_timeout = {milliseconds}")
-        cursor.close()
-        dbapi_connection.commit()  # a SET in a transaction rolled back would be undone
-
+    own = "lock_timeout" in str(parsed.query.get("options", ""))
+    set_on_connect(engine, [*([] if own else [("lock_timeout", milliseconds)]),
+                            *server_link_settings(parsed)])
     return engine
 
 

@@ -117,10 +117,9 @@ class FilingService:
         self.journal = Journal(path)
         url = make_url(config.opsdb_url)
         if url.get_backend_name() == "postgresql":  # fail fast on a dead link, never hang
+            # (a path gone silent later: the OpsDB engine's keepalives, PG_LINK_TIMEOUT_S)
             url = url.update_query_dict({
-                "connect_timeout": str(settings.opsdb_connect_timeout_s),
-                "keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
-                "keepalives_count": "3", **url.query})
+                "connect_timeout": str(settings.opsdb_connect_timeout_s), **url.query})
         self._url = url.render_as_string(hide_password=False)
         self._opsdb: OpsDB | None = None
         self._schema_at = 0.0  # when the OpsDB's schema was last found to be this code's

@@ -3,7 +3,12 @@ import os
 from alembic import context
 from sqlalchemy import create_engine, event, pool, text
 
-from ccat_dt.opsdb.database import LOCK_TIMEOUT_ENV
+from ccat_dt.opsdb.database import (
+    LOCK_TIMEOUT_ENV,
+    link_connect_args,
+    server_link_settings,
+    set_on_connect,
+)
 from ccat_dt.opsdb.models import Base
 
 MIGRATION_LOCK = 0x63636174  # "ccat": the PostgreSQL advisory lock every `migrate` takes
@@ -20,9 +25,15 @@ if context.is_offline_mode():
 else:
     # A plain engine: on SQLite, foreign keys stay off while batch migrations copy tables
     # (the application's engine turns them on, which would make those copies fail).
+    # On PostgreSQL: a server that never answers, or a network path gone silent under the
+    # upgrade, is given up on as by the application's engine (connect_timeout, keepalives,
+    # tcp_user_timeout, and the server's side of them: a cut upgrade's transaction, its
+    # advisory lock and its table locks, ends with it, not 2 h later).
     sqlite = url.startswith("sqlite")
     engine = create_engine(url, poolclass=pool.NullPool, connect_args={
-        "timeout": float(os.environ.get(LOCK_TIMEOUT_ENV) or 30)} if sqlite else {})
+        "timeout": float(os.environ.get(LOCK_TIMEOUT_ENV) or 30)} if sqlite
+        else link_connect_args(url))
+    set_on_connect(engine, server_link_settings(url))
     if sqlite:
         # pysqlite would commit DDL as it goes; an explicit BEGIN (and transactional_ddl
         # below: one transaction for the whole upgrade, not one per revision) makes it
