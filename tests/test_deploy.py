@@ -13,6 +13,7 @@ from dagster._core.instance.config import dagster_instance_config
 
 from ccat_dt.config import load_config
 from ccat_dt.defaults import write_default_config
+from ccat_dt.opsdb.database import LINK_TIMEOUT_ENV, link_connect_args
 from ccat_dt.queues import all_queues
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -30,7 +31,11 @@ def test_production_instance_config_is_valid_and_keeps_secrets_out(
     assert "postgres" in config["storage"]
     assert config["run_monitoring"]["enabled"] is True
     postgres = yaml.safe_load(text)["storage"]["postgres"]["postgres_db"]
+    params = postgres.pop("params")
     assert all(isinstance(value, dict) and "env" in value for value in postgres.values())
+    # Dagster's database gives a silent network path up as the OpsDB does
+    monkeypatch.delenv(LINK_TIMEOUT_ENV, raising=False)
+    assert params == link_connect_args("postgresql://db/dagster")
 
 
 @pytest.mark.parametrize("unit", ["ccat-dt-webserver.service", "ccat-dt-daemon.service",
