@@ -22,7 +22,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # These imports make tens of thousands of objects that live as long as the process (SQLAlchemy,
 # pydantic, the ORM models, the configuration's schema): the garbage collector would walk them
@@ -680,11 +680,19 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, except that a closed stdout is not swallowed (main() ends quietly on it)."""
+    """argparse, except that a closed stdout is not swallowed (main() ends quietly on it), and
+    that an empty value is refused: `purge --package ""` purged every package and `stage
+    --observation ""` staged every archived one (a script's unset variable), as if the option
+    had not been given."""
 
     def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         if message:
             (file or sys.stderr).write(message)
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        if not arg_string.strip() and not isinstance(action, argparse._SubParsersAction):
+            raise argparse.ArgumentError(action, "empty: give a value, or leave the option out")
+        return super()._get_value(action, arg_string)  # type: ignore[misc]
 
 
 def _at_least(least: float, kind: Callable[[str], float]) -> Callable[[str], float]:

@@ -130,6 +130,33 @@ def test_stage_command_rejects_a_non_processing_location(config: Config,
     assert "staging targets a processing location" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["stage", "--location", "ramses/processing", "--observation", ""],
+    ["stage", "--location", "ramses/processing", "--module", " "],
+    ["stage", "--location", "ramses/processing", "--package", ""],
+    ["purge", "--package", ""],
+])
+def test_an_empty_value_is_refused_not_read_as_everything(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance,  # noqa: F811
+        capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """A script's unset variable (`ccat-dt stage --observation "$OBS"`): before, an empty
+    selection was no selection, and every archived package was staged (a request over the
+    whole archive, unpacked by the next drive); `purge --package ""` ran the purge of every
+    package. Now exit 2, and nothing is written or deleted anywhere, then or by the drive."""
+    observe(config, opsdb, observations=2, files=1)
+    assert drive(build_definitions(config), instance).failed == []
+    before = {p: p.stat().st_mtime_ns for p in files_under(config.resolve_root("sites"))}
+    os.environ.pop("CCAT_DT_CONFIG", None)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(config.path), *argv])
+    assert exit_.value.code == 2
+    assert "empty: give a value, or leave the option out" in capsys.readouterr().err
+    assert drive(build_definitions(config), instance).failed == []  # nothing asked for
+    assert {p: p.stat().st_mtime_ns for p in files_under(config.resolve_root("sites"))} == \
+        before
+
+
 def test_released_staged_files_go_unread_and_a_changed_one_is_kept(
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
         monkeypatch: pytest.MonkeyPatch) -> None:
