@@ -292,6 +292,25 @@ def _executes(instance: DagsterInstance, run: DagsterRun, pid: int) -> bool:
                    and r.event_log_entry.dagster_event.pid == pid for r in ended)
 
 
+def in_a_live_drives_pool(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """Whether the run executes in a child process of the live `ccat-dt drive` that claimed it
+    (DRIVE_TAG; its pool, runpool.py), which interrupts it once it is CANCELING (RunPool.
+    cancel_terminated): the process that started it (its RUN_START event's pid) runs on this
+    host and its parent is that drive. Not a run the drive executes in its own process (one
+    at a time: nothing interrupts it there), nor one whose drive is gone (its children are
+    then another's), nor one that has not started."""
+    host, _, number = run.tags.get(DRIVE_TAG, "").rpartition(":")
+    if host != socket.gethostname() or not number.isdigit():
+        return False
+    drive = int(number)
+    started = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_START,
+                                           limit=1).records
+    pids = {record.event_log_entry.dagster_event.pid for record in started
+            if record.event_log_entry.dagster_event is not None}
+    return any(pid is not None and pid != drive and (stat := _stat(pid)) is not None
+               and stat[0] not in ("Z", "X") and stat[2] == drive for pid in pids)
+
+
 def _same_process(run: DagsterRun, pid: int) -> bool:
     """Whether `pid` is provably the process recorded for the run: its start time in this
     boot, as recorded, is the one /proc shows now (not judged where either is unknown)."""
@@ -346,11 +365,12 @@ def _read(path: str) -> str:
         return ""
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks after boot) of a process, None without one."""
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, start time in clock ticks after boot, parent's pid) of a process, None
+    without one."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[19])
+        return fields[0], int(fields[19]), int(fields[1])
     except (OSError, IndexError, ValueError):
         return None

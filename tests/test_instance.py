@@ -12,6 +12,7 @@ from dagster import DagsterEventType, DagsterInstance, RunsFilter
 from ccat_assets.cli import main
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.launcher import DriveRunLauncher
 from ccat_assets.sqlite_storage import SqliteEventLog, SqliteRuns
 from ccat_assets.stages import copy_job
 from ccat_dt.config import load_config
@@ -99,13 +100,15 @@ def test_init_again_keeps_a_storage_the_operator_set(
 def test_init_again_after_a_new_route_keeps_what_the_operator_set_in_the_instance(
         tmp_path: Path) -> None:
     """`init` runs again after every change of routes: the run limits follow the routes, and
-    what an operator set in dagster.yaml (fewer runs at once, say) stays."""
+    what an operator set in dagster.yaml (fewer runs at once, say) stays. An instance written
+    before the template named its run launcher (ccat_assets/launcher.py) gets it."""
     deploy = tmp_path / "deploy"
     main(["init", str(deploy)])
     instance_file = deploy / "dagster_home" / "dagster.yaml"
     edited = yaml.safe_load(instance_file.read_text())
     edited["concurrency"]["runs"]["max_concurrent_runs"] = 3
     edited["run_monitoring"]["start_timeout_seconds"] = 600
+    del edited["run_launcher"]  # as written before it was in the template
     instance_file.write_text(yaml.safe_dump(edited))
     settings = yaml.safe_load((deploy / "ccat-dt.yaml").read_text())
     next(r for r in settings["routes"] if r["origin"] == "ccat"
@@ -123,6 +126,7 @@ def test_init_again_after_a_new_route_keeps_what_the_operator_set_in_the_instanc
     assert written["run_coordinator"]["class"] == "RoutedRunCoordinator"
     with DagsterInstance.from_config(str(deploy / "dagster_home")) as instance:
         assert isinstance(instance.run_storage, SqliteRuns)
+        assert isinstance(instance.run_launcher, DriveRunLauncher)  # the UI's Terminate
 
 
 def test_a_process_opening_the_instance_while_init_rewrites_it_gets_the_whole_file(

@@ -497,16 +497,18 @@ TERMINATE = """mutation($id: String!, $policy: TerminateRunPolicy) {
   ... on TerminateRunFailure { message } ... on PythonError { message } } }"""
 
 
-def terminate_in_the_ui(instance: DagsterInstance, run: DagsterRun, policy: str) -> None:
+def terminate_in_the_ui(instance: DagsterInstance, run: DagsterRun, policy: str,
+                        answer_is: str = "TerminateRunSuccess") -> None:
     """Runs -> a run -> Terminate ("SAFE_TERMINATE") or "Force termination"
-    ("MARK_AS_CANCELED_IMMEDIATELY"), sent as the UI sends it (no code location needed)."""
+    ("MARK_AS_CANCELED_IMMEDIATELY"), sent as the UI sends it (no code location needed);
+    what the UI shows, `answer_is`."""
     from dagster._core.workspace.load_target import EmptyWorkspaceTarget
     from dagster_graphql.test.utils import execute_dagster_graphql
 
     with WorkspaceProcessContext(instance, EmptyWorkspaceTarget()) as workspace:
         answer = execute_dagster_graphql(workspace.create_request_context(), TERMINATE,
                                          {"id": run.run_id, "policy": policy})
-    assert answer.data["terminateRun"]["__typename"] == "TerminateRunSuccess", answer.data
+    assert answer.data["terminateRun"]["__typename"] == answer_is, answer.data
 
 
 @pytest.mark.parametrize("retry_delay_s", [None, 0.05])

@@ -7,14 +7,16 @@ deleteRun calls), executed by the drive as it executes queued runs when no daemo
 from __future__ import annotations
 
 import logging
+import os
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from dagster import (
     BetaWarning,
     DagsterEventType,
@@ -42,6 +44,8 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation
 from ccat_dt.packages import plan_packages
 from ccat_dt.stages import Stage
+from ccat_dt.transports.local import LocalTransport
+from tests.faults.child import wait_to_be_killed
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere, deployment, observe, plan, source_root
 from tests.test_dry_runs import LOCATION, the_ui
@@ -433,6 +437,87 @@ def test_a_drive_run_waiting_for_its_link_is_stopped_by_a_plain_terminate_in_the
                     Operation.run_id == run.run_id)).all()
             assert report.failed == [], report.failed
             assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+        on_disk(config, raw)
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.parametrize("written", ["by init", "before the launcher"])
+def test_a_plain_terminate_in_the_ui_of_a_copy_the_drive_executes_answers_success(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str) -> None:
+    """The operator clicks Terminate (not "Force termination") on a copy the drive executes
+    in its pool, held half way through its transfer, as the UI sends it. Before, the run was
+    stopped (Dagster marked it CANCELING, the drive interrupted it) but the UI answered
+    TerminateRunFailure "Unable to terminate run ...": Dagster asks the instance's run
+    launcher, and the DefaultRunLauncher, which did not launch the drive's run, has no process
+    to tell. Now the embedded instance's launcher (ccat_assets/launcher.py) answers for the
+    runs a live drive's pool executes: success, the run ends CANCELED, its step not started
+    again, its half-written file gone from the destination, the drive goes on, and the
+    sensors redo the copy after the back-off: every file once in each long-term archive.
+    An instance written before (its dagster.yaml without that launcher, until `ccat-dt init`
+    runs again) works as it did: the run is stopped the same, the UI answers as before."""
+    config = deployment(tmp_path / "deploy", routes=ROUTES,
+                        policies={"retry_backoff_first_s": 0.2})
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    if written != "by init":
+        settings = yaml.safe_load((home / "dagster.yaml").read_text())
+        assert settings.pop("run_launcher")["class"] == "DriveRunLauncher"
+        (home / "dagster.yaml").write_text(yaml.safe_dump(settings))
+    answer = "TerminateRunSuccess" if written == "by init" else "TerminateRunFailure"
+    opsdb = OpsDB(config.opsdb_url)
+    held, chosen = tmp_path / "held", tmp_path / "held.chosen"
+    buffers = [config.resolve_root(f"sites/{site}/buffer") for site in ("cologne", "us")]
+    landed = LocalTransport._landed
+    halfway: list[Path] = []  # the held copy's temporary file at its destination
+
+    def holding(transport: LocalTransport, temporary: Path) -> None:
+        """In the run's process: the first copy to an archive's buffer waits there, its bytes
+        half landed, until it is interrupted (once: `chosen` is made by one process only)."""
+        landed(transport, temporary)
+        if any(temporary.is_relative_to(buffer) for buffer in buffers):
+            with suppress(FileExistsError):
+                os.close(os.open(chosen, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                chosen.write_text(str(temporary))
+                wait_to_be_killed(held)()
+
+    monkeypatch.setattr(LocalTransport, "_landed", holding)
+    try:
+        observe_modules(config, opsdb, observations=1)  # 2 packages
+        source = config.resolve_root("sites/ccat/instruments")
+        raw = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
+        with DagsterInstance.from_config(str(home)) as instance:
+            stopped: list[DagsterRun] = []
+            cancel = RunPool.cancel_terminated
+
+            def operator(pool: RunPool) -> list[str]:
+                """Looked at every second while the drive's runs execute: once the copy is
+                held, the operator's Terminate of its run."""
+                if not stopped and held.exists():
+                    [child] = [child for child in pool.children.values()
+                               if child.pid == int(held.read_text())]
+                    run = instance.get_run_by_id(child.queued.run.run_id)
+                    assert run is not None and run.status == DagsterRunStatus.STARTED
+                    halfway.append(Path(chosen.read_text()))
+                    assert halfway[0].is_file()  # the bytes half way, not yet in place
+                    stopped.append(run)
+                    terminate_in_the_ui(instance, run, "SAFE_TERMINATE", answer)
+                return cancel(pool)
+
+            monkeypatch.setattr(RunPool, "cancel_terminated", operator)
+            lines: list[str] = []
+            report = drive(build_definitions(config), instance, wait_s=10, log=lines.append)
+
+            [run] = stopped
+            ended = instance.get_run_by_id(run.run_id)
+            assert ended is not None and ended.status == DagsterRunStatus.CANCELED
+            assert Stage.SITE_COPY in stages_of(ended)
+            assert not instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_RESTARTED)
+            assert report.failed_ids == [run.run_id], "\n".join(lines)  # that one alone
+            assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+        assert not halfway[0].exists()
+        assert not [p for p in config.resolve_root("sites").rglob("*.part")]
         on_disk(config, raw)
         archived_everywhere(config, opsdb)
         assert_safe(config, opsdb)
