@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import xxhash
 
+from ccat_dt.health import location_failure
 from ccat_dt.transports.base import (
     Endpoint,
     Identity,
@@ -225,6 +226,21 @@ def test_classification_tables() -> None:
                       "rsync: connection unexpectedly closed (0 bytes received so far)")
     not_installed = classify_rsync(12, "bash: line 1: rsync: command not found")
     assert not not_installed.retryable and "install" in str(not_installed)
+    # the sender's read of a file given to it failed (a bad sector): that source's fault, named
+    given = {"/tmp/ccat-rsync.x/.p.tar.part": Endpoint(PurePosixPath("/lta/p.tar"), "u@h")}
+    for said in ('rsync: [sender] read errors mapping "/tmp/ccat-rsync.x/.p.tar.part": '
+                 "Input/output error (5)",
+                 'rsync: [sender] send_files failed to open "/tmp/ccat-rsync.x/.p.tar.part": '
+                 "Input/output error (5)"):
+        unreadable = classify_rsync(23, f"{said}\nrsync error: some files/attrs were not "
+                                    "transferred (see previous errors) (code 23)", given)
+        assert str(unreadable).startswith("source unreadable: /lta/p.tar on u@h: its disk "
+                                          "failed the read: Input/output error "), unreadable
+        assert unreadable.retryable and not location_failure(unreadable), unreadable
+    # a read of a file not given to rsync (the receiver's partial, on the destination's disk)
+    receiver = classify_rsync(23, 'rsync: [receiver] read errors mapping "/buffer/.p.tar.part": '
+                              "Input/output error (5)", given)
+    assert "source unreadable" not in str(receiver) and location_failure(receiver), receiver
 
 
 # -- copies ---------------------------------------------------------------------------------

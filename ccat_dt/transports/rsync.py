@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -34,6 +34,7 @@ from ccat_dt.logfiles import prepare_directory, tell
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     SOURCE_MISSING,
+    SOURCE_UNREADABLE,
     Endpoint,
     SshSettings,
     TransferError,
@@ -65,7 +66,14 @@ _PERMANENT_TEXT = ("No space left on device", "Disk quota exceeded", "Permission
                    "Read-only file system", "Host key verification failed",
                    "REMOTE HOST IDENTIFICATION HAS CHANGED")
 _NOT_INSTALLED = ("rsync: command not found", "rsync: not found")
-_USELESS_PARTIAL = (SOURCE_MISSING, "No space left on device", "Disk quota exceeded")
+# The sender could not read a file it was given (a bad sector: EIO); rsync fills what it could
+# not read with zeros, fails the file's verification and keeps that partial (--partial):
+#   rsync: [sender] read errors mapping "PATH": Input/output error (5)
+#   rsync: [sender] send_files failed to open "PATH": Input/output error (5)
+_READ_FAILED = re.compile(r'(?:read errors mapping|failed to open) "(.+)": (.+?)(?: \(\d+\))?$',
+                          re.MULTILINE)
+_USELESS_PARTIAL = (SOURCE_MISSING, SOURCE_UNREADABLE, "No space left on device",
+                    "Disk quota exceeded")
 # `--info=progress2` lines: "  1,234,567  45%  1.23MB/s    0:00:02 (xfr#1, to-chk=0/1)"
 _PROGRESS2 = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+([\d.]+)([kMGT]?)B/s\b")
 _UNIT = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -103,8 +111,11 @@ def _marker_guard(marker: PurePosixPath | None) -> str:
     return f"[ -f {shlex.quote(check_path(marker))} ] || {{ echo {UNMARKED} >&2; exit 3; }}; "
 
 
-def classify_rsync(rc: int, stderr: str) -> TransferError:
-    """Whether a failed rsync is worth retrying, from its exit value and what it printed."""
+def classify_rsync(rc: int, stderr: str,
+                   sources: Mapping[str, Endpoint] | None = None) -> TransferError:
+    """Whether a failed rsync is worth retrying, from its exit value and what it printed.
+    `sources`: the source endpoint each path given to rsync stands for (a staging link's),
+    to tell the sender's failed read of one (the source's fault) from anything else."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
     message = f"rsync exited {rc}: {' | '.join(lines[-6:]) or '(no output)'}"
     if any(text in stderr for text in _NOT_INSTALLED):
@@ -114,9 +125,26 @@ def classify_rsync(rc: int, stderr: str) -> TransferError:
         return TransferError(message, retryable=False)
     if rc in (23, 24) and any(text in stderr for text in _MISSING_SOURCE):
         return TransferError(f"{SOURCE_MISSING}: {message}", retryable=False)
+    if unreadable := _source_unreadable(rc, stderr, sources):
+        return unreadable
     if rc in _RETRYABLE_EXIT or rc == 11:  # 11: file I/O, when not a full disk (above)
         return TransferError(message, retryable=True)
     return TransferError(message, retryable=False)  # 1-5 usage/protocol, 23-25 other, unknown
+
+
+def _source_unreadable(rc: int, stderr: str,
+                       sources: Mapping[str, Endpoint] | None) -> TransferError | None:
+    """The sender's failed read of a file it was given (a bad sector): the source copy's
+    fault, not the destination's (health.location_failure), told as the local transport tells
+    it. Only a path given to rsync counts: the receiver reads the partial file it appends to,
+    on the destination's disk."""
+    for match in _READ_FAILED.finditer(stderr):
+        if (source := (sources or {}).get(match[1])) is not None:
+            where = f"{source.path} on {source.host}" if source.host else str(source.path)
+            return TransferError(f"{SOURCE_UNREADABLE}: {where}: its disk failed the read: "
+                                 f"{match[2]} (rsync exited {rc}; its partial copy is removed)",
+                                 retryable=True)
+    return None
 
 
 def rsync_source_argument(endpoint: Endpoint) -> str:
@@ -357,7 +385,9 @@ class RsyncTransport:
         rsync_seconds = time.monotonic() - started
         if done.rc != 0 and UNMARKED in done.stderr:
             raise unmarked(destination)
-        failed = classify_rsync(done.rc, done.stderr) if done.rc != 0 else None
+        given = {check_path(name.path): item.source
+                 for name, item in zip(sent, items, strict=True)}
+        failed = classify_rsync(done.rc, done.stderr, given) if done.rc != 0 else None
         if failed is not None and (done.rc not in (23, 24) or len(items) == 1):
             # The session as a whole failed: keep partial files for a retry to resume from,
             # unless they can never be completed or are what fills the disk.
@@ -369,8 +399,10 @@ class RsyncTransport:
             complaints = [line for line in done.stderr.splitlines()
                           if f'"{name.path}"' in line or f"'{name.path}'" in line]
             if failed is not None and complaints:
-                error = classify_rsync(done.rc, "\n".join(complaints))
+                error = classify_rsync(done.rc, "\n".join(complaints), given)
                 log.write(f"{item.source}: not transferred: {error}")
+                if SOURCE_UNREADABLE in str(error):  # its partial: zeros where it failed
+                    self._discard([item], log)
                 results.append(error)
                 continue
             results.append(self._verify(item, log, rsync_seconds))

@@ -8,10 +8,12 @@ disk that keeps failing is named to a person (location, path, errno)."""
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
+import xxhash
 from dagster import DagsterInstance
 from sqlalchemy import select
 
@@ -20,6 +22,7 @@ from ccat_assets.driver import drive
 from ccat_dt.audit import audit
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
+from ccat_dt.health import location_failure
 from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -37,8 +40,9 @@ from ccat_dt.pending import scrub_due
 from ccat_dt.replicas import verify
 from ccat_dt.scrub import scrub
 from ccat_dt.staging import Selection, request_staging
-from ccat_dt.transports.base import TransferError
+from ccat_dt.transports.base import Endpoint, TransferError, TransferResult
 from ccat_dt.transports.local import LocalTransport
+from ccat_dt.transports.rsync import RsyncTransport
 from tests.faultfs import MountFaulty, faulty_disk  # noqa: F401  # the fixture
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
@@ -52,6 +56,8 @@ from tests.faults.pipeline import (
 )
 from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_disk_full import _copies, _stages, told
+from tests.sshd import SshServer
+from tests.test_multisite import multisite
 
 TAR = "obs-0/obs-0_primecam-f280_p00.tar"
 
@@ -219,6 +225,110 @@ def test_an_archive_copy_its_disk_cannot_read_fails_only_its_replication_not_the
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
     opsdb.dispose()
+
+
+def _transfers_to(opsdb: OpsDB, package: str, label: str) -> list[tuple[str, OperationStatus, str]]:
+    """The package's transfers to the location `label`: (source location, status, error)."""
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        labels = {loc.id: loc.label for loc in session.scalars(select(DataLocation))}
+        return [(labels[o.source_location_id], o.status, o.error or "")
+                for o in session.scalars(select(Operation).where(
+                    Operation.package_id == pkg.id,
+                    Operation.operation_type == OperationType.TRANSFER,
+                    Operation.destination_location_id.in_(
+                        [i for i, name in labels.items() if name == label]))
+                    .order_by(Operation.id)) if o.source_location_id is not None]
+
+
+@pytest.mark.parametrize("transport", ["rsync", pytest.param("bbcp", marks=pytest.mark.skipif(
+    shutil.which("bbcp") is None, reason="bbcp is not installed (not packaged for Debian); "
+    "tests/test_bbcp.py classifies its captured message for a source read error"))])
+def test_an_archive_copy_its_disk_cannot_read_over_ssh_fails_only_its_replication(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        sshd: SshServer, transport: str) -> None:
+    """As above, the archive sites reached over ssh with rsync or bbcp: Cologne's LTA disk (a
+    host of its own) keeps failing the reads of one package's tar, the source of its
+    replication to us. That transfer fails naming its source as unreadable (before, rsync:
+    "rsync exited 23: ... read errors mapping ...", not retried, its useless partial of zeros
+    kept, and us's buffer, whose disk is fine, marked failing with "Input/output error"); its
+    re-attempt sends the package from cologne's verified buffer copy. The us copies hold the
+    package's bytes, nothing is left half-written there, and the unreadable tar is neither
+    deleted nor written over (its bytes, read past the fault, are still the package's)."""
+    config = multisite(tmp_path, sshd, transport, max_attempts=2, retry_backoff_first_s=0.2)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    disk.fail("read", TAR)  # the archiving reads back its temporary file, not this name
+    observe(config, opsdb, name="obs-0")
+
+    run(config, instance, wait_s=0)  # no `ccat-dt retry`, the disk not healed
+
+    [package] = package_names(opsdb)
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        checksum = pkg.checksum
+        [archived] = [(c.inode, c.mtime_ns) for c in pkg.copies
+                      if c.location.label == "cologne/lta"]  # as the archiving recorded it
+        failing = {loc.label: loc.unhealthy_reason for loc in session.scalars(
+            select(DataLocation)) if loc.failing_since is not None}
+    to_us = _transfers_to(opsdb, package, "us/buffer")
+    assert to_us[0][:2] == ("cologne/lta", OperationStatus.FAILED), to_us
+    assert f"source unreadable: {disk.root / TAR}" in to_us[0][2], to_us
+    assert "Input/output error" in to_us[0][2], to_us
+    assert to_us[-1][:2] == ("cologne/buffer", OperationStatus.COMPLETED), to_us
+    assert "us/buffer" not in failing, failing  # its disk is fine
+    assert "disk_error:us/buffer" not in told(config, opsdb)
+    us = [config.resolve_root(location.root) for location in config.settings.site("us").locations]
+    us_lta = [root / TAR for root in us if (root / TAR).is_file()]
+    assert [hash_file(path)[0] for path in us_lta] == [checksum] * len(us_lta) and us_lta
+    assert [p for root in us for p in root.rglob("*") if ".part" in p.name] == []
+    assert package_state(opsdb, package) == PackageState.ARCHIVED
+    assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
+    assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
+    after = (disk.root / TAR).stat()  # the unreadable tar itself: never replaced
+    assert (after.st_ino, after.st_mtime_ns) == archived, (after, archived)
+    assert hash_file(disk.backing / TAR)[0] == checksum  # nor written to
+    opsdb.dispose()
+
+
+def test_rsync_from_a_file_its_disk_cannot_read_fails_that_file_as_the_sources(
+        tmp_path: Path, faulty_disk: MountFaulty, sshd: SshServer) -> None:  # noqa: F811
+    """rsync to a host reached over ssh, from a disk that fails the reads of one file, alone
+    and in a batched session with a readable file: that file fails as its source's, named,
+    retried, not the destination's (before: "rsync exited 23: ... read errors mapping ...", not
+    retried, and the destination marked failing for it), and rsync's partial copy of it (zeros
+    where the read failed, kept by --partial) is removed (before: kept, for the next attempt
+    to append to). The readable file lands intact; the unreadable one is left as it was."""
+    config = _config(tmp_path)
+    disk = faulty_disk(config, "cologne/lta")
+    files = {name: os.urandom(300_000) for name in ("bad.tar", "good.tar")}
+    for name, data in files.items():
+        (disk.root / name).write_bytes(data)
+    disk.fail("read", "bad.tar")
+    target = sshd.root / tmp_path.name
+    target.mkdir()
+    transport = RsyncTransport(sshd.ssh, tmp_path / "logs")
+
+    def pair(name: str, directory: str) -> tuple[Endpoint, Endpoint, str]:
+        return (Endpoint(PurePosixPath(disk.root / name)),
+                sshd.endpoint(target / directory / name),
+                xxhash.xxh3_128(files[name]).hexdigest())
+
+    with pytest.raises(TransferError) as alone:
+        transport.copy(*pair("bad.tar", "alone"))
+    bad, good = transport.copy_many([pair("bad.tar", "batch"), pair("good.tar", "batch")])
+
+    for failure in (alone.value, bad):
+        assert isinstance(failure, TransferError), failure
+        assert f"source unreadable: {disk.root / 'bad.tar'}: its disk failed the read: " \
+            "Input/output error" in str(failure), failure
+        assert failure.retryable and not location_failure(failure), failure
+    assert isinstance(good, TransferResult), good
+    assert (target / "batch" / "good.tar").read_bytes() == files["good.tar"]
+    left = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    assert left == ["batch/good.tar"], left  # no partial copy of the unreadable file
+    assert (disk.backing / "bad.tar").read_bytes() == files["bad.tar"]
+    assert disk.hits() and set(disk.hits()) == {"read bad.tar"}, disk.hits()
 
 
 def test_a_source_file_its_disk_cannot_read_fails_packaging_naming_it_and_heals(
