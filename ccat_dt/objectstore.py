@@ -53,6 +53,46 @@ _BUSY = {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "T
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
+class SourceReadFailed(OSError):
+    """The file an upload sends could not be read: its disk failed the read (a bad sector).
+    The source's fault, not the store's; the upload was aborted."""
+
+
+class _NotedReads:
+    """A file opened for an upload whose failed read is noted in `reads.failed`: the error
+    reaches the uploader through s3transfer and botocore as if the link to the store had
+    failed (an OSError, perhaps wrapped)."""
+
+    def __init__(self, stream: BinaryIO, reads: Any) -> None:
+        self._stream, self._reads = stream, reads
+
+    def read(self, *args: Any) -> bytes:
+        try:
+            return self._stream.read(*args)
+        except OSError as exc:
+            self._reads.failed = self._reads.failed or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@lru_cache(maxsize=1)
+def _noting_osutil() -> type:
+    """s3transfer's file access (OSUtils) opening the uploaded file as _NotedReads."""
+    from s3transfer.utils import OSUtils
+
+    class NotingOSUtils(OSUtils):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.failed: OSError | None = None
+
+        def open(self, filename: str, mode: str) -> Any:
+            return _NotedReads(super().open(filename, mode), self)
+
+    return NotingOSUtils
+
+
 def is_object_root(root: str) -> bool:
     return root.startswith(SCHEME)
 
@@ -319,31 +359,39 @@ class ObjectStore:
         attempt's; an upload the store created twice because its first answer was lost, the
         client then uploading into the second), so no parts linger.
 
+        A failed read of `source` (its disk failed it) raises SourceReadFailed.
+
         The object is written only if none is at the key when it completes (a conditional
         write, If-None-Match: *), or, for a repair, only over the quarantined object `replaces`
         names, found there just before (If-Match: its ETag): any other object there is left as
         it is (FileExistsError). A store that ignores the condition writes anyway; the look
         before the transfer is then the only guard."""
-        from boto3.s3.transfer import TransferConfig
+        from boto3.s3.transfer import S3Transfer, TransferConfig
 
         s = self.settings
         part = s.part_size_mib * MIB
         transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
                                   max_concurrency=s.max_concurrency, use_threads=True,
                                   preferred_transfer_client="classic")
+        reads = _noting_osutil()()
         self.abort_uploads(relative_path)
         key = (s.bucket, self.key(relative_path))
         there = self.head(relative_path) if replaces is not None else None
         _CONDITIONS[key] = ({"IfMatch": there.etag} if there is not None and replaces == Identity(
             there.size, there.identity, there.mtime_ns) else {"IfNoneMatch": "*"})
         try:
-            self.client.upload_file(
-                str(source), s.bucket, self.key(relative_path), Config=transfer,
-                Callback=progress, ExtraArgs={"ChecksumAlgorithm": s.checksum_algorithm,
-                                              "Metadata": {CHECKSUM_METADATA: checksum}})
+            # client.upload_file, but with our file access: a failed read of `source` is seen
+            with S3Transfer(self.client, transfer, osutil=reads) as uploader:
+                uploader.upload_file(
+                    str(source), s.bucket, self.key(relative_path), callback=progress,
+                    extra_args={"ChecksumAlgorithm": s.checksum_algorithm,
+                                "Metadata": {CHECKSUM_METADATA: checksum}})
         except BaseException as exc:
             with suppress(Exception):  # best effort: the endpoint may be the failure
                 self.abort_uploads(relative_path)
+            if reads.failed is not None:
+                raise SourceReadFailed(reads.failed.errno, reads.failed.strerror,
+                                       str(source)) from exc
             if error_code(exc) == "PreconditionFailed":
                 raise FileExistsError(errno.EEXIST, f"{self.root}/{relative_path} was written "
                                       "by another while this upload ran",

@@ -13,6 +13,7 @@ The other end is a file on the machine running the step.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -20,11 +21,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 from ccat_dt.checksums import hash_file
-from ccat_dt.objectstore import ObjectStore, Stores
+from ccat_dt.objectstore import ObjectStore, SourceReadFailed, Stores
 from ccat_dt.progress import Progress
 from ccat_dt.storage import StorageUnavailable
 from ccat_dt.transports.base import (
     PERMANENT_ERRNO,
+    SOURCE_MISSING,
+    SOURCE_UNREADABLE,
     Endpoint,
     Occupied,
     TransferError,
@@ -84,13 +87,19 @@ class S3Transport:
         relative = str(destination.path)
         try:
             size = source.stat().st_size
-        except OSError as exc:
-            raise TransferError(f"cannot read {source}: {exc}",
+        except OSError as exc:  # the source's, not the store's (health.location_failure)
+            what = SOURCE_MISSING if exc.errno == errno.ENOENT else SOURCE_UNREADABLE
+            raise TransferError(f"{what}: {source}: {exc.strerror or exc}",
                                 retryable=exc.errno not in PERMANENT_ERRNO) from exc
         progress = Progress("transfer", PurePosixPath(relative).name, size)
         try:
             store.upload(source, relative, expected, _counter(progress),
                          replaces=destination.replaces)
+        except SourceReadFailed as exc:  # the source's fault, not the store's: nothing kept
+            raise TransferError(f"{SOURCE_UNREADABLE}: {source}: its disk failed the read: "
+                                f"{exc.strerror or exc} (the upload to {destination} was "
+                                "aborted: nothing was kept there)",
+                                retryable=exc.errno not in PERMANENT_ERRNO) from exc
         except FileExistsError:
             # Refused for an object at the key: perhaps our own, written by a request whose
             # answer was lost, which botocore then sent again (If-None-Match: * fails against

@@ -24,6 +24,7 @@ from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.health import location_failure
 from ccat_dt.notify import current_problems
+from ccat_dt.objectstore import Stores
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -43,6 +44,7 @@ from ccat_dt.staging import Selection, request_staging
 from ccat_dt.transports.base import Endpoint, TransferError, TransferResult
 from ccat_dt.transports.local import LocalTransport
 from ccat_dt.transports.rsync import RsyncTransport
+from ccat_dt.transports.s3 import S3Transport
 from tests.faultfs import MountFaulty, faulty_disk  # noqa: F401  # the fixture
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
@@ -56,8 +58,11 @@ from tests.faults.pipeline import (
 )
 from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_disk_full import _copies, _stages, told
+from tests.s3server import S3Server, s3, s3server  # noqa: F401  # fixtures
 from tests.sshd import SshServer
 from tests.test_multisite import multisite
+from tests.test_s3 import PREFIX as S3_PREFIX
+from tests.test_s3 import s3_deployment
 
 TAR = "obs-0/obs-0_primecam-f280_p00.tar"
 
@@ -329,6 +334,37 @@ def test_rsync_from_a_file_its_disk_cannot_read_fails_that_file_as_the_sources(
     assert left == ["batch/good.tar"], left  # no partial copy of the unreadable file
     assert (disk.backing / "bad.tar").read_bytes() == files["bad.tar"]
     assert disk.hits() and set(disk.hits()) == {"read bad.tar"}, disk.hits()
+
+
+@pytest.mark.parametrize("size", [200_000, 12 * 2**20], ids=["one-part", "multipart"])
+def test_an_upload_from_a_file_its_disk_cannot_read_fails_as_the_sources(
+        tmp_path: Path, faulty_disk: MountFaulty, s3: S3Server, size: int) -> None:  # noqa: F811
+    """An upload to an object store from a disk that fails the reads of the package's tar:
+    it fails as its source's, named and retried (before: "...: cannot reach http://...:
+    [Errno 5] Input/output error", the store taken for unreachable and its location, whose
+    store is fine, marked failing with "Input/output error", told as a failing disk). Nothing
+    is left in the bucket (no object, no unfinished upload); the tar is left as it was."""
+    bucket = s3.new_bucket()
+    config = s3_deployment(tmp_path / "deploy", s3.url, bucket)
+    disk = faulty_disk(config, "cologne/buffer")
+    data = os.urandom(size)
+    (disk.root / "pkg.tar").write_bytes(data)
+    disk.fail("read", "pkg.tar")
+    destination = Endpoint(PurePosixPath("obs-0/pkg.tar"), store=f"s3://{bucket}/{S3_PREFIX}")
+
+    with pytest.raises(TransferError) as failed:
+        S3Transport(Stores.of(config)).copy(Endpoint(PurePosixPath(disk.root / "pkg.tar")),
+                                            destination, xxhash.xxh3_128(data).hexdigest())
+
+    assert f"source unreadable: {disk.root / 'pkg.tar'}: its disk failed the read: " \
+        "Input/output error" in str(failed.value), failed.value
+    assert failed.value.retryable and not location_failure(failed.value), failed.value
+    client = s3.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert [key for key in keys if "pkg.tar" in key] == [], keys
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert (disk.backing / "pkg.tar").read_bytes() == data
+    assert disk.hits() and set(disk.hits()) == {"read pkg.tar"}, disk.hits()
 
 
 def test_a_source_file_its_disk_cannot_read_fails_packaging_naming_it_and_heals(
