@@ -89,6 +89,13 @@ def refusing_locations(session: Session) -> list[tuple[DataLocation, str]]:
 _IO_ERROR = "input/output error"
 
 
+def disk_errs(location: DataLocation) -> bool:
+    """The location's recorded failure says its disk failed an operation (an I/O error) or the
+    read of a file there: the disk is mounted and answers, a person checks it (not: mount it)."""
+    reason = (location.unhealthy_reason or "").lower()
+    return _IO_ERROR in reason or UNREADABLE in reason
+
+
 def failing_disks(session: Session, config: Config) -> list[DataLocation]:
     """The locations whose disk failed with an I/O error again after it first did, with no
     success there between: not a passing error (that one is retried, and heals unseen) but a
@@ -190,10 +197,25 @@ def archives_unreadable(session: Session, config: Config, now: datetime) -> list
     marker gone, refused), without a success since, for longer than
     `policies.site_failover_hours`: their copies are neither re-checked nor relied on for a
     deletion, and a loss there cannot be seen. Nothing heals that but a person. A full or
-    read-only one is not among them: it is read as ever (`refusing_locations`)."""
+    read-only one is not among them: it is read as ever (`refusing_locations`); nor one whose
+    disk failed an operation or a file's read (`archive_disks_failing`)."""
+    return [location for location in _archives_failing(session, config, now)
+            if refuses_writes(location) is None and not disk_errs(location)]
+
+
+def archive_disks_failing(session: Session, config: Config, now: datetime
+                          ) -> list[DataLocation]:
+    """Long-term archive locations whose disk failed an operation or a file's read (an I/O
+    error: a bad sector, a failing disk; `disk_errs`), without a success there since, for
+    longer than `policies.site_failover_hours`: mounted and answering, a disk a person must
+    look at (whether or not it failed again meanwhile: `failing_disks`)."""
+    return [location for location in _archives_failing(session, config, now)
+            if disk_errs(location)]
+
+
+def _archives_failing(session: Session, config: Config, now: datetime) -> list[DataLocation]:
     horizon = timedelta(hours=config.settings.policies.site_failover_hours)
     return [location for location in session.scalars(select(DataLocation).where(
         DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE,
         DataLocation.failing_since.is_not(None)).order_by(DataLocation.id))
-        if _aware(now) - _aware(location.failing_since or now) >= horizon
-        and refuses_writes(location) is None]
+        if _aware(now) - _aware(location.failing_since or now) >= horizon]

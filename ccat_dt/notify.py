@@ -46,6 +46,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
 from ccat_dt.health import (
+    archive_disks_failing,
     archives_unreadable,
     failing_disks,
     refuses_writes,
@@ -274,7 +275,8 @@ def current_problems(session: Session, config: Config, now: datetime,
             "are tried again after a back-off; nothing is lost and the copies there are read "
             f"as ever. {remedy}: the next attempt then goes on by itself. `ccat-dt status` "
             "shows every location."))
-    for failing in failing_disks(session, config):
+    disks = failing_disks(session, config)
+    for failing in disks:
         since = _aware(failing.failing_since or now)
         problems.append(Problem(
             f"disk_error:{failing.label}", "disk_error",
@@ -285,6 +287,21 @@ def current_problems(session: Session, config: Config, now: datetime,
             "nothing is deleted on its word; work there is tried again after a back-off. Check "
             "the disk (kernel log, SMART) and replace it if it fails; `ccat-dt status` shows "
             "every location."))
+    for archive in archive_disks_failing(session, config, now):
+        if archive.id in {disk.id for disk in disks}:
+            continue  # told above: the same disk, the same key
+        since = _aware(archive.failing_since or now)
+        problems.append(Problem(
+            f"disk_error:{archive.label}", "disk_error",
+            f"archive location {archive.label}: its disk failed with an I/O error since "
+            f"{since:%Y-%m-%d %H:%M} UTC",
+            f"{archive.unhealthy_reason or 'no reason recorded'}\nThe disk is mounted and "
+            "answers, but failed that operation (a bad sector, a failing disk), and nothing "
+            "succeeded there since. A file that cannot be read is not taken for a bad copy: it "
+            "is neither quarantined nor deleted nor written over, other copies are sent from "
+            "instead, and it is not relied on for a deletion until it reads again (the scrub "
+            "reads it again). Check the disk (kernel log, SMART) and replace it if it fails; "
+            "`ccat-dt status` shows every location."))
     for archive in archives_unreadable(session, config, now):
         since = _aware(archive.failing_since or now)
         problems.append(Problem(

@@ -126,6 +126,42 @@ def test_an_archive_copy_its_disk_cannot_read_is_not_taken_for_a_bad_one(
     opsdb.dispose()
 
 
+def test_an_archive_disk_marked_for_a_file_it_cannot_read_is_not_told_as_unmounted(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+    """Cologne's LTA disk fails the read of one archived tar once (its check's re-read): the
+    location is marked failing for it and, nothing read fine there since, is still failing
+    past the failover horizon. A person is told that its disk failed to read that file and to
+    check the disk (before: "archive location cologne/lta cannot be looked at ... Bring it back
+    (mount the disk, restore the bucket or its marker, fix the credentials)": the disk is
+    mounted and answers, one file is unreadable). Told once, as the disk error it is."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    observe(config, opsdb)
+    assert run(config, instance).failed == []
+    [package] = package_names(opsdb)
+    disk.fail("read", TAR, times=1)
+    assert not verify(opsdb, config, package, "cologne", LocationType.LONG_TERM_ARCHIVE).reached
+    later = utcnow() + timedelta(hours=config.settings.policies.site_failover_hours, minutes=1)
+
+    with opsdb.session() as session:
+        told_later = [p for p in current_problems(session, config, later)
+                      if p.key.endswith(":cologne/lta")]
+
+    assert disk.hits() == [f"read {TAR}"], disk.hits()
+    assert os.path.ismount(disk.root) and (disk.root / ".ccat-dt-location").is_file()
+    with opsdb.session() as session:
+        checksum = get_package(session, package).checksum
+    assert hash_file(disk.root / TAR)[0] == checksum  # it reads again: the copy is intact
+    [problem] = told_later
+    assert problem.key == "disk_error:cologne/lta", problem
+    text = f"{problem.subject}\n{problem.detail}"
+    assert "mount the disk" not in text and "cannot be looked at" not in text, text
+    assert f"{disk.root}/{TAR}" in text and "(EIO)" in text, text
+    assert "Check the disk" in text, text
+    opsdb.dispose()
+
+
 def test_an_archive_copy_unreadable_when_the_purge_looks_deletes_nothing_on_its_word(
         tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
     """The purge re-hashes the LTA copies it relies on just before deleting (recheck window 0):
