@@ -22,6 +22,7 @@ import pytest
 import xxhash
 
 from ccat_dt import progress
+from ccat_dt.health import location_failure
 from ccat_dt.progress import ProgressEvent
 from ccat_dt.transports.base import (
     Endpoint,
@@ -121,6 +122,31 @@ def test_stale_landing_file_and_runner_timeout_are_retryable() -> None:
     run = run_subprocess(["sleep", "5"], timeout_s=0.2)
     timed_out = classify(run.rc, run.stderr)
     assert run.rc == 124 and timed_out is not None and timed_out.retryable and timed_out.resumable
+
+
+# Captured from real bbcp 14.04.14.00.0 (not among the shared fixtures, captured with
+# 14.04.14.00.1): the transport's own command pushing a 20 MiB file from a disk that fails its
+# reads (EIO, tests/faultfs.py) to 127.0.0.1 over ssh, paths rewritten as in the fixtures;
+# alike whether every read failed or one after 4 MiB had landed, and without -a -k.
+SOURCE_READ_ERROR = CompletedRun(128, "", (
+    "bbcp: Appending to /data/cologne/buffer/.pkg-0002.tar.part at offset 0\n"
+    "bbcp: Input/output error writing /data/ccat/buffer/pkg-0002.tar\n"))
+
+
+def test_a_source_its_disk_cannot_read_is_the_sources_fault_not_the_destinations() -> None:
+    """A bad sector in the source (bbcp: "Input/output error writing SRC", exit 128) is the
+    source copy's: SOURCE_UNREADABLE naming it, retried (before: a permanent "bbcp failed
+    (exit 128)", taken for the destination's, which was marked failing)."""
+    run = SOURCE_READ_ERROR
+    error = classify(run.rc, run.stderr, ["/data/ccat/buffer/pkg-0002.tar"])
+    assert error is not None and error.retryable and not error.resumable, error
+    assert str(error).startswith("source unreadable: /data/ccat/buffer/pkg-0002.tar: its disk "
+                                 "failed the read: Input/output error"), error
+    assert error.source == "/data/ccat/buffer/pkg-0002.tar"
+    assert not location_failure(error), error
+    # the same words about a file that is not a source: not the source's
+    other = classify(run.rc, run.stderr, ["/data/ccat/buffer/pkg-0001.tar"])
+    assert other is not None and "source unreadable" not in str(other), other
 
 
 def test_the_stall_watch_reads_bytes_moved_from_bbcps_lines() -> None:

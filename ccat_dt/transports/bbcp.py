@@ -380,6 +380,15 @@ def classify(rc: int, stderr: str, sources: Sequence[str] = ()) -> BbcpFailure |
     if (m := find(r"^bbcp: Error -?\d+ (?:reading|writing) (.+)$")) and m[1] in sources:
         return BbcpFailure(f"{SOURCE_UNREADABLE}: {m[1]} changed size while it was sent "
                            f"({m[0].strip()})", retryable=True, source=m[1])
+    # The source's disk failed a read (a bad sector): the reader names the errno and the
+    # source, "bbcp: Input/output error writing SRC" (exit 128, bbcp 14.04.14.00.0 reading a
+    # file on a disk that fails its reads). The source copy's fault, not the destination's;
+    # retried, from another verified copy where there is one (routing.unreadable_copies).
+    for m in re.finditer(r"^bbcp: (.+?) (?:reading|writing) (.+)$", text, re.MULTILINE):
+        if m[2] in sources and not re.fullmatch(r"Error -?\d+|No data available", m[1]):
+            return BbcpFailure(f"{SOURCE_UNREADABLE}: {m[2]}: its disk failed the read: "
+                               f"{m[1]} (bbcp exited {rc}: {m[0].strip()})", retryable=True,
+                               source=m[2])
     if m := find(_DATA_LINK_LOST):
         return BbcpFailure(f"data link lost mid-transfer ({m[1]}); the next attempt resumes "
                            "the partial file", retryable=True, resumable=True)

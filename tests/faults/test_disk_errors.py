@@ -42,6 +42,7 @@ from ccat_dt.replicas import verify
 from ccat_dt.scrub import scrub
 from ccat_dt.staging import Selection, request_staging
 from ccat_dt.transports.base import Endpoint, TransferError, TransferResult
+from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport
 from ccat_dt.transports.local import LocalTransport
 from ccat_dt.transports.rsync import RsyncTransport
 from ccat_dt.transports.s3 import S3Transport
@@ -365,6 +366,51 @@ def test_rsync_from_a_file_its_disk_cannot_read_fails_that_file_as_the_sources(
             "Input/output error" in str(failure), failure
         assert failure.retryable and not location_failure(failure), failure
     assert isinstance(good, TransferResult), good
+    assert (target / "batch" / "good.tar").read_bytes() == files["good.tar"]
+    left = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    assert left == ["batch/good.tar"], left  # no partial copy of the unreadable file
+    assert (disk.backing / "bad.tar").read_bytes() == files["bad.tar"]
+    assert disk.hits() and set(disk.hits()) == {"read bad.tar"}, disk.hits()
+
+
+@pytest.mark.skipif(shutil.which("bbcp") is None, reason="bbcp is not installed (not packaged "
+                    "for Debian); tests/test_bbcp.py classifies its captured message")
+def test_bbcp_from_a_file_its_disk_cannot_read_fails_that_file_as_the_sources(
+        tmp_path: Path, faulty_disk: MountFaulty, sshd: SshServer) -> None:  # noqa: F811
+    """bbcp to a host reached over ssh, from a disk that fails the reads of one file, alone
+    and in a batched session with a readable file: that file fails as its source's, named,
+    retried, not the destination's (before: a permanent "bbcp failed (exit 128): ...
+    Input/output error writing SRC", the destination marked failing for it, and in a batch the
+    readable file failed with it for good). The readable file goes (its session's peer failed:
+    alone on the next attempt); nothing is left half-written at the destination, and the
+    unreadable file is left as it was."""
+    config = _config(tmp_path)
+    disk = faulty_disk(config, "cologne/lta")
+    files = {name: os.urandom(3 * 2**20) for name in ("bad.tar", "good.tar")}
+    for name, data in files.items():
+        (disk.root / name).write_bytes(data)
+    disk.fail("read", "bad.tar")
+    target = sshd.root / tmp_path.name
+    target.mkdir()
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
+
+    def pair(name: str, directory: str) -> tuple[Endpoint, Endpoint, str]:
+        return (Endpoint(PurePosixPath(disk.root / name)),
+                sshd.endpoint(target / directory / name),
+                xxhash.xxh3_128(files[name]).hexdigest())
+
+    with pytest.raises(TransferError) as alone:
+        transport.copy(*pair("bad.tar", "alone"))
+    bad, good = transport.copy_many([pair("bad.tar", "batch"), pair("good.tar", "batch")])
+    if isinstance(good, TransferError):  # not sent for its peer's failure: sent alone now
+        assert good.retryable and not location_failure(good), good
+        transport.copy(*pair("good.tar", "batch"))
+
+    for failure in (alone.value, bad):
+        assert isinstance(failure, TransferError), failure
+        assert f"source unreadable: {disk.root / 'bad.tar'}: its disk failed the read: " \
+            "Input/output error" in str(failure), failure
+        assert failure.retryable and not location_failure(failure), failure
     assert (target / "batch" / "good.tar").read_bytes() == files["good.tar"]
     left = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     assert left == ["batch/good.tar"], left  # no partial copy of the unreadable file
