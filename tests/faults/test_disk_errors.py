@@ -11,6 +11,7 @@ import os
 import shutil
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 import xxhash
@@ -38,7 +39,8 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.packages import get_package
 from ccat_dt.pending import scrub_due
-from ccat_dt.replicas import verify
+from ccat_dt.references import Placement
+from ccat_dt.replicas import Placed, verify
 from ccat_dt.scrub import scrub
 from ccat_dt.staging import Selection, request_staging
 from ccat_dt.transports.base import Endpoint, TransferError, TransferResult
@@ -46,6 +48,7 @@ from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport
 from ccat_dt.transports.local import LocalTransport
 from ccat_dt.transports.rsync import RsyncTransport
 from ccat_dt.transports.s3 import S3Transport
+from resources import placement
 from tests.faultfs import MountFaulty, faulty_disk  # noqa: F401  # the fixture
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
@@ -330,6 +333,66 @@ def test_an_archive_copy_its_disk_cannot_read_over_ssh_fails_only_its_replicatio
     after = (disk.root / TAR).stat()  # the unreadable tar itself: never replaced
     assert (after.st_ino, after.st_mtime_ns) == archived, (after, archived)
     assert hash_file(disk.backing / TAR)[0] == checksum  # nor written to
+    opsdb.dispose()
+
+
+@pytest.mark.parametrize("transport", ["rsync", pytest.param("bbcp", marks=pytest.mark.skipif(
+    shutil.which("bbcp") is None, reason="bbcp is not installed (not packaged for Debian); "
+    "tests/test_bbcp.py classifies its captured message for a source read error"))])
+def test_a_replication_whose_every_source_copy_cannot_be_read_is_told_to_a_person(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        sshd: SshServer, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
+    """Over ssh (rsync, bbcp), Cologne's LTA and buffer disks both fail the reads of the tar
+    once it is archived there: the replication to us tries one copy, then the other, each
+    failing as "source unreadable" naming its file (before: the destination's fault, us's
+    healthy buffer marked failing, the same copy read again). With no readable copy left the
+    work is escalated at once (re-attempt horizon 0.1 s) and a person is told, the last error
+    naming the unreadable file. Nothing is written at us, both unreadable copies are left as
+    they were (not quarantined), and the observatory's files are kept."""
+    config = multisite(tmp_path, sshd, transport, max_attempts=2, retry_backoff_first_s=0.2,
+                       retry_horizon_hours=0.1 / 3600)
+    opsdb = OpsDB(config.opsdb_url)
+    lta, buffer = faulty_disk(config, "cologne/lta"), faulty_disk(config, "cologne/buffer")
+    lta.fail("read", TAR)  # the archiving reads back its temporary file, not this name
+    real_place = placement.place
+
+    def place(opsdb: OpsDB, config: Config, obj: Placement, kind: LocationType,
+              **options: Any) -> Placed:
+        placed = real_place(opsdb, config, obj, kind, **options)
+        if (obj.site, kind) == ("cologne", LocationType.LONG_TERM_ARCHIVE):
+            buffer.fail("read", TAR)  # archived from there: from now on unreadable too
+        return placed
+
+    monkeypatch.setattr(placement, "place", place)
+    source = observe(config, opsdb, name="obs-0")
+
+    run(config, instance, wait_s=0, workers=1)
+
+    [package] = package_names(opsdb)
+    to_us = _transfers_to(opsdb, package, "us/buffer")
+    assert {label for label, _, _ in to_us} == {"cologne/lta", "cologne/buffer"}, to_us
+    for label, status, error in to_us:
+        disk = lta if label == "cologne/lta" else buffer
+        assert status == OperationStatus.FAILED, to_us
+        assert f"source unreadable: {disk.root / TAR}" in error, to_us
+    problems = told(config, opsdb)
+    assert "disk_error:us/buffer" not in problems, problems
+    with opsdb.session() as session:
+        checksum = get_package(session, package).checksum
+        [escalated] = [p for p in current_problems(session, config, utcnow())
+                       if p.key.startswith("escalated:site_copy:")]
+        failing = [loc.label for loc in session.scalars(select(DataLocation))
+                   if loc.failing_since is not None]
+    assert f"{package}|us" in escalated.key, escalated
+    assert "source unreadable: " in escalated.detail and TAR in escalated.detail, escalated
+    assert "us/buffer" not in failing, failing  # its disk is fine
+    us = [config.resolve_root(location.root) for location in config.settings.site("us").locations]
+    assert [p for root in us for p in root.rglob("*") if p.name != ".ccat-dt-location"
+            and p.is_file()] == []
+    for disk in (lta, buffer):
+        assert hash_file(disk.backing / TAR)[0] == checksum  # neither written over nor gone
+    assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
+    assert all(p.is_file() for p in source)
     opsdb.dispose()
 
 
