@@ -53,14 +53,13 @@ from ccat_dt.report import disagreements
 from ccat_dt.storage import files_under
 from tests.browser import START_TIMEOUT_S, dagster_daemon
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, deployment
+from tests.faults.pipeline import archived_everywhere
 from tests.helpers import observe
 from tests.test_exit_codes import CCAT_DT, clean_env
 from tests.test_lifecycle import packages
 from tests.test_operator_actions import check_status
-from tests.test_parallel_drive import observe as observe_modules
 from tests.test_ui_browser import LIFECYCLE
-from tests.test_ui_run_actions import ONE_SLOT, on_disk
+from tests.test_ui_run_actions import four_packages_one_run_per_link, on_disk
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -190,13 +189,8 @@ def test_a_daemon_started_while_the_drive_holds_its_runs_queued_executes_each_on
     starts none of them itself, says so (TAKEN), then waits for the daemon to finish the
     work. Each run is executed once, by one of them: no run started twice, each package
     transferred once from the observatory, archived once at each site."""
-    config = deployment(tmp_path / "deploy", routes=ONE_SLOT)
-    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
-    opsdb = OpsDB(config.opsdb_url)
+    config, home, opsdb, raw = four_packages_one_run_per_link(tmp_path)
     try:
-        observe_modules(config, opsdb, observations=2)  # 4 packages, 2 per primary archive
-        source = config.resolve_root("sites/ccat/instruments")
-        raw = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
         with DagsterInstance.from_config(str(home)) as instance, ExitStack() as daemon:
             left: list[str] = []  # the drive's own runs waiting as the daemon started
             wait = RunPool.wait

@@ -222,6 +222,19 @@ def test_a_failed_run_deleted_in_the_ui_is_reattempted_when_its_back_off_ends(
 
 
 ONE_SLOT = [{**route, "max_concurrent": 1} for route in ROUTES]  # every link one run at once
+
+
+def four_packages_one_run_per_link(tmp_path: Path, **overrides: Any
+                                   ) -> tuple[Config, Path, OpsDB, dict[str, bytes]]:
+    """A deployment whose every link takes one run at once, with four packages filed (two per
+    primary archive): its config, its Dagster home, its OpsDB, and the raw files as written."""
+    config = deployment(tmp_path / "deploy", routes=ONE_SLOT, **overrides)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    opsdb = OpsDB(config.opsdb_url)
+    observe_modules(config, opsdb, observations=2)
+    source = config.resolve_root("sites/ccat/instruments")
+    return config, home, opsdb, {p.relative_to(source).as_posix(): p.read_bytes()
+                                 for p in source.rglob("*.dat")}
 LAUNCH_BACKFILL = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(
   backfillParams: $p) { __typename ... on LaunchBackfillSuccess { backfillId }
   ... on PythonError { message } } }"""
@@ -293,14 +306,9 @@ def test_a_run_the_drive_holds_for_its_link_can_be_terminated_and_is_never_execu
     QUEUED until it starts them: the stopped runs end CANCELED, never executed, nothing of
     theirs on the disks, the drive goes on with the others, and the sensors do their work
     after the back-off: every package is archived at both sites and purged."""
-    config = deployment(tmp_path / "deploy", routes=ONE_SLOT,
-                        policies={"retry_backoff_first_s": 0.2})
-    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
-    opsdb = OpsDB(config.opsdb_url)
+    config, home, opsdb, raw = four_packages_one_run_per_link(
+        tmp_path, policies={"retry_backoff_first_s": 0.2})
     try:
-        observe_modules(config, opsdb, observations=2)  # 4 packages, 2 per primary archive
-        source = config.resolve_root("sites/ccat/instruments")
-        raw = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
         with opsdb.session() as session:
             primary = {p.name: p.primary_site.short_name for p in plan_packages(session, config)}
         with DagsterInstance.from_config(str(home)) as instance, \
@@ -382,14 +390,9 @@ def test_a_drive_run_waiting_for_its_link_is_stopped_by_a_plain_terminate_in_the
     package reach its destination until the work is asked for again), the drive goes on with
     the others, and the sensors redo its copy after the back-off: every package ends archived
     at both sites and purged, nothing failed."""
-    config = deployment(tmp_path / "deploy", routes=ONE_SLOT,
-                        policies={"retry_backoff_first_s": 0.2})
-    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
-    opsdb = OpsDB(config.opsdb_url)
+    config, home, opsdb, raw = four_packages_one_run_per_link(
+        tmp_path, policies={"retry_backoff_first_s": 0.2})
     try:
-        observe_modules(config, opsdb, observations=2)  # 4 packages, 2 per primary archive
-        source = config.resolve_root("sites/ccat/instruments")
-        raw = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
         with DagsterInstance.from_config(str(home)) as instance:
             stopped: list[DagsterRun] = []
             early: list[str] = []  # the stopped copy's bytes at its destination too early
