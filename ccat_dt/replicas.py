@@ -42,7 +42,13 @@ from ccat_dt.packages import (
 )
 from ccat_dt.progress import labelled
 from ccat_dt.references import CopyRef, Placement
-from ccat_dt.routing import copies_at, nearest_lta_copy, readable_first, replication_source
+from ccat_dt.routing import (
+    copies_at,
+    nearest_lta_copy,
+    readable_first,
+    replication_source,
+    unreadable_copies,
+)
 from ccat_dt.storage import StorageUnavailable, Wanted
 from ccat_dt.topology import primary_location
 from ccat_dt.transports.base import (
@@ -166,13 +172,18 @@ def source_for(session: Session, config: Config, package: RawDataPackage, site: 
     copy the site's own buffer copy, else the nearest verified LTA copy at another archive
     (its buffer copy purged after archiving, or quarantined); for a buffer copy the routing
     rule (the observatory once, then archive to archive). A source its disk failed to read
-    is passed over for the next readable one (routing.readable_first)."""
+    is passed over for the next readable one (routing.readable_first): for an LTA copy whose
+    own buffer copy is such a one, the copy that would feed the site's buffer (routing.
+    replication_source: the nearest LTA copy at another archive, else another archive's
+    buffer copy, else, no archive holding one yet, the observatory's buffer copy)."""
     if kind == LocationType.LONG_TERM_ARCHIVE:
         own = verified_copy(session, package, site, LocationType.BUFFER)
-        nearest = nearest_lta_copy(session, config, package, site)
-        if own is None or nearest is None:
-            return own or nearest
-        return readable_first(session, package, [own, nearest])
+        if own is None:  # purged after archiving, or quarantined
+            return nearest_lta_copy(session, config, package, site)
+        if own.id not in unreadable_copies(session, package):
+            return own
+        other = replication_source(session, config, package, site)
+        return readable_first(session, package, [own] if other is None else [own, other])
     return replication_source(session, config, package, site)
 
 

@@ -7,6 +7,7 @@ disk that keeps failing is named to a person (location, path, errno)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from datetime import timedelta
@@ -23,6 +24,7 @@ from ccat_assets.driver import drive
 from ccat_dt.audit import audit
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
+from ccat_dt.defaults import EMBEDDED_DEFAULT
 from ccat_dt.health import location_failure
 from ccat_dt.notify import current_problems
 from ccat_dt.objectstore import Stores
@@ -60,6 +62,7 @@ from tests.faults.pipeline import (
     package_state,
     run,
 )
+from tests.faults.retrying import operator_retry
 from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_disk_full import _copies, _stages, told
 from tests.s3server import S3Server, s3, s3server  # noqa: F401  # fixtures
@@ -603,4 +606,184 @@ def test_a_staging_whose_nearest_archive_copy_cannot_be_read_stages_from_another
     after = (disk.backing / TAR).stat()
     assert (after.st_ino, after.st_mtime_ns) == (archived.st_ino, archived.st_mtime_ns)
     assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
+    opsdb.dispose()
+
+
+def _archivings_to(opsdb: OpsDB, package: str, label: str
+                   ) -> list[tuple[str, OperationStatus, str]]:
+    """The package's archivings into the LTA location `label`: (source location, status,
+    error), in order."""
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        labels = {loc.id: loc.label for loc in session.scalars(select(DataLocation))}
+        return [(labels[o.source_location_id], o.status, o.error or "")
+                for o in session.scalars(select(Operation).where(
+                    Operation.package_id == pkg.id,
+                    Operation.operation_type == OperationType.ARCHIVE,
+                    Operation.destination_location_id.in_(
+                        [i for i, name in labels.items() if name == label]))
+                    .order_by(Operation.id)) if o.source_location_id is not None]
+
+
+def _buffer_kept(tmp_path: Path, site: str, **policies: float) -> Config:
+    """The test deployment with `site`'s buffer kept for 1000 h after archiving (its copy, the
+    one found unreadable, is still there to look at after the drive)."""
+    sites = copy.deepcopy(EMBEDDED_DEFAULT["sites"])
+    assert isinstance(sites, list)
+    for location in next(s for s in sites if s["short_name"] == site)["locations"]:
+        if location["type"] == "buffer":
+            location["retention_hours"] = 1000
+    return deployment(tmp_path / "deploy", sites=sites,
+                      policies={"max_attempts": 2, "retry_backoff_first_s": 0.2, **policies})
+
+
+def test_an_archiving_whose_buffer_copy_cannot_be_read_archives_from_another_copy(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+    """Cologne's buffer disk fails every read of the package's tar (a bad sector) once it
+    landed there: archiving it into cologne's LTA fails naming its source as unreadable, and
+    the re-attempt (no `ccat-dt retry`, the disk not healed) archives it from the nearest other
+    verified copy, the observatory buffer's (no archive holds it yet; before: every attempt
+    read cologne's bad buffer copy again, until a person acted). Cologne's LTA tar and then
+    us's hold the package's bytes; the observatory is purged on the word of those two LTA
+    copies; the unreadable buffer copy is left as it was (not quarantined, not written over,
+    not deleted on its word: it is kept here by its retention)."""
+    config = _buffer_kept(tmp_path, "cologne")
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/buffer")
+    disk.fail("read", TAR)  # the transfer reads back its temporary file, not this name
+    source = observe(config, opsdb)
+
+    run(config, instance, wait_s=0)
+
+    [package] = package_names(opsdb)
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        checksum = pkg.checksum
+        [buffered] = [(c.status, c.inode, c.mtime_ns) for c in pkg.copies
+                      if c.location.label == "cologne/buffer"]  # as the transfer recorded it
+    tried = _archivings_to(opsdb, package, "cologne/lta")
+    assert tried[0][:2] == ("cologne/buffer", OperationStatus.FAILED), tried
+    assert f"source unreadable: {disk.root / TAR}" in tried[0][2], tried
+    assert tried[-1][:2] == ("ccat/buffer", OperationStatus.COMPLETED), tried
+    assert f"read {TAR}" in disk.hits(), disk.hits()
+    for site in ("cologne", "us"):  # the archived bytes, read now
+        assert hash_file(config.resolve_root(f"sites/{site}/lta") / TAR)[0] == checksum
+    assert package_state(opsdb, package) == PackageState.ARCHIVED
+    assert not any(p.exists() for p in source)  # purged on the two readable LTA copies
+    assert not (config.resolve_root("sites/ccat/buffer") / TAR).exists()
+    # the unreadable copy: PRESENT, its file the one the transfer landed, its bytes intact
+    assert buffered[0] == CopyStatus.PRESENT, buffered
+    backing = (disk.backing / TAR).stat()
+    assert (backing.st_ino, backing.st_mtime_ns) == buffered[1:], (backing, buffered)
+    assert hash_file(disk.backing / TAR)[0] == checksum
+    assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
+    assert not [k for k in told(config, opsdb) if k.startswith("escalated:")]
+    assert lost_filed_files(config, opsdb) == []
+
+    disk.heal()  # the invariants read every present copy
+
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+def test_an_archiving_whose_every_source_copy_cannot_be_read_is_told_to_a_person(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cologne's buffer disk fails the reads of the package's tar once it landed there, and
+    the observatory buffer's disk fails them too from then on: the archiving into cologne's
+    LTA tries the one copy, then the other (before: the buffer copy only, at every attempt),
+    each failing as "source unreadable" naming its file. With no readable copy left the work
+    is escalated at once (re-attempt horizon 0.1 s) and a person is told, the last error
+    naming the unreadable file. Nothing is archived, both unreadable copies are left as they
+    were (not quarantined, neither written over nor deleted), and the observatory's files are
+    kept."""
+    config = _buffer_kept(tmp_path, "cologne", retry_horizon_hours=0.1 / 3600)
+    opsdb = OpsDB(config.opsdb_url)
+    buffer, observatory = faulty_disk(config, "cologne/buffer"), faulty_disk(config, "ccat/buffer")
+    buffer.fail("read", TAR)  # the transfer reads back its temporary file, not this name
+    real_place = placement.place
+
+    def place(opsdb: OpsDB, config: Config, obj: Placement, kind: LocationType,
+              **options: Any) -> Placed:
+        placed = real_place(opsdb, config, obj, kind, **options)
+        if (obj.site, kind) == ("cologne", LocationType.BUFFER):
+            observatory.fail("read", TAR)  # sent from there: from now on unreadable too
+        return placed
+
+    monkeypatch.setattr(placement, "place", place)
+    source = observe(config, opsdb)
+
+    run(config, instance, wait_s=0, workers=1)
+
+    [package] = package_names(opsdb)
+    with opsdb.session() as session:
+        checksum = get_package(session, package).checksum
+        [escalated] = [p for p in current_problems(session, config, utcnow())
+                       if p.key.startswith("escalated:")]
+    tried = _archivings_to(opsdb, package, "cologne/lta")
+    assert {label for label, _, _ in tried} == {"cologne/buffer", "ccat/buffer"}, tried
+    for label, status, error in tried:
+        disk = buffer if label == "cologne/buffer" else observatory
+        assert status == OperationStatus.FAILED, tried
+        assert f"source unreadable: {disk.root / TAR}" in error, tried
+    assert escalated.key == f"escalated:lta_copy:{package}|cologne", escalated
+    assert "source unreadable: " in escalated.detail and TAR in escalated.detail, escalated
+    for site in ("cologne", "us"):
+        lta = config.resolve_root(f"sites/{site}/lta")
+        assert [p for p in lta.rglob("*") if p.is_file()
+                and p.name != ".ccat-dt-location"] == [], site
+    for disk in (buffer, observatory):
+        assert hash_file(disk.backing / TAR)[0] == checksum  # neither written over nor gone
+    assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
+    assert all(p.is_file() for p in source)
+    opsdb.dispose()
+
+
+def test_an_observatory_tar_its_disk_cannot_read_is_told_not_rebuilt_over(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+    """The observatory buffer's disk fails the reads of the package's tar once it is built
+    (the build hashes what it writes): its only copy, so there is no other to send from. The
+    transfer to the primary site fails "source unreadable" naming it, is escalated at once
+    (re-attempt horizon 0.1 s) and told to a person; the tar is not quarantined and not
+    rebuilt over from the raw files (recovery.py rebuilds only a tar found corrupt), nothing
+    is written at the archives, and the raw files are kept. Once the disk reads again the
+    operator's retry archives it."""
+    config = _config(tmp_path, retry_horizon_hours=0.1 / 3600)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "ccat/buffer")
+    disk.fail("read", TAR)  # the build writes and hashes a temporary file, not this name
+    source = observe(config, opsdb)
+
+    run(config, instance, wait_s=0)
+
+    [package] = package_names(opsdb)
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        checksum = pkg.checksum
+        [(status, inode, mtime_ns)] = [(c.status, c.inode, c.mtime_ns) for c in pkg.copies]
+        [escalated] = [p for p in current_problems(session, config, utcnow())
+                       if p.key.startswith("escalated:")]
+    assert escalated.key == f"escalated:site_copy:{package}|cologne", escalated
+    assert f"source unreadable: {disk.root / TAR}" in escalated.detail, escalated
+    assert status == CopyStatus.PRESENT
+    assert [status for status, _ in operations(opsdb, OperationType.PACKAGING, package)] == [
+        OperationStatus.COMPLETED]  # built once: not rebuilt over the unreadable tar
+    backing = (disk.backing / TAR).stat()
+    assert (backing.st_ino, backing.st_mtime_ns) == (inode, mtime_ns)
+    assert hash_file(disk.backing / TAR)[0] == checksum
+    for site in ("cologne", "us"):
+        for kind in ("buffer", "lta"):
+            root = config.resolve_root(f"sites/{site}/{kind}")
+            assert [p for p in root.rglob("*") if p.is_file()
+                    and p.name != ".ccat-dt-location"] == [], (site, kind)
+    assert all(p.is_file() for p in source)
+
+    disk.heal()
+    assert ("site_copy", package, "cologne") in operator_retry(config, instance, opsdb)
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)
+    assert not any(p.exists() for p in source)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
     opsdb.dispose()
