@@ -5,8 +5,10 @@ failing controller does. The pipeline's own processes see the kernel's error.
 The server runs in a process of its own (`python -m tests.faultfs BACKING MOUNT CONTROL`);
 the test steers it through a rules file in CONTROL (`FaultyDisk.fail`, `heal`), and reads in
 CONTROL which faults it injected (`hits`). A rule: an operation (`read`, `write`, `fsync`,
-`open`, `truncate`), a glob on the path below the mount (`*` crosses directories), how many times
-(None: until healed), and for `fsync` whether the writes since the last fsync are `lost`:
+`open`, `truncate`, `getattr`: the look-up of a name, as a directory that cannot be entered
+refuses it for every name below it), a glob on the path below the mount (`*` crosses
+directories), how many times (None: until healed), an errno (`code`: EIO, EACCES for a file
+refused to its reader), and for `fsync` whether the writes since the last fsync are `lost`:
 "fsyncgate", the kernel drops the dirty pages that failed to reach the disk, fsync says EIO
 once, and a later fsync succeeds though the bytes never landed.
 
@@ -109,6 +111,8 @@ def serve(backing: str, mount: str, control: str) -> None:
 
         # files
         def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+            if fh is None:
+                self._raise("getattr", path)
             info = os.fstat(fh) if fh is not None else os.lstat(self._real(path))
             keys = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size",
                     "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
