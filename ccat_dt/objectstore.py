@@ -54,8 +54,9 @@ _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
 class SourceReadFailed(OSError):
-    """The file an upload sends could not be read: its disk failed the read (a bad sector).
-    The source's fault, not the store's; the upload was aborted."""
+    """The file an upload sends could not be read: its disk failed the read (a bad sector), or
+    its open was refused (errno EACCES). The source's fault, not the store's; the upload was
+    aborted."""
 
 
 class _NotedReads:
@@ -88,7 +89,12 @@ def _noting_osutil() -> type:
             self.failed: OSError | None = None
 
         def open(self, filename: str, mode: str) -> Any:
-            return _NotedReads(super().open(filename, mode), self)
+            try:
+                opened = super().open(filename, mode)
+            except OSError as exc:  # refused (a file of another user, mode 0600), say
+                self.failed = self.failed or exc
+                raise
+            return _NotedReads(opened, self)
 
     return NotingOSUtils
 

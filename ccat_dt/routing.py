@@ -125,8 +125,11 @@ _READS_SOURCE = (OperationType.TRANSFER, OperationType.ARCHIVE, OperationType.ST
 
 def unreadable_copies(session: Session, package: RawDataPackage) -> set[int]:
     """The package's copies whose last use as the source of a transfer, an archiving or a
-    staging failed because their disk could not read them (SOURCE_UNREADABLE: a bad sector),
-    not read fine since (a later transfer from there, or a re-read that verified the copy).
+    staging failed because they could not be read (SOURCE_UNREADABLE: a bad sector, or the
+    file refused to ccat-dt's user for lack of permission, which a person may fix any time:
+    such a copy is still the one sent when no other can be, so the fix is picked up by the
+    next automatic attempt), not read fine since (a later transfer from there, or a re-read
+    that verified the copy).
     Such a copy is not proved bad, so it stays PRESENT and is never deleted or written over on
     that word; the next attempt is sent from another verified copy instead of waiting for a
     disk that does not heal by itself, and the purge re-reads it before relying on it

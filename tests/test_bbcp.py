@@ -149,6 +149,32 @@ def test_a_source_its_disk_cannot_read_is_the_sources_fault_not_the_destinations
     assert other is not None and "source unreadable" not in str(other), other
 
 
+def test_a_source_refused_for_lack_of_permission_is_the_sources_not_the_destinations() -> None:
+    """A source refused to bbcp's user (captured from real bbcp 14.04.14.00.0: the file mode
+    0600 of another user, "Permission denied opening SRC", exit 2; a directory it cannot
+    enter, "... processing SRC") is the source's: SOURCE_UNREADABLE naming it and whom to make
+    it readable by, not retried within the run (before: a permanent "bbcp failed (exit 2)",
+    taken for the destination's, which was marked failing). The same words about the target
+    (the destination's directory refusing the landing file) stay the destination's."""
+    source = "/data/ccat/buffer/pkg-0002.tar"
+    for rc, stderr in (
+            (2, "bbcp: Appending to /data/lta/.pkg-0002.tar.part at offset 0\n"
+                f"bbcp: Permission denied opening {source}\n"),
+            (2, f"bbcp: Permission denied processing {source}\n"
+                "bbcp: Broken pipe writing to stream.\n")):
+        error = classify(rc, stderr, [source])
+        assert error is not None and not error.retryable and not error.resumable, error
+        assert str(error).startswith(f"source unreadable: {source}: permission denied: make "
+                                     "it readable by "), error
+        assert error.source == source and not location_failure(error), error
+        told = classify(rc, stderr, [source], describe=lambda path: f"told of {path}")
+        assert told is not None and str(told).startswith(f"told of {source} (bbcp exited 2: ")
+    target = classify(2, "bbcp: Permission denied opening /data/lta/.pkg-0002.tar.part\n",
+                      [source])
+    assert target is not None and "source unreadable" not in str(target), target
+    assert location_failure(target), target
+
+
 def test_the_stall_watch_reads_bytes_moved_from_bbcps_lines() -> None:
     """bbcp's data streams have no idle timeout; only its `-P` lines say whether bytes move:
     with -v the interval's rate (bbcp prints 0.0 B/s for an interval without bytes, or -nan

@@ -241,6 +241,26 @@ def test_classification_tables() -> None:
     receiver = classify_rsync(23, 'rsync: [receiver] read errors mapping "/buffer/.p.tar.part": '
                               "Input/output error (5)", given)
     assert "source unreadable" not in str(receiver) and location_failure(receiver), receiver
+    # the sender refused a file given to it for lack of permission (its mode, a directory it
+    # cannot enter): that source's fault, named, not retried within the run
+    for said in ('rsync: [sender] send_files failed to open "/tmp/ccat-rsync.x/.p.tar.part": '
+                 "Permission denied (13)",
+                 'rsync: [sender] link_stat "/tmp/ccat-rsync.x/.p.tar.part" failed: '
+                 "Permission denied (13)",
+                 'rsync: send_files failed to open "/tmp/ccat-rsync.x/.p.tar.part": '
+                 "Operation not permitted (1)"):
+        refused = classify_rsync(23, f"{said}\nrsync error: some files/attrs were not "
+                                 "transferred (see previous errors) (code 23)", given)
+        assert str(refused).startswith("source unreadable: /lta/p.tar on u@h: permission "
+                                       "denied: make it readable by the user ccat-dt logs in "
+                                       "as on u@h (rsync exited 23: "), refused
+        assert not refused.retryable and not location_failure(refused), refused
+    # refused a write at the destination (the receiver), or a file not given to rsync
+    for said in ('rsync: [receiver] mkstemp "/buffer/.p.tar.part" failed: Permission denied '
+                 "(13)", 'rsync: [sender] send_files failed to open "/elsewhere/p.tar": '
+                 "Permission denied (13)"):
+        other = classify_rsync(23, said, given)
+        assert "source unreadable" not in str(other) and location_failure(other), other
 
 
 # -- copies ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import pwd
 import stat
 import tempfile
 import time
@@ -239,6 +240,84 @@ SOURCE_UNREADABLE = "source unreadable"
 # How a look at a file says its storage failed to read it (an I/O error): nothing is known of
 # its bytes, which are not proved bad by that (storage.Seen.unreadable).
 UNREADABLE = "cannot read"
+# A source file refused to the user ccat-dt runs as (EACCES, EPERM: written 0600 by another
+# user, in a directory it cannot enter, an ACL or SELinux refusal): SOURCE_UNREADABLE too, so
+# the source's fault, never the destination's (health.location_failure), and passed over for
+# another verified copy while there is one (routing.unreadable_copies). Not retried within the
+# run: only a person grants the permission, and the next automatic attempt reads it then.
+DENIED_ERRNO = frozenset({errno.EACCES, errno.EPERM})
+PERMISSION_DENIED = "permission denied"
+READABLE_BY = "make it readable by"
+
+
+def denied_source(where: str, found: str | None, user: str) -> str:
+    """What a transfer (or a packaging) says of a source file refused to `user`: `where` names
+    it, `found` its owner and mode (or the directory that cannot be entered), if known."""
+    return (f"{SOURCE_UNREADABLE}: {where}: {PERMISSION_DENIED}"
+            + (f" ({found})" if found else "") + f": {READABLE_BY} {user}")
+
+
+def refused_source(text: str) -> bool:
+    """Whether a failure says a source file was refused for lack of permission (denied_source)."""
+    return SOURCE_UNREADABLE in text and READABLE_BY in text
+
+
+def _name_of(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def owner_and_mode(uid: int, mode: int, name: str | None = None) -> str:
+    """"owner uid 1234 (obs), mode 0600"; the name looked up here when not given."""
+    name = name if name is not None else _name_of(uid)
+    return f"owner uid {uid}" + (f" ({name})" if name else "") + f", mode {mode:04o}"
+
+
+def local_user() -> str:
+    """Who a person must let read a source on this machine: this process's user."""
+    uid = os.geteuid()
+    name = _name_of(uid)
+    return f"the user running ccat-dt ({f'{name}, ' if name else ''}uid {uid})"
+
+
+def refusal_here(path: str | os.PathLike[str]) -> str | None:
+    """The refused file's owner and mode, or, when a directory on its path cannot be entered,
+    that directory's; None when neither can be looked at."""
+    try:
+        info = os.stat(path)
+    except PermissionError:
+        for parent in PurePosixPath(os.fspath(path)).parents:
+            try:
+                info = os.stat(parent)
+            except OSError:
+                continue
+            return (f"its directory {parent} cannot be entered: "
+                    + owner_and_mode(info.st_uid, stat.S_IMODE(info.st_mode)))
+        return None
+    except OSError:
+        return None
+    mode = stat.S_IMODE(info.st_mode)
+    return owner_and_mode(info.st_uid, mode) + (
+        "; its mode lets this user read it: an ACL or a security label (SELinux) refuses it"
+        if _mode_lets_read(info.st_uid, info.st_gid, mode, os.geteuid(), os.getgroups()) else "")
+
+
+def _mode_lets_read(uid: int, gid: int, mode: int, user: int, groups: list[int]) -> bool:
+    """Whether the mode bits alone let `user` read: then they are not why it was refused."""
+    if user == uid:
+        return bool(mode & stat.S_IRUSR)
+    if gid in groups or gid == os.getegid():
+        return bool(mode & stat.S_IRGRP)
+    return bool(mode & stat.S_IROTH)
+
+
+def denied_here(path: str | os.PathLike[str], where: str | None = None) -> str:
+    """denied_source for a file on this machine, refused to this process."""
+    return denied_source(where or os.fspath(path), refusal_here(path), local_user())
+
+
 # What a file of a batched session says when another file's own failure stopped the session:
 # neither its fault nor the destination's (health.py); the next attempt sends it.
 PEER_FAILED = "another file of its session failed"

@@ -45,6 +45,7 @@ from ccat_dt.transports.base import (
     SshSettings,
     TransferError,
     TransferResult,
+    denied_source,
     exclusive_writer,
     one_by_one,
     temporary_name,
@@ -54,6 +55,7 @@ from ccat_dt.transports.remote import (
     CommandTimeout,
     CompletedRun,
     Verdict,
+    denied,
     remote_remove,
     run,
 )
@@ -322,9 +324,12 @@ _DATA_LINK_LOST = (r"^bbcp: (.*(?:Connection reset by peer|Software caused conne
                    r"Connection timed out|No route to host|Network is unreachable).*)$")
 
 
-def classify(rc: int, stderr: str, sources: Sequence[str] = ()) -> BbcpFailure | None:
+def classify(rc: int, stderr: str, sources: Sequence[str] = (), *,
+             describe: Callable[[str], str] | None = None) -> BbcpFailure | None:
     """Turn bbcp's exit status and messages into an operator-facing error, or None on success.
-    `sources`: the session's source paths, to tell a source's failure from the target's."""
+    `sources`: the session's source paths, to tell a source's failure from the target's;
+    `describe`: what to say of one refused for lack of permission (remote.denied, which looks
+    at its owner and mode), by default without a look."""
     if rc == 0:
         return None
     text = stderr.replace("\r", "")
@@ -332,6 +337,16 @@ def classify(rc: int, stderr: str, sources: Sequence[str] = ()) -> BbcpFailure |
     def find(pattern: str) -> re.Match[str] | None:
         return re.search(pattern, text, re.MULTILINE)
 
+    # A source refused for lack of permission: "bbcp: Permission denied opening SRC" (the file),
+    # "... processing SRC" (a directory on its path; bbcp 14.04.14.00.0, exit 2 or 128). The
+    # source's fault, not the destination's, and not retried within the run: a person grants
+    # the permission, the next automatic attempt reads it (or another verified copy).
+    for refused in re.finditer(r"^bbcp: (?:Permission denied|Operation not permitted) "
+                               r"(?:opening|processing|reading|writing) (.+)$", text,
+                               re.MULTILINE):
+        if refused[1] in sources:
+            return BbcpFailure(f"{(describe or _not_looked_at)(refused[1])} (bbcp exited {rc}: "
+                               f"{refused[0].strip()})", retryable=False, source=refused[1])
     if m := find(r"^bbcp: (.+) target checksum (\w+) does not match (\w+)$"):
         return BbcpFailure(f"data corrupted in flight: {m[1]} checksum {m[3]} does not match "
                            f"expected {m[2]}", retryable=True)
@@ -396,6 +411,10 @@ def classify(rc: int, stderr: str, sources: Sequence[str] = ()) -> BbcpFailure |
         return BbcpFailure(f"stale partial file cannot be resumed: {m[1]}", retryable=True)
     tail = " | ".join(text.strip().splitlines()[-3:]) or "no output"
     return BbcpFailure(f"bbcp failed (exit {rc}): {tail}", retryable=False)
+
+
+def _not_looked_at(path: str) -> str:
+    return denied_source(path, None, "the user ccat-dt reads it as")
 
 
 class Runner(Protocol):
@@ -514,7 +533,9 @@ class BbcpTransport:
         if done.rc == 0:
             progress.finish(progress.total_bytes)
         log_path = self._write_log(argv, done, destination)
-        failure = classify(done.rc, done.stderr, [str(source.path) for source in sources])
+        by_path = {str(source.path): source for source in sources}
+        failure = classify(done.rc, done.stderr, list(by_path),
+                           describe=lambda path: denied(self.ssh, by_path[path]))
         if failure is not None:
             if not (failure.resumable and self.options.keep_partial):
                 for landing in landings:

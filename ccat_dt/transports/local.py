@@ -17,6 +17,7 @@ from ccat_dt import pagecache
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, LandedHash
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
+    DENIED_ERRNO,
     PERMANENT_ERRNO,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
@@ -26,6 +27,7 @@ from ccat_dt.transports.base import (
     TransferError,
     TransferResult,
     claim_temporary,
+    denied_here,
     fsync_directory,
     one_by_one,
     rename_into_place,
@@ -140,6 +142,8 @@ class LocalTransport:
         try:
             reader = open(source, "rb")  # noqa: SIM115  # its errors are the source's own
         except OSError as exc:
+            if exc.errno in DENIED_ERRNO:  # a person grants it; the next attempt reads it
+                raise TransferError(denied_here(source), retryable=False) from exc
             what = SOURCE_MISSING if exc.errno == errno.ENOENT else SOURCE_UNREADABLE
             raise TransferError(f"{what}: {source}: {exc.strerror or exc}",
                                 retryable=exc.errno not in PERMANENT_ERRNO

@@ -27,7 +27,10 @@ from ccat_dt.transports.base import (
     Occupied,
     SshSettings,
     TransferError,
+    denied_here,
+    denied_source,
     fsync_directory,
+    owner_and_mode,
     rename_into_place,
     unmarked,
 )
@@ -507,6 +510,37 @@ def remote_size(ssh: SshSettings, endpoint: Endpoint) -> int | None:
     except ValueError:
         raise TransferError(f"stat {path} on {endpoint.host} printed {done.stdout!r}",
                             retryable=False) from None
+
+
+# The refused path's owner and mode (uid, name, octal mode), or, when a directory on its path
+# cannot be entered, the deepest one that can be looked at; then that path, and who logs in.
+_REFUSAL_SCRIPT = ('p=$1; while ! s=$(stat -L -c "%u %U %a" -- "$p" 2>/dev/null); do '
+                   '[ "$p" = / ] && exit 1; p=$(dirname -- "$p"); done; '
+                   'printf "%s\\n%s\\n" "$s" "$p"; id -u; id -un')
+REFUSAL_TIMEOUT_S = 30  # a look on the failure path: the link just carried the transfer
+
+
+def denied(ssh: SshSettings, source: Endpoint) -> str:
+    """denied_source for a source file refused to ccat-dt's user where it lies: on this
+    machine, or on its ssh host, whose owner and mode (and login user) are looked at there,
+    best effort (a failed look leaves them out)."""
+    path = check_path(source.path)
+    if source.host is None:
+        return denied_here(path)
+    host = check_host(source.host)
+    user, found = f"the user ccat-dt logs in as on {host}", None
+    with contextlib.suppress(TransferError, ValueError, OSError):
+        done = run(remote_command(ssh, host, ["sh", "-c", _REFUSAL_SCRIPT, "sh", path]),
+                   timeout_s=REFUSAL_TIMEOUT_S)
+        lines = done.stdout.splitlines()
+        if done.rc == 0 and len(lines) >= 4:
+            uid, name, mode = lines[0].split(" ", 2)
+            found = owner_and_mode(int(uid), int(mode, 8),
+                                   "" if name == "UNKNOWN" else name)
+            if lines[1] != path:
+                found = f"its directory {lines[1]} cannot be entered: {found}"
+            user += f" ({lines[3]}, uid {int(lines[2])})"
+    return denied_source(f"{path} on {host}", found, user)
 
 
 def remote_mkdir(ssh: SshSettings, endpoint_dir: Endpoint) -> None:

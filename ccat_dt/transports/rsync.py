@@ -39,6 +39,8 @@ from ccat_dt.transports.base import (
     SshSettings,
     TransferError,
     TransferResult,
+    denied_here,
+    denied_source,
     exclusive_writer,
     temporary_name,
     unmarked,
@@ -52,6 +54,7 @@ from ccat_dt.transports.remote import (
     check_host,
     check_path,
     classify_ssh,
+    denied,
     remote_command,
     remote_prepare,
     remote_remove,
@@ -72,6 +75,11 @@ _NOT_INSTALLED = ("rsync: command not found", "rsync: not found")
 #   rsync: [sender] send_files failed to open "PATH": Input/output error (5)
 _READ_FAILED = re.compile(r'(?:read errors mapping|failed to open) "(.+)": (.+?)(?: \(\d+\))?$',
                           re.MULTILINE)
+# The sender refused a file it was given for lack of permission (EACCES, EPERM):
+#   rsync: [sender] send_files failed to open "PATH": Permission denied (13)
+#   rsync: [sender] link_stat "PATH" failed: Permission denied (13)   (a directory on its path)
+_DENIED = re.compile(r'(?:failed to open "(.+)"|link_stat "(.+)" failed): '
+                     r'(?:Permission denied|Operation not permitted) \(\d+\)', re.MULTILINE)
 _USELESS_PARTIAL = (SOURCE_MISSING, SOURCE_UNREADABLE, "No space left on device",
                     "Disk quota exceeded")
 # `--info=progress2` lines: "  1,234,567  45%  1.23MB/s    0:00:02 (xfr#1, to-chk=0/1)"
@@ -111,16 +119,21 @@ def _marker_guard(marker: PurePosixPath | None) -> str:
     return f"[ -f {shlex.quote(check_path(marker))} ] || {{ echo {UNMARKED} >&2; exit 3; }}; "
 
 
-def classify_rsync(rc: int, stderr: str,
-                   sources: Mapping[str, Endpoint] | None = None) -> TransferError:
+def classify_rsync(rc: int, stderr: str, sources: Mapping[str, Endpoint] | None = None, *,
+                   describe: Callable[[Endpoint], str] | None = None) -> TransferError:
     """Whether a failed rsync is worth retrying, from its exit value and what it printed.
     `sources`: the source endpoint each path given to rsync stands for (a staging link's),
-    to tell the sender's failed read of one (the source's fault) from anything else."""
+    to tell the sender's failed read of one (the source's fault) from anything else.
+    `describe`: what to say of a source refused for lack of permission (remote.denied, which
+    looks at its owner and mode); by default, without a look at a remote one."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
     message = f"rsync exited {rc}: {' | '.join(lines[-6:]) or '(no output)'}"
     if any(text in stderr for text in _NOT_INSTALLED):
         return TransferError(f"{message}; install the Debian package rsync on every host",
                              retryable=False)
+    if (refused := _source_denied(rc, stderr, sources, describe or _not_looked_at)) \
+            and not any(text in _DENIED.sub("", stderr) for text in _PERMANENT_TEXT):
+        return refused
     if any(text in stderr for text in _PERMANENT_TEXT):
         return TransferError(message, retryable=False)
     if rc in (23, 24) and any(text in stderr for text in _MISSING_SOURCE):
@@ -130,6 +143,26 @@ def classify_rsync(rc: int, stderr: str,
     if rc in _RETRYABLE_EXIT or rc == 11:  # 11: file I/O, when not a full disk (above)
         return TransferError(message, retryable=True)
     return TransferError(message, retryable=False)  # 1-5 usage/protocol, 23-25 other, unknown
+
+
+def _source_denied(rc: int, stderr: str, sources: Mapping[str, Endpoint] | None,
+                   describe: Callable[[Endpoint], str]) -> TransferError | None:
+    """The sender refused the open (or the look-up) of a file it was given for lack of
+    permission: the source's fault, not the destination's (health.location_failure), nor
+    one to retry within the run (a person grants the permission). Only a path given to rsync
+    counts: the receiver refused a write on the destination's disk is the destination's."""
+    for match in _DENIED.finditer(stderr):
+        if (source := (sources or {}).get(match[1] or match[2])) is not None:
+            return TransferError(f"{describe(source)} (rsync exited {rc}: {match[0].strip()})",
+                                 retryable=False)
+    return None
+
+
+def _not_looked_at(source: Endpoint) -> str:
+    if source.host is None:
+        return denied_here(source.path)
+    return denied_source(f"{source.path} on {source.host}", None,
+                         f"the user ccat-dt logs in as on {source.host}")
 
 
 def _source_unreadable(rc: int, stderr: str,
@@ -387,7 +420,15 @@ class RsyncTransport:
             raise unmarked(destination)
         given = {check_path(name.path): item.source
                  for name, item in zip(sent, items, strict=True)}
-        failed = classify_rsync(done.rc, done.stderr, given) if done.rc != 0 else None
+        looked: dict[Endpoint, str] = {}  # a refused source's owner and mode, looked at once
+
+        def describe(source: Endpoint) -> str:
+            if source not in looked:
+                looked[source] = denied(self.ssh, source)
+            return looked[source]
+
+        failed = classify_rsync(done.rc, done.stderr, given,
+                                describe=describe) if done.rc != 0 else None
         if failed is not None and (done.rc not in (23, 24) or len(items) == 1):
             # The session as a whole failed: keep partial files for a retry to resume from,
             # unless they can never be completed or are what fills the disk.
@@ -399,7 +440,8 @@ class RsyncTransport:
             complaints = [line for line in done.stderr.splitlines()
                           if f'"{name.path}"' in line or f"'{name.path}'" in line]
             if failed is not None and complaints:
-                error = classify_rsync(done.rc, "\n".join(complaints), given)
+                error = classify_rsync(done.rc, "\n".join(complaints), given,
+                                       describe=describe)
                 log.write(f"{item.source}: not transferred: {error}")
                 if SOURCE_UNREADABLE in str(error):  # its partial: zeros where it failed
                     self._discard([item], log)

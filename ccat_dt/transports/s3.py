@@ -25,6 +25,7 @@ from ccat_dt.objectstore import ObjectStore, SourceReadFailed, Stores
 from ccat_dt.progress import Progress
 from ccat_dt.storage import StorageUnavailable
 from ccat_dt.transports.base import (
+    DENIED_ERRNO,
     PERMANENT_ERRNO,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
@@ -33,6 +34,7 @@ from ccat_dt.transports.base import (
     TransferError,
     TransferResult,
     claim_temporary,
+    denied_here,
     fsync_directory,
     one_by_one,
     rename_into_place,
@@ -88,6 +90,8 @@ class S3Transport:
         try:
             size = source.stat().st_size
         except OSError as exc:  # the source's, not the store's (health.location_failure)
+            if exc.errno in DENIED_ERRNO:  # a directory on its path that cannot be entered
+                raise TransferError(denied_here(source), retryable=False) from exc
             what = SOURCE_MISSING if exc.errno == errno.ENOENT else SOURCE_UNREADABLE
             raise TransferError(f"{what}: {source}: {exc.strerror or exc}",
                                 retryable=exc.errno not in PERMANENT_ERRNO) from exc
@@ -96,6 +100,9 @@ class S3Transport:
             store.upload(source, relative, expected, _counter(progress),
                          replaces=destination.replaces)
         except SourceReadFailed as exc:  # the source's fault, not the store's: nothing kept
+            if exc.errno in DENIED_ERRNO:  # refused its open: a person grants it
+                raise TransferError(f"{denied_here(source)} (the upload to {destination} was "
+                                    "aborted: nothing was kept there)", retryable=False) from exc
             raise TransferError(f"{SOURCE_UNREADABLE}: {source}: its disk failed the read: "
                                 f"{exc.strerror or exc} (the upload to {destination} was "
                                 "aborted: nothing was kept there)",
