@@ -38,6 +38,7 @@ from ccat_dt.retention import Action, plan_deletions
 from ccat_dt.routing import copies_at, replication_source
 from ccat_dt.staged_files import Damage, look_at_staged
 from ccat_dt.stages import Stage
+from ccat_dt.transports.base import refused_source
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,9 @@ def _failed(operation: Operation | None, reattempt: Reattempt | None = None) -> 
     error = (operation.error or "").strip().splitlines()
     hint = ""
     text = " ".join(error).lower()
-    if "no space" in text or "disk full" in text:
+    if refused_source(text):  # before the words of its path or its note are looked at
+        hint = "source file not readable by ccat-dt's user; "
+    elif "no space" in text or "disk full" in text:
         hint = "destination disk full; "
     elif "read-only file system" in text:
         hint = "destination disk read-only; "

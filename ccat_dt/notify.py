@@ -20,7 +20,8 @@ Nothing is sent, and no row is written, while no channel is configured.
 
 What counts as a problem (`current_problems`) is only what does not heal by itself: a package
 quarantined (a source file changed after filing), a source file changed after archiving (its
-new bytes are in no archive), a deletion or a copy refused for a file ccat-dt did not write,
+new bytes are in no archive), a source file refused to ccat-dt's user for lack of permission
+(again on the next attempt), a deletion or a copy refused for a file ccat-dt did not write,
 work escalated past the re-attempt horizon, an archive site down past its failover horizon, a
 disk full or read-only (only a person makes room or remounts it), a disk that fails with I/O
 errors again and again, a buffer filling faster than it drains, a filing-service request that
@@ -74,7 +75,7 @@ from ccat_dt.opsdb.models import (
     _aware,
 )
 from ccat_dt.stages import Stage
-from ccat_dt.transports.base import FOREIGN_FILE
+from ccat_dt.transports.base import FOREIGN_FILE, refused_source
 
 LOG = logging.getLogger("ccat_dt.notify")
 
@@ -83,8 +84,8 @@ LOG = logging.getLogger("ccat_dt.notify")
 class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
-    # | deletion_refused | foreign_file | source_changed | archive_unreadable | disk_full
-    # | read_only | disk_error | undeliverable
+    # | deletion_refused | foreign_file | source_changed | source_refused | archive_unreadable
+    # | disk_full | read_only | disk_error | undeliverable
     subject: str
     detail: str  # what happened and what to do
 
@@ -319,8 +320,8 @@ def current_problems(session: Session, config: Config, now: datetime,
     for row in session.scalars(select(Reattempt).order_by(Reattempt.id)):
         if row.escalated_at is None and f"escalated:{row.stage}:{row.partition}" not in told:
             continue
-        if FOREIGN_FILE in (row.last_error or ""):
-            continue  # told at once, below
+        if FOREIGN_FILE in (row.last_error or "") or _refused(row):
+            continue  # told below
         hours = (_aware(now) - _aware(row.first_failed_at)).total_seconds() / 3600
         problems.append(Problem(
             f"escalated:{row.stage}:{row.partition}", "escalated",
@@ -339,6 +340,7 @@ def current_problems(session: Session, config: Config, now: datetime,
     problems += _refused_deletions(session)
     problems += _changed_sources(session)
     problems += _foreign_files(session)
+    problems += _refused_sources(session, config)
     for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
                                                                     FilingDeadLetter.seq)):
         problems.append(Problem(
@@ -383,6 +385,44 @@ def _foreign_files(session: Session) -> list[Problem]:
         f"attempt then copies the package (`ccat-dt why {row.package}` shows the stage).")
         for row in session.scalars(select(Reattempt).where(
             Reattempt.last_error.contains(FOREIGN_FILE)).order_by(Reattempt.id))]
+
+
+# Attempts that found the source refused before a person is told: the second is sent from
+# another verified copy where there is one (routing.unreadable_copies), and then succeeds.
+REFUSED_ATTEMPTS = 2
+
+
+def _refused(row: Reattempt) -> bool:
+    return row.attempts >= REFUSED_ATTEMPTS and refused_source(row.last_error or "")
+
+
+def _refused_sources(session: Session, config: Config) -> list[Problem]:
+    """Work whose source file is refused to ccat-dt's user for lack of permission (a file an
+    instrument wrote 0600 as another user, a directory it cannot enter, an ACL or SELinux
+    refusal), again on the next attempt: no other copy could serve it. Only a person grants
+    the permission; the next automatic attempt then reads it, nothing to re-run (past the
+    re-attempt horizon, `ccat-dt retry`). Resolved once the work succeeds (its row goes)."""
+    problems = []
+    for row in session.scalars(select(Reattempt).order_by(Reattempt.id)):
+        if not _refused(row):
+            continue
+        then = ("Automatic attempts stopped at the re-attempt horizon "
+                f"({config.settings.policies.retry_horizon_hours:g} h): once it is readable, "
+                f"`ccat-dt retry --package {row.package}`." if row.escalated_at is not None else
+                "Once it is readable, the next automatic attempt"
+                + (f" ({_aware(row.next_attempt_at):%Y-%m-%d %H:%M} UTC, then less and less "
+                   "often)" if row.next_attempt_at is not None else "")
+                + " reads it; nothing to re-run.")
+        problems.append(Problem(
+            f"source_refused:{row.stage}:{row.partition}", "source_refused",
+            f"{Stage(row.stage).label} {row.partition}: its source file cannot be read "
+            "(permission denied)",
+            f"{row.last_error}\nThe file was refused to ccat-dt's user on {row.attempts} "
+            "attempts and no other verified copy could be sent instead. Nothing was written at "
+            "the destination, and the file is left as it is. Make it readable by that user "
+            "(chmod/chown, or its ACL or security label: `ls -l`, `getfacl`, `ls -Z`). "
+            f"{then} `ccat-dt why {row.package}` shows the stage."))
+    return problems
 
 
 def _refused_deletions(session: Session) -> list[Problem]:

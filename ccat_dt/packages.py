@@ -45,11 +45,18 @@ from ccat_dt.tarball import (
     split_into_packages,
 )
 from ccat_dt.topology import primary_location
-from ccat_dt.transports.base import identity_at
+from ccat_dt.transports.base import DENIED_ERRNO, denied_here, identity_at
 
 
 class PackageBuildFailed(Exception):
     """The package cannot be built from what is on disk; retrying will not help."""
+
+
+class SourceRefused(PackageBuildFailed):
+    """A raw file refused to ccat-dt for lack of permission (mode 0600 of another user, a
+    directory it cannot enter): retrying within the run cannot help, and the package is not
+    quarantined for it; a person grants the permission (notify.py tells it), and the next
+    automatic attempt reads the file."""
 
 
 class BufferFailed(Exception):
@@ -210,6 +217,11 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
     except OSError as exc:
         source = next((at for root, at in sources.items() if exc.filename is not None
                        and str(exc.filename).startswith(f"{root.rstrip('/')}/")), None)
+        if source is not None and exc.errno in DENIED_ERRNO:  # nor the source disk's fault
+            error = f"packaging {name}: " + denied_here(exc.filename,
+                                                        f"{exc.filename} at {source[1]}")
+            _fail(opsdb, operation.id, package_id=None, error=error)
+            raise SourceRefused(error) from exc
         if source is not None:  # a source file its disk failed to read: not the buffer's fault
             error = (f"packaging {name}: cannot read source file {exc.filename} at "
                      f"{source[1]}: {exc.strerror or exc}")
@@ -416,10 +428,16 @@ class SourceState:
     purged: int  # deleted after archiving (under certificates): not expected there any more
     files: int
     unmounted: list[str] = field(default_factory=list)  # source roots without their marker
+    # files refused to ccat-dt for lack of permission: not judged changed (a person grants it)
+    refused: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not (self.problems or self.unmounted or self.refused)
 
     def summary(self) -> str:
-        if self.problems or self.unmounted:
-            return "\n".join([*self.unmounted, *self.problems])
+        if not self.passed:
+            return "\n".join([*self.unmounted, *self.refused, *self.problems])
         if not self.purged:
             return "all present"
         return (f"{self.files - self.purged} present, {self.purged} purged after archiving "
@@ -430,8 +448,9 @@ def source_problems(opsdb: OpsDB, name: str) -> SourceState:
     """Raw files of the package that are missing at the source or differ in size from their
     filing (checksums are re-checked in the packaging pass, which reads every byte anyway).
     Files on a disk not mounted (no marker at its root) are not judged: it says nothing
-    about them, and the disk comes back."""
-    problems, purged, files = [], 0, 0
+    about them, and the disk comes back; nor files refused for lack of permission (a
+    directory ccat-dt's user cannot enter), which a person makes readable (`refused`)."""
+    problems, refused, purged, files = [], [], 0, 0
     unmounted: dict[str, str | None] = {}
     with opsdb.session() as session:
         for raw_file in get_package(session, name).files:
@@ -448,27 +467,33 @@ def source_problems(opsdb: OpsDB, name: str) -> SourceState:
             try:
                 size = path.stat().st_size
             except OSError as exc:
-                problems.append(f"{raw_file.relative_path}: {exc.strerror}")
+                if exc.errno in DENIED_ERRNO:  # a directory it cannot enter: not a change
+                    refused.append(denied_here(path, f"{path} at "
+                                                     f"{raw_file.source_location.label}"))
+                else:
+                    problems.append(f"{raw_file.relative_path}: {exc.strerror}")
                 continue
             if size != raw_file.size:
                 problems.append(f"{raw_file.relative_path}: {size} bytes on disk, "
                                 f"{raw_file.size} filed")
     return SourceState(problems, purged, files,
-                       [problem for problem in unmounted.values() if problem is not None])
+                       [problem for problem in unmounted.values() if problem is not None],
+                       refused)
 
 
 def fail_unbuilt(opsdb: OpsDB, config: Config, name: str, found: SourceState) -> bool:
     """Record that an unbuilt package cannot be built from what is at the source, as build()
     records it when it finds the same: a failed packaging operation saying why, and, for
     files changed or missing, the package FAILED (nothing leaves; `ccat-dt why` shows the
-    reason; a rebuild is an operator's decision); a source disk not mounted is only this
-    attempt's failure (the re-attempt looks again). For the raw_files_present check, which
-    stops the run before build() does. So is a package whose rebuild is its only way on
+    reason; a rebuild is an operator's decision); a source disk not mounted, or a file
+    refused for lack of permission, is only this attempt's failure (the re-attempt looks
+    again). For the raw_files_present check, which stops the run before build() does. So is
+    a package whose rebuild is its only way on
     (built once, no verified copy left, none ever made outside the observatory: an OpsDB
     restored from a backup after its sources were purged), as build() quarantines it.
     Returns False (and changes nothing) for a package built that goes on from its copies,
     or without problems."""
-    if not found.problems and not found.unmounted:
+    if found.passed:
         return False
     with opsdb.session() as session:
         package = get_package(session, name)
@@ -478,7 +503,8 @@ def fail_unbuilt(opsdb: OpsDB, config: Config, name: str, found: SourceState) ->
             return False
         now = utcnow()
         error = ("source changed since filing: " + "; ".join(found.problems) if found.problems
-                 else "source disk not mounted: " + "; ".join(found.unmounted))
+                 else "source disk not mounted: " + "; ".join(found.unmounted) if found.unmounted
+                 else "packaging: " + "; ".join(found.refused))
         session.add(Operation(operation_type=OperationType.PACKAGING, package=package,
                               status=OperationStatus.FAILED, started_at=now, finished_at=now,
                               error=error))

@@ -88,7 +88,7 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
         fail_unbuilt(deployment.opsdb, deployment.config, context.partition_key,
                      found)  # `why` shows it
         keep_partition(context)  # the packages step next reads it
-        return AssetCheckResult(passed=not found.problems and not found.unmounted,
+        return AssetCheckResult(passed=found.passed,
                                 description=found.summary())
 
     @asset_check(asset="packages", partitions_def=package_partitions, blocking=True)

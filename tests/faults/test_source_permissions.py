@@ -1,7 +1,8 @@
 """A source file refused to the user ccat-dt runs as (EACCES: an instrument wrote it 0600 as
 another user, a directory was made 0700, an ACL or SELinux refusal): told as the source's
 problem, naming the file, its owner and mode and what to do; never as the destination's, whose
-location stays healthy; another verified copy sent instead where there is one.
+location stays healthy; another verified copy sent instead where there is one; a person told
+when there is none; and once a person makes it readable, the next automatic attempt reads it.
 
 The tests run as root, which file modes do not stop: each refusal is the kernel's EACCES from
 a fault-injecting FUSE disk (tests/faultfs.py), on the open of the file (its mode) or on the
@@ -25,6 +26,7 @@ from sqlalchemy import select
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.health import location_failure
+from ccat_dt.notify import current_problems
 from ccat_dt.objectstore import Stores
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -34,6 +36,7 @@ from ccat_dt.opsdb.models import (
     OperationStatus,
     OperationType,
     PackageState,
+    utcnow,
 )
 from ccat_dt.packages import get_package
 from ccat_dt.references import Placement
@@ -46,15 +49,18 @@ from ccat_dt.transports.rsync import RsyncTransport
 from ccat_dt.transports.s3 import S3Transport
 from resources import placement
 from tests.faultfs import FaultyDisk, MountFaulty, faulty_disk  # noqa: F401  # the fixture
+from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
+    archived_everywhere,
     observe,
     operations,
     package_names,
     package_state,
     run,
 )
+from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_disk_errors import TAR, _config, _transfers_to
-from tests.faults.test_disk_full import _copies, told
+from tests.faults.test_disk_full import _copies, _stages, told
 from tests.s3server import S3Server, s3, s3server  # noqa: F401  # fixtures
 from tests.sshd import SshServer
 from tests.test_multisite import multisite
@@ -81,6 +87,14 @@ def refuse(disk: FaultyDisk, relative: str, how: str) -> str:
     disk.fail("getattr", f"{directory}/*", code=errno.EACCES)
     return (f"permission denied (its directory {disk.root / directory} cannot be entered: "
             f"owner uid {OWNER}, mode 0700)")
+
+
+def grant(disk: FaultyDisk, relative: str, how: str) -> None:
+    """What a person does once told: the file (or its directory) readable by ccat-dt again."""
+    target = disk.backing / (relative if how == "file" else str(PurePosixPath(relative).parent))
+    os.chown(target, 0, 0)
+    os.chmod(target, 0o644 if how == "file" else 0o755)
+    disk.heal()
 
 
 def untouched(disk: FaultyDisk, relative: str, how: str, checksum: str) -> None:
@@ -219,6 +233,57 @@ def test_an_upload_from_a_refused_file_fails_as_the_sources(
     untouched(disk, "obs/pkg.tar", how, _sum(data))
 
 
+@pytest.mark.parametrize("how", ["file", "directory"])
+def test_a_raw_file_refused_to_ccat_dt_fails_packaging_is_told_and_goes_once_readable(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        how: str) -> None:
+    """An instrument wrote a raw file 0600 as its own user (or made its directory 0700): the
+    packaging fails naming the file, its owner and mode and what to do, the package is not
+    quarantined (before, a directory that cannot be entered quarantined it as "source changed
+    since filing") and no location is marked failing (before, the instruments' location, for
+    one file's mode). Failing so again on its re-attempt, it is told to a person (before: only
+    past the re-attempt horizon, days later, as stalled work). Once the file is readable the
+    next automatic attempt archives the package, nobody re-running anything, and the notice
+    is resolved. Nothing is left at the buffer meanwhile; the raw files are never touched."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "ccat/instruments")
+    source = observe(config, opsdb)
+    filed = {p: p.read_bytes() for p in source}
+    refused = str(source[1].relative_to(disk.root))
+    said = refuse(disk, refused, how)
+
+    run(config, instance, wait_s=1)  # its re-attempts due within a second: two at least
+
+    [package] = package_names(opsdb)
+    assert package_state(opsdb, package) != PackageState.FAILED
+    state, detail = _stages(config, opsdb, package)["packaging"]
+    assert state == "failed" and "next attempt at" in detail, detail
+    assert detail.startswith("source file not readable by ccat-dt's user; attempt "), detail
+    assert f"source unreadable: {source[1]} at ccat/instruments: {said}: make it readable " \
+        "by the user running ccat-dt (root, uid 0)" in detail, detail
+    with opsdb.session() as session:
+        problems = {p.key: p for p in current_problems(session, config, utcnow())}
+    assert failing(opsdb) == {}
+    problem = problems[f"source_refused:packaging:{package}"]
+    assert str(source[1]) in problem.detail and "make it readable" in problem.detail, problem
+    assert "next automatic attempt" in problem.detail, problem
+    assert [key for key in problems if not key.startswith("source_refused:")] == [], problems
+    buffer = config.resolve_root("sites/ccat/buffer")
+    assert [p for p in buffer.rglob("*") if p.is_file() and p.name != ".ccat-dt-location"] == []
+    untouched(disk, refused, how, _sum(filed[source[1]]))
+
+    grant(disk, refused, how)
+    report = run(config, instance)
+
+    assert report.failed == [], report.failed
+    assert not [p for p in told(config, opsdb) if p.startswith("source_refused:")]
+    archived_everywhere(config, opsdb)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
 @pytest.mark.parametrize("transport", ["rsync", pytest.param("bbcp", marks=BBCP)])
 def test_an_archive_copy_refused_over_ssh_is_passed_over_for_another(
         tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
@@ -258,6 +323,60 @@ def test_an_archive_copy_refused_over_ssh_is_passed_over_for_another(
     assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
     assert checksum is not None
     untouched(disk, TAR, "file", checksum)
+    opsdb.dispose()
+
+
+def test_a_replication_whose_every_source_copy_is_refused_is_told_and_goes_once_readable(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cologne's LTA and buffer copies of the tar are both refused to ccat-dt's user once it
+    is archived there: the replication to us tries one, then the other, each failing as its
+    source's, naming the file; us's locations are not marked failing (before, with the local
+    transport, nothing told a person until the re-attempt horizon, days later). With no
+    readable copy left a person is told, naming the file and what to do. Once both are
+    readable again the next automatic attempt sends the package, nobody re-running anything,
+    and the notice is resolved. Nothing is written at us meanwhile, nor over either copy."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    lta, buffer = faulty_disk(config, "cologne/lta"), faulty_disk(config, "cologne/buffer")
+    refused_once_archived(monkeypatch, lta, buffer)
+    source = observe(config, opsdb, name="obs-0")
+
+    run(config, instance, wait_s=1, workers=1)  # its re-attempts due within a second
+
+    [package] = package_names(opsdb)
+    to_us = _transfers_to(opsdb, package, "us/buffer")
+    assert {label for label, _, _ in to_us} == {"cologne/lta", "cologne/buffer"}, to_us
+    for label, status, error in to_us:
+        disk = lta if label == "cologne/lta" else buffer
+        assert status == OperationStatus.FAILED, to_us
+        assert f"source unreadable: {disk.root / TAR}: permission denied" in error, to_us
+    with opsdb.session() as session:
+        checksum = get_package(session, package).checksum
+        problems = {p.key: p for p in current_problems(session, config, utcnow())}
+    not_by_transfers(failing(opsdb))
+    problem = problems[f"source_refused:site_copy:{package}|us"]
+    assert f"{TAR}: permission denied" in problem.detail, problem
+    assert "make it readable by the user running ccat-dt" in problem.detail, problem
+    assert list(problems) == [problem.key], problems
+    us = [config.resolve_root(location.root) for location in config.settings.site("us").locations]
+    assert [p for root in us for p in root.rglob("*") if p.name != ".ccat-dt-location"
+            and p.is_file()] == []
+
+    assert checksum is not None
+    for disk in (lta, buffer):
+        untouched(disk, TAR, "file", checksum)
+        grant(disk, TAR, "file")
+    report = run(config, instance, workers=1)
+
+    assert report.failed == [], report.failed
+    assert told(config, opsdb) == []
+    archived_everywhere(config, opsdb)
+    for disk in (lta, buffer):
+        assert not (disk.backing / TAR).exists() or hash_file(disk.backing / TAR)[0] == checksum
+    assert not any(p.exists() for p in source)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
     opsdb.dispose()
 
 
