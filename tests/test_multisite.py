@@ -41,9 +41,12 @@ from tests.sshd import SshServer
 
 
 def multisite(tmp_path: Path, sshd: SshServer, transport: str = "rsync",
-              bbcp: dict[str, object] | None = None, **policies: object) -> Config:
+              bbcp: dict[str, object] | None = None, ssh: dict[str, object] | None = None,
+              route_settings: dict[str, object] | None = None, **policies: object
+              ) -> Config:
     """The embedded default, but each archive site is a host reached through sshd with
-    `transport` (and, for bbcp, the routes' `bbcp` settings)."""
+    `transport` (and, for bbcp, the routes' `bbcp` settings); `ssh`: more `ssh` settings,
+    `route_settings`: more settings of every route."""
     settings = copy.deepcopy(EMBEDDED_DEFAULT)
     for site in settings["sites"]:  # type: ignore[attr-defined]
         if site["short_name"] in ("cologne", "us"):
@@ -55,10 +58,11 @@ def multisite(tmp_path: Path, sshd: SshServer, transport: str = "rsync",
         route["transport"] = transport
         if bbcp:
             route["bbcp"] = bbcp
+        route.update(route_settings or {})
     settings["policies"] = {**settings["policies"], **policies}  # type: ignore[dict-item]
-    ssh = sshd.ssh
-    settings["ssh"] = {"port": ssh.port, "identity_file": ssh.identity_file,
-                       "known_hosts_file": ssh.known_hosts_file}
+    reach = sshd.ssh
+    settings["ssh"] = {"port": reach.port, "identity_file": reach.identity_file,
+                       "known_hosts_file": reach.known_hosts_file, **(ssh or {})}
     config = load_config(write_default_config(tmp_path / "deploy", overrides=settings))
     prepare_opsdb(config)
     return config
