@@ -407,7 +407,8 @@ def _listing_remote(root: str, host: str, ssh: SshSettings, skip: set[str],
         done = run(remote_command(ssh, host, ["sh", "-c", _LIST_SCRIPT, "sh", check_path(root)]),
                    timeout_s=HASH_TIMEOUT_S)
     except TransferError as exc:
-        raise StorageUnavailable(f"cannot reach {host}: {exc}") from exc
+        raise StorageUnavailable(f"cannot reach {host}: {exc}",
+                                 transient=exc.retryable) from exc
     head, _, body = done.stdout.partition("\n")
     if done.rc == 0 and head == "UNMARKED":
         raise StorageUnavailable(f"location root {root} on {host} has no {MARKER} marker: not "
@@ -421,8 +422,10 @@ def _listing_remote(root: str, host: str, ssh: SshSettings, skip: set[str],
             if match := _FIND_ERROR.match(line):
                 found.unreadable.append((f"{match.group(1)}/", match.group(2)))
         if done.rc != 1 or head != "LISTING" or not found.unreadable:
-            raise StorageUnavailable(str(classify_ssh(done.rc, done.stderr,
-                                                      what=f"listing {root} on {host}")))
+            # as _look_remote: the host not reached (ssh gave up on a silent link) is
+            # transient, not a disk for a person to mount
+            error = classify_ssh(done.rc, done.stderr, what=f"listing {root} on {host}")
+            raise StorageUnavailable(str(error), transient=error.retryable)
     elif head != "LISTING":
         raise StorageUnavailable(f"unexpected answer from {host} listing {root}: {head!r}")
     fields = body.split("\0")
