@@ -103,8 +103,9 @@ class SshSettings:
         for option in self.options:
             command += ["-o", option]
         # After `options` (ssh keeps the first): a connection on a link gone silent (no reset)
-        # would wait until TCP gives up (~15 min) or, idle, forever; with these ssh exits
-        # within two minutes, and so does the command (a bbcp, a verification) riding on it.
+        # would wait until TCP gives up (~15 min) or, idle, forever; with these ssh exits after
+        # 5 intervals without an answer (2.5 min), and so does the command (a bbcp, a
+        # verification) riding on it (tests/faults/test_ssh_link_black_hole.py).
         command += ["-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4"]
         if shared:
             command += self._sharing_options(command)  # after `options`: ssh keeps the first

@@ -25,18 +25,43 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import xxhash
+from dagster import DagsterInstance
+from sqlalchemy import select
 
+import ccat_dt.reaper as reaper
+import ccat_dt.replicas as replicas
+import ccat_dt.transports.factory as factory
+import ccat_dt.transports.rsync as rsync_module
 from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    LocationType,
+    Notification,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    RawDataPackage,
+)
+from ccat_dt.report import disagreements
 from ccat_dt.storage import StorageUnavailable, Wanted, listing, look
-from ccat_dt.transports.base import TransferError
+from ccat_dt.transports.base import Endpoint, TransferError, temporary_name
+from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport
+from ccat_dt.transports.factory import ssh_settings
 from ccat_dt.transports.remote import remote_xxh128
+from ccat_dt.transports.rsync import RsyncTransport
 from tests.faults.blackhole import BlackHole, black_hole_to
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere, observe, operations, package_names, run
+from tests.faults.storage_truth import lost_filed_files
 from tests.services import free_port
 from tests.sshd import SshServer
 from tests.test_multisite import multisite
@@ -93,6 +118,18 @@ def wan(sshd: SshServer, tmp_path: Path) -> Iterator[Wan]:
         shutil.rmtree(control, ignore_errors=True)
 
 
+@pytest.fixture
+def short_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deployment's ssh (factory.ssh_settings, in this process and the drive's children)
+    gives a silent peer up after ~4 s, as the transport tests' does."""
+    real = factory.SshSettings
+
+    def settings(**kwargs: Any) -> Any:
+        return real(**kwargs, options=SHORT_ALIVE)
+
+    monkeypatch.setattr(factory, "SshSettings", settings)
+
+
 def _stop_masters(control: Path) -> None:
     """End the ssh masters this test left (their sockets are in `control`)."""
     for socket in control.glob("*"):
@@ -118,12 +155,113 @@ def _within(action: Callable[[], Any], what: str) -> Any:
     return outcome[0]
 
 
+def _when(condition: Callable[[], bool], action: Callable[[], None],
+          timeout_s: float = 60.0) -> threading.Thread:
+    """Run `action` once `condition` holds (polled), in a thread."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                action()
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and p.name.endswith(".part")]
+
+
+def _transport(kind: str, wan: Wan, log_dir: Path, *, slow: bool
+               ) -> RsyncTransport | BbcpTransport:
+    """rsync or bbcp to the test sshd through the path; `slow`: at 8 MB/s, so that a transfer
+    is still running when the path goes silent. bbcp stops after 4 s without bytes moving,
+    or ("bbcp, its ssh") after the default 600 s: then its ssh giving up is what ends it."""
+    if kind == "rsync":
+        return RsyncTransport(wan.server.ssh, log_dir,
+                              bandwidth_limit_kbps=8000 if slow else None)
+    return BbcpTransport(BbcpOptions(rate_limit="8M" if slow else None, progress_interval_s=1,
+                                     stall_timeout_s=600 if kind == "bbcp, its ssh" else 4,
+                                     port_range=f"{wan.data_port}:{wan.data_port}"),
+                         wan.server.ssh, log_dir)
+
+
 def _location(wan: Wan, tmp_path: Path) -> Path:
     """A marked location root on the test sshd."""
     root = wan.server.root / tmp_path.name / "lta"
     root.mkdir(parents=True)
     (root / MARKER).write_text("marker\n")
     return root
+
+
+def _package(tmp_path: Path, size: int, name: str = "pkg.tar"
+             ) -> tuple[Endpoint, bytes, str]:
+    data = os.urandom(size)
+    path = tmp_path / name
+    path.write_bytes(data)
+    return Endpoint(PurePosixPath(path)), data, xxhash.xxh3_128(data).hexdigest()
+
+
+# -- (a) silent in the middle of a transfer ---------------------------------------------------
+
+@pytest.mark.parametrize("kind", [
+    "rsync", pytest.param("bbcp", marks=needs_bbcp),
+    pytest.param("bbcp, its ssh", marks=needs_bbcp),
+    pytest.param("bbcp, its data streams", marks=needs_bbcp)])
+def test_a_transfer_whose_link_goes_silent_midway_fails_transient_and_the_next_resumes(
+        wan: Wan, tmp_path: Path, kind: str) -> None:
+    """8 MiB into a 48 MiB package the path goes silent (for "bbcp, its data streams" only
+    bbcp's own TCP streams: ssh stays up). The transfer ends within the bound (rsync: its ssh
+    gives up; bbcp: no bytes moved for its stall time, or its ssh gives up and bbcp ends with
+    it, "transfer interrupted", whichever comes first; with the stall time at its default
+    600 s, its ssh; with ssh up, the stall time), retryable; nothing is under the final name,
+    what landed is kept. The path comes back: the next transfer resumes from it, over a new
+    ssh connection (the old master gave up), and the bytes are the package's."""
+    source, data, checksum = _package(tmp_path, 48 * MiB)
+    root = _location(wan, tmp_path)
+    final = root / "obs" / "pkg.tar"
+    destination = Endpoint(PurePosixPath(final), wan.server.destination,
+                           marker=PurePosixPath(root / MARKER))
+    landing = Path(temporary_name(PurePosixPath(final)))
+    watcher = _when(lambda: _size(landing) > 8 * MiB, lambda: wan.hole.cut(
+        direct_only=kind == "bbcp, its data streams"))
+
+    failed = _within(lambda: _transport(kind, wan, tmp_path / "logs", slow=True).copy(
+        source, destination, checksum), f"{kind} on a silent path")
+
+    watcher.join()
+    assert wan.hole.is_cut
+    assert isinstance(failed, TransferError), failed
+    assert failed.retryable, failed
+    assert not final.exists()
+    kept = _size(landing)
+    assert 0 < kept < len(data), kept  # kept for the next attempt
+
+    wan.hole.mend()
+    result = _transport(kind, wan, tmp_path / "logs", slow=False).copy(
+        source, destination, checksum)
+    assert final.read_bytes() == data and result.checksum == checksum  # the storage
+    assert _temporaries(root) == []
+    log = Path(result.log_path or "").read_text()
+    assert ("were already there (resumed)" if kind == "rsync" else "Appending to") in log, log
+    stalled, interrupted = "no bytes moved for 4 s" in str(failed), \
+        "transfer interrupted" in str(failed)
+    if kind == "bbcp":
+        assert stalled or interrupted, failed
+    elif kind == "bbcp, its ssh":
+        assert interrupted, failed
+    elif kind == "bbcp, its data streams":
+        assert stalled, failed
 
 
 # -- (b) silent while the shared connection is idle --------------------------------------------
@@ -169,3 +307,174 @@ def test_a_look_over_a_shared_connection_gone_silent_while_idle_fails_transient_
     wan.hole.mend()
     assert action(wan, root, "obs/pkg.tar") == before  # healed
     assert (root / "obs" / "pkg.tar").read_bytes() == data
+
+
+@pytest.mark.parametrize("kind", ["rsync", pytest.param("bbcp", marks=needs_bbcp)])
+def test_a_transfer_over_a_shared_connection_gone_silent_while_idle_fails_then_heals(
+        wan: Wan, tmp_path: Path, kind: str) -> None:
+    """One package went over; the master stays, idle; the path goes silent. The next
+    transfer ends within the bound, retryable, nothing under its final name; once the path is
+    back it goes through."""
+    root = _location(wan, tmp_path)
+    first, first_data, first_sum = _package(tmp_path, MiB, "first.tar")
+    marker = PurePosixPath(root / MARKER)
+    transport = _transport(kind, wan, tmp_path / "logs", slow=False)
+    transport.copy(first, Endpoint(PurePosixPath(root / "obs" / "first.tar"),
+                                   wan.server.destination, marker=marker), first_sum)
+    assert (root / "obs" / "first.tar").read_bytes() == first_data
+    source, data, checksum = _package(tmp_path, 4 * MiB)
+    final = root / "obs" / "pkg.tar"
+    destination = Endpoint(PurePosixPath(final), wan.server.destination, marker=marker)
+    wan.hole.cut()
+
+    failed = _within(lambda: transport.copy(source, destination, checksum),
+                     f"{kind} on a silent path")
+
+    assert isinstance(failed, TransferError) and failed.retryable, failed
+    assert not final.exists()
+    wan.hole.mend()
+    result = transport.copy(source, destination, checksum)
+    assert final.read_bytes() == data and result.checksum == checksum
+    assert _temporaries(root) == []
+
+
+# -- the pipeline: the next automatic attempt completes ----------------------------------------
+
+def _lta_bytes_verified(config: Config, opsdb: OpsDB) -> None:
+    """Every package once in each archive, its bytes read back from the storage."""
+    with opsdb.session() as session:
+        for package in session.scalars(select(RawDataPackage)):
+            copies = [Path(c.location.root) / c.relative_path for c in package.copies
+                      if c.location.location_type == LocationType.LONG_TERM_ARCHIVE
+                      and c.status != CopyStatus.DELETED]
+            assert len(copies) == 2, copies
+            for path in copies:
+                assert xxhash.xxh3_128(path.read_bytes()).hexdigest() == package.checksum, path
+    archived_everywhere(config, opsdb)
+
+
+def _mend_when_returned(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
+                        hole: BlackHole) -> dict[str, int]:
+    """The path is mended once a call of `owner.name` during which it was cut has returned
+    (the attempt it failed is over: the next one finds the path back). Returns its calls."""
+    real = getattr(owner, name)
+    calls = {"calls": 0}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls["calls"] += 1
+        try:
+            return real(*args, **kwargs)
+        finally:
+            if hole.is_cut:
+                hole.mend()
+
+    monkeypatch.setattr(owner, name, call)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["rsync", pytest.param("bbcp", marks=needs_bbcp)])
+def test_a_pipeline_transfer_whose_link_goes_silent_midway_heals_without_a_person(
+        wan: Wan, tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch,
+        short_alive: None, kind: str) -> None:
+    """The whole pipeline, the transfer out of the observatory at 8 MB/s: 4 MB into it the
+    path goes silent, and is back once that attempt failed. The attempt is recorded failed,
+    transient; the step's own retry completes it; the package ends once in each archive,
+    its bytes verified on the storage, nothing under a temporary name, no `ccat-dt retry`."""
+    slow = {"bandwidth_limit_kbps": 8000} if kind == "rsync" else {}
+    config = wan.config(tmp_path, kind, route_settings=slow,
+                        bbcp={"rate_limit": "8M", "progress_interval_s": 1,
+                              "stall_timeout_s": 4,
+                              "port_range": f"{wan.data_port}:{wan.data_port}"})
+    sites = wan.server.root / tmp_path.name
+    transport = rsync_module.RsyncTransport if kind == "rsync" else BbcpTransport
+    _mend_when_returned(monkeypatch, transport, "_session", wan.hole)
+    cut = threading.Event()
+
+    def cut_once() -> None:
+        cut.set()
+        wan.hole.cut()
+
+    watcher = _when(lambda: any(_size(p) > 4 * MB for p in _temporaries(sites)), cut_once)
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, files=3, size=10 * MB)
+
+        report = run(config, instance, workers=1)  # the path is mended from this process
+
+        watcher.join()
+        assert cut.is_set() and not wan.hole.is_cut
+        assert report.failed == [], report  # the step's own retry got through
+        [package] = package_names(opsdb)
+        transfers = operations(opsdb, OperationType.TRANSFER, package)
+        assert transfers[0][0] == OperationStatus.FAILED, transfers
+        assert [s for s, _ in transfers[1:]] == [OperationStatus.COMPLETED] * 2, transfers
+        _lta_bytes_verified(config, opsdb)
+        assert _temporaries(sites) == []
+        assert_safe(config, opsdb)
+        assert disagreements(opsdb, ssh_settings(config)) == []
+        assert lost_filed_files(config, opsdb) == []
+    finally:
+        opsdb.dispose()
+
+
+# Where the path goes silent while the shared connection is idle: as the call starts (the
+# master has carried the operations before it), mended once it has returned.
+IDLE: dict[str, tuple[Any, str]] = {
+    "a placement's first look (marker, final name)": (replicas, "_occupied"),
+    "the rename after the transfer": (rsync_module, "remote_verify_and_rename"),
+    "the purge's recheck of the archive copies": (reaper, "recheck_lta_copies"),
+    "the purge's remote rm": (reaper, "_rm_remote"),
+}
+
+
+@pytest.mark.parametrize("moment", list(IDLE))
+def test_a_pipeline_operation_on_a_shared_connection_gone_silent_heals_without_a_person(
+        wan: Wan, tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch,
+        short_alive: None, moment: str) -> None:
+    """The whole pipeline over rsync: the master connection to the archive host carried the
+    operations before; the path goes silent as `moment` starts (the first time), and is back
+    once it returned. That attempt fails as a transient fault within the bound, nothing is
+    recorded done that was not; the next attempt, automatic, finishes: every package once in
+    each archive, verified on the storage, the buffers purged, nobody told."""
+    config = wan.config(tmp_path, "rsync", retry_backoff_first_s=0.3)
+    owner, name = IDLE[moment]
+    real = getattr(owner, name)
+    calls = {"calls": 0}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls["calls"] += 1
+        if calls["calls"] == (2 if name == "_occupied" else 1):  # the 1st: the master's first
+            wan.hole.cut()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            if wan.hole.is_cut:
+                wan.hole.mend()
+
+    monkeypatch.setattr(owner, name, call)
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, files=2, size=MB)
+
+        report = run(config, instance, workers=1)  # the path is cut from this process
+
+        assert calls["calls"] >= 2, calls  # cut once, then called again on the path back
+        assert report.failed == [], report
+        if name == "remote_verify_and_rename":  # the cut attempt: failed, never recorded done
+            assert operations(opsdb, OperationType.TRANSFER)[0][0] == OperationStatus.FAILED
+        if name == "_rm_remote":
+            assert OperationStatus.FAILED in {status for status, _ in operations(
+                opsdb, OperationType.DELETION)}
+        _lta_bytes_verified(config, opsdb)
+        with opsdb.session() as session:
+            buffers = [Path(c.location.root) / c.relative_path
+                       for c in session.scalars(select(PackageCopy))
+                       if c.location.location_type == LocationType.BUFFER]
+            assert session.scalars(select(Notification)).all() == []
+        assert buffers and [path for path in buffers if path.exists()] == []  # purged
+        assert _temporaries(wan.server.root / tmp_path.name) == []
+        assert_safe(config, opsdb)
+        assert disagreements(opsdb, ssh_settings(config)) == []
+        assert lost_filed_files(config, opsdb) == []
+    finally:
+        opsdb.dispose()
