@@ -79,6 +79,22 @@ def _config(tmp_path: Path, **policies: float) -> Config:
                                                      "retry_backoff_first_s": 0.2, **policies})
 
 
+
+def unreadable_once_placed(monkeypatch: pytest.MonkeyPatch, disk: Any, site: str,
+                           kind: LocationType) -> None:
+    """`disk` fails every read of the package's tar once a copy was placed at `site`'s
+    location of `kind` (sent or archived from there: from then on unreadable too)."""
+    real_place = placement.place
+
+    def place(opsdb: OpsDB, config: Config, obj: Placement, kind_placed: LocationType,
+              **options: Any) -> Placed:
+        placed = real_place(opsdb, config, obj, kind_placed, **options)
+        if (obj.site, kind_placed) == (site, kind):
+            disk.fail("read", TAR)
+        return placed
+
+    monkeypatch.setattr(placement, "place", place)
+
 def test_an_archive_copy_its_disk_cannot_read_is_not_taken_for_a_bad_one(
         tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
     """Cologne's LTA disk fails every read of an archived tar (a bad sector): its check's
@@ -357,16 +373,7 @@ def test_a_replication_whose_every_source_copy_cannot_be_read_is_told_to_a_perso
     opsdb = OpsDB(config.opsdb_url)
     lta, buffer = faulty_disk(config, "cologne/lta"), faulty_disk(config, "cologne/buffer")
     lta.fail("read", TAR)  # the archiving reads back its temporary file, not this name
-    real_place = placement.place
-
-    def place(opsdb: OpsDB, config: Config, obj: Placement, kind: LocationType,
-              **options: Any) -> Placed:
-        placed = real_place(opsdb, config, obj, kind, **options)
-        if (obj.site, kind) == ("cologne", LocationType.LONG_TERM_ARCHIVE):
-            buffer.fail("read", TAR)  # archived from there: from now on unreadable too
-        return placed
-
-    monkeypatch.setattr(placement, "place", place)
+    unreadable_once_placed(monkeypatch, buffer, "cologne", LocationType.LONG_TERM_ARCHIVE)
     source = observe(config, opsdb, name="obs-0")
 
     run(config, instance, wait_s=0, workers=1)
@@ -701,16 +708,7 @@ def test_an_archiving_whose_every_source_copy_cannot_be_read_is_told_to_a_person
     opsdb = OpsDB(config.opsdb_url)
     buffer, observatory = faulty_disk(config, "cologne/buffer"), faulty_disk(config, "ccat/buffer")
     buffer.fail("read", TAR)  # the transfer reads back its temporary file, not this name
-    real_place = placement.place
-
-    def place(opsdb: OpsDB, config: Config, obj: Placement, kind: LocationType,
-              **options: Any) -> Placed:
-        placed = real_place(opsdb, config, obj, kind, **options)
-        if (obj.site, kind) == ("cologne", LocationType.BUFFER):
-            observatory.fail("read", TAR)  # sent from there: from now on unreadable too
-        return placed
-
-    monkeypatch.setattr(placement, "place", place)
+    unreadable_once_placed(monkeypatch, observatory, "cologne", LocationType.BUFFER)
     source = observe(config, opsdb)
 
     run(config, instance, wait_s=0, workers=1)
