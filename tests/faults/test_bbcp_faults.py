@@ -37,6 +37,7 @@ from ccat_dt.transports.base import (
 from ccat_dt.transports.bbcp import STAGING_DIR, BbcpOptions, BbcpTransport
 from ccat_dt.transports.factory import ssh_settings
 from tests.faults.invariants import assert_safe
+from tests.faults.moments import size_of, when
 from tests.faults.pipeline import (
     after_each_bbcp_start,
     archived_everywhere,
@@ -102,29 +103,6 @@ def _temporaries(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.name.endswith(".part")]
 
 
-def _when(condition: Callable[[], bool], action: Callable[[], None],
-          timeout_s: float = 30.0) -> threading.Thread:
-    """Run `action` once `condition` holds (polled), in a thread."""
-    def watch() -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if condition():
-                action()
-                return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 def _freeze_bbcp(holding: Callable[[str], bool]) -> list[int]:
     """SIGSTOP every bbcp process that has a file open `holding` accepts: an end that froze,
     as behind a link gone silent (its connections stay up, no reset, no end, no word)."""
@@ -174,14 +152,14 @@ def test_bbcps_data_streams_cut_while_ssh_stays_up_is_transient_and_resumed(
                               capture_output=True, text=True, check=False)
         reset.append(done.stdout)
 
-    watcher = _when(lambda: _size(landing) > 4 * MiB, reset_the_data_streams)
+    watcher = when(lambda: size_of(landing) > 4 * MiB, reset_the_data_streams)
     with pytest.raises(TransferError) as caught:
         slow.copy(source, destination, checksum)
     watcher.join()
     assert reset and f":{port}" in reset[0], reset
     assert caught.value.retryable, caught.value
     assert not final.exists()
-    kept = _size(landing)
+    kept = size_of(landing)
     assert 0 < kept < len(data), kept  # what landed is kept for -a
     _nothing_running([Path(str(source.path)), landing])
 
@@ -207,7 +185,7 @@ def test_a_transfer_that_moves_no_bytes_is_stopped_after_the_stall_time_and_resu
     landing = Path(temporary_name(PurePosixPath(final)))
     options = BbcpOptions(rate_limit="8M", progress_interval_s=1, stall_timeout_s=4)
     frozen: list[int] = []
-    watcher = _when(lambda: _size(landing) > 4 * MiB,
+    watcher = when(lambda: size_of(landing) > 4 * MiB,
                     lambda: frozen.extend(_freeze_bbcp(lambda f: f == str(source.path))))
     started = time.monotonic()
     with pytest.raises(TransferError) as caught:
@@ -216,7 +194,7 @@ def test_a_transfer_that_moves_no_bytes_is_stopped_after_the_stall_time_and_resu
     assert frozen and time.monotonic() - started < 30
     assert caught.value.retryable, caught.value
     assert "no bytes moved for 4 s: the link stalled" in str(caught.value), caught.value
-    kept = _size(landing)
+    kept = size_of(landing)
     assert 0 < kept < len(data), kept
     _nothing_running([Path(str(source.path)), landing])  # the frozen ones went with the group
 
@@ -249,7 +227,7 @@ def test_a_source_that_changes_size_while_sent_is_the_sources_fault_not_the_dest
             with path.open("ab") as grown:
                 grown.write(os.urandom(4 * MiB))
 
-    watcher = _when(lambda: _size(landing) > 2 * MiB, change_the_source)
+    watcher = when(lambda: size_of(landing) > 2 * MiB, change_the_source)
     with pytest.raises(TransferError) as caught:
         BbcpTransport(BbcpOptions(rate_limit="8M"), sshd.ssh, tmp_path / "logs").copy(
             source, destination, checksum)
@@ -318,7 +296,7 @@ def test_the_target_disk_filling_up_mid_transfer_is_permanent_and_leaves_nothing
             with contextlib.suppress(OSError):
                 (root / "filler").write_bytes(b"\0" * 30 * MiB)
 
-        watcher = _when(lambda: _size(landing) > 2 * MiB, fill_the_disk)
+        watcher = when(lambda: size_of(landing) > 2 * MiB, fill_the_disk)
         with pytest.raises(TransferError) as caught:
             BbcpTransport(BbcpOptions(rate_limit="8M"), sshd.ssh, tmp_path / "logs").copy(
                 source, destination, checksum)

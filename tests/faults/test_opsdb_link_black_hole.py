@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from ccat_dt.opsdb.database import LINK_TIMEOUT_ENV, OpsDB
 from ccat_dt.opsdb.models import CopyStatus, Operation, OperationStatus, PhysicalCopy
 from tests.faults.blackhole import BlackHole
 from tests.faults.invariants import assert_safe
+from tests.faults.moments import outcome_within
 from tests.faults.pipeline import REPO, _environment, deployment, observe, package_names, run
 from tests.faults.test_deletion_faults import KEEP, _sites, retention
 from tests.helpers import run_cli
@@ -193,21 +193,11 @@ def test_a_pooled_connection_whose_path_went_silent_fails_then_heals(
     with opsdb.session() as session:  # a connection made, now idle in the pool
         assert session.scalar(text("SELECT 1")) == 1
     black_hole.cut()
-    outcome: list[BaseException | int] = []
+    def query() -> int | None:
+        with opsdb.session() as session:
+            return session.scalar(text("SELECT 1"))
 
-    def query() -> None:
-        try:
-            with opsdb.session() as session:
-                outcome.append(session.scalar(text("SELECT 1")))
-        except BaseException as exc:  # noqa: BLE001 - what the caller sees, kept to look at
-            outcome.append(exc)
-
-    waiting = threading.Thread(target=query, daemon=True)
-    waiting.start()
-    waiting.join(timeout=ENDED_WITHIN_S)
-    assert not waiting.is_alive(), f"still waiting {ENDED_WITHIN_S:g} s after the path " \
-                                   "went silent"
-    [failed] = outcome
+    failed = outcome_within(query, "a statement on a silent path", ENDED_WITHIN_S)
     assert isinstance(failed, OperationalError), failed
 
     black_hole.mend()

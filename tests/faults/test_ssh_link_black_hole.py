@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -60,6 +59,7 @@ from ccat_dt.transports.remote import remote_xxh128
 from ccat_dt.transports.rsync import RsyncTransport
 from tests.faults.blackhole import BlackHole, black_hole_to
 from tests.faults.invariants import assert_safe
+from tests.faults.moments import outcome_within, size_of, when
 from tests.faults.pipeline import archived_everywhere, observe, operations, package_names, run
 from tests.faults.storage_truth import lost_filed_files
 from tests.services import free_port
@@ -137,47 +137,6 @@ def _stop_masters(control: Path) -> None:
                        stdin=subprocess.DEVNULL, timeout=30, check=False)
 
 
-def _within(action: Callable[[], Any], what: str) -> Any:
-    """What `action` returned or raised; a failure if it is still running after the bound."""
-    outcome: list[Any] = []
-
-    def call() -> None:
-        try:
-            outcome.append(action())
-        except BaseException as exc:  # noqa: BLE001 - what the caller sees, kept to look at
-            outcome.append(exc)
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
-    thread.join(timeout=ENDED_WITHIN_S)
-    assert not thread.is_alive(), f"{what}: still waiting {ENDED_WITHIN_S:g} s after the " \
-                                  "path went silent"
-    return outcome[0]
-
-
-def _when(condition: Callable[[], bool], action: Callable[[], None],
-          timeout_s: float = 60.0) -> threading.Thread:
-    """Run `action` once `condition` holds (polled), in a thread."""
-    def watch() -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if condition():
-                action()
-                return
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 def _temporaries(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.name.endswith(".part")]
 
@@ -233,18 +192,18 @@ def test_a_transfer_whose_link_goes_silent_midway_fails_transient_and_the_next_r
     destination = Endpoint(PurePosixPath(final), wan.server.destination,
                            marker=PurePosixPath(root / MARKER))
     landing = Path(temporary_name(PurePosixPath(final)))
-    watcher = _when(lambda: _size(landing) > 8 * MiB, lambda: wan.hole.cut(
+    watcher = when(lambda: size_of(landing) > 8 * MiB, lambda: wan.hole.cut(
         direct_only=kind == "bbcp, its data streams"))
 
-    failed = _within(lambda: _transport(kind, wan, tmp_path / "logs", slow=True).copy(
-        source, destination, checksum), f"{kind} on a silent path")
+    failed = outcome_within(lambda: _transport(kind, wan, tmp_path / "logs", slow=True).copy(
+        source, destination, checksum), f"{kind} on a silent path", ENDED_WITHIN_S)
 
     watcher.join()
     assert wan.hole.is_cut
     assert isinstance(failed, TransferError), failed
     assert failed.retryable, failed
     assert not final.exists()
-    kept = _size(landing)
+    kept = size_of(landing)
     assert 0 < kept < len(data), kept  # kept for the next attempt
 
     wan.hole.mend()
@@ -297,7 +256,8 @@ def test_a_look_over_a_shared_connection_gone_silent_while_idle_fails_transient_
     before = action(wan, root, "obs/pkg.tar")  # the master is up, then idle
     wan.hole.cut()
 
-    failed = _within(lambda: action(wan, root, "obs/pkg.tar"), f"{operation} on a silent path")
+    failed = outcome_within(lambda: action(wan, root, "obs/pkg.tar"),
+                            f"{operation} on a silent path", ENDED_WITHIN_S)
 
     assert isinstance(failed, StorageUnavailable | TransferError), failed
     if isinstance(failed, StorageUnavailable):
@@ -327,8 +287,8 @@ def test_a_transfer_over_a_shared_connection_gone_silent_while_idle_fails_then_h
     destination = Endpoint(PurePosixPath(final), wan.server.destination, marker=marker)
     wan.hole.cut()
 
-    failed = _within(lambda: transport.copy(source, destination, checksum),
-                     f"{kind} on a silent path")
+    failed = outcome_within(lambda: transport.copy(source, destination, checksum),
+                            f"{kind} on a silent path", ENDED_WITHIN_S)
 
     assert isinstance(failed, TransferError) and failed.retryable, failed
     assert not final.exists()
@@ -394,7 +354,7 @@ def test_a_pipeline_transfer_whose_link_goes_silent_midway_heals_without_a_perso
         cut.set()
         wan.hole.cut()
 
-    watcher = _when(lambda: any(_size(p) > 4 * MB for p in _temporaries(sites)), cut_once)
+    watcher = when(lambda: any(size_of(p) > 4 * MB for p in _temporaries(sites)), cut_once)
     opsdb = OpsDB(config.opsdb_url)
     try:
         observe(config, opsdb, files=3, size=10 * MB)
