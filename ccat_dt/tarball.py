@@ -29,8 +29,10 @@ from ccat_dt.checksums import (
     CACHED_CHUNK_SIZE,
     ChecksumMismatch,
     LandedHash,
+    NotRegularFile,
     hash_file,
     new_hasher,
+    open_regular,
 )
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
@@ -117,7 +119,11 @@ class _TarWriter:
         hasher = new_hasher()
         view = memoryview(self._buffer)
         copied = 0
-        with open(member.source, "rb", buffering=0) as source:
+        try:
+            source = open_regular(member.source)  # a FIFO at its name since: never waited on
+        except NotRegularFile:
+            raise PackagingError(f"{member.source}: not a regular file") from None
+        with source:
             while copied < member.size:
                 with _reading(member.source):  # only the read: a write error is the tar's
                     count = source.readinto(view[:min(len(view), member.size - copied)])

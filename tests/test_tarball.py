@@ -108,11 +108,18 @@ def test_each_source_is_read_exactly_once(tmp_path: Path, monkeypatch: pytest.Mo
     sources = {str(m.source.resolve()) for m in members}
     opens: Counter[str] = Counter()
     bytes_read: Counter[str] = Counter()
-    real_open = builtins.open
+    real_open, real_os_open = builtins.open, os.open
+    opened: dict[int, str] = {}  # descriptor -> the path os.open opened it at
+
+    def recording_os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        fd = real_os_open(path, flags, *args, **kwargs)
+        opened[fd] = os.path.realpath(path) if "dir_fd" not in kwargs else ""
+        return fd
 
     def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
         handle = real_open(file, *args, **kwargs)
-        key = os.path.realpath(file) if isinstance(file, str | os.PathLike) else ""
+        key = (opened.pop(file, "") if isinstance(file, int)
+               else os.path.realpath(file) if isinstance(file, str | os.PathLike) else "")
         if key in sources:
             opens[key] += 1
             return _CountingFile(handle, bytes_read, key)
@@ -120,6 +127,7 @@ def test_each_source_is_read_exactly_once(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(builtins, "open", counting_open)
     monkeypatch.setattr(io, "open", counting_open)  # Path.open / read_bytes go through io.open
+    monkeypatch.setattr(os, "open", recording_os_open)  # a source opened as a descriptor
     build_package(members, tmp_path / "pkg.tar", package_name="pkg")
     monkeypatch.undo()
 
