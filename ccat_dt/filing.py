@@ -38,6 +38,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.topology import UnknownLocation, get_location, primary_location
+from ccat_dt.transports.base import DENIED_ERRNO, local_user, refusal_here
 
 OBSERVATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CHECKSUM = re.compile(r"[0-9a-f]{32}")
@@ -307,7 +308,9 @@ def file_directory(opsdb: OpsDB, *, observation: str, module: str, directory: st
                    site: str | None = None, location: str | None = None) -> FilingResult:
     """File every regular file below a source directory, but the location marker; symlinks
     are not followed, and they and other non-regular entries (FIFOs, sockets) are listed in
-    the result's `skipped`."""
+    the result's `skipped`. A directory below it that cannot be listed or entered refuses the
+    call, nothing filed: its files would be left out unsaid, and never filed once the
+    observation is finished."""
     prefix = f"observation '{observation}'"
     with opsdb.session() as session:
         target = _resolve(session, observation, module, site, location)
@@ -318,20 +321,49 @@ def file_directory(opsdb: OpsDB, *, observation: str, module: str, directory: st
                           f"{target.label} (root {target.root})")
     if not base.is_dir():
         raise FilingError(f"{prefix}: directory '{directory}' does not exist under {target.root}")
-    specs, skipped = [], []
-    for dirpath, dirs, names in os.walk(base):
-        for entry in names + [d for d in dirs if Path(dirpath, d).is_symlink()]:
+    specs, skipped, unreadable = [], [], []
+
+    def unlisted(exc: OSError) -> None:  # os.walk passes over what it cannot list
+        unreadable.append(_unreadable(exc, "cannot read directory", target))
+
+    for dirpath, dirs, names in os.walk(base, onerror=unlisted):
+        for entry in names + dirs:
             path = Path(dirpath, entry)
             relative = path.relative_to(target.real_root).as_posix()
-            if is_marker(relative):
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError as exc:  # a directory that can be listed but not entered
+                unreadable.append(_unreadable(exc, "cannot look at", target))
                 continue
-            if not path.is_symlink() and path.is_file():
+            if is_marker(relative) or stat.S_ISDIR(mode):  # a directory is walked
+                continue
+            if stat.S_ISREG(mode):  # never through a symlink
                 specs.append(FileSpec(relative))
             else:
                 skipped.append(relative)
+    if unreadable:  # its files would be left out, unsaid, and never filed once it finishes
+        shown = "\n  ".join(unreadable[:MAX_LISTED]) + (
+            f"\n  ... and {len(unreadable) - MAX_LISTED} more"
+            if len(unreadable) > MAX_LISTED else "")
+        raise FilingError(f"{prefix}: directory '{directory}' cannot be read in full, nothing "
+                          f"was filed:\n  {shown}", [("directory", "cannot be read in full")])
     result = file_raw_files(opsdb, observation=observation, module=module, site=site,
                             location=location, files=sorted(specs, key=lambda s: s.path))
     return replace(result, skipped=sorted(skipped))
+
+
+def _unreadable(exc: OSError, what: str, target: Source) -> str:
+    """What `file --directory` says of an entry it could not list or look at."""
+    path = Path(exc.filename if exc.filename is not None else target.root)
+    relative = (path.relative_to(target.real_root).as_posix()
+                if path.is_relative_to(target.real_root) else str(path))
+    if exc.errno in DENIED_ERRNO:
+        found = refusal_here(path)
+        why = (f"permission denied{f' ({found})' if found else ''}: make it readable by "
+               f"{local_user()}")
+    else:
+        why = exc.strerror or str(exc)
+    return f"{what} '{relative}' under {target.root}: {why}"
 
 
 def read_manifest_file(path: Path) -> list[FileSpec]:

@@ -11,8 +11,13 @@ tests/faults/test_source_faults.py, with a name that is not UTF-8 and symlinks o
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,10 +31,13 @@ from ccat_dt.filing import (
     FileSpec,
     FilingError,
     file_raw_files,
+    finish_observation,
     start_observation,
 )
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import PackageState, RawDataFile, utcnow
+from ccat_dt.staging import Selection, request_staging
+from ccat_dt.storage import files_under
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     MODULE,
@@ -158,3 +166,126 @@ def test_a_fifo_put_at_a_name_while_its_batch_is_checksummed_is_refused_not_hung
     with opsdb.session() as session:
         assert session.scalars(select(RawDataFile)).all() == []
     assert os.path.exists(fifo) and not fifo.is_file()
+
+
+def _file_directory_command(config: Config, directory: str) -> list[str]:
+    """`ccat-dt file --directory` as ccat-dt's own user would run it: as root, file modes stop
+    nothing, so it runs without the capabilities that bypass them (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH)."""
+    command = [str(Path(sys.executable).parent / "ccat-dt"), "--config", str(config.path),
+               "file", "--observation", "obs-0", "--module", MODULE, "--directory", directory]
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to run ccat-dt without root's capabilities")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+def _as_mode(path: Path, mode: int, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """`command` run while `path` has `mode`."""
+    os.chmod(path, mode)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        os.chmod(path, 0o755)
+
+
+def _refused_naming(refused: subprocess.CompletedProcess[str], directory: str,
+                    shown: str) -> None:
+    assert refused.returncode == 2, (refused.returncode, refused.stdout, refused.stderr)
+    said = refused.stderr
+    assert f"'{directory}" in said and shown in said, said
+    assert "make it readable by the user running ccat-dt" in said, said
+    assert "nothing was filed" in said, said
+
+
+def test_a_raw_directory_of_odd_entries_is_filed_told_and_purged_as_filed_and_no_further(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instrument's directory holding a FIFO, a socket, a dangling symlink, a symlink out of
+    the source root, a symlink loop, a hard link of a raw file, a zero-byte file and a
+    subdirectory ccat-dt's user cannot list (mode 0000).
+
+    `ccat-dt file --directory` walked past the subdirectory without a word: the files in it
+    were never filed, `file` exited 0, and once the observation was finished they could never
+    be filed. Now it is refused naming that directory, its owner and mode and whom to make it
+    readable by, nothing filed; once readable, the same command files every regular file and
+    names the entries it passed over. None of those hangs it or is followed; the lifecycle
+    archives, purges and stages back exactly the filed files, and nothing else is touched."""
+    outside = tmp_path / "outside" / "not-raw-data.txt"
+    outside.parent.mkdir()
+    outside.write_bytes(b"the target of a symlink out of the source root")
+    directory = source_root(config) / "obs-0" / MODULE
+    (directory / "sub").mkdir(parents=True)
+    raw = {"a.dat": os.urandom(3000), "zero.dat": b"", "sub/b.dat": os.urandom(2000)}
+    for name, data in raw.items():
+        (directory / name).write_bytes(data)
+    os.link(directory / "a.dat", directory / "hard.dat")
+    raw["hard.dat"] = raw["a.dat"]
+    os.mkfifo(directory / "fifo")
+    monkeypatch.chdir(directory)  # a socket's path must fit in 108 bytes
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind("socket")
+    (directory / "dangling").symlink_to(directory / "gone.dat")
+    (directory / "out").symlink_to(outside)
+    (directory / "loop-1").symlink_to(directory / "loop-2")
+    (directory / "loop-2").symlink_to(directory / "loop-1")
+    odd = ["dangling", "fifo", "loop-1", "loop-2", "out", "socket"]
+    start_observation(opsdb, "obs-0")
+    command = _file_directory_command(config, f"obs-0/{MODULE}")
+
+    refused = _as_mode(directory / "sub", 0o000, command)
+
+    _refused_naming(refused, f"obs-0/{MODULE}/sub", "mode 0000")
+    with opsdb.session() as session:
+        assert session.scalars(select(RawDataFile)).all() == []
+
+    filed = _unless_hung(lambda: subprocess.run(command, capture_output=True, text=True,
+                                                timeout=HANG_S), directory / "fifo")
+
+    assert isinstance(filed, subprocess.CompletedProcess)
+    assert filed.returncode == 0, filed.stderr
+    assert f"skipped {len(odd)} entries that are not regular files" in filed.stderr
+    with opsdb.session() as session:
+        assert sorted(session.scalars(select(RawDataFile.relative_path))) == sorted(
+            f"obs-0/{MODULE}/{name}" for name in raw)
+    finish_observation(opsdb, "obs-0")
+
+    assert run(config, instance).failed == []
+
+    archived_everywhere(config, opsdb)
+    assert sorted(os.listdir(directory)) == odd  # each filed file purged, and only they
+    assert outside.read_bytes() == b"the target of a symlink out of the source root"
+    assert_safe(config, opsdb, expected_findings=[("dark", f"{MODULE}/{name}") for name in odd])
+    request = request_staging(opsdb, location="ramses/processing",
+                              selection=Selection(observation="obs-0"),
+                              expires_in=timedelta(hours=1))
+    assert run(config, instance).failed == []
+    [package] = package_names(opsdb)
+    staged = config.resolve_root("sites/ramses/processing") / request / package / "obs-0" / MODULE
+    assert {str(p.relative_to(staged)): p.read_bytes() for p in files_under(staged)} == raw
+
+
+@pytest.mark.parametrize(("mode", "shown"), [
+    (0o100, "'obs-0/primecam/f280/sub' under"),  # entered, not listed: passed over before
+    (0o600, "its directory"),  # listed, not entered: a bare "Permission denied" before
+])
+def test_a_subdirectory_that_cannot_be_listed_or_entered_refuses_file_directory(
+        config: Config, opsdb: OpsDB, mode: int, shown: str) -> None:
+    """As above for the other two ways a directory is unreadable: one that can be entered
+    but not listed (0100) was passed over without a word; one that can be listed but not
+    entered (0600) stopped the command with "ccat-dt: error: Permission denied (PATH)"."""
+    directory = source_root(config) / "obs-0" / MODULE
+    (directory / "sub").mkdir(parents=True)
+    (directory / "a.dat").write_bytes(b"readable")
+    (directory / "sub" / "b.dat").write_bytes(b"in a directory ccat-dt cannot read")
+    start_observation(opsdb, "obs-0")
+
+    refused = _as_mode(directory / "sub", mode,
+                       _file_directory_command(config, f"obs-0/{MODULE}"))
+
+    _refused_naming(refused, f"obs-0/{MODULE}/sub", f"mode 0{mode:o}")
+    assert shown in refused.stderr, refused.stderr
+    with opsdb.session() as session:
+        assert session.scalars(select(RawDataFile)).all() == []
+    assert (directory / "sub" / "b.dat").read_bytes() == b"in a directory ccat-dt cannot read"
