@@ -369,6 +369,12 @@ def extract_package(tar_path: Path, destination_dir: Path,
     the manifest entries of the files extracted."""
     with _open_tar(tar_path) as tar:
         manifest = _parse_manifest(tar_path, tar)
+        for entry in manifest:  # as packaging writes them: each below the destination
+            try:
+                _check_arcname(entry.path)
+            except PackagingError as exc:
+                raise PackagingError(f"{tar_path}: unsafe {MANIFEST_NAME} entry: {exc}; "
+                                     "nothing was unpacked") from None
         listed = {e.path for e in manifest}
         data_members = [m for m in tar.getmembers() if m.name != MANIFEST_NAME]
         names = [m.name for m in data_members]

@@ -10,11 +10,14 @@ tests/faults/test_source_faults.py, with a name that is not UTF-8 and symlinks o
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -25,6 +28,7 @@ from dagster import DagsterInstance
 from sqlalchemy import select
 
 from ccat_dt import tarball
+from ccat_dt.checksums import ALGORITHM, hash_file
 from ccat_dt.config import Config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.filing import (
@@ -38,6 +42,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import PackageState, RawDataFile, utcnow
 from ccat_dt.staging import Selection, request_staging
 from ccat_dt.storage import files_under
+from ccat_dt.tarball import MANIFEST_NAME, PackagingError, extract_package
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     MODULE,
@@ -49,6 +54,7 @@ from tests.faults.pipeline import (
     source_root,
 )
 from tests.faults.retrying import operator_retry
+from tests.helpers import checksum
 
 HANG_S = 60  # far longer than any of these steps takes; a wait past it is a hang
 
@@ -289,3 +295,49 @@ def test_a_subdirectory_that_cannot_be_listed_or_entered_refuses_file_directory(
     with opsdb.session() as session:
         assert session.scalars(select(RawDataFile)).all() == []
     assert (directory / "sub" / "b.dat").read_bytes() == b"in a directory ccat-dt cannot read"
+
+
+def _altered_package(tar_path: Path, members: dict[str, bytes]) -> None:
+    """A package tar as someone with write access to an archive could make it: each member
+    listed in its manifest with its true size and checksum, whatever its name."""
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        manifest = json.dumps({"package": "p", "algorithm": ALGORITHM, "files": [
+            {"path": name, "size": len(data), "checksum": checksum(data)}
+            for name, data in members.items()]}).encode()
+        info = tarfile.TarInfo(MANIFEST_NAME)
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+
+
+@pytest.mark.parametrize("where", ["an existing file", "a new file"])
+def test_a_package_naming_an_absolute_path_is_refused_before_anything_is_unpacked(
+        tmp_path: Path, where: str) -> None:
+    """A member with an absolute name was unpacked below the destination (tarfile's data
+    filter strips the slash), but its manifest entry was then looked for at the absolute path
+    itself: a file already there outside the destination, with the member's bytes, was
+    vouched for as unpacked and verified, and returned as the entry whose file the caller
+    moves into place and records (to be purged once its request is released). Now a package
+    whose manifest names any path that is not a plain relative one is refused before anything
+    is written, and nothing outside is read, written or vouched for."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.dat"
+    data = b"a file of someone else's, outside the processing area"
+    if where == "an existing file":
+        victim.write_bytes(data)
+    package = tmp_path / "altered.tar"
+    _altered_package(package, {"obs-0/fine.dat": b"raw", str(victim): data})
+    destination = tmp_path / "processing" / "request"
+
+    with pytest.raises(PackagingError, match="unsafe"):
+        extract_package(package, destination)
+
+    assert not destination.exists() or list(destination.rglob("*")) == []
+    assert [p.name for p in outside.iterdir()] == (
+        ["victim.dat"] if where == "an existing file" else [])
+    if where == "an existing file":
+        assert hash_file(victim)[0] == checksum(data)
