@@ -38,7 +38,7 @@ from ccat_dt.retention import Action, plan_deletions
 from ccat_dt.routing import copies_at, replication_source
 from ccat_dt.staged_files import Damage, look_at_staged
 from ccat_dt.stages import Stage
-from ccat_dt.transports.base import refused_source
+from ccat_dt.transports.base import TOO_LARGE, refused_source
 
 
 @dataclass(frozen=True)
@@ -206,10 +206,14 @@ def _failed(operation: Operation | None, reattempt: Reattempt | None = None) -> 
     text = " ".join(error).lower()
     if refused_source(text):  # before the words of its path or its note are looked at
         hint = "source file not readable by ccat-dt's user; "
+    elif "disk quota exceeded" in text:
+        hint = "destination over its quota; "
     elif "no space" in text or "disk full" in text:
         hint = "destination disk full; "
     elif "read-only file system" in text:
         hint = "destination disk read-only; "
+    elif TOO_LARGE.lower() in text:
+        hint = "the destination takes no file this big (its file-size limit); "
     elif "checksum mismatch" in text:
         hint = "checksum mismatch; "
     elif "refused" in text or "timed out" in text or "unreachable" in text:

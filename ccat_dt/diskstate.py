@@ -11,16 +11,23 @@ from pathlib import Path
 FULL_BELOW = 1 << 20  # bytes free under which a disk counts as full (a few pages left)
 
 
-def disk_trouble(path: Path) -> str | None:
-    """"full (N KB free)", "out of inodes" or "read-only" for the disk holding `path` (or its
-    nearest existing directory); None when it looks writable with room, or cannot be looked
-    at."""
+def _statvfs(path: Path) -> os.statvfs_result | None:
+    """The file system holding `path` (or its nearest existing directory); None when it cannot
+    be looked at."""
     here = path
     while not here.exists() and here != here.parent:
         here = here.parent
     try:
-        info = os.statvfs(here)
+        return os.statvfs(here)
     except OSError:
+        return None
+
+
+def disk_trouble(path: Path) -> str | None:
+    """"full (N KB free)", "out of inodes" or "read-only" for the disk holding `path` (or its
+    nearest existing directory); None when it looks writable with room, or cannot be looked
+    at."""
+    if (info := _statvfs(path)) is None:
         return None
     if info.f_flag & os.ST_RDONLY:
         return "read-only"
@@ -29,6 +36,23 @@ def disk_trouble(path: Path) -> str | None:
     if info.f_files and info.f_favail == 0:
         return "out of inodes"
     return None
+
+
+def inodes_out(bytes_free: int, inodes: int, inodes_free: int) -> str:
+    """What a disk that refused a write with ENOSPC ("No space left on device") lacks when it
+    is not bytes: its inodes, all used (by many small files, say) while bytes are free, which
+    `df -h` does not show; "" while it has inodes left (or counts none: btrfs)."""
+    if inodes and inodes_free == 0:
+        return (f"no inode left ({bytes_free // 1024} KB free: room for bytes, none for another "
+                "file; `df -i`)")
+    return ""
+
+
+def inodes_out_here(path: Path) -> str:
+    """inodes_out for the disk holding `path` on this machine; "" when it cannot be looked at."""
+    if (info := _statvfs(path)) is None:
+        return ""
+    return inodes_out(info.f_bavail * info.f_frsize, info.f_files, info.f_favail)
 
 
 def next_step(trouble: str) -> str:

@@ -24,13 +24,15 @@ from ccat_dt.transports.base import (
     PEER_FAILED,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
+    TOO_LARGE,
     UNREADABLE,
 )
 
 # A transfer refused because its final name holds a file OpsDB does not know (replicas.py):
 # that file's, not the location's, and a person's to look at (notify.py).
+# A file larger than the destination takes (EFBIG): that file's too; smaller ones still go there.
 _PER_FILE = ("checksum mismatch", SOURCE_MISSING, SOURCE_UNREADABLE, "no longer verified",
-             FOREIGN_FILE, PEER_FAILED)
+             FOREIGN_FILE, PEER_FAILED, TOO_LARGE.lower())
 _LOCATION_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
                    errno.EIO, errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH,
                    errno.ECONNREFUSED, errno.ETIMEDOUT}

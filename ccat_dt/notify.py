@@ -22,11 +22,13 @@ What counts as a problem (`current_problems`) is only what does not heal by itse
 quarantined (a source file changed after filing), a source file changed after archiving (its
 new bytes are in no archive), a source file refused to ccat-dt's user for lack of permission
 (again on the next attempt), a deletion or a copy refused for a file ccat-dt did not write,
-work escalated past the re-attempt horizon, an archive site down past its failover horizon, a
-disk full or read-only (only a person makes room or remounts it), a disk that fails with I/O
-errors again and again, a buffer filling faster than it drains, a filing-service request that
-can never be applied (a dead letter, which each site's service mirrors into OpsDB). Transient
-faults are never told.
+a copy refused because the package is larger than the destination takes (EFBIG: its file
+system's largest file, a file-size limit of the user writing there), work escalated past the
+re-attempt horizon, an archive site down past its failover horizon, a disk full (of bytes or
+inodes), over its quota or read-only (only a person makes room, raises the quota or remounts
+it), a disk that fails with I/O errors again and again, a buffer filling faster than it
+drains, a filing-service request that can never be applied (a dead letter, which each site's
+service mirrors into OpsDB). Transient faults are never told.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ from ccat_dt.opsdb.models import (
     _aware,
 )
 from ccat_dt.stages import Stage
-from ccat_dt.transports.base import FOREIGN_FILE, refused_source
+from ccat_dt.transports.base import FOREIGN_FILE, TOO_LARGE, refused_source
 
 LOG = logging.getLogger("ccat_dt.notify")
 
@@ -85,7 +87,7 @@ class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
     # | deletion_refused | foreign_file | source_changed | source_refused | archive_unreadable
-    # | disk_full | read_only | disk_error | undeliverable
+    # | disk_full | over_quota | read_only | disk_error | too_large | undeliverable
     subject: str
     detail: str  # what happened and what to do
 
@@ -263,14 +265,10 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"{site} back (`ccat-dt status` shows its locations)."))
     for refusing, how in refusing_locations(session):
         since = _aware(refusing.failing_since or now)
-        kind = "disk_full" if how == "full" else "read_only"
-        refused, remedy = (("Writes", "Make room or enlarge the disk") if how == "full" else
-                           ("Writes and deletions", "Remount it read-write (one the kernel "
-                            "remounted read-only after errors: check `dmesg` and the file "
-                            "system first)"))
+        kind, state, refused, remedy = _refusal(how, refusing.unhealthy_reason or "")
         problems.append(Problem(
             f"{kind}:{refusing.label}", kind,
-            f"{refusing.location_type.value.replace('_', ' ')} {refusing.label} {how} since "
+            f"{refusing.location_type.value.replace('_', ' ')} {refusing.label} {state} since "
             f"{since:%Y-%m-%d %H:%M} UTC",
             f"{refusing.unhealthy_reason or 'no reason recorded'}\n{refused} there fail and "
             "are tried again after a back-off; nothing is lost and the copies there are read "
@@ -320,7 +318,8 @@ def current_problems(session: Session, config: Config, now: datetime,
     for row in session.scalars(select(Reattempt).order_by(Reattempt.id)):
         if row.escalated_at is None and f"escalated:{row.stage}:{row.partition}" not in told:
             continue
-        if FOREIGN_FILE in (row.last_error or "") or _refused(row):
+        if any(text in (row.last_error or "") for text in (FOREIGN_FILE, TOO_LARGE)) \
+                or _refused(row):
             continue  # told below
         hours = (_aware(now) - _aware(row.first_failed_at)).total_seconds() / 3600
         problems.append(Problem(
@@ -340,6 +339,7 @@ def current_problems(session: Session, config: Config, now: datetime,
     problems += _refused_deletions(session)
     problems += _changed_sources(session)
     problems += _foreign_files(session)
+    problems += _too_large(session, config)
     problems += _refused_sources(session, config)
     for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
                                                                     FilingDeadLetter.seq)):
@@ -372,6 +372,25 @@ def current_problems(session: Session, config: Config, now: datetime,
     return problems
 
 
+def _refusal(how: str, reason: str) -> tuple[str, str, str, str]:
+    """(kind, what the disk is, what it refuses, what a person does) for a location whose disk
+    refuses writes (`health.refusing_locations`): full of bytes, out of inodes while bytes are
+    free, over a quota while the disk has room, or read-only."""
+    if how != "full":
+        return ("read_only", how, "Writes and deletions", "Remount it read-write (one the "
+                "kernel remounted read-only after errors: check `dmesg` and the file system "
+                "first)")
+    if "disk quota exceeded" in reason.lower():
+        return ("over_quota", "over its quota", "Writes", "Make room there, or raise the quota "
+                "of the user (or group) ccat-dt writes as (`setquota`; a btrfs quota group: "
+                "`btrfs qgroup limit`; an XFS project: `xfs_quota`)")
+    if "no inode left" in reason:
+        return ("disk_full", "out of inodes", "Writes", "Delete files there (many small ones "
+                "use up the inodes whatever the bytes free: `df -i`), or make its file system "
+                "with more inodes")
+    return "disk_full", "full", "Writes", "Make room or enlarge the disk"
+
+
 def _foreign_files(session: Session) -> list[Problem]:
     """Copies refused because their final name holds a file OpsDB does not know (an older
     archive, a restored OpsDB): nothing is written over it, and only a person can say what
@@ -385,6 +404,37 @@ def _foreign_files(session: Session) -> list[Problem]:
         f"attempt then copies the package (`ccat-dt why {row.package}` shows the stage).")
         for row in session.scalars(select(Reattempt).where(
             Reattempt.last_error.contains(FOREIGN_FILE)).order_by(Reattempt.id))]
+
+
+def _too_large(session: Session, config: Config) -> list[Problem]:
+    """Copies refused because the package is larger than the destination takes (EFBIG): not
+    the location's fault (smaller packages still go there), nor one that heals by itself: only
+    a person lifts the limit. Told at the first refusal; resolved once the copy is made (its
+    re-attempt row goes)."""
+    problems = []
+    for row in session.scalars(select(Reattempt).where(
+            Reattempt.last_error.contains(TOO_LARGE)).order_by(Reattempt.id)):
+        size = session.scalar(select(RawDataPackage.size).where(
+            RawDataPackage.name == row.package))
+        then = ("Automatic attempts stopped at the re-attempt horizon "
+                f"({config.settings.policies.retry_horizon_hours:g} h): once it is lifted, "
+                f"`ccat-dt retry --package {row.package}`." if row.escalated_at is not None else
+                "Once it is lifted, the next automatic attempt"
+                + (f" ({_aware(row.next_attempt_at):%Y-%m-%d %H:%M} UTC, then less and less "
+                   "often)" if row.next_attempt_at is not None else "")
+                + " copies it; nothing to re-run.")
+        problems.append(Problem(
+            f"too_large:{row.stage}:{row.partition}", "too_large",
+            f"{Stage(row.stage).label} {row.partition} refused: the destination takes no file "
+            "this big" + (f" ({size} bytes)" if size else ""),
+            f"{row.last_error}\nThe file system there cannot hold a file this large (FAT: "
+            "4 GiB - 1 byte), or the user ccat-dt writes as there may not write one (its "
+            "file-size limit: `ulimit -f`, an `fsize` line in /etc/security/limits.conf, "
+            "systemd's LimitFSIZE). Nothing was kept there and nothing is deleted at the "
+            "source; smaller packages still go there. Lift the limit, or move that location to "
+            f"a file system that takes such files. {then} `ccat-dt why {row.package}` shows "
+            "the stage."))
+    return problems
 
 
 # Attempts that found the source refused before a person is told: the second is sent from

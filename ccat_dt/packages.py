@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections import defaultdict
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 from ccat_dt import claims
 from ccat_dt.checksums import ALGORITHM, ChecksumMismatch
 from ccat_dt.config import Config
+from ccat_dt.diskstate import inodes_out_here
 from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok
 from ccat_dt.marker import root_problem
 from ccat_dt.opsdb.database import OpsDB
@@ -57,6 +59,14 @@ class SourceRefused(PackageBuildFailed):
     directory it cannot enter): retrying within the run cannot help, and the package is not
     quarantined for it; a person grants the permission (notify.py tells it), and the next
     automatic attempt reads the file."""
+
+
+class TarTooLarge(PackageBuildFailed):
+    """The tar is larger than the observatory buffer takes (EFBIG: its file system's largest
+    file, or the file-size limit of the user writing it): retrying within the run cannot help,
+    the buffer is not marked failing (smaller tars still go there) and the package is not
+    quarantined; a person lifts the limit (notify.py tells it), and the next automatic attempt
+    builds it."""
 
 
 class BufferFailed(Exception):
@@ -229,18 +239,26 @@ def build(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
             if location_failure(exc):
                 mark_failed(opsdb, config, source[0], error)
             raise OSError(exc.errno, error) from exc  # retried: a read error may pass
-        # Where: a write that fails mid-tar (a disk filling) names no file of its own.
+        if exc.errno == errno.EFBIG:
+            error = (f"packaging {name} at {buffer_label} ({buffer.root}): {exc.strerror or exc}"
+                     ": the tar is larger than that disk, or the user writing it, takes")
+            _fail(opsdb, operation.id, package_id=None, error=error)
+            raise TarTooLarge(error) from exc
+        # Where: a write that fails mid-tar (a disk filling) names no file of its own; "no
+        # space" with bytes free: what the disk lacks, which `df -h` does not show.
+        lack = inodes_out_here(Path(buffer.root)) if exc.errno == errno.ENOSPC else ""
+        said = f"{exc}; {lack}" if lack else str(exc)
         _fail(opsdb, operation.id, package_id=None,
-              error=f"packaging at {buffer_label} ({buffer.root}): {exc}")
+              error=f"packaging at {buffer_label} ({buffer.root}): {said}")
         if location_failure(exc) and (exc.filename is None
                                       or str(exc.filename).startswith(buffer.root)):
-            mark_failed(opsdb, config, buffer.id, f"packaging {name}: {exc}")
+            mark_failed(opsdb, config, buffer.id, f"packaging {name}: {said}")
             with opsdb.session() as session:
                 alternative = primary_location(session, config.settings.observatory,
                                                LocationType.BUFFER)
                 elsewhere = alternative.id != buffer.id and is_healthy(alternative, utcnow())
             raise BufferFailed(f"packaging {name} at {buffer_label} ({buffer.root}): "
-                               f"{exc.strerror or exc}" + (
+                               f"{exc.strerror or exc}" + (f"; {lack}" if lack else "") + (
                                    f"; the next attempt builds it at {alternative.label}"
                                    if elsewhere else ""), retryable=elsewhere) from exc
         raise

@@ -5,6 +5,7 @@ them (the LTA copies are never touched)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch, hash_file
 from ccat_dt.config import Config
+from ccat_dt.diskstate import inodes_out_here
 from ccat_dt.health import mark_failed, mark_ok, write_refused
 from ccat_dt.marker import MARKER, root_problem
 from ccat_dt.opsdb.database import OpsDB
@@ -296,9 +298,11 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                         verified = there
                     moved.append((entry, verified))
             except OSError as exc:  # the processing disk full, say: its re-attempt, not this run's
+                lack = inodes_out_here(root) if exc.errno == errno.ENOSPC else ""
                 raise StagingError(f"{package_name}: unpacking at {where} failed: "
-                                   f"{exc.strerror or exc} ({exc.filename or root}); nothing of "
-                                   "it was left there but what is recorded staged") from exc
+                                   f"{exc.strerror or exc} ({exc.filename or root})"
+                                   + (f"; {lack}" if lack else "") + "; nothing of it was left "
+                                   "there but what is recorded staged") from exc
     except Exception as exc:
         if moved:  # at their staged names, verified: on the record, so they are purged later
             with opsdb.session() as session:

@@ -208,9 +208,14 @@ class Transport(Protocol):
 
 
 # A write refused for one of these is the destination's state (full, read-only, no right, no
-# directory), not the link: retrying within the run cannot help.
+# directory, a file larger than it takes), not the link: retrying within the run cannot help.
 PERMANENT_ERRNO = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
-                             errno.EROFS, errno.ENOENT})
+                             errno.EROFS, errno.ENOENT, errno.EFBIG})
+# What a write refused with EFBIG says (strerror, and rsync's and a shell's words for it): the
+# file is larger than the destination takes, its file system's largest file (FAT: 4 GiB - 1)
+# or the writing user's file-size limit (`ulimit -f`, an `fsize` line in limits.conf). That
+# file's, not the location's: smaller files still go there (health.location_failure).
+TOO_LARGE = "File too large"
 
 
 def one_by_one(transport: Transport, pairs: Sequence[tuple[Endpoint, Endpoint, str]]

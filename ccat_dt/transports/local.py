@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from ccat_dt import pagecache
 from ccat_dt.checksums import CACHED_CHUNK_SIZE, LandedHash
+from ccat_dt.diskstate import inodes_out_here
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     DENIED_ERRNO,
@@ -173,6 +174,9 @@ class LocalTransport:
                                 f"{exc.strerror or exc} (nothing was kept at {destination})",
                                 retryable=exc.errno not in PERMANENT_ERRNO) from exc
         except OSError as exc:
-            raise TransferError(f"local copy {source} -> {destination} failed: {exc}",
+            # "No space" with bytes free: say what the disk lacks, which `df -h` does not show
+            lack = inodes_out_here(destination.parent) if exc.errno == errno.ENOSPC else ""
+            raise TransferError(f"local copy {source} -> {destination} failed: {exc}"
+                                + (f"; {lack}" if lack else ""),
                                 retryable=exc.errno not in PERMANENT_ERRNO) from exc
         return TransferResult(bytes=size, seconds=time.monotonic() - started, checksum=actual)

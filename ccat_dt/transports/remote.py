@@ -21,8 +21,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from ccat_dt.checksums import hash_file
+from ccat_dt.diskstate import inodes_out, inodes_out_here
 from ccat_dt.transports.base import (
     PERMANENT_ERRNO,
+    TOO_LARGE,
     Endpoint,
     Occupied,
     SshSettings,
@@ -45,11 +47,12 @@ _TRANSIENT = ("Connection refused", "Connection timed out", "No route to host",
               "Connection reset", "Could not resolve", "Network is unreachable",
               "Connection closed by", "connection unexpectedly closed", "Broken pipe",
               "Temporary failure in name resolution", "kex_exchange_identification")
-# Retrying cannot fix these; a person must (keys, disk space, missing files, host keys).
+# Retrying cannot fix these; a person must (keys, disk space, missing files, host keys, a
+# file-size limit).
 _PERMANENT = ("Permission denied", "No space left on device", "Disk quota exceeded",
               "No such file or directory", "Host key verification failed",
               "REMOTE HOST IDENTIFICATION HAS CHANGED", "Read-only file system",
-              "command not found")
+              "command not found", TOO_LARGE)
 
 # Local failures that retrying cannot fix (as in LocalTransport).
 
@@ -541,6 +544,28 @@ def denied(ssh: SshSettings, source: Endpoint) -> str:
                 found = f"its directory {lines[1]} cannot be entered: {found}"
             user += f" ({lines[3]}, uid {int(lines[2])})"
     return denied_source(f"{path} on {host}", found, user)
+
+
+# The disk holding a path (its nearest existing directory): blocks available, block size,
+# inodes, inodes free (GNU stat).
+_STATFS_SCRIPT = ('d=$1; while [ ! -e "$d" ] && [ "$d" != / ]; do d=$(dirname -- "$d"); done; '
+                  'exec stat -f -c "%a %S %c %d" -- "$d"')
+
+
+def inodes_out_there(ssh: SshSettings, endpoint: Endpoint) -> str:
+    """diskstate.inodes_out for the disk `endpoint` is written to, on this machine or looked
+    at over ssh, best effort on the failure path: "" when it cannot be looked at."""
+    directory = check_path(endpoint.path.parent)
+    if endpoint.host is None:
+        return inodes_out_here(Path(directory))
+    with contextlib.suppress(TransferError, ValueError, OSError):
+        done = run(remote_command(ssh, check_host(endpoint.host),
+                                  ["sh", "-c", _STATFS_SCRIPT, "sh", directory]),
+                   timeout_s=REFUSAL_TIMEOUT_S)
+        if done.rc == 0:
+            available, block, inodes, free = (int(word) for word in done.stdout.split())
+            return inodes_out(available * block, inodes, free)
+    return ""
 
 
 def remote_mkdir(ssh: SshSettings, endpoint_dir: Endpoint) -> None:

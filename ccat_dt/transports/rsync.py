@@ -35,6 +35,7 @@ from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
+    TOO_LARGE,
     Endpoint,
     SshSettings,
     TransferError,
@@ -55,6 +56,7 @@ from ccat_dt.transports.remote import (
     check_path,
     classify_ssh,
     denied,
+    inodes_out_there,
     remote_command,
     remote_prepare,
     remote_remove,
@@ -67,7 +69,7 @@ _RETRYABLE_EXIT = {10, 12, 13, 14, 15, 16, 19, 20, 21, 22, 30, 35, 255}
 _MISSING_SOURCE = ("No such file or directory", "symlink has no referent", "vanished")
 _PERMANENT_TEXT = ("No space left on device", "Disk quota exceeded", "Permission denied",
                    "Read-only file system", "Host key verification failed",
-                   "REMOTE HOST IDENTIFICATION HAS CHANGED")
+                   "REMOTE HOST IDENTIFICATION HAS CHANGED", TOO_LARGE)
 _NOT_INSTALLED = ("rsync: command not found", "rsync: not found")
 # The sender could not read a file it was given (a bad sector: EIO); rsync fills what it could
 # not read with zeros, fails the file's verification and keeps that partial (--partial):
@@ -80,8 +82,9 @@ _READ_FAILED = re.compile(r'(?:read errors mapping|failed to open) "(.+)": (.+?)
 #   rsync: [sender] link_stat "PATH" failed: Permission denied (13)   (a directory on its path)
 _DENIED = re.compile(r'(?:failed to open "(.+)"|link_stat "(.+)" failed): '
                      r'(?:Permission denied|Operation not permitted) \(\d+\)', re.MULTILINE)
-_USELESS_PARTIAL = (SOURCE_MISSING, SOURCE_UNREADABLE, "No space left on device",
-                    "Disk quota exceeded")
+_NO_SPACE = "No space left on device"
+_USELESS_PARTIAL = (SOURCE_MISSING, SOURCE_UNREADABLE, _NO_SPACE,
+                    "Disk quota exceeded", TOO_LARGE)  # the last: it can never be completed
 # `--info=progress2` lines: "  1,234,567  45%  1.23MB/s    0:00:02 (xfr#1, to-chk=0/1)"
 _PROGRESS2 = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+([\d.]+)([kMGT]?)B/s\b")
 _UNIT = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -375,8 +378,18 @@ class RsyncTransport:
         except TransferError as exc:
             log.write(f"FAILED: {exc} (retryable={exc.retryable})")
             results = [exc] * len(items)
+        # "No space" with bytes free: what the disk lacks, which `df -h` does not show
+        lack = (inodes_out_there(self.ssh, items[0].destination)
+                if any(isinstance(result, TransferError) and _NO_SPACE in str(result)
+                       for result in results) else "")
+        if lack:
+            log.write(lack)
+
+        def said(error: TransferError) -> str:
+            return f"{error}; {lack}" if lack and _NO_SPACE in str(error) else str(error)
+
         return [result if isinstance(result, TransferResult) else
-                TransferError(f"{result} [log: {log.path}]", retryable=result.retryable)
+                TransferError(f"{said(result)} [log: {log.path}]", retryable=result.retryable)
                 for result in results]
 
     def _transfer(self, items: list[_Item], log: _Log
