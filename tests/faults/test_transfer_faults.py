@@ -19,6 +19,7 @@ import ccat_dt.transports.local as local
 from ccat_dt import tarball
 from ccat_dt.config import Config, load_config
 from ccat_dt.diagnosis import diagnose
+from ccat_dt.health import unhealthy
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -225,6 +226,8 @@ def test_a_file_opsdb_does_not_know_at_an_archive_path_is_never_written_over(
         at_cologne = [c for c in session.scalars(select(PackageCopy))
                       if c.location.label == "cologne/lta"]
     assert at_cologne == []
+    with opsdb.session() as session:  # that file's fault, not the disk's: not passed over
+        assert [location.label for location in unhealthy(session, utcnow())] == []
     assert all(p.is_file() for p in source_root(config).rglob("*.dat"))  # nothing purged
     [told] = webhook_receiver.texts  # a person is told at once, and only about this
     assert "a file OpsDB does not know" in told and str(final) in told, told
