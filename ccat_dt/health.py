@@ -18,14 +18,16 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import DataLocation, LocationType, Site, _aware, utcnow
+from ccat_dt.opsdb.models import DataLocation, LocationType, PhysicalCopy, Site, _aware, utcnow
 from ccat_dt.transports.base import (
+    DISK_READ_FAILED,
     FOREIGN_FILE,
     PEER_FAILED,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
     TOO_LARGE,
     UNREADABLE,
+    disk_failed_read,
 )
 
 # A transfer refused because its final name holds a file OpsDB does not know (replicas.py):
@@ -97,7 +99,43 @@ def disk_errs(location: DataLocation) -> bool:
     """The location's recorded failure says its disk failed an operation (an I/O error) or the
     read of a file there: the disk is mounted and answers, a person checks it (not: mount it)."""
     reason = (location.unhealthy_reason or "").lower()
-    return _IO_ERROR in reason or UNREADABLE in reason
+    return _IO_ERROR in reason or UNREADABLE in reason or DISK_READ_FAILED in reason
+
+
+# How `mark_unreadable_source` records a copy its disk failed to read as the source of a copy.
+_SOURCE_READ = "read as the source of a copy"
+
+
+def read_failed(location: DataLocation) -> bool:
+    """The location's recorded failure is one file its disk failed to read (`read_failure_reason`):
+    its other files are read, and it is written to, as ever."""
+    reason = location.unhealthy_reason or ""
+    return UNREADABLE in reason or _SOURCE_READ in reason
+
+
+
+def mark_unreadable_source(opsdb: OpsDB, config: Config, copy_id: int, path: str,
+                           failure: BaseException | str) -> None:
+    """A transfer, an archiving or a staging from the copy failed because its disk failed the
+    read of its file at `path` (`disk_failed_read`, not a refusal for lack of permission): its
+    location is marked failing, naming the copy and the file, and its disk told to a person at
+    once (notify.py). The work heals by itself from another verified copy
+    (routing.unreadable_copies), so nothing would read this one again before a purge relied
+    on it or the scrub came by: a disk with a bad sector would go unreported until then."""
+    text = str(failure)
+    if not disk_failed_read(text) or path not in text:
+        return  # another file's (a batch's), or refused: the permission is told as such
+    with opsdb.session() as session:
+        location_id = session.get_one(PhysicalCopy, copy_id).location_id
+    mark_failed(opsdb, config, location_id, f"copy {copy_id} at {path}, {_SOURCE_READ}: "
+                f"{text}")
+
+
+def source_reads_failing(session: Session) -> list[DataLocation]:
+    """The locations marked by `mark_unreadable_source`, with no success there since."""
+    return list(session.scalars(select(DataLocation).where(
+        DataLocation.failing_since.is_not(None),
+        DataLocation.unhealthy_reason.contains(_SOURCE_READ)).order_by(DataLocation.id)))
 
 
 def failing_disks(session: Session, config: Config) -> list[DataLocation]:
@@ -147,7 +185,8 @@ def mark_ok(session: Session, location_id: int) -> None:
 def read_failure_reason() -> ColumnElement[bool]:
     """SQL: the location's recorded failure is one file its disk failed to read (an I/O
     error): its other files are read as ever (the scrub, a purge's look)."""
-    return DataLocation.unhealthy_reason.ilike(f"%{UNREADABLE}%")
+    return or_(DataLocation.unhealthy_reason.ilike(f"%{UNREADABLE}%"),
+               DataLocation.unhealthy_reason.contains(_SOURCE_READ))
 
 
 def mark_readable(session: Session, location_id: int) -> None:
@@ -178,7 +217,8 @@ def describe(location: DataLocation) -> str:
 def sites_down(session: Session, config: Config, now: datetime) -> dict[str, DataLocation]:
     """Archive sites every buffer of which has failed, without a success since, for longer
     than `policies.site_failover_hours`: site -> its most recently failing buffer (its reason
-    and since when). Packages not yet sent go to another archive site instead."""
+    and since when). Packages not yet sent go to another archive site instead. A buffer marked
+    for one file its disk failed to read (`read_failed`) is written to as ever: not down."""
     horizon = timedelta(hours=config.settings.policies.site_failover_hours)
     by_site: dict[str, list[DataLocation]] = {
         site.short_name: [] for site in config.settings.archive_sites}
@@ -189,7 +229,7 @@ def sites_down(session: Session, config: Config, now: datetime) -> dict[str, Dat
         by_site[site].append(location)
     down: dict[str, DataLocation] = {}
     for site, buffers in by_site.items():
-        if buffers and all(loc.failing_since is not None
+        if buffers and all(loc.failing_since is not None and not read_failed(loc)
                            and _aware(now) - _aware(loc.failing_since) >= horizon
                            for loc in buffers):
             down[site] = max(buffers, key=lambda loc: _aware(loc.failing_since or now))

@@ -26,9 +26,10 @@ a copy refused because the package is larger than the destination takes (EFBIG: 
 system's largest file, a file-size limit of the user writing there), work escalated past the
 re-attempt horizon, an archive site down past its failover horizon, a disk full (of bytes or
 inodes), over its quota or read-only (only a person makes room, raises the quota or remounts
-it), a disk that fails with I/O errors again and again, a buffer filling faster than it
-drains, a filing-service request that can never be applied (a dead letter, which each site's
-service mirrors into OpsDB). Transient faults are never told.
+it), a disk that fails with I/O errors again and again, or that failed the read of a copy sent
+from it (the work healed from another copy, so nothing reads that one again soon), a buffer
+filling faster than it drains, a filing-service request that can never be applied (a dead
+letter, which each site's service mirrors into OpsDB). Transient faults are never told.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ccat_dt.health import (
     refuses_writes,
     refusing_locations,
     sites_down,
+    source_reads_failing,
 )
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.opsdb.database import OpsDB
@@ -286,7 +288,8 @@ def current_problems(session: Session, config: Config, now: datetime,
             "nothing is deleted on its word; work there is tried again after a back-off. Check "
             "the disk (kernel log, SMART) and replace it if it fails; `ccat-dt status` shows "
             "every location."))
-    for archive in archive_disks_failing(session, config, now):
+    archives = archive_disks_failing(session, config, now)
+    for archive in archives:
         if archive.id in {disk.id for disk in disks}:
             continue  # told above: the same disk, the same key
         since = _aware(archive.failing_since or now)
@@ -301,6 +304,22 @@ def current_problems(session: Session, config: Config, now: datetime,
             "instead, and it is not relied on for a deletion until it reads again (the scrub "
             "reads it again). Check the disk (kernel log, SMART) and replace it if it fails; "
             "`ccat-dt status` shows every location."))
+    for source in source_reads_failing(session):
+        if source.id in {disk.id for disk in (*disks, *archives)}:
+            continue  # told above: the same disk, the same key
+        since = _aware(source.failing_since or now)
+        problems.append(Problem(
+            f"disk_error:{source.label}", "disk_error",
+            f"{source.location_type.value.replace('_', ' ')} {source.label}: its disk failed "
+            f"to read a file since {since:%Y-%m-%d %H:%M} UTC",
+            f"{source.unhealthy_reason or 'no reason recorded'}\nThe disk is mounted and "
+            "answers, but failed the read of that file (a bad sector, a failing disk) when it "
+            "was the source of a copy. The work is sent from another verified copy instead, "
+            "by itself, while there is one. The unreadable copy is not taken for a bad one: it "
+            "is neither quarantined nor written over, and no deletion relies on it unless it "
+            "reads intact just then (the purge and the scrub read it again). Check the disk "
+            "(kernel log, SMART) and replace it if it fails; `ccat-dt status` shows every "
+            "location."))
     for archive in archives_unreadable(session, config, now):
         since = _aware(archive.failing_since or now)
         problems.append(Problem(

@@ -14,7 +14,14 @@ from sqlalchemy.orm import Session
 from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config, RouteConfig
-from ccat_dt.health import is_healthy, location_failure, mark_failed, mark_ok, mark_readable
+from ccat_dt.health import (
+    is_healthy,
+    location_failure,
+    mark_failed,
+    mark_ok,
+    mark_readable,
+    mark_unreadable_source,
+)
 from ccat_dt.loss import Health, refresh_loss
 from ccat_dt.objectstore import Stores, is_object_root
 from ccat_dt.opsdb.database import OpsDB
@@ -254,6 +261,8 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
             if isinstance(outcome, Exception):
                 finish(opsdb, job.operation_id, error=str(outcome))
                 ended[job.operation_id] = outcome
+                mark_unreadable_source(opsdb, config, job.placement.source.copy_id,
+                                       str(job.placement.source.endpoint.path), outcome)
             else:
                 ended[job.operation_id] = _record(opsdb, config, job, kind, outcome, transport)
     except BaseException as exc:  # interrupted (run terminated), OpsDB away: free the claims

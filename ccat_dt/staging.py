@@ -21,7 +21,7 @@ from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch, hash_file
 from ccat_dt.config import Config
 from ccat_dt.diskstate import inodes_out_here
-from ccat_dt.health import mark_failed, mark_ok, write_refused
+from ccat_dt.health import mark_failed, mark_ok, mark_unreadable_source, write_refused
 from ccat_dt.marker import MARKER, root_problem
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -311,6 +311,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         finish(opsdb, operation.id, error=str(exc))
         if write_refused(exc):  # for `status` and a person (notify.py) until a staging succeeds
             mark_failed(opsdb, config, location_id, f"staging {request_name}: {exc}")
+        mark_unreadable_source(opsdb, config, source_id, str(origin.path), exc)
         if isinstance(exc, ChecksumMismatch) or "checksum mismatch" in str(exc).lower():
             # A bad source, or a bad transit? The source re-hashed on its storage: a bad one
             # is quarantined (its repair follows), and the next attempt stages from another.

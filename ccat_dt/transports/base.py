@@ -243,6 +243,10 @@ def unmarked(endpoint: Endpoint) -> TransferError:
 # copy's fault, not the destination's (health.py), re-checked on its storage (replicas.py).
 SOURCE_MISSING = "source missing"
 SOURCE_UNREADABLE = "source unreadable"
+# How a transfer says that its source file's disk failed the read (an I/O error: a bad sector):
+# "source unreadable: PATH: its disk failed the read: ...". The copy is not proved bad by it; its
+# location is marked and its disk told to a person (health.mark_unreadable_source).
+DISK_READ_FAILED = "its disk failed the read"
 # How a look at a file says its storage failed to read it (an I/O error): nothing is known of
 # its bytes, which are not proved bad by that (storage.Seen.unreadable).
 UNREADABLE = "cannot read"
@@ -266,6 +270,13 @@ def denied_source(where: str, found: str | None, user: str) -> str:
 def refused_source(text: str) -> bool:
     """Whether a failure says a source file was refused for lack of permission (denied_source)."""
     return SOURCE_UNREADABLE in text and READABLE_BY in text
+
+
+def disk_failed_read(text: str) -> bool:
+    """Whether a failure says a source file's disk failed its read (an I/O error), not that
+    the file was refused for lack of permission."""
+    return (SOURCE_UNREADABLE in text and not refused_source(text)
+            and (DISK_READ_FAILED in text or "input/output error" in text.lower()))
 
 
 def _name_of(uid: int) -> str | None:

@@ -37,6 +37,7 @@ from ccat_dt import progress as live
 from ccat_dt.checksums import ALGORITHM
 from ccat_dt.logfiles import prepare_directory, tell
 from ccat_dt.transports.base import (
+    DISK_READ_FAILED,
     PEER_FAILED,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
@@ -401,7 +402,7 @@ def classify(rc: int, stderr: str, sources: Sequence[str] = (), *,
     # retried, from another verified copy where there is one (routing.unreadable_copies).
     for m in re.finditer(r"^bbcp: (.+?) (?:reading|writing) (.+)$", text, re.MULTILINE):
         if m[2] in sources and not re.fullmatch(r"Error -?\d+|No data available", m[1]):
-            return BbcpFailure(f"{SOURCE_UNREADABLE}: {m[2]}: its disk failed the read: "
+            return BbcpFailure(f"{SOURCE_UNREADABLE}: {m[2]}: {DISK_READ_FAILED}: "
                                f"{m[1]} (bbcp exited {rc}: {m[0].strip()})", retryable=True,
                                source=m[2])
     if m := find(_DATA_LINK_LOST):

@@ -19,6 +19,7 @@ from ccat_dt.diskstate import inodes_out_here
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
     DENIED_ERRNO,
+    DISK_READ_FAILED,
     PERMANENT_ERRNO,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
@@ -170,7 +171,7 @@ class LocalTransport:
                         raise
             fsync_directory(destination.parent)
         except _SourceReadFailed as exc:  # not the destination's fault: nothing was kept there
-            raise TransferError(f"{SOURCE_UNREADABLE}: {source}: its disk failed the read: "
+            raise TransferError(f"{SOURCE_UNREADABLE}: {source}: {DISK_READ_FAILED}: "
                                 f"{exc.strerror or exc} (nothing was kept at {destination})",
                                 retryable=exc.errno not in PERMANENT_ERRNO) from exc
         except OSError as exc:

@@ -33,6 +33,7 @@ from ccat_dt.checksums import ALGORITHM
 from ccat_dt.logfiles import prepare_directory, tell
 from ccat_dt.progress import Progress
 from ccat_dt.transports.base import (
+    DISK_READ_FAILED,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
     TOO_LARGE,
@@ -177,7 +178,7 @@ def _source_unreadable(rc: int, stderr: str,
     for match in _READ_FAILED.finditer(stderr):
         if (source := (sources or {}).get(match[1])) is not None:
             where = f"{source.path} on {source.host}" if source.host else str(source.path)
-            return TransferError(f"{SOURCE_UNREADABLE}: {where}: its disk failed the read: "
+            return TransferError(f"{SOURCE_UNREADABLE}: {where}: {DISK_READ_FAILED}: "
                                  f"{match[2]} (rsync exited {rc}; its partial copy is removed)",
                                  retryable=True)
     return None

@@ -26,6 +26,7 @@ from ccat_dt.progress import Progress
 from ccat_dt.storage import StorageUnavailable
 from ccat_dt.transports.base import (
     DENIED_ERRNO,
+    DISK_READ_FAILED,
     PERMANENT_ERRNO,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
@@ -103,7 +104,7 @@ class S3Transport:
             if exc.errno in DENIED_ERRNO:  # refused its open: a person grants it
                 raise TransferError(f"{denied_here(source)} (the upload to {destination} was "
                                     "aborted: nothing was kept there)", retryable=False) from exc
-            raise TransferError(f"{SOURCE_UNREADABLE}: {source}: its disk failed the read: "
+            raise TransferError(f"{SOURCE_UNREADABLE}: {source}: {DISK_READ_FAILED}: "
                                 f"{exc.strerror or exc} (the upload to {destination} was "
                                 "aborted: nothing was kept there)",
                                 retryable=exc.errno not in PERMANENT_ERRNO) from exc

@@ -19,6 +19,7 @@ import xxhash
 from dagster import DagsterInstance
 from sqlalchemy import select
 
+from ccat_assets import cli
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.audit import audit
@@ -65,6 +66,7 @@ from tests.faults.pipeline import (
 from tests.faults.retrying import operator_retry
 from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_disk_full import _copies, _stages, told
+from tests.notify_servers import Receiver
 from tests.s3server import S3Server, s3, s3server  # noqa: F401  # fixtures
 from tests.sshd import SshServer
 from tests.test_multisite import multisite
@@ -74,9 +76,27 @@ from tests.test_s3 import s3_deployment
 TAR = "obs-0/obs-0_primecam-f280_p00.tar"
 
 
-def _config(tmp_path: Path, **policies: float) -> Config:
-    return deployment(tmp_path / "deploy", policies={"max_attempts": 2,
-                                                     "retry_backoff_first_s": 0.2, **policies})
+def _config(tmp_path: Path, webhook: Receiver | None = None, **policies: float) -> Config:
+    told = {"notifications": {"webhook": {"url": webhook.url, "timeout_s": 2}}} if webhook else {}
+    return deployment(tmp_path / "deploy", **told, policies={
+        "max_attempts": 2, "retry_backoff_first_s": 0.2, **policies})
+
+
+def told_once_of_the_disk(config: Config, instance: DagsterInstance, webhook: Receiver,
+                          capsys: pytest.CaptureFixture[str], label: str, path: Path) -> None:
+    """A person was told once, over the webhook, that the disk at `label` failed to read
+    `path` and is to be checked; `status` lists the location and the problem told; another
+    drive tells nothing more."""
+    [text] = webhook.texts
+    assert label in text and str(path) in text and "Input/output error" in text, text
+    assert "Check the disk" in text, text
+    capsys.readouterr()
+    cli.main(["--config", str(config.path), "status"])
+    out = capsys.readouterr().out
+    assert f"location {label} unhealthy" in out and str(path) in out, out
+    assert "problem [webhook] " in out and label in out.split("problem [webhook] ")[1], out
+    run(config, instance, wait_s=0)
+    assert len(webhook.texts) == 1, webhook.texts  # once, not per attempt or per drive
 
 
 
@@ -582,12 +602,15 @@ def test_a_temporary_file_whose_truncation_fails_is_let_go(
 
 
 def test_a_staging_whose_nearest_archive_copy_cannot_be_read_stages_from_another(
-        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        webhook_receiver: Receiver, capsys: pytest.CaptureFixture[str]) -> None:
     """Cologne's LTA copy, the nearest to the processing cluster, cannot be read (for good):
     the staging fails "source unreadable" naming it, and its automatic re-attempt stages from
     the us archive copy (before: every re-attempt read cologne's bad copy again). The staged
-    files hold the filed bytes; the unreadable tar is untouched."""
-    config = _config(tmp_path)
+    files hold the filed bytes; the unreadable tar is untouched. Its disk is told to a person
+    once, naming the location and the file, and `status` shows it (before: nothing was marked
+    and nobody told, the staging having healed; a disk with a bad sector went unreported)."""
+    config = _config(tmp_path, webhook_receiver)
     opsdb = OpsDB(config.opsdb_url)
     disk = faulty_disk(config, "cologne/lta")
     source = observe(config, opsdb, files=2, size=20_000)
@@ -613,6 +636,8 @@ def test_a_staging_whose_nearest_archive_copy_cannot_be_read_stages_from_another
     after = (disk.backing / TAR).stat()
     assert (after.st_ino, after.st_mtime_ns) == (archived.st_ino, archived.st_mtime_ns)
     assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
+    told_once_of_the_disk(config, instance, webhook_receiver, capsys, "cologne/lta",
+                          disk.root / TAR)
     opsdb.dispose()
 
 
@@ -632,7 +657,8 @@ def _archivings_to(opsdb: OpsDB, package: str, label: str
                     .order_by(Operation.id)) if o.source_location_id is not None]
 
 
-def _buffer_kept(tmp_path: Path, site: str, **policies: float) -> Config:
+def _buffer_kept(tmp_path: Path, site: str, webhook: Receiver | None = None,
+                 **policies: float) -> Config:
     """The test deployment with `site`'s buffer kept for 1000 h after archiving (its copy, the
     one found unreadable, is still there to look at after the drive)."""
     sites = copy.deepcopy(EMBEDDED_DEFAULT["sites"])
@@ -640,12 +666,14 @@ def _buffer_kept(tmp_path: Path, site: str, **policies: float) -> Config:
     for location in next(s for s in sites if s["short_name"] == site)["locations"]:
         if location["type"] == "buffer":
             location["retention_hours"] = 1000
-    return deployment(tmp_path / "deploy", sites=sites,
+    told = {"notifications": {"webhook": {"url": webhook.url, "timeout_s": 2}}} if webhook else {}
+    return deployment(tmp_path / "deploy", sites=sites, **told,
                       policies={"max_attempts": 2, "retry_backoff_first_s": 0.2, **policies})
 
 
 def test_an_archiving_whose_buffer_copy_cannot_be_read_archives_from_another_copy(
-        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        webhook_receiver: Receiver, capsys: pytest.CaptureFixture[str]) -> None:
     """Cologne's buffer disk fails every read of the package's tar (a bad sector) once it
     landed there: archiving it into cologne's LTA fails naming its source as unreadable, and
     the re-attempt (no `ccat-dt retry`, the disk not healed) archives it from the nearest other
@@ -653,8 +681,10 @@ def test_an_archiving_whose_buffer_copy_cannot_be_read_archives_from_another_cop
     read cologne's bad buffer copy again, until a person acted). Cologne's LTA tar and then
     us's hold the package's bytes; the observatory is purged on the word of those two LTA
     copies; the unreadable buffer copy is left as it was (not quarantined, not written over,
-    not deleted on its word: it is kept here by its retention)."""
-    config = _buffer_kept(tmp_path, "cologne")
+    not deleted on its word: it is kept here by its retention). Its disk is told to a person
+    once, naming the location and the file, and `status` shows it (before: nothing was marked
+    and nobody told, the archiving having healed; a disk with a bad sector went unreported)."""
+    config = _buffer_kept(tmp_path, "cologne", webhook_receiver)
     opsdb = OpsDB(config.opsdb_url)
     disk = faulty_disk(config, "cologne/buffer")
     disk.fail("read", TAR)  # the transfer reads back its temporary file, not this name
@@ -686,6 +716,8 @@ def test_an_archiving_whose_buffer_copy_cannot_be_read_archives_from_another_cop
     assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
     assert not [k for k in told(config, opsdb) if k.startswith("escalated:")]
     assert lost_filed_files(config, opsdb) == []
+    told_once_of_the_disk(config, instance, webhook_receiver, capsys, "cologne/buffer",
+                          disk.root / TAR)
 
     disk.heal()  # the invariants read every present copy
 
