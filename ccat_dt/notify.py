@@ -482,15 +482,20 @@ def _refused_sources(session: Session, config: Config) -> list[Problem]:
                 + (f" ({_aware(row.next_attempt_at):%Y-%m-%d %H:%M} UTC, then less and less "
                    "often)" if row.next_attempt_at is not None else "")
                 + " reads it; nothing to re-run.")
+        purge = row.stage == Stage.PURGE  # its re-read of an archive copy it relies on
         problems.append(Problem(
             f"source_refused:{row.stage}:{row.partition}", "source_refused",
-            f"{Stage(row.stage).label} {row.partition}: its source file cannot be read "
-            "(permission denied)",
+            f"{Stage(row.stage).label} {row.partition}: "
+            + ("an archive copy it relies on cannot be read" if purge else
+               "its source file cannot be read") + " (permission denied)",
             f"{row.last_error}\nThe file was refused to ccat-dt's user on {row.attempts} "
-            "attempts and no other verified copy could be sent instead. Nothing was written at "
-            "the destination, and the file is left as it is. Make it readable by that user "
-            "(chmod/chown, or its ACL or security label: `ls -l`, `getfacl`, `ls -Z`). "
-            f"{then} `ccat-dt why {row.package}` shows the stage."))
+            + ("attempts of the purge, which re-reads the archive copies a deletion relies on "
+               "just before deleting: nothing relying on it was deleted. The copy is not taken "
+               "for a bad one and its disk is not at fault" if purge else
+               "attempts and no other verified copy could be sent instead. Nothing was written "
+               "at the destination") + ", and the file is left as it is. Make it readable by "
+            "that user (chmod/chown, or its ACL or security label: `ls -l`, `getfacl`, "
+            f"`ls -Z`). {then} `ccat-dt why {row.package}` shows the stage."))
     return problems
 
 

@@ -10,7 +10,9 @@ host, device and inode: a location root swapped for a symlink or mount of anothe
 relied on at all. A copy that fails is marked CORRUPT with
 a failed verification operation (the purge freezes; the repair sensor restores it); a location
 that cannot be looked at, or a copy its disk fails to read (EIO), is only reported (nothing is
-known, so nothing is relied on; the location is marked failing).
+known, so nothing is relied on; the location is marked failing); a copy refused to ccat-dt's
+user (a file or directory mode, an ACL) likewise, but its location is not marked: the purge fails
+naming the file and whom to make it readable by, and a person is told to grant it.
 An LTA copy on S3 is looked at with a HEAD (its size, its ETag standing for the identity, and
 the checksum stored with it as metadata) and re-read, streamed, when the window requires it.
 """
@@ -179,7 +181,9 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
             if found.unreadable:  # its disk failed the read: not relied on, not proved bad
                 unavailable[copy.id] = f"{copy.label} copy {copy.id}: {found.problem}"
                 problems.append(unavailable[copy.id])
-                if not dry_run:
+                # Refused to ccat-dt's user (a mode, an owner, an ACL): not the disk's fault;
+                # the purge fails naming it, and a person is told to grant it (notify.py).
+                if not dry_run and not found.refused:
                     mark_failed(opsdb, config, copy.location_id, f"copy {copy.id} at "
                                 f"{copy.root}/{copy.relative_path}: {found.problem}")
                 continue

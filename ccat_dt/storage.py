@@ -34,13 +34,22 @@ from ccat_dt.marker import (
     root_problem,
     write_marker,
 )
-from ccat_dt.transports.base import UNREADABLE, SshSettings, TransferError
+from ccat_dt.transports.base import (
+    DENIED_ERRNO,
+    UNREADABLE,
+    Endpoint,
+    SshSettings,
+    TransferError,
+    denied_here,
+    refused_source,
+)
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
     STAT_IDENTITY,
     check_host,
     check_path,
     classify_ssh,
+    denied,
     parse_identity,
     parse_xxhsum,
     remote_command,
@@ -72,6 +81,12 @@ class Seen:
         """The file is there but its storage failed to read it (an I/O error, a bad sector):
         nothing is known of its bytes, which are not proved bad by it (it may pass)."""
         return self.problem is not None and self.problem.startswith(UNREADABLE)
+
+    @property
+    def refused(self) -> bool:
+        """Unreadable because the file (or a directory on its way) is refused to ccat-dt's
+        user for lack of permission: a person grants it; the disk is not at fault."""
+        return self.unreadable and refused_source(self.problem or "")
 
 
 @dataclass(frozen=True)
@@ -191,13 +206,20 @@ def _symlink_problem(exc: OSError, relative_path: str) -> str:
     return f"{UNREADABLE} {relative_path}: {exc.strerror or exc}" + (f" ({code})" if code else "")
 
 
+def _denied(root: Path, rel: str) -> str:
+    """Seen.problem of a file refused to this process (Seen.refused): the file, its owner and
+    mode (or the directory that cannot be entered) and whom to make it readable by."""
+    return f"{UNREADABLE} {rel}: {denied_here(root / rel)}"
+
+
 def look_local(root: Path, wanted: Wanted) -> Seen:
     """Stat (and when asked, hash) one file under a local root without following symlinks."""
     rel = wanted.relative_path
     try:
         directory, name = open_parent(root, rel)
     except OSError as exc:
-        return Seen(rel, _symlink_problem(exc, rel))
+        return Seen(rel, _denied(root, rel) if exc.errno in DENIED_ERRNO
+                    else _symlink_problem(exc, rel))
     try:
         info = os.stat(name, dir_fd=directory, follow_symlinks=False)
         if stat.S_ISLNK(info.st_mode):
@@ -212,7 +234,8 @@ def look_local(root: Path, wanted: Wanted) -> Seen:
         return Seen(rel, None, info.st_size, info.st_ino, info.st_mtime_ns, checksum,
                     device=info.st_dev)
     except OSError as exc:
-        return Seen(rel, _symlink_problem(exc, rel))
+        return Seen(rel, _denied(root, rel) if exc.errno in DENIED_ERRNO
+                    else _symlink_problem(exc, rel))
     finally:
         os.close(directory)
 
@@ -236,6 +259,7 @@ def look(root: str, host: str | None, ssh: SshSettings, wanted: Sequence[Wanted]
 # of stdin (so no name to escape). SIZE INODE MTIME as transports/remote.STAT_IDENTITY prints
 # them.
 _LOOK_SCRIPT = """
+LC_ALL=C; export LC_ALL;
 root=$1; shift;
 [ -f "$root/.ccat-dt-location" ] || { echo UNMARKED; exit 0; };
 echo "MARKED $(grep -m1 '^LABEL' "$root/.ccat-dt-location")";
@@ -246,11 +270,17 @@ while [ $# -gt 0 ]; do
   for part in $rel; do p=$p/$part; if [ -L "$p" ]; then bad=symlink; break; fi; done;
   IFS=$saved; set +f;
   if [ -n "$bad" ]; then echo "$i symlink";
-  elif [ ! -e "$p" ]; then echo "$i missing";
+  elif ! e=$(stat -c %i -- "$p" 2>&1 >/dev/null); then
+    case $e in *"ermission denied"*|*"not permitted"*) echo "$i denied";;
+    *) echo "$i missing";; esac;
   elif [ ! -f "$p" ]; then echo "$i notfile";
   else
     echo "$i ok $(stat -c 'STAT_IDENTITY %d' -- "$p")";
-    if [ "$hash" = 1 ]; then xxhsum -H2 < "$p" || echo "$i unreadable"; fi;
+    if [ "$hash" = 1 ]; then
+      if e=$( (: < "$p") 2>&1); then xxhsum -H2 < "$p" || echo "$i unreadable";
+      else case $e in *"ermission denied"*|*"not permitted"*) echo "$i denied";;
+      *) echo "$i unreadable";; esac; fi;
+    fi;
   fi;
   i=$((i+1));
 done""".strip().replace(  # ssh arguments cannot carry line breaks
@@ -296,7 +326,11 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
         if words[:1] != [str(index)] or len(words) < 2:
             raise StorageUnavailable(f"unexpected answer from {host} for {rel}: {words}")
         status = words[1]
-        if status == "symlink":
+        refused = f"{UNREADABLE} {rel} on {host}: " + denied(
+            ssh, Endpoint(PurePosixPath(root) / rel, host)) if status == "denied" else ""
+        if refused:  # a directory on its way cannot be entered (Seen.refused)
+            seen.append(Seen(rel, refused))
+        elif status == "symlink":
             seen.append(Seen(rel, f"path {rel} passes through a symlink or a non-directory"))
         elif status == "missing":
             seen.append(Seen(rel, f"missing: {rel} is not on the storage"))
@@ -311,6 +345,10 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
                 position += 1
                 if line.startswith(f"{index} unreadable"):
                     seen.append(Seen(rel, f"{UNREADABLE} {rel} on {host}"))
+                    continue
+                if line.startswith(f"{index} denied"):  # its open refused (Seen.refused)
+                    seen.append(Seen(rel, f"{UNREADABLE} {rel} on {host}: " + denied(
+                        ssh, Endpoint(PurePosixPath(root) / rel, host))))
                     continue
                 checksum = parse_xxhsum(line)
             seen.append(Seen(rel, None, size, inode, mtime_ns, checksum, device=device))

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 import xxhash
+import yaml
 from dagster import DagsterInstance
 from sqlalchemy import select
 
 from ccat_dt.checksums import hash_file
-from ccat_dt.config import Config
+from ccat_dt.config import Config, load_config
 from ccat_dt.health import location_failure
 from ccat_dt.notify import current_problems
 from ccat_dt.objectstore import Stores
@@ -61,6 +62,7 @@ from tests.faults.pipeline import (
 from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_disk_errors import TAR, _config, _transfers_to
 from tests.faults.test_disk_full import _copies, _stages, told
+from tests.notify_servers import Receiver
 from tests.s3server import S3Server, s3, s3server  # noqa: F401  # fixtures
 from tests.sshd import SshServer
 from tests.test_multisite import multisite
@@ -134,9 +136,9 @@ def failing(opsdb: OpsDB) -> dict[str, str]:
 
 
 def not_by_transfers(marked: dict[str, str]) -> None:
-    """No transfer marked a location failing: the destinations (us) are not, and a source
-    copy's location only by the purge's re-read of a copy it relies on ("copy N at ...: cannot
-    read ..."), whose refusal is told as its disk's (left as it is: not a transfer's)."""
+    """No transfer marked a location failing: the destinations (us) are not, nor the refused
+    copy's location (the purge's re-read of a copy it relies on, refused, marks nothing
+    either); a location is marked only for a copy ("copy N at ...") its disk failed to read."""
     assert not [label for label in marked if label.startswith("us/")], marked
     assert all(reason.startswith("copy ") for reason in marked.values()), marked
 
@@ -333,9 +335,11 @@ def test_a_replication_whose_every_source_copy_is_refused_is_told_and_goes_once_
     is archived there: the replication to us tries one, then the other, each failing as its
     source's, naming the file; us's locations are not marked failing (before, with the local
     transport, nothing told a person until the re-attempt horizon, days later). With no
-    readable copy left a person is told, naming the file and what to do. Once both are
-    readable again the next automatic attempt sends the package, nobody re-running anything,
-    and the notice is resolved. Nothing is written at us meanwhile, nor over either copy."""
+    readable copy left a person is told, naming the file and what to do (and, the purge of
+    cologne's buffer copy relying on the refused LTA copy, that one as a permission too). Once
+    both are readable again the next automatic attempt sends the package, nobody re-running
+    anything, and the notice is resolved. Nothing is written at us meanwhile, nor over either
+    copy."""
     config = _config(tmp_path)
     opsdb = OpsDB(config.opsdb_url)
     lta, buffer = faulty_disk(config, "cologne/lta"), faulty_disk(config, "cologne/buffer")
@@ -358,6 +362,11 @@ def test_a_replication_whose_every_source_copy_is_refused_is_told_and_goes_once_
     problem = problems[f"source_refused:site_copy:{package}|us"]
     assert f"{TAR}: permission denied" in problem.detail, problem
     assert "make it readable by the user running ccat-dt" in problem.detail, problem
+    # The purge of cologne's buffer copy relies on cologne's LTA copy, refused too: told as
+    # the permission it is, naming that file (before: its location marked as a failing disk).
+    purge = problems.pop(f"source_refused:purge:{package}", None)
+    assert purge is None or (f"{lta.root / TAR}: permission denied" in purge.detail
+                             and "SMART" not in purge.detail), purge
     assert list(problems) == [problem.key], problems
     us = [config.resolve_root(location.root) for location in config.settings.site("us").locations]
     assert [p for root in us for p in root.rglob("*") if p.name != ".ccat-dt-location"
@@ -413,4 +422,88 @@ def test_a_staging_whose_nearest_archive_copy_is_refused_stages_from_another(
     assert failing(opsdb) == {}
     untouched(disk, TAR, "file", _sum(data))
     assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
+    opsdb.dispose()
+
+
+def refused_once_archived_everywhere(monkeypatch: pytest.MonkeyPatch, disk: FaultyDisk,
+                                     how: str) -> None:
+    """Cologne's LTA copy of the tar refused to ccat-dt's user (`refuse`, `how`) once the
+    last archive copy (us's) is made: every copy is sent, and the purge's re-read of that one,
+    just before deleting, is refused (the runs execute in this process: workers=1)."""
+    real_place = placement.place
+
+    def place(opsdb: OpsDB, config: Config, obj: Placement, kind: LocationType,
+              **options: Any) -> Placed:
+        placed = real_place(opsdb, config, obj, kind, **options)
+        if (obj.site, kind) == ("us", LocationType.LONG_TERM_ARCHIVE):
+            refuse(disk, TAR, how)
+        return placed
+
+    monkeypatch.setattr(placement, "place", place)
+
+
+@pytest.mark.parametrize("how", ["file", "directory"])
+@pytest.mark.parametrize("where", ["local", "over ssh"])
+def test_an_archive_copy_the_purge_relies_on_refused_is_told_as_a_permission_not_a_disk(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        sshd: SshServer, monkeypatch: pytest.MonkeyPatch, webhook_receiver: Receiver,
+        where: str, how: str) -> None:
+    """The purge re-reads the archive copies a deletion relies on just before deleting
+    (recheck window 0): Cologne's is refused to ccat-dt's user (a file mode 0600 of another
+    user, or its directory 0700). Nothing is deleted on its word (the observatory's files and
+    buffer copy stay), the copy is not taken for a bad one, and no location is marked
+    failing; a person is told it is a permission to grant, naming the file, its owner and mode
+    and whom to make it readable by (before: cologne/lta was marked failing as a disk that
+    cannot read it, whose advice is "Check the disk (kernel log, SMART)"). Once it is
+    readable, the next automatic purge deletes, nobody re-running anything, and the notice is
+    resolved. The archives on a disk of this machine, or on hosts reached over ssh (rsync),
+    where the look is made by a script on the host (before, a directory that cannot be
+    entered was taken for the file missing there: the copy marked CORRUPT)."""
+    if where == "local":
+        config = _config(tmp_path, webhook_receiver, deletion_recheck_hours=0)
+        by = "the user running ccat-dt (root, uid 0)"
+    else:
+        config = multisite(tmp_path, sshd, "rsync", max_attempts=2, retry_backoff_first_s=0.2,
+                           deletion_recheck_hours=0)
+        settings = yaml.safe_load(config.path.read_text())
+        settings["notifications"] = {"webhook": {"url": webhook_receiver.url, "timeout_s": 2}}
+        config.path.write_text(yaml.safe_dump(settings))
+        config = load_config(config.path)
+        by = f"the user ccat-dt logs in as on {sshd.destination} (root, uid 0)"
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    refused_once_archived_everywhere(monkeypatch, disk, how)
+    source = observe(config, opsdb)
+
+    run(config, instance, wait_s=1, workers=1)  # the purge's re-attempts due within a second
+
+    [package] = package_names(opsdb)
+    with opsdb.session() as session:
+        checksum = get_package(session, package).checksum
+    assert checksum is not None
+    assert all(p.is_file() for p in source)  # nothing deleted on the word of the refused copy
+    assert (config.resolve_root("sites/ccat/buffer") / TAR).is_file()
+    us = [config.resolve_root(loc.root) / TAR for loc in config.settings.site("us").locations]
+    assert checksum in [hash_file(path)[0] for path in us if path.is_file()]
+    assert failing(opsdb) == {}  # neither a disk error nor a location that cannot be looked at
+    assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
+    path = disk.root / (TAR if how == "file" else str(PurePosixPath(TAR).parent))
+    [text] = webhook_receiver.texts
+    assert str(path) in text and "permission denied" in text, text
+    assert f"make it readable by {by}" in text, text
+    assert f"owner uid {OWNER}" in text, text
+    assert "SMART" not in text and "Check the disk" not in text, text
+    state, detail = _stages(config, opsdb, package)["purge"]
+    assert state == "failed" and "make it readable by" in detail, (state, detail)
+    untouched(disk, TAR, how, checksum)
+
+    grant(disk, TAR, how)
+    run(config, instance, workers=1)
+
+    assert not any(p.exists() for p in source)
+    archived_everywhere(config, opsdb)
+    assert len(webhook_receiver.texts) == 2 and "RESOLVED" in webhook_receiver.texts[1]
+    assert failing(opsdb) == {}
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
     opsdb.dispose()
