@@ -48,6 +48,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.replicas import refresh_state
 from ccat_dt.routing import unreadable_copies
 from ccat_dt.storage import Seen, StorageUnavailable, Wanted
+from ccat_dt.transports.base import UNREADABLE
 from ccat_dt.transports.factory import ssh_settings
 
 
@@ -135,9 +136,10 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
         if package is None:
             raise LookupError(f"unknown package '{package_name}'")
         copies = _lta_copies(session, package)
-        # A copy whose disk failed its read as a source since it was last verified is not
-        # relied on unread: hashed now, whenever it was last verified.
-        suspect = unreadable_copies(session, package)
+        # A copy whose disk failed its read as a source, or a re-read of it (its check, the
+        # scrub), since it was last verified is not relied on unread: hashed now, whenever it
+        # was last verified.
+        suspect = unreadable_copies(session, package) | _reread_failed(session, package)
     by_location: dict[tuple[str, str | None], list[_Copy]] = defaultdict(list)
     for copy in copies:
         by_location[(copy.root, copy.host)].append(copy)
@@ -210,6 +212,20 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
     if failed and not dry_run:
         _mark_corrupt(opsdb, config, package_name, failed)
     return RecheckReport(passed, problems, unavailable)
+
+
+def _reread_failed(session: Session, package: RawDataPackage) -> set[int]:
+    """The package's copies a re-read could not read (replicas.reread: "not re-read: cannot
+    read ...", an I/O error or a refusal) after they were last verified."""
+    rows = session.execute(
+        select(PackageCopy.id, PackageCopy.verified_at, Operation.finished_at)
+        .join(Operation, Operation.copy_id == PackageCopy.id)
+        .where(Operation.package_id == package.id,
+               Operation.operation_type == OperationType.VERIFICATION,
+               Operation.status == OperationStatus.FAILED,
+               Operation.error.contains(f"not re-read: {UNREADABLE}"))).tuples()
+    return {copy_id for copy_id, verified_at, failed_at in rows if failed_at is not None
+            and (verified_at is None or _aware(verified_at) <= _aware(failed_at))}
 
 
 def _one_file_twice(copies: list[_Copy], identities: dict[int, tuple[str, int, int]]

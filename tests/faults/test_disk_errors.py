@@ -236,6 +236,51 @@ def test_an_archive_copy_unreadable_when_the_purge_looks_deletes_nothing_on_its_
     opsdb.dispose()
 
 
+def test_an_archive_copy_whose_re_read_failed_is_hashed_before_a_deletion_relies_on_it(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cologne's LTA copy is archived and verified; once the last archive copy is made, its
+    disk fails every read of the tar and a re-read (its check) says so, within the purge's
+    recheck window (24 h, the default). The purge hashes it again before relying on it, which
+    fails: the observatory's files and buffer copy are kept (before: verified within the
+    window and unchanged in size and identity, it was relied on unread, and the observatory's
+    files were deleted on the word of a copy its disk could not read). Once the disk reads
+    again the purge finishes by itself."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    real_place = placement.place
+
+    def place(opsdb: OpsDB, config: Config, obj: Placement, kind: LocationType,
+              **options: Any) -> Placed:
+        placed = real_place(opsdb, config, obj, kind, **options)
+        if (obj.site, kind) == ("us", LocationType.LONG_TERM_ARCHIVE):
+            disk.fail("read", TAR)
+            assert not verify(opsdb, config, obj.package, "cologne",
+                              LocationType.LONG_TERM_ARCHIVE).reached
+        return placed
+
+    monkeypatch.setattr(placement, "place", place)
+    source = observe(config, opsdb)
+
+    run(config, instance, wait_s=0, workers=1)
+
+    assert config.settings.policies.deletion_recheck_hours == 24
+    assert all(p.is_file() for p in source)  # nothing deleted on the word of that copy
+    assert disk.hits().count(f"read {TAR}") >= 2, disk.hits()  # its check, and the purge
+    assert (config.resolve_root("sites/ccat/buffer") / TAR).is_file()
+    assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
+
+    disk.heal()
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)
+    assert not any(p.exists() for p in source)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
 def test_an_archive_copy_its_disk_cannot_read_fails_only_its_replication_not_the_destination(
         tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty) -> None:  # noqa: F811
     """Cologne's LTA disk keeps failing the reads of one package's tar (a bad sector does not
