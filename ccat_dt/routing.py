@@ -124,16 +124,22 @@ _READS_SOURCE = (OperationType.TRANSFER, OperationType.ARCHIVE, OperationType.ST
 
 
 def unreadable_copies(session: Session, package: RawDataPackage) -> set[int]:
-    """The package's copies whose last use as the source of a transfer, an archiving or a
-    staging failed because they could not be read (SOURCE_UNREADABLE: a bad sector, or the
-    file refused to ccat-dt's user for lack of permission, which a person may fix any time:
-    such a copy is still the one sent when no other can be, so the fix is picked up by the
-    next automatic attempt), not read fine since (a later transfer from there, or a re-read
-    that verified the copy).
+    """The ids of `unreadable_reads`."""
+    return set(unreadable_reads(session, package))
+
+
+def unreadable_reads(session: Session, package: RawDataPackage) -> dict[int, Operation]:
+    """The package's copies (by id, with the read that failed) whose last use as the source
+    of a transfer, an archiving or a staging failed because they could not be read
+    (SOURCE_UNREADABLE: a bad sector, or the file refused to ccat-dt's user for lack of
+    permission, which a person may fix any time: such a copy is still the one sent when no
+    other can be, so the fix is picked up by the next automatic attempt), not read fine since
+    (a later transfer from there, or a re-read that verified the copy).
     Such a copy is not proved bad, so it stays PRESENT and is never deleted or written over on
     that word; the next attempt is sent from another verified copy instead of waiting for a
     disk that does not heal by itself, and the purge re-reads it before relying on it
-    (recheck.py), which marks its location and tells its disk to a person if it fails."""
+    (recheck.py). A disk that failed the read marks the copy's location and is told to a
+    person at once (health.mark_unreadable_source); `why` names the copy (diagnosis.py)."""
     last: dict[int, Operation] = {}  # by source location: its latest finished read
     for operation in session.scalars(select(Operation).where(
             Operation.package_id == package.id, Operation.operation_type.in_(_READS_SOURCE),
@@ -145,11 +151,11 @@ def unreadable_copies(session: Session, package: RawDataPackage) -> set[int]:
               if operation.status == OperationStatus.FAILED
               and SOURCE_UNREADABLE in (operation.error or "")}
     if not failed:
-        return set()
-    out: set[int] = set()
+        return {}
+    out: dict[int, Operation] = {}
     for copy in package.copies:
         when = failed[copy.location_id].finished_at if copy.location_id in failed else None
         if when is not None and (copy.verified_at is None
                                  or _aware(copy.verified_at) <= _aware(when)):
-            out.add(copy.id)
+            out[copy.id] = failed[copy.location_id]
     return out

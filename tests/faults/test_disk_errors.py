@@ -82,14 +82,17 @@ def _config(tmp_path: Path, webhook: Receiver | None = None, **policies: float) 
         "max_attempts": 2, "retry_backoff_first_s": 0.2, **policies})
 
 
-def told_once_of_the_disk(config: Config, instance: DagsterInstance, webhook: Receiver,
-                          capsys: pytest.CaptureFixture[str], label: str, path: Path) -> None:
+def told_once_of_the_disk(config: Config, opsdb: OpsDB, instance: DagsterInstance,
+                          webhook: Receiver, capsys: pytest.CaptureFixture[str], package: str,
+                          label: str, path: Path) -> None:
     """A person was told once, over the webhook, that the disk at `label` failed to read
-    `path` and is to be checked; `status` lists the location and the problem told; another
-    drive tells nothing more."""
+    `path` and is to be checked; `why` names the copy there, `status` lists the location and
+    the problem told; another drive tells nothing more."""
     [text] = webhook.texts
     assert label in text and str(path) in text and "Input/output error" in text, text
     assert "Check the disk" in text, text
+    state, detail = _stages(config, opsdb, package)[f"copy at {label}"]
+    assert state == "unreadable" and str(path) in detail, (state, detail)
     capsys.readouterr()
     cli.main(["--config", str(config.path), "status"])
     out = capsys.readouterr().out
@@ -681,8 +684,8 @@ def test_a_staging_whose_nearest_archive_copy_cannot_be_read_stages_from_another
     after = (disk.backing / TAR).stat()
     assert (after.st_ino, after.st_mtime_ns) == (archived.st_ino, archived.st_mtime_ns)
     assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
-    told_once_of_the_disk(config, instance, webhook_receiver, capsys, "cologne/lta",
-                          disk.root / TAR)
+    told_once_of_the_disk(config, opsdb, instance, webhook_receiver, capsys, package,
+                          "cologne/lta", disk.root / TAR)
     opsdb.dispose()
 
 
@@ -761,8 +764,8 @@ def test_an_archiving_whose_buffer_copy_cannot_be_read_archives_from_another_cop
     assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
     assert not [k for k in told(config, opsdb) if k.startswith("escalated:")]
     assert lost_filed_files(config, opsdb) == []
-    told_once_of_the_disk(config, instance, webhook_receiver, capsys, "cologne/buffer",
-                          disk.root / TAR)
+    told_once_of_the_disk(config, opsdb, instance, webhook_receiver, capsys, package,
+                          "cologne/buffer", disk.root / TAR)
 
     disk.heal()  # the invariants read every present copy
 
