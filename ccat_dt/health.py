@@ -113,7 +113,6 @@ def read_failed(location: DataLocation) -> bool:
     return UNREADABLE in reason or _SOURCE_READ in reason
 
 
-
 def mark_unreadable_source(opsdb: OpsDB, config: Config, copy_id: int, path: str,
                            failure: BaseException | str) -> None:
     """A transfer, an archiving or a staging from the copy failed because its disk failed the

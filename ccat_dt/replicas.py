@@ -336,8 +336,10 @@ def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job
     stores, ssh, clock = Stores.of(config), ssh_settings(config), time.monotonic()
     try:
         seen = stores.look(root, host, ssh, [Wanted(j.relative, False) for j in jobs])
+        # A name in a directory refused to ccat-dt's user (Seen.refused) is not known to be
+        # taken: the transfer then fails on the permission, the destination's fault.
         taken = [i for i, (job, found) in enumerate(zip(jobs, seen, strict=True))
-                 if job.relative not in quarantined
+                 if job.relative not in quarantined and not found.refused
                  and not (found.problem or "").startswith("missing")]
         hashed = stores.look(root, host, ssh, [Wanted(jobs[i].relative, True)
                                                for i in taken]) if taken else []
