@@ -296,7 +296,9 @@ def test_an_archive_copy_refused_over_ssh_is_passed_over_for_another(
     destination's permanent failure, us's buffer, whose disk is fine, marked failing and the
     same copy read again by every re-attempt); its re-attempt sends the package from cologne's
     verified buffer copy. The us copies hold the package's bytes, nothing is left half-written
-    there, no person is told (another copy served), and the refused tar is left as it was."""
+    there, no person is told of the transfer (another copy served), and the refused tar is
+    left as it was. (The purge of cologne's buffer copy, which relies on that tar, may tell it
+    as the permission it is, once refused twice.)"""
     config = multisite(tmp_path, sshd, transport, max_attempts=2, retry_backoff_first_s=0.2)
     opsdb = OpsDB(config.opsdb_url)
     disk = faulty_disk(config, "cologne/lta")
@@ -315,7 +317,7 @@ def test_an_archive_copy_refused_over_ssh_is_passed_over_for_another(
         f"{sshd.destination} (root, uid 0)" in to_us[0][2], to_us
     assert to_us[-1][:2] == ("cologne/buffer", OperationStatus.COMPLETED), to_us
     not_by_transfers(failing(opsdb))  # us's disks are fine
-    assert told(config, opsdb) == []
+    assert [key for key in told(config, opsdb) if key != f"source_refused:purge:{package}"] == []
     us = [config.resolve_root(location.root) for location in config.settings.site("us").locations]
     us_lta = [root / TAR for root in us if (root / TAR).is_file()]
     assert [hash_file(path)[0] for path in us_lta] == [checksum] * len(us_lta) and us_lta
@@ -504,6 +506,43 @@ def test_an_archive_copy_the_purge_relies_on_refused_is_told_as_a_permission_not
     archived_everywhere(config, opsdb)
     assert len(webhook_receiver.texts) == 2 and "RESOLVED" in webhook_receiver.texts[1]
     assert failing(opsdb) == {}
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+def test_an_archive_directory_refused_to_ccat_dt_fails_as_the_destinations_not_a_foreign_file(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        ) -> None:
+    """The directory a package is archived into at Cologne was made 0700 by another user: the
+    look at the final name before the transfer cannot say what is there, so the transfer goes
+    ahead and fails on the permission, the destination's fault (cologne/lta marked failing,
+    re-attempted; no person told of a foreign file). Before: the refused look was taken for a
+    file OpsDB does not record there, the archive refused for good as a foreign file. Once the
+    directory is readable, the next automatic attempt archives it."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    (disk.backing / PurePosixPath(TAR).parent).mkdir()
+    refuse(disk, TAR, "directory")
+    source = observe(config, opsdb)
+
+    run(config, instance, wait_s=0)
+
+    [package] = package_names(opsdb)
+    archives = [error or "" for status, error in operations(opsdb, OperationType.ARCHIVE, package)
+                if status == OperationStatus.FAILED]
+    assert archives and not [e for e in archives if "does not record there" in e], archives
+    assert all("Permission denied" in e or "permission denied" in e for e in archives), archives
+    assert not [key for key in told(config, opsdb) if key.startswith("foreign_file:")]
+    assert "cologne/lta" in failing(opsdb), failing(opsdb)
+    assert [p for p in (disk.backing / PurePosixPath(TAR).parent).iterdir()] == []
+    assert all(p.is_file() for p in source)
+
+    grant(disk, TAR, "directory")
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
     opsdb.dispose()
