@@ -272,6 +272,19 @@ def _runless_since(instance: DagsterInstance, after: int, assets: Iterable[str])
         return connection.execute(query).first() is not None
 
 
+def last_wiped(instance: DagsterInstance, assets: Iterable[str]) -> float:
+    """When the materializations of one of these assets were last wiped ("Wipe
+    materializations", the UI's wipeAssets), in epoch seconds; 0.0 if never. Dagster keeps it
+    with each asset's key (one row per asset: one query); neither its asset records (they
+    leave a wiped asset out) nor its ASSET_WIPED event (the embedded SQLite storage keeps it
+    with the runless events, outside its index) can tell."""
+    storage = instance.event_log_storage
+    if not isinstance(storage, SqlEventLogStorage):
+        return 0.0  # the slow round restates
+    details = storage._get_assets_details([AssetKey(asset) for asset in assets])  # noqa: SLF001
+    return max((d.last_wipe_timestamp or 0.0 for d in details if d is not None), default=0.0)
+
+
 def buried_checks(instance: DagsterInstance, after: int, pending: list[list[str]]
                   ) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """The partitions, among those materialized after event `after` (only a new

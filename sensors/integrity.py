@@ -7,8 +7,8 @@ A partition OpsDB holds done (a package built, a copy verified, present or delet
 purge since, a package's purge) that Dagster shows no materialization of ("Wipe
 materializations", or its runs deleted: Runs → Delete deletes a run's event log) is restated
 from OpsDB, on a slow round, and at the next tick after runs were deleted (`runs_deleted`,
-`restatements`); not while a run of it is in flight (it waits for that run's end, and is
-dropped if that run materialized it).
+`restatements`) or an asset was wiped (`last_wiped`); not while a run of it is in flight (it
+waits for that run's end, and is dropped if that run materialized it).
 A finding whose partition has a run in flight (the run that found the copy bad, a repair) is
 held back in the cursor, as it was found, and reported once no run of the partition is in
 flight: written meanwhile it would outrank that run's own check. A finding already repaired
@@ -40,6 +40,7 @@ from ccat_assets.integrity import (
     buried_checks,
     copy_check_of,
     integrity_report_job,
+    last_wiped,
     latest_materialization,
     made_by_hand,
     partition_busy,
@@ -130,8 +131,11 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     more = bool(state.get("more"))
     runs, deleted = runs_deleted(context.instance, state.get("runs"))
     waiting = still_waiting(context.instance, list(state.get("waiting", [])))
-    if more or deleted or now - restated_at >= RESTATE_EVERY_S or any(
-            not busy for *_, busy in waiting):
+    # "Wipe materializations" since the last tick: the partitions OpsDB holds done are
+    # restated now, not at the slow round (a first tick only notes when the last was).
+    wiped = last_wiped(context.instance, ASSET_STAGE)
+    if more or deleted or wiped > float(state.get("wiped", wiped)) or (
+            now - restated_at >= RESTATE_EVERY_S) or any(not busy for *_, busy in waiting):
         told, more, waiting = restatements(context, deployment.opsdb, config, events_before)
         restated_at = now
     for finding in (*findings, *told):
@@ -140,7 +144,7 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     fresh, released, held = held_back(context.instance, new, list(state.get("held", [])))
     new_cursor = json.dumps({"op": cursor, "unsafe": unsafe, "checks": events_before,
                              "pending": pending, "restated_at": restated_at, "more": more,
-                             "held": held, "runs": runs,
+                             "held": held, "runs": runs, "wiped": wiped,
                              "waiting": [[asset, partition, found]
                                          for asset, partition, found, _ in waiting]})
     requests = []
@@ -180,8 +184,9 @@ def _state(cursor: str) -> dict[str, Any]:
     for key in ("op", "checks"):
         if key in state and (isinstance(state[key], bool) or not isinstance(state[key], int)):
             raise TypeError(f"{key} is not an id: {state[key]!r}")
-    if "restated_at" in state:
-        number(state["restated_at"])
+    for key in ("restated_at", "wiped"):
+        if key in state:
+            number(state[key])
     if "runs" in state:
         count, newest = state["runs"]  # ValueError/TypeError unless a pair
         if isinstance(count, bool) or not isinstance(count, int) or not (

@@ -97,6 +97,7 @@ SLOW = (
     "tests/test_stopped_sensors.py",
     "tests/test_scrub.py",
     "tests/test_staging.py",
+    "tests/test_ui_asset_events.py",
     "tests/test_ui_browser.py",
     "tests/test_ui_run_actions.py",
     "tests/test_daemon_drive.py",

@@ -1,0 +1,239 @@
+"""What an operator writes into an asset's history in the Dagster UI rather than runs: "Report
+materialization events" (an asset's page, for chosen partitions) and "Wipe materializations"
+(the whole asset, or a partition range). Sent as the UI sends them, its GraphQL mutations
+(reportRunlessAssetEvents, wipeAssets) to the code location workspace.yaml names; the work
+itself done by a real `drive`. Neither may move work on, hold it back or delete anything: the
+sensors plan from OpsDB, the steps look at the storage; and the UI comes back to what OpsDB
+and the storage say, without `ccat-dt retry`."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetKey,
+    AssetRecordsFilter,
+    BetaWarning,
+    DagsterInstance,
+    PreviewWarning,
+)
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import CURSOR_KEY, drive
+from ccat_assets.instance import write_instance_yaml
+from ccat_assets.routing import stages_of
+from ccat_dt.config import Config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.stages import Stage
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere, deployment, observe, source_root
+from tests.test_dry_runs import the_ui
+from tests.test_operator_actions import (
+    CHECKS_OF,
+    assert_shown_passed,
+    opsdb_state,
+    storage_files,
+)
+
+warnings.filterwarnings("ignore", category=PreviewWarning)
+warnings.filterwarnings("ignore", category=BetaWarning)
+
+REPORT = """mutation ReportEventMutation($eventParams: ReportRunlessAssetEventsParams!) {
+  reportRunlessAssetEvents(eventParams: $eventParams) { __typename
+    ... on PythonError { message } ... on UnauthorizedError { message }
+    ... on ReportRunlessAssetEventsSuccess { assetKey { path } } } }"""
+WIPE = """mutation AssetWipeMutation($assetPartitionRanges: [PartitionsByAssetSelector!]!) {
+  wipeAssets(assetPartitionRanges: $assetPartitionRanges) { __typename
+    ... on AssetWipeSuccess { assetPartitionRanges { assetKey { path }
+                                                     partitionRange { start end } } }
+    ... on UnsupportedOperationError { message } ... on PythonError { message } } }"""
+ARCHIVES = ("cologne", "us")
+
+
+def report_materializations(ui: Any, asset: str, partitions: list[str]) -> None:
+    """The asset page's "Report materialization events" for these partitions."""
+    answer = ui(REPORT, eventParams={
+        "eventType": "ASSET_MATERIALIZATION", "assetKey": {"path": [asset]},
+        "partitionKeys": partitions, "description": "done, I am sure"})
+    assert answer["reportRunlessAssetEvents"]["__typename"] == \
+        "ReportRunlessAssetEventsSuccess", answer
+
+
+def wipe(ui: Any, *ranges: tuple[str, tuple[str, str] | None]) -> dict[str, Any]:
+    """The asset page's "Wipe materializations": an asset whole (None) or a partition range."""
+    answer = ui(WIPE, assetPartitionRanges=[
+        {"assetKey": {"path": [asset]},
+         **({"partitions": {"range": {"start": span[0], "end": span[1]}}} if span else {})}
+        for asset, span in ranges])
+    return dict(answer["wipeAssets"])
+
+
+def raw_files(config: Config) -> dict[str, bytes]:
+    source = source_root(config)
+    return {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
+
+
+def archived_once(config: Config, raw: dict[str, bytes]) -> None:
+    """Read from the disks: each archive site's LTA tars hold every observed file once, with
+    its bytes; no raw file is left at the source, no package in a buffer."""
+    for site in ARCHIVES:
+        members: dict[str, bytes] = {}
+        for tar in config.resolve_root(f"sites/{site}/lta").rglob("*.tar"):
+            with tarfile.open(tar) as archive:
+                for member in archive.getmembers():
+                    if member.isfile() and member.name in raw:
+                        data = archive.extractfile(member)
+                        assert data is not None and member.name not in members, member.name
+                        members[member.name] = data.read()
+        assert members == raw, site
+    assert not list(source_root(config).rglob("*.dat")), "raw files left at the source"
+    for site in ("ccat", *ARCHIVES):
+        assert not list(config.resolve_root(f"sites/{site}/buffer").rglob("*.tar")), site
+
+
+def evaluation(instance: DagsterInstance, asset: str, check: str,
+               partition: str) -> AssetCheckEvaluation:
+    """The check's latest evaluation on the partition, as the Checks tab shows it."""
+    [record] = instance.event_log_storage.get_asset_check_execution_history(
+        AssetCheckKey(AssetKey(asset), check), limit=1,
+        partition_filter=_partition(partition))
+    assert record.event is not None and record.event.dagster_event is not None
+    data = record.event.dagster_event.event_specific_data
+    assert isinstance(data, AssetCheckEvaluation)
+    return data
+
+
+def _partition(key: str) -> Any:
+    from dagster._core.storage.event_log.base import PartitionKeyFilter
+
+    return PartitionKeyFilter(key=key)
+
+
+def test_wiped_materializations_are_restated_at_the_next_tick_and_nothing_is_redone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Wipe materializations" of site_copies and lta_copies, whole, while the drive has
+    nothing to do (two packages archived and purged); a partition range's wipe first, which
+    Dagster refuses for this storage (UnsupportedOperationError: nothing wiped). Before, the
+    integrity sensor noticed the wipe only at its slow round (10 min): the next drives showed
+    no copy at all while OpsDB holds them verified, until a drive came that late. Now its next
+    tick restates every partition OpsDB holds done, with its check (passed, naming the recorded
+    verification: the only evaluation left in the check's history, which the wipe emptied);
+    nothing on the storage is read, sent or deleted, OpsDB is unchanged, nothing else runs."""
+    config = deployment(tmp_path / "deploy")
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, name="obs-a", files=2, size=20_000)
+        observe(config, opsdb, name="obs-b", files=2, size=20_000)
+        raw = raw_files(config)
+        home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+        with DagsterInstance.from_config(str(home)) as instance:
+            defs = build_definitions(config)
+            assert drive(defs, instance, wait_s=10).failed == []
+            shown = {asset: instance.get_materialized_partitions(AssetKey(asset))
+                     for asset in CHECKS_OF}
+            before, files = opsdb_state(opsdb), storage_files(config)
+            keys = sorted(shown["lta_copies"])
+            with the_ui(instance, config.path, monkeypatch) as ui:
+                refused = wipe(ui, ("lta_copies", (keys[0], keys[-1])))
+                assert refused["__typename"] == "UnsupportedOperationError", refused
+                assert {asset: instance.get_materialized_partitions(AssetKey(asset))
+                        for asset in CHECKS_OF} == shown
+                assert wipe(ui, ("site_copies", None), ("lta_copies", None))[
+                    "__typename"] == "AssetWipeSuccess"
+            for asset in ("site_copies", "lta_copies"):
+                assert instance.get_materialized_partitions(AssetKey(asset)) == set()
+
+            report = drive(defs, instance, wait_s=10)
+
+            assert report.failed == [], report.failed
+            assert [k for k in report.launched if not k.startswith("integrity-opsdb:")] == []
+            assert len(report.launched) == 1, report.launched
+            assert_shown_passed(instance, shown)
+            for asset, check in (("site_copies", "site_copy_checksum"),
+                                 ("lta_copies", "lta_copy_checksum")):
+                for partition in shown[asset]:
+                    history = instance.event_log_storage.get_asset_check_execution_history(
+                        AssetCheckKey(AssetKey(asset), check), limit=10,
+                        partition_filter=_partition(partition))
+                    assert len(history) == 1, (asset, partition, history)
+                    said = evaluation(instance, asset, check, partition)
+                    assert said.passed and (said.description or "").startswith(
+                        "restated from OpsDB: verified "), said.description
+            assert storage_files(config) == files  # nothing read back, sent or deleted
+            assert opsdb_state(opsdb) == before
+            assert drive(defs, instance, wait_s=10).launched == []  # once
+        archived_once(config, raw)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+def test_wiped_while_runs_work_nothing_is_sent_twice_and_the_ui_shows_opsdb_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Wipe materializations" of site_copies and lta_copies, whole, while the drive works:
+    a package archived at both sites (its partitions materialized), another package's copy
+    runs in flight. Nothing is sent again or archived twice (every file once in each archive,
+    one copy per package and location), the purge deletes the sources as it would, and by
+    the drive's end the UI shows every copy OpsDB holds verified: what the runs in flight
+    materialized after the wipe by those runs, the rest restated from OpsDB. Before, the
+    partitions materialized before the wipe showed none until the integrity sensor's slow
+    round (10 min), after the drive had ended."""
+    from ccat_assets.runpool import RunPool
+
+    config = deployment(tmp_path / "deploy")
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, name="obs-a", files=2, size=20_000)
+        observe(config, opsdb, name="obs-b", files=2, size=200_000)
+        raw = raw_files(config)
+        home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+        with DagsterInstance.from_config(str(home)) as instance, \
+                the_ui(instance, config.path, monkeypatch) as ui:
+            wiped: list[set[str]] = []  # the lta_copies partitions materialized then
+            wait = RunPool.wait
+
+            def operator(pool: RunPool, timeout: float | None = None) -> Any:
+                """Once a copy is archived and another copy run executes: the wipe."""
+                copying = [child for child in pool.children.values()
+                           if Stage.SITE_COPY in stages_of(child.queued.run)]
+                archived = instance.get_materialized_partitions(AssetKey("lta_copies"))
+                if not wiped and copying and archived:
+                    wiped.append(archived)
+                    assert wipe(ui, ("site_copies", None), ("lta_copies", None))[
+                        "__typename"] == "AssetWipeSuccess"
+                return wait(pool, timeout)
+
+            monkeypatch.setattr(RunPool, "wait", operator)
+            report = drive(build_definitions(config), instance, wait_s=10)
+            monkeypatch.undo()
+
+            assert wiped, "no moment with a copy archived and another in flight"
+            assert report.failed == [], report.failed
+            shown = {asset: instance.get_materialized_partitions(AssetKey(asset))
+                     for asset in CHECKS_OF}
+            assert len(shown["site_copies"]) == len(shown["lta_copies"]) == 4, shown
+            assert_shown_passed(instance, shown)
+            restated = set()
+            for partition in shown["lta_copies"]:
+                [record] = instance.fetch_materializations(AssetRecordsFilter(
+                    asset_key=AssetKey("lta_copies"), asset_partitions=[partition]),
+                    limit=1).records
+                metadata = record.asset_materialization.metadata  # type: ignore[union-attr]
+                if "restated_from" in metadata:
+                    restated.add(partition)
+            assert wiped[0] <= restated, (wiped, restated)  # those done before the wipe
+            key = CURSOR_KEY + "integrity_sensor"
+            state = json.loads(instance.run_storage.get_cursor_values({key})[key])
+            assert state["waiting"] == [] and state["held"] == [], state
+        archived_once(config, raw)
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
