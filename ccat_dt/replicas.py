@@ -705,6 +705,22 @@ def verify(opsdb: OpsDB, config: Config, package: str, site: str,
         return Verification(False, str(exc), copy_id, None, reached=False)
 
 
+def none_recorded(opsdb: OpsDB, package: str, site: str, kind: LocationType) -> str | None:
+    """What a stage's integrity check would say of `package` at the site's location of `kind`
+    when OpsDB records no copy of it there in any state (not made yet, or never): that there
+    is none, with nothing to read. None when a copy is recorded there (present, corrupt,
+    deleted, ...: the check has something to read or to account for) or the package is
+    unknown."""
+    with opsdb.session() as session:
+        try:
+            pkg = get_package(session, package)
+        except LookupError:
+            return None
+        if copies_at(session, pkg, kind, site):
+            return None
+    return f"no copy of {package} at {site} {kind.value}"
+
+
 def newest_copy(session: Session, package: RawDataPackage, site: str,
                 kind: LocationType) -> PackageCopy | None:
     """The copy `verify` re-reads: the newest present or corrupt one there."""

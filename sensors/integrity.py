@@ -2,7 +2,9 @@
 re-check, a copy found bad while being re-read) reach the UI as check evaluations on exactly
 the partition concerned, and `filed_bytes_safe` follows a package at risk until it is safe.
 A partition given a materialization or a check evaluation by hand (runless: the UI's "Report
-materialization event" or "Report evaluation") has its checks run again, alone, on the storage.
+materialization event" or "Report evaluation") has its checks run again, alone, on the storage;
+a copy stage's partition of which OpsDB records no copy there at all (work not done yet) is
+told so, a warning, without a run.
 A partition OpsDB holds done (a package built, a copy verified, present or deleted by the
 purge since, a package's purge) that Dagster shows no materialization of ("Wipe
 materializations", or its runs deleted: Runs → Delete deletes a run's event log) is restated
@@ -72,6 +74,7 @@ from ccat_dt.recorded import (
     verifications,
     verified_placements,
 )
+from ccat_dt.replicas import none_recorded
 from ccat_dt.stages import Stage
 from resources.deployment import Deployment
 from sensors.cursor import json_object, number, read_cursor
@@ -101,7 +104,7 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     # Checks and materializations since the last tick (a first tick: from now on).
     since = min(int(state.get("checks", events_before)), events_before)  # none ahead (by hand)
     restated, pending = buried_checks(context.instance, since, list(state.get("pending", [])))
-    rechecks = _rechecks(context, since)
+    rechecks, unbacked, by_hand = _rechecks(context, deployment, since)
     with deployment.opsdb.session() as session:
         found, cursor = quarantines_found(session, config, after)
         for q in found:
@@ -138,9 +141,9 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
             now - restated_at >= RESTATE_EVERY_S) or any(not busy for *_, busy in waiting):
         told, more, waiting = restatements(context, deployment.opsdb, config, events_before)
         restated_at = now
-    for finding in (*findings, *told):
+    for finding in (*findings, *told, *unbacked):
         finding["events_before"] = events_before
-    new = findings if found or sorted(unsafe) != sorted(was_unsafe) else []
+    new = [*(findings if found or sorted(unsafe) != sorted(was_unsafe) else []), *unbacked]
     fresh, released, held = held_back(context.instance, new, list(state.get("held", [])))
     new_cursor = json.dumps({"op": cursor, "unsafe": unsafe, "checks": events_before,
                              "pending": pending, "restated_at": restated_at, "more": more,
@@ -149,9 +152,12 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
                                          for asset, partition, found, _ in waiting]})
     requests = []
     if fresh:
+        # once per set of quarantines and unsafe packages, and of events made by hand
+        hand = (f"hand-{hashlib.sha256(','.join(map(str, by_hand)).encode()).hexdigest()[:16]}:"
+                if by_hand else "")
         requests.append(RunRequest(
             job_name=integrity_report_job.name,
-            run_key=f"integrity:{after}:{cursor}:{','.join(unsafe)}"[:200],
+            run_key=f"integrity:{after}:{cursor}:{hand}{','.join(unsafe)}"[:200],
             run_config={"ops": {"report_findings": {"config": {"findings": fresh}}}}))
     if released:  # once per set of findings released (each with the id it was found at)
         over = json.dumps(released, sort_keys=True)
@@ -248,26 +254,58 @@ def held_back(instance: DagsterInstance, new: list[dict[str, Any]],
     return fresh, released + kept[:-HELD_MAX], kept[-HELD_MAX:]
 
 
-def _rechecks(context: SensorEvaluationContext, since: int) -> list[RunRequest]:
+# a copy stage's asset -> the kind of location its copies are at (its check reads them)
+COPY_KIND = {"packages": LocationType.BUFFER, "site_copies": LocationType.BUFFER,
+             "lta_copies": LocationType.LONG_TERM_ARCHIVE}
+
+
+def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: int
+              ) -> tuple[list[RunRequest], list[dict[str, Any]], list[int]]:
     """For each partition of a lifecycle asset given an event by hand since event `since`, a
     run of its checks alone (they read the copy on its storage and report on the latest
-    materialization, the hand-made one); once per such event (its storage id)."""
+    materialization, the hand-made one); once per such event (its storage id).
+
+    Not for a copy stage's partition of which OpsDB records no copy there at all (a
+    materialization reported for work not done yet): its check would read nothing and say
+    so, failing its run (the check is blocking). That failed run counted as a failed attempt
+    of the work, and while it was queued or running the stage's sensor left the work itself
+    out ("a run of the partition is in flight") and moved on: the copy waited for the
+    re-attempt's back-off, and `drive` ended with failed runs. What the check would say is
+    told as a finding instead, a warning (the data is as it was; the event is not backed by a
+    copy): the partition shows that until the work's own run materializes it.
+    Returns the runs, those findings, and the storage ids of the events they answer."""
     assert context.repository_def is not None
     graph = context.repository_def.asset_graph
     checks = {asset: list(graph.get_check_keys_for_assets({AssetKey(asset)}))
               for asset in ASSET_STAGE}
-    requests = []
+    observatory = deployment.config.settings.observatory
+    requests, unbacked, events = [], [], []
     for (asset, key), event in sorted(made_by_hand(context.instance, since, checks).items()):
         stage = ASSET_STAGE[asset]
         dynamic = staging_partitions if stage == Stage.STAGING else package_partitions
         assert dynamic.name is not None
         if not context.instance.has_dynamic_partition(dynamic.name, key.split("|", 1)[0]):
             continue  # retired since (sensors/retire.py): a run of it cannot be asked for
+        kind = COPY_KIND.get(asset)
+        if kind is not None:
+            package, _, site = key.partition("|")
+            none = none_recorded(deployment.opsdb, package, site or observatory, kind)
+            if none is not None:
+                _, check, partition = copy_check_of(package, site or observatory, kind,
+                                                    not site)
+                unbacked.append({
+                    "asset": asset, "check": check, "partition": partition, "passed": False,
+                    "severity": AssetCheckSeverity.WARN.value,
+                    "description": f"{none}: OpsDB records none, so the materialization "
+                                   "reported by hand is not backed by a copy (nothing read); "
+                                   "the sensors make the copy when it is due"})
+                events.append(event)
+                continue
         requests.append(RunRequest(
             job_name=JOBS[stage].name, asset_selection=[], asset_check_keys=checks[asset],
             run_key=f"recheck:{asset}:{key}:{event}",
             partition_key=package_site_key(*split_key(key)) if "|" in key else key))
-    return requests
+    return requests, unbacked, events
 
 
 

@@ -26,18 +26,20 @@ from dagster import (
 )
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import CURSOR_KEY, drive
+from ccat_assets.driver import CURSOR_KEY, DriveReport, drive, launch
 from ccat_assets.instance import write_instance_yaml
 from ccat_assets.routing import stages_of
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.stages import Stage
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, deployment, observe, source_root
+from tests.faults.pipeline import archived_everywhere, deployment, observe, plan, source_root
 from tests.test_dry_runs import the_ui
 from tests.test_operator_actions import (
     CHECKS_OF,
     assert_shown_passed,
+    check_status,
+    integrity_tick,
     opsdb_state,
     storage_files,
 )
@@ -114,6 +116,97 @@ def _partition(key: str) -> Any:
     from dagster._core.storage.event_log.base import PartitionKeyFilter
 
     return PartitionKeyFilter(key=key)
+
+
+def test_materializations_reported_for_work_not_done_move_nothing_and_the_work_is_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package planned, nothing of it built or sent; the operator reports a materialization
+    of every lifecycle asset's partition of it ("Report materialization events"), and of the
+    site and LTA copies of a package archived and purged before (done). Before, the integrity
+    sensor asked for a run of each partition's checks alone: for the copies not made, the
+    blocking check found none and failed its run; that failed run counted as a failed attempt
+    of the copy, and while it was queued or running the copy sensor left the copy out (a run
+    of the partition in flight) and moved on: the drive ended with failed runs ("FAILED
+    recheck:site_copies:..."), at times with the package still at the observatory, waiting
+    for the re-attempt's back-off. Now such a partition's check is told from OpsDB, a warning
+    on the hand-made materialization ("no copy of ... OpsDB records none"), without a run;
+    nothing is deleted or skipped for the event; the drive builds, sends and archives the
+    package and purges its sources as for any package, every file once in each archive; the
+    done package's copies are read again and pass, nothing of them moved; and the UI ends
+    showing each partition materialized by its own run, every check passed."""
+    config = deployment(tmp_path / "deploy")
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, name="obs-a", files=2, size=20_000)
+        raw = raw_files(config)
+        home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+        with DagsterInstance.from_config(str(home)) as instance:
+            defs = build_definitions(config)
+            assert drive(defs, instance, wait_s=10).failed == []  # obs-a archived and purged
+            [done] = instance.get_dynamic_partitions("packages")
+            before = storage_files(config)
+            observe(config, opsdb, files=2, size=20_000)
+            raw_now = raw_files(config)
+            raw.update(raw_now)
+            package = plan(config, opsdb, instance)
+            reported = {"raw_files": [package], "packages": [package],
+                        "site_copies": [f"{package}|{s}" for s in ARCHIVES]
+                        + [f"{done}|{s}" for s in ARCHIVES],
+                        "lta_copies": [f"{package}|{s}" for s in ARCHIVES]
+                        + [f"{done}|{s}" for s in ARCHIVES],
+                        "purge_status": [package]}
+            with the_ui(instance, config.path, monkeypatch) as ui:
+                for asset, partitions in reported.items():
+                    report_materializations(ui, asset, partitions)
+
+            # The integrity sensor's next tick, its runs executed: what the UI shows then.
+            key = CURSOR_KEY + "integrity_sensor"
+            requests, cursor = integrity_tick(
+                defs, instance, instance.run_storage.get_cursor_values({key})[key])
+            assert cursor is not None
+            instance.run_storage.set_cursor_values({key: cursor})  # where the drive goes on
+            rechecked = DriveReport()
+            for request in requests:
+                launch(defs, instance, request, origin="integrity_sensor", report=rechecked)
+            assert rechecked.failed == [], rechecked.failed
+            assert not [k for k in rechecked.launched if k.startswith(tuple(
+                f"recheck:{asset}:{package}" for asset in (
+                    "packages", "site_copies", "lta_copies")))], rechecked.launched
+            for asset, check in (("packages", "package_checksum"),
+                                 ("site_copies", "site_copy_checksum"),
+                                 ("lta_copies", "lta_copy_checksum")):
+                for partition in (p for p in reported[asset] if p.startswith(package)):
+                    said = evaluation(instance, asset, check, partition)
+                    assert not said.passed and (said.description or "").startswith(
+                        "no copy of "), (asset, partition, said)
+                    assert "OpsDB records none" in (said.description or "")
+            status = {asset: check_status(instance, asset, check)
+                      for asset, check in (("site_copies", "site_copy_checksum"),
+                                           ("lta_copies", "lta_copy_checksum"))}
+            for asset in status:  # the done package's copies: read again (or purged), passed
+                assert {status[asset][f"{done}|{s}"] for s in ARCHIVES} == {"passed"}, status
+            assert raw_files(config) == raw_now  # nothing deleted for the event
+            assert {p: v for p, v in storage_files(config).items()
+                    if p in before} == before  # nothing of the done package moved
+
+            report = drive(defs, instance, wait_s=10)
+
+            assert report.failed == [], report.failed
+            for asset, checks in CHECKS_OF.items():  # each partition: its own run's, green
+                for partition in instance.get_materialized_partitions(AssetKey(asset)):
+                    [record] = instance.fetch_materializations(AssetRecordsFilter(
+                        asset_key=AssetKey(asset), asset_partitions=[partition]),
+                        limit=1).records
+                    assert record.run_id != "" or not partition.startswith(package), \
+                        (asset, partition)
+                    for check in checks:
+                        assert check_status(instance, asset, check)[partition] == "passed", \
+                            (asset, check, partition)
+        archived_once(config, raw)
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
 
 
 def test_wiped_materializations_are_restated_at_the_next_tick_and_nothing_is_redone(
