@@ -64,6 +64,7 @@ from dagster._core.execution.api import (
     execute_run,
 )
 from dagster._core.execution.execute_in_process import merge_run_tags
+from dagster._core.instance.utils import RUNLESS_RUN_ID
 from dagster._core.remote_origin import (
     ManagedGrpcPythonEnvCodeLocationOrigin,
     RemoteJobOrigin,
@@ -931,14 +932,17 @@ def _finished(report: DriveReport, log: Callable[[str], None], done: Finished) -
         report.failed_ids.append(done.run_id)
 
 
+HEAL_LOOK = 20  # the newest materializations of a partition looked at for a run's
+
+
 def healed_runs(instance: DagsterInstance, report: DriveReport) -> list[str]:
     """The keys of the report's failed runs that failed transiently and whose work was done
     after they failed: a fault that passed (OpsDB locked, the link down: retried in the run
     until its attempts ran out) and nothing left to do, so nobody needs to act for it. A run
-    whose work was then done: every asset of its stages materialised for its partition since
-    it ended (by its automatic re-attempt, a later run, the UI). Never healed: a failure
-    decided as final (a refused deletion, a quarantine, a failed check: not retryable), a
-    run canceled or whose process died."""
+    whose work was then done: every asset of its stages materialised for its partition by a
+    run since it ended (its automatic re-attempt, a later run, the UI's Materialize). Never
+    healed: a failure decided as final (a refused deletion, a quarantine, a failed check: not
+    retryable), a run canceled or whose process died."""
     healed = []
     for key, run_id in zip(report.failed, report.failed_ids, strict=True):
         record = instance.get_run_record_by_id(run_id) if run_id else None
@@ -950,11 +954,19 @@ def healed_runs(instance: DagsterInstance, report: DriveReport) -> list[str]:
         assets = [name for name, stage in ASSET_STAGE.items() if stage in stages_of(run)]
         if partition is None or not assets or not _transient(instance, run_id):
             continue
-        if all(instance.fetch_materializations(AssetRecordsFilter(
-                asset_key=AssetKey(name), asset_partitions=[partition],
-                after_timestamp=record.end_time), limit=1).records for name in assets):
+        if all(_made_since(instance, name, partition, record.end_time) for name in assets):
             healed.append(key)
     return healed
+
+
+def _made_since(instance: DagsterInstance, asset: str, partition: str, since: float) -> bool:
+    """Whether a run materialized the asset's partition after `since`: one reported by hand
+    (the UI's "Report materialization events": runless) proves no work done (before, it
+    healed a failed copy whose copy was never made, and `drive` exited 0)."""
+    records = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey(asset), asset_partitions=[partition], after_timestamp=since),
+        limit=HEAL_LOOK).records
+    return any(r.run_id != RUNLESS_RUN_ID for r in records)
 
 
 def _transient(instance: DagsterInstance, run_id: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,58 @@ def test_wiped_while_runs_work_nothing_is_sent_twice_and_the_ui_shows_opsdb_afte
             key = CURSOR_KEY + "integrity_sensor"
             state = json.loads(instance.run_storage.get_cursor_values({key})[key])
             assert state["waiting"] == [] and state["held"] == [], state
+        archived_once(config, raw)
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+def test_a_materialization_reported_by_hand_never_heals_a_failed_run_whose_work_is_not_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package's copy to us fails on a fault its re-attempt may ride out (the transfer cut,
+    retryable), and the drive ends with the re-attempt waiting for its back-off; then the
+    operator reports site_copies and lta_copies of that package at us materialized, by hand
+    (before the drive ends, on a long drive). Before, the drive counted the failed run
+    healed ("healed by a later run of the same work": exit 0, nobody to act) on those
+    hand-made materializations, though no copy is at us. Now only a run's materialization
+    heals; the copy is made by the next drive."""
+    from ccat_assets.driver import healed_runs
+    from ccat_dt.transports.base import TransferError
+    from ccat_dt.transports.local import LocalTransport
+
+    config = deployment(tmp_path / "deploy", policies={"max_attempts": 1,
+                                                      "retry_backoff_first_s": 3.0})
+    opsdb = OpsDB(config.opsdb_url)
+    us = config.resolve_root("sites/us/buffer")
+    landed = LocalTransport._landed
+
+    def cut(transport: LocalTransport, temporary: Path) -> None:
+        landed(transport, temporary)
+        if temporary.is_relative_to(us):
+            raise TransferError("the link to us dropped", retryable=True)
+
+    try:
+        observe(config, opsdb, files=2, size=20_000)
+        raw = raw_files(config)
+        home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+        with DagsterInstance.from_config(str(home)) as instance:
+            defs = build_definitions(config)
+            monkeypatch.setattr(LocalTransport, "_landed", cut)
+            report = drive(defs, instance, wait_s=0)
+            monkeypatch.undo()
+            [failed] = report.failed
+            assert failed.startswith("site_copy:") and ":us:" in failed, report
+            [package] = instance.get_dynamic_partitions("packages")
+            with the_ui(instance, config.path, monkeypatch) as ui:
+                for asset in ("site_copies", "lta_copies"):
+                    report_materializations(ui, asset, [f"{package}|us"])
+            assert not list(config.resolve_root("sites/us").rglob("*.tar"))
+
+            assert healed_runs(instance, report) == [], report
+
+            time.sleep(3.0)  # the re-attempt's back-off
+            assert drive(defs, instance, wait_s=10).failed == []
         archived_once(config, raw)
         archived_everywhere(config, opsdb)
         assert_safe(config, opsdb)
