@@ -149,6 +149,30 @@ def test_a_source_its_disk_cannot_read_is_the_sources_fault_not_the_destinations
     assert other is not None and "source unreadable" not in str(other), other
 
 
+# Captured from real bbcp 14.04.14.00.0 (tests/faults/test_bbcp_faults.py's "shrunk" case):
+# the 32 MiB source truncated to exactly 8 MiB once more than 10 MiB had landed, i.e. below
+# what bbcp had already read: its next read finds no data. Paths rewritten as in the fixtures;
+# the same words when the source is emptied (truncated to 0) mid-transfer.
+SOURCE_SHRUNK = CompletedRun(128, "", (
+    "bbcp: Appending to /data/cologne/buffer/.pkg-0002.tar.part at offset 0\n"
+    "bbcp: No data available writing /data/ccat/buffer/pkg-0002.tar\n"))
+
+
+def test_a_source_that_shrank_below_what_was_read_is_the_sources_fault() -> None:
+    """bbcp reading a source that was truncated below its read offset says "No data available
+    writing SRC" (exit 128). The source changed size while sent: SOURCE_UNREADABLE naming it,
+    retried (the next attempt's checksum tells a bad source from a passing change), not the
+    destination's (before: a permanent "bbcp failed (exit 128)", the destination marked
+    failing, a person needed)."""
+    run = SOURCE_SHRUNK
+    error = classify(run.rc, run.stderr, ["/data/ccat/buffer/pkg-0002.tar"])
+    assert error is not None and error.retryable and not error.resumable, error
+    assert str(error).startswith("source unreadable: /data/ccat/buffer/pkg-0002.tar changed "
+                                 "size while it was sent"), error
+    assert error.source == "/data/ccat/buffer/pkg-0002.tar"
+    assert not location_failure(error), error
+
+
 def test_a_source_refused_for_lack_of_permission_is_the_sources_not_the_destinations() -> None:
     """A source refused to bbcp's user (captured from real bbcp 14.04.14.00.0: the file mode
     0600 of another user, "Permission denied opening SRC", exit 2; a directory it cannot

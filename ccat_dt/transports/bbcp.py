@@ -390,10 +390,12 @@ def classify(rc: int, stderr: str, sources: Sequence[str] = (), *,
         if m := find(pattern):
             return BbcpFailure(message.format(m[1]), retryable=False,
                                source=m[1] if message.startswith(SOURCE_MISSING) else None)
-    # A source read short or long (it changed size while sent): the source's fault, not the
-    # destination's; retried, the next attempt's checksum tells a bad source from a passing
-    # change (replicas re-hashes the source on a mismatch).
-    if (m := find(r"^bbcp: Error -?\d+ (?:reading|writing) (.+)$")) and m[1] in sources:
+    # A source read short or long (it changed size while sent; "No data available": shrunk
+    # below what bbcp had read, SOURCE_SHRUNK in tests/test_bbcp.py): the source's fault, not
+    # the destination's; retried, the next attempt's checksum tells a bad source from a
+    # passing change (replicas re-hashes the source on a mismatch).
+    if (m := find(r"^bbcp: (?:Error -?\d+|No data available) (?:reading|writing) (.+)$")) \
+            and m[1] in sources:
         return BbcpFailure(f"{SOURCE_UNREADABLE}: {m[1]} changed size while it was sent "
                            f"({m[0].strip()})", retryable=True, source=m[1])
     # The source's disk failed a read (a bad sector): the reader names the errno and the

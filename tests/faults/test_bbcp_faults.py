@@ -205,10 +205,11 @@ def test_a_transfer_that_moves_no_bytes_is_stopped_after_the_stall_time_and_resu
     assert f"at offset {kept}" in Path(result.log_path or "").read_text()
 
 
-@pytest.mark.parametrize("change", ["truncated", "grown"])
+@pytest.mark.parametrize("change", ["truncated", "grown", "shrunk"])
 def test_a_source_that_changes_size_while_sent_is_the_sources_fault_not_the_destinations(
         sshd: SshServer, tmp_path: Path, change: str) -> None:
     """The package file changes size while bbcp reads it (bbcp exits 128, 'Error -N writing
+    SOURCE'; shrunk to a buffer boundary below what bbcp had read, 'No data available writing
     SOURCE'). That says nothing about the destination: it must not be reported as a failure of
     the location (marked unhealthy, nobody re-hashing the source) with a permanent 'bbcp
     failed (exit 128)'. It is the source's (SOURCE_UNREADABLE, retried: the next attempt's
@@ -221,13 +222,14 @@ def test_a_source_that_changes_size_while_sent_is_the_sources_fault_not_the_dest
     landing = Path(temporary_name(PurePosixPath(final)))
 
     def change_the_source() -> None:
-        if change == "truncated":
-            os.truncate(path, 8 * MiB)
-        else:
+        if change == "grown":
             with path.open("ab") as grown:
                 grown.write(os.urandom(4 * MiB))
+        else:
+            os.truncate(path, 8 * MiB)
 
-    watcher = when(lambda: size_of(landing) > 2 * MiB, change_the_source)
+    landed = 10 * MiB if change == "shrunk" else 2 * MiB  # shrunk: below what bbcp read
+    watcher = when(lambda: size_of(landing) > landed, change_the_source)
     with pytest.raises(TransferError) as caught:
         BbcpTransport(BbcpOptions(rate_limit="8M"), sshd.ssh, tmp_path / "logs").copy(
             source, destination, checksum)
