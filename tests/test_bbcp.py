@@ -173,6 +173,24 @@ def test_a_source_that_shrank_below_what_was_read_is_the_sources_fault() -> None
     assert not location_failure(error), error
 
 
+# Captured from real bbcp 14.04.14.00.0: the sending side's copy process (the bbcp that holds
+# the source open) killed with SIGKILL mid-transfer. Most runs end with exit 255 (as the
+# interrupted-ssh-killed fixture); about one in six with exit 128 and the same words.
+SENDER_KILLED = CompletedRun(128, "", (
+    "bbcp: Appending to /data/cologne/buffer/.pkg-0002.tar.part at offset 0\n"
+    "bbcp: Copy process 5633 was killed via signal 9\n"))
+
+
+def test_a_bbcp_killed_by_a_signal_is_an_interruption_whatever_the_exit_status() -> None:
+    """A bbcp process of the transfer killed (the OOM killer, a person) is a cut in the
+    middle, retried and resumed, not a permanent "bbcp failed (exit 128)" that marks the
+    destination failing and waits for a person."""
+    run = SENDER_KILLED
+    error = classify(run.rc, run.stderr, ["/data/ccat/buffer/pkg-0002.tar"])
+    assert error is not None and error.retryable and error.resumable, error
+    assert "transfer interrupted" in str(error) and "killed via signal 9" in str(error), error
+
+
 def test_a_source_refused_for_lack_of_permission_is_the_sources_not_the_destinations() -> None:
     """A source refused to bbcp's user (captured from real bbcp 14.04.14.00.0: the file mode
     0600 of another user, "Permission denied opening SRC", exit 2; a directory it cannot

@@ -366,9 +366,11 @@ def classify(rc: int, stderr: str, sources: Sequence[str] = (), *,
         detail = next((ln for ln in text.splitlines() if ln and not ln.startswith("bbcp:")), "")
         return BbcpFailure(f"connection to {host} failed: {detail or lost[0]}",
                            retryable=True, resumable=True)
-    if rc < 0 or rc == 255:
+    if rc < 0 or rc == 255 or find(r"^bbcp: Copy process \d+ was killed via signal \d+$"):
         # Cut in the middle (fixtures interrupted-*): the link dropped, ssh or one of the bbcp
-        # processes was killed. The partial landing file stays (-k) and -a resumes it.
+        # processes was killed (a killed copy process may also end bbcp with exit 128, as
+        # SENDER_KILLED in tests/test_bbcp.py). The partial landing file stays (-k) and -a
+        # resumes it.
         how = f"killed by signal {-rc}" if rc < 0 else "exit 255"
         last = [ln for ln in text.splitlines() if ln.strip()]
         said = [ln for ln in last if not _PROGRESS.match(ln.strip())
