@@ -864,6 +864,48 @@ def test_an_unmarked_destination_is_never_written_to(sshd: SshServer, package,
     assert len(ssh_commands) == 1
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
+@pytest.mark.parametrize("host", ["remote", "local"])
+def test_a_file_where_the_packages_directory_should_be_is_named_and_not_retried(
+        sshd: SshServer, tmp_path: Path, host: str, batch: bool) -> None:
+    """A regular file sits where the package's directory should be (`obs` at the location's
+    root), so the directory cannot be created. The attempt fails before bbcp runs, as the
+    destination's problem (the location's failure) naming that file, and is not retried
+    within the run (no retry storm: a person moves it away); the file is left as it is.
+    Before: "mkdir ... failed (exit 1): mkdir: cannot create directory '...': File exists"
+    (or "Not a directory", whichever path mkdir tripped on), and on this machine a retryable
+    "[Errno 17] File exists" retried at once."""
+    root = (sshd.root if host == "remote" else tmp_path) / f"blocked-{host}-{batch}"
+    blocker = root / "obs"
+    finals = [blocker / name for name in ("pkg-a.tar", "pkg-b.tar")[:2 if batch else 1]]
+    destinations = [_marked(sshd, root, final) for final in finals]
+    if host == "local":
+        destinations = [Endpoint(d.path, None, marker=d.marker) for d in destinations]
+    blocker.write_bytes(b"a file, not a directory")
+    sources = {}
+    for final in finals:
+        (tmp_path / final.name).write_bytes(data := os.urandom(1000))
+        sources[str(tmp_path / final.name)] = data
+    calls: list[list[str]] = []
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs",
+                              runner=fake_runner("multi-file", sources, calls))
+    pairs = [(Endpoint(PurePosixPath(tmp_path / final.name)), destination,
+              xxhash.xxh3_128(sources[str(tmp_path / final.name)]).hexdigest())
+             for final, destination in zip(finals, destinations, strict=True)]
+    with pytest.raises(TransferError) as caught:
+        if batch:
+            transport.copy_many(pairs)
+        else:
+            transport.copy(*pairs[0])
+    message = str(caught.value)
+    assert not caught.value.retryable, message
+    assert f"{blocker} is not a directory" in message and "move it away" in message, message
+    assert location_failure(caught.value), message  # the destination's, not the source's
+    assert calls == []  # bbcp never ran
+    assert blocker.read_bytes() == b"a file, not a directory"
+    assert sorted(p.name for p in root.iterdir()) == [".ccat-dt-location", "obs"]
+
+
 # ---- on the target: a session's files are hashed in parallel ----
 
 # Stands in for xxhsum on the target: notes that it runs, waits (up to 5 s) until another

@@ -587,6 +587,28 @@ _PREPARE_SCRIPT = ('[ -z "$1" ] || [ -f "$1" ] || { echo ' + UNMARKED + ' >&2; e
                    'shift; exec mkdir -p -- "$@"')
 
 
+# What the remote side says, before the path, when a directory cannot be created because a
+# path on its way is not a directory (a file sits where the directory should be).
+NOT_A_DIRECTORY = "ccat-dt:not-a-directory"
+
+
+def not_a_directory(directory: str, blocker: str, host: str | None) -> TransferError:
+    """The error for a destination directory that cannot be created because `blocker`, on its
+    way, is a file: the destination's problem, and a person's (not retried within the run)."""
+    where = f" on {host}" if host else ""
+    return TransferError(f"cannot create the destination directory {directory}{where}: "
+                         f"{blocker} is not a directory (a file is there): move it away; "
+                         "nothing was written", retryable=False)
+
+
+def _in_the_way(path: str) -> str | None:
+    """The deepest path on the way to `path` that exists, if it is not a directory."""
+    for candidate in (PurePosixPath(path), *PurePosixPath(path).parents):
+        if os.path.lexists(candidate):
+            return None if os.path.isdir(candidate) else str(candidate)
+    return None
+
+
 def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoint) -> None:
     """Before writing `destination`: its location marker is there (when it has one) and the
     `directories` (on its host) exist -- one ssh round trip. TransferError otherwise (not
@@ -600,6 +622,8 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
             try:
                 Path(path).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
+                if (blocker := _in_the_way(path)) is not None:
+                    raise not_a_directory(path, blocker, None) from exc
                 raise _local_error(f"cannot create {path}", exc) from exc
         return
     done = run(remote_command(ssh, destination.host, ["sh", "-c", _PREPARE_SCRIPT, "sh",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -25,6 +26,7 @@ from ccat_dt.transports import remote
 from ccat_dt.transports.base import Endpoint, SshSettings, TransferError, unmarked
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
+    NOT_A_DIRECTORY,
     SHORT_TIMEOUT_S,
     UNMARKED,
     VERIFY_AND_RENAME_MANY_SCRIPT,
@@ -33,6 +35,7 @@ from ccat_dt.transports.remote import (
     check_path,
     classify_ssh,
     many_arguments,
+    not_a_directory,
     parse_verified,
     remote_command,
     remote_prepare,
@@ -51,7 +54,10 @@ Verified = list[Verdict]
 _SESSION_SCRIPT = (
     '[ -z "$1" ] || [ -f "$1" ] || { echo ' + UNMARKED + ' >&2; exit 3; }; '
     'n=$2; shift 2; '
-    'while [ "$n" -gt 0 ]; do mkdir -p -- "$1" || exit; shift; n=$((n-1)); done; '
+    'while [ "$n" -gt 0 ]; do mkdir -p -- "$1" || { r=$?; p=$1; '
+    'while [ ! -e "$p" ] && [ ! -L "$p" ]; do p=$(dirname -- "$p"); done; '
+    '[ -d "$p" ] || echo ' + NOT_A_DIRECTORY + ' "$p" >&2; exit "$r"; }; '
+    'shift; n=$((n-1)); done; '
     'echo ready; '
     '( n=$#; k=0; for a in "$@"; do [ $((k % 4)) -eq 1 ] && set -- "$@" "$a"; k=$((k+1)); '
     'done; shift "$n"; [ "$#" -gt 0 ] || exit 0; '
@@ -89,7 +95,8 @@ class Session:
     def _stderr_text(self) -> str:
         return b"".join(self.stderr).decode("utf-8", errors="replace")
 
-    def wait_ready(self, destination: Endpoint, what: str) -> None:
+    def wait_ready(self, destination: Endpoint, directories: Sequence[str]) -> None:
+        what = f"mkdir {' '.join(directories)}"
         try:
             line = self.lines.get(timeout=SHORT_TIMEOUT_S)
         except queue.Empty:
@@ -98,9 +105,12 @@ class Session:
         if line == "ready":
             return
         rc = self._finish(SHORT_TIMEOUT_S)
-        if rc == 3 and UNMARKED in self._stderr_text():
+        stderr = self._stderr_text()
+        if rc == 3 and UNMARKED in stderr:
             raise unmarked(destination)
-        raise classify_ssh(rc or 255, self._stderr_text(), what=f"{what} on {self.host}")
+        if blocker := re.search("^" + NOT_A_DIRECTORY + " (.+)$", stderr, re.MULTILINE):
+            raise not_a_directory(" ".join(directories), blocker[1], self.host)
+        raise classify_ssh(rc or 255, stderr, what=f"{what} on {self.host}")
 
     def verify(self, timeout_s: float = HASH_TIMEOUT_S) -> Verified:
         """Hash every landed file where it lies and rename them (all or none, as asked)."""
@@ -187,7 +197,7 @@ def transfer_session(ssh: SshSettings, destination: Endpoint, directories: Seque
     argv = remote_command(ssh, host, ["sh", "-c", _SESSION_SCRIPT, "sh", *arguments])
     session = Session(ssh, host, items, all_or_none, remote.spawn(argv, stdin=subprocess.PIPE))
     try:
-        session.wait_ready(destination, f"mkdir {' '.join(arguments[2:2 + len(directories)])}")
+        session.wait_ready(destination, arguments[2:2 + len(directories)])
         yield session
     finally:
         session.close()
