@@ -45,6 +45,7 @@ from ccat_dt.transports.bbcp import (
     parse_progress,
     parse_summary,
     run_subprocess,
+    staging_directory,
 )
 from ccat_dt.transports.remote import CompletedRun, parse_xxhsum, remote_verify_and_rename_many
 from tests.sshd import SshServer
@@ -520,11 +521,13 @@ def test_copy_many_lands_in_staging_then_renames_all(tmp_path: Path) -> None:
     transport = BbcpTransport(BbcpOptions(), SshSettings(), tmp_path / "logs",
                               runner=fake_runner("multi-file", sources, calls))
     results = _all_copied(transport.copy_many(pairs))
-    assert calls[0][-1] == f"{tmp_path / 'dst' / STAGING_DIR}/"
+    staging = tmp_path / "dst" / staging_directory(["pkg-0002.tar", "name with space.tar"])
+    assert calls[0][-1] == f"{staging}/" and staging.name.startswith(f"{STAGING_DIR}.")
     assert [r.checksum for r in results] == [checksum for _, _, checksum in pairs]
     for (source, destination, _) in pairs:
         assert Path(destination.path).read_bytes() == Path(source.path).read_bytes()
-    assert list((tmp_path / "dst" / STAGING_DIR).iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [
+        "name with space.tar", "pkg-0002.tar"]  # the staging directory gone with its files
 
 
 def test_copy_many_renames_nothing_unless_all_verify(tmp_path: Path) -> None:
@@ -540,8 +543,8 @@ def test_copy_many_renames_nothing_unless_all_verify(tmp_path: Path) -> None:
     with pytest.raises(TransferError, match="1 of 2 files failed") as caught:
         transport.copy_many(pairs)
     assert caught.value.retryable
-    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [STAGING_DIR]
-    assert [p.name for p in (tmp_path / "dst" / STAGING_DIR).iterdir()] == ["a.tar"]
+    # nothing renamed, and nothing kept: the pipeline sends each package on its own next
+    assert list((tmp_path / "dst").iterdir()) == []
 
 
 def test_missing_bbcp_is_a_permanent_error(tmp_path: Path, package, monkeypatch) -> None:
@@ -818,7 +821,7 @@ def test_a_session_of_twenty_files_takes_one_ssh_session(
     assert [r.checksum for r in results] == [checksum for _, _, checksum in pairs]
     for source, destination, _ in pairs:
         assert Path(destination.path).read_bytes() == sources[str(source.path)]
-    assert list((sshd.root / "twenty" / STAGING_DIR).iterdir()) == []
+    assert not list((sshd.root / "twenty").glob(f"{STAGING_DIR}*"))
     assert len(ssh_commands) == 1, ssh_commands
 
 
@@ -837,11 +840,9 @@ def test_a_session_with_one_bad_file_renames_none(
     with pytest.raises(TransferError, match="1 of 3 files failed") as caught:
         transport.copy_many(pairs)
     assert caught.value.retryable
-    assert sorted(p.name for p in (sshd.root / "one-bad").iterdir()) == sorted([
-        ".ccat-dt-location", STAGING_DIR])  # nothing under a final name
-    assert sorted(p.name for p in (sshd.root / "one-bad" / STAGING_DIR).iterdir()) == [
-        "a.tar", "c.tar"]  # verified, kept for the retry; the bad one removed
-    assert len(ssh_commands) == 2  # the session (renaming nothing), then remove b.tar
+    assert sorted(p.name for p in (sshd.root / "one-bad").iterdir()) == [
+        ".ccat-dt-location"]  # nothing under a final name, nothing kept of the batch
+    assert len(ssh_commands) == 2  # the session (renaming nothing), then remove all three
 
 
 def test_an_unmarked_destination_is_never_written_to(sshd: SshServer, package,
@@ -989,7 +990,7 @@ def test_a_stand_in_bbcp_session_of_twenty_files_takes_one_ssh_session(
     assert [r.checksum for r in results] == [checksum for _, _, checksum in pairs]
     for source, destination, _ in pairs:
         assert Path(destination.path).read_bytes() == Path(source.path).read_bytes()
-    assert list((sshd.root / "standin" / STAGING_DIR).iterdir()) == []
+    assert not list((sshd.root / "standin").glob(f"{STAGING_DIR}*"))
     assert "20 files copied" in Path(results[0].log_path or "").read_text()
 
 
@@ -1013,7 +1014,9 @@ def test_a_session_never_renames_over_a_file_that_took_a_final_name_meanwhile(
     results = transport.copy_many(pairs)
     assert isinstance(results[1], Occupied) and not results[1].retryable
     assert taken.read_bytes() == b"written by someone else meanwhile"
-    assert (sshd.root / "taken" / STAGING_DIR / "pkg-0001.tar").read_bytes() == \
+    [waiting] = (sshd.root / "taken").glob(f"{STAGING_DIR}.*/pkg-0001.tar")
+    assert str(waiting) in str(results[1])  # where the verified bytes wait, as it says
+    assert waiting.read_bytes() == \
         (tmp_path / "pkg-0001.tar").read_bytes()
     for index in (0, 2):
         result, (source, destination, checksum) = results[index], pairs[index]

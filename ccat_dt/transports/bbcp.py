@@ -14,14 +14,16 @@ What this relies on, read from bbcp 14.x source and the captured runs (fixtures/
 Hosts are checked harder than for plain ssh: bbcp substitutes the host part for %H as its own
 argv word, so "user@-oProxyCommand=x" would become an ssh option. Checksums, renames, mkdir and
 removal at the destination reuse `remote`, paths quoted; one ssh session (`session`) runs
-beside bbcp: before bbcp it looks at the location marker and creates the directory, while bbcp
-runs it flushes the landing files, after it every file is hashed where it landed, in parallel,
-and all are renamed only if all match.
+beside bbcp: before bbcp it looks at the location marker, creates the directory and removes
+what earlier attempts left of these files in staging directories, while bbcp runs it flushes
+the landing files, after it every file is hashed where it landed, in parallel, and all are
+renamed only if all match (or, bbcp having failed, what landed is removed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shlex
@@ -57,12 +59,14 @@ from ccat_dt.transports.remote import (
     CompletedRun,
     Verdict,
     denied,
-    remote_remove,
     run,
 )
-from ccat_dt.transports.session import LocalSession, Session, transfer_session
+from ccat_dt.transports.session import LocalSession, Session, discard, transfer_session
 
-STAGING_DIR = ".bbcp-incoming"  # batch landing directory beside the final names, same filesystem
+# A batch lands in a directory of its own beside the final names (same file system), named
+# STAGING_DIR.HASH after its files (staging_directory): two sessions into one directory at once
+# carry different packages (claims.py), so never share one, and one never removes the other's.
+STAGING_DIR = ".bbcp-incoming"
 RUNNER_TIMEOUT_S = 48 * 3600.0
 _TIMEOUT_MARK = "ccat-dt: bbcp killed by the runner timeout"
 _STALL_MARK = "ccat-dt: bbcp stopped by the stall watchdog"
@@ -455,6 +459,22 @@ def run_subprocess(argv: list[str], pass_fds: Sequence[int] = (), *,
         return CompletedRun(124, exc.stdout, f"{exc.stderr}\n{_TIMEOUT_MARK} ({timeout_s:g} s)\n")
 
 
+def staging_directory(names: Sequence[str]) -> str:
+    """The staging directory's name for a batch of files with these names: the same for the
+    same files (a retry of the very batch appends to what landed), another for any other."""
+    digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+    return f"{STAGING_DIR}.{digest}"
+
+
+def staged_final(relative: str) -> str | None:
+    """The final name a file a batch landed at `relative` (DIR/STAGING_DIR.../NAME, or an
+    older version's DIR/STAGING_DIR/NAME) is bound for, DIR/NAME; None for any other path."""
+    parts = relative.split("/")
+    if len(parts) < 2 or not parts[-2].startswith(STAGING_DIR):
+        return None
+    return "/".join([*parts[:-2], parts[-1]])
+
+
 class BbcpTransport:
     """Pushes packages with bbcp: land under a temporary name, verify xxh3-128, then rename."""
 
@@ -472,15 +492,19 @@ class BbcpTransport:
                             expected_adler32=expected_adler32)
         log_path, [landed] = self._session(
             argv, destination, Endpoint(destination.path.parent, destination.host),
-            [(landing, destination, expected_checksum)], destination, [source])
+            [(landing, destination, expected_checksum)], destination, [source], staged=False)
         if isinstance(landed, TransferError):
             raise landed
         return _result(landed, time.monotonic() - started, self.options.streams, log_path)
 
     def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
                   ) -> list[TransferResult | TransferError]:
-        """One bbcp session for files bound for one directory; all verify or none is renamed
-        (verified files wait in the staging directory, where -a skips them on the retry)."""
+        """One bbcp session for files bound for one directory, landing in a staging directory
+        of its own; all verify or none is renamed. Whatever becomes of the session, nothing of
+        it is left beside the final names but a verified file whose final name was taken
+        (Occupied, which says where it waits): a failed session removes what landed (the
+        pipeline sends a failed batch's packages each on its own, never as this batch again),
+        and the staging directory goes once empty."""
         if len(pairs) <= 1:
             return one_by_one(self, pairs)
         first = pairs[0][1]
@@ -489,7 +513,8 @@ class BbcpTransport:
         if len({s.path.name for s, _, _ in pairs}) != len(pairs):
             raise ValueError("copy_many sources must have distinct file names")
         started = time.monotonic()
-        staging = Endpoint(first.path.parent / STAGING_DIR, first.host)
+        staging = Endpoint(first.path.parent / staging_directory(
+            [s.path.name for s, _, _ in pairs]), first.host)
         landings = [Endpoint(staging.path / s.path.name, first.host) for s, _, _ in pairs]
         argv = bbcp_command([s for s, _, _ in pairs], staging, self.options, self.ssh)
         items = [(landing, destination, expected)
@@ -497,7 +522,7 @@ class BbcpTransport:
         try:
             log_path, checked = self._session(argv, first, staging, items,
                                               Endpoint(first.path.parent / "batch", first.host),
-                                              [s for s, _, _ in pairs])
+                                              [s for s, _, _ in pairs], staged=True)
         except BbcpFailure as failure:
             if failure.source is None or failure.source not in {str(s.path) for s, _, _ in pairs}:
                 raise
@@ -512,15 +537,29 @@ class BbcpTransport:
 
     def _session(self, argv: list[str], destination: Endpoint, directory: Endpoint,
                  items: list[tuple[Endpoint, Endpoint, str]], log_name: Endpoint,
-                 sources: list[Endpoint]
+                 sources: list[Endpoint], *, staged: bool
                  ) -> tuple[Path, list[Verdict | TransferError]]:
         """bbcp inside one ssh session on the target (transfer_session): bbcp starts once the
-        marker was found and `directory` made; the session flushes the landing files while bbcp
-        writes them, then hashes every one and renames them all, or none."""
-        with transfer_session(self.ssh, destination, [directory], items,
-                              all_or_none=True) as session:
-            log_path = self._bbcp(argv, log_name, [landing for landing, _, _ in items], sources)
-            return log_path, self._verify_and_rename(session, items)
+        marker was found, `directory` made and earlier attempts' leftovers of these files in
+        staging directories removed; the session flushes the landing files while bbcp writes
+        them, then hashes every one and renames them all, or none. A failed bbcp's landing
+        files are removed (in the session), except one copy's partial file that -a resumes;
+        `staged`: a batch in a staging directory, whose files no later attempt resumes."""
+        landings = [landing for landing, _, _ in items]
+        with transfer_session(self.ssh, destination, [directory], items, all_or_none=True,
+                              leftovers=STAGING_DIR) as session:
+            try:
+                log_path = self._bbcp(argv, log_name, landings, sources)
+            except BbcpFailure as failure:
+                if staged or not (failure.resumable and self.options.keep_partial):
+                    # A cut bbcp's stragglers may write on for seconds: once they are gone
+                    # (their lock), else the next attempt removes what they leave.
+                    with contextlib.suppress(TransferError), (
+                            exclusive_writer(self.log_dir / ".writers", landings)
+                            if failure.resumable else contextlib.nullcontext()):
+                        session.discard()
+                raise
+            return log_path, self._verify_and_rename(session, items, staged)
 
     def _bbcp(self, argv: list[str], destination: Endpoint, landings: list[Endpoint],
               sources: list[Endpoint]) -> Path:
@@ -542,20 +581,17 @@ class BbcpTransport:
         failure = classify(done.rc, done.stderr, list(by_path),
                            describe=lambda path: denied(self.ssh, by_path[path]))
         if failure is not None:
-            if not (failure.resumable and self.options.keep_partial):
-                for landing in landings:
-                    self._remove(landing)
             raise failure
         return log_path
 
     def _verify_and_rename(self, session: Session | LocalSession,
-                           items: list[tuple[Endpoint, Endpoint, str]]
+                           items: list[tuple[Endpoint, Endpoint, str]], staged: bool
                            ) -> list[Verdict | TransferError]:
         """Hash every landed file where it lies (in parallel) and, only if all match, rename
         them into place -- within the session, no round trip of its own. A file that does not
-        match is removed; the verified ones wait in the staging directory, where -a skips
-        them on the retry. Per file its Verdict, or Occupied for one whose final name was
-        taken (it waits where it landed)."""
+        match is removed, and so is, in a batch (`staged`), every file not renamed (no later
+        attempt takes it up), in one round trip. Per file its Verdict, or Occupied for one
+        whose final name was taken (it waits where it landed)."""
         try:
             found = session.verify()
         except ValueError as exc:
@@ -563,9 +599,11 @@ class BbcpTransport:
         failed = []
         for (landing, _, expected), verdict in zip(items, found, strict=True):
             if (actual := verdict.digest) != expected:
-                self._remove(landing)
                 failed.append(f"checksum mismatch at {landing}: expected {ALGORITHM} "
                               f"{expected}, got {actual or 'nothing readable'}; removed")
+        discard(self.ssh, [item for item, verdict in zip(items, found, strict=True)
+                           if verdict.digest != item[2] or staged and not (
+                               verdict.renamed or verdict.occupied)])
         if failed and len(items) == 1:
             raise TransferError(failed[0], retryable=True)
         if failed:
@@ -590,11 +628,6 @@ class BbcpTransport:
         except OSError as exc:
             tell(path.parent, exc, "transfers' command output is not kept")
         return path
-
-    def _remove(self, landing: Endpoint) -> None:
-        """Best effort: a leftover landing file is harmless (never under the final name)."""
-        with contextlib.suppress(TransferError, ValueError):
-            remote_remove(self.ssh, landing)
 
 
 def _result(verdict: Verdict, seconds: float, streams: int, log_path: Path) -> TransferResult:

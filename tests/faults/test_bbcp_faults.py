@@ -106,7 +106,12 @@ def _temporaries(root: Path) -> list[Path]:
 def _freeze_bbcp(holding: Callable[[str], bool]) -> list[int]:
     """SIGSTOP every bbcp process that has a file open `holding` accepts: an end that froze,
     as behind a link gone silent (its connections stay up, no reset, no end, no word)."""
-    frozen = []
+    return _signal_bbcp(signal.SIGSTOP, holding)
+
+
+def _signal_bbcp(signum: signal.Signals, holding: Callable[[str], bool]) -> list[int]:
+    """Send `signum` to every bbcp process that has a file open `holding` accepts."""
+    signalled = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if (proc / "comm").read_text().strip() != "bbcp":
@@ -115,9 +120,10 @@ def _freeze_bbcp(holding: Callable[[str], bool]) -> list[int]:
         except OSError:
             continue
         if any(map(holding, opened)):
-            os.kill(int(proc.name), signal.SIGSTOP)
-            frozen.append(int(proc.name))
-    return frozen
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signum)
+                signalled.append(int(proc.name))
+    return signalled
 
 
 @pytest.fixture
@@ -275,6 +281,151 @@ def test_a_batch_whose_one_source_is_missing_fails_only_that_package(
     assert _temporaries(root) == []
     assert not any((root / "obs" / STAGING_DIR).glob("*"))
     _nothing_running([Path(str(a.path)), Path(str(b.path))])
+
+
+def _staged(directory: Path, name: str) -> list[Path]:
+    """`name` as landed by batched sessions in `directory`'s staging directories."""
+    return list(directory.glob(f"{STAGING_DIR}*/{name}"))
+
+
+@pytest.mark.parametrize("fault", ["none", "source missing", "other bytes", "receiver killed",
+                                   "sender killed"])
+def test_a_batch_leaves_nothing_but_archived_packages_in_the_packages_directory(
+        sshd: SshServer, tmp_path: Path, fault: str) -> None:
+    """An archive's directories hold archived packages and nothing else, whatever becomes of a
+    batched session: it succeeds, one of its sources is missing, one file lands with other
+    bytes than expected, the receiving or the sending bbcp is killed (SIGKILL) mid-transfer.
+    Nothing of it is left beside the packages (before: an empty `.bbcp-incoming` after every
+    batch, and in it the partial of a cut session or the verified files of one that failed
+    verification, which no later attempt takes up: the pipeline sends each package of a failed
+    batch on its own). A retryable fault stays retryable, and the next attempt (each package
+    on its own, as the pipeline's retry sends it) archives what is left."""
+    a, a_data, a_sum = _package(tmp_path, "pkg-a.tar", 24 * MiB)
+    b, b_data, b_sum = _package(tmp_path, "pkg-b.tar", 2 * MiB)
+    root = sshd.root / tmp_path.name
+    obs = root / "obs"
+    destination_a = _marked(sshd, root, obs / "pkg-a.tar")
+    destination_b = Endpoint(PurePosixPath(obs / "pkg-b.tar"), sshd.destination,
+                             marker=destination_a.marker)
+    if fault == "source missing":
+        Path(str(b.path)).unlink()
+    expected_b = xxhash.xxh3_128(b"other bytes").hexdigest() if fault == "other bytes" else b_sum
+    killed: list[int] = []
+    watcher = None
+    if fault.endswith("killed"):
+        def holding(opened: str) -> bool:
+            return (opened.startswith(f"{obs}/") if fault == "receiver killed"
+                    else opened == str(a.path))
+
+        watcher = when(lambda: any(size_of(p) > 4 * MiB for p in _staged(obs, "pkg-a.tar")),
+                       lambda: killed.extend(_signal_bbcp(signal.SIGKILL, holding)))
+    transport = BbcpTransport(BbcpOptions(rate_limit="8M"), sshd.ssh, tmp_path / "logs")
+    try:
+        outcomes = transport.copy_many([(a, destination_a, a_sum), (b, destination_b,
+                                                                     expected_b)])
+    except TransferError as failed:  # the session as a whole
+        outcomes = [failed, failed]
+    if watcher is not None:
+        watcher.join()
+        assert killed
+    _nothing_running([Path(str(a.path)), obs])
+
+    done = [o for o in outcomes if isinstance(o, TransferResult)]
+    assert len(done) == (2 if fault == "none" else 0), outcomes
+    assert sorted(p.name for p in obs.iterdir()) == (
+        ["pkg-a.tar", "pkg-b.tar"] if fault == "none" else []), list(obs.iterdir())
+    if fault != "none":
+        outcome_a = outcomes[0]
+        assert isinstance(outcome_a, TransferError) and outcome_a.retryable, outcome_a
+        for source, destination, checksum in ((a, destination_a, a_sum),
+                                              (b, destination_b, b_sum)):
+            if Path(str(source.path)).exists():  # the next attempt, one by one
+                transport.copy(source, destination, checksum)
+    assert (obs / "pkg-a.tar").read_bytes() == a_data
+    archived = ["pkg-a.tar"] + ([] if fault == "source missing" else ["pkg-b.tar"])
+    assert sorted(p.name for p in obs.iterdir()) == archived
+    if fault != "source missing":
+        assert (obs / "pkg-b.tar").read_bytes() == b_data
+
+
+@pytest.mark.parametrize("next_attempt", ["alone", "in a batch"])
+def test_what_a_batch_cut_off_from_its_destination_left_is_removed_by_the_next_attempt(
+        sshd: SshServer, tmp_path: Path, next_attempt: str) -> None:
+    """A batched session cut together with its link leaves its partial file in its staging
+    directory: nothing could reach the destination to remove it. The next attempt of that
+    package (on its own, as the pipeline's retry sends it, or in another batch) removes it
+    and that staging directory once empty, also one an older version's shared
+    `.bbcp-incoming` holds; and nothing else: another package's landed file (its transfer
+    may be in flight) stays where it is."""
+    a, a_data, a_sum = _package(tmp_path, "pkg-a.tar", 4 * MiB)
+    c, c_data, c_sum = _package(tmp_path, "pkg-c.tar", 1 * MiB)
+    root = sshd.root / tmp_path.name
+    obs = root / "obs"
+    destination_a = _marked(sshd, root, obs / "pkg-a.tar")
+    destination_c = Endpoint(PurePosixPath(obs / "pkg-c.tar"), sshd.destination,
+                             marker=destination_a.marker)
+    # what the storage holds after such cuts (the names are the landing's, any suffix)
+    cut = obs / f"{STAGING_DIR}.0123456789abcdef" / "pkg-a.tar"
+    older = obs / STAGING_DIR / "pkg-a.tar"
+    others = obs / f"{STAGING_DIR}.fedcba9876543210" / "pkg-z.tar"
+    for path, data in ((cut, a_data[:MiB]), (older, a_data[:2 * MiB]), (others, b"z" * 100)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
+
+    if next_attempt == "alone":
+        transport.copy(a, destination_a, a_sum)
+    else:
+        outcomes = transport.copy_many([(a, destination_a, a_sum), (c, destination_c, c_sum)])
+        assert all(isinstance(o, TransferResult) for o in outcomes), outcomes
+        assert (obs / "pkg-c.tar").read_bytes() == c_data
+
+    assert (obs / "pkg-a.tar").read_bytes() == a_data
+    assert others.read_bytes() == b"z" * 100  # not this attempt's, nor provably abandoned
+    assert sorted(p.name for p in obs.iterdir()) == sorted(
+        [others.parent.name, "pkg-a.tar"] + (["pkg-c.tar"] if next_attempt != "alone" else []))
+    _nothing_running([Path(str(a.path)), obs])
+
+
+def test_two_batches_into_one_directory_at_once_leave_each_others_files_alone(
+        sshd: SshServer, tmp_path: Path) -> None:
+    """Two batched sessions into one package directory at once (two runs of one observation,
+    each with its companions): the second fails (one of its sources is missing) and clears up
+    after itself while the first one's bytes are in flight. The first is left alone and
+    archives its packages; nothing else is left in the directory."""
+    x1, x1_data, x1_sum = _package(tmp_path, "pkg-x1.tar", 32 * MiB)
+    x2, x2_data, x2_sum = _package(tmp_path, "pkg-x2.tar", 2 * MiB)
+    y1, _, y1_sum = _package(tmp_path, "pkg-y1.tar", 1 * MiB)
+    y2, _, y2_sum = _package(tmp_path, "pkg-y2.tar", 1 * MiB)
+    Path(str(y2.path)).unlink()
+    root = sshd.root / tmp_path.name
+    obs = root / "obs"
+    marked = _marked(sshd, root, obs / "pkg-x1.tar")
+
+    def to(source: Endpoint, checksum: str) -> tuple[Endpoint, Endpoint, str]:
+        return source, Endpoint(PurePosixPath(obs / source.path.name), sshd.destination,
+                                marker=marked.marker), checksum
+
+    first: list[TransferResult | TransferError] = []
+    sending = threading.Thread(target=lambda: first.extend(BbcpTransport(
+        BbcpOptions(rate_limit="8M"), sshd.ssh, tmp_path / "logs-x").copy_many(
+            [to(x1, x1_sum), to(x2, x2_sum)])))
+    sending.start()
+    deadline = time.monotonic() + 30
+    while not any(size_of(p) > 2 * MiB for p in _staged(obs, "pkg-x1.tar")):
+        assert time.monotonic() < deadline and sending.is_alive()
+        time.sleep(0.01)
+    second = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs-y").copy_many(
+        [to(y1, y1_sum), to(y2, y2_sum)])
+    assert any(size_of(p) > 2 * MiB for p in _staged(obs, "pkg-x1.tar"))  # still in flight
+    sending.join()
+
+    assert all(isinstance(o, TransferError) for o in second), second
+    assert all(isinstance(o, TransferResult) for o in first), first
+    assert (obs / "pkg-x1.tar").read_bytes() == x1_data
+    assert (obs / "pkg-x2.tar").read_bytes() == x2_data
+    assert sorted(p.name for p in obs.iterdir()) == ["pkg-x1.tar", "pkg-x2.tar"]
+    _nothing_running([obs])
 
 
 def test_the_target_disk_filling_up_mid_transfer_is_permanent_and_leaves_nothing(
