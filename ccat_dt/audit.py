@@ -13,6 +13,7 @@ objects re-read for checksums, and its unfinished multipart uploads reported as 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ from ccat_dt.storage import (
     Wanted,
 )
 from ccat_dt.transports.base import SshSettings, temporary_name
+from ccat_dt.transports.bbcp import staged_final
 
 LOST, CHANGED, DARK, PARTIAL, STALE_DELETED, SKIPPED, INTACT_AGAIN, IN_FLIGHT = (
     "lost", "changed", "dark", "partial", "stale_deleted", "skipped", "intact_again",
@@ -116,14 +118,18 @@ class _Location:
     # How the root is looked at: disk (local or over ssh) or an object store (s3://...).
     stores: Stores = field(default_factory=lambda: Stores({}), compare=False)
 
-    def made_temporary(self, name: str) -> bool:
-        """Whether a file named `name` is a temporary file of ours. Instruments write at a
+    def made_temporary(self, relative: str) -> bool:
+        """Whether the file at `relative` is a temporary file of ours: `.NAME.part`, or a
+        file a batched bbcp session landed in its staging directory. Instruments write at a
         SOURCE and scientists' jobs at a PROCESSING location, so a `.NAME.part` there may be
         their only copy of something: at a SOURCE nothing is ours, at a PROCESSING location
         only the staging step's scratch tar (staged_files.SCRATCH)."""
-        if not is_temporary(name) or self.kind == LocationType.SOURCE:
+        name = relative.rsplit("/", 1)[-1]
+        if self.kind == LocationType.SOURCE:
             return False
-        return self.kind != LocationType.PROCESSING or name[1:].startswith(SCRATCH)
+        if self.kind == LocationType.PROCESSING:
+            return is_temporary(name) and name[1:].startswith(SCRATCH)
+        return is_temporary(name) or staged_final(relative) is not None
 
     @property
     def root_path(self) -> str:
@@ -424,7 +430,8 @@ def _writers(opsdb: OpsDB, location: _Location,
 
     def writes(relative: str) -> tuple[str, bool] | None:
         parts = relative.split("/")
-        return tars.get(relative) or (staged.get(parts[1]) if len(parts) > 1 else None)
+        return (tars.get(staged_final(relative) or relative)  # (a batch's landed file)
+                or (staged.get(parts[1]) if len(parts) > 1 else None))
     return writes
 
 
@@ -441,12 +448,11 @@ def _compare(location: _Location, expected: _Expected, found: Listing, now: date
     for entry in found.entries:
         relative = entry.relative_path
         path = os.path.join(root, relative)
-        name = relative.rsplit("/", 1)[-1]
         walk.scanned += 1
         if relative in expected.live:
             seen.add(relative)
             _check(walk, location, entry, expected.live[relative])
-        elif location.made_temporary(name):
+        elif location.made_temporary(relative):
             _partial(walk, location, entry, now, busy)
         elif relative in expected.deleted:
             walk.findings.append(Finding(
@@ -661,6 +667,9 @@ def _repair(opsdb: OpsDB, location: _Location, ssh: SshSettings, walk: _Walk,
             path.unlink()
         except OSError:
             continue
+        if staged_final(os.path.relpath(path, location.root_path)) is not None:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # a batch's staging directory, once empty
         repaired.append(f"removed abandoned temporary file {finding.path}")
     return []
 

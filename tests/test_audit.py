@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_dt import claims
 from ccat_dt.audit import audit
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import CONFIG_NAME, EMBEDDED_DEFAULT, write_default_config
@@ -41,6 +42,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.reaper import purge_package
 from ccat_dt.storage import files_under
 from ccat_dt.topology import get_location, prepare_opsdb, sync_topology
+from ccat_dt.transports.bbcp import STAGING_DIR
 from tests.helpers import flip_byte, observe
 
 RETENTION_HOURS = 1000.0  # buffers and source keep their copies, so a purge has work to do
@@ -371,6 +373,46 @@ def test_partial_file_is_removed_only_when_abandoned_and_nothing_is_in_flight(
     assert report.repaired == [f"removed abandoned temporary file {part}"]
     assert not part.exists()
     assert audit(opsdb).findings == []
+
+
+def test_a_batchs_landed_file_is_in_flight_while_its_transfer_runs_then_a_temporary_file(
+        opsdb: OpsDB, lta: list[tuple[str, int, Path]]) -> None:
+    """A batched bbcp session lands its files, named as the packages, in a staging directory
+    of its own beside their final names (`OBS/.bbcp-incoming.HASH/NAME`). While the package's
+    transfer runs such a file is work in flight; one left once it ended (its link gone before
+    it could remove it) is a temporary file left over ("partial", as `.NAME.part`), not
+    unknown data. Before, both were "dark" files: an audit during a batch exited 1."""
+    name, copy_id, final = lta[0]
+    landed = final.parent / f"{STAGING_DIR}.0123456789abcdef" / final.name
+    landed.parent.mkdir()
+    landed.write_bytes(b"half a package")
+    with opsdb.session() as session:
+        copy = session.get_one(PackageCopy, copy_id)
+        operation = Operation(operation_type=OperationType.TRANSFER,
+                              status=OperationStatus.IN_PROGRESS,
+                              destination_location_id=copy.location_id,
+                              package_id=copy.package_id)
+        claims.hold(operation)
+        session.add(operation)
+        session.flush()
+        operation_id = operation.id
+    claims.track([operation_id])
+    try:
+        during = audit(opsdb, repair=True)
+    finally:
+        claims.untrack([operation_id])
+    assert [(f.kind, f.path) for f in during.findings] == [("in_flight", str(landed))], name
+    assert during.problems == [] and during.repaired == []
+
+    with opsdb.session() as session:
+        session.get_one(Operation, operation_id).status = OperationStatus.FAILED
+    [left] = audit(opsdb).findings
+    assert (left.kind, left.path) == ("partial", str(landed))
+    assert "temporary file" in left.detail, left.detail
+    assert landed.read_bytes() == b"half a package"
+    repaired = audit(opsdb, repair=True, now=utcnow() + timedelta(hours=25))
+    assert repaired.repaired == [f"removed abandoned temporary file {landed}"]
+    assert not landed.parent.exists()  # its staging directory with it
 
 
 def test_a_scientists_temporary_file_at_a_processing_location_is_never_removed(
