@@ -155,7 +155,7 @@ def main() -> None:
     started = time.perf_counter()
     if profiler:
         profiler.enable()
-    report = drive(defs, instance, max_rounds=1000, workers=1 if profiler else None)
+    report = drive(defs, instance, max_rounds=1000, in_process=profiler is not None)
     if profiler:
         profiler.disable()
         profiler.dump_stats(str(args.profile))

@@ -6,8 +6,11 @@ daemon, and like the daemon it keeps each sensor's cursor in the instance betwee
 instance's key-value store), and holds a lock so that two drives on one deployment never run
 the same work twice: the second waits for the first. Runs execute side by side in forked
 child processes (runpool.py) within the instance's limits (max_concurrent_runs, and per link
-its tag concurrency limit); with one run at a time (`workers=1`, or max_concurrent_runs 1)
-each run executes in this process instead, one after the other. A run left in progress by a
+its tag concurrency limit), one child at a time with max_concurrent_runs 1, so that the UI's
+Terminate stops any of them and never the drive (before, with one run at a time each run
+executed in the drive's own process, and Terminate was refused: "Unable to terminate run").
+Only a caller that asks for it (`in_process`: a profiler, a test that scripts a fault in this
+process's memory) has each run executed in this process. A run left in progress by a
 drive that died (kill -9, power cut) is marked failed by the next drive, so that the
 re-attempt sensor requests it again; so is any run on this host whose process is gone (an
 operator's `dagster asset materialize` or a UI run killed, a reboot: inflight.py), and runs
@@ -30,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -297,25 +300,30 @@ def daemon_gone(instance: DagsterInstance, part: str = SENSOR_DAEMON) -> str | N
 def drive(defs: Definitions, instance: DagsterInstance, *, max_rounds: int = 10_000,
           schedules: bool = False, due_schedules: bool = False,
           log: Callable[[str], None] = lambda _: None, wait_s: float = 0.0,
-          workers: int | None = None) -> DriveReport:
+          workers: int | None = None, in_process: bool = False,
+          requests: Sequence[tuple[RunRequest, str]] = ()) -> DriveReport:
     """Tick every sensor, run what it asks for; repeat until a round changes nothing (no run,
     no cursor moved) and no run is left. Work waiting for a back-off due within `wait_s` is
     waited for. With `schedules`, every schedule is ticked once first, as if its time had
     come; with `due_schedules` (`ccat-dt drive`), those whose cron tick came since drive last
-    ticked them (see tick_due_schedules). `workers`: runs at once (default: the instance's
-    max_concurrent_runs); 1 executes each run in this process, one after the other."""
+    ticked them (see tick_due_schedules). `requests`: runs asked for before any sensor ticks,
+    each with its origin (`ccat-dt retry`'s), executed like the sensors'. `workers`: runs at
+    once, each in a child process (default: the instance's max_concurrent_runs). With
+    `in_process`, each run executes in this process instead, one after the other: nothing
+    then stops one the UI terminates (only a profiler, or a test that scripts a fault in
+    this process's memory, asks for it)."""
     with drive_lock(instance, log):
         most, tag_limits = run_limits(instance)
         workers = most if workers is None else workers
         config = _config_of(defs)
         route = ((lambda run: reroute(instance, config, run)) if config is not None
                  else (lambda run: run))
-        pool = (RunPool(instance, workers, tag_limits, route,
-                        lambda run: claim(instance, run)) if workers > 1 else None)
+        pool = (None if in_process else RunPool(instance, max(1, workers), tag_limits, route,
+                                                lambda run: claim(instance, run)))
         with _terminating(pool, log, DriveReport()) as report:
             return _drive(defs, instance, report, pool, max_rounds=max_rounds,
                           schedules=schedules, due_schedules=due_schedules, log=log,
-                          wait_s=wait_s)
+                          wait_s=wait_s, requests=requests)
 
 
 def enqueue(instance: DagsterInstance, run: DagsterRun) -> DagsterRun:
@@ -433,11 +441,14 @@ def _terminating(pool: RunPool | None, log: Callable[[str], None],
 
 def _drive(defs: Definitions, instance: DagsterInstance, report: DriveReport,
            pool: RunPool | None, *, max_rounds: int, schedules: bool, due_schedules: bool,
-           log: Callable[[str], None], wait_s: float) -> DriveReport:
+           log: Callable[[str], None], wait_s: float,
+           requests: Sequence[tuple[RunRequest, str]]) -> DriveReport:
     repository = defs.get_repository_def()
     runs = _Runs(repository, instance, report, log, pool, _config_of(defs))
     report.dead_runs = close_dead_runs(instance, log)
     report.closed_runs, report.elsewhere = close_stuck_runs(instance, log)
+    for request, origin in requests:  # before the sensors, which then see them in flight
+        runs.request(request, origin, None)
     beat = instance.get_daemon_heartbeats().get(SENSOR_DAEMON)
     if beat is not None and time.time() - beat.timestamp < DAEMON_FRESH_S \
             and (gone := daemon_gone(instance)):
@@ -790,7 +801,9 @@ def _next_at(cursor: str | None) -> float | None:
 
 def launch(defs: Definitions, instance: DagsterInstance, run: RunRequest, *, origin: str,
            report: DriveReport, log: Callable[[str], None] = lambda _: None) -> None:
-    """Execute one run request the way the sensors' runs are executed, in this process."""
+    """Execute one run request as a drive's, in this process (as `drive(in_process=True)`:
+    for a test that scripts a fault in this process's memory; nothing stops it if the UI
+    terminates it). `ccat-dt retry` hands its runs to a drive instead (`requests`)."""
     _Runs(defs.get_repository_def(), instance, report, log, None, None).request(
         run, origin, None)
 
@@ -802,8 +815,9 @@ def _default_job(sensor_def: SensorDefinition) -> str | None:
 
 @dataclass
 class _Runs:
-    """Where a drive's run requests go: executed at once in this process (no pool), or
-    created here and queued in the pool, which executes them in child processes."""
+    """Where a drive's run requests go: created here and queued in the pool, which executes
+    them in child processes; or, without a pool (`in_process`), executed at once in this
+    process."""
 
     repository: RepositoryDefinition
     instance: DagsterInstance

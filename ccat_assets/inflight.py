@@ -296,9 +296,10 @@ def in_a_live_drives_pool(instance: DagsterInstance, run: DagsterRun) -> bool:
     """Whether the run executes in a child process of the live `ccat-dt drive` that claimed it
     (DRIVE_TAG; its pool, runpool.py), which interrupts it once it is CANCELING (RunPool.
     cancel_terminated): the process that started it (its RUN_START event's pid) runs on this
-    host and its parent is that drive. Not a run the drive executes in its own process (one
-    at a time: nothing interrupts it there), nor one whose drive is gone (its children are
-    then another's), nor one that has not started."""
+    host and its parent is that drive. Not a run a drive executes in its own process (only a
+    profiler or a test asks for that, `drive(in_process=True)`: nothing interrupts it there),
+    nor one whose drive is gone (its children are then another's), nor one that has not
+    started."""
     host, _, number = run.tags.get(DRIVE_TAG, "").rpartition(":")
     if host != socket.gethostname() or not number.isdigit():
         return False

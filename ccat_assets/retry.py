@@ -13,14 +13,7 @@ from collections.abc import Callable, Collection
 from dagster import DagsterInstance, RunRequest
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import (
-    DriveReport,
-    close_dead_runs,
-    drive,
-    drive_lock,
-    healed_runs,
-    launch,
-)
+from ccat_assets.driver import DriveReport, close_dead_runs, drive, drive_lock
 from ccat_assets.inflight import in_flight
 from ccat_assets.partitions import package_site_key, revived
 from ccat_assets.stages import JOBS
@@ -57,21 +50,19 @@ def _retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
                 "running")
         else:
             retried.append(item)
-    report = DriveReport()
     attempt = uuid.uuid4().hex[:8]  # a new run key per retry: none is ever skipped as seen
     requests = [RunRequest(partition_key=_key(item), job_name=JOBS[item.stage].name,
                            run_key=_run_key(item, attempt), tags={RETRY_TAG: item.reason[:200]})
                 for item in retried]
     for add in revived(instance, requests):  # a package archived long ago: its partition back
         instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
-    for item, request in zip(retried, requests, strict=True):
+    for item in retried:
         log(f"retrying {item.stage.label} {_key(item)}: {item.reason}")
-        launch(defs, instance, request, origin="ccat-dt retry", report=report, log=log)
-    follow_up = drive(defs, instance, log=log)
-    report.launched += follow_up.launched
-    report.failed += follow_up.failed
-    report.failed_ids += follow_up.failed_ids
-    report.healed = healed_runs(instance, report)
+    # Executed by a drive, as its sensors' runs are (in child processes, within the run
+    # limits, so that the UI's Terminate stops one), before its sensors tick; before, each
+    # was executed in this process, one after the other, and Terminate could not stop it.
+    report = drive(defs, instance, log=log,
+                   requests=[(request, "ccat-dt retry") for request in requests])
     return retried, report
 
 

@@ -329,7 +329,7 @@ def packages(opsdb: OpsDB) -> dict[str, tuple[str, str | None, set[tuple[str, st
 def test_a_parallel_drive_ends_as_a_serial_one(tmp_path: Path) -> None:
     ends = []
     observed = tmp_path / "observed"  # the raw files both deployments are given
-    for workers in (1, None):  # one run at a time in this process; the instance's default
+    for workers in (1, None):  # one run at a time; the instance's default
         config = deployment(tmp_path / f"deploy-{workers}")
         opsdb = OpsDB(config.opsdb_url)
         observe(config, opsdb, observations=1, like=observed if observed.exists() else None)
@@ -475,9 +475,9 @@ def test_a_ctrl_c_taken_by_another_handler_still_stops_the_drive(
     """Ctrl-C lands while Python runs a `__del__` or a weakref callback (garbage collection,
     at any moment), where the KeyboardInterrupt is lost (Python prints "Exception ignored"
     and a traceback), or while Dagster executes a run in the drive's own process
-    (max_concurrent_runs 1), which fails the run and returns: the drive stops all the same,
-    as interrupted (the CLI's 130; it went on and exited 1), with no traceback and nothing
-    left in flight; a plain drive then finishes the work."""
+    (`in_process`: a profiler's drive, a test's), which fails the run and returns: the drive
+    stops all the same, as interrupted (the CLI's 130; it went on and exited 1), with no
+    traceback and nothing left in flight; a plain drive then finishes the work."""
     config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2})
     opsdb = OpsDB(config.opsdb_url)
     observe(config, opsdb, observations=1)
@@ -506,7 +506,7 @@ def test_a_ctrl_c_taken_by_another_handler_still_stops_the_drive(
         monkeypatch.setattr(_Runs, "adopt_queued", round_with_a_collection)
     with pytest.raises(KeyboardInterrupt):
         drive(build_definitions(config), instance,
-              workers=1 if taken_by.startswith("Dagster") else None)
+              in_process=taken_by.startswith("Dagster"))
 
     assert len(rounds) <= 2  # it stopped at once, not rounds or back-offs later
     assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []

@@ -361,9 +361,9 @@ def test_upload_cut_in_the_middle_leaves_nothing_and_the_next_attempt_succeeds(
     try:
         observe(config, opsdb, size=6 * MB, modules=("primecam/f280",))  # ~12 MB: 3 parts
 
-        # workers=1: the relay that cuts the link is a thread of this process, and what the
+        # in_process=True: the relay that cuts the link is a thread of this process, and what the
         # cut left behind is noted in this process's memory
-        report = drive(build_definitions(config), instance, workers=1)
+        report = drive(build_definitions(config), instance, in_process=True)
 
         assert report.failed == []  # no `ccat-dt retry`: the step's own retry got through
         key = at_failure["key"]

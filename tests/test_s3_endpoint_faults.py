@@ -48,7 +48,7 @@ def test_put_committed_but_its_answer_lost_is_not_a_foreign_file(
         observe(config, opsdb, size=200_000, modules=("primecam/f280",))
         proxy.lose_answer_after = 150_000  # the package's PUT (~400 kB), not the small calls
 
-        report = drive(build_definitions(config), instance, workers=1)
+        report = drive(build_definitions(config), instance, in_process=True)
 
         assert proxy.lost == 1
         with opsdb.session() as session:
@@ -82,12 +82,12 @@ def test_an_emptied_bucket_is_told_to_a_person(
     client = s3.client()
     try:
         source = observe(config, opsdb, size=200_000, modules=("primecam/f280",))
-        assert drive(build_definitions(config), instance, workers=1).failed == []
+        assert drive(build_definitions(config), instance, in_process=True).failed == []
         assert files_under(source) == []  # the observatory copies are gone
         for item in client.list_objects_v2(Bucket=bucket)["Contents"]:
             client.delete_object(Bucket=bucket, Key=item["Key"])
 
-        drive(build_definitions(config), instance, workers=1, schedules=True)  # scrub
+        drive(build_definitions(config), instance, in_process=True, schedules=True)  # scrub
 
         assert "Contents" not in client.list_objects_v2(Bucket=bucket)  # the store: nothing
         assert [c.status for c in lta(opsdb, "cologne", None)] == [CopyStatus.PRESENT]  # OpsDB
@@ -115,7 +115,7 @@ def test_a_multipart_upload_created_twice_leaves_no_unfinished_upload(
         observe(config, opsdb, size=3_000_000, modules=("primecam/f280",))  # two 5 MiB parts
         proxy.lose_answer_to = b"?uploads HTTP/"  # POST /bucket/key?uploads: its creation
 
-        report = drive(build_definitions(config), instance, workers=1)
+        report = drive(build_definitions(config), instance, in_process=True)
 
         assert proxy.lost == 1
         assert report.failed == []

@@ -89,7 +89,7 @@ def test_a_repair_never_replaces_a_file_that_took_the_quarantined_copys_place(
         real(self, temporary)
 
     monkeypatch.setattr(local.LocalTransport, "_landed", landed)
-    report = drive(defs, instance, schedules=True, wait_s=0, workers=1)
+    report = drive(defs, instance, schedules=True, wait_s=0, in_process=True)
 
     assert report.failed and all(key.split(":")[0] in ("repair", "lta_copy")
                                  for key in report.failed), report.failed
@@ -132,7 +132,7 @@ def test_a_symlink_at_a_quarantined_copys_name_is_refused_before_anything_travel
     path.unlink()
     path.symlink_to(theirs)
 
-    report = drive(defs, instance, schedules=True, wait_s=0, workers=1)
+    report = drive(defs, instance, schedules=True, wait_s=0, in_process=True)
 
     assert report.failed, report.launched
     assert path.is_symlink() and theirs.read_bytes() == b"someone's file"  # the storage

@@ -187,7 +187,7 @@ def test_released_staged_files_go_unread_and_a_changed_one_is_kept(
     monkeypatch.setattr(reaper, "look_local", look_local)
 
     release(opsdb, name)
-    drive(defs, instance, workers=1)  # in this process: the reads are counted here
+    drive(defs, instance, in_process=True)  # in this process: the reads are counted here
 
     assert not untouched.exists() and changed.read_bytes() == new  # the storage
     assert [Path(r).name for r in reads] == [changed.name]  # only the changed one re-read

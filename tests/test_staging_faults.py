@@ -395,7 +395,7 @@ def test_a_release_while_staging_stops_the_run_and_leaves_nothing(
 
     staging._stage_package = released_meanwhile
     try:
-        report = drive(defs, instance, workers=1)  # in this process: the list counts
+        report = drive(defs, instance, in_process=True)  # in this process: the list counts
     finally:
         staging._stage_package = real
     assert report.failed == [] and len(staged_packages) == 1

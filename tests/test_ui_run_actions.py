@@ -6,8 +6,11 @@ deleteRun calls), executed by the drive as it executes queued runs when no daemo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,6 +31,8 @@ from dagster import (
 )
 from dagster._core.execution.backfill import BulkActionStatus
 from dagster._core.storage.tags import BACKFILL_ID_TAG
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster_graphql.test.utils import execute_dagster_graphql
 from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
@@ -35,10 +40,11 @@ from ccat_assets.driver import drive
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.instance import write_instance_yaml
 from ccat_assets.partitions import PACKAGES, package_site_key
+from ccat_assets.retry import operator_retry
 from ccat_assets.routing import partition_of, stages_of
 from ccat_assets.runlog import run_failure
-from ccat_assets.runpool import Queued, RunPool
-from ccat_assets.tags import LINK_TAG
+from ccat_assets.runpool import Queued, RunPool, run_limits
+from ccat_assets.tags import LINK_TAG, RETRY_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation
@@ -47,7 +53,15 @@ from ccat_dt.stages import Stage
 from ccat_dt.transports.local import LocalTransport
 from tests.faults.child import wait_to_be_killed
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, deployment, observe, plan, source_root
+from tests.faults.pipeline import (
+    REPO,
+    _environment,
+    archived_everywhere,
+    deployment,
+    observe,
+    plan,
+    source_root,
+)
 from tests.test_dry_runs import LOCATION, the_ui
 from tests.test_operator_actions import by_hand
 from tests.test_parallel_drive import ROUTES
@@ -250,10 +264,8 @@ def backfill_daemon(instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch,
     runs to the run queue, and cancels those of a backfill being canceled."""
     from dagster._core.remote_origin import InProcessCodeLocationOrigin
     from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-    from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
     from dagster._daemon.backfill import execute_backfill_iteration
-    from dagster_graphql.test.utils import execute_dagster_graphql
 
     monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))  # the code location's, the queue's
     origin = InProcessCodeLocationOrigin(LoadableTargetOrigin(
@@ -520,6 +532,185 @@ def test_a_plain_terminate_in_the_ui_of_a_copy_the_drive_executes_answers_succes
             assert report.failed_ids == [run.run_id], "\n".join(lines)  # that one alone
             assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
         assert not halfway[0].exists()
+        assert not [p for p in config.resolve_root("sites").rglob("*.part")]
+        on_disk(config, raw)
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+# The operator, in a process of its own as the webserver is: once a run is held (the file
+# `held` names the process that holds it, or "run RUN_ID"), Runs -> that run -> Terminate,
+# as the UI sends it (its dialog sends "Force termination" for a run that Dagster says cannot
+# be terminated, a STARTING one). Written to `answered` (JSON): the run, its status as the
+# operator saw it, whether its start was written then, the policy sent, what the UI answered
+# and when. `held`.sent is made just before Terminate is sent.
+OPERATOR = """
+import json, sys, time
+from pathlib import Path
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+from dagster_graphql.test.utils import execute_dagster_graphql
+from tests.test_ui_run_actions import SHOWN
+from tests.test_stuck_runs import TERMINATE
+
+home, held, answered = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+deadline = time.monotonic() + 300
+while not held.exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+which = held.read_text()
+with DagsterInstance.from_config(home) as instance:
+    def start_of(run_id):
+        return [r.event_log_entry.dagster_event.pid for r in instance.get_records_for_run(
+            run_id, of_type=DagsterEventType.RUN_START).records]
+    if which.isdigit():  # the run whose start that process wrote
+        [run] = [run for run in instance.get_runs(RunsFilter(
+            statuses=[DagsterRunStatus.STARTED])) if start_of(run.run_id) == [int(which)]]
+    else:
+        run = instance.get_run_by_id(which.split()[1])
+    seen, started = run.status.value, bool(start_of(run.run_id))
+    with WorkspaceProcessContext(instance, EmptyWorkspaceTarget()) as workspace:
+        shown = execute_dagster_graphql(workspace.create_request_context(), SHOWN,
+                                        {"id": run.run_id}).data["runOrError"]
+        # the dialog's choice: Terminate where the run can be, else "Force termination"
+        policy = "SAFE_TERMINATE" if shown["canTerminate"] else "MARK_AS_CANCELED_IMMEDIATELY"
+        held.with_name(held.name + ".sent").touch()
+        answer = execute_dagster_graphql(workspace.create_request_context(), TERMINATE,
+                                         {"id": run.run_id, "policy": policy}).data
+answered.write_text(json.dumps({"run_id": run.run_id, "seen": seen, "started": started,
+                                "policy": policy, "at": time.time(),
+                                "answer": answer["terminateRun"]["__typename"]}))
+"""
+SHOWN = """query($id: ID!) { runOrError(runId: $id) { ... on Run { canTerminate } } }"""
+HOLD_S = 30.0  # a held copy not interrupted goes on after this (the run was not stopped)
+
+
+@contextmanager
+def an_operator_terminating(home: Path, held: Path) -> Iterator[Path]:
+    """The operator's Terminate of the run whose process holds at `held`, sent from a process
+    of its own (the webserver's); yields where its answer is written."""
+    answered = held.with_name("answered.json")
+    operator = subprocess.Popen([sys.executable, "-c", OPERATOR, str(home), str(held),
+                                 str(answered)], cwd=REPO, env=_environment())
+    try:
+        yield answered
+        assert operator.wait(timeout=60) == 0
+    finally:
+        if operator.poll() is None:
+            operator.kill()
+            operator.wait()
+
+
+def holding_the_first_copy(monkeypatch: pytest.MonkeyPatch, config: Config, tmp_path: Path
+                           ) -> tuple[Path, list[Path]]:
+    """In whichever process executes it, the first copy to an archive's buffer waits there,
+    its bytes half landed, until it is interrupted (HOLD_S at most): `held` names that process
+    (once: `chosen` is made by one process only, and names the copy's temporary file, also
+    put in the list returned once it is read)."""
+    held, chosen = tmp_path / "held", tmp_path / "held.chosen"
+    buffers = [config.resolve_root(f"sites/{site}/buffer") for site in ("cologne", "us")]
+    landed = LocalTransport._landed
+
+    def holding(transport: LocalTransport, temporary: Path) -> None:
+        landed(transport, temporary)
+        if any(temporary.is_relative_to(buffer) for buffer in buffers):
+            with suppress(FileExistsError):
+                os.close(os.open(chosen, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                chosen.write_text(str(temporary))
+                assert temporary.is_file()  # the bytes half way, not yet in place
+                wait_to_be_killed(held, HOLD_S)()
+
+    monkeypatch.setattr(LocalTransport, "_landed", holding)
+    return held, [chosen]
+
+
+def stopped_promptly(instance: DagsterInstance, answered: Path, halfway: Path) -> DagsterRun:
+    """What the operator saw: Terminate answered success, the run CANCELED within seconds
+    (its copy not started again), its half-written file gone. Returns the run."""
+    said = json.loads(answered.read_text())
+    assert said["answer"] == "TerminateRunSuccess", said
+    record = instance.get_run_record_by_id(said["run_id"])
+    assert record is not None and record.dagster_run.status == DagsterRunStatus.CANCELED, \
+        record and record.dagster_run.status
+    assert record.end_time is not None and record.end_time - said["at"] < 10.0
+    assert Stage.SITE_COPY in stages_of(record.dagster_run)
+    assert not instance.all_logs(said["run_id"], of_type=DagsterEventType.STEP_RESTARTED)
+    assert not halfway.exists()
+    return record.dagster_run
+
+
+def test_a_plain_terminate_in_the_ui_stops_a_copy_of_a_drive_with_one_run_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator's instance runs one run at a time (`max_concurrent_runs: 1` in its
+    dagster.yaml). The operator clicks Terminate on a copy `ccat-dt drive` executes, held half
+    way through its transfer. Before, the drive executed such runs in its own process: the UI
+    answered "Unable to terminate run ..." and nothing stopped the copy. Now every run of a
+    drive executes in a child process, one at a time here: the UI answers success, the run
+    ends CANCELED within seconds, its half-written file gone, the drive goes on, and the
+    sensors redo the copy after the back-off: every file once in each long-term archive."""
+    config = deployment(tmp_path / "deploy", routes=ROUTES,
+                        policies={"retry_backoff_first_s": 0.2})
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    settings = yaml.safe_load((home / "dagster.yaml").read_text())
+    settings["concurrency"]["runs"]["max_concurrent_runs"] = 1
+    (home / "dagster.yaml").write_text(yaml.safe_dump(settings))
+    opsdb = OpsDB(config.opsdb_url)
+    held, chosen = holding_the_first_copy(monkeypatch, config, tmp_path)
+    try:
+        observe_modules(config, opsdb, observations=1)  # 2 packages
+        source = config.resolve_root("sites/ccat/instruments")
+        raw = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
+        with DagsterInstance.from_config(str(home)) as instance:
+            assert run_limits(instance)[0] == 1
+            with an_operator_terminating(home, held) as answered:
+                lines: list[str] = []
+                report = drive(build_definitions(config), instance, wait_s=10,
+                               log=lines.append)
+            run = stopped_promptly(instance, answered, Path(chosen[0].read_text()))
+            assert int(held.read_text()) != os.getpid()  # not in the drive's process
+            assert report.failed_ids == [run.run_id], "\n".join(lines)  # that one alone
+            assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+        assert not [p for p in config.resolve_root("sites").rglob("*.part")]
+        on_disk(config, raw)
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+def test_a_plain_terminate_in_the_ui_stops_a_copy_ccat_dt_retry_executes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ccat-dt retry` re-runs two packages' copies to their primary archives; the operator
+    clicks Terminate on one, held half way through its transfer. Before, `retry` executed its
+    runs in its own process: the UI answered "Unable to terminate run ..." and nothing
+    stopped the copy. Now they execute in child processes of the drive `retry` runs: the UI
+    answers success, the run ends CANCELED within seconds, its half-written file gone, the
+    other copy made, and the next drive redoes the stopped copy after the back-off: every
+    file once in each long-term archive."""
+    config, home, opsdb, raw = four_packages_one_run_per_link(
+        tmp_path, policies={"retry_backoff_first_s": 0.2})
+    held, chosen = holding_the_first_copy(monkeypatch, config, tmp_path)
+    try:
+        with opsdb.session() as session:
+            primary = {p.name: p.primary_site.short_name for p in plan_packages(session, config)}
+        with DagsterInstance.from_config(str(home)) as instance:
+            instance.add_dynamic_partitions(PACKAGES, list(primary))
+            defs = build_definitions(config)
+            for package in primary:
+                assert by_hand(defs, instance, "packages", package)  # built, at ccat/buffer
+            with an_operator_terminating(home, held) as answered:
+                lines: list[str] = []
+                retried, report = operator_retry(config, instance, opsdb, log=lines.append)
+            assert {(item.package, item.site) for item in retried
+                    if item.stage == Stage.SITE_COPY} >= set(primary.items()), retried
+            run = stopped_promptly(instance, answered, Path(chosen[0].read_text()))
+            assert run.tags.get(RETRY_TAG), run.tags  # one of retry's own
+            assert int(held.read_text()) != os.getpid()  # not in retry's process
+            assert run.run_id in report.failed_ids, "\n".join(lines)
+            assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
+            assert drive(defs, instance, wait_s=10).failed == []  # the next attempt
         assert not [p for p in config.resolve_root("sites").rglob("*.part")]
         on_disk(config, raw)
         archived_everywhere(config, opsdb)

@@ -88,12 +88,12 @@ def plan(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> str:
 
 
 def run(config: Config, instance: DagsterInstance, *, wait_s: float = 10.0,
-        workers: int | None = None) -> DriveReport:
+        in_process: bool = False) -> DriveReport:
     """Tick the real sensors and execute what they request until idle, waiting for automatic
     re-attempts due within `wait_s` (0: stop at the first back-off, a fault that persists).
-    `workers=1`: one run at a time in this process, for a fault scripted in this process's
+    `in_process=True`: one run at a time in this process, for a fault scripted in this process's
     memory (a relay thread's state, a process started by the first step to get there)."""
-    return drive(build_definitions(config), instance, wait_s=wait_s, workers=workers)
+    return drive(build_definitions(config), instance, wait_s=wait_s, in_process=in_process)
 
 
 def package_names(opsdb: OpsDB) -> list[str]:

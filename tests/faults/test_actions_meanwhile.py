@@ -77,7 +77,7 @@ def test_exclude_while_the_package_is_being_built(
         return built
 
     monkeypatch.setattr(packages, "build_package", build_package)
-    run(config, instance, workers=1)
+    run(config, instance, in_process=True)
     [done] = told
     [name] = package_names(opsdb)
     with opsdb.session() as session:
@@ -159,7 +159,7 @@ def test_partition_deleted_in_the_ui_while_its_run_works_on_it(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, struck)
-    report = run(config, instance, workers=1)
+    report = run(config, instance, in_process=True)
     assert deleted, f"no partition deleted during {during}"
     assert report.failed == [], report.failed
     archives = {f"{site.short_name}/lta" for site in config.settings.archive_sites}
@@ -190,7 +190,7 @@ def test_partition_deleted_just_after_a_step_added_it_back_fails_that_run_once_h
             deleted.append(package)
 
     monkeypatch.setattr(stage_common, "keep_partition", then_deleted)
-    report = run(config, instance, workers=1)
+    report = run(config, instance, in_process=True)
     assert deleted and len(report.failed) == 1, report.failed
     assert report.unhealed == [], report.unhealed
     archives = {f"{site.short_name}/lta" for site in config.settings.archive_sites}
@@ -218,7 +218,7 @@ def test_exclude_after_the_tar_is_recorded_before_its_check_keeps_the_file_out(
         return built
 
     monkeypatch.setattr(packages, "build", build)
-    run(config, instance, workers=1)
+    run(config, instance, in_process=True)
     [done] = told
     assert done.returncode == 0, done.stderr
     _taken_out_everywhere(config, opsdb, relative)
@@ -327,13 +327,13 @@ def test_audit_while_the_drive_works_reports_its_work_in_flight_not_as_problems(
     audit_at("copy under its temporary name", local, "rename_into_place", after=False)
     audit_at("copy landed, not recorded", replicas, "_record", after=False)
     audit_at("purge unlinked, not recorded", reaper, "_unlink_local", after=True)
-    run(config, instance, workers=1)
+    run(config, instance, in_process=True)
     archived_everywhere(config, opsdb)
     staging.request_staging(opsdb, location="ramses/processing",
                             selection=staging.Selection(observation="obs-0"),
                             expires_in=staging.timedelta(hours=1))
     audit_at("staged file moved into place", staging, "rename_into_place", after=True)
-    run(config, instance, workers=1)
+    run(config, instance, in_process=True)
 
     assert len(told) == 6, sorted(told)
     wrong = [(point, " ".join(done.args[5:]), done.returncode, done.stdout + done.stderr)

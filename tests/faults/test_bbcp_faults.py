@@ -483,7 +483,7 @@ def test_a_pipeline_transfer_whose_bbcp_data_streams_are_cut_heals_without_a_per
     try:
         observe(config, opsdb, files=3, size=10 * MB)
 
-        report = run(config, instance, workers=1)  # the reset is timed from this process
+        report = run(config, instance, in_process=True)  # the reset is timed from this process
 
         assert cut.is_set()
         assert report.failed == []  # the step's own retry got through
@@ -530,7 +530,7 @@ def test_a_pipeline_transfer_whose_far_end_freezes_is_stopped_and_heals_without_
     try:
         observe(config, opsdb, files=3, size=10 * MB)
 
-        report = run(config, instance, workers=1)  # the freeze is timed from this process
+        report = run(config, instance, in_process=True)  # the freeze is timed from this process
 
         assert frozen
         assert report.failed == []  # the step's own retry got through

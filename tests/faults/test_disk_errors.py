@@ -444,7 +444,7 @@ def test_a_replication_whose_every_source_copy_cannot_be_read_is_told_to_a_perso
     unreadable_once_placed(monkeypatch, buffer, "cologne", LocationType.LONG_TERM_ARCHIVE)
     source = observe(config, opsdb, name="obs-0")
 
-    run(config, instance, wait_s=0, workers=1)
+    run(config, instance, wait_s=0, in_process=True)
 
     [package] = package_names(opsdb)
     to_us = _transfers_to(opsdb, package, "us/buffer")
@@ -791,7 +791,7 @@ def test_an_archiving_whose_every_source_copy_cannot_be_read_is_told_to_a_person
     unreadable_once_placed(monkeypatch, observatory, "cologne", LocationType.BUFFER)
     source = observe(config, opsdb)
 
-    run(config, instance, wait_s=0, workers=1)
+    run(config, instance, wait_s=0, in_process=True)
 
     [package] = package_names(opsdb)
     with opsdb.session() as session:

@@ -60,11 +60,11 @@ def elsewhere(action: Callable[[], None]) -> None:
 
 
 def driven(config: Config, home: Path, max_rounds: int = 10_000,
-           workers: int | None = None) -> Callable[[], None]:
+           in_process: bool = False) -> Callable[[], None]:
     def action() -> None:
         with DagsterInstance.from_config(str(home)) as instance:
             assert drive(build_definitions(config), instance, max_rounds=max_rounds,
-                         workers=workers).failed == []
+                         in_process=in_process).failed == []
     return action
 
 
@@ -148,7 +148,7 @@ def test_an_instance_restored_from_an_older_copy_then_lost_and_made_anew(
     # its primary site only (the secondary is fed from there, a round later). Two rounds with
     # the runs in child processes raced: a packaging run ended before the copy sensor's first
     # tick, and the primary's copy before its second, had it archived at both sites.
-    elsewhere(driven(config, home, max_rounds=1, workers=1))
+    elsewhere(driven(config, home, max_rounds=1, in_process=True))
     observe(config, opsdb, name="obs-4")
     assert [package_state(opsdb, n).value for n in package_names(opsdb)][-1] == "transferring"
     shutil.rmtree(home)

@@ -65,7 +65,7 @@ def test_link_failure_during_a_transfer_is_retried_and_converges(
             link.down = True
             real_copy = _up_again_after_first_attempt(link, monkeypatch)
 
-        report = run(config, instance, workers=1)  # the relay's state is this process's
+        report = run(config, instance, in_process=True)  # the relay's state is this process's
 
         if failure == "drops mid-transfer":
             assert link.cuts == 1
@@ -112,7 +112,7 @@ def test_a_bbcp_transfer_whose_link_drops_is_resumed_by_the_step_retry(
     try:
         observe(config, opsdb, files=3, size=10 * MB)
 
-        report = run(config, instance, workers=1)  # the link is cut from this process
+        report = run(config, instance, in_process=True)  # the link is cut from this process
 
         assert cut.is_set()
         assert report.failed == []  # the step's own retry got through
@@ -194,7 +194,7 @@ def test_a_deletion_cut_by_the_link_is_finished_by_the_reattempt_without_a_perso
     try:
         observe(config, opsdb, files=2, size=MB)
 
-        report = run(config, instance, workers=1)  # the relay's state is this process's
+        report = run(config, instance, in_process=True)  # the relay's state is this process's
 
         assert link.refused + link.cuts >= 1 and cut["calls"] >= 2
         if outage != "the rm":
@@ -230,7 +230,7 @@ def test_a_purge_whose_lta_recheck_meets_the_link_down_is_reattempted_without_a_
     try:
         observe(config, opsdb, files=2, size=MB)
 
-        report = run(config, instance, workers=1)  # the relay's state is this process's
+        report = run(config, instance, in_process=True)  # the relay's state is this process's
 
         assert looks["calls"] >= 2 and link.refused + link.cuts >= 1
         assert report.failed == [], report  # healed within the purge run

@@ -112,7 +112,7 @@ def test_opsdb_locked_while_recording_a_copy_the_retry_converges(
     short_busy_timeout(config, monkeypatch)
     lockers = lock_on_first_landing(config, monkeypatch)
 
-    report = run(config, instance, workers=1)  # the locker is started by the first landing
+    report = run(config, instance, in_process=True)  # the locker is started by the first landing
     # of this process's runs, and the attempts are read in the order they ran
 
     assert lockers, "the fault was never injected"
@@ -139,19 +139,19 @@ def test_opsdb_locked_for_the_only_attempt_fails_cleanly_then_a_reattempt_conver
         short_busy_timeout(config, monkeypatch)
         lockers = lock_on_first_landing(config, monkeypatch)
 
-        report = run(config, instance, wait_s=0, workers=1)  # as above
+        report = run(config, instance, wait_s=0, in_process=True)  # as above
 
         assert lockers and [key.split(":")[0] for key in report.failed] == ["site_copy"]
         lockers[0].wait(timeout=30)
         # Cleanly: no copy recorded, the package has not moved on; the verified bytes under
         # the final name are reported as unknown to OpsDB, nothing else is amiss.
         assert _cologne_copies(opsdb) == []
-        assert run(config, instance, wait_s=0, workers=1).launched == []  # back-off not over
+        assert run(config, instance, wait_s=0, in_process=True).launched == []  # back-off not over
         assert_safe(config, opsdb, settled=False, expected_findings=[
             ("dark", "cologne/buffer/obs-0/obs-0_primecam-f280_p00.tar")])
 
         monkeypatch.undo()
-        again = run(config, instance, workers=1)  # waits out the back-off
+        again = run(config, instance, in_process=True)  # waits out the back-off
 
         assert again.launched[0].startswith("reattempt:site_copy:")
         assert again.failed == []
@@ -174,7 +174,7 @@ def test_opsdb_locked_while_recording_a_deletion_the_retry_finishes_it(
     short_busy_timeout(config, monkeypatch)
     lockers = lock_after_first_unlink(config, monkeypatch)
 
-    report = run(config, instance, workers=1)  # the locker is started in this process
+    report = run(config, instance, in_process=True)  # the locker is started in this process
 
     assert lockers, "the fault was never injected"
     lockers[0].wait(timeout=30)

@@ -110,7 +110,8 @@ def untouched(disk: FaultyDisk, relative: str, how: str, checksum: str) -> None:
 
 def refused_once_archived(monkeypatch: pytest.MonkeyPatch, *disks: FaultyDisk) -> None:
     """The package's tar on `disks` (Cologne's) refused as a file of another user, mode 0600,
-    from the moment it is archived at Cologne (the runs execute in this process: workers=1)."""
+    from the moment it is archived at Cologne (the runs execute in this process:
+    `in_process=True`)."""
     real_place = placement.place
 
     def place(opsdb: OpsDB, config: Config, obj: Placement, kind: LocationType,
@@ -305,7 +306,7 @@ def test_an_archive_copy_refused_over_ssh_is_passed_over_for_another(
     refused_once_archived(monkeypatch, disk)
     observe(config, opsdb, name="obs-0")
 
-    run(config, instance, wait_s=0, workers=1)
+    run(config, instance, wait_s=0, in_process=True)
 
     [package] = package_names(opsdb)
     with opsdb.session() as session:
@@ -348,7 +349,7 @@ def test_a_replication_whose_every_source_copy_is_refused_is_told_and_goes_once_
     refused_once_archived(monkeypatch, lta, buffer)
     source = observe(config, opsdb, name="obs-0")
 
-    run(config, instance, wait_s=1, workers=1)  # its re-attempts due within a second
+    run(config, instance, wait_s=1, in_process=True)  # its re-attempts due within a second
 
     [package] = package_names(opsdb)
     to_us = _transfers_to(opsdb, package, "us/buffer")
@@ -378,7 +379,7 @@ def test_a_replication_whose_every_source_copy_is_refused_is_told_and_goes_once_
     for disk in (lta, buffer):
         untouched(disk, TAR, "file", checksum)
         grant(disk, TAR, "file")
-    report = run(config, instance, workers=1)
+    report = run(config, instance, in_process=True)
 
     assert report.failed == [], report.failed
     assert told(config, opsdb) == []

@@ -359,7 +359,7 @@ def test_a_pipeline_transfer_whose_link_goes_silent_midway_heals_without_a_perso
     try:
         observe(config, opsdb, files=3, size=10 * MB)
 
-        report = run(config, instance, workers=1)  # the path is mended from this process
+        report = run(config, instance, in_process=True)  # the path is mended from this process
 
         watcher.join()
         assert cut.is_set() and not wan.hole.is_cut
@@ -416,7 +416,7 @@ def test_a_pipeline_operation_on_a_shared_connection_gone_silent_heals_without_a
     try:
         observe(config, opsdb, files=2, size=MB)
 
-        report = run(config, instance, workers=1)  # the path is cut from this process
+        report = run(config, instance, in_process=True)  # the path is cut from this process
 
         assert calls["calls"] >= 2, calls  # cut once, then called again on the path back
         assert report.failed == [], report
