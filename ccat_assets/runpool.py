@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import wait as wait_for_any
 from typing import Any, NoReturn
 
-from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.definitions.job_base import IJob
 from dagster._core.errors import DagsterRunNotFoundError
 from dagster._core.execution.api import execute_run
@@ -46,6 +46,7 @@ CANCEL_POLL_S = 1.0  # while waiting, runs terminated by an operator are looked 
 # A run an operator terminated: CANCELING, or CANCELED at once by the UI's "Force termination"
 # (which only marks it: its process would go on, the work no longer counted as in flight).
 TERMINATED = [DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED]
+STOPPING = {signal.SIGINT, signal.SIGTERM}  # what interrupts a run (and the drive)
 
 
 def run_limits(instance: DagsterInstance) -> tuple[int, list[Mapping[str, Any]]]:
@@ -102,6 +103,7 @@ class RunPool:
         self.children: dict[int, _Child] = {}  # by the read end of a pipe only it writes to
         self.dropped: list[Finished] = []  # queued runs not executed (drop_stopped), not yet
         # reported
+        self.started: set[str] = set()  # children's runs seen started (_terminated)
 
     @property
     def busy(self) -> bool:
@@ -137,19 +139,55 @@ class RunPool:
         CANCELING and sends nothing (no launcher launched it), so the run would go on. The
         interrupted run ends CANCELED and its work is re-attempted after the back-off, like
         a failed run's, with its step not retried (ccat_assets/interrupts.py). Again at each
-        call while the child runs, a safeguard. Returns their run ids."""
+        call while the child runs, a safeguard. Returns their run ids.
+
+        Only once the run's start is written: a run terminated as it was starting (STARTING,
+        the UI's dialog then sends "Force termination") is not started by its child if the
+        child sees it so (_terminated_before_start); one the child started all the same
+        (terminated after that look) is STARTED again by its start, over the operator's mark.
+        It is marked again, and interrupted, the first time it is seen started. Before, the
+        signal came before the start: the run failed, or went on to its end."""
         by_run = {child.queued.run.run_id: child for child in self.children.values()}
         if not by_run:
             return []
         try:
-            canceling = self.instance.get_runs(RunsFilter(
-                run_ids=list(by_run), statuses=TERMINATED))
+            terminated = [run for run in self.instance.get_runs(RunsFilter(
+                run_ids=list(by_run))) if self._terminated(run)]
         except Exception:  # noqa: BLE001 - the run storage busy: looked at again next time
             return []
-        for run in canceling:
+        for run in terminated:
             with suppress(ProcessLookupError):
                 os.kill(by_run[run.run_id].pid, signal.SIGTERM)
-        return [run.run_id for run in canceling]
+        return [run.run_id for run in terminated]
+
+    def _terminated(self, run: DagsterRun) -> bool:
+        """Whether the child executing `run` is to be interrupted (cancel_terminated)."""
+        if run.run_id not in self.started:
+            if run.status == DagsterRunStatus.STARTED:
+                self.started.add(run.run_id)
+                return self._marked_again(run)
+            if run.status not in TERMINATED or not self.instance.get_records_for_run(
+                    run.run_id, of_type=DagsterEventType.RUN_START, limit=1).records:
+                return False  # not started (yet): see above
+            self.started.add(run.run_id)
+        return run.status in TERMINATED
+
+    def _marked_again(self, run: DagsterRun) -> bool:
+        """A run just seen STARTED that was terminated before its start was written (a cancel
+        in its log) marked again as the operator did: CANCELING, or CANCELED ("Force
+        termination"). Whether it was."""
+        cancels = self.instance.get_records_for_run(
+            run.run_id, of_type={DagsterEventType.RUN_CANCELING, DagsterEventType.RUN_CANCELED},
+            ascending=False, limit=1).records
+        if not cancels:
+            return False
+        why = "terminated as it was starting; interrupted once started"
+        event = cancels[0].event_log_entry.dagster_event
+        if event is not None and event.event_type == DagsterEventType.RUN_CANCELED:
+            self.instance.report_run_canceled(run, message=why)
+        else:
+            self.instance.report_run_canceling(run, message=why)
+        return True
 
     def drop_stopped(self) -> None:
         """Drop each queued run an operator stopped while it waited (terminated, deleted) or
@@ -276,10 +314,17 @@ class RunPool:
             with suppress(Exception):
                 stream.flush()
         read, write = os.pipe()  # not inherited by programs the run executes (O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            os.close(read)
-            _execute(queued, self.instance)
+        # SIGINT and SIGTERM held until the child has its own handlers (_execute): one that
+        # came in between (the run terminated as it started) ran the drive's in the child, a
+        # KeyboardInterrupt through the drive's stack there
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(read)
+                _execute(queued, self.instance, mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write)  # the child holds the only write end: EOF when it exits, however
         self.children[read] = _Child(queued, pid)
 
@@ -290,6 +335,7 @@ class RunPool:
         for fd in wait_for_any(list(self.children), timeout):
             assert isinstance(fd, int)
             child = self.children.pop(fd)
+            self.started.discard(child.queued.run.run_id)
             os.close(fd)
             _, status = os.waitpid(child.pid, 0)
             finished.append(self._outcome(child, os.waitstatus_to_exitcode(status)))
@@ -309,17 +355,34 @@ class RunPool:
         self.instance.report_run_failed(run, message=why)
 
 
-def _execute(queued: Queued, instance: DagsterInstance) -> NoReturn:
+def _terminated_before_start(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """In the child, about to start the run: whether an operator terminated it since it was
+    claimed (STARTING; the UI's Terminate of a STARTING run is a "Force termination", which
+    marks it CANCELED; a CANCELING one is marked CANCELED here). It is then not executed:
+    Dagster's start would set it STARTED again, and execute it."""
+    now = instance.get_run_by_id(run.run_id)
+    if now is None or now.status not in TERMINATED:
+        return False
+    if now.status == DagsterRunStatus.CANCELING:
+        instance.report_run_canceled(now, message="terminated before it started; not executed")
+    return True
+
+
+def _execute(queued: Queued, instance: DagsterInstance, mask: set[int]) -> NoReturn:
     """In the child: execute the run, then leave at once (os._exit), never through the
     parent's atexit handlers, pytest or finally blocks. SIGINT and SIGTERM interrupt the run
-    as Dagster's run workers do (the run is marked failed)."""
+    as Dagster's run workers do (the run is marked failed), from the moment they are no longer
+    held (`mask`: the drive's, before the fork). A run terminated as it was being started is
+    not executed."""
     code = 2
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)  # the drive's (driver._Signals): its signals, not this run's
         with capture_interrupts():
-            code = 0 if execute_run(queued.job, queued.run, instance).success else 1
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one held meanwhile: captured
+            code = (1 if _terminated_before_start(instance, queued.run)
+                    else 0 if execute_run(queued.job, queued.run, instance).success else 1)
     except BaseException:  # noqa: BLE001 - reported by the run's status and this trace
         with suppress(Exception):
             traceback.print_exc()

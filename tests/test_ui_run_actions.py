@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -35,6 +36,7 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster_graphql.test.utils import execute_dagster_graphql
 from sqlalchemy import select
 
+from ccat_assets import runpool
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_assets.inflight import IN_FLIGHT
@@ -711,6 +713,81 @@ def test_a_plain_terminate_in_the_ui_stops_a_copy_ccat_dt_retry_executes(
             assert run.run_id in report.failed_ids, "\n".join(lines)
             assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
             assert drive(defs, instance, wait_s=10).failed == []  # the next attempt
+        assert not [p for p in config.resolve_root("sites").rglob("*.part")]
+        on_disk(config, raw)
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.parametrize("held_where", ["before its last look", "after its last look"])
+def test_terminate_in_the_ui_of_a_copy_the_drive_is_starting_stops_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_where: str) -> None:
+    """The operator clicks Terminate on a copy the drive is starting (STARTING: claimed, its
+    child forked, the run's start not yet written). Dagster says such a run cannot be
+    terminated, and the UI's dialog sends "Force termination": the run is marked CANCELED,
+    and the UI answers success. Before, the run's start then made it STARTED again and it was
+    executed to its end, its copy made, the run SUCCESS. Now the child does not start a run
+    so terminated (held before its last look), and one terminated after that look, before its
+    start was written, is marked again and interrupted once started (held there, then in its
+    transfer): the run ends CANCELED within seconds, nothing half-written left, the drive goes
+    on, and the sensors redo the copy after the back-off: every file once in each archive."""
+    config = deployment(tmp_path / "deploy", routes=ROUTES,
+                        policies={"retry_backoff_first_s": 0.2})
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    opsdb = OpsDB(config.opsdb_url)
+    held, chosen = tmp_path / "starting", tmp_path / "starting.chosen"
+    sent = held.with_name(held.name + ".sent")
+    after = held_where == "after its last look"
+    name = "execute_run" if after else "_execute"  # (job, run, instance) or (queued, instance)
+    real = getattr(runpool, name)
+
+    def held_as_it_starts(*args: Any) -> Any:
+        """In the run's child: the first copy waits until the operator sent Terminate, and a
+        second more (the UI's answer is on its way)."""
+        run: DagsterRun = args[1] if after else args[0].run
+        if Stage.SITE_COPY in stages_of(run):
+            with suppress(FileExistsError):
+                os.close(os.open(chosen, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                written = held.with_name(f".{held.name}.{os.getpid()}")
+                written.write_text(f"run {run.run_id}")
+                written.rename(held)
+                deadline = time.monotonic() + 60
+                while not sent.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(1.0)
+        return real(*args)
+
+    monkeypatch.setattr(runpool, name, held_as_it_starts)
+    if after:  # and its copy, half way, until interrupted
+        _, halfway = holding_the_first_copy(monkeypatch, config, tmp_path)
+    try:
+        observe_modules(config, opsdb, observations=1)  # 2 packages
+        source = config.resolve_root("sites/ccat/instruments")
+        raw = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*.dat")}
+        with DagsterInstance.from_config(str(home)) as instance:
+            with an_operator_terminating(home, held) as answered:
+                lines: list[str] = []
+                report = drive(build_definitions(config), instance, wait_s=10,
+                               log=lines.append)
+            said = json.loads(answered.read_text())
+            assert (said["seen"], said["started"]) == ("STARTING", False), said
+            assert said["policy"] == "MARK_AS_CANCELED_IMMEDIATELY", said
+            assert said["answer"] == "TerminateRunSuccess", said
+            record = instance.get_run_record_by_id(said["run_id"])
+            assert record is not None and record.dagster_run.status == DagsterRunStatus.CANCELED
+            assert record.end_time is not None and record.end_time - said["at"] < 10.0
+            steps = instance.all_logs(said["run_id"], of_type=DagsterEventType.STEP_START)
+            if after:
+                assert not Path(halfway[0].read_text()).exists()
+            else:  # not executed at all
+                assert steps == []
+                with opsdb.session() as session:
+                    assert not session.scalars(select(Operation.id).where(
+                        Operation.run_id == said["run_id"])).all()
+            assert report.failed_ids == [said["run_id"]], "\n".join(lines)
+            assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
         assert not [p for p in config.resolve_root("sites").rglob("*.part")]
         on_disk(config, raw)
         archived_everywhere(config, opsdb)
