@@ -605,19 +605,19 @@ def an_operator_terminating(home: Path, held: Path) -> Iterator[Path]:
             operator.wait()
 
 
-def holding_the_first_copy(monkeypatch: pytest.MonkeyPatch, config: Config, tmp_path: Path
-                           ) -> tuple[Path, list[Path]]:
-    """In whichever process executes it, the first copy to an archive's buffer waits there,
-    its bytes half landed, until it is interrupted (HOLD_S at most): `held` names that process
-    (once: `chosen` is made by one process only, and names the copy's temporary file, also
-    put in the list returned once it is read)."""
+def holding_the_first_copy(monkeypatch: pytest.MonkeyPatch, config: Config, tmp_path: Path,
+                           only: Callable[[], bool] = lambda: True) -> tuple[Path, list[Path]]:
+    """In whichever process executes it (where `only()` says so), the first copy to an
+    archive's buffer waits there, its bytes half landed, until it is interrupted (HOLD_S at
+    most): `held` names that process (once: `chosen` is made by one process only, and names
+    the copy's temporary file)."""
     held, chosen = tmp_path / "held", tmp_path / "held.chosen"
     buffers = [config.resolve_root(f"sites/{site}/buffer") for site in ("cologne", "us")]
     landed = LocalTransport._landed
 
     def holding(transport: LocalTransport, temporary: Path) -> None:
         landed(transport, temporary)
-        if any(temporary.is_relative_to(buffer) for buffer in buffers):
+        if only() and any(temporary.is_relative_to(buffer) for buffer in buffers):
             with suppress(FileExistsError):
                 os.close(os.open(chosen, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
                 chosen.write_text(str(temporary))
@@ -742,6 +742,7 @@ def test_terminate_in_the_ui_of_a_copy_the_drive_is_starting_stops_it(
     after = held_where == "after its last look"
     name = "execute_run" if after else "_execute"  # (job, run, instance) or (queued, instance)
     real = getattr(runpool, name)
+    mine: list[str] = []  # in the child held as it starts: that run
 
     def held_as_it_starts(*args: Any) -> Any:
         """In the run's child: the first copy waits until the operator sent Terminate, and a
@@ -753,6 +754,7 @@ def test_terminate_in_the_ui_of_a_copy_the_drive_is_starting_stops_it(
                 written = held.with_name(f".{held.name}.{os.getpid()}")
                 written.write_text(f"run {run.run_id}")
                 written.rename(held)
+                mine.append(run.run_id)
                 deadline = time.monotonic() + 60
                 while not sent.exists() and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -760,8 +762,8 @@ def test_terminate_in_the_ui_of_a_copy_the_drive_is_starting_stops_it(
         return real(*args)
 
     monkeypatch.setattr(runpool, name, held_as_it_starts)
-    if after:  # and its copy, half way, until interrupted
-        _, halfway = holding_the_first_copy(monkeypatch, config, tmp_path)
+    if after:  # and its copy (none other), half way, until interrupted
+        _, halfway = holding_the_first_copy(monkeypatch, config, tmp_path, lambda: bool(mine))
     try:
         observe_modules(config, opsdb, observations=1)  # 2 packages
         source = config.resolve_root("sites/ccat/instruments")
