@@ -266,7 +266,7 @@ def test_an_archive_copy_whose_re_read_failed_is_hashed_before_a_deletion_relies
     monkeypatch.setattr(placement, "place", place)
     source = observe(config, opsdb)
 
-    run(config, instance, wait_s=0, workers=1)
+    run(config, instance, wait_s=0, in_process=True)
 
     assert config.settings.policies.deletion_recheck_hours == 24
     assert all(p.is_file() for p in source)  # nothing deleted on the word of that copy

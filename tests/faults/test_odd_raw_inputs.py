@@ -104,7 +104,7 @@ def test_a_fifo_put_at_a_raw_files_name_while_its_package_is_built_fails_the_bui
 
     monkeypatch.setattr(tarball, "_stat_source", then_a_fifo)
 
-    report = _unless_hung(lambda: run(config, instance, wait_s=0, workers=1), fifo)
+    report = _unless_hung(lambda: run(config, instance, wait_s=0, in_process=True), fifo)
 
     assert swapped
     [package] = package_names(opsdb)

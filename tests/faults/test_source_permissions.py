@@ -432,7 +432,7 @@ def refused_once_archived_everywhere(monkeypatch: pytest.MonkeyPatch, disk: Faul
                                      how: str) -> None:
     """Cologne's LTA copy of the tar refused to ccat-dt's user (`refuse`, `how`) once the
     last archive copy (us's) is made: every copy is sent, and the purge's re-read of that one,
-    just before deleting, is refused (the runs execute in this process: workers=1)."""
+    just before deleting, is refused (the runs execute in this process: in_process)."""
     real_place = placement.place
 
     def place(opsdb: OpsDB, config: Config, obj: Placement, kind: LocationType,
@@ -478,7 +478,7 @@ def test_an_archive_copy_the_purge_relies_on_refused_is_told_as_a_permission_not
     refused_once_archived_everywhere(monkeypatch, disk, how)
     source = observe(config, opsdb)
 
-    run(config, instance, wait_s=1, workers=1)  # the purge's re-attempts due within a second
+    run(config, instance, wait_s=1, in_process=True)  # the purge's re-attempts due within a second
 
     [package] = package_names(opsdb)
     with opsdb.session() as session:
@@ -501,7 +501,7 @@ def test_an_archive_copy_the_purge_relies_on_refused_is_told_as_a_permission_not
     untouched(disk, TAR, how, checksum)
 
     grant(disk, TAR, how)
-    run(config, instance, workers=1)
+    run(config, instance, in_process=True)
 
     assert not any(p.exists() for p in source)
     archived_everywhere(config, opsdb)
