@@ -425,6 +425,20 @@ def _foreign_files(session: Session) -> list[Problem]:
             Reattempt.last_error.contains(FOREIGN_FILE)).order_by(Reattempt.id))]
 
 
+def _after_a_person(config: Config, row: Reattempt, mended: str, then: str) -> str:
+    """What follows once a person has mended what only a person can (`mended`: "it is
+    readable"): the next automatic attempt `then`s, or, past the re-attempt horizon,
+    `ccat-dt retry`."""
+    if row.escalated_at is not None:
+        return ("Automatic attempts stopped at the re-attempt horizon "
+                f"({config.settings.policies.retry_horizon_hours:g} h): once {mended}, "
+                f"`ccat-dt retry --package {row.package}`.")
+    return (f"Once {mended}, the next automatic attempt"
+            + (f" ({_aware(row.next_attempt_at):%Y-%m-%d %H:%M} UTC, then less and less "
+               "often)" if row.next_attempt_at is not None else "")
+            + f" {then}; nothing to re-run.")
+
+
 def _too_large(session: Session, config: Config) -> list[Problem]:
     """Copies refused because the package is larger than the destination takes (EFBIG): not
     the location's fault (smaller packages still go there), nor one that heals by itself: only
@@ -435,13 +449,7 @@ def _too_large(session: Session, config: Config) -> list[Problem]:
             Reattempt.last_error.contains(TOO_LARGE)).order_by(Reattempt.id)):
         size = session.scalar(select(RawDataPackage.size).where(
             RawDataPackage.name == row.package))
-        then = ("Automatic attempts stopped at the re-attempt horizon "
-                f"({config.settings.policies.retry_horizon_hours:g} h): once it is lifted, "
-                f"`ccat-dt retry --package {row.package}`." if row.escalated_at is not None else
-                "Once it is lifted, the next automatic attempt"
-                + (f" ({_aware(row.next_attempt_at):%Y-%m-%d %H:%M} UTC, then less and less "
-                   "often)" if row.next_attempt_at is not None else "")
-                + " copies it; nothing to re-run.")
+        then = _after_a_person(config, row, "it is lifted", "copies it")
         problems.append(Problem(
             f"too_large:{row.stage}:{row.partition}", "too_large",
             f"{Stage(row.stage).label} {row.partition} refused: the destination takes no file "
@@ -475,13 +483,7 @@ def _refused_sources(session: Session, config: Config) -> list[Problem]:
     for row in session.scalars(select(Reattempt).order_by(Reattempt.id)):
         if not _refused(row):
             continue
-        then = ("Automatic attempts stopped at the re-attempt horizon "
-                f"({config.settings.policies.retry_horizon_hours:g} h): once it is readable, "
-                f"`ccat-dt retry --package {row.package}`." if row.escalated_at is not None else
-                "Once it is readable, the next automatic attempt"
-                + (f" ({_aware(row.next_attempt_at):%Y-%m-%d %H:%M} UTC, then less and less "
-                   "often)" if row.next_attempt_at is not None else "")
-                + " reads it; nothing to re-run.")
+        then = _after_a_person(config, row, "it is readable", "reads it")
         purge = row.stage == Stage.PURGE  # its re-read of an archive copy it relies on
         problems.append(Problem(
             f"source_refused:{row.stage}:{row.partition}", "source_refused",
