@@ -279,9 +279,10 @@ def last_wiped(instance: DagsterInstance, assets: Iterable[str]) -> float:
     leave a wiped asset out) nor its ASSET_WIPED event (the embedded SQLite storage keeps it
     with the runless events, outside its index) can tell."""
     storage = instance.event_log_storage
-    if not isinstance(storage, SqlEventLogStorage):
+    details_of = getattr(storage, "_get_assets_details", None)  # Dagster's own, not public
+    if not isinstance(storage, SqlEventLogStorage) or details_of is None:
         return 0.0  # the slow round restates
-    details = storage._get_assets_details([AssetKey(asset) for asset in assets])  # noqa: SLF001
+    details = details_of([AssetKey(asset) for asset in assets])
     return max((d.last_wipe_timestamp or 0.0 for d in details if d is not None), default=0.0)
 
 
