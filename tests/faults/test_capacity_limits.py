@@ -73,6 +73,17 @@ def _problems(config: Config, opsdb: OpsDB) -> dict[str, str]:
                 for p in current_problems(session, config, utcnow())}
 
 
+def _converges(config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """Once a person lifted the limit: the next drive archives everything, nothing lost,
+    nothing left to tell, the storage safe."""
+    report = run(config, instance)
+    assert report.failed == []
+    archived_everywhere(config, opsdb)
+    assert lost_filed_files(config, opsdb) == []
+    assert _problems(config, opsdb) == {}
+    assert_safe(config, opsdb)
+
+
 def _unhealthy(opsdb: OpsDB) -> list[str]:
     with opsdb.session() as session:
         return [location.label for location in unhealthy(session, utcnow())]
@@ -148,13 +159,7 @@ def test_an_archive_out_of_inodes_with_bytes_free_is_told_so_and_heals_once_file
     assert_safe(config, opsdb, expected_findings=[("dark", name) for name in made])
 
     shutil.rmtree(small)  # a person deletes the small files
-    report = run(config, instance)
-
-    assert report.failed == []
-    archived_everywhere(config, opsdb)
-    assert lost_filed_files(config, opsdb) == []
-    assert _problems(config, opsdb) == {}
-    assert_safe(config, opsdb)
+    _converges(config, opsdb, instance)
     opsdb.dispose()
 
 
@@ -311,13 +316,7 @@ def test_an_archive_host_that_takes_no_file_this_big_is_told_and_heals_once_lift
     assert_safe(config, opsdb)
 
     limit.write_text("unlimited\n")  # a person lifts the limit
-    report = run(config, instance)
-
-    assert report.failed == []
-    archived_everywhere(config, opsdb)
-    assert lost_filed_files(config, opsdb) == []
-    assert _problems(config, opsdb) == {}
-    assert_safe(config, opsdb)
+    _converges(config, opsdb, instance)
     opsdb.dispose()
 
 
@@ -397,13 +396,7 @@ def test_an_archive_over_its_quota_is_told_so_and_heals_once_the_quota_is_raised
     assert_safe(config, opsdb)
 
     disk.limit("none")  # a person raises the quota
-    report = run(config, instance)
-
-    assert report.failed == []
-    archived_everywhere(config, opsdb)
-    assert lost_filed_files(config, opsdb) == []
-    assert _problems(config, opsdb) == {}
-    assert_safe(config, opsdb)
+    _converges(config, opsdb, instance)
     opsdb.dispose()
 
 
