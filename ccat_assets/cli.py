@@ -920,16 +920,16 @@ def _explain(exc: BaseException, config_path: str | None = None) -> tuple[str, i
     """One line for an error (its cause and the next step) and the exit status. An OpsDB
     error wrapped by Dagster (e.g. raised in a sensor) counts as the OpsDB error; a SQLite
     file's disk full or read-only is said so, with the file."""
+    if isinstance(exc, (UsageError, FileExistsError)) or any(
+            isinstance(exc, getattr(sys.modules[module], name))
+            for module, name in _STATED_ERRORS if module in sys.modules):
+        return str(exc), EXIT_ERROR  # before its database cause: it says more
     chain = _chain(exc)
     for link in chain:
         if isinstance(link, DBAPIError) and not isinstance(link, IntegrityError):
             if _in_instance_storage(chain):
                 return _instance_storage_unavailable(link), EXIT_ERROR
             return _opsdb_unavailable(link, config_path), EXIT_ERROR
-    if isinstance(exc, (UsageError, FileExistsError)) or any(
-            isinstance(exc, getattr(sys.modules[module], name))
-            for module, name in _STATED_ERRORS if module in sys.modules):
-        return str(exc), EXIT_ERROR
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
         trouble = (disk_trouble(Path(exc.filename)) if exc.filename
@@ -948,6 +948,7 @@ def _explain(exc: BaseException, config_path: str | None = None) -> tuple[str, i
 # already imported, since a command that did not import one cannot have raised its error.
 _STATED_ERRORS = (("ccat_dt.config", "ConfigError"), ("ccat_dt.filing", "FilingError"),
                   ("ccat_dt.opsdb.database", "SchemaOutOfDate"),
+                  ("ccat_dt.opsdb.database", "MigrationBlocked"),
                   ("ccat_dt.staging", "StagingError"), ("ccat_dt.service.tokens", "TokenError"),
                   ("ccat_dt.client", "ServiceError"), ("ccat_dt.topology", "TopologyDrift"),
                   ("ccat_dt.service.journal", "JournalInUse"))

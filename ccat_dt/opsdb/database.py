@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 if TYPE_CHECKING:  # Alembic is imported only to migrate: every command opens an OpsDB
     from alembic.config import Config as AlembicConfig
@@ -47,6 +49,10 @@ _SERVER_SIDE = {"keepalives_idle": "tcp_keepalives_idle",
 
 class SchemaOutOfDate(Exception):
     """The OpsDB has not been migrated to the schema this code expects."""
+
+
+class MigrationBlocked(Exception):
+    """A migration gave up waiting for a table another OpsDB session holds: nothing changed."""
 
 
 def _alembic_config(url: str) -> AlembicConfig:
@@ -204,7 +210,42 @@ def migrate(url: str) -> None:
         engine.dispose()
     if newer:
         raise SchemaOutOfDate(f"OpsDB at {engine.url!r} {newer}")
-    command.upgrade(_alembic_config(url), "head")
+    try:
+        command.upgrade(_alembic_config(url), "head")
+    except OperationalError as exc:
+        if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+            raise
+        raise MigrationBlocked(_blocked_migration(url)) from exc
+
+
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout that ran out
+
+
+def _blocked_migration(url: str) -> str:
+    """Who holds OpsDB tables, read once the migration rolled back: the sessions to end."""
+    engine = create_engine(url, poolclass=NullPool, connect_args=link_connect_args(url))
+    try:
+        with engine.connect() as connection:
+            revision = _current_revision(engine)
+            holders = connection.execute(text(
+                "SELECT DISTINCT a.pid, a.usename, a.application_name, a.client_addr, a.state,"
+                " a.xact_start FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " JOIN pg_class c ON c.oid = l.relation"
+                " WHERE l.granted AND l.pid <> pg_backend_pid()"
+                " AND c.relnamespace = current_schema()::regnamespace"
+                " ORDER BY a.xact_start LIMIT 5")).all()
+    finally:
+        engine.dispose()
+    who = "; ".join(
+        f"pid {pid} (user {user}{f', application {app}' if app else ''}, "
+        f"from {addr or 'a local socket'}, "
+        f"{state}, its transaction open since {since:%Y-%m-%d %H:%M:%S %Z})"
+        for pid, user, app, addr, state, since in holders) or "a session that has ended since"
+    return (f"OpsDB migration gave up after waiting {lock_timeout_s():g} s for a table that "
+            f"another session holds: {who}. Nothing was changed (the schema is still at "
+            f"revision {revision or 'none'}). End that session (`SELECT "
+            "pg_terminate_backend(PID)` as a superuser) or stop the ccat-dt services using this "
+            "OpsDB, then run `ccat-dt migrate` again")
 
 
 def schema_head() -> str:

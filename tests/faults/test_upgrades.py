@@ -13,6 +13,7 @@ partition was never retired)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from alembic import command
 from dagster import DagsterInstance
 from sqlalchemy import create_engine, text
 
+from ccat_assets.cli import EXIT_ERROR
 from ccat_dt.config import load_config
 from ccat_dt.defaults import CONFIG_NAME
 from ccat_dt.marker import MARKER
@@ -215,3 +217,45 @@ def test_two_migrates_at_once_both_succeed_and_the_schema_is_migrated_once(
     assert [rc for rc, _ in outcomes] == [0, 0, 0], outcomes
     assert revision(url) == database.schema_head()
     OpsDB(url).dispose()  # opens: the schema is this code's
+
+
+def test_a_migrate_behind_a_session_holding_a_table_gives_up_naming_it_and_changes_nothing(
+        tmp_path: Path, postgres_url: str) -> None:
+    """`ccat-dt migrate` of a PostgreSQL OpsDB while another session holds a table the upgrade
+    alters (a psql left `idle in transaction`, a process stopped mid-transaction): the upgrade
+    waits the lock timeout, then gives up whole, naming the session and how to end it; the
+    schema is left at its revision, and once the session is gone `migrate` goes through.
+    Before: it waited for ever, and every query on that table queued behind its ALTER."""
+    from ccat_dt.defaults import write_default_config
+
+    path = write_default_config(tmp_path / "dep", overrides={"opsdb_url": postgres_url})
+    command.upgrade(_alembic_config(postgres_url), "0013")  # 0014 alters raw_data_packages
+    holder = create_engine(postgres_url).connect()
+    holder.execute(text("SELECT count(*) FROM raw_data_packages"))  # open, then left idle
+    pid = holder.execute(text("SELECT pg_backend_pid()")).scalar()
+    migrate = [sys.executable, "-m", "ccat_assets.cli", "--config", str(path), "migrate"]
+    env = {**os.environ, database.LOCK_TIMEOUT_ENV: "2"}
+    try:
+        blocked = subprocess.run(migrate, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, timeout=120)
+        assert blocked.returncode == EXIT_ERROR, blocked.stderr
+        assert f"pid {pid} (user " in blocked.stderr
+        assert "idle in transaction" in blocked.stderr
+        assert "pg_terminate_backend" in blocked.stderr
+        assert "still at revision 0013" in blocked.stderr
+        assert revision(postgres_url) == "0013"
+        engine = create_engine(postgres_url)
+        with engine.connect() as connection:
+            columns = set(connection.execute(text(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema ="
+                " current_schema() AND table_name = 'raw_data_packages'")).scalars())
+        engine.dispose()
+        assert "verified_lta_sites" not in columns  # the whole upgrade rolled back
+    finally:
+        holder.close()
+        holder.engine.dispose()
+
+    done = subprocess.run(migrate, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert revision(postgres_url) == database.schema_head()

@@ -6,6 +6,7 @@ from sqlalchemy import create_engine, event, pool, text
 from ccat_dt.opsdb.database import (
     LOCK_TIMEOUT_ENV,
     link_connect_args,
+    lock_timeout_s,
     server_link_settings,
     set_on_connect,
 )
@@ -56,5 +57,11 @@ else:
             if engine.dialect.name == "postgresql":  # the same, for the whole transaction
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                    {"key": MIGRATION_LOCK})
+                # A table another session holds (an `idle in transaction` psql, a run in the
+                # middle of its transaction) is waited for lock_timeout_s(), then the upgrade
+                # fails whole (database.MigrationBlocked). Unbounded, the ALTER waited for ever
+                # and every other query on that table queued behind it: the system stood still.
+                connection.execute(text(
+                    f"SET LOCAL lock_timeout = {max(1, round(lock_timeout_s() * 1000))}"))
             context.run_migrations()
     engine.dispose()
