@@ -418,8 +418,7 @@ def cmd_purge(args: argparse.Namespace) -> None:
     else:
         print(f"purge cycle: {cycle}")
     for pressure in plan.pressure:
-        print(f"disk pressure at {pressure.location}: {pressure.before_pct:.1f}% used -> "
-              f"{pressure.after_pct:.1f}% (high {pressure.high_pct:g}%, low {pressure.low_pct:g}%)")
+        print(pressure.said())
     for package, decision in shown:
         verb = "DELETE" if decision.action == "delete" else "keep  "
         where = f"{decision.site}/{decision.location}"

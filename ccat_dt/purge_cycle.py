@@ -5,7 +5,7 @@ rule (the verified copies a deletion rests on are exactly as for a normal deleti
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -33,11 +33,17 @@ from ccat_dt.topology import get_location
 class DiskUsage:
     """A file system's use as `df` shows it: Use% = used / (used + available), where
     available excludes the blocks reserved for root (so 100% is full for us). Without
-    `available` (a caller that only knows the size), the rest of `total` counts as available."""
+    `available` (a caller that only knows the size), the rest of `total` counts as available.
+    Its inodes likewise, as `df -i` shows them, when known: a disk out of inodes refuses every
+    new file (ENOSPC) with bytes free, so the fill the watermarks compare (`fill_percent`) is
+    the higher of the two."""
 
     total: int
     used: int
     available: int | None = None
+    inodes: int = 0  # 0: not known, or a file system that counts none (btrfs)
+    inodes_used: int = 0
+    inodes_available: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -47,29 +53,77 @@ class DiskUsage:
 
     @property
     def percent(self) -> float:
+        """Of its bytes (df's Use%)."""
         return 100.0 * self.used / self.capacity if self.capacity else 0.0
+
+    @property
+    def inode_capacity(self) -> int:
+        """The files this file system can hold for us: inodes used + available."""
+        return self.inodes_used + (self.inodes_available if self.inodes_available is not None
+                                   else max(self.inodes - self.inodes_used, 0))
+
+    @property
+    def inode_percent(self) -> float:
+        """Of its inodes (df -i's IUse%); 0 for a file system that counts none."""
+        return 100.0 * self.inodes_used / self.inode_capacity if self.inode_capacity else 0.0
+
+    @property
+    def fill_percent(self) -> float:
+        """What the watermarks compare: the higher of bytes and inodes used."""
+        return max(self.percent, self.inode_percent)
+
+    @property
+    def filled_by(self) -> str:
+        """"inodes" when they are fuller than the bytes (`fill_percent`), else "bytes"."""
+        return "inodes" if self.inode_percent > self.percent else "bytes"
+
+    def without(self, nbytes: int, files: int) -> DiskUsage:
+        """As it would be once `files` files of `nbytes` bytes in all are deleted."""
+        return replace(
+            self, used=max(self.used - nbytes, 0),
+            available=None if self.available is None else self.available + nbytes,
+            inodes_used=max(self.inodes_used - files, 0),
+            inodes_available=(None if self.inodes_available is None
+                              else self.inodes_available + files))
 
 
 def measure(location: DataLocation) -> DiskUsage | None:
-    """The usage of a location's disk when it is mounted here; None for a remote root (this
-    host's file system at the same path is another disk) or a root that is not the marked
-    disk (unmounted: the empty mount point would report the system disk)."""
+    """The usage of a location's disk, bytes and inodes, when it is mounted here; None for a
+    remote root (this host's file system at the same path is another disk) or a root that is
+    not the marked disk (unmounted: the empty mount point would report the system disk)."""
     if location.host is not None or root_problem(Path(location.root), location.label):
         return None
     try:
-        usage = shutil.disk_usage(location.root)
+        info = os.statvfs(location.root)
     except OSError:
         return None
-    return DiskUsage(total=usage.total, used=usage.used, available=usage.free)
+    # bytes as shutil.disk_usage (and df) count them; inodes as df -i
+    return DiskUsage(total=info.f_blocks * info.f_frsize,
+                     used=(info.f_blocks - info.f_bfree) * info.f_frsize,
+                     available=info.f_bavail * info.f_frsize, inodes=info.f_files,
+                     inodes_used=info.f_files - info.f_ffree, inodes_available=info.f_favail)
+
+
+def _used(usage: DiskUsage, of: str) -> str:
+    """"85.0% used" (its bytes), or "85.0% of its inodes used" when they are the fuller."""
+    return (f"{usage.fill_percent:.1f}% " + ("of its inodes " if of == "inodes" else "")
+            + "used")
 
 
 @dataclass(frozen=True)
 class Pressure:
     location: str
-    before_pct: float
+    before_pct: float  # the fill: the higher of bytes and inodes used (DiskUsage.fill_percent)
     after_pct: float
     high_pct: float
     low_pct: float
+    filled_by: str = "bytes"  # or "inodes": a disk of many small files, bytes free
+
+    def said(self) -> str:
+        """How `purge --plan` says it: what fill is above the high watermark, and to where."""
+        of = " of its inodes" if self.filled_by == "inodes" else ""
+        return (f"disk pressure at {self.location}: {self.before_pct:.1f}%{of} used -> "
+                f"{self.after_pct:.1f}% (high {self.high_pct:g}%, low {self.low_pct:g}%)")
 
 
 @dataclass
@@ -162,23 +216,29 @@ def plan_cycle(session: Session, config: Config, now: datetime, *,
         if high is None or low is None:
             continue
         measured = usage(get_location(session, site, name))
-        if measured is None or measured.percent <= high:
+        if measured is None or measured.fill_percent <= high:
             continue
-        freed = sum(d.size for _, d in plan.deletions
-                    if (d.site, d.location) == (site, name))
+        # Each copy deleted frees its bytes and its inode (one file): early ones go until
+        # both are at the low watermark.
+        there = [d for _, d in plan.deletions if (d.site, d.location) == (site, name)]
+        freed, files = sum(d.size for d in there), len(there)
         to_free = measured.used - int(low / 100 * measured.capacity)
+        files_to_free = measured.inodes_used - int(low / 100 * measured.inode_capacity)
+        why = (f"disk pressure at {site}/{name} ({_used(measured, measured.filled_by)}, high "
+               f"watermark {high:g}%)")
         for package, decision in decided:
-            if freed >= to_free:
+            if freed >= to_free and files >= files_to_free:
                 break
             if ((decision.site, decision.location) == (site, name) and decision.early
                     and decision.copy_id not in chosen and spent + decision.size <= budget):
-                plan.deletions.append((package, _early(decision)))
+                plan.deletions.append((package, _early(decision, why)))
                 chosen.add(decision.copy_id)
                 spent += decision.size
                 freed += decision.size
+                files += 1
         plan.pressure.append(Pressure(
-            f"{site}/{name}", measured.percent,
-            100.0 * (measured.used - freed) / measured.capacity, high, low))
+            f"{site}/{name}", measured.fill_percent,
+            measured.without(freed, files).fill_percent, high, low, measured.filled_by))
     plan.kept = [(p, d if d.action == Action.KEEP else _over_budget(d, budget))
                  for p, d in decided if d.copy_id not in chosen]
     return plan
@@ -194,9 +254,9 @@ def pressure_gone(session: Session, config: Config, site: str, name: str, *,
     measured = usage(get_location(session, site, name))
     if low is None or measured is None:
         return f"disk pressure at {site}/{name} can no longer be measured"
-    if measured.percent <= low:
-        return (f"disk pressure at {site}/{name} is over ({measured.percent:.1f}% used, low "
-                f"watermark {low:g}%)")
+    if measured.fill_percent <= low:
+        return (f"disk pressure at {site}/{name} is over ({_used(measured, measured.filled_by)}, "
+                f"low watermark {low:g}%)")
     return None
 
 
@@ -206,10 +266,12 @@ def _over_budget(decision: Decision, budget: int) -> Decision:
                    reason=f"not in this purge cycle's budget ({budget} bytes); {decision.reason}")
 
 
-def _early(decision: Decision) -> Decision:
+def _early(decision: Decision, why: str) -> Decision:
+    """`why`: the disk pressure, "disk pressure at LOCATION (85.0% of its inodes used, high
+    watermark 80%)"."""
     return replace(decision, action=Action.DELETE,
-                   reason=decision.reason.replace("deletable after", "disk pressure: deleting "
-                                                  "early; would have been deletable after"))
+                   reason=decision.reason.replace("deletable after", f"{why}: deleting early; "
+                                                  "would have been deletable after"))
 
 
 

@@ -4,6 +4,7 @@ watermark but never past any other rule; and `ccat-dt purge [--plan]`."""
 from __future__ import annotations
 
 import copy as copylib
+import os
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,6 +38,7 @@ from ccat_dt.purge_cycle import CyclePlan, DiskUsage, measure, plan_cycle
 from ccat_dt.reaper import certificate_problems, purge_package
 from ccat_dt.retention import Action, Decision, plan_deletions
 from ccat_dt.topology import get_location, get_site, prepare_opsdb
+from tests.faults.disks import MountDisk
 from tests.helpers import checksum, write
 
 NOW = utcnow().replace(microsecond=0) - timedelta(hours=1)  # simulated "now", in the past
@@ -418,6 +420,60 @@ def test_pressure_never_makes_an_ineligible_copy_eligible(tmp_path: Path) -> Non
     assert set(statuses(opsdb).values()) == {CopyStatus.PRESENT}
     assert deletions(opsdb) == []
     assert all(path_of(opsdb, i).exists() for i in ids)
+    opsdb.dispose()
+
+
+def test_a_buffer_out_of_inodes_is_under_pressure_though_its_bytes_are_free(
+        tmp_path: Path, mount_disk: MountDisk, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The observatory buffer is a real tmpfs of 4 MB with 20 inodes, 85% of them used (the
+    young tars and many small files of something else) while 1% of its bytes are: full for
+    every new file (ENOSPC), so above its high watermark (80%). Before, the watermarks compared
+    bytes only: nothing went early, and the next package could not be written. Now the fill
+    is the higher of the two: `purge --plan` says the inodes are why, and the purge deletes
+    the oldest young tars early, one inode each, until 70% (the low watermark) of the inodes
+    are used; none past any other rule (certificates hold)."""
+    monkeypatch.delenv("CCAT_DT_CONFIG", raising=False)
+    monkeypatch.delenv("CCAT_DT_OPSDB_URL", raising=False)
+    config = deploy(tmp_path / "deploy", {**PRESSURED, "ccat/buffer": {
+        "retention_hours": 24, "high_watermark_pct": 80, "low_watermark_pct": 70}})
+    disk = mount_disk(config, "ccat/buffer", 4096 * 1024, nr_inodes="20")
+    opsdb = OpsDB(config.opsdb_url)
+    buffer_ids = young_archived_packages(opsdb)
+    (disk.root / "other").mkdir()
+    for i in range(20):  # another program's small files, up to 17 of the 20 inodes
+        info = os.statvfs(disk.root)
+        if info.f_files - info.f_ffree >= 17:
+            break
+        (disk.root / "other" / str(i)).write_bytes(b"x")
+    info = os.statvfs(disk.root)
+    assert (info.f_files, info.f_files - info.f_ffree) == (20, 17)
+    others = sorted((disk.root / "other").iterdir())
+    assert (info.f_blocks - info.f_bfree) / info.f_blocks < 0.05  # its bytes: room to spare
+
+    main(["--config", str(config.path), "purge", "--plan"])
+
+    out = capsys.readouterr().out
+    assert ("disk pressure at ccat/buffer: 85.0% of its inodes used -> 70.0% (high 80%, "
+            "low 70%)") in out.splitlines(), out
+    early = [line for line in out.splitlines() if line.startswith("DELETE ")]
+    assert [line.split()[-1] for line in early] == [
+        str(path_of(opsdb, i)) for i in buffer_ids[:3]], out  # oldest first, 3 inodes
+    assert out.count("disk pressure at ccat/buffer (85.0% of its inodes used, high watermark "
+                     "80%): deleting early; would have been deletable after") == 3, out
+    assert all(path_of(opsdb, i).exists() for i in buffer_ids)  # the plan deletes nothing
+
+    main(["--config", str(config.path), "purge"])
+
+    for copy_id in buffer_ids:  # on the disk: the three oldest tars gone, the others kept
+        assert path_of(opsdb, copy_id).exists() == (copy_id in buffer_ids[3:])
+    info = os.statvfs(disk.root)
+    assert info.f_files - info.f_ffree == 14  # 70% of its inodes: the low watermark
+    assert sorted((disk.root / "other").iterdir()) == others  # not ccat-dt's to delete
+    after = statuses(opsdb)
+    assert {i for i, st in after.items() if st == CopyStatus.DELETED} == set(buffer_ids[:3])
+    for name in package_names(opsdb):
+        assert certificate_problems(opsdb, config, name) == []
     opsdb.dispose()
 
 
