@@ -20,8 +20,9 @@ class ScrubBatch(Config):
 def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
                       deployment: Deployment) -> int:
     """Each mismatch marks the copy CORRUPT; the repair sensor then restores it. A copy whose
-    location cannot be looked at (not mounted, unreachable) is left as it was, due again at the
-    next scrub, and the run fails with the cause once the rest of the batch is done."""
+    location cannot be looked at (not mounted, unreachable), or whose file cannot be read (its
+    disk failed the read, or it is refused to ccat-dt's user), is left as it was, due again at
+    the next scrub, and the run fails with the cause once the rest of the batch is done."""
     failed = 0
     unreached: list[str] = []
     deployment.metrics.watch_progress()  # the bytes hashed so far, while it runs
@@ -42,9 +43,9 @@ def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
                      f"{failed} bad, {len(unreached)} not reached")
     if unreached:
         raise Failure(description=(
-            f"{len(unreached)} of {len(config.partitions)} LTA copies could not be re-read, "
-            f"their storage unavailable (nothing marked; re-read at the next scrub): "
-            f"{unreached[0]}"), allow_retries=False)
+            f"{len(unreached)} of {len(config.partitions)} LTA copies could not be re-read "
+            f"(none marked corrupt; re-read at the next scrub): {unreached[0]}"),
+            allow_retries=False)
     return failed
 
 

@@ -35,7 +35,12 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.recovery import needs_rebuild
 from ccat_dt.retention import Action, plan_deletions
-from ccat_dt.routing import copies_at, replication_source, unreadable_reads
+from ccat_dt.routing import (
+    copies_at,
+    refused_reread,
+    replication_source,
+    unreadable_reads,
+)
 from ccat_dt.staged_files import Damage, look_at_staged
 from ccat_dt.stages import Stage
 from ccat_dt.transports.base import TOO_LARGE, refused_source
@@ -76,6 +81,13 @@ def diagnose(session: Session, config: Config, name: str, now: datetime) -> list
         "kept as it is, not sent from while another verified copy can be, and hashed again "
         "before a deletion relies on it")) for copy in package.copies
         if copy.status == CopyStatus.PRESENT and (read := unreadable.get(copy.id)) is not None]
+    stages += [StageState(f"copy at {copy.location.label}", "refused", (
+        f"{read.error} (operation {read.id}, "
+        f"{_aware(read.finished_at or read.started_at):%Y-%m-%d %H:%M} UTC); not judged: "
+        "kept as it is, its disk not at fault, not relied on for a deletion until it is read "
+        "intact; re-read by the scrub once readable"))
+        for copy in package.copies if copy.id not in unreadable
+        and (read := refused_reread(session, copy)) is not None]
     reattempts = {(r.stage, r.site): r for r in session.scalars(
         select(Reattempt).where(Reattempt.package == package.name))}
     stages.append(_packaging(session, config, package, reattempts.get((Stage.PACKAGING, ""))))

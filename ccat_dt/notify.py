@@ -21,7 +21,8 @@ Nothing is sent, and no row is written, while no channel is configured.
 What counts as a problem (`current_problems`) is only what does not heal by itself: a package
 quarantined (a source file changed after filing), a source file changed after archiving (its
 new bytes are in no archive), a source file refused to ccat-dt's user for lack of permission
-(again on the next attempt), a deletion or a copy refused for a file ccat-dt did not write,
+(again on the next attempt), a copy whose re-read (its check, the scrub) was so refused, a
+deletion or a copy refused for a file ccat-dt did not write,
 a copy refused because the package is larger than the destination takes (EFBIG: its file
 system's largest file, a file-size limit of the user writing there), work escalated past the
 re-attempt horizon, an archive site down past its failover horizon, a disk full (of bytes or
@@ -78,8 +79,9 @@ from ccat_dt.opsdb.models import (
     UndeliverableChannel,
     _aware,
 )
+from ccat_dt.routing import refused_reread
 from ccat_dt.stages import Stage
-from ccat_dt.transports.base import FOREIGN_FILE, TOO_LARGE, refused_source
+from ccat_dt.transports.base import FOREIGN_FILE, READABLE_BY, TOO_LARGE, refused_source
 
 LOG = logging.getLogger("ccat_dt.notify")
 
@@ -88,8 +90,9 @@ LOG = logging.getLogger("ccat_dt.notify")
 class Problem:
     key: str  # stable while the problem lasts, e.g. "quarantined:obs-0_primecam-f280_p00"
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
-    # | deletion_refused | foreign_file | source_changed | source_refused | archive_unreadable
-    # | disk_full | over_quota | read_only | disk_error | too_large | undeliverable
+    # | deletion_refused | foreign_file | source_changed | source_refused | copy_refused
+    # | archive_unreadable | disk_full | over_quota | read_only | disk_error | too_large
+    # | undeliverable
     subject: str
     detail: str  # what happened and what to do
 
@@ -360,6 +363,7 @@ def current_problems(session: Session, config: Config, now: datetime,
     problems += _foreign_files(session)
     problems += _too_large(session, config)
     problems += _refused_sources(session, config)
+    problems += _refused_copies(session, now)
     for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
                                                                     FilingDeadLetter.seq)):
         problems.append(Problem(
@@ -481,8 +485,8 @@ def _refused_sources(session: Session, config: Config) -> list[Problem]:
     re-attempt horizon, `ccat-dt retry`). Resolved once the work succeeds (its row goes)."""
     problems = []
     for row in session.scalars(select(Reattempt).order_by(Reattempt.id)):
-        if not _refused(row):
-            continue
+        if not _refused(row) or _REREAD in (row.last_error or ""):
+            continue  # a copy there re-read (its check): told as that copy's (_refused_copies)
         then = _after_a_person(config, row, "it is readable", "reads it")
         purge = row.stage == Stage.PURGE  # its re-read of an archive copy it relies on
         problems.append(Problem(
@@ -498,6 +502,49 @@ def _refused_sources(session: Session, config: Config) -> list[Problem]:
                "at the destination") + ", and the file is left as it is. Make it readable by "
             "that user (chmod/chown, or its ACL or security label: `ls -l`, `getfacl`, "
             f"`ls -Z`). {then} `ccat-dt why {row.package}` shows the stage."))
+    return problems
+
+
+# How replicas.reread says a copy was not read; and how long after a re-read refused to
+# ccat-dt's user its copy is told (the scrub reads a copy it could not verify every hour,
+# the longest unverified first); once told it stays told until the copy reads or is gone.
+_REREAD = "not re-read: "
+REFUSED_REREADS_WITHIN = timedelta(days=1)
+
+
+def _refused_copies(session: Session, now: datetime) -> list[Problem]:
+    """Copies whose re-read (their check, the scrub) was refused to ccat-dt's user for lack
+    of permission (a file mode, an owner, a directory it cannot enter, an ACL), with nothing
+    read fine since: not a disk to check, not a bad copy; only a person grants the permission.
+    Told at the refusal (those refused within REFUSED_REREADS_WITHIN, by the finished_at
+    index), and while told, until the copy reads intact or is gone (routing.refused_reread)."""
+    recent = {copy_id for copy_id in session.scalars(select(Operation.copy_id).where(
+        Operation.finished_at >= now - REFUSED_REREADS_WITHIN,
+        Operation.operation_type == OperationType.VERIFICATION,
+        Operation.status == OperationStatus.FAILED, Operation.copy_id.is_not(None),
+        Operation.error.contains(READABLE_BY))) if copy_id is not None}
+    told = {int(key.rsplit(":", 1)[1]) for key in session.scalars(
+        select(Notification.problem_key).where(Notification.closed.is_(False),
+                                               Notification.problem_key.like("copy_refused:%")))
+        if key.rsplit(":", 1)[1].isdigit()}
+    problems = []
+    for copy_id in sorted(recent | told):
+        copy = session.get(PhysicalCopy, copy_id)
+        if not isinstance(copy, PackageCopy) or (read := refused_reread(session, copy)) is None \
+                or read.finished_at is None:
+            continue
+        name = copy.package.name
+        problems.append(Problem(
+            f"copy_refused:{copy.id}", "copy_refused",
+            f"copy of {name} at {copy.location.label} cannot be re-read (permission denied)",
+            f"{(read.error or '').removeprefix(_REREAD)}\nIts re-read (its check, or the "
+            f"scrub) at {_aware(read.finished_at):%Y-%m-%d %H:%M} UTC was refused to "
+            "ccat-dt's user. The copy is not taken for a bad one (not quarantined, nothing "
+            "written over it), its disk is not at fault (no location is marked), and no "
+            "deletion relies on it until it is read intact. Make it readable by that user "
+            "(chmod/chown, or its ACL or security label: `ls -l`, `getfacl`, `ls -Z`); the "
+            "next re-read (the scrub's, hourly, the longest unverified first) then verifies "
+            f"it, nothing to re-run. `ccat-dt why {name}` shows the copy."))
     return problems
 
 

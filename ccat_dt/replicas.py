@@ -829,7 +829,11 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
     A location that cannot be looked at (root unmarked: the disk not mounted; host or bucket
     unreachable), or a file its disk fails to read (EIO), says nothing about the copy:
     TransferError (retryable when the host could not be reached or the read failed), nothing
-    marked but the location's failure."""
+    marked but the location's failure. A file refused to ccat-dt's user for lack of permission
+    (a mode, an owner, a directory it cannot enter, an ACL) says nothing about the copy nor
+    its disk: TransferError naming the file and whom to make it readable by, not retryable
+    within the run, nothing marked (`routing.refused_reread`: a person is told, notify.py); the next
+    re-read (the scrub's) verifies it once it is readable."""
     with opsdb.session() as session:
         copy = session.get_one(PackageCopy, copy_id)
         pkg = copy.package
@@ -850,6 +854,11 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
         mark_failed(opsdb, config, location_id, f"copy {copy_id} not re-read: {exc}")
         raise TransferError(f"{label}: copy {copy_id} not re-read: {exc}",
                             retryable=exc.transient) from exc
+    if seen.refused:  # a permission, not the disk: a person grants it
+        finish(opsdb, operation.id, error=f"not re-read: {seen.problem}")
+        raise TransferError(f"{label}: copy {copy_id} not re-read: {seen.problem} (not marked "
+                            "corrupt, its disk not at fault: read again once readable)",
+                            retryable=False)
     if seen.unreadable:  # the disk failed the read: the copy is not proved bad by that
         finish(opsdb, operation.id, error=f"not re-read: {seen.problem}")
         mark_failed(opsdb, config, location_id, f"copy {copy_id} at {where}: {seen.problem}")

@@ -10,18 +10,20 @@ from sqlalchemy.orm import Session
 from ccat_dt.config import Config
 from ccat_dt.health import sites_down
 from ccat_dt.opsdb.models import (
+    CopyStatus,
     DataLocation,
     LocationType,
     Operation,
     OperationStatus,
     OperationType,
     PackageCopy,
+    PhysicalCopy,
     RawDataPackage,
     Site,
     _aware,
     utcnow,
 )
-from ccat_dt.transports.base import SOURCE_UNREADABLE
+from ccat_dt.transports.base import SOURCE_UNREADABLE, refused_source
 
 
 def next_primary_site(session: Session, config: Config,
@@ -159,3 +161,23 @@ def unreadable_reads(session: Session, package: RawDataPackage) -> dict[int, Ope
                                  or _aware(copy.verified_at) <= _aware(when)):
             out[copy.id] = failed[copy.location_id]
     return out
+
+
+def refused_reread(session: Session, copy: PhysicalCopy) -> Operation | None:
+    """The copy's last re-read (replicas.reread: its check, the scrub), when it was refused to
+    ccat-dt's user for lack of permission and nothing has read the copy fine since; else None.
+    Such a copy is left as it is (PRESENT, its location not marked): only a person grants the
+    permission (notify.py tells it; `why` shows it)."""
+    if copy.status != CopyStatus.PRESENT or copy.package_id is None:
+        return None
+    last = session.scalars(select(Operation).where(
+        Operation.package_id == copy.package_id, Operation.copy_id == copy.id,
+        Operation.operation_type == OperationType.VERIFICATION,
+        Operation.finished_at.is_not(None))
+        .order_by(Operation.finished_at.desc(), Operation.id.desc()).limit(1)).first()
+    if (last is None or last.finished_at is None or last.status != OperationStatus.FAILED
+            or not refused_source(last.error or "")):
+        return None
+    if copy.verified_at is not None and _aware(copy.verified_at) > _aware(last.finished_at):
+        return None
+    return last

@@ -208,8 +208,10 @@ def _symlink_problem(exc: OSError, relative_path: str) -> str:
 
 def _denied(root: Path, rel: str) -> str:
     """Seen.problem of a file refused to this process (Seen.refused): the file, its owner and
-    mode (or the directory that cannot be entered) and whom to make it readable by."""
-    return f"{UNREADABLE} {rel}: {denied_here(root / rel)}"
+    mode (or the directory that cannot be entered) and whom to make it readable by; a copy
+    looked at, not a source read ("cannot read REL: PATH: permission denied (...): make it
+    readable by ...")."""
+    return f"{UNREADABLE} {rel}: {denied_here(root / rel, what=None)}"
 
 
 def look_local(root: Path, wanted: Wanted) -> Seen:
@@ -327,7 +329,7 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
             raise StorageUnavailable(f"unexpected answer from {host} for {rel}: {words}")
         status = words[1]
         refused = f"{UNREADABLE} {rel} on {host}: " + denied(
-            ssh, Endpoint(PurePosixPath(root) / rel, host)) if status == "denied" else ""
+            ssh, Endpoint(PurePosixPath(root) / rel, host), None) if status == "denied" else ""
         if refused:  # a directory on its way cannot be entered (Seen.refused)
             seen.append(Seen(rel, refused))
         elif status == "symlink":
@@ -348,7 +350,7 @@ def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted
                     continue
                 if line.startswith(f"{index} denied"):  # its open refused (Seen.refused)
                     seen.append(Seen(rel, f"{UNREADABLE} {rel} on {host}: " + denied(
-                        ssh, Endpoint(PurePosixPath(root) / rel, host))))
+                        ssh, Endpoint(PurePosixPath(root) / rel, host), None)))
                     continue
                 checksum = parse_xxhsum(line)
             seen.append(Seen(rel, None, size, inode, mtime_ns, checksum, device=device))

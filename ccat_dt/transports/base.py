@@ -260,16 +260,20 @@ PERMISSION_DENIED = "permission denied"
 READABLE_BY = "make it readable by"
 
 
-def denied_source(where: str, found: str | None, user: str) -> str:
+def denied_source(where: str, found: str | None, user: str,
+                  what: str | None = SOURCE_UNREADABLE) -> str:
     """What a transfer (or a packaging) says of a source file refused to `user`: `where` names
-    it, `found` its owner and mode (or the directory that cannot be entered), if known."""
-    return (f"{SOURCE_UNREADABLE}: {where}: {PERMISSION_DENIED}"
+    it, `found` its owner and mode (or the directory that cannot be entered), if known. `what`
+    None: a file that is not read as a source (a copy a check, the scrub or the purge re-reads:
+    storage.look), said "PATH: permission denied ...: make it readable by USER"."""
+    return ((f"{what}: " if what else "") + f"{where}: {PERMISSION_DENIED}"
             + (f" ({found})" if found else "") + f": {READABLE_BY} {user}")
 
 
 def refused_source(text: str) -> bool:
-    """Whether a failure says a source file was refused for lack of permission (denied_source)."""
-    return SOURCE_UNREADABLE in text and READABLE_BY in text
+    """Whether a failure says a file was refused for lack of permission (denied_source): a
+    source file, or a copy re-read on its storage."""
+    return f": {PERMISSION_DENIED}" in text and READABLE_BY in text
 
 
 def disk_failed_read(text: str) -> bool:
@@ -330,9 +334,10 @@ def _mode_lets_read(uid: int, gid: int, mode: int, user: int, groups: list[int])
     return bool(mode & stat.S_IROTH)
 
 
-def denied_here(path: str | os.PathLike[str], where: str | None = None) -> str:
+def denied_here(path: str | os.PathLike[str], where: str | None = None,
+                what: str | None = SOURCE_UNREADABLE) -> str:
     """denied_source for a file on this machine, refused to this process."""
-    return denied_source(where or os.fspath(path), refusal_here(path), local_user())
+    return denied_source(where or os.fspath(path), refusal_here(path), local_user(), what)
 
 
 # What a file of a batched session says when another file's own failure stopped the session:

@@ -24,6 +24,7 @@ from ccat_dt.checksums import hash_file
 from ccat_dt.diskstate import inodes_out, inodes_out_here
 from ccat_dt.transports.base import (
     PERMANENT_ERRNO,
+    SOURCE_UNREADABLE,
     TOO_LARGE,
     Endpoint,
     Occupied,
@@ -523,13 +524,13 @@ _REFUSAL_SCRIPT = ('p=$1; while ! s=$(stat -L -c "%u %U %a" -- "$p" 2>/dev/null)
 REFUSAL_TIMEOUT_S = 30  # a look on the failure path: the link just carried the transfer
 
 
-def denied(ssh: SshSettings, source: Endpoint) -> str:
-    """denied_source for a source file refused to ccat-dt's user where it lies: on this
-    machine, or on its ssh host, whose owner and mode (and login user) are looked at there,
-    best effort (a failed look leaves them out)."""
+def denied(ssh: SshSettings, source: Endpoint, what: str | None = SOURCE_UNREADABLE) -> str:
+    """denied_source for a source file (`what` None: a copy re-read) refused to ccat-dt's
+    user where it lies: on this machine, or on its ssh host, whose owner and mode (and login
+    user) are looked at there, best effort (a failed look leaves them out)."""
     path = check_path(source.path)
     if source.host is None:
-        return denied_here(path)
+        return denied_here(path, what=what)
     host = check_host(source.host)
     user, found = f"the user ccat-dt logs in as on {host}", None
     with contextlib.suppress(TransferError, ValueError, OSError):
@@ -543,7 +544,7 @@ def denied(ssh: SshSettings, source: Endpoint) -> str:
             if lines[1] != path:
                 found = f"its directory {lines[1]} cannot be entered: {found}"
             user += f" ({lines[3]}, uid {int(lines[2])})"
-    return denied_source(f"{path} on {host}", found, user)
+    return denied_source(f"{path} on {host}", found, user, what)
 
 
 # The disk holding a path (its nearest existing directory): blocks available, block size,

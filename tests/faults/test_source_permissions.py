@@ -40,8 +40,10 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.packages import get_package
+from ccat_dt.pending import scrub_due
 from ccat_dt.references import Placement
-from ccat_dt.replicas import Placed
+from ccat_dt.replicas import Placed, verify
+from ccat_dt.scrub import scrub
 from ccat_dt.staging import Selection, request_staging
 from ccat_dt.transports.base import Endpoint, TransferError, Transport
 from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport
@@ -508,6 +510,80 @@ def test_an_archive_copy_the_purge_relies_on_refused_is_told_as_a_permission_not
     assert len(webhook_receiver.texts) == 2 and "RESOLVED" in webhook_receiver.texts[1]
     assert failing(opsdb) == {}
     assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+@pytest.mark.parametrize("how", ["file", "directory"])
+@pytest.mark.parametrize("where", ["local", "over ssh"])
+def test_an_archive_copy_whose_check_and_scrub_are_refused_is_told_as_a_permission_not_a_disk(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        sshd: SshServer, where: str, how: str) -> None:
+    """Cologne's LTA copy, archived and verified, is then refused to ccat-dt's user (a file
+    mode 0600 of another user, or its directory 0700): its check's re-read and the fixity
+    scrub cannot read it. Neither takes it for a bad copy (PRESENT, not quarantined, its bytes,
+    owner and mode untouched) nor its disk for a failing one: no location is marked (before:
+    cologne/lta was marked failing, as a disk that cannot read the file, and told past the
+    failover horizon as "its disk failed with an I/O error ... Check the disk (kernel log,
+    SMART)"; a buffer so marked was passed over for new work). They say it is a permission,
+    in words for a copy (not "source unreadable"), naming the file, its owner and mode and
+    whom to make it readable by; so do the notice, at once, and `why`. The copy, and the
+    location's other copy, stay due for the scrub; once readable, the next scrub verifies it
+    and nothing is left to tell. The archives on a disk of this machine, or on hosts reached
+    over ssh (rsync), where the look is made by a script on the host."""
+    if where == "local":
+        config = _config(tmp_path)
+        by = "the user running ccat-dt (root, uid 0)"
+    else:
+        config = multisite(tmp_path, sshd, "rsync", max_attempts=2, retry_backoff_first_s=0.2)
+        by = f"the user ccat-dt logs in as on {sshd.destination} (root, uid 0)"
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    observe(config, opsdb)
+    observe(config, opsdb, name="obs-1")
+    assert run(config, instance).failed == []
+    package, other = package_names(opsdb)
+    with opsdb.session() as session:
+        checksum = get_package(session, package).checksum
+    assert checksum is not None
+    said = refuse(disk, TAR, how)
+
+    check = verify(opsdb, config, package, "cologne", LocationType.LONG_TERM_ARCHIVE)
+    [(_, _, scrubbed)] = scrub(opsdb, config, [(package, "cologne")])
+
+    for result in (check, scrubbed):
+        assert not result.passed and not result.reached, result  # a warning, not a bad copy
+        assert said in result.description, result.description
+        assert f"make it readable by {by}" in result.description, result.description
+        assert "source unreadable" not in result.description, result.description
+    assert failing(opsdb) == {}  # no disk error, no location that cannot be looked at
+    assert ("cologne/lta", CopyStatus.PRESENT) in _copies(opsdb)
+    assert not [c for c in _copies(opsdb) if c[1] == CopyStatus.CORRUPT]
+    untouched(disk, TAR, how, checksum)
+    later = utcnow() + timedelta(hours=config.settings.policies.site_failover_hours, minutes=1)
+    with opsdb.session() as session:
+        now_told = current_problems(session, config, utcnow())
+        later_told = current_problems(session, config, later)
+        due = {(d.package, d.site) for d in scrub_due(session, 1 << 40, utcnow())}
+    assert not [p.key for p in now_told + later_told
+                if p.kind in ("disk_error", "archive_unreadable")], now_told + later_told
+    [refused] = [p for p in now_told if p.kind == "copy_refused"]
+    text = f"{refused.subject}\n{refused.detail}"
+    assert package in refused.subject and "cologne/lta" in refused.subject, text
+    assert said in text and f"make it readable by {by}" in text, text
+    assert "SMART" not in text and "Check the disk" not in text, text
+    assert {(package, "cologne"), (other, "cologne")} <= due, due  # read again later
+    state, detail = _stages(config, opsdb, package)["copy at cologne/lta"]
+    assert state == "refused" and f"make it readable by {by}" in detail, (state, detail)
+
+    grant(disk, TAR, how)
+    [(_, _, scrubbed)] = scrub(opsdb, config, [(package, "cologne")])
+
+    assert scrubbed.passed, scrubbed
+    assert hash_file(disk.root / TAR)[0] == checksum
+    assert not [key for key in told(config, opsdb) if key.startswith("copy_refused:")]
+    assert "copy at cologne/lta" not in _stages(config, opsdb, package)
+    assert failing(opsdb) == {}
     assert_safe(config, opsdb)
     opsdb.dispose()
 
