@@ -10,6 +10,7 @@ failover (ccat_dt/failover.py) measures against its horizon."""
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -18,7 +19,15 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import DataLocation, LocationType, PhysicalCopy, Site, _aware, utcnow
+from ccat_dt.opsdb.models import (
+    CopyStatus,
+    DataLocation,
+    LocationType,
+    PhysicalCopy,
+    Site,
+    _aware,
+    utcnow,
+)
 from ccat_dt.transports.base import (
     DISK_READ_FAILED,
     FOREIGN_FILE,
@@ -174,11 +183,38 @@ def mark_failed(opsdb: OpsDB, config: Config, location_id: int, reason: str,
 
 
 def mark_ok(session: Session, location_id: int) -> None:
-    """A write there succeeded: healthy again (cheap when it already was)."""
+    """A write there succeeded: healthy again (cheap when it already was), unless its failure
+    is a copy there its disk failed to read that is still unread (`_unread_copy`): a write
+    says nothing of that file."""
+    if _unread_copy(session, location_id):
+        return
     session.execute(update(DataLocation).where(
         DataLocation.id == location_id, DataLocation.failing_since.is_not(None))
         .values(failing_since=None, unhealthy_until=None, unhealthy_reason=None)
         .execution_options(synchronize_session=False))
+
+
+# How every read-failure mark starts (mark_unreadable_source, replicas.reread, the purge's
+# look): the copy its disk failed to read.
+_NAMED_COPY = re.compile(r"copy (\d+) at ")
+
+
+def _unread_copy(session: Session, location_id: int) -> bool:
+    """Whether the location is marked for a copy there its disk failed to read that is still
+    known unreadable: present, and not read intact (verified: its check, the scrub, the
+    purge's look) since the location began failing. Its mark, and the notice of its disk
+    (`source_reads_failing`, `failing_disks`, `archive_disks_failing`), stay until that copy
+    reads or is gone; a success with another file there says nothing of it."""
+    row = session.execute(select(DataLocation.failing_since, DataLocation.unhealthy_reason)
+                          .where(DataLocation.id == location_id,
+                                 DataLocation.failing_since.is_not(None),
+                                 read_failure_reason())).first()
+    if row is None or (named := _NAMED_COPY.match(row[1] or "")) is None:
+        return False
+    copy = session.get(PhysicalCopy, int(named[1]))
+    return (copy is not None and copy.location_id == location_id
+            and copy.status == CopyStatus.PRESENT
+            and (copy.verified_at is None or _aware(copy.verified_at) <= _aware(row[0])))
 
 
 def read_failure_reason() -> ColumnElement[bool]:
@@ -190,7 +226,10 @@ def read_failure_reason() -> ColumnElement[bool]:
 
 def mark_readable(session: Session, location_id: int) -> None:
     """A file read fine there: a failure recorded for a read (an I/O error) is over, not one
-    recorded for a write (a full disk is read as ever)."""
+    recorded for a write (a full disk is read as ever), nor one for a copy still unread
+    (`_unread_copy`: another file read fine says nothing of it)."""
+    if _unread_copy(session, location_id):
+        return
     session.execute(update(DataLocation).where(
         DataLocation.id == location_id, DataLocation.failing_since.is_not(None),
         read_failure_reason())

@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
-from ccat_dt.health import mark_failed
+from ccat_dt.health import mark_failed, mark_readable
 from ccat_dt.marker import marked_for_another
 from ccat_dt.objectstore import Stores, is_object_root
 from ccat_dt.opsdb.database import OpsDB
@@ -245,6 +245,7 @@ def _record_rehash(opsdb: OpsDB, copy: _Copy, seen: Seen, at: datetime) -> None:
         stored = session.get_one(PackageCopy, copy.id)
         if stored.status == CopyStatus.PRESENT:
             stored.verified_at, stored.inode, stored.mtime_ns = at, seen.inode, seen.mtime_ns
+            mark_readable(session, stored.location_id)  # a mark for its read is over
 
 
 def _mark_corrupt(opsdb: OpsDB, config: Config, package_name: str,

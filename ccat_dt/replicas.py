@@ -875,11 +875,11 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
             # quarantined until the rebuild replaces it, never PRESENT again
             problem = not_the_package(stored.package, stored)
         if problem is None:
-            mark_readable(session, location_id)
             stored.verified_at = utcnow()
             if stored.status == CopyStatus.CORRUPT:
                 stored.status = CopyStatus.PRESENT
                 stored.inode, stored.mtime_ns = seen.inode, seen.mtime_ns
+            mark_readable(session, location_id)  # read intact now: its own mark too
         elif stored.status == CopyStatus.PRESENT:
             stored.status = CopyStatus.CORRUPT
         finish_in(session, operation.id, copy_id=copy_id, nbytes=size, seconds=None,

@@ -359,6 +359,53 @@ def test_an_archive_copy_its_disk_cannot_read_fails_only_its_replication_not_the
     opsdb.dispose()
 
 
+def test_the_disk_error_of_a_file_still_unreadable_is_not_resolved_by_another_files_read(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Cologne's LTA disk keeps failing the reads of one package's tar (a bad sector): its
+    replication is sent from another copy and a person is told the disk (disk_error). Then
+    another package's tar on that disk is re-read fine (its check). The notice stays, naming
+    the file, while that file is still unreadable, as `why` and `status` say it is (before:
+    any success on the disk resolved it, a bad sector reported as mended while `why` kept
+    showing the copy unreadable); once that very file reads intact again, it is resolved."""
+    config = _config(tmp_path)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/lta")
+    disk.fail("read", TAR)  # the archiving reads back its temporary file, not this name
+    observe(config, opsdb, name="obs-0")
+    observe(config, opsdb, name="obs-1")
+    run(config, instance, wait_s=0)  # healed from cologne's buffer copy: no `ccat-dt retry`
+    package, other = package_names(opsdb)
+    with opsdb.session() as session:
+        checksum = get_package(session, package).checksum
+        [archived] = [(c.inode, c.mtime_ns) for c in get_package(session, package).copies
+                      if c.location.label == "cologne/lta"]
+    assert "disk_error:cologne/lta" in told(config, opsdb)
+
+    assert verify(opsdb, config, other, "cologne", LocationType.LONG_TERM_ARCHIVE).passed
+
+    with opsdb.session() as session:
+        [problem] = [p for p in current_problems(session, config, utcnow())
+                     if p.kind == "disk_error"]
+    assert problem.key == "disk_error:cologne/lta", problem
+    assert f"{disk.root}/{TAR}" in problem.detail and "Check the disk" in problem.detail, problem
+    assert _stages(config, opsdb, package)["copy at cologne/lta"][0] == "unreadable"
+    capsys.readouterr()
+    cli.main(["--config", str(config.path), "status"])
+    assert f"{disk.root}/{TAR}" in capsys.readouterr().out  # the location, still failing for it
+    assert disk.hits().count(f"read {TAR}") >= 1, disk.hits()
+    after = (disk.root / TAR).stat()  # the unreadable tar itself: never replaced
+    assert (after.st_ino, after.st_mtime_ns) == archived, (after, archived)
+
+    disk.heal()
+
+    assert verify(opsdb, config, package, "cologne", LocationType.LONG_TERM_ARCHIVE).passed
+    assert hash_file(disk.root / TAR)[0] == checksum
+    assert not [key for key in told(config, opsdb) if key.startswith("disk_error:")]
+    assert "copy at cologne/lta" not in _stages(config, opsdb, package)
+    opsdb.dispose()
+
+
 def _transfers_to(opsdb: OpsDB, package: str, label: str) -> list[tuple[str, OperationStatus, str]]:
     """The package's transfers to the location `label`: (source location, status, error)."""
     with opsdb.session() as session:
