@@ -9,7 +9,7 @@ from ccat_dt.forecast import forecast_buffers
 from ccat_dt.health import describe, sites_down, unhealthy
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.metrics import service_level_figures
-from ccat_dt.notify import open_problems, undeliverable
+from ccat_dt.notify import fix_for, open_problems, undeliverable
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.reattempt import waiting
@@ -91,7 +91,7 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
             print(f"notifications undeliverable: {refusal.reason} (over {refusal.channel} "
                   f"since {_aware(refusal.since):%Y-%m-%d %H:%M} UTC; "
                   + ("its messages wait" if refusal.held else "the other recipients get them")
-                  + f": fix notifications.{refusal.channel} in the configuration)")
+                  + f": {fix_for(refusal.channel, refusal.reason)})")
         for told in open_problems(session):
             state = "notified" if told.sent_at else f"not yet delivered ({told.last_error})"
             print(f"problem [{told.channel}] {told.subject}: {state}")

@@ -328,8 +328,19 @@ class ServiceConfig(_Strict):
 
 
 
+SMTPS_PORT = 465  # implicit TLS (RFC 8314): TLS from the first byte, no greeting before it
+
+
 class SmtpConfig(_Strict):
-    """Mail for notifications; the password (if any) comes from `password_env`."""
+    """Mail for notifications; the password (if any) comes from `password_env`.
+
+    `tls` says how the relay is spoken to: `none` (plain SMTP), `starttls` (plain, then
+    STARTTLS before anything else: usually port 587 or 25) or `implicit` (TLS from the first
+    byte, SMTPS: port 465). Either TLS mode verifies the server's certificate and host name
+    against the system's CAs, and those of `ca_file` (PEM; a site-internal CA; relative to this
+    file's directory) if set, before the login. Left out, it follows the port (465: implicit,
+    else none), and the port follows it (implicit: 465, else 25). `starttls: true`, the setting
+    before `tls`, is read as `tls: starttls`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -337,13 +348,33 @@ class SmtpConfig(_Strict):
     port: int = Field(default=25, gt=0, lt=65536)
     from_: str = Field(default="ccat-dt@localhost", alias="from")
     to: list[str] = Field(min_length=1)
-    # STARTTLS verifies the server's certificate and host name against the system's CAs, and
-    # those of `ca_file` (PEM; a site-internal CA; relative to this file's directory) if set.
-    starttls: bool = False
+    tls: Literal["none", "starttls", "implicit"] = "none"
     ca_file: str | None = None
     username: str | None = None
     password_env: str = "CCAT_DT_SMTP_PASSWORD"
     timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_mode(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "starttls" in data:  # as configurations said it before `tls`
+            starttls = data.pop("starttls")
+            if not isinstance(starttls, bool):
+                raise ValueError("starttls must be true or false (or say `tls: starttls`)")
+            if starttls and data.get("tls") not in (None, "starttls"):
+                raise ValueError(f"starttls: true and tls: {data['tls']} say two things; keep "
+                                 "only `tls` (none, starttls or implicit)")
+            if starttls:
+                data["tls"] = "starttls"
+        if data.get("tls") is None:
+            data["tls"] = "implicit" if data.get("port") in (SMTPS_PORT, str(SMTPS_PORT)) \
+                else "none"
+        if data.get("port") is None:
+            data["port"] = SMTPS_PORT if data["tls"] == "implicit" else 25
+        return data
 
     @field_validator("host")
     @classmethod
@@ -363,16 +394,18 @@ class SmtpConfig(_Strict):
 
     @model_validator(mode="after")
     def _no_password_in_clear(self) -> SmtpConfig:
-        """A login without STARTTLS sends the password as it is over the network (AUTH PLAIN
-        or LOGIN: base64), to anybody on the way; only a relay on this host is spared that."""
-        if self.username and not self.starttls and not _loopback(self.host):
+        """A login without TLS sends the password as it is over the network (AUTH PLAIN or
+        LOGIN: base64), to anybody on the way; only a relay on this host is spared that."""
+        modes = ("set `tls: starttls` (the server offers STARTTLS, usually on port 587) or "
+                 "`tls: implicit` (SMTPS, usually port 465)")
+        if self.username and self.tls == "none" and not _loopback(self.host):
             raise ValueError(
-                f"username is set but starttls is not: the password would go to {self.host} "
-                "in clear text; set `starttls: true` (the server must offer STARTTLS), or "
-                "drop `username` if the relay takes mail without a login")
-        if self.ca_file and not self.starttls:
-            raise ValueError("ca_file is set but starttls is not: without STARTTLS no "
-                             "certificate is looked at; set `starttls: true`")
+                f"username is set but tls is none: the password would go to {self.host} in "
+                f"clear text; {modes}, or drop `username` if the relay takes mail without a "
+                "login")
+        if self.ca_file and self.tls == "none":
+            raise ValueError(f"ca_file is set but tls is none: without TLS no certificate is "
+                             f"looked at; {modes}")
         return self
 
 

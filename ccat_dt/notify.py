@@ -6,14 +6,20 @@ when a problem appears, a reminder after `notifications.remind_after_hours`, a "
 message once it clears. A delivery that fails for now (mail server or webhook down, a 4xx
 reply) is logged and tried again at the next tick; it never raises into the caller, and a
 channel that failed once in a tick is not tried again in that tick, so a dead server costs one
-short time-out a tick. A delivery refused for good (a 5xx reply: no such mailbox, a bad
-address, authentication failed, TLS required; an unknown host; a server certificate STARTTLS
-does not trust, found before the password is sent; a webhook's 4xx) would be refused again at
-every tick, for ever, and nobody told: the channel is recorded undeliverable
+short time-out a tick (a server that accepts the connection and stays silent two: the second
+asks whether it waits for a TLS handshake). A delivery refused for good (a 5xx reply: no such
+mailbox, a bad address, authentication failed, TLS required; an unknown host; a server
+certificate that TLS (STARTTLS or implicit) does not trust, found before the password is sent;
+the TLS mode not the port's: plain SMTP at an implicit-TLS port, found as no greeting and a TLS
+handshake that succeeds, or implicit TLS at a plain port; a login whose password variable is
+not in this process's environment, found before connecting; a webhook's 4xx, or its redirect,
+which is not followed: a POST redirected is not the message delivered) would be refused again
+at every tick, for ever, and nobody told: the channel is recorded undeliverable
 (UndeliverableChannel), logged once, named by `status`, the overview and the other channels
 (a problem of its own), and its messages wait, tried once per `remind_after_hours`, until its
-settings change (a new address or server): then they go. Recipients refused while the others
-got the message are recorded the same way, without holding the others' messages.
+settings change (a new address or server, the password's variable): then they go. Recipients
+refused while the others got the message are recorded the same way, without holding the
+others' messages.
 A message delivered is recorded at once (a tick cut off later never sends it again), and a tick
 starts no delivery past TICK_BUDGET_S: a slow server with many messages waits for later ticks.
 Nothing is sent, and no row is written, while no channel is configured.
@@ -35,16 +41,19 @@ letter, which each site's service mirrors into OpsDB). Transient faults are neve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -82,6 +91,10 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.routing import refused_reread
 from ccat_dt.stages import Stage
 from ccat_dt.transports.base import FOREIGN_FILE, READABLE_BY, TOO_LARGE, refused_source
+
+if TYPE_CHECKING:
+    import smtplib
+    import urllib.request
 
 LOG = logging.getLogger("ccat_dt.notify")
 
@@ -121,6 +134,72 @@ def _recipients(refused: dict[str, tuple[int, bytes]]) -> str:
                      sorted(refused.items()))
 
 
+# OpenSSL's reasons for a TLS handshake answered with plain text ("220 relay ESMTP ..."):
+# `tls: implicit` at a port that speaks plain SMTP first.
+_PLAIN_TEXT = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"}
+_NO_PASSWORD = "notifications.smtp.username is set but $"  # how such a reason starts
+
+
+class _ImplicitTlsPort(Exception):
+    """No SMTP greeting, and a TLS handshake on the same connection succeeded: the server
+    waits for the client to start TLS (SMTPS) while plain SMTP waits for its greeting."""
+
+
+def _speaks_tls(sock: socket.socket) -> bool:
+    """Whether the server on `sock`, silent so far, answers a TLS handshake: it was waiting
+    for one. Nothing is sent over it (the handshake only; no certificate looked at)."""
+    import ssl
+
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
+    try:
+        with probe.wrap_socket(sock):
+            return True
+    except ssl.SSLError as exc:  # answered in TLS, refusing something of ours (its version)
+        return "ALERT" in (exc.reason or "") or exc.reason == "UNSUPPORTED_PROTOCOL"
+    except OSError:  # still silent (a server hung), or gone
+        return False
+    finally:
+        sock.close()
+
+
+@functools.cache
+def _plain_smtp() -> type[smtplib.SMTP]:
+    import smtplib  # here: `ccat-dt status` reads open problems and sends nothing
+
+    class Greeted(smtplib.SMTP):
+        """smtplib.SMTP that, when the server says nothing within the time-out, tells an
+        implicit-TLS port (it answers a TLS handshake) from a server that is down or slow."""
+
+        def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+            sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+            try:
+                sock.recv(1, socket.MSG_PEEK)  # the greeting's first byte, left for smtplib
+            except TimeoutError:
+                if _speaks_tls(sock):
+                    raise _ImplicitTlsPort() from None
+                raise
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+    return Greeted
+
+
+def _process() -> str:
+    """This process, as `ps` shows it: which one lacks what its environment should hold."""
+    return f"{' '.join([Path(sys.argv[0]).name, *sys.argv[1:3]]).strip()}, pid {os.getpid()}"
+
+
+def fix_for(channel: str, reason: str) -> str:
+    """What a person does about a channel refused for good with `reason` (for `status`)."""
+    if reason.startswith(_NO_PASSWORD):
+        return ("set the variable in the environment of the process that sends notifications "
+                "and restart it")
+    return f"fix notifications.{channel} in the configuration"
+
+
 @dataclass(frozen=True)
 class SmtpChannel:
     settings: SmtpConfig
@@ -132,21 +211,42 @@ class SmtpChannel:
         import ssl
         from email.message import EmailMessage
 
+        settings = self.settings
+        password = ""
+        if settings.username:  # an empty one would be refused (535): the relay is not at fault
+            password = os.environ.get(settings.password_env, "")
+            if not password:
+                raise Undeliverable(
+                    f"{_NO_PASSWORD}{settings.password_env} is not set in this process's "
+                    f"environment ({_process()}): nothing was sent, no empty password "
+                    "either; give it to the process that sends notifications (the Dagster "
+                    "daemon's code server, `ccat-dt drive`: e.g. in /etc/ccat-dt/ccat-dt.env, "
+                    "their systemd units' EnvironmentFile) and restart it")
         message = EmailMessage()
-        message["Subject"], message["From"] = subject, self.settings.from_
-        message["To"] = ", ".join(self.settings.to)
+        message["Subject"], message["From"] = subject, settings.from_
+        message["To"] = ", ".join(settings.to)
         message.set_content(body)
-        server = f"server {self.settings.host}:{self.settings.port}"
+        server = f"server {settings.host}:{settings.port}"
+        # Either TLS mode verifies the certificate and host name before anything is said: the
+        # password (after it) and the alerts go to this server or nowhere.
+        context = (ssl.create_default_context(cafile=self.ca_file) if settings.tls != "none"
+                   else None)
         try:
-            with smtplib.SMTP(self.settings.host, self.settings.port,
-                              timeout=self.settings.timeout_s) as smtp:
-                if self.settings.starttls:  # the certificate and host name verified: the
-                    # password (next) and the alerts go to this server or nowhere
-                    smtp.starttls(context=ssl.create_default_context(cafile=self.ca_file))
-                if self.settings.username:
-                    smtp.login(self.settings.username,
-                               os.environ.get(self.settings.password_env, ""))
+            client = (smtplib.SMTP_SSL(settings.host, settings.port, timeout=settings.timeout_s,
+                                       context=context) if settings.tls == "implicit"
+                      else _plain_smtp()(settings.host, settings.port,
+                                         timeout=settings.timeout_s))
+            with client as smtp:
+                if settings.tls == "starttls":
+                    smtp.starttls(context=context)
+                if settings.username:
+                    smtp.login(settings.username, password)
                 refused = smtp.send_message(message)
+        except _ImplicitTlsPort as exc:  # a time-out at every attempt else, for ever
+            raise Undeliverable(
+                f"{server}: no SMTP greeting within {settings.timeout_s:g} s, and a TLS "
+                "handshake there succeeds: an implicit-TLS (SMTPS) port; set "
+                "notifications.smtp.tls: implicit (nothing was sent)") from exc
         except smtplib.SMTPRecipientsRefused as exc:  # every recipient: for good if all 5xx
             if all(code >= 500 for code, _ in exc.recipients.values()):
                 raise Undeliverable(_recipients(exc.recipients)) from exc
@@ -169,11 +269,29 @@ class SmtpChannel:
                 f"{server}: TLS certificate not trusted ({exc.verify_message}) by {trusted}; "
                 "nothing was sent, no password either: set notifications.smtp.ca_file to the "
                 "CA that signed it, or fix the relay's certificate") from exc
+        except ssl.SSLError as exc:
+            if settings.tls == "implicit" and exc.reason in _PLAIN_TEXT:
+                raise Undeliverable(
+                    f"{server}: answered in plain text, not TLS: not an implicit-TLS (SMTPS) "
+                    "port; set notifications.smtp.tls: starttls (or none) for this port, or "
+                    "give the relay's SMTPS port (usually 465); nothing was sent") from exc
+            raise
         except socket.gaierror as exc:  # EAI_AGAIN (DNS unreachable) is for now
             if exc.errno == socket.EAI_NONAME:
                 raise Undeliverable(f"{server}: unknown host ({exc.strerror})") from exc
             raise
         return _recipients(refused) if refused else None
+
+
+@functools.cache
+def _not_following() -> type[urllib.request.HTTPRedirectHandler]:
+    import urllib.request
+
+    class NotFollowing(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None  # the redirect is answered as it is: an HTTPError with its 3xx
+
+    return NotFollowing
 
 
 @dataclass(frozen=True)
@@ -189,13 +307,26 @@ class WebhookChannel:
         data = json.dumps({"text": f"{subject}\n{body}"}).encode()
         request = urllib.request.Request(self.settings.url, data=data, method="POST",
                                          headers={"Content-Type": "application/json"})
+        host = urllib.parse.urlsplit(self.settings.url).netloc  # its path is a secret
+        # A redirect is not followed: urllib asks a 301/302/303's new address with a GET,
+        # without the message (a sign-in page's 200 taken for a delivery), and a 307/308's
+        # not at all.
+        opener = urllib.request.build_opener(_not_following())
         try:
-            with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
+            with opener.open(request, timeout=self.settings.timeout_s) as response:
                 if response.status >= 300:
                     raise OSError(f"webhook answered {response.status}")
         except urllib.error.HTTPError as exc:  # a hook revoked or mistyped: 403, 404, 410
+            if 300 <= exc.code < 400:
+                to = urllib.parse.urlsplit(urllib.parse.urljoin(
+                    self.settings.url, exc.headers.get("Location") or ""))
+                raise Undeliverable(
+                    f"webhook at {host}: {exc.code} {exc.reason}, redirected to "
+                    f"{to.scheme}://{to.netloc}, not followed (a message redirected is not "
+                    "delivered): set notifications.webhook.url to the address that takes the "
+                    "POST itself (where a permanent redirect points; none behind a sign-in "
+                    "page)") from exc
             if 400 <= exc.code < 500 and exc.code not in (408, 425, 429):
-                host = urllib.parse.urlsplit(self.settings.url).netloc  # its path is a secret
                 raise Undeliverable(f"webhook at {host}: {exc.code} {exc.reason}") from exc
             raise
         return None
@@ -389,9 +520,11 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"Refused for good since {_aware(refusal.since):%Y-%m-%d %H:%M} UTC: "
             + ("no message goes over it; they wait, tried once per `remind_after_hours`. "
                if refusal.held else "the other recipients get each message. ")
-            + f"Fix notifications.{refusal.channel} in the configuration (the address, the server, "
-            "the account); the messages waiting then go by themselves. `ccat-dt status` lists "
-            "them."))
+            + ("Set it in the environment of the process that sends notifications and restart "
+               "it" if refusal.reason.startswith(_NO_PASSWORD) else f"Fix notifications."
+               f"{refusal.channel} in the configuration (the address, the server, the account, "
+               "the TLS mode)")
+            + "; the messages waiting then go by themselves. `ccat-dt status` lists them."))
     return problems
 
 

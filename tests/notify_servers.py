@@ -117,13 +117,15 @@ def certificate(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
 
 @contextmanager
 def mail_server(delay_s: float = 0.0, refuse: dict[str, str] | None = None,
-                password: str | None = None,
-                tls: tuple[Path, Path] | None = None) -> Iterator[Mailbox]:
+                password: str | None = None, tls: tuple[Path, Path] | None = None,
+                implicit: bool = False) -> Iterator[Mailbox]:
     """An SMTP server on a free port that answers each message `delay_s` after taking it,
     refuses as `refuse` says, and with `password` requires AUTH (refused with 535 for any
     other password; over plain text: loopback only). With `tls` (certificate, key) it
-    offers STARTTLS with that certificate and requires it before mail or AUTH. Every AUTH
-    command it receives is kept in `auths`, whatever its answer."""
+    offers STARTTLS with that certificate and requires it before mail or AUTH; with
+    `implicit` too, it speaks TLS from the first byte instead (SMTPS, as on port 465: no
+    greeting before the client's TLS handshake). Every AUTH command it receives is kept in
+    `auths`, whatever its answer."""
     import ssl
 
     from aiosmtpd.controller import Controller
@@ -132,6 +134,11 @@ def mail_server(delay_s: float = 0.0, refuse: dict[str, str] | None = None,
     box = Mailbox(free_port(), refuse=dict(refuse or {}))
 
     class Server(SMTP):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if implicit:  # the whole session is TLS (aiosmtpd knows only STARTTLS's)
+                self._auth_require_tls = False
+
         async def smtp_AUTH(self, arg: str) -> None:  # noqa: N802
             box.auths.append(arg.split()[0] if arg else "")
             await super().smtp_AUTH(arg)
@@ -151,7 +158,10 @@ def mail_server(delay_s: float = 0.0, refuse: dict[str, str] | None = None,
     if tls is not None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(*tls)
-        auth.update(tls_context=context, require_starttls=True)
+        if implicit:  # TLS from the first byte
+            auth.update(ssl_context=context)
+        else:
+            auth.update(tls_context=context, require_starttls=True)
     controller = Listening(_Handler(box, delay_s), hostname="127.0.0.1", port=box.port, **auth)
     controller.start()
     try:
@@ -171,6 +181,9 @@ class Receiver:
     port: int
     posts: list[dict[str, Any]] = field(default_factory=list)
     status: int = 200  # what it answers (a post answered otherwise is not kept)
+    location: str = ""  # with a 3xx status: where it redirects to
+    gets: list[str] = field(default_factory=list)  # the paths asked for with GET (a web page
+    # answers them: 200 and HTML, like a sign-in page or a proxy's)
 
     @property
     def url(self) -> str:
@@ -191,8 +204,17 @@ def webhook_receiver() -> Iterator[Receiver]:
             if receiver.status == 200:
                 receiver.posts.append(json.loads(body))
             self.send_response(receiver.status)
+            if receiver.location:
+                self.send_header("Location", receiver.location)
             self.end_headers()
             self.wfile.write(b"ok")
+
+        def do_GET(self) -> None:  # noqa: N802
+            receiver.gets.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html><body>Sign in</body></html>")
 
         def log_message(self, *args: Any) -> None:
             pass

@@ -196,6 +196,16 @@ def _mail_ca_file_without_starttls(data: dict[str, Any]) -> None:
                                       "ca_file": CONFIG_NAME}}
 
 
+def _mail_tls_said_twice(data: dict[str, Any]) -> None:
+    data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["a@example.org"],
+                                      "starttls": True, "tls": "implicit"}}
+
+
+def _mail_tls_unknown(data: dict[str, Any]) -> None:
+    data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["a@example.org"],
+                                      "tls": "ssl"}}
+
+
 def _mail_ca_file_missing(data: dict[str, Any]) -> None:
     data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["a@example.org"],
                                       "starttls": True, "ca_file": "tls/site-ca.pem"}}
@@ -224,9 +234,12 @@ def _mail_ca_file_not_a_certificate(data: dict[str, Any]) -> None:
     (_webhook_without_a_scheme, ["notifications.webhook.url", "http(s)://"]),
     # The password would cross the network as it is, to anybody on the way.
     (_mail_login_in_clear_text, ["notifications.smtp", "the password would go to "
-                                 "smtp.example.org in clear text", "`starttls: true`"]),
-    (_mail_ca_file_without_starttls, ["notifications.smtp", "ca_file is set but starttls "
-                                      "is not"]),
+                                 "smtp.example.org in clear text", "`tls: starttls`",
+                                 "`tls: implicit`"]),
+    (_mail_ca_file_without_starttls, ["notifications.smtp", "ca_file is set but tls is none"]),
+    (_mail_tls_said_twice, ["notifications.smtp", "starttls: true and tls: implicit say two "
+                            "things"]),
+    (_mail_tls_unknown, ["notifications.smtp.tls", "'none', 'starttls' or 'implicit'"]),
     # Else found only at the first problem, as a relay whose certificate is not trusted.
     (_mail_ca_file_missing, ["notifications.smtp.ca_file", "tls/site-ca.pem: no such file",
                              "PEM file of the CA"]),
@@ -235,7 +248,8 @@ def _mail_ca_file_not_a_certificate(data: dict[str, Any]) -> None:
 ], ids=["unknown-top-level-key", "location-type", "location-name", "duplicate-site",
         "duplicate-module", "duplicate-instrument", "route-unknown-site", "missing-route",
         "too-many-lta-copies", "no-source", "mail-address", "mail-host", "webhook-url",
-        "mail-login-in-clear", "mail-ca-file-without-starttls", "mail-ca-file-missing",
+        "mail-login-in-clear", "mail-ca-file-without-starttls", "mail-tls-said-twice",
+        "mail-tls-unknown", "mail-ca-file-missing",
         "mail-ca-file-not-a-certificate"])
 def test_invalid_config_names_file_and_key(tmp_path: Path, edit: Callable[[dict[str, Any]], None],
                                            keys: list[str]) -> None:
@@ -250,7 +264,27 @@ def test_a_mail_login_without_starttls_is_accepted_to_a_relay_on_this_host(
     data = default()
     data["notifications"] = {"smtp": {"host": host, "to": ["a@example.org"], "username": "u"}}
     smtp = load_config(write_config(tmp_path, data)).settings.notifications.smtp
-    assert smtp is not None and smtp.username == "u" and not smtp.starttls
+    assert smtp is not None and smtp.username == "u" and smtp.tls == "none"
+
+
+@pytest.mark.parametrize(("smtp", "tls", "port"), [
+    ({}, "none", 25),
+    ({"port": 465}, "implicit", 465),  # SMTPS: the port says it
+    ({"tls": "implicit"}, "implicit", 465),
+    ({"tls": "implicit", "port": 2465}, "implicit", 2465),
+    ({"tls": "none", "port": 465}, "none", 465),  # said: kept (a plain relay there)
+    ({"starttls": True}, "starttls", 25),  # as configurations said it before `tls`
+    ({"starttls": True, "port": 587, "tls": "starttls"}, "starttls", 587),
+    ({"starttls": False, "port": 465}, "implicit", 465),
+], ids=["default", "port-465", "implicit", "implicit-other-port", "none-at-465",
+        "starttls-true", "starttls-both", "starttls-false"])
+def test_the_mail_tls_mode_and_port_follow_each_other_when_one_is_left_out(
+        tmp_path: Path, smtp: dict[str, Any], tls: str, port: int) -> None:
+    data = default()
+    data["notifications"] = {"smtp": {"host": "smtp.example.org", "to": ["a@example.org"],
+                                      **smtp}}
+    loaded = load_config(write_config(tmp_path, data)).settings.notifications.smtp
+    assert loaded is not None and (loaded.tls, loaded.port) == (tls, port)
 
 
 def test_a_mail_ca_file_is_read_relative_to_the_configuration_file(tmp_path: Path) -> None:

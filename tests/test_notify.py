@@ -606,18 +606,21 @@ def test_a_relay_whose_certificate_is_not_trusted_gets_no_password_until_its_ca_
     opsdb.dispose()
 
 
+@pytest.mark.parametrize("tls", [{"starttls": True}, {"tls": "implicit"}],
+                         ids=["starttls", "implicit"])
 def test_a_relay_certificate_for_another_host_name_is_refused_before_the_login(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tls: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A certificate signed by the CA given, but for another name than `host`: the host
-    name is verified too, so it is refused for good, before the password is sent."""
+    name is verified too, so it is refused for good, before the password is sent; over
+    STARTTLS (as older configurations say it, `starttls: true`) and implicit TLS alike."""
     monkeypatch.setenv("CCAT_DT_SMTP_PASSWORD", "the right one")
     logs: list[str] = []
     deploy = tmp_path / "deploy"
-    with mail_server(password="the right one",
+    with mail_server(password="the right one", implicit="tls" in tls,
                      tls=certificate(deploy / "tls", host="relay.example.org")) as relay:
         config = deployment(deploy, notifications={"smtp": {
             "host": "127.0.0.1", "port": relay.port, "from": "ccat-dt@example.org",
-            "to": ["ops@example.org"], "timeout_s": 2, "starttls": True, "username": "ccat",
+            "to": ["ops@example.org"], "timeout_s": 2, **tls, "username": "ccat",
             "ca_file": "tls/relay.pem"}})
         opsdb = OpsDB(config.opsdb_url)
         tick = _tick(config, opsdb, utcnow(), logs)
@@ -626,3 +629,159 @@ def test_a_relay_certificate_for_another_host_name_is_refused_before_the_login(
     [logged] = logs
     assert "TLS certificate not trusted (IP address mismatch" in logged, logged
     assert "undeliverable" in logged
+
+
+# --- implicit TLS (SMTPS) -----------------------------------------------------------------------
+
+
+def test_an_implicit_tls_relay_is_verified_as_starttls_is_then_gets_the_login_and_the_mail(
+        tmp_path: Path, webhook_receiver: Receiver, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay that speaks TLS from the first byte (SMTPS, port 465: the only port many
+    institutional relays take), with `tls: implicit`: its certificate and host name are
+    verified as STARTTLS's are, before the login (one no CA vouches for is held, the server
+    never receives AUTH); once its CA is in `ca_file`, the login and what waited go. Before,
+    no setting spoke it: plain SMTP waited for a greeting that never came, a time-out at
+    every tick for ever, and nobody was told."""
+    monkeypatch.setenv("CCAT_DT_SMTP_PASSWORD", "the right one")
+    logs: list[str] = []
+    now = utcnow()
+    with mail_server(password="the right one", tls=certificate(tmp_path / "deploy" / "tls"),
+                     implicit=True) as relay:
+        config = _smtp_in_file(_notified(tmp_path, relay.port, webhook_receiver.url),
+                               tls="implicit", username="ccat")
+        opsdb = OpsDB(config.opsdb_url)
+        ticks = [_tick(config, opsdb, now + timedelta(minutes=m), logs) for m in range(2)]
+        assert relay.auths == [] and relay.messages == []
+        assert ticks[1].held == ["smtp problem quarantined:pkg-a"]
+        [logged] = logs
+        reason = f"server 127.0.0.1:{relay.port}: TLS certificate not trusted (self"
+        assert reason in logged and "no password either" in logged
+        assert reason in _status(opsdb, config, capsys)
+
+        config = _smtp_in_file(config, ca_file="tls/relay.pem")
+        fixed = _tick(config, opsdb, now + timedelta(minutes=2), logs)
+        _tick(config, opsdb, now + timedelta(minutes=3), logs)  # tells it resolved
+    assert fixed.sent == ["smtp problem quarantined:pkg-a"], fixed
+    assert relay.auths and relay.subjects == ["[ccat-dt] package pkg-a quarantined"]
+    assert "undeliverable" not in _status(opsdb, config, capsys)
+    opsdb.dispose()
+
+
+# (the server speaks TLS from the first byte, the TLS mode configured, what the log says)
+MISMATCHED_TLS = {
+    "plain-at-an-implicit-tls-port": (True, None, "no SMTP greeting within 1 s, and a TLS "
+                                      "handshake there succeeds: an implicit-TLS (SMTPS) port; "
+                                      "set notifications.smtp.tls: implicit"),
+    "implicit-tls-at-a-plain-port": (False, "implicit", "answered in plain text, not TLS: not "
+                                     "an implicit-TLS (SMTPS) port; set notifications.smtp.tls: "
+                                     "starttls"),
+}
+
+
+@pytest.mark.parametrize("how", MISMATCHED_TLS)
+def test_a_tls_mode_that_does_not_match_the_relay_is_held_saying_which_to_set(
+        how: str, tmp_path: Path, webhook_receiver: Receiver,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Plain SMTP pointed at an SMTPS port (it waits for the client's TLS handshake, the client
+    for its greeting), or `tls: implicit` at a port that speaks plain SMTP: refused again at
+    every attempt, so held at once, logged once, named by `status` and the other channel with
+    the setting to change; nothing was sent (no greeting, no mail). With the right mode the
+    message goes. Before, the first was a time-out at every tick for ever, nobody told."""
+    implicit_server, mode, reason = MISMATCHED_TLS[how]
+    logs: list[str] = []
+    now = utcnow()
+    with mail_server(tls=certificate(tmp_path / "deploy" / "tls"),
+                     implicit=implicit_server) as relay:
+        config = _smtp_in_file(_notified(tmp_path, relay.port, webhook_receiver.url),
+                               timeout_s=1, **({"tls": mode} if mode else {}))  # default: none
+        opsdb = OpsDB(config.opsdb_url)
+        ticks = [_tick(config, opsdb, now + timedelta(minutes=m), logs) for m in range(3)]
+        assert relay.messages == [] and ticks[-1].held and not ticks[-1].failed
+        [logged] = logs
+        assert f"server 127.0.0.1:{relay.port}: {reason}" in logged, logged
+        assert reason in _status(opsdb, config, capsys)
+        assert any(reason in text for text in webhook_receiver.texts)
+
+        config = _smtp_in_file(config, tls="implicit" if implicit_server else "starttls",
+                               ca_file="tls/relay.pem")
+        fixed = _tick(config, opsdb, now + timedelta(minutes=4), logs)
+    assert fixed.sent == ["smtp problem quarantined:pkg-a"], fixed
+    assert relay.subjects == ["[ccat-dt] package pkg-a quarantined"]
+    opsdb.dispose()
+
+
+# --- the password's environment variable ------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_a_login_whose_password_variable_is_not_in_the_environment_says_so_and_sends_none(
+        tmp_path: Path, webhook_receiver: Receiver, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`username` set, `$CCAT_DT_SMTP_PASSWORD` missing from the environment of the process
+    that sends (a systemd unit or a shell without it): held at once, nothing sent to the relay
+    (no login with an empty password), and the log, `status` and the other channel say what it
+    is. Before, it logged in with an empty password and the channel was held as "535
+    authentication failed", which sent the operator to the relay. Once the variable is there
+    (the process restarted with it), what waited goes at the next tick."""
+    monkeypatch.delenv("CCAT_DT_SMTP_PASSWORD", raising=False)
+    logs: list[str] = []
+    now = utcnow()
+    with mail_server(password="the right one") as relay:
+        config = _with_smtp(_notified(tmp_path, relay.port, webhook_receiver.url),
+                            username="ccat")
+        opsdb = OpsDB(config.opsdb_url)
+        ticks = [_tick(config, opsdb, now + timedelta(minutes=m), logs) for m in range(2)]
+        assert relay.auths == [] and relay.refusals == 0 and relay.messages == []
+        assert ticks[-1].held == ["smtp problem quarantined:pkg-a"]
+        reason = ("notifications.smtp.username is set but $CCAT_DT_SMTP_PASSWORD is not set in "
+                  "this process's environment")
+        [logged] = logs
+        assert reason in logged and "535" not in logged
+        shown = _status(opsdb, config, capsys)
+        assert f"notifications undeliverable: {reason}" in shown, shown
+        [told] = [t for t in webhook_receiver.texts if "undeliverable" in t]
+        assert reason in told
+
+        monkeypatch.setenv("CCAT_DT_SMTP_PASSWORD", "the right one")
+        fixed = _tick(config, opsdb, now + timedelta(minutes=2), logs)
+        _tick(config, opsdb, now + timedelta(minutes=3), logs)  # tells it resolved
+    assert fixed.sent == ["smtp problem quarantined:pkg-a"], fixed
+    assert relay.subjects == ["[ccat-dt] package pkg-a quarantined"]
+    assert "undeliverable" not in _status(opsdb, config, capsys)
+    opsdb.dispose()
+
+
+# --- a webhook that redirects -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [302, 308], ids=["302-to-a-sign-in-page", "308-to-https"])
+def test_a_webhook_that_redirects_is_held_not_followed(
+        status: int, tmp_path: Path, smtp_server: Mailbox, webhook_receiver: Receiver,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A webhook URL answered with a redirect: a sign-in page in front of the chat server
+    (302), or http:// moved to https:// (308). A POST redirected is not the message delivered
+    (after a 302 urllib asked the new address with a GET, without the message, and took the
+    sign-in page's 200 for a delivery: recorded sent, nobody told; a 308 was retried at every
+    tick for ever). Now it is not followed: held, logged once, and `status` and the mail
+    name where it points (its host only: a hook's path is a secret)."""
+    webhook_receiver.status = status
+    target = f"127.0.0.1:{webhook_receiver.port}"
+    webhook_receiver.location = (f"http://{target}/login?next=/hooks/ccat" if status == 302
+                                 else f"https://{target}/hooks/ccat")
+    config = _notified(tmp_path, smtp_server.port, webhook_receiver.url)
+    opsdb = OpsDB(config.opsdb_url)
+    logs: list[str] = []
+    now = utcnow()
+    ticks = [_tick(config, opsdb, now + timedelta(minutes=m), logs) for m in range(2)]
+    assert webhook_receiver.gets == [] and webhook_receiver.posts == []
+    assert ticks[0].failed == ["webhook problem quarantined:pkg-a"]
+    assert ticks[1].held == ["webhook problem quarantined:pkg-a"]
+    [logged] = logs
+    scheme = "http" if status == 302 else "https"
+    where = f"webhook at {target}: {status} "
+    assert where in logged and f"redirected to {scheme}://{target}, not followed" in logged
+    assert "/hooks/ccat" not in logged and "/login" not in logged
+    assert where in _status(opsdb, config, capsys)
+    assert any(where in s for s in smtp_server.subjects)
+    opsdb.dispose()
