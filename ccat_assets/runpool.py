@@ -38,7 +38,7 @@ from dagster._core.execution.api import execute_run
 from dagster._utils.interrupts import capture_interrupts
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
-from ccat_assets.inflight import IN_FLIGHT
+from ccat_assets.inflight import IN_FLIGHT, record_worker
 
 TERMINATE_GRACE_S = 10.0  # after SIGTERM, a child is given this long before SIGKILL
 RESIGNAL_S = 0.5  # SIGTERM again this often meanwhile (see RunPool.terminate)
@@ -381,6 +381,12 @@ def _execute(queued: Queued, instance: DagsterInstance, mask: set[int]) -> NoRet
         signal.set_wakeup_fd(-1)  # the drive's (driver._Signals): its signals, not this run's
         with capture_interrupts():
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one held meanwhile: captured
+            # This process executes the run: recorded on it (ccat/worker), as the routed
+            # executors do for the runs they start, so that a run left in flight by this
+            # child and its drive both gone (a machine stopped, a process group killed) is
+            # closed by whoever looks next (inflight.close_if_dead: the daemon's sensors, a
+            # drive), and a "Force termination" of it stops this process (stop_if_terminated)
+            record_worker(instance, queued.run)
             code = (1 if _terminated_before_start(instance, queued.run)
                     else 0 if execute_run(queued.job, queued.run, instance).success else 1)
     except BaseException:  # noqa: BLE001 - reported by the run's status and this trace

@@ -243,6 +243,48 @@ def test_a_killed_manual_run_is_failed_and_drive_finishes_its_package(
     assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
 
 
+def test_a_drive_run_whose_drive_and_process_were_killed_is_closed_at_the_next_look(
+        config: Config, opsdb: OpsDB, tmp_path: Path) -> None:
+    """`ccat-dt drive` and the child process executing its packaging run, killed -9 together
+    (a process group killed, the OOM killer), the run held half way through its tar: the
+    run stays STARTED. A drive's runs recorded no process (ccat/worker: they executed as an
+    in-process copy of their job, which bypasses the executors that record it), so only a
+    next `ccat-dt drive` (its drive gone) could close it; under the Dagster daemon (`make
+    ui`) it stayed in flight for ever: its work never asked for again, its package never
+    purged. Now the child records itself as it starts, and the sensors' next look at the runs
+    in flight (inflight.in_flight, first thing of every tick, the daemon's too) marks it
+    failed, saying why, its work no longer in flight."""
+    observed(config, opsdb)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    with DagsterInstance.from_config(str(home)) as instance:
+        package = plan(config, opsdb, instance)
+        marker = tmp_path / "held"
+        child = dagster_child(config, instance, "mid-tar", marker,
+                              "ccat-dt", "--config", str(config.path), "drive")
+        try:
+            wait_for(marker, child, timeout=START_S)
+            held = int(marker.read_text())
+            [run] = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+            assert held != child.pid and run.tags[DRIVE_TAG].endswith(f":{child.pid}")
+            assert run.tags.get(WORKER_TAG, "").endswith(f":{held}"), run.tags
+            os.kill(child.pid, signal.SIGKILL)  # the drive first: it would fail the run
+            os.kill(held, signal.SIGKILL)
+            child.communicate(timeout=30)  # (once both are gone: the held one kept its output)
+        finally:
+            if child.poll() is None:
+                kill(child)
+        deadline = time.monotonic() + 30
+        while liveness(run).alive is not False:  # reaped by init, its parent gone
+            assert time.monotonic() < deadline, liveness(run)
+            time.sleep(0.05)
+        assert status(instance, run) == DagsterRunStatus.STARTED
+
+        assert (Stage.PACKAGING, package, None) not in in_flight(instance)
+
+        assert status(instance, run) == DagsterRunStatus.FAILURE
+        assert f"its process {held} on " in failure_message(instance, run.run_id)
+
+
 def test_a_run_on_a_host_drive_cannot_check_is_left_alone_and_named(
         config: Config, opsdb: OpsDB, instance: DagsterInstance, tmp_path: Path) -> None:
     """A run whose process is on another host (a Celery deployment's worker, a drive there)
