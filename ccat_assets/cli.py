@@ -628,7 +628,9 @@ def cmd_retry(args: argparse.Namespace) -> None:
                                          packages=args.package or None,
                                          rebuild_failed=args.rebuild_failed, log=reporter)
     print("; ".join([f"{len(retried)} stalled partition(s) retried",
-                     f"{len(report.launched)} run(s), {len(report.failed)} failed",
+                     f"{len(report.launched)} run(s), {len(report.failed)} failed"
+                     + (f", {len(report.canceled)} canceled by an operator"
+                        if report.canceled else ""),
                      *_healed(report)]))
     if report.unhealed:
         raise SystemExit(EXIT_PROBLEMS)

@@ -89,6 +89,7 @@ from dagster._utils.schedules import reverse_cron_string_iterator
 
 from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness, process_liveness
 from ccat_assets.routing import partition_of, reroute, stages_of, tag_run
+from ccat_assets.runlog import CANCELED as BY_AN_OPERATOR
 from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
 from ccat_assets.runpool import Finished, Queued, RunPool, run_limits
 from ccat_assets.stages import ASSET_STAGE
@@ -126,6 +127,10 @@ class DriveReport:
     launched: list[str] = field(default_factory=list)  # run keys, in launch order
     failed: list[str] = field(default_factory=list)  # run keys whose run failed
     failed_ids: list[str] = field(default_factory=list)  # their run ids, in the same order
+    canceled: list[str] = field(default_factory=list)  # run keys of runs an operator
+    # terminated (the UI's Terminate, Force termination, a backfill's Cancel), running or
+    # waiting: not failures (their work is re-attempted after the back-off)
+    canceled_ids: list[str] = field(default_factory=list)  # their run ids, in the same order
     healed: list[str] = field(default_factory=list)  # those of `failed` whose work was done
     # since (see healed_runs): a fault that passed, nothing left for a person
     rounds: int = 0
@@ -636,7 +641,8 @@ def wait_for_daemon(instance: DagsterInstance, report: DriveReport, runs: _Runs,
                 reported.add(run.run_id)
                 report.watched.append(_label(run))
                 _finished(report, log, Finished(
-                    _label(run), run.status == DagsterRunStatus.SUCCESS, run.run_id))
+                    _label(run), run.status == DagsterRunStatus.SUCCESS, run.run_id,
+                    terminated=run.status == DagsterRunStatus.CANCELED))
         if not runs.busy and _daemon_done(instance, report, sensors, since, wait_s):
             return True
     why = daemon_gone(instance) or f"no heartbeat for {DAEMON_FRESH_S:.0f} s"
@@ -845,8 +851,11 @@ class _Runs:
 
     def _execute_here(self, key: str, job: IJob, run: DagsterRun) -> None:
         """One run at a time, in this process (no pool)."""
+        ok = execute_run(job, run, self.instance).success
+        now = self.instance.get_run_by_id(run.run_id)
         _finished(self.report, self.log, Finished(
-            key, execute_run(job, run, self.instance).success, run.run_id))
+            key, ok, run.run_id,
+            terminated=now is not None and now.status == DagsterRunStatus.CANCELED))
         _SIGNALLED.check()  # Dagster took a Ctrl-C as the run's, and returned
 
     def request(self, run: RunRequest, origin: str, default_job: str | None) -> None:
@@ -930,11 +939,17 @@ def _finished(report: DriveReport, log: Callable[[str], None], done: Finished) -
         log(f"DELETED {done.key} (run {done.run_id}): deleted in the Dagster UI; work still "
             "due is asked for again by the re-attempt sensor's sweep for unattended work")
         return
-    if done.canceled:  # an operator's Terminate, a backfill's Cancel, before it started:
-        # nothing was done, not a failure of its work
-        log(f"CANCELED {done.key} (run {done.run_id}): terminated in the Dagster UI (or its "
-            "backfill canceled) before it started; not executed; work still due is "
-            "re-attempted after the back-off")
+    if done.canceled or done.terminated:  # an operator's Terminate (Force termination), a
+        # backfill's Cancel: what a person asked for, not a failure of the run's work (nor
+        # of the system); the work still due is re-attempted after the back-off
+        report.canceled.append(done.key)
+        report.canceled_ids.append(done.run_id)
+        if done.canceled:  # before it started: nothing was done
+            log(f"CANCELED {done.key} (run {done.run_id}): terminated in the Dagster UI (or "
+                "its backfill canceled) before it started; not executed; work still due is "
+                "re-attempted after the back-off")
+        else:
+            log(f"CANCELED {done.key} (run {done.run_id}): {BY_AN_OPERATOR}")
         return
     if done.taken:
         log(f"TAKEN  {done.key} (run {done.run_id}): {done.taken} meanwhile, not by this "
@@ -956,7 +971,8 @@ def healed_runs(instance: DagsterInstance, report: DriveReport) -> list[str]:
     whose work was then done: every asset of its stages materialised for its partition by a
     run since it ended (its automatic re-attempt, a later run, the UI's Materialize). Never
     healed: a failure decided as final (a refused deletion, a quarantine, a failed check: not
-    retryable), a run canceled or whose process died."""
+    retryable), a run whose process died. (A run an operator terminated is no failure:
+    `canceled`, not `failed`.)"""
     healed = []
     for key, run_id in zip(report.failed, report.failed_ids, strict=True):
         record = instance.get_run_record_by_id(run_id) if run_id else None

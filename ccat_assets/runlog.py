@@ -268,10 +268,12 @@ class RunReporter:
     instance: DagsterInstance
     write: Callable[[str], None] = print
     lines: list[RunLine] = field(default_factory=list)
+    canceled: int = 0  # runs an operator terminated ("CANCELED KEY ..."): no failures
 
     def __call__(self, message: str) -> None:
         outcome, _, key = message.strip().partition(" ")
         key = key.strip()
+        self.canceled += outcome == "CANCELED"
         if outcome not in ("ok", "FAILED") or not key:
             self.write(message)  # not a run outcome: pass it on as it is
             return
@@ -309,5 +311,6 @@ class RunReporter:
         failed = [line for line in self.lines if not line.ok]
         moved = sum(line.bytes for line in self.lines)
         seconds = sum(line.seconds for line in self.lines)
-        return (f"{len(self.lines)} run(s), {len(failed)} failed, {moved / 1e6:.1f} MB in "
-                f"{seconds:.1f} s of runs")
+        canceled = f", {self.canceled} canceled by an operator" if self.canceled else ""
+        return (f"{len(self.lines)} run(s), {len(failed)} failed{canceled}, "
+                f"{moved / 1e6:.1f} MB in {seconds:.1f} s of runs")

@@ -79,6 +79,8 @@ class Finished:
     # Cancel): not executed
     taken: str = ""  # the status of a queued run another took meanwhile (a Dagster daemon):
     # not executed
+    terminated: bool = False  # ended CANCELED once claimed or started: an operator's
+    # Terminate (or Force termination) of a run in flight; not a failure of its work
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,8 @@ class RunPool:
                             "before the run did")
             run = self.instance.get_run_by_id(run.run_id)
         ok = run is not None and run.status == DagsterRunStatus.SUCCESS
-        return Finished(child.queued.key, ok, child.queued.run.run_id, deleted=run is None)
+        return Finished(child.queued.key, ok, child.queued.run.run_id, deleted=run is None,
+                        terminated=run is not None and run.status == DagsterRunStatus.CANCELED)
 
     def _fail(self, run: DagsterRun, why: str) -> None:
         self.instance.report_run_failed(run, message=why)

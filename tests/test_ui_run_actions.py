@@ -531,7 +531,8 @@ def test_a_plain_terminate_in_the_ui_of_a_copy_the_drive_executes_answers_succes
             assert ended is not None and ended.status == DagsterRunStatus.CANCELED
             assert Stage.SITE_COPY in stages_of(ended)
             assert not instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_RESTARTED)
-            assert report.failed_ids == [run.run_id], "\n".join(lines)  # that one alone
+            assert report.canceled_ids == [run.run_id], "\n".join(lines)  # that one alone
+            assert report.failed == [], "\n".join(lines)  # asked for: not a failure
             assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
         assert not halfway[0].exists()
         assert not [p for p in config.resolve_root("sites").rglob("*.part")]
@@ -672,7 +673,11 @@ def test_a_plain_terminate_in_the_ui_stops_a_copy_of_a_drive_with_one_run_at_onc
                                log=lines.append)
             run = stopped_promptly(instance, answered, Path(chosen[0].read_text()))
             assert int(held.read_text()) != os.getpid()  # not in the drive's process
-            assert report.failed_ids == [run.run_id], "\n".join(lines)  # that one alone
+            # what the operator asked for, no failure (before: a FAILED line, exit 1)
+            assert report.canceled_ids == [run.run_id], "\n".join(lines)  # that one alone
+            assert report.failed == [], "\n".join(lines)
+            assert any(line.startswith(f"CANCELED {report.canceled[0]} (run {run.run_id})")
+                       and "canceled by an operator" in line for line in lines), lines
             assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
         assert not [p for p in config.resolve_root("sites").rglob("*.part")]
         on_disk(config, raw)
@@ -710,7 +715,8 @@ def test_a_plain_terminate_in_the_ui_stops_a_copy_ccat_dt_retry_executes(
             run = stopped_promptly(instance, answered, Path(chosen[0].read_text()))
             assert run.tags.get(RETRY_TAG), run.tags  # one of retry's own
             assert int(held.read_text()) != os.getpid()  # not in retry's process
-            assert run.run_id in report.failed_ids, "\n".join(lines)
+            assert run.run_id in report.canceled_ids, "\n".join(lines)
+            assert run.run_id not in report.failed_ids, "\n".join(lines)
             assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
             assert drive(defs, instance, wait_s=10).failed == []  # the next attempt
         assert not [p for p in config.resolve_root("sites").rglob("*.part")]
@@ -788,7 +794,8 @@ def test_terminate_in_the_ui_of_a_copy_the_drive_is_starting_stops_it(
                 with opsdb.session() as session:
                     assert not session.scalars(select(Operation.id).where(
                         Operation.run_id == said["run_id"])).all()
-            assert report.failed_ids == [said["run_id"]], "\n".join(lines)
+            assert report.canceled_ids == [said["run_id"]], "\n".join(lines)
+            assert report.failed == [], "\n".join(lines)
             assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
         assert not [p for p in config.resolve_root("sites").rglob("*.part")]
         on_disk(config, raw)
