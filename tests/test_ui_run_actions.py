@@ -787,8 +787,9 @@ def test_terminate_in_the_ui_of_a_copy_the_drive_is_starting_stops_it(
             assert record is not None and record.dagster_run.status == DagsterRunStatus.CANCELED
             assert record.end_time is not None and record.end_time - said["at"] < 10.0
             steps = instance.all_logs(said["run_id"], of_type=DagsterEventType.STEP_START)
-            if after:
-                assert not Path(halfway[0].read_text()).exists()
+            if after:  # interrupted once started: in its transfer, or (on a loaded machine,
+                # the interrupt first) before any byte of it landed
+                assert not halfway[0].exists() or not Path(halfway[0].read_text()).exists()
             else:  # not executed at all
                 assert steps == []
                 with opsdb.session() as session:
