@@ -40,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckSeverity,
     AssetKey,
     AssetRecordsFilter,
     DagsterEventType,
@@ -81,6 +84,7 @@ from dagster._core.scheduler.instigation import (
     SensorInstigatorData,
     TickStatus,
 )
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.storage.dagster_run import FINISHED_STATUSES
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
@@ -965,14 +969,22 @@ HEAL_LOOK = 20  # the newest materializations of a partition looked at for a run
 
 
 def healed_runs(instance: DagsterInstance, report: DriveReport) -> list[str]:
-    """The keys of the report's failed runs that failed transiently and whose work was done
-    after they failed: a fault that passed (OpsDB locked, the link down: retried in the run
-    until its attempts ran out) and nothing left to do, so nobody needs to act for it. A run
-    whose work was then done: every asset of its stages materialised for its partition by a
-    run since it ended (its automatic re-attempt, a later run, the UI's Materialize). Never
-    healed: a failure decided as final (a refused deletion, a quarantine, a failed check: not
-    retryable), a run whose process died. (A run an operator terminated is no failure:
-    `canceled`, not `failed`.)"""
+    """The keys of the report's failed runs that nobody needs to act for any more:
+
+    - a run that failed transiently and whose work was done after it failed: a fault that
+      passed (OpsDB locked, the link down: retried in the run until its attempts ran out)
+      and nothing left to do. Its work done: every asset of its stages materialised for its
+      partition by a run since it ended (its automatic re-attempt, a later run, the UI's
+      Materialize);
+    - a run failed by a blocking check that found its copy bad (a recheck of a rotten copy:
+      the system doing its job, the copy quarantined), once the copy was made again and
+      passes that check: each such partition materialised by a run since (the repair) and
+      its check's latest result, on that materialization, passed. While no repair has (none
+      can: no intact copy left, and a person is told), it stays a failure.
+
+    Never healed: a failure decided as final (a refused deletion, a source changed after
+    filing: not retryable), a run whose process died. (A run an operator terminated is no
+    failure: `canceled`, not `failed`.)"""
     healed = []
     for key, run_id in zip(report.failed, report.failed_ids, strict=True):
         record = instance.get_run_record_by_id(run_id) if run_id else None
@@ -980,6 +992,12 @@ def healed_runs(instance: DagsterInstance, report: DriveReport) -> list[str]:
                 or record.dagster_run.status != DagsterRunStatus.FAILURE):
             continue
         run = record.dagster_run
+        if (found := _found_bad(instance, run_id)) is not None:
+            if all(_made_since(instance, asset, partition, record.end_time)
+                   and _passes_now(instance, asset, check, partition)
+                   for asset, check, partition in found):
+                healed.append(key)
+            continue
         partition = run.tags.get(PARTITION_NAME_TAG)
         assets = [name for name, stage in ASSET_STAGE.items() if stage in stages_of(run)]
         if partition is None or not assets or not _transient(instance, run_id):
@@ -987,6 +1005,40 @@ def healed_runs(instance: DagsterInstance, report: DriveReport) -> list[str]:
         if all(_made_since(instance, name, partition, record.end_time) for name in assets):
             healed.append(key)
     return healed
+
+
+def _found_bad(instance: DagsterInstance, run_id: str) -> list[tuple[str, str, str]] | None:
+    """(asset, check, partition) of each blocking check that failed the run, when nothing
+    else did (every failed step failed on Dagster's "blocking asset check failed"); None
+    otherwise."""
+    errors = [record.dagster_event.step_failure_data.error
+              for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE)
+              if record.dagster_event is not None]
+    if not errors or not all(error is not None and CHECK_FAILED in (
+            error.cls_name, error.cause.cls_name if error.cause else None) for error in errors):
+        return None
+    found = []
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION):
+        event = record.dagster_event
+        evaluation = event.event_specific_data if event is not None else None
+        if (isinstance(evaluation, AssetCheckEvaluation) and not evaluation.passed
+                and evaluation.severity == AssetCheckSeverity.ERROR
+                and evaluation.partition is not None):
+            found.append((evaluation.asset_key.to_user_string(), evaluation.check_name,
+                          evaluation.partition))
+    return found or None
+
+
+CHECK_FAILED = "DagsterAssetCheckFailedError"  # a blocking check failed with ERROR severity
+
+
+def _passes_now(instance: DagsterInstance, asset: str, check: str, partition: str) -> bool:
+    """Whether the check's latest result on the partition passed, on its latest
+    materialization (what the UI shows green)."""
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [AssetCheckKey(AssetKey(asset), check)], partition_keys=[partition])
+    return any(info.is_current and info.latest_execution_status
+               == AssetCheckExecutionRecordStatus.SUCCEEDED for info in infos)
 
 
 def _made_since(instance: DagsterInstance, asset: str, partition: str, since: float) -> bool:

@@ -38,6 +38,7 @@ from functools import lru_cache, partial
 from typing import Any
 
 from dagster import (
+    DagsterEventType,
     DagsterInstance,
     DagsterRun,
     DagsterRunStatus,
@@ -90,6 +91,20 @@ def stages_of(run: DagsterRun) -> tuple[Stage, ...]:
         return tuple(dict.fromkeys(stage for name, stage in ASSET_STAGE.items()
                                    if name in names))
     return stages_of_job(run.job_name)
+
+
+def checks_alone(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """Whether the run executes asset checks and no asset: the integrity sensor's recheck of
+    a partition given an event by hand, the Checks tab's "Execute" on a partition. It looks
+    at the work; it does not attempt it. A run submitted so (the daemon's, the UI's) names
+    its checks; one `ccat-dt drive` made executes a subset of its job and names none, and
+    then has no materialization planned in its event log (one query)."""
+    if run.asset_selection:
+        return False
+    if run.asset_check_selection:
+        return True
+    return not instance.get_records_for_run(
+        run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION_PLANNED, limit=1).records
 
 
 def stage_of(run: DagsterRun) -> Stage | None:

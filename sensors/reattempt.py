@@ -25,7 +25,7 @@ from ccat_assets.driver import stopped_by_operator
 from ccat_assets.execution import on_queue
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.partitions import package_site_key, revived
-from ccat_assets.routing import stages_of
+from ccat_assets.routing import checks_alone, stages_of
 from ccat_assets.stages import JOBS, copy_job, jobs_of, site_copy, stages_of_job
 from ccat_assets.tags import AGAIN_TAG, LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
 from ccat_dt.config import Config
@@ -76,7 +76,10 @@ def _works_of(record_: RunRecord) -> list[tuple[Stage, str, str]]:
 
 def history(instance: DagsterInstance, stage: Stage, package: str, site: str,
             tags: dict[str, str] | None = None) -> list[RunOutcome]:
-    """The runs of one piece of work (of every job that does it), oldest first."""
+    """The runs of one piece of work (of every job that does it), oldest first. A failed
+    run of checks alone (a recheck that found the copy bad: the system doing its job, the
+    copy quarantined and repaired by the repair sensor) attempted nothing: not a failed
+    attempt of the work, so neither a back-off nor an escalation follows from it."""
     if tags is None:
         tags = {PACKAGE_DIM: package, SITE_DIM: site} if site else {PARTITION: package}
     records = [r for job in jobs_of(stage)
@@ -84,7 +87,8 @@ def history(instance: DagsterInstance, stage: Stage, package: str, site: str,
     records += [r for r in instance.get_run_records(  # the UI's "Materialize", a backfill
         RunsFilter(job_name=IMPLICIT_ASSET_JOB_NAME, tags=tags), limit=200)
         if stage in stages_of(r.dagster_run)]
-    return [outcome(r) for r in sorted(records, key=lambda r: r.create_timestamp)]
+    return [outcome(r) for r in sorted(records, key=lambda r: r.create_timestamp)
+            if not (r.dagster_run.status in FAILED and checks_alone(instance, r.dagster_run))]
 
 
 def outcome(record_: RunRecord) -> RunOutcome:

@@ -30,7 +30,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import DriveReport, drive, launch
+from ccat_assets.driver import DriveReport, drive, healed_runs, launch
 from ccat_assets.partitions import package_site_key
 from ccat_assets.scrub import scrub_job
 from ccat_dt.checksums import hash_file
@@ -47,6 +47,8 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.progress import ProgressEvent
 from ccat_dt.report import disagreements
+from ccat_dt.stages import Stage
+from sensors.reattempt import history as reattempt_history
 from tests.helpers import flip_byte, lta_copies_at, observe, rot_an_lta_copy
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
@@ -601,6 +603,13 @@ def test_hand_reported_events_are_checked_again_on_the_storage_at_the_next_tick(
     for request in requests:
         launch(defs, instance, request, origin="integrity_sensor", report=report)
     assert len(report.launched) == 3, report.launched
+    # the rotten copy's recheck failed (its blocking check): a failure until it is repaired,
+    # but no failed attempt of the copy (nothing to wait for: the repair sensor makes it)
+    [found] = report.failed
+    assert found.startswith(f"recheck:lta_copies:{bad_key}:"), report.failed
+    assert healed_runs(instance, report) == []
+    assert not [r for r in reattempt_history(instance, Stage.LTA_COPY, bad.package.name, "us")
+                if r.failed]
 
     status = check_status(instance, "lta_copies", "lta_copy_checksum")
     assert status[bad_key] == "failed" and status[good_key] == "passed", status
@@ -624,6 +633,43 @@ def test_hand_reported_events_are_checked_again_on_the_storage_at_the_next_tick(
     assert drive(defs, instance).failed == []  # the repair
     assert set(check_status(instance, "lta_copies", "lta_copy_checksum").values()) == {"passed"}
     lta_intact(opsdb)
+    assert healed_runs(instance, report) == [found]  # repaired: nobody needs to act
+
+
+def test_a_recheck_that_finds_a_rotten_copy_is_healed_by_its_repair_in_the_same_drive(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """A rotten LTA copy (bit rot, OpsDB still holds it verified) whose check an operator
+    marked passed by hand ("Report evaluation"): the next drive's recheck reads it, finds it
+    bad, quarantines it (its blocking check fails, so does its run), and the repair sensor
+    makes it again from the other archive within the same drive. Before, the recheck's failed
+    run counted as a failure no later run healed, and as a failed attempt of the copy:
+    `ccat-dt drive` exited 1 although the system had done its job and nothing was left for a
+    person. Now it is healed once the repaired copy passes the check: exit 0, no re-attempt
+    waiting; the copy on the storage is intact again."""
+    from ccat_dt.loss import packages_in_danger
+
+    observe(config, opsdb, observations=1, files=1)
+    defs = build_definitions(config)
+    assert drive(defs, instance).failed == []
+    bad = rot_an_lta_copy(opsdb, "us")
+    bad_key = str(package_site_key(bad.package.name, "us"))
+    instance.report_runless_asset_event(AssetCheckEvaluation(  # "Report evaluation": passed
+        asset_key=AssetKey("lta_copies"), check_name="lta_copy_checksum", passed=True,
+        partition=bad_key, description="looks fine to me"))
+
+    report = drive(defs, instance)
+
+    [found] = report.failed  # the recheck: its blocking check found the copy bad
+    assert found.startswith(f"recheck:lta_copies:{bad_key}:"), report.failed
+    assert report.healed == [found] and report.unhealed == [], report  # exit 0
+    assert report.next_due is None  # no re-attempt waiting for a back-off
+    assert any(k.startswith(f"repair:{bad.package.name}:us:") for k in report.launched)
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] == "passed"
+    path = Path(bad.location.root) / bad.relative_path  # read from the storage: intact again
+    assert hash_file(path)[0] == bad.package.checksum
+    lta_intact(opsdb)
+    with opsdb.session() as session:
+        assert packages_in_danger(session, config) == []
 
 
 def test_wiped_materializations_are_restated_from_opsdb_without_re_reading(
