@@ -2,7 +2,8 @@
 is gone (an operator's "Wipe materializations" or Runs → Delete, which deletes a run's event
 log with its materializations; a Dagster instance restored from an older backup): the
 packages built, the verified package copies (present, or deleted by the purge after
-archiving), each with its newest verification, and the packages the purge deleted copies of.
+archiving), each with its newest verification, the copies quarantined (found bad, not yet
+made again), and the packages the purge deleted copies of.
 Told, not re-read: re-reading every copy of an archive could be terabytes; the fixity scrub
 re-reads LTA copies on its budget."""
 
@@ -47,6 +48,21 @@ class Verified:
     operation_id: int | None
     verified_by: str | None
     deleted_at: datetime | None = None  # deleted by the purge after it was verified
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A copy quarantined (CORRUPT: a re-read found it bad) with no verified copy of its kind
+    at its site, and what its newest failed verification recorded."""
+
+    package: str
+    site: str
+    kind: LocationType
+    copy_id: int
+    location: str  # site/location
+    error: str | None
+    found_at: datetime | None  # when that verification ended
+    operation_id: int | None
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,49 @@ def purged_placements(session: Session) -> set[Placed]:
         .group_by(RawDataPackage.name, Site.short_name, DataLocation.location_type)
         .having(func.sum(case((PackageCopy.status != CopyStatus.DELETED, 1), else_=0)) == 0,
                 func.sum(case((VERIFIED_AFTER_WRITE, 1), else_=0)) > 0))}
+
+
+def quarantined_placements(session: Session) -> set[Placed]:
+    """Where OpsDB holds a copy of a package quarantined (CORRUPT), whatever else it holds
+    there (the caller leaves out the places with a verified copy: a repair made since): one
+    query, names only."""
+    return {(package, site, LocationType(kind)) for package, site, kind in session.execute(
+        _copies(select(RawDataPackage.name, Site.short_name, DataLocation.location_type))
+        .where(PackageCopy.status == CopyStatus.CORRUPT).distinct())}
+
+
+def quarantines(session: Session, placed: Collection[Placed]) -> list[Quarantined]:
+    """For each of `placed`, its newest quarantined copy and that copy's newest failed
+    verification (why, when); asked by pages of packages."""
+    wanted = set(placed)
+    names = sorted({package for package, _, _ in wanted})
+    newest: dict[Placed, tuple[int, str]] = {}
+    for start in range(0, len(names), PAGE):
+        for copy_id, package, site, location, kind in session.execute(_copies(select(
+                PackageCopy.id, RawDataPackage.name, Site.short_name, DataLocation.name,
+                DataLocation.location_type)).where(
+                PackageCopy.status == CopyStatus.CORRUPT,
+                RawDataPackage.name.in_(names[start:start + PAGE])).order_by(PackageCopy.id)):
+            key = (package, site, LocationType(kind))
+            if key in wanted:
+                newest[key] = (copy_id, f"{site}/{location}")  # the newest last
+    ids = sorted(copy_id for copy_id, _ in newest.values())
+    failed: dict[int, Operation] = {}
+    for start in range(0, len(ids), PAGE):
+        for operation in session.scalars(select(Operation).where(
+                Operation.copy_id.in_(ids[start:start + PAGE]),
+                Operation.operation_type == OperationType.VERIFICATION,
+                Operation.status == OperationStatus.FAILED).order_by(Operation.id)):
+            assert operation.copy_id is not None
+            failed[operation.copy_id] = operation  # the newest last
+    out = []
+    for (package, site, kind), (copy_id, location) in sorted(newest.items()):
+        why = failed.get(copy_id)
+        out.append(Quarantined(package, site, kind, copy_id, location,
+                               why.error if why else None,
+                               (why.finished_at or why.started_at) if why else None,
+                               why.id if why else None))
+    return out
 
 
 def built_packages(session: Session) -> set[str]:

@@ -6,11 +6,12 @@ materialization event" or "Report evaluation") has its checks run again, alone, 
 a copy stage's partition of which OpsDB records no copy there at all (work not done yet) is
 told so, a warning, without a run.
 A partition OpsDB holds done (a package built, a copy verified, present or deleted by the
-purge since, a package's purge) that Dagster shows no materialization of ("Wipe
-materializations", or its runs deleted: Runs → Delete deletes a run's event log) is restated
-from OpsDB, on a slow round, and at the next tick after runs were deleted (`runs_deleted`,
-`restatements`) or an asset was wiped (`last_wiped`); not while a run of it is in flight (it
-waits for that run's end, and is dropped if that run materialized it).
+purge since, a package's purge; a copy quarantined since, not yet made again: with its check
+failed) that Dagster shows no materialization of ("Wipe materializations", or its runs
+deleted: Runs → Delete deletes a run's event log) is restated from OpsDB, on a slow round,
+and at the next tick after runs were deleted (`runs_deleted`, `restatements`) or an asset was
+wiped (`last_wiped`); not while a run of it is in flight (it waits for that run's end, and is
+dropped if that run materialized it).
 A finding whose partition has a run in flight (the run that found the copy bad, a repair) is
 held back in the cursor, as it was found, and reported once no run of the partition is in
 flight: written meanwhile it would outrank that run's own check. A finding already repaired
@@ -65,12 +66,15 @@ from ccat_dt.reaper import certificate_problems
 from ccat_dt.recorded import (
     Built,
     Purged,
+    Quarantined,
     Verified,
     builds,
     built_packages,
     purged_packages,
     purged_placements,
     purges,
+    quarantined_placements,
+    quarantines,
     verifications,
     verified_placements,
 )
@@ -363,8 +367,10 @@ def restatements(context: SensorEvaluationContext, opsdb: OpsDB, config: Config,
     findings that restate the materialization and its checks from OpsDB (at most
     RESTATE_BATCH), whether more are left, and those left waiting: raw files of a package
     built, a package or a site copy verified (present, or deleted by the purge since), an LTA
-    copy verified and present, a package the purge deleted copies of. Sets are compared, one
-    query each; the copies are not read (that would be the whole archive).
+    copy verified and present, a package the purge deleted copies of; and a copy quarantined
+    with no verified copy there (found bad, not yet made again), its check failed as before
+    the wipe. Sets are compared, one query each; the copies are not read (that would be the
+    whole archive).
 
     A partition with a run in flight is not restated: that run records its work in OpsDB
     before its materialization is stored, and a restatement then would launch a report for
@@ -389,7 +395,14 @@ def restatements(context: SensorEvaluationContext, opsdb: OpsDB, config: Config,
             (copy_check_of(package, site, kind, site == observatory), (package, site, kind))
             for package, site, kind in purged_placements(session)
             if ours(package, site, kind) and kind == LocationType.BUFFER) if key not in present}
-        done = {*present, *purged, *((*BUILT, name) for name in built_packages(session) & live),
+        # A copy made once and quarantined since, not yet made again (no verified copy
+        # there): shown materialized with its check failed before the wipe, so again
+        bad = {key: place for key, place in (
+            (copy_check_of(package, site, kind, site == observatory), (package, site, kind))
+            for package, site, kind in quarantined_placements(session)
+            if ours(package, site, kind)) if key not in present and key not in purged}
+        done = {*present, *purged, *bad,
+                *((*BUILT, name) for name in built_packages(session) & live),
                 *((*PURGED, name) for name in purged_packages(session) & live)}
     shown = {asset: instance.get_materialized_partitions(AssetKey(asset))
              for asset in {asset for asset, _, _ in done}}
@@ -413,11 +426,16 @@ def restatements(context: SensorEvaluationContext, opsdb: OpsDB, config: Config,
             session, [name for asset, _, name in batch if asset == BUILT[0]])}
         cleared = {p.package: p for p in purges(
             session, [name for asset, _, name in batch if asset == PURGED[0]])}
+        found_bad = {(q.package, q.site, q.kind): q for q in quarantines(
+            session, [bad[key] for key in batch if key in bad])}
     told = []
     for asset, check, partition in batch:
-        place = present.get((asset, check, partition)) or purged.get((asset, check, partition))
+        key = (asset, check, partition)
+        place = present.get(key) or purged.get(key) or bad.get(key)
         if place is not None and place in found:
             told.append(_restated(asset, check, partition, found[place]))
+        elif place is not None and place in found_bad:
+            told.append(_restated_quarantine(asset, check, partition, found_bad[place]))
         elif asset == BUILT[0] and partition in built:
             told.append(_restated_build(built[partition]))
         elif asset == PURGED[0] and partition in cleared:
@@ -442,6 +460,23 @@ def _restated(asset: str, check: str, partition: str, copy: Verified) -> dict[st
                             "operation_id": str(copy.operation_id or ""),
                             **({"deleted_at": copy.deleted_at.isoformat()}
                                if copy.deleted_at is not None else {})}}
+
+
+def _restated_quarantine(asset: str, check: str, partition: str,
+                         copy: Quarantined) -> dict[str, Any]:
+    """A quarantined copy's partition as it was shown before its materializations were
+    wiped: materialized (the copy was made once), its check failed with what the failed
+    verification recorded, until a repair's new copy passes it."""
+    when = f" {copy.found_at:%Y-%m-%d %H:%M:%S} UTC" if copy.found_at else ""
+    return {"asset": asset, "check": check, "partition": partition, "passed": False,
+            "description": f"restated from OpsDB: {copy.location}: copy {copy.copy_id} "
+                           f"quarantined{when}: {copy.error or 'failed its verification'}; "
+                           "not re-read now; red until a repair's new copy passes this check",
+            "materialize": {"restated_from": "OpsDB", "copy_id": str(copy.copy_id),
+                            "status": "quarantined",
+                            "quarantined_at": copy.found_at.isoformat() if copy.found_at
+                            else "",
+                            "operation_id": str(copy.operation_id or "")}}
 
 
 def _restated_build(built: Built) -> dict[str, Any]:

@@ -728,6 +728,61 @@ def test_wiped_materializations_are_restated_from_opsdb_without_re_reading(
     assert drive(defs, instance).launched == []
 
 
+def test_a_quarantined_copy_wiped_is_restated_failed_from_opsdb_until_its_repair(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """"Wipe materializations" of lta_copies while one LTA copy is quarantined (found bad,
+    not yet made again: its partition materialized, its check red). Before, the integrity
+    sensor's restatement after the wipe told only what OpsDB holds verified: the quarantined
+    copy's partition showed no materialization and no check at all, nothing red anywhere,
+    until a repair materialized it again (never, where nothing can repair it). Now the next
+    tick restates it from OpsDB as it was: materialized (`restated_from: OpsDB`), its check
+    failed with what the failed verification recorded; the others passed. Nothing is read
+    (the rotten file as it was); the repair then turns it green."""
+    defs, bad_key = quarantined_lta_copy(config, opsdb, instance)
+    lta = AssetKey("lta_copies")
+    requests, cursor = integrity_tick(defs, instance)  # the quarantine reported: red
+    report = DriveReport()
+    for request in requests:
+        launch(defs, instance, request, origin="integrity_sensor", report=report)
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[bad_key] == "failed"
+    shown = instance.get_materialized_partitions(lta)
+    assert bad_key in shown and len(shown) == 4
+    [bad] = [c for c in lta_copies_at(opsdb, "cologne")
+             if c.package.name == bad_key.split("|")[0]]
+    rotten = hash_file(Path(bad.location.root) / bad.relative_path)[0]
+    assert rotten != bad.package.checksum
+
+    instance.wipe_assets([lta])  # what the UI's wipeAssets calls
+    assert instance.get_materialized_partitions(lta) == set()
+    requests, cursor = integrity_tick(defs, instance, cursor)
+    report = DriveReport()
+    for request in requests:
+        launch(defs, instance, request, origin="integrity_sensor", report=report)
+
+    assert report.failed == [] and all(k.startswith("integrity-opsdb:") for k in report.launched)
+    assert instance.get_materialized_partitions(lta) == shown
+    status = check_status(instance, "lta_copies", "lta_copy_checksum")
+    assert {key: status[key] for key in shown} == {
+        key: "failed" if key == bad_key else "passed" for key in shown}, status
+    [record] = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=lta, asset_partitions=[bad_key]), limit=1).records
+    metadata = record.asset_materialization.metadata  # type: ignore[union-attr]
+    assert metadata["restated_from"].value == "OpsDB" and metadata["status"].value == \
+        "quarantined", metadata
+    [evaluation] = [r.dagster_event.event_specific_data for r in instance.all_logs(
+        record.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION) if r.dagster_event
+        and r.dagster_event.event_specific_data.partition == bad_key]  # type: ignore[union-attr]
+    assert isinstance(evaluation, AssetCheckEvaluation) and not evaluation.passed
+    assert (evaluation.description or "").startswith(
+        f"restated from OpsDB: cologne/lta: copy {bad.id} quarantined "), evaluation.description
+    assert hash_file(Path(bad.location.root) / bad.relative_path)[0] == rotten  # not touched
+
+    assert drive(defs, instance).failed == []  # the repair
+    assert set(check_status(instance, "lta_copies", "lta_copy_checksum").values()) == {"passed"}
+    assert instance.get_materialized_partitions(lta) == shown
+    lta_intact(opsdb)
+
+
 CHECKS_OF = {"raw_files": ("raw_files_present",), "packages": ("package_checksum",),
              "site_copies": ("site_copy_checksum",), "lta_copies": ("lta_copy_checksum",),
              "purge_status": ("deletion_certificates", "filed_bytes_safe")}
