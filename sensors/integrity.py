@@ -276,7 +276,8 @@ def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: i
     out ("a run of the partition is in flight") and moved on: the copy waited for the
     re-attempt's back-off, and `drive` ended with failed runs. What the check would say is
     told as a finding instead, a warning (the data is as it was; the event is not backed by a
-    copy): the partition shows that until the work's own run materializes it.
+    copy): the partition shows that until the work's own run materializes it. Likewise for
+    purge_status of a package OpsDB records no deletion of (`_purge_not_recorded`).
     Returns the runs, those findings, and the storage ids of the events they answer."""
     assert context.repository_def is not None
     graph = context.repository_def.asset_graph
@@ -290,6 +291,10 @@ def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: i
         assert dynamic.name is not None
         if not context.instance.has_dynamic_partition(dynamic.name, key.split("|", 1)[0]):
             continue  # retired since (sensors/retire.py): a run of it cannot be asked for
+        if asset == PURGED[0] and (told := _purge_not_recorded(deployment, key)) is not None:
+            unbacked.append(told)
+            events.append(event)
+            continue
         kind = COPY_KIND.get(asset)
         if kind is not None:
             package, _, site = key.partition("|")
@@ -310,6 +315,32 @@ def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: i
             run_key=f"recheck:{asset}:{key}:{event}",
             partition_key=package_site_key(*split_key(key)) if "|" in key else key))
     return requests, unbacked, events
+
+
+def _purge_not_recorded(deployment: Deployment, package: str) -> dict[str, Any] | None:
+    """What purge_status's checks say of a package given a materialization by hand while
+    OpsDB records no deletion of its copies (not purged: its sources and buffer copies kept):
+    its checks run again would both pass (no deletion to certify; the filed bytes safe in the
+    kept copies), a green purge that never happened. A warning on deletion_certificates
+    instead, and filed_bytes_safe evaluated on OpsDB as its check does; no run. None when a
+    deletion is recorded (the checks are run again), or the package is unknown."""
+    with deployment.opsdb.session() as session:
+        if purges(session, [package]):
+            return None
+        try:
+            assessment = assess(session, deployment.config, get_package(session, package))
+        except LookupError:
+            return None
+    return {"asset": PURGED[0], "check": PURGED[1], "partition": package, "passed": False,
+            "severity": AssetCheckSeverity.WARN.value,
+            "description": f"no purge of {package}: OpsDB records no deletion of its copies "
+                           "(its sources and buffer copies are kept), so the materialization "
+                           "reported by hand is not backed by a purge (nothing read); the "
+                           "purge sensor's run purges it when its retention policy allows",
+            "also": [{"check": "filed_bytes_safe", "passed": assessment.health == Health.SAFE,
+                      "description": assessment.reason,
+                      "severity": (AssetCheckSeverity.ERROR if assessment.health == Health.LOST
+                                   else AssetCheckSeverity.WARN).value}]}
 
 
 

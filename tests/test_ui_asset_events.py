@@ -19,6 +19,7 @@ import pytest
 from dagster import (
     AssetCheckEvaluation,
     AssetCheckKey,
+    AssetCheckSeverity,
     AssetKey,
     AssetRecordsFilter,
     BetaWarning,
@@ -134,7 +135,10 @@ def test_materializations_reported_for_work_not_done_move_nothing_and_the_work_i
     nothing is deleted or skipped for the event; the drive builds, sends and archives the
     package and purges its sources as for any package, every file once in each archive; the
     done package's copies are read again and pass, nothing of them moved; and the UI ends
-    showing each partition materialized by its own run, every check passed."""
+    showing each partition materialized by its own run, every check passed. purge_status,
+    reported for the package not purged, showed a green purge (its checks run again: no
+    deletion to certify, the bytes safe in the kept sources); now it shows a warning told from
+    OpsDB ("no purge of ... OpsDB records no deletion"), until the purge's own run."""
     config = deployment(tmp_path / "deploy")
     opsdb = OpsDB(config.opsdb_url)
     try:
@@ -172,7 +176,17 @@ def test_materializations_reported_for_work_not_done_move_nothing_and_the_work_i
             assert rechecked.failed == [], rechecked.failed
             assert not [k for k in rechecked.launched if k.startswith(tuple(
                 f"recheck:{asset}:{package}" for asset in (
-                    "packages", "site_copies", "lta_copies")))], rechecked.launched
+                    "packages", "site_copies", "lta_copies", "purge_status")))], \
+                rechecked.launched
+            # purge_status of the package not purged: no green purge (before: its checks run
+            # again, both passed), a warning told from OpsDB, the package's safety evaluated
+            said = evaluation(instance, "purge_status", "deletion_certificates", package)
+            assert not said.passed and said.severity == AssetCheckSeverity.WARN, said
+            assert (said.description or "").startswith(f"no purge of {package}: OpsDB "
+                                                       "records no deletion"), said
+            assert check_status(instance, "purge_status", "deletion_certificates")[
+                package] == "failed"
+            assert evaluation(instance, "purge_status", "filed_bytes_safe", package).passed
             for asset, check in (("packages", "package_checksum"),
                                  ("site_copies", "site_copy_checksum"),
                                  ("lta_copies", "lta_copy_checksum")):
