@@ -43,7 +43,7 @@ from ccat_dt.routing import (
 )
 from ccat_dt.staged_files import Damage, look_at_staged
 from ccat_dt.stages import Stage
-from ccat_dt.transports.base import TOO_LARGE, refused_source
+from ccat_dt.transports.base import IN_THE_WAY, TOO_LARGE, refused_source
 
 
 @dataclass(frozen=True)
@@ -233,6 +233,9 @@ def _failed(operation: Operation | None, reattempt: Reattempt | None = None) -> 
         hint = "destination disk read-only; "
     elif TOO_LARGE.lower() in text:
         hint = "the destination takes no file this big (its file-size limit); "
+    elif IN_THE_WAY in text:
+        hint = ("a file is where the package's directory should be at the destination (move "
+                "it away; the next attempt then copies the package); ")
     elif "checksum mismatch" in text:
         hint = "checksum mismatch; "
     elif "refused" in text or "timed out" in text or "unreachable" in text:

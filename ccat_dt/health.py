@@ -31,6 +31,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.transports.base import (
     DISK_READ_FAILED,
     FOREIGN_FILE,
+    IN_THE_WAY,
     PEER_FAILED,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
@@ -42,10 +43,12 @@ from ccat_dt.transports.base import (
 # A transfer refused because its final name holds a file OpsDB does not know (replicas.py):
 # that file's, not the location's, and a person's to look at (notify.py).
 # A file larger than the destination takes (EFBIG): that file's too; smaller ones still go there.
+# A file where the package's (its observation's) directory should be: that package's; the
+# others still go there.
 # Compared with the failure's text lower-cased, so lower-cased too (FOREIGN_FILE says "OpsDB").
 _PER_FILE = tuple(marker.lower() for marker in (
     "checksum mismatch", SOURCE_MISSING, SOURCE_UNREADABLE, "no longer verified", FOREIGN_FILE,
-    PEER_FAILED, TOO_LARGE))
+    PEER_FAILED, TOO_LARGE, IN_THE_WAY))
 _LOCATION_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
                    errno.EIO, errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH,
                    errno.ECONNREFUSED, errno.ETIMEDOUT}

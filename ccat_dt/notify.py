@@ -90,7 +90,13 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.routing import refused_reread
 from ccat_dt.stages import Stage
-from ccat_dt.transports.base import FOREIGN_FILE, READABLE_BY, TOO_LARGE, refused_source
+from ccat_dt.transports.base import (
+    FOREIGN_FILE,
+    IN_THE_WAY,
+    READABLE_BY,
+    TOO_LARGE,
+    refused_source,
+)
 
 if TYPE_CHECKING:
     import smtplib
@@ -105,7 +111,7 @@ class Problem:
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
     # | deletion_refused | foreign_file | source_changed | source_refused | copy_refused
     # | archive_unreadable | disk_full | over_quota | read_only | disk_error | too_large
-    # | undeliverable
+    # | in_the_way | undeliverable
     subject: str
     detail: str  # what happened and what to do
 
@@ -471,7 +477,8 @@ def current_problems(session: Session, config: Config, now: datetime,
     for row in session.scalars(select(Reattempt).order_by(Reattempt.id)):
         if row.escalated_at is None and f"escalated:{row.stage}:{row.partition}" not in told:
             continue
-        if any(text in (row.last_error or "") for text in (FOREIGN_FILE, TOO_LARGE)) \
+        if any(text in (row.last_error or "") for text in (FOREIGN_FILE, TOO_LARGE,
+                                                           IN_THE_WAY)) \
                 or _refused(row):
             continue  # told below
         hours = (_aware(now) - _aware(row.first_failed_at)).total_seconds() / 3600
@@ -493,6 +500,7 @@ def current_problems(session: Session, config: Config, now: datetime,
     problems += _changed_sources(session)
     problems += _foreign_files(session)
     problems += _too_large(session, config)
+    problems += _in_the_way(session, config)
     problems += _refused_sources(session, config)
     problems += _refused_copies(session, now)
     for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
@@ -599,6 +607,23 @@ def _too_large(session: Session, config: Config) -> list[Problem]:
             f"a file system that takes such files. {then} `ccat-dt why {row.package}` shows "
             "the stage."))
     return problems
+
+
+def _in_the_way(session: Session, config: Config) -> list[Problem]:
+    """Copies refused because a file sits where the package's directory should be at the
+    destination: only a person can say what it is and move it. Not the location's fault (other
+    packages still go there). Told at the first refusal; resolved once the copy is made (its
+    re-attempt row goes)."""
+    return [Problem(
+        f"in_the_way:{row.stage}:{row.partition}", "in_the_way",
+        f"{Stage(row.stage).label} {row.partition} refused: a file is where the package's "
+        "directory should be",
+        f"{row.last_error}\nNothing was written, and the file is left as it is. Find out what "
+        "it is and move it away (a directory of that name is what the package needs). "
+        + _after_a_person(config, row, "it is moved away", "copies the package")
+        + f" `ccat-dt why {row.package}` shows the stage.")
+        for row in session.scalars(select(Reattempt).where(
+            Reattempt.last_error.contains(IN_THE_WAY)).order_by(Reattempt.id))]
 
 
 # Attempts that found the source refused before a person is told: the second is sent from

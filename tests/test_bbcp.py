@@ -870,9 +870,10 @@ def test_an_unmarked_destination_is_never_written_to(sshd: SshServer, package,
 def test_a_file_where_the_packages_directory_should_be_is_named_and_not_retried(
         sshd: SshServer, tmp_path: Path, host: str, batch: bool) -> None:
     """A regular file sits where the package's directory should be (`obs` at the location's
-    root), so the directory cannot be created. The attempt fails before bbcp runs, as the
-    destination's problem (the location's failure) naming that file, and is not retried
-    within the run (no retry storm: a person moves it away); the file is left as it is.
+    root), so the directory cannot be created. The attempt fails before bbcp runs, as that
+    package's problem at the destination (not the location's failure: other packages still go
+    there) naming that file, and is not retried within the run (no retry storm: a person moves
+    it away); the file is left as it is.
     Before: "mkdir ... failed (exit 1): mkdir: cannot create directory '...': File exists"
     (or "Not a directory", whichever path mkdir tripped on), and on this machine a retryable
     "[Errno 17] File exists" retried at once."""
@@ -901,7 +902,7 @@ def test_a_file_where_the_packages_directory_should_be_is_named_and_not_retried(
     message = str(caught.value)
     assert not caught.value.retryable, message
     assert f"{blocker} is not a directory" in message and "move it away" in message, message
-    assert location_failure(caught.value), message  # the destination's, not the source's
+    assert not location_failure(caught.value), message  # that package's, not the location's
     assert calls == []  # bbcp never ran
     assert blocker.read_bytes() == b"a file, not a directory"
     assert sorted(p.name for p in root.iterdir()) == [".ccat-dt-location", "obs"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ccat_dt.checksums import hash_file
+from ccat_dt.health import location_failure
 from ccat_dt.transports import local
 from ccat_dt.transports.base import TransferError
 from ccat_dt.transports.local import LocalTransport
@@ -75,3 +76,28 @@ def test_a_slice_damaged_after_landing_is_caught_and_never_renamed(
     assert caught.value.retryable
     assert len(slices) == 4  # every slice was handed over, and read back, one at a time
     assert list(destination.parent.iterdir()) == []  # no final file, no temporary left
+
+
+@pytest.mark.parametrize("depth", ["directory", "above"])
+def test_a_file_where_the_packages_directory_should_be_is_named_and_not_retried(
+        source: Path, tmp_path: Path, depth: str) -> None:
+    """A regular file where the package's directory (or one above it) should be: the copy
+    fails naming it, not retried within the run, not the location's failure (other packages
+    still go there), nothing written, the file left as it is. Before: "[Errno 17] File exists"
+    (or "[Errno 20] Not a directory"), retryable, a location failure."""
+    expected, _ = hash_file(source)
+    root = tmp_path / "lta"
+    root.mkdir()
+    blocker = root / "obs"
+    blocker.write_bytes(b"a file, not a directory")
+    destination = blocker / ("package.tar" if depth == "directory" else "sub/package.tar")
+
+    with pytest.raises(TransferError) as caught:
+        LocalTransport().copy_file(source, destination, expected)
+
+    message = str(caught.value)
+    assert not caught.value.retryable, message
+    assert f"{blocker} is not a directory (a file is there): move it away" in message, message
+    assert not location_failure(caught.value), message
+    assert blocker.read_bytes() == b"a file, not a directory"
+    assert [p.name for p in root.iterdir()] == ["obs"]

@@ -686,3 +686,45 @@ def test_the_location_marker_is_looked_at_in_rsyncs_own_command(
     assert xxhash.xxh3_128((mount_point / "obs" / "pkg.tar").read_bytes()).hexdigest() == checksum
     commands = logged_commands(result.log_path)
     assert len(commands) == (1 if destination_host is None else 2)  # rsync (+ verify, rename)
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_a_file_where_the_packages_directory_should_be_is_named_and_not_retried(
+        sshd: SshServer, transport: RsyncTransport, work: Path, direction: str,
+        batch: bool) -> None:
+    """A regular file sits where the package's directory should be (`obs` at the location's
+    root). The copy fails naming that file, as bbcp's does: not retried within the run (a
+    person moves it away), and that package's problem, not the location's (other packages
+    still go there); nothing is written and the file is left as it is. Before, to a remote
+    host: "rsync exited 12: mkdir: cannot create directory '...': File exists | rsync:
+    connection unexpectedly closed", retryable, a location failure."""
+    source_host, destination_host = DIRECTIONS[direction]
+    root = work / "lta"
+    root.mkdir()
+    marker = PurePosixPath(root / ".ccat-dt-location")
+    Path(marker).write_text("marker\n")
+    blocker = root / "obs"
+    blocker.write_bytes(b"a file, not a directory")
+    pairs = []
+    for name in ("a.tar", "b.tar")[:2 if batch else 1]:
+        checksum = write_random(work / name, 1000)
+        where = at(sshd, blocker / name, destination_host)
+        pairs.append((at(sshd, work / name, source_host),
+                      Endpoint(where.path, where.host, marker=marker), checksum))
+    if batch:
+        errors = transport.copy_many(pairs)
+    else:
+        with pytest.raises(TransferError) as caught:
+            transport.copy(*pairs[0])
+        errors = [caught.value]
+    assert len(errors) == len(pairs)
+    for error in errors:
+        assert isinstance(error, TransferError), error
+        message = str(error)
+        assert not error.retryable, message
+        assert f"{blocker} is not a directory (a file is there)" in message, message
+        assert "move it away" in message, message
+        assert not location_failure(error), message  # that package's, not the location's
+    assert blocker.read_bytes() == b"a file, not a directory"
+    assert sorted(p.name for p in root.iterdir()) == [".ccat-dt-location", "obs"]

@@ -218,6 +218,63 @@ PERMANENT_ERRNO = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPE
 TOO_LARGE = "File too large"
 
 
+# What a transfer says when a file (not a directory) sits on the way to its destination
+# directory: "cannot create the destination directory D: P is not a directory (a file is
+# there): move it away". That package's (its observation's directory), not the location's:
+# other packages still go there (health.location_failure); only a person moves it (notify.py).
+IN_THE_WAY = "is not a directory (a file is there)"
+# What a remote shell says, before the path, when a directory cannot be created because a
+# path on its way is not a directory (IN_THE_WAY_SH prints it).
+NOT_A_DIRECTORY = "ccat-dt:not-a-directory"
+
+
+def in_the_way_sh(variable: str) -> str:
+    """Shell text to run after a failed `mkdir -p -- "$VARIABLE"` (as `mkdir ... || TEXT`):
+    prints NOT_A_DIRECTORY and the deepest existing path on the way, when that is not a
+    directory, on stderr, and exits with mkdir's status."""
+    return ('{ r=$?; p=$' + variable + '; while [ ! -e "$p" ] && [ ! -L "$p" ]; do '
+            'p=$(dirname -- "$p"); done; [ -d "$p" ] || echo ' + NOT_A_DIRECTORY
+            + ' "$p" >&2; exit "$r"; }')
+
+
+def not_a_directory(directory: str, blocker: str, host: str | None) -> TransferError:
+    """The error for a destination directory that cannot be created because `blocker`, on its
+    way, is a file: the destination's problem for that package, and a person's (not retried
+    within the run)."""
+    where = f" on {host}" if host else ""
+    return TransferError(f"cannot create the destination directory {directory}{where}: "
+                         f"{blocker} {IN_THE_WAY}: move it away; nothing was written",
+                         retryable=False)
+
+
+def blocker_said(stderr: str) -> str | None:
+    """The path a remote `in_the_way_sh` named on `stderr`, if it did."""
+    for line in stderr.splitlines():
+        if line.startswith(NOT_A_DIRECTORY + " "):
+            return line.removeprefix(NOT_A_DIRECTORY + " ")
+    return None
+
+
+def in_the_way(path: str | os.PathLike[str]) -> str | None:
+    """The deepest path on the way to `path` (on this machine) that exists, if it is not a
+    directory."""
+    for candidate in (PurePosixPath(path), *PurePosixPath(path).parents):
+        if os.path.lexists(candidate):
+            return None if os.path.isdir(candidate) else str(candidate)
+    return None
+
+
+def make_directory(path: str | os.PathLike[str]) -> None:
+    """`mkdir -p` on this machine: a file on the way raises `not_a_directory` (not retried);
+    any other failure its OSError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        if (blocker := in_the_way(path)) is not None:
+            raise not_a_directory(str(path), blocker, None) from exc
+        raise
+
+
 def one_by_one(transport: Transport, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
                ) -> list[TransferResult | TransferError]:
     """`copy_many` for a transport without a batch session: each file copied on its own, an

@@ -31,6 +31,7 @@ from ccat_dt.transports.base import (
     claim_temporary,
     denied_here,
     fsync_directory,
+    make_directory,
     one_by_one,
     rename_into_place,
     temporary_name,
@@ -152,7 +153,7 @@ class LocalTransport:
                                 and exc.errno != errno.ENOENT) from exc
         try:
             with reader:
-                destination.parent.mkdir(parents=True, exist_ok=True)
+                make_directory(destination.parent)
                 with claim_temporary(partial) as writer:
                     try:
                         actual, size = self._copy_and_hash(reader.fileno(), writer.fileno(),

@@ -30,9 +30,13 @@ from ccat_dt.transports.base import (
     Occupied,
     SshSettings,
     TransferError,
+    blocker_said,
     denied_here,
     denied_source,
     fsync_directory,
+    in_the_way_sh,
+    make_directory,
+    not_a_directory,
     owner_and_mode,
     rename_into_place,
     unmarked,
@@ -574,40 +578,27 @@ def remote_mkdir(ssh: SshSettings, endpoint_dir: Endpoint) -> None:
     path = check_path(endpoint_dir.path)
     if endpoint_dir.host is None:
         try:
-            Path(path).mkdir(parents=True, exist_ok=True)
+            make_directory(path)
         except OSError as exc:
             raise _local_error(f"cannot create {path}", exc) from exc
         return
-    _remote(ssh, endpoint_dir.host, ["mkdir", "-p", "--", path], what=f"mkdir {path}")
+    done = run(remote_command(ssh, endpoint_dir.host, ["sh", "-c", _MKDIR_SCRIPT, "sh", path]),
+               timeout_s=SHORT_TIMEOUT_S)
+    if (blocker := blocker_said(done.stderr)) is not None:
+        raise not_a_directory(path, blocker, endpoint_dir.host)
+    if done.rc != 0:
+        raise classify_ssh(done.rc, done.stderr, what=f"mkdir {path} on {endpoint_dir.host}")
+
+
+# Constant script: mkdir -p of each argument, naming a file on the way (in_the_way_sh).
+_MKDIR_SCRIPT = 'for d in "$@"; do mkdir -p -- "$d" || ' + in_the_way_sh("d") + '; done'
 
 
 # Constant script; $1 the location marker ("" for none), then the directories to create. The
 # marker is looked for first: on an unmounted disk, mkdir -p would write onto the mount point.
 UNMARKED = "ccat-dt:location-unmarked"  # what the remote side says when the marker is missing
 _PREPARE_SCRIPT = ('[ -z "$1" ] || [ -f "$1" ] || { echo ' + UNMARKED + ' >&2; exit 3; }; '
-                   'shift; exec mkdir -p -- "$@"')
-
-
-# What the remote side says, before the path, when a directory cannot be created because a
-# path on its way is not a directory (a file sits where the directory should be).
-NOT_A_DIRECTORY = "ccat-dt:not-a-directory"
-
-
-def not_a_directory(directory: str, blocker: str, host: str | None) -> TransferError:
-    """The error for a destination directory that cannot be created because `blocker`, on its
-    way, is a file: the destination's problem, and a person's (not retried within the run)."""
-    where = f" on {host}" if host else ""
-    return TransferError(f"cannot create the destination directory {directory}{where}: "
-                         f"{blocker} is not a directory (a file is there): move it away; "
-                         "nothing was written", retryable=False)
-
-
-def _in_the_way(path: str) -> str | None:
-    """The deepest path on the way to `path` that exists, if it is not a directory."""
-    for candidate in (PurePosixPath(path), *PurePosixPath(path).parents):
-        if os.path.lexists(candidate):
-            return None if os.path.isdir(candidate) else str(candidate)
-    return None
+                   'shift; ' + _MKDIR_SCRIPT)
 
 
 def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoint) -> None:
@@ -621,10 +612,8 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
             raise unmarked(destination)
         for path in paths:
             try:
-                Path(path).mkdir(parents=True, exist_ok=True)
+                make_directory(path)
             except OSError as exc:
-                if (blocker := _in_the_way(path)) is not None:
-                    raise not_a_directory(path, blocker, None) from exc
                 raise _local_error(f"cannot create {path}", exc) from exc
         return
     done = run(remote_command(ssh, destination.host, ["sh", "-c", _PREPARE_SCRIPT, "sh",
@@ -632,6 +621,8 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
                timeout_s=SHORT_TIMEOUT_S)
     if done.rc == 3 and UNMARKED in done.stderr:
         raise unmarked(destination)
+    if done.rc != 0 and (blocker := blocker_said(done.stderr)) is not None:
+        raise not_a_directory(" ".join(paths), blocker, destination.host)
     if done.rc != 0:
         raise classify_ssh(done.rc, done.stderr, what=f"mkdir {' '.join(paths)} on "
                            f"{destination.host}")

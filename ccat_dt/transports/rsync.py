@@ -41,9 +41,12 @@ from ccat_dt.transports.base import (
     SshSettings,
     TransferError,
     TransferResult,
+    blocker_said,
     denied_here,
     denied_source,
     exclusive_writer,
+    in_the_way_sh,
+    not_a_directory,
     temporary_name,
     unmarked,
 )
@@ -296,7 +299,8 @@ class RsyncTransport:
         if make_directory is not None:
             # The receiving side's shell runs this; the directory is quoted for it.
             quoted = shlex.quote(check_path(make_directory))
-            options.append(f"--rsync-path={_marker_guard(marker)}mkdir -p -- {quoted} && rsync")
+            options.append(f"--rsync-path={_marker_guard(marker)}d={quoted}; mkdir -p -- "
+                           f'"$d" || {in_the_way_sh("d")}; rsync')
         return [*options, "--"]
 
     def command(self, sources: Sequence[Endpoint], destination: Endpoint, *,
@@ -325,7 +329,8 @@ class RsyncTransport:
         target = rsync_destination_argument(Endpoint(destination.path),
                                             directory=into_directory)
         return remote_command(self.ssh, source_host, [
-            "sh", "-c", _marker_guard(marker) + 'mkdir -p -- "$1" && shift && exec "$@"', "sh",
+            "sh", "-c", _marker_guard(marker) + 'mkdir -p -- "$1" || ' + in_the_way_sh("1")
+            + '; shift && exec "$@"', "sh",
             str(directory), *self.rsync_options(elsewhere=True), *local_sources, target])
 
     # -- transfers ----------------------------------------------------------------------------
@@ -432,6 +437,8 @@ class RsyncTransport:
         rsync_seconds = time.monotonic() - started
         if done.rc != 0 and UNMARKED in done.stderr:
             raise unmarked(destination)
+        if done.rc != 0 and (blocker := blocker_said(done.stderr)) is not None:
+            raise not_a_directory(str(destination.path.parent), blocker, destination.host)
         given = {check_path(name.path): item.source
                  for name, item in zip(sent, items, strict=True)}
         looked: dict[Endpoint, str] = {}  # a refused source's owner and mode, looked at once

@@ -37,6 +37,7 @@ from ccat_dt.transports.base import (
     claim_temporary,
     denied_here,
     fsync_directory,
+    make_directory,
     one_by_one,
     rename_into_place,
     temporary_name,
@@ -143,7 +144,7 @@ class S3Transport:
         partial = Path(temporary_name(PurePosixPath(destination)))
         progress = Progress("transfer", destination.name)
         try:
-            destination.parent.mkdir(parents=True, exist_ok=True)
+            make_directory(destination.parent)
             with claim_temporary(partial) as writer:
                 try:
                     store.download(relative, writer, _counter(progress))

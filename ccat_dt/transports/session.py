@@ -15,7 +15,6 @@ import contextlib
 import glob
 import os
 import queue
-import re
 import signal
 import subprocess
 import threading
@@ -25,10 +24,17 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from ccat_dt.transports import remote
-from ccat_dt.transports.base import Endpoint, SshSettings, TransferError, unmarked
+from ccat_dt.transports.base import (
+    Endpoint,
+    SshSettings,
+    TransferError,
+    blocker_said,
+    in_the_way_sh,
+    not_a_directory,
+    unmarked,
+)
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
-    NOT_A_DIRECTORY,
     SHORT_TIMEOUT_S,
     UNMARKED,
     VERIFY_AND_RENAME_MANY_SCRIPT,
@@ -38,7 +44,6 @@ from ccat_dt.transports.remote import (
     check_path,
     classify_ssh,
     many_arguments,
-    not_a_directory,
     parse_verified,
     remote_command,
     remote_prepare,
@@ -63,9 +68,7 @@ Verified = list[Verdict]
 _SESSION_SCRIPT = (
     '[ -z "$1" ] || [ -f "$1" ] || { echo ' + UNMARKED + ' >&2; exit 3; }; '
     'lp=$2; n=$3; shift 3; '
-    'while [ "$n" -gt 0 ]; do mkdir -p -- "$1" || { r=$?; p=$1; '
-    'while [ ! -e "$p" ] && [ ! -L "$p" ]; do p=$(dirname -- "$p"); done; '
-    '[ -d "$p" ] || echo ' + NOT_A_DIRECTORY + ' "$p" >&2; exit "$r"; }; '
+    'while [ "$n" -gt 0 ]; do mkdir -p -- "$1" || ' + in_the_way_sh("1") + '; '
     'shift; n=$((n-1)); done; '
     'k=0; [ -z "$lp" ] || for a in "$@"; do case $((k % 4)) in 1) l=$a;; '
     '2) for f in "${a%/*}/$lp"*/"${a##*/}"; do [ "$f" != "$l" ] && [ -f "$f" ] '
@@ -175,8 +178,8 @@ class Session:
         stderr = self._stderr_text()
         if rc == 3 and UNMARKED in stderr:
             raise unmarked(destination)
-        if blocker := re.search("^" + NOT_A_DIRECTORY + " (.+)$", stderr, re.MULTILINE):
-            raise not_a_directory(" ".join(directories), blocker[1], self.host)
+        if (blocker := blocker_said(stderr)) is not None:
+            raise not_a_directory(" ".join(directories), blocker, self.host)
         raise classify_ssh(rc or 255, stderr, what=f"{what} on {self.host}")
 
     def verify(self, timeout_s: float = HASH_TIMEOUT_S) -> Verified:

@@ -20,6 +20,7 @@ from ccat_dt import tarball
 from ccat_dt.config import Config, load_config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.health import unhealthy
+from ccat_dt.notify import current_problems
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -43,6 +44,8 @@ from tests.faults.pipeline import (
 )
 from tests.helpers import first_caller
 from tests.notify_servers import Receiver
+from tests.sshd import SshServer
+from tests.test_multisite import multisite
 
 
 def _landed_once(monkeypatch: pytest.MonkeyPatch, damage: str, marker: Path) -> None:
@@ -265,3 +268,67 @@ def test_the_package_bytes_found_at_an_archive_path_are_taken_as_the_copy(
     assert [s for s, _ in operations(opsdb, OperationType.ARCHIVE, package)] == [
         OperationStatus.COMPLETED] * 2
     assert_safe(config, opsdb)
+
+
+def test_a_file_where_a_packages_directory_should_be_is_told_and_copied_once_moved(
+        tmp_path: Path, instance: DagsterInstance, sshd: SshServer) -> None:
+    """A regular file `obs-0` sits at the archive sites' buffer roots, where the directory of
+    observation obs-0's package should be. Its site copy fails once, naming that file (not
+    retried within the run: no retry storm), nothing written, the file left as it is, nothing
+    purged at the observatory; the buffer is not marked failing (obs-1's package still goes
+    there); `why` and a notification, at once, say what to do. Once the file is moved away,
+    the next automatic attempt copies the package (no `ccat-dt retry`). Before, over rsync:
+    "rsync exited 12: mkdir: cannot create directory ...: File exists | rsync: connection
+    unexpectedly closed", retried three times in the run, the buffer marked failing. (On
+    this machine the look at the final name before a copy finds such a file already: told as
+    a file OpsDB does not know, not reaching the transport; over ssh the look finds the name
+    missing.)"""
+    config = multisite(tmp_path, sshd, max_attempts=3, retry_backoff_first_s=6)
+    opsdb = OpsDB(config.opsdb_url)
+    blocked = observe(config, opsdb, name="obs-0")
+    observe(config, opsdb, name="obs-1")
+    blockers = [Path(config.location_root(config.location(site, "buffer"))) / "obs-0"
+                for site in ("cologne", "us")]
+    for blocker in blockers:
+        blocker.write_bytes(b"not a directory")
+
+    report = run(config, instance, wait_s=0)
+
+    [package] = [name for name in package_names(opsdb) if name.startswith("obs-0")]
+    assert report.failed and all(package in key for key in report.failed), report.failed
+    tried = operations(opsdb, OperationType.TRANSFER, package)
+    # One try per run (a re-attempt may be due before the drive is idle): not retried in a run
+    assert [s for s, _ in tried] == [OperationStatus.FAILED] * len(report.failed), tried
+    for _, error in tried:
+        assert "obs-0 is not a directory (a file is there): move it away" in (error or ""), error
+    assert all(b.read_bytes() == b"not a directory" for b in blockers)  # left as it is
+    assert all(p.is_file() for p in blocked)  # nothing purged at the observatory
+    with opsdb.session() as session:
+        assert unhealthy(session, utcnow()) == []  # the other packages still go there
+        stages = {s.stage: s for s in diagnose(session, config, package, utcnow())}
+        failed = [s for s in stages.values() if s.state == "failed"]
+        assert len(failed) == 1, stages
+        assert "a file is where the package's directory should be" in failed[0].detail
+        assert "move it away" in failed[0].detail and "next attempt at" in failed[0].detail
+        other = session.scalars(select(PackageCopy).join(PackageCopy.package).where(
+            PackageCopy.package_id != get_package(session, package).id)).all()
+        assert {c.location.label for c in other if c.location.location_type
+                == LocationType.LONG_TERM_ARCHIVE and c.is_verified} == {"cologne/lta",
+                                                                         "us/lta"}
+        problems = current_problems(session, config, utcnow())
+    assert [p.kind for p in problems] == ["in_the_way"], problems
+    assert str(blockers[0].parent) in problems[0].detail or str(blockers[1].parent) \
+        in problems[0].detail, problems[0].detail
+    assert "move it away" in problems[0].detail and "nothing to re-run" in problems[0].detail
+    # (assert_safe would flag the blockers: files OpsDB does not know, as `audit` does)
+
+    for blocker in blockers:  # a person moves the file away
+        blocker.unlink()
+    report = run(config, instance)
+
+    assert report.failed == []
+    archived_everywhere(config, opsdb)
+    with opsdb.session() as session:
+        assert current_problems(session, config, utcnow()) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
