@@ -192,6 +192,33 @@ def test_a_bbcp_killed_by_a_signal_is_an_interruption_whatever_the_exit_status()
     assert "transfer interrupted" in str(error) and "killed via signal 9" in str(error), error
 
 
+# Captured from real bbcp 14.04.14.00.1 (tests/faults/test_bbcp_faults.py's size-limited
+# target: `prlimit --fsize` of 64 KiB on the ssh login, a 200 KB file): the target's copy
+# process killed by SIGXFSZ, or, that signal ignored, its write refused with EFBIG. Paths
+# rewritten as in the fixtures; the same words for a batch's staging directory.
+TARGET_SIZE_LIMIT = CompletedRun(255, "", (
+    "bbcp: Appending to /data/cologne/buffer/.pkg-0002.tar.part at offset 0\n"
+    "bbcp: Copy process 26013 was killed via signal 25\n"))
+TARGET_EFBIG = CompletedRun(229, "", (
+    "bbcp: Appending to /data/cologne/buffer/.pkg-0002.tar.part at offset 0\n"
+    "bbcp: File too large writing /data/cologne/buffer/.pkg-0002.tar.part\n"))
+
+
+@pytest.mark.parametrize("run", [TARGET_SIZE_LIMIT, TARGET_EFBIG], ids=["SIGXFSZ", "EFBIG"])
+def test_a_target_that_takes_no_file_this_big_is_told_as_local_and_rsync_copies_are(
+        run: CompletedRun) -> None:
+    """The destination's file-size limit (SIGXFSZ) or largest file (EFBIG): TOO_LARGE ("File
+    too large ... takes no file this big"), not retried, not resumed (its partial is removed),
+    not the location's failure. Before: the signal was a cut (retried, resumed: killed again
+    at the same offset), EFBIG a bare "bbcp failed (exit 229)"."""
+    error = classify(run.rc, run.stderr, ["/data/ccat/buffer/pkg-0002.tar"])
+    assert error is not None and not error.retryable and not error.resumable, error
+    assert str(error).startswith("File too large at the destination: it takes no file this "
+                                 "big"), error
+    assert not location_failure(error), error
+    assert classify(-25, "", []) is not None and "File too large" in str(classify(-25, "", []))
+
+
 def test_a_source_refused_for_lack_of_permission_is_the_sources_not_the_destinations() -> None:
     """A source refused to bbcp's user (captured from real bbcp 14.04.14.00.0: the file mode
     0600 of another user, "Permission denied opening SRC", exit 2; a directory it cannot

@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from ccat_dt.transports.base import (
     PEER_FAILED,
     SOURCE_MISSING,
     SOURCE_UNREADABLE,
+    TOO_LARGE,
     Endpoint,
     Occupied,
     SshSettings,
@@ -361,6 +363,20 @@ def classify(rc: int, stderr: str, sources: Sequence[str] = (), *,
     if find(r"Time limit exceeded|" + _TIMEOUT_MARK):
         return BbcpFailure("bbcp time limit exceeded; with -k -a the next attempt resumes",
                            retryable=True, resumable=True)
+    # The destination takes no file this big (TOO_LARGE, as for local and rsync copies): its
+    # writing process's file-size limit (`ulimit -f`, limits.conf's fsize) kills it with
+    # SIGXFSZ ("Copy process N was killed via signal 25", exit 255, bbcp 14.04.14.00.1 under
+    # `prlimit --fsize` on the target), or, that signal ignored or the file system's own
+    # largest file, EFBIG ("File too large writing LANDING", exit 229). Not a cut: appending
+    # can never complete it, so not retried within the run and its partial file removed;
+    # that file's, not the location's (smaller files still go there).
+    if (killed := find(rf"^bbcp: Copy process \d+ was killed via signal {signal.SIGXFSZ}$")) \
+            or rc == -signal.SIGXFSZ or (killed := find(rf"^bbcp: {TOO_LARGE} .+$")):
+        words = killed[0].strip() if killed else f"killed by signal {signal.SIGXFSZ}"
+        return BbcpFailure(f"{TOO_LARGE} at the destination: it takes no file this big (a "
+                           f"file-size limit of the user bbcp writes as, or of its file "
+                           f"system) (bbcp exited {rc}: {words}); its partial file is removed",
+                           retryable=False)
     if lost := find(r"unexpectedly terminated on (\S+)"):
         host = lost[1]
         if m := find(r"^(?!bbcp:).*?(\S+): (?:No such file or directory|(?:command )?not found)$"):

@@ -48,7 +48,7 @@ from tests.faults.pipeline import (
 )
 from tests.faults.storage_truth import lost_filed_files
 from tests.services import free_port
-from tests.sshd import SshServer
+from tests.sshd import SshServer, serve
 from tests.sshd import sshd as sshd_fixture  # noqa: F401 - registers the "sshd" fixture
 from tests.test_multisite import multisite
 
@@ -459,6 +459,67 @@ def test_the_target_disk_filling_up_mid_transfer_is_permanent_and_leaves_nothing
         _nothing_running([Path(str(source.path)), landing])
     finally:
         subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+@pytest.fixture(params=["SIGXFSZ", "EFBIG"])
+def size_limited_target(request: pytest.FixtureRequest, tmp_path: Path
+                        ) -> Iterator[tuple[SshServer, Path]]:
+    """An sshd whose sessions run with a file-size limit (`prlimit --fsize`, bytes, read from
+    the returned file at each login; "unlimited" lifts it), as an `fsize` line in limits.conf
+    gives a login: a bbcp target there writing past it is killed by SIGXFSZ; with that signal
+    ignored ("EFBIG"; as a file system's own largest file) its write fails with EFBIG."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("util-linux's prlimit is not installed")
+    limit = tmp_path / "fsize"
+    limit.write_text("unlimited\n")
+    ignore = "trap '' XFSZ; " if request.param == "EFBIG" else ""
+    force = (f'ForceCommand {ignore}exec prlimit --fsize="$(cat {limit})" -- '
+             '"${SHELL:-/bin/sh}" -c "$SSH_ORIGINAL_COMMAND"')
+    with serve(tmp_path / "sshd", [force]) as server:
+        yield server, limit
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
+def test_a_target_that_takes_no_file_this_big_is_told_so_not_retried_and_left_clean(
+        size_limited_target: tuple[SshServer, Path], tmp_path: Path, batch: bool) -> None:
+    """The target host lets bbcp's user write files of 64 KiB at most; the package is 200 KB.
+    Real bbcp says "Copy process N was killed via signal 25" (SIGXFSZ, exit 255), or with the
+    signal ignored "File too large writing LANDING" (exit 229). Either is TOO_LARGE, as for
+    local and rsync copies: not retried within the run, not resumed (appending can never
+    complete it), not the location's failure (smaller files still go there), the partial file
+    removed and nothing under the final name. Once the limit is lifted the copy goes through.
+    Before: the signal was taken for a cut link (retried, the 64 KiB partial kept to append
+    to, killed again at once); EFBIG a plain "bbcp failed (exit 229)"."""
+    sshd, limit = size_limited_target
+    limit.write_text(f"{64 * 1024}\n")
+    root = sshd.root / "lta"
+    sources = [_package(tmp_path, name, 200_000) for name in ("pkg-a.tar", "pkg-b.tar")]
+    sources = sources[:2 if batch else 1]
+    pairs = [(source, _marked(sshd, root, root / "obs" / PurePosixPath(source.path).name),
+              checksum) for source, _, checksum in sources]
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
+    with pytest.raises(TransferError) as caught:
+        if batch:
+            transport.copy_many(pairs)
+        else:
+            transport.copy(*pairs[0])
+    message = str(caught.value)
+    assert not caught.value.retryable and "File too large" in message, message
+    assert "takes no file this big" in message, message
+    assert not location_failure(caught.value), message
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert left == [MARKER, "obs"], left  # no partial, no staging directory, no final name
+    _nothing_running([Path(str(source.path)) for source, _, _ in sources])
+
+    limit.write_text("unlimited\n")  # a person lifts the limit
+    if batch:
+        assert all(isinstance(r, TransferResult) for r in transport.copy_many(pairs))
+    else:
+        transport.copy(*pairs[0])
+    for _, data, _ in sources:
+        [landed] = [p for p in (root / "obs").iterdir() if p.read_bytes() == data]
+        assert not landed.name.startswith(".")
+    assert len(list((root / "obs").iterdir())) == len(sources)
 
 
 def test_a_pipeline_transfer_whose_bbcp_data_streams_are_cut_heals_without_a_person(
