@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -39,6 +40,7 @@ from ccat_dt.transports.base import (
     not_a_directory,
     owner_and_mode,
     rename_into_place,
+    temporary_name,
     unmarked,
 )
 
@@ -636,7 +638,10 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 # identity as STAT_IDENTITY prints it); then the matching
 # files (all, or none when $1 is 1 and one differs) are renamed (flushed first if that flush
 # failed) and their directories flushed, printing "renamed INDEX" each; one whose final name is
-# taken is left where it landed (mv -n, as _MOVE), printing "occupied INDEX".
+# taken is left where it landed (mv -n, as _MOVE), printing "occupied INDEX". A file renamed
+# from elsewhere than its final name's `.NAME.part` (a bbcp batch's staging directory) has that
+# `.NAME.part` removed, if one is there: an earlier single attempt's partial (kept for -a to
+# resume), of no use once the package's copy is verified (stale_partial_name).
 VERIFY_AND_RENAME_MANY_SCRIPT = r"""
 t=$(mktemp -d "${TMPDIR:-/tmp}/ccat-verify.XXXXXX") || exit 1;
 trap 'rm -rf -- "$t"' EXIT;
@@ -668,6 +673,8 @@ while IFS= read -r i && IFS= read -r f && IFS= read -r d && IFS= read -r o; do
     fi;
   fi;
   dirname -- "$d" >> "$t/dirs"; echo "renamed $i";
+  q="${d%/*}/.${d##*/}.part";
+  if [ "$q" != "$f" ] && [ -f "$q" ] && [ ! -L "$q" ]; then rm -f -- "$q"; fi;
 done < "$t/ok";
 [ -f "$t/dirs" ] || exit 0;
 sort -u "$t/dirs" | while IFS= read -r d; do sync -- "$d" || exit 1; done
@@ -766,5 +773,18 @@ def _verify_and_rename_local(items: Sequence[tuple[Endpoint, Endpoint, str]], *,
                 _rename_local(landed, final)
             except Occupied:
                 taken = True
-        out.append(Verdict(digest, size, rename and match and not taken, taken))
+        renamed = rename and match and not taken
+        if renamed and (stale := stale_partial_name(landed, final)) is not None:
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(stale).st_mode):
+                    os.unlink(stale)
+        out.append(Verdict(digest, size, renamed, taken))
     return out
+
+
+def stale_partial_name(landed: Endpoint, final: Endpoint) -> str | None:
+    """The `.NAME.part` beside `final` that an earlier attempt may have left (a cut single
+    copy's, kept to resume), when this attempt landed elsewhere (a batch's staging directory):
+    once `final` is verified and in place, nothing will resume it."""
+    partial = temporary_name(final.path)
+    return None if partial == landed.path else check_path(partial)

@@ -387,6 +387,39 @@ def test_what_a_batch_cut_off_from_its_destination_left_is_removed_by_the_next_a
     _nothing_running([Path(str(a.path)), obs])
 
 
+@pytest.mark.parametrize("host", ["remote", "local"])
+def test_a_cut_single_copys_partial_is_removed_once_a_batch_verified_its_package(
+        sshd: SshServer, tmp_path: Path, host: str) -> None:
+    """A single copy cut in the middle keeps its `.NAME.part` beside the final name for -a to
+    resume. When the package's next attempt is a batch instead (several packages in one
+    session, landing in `.bbcp-incoming.HASH`), that partial is not used; once the batch has
+    verified and renamed the package it is removed, so no stale partial stays at the
+    destination. Before, it stayed for ever (the audit reported it as a temporary file to
+    remove by hand on the archive host)."""
+    a, a_data, a_sum = _package(tmp_path, "pkg-a.tar", 2 * MiB)
+    c, c_data, c_sum = _package(tmp_path, "pkg-c.tar", 1 * MiB)
+    root = (sshd.root if host == "remote" else tmp_path / "local") / tmp_path.name
+    obs = root / "obs"
+    destination_a = _marked(sshd, root, obs / "pkg-a.tar")
+    destination_c = Endpoint(PurePosixPath(obs / "pkg-c.tar"), destination_a.host,
+                             marker=destination_a.marker)
+    if host == "local":
+        destination_a = Endpoint(destination_a.path, None, marker=destination_a.marker)
+        destination_c = Endpoint(destination_c.path, None, marker=destination_c.marker)
+    obs.mkdir(parents=True)
+    cut = obs / ".pkg-a.tar.part"  # what the cut single copy left, to resume
+    cut.write_bytes(a_data[:MiB])
+    transport = BbcpTransport(BbcpOptions(), sshd.ssh, tmp_path / "logs")
+
+    outcomes = transport.copy_many([(a, destination_a, a_sum), (c, destination_c, c_sum)])
+
+    assert all(isinstance(o, TransferResult) for o in outcomes), outcomes
+    assert (obs / "pkg-a.tar").read_bytes() == a_data
+    assert (obs / "pkg-c.tar").read_bytes() == c_data
+    assert sorted(p.name for p in obs.iterdir()) == ["pkg-a.tar", "pkg-c.tar"]
+    _nothing_running([Path(str(a.path)), obs])
+
+
 def test_two_batches_into_one_directory_at_once_leave_each_others_files_alone(
         sshd: SshServer, tmp_path: Path) -> None:
     """Two batched sessions into one package directory at once (two runs of one observation,
