@@ -91,6 +91,7 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.routing import refused_reread
 from ccat_dt.stages import Stage
 from ccat_dt.transports.base import (
+    DELETION_DENIED,
     FOREIGN_FILE,
     IN_THE_WAY,
     READABLE_BY,
@@ -111,7 +112,7 @@ class Problem:
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
     # | deletion_refused | foreign_file | source_changed | source_refused | copy_refused
     # | archive_unreadable | disk_full | over_quota | read_only | disk_error | too_large
-    # | in_the_way | undeliverable
+    # | in_the_way | deletion_denied | undeliverable
     subject: str
     detail: str  # what happened and what to do
 
@@ -478,7 +479,7 @@ def current_problems(session: Session, config: Config, now: datetime,
         if row.escalated_at is None and f"escalated:{row.stage}:{row.partition}" not in told:
             continue
         if any(text in (row.last_error or "") for text in (FOREIGN_FILE, TOO_LARGE,
-                                                           IN_THE_WAY)) \
+                                                           IN_THE_WAY, DELETION_DENIED)) \
                 or _refused(row):
             continue  # told below
         hours = (_aware(now) - _aware(row.first_failed_at)).total_seconds() / 3600
@@ -501,6 +502,7 @@ def current_problems(session: Session, config: Config, now: datetime,
     problems += _foreign_files(session)
     problems += _too_large(session, config)
     problems += _in_the_way(session, config)
+    problems += _deletions_denied(session, config)
     problems += _refused_sources(session, config)
     problems += _refused_copies(session, now)
     for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
@@ -624,6 +626,26 @@ def _in_the_way(session: Session, config: Config) -> list[Problem]:
         + f" `ccat-dt why {row.package}` shows the stage.")
         for row in session.scalars(select(Reattempt).where(
             Reattempt.last_error.contains(IN_THE_WAY)).order_by(Reattempt.id))]
+
+
+def _deletions_denied(session: Session, config: Config) -> list[Problem]:
+    """Purges that could not reach a copy to delete it: a directory on its way refused to
+    ccat-dt's user. The file is kept (neither known gone nor known changed); only a person
+    lets that user in again, and the next automatic purge then deletes it. Told at the first
+    refusal; resolved once the purge succeeds (its re-attempt row goes)."""
+    return [Problem(
+        f"deletion_denied:{row.partition}", "deletion_denied",
+        f"{Stage(row.stage).label} {row.partition}: a copy to delete cannot be reached "
+        "(permission denied)",
+        f"{row.last_error}\nNothing was deleted there and nothing is recorded deleted: the "
+        "file stays, and the package's archive copies are untouched. Let the user ccat-dt runs "
+        "(or logs in) as enter the directories on its way again (`ls -ld`, chmod/chown, or "
+        "their ACL or security label). "
+        + _after_a_person(config, row, "it can enter them", "deletes it")
+        + f" `ccat-dt why {row.package}` shows the stage.")
+        for row in session.scalars(select(Reattempt).where(
+            Reattempt.stage == Stage.PURGE, Reattempt.last_error.contains(DELETION_DENIED))
+            .order_by(Reattempt.id))]
 
 
 # Attempts that found the source refused before a person is told: the second is sent from

@@ -76,7 +76,7 @@ from ccat_dt.storage import (
     look_local,
     open_parent,
 )
-from ccat_dt.transports.base import Endpoint, SshSettings, TransferError
+from ccat_dt.transports.base import DELETION_DENIED, Endpoint, SshSettings, TransferError
 from ccat_dt.transports.factory import ssh_settings
 from ccat_dt.transports.remote import (
     SHORT_TIMEOUT_S,
@@ -229,6 +229,8 @@ def _unlink_local(claim: _Claim) -> int:
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             raise FileNotFoundError(str(claim.path)) from exc
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise _denied(claim, exc.strerror or str(exc)) from exc
         raise _Changed(f"{claim.relative_path} passes through a symlink or a non-directory; "
                        "kept") from exc
     try:
@@ -266,13 +268,17 @@ def _unlink_local(claim: _Claim) -> int:
 # component, a non-regular file and a size that differs (exit 3: "changed"); another identity
 # exits 5 (hash it first); nothing at the path exits 6.
 _REMOVE_SCRIPT = """
+LC_ALL=C; export LC_ALL;
 root=$1; rel=$2; want=$3; ident=$4;
 [ -f "$root/.ccat-dt-location" ] || { echo "location root $root has no marker" >&2; exit 4; };
 m=$(grep -m1 '^LABEL' "$root/.ccat-dt-location");
 [ -z "$5" ] || [ -z "$m" ] || [ "$m" = "$5" ] || { printf '%s\\n' "$m" >&2; exit 7; };
 p=$root; set -f; IFS=/;
 for part in $rel; do p=$p/$part; [ -L "$p" ] && { echo "symlink at $p" >&2; exit 3; }; done;
-[ -e "$p" ] || exit 6;
+if ! e=$(stat -c %i -- "$p" 2>&1 >/dev/null); then
+  case $e in *"ermission denied"*|*"not permitted"*) printf '%s\\n' "$e" >&2; exit 8;; esac;
+  exit 6;
+fi;
 [ -f "$p" ] || { echo "$p is not a regular file" >&2; exit 3; };
 size=$(stat -c %s -- "$p") || exit 1;
 [ "$size" = "$want" ] || { echo "$p has $size bytes, $want recorded" >&2; exit 3; };
@@ -300,6 +306,19 @@ def _unlink_remote(ssh: SshSettings, claim: _Claim) -> int:
         raise _Changed(f"{claim.host}:{claim.path} changed while it was hashed; kept") from None
 
 
+# What a person does about a copy ccat-dt's user may not reach to delete (DELETION_DENIED).
+LET_IN = ("kept. Let that user enter the directories on its way again (`ls -ld`, chmod/chown, "
+          "or their ACL or security label): the next purge then deletes it")
+
+
+def _denied(claim: _Claim, said: str) -> PermissionError:
+    """The deletion of a copy that ccat-dt's user may not reach (a directory on its way it
+    cannot enter): the file is neither known gone nor known changed, and stays; the next purge
+    looks again (`_execute` says what to do)."""
+    where = f"{claim.host}:{claim.path}" if claim.host else str(claim.path)
+    return PermissionError(errno.EACCES, f"{where} {DELETION_DENIED} ({said})")
+
+
 def _identity_text(inode: int | None, mtime_ns: int | None) -> str | None:
     """An identity as the remote `stat -c '%i %.9Y'` prints it; None if not known."""
     if inode is None or mtime_ns is None or mtime_ns < 0:
@@ -319,6 +338,8 @@ def _hash_remote(ssh: SshSettings, claim: _Claim) -> str:
         raise OSError(str(exc)) from exc
     if seen.problem is not None and seen.problem.startswith("missing"):
         raise FileNotFoundError(f"{claim.host}:{claim.path}")
+    if seen.refused:  # not another file: one ccat-dt's user may not reach
+        raise _denied(claim, seen.problem or "")
     if seen.problem is not None or seen.checksum != claim.checksum:
         raise _Changed(f"{claim.host}:{claim.path} is not the recorded file (content "
                        f"{seen.checksum or seen.problem}, recorded {claim.checksum}); kept")
@@ -341,6 +362,8 @@ def _rm_remote(ssh: SshSettings, claim: _Claim, identity: str) -> int:
         raise _Moved
     if done.rc == 6:
         raise FileNotFoundError(f"{claim.host}:{claim.path}")
+    if done.rc == 8:  # a directory on its way cannot be entered: whether it is there is unknown
+        raise _denied(claim, done.stderr.strip())
     if done.rc != 0:
         raise OSError(str(classify_ssh(done.rc, done.stderr, what=f"rm {claim.path}")))
     return claim.size
@@ -373,7 +396,9 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
             where = f"{claim.host}:{claim.path}" if claim.host else str(claim.path)
             note = f"file already missing at deletion time: {where}; treated as deleted"
     except (OSError, _Changed) as exc:
-        if _kernel_refused(exc):
+        if DELETION_DENIED in str(exc):
+            exc = OSError(f"{exc}: {LET_IN}")
+        elif _kernel_refused(exc):
             exc = OSError(f"{exc}: the storage refuses the deletion; kept. Remount it "
                           "read-write, or clear the immutable flag of the file or its "
                           "directory (`lsattr`, `chattr -i`) or fix their permissions: the "
@@ -523,11 +548,16 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int,
             if host is None and root_problem(root):  # an unmounted disk is not an empty path
                 raise OSError(root_problem(root))
             gone = (remote_size(ssh, Endpoint(PurePosixPath(path), host)) is None if host
-                    else not os.path.lexists(path))
+                    else not _lexists(path))
         except (OSError, TransferError) as exc:  # whether the unlink happened is unknown
-            if not refused:  # a refused one waits for a person: no reason to fail this purge
-                unknown.append(f"{path}: the unfinished deletion (operation {operation_id}) "
-                               f"cannot be looked at now ({exc}); a later purge looks again")
+            if refused:  # a refused one waits for a person: no reason to fail this purge
+                continue
+            where = f"{host}:{path}" if host else str(path)
+            unknown.append(f"{where} {DELETION_DENIED} (the unfinished deletion, operation "
+                           f"{operation_id}: {exc}): {LET_IN}"
+                           if isinstance(exc, PermissionError) or PERMISSION_WORDS in str(exc)
+                           else f"{path}: the unfinished deletion (operation {operation_id}) "
+                           f"cannot be looked at now ({exc}); a later purge looks again")
             continue
         if refused and not gone and not _recorded_bytes_at(ssh, root, host, rel, size,
                                                           checksum):
@@ -562,6 +592,18 @@ def _resume_unfinished(opsdb: OpsDB, ssh: SshSettings, package_id: int,
             resumed.add(copy_id)
     return resumed, unknown
 
+
+def _lexists(path: Path) -> bool:
+    """os.path.lexists, but a path that cannot be looked at (a directory on its way refused
+    to ccat-dt's user) raises instead of reading as gone."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+PERMISSION_WORDS = "Permission denied"  # what `stat` over ssh says (LC_ALL=C or not)
 
 LOOKED_AGAIN = "a changed source looked at again"
 TAKEN_AWAY = "the path was empty (taken away by hand): decided afresh"

@@ -314,6 +314,9 @@ UNREADABLE = "cannot read"
 # run: only a person grants the permission, and the next automatic attempt reads it then.
 DENIED_ERRNO = frozenset({errno.EACCES, errno.EPERM})
 PERMISSION_DENIED = "permission denied"
+# What a deletion says of a copy that ccat-dt's user may not reach (a directory on its way it
+# cannot enter): kept, neither gone nor changed; the next purge looks again (reaper.py, notify).
+DELETION_DENIED = "cannot be reached by ccat-dt's user to be deleted (permission denied)"
 READABLE_BY = "make it readable by"
 
 

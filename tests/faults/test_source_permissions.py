@@ -62,6 +62,7 @@ from tests.faults.pipeline import (
     run,
 )
 from tests.faults.storage_truth import lost_filed_files
+from tests.faults.test_deletion_faults import KEEP, retention_in_place
 from tests.faults.test_disk_errors import TAR, _config, _transfers_to
 from tests.faults.test_disk_full import _copies, _stages, told
 from tests.notify_servers import Receiver
@@ -620,6 +621,71 @@ def test_an_archive_directory_refused_to_ccat_dt_fails_as_the_destinations_not_a
     run(config, instance)
 
     archived_everywhere(config, opsdb)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+@pytest.mark.parametrize("where", ["over ssh", "local"])
+def test_a_buffer_copy_in_a_directory_ccat_dt_cannot_enter_is_kept_told_and_purged_later(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        request: pytest.FixtureRequest, webhook_receiver: Receiver, where: str) -> None:
+    """Cologne's buffer is on an archive host (deleted over ssh), or on this machine; once the
+    package is archived everywhere, the directory holding its buffer copy is made 0700 by
+    another user, so ccat-dt's user cannot enter it. The purge of that copy deletes nothing and
+    records nothing deleted: the file stays with its bytes (a file that cannot be looked at is
+    neither gone nor another file); a person is told at once that it is a permission to grant,
+    and what to do; the other copies are purged. Once the directory can be entered again, the
+    next automatic purge deletes it, nobody re-running anything, and the notice is resolved.
+    Before, the `rm` script's look found no file there and the copy was recorded deleted ("file
+    already missing at deletion time ... treated as deleted") while the file stayed on the host
+    for ever, and nobody was told; on this machine the first attempt kept it, but the step's
+    retry took the path it could not look at for one emptied since ("yet the file was gone when
+    a later purge looked: deleted")."""
+    if where == "local":
+        config = _config(tmp_path, webhook_receiver)
+    else:
+        config = multisite(tmp_path, request.getfixturevalue("sshd"), "rsync", max_attempts=2,
+                           retry_backoff_first_s=0.2)
+        settings = yaml.safe_load(config.path.read_text())
+        settings["notifications"] = {"webhook": {"url": webhook_receiver.url, "timeout_s": 2}}
+        config.path.write_text(yaml.safe_dump(settings))
+    config = retention_in_place(load_config(config.path), KEEP)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/buffer")
+    observe(config, opsdb)
+    run(config, instance, wait_s=0)  # archived everywhere; the buffers kept for now
+    [package] = package_names(opsdb)
+    kept = disk.backing / TAR
+    with opsdb.session() as session:
+        checksum = get_package(session, package).checksum
+    assert checksum is not None and hash_file(kept)[0] == checksum
+    refuse(disk, TAR, "directory")
+    config = retention_in_place(config, 0)
+
+    run(config, instance, wait_s=1)  # the purge's re-attempts due within a second
+
+    untouched(disk, TAR, "directory", checksum)  # the storage: nothing deleted
+    copies = dict(_copies(opsdb))
+    assert copies["cologne/buffer"] == CopyStatus.DELETION_IN_PROGRESS, copies  # not DELETED
+    assert copies["us/buffer"] == copies["ccat/buffer"] == CopyStatus.DELETED, copies
+    assert failing(opsdb) == {}
+    [text] = webhook_receiver.texts
+    assert "deletion_denied" in text or "cannot be reached" in text, text
+    assert str(disk.root / TAR) in text and "permission denied" in text, text
+    assert "enter the directories on its way again" in text, text
+    assert "next automatic attempt" in text and "nothing to re-run" in text, text
+    state, detail = _stages(config, opsdb, package)["purge"]
+    assert state == "failed" and "enter the directories on its way again" in detail, detail
+    assert "next attempt at" in detail, detail
+
+    grant(disk, TAR, "directory")  # a person lets ccat-dt's user in again
+    run(config, instance)
+
+    assert not kept.exists()
+    assert dict(_copies(opsdb))["cologne/buffer"] == CopyStatus.DELETED
+    archived_everywhere(config, opsdb)
+    assert len(webhook_receiver.texts) == 2 and "RESOLVED" in webhook_receiver.texts[1]
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
     opsdb.dispose()
