@@ -345,6 +345,16 @@ class RunPool:
 
     def _outcome(self, child: _Child, code: int) -> Finished:
         run = self.instance.get_run_by_id(child.queued.run.run_id)
+        if run is not None and (run.status in IN_FLIGHT or run.status == DagsterRunStatus.FAILURE
+                                ) and self._operator_terminated(run):
+            # Interrupted for an operator's Terminate where Dagster does not end it CANCELED
+            # itself: a "Force termination" before the run's start was written (its start made
+            # it STARTED again), or while its resources were being set up. Past those points
+            # Dagster ends a run so terminated CANCELED (a failure after the request included):
+            # so does this, whatever the interrupt met.
+            self.instance.report_run_canceled(
+                run, message="terminated by an operator; interrupted as it was being started")
+            run = self.instance.get_run_by_id(run.run_id)
         if run is not None and run.status in IN_FLIGHT:  # the child died with it
             how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             self._fail(run, f"the process executing the run ({child.pid}) ended ({how}) "
@@ -353,6 +363,12 @@ class RunPool:
         ok = run is not None and run.status == DagsterRunStatus.SUCCESS
         return Finished(child.queued.key, ok, child.queued.run.run_id, deleted=run is None,
                         terminated=run is not None and run.status == DagsterRunStatus.CANCELED)
+
+    def _operator_terminated(self, run: DagsterRun) -> bool:
+        """Whether an operator terminated the run (its log holds the cancel they asked for)."""
+        return bool(self.instance.get_records_for_run(
+            run.run_id, of_type={DagsterEventType.RUN_CANCELING, DagsterEventType.RUN_CANCELED},
+            limit=1).records)
 
     def _fail(self, run: DagsterRun, why: str) -> None:
         self.instance.report_run_failed(run, message=why)
