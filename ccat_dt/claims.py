@@ -166,15 +166,19 @@ def _running(pid: int) -> bool:
 
 
 def live_claim(session: Session, package_id: int, destination_id: int,
-               now: datetime | None = None) -> Operation | None:
+               now: datetime | None = None, *, kinds: Collection[OperationType] = MOVES,
+               reason: str | None = None) -> Operation | None:
     """The live claim on (package, destination), closing the stale ones found on the way.
-    Call it with the package row locked, then add yours in the same transaction."""
+    Call it with the package row locked, then add yours in the same transaction. `kinds` and
+    `reason` narrow it (a staging's claim is on the package for one request)."""
     now = now or utcnow()
     found = None
-    for operation in session.scalars(select(Operation).where(
-            Operation.package_id == package_id, Operation.destination_location_id == destination_id,
-            Operation.operation_type.in_(MOVES), Operation.status == OperationStatus.IN_PROGRESS)
-            .order_by(Operation.id)):
+    query = select(Operation).where(
+        Operation.package_id == package_id, Operation.destination_location_id == destination_id,
+        Operation.operation_type.in_(kinds), Operation.status == OperationStatus.IN_PROGRESS)
+    if reason is not None:
+        query = query.where(Operation.reason == reason)
+    for operation in session.scalars(query.order_by(Operation.id)):
         why = stale(operation, now)
         if why is None:
             found = found or operation

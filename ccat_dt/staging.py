@@ -42,6 +42,7 @@ from ccat_dt.opsdb.models import (
     staging_reason,
     utcnow,
 )
+from ccat_dt.packages import lock_package
 from ccat_dt.replicas import finish, finish_in, reread
 from ccat_dt.retention import verified_lta_copies
 from ccat_dt.routing import by_cost, readable_first
@@ -215,46 +216,64 @@ def get_request(session: Session, name: str) -> StagingRequest:
 def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name: str,
                    run_id: str | None) -> tuple[int, int, list[str]]:
     """Stage the package's files that are not at the processing location now; returns the
-    files and bytes staged, and the staged files found changed there (left as they are)."""
-    with opsdb.session() as session:
-        request = get_request(session, request_name)
-        package = session.scalars(select(RawDataPackage).where(
-            RawDataPackage.name == package_name)).one()
-        staged = list(session.scalars(select(RawDataFileCopy).where(
-            RawDataFileCopy.staging_request_id == request.id,
-            RawDataFileCopy.status == CopyStatus.STAGED,
-            RawDataFileCopy.raw_data_file_id.in_([f.id for f in package.files]))))
-        damage = look_at_staged(staged, rehash=True)
-        kept = [str(Path(c.location.root) / c.relative_path) for c in damage.changed]
-        intact = {c.raw_data_file.relative_path for c in staged} - {
-            c.raw_data_file.relative_path for c in damage.missing + damage.changed}
-        lost = {c.raw_data_file.relative_path: c.id for c in damage.missing}
-        wanted = {f.relative_path for f in package.files} - intact - {
-            c.raw_data_file.relative_path for c in damage.changed}
-        if not wanted:
-            return 0, 0, kept
-        site = request.location.site.short_name
-        source = _nearest(session, config, package, site)
-        if source is None:
-            raise StagingError(f"{package_name}: no verified LTA copy to stage from")
-        root = Path(request.location.root)
-        directory = PurePosixPath(request_name) / package_name
-        # Scratch names a processing job does not use for its own files.
-        tar, scratch = scratch_names(root, request_name, package_name)
-        origin = endpoint(source.location, source.relative_path)
-        route = config.settings.route(source.location.site.short_name, site)
-        transport = transport_for(config, route, remote=origin.host is not None,
-                                  store=origin.store is not None)
-        operation = Operation(operation_type=OperationType.STAGING, package=package,
-                              source_location_id=source.location_id,
-                              destination_location_id=request.location_id, run_id=run_id,
-                              reason=staging_reason(request_name))
-        claims.hold(operation)
-        session.add(operation)
-        files = {f.relative_path: f for f in package.files}
-        checksum, location_id, request_id = package.checksum or "", request.location_id, request.id
-        where = request.location.label
-        source_id, source_label = source.id, source.location.label
+    files and bytes staged, and the staged files found changed there (left as they are).
+    One process at a time stages a package for a request (its claim)."""
+    while True:
+        with opsdb.session() as session:
+            request = get_request(session, request_name)
+            package = session.scalars(select(RawDataPackage).where(
+                RawDataPackage.name == package_name)).one()
+            staged = list(session.scalars(select(RawDataFileCopy).where(
+                RawDataFileCopy.staging_request_id == request.id,
+                RawDataFileCopy.status == CopyStatus.STAGED,
+                RawDataFileCopy.raw_data_file_id.in_([f.id for f in package.files]))))
+            damage = look_at_staged(staged, rehash=True)
+            kept = [str(Path(c.location.root) / c.relative_path) for c in damage.changed]
+            intact = {c.raw_data_file.relative_path for c in staged} - {
+                c.raw_data_file.relative_path for c in damage.missing + damage.changed}
+            lost = {c.raw_data_file.relative_path: c.id for c in damage.missing}
+            wanted = {f.relative_path for f in package.files} - intact - {
+                c.raw_data_file.relative_path for c in damage.changed}
+            if not wanted:
+                return 0, 0, kept
+            site = request.location.site.short_name
+            source = _nearest(session, config, package, site)
+            if source is None:
+                raise StagingError(f"{package_name}: no verified LTA copy to stage from")
+            # The claim: the package's row locked after the look (which may hash files), so
+            # what is read from here on is final until this transaction commits. Another
+            # process staging it for this request (a Materialize beside the sensor's run), or
+            # one that staged files since the look: wait for it, then look again. Before, both
+            # removed each other's scratch and each recorded every file it took as staged.
+            lock_package(session, package_name)
+            other = claims.live_claim(session, package.id, request.location_id,
+                                      kinds=(OperationType.STAGING,),
+                                      reason=staging_reason(request_name))
+            busy = other.id if other is not None else None
+            if other is None and _identities(session, request.id, package) == {
+                    (c.id, c.inode, c.mtime_ns) for c in staged}:
+                root = Path(request.location.root)
+                directory = PurePosixPath(request_name) / package_name
+                # Scratch names a processing job does not use for its own files.
+                tar, scratch = scratch_names(root, request_name, package_name)
+                origin = endpoint(source.location, source.relative_path)
+                route = config.settings.route(source.location.site.short_name, site)
+                transport = transport_for(config, route, remote=origin.host is not None,
+                                          store=origin.store is not None)
+                operation = Operation(operation_type=OperationType.STAGING, package=package,
+                                      source_location_id=source.location_id,
+                                      destination_location_id=request.location_id, run_id=run_id,
+                                      reason=staging_reason(request_name))
+                claims.hold(operation)
+                session.add(operation)
+                files = {f.relative_path: f for f in package.files}
+                checksum, location_id = package.checksum or "", request.location_id
+                request_id = request.id
+                where = request.location.label
+                source_id, source_label = source.id, source.location.label
+                break
+        if busy is not None:
+            claims.wait_until_ended(opsdb, busy)
     started = time.monotonic()
     # Entries at their staged names, each with the identity its verified file had then: a job
     # writing into it before it is recorded must not have its bytes recorded as staged.
@@ -335,6 +354,16 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                   seconds=time.monotonic() - started)
         mark_ok(session, location_id)
     return len(moved), size, kept
+
+
+def _identities(session: Session, request_id: int, package: RawDataPackage
+                ) -> set[tuple[int, int | None, int | None]]:
+    """The package's files recorded staged for the request, as OpsDB has them now."""
+    return {(i, inode, mtime) for i, inode, mtime in session.execute(
+        select(RawDataFileCopy.id, RawDataFileCopy.inode, RawDataFileCopy.mtime_ns).where(
+            RawDataFileCopy.staging_request_id == request_id,
+            RawDataFileCopy.status == CopyStatus.STAGED,
+            RawDataFileCopy.raw_data_file_id.in_([f.id for f in package.files])))}
 
 
 def _holds(path: Path, entry: ManifestEntry) -> os.stat_result | None:

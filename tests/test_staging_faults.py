@@ -53,11 +53,12 @@ def mount(root: Path) -> None:
     write_marker(root)
 
 
-def archived(tmp_path: Path, instance: DagsterInstance, backoff_s: float
-             ) -> tuple[Config, OpsDB, dict[str, bytes]]:
+def archived(tmp_path: Path, instance: DagsterInstance, backoff_s: float,
+             opsdb_url: str | None = None) -> tuple[Config, OpsDB, dict[str, bytes]]:
     """One observation filed and archived; its raw bytes as written (the purge deletes them at
-    the source)."""
-    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": backoff_s})
+    the source). `opsdb_url`: another OpsDB than the embedded SQLite one."""
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": backoff_s},
+                        **({"opsdb_url": opsdb_url} if opsdb_url else {}))
     opsdb = OpsDB(config.opsdb_url)
     source = observe(config, opsdb, observations=1, files=2)
     written = {str(p.relative_to(source)): p.read_bytes() for p in files_under(source)
@@ -503,3 +504,48 @@ def test_a_staged_file_written_to_before_its_record_is_not_purged_after_release(
 
     [(target, mine)] = written_into
     assert target.exists() and target.read_bytes() == mine  # the storage: the job's bytes
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_stagings_of_one_request_at_once_stage_and_record_each_file_once(
+        tmp_path: Path, instance: DagsterInstance, request: pytest.FixtureRequest,
+        database: str) -> None:
+    """The staging sensor's run and an operator's Materialize of the same request at once,
+    each a process of its own. The second, past its look at what is staged, comes while the
+    first has renamed every file to its staged name and not yet recorded it: it waits for the
+    first's claim on the package, then finds the files staged. Before, it staged them all
+    again over the first's scratch, took the first's files at their names for its own, and
+    each file was recorded staged twice: the request's check stayed red ("4 of 2 files
+    staged") for as long as the request was active."""
+    from ccat_dt.opsdb.models import CopyStatus, RawDataFileCopy
+    from ccat_dt.reaper import purge_package
+    from ccat_dt.staging import staged_problems
+    from tests.faults.pipeline import child_argv, finish, spawn
+    from tests.faults.test_race_faults import _arrived
+
+    url = request.getfixturevalue("postgres_url") if database == "postgresql" else None
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=3600.0, opsdb_url=url)
+    root = config.resolve_root(PROCESSING)
+    name = ask_to_stage(opsdb)
+    gate = tmp_path / "gate"
+    first = spawn(child_argv(config, "stage", name, barrier=str(gate), parties=2, at="record"))
+    _arrived(gate, first)  # its files at their staged names, about to record them
+    second = spawn(child_argv(config, "stage", name, barrier=str(gate), parties=2, at="claim"))
+    outcomes = [finish(first), finish(second)]
+
+    assert [o.returncode for o in outcomes] == [0, 0], [o.stdout + o.stderr[-2000:]
+                                                        for o in outcomes]
+    # the storage: each file once at its staged name, the archive's bytes, no scratch left
+    assert staged(root, name) == written
+    assert [p.name for p in (root / name).rglob(".*")] == []
+    with opsdb.session() as session:
+        recorded = sorted(session.scalars(select(RawDataFileCopy.relative_path).where(
+            RawDataFileCopy.status == CopyStatus.STAGED)))
+    assert len(recorded) == len(set(recorded)) == len(written), recorded
+    assert staged_problems(opsdb, name) == []
+    release(opsdb, name)
+    with opsdb.session() as session:
+        [package] = [p.name for p in session.scalars(select(StagingRequest).where(
+            StagingRequest.name == name)).one().packages]
+    assert purge_package(opsdb, config, package).failures == []
+    assert [p.name for p in root.rglob("*")] == [MARKER]

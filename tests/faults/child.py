@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("config")
     parser.add_argument("action", choices=["build", "place", "purge", "file",
-                                                    "drive", "instance"])
+                                                    "stage", "drive", "instance"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--kill", default="")
     parser.add_argument("--nth", type=int, default=1, help="kill at the n-th call")
@@ -205,6 +205,25 @@ def main(argv: list[str]) -> int:
             print(json.dumps({"error": str(exc)}))
             return 3
         result = {"filed": filed.filed, "unchanged": filed.unchanged}
+
+    elif options.action == "stage":  # what the staged_copies asset does for its partition
+        import ccat_dt.staging as staging
+
+        [name] = options.args
+        if meet:  # `claim`: past the look at what is staged, about to claim the staging;
+            # `write`: claimed, about to write anything; `record`: its files renamed to their
+            # staged names, about to record them
+            if options.at == "claim":
+                wrap(staging, "_nearest", after=meet)
+            else:
+                wrap(staging, "root_problem" if options.at == "write" else "_record_staged",
+                     before=meet)
+        try:
+            done = staging.stage(opsdb, config, name)
+        except (staging.StagingError, TransferError, OSError) as exc:
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+            return 4
+        result = {"files": done.files, "bytes": done.bytes, "note": done.note}
 
     elif options.action == "drive":  # the real sensors and runs, as `ccat-dt drive` does
         import warnings
