@@ -34,7 +34,7 @@ from ccat_dt.opsdb.models import (
     staging_reason,
 )
 from ccat_dt.recovery import needs_rebuild
-from ccat_dt.retention import Action, plan_deletions
+from ccat_dt.retention import Action, plan_deletions, verified_lta_copies
 from ccat_dt.routing import (
     copies_at,
     refused_reread,
@@ -150,6 +150,13 @@ def _staging(session: Session, request: StagingRequest, now: datetime) -> list[S
                               f"{staged}; no longer wanted: the purge cycle removes the files"))
     elif state != "active":
         out.append(StageState("staging", "done", f"nothing to stage: the request is {state}"))
+    elif lost := [p.name for p in request.packages if not verified_lta_copies(session, p)]:
+        # said before the last attempt's error, which names a copy found gone since
+        out.append(StageState("staging", "failed", (
+            f"no verified LTA copy of {', '.join(lost)} to stage from: every archive copy is "
+            f"gone or quarantined (`ccat-dt why {lost[0]}` says whether one is repaired or "
+            f"the package is lost){_reattempt(reattempt)}; `ccat-dt stage --release "
+            f"{request.name}` if no longer wanted")))
     elif failure:
         out.append(StageState("staging", "failed", f"{failure}{_reattempt(reattempt)}; "
                               f"`ccat-dt stage --release {request.name}` if no longer wanted"))

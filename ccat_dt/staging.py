@@ -49,7 +49,12 @@ from ccat_dt.routing import by_cost, readable_first
 from ccat_dt.staged_files import clear_scratch, look_at_staged, scratch_names, through_symlink
 from ccat_dt.tarball import ManifestEntry, extract_package
 from ccat_dt.topology import UnknownLocation, get_location
-from ccat_dt.transports.base import Endpoint, TransferError, rename_into_place
+from ccat_dt.transports.base import (
+    SOURCE_MISSING,
+    Endpoint,
+    TransferError,
+    rename_into_place,
+)
 from ccat_dt.transports.factory import endpoint, transport_for
 
 
@@ -331,9 +336,13 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         if write_refused(exc):  # for `status` and a person (notify.py) until a staging succeeds
             mark_failed(opsdb, config, location_id, f"staging {request_name}: {exc}")
         mark_unreadable_source(opsdb, config, source_id, str(origin.path), exc)
-        if isinstance(exc, ChecksumMismatch) or "checksum mismatch" in str(exc).lower():
-            # A bad source, or a bad transit? The source re-hashed on its storage: a bad one
-            # is quarantined (its repair follows), and the next attempt stages from another.
+        said = str(exc).lower()
+        if (isinstance(exc, ChecksumMismatch) or "checksum mismatch" in said
+                or SOURCE_MISSING in said):
+            # A bad or lost source, or a bad transit? The source re-hashed on its storage: a bad
+            # or lost one is quarantined (its repair follows, or a person is told the package
+            # is lost), and the next attempt stages from another copy. Before, a missing
+            # source was tried again at every attempt, the other archive's copy never.
             try:
                 check = reread(opsdb, config, source_id)
             except TransferError:  # its storage cannot be looked at now: not judged

@@ -312,27 +312,71 @@ def test_a_staged_directory_replaced_by_a_symlink_is_never_written_through(
     assert said["staging"].state == "failed" and "changed" in said["staging"].detail
 
 
+@pytest.mark.parametrize("fault", ["rotten", "removed"])
 def test_staging_from_a_rotten_nearest_archive_copy_moves_on_to_a_good_one(
-        tmp_path: Path, instance: DagsterInstance) -> None:
-    """The nearest LTA copy rotted since its last check: the staged tar arrives with the wrong
-    checksum; the source is re-hashed on its storage, quarantined, and the re-attempt stages
-    from the other archive, with no person (before: the same bad copy every attempt)."""
+        tmp_path: Path, instance: DagsterInstance, fault: str) -> None:
+    """The nearest LTA copy rotted since its last check (the staged tar arrives with the wrong
+    checksum), or is gone from its disk: the source is re-hashed on its storage, quarantined
+    (and repaired from the other archive), and the re-attempt stages from the other archive,
+    with no person. Before: the same bad copy every attempt; a copy gone was tried again at
+    every attempt until the horizon, the other archive's never, and nobody was told an
+    archive had lost it."""
     config, opsdb, written = archived(tmp_path, instance, backoff_s=0.5)
     defs = build_definitions(config)
     root = config.resolve_root(PROCESSING)
-    for tar in config.resolve_root("sites/cologne/lta").rglob("*chai-lfa*.tar"):
-        data = bytearray(tar.read_bytes())
+    [tar] = config.resolve_root("sites/cologne/lta").rglob("*chai-lfa*.tar")
+    intact = tar.read_bytes()
+    if fault == "rotten":
+        data = bytearray(intact)
         data[len(data) // 2] ^= 0x01
         tar.write_bytes(bytes(data))
+    else:
+        tar.unlink()
     name = ask_to_stage(opsdb)
 
     report = drive(defs, instance, wait_s=30)
 
     assert staged(root, name) == written  # the storage: the filed bytes, from the good copy
+    assert tar.read_bytes() == intact  # and the bad copy made again by its repair
     assert any(key.startswith("stage:") for key in report.failed)  # the first attempt
     with opsdb.session() as session:
         said = {s.stage: s for s in diagnose(session, config, name, utcnow())}
     assert said["staging"].state == "done"
+
+
+def test_staging_a_package_whose_every_archive_copy_is_gone_says_so_and_stages_the_rest(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """A request of two packages, one of whose archive copies (its only copies: the sources
+    were purged) are both gone from their disks: the other package is staged, nothing of the
+    lost one is written, the request is never taken for staged, and `why REQUEST` names the
+    package with no verified copy to stage from, whose copies are quarantined (the package
+    LOST, told). Before, the missing copy was tried at every attempt, never quarantined, and
+    `why` repeated that attempt's "source missing" with a next attempt to come."""
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=0.5)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    gone = sorted(config.resolve_root("sites").glob("*/lta/**/*chai-lfa*.tar"))
+    assert len(gone) == 2
+    for tar in gone:
+        tar.unlink()
+    name = ask_to_stage(opsdb, module=None)
+
+    drive(defs, instance, wait_s=5)
+
+    on_disk = staged(root, name)  # the storage: the other package's files, none of chai's
+    assert on_disk and not any("chai" in path for path in on_disk)
+    assert not any(p.exists() for p in gone)
+    with opsdb.session() as session:
+        request = session.scalars(select(StagingRequest).where(
+            StagingRequest.name == name)).one()
+        assert request.staged_at is None
+        [lost] = [p for p in request.packages if "chai" in p.name]
+        assert sorted(c.status.value for c in lost.copies
+                      if c.location.location_type.value == "long_term_archive") == [
+            "corrupt", "corrupt"]
+        said = {s.stage: s for s in diagnose(session, config, name, utcnow())}
+    assert said["staging"].state == "failed"
+    assert f"no verified LTA copy of {lost.name}" in said["staging"].detail
 
 
 @pytest.mark.parametrize("ended", ["released", "expired"])
