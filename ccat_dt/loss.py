@@ -36,6 +36,8 @@ class Health(StrEnum):
 class Assessment:
     health: Health
     reason: str
+    # Judged by its sources alone (every raw file still there): no copy was relied on.
+    at_source: bool = False
 
 
 def assess(session: Session, config: Config, package: RawDataPackage) -> Assessment:
@@ -49,7 +51,7 @@ def assess(session: Session, config: Config, package: RawDataPackage) -> Assessm
                RawDataFileCopy.status == CopyStatus.PRESENT))}
     away = [f for f in files if f.id not in intact]
     if not away:
-        return Assessment(Health.SAFE, "every raw file is still at its source")
+        return Assessment(Health.SAFE, "every raw file is still at its source", at_source=True)
     good = [c for c in session.scalars(select(PackageCopy).where(
         PackageCopy.package_id == package.id,
         PackageCopy.status == CopyStatus.PRESENT).execution_options(populate_existing=True))

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
 from ccat_dt.health import mark_failed, mark_readable
+from ccat_dt.loss import Assessment, Health, assess
 from ccat_dt.marker import marked_for_another
 from ccat_dt.objectstore import Stores, is_object_root
 from ccat_dt.opsdb.database import OpsDB
@@ -125,10 +126,12 @@ def _changed_identity(copy: _Copy, seen: Seen) -> bool:
 
 
 def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
-                       now: datetime | None = None, dry_run: bool = False) -> RecheckReport:
+                       now: datetime | None = None, dry_run: bool = False,
+                       reason: str = "re-check before a deletion") -> RecheckReport:
     """Look at every verified LTA copy of the package on its storage (see module docstring).
 
-    `dry_run` (`purge --plan`): existence, type and size only, nothing hashed or recorded."""
+    `dry_run` (`purge --plan`): existence, type and size only, nothing hashed or recorded.
+    `reason`: what a copy that fails is marked CORRUPT for (its verification operation)."""
     now = _aware(now or utcnow())
     window = timedelta(hours=config.settings.policies.deletion_recheck_hours)
     with opsdb.session() as session:
@@ -210,8 +213,47 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
             "then audit")
         problems.append(unavailable[copy.id])
     if failed and not dry_run:
-        _mark_corrupt(opsdb, config, package_name, failed)
+        _mark_corrupt(opsdb, config, package_name, failed, reason)
     return RecheckReport(passed, problems, unavailable)
+
+
+def assess_on_storage(opsdb: OpsDB, config: Config, package_name: str) -> Assessment:
+    """Whether every filed byte of the package is in a good copy, with the LTA copies that
+    verdict rests on looked at on their storage first, as a purge looks before it deletes
+    (a copy found gone or changed is marked CORRUPT, and the repair sensor restores it): what
+    `filed_bytes_safe` says when run, also alone from the UI. OpsDB's last verification
+    alone said "verified LTA copies at cologne, us" of a package whose archive copies were
+    deleted or rotted since. A copy whose storage cannot be looked at now is not counted."""
+    with opsdb.session() as session:
+        package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == package_name))
+        if package is None:
+            raise LookupError(f"unknown package '{package_name}'")
+        first = assess(session, config, package)
+    if first.at_source:
+        return first  # no copy relied on (the sources: raw_files_present looks at them)
+    report = recheck_lta_copies(opsdb, config, package_name,
+                                reason="re-check for filed_bytes_safe")
+    with opsdb.session() as session:
+        package = session.scalars(select(RawDataPackage).where(
+            RawDataPackage.name == package_name)).one()
+        found = assess(session, config, package)
+        looked = {c.location.site.short_name for c in _lta_rows(session, package)
+                  if c.id in report.passed}
+    required = config.settings.required_lta_copies
+    if found.health != Health.SAFE or not report.unavailable or len(looked) >= required:
+        return found if not report.problems else Assessment(
+            found.health, f"{found.reason} (looked at now: {'; '.join(report.problems)})")
+    return Assessment(Health.AT_RISK, (
+        f"NOT CONFIRMED: sources purged and only {len(looked)} of {required} required LTA "
+        f"copies could be looked at now ({', '.join(sorted(looked)) or 'none'}): "
+        f"{'; '.join(report.problems)}"))
+
+
+def _lta_rows(session: Session, package: RawDataPackage) -> list[PackageCopy]:
+    return list(session.scalars(
+        select(PackageCopy).join(DataLocation, PackageCopy.location_id == DataLocation.id)
+        .where(PackageCopy.package_id == package.id,
+               DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)))
 
 
 def _reread_failed(session: Session, package: RawDataPackage) -> set[int]:
@@ -249,7 +291,7 @@ def _record_rehash(opsdb: OpsDB, copy: _Copy, seen: Seen, at: datetime) -> None:
 
 
 def _mark_corrupt(opsdb: OpsDB, config: Config, package_name: str,
-                  failed: dict[int, str]) -> None:
+                  failed: dict[int, str], reason: str) -> None:
     with opsdb.session() as session:
         package = session.scalar(select(RawDataPackage).where(RawDataPackage.name == package_name))
         assert package is not None
@@ -262,7 +304,7 @@ def _mark_corrupt(opsdb: OpsDB, config: Config, package_name: str,
                 operation_type=OperationType.VERIFICATION, status=OperationStatus.FAILED,
                 package_id=package.id, copy_id=copy_id,
                 destination_location_id=stored.location_id,
-                reason="re-check before a deletion", error=problem, started_at=now,
+                reason=reason, error=problem, started_at=now,
                 finished_at=now))
         session.flush()
         refresh_state(session, config, package)  # LOST when no good copy is left

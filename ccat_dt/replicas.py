@@ -753,25 +753,59 @@ def check_stage(opsdb: OpsDB, config: Config, package: str, site: str,
 def purged_buffer(opsdb: OpsDB, config: Config, package: str, site: str) -> Verification | None:
     """A passed check for the site's buffer when it holds no copy but purged ones (deleted, or
     being deleted under a committed certificate) and the verified LTA copies a purge of it
-    relies on are there (purged after archiving, or archived without it); else None."""
+    relies on are there (purged after archiving, or archived without it); else None. Those
+    LTA copies are looked at on their storage first, as the purge looks before it deletes
+    (recheck): OpsDB's last verification alone passed this check, "verified LTA copies at
+    cologne/lta, us/lta", run alone from the UI after both were deleted or rotted. When they
+    are not all there now, the check fails saying so (a warning while only their storage
+    could not be looked at)."""
+    from ccat_dt.recheck import recheck_lta_copies  # it builds on this module
+
+    observatory = site == config.settings.observatory
+    required = config.settings.required_lta_copies if observatory else 1
+
+    def enough(labels: list[str]) -> bool:
+        return (len({a.split("/")[0] for a in labels}) >= required
+                and (observatory or any(a.startswith(f"{site}/") for a in labels)))
+
+    def archived_copies(session: Session, pkg: RawDataPackage) -> dict[int, str]:
+        return {c.id: f"{c.location.site.short_name}/{c.location.name}"
+                for c in copies_at(session, pkg, LocationType.LONG_TERM_ARCHIVE)
+                if c.is_verified}
+
     with opsdb.session() as session:
         pkg = get_package(session, package)
         buffered = copies_at(session, pkg, LocationType.BUFFER, site)
         if any(c.status not in PURGED for c in buffered):
             return None
-        archived = sorted(f"{c.location.site.short_name}/{c.location.name}"
-                          for c in copies_at(session, pkg, LocationType.LONG_TERM_ARCHIVE)
-                          if c.is_verified)
-        observatory = site == config.settings.observatory
-        required = config.settings.required_lta_copies if observatory else 1
-        if (len({a.split("/")[0] for a in archived}) < required
-                or not observatory and not any(a.startswith(f"{site}/") for a in archived)):
-            return None
+        recorded = sorted(archived_copies(session, pkg).values())
+        if not enough(recorded):  # none purged: no copy there (yet); else its LTA copies
+            # were found bad since (the repair sensor makes them again)
+            return None if not buffered else Verification(
+                False, f"{site}/{LocationType.BUFFER.value}: none left (purged after "
+                f"archiving), and too few verified LTA copies now to stand for it "
+                f"({', '.join(recorded) or 'none'}): a quarantined one is made again from an "
+                "intact copy", None, None)
+    looked = recheck_lta_copies(opsdb, config, package,
+                                reason=f"re-check for the check of {site}'s buffer copy")
+    with opsdb.session() as session:
+        pkg = get_package(session, package)
+        buffered = copies_at(session, pkg, LocationType.BUFFER, site)
+        if any(c.status not in PURGED for c in buffered):
+            return None  # a new copy meanwhile: it is checked instead
+        verified = archived_copies(session, pkg)
+        archived = sorted(label for i, label in verified.items() if i in looked.passed)
         deleting = sorted(c.id for c in buffered if c.status == CopyStatus.DELETION_IN_PROGRESS)
         operations = [str(i) for i in session.scalars(select(Operation.id).where(
             Operation.copy_id.in_(deleting),
             Operation.operation_type == OperationType.DELETION).order_by(Operation.id))]
     where = f"{site}/{LocationType.BUFFER.value}"
+    if not enough(archived):
+        unknown = [label for i, label in verified.items() if i in looked.unavailable]
+        return Verification(False, f"{where}: none left (purged after archiving, or archived "
+                            "without it), and the verified LTA copies that allowed it are not "
+                            f"all on their storage now: {'; '.join(looked.problems)}", None,
+                            None, reached=not enough(archived + unknown))
     lta = f"verified LTA copies at {', '.join(archived)}"
     if deleting:
         return Verification(True, f"{where}: being purged after archiving (deletion "

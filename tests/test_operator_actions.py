@@ -427,6 +427,7 @@ def test_a_finding_written_just_after_its_repair_was_created_leaves_the_partitio
     lta_intact(opsdb)
 
 
+LTA_CHECK = (("lta_copies", "lta_copy_checksum"),)
 EXECUTE_CHECKS = """mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) {
   __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
 CHECK_SUMMARY = """{ assetNodes(assetKeys: [{path: ["lta_copies"]}]) { assetChecksOrError {
@@ -463,11 +464,13 @@ def test_execute_checks_in_the_ui_re_reads_a_partition_and_without_one_is_cancel
         bad = rot_an_lta_copy(opsdb, "us")
         bad_key = package_site_key(bad.package.name, "us")
 
-        def execute_checks(tags: dict[str, str]) -> str:
+        def execute_checks(tags: dict[str, str],
+                           checks: tuple[tuple[str, str], ...] = LTA_CHECK) -> str:
             selector = {"jobName": "__ASSET_JOB", "repositoryName": "__repository__",
                         "repositoryLocationName": "ccat_assets.definitions:defs",
                         "assetSelection": [], "assetCheckSelection": [
-                            {"assetKey": {"path": ["lta_copies"]}, "name": "lta_copy_checksum"}]}
+                            {"assetKey": {"path": [asset]}, "name": name}
+                            for asset, name in checks]}
             answer = execute_dagster_graphql(workspace.create_request_context(), EXECUTE_CHECKS, {
                 "p": {"mode": "default", "runConfigData": "{}", "selector": selector,
                       "executionMetadata": {"tags": [{"key": k, "value": v}
@@ -504,6 +507,26 @@ def test_execute_checks_in_the_ui_re_reads_a_partition_and_without_one_is_cancel
             assert isinstance(evaluation, AssetCheckEvaluation)  # re-read on its storage: red
             assert not evaluation.passed and "checksum mismatch" in (evaluation.description or "")
             assert evaluation.partition == str(bad_key)
+
+            # The other package's cologne LTA copy deleted behind OpsDB's back, then the
+            # checks that rest on the LTA copies run alone: both passed on OpsDB's last
+            # verification ("verified LTA copies at cologne/lta, us/lta"; "... at cologne,
+            # us"); now they look, say what is missing, and the drive restores it.
+            [gone] = [c for c in lta_copies_at(opsdb, "cologne") if c.package_id != bad.package_id]
+            gone_path = Path(gone.location.root) / gone.relative_path
+            gone_path.unlink()
+            run_id = execute_checks({"dagster/partition": gone.package.name},
+                                    (("packages", "package_checksum"),
+                                     ("purge_status", "filed_bytes_safe")))
+            said = {e.asset_check_key.name: e for r in dagster.all_logs(
+                run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION) if r.dagster_event
+                and isinstance(e := r.dagster_event.event_specific_data, AssetCheckEvaluation)}
+            assert sorted(said) == ["filed_bytes_safe", "package_checksum"], said
+            assert not any(e.passed for e in said.values()), said
+            assert "AT RISK" in (said["filed_bytes_safe"].description or ""), said
+            told = " ".join(e.description or "" for e in said.values())  # by the first to look
+            assert f"cologne/lta copy {gone.id}: missing" in told, told
+            assert hash_file(gone_path)[0] == gone.package.checksum  # made again
 
         status = check_status(dagster, "lta_copies", "lta_copy_checksum")  # the same drive
         assert {v for k, v in status.items() if k != "None"} == {"passed"}, status  # repaired it

@@ -23,9 +23,9 @@ from dagster import (
 from ccat_assets.partitions import by_package, keep_partition, package_partitions
 from ccat_assets.stages.common import GROUP, permanent, transient_retries
 from ccat_dt.config import Config
-from ccat_dt.loss import Health, assess
-from ccat_dt.packages import get_package
+from ccat_dt.loss import Health
 from ccat_dt.reaper import certificate_problems, purge_package
+from ccat_dt.recheck import assess_on_storage
 from resources.deployment import Deployment
 
 ASSETS = ("purge_status",)
@@ -89,10 +89,10 @@ def checks(config: Config) -> list[AssetChecksDefinition]:
     def filed_bytes_safe(context: AssetCheckExecutionContext,
                          deployment: Deployment) -> AssetCheckResult:
         """Every filed byte of the package is in a good copy: red (ERROR) when it is lost,
-        a warning while the sources are gone and archive copies are missing."""
-        with deployment.opsdb.session() as session:
-            package = get_package(session, context.partition_key)
-            assessment = assess(session, deployment.config, package)
+        a warning while the sources are gone and archive copies are missing; the archive
+        copies relied on are looked at on their storage (run alone from the UI, too)."""
+        assessment = assess_on_storage(deployment.opsdb, deployment.config,
+                                       context.partition_key)
         return AssetCheckResult(
             passed=assessment.health == Health.SAFE, description=assessment.reason,
             severity=(AssetCheckSeverity.ERROR if assessment.health == Health.LOST
