@@ -38,9 +38,11 @@ class Rerouted:
     copy_id: int | None  # its verified tar at the observatory, when built: send it now
 
 
-def fail_over(opsdb: OpsDB, config: Config, now: datetime) -> list[Rerouted]:
+def fail_over(opsdb: OpsDB, config: Config, now: datetime, *,
+              dry_run: bool = False) -> list[Rerouted]:
     """Re-route every package not yet sent whose primary site is down past the horizon to
-    the next archive site that is not; one short transaction per package."""
+    the next archive site that is not; one short transaction per package. `dry_run`: the
+    re-routes that would be made, none made."""
     with opsdb.session() as session:
         down = sites_down(session, config, now)
         if not down or len(down) == len(config.settings.archive_sites):
@@ -52,7 +54,7 @@ def fail_over(opsdb: OpsDB, config: Config, now: datetime) -> list[Rerouted]:
             .order_by(RawDataPackage.id)))
     out = []
     for name in names:
-        with opsdb.session() as session:
+        with opsdb.session(undo=dry_run) as session:
             lock_package(session, name)
             package = get_package(session, name)
             old = package.primary_site.short_name

@@ -86,13 +86,14 @@ def package_name(observation: str, instrument: str, module: str, part: int) -> s
 LOG = logging.getLogger(__name__)
 
 
-def plan_new_packages(opsdb: OpsDB, config: Config) -> list[str]:
-    """plan_packages in a transaction of its own; the names planned. Two planners at once (a
+def plan_new_packages(opsdb: OpsDB, config: Config, *, dry_run: bool = False) -> list[str]:
+    """plan_packages in a transaction of its own; the names planned (with `dry_run`, those
+    that would be, nothing planned). Two planners at once (a
     daemon's package sensor beside a drive's) plan each file once: the one that commits second
     hits the unique index on (observation, module, part) and plans nothing this time (the
     first one's packages are the ones found next), instead of failing its tick."""
     try:
-        with opsdb.session() as session:
+        with opsdb.session(undo=dry_run) as session:
             return [package.name for package in plan_packages(session, config)]
     except IntegrityError:
         LOG.info("another planner planned the same files at the same moment; nothing planned "

@@ -68,6 +68,7 @@ from ccat_dt.staging import get_request
 from resources.deployment import Deployment
 from sensors.cursor import read_cursor
 from sensors.reattempt import history, next_at_cursor, reattempt_sensor
+from sensors.stopped import held
 
 INTERVAL = 15
 RUNNING = DefaultSensorStatus.RUNNING
@@ -76,9 +77,11 @@ RUNNING = DefaultSensorStatus.RUNNING
 @sensor(job=JOBS[Stage.PACKAGING], minimum_interval_seconds=INTERVAL, default_status=RUNNING)
 def package_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """Finished observations become packages: a partition and a packaging run each."""
-    planned = plan_new_packages(deployment.opsdb, deployment.config)
+    stopped = held(context, "package_sensor")
+    planned = plan_new_packages(deployment.opsdb, deployment.config, dry_run=stopped)
     if planned:
-        context.log.info(f"planned {len(planned)} package(s)")
+        context.log.info(f"would plan {len(planned)} package(s); nothing planned: the sensor "
+                         "is stopped" if stopped else f"planned {len(planned)} package(s)")
     with deployment.opsdb.session() as session:
         page = new_packages(session, read_cursor(context, int, 0), _page(deployment))
     names = [due.package for due in page.items]
@@ -240,7 +243,8 @@ def purge_sensor(context: SensorEvaluationContext,
             run_config=on_queue(config, deletion_queue(config, abandoned.site,
                                                        abandoned.location), {
                 "ops": {"purge_status": {"config": {"copy_ids": [], "early_ids": []}}}})))
-    with deployment.opsdb.session() as session:  # failing purges, for status and notices
+    # failing purges, for status and notices (not by a stopped sensor's test)
+    with deployment.opsdb.session(undo=held(context, "purge_sensor")) as session:
         record(session, works, now, keep=[(w.stage, w.partition) for w in works
                                           if w.decision.state == State.IN_FLIGHT],
                stages=[Stage.PURGE])
@@ -322,10 +326,13 @@ def failover_sensor(context: SensorEvaluationContext,
     from the re-routes this tick made: a tick whose runs were not launched (the UI's "Test
     sensor") leaves the re-route made and the send still asked for by the next tick; the
     run key and the runs in flight keep it from being launched twice."""
-    rerouted = fail_over(deployment.opsdb, deployment.config, utcnow())
+    stopped = held(context, "failover_sensor")
+    rerouted = fail_over(deployment.opsdb, deployment.config, utcnow(), dry_run=stopped)
     for item in rerouted:
         context.log.warning(f"{item.package}: primary site {item.old_site} down past the "
-                            f"failover horizon; re-routed to {item.new_site}")
+                            f"failover horizon; " + (
+                                f"would be re-routed to {item.new_site} (not now: the sensor "
+                                "is stopped)" if stopped else f"re-routed to {item.new_site}"))
     with deployment.opsdb.session() as session:
         due = failover_unsent(session, deployment.config)
     if not due:

@@ -13,6 +13,7 @@ from ccat_dt.forecast import forecast_buffers
 from ccat_dt.notify import channels, current_problems, reconcile
 from ccat_dt.opsdb.models import utcnow
 from resources.deployment import Deployment
+from sensors.stopped import held
 
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
@@ -29,6 +30,9 @@ def notification_sensor(context: SensorEvaluationContext,
         filling = [(f.location, f.hours_until_full) for f in forecasts
                    if f.below_threshold and f.hours_until_full is not None]
         problems = current_problems(session, config, now, filling)
+    if held(context, "notification_sensor"):
+        return SkipReason(f"{len(problems)} open problem(s); nothing sent: the sensor is "
+                          f"stopped ({', '.join(p.key for p in problems[:10])})")
     settings = config.settings.notifications
     delivery = reconcile(deployment.opsdb, problems, targets, now,
                          remind_after=timedelta(hours=settings.remind_after_hours),

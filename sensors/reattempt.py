@@ -52,6 +52,7 @@ from ccat_dt.stages import Stage
 from ccat_dt.staging import get_request
 from resources.deployment import Deployment
 from sensors.cursor import json_object, number, read_cursor
+from sensors.stopped import held
 
 STAGES = (Stage.PACKAGING, Stage.SITE_COPY, Stage.LTA_COPY, Stage.STAGING)
 SWEPT_AT = "swept_at"  # in the cursor: when the last sweep for unattended work was (epoch s)
@@ -178,7 +179,7 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
         context.log.warning(f"{item.stage.label} {partition} is due and no run has done it "
                             f"for {config.settings.policies.unattended_after_s:g} s: "
                             f"{item.reason}")
-    with deployment.opsdb.session() as session:
+    with deployment.opsdb.session(undo=held(context, "reattempt_sensor")) as session:
         escalated = record(session, works, now, keep=in_flight, stages=STAGES)
         for row in escalated:
             context.log.warning(f"{Stage(row.stage).label} {row.partition}: {row.attempts} "

@@ -16,6 +16,7 @@ from ccat_dt.opsdb.models import StagingRequest, utcnow
 from ccat_dt.pending import finished_packages, unknown_names
 from ccat_dt.replicas import settle_states
 from resources.deployment import Deployment
+from sensors.stopped import held
 
 # Live partitions examined per tick; the cursor (the last one examined) moves through them and
 # wraps, so a backlog after an upgrade drains over a few ticks instead of one long one.
@@ -30,7 +31,8 @@ def retire_partitions_sensor(context: SensorEvaluationContext,
     live = sorted(context.instance.get_dynamic_partitions(PACKAGES))
     start = bisect_right(live, context.cursor or "")
     batch = live[start:start + BATCH] or live[:BATCH]
-    with deployment.opsdb.session() as session:  # a policy changed since: ARCHIVED now
+    # a policy changed since: ARCHIVED now (not by a stopped sensor's test)
+    with deployment.opsdb.session(undo=held(context, "retire_partitions_sensor")) as session:
         if settled := settle_states(session, deployment.config, batch):
             context.log.info(f"{len(settled)} package(s) ARCHIVED under the configuration "
                              f"as it is now (required_lta_copies "

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from dagster import AssetKey, DagsterInstance, PreviewWarning, build_sensor_context
-from sqlalchemy import select
+from sqlalchemy import MetaData, create_engine, select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import CURSOR_KEY, drive
@@ -32,6 +32,7 @@ from tests.faults.pipeline import archived_everywhere, deployment, observe
 from tests.faults.storage_truth import good_archive_sites, lost_filed_files
 from tests.helpers import observe as observe_both_modules
 from tests.helpers import run_cli
+from tests.notify_servers import Receiver
 from tests.test_operator_actions import check_status, lta_intact
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
@@ -254,5 +255,84 @@ def test_a_staging_request_a_stored_test_cursor_passed_over_is_staged_by_the_swe
         assert report.sensor_failures == {} and report.failed == []
         staged = config.resolve_root("sites/ramses/processing") / name
         assert sorted(p.read_bytes() for p in staged.rglob("*.dat")) == written
+    finally:
+        opsdb.dispose()
+
+
+STOP_SENSOR = """mutation($id: String!) { stopSensor(id: $id) { __typename } }"""
+START_SENSOR = """mutation($s: SensorSelector!) {
+  startSensor(sensorSelector: $s) { __typename } }"""
+SENSOR_ID = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
+  ... on Sensor { id } } }"""
+
+
+def opsdb_rows(url: str) -> dict[str, list[str]]:
+    """Every row of every OpsDB table, as text."""
+    engine = create_engine(url)
+    tables = MetaData()
+    tables.reflect(engine)
+    try:
+        with engine.connect() as connection:
+            return {table.name: sorted(map(repr, connection.execute(select(table))))
+                    for table in tables.sorted_tables}
+    finally:
+        engine.dispose()
+
+
+def test_test_sensor_of_a_stopped_sensor_changes_nothing_and_its_hold_stands(
+        tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch,
+        webhook_receiver: Receiver) -> None:
+    """An operator stops failover_sensor (the primary site will be back soon: its packages
+    are to wait for it) and notification_sensor, and clicks "Test sensor" on them and on the
+    other stopped sensors that write OpsDB at a tick. Before, the tests did what a tick does:
+    the waiting package was re-routed to the other archive site (and then sent there by the
+    next drive, the failover sensor still stopped), the webhook was posted the site-down
+    notice, a finished observation was planned. Now a stopped sensor's test changes no row
+    of OpsDB and tells no one; the package waits at the observatory, on the disks."""
+    config = deployment(tmp_path / "deploy", policies={"site_failover_hours": 1.0},
+                        notifications={"webhook": {"url": webhook_receiver.url,
+                                                   "timeout_s": 2}})
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, name="obs-0", files=1, size=2000)
+        names = sorted(s.name for s in build_definitions(config).get_repository_def()
+                       .sensor_defs)
+        stopped = ["failover_sensor", "notification_sensor", "package_sensor", "purge_sensor",
+                   "reattempt_sensor", "retire_partitions_sensor"]
+        assert set(stopped) <= set(names)
+        with the_ui(instance, config.path, monkeypatch) as ui:
+            for name in stopped:
+                sensor = ui(SENSOR_ID, s={**LOCATION, "sensorName": name})["sensorOrError"]["id"]
+                assert ui(STOP_SENSOR, id=sensor)["stopSensor"]["__typename"] == \
+                    "StopSensorMutationResult"
+            before = opsdb_rows(config.opsdb_url)
+            dry_run(ui, "package_sensor", None)  # the observation is left unplanned
+            assert opsdb_rows(config.opsdb_url) == before
+            [package] = plan_new_packages(opsdb, config)  # planned, waiting for its site
+            down = primary(opsdb, package)
+            other = ({"cologne", "us"} - {down}).pop()
+            (config.resolve_root(f"sites/{down}/buffer") / MARKER).unlink()  # its disk gone
+            with opsdb.session() as session:  # ... past the failover horizon
+                for location in session.scalars(select(DataLocation).where(
+                        DataLocation.name == "buffer")):
+                    if location.site.short_name == down:
+                        location.failing_since = utcnow() - timedelta(hours=2)
+            before = opsdb_rows(config.opsdb_url)
+            results = {name: dry_run(ui, name, None) for name in stopped}
+            assert opsdb_rows(config.opsdb_url) == before
+            assert webhook_receiver.posts == []
+            told = results["notification_sensor"]["skipReason"]
+            assert "nothing sent" in told and f"site_down:{down}" in told, told
+            for name in ("package_sensor", "notification_sensor"):
+                assert ui(START_SENSOR, s={**LOCATION, "sensorName": name})[
+                    "startSensor"]["__typename"] == "Sensor"
+
+        drive(build_definitions(config), instance)  # its sends to `down` fail for now
+
+        assert list(config.resolve_root("sites/ccat/buffer").rglob("*.tar"))  # built
+        assert not list(config.resolve_root(f"sites/{other}").rglob("*.tar"))  # not sent
+        assert primary(opsdb, package) == down
+        assert any(f"site_down:{down}" in str(post) or down in str(post)
+                   for post in webhook_receiver.posts)  # told by the running sensor
     finally:
         opsdb.dispose()

@@ -299,10 +299,14 @@ class OpsDB:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on any error."""
-        with self._sessions() as session, session.begin():
+    def session(self, *, undo: bool = False) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error; with `undo`
+        rolled back in any case (what a change would be, not made: a stopped sensor's
+        evaluation, which only the UI's "Test sensor" does)."""
+        with self._sessions() as session, session.begin() as transaction:
             yield session
+            if undo:
+                transaction.rollback()
 
     def dispose(self) -> None:
         self.engine.dispose()
