@@ -12,7 +12,7 @@ from ccat_dt.metrics import service_level_figures
 from ccat_dt.notify import fix_for, open_problems, undeliverable
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import _aware, utcnow
-from ccat_dt.reattempt import waiting
+from ccat_dt.reattempt import unsettled
 from ccat_dt.report import Summary, printable, refused_deletions, summarize, throughput
 from ccat_dt.stages import Stage
 from ccat_dt.topology import topology_drift
@@ -77,7 +77,7 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
             print(f"archive site {site} DOWN past the failover horizon (failing since "
                   f"{_aware(location.failing_since or now):%Y-%m-%d %H:%M} UTC): packages not "
                   "yet sent go to another archive site")
-        for row in waiting(session):
+        for row in unsettled(session, config):  # done work's, by whatever did it: none
             if row.escalated_at is not None:
                 when = (f"ESCALATED at {_aware(row.escalated_at):%Y-%m-%d %H:%M} UTC (no "
                         "automatic attempt any more; `ccat-dt retry` after fixing the cause)")

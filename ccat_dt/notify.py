@@ -88,6 +88,7 @@ from ccat_dt.opsdb.models import (
     UndeliverableChannel,
     _aware,
 )
+from ccat_dt.reattempt import unsettled
 from ccat_dt.routing import refused_reread
 from ccat_dt.stages import Stage
 from ccat_dt.transports.base import (
@@ -471,11 +472,13 @@ def current_problems(session: Session, config: Config, now: datetime,
             "re-checked nor relied on for a deletion, and a loss there cannot be seen. Bring it "
             "back (mount the disk, restore the bucket or its marker, fix the credentials); "
             "`ccat-dt audit` shows what it could not audit."))
-    # An escalation stays a problem until its work succeeds (its row goes): an operator's
-    # retry that fails again starts a new episode of automatic attempts, not a resolution.
+    # An escalation stays a problem until its work is done (its row unsettled no more, by
+    # whatever did the work): an operator's retry that fails again starts a new episode of
+    # automatic attempts, not a resolution.
     told = set(session.scalars(select(Notification.problem_key).where(
         Notification.closed.is_(False), Notification.problem_key.like("escalated:%"))))
-    for row in session.scalars(select(Reattempt).order_by(Reattempt.id)):
+    rows = unsettled(session, config)
+    for row in rows:
         if row.escalated_at is None and f"escalated:{row.stage}:{row.partition}" not in told:
             continue
         if any(text in (row.last_error or "") for text in (FOREIGN_FILE, TOO_LARGE,
@@ -499,11 +502,11 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"{assessment.reason}\n`ccat-dt why {name}` shows every copy and stage."))
     problems += _refused_deletions(session)
     problems += _changed_sources(session)
-    problems += _foreign_files(session)
-    problems += _too_large(session, config)
-    problems += _in_the_way(session, config)
-    problems += _deletions_denied(session, config)
-    problems += _refused_sources(session, config)
+    problems += _foreign_files(rows)
+    problems += _too_large(session, config, rows)
+    problems += _in_the_way(config, rows)
+    problems += _deletions_denied(config, rows)
+    problems += _refused_sources(config, rows)
     problems += _refused_copies(session, now)
     for letter in session.scalars(select(FilingDeadLetter).order_by(FilingDeadLetter.site,
                                                                     FilingDeadLetter.seq)):
@@ -557,10 +560,10 @@ def _refusal(how: str, reason: str) -> tuple[str, str, str, str]:
     return "disk_full", "full", "Writes", "Make room or enlarge the disk"
 
 
-def _foreign_files(session: Session) -> list[Problem]:
+def _foreign_files(rows: Sequence[Reattempt]) -> list[Problem]:
     """Copies refused because their final name holds a file OpsDB does not know (an older
     archive, a restored OpsDB): nothing is written over it, and only a person can say what
-    it is. Resolved once a copy is made there (its re-attempt row goes)."""
+    it is. Resolved once a copy is made there (its re-attempt row unsettled no more)."""
     return [Problem(
         f"foreign_file:{row.stage}:{row.partition}", "foreign_file",
         f"{Stage(row.stage).label} {row.partition} refused: a file OpsDB does not know is at "
@@ -568,8 +571,7 @@ def _foreign_files(session: Session) -> list[Problem]:
         f"{row.last_error}\nNothing was written over that file. Find out what it is (another "
         "archive's, an older copy of this package?) and move it away; the next automatic "
         f"attempt then copies the package (`ccat-dt why {row.package}` shows the stage).")
-        for row in session.scalars(select(Reattempt).where(
-            Reattempt.last_error.contains(FOREIGN_FILE)).order_by(Reattempt.id))]
+        for row in rows if FOREIGN_FILE in (row.last_error or "")]
 
 
 def _after_a_person(config: Config, row: Reattempt, mended: str, then: str) -> str:
@@ -586,14 +588,15 @@ def _after_a_person(config: Config, row: Reattempt, mended: str, then: str) -> s
             + f" {then}; nothing to re-run.")
 
 
-def _too_large(session: Session, config: Config) -> list[Problem]:
+def _too_large(session: Session, config: Config, rows: Sequence[Reattempt]) -> list[Problem]:
     """Copies refused because the package is larger than the destination takes (EFBIG): not
     the location's fault (smaller packages still go there), nor one that heals by itself: only
     a person lifts the limit. Told at the first refusal; resolved once the copy is made (its
-    re-attempt row goes)."""
+    re-attempt row unsettled no more)."""
     problems = []
-    for row in session.scalars(select(Reattempt).where(
-            Reattempt.last_error.contains(TOO_LARGE)).order_by(Reattempt.id)):
+    for row in rows:
+        if TOO_LARGE not in (row.last_error or ""):
+            continue
         size = session.scalar(select(RawDataPackage.size).where(
             RawDataPackage.name == row.package))
         then = _after_a_person(config, row, "it is lifted", "copies it")
@@ -611,11 +614,11 @@ def _too_large(session: Session, config: Config) -> list[Problem]:
     return problems
 
 
-def _in_the_way(session: Session, config: Config) -> list[Problem]:
+def _in_the_way(config: Config, rows: Sequence[Reattempt]) -> list[Problem]:
     """Copies refused because a file sits where the package's directory should be at the
     destination: only a person can say what it is and move it. Not the location's fault (other
     packages still go there). Told at the first refusal; resolved once the copy is made (its
-    re-attempt row goes)."""
+    re-attempt row unsettled no more)."""
     return [Problem(
         f"in_the_way:{row.stage}:{row.partition}", "in_the_way",
         f"{Stage(row.stage).label} {row.partition} refused: a file is where the package's "
@@ -624,11 +627,10 @@ def _in_the_way(session: Session, config: Config) -> list[Problem]:
         "it is and move it away (a directory of that name is what the package needs). "
         + _after_a_person(config, row, "it is moved away", "copies the package")
         + f" `ccat-dt why {row.package}` shows the stage.")
-        for row in session.scalars(select(Reattempt).where(
-            Reattempt.last_error.contains(IN_THE_WAY)).order_by(Reattempt.id))]
+        for row in rows if IN_THE_WAY in (row.last_error or "")]
 
 
-def _deletions_denied(session: Session, config: Config) -> list[Problem]:
+def _deletions_denied(config: Config, rows: Sequence[Reattempt]) -> list[Problem]:
     """Purges that could not reach a copy to delete it: a directory on its way refused to
     ccat-dt's user. The file is kept (neither known gone nor known changed); only a person
     lets that user in again, and the next automatic purge then deletes it. Told at the first
@@ -643,9 +645,7 @@ def _deletions_denied(session: Session, config: Config) -> list[Problem]:
         "their ACL or security label). "
         + _after_a_person(config, row, "it can enter them", "deletes it")
         + f" `ccat-dt why {row.package}` shows the stage.")
-        for row in session.scalars(select(Reattempt).where(
-            Reattempt.stage == Stage.PURGE, Reattempt.last_error.contains(DELETION_DENIED))
-            .order_by(Reattempt.id))]
+        for row in rows if row.stage == Stage.PURGE and DELETION_DENIED in (row.last_error or "")]
 
 
 # Attempts that found the source refused before a person is told: the second is sent from
@@ -657,14 +657,15 @@ def _refused(row: Reattempt) -> bool:
     return row.attempts >= REFUSED_ATTEMPTS and refused_source(row.last_error or "")
 
 
-def _refused_sources(session: Session, config: Config) -> list[Problem]:
+def _refused_sources(config: Config, rows: Sequence[Reattempt]) -> list[Problem]:
     """Work whose source file is refused to ccat-dt's user for lack of permission (a file an
     instrument wrote 0600 as another user, a directory it cannot enter, an ACL or SELinux
     refusal), again on the next attempt: no other copy could serve it. Only a person grants
     the permission; the next automatic attempt then reads it, nothing to re-run (past the
-    re-attempt horizon, `ccat-dt retry`). Resolved once the work succeeds (its row goes)."""
+    re-attempt horizon, `ccat-dt retry`). Resolved once the work is done (its row unsettled
+    no more)."""
     problems = []
-    for row in session.scalars(select(Reattempt).order_by(Reattempt.id)):
+    for row in rows:
         if not _refused(row) or _REREAD in (row.last_error or ""):
             continue  # a copy there re-read (its check): told as that copy's (_refused_copies)
         then = _after_a_person(config, row, "it is readable", "reads it")

@@ -8,7 +8,8 @@ operator's retry. Permanent failures never come here: a FAILED package (a source
 changed after filing) is not stalled work, so nothing re-requests it.
 
 The state (attempts, next attempt, escalation) is kept in OpsDB, for `why`, `status` and the
-notifications."""
+notifications, which read it through `unsettled`: a row whose work OpsDB shows done, by
+whatever did it, is not read, whether or not the sensor has ticked since to forget it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from enum import StrEnum
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from ccat_dt import retry
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import Reattempt, _aware
 from ccat_dt.stages import Stage
@@ -214,7 +216,25 @@ def record(session: Session, work: Iterable[Work], now: datetime,
 
 
 def waiting(session: Session, package: str | None = None) -> list[Reattempt]:
+    """Every row, as recorded (the re-attempt sensor's: it forgets those whose work is done);
+    what a person is shown reads `unsettled` instead."""
     query = select(Reattempt).order_by(Reattempt.id)
     if package is not None:
         query = query.where(Reattempt.package == package)
     return list(session.scalars(query))
+
+
+def unsettled(session: Session, config: Config) -> list[Reattempt]:
+    """The rows whose work OpsDB still shows possible and not done (retry.stalled_in, which
+    looks at a staging request's files on the disk too), as the re-attempt sensor judges
+    them: a row whose work was done by another path than its re-attempt (the UI's
+    Materialize, `ccat-dt retry`, the daemon or another drive) is left out at once, not at
+    the sensor's next tick, which may never come (a drive's last ticks are the periodic
+    sensors', the sensor may be stopped): its notice, its line in `status`, resolve with the
+    work. A purge's row is its own sensor's to judge (its plan, within a budget): kept."""
+    rows = waiting(session)
+    packages = sorted({row.package for row in rows if row.stage != Stage.PURGE})
+    due = {(str(item.stage), item.package, item.site)
+           for item in retry.stalled_in(session, config, packages=packages)} if packages else set()
+    return [row for row in rows
+            if row.stage == Stage.PURGE or (row.stage, row.package, row.site) in due]

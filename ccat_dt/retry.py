@@ -65,28 +65,33 @@ def stalled_work(opsdb: OpsDB, config: Config, *, packages: Collection[str] | No
     A FAILED package (a source file that changed after filing) is rebuilt only with
     `rebuild_failed`, once a person has restored the file: the build re-reads every byte
     against the filed checksums, so a package still built from wrong bytes fails again."""
-    out: list[Stalled] = []
     with opsdb.session() as session:
-        query = select(RawDataPackage).order_by(RawDataPackage.id)
-        if packages is not None:
-            query = query.where(RawDataPackage.name.in_(list(packages)))
-        for package in session.scalars(query):
-            if package.state == PackageState.FAILED:
-                if rebuild_failed:
-                    out.append(Stalled(Stage.PACKAGING, package.name, "",
-                                       _last(session, package, OperationType.PACKAGING, None)))
-                continue
-            if package.checksum is None:
+        return stalled_in(session, config, packages=packages, rebuild_failed=rebuild_failed)
+
+
+def stalled_in(session: Session, config: Config, *, packages: Collection[str] | None = None,
+               rebuild_failed: bool = False) -> list[Stalled]:
+    """stalled_work, read in `session`."""
+    out: list[Stalled] = []
+    query = select(RawDataPackage).order_by(RawDataPackage.id)
+    if packages is not None:
+        query = query.where(RawDataPackage.name.in_(list(packages)))
+    for package in session.scalars(query):
+        if package.state == PackageState.FAILED:
+            if rebuild_failed:
                 out.append(Stalled(Stage.PACKAGING, package.name, "",
                                    _last(session, package, OperationType.PACKAGING, None)))
-                continue
-            if rebuild := needs_rebuild(session, config, package):
-                out.append(Stalled(Stage.PACKAGING, package.name, "", rebuild))
-                continue
-            for site in config.settings.archive_sites:
-                out += _at_site(session, config, package, site.short_name)
-        out += _staging(session, packages)
-    return out
+            continue
+        if package.checksum is None:
+            out.append(Stalled(Stage.PACKAGING, package.name, "",
+                               _last(session, package, OperationType.PACKAGING, None)))
+            continue
+        if rebuild := needs_rebuild(session, config, package):
+            out.append(Stalled(Stage.PACKAGING, package.name, "", rebuild))
+            continue
+        for site in config.settings.archive_sites:
+            out += _at_site(session, config, package, site.short_name)
+    return out + _staging(session, packages)
 
 
 def _staging(session: Session, names: Collection[str] | None) -> list[Stalled]:

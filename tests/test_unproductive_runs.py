@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
-import sensors.reattempt
+import ccat_dt.retry
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config
@@ -35,15 +35,16 @@ def test_runs_the_sweep_asks_for_that_do_nothing_are_told_and_not_asked_again(
     dagster_cli(config, instance, "sensor", "stop", "site_copy_sensor")  # built, held there
     drive(build_definitions(config), instance)
     package = package_names(opsdb)[0]
-    real = sensors.reattempt.stalled_work
+    real = ccat_dt.retry.stalled_in
 
     def packaging_always_due(*args: object, **kwargs: object) -> list[Stalled]:
-        # OpsDB's view of due work disagrees with what a packaging run does (it finds the
-        # package built, and succeeds): the disagreement a person has to look at.
+        # OpsDB's view of due work (the re-attempt sensor's, the notices') disagrees with what
+        # a packaging run does (it finds the package built, and succeeds): the disagreement a
+        # person has to look at.
         return [*real(*args, **kwargs),  # type: ignore[arg-type]
                 Stalled(Stage.PACKAGING, package, "", "not built yet")]
 
-    monkeypatch.setattr(sensors.reattempt, "stalled_work", packaging_always_due)
+    monkeypatch.setattr(ccat_dt.retry, "stalled_in", packaging_always_due)
     swept: list[str] = []
     for _ in range(5):
         time.sleep(2 * QUIET)

@@ -453,7 +453,9 @@ class FilingDeadLetter(Base):
 class Reattempt(Base):
     """Work (one stage x partition) whose last run failed or died, waiting for its next
     automatic attempt: written by the re-attempt sensor, read by `why`, `status` and the
-    notifications. The row goes when the work is done."""
+    notifications. The row goes at the sensor's next tick once the work is done; until then
+    readers leave it out when OpsDB shows the work done (reattempt.unsettled), whatever did
+    it."""
 
     __tablename__ = "reattempts"
     __table_args__ = (UniqueConstraint("stage", "partition"),)

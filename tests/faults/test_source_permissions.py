@@ -24,6 +24,8 @@ import yaml
 from dagster import DagsterInstance
 from sqlalchemy import select
 
+from ccat_assets.definitions import build_definitions
+from ccat_assets.partitions import package_site_key
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config, load_config
 from ccat_dt.health import location_failure
@@ -41,9 +43,11 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.packages import get_package
 from ccat_dt.pending import scrub_due
+from ccat_dt.reattempt import unsettled
 from ccat_dt.references import Placement
 from ccat_dt.replicas import Placed, verify
 from ccat_dt.scrub import scrub
+from ccat_dt.stages import Stage
 from ccat_dt.staging import Selection, request_staging
 from ccat_dt.transports.base import Endpoint, TransferError, Transport
 from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport
@@ -69,6 +73,7 @@ from tests.notify_servers import Receiver
 from tests.s3server import S3Server, s3, s3server  # noqa: F401  # fixtures
 from tests.sshd import SshServer
 from tests.test_multisite import multisite
+from tests.test_operator_actions import by_hand
 from tests.test_s3 import PREFIX as S3_PREFIX
 from tests.test_s3 import s3_deployment
 
@@ -334,18 +339,18 @@ def test_an_archive_copy_refused_over_ssh_is_passed_over_for_another(
     opsdb.dispose()
 
 
-def test_a_replication_whose_every_source_copy_is_refused_is_told_and_goes_once_readable(
-        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cologne's LTA and buffer copies of the tar are both refused to ccat-dt's user once it
-    is archived there: the replication to us tries one, then the other, each failing as its
-    source's, naming the file; us's locations are not marked failing (before, with the local
-    transport, nothing told a person until the re-attempt horizon, days later). With no
-    readable copy left a person is told, naming the file and what to do (and, the purge of
-    cologne's buffer copy relying on the refused LTA copy, that one as a permission too). Once
-    both are readable again the next automatic attempt sends the package, nobody re-running
-    anything, and the notice is resolved. Nothing is written at us meanwhile, nor over either
-    copy."""
+def every_source_copy_refused(tmp_path: Path, instance: DagsterInstance,
+                              faulty_disk: MountFaulty,  # noqa: F811
+                              monkeypatch: pytest.MonkeyPatch
+                              ) -> tuple[Config, OpsDB, list[FaultyDisk], str, str, list[Path]]:
+    """Cologne's LTA and buffer copies of the tar both refused to ccat-dt's user once it is
+    archived there, the replication to us tried from each until a person is told: (config,
+    OpsDB, cologne's two disks, the package, its checksum, its source files). Checked: each
+    transfer failed as its source's, naming the file; us's locations not marked failing
+    (before, with the local transport, nothing told a person until the re-attempt horizon,
+    days later); the person told names the file and what to do (and, the purge of cologne's
+    buffer copy relying on the refused LTA copy, that one as a permission too); nothing
+    written at us, nor over either copy."""
     config = _config(tmp_path)
     opsdb = OpsDB(config.opsdb_url)
     lta, buffer = faulty_disk(config, "cologne/lta"), faulty_disk(config, "cologne/buffer")
@@ -374,24 +379,71 @@ def test_a_replication_whose_every_source_copy_is_refused_is_told_and_goes_once_
     assert purge is None or (f"{lta.root / TAR}: permission denied" in purge.detail
                              and "SMART" not in purge.detail), purge
     assert list(problems) == [problem.key], problems
-    us = [config.resolve_root(location.root) for location in config.settings.site("us").locations]
-    assert [p for root in us for p in root.rglob("*") if p.name != ".ccat-dt-location"
-            and p.is_file()] == []
-
+    assert [p for root in _us(config) for p in root.rglob("*")
+            if p.name != ".ccat-dt-location" and p.is_file()] == []
     assert checksum is not None
     for disk in (lta, buffer):
         untouched(disk, TAR, "file", checksum)
+    return config, opsdb, [lta, buffer], package, checksum, source
+
+
+def _us(config: Config) -> list[Path]:
+    """The roots of us's locations."""
+    return [config.resolve_root(location.root) for location in config.settings.site("us").locations]
+
+
+def test_a_replication_whose_every_source_copy_is_refused_is_told_and_goes_once_readable(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every source copy of a replication refused (every_source_copy_refused): a person is
+    told. Once both are readable again the next automatic attempt sends the package, nobody
+    re-running anything, and the notice is resolved."""
+    config, opsdb, disks, package, checksum, source = every_source_copy_refused(
+        tmp_path, instance, faulty_disk, monkeypatch)
+    for disk in disks:
         grant(disk, TAR, "file")
     report = run(config, instance, in_process=True)
 
     assert report.failed == [], report.failed
     assert told(config, opsdb) == []
     archived_everywhere(config, opsdb)
-    for disk in (lta, buffer):
+    for disk in disks:
         assert not (disk.backing / TAR).exists() or hash_file(disk.backing / TAR)[0] == checksum
     assert not any(p.exists() for p in source)
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+def test_a_refused_replication_done_by_another_path_than_its_re_attempt_is_no_longer_told(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every source copy of a replication refused and a person told (every_source_copy_refused);
+    once readable, the copy is made by an operator's "Materialize" in the UI, not by the
+    re-attempt sensor, and no sensor ticks since (the re-attempt sensor stopped, a drive whose
+    last ticks were only the periodic sensors). The notice is resolved all the same: what it is
+    derived from (the re-attempt row) is read against OpsDB, which shows the copy made (before,
+    the row stayed until a tick of the re-attempt sensor, and so did the notice, with the copy
+    verified at us). `status` lists no re-attempt of it either."""
+    config, opsdb, disks, package, checksum, _ = every_source_copy_refused(
+        tmp_path, instance, faulty_disk, monkeypatch)
+    for disk in disks:
+        grant(disk, TAR, "file")
+
+    assert by_hand(build_definitions(config), instance, "site_copies",
+                   str(package_site_key(package, "us")))
+
+    copied = [root / TAR for root in _us(config) if (root / TAR).is_file()]
+    assert [hash_file(path)[0] for path in copied] == [checksum], copied  # us's buffer
+    assert _stages(config, opsdb, package)["site copy us"][0] == "done"
+    # The purge of cologne's buffer copy, if told (every_source_copy_refused), is not done:
+    # the copy is there still; its notice stays until a purge deletes it.
+    purge = f"source_refused:purge:{package}"
+    assert [key for key in told(config, opsdb) if key != purge] == []
+    with opsdb.session() as session:
+        assert [(row.stage, row.partition) for row in unsettled(session, config)
+                if row.stage != Stage.PURGE] == []
+    assert [hash_file(disk.backing / TAR)[0] for disk in disks] == [checksum] * 2
     opsdb.dispose()
 
 
