@@ -2,7 +2,8 @@
 
 Dagster re-executes a step interrupted under a retry policy (a preempted worker, in its view).
 Here an interrupt is an operator's Terminate (the UI's, passed on by `drive` or a sensor) or
-Ctrl-C: the run ends, and its work is re-attempted after the back-off like any failed run's.
+Ctrl-C: the run ends, and its work is asked for again after the back-off (a run an operator
+terminated, CANCELED, is no failed attempt of it: ccat_dt/reattempt.py).
 
 - The step that copies, packs or unpacks fails once (stops_when_interrupted), so the run ends
   CANCELED (Dagster's verdict for a failed step of a run being terminated) without starting

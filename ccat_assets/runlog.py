@@ -201,8 +201,9 @@ def _key_parts(key: str) -> tuple[str, str, str]:
     return stage, package, "" if site == "*" else site
 
 
-CANCELED = ("canceled by an operator (the Dagster UI's Terminate): its work is re-attempted "
-            "after the back-off like a failed run's; stop its sensor in the UI to hold it")
+CANCELED = ("canceled by an operator (the Dagster UI's Terminate): no failed attempt (it "
+            "never escalates the work); its work is asked for again after the back-off; stop "
+            "its sensor in the UI to hold it")
 
 
 def run_failure(instance: DagsterInstance, run_id: str) -> str:

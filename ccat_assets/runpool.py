@@ -139,8 +139,9 @@ class RunPool:
         """SIGTERM each child whose run an operator terminated (TERMINATED), as Dagster's run
         launcher would its run worker: the UI's Terminate on a run the drive executes marks it
         CANCELING and sends nothing (no launcher launched it), so the run would go on. The
-        interrupted run ends CANCELED and its work is re-attempted after the back-off, like
-        a failed run's, with its step not retried (ccat_assets/interrupts.py). Again at each
+        interrupted run ends CANCELED, its step not retried (ccat_assets/interrupts.py), and
+        its work is asked for again after the back-off, no failed attempt of it
+        (ccat_dt/reattempt.py). Again at each
         call while the child runs, a safeguard. Returns their run ids.
 
         Only once the run's start is written: a run terminated as it was starting (STARTING,

@@ -85,8 +85,9 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
                 when = f"next attempt at {_aware(row.next_attempt_at):%Y-%m-%d %H:%M:%S} UTC"
             else:
                 when = "waiting"
-            print(f"re-attempt {Stage(row.stage).label} {row.partition}: {row.attempts} "
-                  f"failed; {when}")
+            done = (f"{row.attempts} failed" if row.attempts  # none: its runs were canceled
+                    else "canceled by an operator")
+            print(f"re-attempt {Stage(row.stage).label} {row.partition}: {done}; {when}")
         for refusal in undeliverable(session, config):  # nobody hears of the problems below
             print(f"notifications undeliverable: {refusal.reason} (over {refusal.channel} "
                   f"since {_aware(refusal.since):%Y-%m-%d %H:%M} UTC; "

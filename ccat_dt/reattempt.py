@@ -3,9 +3,15 @@ requested again after a back-off that doubles per failed attempt, for a horizon 
 first failure; then it is escalated (a person is told, `ccat-dt retry` resumes it).
 
 What counts as one piece of work is a stage x partition. Its history is the list of its runs
-(the Dagster layer reads them); an episode is the failures since its last success or since an
-operator's retry. Permanent failures never come here: a FAILED package (a source file that
-changed after filing) is not stalled work, so nothing re-requests it.
+(the Dagster layer reads them); an episode is the failed and canceled runs since its last
+success or since an operator's retry. A run an operator canceled (the UI's Terminate or Force
+termination, a backfill's Cancel) is what a person asked for, not a failed attempt: it uses
+none of the attempts' budget (not counted, not toward the horizon, so cancels alone never
+escalate the work or tell a person), yet the work is not dropped: it is requested again after
+the back-off, which each run of the episode, failed or canceled, doubles (a run canceled again
+and again comes back less and less often, not in a loop). To hold the work, stop its sensor.
+Permanent failures never come here: a FAILED package (a source file that changed after
+filing) is not stalled work, so nothing re-requests it.
 
 The state (attempts, next attempt, escalation) is kept in OpsDB, for `why`, `status` and the
 notifications, which read it through `unsettled`: a row whose work OpsDB shows done, by
@@ -41,10 +47,11 @@ class RunOutcome:
 
     run_id: str
     in_flight: bool
-    failed: bool  # failed or canceled (a dead process's run is marked failed)
+    failed: bool  # failed (a dead process's run is marked failed)
     ended_at: datetime | None
     operator: bool = False  # launched by `ccat-dt retry`
     again: bool = False  # asked for again although a run of the work had succeeded
+    canceled: bool = False  # canceled by an operator: not a failed attempt
 
 
 @dataclass(frozen=True)
@@ -69,15 +76,23 @@ class Backoff:
 class Decision:
     state: State
     failures: int = 0  # failed attempts in the episode
-    episode: str = ""  # run id of the episode's first failed run (names its attempts)
-    first_failed_at: datetime | None = None
-    last_failed_at: datetime | None = None
+    episode: str = ""  # run id of the episode's first run (names its attempts)
+    first_failed_at: datetime | None = None  # its first failed run's end (of a canceled
+    # one's, when none failed)
+    last_failed_at: datetime | None = None  # its newest run's end, failed or canceled
     next_at: datetime | None = None
     idle: bool = False  # escalated: runs asked for again succeeded and left the work undone
+    canceled: int = 0  # runs of the episode an operator canceled (not failures)
+
+    @property
+    def runs(self) -> int:
+        """The episode's runs, failed or canceled."""
+        return self.failures + self.canceled
 
     def run_key(self, stage: str, partition: str) -> str:
-        """A new key per attempt (the orchestrator skips a key it has seen)."""
-        return f"reattempt:{stage}:{partition}:{self.episode[:8]}:{self.failures + 1}"
+        """A new key per run asked for (the orchestrator skips a key it has seen): one
+        canceled took its key without using an attempt."""
+        return f"reattempt:{stage}:{partition}:{self.episode[:8]}:{self.runs + 1}"
 
 
 def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> Decision:
@@ -86,7 +101,7 @@ def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> De
         return Decision(State.IN_FLIGHT)
     episode: list[RunOutcome] = []
     for run in reversed(history):
-        if not run.failed:
+        if not (run.failed or run.canceled):
             break
         episode.append(run)
         if run.operator:
@@ -94,13 +109,15 @@ def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> De
     if not episode:
         return _idle(history)
     episode.reverse()
-    first = _aware(episode[0].ended_at or now)
+    failed = [run for run in episode if run.failed]
     last = _aware(episode[-1].ended_at or now)
-    failures = len(episode)
-    next_at = last + backoff.delay(failures)
-    common = dict(failures=failures, episode=episode[0].run_id, first_failed_at=first,
-                  last_failed_at=last)
-    if next_at - first > backoff.horizon:
+    next_at = last + backoff.delay(len(episode))  # canceled runs wait too: not in a loop
+    first = _aware((failed or episode)[0].ended_at or now)
+    common = dict(failures=len(failed), canceled=len(episode) - len(failed),
+                  episode=episode[0].run_id, first_failed_at=first, last_failed_at=last)
+    # The horizon is the failed attempts' alone: an operator's cancels never escalate.
+    if failed and (_aware(failed[-1].ended_at or now) + backoff.delay(len(failed)) - first
+                   > backoff.horizon):
         return Decision(State.ESCALATED, **common)  # type: ignore[arg-type]
     state = State.DUE if now >= next_at else State.WAITING
     return Decision(state, next_at=next_at, **common)  # type: ignore[arg-type]
@@ -144,7 +161,7 @@ def _idle(history: Sequence[RunOutcome]) -> Decision:
     forever would hide that OpsDB and the runs disagree: a person is told instead."""
     again: list[RunOutcome] = []
     for run in reversed(history):
-        if not run.again or run.failed:
+        if not run.again or run.failed or run.canceled:
             break
         again.append(run)
     if len(again) < IDLE_RUNS:

@@ -203,7 +203,7 @@ def purge_sensor(context: SensorEvaluationContext,
         if decision.state in (State.IN_FLIGHT, State.WAITING, State.ESCALATED):
             decisions.append(decision)
             continue
-        key = work if decision.state == State.NONE else f"{work}:{decision.failures + 1}"
+        key = work if decision.state == State.NONE else f"{work}:{decision.runs + 1}"
         if decision.state == State.NONE and attempts:
             # A run of this very work succeeded, yet the same copies are planned again: OpsDB
             # went back (restored from a backup) or a deletion went unrecorded. The purge
@@ -239,7 +239,7 @@ def purge_sensor(context: SensorEvaluationContext,
             continue
         requests.append(RunRequest(
             partition_key=abandoned.package, tags={WORK_TAG: work},
-            run_key=work if decision.state == State.NONE else f"{work}:{decision.failures + 1}",
+            run_key=work if decision.state == State.NONE else f"{work}:{decision.runs + 1}",
             run_config=on_queue(config, deletion_queue(config, abandoned.site,
                                                        abandoned.location), {
                 "ops": {"purge_status": {"config": {"copy_ids": [], "early_ids": []}}}})))
@@ -255,9 +255,10 @@ def purge_sensor(context: SensorEvaluationContext,
 
 
 def _failure(instance: DagsterInstance, attempts: list[RunOutcome], decision: Decision) -> str:
-    """Why the newest failed run of failing work failed (for `why` and the notices)."""
-    failed = [run for run in attempts if run.failed]
-    return run_failure(instance, failed[-1].run_id) if failed and decision.failures else ""
+    """Why the newest failed run of failing work failed, or that it was canceled (for `why`
+    and the notices)."""
+    failed = [run for run in attempts if run.failed or run.canceled]
+    return run_failure(instance, failed[-1].run_id) if failed and decision.runs else ""
 
 
 @sensor(job=JOBS[Stage.STAGING], minimum_interval_seconds=INTERVAL, default_status=RUNNING)

@@ -58,6 +58,8 @@ STAGES = (Stage.PACKAGING, Stage.SITE_COPY, Stage.LTA_COPY, Stage.STAGING)
 SWEPT_AT = "swept_at"  # in the cursor: when the last sweep for unattended work was (epoch s)
 SWEPT_TO = "swept_to"  # and the last package it looked at (the next sweep goes on from there)
 NEVER_SWEPT: tuple[datetime | None, str] = (None, "")
+# Runs whose work is requested again: failed, or canceled by an operator (not a failed
+# attempt: ccat_dt/reattempt.py; yet not dropped, asked for again after the back-off).
 FAILED = [DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 PARTITION, PACKAGE_DIM, SITE_DIM = ("dagster/partition", "dagster/partition/package",
                                     "dagster/partition/site")
@@ -96,7 +98,8 @@ def outcome(record_: RunRecord) -> RunOutcome:
     run = record_.dagster_run
     ended = record_.end_time
     return RunOutcome(run.run_id, in_flight=run.status in IN_FLIGHT,
-                      failed=run.status in FAILED,
+                      failed=run.status == DagsterRunStatus.FAILURE,
+                      canceled=run.status == DagsterRunStatus.CANCELED,
                       ended_at=(_from_epoch(ended) if ended else record_.update_timestamp),
                       operator=bool(run.tags.get(RETRY_TAG)),
                       again=bool(run.tags.get(AGAIN_TAG)))
@@ -121,7 +124,8 @@ def next_at_cursor(decisions: list[Decision],
 def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     """Failed (or dead) packaging, transfer, archive and staging runs whose work OpsDB still
     shows as possible and not done: requested again once their back-off is over, with a new
-    run key per attempt; escalated past the horizon."""
+    run key per attempt; escalated past the horizon. Runs an operator canceled too, after the
+    back-off, but as no failed attempt: never escalated for it."""
     config, instance, now = deployment.config, context.instance, utcnow()
     backoff = Backoff.of(config)
     window = backoff.horizon + backoff.longest + timedelta(days=1)

@@ -1,11 +1,27 @@
 """The back-off across runs (ccat_dt/reattempt.py): grows per attempt, a new key per attempt,
-escalated past the horizon, a success or an operator's retry starts afresh."""
+escalated past the horizon, a success or an operator's retry starts afresh; an operator's
+cancel is no failed attempt."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from sqlalchemy import select
+
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
+from ccat_dt.notify import current_problems
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import Reattempt, utcnow
 from ccat_dt.reattempt import Backoff, RunOutcome, State, decide
+from ccat_dt.tarball import _TarWriter
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere, deployment, observe, package_names
+from tests.faults.storage_truth import lost_filed_files
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 POLICY = Backoff(first=timedelta(minutes=1), longest=timedelta(hours=6),
@@ -82,3 +98,96 @@ def test_runs_asked_again_that_leave_the_work_undone_are_escalated() -> None:
     # One that failed is a failure (its back-off), not a run that did nothing.
     assert decide([done, asked_again(60, failed=True), asked_again(120)], POLICY,
                   T0 + timedelta(hours=3)).state == State.NONE
+
+
+def canceled(minutes: float, run_id: str = "") -> RunOutcome:
+    return RunOutcome(run_id or f"cancel{minutes}", in_flight=False, failed=False,
+                      ended_at=T0 + timedelta(minutes=minutes), canceled=True)
+
+
+def test_an_operators_cancel_is_no_failed_attempt_yet_its_work_comes_back_after_the_back_off(
+        ) -> None:
+    """A run an operator canceled (the UI's Terminate) is not a failure of its work: no
+    attempt counted, never escalated, however often; yet the work is not dropped: asked for
+    again after the back-off, which each cancel doubles as a failure does (not relaunched at
+    once, in a loop, against the operator), with a new run key each time. Before, a cancel
+    counted as a failed attempt: cancels used up the horizon and escalated the work."""
+    once = [canceled(0, "cccccccc-1")]
+    waiting = decide(once, POLICY, T0 + timedelta(seconds=30))
+    assert (waiting.state, waiting.failures, waiting.canceled) == (State.WAITING, 0, 1)
+    assert waiting.next_at == T0 + timedelta(minutes=1)
+    due = decide(once, POLICY, T0 + timedelta(minutes=1))
+    assert due.state == State.DUE
+    assert due.run_key("site_copy", "p|us") == "reattempt:site_copy:p|us:cccccccc:2"
+
+    history, minute = [], 0.0
+    for _ in range(40):  # canceled each time it comes back, for weeks: never given up
+        history.append(canceled(minute))
+        decision = decide(history, POLICY, T0 + timedelta(minutes=minute))
+        assert decision.state == State.WAITING and decision.failures == 0, decision
+        assert decision.next_at is not None
+        minute = (decision.next_at - T0).total_seconds() / 60
+    assert decision.next_at - history[-1].ended_at == POLICY.longest  # type: ignore[operator]
+    assert minute > 72 * 60 * 2  # far past the horizon
+
+    # Failures around a cancel are counted, the cancel is not; its key is used all the same.
+    mixed = decide([failed(0, "ffffffff-1"), canceled(1), failed(3)], POLICY,
+                   T0 + timedelta(minutes=3))
+    assert (mixed.failures, mixed.canceled, mixed.state) == (2, 1, State.WAITING)
+    assert mixed.next_at == T0 + timedelta(minutes=3 + 4)
+    assert mixed.run_key("lta_copy", "p|us") == "reattempt:lta_copy:p|us:ffffffff:4"
+    # The horizon is the failed attempts': one failure and cancels days later: not escalated.
+    later = decide([failed(0), canceled(5000)], POLICY, T0 + timedelta(minutes=5000))
+    assert (later.state, later.failures) == (State.WAITING, 1), later
+    assert later.first_failed_at == T0
+
+
+@pytest.mark.slow
+def test_a_packaging_terminated_by_an_operator_again_and_again_is_never_escalated_and_done(
+        tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator terminates (the UI's Terminate) a package's packaging run mid-tar, then
+    each automatic re-attempt of it, six times, with a re-attempt horizon shorter than the
+    runs: each run ends CANCELED, the drive counts it as no failure, and so does the
+    re-attempt sensor: no attempt recorded, never escalated, nobody told; the work is asked
+    for again after the back-off each time, and the seventh run builds the package, which
+    is then archived everywhere. Before, each cancel was a failed attempt: the work was
+    escalated past the horizon ("still failing after N attempts", a person told, no
+    automatic run any more) and the package was never built."""
+    config = deployment(tmp_path / "deploy", policies={
+        "max_attempts": 1, "retry_backoff_first_s": 0.01,
+        "retry_horizon_hours": 0.2 / 3600})  # under one packaging run
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb)
+    terminations, attempts_recorded = 6, list[list[int]]()
+    add_file = _TarWriter.add_file
+
+    def terminated_by_an_operator(self: _TarWriter, *args: Any, **kwargs: Any) -> Any:
+        """Half way through the tar, the first `terminations` times: the operator's Terminate,
+        then the interrupt the drive sends the run's process on it."""
+        if len(attempts_recorded) < terminations:
+            with opsdb.session() as session:  # as the re-attempt sensor left it
+                attempts_recorded.append([row.attempts for row in session.scalars(
+                    select(Reattempt))])
+            [run] = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+            instance.run_coordinator.cancel_run(run.run_id)  # what the UI's Terminate calls
+            raise KeyboardInterrupt
+        return add_file(self, *args, **kwargs)
+
+    monkeypatch.setattr(_TarWriter, "add_file", terminated_by_an_operator)
+
+    report = drive(build_definitions(config), instance, wait_s=10, in_process=True)
+
+    assert len(report.canceled) == terminations, report.canceled
+    assert report.failed == [], report.failed
+    # The first run, the package sensor's, had no row; each re-attempt's shows no failure.
+    assert attempts_recorded == [[]] + [[0]] * (terminations - 1), attempts_recorded
+    assert len([key for key in report.launched if key.startswith("reattempt:packaging:")]) \
+        == terminations, report.launched
+    with opsdb.session() as session:
+        assert current_problems(session, config, utcnow()) == []
+        assert session.scalars(select(Reattempt)).all() == []
+    assert len(package_names(opsdb)) == 1
+    archived_everywhere(config, opsdb)
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()

@@ -451,11 +451,12 @@ class FilingDeadLetter(Base):
 
 
 class Reattempt(Base):
-    """Work (one stage x partition) whose last run failed or died, waiting for its next
-    automatic attempt: written by the re-attempt sensor, read by `why`, `status` and the
-    notifications. The row goes at the sensor's next tick once the work is done; until then
-    readers leave it out when OpsDB shows the work done (reattempt.unsettled), whatever did
-    it."""
+    """Work (one stage x partition) whose last run failed, died or was canceled by an
+    operator, waiting for its next automatic attempt: written by the re-attempt sensor, read
+    by `why`, `status` and the notifications. `attempts` counts the failed runs only (an
+    operator's cancel is none: 0 when its runs were all canceled). The row goes at the
+    sensor's next tick once the work is done; until then readers leave it out when OpsDB
+    shows the work done (reattempt.unsettled), whatever did it."""
 
     __tablename__ = "reattempts"
     __table_args__ = (UniqueConstraint("stage", "partition"),)
