@@ -324,7 +324,9 @@ def test_a_file_where_a_packages_directory_should_be_is_told_and_copied_once_mov
 
     for blocker in blockers:  # a person moves the file away
         blocker.unlink()
-    report = run(config, instance)
+    # The next attempt is due after a back-off that doubles per failure (6, 12, 24 s): a
+    # loaded machine's first drive can fail twice before it idles, so wait out the longest.
+    report = run(config, instance, wait_s=30)
 
     assert report.failed == []
     archived_everywhere(config, opsdb)
