@@ -412,7 +412,9 @@ class ObjectStore:
 
     def download(self, relative_path: str, into: BinaryIO,
                  progress: Callable[[int], None] | None = None) -> None:
-        """The object's bytes into an open, seekable file, in parallel ranges."""
+        """The object's bytes into an open, seekable file, in parallel ranges. No object at the
+        key: FileNotFoundError (the copy is gone, as a file from a disk: the transport says
+        "source missing", so the source is re-read and quarantined, not the store blamed)."""
         from boto3.s3.transfer import TransferConfig
 
         s = self.settings
@@ -425,8 +427,8 @@ class ObjectStore:
                                          Config=transfer, Callback=progress)
         except Exception as exc:  # noqa: BLE001
             if error_code(exc) in _MISSING:
-                raise StorageUnavailable(f"{self.label}: missing: {relative_path} is not on "
-                                         "the storage", transient=False) from None
+                raise FileNotFoundError(f"{self.label}: missing: {relative_path} is not on "
+                                        "the storage") from None
             raise self.problem(exc, f"downloading {relative_path}") from exc
 
     def remove_unverified(self, relative_path: str, etag: str) -> bool:

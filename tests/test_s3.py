@@ -552,3 +552,73 @@ def test_an_endpoint_that_refuses_connections_is_a_transient_fault(
         Stores.of(config).look(root, None, ssh_settings(config), [])
     assert refused.value.transient, refused.value
     assert "cannot reach" in str(refused.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["deleted", "rewritten"])
+def test_staging_from_an_s3_copy_gone_or_rewritten_moves_on_to_the_other_archive(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance, fault: str) -> None:  # noqa: F811
+    """The nearest archive copy a staging reads is an object deleted from its bucket (or
+    rewritten with other bytes): the source is re-read on the store, quarantined, and the next
+    attempt stages from Cornell's disk copy, with no person; the repair puts the object back.
+    Before, a deleted object failed as "missing: ... is not on the storage", not as a source
+    missing: the source was never re-read, every attempt read the bucket again (until the
+    horizon), the other archive never, and nobody learnt Cologne had lost it."""
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        source = observe(deployment, opsdb, size=200_000)
+        written = {str(p.relative_to(source)): p.read_bytes() for p in files_under(source)}
+        assert drive(build_definitions(deployment), instance).failed == []
+        checksums = {c.package.name: c.package.checksum for c in lta(opsdb, "cologne")}
+        victim = lta(opsdb, "cologne")[0]
+        key = f"{PREFIX}/{victim.relative_path}"
+        if fault == "deleted":
+            client.delete_object(Bucket=bucket, Key=key)
+        else:
+            forge(client, bucket, key)
+        request = request_staging(opsdb, location="ramses/processing",
+                                  selection=Selection(observation="obs-0"),
+                                  expires_in=timedelta(days=1))
+
+        with pytest.raises(Exception, match="quarantined"):  # the first attempt, from S3
+            stage(opsdb, deployment, request)
+        staged = stage(opsdb, deployment, request)  # the re-attempt: from Cornell's disk
+
+        assert staged.files == 4 and staged_problems(opsdb, request) == []
+        root = deployment.resolve_root("sites/ramses/processing") / request
+        assert {str(p.relative_to(root)).split("/", 1)[1]: p.read_bytes()
+                for p in files_under(root)} == written  # the filed bytes, on the disk
+        assert [c.id for c in lta(opsdb, "cologne", CopyStatus.CORRUPT)] == [victim.id]
+        # The repair puts the package's own bytes back in the bucket.
+        assert drive(build_definitions(deployment), instance).failed == []
+        assert object_hash(client, bucket, key) == checksums[victim.package.name]
+    finally:
+        opsdb.dispose()
+
+
+def test_a_download_of_an_object_gone_from_its_bucket_says_source_missing(
+        tmp_path: Path, s3: S3Server, bucket: str, deployment: Config) -> None:  # noqa: F811
+    """Every copy read from an object store (a staging, a replication, a repair) downloads it:
+    an object not at its key is the source's loss, said as a file gone from a disk is ("source
+    missing": the caller re-reads the source and quarantines it), not the destination's fault,
+    and nothing is left at the destination. Before: "missing: ... is not on the storage",
+    which no caller took for a lost source, and which blamed the destination's location."""
+    from ccat_dt.health import location_failure
+    from ccat_dt.transports.base import SOURCE_MISSING
+
+    client = s3.client()
+    key = f"{PREFIX}/obs-0/pkg.tar"
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix=key)  # the bucket
+    transport = S3Transport(Stores.of(deployment))
+    target = tmp_path / "disk" / "obs-0" / "pkg.tar"
+
+    with pytest.raises(TransferError) as failed:
+        transport.copy(Endpoint(PurePosixPath("obs-0/pkg.tar"), store=f"s3://{bucket}/{PREFIX}"),
+                       Endpoint(PurePosixPath(target)), "0" * 32)
+
+    assert str(failed.value).startswith(SOURCE_MISSING) and not failed.value.retryable
+    assert not location_failure(failed.value)  # the destination's disk is not blamed
+    assert files_under(tmp_path / "disk") == []  # no partial left there
+

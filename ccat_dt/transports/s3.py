@@ -147,7 +147,15 @@ class S3Transport:
             make_directory(destination.parent)
             with claim_temporary(partial) as writer:
                 try:
-                    store.download(relative, writer, _counter(progress))
+                    try:
+                        store.download(relative, writer, _counter(progress))
+                    except FileNotFoundError as exc:
+                        # The source copy is gone from its bucket, as a file from its disk
+                        # (local.py): said so, the caller re-reads and quarantines it and the
+                        # next attempt reads another copy. Before: "missing: ..." alone, taken
+                        # for the store's fault, tried again until the horizon.
+                        raise TransferError(f"{SOURCE_MISSING}: {source}: {exc}",
+                                            retryable=False) from None
                     writer.flush()
                     os.fsync(writer.fileno())
                     actual, size = hash_file(partial)  # what landed, read back
