@@ -622,3 +622,137 @@ def test_a_download_of_an_object_gone_from_its_bucket_says_source_missing(
     assert not location_failure(failed.value)  # the destination's disk is not blamed
     assert files_under(tmp_path / "disk") == []  # no partial left there
 
+
+def with_retention(config: Config, hours: float) -> Config:
+    """The deployment with another retention for sources and buffers (an operator's edit)."""
+    import yaml
+
+    settings = yaml.safe_load(config.path.read_text())
+    for site in settings["sites"]:
+        for location in site["locations"]:
+            if location["type"] in ("source", "buffer"):
+                location["retention_hours"] = hours
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return load_config(config.path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["deleted", "forged", "resized"])
+def test_a_purge_deletes_nothing_relying_on_an_s3_copy_gone_or_changed(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance, fault: str) -> None:  # noqa: F811
+    """During the sources' retention Cologne's object is deleted, rewritten with other bytes of
+    the same size and its metadata still claiming the package's checksum (only the ETag
+    tells), or replaced by other bytes of another size: the purge's look at the bucket, just
+    before it deletes, refuses to rely on it; the sources stay (read on their disk) until the
+    repair has put the package's bytes back in the bucket, then they go."""
+    from ccat_dt.reaper import purge_package
+
+    config = with_retention(deployment, 1000)
+    opsdb = OpsDB(config.opsdb_url)
+    client = s3.client()
+    try:
+        source = observe(config, opsdb, size=200_000)
+        assert drive(build_definitions(config), instance).failed == []
+        kept = files_under(source)
+        assert len(kept) == 4  # retention keeps them
+        victim = lta(opsdb, "cologne")[0]
+        name, checksum = victim.package.name, victim.package.checksum
+        key = f"{PREFIX}/{victim.relative_path}"
+        if fault == "deleted":
+            client.delete_object(Bucket=bucket, Key=key)
+        elif fault == "forged":
+            forge(client, bucket, key)
+        else:
+            client.put_object(Bucket=bucket, Key=key, Body=b"not the package",
+                              Metadata={CHECKSUM_METADATA: checksum or ""})
+        config = with_retention(config, 0)
+
+        report = purge_package(opsdb, config, name)
+
+        assert report.deleted == 0
+        assert files_under(source) == kept  # the storage: every source file still there
+        assert [c.id for c in lta(opsdb, "cologne", CopyStatus.CORRUPT)] == [victim.id]
+
+        assert drive(build_definitions(config), instance).failed == []
+        assert object_hash(client, bucket, key) == checksum  # repaired in the bucket
+        assert files_under(source) == []  # then, under a fresh look, the sources went
+        assert certificate_problems(opsdb, config, name) == []
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["deleted", "forged"])
+def test_filed_bytes_safe_run_alone_looks_at_the_bucket(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance, fault: str) -> None:  # noqa: F811
+    """`filed_bytes_safe` (also executed alone from the UI) stands on the LTA copies of a
+    purged package as they are in the bucket, not on OpsDB's last verification: an object
+    deleted, or rewritten under its old metadata, is quarantined and the package told at
+    risk; the repair puts the package's bytes back in the bucket."""
+    from ccat_dt.loss import Health
+    from ccat_dt.recheck import assess_on_storage
+
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        checksums = archived(deployment, opsdb, instance)  # sources purged
+        victim = lta(opsdb, "cologne")[0]
+        name = victim.package.name
+        key = f"{PREFIX}/{victim.relative_path}"
+        assert assess_on_storage(opsdb, deployment, name).health == Health.SAFE
+        if fault == "deleted":
+            client.delete_object(Bucket=bucket, Key=key)
+        else:
+            forge(client, bucket, key)
+
+        found = assess_on_storage(opsdb, deployment, name)
+
+        assert found.health == Health.AT_RISK and "cologne/lta" in found.reason
+        assert [c.id for c in lta(opsdb, "cologne", CopyStatus.CORRUPT)] == [victim.id]
+        assert drive(build_definitions(deployment), instance).failed == []
+        assert object_hash(client, bucket, key) == checksums[name]
+        assert assess_on_storage(opsdb, deployment, name).health == Health.SAFE
+    finally:
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_a_repair_read_from_an_s3_object_gone_tells_the_loss_and_blames_no_disk(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    """Cornell's disk copy of a purged package found gone; its repair reads Cologne's object,
+    which is gone from the bucket too: the object is re-read on the store and quarantined,
+    the package is LOST (a person is told), and Cornell's archive disk, which only received,
+    is not marked failing. Before, the download said "missing: ... is not on the storage":
+    the object was never re-read (OpsDB went on counting it verified, the package
+    TRANSFERRING, nobody told of the loss) and the repair was tried again until the
+    horizon."""
+    from ccat_dt.replicas import reread
+
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        archived(deployment, opsdb, instance)  # sources purged
+        victim = lta(opsdb, "cologne")[0]
+        [disk] = [c for c in lta(opsdb, "us") if c.package_id == victim.package_id]
+        tar = Path(disk.location.root) / disk.relative_path
+        tar.unlink()
+        client.delete_object(Bucket=bucket, Key=f"{PREFIX}/{victim.relative_path}")
+        assert not reread(opsdb, deployment, disk.id).passed  # found gone: quarantined
+
+        drive(build_definitions(deployment), instance, wait_s=5)
+
+        assert [p for p in files_under(tar.parent)  # nothing of it half-made there
+                if victim.package.name in p.name] == []
+        assert "Contents" not in client.list_objects_v2(
+            Bucket=bucket, Prefix=f"{PREFIX}/{victim.relative_path}")
+        with opsdb.session() as session:
+            package = session.get_one(RawDataPackage, victim.package_id)
+            assert package.state == PackageState.LOST
+            us_lta = session.get_one(DataLocation, disk.location_id)
+            assert us_lta.failing_since is None, us_lta.unhealthy_reason
+        assert [c.id for c in lta(opsdb, "cologne", CopyStatus.CORRUPT)] == [victim.id]
+    finally:
+        opsdb.dispose()
