@@ -39,7 +39,7 @@ from ccat_dt.storage import (
     listing,
     look,
 )
-from ccat_dt.transports.base import Endpoint, Identity, SshSettings
+from ccat_dt.transports.base import UNREADABLE, Endpoint, Identity, SshSettings, denied_source
 
 SCHEME = "s3://"
 CHECKSUM_METADATA = "xxh3-128"  # our checksum of the whole object, as x-amz-meta-xxh3-128
@@ -51,6 +51,8 @@ _REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Inva
 _BUSY = {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "Throttling",
          "ThrottlingException", "RequestTimeTooSkewed", "OperationAborted"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# One object refused to a key the store accepts (a policy, an ACL, a KMS key), not the key.
+_OBJECT_DENIED = {"AccessDenied", "403", "Forbidden"}
 
 
 class SourceReadFailed(OSError):
@@ -295,17 +297,31 @@ class ObjectStore:
 
     def _look_one(self, wanted: Wanted) -> Seen:
         rel = wanted.relative_path
-        head = self.head(rel)
-        if head is None:
-            return Seen(rel, f"missing: {rel} is not on the storage")
-        checksum = None
-        if wanted.rehash:
-            try:
-                checksum, size = self.read_hash(rel, head.etag or None)
-            except FileNotFoundError as exc:
-                return Seen(rel, str(exc))
-            if size != head.size:
-                return Seen(rel, f"{rel} changed while it was read")
+        try:
+            head = self.head(rel)
+            if head is None:
+                return Seen(rel, f"missing: {rel} is not on the storage")
+            checksum = None
+            if wanted.rehash:
+                try:
+                    checksum, size = self.read_hash(rel, head.etag or None)
+                except FileNotFoundError as exc:
+                    return Seen(rel, str(exc))
+                if size != head.size:
+                    return Seen(rel, f"{rel} changed while it was read")
+        except StorageUnavailable as exc:
+            code = error_code(exc.__cause__) if exc.__cause__ is not None else ""
+            if code not in _OBJECT_DENIED:
+                raise
+            # The marker was read with this key just now (look): the key works here, and this
+            # one object is refused to it (a bucket policy, an object ACL, a KMS key). As a
+            # file refused on a disk: told as a permission, the copy not judged, the store not
+            # marked failing. Before: "credentials refused" and the whole archive marked.
+            return Seen(rel, f"{UNREADABLE} {rel}: " + denied_source(
+                f"{self.root}/{rel}", f"the store refused it ({code}) "
+                "while it answers this key for the location's marker: a bucket policy, an "
+                "object ACL or a KMS key", f"the key in ${self.settings.access_key_id_env}",
+                what=None))
         return Seen(rel, None, head.size, head.identity, head.mtime_ns, checksum,
                     head.stored_checksum)
 

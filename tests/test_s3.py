@@ -756,3 +756,48 @@ def test_a_repair_read_from_an_s3_object_gone_tells_the_loss_and_blames_no_disk(
         assert [c.id for c in lta(opsdb, "cologne", CopyStatus.CORRUPT)] == [victim.id]
     finally:
         opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_an_object_the_store_refuses_to_read_is_told_as_a_permission_not_the_store(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    """One archived object refused to ccat-dt's key (a bucket policy denying GetObject on it;
+    an object ACL or a KMS key it may not use does the same) while the key reads the bucket:
+    its re-read (its check, the scrub) says so, naming the object and the key's variable, the
+    copy is not judged (PRESENT, nothing written over it, relied on for no deletion) and the
+    location is not marked failing, as for a file refused on a disk. Before: "credentials
+    refused ... not retried" and the whole S3 archive marked failing (passed over, past the
+    failover horizon re-routed) for one object's permission."""
+    import json
+
+    from ccat_dt.recheck import recheck_lta_copies
+    from ccat_dt.replicas import reread
+
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        checksums = archived(deployment, opsdb, instance)
+        victim = lta(opsdb, "cologne")[0]
+        key = f"{PREFIX}/{victim.relative_path}"
+        client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+            "Version": "2012-10-17", "Statement": [{
+                "Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
+                "Resource": f"arn:aws:s3:::{bucket}/{key}"}]}))
+
+        with pytest.raises(TransferError, match="permission denied") as refused:
+            reread(opsdb, deployment, victim.id)
+        looked = recheck_lta_copies(opsdb, deployment, victim.package.name,
+                                    now=datetime.now(UTC) + timedelta(hours=25))
+
+        assert not refused.value.retryable and key in str(refused.value)
+        assert victim.id not in looked.passed and victim.id in looked.unavailable
+        with opsdb.session() as session:
+            location = session.get_one(DataLocation, victim.location_id)
+            assert location.failing_since is None, location.unhealthy_reason
+        assert [c.id for c in lta(opsdb, "cologne")][0] == victim.id  # PRESENT, not judged
+        client.delete_bucket_policy(Bucket=bucket)  # granted again: the same bytes, read fine
+        assert object_hash(client, bucket, key) == checksums[victim.package.name]
+        assert reread(opsdb, deployment, victim.id).passed
+    finally:
+        opsdb.dispose()
