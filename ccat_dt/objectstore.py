@@ -39,7 +39,14 @@ from ccat_dt.storage import (
     listing,
     look,
 )
-from ccat_dt.transports.base import UNREADABLE, Endpoint, Identity, SshSettings, denied_source
+from ccat_dt.transports.base import (
+    SOURCE_UNREADABLE,
+    UNREADABLE,
+    Endpoint,
+    Identity,
+    SshSettings,
+    denied_source,
+)
 
 SCHEME = "s3://"
 CHECKSUM_METADATA = "xxh3-128"  # our checksum of the whole object, as x-amz-meta-xxh3-128
@@ -317,13 +324,16 @@ class ObjectStore:
             # one object is refused to it (a bucket policy, an object ACL, a KMS key). As a
             # file refused on a disk: told as a permission, the copy not judged, the store not
             # marked failing. Before: "credentials refused" and the whole archive marked.
-            return Seen(rel, f"{UNREADABLE} {rel}: " + denied_source(
-                f"{self.root}/{rel}", f"the store refused it ({code}) "
-                "while it answers this key for the location's marker: a bucket policy, an "
-                "object ACL or a KMS key", f"the key in ${self.settings.access_key_id_env}",
-                what=None))
+            return Seen(rel, f"{UNREADABLE} {rel}: " + self._denied(rel, code, what=None))
         return Seen(rel, None, head.size, head.identity, head.mtime_ns, checksum,
                     head.stored_checksum)
+
+    def _denied(self, relative_path: str, code: str, *, what: str | None) -> str:
+        """What a read of one object refused to a key the store accepts says (denied_source)."""
+        return denied_source(
+            f"{self.root}/{relative_path}", f"the store refused it ({code}) while it answers "
+            "this key for the location's marker: a bucket policy, an object ACL or a KMS key",
+            f"the key in ${self.settings.access_key_id_env}", what=what)
 
     def listing(self) -> Listing:
         """Every object below the prefix (but the marker), and unfinished multipart uploads."""
@@ -430,7 +440,9 @@ class ObjectStore:
                  progress: Callable[[int], None] | None = None) -> None:
         """The object's bytes into an open, seekable file, in parallel ranges. No object at the
         key: FileNotFoundError (the copy is gone, as a file from a disk: the transport says
-        "source missing", so the source is re-read and quarantined, not the store blamed)."""
+        "source missing", so the source is re-read and quarantined, not the store blamed). The
+        object refused to a key the store accepts: PermissionError, "source unreadable: ...
+        permission denied", so the next attempt reads another copy and a person is told."""
         from boto3.s3.transfer import TransferConfig
 
         s = self.settings
@@ -442,9 +454,14 @@ class ObjectStore:
             self.client.download_fileobj(s.bucket, self.key(relative_path), into,
                                          Config=transfer, Callback=progress)
         except Exception as exc:  # noqa: BLE001
-            if error_code(exc) in _MISSING:
+            code = error_code(exc)
+            if code in _MISSING:
                 raise FileNotFoundError(f"{self.label}: missing: {relative_path} is not on "
                                         "the storage") from None
+            if code in _OBJECT_DENIED:
+                self.check_marker()  # refused too: the key is (credentials refused)
+                raise PermissionError(self._denied(relative_path, code,
+                                                   what=SOURCE_UNREADABLE)) from None
             raise self.problem(exc, f"downloading {relative_path}") from exc
 
     def remove_unverified(self, relative_path: str, etag: str) -> bool:

@@ -801,3 +801,54 @@ def test_an_object_the_store_refuses_to_read_is_told_as_a_permission_not_the_sto
         assert reread(opsdb, deployment, victim.id).passed
     finally:
         opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_staging_from_an_s3_object_refused_to_the_key_reads_the_other_archive(
+        deployment: Config, s3: S3Server, bucket: str,  # noqa: F811
+        instance: DagsterInstance) -> None:  # noqa: F811
+    """The nearest archive copy a staging reads is an object the store refuses to ccat-dt's key
+    (a bucket policy denying GetObject on it) while the key reads the bucket: as a source file
+    refused on a disk, the attempt says "source unreadable ... permission denied" naming the
+    key's variable, the copy is not judged (PRESENT, the object left as it is), no location
+    is marked failing, and the re-attempt stages from Cornell's disk copy. Before:
+    "credentials refused ... not retried" and every attempt read the refused object again."""
+    import json
+
+    from ccat_dt.transports.base import SOURCE_UNREADABLE
+
+    opsdb = OpsDB(deployment.opsdb_url)
+    client = s3.client()
+    try:
+        source = observe(deployment, opsdb, size=200_000)
+        written = {str(p.relative_to(source)): p.read_bytes() for p in files_under(source)}
+        assert drive(build_definitions(deployment), instance).failed == []
+        victim = lta(opsdb, "cologne")[0]
+        key = f"{PREFIX}/{victim.relative_path}"
+        client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+            "Version": "2012-10-17", "Statement": [{
+                "Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
+                "Resource": f"arn:aws:s3:::{bucket}/{key}"}]}))
+        request = request_staging(opsdb, location="ramses/processing",
+                                  selection=Selection(observation="obs-0"),
+                                  expires_in=timedelta(days=1))
+
+        with pytest.raises(TransferError) as refused:  # the first attempt, from S3
+            stage(opsdb, deployment, request)
+        staged = stage(opsdb, deployment, request)  # the re-attempt: from Cornell's disk
+
+        said = str(refused.value)
+        assert SOURCE_UNREADABLE in said and "permission denied" in said and key in said
+        assert "$CCAT_DT_S3_ACCESS_KEY_ID" in said and not refused.value.retryable
+        assert staged.files == 4 and staged_problems(opsdb, request) == []
+        root = deployment.resolve_root("sites/ramses/processing") / request
+        assert {str(p.relative_to(root)).split("/", 1)[1]: p.read_bytes()
+                for p in files_under(root)} == written  # the filed bytes, on the disk
+        assert victim.id in [c.id for c in lta(opsdb, "cologne")]  # PRESENT: not judged
+        with opsdb.session() as session:
+            assert all(location.failing_since is None for location in session.scalars(
+                select(DataLocation)))
+        client.delete_bucket_policy(Bucket=bucket)
+        assert object_hash(client, bucket, key) == victim.package.checksum  # left as it was
+    finally:
+        opsdb.dispose()

@@ -156,6 +156,9 @@ class S3Transport:
                         # for the store's fault, tried again until the horizon.
                         raise TransferError(f"{SOURCE_MISSING}: {source}: {exc}",
                                             retryable=False) from None
+                    except PermissionError as exc:  # that object refused to the key: a person
+                        # grants it; the next attempt reads another copy (routing.py)
+                        raise TransferError(str(exc), retryable=False) from None
                     writer.flush()
                     os.fsync(writer.fileno())
                     actual, size = hash_file(partial)  # what landed, read back
