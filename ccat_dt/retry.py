@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_dt import reaper
 from ccat_dt.claims import abandoned_deletion
 from ccat_dt.config import Config
 from ccat_dt.diagnosis import last_staging
@@ -43,6 +43,9 @@ from ccat_dt.routing import copies_at, replication_source
 from ccat_dt.staged_files import look_at_staged
 from ccat_dt.stages import Stage
 from ccat_dt.topology import primary_location
+
+if TYPE_CHECKING:
+    from ccat_dt.reaper import PurgeReport
 
 
 @dataclass(frozen=True)
@@ -194,8 +197,10 @@ def abandoned_deletions(opsdb: OpsDB, now: datetime | None = None) -> list[Aband
 
 
 def resume_deletions(opsdb: OpsDB, config: Config, *,
-                     now: datetime | None = None) -> list[reaper.PurgeReport]:
+                     now: datetime | None = None) -> list[PurgeReport]:
     """Finish every abandoned deletion (see `ccat_dt.reaper`): a purge of each package that
     has one, limited to those copies, whether or not anything else of the package is due."""
+    from ccat_dt import reaper  # here: the re-attempt rows' readers (`status`, the
+    # notices) read this module, and the purge's imports (transports, tar) are not theirs
     names = sorted({a.package for a in abandoned_deletions(opsdb, now)})
     return [reaper.purge_package(opsdb, config, name, now=now, copy_ids=()) for name in names]
