@@ -519,6 +519,65 @@ def test_copy_many_one_bad_file_fails_alone(sshd: SshServer, transport: RsyncTra
     assert sorted(p.name for p in (work / "dst").iterdir()) == ["1.tar", "3.tar"]
 
 
+def _flushers(temporary: Path) -> set[int]:
+    """Shells whose command syncs `temporary` in a loop: the receiving side's flusher (a
+    subshell, alive as long as rsync), or the shell that started it. Not our rsync or ssh,
+    whose arguments also carry that text."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        line = b" ".join(argv)
+        if os.path.basename(argv[0]).lstrip(b"-") in (b"sh", b"bash", b"dash") \
+                and b"kill -0" in line and b"sync -- " in line \
+                and os.fsencode(temporary) in line:
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("direction", ["local->remote", "remote->other remote"])
+def test_the_receiving_side_flushes_the_landing_file_while_rsync_runs(
+        sshd: SshServer, work: Path, tmp_path: Path, direction: str) -> None:
+    """Without it the whole file is still in the page cache when rsync ends, and the sync
+    before the rename writes all of it then, after the transfer instead of during it (issue 17:
+    the transport at its tool's speed). The flusher ends with rsync."""
+    import threading
+
+    source_host, destination_host = DIRECTIONS[direction]
+    size = 12 * MIB
+    source = work / "outbox" / "slow.tar"
+    checksum = write_random(source, size)
+    final = work / "archive" / "slow.tar"
+    slow = RsyncTransport(sshd.ssh, tmp_path / "logs", bandwidth_limit_kbps=4096)  # ~3 s
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(_flushers(temp_of(final)))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = slow.copy(at(sshd, source, source_host), at(sshd, final, destination_host),
+                           checksum)
+    finally:
+        done.set()
+        watcher.join()
+    assert xxhash.xxh3_128(final.read_bytes()).hexdigest() == checksum == result.checksum
+    assert not temp_of(final).exists()
+    assert seen, "nothing synced the landing file while rsync wrote it"
+    deadline = time.monotonic() + 5  # it looks every 0.2 s whether rsync's shell is there
+    while _flushers(temp_of(final)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _flushers(temp_of(final)), "the flusher outlived the transfer"
+
+
 # -- verification and rename: one ssh round trip --------------------------------------------
 
 

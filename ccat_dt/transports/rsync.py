@@ -126,6 +126,27 @@ def _marker_guard(marker: PurePosixPath | None) -> str:
     return f"[ -f {shlex.quote(check_path(marker))} ] || {{ echo {UNMARKED} >&2; exit 3; }}; "
 
 
+# Landing files synced at once by the receiving side's flusher, at most (the rsync-path is
+# part of one ssh command line); a larger batch is flushed by the sync before its renames.
+FLUSH_MAX_FILES = 64
+
+
+def _flusher_sh(files: Sequence[PurePosixPath]) -> str:
+    """Shell text, run on the receiving side before its rsync: a background loop syncing
+    `files` (rsync writes them in place: --append-verify implies --inplace) every 0.2 s, for
+    as long as the shell that runs rsync ($$: that shell, or rsync itself when the shell execs
+    it) is there. Without it the whole file is still in the page cache when rsync ends and
+    the sync before the rename writes it all then (0.3-0.5 s for 512 MiB here, measured
+    interleaved, against ~0.2 s with it); with it that sync has a fraction of a second of data
+    left. A file not there yet is skipped (sync says so, to /dev/null). Nothing for no files
+    or more than FLUSH_MAX_FILES."""
+    if not files or len(files) > FLUSH_MAX_FILES:
+        return ""
+    names = " ".join(shlex.quote(check_path(path)) for path in files)
+    return ("( while sleep 0.2 || sleep 1; kill -0 $$ 2>/dev/null; do "
+            f"sync -- {names}; done ) < /dev/null > /dev/null 2>&1 & ")
+
+
 def classify_rsync(rc: int, stderr: str, sources: Mapping[str, Endpoint] | None = None, *,
                    describe: Callable[[Endpoint], str] | None = None) -> TransferError:
     """Whether a failed rsync is worth retrying, from its exit value and what it printed.
@@ -279,13 +300,15 @@ class RsyncTransport:
     # -- commands -----------------------------------------------------------------------------
 
     def rsync_options(self, *, make_directory: PurePosixPath | None = None,
-                      marker: PurePosixPath | None = None, elsewhere: bool = False
-                      ) -> list[str]:
+                      marker: PurePosixPath | None = None, elsewhere: bool = False,
+                      flush: Sequence[PurePosixPath] = ()) -> list[str]:
         """rsync and its options, up to and including `--`. `make_directory` is created on the
         remote receiving side first (saving an ssh round trip; works with any rsync version,
         unlike --mkpath), after finding the location `marker` there (saving another).
-        `elsewhere`: this rsync runs on another host, so its ssh does not use our connection
-        sharing (whose socket directory is on this host)."""
+        `flush`: the landing files, which the receiving side then syncs to disk every 0.2 s
+        while its rsync runs (_flusher_sh), so that the sync before the rename has little left
+        to write. `elsewhere`: this rsync runs on another host, so its ssh does not use our
+        connection sharing (whose socket directory is on this host)."""
         # rsync splits -e itself, honouring quotes: shlex.join's output round-trips (checked
         # for spaces, quotes, backslashes and empty arguments). Built per command: whether
         # connection sharing is usable is decided when the command runs.
@@ -300,14 +323,16 @@ class RsyncTransport:
             # The receiving side's shell runs this; the directory is quoted for it.
             quoted = shlex.quote(check_path(make_directory))
             options.append(f"--rsync-path={_marker_guard(marker)}d={quoted}; mkdir -p -- "
-                           f'"$d" || {in_the_way_sh("d")}; rsync')
+                           f'"$d" || {in_the_way_sh("d")}; {_flusher_sh(flush)}rsync')
         return [*options, "--"]
 
     def command(self, sources: Sequence[Endpoint], destination: Endpoint, *,
-                into_directory: bool = False) -> list[str]:
+                into_directory: bool = False,
+                flush: Sequence[PurePosixPath] = ()) -> list[str]:
         """The local argv copying `sources` (all on one host) to `destination`: a file name
         for one source, or a directory (`into_directory`) that receives them under their own
-        names. A remote destination's directory is created as needed; a local one is not."""
+        names. A remote destination's directory is created as needed; a local one is not.
+        `flush`: the landing files a remote receiving side syncs while rsync runs."""
         hosts = {source.host for source in sources}
         if len(hosts) != 1:
             raise ValueError(f"one rsync session reads from one host, not {hosts}")
@@ -317,13 +342,15 @@ class RsyncTransport:
         marker = destination.marker
         if source_host is None or destination.host is None:
             make = directory if destination.host is not None else None
-            return [*self.rsync_options(make_directory=make, marker=marker),
+            return [*self.rsync_options(make_directory=make, marker=marker,
+                                        flush=flush if make is not None else ()),
                     *map(rsync_source_argument, sources), target]
         # Remote to remote: run rsync on the source host; it pushes to the destination host.
         local_sources = [check_path(source.path) for source in sources]
         if destination.host != source_host:
             return remote_command(self.ssh, source_host, [
-                *self.rsync_options(make_directory=directory, marker=marker, elsewhere=True),
+                *self.rsync_options(make_directory=directory, marker=marker, elsewhere=True,
+                                    flush=flush),
                 *local_sources, target])
         # Both on one host: a local copy there, after finding the marker, creating the directory.
         target = rsync_destination_argument(Endpoint(destination.path),
@@ -406,15 +433,16 @@ class RsyncTransport:
             remote_prepare(self.ssh, destination, Endpoint(destination.path.parent))
         staging: _Staging | None = None
         try:
+            landing = [item.temporary.path for item in items]
             if len(items) == 1:
                 sent = [items[0].source]
-                argv = self.command(sent, items[0].temporary)
+                argv = self.command(sent, items[0].temporary, flush=landing)
             else:
                 staging = _Staging.create(self, items, log)
                 sent = staging.links
                 argv = self.command(sent, Endpoint(destination.path.parent, destination.host,
                                                    marker=destination.marker),
-                                    into_directory=True)
+                                    into_directory=True, flush=landing)
             try:  # wait out any process a killed earlier attempt left writing these files
                 with exclusive_writer(self.log_dir / ".writers",
                                       [item.temporary for item in items]) as lock:
