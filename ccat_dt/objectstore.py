@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ccat_dt.checksums import CHUNK_SIZE, new_hasher
-from ccat_dt.config import MIB, Config, S3Config
+from ccat_dt.config import MIB, S3_MAX_PARTS, Config, S3Config
 from ccat_dt.marker import MARKER, another_location, label_in, marker_text
 from ccat_dt.storage import (
     Entry,
@@ -147,6 +147,21 @@ def error_code(exc: BaseException) -> str:
     if isinstance(cause, ClientError):
         return str(cause.response.get("Error", {}).get("Code", ""))
     return ""
+
+
+def upload_part_size(settings: S3Config, source: Path) -> int:
+    """The part size of an upload of `source`: the configured one, or, left at its default
+    and too small for this file, the smallest whole number of MiB that carries it in
+    S3_MAX_PARTS parts (a part size set on purpose is checked against
+    policies.package_max_bytes when the configuration is loaded instead)."""
+    part = settings.part_size_mib * MIB
+    if "part_size_mib" in settings.model_fields_set:
+        return part
+    try:
+        size = source.stat().st_size
+    except OSError:
+        return part  # the upload says why it cannot read it
+    return max(part, -(-size // (S3_MAX_PARTS * MIB)) * MIB)
 
 
 class ObjectStore:
@@ -401,7 +416,7 @@ class ObjectStore:
         from boto3.s3.transfer import S3Transfer, TransferConfig
 
         s = self.settings
-        part = s.part_size_mib * MIB
+        part = upload_part_size(s, source)
         transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
                                   max_concurrency=s.max_concurrency, use_threads=True,
                                   preferred_transfer_client="classic")

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import xxhash
 from dagster import DagsterInstance
 from sqlalchemy import select
 
@@ -19,10 +20,10 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.audit import DARK, LOST, PARTIAL, audit
 from ccat_dt.checksums import hash_file, new_hasher
-from ccat_dt.config import Config, ConfigError, load_config
+from ccat_dt.config import MIB, Config, ConfigError, S3Config, load_config
 from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.filing import file_directory, finish_observation, start_observation
-from ccat_dt.objectstore import CHECKSUM_METADATA, ObjectStore, Stores
+from ccat_dt.objectstore import CHECKSUM_METADATA, ObjectStore, Stores, upload_part_size
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -531,6 +532,46 @@ def test_s3_location_root_is_its_bucket_and_prefix(tmp_path: Path) -> None:
     assert config.location_root(location) == "s3://ccat-lta/archive/raw"
     assert location.s3 is not None and location.s3.access_key_id_env == \
         "CCAT_DT_S3_ACCESS_KEY_ID" and location.s3.checksum_algorithm == "CRC32C"
+
+
+def test_an_upload_with_the_default_settings_is_sent_in_8_mib_parts(
+        s3: S3Server, tmp_path: Path) -> None:  # noqa: F811
+    """boto3's part size and concurrency (8 MiB, 10 in flight), not 64 MiB and 8: measured
+    interleaved against boto3's upload_file on 1 GiB (docs/benchmarks.md section 11), the
+    larger parts took longer and more CPU (client and store) for the same bytes. The stored
+    object shows the parts it was sent in, and it reads back as the package."""
+    bucket = s3.new_bucket()
+    settings = S3Config(endpoint_url=s3.url, bucket=bucket, prefix=PREFIX)
+    assert (settings.part_size_mib, settings.max_concurrency) == (8, 10)
+    source = tmp_path / "pkg.tar"
+    data = os.urandom(20 * MIB + 5)
+    source.write_bytes(data)
+    checksum = xxhash.xxh3_128(data).hexdigest()
+    S3Transport(Stores({settings.url: ("cologne/lta", settings)})).copy(
+        Endpoint(PurePosixPath(source)), Endpoint(PurePosixPath("p/pkg.tar"), store=settings.url),
+        checksum)
+    client = s3.client()
+    key = f"{PREFIX}/p/pkg.tar"
+    assert client.head_object(Bucket=bucket, Key=key, PartNumber=1)["PartsCount"] == 3
+    assert xxhash.xxh3_128(client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                           ).hexdigest() == checksum
+
+
+def test_the_default_part_grows_for_a_package_that_needs_more_than_10000_parts(
+        tmp_path: Path) -> None:
+    """With the smaller default part, a package over 10,000 x 8 MiB (84 GB) is still carried:
+    the part grows (a part size set on purpose is checked when the configuration loads)."""
+    sparse = tmp_path / "huge.tar"
+    with open(sparse, "wb") as handle:
+        handle.truncate(100 * 10**9)
+    assert upload_part_size(S3Config(bucket="b-1"), sparse) == 10 * MIB  # 100 GB / 10,000
+    assert upload_part_size(S3Config(bucket="b-1"), tmp_path / "gone") == 8 * MIB
+    assert upload_part_size(S3Config(bucket="b-1", part_size_mib=8), sparse) == 8 * MIB
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    settings["policies"] = {"package_max_bytes": 10**12}
+    settings["sites"][1]["locations"][1] = {  # type: ignore[index]
+        "name": "lta", "type": "long_term_archive", "storage": "s3", "s3": {"bucket": "b-1"}}
+    load_config(write_default_config(tmp_path / "config", overrides=settings))  # accepted
 
 
 def test_an_endpoint_that_refuses_connections_is_a_transient_fault(
