@@ -48,6 +48,10 @@ def bench_s3(settings: Settings, result: SectionResult, log: Callable[[str], Non
         bucket = server.new_bucket()
         s3 = S3Config(endpoint_url=server.url, bucket=bucket, prefix="bench")
         transport = S3Transport(Stores({s3.url: ("bench/lta", s3)}))
+        # the defaults until issue 17's measurement (64 MiB parts, 8 in flight), for comparison
+        s3_old = S3Config(endpoint_url=server.url, bucket=bucket, prefix="bench-old",
+                          part_size_mib=64, max_concurrency=8)
+        transport_old = S3Transport(Stores({s3_old.url: ("bench/lta-old", s3_old)}))
         client = server.client()
         ours_key, tool_key = "ours.tar", "tool.tar"
 
@@ -55,6 +59,11 @@ def bench_s3(settings: Settings, result: SectionResult, log: Callable[[str], Non
             return {"ours": timed(lambda: transport.copy(
                 Endpoint(PurePosixPath(source)), Endpoint(PurePosixPath(ours_key),
                                                           store=s3.url), expected))}
+
+        def ours_old() -> dict[str, float]:
+            return {"ours, 64 MiB x 8": timed(lambda: transport_old.copy(
+                Endpoint(PurePosixPath(source)), Endpoint(PurePosixPath(ours_key),
+                                                          store=s3_old.url), expected))}
 
         def tool() -> dict[str, float]:
             def download_and_hash() -> None:
@@ -69,18 +78,23 @@ def bench_s3(settings: Settings, result: SectionResult, log: Callable[[str], Non
                     "download and hash": timed(download_and_hash)}
 
         def prepare() -> None:  # the server holds objects in memory: keep one of each at most
-            for key in (f"bench/{ours_key}", tool_key):
+            for key in (f"bench/{ours_key}", f"bench-old/{ours_key}", tool_key):
                 client.delete_object(Bucket=bucket, Key=key)
             settle()
 
-        stats = interleaved({"ours": ours, "tool": tool}, settings.repeat, prepare=prepare,
-                            log=log)
+        stats = interleaved({"ours": ours, "tool": tool, "ours-old": ours_old},
+                            settings.repeat, prepare=prepare, log=log)
 
     result.comparisons.append(Comparison(
         "s3", f"archive {settings.s3_mib} MiB to S3: S3Transport.copy vs boto3 upload_file, "
         "then download and hash", stats["ours"], summed(stats, "upload_file",
                                                         "download and hash"),
         goal=0.9, ours_label="S3Transport.copy", tool_label="upload_file; get + xxh3"))
+    result.comparisons.append(Comparison(
+        "s3", "the same with the defaults before issue 17's measurement (64 MiB parts, 8 in "
+        "flight)", stats["ours, 64 MiB x 8"], summed(stats, "upload_file", "download and hash"),
+        goal=None, ours_label="S3Transport.copy, 64 MiB x 8",
+        tool_label="upload_file; get + xxh3"))
     result.facts["size"] = f"{settings.s3_mib} MiB, source in the page cache"
     result.facts["server"] = "moto_server (Python, objects in memory) on 127.0.0.1, same machine"
     result.facts["ours"] = (f"{s3.part_size_mib} MiB parts, {s3.max_concurrency} in flight "
