@@ -165,6 +165,10 @@ def bench_remote(settings: Settings, result: SectionResult, log: Callable[[str],
             return {"ours": seconds, "ours: ssh verify+sync+mv+sync": verify,
                     "ours: rsync and the rest": seconds - verify}
 
+        def ours_no_flush() -> dict[str, float]:  # as before ee7427b: all flushed after rsync
+            with mock.patch.object(rsync_module, "_flusher_sh", lambda files: ""):
+                return {"ours, no flush while rsync runs": copy(transport)}
+
         def ours_cold() -> dict[str, float]:
             _close_master(cold, host)  # untimed
             return {"ours, first to the host": copy(transport_cold)}
@@ -186,7 +190,8 @@ def bench_remote(settings: Settings, result: SectionResult, log: Callable[[str],
 
         try:
             stats = interleaved({"ours": ours, "tool": tool, "ours-cold": ours_cold,
-                                 "ours-unshared": ours_unshared, "tool-cm": tool_cm},
+                                 "ours-unshared": ours_unshared, "tool-cm": tool_cm,
+                                 "ours-no-flush": ours_no_flush},
                                 settings.repeat, prepare=fresh(ours_dst, tool_dst), log=log)
             handshake = Stats([run_tool([*plain.ssh_command(), "--", host, "true"])
                                for _ in range(max(settings.repeat, 5))])
@@ -223,6 +228,10 @@ def bench_remote(settings: Settings, result: SectionResult, log: Callable[[str],
                    "RsyncTransport.copy vs `rsync -e ssh; ssh HOST sync FILE`",
                    stats["ours, first to the host"], durable, None, "RsyncTransport.copy",
                    "rsync -e ssh; ssh sync"),
+        Comparison("remote", "durable, the landing file not synced while rsync runs (before "
+                   "issue 17's flusher): RsyncTransport.copy vs `rsync -e ssh; ssh HOST sync "
+                   "FILE`", stats["ours, no flush while rsync runs"], durable, None,
+                   "RsyncTransport.copy, no flusher", "rsync -e ssh; ssh sync"),
         Comparison("remote", "durable, connection sharing off (ssh.control_persist_s: 0): "
                    "RsyncTransport.copy vs `rsync -e ssh; ssh HOST sync FILE`",
                    stats["ours, sharing off"], durable, None, "RsyncTransport.copy",
