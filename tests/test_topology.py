@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ccat_dt.config import Config
+from ccat_dt.config import Config, load_config
 from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.topology import TopologyDrift, check_topology
 from tests.helpers import run_cli
 from tests.test_retention import FILES, archived, copies, make_package
 
@@ -102,3 +103,41 @@ def test_a_location_moved_in_the_configuration_is_used_once_migrate_recorded_it(
 
     assert sources_on_disk(config) == []  # deleted, the LTA copy re-checked at its new place
     assert [path.name for path in new.rglob("*.tar")] != []
+
+
+def test_the_check_every_tick_and_run_makes_agrees_with_the_full_comparison(
+        config: Config, opsdb: OpsDB) -> None:
+    """check_topology answers from one plain query when OpsDB records exactly the configured
+    locations, and compares in full otherwise: a site without copies dropped still passes (no
+    copy there to misplace); a location recorded elsewhere (its host) or not yet recorded is
+    refused, as before."""
+    check_topology(opsdb, load_config(config.path))  # as `ccat-dt init` recorded it
+    original = config.path.read_text()
+
+    edited(config, {"us": None})  # no copies there (none made)
+    check_topology(opsdb, load_config(config.path))
+    config.path.write_text(original)
+
+    cologne = site_entry(config, "cologne")
+    lta = next(loc for loc in cologne["locations"]  # type: ignore[attr-defined]
+               if loc["name"] == "lta")
+    lta["host"], lta["root"] = "cologne-archive", str(config.resolve_root("sites/cologne/lta"))
+    edited(config, {"cologne": cologne})
+    settings = yaml.safe_load(config.path.read_text())
+    for route in settings["routes"]:  # a remote location is reached by rsync, not `local`
+        if "cologne" in (route["origin"], route["destination"]):
+            route["transport"] = "rsync"
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    with pytest.raises(TopologyDrift, match="location cologne/lta is at cologne-archive:"):
+        check_topology(opsdb, load_config(config.path))
+    config.path.write_text(original)
+
+    cologne = site_entry(config, "cologne")
+    cologne["locations"].append(  # type: ignore[attr-defined]
+        {"name": "lta2", "type": "long_term_archive", "root": "sites/cologne/lta2"})
+    edited(config, {"cologne": cologne})
+    with pytest.raises(TopologyDrift, match="location cologne/lta2 is in the configuration, "
+                                            "not yet in OpsDB"):
+        check_topology(opsdb, load_config(config.path))
+    config.path.write_text(original)
+    check_topology(opsdb, load_config(config.path))
