@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import DagsterEventType, DagsterInstance, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, RunsFilter, job, op
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from ccat_assets.cli import main
 from ccat_assets.definitions import build_definitions
@@ -195,3 +197,43 @@ def test_a_dagster_yaml_dagster_refuses_is_named_with_what_to_fix(
     assert exited.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert str(instance_file) in line and "keep one or the other" in line
+
+
+def test_the_embedded_storage_looks_at_its_schema_once_not_at_every_call(
+        instance: DagsterInstance) -> None:
+    """Dagster's SQL storages reflected their tables' columns (PRAGMA table_info), listed the
+    tables or queried the migration marks before nearly every run lookup, run created, event
+    stored and sensor state read: ~3 % of a drive's CPU. What they find stays, in this process;
+    what is written and read back is the same."""
+    @op
+    def noop() -> None:
+        pass
+
+    @job
+    def tiny() -> None:
+        noop()
+
+    looks: list[str] = []
+
+    def seen(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
+        text = " ".join(statement.split()).lower()
+        if "table_info" in text or "sqlite_master" in text or "secondary_indexes" in text:
+            looks.append(text)
+
+    made = [instance.create_run_for_job(tiny) for _ in range(2)]  # the storages' first looks
+    instance.report_engine_event("first", made[0])
+    instance.all_instigator_state()
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        made += [instance.create_run_for_job(tiny) for _ in range(5)]
+        for run in made:
+            instance.report_engine_event(f"hello {run.run_id}", run)
+            assert instance.get_run_by_id(run.run_id) is not None
+            instance.all_instigator_state()
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    assert looks == []
+    for run in made:  # each run and its event stored, in the instance's files
+        assert [log.message for log in instance.all_logs(run.run_id)
+                if log.message.startswith("hello")] == [f"hello {run.run_id}"]
+    assert len(instance.get_runs()) == 7
