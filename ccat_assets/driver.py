@@ -96,7 +96,7 @@ from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness, process_liv
 from ccat_assets.routing import partition_of, reroute, stages_of, tag_run
 from ccat_assets.runlog import CANCELED as BY_AN_OPERATOR
 from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
-from ccat_assets.runpool import Finished, Queued, RunPool, run_limits
+from ccat_assets.runpool import DRIVE_STOPPED, Finished, Queued, RunPool, run_limits
 from ccat_assets.stages import ASSET_STAGE
 from ccat_assets.tags import DAEMON_PROCESS_KEY, DRIVE_TAG, LINK_TAG, NEXT_AT
 from ccat_dt.config import Config
@@ -404,12 +404,16 @@ class _Signals:
             self.pipe = None
 
     def check(self) -> None:
+        if self.came():
+            raise KeyboardInterrupt
+
+    def came(self) -> bool:
+        """Whether SIGINT or SIGTERM came (kept: `check` raises it)."""
         if self.pipe is not None and not self.received:
             with contextlib.suppress(BlockingIOError):
                 while numbers := os.read(self.pipe[0], 512):
                     self.received |= bool({signal.SIGINT, signal.SIGTERM} & set(numbers))
-        if self.received:
-            raise KeyboardInterrupt
+        return self.received
 
     def unraisable(self, unraisable: Any) -> None:
         if not isinstance(unraisable.exc_value, KeyboardInterrupt):
@@ -424,7 +428,7 @@ def _terminating(pool: RunPool | None, log: Callable[[str], None],
                  report: DriveReport) -> Iterator[DriveReport]:
     """Within: SIGTERM and SIGINT interrupt the drive as Ctrl-C does (KeyboardInterrupt,
     Dagster's own convention); either way its children are stopped and their runs marked
-    failed before the drive lock is released.
+    CANCELED, an operator's cancel (RunPool.terminate), before the drive lock is released.
 
     Both, because Dagster points SIGTERM at SIGINT's handler each time it leaves a block of
     user code: a drive started with SIGINT ignored (a `&` job of a script, cron) otherwise
@@ -850,17 +854,29 @@ class _Runs:
     def wait(self, timeout: float | None) -> None:
         """Until a run ended (or `timeout`); each run that ended is reported."""
         assert self.pool is not None
-        for done in self.pool.wait(timeout):
+        finished = self.pool.wait(timeout)
+        if _SIGNALLED.came():  # the drive stopped: its children, which the terminal's Ctrl-C
+            # reached as well, may have ended their runs for it before the drive saw it; told
+            # (CANCELED: an operator's doing) by the pool's `terminate`, with the others
+            self.pool.unreported[:0] = finished
+            raise KeyboardInterrupt
+        for done in finished:
             _finished(self.report, self.log, done)
-        _SIGNALLED.check()
 
     def _execute_here(self, key: str, job: IJob, run: DagsterRun) -> None:
         """One run at a time, in this process (no pool)."""
         ok = execute_run(job, run, self.instance).success
         now = self.instance.get_run_by_id(run.run_id)
+        stopped = _SIGNALLED.came()
+        if now is not None and now.status == DagsterRunStatus.FAILURE and stopped:
+            # Dagster took the drive's Ctrl-C (SIGTERM) as the run's and failed it: an
+            # operator stopped it, as RunPool.terminate tells the runs of a pool's children
+            self.instance.report_run_canceled(now, message=DRIVE_STOPPED)
+            now = self.instance.get_run_by_id(run.run_id)
         _finished(self.report, self.log, Finished(
             key, ok, run.run_id,
-            terminated=now is not None and now.status == DagsterRunStatus.CANCELED))
+            terminated=now is not None and now.status == DagsterRunStatus.CANCELED,
+            stopped=stopped))
         _SIGNALLED.check()  # Dagster took a Ctrl-C as the run's, and returned
 
     def request(self, run: RunRequest, origin: str, default_job: str | None) -> None:
@@ -949,7 +965,12 @@ def _finished(report: DriveReport, log: Callable[[str], None], done: Finished) -
         # of the system); the work still due is re-attempted after the back-off
         report.canceled.append(done.key)
         report.canceled_ids.append(done.run_id)
-        if done.canceled:  # before it started: nothing was done
+        if done.stopped:  # the drive stopped (Ctrl-C, SIGTERM): as an operator's cancel
+            log(f"CANCELED {done.key} (run {done.run_id}): the drive was stopped (Ctrl-C, "
+                "SIGTERM) " + ("before it started; not executed" if done.canceled else
+                               "while it ran; interrupted") + "; no failed attempt: the "
+                "next drive does its work after the back-off")
+        elif done.canceled:  # before it started: nothing was done
             log(f"CANCELED {done.key} (run {done.run_id}): terminated in the Dagster UI (or "
                 "its backfill canceled) before it started; not executed; work still due is "
                 "re-attempted after the back-off")

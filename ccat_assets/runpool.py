@@ -39,6 +39,7 @@ from dagster._utils.interrupts import capture_interrupts
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
 from ccat_assets.inflight import IN_FLIGHT, record_worker
+from ccat_assets.interrupts import INTERRUPTED, INTERRUPTS
 
 TERMINATE_GRACE_S = 10.0  # after SIGTERM, a child is given this long before SIGKILL
 RESIGNAL_S = 0.5  # SIGTERM again this often meanwhile (see RunPool.terminate)
@@ -47,6 +48,9 @@ CANCEL_POLL_S = 1.0  # while waiting, runs terminated by an operator are looked 
 # (which only marks it: its process would go on, the work no longer counted as in flight).
 TERMINATED = [DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED]
 STOPPING = {signal.SIGINT, signal.SIGTERM}  # what interrupts a run (and the drive)
+DRIVE_STOPPED = ("the drive executing it was stopped (Ctrl-C, SIGTERM): canceled by an "
+                 "operator, no failed attempt; the next drive does its work")
+DRIVE_STOPPED_QUEUED = "the drive was stopped (Ctrl-C, SIGTERM) before the run started"
 
 
 def run_limits(instance: DagsterInstance) -> tuple[int, list[Mapping[str, Any]]]:
@@ -81,6 +85,8 @@ class Finished:
     # not executed
     terminated: bool = False  # ended CANCELED once claimed or started: an operator's
     # Terminate (or Force termination) of a run in flight; not a failure of its work
+    stopped: bool = False  # ended because the drive was stopped (Ctrl-C, SIGTERM): canceled
+    # or terminated for that, not in the UI
 
 
 @dataclass(frozen=True)
@@ -106,10 +112,12 @@ class RunPool:
         self.dropped: list[Finished] = []  # queued runs not executed (drop_stopped), not yet
         # reported
         self.started: set[str] = set()  # children's runs seen started (_terminated)
+        self.unreported: list[Finished] = []  # children reaped, not yet returned (by `wait`,
+        # or by `terminate`: an interrupt that came meanwhile loses none)
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.children or self.dropped)
+        return bool(self.queue or self.children or self.dropped or self.unreported)
 
     def submit(self, queued: Queued) -> None:
         self.queue.append(queued)
@@ -132,7 +140,7 @@ class RunPool:
             if self.dropped:
                 break
         self._start_ready()
-        finished, self.dropped = finished + self.dropped, []
+        finished, self.unreported, self.dropped = self.unreported + self.dropped, [], []
         return finished
 
     def cancel_terminated(self) -> list[str]:
@@ -209,28 +217,66 @@ class RunPool:
                 self.dropped.append(why)
 
     def terminate(self) -> list[Finished]:
-        """SIGTERM every child (SIGKILL after TERMINATE_GRACE_S) and wait for them; runs still
-        queued are marked failed (never started), but for those adopted from Dagster's queue:
-        left QUEUED, never this drive's, for the next drive or the daemon.
+        """SIGTERM every child (SIGKILL after TERMINATE_GRACE_S) and wait for them, their runs
+        first marked as an operator's cancel (`_mark_stopped`); runs still queued are marked
+        CANCELED (never started), but for those adopted from Dagster's queue: left QUEUED,
+        never this drive's, for the next drive or the daemon.
 
         SIGTERM again every RESIGNAL_S, a safeguard: one interrupt ends the run, its step not
         retried (ccat_assets/interrupts.py; before, Dagster's retry policy re-ran the step a
         few seconds later unless another signal came first). Not SIGKILL at once: it would
         leave the step's rsync or bbcp running, in its own process group."""
         deadline = time.monotonic() + TERMINATE_GRACE_S
-        finished: list[Finished] = []
+        for child in self.children.values():  # an operator's cancel, before the signal
+            self._mark_stopped(child.queued.run)
         while self.children:
             left = deadline - time.monotonic()
             for child in self.children.values():
                 with suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGTERM if left > 0 else signal.SIGKILL)
-            finished += self._reap(min(max(left, 0.1), RESIGNAL_S))
+            self._reap(min(max(left, 0.1), RESIGNAL_S))
+        finished = [self._canceled_if_interrupted(done) for done in self.unreported]
+        self.unreported = []
         while self.queue:
             queued = self.queue.popleft()
             if not queued.adopted:
-                self._fail(queued.run, "the drive was stopped before the run started")
-                finished.append(Finished(queued.key, ok=False, run_id=queued.run.run_id))
-        return finished
+                with suppress(Exception):  # the run storage busy: left QUEUED, for the next
+                    run = self.instance.get_run_by_id(queued.run.run_id)  # drive
+                    if run is not None and run.status == DagsterRunStatus.QUEUED:
+                        self.instance.report_run_canceled(run, message=DRIVE_STOPPED_QUEUED)
+                finished.append(Finished(queued.key, ok=False, run_id=queued.run.run_id,
+                                         canceled=True, stopped=True))
+        return [replace(done, stopped=True) for done in finished]
+
+    def _canceled_if_interrupted(self, done: Finished) -> Finished:
+        """A run that ended FAILURE as the drive was stopped, for the interrupt (the terminal's
+        Ctrl-C reaches the drive's children with the drive, as it is their process group:
+        one may fail its run before the drive marks it), marked CANCELED as the others."""
+        if done.ok or done.terminated or done.deleted or not done.run_id:
+            return done
+        with suppress(Exception):  # the run storage busy: it stays FAILURE, as before
+            run = self.instance.get_run_by_id(done.run_id)
+            if run is not None and run.status == DagsterRunStatus.FAILURE and any(
+                    _interrupt(record.event_log_entry.dagster_event)
+                    for record in self.instance.get_records_for_run(
+                        run.run_id, of_type={DagsterEventType.STEP_FAILURE,
+                                             DagsterEventType.RUN_FAILURE}).records):
+                self.instance.report_run_canceled(run, message=DRIVE_STOPPED)
+                return replace(done, terminated=True)
+        return done
+
+    def _mark_stopped(self, run: DagsterRun) -> None:
+        """The run of a child about to be interrupted because the drive was stopped (Ctrl-C,
+        SIGTERM: an operator's doing) marked CANCELING, as the UI's Terminate marks it: the
+        interrupted run then ends CANCELED, not FAILURE (Dagster's verdict for a run being
+        terminated; `_outcome` for one interrupted before its start was written), so it is no
+        failed attempt of its work (ccat_dt/reattempt.py: never escalated, a person never
+        told for it), and the next drive asks for its work again after the back-off. Before,
+        each was marked failed, a failed attempt that led to an escalation."""
+        with suppress(Exception):  # the run storage busy: the run ends FAILURE, as before
+            now = self.instance.get_run_by_id(run.run_id)
+            if now is not None and now.status in IN_FLIGHT:
+                self.instance.report_run_canceling(now, message=DRIVE_STOPPED)
 
     def _start_ready(self) -> None:
         """Start the queued runs the limits allow, in order. A run the limits would start is
@@ -342,6 +388,7 @@ class RunPool:
             os.close(fd)
             _, status = os.waitpid(child.pid, 0)
             finished.append(self._outcome(child, os.waitstatus_to_exitcode(status)))
+            self.unreported.append(finished[-1])
         return finished
 
     def _outcome(self, child: _Child, code: int) -> Finished:
@@ -373,6 +420,19 @@ class RunPool:
 
     def _fail(self, run: DagsterRun, why: str) -> None:
         self.instance.report_run_failed(run, message=why)
+
+
+def _interrupt(event: Any) -> bool:
+    """Whether a step's (or run's) failure event is an interrupt's (interrupts.py)."""
+    if event is None:
+        return False
+    data = event.event_specific_data
+    error = getattr(data, "error", None)
+    while error is not None:
+        if error.cls_name in INTERRUPTS or INTERRUPTED in (error.message or ""):
+            return True
+        error = error.cause
+    return False
 
 
 def _terminated_before_start(instance: DagsterInstance, run: DagsterRun) -> bool:

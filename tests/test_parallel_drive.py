@@ -19,6 +19,7 @@ import pytest
 from dagster import (
     AssetKey,
     BetaWarning,
+    DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
     Definitions,
@@ -32,7 +33,6 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import _Runs, drive
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.instance import write_instance_yaml
-from ccat_assets.runlog import run_failure
 from ccat_assets.runpool import run_limits
 from ccat_assets.tags import LINK_TAG
 from ccat_dt import tarball
@@ -46,6 +46,7 @@ from ccat_dt.opsdb.models import (
     OperationType,
     PackageState,
     RawDataPackage,
+    Reattempt,
     Site,
 )
 from ccat_dt.storage import files_under
@@ -396,7 +397,14 @@ def test_a_child_killed_mid_run_is_failed_and_finished_by_the_next_drive(
 
 
 def test_sigterm_to_the_drive_stops_its_runs_and_leaves_none_in_flight(tmp_path: Path) -> None:
-    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2})
+    """SIGTERM to a drive whose packaging runs are in flight: the runs are stopped as an
+    operator's cancel (CANCELED, no failed attempt), none left in flight, and the next drive
+    does their work. With a re-attempt horizon so short that a single failed attempt
+    escalates (no automatic attempt any more, a person told), a run counted as failed would
+    leave its package unbuilt: before, each was marked failed and the next drive escalated
+    them instead of packaging."""
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2,
+                                                       "retry_horizon_hours": 1e-6})
     opsdb = OpsDB(config.opsdb_url)
     observe(config, opsdb, observations=1)
     home = write_instance_yaml(config, tmp_path / "dagster_home").parent
@@ -417,25 +425,37 @@ def test_sigterm_to_the_drive_stops_its_runs_and_leaves_none_in_flight(tmp_path:
             process.kill()
     # SIGTERM interrupts a drive as Ctrl-C does (KeyboardInterrupt; the CLI exits 130)
     assert stopped.returncode == -signal.SIGINT, stopped.stderr[-3000:]
-    # the held runs, stopped and reported, though Dagster re-attempts an interrupted step
-    # that has a retry policy (and the step would hold again)
-    assert "FAILED package:" in stopped.stdout, stopped.stderr[-3000:]
+    # the held runs, stopped and reported as canceled, though Dagster re-attempts an
+    # interrupted step that has a retry policy (and the step would hold again)
+    assert "CANCELED package:" in stopped.stdout, stopped.stdout[-3000:]
+    assert "the drive was stopped" in stopped.stdout, stopped.stdout[-3000:]
+    assert "FAILED package:" not in stopped.stdout, stopped.stdout[-3000:]
     with pytest.raises(ProcessLookupError):  # the drive reaped it before it exited
         os.kill(run_child, 0)
     with DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_runs(RunsFilter(statuses=IN_FLIGHT)) == []
-        assert instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
-        failures = [run_failure(instance, run.run_id) for run in instance.get_runs(RunsFilter(
-            statuses=[DagsterRunStatus.FAILURE]))]
+        assert instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE])) == []
+        canceled = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.CANCELED]))
+        assert canceled
         # interrupted (the step stopped, not retried), not SIGKILLed at the end of the grace
         # period (which would leave a step's rsync or bbcp running, in its own process group)
-        assert failures and all(text.startswith("interrupted") for text in failures), failures
+        started = [run for run in canceled
+                   if instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)]
+        assert started
+        assert all(any("interrupted" in str(record.dagster_event.step_failure_data.error)
+                       for record in instance.all_logs(
+                           run.run_id, of_type=DagsterEventType.STEP_FAILURE)
+                       if record.dagster_event is not None)
+                   for run in started), [run.run_id for run in started]
 
         report = drive(build_definitions(config), instance, wait_s=10)
 
-        assert report.failed == [] and report.dead_runs == []
-    archived_everywhere(config, opsdb)
+        assert report.failed == [] and report.dead_runs == [], report
+    with opsdb.session() as session:
+        assert session.scalars(select(Reattempt)).all() == []  # nobody told, nothing left
+    archived_everywhere(config, opsdb)  # each package's tar in every archive, on the disk
     assert_safe(config, opsdb)
+    assert [p for p in (tmp_path / "deploy").rglob("*") if p.name.endswith(".part")] == []
     opsdb.dispose()
 
 
