@@ -148,6 +148,11 @@ def _host(operation: Operation) -> str:
     return (operation.owner_host or "an unknown host").split()[0]
 
 
+def process_running(pid: int) -> bool:
+    """Whether process `pid` of this host (and pid namespace) runs (a zombie does not)."""
+    return _running(pid)
+
+
 def _running(pid: int) -> bool:
     if os.path.isdir("/proc/self"):
         try:

@@ -51,13 +51,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ccat_dt.claims import process_running, this_host
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
 from ccat_dt.health import (
     archive_disks_failing,
@@ -74,6 +76,7 @@ from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
     FilingDeadLetter,
+    Lease,
     LocationType,
     Notification,
     Operation,
@@ -790,7 +793,67 @@ def _changed_sources(session: Session) -> list[Problem]:
 # runs waits for the tick.
 TICK_BUDGET_S = 30.0
 
+# The sending is claimed (a Lease row) for this long past each message started, by the
+# claimer's clock: one tick's budget and a margin for the message in flight. A process killed
+# while it holds it holds it no longer than that.
+SEND_LEASE = "notifications"
+SEND_LEASE_S = TICK_BUDGET_S + 60.0
+
 _Update = tuple["_Row | None", "Problem | None", str, str, "str | None"]
+
+
+def claim_lease(opsdb: OpsDB, name: str, holder: str, seconds: float) -> bool:
+    """Whether `holder` now holds lease `name` for `seconds` more: a conditional UPDATE that
+    takes it only if it is free, run out or already the holder's (renewed), or the row's
+    INSERT for a lease never taken (another process inserting it at the same moment: False).
+    One process at a time holds it, on SQLite and PostgreSQL alike (the UPDATE's row lock, or
+    SQLite's write lock, orders two at once; the second sees the first's holder). A holder
+    whose process is gone from this host is taken over at once (_gone); one on another host
+    when its lease runs out, by this host's clock."""
+    now = datetime.now(UTC)  # wall clocks, not a tick's (possibly given) `now`
+    until = now + timedelta(seconds=seconds)
+    try:
+        with opsdb.session() as session:
+            if session.execute(update(Lease).where(
+                    Lease.name == name,
+                    or_(Lease.holder == holder, Lease.until.is_(None), Lease.until < now))
+                    .values(holder=holder, until=until)).rowcount:  # type: ignore[attr-defined]
+                return True
+            if (row := session.get(Lease, name)) is not None:
+                # its holder's process gone from this host (killed mid-tick): taken over at
+                # once, not when the lease runs out; unless another took it meanwhile
+                return _gone(row.holder) and bool(session.execute(update(Lease).where(
+                    Lease.name == name, Lease.holder == row.holder)
+                    .values(holder=holder, until=until)).rowcount)  # type: ignore[attr-defined]
+            session.add(Lease(name=name, holder=holder, until=until))
+    except IntegrityError:
+        return False
+    return True
+
+
+def lease_holder() -> str:
+    """A new holder's name: this host (and pid namespace), this process, and a nonce (two
+    calls in one process are two holders)."""
+    return f"{this_host()}|{os.getpid()}|{os.urandom(6).hex()}"
+
+
+def _gone(holder: str) -> bool:
+    """Whether the process that holds a lease (lease_holder) provably runs no more: on this
+    host and in this pid namespace, another process than this one, not running."""
+    host, _, rest = holder.partition("|")
+    pid = rest.partition("|")[0]
+    return (host == this_host() and pid.isdigit() and int(pid) != os.getpid()
+            and not process_running(int(pid)))
+
+
+def release_lease(opsdb: OpsDB, name: str, holder: str) -> None:
+    """Lease `name` free again, if `holder` still holds it (best effort: it runs out)."""
+    try:
+        with opsdb.session() as session:
+            session.execute(update(Lease).where(Lease.name == name, Lease.holder == holder)
+                            .values(until=None))
+    except Exception as exc:  # noqa: BLE001 - it runs out by itself
+        LOG.warning("cannot release the %s lease: %s", name, exc)
 
 
 @dataclass
@@ -799,6 +862,7 @@ class Delivery:
     failed: list[str] = field(default_factory=list)
     deferred: list[str] = field(default_factory=list)  # past the tick's budget: next tick
     held: list[str] = field(default_factory=list)  # over a channel that refused for good
+    busy: str = ""  # another process sends now (holds the lease): nothing done here
 
 
 def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Channel],
@@ -813,11 +877,41 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
     can be. Failures and the rest are written in one transaction at the end. Messages not
     started within TICK_BUDGET_S of the tick's start are left for the next tick. A channel
     held (refused for good with its settings unchanged, tried less than `remind_after` ago)
-    is not tried: its messages are recorded as waiting, with why."""
+    is not tried: its messages are recorded as waiting, with why.
+
+    One process at a time sends (the SEND_LEASE, claimed before OpsDB is read and renewed
+    before each message): two ticks at once (the daemon's and the UI's "Test sensor", a
+    drive's) never send one notice twice; the second does nothing (`busy`), and what is
+    still due after the first is sent at the next tick. Before, both read the same rows and
+    both sent every message due."""
     delivery = Delivery()
     if not targets:
         return delivery
+    holder = lease_holder()
+    try:
+        claimed = claim_lease(opsdb, SEND_LEASE, holder, SEND_LEASE_S)
+    except Exception as exc:  # noqa: BLE001 - OpsDB unreachable: nothing sent, next tick
+        log(f"notifications not sent (tried again next tick): {exc}")
+        delivery.busy = f"OpsDB: {exc}"
+        return delivery
+    if not claimed:
+        delivery.busy = "another process is sending the notifications (tried again next tick)"
+        return delivery
+    try:
+        _reconcile(opsdb, problems, targets, now, delivery, holder, remind_after=remind_after,
+                   prefix=prefix, log=log)
+    finally:
+        release_lease(opsdb, SEND_LEASE, holder)
+    return delivery
+
+
+def _reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Channel],
+               now: datetime, delivery: Delivery, holder: str, *, remind_after: timedelta,
+               prefix: str, log: Callable[[str], None]) -> None:
+    """reconcile's work, the lease held (renewed before each message: one lost, to another
+    process after this one stalled past it, sends nothing more)."""
     deadline = time.monotonic() + TICK_BUDGET_S
+    lost = False
     with opsdb.session() as session:
         open_rows = {(r.problem_key, r.channel): _Row.of(r) for r in session.scalars(
             select(Notification).where(Notification.closed.is_(False)))}
@@ -851,9 +945,13 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
 
     def tell(channel: Channel, row: _Row | None, told: Problem | None, what: str,
              subject: str, body: str, line: str) -> None:
-        if channel.name not in held and time.monotonic() >= deadline:
-            delivery.deferred.append(line)  # nothing recorded: still due at the next tick
-            return
+        nonlocal lost
+        if channel.name not in held:
+            if not lost and time.monotonic() < deadline:
+                lost = not _renewed(opsdb, holder, log)
+            if lost or time.monotonic() >= deadline:
+                delivery.deferred.append(line)  # nothing recorded: still due next tick
+                return
         error = deliver(channel, subject, body)
         if error is None:
             _record(opsdb, [(row, told, channel.name, what, None)], now)  # never sent twice
@@ -897,7 +995,18 @@ def reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chann
 
     _record(opsdb, updates, now)
     _settle(opsdb, targets, before, refused, complete, now, log)
-    return delivery
+
+
+def _renewed(opsdb: OpsDB, holder: str, log: Callable[[str], None]) -> bool:
+    """Whether this process still holds the sending, renewed for SEND_LEASE_S."""
+    try:
+        if claim_lease(opsdb, SEND_LEASE, holder, SEND_LEASE_S):
+            return True
+        log("notifications: the sending was taken over by another process (this one stalled "
+            "past its lease); the rest is left to it")
+    except Exception as exc:  # noqa: BLE001 - OpsDB failing: sent at the next tick
+        log(f"notifications: cannot renew the sending's lease ({exc}); the rest next tick")
+    return False
 
 
 def _settle(opsdb: OpsDB, targets: Sequence[Channel],

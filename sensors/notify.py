@@ -37,6 +37,9 @@ def notification_sensor(context: SensorEvaluationContext,
     delivery = reconcile(deployment.opsdb, problems, targets, now,
                          remind_after=timedelta(hours=settings.remind_after_hours),
                          prefix=settings.subject_prefix, log=context.log.warning)
+    if delivery.busy:  # another tick sends now (the daemon's, "Test sensor"'s, a drive's)
+        return SkipReason(f"{len(problems)} open problem(s); nothing sent here: "
+                          f"{delivery.busy}")
     for line in delivery.sent:
         context.log.info(f"notified: {line}")
     later = (f", {len(delivery.deferred)} left for the next tick (this one's time was up)"

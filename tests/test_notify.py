@@ -785,3 +785,59 @@ def test_a_webhook_that_redirects_is_held_not_followed(
     assert where in _status(opsdb, config, capsys)
     assert any(where in s for s in smtp_server.subjects)
     opsdb.dispose()
+
+
+AT_ONCE = """
+import sys, time
+from datetime import datetime, timedelta
+from ccat_dt.config import load_config
+from ccat_dt.notify import Problem, channels, reconcile
+from ccat_dt.opsdb.database import OpsDB
+config = load_config(sys.argv[1])
+problems = [Problem(f"quarantined:pkg-{i}", "quarantined", f"package pkg-{i} quarantined",
+                    "restore the file") for i in range(6)]
+opsdb = OpsDB(config.opsdb_url)
+with opsdb.session() as session:  # connected and warm before the start
+    pass
+while time.time() < float(sys.argv[3]):  # both start their tick at the same moment
+    time.sleep(0.001)
+delivery = reconcile(opsdb, problems, channels(config), datetime.fromisoformat(sys.argv[2]),
+                     remind_after=timedelta(hours=1))
+print(len(delivery.sent), repr(delivery.busy))
+"""
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_ticks_at_once_send_each_notice_once(tmp_path: Path, database: str,
+                                                 request: pytest.FixtureRequest) -> None:
+    """The daemon's tick of the notification sensor and the UI's "Test sensor" on it (or a
+    drive's tick) at the same moment, two processes, on SQLite and PostgreSQL: the mail
+    server receives each notice once. Before, both read the same open rows and both sent
+    every notice due (12 messages for 6 problems)."""
+    url = {"opsdb_url": request.getfixturevalue("postgres_url")} if database == "postgresql" \
+        else {}
+    now = utcnow()
+    with mail_server(delay_s=0.2) as box:
+        config = deployment(tmp_path / "deploy", notifications={
+            "smtp": {"host": "127.0.0.1", "port": box.port, "from": "ccat-dt@example.org",
+                     "to": ["ops@example.org"], "timeout_s": 5}}, **url)
+        start = time.time() + 3
+        ticks = [subprocess.Popen([sys.executable, "-c", AT_ONCE, str(config.path),
+                                   now.isoformat(), str(start)],
+                                  env={**os.environ, "PYTHONPATH": str(REPO)},
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = [tick.communicate(timeout=120)[0] for tick in ticks]
+        assert all(tick.returncode == 0 for tick in ticks), outputs
+        sent = sorted(int(out.split()[0]) for out in outputs)
+        assert sent == [0, 6], outputs  # one sent them all, the other none
+        assert "another process" in "".join(outputs), outputs
+
+        opsdb = OpsDB(config.opsdb_url)
+        later = reconcile(opsdb, SIX, channels(config), now + timedelta(minutes=1),
+                          remind_after=timedelta(hours=1))  # the next tick: nothing more
+    assert later.sent == [] and later.busy == "", later
+    assert Counter(box.subjects) == Counter(f"[ccat-dt] {p.subject}" for p in SIX), box.subjects
+    with opsdb.session() as session:
+        rows = session.scalars(select(Notification)).all()
+        assert len(rows) == len(SIX) and all(r.sends == 1 for r in rows)
+    opsdb.dispose()

@@ -509,3 +509,16 @@ class UndeliverableChannel(Base):
     held: Mapped[bool] = mapped_column()
     since: Mapped[datetime] = mapped_column()  # first refused for this reason and settings
     tried_at: Mapped[datetime] = mapped_column()
+
+
+class Lease(Base):
+    """Work one process at a time does across processes and hosts, claimed by a conditional
+    UPDATE (the row's `holder` set only where the lease is free, run out or already the
+    caller's): the notification sensor's sending (notify.reconcile), so that two ticks at
+    once (the daemon's and the UI's "Test sensor", a drive's) never send one notice twice.
+    `until` by the holder's clock, renewed as the work goes on; NULL once released."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    until: Mapped[datetime | None] = mapped_column(nullable=True)
