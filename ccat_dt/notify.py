@@ -637,7 +637,7 @@ def _deletions_denied(config: Config, rows: Sequence[Reattempt]) -> list[Problem
     """Purges that could not reach a copy to delete it: a directory on its way refused to
     ccat-dt's user. The file is kept (neither known gone nor known changed); only a person
     lets that user in again, and the next automatic purge then deletes it. Told at the first
-    refusal; resolved once the purge succeeds (its re-attempt row goes)."""
+    refusal; resolved once the purge succeeds (its re-attempt row unsettled no more)."""
     return [Problem(
         f"deletion_denied:{row.partition}", "deletion_denied",
         f"{Stage(row.stage).label} {row.partition}: a copy to delete cannot be reached "

@@ -248,10 +248,41 @@ def unsettled(session: Session, config: Config) -> list[Reattempt]:
     Materialize, `ccat-dt retry`, the daemon or another drive) is left out at once, not at
     the sensor's next tick, which may never come (a drive's last ticks are the periodic
     sensors', the sensor may be stopped): its notice, its line in `status`, resolve with the
-    work. A purge's row is its own sensor's to judge (its plan, within a budget): kept."""
+    work. A purge's row likewise, while its package still has a copy the purge would delete
+    (at the row's site; any, for a run over every site) or a deletion unfinished or refused
+    (purges_due): a purge done by another path (`ccat-dt purge`, the UI's Materialize, another
+    drive) leaves its deletion_denied or source_refused notice at once, not at the purge
+    sensor's next tick."""
     rows = waiting(session)
     packages = sorted({row.package for row in rows if row.stage != Stage.PURGE})
     due = {(str(item.stage), item.package, item.site)
            for item in retry.stalled_in(session, config, packages=packages)} if packages else set()
+    purges = sorted({row.package for row in rows if row.stage == Stage.PURGE})
+    deleting = purges_due(session, config, purges) if purges else set()
     return [row for row in rows
-            if row.stage == Stage.PURGE or (row.stage, row.package, row.site) in due]
+            if ((row.package, row.site) in deleting if row.stage == Stage.PURGE
+                else (row.stage, row.package, row.site) in due)]
+
+
+def purges_due(session: Session, config: Config, packages: Collection[str],
+               now: datetime | None = None) -> set[tuple[str, str]]:
+    """(package, site) for every site where a package of `packages` has a copy the retention
+    plan deletes (over the purge budget or not: still to do) or a deletion unfinished or
+    refused, and (package, "") for each package with any such copy: the purge work OpsDB still
+    shows to do."""
+    from ccat_dt.opsdb.models import CopyStatus, RawDataPackage, utcnow
+    from ccat_dt.retention import Action, live_copies, plan_deletions
+
+    when = now or utcnow()
+    out: set[tuple[str, str]] = set()
+    for package in session.scalars(select(RawDataPackage).where(
+            RawDataPackage.name.in_(sorted(packages)))):
+        sites = {decision.site for decision in plan_deletions(session, config, package, when)
+                 if decision.action == Action.DELETE}
+        sites |= {copy.location.site.short_name for copy in live_copies(session, package)
+                  if copy.status in (CopyStatus.DELETION_IN_PROGRESS,
+                                     CopyStatus.DELETION_FAILED)}
+        out |= {(package.name, site) for site in sites}
+        if sites:
+            out.add((package.name, ""))
+    return out

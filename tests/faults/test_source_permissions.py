@@ -43,7 +43,7 @@ from ccat_dt.opsdb.models import (
 )
 from ccat_dt.packages import get_package
 from ccat_dt.pending import scrub_due
-from ccat_dt.reattempt import unsettled
+from ccat_dt.reattempt import unsettled, waiting
 from ccat_dt.references import Placement
 from ccat_dt.replicas import Placed, verify
 from ccat_dt.scrub import scrub
@@ -444,6 +444,48 @@ def test_a_refused_replication_done_by_another_path_than_its_re_attempt_is_no_lo
         assert [(row.stage, row.partition) for row in unsettled(session, config)
                 if row.stage != Stage.PURGE] == []
     assert [hash_file(disk.backing / TAR)[0] for disk in disks] == [checksum] * 2
+    opsdb.dispose()
+
+
+def test_a_denied_purge_done_by_another_path_than_its_re_attempt_is_no_longer_told(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        ) -> None:
+    """The purge of Cologne's buffer copy is refused (a directory ccat-dt's user cannot enter)
+    and a person told (deletion_denied); once the directory can be entered, the purge is
+    done by an operator's "Materialize" in the UI, not by the purge sensor, and no sensor
+    ticks since. The notice is resolved and `status` lists no failing purge: the purge's
+    re-attempt row is read against OpsDB, which shows nothing left to delete (before, a purge
+    row was kept as recorded, and its notice stayed, until the purge sensor's next tick)."""
+    config = retention_in_place(load_config(_config(tmp_path).path), KEEP)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "cologne/buffer")
+    observe(config, opsdb)
+    run(config, instance, wait_s=0)  # archived everywhere; the buffers kept for now
+    [package] = package_names(opsdb)
+    kept = disk.backing / TAR
+    refuse(disk, TAR, "directory")
+    config = retention_in_place(config, 0)
+    run(config, instance, wait_s=1)  # the purge's re-attempts due within a second
+    assert kept.is_file()
+    assert [key for key in told(config, opsdb) if key.startswith("deletion_denied:")], \
+        told(config, opsdb)
+
+    grant(disk, TAR, "directory")  # a person lets ccat-dt's user in again, then purges
+    assert by_hand(build_definitions(config), instance, "purge_status", package)
+
+    assert not kept.exists()  # the storage: deleted
+    assert dict(_copies(opsdb))["cologne/buffer"] == CopyStatus.DELETED
+    assert [key for key in told(config, opsdb)
+            if key.startswith(("deletion_denied:", "source_refused:purge"))] == []
+    with opsdb.session() as session:
+        assert [row.partition for row in waiting(session) if row.stage == Stage.PURGE], \
+            "no purge tick since: its row is still recorded"
+        assert [row.partition for row in unsettled(session, config)
+                if row.stage == Stage.PURGE] == []
+    state, _ = _stages(config, opsdb, package)["purge"]
+    assert state != "failed", _stages(config, opsdb, package)
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
     opsdb.dispose()
 
 
