@@ -3,7 +3,9 @@
 Dagster re-executes a step interrupted under a retry policy (a preempted worker, in its view).
 Here an interrupt is an operator's Terminate (the UI's, passed on by `drive` or a sensor) or
 Ctrl-C: the run ends, and its work is asked for again after the back-off (a run an operator
-terminated, CANCELED, is no failed attempt of it: ccat_dt/reattempt.py).
+terminated, CANCELED, is no failed attempt of it: ccat_dt/reattempt.py). An interrupt with no
+Terminate recorded (Ctrl-C in an operator's `dagster asset materialize`, its service stopped)
+marks the run CANCELING first (`_canceling`), so it too ends CANCELED, not FAILURE.
 
 - The step that copies, packs or unpacks fails once (stops_when_interrupted), so the run ends
   CANCELED (Dagster's verdict for a failed step of a run being terminated) without starting
@@ -48,6 +50,8 @@ def stops_when_interrupted(instance: DagsterInstance | None, run_id: str) -> Ite
         if run is not None and run.status == DagsterRunStatus.CANCELED:
             raise  # "Force termination" marked it: a failed step would make it FAILURE;
             # Dagster asks for a retry, and NOT_RETRIED ends the run instead, still CANCELED
+        if instance is not None:
+            _canceling(instance, run_id)
         raise Failure(description=f"{INTERRUPTED}; not retried within the run",
                       allow_retries=False) from exc
 
@@ -63,8 +67,25 @@ def _stop_instead_of_retrying(context: HookContext, event_list: Sequence[Dagster
         return HookExecutionResult(context.hook_def.name, is_skipped=True)
     if any(error is not None and error.cause is not None and error.cause.cls_name in INTERRUPTS
            for error in retries) or _terminated(context.instance, context.run_id):
+        _canceling(context.instance, context.run_id)
         raise DagsterExecutionInterruptedError(f"{INTERRUPTED}; the step is not retried")
     return HookExecutionResult(context.hook_def.name, is_skipped=False)
+
+
+def _canceling(instance: DagsterInstance, run_id: str) -> None:
+    """A run interrupted with no operator's Terminate recorded (Ctrl-C in the terminal of an
+    operator's `dagster asset materialize`, the service running it stopped) marked CANCELING,
+    so that it ends CANCELED as a terminated one does: a person stopped it, no failed attempt
+    of its work (ccat_dt/reattempt.py: never escalated for it). Before, it ended FAILURE, a
+    failed attempt, and past the horizon the work was escalated. Best effort: the run storage
+    failing, it ends FAILURE as before."""
+    try:
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.status not in TERMINATED and not run.is_finished:
+            instance.report_run_canceling(run, message=f"{INTERRUPTED} (Ctrl-C, a signal): "
+                                          "an operator's stop, no failed attempt")
+    except Exception:  # noqa: BLE001 - see above
+        pass
 
 
 def _terminated(instance: DagsterInstance, run_id: str) -> bool:

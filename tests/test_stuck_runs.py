@@ -70,7 +70,7 @@ from ccat_assets.tags import AGAIN_TAG, DRIVE_TAG, LINK_TAG, QUEUE_TAG, RETRY_TA
 from ccat_dt.config import Config
 from ccat_dt.marker import MARKER
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import Operation, OperationStatus, RawDataPackage
+from ccat_dt.opsdb.models import Operation, OperationStatus, RawDataPackage, Reattempt
 from ccat_dt.queues import transfer_queue
 from ccat_dt.stages import Stage
 from sensors.reattempt import outcome as run_outcome
@@ -628,6 +628,37 @@ def test_one_interrupt_of_a_terminated_run_stops_its_step_without_a_retry(
     assert drive(build_definitions(config), instance, wait_s=10).failed == []
     archived_from_the_storage(config, raw)
     assert_safe(config, opsdb)
+
+
+def test_ctrl_c_on_an_operators_dagster_asset_materialize_is_a_cancel_not_a_failed_attempt(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """An operator presses Ctrl-C in the terminal where `dagster asset materialize` packages
+    a package (held half way through its tar): the run ends CANCELED, an operator's cancel,
+    its half-written tar gone, and its work is not escalated (a horizon so short that one
+    failed attempt would be: no automatic attempt any more, a person told). The next drive
+    builds and archives it. Before, the run ended FAILURE, a failed attempt of its work, and
+    the drive escalated it instead."""
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.2,
+                                                       "retry_horizon_hours": 1e-6})
+    opsdb = OpsDB(config.opsdb_url)
+    raw = observed(config, opsdb)
+    package = plan(config, opsdb, instance)
+    with held_packaging(config, instance, package, tmp_path) as (child, run):
+        child.send_signal(signal.SIGINT)  # the terminal's Ctrl-C
+
+        child.communicate(timeout=60)
+    assert status(instance, run) == DagsterRunStatus.CANCELED
+    buffer = config.resolve_root("sites/ccat/buffer")
+    assert [p.name for p in buffer.rglob("*") if p.is_file()] == [MARKER]
+
+    report = drive(build_definitions(config), instance, wait_s=10)
+
+    assert report.failed == [], report
+    with opsdb.session() as session:
+        assert session.scalars(select(Reattempt)).all() == []  # nothing escalated, nobody told
+    archived_from_the_storage(config, raw)
+    assert_safe(config, opsdb)
+    opsdb.dispose()
 
 
 def test_a_re_executed_run_is_not_judged_by_its_parents_process(
