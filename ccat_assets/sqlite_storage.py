@@ -27,14 +27,12 @@ changes. The embedded default's instance uses them (dagster.yaml, `run_storage`,
 
 from __future__ import annotations
 
-import atexit
 import fcntl
 import json
 import logging
 import os
 import shutil
 import sqlite3
-import tempfile
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -54,6 +52,7 @@ from dagster._core.storage.sql import get_alembic_config
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._daemon.types import DaemonHeartbeat
 from dagster._serdes import ConfigurableClassData
+from dagster.version import __version__ as dagster_version
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
@@ -87,20 +86,31 @@ def _migrations() -> ScriptDirectory:
     return ScriptDirectory.from_config(get_alembic_config(sqlite_event_log.__file__))
 
 
-@cache
-def _empty_event_file() -> str:
+def _empty_event_file(directory: str) -> str:
     """A run's event file as Dagster makes one (tables, WAL mode, stamped at the newest
-    revision), made once per process in a private temporary directory."""
-    directory = tempfile.mkdtemp(prefix="ccat-dt-events-")
-    atexit.register(shutil.rmtree, directory, True)
-    path = os.path.join(directory, "empty.db")
-    engine = db.create_engine(f"sqlite:///{path}", poolclass=NullPool)
-    with engine.connect() as connection:
-        SqlEventLogStorageMetadata.create_all(connection)
-        connection.execute(db.text("PRAGMA journal_mode=WAL;"))
-        MigrationContext.configure(connection).stamp(_migrations(), "head")
-        connection.commit()
-    engine.dispose()  # the last connection closed: everything is in the file itself
+    revision), kept in the event log's `directory` (one per Dagster version and revision; a
+    dot file, which Dagster's `*.db` globs pass over) and shared by every process. Made per
+    process in a temporary directory instead, it was left behind by every forked run ending
+    in os._exit (120 KB in /tmp per run)."""
+    name = f".empty-{dagster_version}-{_migrations().get_current_head()}.template"
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+        return path
+    part = f"{path}.{os.getpid()}.part"
+    try:
+        engine = db.create_engine(f"sqlite:///{part}", poolclass=NullPool)
+        with engine.connect() as connection:
+            SqlEventLogStorageMetadata.create_all(connection)
+            connection.execute(db.text("PRAGMA journal_mode=WAL;"))
+            MigrationContext.configure(connection).stamp(_migrations(), "head")
+            connection.commit()
+        engine.dispose()  # the last connection closed: everything is in the file itself
+        rename_into_place(part, path)
+    except FileExistsError:
+        pass  # another process made it meanwhile: the same file
+    finally:
+        with suppress(OSError):
+            os.unlink(part)
     return path
 
 
@@ -109,7 +119,7 @@ def _copy_of_empty(path: str) -> bool:
     there meanwhile; False if it was not put there."""
     part = f"{path}.{os.getpid()}.part"
     try:
-        shutil.copyfile(_empty_event_file(), part)
+        shutil.copyfile(_empty_event_file(os.path.dirname(path)), part)
         rename_into_place(part, path)
     except (OSError, db.exc.DatabaseError):
         return False
@@ -314,7 +324,7 @@ class SqliteEventLog(SqliteEventLogStorage):
         return found
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
-        """A new run's file is a copy of an empty one made once per process; one at the
+        """A new run's file is a copy of an empty one kept beside it; one at the
         newest revision is left as it is. Anything else (the index, an empty or older file,
         another process creating the same file, a copy that failed) goes Dagster's own way,
         with its retries."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +275,35 @@ def test_the_instance_commits_without_an_fsync_each_while_opsdb_keeps_one_per_co
             kinds = [e.dagster_event_type for e in reader.all_logs(run.run_id)
                      if e.dagster_event_type]
             assert kinds[-1] == DagsterEventType.RUN_SUCCESS, (run.run_id, kinds)
+
+
+def test_a_drive_killed_mid_run_leaves_nothing_in_the_temporary_directory(
+        tmp_path: Path) -> None:
+    """The empty event file a new run's file is copied from lives in the instance: made per
+    process in a temporary directory, every process that ended without its atexit (a forked
+    run's os._exit, SIGKILL, the daemon or a code server stopped by SIGTERM) left its own
+    behind, 120 KB each, for as long as the service ran."""
+    main(["init", str(tmp_path / "deploy")])
+    config_file = tmp_path / "deploy" / "ccat-dt.yaml"
+    config = load_config(config_file)
+    observe(config, OpsDB(config.opsdb_url), observations=1, files=1)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    events = tmp_path / "deploy" / "dagster_home" / "history" / "runs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCAT_DT_", "DAGSTER_HOME"))}
+    drive_process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ccat-dt"), "--config", str(config_file), "drive"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**env, "TMPDIR": str(scratch)})
+    try:
+        deadline = time.monotonic() + 300
+        while not [p for p in events.glob("*.db") if p.name != "index.db"]:
+            assert drive_process.poll() is None, "the drive ended before its first run"
+            assert time.monotonic() < deadline, "no run's event file after 300 s"
+            time.sleep(0.02)
+    finally:
+        drive_process.kill()
+        drive_process.wait()
+    assert sorted(p.name for p in scratch.iterdir()) == []
+    with DagsterInstance.from_config(str(tmp_path / "deploy" / "dagster_home")) as instance:
+        assert drive(build_definitions(config), instance).failed == []  # the copy is sound
