@@ -71,7 +71,7 @@ from ccat_dt.health import (
     source_reads_failing,
 )
 from ccat_dt.loss import packages_in_danger
-from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.database import OpsDB, insert_absent
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -1024,9 +1024,12 @@ def _settle(opsdb: OpsDB, targets: Sequence[Channel],
             if name in refused:
                 reason, held = refused[name]
                 digest = settings_digest(channel)
-                if row is None:
-                    row = UndeliverableChannel(channel=name, since=now)
-                    session.add(row)
+                if row is None:  # or inserted by a tick that took the sending over from
+                    # this one (stalled past its lease) at the same moment: kept, not failed
+                    insert_absent(session, UndeliverableChannel, {
+                        "channel": name, "settings": digest, "reason": reason, "held": held,
+                        "since": now, "tried_at": now}, ("channel",))
+                    row = session.get_one(UndeliverableChannel, name)
                 if before.get(name, ("", ""))[:2] != (digest, reason):
                     row.since = now
                     log(f"notifications over {name} undeliverable: {reason} (refused for good; "

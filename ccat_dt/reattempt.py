@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt import retry
 from ccat_dt.config import Config
+from ccat_dt.opsdb.database import insert_absent
 from ccat_dt.opsdb.models import Reattempt, _aware
 from ccat_dt.stages import Stage
 
@@ -209,11 +210,7 @@ def record(session: Session, work: Iterable[Work], now: datetime,
             continue
         key = (str(item.stage), item.partition)
         seen.add(key)
-        row = rows.get(key)
-        if row is None:
-            row = Reattempt(stage=str(item.stage), partition=item.partition, package=item.package,
-                            site=item.site)
-            session.add(row)
+        row = rows.get(key) or _row_for(session, item, now)
         row.attempts = decision.failures
         row.first_failed_at = decision.first_failed_at or now
         row.last_failed_at = decision.last_failed_at or now
@@ -230,6 +227,25 @@ def record(session: Session, work: Iterable[Work], now: datetime,
         session.execute(delete(Reattempt).where(Reattempt.stage == stage,
                                                 Reattempt.partition == partition))
     return escalated
+
+
+def _row_for(session: Session, item: Work, now: datetime) -> Reattempt:
+    """The row of `item`'s work, inserted unless another transaction has inserted it since
+    `record` read the rows: two ticks of one sensor at once (the daemon's and the UI's "Test
+    sensor", a replayed tick, two daemons) both write the work's row, and the one that
+    commits second updates the first's row as it would its own (the same end state as one
+    tick alone) instead of failing its tick on the unique (stage, partition)."""
+    where = (Reattempt.stage == str(item.stage), Reattempt.partition == item.partition)
+    for _ in range(3):  # the row deleted by another tick between the two statements: again
+        insert_absent(session, Reattempt, {
+            "stage": str(item.stage), "partition": item.partition, "package": item.package,
+            "site": item.site, "attempts": 0,
+            "first_failed_at": item.decision.first_failed_at or now,
+            "last_failed_at": item.decision.last_failed_at or now}, ("stage", "partition"))
+        if (row := session.scalars(select(Reattempt).where(*where)).one_or_none()) is not None:
+            return row
+    raise RuntimeError(f"the re-attempt row of {item.stage} {item.partition} is deleted "
+                       "as often as it is inserted")
 
 
 def waiting(session: Session, package: str | None = None) -> list[Reattempt]:

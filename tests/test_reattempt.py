@@ -4,6 +4,9 @@ cancel is no failed attempt."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from ccat_dt.opsdb.models import Reattempt, utcnow
 from ccat_dt.reattempt import Backoff, RunOutcome, State, decide
 from ccat_dt.tarball import _TarWriter
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, deployment, observe, package_names
+from tests.faults.pipeline import REPO, archived_everywhere, deployment, observe, package_names
 from tests.faults.storage_truth import lost_filed_files
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -190,4 +193,86 @@ def test_a_packaging_terminated_by_an_operator_again_and_again_is_never_escalate
     archived_everywhere(config, opsdb)
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+TWO_TICKS = """
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from ccat_dt.config import load_config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.reattempt import Decision, State, Work, record
+from ccat_dt.stages import Stage
+from tests.faults.child import barrier
+config, now, gate = load_config(sys.argv[1]), datetime.fromisoformat(sys.argv[2]), sys.argv[3]
+opsdb = OpsDB(config.opsdb_url)
+with opsdb.session() as session:  # connected and warm before the race
+    pass
+
+def works():
+    # Asked for by `record` once it has read the rows: both ticks are past their read
+    # (neither saw the other's rows) before either writes one.
+    barrier(Path(gate), 2)
+    for i in range(4):
+        failed = now - timedelta(minutes=10 - i)
+        state = State.ESCALATED if i == 3 else State.WAITING
+        yield Work(Stage.PACKAGING, f"pkg-{i}", f"pkg-{i}", "", Decision(
+            state, failures=i + 1, episode=f"run-{i}", first_failed_at=failed - timedelta(hours=1),
+            last_failed_at=failed,
+            next_at=None if state == State.ESCALATED else failed + timedelta(minutes=i + 1)),
+            f"error {i}")
+
+with opsdb.session() as session:
+    escalated = record(session, works(), now, stages=[Stage.PACKAGING])
+    print(len(escalated))
+"""
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_ticks_at_once_both_succeed_and_leave_the_rows_of_one(
+        tmp_path: Path, database: str, request: pytest.FixtureRequest) -> None:
+    """Two ticks of the re-attempt sensor (or the purge sensor) at the same moment, two
+    processes: the daemon's and the UI's "Test sensor", a replayed tick, two daemons. Both
+    read the rows before either wrote (a barrier), both write the rows of the same failing
+    work, on SQLite and PostgreSQL: both ticks succeed, and OpsDB holds the rows one tick
+    alone leaves: one per work, updated, the stale one gone, escalated once. Before, the tick
+    that committed second failed on the unique (stage, partition) (IntegrityError: a red
+    failed tick in the UI, though nothing was wrong)."""
+    url = {"opsdb_url": request.getfixturevalue("postgres_url")} if database == "postgresql" \
+        else {}
+    config = deployment(tmp_path / "deploy", **url)
+    opsdb = OpsDB(config.opsdb_url)
+    now = utcnow().replace(microsecond=0)
+    with opsdb.session() as session:  # the previous tick's rows: one updated, one stale
+        session.add_all([Reattempt(stage="packaging", partition=name, package=name, site="",
+                                   attempts=1, first_failed_at=now - timedelta(hours=2),
+                                   last_failed_at=now - timedelta(hours=2), last_error="old")
+                         for name in ("pkg-0", "pkg-gone")])
+    ticks = [subprocess.Popen([sys.executable, "-c", TWO_TICKS, str(config.path),
+                               now.isoformat(), str(tmp_path / "gate")],
+                              env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [tick.communicate(timeout=120) for tick in ticks]
+    assert [tick.returncode for tick in ticks] == [0, 0], [
+        line for _, err in outputs for line in err.splitlines() if "Error" in line][-4:]
+    assert sorted(out.strip() for out, _ in outputs) in (["0", "1"], ["1", "1"]), outputs
+
+    def aware(moment: datetime | None) -> datetime | None:
+        return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment
+
+    with opsdb.session() as session:
+        rows = session.scalars(select(Reattempt).order_by(Reattempt.partition)).all()
+        got = [(r.stage, r.partition, r.package, r.attempts, aware(r.first_failed_at),
+                aware(r.last_failed_at), aware(r.next_attempt_at), r.escalated_at is not None,
+                r.last_error) for r in rows]
+    expected = []
+    for i in range(4):
+        failed = now - timedelta(minutes=10 - i)
+        expected.append(("packaging", f"pkg-{i}", f"pkg-{i}", i + 1,
+                         failed - timedelta(hours=1), failed,
+                         None if i == 3 else failed + timedelta(minutes=i + 1), i == 3,
+                         f"error {i}"))
+    assert got == expected
     opsdb.dispose()

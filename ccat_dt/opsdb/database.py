@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import OperationalError
@@ -310,3 +310,21 @@ class OpsDB:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def insert_absent(session: Session, model: type[Any], values: dict[str, Any],
+                  keys: Sequence[str]) -> None:
+    """INSERT a row of `model` unless one with the same `keys` (a unique constraint or the
+    primary key) is there, on SQLite and PostgreSQL alike (INSERT ... ON CONFLICT DO NOTHING):
+    a row another transaction inserted at the same moment (two ticks of one sensor at once)
+    is kept, not an IntegrityError that fails the transaction; PostgreSQL waits for that
+    transaction to end first. The caller reads the row after, whoever inserted it. The
+    dialect's module is imported only here, for the database in use."""
+    statement: Any
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        statement = pg_insert(model)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        statement = sqlite_insert(model)
+    session.execute(statement.values(**values).on_conflict_do_nothing(index_elements=list(keys)))
