@@ -35,9 +35,9 @@ import shutil
 import sqlite3
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import sqlalchemy as db
@@ -129,6 +129,18 @@ def _copy_of_empty(path: str) -> bool:
     return True
 
 
+def _found_once(found: set[str], name: str, look: Callable[[str], bool]) -> bool:
+    """Whether `look` finds `name` (a table, a column, an index), asked only until it does:
+    Dagster's SQLite storages looked before nearly every call, and nothing they find goes
+    away while the process lives (no migration drops one), so only an absence is asked again."""
+    if name in found:
+        return True
+    if look(name):
+        found.add(name)
+        return True
+    return False
+
+
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # every engine kept, in this process
 
 
@@ -201,12 +213,7 @@ class SqliteRuns(SqliteRunStorage):
         return self._backfill_column
 
     def has_built_index(self, migration_name: str) -> bool:
-        if migration_name in self._built_indexes:
-            return True
-        found = super().has_built_index(migration_name)
-        if found:
-            self._built_indexes.add(migration_name)
-        return found
+        return _found_once(self._built_indexes, migration_name, super().has_built_index)
 
     def add_daemon_heartbeat(self, daemon_heartbeat: DaemonHeartbeat) -> None:
         """The heartbeat, and first (once per daemon id in this process, the daemon's)
@@ -295,33 +302,19 @@ class SqliteEventLog(SqliteEventLogStorage):
         looked up: ~5% of a forked run's CPU); a table found stays (no migration drops one),
         so only its absence is looked at again. Not through the kept engines: it is called
         while one of their connections is held (their lock)."""
-        if table_name in self._tables_found:
-            return True
-        found = super().has_table(table_name)
-        if found:
-            self._tables_found.add(table_name)
-        return found
+        return _found_once(self._tables_found, table_name, super().has_table)
 
     def has_secondary_index(self, name: str) -> bool:
         """A query of the index per call (each asset event stored, each asset record read);
         one found done stays done until `wipe` (as Dagster's consolidated SQLite storage
         keeps them)."""
-        if name in self._indexes_found:
-            return True
-        found = super().has_secondary_index(name)
-        if found:
-            self._indexes_found.add(name)
-        return found
+        return _found_once(self._indexes_found, name, super().has_secondary_index)
 
     def _has_asset_key_col_on_connection(self, conn: Connection, column_name: str) -> bool:
         """Dagster reflects the asset_keys table's columns for every event it stores (and
         every asset record read); a column found stays until `wipe`."""
-        if column_name in self._asset_key_columns:
-            return True
-        found = super()._has_asset_key_col_on_connection(conn, column_name)
-        if found:
-            self._asset_key_columns.add(column_name)
-        return found
+        return _found_once(self._asset_key_columns, column_name,
+                           partial(super()._has_asset_key_col_on_connection, conn))
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
         """A new run's file is a copy of an empty one kept beside it; one at the
@@ -393,12 +386,7 @@ class SqliteSchedules(SqliteScheduleStorage):
         return self._evaluations_table
 
     def has_built_index(self, migration_name: str) -> bool:
-        if migration_name in self._built_indexes:
-            return True
-        found = super().has_built_index(migration_name)
-        if found:
-            self._built_indexes.add(migration_name)
-        return found
+        return _found_once(self._built_indexes, migration_name, super().has_built_index)
 
     def dispose(self) -> None:
         self._engine.dispose()
