@@ -18,9 +18,12 @@ from ccat_dt.opsdb.models import (
     InstrumentModule,
     LocationType,
     PhysicalCopy,
+    RawDataPackage,
     Site,
+    _aware,
     utcnow,
 )
+from ccat_dt.routing import next_primary_site
 
 LOG = logging.getLogger(__name__)
 
@@ -80,12 +83,60 @@ def unsafe_changes(session: Session, config: Config,
     return problems
 
 
+def routed_to_removed_sites(session: Session, config: Config,
+                            recorded: dict[tuple[str, str], DataLocation] | None = None
+                            ) -> dict[str, list[RawDataPackage]]:
+    """Packages in no archive yet whose primary archive site is no longer an archive site in
+    the configuration (removed, renamed, its LTA location dropped), by that site: nothing
+    would ever send them (the site is no partition any more; before, the copy sensor failed
+    on "unknown site" at every tick, for every package). Asked only while OpsDB records an
+    archive site the configuration lacks."""
+    recorded = _recorded(session) if recorded is None else recorded
+    archives = {site.short_name for site in config.settings.archive_sites}
+    gone = {row.site_id for row in recorded.values()
+            if row.location_type == LocationType.LONG_TERM_ARCHIVE
+            and row.site.short_name not in archives}
+    out: dict[str, list[RawDataPackage]] = {}
+    if not gone:
+        return out
+    for package in session.scalars(select(RawDataPackage).where(
+            RawDataPackage.verified_lta_sites == 0, RawDataPackage.primary_site_id.in_(gone))
+            .options(joinedload(RawDataPackage.primary_site)).order_by(RawDataPackage.id)):
+        out.setdefault(package.primary_site.short_name, []).append(package)
+    return out
+
+
+def reroute_from_removed_sites(session: Session, config: Config) -> list[str]:
+    """Give every package of `routed_to_removed_sites` a configured archive site as its
+    primary (round-robin, as when planned; the note says why, as a failover's does); `migrate`
+    does it. Safe as a failover is: a transfer out of the observatory checks the primary
+    under the package's lock as it starts (replicas._start). Returns what was re-routed."""
+    done = []
+    now = _aware(utcnow())
+    for old, packages in routed_to_removed_sites(session, config).items():
+        for package in packages:
+            new = next_primary_site(session, config)
+            package.primary_site = new
+            package.primary_site_note = (
+                f"re-routed from {old} to {new.short_name} at {now:%Y-%m-%d %H:%M} UTC by "
+                f"`ccat-dt migrate`: {old} is no longer an archive site in the configuration")
+            session.flush()  # the next round-robin pick reads this assignment
+            done.append(f"{package.name}: {old} -> {new.short_name}")
+    return done
+
+
 def topology_drift(session: Session, config: Config) -> list[str]:
     """Where the configuration and OpsDB disagree on the locations (the configuration edited,
     `ccat-dt migrate` not run, or refused): acting on either could look for data where it is
     not, or rely on copies at a location the configuration dropped."""
     recorded = _recorded(session)
     problems = unsafe_changes(session, config, recorded)
+    for gone, packages in routed_to_removed_sites(session, config, recorded).items():
+        names = ", ".join(p.name for p in packages[:3]) + (", ..." if len(packages) > 3 else "")
+        problems.append(
+            f"{len(packages)} package(s) in no archive yet are routed to archive site {gone}, "
+            f"which is no longer in the configuration ({names}): run `ccat-dt migrate` to "
+            "route them to the configured archive sites")
     for site in config.settings.sites:
         for location in site.locations:
             row = recorded.get((site.short_name, location.name))
@@ -142,6 +193,10 @@ def sync_topology(session: Session, config: Config) -> None:
             location.priority = loc_cfg.priority
             location.root = config.location_root(loc_cfg)
             location.host = loc_cfg.host
+    session.flush()
+    for rerouted in reroute_from_removed_sites(session, config):
+        LOG.warning("re-routed %s (its archive site is no longer in the configuration)",
+                    rerouted)
     for instrument in settings.instruments:
         for module_name in instrument.modules:
             exists = session.scalar(select(InstrumentModule).where(

@@ -1,0 +1,86 @@
+"""The operator edits the configuration while work is in flight: an archive site removed while
+packages are routed to it. Until `ccat-dt migrate` every command that acts refuses, saying to
+run it; `migrate` routes those packages to the archive sites the configuration has, and the
+pipeline converges: archived where the configuration says, nothing deleted without a verified
+copy (checked on the disks), nothing sent to the removed site's disks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import DagsterInstance
+from sqlalchemy import select
+
+from ccat_dt.config import Config, load_config
+from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.opsdb.models import PackageState, RawDataPackage
+from ccat_dt.packages import build, plan_packages
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere, observe, run, source_root
+from tests.faults.storage_truth import lost_filed_files
+from tests.helpers import run_cli
+
+
+def without_site(config: Config, name: str) -> Config:
+    """The configuration file with archive site `name` and its routes taken out."""
+    settings = yaml.safe_load(config.path.read_text())
+    settings["sites"] = [s for s in settings["sites"] if s["short_name"] != name]
+    settings["routes"] = [r for r in settings["routes"]
+                          if name not in (r["origin"], r["destination"])]
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return load_config(config.path)
+
+
+def primaries(opsdb: OpsDB) -> dict[str, str]:
+    with opsdb.session() as session:
+        return {p.name: p.primary_site.short_name
+                for p in session.scalars(select(RawDataPackage).order_by(RawDataPackage.id))}
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".ccat"))
+
+
+def test_an_archive_site_removed_while_packages_are_routed_to_it_is_left_by_migrate(
+        config: Config, instance: DagsterInstance, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two packages planned (round-robin: one for cologne, one for us), one built; then us is
+    taken out of the configuration. Before, `migrate` accepted it, and the copy sensor failed
+    at every tick on "unknown site 'us'": no package of any site was sent again, nothing
+    archived, the sources kept for ever, nobody told but the drive's sensor line."""
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, name="obs-0", files=2)
+    observe(config, opsdb, name="obs-1", files=2)
+    with opsdb.session() as session:
+        names = [p.name for p in plan_packages(session, config)]
+    build(opsdb, config, names[1])  # built, at the observatory buffer, not sent
+    assert sorted(primaries(opsdb).values()) == ["cologne", "us"]
+    sources = files_under(source_root(config))
+
+    config = without_site(config, "us")
+    capsys.readouterr()
+    for command in (["drive"], ["purge"]):
+        assert run_cli("--config", str(config.path), *command) == 2, command
+        err = capsys.readouterr().err
+        assert "routed to archive site us, which is no longer in the configuration" in err
+        assert "run `ccat-dt migrate`" in err
+    assert run_cli("--config", str(config.path), "status") == 0  # looking still works
+    assert "STOPPED: 1 package(s) in no archive yet are routed to archive site us" in \
+        capsys.readouterr().out
+
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    assert set(primaries(opsdb).values()) == {"cologne"}
+    assert run_cli("--config", str(config.path), "why", names[1]) == 0
+    assert "re-routed from us to cologne" in capsys.readouterr().out
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)  # in cologne's LTA, the one archive now
+    with opsdb.session() as session:
+        assert {p.state for p in session.scalars(select(RawDataPackage))} == {
+            PackageState.ARCHIVED}
+    assert lost_filed_files(config, opsdb) == []  # the sources went only once archived
+    assert files_under(source_root(config)) == []
+    assert len(sources) == 4
+    assert files_under(config.resolve_root("sites/us")) == []  # nothing sent to the old site
+    assert_safe(config, opsdb)
