@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
+from ccat_dt.claims import holder, stale
 from ccat_dt.config import Config, LocationConfig
 from ccat_dt.health import choose
 from ccat_dt.opsdb.database import OpsDB, migrate
@@ -17,6 +18,9 @@ from ccat_dt.opsdb.models import (
     DataLocation,
     InstrumentModule,
     LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
     PhysicalCopy,
     RawDataPackage,
     Site,
@@ -125,6 +129,54 @@ def reroute_from_removed_sites(session: Session, config: Config) -> list[str]:
     return done
 
 
+def _claims_on_leaving(session: Session, config: Config
+                       ) -> list[tuple[Operation, DataLocation, str | None]]:
+    """Operations in flight (a transfer, an archiving, a build, a staging) that write to a
+    location leaving the configuration or changing its type, each with why its claim is
+    stale (None: live, its process still writes there)."""
+    configured = {(site.short_name, location.name): location.type
+                  for site in config.settings.sites for location in site.locations}
+    leaving = {row.id: row for key, row in _recorded(session).items()
+               if configured.get(key) != row.location_type}
+    if not leaving:
+        return []
+    now = utcnow()
+    return [(operation, leaving[operation.destination_location_id or 0], stale(operation, now))
+            for operation in session.scalars(select(Operation).where(
+                Operation.finished_at.is_(None), Operation.status == OperationStatus.IN_PROGRESS,
+                Operation.destination_location_id.in_(list(leaving)),
+                Operation.operation_type != OperationType.DELETION).order_by(Operation.id))]
+
+
+def transfers_under_way(session: Session, config: Config) -> list[str]:
+    """What `migrate` must not apply yet: a location leaving the configuration (or changing
+    its type) while a transfer, an archiving or a build still writes to it (a live claim:
+    ccat_dt/claims.py). Its copy would be recorded at a location the configuration no longer
+    knows, and everything would stop on it after `migrate` had said yes. Asked at `migrate`
+    only (nothing else writes there once the configuration lacks the location)."""
+    problems = []
+    for operation, row, why in _claims_on_leaving(session, config):
+        if why is not None:
+            continue  # its process is gone: nothing writes there any more
+        what = f"package {operation.package.name}" if operation.package else "a copy"
+        problems.append(
+            f"location {row.label}: a {operation.operation_type.value} of {what} to it is under "
+            f"way (operation {operation.id}, {holder(operation)}): let it end, or stop its "
+            "run, then run `ccat-dt migrate` again (a location cannot leave the configuration, "
+            "or change its type, while it is written to)")
+    return problems
+
+
+def _close_abandoned_claims(session: Session, config: Config) -> None:
+    """Close (FAILED, saying why) the stale claims on locations leaving the configuration:
+    no later attempt to that location would ever find and close them."""
+    for operation, row, why in _claims_on_leaving(session, config):
+        if why is not None:
+            operation.status, operation.finished_at = OperationStatus.FAILED, utcnow()
+            operation.error = (f"abandoned: {why}; closed by `ccat-dt migrate` as location "
+                               f"{row.label} left the configuration")
+
+
 def topology_drift(session: Session, config: Config) -> list[str]:
     """Where the configuration and OpsDB disagree on the locations (the configuration edited,
     `ccat-dt migrate` not run, or refused): acting on either could look for data where it is
@@ -171,9 +223,10 @@ def check_topology(opsdb: OpsDB, config: Config) -> None:
 def sync_topology(session: Session, config: Config) -> None:
     """Insert or update sites, locations and modules so OpsDB matches the configuration;
     TopologyDrift, changing nothing, for a change that would misplace recorded copies."""
-    problems = unsafe_changes(session, config)
+    problems = unsafe_changes(session, config) + transfers_under_way(session, config)
     if problems:
         raise TopologyDrift(problems)
+    _close_abandoned_claims(session, config)
     settings = config.settings
     for site_cfg in settings.sites:
         site = session.scalar(select(Site).where(Site.short_name == site_cfg.short_name))
@@ -264,7 +317,7 @@ def prepare_opsdb(config: Config, *, mark_held: bool = True) -> None:
     migrate(config.opsdb_url)
     opsdb = OpsDB(config.opsdb_url)
     with opsdb.session() as session:
-        if problems := unsafe_changes(session, config):
+        if problems := unsafe_changes(session, config) + transfers_under_way(session, config):
             raise TopologyDrift(problems)
         held = {f"{site}/{name}" for (site, name), row in _recorded(session).items()
                 if _held(session, row)}

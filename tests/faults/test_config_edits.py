@@ -2,7 +2,8 @@
 packages are routed to it. Until `ccat-dt migrate` every command that acts refuses, saying to
 run it; `migrate` routes those packages to the archive sites the configuration has, and the
 pipeline converges: archived where the configuration says, nothing deleted without a verified
-copy (checked on the disks), nothing sent to the removed site's disks."""
+copy (checked on the disks), nothing sent to the removed site's disks. And removed while a
+transfer to it is still writing there: `migrate` refuses until that transfer has ended."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import PackageState, RawDataPackage
 from ccat_dt.packages import build, plan_packages
 from tests.faults.invariants import assert_safe
-from tests.faults.pipeline import archived_everywhere, observe, run, source_root
+from tests.faults.moments import size_of
+from tests.faults.pipeline import (
+    archived_everywhere,
+    child_argv,
+    observe,
+    run,
+    source_root,
+    spawn,
+    wait_for,
+)
 from tests.faults.storage_truth import lost_filed_files
 from tests.helpers import run_cli
 
@@ -83,4 +93,53 @@ def test_an_archive_site_removed_while_packages_are_routed_to_it_is_left_by_migr
     assert files_under(source_root(config)) == []
     assert len(sources) == 4
     assert files_under(config.resolve_root("sites/us")) == []  # nothing sent to the old site
+    assert_safe(config, opsdb)
+
+
+def test_an_archive_site_is_not_removed_by_migrate_while_a_transfer_to_it_is_under_way(
+        config: Config, instance: DagsterInstance, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A package on its way to us (its process holds the half-written file, as a run started
+    before the edit would), us taken out of the configuration: `migrate` refuses, naming the
+    transfer and its process, and changes nothing. Before, it said yes, and the transfer,
+    past its start, would record its copy at a location the configuration no longer has: every
+    command would then stop on "put it back", with no word of it at `migrate`. Once that
+    process is gone, `migrate` goes through (closing its claim) and the package is archived at
+    cologne."""
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, name="obs-0", files=2)
+    observe(config, opsdb, name="obs-1", files=2)
+    with opsdb.session() as session:
+        names = [p.name for p in plan_packages(session, config)]
+    build(opsdb, config, names[1])
+    assert primaries(opsdb)[names[1]] == "us"
+    marker = tmp_path / "held"
+    transfer = spawn(child_argv(config, "place", names[1], "us", "buffer",
+                                kill="hold-mid-write", marker=str(marker)))
+    try:
+        wait_for(marker, transfer)
+        part = config.resolve_root("sites/us/buffer") / "obs-1" / f".{names[1]}.tar.part"
+        assert size_of(part) > 0  # the bytes are landing at us
+        config = without_site(config, "us")
+        capsys.readouterr()
+        assert run_cli("--config", str(config.path), "migrate") == 2
+        err = capsys.readouterr().err
+        assert (f"location us/buffer: a transfer of package {names[1]} to it is under way "
+                f"(operation") in err and f"process {transfer.pid} on" in err, err
+        assert "then run `ccat-dt migrate` again" in err
+        assert primaries(opsdb)[names[1]] == "us"  # nothing changed
+    finally:
+        transfer.kill()
+        transfer.communicate(timeout=30)
+
+    assert run_cli("--config", str(config.path), "migrate") == 0  # nothing writes there now
+    run(config, instance)
+    archived_everywhere(config, opsdb)
+    assert lost_filed_files(config, opsdb) == []
+    assert files_under(source_root(config)) == []
+    assert [p.name for p in config.resolve_root("sites/us").rglob("*.tar")] == []
+    # The killed transfer's half-written file stays on the removed site's disk, which ccat-dt
+    # no longer looks after (the operator's to clear); its claim was closed by `migrate`.
+    assert size_of(part) > 0
+    part.unlink()
     assert_safe(config, opsdb)
