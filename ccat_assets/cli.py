@@ -478,7 +478,8 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
     from ccat_dt.staging import LONGEST_EXPIRY, Selection, release, request_staging
 
-    opsdb = _acting(load_config(args.config))
+    config = load_config(args.config)
+    opsdb = _acting(config)
     if args.release:
         before = release(opsdb, args.release)
         print(f"staging request {args.release} released; the next purge cycle removes its files"
@@ -505,7 +506,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
                          f"years), got {args.expires_hours:g}")
     name = request_staging(opsdb, location=args.location, selection=selection,
                            expires_in=timedelta(hours=args.expires_hours),
-                           requested_by=args.by or "")
+                           requested_by=args.by or "", config=config)
     print(name)
 
 

@@ -83,13 +83,21 @@ LONGEST_EXPIRY = timedelta(days=3650)  # staged files are scratch, not a second 
 
 
 def request_staging(opsdb: OpsDB, *, location: str, selection: Selection,
-                    expires_in: timedelta, requested_by: str = "") -> str:
-    """Create a staging request; every selected package must already be archived."""
+                    expires_in: timedelta, requested_by: str = "",
+                    config: Config | None = None) -> str:
+    """Create a staging request; every selected package must already be archived. Given the
+    `config` (the CLI's), a location it no longer has (OpsDB keeps a location taken out of
+    the configuration) is refused: nothing would stage the request."""
     if not timedelta(0) < expires_in <= LONGEST_EXPIRY:
         raise StagingError(f"expiry must be in the future and at most "
                            f"{LONGEST_EXPIRY.total_seconds() / 3600:g} h (ten years), got "
                            f"{expires_in.total_seconds() / 3600:g} h")
     site, _, name = location.partition("/")
+    if config is not None and not any(
+            s.short_name == site and loc.name == name
+            for s in config.settings.sites for loc in s.locations):
+        raise StagingError(f"location '{location}' is not in the configuration "
+                           f"{config.path}; give SITE/LOCATION of a processing location")
     with opsdb.session() as session:
         try:
             target = get_location(session, site, name)

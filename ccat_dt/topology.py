@@ -24,6 +24,8 @@ from ccat_dt.opsdb.models import (
     PhysicalCopy,
     RawDataPackage,
     Site,
+    StagingRequest,
+    StagingState,
     _aware,
     utcnow,
 )
@@ -51,6 +53,13 @@ def _held(session: Session, location: DataLocation) -> int:
         PhysicalCopy.status != CopyStatus.DELETED)) or 0
 
 
+def _active_requests(session: Session, location: DataLocation) -> list[str]:
+    """Staging requests still to be staged or kept at the location (active, not expired)."""
+    return list(session.scalars(select(StagingRequest.name).where(
+        StagingRequest.location_id == location.id, StagingRequest.state == StagingState.ACTIVE,
+        StagingRequest.expires_at > utcnow()).order_by(StagingRequest.id)))
+
+
 def _recorded(session: Session) -> dict[tuple[str, str], DataLocation]:
     return {(location.site.short_name, location.name): location
             for location in session.scalars(select(DataLocation)
@@ -61,7 +70,8 @@ def unsafe_changes(session: Session, config: Config,
                    recorded: dict[tuple[str, str], DataLocation] | None = None) -> list[str]:
     """What `migrate` must not apply: a location that holds copies dropped from the
     configuration, or given another type (buffer copies would count as archive copies, or
-    archive copies be purged as buffer copies)."""
+    archive copies be purged as buffer copies); a location dropped that active staging
+    requests target (nothing could stage them: the staging sensor would fail on it)."""
     recorded = _recorded(session) if recorded is None else recorded
     configured = {(site.short_name, location.name): location
                   for site in config.settings.sites for location in site.locations}
@@ -72,6 +82,12 @@ def unsafe_changes(session: Session, config: Config,
             continue
         held = _held(session, row)
         if not held:
+            if wanted is None and (requests := _active_requests(session, row)):
+                names = ", ".join(requests[:3]) + (", ..." if len(requests) > 3 else "")
+                problems.append(
+                    f"location {row.label} is no longer in the configuration, but "
+                    f"{len(requests)} active staging request(s) target it ({names}): put it "
+                    "back, release them (`ccat-dt stage --release NAME`), then take it out")
             continue
         copies = f"{held} cop{'y' if held == 1 else 'ies'}"
         if wanted is None:

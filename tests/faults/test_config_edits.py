@@ -3,7 +3,8 @@ packages are routed to it. Until `ccat-dt migrate` every command that acts refus
 run it; `migrate` routes those packages to the archive sites the configuration has, and the
 pipeline converges: archived where the configuration says, nothing deleted without a verified
 copy (checked on the disks), nothing sent to the removed site's disks. And removed while a
-transfer to it is still writing there: `migrate` refuses until that transfer has ended."""
+transfer to it is still writing there: `migrate` refuses until that transfer has ended. A
+processing location leaves only once no active staging request targets it."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster import DagsterInstance
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ccat_dt.config import Config, load_config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import PackageState, RawDataPackage
+from ccat_dt.opsdb.models import PackageState, RawDataPackage, StagingRequest
 from ccat_dt.packages import build, plan_packages
 from tests.faults.invariants import assert_safe
 from tests.faults.moments import size_of
@@ -142,4 +143,56 @@ def test_an_archive_site_is_not_removed_by_migrate_while_a_transfer_to_it_is_und
     # no longer looks after (the operator's to clear); its claim was closed by `migrate`.
     assert size_of(part) > 0
     part.unlink()
+    assert_safe(config, opsdb)
+
+
+def test_a_processing_location_with_active_staging_requests_leaves_only_once_released(
+        config: Config, instance: DagsterInstance, capsys: pytest.CaptureFixture[str]) -> None:
+    """A staging request for ramses/processing, not staged yet; ramses taken out of the
+    configuration. Before, `migrate` said yes (no copy there yet), `stage` still took
+    requests for it (OpsDB keeps the location), and the staging sensor failed on "unknown site
+    'ramses'" at every tick: no request anywhere was staged again. Now the removal is refused
+    while a request is active, saying what to do; put back, staged, released and purged,
+    ramses leaves, and a new request for it is refused at `stage`, changing nothing."""
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, name="obs-0", files=2)
+    run(config, instance)
+    original = config.path.read_text()
+    capsys.readouterr()
+    assert run_cli("--config", str(config.path), "stage", "--location", "ramses/processing",
+                   "--observation", "obs-0", "--expires-hours", "24") == 0
+    request = capsys.readouterr().out.strip()
+
+    config = without_site(config, "ramses")
+    capsys.readouterr()
+    for command in (["migrate"], ["drive"]):
+        assert run_cli("--config", str(config.path), *command) == 2, command
+        assert (f"location ramses/processing is no longer in the configuration, but 1 active "
+                f"staging request(s) target it ({request}): put it back, release them") in \
+            capsys.readouterr().err
+
+    config.path.write_text(original)  # put back: staged, then released and purged
+    config = load_config(config.path)
+    run(config, instance)
+    processing = config.resolve_root("sites/ramses/processing")
+    assert len(files_under(processing / request)) == 2  # staged, on the disk
+    assert run_cli("--config", str(config.path), "stage", "--release", request) == 0
+    run(config, instance)
+    assert files_under(processing) == []
+
+    config = without_site(config, "ramses")
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    with opsdb.session() as session:
+        before = session.scalar(select(func.count(StagingRequest.id)))
+    capsys.readouterr()
+    assert run_cli("--config", str(config.path), "stage", "--location", "ramses/processing",
+                   "--observation", "obs-0", "--expires-hours", "24") == 2
+    assert "location 'ramses/processing' is not in the configuration" in capsys.readouterr().err
+    with opsdb.session() as session:
+        assert session.scalar(select(func.count(StagingRequest.id))) == before
+    report = run(config, instance)
+    assert report.sensor_failures == {}, report.sensor_failures
+    assert files_under(processing) == []
+    archived_everywhere(config, opsdb)
+    assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
