@@ -142,6 +142,20 @@ def mark_unreadable_source(opsdb: OpsDB, config: Config, copy_id: int, path: str
                 f"{text}")
 
 
+# How `replicas.source_down` records a location that could not be looked at (unreachable,
+# unmounted, refused) after a copy read from it failed: passed over as a source (`unreachable`)
+# while another verified copy can be read, until its hold ends or a read there succeeds.
+SOURCE_DOWN = "could not be reached as the source of a copy"
+
+
+def unreachable(location: DataLocation, now: datetime) -> bool:
+    """Whether the location is passed over as a source now: unhealthy for a failure as a whole
+    (unreachable, unmounted, refused), not for a disk that refuses writes (read as ever) nor
+    for one file its disk failed to read (its other files are read as ever)."""
+    return (not is_healthy(location, now) and refuses_writes(location) is None
+            and not read_failed(location))
+
+
 def source_reads_failing(session: Session) -> list[DataLocation]:
     """The locations marked by `mark_unreadable_source`, with no success there since."""
     return list(session.scalars(select(DataLocation).where(
@@ -228,14 +242,15 @@ def read_failure_reason() -> ColumnElement[bool]:
 
 
 def mark_readable(session: Session, location_id: int) -> None:
-    """A file read fine there: a failure recorded for a read (an I/O error) is over, not one
-    recorded for a write (a full disk is read as ever), nor one for a copy still unread
-    (`_unread_copy`: another file read fine says nothing of it)."""
+    """A file read fine there: a failure recorded for a read (an I/O error, the location not
+    reached as a source: SOURCE_DOWN) is over, not one recorded for a write (a full disk is
+    read as ever), nor one for a copy still unread (`_unread_copy`: another file read fine says
+    nothing of it)."""
     if _unread_copy(session, location_id):
         return
     session.execute(update(DataLocation).where(
         DataLocation.id == location_id, DataLocation.failing_since.is_not(None),
-        read_failure_reason())
+        or_(read_failure_reason(), DataLocation.unhealthy_reason.contains(SOURCE_DOWN)))
         .values(failing_since=None, unhealthy_until=None, unhealthy_reason=None)
         .execution_options(synchronize_session=False))
 

@@ -15,6 +15,7 @@ from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch
 from ccat_dt.config import Config, RouteConfig
 from ccat_dt.health import (
+    SOURCE_DOWN,
     is_healthy,
     location_failure,
     mark_failed,
@@ -256,7 +257,7 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
     ids = [j.operation_id for j in jobs]
     ended: dict[int, CopyRef | Exception] = {}  # by operation id
     try:
-        transport, outcomes = _move(opsdb, config, started, jobs)
+        transport, outcomes, down = _move(opsdb, config, started, jobs)
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 finish(opsdb, job.operation_id, error=str(outcome))
@@ -274,6 +275,10 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
     mine, outcome = ended[jobs[0].operation_id], outcomes[0]  # the placement's own: first
     if isinstance(mine, Exception):
         first = next(o for o in outcomes if isinstance(o, Exception))
+        if down is not None:
+            raise TransferError(f"{mine}; the source {down}: the next attempt reads another "
+                                "archive's verified copy while there is one", retryable=True
+                                ) from mine
         if location_failure(first) and started.alternatives:
             raise TransferError(f"{mine}; {started.destination_label} is marked unhealthy: the "
                                 f"next {kind.value} location at {placement.site} by priority "
@@ -284,11 +289,13 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
                   tuple(j.placement.package for j in jobs[1:]), source=placement.source)
 
 
-def _move(opsdb: OpsDB, config: Config, started: _Started,
-          jobs: list[_Job]) -> tuple[str, list[TransferResult | Exception]]:
+def _move(opsdb: OpsDB, config: Config, started: _Started, jobs: list[_Job]
+          ) -> tuple[str, list[TransferResult | Exception], str | None]:
     """The claimed transfers in one transport session, their claims renewed meanwhile (the
-    transport's name, each file's outcome); a location-level failure marks the destination
-    unhealthy."""
+    transport's name, each file's outcome, and what a look at a source location that cannot
+    be reached said: `source_down`); a location-level failure marks the source location
+    unhealthy when it cannot be looked at, else the destination. Before, an archive that
+    could not be reached as the source marked the destination failing."""
     placement = started.placement
     transport = transport_for(config, started.route, remote=started.remote, store=started.store)
     # Each transport finds the location's marker before it writes (a transfer never creates a
@@ -307,10 +314,14 @@ def _move(opsdb: OpsDB, config: Config, started: _Started,
             moved = iter(_transfer(transport, free) if free else [])
             outcomes = [occupied[i] if i in occupied else next(moved) for i in range(len(jobs))]
     failure = next((o for o in outcomes if isinstance(o, Exception)), None)
+    down = None
     if failure is not None and location_failure(failure):
-        mark_failed(opsdb, config, started.destination_id,
-                    f"{transport.name} to {started.destination_label}: {failure}")
-    return transport.name, outcomes
+        down = source_down(opsdb, config, placement.source.copy_id,
+                           f"{transport.name} to {started.destination_label}")
+        if down is None:
+            mark_failed(opsdb, config, started.destination_id,
+                        f"{transport.name} to {started.destination_label}: {failure}")
+    return transport.name, outcomes, down
 
 
 def _occupied(opsdb: OpsDB, config: Config, destination_id: int, jobs: list[_Job]
@@ -925,6 +936,26 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
         "verified_at": utcnow().isoformat(), "operation_id": operation.id}
     return Verification(problem is None, f"{label}: {problem or 'checksum matches'}",
                         copy_id, str(where), evidence)
+
+
+def source_down(opsdb: OpsDB, config: Config, copy_id: int, doing: str) -> str | None:
+    """After a read of the copy as a source failed (`doing`: what read it), its location is
+    looked at (its marker: a stat, a HEAD, one ssh round trip). When it cannot be (its host or
+    endpoint unreachable or refusing, its disk unmounted) the location is marked failing
+    (health.SOURCE_DOWN) and so passed over as a source (routing.readable_first) while another
+    verified copy can be read, until its hold ends or a read there succeeds; the copy is not
+    judged. Returns what the look said, or None when the location answers (the failure was
+    the file's, the link's or the destination's)."""
+    with opsdb.session() as session:
+        location = session.get_one(PackageCopy, copy_id).location
+        root, host, location_id, label = (location.root, location.host, location.id,
+                                          location.label)
+    try:
+        Stores.of(config).look(root, host, ssh_settings(config), [])
+    except StorageUnavailable as exc:
+        mark_failed(opsdb, config, location_id, f"{label} {SOURCE_DOWN} ({doing}): {exc}")
+        return f"{label}: {exc}"
+    return None
 
 
 def verified_copy(session: Session, package: RawDataPackage, site: str,

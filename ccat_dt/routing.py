@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config
-from ccat_dt.health import sites_down
+from ccat_dt.health import sites_down, unreachable
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -115,10 +115,16 @@ def by_cost(config: Config, copies: list[PackageCopy], site: str) -> list[Packag
 def readable_first(session: Session, package: RawDataPackage,
                    ranked: list[PackageCopy]) -> PackageCopy | None:
     """The first of the verified copies `ranked` (best source first) that is not known
-    unreadable (`unreadable_copies`); when every one is, the first (its re-attempt waits for
-    the disk to read again, as nothing else can feed it)."""
-    unreadable = unreadable_copies(session, package) if len(ranked) > 1 else set()
-    return next((c for c in ranked if c.id not in unreadable), ranked[0] if ranked else None)
+    unreadable (`unreadable_copies`) and whose location is not down now (health.unreachable:
+    an archive not reached as a source, its disk unmounted, its host or endpoint refusing,
+    until its hold ends); else the first not known unreadable; when every one is, the first
+    (its re-attempt waits for the disk or the location to come back, as nothing else can feed
+    it)."""
+    if len(ranked) < 2:
+        return ranked[0] if ranked else None
+    unreadable, now = unreadable_copies(session, package), utcnow()
+    readable = [c for c in ranked if c.id not in unreadable] or ranked
+    return next((c for c in readable if not unreachable(c.location, now)), readable[0])
 
 
 # The operations that read their source location's copy of the package.

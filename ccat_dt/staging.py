@@ -21,7 +21,13 @@ from ccat_dt import claims
 from ccat_dt.checksums import ChecksumMismatch, hash_file
 from ccat_dt.config import Config
 from ccat_dt.diskstate import inodes_out_here
-from ccat_dt.health import mark_failed, mark_ok, mark_unreadable_source, write_refused
+from ccat_dt.health import (
+    mark_failed,
+    mark_ok,
+    mark_readable,
+    mark_unreadable_source,
+    write_refused,
+)
 from ccat_dt.marker import MARKER, root_problem
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
@@ -43,7 +49,7 @@ from ccat_dt.opsdb.models import (
     utcnow,
 )
 from ccat_dt.packages import lock_package
-from ccat_dt.replicas import finish, finish_in, reread
+from ccat_dt.replicas import finish, finish_in, reread, source_down
 from ccat_dt.retention import verified_lta_copies
 from ccat_dt.routing import by_cost, readable_first
 from ccat_dt.staged_files import clear_scratch, look_at_staged, scratch_names, through_symlink
@@ -60,6 +66,16 @@ from ccat_dt.transports.factory import endpoint, transport_for
 
 class StagingError(Exception):
     """A staging request that cannot be made or acted on; nothing was changed."""
+
+
+class SourceDown(StagingError):
+    """The archive copy a staging read could not be reached (replicas.source_down: its location
+    is now passed over as a source); `elsewhere`: another archive's verified copy is the
+    nearest now, read at once (`_stage_package_from_any`)."""
+
+    def __init__(self, message: str, *, elsewhere: bool) -> None:
+        super().__init__(message)
+        self.elsewhere = elsewhere
 
 
 @dataclass(frozen=True)
@@ -163,7 +179,8 @@ def stage(opsdb: OpsDB, config: Config, name: str, *, run_id: str | None = None)
     changed: list[str] = []
     for package_name in package_names:
         try:
-            count, size, kept = _stage_package(opsdb, config, name, package_name, run_id)
+            count, size, kept = _stage_package_from_any(opsdb, config, name, package_name,
+                                                        run_id)
         except Exception:
             if ended := not_active(opsdb, name):  # released meanwhile (its scratch taken)
                 return Staged(name, 0, files, nbytes, note=f"stopped: {ended}")
@@ -226,6 +243,21 @@ def get_request(session: Session, name: str) -> StagingRequest:
     return request
 
 
+def _stage_package_from_any(opsdb: OpsDB, config: Config, request_name: str,
+                            package_name: str, run_id: str | None
+                            ) -> tuple[int, int, list[str]]:
+    """`_stage_package`, from the next archive's verified copy at once while the nearest one's
+    location cannot be reached (SourceDown), without a person or a failed run; when no other
+    can be read, the failure naming the source that is down (the re-attempt tries again).
+    Each try marks one more location down, so this ends."""
+    while True:
+        try:
+            return _stage_package(opsdb, config, request_name, package_name, run_id)
+        except SourceDown as exc:
+            if not exc.elsewhere or not_active(opsdb, request_name):
+                raise
+
+
 def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name: str,
                    run_id: str | None) -> tuple[int, int, list[str]]:
     """Stage the package's files that are not at the processing location now; returns the
@@ -284,6 +316,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
                 request_id = request.id
                 where = request.location.label
                 source_id, source_label = source.id, source.location.label
+                source_location_id = source.location_id
                 break
         if busy is not None:
             claims.wait_until_ended(opsdb, busy)
@@ -344,6 +377,18 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         if write_refused(exc):  # for `status` and a person (notify.py) until a staging succeeds
             mark_failed(opsdb, config, location_id, f"staging {request_name}: {exc}")
         mark_unreadable_source(opsdb, config, source_id, str(origin.path), exc)
+        if (down := source_down(opsdb, config, source_id, f"staging {request_name}")) is not None:
+            # Not the copy's fault: it is not judged (nor re-read: it cannot be looked at).
+            with opsdb.session() as session:
+                package = session.scalars(select(RawDataPackage).where(
+                    RawDataPackage.name == package_name)).one()
+                nearest = _nearest(session, config, package, site)
+                elsewhere = nearest is not None and nearest.id != source_id
+            raise SourceDown(f"{package_name}: {exc}; the source {down}: "
+                             + ("staged from another archive's verified copy instead"
+                                if elsewhere else "no other archive's verified copy can be "
+                                "read now; the re-attempt stages once one can"),
+                             elsewhere=elsewhere) from exc
         said = str(exc).lower()
         if (isinstance(exc, ChecksumMismatch) or "checksum mismatch" in said
                 or SOURCE_MISSING in said):
@@ -370,6 +415,7 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         finish_in(session, operation.id, copy_id=None, nbytes=size,
                   seconds=time.monotonic() - started)
         mark_ok(session, location_id)
+        mark_readable(session, source_location_id)  # read whole there: reached again
     return len(moved), size, kept
 
 

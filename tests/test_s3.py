@@ -49,10 +49,12 @@ MB = 1_000_000
 PREFIX = "ccat/lta"
 
 
-def s3_deployment(directory: Path, endpoint: str, bucket: str, **options: Any) -> Config:
+def s3_deployment(directory: Path, endpoint: str, bucket: str,
+                  policies: dict[str, Any] | None = None, **options: Any) -> Config:
     """The embedded default with Cologne's LTA in `bucket` (5 MiB parts, so that a few MB
-    already make a multipart upload), migrated and marked."""
+    already make a multipart upload), migrated and marked; `policies` over the default's."""
     settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    settings["policies"] = {**settings["policies"], **(policies or {})}  # type: ignore[dict-item]
     for site in settings["sites"]:  # type: ignore[attr-defined]
         if site["short_name"] == "cologne":
             site["locations"] = [
@@ -892,4 +894,81 @@ def test_staging_from_an_s3_object_refused_to_the_key_reads_the_other_archive(
         client.delete_bucket_policy(Bucket=bucket)
         assert object_hash(client, bucket, key) == victim.package.checksum  # left as it was
     finally:
+        opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_staging_while_the_s3_archive_is_down_reads_the_other_archive_then_s3_again(
+        tmp_path: Path, s3: S3Server, instance: DagsterInstance) -> None:  # noqa: F811
+    """Cologne's S3 endpoint, the nearest archive to the processing area, refuses every
+    connection (the store down, its link cut) when a staging comes: the staging reads
+    Cornell's disk copy at once, in the same attempt, with no person; Cologne's copies are not
+    judged (PRESENT, their objects untouched); Cologne's LTA is marked down as a source, naming
+    the staging; once the endpoint answers and the hold ended, the next staging reads Cologne
+    again (the cheapest route) and the mark is cleared. Before: the staging failed on the
+    endpoint, nothing was marked, and every re-attempt read the endpoint again until it came
+    back (or the horizon), the other archive never."""
+    from tests.faults.link import Link
+
+    link = Link(s3.port)
+    bucket = s3.new_bucket()
+    config = s3_deployment(tmp_path / "deploy", f"http://127.0.0.1:{link.port}", bucket,
+                           {"location_unhealthy_minutes": 0.05}, connect_timeout_s=1)
+    opsdb = OpsDB(config.opsdb_url)
+    client = s3.client()
+    try:
+        source = observe(config, opsdb, size=200_000)
+        written = {str(p.relative_to(source)): p.read_bytes() for p in files_under(source)}
+        assert drive(build_definitions(config), instance).failed == []
+        before = {c.id: object_hash(client, bucket, f"{PREFIX}/{c.relative_path}")
+                  for c in lta(opsdb, "cologne")}
+        assert len(before) == 2
+
+        link.cut()  # every connection to the store refused from here on
+        request = request_staging(opsdb, location="ramses/processing",
+                                  selection=Selection(observation="obs-0"),
+                                  expires_in=timedelta(days=1))
+        staged = stage(opsdb, config, request)  # one attempt: from Cornell's disk
+
+        assert staged.files == 4 and staged_problems(opsdb, request) == []
+        root = config.resolve_root("sites/ramses/processing") / request
+        assert {str(p.relative_to(root)).split("/", 1)[1]: p.read_bytes()
+                for p in files_under(root)} == written  # the filed bytes, on the disk
+        assert sorted(c.id for c in lta(opsdb, "cologne")) == sorted(before)  # not judged
+        from ccat_dt.health import SOURCE_DOWN
+        with opsdb.session() as session:
+            cologne = session.scalars(select(DataLocation).join(Site).where(
+                Site.short_name == "cologne",
+                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE)).one()
+            assert cologne.failing_since is not None
+            assert SOURCE_DOWN in (cologne.unhealthy_reason or "")
+            assert request in (cologne.unhealthy_reason or "")
+            sources = {s.short_name for s in session.scalars(
+                select(Site).join(DataLocation).join(
+                    Operation, Operation.source_location_id == DataLocation.id).where(
+                    Operation.operation_type == OperationType.STAGING,
+                    Operation.status == OperationStatus.COMPLETED))}
+            assert sources == {"us"}
+            cologne_id = cologne.id
+
+        link.restore()  # the store answers again; the hold (3 s here) ends
+        import time
+        time.sleep(4)
+        again = request_staging(opsdb, location="ramses/processing",
+                                selection=Selection(observation="obs-0"),
+                                expires_in=timedelta(days=1))
+        assert stage(opsdb, config, again).files == 4 and staged_problems(opsdb, again) == []
+        assert {str(p.relative_to(root.parent / again)).split("/", 1)[1]: p.read_bytes()
+                for p in files_under(root.parent / again)} == written
+        with opsdb.session() as session:
+            last = session.scalars(select(Operation).where(
+                Operation.operation_type == OperationType.STAGING,
+                Operation.status == OperationStatus.COMPLETED)
+                .order_by(Operation.id.desc())).first()
+            assert last is not None and last.source_location_id == cologne_id
+            assert session.get_one(DataLocation, cologne_id).failing_since is None
+        assert {c.id: object_hash(client, bucket, f"{PREFIX}/{c.relative_path}")
+                for c in lta(opsdb, "cologne")} == before  # the bucket as it was
+    finally:
+        link.close()
         opsdb.dispose()
