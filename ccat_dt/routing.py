@@ -117,14 +117,16 @@ def readable_first(session: Session, package: RawDataPackage,
     """The first of the verified copies `ranked` (best source first) that is not known
     unreadable (`unreadable_copies`) and whose location is not down now (health.unreachable:
     an archive not reached as a source, its disk unmounted, its host or endpoint refusing,
-    until its hold ends); else the first not known unreadable; when every one is, the first
-    (its re-attempt waits for the disk or the location to come back, as nothing else can feed
-    it)."""
+    until its hold ends); when every one not known unreadable is down, the one marked down
+    longest ago (each re-attempt tries the next, so the first to come back is read); when every
+    one is known unreadable, the first (its re-attempt waits for the disk to read again, as
+    nothing else can feed it)."""
     if len(ranked) < 2:
         return ranked[0] if ranked else None
     unreadable, now = unreadable_copies(session, package), utcnow()
     readable = [c for c in ranked if c.id not in unreadable] or ranked
-    return next((c for c in readable if not unreachable(c.location, now)), readable[0])
+    return next((c for c in readable if not unreachable(c.location, now)), None) or min(
+        readable, key=lambda c: _aware(c.location.unhealthy_until or now))
 
 
 # The operations that read their source location's copy of the package.

@@ -22,10 +22,12 @@ from ccat_dt.checksums import ChecksumMismatch, hash_file
 from ccat_dt.config import Config
 from ccat_dt.diskstate import inodes_out_here
 from ccat_dt.health import (
+    describe,
     mark_failed,
     mark_ok,
     mark_readable,
     mark_unreadable_source,
+    unreachable,
     write_refused,
 )
 from ccat_dt.marker import MARKER, root_problem
@@ -69,13 +71,13 @@ class StagingError(Exception):
 
 
 class SourceDown(StagingError):
-    """The archive copy a staging read could not be reached (replicas.source_down: its location
-    is now passed over as a source); `elsewhere`: another archive's verified copy is the
-    nearest now, read at once (`_stage_package_from_any`)."""
+    """The archive copy a staging read (`source_id`) could not be reached (replicas.source_down:
+    its location is now passed over as a source); `next_id`: the verified copy nearest now,
+    when it is another, tried at once (`_stage_package_from_any`)."""
 
-    def __init__(self, message: str, *, elsewhere: bool) -> None:
+    def __init__(self, message: str, *, source_id: int, next_id: int | None) -> None:
         super().__init__(message)
-        self.elsewhere = elsewhere
+        self.source_id, self.next_id = source_id, next_id
 
 
 @dataclass(frozen=True)
@@ -249,12 +251,14 @@ def _stage_package_from_any(opsdb: OpsDB, config: Config, request_name: str,
     """`_stage_package`, from the next archive's verified copy at once while the nearest one's
     location cannot be reached (SourceDown), without a person or a failed run; when no other
     can be read, the failure naming the source that is down (the re-attempt tries again).
-    Each try marks one more location down, so this ends."""
+    Each copy is tried once per call."""
+    tried: set[int] = set()
     while True:
         try:
             return _stage_package(opsdb, config, request_name, package_name, run_id)
         except SourceDown as exc:
-            if not exc.elsewhere or not_active(opsdb, request_name):
+            tried.add(exc.source_id)
+            if exc.next_id is None or exc.next_id in tried or not_active(opsdb, request_name):
                 raise
 
 
@@ -373,22 +377,17 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
             with opsdb.session() as session:
                 _record_staged(session, moved, files, lost, directory, location_id,
                                request_id)
-        finish(opsdb, operation.id, error=str(exc))
+        # The source's location looked at: one that cannot be (unreachable, unmounted,
+        # refusing) is marked down and passed over; its copy is not judged (nor re-read).
+        down = source_down(opsdb, config, source_id, f"staging {request_name}")
+        moving_on = None if down is None else _moving_on(opsdb, config, package_name, site,
+                                                         source_id, f"{exc}; the source {down}")
+        finish(opsdb, operation.id, error=str(moving_on or exc))
         if write_refused(exc):  # for `status` and a person (notify.py) until a staging succeeds
             mark_failed(opsdb, config, location_id, f"staging {request_name}: {exc}")
         mark_unreadable_source(opsdb, config, source_id, str(origin.path), exc)
-        if (down := source_down(opsdb, config, source_id, f"staging {request_name}")) is not None:
-            # Not the copy's fault: it is not judged (nor re-read: it cannot be looked at).
-            with opsdb.session() as session:
-                package = session.scalars(select(RawDataPackage).where(
-                    RawDataPackage.name == package_name)).one()
-                nearest = _nearest(session, config, package, site)
-                elsewhere = nearest is not None and nearest.id != source_id
-            raise SourceDown(f"{package_name}: {exc}; the source {down}: "
-                             + ("staged from another archive's verified copy instead"
-                                if elsewhere else "no other archive's verified copy can be "
-                                "read now; the re-attempt stages once one can"),
-                             elsewhere=elsewhere) from exc
+        if moving_on is not None:
+            raise moving_on from exc
         said = str(exc).lower()
         if (isinstance(exc, ChecksumMismatch) or "checksum mismatch" in said
                 or SOURCE_MISSING in said):
@@ -417,6 +416,28 @@ def _stage_package(opsdb: OpsDB, config: Config, request_name: str, package_name
         mark_ok(session, location_id)
         mark_readable(session, source_location_id)  # read whole there: reached again
     return len(moved), size, kept
+
+
+def _moving_on(opsdb: OpsDB, config: Config, package_name: str, site: str, source_id: int,
+               failure: str) -> SourceDown:
+    """What a staging whose source location is down (`failure` says which) does next: the
+    nearest verified copy now (another archive's, or, every one down, the one passed over
+    longest), or nothing but the re-attempt; naming the other archives down."""
+    with opsdb.session() as session:
+        package = session.scalars(select(RawDataPackage).where(
+            RawDataPackage.name == package_name)).one()
+        nearest, now = _nearest(session, config, package, site), utcnow()
+        also = [describe(c.location) for c in verified_lta_copies(session, package)
+                if c.id != source_id and unreachable(c.location, now)]
+        every = nearest is not None and unreachable(nearest.location, now)
+    next_id = nearest.id if nearest is not None and nearest.id != source_id else None
+    then = ("no other archive holds a verified copy; the re-attempt stages once it is back"
+            if next_id is None else "the next archive's verified copy is tried" if not every
+            else "every archive holding a verified copy is marked down: each is tried again, "
+            "the one down longest first, at every re-attempt until one is back")
+    return SourceDown(f"{package_name}: {failure}: not judged, passed over as a source for now; "
+                      + then + "".join(f"; also down: {text}" for text in also),
+                      source_id=source_id, next_id=next_id)
 
 
 def _identities(session: Session, request_id: int, package: RawDataPackage

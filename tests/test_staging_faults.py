@@ -593,3 +593,49 @@ def test_two_stagings_of_one_request_at_once_stage_and_record_each_file_once(
             StagingRequest.name == name)).one().packages]
     assert purge_package(opsdb, config, package).failures == []
     assert [p.name for p in root.rglob("*")] == [MARKER]
+
+
+@pytest.mark.slow
+def test_staging_while_every_archive_disk_is_unmounted_says_which_and_heals_from_the_first_back(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """Both archives' LTA disks are unmounted (their mount points bare) when a staging comes:
+    the staging fails, nothing is written at the processing location, neither archive copy is
+    judged (both stay PRESENT, their tars untouched), both LTA locations are marked down as
+    sources, and `why REQUEST` names both. Cornell's disk comes back first, Cologne's (the
+    cheapest route) stays away: the re-attempt stages from Cornell, with no person. Before:
+    the copy at Cologne was read at every attempt (a "source missing", re-read, "not re-read"),
+    never Cornell's, until Cologne's disk came back."""
+    config, opsdb, written = archived(tmp_path, instance, backoff_s=0.5)
+    defs = build_definitions(config)
+    root = config.resolve_root(PROCESSING)
+    disks = {site: config.resolve_root(f"sites/{site}/lta") for site in ("cologne", "us")}
+    tars = {site: sorted(disk.rglob("*chai-lfa*.tar")) for site, disk in disks.items()}
+    intact = {site: [t.read_bytes() for t in found] for site, found in tars.items()}
+    for disk in disks.values():  # unmounted: the files on the disk are out of sight
+        disk.rename(disk.with_name("lta-unmounted"))
+        disk.mkdir()
+    name = ask_to_stage(opsdb)
+
+    report = drive(defs, instance)
+
+    assert f"stage:{name}" in report.failed
+    assert staged(root, name) == {}  # the storage: nothing staged
+    with opsdb.session() as session:
+        said = {s.stage: s for s in diagnose(session, config, name, utcnow())}
+        request = session.scalars(select(StagingRequest).where(
+            StagingRequest.name == name)).one()
+        assert {c.status.value for p in request.packages for c in p.copies
+                if c.location.location_type.value == "long_term_archive"} == {"present"}
+    assert said["staging"].state == "failed"
+    assert "cologne/lta" in said["staging"].detail and "us/lta" in said["staging"].detail
+    assert "mounted?" in said["staging"].detail
+
+    disks["us"].rmdir()  # Cornell's disk is back; Cologne's is not
+    disks["us"].with_name("lta-unmounted").rename(disks["us"])
+    report = drive(defs, instance, wait_s=30)  # no person: the back-off, then a re-attempt
+
+    assert report.failed == []
+    assert staged(root, name) == written  # the filed bytes, on the processing disk
+    disks["cologne"].rmdir()
+    disks["cologne"].with_name("lta-unmounted").rename(disks["cologne"])
+    assert {site: [t.read_bytes() for t in found] for site, found in tars.items()} == intact
