@@ -111,3 +111,52 @@ def test_ccat_dt_retry_of_a_package_whose_partition_was_retired(
     assert [item.site for item in retried] == ["cologne"]
     assert any(key.startswith(f"site_copy:{bad.package.name}:cologne:retry-")
                for key in report.launched), report.launched
+
+
+def test_an_archive_site_added_while_the_nearest_archive_disk_is_unmounted_is_fed_from_another(
+        tmp_path: Path, instance: DagsterInstance) -> None:
+    """A third archive site is added while the LTA disk of the archive that would feed it
+    (the cheapest route) is unmounted, its mount point bare: the new site receives every
+    package from the other archive's LTA copies, with no person; the unmounted archive's
+    copies are not judged (PRESENT, their tars untouched once the disk is back) and the new
+    site's locations are not marked failing. Before: every attempt read the unmounted disk
+    again (a "source missing", its re-read "not re-read"), the other archive's copy never."""
+    from sqlalchemy import select
+
+    from ccat_dt.opsdb.models import CopyStatus, DataLocation, PackageCopy, Site
+    from ccat_dt.routing import nearest_lta_copy
+
+    config, opsdb, packages = archived_and_retired(tmp_path, instance, observations=2)
+    config = add_archive_site(config, "bonn", retry_backoff_first_s=0.5)
+    settings = yaml.safe_load(config.path.read_text())
+    for route in settings["routes"]:  # Cologne is the nearest archive to Bonn
+        if (route["origin"], route["destination"]) == ("cologne", "bonn"):
+            route["cost"] = 1
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    config = load_config(config.path)
+    with opsdb.session() as session:
+        nearest = {copy.location.site.short_name for p in session.scalars(
+            select(RawDataPackage)) if (copy := nearest_lta_copy(session, config, p, "bonn"))}
+    assert nearest == {"cologne"}
+    down = "cologne"
+    disk = config.resolve_root(f"sites/{down}/lta")
+    before = tars_below(disk)
+    disk.rename(disk.with_name("lta-unmounted"))
+    disk.mkdir()
+
+    report = drive(build_definitions(config), instance, wait_s=30)
+
+    # The first attempt of each may fail on the unmounted disk; its re-attempt reads the other.
+    assert all(k.startswith(("seed:", "reattempt:")) for k in report.failed), report.failed
+    assert tars_below(config.resolve_root("sites/bonn/lta")) == {
+        f"{name}.tar": checksum for name, checksum in packages.items()}  # the new disk
+    disk.rmdir()
+    disk.with_name("lta-unmounted").rename(disk)
+    assert tars_below(disk) == before  # the unmounted archive's copies, untouched
+    with opsdb.session() as session:
+        statuses = {c.status for c in session.scalars(select(PackageCopy).join(DataLocation)
+                                                      .join(Site).where(Site.short_name == down))
+                    if c.location.name == "lta"}
+        assert statuses == {CopyStatus.PRESENT}
+        assert [loc.label for loc in session.scalars(select(DataLocation).join(Site).where(
+            Site.short_name == "bonn", DataLocation.failing_since.is_not(None)))] == []
