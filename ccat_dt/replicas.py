@@ -622,6 +622,8 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         finish_in(session, job.operation_id, copy_id=copy.id, nbytes=result.bytes,
                   seconds=result.seconds)
         mark_ok(session, job.destination_id)
+        if (origin := session.get(PackageCopy, job.placement.source.copy_id)) is not None:
+            mark_readable(session, origin.location_id)  # read whole there: reached again
         refresh_state(session, config, package)
         return CopyRef.of(copy)
 

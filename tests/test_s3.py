@@ -972,3 +972,56 @@ def test_staging_while_the_s3_archive_is_down_reads_the_other_archive_then_s3_ag
     finally:
         link.close()
         opsdb.dispose()
+
+
+@pytest.mark.slow
+def test_a_repair_read_from_an_s3_archive_that_is_down_blames_the_store_not_the_disk(
+        tmp_path: Path, s3: S3Server, instance: DagsterInstance) -> None:  # noqa: F811
+    """Cornell's disk copy of a purged package found gone; its repair reads Cologne's object
+    while the S3 endpoint refuses every connection: Cologne's LTA is marked down as a source
+    (the store's fault), Cornell's locations, which only receive, are not marked failing,
+    nothing is left half-made there and Cologne's copy is not judged. Once the endpoint
+    answers, the re-attempt repairs the copy with no person and Cologne's mark is cleared.
+    Before: the unreachable source marked Cornell's buffer (the repair's way to its LTA)
+    failing: new work passed it over, and past `site_failover_hours` Cornell counted as
+    down and new packages were re-routed away from it."""
+    from ccat_dt.health import SOURCE_DOWN
+    from ccat_dt.replicas import reread
+    from tests.faults.link import Link
+
+    link = Link(s3.port)
+    bucket = s3.new_bucket()
+    config = s3_deployment(tmp_path / "deploy", f"http://127.0.0.1:{link.port}", bucket,
+                           {"retry_backoff_first_s": 0.5}, connect_timeout_s=1)
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        checksums = archived(config, opsdb, instance)  # sources purged
+        victim = lta(opsdb, "cologne")[0]
+        [disk] = [c for c in lta(opsdb, "us") if c.package_id == victim.package_id]
+        tar = Path(disk.location.root) / disk.relative_path
+        tar.unlink()
+        assert not reread(opsdb, config, disk.id).passed  # found gone: quarantined
+
+        link.cut()
+        drive(build_definitions(config), instance, wait_s=3)
+
+        assert not tar.exists() and [p for p in files_under(tar.parent)
+                                     if victim.package.name in p.name] == []
+        with opsdb.session() as session:
+            assert [(loc.label, loc.unhealthy_reason) for loc in session.scalars(
+                select(DataLocation).join(Site).where(Site.short_name == "us",
+                                                      DataLocation.failing_since.is_not(None)))
+                    ] == []  # neither Cornell's buffer (the repair's way) nor its LTA
+            cologne = session.get_one(DataLocation, victim.location_id)
+            assert SOURCE_DOWN in (cologne.unhealthy_reason or "")
+        assert victim.id in [c.id for c in lta(opsdb, "cologne")]  # PRESENT: not judged
+
+        link.restore()
+        assert drive(build_definitions(config), instance, wait_s=60).failed == []
+
+        assert hash_file(tar)[0] == checksums[victim.package.name]  # repaired, on the disk
+        with opsdb.session() as session:
+            assert session.get_one(DataLocation, victim.location_id).failing_since is None
+    finally:
+        link.close()
+        opsdb.dispose()
