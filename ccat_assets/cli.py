@@ -901,6 +901,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             args = parser().parse_args(argv)  # --help writes to stdout too
             verbose, config_path = args.verbose, getattr(args, "config", None)
+            _refuse_root_elsewhere(args, sys.argv[1:] if argv is None else list(argv))
             configure_from_env()
             args.run(args)
         finally:
@@ -916,6 +917,40 @@ def main(argv: Sequence[str] | None = None) -> None:
             traceback.print_exc(file=sys.stderr)
         print(f"ccat-dt: error: {message}", file=sys.stderr)
         raise SystemExit(status) from None
+
+
+# Commands that write nothing on a deployment (`instance-yaml` prints; with --api, `file` and
+# `observation` talk HTTP to the filing service).
+_NO_DEPLOYMENT = frozenset({"instance-yaml"})
+
+
+def _refuse_root_elsewhere(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """As root, refuse (exit 2) a command on a deployment another user owns before it opens
+    anything that could create a file (ccat_dt/ownership.py). Not root: nothing is looked at."""
+    if (os.geteuid() != 0 or args.command in _NO_DEPLOYMENT
+            or getattr(args, "api", None)):
+        return
+    from ccat_assets.instance import instance_home
+    from ccat_dt.config import ConfigError
+    from ccat_dt.defaults import CONFIG_NAME
+    from ccat_dt.ownership import refuse_root_on_foreign, written_first
+
+    paths: list[Path] = []
+    config_path: Path | str | None = args.config
+    if args.command in ("init", "demo"):
+        directory = Path(args.directory if args.command == "init" else args.root).absolute()
+        paths.append(directory)
+        config_path = directory / CONFIG_NAME if args.command == "init" else None
+        if config_path is not None and not config_path.exists():
+            config_path = None
+    if args.command != "demo" and (config_path is not None or args.command != "init"):
+        try:
+            config = load_config(config_path)
+        except ConfigError:
+            config = None  # the command itself says what is wrong with it
+        if config is not None:
+            paths[:0] = written_first(config, instance_home(config))
+    refuse_root_on_foreign(paths, argv)
 
 
 def _explain(exc: BaseException, config_path: str | None = None) -> tuple[str, int]:
@@ -953,7 +988,8 @@ _STATED_ERRORS = (("ccat_dt.config", "ConfigError"), ("ccat_dt.filing", "FilingE
                   ("ccat_dt.opsdb.database", "MigrationBlocked"),
                   ("ccat_dt.staging", "StagingError"), ("ccat_dt.service.tokens", "TokenError"),
                   ("ccat_dt.client", "ServiceError"), ("ccat_dt.topology", "TopologyDrift"),
-                  ("ccat_dt.service.journal", "JournalInUse"))
+                  ("ccat_dt.service.journal", "JournalInUse"),
+                  ("ccat_dt.ownership", "WrongUser"))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

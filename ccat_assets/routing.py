@@ -62,12 +62,14 @@ from dagster._core.storage.tags import (
 )
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
+from ccat_assets.instance import instance_home
 from ccat_assets.partitions import PACKAGES, staging_partitions
 from ccat_assets.stages import ASSET_STAGE, stages_of_job
 from ccat_assets.tags import LINK_TAG, PROCESS_TAGS, PROVENANCE_TAGS, QUEUE_TAG, UNROUTED_TAG
 from ccat_dt.config import Config, load_config
 from ccat_dt.dispatch import dispatch_for
 from ccat_dt.opsdb.database import OpsDB
+from ccat_dt.ownership import WrongUser, refuse_root_on_foreign, written_first
 from ccat_dt.packages import get_package
 from ccat_dt.queues import queue_sites
 from ccat_dt.stages import Stage
@@ -286,7 +288,13 @@ def check_launch(instance: DagsterInstance, config: Config, run: DagsterRun) -> 
     """What a run launched by hand may carry that no run of ours can do, refused as it starts,
     before any step (the run fails once, the cause as its headline): a `resources:` section in
     its run config, or a partition none of its assets has (the launchpad's tags and config are
-    editable). A package or staging request whose partition is gone is brought back."""
+    editable). A package or staging request whose partition is gone is brought back. A run
+    executed as root (a root `dagster dev` or `dagster asset materialize`) on a deployment
+    another user owns is refused (ccat_dt/ownership.py)."""
+    try:
+        refuse_root_on_foreign(written_first(config, instance_home(config)), None)
+    except WrongUser as exc:
+        raise Failure(description=str(exc), allow_retries=False) from exc
     given = run.run_config.get("resources")
     resources = sorted(key for key, entry in given.items() if entry) if isinstance(
         given, Mapping) else []

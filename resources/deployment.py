@@ -6,12 +6,14 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, Failure, InitResourceContext
 
+from ccat_assets.instance import instance_home
 from ccat_dt.config import Config, load_config
 from ccat_dt.jsonlog import log_operation
 from ccat_dt.metrics import Metrics, MetricsSettings
 from ccat_dt.opsdb.database import OpsDB, check_schema
+from ccat_dt.ownership import WrongUser, refuse_root_on_foreign, written_first
 from ccat_dt.topology import check_topology
 
 OPERATIONS = logging.getLogger("ccat_dt.operations")
@@ -53,7 +55,14 @@ class Deployment(ConfigurableResource):  # type: ignore[misc]
         disagree on the locations: every sensor tick and run says so, and none acts. The
         OpsDB is opened once per process, so its schema is looked at again here: a process
         that outlived a `migrate` (a Celery worker, the daemon, a drive) is refused
-        (SchemaOutOfDate) instead of writing with its old models into the new schema."""
+        (SchemaOutOfDate) instead of writing with its old models into the new schema. A run
+        or tick in a process running as root (a root `dagster dev` or `dagster asset
+        materialize`) on a deployment another user owns is refused (WrongUser) before it
+        writes there."""
+        try:
+            refuse_root_on_foreign(written_first(self.config, instance_home(self.config)), None)
+        except WrongUser as exc:  # no retry changes who runs it
+            raise Failure(description=str(exc), allow_retries=False) from exc
         opsdb = _opened_opsdb(self.config.opsdb_url)
         check_schema(opsdb.engine)
         check_topology(opsdb, self.config)
