@@ -185,3 +185,18 @@ def test_root_on_its_own_deployment_and_another_user_are_not_refused(
             done.stderr
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_with_a_postgresql_opsdb_the_instance_directory_decides(deployment: Path) -> None:
+    """With OpsDB on PostgreSQL no file of ours holds it: the owner of DAGSTER_HOME decides,
+    and the command is refused before it connects (this server does not exist)."""
+    env = {**_env(deployment),
+           "CCAT_DT_OPSDB_URL": "postgresql+psycopg://ccat@127.0.0.1:9/opsdb"}
+    before = _files(deployment)
+    done = subprocess.run([CCAT_DT, "drive"], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=600, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        f"ccat-dt: error: this deployment belongs to {USER} ({deployment}/dagster_home)"), \
+        done.stderr
+    assert _files(deployment) == before
