@@ -173,13 +173,69 @@ def new_opsdb(config: Config) -> None:
         shutil.copyfile(_empty_opsdb(), path)
 
 
-def new_instance_home(home: Path) -> Path:
+def new_instance_home(home: Path, template: Path | None = None) -> Path:
     """`home` as a new Dagster instance with the embedded default's storage: its dagster.yaml
-    and empty storage files."""
-    shutil.copytree(_empty_instance_home(), home,
+    and empty storage files (or a copy of `template`'s, made by `instance_template`)."""
+    shutil.copytree(template or _empty_instance_home(), home,
                     ignore=shutil.ignore_patterns("*-wal", "*-shm", "dagster.yaml"))
     (home / "dagster.yaml").write_text(instance_yaml(home))
     return home
+
+
+def template_directory(name: str) -> Path:
+    """A new directory among this test process's templates (removed as it exits)."""
+    directory = _templates() / name
+    directory.mkdir()
+    return directory
+
+
+def instance_template(home: Path) -> Path:
+    """`home`, an instance closed by now, made a template of new_instance_home: each of its
+    SQLite files checkpointed, so that the file alone holds it."""
+    for database in home.rglob("*.db"):
+        _checkpointed(database)
+    return home
+
+
+def copied_tree(source: Path, destination: Path) -> dict[int, int]:
+    """`source` copied to `destination` (mtimes kept, SQLite's -wal and -shm left out); each
+    regular file's inode there -> its copy's here."""
+    shutil.copytree(source, destination, symlinks=True,
+                    ignore=shutil.ignore_patterns("*-wal", "*-shm"))
+    inodes = {}
+    for path in destination.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            inodes[(source / path.relative_to(destination)).stat().st_ino] = path.stat().st_ino
+    return inodes
+
+
+def reinoded(database: Path, inodes: dict[int, int]) -> None:
+    """Every `inode` column of the SQLite `database` (what OpsDB records of a file as it was
+    written, so that a changed file is never taken for it) made to name the copy's inode
+    (copied_tree) where it named the original's."""
+    with closing(sqlite3.connect(database)) as connection, connection:
+        connection.execute("CREATE TEMP TABLE moved_inodes (old INTEGER PRIMARY KEY, new INTEGER)")
+        connection.executemany("INSERT INTO moved_inodes VALUES (?, ?)", inodes.items())
+        tables = [name for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()]
+        for table in tables:
+            if "inode" in [row[1] for row in connection.execute(f'PRAGMA table_info("{table}")')]:
+                connection.execute(
+                    f'UPDATE "{table}" SET inode = (SELECT new FROM moved_inodes '
+                    f'WHERE old = "{table}".inode) WHERE inode IN (SELECT old FROM moved_inodes)')
+
+
+def relocated(database: Path, old: str, new: str) -> None:
+    """Every text in the SQLite `database` that holds the path `old` made to hold `new`
+    instead: OpsDB records each location's root, Dagster's events the files they name, so a
+    copy of a deployment made elsewhere only holds once they point at where it is now."""
+    with closing(sqlite3.connect(database)) as connection, connection:
+        tables = [name for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()]
+        for table in tables:
+            for column in [row[1] for row in connection.execute(f'PRAGMA table_info("{table}")')]:
+                connection.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                                   f'WHERE instr("{column}", ?) > 0', (old, new, old))
 
 
 SHM = Path("/dev/shm")
@@ -187,11 +243,13 @@ SHM_NEEDED = 256 * 2**20  # the instance of one test writes a few MB
 
 
 @contextmanager
-def scratch_instance(tmp_path: Path) -> Iterator[DagsterInstance]:
+def scratch_instance(tmp_path: Path, template: Path | None = None,
+                     moved: tuple[str, str] | None = None) -> Iterator[DagsterInstance]:
     """A new persistent instance (other processes can open it) with the embedded default's
     storage, on tmpfs when there is one: each run commits dozens of events, each an fsync on
     a real disk (~1.6 ms on the CI VM, more while other tests write). The OpsDB and every
-    data location stay where the test put them."""
+    data location stay where the test put them. With `template` (instance_template), a copy
+    of that instance, each path `moved[0]` its events name made `moved[1]` (`relocated`)."""
     home, scratch = tmp_path / "dagster_home", None
     try:
         if os.access(SHM, os.W_OK) and shutil.disk_usage(SHM).free > SHM_NEEDED:
@@ -199,7 +257,10 @@ def scratch_instance(tmp_path: Path) -> Iterator[DagsterInstance]:
             home = scratch / "dagster_home"
     except OSError:
         pass
-    new_instance_home(home)
+    new_instance_home(home, template)
+    if moved is not None:
+        for database in home.rglob("*.db"):
+            relocated(database, *moved)
     try:
         with DagsterInstance.from_config(str(home)) as instance:
             yield instance

@@ -5,12 +5,15 @@ a next step that works for a staging request."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_assets.retry import operator_retry
 from ccat_assets.runlog import RunLine, RunReporter, _key_parts
-from ccat_dt.config import Config
+from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import CONFIG_NAME, EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.marker import MARKER, write_marker
 from ccat_dt.opsdb.database import OpsDB
@@ -33,7 +37,18 @@ from ccat_dt.stages import Stage
 from ccat_dt.staging import Selection, StagingError, release, request_staging, stage
 from ccat_dt.storage import files_under
 from tests.faults.pipeline import deployment
-from tests.helpers import observe, run_cli
+from tests.helpers import (
+    _checkpointed,
+    copied_tree,
+    instance_template,
+    new_instance_home,
+    observe,
+    reinoded,
+    relocated,
+    run_cli,
+    scratch_instance,
+    template_directory,
+)
 from tests.services import unavailable
 
 PROCESSING = "sites/ramses/processing"
@@ -56,15 +71,81 @@ def mount(root: Path) -> None:
 def archived(tmp_path: Path, instance: DagsterInstance, backoff_s: float,
              opsdb_url: str | None = None) -> tuple[Config, OpsDB, dict[str, bytes]]:
     """One observation filed and archived; its raw bytes as written (the purge deletes them at
-    the source). `opsdb_url`: another OpsDB than the embedded SQLite one."""
+    the source). `opsdb_url`: another OpsDB than the embedded SQLite one. On the SQLite OpsDB,
+    `instance` (this module's fixture) and tmp_path/deploy are already a copy of what
+    `_archived_template`'s drive made; here its configuration gets the test's back-off."""
+    if opsdb_url is None:
+        template = _archived_template()
+        directory = tmp_path / "deploy"
+        assert (directory / CONFIG_NAME).exists(), "archived on SQLite takes this module's instance"
+        (directory / CONFIG_NAME).unlink()  # as deployment() writes it, with this back-off
+        write_default_config(directory, overrides=_settings(backoff_s))
+        config = load_config(directory / CONFIG_NAME)
+        return config, OpsDB(config.opsdb_url), dict(template.written)
     config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": backoff_s},
-                        **({"opsdb_url": opsdb_url} if opsdb_url else {}))
+                        opsdb_url=opsdb_url)
     opsdb = OpsDB(config.opsdb_url)
+    return config, opsdb, _filed_and_archived(config, opsdb, instance)
+
+
+def _filed_and_archived(config: Config, opsdb: OpsDB,
+                        instance: DagsterInstance) -> dict[str, bytes]:
     source = observe(config, opsdb, observations=1, files=2)
     written = {str(p.relative_to(source)): p.read_bytes() for p in files_under(source)
                if "chai/lfa" in str(p)}
     assert drive(build_definitions(config), instance).failed == []
-    return config, opsdb, written
+    return written
+
+
+def _settings(backoff_s: float) -> dict[str, Any]:
+    """deployment()'s configuration with this back-off (top-level keys over the default's)."""
+    settings = copy.deepcopy(EMBEDDED_DEFAULT)
+    settings["policies"] = {**settings["policies"],  # type: ignore[dict-item]
+                            "retry_backoff_first_s": backoff_s}
+    return settings
+
+
+@dataclass(frozen=True)
+class _Template:
+    deploy: Path  # the deployment the drive archived at, OpsDB checkpointed
+    home: Path  # the instance it drove, closed and checkpointed (tests.helpers)
+    written: dict[str, bytes]
+
+
+@functools.cache
+def _archived_template() -> _Template:
+    """The archived state most tests here start from, made by the real lifecycle (a drive of
+    the observation filed) once per test process: ~4.4 s of CPU that each test spent again
+    (three quarters of this file's). Each test starts from a copy (this module's `instance`
+    fixture): its own deployment directory and instance, every path and inode OpsDB and the
+    instance record of its files made its own (tests.helpers: relocated, reinoded)."""
+    directory = template_directory("archived")
+    home = new_instance_home(directory / "dagster_home")
+    config = deployment(directory / "deploy", policies={"retry_backoff_first_s": 3600.0})
+    opsdb = OpsDB(config.opsdb_url)
+    with DagsterInstance.from_config(str(home)) as instance:
+        written = _filed_and_archived(config, opsdb, instance)
+    opsdb.dispose()
+    _checkpointed(directory / "deploy" / "opsdb.sqlite")
+    return _Template(directory / "deploy", instance_template(home), written)
+
+
+@pytest.fixture
+def instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DagsterInstance]:
+    """conftest's, except that a test on the SQLite OpsDB starts archived: tmp_path/deploy a
+    copy of the template's deployment and the instance a copy of its (`_archived_template`)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("database") == "postgresql":
+        with scratch_instance(tmp_path) as fresh:
+            yield fresh
+        return
+    template = _archived_template()
+    moved = (str(template.deploy), str(tmp_path / "deploy"))
+    inodes = copied_tree(template.deploy, tmp_path / "deploy")
+    relocated(tmp_path / "deploy" / "opsdb.sqlite", *moved)
+    reinoded(tmp_path / "deploy" / "opsdb.sqlite", inodes)
+    with scratch_instance(tmp_path, template=template.home, moved=moved) as copied:
+        yield copied
 
 
 def ask_to_stage(opsdb: OpsDB, module: str | None = "chai/lfa") -> str:
