@@ -267,3 +267,19 @@ def scratch_instance(tmp_path: Path, template: Path | None = None,
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def copied_deployment(deploy: Path, home: Path, tmp_path: Path) -> Iterator[DagsterInstance]:
+    """tmp_path/deploy a copy of the deployment directory `deploy` (its SQLite OpsDB
+    checkpointed) and the instance a copy of `home` (instance_template): a state a test
+    process drove to once, for each test that starts from it. Every path and inode the copy's
+    OpsDB and instance record of its files is made the copy's (relocated, reinoded)."""
+    copy = tmp_path / "deploy"
+    inodes = copied_tree(deploy, copy)
+    moved = (str(deploy), str(copy))
+    for database in copy.glob("*.sqlite"):
+        relocated(database, *moved)
+        reinoded(database, inodes)
+    with scratch_instance(tmp_path, template=home, moved=moved) as instance:
+        yield instance

@@ -4,10 +4,12 @@ converges to the truth, and the integrity reports per partition say what OpsDB s
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from dagster import (
@@ -34,7 +36,8 @@ from ccat_assets.driver import DriveReport, drive, healed_runs, launch
 from ccat_assets.partitions import package_site_key
 from ccat_assets.scrub import scrub_job
 from ccat_dt.checksums import hash_file
-from ccat_dt.config import Config
+from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import CONFIG_NAME, write_default_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -48,11 +51,62 @@ from ccat_dt.opsdb.models import (
 from ccat_dt.progress import ProgressEvent
 from ccat_dt.report import disagreements
 from ccat_dt.stages import Stage
+from ccat_dt.topology import prepare_opsdb
 from sensors.reattempt import history as reattempt_history
-from tests.helpers import flip_byte, lta_copies_at, observe, rot_an_lta_copy
+from tests.helpers import (
+    _checkpointed,
+    copied_deployment,
+    flip_byte,
+    instance_template,
+    lta_copies_at,
+    new_instance_home,
+    new_opsdb,
+    observe,
+    rot_an_lta_copy,
+    template_directory,
+)
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
 warnings.filterwarnings("ignore", category=BetaWarning)
+
+
+class Archived(NamedTuple):
+    config: Config
+    opsdb: OpsDB
+    instance: DagsterInstance
+
+
+@functools.cache
+def _archived_template() -> tuple[Path, Path]:
+    """The default deployment (conftest's `config`) with one observation of one file per module
+    observed, filed and driven to the end by the real lifecycle, made once per test process:
+    the set-up of most tests here (~4 s of CPU each). Its deployment directory and instance."""
+    directory = template_directory("operator-actions-archived")
+    config = load_config(write_default_config(directory / "deploy"))
+    new_opsdb(config)
+    prepare_opsdb(config)
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1, files=1)
+    home = new_instance_home(directory / "dagster_home")
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert drive(build_definitions(config), instance).failed == []
+    opsdb.dispose()
+    for database in (directory / "deploy").glob("*.sqlite"):
+        _checkpointed(database)
+    return directory / "deploy", instance_template(home)
+
+
+@pytest.fixture
+def driven(tmp_path: Path) -> Iterator[Archived]:
+    """What `observe(config, opsdb, observations=1, files=1)` and a drive of it to the end
+    leave, as a copy of `_archived_template`'s (tests.helpers.copied_deployment): the test's
+    own deployment directory, OpsDB and instance."""
+    deploy, home = _archived_template()
+    with copied_deployment(deploy, home, tmp_path) as instance:
+        config = load_config(tmp_path / "deploy" / CONFIG_NAME)
+        opsdb = OpsDB(config.opsdb_url)
+        yield Archived(config, opsdb, instance)
+        opsdb.dispose()
 
 
 def by_hand(defs: Definitions, dagster: DagsterInstance, asset: str, partition: str,
@@ -87,10 +141,9 @@ def lta_intact(opsdb: OpsDB) -> None:
 
 
 def test_materialize_by_hand_on_an_archived_package_changes_nothing_but_verifications(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:  # noqa: F811
-    observe(config, opsdb, observations=1, files=1)
+        driven: Archived) -> None:
+    config, opsdb, instance = driven  # observed, filed and driven to the end
     defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
     before = opsdb_state(opsdb)
     names = sorted(before["packages"])
     assert all(state == PackageState.ARCHIVED for state, _ in before["packages"].values())
@@ -163,13 +216,12 @@ def check_status(dagster: DagsterInstance, asset: str, check: str) -> dict[str, 
 
 
 def test_materialize_on_a_rotten_lta_copy_repairs_it_and_names_the_copy_it_came_from(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:  # noqa: F811
+        driven: Archived) -> None:
     """"Materialize" on an archived lta_copies partition whose copy rotted: the re-read finds
     it bad, the repair comes from the other archive's verified copy, and the partition's
     metadata says so (not the rotten copy the step had planned to start from)."""
-    observe(config, opsdb, observations=1, files=1)
+    config, opsdb, instance = driven  # observed, filed and driven to the end
     defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
     bad = rot_an_lta_copy(opsdb, "cologne")
     key = str(package_site_key(bad.package.name, "cologne"))
 
@@ -185,11 +237,10 @@ def test_materialize_on_a_rotten_lta_copy_repairs_it_and_names_the_copy_it_came_
 
 
 def test_a_scrub_finding_is_red_on_its_partition_until_the_repair_makes_it_green(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        driven: Archived,
         progress_events: list[ProgressEvent]) -> None:
-    observe(config, opsdb, observations=1, files=1)
+    config, opsdb, instance = driven  # observed, filed and driven to the end
     defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
     bad = rot_an_lta_copy(opsdb, "us")
     copies = [(site, c) for site in ("cologne", "us") for c in lta_copies_at(opsdb, site)]
     keys = [str(package_site_key(c.package.name, site)) for site, c in copies]
@@ -241,14 +292,13 @@ def tick_overview(defs: Definitions, dagster: DagsterInstance) -> dict[str, Any]
 
 
 def test_an_audit_quarantine_is_reported_on_its_partition_by_the_integrity_sensor(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:  # noqa: F811
+        driven: Archived) -> None:
     """A copy quarantined outside any run (here a failed re-read recorded as the audit and the
     deletion re-check record theirs) turns its partition's check red at the next tick."""
     from ccat_dt.replicas import reread
 
-    observe(config, opsdb, observations=1, files=1)
+    config, opsdb, instance = driven  # observed, filed and driven to the end
     defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
     bad = lta_copies_at(opsdb, "cologne")[0]
     path = Path(bad.location.root) / bad.relative_path
     path.write_bytes(b"x" * 10)
@@ -592,7 +642,7 @@ def test_a_finding_while_its_partition_has_a_run_in_flight_is_reported_once_that
 
 
 def test_hand_reported_events_are_checked_again_on_the_storage_at_the_next_tick(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+        driven: Archived) -> None:
     """"Report materialization event" (a partition of lta_copies, of purge_status) and, on the
     Checks tab, "Report evaluation" (a rotten copy's check marked passed by hand): runless
     events, done as the UI's mutations do them. Each left the partition's check stale (no
@@ -601,9 +651,8 @@ def test_hand_reported_events_are_checked_again_on_the_storage_at_the_next_tick(
     storage's answer on the latest materialization, the hand-made one; nothing is moved."""
     from dagster import AssetMaterialization
 
-    observe(config, opsdb, observations=1, files=1)
+    config, opsdb, instance = driven  # observed, filed and driven to the end
     defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
     _, cursor = integrity_tick(defs, instance)  # the sensor has looked: from here on
     bad = rot_an_lta_copy(opsdb, "us")
     bad_key = str(package_site_key(bad.package.name, "us"))
@@ -661,7 +710,7 @@ def test_hand_reported_events_are_checked_again_on_the_storage_at_the_next_tick(
 
 
 def test_a_recheck_that_finds_a_rotten_copy_is_healed_by_its_repair_in_the_same_drive(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+        driven: Archived) -> None:
     """A rotten LTA copy (bit rot, OpsDB still holds it verified) whose check an operator
     marked passed by hand ("Report evaluation"): the next drive's recheck reads it, finds it
     bad, quarantines it (its blocking check fails, so does its run), and the repair sensor
@@ -672,9 +721,8 @@ def test_a_recheck_that_finds_a_rotten_copy_is_healed_by_its_repair_in_the_same_
     waiting; the copy on the storage is intact again."""
     from ccat_dt.loss import packages_in_danger
 
-    observe(config, opsdb, observations=1, files=1)
+    config, opsdb, instance = driven  # observed, filed and driven to the end
     defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
     bad = rot_an_lta_copy(opsdb, "us")
     bad_key = str(package_site_key(bad.package.name, "us"))
     instance.report_runless_asset_event(AssetCheckEvaluation(  # "Report evaluation": passed
@@ -697,7 +745,7 @@ def test_a_recheck_that_finds_a_rotten_copy_is_healed_by_its_repair_in_the_same_
 
 
 def test_wiped_materializations_are_restated_from_opsdb_without_re_reading(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance,
+        driven: Archived,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """"Wipe materializations" of lta_copies, as the UI's wipeAssets does it for a whole asset
     (a partition's wipe is not supported by the embedded event log storage): the UI showed no
@@ -708,9 +756,8 @@ def test_wiped_materializations_are_restated_from_opsdb_without_re_reading(
     (nothing is read: no verification added)."""
     import sensors.integrity
 
-    observe(config, opsdb, observations=1, files=1)
+    config, opsdb, instance = driven  # observed, filed and driven to the end
     defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
     lta = AssetKey("lta_copies")
     archived = instance.get_materialized_partitions(lta)
     assert len(archived) == 4
@@ -831,7 +878,7 @@ def storage_files(config: Config) -> dict[str, tuple[int, int, int]]:
 
 
 def test_runs_deleted_in_the_ui_leave_what_they_did_shown_done_and_nothing_redone(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+        driven: Archived) -> None:
     """Runs → Delete on every run of an archived and purged observation (`instance.delete_run`,
     what the UI's deleteRun calls: it deletes the run's event log, its materializations and
     check evaluations). Before, every partition of raw_files, packages, site_copies and
@@ -840,9 +887,8 @@ def test_runs_deleted_in_the_ui_leave_what_they_did_shown_done_and_nothing_redon
     archived, purged. Now the integrity sensor's next tick sees runs were deleted and restates
     each partition OpsDB holds done from OpsDB, with its checks; the sensors launch no other
     work, nothing on the storage is read, written or deleted, OpsDB is unchanged."""
-    observe(config, opsdb, observations=1, files=1)
+    config, opsdb, instance = driven  # observed, filed and driven to the end
     defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
     shown = {asset: instance.get_materialized_partitions(AssetKey(asset)) for asset in CHECKS_OF}
     assert all(shown.values()), shown
     for asset, checks in CHECKS_OF.items():
@@ -884,7 +930,7 @@ def test_runs_deleted_in_the_ui_leave_what_they_did_shown_done_and_nothing_redon
 
 @pytest.mark.parametrize("then", ["materialized", "ended"])
 def test_runs_deleted_while_a_run_of_a_partition_is_in_flight_leave_that_partition_to_it(
-        config: Config, opsdb: OpsDB, instance: DagsterInstance, then: str) -> None:
+        driven: Archived, then: str) -> None:
     """Runs deleted while a run of one package's packaging is queued (created, not started:
     in flight). That run records its work in OpsDB before Dagster stores its materialization,
     so restating its partitions then (as the first version of the restatement did) launched a
@@ -896,9 +942,8 @@ def test_runs_deleted_while_a_run_of_a_partition_is_in_flight_leave_that_partiti
 
     from ccat_assets.driver import _create
 
-    observe(config, opsdb, observations=1, files=1)
+    config, opsdb, instance = driven  # observed, filed and driven to the end
     defs = build_definitions(config)
-    assert drive(defs, instance).failed == []
     shown = {asset: instance.get_materialized_partitions(AssetKey(asset)) for asset in CHECKS_OF}
     busy = sorted(shown["packages"])[0]
     _, cursor = integrity_tick(defs, instance)  # the sensor has looked at the runs

@@ -39,12 +39,10 @@ from ccat_dt.storage import files_under
 from tests.faults.pipeline import deployment
 from tests.helpers import (
     _checkpointed,
-    copied_tree,
+    copied_deployment,
     instance_template,
     new_instance_home,
     observe,
-    reinoded,
-    relocated,
     run_cli,
     scratch_instance,
     template_directory,
@@ -118,7 +116,7 @@ def _archived_template() -> _Template:
     the observation filed) once per test process: ~4.4 s of CPU that each test spent again
     (three quarters of this file's). Each test starts from a copy (this module's `instance`
     fixture): its own deployment directory and instance, every path and inode OpsDB and the
-    instance record of its files made its own (tests.helpers: relocated, reinoded)."""
+    instance record of its files made its own (tests.helpers.copied_deployment)."""
     directory = template_directory("archived")
     home = new_instance_home(directory / "dagster_home")
     config = deployment(directory / "deploy", policies={"retry_backoff_first_s": 3600.0})
@@ -140,11 +138,7 @@ def instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dagster
             yield fresh
         return
     template = _archived_template()
-    moved = (str(template.deploy), str(tmp_path / "deploy"))
-    inodes = copied_tree(template.deploy, tmp_path / "deploy")
-    relocated(tmp_path / "deploy" / "opsdb.sqlite", *moved)
-    reinoded(tmp_path / "deploy" / "opsdb.sqlite", inodes)
-    with scratch_instance(tmp_path, template=template.home, moved=moved) as copied:
+    with copied_deployment(template.deploy, template.home, tmp_path) as copied:
         yield copied
 
 
