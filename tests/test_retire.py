@@ -3,7 +3,9 @@ partitions after the configured age, and OpsDB still answers for them."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from dagster._core.storage.tags import PARTITION_NAME_TAG
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config, load_config
-from ccat_dt.defaults import EMBEDDED_DEFAULT, write_default_config
+from ccat_dt.defaults import CONFIG_NAME, EMBEDDED_DEFAULT, write_default_config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.filing import file_directory, start_observation
 from ccat_dt.opsdb.database import OpsDB
@@ -26,7 +28,14 @@ from sensors import retire
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere
 from tests.faults.pipeline import observe as observe_one
-from tests.helpers import observe
+from tests.helpers import (
+    _checkpointed,
+    copied_deployment,
+    instance_template,
+    new_instance_home,
+    observe,
+    template_directory,
+)
 from tests.test_dry_runs import LOCATION, the_ui
 
 
@@ -37,6 +46,34 @@ def deployment_retiring_at_once(tmp_path: Path) -> tuple[Config, OpsDB]:
                                               overrides={"policies": policies}))
     prepare_opsdb(config)
     return config, OpsDB(config.opsdb_url)
+
+
+@functools.cache
+def _retired_template() -> tuple[Path, Path]:
+    """`deployment_retiring_at_once` with one observation of one file per module observed,
+    filed and driven to the end by the real lifecycle (its partitions retired on the way),
+    made once per test process: the set-up of the tests launching runs by hand for a retired
+    partition (~4 s of CPU each). Its deployment directory and instance."""
+    directory = template_directory("retire-retired")
+    config, opsdb = deployment_retiring_at_once(directory)
+    observe(config, opsdb, observations=1, files=1)
+    home = new_instance_home(directory / "dagster_home")
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert drive(build_definitions(config), instance).failed == []
+    opsdb.dispose()
+    for database in (directory / "deploy").glob("*.sqlite"):
+        _checkpointed(database)
+    return directory / "deploy", instance_template(home)
+
+
+@pytest.fixture
+def retired(tmp_path: Path) -> Iterator[tuple[Config, DagsterInstance]]:
+    """What `deployment_retiring_at_once`, `observe(config, opsdb, observations=1, files=1)`
+    and a drive of it to the end leave, as a copy of `_retired_template`'s
+    (tests.helpers.copied_deployment): the test's own deployment directory and instance."""
+    deploy, home = _retired_template()
+    with copied_deployment(deploy, home, tmp_path) as instance:
+        yield load_config(tmp_path / "deploy" / CONFIG_NAME), instance
 
 
 def archived_today(tmp_path: Path, instance: DagsterInstance,
@@ -155,17 +192,15 @@ def _launched_by_hand(instance: DagsterInstance, asset: str, key: str) -> str:
 
 @pytest.mark.parametrize("asset", ["packages", "site_copies", "lta_copies", "purge_status"])
 def test_a_run_launched_by_hand_for_a_retired_partition_brings_it_back(
-        tmp_path: Path, instance: DagsterInstance,  # noqa: F811
+        retired: tuple[Config, DagsterInstance],
         monkeypatch: pytest.MonkeyPatch, asset: str) -> None:
     """A package archived long ago, its partition retired, and an operator re-executes one of
     its old runs: every asset with an upstream failed with Dagster's internal "Partition
     range X to X is not a valid range" before its code ran (found by a helper). The partition
     comes back for the run, as for the sensors' runs; a package OpsDB does not know fails
     the run saying so."""
-    config, opsdb = deployment_retiring_at_once(tmp_path)
+    config, instance = retired  # observed, filed, driven to the end
     monkeypatch.setenv("CCAT_DT_CONFIG", str(config.path))
-    observe(config, opsdb, observations=1, files=1)
-    assert drive(build_definitions(config), instance).failed == []
     assert instance.get_dynamic_partitions("packages") == []  # retired
     name = "obs-0_chai-lfa_p00"
 
