@@ -197,6 +197,23 @@ def instance_template(home: Path) -> Path:
     return home
 
 
+def driven_template(config: Config, opsdb: OpsDB) -> tuple[Path, Path]:
+    """The deployment of `config` (in a `template_directory`, its work filed) driven to the end
+    by the real lifecycle into a new instance beside it, made a template: its deployment
+    directory and instance, for `copied_deployment`. `opsdb` is disposed of."""
+    from ccat_assets.definitions import build_definitions
+    from ccat_assets.driver import drive
+
+    directory = config.path.parent
+    home = new_instance_home(directory.parent / "dagster_home")
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert drive(build_definitions(config), instance).failed == []
+    opsdb.dispose()
+    for database in directory.glob("*.sqlite"):
+        _checkpointed(database)
+    return directory, instance_template(home)
+
+
 def copied_tree(source: Path, destination: Path) -> dict[int, int]:
     """`source` copied to `destination` (mtimes kept, SQLite's -wal and -shm left out); each
     regular file's inode there -> its copy's here."""

@@ -54,12 +54,10 @@ from ccat_dt.stages import Stage
 from ccat_dt.topology import prepare_opsdb
 from sensors.reattempt import history as reattempt_history
 from tests.helpers import (
-    _checkpointed,
     copied_deployment,
+    driven_template,
     flip_byte,
-    instance_template,
     lta_copies_at,
-    new_instance_home,
     new_opsdb,
     observe,
     rot_an_lta_copy,
@@ -87,13 +85,7 @@ def _archived_template() -> tuple[Path, Path]:
     prepare_opsdb(config)
     opsdb = OpsDB(config.opsdb_url)
     observe(config, opsdb, observations=1, files=1)
-    home = new_instance_home(directory / "dagster_home")
-    with DagsterInstance.from_config(str(home)) as instance:
-        assert drive(build_definitions(config), instance).failed == []
-    opsdb.dispose()
-    for database in (directory / "deploy").glob("*.sqlite"):
-        _checkpointed(database)
-    return directory / "deploy", instance_template(home)
+    return driven_template(config, opsdb)
 
 
 @pytest.fixture

@@ -29,10 +29,8 @@ from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import archived_everywhere
 from tests.faults.pipeline import observe as observe_one
 from tests.helpers import (
-    _checkpointed,
     copied_deployment,
-    instance_template,
-    new_instance_home,
+    driven_template,
     observe,
     template_directory,
 )
@@ -57,13 +55,7 @@ def _retired_template() -> tuple[Path, Path]:
     directory = template_directory("retire-retired")
     config, opsdb = deployment_retiring_at_once(directory)
     observe(config, opsdb, observations=1, files=1)
-    home = new_instance_home(directory / "dagster_home")
-    with DagsterInstance.from_config(str(home)) as instance:
-        assert drive(build_definitions(config), instance).failed == []
-    opsdb.dispose()
-    for database in (directory / "deploy").glob("*.sqlite"):
-        _checkpointed(database)
-    return directory / "deploy", instance_template(home)
+    return driven_template(config, opsdb)
 
 
 @pytest.fixture
