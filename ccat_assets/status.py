@@ -35,7 +35,15 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
           + (", ".join(f"{n} {state}" for state, n in sorted(s.packages.items())) or "none")
           + f" ({s.package_bytes / 1e6:.1f} MB)")
     print(f"{'location':<22}{'kind':<19}{'present':>8}{'MB':>10}{'deleted':>9}{'corrupt':>9}")
+    # A location `migrate` let leave the configuration holds nothing and is looked after no
+    # more: left out (one still holding copies is shown, and STOPPED says why).
+    configured = (None if config is None else {f"{site.short_name}/{location.name}" for site
+                                               in config.settings.sites
+                                               for location in site.locations})
     for line in s.locations:
+        if configured is not None and line.location not in configured and not (
+                line.present or line.corrupt):
+            continue
         print(f"{line.location:<22}{line.kind:<19}{line.present:>8}"
               f"{line.present_bytes / 1e6:>10.1f}{line.deleted:>9}{line.corrupt:>9}")
     print(f"deletions: {s.deletions} ({s.deleted_bytes / 1e6:.1f} MB); "
@@ -65,6 +73,8 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
                                       for t in links) or "no transfers"))
     kinds = {line.location: line.kind for line in s.locations}
     for forecast in forecasts:  # sources and buffers: each named by its own type
+        if configured is not None and forecast.location not in configured:
+            continue
         hours = ("not filling" if forecast.hours_until_full is None
                  else f"full in {until(forecast.hours_until_full)}")
         warn = "  WARNING: below threshold" if forecast.below_threshold else ""

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, joinedload
 from ccat_dt.claims import holder, stale
 from ccat_dt.config import Config, LocationConfig
 from ccat_dt.health import choose
+from ccat_dt.marker import MARKER
 from ccat_dt.opsdb.database import OpsDB, migrate
 from ccat_dt.opsdb.models import (
     CopyStatus,
@@ -145,19 +146,37 @@ def reroute_from_removed_sites(session: Session, config: Config) -> list[str]:
     return done
 
 
-def _claims_on_leaving(session: Session, config: Config
-                       ) -> list[tuple[Operation, DataLocation, str | None]]:
-    """Operations in flight (a transfer, an archiving, a build, a staging) that write to a
-    location leaving the configuration or changing its type, each with why its claim is
-    stale (None: live, its process still writes there)."""
-    configured = {(site.short_name, location.name): location.type
+LEFT = "left the configuration"
+
+
+def _leaving(session: Session, config: Config) -> dict[int, tuple[DataLocation, str]]:
+    """Recorded locations the configuration takes out, gives another type, or moves (another
+    root or host: a disk move), by id, each with what happens to it."""
+    configured = {(site.short_name, location.name): location
                   for site in config.settings.sites for location in site.locations}
-    leaving = {row.id: row for key, row in _recorded(session).items()
-               if configured.get(key) != row.location_type}
+    out = {}
+    for key, row in _recorded(session).items():
+        wanted = configured.get(key)
+        if wanted is None:
+            out[row.id] = (row, LEFT)
+        elif wanted.type != row.location_type:
+            out[row.id] = (row, f"became a {wanted.type} location")
+        elif (where := _where(config, wanted)) != (row.root, row.host):
+            out[row.id] = (row, f"moved from {_shown(row.root, row.host)} to {_shown(*where)}")
+    return out
+
+
+def _claims_on_leaving(session: Session, config: Config
+                       ) -> list[tuple[Operation, DataLocation, str, str | None]]:
+    """Operations in flight (a transfer, an archiving, a build, a staging) that write to a
+    location leaving the configuration, changing its type or moving to another root or host
+    (_leaving), each with what happens to the location and why its claim is stale (None:
+    live, its process still writes there: at the old root, for a move)."""
+    leaving = _leaving(session, config)
     if not leaving:
         return []
     now = utcnow()
-    return [(operation, leaving[operation.destination_location_id or 0], stale(operation, now))
+    return [(operation, *leaving[operation.destination_location_id or 0], stale(operation, now))
             for operation in session.scalars(select(Operation).where(
                 Operation.finished_at.is_(None), Operation.status == OperationStatus.IN_PROGRESS,
                 Operation.destination_location_id.in_(list(leaving)),
@@ -165,32 +184,69 @@ def _claims_on_leaving(session: Session, config: Config
 
 
 def transfers_under_way(session: Session, config: Config) -> list[str]:
-    """What `migrate` must not apply yet: a location leaving the configuration (or changing
-    its type) while a transfer, an archiving or a build still writes to it (a live claim:
-    ccat_dt/claims.py). Its copy would be recorded at a location the configuration no longer
-    knows, and everything would stop on it after `migrate` had said yes. Asked at `migrate`
-    only (nothing else writes there once the configuration lacks the location)."""
+    """What `migrate` must not apply yet: a location leaving the configuration, changing its
+    type or moving to another root or host while a transfer, an archiving, a build or a
+    staging still writes to it (a live claim: ccat_dt/claims.py). Its copy would be recorded
+    at a location the configuration no longer knows (everything would stop on it after
+    `migrate` had said yes), or, moved, recorded at the new root while its bytes land at the
+    old one. Asked at `migrate` only (nothing else writes there once the configuration
+    lacks the location or OpsDB records its new place)."""
     problems = []
-    for operation, row, why in _claims_on_leaving(session, config):
+    for operation, row, how, why in _claims_on_leaving(session, config):
         if why is not None:
             continue  # its process is gone: nothing writes there any more
         what = f"package {operation.package.name}" if operation.package else "a copy"
+        moved = (" (then move what it wrote at the old root to the new one)"
+                 if how.startswith("moved") else "")
         problems.append(
             f"location {row.label}: a {operation.operation_type.value} of {what} to it is under "
-            f"way (operation {operation.id}, {holder(operation)}): let it end, or stop its "
-            "run, then run `ccat-dt migrate` again (a location cannot leave the configuration, "
-            "or change its type, while it is written to)")
+            f"way (operation {operation.id}, {holder(operation)}): let it end{moved}, or stop "
+            "its run, then run `ccat-dt migrate` again (a location cannot leave the "
+            "configuration, change its type or move to another root or host while it is "
+            "written to)")
     return problems
 
 
 def _close_abandoned_claims(session: Session, config: Config) -> None:
-    """Close (FAILED, saying why) the stale claims on locations leaving the configuration:
-    no later attempt to that location would ever find and close them."""
-    for operation, row, why in _claims_on_leaving(session, config):
+    """Close (FAILED, saying why) the stale claims on locations leaving the configuration,
+    changing type or moving: no later attempt there would ever find and close them (a move:
+    they point at bytes at the old root)."""
+    for operation, row, how, why in _claims_on_leaving(session, config):
         if why is not None:
             operation.status, operation.finished_at = OperationStatus.FAILED, utcnow()
             operation.error = (f"abandoned: {why}; closed by `ccat-dt migrate` as location "
-                               f"{row.label} left the configuration")
+                               f"{row.label} {how}")
+
+
+def moved_without_marker(session: Session, config: Config,
+                         marked: Callable[[LocationConfig], str | None]) -> list[str]:
+    """What `init`/`migrate` must not apply: a location OpsDB records copies at, moved in the
+    configuration (another root or host) to a root that does not hold its marker (the path
+    edited before the data was moved, or mistyped). Applied, its copies would be counted
+    where they are not: `init` marked the empty new root, and OpsDB counted its copies as
+    archive copies there while the audit found each lost (re-copied, nobody told why);
+    `migrate` left it as an unmounted disk, every copy to it failing on "is the disk
+    mounted?". Moved with its marker (the whole root), the data is there. `marked`: the
+    location a root's marker names (read now, on the storage)."""
+    recorded = _recorded(session)
+    problems = []
+    for site in config.settings.sites:
+        for location in site.locations:
+            label = f"{site.short_name}/{location.name}"
+            row = recorded.get((site.short_name, location.name))
+            if row is None or (where := _where(config, location)) == (row.root, row.host):
+                continue
+            if not (held := _held(session, row)) or marked(location) == label:
+                continue
+            unreached = " (or could not be reached)" if location.host else ""
+            problems.append(
+                f"location {label} holds {held} cop{'y' if held == 1 else 'ies'} in OpsDB at "
+                f"{_shown(row.root, row.host)}; the configuration moves it to {_shown(*where)}, "
+                f"which does not hold its marker ({MARKER} naming {label}){unreached}: move "
+                f"its data there with the marker (the whole root, {MARKER} included), or put "
+                "the old root back in the configuration; then run `ccat-dt migrate` (a "
+                "location's copies are never counted at a root they are not on)")
+    return problems
 
 
 def topology_drift(session: Session, config: Config) -> list[str]:
@@ -243,6 +299,9 @@ def sync_topology(session: Session, config: Config) -> None:
     if problems:
         raise TopologyDrift(problems)
     _close_abandoned_claims(session, config)
+    for row, how in _leaving(session, config).values():
+        if how == LEFT:  # not looked after any more: no longer listed as unhealthy either
+            row.failing_since = row.unhealthy_until = row.unhealthy_reason = None
     settings = config.settings
     for site_cfg in settings.sites:
         site = session.scalar(select(Site).where(Site.short_name == site_cfg.short_name))
@@ -333,7 +392,8 @@ def prepare_opsdb(config: Config, *, mark_held: bool = True) -> None:
     migrate(config.opsdb_url)
     opsdb = OpsDB(config.opsdb_url)
     with opsdb.session() as session:
-        if problems := unsafe_changes(session, config) + transfers_under_way(session, config):
+        if problems := (unsafe_changes(session, config) + transfers_under_way(session, config)
+                        + moved_without_marker(session, config, marked)):
             raise TopologyDrift(problems)
         held = {f"{site}/{name}" for (site, name), row in _recorded(session).items()
                 if _held(session, row)}

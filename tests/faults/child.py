@@ -102,6 +102,19 @@ def wait_to_be_killed(marker: Path, seconds: float = 300.0) -> Callable[[], None
     return hold
 
 
+def wait_to_be_let_go(marker: Path, seconds: float = 120.0) -> Callable[[], None]:
+    """Write `marker` (our pid) and wait until the parent removes it, then go on: the parent
+    does something meanwhile (edits the configuration, runs `migrate`)."""
+    def hold() -> None:
+        wait_to_be_killed(marker, 0)()
+        deadline = time.monotonic() + seconds
+        while marker.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{marker} was never removed")
+            time.sleep(0.01)
+    return hold
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("config")
@@ -163,6 +176,8 @@ def main(argv: list[str]) -> int:
             wrap(local.os, "fsync", before=die)
         elif options.kill == "hold-mid-write":  # the same point, waiting to be killed there
             wrap(local.os, "fsync", before=wait_to_be_killed(Path(options.marker)))
+        elif options.kill == "pause-mid-write":  # the same point, going on once let go
+            wrap(local.os, "fsync", before=wait_to_be_let_go(Path(options.marker)))
         elif options.kill == "before-record":  # renamed into place, not recorded
             wrap(replicas, "_record", before=die)
         if meet:

@@ -3,11 +3,15 @@ packages are routed to it. Until `ccat-dt migrate` every command that acts refus
 run it; `migrate` routes those packages to the archive sites the configuration has, and the
 pipeline converges: archived where the configuration says, nothing deleted without a verified
 copy (checked on the disks), nothing sent to the removed site's disks. And removed while a
-transfer to it is still writing there: `migrate` refuses until that transfer has ended. A
-processing location leaves only once no active staging request targets it."""
+transfer to it is still writing there: `migrate` refuses until that transfer has ended, and
+so for a location moved to another root (a disk move) while it is written to. A location
+holding copies moved to a root its data is not on (the path edited first, or mistyped) is
+refused by `migrate` and `init`. A processing location leaves only once no active staging
+request targets it; a location that left is no longer listed by `status` or `why`."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,15 +20,25 @@ from dagster import DagsterInstance
 from sqlalchemy import func, select
 
 from ccat_dt.config import Config, load_config
+from ccat_dt.health import mark_failed
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import PackageState, RawDataPackage, StagingRequest
+from ccat_dt.opsdb.models import (
+    OperationStatus,
+    OperationType,
+    PackageState,
+    RawDataPackage,
+    StagingRequest,
+)
 from ccat_dt.packages import build, plan_packages
+from ccat_dt.topology import get_location
 from tests.faults.invariants import assert_safe
 from tests.faults.moments import size_of
 from tests.faults.pipeline import (
     archived_everywhere,
     child_argv,
+    finish,
     observe,
+    operations,
     run,
     source_root,
     spawn,
@@ -42,6 +56,20 @@ def without_site(config: Config, name: str) -> Config:
                           if name not in (r["origin"], r["destination"])]
     config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return load_config(config.path)
+
+
+def moved(config: Config, site: str, name: str, root: str) -> Config:
+    """The configuration file with location `site`/`name` given the root `root`."""
+    settings = yaml.safe_load(config.path.read_text())
+    entry = next(s for s in settings["sites"] if s["short_name"] == site)
+    next(loc for loc in entry["locations"] if loc["name"] == name)["root"] = root
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return load_config(config.path)
+
+
+def root_in_opsdb(opsdb: OpsDB, site: str, name: str) -> str:
+    with opsdb.session() as session:
+        return get_location(session, site, name).root
 
 
 def primaries(opsdb: OpsDB) -> dict[str, str]:
@@ -196,3 +224,161 @@ def test_a_processing_location_with_active_staging_requests_leaves_only_once_rel
     archived_everywhere(config, opsdb)
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
+
+
+@pytest.mark.parametrize("transfer_ends", ["let end", "killed"])
+def test_a_location_is_not_moved_by_migrate_while_a_transfer_to_it_is_under_way(
+        config: Config, instance: DagsterInstance, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], transfer_ends: str) -> None:
+    """A package on its way to us/buffer (its process holds the half-written file, as a run
+    started before the edit would); the operator copies the disk (its marker) to a new root and
+    records that root in the configuration. Before, `migrate` said yes: the transfer, its
+    destination read at its start, landed its tar under the old root, and OpsDB recorded it at
+    us/buffer, now the new root, where it was not. Now `migrate` refuses, naming the transfer
+    and its process, and changes nothing; once the transfer has ended (its tar moved to the new
+    root too), or its process is gone (its claim closed by `migrate`), the move goes through and
+    the package is archived from the new root."""
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, name="obs-0", files=2)
+    observe(config, opsdb, name="obs-1", files=2)
+    with opsdb.session() as session:
+        names = [p.name for p in plan_packages(session, config)]
+    build(opsdb, config, names[1])
+    assert primaries(opsdb)[names[1]] == "us"
+    old, new = config.resolve_root("sites/us/buffer"), config.resolve_root("disks/us-buffer-2")
+    marker = tmp_path / "held"
+    transfer = spawn(child_argv(config, "place", names[1], "us", "buffer",
+                                kill="pause-mid-write", marker=str(marker)))
+    try:
+        wait_for(marker, transfer)
+        part = old / "obs-1" / f".{names[1]}.tar.part"
+        assert size_of(part) > 0  # the bytes are landing at the old root
+        shutil.copytree(old, new, ignore=shutil.ignore_patterns("*.part"))  # its marker too
+        config = moved(config, "us", "buffer", "disks/us-buffer-2")
+        capsys.readouterr()
+        assert run_cli("--config", str(config.path), "migrate") == 2
+        err = capsys.readouterr().err
+        assert (f"location us/buffer: a transfer of package {names[1]} to it is under way "
+                f"(operation") in err and f"process {transfer.pid} on" in err, err
+        assert "let it end (then move what it wrote at the old root to the new one)" in err
+        assert "then run `ccat-dt migrate` again" in err
+        assert root_in_opsdb(opsdb, "us", "buffer") == str(old)  # nothing changed
+        if transfer_ends == "let end":
+            marker.unlink()  # the transfer goes on, to its end
+            assert finish(transfer).returncode == 0
+    finally:
+        if transfer.poll() is None:
+            transfer.kill()
+        transfer.communicate(timeout=60)
+
+    landed = old / "obs-1" / f"{names[1]}.tar"
+    if transfer_ends == "let end":  # recorded at us/buffer at the old root, where it is
+        assert landed.is_file() and not (new / "obs-1" / landed.name).exists()
+        shutil.copytree(old, new, dirs_exist_ok=True)  # the operator moves what it wrote
+    else:
+        assert not landed.exists() and size_of(part) > 0
+    shutil.rmtree(old)
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    assert root_in_opsdb(opsdb, "us", "buffer") == str(new)
+    transfers = operations(opsdb, OperationType.TRANSFER, names[1])
+    if transfer_ends == "killed":  # its claim closed by `migrate`, saying why
+        status, error = transfers[0]
+        assert status == OperationStatus.FAILED and error is not None
+        assert f"closed by `ccat-dt migrate` as location us/buffer moved from {old} to {new}" \
+            in error
+    run(config, instance)
+    archived_everywhere(config, opsdb)
+    assert lost_filed_files(config, opsdb) == []
+    assert files_under(source_root(config)) == []
+    assert not old.exists()  # nothing written at the old root once moved
+    assert files_under(new) == []  # archived from the new root, then purged there
+    assert run_cli("--config", str(config.path), "audit") == 0
+    assert_safe(config, opsdb)
+
+
+@pytest.mark.parametrize("new_root", ["not there", "empty", "mistyped"])
+def test_a_location_holding_copies_is_not_moved_to_a_root_without_its_data(
+        config: Config, instance: DagsterInstance, capsys: pytest.CaptureFixture[str],
+        new_root: str) -> None:
+    """cologne/lta holds an archive copy; the operator edits its root before moving the data
+    (the new directory not there yet, or made empty), or mistypes it (an existing directory of
+    something else). Before, `migrate` said yes and left the location as an unmounted disk
+    (every archive copy to cologne failing on "is the disk mounted?", nobody told of the move);
+    `init` marked the new root, and OpsDB then counted at cologne/lta copies that were not
+    there ("0 packages not yet in 2 verified LTA copies") until the audit found them lost. Now
+    both refuse, saying to move the data with its marker, and change nothing (no new root made
+    or marked); once the root is moved whole, `migrate` goes through and the archive is
+    complete, read on the disks."""
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, name="obs-0", files=2)
+    run(config, instance)
+    old = config.resolve_root("sites/cologne/lta")
+    new = config.resolve_root("disks/cologne-lta-2")
+    if new_root == "empty":
+        new.mkdir(parents=True)
+    elif new_root == "mistyped":
+        new.mkdir(parents=True)
+        (new / "notes.txt").write_text("someone else's directory\n")
+    before = sorted(p.name for p in new.rglob("*")) if new.exists() else None
+    config = moved(config, "cologne", "lta", "disks/cologne-lta-2")
+    capsys.readouterr()
+    for command in (["--config", str(config.path), "migrate"], ["init", str(config.directory)]):
+        assert run_cli(*command) == 2, command
+        err = capsys.readouterr().err
+        assert (f"location cologne/lta holds 1 copy in OpsDB at {old}; the configuration moves "
+                f"it to {new}, which does not hold its marker (.ccat-dt-location naming "
+                "cologne/lta): move its data there with the marker") in err, err
+        assert root_in_opsdb(opsdb, "cologne", "lta") == str(old)  # nothing changed,
+        assert (sorted(p.name for p in new.rglob("*")) if new.exists() else None) == before
+    assert run_cli("--config", str(config.path), "purge") == 2  # nothing acts meanwhile
+
+    if new.exists():
+        shutil.rmtree(new)
+    new.parent.mkdir(parents=True, exist_ok=True)
+    old.rename(new)  # the operator moves the root whole, its marker included
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    observe(config, opsdb, name="obs-1", files=2)
+    run(config, instance)
+    archived_everywhere(config, opsdb)
+    assert len([p for p in new.rglob("*.tar")]) == 2
+    assert run_cli("--config", str(config.path), "audit") == 0  # every copy where recorded
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+
+
+def test_locations_that_left_the_configuration_are_not_listed(
+        config: Config, capsys: pytest.CaptureFixture[str]) -> None:
+    """A buffer added at cologne, marked unhealthy by a failing transfer, then taken out with
+    ramses/processing (both holding nothing). Before, `status` kept listing both in its table,
+    the buffer's forecast line and its "unhealthy" line, and `why` the latter, for locations
+    nothing looks after any more."""
+    settings = yaml.safe_load(config.path.read_text())
+    original = yaml.safe_dump(settings, sort_keys=False)
+    cologne = next(s for s in settings["sites"] if s["short_name"] == "cologne")
+    cologne["locations"].append({"name": "spare", "type": "buffer", "root": "sites/cologne/spare"})
+    config.path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    opsdb = OpsDB(config.opsdb_url)
+    with opsdb.session() as session:
+        spare = get_location(session, "cologne", "spare").id
+    mark_failed(opsdb, config, spare, "local to cologne/spare: disk I/O error")
+    observe(config, opsdb, name="obs-0", files=2)
+    with opsdb.session() as session:
+        [package] = [p.name for p in plan_packages(session, config)]
+    capsys.readouterr()
+    assert run_cli("--config", str(config.path), "status") == 0
+    assert run_cli("--config", str(config.path), "why", package) == 0
+    out = capsys.readouterr().out
+    assert "cologne/spare" in out and "location cologne/spare unhealthy" in out
+
+    config.path.write_text(original)
+    config = without_site(load_config(config.path), "ramses")
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    capsys.readouterr()
+    assert run_cli("--config", str(config.path), "status") == 0
+    assert run_cli("--config", str(config.path), "why", package) == 0
+    out = capsys.readouterr().out
+    assert "cologne/spare" not in out and "ramses/processing" not in out, out
+    assert "cologne/buffer" in out and "cologne/lta" in out  # the configured ones still are
+    for root in ("sites/cologne/spare", "sites/ramses/processing"):  # their disks untouched
+        assert files_under(config.resolve_root(root)) == []
