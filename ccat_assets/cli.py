@@ -144,11 +144,10 @@ def cmd_observation(args: argparse.Namespace) -> None:
     from ccat_dt.opsdb.models import ExecutedObsUnit
 
     opsdb = _opsdb(args)
-    with opsdb.session() as session:
-        known, finished_at = session.execute(select(
-            ExecutedObsUnit.id.is_not(None), ExecutedObsUnit.finished_at).where(
-            ExecutedObsUnit.name == args.name)).one_or_none() or (False, None)
     if args.action == "start":
+        with opsdb.session() as session:
+            known = session.scalar(select(ExecutedObsUnit.id).where(
+                ExecutedObsUnit.name == args.name)) is not None
         uuid = start_observation(opsdb, args.name)
         if known:
             print(f"observation {args.name} is already open (uuid {uuid}); nothing changed")
@@ -157,9 +156,11 @@ def cmd_observation(args: argparse.Namespace) -> None:
                   f"`ccat-dt file --observation {args.name} ...`, then "
                   f"`ccat-dt observation finish {args.name}`")
     else:
-        finish_observation(opsdb, args.name)
-        print(f"observation {args.name} was already finished at {finished_at:%Y-%m-%d %H:%M:%S}"
-              " UTC; nothing changed" if finished_at else f"observation {args.name} finished")
+        # the answer of the finish itself: of two at once, the second waits for the first's
+        # and says so, instead of both saying "finished"
+        earlier = finish_observation(opsdb, args.name)
+        print(f"observation {args.name} was already finished at {earlier:%Y-%m-%d %H:%M:%S}"
+              " UTC; nothing changed" if earlier else f"observation {args.name} finished")
 
 
 def cmd_file(args: argparse.Namespace) -> None:

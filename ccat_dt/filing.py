@@ -14,10 +14,11 @@ import re
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import ColumnElement, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -183,32 +184,57 @@ def start_in(session: Session, name: str, uuid: str | None = None) -> str:
     return obs.uuid
 
 
-def finish_observation(opsdb: OpsDB, name: str, *, hook: Hook | None = None) -> None:
-    """Close an observation so no more files can be filed against it (idempotent)."""
+def finish_observation(opsdb: OpsDB, name: str, *, hook: Hook | None = None
+                       ) -> datetime | None:
+    """Close an observation so no more files can be filed against it (idempotent). Returns
+    when it had been finished before, or None when this call finished it."""
     with opsdb.session() as session:
-        finish_in(session, name)
+        earlier = finish_in(session, name)
         if hook is not None:
             hook(session)
+    return earlier
 
 
-def finish_in(session: Session, name: str) -> None:
-    """finish_observation inside the caller's transaction."""
-    obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
+def finish_in(session: Session, name: str) -> datetime | None:
+    """finish_observation inside the caller's transaction. The observation's row is locked
+    first: a filing of it (which locks it too) either commits before, and its files are the
+    observation's, or waits and then finds it finished; of two finishes at once the second
+    finds it finished by the first."""
+    obs = lock_observation(session, ExecutedObsUnit.name == name)
     if obs is None:
         raise FilingError(f"observation '{name}' is unknown; nothing to finish",
                           [("name", "unknown observation")], conflict=True)
-    if obs.status == ObservationStatus.OPEN:
-        obs.status, obs.finished_at = ObservationStatus.FINISHED, utcnow()
+    if obs.status != ObservationStatus.OPEN:
+        return obs.finished_at
+    obs.status, obs.finished_at = ObservationStatus.FINISHED, utcnow()
+    session.flush()
+    return None
+
+
+def lock_observation(session: Session, where: ColumnElement[bool]) -> ExecutedObsUnit | None:
+    """The observation `where` selects, read after taking its row lock for the rest of the
+    transaction (a no-op UPDATE, as packages.lock_package: PostgreSQL's row lock, which a
+    concurrent finish or filing of it waits for; SQLite's database write lock, taken before
+    anything is read, so a writer waits in the busy timeout instead of failing with "database
+    is locked"). What it reads is then final until the transaction ends: in READ COMMITTED a
+    finish committed while this waited is seen, never an OPEN read a moment before."""
+    session.execute(update(ExecutedObsUnit).where(where)
+                    .values(status=ExecutedObsUnit.status)
+                    .execution_options(synchronize_session=False))
+    return session.scalar(select(ExecutedObsUnit).where(where)
+                          .execution_options(populate_existing=True))
 
 
 def file_raw_files(opsdb: OpsDB, *, observation: str, module: str, files: Sequence[FileSpec],
-                   site: str | None = None, location: str | None = None) -> FilingResult:
-    """Check every file, then record all new ones (file row + verified source copy) at once."""
+                   site: str | None = None, location: str | None = None,
+                   hook: Hook | None = None) -> FilingResult:
+    """Check every file, then record all new ones (file row + verified source copy) at once.
+    `hook` runs in the recording transaction just before the rows are inserted."""
     prefix = f"observation '{observation}'"
     with opsdb.session() as session:
         target = _resolve(session, observation, module, site, location)
     checked = _check(target, files, prefix, hashing=True)
-    return _record(opsdb, target, checked, prefix)
+    return _record(opsdb, target, checked, prefix, hook)
 
 
 def check_files(source: Source, files: Sequence[FileSpec], observation: str) -> list[CheckedFile]:
@@ -221,18 +247,19 @@ def check_files(source: Source, files: Sequence[FileSpec], observation: str) -> 
 
 def record_checked(session: Session, *, observation: str, module: str,
                    files: Sequence[CheckedFile], site: str | None = None,
-                   location: str | None = None) -> FilingResult:
+                   location: str | None = None, hook: Hook | None = None) -> FilingResult:
     """Record files `check_files` accepted earlier (a moment ago, or hours ago from a journal)
     inside the caller's transaction: the cheap checks run again (the file is still there, same
     size) but the bytes are not re-read; the packaging pass re-reads them against the checksum
-    anyway. A file's identity from its hashing is kept only if it is still the same file."""
+    anyway. A file's identity from its hashing is kept only if it is still the same file.
+    The observation's row is locked for the rest of the transaction (see _record)."""
     prefix = f"observation '{observation}'"
-    target = _resolve(session, observation, module, site, location)
+    target = _resolve(session, observation, module, site, location, lock=True)
     checked = _check(target, [f.spec() for f in files], prefix, hashing=False)
     for i, c in enumerate(checked):
         if (files[c.index].inode, files[c.index].mtime_ns) != (c.inode, c.mtime_ns):
             checked[i] = replace(c, inode=None, mtime_ns=None)
-    return _record_in(session, target, checked, prefix)
+    return _record_in(session, target, checked, prefix, hook)
 
 
 def _check(target: Source, files: Sequence[FileSpec], prefix: str,
@@ -305,7 +332,8 @@ def check_module(config: Config, module: str) -> str:
 
 
 def file_directory(opsdb: OpsDB, *, observation: str, module: str, directory: str,
-                   site: str | None = None, location: str | None = None) -> FilingResult:
+                   site: str | None = None, location: str | None = None,
+                   hook: Hook | None = None) -> FilingResult:
     """File every regular file below a source directory, but the location marker; symlinks
     are not followed, and they and other non-regular entries (FIFOs, sockets) are listed in
     the result's `skipped`. A directory below it that cannot be listed or entered refuses the
@@ -348,7 +376,8 @@ def file_directory(opsdb: OpsDB, *, observation: str, module: str, directory: st
         raise FilingError(f"{prefix}: directory '{directory}' cannot be read in full, nothing "
                           f"was filed:\n  {shown}", [("directory", "cannot be read in full")])
     result = file_raw_files(opsdb, observation=observation, module=module, site=site,
-                            location=location, files=sorted(specs, key=lambda s: s.path))
+                            location=location, files=sorted(specs, key=lambda s: s.path),
+                            hook=hook)
     return replace(result, skipped=sorted(skipped))
 
 
@@ -419,10 +448,14 @@ def _site_and_location(site: str | None, location: str | None
 
 
 def _resolve(session: Session, observation: str, module: str, site: str | None,
-             location: str | None) -> _Target:
+             location: str | None, *, lock: bool = False) -> _Target:
+    """Where to file; with `lock`, the observation's row is locked for the transaction, which
+    then records the files (lock_observation)."""
     prefix = f"observation '{observation}'"
     site, location = _site_and_location(site, location)
-    obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == observation))
+    named = ExecutedObsUnit.name == observation
+    obs = (lock_observation(session, named) if lock else
+           session.scalar(select(ExecutedObsUnit).where(named)))
     if obs is None:
         raise FilingError(f"{prefix} is unknown; start it first",
                           [("observation", "unknown observation")], conflict=True)
@@ -558,21 +591,27 @@ def _hash(item: _Checked) -> _Checked | tuple[int, _Problem]:
     return replace(item, size=size, checksum=checksum)
 
 
-def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str) -> FilingResult:
-    """Compare with earlier filings and insert the new files, all in one transaction."""
+def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str,
+            hook: Hook | None = None) -> FilingResult:
+    """Compare with earlier filings and insert the new files, all in one transaction, the
+    observation's row locked throughout: a finish at the same moment commits before (nothing
+    filed, said so) or after (with these files); a filing of the same observation at the same
+    moment waits, then finds these files filed (unchanged) or in conflict."""
     with opsdb.session() as session:
-        obs = session.get(ExecutedObsUnit, target.observation_id)
+        obs = lock_observation(session, ExecutedObsUnit.id == target.observation_id)
         if obs is None or obs.status != ObservationStatus.OPEN:
             raise FilingError(f"{prefix} was finished while its files were being checked; "
-                              "nothing was filed")
-        return _record_in(session, target, items, prefix)
+                              "nothing was filed", [("observation", "observation finished")],
+                              conflict=True)
+        return _record_in(session, target, items, prefix, hook)
 
 
 def _record_in(session: Session, target: _Target, items: list[_Checked],
-               prefix: str) -> FilingResult:
+               prefix: str, hook: Hook | None = None) -> FilingResult:
     """_record inside the caller's transaction: a few statements whatever the number of files
     (one SELECT per 500 paths, then multi-row INSERTs of the files and their source copies).
-    The caller has checked, in this transaction, that the observation is open."""
+    The caller has checked, in this transaction, that the observation is open, and holds its
+    row lock (lock_observation)."""
     names = [item.name for item in items]
     existing: dict[str, tuple[str, int, int, str, int]] = {}
     for start in range(0, len(names), _IN_CHUNK):
@@ -608,6 +647,8 @@ def _record_in(session: Session, target: _Target, items: list[_Checked],
         else:
             uuids[item.name] = uuid
     _raise_if(problems, prefix, len(items), conflict=True)
+    if hook is not None:
+        hook(session)
     now = utcnow()  # the checksum was just computed at the source: the copy is verified
     for item in new:
         uuids[item.name] = item.spec.uuid or new_uuid()
