@@ -124,6 +124,8 @@ def race(db: OpsDB, first: Callable[[Hook], Any], second: Callable[[OpsDB], Any]
 
     postgres = db.engine.dialect.name == "postgresql"
     held = _run(lambda: first(on_postgres if postgres else on_sqlite))
+    assert "thread" in found or "second" in found or found["waited"], \
+        f"the first party never reached its hook: {held}"
     if postgres:
         found["thread"].join(GUARD_S)
         assert not found["thread"].is_alive()
