@@ -68,6 +68,10 @@ class FilingError(Exception):
         self.conflict = conflict
 
 
+class _Clash(FilingError):
+    """Rows another transaction inserted at the same moment (the unique path or uuid)."""
+
+
 @dataclass(frozen=True)
 class FileSpec:
     """What an instrument declares: a path relative to the source root, optionally size/checksum
@@ -597,13 +601,19 @@ def _record(opsdb: OpsDB, target: _Target, items: list[_Checked], prefix: str,
     observation's row locked throughout: a finish at the same moment commits before (nothing
     filed, said so) or after (with these files); a filing of the same observation at the same
     moment waits, then finds these files filed (unchanged) or in conflict."""
-    with opsdb.session() as session:
-        obs = lock_observation(session, ExecutedObsUnit.id == target.observation_id)
-        if obs is None or obs.status != ObservationStatus.OPEN:
-            raise FilingError(f"{prefix} was finished while its files were being checked; "
-                              "nothing was filed", [("observation", "observation finished")],
-                              conflict=True)
-        return _record_in(session, target, items, prefix, hook)
+    for attempt in (1, 2):  # the same path filed into another observation at the same moment
+        try:  # fails the INSERT once; looked at again, it is said what it clashes with
+            with opsdb.session() as session:
+                obs = lock_observation(session, ExecutedObsUnit.id == target.observation_id)
+                if obs is None or obs.status != ObservationStatus.OPEN:
+                    raise FilingError(f"{prefix} was finished while its files were being "
+                                      "checked; nothing was filed",
+                                      [("observation", "observation finished")], conflict=True)
+                return _record_in(session, target, items, prefix, hook)
+        except _Clash:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _record_in(session: Session, target: _Target, items: list[_Checked],
@@ -668,9 +678,9 @@ def _record_in(session: Session, target: _Target, items: list[_Checked],
                  "raw_data_file_id": ids[uuids[item.name]], "inode": item.inode,
                  "mtime_ns": item.mtime_ns} for item in new])
         except IntegrityError:
-            raise FilingError(f"{prefix}: some of these files (or their uuids) were filed "
-                              "concurrently by another process; nothing was filed, retry",
-                              conflict=True) from None
+            raise _Clash(f"{prefix}: some of these files (or their uuids) were filed "
+                         "concurrently by another process; nothing was filed, retry",
+                         conflict=True) from None
     return FilingResult(filed=len(new), unchanged=len(items) - len(new),
                         bytes=sum(item.size for item in new), uuids=uuids)
 

@@ -90,6 +90,8 @@ def race(db: OpsDB, first: Callable[[Hook], Any], second: Callable[[OpsDB], Any]
     found: dict[str, Any] = {"waited": False}
 
     def on_postgres(session: Session) -> None:
+        if "thread" in found:  # the first party's transaction tried again
+            return
         holder = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
         thread = threading.Thread(target=lambda: found.update(second=_run(lambda: second(db))),
                                   daemon=True)
@@ -108,6 +110,8 @@ def race(db: OpsDB, first: Callable[[Hook], Any], second: Callable[[OpsDB], Any]
         meanwhile()
 
     def on_sqlite(session: Session) -> None:
+        if "second" in found or found["waited"]:  # the first party's transaction tried again
+            return
         monkeypatch.setenv(LOCK_TIMEOUT_ENV, "0")  # no busy wait: "database is locked" at once
         impatient = OpsDB(db.url)
         monkeypatch.delenv(LOCK_TIMEOUT_ENV)
@@ -255,6 +259,31 @@ def test_the_same_file_filed_twice_at_once_is_filed_once_and_both_succeed(
     assert path == "d/a.dat"
     assert checksum == hash_file(root / "d" / "a.dat")[0]
     assert result.waited
+
+
+# One path filed into two observations at once (a mistyped `--observation`): one has it, the
+# other is refused, saying under which observation it is filed. Before, on PostgreSQL (where
+# the two observations' locks do not serialise them, as SQLite's write lock does), the one
+# whose INSERT came second was told "filed concurrently by another process ... retry".
+def test_one_path_filed_into_two_observations_at_once_is_refused_for_one_saying_why(
+        db: OpsDB, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    start_observation(db, OBS)
+    start_observation(db, "obs-2")
+    write(root / "a.dat", b"one file")
+
+    def into(name: str) -> Callable[..., Any]:
+        return lambda other, hook=None: file_raw_files(
+            other, observation=name, module=MODULE, files=[FileSpec("a.dat")], hook=hook)
+    result = race(db, lambda hook: into(OBS)(db, hook), into("obs-2"), monkeypatch)
+    outcomes = {OBS: result.first, "obs-2": result.second}
+    [winner] = [name for name, o in outcomes.items() if o.error is None]
+    [loser] = [o for o in outcomes.values() if o.error is not None]
+    assert isinstance(loser.error, FilingError)
+    assert (f"'a.dat' is already filed under observation '{winner}', module {MODULE}; nothing "
+            "was filed") in str(loser.error), loser.error
+    with db.session() as session:
+        [row] = session.scalars(select(RawDataFile)).all()
+        assert (row.relative_path, row.observation.name) == ("a.dat", winner)
 
 
 # `observation start` of one name twice at once: one observation, both told its uuid.
