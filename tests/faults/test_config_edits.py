@@ -136,12 +136,7 @@ def test_an_archive_site_is_not_removed_by_migrate_while_a_transfer_to_it_is_und
     process is gone, `migrate` goes through (closing its claim) and the package is archived at
     cologne."""
     opsdb = OpsDB(config.opsdb_url)
-    observe(config, opsdb, name="obs-0", files=2)
-    observe(config, opsdb, name="obs-1", files=2)
-    with opsdb.session() as session:
-        names = [p.name for p in plan_packages(session, config)]
-    build(opsdb, config, names[1])
-    assert primaries(opsdb)[names[1]] == "us"
+    names = _two_packages_the_second_built_for_us(config, opsdb)
     marker = tmp_path / "held"
     transfer = spawn(child_argv(config, "place", names[1], "us", "buffer",
                                 kill="hold-mid-write", marker=str(marker)))
@@ -239,12 +234,7 @@ def test_a_location_is_not_moved_by_migrate_while_a_transfer_to_it_is_under_way(
     root too), or its process is gone (its claim closed by `migrate`), the move goes through and
     the package is archived from the new root."""
     opsdb = OpsDB(config.opsdb_url)
-    observe(config, opsdb, name="obs-0", files=2)
-    observe(config, opsdb, name="obs-1", files=2)
-    with opsdb.session() as session:
-        names = [p.name for p in plan_packages(session, config)]
-    build(opsdb, config, names[1])
-    assert primaries(opsdb)[names[1]] == "us"
+    names = _two_packages_the_second_built_for_us(config, opsdb)
     old, new = config.resolve_root("sites/us/buffer"), config.resolve_root("disks/us-buffer-2")
     marker = tmp_path / "held"
     transfer = spawn(child_argv(config, "place", names[1], "us", "buffer",
@@ -382,3 +372,15 @@ def test_locations_that_left_the_configuration_are_not_listed(
     assert "cologne/buffer" in out and "cologne/lta" in out  # the configured ones still are
     for root in ("sites/cologne/spare", "sites/ramses/processing"):  # their disks untouched
         assert files_under(config.resolve_root(root)) == []
+
+
+def _two_packages_the_second_built_for_us(config: Config, opsdb: OpsDB) -> list[str]:
+    """Two observations filed and planned, the second's package built at the observatory,
+    its primary archive site us (round-robin); the packages' names."""
+    observe(config, opsdb, name="obs-0", files=2)
+    observe(config, opsdb, name="obs-1", files=2)
+    with opsdb.session() as session:
+        names = [p.name for p in plan_packages(session, config)]
+    build(opsdb, config, names[1])
+    assert primaries(opsdb)[names[1]] == "us"
+    return names
