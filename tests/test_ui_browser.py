@@ -1,35 +1,59 @@
 """What a person sees and clicks: after a small lifecycle on the embedded instance,
 `dagster-webserver` shows our five lifecycle assets in the asset graph with their checks
 passed, and the "Materialize" and backfill buttons, clicked in a real (headless) Chromium with
-the daemon running as under `make ui`, converge to the truth. Screenshots are left in
-$CCAT_TEST_ARTIFACTS (default: tmp_path)."""
+the daemon running as under `make ui`, converge to the truth; clicked in the middle of a
+lifecycle (a damaged archive copy, a package not yet archived everywhere), they delete nothing
+unsafely. Screenshots are left in $CCAT_TEST_ARTIFACTS (default: tmp_path)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import threading
 import time
 import urllib.parse
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
     BetaWarning,
+    DagsterEventType,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     PreviewWarning,
     RunsFilter,
 )
 from dagster._core.execution.backfill import BulkActionStatus
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
+from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_STATUSES
+from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_assets.instance import write_instance_yaml
+from ccat_assets.runlog import run_failure
+from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import Operation, OperationType
+from ccat_dt.opsdb.models import (
+    DataLocation,
+    LocationType,
+    Operation,
+    OperationStatus,
+    OperationType,
+    PackageCopy,
+    PhysicalCopy,
+    RawDataFileCopy,
+    RawDataPackage,
+    Site,
+    utcnow,
+)
+from ccat_dt.packages import package_path
 from ccat_dt.report import disagreements
 from tests.browser import (
     DISMISS_COMMUNITY_MODAL,
@@ -41,8 +65,14 @@ from tests.browser import (
     launch_browser,
 )
 from tests.browser import chromium as chromium_fixture  # noqa: F401
-from tests.helpers import observe
-from tests.test_operator_actions import check_status, lta_intact, opsdb_state
+from tests.faults.invariants import assert_safe
+from tests.faults.pipeline import archived_everywhere, deployment, package_names, plan
+from tests.faults.pipeline import observe as observe_one
+from tests.faults.storage_truth import lost_filed_files
+from tests.faults.test_deletion_faults import KEEP, _sites, lta_tar, retention
+from tests.helpers import flip_byte, observe
+from tests.test_dry_runs import primary
+from tests.test_operator_actions import by_hand, check_status, lta_intact, opsdb_state
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -214,9 +244,10 @@ def materialize(page: Page, server: Webserver, asset: str,
         page.get_by_role("button", name="Materialize…").click()
     dialog = page.get_by_role("dialog").first
     for dimension, picked in partitions.items():
-        if picked == "All":
-            section = dialog.get_by_text(dimension, exact=True).locator("xpath=../..")
-            section.get_by_role("button", name="All").click()
+        if picked == "All":  # a single dimension's buttons are the dialog's only ones
+            section = (dialog.get_by_text(dimension, exact=True).locator("xpath=../..")
+                       if dimension else dialog)
+            section.get_by_role("button", name="All", exact=True).click()
             continue
         for value in picked:
             page.get_by_text("Select a partition or create one").first.click()
@@ -257,3 +288,249 @@ def _verifications(opsdb: OpsDB) -> int:
     with opsdb.session() as session:
         return session.query(Operation).filter(
             Operation.operation_type == OperationType.VERIFICATION).count()
+
+
+def _mid_lifecycle(root: Path) -> tuple[Config, OpsDB, Path, str, str, datetime]:
+    """A deployment in the middle of its lifecycle, its sources and buffers kept until the
+    operator's edit at the end: obs-0's two packages verified in both archives (sources and
+    buffer copies still there), obs-1's one package at the observatory buffer and in its
+    primary's archive only; then one of obs-0's LTA copies damaged on disk, OpsDB still saying
+    it is verified, and the retention set to 0 (everything archived twice may go now).
+    Returns (config, OpsDB, instance home, the damaged package, the half-archived one, when
+    the damage was done)."""
+    config = deployment(root / "deploy", sites=_sites(KEEP),
+                        policies={"retry_backoff_first_s": 1.0,
+                                  "retry_backoff_max_hours": 4.0 / 3600})
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=1, files=1)
+    home = config.directory / "dagster_home"
+    write_instance_yaml(config, home)
+    with DagsterInstance.from_config(str(home)) as instance:
+        defs = build_definitions(config)
+        assert drive(defs, instance).failed == []
+        observe_one(config, opsdb, name="obs-1", files=1, size=20_000)
+        half = plan(config, opsdb, instance)
+        site = primary(opsdb, half)
+        for asset, partition in (("raw_files", half), ("packages", half),
+                                 ("site_copies", f"{half}|{site}"),
+                                 ("lta_copies", f"{half}|{site}")):
+            assert by_hand(defs, instance, asset, partition), (asset, partition)
+    damaged = sorted(name for name in package_names(opsdb) if name.startswith("obs-0"))[0]
+    tar = lta_tar(config, "us", damaged)
+    damaged_at = utcnow()
+    flip_byte(tar, tar.stat().st_size // 2, 0x10)
+    return retention(config, 0), opsdb, home, damaged, half, damaged_at
+
+
+def test_clicks_mid_lifecycle_delete_nothing_unsafely_and_the_deployment_converges(
+        tmp_path: Path, chromium: str) -> None:
+    """Mid-lifecycle (_mid_lifecycle: an LTA copy damaged on disk that OpsDB still calls
+    verified, a package archived at one site only), with the daemon running and its sensors
+    ticking (they race the clicks for the same work), the operator clicks a backfill of
+    purge_status over every package and "Materialize" of the half-archived package's
+    site_copies and lta_copies at the site it lacks. On the storage, looked at as the files
+    go: no source file or buffer copy is gone whose package was not then in a tar hashing to
+    its checksum in every archive it must be in. No deletion certificate counts the damaged
+    copy; it is reported (its verification failed; the purges of its package kept everything
+    and say why in the UI); a run that could not do its work failed saying why (a deliberate
+    Failure, not an exception's traceback). The drive that watches the daemon finish ends
+    with everything archived twice (the damaged copy repaired), nothing left at the
+    observatory or in a buffer, the audit clean and every check green."""
+    config, opsdb, home, damaged, half, damaged_at = _mid_lifecycle(tmp_path)
+    missing = ({"cologne", "us"} - {primary(opsdb, half)}).pop()
+    kept = _deletable_files(config, opsdb)  # every file a purge may delete, and its package
+    artifacts = artifacts_dir(tmp_path)
+    with DagsterInstance.from_config(str(home)) as instance:
+        runs_before = {r.run_id for r in instance.get_runs()}
+        with DeletionWatch(config, opsdb, kept) as watch, \
+                dagster_webserver(home, config.path, tmp_path / "webserver.log") as server, \
+                dagster_daemon(home, config.path, tmp_path / "daemon.log"):
+            with launch_browser(chromium) as browser:
+                context = browser.new_context(viewport={"width": 1600, "height": 1000})
+                context.add_init_script(DISMISS_COMMUNITY_MODAL)
+                page = context.new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                graphql = GraphQLFailures(page)
+                try:
+                    materialize(page, server, "purge_status", {"": "All"}, "Launch backfill")
+                    materialize(page, server, "site_copies", {"package": [half],
+                                                              "site": [missing]},
+                                "Launch 1 run")
+                    materialize(page, server, "lta_copies", {"package": [half],
+                                                             "site": [missing]},
+                                "Launch 1 run")
+                    shot(page, artifacts / "ui_mid_lifecycle_clicks.png")
+                except Exception:
+                    shot(page, artifacts / "ui_failure.png")
+                    print(f"GraphQL requests that failed: {graphql.describe()}")
+                    print(f"dagster-webserver log (tail):\n{server.log_tail()}")
+                    raise
+                finally:
+                    context.close()
+            _wait_for_runs(instance, len(runs_before) + 5, tmp_path / "daemon.log")
+            # The drive waits while the daemon ticks the sensors and runs what they ask for,
+            # until it has nothing left to do.
+            report = drive(build_definitions(config), instance, wait_s=30)
+        runs = [r for r in instance.get_runs() if r.run_id not in runs_before]
+        clicked = [r for r in runs if "dagster/sensor_name" not in r.tags]
+        print("\n".join(f"{r.status.value:<8} {_selected(r.asset_selection):<13} "
+                        f"{r.tags.get('dagster/partition')} {r.tags.get('dagster/sensor_name')}"
+                        f" {run_failure(instance, r.run_id)}" for r in reversed(runs)))
+        print(f"drive: {report}")
+        assert report.sensor_failures == {}
+        assert {(_selected(r.asset_selection), r.tags.get("dagster/partition"))
+                for r in clicked} == {
+            *(("purge_status", name) for name in package_names(opsdb)),
+            ("site_copies", f"{half}|{missing}"), ("lta_copies", f"{half}|{missing}")}
+        assert [r.run_id for r in runs if r.status not in FINISHED_STATUSES] == []
+        assert _unclear_failures(instance, runs) == []
+        # ... the storage: nothing deleted that lacks a good copy in every archive
+        assert watch.gone, "the purge deleted nothing"
+        assert watch.violations() == []
+        assert _certified_while_damaged(opsdb, damaged, damaged_at) == []
+        # The damaged copy reported: its verification failed, and each purge of its package
+        # until the repair shows in the UI what it kept and why.
+        assert any("checksum mismatch" in error
+                   for error in _failed_verifications(opsdb, damaged, "us"))
+        assert any("integrity check failed for us/lta copy" in kept
+                   for kept in _purges_kept(instance, damaged)), _purges_kept(instance, damaged)
+        follow_up = drive(build_definitions(config), instance)
+        assert follow_up.failed == [] and follow_up.launched == []  # nothing left to do
+        archived_everywhere(config, opsdb)  # both archives; observatory and buffers empty
+        assert _good_archives(config, opsdb, damaged) == {"cologne", "us"}  # repaired
+        assert_safe(config, opsdb)  # every byte in a good copy, the audit clean
+        assert lost_filed_files(config, opsdb) == []
+        for asset, check in LIFECYCLE.items():
+            statuses = check_status(instance, asset, check)
+            assert statuses and set(statuses.values()) == {"passed"}, (asset, statuses)
+
+
+def _deletable_files(config: Config, opsdb: OpsDB) -> dict[Path, tuple[str, frozenset[str]]]:
+    """Every raw file at its source and package copy in a buffer OpsDB records, on the
+    storage now: its path -> its package's name and the archive sites whose LTA copy must be
+    good before it may go (an archive site's buffer copy: that site's; at the observatory:
+    every archive site's, as `required_lta_copies` asks here)."""
+    every = frozenset(site.short_name for site in config.settings.archive_sites)
+    with opsdb.session() as session:
+        files = {}
+        for copy in session.scalars(select(PhysicalCopy).join(DataLocation).where(
+                DataLocation.location_type.in_([LocationType.SOURCE, LocationType.BUFFER]))):
+            package = (copy.package if isinstance(copy, PackageCopy) else
+                       copy.raw_data_file.package if isinstance(copy, RawDataFileCopy) else None)
+            assert package is not None, copy
+            site = copy.location.site.short_name
+            files[Path(copy.location.root) / copy.relative_path] = (
+                package.name, frozenset({site}) if site in every else every)
+    assert config.settings.required_lta_copies == len(every)
+    assert all(path.is_file() for path in files)
+    return files
+
+
+def _good_archives(config: Config, opsdb: OpsDB, package: str) -> set[str]:
+    """The archive sites whose LTA tar of `package` hashes, read now, to its checksum."""
+    with opsdb.session() as session:
+        row = session.scalar(select(RawDataPackage).where(RawDataPackage.name == package))
+        assert row is not None and row.checksum is not None
+        relative, checksum = package_path(row), row.checksum
+    good = set()
+    for site in config.settings.archive_sites:
+        tar = config.resolve_root(f"sites/{site.short_name}/lta") / relative
+        with contextlib.suppress(OSError):
+            if tar.is_file() and hash_file(tar)[0] == checksum:
+                good.add(site.short_name)
+    return good
+
+
+class DeletionWatch:
+    """Looks at the storage while the UI's runs and the daemon's run: a file of `files` seen
+    gone, its package's LTA tars are read at once; each gone while its package was not good
+    in every archive it must be in is a violation (a repair made after the deletion would
+    hide it later)."""
+
+    def __init__(self, config: Config, opsdb: OpsDB,
+                 files: dict[Path, tuple[str, frozenset[str]]]) -> None:
+        self.config, self.opsdb, self.files = config, opsdb, dict(files)
+        self.gone: dict[Path, set[str]] = {}  # each file seen gone -> the good archives then
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> DeletionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._look()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            self._look()
+
+    def _look(self) -> None:
+        for path, (package, _) in self.files.items():
+            if path not in self.gone and not path.exists():
+                self.gone[path] = _good_archives(self.config, self.opsdb, package)
+
+    def violations(self) -> list[str]:
+        return [f"{path} deleted while {self.files[path][0]} was good only in {sorted(good)}, "
+                f"not in every one of {sorted(self.files[path][1])}"
+                for path, good in self.gone.items() if not self.files[path][1] <= good]
+
+
+def _certified_while_damaged(opsdb: OpsDB, package: str, since: datetime) -> list[str]:
+    """Deletions of `package`'s copies whose certificate counts its us LTA copy on a hash
+    made before `since` (when that copy was damaged)."""
+    found = []
+    with opsdb.session() as session:
+        for operation in session.scalars(select(Operation).join(
+                RawDataPackage, Operation.package_id == RawDataPackage.id).where(
+                Operation.operation_type == OperationType.DELETION,
+                RawDataPackage.name == package)):
+            for copy in (operation.evidence or {}).get("copies", []):
+                if copy["site"] == "us" and datetime.fromisoformat(copy["hashed_at"]) < since:
+                    found.append(f"operation {operation.id}: {copy}")
+    return found
+
+
+def _failed_verifications(opsdb: OpsDB, package: str, site: str) -> list[str]:
+    """The errors of failed verifications of `package`'s LTA copies at `site`."""
+    with opsdb.session() as session:
+        return [operation.error or "" for operation in session.scalars(
+            select(Operation).join(RawDataPackage, Operation.package_id == RawDataPackage.id)
+            .join(PhysicalCopy, Operation.copy_id == PhysicalCopy.id)
+            .join(DataLocation, PhysicalCopy.location_id == DataLocation.id)
+            .join(Site, DataLocation.site_id == Site.id).where(
+                Operation.operation_type == OperationType.VERIFICATION,
+                Operation.status == OperationStatus.FAILED, RawDataPackage.name == package,
+                Site.short_name == site,
+                DataLocation.location_type == LocationType.LONG_TERM_ARCHIVE))]
+
+
+def _purges_kept(instance: DagsterInstance, package: str) -> list[str]:
+    """What each materialization of purge_status for `package` says it kept, and why."""
+    records = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey("purge_status"), asset_partitions=[package]), limit=100).records
+    return [str(record.asset_materialization.metadata["kept"].value)  # type: ignore[union-attr]
+            for record in records]
+
+
+def _unclear_failures(instance: DagsterInstance, runs: list[DagsterRun]) -> list[str]:
+    """Failed runs that did not fail saying why: each failed step must have raised a
+    deliberate Failure (or failed a blocking check) whose message is the run's failure."""
+    unclear = []
+    for run in runs:
+        if run.status != DagsterRunStatus.FAILURE:
+            continue
+        said = run_failure(instance, run.run_id)
+        steps = [record.dagster_event.step_failure_data for record in instance.all_logs(
+            run.run_id, of_type=DagsterEventType.STEP_FAILURE) if record.dagster_event]
+        deliberate = steps and all(
+            data.user_failure_data is not None
+            or (data.error is not None and data.error.cls_name == "DagsterAssetCheckFailedError")
+            for data in steps)
+        if not said or "Traceback" in said or not deliberate:
+            unclear.append(f"{run.run_id} {_selected(run.asset_selection)} "
+                           f"{run.tags.get('dagster/partition')}: {said or 'no message'} "
+                           f"({[d.error.cls_name if d.error else None for d in steps]})")
+    return unclear
