@@ -9,7 +9,12 @@ from ccat_dt.forecast import forecast_buffers
 from ccat_dt.health import describe, sites_down, unhealthy
 from ccat_dt.loss import packages_in_danger
 from ccat_dt.metrics import service_level_figures
-from ccat_dt.notify import fix_for, open_problems, undeliverable
+from ccat_dt.notify import (
+    failing_channels,
+    fix_for,
+    open_problems,
+    undeliverable,
+)
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.reattempt import unsettled
@@ -103,6 +108,10 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
                   f"since {_aware(refusal.since):%Y-%m-%d %H:%M} UTC; "
                   + ("its messages wait" if refusal.held else "the other recipients get them")
                   + f": {fix_for(refusal.channel, refusal.reason)})")
+        for down in failing_channels(session, config, now):  # its messages wait, tried again
+            print(f"notifications failing: {down.error} (over {down.channel}: nothing delivered "
+                  f"since {_aware(down.since):%Y-%m-%d %H:%M} UTC; tried again at every tick, "
+                  "its messages go once it delivers: check its server)")
         for told in open_problems(session):
             state = "notified" if told.sent_at else f"not yet delivered ({told.last_error})"
             print(f"problem [{told.channel}] {told.subject}: {state}")

@@ -20,6 +20,10 @@ at every tick, for ever, and nobody told: the channel is recorded undeliverable
 settings change (a new address or server, the password's variable): then they go. Recipients
 refused while the others got the message are recorded the same way, without holding the
 others' messages.
+A channel failing for now at every attempt (a relay answering 421 for days, a webhook's server
+down), nothing delivered over it since, is tried at every tick as ever, and once that lasts
+`remind_after_hours` it is told over the other channels and named by `status` (FailingChannel:
+since when, and its last error); it is resolved once a message over it is delivered.
 A message delivered is recorded at once (a tick cut off later never sends it again), and a tick
 starts no delivery past TICK_BUDGET_S: a slow server with many messages waits for later ticks.
 Nothing is sent, and no row is written, while no channel is configured.
@@ -36,7 +40,8 @@ inodes), over its quota or read-only (only a person makes room, raises the quota
 it), a disk that fails with I/O errors again and again, or that failed the read of a copy sent
 from it (the work healed from another copy, so nothing reads that one again soon), a buffer
 filling faster than it drains, a filing-service request that can never be applied (a dead
-letter, which each site's service mirrors into OpsDB). Transient faults are never told.
+letter, which each site's service mirrors into OpsDB), a notification channel through which
+nothing got for `remind_after_hours` (above). Transient faults are never told.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ from ccat_dt.opsdb.database import OpsDB, insert_absent
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
+    FailingChannel,
     FilingDeadLetter,
     Lease,
     LocationType,
@@ -116,7 +122,7 @@ class Problem:
     kind: str  # quarantined | escalated | lost | at_risk | site_down | buffer_filling | dead_letter
     # | deletion_refused | foreign_file | source_changed | source_refused | copy_refused
     # | archive_unreadable | disk_full | over_quota | read_only | disk_error | too_large
-    # | in_the_way | deletion_denied | undeliverable
+    # | in_the_way | deletion_denied | undeliverable | channel_failing
     subject: str
     detail: str  # what happened and what to do
 
@@ -367,6 +373,36 @@ def undeliverable(session: Session, config: Config) -> list[UndeliverableChannel
         UndeliverableChannel.channel)) if row.channel in configured]
 
 
+def failing_channels(session: Session, config: Config,
+                     now: datetime) -> list[FailingChannel]:
+    """The channels configured whose every delivery failed for now (nothing delivered over
+    them) for `remind_after_hours` or longer, none of them refused for good (told as that)."""
+    configured = {channel.name for channel in channels(config)}
+    horizon = timedelta(hours=config.settings.notifications.remind_after_hours)
+    refused = {row.channel for row in undeliverable(session, config)}
+    return [row for row in session.scalars(select(FailingChannel).order_by(
+        FailingChannel.channel)) if row.channel in configured and row.channel not in refused
+        and _aware(now) - _aware(row.since) >= horizon]
+
+
+def _failure(channel: Channel, exc: Exception) -> str:
+    """A failure for now as a person reads it: the server, and the reply or the error."""
+    import urllib.parse
+
+    where = channel.name
+    if isinstance(channel, SmtpChannel):
+        where = f"server {channel.settings.host}:{channel.settings.port}"
+    elif isinstance(channel, WebhookChannel):  # its host only: a hook's path is a secret
+        where = f"webhook at {urllib.parse.urlsplit(channel.settings.url).netloc}"
+    recipients = getattr(exc, "recipients", None)
+    if isinstance(recipients, dict):  # smtplib.SMTPRecipientsRefused: every one, for now
+        return f"{where}: {_recipients(recipients)}"
+    code = getattr(exc, "smtp_code", None)
+    if isinstance(code, int):  # 421, 450, 451 ...
+        return f"{where}: {_reply(code, getattr(exc, 'smtp_error', b''))}"
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
 def channels(config: Config) -> list[Channel]:
     settings = config.settings.notifications
     out: list[Channel] = []
@@ -541,6 +577,20 @@ def current_problems(session: Session, config: Config, now: datetime,
                f"{refusal.channel} in the configuration (the address, the server, the account, "
                "the TLS mode)")
             + "; the messages waiting then go by themselves. `ccat-dt status` lists them."))
+    for down in failing_channels(session, config, now):  # told over the other channels
+        since = _aware(down.since)
+        server = "mail relay" if down.channel == "smtp" else "webhook's server"
+        problems.append(Problem(
+            f"failing:{down.channel}", "channel_failing",
+            f"notifications over {down.channel} failing since {since:%Y-%m-%d %H:%M} UTC: "
+            f"{down.error}",
+            f"Every delivery over {down.channel} failed since {since:%Y-%m-%d %H:%M} UTC and "
+            f"none succeeded (the last at {_aware(down.failed_at):%Y-%m-%d %H:%M} UTC: "
+            f"{down.error}). A failure for now (a 4xx reply, a server down or not answering), "
+            "so its messages wait and are tried again at every tick; they go by themselves "
+            f"once it delivers, and this is resolved then. Check the {server}: is it up and "
+            "reachable from this host, is its queue or disk full, does it throttle us? "
+            "`ccat-dt status` lists the messages waiting."))
     return problems
 
 
@@ -917,12 +967,15 @@ def _reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chan
             select(Notification).where(Notification.closed.is_(False)))}
         before = {r.channel: (r.settings, r.reason, r.held, r.tried_at) for r in
                   session.scalars(select(UndeliverableChannel))}
+        was_failing = set(session.scalars(select(FailingChannel.channel)))
     current = {p.key: p for p in problems}
     updates: list[_Update] = []
     broken: dict[str, str] = {}  # channel -> why it failed in this tick (not tried again)
     held: set[str] = set()
     refused: dict[str, tuple[str, bool]] = {}  # channel -> (who and why, nothing delivered)
     complete: set[str] = set()  # channels that delivered a message to every recipient
+    for_now: dict[str, str] = {}  # channel -> its failure for now in this tick, as told
+    due: set[str] = set()  # channels with a message to deliver in this tick
 
     def deliver(channel: Channel, subject: str, body: str) -> str | None:
         if channel.name in broken:
@@ -935,6 +988,7 @@ def _reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chan
             return broken[channel.name]
         except Exception as exc:  # noqa: BLE001 - any other failure: log, retry next tick
             broken[channel.name] = f"{type(exc).__name__}: {exc}"
+            for_now[channel.name] = _failure(channel, exc)
             log(f"notification over {channel.name} failed (tried again later): {exc}")
             return broken[channel.name]
         if partly:
@@ -946,6 +1000,7 @@ def _reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chan
     def tell(channel: Channel, row: _Row | None, told: Problem | None, what: str,
              subject: str, body: str, line: str) -> None:
         nonlocal lost
+        due.add(channel.name)
         if channel.name not in held:
             if not lost and time.monotonic() < deadline:
                 lost = not _renewed(opsdb, holder, log)
@@ -971,6 +1026,8 @@ def _reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chan
         for problem in problems:
             if was_held and problem.key.startswith(f"undeliverable:{channel.name}:"):
                 continue  # told over the other channels, not over the one that refused
+            if problem.key == f"failing:{channel.name}":
+                continue  # likewise: delivered over it, it is resolved
             row = open_rows.get((problem.key, channel.name))
             if row is None or row.sent_at is None:
                 what = "problem"
@@ -995,6 +1052,8 @@ def _reconcile(opsdb: OpsDB, problems: Sequence[Problem], targets: Sequence[Chan
 
     _record(opsdb, updates, now)
     _settle(opsdb, targets, before, refused, complete, now, log)
+    _failing(opsdb, (was_failing - due) | (was_failing & (complete | set(refused))), for_now,
+             now)
 
 
 def _renewed(opsdb: OpsDB, holder: str, log: Callable[[str], None]) -> bool:
@@ -1039,6 +1098,24 @@ def _settle(opsdb: OpsDB, targets: Sequence[Channel],
                 row.settings, row.reason, row.held, row.tried_at = digest, reason, held, now
             elif name in complete and row is not None:
                 session.delete(row)
+
+
+def _failing(opsdb: OpsDB, done: set[str], for_now: dict[str, str], now: datetime) -> None:
+    """Record the channels that failed for now in this tick (since when, the last error), and
+    forget those `done`: that delivered a message (to any recipient), refused for good (told as
+    undeliverable instead) or had nothing to deliver (nothing waits over them)."""
+    if not for_now and not done:
+        return
+    with opsdb.session() as session:
+        for name in done:
+            if (row := session.get(FailingChannel, name)) is not None:
+                session.delete(row)
+        session.flush()  # one that delivered, then failed in this tick: failing from now
+        for name, error in for_now.items():
+            insert_absent(session, FailingChannel, {  # kept if there: failing since then
+                "channel": name, "error": error, "since": now, "failed_at": now}, ("channel",))
+            row = session.get_one(FailingChannel, name)
+            row.error, row.failed_at = error, now
 
 
 def _record(opsdb: OpsDB, updates: Sequence[_Update], now: datetime) -> None:

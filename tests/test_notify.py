@@ -495,6 +495,47 @@ def test_a_refusal_for_now_is_tried_at_every_tick_and_delivered_once_when_it_pas
     opsdb.dispose()
 
 
+def test_a_mail_relay_failing_for_now_past_the_horizon_is_told_over_the_webhook(
+        tmp_path: Path, webhook_receiver: Receiver, capsys: pytest.CaptureFixture[str]) -> None:
+    """The relay answers 421 at every tick for longer than `remind_after_hours` (1 h here):
+    still tried at every tick, and now told once over the webhook, naming the channel and its
+    last reply, and by `status`. Once the relay takes mail again, what waited is delivered
+    once and the webhook hears it resolved. Before, a failure for now was only logged, for
+    ever: nobody heard that no e-mail had gone for days."""
+    logs: list[str] = []
+    start = utcnow() - timedelta(hours=3)  # `status` reads the clock: past the horizon then
+    refusal = "421 4.3.2 service shutting down"
+    with mail_server(refuse={"MAIL": refusal}) as box:
+        config = _notified(tmp_path, box.port, webhook_receiver.url)
+        opsdb = OpsDB(config.opsdb_url)
+        for minute in (0, 1, 30, 59):  # within the horizon: a failure for now, not told
+            assert _tick(config, opsdb, start + timedelta(minutes=minute), logs).failed
+        assert not any("failing" in text for text in webhook_receiver.texts)
+        for minute in (61, 62, 90):  # past it, still refused: told once, over the webhook
+            tick = _tick(config, opsdb, start + timedelta(minutes=minute), logs)
+            assert tick.failed == ["smtp problem quarantined:pkg-a"], tick  # tried every tick
+        assert box.refusals == 7 and box.messages == []
+        [told] = [text for text in webhook_receiver.texts if "failing" in text]
+        where = f"server 127.0.0.1:{box.port}: {refusal}"
+        assert told.startswith(f"[ccat-dt] notifications over smtp failing since "
+                               f"{start:%Y-%m-%d %H:%M} UTC: {where}"), told
+        assert "tried again at every tick" in told
+        shown = _status(opsdb, config, capsys)
+        assert f"notifications failing: {where} (over smtp: nothing delivered since " \
+            f"{start:%Y-%m-%d %H:%M} UTC" in shown, shown
+        assert "problem [webhook] notifications over smtp failing" in shown
+
+        box.refuse.clear()  # the relay takes mail again
+        for minute in (91, 92, 93):
+            _tick(config, opsdb, start + timedelta(minutes=minute), logs)
+    assert box.subjects == ["[ccat-dt] package pkg-a quarantined"]  # what waited, once
+    assert [text.partition("\n")[0] for text in webhook_receiver.texts
+            if "failing" in text] == [told.partition("\n")[0], "[ccat-dt] RESOLVED: "
+                                      + told.partition("\n")[0].removeprefix("[ccat-dt] ")]
+    assert "failing" not in _status(opsdb, config, capsys)
+    opsdb.dispose()
+
+
 def test_a_webhook_that_is_gone_is_held_until_its_url_changes(
         tmp_path: Path, smtp_server: Mailbox, webhook_receiver: Receiver,
         capsys: pytest.CaptureFixture[str]) -> None:

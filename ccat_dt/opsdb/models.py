@@ -511,6 +511,20 @@ class UndeliverableChannel(Base):
     tried_at: Mapped[datetime] = mapped_column()
 
 
+class FailingChannel(Base):
+    """A notification channel whose every delivery failed for now (an SMTP 421/451, a
+    connection refused or timing out, a webhook's 5xx/429/408) since `since`, nothing
+    delivered over it since: tried again at every tick, and told over the other channels and
+    by `status` once that lasts `remind_after_hours`. The row goes once a message over it is
+    delivered (to any recipient), or once it refuses for good (UndeliverableChannel)."""
+
+    __tablename__ = "failing_channels"
+    channel: Mapped[str] = mapped_column(String(16), primary_key=True)  # smtp | webhook
+    error: Mapped[str] = mapped_column(Text)  # the last failure
+    since: Mapped[datetime] = mapped_column()  # the first failure since its last delivery
+    failed_at: Mapped[datetime] = mapped_column()  # the last failure
+
+
 class Lease(Base):
     """Work one process at a time does across processes and hosts, claimed by a conditional
     UPDATE (the row's `holder` set only where the lease is free, run out or already the
