@@ -536,6 +536,28 @@ def test_a_mail_relay_failing_for_now_past_the_horizon_is_told_over_the_webhook(
     opsdb.dispose()
 
 
+def test_a_mail_relay_failing_with_nothing_waiting_is_not_told(
+        tmp_path: Path, webhook_receiver: Receiver) -> None:
+    """The relay answers 421 while a problem is open; the problem clears before the relay
+    takes mail (nothing was told over it: nothing to take back). Nothing waits over it any
+    more, so it is not "failing" past the horizon: no message about it."""
+    now = utcnow()
+    with mail_server(refuse={"MAIL": "421 4.3.2 service shutting down"}) as box:
+        config = _notified(tmp_path, box.port, webhook_receiver.url)
+        opsdb = OpsDB(config.opsdb_url)
+        assert reconcile(opsdb, [PROBLEM], channels(config), now,
+                         remind_after=timedelta(hours=1)).failed
+        for minute in (5, 120, 121):  # cleared; nothing over smtp from then on
+            with opsdb.session() as session:
+                problems = current_problems(session, config, now + timedelta(minutes=minute))
+            reconcile(opsdb, problems, channels(config), now + timedelta(minutes=minute),
+                      remind_after=timedelta(hours=1))
+        assert box.refusals == 1 and box.messages == []
+    assert [text.partition("\n")[0] for text in webhook_receiver.texts] == [
+        "[ccat-dt] package pkg-a quarantined", "[ccat-dt] RESOLVED: package pkg-a quarantined"]
+    opsdb.dispose()
+
+
 def test_a_webhook_that_is_gone_is_held_until_its_url_changes(
         tmp_path: Path, smtp_server: Mailbox, webhook_receiver: Receiver,
         capsys: pytest.CaptureFixture[str]) -> None:
