@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -222,8 +223,73 @@ class Placed:
     streams: int = 0
     log_path: str | None = None
     batched_with: tuple[str, ...] = ()  # other packages moved in the same session
-    note: str = ""  # what was found instead of a transfer ("already there, verified now")
+    note: str = ""  # what was found instead of a transfer ("already there, verified now"),
+    # or what the transfer repaired ("repaired: replaced the copy found corrupt ...")
     source: CopyRef | None = None  # the copy sent, when it is not the one planned (moved on)
+    replaced: tuple[Replaced, ...] = ()  # quarantined copies this new copy superseded
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """A quarantined (CORRUPT) copy that a new copy at its site superseded (a repair), and
+    what found it bad: its newest failed verification, as OpsDB recorded it."""
+
+    copy_id: int
+    location: str  # site/location
+    path: str
+    found_at: datetime | None  # when that verification ended
+    found_by: str  # what read it: the scrub, a re-check before a deletion, the audit, a re-read
+    error: str | None  # what it found ("checksum mismatch: expected ..., read ...")
+    operation_id: int | None  # that verification operation
+
+    @property
+    def found_utc(self) -> datetime | None:
+        at = self.found_at
+        return None if at is None else (at if at.tzinfo else at.replace(tzinfo=UTC)
+                                        ).astimezone(UTC)
+
+    @property
+    def when(self) -> str:
+        at = self.found_utc
+        return "at an unrecorded time" if at is None else f"at {at:%Y-%m-%d %H:%M} UTC"
+
+    def evidence(self) -> dict[str, str | int]:
+        at = self.found_utc
+        return {"copy_id": self.copy_id, "location": self.location, "path": self.path,
+                "found_at": at.isoformat() if at else "",
+                "found_by": self.found_by, "error": self.error or "",
+                "operation_id": self.operation_id or 0}
+
+
+def repaired_note(replaced: Collection[Replaced], source: CopyRef) -> str:
+    """A repair's outcome in words: which quarantined copy it replaced, found bad when, by what
+    and why, and where the new copy was copied from."""
+    found = "; ".join(f"{r.copy_id} at {r.location} found corrupt {r.when} by {r.found_by} "
+                      f"({r.error or 'failed its verification'})" for r in replaced)
+    return (f"repaired: replaced the {'copies' if len(replaced) > 1 else 'copy'} {found}, "
+            f"with one copied from {source.site}/{source.location}")
+
+
+def _replaced(session: Session, stale: list[PackageCopy]) -> tuple[Replaced, ...]:
+    """What each quarantined copy a repair supersedes was found bad by (its newest failed
+    verification), read before it is recorded as overwritten."""
+    out = []
+    for bad in stale:
+        why = session.scalars(select(Operation).where(
+            Operation.copy_id == bad.id, Operation.operation_type == OperationType.VERIFICATION,
+            Operation.status == OperationStatus.FAILED).order_by(Operation.id.desc()).limit(1)
+        ).first()
+        by = "a re-read"
+        if why is not None and why.reason:
+            by = why.reason
+        elif why is not None and why.run_id:
+            by = f"a re-read in run {why.run_id}"
+        out.append(Replaced(
+            bad.id, f"{bad.location.site.short_name}/{bad.location.name}",
+            str(endpoint(bad.location, bad.relative_path)),
+            (why.finished_at or why.started_at) if why is not None else None, by,
+            why.error if why is not None else None, why.id if why is not None else None))
+    return tuple(out)
 
 
 def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType, *,
@@ -255,7 +321,7 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
             claims.wait_until_ended(opsdb, waited)
     placement, jobs = started.placement, started.jobs
     ids = [j.operation_id for j in jobs]
-    ended: dict[int, CopyRef | Exception] = {}  # by operation id
+    ended: dict[int, tuple[CopyRef, tuple[Replaced, ...]] | Exception] = {}  # by operation id
     try:
         transport, outcomes, down = _move(opsdb, config, started, jobs)
         for job, outcome in zip(jobs, outcomes, strict=True):
@@ -285,8 +351,11 @@ def place(opsdb: OpsDB, config: Config, placement: Placement, kind: LocationType
                                 "is used next", retryable=True) from mine
         raise _source_or_transit(opsdb, config, placement, mine)
     assert not isinstance(outcome, Exception)
-    return Placed(mine, transport, outcome.seconds, outcome.streams, outcome.log_path,
-                  tuple(j.placement.package for j in jobs[1:]), source=placement.source)
+    ref, replaced = mine
+    return Placed(ref, transport, outcome.seconds, outcome.streams, outcome.log_path,
+                  tuple(j.placement.package for j in jobs[1:]), source=placement.source,
+                  note=repaired_note(replaced, placement.source) if replaced else "",
+                  replaced=replaced)
 
 
 def _move(opsdb: OpsDB, config: Config, started: _Started, jobs: list[_Job]
@@ -593,7 +662,9 @@ def _transfer(transport: Transport, jobs: list[_Job]) -> list[TransferResult | E
 
 
 def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
-            result: TransferResult, transport: str) -> CopyRef:
+            result: TransferResult, transport: str) -> tuple[CopyRef, tuple[Replaced, ...]]:
+    """The landed copy recorded, verified; the quarantined copies of its kind at its site
+    recorded as overwritten by it, and returned (what found each bad)."""
     with opsdb.session() as session:
         lock_package(session, job.placement.package)
         package = get_package(session, job.placement.package)
@@ -601,6 +672,7 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         same = [c for c in copies_at(session, package, kind, job.placement.site)
                 if c.location_id == job.destination_id and c.relative_path == job.relative
                 and c.is_verified and c.checksum == result.checksum]
+        replaced: tuple[Replaced, ...] = ()
         if same:  # a concurrent run of this step recorded the same bytes at the same name first
             copy = same[0]
         else:
@@ -614,6 +686,7 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
                                inode=inode, mtime_ns=mtime_ns)
             session.add(copy)
             session.flush()
+            replaced = _replaced(session, stale)
             for bad in stale:  # overwritten by this repair: superseded, on the record
                 overwritten(session, package, bad, f"repaired copy {copy.id}", copy.id, now)
         operation = session.get_one(Operation, job.operation_id)
@@ -625,7 +698,7 @@ def _record(opsdb: OpsDB, config: Config, job: _Job, kind: LocationType,
         if (origin := session.get(PackageCopy, job.placement.source.copy_id)) is not None:
             mark_readable(session, origin.location_id)  # read whole there: reached again
         refresh_state(session, config, package)
-        return CopyRef.of(copy)
+        return CopyRef.of(copy), replaced
 
 
 def _unmarked_bucket(config: Config, root: str) -> TransferError | None:
@@ -692,7 +765,7 @@ def _reverify_existing(opsdb: OpsDB, config: Config, placement: Placement,
 
 
 def verify(opsdb: OpsDB, config: Config, package: str, site: str,
-           kind: LocationType) -> Verification:
+           kind: LocationType, *, reason: str | None = None) -> Verification:
     """Re-read the newest copy at the site's location of `kind` against the package checksum.
 
     A mismatch marks the copy CORRUPT, which blocks every purge of the package; a location
@@ -713,7 +786,7 @@ def verify(opsdb: OpsDB, config: Config, package: str, site: str,
             return Verification(False, f"no copy of {package} at {site} {kind.value}", None, None)
         copy_id = copy.id
     try:
-        return reread(opsdb, config, copy_id)
+        return reread(opsdb, config, copy_id, reason=reason)
     except TransferError as exc:
         return Verification(False, str(exc), copy_id, None, reached=False)
 
@@ -867,11 +940,11 @@ def read_in_run(opsdb: OpsDB, package: str, site: str, kind: LocationType,
 
 
 def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
-           run_id: str | None = None) -> Verification:
+           run_id: str | None = None, reason: str | None = None) -> Verification:
     """Re-read one copy on its storage against the package checksum and record it (a
-    verification operation of run `run_id`; verified_at on success, CORRUPT on a mismatch or
-    a file gone from a mounted location; a CORRUPT copy whose bytes match again, put back by
-    a person, is PRESENT again).
+    verification operation of run `run_id`, its reason `reason`: what re-read it, e.g. the
+    scrub; verified_at on success, CORRUPT on a mismatch or a file gone from a mounted
+    location; a CORRUPT copy whose bytes match again, put back by a person, is PRESENT again).
 
     A location that cannot be looked at (root unmarked: the disk not mounted; host or bucket
     unreachable), or a file its disk fails to read (EIO), says nothing about the copy:
@@ -889,7 +962,7 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
         location_id = copy.location_id
         operation = Operation(operation_type=OperationType.VERIFICATION, package=pkg,
                               copy_id=copy.id, destination_location_id=copy.location_id,
-                              run_id=run_id)
+                              run_id=run_id, reason=reason)
         session.add(operation)
         label = f"{copy.location.site.short_name}/{copy.location.name}"
         expected, name = pkg.checksum, pkg.name

@@ -29,7 +29,7 @@ def scrub(opsdb: OpsDB, config: Config,
         progress = Progress("scrub", f"{len(batch)} LTA copies at {', '.join(sites)}",
                             sum(sizes))
     for (package, site), size in zip(batch, sizes, strict=True):
-        result = verify(opsdb, config, package, site, KIND)
+        result = verify(opsdb, config, package, site, KIND, reason="the fixity scrub")
         progress.update(progress.done_bytes + size)
         yield package, site, result
     progress.finish()

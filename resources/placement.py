@@ -10,6 +10,7 @@ from dagster import (
     DagsterEvent,
     Failure,
     InputContext,
+    MetadataValue,
     OutputContext,
     ResourceDependency,
 )
@@ -67,7 +68,10 @@ class PlacementIOManager(ConfigurableIOManager):  # type: ignore[misc]
             "outcome": placed.note or f"copied now from {obj.source.site}/{obj.source.location}",
             "attempts": attempt + 1, "seconds": round(seconds, 3),
             "MB_per_s": round(ref.size / 1e6 / seconds, 2) if seconds > 0 else 0.0,
-            "log": placed.log_path or "", "batched_with": ", ".join(placed.batched_with)})
+            "log": placed.log_path or "", "batched_with": ", ".join(placed.batched_with),
+            # a repair: the quarantined copy it replaced, when and by what found bad, and why
+            **({"replaced": MetadataValue.json([r.evidence() for r in placed.replaced])}
+               if placed.replaced else {})})
         for companion in placed.batched_with:
             # Its own partition: a run of it would now find the copy made and ask for nothing,
             # so the UI would show a copy that exists as never materialised.

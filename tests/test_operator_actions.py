@@ -225,7 +225,14 @@ def test_materialize_on_a_rotten_lta_copy_repairs_it_and_names_the_copy_it_came_
         asset_key=AssetKey("lta_copies"), asset_partitions=[key]), limit=1).records
     metadata = record.asset_materialization.metadata  # type: ignore[union-attr]
     assert metadata["from"].value == "us/lta", metadata
-    assert metadata["outcome"].value == "copied now from us/lta"
+    outcome = str(metadata["outcome"].value)  # a repair, found by this run's own re-read
+    assert outcome.startswith(f"repaired: replaced the copy {bad.id} at cologne/"), outcome
+    assert f"by a re-read in run {record.run_id} (checksum mismatch: " in outcome, outcome
+    assert outcome.endswith(", with one copied from us/lta"), outcome
+    replaced: Any = metadata["replaced"].value
+    [entry] = replaced
+    assert entry["copy_id"] == bad.id and entry["path"] == str(path), entry
+    assert entry["found_by"] == f"a re-read in run {record.run_id}", entry
 
 
 def test_a_scrub_finding_is_red_on_its_partition_until_the_repair_makes_it_green(

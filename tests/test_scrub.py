@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
@@ -14,6 +15,8 @@ from sqlalchemy import select
 import ccat_dt.transports.local as local
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
+from ccat_assets.integrity import latest_materialization
+from ccat_assets.partitions import package_site_key
 from ccat_dt.audit import audit
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
@@ -63,6 +66,29 @@ def test_scrub_finds_a_flipped_byte_and_repair_restores_the_copy(
     assert hash_file(Path(new.location.root) / new.relative_path)[0] == new.package.checksum
     cologne = [c for c in lta_copies_at(opsdb, "cologne") if c.status == CopyStatus.PRESENT]
     assert len(cologne) == 2 and all(c.is_verified for c in cologne)
+    # the UI says what the repair replaced: the repaired partition's latest materialization
+    # names the corrupt copy, when and by what it was found bad, and why
+    repaired = materialized(instance, str(package_site_key(bad.package.name, "us")))
+    outcome = repaired["outcome"].value
+    assert outcome.startswith("repaired: replaced the copy "), outcome
+    assert f"copy {bad.id} at us/{bad.location.name} found corrupt at " in outcome, outcome
+    assert " UTC by the fixity scrub (checksum mismatch: " in outcome, outcome
+    [replaced] = repaired["replaced"].value
+    assert replaced["copy_id"] == bad.id and replaced["found_by"] == "the fixity scrub"
+    assert replaced["error"].startswith(f"checksum mismatch: expected {bad.package.checksum}")
+    assert replaced["found_at"] and replaced["path"] == str(Path(bad.location.root)
+                                                             / bad.relative_path)
+    # a first copy, made where none was, says nothing of the kind
+    first = materialized(instance, str(package_site_key(bad.package.name, "cologne")))
+    assert first["outcome"].value.startswith("copied now from "), first["outcome"]
+    assert "replaced" not in first
+
+
+def materialized(instance: DagsterInstance, partition: str) -> dict[str, Any]:
+    """The metadata of the partition's latest lta_copies materialization."""
+    latest = latest_materialization(instance, "lta_copies", partition)
+    assert latest is not None and latest.asset_materialization is not None
+    return dict(latest.asset_materialization.metadata)
 
 
 def test_a_repair_never_replaces_a_file_that_took_the_quarantined_copys_place(
