@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -39,6 +39,7 @@ from ccat_dt.opsdb.models import (
     RawDataPackage,
     Site,
     StorageType,
+    _aware,
     utcnow,
 )
 from ccat_dt.packages import (
@@ -243,20 +244,14 @@ class Replaced:
     operation_id: int | None  # that verification operation
 
     @property
-    def found_utc(self) -> datetime | None:
-        at = self.found_at
-        return None if at is None else (at if at.tzinfo else at.replace(tzinfo=UTC)
-                                        ).astimezone(UTC)
-
-    @property
     def when(self) -> str:
-        at = self.found_utc
-        return "at an unrecorded time" if at is None else f"at {at:%Y-%m-%d %H:%M} UTC"
+        at = self.found_at
+        return "at an unrecorded time" if at is None else f"at {_aware(at):%Y-%m-%d %H:%M} UTC"
 
     def evidence(self) -> dict[str, str | int]:
-        at = self.found_utc
+        at = self.found_at
         return {"copy_id": self.copy_id, "location": self.location, "path": self.path,
-                "found_at": at.isoformat() if at else "",
+                "found_at": _aware(at).isoformat() if at else "",
                 "found_by": self.found_by, "error": self.error or "",
                 "operation_id": self.operation_id or 0}
 
