@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from ccat_dt.config import Config
 from ccat_dt.diagnosis import diagnose
 from ccat_dt.loss import Health, packages_in_danger
-from ccat_dt.notify import undeliverable
+from ccat_dt.notify import failing_channels, undeliverable
 from ccat_dt.opsdb.models import (
     CopyStatus,
     DataLocation,
@@ -54,6 +54,7 @@ class Overview:
     stuck: list[Stuck]
     stuck_total: int
     undeliverable: list[str]  # "channel: recipient or server: reply"
+    failing: list[str]  # "channel: server: reply, since ..." (failing for now, for long)
 
 
 def overview(session: Session, config: Config, now: datetime) -> Overview:
@@ -98,4 +99,7 @@ def overview(session: Session, config: Config, now: datetime) -> Overview:
     lost = sum(1 for _, a in danger if a.health == Health.LOST)
     return Overview(sites, dict(states), lost, len(danger) - lost, stuck[:STUCK_LIMIT],
                     len(stuck), [f"{row.channel}: {row.reason}"
-                                 for row in undeliverable(session, config)])
+                                 for row in undeliverable(session, config)],
+                    [f"{row.channel}: {row.error}, nothing delivered since "
+                     f"{_aware(row.since):%Y-%m-%d %H:%M} UTC"
+                     for row in failing_channels(session, config, now)])

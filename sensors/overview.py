@@ -46,7 +46,8 @@ def metadata(view: Overview) -> dict[str, MetadataValue]:
         "\n".join(table) + "\n\n**Stuck packages** "
         + (f"({view.stuck_total}, first {len(view.stuck)})\n\n" + "\n".join(stuck)
            if view.stuck else "\n\nnone")
-        + "".join(f"\n\n**Notifications undeliverable**: {line}" for line in view.undeliverable))
+        + "".join(f"\n\n**Notifications undeliverable**: {line}" for line in view.undeliverable)
+        + "".join(f"\n\n**Notifications failing**: {line}" for line in view.failing))
     return out
 
 

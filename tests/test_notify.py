@@ -524,6 +524,9 @@ def test_a_mail_relay_failing_for_now_past_the_horizon_is_told_over_the_webhook(
         assert f"notifications failing: {where} (over smtp: nothing delivered since " \
             f"{start:%Y-%m-%d %H:%M} UTC" in shown, shown
         assert "problem [webhook] notifications over smtp failing" in shown
+        with opsdb.session() as session:  # and the operator's overview in the UI
+            figures = metadata(overview(session, config, utcnow()))
+        assert f"**Notifications failing**: smtp: {where}" in str(figures["overview"].value)
 
         box.refuse.clear()  # the relay takes mail again
         for minute in (91, 92, 93):
