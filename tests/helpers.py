@@ -10,7 +10,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -261,12 +261,13 @@ SHM_NEEDED = 256 * 2**20  # the instance of one test writes a few MB
 
 @contextmanager
 def scratch_instance(tmp_path: Path, template: Path | None = None,
-                     moved: tuple[str, str] | None = None) -> Iterator[DagsterInstance]:
+                     moved: Sequence[tuple[str, str]] = ()) -> Iterator[DagsterInstance]:
     """A new persistent instance (other processes can open it) with the embedded default's
     storage, on tmpfs when there is one: each run commits dozens of events, each an fsync on
     a real disk (~1.6 ms on the CI VM, more while other tests write). The OpsDB and every
     data location stay where the test put them. With `template` (instance_template), a copy
-    of that instance, each path `moved[0]` its events name made `moved[1]` (`relocated`)."""
+    of that instance, each path `old` its events name made `new` for each (old, new) in
+    `moved` (`relocated`)."""
     home, scratch = tmp_path / "dagster_home", None
     try:
         if os.access(SHM, os.W_OK) and shutil.disk_usage(SHM).free > SHM_NEEDED:
@@ -275,9 +276,9 @@ def scratch_instance(tmp_path: Path, template: Path | None = None,
     except OSError:
         pass
     new_instance_home(home, template)
-    if moved is not None:
-        for database in home.rglob("*.db"):
-            relocated(database, *moved)
+    for database in home.rglob("*.db"):
+        for old, new in moved:
+            relocated(database, old, new)
     try:
         with DagsterInstance.from_config(str(home)) as instance:
             yield instance
@@ -287,16 +288,26 @@ def scratch_instance(tmp_path: Path, template: Path | None = None,
 
 
 @contextmanager
-def copied_deployment(deploy: Path, home: Path, tmp_path: Path) -> Iterator[DagsterInstance]:
+def copied_deployment(deploy: Path, home: Path, tmp_path: Path,
+                      elsewhere: Sequence[tuple[Path, Path]] = ()) -> Iterator[DagsterInstance]:
     """tmp_path/deploy a copy of the deployment directory `deploy` (its SQLite OpsDB
     checkpointed) and the instance a copy of `home` (instance_template): a state a test
-    process drove to once, for each test that starts from it. Every path and inode the copy's
-    OpsDB and instance record of its files is made the copy's (relocated, reinoded)."""
+    process drove to once, for each test that starts from it. Each (source, destination) of
+    `elsewhere`, a tree of the deployment's outside its directory (the roots of locations on
+    an archive host), is copied there too, and its configuration made to name the copy. Every
+    path and inode the copy's OpsDB and instance record of its files is made the copy's
+    (relocated, reinoded)."""
     copy = tmp_path / "deploy"
     inodes = copied_tree(deploy, copy)
-    moved = (str(deploy), str(copy))
+    moved = [(str(deploy), str(copy))]
+    for source, destination in elsewhere:
+        inodes.update(copied_tree(source, destination))
+        moved.append((str(source), str(destination)))
+        for settings in copy.glob("*.yaml"):
+            settings.write_text(settings.read_text().replace(str(source), str(destination)))
     for database in copy.glob("*.sqlite"):
-        relocated(database, *moved)
+        for old, new in moved:
+            relocated(database, old, new)
         reinoded(database, inodes)
     with scratch_instance(tmp_path, template=home, moved=moved) as instance:
         yield instance

@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,6 +30,7 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.partitions import package_site_key
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config, load_config
+from ccat_dt.defaults import CONFIG_NAME
 from ccat_dt.health import location_failure
 from ccat_dt.notify import current_problems
 from ccat_dt.objectstore import Stores
@@ -69,6 +72,7 @@ from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_deletion_faults import KEEP, retention_in_place
 from tests.faults.test_disk_errors import TAR, _config, _transfers_to
 from tests.faults.test_disk_full import _copies, _stages, told
+from tests.helpers import copied_deployment, driven_template, template_directory
 from tests.notify_servers import Receiver
 from tests.s3server import S3Server, s3, s3server  # noqa: F401  # fixtures
 from tests.sshd import SshServer
@@ -154,6 +158,50 @@ def not_by_transfers(marked: dict[str, str]) -> None:
 
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+_TEMPLATES: dict[tuple[str, bool], tuple[Path, Path]] = {}
+
+
+def _template(kind: str, sshd: SshServer | None) -> tuple[Path, Path]:
+    """A deployment driven to the end once per test process (tests.helpers.driven_template):
+    the archives on a disk of this machine (`_config`) or, with `sshd`, on hosts reached over
+    ssh (`multisite`, rsync). "kept": obs-0 observed, its sources and buffers kept
+    (retention KEEP), so archived everywhere with every buffer copy still there; "archived":
+    obs-0 and obs-1 observed, archived everywhere and purged. Its deployment directory and
+    instance, for `driven`."""
+    key = (kind, sshd is not None)
+    if key not in _TEMPLATES:
+        directory = template_directory(f"source-permissions-{kind}-{'ssh' if sshd else 'local'}")
+        config = _config(directory) if sshd is None else multisite(
+            directory, sshd, "rsync", max_attempts=2, retry_backoff_first_s=0.2)
+        opsdb = OpsDB(config.opsdb_url)
+        if kind == "kept":
+            config = retention_in_place(config, KEEP)
+            observe(config, opsdb)
+        else:
+            observe(config, opsdb)
+            observe(config, opsdb, name="obs-1")
+        _TEMPLATES[key] = driven_template(config, opsdb)
+    return _TEMPLATES[key]
+
+
+@contextmanager
+def driven(kind: str, tmp_path: Path, sshd: SshServer | None = None,
+           webhook: Receiver | None = None) -> Iterator[tuple[Config, DagsterInstance]]:
+    """The test's own copy of `_template(kind, sshd)` (tests.helpers.copied_deployment; over
+    ssh, the hosts' roots copied to where `multisite(tmp_path, ...)` puts them), told over
+    `webhook` when given: its configuration and instance."""
+    deploy, home = _template(kind, sshd)
+    elsewhere = [] if sshd is None else [(sshd.root / deploy.parent.name,
+                                          sshd.root / tmp_path.name)]
+    with copied_deployment(deploy, home, tmp_path, elsewhere) as instance:
+        path = tmp_path / "deploy" / CONFIG_NAME
+        if webhook is not None:
+            settings = yaml.safe_load(path.read_text())
+            settings["notifications"] = {"webhook": {"url": webhook.url, "timeout_s": 2}}
+            path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        yield load_config(path), instance
 
 
 @pytest.mark.parametrize("how", ["file", "directory"])
@@ -448,19 +496,23 @@ def test_a_refused_replication_done_by_another_path_than_its_re_attempt_is_no_lo
 
 
 def test_a_denied_purge_done_by_another_path_than_its_re_attempt_is_no_longer_told(
-        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
-        ) -> None:
+        tmp_path: Path, faulty_disk: MountFaulty) -> None:  # noqa: F811
     """The purge of Cologne's buffer copy is refused (a directory ccat-dt's user cannot enter)
     and a person told (deletion_denied); once the directory can be entered, the purge is
     done by an operator's "Materialize" in the UI, not by the purge sensor, and no sensor
     ticks since. The notice is resolved and `status` lists no failing purge: the purge's
     re-attempt row is read against OpsDB, which shows nothing left to delete (before, a purge
-    row was kept as recorded, and its notice stayed, until the purge sensor's next tick)."""
-    config = retention_in_place(load_config(_config(tmp_path).path), KEEP)
+    row was kept as recorded, and its notice stayed, until the purge sensor's next tick).
+    Archived everywhere, the buffers kept for now: a copy of one deployment so driven
+    (`driven`, "kept")."""
+    with driven("kept", tmp_path) as (config, instance):
+        _a_denied_purge_done_by_another_path(config, instance, faulty_disk)
+
+
+def _a_denied_purge_done_by_another_path(config: Config, instance: DagsterInstance,
+                                         faulty_disk: MountFaulty) -> None:  # noqa: F811
     opsdb = OpsDB(config.opsdb_url)
     disk = faulty_disk(config, "cologne/buffer")
-    observe(config, opsdb)
-    run(config, instance, wait_s=0)  # archived everywhere; the buffers kept for now
     [package] = package_names(opsdb)
     kept = disk.backing / TAR
     refuse(disk, TAR, "directory")
@@ -612,8 +664,8 @@ def test_an_archive_copy_the_purge_relies_on_refused_is_told_as_a_permission_not
 @pytest.mark.parametrize("how", ["file", "directory"])
 @pytest.mark.parametrize("where", ["local", "over ssh"])
 def test_an_archive_copy_whose_check_and_scrub_are_refused_is_told_as_a_permission_not_a_disk(
-        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
-        sshd: SshServer, where: str, how: str) -> None:
+        tmp_path: Path, faulty_disk: MountFaulty, sshd: SshServer,  # noqa: F811
+        where: str, how: str) -> None:
     """Cologne's LTA copy, archived and verified, is then refused to ccat-dt's user (a file
     mode 0600 of another user, or its directory 0700): its check's re-read and the fixity
     scrub cannot read it. Neither takes it for a bad copy (PRESENT, not quarantined, its bytes,
@@ -625,18 +677,18 @@ def test_an_archive_copy_whose_check_and_scrub_are_refused_is_told_as_a_permissi
     whom to make it readable by; so do the notice, at once, and `why`. The copy, and the
     location's other copy, stay due for the scrub; once readable, the next scrub verifies it
     and nothing is left to tell. The archives on a disk of this machine, or on hosts reached
-    over ssh (rsync), where the look is made by a script on the host."""
-    if where == "local":
-        config = _config(tmp_path)
-        by = "the user running ccat-dt (root, uid 0)"
-    else:
-        config = multisite(tmp_path, sshd, "rsync", max_attempts=2, retry_backoff_first_s=0.2)
-        by = f"the user ccat-dt logs in as on {sshd.destination} (root, uid 0)"
+    over ssh (rsync), where the look is made by a script on the host. Both observations
+    archived everywhere: a copy of one deployment so driven (`driven`, "archived")."""
+    by = ("the user running ccat-dt (root, uid 0)" if where == "local" else
+          f"the user ccat-dt logs in as on {sshd.destination} (root, uid 0)")
+    with driven("archived", tmp_path, sshd if where == "over ssh" else None) as (config, _):
+        _an_archive_copy_whose_check_and_scrub_are_refused(config, faulty_disk, by, how)
+
+
+def _an_archive_copy_whose_check_and_scrub_are_refused(
+        config: Config, faulty_disk: MountFaulty, by: str, how: str) -> None:  # noqa: F811
     opsdb = OpsDB(config.opsdb_url)
     disk = faulty_disk(config, "cologne/lta")
-    observe(config, opsdb)
-    observe(config, opsdb, name="obs-1")
-    assert run(config, instance).failed == []
     package, other = package_names(opsdb)
     with opsdb.session() as session:
         checksum = get_package(session, package).checksum
@@ -722,7 +774,7 @@ def test_an_archive_directory_refused_to_ccat_dt_fails_as_the_destinations_not_a
 
 @pytest.mark.parametrize("where", ["over ssh", "local"])
 def test_a_buffer_copy_in_a_directory_ccat_dt_cannot_enter_is_kept_told_and_purged_later(
-        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        tmp_path: Path, faulty_disk: MountFaulty,  # noqa: F811
         request: pytest.FixtureRequest, webhook_receiver: Receiver, where: str) -> None:
     """Cologne's buffer is on an archive host (deleted over ssh), or on this machine; once the
     package is archived everywhere, the directory holding its buffer copy is made 0700 by
@@ -735,20 +787,19 @@ def test_a_buffer_copy_in_a_directory_ccat_dt_cannot_enter_is_kept_told_and_purg
     already missing at deletion time ... treated as deleted") while the file stayed on the host
     for ever, and nobody was told; on this machine the first attempt kept it, but the step's
     retry took the path it could not look at for one emptied since ("yet the file was gone when
-    a later purge looked: deleted")."""
-    if where == "local":
-        config = _config(tmp_path, webhook_receiver)
-    else:
-        config = multisite(tmp_path, request.getfixturevalue("sshd"), "rsync", max_attempts=2,
-                           retry_backoff_first_s=0.2)
-        settings = yaml.safe_load(config.path.read_text())
-        settings["notifications"] = {"webhook": {"url": webhook_receiver.url, "timeout_s": 2}}
-        config.path.write_text(yaml.safe_dump(settings))
-    config = retention_in_place(load_config(config.path), KEEP)
+    a later purge looked: deleted"). Archived everywhere, the buffers kept for now: a copy
+    of one deployment so driven (`driven`, "kept")."""
+    sshd = None if where == "local" else request.getfixturevalue("sshd")
+    with driven("kept", tmp_path, sshd, webhook_receiver) as (config, instance):
+        _a_buffer_copy_in_a_directory_ccat_dt_cannot_enter(config, instance, faulty_disk,
+                                                            webhook_receiver)
+
+
+def _a_buffer_copy_in_a_directory_ccat_dt_cannot_enter(
+        config: Config, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        webhook_receiver: Receiver) -> None:
     opsdb = OpsDB(config.opsdb_url)
     disk = faulty_disk(config, "cologne/buffer")
-    observe(config, opsdb)
-    run(config, instance, wait_s=0)  # archived everywhere; the buffers kept for now
     [package] = package_names(opsdb)
     kept = disk.backing / TAR
     with opsdb.session() as session:
