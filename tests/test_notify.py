@@ -276,7 +276,7 @@ def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
         operator_retry(config, instance, opsdb)
 
         archived_everywhere(config, opsdb)
-        assert len(webhook_receiver.posts) == 4
+        assert len(webhook_receiver.posts) == 4, [t.splitlines()[0] for t in webhook_receiver.texts]
         assert sorted(t.splitlines()[0] for t in webhook_receiver.texts[2:]) == [
             f"[ccat-dt] RESOLVED: {subject}" for subject in sorted(
                 t.splitlines()[0].removeprefix("[ccat-dt] ") for t in (disk, told))]
