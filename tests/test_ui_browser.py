@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.parse
 import warnings
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,27 +183,13 @@ def test_materialize_and_backfill_clicked_in_the_ui_converge_to_the_truth(
         runs_before = len(instance.get_runs())
         with dagster_webserver(home, config.path, tmp_path / "webserver.log") as server, \
                 dagster_daemon(home, config.path, tmp_path / "daemon.log"):
-            with launch_browser(chromium) as browser:
-                context = browser.new_context(viewport={"width": 1600, "height": 1000})
-                context.add_init_script(DISMISS_COMMUNITY_MODAL)
-                page = context.new_page()
-                page.set_default_timeout(TIMEOUT_MS)
-                graphql = GraphQLFailures(page)
-                try:
-                    materialize(page, server, "lta_copies", {"package": [names[0]],
-                                                             "site": ["us"]}, "Launch 1 run")
-                    materialize(page, server, "site_copies", {"package": "All",
-                                                              "site": ["cologne"]},
-                                "Launch backfill")
-                    materialize(page, server, "packages", {"": [names[1]]}, "Launch 1 run")
-                    shot(page, artifacts / "ui_after_clicks.png")
-                except Exception:
-                    shot(page, artifacts / "ui_failure.png")
-                    print(f"GraphQL requests that failed: {graphql.describe()}")
-                    print(f"dagster-webserver log (tail):\n{server.log_tail()}")
-                    raise
-                finally:
-                    context.close()
+            with operator_page(chromium, server, artifacts / "ui_after_clicks.png") as page:
+                materialize(page, server, "lta_copies", {"package": [names[0]],
+                                                         "site": ["us"]}, "Launch 1 run")
+                materialize(page, server, "site_copies", {"package": "All",
+                                                          "site": ["cologne"]},
+                            "Launch backfill")
+                materialize(page, server, "packages", {"": [names[1]]}, "Launch 1 run")
             clicked = 1 + len(names) + 1
             _wait_for_runs(instance, runs_before + clicked, tmp_path / "daemon.log")
 
@@ -223,6 +210,29 @@ def test_materialize_and_backfill_clicked_in_the_ui_converge_to_the_truth(
             statuses = check_status(instance, asset, check)
             assert statuses and set(statuses.values()) == {"passed"}, (asset, statuses)
 
+
+
+@contextlib.contextmanager
+def operator_page(chromium: str, server: Webserver, done: Path) -> Iterator[Page]:
+    """A browser page on the webserver, as an operator opens one; a screenshot at `done` when
+    the clicks went through, else at ui_failure.png beside it, with the GraphQL requests that
+    failed and the webserver log's tail printed."""
+    with launch_browser(chromium) as browser:
+        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        context.add_init_script(DISMISS_COMMUNITY_MODAL)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        graphql = GraphQLFailures(page)
+        try:
+            yield page
+            shot(page, done)
+        except Exception:
+            shot(page, done.parent / "ui_failure.png")
+            print(f"GraphQL requests that failed: {graphql.describe()}")
+            print(f"dagster-webserver log (tail):\n{server.log_tail()}")
+            raise
+        finally:
+            context.close()
 
 def materialize(page: Page, server: Webserver, asset: str,
                 partitions: dict[str, list[str] | str], launch: str) -> None:
@@ -345,28 +355,14 @@ def test_clicks_mid_lifecycle_delete_nothing_unsafely_and_the_deployment_converg
         with DeletionWatch(config, opsdb, kept) as watch, \
                 dagster_webserver(home, config.path, tmp_path / "webserver.log") as server, \
                 dagster_daemon(home, config.path, tmp_path / "daemon.log"):
-            with launch_browser(chromium) as browser:
-                context = browser.new_context(viewport={"width": 1600, "height": 1000})
-                context.add_init_script(DISMISS_COMMUNITY_MODAL)
-                page = context.new_page()
-                page.set_default_timeout(TIMEOUT_MS)
-                graphql = GraphQLFailures(page)
-                try:
-                    materialize(page, server, "purge_status", {"": "All"}, "Launch backfill")
-                    materialize(page, server, "site_copies", {"package": [half],
-                                                              "site": [missing]},
-                                "Launch 1 run")
-                    materialize(page, server, "lta_copies", {"package": [half],
-                                                             "site": [missing]},
-                                "Launch 1 run")
-                    shot(page, artifacts / "ui_mid_lifecycle_clicks.png")
-                except Exception:
-                    shot(page, artifacts / "ui_failure.png")
-                    print(f"GraphQL requests that failed: {graphql.describe()}")
-                    print(f"dagster-webserver log (tail):\n{server.log_tail()}")
-                    raise
-                finally:
-                    context.close()
+            with operator_page(chromium, server, artifacts / "ui_mid_lifecycle_clicks.png") as page:
+                materialize(page, server, "purge_status", {"": "All"}, "Launch backfill")
+                materialize(page, server, "site_copies", {"package": [half],
+                                                          "site": [missing]},
+                            "Launch 1 run")
+                materialize(page, server, "lta_copies", {"package": [half],
+                                                         "site": [missing]},
+                            "Launch 1 run")
             _wait_for_runs(instance, len(runs_before) + 5, tmp_path / "daemon.log")
             # The drive waits while the daemon ticks the sensors and runs what they ask for,
             # until it has nothing left to do.
