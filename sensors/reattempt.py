@@ -9,7 +9,9 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
 from dagster import (
+    DagsterEventType,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunRecord,
@@ -26,7 +28,7 @@ from ccat_assets.execution import on_queue
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.partitions import package_site_key, revived
 from ccat_assets.routing import checks_alone, stages_of
-from ccat_assets.stages import JOBS, copy_job, jobs_of, site_copy, stages_of_job
+from ccat_assets.stages import ASSET_STAGE, JOBS, copy_job, jobs_of, site_copy, stages_of_job
 from ccat_assets.tags import AGAIN_TAG, LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import _aware, utcnow
@@ -91,7 +93,37 @@ def history(instance: DagsterInstance, stage: Stage, package: str, site: str,
         RunsFilter(job_name=IMPLICIT_ASSET_JOB_NAME, tags=tags), limit=200)
         if stage in stages_of(r.dagster_run)]
     return [outcome(r) for r in sorted(records, key=lambda r: r.create_timestamp)
-            if not (r.dagster_run.status in FAILED and checks_alone(instance, r.dagster_run))]
+            if not (r.dagster_run.status in FAILED and (
+                checks_alone(instance, r.dagster_run)
+                or not _failed_in(instance, r.dagster_run, stage)))]
+
+
+def _failed_in(instance: DagsterInstance, run: DagsterRun, stage: Stage) -> bool:
+    """Whether a failed run failed in `stage`. A run that does several stages (a copy with its
+    archiving) stopped in one of them: the first whose step began and did not finish, else
+    the first none of whose steps finished (no step began: its first). One that failed, or
+    died, in the copy never began the archiving, one that failed in the archiving had done
+    the copy: neither is a failed attempt of the other stage (counted so, one disk-full copy
+    was escalated and told twice, as the copy and as its archiving)."""
+    stages = stages_of(run)
+    if len(stages) < 2:
+        return True
+    started: set[Stage] = set()
+    finished: set[Stage] = set()
+    for event in instance.get_records_for_run(
+            run.run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS},
+            limit=1000).records:
+        entry = event.event_log_entry
+        step_stage = ASSET_STAGE.get(entry.step_key or "")
+        if entry.dagster_event is None or step_stage is None:
+            continue
+        if entry.dagster_event.event_type == DagsterEventType.STEP_START:
+            started.add(step_stage)
+        else:
+            finished.add(step_stage)
+    stopped = next((s for s in stages if s in started and s not in finished),
+                   next((s for s in stages if s not in finished), stages[-1]))
+    return stopped == stage
 
 
 def outcome(record_: RunRecord) -> RunOutcome:

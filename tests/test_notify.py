@@ -26,8 +26,10 @@ from ccat_dt.diagnosis import diagnose
 from ccat_dt.notify import Delivery, Problem, channels, current_problems, reconcile
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Notification, utcnow
+from ccat_dt.stages import Stage
 from ccat_dt.overview import overview
 from sensors.overview import metadata
+from sensors.reattempt import history as reattempt_history
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     REPO,
@@ -255,6 +257,9 @@ def test_work_failing_past_the_horizon_is_escalated_told_once_and_resolved(
         assert [k.split(":")[0] for k in report.failed] == ["site_copy"] + ["reattempt"] * (
             attempts - 1)
         assert report.next_due is None  # escalated: nothing more is scheduled
+        # Each run copied and archived in one; the copy failed, the archiving never began:
+        # no failed attempt of it (or the one full disk is escalated and told twice).
+        assert reattempt_history(instance, Stage.LTA_COPY, package, "cologne") == []
         disk, told = webhook_receiver.texts  # the disk at once, the work at the horizon
         assert "buffer cologne/buffer full since" in disk and "Make room" in disk
         assert f"site copy {package}|cologne still failing after {attempts} attempts" in told

@@ -357,7 +357,8 @@ def test_an_operator_retry_leaves_alone_the_work_a_queued_run_does(
         builds = [run for run in instance.get_runs(RunsFilter(tags={PARTITION_NAME_TAG: names[0]}))
                   if run.job_name == JOBS[Stage.PACKAGING].name
                   or AssetKey("packages") in (run.asset_selection or ())]
-        assert [run.run_id for run in builds] == [queued]
+        assert [run.run_id for run in builds] == [queued], [  # who made a second one, if any
+            (run.run_id[:8], run.status, run.tags) for run in builds]
         assert builds[0].status == DagsterRunStatus.SUCCESS
         assert any(line.startswith("not retrying packaging") and names[0] in line
                    for line in said)
