@@ -26,8 +26,8 @@ from ccat_dt.diagnosis import diagnose
 from ccat_dt.notify import Delivery, Problem, channels, current_problems, reconcile
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Notification, utcnow
-from ccat_dt.stages import Stage
 from ccat_dt.overview import overview
+from ccat_dt.stages import Stage
 from sensors.overview import metadata
 from sensors.reattempt import history as reattempt_history
 from tests.faults.invariants import assert_safe
