@@ -138,21 +138,18 @@ def cmd_observation(args: argparse.Namespace) -> None:
                 answer = client.finish_observation(args.name)
                 print(f"observation {args.name} {answer['status']}")
         return
-    from sqlalchemy import select
-
-    from ccat_dt.filing import finish_observation, start_observation
-    from ccat_dt.opsdb.models import ExecutedObsUnit
+    from ccat_dt.filing import finish_observation, open_observation
 
     opsdb = _opsdb(args)
     if args.action == "start":
-        with opsdb.session() as session:
-            known = session.scalar(select(ExecutedObsUnit.id).where(
-                ExecutedObsUnit.name == args.name)) is not None
-        uuid = start_observation(opsdb, args.name)
-        if known:
-            print(f"observation {args.name} is already open (uuid {uuid}); nothing changed")
+        # the answer of the start itself: of two at once, the second finds the first's
+        # observation and says so (a look before the start found none for either)
+        started = open_observation(opsdb, args.name)
+        if not started.created:
+            print(f"observation {args.name} is already open: it was already started (uuid "
+                  f"{started.uuid}); nothing changed")
         else:
-            print(f"observation {args.name} started (uuid {uuid}); file its data with "
+            print(f"observation {args.name} started (uuid {started.uuid}); file its data with "
                   f"`ccat-dt file --observation {args.name} ...`, then "
                   f"`ccat-dt observation finish {args.name}`")
     else:

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -154,14 +154,30 @@ def check_observation_name(name: str) -> None:
                           [("name", "invalid observation name")])
 
 
+@dataclass(frozen=True)
+class Started:
+    """An observation `open_observation` found open or opened."""
+
+    uuid: str
+    created: bool  # False: it was open already (started before, or by another at that moment)
+
+
 def start_observation(opsdb: OpsDB, name: str, *, uuid: str | None = None,
                       hook: Hook | None = None) -> str:
     """Open an observation (idempotent while open) and return its uuid."""
+    return open_observation(opsdb, name, uuid=uuid, hook=hook).uuid
+
+
+def open_observation(opsdb: OpsDB, name: str, *, uuid: str | None = None,
+                     hook: Hook | None = None) -> Started:
+    """start_observation, saying whether this call opened it: of two starts of one name at
+    once, the second waits for the first's INSERT, fails on the unique name, looks again and
+    finds the first's observation (created False)."""
     check_observation_name(name)
     for attempt in (1, 2):  # a concurrent start of the same name fails once, then is found
         try:
             with opsdb.session() as session:
-                found = start_in(session, name, uuid)
+                found = _start(session, name, uuid)
                 if hook is not None:
                     hook(session)
                 return found
@@ -176,16 +192,21 @@ def start_observation(opsdb: OpsDB, name: str, *, uuid: str | None = None,
 def start_in(session: Session, name: str, uuid: str | None = None) -> str:
     """start_observation inside the caller's transaction (raises IntegrityError when another
     process started the same name or used the uuid at the same moment)."""
+    return _start(session, name, uuid).uuid
+
+
+def _start(session: Session, name: str, uuid: str | None) -> Started:
     obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
     if obs is None:
         obs = ExecutedObsUnit(name=name, uuid=uuid or new_uuid())
         session.add(obs)
         session.flush()
-    elif obs.status != ObservationStatus.OPEN:
+        return Started(obs.uuid, created=True)
+    if obs.status != ObservationStatus.OPEN:
         raise FilingError(f"observation '{name}' already finished at "
                           f"{obs.finished_at}; it cannot be restarted, use a new name",
                           [("name", "observation already finished")], conflict=True)
-    return obs.uuid
+    return Started(obs.uuid, created=False)
 
 
 def finish_observation(opsdb: OpsDB, name: str, *, hook: Hook | None = None
@@ -215,13 +236,27 @@ def finish_in(session: Session, name: str) -> datetime | None:
     return None
 
 
+def lock_observations(session: Session, names: Iterable[str]) -> None:
+    """Take the row locks of several observations (those that exist) for the rest of the
+    transaction, in one order, by name, whatever order the transaction then works in: two
+    transactions locking overlapping observations (two filing services draining their journals
+    into one OpsDB) wait for each other instead of each holding one the other wants, which
+    PostgreSQL ends by aborting one ("deadlock detected"). One statement a name: an UPDATE of
+    several rows locks them in the order it finds them."""
+    for name in sorted(set(names)):
+        session.execute(update(ExecutedObsUnit).where(ExecutedObsUnit.name == name)
+                        .values(status=ExecutedObsUnit.status)
+                        .execution_options(synchronize_session=False))
+
+
 def lock_observation(session: Session, where: ColumnElement[bool]) -> ExecutedObsUnit | None:
     """The observation `where` selects, read after taking its row lock for the rest of the
     transaction (a no-op UPDATE, as packages.lock_package: PostgreSQL's row lock, which a
     concurrent finish or filing of it waits for; SQLite's database write lock, taken before
     anything is read, so a writer waits in the busy timeout instead of failing with "database
     is locked"). What it reads is then final until the transaction ends: in READ COMMITTED a
-    finish committed while this waited is seen, never an OPEN read a moment before."""
+    finish committed while this waited is seen, never an OPEN read a moment before. A
+    transaction that locks several observations takes them all first (lock_observations)."""
     session.execute(update(ExecutedObsUnit).where(where)
                     .values(status=ExecutedObsUnit.status)
                     .execution_options(synchronize_session=False))

@@ -12,21 +12,22 @@ runs once the first has committed."""
 
 from __future__ import annotations
 
+import logging
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import Connection, Engine, event, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from ccat_dt.checksums import hash_file
-from ccat_dt.config import Config
+from ccat_dt.config import Config, load_config
 from ccat_dt.filing import (
     FileSpec,
     FilingError,
@@ -36,12 +37,22 @@ from ccat_dt.filing import (
     file_directory,
     file_raw_files,
     finish_observation,
+    lock_observation,
+    open_observation,
     record_checked,
     start_observation,
 )
 from ccat_dt.opsdb.database import LOCK_TIMEOUT_ENV, OpsDB
-from ccat_dt.opsdb.models import ExecutedObsUnit, ObservationStatus, RawDataFile
+from ccat_dt.opsdb.models import (
+    ApiRequest,
+    ExecutedObsUnit,
+    ObservationStatus,
+    RawDataFile,
+    RawDataFileCopy,
+)
 from ccat_dt.packages import build, plan_new_packages
+from ccat_dt.service.core import FilingService
+from ccat_dt.service.tokens import TokenInfo, create_token, list_tokens
 from ccat_dt.tarball import MANIFEST_NAME
 from tests.helpers import write
 
@@ -286,12 +297,218 @@ def test_one_path_filed_into_two_observations_at_once_is_refused_for_one_saying_
         assert (row.relative_path, row.observation.name) == ("a.dat", winner)
 
 
-# `observation start` of one name twice at once: one observation, both told its uuid.
+# `observation start` of one name twice at once: one observation, both told its uuid, and the
+# second that it was already started (`ccat-dt observation start` prints "already open"; before,
+# both printed "started": each had looked for the name before starting it, and found none).
 def test_two_starts_of_one_name_at_once_open_one_observation(
         db: OpsDB, monkeypatch: pytest.MonkeyPatch) -> None:
-    result = race(db, lambda hook: start_observation(db, OBS, hook=hook),
-                  lambda other: start_observation(other, OBS), monkeypatch)
+    result = race(db, lambda hook: open_observation(db, OBS, hook=hook),
+                  lambda other: open_observation(other, OBS), monkeypatch)
     assert result.first.error is None and result.second.error is None, (result.first,
                                                                         result.second)
-    assert result.first.value == result.second.value == observation(db).uuid
+    assert result.first.value.uuid == result.second.value.uuid == observation(db).uuid
+    assert (result.first.value.created, result.second.value.created) == (True, False)
     assert result.waited
+
+
+# --- two filing services (or a service and another writer) on one PostgreSQL OpsDB -------------
+
+SERVICE_LOG = "ccat_dt.service"
+
+
+@dataclass
+class Service:
+    """A filing service of its own (its own journal) filing into the test's PostgreSQL OpsDB,
+    as a second host does, and the token its instrument sends."""
+
+    service: FilingService
+    token: TokenInfo
+
+    def journal(self, observation: str, paths: list[str]) -> None:
+        """A request taken into the journal: the service has not reached OpsDB yet (as one
+        started while OpsDB is out of reach); its drainer applies it."""
+        ack = self.service.file(self.token, observation=observation, module=MODULE,
+                                files=[FileSpec(path) for path in paths])
+        assert ack.status == 202, ack
+
+    def health(self) -> dict[str, Any]:
+        return self.service.health()
+
+
+@pytest.fixture
+def services(config: Config, pg_opsdb: OpsDB, postgres_url: str, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], Service]]:
+    monkeypatch.setenv("CCAT_DT_OPSDB_URL", postgres_url)
+    on_postgres = load_config(config.path)
+    create_token(pg_opsdb, on_postgres, name="primecam-daq", site="ccat",
+                 instruments=["primecam"])
+    [token] = list_tokens(pg_opsdb)
+    made: list[FilingService] = []
+
+    def make(name: str) -> Service:
+        made.append(FilingService(on_postgres, journal_path=str(tmp_path / f"{name}.sqlite")))
+        return Service(made[-1], token)
+    yield make
+    for service in made:
+        service.stop()
+
+
+def at_observation_lock(number: int, action: Callable[[], Any],
+                        hook: Callable[[Session, int], None]) -> Any:
+    """`action` (run in this thread), held just before its transaction takes its `number`th
+    observation row lock (filing's lock UPDATE): `hook` gets a session on that transaction's
+    connection and its backend's pid, once (a transaction run again takes its locks again,
+    passed over). Other threads' statements pass."""
+    here = threading.current_thread()
+    seen = [0]
+
+    def before(conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        if (threading.current_thread() is not here
+                or not statement.lstrip().upper().startswith("UPDATE EXECUTED_OBS_UNITS")):
+            return
+        seen[0] += 1
+        if seen[0] == number:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            assert isinstance(pid, int)
+            hook(Session(bind=conn), pid)
+
+    event.listen(Engine, "before_cursor_execute", before)
+    try:
+        return action()
+    finally:
+        event.remove(Engine, "before_cursor_execute", before)
+
+
+def wait_blocked_by(db: OpsDB, holder: int, done: Callable[[], bool]) -> None:
+    """Until a session waits for a lock `holder`'s transaction holds (or `done`)."""
+    deadline = time.monotonic() + GUARD_S
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watcher:
+        while not done():
+            if watcher.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted AND "
+                                    ":holder = ANY(pg_blocking_pids(pid))"),
+                               {"holder": holder}).scalar():
+                return
+            assert time.monotonic() < deadline, "nothing waited for the held transaction"
+            time.sleep(0.01)
+
+
+def assert_opsdb_matches_the_files(db: OpsDB, root: Path, contents: dict[str, bytes],
+                                   requests: int) -> None:
+    """Every file written is filed once, into its observation, as the bytes on disk are (read
+    back and hashed), with one source copy; every request applied once."""
+    with db.session() as session:
+        rows = session.execute(
+            select(RawDataFile.relative_path, RawDataFile.size, RawDataFile.checksum,
+                   ExecutedObsUnit.name).join(ExecutedObsUnit)).all()
+        copies = session.scalar(select(func.count(RawDataFileCopy.id)))
+        applied = session.scalars(select(ApiRequest.request_id)).all()
+    assert sorted(path for path, *_ in rows) == sorted(contents)  # each exactly once
+    for path, size, checksum, name in rows:
+        data = (root / path).read_bytes()
+        assert data == contents[path], path
+        assert (size, checksum) == (len(data), hash_file(root / path)[0]), path
+        assert name == path.split("/")[0], (path, name)
+    assert copies == len(contents)
+    assert len(applied) == len(set(applied)) == requests
+
+
+def raw_files(root: Path, *paths: str) -> dict[str, bytes]:
+    contents = {path: f"{path}: bytes of its own\n".encode() * 64 for path in paths}
+    for path, data in contents.items():
+        write(root / path, data)
+    return contents
+
+
+# Two filing services (two hosts filing into one OpsDB) drain journals that file into the same
+# two observations in opposite orders (one a then b, the other b then a; a file sent to both).
+# The first is held in its batch's transaction holding one observation's lock, about to take
+# the other's, while the second drains. Before, each transaction locked the observations in
+# its requests' order: the first held obs-a and wanted obs-b, the second held obs-b and
+# wanted obs-a, and PostgreSQL aborted one ("deadlock detected"), which its service took for a
+# lost link: "OpsDB unreachable, journaling requests" on its log and /health, its entries
+# left for after the unreachable back-off. Now every batch locks its observations first, by
+# name: the second waits for the first, and both apply everything in one step, no conflict.
+def test_two_services_filing_overlapping_observations_in_opposite_orders_never_deadlock(
+        pg_opsdb: OpsDB, root: Path, services: Callable[[str], Service],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("obs-a", "obs-b"):
+        start_observation(pg_opsdb, name)
+    contents = raw_files(root, "obs-a/one.dat", "obs-a/both.dat", "obs-b/one.dat",
+                         "obs-b/two.dat")
+    first, second = services("first"), services("second")
+    first.journal("obs-a", ["obs-a/one.dat", "obs-a/both.dat"])
+    first.journal("obs-b", ["obs-b/one.dat"])
+    second.journal("obs-b", ["obs-b/two.dat"])
+    second.journal("obs-a", ["obs-a/both.dat"])  # an instrument's retry at the other host
+
+    with caplog.at_level(logging.INFO, SERVICE_LOG):
+        result = race(pg_opsdb, lambda hook: at_observation_lock(
+            2, first.service.drain_step, lambda session, _pid: hook(session)),
+            lambda _db: second.service.drain_step(), monkeypatch)
+    assert result.first.error is None and result.second.error is None, result
+    assert result.waited  # the second waited for the first's locks
+    told = [r.getMessage() for r in caplog.records]
+    assert not [m for m in told if "unreachable" in m.lower()], told
+    assert not [m for m in told if "conflict" in m], told  # no deadlock at all
+    for service in (first, second):  # each applied its journal in that one step
+        health = service.health()
+        assert (health["journal"]["pending"], health["journal"]["dead"]) == (0, 0), health
+        assert health["opsdb"]["reachable"] and health["opsdb"]["error"] is None, health
+        assert health["opsdb"]["conflicts"] == 0, health
+    assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=4)
+
+
+# A transaction that locks the same observations in the other order (a service still running
+# an older ccat-dt during an upgrade, or any other writer) deadlocks with a service's batch, and
+# PostgreSQL aborts the service's transaction. Before, the service took it for a lost link
+# ("OpsDB unreachable, journaling requests: deadlock detected" on its log, /health unreachable)
+# and left its entries for after the unreachable back-off. Now it is a conflict: the
+# transaction is run again at once (at most CONFLICT_ATTEMPTS times), the log says so, and the
+# batch is applied in the same step.
+def test_a_deadlock_with_another_writer_is_retried_at_once_not_taken_for_a_lost_link(
+        pg_opsdb: OpsDB, root: Path, services: Callable[[str], Service],
+        caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("obs-a", "obs-b"):
+        start_observation(pg_opsdb, name)
+    contents = raw_files(root, "obs-a/one.dat", "obs-b/one.dat")
+    only = services("only")
+    only.journal("obs-a", ["obs-a/one.dat"])
+    only.journal("obs-b", ["obs-b/one.dat"])
+    holding, go = threading.Event(), threading.Event()
+    other: dict[str, Any] = {}
+
+    def older_writer() -> None:  # obs-b, then obs-a
+        try:
+            with pg_opsdb.session() as session:
+                # PostgreSQL's deadlock check runs in the session that has waited
+                # deadlock_timeout: never this one's first, so the service's is aborted
+                session.execute(text("SET LOCAL deadlock_timeout = '10min'"))
+                lock_observation(session, ExecutedObsUnit.name == "obs-b")
+                holding.set()
+                assert go.wait(GUARD_S)
+                lock_observation(session, ExecutedObsUnit.name == "obs-a")
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
+            other["error"] = exc
+            holding.set()
+
+    thread = threading.Thread(target=older_writer, daemon=True)
+    thread.start()
+    assert holding.wait(GUARD_S) and "error" not in other, other
+
+    def meanwhile(_session: Session, pid: int) -> None:  # the service holds obs-a
+        go.set()
+        wait_blocked_by(pg_opsdb, pid, lambda: not thread.is_alive())
+
+    with caplog.at_level(logging.INFO, SERVICE_LOG):
+        at_observation_lock(2, only.service.drain_step, meanwhile)
+    thread.join(GUARD_S)
+    assert not thread.is_alive() and "error" not in other, other
+    told = [r.getMessage() for r in caplog.records]
+    assert not [m for m in told if "unreachable" in m.lower()], told
+    [retried] = [m for m in told if "conflict" in m]
+    assert "deadlock detected" in retried and "running it again at once" in retried, retried
+    health = only.health()
+    assert (health["journal"]["pending"], health["journal"]["dead"]) == (0, 0), health
+    assert health["opsdb"]["reachable"] and health["opsdb"]["error"] is None, health
+    assert health["opsdb"]["conflicts"] == 1, health
+    assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=2)

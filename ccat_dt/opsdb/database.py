@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -92,6 +92,20 @@ def create_opsdb_engine(url: str) -> Engine:
     engine = _create_engine(url)
     _engines.add(engine)
     return engine
+
+
+# SQLSTATEs of a transaction PostgreSQL aborted for a conflict with a concurrent one, not for
+# a fault: run again at once, it goes through (psycopg's DeadlockDetected, SerializationFailure;
+# SQLAlchemy raises them as OperationalError, as it does a lost connection).
+CONFLICTS = {"40P01": "deadlock detected", "40001": "serialization failure"}
+
+
+def conflict_of(exc: BaseException) -> str | None:
+    """The conflict `exc` aborted its transaction for (CONFLICTS), or None for any other error."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+    return CONFLICTS.get(str(code)) if code else None
 
 
 def lock_timeout_s() -> float:

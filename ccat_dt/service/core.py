@@ -8,9 +8,10 @@ service was killed between the OpsDB commit and marking the entry applied).
 
 Speed: a request is one OpsDB transaction of a few statements whatever its number of files
 (filing.record_checked inserts many rows per statement); the drainer applies up to
-DRAIN_BATCH entries in one transaction, consecutive file requests of one observation and
-module as one, and falls back to one entry at a time when the batch is refused, so that only
-the entry at fault becomes a dead letter.
+DRAIN_BATCH entries in one transaction (the observations they touch locked first, by name:
+two services draining the same observations never deadlock), consecutive file requests of
+one observation and module as one, and falls back to one entry at a time when the batch is
+refused, so that only the entry at fault becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from ccat_dt.filing import (
     check_module,
     check_observation_name,
     finish_in,
+    lock_observations,
     record_checked,
     source_from_config,
     start_in,
 )
-from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate, check_schema
+from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate, check_schema, conflict_of
 from ccat_dt.opsdb.models import (
     ApiRequest,
     ExecutedObsUnit,
@@ -61,11 +63,19 @@ log = logging.getLogger("ccat_dt.service")
 LINK_ERRORS = (OperationalError, InterfaceError, DisconnectionError, SchemaOutOfDate)
 DRAIN_BATCH = 100  # journal entries applied in one OpsDB transaction
 SCHEMA_EVERY_S = 5.0  # how often the OpsDB's schema is looked at again
+CONFLICT_ATTEMPTS = 5  # a transaction PostgreSQL aborts for a conflict is run again at once
 T = TypeVar("T")
 
 
 class Unreachable(Exception):
     """OpsDB cannot be reached right now; the request goes to the journal."""
+
+
+class Contended(Exception):
+    """OpsDB aborted the request's transaction CONFLICT_ATTEMPTS times in a row for a conflict
+    with concurrent ones (a deadlock with another filing service or a command): reachable,
+    but not applied now; the request goes to (or stays in) the journal, the drainer applies it
+    at its next step."""
 
 
 class JournalUnavailable(Exception):
@@ -137,6 +147,7 @@ class FilingService:
         self.applied = 0  # journal entries the drainer applied, their files, and the time
         self.applied_files = 0  # it spent applying: the drain rate /health reports
         self.drain_busy_s = 0.0
+        self.conflicts = 0  # transactions OpsDB aborted for a conflict, run again at once
         self._mirrored: set[str] | None = None  # dead letters last copied into OpsDB
         self.journal_error: str | None = None  # the last journal write failed: why
 
@@ -170,13 +181,44 @@ class FilingService:
                 # models would write the old schema's rows) until it is upgraded and restarted.
                 check_schema(self._opsdb.engine)
                 self._schema_at = time.monotonic()
-            result = action(self._opsdb)
+            result = self._retrying(action, self._opsdb)
+        except Contended:
+            self._up()
+            raise
         except LINK_ERRORS as exc:
             self._down(exc)
             raise Unreachable(str(exc)) from None
+        self._up()
+        return result
+
+    def _retrying(self, action: Callable[[OpsDB], T], db: OpsDB) -> T:
+        """`action`, run again at once when PostgreSQL aborts its transaction for a conflict
+        with a concurrent one (deadlock detected, serialization failure): a conflict, not a
+        lost link; the transaction was rolled back whole, so running it again is safe. Before,
+        it was taken for "OpsDB unreachable": said so on the log and /health, and the
+        journaled request waited out the unreachable back-off."""
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return action(db)
+            except OperationalError as exc:
+                conflict = conflict_of(exc)
+                if conflict is None:
+                    raise
+                self.conflicts += 1
+                why = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else conflict
+                if attempt == CONFLICT_ATTEMPTS:
+                    log.warning("OpsDB aborted a transaction %d times in a row for a conflict "
+                                "with concurrent transactions (%s); the request stays in the "
+                                "journal: %s", attempt, conflict, why)
+                    raise Contended(f"{conflict} {attempt} times in a row: {why}") from None
+                log.warning("OpsDB aborted a transaction for a conflict with a concurrent one "
+                            "(%s), running it again at once (attempt %d of %d): %s", conflict,
+                            attempt + 1, CONFLICT_ATTEMPTS, why)
+        raise AssertionError("unreachable")
+
+    def _up(self) -> None:
         self.reachable, self.last_error, self._backoff = True, None, 0.25
         self.last_contact = utcnow()
-        return result
 
     def _down(self, exc: BaseException) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -233,7 +275,7 @@ class FilingService:
         found = self._tokens.get(digest)
         now = time.monotonic()
         if found is None and now >= self._retry_at and now - self._tokens_at > 1.0:
-            with contextlib.suppress(Unreachable):  # a token created since the last refresh
+            with contextlib.suppress(Unreachable, Contended):  # a token created since then
                 self._refresh_tokens()
             found = self._tokens.get(digest)
         if found is None:
@@ -345,7 +387,7 @@ class FilingService:
 
                 try:
                     result = self._call(lambda db: _transaction(db, kind, payload, direct))
-                except Unreachable:
+                except (Unreachable, Contended):
                     pass  # journal it below; the drainer finds the marker if it did commit
                 else:
                     status = {"start": "started", "finish": "finished", "files": "filed"}[kind]
@@ -427,7 +469,7 @@ class FilingService:
         if now - self._tokens_at > self.config.settings.service.token_refresh_s:
             try:
                 self._refresh_tokens()
-            except Unreachable:
+            except (Unreachable, Contended):
                 return max(self._retry_at - time.monotonic(), 0.05)
         entries = self.journal.next_pending(DRAIN_BATCH)
         if not entries:
@@ -435,15 +477,15 @@ class FilingService:
                 if not self.reachable:
                     self._call(self._probe)
                 self._mirror_dead_letters()
-            except Unreachable:
+            except (Unreachable, Contended):
                 return max(self._retry_at - time.monotonic(), 0.05)
             self.journal.prune(time.time() - 7 * 86400)
             return min(self.config.settings.service.token_refresh_s, 1.0)
         started = time.monotonic()
         with self._write:
-            self._apply(entries)
+            applied = self._apply(entries)
         self.drain_busy_s += time.monotonic() - started
-        return 0.0
+        return 0.0 if applied else 0.05
 
     def _mirror_dead_letters(self) -> None:
         """Copy this site's dead letters into OpsDB (filing_dead_letters) when they changed,
@@ -480,6 +522,10 @@ class FilingService:
                 done = set(session.scalars(select(ApiRequest.request_id).where(
                     ApiRequest.request_id.in_([e.request_id for e in entries]))))
                 todo = [e for e in entries if e.request_id not in done]  # applied before a kill
+                # Every observation the batch touches locked first, in one order: another
+                # service draining overlapping observations in another order waits for this
+                # one, instead of a deadlock (the runs below lock theirs again, a no-op).
+                lock_observations(session, [e.observation for e in todo])
                 for run in _runs(todo):
                     files = ([CheckedFile(**f) for e in run for f in e.payload["files"]]
                              if run[0].kind == "files" else None)
@@ -496,6 +542,10 @@ class FilingService:
             self._call(apply)
         except Unreachable as exc:
             self.journal.note_attempt(entries[0].seq, f"OpsDB unreachable: {exc}")
+            return False
+        except Contended as exc:
+            self.journal.note_attempt(entries[0].seq, f"conflict with concurrent OpsDB "
+                                      f"transactions, tried again at the next step: {exc}")
             return False
         except (FilingError, IntegrityError) as exc:
             if len(entries) > 1:
@@ -517,7 +567,7 @@ class FilingService:
             return None
         try:
             return self._call(action)
-        except Unreachable:
+        except (Unreachable, Contended):
             return None
 
     def observation(self, name: str) -> dict[str, Any] | None:
@@ -608,7 +658,8 @@ class FilingService:
         return {"status": "ok" if ok else "degraded",
                 "site": self.site,
                 "opsdb": {"reachable": self.reachable, "error": self.last_error,
-                          "last_contact": _iso(self.last_contact)},
+                          "last_contact": _iso(self.last_contact),
+                          "conflicts": self.conflicts},
                 "journal": {"path": str(self.journal.path), "error": self.journal_error,
                             "pending": pending,
                             "oldest_pending_age_s": oldest, "dead": dead,
