@@ -77,7 +77,8 @@ def _trusting(opsdb: OpsDB, config: Config, package_name: str, **_: object) -> R
 
     with opsdb.session() as session:
         copies = _lta_copies(session, get_package(session, package_name))
-    return RecheckReport({c.id: Rechecked(c.id, c.verified_at, c.size, c.verified_at, False)
+    return RecheckReport({c.id: Rechecked(c.id, c.verified_at, c.size, c.verified_at, False,
+                                          c.root, c.host)
                           for c in copies}, [])
 
 

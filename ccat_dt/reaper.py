@@ -124,6 +124,10 @@ class _Claim:
     source: bool  # a raw file at its source: the filed bytes themselves
     rehash: bool  # re-hash the content before the unlink even when its identity is unchanged
     label: str | None = None  # the location: its root's marker must name it
+    # Where this deletion looked, as (location id, root, host, label): the copy's location
+    # first, then those of the LTA copies its certificate relies on, as re-checked. Each must
+    # still be there in OpsDB at the unlink (`_moved_since`).
+    looked: tuple[tuple[int, str, str | None, str], ...] = ()
 
 
 def _package(session: Session, name: str) -> RawDataPackage:
@@ -158,11 +162,27 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
             unlooked = [recheck.unavailable[c.id] for c in unchecked
                         if c.id in recheck.unavailable]
             return _Unlooked(kept, unlooked) if unlooked else kept
+        if moved := [_moved(c.location, rechecked[c.id].root, rechecked[c.id].host)
+                     for c in relied if (c.location.root, c.location.host)
+                     != (rechecked[c.id].root, rechecked[c.id].host)]:
+            # `ccat-dt migrate` recorded a disk move since the look: it saw another root.
+            # This purge fails, so that its retry looks there (the step's, or the re-attempt).
+            return _Unlooked(replace(decision, action=Action.KEEP, reason=(
+                "an LTA copy it relies on was re-checked at a root its location has left: "
+                "kept until re-checked where it is now")),
+                [f"{line}: the LTA copy it relies on there is re-checked at the next purge"
+                 for line in moved])
         result = session.execute(update(PhysicalCopy).where(
             PhysicalCopy.id == copy.id, PhysicalCopy.status == copy.status)
             .values(status=CopyStatus.DELETION_IN_PROGRESS))
         if not isinstance(result, CursorResult) or result.rowcount != 1:
             return replace(decision, action=Action.KEEP, reason="claimed by another deletion")
+        # Where the copy is, read now under a shared lock on its location's row, which
+        # `ccat-dt migrate` takes first (topology._lock_leaving): a move recorded before is
+        # read here (the new root), one after finds this claim and is refused until it ends.
+        location = session.scalars(select(DataLocation).where(
+            DataLocation.id == copy.location_id).with_for_update(read=True)
+            .execution_options(populate_existing=True)).one()
         started = utcnow()
         certificate: dict[str, Any] = {
             "required": required, "decided_at": started.isoformat(),
@@ -178,11 +198,63 @@ def _claim(opsdb: OpsDB, config: Config, package_id: int, planned: Decision, now
         prune = copy.kind == "raw_file" and decision.location_type in (
             LocationType.SOURCE, LocationType.PROCESSING)
         source = decision.location_type == LocationType.SOURCE
-        return _Claim(copy.id, operation.id, Path(decision.path), Path(copy.location.root),
-                      copy.relative_path, prune, copy.location.host, copy.size, copy.checksum,
-                      copy.inode, copy.mtime_ns, source,
+        looked = ((location.id, location.root, location.host, location.label),
+                  *((c.location_id, rechecked[c.id].root, rechecked[c.id].host,
+                     c.location.label) for c in relied))
+        return _Claim(copy.id, operation.id, Path(location.root) / copy.relative_path,
+                      Path(location.root), copy.relative_path, prune, location.host,
+                      copy.size, copy.checksum, copy.inode, copy.mtime_ns, source,
                       source and config.settings.policies.rehash_sources_before_deletion,
-                      copy.location.label)
+                      location.label, looked)
+
+
+def _shown(root: str, host: str | None) -> str:
+    return f"{host}:{root}" if host else root
+
+
+def _moved(location: DataLocation | None, root: str, host: str | None) -> str:
+    """What a location OpsDB records at another place than `root` on `host` says."""
+    if location is None:
+        return f"{_shown(root, host)}: its location is no longer in OpsDB"
+    return (f"location {location.label} is at {_shown(location.root, location.host)} in "
+            f"OpsDB now, no longer at {_shown(root, host)}, where this deletion looked "
+            "(`ccat-dt migrate` recorded a move meanwhile)")
+
+
+def _moved_since(opsdb: OpsDB, claim: _Claim) -> list[str]:
+    """The locations this deletion looked at (`_Claim.looked`: the copy's, where it would
+    unlink; those of the LTA copies its certificate relies on, where they were re-checked)
+    that OpsDB records at another root or host now, each in words; read just before the
+    unlink. Nothing may go at a root OpsDB no longer points to, nor on a look at one."""
+    if not claim.looked:
+        return []
+    with opsdb.session() as session:
+        rows = {row.id: row for row in session.scalars(select(DataLocation).where(
+            DataLocation.id.in_([entry[0] for entry in claim.looked])))}
+        return [_moved(rows.get(id_), root, host) for id_, root, host, _label in claim.looked
+                if (row := rows.get(id_)) is None or (row.root, row.host) != (root, host)]
+
+
+def _withdraw(opsdb: OpsDB, claim: _Claim, moved: list[str],
+              clock: float) -> tuple[int, str, bool]:
+    """End a claimed deletion with nothing deleted, its copy PRESENT again to be decided
+    afresh (where OpsDB says it is now, under a new look at what it relies on); a failure,
+    so that its purge is tried again (the step's retry, the re-attempt). A claim `migrate`
+    closed meanwhile (its process taken for gone) is left as closed, its copy to the next
+    purge (`_resume_unfinished` looks at its path at the new root)."""
+    why = (f"not deleted: {'; '.join(moved)}; nothing was deleted at either place: the next "
+           "purge decides it afresh where it is now")
+    with opsdb.session() as session:
+        ended = session.execute(update(Operation).where(
+            Operation.id == claim.operation_id, Operation.status == OperationStatus.IN_PROGRESS)
+            .values(status=OperationStatus.FAILED, error=why[:2000], finished_at=utcnow(),
+                    duration_s=time.monotonic() - clock))
+        if isinstance(ended, CursorResult) and ended.rowcount == 1:
+            session.execute(update(PhysicalCopy).where(
+                PhysicalCopy.id == claim.copy_id,
+                PhysicalCopy.status == CopyStatus.DELETION_IN_PROGRESS)
+                .values(status=CopyStatus.PRESENT))
+    return 0, f"{claim.path}: {why} (operation {claim.operation_id})", False
 
 
 def _certified(copy: PackageCopy) -> dict[str, Any]:
@@ -383,6 +455,8 @@ def _execute(opsdb: OpsDB, config: Config, claim: _Claim) -> tuple[int, str | No
     """Unlink the claimed file and record the outcome; returns (bytes freed, failure or None,
     whether the failure is a refusal: the file is not the recorded one)."""
     clock, note, size = time.monotonic(), None, 0
+    if moved := _moved_since(opsdb, claim):  # a disk move recorded since it was certified
+        return _withdraw(opsdb, claim, moved, clock)
     try:
         if not _inside(claim.path, claim.root):
             raise OSError(f"refusing to delete {claim.path}: outside location root {claim.root}")

@@ -62,6 +62,11 @@ class Rechecked:
     size: int
     hashed_at: datetime  # when its bytes last hashed to the checksum (checked_at if now)
     rehashed: bool
+    # Where it was looked at: its location's root and host then. A deletion relies on it
+    # only while OpsDB still records its location there (reaper: `ccat-dt migrate` may
+    # record a disk move meanwhile).
+    root: str
+    host: str | None
 
     def evidence(self) -> dict[str, Any]:
         return {"checked_at": self.checked_at.isoformat(), "size": self.size,
@@ -201,7 +206,8 @@ def recheck_lta_copies(opsdb: OpsDB, config: Config, package_name: str, *,
             if found.device is not None and found.inode is not None:
                 identities[copy.id] = (copy.host or "", found.device, found.inode)
             passed[copy.id] = Rechecked(copy.id, checked_at, found.size or 0,
-                                        checked_at if rehashed else copy.verified_at, rehashed)
+                                        checked_at if rehashed else copy.verified_at, rehashed,
+                                        copy.root, copy.host)
             if rehashed:
                 _record_rehash(opsdb, copy, found, checked_at)
     for copy, other in _one_file_twice(copies, identities):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
-from ccat_dt.claims import holder, stale
+from ccat_dt.claims import abandoned_deletion, holder, stale
 from ccat_dt.config import Config, LocationConfig
 from ccat_dt.health import choose
 from ccat_dt.marker import MARKER
@@ -168,33 +168,63 @@ def _leaving(session: Session, config: Config) -> dict[int, tuple[DataLocation, 
 
 def _claims_on_leaving(session: Session, config: Config
                        ) -> list[tuple[Operation, DataLocation, str, str | None]]:
-    """Operations in flight (a transfer, an archiving, a build, a staging) that write to a
-    location leaving the configuration, changing its type or moving to another root or host
-    (_leaving), each with what happens to the location and why its claim is stale (None:
-    live, its process still writes there: at the old root, for a move)."""
+    """Operations in flight that write to a location leaving the configuration, changing its
+    type or moving to another root or host (_leaving): a transfer, an archiving, a build or a
+    staging to it, or a deletion of a copy there (it unlinks at the root it read when it
+    claimed the copy: the old one, for a move). Each with what happens to the location and
+    why its claim is stale (None: live, its process may still write or delete there)."""
     leaving = _leaving(session, config)
     if not leaving:
         return []
     now = utcnow()
-    return [(operation, *leaving[operation.destination_location_id or 0], stale(operation, now))
-            for operation in session.scalars(select(Operation).where(
-                Operation.finished_at.is_(None), Operation.status == OperationStatus.IN_PROGRESS,
-                Operation.destination_location_id.in_(list(leaving)),
-                Operation.operation_type != OperationType.DELETION).order_by(Operation.id))]
+    writes = [(operation, *leaving[operation.destination_location_id or 0],
+               stale(operation, now))
+              for operation in session.scalars(select(Operation).where(
+                  Operation.finished_at.is_(None),
+                  Operation.status == OperationStatus.IN_PROGRESS,
+                  Operation.destination_location_id.in_(list(leaving)),
+                  Operation.operation_type != OperationType.DELETION))]
+    deletions = [(operation, *leaving[operation.source_location_id or 0],
+                  abandoned_deletion(operation, now))
+                 for operation in session.scalars(select(Operation).where(
+                     Operation.finished_at.is_(None),
+                     Operation.status == OperationStatus.IN_PROGRESS,
+                     Operation.source_location_id.in_(list(leaving)),
+                     Operation.operation_type == OperationType.DELETION))]
+    return sorted(writes + deletions, key=lambda claim: claim[0].id)
 
 
 def transfers_under_way(session: Session, config: Config) -> list[str]:
     """What `migrate` must not apply yet: a location leaving the configuration, changing its
     type or moving to another root or host while a transfer, an archiving, a build or a
-    staging still writes to it (a live claim: ccat_dt/claims.py). Its copy would be recorded
-    at a location the configuration no longer knows (everything would stop on it after
-    `migrate` had said yes), or, moved, recorded at the new root while its bytes land at the
-    old one. Asked at `migrate` only (nothing else writes there once the configuration
-    lacks the location or OpsDB records its new place)."""
+    staging still writes to it, or a deletion (a purge) of a copy there is under way (a live
+    claim: ccat_dt/claims.py). Its copy would be recorded at a location the configuration no
+    longer knows (everything would stop on it after `migrate` had said yes), or, moved,
+    recorded at the new root while its bytes land at the old one; a deletion would unlink at
+    the old root and record the copy deleted while the new root still holds it. Asked at
+    `migrate` only (nothing else writes there once the configuration lacks the location or
+    OpsDB records its new place; a deletion claims its copy under a lock on its location's
+    row that `migrate` takes first, sync_topology, and checks at its unlink that the
+    location is still where it looked: reaper._execute)."""
     problems = []
     for operation, row, how, why in _claims_on_leaving(session, config):
         if why is not None:
             continue  # its process is gone: nothing writes there any more
+        if operation.operation_type == OperationType.DELETION:
+            copy = operation.copy
+            what = (f"package {operation.package.name}'s copy "
+                    f"{copy.relative_path if copy is not None else operation.copy_id}"
+                    if operation.package else f"copy {operation.copy_id}")
+            moved = (" (it deletes at the old root: then move the old root to the new one "
+                     "again, so that the new one lacks what it deleted)"
+                     if how.startswith("moved") else "")
+            problems.append(
+                f"location {row.label}: a deletion of {what} there is under way (operation "
+                f"{operation.id}, {holder(operation)}): let it end{moved}, or stop its run, "
+                "then run `ccat-dt migrate` again (a location cannot leave the "
+                "configuration, change its type or move to another root or host while a "
+                "copy there is being deleted)")
+            continue
         what = f"package {operation.package.name}" if operation.package else "a copy"
         moved = (" (then move what it wrote at the old root to the new one)"
                  if how.startswith("moved") else "")
@@ -207,10 +237,26 @@ def transfers_under_way(session: Session, config: Config) -> list[str]:
     return problems
 
 
+def _lock_leaving(session: Session, config: Config) -> None:
+    """Take the rows of the locations leaving, changing type or moving (_leaving) for this
+    transaction, before its look for claims on them (a write: SQLite's database write lock,
+    PostgreSQL's row locks). A deletion claims its copy under a shared lock on its
+    location's row (reaper._claim): one claimed before is seen by that look; one claimed
+    after waits for this transaction and reads the location as it leaves it (the new root).
+    Before, a purge that claimed its copy between the look and the update unlinked at the
+    old root after `migrate` had recorded the new one."""
+    if ids := list(_leaving(session, config)):
+        session.execute(update(DataLocation).where(DataLocation.id.in_(ids))
+                        .values(root=DataLocation.root)
+                        .execution_options(synchronize_session=False))
+
+
 def _close_abandoned_claims(session: Session, config: Config) -> None:
     """Close (FAILED, saying why) the stale claims on locations leaving the configuration,
     changing type or moving: no later attempt there would ever find and close them (a move:
-    they point at bytes at the old root)."""
+    they point at bytes at the old root). A deletion's copy stays DELETION_IN_PROGRESS: the
+    next purge of its package looks at its path at the new root (reaper._resume_unfinished),
+    records it deleted if gone, else decides it afresh."""
     for operation, row, how, why in _claims_on_leaving(session, config):
         if why is not None:
             operation.status, operation.finished_at = OperationStatus.FAILED, utcnow()
@@ -295,6 +341,7 @@ def check_topology(opsdb: OpsDB, config: Config) -> None:
 def sync_topology(session: Session, config: Config) -> None:
     """Insert or update sites, locations and modules so OpsDB matches the configuration;
     TopologyDrift, changing nothing, for a change that would misplace recorded copies."""
+    _lock_leaving(session, config)
     problems = unsafe_changes(session, config) + transfers_under_way(session, config)
     if problems:
         raise TopologyDrift(problems)

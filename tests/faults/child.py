@@ -204,6 +204,11 @@ def main(argv: list[str]) -> int:
             wrap(reaper, "_execute", before=die, nth=options.nth)
         elif options.kill == "after-unlink":  # unlinked, the deletion not recorded
             wrap(reaper, "_unlink_local", after=die, nth=options.nth)
+        elif options.kill == "hold-before-unlink":  # the copy at --copy-at certified, its
+            # unlink next: waits there to be killed
+            at_copy(reaper, "_execute", options.copy_at, wait_to_be_killed(Path(options.marker)))
+        elif options.kill == "pause-before-unlink":  # the same point, going on once let go
+            at_copy(reaper, "_execute", options.copy_at, wait_to_be_let_go(Path(options.marker)))
         report = reaper.purge_package(opsdb, config, name)
         result = {"deleted": report.deleted, "failures": report.failures}
 

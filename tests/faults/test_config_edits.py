@@ -6,12 +6,16 @@ copy (checked on the disks), nothing sent to the removed site's disks. And remov
 transfer to it is still writing there: `migrate` refuses until that transfer has ended, and
 so for a location moved to another root (a disk move) while it is written to. A location
 holding copies moved to a root its data is not on (the path edited first, or mistyped) is
-refused by `migrate` and `init`. A processing location leaves only once no active staging
-request targets it; a location that left is no longer listed by `status` or `why`."""
+refused by `migrate` and `init`. So too for a purge deleting a copy at a location being
+moved: `migrate` refuses while the deletion is under way, and a deletion never unlinks at a root
+OpsDB no longer records, nor on a look at an LTA copy at a root its location has left. A
+processing location leaves only once no active staging request targets it; a location that
+left is no longer listed by `status` or `why`."""
 
 from __future__ import annotations
 
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,32 +23,39 @@ import yaml
 from dagster import DagsterInstance
 from sqlalchemy import func, select
 
+from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config, load_config
 from ccat_dt.health import mark_failed
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
+    Operation,
     OperationStatus,
     OperationType,
     PackageState,
     RawDataPackage,
     StagingRequest,
+    utcnow,
 )
 from ccat_dt.packages import build, plan_packages
 from ccat_dt.topology import get_location
+from tests.faults.conftest import FAST_BACKOFF
 from tests.faults.invariants import assert_safe
 from tests.faults.moments import size_of
 from tests.faults.pipeline import (
     archived_everywhere,
     child_argv,
+    deployment,
     finish,
     observe,
     operations,
+    package_names,
     run,
     source_root,
     spawn,
     wait_for,
 )
 from tests.faults.storage_truth import lost_filed_files
+from tests.faults.test_deletion_faults import KEEP, _sites, retention
 from tests.helpers import run_cli
 
 
@@ -384,3 +395,196 @@ def _two_packages_the_second_built_for_us(config: Config, opsdb: OpsDB) -> list[
     build(opsdb, config, names[1])
     assert primaries(opsdb)[names[1]] == "us"
     return names
+
+
+@pytest.fixture(params=["sqlite"])
+def kept(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
+    """A deployment whose sources and buffers outlive the first drive (the purge is run by the
+    test, once their retention is set to 0); its OpsDB in SQLite, or (param "postgresql") in
+    the test PostgreSQL (skipped without one)."""
+    url = ({"opsdb_url": request.getfixturevalue("postgres_url")}
+           if request.param == "postgresql" else {})
+    return deployment(tmp_path / "kept", sites=_sites(KEEP), policies={
+        "max_attempts": 3, "retry_backoff_first_s": FAST_BACKOFF}, **url)
+
+
+def archived_and_purgeable(config: Config, instance: DagsterInstance
+                           ) -> tuple[Config, OpsDB, str, list[Path]]:
+    """One package archived at both sites, its sources and buffer copies kept; then their
+    retention set to 0 (the next purge may delete them). Returns the source files."""
+    opsdb = OpsDB(config.opsdb_url)
+    sources = observe(config, opsdb, name="obs-0", files=2)
+    run(config, instance)
+    [package] = package_names(opsdb)
+    assert all(p.is_file() for p in sources)
+    return retention(config, 0), opsdb, package, sources
+
+
+def package_checksum(opsdb: OpsDB, name: str) -> str:
+    with opsdb.session() as session:
+        checksum = session.scalar(select(RawDataPackage.checksum).where(
+            RawDataPackage.name == name))
+    assert checksum is not None
+    return checksum
+
+
+def archive_tars_hold_the_package(config: Config, opsdb: OpsDB, package: str) -> None:
+    """Each archive site's LTA root (where OpsDB records it now) holds the package's tar, whose
+    bytes hash to the package checksum, read on the disk."""
+    for site in config.settings.archive_sites:
+        root = Path(root_in_opsdb(opsdb, site.short_name, "lta"))
+        [tar] = root.rglob(f"{package}.tar")
+        assert hash_file(tar)[0] == package_checksum(opsdb, package), tar
+
+
+def deletion_of(opsdb: OpsDB, label: str) -> Operation:
+    """The newest deletion operation of the copy at location `label`."""
+    with opsdb.session() as session:
+        found = [op for op in session.scalars(select(Operation).where(
+            Operation.operation_type == OperationType.DELETION).order_by(Operation.id))
+            if op.copy is not None and op.copy.location.label == label]
+        session.expunge_all()
+    return found[-1]
+
+
+@pytest.mark.parametrize("kept", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("deletion_ends", ["let end", "killed", "stalled past its lease"])
+def test_a_location_is_not_moved_by_migrate_while_a_deletion_there_is_under_way(
+        kept: Config, instance: DagsterInstance, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], deletion_ends: str) -> None:
+    """A purge has certified the deletion of the package's us/buffer copy and is about to
+    unlink it (its process holds there, as a run started before the edit would); the operator
+    copies the disk (its marker too) to a new root and records that root in the
+    configuration. Before, `migrate` said yes: the purge unlinked at the old root and OpsDB
+    recorded the copy deleted while the new root, where OpsDB now says us/buffer is, still
+    held the tar (the audit: stale_deleted; nothing ever deleted it). Now `migrate` refuses,
+    naming the deletion and its process, and changes nothing; once the deletion has ended
+    (the old root copied again), or its process is gone (its claim closed by `migrate`), the
+    move goes through and the copy is deleted at the new root. A purge on another host that
+    stalled past its lease (`migrate` takes it for gone) and then wakes up does not unlink at
+    the old root: OpsDB no longer records us/buffer there."""
+    config, opsdb, package, sources = archived_and_purgeable(kept, instance)
+    old, new = config.resolve_root("sites/us/buffer"), config.resolve_root("disks/us-buffer-2")
+    tar = Path("obs-0") / f"{package}.tar"
+    marker = tmp_path / "held"
+    purge = spawn(child_argv(config, "purge", package, copy_at="us/buffer", marker=str(marker),
+                             kill=("hold-before-unlink" if deletion_ends == "killed"
+                                   else "pause-before-unlink")))
+    try:
+        wait_for(marker, purge, timeout=120)
+        claim = deletion_of(opsdb, "us/buffer")
+        assert claim.status == OperationStatus.IN_PROGRESS
+        assert (old / tar).is_file()  # certified, not yet unlinked
+        shutil.copytree(old, new)  # its marker too
+        config = moved(config, "us", "buffer", "disks/us-buffer-2")
+        if deletion_ends == "stalled past its lease":  # as a purge on an archive host would
+            with opsdb.session() as session:  # look once it stopped renewing for 1.5 hours
+                held = session.get_one(Operation, claim.id)
+                held.owner_host = "archive-host-2 pid:[4026531836]"
+                held.lease_until = utcnow() - timedelta(hours=1)
+        capsys.readouterr()
+        if deletion_ends == "stalled past its lease":
+            assert run_cli("--config", str(config.path), "migrate") == 0
+        else:
+            assert run_cli("--config", str(config.path), "migrate") == 2
+            err = capsys.readouterr().err
+            assert (f"location us/buffer: a deletion of package {package}'s copy {tar} there is "
+                    f"under way (operation {claim.id}, process {purge.pid} on") in err, err
+            assert ("let it end (it deletes at the old root: then move the old root to the new "
+                    "one again") in err and "then run `ccat-dt migrate` again" in err
+            assert root_in_opsdb(opsdb, "us", "buffer") == str(old)  # nothing changed
+        if deletion_ends != "killed":
+            marker.unlink()  # the purge goes on, to its end
+            ended = finish(purge, timeout=120)
+            assert ended.returncode == 0, ended.stderr
+    finally:
+        if purge.poll() is None:
+            purge.kill()
+        purge.communicate(timeout=60)
+
+    checksum = package_checksum(opsdb, package)
+    if deletion_ends == "let end":  # deleted at the old root, where OpsDB said it was
+        assert not (old / tar).exists() and hash_file(new / tar)[0] == checksum
+        assert deletion_of(opsdb, "us/buffer").status == OperationStatus.COMPLETED
+        shutil.rmtree(new)
+        shutil.copytree(old, new)  # the operator moves the old root again, as told
+        assert not (new / tar).exists()
+    else:  # nothing deleted at either root
+        assert hash_file(old / tar)[0] == checksum == hash_file(new / tar)[0]
+    shutil.rmtree(old)
+    if deletion_ends != "stalled past its lease":
+        assert run_cli("--config", str(config.path), "migrate") == 0
+    assert root_in_opsdb(opsdb, "us", "buffer") == str(new)
+    if deletion_ends != "let end":  # its claim closed by `migrate`, saying why
+        closed = deletion_of(opsdb, "us/buffer")
+        assert closed.status == OperationStatus.FAILED and closed.error is not None
+        assert (f"closed by `ccat-dt migrate` as location us/buffer moved from {old} to "
+                f"{new}") in closed.error, closed.error
+    run(config, instance)
+    archived_everywhere(config, opsdb)
+    archive_tars_hold_the_package(config, opsdb, package)
+    assert not any(p.exists() for p in sources)
+    assert not old.exists()  # nothing written at the old root once moved
+    assert files_under(new) == []  # deleted at the new root, where OpsDB says it is
+    assert run_cli("--config", str(config.path), "audit") == 0
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+
+
+def test_a_deletion_does_not_rely_on_an_lta_copy_looked_at_at_a_root_its_location_left(
+        kept: Config, instance: DagsterInstance, tmp_path: Path) -> None:
+    """A purge re-checked the package's archive copies and is about to unlink its us/buffer
+    copy, which us/lta's copy allows; meanwhile the operator moves us/lta's disk to a new root,
+    the copy interrupted before the tar (the marker copied), and `migrate` records it
+    (nothing is being deleted at us/lta: it does not refuse). Before, the purge unlinked the
+    buffer copy, and the sources after it, on its look at the old root: at its new root us/lta
+    held no tar, and us no copy at all. Now each deletion checks, at its unlink (and at its
+    claim), that every location it looked at is still where OpsDB records it: nothing is
+    deleted; the next purge re-checks us/lta at its new root, finds the tar missing, and keeps
+    everything until the repair has restored it."""
+    config, opsdb, package, sources = archived_and_purgeable(kept, instance)
+    buffer_tar = config.resolve_root("sites/us/buffer") / "obs-0" / f"{package}.tar"
+    old, new = config.resolve_root("sites/us/lta"), config.resolve_root("disks/us-lta-2")
+    marker = tmp_path / "held"
+    purge = spawn(child_argv(config, "purge", package, copy_at="us/buffer", marker=str(marker),
+                             kill="pause-before-unlink"))
+    try:
+        wait_for(marker, purge, timeout=120)
+        # the copy interrupted before the tar (its marker and directories already there)
+        shutil.copytree(old, new, ignore=shutil.ignore_patterns("*.tar"))
+        assert list(new.rglob("*.tar")) == [] and list(old.rglob("*.tar"))
+        config = moved(config, "us", "lta", "disks/us-lta-2")
+        assert run_cli("--config", str(config.path), "migrate") == 0
+        assert root_in_opsdb(opsdb, "us", "lta") == str(new)
+        marker.unlink()
+        ended = finish(purge, timeout=120)
+        assert ended.returncode == 0, ended.stderr
+    finally:
+        if purge.poll() is None:
+            purge.kill()
+        purge.communicate(timeout=60)
+
+    # us's copies, read on the disks: the buffer copy and the sources are still there
+    checksum = package_checksum(opsdb, package)
+    assert hash_file(buffer_tar)[0] == checksum
+    assert all(p.is_file() for p in sources)
+    failures = ended.result["result"]["failures"]
+    assert any(f"location us/lta is at {new} in OpsDB now, no longer at {old}, where this "
+               "deletion looked" in line for line in failures), failures
+    withdrawn = deletion_of(opsdb, "us/buffer")
+    assert withdrawn.status == OperationStatus.FAILED and withdrawn.error is not None
+    assert "nothing was deleted at either place" in withdrawn.error
+    shutil.rmtree(old)
+    run(config, instance)
+    archived_everywhere(config, opsdb)
+    archive_tars_hold_the_package(config, opsdb, package)
+    assert len(list(new.rglob("*.tar"))) == 1  # repaired at the new root
+    assert not any(p.exists() for p in sources) and not buffer_tar.exists()
+    with opsdb.session() as session:  # found missing by the purge's look there
+        assert session.scalar(select(func.count(Operation.id)).where(
+            Operation.operation_type == OperationType.VERIFICATION,
+            Operation.status == OperationStatus.FAILED,
+            Operation.reason == "re-check before a deletion")) == 1
+    assert run_cli("--config", str(config.path), "audit") == 0
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
