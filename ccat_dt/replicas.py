@@ -518,7 +518,13 @@ def _claim_in(opsdb: OpsDB, config: Config, placement: Placement, kind: Location
         locked = sorted({placement.package, *(c.package for c in candidates)})
         for name in locked:  # in one order: two batches sharing packages never deadlock
             lock_package(session, name)  # also against a failover re-routing it meanwhile
-        # From here on what is read is final until this transaction commits.
+        # From here on what is read is final until this transaction commits. The destination
+        # too, read again under a shared lock on its row, which `ccat-dt migrate` takes first
+        # (topology._lock_leaving): a disk move recorded before is read here (the new root);
+        # one after finds this claim and is refused until it ends (as a deletion's, reaper).
+        destination = session.scalars(select(DataLocation).where(
+            DataLocation.id == destination.id).with_for_update(read=True)
+            .execution_options(populate_existing=True)).one()
         if (verified_copy(session, package, placement.site, kind) is not None
                 or kind == LocationType.BUFFER and archived_at(session, package,
                                                                placement.site) is not None):

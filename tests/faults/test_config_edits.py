@@ -588,3 +588,58 @@ def test_a_deletion_does_not_rely_on_an_lta_copy_looked_at_at_a_root_its_locatio
     assert run_cli("--config", str(config.path), "audit") == 0
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
+
+
+def test_a_transfer_starting_while_migrate_records_a_move_lands_at_the_new_root(
+        tmp_path: Path, postgres_url: str) -> None:
+    """`migrate` has looked for transfers to us/buffer (none), recorded its new root and not
+    yet committed, as a transfer (started with the old configuration in memory) claims a copy
+    there. Before, the transfer had read its destination before its claim: it wrote its tar
+    at the old root, OpsDB then recorded the copy at the new root, where it was not. Now it
+    reads the destination under a shared lock on its row, which `migrate` holds: it waits for
+    the move and writes at the new root (PostgreSQL; SQLite has one writer at a time)."""
+    import threading
+
+    from sqlalchemy import text
+
+    from ccat_dt.opsdb.models import LocationType
+    from ccat_dt.replicas import place, plan_placement
+    from ccat_dt.topology import sync_topology
+
+    config = deployment(tmp_path / "pg", opsdb_url=postgres_url)
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        names = _two_packages_the_second_built_for_us(config, opsdb)
+        old, new = config.resolve_root("sites/us/buffer"), config.resolve_root("disks/us-buf-2")
+        placement = plan_placement(opsdb, config, names[1], "us", LocationType.BUFFER)
+        shutil.copytree(old, new)  # the disk copied (its marker), then the root edited
+        edited = moved(config, "us", "buffer", "disks/us-buf-2")
+        outcome: list[object] = []
+
+        def transfer() -> None:
+            try:
+                outcome.append(place(opsdb, config, placement, LocationType.BUFFER))
+            except Exception as exc:  # noqa: BLE001 - told by the assertion below
+                outcome.append(exc)
+
+        with opsdb.session() as migrating:  # `migrate`, up to its commit
+            sync_topology(migrating, edited)
+            thread = threading.Thread(target=transfer)
+            thread.start()
+            waits = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                         "'Lock' AND pid <> pg_backend_pid()")
+            with opsdb.engine.connect() as watch:
+                for _ in range(600):  # the transfer waits for the move, or (before) is done
+                    if not thread.is_alive() or watch.execute(waits).scalar():
+                        break
+                    threading.Event().wait(0.05)
+        thread.join(timeout=120)
+        assert outcome and not isinstance(outcome[0], Exception), outcome
+        tar = Path("obs-1") / f"{names[1]}.tar"
+        assert (new / tar).is_file(), files_under(new)
+        assert hash_file(new / tar)[0] == package_checksum(opsdb, names[1])
+        assert not (old / tar).exists()  # nothing landed where OpsDB no longer points
+        assert root_in_opsdb(opsdb, "us", "buffer") == str(new)
+        assert lost_filed_files(edited, opsdb) == []
+    finally:
+        opsdb.dispose()
