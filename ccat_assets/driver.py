@@ -93,6 +93,7 @@ from dagster._utils.error import SerializableErrorInfo
 from dagster._utils.schedules import reverse_cron_string_iterator
 
 from ccat_assets.inflight import IN_FLIGHT, close_if_dead, liveness, process_liveness
+from ccat_assets.interrupts import stopped_by_no_person
 from ccat_assets.routing import partition_of, reroute, stages_of, tag_run
 from ccat_assets.runlog import CANCELED as BY_AN_OPERATOR
 from ccat_assets.runlog import log_ticks_in_tree, with_run_loggers
@@ -871,6 +872,7 @@ class _Runs:
         if now is not None and now.status == DagsterRunStatus.FAILURE and stopped:
             # Dagster took the drive's Ctrl-C (SIGTERM) as the run's and failed it: an
             # operator stopped it, as RunPool.terminate tells the runs of a pool's children
+            stopped_by_no_person(self.instance, run.run_id, "drive")
             self.instance.report_run_canceled(now, message=DRIVE_STOPPED)
             now = self.instance.get_run_by_id(run.run_id)
         _finished(self.report, self.log, Finished(

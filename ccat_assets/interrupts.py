@@ -5,7 +5,9 @@ Here an interrupt is an operator's Terminate (the UI's, passed on by `drive` or 
 Ctrl-C: the run ends, and its work is asked for again after the back-off (a run an operator
 terminated, CANCELED, is no failed attempt of it: ccat_dt/reattempt.py). An interrupt with no
 Terminate recorded (Ctrl-C in an operator's `dagster asset materialize`, its service stopped)
-marks the run CANCELING first (`_canceling`), so it too ends CANCELED, not FAILURE.
+marks the run CANCELING first (`_canceling`), so it too ends CANCELED, not FAILURE, and tags it
+stopped by no person (`stopped_by_no_person`: the same work stopped so again and again past the
+horizon is told to a person, ccat_dt/reattempt.py).
 
 - The step that copies, packs or unpacks fails once (stops_when_interrupted), so the run ends
   CANCELED (Dagster's verdict for a failed step of a run being terminated) without starting
@@ -22,7 +24,7 @@ marks the run CANCELING first (`_canceling`), so it too ends CANCELED, not FAILU
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from dagster import (
     DagsterEvent,
@@ -35,6 +37,8 @@ from dagster import (
 )
 from dagster._core.definitions.events import HookExecutionResult
 from dagster._core.errors import DagsterExecutionInterruptedError
+
+from ccat_assets.tags import STOPPED_TAG
 
 INTERRUPTED = "interrupted: the run was terminated or its process told to stop"
 TERMINATED = (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED)
@@ -82,10 +86,22 @@ def _canceling(instance: DagsterInstance, run_id: str) -> None:
     try:
         run = instance.get_run_by_id(run_id)
         if run is not None and run.status not in TERMINATED and not run.is_finished:
+            stopped_by_no_person(instance, run_id, "signal")
             instance.report_run_canceling(run, message=f"{INTERRUPTED} (Ctrl-C, a signal): "
                                           "an operator's stop, no failed attempt")
     except Exception:  # noqa: BLE001 - see above
         pass
+
+
+def stopped_by_no_person(instance: DagsterInstance, run_id: str, how: str) -> None:
+    """Tag a run about to be marked CANCELING or CANCELED with no operator's Terminate
+    recorded (tags.STOPPED_TAG = `how`: "drive", its drive stopped; "signal", its own process
+    told to stop). It is no failed attempt either, but the same work stopped so again and
+    again past the re-attempt horizon (a drive under `timeout` or a nightly shutdown, shorter
+    than its transfer) is told to a person (ccat_dt/reattempt.py); an operator's Terminate,
+    untagged, is not. Best effort: untagged, it counts as an operator's cancel, as before."""
+    with suppress(Exception):  # see above
+        instance.add_run_tags(run_id, {STOPPED_TAG: how})
 
 
 def _terminated(instance: DagsterInstance, run_id: str) -> bool:

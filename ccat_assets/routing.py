@@ -65,7 +65,14 @@ from dagster._utils.tags import TagConcurrencyLimitsCounter
 from ccat_assets.instance import instance_home
 from ccat_assets.partitions import PACKAGES, staging_partitions
 from ccat_assets.stages import ASSET_STAGE, stages_of_job
-from ccat_assets.tags import LINK_TAG, PROCESS_TAGS, PROVENANCE_TAGS, QUEUE_TAG, UNROUTED_TAG
+from ccat_assets.tags import (
+    LINK_TAG,
+    PROCESS_TAGS,
+    PROVENANCE_TAGS,
+    QUEUE_TAG,
+    STOPPED_TAG,
+    UNROUTED_TAG,
+)
 from ccat_dt.config import Config, load_config
 from ccat_dt.dispatch import dispatch_for
 from ccat_dt.opsdb.database import OpsDB
@@ -238,7 +245,8 @@ class RoutedRunCoordinator(QueuedRunCoordinator):
         """A re-execution (the UI's Re-execute) with the tags naming its parent's process
         (tags.PROCESS_TAGS: it gets its own as it starts) and how its parent was asked for
         (tags.PROVENANCE_TAGS: an operator's UI action is neither) blanked."""
-        inherited = {tag: "" for tag in (*PROCESS_TAGS, *PROVENANCE_TAGS) if run.tags.get(tag)}
+        inherited = {tag: "" for tag in (*PROCESS_TAGS, *PROVENANCE_TAGS, STOPPED_TAG)
+                     if run.tags.get(tag)}
         if PARENT_RUN_ID_TAG not in run.tags or not inherited:
             return run
         self._instance.add_run_tags(run.run_id, inherited)

@@ -39,7 +39,7 @@ from dagster._utils.interrupts import capture_interrupts
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
 from ccat_assets.inflight import IN_FLIGHT, record_worker
-from ccat_assets.interrupts import INTERRUPTED, INTERRUPTS
+from ccat_assets.interrupts import INTERRUPTED, INTERRUPTS, stopped_by_no_person
 
 TERMINATE_GRACE_S = 10.0  # after SIGTERM, a child is given this long before SIGKILL
 RESIGNAL_S = 0.5  # SIGTERM again this often meanwhile (see RunPool.terminate)
@@ -243,6 +243,7 @@ class RunPool:
                 with suppress(Exception):  # the run storage busy: left QUEUED, for the next
                     run = self.instance.get_run_by_id(queued.run.run_id)  # drive
                     if run is not None and run.status == DagsterRunStatus.QUEUED:
+                        stopped_by_no_person(self.instance, run.run_id, "drive")
                         self.instance.report_run_canceled(run, message=DRIVE_STOPPED_QUEUED)
                 finished.append(Finished(queued.key, ok=False, run_id=queued.run.run_id,
                                          canceled=True, stopped=True))
@@ -261,6 +262,7 @@ class RunPool:
                     for record in self.instance.get_records_for_run(
                         run.run_id, of_type={DagsterEventType.STEP_FAILURE,
                                              DagsterEventType.RUN_FAILURE}).records):
+                stopped_by_no_person(self.instance, run.run_id, "drive")
                 self.instance.report_run_canceled(run, message=DRIVE_STOPPED)
                 return replace(done, terminated=True)
         return done
@@ -272,10 +274,14 @@ class RunPool:
         terminated; `_outcome` for one interrupted before its start was written), so it is no
         failed attempt of its work (ccat_dt/reattempt.py: never escalated, a person never
         told for it), and the next drive asks for its work again after the back-off. Before,
-        each was marked failed, a failed attempt that led to an escalation."""
+        each was marked failed, a failed attempt that led to an escalation. Tagged as stopped
+        by no person first (interrupts.stopped_by_no_person), unless an operator's Terminate
+        came before (CANCELING already): the same work stopped so at every drive (a drive
+        under `timeout`, a nightly shutdown) is told to a person past the horizon."""
         with suppress(Exception):  # the run storage busy: the run ends FAILURE, as before
             now = self.instance.get_run_by_id(run.run_id)
-            if now is not None and now.status in IN_FLIGHT:
+            if now is not None and now.status in IN_FLIGHT and now.status not in TERMINATED:
+                stopped_by_no_person(self.instance, now.run_id, "drive")
                 self.instance.report_run_canceling(now, message=DRIVE_STOPPED)
 
     def _start_ready(self) -> None:

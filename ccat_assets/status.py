@@ -17,7 +17,7 @@ from ccat_dt.notify import (
 )
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import _aware, utcnow
-from ccat_dt.reattempt import unsettled
+from ccat_dt.reattempt import stopped_reason, unsettled
 from ccat_dt.report import Summary, printable, refused_deletions, summarize, throughput
 from ccat_dt.stages import Stage
 from ccat_dt.topology import topology_drift
@@ -102,6 +102,10 @@ def print_status(opsdb: OpsDB, config: Config | None = None) -> Summary:
                 when = "waiting"
             done = (f"{row.attempts} failed" if row.attempts  # none: its runs were canceled
                     else "canceled by an operator")
+            if row.stopped_told_at is not None:  # again and again, by no person: told
+                done = (f"{done}; {stopped_reason(row.stopped_runs, row.stopped_since)} "
+                        f"(a person told at {_aware(row.stopped_told_at):%Y-%m-%d %H:%M} UTC; "
+                        "still re-attempted automatically)")
             print(f"re-attempt {Stage(row.stage).label} {row.partition}: {done}; {when}")
         for refusal in undeliverable(session, config):  # nobody hears of the problems below
             print(f"notifications undeliverable: {refusal.reason} (over {refusal.channel} "

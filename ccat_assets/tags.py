@@ -16,6 +16,12 @@ PROCESS_TAGS = (DRIVE_TAG, WORKER_TAG, WORKER_ID_TAG)
 # How a run came to be asked for: blanked on a re-execution too (an operator's UI action,
 # neither), lest its runs count toward "asked again and left work due" (sensors.reattempt).
 PROVENANCE_TAGS = (AGAIN_TAG, RETRY_TAG)
+# A run stopped with no person's doing: its drive stopped ("drive": a timeout, a service
+# manager, a shutdown, Ctrl-C) or its own process told to stop ("signal"); it ends CANCELED,
+# no failed attempt, but the same work stopped so again and again past the re-attempt horizon
+# is told to a person (ccat_dt/reattempt.py). Absent on a run an operator terminated (the
+# UI's Terminate). Blanked on a re-execution too: it says how the parent ended.
+STOPPED_TAG = "ccat/stopped"
 LINK_TAG = "ccat/link"  # "ORIGIN->DESTINATION": run limits per link (routes[].max_concurrent)
 QUEUE_TAG = "ccat/queue"  # the Celery queue of the site whose data the run touches
 UNROUTED_TAG = "ccat/unrouted"  # why a run could not be routed

@@ -214,9 +214,14 @@ def _reattempt(row: Reattempt | None) -> str:
                 f"{_aware(row.first_failed_at):%Y-%m-%d %H:%M} UTC: escalated at "
                 f"{_aware(row.escalated_at):%Y-%m-%d %H:%M} UTC, no "
                 "automatic attempt any more; fix the cause, then `ccat-dt retry`")
+    from ccat_dt.reattempt import stopped_reason  # it imports retry, which imports this
+
+    stopped = (f"; {stopped_reason(row.stopped_runs, row.stopped_since)} (a person told at "
+               f"{_aware(row.stopped_told_at):%Y-%m-%d %H:%M} UTC)"
+               if row.stopped_told_at is not None else "")
     if row.next_attempt_at is None:
-        return ""
-    return (f"; next attempt at {_aware(row.next_attempt_at):%H:%M:%S} UTC "
+        return stopped
+    return (f"{stopped}; next attempt at {_aware(row.next_attempt_at):%H:%M:%S} UTC "
             f"({_aware(row.next_attempt_at):%Y-%m-%d}, attempt {row.attempts + 1}, "
             "automatic)")
 

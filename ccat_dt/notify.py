@@ -97,7 +97,7 @@ from ccat_dt.opsdb.models import (
     UndeliverableChannel,
     _aware,
 )
-from ccat_dt.reattempt import unsettled
+from ccat_dt.reattempt import stopped_reason, unsettled
 from ccat_dt.routing import refused_reread
 from ccat_dt.stages import Stage
 from ccat_dt.transports.base import (
@@ -534,6 +534,28 @@ def current_problems(session: Session, config: Config, now: datetime,
             f"({config.settings.policies.retry_horizon_hours:g} h). Fix the cause, then "
             f"`ccat-dt retry --package {row.package}`; `ccat-dt why {row.package}` shows "
             "the stage."))
+    # Work stopped again and again with no person's doing (reattempt._stopped), told once and
+    # open until the work is done, as an escalation: a new series (an operator's retry or
+    # Terminate, a failed run) resolves nothing while the work still waits.
+    told_stopped = set(session.scalars(select(Notification.problem_key).where(
+        Notification.closed.is_(False), Notification.problem_key.like("stopped:%"))))
+    for row in rows:
+        key = f"stopped:{row.stage}:{row.partition}"
+        if row.stopped_told_at is None and key not in told_stopped:
+            continue
+        problems.append(Problem(
+            key, "stopped", f"{Stage(row.stage).label} {row.partition} "
+            + (stopped_reason(row.stopped_runs, row.stopped_since) if row.stopped_runs
+               else "canceled again and again, each time before it finished"),
+            "Each of its runs was stopped before it finished, with no operator's Terminate "
+            "recorded: its drive (or its process) was stopped, by `timeout` in a cron job, a "
+            "service manager's run-time limit (RuntimeMaxSec) or the host's shutdown, sooner "
+            "than the work takes; it starts again from zero each time, so the data does not "
+            "leave. It is no failure: it is still re-attempted automatically after the "
+            "back-off. Give the drive longer (a longer timeout or run-time limit, a drive "
+            "not stopped by the shutdown, or the Dagster daemon instead of a time-limited "
+            f"drive); `ccat-dt why {row.package}` "
+            "shows the stage. Resolved once the work is done."))
     for name, assessment in packages_in_danger(session, config):
         kind = assessment.health.value.replace(" ", "_")  # lost | at_risk
         problems.append(Problem(

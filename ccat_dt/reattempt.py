@@ -13,6 +13,20 @@ and again comes back less and less often, not in a loop). To hold the work, stop
 Permanent failures never come here: a FAILED package (a source file that changed after
 filing) is not stalled work, so nothing re-requests it.
 
+A cancel with no person behind it is another matter when it comes again and again: a drive
+run from cron under `timeout`, by a service manager with a run-time limit, or stopped by the
+host's nightly shutdown, that lives less long than one package's transfer, stops that run at
+every drive (the drive tags it stopped: `stopped`, tags.STOPPED_TAG), and the next drive starts
+it again from zero, for ever, the data never leaving. So the newest runs of the work that were
+all stopped so (no success, no failure, no operator's Terminate in between; an operator's
+`ccat-dt retry` run begins a new series, as it begins an episode), the first and the newest
+further apart than the horizon the failed attempts use, are told to a person, once
+(`Decision.stopped_told`; the notification closes when the work is done): the horizon, so that
+one Ctrl-C, or a few over a day, tell nobody, and the same horizon, so that a person is told
+of stalled work in the same time whether its runs fail or are stopped. It is still not a
+failed attempt: the work is still asked for again automatically (a longer-lived drive does
+it), and it is never escalated for it.
+
 The state (attempts, next attempt, escalation) is kept in OpsDB, for `why`, `status` and the
 notifications, which read it through `unsettled`: a row whose work OpsDB shows done, by
 whatever did it, is not read, whether or not the sensor has ticked since to forget it."""
@@ -53,6 +67,7 @@ class RunOutcome:
     operator: bool = False  # launched by `ccat-dt retry`
     again: bool = False  # asked for again although a run of the work had succeeded
     canceled: bool = False  # canceled by an operator: not a failed attempt
+    stopped: bool = False  # canceled with no person's doing (its drive or process stopped)
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,9 @@ class Decision:
     next_at: datetime | None = None
     idle: bool = False  # escalated: runs asked for again succeeded and left the work undone
     canceled: int = 0  # runs of the episode an operator canceled (not failures)
+    stopped: int = 0  # the newest runs in a row stopped with no person's doing
+    stopped_since: datetime | None = None  # the first of those's end
+    stopped_told: bool = False  # those span more than the horizon: a person is told
 
     @property
     def runs(self) -> int:
@@ -115,13 +133,41 @@ def decide(history: Sequence[RunOutcome], backoff: Backoff, now: datetime) -> De
     next_at = last + backoff.delay(len(episode))  # canceled runs wait too: not in a loop
     first = _aware((failed or episode)[0].ended_at or now)
     common = dict(failures=len(failed), canceled=len(episode) - len(failed),
-                  episode=episode[0].run_id, first_failed_at=first, last_failed_at=last)
+                  episode=episode[0].run_id, first_failed_at=first, last_failed_at=last,
+                  **_stopped(episode, backoff))
     # The horizon is the failed attempts' alone: an operator's cancels never escalate.
     if failed and (_aware(failed[-1].ended_at or now) + backoff.delay(len(failed)) - first
                    > backoff.horizon):
         return Decision(State.ESCALATED, **common)  # type: ignore[arg-type]
     state = State.DUE if now >= next_at else State.WAITING
     return Decision(state, next_at=next_at, **common)  # type: ignore[arg-type]
+
+
+def _stopped(episode: Sequence[RunOutcome], backoff: Backoff) -> dict[str, object]:
+    """The newest runs of `episode` in a row that were stopped with no person's doing (a
+    failed run or an operator's cancel ends the series; an operator's retry run begins it):
+    how many, since when, and whether the first and the newest ended further apart than the
+    horizon (a person is told; see the module's docstring)."""
+    series: list[RunOutcome] = []
+    for run in reversed(episode):
+        if not (run.canceled and run.stopped):
+            break
+        series.append(run)
+        if run.operator:
+            break
+    if not series:
+        return {}
+    first = _aware(series[-1].ended_at) if series[-1].ended_at else None
+    last = _aware(series[0].ended_at) if series[0].ended_at else None
+    told = first is not None and last is not None and last - first > backoff.horizon
+    return {"stopped": len(series), "stopped_since": first, "stopped_told": told}
+
+
+def stopped_reason(runs: int, since: datetime | None) -> str:
+    """What a person is told of work stopped again and again (`Decision.stopped_told`)."""
+    when = f" since {_aware(since):%Y-%m-%d %H:%M} UTC" if since is not None else ""
+    return (f"canceled {runs} times{when}, each before it finished: a drive stopped by a "
+            "timeout or a shutdown? give it longer")
 
 
 def as_recorded(row: Reattempt, now: datetime) -> Decision:
@@ -197,7 +243,8 @@ def record(session: Session, work: Iterable[Work], now: datetime,
            stages: Collection[Stage] | None = None) -> list[Reattempt]:
     """Write the state of every piece of work with failures; forget the rest (of `stages`, when
     given: each sensor keeps its own), except those in `keep` (in flight: their row stays as
-    it was). Returns the rows newly escalated."""
+    it was). Returns the rows newly escalated, or newly told as stopped again and again
+    (`stopped_told_at` set: still re-attempted automatically)."""
     query = select(Reattempt)
     if stages is not None:
         query = query.where(Reattempt.stage.in_([str(s) for s in stages]))
@@ -222,6 +269,14 @@ def record(session: Session, work: Iterable[Work], now: datetime,
                 escalated.append(row)
         else:
             row.escalated_at = None
+        row.stopped_runs = decision.stopped
+        row.stopped_since = decision.stopped_since
+        if not decision.stopped_told:
+            row.stopped_told_at = None  # a new series (its notice stays open until done)
+        elif row.stopped_told_at is None:
+            row.stopped_told_at = now
+            if row not in escalated:
+                escalated.append(row)
     gone = [key for key in rows if key not in seen]
     for stage, partition in gone:
         session.execute(delete(Reattempt).where(Reattempt.stage == stage,

@@ -29,7 +29,7 @@ from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.partitions import package_site_key, revived
 from ccat_assets.routing import checks_alone, stages_of
 from ccat_assets.stages import ASSET_STAGE, JOBS, copy_job, jobs_of, site_copy, stages_of_job
-from ccat_assets.tags import AGAIN_TAG, LINK_TAG, NEXT_AT, RETRY_TAG, WORK_TAG
+from ccat_assets.tags import AGAIN_TAG, LINK_TAG, NEXT_AT, RETRY_TAG, STOPPED_TAG, WORK_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.packages import get_package
@@ -46,6 +46,7 @@ from ccat_dt.reattempt import (
     decide,
     idle_error,
     record,
+    stopped_reason,
     waiting,
 )
 from ccat_dt.retry import Stalled, stalled_work
@@ -132,6 +133,8 @@ def outcome(record_: RunRecord) -> RunOutcome:
     return RunOutcome(run.run_id, in_flight=run.status in IN_FLIGHT,
                       failed=run.status == DagsterRunStatus.FAILURE,
                       canceled=run.status == DagsterRunStatus.CANCELED,
+                      stopped=(run.status == DagsterRunStatus.CANCELED
+                               and bool(run.tags.get(STOPPED_TAG))),
                       ended_at=(_from_epoch(ended) if ended else record_.update_timestamp),
                       operator=bool(run.tags.get(RETRY_TAG)),
                       again=bool(run.tags.get(AGAIN_TAG)))
@@ -218,6 +221,11 @@ def reattempt_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     with deployment.opsdb.session(undo=held(context, "reattempt_sensor")) as session:
         escalated = record(session, works, now, keep=in_flight, stages=STAGES)
         for row in escalated:
+            if row.escalated_at is None:  # told, still re-attempted automatically
+                context.log.warning(f"{Stage(row.stage).label} {row.partition}: "
+                                    f"{stopped_reason(row.stopped_runs, row.stopped_since)}; "
+                                    "a person is told, automatic attempts go on")
+                continue
             context.log.warning(f"{Stage(row.stage).label} {row.partition}: {row.attempts} "
                                 f"attempts failed since {row.first_failed_at:%Y-%m-%d %H:%M}; "
                                 "escalated")

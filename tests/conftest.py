@@ -95,6 +95,7 @@ SLOW = (
     "tests/test_retire.py",
     "tests/test_archive_site_added.py",
     "tests/test_stopped_sensors.py",
+    "tests/test_stopped_drives.py",
     "tests/test_scrub.py",
     "tests/test_staging.py",
     "tests/test_ui_asset_events.py",

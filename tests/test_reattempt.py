@@ -145,6 +145,44 @@ def test_an_operators_cancel_is_no_failed_attempt_yet_its_work_comes_back_after_
     assert later.first_failed_at == T0
 
 
+def stopped(minutes: float, run_id: str = "", operator: bool = False) -> RunOutcome:
+    """A run canceled with no person's doing: its drive stopped (a timeout, a shutdown)."""
+    return RunOutcome(run_id or f"stop{minutes}", in_flight=False, failed=False,
+                      ended_at=T0 + timedelta(minutes=minutes), canceled=True, stopped=True,
+                      operator=operator)
+
+
+def test_work_stopped_by_no_person_past_the_horizon_is_told_and_still_re_attempted() -> None:
+    """Runs stopped with no person's doing (a drive under `timeout`, shorter than the
+    transfer) again and again: past the horizon, from the first stop to the newest, a person
+    is told, yet the work stays automatic (never escalated: still due after the back-off).
+    One stop, or stops within the horizon, tell nobody; an operator's Terminate, a failure or
+    an operator's retry starts a new series."""
+    assert not decide([stopped(0)], POLICY, T0 + timedelta(days=30)).stopped_told
+    history, minute = [], 0.0
+    while True:  # stopped each time it comes back
+        history.append(stopped(minute))
+        decision = decide(history, POLICY, T0 + timedelta(minutes=minute))
+        assert decision.state == State.WAITING and decision.failures == 0, decision
+        if decision.stopped_told:
+            break
+        assert decision.next_at is not None
+        minute = (decision.next_at - T0).total_seconds() / 60
+    assert minute > 72 * 60 and (decision.stopped, decision.stopped_since) == (len(history), T0)
+    assert decide(history, POLICY, decision.next_at).state == State.DUE  # type: ignore[arg-type]
+    later = T0 + timedelta(minutes=minute + 1)
+    # an operator's Terminate (no STOPPED_TAG) newest: a person stopped it, a new series
+    assert not decide([*history, canceled(minute + 1)], POLICY, later).stopped_told
+    assert not decide([*history, failed(minute + 1)], POLICY, later).stopped_told
+    retried = decide([*history, stopped(minute + 1, operator=True)], POLICY, later)
+    assert (retried.stopped, retried.stopped_told) == (1, False)
+    # the series is the newest stops: those before an operator's Terminate do not count
+    assert decide([stopped(0), canceled(1), stopped(5000)], POLICY,
+                  T0 + timedelta(minutes=5000)).stopped == 1
+    told = decide([stopped(0), stopped(5000)], POLICY, T0 + timedelta(minutes=5000))
+    assert told.stopped_told and told.state == State.WAITING
+
+
 @pytest.mark.slow
 def test_a_packaging_terminated_by_an_operator_again_and_again_is_never_escalated_and_done(
         tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,7 +46,7 @@ from ccat_assets.retry import operator_retry
 from ccat_assets.routing import partition_of, stages_of
 from ccat_assets.runlog import run_failure
 from ccat_assets.runpool import Queued, RunPool, run_limits
-from ccat_assets.tags import LINK_TAG, RETRY_TAG
+from ccat_assets.tags import LINK_TAG, RETRY_TAG, STOPPED_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import Operation
@@ -641,6 +641,9 @@ def stopped_promptly(instance: DagsterInstance, answered: Path, halfway: Path) -
     assert Stage.SITE_COPY in stages_of(record.dagster_run)
     assert not instance.all_logs(said["run_id"], of_type=DagsterEventType.STEP_RESTARTED)
     assert not halfway.exists()
+    # a person stopped it: not a run stopped by no person (whose work, stopped so again and
+    # again past the horizon, is told: ccat_dt/reattempt.py)
+    assert not record.dagster_run.tags.get(STOPPED_TAG), record.dagster_run.tags
     return record.dagster_run
 
 

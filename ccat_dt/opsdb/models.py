@@ -454,7 +454,8 @@ class Reattempt(Base):
     """Work (one stage x partition) whose last run failed, died or was canceled by an
     operator, waiting for its next automatic attempt: written by the re-attempt sensor, read
     by `why`, `status` and the notifications. `attempts` counts the failed runs only (an
-    operator's cancel is none: 0 when its runs were all canceled). The row goes at the
+    operator's cancel is none: 0 when its runs were all canceled; `stopped_*` tell of runs
+    stopped again and again with no person's doing). The row goes at the
     sensor's next tick once the work is done; until then readers leave it out when OpsDB
     shows the work done (reattempt.unsettled), whatever did it."""
 
@@ -471,6 +472,12 @@ class Reattempt(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True)
     escalated_at: Mapped[datetime | None] = mapped_column(nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The newest runs in a row stopped with no person's doing (a drive under `timeout`, a
+    # shutdown), the first's end, and when a person was told (past the horizon): the work is
+    # still re-attempted automatically (reattempt._stopped).
+    stopped_runs: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    stopped_since: Mapped[datetime | None] = mapped_column(nullable=True)
+    stopped_told_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Notification(Base):

@@ -139,6 +139,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--home", default="", help="Dagster instance directory (drive)")
     parser.add_argument("--wait", type=float, default=10.0,
                         help="drive: wait for re-attempts due within this many seconds")
+    parser.add_argument("--slow-s", type=float, default=0.1,
+                        help="drive --kill slow-copy: seconds a local copy waits per slice")
     parser.add_argument("--slow-stamp", type=float, default=0.0,
                         help="instance: seconds between Dagster creating a storage's tables "
                              "and stamping its schema revision (widens that window)")
@@ -275,6 +277,21 @@ def main(argv: list[str]) -> int:
 
             wrap(packages, "_record_built", before=wait_to_be_killed(Path(options.marker)),
                  nth=0)
+        elif options.kill == "slow-copy":  # every local copy slow (a slow disk or link:
+            import ccat_dt.transports.local as local  # --slow-s per 64 KiB slice), --marker
+            # written (the landing temporary's path) as the first slice of a copy has landed
+
+            local.SLICE_SIZE = 64 * 1024
+            marker = Path(options.marker) if options.marker else None
+
+            def slow_landing(self: object, temporary: Path) -> None:
+                if marker is not None and not marker.exists():
+                    written = marker.with_name(f".{marker.name}.{os.getpid()}")
+                    written.write_text(str(temporary))
+                    written.rename(marker)  # whole: the parent reads it as soon as it exists
+                time.sleep(options.slow_s)
+
+            local.LocalTransport._landed = slow_landing  # type: ignore[assignment,method-assign]
         elif options.kill == "hold":  # holds the drive lock until killed
             import ccat_assets.driver as driver
 
