@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from ccat_dt.config import Config
+from ccat_dt.diagnosis import stopped_reason
 from ccat_dt.forecast import forecast_buffers
 from ccat_dt.health import describe, sites_down, unhealthy
 from ccat_dt.loss import packages_in_danger
@@ -17,7 +18,7 @@ from ccat_dt.notify import (
 )
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import _aware, utcnow
-from ccat_dt.reattempt import stopped_reason, unsettled
+from ccat_dt.reattempt import unsettled
 from ccat_dt.report import Summary, printable, refused_deletions, summarize, throughput
 from ccat_dt.stages import Stage
 from ccat_dt.topology import topology_drift

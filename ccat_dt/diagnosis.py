@@ -214,8 +214,6 @@ def _reattempt(row: Reattempt | None) -> str:
                 f"{_aware(row.first_failed_at):%Y-%m-%d %H:%M} UTC: escalated at "
                 f"{_aware(row.escalated_at):%Y-%m-%d %H:%M} UTC, no "
                 "automatic attempt any more; fix the cause, then `ccat-dt retry`")
-    from ccat_dt.reattempt import stopped_reason  # it imports retry, which imports this
-
     stopped = (f"; {stopped_reason(row.stopped_runs, row.stopped_since)} (a person told at "
                f"{_aware(row.stopped_told_at):%Y-%m-%d %H:%M} UTC)"
                if row.stopped_told_at is not None else "")
@@ -350,3 +348,10 @@ def _purge(session: Session, config: Config, package: RawDataPackage, now: datet
                           "waiting for the purge cycle")
     reasons = sorted({d.reason for d in left})
     return StageState("purge", "waiting", f"{len(left)} copies kept: " + "; ".join(reasons[:3]))
+
+
+def stopped_reason(runs: int, since: datetime | None) -> str:
+    """What a person is told of work stopped again and again (`Decision.stopped_told`)."""
+    when = f" since {_aware(since):%Y-%m-%d %H:%M} UTC" if since is not None else ""
+    return (f"canceled {runs} times{when}, each before it finished: a drive stopped by a "
+            "timeout or a shutdown? give it longer")

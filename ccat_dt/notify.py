@@ -66,6 +66,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dt.claims import process_running, this_host
 from ccat_dt.config import Config, SmtpConfig, WebhookConfig
+from ccat_dt.diagnosis import stopped_reason
 from ccat_dt.health import (
     archive_disks_failing,
     archives_unreadable,
@@ -97,7 +98,7 @@ from ccat_dt.opsdb.models import (
     UndeliverableChannel,
     _aware,
 )
-from ccat_dt.reattempt import stopped_reason, unsettled
+from ccat_dt.reattempt import unsettled
 from ccat_dt.routing import refused_reread
 from ccat_dt.stages import Stage
 from ccat_dt.transports.base import (

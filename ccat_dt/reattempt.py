@@ -163,13 +163,6 @@ def _stopped(episode: Sequence[RunOutcome], backoff: Backoff) -> dict[str, objec
     return {"stopped": len(series), "stopped_since": first, "stopped_told": told}
 
 
-def stopped_reason(runs: int, since: datetime | None) -> str:
-    """What a person is told of work stopped again and again (`Decision.stopped_told`)."""
-    when = f" since {_aware(since):%Y-%m-%d %H:%M} UTC" if since is not None else ""
-    return (f"canceled {runs} times{when}, each before it finished: a drive stopped by a "
-            "timeout or a shutdown? give it longer")
-
-
 def as_recorded(row: Reattempt, now: datetime) -> Decision:
     """The decision OpsDB recorded for the work (its row, written by `record`)."""
     first, last = _aware(row.first_failed_at), _aware(row.last_failed_at)

@@ -31,6 +31,7 @@ from ccat_assets.routing import checks_alone, stages_of
 from ccat_assets.stages import ASSET_STAGE, JOBS, copy_job, jobs_of, site_copy, stages_of_job
 from ccat_assets.tags import AGAIN_TAG, LINK_TAG, NEXT_AT, RETRY_TAG, STOPPED_TAG, WORK_TAG
 from ccat_dt.config import Config
+from ccat_dt.diagnosis import stopped_reason
 from ccat_dt.opsdb.models import _aware, utcnow
 from ccat_dt.packages import get_package
 from ccat_dt.pending import unfinished
@@ -46,7 +47,6 @@ from ccat_dt.reattempt import (
     decide,
     idle_error,
     record,
-    stopped_reason,
     waiting,
 )
 from ccat_dt.retry import Stalled, stalled_work

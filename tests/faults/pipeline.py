@@ -157,7 +157,7 @@ class ChildResult:
         return json.loads(lines[-1]) if lines else None
 
 
-def child_argv(config: Config, action: str, *args: str, **options: str | int) -> list[str]:
+def child_argv(config: Config, action: str, *args: str, **options: str | float) -> list[str]:
     argv = [sys.executable, "-m", "tests.faults.child", str(config.path), action, *args]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
