@@ -106,7 +106,10 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     from ccat_dt.topology import prepare_opsdb
 
     config = load_config(args.config)
-    prepare_opsdb(config, mark_held=False)  # `init` marks a held location's root, not migrate
+    # `init` marks a held location's root, not migrate. Each location moved: how many of its
+    # copies were re-identified at the new root (ccat_dt/reidentify.py).
+    for line in prepare_opsdb(config, mark_held=False):
+        print(line)
     print(f"OpsDB at {config.opsdb_url} is up to date")
     from ccat_assets.instance import stale_run_limits
 

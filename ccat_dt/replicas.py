@@ -999,6 +999,11 @@ def reread(opsdb: OpsDB, config: Config, copy_id: int, *,
             stored.verified_at = utcnow()
             if stored.status == CopyStatus.CORRUPT:
                 stored.status = CopyStatus.PRESENT
+            # The identity of the file just hashed intact: the copy, whatever identity was
+            # recorded (a disk copied without its mtimes, which `migrate` could not tell by a
+            # stat). Before, an intact copy kept a stale one: once it rotted, its repair took
+            # it for another file and refused to write over it, for ever.
+            if seen.inode is not None and seen.mtime_ns is not None:
                 stored.inode, stored.mtime_ns = seen.inode, seen.mtime_ns
             mark_readable(session, location_id)  # read intact now: its own mark too
         elif stored.status == CopyStatus.PRESENT:

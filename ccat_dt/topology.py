@@ -338,9 +338,13 @@ def check_topology(opsdb: OpsDB, config: Config) -> None:
         raise TopologyDrift(problems)
 
 
-def sync_topology(session: Session, config: Config) -> None:
+def sync_topology(session: Session, config: Config,
+                  then: Callable[[Session], list[str]] | None = None) -> list[str]:
     """Insert or update sites, locations and modules so OpsDB matches the configuration;
-    TopologyDrift, changing nothing, for a change that would misplace recorded copies."""
+    TopologyDrift, changing nothing, for a change that would misplace recorded copies.
+    `then`: what else this transaction records once the locations are (`migrate`: the copies
+    of a location moved, re-identified at its new root: reidentify.record); returns what it
+    says."""
     _lock_leaving(session, config)
     problems = unsafe_changes(session, config) + transfers_under_way(session, config)
     if problems:
@@ -369,6 +373,7 @@ def sync_topology(session: Session, config: Config) -> None:
             location.root = config.location_root(loc_cfg)
             location.host = loc_cfg.host
     session.flush()
+    said = then(session) if then is not None else []
     for rerouted in reroute_from_removed_sites(session, config):
         LOG.warning("re-routed %s (its archive site is no longer in the configuration)",
                     rerouted)
@@ -380,6 +385,7 @@ def sync_topology(session: Session, config: Config) -> None:
             if exists is None:
                 session.add(InstrumentModule(instrument=instrument.name, name=module_name))
     session.flush()
+    return said
 
 
 def get_location(session: Session, site: str, name: str) -> DataLocation:
@@ -409,15 +415,18 @@ def get_site(session: Session, short_name: str) -> Site:
     return site
 
 
-def prepare_opsdb(config: Config, *, mark_held: bool = True) -> None:
+def prepare_opsdb(config: Config, *, mark_held: bool = True) -> list[str]:
     """Bring the OpsDB to the newest schema, mirror the configuration into it and mark the
     location roots (what `ccat-dt init` and `migrate` do; idempotent). Each marker names its
     location, so a root that holds another location's marker (disks swapped, a root mistyped)
     is refused before anything changes. `migrate` (mark_held=False) leaves unmarked the root
     of a location OpsDB records copies at: an empty mount point is not the disk. The storage
     modules are imported here: filing looks locations up through this module and needs none
-    of them."""
+    of them. A location moved to another root (its disk copied there) has the copies OpsDB
+    records there re-identified at the new root (ccat_dt/reidentify.py); returns what that
+    says, a line per location moved."""
     from ccat_dt.objectstore import Stores
+    from ccat_dt.reidentify import look_at_new_roots, record
     from ccat_dt.storage import StorageUnavailable, mark_location_root, marked_label_at
     from ccat_dt.transports.factory import ssh_settings
 
@@ -474,15 +483,19 @@ def prepare_opsdb(config: Config, *, mark_held: bool = True) -> None:
     if shared:
         opsdb.dispose()
         raise TopologyDrift(shared)
+    # Looked at before the transaction that records the moves (no lock held meanwhile).
+    moves = look_at_new_roots(opsdb, config)
+    said: list[str] = []
     for attempt in range(3):
         try:
             with opsdb.session() as session:
-                sync_topology(session, config)
+                said = sync_topology(session, config, lambda session: record(session, moves))
             break
         except IntegrityError:  # another `init`/`migrate` inserted the same rows meanwhile:
             if attempt == 2:  # they are there now, and are updated like any other
                 raise
     opsdb.dispose()
+    return said
 
 
 def _roots_of_other_locations(config: Config,

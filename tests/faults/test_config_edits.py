@@ -10,11 +10,15 @@ refused by `migrate` and `init`. So too for a purge deleting a copy at a locatio
 moved: `migrate` refuses while the deletion is under way, and a deletion never unlinks at a root
 OpsDB no longer records, nor on a look at an LTA copy at a root its location has left. A
 processing location leaves only once no active staging request targets it; a location that
-left is no longer listed by `status` or `why`."""
+left is no longer listed by `status` or `why`. A location's disk moved by copying it (`cp -a`,
+`rsync -a`, locally or on an archive host) has its copies re-identified by `migrate` (their new
+inodes), so a copy that rots there later is repaired with no person; one copied without its
+mtimes is judged by its checksum and its identity recorded then."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,15 +27,19 @@ import yaml
 from dagster import DagsterInstance
 from sqlalchemy import func, select
 
+from ccat_assets.definitions import build_definitions
+from ccat_assets.driver import drive
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config, load_config
 from ccat_dt.health import mark_failed
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
+    CopyStatus,
     Operation,
     OperationStatus,
     OperationType,
     PackageState,
+    PhysicalCopy,
     RawDataPackage,
     StagingRequest,
     utcnow,
@@ -55,8 +63,10 @@ from tests.faults.pipeline import (
     wait_for,
 )
 from tests.faults.storage_truth import lost_filed_files
-from tests.faults.test_deletion_faults import KEEP, _sites, retention
-from tests.helpers import run_cli
+from tests.faults.test_deletion_faults import KEEP, _sites, retention, retention_in_place
+from tests.helpers import flip_byte, run_cli
+from tests.sshd import SshServer
+from tests.test_multisite import multisite
 
 
 def without_site(config: Config, name: str) -> Config:
@@ -643,3 +653,207 @@ def test_a_transfer_starting_while_migrate_records_a_move_lands_at_the_new_root(
         assert lost_filed_files(edited, opsdb) == []
     finally:
         opsdb.dispose()
+
+
+def disk_copied(old: Path, new: Path, how: str) -> None:
+    """The operator copies a location's whole root, its marker too, to a new disk with a real
+    tool: `cp -a` and `rsync -a` keep each file's size and mtime (its inode is new); plain
+    `cp -r` keeps no mtime."""
+    new.parent.mkdir(parents=True, exist_ok=True)
+    argv = {"cp -a": ["cp", "-a", str(old), str(new)],
+            "rsync -a": ["rsync", "-a", f"{old}/", f"{new}/"],
+            "cp -r": ["cp", "-r", str(old), str(new)]}[how]
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def recorded_inodes(opsdb: OpsDB, site: str, name: str) -> dict[str, int | None]:
+    """The identity (inode) OpsDB records for each live copy at the location, by path."""
+    with opsdb.session() as session:
+        location = get_location(session, site, name)
+        return {path: inode for path, inode in session.execute(
+            select(PhysicalCopy.relative_path, PhysicalCopy.inode).where(
+                PhysicalCopy.location_id == location.id,
+                PhysicalCopy.status != CopyStatus.DELETED))}
+
+
+@pytest.mark.parametrize("how", ["cp -a", "rsync -a"])
+def test_an_archive_disk_moved_by_copying_is_repaired_with_no_person_when_a_copy_rots(
+        kept: Config, instance: DagsterInstance, capsys: pytest.CaptureFixture[str],
+        how: str) -> None:
+    """us/lta's disk is copied whole to a new disk (sizes and mtimes kept, every inode new),
+    its root edited, `migrate` run; then the archive copy rots in place on the new disk.
+    Before, OpsDB kept the old disk's inode for each copy: the scrub (or the purge's look)
+    quarantined the rotten copy, and its repair refused to overwrite it ("holds a file OpsDB
+    does not record there ... nothing was written over it", for a person to move away)
+    although it was the recorded copy, only moved; the buffer and the sources were kept for
+    ever. Now `migrate` re-identifies each copy at the new root (one stat: the same size and
+    mtime), so the repair replaces the rotten copy by itself and the purge goes on, nothing
+    deleted without a verified copy (read on the disks)."""
+    config, opsdb, package, sources = archived_and_purgeable(kept, instance)
+    old, new = config.resolve_root("sites/us/lta"), config.resolve_root("disks/us-lta-2")
+    buffer = config.resolve_root("sites/us/buffer")
+    disk_copied(old, new, how)
+    shutil.rmtree(old)
+    before = recorded_inodes(opsdb, "us", "lta")
+    config = moved(config, "us", "lta", "disks/us-lta-2")
+    capsys.readouterr()
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    out = capsys.readouterr().out
+    assert (f"location us/lta moved from {old} to {new}: 1 copy re-identified there "
+            "(the same size and mtime)") in out, out
+    [tar] = new.rglob(f"{package}.tar")
+    assert recorded_inodes(opsdb, "us", "lta") == {
+        str(tar.relative_to(new)): tar.stat().st_ino} != before
+    flip_byte(tar, tar.stat().st_size // 3, 0x10)  # bit rot on the new disk, in place
+
+    report = drive(build_definitions(config), instance, schedules=True, wait_s=10)
+    assert report.failed == [], report.failed
+    assert any(key.startswith("repair:") for key in report.launched), report.launched
+    with opsdb.session() as session:  # nobody was asked to move the file away
+        refused = session.scalars(select(Operation.error).where(
+            Operation.status == OperationStatus.FAILED,
+            Operation.error.contains("does not record there"))).all()
+    assert refused == []
+    checksum = package_checksum(opsdb, package)
+    assert hash_file(tar)[0] == checksum  # replaced at the new root, read on the disk
+    archived_everywhere(config, opsdb)
+    archive_tars_hold_the_package(config, opsdb, package)
+    assert not any(p.exists() for p in sources) and files_under(buffer) == []
+    assert not old.exists()
+    assert run_cli("--config", str(config.path), "audit") == 0
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+
+
+def test_an_archive_disk_copied_without_its_mtimes_is_judged_by_checksum_then_repaired(
+        kept: Config, instance: DagsterInstance, capsys: pytest.CaptureFixture[str]) -> None:
+    """us/lta's disk copied with plain `cp -r` (every mtime new): `migrate` cannot tell the
+    copy is the recorded one by a stat and says so, leaving its identity for the checks to
+    judge. The scrub re-reads it, finds its bytes intact and records its identity then; when
+    it rots later (found by the purge's look before it deletes), its repair replaces it with
+    no person, and the purge goes on. Before, a re-read that found an intact copy kept the
+    stale identity: the repair refused for ever ("holds a file OpsDB does not record there"),
+    the buffers and sources kept."""
+    config, opsdb = kept, OpsDB(kept.opsdb_url)
+    sources = observe(config, opsdb, name="obs-0", files=2)
+    run(config, instance)  # archived at both sites; sources and buffers kept
+    [package] = package_names(opsdb)
+    old, new = config.resolve_root("sites/us/lta"), config.resolve_root("disks/us-lta-2")
+    disk_copied(old, new, "cp -r")
+    shutil.rmtree(old)
+    before = recorded_inodes(opsdb, "us", "lta")
+    config = moved(config, "us", "lta", "disks/us-lta-2")
+    capsys.readouterr()
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    out = capsys.readouterr().out
+    assert (f"location us/lta moved from {old} to {new}: 0 copies re-identified there "
+            "(the same size and mtime); 1 could not be") in out, out
+    assert recorded_inodes(opsdb, "us", "lta") == before  # left for the checks to judge
+    [tar] = new.rglob(f"{package}.tar")
+
+    defs = build_definitions(config)
+    first = drive(defs, instance, schedules=True)  # the scrub re-reads it: intact
+    assert first.failed == [] and any(k.startswith("scrub:") for k in first.launched)
+    assert recorded_inodes(opsdb, "us", "lta") == {str(tar.relative_to(new)): tar.stat().st_ino}
+    flip_byte(tar, tar.stat().st_size // 3, 0x10)  # it rots later
+    config = retention_in_place(config, 0)  # the purge's look finds it before deleting
+    again = run(config, instance)
+    assert again.failed == [], again.failed
+    assert any(key.startswith("repair:") for key in again.launched), again.launched
+    assert hash_file(tar)[0] == package_checksum(opsdb, package)
+    archived_everywhere(config, opsdb)
+    archive_tars_hold_the_package(config, opsdb, package)
+    assert not any(p.exists() for p in sources)
+    assert files_under(config.resolve_root("sites/us/buffer")) == []
+    assert run_cli("--config", str(config.path), "audit") == 0
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+
+
+def test_a_remote_archive_disk_moved_by_copying_is_re_identified_over_ssh(
+        tmp_path: Path, sshd: SshServer, instance: DagsterInstance,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """us/lta on an archive host (reached over ssh) is copied there with `cp -a` to a new
+    disk and its root edited: `migrate` stats its copies on that host in one ssh round trip
+    and records their new inodes; the copy then rots, the purge's look finds it, and its
+    repair over ssh replaces it with no person (before: refused as another file), the purge
+    going on after it."""
+    config = retention_in_place(multisite(tmp_path, sshd), KEEP)
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        sources = observe(config, opsdb, name="obs-0", files=2)
+        run(config, instance)
+        [package] = package_names(opsdb)
+        old = Path(root_in_opsdb(opsdb, "us", "lta"))
+        new = old.parent / "lta-2"
+        disk_copied(old, new, "cp -a")  # on the archive host (this machine, through sshd)
+        shutil.rmtree(old)
+        config = moved(config, "us", "lta", str(new))
+        capsys.readouterr()
+        assert run_cli("--config", str(config.path), "migrate") == 0
+        out = capsys.readouterr().out
+        assert (f"location us/lta moved from {sshd.destination}:{old} to {sshd.destination}:"
+                f"{new}: 1 copy re-identified there") in out, out
+        [tar] = new.rglob(f"{package}.tar")
+        assert recorded_inodes(opsdb, "us", "lta") == {str(tar.relative_to(new)):
+                                                       tar.stat().st_ino}
+        flip_byte(tar, tar.stat().st_size // 3, 0x10)
+
+        config = retention_in_place(config, 0)
+        report = run(config, instance)
+        assert report.failed == [], report.failed
+        assert any(key.startswith("repair:") for key in report.launched), report.launched
+        assert hash_file(tar)[0] == package_checksum(opsdb, package)
+        archived_everywhere(config, opsdb)
+        assert not any(p.exists() for p in sources)
+        assert lost_filed_files(config, opsdb) == []
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
+
+
+def test_staged_files_on_a_processing_disk_moved_by_copying_are_known_unread(
+        config: Config, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ramses/processing holds a request's staged files; its disk is copied whole with
+    `cp -a` and `migrate` records the move. Before, every staged file read as changed (its
+    inode stale): `why` said the staging failed ("changed files are kept for their owner:
+    move them away first"), and after the release the purge re-read each one before deleting
+    it. Now they are known by a stat: nothing reads as changed, and the
+    purge deletes them at the new root unread."""
+    import ccat_dt.reaper as reaper
+    from ccat_dt.diagnosis import diagnose
+    from ccat_dt.staging import Selection, release, request_staging
+
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, name="obs-0", files=2)
+    run(config, instance)
+    name = request_staging(opsdb, location="ramses/processing",
+                           selection=Selection(observation="obs-0"),
+                           expires_in=timedelta(hours=1), requested_by="a scientist")
+    run(config, instance)
+    old = config.resolve_root("sites/ramses/processing")
+    new = config.resolve_root("disks/ramses-processing-2")
+    staged = files_under(old / name)
+    assert len(staged) == 2
+    disk_copied(old, new, "cp -a")
+    shutil.rmtree(old)
+    config = moved(config, "ramses", "processing", "disks/ramses-processing-2")
+    assert run_cli("--config", str(config.path), "migrate") == 0
+    with opsdb.session() as session:
+        said = diagnose(session, config, name, utcnow())
+    assert [s.state for s in said] == ["active", "done"], said  # nothing read as changed
+    reads: list[str] = []
+    real = reaper.look_local
+
+    def look_local(root, wanted):  # type: ignore[no-untyped-def]
+        if wanted.rehash:
+            reads.append(wanted.relative_path)
+        return real(root, wanted)
+
+    monkeypatch.setattr(reaper, "look_local", look_local)
+    release(opsdb, name)
+    assert run(config, instance, in_process=True).failed == []
+    assert files_under(new) == [] and not old.exists()  # deleted at the new root
+    assert reads == []  # each known by its identity, none read again
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
