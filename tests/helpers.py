@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+import pytest
 import yaml
 from dagster import DagsterInstance
 from sqlalchemy import select
@@ -311,3 +312,21 @@ def copied_deployment(deploy: Path, home: Path, tmp_path: Path,
         reinoded(database, inodes)
     with scratch_instance(tmp_path, template=home, moved=moved) as instance:
         yield instance
+
+
+def rehashes_before_unlink(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The relative paths the purge re-hashes before unlinking a local copy from now on (its
+    look at the file is counted; the purge works as ever): a deletion trusting an unchanged
+    identity reads nothing."""
+    import ccat_dt.reaper as reaper
+
+    reads: list[str] = []
+    real = reaper.look_local
+
+    def look_local(root, wanted):  # type: ignore[no-untyped-def]
+        if wanted.rehash:
+            reads.append(wanted.relative_path)
+        return real(root, wanted)
+
+    monkeypatch.setattr(reaper, "look_local", look_local)
+    return reads

@@ -21,7 +21,7 @@ from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.packages import plan_packages
 from ccat_dt.staging import Selection, StagingError, release, request_staging
 from ccat_dt.storage import files_under
-from tests.helpers import observe
+from tests.helpers import observe, rehashes_before_unlink
 
 
 def originals(config: Config, tmp_path: Path) -> dict[str, bytes]:
@@ -163,7 +163,6 @@ def test_released_staged_files_go_unread_and_a_changed_one_is_kept(
     """After a release the purge deletes the staged files it made, knowing them by the
     identity recorded at staging (no second read of the data); a file whose bytes changed
     since (same size: a processing job wrote into it) holds bytes no archive has: kept."""
-    import ccat_dt.reaper as reaper
 
     observe(config, opsdb, observations=1, files=2)
     defs = build_definitions(config)
@@ -176,15 +175,7 @@ def test_released_staged_files_go_unread_and_a_changed_one_is_kept(
     untouched, changed = sorted(files_under(staged_root))
     new = os.urandom(changed.stat().st_size)
     changed.write_bytes(new)
-    reads: list[str] = []
-    real = reaper.look_local
-
-    def look_local(root, wanted):  # type: ignore[no-untyped-def]
-        if wanted.rehash:
-            reads.append(wanted.relative_path)
-        return real(root, wanted)
-
-    monkeypatch.setattr(reaper, "look_local", look_local)
+    reads = rehashes_before_unlink(monkeypatch)
 
     release(opsdb, name)
     drive(defs, instance, in_process=True)  # in this process: the reads are counted here

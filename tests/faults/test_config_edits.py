@@ -64,7 +64,7 @@ from tests.faults.pipeline import (
 )
 from tests.faults.storage_truth import lost_filed_files
 from tests.faults.test_deletion_faults import KEEP, _sites, retention, retention_in_place
-from tests.helpers import flip_byte, run_cli
+from tests.helpers import flip_byte, rehashes_before_unlink, run_cli
 from tests.sshd import SshServer
 from tests.test_multisite import multisite
 
@@ -820,7 +820,6 @@ def test_staged_files_on_a_processing_disk_moved_by_copying_are_known_unread(
     move them away first"), and after the release the purge re-read each one before deleting
     it. Now they are known by a stat: nothing reads as changed, and the
     purge deletes them at the new root unread."""
-    import ccat_dt.reaper as reaper
     from ccat_dt.diagnosis import diagnose
     from ccat_dt.staging import Selection, release, request_staging
 
@@ -842,15 +841,7 @@ def test_staged_files_on_a_processing_disk_moved_by_copying_are_known_unread(
     with opsdb.session() as session:
         said = diagnose(session, config, name, utcnow())
     assert [s.state for s in said] == ["active", "done"], said  # nothing read as changed
-    reads: list[str] = []
-    real = reaper.look_local
-
-    def look_local(root, wanted):  # type: ignore[no-untyped-def]
-        if wanted.rehash:
-            reads.append(wanted.relative_path)
-        return real(root, wanted)
-
-    monkeypatch.setattr(reaper, "look_local", look_local)
+    reads = rehashes_before_unlink(monkeypatch)
     release(opsdb, name)
     assert run(config, instance, in_process=True).failed == []
     assert files_under(new) == [] and not old.exists()  # deleted at the new root
