@@ -101,6 +101,7 @@ from ccat_assets.runpool import DRIVE_STOPPED, Finished, Queued, RunPool, run_li
 from ccat_assets.stages import ASSET_STAGE
 from ccat_assets.tags import DAEMON_PROCESS_KEY, DRIVE_TAG, LINK_TAG, NEXT_AT
 from ccat_dt.config import Config
+from ccat_dt.replicas import NotReady
 from ccat_dt.stages import Stage
 
 RUN_KEY = "dagster/run_key"
@@ -1007,7 +1008,8 @@ def healed_runs(instance: DagsterInstance, report: DriveReport) -> list[str]:
       can: no intact copy left, and a person is told), it stays a failure.
 
     Never healed: a failure decided as final (a refused deletion, a source changed after
-    filing: not retryable), a run whose process died. (A run an operator terminated is no
+    filing: not retryable; a copy whose source was not there yet is healed once a later run
+    made it), a run whose process died. (A run an operator terminated is no
     failure: `canceled`, not `failed`.)"""
     healed = []
     for key, run_id in zip(report.failed, report.failed_ids, strict=True):
@@ -1077,15 +1079,27 @@ def _made_since(instance: DagsterInstance, asset: str, partition: str, since: fl
 
 def _transient(instance: DagsterInstance, run_id: str) -> bool:
     """Whether every step of the run failed on an error its retry policy retried (Dagster's
-    RetryRequestedFromPolicy once its attempts ran out), or on its partition deleted in the
+    RetryRequestedFromPolicy once its attempts ran out), on its partition deleted in the
     UI between two of its steps (each step adds it back as it ends: partitions.keep_partition;
-    its re-attempt revives it), none on one raised as final."""
+    its re-attempt revives it), or on its copy's source not there yet (replicas.NotReady: a
+    "Materialize" clicked before its upstream, the copy to the second archive before the
+    first archived it; the sensors make it once its source is there), none on one raised as
+    final for a person (a refused deletion, a source changed after filing, an unknown
+    package)."""
     errors = [record.dagster_event.step_failure_data.error
               for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE)
               if record.dagster_event is not None]
     return bool(errors) and all(error is not None and (
-        error.cls_name == "RetryRequestedFromPolicy" or _partition_deleted(error))
-        for error in errors)
+        error.cls_name == "RetryRequestedFromPolicy" or _partition_deleted(error)
+        or _not_ready(error)) for error in errors)
+
+
+def _not_ready(error: SerializableErrorInfo) -> bool:
+    """A step's Failure raised from replicas.NotReady (common.planned, the placement IO
+    manager): the copy waited for a source copy that was not there yet."""
+    cause = error.cause
+    return (error.cls_name == "Failure" and cause is not None
+            and cause.cls_name == NotReady.__name__)
 
 
 def _partition_deleted(error: SerializableErrorInfo) -> bool:

@@ -110,8 +110,37 @@ def plan_placement(opsdb: OpsDB, config: Config, package: str, site: str,
             return Placement(package=package, site=site, source=CopyRef.of(existing))
         source = source_for(session, config, pkg, site, kind)
         if source is None:
-            raise NotReady(f"package {package}: no verified copy to send to {site} yet")
+            raise NotReady(f"package {package}: no verified copy to send to {site} yet: "
+                           f"{not_ready_reason(session, config, pkg, site, kind)}; nothing "
+                           "was copied (the sensors make it once its source is there)")
         return Placement(package=package, site=site, source=CopyRef.of(source))
+
+
+def not_ready_reason(session: Session, config: Config, package: RawDataPackage, site: str,
+                     kind: LocationType) -> str:
+    """Why no copy can feed the package's copy at the site's location of `kind` yet (source_for
+    found none), in the terms of the stages an operator sees: a "Materialize" clicked before
+    its upstream is there says what it waits for, not only that it waits."""
+    name = package.name
+    if package.checksum is None:
+        if package.state == PackageState.FAILED:
+            return f"the package failed its packaging (`ccat-dt why {name}` says why)"
+        return (f"the package is not built yet ({package.state.value}; packages {name} "
+                "builds it)")
+    primary = package.primary_site.short_name
+    observatory = config.settings.observatory
+    if kind == LocationType.LONG_TERM_ARCHIVE:
+        return (f"an LTA copy is archived from the site's own buffer copy, and {site}'s buffer "
+                f"holds no verified copy (site_copies {name}|{site} makes it), nor does any "
+                "other archive site's LTA hold a verified copy to archive from")
+    if site != primary and not any(c.is_verified for c in copies_at(
+            session, package, LocationType.LONG_TERM_ARCHIVE)):
+        return (f"a package leaves {observatory} once, for its primary archive site "
+                f"{primary}; {site} receives it from a verified LTA copy at another archive "
+                f"site, and none holds one yet (lta_copies {name}|{primary} makes the first)")
+    return (f"no verified copy at {observatory}'s buffer to send, nor a verified LTA copy at "
+            "another archive site (lost or quarantined: `ccat-dt why "
+            f"{name}` says which)")
 
 
 def adopt_unrecorded(opsdb: OpsDB, config: Config, package: str, site: str) -> list[str]:

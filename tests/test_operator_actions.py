@@ -415,6 +415,61 @@ def test_materialize_of_a_package_opsdb_does_not_know_fails_once_with_that_cause
             "unknown package 'obs-nope_primecam-f280_p00'", asset
 
 
+def test_materialize_before_its_upstream_is_there_fails_once_saying_what_it_waits_for(
+        config: Config, opsdb: OpsDB, instance: DagsterInstance) -> None:
+    """"Materialize" clicked on a copy whose upstream is not there yet (real clicks in the UI
+    showed these: the run fails once, nothing moves): site_copies of a package not built,
+    lta_copies at its primary before the buffer copy there, site_copies at the other archive
+    site before any LTA copy. Before, each said only "no verified copy to send to SITE yet",
+    though the observatory holds a verified tar: the operator could not tell what to do
+    first. Now each says what it waits for and which partition makes it; nothing lands
+    outside the observatory, on the disks or in OpsDB."""
+    from tests.faults.pipeline import observe as observe_one
+    from tests.faults.pipeline import plan
+    from tests.test_dry_runs import primary
+
+    defs = build_definitions(config)
+    observe_one(config, opsdb, name="obs-1", files=1, size=20_000)
+    package = plan(config, opsdb, instance)
+    first = primary(opsdb, package)
+    other = ({"cologne", "us"} - {first}).pop()
+
+    def fails_once(asset: str, partition: str) -> str:
+        assert not by_hand(defs, instance, asset, partition), (asset, partition)
+        [run] = instance.get_runs(limit=1)
+        failures = [r.dagster_event.step_failure_data for r in instance.all_logs(
+            run.run_id, of_type=DagsterEventType.STEP_FAILURE) if r.dagster_event]
+        assert len(failures) == 1, (asset, partition)  # not retried
+        [failure] = failures
+        assert failure.user_failure_data is not None, (asset, failure.error)
+        said = failure.user_failure_data.description or ""
+        assert said.startswith(f"package {package}: no verified copy to send to "), said
+        assert said.endswith("nothing was copied (the sensors make it once its source is "
+                             "there)"), said
+        return said
+
+    said = fails_once("site_copies", f"{package}|{first}")
+    assert f"the package is not built yet (planned; packages {package} builds it)" in said
+    assert by_hand(defs, instance, "raw_files", package)
+    assert by_hand(defs, instance, "packages", package)
+    said = fails_once("lta_copies", f"{package}|{first}")
+    assert f"{first}'s buffer holds no verified copy (site_copies {package}|{first} makes " \
+        "it)" in said, said
+    said = fails_once("site_copies", f"{package}|{other}")
+    assert f"leaves ccat once, for its primary archive site {first}; {other} receives it " \
+        f"from a verified LTA copy" in said and f"(lta_copies {package}|{first} makes the " \
+        "first)" in said, said
+    # The storage: the tar at the observatory buffer, nothing at either archive site.
+    for site in ("cologne", "us"):
+        for location in ("buffer", "lta"):
+            root = config.resolve_root(f"sites/{site}/{location}")
+            assert [p.name for p in root.rglob("*") if p.is_file()
+                    and not p.name.startswith(".ccat-dt")] == [], (site, location)
+    with opsdb.session() as session:
+        assert [c.location.site.short_name for c in session.scalars(select(PhysicalCopy))
+                if c.location.site.short_name != "ccat"] == []
+
+
 def test_a_finding_written_just_after_its_repair_was_created_leaves_the_partition_green(
         config: Config, opsdb: OpsDB, instance: DagsterInstance,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -531,3 +531,54 @@ def _unclear_failures(instance: DagsterInstance, runs: list[DagsterRun]) -> list
                            f"{run.tags.get('dagster/partition')}: {said or 'no message'} "
                            f"({[d.error.cls_name if d.error else None for d in steps]})")
     return unclear
+
+
+def test_a_copy_clicked_before_its_source_is_there_fails_saying_why_and_the_drive_heals_it(
+        tmp_path: Path, chromium: str) -> None:
+    """A package built, at the observatory only; the operator clicks "Materialize" on its
+    site_copies partition at the second archive site (not its primary), which gets its copy
+    from the primary's LTA copy, not there yet; no daemon: `ccat-dt drive` executes the queued
+    run, then the sensors' runs. The clicked run fails once, nothing copied, saying what it
+    waits for (before: only "no verified copy to send to SITE yet", though the observatory
+    held a verified tar). Before, the drive also counted that run as a failure no later run
+    healed (a NotReady failure was taken for one decided for a person) and `ccat-dt drive`
+    exited 1, although its sensors then made that very copy: the package archived at both
+    sites, nothing left for anyone. Now the failure is healed by the run that made the copy."""
+    config = deployment(tmp_path / "deploy")
+    opsdb = OpsDB(config.opsdb_url)
+    observe_one(config, opsdb, name="obs-1", files=1, size=20_000)
+    home = config.directory / "dagster_home"
+    write_instance_yaml(config, home)
+    artifacts = artifacts_dir(tmp_path)
+    with DagsterInstance.from_config(str(home)) as instance:
+        defs = build_definitions(config)
+        package = plan(config, opsdb, instance)
+        for asset in ("raw_files", "packages"):
+            assert by_hand(defs, instance, asset, package), asset
+        first = primary(opsdb, package)
+        other = ({"cologne", "us"} - {first}).pop()
+        runs_before = {r.run_id for r in instance.get_runs()}
+        with dagster_webserver(home, config.path, tmp_path / "webserver.log") as server, \
+                operator_page(chromium, server, artifacts / "ui_copy_too_early.png") as page:
+            materialize(page, server, "site_copies", {"package": [package], "site": [other]},
+                        "Launch 1 run")
+        [clicked] = [r for r in instance.get_runs() if r.run_id not in runs_before]
+        report = drive(defs, instance)
+        print(f"drive: {report}")
+        clicked = instance.get_run_by_id(clicked.run_id) or clicked
+        assert clicked.status == DagsterRunStatus.FAILURE
+        said = run_failure(instance, clicked.run_id)
+        assert f"no verified copy to send to {other} yet: a package leaves ccat once, for its " \
+            f"primary archive site {first}" in said and \
+            f"(lta_copies {package}|{first} makes the first); nothing was copied" in said, said
+        with opsdb.session() as session:  # the clicked run moved nothing
+            assert session.query(Operation).filter(
+                Operation.run_id == clicked.run_id).count() == 0
+        assert report.failed_ids == [clicked.run_id]
+        assert report.unhealed == [] and report.sensor_failures == {}, report
+    # The storage: the package's tar in both archives, hashing to its checksum; its source
+    # file and every buffer copy gone (purged after archiving); OpsDB agrees.
+    assert _good_archives(config, opsdb, package) == {"cologne", "us"}
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+    assert [p for p in config.resolve_root("sites/ccat/instruments").rglob("*.dat")] == []
