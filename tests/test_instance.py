@@ -307,3 +307,29 @@ def test_a_drive_killed_mid_run_leaves_nothing_in_the_temporary_directory(
     assert sorted(p.name for p in scratch.iterdir()) == []
     with DagsterInstance.from_config(str(tmp_path / "deploy" / "dagster_home")) as instance:
         assert drive(build_definitions(config), instance).failed == []  # the copy is sound
+
+
+def test_the_orm_is_complete_once_the_embedded_instance_is_open(tmp_path: Path) -> None:
+    """dagster-webserver builds the instance in its main thread, and its run coordinator
+    (ccat_assets.routing, whose OpsDB models import SQLAlchemy's ORM) only when a GraphQL
+    thread first asks for it, while other threads run queries. The ORM, imported first there,
+    is half initialized for a moment in which another thread's query binding a value fails
+    ("partially initialized module 'sqlalchemy.orm.exc' has no attribute
+    'UnmappedClassError'"): real clicks met it as the UI's "Unexpected GraphQL error" on the
+    asset page. Now the instance's storage imports the ORM as the instance is built: in a
+    fresh process, opening the instance (and reading a run, as the webserver does) leaves
+    the ORM complete before the coordinator is asked for."""
+    main(["init", str(tmp_path)])
+    home = tmp_path / "dagster_home"
+    probe = ("import sys; from dagster import DagsterInstance; "
+             f"instance = DagsterInstance.from_config({str(home)!r}); "
+             "instance.get_runs(limit=1); "
+             "orm = sys.modules.get('sqlalchemy.orm.exc'); "
+             "print(orm is not None and hasattr(orm, 'UnmappedClassError'), "
+             "'ccat_assets.routing' in sys.modules)")
+    env = {**os.environ, "DAGSTER_HOME": str(home),
+           "CCAT_DT_CONFIG": str(tmp_path / "ccat-dt.yaml")}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "False"], (result.stdout, result.stderr[-2000:])
