@@ -255,10 +255,13 @@ def repairs_due(session: Session, config: Config,
         if site == config.settings.observatory or any(
                 c.status == CopyStatus.PRESENT for c in copies_at(session, package, kind, site)):
             continue
-        buffered = any(c.is_verified for c in copies_at(session, package, LocationType.BUFFER,
-                                                          site))
+        buffered = [c for c in copies_at(session, package, LocationType.BUFFER, site)
+                    if c.is_verified]
         if kind == LocationType.LONG_TERM_ARCHIVE and buffered:
-            due.append((Stage.LTA_COPY, Due(package.name, site, copy.id)))
+            if not any(_archive_failed_or_running(session, c) for c in buffered):
+                # a failed or open archiving of it is the re-attempt sensor's, after its
+                # back-off, as in lta_copies_due
+                due.append((Stage.LTA_COPY, Due(package.name, site, copy.id)))
         elif replication_source(session, config, package, site) is not None:
             due.append((Stage.SITE_COPY, Due(package.name, site, copy.id)))
         # else nothing good to restore from (yet)

@@ -371,8 +371,14 @@ def _placement(deployment: Deployment, due: Due, stage: Stage, why: str = "") ->
     tags = {LINK_TAG: f"{due.origin}->{due.site}"} if due.origin else {}
     queue = (archive_queue if stage == Stage.LTA_COPY else transfer_queue)(config, due.site)
     job = (copy_job(config) if stage == Stage.SITE_COPY and why != "repair" else JOBS[stage])
+    # A corrupt LTA copy whose site's buffer copy was purged is repaired in two runs for one
+    # trigger (the corrupt copy): the buffer refilled, then archived again. The second needs
+    # a key of its own, or Dagster skips it as the first's ("already completed"): before, the
+    # LTA copy stayed missing, no run asking for it, whenever lta_copy_sensor had passed the
+    # refilled copy over (a run of the partition in flight at its tick, the sensor stopped).
+    suffix = ":archive" if why == "repair" and stage == Stage.LTA_COPY else ""
     return RunRequest(partition_key=package_site_key(due.package, due.site),
-                      run_key=due.run_key(why or stage), job_name=job.name, tags=tags,
+                      run_key=due.run_key(why or stage) + suffix, job_name=job.name, tags=tags,
                       run_config=on_queue(config, queue))
 
 

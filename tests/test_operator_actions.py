@@ -41,6 +41,7 @@ from ccat_dt.defaults import CONFIG_NAME, write_default_config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import (
     CopyStatus,
+    LocationType,
     Operation,
     OperationType,
     PackageCopy,
@@ -468,6 +469,41 @@ def test_materialize_before_its_upstream_is_there_fails_once_saying_what_it_wait
     with opsdb.session() as session:
         assert [c.location.site.short_name for c in session.scalars(select(PhysicalCopy))
                 if c.location.site.short_name != "ccat"] == []
+
+
+def test_a_missing_lta_copy_is_archived_again_after_its_buffer_is_refilled(
+        driven: Archived, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An archived and purged package's LTA tar at us gone from its disk, found (quarantined)
+    by a re-read: the repair refills us's buffer from cologne's LTA copy, then archives it
+    again. Real clicks found it stuck: "Report materialization event" on that lta_copies
+    partition had the integrity sensor run its check (a run of the partition in flight) just
+    as lta_copy_sensor looked at the refilled buffer copy, so that sensor passed it over; the
+    repair sensor then asked for the archiving under the run key of the refill it had
+    launched ("repair:PACKAGE:us:COPY"), which Dagster skips as already completed: the
+    package stayed AT RISK with one LTA copy, no run asking for it, drives exiting 0. Here
+    lta_copy_sensor is stopped by the operator (passing the copy over as surely): the repair
+    sensor archives it itself, under a key of its own."""
+    from ccat_dt.replicas import reread
+    from tests.test_stopped_sensors import toggle
+
+    config, opsdb, instance = driven  # observed, filed and driven to the end
+    bad = lta_copies_at(opsdb, "us")[0]
+    path = Path(bad.location.root) / bad.relative_path
+    path.unlink()
+    assert not reread(opsdb, config, bad.id).passed  # quarantined: missing
+    toggle(config, instance, monkeypatch, ("sensor", "stop", "lta_copy_sensor"))
+    report = drive(build_definitions(config), instance)
+    repairs = [key for key in report.launched if key.startswith("repair:")]
+    assert report.failed == [], report
+    assert len(repairs) == 2 and repairs[1] == f"{repairs[0]}:archive", report.launched
+    assert path.is_file() and hash_file(path)[0] == bad.checksum  # the storage: back, intact
+    with opsdb.session() as session:
+        package = session.get_one(RawDataPackage, bad.package_id)
+        assert package.state == PackageState.ARCHIVED
+        assert [c.status for c in package.copies
+                if c.location.location_type == LocationType.BUFFER
+                and c.status != CopyStatus.DELETED] == []  # the refill purged again
+    assert drive(build_definitions(config), instance).launched == []
 
 
 def test_a_finding_written_just_after_its_repair_was_created_leaves_the_partition_green(
