@@ -39,7 +39,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_ST
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._time import get_current_datetime
 
-from ccat_assets.routing import partition_of, stages_of
+from ccat_assets.routing import checks_alone, partition_of, stages_of
 from ccat_assets.stages import stages_of_job
 from ccat_assets.tags import DRIVE_TAG, WORKER_ID_TAG, WORKER_TAG
 from ccat_dt.stages import Stage
@@ -67,12 +67,18 @@ UNKNOWN = "-"  # a part of the worker's identity this system does not show (no /
 RECORDED = ("machine", "namespace", "boot", "start")  # the parts of that identity
 
 
-def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
+def in_flight(instance: DagsterInstance, *, checks: bool = True
+              ) -> set[tuple[Stage, str, str | None]]:
     """(stage, package, site) of every queued or running lifecycle run (each stage of a run
-    that does several). A run whose process is gone is marked failed on the way (close_if_dead)
-    and does not count. A run that a later run of the same work outlived (one of its stages,
-    the same partition, created after it and finished) counts as dead: its process was killed
-    and `ccat-dt retry` did its work again. A later run of another stage of the partition (the
+    that does several); with `checks=False`, not of a run of checks alone (the integrity
+    sensor's recheck of a partition, the Checks tab's "Execute"): it reads the work, it does
+    not do it. Asked so whether a run does a partition's work (the lifecycle sensors,
+    `ccat-dt retry`): before, such a run passed the work over, and the sensor's cursor moved
+    on past it (the work waited for the hourly sweep for unattended work). A run whose
+    process is gone is marked failed on the way (close_if_dead) and does not count. A run
+    that a later run of the same work outlived (one of its stages, the same partition,
+    created after it and finished) counts as dead: its process was killed and `ccat-dt
+    retry` did its work again. A later run of another stage of the partition (the
     UI's "Materialize" of a package's purge_status while it is being built) proves nothing.
     A run an operator terminated whose process on this host goes on is interrupted
     (stop_if_terminated), a forced one's (CANCELED at once) included."""
@@ -86,6 +92,8 @@ def in_flight(instance: DagsterInstance) -> set[tuple[Stage, str, str | None]]:
         if close_if_dead(instance, record):
             continue  # its process is gone: marked failed, its work re-attempted
         stop_if_terminated(instance, run)
+        if not checks and checks_alone(instance, run):
+            continue
         later = instance.get_runs(RunsFilter(
             tags={PARTITION_NAME_TAG: run.tags[PARTITION_NAME_TAG]},
             statuses=list(FINISHED_STATUSES), created_after=record.create_timestamp),
@@ -105,7 +113,7 @@ def not_in_flight(instance: DagsterInstance, requests: Sequence[RunRequest],
     request without a job name is for `default_stage`, its sensor's job)."""
     if not requests:
         return []  # the runs in flight are not looked at (a query per run) for nothing
-    busy = in_flight(instance)
+    busy = in_flight(instance, checks=False)
     if not busy:
         return list(requests)
     kept = []

@@ -42,7 +42,7 @@ def _retry(config: Config, instance: DagsterInstance, opsdb: OpsDB, *,
     for purge in resume_deletions(opsdb, config):
         log(f"abandoned deletions of {purge.package} finished: {purge.deleted} copies")
     close_dead_runs(instance, log)  # a killed drive's runs: their work is re-run below
-    busy = in_flight(instance)  # the daemon's, a backfill's: that run does the work
+    busy = in_flight(instance, checks=False)  # the daemon's, a backfill's: it does the work
     retried = []
     for item in stalled_work(opsdb, config, packages=packages, rebuild_failed=rebuild_failed):
         if (item.stage, item.package, item.site or None) in busy:

@@ -24,8 +24,9 @@ from dagster import (
     DagsterRun,
     DagsterRunStatus,
 )
-from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
 from dagster._core.execution.api import create_execution_plan, execute_run
+from dagster._core.remote_origin import RemoteJobOrigin
 from dagster._core.snap import snapshot_from_execution_plan
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 from sqlalchemy import select
@@ -189,9 +190,23 @@ def ended(execute: Callable[[], T], what: str) -> T:
 def run_by_ui(instance: DagsterInstance, tags: dict[str, str],
               assets: frozenset[AssetKey] | None = None,
               checks: frozenset[AssetCheckKey] | None = None) -> DagsterRun:
+    """A run of the asset job as the webserver creates it (ui_run) and executes it (the run
+    worker's execute_run)."""
+    recon, run = ui_run(instance, tags, assets, checks)
+    ended(lambda: execute_run(recon, run, instance), f"run {run.run_id}")
+    done = instance.get_run_by_id(run.run_id)
+    assert done is not None
+    return done
+
+
+def ui_run(instance: DagsterInstance, tags: dict[str, str],
+           assets: frozenset[AssetKey] | None = None,
+           checks: frozenset[AssetCheckKey] | None = None, origin: RemoteJobOrigin | None = None
+           ) -> tuple[ReconstructableJob, DagsterRun]:
     """A run of the asset job as the webserver creates it (dagster-graphql's
     create_valid_pipeline_run: no execution config; for the Checks tab's "Execute" the checks
-    and no asset) and executes it (the run worker's execute_run)."""
+    and no asset), not started; with its reconstructable job. `origin`: the code location's
+    job origin, which a run to be queued needs (its dequeue launches it from there)."""
     recon = ReconstructableRepository.for_module(
         "ccat_assets.definitions", "defs").get_reconstructable_job("__ASSET_JOB").get_subset(
         asset_selection=set(assets or ()), asset_check_selection=checks)
@@ -204,12 +219,9 @@ def run_by_ui(instance: DagsterInstance, tags: dict[str, str],
         execution_plan_snapshot=snapshot_from_execution_plan(plan, job.get_job_snapshot_id()),
         job_snapshot=job.get_job_snapshot(), parent_job_snapshot=job.get_parent_job_snapshot(),
         asset_selection=assets, asset_check_selection=checks, resolved_op_selection=None,
-        op_selection=None, remote_job_origin=None, job_code_origin=recon.get_python_origin(),
+        op_selection=None, remote_job_origin=origin, job_code_origin=recon.get_python_origin(),
         asset_graph=job.asset_layer.asset_graph)
-    ended(lambda: execute_run(recon, run, instance), f"run {run.run_id}")
-    done = instance.get_run_by_id(run.run_id)
-    assert done is not None
-    return done
+    return recon, run
 
 
 def checked_by_hand(config: Config, opsdb: OpsDB, instance: DagsterInstance, package: str,

@@ -336,6 +336,36 @@ def test_a_package_in_flight_gets_no_second_build_from_another_sensor(
         assert names[1] in {r.partition_key for r in ticked(instance, full, repair)}
 
 
+def test_a_run_of_checks_alone_in_flight_does_not_pass_the_work_over(
+        config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of a package's checks alone queued (the integrity sensor's recheck, the Checks
+    tab's "Execute") as the package sensor first sees the package: it reads the work, it does
+    not do it. Before, the sensor left the package out as in flight and its cursor moved on:
+    nothing built it until the hourly sweep for unattended work. Now it is asked for, and a
+    drive builds and archives it (its tar at each archive read back)."""
+    from dagster import AssetCheckKey
+
+    from ccat_assets.driver import drive
+    from ccat_dt.checksums import hash_file
+    from ccat_dt.packages import get_package
+    from tests.test_celery import ui_run
+
+    with planned_not_built(config, opsdb, tmp_path, monkeypatch) as (instance, full, names):
+        _, recheck = ui_run(instance, {PARTITION_NAME_TAG: names[0]}, checks=frozenset(
+            {AssetCheckKey(AssetKey("packages"), "package_checksum")}),
+            origin=ui_origin("__ASSET_JOB"))
+        instance.run_coordinator.submit_run(SubmitRunContext(recheck, workspace=None))  # type: ignore[arg-type]
+        sensor = full.get_repository_def().get_sensor_def("package_sensor")
+        assert {r.partition_key for r in ticked(instance, full, sensor)} == set(names)
+
+        drive(full, instance)
+        with opsdb.session() as session:
+            checksum = get_package(session, names[0]).checksum
+        tars = sorted(config.resolve_root("sites").rglob(f"lta/**/{names[0]}.tar"))
+        assert len(tars) == len(config.settings.archive_sites), tars
+        assert all(hash_file(tar)[0] == checksum for tar in tars)
+
+
 def test_an_operator_retry_leaves_alone_the_work_a_queued_run_does(
         config: Config, opsdb: OpsDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`ccat-dt retry` while a daemon or a backfill has a run of a package queued: that
