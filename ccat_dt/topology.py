@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -177,21 +177,19 @@ def _claims_on_leaving(session: Session, config: Config
     if not leaving:
         return []
     now = utcnow()
-    writes = [(operation, *leaving[operation.destination_location_id or 0],
-               stale(operation, now))
-              for operation in session.scalars(select(Operation).where(
-                  Operation.finished_at.is_(None),
-                  Operation.status == OperationStatus.IN_PROGRESS,
-                  Operation.destination_location_id.in_(list(leaving)),
-                  Operation.operation_type != OperationType.DELETION))]
-    deletions = [(operation, *leaving[operation.source_location_id or 0],
-                  abandoned_deletion(operation, now))
-                 for operation in session.scalars(select(Operation).where(
-                     Operation.finished_at.is_(None),
-                     Operation.status == OperationStatus.IN_PROGRESS,
-                     Operation.source_location_id.in_(list(leaving)),
-                     Operation.operation_type == OperationType.DELETION))]
-    return sorted(writes + deletions, key=lambda claim: claim[0].id)
+    deletion = Operation.operation_type == OperationType.DELETION
+    out = []
+    for operation in session.scalars(select(Operation).where(
+            Operation.finished_at.is_(None), Operation.status == OperationStatus.IN_PROGRESS,
+            or_(and_(~deletion, Operation.destination_location_id.in_(list(leaving))),
+                and_(deletion, Operation.source_location_id.in_(list(leaving)))))
+            .order_by(Operation.id)):
+        if operation.operation_type == OperationType.DELETION:  # at the copy's location
+            where, why = operation.source_location_id, abandoned_deletion(operation, now)
+        else:
+            where, why = operation.destination_location_id, stale(operation, now)
+        out.append((operation, *leaving[where or 0], why))
+    return out
 
 
 def transfers_under_way(session: Session, config: Config) -> list[str]:
