@@ -20,16 +20,6 @@ orchestration time (docs/benchmarks.md, section 5):
   later command failed for ever ("alembic_version has more than one head"). Here one process
   at a time makes a storage's file (a file lock in its directory, `_creating`).
 
-- SQLAlchemy's ORM is imported here, as the instance is built (in the process's main thread,
-  before a server serves): Dagster builds the instance's run coordinator (ours, whose OpsDB
-  models import the ORM) only when it is first asked for, in `dagster-webserver` from one of
-  its GraphQL threads, while others run queries. SQLAlchemy registers the ORM's inspection
-  of any value before its `orm.exc` module is complete, so a query in another thread binding
-  a value at that moment failed on "partially initialized module 'sqlalchemy.orm.exc' has
-  no attribute 'UnmappedClassError'": the UI's "Unexpected GraphQL error" on the first page
-  an operator opened (seen on the asset page's materializations; before, tests/
-  test_ui_browser.py reloaded the page once for it).
-
 The files, tables, stamps and transactions are Dagster's own; only how often the work is done
 changes. The embedded default's instance uses them (dagster.yaml, `run_storage`,
 `event_log_storage` and `schedule_storage`).
@@ -51,7 +41,6 @@ from functools import cache, partial
 from typing import Any
 
 import sqlalchemy as db
-import sqlalchemy.orm  # noqa: F401  complete before any server thread: see above
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata

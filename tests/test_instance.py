@@ -13,7 +13,7 @@ import pytest
 import yaml
 from dagster import DagsterEventType, DagsterInstance, RunsFilter, job, op
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 from ccat_assets.cli import main
 from ccat_assets.definitions import build_definitions
@@ -309,6 +309,23 @@ def test_a_drive_killed_mid_run_leaves_nothing_in_the_temporary_directory(
         assert drive(build_definitions(config), instance).failed == []  # the copy is sound
 
 
+def _orm_complete_once_open(home: Path, env: dict[str, str]) -> list[str]:
+    """In a fresh process: whether SQLAlchemy's ORM is completely imported once the instance
+    in `home` is open and a run read (as dagster-webserver does before serving), whether our
+    run coordinator was loaded for it, and which run storage the instance has."""
+    probe = ("import sys; from dagster import DagsterInstance; "
+             f"instance = DagsterInstance.from_config({str(home)!r}); "
+             "instance.get_runs(limit=1); "
+             "orm = sys.modules.get('sqlalchemy.orm.exc'); "
+             "print(orm is not None and hasattr(orm, 'UnmappedClassError'), "
+             "'ccat_assets.routing' in sys.modules, type(instance.run_storage).__name__)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env={**os.environ, "DAGSTER_HOME": str(home), **env}, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
+
+
 def test_the_orm_is_complete_once_the_embedded_instance_is_open(tmp_path: Path) -> None:
     """dagster-webserver builds the instance in its main thread, and its run coordinator
     (ccat_assets.routing, whose OpsDB models import SQLAlchemy's ORM) only when a GraphQL
@@ -316,20 +333,30 @@ def test_the_orm_is_complete_once_the_embedded_instance_is_open(tmp_path: Path) 
     is half initialized for a moment in which another thread's query binding a value fails
     ("partially initialized module 'sqlalchemy.orm.exc' has no attribute
     'UnmappedClassError'"): real clicks met it as the UI's "Unexpected GraphQL error" on the
-    asset page. Now the instance's storage imports the ORM as the instance is built: in a
-    fresh process, opening the instance (and reading a run, as the webserver does) leaves
-    the ORM complete before the coordinator is asked for."""
+    asset page. Now the instance's class is loaded through a module that imports the ORM
+    (ccat_assets/dagster_instance.py): in a fresh process, opening the instance leaves the
+    ORM complete before the coordinator is asked for."""
     main(["init", str(tmp_path)])
+    assert _orm_complete_once_open(
+        tmp_path / "dagster_home", {"CCAT_DT_CONFIG": str(tmp_path / "ccat-dt.yaml")},
+    ) == ["True", "False", "SqliteRuns"]
+
+
+def test_the_orm_is_complete_once_the_production_instance_is_open(
+        tmp_path: Path, dagster_database: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same for the instance `instance-yaml --template deploy/dagster.yaml` writes, whose
+    storage is dagster-postgres' (which imports no ORM): before, 5 of 6 starts of
+    dagster-webserver on it, asked for the coordinator while other requests read runs' stats,
+    answered some of them "partially initialized module 'sqlalchemy.orm.exc'"."""
+    main(["init", str(tmp_path)])
+    capsys.readouterr()
+    main(["--config", str(tmp_path / "ccat-dt.yaml"), "instance-yaml", "--template",
+          str(Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml")])
     home = tmp_path / "dagster_home"
-    probe = ("import sys; from dagster import DagsterInstance; "
-             f"instance = DagsterInstance.from_config({str(home)!r}); "
-             "instance.get_runs(limit=1); "
-             "orm = sys.modules.get('sqlalchemy.orm.exc'); "
-             "print(orm is not None and hasattr(orm, 'UnmappedClassError'), "
-             "'ccat_assets.routing' in sys.modules)")
-    env = {**os.environ, "DAGSTER_HOME": str(home),
-           "CCAT_DT_CONFIG": str(tmp_path / "ccat-dt.yaml")}
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            env=env, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["True", "False"], (result.stdout, result.stderr[-2000:])
+    (home / "dagster.yaml").write_text(capsys.readouterr().out)
+    url = make_url(dagster_database)
+    env = {"CCAT_DT_CONFIG": str(tmp_path / "ccat-dt.yaml"),
+           "DAGSTER_PG_HOST": str(url.host), "DAGSTER_PG_PORT": str(url.port or 5432),
+           "DAGSTER_PG_DB": str(url.database), "DAGSTER_PG_USER": str(url.username),
+           "DAGSTER_PG_PASSWORD": url.password or "unused"}  # trust: any password does
+    assert _orm_complete_once_open(home, env) == ["True", "False", "PostgresRunStorage"]
