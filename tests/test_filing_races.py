@@ -323,6 +323,7 @@ class Service:
 
     service: FilingService
     token: TokenInfo
+    secret: str  # the token an instrument sends over HTTP
 
     def journal(self, observation: str, paths: list[str]) -> None:
         """A request taken into the journal: the service has not reached OpsDB yet (as one
@@ -340,14 +341,14 @@ def services(config: Config, pg_opsdb: OpsDB, postgres_url: str, tmp_path: Path,
              monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], Service]]:
     monkeypatch.setenv("CCAT_DT_OPSDB_URL", postgres_url)
     on_postgres = load_config(config.path)
-    create_token(pg_opsdb, on_postgres, name="primecam-daq", site="ccat",
-                 instruments=["primecam"])
+    secret = create_token(pg_opsdb, on_postgres, name="primecam-daq", site="ccat",
+                          instruments=["primecam"])
     [token] = list_tokens(pg_opsdb)
     made: list[FilingService] = []
 
     def make(name: str) -> Service:
         made.append(FilingService(on_postgres, journal_path=str(tmp_path / f"{name}.sqlite")))
-        return Service(made[-1], token)
+        return Service(made[-1], token, secret)
     yield make
     for service in made:
         service.stop()
@@ -512,3 +513,63 @@ def test_a_deadlock_with_another_writer_is_retried_at_once_not_taken_for_a_lost_
     assert health["opsdb"]["reachable"] and health["opsdb"]["error"] is None, health
     assert health["opsdb"]["conflicts"] == 1, health
     assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=2)
+
+
+# A lock another session holds past lock_timeout (SQLSTATE 55P03) while an instrument files: an
+# operator's psql left `idle in transaction` after touching the observation's row, a command
+# stopped mid-transaction; a VACUUM FULL or a migration holding a table. Before, the service
+# took it for a lost link: "OpsDB unreachable, journaling requests" on its log, /health
+# unreachable, the pool thrown away and the journal left to the unreachable back-off; a read
+# answered 404 "no observation" (OpsDB unreachable). Now it is contention with a live server:
+# the request is journaled (202, saying why), the drainer tries again at each step, OpsDB
+# stays reachable, /health counts the lock timeouts and says what holds the requests up while
+# it lasts; once the lock is let go the next step files it; a read held up answers 503.
+def test_a_lock_held_past_lock_timeout_is_contention_and_the_filing_goes_through_once_let_go(
+        pg_opsdb: OpsDB, root: Path, services: Callable[[str], Service],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from fastapi.testclient import TestClient
+
+    from ccat_dt.service.app import create_app
+
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, "0.2")  # the service's; the holder waits for nothing
+    start_observation(pg_opsdb, "obs-a")
+    contents = raw_files(root, "obs-a/one.dat")
+    only = services("only")
+    only.service.drain_step()  # contacts OpsDB: reachable, requests applied at once
+    assert only.health()["opsdb"]["reachable"], only.health()
+    # the app without its lifespan: no drainer thread, its steps are the test's
+    http = TestClient(create_app(only.service),
+                      headers={"Authorization": f"Bearer {only.secret}"})
+    filing = {"observation": "obs-a", "module": MODULE, "path": "obs-a/one.dat"}
+
+    with caplog.at_level(logging.INFO, SERVICE_LOG):
+        with pg_opsdb.session() as holder:  # an idle-in-transaction session on obs-a's row
+            lock_observation(holder, ExecutedObsUnit.name == "obs-a")
+            answer = http.post("/raw_data_files", json=filing)
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["status"] == "buffered", answer.json()
+            assert answer.json()["reason"].startswith("OpsDB busy: waited 0.2 s for a lock "
+                                                      "another session holds"), answer.json()
+            only.service.drain_step()  # still held: tried again, not applied
+            health = http.get("/health").json()
+            assert health["opsdb"]["reachable"] and health["opsdb"]["error"] is None, health
+            assert health["opsdb"]["lock_timeouts"] == 2, health
+            assert "lock another session holds" in health["opsdb"]["contention"], health
+            assert health["journal"]["pending"] == 1, health
+        only.service.drain_step()  # let go: applied at this step, no back-off
+        health = http.get("/health").json()
+        with pg_opsdb.engine.connect() as table_holder:  # a VACUUM FULL, a migration
+            table_holder.execute(text("LOCK TABLE raw_data_files IN ACCESS EXCLUSIVE MODE"))
+            held_up = http.get("/executed_obs_units/obs-a")
+            table_holder.rollback()
+        read = http.get("/executed_obs_units/obs-a")
+    assert (health["journal"]["pending"], health["journal"]["dead"]) == (0, 0), health
+    assert health["opsdb"]["reachable"] and health["opsdb"]["contention"] is None, health
+    assert (health["opsdb"]["lock_timeouts"], health["opsdb"]["conflicts"]) == (2, 0), health
+    assert held_up.status_code == 503 and "OpsDB busy" in held_up.json()["detail"], held_up.text
+    assert held_up.headers["Retry-After"]
+    assert read.status_code == 200 and read.json()["files"] == 1, read.text
+    told = [r.getMessage() for r in caplog.records]
+    assert not [m for m in told if "unreachable" in m.lower()], told
+    assert len([m for m in told if m.startswith("OpsDB busy,")]) == 2, told  # filing, read
+    assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=1)

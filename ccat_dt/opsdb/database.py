@@ -100,12 +100,27 @@ def create_opsdb_engine(url: str) -> Engine:
 CONFLICTS = {"40P01": "deadlock detected", "40001": "serialization failure"}
 
 
-def conflict_of(exc: BaseException) -> str | None:
-    """The conflict `exc` aborted its transaction for (CONFLICTS), or None for any other error."""
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout that ran out
+
+
+def _sqlstate(exc: BaseException) -> str | None:
     if not isinstance(exc, DBAPIError):
         return None
     code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
-    return CONFLICTS.get(str(code)) if code else None
+    return str(code) if code else None
+
+
+def conflict_of(exc: BaseException) -> str | None:
+    """The conflict `exc` aborted its transaction for (CONFLICTS), or None for any other error."""
+    code = _sqlstate(exc)
+    return CONFLICTS.get(code) if code else None
+
+
+def lock_timed_out(exc: BaseException) -> bool:
+    """`exc` is PostgreSQL giving up, after lock_timeout, a lock another session holds
+    (SQLSTATE 55P03): contention with a live server, not a lost link; the transaction was
+    rolled back, and it goes through once that session lets go."""
+    return _sqlstate(exc) == LOCK_NOT_AVAILABLE
 
 
 def lock_timeout_s() -> float:
@@ -227,12 +242,10 @@ def migrate(url: str) -> None:
     try:
         command.upgrade(_alembic_config(url), "head")
     except OperationalError as exc:
-        if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+        if not lock_timed_out(exc):
             raise
         raise MigrationBlocked(_blocked_migration(url)) from exc
 
-
-LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout that ran out
 
 
 def _blocked_migration(url: str) -> str:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ccat_dt.config import Config
 from ccat_dt.filing import FileSpec, FilingError
-from ccat_dt.service.core import Ack, AuthError, FilingService, JournalUnavailable
+from ccat_dt.service.core import Ack, AuthError, Contended, FilingService, JournalUnavailable
 from ccat_dt.service.tokens import TokenInfo
 
 Scope = MutableMapping[str, Any]
@@ -150,6 +150,12 @@ def create_app(service: FilingService) -> FastAPI:
     @app.exception_handler(JournalUnavailable)
     async def journal_unavailable(_: Request, exc: JournalUnavailable) -> JSONResponse:
         return _error(503, str(exc), [("body", "not stored")], {"Retry-After": "5"})
+
+    @app.exception_handler(Contended)
+    async def contended(_: Request, exc: Contended) -> JSONResponse:
+        # a read OpsDB did not answer for a lock another session holds: not "not found"
+        return _error(503, f"OpsDB busy: {exc}; retry", [("body", "OpsDB busy")],
+                      {"Retry-After": "5"})
 
     @app.exception_handler(AuthError)
     async def auth_error(_: Request, exc: AuthError) -> JSONResponse:

@@ -46,7 +46,14 @@ from ccat_dt.filing import (
     source_from_config,
     start_in,
 )
-from ccat_dt.opsdb.database import OpsDB, SchemaOutOfDate, check_schema, conflict_of
+from ccat_dt.opsdb.database import (
+    OpsDB,
+    SchemaOutOfDate,
+    check_schema,
+    conflict_of,
+    lock_timed_out,
+    lock_timeout_s,
+)
 from ccat_dt.opsdb.models import (
     ApiRequest,
     ExecutedObsUnit,
@@ -72,10 +79,11 @@ class Unreachable(Exception):
 
 
 class Contended(Exception):
-    """OpsDB aborted the request's transaction CONFLICT_ATTEMPTS times in a row for a conflict
-    with concurrent ones (a deadlock with another filing service or a command): reachable,
-    but not applied now; the request goes to (or stays in) the journal, the drainer applies it
-    at its next step."""
+    """OpsDB is reachable but did not apply the request now: it aborted the transaction
+    CONFLICT_ATTEMPTS times in a row for a conflict with concurrent ones (a deadlock with
+    another filing service or a command), or a lock another session holds was waited for
+    lock_timeout (55P03). The request goes to (or stays in) the journal, the drainer applies it
+    at its next step; a read is answered 503 (retry)."""
 
 
 class JournalUnavailable(Exception):
@@ -148,6 +156,8 @@ class FilingService:
         self.applied_files = 0  # it spent applying: the drain rate /health reports
         self.drain_busy_s = 0.0
         self.conflicts = 0  # transactions OpsDB aborted for a conflict, run again at once
+        self.lock_timeouts = 0  # statements that gave up a lock another session held
+        self.contention: str | None = None  # why requests wait now, OpsDB being reachable
         self._mirrored: set[str] | None = None  # dead letters last copied into OpsDB
         self.journal_error: str | None = None  # the last journal write failed: why
 
@@ -182,14 +192,34 @@ class FilingService:
                 check_schema(self._opsdb.engine)
                 self._schema_at = time.monotonic()
             result = self._retrying(action, self._opsdb)
-        except Contended:
-            self._up()
+        except Contended as exc:
+            self._up(contention=str(exc))
             raise
         except LINK_ERRORS as exc:
+            if lock_timed_out(exc):
+                raise self._lock_timeout(exc) from None
             self._down(exc)
             raise Unreachable(str(exc)) from None
         self._up()
         return result
+
+    def _lock_timeout(self, exc: BaseException) -> Contended:
+        """A lock another session holds (an `idle in transaction` psql, a LOCK TABLE, a
+        VACUUM FULL, a command stopped mid-transaction) waited for lock_timeout: contention
+        with a live server, not a lost link. Not run again at once, as a conflict is: each
+        attempt waits lock_timeout again, holding up this service's writes and the client;
+        the request is journaled and the drainer tries again at each step (no back-off),
+        applying it once the lock is let go. Before, it was "OpsDB unreachable": said so on
+        the log and /health, the pool thrown away, the entries left to the back-off."""
+        self.lock_timeouts += 1
+        why = (f"waited {lock_timeout_s():g} s for a lock another session holds ("
+               f"{_first_line(getattr(exc, 'orig', exc)) or 'lock not available'}); pg_locks and "
+               "pg_stat_activity name that session")
+        if self.contention is None:
+            log.warning("OpsDB busy, requests stay in the journal and are tried again at each "
+                        "drainer step: %s", why)
+        self._up(contention=why)
+        return Contended(why)
 
     def _retrying(self, action: Callable[[OpsDB], T], db: OpsDB) -> T:
         """`action`, run again at once when PostgreSQL aborts its transaction for a conflict
@@ -205,7 +235,7 @@ class FilingService:
                 if conflict is None:
                     raise
                 self.conflicts += 1
-                why = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else conflict
+                why = _first_line(exc.orig) or conflict
                 if attempt == CONFLICT_ATTEMPTS:
                     log.warning("OpsDB aborted a transaction %d times in a row for a conflict "
                                 "with concurrent transactions (%s); the request stays in the "
@@ -216,7 +246,12 @@ class FilingService:
                             attempt + 1, CONFLICT_ATTEMPTS, why)
         raise AssertionError("unreachable")
 
-    def _up(self) -> None:
+    def _up(self, contention: str | None = None) -> None:
+        """OpsDB answered; `contention`: but did not apply the request now (Contended)."""
+        if contention is None and self.contention is not None:
+            log.info("OpsDB busy no more: a transaction went through (%d lock timeouts, %d "
+                     "conflicts so far)", self.lock_timeouts, self.conflicts)
+        self.contention = contention
         self.reachable, self.last_error, self._backoff = True, None, 0.25
         self.last_contact = utcnow()
 
@@ -387,17 +422,26 @@ class FilingService:
 
                 try:
                     result = self._call(lambda db: _transaction(db, kind, payload, direct))
-                except (Unreachable, Contended):
-                    pass  # journal it below; the drainer finds the marker if it did commit
+                except Unreachable:  # the drainer finds the marker if it did commit
+                    reason = f"OpsDB unreachable: {self.last_error}"
+                except Contended as exc:
+                    reason = f"OpsDB busy: {exc}"
                 else:
                     status = {"start": "started", "finish": "finished", "files": "filed"}[kind]
                     response = {**base, **result, "request_id": rid, "status": status}
                     self._remember(token, rid, kind, observation, payload, response)
                     return Ack(201, response)
+            else:
+                reason = (f"OpsDB busy: {self.contention}" if self.contention is not None
+                          else f"OpsDB unreachable: {self.last_error}" if not self.reachable
+                          else "the drainer is applying them")
+                if pending:
+                    reason = f"{pending} older requests wait in the journal; {reason}"
             extra = journal_body()
             if kind == "start":
                 payload = {**payload, "uuid": extra["uuid"]}
-            response = {**base, **extra, "request_id": rid, "status": "buffered"}
+            response = {**base, **extra, "request_id": rid, "status": "buffered",
+                        "reason": reason}
             try:
                 entry, replayed = self._append(token, rid, kind, observation, payload, response)
             except JournalConflict as exc:
@@ -544,8 +588,8 @@ class FilingService:
             self.journal.note_attempt(entries[0].seq, f"OpsDB unreachable: {exc}")
             return False
         except Contended as exc:
-            self.journal.note_attempt(entries[0].seq, f"conflict with concurrent OpsDB "
-                                      f"transactions, tried again at the next step: {exc}")
+            self.journal.note_attempt(entries[0].seq, f"OpsDB busy, tried again at the next "
+                                      f"step: {exc}")
             return False
         except (FilingError, IntegrityError) as exc:
             if len(entries) > 1:
@@ -563,11 +607,14 @@ class FilingService:
     # --- reads ---------------------------------------------------------------------------
 
     def _read(self, action: Callable[[OpsDB], T]) -> T | None:
+        """What OpsDB answers, or None while it is unreachable (the journal's view then);
+        raises Contended when it is reachable but a lock another session holds kept it from
+        answering (503: nothing to say "not found" about)."""
         if not self.reachable:
             return None
         try:
             return self._call(action)
-        except (Unreachable, Contended):
+        except Unreachable:
             return None
 
     def observation(self, name: str) -> dict[str, Any] | None:
@@ -654,12 +701,14 @@ class FilingService:
         dead, letters = self.journal.dead_letters()
         discarded = self.journal.counts().get("discarded", 0)
         alive = self._thread is not None and self._thread.is_alive()
-        ok = self.reachable and alive and not dead and self.journal_error is None
+        ok = (self.reachable and self.contention is None and alive and not dead
+              and self.journal_error is None)
         return {"status": "ok" if ok else "degraded",
                 "site": self.site,
                 "opsdb": {"reachable": self.reachable, "error": self.last_error,
                           "last_contact": _iso(self.last_contact),
-                          "conflicts": self.conflicts},
+                          "conflicts": self.conflicts, "lock_timeouts": self.lock_timeouts,
+                          "contention": self.contention},
                 "journal": {"path": str(self.journal.path), "error": self.journal_error,
                             "pending": pending,
                             "oldest_pending_age_s": oldest, "dead": dead,
@@ -668,6 +717,11 @@ class FilingService:
                 "drainer": {"alive": alive, "applied": self.applied,
                             "applied_files": self.applied_files,
                             "busy_s": round(self.drain_busy_s, 4)}}
+
+
+def _first_line(error: object) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _transaction(db: OpsDB, kind: str, payload: dict[str, Any],
