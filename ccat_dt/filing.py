@@ -177,7 +177,7 @@ def open_observation(opsdb: OpsDB, name: str, *, uuid: str | None = None,
     for attempt in (1, 2):  # a concurrent start of the same name fails once, then is found
         try:
             with opsdb.session() as session:
-                found = _start(session, name, uuid)
+                found = start_in(session, name, uuid)
                 if hook is not None:
                     hook(session)
                 return found
@@ -189,13 +189,10 @@ def open_observation(opsdb: OpsDB, name: str, *, uuid: str | None = None,
     raise AssertionError("unreachable")
 
 
-def start_in(session: Session, name: str, uuid: str | None = None) -> str:
-    """start_observation inside the caller's transaction (raises IntegrityError when another
-    process started the same name or used the uuid at the same moment)."""
-    return _start(session, name, uuid).uuid
-
-
-def _start(session: Session, name: str, uuid: str | None) -> Started:
+def start_in(session: Session, name: str, uuid: str | None = None) -> Started:
+    """open_observation inside the caller's transaction (the filing service's, with its
+    request's marker): raises IntegrityError when another process started the same name or
+    used the uuid at the same moment."""
     obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
     if obs is None:
         obs = ExecutedObsUnit(name=name, uuid=uuid or new_uuid())

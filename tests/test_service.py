@@ -48,6 +48,7 @@ from ccat_dt.service.tokens import create_token, revoke_token
 from ccat_dt.tarball import read_manifest
 from ccat_dt.topology import prepare_opsdb
 from tests.faults.link import Link
+from tests.helpers import run_cli
 from tests.services import free_port
 
 warnings.filterwarnings("ignore", category=PreviewWarning)
@@ -513,6 +514,35 @@ def test_a_retry_journaled_after_a_direct_apply_is_answered_with_what_opsdb_hold
         files = session.execute(select(RawDataFile.relative_path, RawDataFile.uuid)).all()
     assert [tuple(row) for row in observations] == [("obs-lost", started.json()["uuid"])]
     assert [tuple(row) for row in files] == list(filed.json()["uuids"].items())
+
+
+def test_starting_an_open_observation_again_answers_200_already_open_with_its_uuid(
+        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    """An instrument (or `ccat-dt observation start --api`) starting an observation that is
+    open already, with a request of its own (a DAQ restarted, a second process): nothing
+    changes, and the answer says so, as `ccat-dt observation start` does locally: 200, status
+    "already open", the observation's uuid (before: 201 "started", as if this request had
+    opened it). A retry of that request gets the same answer."""
+    auth = {"Authorization": f"Bearer {site.token}"}
+    start = f"{site.url}/executed_obs_units/start"
+    first = httpx.post(start, json={"name": "obs-again"}, headers=auth)
+    with site.opsdb.session() as session:
+        opened = session.execute(select(ExecutedObsUnit.uuid, ExecutedObsUnit.started_at)
+                                 .where(ExecutedObsUnit.name == "obs-again")).one()
+    again = httpx.post(start, json={"name": "obs-again", "request_id": "again"}, headers=auth)
+    retried = httpx.post(start, json={"name": "obs-again", "request_id": "again"}, headers=auth)
+    assert (first.status_code, first.json()["status"]) == (201, "started"), first.text
+    assert (again.status_code, again.json()["status"]) == (200, "already open"), again.text
+    assert (retried.status_code, retried.json()["status"]) == (200, "already open"), retried.text
+    assert first.json()["uuid"] == again.json()["uuid"] == retried.json()["uuid"] == opened.uuid
+    assert run_cli("--config", str(site.config.path), "observation", "start", "obs-again",
+                   "--api", site.url, "--token", site.token) == 0
+    assert capsys.readouterr().out == f"{opened.uuid} (already open)\n"
+    with site.opsdb.session() as session:  # one observation, as it was opened, still open
+        rows = session.execute(select(ExecutedObsUnit.uuid, ExecutedObsUnit.started_at,
+                                      ExecutedObsUnit.status)).all()
+    assert [tuple(r) for r in rows] == [(opened.uuid, opened.started_at,
+                                         ObservationStatus.OPEN)]
 
 
 def test_a_second_service_on_the_same_journal_refuses_to_start(site: Site) -> None:

@@ -193,9 +193,12 @@ def create_app(service: FilingService) -> FastAPI:
         return JSONResponse(body)
 
     @app.post("/executed_obs_units/start", status_code=201,
-              responses={202: {"description": "journaled; applied when OpsDB is reachable"}})
+              responses={200: {"description": "open already (status 'already open', its "
+                                              "uuid): nothing changed"},
+                         202: {"description": "journaled; applied when OpsDB is reachable"}})
     def start(body: StartRequest, token: Writer) -> JSONResponse:
-        """Start (open) an observation; idempotent while it is open."""
+        """Start (open) an observation; idempotent while it is open: 201 when this request
+        opened it, 200 with status 'already open' when it was open already."""
         return answer(service.start_observation(token, body.name, body.uuid, body.request_id))
 
     @app.put("/executed_obs_units/{name}/finish", status_code=201)

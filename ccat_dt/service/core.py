@@ -283,7 +283,8 @@ class FilingService:
     def _execute(session: Session, kind: str, payload: dict[str, Any],
                  files: list[CheckedFile] | None = None) -> dict[str, Any]:
         if kind == "start":
-            return {"uuid": start_in(session, payload["name"], payload["uuid"])}
+            started = start_in(session, payload["name"], payload["uuid"])
+            return {"uuid": started.uuid, "created": started.created}
         if kind == "finish":
             finish_in(session, payload["name"])
             return {}
@@ -427,10 +428,14 @@ class FilingService:
                 except Contended as exc:
                     reason = f"OpsDB busy: {exc}"
                 else:
-                    status = {"start": "started", "finish": "finished", "files": "filed"}[kind]
+                    # a start of an observation open already (started before, or by another
+                    # at that moment) changed nothing: 200 and "already open", as the CLI says
+                    created = result.pop("created", True)
+                    status = {"start": "started" if created else "already open",
+                              "finish": "finished", "files": "filed"}[kind]
                     response = {**base, **result, "request_id": rid, "status": status}
                     self._remember(token, rid, kind, observation, payload, response)
-                    return Ack(201, response)
+                    return Ack(201 if created else 200, response)
             else:
                 reason = (f"OpsDB busy: {self.contention}" if self.contention is not None
                           else f"OpsDB unreachable: {self.last_error}" if not self.reachable
