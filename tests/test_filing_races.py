@@ -573,3 +573,48 @@ def test_a_lock_held_past_lock_timeout_is_contention_and_the_filing_goes_through
     assert not [m for m in told if "unreachable" in m.lower()], told
     assert len([m for m in told if m.startswith("OpsDB busy,")]) == 2, told  # filing, read
     assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=1)
+
+
+# The server under the service's pooled connection accepts only reads (SQLSTATE 25006): a
+# primary demoted by a failover while a new primary took over its address, a database set
+# `default_transaction_read_only` while its disk is full. OpsDB cannot take writes: the request
+# is journaled (202) as while it is out of reach, the pool's connections are thrown away, and the
+# drainer files it through a new connection once one takes writes. Before, the request failed
+# (500 over HTTP, nothing stored: the instrument's data not acknowledged), /health said OpsDB
+# was fine, and the drainer's pooled connections stayed on the read-only server until a person
+# restarted the service.
+def test_a_server_taking_only_reads_journals_the_request_and_the_drainer_files_it_after(
+        pg_opsdb: OpsDB, root: Path, services: Callable[[str], Service],
+        caplog: pytest.LogCaptureFixture) -> None:
+    start_observation(pg_opsdb, "obs-a")
+    contents = raw_files(root, "obs-a/one.dat", "obs-a/two.dat")
+    only = services("only")
+    only.service.drain_step()  # contacts OpsDB: reachable, one pooled connection
+    opsdb = only.service._opsdb
+    assert opsdb is not None
+    with opsdb.engine.connect() as pooled:  # its server now takes only reads
+        pooled.exec_driver_sql("SET default_transaction_read_only = on")
+        pooled.commit()
+
+    with caplog.at_level(logging.INFO, SERVICE_LOG):
+        ack = only.service.file(only.token, observation="obs-a", module=MODULE,
+                                files=[FileSpec("obs-a/one.dat")])
+        assert (ack.status, ack.body["status"]) == (202, "buffered"), ack
+        assert "read-only transaction" in ack.body["reason"], ack
+        health = only.health()
+        assert not health["opsdb"]["reachable"], health
+        assert "read-only transaction" in health["opsdb"]["error"], health
+        for _ in range(100):  # the drainer's steps, each after the back-off it asks for
+            if only.health()["journal"]["pending"] == 0:
+                break
+            time.sleep(only.service.drain_step())
+        again = only.service.file(only.token, observation="obs-a", module=MODULE,
+                                  files=[FileSpec("obs-a/two.dat")])
+    assert (again.status, again.body["status"]) == (201, "filed"), again
+    health = only.health()
+    assert (health["journal"]["pending"], health["journal"]["dead"]) == (0, 0), health
+    assert health["opsdb"]["reachable"] and health["opsdb"]["error"] is None, health
+    told = [r.getMessage() for r in caplog.records]
+    [down] = [m for m in told if "unreachable" in m.lower()]
+    assert "read-only transaction" in down, told
+    assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=2)

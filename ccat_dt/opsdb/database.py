@@ -123,6 +123,17 @@ def lock_timed_out(exc: BaseException) -> bool:
     return _sqlstate(exc) == LOCK_NOT_AVAILABLE
 
 
+READ_ONLY_TRANSACTION = "25006"  # PostgreSQL's read_only_sql_transaction
+
+
+def takes_no_writes(exc: BaseException) -> bool:
+    """`exc` is a write refused by a server that accepts only reads (SQLSTATE 25006): a
+    standby after a failover, a primary demoted under a pooled connection, a database set
+    `default_transaction_read_only` (as managed services do while its disk is full). OpsDB
+    cannot take writes now, as if out of reach; a new connection may reach the primary."""
+    return _sqlstate(exc) == READ_ONLY_TRANSACTION
+
+
 def lock_timeout_s() -> float:
     return float(os.environ.get(LOCK_TIMEOUT_ENV) or LOCK_TIMEOUT_S)
 

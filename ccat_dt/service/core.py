@@ -29,7 +29,13 @@ from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
 from sqlalchemy.orm import Session
 
 from ccat_dt.config import Config, ConfigError
@@ -53,6 +59,7 @@ from ccat_dt.opsdb.database import (
     conflict_of,
     lock_timed_out,
     lock_timeout_s,
+    takes_no_writes,
 )
 from ccat_dt.opsdb.models import (
     ApiRequest,
@@ -198,6 +205,15 @@ class FilingService:
         except LINK_ERRORS as exc:
             if lock_timed_out(exc):
                 raise self._lock_timeout(exc) from None
+            self._down(exc)
+            raise Unreachable(str(exc)) from None
+        except DBAPIError as exc:
+            # A server that accepts only reads: out of reach for writes, journaled like a lost
+            # link, the pool's connections (perhaps to a demoted primary) thrown away. Before,
+            # the request failed (500, nothing stored) and the drainer's traceback repeated
+            # each second, its pool kept on the read-only server, until a restart by a person.
+            if not takes_no_writes(exc):
+                raise
             self._down(exc)
             raise Unreachable(str(exc)) from None
         self._up()
