@@ -561,13 +561,18 @@ def test_a_lock_held_past_lock_timeout_is_contention_and_the_filing_goes_through
         with pg_opsdb.engine.connect() as table_holder:  # a VACUUM FULL, a migration
             table_holder.execute(text("LOCK TABLE raw_data_files IN ACCESS EXCLUSIVE MODE"))
             held_up = http.get("/executed_obs_units/obs-a")
+            busy = http.get("/health").json()["opsdb"]
             table_holder.rollback()
+        only.service.drain_step()  # nothing to apply: it looks at OpsDB again
+        after = http.get("/health").json()["opsdb"]
         read = http.get("/executed_obs_units/obs-a")
     assert (health["journal"]["pending"], health["journal"]["dead"]) == (0, 0), health
     assert health["opsdb"]["reachable"] and health["opsdb"]["contention"] is None, health
     assert (health["opsdb"]["lock_timeouts"], health["opsdb"]["conflicts"]) == (2, 0), health
     assert held_up.status_code == 503 and "OpsDB busy" in held_up.json()["detail"], held_up.text
     assert held_up.headers["Retry-After"]
+    assert "lock another session holds" in busy["contention"], busy
+    assert after["reachable"] and after["contention"] is None, after
     assert read.status_code == 200 and read.json()["files"] == 1, read.text
     told = [r.getMessage() for r in caplog.records]
     assert not [m for m in told if "unreachable" in m.lower()], told

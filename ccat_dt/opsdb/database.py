@@ -258,7 +258,6 @@ def migrate(url: str) -> None:
         raise MigrationBlocked(_blocked_migration(url)) from exc
 
 
-
 def _blocked_migration(url: str) -> str:
     """Who holds OpsDB tables, read once the migration rolled back: the sessions to end."""
     engine = create_engine(url, poolclass=NullPool, connect_args=link_connect_args(url))

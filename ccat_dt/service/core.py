@@ -539,7 +539,7 @@ class FilingService:
         entries = self.journal.next_pending(DRAIN_BATCH)
         if not entries:
             try:
-                if not self.reachable:
+                if not self.reachable or self.contention is not None:  # (a read held up)
                     self._call(self._probe)
                 self._mirror_dead_letters()
             except (Unreachable, Contended):
