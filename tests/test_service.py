@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -516,13 +517,14 @@ def test_a_retry_journaled_after_a_direct_apply_is_answered_with_what_opsdb_hold
     assert [tuple(row) for row in files] == list(filed.json()["uuids"].items())
 
 
-def test_starting_an_open_observation_again_answers_200_already_open_with_its_uuid(
+def test_starting_or_finishing_an_observation_again_answers_200_saying_so(
         site: Site, capsys: pytest.CaptureFixture[str]) -> None:
     """An instrument (or `ccat-dt observation start --api`) starting an observation that is
     open already, with a request of its own (a DAQ restarted, a second process): nothing
     changes, and the answer says so, as `ccat-dt observation start` does locally: 200, status
     "already open", the observation's uuid (before: 201 "started", as if this request had
-    opened it). A retry of that request gets the same answer."""
+    opened it). A retry of that request gets the same answer. A second finish likewise: 200
+    "already finished" with the first's moment (before: 201 "finished")."""
     auth = {"Authorization": f"Bearer {site.token}"}
     start = f"{site.url}/executed_obs_units/start"
     first = httpx.post(start, json={"name": "obs-again"}, headers=auth)
@@ -543,6 +545,23 @@ def test_starting_an_open_observation_again_answers_200_already_open_with_its_uu
                                       ExecutedObsUnit.status)).all()
     assert [tuple(r) for r in rows] == [(opened.uuid, opened.started_at,
                                          ObservationStatus.OPEN)]
+
+    finish = f"{site.url}/executed_obs_units/obs-again/finish"
+    finished = httpx.put(finish, headers=auth)
+    with site.opsdb.session() as session:
+        finished_at = session.scalar(select(ExecutedObsUnit.finished_at))
+    assert finished_at is not None
+    finished_again = httpx.put(finish, headers=auth)
+    assert (finished.status_code, finished.json()["status"]) == (201, "finished"), finished.text
+    assert (finished_again.status_code, finished_again.json()["status"]) == (
+        200, "already finished"), finished_again.text
+    assert datetime.fromisoformat(finished_again.json()["finished_at"]) == finished_at.replace(
+        tzinfo=UTC)
+    assert run_cli("--config", str(site.config.path), "observation", "finish", "obs-again",
+                   "--api", site.url, "--token", site.token) == 0
+    assert capsys.readouterr().out == "observation obs-again already finished\n"
+    with site.opsdb.session() as session:  # finished once, at the first finish's moment
+        assert session.scalar(select(ExecutedObsUnit.finished_at)) == finished_at
 
 
 def test_a_second_service_on_the_same_journal_refuses_to_start(site: Site) -> None:

@@ -201,9 +201,12 @@ def create_app(service: FilingService) -> FastAPI:
         opened it, 200 with status 'already open' when it was open already."""
         return answer(service.start_observation(token, body.name, body.uuid, body.request_id))
 
-    @app.put("/executed_obs_units/{name}/finish", status_code=201)
+    @app.put("/executed_obs_units/{name}/finish", status_code=201,
+             responses={200: {"description": "finished already (status 'already finished', "
+                                             "its finished_at): nothing changed"}})
     def finish(name: str, token: Writer, body: FinishRequest | None = None) -> JSONResponse:
-        """Finish an observation: after the files filed before it, none can be added."""
+        """Finish an observation: after the files filed before it, none can be added. 201
+        when this request finished it, 200 'already finished' when it was finished already."""
         return answer(service.finish_observation(token, name,
                                                  body.request_id if body else None))
 

@@ -300,10 +300,11 @@ class FilingService:
                  files: list[CheckedFile] | None = None) -> dict[str, Any]:
         if kind == "start":
             started = start_in(session, payload["name"], payload["uuid"])
-            return {"uuid": started.uuid, "created": started.created}
+            return {"uuid": started.uuid, "changed": started.created}
         if kind == "finish":
-            finish_in(session, payload["name"])
-            return {}
+            earlier = finish_in(session, payload["name"])
+            return {"changed": True} if earlier is None else {"changed": False,
+                                                              "finished_at": _iso(earlier)}
         result = record_checked(
             session, observation=payload["observation"], module=payload["module"],
             site=payload["site"], location=payload["location"],
@@ -444,14 +445,16 @@ class FilingService:
                 except Contended as exc:
                     reason = f"OpsDB busy: {exc}"
                 else:
-                    # a start of an observation open already (started before, or by another
-                    # at that moment) changed nothing: 200 and "already open", as the CLI says
-                    created = result.pop("created", True)
-                    status = {"start": "started" if created else "already open",
-                              "finish": "finished", "files": "filed"}[kind]
+                    # a start of an observation open already, a finish of one finished
+                    # already (before, or by another at that moment) changed nothing: 200,
+                    # "already open" or "already finished", as the CLI says
+                    changed = result.pop("changed", True)
+                    status = {"start": "started" if changed else "already open",
+                              "finish": "finished" if changed else "already finished",
+                              "files": "filed"}[kind]
                     response = {**base, **result, "request_id": rid, "status": status}
                     self._remember(token, rid, kind, observation, payload, response)
-                    return Ack(201 if created else 200, response)
+                    return Ack(201 if changed else 200, response)
             else:
                 reason = (f"OpsDB busy: {self.contention}" if self.contention is not None
                           else f"OpsDB unreachable: {self.last_error}" if not self.reachable
