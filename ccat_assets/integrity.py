@@ -33,6 +33,7 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     EventLogRecord,
+    Failure,
     OpExecutionContext,
     job,
     op,
@@ -55,12 +56,21 @@ from ccat_assets.inflight import in_flight
 from ccat_assets.partitions import package_site_key
 from ccat_assets.stages import ASSET_STAGE
 from ccat_dt.opsdb.models import LocationType
+from ccat_dt.packages import partition_problem
 from ccat_dt.stages import Stage
+from resources.deployment import Deployment
 
 # stage -> (asset, its integrity check)
 CHECKS = {"packages": ("packages", "package_checksum"),
           LocationType.BUFFER: ("site_copies", "site_copy_checksum"),
           LocationType.LONG_TERM_ARCHIVE: ("lta_copies", "lta_copy_checksum")}
+
+# asset -> the checks a finding is reported as (the integrity sensor's), and the assets whose
+# partitions are PACKAGE|SITE (the others' are PACKAGE)
+REPORTED = {"raw_files": ("raw_files_present",), "packages": ("package_checksum",),
+            "site_copies": ("site_copy_checksum",), "lta_copies": ("lta_copy_checksum",),
+            "purge_status": ("deletion_certificates", "filed_bytes_safe")}
+PER_SITE = (CHECKS[LocationType.BUFFER][0], CHECKS[LocationType.LONG_TERM_ARCHIVE][0])
 
 
 def latest_materialization(instance: DagsterInstance, asset: str,
@@ -151,8 +161,41 @@ class Findings(Config):
     findings: list[Finding]
 
 
+def finding_problems(deployment: Deployment, findings: Sequence[Finding]) -> list[str]:
+    """What is wrong with findings typed in by a person (the UI's Launchpad, `dagster job
+    execute -c`), one line per bad finding: an asset or check a finding is not reported as,
+    a partition naming nothing OpsDB and the config hold, an unknown severity, a negative
+    event id. [] when all can be reported; any refuses the run whole, before any is logged."""
+    severities = [severity.value for severity in AssetCheckSeverity]
+    problems = []
+    with deployment.opsdb.session() as session:
+        for number, finding in enumerate(findings, 1):
+            wrong = []
+            checks = REPORTED.get(finding.asset)
+            if checks is None:
+                wrong.append(f"asset {finding.asset!r} is not one of {', '.join(REPORTED)}")
+            else:
+                wrong += [f"{check!r} is not a check of {finding.asset} ({', '.join(checks)})"
+                          for check in (finding.check, *(a.check for a in finding.also))
+                          if check not in checks]
+                partition = partition_problem(session, deployment.config, finding.partition,
+                                              per_site=finding.asset in PER_SITE)
+                wrong += [partition] if partition is not None else []
+            wrong += [f"severity {severity!r} is not {' or '.join(severities)}"
+                      for severity in (finding.severity, *(a.severity for a in finding.also))
+                      if severity not in severities]
+            wrong += [f"{name} {value} is negative" for name, value in (
+                ("events_before", finding.events_before), ("restates", finding.restates))
+                if value < 0]
+            if wrong:
+                problems.append(f"finding {number} ({finding.asset} {finding.partition!r}): "
+                                f"{', '.join(wrong)}")
+    return problems
+
+
 @op
-def report_findings(context: OpExecutionContext, config: Findings) -> int:
+def report_findings(context: OpExecutionContext, config: Findings,
+                    deployment: Deployment) -> int:
     """Each finding as a check evaluation in this run. (A run, not the sensor's own
     `asset_events`: Dagster stores a runless evaluation of a partitioned check once per
     partition only, so a second finding on the same partition would fail the tick.)
@@ -163,7 +206,13 @@ def report_findings(context: OpExecutionContext, config: Findings) -> int:
     a finding back while a run of its partition is in flight (`integrity_sensor`'s cursor);
     one whose partition a run created since that look is materializing is only logged too:
     that run's check, planned before this evaluation, would otherwise not count as the
-    latest, and the repaired partition would show no check."""
+    latest, and the repaired partition would show no check. Findings typed in by hand with a
+    bad one are refused whole (`finding_problems`)."""
+    problems = finding_problems(deployment, config.findings)
+    if problems:
+        raise Failure(description=(
+            f"integrity_report_job: {len(problems)} of {len(config.findings)} findings "
+            f"refused, nothing reported: {'; '.join(problems)}"), allow_retries=False)
     reported = 0
     busy = in_flight(context.instance)  # a run whose process died is closed, not counted
     for finding in config.findings:

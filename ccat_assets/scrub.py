@@ -6,7 +6,7 @@ from dagster import Config, Failure, OpExecutionContext, job, op
 from ccat_assets.integrity import copy_check
 from ccat_assets.partitions import split_key
 from ccat_dt.opsdb.models import LocationType
-from ccat_dt.scrub import scrub
+from ccat_dt.scrub import batch_problems, scrub
 from resources.deployment import Deployment
 
 
@@ -22,7 +22,16 @@ def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
     """Each mismatch marks the copy CORRUPT; the repair sensor then restores it. A copy whose
     location cannot be looked at (not mounted, unreachable), or whose file cannot be read (its
     disk failed the read, or it is refused to ccat-dt's user), is left as it was, due again at
-    the next scrub, and the run fails with the cause once the rest of the batch is done."""
+    the next scrub, and the run fails with the cause once the rest of the batch is done.
+    A batch typed in by hand with a bad entry is refused whole, before anything is read."""
+    if not config.partitions:
+        context.log.info("scrub_job: no partitions given, nothing to re-read")
+        return 0
+    problems = batch_problems(deployment.opsdb, deployment.config, config.partitions)
+    if problems:
+        raise Failure(description=(
+            f"scrub_job: {len(problems)} of {len(set(config.partitions))} partitions refused, "
+            f"nothing re-read: {'; '.join(problems)}"), allow_retries=False)
     failed = 0
     unreached: list[str] = []
     deployment.metrics.watch_progress()  # the bytes hashed so far, while it runs

@@ -422,6 +422,25 @@ def get_package(session: Session, name: str) -> RawDataPackage:
     return package
 
 
+def partition_problem(session: Session, config: Config, key: str, *,
+                      per_site: bool) -> str | None:
+    """Why `key`, a partition typed in by a person (run config from the Dagster UI's
+    Launchpad), names no package OpsDB holds (`PACKAGE`), or no archive site of one
+    (`PACKAGE|SITE`: the partitions' site dimension): "not PACKAGE|SITE", "no package X in
+    OpsDB", ...; None when it names one."""
+    shape = "PACKAGE|SITE" if per_site else "PACKAGE"
+    parts = key.split("|")
+    if len(parts) != shape.count("|") + 1 or not all(parts):
+        return f"not {shape}"
+    problems = []
+    if session.scalar(select(RawDataPackage.id).where(RawDataPackage.name == parts[0])) is None:
+        problems.append(f"no package {parts[0]} in OpsDB")
+    sites = [site.short_name for site in config.settings.archive_sites]
+    if per_site and parts[1] not in sites:
+        problems.append(f"{parts[1]} is not an archive site (those are {', '.join(sites)})")
+    return ", ".join(problems) or None
+
+
 @dataclass(frozen=True)
 class FiledFiles:
     """The raw files of one package as OpsDB records them at the source."""

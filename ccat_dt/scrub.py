@@ -3,12 +3,13 @@ chosen by pending.scrub_due) and show, while it runs, how many of the batch's by
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
 from ccat_dt.opsdb.models import LocationType
-from ccat_dt.packages import get_package
+from ccat_dt.packages import get_package, partition_problem
 from ccat_dt.progress import Progress, labelled
 from ccat_dt.replicas import Verification, newest_copy, verify
 
@@ -33,3 +34,24 @@ def scrub(opsdb: OpsDB, config: Config,
         progress.update(progress.done_bytes + size)
         yield package, site, result
     progress.finish()
+
+
+def batch_problems(opsdb: OpsDB, config: Config, keys: Sequence[str]) -> list[str]:
+    """What is wrong with a batch of partition keys typed in by a person (the UI's Launchpad,
+    `dagster job execute -c`), one line per bad entry: not PACKAGE|SITE, naming nothing OpsDB
+    and the config hold, no LTA copy there to re-read, listed twice. [] when the batch can be
+    scrubbed; a batch with any is refused whole, before anything is read or recorded."""
+    problems = []
+    with opsdb.session() as session:
+        for key, times in Counter(keys).items():
+            problem = partition_problem(session, config, key, per_site=True)
+            if problem is None:
+                package, site = key.split("|")
+                if newest_copy(session, get_package(session, package), site, KIND) is None:
+                    problem = (f"no LTA copy of {package} at {site} to re-read (OpsDB "
+                               "records none present or corrupt)")
+                elif times > 1:
+                    problem = f"listed {times} times"
+            if problem is not None:
+                problems.append(f"{key!r}: {problem}")
+    return problems

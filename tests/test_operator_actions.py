@@ -33,6 +33,7 @@ from sqlalchemy import select
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import DriveReport, drive, healed_runs, launch
+from ccat_assets.integrity import REPORTED, integrity_report_job
 from ccat_assets.partitions import package_site_key
 from ccat_assets.scrub import scrub_job
 from ccat_dt.checksums import hash_file
@@ -1123,3 +1124,61 @@ def test_runs_deleted_is_told_by_runs_gone_never_by_runs_created_meanwhile(
         instance.delete_run(run.run_id)
     mark, deleted = runs_deleted(instance, mark)
     assert deleted and mark == [0, None]
+
+
+def test_findings_typed_in_by_hand_with_a_bad_one_are_refused_whole_reporting_nothing(
+        driven: Archived) -> None:
+    """integrity_report_job launched from the Launchpad with findings typed in: one naming
+    an asset or check that has none, a package OpsDB does not hold, a site without an LTA, an
+    unknown severity or a negative event id refuses them all at once, one line naming each,
+    and no check evaluation is stored. Before, the findings before it were reported (a good
+    partition turned red) and then the step failed on Dagster's internals (KeyError, "'BAD'
+    is not a valid AssetCheckSeverity"), or a check that does not exist, or a partition that
+    does not, got a failed evaluation of its own."""
+    config, opsdb, instance = driven  # observed, filed and driven to the end
+    defs = build_definitions(config)
+    graph = defs.get_repository_def().asset_graph
+    checks = {asset: tuple(sorted(key.name for key in graph.get_check_keys_for_assets(
+        {AssetKey(asset)}))) for asset in REPORTED}
+    assert checks == REPORTED  # the definitions' own checks
+    package = lta_copies_at(opsdb, "us")[0].package.name
+    shown = check_status(instance, "lta_copies", "lta_copy_checksum")
+    events = instance.event_log_storage.get_maximum_record_id()
+
+    def finding(**fields: Any) -> dict[str, Any]:
+        return {"asset": "lta_copies", "check": "lta_copy_checksum",
+                "partition": f"{package}|us", "passed": False, "description": "typed",
+                "events_before": events, **fields}
+
+    run = integrity_report_job.execute_in_process(
+        instance=instance, resources=defs.resources, raise_on_error=False,
+        run_config={"ops": {"report_findings": {"config": {"findings": [
+            finding(), finding(asset="nonsense"), finding(check="bogus"),
+            finding(partition="nopkg|us"), finding(partition=f"{package}|ccat"),
+            finding(asset="packages", check="package_checksum", partition=f"{package}|us"),
+            finding(severity="BAD", events_before=-1),
+            finding(asset="purge_status", check="deletion_certificates", partition=package,
+                    also=[{"check": "nope", "passed": True, "description": "x"}])]}}}})
+
+    assert check_status(instance, "lta_copies", "lta_copy_checksum") == shown  # as it was
+    assert instance.get_records_for_run(  # no evaluation at all, of any check
+        run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records == []
+    [failure] = instance.get_records_for_run(
+        run.run_id, of_type=DagsterEventType.STEP_FAILURE).records
+    step = failure.event_log_entry.dagster_event
+    assert step is not None and step.step_failure_data.error is not None
+    said = step.step_failure_data.error.message.strip()
+    assert said.endswith(
+        "integrity_report_job: 7 of 8 findings refused, nothing reported: "
+        f"finding 2 (nonsense '{package}|us'): asset 'nonsense' is not one of raw_files, "
+        "packages, site_copies, lta_copies, purge_status; "
+        f"finding 3 (lta_copies '{package}|us'): 'bogus' is not a check of lta_copies "
+        "(lta_copy_checksum); "
+        "finding 4 (lta_copies 'nopkg|us'): no package nopkg in OpsDB; "
+        f"finding 5 (lta_copies '{package}|ccat'): ccat is not an archive site (those are "
+        "cologne, us); "
+        f"finding 6 (packages '{package}|us'): not PACKAGE; "
+        f"finding 7 (lta_copies '{package}|us'): severity 'BAD' is not WARN or ERROR, "
+        "events_before -1 is negative; "
+        f"finding 8 (purge_status '{package}'): 'nope' is not a check of purge_status "
+        "(deletion_certificates, filed_bytes_safe)"), said

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import AssetCheckKey, AssetKey, DagsterInstance
+from dagster import AssetCheckKey, AssetKey, DagsterEventType, DagsterInstance, build_sensor_context
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from sqlalchemy import select
 
@@ -17,6 +17,7 @@ from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_assets.integrity import latest_materialization
 from ccat_assets.partitions import package_site_key
+from ccat_assets.scrub import scrub_job
 from ccat_dt.audit import audit
 from ccat_dt.checksums import hash_file
 from ccat_dt.config import Config
@@ -35,7 +36,7 @@ from ccat_dt.opsdb.models import (
 )
 from tests.faults.pipeline import deployment
 from tests.helpers import lta_copies_at, observe, rot_an_lta_copy
-from tests.test_operator_actions import check_status
+from tests.test_operator_actions import Archived, check_status, driven  # noqa: F401
 
 LTA_CHECK = AssetCheckKey(AssetKey("lta_copies"), "lta_copy_checksum")
 
@@ -239,3 +240,81 @@ def test_a_repair_whose_source_file_is_gone_blames_the_source_not_the_destinatio
         assert package.state == PackageState.LOST
         assert session.get_one(PackageCopy, gone.id).status == CopyStatus.CORRUPT
     assert blamed == []
+
+
+def test_a_scrub_typed_in_by_hand_with_bad_partitions_is_refused_whole_changing_nothing(
+        driven: Archived) -> None:  # noqa: F811
+    """The Launchpad's (or `dagster job execute -c`) scrub_job config with bad entries: the
+    run fails at once with one line naming each and why, and nothing is read or recorded, not
+    even for its good entries (a rotten copy among them stays unfound: not quarantined, no
+    check evaluation); nor is the failed run re-attempted. Before, a site without an LTA
+    stored a failed check on a partition that does not exist after the good entries before it
+    were re-read (and marked), and a malformed key or unknown package failed with
+    "ValueError: not enough values to unpack" or "LookupError: unknown package"."""
+    config, opsdb, instance = driven  # observed, filed and driven to the end
+    defs = build_definitions(config)
+    rotten = rot_an_lta_copy(opsdb, "cologne")
+    package = rotten.package.name
+    other = next(c.package.name for c in lta_copies_at(opsdb, "us") if c.package.name != package)
+    shown = check_status(instance, "lta_copies", "lta_copy_checksum")
+    history = instance.event_log_storage.get_asset_check_execution_history(LTA_CHECK, limit=100)
+    with opsdb.session() as session:
+        operations = len(session.scalars(select(Operation)).all())
+
+    def scrub_by_hand(partitions: list[str]) -> str:
+        """What the UI shows as the failed step's error ("" if none failed)."""
+        run = scrub_job.execute_in_process(
+            instance=instance, resources=defs.resources, raise_on_error=False,
+            run_config={"ops": {"reread_lta_copies": {"config": {"partitions": partitions}}}})
+        errors = [record.event_log_entry.dagster_event.step_failure_data.error
+                  for record in instance.get_records_for_run(
+                      run.run_id, of_type=DagsterEventType.STEP_FAILURE).records
+                  if record.event_log_entry.dagster_event is not None]
+        return " ".join(error.message.strip() for error in errors if error is not None)
+
+    def nothing_changed() -> None:
+        """Nothing read, nothing recorded: the rotten copy is still taken for a good one."""
+        assert check_status(instance, "lta_copies", "lta_copy_checksum") == shown
+        assert len(instance.event_log_storage.get_asset_check_execution_history(
+            LTA_CHECK, limit=100)) == len(history)
+        with opsdb.session() as session:
+            assert session.get_one(PackageCopy, rotten.id).status == CopyStatus.PRESENT
+            assert len(session.scalars(select(Operation)).all()) == operations
+
+    said = scrub_by_hand([f"{package}|cologne", f"{package}|ccat"])
+    nothing_changed()
+    assert said.endswith(f"scrub_job: 1 of 2 partitions refused, nothing re-read: "
+                         f"'{package}|ccat': ccat is not an archive site (those are cologne, "
+                         "us)"), said
+    said = scrub_by_hand(["nonsense", "nopkg|cologne", f"{package}|cologne", f"{package}|ramses",
+                          f"{other}|us", f"{other}|us", "a|b|c"])
+    assert said.endswith(
+        "scrub_job: 5 of 6 partitions refused, nothing re-read: 'nonsense': not PACKAGE|SITE; "
+        "'nopkg|cologne': no package nopkg in OpsDB; "
+        f"'{package}|ramses': ramses is not an archive site (those are cologne, us); "
+        f"'{other}|us': listed 2 times; 'a|b|c': not PACKAGE|SITE"), said
+    with opsdb.session() as session:
+        copy = session.get_one(PackageCopy, rotten.id)
+        copy.status = CopyStatus.DELETED  # a copy OpsDB records as gone (the repair's)
+    said = scrub_by_hand([f"{package}|cologne"])
+    assert said.endswith(f"'{package}|cologne': no LTA copy of {package} at cologne to re-read "
+                         "(OpsDB records none present or corrupt)"), said
+    with opsdb.session() as session:
+        session.get_one(PackageCopy, rotten.id).status = CopyStatus.PRESENT
+
+    empty = scrub_job.execute_in_process(  # nothing asked for: nothing to do, no failure
+        instance=instance, resources=defs.resources,
+        run_config={"ops": {"reread_lta_copies": {"config": {"partitions": []}}}})
+    assert empty.success and empty.output_for_node("reread_lta_copies") == 0
+
+    nothing_changed()
+    # a refused scrub is no failed work: the re-attempt sensor asks for nothing
+    repository = defs.get_repository_def()
+    with build_sensor_context(instance=instance, repository_def=repository,
+                              resources=defs.resources) as context:
+        tick = repository.get_sensor_def("reattempt_sensor").evaluate_tick(context)
+    assert not tick.run_requests, tick.run_requests
+    # the next scheduled scrub finds the rotten copy as ever
+    assert drive(defs, instance, schedules=True).failed == []
+    with opsdb.session() as session:
+        assert session.get_one(PackageCopy, rotten.id).status != CopyStatus.PRESENT
