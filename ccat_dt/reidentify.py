@@ -38,11 +38,7 @@ from ccat_dt.transports.factory import ssh_settings
 
 LOG = logging.getLogger(__name__)
 
-PAGE = 5000  # copies read from OpsDB at a time
-# Files per look at a remote root: the script and its arguments travel as one ssh command line,
-# which the kernel limits to 128 KiB (MAX_ARG_STRLEN).
-REMOTE_BATCH_FILES = 500
-REMOTE_BATCH_CHARS = 60_000
+PAGE = 5000  # copies read from OpsDB at a time (a remote look sends them in chunks that fit)
 
 
 @dataclass
@@ -85,22 +81,6 @@ def _moves(session: Session, config: Config) -> list[Moved]:
     return out
 
 
-def _batches(page: list[tuple[int, str, int, int, int]], remote: bool
-             ) -> list[list[tuple[int, str, int, int, int]]]:
-    if not remote:
-        return [page]
-    batches: list[list[tuple[int, str, int, int, int]]] = [[]]
-    chars = 0
-    for row in page:
-        if batches[-1] and (len(batches[-1]) >= REMOTE_BATCH_FILES
-                            or chars + len(row[1]) > REMOTE_BATCH_CHARS):
-            batches.append([])
-            chars = 0
-        batches[-1].append(row)
-        chars += len(row[1]) + 4
-    return batches
-
-
 def look_at_new_roots(opsdb: OpsDB, config: Config) -> list[Moved]:
     """Each location the configuration moves, with its recorded copies looked at (a stat, no
     hashing) at its new root: those that have their recorded size and mtime there. Read
@@ -130,15 +110,13 @@ def look_at_new_roots(opsdb: OpsDB, config: Config) -> list[Moved]:
                 break
             after = page[-1][0]
             try:
-                for batch in _batches(page, moved.host is not None):
-                    seen = look(moved.root, moved.host, ssh,
-                                [Wanted(path, rehash=False) for _, path, *_ in batch],
-                                moved.label)
-                    moved.same += [(id_, size, mtime, inode, found.inode)
-                                   for (id_, _, size, mtime, inode), found
-                                   in zip(batch, seen, strict=True)
-                                   if found.problem is None and found.inode is not None
-                                   and (found.size, found.mtime_ns) == (size, mtime)]
+                seen = look(moved.root, moved.host, ssh,
+                            [Wanted(path, rehash=False) for _, path, *_ in page], moved.label)
+                moved.same += [(id_, size, mtime, inode, found.inode)
+                               for (id_, _, size, mtime, inode), found
+                               in zip(page, seen, strict=True)
+                               if found.problem is None and found.inode is not None
+                               and (found.size, found.mtime_ns) == (size, mtime)]
             except StorageUnavailable as exc:
                 moved.skipped = (f"its new root could not be looked at ({exc}): its copies are "
                                  "judged by their checksums when next checked")

@@ -71,6 +71,7 @@ from ccat_dt.transports.base import (
     Transport,
 )
 from ccat_dt.transports.factory import endpoint, ssh_settings, transport_for
+from ccat_dt.transports.remote import REMOTE_ARGUMENT_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -643,7 +644,8 @@ def _start(session: Session, config: Config, placement: Placement, destination: 
 def _companions(session: Session, config: Config, placement: Placement, kind: LocationType,
                 budget: int) -> list[Placement]:
     """Packages of the same observation waiting for the same hop from the same location that
-    were never attempted there, up to the batch byte budget. An attempt in flight is another
+    were never attempted there, up to the batch byte budget and as many as one remote command
+    line carries (_argument_chars). An attempt in flight is another
     process's claim (claims.py): read with the packages locked, it leaves the package out."""
     package = get_package(session, placement.package)
     destination = primary_location(session, placement.site, kind)
@@ -653,6 +655,7 @@ def _companions(session: Session, config: Config, placement: Placement, kind: Lo
         .order_by(RawDataPackage.id)).all()
     out: list[Placement] = []
     spent = placement.source.size
+    chars = _argument_chars(placement.source.path, destination.root, package_path(package))
     for sibling in siblings:
         tried = session.scalar(select(Operation.id).where(
             Operation.package_id == sibling.id,
@@ -662,12 +665,22 @@ def _companions(session: Session, config: Config, placement: Placement, kind: Lo
         source = (verified_copy(session, sibling, placement.site, LocationType.BUFFER)
                   if kind == LocationType.LONG_TERM_ARCHIVE
                   else replication_source(session, config, sibling, placement.site))
-        if (source is None or source.location_id != placement_location(session, placement)
-                or spent + source.size > budget):
+        if source is None or source.location_id != placement_location(session, placement):
             continue
-        spent += source.size
-        out.append(Placement(sibling.name, placement.site, CopyRef.of(source)))
+        ref = CopyRef.of(source)
+        cost = _argument_chars(ref.path, destination.root, package_path(sibling))
+        if spent + source.size > budget or chars + cost > REMOTE_ARGUMENT_CHARS:
+            continue
+        spent, chars = spent + source.size, chars + cost
+        out.append(Placement(sibling.name, placement.site, ref))
     return out
+
+
+def _argument_chars(source: str, destination_root: str, relative: str) -> int:
+    """At most what one package adds to its batch session's one remote command line (its
+    source and landing names, its final name, checksum and identity), which must fit the
+    kernel's limit (transports.remote.REMOTE_ARGUMENT_CHARS) however small the packages."""
+    return len(source) + 2 * len(f"{destination_root}/{relative}") + 200
 
 
 def placement_location(session: Session, placement: Placement) -> int:

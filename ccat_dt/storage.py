@@ -7,8 +7,9 @@ the moment it happens. Everything here reads the storage itself:
   replaced by a symlink cannot redirect a deletion or a check into another observation;
 - a location root must hold the marker `ccat-dt init` writes (MARKER): an unmounted disk's
   empty mount point has none, so nothing is counted, written or deleted there;
-- remote files are looked at in one ssh round trip per location and batch, hashed on their
-  host with `xxhsum -H2` (no bytes cross the link).
+- remote files are looked at in one ssh round trip per location and batch (a long list in
+  chunks that each fit one command line), hashed on their host with `xxhsum -H2` (no bytes
+  cross the link).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ccat_dt.transports.base import (
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
     STAT_IDENTITY,
+    argument_chunks,
     check_host,
     check_path,
     classify_ssh,
@@ -301,10 +303,22 @@ def _marked_remote(root: str, host: str, first: str, label: str | None) -> None:
 
 def _look_remote(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted],
                  label: str | None) -> list[Seen]:
+    """One ssh round trip per chunk of `wanted` that fits a remote command line (thousands of
+    files of a package purged at once would not), the marker looked at in each."""
+    return [seen for chunk in argument_chunks(wanted, _look_arguments)
+            for seen in _look_remote_chunk(root, host, ssh, chunk, label)]
+
+
+def _look_arguments(item: Wanted) -> list[str]:
+    _parts(item.relative_path)
+    return ["1" if item.rehash else "0", check_path(item.relative_path)]
+
+
+def _look_remote_chunk(root: str, host: str, ssh: SshSettings, wanted: Sequence[Wanted],
+                       label: str | None) -> list[Seen]:
     arguments = [check_path(root)]
     for item in wanted:
-        _parts(item.relative_path)
-        arguments += ["1" if item.rehash else "0", check_path(item.relative_path)]
+        arguments += _look_arguments(item)
     try:
         done = run(remote_command(ssh, host, ["sh", "-c", _LOOK_SCRIPT, "sh", *arguments]),
                    timeout_s=HASH_TIMEOUT_S)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ccat_dt.checksums import hash_file
 from ccat_dt.diskstate import inodes_out, inodes_out_here
@@ -98,6 +98,31 @@ def check_path(path: PurePosixPath | str) -> str:
     if not text:
         raise ValueError("empty path")
     return check_argument(text)
+
+
+# A remote command travels as ONE string: ssh's own argument here, then the argument of the
+# remote login shell's `-c`. Linux refuses a single argument over 128 KiB (MAX_ARG_STRLEN:
+# "Argument list too long"), every time, so a list of files is sent in chunks well under it.
+REMOTE_ARGUMENT_CHARS = 60_000
+
+T = TypeVar("T")
+
+
+def argument_chunks(items: Sequence[T], arguments: Callable[[T], Sequence[str]]
+                    ) -> list[list[T]]:
+    """`items` in order, in chunks whose remote `arguments` (quoted, as remote_command joins
+    them) stay within REMOTE_ARGUMENT_CHARS, so one remote command per chunk fits the kernel's
+    limit; one chunk (empty) for no items."""
+    chunks: list[list[T]] = [[]]
+    chars = 0
+    for item in items:
+        size = len(shlex.join(arguments(item))) + 1
+        if chunks[-1] and chars + size > REMOTE_ARGUMENT_CHARS:
+            chunks.append([])
+            chars = 0
+        chunks[-1].append(item)
+        chars += size
+    return chunks
 
 
 def remote_command(ssh: SshSettings, host: str, argv: Sequence[str]) -> list[str]:
