@@ -645,8 +645,8 @@ def _companions(session: Session, config: Config, placement: Placement, kind: Lo
                 budget: int) -> list[Placement]:
     """Packages of the same observation waiting for the same hop from the same location that
     were never attempted there, up to the batch byte budget and as many as one remote command
-    line carries (_argument_chars). An attempt in flight is another
-    process's claim (claims.py): read with the packages locked, it leaves the package out."""
+    line carries (_argument_chars). An attempt in flight is another process's claim
+    (claims.py): read with the packages locked, it leaves the package out."""
     package = get_package(session, placement.package)
     destination = primary_location(session, placement.site, kind)
     siblings = session.scalars(select(RawDataPackage).where(
