@@ -41,6 +41,7 @@ from functools import cache, partial
 from typing import Any
 
 import sqlalchemy as db
+import sqlalchemy.orm  # noqa: F401  see ccat_assets/dagster_instance.py: for an older dagster.yaml
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata

@@ -636,8 +636,11 @@ def test_a_transfer_starting_while_migrate_records_a_move_lands_at_the_new_root(
             sync_topology(migrating, edited)
             thread = threading.Thread(target=transfer)
             thread.start()
-            waits = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
-                         "'Lock' AND pid <> pg_backend_pid()")
+            # a session waiting for a lock that has this schema's data_locations open (the
+            # whole server's waits would count other tests' too)
+            waits = text("SELECT count(*) FROM pg_locks w WHERE NOT w.granted AND w.pid IN "
+                         "(SELECT pid FROM pg_locks WHERE relation = "
+                         "'data_locations'::regclass AND pid <> pg_backend_pid())")
             with opsdb.engine.connect() as watch:
                 for _ in range(600):  # the transfer waits for the move, or (before) is done
                     if not thread.is_alive() or watch.execute(waits).scalar():
