@@ -131,8 +131,8 @@ def main() -> None:
             "class": "ConsolidatedSqliteEventLogStorage",
             "config": {"base_dir": str(home / "history")}}
     if args.postgres:  # the production instance's storage (deploy/dagster.yaml)
-        settings.pop("run_storage", None)
-        settings.pop("event_log_storage", None)
+        for kind in ("run_storage", "event_log_storage", "schedule_storage"):
+            settings.pop(kind, None)
         settings["storage"] = {"postgres": {"postgres_url": args.postgres}}
     (home / "dagster.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
 
