@@ -580,6 +580,53 @@ def test_a_lock_held_past_lock_timeout_is_contention_and_the_filing_goes_through
     assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=1)
 
 
+# A lock another session holds for long (an operator's psql `idle in transaction` on the
+# observation's row, a VACUUM FULL) while an instrument files request after request, the
+# service's drainer running as under `ccat-dt serve`. Before, the first request waited the whole
+# lock_timeout (30 s by default) before it was journaled, and every later one waited behind the
+# drainer, which held the service's write lock while it waited lock_timeout again at each
+# step: one acknowledgement per lock_timeout while the lock lasted (an instrument's client with
+# a shorter timeout got none, its data not acknowledged). Now a request waits for a lock at most
+# DIRECT_LOCK_WAIT_S before it is journaled, and the drainer waits for the lock without holding
+# up the requests; once the lock is let go it files them all.
+def test_requests_are_acknowledged_while_the_drainer_waits_for_a_lock_another_session_holds(
+        pg_opsdb: OpsDB, root: Path, services: Callable[[str], Service],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lock_timeout = 20.0
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, str(lock_timeout))  # how long the drainer waits
+    start_observation(pg_opsdb, "obs-a")
+    names = [f"obs-a/scan-{n}.dat" for n in range(4)]
+    contents = raw_files(root, *names)
+    only = services("only")
+    only.service.drain_step()  # contacts OpsDB: reachable, requests applied at once
+    only.service.start()  # its drainer thread, as the app's lifespan starts it
+    acknowledged: list[tuple[int, str, float]] = []
+    with pg_opsdb.session() as holder:  # an idle-in-transaction session on obs-a's row
+        lock_observation(holder, ExecutedObsUnit.name == "obs-a")
+        pid = holder.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        assert isinstance(pid, int)
+        for number, name in enumerate(names):
+            started = time.monotonic()
+            ack = only.service.file(only.token, observation="obs-a", module=MODULE,
+                                    files=[FileSpec(name)])
+            acknowledged.append((ack.status, ack.body["status"], time.monotonic() - started))
+            if number == 0:  # the drainer now tries it, waiting for the lock
+                wait_blocked_by(pg_opsdb, pid, lambda: False)
+        pending = only.health()["journal"]["pending"]
+    deadline = time.monotonic() + GUARD_S  # let go: the waiting drainer goes on
+    while only.health()["journal"]["pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(status, said) for status, said, _ in acknowledged] == [(202, "buffered")] * 4
+    # none waited the lock out: the drainer waited for it meanwhile (never a timed race: the
+    # bound is the lock_timeout a request used to wait, ten times what it waits now)
+    assert max(took for *_, took in acknowledged) < lock_timeout / 2, acknowledged
+    assert pending == 4
+    health = only.health()
+    assert (health["journal"]["pending"], health["journal"]["dead"]) == (0, 0), health
+    assert health["opsdb"]["reachable"] and health["opsdb"]["contention"] is None, health
+    assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=4)
+
+
 # The server under the service's pooled connection accepts only reads (SQLSTATE 25006): a
 # primary demoted by a failover while a new primary took over its address, a database set
 # `default_transaction_read_only` while its disk is full. OpsDB cannot take writes: the request

@@ -138,6 +138,14 @@ def lock_timeout_s() -> float:
     return float(os.environ.get(LOCK_TIMEOUT_ENV) or LOCK_TIMEOUT_S)
 
 
+def wait_for_locks_at_most(session: Session, seconds: float) -> None:
+    """This transaction waits at most `seconds` for a lock another session holds, then fails
+    as lock_timeout does (55P03), on PostgreSQL; SQLite serialises its writers, each waiting
+    in its connection's busy timeout."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}"))
+
+
 def link_timeout_s() -> float:
     return float(os.environ.get(LINK_TIMEOUT_ENV) or PG_LINK_TIMEOUT_S)
 

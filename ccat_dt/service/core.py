@@ -60,6 +60,7 @@ from ccat_dt.opsdb.database import (
     lock_timed_out,
     lock_timeout_s,
     takes_no_writes,
+    wait_for_locks_at_most,
 )
 from ccat_dt.opsdb.models import (
     ApiRequest,
@@ -78,6 +79,10 @@ LINK_ERRORS = (OperationalError, InterfaceError, DisconnectionError, SchemaOutOf
 DRAIN_BATCH = 100  # journal entries applied in one OpsDB transaction
 SCHEMA_EVERY_S = 5.0  # how often the OpsDB's schema is looked at again
 CONFLICT_ATTEMPTS = 5  # a transaction PostgreSQL aborts for a conflict is run again at once
+# A request applied at once waits at most this long for a lock another session holds (an
+# operator's psql idle in transaction, a VACUUM FULL), then is journaled: the instrument is
+# answered at once, and the drainer waits the lock out (lock_timeout) without holding it up.
+DIRECT_LOCK_WAIT_S = 2.0
 T = TypeVar("T")
 
 
@@ -89,8 +94,9 @@ class Contended(Exception):
     """OpsDB is reachable but did not apply the request now: it aborted the transaction
     CONFLICT_ATTEMPTS times in a row for a conflict with concurrent ones (a deadlock with
     another filing service or a command), or a lock another session holds was waited for
-    lock_timeout (55P03). The request goes to (or stays in) the journal, the drainer applies it
-    at its next step; a read is answered 503 (retry)."""
+    (55P03: lock_timeout, DIRECT_LOCK_WAIT_S for a request applied at once). The request
+    goes to (or stays in) the journal, the drainer applies it at its next step; a read is
+    answered 503 (retry)."""
 
 
 class JournalUnavailable(Exception):
@@ -148,7 +154,11 @@ class FilingService:
         self._url = url.render_as_string(hide_password=False)
         self._opsdb: OpsDB | None = None
         self._schema_at = 0.0  # when the OpsDB's schema was last found to be this code's
-        self._write = threading.Lock()  # one writer: direct applies and the drainer, in order
+        # Requests one at a time: each either applied at once, only while the journal holds
+        # none pending (so never before an older one), or journaled. The drainer applies
+        # journaled entries without it: waiting for OpsDB (a lock, a slow link) it holds up no
+        # request, and no request is applied at once while its entries are pending.
+        self._write = threading.Lock()
         self.reachable = False
         self.last_error: str | None = "not contacted yet"
         self.last_contact: datetime | None = None
@@ -187,8 +197,9 @@ class FilingService:
 
     # --- OpsDB access --------------------------------------------------------------------
 
-    def _call(self, action: Callable[[OpsDB], T]) -> T:
-        """Run against OpsDB; a lost link marks it unreachable and raises Unreachable."""
+    def _call(self, action: Callable[[OpsDB], T], *, lock_wait_s: float | None = None) -> T:
+        """Run against OpsDB; a lost link marks it unreachable and raises Unreachable.
+        `lock_wait_s`: how long `action` lets a lock be waited for, when not lock_timeout."""
         try:
             if self._opsdb is None:
                 self._opsdb = OpsDB(self._url)
@@ -204,7 +215,7 @@ class FilingService:
             raise
         except LINK_ERRORS as exc:
             if lock_timed_out(exc):
-                raise self._lock_timeout(exc) from None
+                raise self._lock_timeout(exc, lock_wait_s or lock_timeout_s()) from None
             self._down(exc)
             raise Unreachable(str(exc)) from None
         except DBAPIError as exc:
@@ -219,16 +230,17 @@ class FilingService:
         self._up()
         return result
 
-    def _lock_timeout(self, exc: BaseException) -> Contended:
+    def _lock_timeout(self, exc: BaseException, waited_s: float) -> Contended:
         """A lock another session holds (an `idle in transaction` psql, a LOCK TABLE, a
-        VACUUM FULL, a command stopped mid-transaction) waited for lock_timeout: contention
+        VACUUM FULL, a command stopped mid-transaction) waited for `waited_s`: contention
         with a live server, not a lost link. Not run again at once, as a conflict is: each
-        attempt waits lock_timeout again, holding up this service's writes and the client;
-        the request is journaled and the drainer tries again at each step (no back-off),
-        applying it once the lock is let go. Before, it was "OpsDB unreachable": said so on
-        the log and /health, the pool thrown away, the entries left to the back-off."""
+        attempt would wait again while the client waits; the request is journaled and the
+        drainer tries again at each step (no back-off), waiting lock_timeout for the lock
+        without holding up requests, and applies it once the lock is let go. Before, it was
+        "OpsDB unreachable": said so on the log and /health, the pool thrown away, the
+        entries left to the back-off."""
         self.lock_timeouts += 1
-        why = (f"waited {lock_timeout_s():g} s for a lock another session holds ("
+        why = (f"waited {waited_s:g} s for a lock another session holds ("
                f"{_first_line(getattr(exc, 'orig', exc)) or 'lock not available'}); pg_locks and "
                "pg_stat_activity name that session")
         if self.contention is None:
@@ -433,13 +445,17 @@ class FilingService:
                 return self._replay(entry)
             pending, _ = self.journal.pending()
             if pending == 0 and self.reachable:
+                wait = min(DIRECT_LOCK_WAIT_S, lock_timeout_s())
+
                 def direct(session: Session) -> dict[str, Any]:
+                    wait_for_locks_at_most(session, wait)
                     result = self._execute(session, kind, payload, files)
                     self._marker(session, rid, kind, observation, token.name)
                     return result
 
                 try:
-                    result = self._call(lambda db: _transaction(db, kind, payload, direct))
+                    result = self._call(lambda db: _transaction(db, kind, payload, direct),
+                                        lock_wait_s=wait)
                 except Unreachable:  # the drainer finds the marker if it did commit
                     reason = f"OpsDB unreachable: {self.last_error}"
                 except Contended as exc:
@@ -550,8 +566,7 @@ class FilingService:
             self.journal.prune(time.time() - 7 * 86400)
             return min(self.config.settings.service.token_refresh_s, 1.0)
         started = time.monotonic()
-        with self._write:
-            applied = self._apply(entries)
+        applied = self._apply(entries)  # not under self._write: see there
         self.drain_busy_s += time.monotonic() - started
         return 0.0 if applied else 0.05
 
