@@ -32,7 +32,7 @@ def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
         raise Failure(description=(
             f"scrub_job: {len(problems)} of {len(set(config.partitions))} partitions refused, "
             f"nothing re-read: {'; '.join(problems)}"), allow_retries=False)
-    failed = 0
+    failed = reread = 0  # a copy OpsDB records no more is passed over (logged): not counted
     unreached: list[str] = []
     deployment.metrics.watch_progress()  # the bytes hashed so far, while it runs
     batch = [split_key(key) for key in config.partitions]
@@ -41,6 +41,7 @@ def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
             unreached.append(result.description)
             context.log.warning(f"scrub: {result.description}")
             continue
+        reread += 1
         failed += not result.passed
         # On the partition's latest materialization, so that the partition, the check list
         # and the lineage node show it (red until the repair's new copy passes its check).
@@ -48,7 +49,7 @@ def reread_lta_copies(context: OpExecutionContext, config: ScrubBatch,
             context.instance, package, site, LocationType.LONG_TERM_ARCHIVE, False,
             passed=result.passed, description=f"scrub: {result.description}",
             metadata={"path": result.path or "", "copy_id": result.copy_id or 0}))
-    context.log.info(f"scrubbed {len(config.partitions) - len(unreached)} LTA copies, "
+    context.log.info(f"scrubbed {reread} LTA copies, "
                      f"{failed} bad, {len(unreached)} not reached")
     if unreached:
         raise Failure(description=(

@@ -303,6 +303,9 @@ def test_a_scrub_typed_in_by_hand_with_bad_partitions_is_refused_whole_changing_
         run_config={"ops": {"reread_lta_copies": {"config": {"partitions": [
             f"{package}|cologne"]}}}})
     assert gone.success and gone.output_for_node("reread_lta_copies") == 0
+    told = [record.event_log_entry.user_message
+            for record in instance.get_records_for_run(gone.run_id).records]
+    assert "scrubbed 0 LTA copies, 0 bad, 0 not reached" in told, told  # (before: 1)
     with opsdb.session() as session:
         session.get_one(PackageCopy, rotten.id).status = CopyStatus.PRESENT
 
