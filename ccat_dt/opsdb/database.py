@@ -88,8 +88,10 @@ def dispose_engines() -> None:
         engine.dispose()
 
 
-def create_opsdb_engine(url: str) -> Engine:
-    engine = _create_engine(url)
+def create_opsdb_engine(url: str, lock_wait_s: float | None = None) -> Engine:
+    """`lock_wait_s`: how long a statement waits for a lock another session holds, when not
+    `lock_timeout_s()`."""
+    engine = _create_engine(url, lock_timeout_s() if lock_wait_s is None else lock_wait_s)
     _engines.add(engine)
     return engine
 
@@ -139,9 +141,9 @@ def lock_timeout_s() -> float:
 
 
 def wait_for_locks_at_most(session: Session, seconds: float) -> None:
-    """This transaction waits at most `seconds` for a lock another session holds, then fails
-    as lock_timeout does (55P03), on PostgreSQL; SQLite serialises its writers, each waiting
-    in its connection's busy timeout."""
+    """This transaction waits `seconds` for a lock another session holds, then fails as
+    lock_timeout does (55P03), on PostgreSQL, whatever its connection's lock_timeout; SQLite's
+    writers wait in their connection's busy timeout."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text(f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}"))
 
@@ -211,9 +213,9 @@ def set_on_connect(engine: Engine, settings: Sequence[tuple[str, int]]) -> None:
         dbapi_connection.commit()  # a SET in a transaction rolled back would be undone
 
 
-def _create_engine(url: str) -> Engine:
+def _create_engine(url: str, lock_wait_s: float) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": lock_timeout_s()})
+        engine = create_engine(url, connect_args={"timeout": lock_wait_s})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -224,12 +226,13 @@ def _create_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return _postgres_engine(url)
+    return _postgres_engine(url, lock_wait_s)
 
 
-def _postgres_engine(url: str) -> Engine:
+def _postgres_engine(url: str, lock_wait_s: float) -> Engine:
     """A lock another session holds (an `idle in transaction` psql, a `LOCK TABLE`, a VACUUM
-    FULL, a process stopped in the middle of a transaction) is waited for `lock_timeout_s()`,
+    FULL, a process stopped in the middle of a transaction) is waited for `lock_wait_s`
+    (`lock_timeout_s()` unless the caller says),
     as SQLite's busy timeout, then the statement fails (SQLSTATE 55P03), its step is retried
     and re-attempted like any OpsDB fault. PostgreSQL waits for ever by default: a drive, its
     runs and the daemon's sensor ticks hung on such a lock with nobody told. A network path
@@ -238,7 +241,7 @@ def _postgres_engine(url: str) -> Engine:
     tcp_user_timeout is kept."""
     parsed = make_url(url)
     engine = create_engine(url, pool_pre_ping=True, connect_args=link_connect_args(parsed))
-    milliseconds = max(1, round(lock_timeout_s() * 1000))
+    milliseconds = max(1, round(lock_wait_s * 1000))
     own = "lock_timeout" in str(parsed.query.get("options", ""))
     set_on_connect(engine, [*([] if own else [("lock_timeout", milliseconds)]),
                             *server_link_settings(parsed)])
@@ -251,7 +254,7 @@ def migrate(url: str) -> None:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     from alembic import command
 
-    engine = _create_engine(url)
+    engine = _create_engine(url, lock_timeout_s())
     try:  # a newer schema: Alembic would fail on the revision it does not know (a traceback)
         newer = _newer_than_code(_current_revision(engine), schema_head())
     finally:
@@ -337,9 +340,9 @@ def check_schema(engine: Engine) -> None:
 class OpsDB:
     """A handle on one OpsDB: hands out short transactions."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, lock_wait_s: float | None = None) -> None:
         self.url = url
-        self.engine = create_opsdb_engine(url)
+        self.engine = create_opsdb_engine(url, lock_wait_s)
         check_schema(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 

@@ -79,9 +79,10 @@ LINK_ERRORS = (OperationalError, InterfaceError, DisconnectionError, SchemaOutOf
 DRAIN_BATCH = 100  # journal entries applied in one OpsDB transaction
 SCHEMA_EVERY_S = 5.0  # how often the OpsDB's schema is looked at again
 CONFLICT_ATTEMPTS = 5  # a transaction PostgreSQL aborts for a conflict is run again at once
-# A request applied at once waits at most this long for a lock another session holds (an
-# operator's psql idle in transaction, a VACUUM FULL), then is journaled: the instrument is
+# A request waits at most this long for a lock another session holds (an operator's psql
+# idle in transaction, a VACUUM FULL), then is journaled (a read answered 503): the client is
 # answered at once, and the drainer waits the lock out (lock_timeout) without holding it up.
+# The service's connections' own lock_timeout: no statement of its own per request.
 DIRECT_LOCK_WAIT_S = 2.0
 T = TypeVar("T")
 
@@ -153,6 +154,7 @@ class FilingService:
                 "connect_timeout": str(settings.opsdb_connect_timeout_s), **url.query})
         self._url = url.render_as_string(hide_password=False)
         self._opsdb: OpsDB | None = None
+        self._lock_wait_s = min(DIRECT_LOCK_WAIT_S, lock_timeout_s())
         self._schema_at = 0.0  # when the OpsDB's schema was last found to be this code's
         # Requests one at a time: each either applied at once, only while the journal holds
         # none pending (so never before an older one), or journaled. The drainer applies
@@ -199,10 +201,11 @@ class FilingService:
 
     def _call(self, action: Callable[[OpsDB], T], *, lock_wait_s: float | None = None) -> T:
         """Run against OpsDB; a lost link marks it unreachable and raises Unreachable.
-        `lock_wait_s`: how long `action` lets a lock be waited for, when not lock_timeout."""
+        `lock_wait_s`: how long `action` lets a lock be waited for, when not the service's
+        connections' own (DIRECT_LOCK_WAIT_S)."""
         try:
             if self._opsdb is None:
-                self._opsdb = OpsDB(self._url)
+                self._opsdb = OpsDB(self._url, lock_wait_s=self._lock_wait_s)
                 self._schema_at = time.monotonic()
             elif time.monotonic() - self._schema_at > SCHEMA_EVERY_S:
                 # A `migrate` by a newer ccat-dt under this long-lived process: journal (its
@@ -215,7 +218,7 @@ class FilingService:
             raise
         except LINK_ERRORS as exc:
             if lock_timed_out(exc):
-                raise self._lock_timeout(exc, lock_wait_s or lock_timeout_s()) from None
+                raise self._lock_timeout(exc, lock_wait_s or self._lock_wait_s) from None
             self._down(exc)
             raise Unreachable(str(exc)) from None
         except DBAPIError as exc:
@@ -445,17 +448,13 @@ class FilingService:
                 return self._replay(entry)
             pending, _ = self.journal.pending()
             if pending == 0 and self.reachable:
-                wait = min(DIRECT_LOCK_WAIT_S, lock_timeout_s())
-
                 def direct(session: Session) -> dict[str, Any]:
-                    wait_for_locks_at_most(session, wait)
                     result = self._execute(session, kind, payload, files)
                     self._marker(session, rid, kind, observation, token.name)
                     return result
 
                 try:
-                    result = self._call(lambda db: _transaction(db, kind, payload, direct),
-                                        lock_wait_s=wait)
+                    result = self._call(lambda db: _transaction(db, kind, payload, direct))
                 except Unreachable:  # the drainer finds the marker if it did commit
                     reason = f"OpsDB unreachable: {self.last_error}"
                 except Contended as exc:
@@ -602,6 +601,7 @@ class FilingService:
         becomes a dead letter, the others are applied."""
         def apply(db: OpsDB) -> None:
             def work(session: Session) -> None:
+                wait_for_locks_at_most(session, lock_timeout_s())  # no request waits on it
                 done = set(session.scalars(select(ApiRequest.request_id).where(
                     ApiRequest.request_id.in_([e.request_id for e in entries]))))
                 todo = [e for e in entries if e.request_id not in done]  # applied before a kill
@@ -622,7 +622,7 @@ class FilingService:
                     work(session)
 
         try:
-            self._call(apply)
+            self._call(apply, lock_wait_s=lock_timeout_s())
         except Unreachable as exc:
             self.journal.note_attempt(entries[0].seq, f"OpsDB unreachable: {exc}")
             return False
