@@ -82,7 +82,8 @@ CONFLICT_ATTEMPTS = 5  # a transaction PostgreSQL aborts for a conflict is run a
 # A request waits at most this long for a lock another session holds (an operator's psql
 # idle in transaction, a VACUUM FULL), then is journaled (a read answered 503): the client is
 # answered at once, and the drainer waits the lock out (lock_timeout) without holding it up.
-# The service's connections' own lock_timeout: no statement of its own per request.
+# The service's connections' own lock_timeout on PostgreSQL: no statement of its own per
+# request.
 DIRECT_LOCK_WAIT_S = 2.0
 T = TypeVar("T")
 
@@ -154,7 +155,10 @@ class FilingService:
                 "connect_timeout": str(settings.opsdb_connect_timeout_s), **url.query})
         self._url = url.render_as_string(hide_password=False)
         self._opsdb: OpsDB | None = None
-        self._lock_wait_s = min(DIRECT_LOCK_WAIT_S, lock_timeout_s())
+        # How long a request waits for a lock. An SQLite OpsDB keeps its whole busy timeout:
+        # its "database is locked" is not told from a lost file (journaled as unreachable).
+        self._lock_wait_s = (min(DIRECT_LOCK_WAIT_S, lock_timeout_s())
+                             if url.get_backend_name() == "postgresql" else lock_timeout_s())
         self._schema_at = 0.0  # when the OpsDB's schema was last found to be this code's
         # Requests one at a time: each either applied at once, only while the journal holds
         # none pending (so never before an older one), or journaled. The drainer applies
