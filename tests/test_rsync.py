@@ -478,8 +478,10 @@ def test_missing_source_is_not_retryable(sshd: SshServer, transport: RsyncTransp
 
 
 @pytest.mark.parametrize("direction", ["local->remote", "remote->other remote"])
-def test_copy_many_is_one_rsync_session_verified_per_file(
+def test_copy_many_is_one_rsync_session_and_one_verification_round_trip(
         sshd: SshServer, transport: RsyncTransport, work: Path, direction: str) -> None:
+    """Issue 17: a batch of small packages over a long link costs a handshake per command;
+    before, each file was verified and renamed by an ssh command of its own."""
     source_host, destination_host = DIRECTIONS[direction]
     names = ["a.tar", "b c.tar", "-d;e.tar"]
     checksums = [write_random(work / "src" / name, 200_000 + i) for i, name in enumerate(names)]
@@ -496,6 +498,9 @@ def test_copy_many_is_one_rsync_session_verified_per_file(
     [command] = rsync_runs(log_path)  # one rsync invocation carried all three
     for name in names:
         assert f".{name}.part" in command
+    [verification] = [entry for entry in logged_commands(log_path) if "xxhsum" in entry]
+    for name in names:  # one command hashed all three where they landed, and renamed them
+        assert f"/dst/.{name}.part" in verification, verification
     for staging in set(re.findall(r"/\S*ccat-rsync\.\w+", Path(str(log_path)).read_text())):
         assert not Path(staging).exists()  # staging symlinks cleaned up
 

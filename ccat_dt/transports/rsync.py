@@ -6,7 +6,8 @@ temporary file behind and the next attempt appends to it instead of starting ove
 immutable, so a shorter temporary file can only be a prefix of the source; if it is not, the
 checksum below catches it and the next attempt starts clean). After rsync the xxh3-128 of the
 temporary file is computed where it lies and compared with the checksum recorded in OpsDB; only
-a match is renamed to the final name (one ssh command does both: remote_verify_and_rename).
+a match is renamed to the final name (one ssh command does both: remote_verify_and_rename; for
+a batch's files, one command for all, hashing them in parallel: remote_verify_and_rename_many).
 With SshSettings.control_persist_s, rsync's ssh and that command share one connection.
 
 Remote to remote: rsync cannot copy between two remote hosts in one command, so it is run ON the
@@ -38,6 +39,7 @@ from ccat_dt.transports.base import (
     SOURCE_UNREADABLE,
     TOO_LARGE,
     Endpoint,
+    Occupied,
     SshSettings,
     TransferError,
     TransferResult,
@@ -65,8 +67,10 @@ from ccat_dt.transports.remote import (
     remote_prepare,
     remote_remove,
     remote_verify_and_rename,
+    remote_verify_and_rename_many,
     run,
 )
+from ccat_dt.transports.session import discard
 
 # rsync EXIT VALUES (man rsync): network, protocol-stream, timeouts, signals, crashes.
 _RETRYABLE_EXIT = {10, 12, 13, 14, 15, 16, 19, 20, 21, 22, 30, 35, 255}
@@ -372,9 +376,9 @@ class RsyncTransport:
 
     def copy_many(self, pairs: Sequence[tuple[Endpoint, Endpoint, str]]
                   ) -> list[TransferResult | TransferError]:
-        """Copy several files, one rsync session per (source host, destination directory);
-        each file is verified and renamed on its own, so one bad file fails only itself.
-        Results are in the order of `pairs`."""
+        """Copy several files, one rsync session per (source host, destination directory),
+        then one verification round trip for its files; each file is judged on its own, so
+        one bad file fails only itself. Results are in the order of `pairs`."""
         items = [_Item(*pair) for pair in pairs]
         destinations = [str(item.destination) for item in items]
         if len(set(destinations)) != len(destinations):
@@ -484,8 +488,8 @@ class RsyncTransport:
             if any(text in str(failed) for text in _USELESS_PARTIAL):
                 self._discard(items, log)
             raise failed
-        results: list[TransferResult | TransferError] = []
-        for item, name in zip(items, sent, strict=True):
+        results: dict[int, TransferResult | TransferError] = {}
+        for index, (item, name) in enumerate(zip(items, sent, strict=True)):
             complaints = [line for line in done.stderr.splitlines()
                           if f'"{name.path}"' in line or f"'{name.path}'" in line]
             if failed is not None and complaints:
@@ -494,10 +498,14 @@ class RsyncTransport:
                 log.write(f"{item.source}: not transferred: {error}")
                 if SOURCE_UNREADABLE in str(error):  # its partial: zeros where it failed
                     self._discard([item], log)
-                results.append(error)
-                continue
-            results.append(self._verify(item, log, rsync_seconds))
-        return results
+                results[index] = error
+        landed = [index for index in range(len(items)) if index not in results]
+        if len(landed) == 1:
+            results[landed[0]] = self._verify(items[landed[0]], log, rsync_seconds)
+        elif landed:
+            results.update(zip(landed, self._verify_all([items[i] for i in landed], log,
+                                                        rsync_seconds), strict=True))
+        return [results[index] for index in range(len(items))]
 
     def _verify(self, item: _Item, log: _Log,
                 rsync_seconds: float) -> TransferResult | TransferError:
@@ -525,6 +533,51 @@ class RsyncTransport:
         return TransferResult(bytes=size, seconds=rsync_seconds + time.monotonic() - started,
                               checksum=actual, streams=1, log_path=str(log.path),
                               inode=landed.inode, mtime_ns=landed.mtime_ns)
+
+    def _verify_all(self, items: list[_Item], log: _Log,
+                    rsync_seconds: float) -> list[TransferResult | TransferError]:
+        """_verify for the files of a batch, all on one host, in one round trip, hashed in
+        parallel there: a batch of small packages over a long link costs one handshake, not
+        one per file. A file that does not match is removed (one round trip for all)."""
+        started = time.monotonic()
+        for item in items:
+            self._after_rsync(item.temporary)
+        triples = [(item.temporary, item.destination, item.expected_checksum) for item in items]
+        try:
+            verdicts = remote_verify_and_rename_many(self.ssh, triples, all_or_none=False,
+                                                     record=log.command)
+        except TransferError as exc:
+            log.write(f"verification of {len(items)} files failed: {exc}")
+            return [exc] * len(items)
+        seconds = rsync_seconds + time.monotonic() - started
+        results: list[TransferResult | TransferError] = []
+        for item, verdict in zip(items, verdicts, strict=True):
+            if verdict.digest is None:  # kept, as _verify keeps it: the next attempt looks
+                error = TransferError(f"cannot read {item.temporary} to verify it",
+                                      retryable=True)
+            elif verdict.digest != item.expected_checksum:
+                error = TransferError(
+                    f"checksum mismatch on arrival at {item.destination}: expected {ALGORITHM} "
+                    f"{item.expected_checksum}, got {verdict.digest}; removed "
+                    f"{item.temporary.path}", retryable=True)
+            elif verdict.occupied:
+                error = Occupied(item.destination, item.temporary)
+            elif not verdict.renamed:
+                error = TransferError(f"verified but not renamed: {item.destination}",
+                                      retryable=True)
+            else:
+                log.write(f"{item.destination}: verified {ALGORITHM} {verdict.digest}, "
+                          f"{verdict.size} bytes, renamed")
+                results.append(TransferResult(
+                    bytes=verdict.size or 0, seconds=seconds, checksum=verdict.digest,
+                    streams=1, log_path=str(log.path), inode=verdict.inode,
+                    mtime_ns=verdict.mtime_ns))
+                continue
+            log.write(f"{item.destination}: {error}")
+            results.append(error)
+        discard(self.ssh, [triple for triple, verdict in zip(triples, verdicts, strict=True)
+                           if verdict.digest not in (None, triple[2])])
+        return results
 
     def _discard(self, items: list[_Item], log: _Log) -> None:
         """Best effort: partial files that no retry can use should not take space."""
