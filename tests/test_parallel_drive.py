@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -351,6 +354,52 @@ def test_a_parallel_drive_ends_as_a_serial_one(tmp_path: Path) -> None:
     assert serial_storage == parallel_storage
     assert sum(len(files) for files in serial_storage.values()) == 2 * 2  # 2 packages, 2 LTAs
     assert serial_packages == parallel_packages
+
+
+@contextmanager
+def grpc_in_use() -> Iterator[None]:
+    """This process talking gRPC all along, as one beside the UI's code server does: a server
+    in it, and a thread calling it over fresh channels (Dagster's client opens one a call)."""
+    import grpc
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    done = threading.Event()
+
+    def call() -> None:
+        while not done.is_set():
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, \
+                    suppress(grpc.RpcError):  # no such method: an answer all the same
+                channel.unary_unary("/ccat.Test/Ping")(b"", timeout=1)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    try:
+        yield
+    finally:
+        done.set()
+        caller.join()
+        server.stop(None)
+
+
+def test_a_drive_whose_process_talks_grpc_executes_every_run_it_forks(tmp_path: Path) -> None:
+    """Before, a run's child forked while another thread was in gRPC (the test's UI, a channel
+    to its code server) could die at once of a segmentation fault in gRPC's own fork
+    handlers: its run failed, "killed by signal 11" (a test run beside the UI, 1 full test
+    run in 3; this test, 6 times in 6)."""
+    config = deployment(tmp_path / "deploy")
+    opsdb = OpsDB(config.opsdb_url)
+    observe(config, opsdb, observations=4)
+    home = write_instance_yaml(config, tmp_path / "dagster_home").parent
+    with DagsterInstance.from_config(str(home)) as instance, grpc_in_use():
+        report = drive(build_definitions(config), instance)
+        assert report.failed == [] and report.dead_runs == []
+        assert len(instance.get_runs()) >= 8  # each executed by a child forked meanwhile
+        assert all(r.status == DagsterRunStatus.SUCCESS for r in instance.get_runs())
+    archived_everywhere(config, opsdb)
+    assert_safe(config, opsdb)
+    opsdb.dispose()
 
 
 def test_a_child_killed_mid_run_is_failed_and_finished_by_the_next_drive(
