@@ -189,10 +189,15 @@ def open_observation(opsdb: OpsDB, name: str, *, uuid: str | None = None,
     raise AssertionError("unreachable")
 
 
-def start_in(session: Session, name: str, uuid: str | None = None) -> Started:
+def start_in(session: Session, name: str, uuid: str | None = None, *,
+             uuid_given: bool = True) -> Started:
     """open_observation inside the caller's transaction (the filing service's, with its
     request's marker): raises IntegrityError when another process started the same name or
-    used the uuid at the same moment."""
+    used the uuid at the same moment. A uuid the caller gave (`uuid_given`; not one made up
+    for it, as the filing journal does) must be the open observation's: an instrument that
+    names its observation by its own uuid is told it is another's (before, the observation
+    answered "already open" with its own uuid, which a client reading only the status took
+    for its own)."""
     obs = session.scalar(select(ExecutedObsUnit).where(ExecutedObsUnit.name == name))
     if obs is None:
         obs = ExecutedObsUnit(name=name, uuid=uuid or new_uuid())
@@ -203,7 +208,14 @@ def start_in(session: Session, name: str, uuid: str | None = None) -> Started:
         raise FilingError(f"observation '{name}' already finished at "
                           f"{obs.finished_at}; it cannot be restarted, use a new name",
                           [("name", "observation already finished")], conflict=True)
+    if uuid_given and uuid is not None and uuid != obs.uuid:
+        raise started_with_another_uuid(name, obs.uuid)
     return Started(obs.uuid, created=False)
+
+
+def started_with_another_uuid(name: str, known: str) -> FilingError:
+    return FilingError(f"observation '{name}' was started with uuid {known}; nothing changed",
+                       [("uuid", "differs")], conflict=True)
 
 
 def finish_observation(opsdb: OpsDB, name: str, *, hook: Hook | None = None

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -562,6 +563,48 @@ def test_starting_or_finishing_an_observation_again_answers_200_saying_so(
     assert capsys.readouterr().out == "observation obs-again already finished\n"
     with site.opsdb.session() as session:  # finished once, at the first finish's moment
         assert session.scalar(select(ExecutedObsUnit.finished_at)) == finished_at
+
+
+def test_starting_an_observation_under_another_uuid_is_refused_whether_direct_or_journaled(
+        site: Site) -> None:
+    """An observation an instrument starts with its own uuid, started again with another:
+    409 naming the uuid it has, nothing changed, whether OpsDB answers at once or the request
+    is journaled (before: 200 "already open" with the other uuid when OpsDB answered, 409
+    from the journal). A journaled start with a uuid that finds the observation started
+    meanwhile under another is a dead letter, a person told; one without a uuid is applied
+    (the uuid the journal made up for it was never the instrument's)."""
+    auth = {"Authorization": f"Bearer {site.token}"}
+    start = f"{site.url}/executed_obs_units/start"
+    mine, other = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def uuids() -> dict[str, str]:
+        with site.opsdb.session() as session:
+            rows = session.execute(select(ExecutedObsUnit.name, ExecutedObsUnit.uuid)).all()
+            return {name: value for name, value in rows}
+
+    assert httpx.post(start, json={"name": "obs-u", "uuid": mine}, headers=auth
+                      ).status_code == 201
+    refused = httpx.post(start, json={"name": "obs-u", "uuid": other}, headers=auth)
+    assert refused.status_code == 409 and mine in refused.json()["detail"], refused.text
+    assert uuids() == {"obs-u": mine}
+    for body in ({"name": "obs-u", "uuid": mine}, {"name": "obs-u"}):
+        again = httpx.post(start, json=body, headers=auth)
+        assert (again.status_code, again.json()["uuid"]) == (200, mine), again.text
+
+    site.link.cut()
+    refused = httpx.post(start, json={"name": "obs-u", "uuid": other}, headers=auth)
+    assert refused.status_code == 409 and mine in refused.json()["detail"], refused.text
+    given = httpx.post(start, json={"name": "obs-given", "uuid": other}, headers=auth)
+    made_up = httpx.post(start, json={"name": "obs-made-up"}, headers=auth)
+    assert [r.json()["status"] for r in (given, made_up)] == ["buffered", "buffered"]
+    # Meanwhile both are started straight into OpsDB, each under a uuid of its own.
+    first, second = (start_observation(site.opsdb, name) for name in ("obs-given", "obs-made-up"))
+    site.link.restore()
+    health = site.wait("the drain", lambda h: h["journal"]["pending"] == 0)
+    assert health["journal"]["dead"] == 1, health
+    letter = health["journal"]["dead_letters"][0]
+    assert letter["observation"] == "obs-given" and first in letter["error"], letter
+    assert uuids() == {"obs-u": mine, "obs-given": first, "obs-made-up": second}
 
 
 def test_a_second_service_on_the_same_journal_refuses_to_start(site: Site) -> None:

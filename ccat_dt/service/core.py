@@ -51,6 +51,7 @@ from ccat_dt.filing import (
     record_checked,
     source_from_config,
     start_in,
+    started_with_another_uuid,
 )
 from ccat_dt.opsdb.database import (
     OpsDB,
@@ -318,7 +319,8 @@ class FilingService:
     def _execute(session: Session, kind: str, payload: dict[str, Any],
                  files: list[CheckedFile] | None = None) -> dict[str, Any]:
         if kind == "start":
-            started = start_in(session, payload["name"], payload["uuid"])
+            started = start_in(session, payload["name"], payload["uuid"],
+                               uuid_given=payload.get("uuid_given", False))
             return {"uuid": started.uuid, "changed": started.created}
         if kind == "finish":
             earlier = finish_in(session, payload["name"])
@@ -371,15 +373,15 @@ class FilingService:
         def journal_body() -> dict[str, Any]:
             known = self.journal.started(name)  # started before, buffered or applied
             if known is not None and obs_uuid not in (None, known):
-                raise FilingError(f"observation '{name}' was started with uuid {known}",
-                                  [("uuid", "differs")], conflict=True)
+                raise started_with_another_uuid(name, known)
             if self.journal.finished(name):
                 raise FilingError(f"observation '{name}' is finished; it cannot be restarted, "
                                   "use a new name", [("name", "observation finished")],
                                   conflict=True)
             return {"uuid": known or obs_uuid or new_uuid()}
 
-        return self._submit(token, rid, "start", name, {"name": name, "uuid": obs_uuid},
+        return self._submit(token, rid, "start", name,
+                            {"name": name, "uuid": obs_uuid, "uuid_given": obs_uuid is not None},
                             journal_body, {"name": name})
 
     def finish_observation(self, token: TokenInfo, name: str,
