@@ -627,6 +627,40 @@ def test_requests_are_acknowledged_while_the_drainer_waits_for_a_lock_another_se
     assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=4)
 
 
+# The server cancels the service's statement (SQLSTATE 57014): a statement_timeout an
+# administrator set for the role or the database (here on the service's pooled connection) ran
+# out while the statement waited for a lock; pg_cancel_backend does the same. The server is
+# live: the request is journaled (202) with the cancel as its reason, /health says OpsDB is
+# reachable and busy, and the drainer files it at its next step once the statement goes
+# through. Before, it was "OpsDB unreachable": the pool thrown away, the entry left to the
+# unreachable back-off, /health saying the server could not be reached.
+def test_a_statement_the_server_cancels_is_journaled_as_busy_not_unreachable(
+        pg_opsdb: OpsDB, root: Path, services: Callable[[str], Service]) -> None:
+    start_observation(pg_opsdb, "obs-a")
+    contents = raw_files(root, "obs-a/one.dat")
+    only = services("only")
+    only.service.drain_step()  # contacts OpsDB: reachable, one pooled connection
+    opsdb = only.service._opsdb
+    assert opsdb is not None
+    with opsdb.engine.connect() as pooled:  # a statement_timeout shorter than the lock wait
+        pooled.exec_driver_sql("SET statement_timeout = '200ms'")
+        pooled.commit()
+    with pg_opsdb.session() as holder:  # an idle-in-transaction session on obs-a's row
+        lock_observation(holder, ExecutedObsUnit.name == "obs-a")
+        ack = only.service.file(only.token, observation="obs-a", module=MODULE,
+                                files=[FileSpec("obs-a/one.dat")])
+        health = only.health()
+    assert (ack.status, ack.body["status"]) == (202, "buffered"), ack
+    assert "statement timeout" in ack.body["reason"] and "busy" in ack.body["reason"], ack
+    assert health["opsdb"]["reachable"], health
+    assert "statement timeout" in health["opsdb"]["contention"], health
+    only.service.drain_step()  # the lock let go: filed at the next step, no back-off
+    health = only.health()
+    assert (health["journal"]["pending"], health["journal"]["dead"]) == (0, 0), health
+    assert health["opsdb"]["contention"] is None, health
+    assert_opsdb_matches_the_files(pg_opsdb, root, contents, requests=1)
+
+
 # The server under the service's pooled connection accepts only reads (SQLSTATE 25006): a
 # primary demoted by a failover while a new primary took over its address, a database set
 # `default_transaction_read_only` while its disk is full. OpsDB cannot take writes: the request

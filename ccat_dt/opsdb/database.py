@@ -125,6 +125,16 @@ def lock_timed_out(exc: BaseException) -> bool:
     return _sqlstate(exc) == LOCK_NOT_AVAILABLE
 
 
+QUERY_CANCELED = "57014"  # PostgreSQL's query_canceled
+
+
+def statement_canceled(exc: BaseException) -> bool:
+    """`exc` is PostgreSQL cancelling a statement (SQLSTATE 57014): a statement_timeout (a
+    role's or the database's), or an administrator's pg_cancel_backend. The server is live
+    and answering; the transaction was rolled back, and a later attempt may go through."""
+    return _sqlstate(exc) == QUERY_CANCELED
+
+
 READ_ONLY_TRANSACTION = "25006"  # PostgreSQL's read_only_sql_transaction
 
 

@@ -60,6 +60,7 @@ from ccat_dt.opsdb.database import (
     conflict_of,
     lock_timed_out,
     lock_timeout_s,
+    statement_canceled,
     takes_no_writes,
     wait_for_locks_at_most,
 )
@@ -224,6 +225,8 @@ class FilingService:
         except LINK_ERRORS as exc:
             if lock_timed_out(exc):
                 raise self._lock_timeout(exc, lock_wait_s or self._lock_wait_s) from None
+            if statement_canceled(exc):
+                raise self._canceled(exc) from None
             self._down(exc)
             raise Unreachable(str(exc)) from None
         except DBAPIError as exc:
@@ -248,9 +251,20 @@ class FilingService:
         "OpsDB unreachable": said so on the log and /health, the pool thrown away, the
         entries left to the back-off."""
         self.lock_timeouts += 1
-        why = (f"waited {waited_s:g} s for a lock another session holds ("
-               f"{_first_line(getattr(exc, 'orig', exc)) or 'lock not available'}); pg_locks and "
-               "pg_stat_activity name that session")
+        return self._busy(f"waited {waited_s:g} s for a lock another session holds ("
+                          f"{_first_line(getattr(exc, 'orig', exc)) or 'lock not available'}); "
+                          "pg_locks and pg_stat_activity name that session")
+
+    def _canceled(self, exc: BaseException) -> Contended:
+        """The server cancelled the statement (a statement_timeout, a pg_cancel_backend): it
+        is live, and the request is journaled and tried again at each drainer step, as in
+        contention. Before, it was "OpsDB unreachable": the pool thrown away, the entries
+        left to the back-off, /health saying the server could not be reached."""
+        return self._busy(f"the server cancelled the statement ("
+                          f"{_first_line(getattr(exc, 'orig', exc))}): a statement_timeout set "
+                          "for this role or database, or pg_cancel_backend")
+
+    def _busy(self, why: str) -> Contended:
         if self.contention is None:
             log.warning("OpsDB busy, requests stay in the journal and are tried again at each "
                         "drainer step: %s", why)
