@@ -20,6 +20,7 @@ afterwards (`buried_checks`) and says the run's own result again, on the materia
 was made on."""
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from dagster import (
@@ -35,6 +36,7 @@ from dagster import (
     EventLogRecord,
     Failure,
     OpExecutionContext,
+    RunsFilter,
     job,
     op,
 )
@@ -50,6 +52,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES
 from dagster._core.storage.event_log.base import PartitionKeyFilter
 from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+from dagster._core.storage.tags import PARENT_RUN_ID_TAG, SENSOR_NAME_TAG
 from sqlalchemy import or_, select
 
 from ccat_assets.inflight import in_flight
@@ -300,6 +303,43 @@ def made_by_hand(instance: DagsterInstance, after: int,
                     and info.latest_check_event_storage_id > after):
                 add(asset, info.partition_key, info.latest_check_event_storage_id)
     return found
+
+
+INTEGRITY_SENSOR = "integrity_sensor"  # the sensor whose findings integrity_report_job reports
+CLOCK_SLACK_S = 60.0  # runs finished this long before the last look are looked at again
+
+
+def reported_by_hand(instance: DagsterInstance, since: float | None
+                     ) -> tuple[dict[tuple[str, str], str], float]:
+    """The partitions whose checks an integrity_report_job run the integrity sensor did not
+    ask for reported on, each with that run's id: launched from the Launchpad with findings
+    typed in, or re-executed from the UI (an old finding said again). What such a run
+    reports is a person's word or the past, not the storage's: the checks of those partitions
+    are run again on the storage, as after "Report evaluation". Looks at the runs finished
+    since `since` (epoch seconds; CLOCK_SLACK_S earlier, for another host's clock: a run
+    looked at twice asks for the same rechecks, by run key; None: from now on), and returns
+    when the newest of them finished, the next look's `since`."""
+    found: dict[tuple[str, str], str] = {}
+    finished = RunsFilter(job_name=integrity_report_job.name, statuses=list(FINISHED_STATUSES))
+    if since is None:
+        newest = instance.get_run_records(finished, limit=1)
+        return found, newest[0].update_timestamp.timestamp() if newest else 0.0
+    mark = since
+    for record in instance.get_run_records(RunsFilter(
+            job_name=finished.job_name, statuses=finished.statuses,
+            updated_after=datetime.fromtimestamp(since - CLOCK_SLACK_S, UTC))):
+        mark = max(mark, record.update_timestamp.timestamp())
+        tags = record.dagster_run.tags
+        if tags.get(SENSOR_NAME_TAG) == INTEGRITY_SENSOR and PARENT_RUN_ID_TAG not in tags:
+            continue  # the sensor's own: its findings are the OpsDB's and the storage's
+        for event in instance.get_records_for_run(
+                record.dagster_run.run_id,
+                of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records:
+            evaluation = event.event_log_entry.asset_check_evaluation
+            if evaluation is not None and evaluation.partition is not None:
+                found[evaluation.asset_key.to_user_string(), str(evaluation.partition)] = \
+                    record.dagster_run.run_id
+    return found, mark
 
 
 def _runless_since(instance: DagsterInstance, after: int, assets: Iterable[str]) -> bool:

@@ -40,6 +40,7 @@ from dagster import (
 
 from ccat_assets.inflight import in_flight
 from ccat_assets.integrity import (
+    INTEGRITY_SENSOR,
     buried_checks,
     copy_check_of,
     integrity_report_job,
@@ -47,6 +48,7 @@ from ccat_assets.integrity import (
     latest_materialization,
     made_by_hand,
     partition_busy,
+    reported_by_hand,
 )
 from ccat_assets.partitions import (
     PACKAGES,
@@ -94,8 +96,8 @@ RESTATE_BATCH = 500
 HELD_MAX = 1000
 
 
-@sensor(jobs=[integrity_report_job, *JOBS.values()], minimum_interval_seconds=30,
-        default_status=DefaultSensorStatus.RUNNING)
+@sensor(name=INTEGRITY_SENSOR, jobs=[integrity_report_job, *JOBS.values()],
+        minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
 def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -> SensorResult:
     state = read_cursor(context, _state, dict[str, Any](),
                         "reports what OpsDB holds quarantined now, and the checks from now on")
@@ -108,7 +110,8 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     # Checks and materializations since the last tick (a first tick: from now on).
     since = min(int(state.get("checks", events_before)), events_before)  # none ahead (by hand)
     restated, pending = buried_checks(context.instance, since, list(state.get("pending", [])))
-    rechecks, unbacked, by_hand = _rechecks(context, deployment, since)
+    rechecks, unbacked, by_hand, typed = _rechecks(context, deployment, since,
+                                                   state.get("typed"))
     with deployment.opsdb.session() as session:
         found, cursor = quarantines_found(session, config, after)
         for q in found:
@@ -151,7 +154,7 @@ def integrity_sensor(context: SensorEvaluationContext, deployment: Deployment) -
     fresh, released, held = held_back(context.instance, new, list(state.get("held", [])))
     new_cursor = json.dumps({"op": cursor, "unsafe": unsafe, "checks": events_before,
                              "pending": pending, "restated_at": restated_at, "more": more,
-                             "held": held, "runs": runs, "wiped": wiped,
+                             "held": held, "runs": runs, "wiped": wiped, "typed": typed,
                              "waiting": [[asset, partition, found]
                                          for asset, partition, found, _ in waiting]})
     requests = []
@@ -194,7 +197,7 @@ def _state(cursor: str) -> dict[str, Any]:
     for key in ("op", "checks"):
         if key in state and (isinstance(state[key], bool) or not isinstance(state[key], int)):
             raise TypeError(f"{key} is not an id: {state[key]!r}")
-    for key in ("restated_at", "wiped"):
+    for key in ("restated_at", "wiped", "typed"):
         if key in state:
             number(state[key])
     if "runs" in state:
@@ -263,11 +266,14 @@ COPY_KIND = {"packages": LocationType.BUFFER, "site_copies": LocationType.BUFFER
              "lta_copies": LocationType.LONG_TERM_ARCHIVE}
 
 
-def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: int
-              ) -> tuple[list[RunRequest], list[dict[str, Any]], list[int]]:
-    """For each partition of a lifecycle asset given an event by hand since event `since`, a
-    run of its checks alone (they read the copy on its storage and report on the latest
-    materialization, the hand-made one); once per such event (its storage id).
+def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: int,
+              typed_since: float | None
+              ) -> tuple[list[RunRequest], list[dict[str, Any]], list[str], float]:
+    """For each partition of a lifecycle asset given an event by hand since event `since`,
+    or whose check an integrity_report_job run the sensor did not ask for reported on (typed
+    in, re-executed) since `typed_since`, a run of its checks alone (they read the copy on its
+    storage and report on the latest materialization, the hand-made one); once per such event
+    (its storage id) or run (its id).
 
     Not for a copy stage's partition of which OpsDB records no copy there at all (a
     materialization reported for work not done yet): its check would read nothing and say
@@ -278,14 +284,20 @@ def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: i
     told as a finding instead, a warning (the data is as it was; the event is not backed by a
     copy): the partition shows that until the work's own run materializes it. Likewise for
     purge_status of a package OpsDB records no deletion of (`_purge_not_recorded`).
-    Returns the runs, those findings, and the storage ids of the events they answer."""
+    Returns the runs, those findings, the storage ids of the events (the ids of the runs)
+    they answer, and `typed_since` for the next tick."""
     assert context.repository_def is not None
     graph = context.repository_def.asset_graph
     checks = {asset: list(graph.get_check_keys_for_assets({AssetKey(asset)}))
               for asset in ASSET_STAGE}
     observatory = deployment.config.settings.observatory
     requests, unbacked, events = [], [], []
-    for (asset, key), event in sorted(made_by_hand(context.instance, since, checks).items()):
+    typed, typed_at = reported_by_hand(context.instance, typed_since)
+    by_hand: dict[tuple[str, str], int | str] = {
+        **typed, **made_by_hand(context.instance, since, checks)}
+    for (asset, key), event in sorted(by_hand.items()):
+        if asset not in ASSET_STAGE:
+            continue
         stage = ASSET_STAGE[asset]
         dynamic = staging_partitions if stage == Stage.STAGING else package_partitions
         assert dynamic.name is not None
@@ -293,7 +305,7 @@ def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: i
             continue  # retired since (sensors/retire.py): a run of it cannot be asked for
         if asset == PURGED[0] and (told := _purge_not_recorded(deployment, key)) is not None:
             unbacked.append(told)
-            events.append(event)
+            events.append(str(event))
             continue
         kind = COPY_KIND.get(asset)
         if kind is not None:
@@ -308,13 +320,13 @@ def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: i
                     "description": f"{none}: OpsDB records none, so the materialization "
                                    "reported by hand is not backed by a copy (nothing read); "
                                    "the sensors make the copy when it is due"})
-                events.append(event)
+                events.append(str(event))
                 continue
         requests.append(RunRequest(
             job_name=JOBS[stage].name, asset_selection=[], asset_check_keys=checks[asset],
             run_key=f"recheck:{asset}:{key}:{event}",
             partition_key=package_site_key(*split_key(key)) if "|" in key else key))
-    return requests, unbacked, events
+    return requests, unbacked, events, typed_at
 
 
 def _purge_not_recorded(deployment: Deployment, package: str) -> dict[str, Any] | None:

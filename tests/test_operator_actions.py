@@ -1126,6 +1126,45 @@ def test_runs_deleted_is_told_by_runs_gone_never_by_runs_created_meanwhile(
     assert deleted and mark == [0, None]
 
 
+def test_findings_typed_in_by_hand_are_checked_again_on_the_storage(driven: Archived) -> None:
+    """integrity_report_job launched from the Launchpad with findings typed in that the
+    storage contradicts: a rotten LTA copy said to pass, a sound one said to fail. The
+    report is logged (a person's word, as typed), and the next drive runs those partitions'
+    checks again on the storage, as after "Report evaluation": the rotten copy is found,
+    quarantined and repaired, the sound one passes. Before, both stood as typed: a rotten
+    copy green in the UI until something else happened to read it, a sound one red."""
+    config, opsdb, instance = driven  # observed, filed and driven to the end
+    defs = build_definitions(config)
+    bad = rot_an_lta_copy(opsdb, "us")
+    bad_key = str(package_site_key(bad.package.name, "us"))
+    [good] = [c for c in lta_copies_at(opsdb, "cologne") if c.package_id != bad.package_id][:1]
+    good_key = str(package_site_key(good.package.name, "cologne"))
+    events = instance.event_log_storage.get_maximum_record_id()
+
+    def typed(partition: str, passed: bool) -> dict[str, Any]:
+        return {"asset": "lta_copies", "check": "lta_copy_checksum", "partition": partition,
+                "passed": passed, "description": "typed by hand", "events_before": events}
+
+    assert integrity_report_job.execute_in_process(  # the Launchpad's run
+        instance=instance, resources=defs.resources,
+        run_config={"ops": {"report_findings": {"config": {"findings": [
+            typed(bad_key, True), typed(good_key, False)]}}}}).success
+    status = check_status(instance, "lta_copies", "lta_copy_checksum")
+    assert (status[bad_key], status[good_key]) == ("passed", "failed")  # as typed
+
+    report = drive(defs, instance)
+
+    assert {k.split(":")[2] for k in report.launched if k.startswith("recheck:")} == {
+        bad_key, good_key}, report.launched
+    assert any(k.startswith(f"repair:{bad.package.name}:us:") for k in report.launched)
+    assert report.unhealed == [], report
+    assert set(check_status(instance, "lta_copies", "lta_copy_checksum").values()) == {"passed"}
+    lta_intact(opsdb)  # the rotten copy made again: every LTA copy hashes to its checksum
+    with opsdb.session() as session:
+        assert session.get_one(PackageCopy, bad.id).status != CopyStatus.PRESENT
+    assert [k for k in drive(defs, instance).launched if k.startswith("recheck:")] == []
+
+
 def test_findings_typed_in_by_hand_with_a_bad_one_are_refused_whole_reporting_nothing(
         driven: Archived) -> None:
     """integrity_report_job launched from the Launchpad with findings typed in: one naming
