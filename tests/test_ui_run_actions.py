@@ -65,8 +65,14 @@ from tests.faults.pipeline import (
     source_root,
 )
 from tests.test_dry_runs import LOCATION, the_ui
-from tests.test_operator_actions import by_hand
-from tests.test_parallel_drive import ROUTES
+from tests.test_operator_actions import (  # noqa: F401 - driven: a fixture
+    Archived,
+    by_hand,
+    check_status,
+    driven,
+    opsdb_state,
+)
+from tests.test_parallel_drive import ROUTES, storage
 from tests.test_parallel_drive import observe as observe_modules
 from tests.test_stuck_runs import terminate_in_the_ui
 
@@ -76,6 +82,12 @@ warnings.filterwarnings("ignore", category=BetaWarning)
 LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
   ... on LaunchRunSuccess { run { runId } }
   ... on RunConfigValidationInvalid { errors { message } }
+  ... on PythonError { message } } }"""
+
+
+REEXECUTE = """mutation($id: String!, $s: ReexecutionStrategy!) {
+  launchRunReexecution(reexecutionParams: {parentRunId: $id, strategy: $s}) { __typename
+  ... on LaunchRunSuccess { run { runId } }
   ... on PythonError { message } } }"""
 
 
@@ -807,3 +819,33 @@ def test_terminate_in_the_ui_of_a_copy_the_drive_is_starting_stops_it(
         assert_safe(config, opsdb)
     finally:
         opsdb.dispose()
+
+
+def test_re_execute_in_the_ui_of_every_finished_run_changes_nothing_and_stays_green(
+        driven: Archived, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """"Re-execute" (Runs -> a run -> Re-execute all) of each run of an archived deployment
+    (packaging, a site copy and its archiving, a purge), as the UI sends it, executed by the
+    next drive: each re-executed run succeeds on the same partition, and the storage (every
+    file, byte for byte), OpsDB and every check stay as they were: nothing built, copied or
+    deleted again, no package purged twice."""
+    config, opsdb, instance = driven  # observed, filed and driven to the end
+    files, recorded = storage(config), opsdb_state(opsdb)
+    parents = instance.get_runs()
+    assert {run.job_name for run in parents} == {"package_job", "site_copy_archive_job",
+                                                 "purge_job"}
+    with the_ui(instance, config.path, monkeypatch) as ui:
+        for run in parents:
+            answer = ui(REEXECUTE, id=run.run_id, s="ALL_STEPS")["launchRunReexecution"]
+            assert answer["__typename"] == "LaunchRunSuccess", (run.job_name, answer)
+        report = drive(build_definitions(config), instance)
+
+    assert report.failed == [] and len(report.launched) == len(parents), report
+    again = [run for run in instance.get_runs() if "dagster/parent_run_id" in run.tags]
+    assert sorted((r.job_name, r.tags["dagster/partition"], r.status) for r in again) == sorted(
+        (r.job_name, r.tags["dagster/partition"], DagsterRunStatus.SUCCESS) for r in parents)
+    assert storage(config) == files
+    assert opsdb_state(opsdb) == recorded
+    for asset, check in (("packages", "package_checksum"), ("site_copies", "site_copy_checksum"),
+                         ("lta_copies", "lta_copy_checksum"), ("purge_status", "filed_bytes_safe"),
+                         ("purge_status", "deletion_certificates")):
+        assert set(check_status(instance, asset, check).values()) == {"passed"}, (asset, check)
