@@ -49,7 +49,7 @@ from ccat_assets.runpool import Queued, RunPool, run_limits
 from ccat_assets.tags import LINK_TAG, RETRY_TAG, STOPPED_TAG
 from ccat_dt.config import Config
 from ccat_dt.opsdb.database import OpsDB
-from ccat_dt.opsdb.models import Operation
+from ccat_dt.opsdb.models import Operation, RawDataPackage
 from ccat_dt.packages import plan_packages
 from ccat_dt.stages import Stage
 from ccat_dt.transports.local import LocalTransport
@@ -849,3 +849,43 @@ def test_re_execute_in_the_ui_of_every_finished_run_changes_nothing_and_stays_gr
                          ("lta_copies", "lta_copy_checksum"), ("purge_status", "filed_bytes_safe"),
                          ("purge_status", "deletion_certificates")):
         assert set(check_status(instance, asset, check).values()) == {"passed"}, (asset, check)
+
+
+def test_re_execute_in_the_ui_of_a_failed_run_beside_its_automatic_re_attempt_builds_once(
+        tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package's packaging run failed (its source disk was not mounted); the disk is back,
+    and an operator clicks "Re-execute from failure" and "Re-execute all" on the failed run
+    while the re-attempt sensor also re-attempts it: every run succeeds or is told it has
+    nothing to do, the package is built once (one tar at the observatory, one package row),
+    archived at both sites, and its sources purged only once verified copies exist."""
+    config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.5})
+    opsdb = OpsDB(config.opsdb_url)
+    try:
+        observe(config, opsdb, files=1, size=20_000)
+        source = source_root(config)
+        elsewhere = source.with_name("instruments.unmounted")
+        source.rename(elsewhere)
+        source.mkdir()  # the empty mount point
+        defs = build_definitions(config)
+        try:
+            report = drive(defs, instance, wait_s=0)
+        finally:
+            source.rmdir()
+            elsewhere.rename(source)
+        [failed] = report.failed_ids
+        with the_ui(instance, config.path, monkeypatch) as ui:
+            for strategy in ("FROM_FAILURE", "ALL_STEPS"):
+                answer = ui(REEXECUTE, id=failed, s=strategy)["launchRunReexecution"]
+                assert answer["__typename"] == "LaunchRunSuccess", (strategy, answer)
+            report = drive(defs, instance, wait_s=10)
+
+        assert report.failed == [], report.failed
+        again = [run for run in instance.get_runs() if "dagster/parent_run_id" in run.tags]
+        assert [run.status for run in again] == [DagsterRunStatus.SUCCESS] * 2
+        with opsdb.session() as session:
+            assert len(session.scalars(select(RawDataPackage)).all()) == 1
+        assert len(list(config.resolve_root("sites/ccat/buffer").rglob("*.tar"))) <= 1
+        archived_everywhere(config, opsdb)
+        assert_safe(config, opsdb)
+    finally:
+        opsdb.dispose()
