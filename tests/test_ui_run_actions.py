@@ -27,6 +27,7 @@ from dagster import (
     DagsterInstance,
     DagsterRun,
     DagsterRunStatus,
+    Definitions,
     PreviewWarning,
     RunsFilter,
 )
@@ -38,7 +39,7 @@ from sqlalchemy import select
 
 from ccat_assets import runpool
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import drive
+from ccat_assets.driver import DriveReport, drive
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.instance import write_instance_yaml
 from ccat_assets.partitions import PACKAGES, package_site_key
@@ -212,6 +213,21 @@ def test_a_run_deleted_while_the_drive_holds_it_queued_is_not_executed_and_the_d
         opsdb.dispose()
 
 
+def drive_with_the_source_unmounted(config: Config, defs: Definitions,
+                                    instance: DagsterInstance) -> DriveReport:
+    """A drive while the source disk is not mounted (its packaging runs fail), then the disk
+    back; the drive's report."""
+    source = source_root(config)
+    elsewhere = source.with_name("instruments.unmounted")
+    source.rename(elsewhere)
+    source.mkdir()  # the empty mount point
+    try:
+        return drive(defs, instance, wait_s=0)
+    finally:
+        source.rmdir()
+        elsewhere.rename(source)
+
+
 def test_a_failed_run_deleted_in_the_ui_is_reattempted_when_its_back_off_ends(
         tmp_path: Path, instance: DagsterInstance) -> None:
     """Delete (Runs → a run → Delete) of a package's failed packaging run (its source disk was
@@ -224,16 +240,8 @@ def test_a_failed_run_deleted_in_the_ui_is_reattempted_when_its_back_off_ends(
     opsdb = OpsDB(config.opsdb_url)
     try:
         observe(config, opsdb, files=1, size=20_000)
-        source = source_root(config)
-        elsewhere = source.with_name("instruments.unmounted")
-        source.rename(elsewhere)
-        source.mkdir()  # the empty mount point
         defs = build_definitions(config)
-        try:
-            report = drive(defs, instance, wait_s=0)
-        finally:
-            source.rmdir()
-            elsewhere.rename(source)
+        report = drive_with_the_source_unmounted(config, defs, instance)
         assert report.failed_ids, report.launched
         for run_id in report.failed_ids:
             instance.delete_run(run_id)  # what the UI's deleteRun calls
@@ -855,24 +863,17 @@ def test_re_execute_in_the_ui_of_a_failed_run_beside_its_automatic_re_attempt_bu
         tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
     """A package's packaging run failed (its source disk was not mounted); the disk is back,
     and an operator clicks "Re-execute from failure" and "Re-execute all" on the failed run
-    while the re-attempt sensor also re-attempts it: every run succeeds or is told it has
-    nothing to do, the package is built once (one tar at the observatory, one package row),
-    archived at both sites, and its sources purged only once verified copies exist."""
+    while the re-attempt sensor also re-attempts it: every run succeeds, the package is built
+    once (one package row), archived at both sites, and its sources purged only once verified
+    copies exist."""
     config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 0.5})
     opsdb = OpsDB(config.opsdb_url)
     try:
         observe(config, opsdb, files=1, size=20_000)
-        source = source_root(config)
-        elsewhere = source.with_name("instruments.unmounted")
-        source.rename(elsewhere)
-        source.mkdir()  # the empty mount point
         defs = build_definitions(config)
-        try:
-            report = drive(defs, instance, wait_s=0)
-        finally:
-            source.rmdir()
-            elsewhere.rename(source)
-        [failed] = report.failed_ids
+        report = drive_with_the_source_unmounted(config, defs, instance)
+        assert report.failed_ids, report.launched  # (a re-attempt due already may fail too)
+        failed = report.failed_ids[0]
         with the_ui(instance, config.path, monkeypatch) as ui:
             for strategy in ("FROM_FAILURE", "ALL_STEPS"):
                 answer = ui(REEXECUTE, id=failed, s=strategy)["launchRunReexecution"]
