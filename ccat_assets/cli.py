@@ -36,7 +36,13 @@ try:
     from ccat_dt.config import Config, load_config
     from ccat_dt.diskstate import disk_trouble, next_step
     from ccat_dt.jsonlog import configure_from_env
-    from ccat_dt.opsdb.database import LOCK_TIMEOUT_ENV, OpsDB, dispose_engines, lock_timeout_s
+    from ccat_dt.opsdb.database import (
+        LOCK_TIMEOUT_ENV,
+        OpsDB,
+        dispose_engines,
+        lock_timeout_s,
+        statement_canceled,
+    )
 finally:
     gc.freeze()
     if _collecting:
@@ -1062,6 +1068,11 @@ def _opsdb_unavailable(exc: DBAPIError, config_path: str | None = None) -> str:
         step = (f"another session has held a lock OpsDB needs for over {lock_timeout_s():g} s "
                 f"(${LOCK_TIMEOUT_ENV}; pg_locks and pg_stat_activity name it): run the "
                 "command again when it has finished (or end it)")
+    elif statement_canceled(exc):
+        step = ("the database server cancelled the statement, reachable and answering: a "
+                "statement_timeout set for ccat-dt's role or database (lift it: ALTER ROLE ... "
+                "SET statement_timeout = 0), or an administrator's pg_cancel_backend; nothing "
+                "was changed, run the command again")
     elif "locked" in lowered or "busy" in lowered:
         step = ("another process holds a write lock on it; run the command again when that "
                 "process has finished (or stop it)")

@@ -8,17 +8,18 @@ from typing import Any
 import pytest
 import sqlalchemy
 from dagster import DagsterInstance
-from sqlalchemy import Engine, inspect, make_url, text
+from sqlalchemy import Engine, inspect, make_url, select, text
 
 from ccat_assets.definitions import build_definitions
 from ccat_assets.driver import drive
 from ccat_dt.config import Config, load_config
 from ccat_dt.defaults import write_default_config
+from ccat_dt.filing import lock_observation, start_observation
 from ccat_dt.opsdb.database import LINK_TIMEOUT_ENV, OpsDB, create_opsdb_engine, migrate
-from ccat_dt.opsdb.models import Base
+from ccat_dt.opsdb.models import Base, ExecutedObsUnit, ObservationStatus
 from ccat_dt.report import disagreements, summarize
 from ccat_dt.topology import prepare_opsdb
-from tests.helpers import observe
+from tests.helpers import observe, run_cli
 
 
 @pytest.fixture
@@ -103,3 +104,29 @@ def test_both_ends_of_every_opsdb_session_give_a_silent_path_up(
         {**client, "keepalives_idle": "40", "tcp_user_timeout": "90000"},
         {**server, "tcp_keepalives_idle": "40", "tcp_user_timeout": "90000",
          "tcp_keepalives_count": "7"})
+
+
+def test_a_statement_the_server_cancels_is_told_as_such_and_changes_nothing(
+        pg_config: Config, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`ccat-dt observation finish` whose statement the server cancels: a statement_timeout
+    (here 0.3 s, on the command's connections) ran out while it waited for the observation's
+    row, which another session holds. Exit 2 with a line saying so and what to do, nothing
+    changed. Before, it said to "check that the database is running and reachable", which it
+    was."""
+    opsdb = OpsDB(pg_config.opsdb_url)
+    start_observation(opsdb, "obs-1")
+    url = make_url(pg_config.opsdb_url)  # its options name the test's schema
+    url = url.update_query_dict({"options": f"{url.query['options']} -cstatement_timeout=300"})
+    monkeypatch.setenv("CCAT_DT_OPSDB_URL", url.render_as_string(hide_password=False))
+    with opsdb.session() as holder:  # an idle-in-transaction session on obs-1's row
+        lock_observation(holder, ExecutedObsUnit.name == "obs-1")
+        code = run_cli("--config", str(pg_config.path), "observation", "finish", "obs-1")
+    said = capsys.readouterr().err
+    assert code == 2, said
+    assert "cancelled the statement" in said and "statement_timeout" in said, said
+    assert "running and reachable" not in said, said
+    with opsdb.session() as session:
+        assert session.scalar(select(ExecutedObsUnit.status).where(
+            ExecutedObsUnit.name == "obs-1")) == ObservationStatus.OPEN
+    opsdb.dispose()
