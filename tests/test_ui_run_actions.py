@@ -29,19 +29,21 @@ from dagster import (
     DagsterRunStatus,
     Definitions,
     PreviewWarning,
+    RunRequest,
     RunsFilter,
 )
 from dagster._core.execution.backfill import BulkActionStatus
-from dagster._core.storage.tags import BACKFILL_ID_TAG
+from dagster._core.storage.tags import BACKFILL_ID_TAG, SENSOR_NAME_TAG
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster_graphql.test.utils import execute_dagster_graphql
 from sqlalchemy import select
 
 from ccat_assets import runpool
 from ccat_assets.definitions import build_definitions
-from ccat_assets.driver import DriveReport, drive
+from ccat_assets.driver import DriveReport, drive, launch
 from ccat_assets.inflight import IN_FLIGHT
 from ccat_assets.instance import write_instance_yaml
+from ccat_assets.integrity import INTEGRITY_SENSOR, integrity_report_job
 from ccat_assets.partitions import PACKAGES, package_site_key
 from ccat_assets.retry import operator_retry
 from ccat_assets.routing import partition_of, stages_of
@@ -65,12 +67,14 @@ from tests.faults.pipeline import (
     plan,
     source_root,
 )
+from tests.helpers import lta_copies_at
 from tests.test_dry_runs import LOCATION, the_ui
 from tests.test_operator_actions import (  # noqa: F401 - driven: a fixture
     Archived,
     by_hand,
     check_status,
     driven,
+    lta_intact,
     opsdb_state,
 )
 from tests.test_parallel_drive import ROUTES, storage
@@ -890,3 +894,40 @@ def test_re_execute_in_the_ui_of_a_failed_run_beside_its_automatic_re_attempt_bu
         assert_safe(config, opsdb)
     finally:
         opsdb.dispose()
+
+
+def test_re_execute_in_the_ui_of_an_integrity_report_says_the_storage_not_the_past(
+        driven: Archived, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """An integrity report of the sensor's (a sound copy found bad then, its partition red),
+    re-executed from the UI after the copy was made good without a new materialization: the
+    old finding is said again, as Dagster re-executes it, and the next drive runs that
+    partition's checks again on the storage, which pass. The sensor's own report is its
+    word: no recheck follows it."""
+    config, opsdb, instance = driven  # observed, filed and driven to the end
+    defs = build_definitions(config)
+    copy = lta_copies_at(opsdb, "cologne")[0]
+    key = str(package_site_key(copy.package.name, "cologne"))
+    finding = {"asset": "lta_copies", "check": "lta_copy_checksum", "partition": key,
+               "passed": False, "description": "found bad then",
+               "events_before": instance.event_log_storage.get_maximum_record_id()}
+    report = DriveReport()  # the integrity sensor's run, as a drive executes it
+    launch(defs, instance, RunRequest(
+        job_name=integrity_report_job.name, run_key="integrity:then",
+        run_config={"ops": {"report_findings": {"config": {"findings": [finding]}}}}),
+        origin=INTEGRITY_SENSOR, report=report)
+    [sensors] = instance.get_runs(RunsFilter(job_name=integrity_report_job.name))
+    assert sensors.tags[SENSOR_NAME_TAG] == INTEGRITY_SENSOR and report.failed == []
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[key] == "failed"
+    assert [k for k in drive(defs, instance).launched if k.startswith("recheck:")] == []
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[key] == "failed"
+
+    with the_ui(instance, config.path, monkeypatch) as ui:
+        answer = ui(REEXECUTE, id=sensors.run_id, s="ALL_STEPS")["launchRunReexecution"]
+        assert answer["__typename"] == "LaunchRunSuccess", answer
+        report = drive(defs, instance)
+
+    assert [k for k in report.launched if k.startswith("recheck:")] == [
+        k for k in report.launched if k.startswith(f"recheck:lta_copies:{key}:")] != []
+    assert report.failed == [], report
+    assert check_status(instance, "lta_copies", "lta_copy_checksum")[key] == "passed"
+    lta_intact(opsdb)
