@@ -296,8 +296,6 @@ def _rechecks(context: SensorEvaluationContext, deployment: Deployment, since: i
     by_hand: dict[tuple[str, str], int | str] = {
         **typed, **made_by_hand(context.instance, since, checks)}
     for (asset, key), event in sorted(by_hand.items()):
-        if asset not in ASSET_STAGE:
-            continue
         stage = ASSET_STAGE[asset]
         dynamic = staging_partitions if stage == Stage.STAGING else package_partitions
         assert dynamic.name is not None
