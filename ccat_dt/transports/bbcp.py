@@ -61,6 +61,7 @@ from ccat_dt.transports.remote import (
     CompletedRun,
     Verdict,
     denied,
+    read_back_failed,
     run,
 )
 from ccat_dt.transports.session import LocalSession, Session, discard, transfer_session
@@ -614,7 +615,9 @@ class BbcpTransport:
             raise TransferError(f"cannot checksum {items[0][0]}: {exc}", retryable=True) from exc
         failed = []
         for (landing, _, expected), verdict in zip(items, found, strict=True):
-            if (actual := verdict.digest) != expected:
+            if verdict.unreadable is not None:  # the disk's failure, not the file's
+                failed.append(f"{read_back_failed(landing, verdict.unreadable)}; removed")
+            elif (actual := verdict.digest) != expected:
                 failed.append(f"checksum mismatch at {landing}: expected {ALGORITHM} "
                               f"{expected}, got {actual or 'nothing readable'}; removed")
         discard(self.ssh, [item for item, verdict in zip(items, found, strict=True)

@@ -430,16 +430,22 @@ _MOVE = (_NEW_FILE_MODE + ' -- "$1"; '
          '[ ! -e "$1" ] || { { [ -e "$2" ] || [ -L "$2" ]; } && echo occupied; exit 1; }; fi; }')
 
 
+# xxhsum says only "a failure occurred reading the input file": after a failed hash of "$1",
+# this reads it once more for the system's own words on stderr ("cat: FILE: Input/output
+# error"), so that a disk failing its reads is told as one, not as a bad or unknown file.
+READ_ERROR_SH = 'cat -- "$1" > /dev/null'
+
 # Constant script; $1 the landed file, $2 its final name, $3 the final directory, $4 the
 # expected digest, $5 the quarantined file a repair replaces (_MOVE) arrive as positional
 # parameters, never as code. It prints the size and the `xxhsum -H2` line (of stdin, so no
 # file name to escape), then only on an exact match moves the file into place (_MOVE), flushes
 # the directory and prints "renamed". The file is flushed to disk while it is hashed (both only
-# read it; the disk writes while the CPU hashes), and renamed only after both.
+# read it; the disk writes while the CPU hashes), and renamed only after both. A failed hash
+# exits with xxhsum's status, the system's error on stderr (READ_ERROR_SH).
 _VERIFY_AND_RENAME_SCRIPT = (
     'sync -- "$1" < /dev/null > /dev/null & flushing=$!; '
     'size=$(stat -L -c "' + STAT_IDENTITY + '" -- "$1") || exit; '
-    'sum=$(xxhsum -H2 < "$1") || exit; '
+    'sum=$(xxhsum -H2 < "$1") || { r=$?; ' + READ_ERROR_SH + '; exit "$r"; }; '
     'printf "%s\\n%s\\n" "$size" "$sum"; '
     '[ "${sum%% *}" = "$4" ] || exit 0; '
     'wait "$flushing" && ' + _MOVE + ' && sync -- "$3" && echo renamed')
@@ -660,7 +666,8 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 # positional parameters (never code; no line breaks, see check_argument). The files are hashed
 # in parallel (xargs -P, one per core of the host), each flushed to disk while it is hashed;
 # per file one line "INDEX SIZE:INODE:MTIME DIGEST" ("-" for what could not be read; the
-# identity as STAT_IDENTITY prints it); then the matching
+# identity as STAT_IDENTITY prints it), and for a file whose read failed "unreadable INDEX"
+# and the system's error (READ_ERROR_SH); then the matching
 # files (all, or none when $1 is 1 and one differs) are renamed (flushed first if that flush
 # failed) and their directories flushed, printing "renamed INDEX" each; one whose final name is
 # taken is left where it landed (mv -n, as _MOVE), printing "occupied INDEX". A file renamed
@@ -676,12 +683,14 @@ for a in "$@"; do
   k=$((k+1));
 done | xargs -0 -r -n 2 -P "$p" sh -c
   '{ sync -- "$1" < /dev/null > /dev/null && : > "$2.synced"; } & f=$!;
-   stat -L -c %s:%i:%.9Y -- "$1" > "$2.size" && xxhsum -H2 < "$1" > "$2"; wait "$f"; exit 0'
+   stat -L -c %s:%i:%.9Y -- "$1" > "$2.size" && { xxhsum -H2 < "$1" > "$2" ||
+   { rm -f -- "$2"; READ_ERROR_SH 2> "$2.err"; }; }; wait "$f"; exit 0'
   sh;
 i=0; bad=0;
 while [ $# -ge 4 ]; do
   s=$(cat "$t/$i.size" 2>/dev/null); h=$(cat "$t/$i" 2>/dev/null); h=${h%% *};
   echo "$i ${s:--} ${h:--}";
+  [ -n "$h" ] || [ ! -s "$t/$i.err" ] || echo "unreadable $i $(tail -n 1 "$t/$i.err")";
   if [ -n "$h" ] && [ "$h" = "$3" ]; then printf '%s\n%s\n%s\n%s\n' "$i" "$1" "$2" "$4" >> "$t/ok";
   else bad=$((bad+1)); fi;
   i=$((i+1)); shift 4;
@@ -704,7 +713,7 @@ done < "$t/ok";
 [ -f "$t/dirs" ] || exit 0;
 sort -u "$t/dirs" | while IFS= read -r d; do sync -- "$d" || exit 1; done
 """.strip().replace("\n", " ").replace(  # ssh arguments cannot carry line breaks
-    "NEW_FILE_MODE", _NEW_FILE_MODE)
+    "NEW_FILE_MODE", _NEW_FILE_MODE).replace("READ_ERROR_SH", READ_ERROR_SH)
 
 
 class Verdict(NamedTuple):
@@ -716,6 +725,13 @@ class Verdict(NamedTuple):
     occupied: bool = False  # verified, but the final name was taken: left where it landed
     inode: int | None = None  # of the landed (then final) file, when the host's stat said
     mtime_ns: int | None = None
+    unreadable: str | None = None  # why the read failed, in the system's words, when it did
+
+
+def read_back_failed(landed: Endpoint, why: str) -> str:
+    """What a transfer says when the file it landed could not be read back to be verified:
+    the destination disk's failure (health.location_failure), not the file's."""
+    return f"reading back {landed} to verify it failed: {why}"
 
 
 def many_arguments(all_or_none: bool, items: Sequence[tuple[Endpoint, Endpoint, str]]
@@ -758,10 +774,13 @@ def parse_verified(done: CompletedRun, host: str, count: int) -> list[Verdict]:
                            f"file(s) on {host}")
     found: dict[int, tuple[str | None, tuple[int | None, int | None, int | None]]] = {}
     said: dict[str, set[int]] = {"renamed": set(), "occupied": set()}
+    unreadable: dict[int, str] = {}
     for line in done.stdout.splitlines():
         words = line.split()
         if words[:1] in (["renamed"], ["occupied"]) and len(words) == 2 and words[1].isdigit():
             said[words[0]].add(int(words[1]))
+        elif words[:1] == ["unreadable"] and len(words) >= 3 and words[1].isdigit():
+            unreadable[int(words[1])] = line.split(maxsplit=2)[2]
         elif len(words) == 3 and words[0].isdigit():
             digest = words[2].lower()
             try:
@@ -773,25 +792,27 @@ def parse_verified(done: CompletedRun, host: str, count: int) -> list[Verdict]:
     if sorted(found) != list(range(count)):
         raise TransferError(f"verifying {count} file(s) on {host}: unexpected answer "
                             f"{done.stdout[-300:]!r}", retryable=True)
-    return [Verdict(digest, size, i in said["renamed"], i in said["occupied"], inode, mtime_ns)
+    return [Verdict(digest, size, i in said["renamed"], i in said["occupied"], inode, mtime_ns,
+                    unreadable.get(i) if digest is None else None)
             for i, (digest, (size, inode, mtime_ns)) in sorted(found.items())]
 
 
 def _verify_and_rename_local(items: Sequence[tuple[Endpoint, Endpoint, str]], *,
                              all_or_none: bool) -> list[Verdict]:
-    def hashed(path: PurePosixPath) -> tuple[str | None, int | None]:
+    def hashed(path: PurePosixPath) -> tuple[str | None, int | None, str | None]:
         try:
-            return hash_file(Path(path))
-        except OSError:
-            return None, None
+            return (*hash_file(Path(path)), None)
+        except OSError as exc:
+            return None, None, f"{path}: {exc.strerror or exc}"
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         found = list(pool.map(hashed, [landed.path for landed, _, _ in items]))
-    matches = [digest == expected for (digest, _), (_, _, expected) in zip(found, items,
-                                                                            strict=True)]
+    matches = [digest == expected for (digest, _, _), (_, _, expected) in zip(found, items,
+                                                                               strict=True)]
     rename = all(matches) if all_or_none else True
     out = []
-    for (digest, size), match, (landed, final, _) in zip(found, matches, items, strict=True):
+    for (digest, size, why), match, (landed, final, _) in zip(found, matches, items,
+                                                              strict=True):
         taken = False
         if rename and match:
             try:
@@ -803,7 +824,7 @@ def _verify_and_rename_local(items: Sequence[tuple[Endpoint, Endpoint, str]], *,
             with contextlib.suppress(OSError):
                 if stat.S_ISREG(os.lstat(stale).st_mode):
                     os.unlink(stale)
-        out.append(Verdict(digest, size, renamed, taken))
+        out.append(Verdict(digest, size, renamed, taken, unreadable=why))
     return out
 
 

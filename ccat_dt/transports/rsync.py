@@ -63,6 +63,7 @@ from ccat_dt.transports.remote import (
     classify_ssh,
     denied,
     inodes_out_there,
+    read_back_failed,
     remote_command,
     remote_prepare,
     remote_remove,
@@ -553,7 +554,9 @@ class RsyncTransport:
         results: list[TransferResult | TransferError] = []
         for item, verdict in zip(items, verdicts, strict=True):
             if verdict.digest is None:  # kept, as _verify keeps it: the next attempt looks
-                error = TransferError(f"cannot read {item.temporary} to verify it",
+                error = TransferError(read_back_failed(item.temporary, verdict.unreadable)
+                                      if verdict.unreadable is not None else
+                                      f"cannot read {item.temporary} to verify it",
                                       retryable=True)
             elif verdict.digest != item.expected_checksum:
                 error = TransferError(

@@ -52,7 +52,7 @@ from ccat_dt.transports.local import LocalTransport
 from ccat_dt.transports.rsync import RsyncTransport
 from ccat_dt.transports.s3 import S3Transport
 from resources import placement
-from tests.faultfs import MountFaulty, faulty_disk  # noqa: F401  # the fixture
+from tests.faultfs import MountFaulty, faulty_disk, mount_faulty  # noqa: F401  # the fixture
 from tests.faults.invariants import assert_safe
 from tests.faults.pipeline import (
     archived_everywhere,
@@ -912,3 +912,82 @@ def test_an_observatory_tar_its_disk_cannot_read_is_told_not_rebuilt_over(
     assert lost_filed_files(config, opsdb) == []
     assert_safe(config, opsdb)
     opsdb.dispose()
+
+
+@pytest.mark.parametrize("transport", ["local", "rsync", pytest.param(
+    "bbcp", marks=pytest.mark.skipif(shutil.which("bbcp") is None, reason=(
+        "bbcp is not installed (not packaged for Debian); the rsync case runs the same "
+        "verification script (remote.VERIFY_AND_RENAME_MANY_SCRIPT) for a batch")))])
+def test_a_destination_disk_that_cannot_read_back_what_landed_is_told_as_its_disk(
+        tmp_path: Path, instance: DagsterInstance, faulty_disk: MountFaulty,  # noqa: F811
+        sshd: SshServer, transport: str) -> None:
+    """us's buffer disk takes writes but fails every read of what lands on it (a failing disk
+    or controller): each replication to it fails at its verification, the read-back of the
+    landed file. Whatever the transport, that is the disk's failure, told as one: us/buffer
+    marked failing with the I/O error and a person told (before, over bbcp: "checksum
+    mismatch ... got nothing readable", a per-file fault, every re-attempt sending the package
+    again and the disk never named; over rsync: "xxhsum ... failed: a failure occurred reading
+    the input file", the disk marked but not told as failing its reads). Nothing is recorded
+    there, the sources are not purged; once the disk reads again the work heals by itself and
+    nothing is left half-written."""
+    if transport == "local":
+        config = _config(tmp_path)
+    else:
+        config = multisite(tmp_path, sshd, transport, max_attempts=2,
+                           retry_backoff_first_s=0.2)
+    opsdb = OpsDB(config.opsdb_url)
+    disk = faulty_disk(config, "us/buffer")
+    disk.fail("read", "*.part")  # what lands there, under its temporary name
+    raw = observe(config, opsdb, name="obs-0")
+
+    run(config, instance, wait_s=0)  # no `ccat-dt retry`, the disk not healed
+
+    [package] = package_names(opsdb)
+    to_us = _transfers_to(opsdb, package, "us/buffer")
+    assert to_us and all(status == OperationStatus.FAILED for _, status, _ in to_us), to_us
+    assert all("Input/output error" in error for _, _, error in to_us), to_us
+    assert not any("checksum mismatch" in error for _, _, error in to_us), to_us
+    with opsdb.session() as session:
+        failing = {loc.label: loc.unhealthy_reason or "" for loc in session.scalars(
+            select(DataLocation)) if loc.failing_since is not None}
+    assert "input/output error" in failing.get("us/buffer", "").lower(), failing
+    assert "disk_error:us/buffer" in told(config, opsdb), told(config, opsdb)
+    assert ("us/buffer", CopyStatus.PRESENT) not in _copies(opsdb)
+    assert all(p.is_file() for p in raw)  # not purged: us holds no copy
+
+    disk.heal()
+    run(config, instance)
+
+    archived_everywhere(config, opsdb)
+    assert [p for p in disk.backing.rglob("*") if ".part" in p.name] == []
+    assert lost_filed_files(config, opsdb) == []
+    assert_safe(config, opsdb)
+    opsdb.dispose()
+
+
+def test_a_batch_landing_on_a_disk_that_cannot_read_it_back_is_told_as_its_disk(
+        tmp_path: Path, sshd: SshServer) -> None:
+    """A batch of packages sent over ssh in one session (rsync here; bbcp's sessions verify
+    with the same script, remote.VERIFY_AND_RENAME_MANY_SCRIPT) onto a disk that takes the
+    writes but fails every read: each file's verdict is the disk's I/O error, in the system's
+    words (before: "cannot read ... to verify it", a bbcp session's "checksum mismatch ... got
+    nothing readable"), which marks the location, not the file (health.location_failure);
+    nothing is renamed into place."""
+    disk = mount_faulty(tmp_path / "dest", tmp_path / "faultfs")
+    try:
+        disk.fail("read")
+        pairs = []
+        for number in range(3):
+            source = tmp_path / f"pkg-{number}.tar"
+            source.write_bytes(os.urandom(100_000 + number))
+            pairs.append((Endpoint(PurePosixPath(source)),
+                          sshd.endpoint(tmp_path / "dest" / source.name), hash_file(source)[0]))
+        results = RsyncTransport(sshd.ssh, tmp_path / "logs").copy_many(pairs)
+        for result in results:
+            assert isinstance(result, TransferError), result
+            assert "reading back" in str(result) and "Input/output error" in str(result), result
+            assert "checksum mismatch" not in str(result), result
+            assert location_failure(result), result
+        assert not [p for p in disk.backing.iterdir() if not p.name.startswith(".")]
+    finally:
+        disk.unmount()
