@@ -46,6 +46,7 @@ from ccat_dt.transports.base import (
 )
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
+    READ_ERROR_SH,
     STAT_IDENTITY,
     argument_chunks,
     check_host,
@@ -281,14 +282,16 @@ while [ $# -gt 0 ]; do
   else
     echo "$i ok $(stat -c 'STAT_IDENTITY %d' -- "$p")";
     if [ "$hash" = 1 ]; then
-      if e=$( (: < "$p") 2>&1); then xxhsum -H2 < "$p" || echo "$i unreadable";
+      if e=$( (: < "$p") 2>&1); then xxhsum -H2 < "$p" ||
+        { e=$(READ_ERROR_SH | tail -n 1); echo "$i unreadable ${e##*: }"; };
       else case $e in *"ermission denied"*|*"not permitted"*) echo "$i denied";;
       *) echo "$i unreadable";; esac; fi;
     fi;
   fi;
   i=$((i+1));
 done""".strip().replace(  # ssh arguments cannot carry line breaks
-    "\n", " ").replace("STAT_IDENTITY", STAT_IDENTITY).replace("LABEL", LABEL)
+    "\n", " ").replace("STAT_IDENTITY", STAT_IDENTITY).replace("LABEL", LABEL).replace(
+    "READ_ERROR_SH", READ_ERROR_SH.replace('"$1"', '"$p"'))
 
 
 def _marked_remote(root: str, host: str, first: str, label: str | None) -> None:
@@ -359,8 +362,10 @@ def _look_remote_chunk(root: str, host: str, ssh: SshSettings, wanted: Sequence[
             if item.rehash:
                 line = lines[position] if position < len(lines) else ""
                 position += 1
-                if line.startswith(f"{index} unreadable"):
-                    seen.append(Seen(rel, f"{UNREADABLE} {rel} on {host}"))
+                if line.startswith(f"{index} unreadable"):  # and the system's words, if any
+                    why = line.removeprefix(f"{index} unreadable").strip()
+                    seen.append(Seen(rel, f"{UNREADABLE} {rel} on {host}"
+                                     + (f": {why}" if why else "")))
                     continue
                 if line.startswith(f"{index} denied"):  # its open refused (Seen.refused)
                     seen.append(Seen(rel, f"{UNREADABLE} {rel} on {host}: " + denied(

@@ -431,9 +431,9 @@ _MOVE = (_NEW_FILE_MODE + ' -- "$1"; '
 
 
 # xxhsum says only "a failure occurred reading the input file": after a failed hash of "$1",
-# this reads it once more for the system's own words on stderr ("cat: FILE: Input/output
-# error"), so that a disk failing its reads is told as one, not as a bad or unknown file.
-READ_ERROR_SH = 'cat -- "$1" > /dev/null'
+# this reads it once more and prints the system's own words ("cat: FILE: Input/output error")
+# on stdout, so that a disk failing its reads is told as one, not as a bad or unknown file.
+READ_ERROR_SH = 'cat -- "$1" 2>&1 > /dev/null'
 
 # Constant script; $1 the landed file, $2 its final name, $3 the final directory, $4 the
 # expected digest, $5 the quarantined file a repair replaces (_MOVE) arrive as positional
@@ -445,7 +445,7 @@ READ_ERROR_SH = 'cat -- "$1" > /dev/null'
 _VERIFY_AND_RENAME_SCRIPT = (
     'sync -- "$1" < /dev/null > /dev/null & flushing=$!; '
     'size=$(stat -L -c "' + STAT_IDENTITY + '" -- "$1") || exit; '
-    'sum=$(xxhsum -H2 < "$1") || { r=$?; ' + READ_ERROR_SH + '; exit "$r"; }; '
+    'sum=$(xxhsum -H2 < "$1") || { r=$?; { ' + READ_ERROR_SH + '; } >&2; exit "$r"; }; '
     'printf "%s\\n%s\\n" "$size" "$sum"; '
     '[ "${sum%% *}" = "$4" ] || exit 0; '
     'wait "$flushing" && ' + _MOVE + ' && sync -- "$3" && echo renamed')
@@ -667,7 +667,7 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 # in parallel (xargs -P, one per core of the host), each flushed to disk while it is hashed;
 # per file one line "INDEX SIZE:INODE:MTIME DIGEST" ("-" for what could not be read; the
 # identity as STAT_IDENTITY prints it), and for a file whose read failed "unreadable INDEX"
-# and the system's error (READ_ERROR_SH); then the matching
+# and the system's error (READ_ERROR_SH, its last words: "Input/output error"); then the matching
 # files (all, or none when $1 is 1 and one differs) are renamed (flushed first if that flush
 # failed) and their directories flushed, printing "renamed INDEX" each; one whose final name is
 # taken is left where it landed (mv -n, as _MOVE), printing "occupied INDEX". A file renamed
@@ -684,13 +684,14 @@ for a in "$@"; do
 done | xargs -0 -r -n 2 -P "$p" sh -c
   '{ sync -- "$1" < /dev/null > /dev/null && : > "$2.synced"; } & f=$!;
    stat -L -c %s:%i:%.9Y -- "$1" > "$2.size" && { xxhsum -H2 < "$1" > "$2" ||
-   { rm -f -- "$2"; READ_ERROR_SH 2> "$2.err"; }; }; wait "$f"; exit 0'
+   { rm -f -- "$2"; { READ_ERROR_SH; } > "$2.err"; }; }; wait "$f"; exit 0'
   sh;
 i=0; bad=0;
 while [ $# -ge 4 ]; do
   s=$(cat "$t/$i.size" 2>/dev/null); h=$(cat "$t/$i" 2>/dev/null); h=${h%% *};
   echo "$i ${s:--} ${h:--}";
-  [ -n "$h" ] || [ ! -s "$t/$i.err" ] || echo "unreadable $i $(tail -n 1 "$t/$i.err")";
+  [ -n "$h" ] || [ ! -s "$t/$i.err" ] ||
+  { e=$(tail -n 1 "$t/$i.err"); echo "unreadable $i ${e##*: }"; };
   if [ -n "$h" ] && [ "$h" = "$3" ]; then printf '%s\n%s\n%s\n%s\n' "$i" "$1" "$2" "$4" >> "$t/ok";
   else bad=$((bad+1)); fi;
   i=$((i+1)); shift 4;

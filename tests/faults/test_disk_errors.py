@@ -46,6 +46,7 @@ from ccat_dt.references import Placement
 from ccat_dt.replicas import Placed, verify
 from ccat_dt.scrub import scrub
 from ccat_dt.staging import Selection, request_staging
+from ccat_dt.storage import Wanted, look
 from ccat_dt.transports.base import Endpoint, TransferError, TransferResult
 from ccat_dt.transports.bbcp import BbcpOptions, BbcpTransport
 from ccat_dt.transports.local import LocalTransport
@@ -972,10 +973,10 @@ def test_a_batch_landing_on_a_disk_that_cannot_read_it_back_is_told_as_its_disk(
     writes but fails every read: each file's verdict is the disk's I/O error, in the system's
     words (before: "cannot read ... to verify it", a bbcp session's "checksum mismatch ... got
     nothing readable"), which marks the location, not the file (health.location_failure);
-    nothing is renamed into place."""
-    disk = mount_faulty(tmp_path / "dest", tmp_path / "faultfs")
+    nothing is renamed into place; the look at a file there says the same."""
+    disk = mount_faulty(tmp_path / "dest", tmp_path / "faultfs", "us/buffer")
     try:
-        disk.fail("read")
+        disk.fail("read", "*.tar*")  # its marker is read as ever
         pairs = []
         for number in range(3):
             source = tmp_path / f"pkg-{number}.tar"
@@ -989,5 +990,11 @@ def test_a_batch_landing_on_a_disk_that_cannot_read_it_back_is_told_as_its_disk(
             assert "checksum mismatch" not in str(result), result
             assert location_failure(result), result
         assert not [p for p in disk.backing.iterdir() if not p.name.startswith(".")]
+        # A copy there re-read over ssh (a purge's re-check, an audit, the scrub) says so too
+        # (before: "cannot read NAME on HOST", the system's words lost).
+        (disk.backing / "kept.tar").write_bytes(b"bytes the disk holds")
+        [seen] = look(str(tmp_path / "dest"), sshd.destination, sshd.ssh,
+                      [Wanted("kept.tar", rehash=True)])
+        assert seen.problem == f"cannot read kept.tar on {sshd.destination}: Input/output error"
     finally:
         disk.unmount()
