@@ -440,7 +440,8 @@ READ_ERROR_SH = 'cat -- "$1" 2>&1 > /dev/null'
 # parameters, never as code. It prints the size and the `xxhsum -H2` line (of stdin, so no
 # file name to escape), then only on an exact match moves the file into place (_MOVE), flushes
 # the directory and prints "renamed". The file is flushed to disk while it is hashed (both only
-# read it; the disk writes while the CPU hashes), and renamed only after both. A failed hash
+# read it; the disk writes while the CPU hashes), and renamed only after both succeeded (a
+# failed flush is never retried: see VERIFY_AND_RENAME_MANY_SCRIPT). A failed hash
 # exits with xxhsum's status, the system's error on stderr (READ_ERROR_SH).
 _VERIFY_AND_RENAME_SCRIPT = (
     'sync -- "$1" < /dev/null > /dev/null & flushing=$!; '
@@ -448,7 +449,7 @@ _VERIFY_AND_RENAME_SCRIPT = (
     'sum=$(xxhsum -H2 < "$1") || { r=$?; { ' + READ_ERROR_SH + '; } >&2; exit "$r"; }; '
     'printf "%s\\n%s\\n" "$size" "$sum"; '
     '[ "${sum%% *}" = "$4" ] || exit 0; '
-    'wait "$flushing" && ' + _MOVE + ' && sync -- "$3" && echo renamed')
+    'wait "$flushing" && { ' + _MOVE + '; } && sync -- "$3" && echo renamed')
 
 Recorder = Callable[[Sequence[str], CompletedRun, float], None]
 
@@ -668,8 +669,11 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 # per file one line "INDEX SIZE:INODE:MTIME DIGEST" ("-" for what could not be read; the
 # identity as STAT_IDENTITY prints it), and for a file whose read failed "unreadable INDEX"
 # and the system's error (READ_ERROR_SH, its last words: "Input/output error"); then the matching
-# files (all, or none when $1 is 1 and one differs) are renamed (flushed first if that flush
-# failed) and their directories flushed, printing "renamed INDEX" each; one whose final name is
+# files (all, or none when $1 is 1 and one differs) are renamed, none if the flush of one
+# failed (an fsync is never retried: Linux reports a lost write-back once, a second fsync
+# succeeds though the bytes never reached the disk; sync's error on stderr, exit 1: the disk
+# is failing, the batch is sent again), and their directories
+# flushed, printing "renamed INDEX" each; one whose final name is
 # taken is left where it landed (mv -n, as _MOVE), printing "occupied INDEX". A file renamed
 # from elsewhere than its final name's `.NAME.part` (a bbcp batch's staging directory) has that
 # `.NAME.part` removed, if one is there: an earlier single attempt's partial (kept for -a to
@@ -699,7 +703,10 @@ done;
 if [ "$all" = 1 ] && [ "$bad" -gt 0 ]; then exit 0; fi;
 [ -f "$t/ok" ] || exit 0;
 while IFS= read -r i && IFS= read -r f && IFS= read -r d && IFS= read -r o; do
-  { [ -e "$t/$i.synced" ] || sync -- "$f"; } || exit 1; NEW_FILE_MODE -- "$f";
+  [ -e "$t/$i.synced" ] || exit 1;
+done < "$t/ok";
+while IFS= read -r i && IFS= read -r f && IFS= read -r d && IFS= read -r o; do
+  NEW_FILE_MODE -- "$f";
   if [ -n "$o" ] && [ "$(stat -c %s:%i:%.9Y -- "$d" 2>/dev/null)" = "$o" ]; then
     mv -f -- "$f" "$d" || exit 1;
   else mv -n -- "$f" "$d";

@@ -58,8 +58,10 @@ Verified = list[Verdict]
 # ($1 all-or-none, then landed, final, expected, replaced file per file). Before "ready": a
 # file found landed in such a directory under its final name's name (not this attempt's
 # landing) is an earlier attempt's leftover of that very package, which this attempt holds
-# (claims.py): it is removed, and its directory once empty. A flusher syncs the landing files
-# (one `sync` for all, in its own subshell's arguments) every 0.2 s until a line arrives on
+# (claims.py): it is removed, and its directory once empty. A flusher syncs the landing files'
+# file system (`sync -f`, syncfs: a write-back error stays for the verification's own fsync of
+# the file, which a `sync FILE` here would take; tests/faults/test_disk_errors.py) every 0.2 s
+# until a line arrives on
 # stdin, so that what is left to flush after the transfer is a fraction of a second of its
 # data even when the link is as fast as the disk (every second: up to two seconds' worth,
 # which the verification then waited for); "go" verifies and renames, "discard" removes every
@@ -77,7 +79,7 @@ _SESSION_SCRIPT = (
     'echo ready; '
     '( n=$#; k=0; for a in "$@"; do [ $((k % 4)) -eq 1 ] && set -- "$@" "$a"; k=$((k+1)); '
     'done; shift "$n"; [ "$#" -gt 0 ] || exit 0; '
-    'while sleep 0.2 || sleep 1; do sync -- "$@"; done '
+    'while sleep 0.2 || sleep 1; do sync -f -- "$@"; done '
     ') < /dev/null > /dev/null 2>&1 & flusher=$!; '
     'IFS= read -r go; kill "$flusher" 2>/dev/null; wait "$flusher" 2>/dev/null; '
     'case $go in go) ( ' + VERIFY_AND_RENAME_MANY_SCRIPT + ' ); r=$?;; '

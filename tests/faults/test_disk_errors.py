@@ -998,3 +998,61 @@ def test_a_batch_landing_on_a_disk_that_cannot_read_it_back_is_told_as_its_disk(
         assert seen.problem == f"cannot read kept.tar on {sshd.destination}: Input/output error"
     finally:
         disk.unmount()
+
+
+@pytest.mark.parametrize("how", ["rsync", "rsync batch", pytest.param("bbcp", marks=(
+    pytest.mark.skipif(shutil.which("bbcp") is None, reason=(
+        "bbcp is not installed (not packaged for Debian); rsync's flusher and the batch's "
+        "verification are the same kind of sync")))), "bbcp batch"])
+def test_a_landed_file_whose_flush_failed_once_is_never_verified(
+        tmp_path: Path, sshd: SshServer, how: str) -> None:
+    """The destination disk fails one flush of a landed file (EIO: its pages could not be
+    written back), then flushes as ever. Linux reports a write-back error once, to whichever
+    fsync comes first: a flusher that syncs the landing files while the transfer runs, or a
+    verification that syncs again after a failed flush, would take that one report and then
+    see a clean sync, and the copy (hashed from the page cache, which still holds the lost
+    bytes) would be renamed into place and recorded verified though its bytes never reached
+    the disk. (A single copy over ssh was renamed even after its own verification's flush
+    failed: the script's `&&` chain stopped before the rename's `;`.) Now the flushers while a
+    transfer runs flush the file system (sync -f: the file's own error stays for its
+    verification's fsync), a failed fsync is never retried and stops the rename: the copy
+    fails naming the disk's I/O error, and nothing is renamed into place."""
+    disk = mount_faulty(tmp_path / "dest", tmp_path / "faultfs", "us/buffer")
+    try:
+        batch = how.endswith("batch")
+        sources = []
+        for number in range(3 if batch else 1):
+            source = tmp_path / f"pkg-{number}.tar"
+            source.write_bytes(os.urandom(2 * 2**20 + number))
+            sources.append(source)
+        pairs = [(Endpoint(PurePosixPath(s)), sshd.endpoint(tmp_path / "dest" / s.name),
+                  hash_file(s)[0]) for s in sources]
+        disk.fail("fsync", "*.part" if how != "bbcp batch" else "*pkg-*", times=1)
+        # ~1 s at this rate: the flusher syncs the landing file several times meanwhile
+        transport: RsyncTransport | BbcpTransport = (
+            RsyncTransport(sshd.ssh, tmp_path / "logs", bandwidth_limit_kbps=2000)
+            if how.startswith("rsync") else
+            BbcpTransport(BbcpOptions(rate_limit="2M", progress_interval_s=1,
+                                      stall_timeout_s=60), sshd.ssh, tmp_path / "logs"))
+        results = _copy_or_error(transport, pairs)
+        assert any("fsync" in hit for hit in disk.hits()), disk.hits()
+        for result in results:
+            assert isinstance(result, TransferError), result
+            assert "Input/output error" in str(result), result
+            assert location_failure(result), result
+        assert not [p for p in disk.backing.iterdir() if p.name.startswith("pkg-")]
+    finally:
+        disk.unmount()
+
+
+def _copy_or_error(transport: RsyncTransport | BbcpTransport,
+                   pairs: list[tuple[Endpoint, Endpoint, str]]
+                   ) -> list[TransferResult | TransferError]:
+    """Each pair's outcome: one copy, or a batch (copy_many), whose session as a whole may
+    fail too."""
+    try:
+        if len(pairs) == 1:
+            return [transport.copy(*pairs[0])]
+        return transport.copy_many(pairs)
+    except TransferError as error:
+        return [error] * len(pairs)
