@@ -538,7 +538,7 @@ def _flushers(temporary: Path) -> set[int]:
             continue
         line = b" ".join(argv)
         if os.path.basename(argv[0]).lstrip(b"-") in (b"sh", b"bash", b"dash") \
-                and b"kill -0" in line and b"sync -- " in line \
+                and b"kill -0" in line and b"sync -f -- " in line \
                 and os.fsencode(temporary) in line:
             found.add(int(entry.name))
     return found
