@@ -46,7 +46,6 @@ from ccat_dt.transports.base import (
 )
 from ccat_dt.transports.remote import (
     HASH_TIMEOUT_S,
-    READ_ERROR_SH,
     STAT_IDENTITY,
     argument_chunks,
     check_host,
@@ -55,6 +54,7 @@ from ccat_dt.transports.remote import (
     denied,
     parse_identity,
     parse_xxhsum,
+    read_error_sh,
     remote_command,
     run,
 )
@@ -291,7 +291,7 @@ while [ $# -gt 0 ]; do
   i=$((i+1));
 done""".strip().replace(  # ssh arguments cannot carry line breaks
     "\n", " ").replace("STAT_IDENTITY", STAT_IDENTITY).replace("LABEL", LABEL).replace(
-    "READ_ERROR_SH", READ_ERROR_SH.replace('"$1"', '"$p"'))
+    "READ_ERROR_SH", read_error_sh('"$p"'))
 
 
 def _marked_remote(root: str, host: str, first: str, label: str | None) -> None:

@@ -430,10 +430,12 @@ _MOVE = (_NEW_FILE_MODE + ' -- "$1"; '
          '[ ! -e "$1" ] || { { [ -e "$2" ] || [ -L "$2" ]; } && echo occupied; exit 1; }; fi; }')
 
 
-# xxhsum says only "a failure occurred reading the input file": after a failed hash of "$1",
-# this reads it once more and prints the system's own words ("cat: FILE: Input/output error")
-# on stdout, so that a disk failing its reads is told as one, not as a bad or unknown file.
-READ_ERROR_SH = 'cat -- "$1" 2>&1 > /dev/null'
+def read_error_sh(path: str = '"$1"') -> str:
+    """Shell text for after a failed hash of `path` (a quoted shell word): xxhsum says only "a
+    failure occurred reading the input file", so the file is read once more and the system's
+    own words ("cat: FILE: Input/output error") printed on stdout, so that a disk failing its
+    reads is told as one, not as a bad or unknown file."""
+    return f'cat -- {path} 2>&1 > /dev/null'
 
 # Constant script; $1 the landed file, $2 its final name, $3 the final directory, $4 the
 # expected digest, $5 the quarantined file a repair replaces (_MOVE) arrive as positional
@@ -442,11 +444,11 @@ READ_ERROR_SH = 'cat -- "$1" 2>&1 > /dev/null'
 # the directory and prints "renamed". The file is flushed to disk while it is hashed (both only
 # read it; the disk writes while the CPU hashes), and renamed only after both succeeded (a
 # failed flush is never retried: see VERIFY_AND_RENAME_MANY_SCRIPT). A failed hash
-# exits with xxhsum's status, the system's error on stderr (READ_ERROR_SH).
+# exits with xxhsum's status, the system's error on stderr (read_error_sh).
 _VERIFY_AND_RENAME_SCRIPT = (
     'sync -- "$1" < /dev/null > /dev/null & flushing=$!; '
     'size=$(stat -L -c "' + STAT_IDENTITY + '" -- "$1") || exit; '
-    'sum=$(xxhsum -H2 < "$1") || { r=$?; { ' + READ_ERROR_SH + '; } >&2; exit "$r"; }; '
+    'sum=$(xxhsum -H2 < "$1") || { r=$?; { ' + read_error_sh() + '; } >&2; exit "$r"; }; '
     'printf "%s\\n%s\\n" "$size" "$sum"; '
     '[ "${sum%% *}" = "$4" ] || exit 0; '
     'wait "$flushing" && { ' + _MOVE + '; } && sync -- "$3" && echo renamed')
@@ -668,12 +670,12 @@ def remote_prepare(ssh: SshSettings, destination: Endpoint, *directories: Endpoi
 # in parallel (xargs -P, one per core of the host), each flushed to disk while it is hashed;
 # per file one line "INDEX SIZE:INODE:MTIME DIGEST" ("-" for what could not be read; the
 # identity as STAT_IDENTITY prints it), and for a file whose read failed "unreadable INDEX"
-# and the system's error (READ_ERROR_SH, its last words: "Input/output error"); then the matching
-# files (all, or none when $1 is 1 and one differs) are renamed, none if the flush of one
-# failed (an fsync is never retried: Linux reports a lost write-back once, a second fsync
+# and the system's error (read_error_sh, its last words: "Input/output error"); then the
+# matching files (all, or none when $1 is 1 and one differs) are renamed, none if the flush of
+# one failed (an fsync is never retried: Linux reports a lost write-back once, a second fsync
 # succeeds though the bytes never reached the disk; sync's error on stderr, exit 1: the disk
-# is failing, the batch is sent again), and their directories
-# flushed, printing "renamed INDEX" each; one whose final name is
+# is failing, the batch is sent again), and their directories flushed, printing "renamed
+# INDEX" each; one whose final name is
 # taken is left where it landed (mv -n, as _MOVE), printing "occupied INDEX". A file renamed
 # from elsewhere than its final name's `.NAME.part` (a bbcp batch's staging directory) has that
 # `.NAME.part` removed, if one is there: an earlier single attempt's partial (kept for -a to
@@ -721,7 +723,7 @@ done < "$t/ok";
 [ -f "$t/dirs" ] || exit 0;
 sort -u "$t/dirs" | while IFS= read -r d; do sync -- "$d" || exit 1; done
 """.strip().replace("\n", " ").replace(  # ssh arguments cannot carry line breaks
-    "NEW_FILE_MODE", _NEW_FILE_MODE).replace("READ_ERROR_SH", READ_ERROR_SH)
+    "NEW_FILE_MODE", _NEW_FILE_MODE).replace("READ_ERROR_SH", read_error_sh())
 
 
 class Verdict(NamedTuple):
