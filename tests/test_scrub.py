@@ -98,7 +98,8 @@ def test_a_repair_never_replaces_a_file_that_took_the_quarantined_copys_place(
     path: the repair replaces only the bad copy it found there, so that file stays, byte for
     byte, and the repair is refused for a person to look at; once the file is taken away, the
     next attempt repairs."""
-    # a back-off long enough that no re-attempt comes within the first drive, however loaded
+    # a back-off that mostly keeps the re-attempt out of the first drive (on a loaded machine
+    # it may come within it: refused the same way, the assertions below allow for it)
     config = deployment(tmp_path / "deploy", policies={"retry_backoff_first_s": 2.0})
     opsdb = OpsDB(config.opsdb_url)
     observe(config, opsdb, observations=1, files=1)
@@ -118,14 +119,16 @@ def test_a_repair_never_replaces_a_file_that_took_the_quarantined_copys_place(
     monkeypatch.setattr(local.LocalTransport, "_landed", landed)
     report = drive(defs, instance, schedules=True, wait_s=0, in_process=True)
 
-    assert report.failed and all(key.split(":")[0] in ("repair", "lta_copy")
-                                 for key in report.failed), report.failed
+    assert report.failed and all(
+        key.removeprefix("reattempt:").split(":")[0] in ("repair", "lta_copy")
+        for key in report.failed), report.failed
     assert path.read_bytes() == b"someone's file, not the package"
     with opsdb.session() as session:
-        [refused] = session.scalars(select(Operation).where(
+        refused = [op.error or "" for op in session.scalars(select(Operation).where(
             Operation.package_id == bad.package_id, Operation.status == OperationStatus.FAILED,
-            Operation.operation_type.in_([OperationType.TRANSFER, OperationType.ARCHIVE]))).all()
-        assert "holds a file OpsDB does not record there" in (refused.error or "")
+            Operation.operation_type.in_([OperationType.TRANSFER, OperationType.ARCHIVE])))]
+        assert refused and all("holds a file OpsDB does not record there" in error
+                               for error in refused), refused
 
     monkeypatch.undo()
     # Its re-attempts look again and find that file at the name before they send anything: it
